@@ -1,0 +1,291 @@
+"""Gateway configuration: defaults, then a TOML file, then RT_* environment variables, then CLI flags.
+
+Every setting has one entry in `SETTINGS` (section, key, environment variable, type, default,
+description); the README's configuration table is generated from the same list
+(`rtserver config-table`), so the docs cannot drift from the code.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+WORKSPACE_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+class ConfigError(Exception):
+    """A configuration value is missing, malformed or inconsistent."""
+
+
+@dataclass(frozen=True)
+class Setting:
+    section: str
+    key: str
+    env: str
+    kind: type
+    default: Any
+    help: str
+
+
+def _list(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise ValueError("expected a list of strings or a comma-separated string")
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("server", "host", "RT_HOST", str, "127.0.0.1", "Address to listen on"),
+    Setting("server", "port", "RT_PORT", int, 8080, "Port for WebSocket, publish API, health and metrics"),
+    Setting("server", "tls_cert", "RT_TLS_CERT", str, "", "PEM certificate: serve wss:// and https://"),
+    Setting("server", "tls_key", "RT_TLS_KEY", str, "", "PEM private key of tls_cert"),
+    Setting("server", "state_dir", "RT_STATE_DIR", str, ".rtserver", "Local state: dev secret, source positions, audit spool"),
+    Setting("server", "instance", "RT_INSTANCE", str, "rtserver", "Instance name: replication slot and publication names derive from it"),
+    Setting("server", "node", "RT_NODE", str, "", "Node name in logs and audit records (default: host name)"),
+    Setting("server", "log_level", "RT_LOG_LEVEL", str, "info", "debug, info, warning or error"),
+    Setting("server", "shutdown_timeout", "RT_SHUTDOWN_TIMEOUT", float, 10.0, "Seconds to drain on SIGTERM"),
+    Setting("auth", "hs256_secret", "RT_AUTH_HS256_SECRET", str, "", "Shared secret for HS256 tokens (development)"),
+    Setting("auth", "jwks_url", "RT_AUTH_JWKS_URL", str, "", "JWKS URL, e.g. Keycloak's {issuer}/protocol/openid-connect/certs"),
+    Setting("auth", "issuer", "RT_AUTH_ISSUER", str, "", "Required `iss` (checked when set)"),
+    Setting("auth", "audience", "RT_AUTH_AUDIENCE", str, "", "Required `aud` or `azp` (checked when set)"),
+    Setting("auth", "workspace_claim", "RT_AUTH_WORKSPACE_CLAIM", str, "workspaces", "Claim path listing granted workspaces (`*` = all)"),
+    Setting("auth", "workspace_role_prefix", "RT_AUTH_WORKSPACE_ROLE_PREFIX", str, "", "Prefix of role names that grant a workspace, e.g. `workspace:`"),
+    Setting("auth", "channel_claim", "RT_AUTH_CHANNEL_CLAIM", str, "", "Claim listing channel patterns a subject may subscribe to (off when empty)"),
+    Setting("auth", "publish_claim", "RT_AUTH_PUBLISH_CLAIM", str, "realtime_publish", "Boolean claim granting the publish API"),
+    Setting("auth", "publish_role", "RT_AUTH_PUBLISH_ROLE", str, "", "Role (in the workspace claim path) that also grants publishing"),
+    Setting("auth", "leeway", "RT_AUTH_LEEWAY", float, 5.0, "Seconds of clock leeway when a token is presented"),
+    Setting("auth", "jwks_refetch_interval", "RT_AUTH_JWKS_REFETCH_INTERVAL", float, 30.0, "Minimum seconds between JWKS refetches on an unknown kid"),
+    Setting("limits", "max_subscriptions", "RT_MAX_SUBSCRIPTIONS", int, 100, "Subscriptions per connection (error 4008 beyond)"),
+    Setting("limits", "max_connections", "RT_MAX_CONNECTIONS", int, 10000, "Connections per workspace (close 4008 beyond)"),
+    Setting("limits", "max_connections_per_subject", "RT_MAX_CONNECTIONS_PER_SUBJECT", int, 1000, "Connections per subject (close 4008 beyond)"),
+    Setting("limits", "max_message_bytes", "RT_MAX_MESSAGE_BYTES", int, 65536, "Largest inbound WebSocket message"),
+    Setting("limits", "send_buffer_bytes", "RT_SEND_BUFFER_BYTES", int, 4 * 1024 * 1024, "Per-connection outbound buffer; beyond it the connection is closed with 1013"),
+    Setting("limits", "max_invalid_per_minute", "RT_MAX_INVALID_PER_MINUTE", int, 20, "Invalid messages a minute before close 1008"),
+    Setting("limits", "auth_timeout", "RT_AUTH_TIMEOUT", float, 10.0, "Seconds to authenticate before close 4002"),
+    Setting("limits", "idle_timeout", "RT_IDLE_TIMEOUT", float, 60.0, "Seconds of peer silence before close 1001"),
+    Setting("limits", "max_publish_bytes", "RT_MAX_PUBLISH_BYTES", int, 256 * 1024, "Largest custom event payload (413 beyond)"),
+    Setting("history", "events", "RT_HISTORY_EVENTS", int, 10000, "Events kept per workspace for replay"),
+    Setting("history", "seconds", "RT_HISTORY_SECONDS", float, 300.0, "Age limit of retained events"),
+    Setting("history", "bytes", "RT_HISTORY_BYTES", int, 64 * 1024 * 1024, "Byte limit of retained frames per workspace"),
+    Setting("history", "resume_ttl", "RT_RESUME_TTL", float, 120.0, "Seconds a disconnected session stays resumable"),
+    Setting("history", "max_suspended_sessions", "RT_MAX_SUSPENDED_SESSIONS", int, 100000, "Suspended sessions kept at most (oldest dropped)"),
+    Setting("postgres", "url", "RT_POSTGRES_URL", str, "", "PostgreSQL DSN of every workspace without its own"),
+    Setting("postgres", "schemas", "RT_POSTGRES_SCHEMAS", list, ["public"], "Schemas whose tables are published"),
+    Setting("postgres", "tables", "RT_POSTGRES_TABLES", list, [], "Tables to publish (schema.name); empty = all tables of `schemas`"),
+    Setting("mongo", "url", "RT_MONGO_URL", str, "", "MongoDB URL of every workspace without its own"),
+    Setting("mongo", "allow_unknown_collections", "RT_MONGO_ALLOW_UNKNOWN_COLLECTIONS", bool, False, "Accept mongo:{collection} for collections that do not exist yet"),
+    Setting("audit", "kafka_bootstrap", "RT_KAFKA_BOOTSTRAP", str, "", "Kafka bootstrap servers for the audit trail (log only when empty)"),
+    Setting("audit", "topic_prefix", "RT_AUDIT_TOPIC_PREFIX", str, "console.realtime.", "Prefix of the four audit topics"),
+    Setting("audit", "security_protocol", "RT_KAFKA_SECURITY_PROTOCOL", str, "PLAINTEXT", "PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL"),
+    Setting("audit", "sasl_mechanism", "RT_KAFKA_SASL_MECHANISM", str, "", "PLAIN, SCRAM-SHA-256, SCRAM-SHA-512"),
+    Setting("audit", "sasl_username", "RT_KAFKA_SASL_USERNAME", str, "", "SASL user name"),
+    Setting("audit", "sasl_password", "RT_KAFKA_SASL_PASSWORD", str, "", "SASL password"),
+    Setting("audit", "ssl_cafile", "RT_KAFKA_SSL_CAFILE", str, "", "CA bundle for SSL"),
+    Setting("audit", "queue_size", "RT_AUDIT_QUEUE_SIZE", int, 10000, "Audit records held in memory before spilling to the spool"),
+    Setting("audit", "spool_dir", "RT_AUDIT_SPOOL_DIR", str, "", "Audit spool directory (default: state_dir/audit-spool)"),
+    Setting("audit", "spool_max_bytes", "RT_AUDIT_SPOOL_MAX_BYTES", int, 256 * 1024 * 1024, "Spool size bound; records beyond it are counted as lost"),
+)
+
+_BOOL_TRUE = {"1", "true", "yes", "on"}
+_BOOL_FALSE = {"0", "false", "no", "off", ""}
+
+
+def _coerce(setting: Setting, value: Any, origin: str) -> Any:
+    where = f"{origin} ({setting.section}.{setting.key})"
+    try:
+        if setting.kind is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in _BOOL_TRUE:
+                return True
+            if text in _BOOL_FALSE:
+                return False
+            raise ValueError("expected true or false")
+        if setting.kind is list:
+            return _list(value)
+        if setting.kind is int:
+            if isinstance(value, bool):
+                raise ValueError("expected an integer")
+            number = int(value)
+            if number < 0:
+                raise ValueError("must not be negative")
+            return number
+        if setting.kind is float:
+            if isinstance(value, bool):
+                raise ValueError("expected a number")
+            number = float(value)
+            if number < 0:
+                raise ValueError("must not be negative")
+            return number
+        if not isinstance(value, str):
+            raise ValueError("expected a string")
+        return value
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: invalid value {value!r}: {exc}") from None
+
+
+@dataclass
+class WorkspaceSources:
+    """Source URLs of one workspace (from [workspaces.W] or the defaults)."""
+
+    postgres_url: str = ""
+    postgres_schemas: list[str] = field(default_factory=lambda: ["public"])
+    postgres_tables: list[str] = field(default_factory=list)
+    mongo_url: str = ""
+
+
+@dataclass
+class Config:
+    values: dict[str, dict[str, Any]]
+    workspaces: dict[str, WorkspaceSources]
+    path: str = ""
+
+    def get(self, section: str, key: str) -> Any:
+        return self.values[section][key]
+
+    def __getattr__(self, name: str) -> Any:
+        # `config.server`, `config.auth`... give a namespace of that section.
+        values = self.__dict__.get("values")
+        if values is not None and name in values:
+            return _Section(name, values[name])
+        raise AttributeError(name)
+
+    def sources_for(self, workspace: str) -> WorkspaceSources:
+        """The sources of `workspace`: its own section, else the defaults (RT_POSTGRES_URL...)."""
+        own = self.workspaces.get(workspace)
+        if own is not None:
+            return own
+        return WorkspaceSources(
+            postgres_url=self.values["postgres"]["url"],
+            postgres_schemas=list(self.values["postgres"]["schemas"]),
+            postgres_tables=list(self.values["postgres"]["tables"]),
+            mongo_url=self.values["mongo"]["url"],
+        )
+
+    @property
+    def dev_mode(self) -> bool:
+        return not self.values["auth"]["hs256_secret"] and not self.values["auth"]["jwks_url"]
+
+
+class _Section:
+    def __init__(self, name: str, values: dict[str, Any]):
+        self._name = name
+        self._values = values
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self._values[key]
+        except KeyError:
+            raise AttributeError(f"{self._name}.{key}") from None
+
+
+def load(
+    path: str | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Build the configuration. `overrides` maps "section.key" to CLI values (None = unset)."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, dict[str, Any]] = {}
+    for s in SETTINGS:
+        default = list(s.default) if isinstance(s.default, list) else s.default
+        values.setdefault(s.section, {})[s.key] = default
+
+    data: dict[str, Any] = {}
+    if path:
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path}: not found") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path}: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"config file {path}: {exc.strerror}") from None
+
+    known = {(s.section, s.key): s for s in SETTINGS}
+    sections = {s.section for s in SETTINGS}
+    workspaces_raw = data.pop("workspaces", {})
+    for section, table in data.items():
+        if section not in sections:
+            raise ConfigError(f"config file {path}: unknown section [{section}]")
+        if not isinstance(table, dict):
+            raise ConfigError(f"config file {path}: [{section}] must be a table")
+        for key, value in table.items():
+            setting = known.get((section, key))
+            if setting is None:
+                raise ConfigError(f"config file {path}: unknown setting {section}.{key}")
+            values[section][key] = _coerce(setting, value, f"config file {path}")
+
+    for s in SETTINGS:
+        if s.env in environ:
+            values[s.section][s.key] = _coerce(s, environ[s.env], f"environment {s.env}")
+
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        section, key = dotted.split(".", 1)
+        values[section][key] = _coerce(known[(section, key)], value, f"option --{key.replace('_', '-')}")
+
+    workspaces: dict[str, WorkspaceSources] = {}
+    if not isinstance(workspaces_raw, dict):
+        raise ConfigError(f"config file {path}: [workspaces] must be a table of tables")
+    for ws, table in workspaces_raw.items():
+        if not WORKSPACE_ID_RE.match(ws):
+            raise ConfigError(f"config file {path}: workspace id {ws!r} must be 1-64 of [A-Za-z0-9_-]")
+        if not isinstance(table, dict):
+            raise ConfigError(f"config file {path}: [workspaces.{ws}] must be a table")
+        allowed = {"postgres_url", "postgres_schemas", "postgres_tables", "mongo_url"}
+        unknown = set(table) - allowed
+        if unknown:
+            raise ConfigError(f"config file {path}: [workspaces.{ws}] unknown keys {sorted(unknown)}")
+        try:
+            workspaces[ws] = WorkspaceSources(
+                postgres_url=str(table.get("postgres_url", "")),
+                postgres_schemas=_list(table.get("postgres_schemas", ["public"])),
+                postgres_tables=_list(table.get("postgres_tables", [])),
+                mongo_url=str(table.get("mongo_url", "")),
+            )
+        except ValueError as exc:
+            raise ConfigError(f"config file {path}: [workspaces.{ws}]: {exc}") from None
+
+    _validate(values, path or "")
+    return Config(values=values, workspaces=workspaces, path=path or "")
+
+
+def _validate(values: dict[str, dict[str, Any]], path: str) -> None:
+    server = values["server"]
+    if not 0 <= server["port"] <= 65535:
+        raise ConfigError(f"server.port: {server['port']} is not a TCP port")
+    if bool(server["tls_cert"]) != bool(server["tls_key"]):
+        raise ConfigError("server.tls_cert and server.tls_key must be set together")
+    if server["log_level"].lower() not in {"debug", "info", "warning", "error"}:
+        raise ConfigError(f"server.log_level: {server['log_level']!r} is not debug, info, warning or error")
+    if not re.match(r"^[a-z_][a-z0-9_]{0,40}$", server["instance"]):
+        raise ConfigError(
+            f"server.instance: {server['instance']!r} must be lower-case letters, digits and _ (it names a replication slot)"
+        )
+    audit = values["audit"]
+    if audit["security_protocol"] not in {"PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"}:
+        raise ConfigError(f"audit.security_protocol: {audit['security_protocol']!r} is not supported")
+    limits = values["limits"]
+    for key in ("max_message_bytes", "send_buffer_bytes", "max_publish_bytes"):
+        if limits[key] <= 0:
+            raise ConfigError(f"limits.{key} must be positive")
+
+
+def config_table_markdown() -> str:
+    """The README's configuration table."""
+    rows = ["| setting (TOML) | environment | default | meaning |", "|---|---|---|---|"]
+    for s in SETTINGS:
+        default = ",".join(s.default) if isinstance(s.default, list) else s.default
+        if default == "":
+            default = "(empty)"
+        rows.append(f"| `{s.section}.{s.key}` | `{s.env}` | `{default}` | {s.help} |")
+    return "\n".join(rows)

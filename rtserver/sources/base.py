@@ -1,0 +1,54 @@
+"""The small protocol every change feed implements, so adding a source never touches the server.
+
+A source reads its feed, normalizes each change into an `rtcore.event.Event` and hands it to
+its `EventSink` (the event bus). `await sink.publish(event)` returns once the event has its
+`seq` and is recorded in the workspace history; only then may the source acknowledge the
+change's position upstream (LSN, resume token), so a crash loses nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from rtcore.event import Event
+
+
+class EventSink(Protocol):
+    async def publish(self, event: Event) -> int:
+        """Record and fan out `event`; returns its seq."""
+        ...
+
+    def history_gap(self, workspace: str, source: str, reason: str) -> None:
+        """Tell the workspace's subscribers of `source` that changes may have been lost."""
+        ...
+
+
+class ChannelUnavailable(Exception):
+    """A channel cannot be subscribed: unknown table, collection, malformed name (4010)."""
+
+
+class Source(Protocol):
+    """A change feed of one workspace (or of several workspaces sharing one database)."""
+
+    kind: str  # "postgres" | "mongo"
+
+    async def start(self) -> None:
+        """Connect and begin streaming in the background; returns quickly."""
+        ...
+
+    async def stop(self) -> None:
+        """Stop streaming, acknowledge what has been published, close connections."""
+        ...
+
+    async def check_channel(self, workspace: str, entity: str) -> str:
+        """Validate `entity` (a table/collection name) for a subscribe; return its canonical
+        name or raise ChannelUnavailable with a message for the client."""
+        ...
+
+    def ready(self) -> bool:
+        """True while the feed is connected and streaming."""
+        ...
+
+    def status(self) -> dict[str, Any]:
+        """Health details for /readyz and /metrics (lag, position, last error)."""
+        ...
