@@ -1,0 +1,112 @@
+"""Every protocol message as a msgspec Struct: inbound ones are decoded (and validated) once at
+the edge, outbound ones encoded once. Field names are the wire names of PROTOCOL.md."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+MessageId = int | str | None
+
+# ---- client -> server -------------------------------------------------------------------
+
+
+class Auth(msgspec.Struct, tag="auth", tag_field="type", forbid_unknown_fields=False):
+    token: str
+    id: MessageId = None
+    resume: str | None = None
+    since: int | None = None
+
+
+class Subscribe(msgspec.Struct, tag="subscribe", tag_field="type", forbid_unknown_fields=False):
+    channel: str
+    id: MessageId = None
+    filter: dict[str, Any] | None = None
+    since: int | None = None
+
+
+class Unsubscribe(msgspec.Struct, tag="unsubscribe", tag_field="type", forbid_unknown_fields=False):
+    channel: str
+    id: MessageId = None
+
+
+class Ping(msgspec.Struct, tag="ping", tag_field="type", forbid_unknown_fields=False):
+    id: MessageId = None
+
+
+ClientMessage = Auth | Subscribe | Unsubscribe | Ping
+
+client_decoder = msgspec.json.Decoder(ClientMessage)
+
+# ---- server -> client -------------------------------------------------------------------
+
+
+class AuthOk(msgspec.Struct, tag="auth_ok", tag_field="type", omit_defaults=True):
+    sessionId: str
+    expiresAt: str
+    resumed: bool  # no default: always on the wire
+    id: MessageId = None
+
+
+class Subscribed(msgspec.Struct, tag="subscribed", tag_field="type", omit_defaults=True):
+    channel: str
+    id: MessageId = None
+
+
+class Unsubscribed(msgspec.Struct, tag="unsubscribed", tag_field="type", omit_defaults=True):
+    channel: str
+    id: MessageId = None
+
+
+class Pong(msgspec.Struct, tag="pong", tag_field="type", omit_defaults=True):
+    id: MessageId = None
+
+
+class Error(msgspec.Struct, tag="error", tag_field="type", omit_defaults=True):
+    code: int
+    name: str
+    message: str
+    channel: str | None = None
+    id: MessageId = None
+    oldest: int | None = None
+
+
+# Event bodies: encoded once per event, without "seq" (the history splices it in).
+
+
+class PostgresEventBody(msgspec.Struct, tag="event", tag_field="type", omit_defaults=True):
+    channel: str
+    operation: str
+    table: str
+    schema: str
+    record: dict[str, Any] | None
+    timestamp: str
+    correlationId: str
+    oldRecord: dict[str, Any] | None = None
+    changedColumns: list[str] | None = None
+
+
+class MongoEventBody(msgspec.Struct, tag="event", tag_field="type", omit_defaults=True):
+    channel: str
+    operation: str
+    collection: str
+    document: dict[str, Any] | None
+    operationType: str
+    timestamp: str
+    correlationId: str
+    updateDescription: dict[str, Any] | None = None
+    oldDocument: dict[str, Any] | None = None
+
+
+class CustomEventBody(msgspec.Struct, tag="event", tag_field="type", omit_defaults=True):
+    channel: str
+    operation: str
+    topic: str
+    payload: Any
+    timestamp: str
+    correlationId: str
+
+
+encoder = msgspec.json.Encoder()
+encode = encoder.encode

@@ -1,0 +1,23 @@
+"""Timestamps on the wire: UTC, RFC 3339, millisecond precision, `Z` suffix."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+
+
+def iso_ms(epoch_ms: int) -> str:
+    """2024-01-15T10:00:00.000Z for milliseconds since the Unix epoch."""
+    seconds, ms = divmod(int(epoch_ms), 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{ms:03d}Z"
+
+
+def iso_datetime(value: datetime) -> str:
+    """RFC 3339 with milliseconds and Z for an aware or naive-UTC datetime."""
+    if value.tzinfo is not None:
+        value = value.astimezone(UTC)
+    return value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000

@@ -1,0 +1,391 @@
+"""The gateway process: wires configuration, auth, audit, sources, bus and hub to the listener,
+and owns the lifecycle (start, periodic sweeps, drain on SIGTERM)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import ssl
+import time
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+import msgspec
+from picows import WSUpgradeRequest, WSUpgradeResponse, WSUpgradeResponseWithListener
+
+from rtcore.event import Event
+from rtcore.messages import CustomEventBody, encode
+from rtcore.timefmt import iso_ms, now_ms
+from rtserver import http
+from rtserver.audit import create_audit
+from rtserver.auth import Authenticator, AuthError, load_or_create_dev_secret
+from rtserver.bus import MemoryBus
+from rtserver.channels import TOPIC_RE
+from rtserver.config import WORKSPACE_ID_RE, Config
+from rtserver.connection import Connection
+from rtserver.hub import Hub
+from rtserver.metrics import Metrics
+from rtserver.sessions import Sessions
+from rtserver.sources.base import Source
+
+log = logging.getLogger("rtserver.app")
+
+_json = msgspec.json.Encoder()
+_SWEEP_INTERVAL = 1.0
+_CORRELATION_MAX = 128
+
+
+class Gateway:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.node = cfg.server.node or socket.gethostname()
+        self.state_dir = os.path.abspath(cfg.server.state_dir)
+        os.makedirs(self.state_dir, exist_ok=True)
+        self.metrics = Metrics()
+        self.hub = Hub(cfg, self.metrics)
+        self.sessions = Sessions(cfg.history.resume_ttl, cfg.history.max_suspended_sessions)
+        self.dev_secret = load_or_create_dev_secret(self.state_dir) if cfg.dev_mode else None
+        self.auth = Authenticator(cfg, dev_secret=self.dev_secret)
+        self.audit = create_audit(cfg, self.node)
+        self.bus = MemoryBus(self.hub)
+        self.connections: set[Connection] = set()
+        self.draining = False
+        self._sources: dict[tuple[Any, ...], Source] = {}
+        self._server: asyncio.AbstractServer | None = None
+        self._sweeper: asyncio.Task | None = None
+        self._stopped = asyncio.Event()
+        self.port = 0
+        self.upgrading_remote = ""
+        self.metrics.add_gauges(self._gauges)
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        cfg = self.cfg
+        if self.dev_secret is not None:
+            log.warning(
+                "dev mode: no auth.hs256_secret or auth.jwks_url configured; tokens are signed with a generated "
+                "secret kept in the state directory. Mint one with `rtserver token --workspace W`.",
+                extra={"fields": {"state_dir": self.state_dir}},
+            )
+        await self.auth.start()
+        await self.audit.start()
+        await self.bus.start()
+        for src in self._boot_sources():
+            await src.start()
+        ctx = None
+        if cfg.server.tls_cert:
+            ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            try:
+                ctx.load_cert_chain(cfg.server.tls_cert, cfg.server.tls_key)
+            except (OSError, ssl.SSLError) as exc:
+                raise RuntimeError(f"server.tls_cert/tls_key: cannot load: {exc}") from exc
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: http.FrontProtocol(self),
+            host=cfg.server.host,
+            port=cfg.server.port,
+            ssl=ctx,
+            backlog=4096,
+            reuse_address=True,
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+        self._sweeper = asyncio.ensure_future(self._sweep())
+        log.info(
+            "listening",
+            extra={
+                "fields": {
+                    "host": cfg.server.host,
+                    "port": self.port,
+                    "tls": bool(ctx),
+                    "node": self.node,
+                    "compiled_core": _compiled(),
+                }
+            },
+        )
+
+    async def shutdown(self) -> None:
+        """Stop accepting, close every client with 1001, flush, stop sources and audit."""
+        if self.draining:
+            await self._stopped.wait()
+            return
+        self.draining = True
+        deadline = time.monotonic() + self.cfg.server.shutdown_timeout
+        if self._server is not None:
+            self._server.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for conn in list(self.connections):
+            conn.close(1001, cause="shutdown")
+        # Let the close frames and pending data drain (bounded by the shutdown timeout).
+        while any(c._raw is not None and not c._raw.is_closing() for c in self.connections):
+            if time.monotonic() > deadline - 2:
+                break
+            await asyncio.sleep(0.05)
+        for src in list(self._sources.values()):
+            try:
+                await asyncio.wait_for(src.stop(), max(0.5, deadline - time.monotonic() - 1))
+            except Exception:
+                log.exception("source did not stop cleanly", extra={"fields": {"source": src.kind}})
+        await self.bus.close()
+        try:
+            await asyncio.wait_for(self.audit.close(), max(0.5, deadline - time.monotonic()))
+        except Exception:
+            log.exception("audit did not close cleanly")
+        await self.auth.close()
+        self._stopped.set()
+
+    async def _sweep(self) -> None:
+        idle = self.cfg.limits.idle_timeout
+        while True:
+            await asyncio.sleep(_SWEEP_INTERVAL)
+            now = time.monotonic()
+            for conn in list(self.connections):
+                conn.check_idle(now, idle)
+            self.sessions.sweep()
+            self.hub.expire_histories()
+
+    # ---- sources ---------------------------------------------------------------------------
+
+    def _boot_sources(self) -> list[Source]:
+        """Sources to start with the process: every configured PostgreSQL database, and MongoDB
+        databases named in configured URLs (a URL without a database serves each workspace's
+        own database, started when that workspace is first seen)."""
+        started = []
+        cfg = self.cfg
+        for wid in cfg.workspaces:
+            for kind in ("postgres", "mongo"):
+                src = self.source(wid, kind, start=False)
+                if src is not None and src not in started:
+                    started.append(src)
+        if cfg.postgres.url:
+            src = self.source(None, "postgres", start=False)
+            if src is not None and src not in started:
+                started.append(src)
+        return started
+
+    def source(self, workspace: str | None, kind: str, start: bool = True) -> Source | None:
+        """The source of `kind` feeding `workspace` (None: the default database), created on
+        first use; None when the workspace has no such source configured."""
+        cfg = self.cfg
+        own = workspace is not None and workspace in cfg.workspaces
+        ws_sources = cfg.sources_for(workspace) if workspace is not None else cfg.sources_for("\0default")
+        if kind == "postgres":
+            url = ws_sources.postgres_url
+            if not url:
+                return None
+            key: tuple[Any, ...] = ("postgres", url)
+        elif kind == "mongo":
+            url = ws_sources.mongo_url
+            if not url:
+                return None
+            database = _mongo_database(url) or workspace
+            if database is None:
+                return None
+            key = ("mongo", url, database)
+        else:
+            return None
+        src = self._sources.get(key)
+        if src is not None:
+            return src
+        targets = self._targets(workspace if own else None, kind, key)
+        if kind == "postgres":
+            from rtserver.sources.postgres import PostgresSource
+
+            src = PostgresSource(
+                url,
+                schemas=ws_sources.postgres_schemas,
+                tables=ws_sources.postgres_tables,
+                instance=cfg.server.instance,
+                state_dir=self.state_dir,
+                sink=self.bus,
+                workspaces=targets,
+            )
+        else:
+            from rtserver.sources.mongo import MongoSource
+
+            src = MongoSource(
+                url,
+                database=key[2],
+                state_dir=self.state_dir,
+                sink=self.bus,
+                workspaces=targets,
+                allow_unknown_collections=cfg.mongo.allow_unknown_collections,
+            )
+        self._sources[key] = src
+        if start and not self.draining:
+            task = asyncio.ensure_future(src.start())
+            task.add_done_callback(_log_failure)
+        return src
+
+    def _targets(self, own_workspace: str | None, kind: str, key: tuple[Any, ...]):
+        """The workspaces a source feeds: its own, or every known workspace using the default."""
+        if own_workspace is not None:
+            one = (own_workspace,)
+            return lambda: one
+        cfg = self.cfg
+        hub = self.hub
+        if kind == "mongo" and not _mongo_database(key[1]):
+            database = key[2]
+            return lambda: (database,) if database in hub.workspaces else ()
+        return lambda: [w for w in hub.workspaces if w not in cfg.workspaces]
+
+    def ensure_workspace_sources(self, workspace: str) -> None:
+        for kind in ("postgres", "mongo"):
+            self.source(workspace, kind)
+
+    # ---- HTTP ------------------------------------------------------------------------------
+
+    def ws_listener_factory(self, request: WSUpgradeRequest) -> Any:
+        path = request.path.decode("latin-1") if isinstance(request.path, bytes) else str(request.path)
+        path = path.split("?", 1)[0]
+        workspace = http.parse_connect_path(path)
+        if workspace is None:
+            return None
+        if self.draining:
+            return WSUpgradeResponseWithListener(
+                WSUpgradeResponse.create_error_response(503, b"shutting down"), None
+            )
+        self.hub.workspace(workspace)
+        self.ensure_workspace_sources(workspace)
+        token = http.bearer(request.headers)
+        return Connection(self, workspace, token, self.upgrading_remote)
+
+    def new_ws_protocol(self):
+        return http.new_ws_protocol(self)
+
+    def http_get(self, path: str) -> tuple[int, str, bytes]:
+        if path == "/healthz":
+            return 200, "application/json", b'{"status":"ok"}'
+        if path == "/readyz":
+            ready, details = self.readiness()
+            return (200 if ready else 503), "application/json", _json.encode(details)
+        if path == "/metrics":
+            return 200, "text/plain; version=0.0.4", self.metrics.render()
+        if http.parse_connect_path(path) is not None:
+            return 426, "application/json", b'{"error":"WebSocket upgrade required"}'
+        return 404, "application/json", _json.encode({"error": f"no such endpoint: {path}"})
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        sources = {}
+        ready = not self.draining
+        for key, src in self._sources.items():
+            ok = src.ready()
+            ready = ready and ok
+            sources[":".join(str(k) for k in key[:1] + key[2:]) or key[0]] = {"ready": ok, **src.status()}
+        audit = self.audit.status()
+        return ready, {"ready": ready, "draining": self.draining, "sources": sources, "audit": audit}
+
+    async def publish_http(
+        self, workspace: str, topic: str, headers: Mapping[str, str], body: bytes, remote: str
+    ) -> tuple[int, bytes]:
+        status, out = await self._publish(workspace, topic, headers, body, remote)
+        self.metrics.publish_requests[status] += 1
+        return status, out
+
+    async def _publish(
+        self, workspace: str, topic: str, headers: Mapping[str, str], body: bytes, remote: str
+    ) -> tuple[int, bytes]:
+        if not WORKSPACE_ID_RE.match(workspace):
+            return 404, _err(f"workspace id {workspace!r} must be 1-64 of [A-Za-z0-9_-]")
+        if not TOPIC_RE.match(topic):
+            return 400, _err(f"topic {topic!r} must be 1-128 of [A-Za-z0-9_.:-]")
+        token = http.bearer(headers)
+        if token is None:
+            return 401, _err("missing Authorization: Bearer token")
+        try:
+            identity = await self.auth.authenticate(token, workspace)
+        except AuthError as exc:
+            status = 403 if exc.code == 4003 else 401
+            return status, _err(f"{exc.name}: {exc}")
+        if not self.auth.may_publish(identity):
+            return 403, _err(f"token does not grant publishing to workspace {workspace}")
+        if not body:
+            return 400, _err("body must be a JSON value")
+        try:
+            payload = msgspec.json.decode(body)
+        except msgspec.DecodeError as exc:
+            return 400, _err(f"body is not valid JSON: {exc}")
+        corr = headers.get("x-correlation-id", "").strip()
+        if not corr or len(corr) > _CORRELATION_MAX or not corr.isprintable():
+            corr = str(uuid.uuid4())
+        channel = f"events:{topic}"
+        event_body = encode(
+            CustomEventBody(
+                channel=channel,
+                operation="PUBLISH",
+                topic=topic,
+                payload=payload,
+                timestamp=iso_ms(now_ms()),
+                correlationId=corr,
+            )
+        )
+        event = Event(
+            workspace=workspace, source="events", entity=topic, operation="PUBLISH", record=payload, body=event_body
+        )
+        seq = await self.bus.publish(event)
+        return 202, _json.encode({"seq": seq, "correlationId": corr})
+
+    def _gauges(self) -> list[tuple[str, str, dict[str, Any], float]]:
+        rows: list[tuple[str, str, dict[str, Any], float]] = [
+            ("rt_suspended_sessions", "Sessions waiting to be resumed", {}, len(self.sessions)),
+        ]
+        audit = self.audit.status()
+        for key in ("backlog", "lost"):
+            if isinstance(audit.get(key), (int, float)):
+                rows.append((f"rt_audit_{key}", f"Audit records {key}", {}, audit[key]))
+        for key, src in self._sources.items():
+            labels = {"source": key[0], "database": str(key[-1]) if key[0] == "mongo" else _redact(key[1])}
+            rows.append(("rt_source_ready", "1 while the source streams", labels, 1 if src.ready() else 0))
+            for name, value in src.status().items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    rows.append((f"rt_source_{name}", f"Source {name}", labels, value))
+        return rows
+
+
+def _err(message: str) -> bytes:
+    return _json.encode({"error": message})
+
+
+def _mongo_database(url: str) -> str | None:
+    rest = url.split("://", 1)[-1]
+    path = rest.split("/", 1)[1] if "/" in rest else ""
+    db = path.split("?", 1)[0]
+    return db or None
+
+
+def _redact(url: str) -> str:
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url
+
+
+def _compiled() -> bool:
+    from rtcore.engine import COMPILED
+
+    return COMPILED
+
+
+def _log_failure(task: asyncio.Future) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("source failed to start", exc_info=task.exception())
+
+
+async def serve(cfg: Config) -> int:
+    """Run the gateway until SIGTERM/SIGINT; returns the exit code."""
+    gw = Gateway(cfg)
+    await gw.start()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("draining", extra={"fields": {"connections": len(gw.connections)}})
+    await gw.shutdown()
+    log.info("stopped")
+    return 0

@@ -1,0 +1,338 @@
+"""Token authentication: verifies a JWT and turns it into an Identity for one workspace.
+
+HS256 tokens are verified with the shared secret (configured, or the generated development
+secret); RS/PS/ES tokens with the identity provider's JWKS keys (rtserver.jwks). The algorithm a
+token claims only selects which of the two key sources is consulted, and each source verifies
+only its own algorithms, so neither `alg: none` nor an HS256 token signed with a public key can
+pass. Error messages and logs never contain the token.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import secrets
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import jwt
+
+from rtserver.config import Config
+from rtserver.jwks import ASYMMETRIC_ALGORITHMS, JwksCache, KeyNotFound
+
+log = logging.getLogger("rtserver.auth")
+
+MAX_TOKEN_BYTES = 16 * 1024  # real tokens are 1-4 KiB; bounds the work an anonymous peer can cause
+DEV_SECRET_FILE = "dev-secret"
+
+
+CODE_NAMES = {4001: "token_expired", 4002: "token_invalid", 4003: "scope_denied"}
+
+
+class AuthError(Exception):
+    """A refused token: `code`/`name` are the protocol's close code and name (§6).
+
+    `subject` is the token's verified `sub` when known (for the audit trail), never the token.
+    """
+
+    def __init__(self, code: int, message: str, *, subject: str | None = None) -> None:
+        if code not in CODE_NAMES:
+            raise ValueError(f"AuthError code {code} is not one of {sorted(CODE_NAMES)}")
+        super().__init__(message)
+        self.code = code
+        self.name = CODE_NAMES[code]
+        self.subject = subject
+
+
+def _expired(message: str, subject: str | None = None) -> AuthError:
+    return AuthError(4001, message, subject=subject)
+
+
+def _invalid(message: str, subject: str | None = None) -> AuthError:
+    return AuthError(4002, message, subject=subject)
+
+
+def _denied(message: str, subject: str | None = None) -> AuthError:
+    return AuthError(4003, message, subject=subject)
+
+
+@dataclass(frozen=True)
+class Identity:
+    """A verified token, granted one workspace."""
+
+    subject: str
+    expires_at: float  # the token's exp (epoch seconds); tokens without exp are refused
+    can_publish: bool
+    channel_patterns: tuple[str, ...] | None  # None: channel permissions off (all channels allowed)
+    claims: dict[str, Any] = field(compare=False, repr=False)
+
+
+def _rfc3339(epoch: Any) -> str:
+    try:
+        return datetime.fromtimestamp(float(epoch), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except (OverflowError, OSError, ValueError, TypeError):
+        return repr(epoch)
+
+
+def claim_at(claims: dict[str, Any], path: str) -> Any:
+    """The value at a dotted claim path, or None.
+
+    Keys may themselves contain dots (Keycloak client ids such as `my.app`), so at each level the
+    longest key present wins: `resource_access.my.app.roles` finds `resource_access["my.app"]`.
+    """
+    if not path:
+        return None
+    node: Any = claims
+    parts = path.split(".")
+    while parts:
+        if not isinstance(node, dict):
+            return None
+        for n in range(len(parts), 0, -1):
+            key = ".".join(parts[:n])
+            if key in node:
+                node = node[key]
+                parts = parts[n:]
+                break
+        else:
+            return None
+    return node
+
+
+def _string_list(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list | tuple):
+        return [v for v in value if isinstance(v, str)]
+    return []
+
+
+def channel_allowed(patterns: tuple[str, ...] | None, channel: str) -> bool:
+    """Whether a channel is covered: exact pattern, or a pattern ending in `*` as a prefix (`postgres:*`)."""
+    if patterns is None:
+        return True
+    for pattern in patterns:
+        if pattern.endswith("*"):
+            if channel.startswith(pattern[:-1]):
+                return True
+        elif pattern == channel:
+            return True
+    return False
+
+
+class Authenticator:
+    """Verifies tokens against the configured secret and/or JWKS URL."""
+
+    def __init__(self, cfg: Config, *, dev_secret: str | None = None, jwks_ssl_context: Any = None) -> None:
+        auth = cfg.auth
+        self._issuer: str = auth.issuer
+        self._audience: str = auth.audience
+        self._leeway: float = auth.leeway
+        self._workspace_claim: str = auth.workspace_claim
+        self._role_prefix: str = auth.workspace_role_prefix
+        self._channel_claim: str = auth.channel_claim
+        self._publish_claim: str = auth.publish_claim
+        self._publish_role: str = auth.publish_role
+        secret: str = auth.hs256_secret
+        self.dev_mode = False
+        if not secret and not auth.jwks_url:
+            secret = dev_secret if dev_secret is not None else load_or_create_dev_secret(cfg.server.state_dir)
+            self.dev_mode = True
+        self._secret: bytes | None = secret.encode() if secret else None
+        self.jwks: JwksCache | None = None
+        if auth.jwks_url:
+            self.jwks = JwksCache(
+                auth.jwks_url, refetch_interval=auth.jwks_refetch_interval, ssl_context=jwks_ssl_context
+            )
+
+    async def start(self) -> None:
+        """Prefetch the JWKS so the first client does not wait on it (a failure is retried on demand)."""
+        if self.jwks is not None:
+            try:
+                await self.jwks.refresh()
+            except Exception as exc:  # noqa: BLE001 - not fatal: the IdP may come up after us
+                log.warning("JWKS prefetch failed", extra={"fields": {"url": self.jwks.url, "error": str(exc)}})
+
+    async def close(self) -> None:
+        if self.jwks is not None:
+            await self.jwks.close()
+
+    async def authenticate(self, token: str, workspace: str) -> Identity:
+        """Verify `token` and check it grants `workspace`. Raises AuthError."""
+        claims = await self._verify(token)
+        subject = claims["sub"]
+        if not self._grants_workspace(claims, workspace):
+            raise _denied(f"token does not grant workspace {workspace}", subject)
+        patterns: tuple[str, ...] | None = None
+        if self._channel_claim:
+            # Permissions on but no claim: the subject may subscribe to nothing.
+            patterns = tuple(_string_list(claim_at(claims, self._channel_claim)))
+        return Identity(
+            subject=subject,
+            expires_at=float(claims["exp"]),
+            can_publish=self._grants_publish(claims),
+            channel_patterns=patterns,
+            claims=claims,
+        )
+
+    def may_subscribe(self, identity: Identity, channel: str) -> bool:
+        return channel_allowed(identity.channel_patterns, channel)
+
+    def may_publish(self, identity: Identity) -> bool:
+        return identity.can_publish
+
+    async def _verify(self, token: str) -> dict[str, Any]:
+        if not isinstance(token, str) or not token:
+            raise _invalid("token missing")
+        if len(token) > MAX_TOKEN_BYTES:
+            raise _invalid(f"token longer than {MAX_TOKEN_BYTES} bytes")
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError as exc:
+            raise _invalid(f"malformed token: {exc}") from None
+        alg = header.get("alg")
+        kid = header.get("kid")
+        if not isinstance(alg, str):
+            raise _invalid("malformed token: alg is not a string")
+        key: Any
+        if alg == "HS256":
+            if self._secret is None:
+                raise _invalid("HS256 tokens are not accepted (no shared secret configured)")
+            key = self._secret
+        elif alg in ASYMMETRIC_ALGORITHMS:
+            if self.jwks is None:
+                raise _invalid(f"{alg} tokens are not accepted (no JWKS URL configured)")
+            try:
+                key = await self.jwks.key_for(kid, alg)
+            except KeyNotFound as exc:
+                raise _invalid(str(exc)) from None
+        else:
+            raise _invalid(f"algorithm {alg!r} is not accepted")
+
+        options = {"verify_aud": False, "require": ["exp"]}  # aud/azp checked below
+        try:
+            claims = jwt.decode(
+                token,
+                key,
+                algorithms=[alg],
+                options=options,
+                leeway=self._leeway,
+                issuer=self._issuer or None,
+            )
+        except jwt.ExpiredSignatureError:
+            # The signature was verified before the expiry check, so the claims are authentic.
+            claims = jwt.decode(token, options={"verify_signature": False})
+            sub = claims.get("sub") if isinstance(claims.get("sub"), str) else None
+            raise _expired(f"token expired at {_rfc3339(claims.get('exp'))}", sub) from None
+        except jwt.MissingRequiredClaimError as exc:
+            raise _invalid(f"token has no {exc.claim}") from None
+        except jwt.ImmatureSignatureError:
+            raise _invalid("token not yet valid (nbf/iat in the future)") from None
+        except jwt.InvalidIssuerError:
+            raise _invalid(f"token issuer is not {self._issuer}") from None
+        except jwt.InvalidSignatureError:
+            raise _invalid("bad token signature") from None
+        except jwt.InvalidKeyError as exc:
+            raise _invalid(f"token key refused: {exc}") from None
+        except jwt.PyJWTError as exc:
+            raise _invalid(f"invalid token: {exc}") from None
+
+        exp = claims.get("exp")
+        if isinstance(exp, bool) or not isinstance(exp, int | float) or not math.isfinite(exp):
+            raise _invalid("token exp is not a number")
+        sub = claims.get("sub")
+        if not isinstance(sub, str) or not sub:
+            raise _invalid("token has no sub")
+        if self._audience and not self._audience_ok(claims):
+            raise _invalid(f"token audience is not {self._audience}", sub)
+        return claims
+
+    def _audience_ok(self, claims: dict[str, Any]) -> bool:
+        # Keycloak access tokens often carry aud "account" and name the client in azp.
+        if self._audience in _string_list(claims.get("aud")):
+            return True
+        return claims.get("azp") == self._audience
+
+    def _grants_workspace(self, claims: dict[str, Any], workspace: str) -> bool:
+        entries = _string_list(claim_at(claims, self._workspace_claim))
+        if self._role_prefix:
+            wanted = {self._role_prefix + workspace, self._role_prefix + "*"}
+        else:
+            wanted = {workspace, "*"}
+        return any(entry in wanted for entry in entries)
+
+    def _grants_publish(self, claims: dict[str, Any]) -> bool:
+        if self._publish_claim and claim_at(claims, self._publish_claim) is True:
+            return True
+        if self._publish_role:
+            return self._publish_role in _string_list(claim_at(claims, self._workspace_claim))
+        return False
+
+
+def load_or_create_dev_secret(state_dir: str) -> str:
+    """The development HS256 secret kept in `state_dir/dev-secret` (0600), created on first use.
+
+    `rtserver serve` and `rtserver token` both call this, possibly at the same moment, so the file
+    is written aside and linked into place: whoever links first wins and the other reads it.
+    """
+    os.makedirs(state_dir, mode=0o700, exist_ok=True)
+    path = os.path.join(state_dir, DEV_SECRET_FILE)
+    existing = _read_secret(path)
+    if existing is not None:
+        return existing
+    secret = secrets.token_hex(32)
+    fd, tmp = tempfile.mkstemp(prefix=".dev-secret.", dir=state_dir)  # mkstemp creates it 0600
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secret + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            existing = _read_secret(path)
+            if existing is None:
+                raise RuntimeError(f"dev secret {path} exists but is empty or unreadable") from None
+            return existing
+    finally:
+        os.unlink(tmp)
+    return secret
+
+
+def _read_secret(path: str) -> str | None:
+    try:
+        with open(path, encoding="ascii") as fh:
+            text = fh.read().strip()
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RuntimeError(f"dev secret {path}: cannot read: {exc}") from None
+    if len(text) < 32:
+        raise RuntimeError(f"dev secret {path} is shorter than 32 characters; delete it to regenerate")
+    return text
+
+
+def mint_token(
+    secret: str,
+    *,
+    subject: str,
+    workspaces: list[str],
+    publish: bool,
+    ttl: float,
+    extra: dict[str, Any] | None = None,
+) -> str:
+    """An HS256 token for `rtserver token` and tests (claims: sub, workspaces, realtime_publish, iat, exp)."""
+    now = int(time.time())
+    claims: dict[str, Any] = {
+        "sub": subject,
+        "workspaces": list(workspaces),
+        "realtime_publish": bool(publish),
+        "iat": now,
+        "exp": now + math.ceil(ttl),
+    }
+    if extra:
+        claims.update(extra)
+    return jwt.encode(claims, secret, algorithm="HS256")

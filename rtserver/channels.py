@@ -1,0 +1,110 @@
+"""Channel names and subscription filters: parsed and validated once, at subscribe time.
+
+`postgres:*`, `postgres:{table}`, `mongo:*`, `mongo:{collection}`, `events:*`, `events:{topic}`
+(PROTOCOL.md §4). A bad name or kind is 4010 (channel_unavailable); a bad filter is 4000.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from rtcore.event import OPERATIONS
+
+TOPIC_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+_IDENT = r"[A-Za-z_][A-Za-z0-9_$]{0,62}"
+TABLE_RE = re.compile(rf"^(?:({_IDENT})\.)?({_IDENT})$")
+COLLECTION_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,119}$")
+
+_FILTER_KEYS = {"operations", "entity", "predicates", "transitions"}
+
+
+class ChannelError(Exception):
+    """4010: the channel does not exist or is malformed."""
+
+
+class InvalidFilter(Exception):
+    """4000: the filter is not valid for the channel."""
+
+
+@dataclass(frozen=True)
+class SubscriptionSpec:
+    channel: str  # as the client wrote it (the key of the subscription on its connection)
+    source: str  # postgres | mongo | events
+    entity: str  # canonical name, or "*" for every entity of the source
+    operations: frozenset[str] | None
+    predicates: dict[str, Any] | None
+    transitions: bool
+    filter: dict[str, Any] | None  # the client's filter, kept to restore resumed sessions
+
+
+def canonical_entity(source: str, name: str) -> str:
+    """The canonical form of a table/collection/topic name, or ChannelError."""
+    if source == "events":
+        if not TOPIC_RE.match(name):
+            raise ChannelError(f"events:{name}: a topic is 1-128 of [A-Za-z0-9_.:-]")
+        return name
+    if source == "postgres":
+        m = TABLE_RE.match(name)
+        if not m:
+            raise ChannelError(f"postgres:{name}: a table is `name` or `schema.name` (SQL identifiers)")
+        schema, table = m.group(1), m.group(2)
+        return table if schema in (None, "public") else f"{schema}.{table}"
+    if source == "mongo":
+        if not COLLECTION_RE.match(name) or name.startswith("system."):
+            raise ChannelError(f"mongo:{name}: not a valid collection name")
+        return name
+    raise ChannelError(f"unknown channel kind {source!r}: use postgres:, mongo: or events:")
+
+
+def parse(channel: str, filter_: Any) -> SubscriptionSpec:
+    """Parse a subscribe's channel and filter into a spec (predicates still uncompiled)."""
+    if not isinstance(channel, str) or ":" not in channel:
+        raise ChannelError(f"channel {channel!r} must look like postgres:{{table}}, mongo:{{collection}} or events:{{topic}}")
+    source, _, name = channel.partition(":")
+    if source not in OPERATIONS:
+        raise ChannelError(f"unknown channel kind {source!r} in {channel!r}: use postgres:, mongo: or events:")
+    entity = "*" if name == "*" else canonical_entity(source, name)
+
+    operations: frozenset[str] | None = None
+    predicates: dict[str, Any] | None = None
+    transitions = False
+    if filter_ is not None:
+        if not isinstance(filter_, dict):
+            raise InvalidFilter(f"{channel}: filter must be an object")
+        unknown = set(filter_) - _FILTER_KEYS
+        if unknown:
+            raise InvalidFilter(f"{channel}: unknown filter field(s) {sorted(unknown)}; allowed: {sorted(_FILTER_KEYS)}")
+        ops = filter_.get("operations")
+        if ops is not None:
+            if not isinstance(ops, list) or not ops or not all(isinstance(o, str) for o in ops):
+                raise InvalidFilter(f"{channel}: filter.operations must be a non-empty list of operation names")
+            known = frozenset().union(*OPERATIONS.values())
+            bad = [o for o in ops if o not in known]
+            if bad:
+                raise InvalidFilter(f"{channel}: unknown operation(s) {bad}; known: {sorted(known)}")
+            operations = frozenset(ops)
+        ent = filter_.get("entity")
+        if ent is not None:
+            if not isinstance(ent, str):
+                raise InvalidFilter(f"{channel}: filter.entity must be a string")
+            try:
+                ent_c = canonical_entity(source, ent)
+            except ChannelError as exc:
+                raise InvalidFilter(f"{channel}: filter.entity: {exc}") from None
+            if entity == "*":
+                entity = ent_c
+            elif ent_c != entity:
+                raise InvalidFilter(f"{channel}: filter.entity {ent!r} does not match the channel")
+        preds = filter_.get("predicates")
+        if preds is not None:
+            if not isinstance(preds, dict):
+                raise InvalidFilter(f"{channel}: filter.predicates must be an object")
+            predicates = preds or None
+        tr = filter_.get("transitions", False)
+        if not isinstance(tr, bool):
+            raise InvalidFilter(f"{channel}: filter.transitions must be true or false")
+        transitions = tr
+    return SubscriptionSpec(channel, source, entity, operations, predicates, transitions, filter_)
+

@@ -1,0 +1,90 @@
+"""The `rtserver` command: `serve`, `token` (dev tokens), `config-table`, `--version`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+
+from rtserver import __version__
+from rtserver.config import WORKSPACE_ID_RE, ConfigError, config_table_markdown, load
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rtserver", description="Realtime subscriptions gateway")
+    p.add_argument("--version", action="version", version=f"rtserver {__version__}")
+    sub = p.add_subparsers(dest="command")
+
+    serve = sub.add_parser("serve", help="run the gateway")
+    serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default 8080)")
+    serve.add_argument("--config", help="TOML configuration file")
+    serve.add_argument("--state-dir", help="local state directory (default .rtserver)")
+
+    tok = sub.add_parser("token", help="print a development token signed with the configured or generated secret")
+    tok.add_argument("--workspace", action="append", required=True, help="workspace id to grant (repeatable; * = all)")
+    tok.add_argument("--sub", default="dev-user", help="subject (default dev-user)")
+    tok.add_argument("--publish", action="store_true", help="grant the publish API")
+    tok.add_argument("--ttl", type=float, default=3600.0, help="lifetime in seconds (default 3600)")
+    tok.add_argument("--config", help="TOML configuration file")
+    tok.add_argument("--state-dir", help="local state directory (default .rtserver)")
+
+    sub.add_parser("config-table", help="print the configuration table (Markdown)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command is None:
+        _parser().print_help()
+        return 2
+    if args.command == "config-table":
+        print(config_table_markdown())
+        return 0
+    try:
+        overrides = {"server.state_dir": getattr(args, "state_dir", None)}
+        if args.command == "serve":
+            overrides.update({"server.host": args.host, "server.port": args.port})
+        cfg = load(args.config, overrides=overrides)
+    except ConfigError as exc:
+        print(f"rtserver: configuration error: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "token":
+        return _token(cfg, args)
+    return _serve(cfg)
+
+
+def _token(cfg, args) -> int:
+    from rtserver.auth import load_or_create_dev_secret, mint_token
+
+    for w in args.workspace:
+        if w != "*" and not WORKSPACE_ID_RE.match(w):
+            print(f"rtserver: --workspace {w!r} must be 1-64 of [A-Za-z0-9_-] or *", file=sys.stderr)
+            return 2
+    if cfg.auth.jwks_url and not cfg.auth.hs256_secret:
+        print("rtserver: tokens come from your identity provider (auth.jwks_url is set); no HS256 secret to sign with",
+              file=sys.stderr)
+        return 2
+    secret = cfg.auth.hs256_secret or load_or_create_dev_secret(os.path.abspath(cfg.server.state_dir))
+    print(mint_token(secret, subject=args.sub, workspaces=args.workspace, publish=args.publish, ttl=args.ttl))
+    return 0
+
+
+def _serve(cfg) -> int:
+    import uvloop
+
+    from rtserver import logs
+    from rtserver.app import serve
+
+    logs.setup(cfg.server.log_level)
+    try:
+        return uvloop.run(serve(cfg))
+    except OSError as exc:
+        print(f"rtserver: cannot listen on {cfg.server.host}:{cfg.server.port}: {exc.strerror}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:
+        print(f"rtserver: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 0

@@ -1,0 +1,615 @@
+"""One WebSocket client: the protocol state machine of PROTOCOL.md §1, §3, §6 and §7.
+
+Inbound messages are decoded once with msgspec and handled in order. Handlers that must wait
+(token verification, a database check of a channel) run as a task while later messages queue
+behind them, so a client may send `auth` and `subscribe` back to back. Outbound frames go
+through `push`: they are appended to a pending list and written in one call per loop iteration
+(see hub.py). A connection whose transport buffer passes the limit is closed with 1013 without
+slowing anyone else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+from picows import WSFrame, WSListener, WSMsgType, WSTransport
+
+from rtcore.engine import FilterError, close_frame, text_frame
+from rtcore.messages import (
+    Auth,
+    AuthOk,
+    Error,
+    Ping,
+    Pong,
+    Subscribe,
+    Subscribed,
+    Unsubscribe,
+    Unsubscribed,
+    client_decoder,
+    encode,
+)
+from rtcore.timefmt import iso_ms
+from rtserver import channels
+from rtserver.auth import AuthError, Identity
+from rtserver.hub import Subscription, Workspace
+from rtserver.sessions import Session
+from rtserver.sources.base import ChannelUnavailable
+
+if TYPE_CHECKING:
+    from rtserver.app import Gateway
+
+log = logging.getLogger("rtserver.connection")
+
+CODE_NAMES = {
+    1000: "normal_closure",
+    1001: "going_away",
+    1008: "policy_violation",
+    1009: "message_too_big",
+    1011: "internal_error",
+    1013: "try_again_later",
+    4000: "invalid_message",
+    4001: "token_expired",
+    4002: "token_invalid",
+    4003: "scope_denied",
+    4008: "quota_exceeded",
+    4010: "channel_unavailable",
+    4011: "history_gap",
+}
+
+_MAX_QUEUED_MESSAGES = 64
+_SLOW_CLOSE_GRACE = 5.0
+
+
+def _message_id(data: bytes) -> Any:
+    """Best-effort `id` of a message that failed validation, to echo in the error."""
+    try:
+        obj = msgspec.json.decode(data)
+    except msgspec.DecodeError:
+        return None
+    if isinstance(obj, dict):
+        mid = obj.get("id")
+        if isinstance(mid, (int, str)) and not isinstance(mid, bool):
+            return mid
+    return None
+
+
+class Connection(WSListener):
+    def __init__(self, gw: Gateway, workspace_id: str, header_token: str | None, remote: str):
+        super().__init__()
+        self.gw = gw
+        self.workspace_id = workspace_id
+        self.workspace: Workspace | None = None
+        self.remote = remote
+        self._header_token = header_token
+        self.transport: WSTransport | None = None
+        self._raw = None  # the underlying asyncio transport: frames are written to it directly
+        self.pending: list[bytes] | None = None
+        self.closed = False
+        self.identity: Identity | None = None
+        self.session: Session | None = None
+        self.subscriptions: dict[str, Subscription] = {}
+        self.last_rx = time.monotonic()
+        self._queue: deque[bytes] = deque()
+        self._busy = False
+        self._invalid: deque[float] | None = None
+        self._fragments: list[bytes] | None = None
+        self._timer: asyncio.TimerHandle | None = None  # auth deadline, then token expiry
+        self._close_cause = "network"
+        self._ping_sent = False
+
+    # ---- picows callbacks ----------------------------------------------------------------
+
+    def on_ws_connected(self, transport: WSTransport) -> None:
+        self.transport = transport
+        self._raw = transport.underlying_transport
+        # We watch the buffer ourselves after each write (limit -> 1013); keep asyncio's
+        # pause/resume callbacks out of the way.
+        self._raw.set_write_buffer_limits(high=1 << 30)
+        gw = self.gw
+        gw.connections.add(self)
+        gw.metrics.connections_total += 1
+        loop = asyncio.get_running_loop()
+        if self._header_token is not None:
+            token, self._header_token = self._header_token, None
+            self._run(self._authenticate(token, None, None, None))
+        else:
+            self._timer = loop.call_later(gw.cfg.limits.auth_timeout, self._auth_timeout)
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        self.last_rx = time.monotonic()
+        self._ping_sent = False
+        mt = frame.msg_type
+        if mt == WSMsgType.TEXT:
+            if frame.fin:
+                self._on_message(frame.get_payload_as_bytes())
+            else:
+                self._fragments = [frame.get_payload_as_bytes()]
+        elif mt == WSMsgType.CONTINUATION:
+            if self._fragments is None:
+                return
+            self._fragments.append(frame.get_payload_as_bytes())
+            size = sum(len(f) for f in self._fragments)
+            if size > self.gw.cfg.limits.max_message_bytes:
+                self._fragments = None
+                self._too_big(size)
+            elif frame.fin:
+                data = b"".join(self._fragments)
+                self._fragments = None
+                self._on_message(data)
+        elif mt == WSMsgType.CLOSE:
+            self._close_cause = "client_close"
+            transport.send_close(frame.get_close_code(), frame.get_close_message())
+            transport.disconnect()
+        elif mt == WSMsgType.BINARY:
+            self._invalid_message("binary frames are not supported: send JSON text", None)
+        # PING is answered by picows (auto pong); PONG only refreshes last_rx.
+
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
+        self._teardown()
+
+    def pause_writing(self) -> None:  # noqa: D401 - picows hook; see on_ws_connected
+        pass
+
+    def resume_writing(self) -> None:
+        pass
+
+    # ---- outbound ------------------------------------------------------------------------
+
+    def push(self, frame: bytes) -> None:
+        """Queue a complete frame for this iteration's write (the fan-out hot path)."""
+        pending = self.pending
+        if pending is None:
+            if self.closed:
+                return
+            self.pending = [frame]
+            self.gw.hub.schedule(self)
+        elif pending[-1] is not frame:  # an event matching two channels goes out once
+            pending.append(frame)
+
+    def flush(self) -> None:
+        frames = self.pending
+        self.pending = None
+        if frames is None or self.closed:
+            return
+        raw = self._raw
+        if len(frames) == 1:
+            raw.write(frames[0])
+        else:
+            raw.write(b"".join(frames))
+        m = self.gw.metrics
+        m.writes += 1
+        m.frames_out += len(frames)
+        if raw.get_write_buffer_size() > self.gw.cfg.limits.send_buffer_bytes:
+            self._slow_reader()
+
+    def send(self, message: msgspec.Struct) -> None:
+        self.push(text_frame(encode(message)))
+
+    def send_error(
+        self, code: int, message: str, *, channel: str | None = None, mid: Any = None, oldest: int | None = None
+    ) -> None:
+        self.send(Error(code=code, name=CODE_NAMES[code], message=message, channel=channel, id=mid, oldest=oldest))
+
+    def close(self, code: int, detail: str | None = None, cause: str | None = None) -> None:
+        """Send `detail` as an error (when given), then a close frame with the code's name."""
+        if self.closed:
+            return
+        if cause is not None:
+            self._close_cause = cause
+        if detail is not None and code >= 4000:
+            self.send_error(code, detail)
+        self.push(close_frame(code, CODE_NAMES.get(code, "")))
+        self.flush()
+        self.closed = True
+        self._teardown()
+        if self.transport is not None:
+            self.transport.disconnect(graceful=True)
+
+    def _slow_reader(self) -> None:
+        self.gw.metrics.drops_slow_reader += 1
+        log.info(
+            "closing slow reader",
+            extra={"fields": {"workspace": self.workspace_id, "remote": self.remote, "code": 1013}},
+        )
+        raw = self._raw
+        # The close frame queues behind what the client has not read; if it never reads on,
+        # abort after a grace period so its buffer is freed.
+        self.closed = True
+        self._close_cause = "slow_reader"
+        raw.write(close_frame(1013, "try_again_later"))
+        self._teardown()
+        raw.close()
+        asyncio.get_running_loop().call_later(_SLOW_CLOSE_GRACE, raw.abort)
+
+    # ---- inbound -------------------------------------------------------------------------
+
+    def _on_message(self, data: bytes) -> None:
+        self.gw.metrics.messages_in += 1
+        if self.closed:
+            return
+        if len(data) > self.gw.cfg.limits.max_message_bytes:
+            self._too_big(len(data))
+            return
+        if self._busy:
+            if len(self._queue) >= _MAX_QUEUED_MESSAGES:
+                self.close(1008, cause="policy_violation")
+                return
+            self._queue.append(data)
+            return
+        self._dispatch(data)
+
+    def _too_big(self, size: int) -> None:
+        self.send_error(4000, f"message of {size} bytes exceeds the {self.gw.cfg.limits.max_message_bytes}-byte limit")
+        self.close(1009, cause="message_too_big")
+
+    def _dispatch(self, data: bytes) -> None:
+        try:
+            msg = client_decoder.decode(data)
+        except msgspec.ValidationError as exc:
+            self._invalid_message(f"invalid message: {exc}", _message_id(data))
+            return
+        except msgspec.DecodeError as exc:
+            self._invalid_message(f"not JSON: {exc}", None)
+            return
+        if self.identity is None:
+            if isinstance(msg, Auth):
+                self._run(self._authenticate(msg.token, msg.resume, msg.since, msg.id))
+            else:
+                self.send_error(4003, "authenticate first: send {\"type\":\"auth\",\"token\":...}", mid=msg.id)
+            return
+        if isinstance(msg, Subscribe):
+            self._subscribe(msg)
+        elif isinstance(msg, Unsubscribe):
+            self._unsubscribe(msg)
+        elif isinstance(msg, Ping):
+            self.send(Pong(id=msg.id))
+        elif isinstance(msg, Auth):
+            self._run(self._refresh(msg))
+
+    def _invalid_message(self, message: str, mid: Any) -> None:
+        self.gw.metrics.invalid_messages += 1
+        self.send_error(4000, message, mid=mid)
+        now = time.monotonic()
+        if self._invalid is None:
+            self._invalid = deque()
+        q = self._invalid
+        q.append(now)
+        while q and q[0] < now - 60.0:
+            q.popleft()
+        if len(q) >= self.gw.cfg.limits.max_invalid_per_minute:
+            self.close(1008, cause="policy_violation")
+
+    def _run(self, coro: Awaitable[None]) -> None:
+        """Run an async handler; messages arriving meanwhile wait their turn."""
+        self._busy = True
+        task = asyncio.ensure_future(coro)
+        task.add_done_callback(self._handler_done)
+
+    def _handler_done(self, task: asyncio.Future) -> None:
+        self._busy = False
+        if not task.cancelled() and task.exception() is not None:
+            log.error(
+                "message handler failed",
+                exc_info=task.exception(),
+                extra={"fields": {"workspace": self.workspace_id, "remote": self.remote}},
+            )
+            self.close(1011, cause="internal_error")
+            return
+        while self._queue and not self._busy and not self.closed:
+            self._dispatch(self._queue.popleft())
+
+    # ---- auth ----------------------------------------------------------------------------
+
+    def _auth_timeout(self) -> None:
+        self._timer = None
+        if self.identity is None and not self.closed:
+            self.gw.metrics.auth_failures[4002] += 1
+            self.gw.audit.emit(
+                "auth-denied", workspace_id=self.workspace_id, code=4002, reason="auth timeout", remote_addr=self.remote
+            )
+            self.close(4002, "auth timeout", cause="auth_timeout")
+
+    async def _authenticate(self, token: str, resume: str | None, since: int | None, mid: Any) -> None:
+        gw = self.gw
+        try:
+            identity = await gw.auth.authenticate(token, self.workspace_id)
+        except AuthError as exc:
+            if self.closed:
+                return
+            gw.metrics.auth_failures[exc.code] += 1
+            gw.audit.emit(
+                "auth-denied",
+                workspace_id=self.workspace_id,
+                subject=exc.subject,
+                code=exc.code,
+                reason=str(exc),
+                remote_addr=self.remote,
+            )
+            self.close(exc.code, str(exc), cause=exc.name)
+            return
+        if self.closed:
+            return
+        if gw.draining:
+            self.close(1001, cause="shutdown")
+            return
+        ws = gw.hub.workspace(self.workspace_id)
+        limits = gw.cfg.limits
+        refusal = None
+        if len(ws.connections) >= limits.max_connections:
+            refusal = f"workspace {self.workspace_id} has reached its limit of {limits.max_connections} connections"
+        elif ws.subjects.get(identity.subject, 0) >= limits.max_connections_per_subject:
+            refusal = f"subject has reached its limit of {limits.max_connections_per_subject} connections"
+        if refusal is not None:
+            gw.metrics.auth_failures[4008] += 1
+            gw.audit.emit(
+                "auth-denied",
+                workspace_id=self.workspace_id,
+                subject=identity.subject,
+                code=4008,
+                reason=refusal,
+                remote_addr=self.remote,
+            )
+            self.close(4008, refusal, cause="quota_exceeded")
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self.identity = identity
+        self.workspace = ws
+        ws.connections.add(self)
+        ws.subjects[identity.subject] = ws.subjects.get(identity.subject, 0) + 1
+        self._arm_expiry()
+
+        session = gw.sessions.take(resume, identity.subject, self.workspace_id) if resume else None
+        resumed = session is not None
+        if session is None:
+            session = gw.sessions.new(identity.subject, self.workspace_id)
+        self.session = session
+        self.send(AuthOk(sessionId=session.id, expiresAt=_expires(identity), resumed=resumed, id=mid))
+        gw.audit.emit(
+            "auth-granted",
+            workspace_id=self.workspace_id,
+            subject=identity.subject,
+            session_id=session.id,
+            remote_addr=self.remote,
+            refresh=False,
+        )
+        if resumed:
+            gw.audit.emit(
+                "session-resumed",
+                workspace_id=self.workspace_id,
+                subject=identity.subject,
+                session_id=session.id,
+                remote_addr=self.remote,
+            )
+            self._restore(session, since if since is not None else session.last_seq)
+
+    async def _refresh(self, msg: Auth) -> None:
+        gw = self.gw
+        assert self.identity is not None and self.session is not None
+        try:
+            identity = await gw.auth.authenticate(msg.token, self.workspace_id)
+            if identity.subject != self.identity.subject:
+                raise AuthError(4003, "a refresh token must be for the same subject", subject=identity.subject)
+        except AuthError as exc:
+            gw.metrics.auth_failures[exc.code] += 1
+            gw.audit.emit(
+                "auth-denied",
+                workspace_id=self.workspace_id,
+                subject=exc.subject,
+                session_id=self.session.id,
+                code=exc.code,
+                reason=str(exc),
+                remote_addr=self.remote,
+                refresh=True,
+            )
+            if not self.closed:
+                self.send_error(exc.code, f"token refresh refused: {exc}", mid=msg.id)
+            return
+        if self.closed:
+            return
+        self.identity = identity
+        self._arm_expiry()
+        self.send(AuthOk(sessionId=self.session.id, expiresAt=_expires(identity), resumed=False, id=msg.id))
+        gw.audit.emit(
+            "auth-granted",
+            workspace_id=self.workspace_id,
+            subject=identity.subject,
+            session_id=self.session.id,
+            remote_addr=self.remote,
+            refresh=True,
+        )
+
+    def _arm_expiry(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        assert self.identity is not None
+        loop = asyncio.get_running_loop()
+        delay = self.identity.expires_at - time.time()
+        self._timer = loop.call_later(max(0.0, delay), self._expired)
+
+    def _expired(self) -> None:
+        self._timer = None
+        if not self.closed:
+            self.gw.metrics.auth_failures[4001] += 1
+            self.close(4001, "token expired: refresh it with an auth message before exp", cause="token_expired")
+
+    # ---- subscriptions -------------------------------------------------------------------
+
+    def _subscribe(self, msg: Subscribe) -> None:
+        gw = self.gw
+        try:
+            spec = channels.parse(msg.channel, msg.filter)
+        except channels.ChannelError as exc:
+            self.send_error(4010, str(exc), channel=msg.channel, mid=msg.id)
+            return
+        except channels.InvalidFilter as exc:
+            self._invalid_message(str(exc), msg.id)
+            return
+        assert self.identity is not None
+        if not gw.auth.may_subscribe(self.identity, msg.channel):
+            self.send_error(4003, f"token does not grant channel {msg.channel}", channel=msg.channel, mid=msg.id)
+            return
+        if msg.channel not in self.subscriptions and len(self.subscriptions) >= gw.cfg.limits.max_subscriptions:
+            self.send_error(
+                4008,
+                f"subscription limit of {gw.cfg.limits.max_subscriptions} per connection reached",
+                channel=msg.channel,
+                mid=msg.id,
+            )
+            return
+        if spec.source == "events":
+            self._add(spec, msg.since, msg.id)
+            return
+        source = gw.source(self.workspace_id, spec.source)
+        if source is None:
+            self.send_error(
+                4010,
+                f"{spec.source} is not configured for workspace {self.workspace_id}",
+                channel=msg.channel,
+                mid=msg.id,
+            )
+            return
+        if spec.entity == "*":
+            self._add(spec, msg.since, msg.id)
+            return
+        self._run(self._checked_add(source, spec, msg))
+
+    async def _checked_add(self, source: Any, spec: channels.SubscriptionSpec, msg: Subscribe) -> None:
+        try:
+            entity = await source.check_channel(self.workspace_id, spec.entity)
+        except ChannelUnavailable as exc:
+            if not self.closed:
+                self.send_error(4010, str(exc), channel=msg.channel, mid=msg.id)
+            return
+        if self.closed:
+            return
+        if entity != spec.entity:
+            spec = channels.SubscriptionSpec(
+                spec.channel, spec.source, entity, spec.operations, spec.predicates, spec.transitions, spec.filter
+            )
+        self._add(spec, msg.since, msg.id)
+
+    def _add(self, spec: channels.SubscriptionSpec, since: int | None, mid: Any) -> None:
+        ws = self.workspace
+        assert ws is not None and self.session is not None
+        sub = Subscription(self, spec)
+        try:
+            self.gw.hub.add(ws, sub)
+        except FilterError as exc:
+            self._invalid_message(f"{spec.channel}: {exc}", mid)
+            return
+        old = self.subscriptions.get(spec.channel)
+        if old is not None:
+            self.gw.hub.remove(ws, old)
+        self.subscriptions[spec.channel] = sub
+        self.session.specs[spec.channel] = spec
+        self.send(Subscribed(channel=spec.channel, id=mid))
+        if since is not None:
+            self._replay([sub], since)
+
+    def _unsubscribe(self, msg: Unsubscribe) -> None:
+        sub = self.subscriptions.pop(msg.channel, None)
+        if sub is not None and self.workspace is not None:
+            self.gw.hub.remove(self.workspace, sub)
+        if self.session is not None:
+            self.session.specs.pop(msg.channel, None)
+        self.send(Unsubscribed(channel=msg.channel, id=msg.id))
+
+    def _restore(self, session: Session, since: int) -> None:
+        """Re-create a resumed session's subscriptions and replay what it missed."""
+        ws = self.workspace
+        assert ws is not None
+        subs = []
+        for spec in session.specs.values():
+            sub = Subscription(self, spec)
+            self.gw.hub.add(ws, sub)
+            self.subscriptions[spec.channel] = sub
+            subs.append(sub)
+        if subs:
+            self._replay(subs, since)
+
+    def _replay(self, subs: list[Subscription], since: int) -> None:
+        """Push retained events after `since` that match any of `subs`, in order.
+
+        Runs synchronously right after the subscriptions were indexed, so a live event can
+        neither slip between the replay and the live stream nor arrive twice.
+        """
+        ws = self.workspace
+        assert ws is not None
+        replay = ws.history.since(since)
+        m = self.gw.metrics
+        if replay.gap:
+            for sub in subs:
+                self.send_error(
+                    4011,
+                    f"events after {since} may be missing from the history; it holds {replay.oldest} onwards",
+                    channel=sub.spec.channel,
+                    oldest=replay.oldest,
+                )
+                m.history_gaps += 1
+        n = 0
+        for entry in replay.entries:
+            event = entry.event
+            for sub in subs:
+                if sub.matches(event):
+                    self.push(entry.frame)
+                    n += 1
+                    break
+        m.replayed += n
+
+    # ---- teardown ------------------------------------------------------------------------
+
+    def _teardown(self) -> None:
+        """Drop subscriptions and counts (idempotent), suspend the session."""
+        self.closed = True
+        gw = self.gw
+        gw.connections.discard(self)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        ws = self.workspace
+        if ws is None:
+            return
+        self.workspace = None
+        for sub in self.subscriptions.values():
+            gw.hub.remove(ws, sub)
+        self.subscriptions = {}
+        ws.connections.discard(self)
+        assert self.identity is not None
+        subject = self.identity.subject
+        left = ws.subjects.get(subject, 1) - 1
+        if left:
+            ws.subjects[subject] = left
+        else:
+            ws.subjects.pop(subject, None)
+        if self.session is not None:
+            gw.sessions.suspend(self.session, ws.history.last_seq)
+            gw.audit.emit(
+                "session-suspended",
+                workspace_id=self.workspace_id,
+                subject=subject,
+                session_id=self.session.id,
+                reason=self._close_cause,
+                remote_addr=self.remote,
+            )
+
+    # ---- liveness (called by the gateway's sweeper) -----------------------------------------
+
+    def check_idle(self, now: float, idle_timeout: float) -> None:
+        silent = now - self.last_rx
+        if silent > idle_timeout:
+            self.close(1001, cause="idle_timeout")
+        elif silent > idle_timeout / 2 and not self._ping_sent and self.transport is not None:
+            self._ping_sent = True
+            self.transport.send_ping()
+
+
+def _expires(identity: Identity) -> str:
+    return iso_ms(int(identity.expires_at * 1000))

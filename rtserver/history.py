@@ -1,0 +1,119 @@
+"""Workspace history: the one cursor (`seq`) for every source, and the ring of recent events.
+
+Every event of a workspace is appended here exactly once, before fan-out. Appending assigns
+`seq` from a hybrid logical clock (max(last + 1, wall-clock microseconds)) so positions keep
+increasing across restarts, and stores the already-encoded frame, so a replay costs a write,
+not an encode. The ring is bounded by count, age and bytes.
+
+`floor` is the highest position this history cannot vouch for: the last evicted event, or,
+for a fresh history, the clock at creation (anything before it happened before this process
+knew the workspace). A reader at position `since < floor` may have missed events: a gap.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from rtcore.engine import event_frame
+from rtcore.event import Event
+
+
+def _now_us() -> int:
+    return time.time_ns() // 1000
+
+
+class HistoryEntry:
+    __slots__ = ("seq", "at", "frame", "event")
+
+    def __init__(self, seq: int, at: float, frame: bytes, event: Event):
+        self.seq = seq
+        self.at = at
+        self.frame = frame
+        self.event = event
+
+
+@dataclass
+class Replay:
+    gap: bool
+    oldest: int  # the first position the history can replay from
+    entries: list[HistoryEntry]
+
+
+class History:
+    def __init__(self, workspace: str, *, max_events: int, max_seconds: float, max_bytes: int):
+        self.workspace = workspace
+        self.max_events = max(1, max_events)
+        self.max_seconds = max_seconds
+        self.max_bytes = max_bytes
+        self._entries: deque[HistoryEntry] = deque()
+        self._bytes = 0
+        self.last_seq = 0
+        self.floor = _now_us()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def bytes(self) -> int:
+        return self._bytes
+
+    def next_seq(self) -> int:
+        seq = max(self.last_seq + 1, self.floor + 1, _now_us())
+        self.last_seq = seq
+        return seq
+
+    def append(self, event: Event, seq: int | None = None) -> HistoryEntry:
+        """Record `event`; `seq` is given when it was assigned upstream (Kafka bus)."""
+        if seq is None:
+            seq = self.next_seq()
+        elif seq <= self.last_seq:
+            raise ValueError(f"workspace {self.workspace}: seq {seq} not after {self.last_seq}")
+        else:
+            self.last_seq = seq
+        entry = HistoryEntry(seq, time.monotonic(), event_frame(event.body, seq), event)
+        self._entries.append(entry)
+        self._bytes += len(entry.frame) + len(event.body)
+        self._evict(entry.at)
+        return entry
+
+    def _evict(self, now: float) -> None:
+        entries = self._entries
+        horizon = now - self.max_seconds
+        while entries and (
+            len(entries) > self.max_events or self._bytes > self.max_bytes or entries[0].at < horizon
+        ):
+            old = entries.popleft()
+            self._bytes -= len(old.frame) + len(old.event.body)
+            self.floor = old.seq
+
+    def expire(self) -> None:
+        """Drop entries past the age limit (called periodically, so idle workspaces shrink)."""
+        self._evict(time.monotonic())
+
+    def oldest(self) -> int:
+        return self._entries[0].seq if self._entries else max(self.last_seq, self.floor) + 1
+
+    def since(self, since: int) -> Replay:
+        """The retained entries after `since`, and whether some may be missing before them."""
+        self.expire()
+        gap = since < self.floor
+        entries = self._entries
+        if not entries or entries[-1].seq <= since:
+            return Replay(gap, self.oldest(), [])
+        if entries[0].seq > since:
+            return Replay(gap, self.oldest(), list(entries))
+        # Binary search on the deque's seq order (deque indexing is O(n) at worst; fine at 10k).
+        lo, hi = 0, len(entries)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if entries[mid].seq <= since:
+                lo = mid + 1
+            else:
+                hi = mid
+        return Replay(gap, self.oldest(), [entries[i] for i in range(lo, len(entries))])
+
+    def __iter__(self) -> Iterator[HistoryEntry]:
+        return iter(self._entries)

@@ -1,0 +1,167 @@
+"""Fan-out: workspaces, their subscription index and history, and the coalesced writes.
+
+`Hub.deliver(event)` is the hot path: append to the workspace history (assigns seq, encodes the
+frame once), match the index, and push the same bytes to every matching connection. Pushing
+only appends to the connection's pending list; all pending frames of a connection leave in one
+transport write when the loop runs the flush scheduled for this iteration (no added waiting).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from rtcore.engine import SubscriptionIndex, compile_predicates, event_frame
+from rtcore.event import Event
+from rtserver.channels import SubscriptionSpec
+from rtserver.history import History
+from rtserver.metrics import Metrics
+
+if TYPE_CHECKING:
+    from rtserver.config import Config
+    from rtserver.connection import Connection
+
+log = logging.getLogger("rtserver.hub")
+
+_LEAVE = b',"transition":"leave"'
+_ENTER = b',"transition":"enter"'
+
+
+class Subscription:
+    """One channel subscription of one connection; the key the index returns."""
+
+    __slots__ = ("conn", "spec", "_matcher", "__weakref__")
+
+    def __init__(self, conn: Connection, spec: SubscriptionSpec):
+        self.conn = conn
+        self.spec = spec
+        self._matcher = None
+
+    def matches(self, event: Event) -> bool:
+        """Slow-path match of one event (replay); the index does the live matching."""
+        spec = self.spec
+        if event.source != spec.source:
+            return False
+        if spec.entity != "*" and event.entity != spec.entity:
+            return False
+        if spec.operations is not None and event.operation not in spec.operations:
+            return False
+        if spec.predicates is None:
+            return True
+        if self._matcher is None:
+            self._matcher = compile_predicates(spec.predicates)
+        return self._matcher.matches(event.record)
+
+
+class Workspace:
+    def __init__(self, wid: str, cfg: Config):
+        self.id = wid
+        h = cfg.history
+        self.history = History(wid, max_events=h.events, max_seconds=h.seconds, max_bytes=h.bytes)
+        self.index = SubscriptionIndex()
+        self.connections: set[Connection] = set()
+        self.subjects: dict[str, int] = {}
+
+
+class Hub:
+    def __init__(self, cfg: Config, metrics: Metrics):
+        self.cfg = cfg
+        self.metrics = metrics
+        self.workspaces: dict[str, Workspace] = {}
+        self._dirty: list[Connection] = []
+        self._flush_scheduled = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        metrics.add_gauges(self._gauges)
+
+    def workspace(self, wid: str) -> Workspace:
+        ws = self.workspaces.get(wid)
+        if ws is None:
+            ws = self.workspaces[wid] = Workspace(wid, self.cfg)
+        return ws
+
+    # ---- the hot path ------------------------------------------------------------------
+
+    def deliver(self, event: Event, seq: int | None = None) -> int:
+        """Record `event` in its workspace history and push its frame to every subscriber."""
+        ws = self.workspace(event.workspace)
+        entry = ws.history.append(event, seq)
+        self.metrics.events_in[event.source] += 1
+        index = ws.index
+        if index.has_transitions and event.old_record is not None and event.operation == "UPDATE":
+            subs, enter, leave = index.match_transitions(
+                event.source, event.entity, event.operation, event.record, event.old_record
+            )
+            if enter:
+                self._push_all(enter, event_frame(event.body, entry.seq, _ENTER))
+            if leave:
+                self._push_all(leave, event_frame(event.body, entry.seq, _LEAVE))
+        else:
+            subs = index.match(event.source, event.entity, event.operation, event.record)
+        if subs:
+            self._push_all(subs, entry.frame)
+        return entry.seq
+
+    def _push_all(self, subs: Iterable[Subscription], frame: bytes) -> None:
+        n = 0
+        for sub in subs:
+            sub.conn.push(frame)
+            n += 1
+        self.metrics.deliveries += n
+
+    def schedule(self, conn: Connection) -> None:
+        """Called by a connection whose pending list just became non-empty."""
+        self._dirty.append(conn)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            if self._loop is None:
+                self._loop = asyncio.get_running_loop()
+            self._loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._flush_scheduled = False
+        dirty = self._dirty
+        self._dirty = []
+        for conn in dirty:
+            conn.flush()
+
+    # ---- subscriptions -----------------------------------------------------------------
+
+    def add(self, ws: Workspace, sub: Subscription) -> None:
+        """Index `sub`; raises rtcore FilterError (and changes nothing) for a bad filter."""
+        spec = sub.spec
+        ws.index.add(sub, spec.source, spec.entity, spec.operations, spec.predicates, spec.transitions)
+
+    def remove(self, ws: Workspace, sub: Subscription) -> None:
+        ws.index.remove(sub)
+
+    def history_gap(self, workspace: str, source: str, reason: str) -> None:
+        """A source lost changes: tell every subscriber of that source in the workspace."""
+        ws = self.workspaces.get(workspace)
+        if ws is None:
+            return
+        oldest = ws.history.oldest()
+        for conn in list(ws.connections):
+            for sub in list(conn.subscriptions.values()):
+                if sub.spec.source == source:
+                    conn.send_error(4011, f"{source} changes may have been lost: {reason}", channel=sub.spec.channel, oldest=oldest)
+                    self.metrics.history_gaps += 1
+
+    def expire_histories(self) -> None:
+        for ws in self.workspaces.values():
+            ws.history.expire()
+
+    def _gauges(self) -> list[tuple[str, str, dict[str, Any], float]]:
+        rows: list[tuple[str, str, dict[str, Any], float]] = []
+        conns = subs = 0
+        for ws in self.workspaces.values():
+            conns += len(ws.connections)
+            subs += len(ws.index)
+            rows.append(("rt_history_events", "Events retained for replay", {"workspace": ws.id}, len(ws.history)))
+            rows.append(("rt_history_bytes", "Bytes retained for replay", {"workspace": ws.id}, ws.history.bytes))
+        rows.append(("rt_connections", "Open authenticated connections", {}, conns))
+        rows.append(("rt_subscriptions", "Active subscriptions", {}, subs))
+        rows.append(("rt_workspaces", "Workspaces known to this node", {}, len(self.workspaces)))
+        return rows
+

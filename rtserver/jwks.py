@@ -1,0 +1,238 @@
+"""JWKS key cache: the identity provider's public signing keys, fetched without blocking the loop.
+
+The key set is fetched over HTTP(S) with urllib in the loop's default executor, cached, and
+refetched when a token names a `kid` the cache does not hold (a Keycloak key rotation). Refetches
+on unknown kids are rate-limited (an attacker can mint tokens with random kids for free), and
+concurrent refetches are coalesced into one request. A cached key set older than `max_age` is
+refreshed on the next lookup so that keys the provider withdrew stop verifying; if that refresh
+fails the old keys keep serving (the provider being down must not lock every client out).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import logging
+import ssl
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+import jwt
+
+log = logging.getLogger("rtserver.auth")
+
+# Algorithms verified with JWKS keys, and the key type (and EC curve) each needs.
+ASYMMETRIC_ALGORITHMS: dict[str, tuple[str, str | None]] = {
+    "RS256": ("RSA", None),
+    "RS384": ("RSA", None),
+    "RS512": ("RSA", None),
+    "PS256": ("RSA", None),
+    "PS384": ("RSA", None),
+    "PS512": ("RSA", None),
+    "ES256": ("EC", "P-256"),
+    "ES384": ("EC", "P-384"),
+    "ES512": ("EC", "P-521"),
+}
+
+MAX_JWKS_BYTES = 1024 * 1024  # a real key set is a few KiB; bound what we read
+MAX_KEYS = 100  # likewise bound how many keys we keep
+FETCH_TIMEOUT = 10.0
+FAILURE_RETRY_INTERVAL = 1.0  # after a failed fetch the cache may be empty: retry sooner
+DEFAULT_MAX_AGE = 300.0
+
+
+class JwksError(Exception):
+    """The key set could not be fetched or parsed (message names the URL, never a token)."""
+
+
+class KeyNotFound(Exception):
+    """No usable key for the token's kid/alg (message says why)."""
+
+
+def _fetch_blocking(url: str, ssl_context: ssl.SSLContext | None, timeout: float) -> bytes:
+    # Runs in an executor thread: urllib blocks on DNS, connect and read.
+    request = urllib.request.Request(url, headers={"Accept": "application/json", "User-Agent": "rtserver"})
+    try:
+        kwargs: dict[str, Any] = {"timeout": timeout}
+        if url.lower().startswith("https:"):
+            kwargs["context"] = ssl_context or ssl.create_default_context()
+        with urllib.request.urlopen(request, **kwargs) as response:  # noqa: S310 - URL is operator config
+            body = response.read(MAX_JWKS_BYTES + 1)
+    except urllib.error.HTTPError as exc:
+        raise JwksError(f"JWKS {url}: HTTP {exc.code}") from None
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise JwksError(f"JWKS {url}: {reason}") from None
+    if len(body) > MAX_JWKS_BYTES:
+        raise JwksError(f"JWKS {url}: response larger than {MAX_JWKS_BYTES} bytes")
+    return body
+
+
+def parse_jwks(body: bytes, url: str = "") -> dict[str, dict[str, Any]]:
+    """Signing keys of a JWKS document by kid ("" for a key without kid). Unusable keys are skipped."""
+    try:
+        doc = json.loads(body)
+    except ValueError as exc:
+        raise JwksError(f"JWKS {url}: not JSON: {exc}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list):
+        raise JwksError(f"JWKS {url}: no \"keys\" list")
+    keys: dict[str, dict[str, Any]] = {}
+    for entry in doc["keys"]:
+        if len(keys) >= MAX_KEYS:
+            log.warning("JWKS has too many keys; ignoring the rest", extra={"fields": {"url": url, "max": MAX_KEYS}})
+            break
+        if not isinstance(entry, dict):
+            continue
+        kid = entry.get("kid", "")
+        if not isinstance(kid, str):
+            continue
+        # Only public signature keys: symmetric ("oct") keys in a JWKS would reopen algorithm
+        # confusion, and encryption keys (use=enc) must never verify a signature.
+        if entry.get("kty") not in ("RSA", "EC") or entry.get("use", "sig") != "sig":
+            continue
+        keys[kid] = entry
+    return keys
+
+
+class JwksCache:
+    """Cached key set of one JWKS URL."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        refetch_interval: float = 30.0,
+        max_age: float = DEFAULT_MAX_AGE,
+        ssl_context: ssl.SSLContext | None = None,
+        timeout: float = FETCH_TIMEOUT,
+    ) -> None:
+        self.url = url
+        self.refetch_interval = refetch_interval
+        self.max_age = max(max_age, refetch_interval)
+        self._ssl_context = ssl_context
+        self._timeout = timeout
+        self._keys: dict[str, dict[str, Any]] = {}
+        self._resolved: dict[tuple[str, str], jwt.PyJWK] = {}
+        self._fetched_at: float | None = None  # monotonic time of the last successful fetch
+        self._attempted_at: float | None = None  # monotonic time of the last attempt
+        self._kid_refetch_at: float | None = None  # monotonic time of the last unknown-kid refetch
+        self._inflight: asyncio.Task[None] | None = None
+        self._background: asyncio.Task[None] | None = None
+        self.fetch_count = 0  # attempts made, for metrics and tests
+
+    @property
+    def loaded(self) -> bool:
+        return self._fetched_at is not None
+
+    async def refresh(self) -> None:
+        """Fetch the key set now (coalesced with any fetch in flight). Raises JwksError.
+
+        The fetch runs as its own task: a caller that is cancelled (its client went away) leaves
+        it running for the others waiting on it.
+        """
+        task = self._inflight
+        if task is None:
+            self._attempted_at = time.monotonic()
+            self.fetch_count += 1
+            task = asyncio.get_running_loop().create_task(self._fetch())
+            task.add_done_callback(self._fetch_done)
+            self._inflight = task
+        await asyncio.shield(task)
+
+    def _fetch_done(self, task: asyncio.Task[None]) -> None:
+        if self._inflight is task:
+            self._inflight = None
+        if not task.cancelled():
+            task.exception()  # retrieved by the waiters; never reported as unobserved
+
+    async def _fetch(self) -> None:
+        loop = asyncio.get_running_loop()
+        body = await loop.run_in_executor(None, _fetch_blocking, self.url, self._ssl_context, self._timeout)
+        keys = parse_jwks(body, self.url)
+        self._keys = keys
+        self._resolved.clear()
+        self._fetched_at = time.monotonic()
+        log.info("JWKS loaded", extra={"fields": {"url": self.url, "keys": sorted(keys)}})
+
+    def _may_fetch_for_unknown_kid(self) -> bool:
+        if self._inflight is not None:
+            return True  # joining a fetch in flight costs nothing
+        now = time.monotonic()
+        if self._fetched_at is None:
+            # Nothing cached yet (the prefetch failed): retry soon, but not on every token.
+            return self._attempted_at is None or now - self._attempted_at >= FAILURE_RETRY_INTERVAL
+        # Forged kids cost an attacker nothing: one refetch per interval, however many arrive.
+        # Only kid-triggered refetches count, so a rotation right after a scheduled fetch still works.
+        if self._kid_refetch_at is not None and now - self._kid_refetch_at < self.refetch_interval:
+            return False
+        self._kid_refetch_at = now
+        return True
+
+    async def key_for(self, kid: str | None, alg: str) -> jwt.PyJWK:
+        """The verification key for a token header's kid and alg. Raises KeyNotFound."""
+        if alg not in ASYMMETRIC_ALGORITHMS:
+            raise KeyNotFound(f"algorithm {alg} is not verified with JWKS keys")
+        if not self._has(kid):
+            if self._may_fetch_for_unknown_kid():
+                await self._refresh_logged()
+        elif self._stale():
+            # The key is known but the set is old: verify with it now and refresh behind, so a
+            # key the provider withdrew stops verifying within max_age.
+            if self._background is None or self._background.done():
+                self._background = asyncio.get_running_loop().create_task(self._refresh_logged())
+        return self._resolve(kid, alg)
+
+    def _stale(self) -> bool:
+        if self._fetched_at is None or self._attempted_at is None:
+            return False
+        now = time.monotonic()
+        # While the provider is down, retry the scheduled refresh once per refetch interval.
+        return now - self._fetched_at >= self.max_age and now - self._attempted_at >= self.refetch_interval
+
+    async def _refresh_logged(self) -> None:
+        try:
+            await self.refresh()
+        except JwksError as exc:
+            log.warning("JWKS fetch failed", extra={"fields": {"url": self.url, "error": str(exc)}})
+
+    async def close(self) -> None:
+        """Cancel a background refresh and a fetch in flight (its executor thread ends on its own)."""
+        tasks = [t for t in (self._background, self._inflight) if t is not None and not t.done()]
+        self._background = None
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _has(self, kid: str | None) -> bool:
+        if kid is None:
+            return len(self._keys) == 1
+        return kid in self._keys
+
+    def _resolve(self, kid: str | None, alg: str) -> jwt.PyJWK:
+        if not self._keys:
+            raise KeyNotFound("no signing keys available (JWKS not loaded)")
+        if kid is None:
+            # A token without kid is only unambiguous when the provider has exactly one key.
+            if len(self._keys) != 1:
+                raise KeyNotFound("token has no kid and the key set has several keys")
+            kid = next(iter(self._keys))
+        cached = self._resolved.get((kid, alg))
+        if cached is not None:
+            return cached
+        data = self._keys.get(kid)
+        if data is None:
+            raise KeyNotFound(f"unknown key id {kid!r}")
+        kty, crv = ASYMMETRIC_ALGORITHMS[alg]
+        if data.get("kty") != kty or (crv is not None and data.get("crv") != crv):
+            raise KeyNotFound(f"key {kid!r} ({data.get('kty')}) cannot verify {alg}")
+        if "alg" in data and data["alg"] != alg:
+            raise KeyNotFound(f"key {kid!r} is for {data['alg']}, token uses {alg}")
+        try:
+            key = jwt.PyJWK(data, algorithm=alg)
+        except jwt.PyJWTError as exc:
+            raise KeyNotFound(f"key {kid!r} is unusable: {exc}") from None
+        self._resolved[(kid, alg)] = key
+        return key

@@ -1,0 +1,89 @@
+"""Process metrics and their Prometheus text rendering for GET /metrics.
+
+Counters are plain attributes incremented on the hot path (no locks: one event loop); labelled
+counters are small dicts. Gauges that other components own are read through callbacks at scrape
+time, so nothing is computed unless someone asks.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.connections_total = 0
+        self.events_in: Counter[str] = Counter()  # by source kind
+        self.deliveries = 0  # frames written for events (after coalescing, counted per frame)
+        self.frames_out = 0  # all frames written, events and control
+        self.writes = 0  # transport writes (coalesced)
+        self.drops_slow_reader = 0  # connections closed with 1013
+        self.auth_failures: Counter[int] = Counter()  # by close/error code
+        self.messages_in = 0
+        self.invalid_messages = 0
+        self.publish_requests: Counter[int] = Counter()  # by HTTP status
+        self.history_gaps = 0
+        self.replayed = 0
+        self._gauges: list[Callable[[], list[tuple[str, str, dict[str, Any], float]]]] = []
+
+    def add_gauges(self, fn: Callable[[], list[tuple[str, str, dict[str, Any], float]]]) -> None:
+        """Register a callback giving (name, help, labels, value) rows at scrape time."""
+        self._gauges.append(fn)
+
+    def render(self) -> bytes:
+        lines: list[str] = []
+
+        def counter(name: str, help_: str, rows: list[tuple[dict[str, Any], float]]) -> None:
+            lines.append(f"# HELP {name} {help_}")
+            lines.append(f"# TYPE {name} counter")
+            for labels, value in rows:
+                lines.append(f"{name}{_labels(labels)} {value}")
+
+        counter("rt_connections_total", "WebSocket connections accepted", [({}, self.connections_total)])
+        counter(
+            "rt_events_in_total",
+            "Events received from sources",
+            [({"source": k}, v) for k, v in sorted(self.events_in.items())] or [({"source": "events"}, 0)],
+        )
+        counter("rt_deliveries_total", "Event frames written to connections", [({}, self.deliveries)])
+        counter("rt_frames_out_total", "All frames written to connections", [({}, self.frames_out)])
+        counter("rt_writes_total", "Transport writes (several frames coalesce into one)", [({}, self.writes)])
+        counter("rt_drops_total", "Connections closed because they read too slowly (1013)", [({"reason": "slow_reader"}, self.drops_slow_reader)])
+        counter(
+            "rt_auth_failures_total",
+            "Refused authentications by code",
+            [({"code": k}, v) for k, v in sorted(self.auth_failures.items())] or [({"code": 4002}, 0)],
+        )
+        counter("rt_messages_in_total", "Client messages received", [({}, self.messages_in)])
+        counter("rt_invalid_messages_total", "Client messages refused with 4000", [({}, self.invalid_messages)])
+        counter(
+            "rt_publish_requests_total",
+            "Publish API requests by HTTP status",
+            [({"status": k}, v) for k, v in sorted(self.publish_requests.items())] or [({"status": 202}, 0)],
+        )
+        counter("rt_history_gaps_total", "history_gap errors sent", [({}, self.history_gaps)])
+        counter("rt_replayed_total", "Events replayed from history", [({}, self.replayed)])
+
+        seen: set[str] = set()
+        for fn in self._gauges:
+            for name, help_, labels, value in fn():
+                if name not in seen:
+                    lines.append(f"# HELP {name} {help_}")
+                    lines.append(f"# TYPE {name} gauge")
+                    seen.add(name)
+                lines.append(f"{name}{_labels(labels)} {value}")
+        lines.append("")
+        return "\n".join(lines).encode()
+
+
+def _labels(labels: dict[str, Any]) -> str:
+    if not labels:
+        return ""
+    inner = ",".join(f'{k}="{_escape(str(v))}"' for k, v in labels.items())
+    return "{" + inner + "}"
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')

@@ -1,0 +1,163 @@
+"""The gateway under test: `rtserver serve` as a real subprocess on a free loopback port.
+
+`gateway_factory` starts one with a fresh state directory and a known HS256 secret, waits for
+/healthz, and stops it (SIGTERM, then SIGKILL) at the end of the test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import jwt
+import pytest
+
+SECRET = "test-secret-0123456789abcdef0123456789"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Gateway:
+    def __init__(self, env: dict[str, str], args: list[str], state_dir: str, port: int):
+        self.env = env
+        self.args = args
+        self.state_dir = state_dir
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc: asyncio.subprocess.Process | None = None
+        self.log_path = os.path.join(state_dir, "gateway.log")
+        self.returncode: int | None = None
+
+    def ws_url(self, workspace: str) -> str:
+        return f"ws://127.0.0.1:{self.port}/workspaces/{workspace}/realtime/connect"
+
+    def token(self, workspace: str | list[str] = "w1", sub: str = "user-1", publish: bool = False,
+              ttl: float = 3600, secret: str | None = None, **claims) -> str:
+        now = int(time.time())
+        workspaces = [workspace] if isinstance(workspace, str) else workspace
+        payload = {"sub": sub, "iat": now, "exp": now + ttl, "workspaces": workspaces}
+        if publish:
+            payload["realtime_publish"] = True
+        payload.update(claims)
+        return jwt.encode(payload, secret or self.env.get("RT_AUTH_HS256_SECRET", SECRET), algorithm="HS256")
+
+    async def start(self) -> None:
+        log = open(self.log_path, "ab")
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "rtserver", "serve", "--host", "127.0.0.1", "--port", str(self.port), *self.args,
+            env=self.env, stdout=log, stderr=log,
+        )
+        log.close()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.proc.returncode is not None:
+                raise RuntimeError(f"gateway exited with {self.proc.returncode}:\n{self.logs()}")
+            try:
+                status = await asyncio.to_thread(_get_status, f"{self.url}/healthz")
+                if status == 200:
+                    return
+            except OSError:
+                pass
+            await asyncio.sleep(0.05)
+        raise RuntimeError(f"gateway did not become healthy:\n{self.logs()}")
+
+    async def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
+        proc = self.proc
+        if proc is None:
+            return self.returncode or 0
+        if proc.returncode is None:
+            proc.send_signal(sig)
+            try:
+                await asyncio.wait_for(proc.wait(), timeout)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+        self.returncode = proc.returncode
+        self.proc = None
+        return self.returncode
+
+    async def restart(self, sig: int = signal.SIGTERM) -> None:
+        await self.stop(sig)
+        await self.start()
+
+    def logs(self) -> str:
+        try:
+            with open(self.log_path, errors="replace") as fh:
+                return fh.read()[-20000:]
+        except OSError:
+            return ""
+
+    async def get(self, path: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+        return await asyncio.to_thread(_request, "GET", self.url + path, None, headers or {})
+
+    async def post(self, path: str, body: bytes | None, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+        return await asyncio.to_thread(_request, "POST", self.url + path, body, headers or {})
+
+    async def publish(self, workspace: str, topic: str, payload: object, token: str | None = None,
+                      correlation_id: str | None = None) -> dict:
+        import json
+
+        headers = {"Authorization": f"Bearer {token or self.token(workspace, publish=True)}",
+                   "Content-Type": "application/json"}
+        if correlation_id:
+            headers["X-Correlation-ID"] = correlation_id
+        status, body = await self.post(f"/workspaces/{workspace}/realtime/events/{topic}",
+                                       json.dumps(payload).encode(), headers)
+        assert status == 202, (status, body)
+        return json.loads(body)
+
+
+def _get_status(url: str) -> int:
+    with urllib.request.urlopen(url, timeout=2) as r:
+        return r.status
+
+
+def _request(method: str, url: str, body: bytes | None, headers: dict[str, str]) -> tuple[int, bytes]:
+    req = urllib.request.Request(url, data=body, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+@pytest.fixture
+async def gateway_factory() -> AsyncIterator[Callable[..., Awaitable[Gateway]]]:
+    started: list[Gateway] = []
+    tmpdirs: list[tempfile.TemporaryDirectory] = []
+
+    async def make(env: dict[str, str] | None = None, args: list[str] | None = None,
+                   state_dir: str | None = None) -> Gateway:
+        if state_dir is None:
+            tmp = tempfile.TemporaryDirectory(prefix="rtgw-")
+            tmpdirs.append(tmp)
+            state_dir = tmp.name
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("RT_")}
+        full_env.update({"RT_STATE_DIR": state_dir, "RT_AUTH_HS256_SECRET": SECRET, "RT_LOG_LEVEL": "info"})
+        full_env.update(env or {})
+        gw = Gateway(full_env, list(args or []), state_dir, free_port())
+        await gw.start()
+        started.append(gw)
+        return gw
+
+    yield make
+    for gw in started:
+        await gw.stop()
+    for tmp in tmpdirs:
+        tmp.cleanup()
+
+
+@pytest.fixture
+async def gateway(gateway_factory) -> Gateway:
+    return await gateway_factory()

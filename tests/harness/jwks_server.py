@@ -1,0 +1,211 @@
+"""A real JWKS endpoint for auth tests: serves a rotatable key set over HTTP or HTTPS on loopback.
+
+It plays the identity provider (Keycloak's `/protocol/openid-connect/certs`): holds RSA and EC
+private keys, publishes their public halves, signs tokens with them, and counts the requests it
+served so tests can check caching, rate limiting and coalescing of refetches.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+import os
+import ssl
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import jwt
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import NameOID
+from jwt.algorithms import ECAlgorithm, RSAAlgorithm
+
+JWKS_PATH = "/realms/test/protocol/openid-connect/certs"
+
+# RSA key generation costs tens of milliseconds; tests reuse keys by name within a run.
+_KEY_CACHE: dict[str, Any] = {}
+
+
+def private_key(name: str, kind: str = "RSA") -> Any:
+    """A private key, generated once per (name, kind) per test run."""
+    cache_key = f"{kind}:{name}"
+    key = _KEY_CACHE.get(cache_key)
+    if key is None:
+        if kind == "RSA":
+            key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        elif kind == "EC":
+            key = ec.generate_private_key(ec.SECP256R1())
+        else:
+            raise ValueError(f"unknown key kind {kind}")
+        _KEY_CACHE[cache_key] = key
+    return key
+
+
+def public_pem(key: Any) -> bytes:
+    return key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+@dataclass
+class _Entry:
+    kid: str
+    kind: str
+    key: Any
+    alg: str | None  # published "alg" member, None to leave it out like some providers do
+
+
+class JwksServer:
+    """Threaded HTTP(S) server on 127.0.0.1 with a random port."""
+
+    def __init__(self, *, tls: bool = False) -> None:
+        self._lock = threading.Lock()
+        self._entries: dict[str, _Entry] = {}
+        self.requests = 0
+        self.delay = 0.0  # seconds each response waits (to overlap concurrent fetches)
+        self.status = 200  # answer this HTTP status instead of the key set when not 200
+        self.tls = tls
+        self.client_ssl_context: ssl.SSLContext | None = None
+        self._tmpdir: tempfile.TemporaryDirectory[str] | None = None
+        self._httpd: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- keys ---------------------------------------------------------------------------------
+    def add_key(self, kid: str, kind: str = "RSA", *, alg: str | None = None, name: str | None = None) -> Any:
+        """Publish a key under `kid` (key material reused by `name`, default the kid)."""
+        key = private_key(name or kid, kind)
+        with self._lock:
+            self._entries[kid] = _Entry(kid, kind, key, alg)
+        return key
+
+    def remove_key(self, kid: str) -> None:
+        with self._lock:
+            self._entries.pop(kid, None)
+
+    def rotate(self, kid: str, kind: str = "RSA", *, alg: str | None = None) -> Any:
+        """Replace the whole key set with one new key (a provider's key rotation)."""
+        key = private_key(kid, kind)
+        with self._lock:
+            self._entries = {kid: _Entry(kid, kind, key, alg)}
+        return key
+
+    def sign(self, claims: dict[str, Any], kid: str, alg: str = "RS256", *, headers: dict[str, Any] | None = None) -> str:
+        """A token signed with the private key published (or once published) under `kid`."""
+        with self._lock:
+            entry = self._entries.get(kid)
+        key = entry.key if entry is not None else None
+        if key is None:
+            key = _KEY_CACHE.get(f"RSA:{kid}") or _KEY_CACHE.get(f"EC:{kid}")
+        if key is None:
+            raise KeyError(kid)
+        return jwt.encode(claims, key, algorithm=alg, headers={"kid": kid, **(headers or {})})
+
+    def document(self) -> dict[str, Any]:
+        with self._lock:
+            entries = list(self._entries.values())
+        keys = []
+        for entry in entries:
+            codec = RSAAlgorithm if entry.kind == "RSA" else ECAlgorithm
+            jwk = codec.to_jwk(entry.key.public_key(), as_dict=True)
+            jwk.update({"kid": entry.kid, "use": "sig"})
+            if entry.alg:
+                jwk["alg"] = entry.alg
+            keys.append(jwk)
+        return {"keys": keys}
+
+    # -- server -------------------------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        assert self._httpd is not None
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://127.0.0.1:{self._httpd.server_address[1]}{JWKS_PATH}"
+
+    def start(self) -> JwksServer:
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+                with server._lock:
+                    server.requests += 1
+                if server.delay:
+                    time.sleep(server.delay)
+                if self.path != JWKS_PATH:
+                    self._send(404, b'{"error":"not found"}')
+                elif server.status != 200:
+                    self._send(server.status, b'{"error":"unavailable"}')
+                else:
+                    self._send(200, json.dumps(server.document()).encode())
+
+            def _send(self, status: int, body: bytes) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+                pass  # keep test output clean
+
+        httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        httpd.daemon_threads = True
+        if self.tls:
+            self._tmpdir = tempfile.TemporaryDirectory(prefix="jwks-tls-")
+            cert_path, key_path = _self_signed(self._tmpdir.name)
+            server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            server_ctx.load_cert_chain(cert_path, key_path)
+            httpd.socket = server_ctx.wrap_socket(httpd.socket, server_side=True)
+            self.client_ssl_context = ssl.create_default_context(cafile=cert_path)
+        self._httpd = httpd
+        self._thread = threading.Thread(target=httpd.serve_forever, name="jwks-server", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if self._tmpdir is not None:
+            self._tmpdir.cleanup()
+
+
+def _self_signed(directory: str) -> tuple[str, str]:
+    """A certificate for 127.0.0.1 (and localhost), written to `directory`."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path = os.path.join(directory, "cert.pem")
+    key_path = os.path.join(directory, "key.pem")
+    with open(cert_path, "wb") as fh:
+        fh.write(cert.public_bytes(serialization.Encoding.PEM))
+    with open(key_path, "wb") as fh:
+        fh.write(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+    return cert_path, key_path

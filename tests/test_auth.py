@@ -1,0 +1,719 @@
+"""Authentication: HS256 dev tokens and RS/PS/ES tokens verified against a real local JWKS server."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+import os
+import stat
+import threading
+import time
+from typing import Any
+
+import jwt
+import pytest
+
+from rtserver import config
+from rtserver.auth import (
+    Authenticator,
+    AuthError,
+    Identity,
+    claim_at,
+    load_or_create_dev_secret,
+    mint_token,
+)
+from rtserver.jwks import FAILURE_RETRY_INTERVAL, JwksCache, JwksError, KeyNotFound, parse_jwks
+from tests.harness.jwks_server import JwksServer, private_key, public_pem
+
+SECRET = "s3cret-for-tests-0123456789abcdef0123456789abcdef"
+WS = "acme"
+
+
+def make_cfg(tmp_path: Any, **env: Any) -> config.Config:
+    environ = {"RT_STATE_DIR": str(tmp_path / "state")}
+    environ.update({k: str(v) for k, v in env.items()})
+    return config.load(environ=environ)
+
+
+def claims(**overrides: Any) -> dict[str, Any]:
+    now = int(time.time())
+    base = {"sub": "user-1", "workspaces": [WS], "iat": now, "exp": now + 300}
+    base.update(overrides)
+    return {k: v for k, v in base.items() if v is not None}
+
+
+def b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def raw_token(header: dict[str, Any], payload: dict[str, Any], key: bytes | None) -> str:
+    """A token built by hand, for shapes PyJWT refuses to produce (alg none, PEM as HMAC secret)."""
+    signing_input = f"{b64(json.dumps(header).encode())}.{b64(json.dumps(payload).encode())}"
+    signature = b"" if key is None else hmac.new(key, signing_input.encode(), hashlib.sha256).digest()
+    return f"{signing_input}.{b64(signature)}"
+
+
+async def refused(auth: Authenticator, token: str, workspace: str = WS) -> AuthError:
+    with pytest.raises(AuthError) as info:
+        await auth.authenticate(token, workspace)
+    exc = info.value
+    assert token not in str(exc)
+    return exc
+
+
+@pytest.fixture
+def hs_auth(tmp_path: Any) -> Authenticator:
+    return Authenticator(make_cfg(tmp_path, RT_AUTH_HS256_SECRET=SECRET))
+
+
+@pytest.fixture
+def jwks_server() -> Any:
+    server = JwksServer().start()
+    server.add_key("rsa-1", "RSA")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def rs_auth(tmp_path: Any, jwks_server: JwksServer) -> Any:
+    auth = Authenticator(make_cfg(tmp_path, RT_AUTH_JWKS_URL=jwks_server.url))
+    await auth.start()
+    yield auth
+    await auth.close()
+
+
+# -- HS256 -------------------------------------------------------------------------------------
+
+
+async def test_hs256_ok(hs_auth: Authenticator) -> None:
+    c = claims(realtime_publish=True)
+    identity = await hs_auth.authenticate(jwt.encode(c, SECRET, algorithm="HS256"), WS)
+    assert isinstance(identity, Identity)
+    assert identity.subject == "user-1"
+    assert identity.expires_at == float(c["exp"])
+    assert identity.can_publish is True
+    assert identity.channel_patterns is None
+    assert identity.claims["workspaces"] == [WS]
+    assert hs_auth.may_publish(identity)
+    assert hs_auth.may_subscribe(identity, "postgres:products")
+
+
+async def test_hs256_expired(hs_auth: Authenticator) -> None:
+    exp = int(time.time()) - 60
+    exc = await refused(hs_auth, jwt.encode(claims(exp=exp), SECRET, algorithm="HS256"))
+    assert (exc.code, exc.name, exc.subject) == (4001, "token_expired", "user-1")
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(exp))
+    assert str(exc) == f"token expired at {stamp}"
+
+
+async def test_hs256_expired_within_leeway_is_accepted_and_keeps_its_exp(hs_auth: Authenticator) -> None:
+    exp = int(time.time()) - 2  # default leeway is 5 s
+    identity = await hs_auth.authenticate(jwt.encode(claims(exp=exp), SECRET, algorithm="HS256"), WS)
+    assert identity.expires_at == exp  # the session itself still ends at exp
+
+
+async def test_leeway_is_configurable(tmp_path: Any) -> None:
+    auth = Authenticator(make_cfg(tmp_path, RT_AUTH_HS256_SECRET=SECRET, RT_AUTH_LEEWAY=0))
+    exc = await refused(auth, jwt.encode(claims(exp=int(time.time()) - 2), SECRET, algorithm="HS256"))
+    assert exc.code == 4001
+
+
+async def test_hs256_not_yet_valid(hs_auth: Authenticator) -> None:
+    exc = await refused(hs_auth, jwt.encode(claims(nbf=int(time.time()) + 120), SECRET, algorithm="HS256"))
+    assert (exc.code, exc.name) == (4002, "token_invalid")
+    assert "not yet valid" in str(exc)
+
+
+async def test_hs256_bad_signature(hs_auth: Authenticator) -> None:
+    token = jwt.encode(claims(), "another-secret-of-sufficient-length-000000", algorithm="HS256")
+    exc = await refused(hs_auth, token)
+    assert exc.code == 4002
+    assert exc.subject is None  # an unverified sub is not trusted, not even for audit
+    assert "signature" in str(exc)
+
+
+async def test_hs256_tampered_payload(hs_auth: Authenticator) -> None:
+    token = jwt.encode(claims(), SECRET, algorithm="HS256")
+    header, _payload, signature = token.split(".")
+    forged = claims(workspaces=["*"])
+    exc = await refused(hs_auth, f"{header}.{b64(json.dumps(forged).encode())}.{signature}")
+    assert exc.code == 4002
+
+
+@pytest.mark.parametrize("token", ["", "abc", "a.b.c", "x" * 20000, "eyJhbGciOiJIUzI1NiJ9.e30"])
+async def test_malformed_tokens(hs_auth: Authenticator, token: str) -> None:
+    with pytest.raises(AuthError) as info:
+        await hs_auth.authenticate(token, WS)
+    assert info.value.code == 4002
+
+
+async def test_missing_exp_and_sub(hs_auth: Authenticator) -> None:
+    exc = await refused(hs_auth, jwt.encode(claims(exp=None), SECRET, algorithm="HS256"))
+    assert (exc.code, str(exc)) == (4002, "token has no exp")
+    exc = await refused(hs_auth, jwt.encode(claims(sub=None), SECRET, algorithm="HS256"))
+    assert (exc.code, str(exc)) == (4002, "token has no sub")
+    exc = await refused(hs_auth, jwt.encode(claims(sub=""), SECRET, algorithm="HS256"))
+    assert exc.code == 4002
+
+
+async def test_exp_must_be_a_number(hs_auth: Authenticator) -> None:
+    token = jwt.encode(claims(exp=str(int(time.time()) + 300)), SECRET, algorithm="HS256")
+    exc = await refused(hs_auth, token)
+    assert exc.code == 4002
+
+
+# -- alg none and algorithm confusion ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("alg", ["none", "None", "NONE", ""])
+async def test_alg_none_refused(hs_auth: Authenticator, alg: str) -> None:
+    token = raw_token({"alg": alg, "typ": "JWT"}, claims(), None)
+    exc = await refused(hs_auth, token)
+    assert exc.code == 4002
+
+
+@pytest.mark.parametrize("alg", [["HS256"], None, 7, {"a": 1}])
+async def test_non_string_alg_refused(hs_auth: Authenticator, alg: Any) -> None:
+    exc = await refused(hs_auth, raw_token({"alg": alg}, claims(), SECRET.encode()))
+    assert exc.code == 4002
+
+
+async def test_alg_none_refused_with_jwks(rs_auth: Authenticator) -> None:
+    exc = await refused(rs_auth, raw_token({"alg": "none", "kid": "rsa-1"}, claims(), None))
+    assert exc.code == 4002
+
+
+async def test_hs256_signed_with_rsa_public_key_refused_when_only_jwks(
+    rs_auth: Authenticator, jwks_server: JwksServer
+) -> None:
+    pem = public_pem(private_key("rsa-1"))
+    token = raw_token({"alg": "HS256", "kid": "rsa-1"}, claims(), pem)
+    exc = await refused(rs_auth, token)
+    assert exc.code == 4002
+    assert "HS256" in str(exc)
+
+
+async def test_hs256_signed_with_rsa_public_key_refused_when_both_configured(
+    tmp_path: Any, jwks_server: JwksServer
+) -> None:
+    auth = Authenticator(make_cfg(tmp_path, RT_AUTH_JWKS_URL=jwks_server.url, RT_AUTH_HS256_SECRET=SECRET))
+    await auth.start()
+    try:
+        # Both verification paths are live: the RS token passes, the forged HS one does not.
+        ok = await auth.authenticate(jwks_server.sign(claims(), "rsa-1"), WS)
+        assert ok.subject == "user-1"
+        pem = public_pem(private_key("rsa-1"))
+        exc = await refused(auth, raw_token({"alg": "HS256", "kid": "rsa-1"}, claims(), pem))
+        assert exc.code == 4002
+        # and the same JWK text as secret (another form of the public key)
+        jwk_text = json.dumps(jwks_server.document()["keys"][0]).encode()
+        exc = await refused(auth, raw_token({"alg": "HS256", "kid": "rsa-1"}, claims(), jwk_text))
+        assert exc.code == 4002
+    finally:
+        await auth.close()
+
+
+async def test_rs256_refused_when_only_hs_configured(hs_auth: Authenticator) -> None:
+    token = jwt.encode(claims(), private_key("rsa-1"), algorithm="RS256", headers={"kid": "rsa-1"})
+    exc = await refused(hs_auth, token)
+    assert exc.code == 4002
+    assert "RS256" in str(exc)
+
+
+async def test_rs_token_against_ec_key_refused(rs_auth: Authenticator, jwks_server: JwksServer) -> None:
+    jwks_server.add_key("ec-1", "EC")
+    await rs_auth.jwks.refresh()
+    # header claims RS256 but names the EC key: the key type does not fit the algorithm
+    token = jwt.encode(claims(), private_key("rsa-1"), algorithm="RS256", headers={"kid": "ec-1"})
+    exc = await refused(rs_auth, token)
+    assert exc.code == 4002
+
+
+async def test_key_published_for_another_alg_refused(rs_auth: Authenticator, jwks_server: JwksServer) -> None:
+    jwks_server.add_key("rsa-ps", "RSA", alg="PS256")
+    await rs_auth.jwks.refresh()
+    exc = await refused(rs_auth, jwks_server.sign(claims(), "rsa-ps", "RS256"))
+    assert exc.code == 4002
+    identity = await rs_auth.authenticate(jwks_server.sign(claims(), "rsa-ps", "PS256"), WS)
+    assert identity.subject == "user-1"
+
+
+async def test_unsupported_algorithm_refused(hs_auth: Authenticator) -> None:
+    exc = await refused(hs_auth, jwt.encode(claims(), SECRET * 2, algorithm="HS512"))
+    assert exc.code == 4002
+
+
+# -- JWKS --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("alg", "kind", "published_alg"),
+    [
+        ("RS256", "RSA", None),
+        ("RS384", "RSA", None),
+        ("RS512", "RSA", "RS512"),
+        ("PS256", "RSA", None),
+        ("ES256", "EC", None),
+        ("ES256", "EC", "ES256"),
+    ],
+)
+async def test_jwks_algorithms(
+    tmp_path: Any, jwks_server: JwksServer, alg: str, kind: str, published_alg: str | None
+) -> None:
+    kid = f"{kind}-{alg}-{published_alg}"
+    jwks_server.add_key(kid, kind, alg=published_alg, name=f"{kind}-shared")
+    auth = Authenticator(make_cfg(tmp_path, RT_AUTH_JWKS_URL=jwks_server.url))
+    await auth.start()
+    try:
+        identity = await auth.authenticate(jwks_server.sign(claims(), kid, alg), WS)
+        assert identity.subject == "user-1"
+        assert jwks_server.requests == 1
+    finally:
+        await auth.close()
+
+
+async def test_jwks_bad_signature(rs_auth: Authenticator, jwks_server: JwksServer) -> None:
+    # signed by a key that is not the one published under this kid
+    token = jwt.encode(claims(), private_key("intruder"), algorithm="RS256", headers={"kid": "rsa-1"})
+    exc = await refused(rs_auth, token)
+    assert exc.code == 4002
+
+
+async def test_jwks_over_https(tmp_path: Any) -> None:
+    server = JwksServer(tls=True).start()
+    try:
+        server.add_key("tls-key", "EC")
+        assert server.url.startswith("https://")
+        auth = Authenticator(
+            make_cfg(tmp_path, RT_AUTH_JWKS_URL=server.url), jwks_ssl_context=server.client_ssl_context
+        )
+        await auth.start()
+        identity = await auth.authenticate(server.sign(claims(), "tls-key", "ES256"), WS)
+        assert identity.subject == "user-1"
+        assert server.requests == 1
+
+        # Without trusting the self-signed certificate the fetch fails (verification is on).
+        untrusting = Authenticator(make_cfg(tmp_path, RT_AUTH_JWKS_URL=server.url))
+        await untrusting.start()
+        exc = await refused(untrusting, server.sign(claims(), "tls-key", "ES256"))
+        assert exc.code == 4002
+        assert not untrusting.jwks.loaded
+    finally:
+        server.stop()
+
+
+async def test_key_rotation_triggers_refetch(rs_auth: Authenticator, jwks_server: JwksServer) -> None:
+    assert jwks_server.requests == 1  # the prefetch
+    await rs_auth.authenticate(jwks_server.sign(claims(), "rsa-1"), WS)
+    await rs_auth.authenticate(jwks_server.sign(claims(), "rsa-1"), WS)
+    assert jwks_server.requests == 1  # cached
+
+    jwks_server.rotate("rsa-2", "RSA")
+    identity = await rs_auth.authenticate(jwks_server.sign(claims(sub="user-2"), "rsa-2"), WS)
+    assert identity.subject == "user-2"
+    assert jwks_server.requests == 2
+
+    # The old key left the set with the refetch: its tokens no longer verify.
+    exc = await refused(rs_auth, jwks_server.sign(claims(), "rsa-1"))
+    assert exc.code == 4002
+
+
+async def test_unknown_kid_refetch_is_rate_limited(rs_auth: Authenticator, jwks_server: JwksServer) -> None:
+    token = jwks_server.sign(claims(), "rsa-1", headers={"kid": "nope-1"})
+    exc = await refused(rs_auth, token)
+    assert exc.code == 4002 and "unknown key id" in str(exc)
+    assert jwks_server.requests == 2  # prefetch + one refetch for the unknown kid
+    exc = await refused(rs_auth, jwks_server.sign(claims(), "rsa-1", headers={"kid": "nope-2"}))
+    assert exc.code == 4002
+    assert jwks_server.requests == 2  # within the 30 s interval: no second refetch
+
+
+async def test_refetch_allowed_again_after_the_interval(tmp_path: Any, jwks_server: JwksServer) -> None:
+    auth = Authenticator(
+        make_cfg(tmp_path, RT_AUTH_JWKS_URL=jwks_server.url, RT_AUTH_JWKS_REFETCH_INTERVAL=0.3)
+    )
+    await auth.start()
+    try:
+        token = jwks_server.sign(claims(), "rsa-1", headers={"kid": "late"})
+        assert (await refused(auth, token)).code == 4002
+        assert jwks_server.requests == 2
+        jwks_server.add_key("late", "RSA", name="rsa-1")
+        assert (await refused(auth, token)).code == 4002  # published, but within the interval
+        assert jwks_server.requests == 2
+        await asyncio.sleep(0.35)
+        identity = await auth.authenticate(token, WS)
+        assert identity.subject == "user-1"
+        assert jwks_server.requests == 3
+    finally:
+        await auth.close()
+
+
+async def test_concurrent_refetches_are_coalesced(rs_auth: Authenticator, jwks_server: JwksServer) -> None:
+    jwks_server.add_key("rsa-new", "RSA", name="rsa-1")
+    jwks_server.delay = 0.3
+    token = jwks_server.sign(claims(), "rsa-new")
+    results = await asyncio.gather(*(rs_auth.authenticate(token, WS) for _ in range(8)))
+    assert [r.subject for r in results] == ["user-1"] * 8
+    assert jwks_server.requests == 2
+
+
+async def test_fetch_does_not_block_the_loop(rs_auth: Authenticator, jwks_server: JwksServer) -> None:
+    jwks_server.add_key("rsa-slow", "RSA", name="rsa-1")
+    jwks_server.delay = 0.5
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.02)
+            ticks += 1
+
+    task = asyncio.create_task(ticker())
+    try:
+        await rs_auth.authenticate(jwks_server.sign(claims(), "rsa-slow"), WS)
+    finally:
+        task.cancel()
+    assert ticks >= 5  # the loop kept running while the fetch waited
+
+
+async def test_prefetch_failure_is_not_fatal(tmp_path: Any, jwks_server: JwksServer) -> None:
+    jwks_server.status = 503
+    auth = Authenticator(make_cfg(tmp_path, RT_AUTH_JWKS_URL=jwks_server.url))
+    await auth.start()  # logs, does not raise
+    try:
+        assert not auth.jwks.loaded
+        jwks_server.status = 200
+        await asyncio.sleep(FAILURE_RETRY_INTERVAL + 0.05)
+        identity = await auth.authenticate(jwks_server.sign(claims(), "rsa-1"), WS)
+        assert identity.subject == "user-1"
+        assert jwks_server.requests == 2
+    finally:
+        await auth.close()
+
+
+async def test_token_without_kid_uses_the_only_key(rs_auth: Authenticator, jwks_server: JwksServer) -> None:
+    token = jwt.encode(claims(), private_key("rsa-1"), algorithm="RS256")
+    assert (await rs_auth.authenticate(token, WS)).subject == "user-1"
+    jwks_server.add_key("rsa-3", "RSA")
+    await rs_auth.jwks.refresh()
+    exc = await refused(rs_auth, token)
+    assert exc.code == 4002
+
+
+# -- iss / aud / azp ---------------------------------------------------------------------------
+
+
+async def test_issuer_checked_when_configured(tmp_path: Any) -> None:
+    iss = "https://kc.example/realms/acme"
+    auth = Authenticator(make_cfg(tmp_path, RT_AUTH_HS256_SECRET=SECRET, RT_AUTH_ISSUER=iss))
+    assert (await auth.authenticate(jwt.encode(claims(iss=iss), SECRET, algorithm="HS256"), WS)).subject
+    exc = await refused(auth, jwt.encode(claims(iss="https://evil.example"), SECRET, algorithm="HS256"))
+    assert exc.code == 4002 and iss in str(exc)
+    exc = await refused(auth, jwt.encode(claims(), SECRET, algorithm="HS256"))
+    assert exc.code == 4002
+
+
+async def test_issuer_ignored_when_not_configured(hs_auth: Authenticator) -> None:
+    token = jwt.encode(claims(iss="https://anything.example"), SECRET, algorithm="HS256")
+    assert (await hs_auth.authenticate(token, WS)).subject == "user-1"
+
+
+async def test_audience_or_azp(tmp_path: Any, jwks_server: JwksServer) -> None:
+    auth = Authenticator(make_cfg(tmp_path, RT_AUTH_JWKS_URL=jwks_server.url, RT_AUTH_AUDIENCE="realtime"))
+    await auth.start()
+    try:
+        for ok in (claims(aud="realtime"), claims(aud=["account", "realtime"]), claims(aud="account", azp="realtime")):
+            assert (await auth.authenticate(jwks_server.sign(ok, "rsa-1"), WS)).subject == "user-1"
+        for bad in (claims(aud="account"), claims(aud=["account"], azp="web"), claims()):
+            exc = await refused(auth, jwks_server.sign(bad, "rsa-1"))
+            assert exc.code == 4002 and "audience" in str(exc)
+            assert exc.subject == "user-1"
+    finally:
+        await auth.close()
+
+
+async def test_audience_not_configured_accepts_keycloak_account_aud(hs_auth: Authenticator) -> None:
+    token = jwt.encode(claims(aud="account", azp="web"), SECRET, algorithm="HS256")
+    assert (await hs_auth.authenticate(token, WS)).subject == "user-1"
+
+
+# -- workspaces --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "granted"),
+    [
+        ([WS], True),
+        (["other", WS], True),
+        (WS, True),
+        (["*"], True),
+        ("*", True),
+        (["other"], False),
+        ("acm", False),
+        ([], False),
+        (None, False),
+        ({"acme": True}, False),
+    ],
+)
+async def test_workspace_claim_variants(hs_auth: Authenticator, value: Any, granted: bool) -> None:
+    token = jwt.encode(claims(workspaces=value), SECRET, algorithm="HS256")
+    if granted:
+        assert (await hs_auth.authenticate(token, WS)).subject == "user-1"
+    else:
+        exc = await refused(hs_auth, token)
+        assert (exc.code, exc.name, exc.subject) == (4003, "scope_denied", "user-1")
+        assert WS in str(exc)
+
+
+async def test_workspace_checked_per_workspace(hs_auth: Authenticator) -> None:
+    token = jwt.encode(claims(workspaces=["a", "b"]), SECRET, algorithm="HS256")
+    assert (await hs_auth.authenticate(token, "a")).subject == "user-1"
+    assert (await hs_auth.authenticate(token, "b")).subject == "user-1"
+    assert (await refused(hs_auth, token, "c")).code == 4003
+
+
+async def test_keycloak_roles_with_prefix(tmp_path: Any, jwks_server: JwksServer) -> None:
+    auth = Authenticator(
+        make_cfg(
+            tmp_path,
+            RT_AUTH_JWKS_URL=jwks_server.url,
+            RT_AUTH_WORKSPACE_CLAIM="resource_access.realtime.roles",
+            RT_AUTH_WORKSPACE_ROLE_PREFIX="workspace:",
+            RT_AUTH_PUBLISH_ROLE="realtime-publisher",
+        )
+    )
+    await auth.start()
+    try:
+        roles = {"realtime": {"roles": ["workspace:acme", "realtime-publisher"]}, "account": {"roles": ["x"]}}
+        identity = await auth.authenticate(jwks_server.sign(claims(workspaces=None, resource_access=roles), "rsa-1"), WS)
+        assert identity.can_publish is True
+        assert (await refused(auth, jwks_server.sign(claims(resource_access=roles), "rsa-1"), "beta")).code == 4003
+
+        # without the prefix a bare id does not grant: entries are role names
+        bare = {"realtime": {"roles": ["acme"]}}
+        assert (await refused(auth, jwks_server.sign(claims(resource_access=bare), "rsa-1"))).code == 4003
+        # the top-level default claim is not consulted when a path is configured
+        assert (await refused(auth, jwks_server.sign(claims(), "rsa-1"))).code == 4003
+
+        everything = {"realtime": {"roles": ["workspace:*"]}}
+        identity = await auth.authenticate(jwks_server.sign(claims(resource_access=everything), "rsa-1"), "beta")
+        assert identity.can_publish is False
+    finally:
+        await auth.close()
+
+
+def test_claim_path_with_dotted_keys() -> None:
+    c = {"resource_access": {"my.app": {"roles": ["workspace:acme"]}}, "a": {"b": {"c": 1}}}
+    assert claim_at(c, "resource_access.my.app.roles") == ["workspace:acme"]
+    assert claim_at(c, "a.b.c") == 1
+    assert claim_at(c, "a.b.c.d") is None
+    assert claim_at(c, "a.x") is None
+    assert claim_at(c, "") is None
+
+
+# -- publish -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("extra", "can_publish"),
+    [({"realtime_publish": True}, True), ({"realtime_publish": "true"}, False), ({"realtime_publish": 1}, False), ({}, False)],
+)
+async def test_publish_claim(hs_auth: Authenticator, extra: dict[str, Any], can_publish: bool) -> None:
+    identity = await hs_auth.authenticate(jwt.encode(claims(**extra), SECRET, algorithm="HS256"), WS)
+    assert identity.can_publish is can_publish
+    assert hs_auth.may_publish(identity) is can_publish
+
+
+async def test_publish_claim_name_and_role_configurable(tmp_path: Any) -> None:
+    auth = Authenticator(
+        make_cfg(
+            tmp_path, RT_AUTH_HS256_SECRET=SECRET, RT_AUTH_PUBLISH_CLAIM="perms.publish", RT_AUTH_PUBLISH_ROLE="publisher"
+        )
+    )
+    by_claim = await auth.authenticate(jwt.encode(claims(perms={"publish": True}), SECRET, algorithm="HS256"), WS)
+    assert by_claim.can_publish
+    by_role = await auth.authenticate(jwt.encode(claims(workspaces=[WS, "publisher"]), SECRET, algorithm="HS256"), WS)
+    assert by_role.can_publish
+    neither = await auth.authenticate(jwt.encode(claims(realtime_publish=True), SECRET, algorithm="HS256"), WS)
+    assert not neither.can_publish
+
+
+# -- channel permissions -----------------------------------------------------------------------
+
+
+async def test_channel_patterns(tmp_path: Any) -> None:
+    auth = Authenticator(make_cfg(tmp_path, RT_AUTH_HS256_SECRET=SECRET, RT_AUTH_CHANNEL_CLAIM="realtime_channels"))
+    token = jwt.encode(claims(realtime_channels=["postgres:*", "events:orders"]), SECRET, algorithm="HS256")
+    identity = await auth.authenticate(token, WS)
+    assert identity.channel_patterns == ("postgres:*", "events:orders")
+    allowed = {"postgres:products", "postgres:*", "postgres:sales.orders", "events:orders"}
+    denied = {"events:other", "events:*", "events:orders2", "mongo:orders", "mongo:*", "postgresx:y"}
+    for channel in allowed:
+        assert auth.may_subscribe(identity, channel), channel
+    for channel in denied:
+        assert not auth.may_subscribe(identity, channel), channel
+
+    # permissions on, claim absent: nothing may be subscribed
+    bare = await auth.authenticate(jwt.encode(claims(), SECRET, algorithm="HS256"), WS)
+    assert bare.channel_patterns == ()
+    assert not auth.may_subscribe(bare, "events:orders")
+
+    everything = await auth.authenticate(jwt.encode(claims(realtime_channels="*"), SECRET, algorithm="HS256"), WS)
+    assert auth.may_subscribe(everything, "mongo:orders")
+
+
+async def test_channel_permissions_off_by_default(hs_auth: Authenticator) -> None:
+    token = jwt.encode(claims(realtime_channels=["events:orders"]), SECRET, algorithm="HS256")
+    identity = await hs_auth.authenticate(token, WS)
+    assert identity.channel_patterns is None
+    assert hs_auth.may_subscribe(identity, "mongo:anything")
+
+
+# -- dev secret and mint_token -----------------------------------------------------------------
+
+
+def test_dev_secret_persists(tmp_path: Any) -> None:
+    state = str(tmp_path / "state")
+    first = load_or_create_dev_secret(state)
+    assert len(first) == 64 and int(first, 16) >= 0
+    path = os.path.join(state, "dev-secret")
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert load_or_create_dev_secret(state) == first
+    assert load_or_create_dev_secret(str(tmp_path / "other")) != first
+    assert sorted(os.listdir(state)) == ["dev-secret"]  # no temporary files left behind
+
+
+def test_dev_secret_concurrent_creation_agrees(tmp_path: Any) -> None:
+    state = str(tmp_path / "race")
+    results: list[str] = []
+    barrier = threading.Barrier(8)
+
+    def worker() -> None:
+        barrier.wait()
+        results.append(load_or_create_dev_secret(state))
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 8 and len(set(results)) == 1
+
+
+def test_dev_secret_too_short_is_an_error(tmp_path: Any) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "dev-secret").write_text("short\n")
+    with pytest.raises(RuntimeError, match="shorter than 32"):
+        load_or_create_dev_secret(str(state))
+
+
+async def test_dev_mode_uses_the_persisted_secret(tmp_path: Any) -> None:
+    cfg = make_cfg(tmp_path)
+    assert cfg.dev_mode
+    auth = Authenticator(cfg)
+    assert auth.dev_mode
+    secret = load_or_create_dev_secret(cfg.server.state_dir)
+    token = mint_token(secret, subject="dev", workspaces=[WS], publish=True, ttl=60)
+    identity = await auth.authenticate(token, WS)
+    assert (identity.subject, identity.can_publish) == ("dev", True)
+
+    explicit = Authenticator(cfg, dev_secret="x" * 40)
+    assert (await refused(explicit, token)).code == 4002
+
+
+async def test_mint_token_round_trip(hs_auth: Authenticator) -> None:
+    before = time.time()
+    token = mint_token(SECRET, subject="svc", workspaces=[WS, "b"], publish=False, ttl=90, extra={"realtime_channels": ["events:*"]})
+    decoded = jwt.decode(token, SECRET, algorithms=["HS256"])
+    assert decoded["sub"] == "svc"
+    assert decoded["workspaces"] == [WS, "b"]
+    assert decoded["realtime_publish"] is False
+    assert decoded["realtime_channels"] == ["events:*"]
+    assert before + 89 <= decoded["exp"] <= time.time() + 91
+    identity = await hs_auth.authenticate(token, "b")
+    assert identity.subject == "svc" and identity.expires_at == decoded["exp"] and not identity.can_publish
+
+    expired = mint_token(SECRET, subject="svc", workspaces=[WS], publish=False, ttl=-60)
+    assert (await refused(hs_auth, expired)).code == 4001
+
+
+def test_auth_error_names_follow_codes() -> None:
+    exc = AuthError(4003, "a refresh token must be for the same subject", subject="u")
+    assert (exc.code, exc.name, exc.subject, str(exc)) == (4003, "scope_denied", "u", "a refresh token must be for the same subject")
+    assert AuthError(4001, "x").name == "token_expired"
+    assert AuthError(4002, "x").name == "token_invalid"
+    with pytest.raises(ValueError):
+        AuthError(4000, "not an auth code")
+
+
+# -- JwksCache directly ------------------------------------------------------------------------
+
+
+async def test_cancelled_waiter_does_not_break_the_shared_fetch(jwks_server: JwksServer) -> None:
+    cache = JwksCache(jwks_server.url)
+    jwks_server.delay = 0.3
+    try:
+        first = asyncio.create_task(cache.key_for("rsa-1", "RS256"))
+        await asyncio.sleep(0.05)
+        second = asyncio.create_task(cache.key_for("rsa-1", "RS256"))
+        await asyncio.sleep(0.05)
+        first.cancel()
+        key = await second
+        assert key.algorithm_name == "RS256"
+        assert jwks_server.requests == 1
+        with pytest.raises(asyncio.CancelledError):
+            await first
+    finally:
+        await cache.close()
+
+
+async def test_stale_key_set_is_refreshed_behind(jwks_server: JwksServer) -> None:
+    cache = JwksCache(jwks_server.url, refetch_interval=0.1, max_age=0.2)
+    try:
+        await cache.refresh()
+        jwks_server.rotate("rsa-next", "RSA")
+        await asyncio.sleep(0.25)
+        # still served from the old set while the refresh runs behind
+        assert (await cache.key_for("rsa-1", "RS256")).algorithm_name == "RS256"
+        for _ in range(100):
+            if jwks_server.requests >= 2 and cache._inflight is None:
+                break
+            await asyncio.sleep(0.02)
+        assert jwks_server.requests == 2
+        with pytest.raises(KeyNotFound):
+            await cache.key_for("rsa-1", "RS256")  # withdrawn by the provider
+        assert (await cache.key_for("rsa-next", "RS256")).algorithm_name == "RS256"
+    finally:
+        await cache.close()
+
+
+def test_parse_jwks_keeps_only_public_signing_keys() -> None:
+    doc = {
+        "keys": [
+            {"kty": "oct", "kid": "sym", "k": "c2VjcmV0"},
+            {"kty": "RSA", "kid": "enc", "use": "enc", "n": "x", "e": "AQAB"},
+            {"kty": "RSA", "kid": "sig", "use": "sig", "n": "x", "e": "AQAB"},
+            {"kty": "EC", "kid": "ec", "crv": "P-256", "x": "x", "y": "y"},
+            {"kty": "RSA", "kid": 7},
+            "junk",
+        ]
+    }
+    assert sorted(parse_jwks(json.dumps(doc).encode())) == ["ec", "sig"]
+    for bad in (b"not json", b"[]", b'{"keys": {}}'):
+        with pytest.raises(JwksError):
+            parse_jwks(bad, "http://idp/certs")
+
+
+async def test_unreachable_jwks_is_token_invalid(tmp_path: Any) -> None:
+    auth = Authenticator(make_cfg(tmp_path, RT_AUTH_JWKS_URL="http://127.0.0.1:9/certs"))
+    await auth.start()
+    try:
+        token = jwt.encode(claims(), private_key("rsa-1"), algorithm="RS256", headers={"kid": "rsa-1"})
+        exc = await refused(auth, token)
+        assert exc.code == 4002 and "not loaded" in str(exc)
+    finally:
+        await auth.close()

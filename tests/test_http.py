@@ -1,0 +1,112 @@
+"""Plain HTTP on the gateway's port: the publish API (§8), health, readiness, metrics, 404s."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+
+from tests.harness.wsclient import ws_connect
+
+
+async def test_health_ready_metrics(gateway):
+    status, body = await gateway.get("/healthz")
+    assert status == 200 and json.loads(body)["status"] == "ok"
+    status, body = await gateway.get("/readyz")
+    assert status == 200 and json.loads(body)["ready"] is True
+    status, body = await gateway.get("/metrics")
+    text = body.decode()
+    assert status == 200
+    for name in ("rt_connections", "rt_subscriptions", "rt_events_in_total", "rt_deliveries_total",
+                 "rt_drops_total", "rt_auth_failures_total"):
+        assert f"\n{name}" in "\n" + text, name
+
+
+async def test_metrics_count_connections_events_and_auth_failures(gateway):
+    async with ws_connect(gateway, "w1", token=gateway.token("w1")) as c:
+        await c.subscribe("events:x")
+        await gateway.publish("w1", "x", {"a": 1})
+        await c.recv_event()
+        async with ws_connect(gateway, "w1") as bad:
+            await bad.send({"type": "auth", "token": "nope"})
+            await bad.expect_close()
+        _, body = await gateway.get("/metrics")
+    text = body.decode()
+    assert "rt_connections 1" in text
+    assert "rt_subscriptions 1" in text
+    assert 'rt_events_in_total{source="events"} 1' in text
+    assert "rt_deliveries_total 1" in text
+    assert 'rt_auth_failures_total{code="4002"} 1' in text
+
+
+async def test_unknown_paths_are_404(gateway):
+    for path in ("/", "/nope", "/workspaces/w1/realtime", "/workspaces/bad%20id/realtime/connect"):
+        status, _ = await gateway.get(path)
+        assert status == 404, path
+
+
+async def test_upgrade_to_bad_workspace_id_or_path_is_404(gateway):
+    import websockets
+
+    for path in ("/workspaces/" + "x" * 65 + "/realtime/connect", "/workspaces/a.b/realtime/connect", "/other"):
+        try:
+            async with websockets.connect(f"ws://127.0.0.1:{gateway.port}{path}"):
+                raise AssertionError("upgrade should be refused")
+        except websockets.InvalidStatus as exc:
+            assert exc.response.status_code == 404
+
+
+async def test_publish_errors(gateway):
+    base = "/workspaces/w1/realtime/events"
+    good = {"Authorization": f"Bearer {gateway.token('w1', publish=True)}"}
+    cases = [
+        (f"{base}/orders", b"{bad json", good, 400),
+        (f"{base}/bad%20topic", b"{}", good, 400),
+        (f"{base}/orders", b"", good, 400),
+        (f"{base}/orders", b"{}", {}, 401),
+        (f"{base}/orders", b"{}", {"Authorization": "Bearer garbage"}, 401),
+        (f"{base}/orders", b"{}", {"Authorization": f"Bearer {gateway.token('w1', publish=True, ttl=-60)}"}, 401),
+        (f"{base}/orders", b"{}", {"Authorization": f"Bearer {gateway.token('w1')}"}, 403),
+        (f"{base}/orders", b"{}", {"Authorization": f"Bearer {gateway.token('w2', publish=True)}"}, 403),
+        ("/workspaces/bad.id/realtime/events/orders", b"{}", good, 404),
+        (f"{base}/orders", b'"' + b"x" * (256 * 1024) + b'"', good, 413),
+    ]
+    for path, body, headers, expected in cases:
+        status, out = await gateway.post(path, body, headers)
+        assert status == expected, (path, body[:20], headers, status, out)
+        assert "error" in json.loads(out)
+
+
+async def test_publish_accepts_any_json_value_up_to_the_limit(gateway):
+    async with ws_connect(gateway, "w1", token=gateway.token("w1")) as c:
+        await c.subscribe("events:*")
+        for payload in (None, 3, "s", [1, {"a": True}], {"x" * 10: "y" * (200 * 1024)}):
+            out = await gateway.publish("w1", "t", payload)
+            ev = await c.recv_event()
+            assert ev["payload"] == payload and ev["seq"] == out["seq"]
+
+
+async def test_publish_keep_alive_connection_serves_several_requests(gateway):
+    token = gateway.token("w1", publish=True)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+    try:
+        for i in range(3):
+            body = json.dumps({"i": i}).encode()
+            writer.write(
+                f"POST /workspaces/w1/realtime/events/k HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
+            )
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 202"), head
+            length = int([h for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")][0].split(b":")[1])
+            out = json.loads(await reader.readexactly(length))
+            assert out["seq"] > 0
+    finally:
+        writer.close()
+
+
+async def test_malformed_http_is_400(gateway):
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=5) as s:
+        s.sendall(b"THIS IS NOT HTTP\r\n\r\n")
+        data = s.recv(1000)
+    assert data.startswith(b"HTTP/1.1 400")

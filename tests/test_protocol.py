@@ -1,0 +1,406 @@
+"""The wire contract (PROTOCOL.md §1, §3, §5, §6) against a real `rtserver serve` subprocess,
+with the `websockets` library as the client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+
+import jwt
+import websockets
+
+from tests.harness.wsclient import ws_connect
+
+ISO_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+
+
+async def test_auth_by_message_and_auth_ok_shape(gateway):
+    async with ws_connect(gateway, "w1") as c:
+        await c.send({"type": "auth", "token": gateway.token("w1"), "id": 7})
+        ok = await c.recv_type("auth_ok")
+    assert ok["id"] == 7
+    assert ok["resumed"] is False
+    assert isinstance(ok["sessionId"], str) and ok["sessionId"]
+    assert ISO_MS.match(ok["expiresAt"]), ok
+
+
+async def test_auth_by_header(gateway):
+    async with ws_connect(gateway, "w1", token=gateway.token("w1"), header_auth=True) as c:
+        ok = await c.recv_type("auth_ok")
+        assert ok["resumed"] is False
+        # Messages sent right after the upgrade wait for the header auth to finish.
+        await c.send({"type": "ping", "id": "p"})
+        assert await c.recv() == {"type": "pong", "id": "p"}
+
+
+async def test_bad_header_token_closes_4002_after_upgrade(gateway):
+    async with ws_connect(gateway, "w1", token="not-a-jwt", header_auth=True) as c:
+        err = await c.recv_type("error")
+        assert err["code"] == 4002 and err["name"] == "token_invalid"
+        assert await c.expect_close() == (4002, "token_invalid")
+
+
+async def test_messages_before_auth_get_4003_and_malformed_get_4000(gateway):
+    async with ws_connect(gateway, "w1") as c:
+        await c.send({"type": "subscribe", "channel": "events:x", "id": 1})
+        err = await c.recv_type("error")
+        assert (err["code"], err["name"], err["id"]) == (4003, "scope_denied", 1)
+        await c.send("{not json")
+        err = await c.recv_type("error")
+        assert (err["code"], err["name"]) == (4000, "invalid_message")
+        # still open: auth works afterwards
+        await c.auth(gateway.token("w1"))
+
+
+async def test_auth_timeout_closes_4002(gateway_factory):
+    gw = await gateway_factory(env={"RT_AUTH_TIMEOUT": "0.5"})
+    async with ws_connect(gw, "w1") as c:
+        err = await c.recv_type("error", timeout=5)
+        assert err["code"] == 4002 and "auth timeout" in err["message"]
+        assert await c.expect_close() == (4002, "token_invalid")
+
+
+async def test_expired_token_at_connect_closes_4001(gateway):
+    async with ws_connect(gateway, "w1") as c:
+        await c.send({"type": "auth", "token": gateway.token("w1", ttl=-60)})
+        err = await c.recv_type("error")
+        assert err["code"] == 4001 and err["name"] == "token_expired"
+        assert await c.expect_close() == (4001, "token_expired")
+
+
+async def test_token_expiry_mid_session_closes_4001(gateway):
+    async with ws_connect(gateway, "w1") as c:
+        token = gateway.token("w1", ttl=2)
+        exp = jwt.decode(token, options={"verify_signature": False})["exp"]
+        # exp is checked with leeway when presented, but the session ends exactly at exp.
+        await c.auth(token)
+        err = await c.recv_type("error", timeout=10)
+        assert err["code"] == 4001
+        assert await c.expect_close() == (4001, "token_expired")
+        assert time.time() >= exp - 0.05, "closed before the token's exp"
+
+
+async def test_in_band_refresh_extends_session(gateway):
+    async with ws_connect(gateway, "w1") as c:
+        first = await c.auth(gateway.token("w1", ttl=2))
+        await c.send({"type": "auth", "token": gateway.token("w1", ttl=3600), "id": "r"})
+        again = await c.recv_type("auth_ok")
+        assert again["sessionId"] == first["sessionId"] and again["id"] == "r"
+        assert again["expiresAt"] > first["expiresAt"]
+        await asyncio.sleep(2.5)
+        await c.send({"type": "ping"})
+        assert (await c.recv())["type"] == "pong"
+
+
+async def test_refused_refresh_keeps_connection(gateway):
+    async with ws_connect(gateway, "w1") as c:
+        await c.auth(gateway.token("w1", sub="alice"))
+        await c.send({"type": "auth", "token": gateway.token("w1", sub="mallory"), "id": 1})
+        err = await c.recv_type("error")
+        assert err["code"] == 4003 and err["id"] == 1
+        await c.send({"type": "auth", "token": gateway.token("w1", sub="alice", ttl=-30)})
+        assert (await c.recv_type("error"))["code"] == 4001
+        await c.send({"type": "auth", "token": "garbage"})
+        assert (await c.recv_type("error"))["code"] == 4002
+        await c.send({"type": "ping"})
+        assert (await c.recv())["type"] == "pong"
+
+
+async def test_workspace_not_granted_closes_4003(gateway):
+    async with ws_connect(gateway, "w2") as c:
+        await c.send({"type": "auth", "token": gateway.token("w1")})
+        err = await c.recv_type("error")
+        assert err["code"] == 4003
+        assert await c.expect_close() == (4003, "scope_denied")
+
+
+async def test_wildcard_workspace_grant(gateway):
+    async with ws_connect(gateway, "any-ws", token=gateway.token("*")) as c:
+        await c.subscribe("events:x")
+
+
+async def test_bad_signature_and_alg_none_are_4002(gateway):
+    import jwt
+
+    forged = gateway.token("w1", secret="another-secret-of-sufficient-length")
+    none_alg = jwt.encode({"sub": "x", "workspaces": ["w1"], "exp": int(time.time()) + 60}, None, algorithm="none")
+    for token in (forged, none_alg):
+        async with ws_connect(gateway, "w1") as c:
+            await c.send({"type": "auth", "token": token})
+            assert (await c.recv_type("error"))["code"] == 4002
+            assert (await c.expect_close())[0] == 4002
+
+
+async def test_subscribe_reply_echoes_id_and_unsubscribe(gateway):
+    async with ws_connect(gateway, "w1", token=gateway.token("w1")) as c:
+        await c.send({"type": "subscribe", "channel": "events:orders", "id": "s1"})
+        assert await c.recv() == {"type": "subscribed", "channel": "events:orders", "id": "s1"}
+        await c.send({"type": "unsubscribe", "channel": "events:orders", "id": 2})
+        assert await c.recv() == {"type": "unsubscribed", "channel": "events:orders", "id": 2}
+        await c.send({"type": "unsubscribe", "channel": "events:never"})
+        assert await c.recv() == {"type": "unsubscribed", "channel": "events:never"}
+        await gateway.publish("w1", "orders", {"n": 1})
+        await c.no_message()
+
+
+async def test_event_shape_and_correlation_id(gateway):
+    async with ws_connect(gateway, "w1", token=gateway.token("w1")) as c:
+        await c.subscribe("events:orders")
+        out = await gateway.publish("w1", "orders", {"id": 5, "total": 9.5}, correlation_id="corr-abc-123")
+        ev = await c.recv_event()
+    assert ev["channel"] == "events:orders" and ev["operation"] == "PUBLISH" and ev["topic"] == "orders"
+    assert ev["payload"] == {"id": 5, "total": 9.5}
+    assert ev["correlationId"] == "corr-abc-123" == out["correlationId"]
+    assert ev["seq"] == out["seq"]
+    assert ISO_MS.match(ev["timestamp"])
+
+
+async def test_generated_correlation_id_when_absent(gateway):
+    async with ws_connect(gateway, "w1", token=gateway.token("w1")) as c:
+        await c.subscribe("events:*")
+        out = await gateway.publish("w1", "a", [1, 2])
+        ev = await c.recv_event()
+    assert ev["correlationId"] == out["correlationId"] and len(ev["correlationId"]) >= 16
+    assert ev["payload"] == [1, 2] and ev["channel"] == "events:a"
+
+
+async def test_channel_errors_4010(gateway):
+    async with ws_connect(gateway, "w1", token=gateway.token("w1")) as c:
+        for channel in ("nosuch:thing", "events:bad topic!", "postgres:products", "mongo:orders", "events", "events:"):
+            await c.send({"type": "subscribe", "channel": channel, "id": channel})
+            err = await c.recv_type("error")
+            assert (err["code"], err["name"], err["channel"], err["id"]) == (4010, "channel_unavailable", channel, channel)
+
+
+async def test_filter_errors_4000(gateway):
+    bad_filters = [
+        {"operations": ["INSERT", "EXPLODE"]},
+        {"operations": "INSERT"},
+        {"entity": "other"},
+        {"predicates": {"price": {"$regex": "x"}}},
+        {"predicates": {"$where": "1"}},
+        {"predicates": "x"},
+        {"colour": "red"},
+    ]
+    async with ws_connect(gateway, "w1", token=gateway.token("w1")) as c:
+        for i, f in enumerate(bad_filters):
+            await c.send({"type": "subscribe", "channel": "events:orders", "filter": f, "id": i})
+            err = await c.recv_type("error")
+            assert err["code"] == 4000 and err["id"] == i, (f, err)
+        await c.subscribe("events:orders")
+
+
+async def test_unknown_type_and_non_object_are_4000(gateway):
+    async with ws_connect(gateway, "w1", token=gateway.token("w1")) as c:
+        for msg in ('{"type":"explode","id":3}', "[1,2]", '"x"', '{"channel":"events:x"}'):
+            await c.send(msg)
+            err = await c.recv_type("error")
+            assert err["code"] == 4000
+        await c.send('{"type":"explode","id":3}')
+        assert (await c.recv_type("error"))["id"] == 3
+
+
+async def test_twenty_invalid_messages_close_1008(gateway):
+    async with ws_connect(gateway, "w1", token=gateway.token("w1")) as c:
+        for _ in range(20):
+            await c.send("nope")
+        code, reason = await c.expect_close()
+    assert (code, reason) == (1008, "policy_violation")
+
+
+async def test_oversized_message_is_refused(gateway):
+    async with ws_connect(gateway, "w1", token=gateway.token("w1")) as c:
+        await c.send(json.dumps({"type": "ping", "pad": "x" * 70000}))
+        err = await c.recv_type("error")
+        assert err["code"] == 4000 and "exceeds" in err["message"]
+        code, _ = await c.expect_close()
+        assert code == 1009
+
+
+async def test_filters_operations_entity_predicates(gateway):
+    async with ws_connect(gateway, "w1", token=gateway.token("w1")) as c:
+        await c.subscribe("events:*", {"entity": "orders", "predicates": {"total": {"$gte": 100}, "tags": "vip"}})
+        await gateway.publish("w1", "orders", {"total": 50, "tags": ["vip"]})
+        await gateway.publish("w1", "other", {"total": 500, "tags": ["vip"]})
+        await gateway.publish("w1", "orders", {"total": 150.5, "tags": ["vip", "eu"]})
+        await gateway.publish("w1", "orders", {"total": "200", "tags": ["vip"]})  # string never compares to number
+        ev = await c.recv_event()
+        assert ev["payload"]["total"] == 150.5
+        await c.no_message()
+
+
+async def test_predicate_or_in_exists_and_dotted_paths(gateway):
+    async with ws_connect(gateway, "w1", token=gateway.token("w1")) as c:
+        await c.subscribe(
+            "events:orders",
+            {"predicates": {"$or": [{"customer.country": {"$in": ["FR", "DE"]}}, {"rush": {"$exists": True}}]}},
+        )
+        for payload in ({"customer": {"country": "US"}}, {"customer": {"country": "DE"}, "n": 1}, {"rush": None, "n": 2}, 7):
+            await gateway.publish("w1", "orders", payload)
+        assert (await c.recv_event())["payload"]["n"] == 1
+        assert (await c.recv_event())["payload"]["n"] == 2
+        await c.no_message()
+
+
+async def test_non_object_payload_matches_only_empty_predicates(gateway):
+    async with ws_connect(gateway, "w1", token=gateway.token("w1")) as c:
+        await c.subscribe("events:a", {"predicates": {"x": 1}})
+        await c.subscribe("events:b", {"predicates": {}})
+        await gateway.publish("w1", "a", "text")
+        await gateway.publish("w1", "b", "text")
+        ev = await c.recv_event()
+        assert ev["channel"] == "events:b" and ev["payload"] == "text"
+        await c.no_message()
+
+
+async def test_resubscribe_replaces_filter(gateway):
+    async with ws_connect(gateway, "w1", token=gateway.token("w1")) as c:
+        await c.subscribe("events:o", {"predicates": {"n": 1}})
+        await c.subscribe("events:o", {"predicates": {"n": 2}})
+        await gateway.publish("w1", "o", {"n": 1})
+        await gateway.publish("w1", "o", {"n": 2})
+        assert (await c.recv_event())["payload"] == {"n": 2}
+        await c.no_message()
+
+
+async def test_event_matching_two_channels_arrives_once(gateway):
+    async with ws_connect(gateway, "w1", token=gateway.token("w1")) as c:
+        await c.subscribe("events:*")
+        await c.subscribe("events:o")
+        await gateway.publish("w1", "o", {"n": 1})
+        assert (await c.recv_event())["payload"] == {"n": 1}
+        await c.no_message()
+
+
+async def test_subscription_quota_4008(gateway_factory):
+    gw = await gateway_factory(env={"RT_MAX_SUBSCRIPTIONS": "3"})
+    async with ws_connect(gw, "w1", token=gw.token("w1")) as c:
+        for i in range(3):
+            await c.subscribe(f"events:t{i}")
+        await c.send({"type": "subscribe", "channel": "events:t9", "id": 9})
+        err = await c.recv_type("error")
+        assert (err["code"], err["name"], err["id"]) == (4008, "quota_exceeded", 9)
+        await c.subscribe("events:t1")  # replacing an existing one is not a new subscription
+        await c.send({"type": "ping"})
+        assert (await c.recv())["type"] == "pong"
+
+
+async def test_connection_quota_per_workspace_closes_4008(gateway_factory):
+    gw = await gateway_factory(env={"RT_MAX_CONNECTIONS": "2"})
+    async with ws_connect(gw, "w1", token=gw.token("w1")), ws_connect(gw, "w1", token=gw.token("w1", sub="b")):
+        async with ws_connect(gw, "w1") as third:
+            await third.send({"type": "auth", "token": gw.token("w1", sub="c")})
+            assert (await third.recv_type("error"))["code"] == 4008
+            assert await third.expect_close() == (4008, "quota_exceeded")
+        # another workspace is not affected
+        async with ws_connect(gw, "w2", token=gw.token("w2")) as other:
+            await other.subscribe("events:x")
+
+
+async def test_connection_quota_per_subject_closes_4008(gateway_factory):
+    gw = await gateway_factory(env={"RT_MAX_CONNECTIONS_PER_SUBJECT": "1"})
+    async with ws_connect(gw, "w1", token=gw.token("w1", sub="same")):
+        async with ws_connect(gw, "w1") as second:
+            await second.send({"type": "auth", "token": gw.token("w1", sub="same")})
+            assert (await second.recv_type("error"))["code"] == 4008
+            assert (await second.expect_close())[0] == 4008
+
+
+async def test_channel_permissions_claim(gateway_factory):
+    gw = await gateway_factory(env={"RT_AUTH_CHANNEL_CLAIM": "realtime_channels"})
+    token = gw.token("w1", realtime_channels=["events:orders"])
+    async with ws_connect(gw, "w1", token=token) as c:
+        await c.subscribe("events:orders")
+        await c.send({"type": "subscribe", "channel": "events:secret", "id": 1})
+        err = await c.recv_type("error")
+        assert (err["code"], err["channel"]) == (4003, "events:secret")
+        await c.send({"type": "ping"})
+        assert (await c.recv())["type"] == "pong"
+
+
+async def test_fan_out_to_many_clients_in_order(gateway):
+    n_clients, n_events = 50, 40
+    token = gateway.token("w1")
+    clients = []
+    stack = []
+    try:
+        for _ in range(n_clients):
+            cm = ws_connect(gateway, "w1", token=token)
+            stack.append(cm)
+            c = await cm.__aenter__()
+            await c.subscribe("events:feed")
+            clients.append(c)
+        seqs = [(await gateway.publish("w1", "feed", {"i": i}))["seq"] for i in range(n_events)]
+        assert seqs == sorted(seqs) and len(set(seqs)) == n_events
+        for c in clients:
+            got = [await c.recv_event() for _ in range(n_events)]
+            assert [e["payload"]["i"] for e in got] == list(range(n_events))
+            assert [e["seq"] for e in got] == seqs
+    finally:
+        for cm in reversed(stack):
+            await cm.__aexit__(None, None, None)
+
+
+async def test_workspaces_are_isolated(gateway):
+    async with ws_connect(gateway, "w1", token=gateway.token("w1")) as a, ws_connect(
+        gateway, "w2", token=gateway.token("w2")
+    ) as b:
+        await a.subscribe("events:*")
+        await b.subscribe("events:*")
+        await gateway.publish("w2", "x", {"for": "w2"})
+        assert (await b.recv_event())["payload"] == {"for": "w2"}
+        await a.no_message()
+
+
+async def test_slow_reader_gets_1013_and_others_lose_nothing(gateway_factory):
+    gw = await gateway_factory(env={"RT_SEND_BUFFER_BYTES": "262144"})
+    token = gw.token("w1")
+    big = {"blob": "x" * 60000}  # 200 of these outgrow the kernel socket buffers too
+    # The slow client: a raw websockets connection whose reading we stop.
+    slow = await websockets.connect(gw.ws_url("w1"), max_size=None, max_queue=1)
+    await slow.send(json.dumps({"type": "auth", "token": token}))
+    await slow.recv()
+    await slow.send(json.dumps({"type": "subscribe", "channel": "events:big"}))
+    await slow.recv()
+    slow.transport.pause_reading()
+    async with ws_connect(gw, "w1", token=token) as fast:
+        await fast.subscribe("events:big")
+        received = 0
+        for i in range(200):
+            await gw.publish("w1", "big", {**big, "i": i})
+            ev = await fast.recv_event()
+            assert ev["payload"]["i"] == i
+            received += 1
+        assert received == 200
+    slow.transport.resume_reading()
+    try:
+        while True:
+            await asyncio.wait_for(slow.recv(), 10)
+    except websockets.ConnectionClosed as exc:
+        assert exc.rcvd is not None and exc.rcvd.code == 1013 and exc.rcvd.reason == "try_again_later"
+    status, body = await gw.get("/metrics")
+    assert b'rt_drops_total{reason="slow_reader"} 1' in body
+
+
+async def test_ws_ping_frames_are_answered(gateway):
+    async with ws_connect(gateway, "w1", token=gateway.token("w1")) as c:
+        pong_waiter = await c.ws.ping()
+        await asyncio.wait_for(pong_waiter, 5)
+
+
+async def test_idle_peer_is_closed_1001(gateway_factory):
+    gw = await gateway_factory(env={"RT_IDLE_TIMEOUT": "2"})
+    # A client that never answers pings: disable the library's automatic pong by pausing reads.
+    ws = await websockets.connect(gw.ws_url("w1"), ping_interval=None)
+    await ws.send(json.dumps({"type": "auth", "token": gw.token("w1")}))
+    await ws.recv()
+    ws.transport.pause_reading()
+    await asyncio.sleep(4.5)
+    ws.transport.resume_reading()
+    try:
+        while True:
+            await asyncio.wait_for(ws.recv(), 5)
+    except websockets.ConnectionClosed as exc:
+        assert exc.rcvd is not None and (exc.rcvd.code, exc.rcvd.reason) == (1001, "going_away")

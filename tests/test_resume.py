@@ -1,0 +1,210 @@
+"""Resumable sessions and replay (PROTOCOL.md §3 `since`, §5 `seq`, §7): nothing lost across
+reconnects, nothing duplicated at the seam, and gaps reported, never silent."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import websockets
+
+from tests.harness.wsclient import ws_connect
+
+
+async def _drain_events(c, n: int, timeout: float = 5) -> list[dict]:
+    return [await c.recv_event(timeout) for _ in range(n)]
+
+
+async def test_resume_replays_exactly_the_missed_matching_events(gateway):
+    token = gateway.token("w1")
+    async with ws_connect(gateway, "w1", token=token) as c:
+        await c.subscribe("events:orders", {"predicates": {"keep": True}})
+        await c.subscribe("events:audit")
+        session = None
+        await c.send({"type": "auth", "token": token})
+        session = (await c.recv_type("auth_ok"))["sessionId"]
+        out = await gateway.publish("w1", "orders", {"keep": True, "n": 0})
+        last = (await c.recv_event())["seq"]
+        assert last == out["seq"]
+    # disconnected: publish on several channels, some not matching
+    expected = []
+    for i in range(1, 13):
+        topic = ("orders", "audit", "other")[i % 3]
+        payload = {"keep": i % 2 == 0, "n": i}
+        out = await gateway.publish("w1", topic, payload)
+        if topic == "audit" or (topic == "orders" and payload["keep"]):
+            expected.append((out["seq"], i))
+    async with ws_connect(gateway, "w1") as c:
+        ok = await c.auth(token, resume=session, since=last)
+        assert ok["resumed"] is True and ok["sessionId"] == session
+        got = await _drain_events(c, len(expected))
+        assert [(e["seq"], e["payload"]["n"]) for e in got] == expected
+        await c.no_message()
+        # subscriptions were restored: live events flow
+        out = await gateway.publish("w1", "audit", {"n": 99})
+        assert (await c.recv_event())["seq"] == out["seq"]
+
+
+async def test_subscribe_with_since_replays_then_live(gateway):
+    token = gateway.token("w1")
+    seqs = [(await gateway.publish("w1", "t", {"i": i}))["seq"] for i in range(5)]
+    async with ws_connect(gateway, "w1", token=token) as c:
+        await c.send({"type": "subscribe", "channel": "events:t", "since": seqs[1]})
+        assert (await c.recv())["type"] == "subscribed"
+        got = await _drain_events(c, 3)
+        assert [e["seq"] for e in got] == seqs[2:]
+        live = await gateway.publish("w1", "t", {"i": 5})
+        assert (await c.recv_event())["seq"] == live["seq"]
+
+
+async def test_seam_is_exact_under_continuous_publishing(gateway):
+    """Resume while a publisher runs flat out: each event exactly once, in order."""
+    token = gateway.token("w1")
+    pub_token = gateway.token("w1", publish=True)
+    for _round in range(5):
+        async with ws_connect(gateway, "w1", token=token) as c:
+            await c.subscribe("events:seam")
+            session = None
+            await c.send({"type": "auth", "token": token})
+            session = (await c.recv_type("auth_ok"))["sessionId"]
+            first = await gateway.publish("w1", "seam", {"i": -1}, token=pub_token)
+            last = (await c.recv_event())["seq"]
+            assert last == first["seq"]
+        published: list[int] = []
+        stop = asyncio.Event()
+
+        async def publisher():
+            reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+            i = 0
+            try:
+                while not stop.is_set():
+                    body = json.dumps({"i": i}).encode()
+                    writer.write(
+                        f"POST /workspaces/w1/realtime/events/seam HTTP/1.1\r\nHost: x\r\n"
+                        f"Authorization: Bearer {pub_token}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
+                    )
+                    head = await reader.readuntil(b"\r\n\r\n")
+                    length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                    published.append(json.loads(await reader.readexactly(length))["seq"])
+                    i += 1
+            finally:
+                writer.close()
+
+        task = asyncio.create_task(publisher())
+        await asyncio.sleep(0.05)
+        async with ws_connect(gateway, "w1") as c:
+            ok = await c.auth(token, resume=session, since=last)
+            assert ok["resumed"] is True
+            await asyncio.sleep(0.1)
+            stop.set()
+            await task
+            got = [e["seq"] for e in await _drain_events(c, len(published))]
+            await c.no_message(0.2)
+        assert got == published, (len(got), len(published))
+
+
+async def test_history_overflow_reports_gap_with_oldest(gateway_factory):
+    gw = await gateway_factory(env={"RT_HISTORY_EVENTS": "5"})
+    token = gw.token("w1")
+    seqs = [(await gw.publish("w1", "t", {"i": i}))["seq"] for i in range(8)]
+    async with ws_connect(gw, "w1", token=token) as c:
+        await c.send({"type": "subscribe", "channel": "events:t", "since": seqs[0]})
+        assert (await c.recv())["type"] == "subscribed"
+        gap = await c.recv_type("error")
+        assert (gap["code"], gap["name"], gap["channel"]) == (4011, "history_gap", "events:t")
+        assert gap["oldest"] == seqs[3]
+        got = await _drain_events(c, 5)
+        assert [e["seq"] for e in got] == seqs[3:]
+    async with ws_connect(gw, "w1", token=token) as c:
+        # within the history: no gap
+        await c.send({"type": "subscribe", "channel": "events:t", "since": seqs[3]})
+        assert (await c.recv())["type"] == "subscribed"
+        assert [e["seq"] for e in await _drain_events(c, 4)] == seqs[4:]
+        await c.no_message()
+
+
+async def test_slow_reader_closed_1013_resumes_without_loss(gateway_factory):
+    gw = await gateway_factory(env={"RT_SEND_BUFFER_BYTES": "262144"})
+    token = gw.token("w1")
+    slow = await websockets.connect(gw.ws_url("w1"), max_size=None, max_queue=1)
+    await slow.send(json.dumps({"type": "auth", "token": token}))
+    session = json.loads(await slow.recv())["sessionId"]
+    await slow.send(json.dumps({"type": "subscribe", "channel": "events:big"}))
+    await slow.recv()
+    slow.transport.pause_reading()
+    published = [(await gw.publish("w1", "big", {"i": i, "blob": "x" * 60000}))["seq"] for i in range(150)]
+    slow.transport.resume_reading()
+    seen: list[int] = []
+    try:
+        while True:
+            msg = json.loads(await asyncio.wait_for(slow.recv(), 10))
+            if msg["type"] == "event":
+                seen.append(msg["seq"])
+    except websockets.ConnectionClosed as exc:
+        assert exc.rcvd is not None and exc.rcvd.code == 1013
+    assert seen == published[: len(seen)] and len(seen) < len(published)
+    async with ws_connect(gw, "w1") as c:
+        ok = await c.auth(token, resume=session, since=seen[-1] if seen else 0)
+        assert ok["resumed"] is True
+        rest = [e["seq"] for e in await _drain_events(c, len(published) - len(seen), timeout=10)]
+    assert seen + rest == published
+
+
+async def test_resume_by_another_subject_gives_fresh_session(gateway):
+    async with ws_connect(gateway, "w1", token=gateway.token("w1", sub="alice")) as c:
+        await c.subscribe("events:private")
+        await c.send({"type": "auth", "token": gateway.token("w1", sub="alice")})
+        session = (await c.recv_type("auth_ok"))["sessionId"]
+    await gateway.publish("w1", "private", {"secret": 1})
+    async with ws_connect(gateway, "w1") as c:
+        ok = await c.auth(gateway.token("w1", sub="mallory"), resume=session, since=0)
+        assert ok["resumed"] is False and ok["sessionId"] != session
+        await c.no_message(0.5)
+    # alice can still resume it afterwards
+    async with ws_connect(gateway, "w1") as c:
+        ok = await c.auth(gateway.token("w1", sub="alice"), resume=session)
+        assert ok["resumed"] is True
+
+
+async def test_unknown_or_expired_session_gives_fresh_session(gateway_factory):
+    gw = await gateway_factory(env={"RT_RESUME_TTL": "1"})
+    token = gw.token("w1")
+    async with ws_connect(gw, "w1") as c:
+        ok = await c.auth(token, resume="no-such-session", since=1)
+        assert ok["resumed"] is False
+    async with ws_connect(gw, "w1", token=token) as c:
+        await c.send({"type": "auth", "token": token})
+        session = (await c.recv_type("auth_ok"))["sessionId"]
+    await asyncio.sleep(2.5)
+    async with ws_connect(gw, "w1") as c:
+        ok = await c.auth(token, resume=session)
+        assert ok["resumed"] is False
+
+
+async def test_gateway_restart_gives_history_gap_never_silent_loss(gateway):
+    token = gateway.token("w1")
+    async with ws_connect(gateway, "w1", token=token) as c:
+        await c.subscribe("events:t")
+        out = await gateway.publish("w1", "t", {"before": True})
+        last = (await c.recv_event())["seq"]
+        assert last == out["seq"]
+    await gateway.restart()
+    after = await gateway.publish("w1", "t", {"after": True})
+    assert after["seq"] > last, "seq must keep increasing across restarts"
+    async with ws_connect(gateway, "w1", token=token) as c:
+        await c.send({"type": "subscribe", "channel": "events:t", "since": last})
+        assert (await c.recv())["type"] == "subscribed"
+        gap = await c.recv_type("error")
+        assert gap["code"] == 4011 and gap["oldest"] == after["seq"]
+        ev = await c.recv_event()
+        assert ev["seq"] == after["seq"]
+
+
+async def test_metrics_show_history_and_suspended_sessions(gateway):
+    async with ws_connect(gateway, "w1", token=gateway.token("w1")) as c:
+        await c.subscribe("events:t")
+    await gateway.publish("w1", "t", {"x": 1})
+    _, body = await gateway.get("/metrics")
+    text = body.decode()
+    assert "rt_suspended_sessions 1" in text
+    assert 'rt_history_events{workspace="w1"} 1' in text
