@@ -60,6 +60,7 @@ class Gateway:
         self._stopped = asyncio.Event()
         self.port = 0
         self.upgrading_remote = ""
+        self.static: dict[str, tuple[str, bytes]] = {}
         self.metrics.add_gauges(self._gauges)
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -72,6 +73,8 @@ class Gateway:
                 "secret kept in the state directory. Mint one with `rtserver token --workspace W`.",
                 extra={"fields": {"state_dir": self.state_dir}},
             )
+        if cfg.server.demo:
+            self.static = await asyncio.get_running_loop().run_in_executor(None, load_static)
         await self.auth.start()
         await self.audit.start()
         await self.bus.start()
@@ -266,6 +269,12 @@ class Gateway:
             return (200 if ready else 503), "application/json", _json.encode(details)
         if path == "/metrics":
             return 200, "text/plain; version=0.0.4", self.metrics.render()
+        if self.cfg.server.demo and (path in ("/demo", "/demo/") or path.startswith("/demo/")):
+            name = path[len("/demo"):].lstrip("/") or "index.html"
+            found = self.static.get(name)
+            if found is None:
+                return 404, "application/json", _err(f"no such file: /demo/{name}")
+            return 200, found[0], found[1]
         if http.parse_connect_path(path) is not None:
             return 426, "application/json", b'{"error":"WebSocket upgrade required"}'
         return 404, "application/json", _json.encode({"error": f"no such endpoint: {path}"})
@@ -344,7 +353,28 @@ class Gateway:
             for name, value in src.status().items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
                     rows.append((f"rt_source_{name}", f"Source {name}", labels, value))
+                elif name == "wal_status" and value:
+                    # PostgreSQL slot health: reserved | extended | unreserved | lost
+                    rows.append(("rt_source_wal_status", "Replication slot WAL status", {**labels, "wal_status": value}, 1))
         return rows
+
+
+_STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
+_STATIC_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
+                 ".css": "text/css; charset=utf-8", ".map": "application/json"}
+
+
+def load_static() -> dict[str, tuple[str, bytes]]:
+    """The demo page's files (rtserver/static), read once at start-up, off the event loop."""
+    files: dict[str, tuple[str, bytes]] = {}
+    if not os.path.isdir(_STATIC_DIR):
+        return files
+    for name in os.listdir(_STATIC_DIR):
+        ext = os.path.splitext(name)[1]
+        if ext in _STATIC_TYPES:
+            with open(os.path.join(_STATIC_DIR, name), "rb") as fh:
+                files[name] = (_STATIC_TYPES[ext], fh.read())
+    return files
 
 
 def _err(message: str) -> bytes:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import sys
 
@@ -21,6 +20,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port (default 8080)")
     serve.add_argument("--config", help="TOML configuration file")
     serve.add_argument("--state-dir", help="local state directory (default .rtserver)")
+    serve.add_argument("--demo", action="store_true", default=None, help="serve the demo page at /demo")
 
     tok = sub.add_parser("token", help="print a development token signed with the configured or generated secret")
     tok.add_argument("--workspace", action="append", required=True, help="workspace id to grant (repeatable; * = all)")
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         overrides = {"server.state_dir": getattr(args, "state_dir", None)}
         if args.command == "serve":
-            overrides.update({"server.host": args.host, "server.port": args.port})
+            overrides.update({"server.host": args.host, "server.port": args.port, "server.demo": args.demo})
         cfg = load(args.config, overrides=overrides)
     except ConfigError as exc:
         print(f"rtserver: configuration error: {exc}", file=sys.stderr)

@@ -48,6 +48,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("server", "instance", "RT_INSTANCE", str, "rtserver", "Instance name: replication slot and publication names derive from it"),
     Setting("server", "node", "RT_NODE", str, "", "Node name in logs and audit records (default: host name)"),
     Setting("server", "log_level", "RT_LOG_LEVEL", str, "info", "debug, info, warning or error"),
+    Setting("server", "demo", "RT_DEMO", bool, False, "Serve the demo page at /demo (`rtserver serve --demo`)"),
     Setting("server", "shutdown_timeout", "RT_SHUTDOWN_TIMEOUT", float, 10.0, "Seconds to drain on SIGTERM"),
     Setting("auth", "hs256_secret", "RT_AUTH_HS256_SECRET", str, "", "Shared secret for HS256 tokens (development)"),
     Setting("auth", "jwks_url", "RT_AUTH_JWKS_URL", str, "", "JWKS URL, e.g. Keycloak's {issuer}/protocol/openid-connect/certs"),

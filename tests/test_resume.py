@@ -73,7 +73,7 @@ async def test_seam_is_exact_under_continuous_publishing(gateway):
         published: list[int] = []
         stop = asyncio.Event()
 
-        async def publisher():
+        async def publisher(stop: asyncio.Event, published: list[int]) -> None:
             reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
             i = 0
             try:
@@ -90,7 +90,7 @@ async def test_seam_is_exact_under_continuous_publishing(gateway):
             finally:
                 writer.close()
 
-        task = asyncio.create_task(publisher())
+        task = asyncio.create_task(publisher(stop, published))
         await asyncio.sleep(0.05)
         async with ws_connect(gateway, "w1") as c:
             ok = await c.auth(token, resume=session, since=last)

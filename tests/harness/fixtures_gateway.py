@@ -10,6 +10,7 @@ import asyncio
 import os
 import signal
 import socket
+import ssl
 import sys
 import tempfile
 import time
@@ -29,7 +30,7 @@ def free_port() -> int:
 
 
 class Gateway:
-    def __init__(self, env: dict[str, str], args: list[str], state_dir: str, port: int):
+    def __init__(self, env: dict[str, str], args: list[str], state_dir: str, port: int, cafile: str | None = None):
         self.env = env
         self.args = args
         self.state_dir = state_dir
@@ -38,6 +39,9 @@ class Gateway:
         self.proc: asyncio.subprocess.Process | None = None
         self.log_path = os.path.join(state_dir, "gateway.log")
         self.returncode: int | None = None
+        self.cafile = cafile
+        if cafile:
+            self.url = f"https://localhost:{port}"
 
     def ws_url(self, workspace: str) -> str:
         return f"ws://127.0.0.1:{self.port}/workspaces/{workspace}/realtime/connect"
@@ -53,7 +57,7 @@ class Gateway:
         return jwt.encode(payload, secret or self.env.get("RT_AUTH_HS256_SECRET", SECRET), algorithm="HS256")
 
     async def start(self) -> None:
-        log = open(self.log_path, "ab")
+        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child process
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "rtserver", "serve", "--host", "127.0.0.1", "--port", str(self.port), *self.args,
             env=self.env, stdout=log, stderr=log,
@@ -64,7 +68,7 @@ class Gateway:
             if self.proc.returncode is not None:
                 raise RuntimeError(f"gateway exited with {self.proc.returncode}:\n{self.logs()}")
             try:
-                status = await asyncio.to_thread(_get_status, f"{self.url}/healthz")
+                status = await asyncio.to_thread(_get_status, f"{self.url}/healthz", self.cafile)
                 if status == 200:
                     return
             except OSError:
@@ -118,8 +122,9 @@ class Gateway:
         return json.loads(body)
 
 
-def _get_status(url: str) -> int:
-    with urllib.request.urlopen(url, timeout=2) as r:
+def _get_status(url: str, cafile: str | None = None) -> int:
+    ctx = ssl.create_default_context(cafile=cafile) if cafile else None
+    with urllib.request.urlopen(url, timeout=2, context=ctx) as r:
         return r.status
 
 
@@ -138,7 +143,7 @@ async def gateway_factory() -> AsyncIterator[Callable[..., Awaitable[Gateway]]]:
     tmpdirs: list[tempfile.TemporaryDirectory] = []
 
     async def make(env: dict[str, str] | None = None, args: list[str] | None = None,
-                   state_dir: str | None = None) -> Gateway:
+                   state_dir: str | None = None, wait_tls: str | None = None) -> Gateway:
         if state_dir is None:
             tmp = tempfile.TemporaryDirectory(prefix="rtgw-")
             tmpdirs.append(tmp)
@@ -146,7 +151,7 @@ async def gateway_factory() -> AsyncIterator[Callable[..., Awaitable[Gateway]]]:
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("RT_")}
         full_env.update({"RT_STATE_DIR": state_dir, "RT_AUTH_HS256_SECRET": SECRET, "RT_LOG_LEVEL": "info"})
         full_env.update(env or {})
-        gw = Gateway(full_env, list(args or []), state_dir, free_port())
+        gw = Gateway(full_env, list(args or []), state_dir, free_port(), cafile=wait_tls)
         await gw.start()
         started.append(gw)
         return gw
