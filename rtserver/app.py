@@ -347,6 +347,8 @@ class Gateway:
         for key in ("backlog", "lost"):
             if isinstance(audit.get(key), (int, float)):
                 rows.append((f"rt_audit_{key}", f"Audit records {key}", {}, audit[key]))
+        if "connected" in audit:
+            rows.append(("rt_audit_connected", "1 while audit records reach Kafka", {}, 1 if audit["connected"] else 0))
         for key, src in self._sources.items():
             labels = {"source": key[0], "database": str(key[-1]) if key[0] == "mongo" else _redact(key[1])}
             rows.append(("rt_source_ready", "1 while the source streams", labels, 1 if src.ready() else 0))

@@ -101,6 +101,7 @@ class Connection(WSListener):
         self._fragments: list[bytes] | None = None
         self._timer: asyncio.TimerHandle | None = None  # auth deadline, then token expiry
         self._close_cause = "network"
+        self._close_code: int | None = None
         self._ping_sent = False
 
     # ---- picows callbacks ----------------------------------------------------------------
@@ -144,6 +145,7 @@ class Connection(WSListener):
                 self._on_message(data)
         elif mt == WSMsgType.CLOSE:
             self._close_cause = "client_close"
+            self._close_code = int(frame.get_close_code())
             transport.send_close(frame.get_close_code(), frame.get_close_message())
             transport.disconnect()
         elif mt == WSMsgType.BINARY:
@@ -202,6 +204,7 @@ class Connection(WSListener):
             return
         if cause is not None:
             self._close_cause = cause
+        self._close_code = code
         if detail is not None and code >= 4000:
             self.send_error(code, detail)
         self.push(close_frame(code, CODE_NAMES.get(code, "")))
@@ -222,6 +225,7 @@ class Connection(WSListener):
         # abort after a grace period so its buffer is freed.
         self.closed = True
         self._close_cause = "slow_reader"
+        self._close_code = 1013
         raw.write(close_frame(1013, "try_again_later"))
         self._teardown()
         raw.close()
@@ -596,6 +600,7 @@ class Connection(WSListener):
                 workspace_id=self.workspace_id,
                 subject=subject,
                 session_id=self.session.id,
+                code=self._close_code,
                 reason=self._close_cause,
                 remote_addr=self.remote,
             )

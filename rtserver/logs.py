@@ -43,4 +43,6 @@ def setup(level: str = "info") -> None:
     root.setLevel(level.upper())
     # picows logs every connection at INFO; that is noise at our fan-out.
     logging.getLogger("picows").setLevel(logging.WARNING)
-    logging.getLogger("aiokafka").setLevel(logging.WARNING)
+    # aiokafka logs an ERROR every few seconds while a broker is down; the audit reports
+    # delivery trouble itself on rtserver.audit.kafka.
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)

@@ -1,0 +1,291 @@
+"""Audit trail (PROTOCOL.md §9) against a real Kafka broker, read back with a real aiokafka consumer."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import uuid
+from collections import Counter
+
+import pytest
+
+from rtserver import config
+from rtserver.audit import EVENTS, KafkaAudit, LogAudit, create_audit
+from rtserver.audit_spool import Spool, SpoolError
+from rtserver.logs import JsonFormatter
+from tests.harness.kafka import TopicReader, _free_ports, create_topics
+
+pytestmark = pytest.mark.kafka
+
+DOCUMENTED = {"id", "event", "workspaceId", "subject", "sessionId", "code", "reason", "remoteAddr", "node", "timestamp"}
+TIMESTAMP_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+
+
+def unique_prefix() -> str:
+    # Every test writes to its own topics on the shared session broker.
+    return f"t{uuid.uuid4().hex[:10]}.console.realtime."
+
+
+async def topics_for(bootstrap: str, prefix: str) -> list[str]:
+    topics = [prefix + e for e in EVENTS]
+    await create_topics(bootstrap, topics)
+    return topics
+
+
+def make_audit(bootstrap: str, prefix: str, spool_dir, **kw) -> KafkaAudit:
+    kw.setdefault("close_timeout", 5.0)
+    return KafkaAudit(node="node-a", bootstrap=bootstrap, spool_dir=str(spool_dir), topic_prefix=prefix, **kw)
+
+
+def values(messages) -> list[dict]:
+    return [json.loads(m.value) for m in messages]
+
+
+def assert_exactly_once_in_order(messages, expected_ids_by_topic: dict[str, list[str]]) -> None:
+    got_by_topic: dict[str, list[str]] = {}
+    for m in messages:
+        got_by_topic.setdefault(m.topic, []).append(json.loads(m.value)["id"])
+    for topic, expected in expected_ids_by_topic.items():
+        got = got_by_topic.get(topic, [])
+        dupes = [i for i, n in Counter(got).items() if n > 1]
+        assert not dupes, f"{topic}: {len(dupes)} ids arrived more than once"
+        assert got == expected, f"{topic}: {len(got)} arrived, {len(expected)} expected, or out of order"
+
+
+async def test_each_event_arrives_on_its_topic_with_documented_fields(kafka_broker, tmp_path):
+    prefix = unique_prefix()
+    topics = await topics_for(kafka_broker.bootstrap, prefix)
+    audit = make_audit(kafka_broker.bootstrap, prefix, tmp_path / "spool")
+    await audit.start()
+    try:
+        audit.emit("auth-granted", workspace_id="w1", subject="user-1", session_id="s1",
+                   remote_addr="127.0.0.1:5000", refresh=False)
+        audit.emit("auth-denied", workspace_id="w2", subject="user-2", code=4003,
+                   reason="workspace not granted", remote_addr="10.0.0.7:4242")
+        audit.emit("session-suspended", workspace_id="w1", subject="user-1", session_id="s1",
+                   code=1013, reason="slow reader", remote_addr="127.0.0.1:5000")
+        audit.emit("session-resumed", workspace_id="w1", subject="user-1", session_id="s1",
+                   remote_addr="127.0.0.1:5001")
+        async with TopicReader(kafka_broker.bootstrap, topics) as reader:
+            await reader.wait_for(lambda ms: len(ms) >= 4)
+            await reader.count_for(0.5)
+        by_event = {}
+        for m in reader.messages:
+            v = json.loads(m.value)
+            assert m.topic == prefix + v["event"]
+            assert m.key == v["workspaceId"].encode()
+            assert DOCUMENTED <= set(v), f"missing fields: {DOCUMENTED - set(v)}"
+            assert TIMESTAMP_RE.match(v["timestamp"]), v["timestamp"]
+            assert v["node"] == "node-a"
+            by_event[v["event"]] = v
+        assert len(reader.messages) == 4 and set(by_event) == set(EVENTS)
+        assert len({v["id"] for v in by_event.values()}) == 4
+        g = by_event["auth-granted"]
+        assert (g["workspaceId"], g["subject"], g["sessionId"], g["remoteAddr"], g["refresh"]) == (
+            "w1", "user-1", "s1", "127.0.0.1:5000", False)
+        d = by_event["auth-denied"]
+        assert (d["workspaceId"], d["subject"], d["code"], d["reason"], d["sessionId"], d["remoteAddr"]) == (
+            "w2", "user-2", 4003, "workspace not granted", None, "10.0.0.7:4242")
+        s = by_event["session-suspended"]
+        assert (s["sessionId"], s["code"], s["reason"]) == ("s1", 1013, "slow reader")
+        r = by_event["session-resumed"]
+        assert (r["sessionId"], r["remoteAddr"], r["code"]) == ("s1", "127.0.0.1:5001", None)
+        st = audit.status()
+        assert st["connected"] is True
+        assert (st["backlog"], st["delivered"], st["lost"]) == (0, 4, 0)
+    finally:
+        await audit.close()
+    # Nothing was left over for the spool.
+    assert not list((tmp_path / "spool").glob("*.jsonl"))
+
+
+async def test_outage_records_arrive_in_order_exactly_once(kafka_broker, tmp_path):
+    prefix = unique_prefix()
+    topics = await topics_for(kafka_broker.bootstrap, prefix)
+    # A small queue so the outage spills to the on-disk spool.
+    audit = make_audit(kafka_broker.bootstrap, prefix, tmp_path / "spool", queue_size=20)
+    await audit.start()
+    expected: dict[str, list[str]] = {t: [] for t in topics}
+
+    def emit(i: int) -> None:
+        event = ("auth-denied", "session-suspended")[i % 2]
+        audit.emit(event, workspace_id="w-outage", subject=f"user-{i}", code=4001 if i % 2 == 0 else 1006,
+                   reason="test", seq=i)
+
+    try:
+        async with TopicReader(kafka_broker.bootstrap, topics) as reader:
+            for i in range(10):
+                emit(i)
+            await reader.wait_for(lambda ms: len(ms) >= 10)
+            await kafka_broker.astop()
+            # ~30 s of outage with a steady trickle of records; emit() returns at once throughout.
+            saw_disconnected = False
+            saw_spooled = False
+            for i in range(10, 310):
+                emit(i)
+                await asyncio.sleep(0.1)
+                st = audit.status()
+                saw_disconnected |= not st["connected"]
+                saw_spooled |= st["spooled"] > 0
+            st = audit.status()
+            assert saw_disconnected, "status() never reported Kafka as down"
+            assert saw_spooled, "the outage never reached the on-disk spool"
+            assert st["lost"] == 0 and st["backlog"] > 0
+            await kafka_broker.astart()
+            await reader.wait_for(lambda ms: len(ms) >= 310, timeout=60)
+            await reader.count_for(2.0)  # late duplicates would show up here
+        for m in reader.messages:
+            v = json.loads(m.value)
+            expected_topic = prefix + v["event"]
+            assert m.topic == expected_topic
+        # Ids in emit order, per topic, from the seq each record carries.
+        ordered = sorted(values(reader.messages), key=lambda v: v["seq"])
+        assert [v["seq"] for v in ordered] == list(range(310))
+        for v in ordered:
+            expected[prefix + v["event"]].append(v["id"])
+        assert_exactly_once_in_order(reader.messages, expected)
+        st = audit.status()
+        assert (st["backlog"], st["lost"], st["delivered"], st["connected"]) == (0, 0, 310, True)
+    finally:
+        await audit.close()
+    assert not list((tmp_path / "spool").glob("*.jsonl"))
+
+
+async def test_restart_with_nonempty_spool_delivers_it(kafka_broker, tmp_path):
+    prefix = unique_prefix()
+    topics = await topics_for(kafka_broker.bootstrap, prefix)
+    spool_dir = tmp_path / "spool"
+    first = make_audit(kafka_broker.bootstrap, prefix, spool_dir, queue_size=10, close_timeout=2.0)
+    await first.start()
+    for i in range(5):
+        first.emit("auth-granted", workspace_id="w-spool", subject="u", seq=i)
+    async with TopicReader(kafka_broker.bootstrap, topics) as reader:
+        await reader.wait_for(lambda ms: len(ms) >= 5)
+        await kafka_broker.astop()
+        # Some of these sit in the producer when the gateway stops; the rest in memory and spool.
+        for i in range(5, 60):
+            first.emit("auth-granted" if i % 3 else "session-resumed", workspace_id="w-spool", subject="u", seq=i)
+            if i % 10 == 0:
+                await asyncio.sleep(0.2)
+        await first.close()
+        st = first.status()
+        assert st["lost"] == 0 and st["delivered"] == 5
+        assert list(spool_dir.glob("*.jsonl")), "nothing was spooled at shutdown"
+
+        await kafka_broker.astart()
+        second = make_audit(kafka_broker.bootstrap, prefix, spool_dir)
+        await second.start()
+        try:
+            assert second.status()["backlog"] == 55
+            second.emit("session-resumed", workspace_id="w-spool", subject="u", seq=60)
+            await reader.wait_for(lambda ms: len(ms) >= 61, timeout=60)
+            await reader.count_for(1.0)
+            st = second.status()
+            assert (st["backlog"], st["lost"], st["delivered"]) == (0, 0, 56)
+        finally:
+            await second.close()
+    ordered = sorted(values(reader.messages), key=lambda v: v["seq"])
+    assert [v["seq"] for v in ordered] == list(range(61))
+    expected: dict[str, list[str]] = {t: [] for t in topics}
+    for v in ordered:
+        expected[prefix + v["event"]].append(v["id"])
+    assert_exactly_once_in_order(reader.messages, expected)
+    assert not list(spool_dir.glob("*.jsonl"))
+
+
+async def test_spool_bound_counts_lost_and_delivers_the_rest(kafka_broker, tmp_path):
+    prefix = unique_prefix()
+    topics = await topics_for(kafka_broker.bootstrap, prefix)
+    spool_dir = tmp_path / "spool"
+    # Kafka unreachable: a port nothing listens on.
+    dead = f"127.0.0.1:{_free_ports(1)[0]}"
+    audit = make_audit(dead, prefix, spool_dir, queue_size=10, spool_max_bytes=8192, close_timeout=1.0)
+    await audit.start()
+    for i in range(200):
+        audit.emit("auth-denied", workspace_id="w-bound", code=4001, reason="invalid token", seq=i)
+        if i % 20 == 0:
+            await asyncio.sleep(0.05)  # let the spool writer run
+    for _ in range(100):
+        if audit.status()["lost"]:
+            break
+        await asyncio.sleep(0.05)
+    st = audit.status()
+    assert st["lost"] > 0, st
+    assert st["spool_bytes"] <= 8192
+    assert st["backlog"] + st["lost"] == 200
+    await audit.close()
+    st = audit.status()
+    assert st["backlog"] + st["lost"] == 200
+    kept = 200 - st["lost"]
+
+    again = make_audit(kafka_broker.bootstrap, prefix, spool_dir)
+    await again.start()
+    try:
+        async with TopicReader(kafka_broker.bootstrap, topics) as reader:
+            await reader.wait_for(lambda ms: len(ms) >= kept, timeout=30)
+            await reader.count_for(1.0)
+    finally:
+        await again.close()
+    got = values(reader.messages)
+    assert len(got) == kept
+    assert len({v["id"] for v in got}) == kept
+    seqs = [v["seq"] for v in got]
+    assert seqs == sorted(seqs)  # what survived arrives in emit order
+
+
+async def test_spool_keeps_order_across_reopen_and_refuses_a_second_owner(tmp_path):
+    d = str(tmp_path / "spool")
+    spool = Spool(d, max_bytes=10_000, segment_bytes=1024)
+    spool.open()
+    with pytest.raises(SpoolError, match="in use"):
+        Spool(d, 10_000).open()
+    lines = [json.dumps({"n": i, "pad": "x" * 40}).encode() for i in range(100)]
+    assert spool.append(lines) == 100
+    assert spool.records == 100 and spool.bytes == sum(len(x) + 1 for x in lines)
+    sid, first = spool.read_oldest()
+    spool.replace(sid, first[3:])  # three of the oldest segment delivered
+    assert spool.prepend([b'{"n":-1}']) == 1
+    spool.close()
+
+    reopened = Spool(d, max_bytes=10_000, segment_bytes=1024)
+    reopened.open()
+    assert reopened.records == 98
+    out = []
+    while (got := reopened.read_oldest()) is not None:
+        out.extend(json.loads(x)["n"] for x in got[1])
+        reopened.delete(got[0])
+    assert out == [-1] + list(range(3, 100))
+    assert reopened.records == 0 and reopened.bytes == 0
+    # The byte bound: what does not fit is refused, not written.
+    assert reopened.append([b"y" * 6000, b"z" * 6000]) == 1
+    reopened.close()
+
+
+def test_create_audit_picks_the_backend(tmp_path):
+    env = {"RT_STATE_DIR": str(tmp_path)}
+    audit = create_audit(config.load(environ=env), "node-x")
+    assert isinstance(audit, LogAudit)
+    env |= {"RT_KAFKA_BOOTSTRAP": "127.0.0.1:9", "RT_AUDIT_QUEUE_SIZE": "7", "RT_AUDIT_TOPIC_PREFIX": "p."}
+    audit = create_audit(config.load(environ=env), "node-x")
+    assert isinstance(audit, KafkaAudit)
+    assert (audit.queue_size, audit.topic_prefix, audit.node) == (7, "p.", "node-x")
+    assert audit._spool.directory == str(tmp_path / "audit-spool")
+
+
+def test_log_audit_writes_one_json_line_per_record(caplog):
+    audit = LogAudit("node-l")
+    with caplog.at_level(logging.INFO, logger="rtserver.audit"):
+        audit.emit("auth-denied", workspace_id="w1", code=4001, reason="invalid token", remote_addr="1.2.3.4:5")
+        audit.emit("bogus-event", workspace_id="w1")  # refused, counted, never raised
+    lines = [r for r in caplog.records if r.name == "rtserver.audit"]
+    assert len(lines) == 1
+    # One JSON object a line: the formatter merges the record's members into the line.
+    line = json.loads(JsonFormatter().format(lines[0]))
+    record = lines[0].fields
+    assert line["msg"] == "audit auth-denied" and line["workspaceId"] == "w1"
+    assert DOCUMENTED <= set(record)
+    assert (record["event"], record["code"], record["remoteAddr"], record["node"]) == (
+        "auth-denied", 4001, "1.2.3.4:5", "node-l")
+    assert audit.status()["lost"] == 1
