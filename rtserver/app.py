@@ -23,11 +23,12 @@ from rtcore.timefmt import iso_ms, now_ms
 from rtserver import http
 from rtserver.audit import create_audit
 from rtserver.auth import Authenticator, AuthError, load_or_create_dev_secret
-from rtserver.bus import MemoryBus
+from rtserver.bus import create_bus
 from rtserver.channels import TOPIC_RE
 from rtserver.config import WORKSPACE_ID_RE, Config
 from rtserver.connection import Connection
 from rtserver.hub import Hub
+from rtserver.known_workspaces import KnownWorkspaces
 from rtserver.metrics import Metrics
 from rtserver.sessions import Sessions
 from rtserver.sources.base import Source
@@ -51,7 +52,7 @@ class Gateway:
         self.dev_secret = load_or_create_dev_secret(self.state_dir) if cfg.dev_mode else None
         self.auth = Authenticator(cfg, dev_secret=self.dev_secret)
         self.audit = create_audit(cfg, self.node)
-        self.bus = MemoryBus(self.hub)
+        self.bus = create_bus(cfg, self.hub, self.metrics, self.node)
         self.connections: set[Connection] = set()
         self.draining = False
         self._sources: dict[tuple[Any, ...], Source] = {}
@@ -61,6 +62,7 @@ class Gateway:
         self.port = 0
         self.upgrading_remote = ""
         self.static: dict[str, tuple[str, bytes]] = {}
+        self._known = KnownWorkspaces(os.path.join(self.state_dir, "workspaces"))
         self.metrics.add_gauges(self._gauges)
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -73,8 +75,12 @@ class Gateway:
                 "secret kept in the state directory. Mint one with `rtserver token --workspace W`.",
                 extra={"fields": {"state_dir": self.state_dir}},
             )
+        loop = asyncio.get_running_loop()
         if cfg.server.demo:
-            self.static = await asyncio.get_running_loop().run_in_executor(None, load_static)
+            self.static = await loop.run_in_executor(None, load_static)
+        for wid in await loop.run_in_executor(None, self._known.load):
+            self.hub.workspace(wid)
+        self.hub.on_new_workspace = self._known.add
         await self.auth.start()
         await self.audit.start()
         await self.bus.start()
@@ -87,7 +93,6 @@ class Gateway:
                 ctx.load_cert_chain(cfg.server.tls_cert, cfg.server.tls_key)
             except (OSError, ssl.SSLError) as exc:
                 raise RuntimeError(f"server.tls_cert/tls_key: cannot load: {exc}") from exc
-        loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             lambda: http.FrontProtocol(self),
             host=cfg.server.host,
@@ -135,6 +140,7 @@ class Gateway:
             except Exception:
                 log.exception("source did not stop cleanly", extra={"fields": {"source": src.kind}})
         await self.bus.close()
+        await self._known.flush()
         try:
             await asyncio.wait_for(self.audit.close(), max(0.5, deadline - time.monotonic()))
         except Exception:
@@ -160,6 +166,8 @@ class Gateway:
         own database, started when that workspace is first seen)."""
         started = []
         cfg = self.cfg
+        if cfg.bus.kind == "kafka":
+            return started  # a gateway node: `rtserver ingest` reads the feeds
         for wid in cfg.workspaces:
             for kind in ("postgres", "mongo"):
                 src = self.source(wid, kind, start=False)
@@ -194,6 +202,11 @@ class Gateway:
             return None
         src = self._sources.get(key)
         if src is not None:
+            return src
+        if cfg.bus.kind == "kafka":
+            from rtserver.bus_kafka import RemoteSource
+
+            src = self._sources[key] = RemoteSource(kind, url, ws_sources.postgres_schemas, ws_sources.postgres_tables)
             return src
         targets = self._targets(workspace if own else None, kind, key)
         if kind == "postgres":
@@ -253,6 +266,10 @@ class Gateway:
             return WSUpgradeResponseWithListener(
                 WSUpgradeResponse.create_error_response(503, b"shutting down"), None
             )
+        if not self.bus.ready():
+            return WSUpgradeResponseWithListener(
+                WSUpgradeResponse.create_error_response(503, b"behind the event stream; try another node"), None
+            )
         self.hub.workspace(workspace)
         self.ensure_workspace_sources(workspace)
         token = http.bearer(request.headers)
@@ -287,7 +304,9 @@ class Gateway:
             ready = ready and ok
             sources[":".join(str(k) for k in key[:1] + key[2:]) or key[0]] = {"ready": ok, **src.status()}
         audit = self.audit.status()
-        return ready, {"ready": ready, "draining": self.draining, "sources": sources, "audit": audit}
+        bus = self.bus.status()
+        ready = ready and self.bus.ready()
+        return ready, {"ready": ready, "draining": self.draining, "sources": sources, "audit": audit, "bus": bus}
 
     async def publish_http(
         self, workspace: str, topic: str, headers: Mapping[str, str], body: bytes, remote: str

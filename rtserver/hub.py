@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from rtcore.engine import SubscriptionIndex, compile_predicates, event_frame
@@ -73,12 +73,17 @@ class Hub:
         self._dirty: list[Connection] = []
         self._flush_scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Called with the id of each workspace this node learns of (the gateway persists them,
+        # so that after a restart the change feeds record into their histories from the start).
+        self.on_new_workspace: Callable[[str], None] | None = None
         metrics.add_gauges(self._gauges)
 
     def workspace(self, wid: str) -> Workspace:
         ws = self.workspaces.get(wid)
         if ws is None:
             ws = self.workspaces[wid] = Workspace(wid, self.cfg)
+            if self.on_new_workspace is not None:
+                self.on_new_workspace(wid)
         return ws
 
     # ---- the hot path ------------------------------------------------------------------
@@ -104,11 +109,20 @@ class Hub:
         return entry.seq
 
     def _push_all(self, subs: Iterable[Subscription], frame: bytes) -> None:
-        n = 0
-        for sub in subs:
-            sub.conn.push(frame)
-            n += 1
-        self.metrics.deliveries += n
+        # The loop (compiled when rtcore.fanout is built) appends to each connection's pending
+        # list and collects newly pending connections in _dirty: no call per delivery.
+        from rtcore.fanout_ref import best_push_all
+
+        if type(subs) is not list:
+            subs = list(subs)
+        dirty = self._dirty
+        before = len(dirty)
+        self.metrics.deliveries += best_push_all(subs, frame, dirty)
+        if len(dirty) != before and not self._flush_scheduled:
+            self._flush_scheduled = True
+            if self._loop is None:
+                self._loop = asyncio.get_running_loop()
+            self._loop.call_soon(self.flush)
 
     def schedule(self, conn: Connection) -> None:
         """Called by a connection whose pending list just became non-empty."""
@@ -120,11 +134,17 @@ class Hub:
             self._loop.call_soon(self.flush)
 
     def flush(self) -> None:
+        """Write each dirty connection's pending frames in one transport write (the same as
+        calling Connection.flush on each, without a Python call per connection)."""
+        from rtcore.fanout_ref import best_flush_all
+
         self._flush_scheduled = False
         dirty = self._dirty
         self._dirty = []
-        for conn in dirty:
-            conn.flush()
+        writes, frames = best_flush_all(dirty, self.cfg.limits.send_buffer_bytes)
+        m = self.metrics
+        m.writes += writes
+        m.frames_out += frames
 
     # ---- subscriptions -----------------------------------------------------------------
 

@@ -76,6 +76,17 @@ class Gateway:
             await asyncio.sleep(0.05)
         raise RuntimeError(f"gateway did not become healthy:\n{self.logs()}")
 
+    async def wait_ready(self, timeout: float = 30) -> None:
+        """Wait until /readyz says every source streams."""
+        deadline = time.monotonic() + timeout
+        while True:
+            status, body = await self.get("/readyz")
+            if status == 200:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"gateway not ready: {body!r}\n{self.logs()}")
+            await asyncio.sleep(0.1)
+
     async def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
         proc = self.proc
         if proc is None:

@@ -1,0 +1,54 @@
+"""The workspaces this gateway has served, remembered across restarts.
+
+A database shared by all workspaces (RT_POSTGRES_URL) feeds every workspace the node knows.
+Changes committed while the gateway was down are streamed again at start-up, before any client
+has reconnected: remembering the workspaces lets those changes land in the right histories
+instead of being acknowledged with nobody to record them.
+
+One id a line in `<state_dir>/workspaces`; appends happen off the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+
+from rtserver.config import WORKSPACE_ID_RE
+
+log = logging.getLogger("rtserver.known_workspaces")
+
+
+class KnownWorkspaces:
+    def __init__(self, path: str):
+        self.path = path
+        self._pending: list[str] = []
+        self._task: asyncio.Future | None = None
+
+    def load(self) -> list[str]:
+        """The remembered ids (blocking: run it in an executor)."""
+        try:
+            with open(self.path) as fh:
+                ids = [line.strip() for line in fh]
+        except FileNotFoundError:
+            return []
+        return list(dict.fromkeys(i for i in ids if WORKSPACE_ID_RE.match(i)))
+
+    def add(self, workspace: str) -> None:
+        self._pending.append(workspace)
+        if self._task is None or self._task.done():
+            self._task = asyncio.ensure_future(self.flush())
+
+    async def flush(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, []
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, self._append, batch)
+            except OSError as exc:
+                log.error("cannot remember workspaces", extra={"fields": {"path": self.path, "error": str(exc)}})
+
+    def _append(self, ids: list[str]) -> None:
+        with open(self.path, "a") as fh:
+            fh.write("".join(f"{i}\n" for i in ids))
+            fh.flush()
+            os.fsync(fh.fileno())

@@ -1,0 +1,425 @@
+"""The MongoDB change feed of one database: one change stream (`db.watch()`) shared by every
+workspace the database serves, normalized in rtcore, handed to the event sink, resumable.
+
+PyMongo's asyncio API (`AsyncMongoClient`) runs the stream: its own getMore and resume logic
+handle dropped connections and failovers. This module adds what the driver cannot know:
+- the resume token is persisted (a small JSON file under state_dir) only after the events
+  before it were published, so a restarted gateway resumes with `resumeAfter` and loses nothing;
+- ChangeStreamHistoryLost (the token is older than the oplog): a loud log, ready() False until
+  a new stream is open, and `history_gap` to every workspace's subscribers;
+- `invalidate` (the database was dropped or renamed) reopens the stream with `startAfter`;
+- `check_channel` refuses collections that do not exist (listed, cached briefly).
+Change events are read as raw BSON and decoded once, by rtcore.mongo, straight to JSON values.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+from urllib.parse import unquote
+
+import bson
+from bson.codec_options import CodecOptions
+from bson.raw_bson import RawBSONDocument
+from pymongo import AsyncMongoClient
+from pymongo.errors import OperationFailure, PyMongoError
+
+from rtserver.sources.base import ChannelUnavailable, EventSink
+
+try:
+    from rtcore import mongo as normalizer
+except ImportError:  # the extension is not built (development checkout): same results, slower
+    from rtcore import mongo_ref as normalizer  # type: ignore[no-redef]
+
+log = logging.getLogger("rtserver.sources.mongo")
+
+DATA_OPERATIONS = ("insert", "update", "replace", "delete")
+# Always let these through the $match: they change what the source itself knows.
+CONTROL_OPERATIONS = ("drop", "dropDatabase", "rename", "invalidate")
+OPERATION_TYPES = {"INSERT": "insert", "UPDATE": "update", "REPLACE": "replace", "DELETE": "delete"}
+HISTORY_LOST_CODES = frozenset({286, 280})  # ChangeStreamHistoryLost, ChangeStreamFatalError
+INVALID_RESUME_TOKEN = 260
+UNSUPPORTED_OPTION_CODES = frozenset({40415, 9})  # unknown $changeStream field (pre-6.0 servers)
+COLLECTION_NAME_RE = re.compile(r"^[^$\x00]{1,255}$")
+RAW_CODEC = CodecOptions(document_class=RawBSONDocument)
+CLOSE_TIMEOUT = 2.0
+
+
+def database_for(url: str, workspace: str) -> str:
+    """The database a workspace reads: the URL's path, else the workspace id (PROTOCOL.md §11).
+    Parsed without pymongo.uri_parser, which resolves mongodb+srv names (blocking DNS)."""
+    rest = url.split("://", 1)[-1].split("?", 1)[0]
+    hosts_and_path = rest.rsplit("@", 1)[-1]
+    name = unquote(hosts_and_path.partition("/")[2]).strip()
+    if name:
+        return name
+    return workspace
+
+
+def redact(url: str) -> str:
+    """The URL without credentials, for logs and status."""
+    return re.sub(r"://[^@/]*@", "://***@", url)
+
+
+class ResumeTokenStore:
+    """The last acknowledged resume token in a small JSON file. Writes run in the default
+    executor and coalesce: while one is in flight only the newest token waits (a bound of one)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._pending: bytes | None = None
+        self._written: bytes | None = None
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def load(self) -> tuple[dict[str, Any] | None, bool]:
+        """(token, whether to resume with startAfter: the token is an invalidate event's)."""
+        data = await asyncio.get_running_loop().run_in_executor(None, self._read)
+        if data is None:
+            return None, False
+        self._written = data
+        return bson.decode(data[1:]), data[:1] == b"S"
+
+    def _read(self) -> bytes | None:
+        try:
+            with open(self.path, encoding="utf-8") as fh:
+                stored = json.load(fh)
+            return (b"S" if stored.get("startAfter") else b"R") + base64.b64decode(stored["token"])
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            log.error("mongo resume token file unreadable, starting from now",
+                      extra={"fields": {"path": self.path, "error": str(exc)}})
+            return None
+
+    def save(self, token: Any, start_after: bool = False) -> None:
+        """Remember `token` (a dict or RawBSONDocument) and have it written soon."""
+        data = (b"S" if start_after else b"R") + (token.raw if isinstance(token, RawBSONDocument) else bson.encode(token))
+        if data == self._pending or (self._pending is None and data == self._written):
+            return
+        self._pending = data
+        self._wake.set()
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._writer(), name=f"mongo-token-writer:{self.path}")
+
+    def clear(self) -> None:
+        self._pending = b""
+        self._wake.set()
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._writer(), name=f"mongo-token-writer:{self.path}")
+
+    async def _writer(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._pending is not None:
+            data, self._pending = self._pending, None
+            self._wake.clear()
+            try:
+                await loop.run_in_executor(None, self._write, data)
+                self._written = data
+            except OSError as exc:
+                log.error("mongo resume token not saved", extra={"fields": {"path": self.path, "error": str(exc)}})
+                await asyncio.sleep(1.0)
+                if self._pending is None:
+                    self._pending = data
+
+    def _write(self, data: bytes) -> None:
+        if not data:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+            return
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        tmp = f"{self.path}.tmp"
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump({"version": 1, "token": base64.b64encode(data[1:]).decode(), "startAfter": data[:1] == b"S"}, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.path)
+
+    async def flush(self) -> None:
+        """Wait until the newest token is on disk."""
+        while self._task is not None and not self._task.done():
+            await asyncio.shield(self._task)
+
+
+class MongoSource:
+    """Change feed of one MongoDB database for the workspaces `workspaces()` returns."""
+
+    kind = "mongo"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        database: str,
+        state_dir: str,
+        sink: EventSink,
+        workspaces: Callable[[], Iterable[str]],
+        allow_unknown_collections: bool = False,
+        max_await_ms: int = 1000,
+        collections_ttl: float = 5.0,
+        retry_max_seconds: float = 10.0,
+        client_options: dict[str, Any] | None = None,
+    ):
+        self.url = url
+        self.database = database
+        self._sink = sink
+        self._workspaces = workspaces
+        self._allow_unknown = allow_unknown_collections
+        self._max_await_ms = max_await_ms
+        self._collections_ttl = collections_ttl
+        self._retry_max = retry_max_seconds
+        self._client_options = dict(client_options or {})
+        digest = hashlib.sha256(f"{redact(url)}|{database}".encode()).hexdigest()[:12]
+        safe_db = re.sub(r"[^A-Za-z0-9_.-]", "_", database)
+        self._tokens = ResumeTokenStore(os.path.join(state_dir, f"mongo-resume-{safe_db}-{digest}.json"))
+        self._client: AsyncMongoClient[Any] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._publishing = False
+        self._ready = False
+        self._operations: frozenset[str] = frozenset(DATA_OPERATIONS)
+        self._reopen = asyncio.Event()
+        self._token: Any = None  # resume from here (resumeAfter), or...
+        self._start_after: Any = None  # ...after an invalidate (startAfter)
+        self._with_pre_images = True
+        self._collections: frozenset[str] = frozenset()
+        self._collections_at = 0.0
+        self._collections_lock = asyncio.Lock()
+        self._events = 0
+        self._history_lost = 0
+        self._last_error = ""
+        self._last_event_at = 0.0
+        self._streams_opened = 0
+
+    # ---- Source protocol ---------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._client = AsyncMongoClient(self.url, **self._client_options)
+        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"mongo-source:{self.database}")
+
+    async def stop(self) -> None:
+        self._stopping = True
+        task = self._task
+        if task is not None and not task.done():
+            if self._publishing:
+                # Let the change in hand finish so its token is saved with it.
+                self._reopen.set()
+                with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                    await asyncio.wait_for(asyncio.shield(task), 5.0)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self._tokens.flush()
+        if self._client is not None:
+            await self._close_client(self._client)
+        self._ready = False
+
+    async def _close_client(self, client: AsyncMongoClient[Any]) -> None:
+        # close() first ends the server sessions, which waits for server selection (30 s by
+        # default) when MongoDB is unreachable; a shutdown must not wait on that.
+        try:
+            await asyncio.wait_for(client.close(), CLOSE_TIMEOUT)
+        except (TimeoutError, PyMongoError) as exc:
+            log.warning("mongo client closed without ending its sessions",
+                        extra={"fields": {"database": self.database, "error": type(exc).__name__}})
+            with contextlib.suppress(Exception):
+                await client._topology.close()  # stop the driver's monitors all the same
+
+    def ready(self) -> bool:
+        return self._ready
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "url": redact(self.url),
+            "database": self.database,
+            "ready": self._ready,
+            "events": self._events,
+            "streams_opened": self._streams_opened,
+            "history_lost": self._history_lost,
+            "last_event_age_s": round(time.monotonic() - self._last_event_at, 3) if self._last_event_at else None,
+            "resumable": self._token is not None or self._start_after is not None,
+            "operations": sorted(self._operations),
+            "last_error": self._last_error,
+        }
+
+    async def check_channel(self, workspace: str, entity: str) -> str:
+        if entity == "*":
+            return entity
+        if not COLLECTION_NAME_RE.match(entity) or entity.startswith("system."):
+            raise ChannelUnavailable(f"mongo:{entity}: not a valid collection name")
+        if self._allow_unknown:
+            return entity
+        names = await self._collection_names(refresh_if_missing=entity)
+        if entity not in names:
+            raise ChannelUnavailable(f"mongo:{entity}: no collection {entity!r} in database {self.database!r}")
+        return entity
+
+    # ---- what the subscriptions need --------------------------------------------------
+
+    def set_operations(self, operations: Iterable[str]) -> None:
+        """Narrow the stream's $match to these operations (INSERT, UPDATE, REPLACE, DELETE);
+        the stream reopens from its last token, so nothing in between is lost."""
+        wanted = frozenset(OPERATION_TYPES[o] for o in operations if o in OPERATION_TYPES) or frozenset(DATA_OPERATIONS)
+        if wanted != self._operations:
+            self._operations = wanted
+            self._reopen.set()
+
+    # ---- the stream -----------------------------------------------------------------
+
+    def _pipeline(self) -> list[dict[str, Any]]:
+        types = sorted(self._operations) + list(CONTROL_OPERATIONS)
+        return [{"$match": {"operationType": {"$in": types}}}]
+
+    async def _run(self) -> None:
+        token, start_after = await self._tokens.load()
+        if start_after:
+            self._start_after = token
+        else:
+            self._token = token
+        if token is not None:
+            log.info("mongo source resuming", extra={"fields": {"database": self.database, "url": redact(self.url)}})
+        delay = 0.2
+        while not self._stopping:
+            try:
+                await self._stream()
+                delay = 0.2
+            except OperationFailure as exc:
+                if exc.code == INVALID_RESUME_TOKEN and self._token is not None:
+                    # e.g. the token of an invalidate event: only startAfter can pass it.
+                    self._start_after, self._token = self._token, None
+                    continue
+                if exc.code in HISTORY_LOST_CODES | {INVALID_RESUME_TOKEN} and (
+                    self._token is not None or self._start_after is not None
+                ):
+                    self._history_lost_at(exc)
+                    continue
+                if exc.code in UNSUPPORTED_OPTION_CODES and self._with_pre_images and "fullDocumentBeforeChange" in str(exc):
+                    log.warning("mongo server has no pre-images (MongoDB < 6.0): oldDocument disabled",
+                                extra={"fields": {"database": self.database}})
+                    self._with_pre_images = False
+                    continue
+                delay = await self._failed(exc, delay)
+            except PyMongoError as exc:
+                delay = await self._failed(exc, delay)
+
+    async def _failed(self, exc: Exception, delay: float) -> float:
+        self._ready = False
+        self._last_error = f"{type(exc).__name__}: {exc}"
+        log.warning("mongo change stream failed, retrying",
+                    extra={"fields": {"database": self.database, "error": self._last_error, "retry_in_s": delay}})
+        await asyncio.sleep(delay)
+        return min(delay * 2, self._retry_max)
+
+    def _history_lost_at(self, exc: OperationFailure) -> None:
+        self._ready = False
+        self._history_lost += 1
+        self._last_error = f"ChangeStreamHistoryLost: {exc}"
+        reason = f"MongoDB change stream history lost for database {self.database!r}; changes may be missing"
+        log.error("MONGO CHANGE STREAM HISTORY LOST: the saved resume token is older than the oplog; "
+                  "changes since were lost, restarting from now",
+                  extra={"fields": {"database": self.database, "url": redact(self.url), "error": str(exc)}})
+        self._token = None
+        self._start_after = None
+        self._tokens.clear()
+        for ws in list(self._workspaces()):
+            self._sink.history_gap(ws, "mongo", reason)
+
+    async def _stream(self) -> None:
+        assert self._client is not None
+        db = self._client.get_database(self.database, codec_options=RAW_CODEC)
+        options: dict[str, Any] = {"full_document": "updateLookup", "max_await_time_ms": self._max_await_ms}
+        if self._with_pre_images:
+            options["full_document_before_change"] = "whenAvailable"
+        if self._start_after is not None:
+            options["start_after"] = self._start_after
+        elif self._token is not None:
+            options["resume_after"] = self._token
+        self._reopen.clear()
+        stream = await db.watch(self._pipeline(), **options)
+        try:
+            self._streams_opened += 1
+            self._ready = True
+            self._last_error = ""
+            log.info("mongo change stream open", extra={"fields": {"database": self.database,
+                     "resumed": "resume_after" in options or "start_after" in options}})
+            while not self._stopping and not self._reopen.is_set():
+                change = await stream.try_next()
+                if change is None:
+                    if not stream.alive:
+                        return
+                    self._acknowledge(stream.resume_token)
+                    continue
+                if not await self._handle(change):
+                    return
+                self._acknowledge(stream.resume_token)
+        finally:
+            self._ready = False
+            with contextlib.suppress(PyMongoError):
+                await stream.close()
+
+    def _acknowledge(self, token: Any) -> None:
+        if token is None:
+            return
+        self._token = token
+        self._start_after = None
+        self._tokens.save(token)
+
+    async def _handle(self, change: RawBSONDocument) -> bool:
+        """Publish one change; False when the stream must be reopened (invalidate)."""
+        decoded = normalizer.decode_raw(change.raw)
+        op = decoded.get("operationType")
+        if op in DATA_OPERATIONS:
+            events = normalizer.normalize_decoded(decoded, list(self._workspaces()))
+            self._publishing = True
+            try:
+                for event in events:
+                    await self._sink.publish(event)
+            finally:
+                self._publishing = False
+            self._events += 1
+            self._last_event_at = time.monotonic()
+            return True
+        ns = decoded.get("ns") or {}
+        if op == "invalidate":
+            log.warning("mongo change stream invalidated, reopening after it",
+                        extra={"fields": {"database": self.database}})
+            self._start_after = change["_id"]
+            self._token = None
+            self._tokens.save(change["_id"], start_after=True)
+            self._collections_at = 0.0
+            return False
+        # drop, dropDatabase, rename: other collections stream on; refresh the known names.
+        log.info("mongo collection change", extra={"fields": {"database": self.database, "operation": op,
+                                                              "collection": ns.get("coll")}})
+        self._collections_at = 0.0
+        return True
+
+    async def _collection_names(self, refresh_if_missing: str) -> frozenset[str]:
+        fresh = time.monotonic() - self._collections_at < self._collections_ttl
+        # A collection created since the last listing should not wait out the TTL: list again
+        # when the name is missing, but at most every 0.5 s.
+        recent = time.monotonic() - self._collections_at < 0.5
+        if fresh and (refresh_if_missing in self._collections or recent):
+            return self._collections
+        async with self._collections_lock:
+            if self._client is None:
+                raise ChannelUnavailable(f"mongo:{refresh_if_missing}: mongo source for {self.database!r} is not started")
+            try:
+                names = await self._client[self.database].list_collection_names()
+            except PyMongoError as exc:
+                raise ChannelUnavailable(
+                    f"mongo:{refresh_if_missing}: cannot list collections of {self.database!r}: {type(exc).__name__}"
+                ) from exc
+            self._collections = frozenset(names)
+            self._collections_at = time.monotonic()
+            return self._collections

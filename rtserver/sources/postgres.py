@@ -1,0 +1,539 @@
+"""The PostgreSQL change feed: a pgoutput logical replication stream turned into Events.
+
+One `PostgresSource` per database (a database may feed several workspaces). The stream is read
+by `pg_stream.ReplicationStream` (psycopg 3 pgconn, non-blocking), decoded by the compiled
+`rtcore.pgoutput` decoder, and every committed change becomes one `rtcore.event.Event` per
+target workspace, handed to the `EventSink`. A transaction's commit LSN is acknowledged to
+PostgreSQL only after all its events were published, so a crash loses nothing: the slot
+redelivers unacknowledged transactions and duplicates are dropped by the commit LSN persisted
+in `state_dir` (see `pg_state`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import asyncpg
+import psycopg
+
+from rtcore import messages, timefmt
+from rtcore.event import Event
+from rtserver.sources.base import ChannelUnavailable, EventSink
+from rtserver.sources.pg_catalog import Catalog, SetupError, publication_name, slot_name, valid_identifier
+from rtserver.sources.pg_state import PositionFile
+from rtserver.sources.pg_stream import ReplicationStream, StreamError
+
+try:  # the compiled decoder; the reference one keeps a source tree without build usable
+    from rtcore import pgoutput as _pgoutput
+except ImportError:  # pragma: no cover - only before `pip install -e .`
+    from rtcore import pgoutput_ref as _pgoutput
+
+from rtcore.pgoutput_ref import PG_EPOCH_OFFSET_US, UNCHANGED, convert_value, format_lsn
+
+# The message classes of the decoder in use: the compiled one has its own native per-row classes.
+Begin = _pgoutput.Begin
+Commit = _pgoutput.Commit
+Delete = _pgoutput.Delete
+Insert = _pgoutput.Insert
+Keepalive = _pgoutput.Keepalive
+LogicalMessage = _pgoutput.LogicalMessage
+Relation = _pgoutput.Relation
+Truncate = _pgoutput.Truncate
+Update = _pgoutput.Update
+
+log = logging.getLogger("rtserver.postgres")
+
+CORRELATION_PREFIX = "rt.correlation"
+STATUS_INTERVAL = 1.0  # seconds between standby status updates
+MAX_QUEUED_FRAMES = 10_000  # CopyData frames read but not processed: beyond it reading pauses
+MAX_PENDING_CHANGES = 10_000  # changes of one transaction held back waiting for its correlation id
+BACKOFF_MIN, BACKOFF_MAX = 0.2, 10.0
+
+
+class SlotLost(Exception):
+    """The replication slot is gone or invalidated (max_slot_wal_keep_size exceeded)."""
+
+
+class _Change:
+    __slots__ = ("operation", "relation", "record", "old", "changed")
+
+    def __init__(self, operation: str, relation: Relation, record: Any, old: Any, changed: list[str] | None):
+        self.operation = operation
+        self.relation = relation
+        self.record = record
+        self.old = old
+        self.changed = changed
+
+
+def entity_of(schema: str, table: str) -> str:
+    return table if schema == "public" else f"{schema}.{table}"
+
+
+class PostgresSource:
+    """Streams one PostgreSQL database's changes to the workspaces it feeds."""
+
+    kind = "postgres"
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        schemas: Iterable[str] = ("public",),
+        tables: Iterable[str] = (),
+        instance: str = "rtserver",
+        state_dir: str,
+        sink: EventSink,
+        workspaces: Callable[[], Iterable[str]],
+        maintenance_interval: float = 2.0,
+    ) -> None:
+        self.dsn = dsn
+        self.schemas = list(schemas)
+        self.tables = list(tables)
+        self.instance = instance
+        self.state_dir = state_dir
+        self.sink = sink
+        self.workspaces = workspaces
+        self.maintenance_interval = maintenance_interval
+        self.slot = ""
+        self.publication = publication_name(instance)
+        self.catalog: Catalog | None = None
+        self._position: PositionFile | None = None
+        self._task: asyncio.Task | None = None
+        self._stopping = False
+        self._ready = False
+        self._last_error = ""
+        self._slot_info: dict[str, Any] = {}
+        self._acked_lsn = 0
+        self._published_lsn = 0
+        self._events = 0
+        self._transactions = 0
+        self._duplicates = 0
+        self._slot_recreations = 0
+        self._slot_seen = False
+        self._started = asyncio.Event()
+
+    # -- Source protocol ------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Resolve names and begin streaming in the background (errors surface in status())."""
+        self._stopping = False
+        self._task = asyncio.create_task(self._run(), name=f"postgres-source:{self.instance}")
+
+    async def wait_streaming(self, timeout: float = 30.0) -> None:
+        """Wait until the first replication connection streams (tests, start-up ordering)."""
+        await asyncio.wait_for(self._started.wait(), timeout)
+
+    async def stop(self) -> None:
+        self._stopping = True
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self.catalog is not None:
+            await self.catalog.close()
+        if self._position is not None:
+            await self._position.close()
+        self._ready = False
+
+    async def check_channel(self, workspace: str, entity: str) -> str:
+        if entity == "*":
+            return "*"
+        schema, _, name = entity.rpartition(".")
+        schema = schema or "public"
+        if not (valid_identifier(schema) and valid_identifier(name)):
+            raise ChannelUnavailable(f"postgres:{entity}: malformed table name (workspace {workspace})")
+        canonical = entity_of(schema, name)
+        if self.catalog is None and self._task is not None:
+            # a subscribe right after start(): give the first connection a moment
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._started.wait(), 5.0)
+        catalog = self.catalog
+        if catalog is None:
+            raise ChannelUnavailable(f"postgres:{entity}: the PostgreSQL source is not started (workspace {workspace})")
+        if (schema, name) in catalog.published:
+            return canonical
+        try:
+            await catalog.sync_publication()  # a table created since the last sync
+            if (schema, name) in catalog.published:
+                return canonical
+            why = catalog.skipped.get((schema, name))
+            if why:
+                raise ChannelUnavailable(f"postgres:{canonical}: table is not published: {why}")
+            if await catalog.table_exists(schema, name):
+                raise ChannelUnavailable(f"postgres:{canonical}: table is not published (schemas {self.schemas})")
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, SetupError) as exc:
+            raise ChannelUnavailable(f"postgres:{canonical}: database unavailable: {exc}") from exc
+        raise ChannelUnavailable(f"postgres:{canonical}: table does not exist")
+
+    def ready(self) -> bool:
+        return self._ready
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "kind": "postgres",
+            "ready": self._ready,
+            "slot": self.slot,
+            "publication": self.publication,
+            "wal_status": self._slot_info.get("wal_status"),
+            "lag_bytes": self._slot_info.get("lag_bytes"),
+            "safe_wal_size": self._slot_info.get("safe_wal_size"),
+            "acked_lsn": format_lsn(self._acked_lsn),
+            "published_lsn": format_lsn(self._published_lsn),
+            "events": self._events,
+            "transactions": self._transactions,
+            "duplicates_dropped": self._duplicates,
+            "slot_recreations": self._slot_recreations,
+            "last_error": self._last_error,
+        }
+
+    # -- connection loop ------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        backoff = BACKOFF_MIN
+        while not self._stopping:
+            try:
+                await self._setup()
+                await self._stream()
+                backoff = BACKOFF_MIN
+            except asyncio.CancelledError:
+                raise
+            except SlotLost as exc:
+                await self._recreate_slot(str(exc))
+                continue
+            except SetupError as exc:
+                self._fail(str(exc), loud=True)
+                backoff = BACKOFF_MAX
+            except (OSError, StreamError, psycopg.Error, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                self._fail(f"{type(exc).__name__}: {exc}")
+            except Exception as exc:  # noqa: BLE001 - keep the feed alive, but say what broke
+                log.exception("postgres source crashed; restarting", extra={"fields": self._log_fields()})
+                self._fail(f"{type(exc).__name__}: {exc}")
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, BACKOFF_MAX)
+
+    def _fail(self, message: str, loud: bool = False) -> None:
+        self._ready = False
+        self._last_error = message
+        (log.error if loud else log.warning)(
+            "postgres source: %s", message, extra={"fields": {**self._log_fields(), "error": message}}
+        )
+
+    def _log_fields(self) -> dict[str, Any]:
+        return {"source": "postgres", "slot": self.slot, "publication": self.publication}
+
+    async def _setup(self) -> None:
+        if self.catalog is None:
+            probe = Catalog(self.dsn, schemas=self.schemas, tables=self.tables, slot="", publication=self.publication)
+            try:
+                database = await probe.database()
+            finally:
+                await probe.close()
+            self.slot = slot_name(self.instance, database)
+            self.catalog = Catalog(
+                self.dsn, schemas=self.schemas, tables=self.tables, slot=self.slot, publication=self.publication
+            )
+        if self._position is None:
+            self._position = await PositionFile.open(os.path.join(self.state_dir, f"postgres-{self.slot}.pos"))
+            self._published_lsn = self._position.commit_lsn
+        catalog = self.catalog
+        await catalog.check_server()
+        await catalog.sync_publication()
+        info = await catalog.slot_status()
+        if info is not None and info["wal_status"] == "lost":
+            raise SlotLost(f"replication slot {self.slot} was invalidated (wal_status lost)")
+        if await catalog.ensure_slot():
+            log.info("created replication slot %s", self.slot, extra={"fields": self._log_fields()})
+            if self._slot_seen or self._position.commit_lsn:
+                # we streamed from this slot before: it was dropped under us, changes are lost
+                self._slot_recreations += 1
+                self._fail(f"replication slot {self.slot} had disappeared; re-created it", loud=True)
+                self._announce_gap(f"replication slot {self.slot} was dropped")
+        self._slot_seen = True
+        self._slot_info = (await catalog.slot_status()) or {}
+
+    async def _recreate_slot(self, reason: str) -> None:
+        self._ready = False
+        self._slot_recreations += 1
+        self._fail(f"{reason}: changes were lost; re-creating the slot", loud=True)
+        try:
+            assert self.catalog is not None
+            await self.catalog.drop_slot()
+            await self.catalog.ensure_slot()
+            self._slot_seen = True
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            self._fail(f"re-creating slot {self.slot} failed: {exc}", loud=True)
+            await asyncio.sleep(BACKOFF_MIN)
+            return
+        self._announce_gap(f"replication slot {self.slot} was lost: {reason}")
+
+    def _announce_gap(self, reason: str) -> None:
+        for ws in self.workspaces():
+            self.sink.history_gap(ws, "postgres", reason)
+
+    # -- streaming ------------------------------------------------------------------------
+
+    async def _stream(self) -> None:
+        assert self.catalog is not None and self._position is not None
+        stream = ReplicationStream(self.dsn, self.slot, self.publication, application_name=f"rtserver-{self.instance}")
+        inbox = _Inbox(stream)
+        try:
+            try:
+                await stream.connect(0)  # 0: continue from the slot's confirmed position
+            except StreamError as exc:
+                text = str(exc)
+                if "does not exist" in text or "can no longer get changes" in text or "invalidated" in text:
+                    raise SlotLost(text) from exc
+                raise
+            inbox.resume()
+            self._ready = True
+            self._last_error = ""
+            self._started.set()
+            log.info("postgres streaming slot %s", self.slot, extra={"fields": self._log_fields()})
+            maintenance = asyncio.create_task(self._maintenance(inbox))
+            try:
+                await self._consume(stream, inbox)
+            finally:
+                maintenance.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await maintenance
+        finally:
+            self._ready = False
+            if self._acked_lsn:
+                with contextlib.suppress(StreamError, psycopg.Error):
+                    stream.send_status(self._acked_lsn)
+            await stream.close()
+
+    async def _consume(self, stream: ReplicationStream, inbox: _Inbox) -> None:
+        decoder = _pgoutput.Decoder()
+        catalog = self.catalog
+        position = self._position
+        assert catalog is not None and position is not None
+        frames = inbox.frames
+        last_status = 0.0
+        tx: _Tx | None = None
+        while True:
+            if not frames:
+                if inbox.failure:
+                    raise inbox.failure[0]
+                if inbox.paused:
+                    inbox.resume()
+                now = time.monotonic()
+                if now - last_status >= STATUS_INTERVAL:
+                    await position.sync()
+                    stream.send_status(self._acked_lsn, reply=True)
+                    last_status = now
+                inbox.wake.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(inbox.wake.wait(), STATUS_INTERVAL)
+                continue
+            msg = decoder.decode_copy(frames.popleft())
+            if isinstance(msg, Keepalive):
+                if tx is None and not frames and msg.wal_end > self._acked_lsn:
+                    # idle: everything before wal_end was sent and handled; let the WAL go
+                    self._acked_lsn = msg.wal_end
+                if msg.reply_requested:
+                    await position.sync()
+                    stream.send_status(self._acked_lsn)
+                    last_status = time.monotonic()
+                continue
+            m = msg.message
+            if isinstance(m, Insert | Update | Delete):
+                if tx is None or tx.skip_all:
+                    continue
+                tx.changes.append(await self._change(m, catalog))
+                if len(tx.changes) >= MAX_PENDING_CHANGES:
+                    await self._flush(tx, final=False)
+            elif isinstance(m, Begin):
+                tx = _Tx(m)
+                if m.final_lsn < position.commit_lsn or (m.final_lsn == position.commit_lsn and position.complete):
+                    tx.skip_all = True  # published before a restart, not yet acknowledged then
+                    self._duplicates += 1
+                elif m.final_lsn == position.commit_lsn:
+                    tx.skip_first = position.partial_count
+            elif isinstance(m, Commit):
+                if tx is not None and not tx.skip_all:
+                    await self._flush(tx, final=True)
+                    self._transactions += 1
+                    self._published_lsn = m.commit_lsn
+                    position.record(m.commit_lsn, -1)
+                tx = None
+                self._acked_lsn = max(self._acked_lsn, m.end_lsn)
+                now = time.monotonic()
+                if now - last_status >= STATUS_INTERVAL:
+                    await position.sync()
+                    stream.send_status(self._acked_lsn, reply=False)
+                    last_status = now
+            elif isinstance(m, Relation):
+                catalog.forget_types(m.schema, m.name)
+                unknown = [oid for oid in m.type_oids if oid >= 16384 and oid not in decoder.arrays]
+                if unknown:
+                    elements = await catalog.array_elements(unknown)
+                    for oid in unknown:
+                        # an element of 0 marks "not an array": the catalog is asked once per type
+                        decoder.register_array(oid, elements.get(oid, 0))
+            elif isinstance(m, Truncate):
+                if tx is None or tx.skip_all:
+                    continue
+                for rel in m.relations:
+                    tx.changes.append(_Change("TRUNCATE", rel, None, None, None))
+            elif isinstance(m, LogicalMessage):
+                if tx is not None and m.transactional and m.prefix == CORRELATION_PREFIX:
+                    tx.correlation = m.content.decode("utf-8", "replace")[:256]
+            # TypeInfo: enums and other user types are decoded as text; arrays learnt above
+
+    async def _change(self, m: Insert | Update | Delete, catalog: Catalog) -> _Change:
+        rel = m.relation
+        if isinstance(m, Insert):
+            return _Change("INSERT", rel, m.new, None, None)
+        if isinstance(m, Delete):
+            return _Change("DELETE", rel, m.old, None, None)
+        new, old = m.new, m.old
+        missing = [c for c, v in new.items() if v is UNCHANGED]
+        if missing:
+            await self._fill_unchanged(rel, new, old, missing, catalog)
+        if m.old_kind == "O":
+            changed = [c for c in rel.columns if c in new and new.get(c) != old.get(c)]
+        elif m.old_kind == "K":
+            changed = [c for c in rel.key_columns if old.get(c) != new.get(c)]
+        else:
+            changed = []
+        return _Change("UPDATE", rel, new, old, changed)
+
+    async def _fill_unchanged(self, rel: Relation, new: dict, old: dict | None, missing: list[str], catalog: Catalog) -> None:
+        """Unchanged TOASTed values are never sent as null: from the old row (REPLICA IDENTITY
+        FULL), else fetched by primary key (the current value, which an UPDATE that did not
+        touch the column left as it was)."""
+        fetch = []
+        for col in missing:
+            if old is not None and col in old and old[col] is not UNCHANGED:
+                new[col] = old[col]
+            else:
+                fetch.append(col)
+        if not fetch:
+            return
+        key = {k: new[k] for k in rel.key_columns if k in new and new[k] is not UNCHANGED}
+        values = None
+        if key and len(key) == len(rel.key_columns):
+            try:
+                values = await catalog.fetch_columns(rel.schema, rel.name, key, fetch)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("fetching unchanged TOAST columns of %s.%s failed: %s", rel.schema, rel.name, exc,
+                            extra={"fields": {**self._log_fields(), "table": f"{rel.schema}.{rel.name}"}})
+        oids = dict(zip(rel.columns, rel.type_oids, strict=False))
+        for col in fetch:
+            text = values.get(col) if values is not None else None
+            if values is None:
+                del new[col]  # the row is gone: leave the column out rather than send null
+            else:
+                new[col] = None if text is None else convert_value(oids[col], text)
+
+    async def _flush(self, tx: _Tx, final: bool) -> None:
+        changes, tx.changes = tx.changes, []
+        if not changes:
+            return
+        begin = tx.begin
+        position = self._position
+        assert position is not None
+        timestamp = timefmt.iso_ms((begin.commit_time + PG_EPOCH_OFFSET_US) // 1000)
+        correlation = tx.correlation or f"pg-{begin.xid}-{format_lsn(begin.final_lsn)}"
+        targets = list(self.workspaces())
+        for change in changes:
+            tx.index += 1
+            if tx.index <= tx.skip_first:
+                self._duplicates += 1
+                continue
+            rel = change.relation
+            entity = entity_of(rel.schema, rel.name)
+            body = messages.encode(
+                messages.PostgresEventBody(
+                    channel=f"postgres:{entity}",
+                    operation=change.operation,
+                    table=rel.name,
+                    schema=rel.schema,
+                    record=change.record,
+                    timestamp=timestamp,
+                    correlationId=correlation,
+                    oldRecord=change.old if change.operation == "UPDATE" else None,
+                    changedColumns=change.changed if change.operation == "UPDATE" else None,
+                )
+            )
+            record = change.record if change.record is not None else {}
+            old = change.old if change.operation == "UPDATE" else None
+            for ws in targets:
+                await self.sink.publish(Event(ws, "postgres", entity, change.operation, record, body, old))
+                self._events += 1
+            if not final:
+                position.record(begin.final_lsn, tx.index)
+
+    async def _maintenance(self, inbox: _Inbox) -> None:
+        """Publication kept up to date (new tables), slot health polled."""
+        catalog = self.catalog
+        assert catalog is not None
+        while True:
+            await asyncio.sleep(self.maintenance_interval)
+            try:
+                await catalog.sync_publication()
+                info = await catalog.slot_status()
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, SetupError) as exc:
+                log.warning("postgres maintenance failed: %s", exc, extra={"fields": self._log_fields()})
+                continue
+            if info is None or info.get("wal_status") == "lost":
+                self._slot_info = info or {}
+                inbox.fail(SlotLost(f"replication slot {self.slot} is {'gone' if info is None else 'invalidated (wal_status lost)'}"))
+                return
+            self._slot_info = info
+
+
+class _Inbox:
+    """CopyData frames read from the socket and not yet processed (bounded: at
+    MAX_QUEUED_FRAMES reading pauses, so the server's socket buffer fills and nothing is lost)."""
+
+    def __init__(self, stream: ReplicationStream) -> None:
+        self.stream = stream
+        self.frames: collections.deque[bytes] = collections.deque()
+        self.wake = asyncio.Event()
+        self.failure: list[BaseException] = []
+        self.paused = True
+
+    def on_readable(self) -> None:
+        try:
+            self.stream.read_available(self.frames.append)
+        except StreamError as exc:
+            self.fail(exc)
+            return
+        if len(self.frames) >= MAX_QUEUED_FRAMES:
+            self.paused = True
+            self.stream.remove_reader()
+        self.wake.set()
+
+    def resume(self) -> None:
+        if self.paused and not self.failure:
+            self.paused = False
+            self.stream.add_reader(self.on_readable)
+            self.on_readable()  # libpq may hold buffered frames the socket no longer signals
+
+    def fail(self, exc: BaseException) -> None:
+        self.failure.append(exc)
+        self.paused = True
+        self.stream.remove_reader()
+        self.wake.set()
+
+
+class _Tx:
+    __slots__ = ("begin", "changes", "correlation", "skip_all", "skip_first", "index")
+
+    def __init__(self, begin: Begin) -> None:
+        self.begin = begin
+        self.changes: list[_Change] = []
+        self.correlation = ""
+        self.skip_all = False
+        self.skip_first = 0
+        self.index = 0
