@@ -7,10 +7,7 @@ served so tests can check caching, rate limiting and coalescing of refetches.
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import json
-import os
 import ssl
 import tempfile
 import threading
@@ -20,11 +17,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import jwt
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import NameOID
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
+
+from tests.harness.certs import self_signed
 
 JWKS_PATH = "/realms/test/protocol/openid-connect/certs"
 
@@ -156,7 +153,7 @@ class JwksServer:
         httpd.daemon_threads = True
         if self.tls:
             self._tmpdir = tempfile.TemporaryDirectory(prefix="jwks-tls-")
-            cert_path, key_path = _self_signed(self._tmpdir.name)
+            cert_path, key_path = self_signed(self._tmpdir.name)
             server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             server_ctx.load_cert_chain(cert_path, key_path)
             httpd.socket = server_ctx.wrap_socket(httpd.socket, server_side=True)
@@ -174,38 +171,3 @@ class JwksServer:
             self._thread.join(timeout=5)
         if self._tmpdir is not None:
             self._tmpdir.cleanup()
-
-
-def _self_signed(directory: str) -> tuple[str, str]:
-    """A certificate for 127.0.0.1 (and localhost), written to `directory`."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path = os.path.join(directory, "cert.pem")
-    key_path = os.path.join(directory, "key.pem")
-    with open(cert_path, "wb") as fh:
-        fh.write(cert.public_bytes(serialization.Encoding.PEM))
-    with open(key_path, "wb") as fh:
-        fh.write(
-            key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-            )
-        )
-    return cert_path, key_path
