@@ -1,0 +1,14 @@
+# Contract of the compiled predicate engine: a Matcher evaluates one compiled filter.
+
+cdef class Node:
+    cdef bint match(self, object record) except -1
+
+
+cdef class Matcher:
+    cdef Node node
+    cdef readonly bint empty
+    cdef bint _match(self, object record) except -1
+    cpdef bint matches(self, object record) except -1
+
+
+cpdef object scalar_key(object value)

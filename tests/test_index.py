@@ -1,0 +1,204 @@
+"""The subscription index: compiled (rtcore.index) and reference (rtcore.index_ref) indexes
+against the brute-force LinearScan oracle, on fixed cases and random operation sequences."""
+
+from __future__ import annotations
+
+from collections import Counter
+from decimal import Decimal
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from rtcore import engine, index, index_ref
+from rtcore.errors import FilterError
+from tests.test_predicate import PREDICATE_SETS, RECORD_POOL
+
+IMPLS = [pytest.param(index_ref.SubscriptionIndex, id="ref"), pytest.param(index.SubscriptionIndex, id="compiled")]
+
+
+class Sub:
+    """Stands in for the server's Subscription objects: hashable by identity."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+@pytest.mark.parametrize("make", IMPLS)
+def test_routing_by_source_entity_operation(make):
+    ix = make()
+    a, b, c, d, e = (Sub(n) for n in "abcde")
+    ix.add(a, "postgres", "products", None, {"category": "x"})
+    ix.add(b, "postgres", "*", frozenset({"UPDATE"}), None)
+    ix.add(c, "postgres", "orders", None, None)
+    ix.add(d, "mongo", "products", None, {"category": "x"})
+    ix.add(e, "postgres", "products", frozenset(), None)  # no operation: never matches
+    assert set(ix.match("postgres", "products", "UPDATE", {"category": "x"})) == {a, b}
+    assert set(ix.match("postgres", "products", "INSERT", {"category": "x"})) == {a}
+    assert set(ix.match("postgres", "products", "INSERT", {"category": "y"})) == set()
+    assert set(ix.match("postgres", "orders", "UPDATE", {})) == {b, c}
+    assert set(ix.match("mongo", "products", "DELETE", {"category": "x"})) == {d}
+    assert ix.match("events", "products", "PUBLISH", {"category": "x"}) == []
+    assert len(ix) == 5 and a in ix and Sub("a") not in ix
+
+
+@pytest.mark.parametrize("make", IMPLS)
+def test_replace_remove_and_failed_add(make):
+    ix = make()
+    s = Sub("s")
+    ix.add(s, "postgres", "t", None, {"a": 1})
+    ix.add(s, "postgres", "t", None, {"a": 2})  # replaces
+    assert len(ix) == 1
+    assert ix.match("postgres", "t", "INSERT", {"a": 1}) == []
+    assert ix.match("postgres", "t", "INSERT", {"a": 2}) == [s]
+    with pytest.raises(FilterError, match=r"predicates\.a: unknown operator \$foo"):
+        ix.add(s, "postgres", "t", None, {"a": {"$foo": 1}})
+    assert ix.match("postgres", "t", "INSERT", {"a": 2}) == [s]  # unchanged by the failed add
+    ix.remove(s)
+    ix.remove(s)  # absent: no-op
+    ix.remove(Sub("never added"))
+    assert len(ix) == 0 and s not in ix
+    assert ix.match("postgres", "t", "INSERT", {"a": 2}) == []
+
+
+@pytest.mark.parametrize("make", IMPLS)
+def test_no_duplicates_when_a_subscription_sits_in_several_buckets(make):
+    ix = make()
+    ix.add("or", "events", "*", None, {"$or": [{"a": 1}, {"b": "x"}, {"a": {"$in": [2, 3]}}]})
+    ix.add("in", "events", "*", None, {"tags": {"$in": ["p", "q", 1.0]}})
+    record = {"a": [1, 2, 3, 1.0], "b": ["x", "x"], "tags": ["p", "q", 1, True]}
+    assert Counter(ix.match("events", "orders", "PUBLISH", record)) == Counter({"or": 1, "in": 1})
+    assert Counter(ix.match("events", "*", "PUBLISH", record)) == Counter({"or": 1, "in": 1})
+
+
+@pytest.mark.parametrize("make", IMPLS)
+def test_indexed_equality_follows_filter_semantics(make):
+    ix = make()
+    ix.add("one", "mongo", "c", None, {"n": 1})
+    ix.add("true", "mongo", "c", None, {"n": True})
+    ix.add("nested", "mongo", "c", None, {"d.e": "v", "x": {"$gt": 0}})
+    ix.add("pos", "mongo", "c", None, {"arr.1": "b"})
+    assert set(ix.match("mongo", "c", "INSERT", {"n": 1.0})) == {"one"}
+    assert set(ix.match("mongo", "c", "INSERT", {"n": True})) == {"true"}
+    assert set(ix.match("mongo", "c", "INSERT", {"n": [0, 1]})) == {"one"}
+    assert set(ix.match("mongo", "c", "INSERT", {"d": [{"e": "w"}, {"e": "v"}], "x": 1})) == {"nested"}
+    assert set(ix.match("mongo", "c", "INSERT", {"d": {"e": "v"}, "x": -1})) == set()
+    assert set(ix.match("mongo", "c", "INSERT", {"arr": ["a", "b"]})) == {"pos"}
+    # a custom event's scalar payload matches only empty predicate sets
+    ix.add("all", "mongo", "c", None, {})
+    assert set(ix.match("mongo", "c", "INSERT", 5)) == {"all"}
+
+
+@pytest.mark.parametrize("make", IMPLS)
+def test_transitions_enter_leave_deliver(make):
+    ix = make()
+    assert not ix.has_transitions
+    ix.add("t", "postgres", "p", None, {"price": {"$gte": 100}}, transitions=True)
+    ix.add("plain", "postgres", "p", None, {"price": {"$gte": 100}})
+    ix.add("eq", "postgres", "p", None, {"status": "open"}, transitions=True)
+    assert ix.has_transitions
+
+    def run(op, new, old):
+        return tuple(set(part) for part in ix.match_transitions("postgres", "p", op, new, old))
+
+    assert run("UPDATE", {"price": 150}, {"price": 50}) == ({"plain"}, {"t"}, set())
+    assert run("UPDATE", {"price": 50}, {"price": 150}) == (set(), set(), {"t"})
+    assert run("UPDATE", {"price": 150}, {"price": 120}) == ({"t", "plain"}, set(), set())
+    assert run("UPDATE", {"price": 1}, {"price": 2}) == (set(), set(), set())
+    # the old record is found through the hash buckets too
+    assert run("UPDATE", {"status": "closed"}, {"status": "open"}) == (set(), set(), {"eq"})
+    assert run("UPDATE", {"status": "open"}, {"status": "new"}) == (set(), {"eq"}, set())
+    # no old record, or not an UPDATE: plain delivery
+    assert run("UPDATE", {"price": 150}, None) == ({"t", "plain"}, set(), set())
+    assert run("INSERT", {"price": 150}, {"price": 50}) == ({"t", "plain"}, set(), set())
+    ix.remove("t")
+    ix.remove("eq")
+    assert not ix.has_transitions
+
+
+def test_engine_uses_the_compiled_core():
+    assert engine.COMPILED
+    assert engine.SubscriptionIndex is index.SubscriptionIndex
+    assert engine.FilterError is FilterError
+
+
+# ---- property test: index == brute-force scan ----------------------------------------------
+
+KEYS = st.integers(0, 11)
+SOURCES = st.sampled_from(["postgres"] * 5 + ["mongo"])
+ENTITIES = st.sampled_from(["t1", "t1", "*"])
+OPS = st.sampled_from(["UPDATE", "UPDATE", "INSERT", "DELETE"])
+OPERATIONS = st.none() | st.none() | st.frozensets(OPS, max_size=2)
+# A small value domain, so that filters and records meet often.
+SCALAR = st.sampled_from([0, 1, 1.0, Decimal("1"), "x", "y", True, None])
+_leaf = SCALAR | st.lists(SCALAR, max_size=3) | st.dictionaries(st.sampled_from(["b", "0"]), SCALAR, max_size=2)
+RECORD = st.one_of(
+    st.fixed_dictionaries({"a": SCALAR, "b": SCALAR}, optional={"c": _leaf, "0": _leaf}),
+    st.dictionaries(st.sampled_from(["a", "b", "c", "0"]), _leaf, max_size=4),
+    st.sampled_from(RECORD_POOL + [None, 5, "s", [1]]),
+)
+PATH = st.sampled_from(["a", "a", "b", "b", "a.b", "c.0", "0"])
+# Filters the index can put in hash buckets, next to arbitrary ones and invalid ones.
+INDEXABLE = st.one_of(
+    st.builds(lambda p, v: {p: v}, PATH, SCALAR),
+    st.builds(lambda p, v: {p: {"$in": v}}, PATH, st.lists(SCALAR, min_size=1, max_size=4)),
+    st.builds(lambda p, v, q, w: {"$or": [{p: v}, {q: w}]}, PATH, SCALAR, PATH, SCALAR),
+    st.builds(lambda p, v, rest: {p: v, **rest}, PATH, SCALAR, PREDICATE_SETS[1]),
+    st.builds(lambda p, v, q: {p: v, q: {"$ne": v}}, PATH, SCALAR, PATH),
+)
+PREDICATES = st.one_of(INDEXABLE, INDEXABLE, PREDICATE_SETS[0], st.just(None), st.just({"a": {"$bad": 1}}))
+
+ADD = st.one_of(
+    st.tuples(st.just("add"), KEYS, SOURCES, ENTITIES, OPERATIONS, PREDICATES, st.booleans()),
+    st.tuples(st.just("add"), KEYS, SOURCES, ENTITIES, OPERATIONS, INDEXABLE, st.booleans()),
+)
+MATCH = st.tuples(st.just("match"), SOURCES, ENTITIES, OPS, RECORD, RECORD | st.none())
+# Some subscriptions first, then adds, replaces, removes and matches interleaved.
+COMMANDS = st.builds(
+    lambda first, rest: first + rest,
+    st.lists(ADD, min_size=1, max_size=6),
+    st.lists(st.one_of(ADD, st.tuples(st.just("remove"), KEYS), MATCH, MATCH, MATCH), min_size=1, max_size=7),
+)
+
+
+def _bag(keys: list) -> Counter:
+    counter = Counter(keys)
+    assert all(n == 1 for n in counter.values()), f"duplicates in {keys}"
+    return counter
+
+
+@settings(max_examples=10_000, deadline=None, suppress_health_check=list(HealthCheck))
+@given(COMMANDS)
+def test_index_equals_linear_scan(commands):
+    oracle = index_ref.LinearScan()
+    indexes = [index_ref.SubscriptionIndex(), index.SubscriptionIndex()]
+    for command in commands:
+        if command[0] == "add":
+            _, key, source, entity, ops, predicates, transitions = command
+            try:
+                oracle.add(key, source, entity, ops, predicates, transitions)
+            except FilterError:
+                for ix in indexes:
+                    with pytest.raises(FilterError):
+                        ix.add(key, source, entity, ops, predicates, transitions)
+                continue
+            for ix in indexes:
+                ix.add(key, source, entity, ops, predicates, transitions)
+        elif command[0] == "remove":
+            for ix in [oracle, *indexes]:
+                ix.remove(command[1])
+        else:
+            _, source, entity, op, record, old = command
+            expected = _bag(oracle.match(source, entity, op, record))
+            expected_t = [_bag(part) for part in oracle.match_transitions(source, entity, op, record, old)]
+            for ix in indexes:
+                assert _bag(ix.match(source, entity, op, record)) == expected
+                got = [_bag(part) for part in ix.match_transitions(source, entity, op, record, old)]
+                assert got == expected_t
+        for ix in indexes:
+            assert len(ix) == len(oracle)
+            assert ix.has_transitions == oracle.has_transitions
+            assert all((k in ix) == (k in oracle) for k in range(12))
