@@ -81,3 +81,25 @@ async def test_gateway_killed_mid_stream_nothing_lost_nothing_duplicated(pg_gate
             if ev["type"] == "event":
                 seen.append(ev["record"]["id"])
         assert seen == [2, 3]
+
+
+async def test_transitions_enter_and_leave(pg_gateway):
+    """With "transitions": true, an UPDATE that takes a row out of the filter arrives as a
+    `leave`, one that brings it in as an `enter` (REPLICA IDENTITY FULL gives the old row)."""
+    gw, db = pg_gateway
+    await db.execute("INSERT INTO products VALUES (1, 'tv', 'electronics', 150)")
+    async with ws_connect(gw, "w1", token=gw.token("w1")) as c, ws_connect(gw, "w1", token=gw.token("w1")) as plain:
+        f = {"predicates": {"price": {"$gte": 100}}}
+        assert (await _subscribe(c, "postgres:products", filter={**f, "transitions": True}))["type"] == "subscribed"
+        assert (await _subscribe(plain, "postgres:products", filter=f))["type"] == "subscribed"
+        await db.execute("UPDATE products SET price = 120 WHERE id = 1")  # stays in
+        await db.execute("UPDATE products SET price = 50 WHERE id = 1")  # leaves
+        await db.execute("UPDATE products SET price = 60 WHERE id = 1")  # stays out
+        await db.execute("UPDATE products SET price = 500 WHERE id = 1")  # enters
+        got = [await c.recv_event(timeout=10) for _ in range(3)]
+        assert [(e["record"]["price"], e.get("transition")) for e in got] == [(120, None), (50, "leave"), (500, "enter")]
+        assert got[1]["oldRecord"]["price"] == 120
+        plain_got = [await plain.recv_event(timeout=10) for _ in range(2)]
+        assert [e["record"]["price"] for e in plain_got] == [120, 500]
+        assert all("transition" not in e for e in plain_got)
+        await c.no_message()
