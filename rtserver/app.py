@@ -32,6 +32,7 @@ from rtserver.known_workspaces import KnownWorkspaces
 from rtserver.metrics import Metrics
 from rtserver.sessions import Sessions
 from rtserver.sources.base import Source
+from rtserver.sources.mongo import database_for, redact
 
 log = logging.getLogger("rtserver.app")
 
@@ -175,6 +176,10 @@ class Gateway:
                     started.append(src)
         if cfg.postgres.url:
             src = self.source(None, "postgres", start=False)
+            if src is not None and src not in started:
+                started.append(src)
+        if cfg.mongo.url and _mongo_database(cfg.mongo.url):
+            src = self.source(None, "mongo", start=False)
             if src is not None and src not in started:
                 started.append(src)
         return started
@@ -369,7 +374,7 @@ class Gateway:
         if "connected" in audit:
             rows.append(("rt_audit_connected", "1 while audit records reach Kafka", {}, 1 if audit["connected"] else 0))
         for key, src in self._sources.items():
-            labels = {"source": key[0], "database": str(key[-1]) if key[0] == "mongo" else _redact(key[1])}
+            labels = {"source": key[0], "database": str(key[-1]) if key[0] == "mongo" else redact(key[1])}
             rows.append(("rt_source_ready", "1 while the source streams", labels, 1 if src.ready() else 0))
             for name, value in src.status().items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -403,17 +408,8 @@ def _err(message: str) -> bytes:
 
 
 def _mongo_database(url: str) -> str | None:
-    rest = url.split("://", 1)[-1]
-    path = rest.split("/", 1)[1] if "/" in rest else ""
-    db = path.split("?", 1)[0]
-    return db or None
-
-
-def _redact(url: str) -> str:
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        return f"{scheme}://***@{rest.split('@', 1)[1]}"
-    return url
+    """The database a MongoDB URL names, or None when each workspace uses its own."""
+    return database_for(url, "") or None
 
 
 def _compiled() -> bool:

@@ -52,6 +52,7 @@ UNSUPPORTED_OPTION_CODES = frozenset({40415, 9})  # unknown $changeStream field 
 COLLECTION_NAME_RE = re.compile(r"^[^$\x00]{1,255}$")
 RAW_CODEC = CodecOptions(document_class=RawBSONDocument)
 CLOSE_TIMEOUT = 2.0
+LIST_TIMEOUT = 5.0
 
 
 def database_for(url: str, workspace: str) -> str:
@@ -415,7 +416,13 @@ class MongoSource:
             if self._client is None:
                 raise ChannelUnavailable(f"mongo:{refresh_if_missing}: mongo source for {self.database!r} is not started")
             try:
-                names = await self._client[self.database].list_collection_names()
+                # Bounded: an unreachable server would hold the subscribe for the driver's
+                # 30 s server selection.
+                names = await asyncio.wait_for(self._client[self.database].list_collection_names(), LIST_TIMEOUT)
+            except TimeoutError:
+                raise ChannelUnavailable(
+                    f"mongo:{refresh_if_missing}: MongoDB for {self.database!r} did not answer in {LIST_TIMEOUT:g} s"
+                ) from None
             except PyMongoError as exc:
                 raise ChannelUnavailable(
                     f"mongo:{refresh_if_missing}: cannot list collections of {self.database!r}: {type(exc).__name__}"

@@ -1,0 +1,220 @@
+"""The test server's oplog and change streams: every write appends an entry with a counter;
+a change-stream cursor renders entries after its position into change events, with resume
+tokens, updateLookup (read at render time, like a real server), pre-images, `$match`, and
+`invalidate` when its collection is dropped. Truncation makes old tokens unresumable (286)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from bson.timestamp import Timestamp
+
+from .store import CommandError, matches
+
+INVALIDATE_SUFFIX = "01"
+
+
+@dataclass
+class Entry:
+    counter: int
+    op: str  # insert | update | replace | delete | drop | dropDatabase
+    db: str
+    coll: str
+    ts: Timestamp
+    wall: datetime
+    document_key: dict[str, Any] | None = None
+    full_document: dict[str, Any] | None = None
+    update_description: dict[str, Any] | None = None
+    pre_image: dict[str, Any] | None = None
+    lsid: dict[str, Any] | None = None
+    txn_number: int | None = None
+
+
+def token(counter: int, invalidate: bool = False) -> dict[str, str]:
+    return {"_data": f"{counter:016X}" + (INVALIDATE_SUFFIX if invalidate else "")}
+
+
+def parse_token(value: Any) -> tuple[int, bool]:
+    data = value.get("_data") if isinstance(value, dict) else None
+    if not isinstance(data, str) or len(data) < 16:
+        raise CommandError(260, "InvalidResumeToken", f"malformed resume token: {value!r}")
+    try:
+        return int(data[:16], 16), data[16:] == INVALIDATE_SUFFIX
+    except ValueError:
+        raise CommandError(260, "InvalidResumeToken", f"malformed resume token: {value!r}") from None
+
+
+class Oplog:
+    """Bounded: beyond `max_entries` the oldest entries are truncated, as a capped oplog is."""
+
+    def __init__(self, max_entries: int = 100_000):
+        self.entries: deque[Entry] = deque()
+        self.max_entries = max_entries
+        self.head = 0  # counter of the newest entry
+        self.floor = 0  # newest counter truncated away: tokens below it are lost
+        self._changed = asyncio.Event()
+
+    def append(self, op: str, db: str, coll: str, **fields: Any) -> Entry:
+        self.head += 1
+        now = datetime.now(UTC)
+        entry = Entry(self.head, op, db, coll, Timestamp(int(now.timestamp()), self.head), now, **fields)
+        self.entries.append(entry)
+        while len(self.entries) > self.max_entries:
+            self.floor = self.entries.popleft().counter
+        self._changed.set()
+        self._changed = asyncio.Event()
+        return entry
+
+    def truncate(self, keep_last: int = 0) -> None:
+        """Drop all but the newest `keep_last` entries (history lost for older tokens)."""
+        while len(self.entries) > keep_last:
+            self.floor = self.entries.popleft().counter
+        if not self.entries:
+            self.floor = self.head
+
+    def after(self, counter: int) -> list[Entry]:
+        if not self.entries or counter >= self.head:
+            return []
+        first = self.entries[0].counter
+        start = max(0, counter + 1 - first)
+        return list(itertools.islice(self.entries, start, None))
+
+    async def wait_beyond(self, counter: int, timeout: float) -> None:
+        if self.head > counter:
+            return
+        try:
+            await asyncio.wait_for(self._changed.wait(), timeout)
+        except TimeoutError:
+            pass
+
+    def operation_time(self) -> Timestamp:
+        return Timestamp(int(datetime.now(UTC).timestamp()), self.head)
+
+
+@dataclass
+class ChangeStream:
+    cursor_id: int
+    db: str
+    coll: str | None  # None: a database-level stream
+    position: int
+    match: dict[str, Any] | None
+    full_document: str
+    before_change: str
+    batch_size: int
+    pending: list[dict[str, Any]] = field(default_factory=list)
+    invalidated: bool = False
+
+    @property
+    def ns(self) -> str:
+        return f"{self.db}.{self.coll}" if self.coll else f"{self.db}.$cmd.aggregate"
+
+
+def open_stream(
+    oplog: Oplog, cursor_id: int, db: str, coll: str | None, spec: dict[str, Any], rest: list[dict[str, Any]], batch_size: int
+) -> ChangeStream:
+    """A change stream cursor from a `$changeStream` stage and the stages after it."""
+    allowed = {"fullDocument", "fullDocumentBeforeChange", "resumeAfter", "startAfter", "startAtOperationTime",
+               "showExpandedEvents", "allChangesForCluster"}
+    unknown = set(spec) - allowed
+    if unknown:
+        raise CommandError(40415, "Location40415", f"BSON field '$changeStream.{sorted(unknown)[0]}' is an unknown field.")
+    match: dict[str, Any] | None = None
+    for stage in rest:
+        if list(stage) != ["$match"]:
+            raise CommandError(20, "IllegalOperation", f"test server: only $match may follow $changeStream, got {list(stage)}")
+        match = {"$and": [match, stage["$match"]]} if match else stage["$match"]
+    full_document = spec.get("fullDocument", "default")
+    before = spec.get("fullDocumentBeforeChange", "off")
+    if full_document not in ("default", "updateLookup", "whenAvailable", "required"):
+        raise CommandError(2, "BadValue", f"unknown fullDocument mode {full_document!r}")
+    if before not in ("off", "whenAvailable", "required"):
+        raise CommandError(2, "BadValue", f"unknown fullDocumentBeforeChange mode {before!r}")
+    resume = spec.get("resumeAfter")
+    start_after = spec.get("startAfter")
+    if resume is not None and start_after is not None:
+        raise CommandError(50865, "Location50865", "Do not specify both 'resumeAfter' and 'startAfter'")
+    position = oplog.head
+    if resume is not None or start_after is not None:
+        counter, is_invalidate = parse_token(resume if resume is not None else start_after)
+        if is_invalidate and resume is not None:
+            raise CommandError(260, "InvalidResumeToken", "Cannot resume after an invalidate event; use startAfter")
+        if counter < oplog.floor:
+            raise CommandError(286, "ChangeStreamHistoryLost",
+                               "Resume of change stream was not possible, as the resume point may no longer be in the oplog.")
+        position = counter
+    elif (at := spec.get("startAtOperationTime")) is not None:
+        if at.inc <= oplog.floor:
+            raise CommandError(286, "ChangeStreamHistoryLost", "startAtOperationTime is older than the oplog")
+        position = at.inc - 1
+    return ChangeStream(cursor_id, db, coll, position, match, full_document, before, batch_size)
+
+
+def _render(stream: ChangeStream, entry: Entry, lookup: Callable[[str, str, dict[str, Any]], dict[str, Any] | None]) -> list[dict[str, Any]]:
+    if entry.db != stream.db or (stream.coll is not None and entry.op != "dropDatabase" and entry.coll != stream.coll):
+        return []
+    base = {"clusterTime": entry.ts, "wallTime": entry.wall}
+    if entry.op == "dropDatabase":
+        if stream.coll is not None:
+            return []  # the collection's own drop entry already invalidated it
+        return [
+            {"_id": token(entry.counter), "operationType": "dropDatabase", **base, "ns": {"db": entry.db}},
+            {"_id": token(entry.counter, True), "operationType": "invalidate", **base},
+        ]
+    ns = {"db": entry.db, "coll": entry.coll}
+    if entry.op == "drop":
+        drop = {"_id": token(entry.counter), "operationType": "drop", **base, "ns": ns}
+        if stream.coll is None:
+            return [drop]
+        return [drop, {"_id": token(entry.counter, True), "operationType": "invalidate", **base}]
+    event: dict[str, Any] = {"_id": token(entry.counter), "operationType": entry.op, **base}
+    if entry.op in ("insert", "replace"):
+        event["fullDocument"] = entry.full_document
+    elif entry.op == "update" and stream.full_document != "default":
+        event["fullDocument"] = lookup(entry.db, entry.coll, entry.document_key or {})
+    event["ns"] = ns
+    event["documentKey"] = entry.document_key
+    if entry.op == "update":
+        event["updateDescription"] = entry.update_description
+    if stream.before_change != "off" and entry.op in ("update", "replace", "delete"):
+        if entry.pre_image is None and stream.before_change == "required":
+            raise CommandError(387, "NoMatchingDocument", f"pre-image not available for {entry.db}.{entry.coll}")
+        event["fullDocumentBeforeChange"] = entry.pre_image
+    if entry.lsid is not None:
+        event["lsid"] = entry.lsid
+        event["txnNumber"] = entry.txn_number
+    return [event]
+
+
+def next_batch(
+    oplog: Oplog, stream: ChangeStream, lookup: Callable[[str, str, dict[str, Any]], dict[str, Any] | None], limit: int
+) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """Events after the stream's position (at most `limit`) and the postBatchResumeToken."""
+    if stream.position < oplog.floor:
+        raise CommandError(286, "ChangeStreamHistoryLost", "the change stream's position is no longer in the oplog",
+                           labels=[])
+    batch: list[dict[str, Any]] = stream.pending[:limit]
+    del stream.pending[:limit]
+    if not stream.invalidated:
+        for entry in oplog.after(stream.position):
+            if len(batch) >= limit:
+                break
+            stream.position = entry.counter
+            for event in _render(stream, entry, lookup):
+                if event["operationType"] == "invalidate":
+                    stream.invalidated = True
+                elif stream.match is not None and not matches(event, stream.match):
+                    continue
+                if len(batch) < limit:
+                    batch.append(event)
+                else:
+                    stream.pending.append(event)
+            if stream.invalidated:
+                break
+    pbrt = batch[-1]["_id"] if batch and (stream.pending or stream.invalidated) else token(stream.position)
+    return batch, pbrt

@@ -1,0 +1,107 @@
+"""MongoDB changes through the whole gateway: the gateway subprocess reads the MongoDB test
+double with PyMongo, a WebSocket client subscribes, the test writes with PyMongo."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import pytest
+from pymongo import AsyncMongoClient
+
+from tests.harness.wsclient import ws_connect
+
+
+@pytest.fixture
+async def mongo_gateway(mongo_server, gateway_factory):  # the gateway stops first
+    client = AsyncMongoClient(mongo_server.url, serverSelectionTimeoutMS=5000)
+    db = client["w1"]  # RT_MONGO_URL names no database: workspace w1 reads database w1
+    await db.orders.insert_one({"_id": "seed"})
+    await db.customers.insert_one({"_id": "seed"})
+    gw = await gateway_factory(env={"RT_MONGO_URL": mongo_server.url})
+    yield gw, db
+    await client.close()
+
+
+async def _wait_ready(gw, timeout: float = 15) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline:
+        status, _ = await gw.get("/readyz")
+        if status == 200:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"gateway not ready:\n{gw.logs()}")
+
+
+async def _subscribe(c, channel, **extra):
+    await c.send({"type": "subscribe", "channel": channel, **extra})
+    return await c.recv()
+
+
+async def test_operations_reach_subscriber_with_seed_shape(mongo_gateway):
+    gw, db = mongo_gateway
+    async with ws_connect(gw, "w1", token=gw.token("w1")) as c:
+        assert (await _subscribe(c, "mongo:orders"))["type"] == "subscribed"
+        await _wait_ready(gw)
+        await db.orders.insert_one({"_id": 1, "orderId": "ORD-001", "total": 198.95})
+        ev = await c.recv_event(timeout=10)
+        assert ev["channel"] == "mongo:orders" and ev["operation"] == "INSERT" and ev["operationType"] == "insert"
+        assert ev["collection"] == "orders"
+        assert ev["document"] == {"_id": 1, "orderId": "ORD-001", "total": 198.95}
+        assert isinstance(ev["seq"], int) and ev["timestamp"].endswith("Z") and ev["correlationId"]
+        await db.orders.update_one({"_id": 1}, {"$set": {"total": 10}})
+        ev = await c.recv_event(timeout=10)
+        assert ev["operation"] == "UPDATE" and ev["document"]["total"] == 10
+        assert ev["updateDescription"] == {"updatedFields": {"total": 10}, "removedFields": []}
+        await db.orders.replace_one({"_id": 1}, {"orderId": "ORD-002"})
+        assert (await c.recv_event(timeout=10))["operation"] == "REPLACE"
+        await db.orders.delete_one({"_id": 1})
+        ev = await c.recv_event(timeout=10)
+        assert ev["operation"] == "DELETE" and ev["document"] == {"_id": 1}
+
+
+async def test_star_channel_and_filters(mongo_gateway):
+    gw, db = mongo_gateway
+    async with ws_connect(gw, "w1", token=gw.token("w1")) as star, ws_connect(gw, "w1", token=gw.token("w1")) as named:
+        await _subscribe(star, "mongo:*")
+        await _subscribe(named, "mongo:orders", filter={"operations": ["INSERT"], "predicates": {"total": {"$gte": 100}}})
+        await _wait_ready(gw)
+        await db.customers.insert_one({"_id": 1, "name": "Ada"})
+        await db.orders.insert_one({"_id": 2, "total": 5})
+        await db.orders.insert_one({"_id": 3, "total": 500})
+        seen = [(e["channel"], e["document"]["_id"]) for e in [await star.recv_event(timeout=10) for _ in range(3)]]
+        assert seen == [("mongo:customers", 1), ("mongo:orders", 2), ("mongo:orders", 3)]
+        ev = await named.recv_event(timeout=10)
+        assert ev["document"]["_id"] == 3
+        await named.no_message(0.3)
+
+
+async def test_unknown_collection_is_4010(mongo_gateway):
+    gw, _ = mongo_gateway
+    async with ws_connect(gw, "w1", token=gw.token("w1")) as c:
+        reply = await _subscribe(c, "mongo:nosuch")
+        assert reply["type"] == "error" and reply["code"] == 4010
+
+
+async def test_gateway_restart_resumes_from_saved_token(mongo_gateway):
+    gw, db = mongo_gateway
+    async with ws_connect(gw, "w1", token=gw.token("w1")) as c:
+        await _subscribe(c, "mongo:orders")
+        await _wait_ready(gw)
+        await db.orders.insert_one({"_id": 1})
+        first = await c.recv_event(timeout=10)
+    await gw.stop(signal.SIGTERM)
+    await db.orders.insert_one({"_id": 2})  # written while the gateway is down
+    await gw.restart()
+    async with ws_connect(gw, "w1", token=gw.token("w1")) as c:
+        await _subscribe(c, "mongo:orders", since=first["seq"])
+        await _wait_ready(gw)
+        await db.orders.insert_one({"_id": 3})
+        seen = []
+        while len(seen) < 2:
+            msg = await c.recv(timeout=10)
+            if msg["type"] == "event":
+                seen.append(msg["document"]["_id"])
+        assert seen == [2, 3]
+        await c.no_message(0.3)

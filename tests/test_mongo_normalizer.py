@@ -1,0 +1,184 @@
+"""rtcore.mongo (compiled) against rtcore.mongo_ref: the same JSON values and byte-identical
+event bodies for any BSON document, from decoded dicts and from raw BSON alike."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+import uuid
+
+import bson
+import pytest
+from bson import Code, DBRef, Decimal128, Int64, MaxKey, MinKey, ObjectId, Regex, Timestamp
+from bson.binary import Binary, UuidRepresentation
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from benchmarks.mongo_docs import order_change
+from rtcore import mongo, mongo_ref
+
+pytestmark = pytest.mark.skipif(not mongo.__file__.endswith(".so"), reason="rtcore.mongo is not compiled")
+
+EPOCH_MS = st.integers(min_value=-62135596800000, max_value=253402300799999)
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**31), max_value=2**31 - 1),
+    st.integers(min_value=-(2**63), max_value=2**63 - 1).map(Int64),
+    st.floats(allow_nan=False),
+    st.text(max_size=20),
+    st.binary(min_size=12, max_size=12).map(ObjectId),
+    EPOCH_MS.map(lambda ms: dt.datetime(1970, 1, 1) + dt.timedelta(milliseconds=ms)),
+    st.decimals(allow_nan=True, allow_infinity=True, places=None).filter(
+        lambda d: len(d.as_tuple().digits) <= 34 and -6000 < d.as_tuple().exponent < 6000
+        if d.is_finite() else True).map(lambda d: Decimal128(d)),
+    st.binary(max_size=20).map(lambda b: Binary(b, 0)),
+    st.uuids().map(lambda u: Binary.from_uuid(u, UuidRepresentation.STANDARD)),
+    st.binary(max_size=8).map(lambda b: Binary(b, 5)),
+    st.tuples(st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1)).map(lambda t: Timestamp(*t)),
+)
+keys = st.text(alphabet=st.characters(blacklist_characters="\x00$.", blacklist_categories=("Cs",)), min_size=1, max_size=8)
+documents = st.recursive(
+    st.dictionaries(keys, scalars, max_size=5),
+    lambda children: st.dictionaries(keys, st.one_of(scalars, children, st.lists(st.one_of(scalars, children), max_size=4)),
+                                     max_size=5),
+    max_leaves=30,
+)
+
+
+def _through_bson(doc):
+    """What PyMongo hands over: the document after a BSON round trip."""
+    return bson.decode(bson.encode({"d": doc}))["d"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(documents)
+def test_values_match_reference(doc):
+    decoded = _through_bson(doc)
+    assert mongo.to_json(decoded) == mongo_ref.to_json(decoded)
+    raw = bson.encode(doc)
+    assert mongo.decode_raw(raw) == mongo_ref.decode_raw(raw)
+    json.dumps(mongo.decode_raw(raw), allow_nan=True)  # JSON-ready
+
+
+@settings(max_examples=200, deadline=None)
+@given(documents, st.sampled_from(["insert", "update", "replace", "delete"]), st.booleans())
+def test_bodies_match_reference_byte_for_byte(doc, op, with_before):
+    change = order_change(1, op)
+    if op != "delete":
+        change["fullDocument"] = {"_id": 1, **doc}
+    if with_before:
+        change["fullDocumentBeforeChange"] = {"_id": 1, **doc}
+    change = _through_bson(change)
+    raw = bson.encode(change)
+    expected = mongo_ref.normalize_change(change, ["w1", "w2"])
+    for got in (mongo.normalize_change(change, ["w1", "w2"]), mongo.normalize_raw(raw, ["w1", "w2"]),
+                mongo.normalize_decoded(mongo.decode_raw(raw), ["w1", "w2"])):
+        assert [e.body for e in got] == [e.body for e in expected]
+        assert [(e.workspace, e.entity, e.operation, e.record, e.old_record) for e in got] == [
+            (e.workspace, e.entity, e.operation, e.record, e.old_record) for e in expected]
+
+
+def test_bson_type_mapping():
+    oid = ObjectId("65a5f0c2e4b0a1b2c3d4e5f6")
+    value = {
+        "oid": oid,
+        "naive": dt.datetime(2024, 1, 15, 10, 0, 0, 999999),
+        "aware": dt.datetime(2024, 1, 15, 12, 0, tzinfo=dt.timezone(dt.timedelta(hours=2))),
+        "dec": Decimal128("198.95"),
+        "decint": Decimal128("1.000"),
+        "nan": Decimal128("NaN"),
+        "bytes": b"\x00\xff",
+        "bin": Binary(b"\x01\x02", 0),
+        "uuid4": Binary.from_uuid(uuid.UUID(int=1), UuidRepresentation.STANDARD),
+        "pyuuid": uuid.UUID(int=2),
+        "int64": Int64(5),
+        "ts": Timestamp(1705312800, 3),
+        "re": Regex("^a", "im"),
+        "min": MinKey(),
+        "max": MaxKey(),
+        "ref": DBRef("orders", oid, "shop"),
+        "code": Code("x = 1"),
+        "nested": [{"d": dt.datetime(1969, 12, 31, 23, 59, 59, 1000)}],
+    }
+    expected = {
+        "oid": "65a5f0c2e4b0a1b2c3d4e5f6",
+        "naive": "2024-01-15T10:00:00.999Z",
+        "aware": "2024-01-15T10:00:00.000Z",
+        "dec": 198.95,
+        "decint": 1,
+        "nan": None,
+        "bytes": "AP8=",
+        "bin": "AQI=",
+        "uuid4": "00000000-0000-0000-0000-000000000001",
+        "pyuuid": "00000000-0000-0000-0000-000000000002",
+        "int64": 5,
+        "ts": {"t": 1705312800, "i": 3},
+        "re": {"$regex": "^a", "$options": "im"},
+        "min": {"$minKey": 1},
+        "max": {"$maxKey": 1},
+        "ref": {"$ref": "orders", "$id": "65a5f0c2e4b0a1b2c3d4e5f6", "$db": "shop"},
+        "code": "x = 1",
+        "nested": [{"d": "1969-12-31T23:59:59.001Z"}],
+    }
+    for impl in (mongo, mongo_ref):
+        got = impl.to_json(value)
+        assert got == expected
+        assert type(got["int64"]) is int and type(got["decint"]) is int
+    raw_value = {k: v for k, v in value.items() if k != "pyuuid"}  # BSON has no native UUID
+    raw_expected = {k: v for k, v in expected.items() if k != "pyuuid"}
+    assert mongo.decode_raw(bson.encode(raw_value)) == raw_expected
+
+
+def test_event_fields_and_non_data_events():
+    change = order_change(7, "update")
+    (event,) = mongo.normalize_change(change, ["w1"])
+    body = json.loads(event.body)
+    assert (event.source, event.entity, event.operation, event.channel) == ("mongo", "orders", "UPDATE", "mongo:orders")
+    assert body["type"] == "event" and body["operationType"] == "update" and body["collection"] == "orders"
+    assert body["timestamp"] == "2024-01-15T10:00:07.123Z"
+    assert re.match(r"^mongo-[0-9a-f]{24}$", body["correlationId"])
+    assert body["updateDescription"] == {"updatedFields": {"status": "paid", "updatedAt": "2024-01-15T10:00:07.123Z"},
+                                         "removedFields": []}
+    assert event.record is not None and event.record["_id"] == "65a500000000000000000007"
+    for op in ("drop", "invalidate", "rename", "dropDatabase"):
+        assert mongo.normalize_change({"operationType": op, "_id": {"_data": "00"}}, ["w1"]) == []
+    assert mongo.normalize_change(change, []) == []
+
+
+def test_correlation_id_and_timestamp_fallbacks():
+    change = order_change(1, "insert")
+    sid = Binary.from_uuid(uuid.UUID(int=9), UuidRepresentation.STANDARD)
+    change.update(lsid={"id": sid, "uid": b"\x00" * 32}, txnNumber=Int64(4))
+    del change["wallTime"]
+    for impl in (mongo, mongo_ref):
+        body = json.loads(impl.normalize_change(change, ["w"])[0].body)
+        assert body["correlationId"] == "00000000-0000-0000-0000-000000000009:4"
+        assert body["timestamp"] == "2024-01-15T10:00:01.000Z"  # clusterTime's seconds
+    body = json.loads(mongo.normalize_raw(bson.encode(change), ["w"])[0].body)
+    assert body["correlationId"] == "00000000-0000-0000-0000-000000000009:4"
+
+
+def test_update_without_document_keeps_key_as_record():
+    change = order_change(2, "update")
+    change["fullDocument"] = None
+    for impl in (mongo, mongo_ref):
+        (event,) = impl.normalize_change(change, ["w"])
+        assert json.loads(event.body)["document"] is None
+        assert event.record == {"_id": "65a500000000000000000002"}
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=400))
+def test_correlation_digest_is_blake2b(data):
+    import hashlib
+
+    assert mongo.blake2b_96_hex(data) == hashlib.blake2b(data, digest_size=12).hexdigest()
+
+
+@pytest.mark.parametrize("cut", [1, 5, 30, 200])
+def test_malformed_bson_is_refused(cut):
+    raw = bson.encode(order_change(1, "insert"))
+    with pytest.raises(ValueError):
+        mongo.decode_raw(raw[:-cut])

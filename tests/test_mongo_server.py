@@ -1,0 +1,207 @@
+"""The MongoDB test double (tests/mongo_server) as PyMongo sees it: if these hold, the change
+feed's tests exercise the driver's real handshake, cursor, getMore and resume logic."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+
+import bson
+import pytest
+from pymongo import AsyncMongoClient, MongoClient
+from pymongo.errors import DuplicateKeyError, OperationFailure
+
+
+@pytest.fixture
+async def db(mongo_server):
+    client = AsyncMongoClient(mongo_server.url, serverSelectionTimeoutMS=3000)
+    yield client["t"]
+    await client.close()
+
+
+def test_legacy_op_query_ismaster_gets_op_reply(mongo_server):
+    import socket
+
+    query = bson.encode({"isMaster": 1})
+    body = struct.pack("<i", 0) + b"admin.$cmd\x00" + struct.pack("<ii", 0, -1) + query
+    message = struct.pack("<iiii", 16 + len(body), 7, 0, 2004) + body
+    with socket.create_connection(("127.0.0.1", mongo_server.port), timeout=5) as sock:
+        sock.sendall(message)
+        header = sock.recv(16, socket.MSG_WAITALL)
+        length, _, response_to, op_code = struct.unpack("<iiii", header)
+        rest = sock.recv(length - 16, socket.MSG_WAITALL)
+    assert (op_code, response_to) == (1, 7)
+    reply = bson.decode(rest[20:])
+    assert reply["ismaster"] is True and reply["helloOk"] is True
+    assert reply["maxWireVersion"] == 21 and reply["logicalSessionTimeoutMinutes"] == 30
+    assert reply["setName"] == "rs0" and reply["hosts"] == [f"127.0.0.1:{mongo_server.port}"]
+    assert "topologyVersion" not in reply
+
+
+async def test_hello_ping_buildinfo(db):
+    hello = await db.client.admin.command("hello")
+    assert hello["isWritablePrimary"] and hello["maxWireVersion"] == 21
+    assert (await db.command("ping"))["ok"] == 1
+    assert (await db.command("buildInfo"))["versionArray"][0] == 7
+
+
+def test_sync_client_and_replica_set_url(mongo_server):
+    with MongoClient(mongo_server.replica_set_url, serverSelectionTimeoutMS=3000) as client:
+        client.t.c.insert_one({"_id": 1})
+        assert client.t.c.find_one({"_id": 1}) == {"_id": 1}
+
+
+async def test_crud_with_update_operators(db):
+    await db.c.insert_many([{"_id": i, "k": i % 2, "tags": [], "n": {"v": i}} for i in range(4)])
+    with pytest.raises(DuplicateKeyError):
+        await db.c.insert_one({"_id": 0})
+    assert [d["_id"] async for d in db.c.find({"k": 1})] == [1, 3]
+    assert [d["_id"] async for d in db.c.find({"n.v": {"$gte": 2}})] == [2, 3]
+    assert [d["_id"] async for d in db.c.find({"_id": {"$in": [0, 3]}})] == [0, 3]
+    result = await db.c.update_many({"k": 0}, {"$set": {"s": "x"}, "$inc": {"n.v": 10}, "$push": {"tags": "t"}})
+    assert (result.matched_count, result.modified_count) == (2, 2)
+    assert await db.c.find_one({"_id": 2}) == {"_id": 2, "k": 0, "tags": ["t"], "n": {"v": 12}, "s": "x"}
+    await db.c.update_one({"_id": 2}, {"$unset": {"s": ""}})
+    await db.c.replace_one({"_id": 3}, {"only": True})
+    assert await db.c.find_one({"_id": 3}) == {"_id": 3, "only": True}
+    up = await db.c.update_one({"_id": 9, "k": 5}, {"$set": {"z": 1}}, upsert=True)
+    assert up.upserted_id == 9 and await db.c.find_one({"_id": 9}) == {"_id": 9, "k": 5, "z": 1}
+    assert (await db.c.delete_many({"k": {"$ne": 5}})).deleted_count == 4
+    assert await db.c.count_documents({}) == 1
+    assert await db.list_collection_names() == ["c"]
+
+
+async def test_change_stream_events_tokens_and_resume(db):
+    async with await db.c.watch(max_await_time_ms=50) as stream:
+        await db.c.insert_one({"_id": 1})
+        await db.c.update_one({"_id": 1}, {"$set": {"a": 1}})
+        first = await stream.try_next()
+        second = await stream.try_next()
+        assert first["operationType"] == "insert" and first["fullDocument"] == {"_id": 1}
+        assert second["operationType"] == "update" and "fullDocument" not in second
+        assert second["updateDescription"]["updatedFields"] == {"a": 1}
+        assert await stream.try_next() is None
+        assert stream.resume_token == second["_id"]  # postBatchResumeToken of an empty batch
+    await db.c.delete_one({"_id": 1})
+    async with await db.c.watch(resume_after=first["_id"]) as stream:
+        assert (await stream.next())["_id"] == second["_id"]
+        assert (await stream.next())["operationType"] == "delete"
+    async with await db.c.watch(start_after=second["_id"]) as stream:
+        assert (await stream.next())["operationType"] == "delete"
+
+
+async def test_match_stage_filters_events(db):
+    pipeline = [{"$match": {"operationType": {"$in": ["insert"]}, "ns.coll": "keep"}}]
+    async with await db.watch(pipeline, max_await_time_ms=50) as stream:
+        await db.drop_me.insert_one({"_id": 1})
+        await db.keep.update_one({"_id": 2}, {"$set": {"a": 1}}, upsert=True)
+        await db.keep.update_one({"_id": 2}, {"$set": {"a": 2}})
+        await db.keep.insert_one({"_id": 3})
+        assert (await stream.next())["documentKey"] == {"_id": 2}  # the upsert is an insert
+        last = await stream.next()
+        assert last["documentKey"] == {"_id": 3}
+        await db.drop_me.insert_one({"_id": 4})  # filtered out, yet the stream moves past it
+        assert await stream.try_next() is None
+        assert stream.resume_token["_data"] > last["_id"]["_data"]
+
+
+async def test_update_lookup_reads_at_getmore_time(db):
+    await db.c.insert_one({"_id": 1, "v": 0})
+    async with await db.c.watch(full_document="updateLookup", max_await_time_ms=50) as stream:
+        await db.c.update_one({"_id": 1}, {"$inc": {"v": 1}})
+        await db.c.update_one({"_id": 1}, {"$inc": {"v": 1}})
+        await db.c.delete_one({"_id": 1})
+        a, b = await stream.next(), await stream.next()
+        assert a["fullDocument"] is None and b["fullDocument"] is None
+        assert (await stream.next())["operationType"] == "delete"
+        await db.c.insert_one({"_id": 2, "v": 0})
+        await db.c.update_one({"_id": 2}, {"$set": {"v": 5}})
+        await stream.next()
+        assert (await stream.next())["fullDocument"] == {"_id": 2, "v": 5}
+
+
+async def test_pre_images_per_collection(db):
+    await db.create_collection("with", changeStreamPreAndPostImages={"enabled": True})
+    await db["with"].insert_one({"_id": 1, "v": 1})
+    await db.without.insert_one({"_id": 1, "v": 1})
+    async with await db.watch(full_document_before_change="whenAvailable", max_await_time_ms=50) as stream:
+        await db["with"].update_one({"_id": 1}, {"$set": {"v": 2}})
+        await db.without.update_one({"_id": 1}, {"$set": {"v": 2}})
+        assert (await stream.next())["fullDocumentBeforeChange"] == {"_id": 1, "v": 1}
+        assert (await stream.next())["fullDocumentBeforeChange"] is None
+
+
+async def test_collection_drop_invalidates_collection_streams_only(db):
+    await db.c.insert_one({"_id": 1})
+    async with await db.c.watch(max_await_time_ms=50) as coll_stream, await db.watch(max_await_time_ms=50) as db_stream:
+        await db.c.drop()
+        await db.other.insert_one({"_id": 2})
+        assert [(await coll_stream.next())["operationType"] for _ in range(2)] == ["drop", "invalidate"]
+        assert await coll_stream.try_next() is None and not coll_stream.alive
+        assert (await db_stream.next())["operationType"] == "drop"
+        assert (await db_stream.next())["ns"] == {"db": "t", "coll": "other"}
+
+
+async def test_truncated_oplog_is_history_lost(db, mongo_server):
+    async with await db.c.watch() as stream:
+        await db.c.insert_one({"_id": 1})
+        token = (await stream.next())["_id"]
+    await db.c.insert_one({"_id": 2})
+    mongo_server.truncate_oplog()
+    with pytest.raises(OperationFailure) as info:
+        await db.c.watch(resume_after=token)
+    assert info.value.code == 286
+
+
+async def test_retried_write_applies_once(db):
+    # rtAfterExecute (a test-server extension): run the insert, then drop the connection
+    # instead of replying; the driver retries with the same lsid/txnNumber.
+    await db.client.admin.command({"configureFailPoint": "failCommand", "mode": {"times": 1},
+                                   "data": {"failCommands": ["insert"], "closeConnection": True, "rtAfterExecute": True}})
+    await db.c.insert_one({"x": 1})  # no _id: a second application would add a second document
+    assert await db.c.count_documents({}) == 1
+
+
+async def test_fail_command_error_codes_get_labels(db, mongo_server):
+    admin = db.client.admin
+    await admin.command({"configureFailPoint": "failCommand", "mode": {"times": 1},
+                         "data": {"failCommands": ["insert"], "errorCode": 91}})
+    await db.c.insert_one({"_id": 1})  # RetryableWriteError: retried
+    assert await db.c.count_documents({}) == 1
+    async with await db.c.watch(max_await_time_ms=50) as stream:
+        await admin.command({"configureFailPoint": "failCommand", "mode": {"times": 1},
+                             "data": {"failCommands": ["getMore"], "errorCode": 91}})
+        await db.c.insert_one({"_id": 2})
+        assert (await stream.next())["documentKey"] == {"_id": 2}  # resumed
+    assert mongo_server.commands_seen().count("aggregate") >= 3
+    await admin.command({"configureFailPoint": "failCommand", "mode": {"times": 1},
+                         "data": {"failCommands": ["find"], "errorCode": 2, "errorLabels": []}})
+    with pytest.raises(OperationFailure):
+        await db.c.find_one({})
+
+
+async def test_transactions_commit_with_lsid_and_abort(db):
+    async with await db.c.watch(max_await_time_ms=50) as stream:
+        async with db.client.start_session() as session:
+            async with await session.start_transaction():
+                await db.c.insert_one({"_id": 1}, session=session)
+                await db.c.insert_one({"_id": 2}, session=session)
+            await session.start_transaction()
+            await db.c.insert_one({"_id": 3}, session=session)
+            await session.abort_transaction()
+        a, b = await stream.next(), await stream.next()
+        assert a["lsid"] == b["lsid"] and a["txnNumber"] == b["txnNumber"]
+        assert await stream.try_next() is None
+    assert await db.c.count_documents({}) == 2
+
+
+async def test_drop_connections_and_kill_cursors(db, mongo_server):
+    stream = await db.c.watch(max_await_time_ms=50)
+    await db.c.insert_one({"_id": 1})
+    await stream.next()
+    assert mongo_server.drop_connections() >= 1
+    await db.c.insert_one({"_id": 2})
+    assert (await stream.next())["documentKey"] == {"_id": 2}
+    await stream.close()
+    await asyncio.sleep(0.05)
+    assert "killCursors" in mongo_server.commands_seen()
