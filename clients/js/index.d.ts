@@ -1,0 +1,123 @@
+// Types of @rtserver/client (src/index.js).
+
+export type ConnectionState = "idle" | "connecting" | "open" | "reconnecting" | "closed";
+
+export interface Filter {
+  operations?: Array<"INSERT" | "UPDATE" | "DELETE" | "TRUNCATE" | "REPLACE" | "PUBLISH">;
+  entity?: string;
+  predicates?: Record<string, unknown>;
+}
+
+/** A change pushed by the gateway (docs/protocol.md §5). */
+export interface RealtimeEvent {
+  type: "event";
+  channel: string;
+  operation: string;
+  seq: number;
+  timestamp: string;
+  correlationId: string;
+  /** postgres */
+  table?: string;
+  schema?: string;
+  record?: Record<string, unknown>;
+  oldRecord?: Record<string, unknown>;
+  changedColumns?: string[];
+  /** mongo */
+  collection?: string;
+  document?: Record<string, unknown>;
+  operationType?: string;
+  updateDescription?: { updatedFields: Record<string, unknown>; removedFields: string[] };
+  /** events */
+  topic?: string;
+  payload?: unknown;
+}
+
+/** Events after `since` may be missing: the gateway's history no longer held them. */
+export interface HistoryGap {
+  type: "history_gap";
+  code: 4011;
+  channel: string;
+  oldest: number;
+  message: string;
+}
+
+export interface ConnectOptions {
+  /** ws(s)://host/workspaces/{workspaceId}/realtime/connect */
+  url: string;
+  /** Called for every connection and every refresh. */
+  getToken: () => string | Promise<string>;
+  /** Node only: send the token as `Authorization: Bearer` (uses the `ws` package). Sessions
+   * are then not resumed but re-subscribed with `since` on reconnect. */
+  headerAuth?: boolean;
+  /** A WebSocket class to use instead of globalThis.WebSocket / `ws`. */
+  WebSocket?: unknown;
+  /** First reconnect delay (default 1000), doubled per failure up to backoffMaxMs (30000). */
+  backoffInitialMs?: number;
+  backoffMaxMs?: number;
+  /** Refresh the token in-band this long before `exp` (default 30000, at most 25% of its life). */
+  refreshMarginMs?: number;
+  /** Default true. When false, the client only refreshes after the gateway closes with 4001. */
+  proactiveRefresh?: boolean;
+  /** An application ping after this much silence (default 25000); no answer within
+   * pongTimeoutMs (10000) counts as a lost connection. */
+  pingIntervalMs?: number;
+  pongTimeoutMs?: number;
+  /** Unread items an events() iterator may hold before it fails (default 10000). */
+  maxBufferedEvents?: number;
+}
+
+export declare const TERMINAL_CODES: readonly number[];
+
+export declare class RealtimeError extends Error {
+  /** The close or error code (4001 token_expired, 4002, 4003, 4010, ...); 0 for client-side errors. */
+  code: number;
+  codeName: string;
+  channel?: string;
+  /** True when the client stopped for good (4002, 4003, 1008, 1009). */
+  terminal: boolean;
+}
+
+export interface Unsubscribe {
+  (): void;
+  /** Settles when the gateway confirms the subscription, or rejects with a RealtimeError. */
+  ready: Promise<void>;
+}
+
+export interface OpenInfo {
+  sessionId: string;
+  resumed: boolean;
+  expiresAt?: string;
+}
+
+export declare class RealtimeClient {
+  constructor(options: ConnectOptions);
+  readonly url: string;
+  readonly state: ConnectionState;
+  readonly sessionId: string | null;
+  /** The highest `seq` seen: resumes start after it. */
+  readonly lastSeq: number | null;
+  /** The terminal error, once closed by one. */
+  readonly error: RealtimeError | null;
+  /** Resolves on the first auth_ok; rejects on a terminal error or close(). */
+  readonly ready: Promise<{ sessionId: string; resumed: boolean }>;
+  /** Resolves after close(); rejects with the terminal RealtimeError. */
+  readonly closed: Promise<void>;
+
+  subscribe(channel: string, onEvent?: (event: RealtimeEvent) => void): Unsubscribe;
+  subscribe(channel: string, filter: Filter | null | undefined, onEvent?: (event: RealtimeEvent) => void): Unsubscribe;
+  unsubscribe(channel: string): void;
+  /** Events and gap notices from now on, optionally of one subscribed channel. */
+  events(channel?: string): AsyncIterableIterator<RealtimeEvent | HistoryGap>;
+  on(name: "state", fn: (state: ConnectionState) => void): () => void;
+  on(name: "event", fn: (event: RealtimeEvent) => void): () => void;
+  on(name: "gap", fn: (gap: HistoryGap) => void): () => void;
+  on(name: "error", fn: (error: RealtimeError | Error) => void): () => void;
+  on(name: "open", fn: (info: OpenInfo) => void): () => void;
+  on(name: "close", fn: (info: { code: number; reason: string }) => void): () => void;
+  close(): void;
+}
+
+export declare function connect(options: ConnectOptions): RealtimeClient;
+export declare function tokenExpiry(token: string): number | null;
+export declare function channelMatches(channel: string, eventChannel: string, filter?: Filter | null): boolean;
+export default connect;
