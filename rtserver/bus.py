@@ -8,10 +8,14 @@ interface, assigning `seq` once at ingest so every node agrees on it.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from rtcore.event import Event
 from rtserver.hub import Hub
+
+if TYPE_CHECKING:
+    from rtserver.config import Config
+    from rtserver.metrics import Metrics
 
 
 class EventBus(Protocol):
@@ -27,6 +31,22 @@ class EventBus(Protocol):
 
     async def close(self) -> None:
         ...
+
+    def ready(self) -> bool:
+        """False while this node must refuse new connections (e.g. too far behind the bus)."""
+        ...
+
+    def status(self) -> dict[str, Any]:
+        ...
+
+
+def create_bus(cfg: Config, hub: Hub, metrics: Metrics, node: str) -> EventBus:
+    """The bus of `bus.kind`: memory (single process) or kafka (a gateway node)."""
+    if cfg.bus.kind == "kafka":
+        from rtserver.bus_kafka import KafkaBus
+
+        return KafkaBus(cfg, hub, metrics, node)
+    return MemoryBus(hub)
 
 
 class MemoryBus:
@@ -44,3 +64,9 @@ class MemoryBus:
 
     async def close(self) -> None:
         return None
+
+    def ready(self) -> bool:
+        return True
+
+    def status(self) -> dict[str, Any]:
+        return {"kind": "memory"}

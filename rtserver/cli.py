@@ -1,4 +1,4 @@
-"""The `rtserver` command: `serve`, `token` (dev tokens), `config-table`, `--version`."""
+"""The `rtserver` command: `serve`, `ingest` (feeds to Kafka), `token` (dev tokens), `config-table`, `--version`."""
 
 from __future__ import annotations
 
@@ -21,6 +21,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", help="TOML configuration file")
     serve.add_argument("--state-dir", help="local state directory (default .rtserver)")
     serve.add_argument("--demo", action="store_true", default=None, help="serve the demo page at /demo")
+
+    ing = sub.add_parser("ingest", help="read the change feeds and publish them to the Kafka bus (scale-out)")
+    ing.add_argument("--config", help="TOML configuration file")
+    ing.add_argument("--state-dir", help="local state directory (default .rtserver)")
+    ing.add_argument("--health-port", type=int, help="port of /healthz, /readyz, /metrics (default: none)")
 
     tok = sub.add_parser("token", help="print a development token signed with the configured or generated secret")
     tok.add_argument("--workspace", action="append", required=True, help="workspace id to grant (repeatable; * = all)")
@@ -46,12 +51,16 @@ def main(argv: list[str] | None = None) -> int:
         overrides = {"server.state_dir": getattr(args, "state_dir", None)}
         if args.command == "serve":
             overrides.update({"server.host": args.host, "server.port": args.port, "server.demo": args.demo})
+        if args.command == "ingest":
+            overrides.update({"bus.ingest_port": args.health_port, "bus.kind": "kafka"})
         cfg = load(args.config, overrides=overrides)
     except ConfigError as exc:
         print(f"rtserver: configuration error: {exc}", file=sys.stderr)
         return 2
     if args.command == "token":
         return _token(cfg, args)
+    if args.command == "ingest":
+        return _ingest(cfg)
     return _serve(cfg)
 
 
@@ -69,6 +78,25 @@ def _token(cfg, args) -> int:
     secret = cfg.auth.hs256_secret or load_or_create_dev_secret(os.path.abspath(cfg.server.state_dir))
     print(mint_token(secret, subject=args.sub, workspaces=args.workspace, publish=args.publish, ttl=args.ttl))
     return 0
+
+
+def _ingest(cfg) -> int:
+    import uvloop
+
+    from rtserver import logs
+    from rtserver.ingest import run
+
+    logs.setup(cfg.server.log_level)
+    try:
+        return uvloop.run(run(cfg))
+    except OSError as exc:
+        print(f"rtserver ingest: {exc}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:
+        print(f"rtserver ingest: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 0
 
 
 def _serve(cfg) -> int:

@@ -90,6 +90,16 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("audit", "queue_size", "RT_AUDIT_QUEUE_SIZE", int, 10000, "Audit records held in memory before spilling to the spool"),
     Setting("audit", "spool_dir", "RT_AUDIT_SPOOL_DIR", str, "", "Audit spool directory (default: state_dir/audit-spool)"),
     Setting("audit", "spool_max_bytes", "RT_AUDIT_SPOOL_MAX_BYTES", int, 256 * 1024 * 1024, "Spool size bound; records beyond it are counted as lost"),
+    Setting("bus", "kind", "RT_BUS", str, "memory", "`memory` (one process reads the feeds and serves) or `kafka` (gateway nodes share the events topic; `rtserver ingest` reads the feeds)"),
+    Setting("bus", "kafka_bootstrap", "RT_BUS_KAFKA_BOOTSTRAP", str, "", "Kafka bootstrap servers of the events topic (default: audit.kafka_bootstrap)"),
+    Setting("bus", "topic", "RT_BUS_TOPIC", str, "realtime.events", "Events topic, keyed by workspace id; the ingest lease topic is `{topic}.lease`"),
+    Setting("bus", "partitions", "RT_BUS_PARTITIONS", int, 12, "Partitions of the events topic when rtserver creates it (never change it afterwards: seq is the offset in the workspace's partition)"),
+    Setting("bus", "replication_factor", "RT_BUS_REPLICATION_FACTOR", int, 3, "Replication factor of the events topic when rtserver creates it (capped at the broker count)"),
+    Setting("bus", "max_lag", "RT_BUS_MAX_LAG", int, 10000, "Events a gateway node may be behind the topic; beyond it new connections get HTTP 503 and /readyz 503"),
+    Setting("bus", "max_replay", "RT_BUS_MAX_REPLAY", int, 100000, "Records one resume may read back from Kafka (older than the node's memory); beyond it history_gap"),
+    Setting("bus", "workspaces", "RT_BUS_WORKSPACES", list, [], "Ingest: workspaces fed by the default postgres/mongo URLs (besides [workspaces.*] sections)"),
+    Setting("bus", "ingest_port", "RT_INGEST_PORT", int, 0, "Ingest: port of its /healthz, /readyz and /metrics (0 = none)"),
+    Setting("bus", "lease_timeout", "RT_BUS_LEASE_TIMEOUT", float, 6.0, "Ingest: seconds after which a standby takes over from a dead active ingest (Kafka group session timeout, >= 6)"),
 )
 
 _BOOL_TRUE = {"1", "true", "yes", "on"}
@@ -275,6 +285,13 @@ def _validate(values: dict[str, dict[str, Any]], path: str) -> None:
     audit = values["audit"]
     if audit["security_protocol"] not in {"PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"}:
         raise ConfigError(f"audit.security_protocol: {audit['security_protocol']!r} is not supported")
+    bus = values["bus"]
+    if bus["kind"] not in {"memory", "kafka"}:
+        raise ConfigError(f"bus.kind: {bus['kind']!r} is not memory or kafka")
+    if bus["kind"] == "kafka" and not (bus["kafka_bootstrap"] or audit["kafka_bootstrap"]):
+        raise ConfigError("bus.kind kafka needs bus.kafka_bootstrap (RT_BUS_KAFKA_BOOTSTRAP) or audit.kafka_bootstrap")
+    if bus["partitions"] < 1 or bus["replication_factor"] < 1:
+        raise ConfigError("bus.partitions and bus.replication_factor must be at least 1")
     limits = values["limits"]
     for key in ("max_message_bytes", "send_buffer_bytes", "max_publish_bytes"):
         if limits[key] <= 0:

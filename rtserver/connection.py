@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 from picows import WSFrame, WSListener, WSMsgType, WSTransport
 
-from rtcore.engine import FilterError, close_frame, text_frame
+from rtcore.engine import FilterError, close_frame, event_frame, text_frame
 from rtcore.messages import (
     Auth,
     AuthOk,
@@ -175,20 +175,13 @@ class Connection(WSListener):
             pending.append(frame)
 
     def flush(self) -> None:
-        frames = self.pending
-        self.pending = None
-        if frames is None or self.closed:
-            return
-        raw = self._raw
-        if len(frames) == 1:
-            raw.write(frames[0])
-        else:
-            raw.write(b"".join(frames))
+        """Write the pending frames now (the hub flushes every dirty connection the same way)."""
+        from rtcore.fanout import flush_all
+
+        writes, frames = flush_all([self], self.gw.cfg.limits.send_buffer_bytes)
         m = self.gw.metrics
-        m.writes += 1
-        m.frames_out += len(frames)
-        if raw.get_write_buffer_size() > self.gw.cfg.limits.send_buffer_bytes:
-            self._slow_reader()
+        m.writes += writes
+        m.frames_out += frames
 
     def send(self, message: msgspec.Struct) -> None:
         self.push(text_frame(encode(message)))
@@ -391,7 +384,9 @@ class Connection(WSListener):
                 session_id=session.id,
                 remote_addr=self.remote,
             )
-            self._restore(session, since if since is not None else session.last_seq)
+            pending = self._restore(session, since if since is not None else session.last_seq)
+            if pending is not None:
+                await pending
 
     async def _refresh(self, msg: Auth) -> None:
         gw = self.gw
@@ -469,7 +464,7 @@ class Connection(WSListener):
             )
             return
         if spec.source == "events":
-            self._add(spec, msg.since, msg.id)
+            self._add_then_replay(spec, msg.since, msg.id)
             return
         source = gw.source(self.workspace_id, spec.source)
         if source is None:
@@ -481,7 +476,7 @@ class Connection(WSListener):
             )
             return
         if spec.entity == "*":
-            self._add(spec, msg.since, msg.id)
+            self._add_then_replay(spec, msg.since, msg.id)
             return
         self._run(self._checked_add(source, spec, msg))
 
@@ -498,9 +493,16 @@ class Connection(WSListener):
             spec = channels.SubscriptionSpec(
                 spec.channel, spec.source, entity, spec.operations, spec.predicates, spec.transitions, spec.filter
             )
-        self._add(spec, msg.since, msg.id)
+        pending = self._add(spec, msg.since, msg.id)
+        if pending is not None:
+            await pending
 
-    def _add(self, spec: channels.SubscriptionSpec, since: int | None, mid: Any) -> None:
+    def _add_then_replay(self, spec: channels.SubscriptionSpec, since: int | None, mid: Any) -> None:
+        pending = self._add(spec, since, mid)
+        if pending is not None:
+            self._run(pending)  # later messages wait until the replay from the bus is done
+
+    def _add(self, spec: channels.SubscriptionSpec, since: int | None, mid: Any) -> Awaitable[None] | None:
         ws = self.workspace
         assert ws is not None and self.session is not None
         sub = Subscription(self, spec)
@@ -508,7 +510,7 @@ class Connection(WSListener):
             self.gw.hub.add(ws, sub)
         except FilterError as exc:
             self._invalid_message(f"{spec.channel}: {exc}", mid)
-            return
+            return None
         old = self.subscriptions.get(spec.channel)
         if old is not None:
             self.gw.hub.remove(ws, old)
@@ -516,7 +518,8 @@ class Connection(WSListener):
         self.session.specs[spec.channel] = spec
         self.send(Subscribed(channel=spec.channel, id=mid))
         if since is not None:
-            self._replay([sub], since)
+            return self._replay([sub], since)
+        return None
 
     def _unsubscribe(self, msg: Unsubscribe) -> None:
         sub = self.subscriptions.pop(msg.channel, None)
@@ -526,7 +529,7 @@ class Connection(WSListener):
             self.session.specs.pop(msg.channel, None)
         self.send(Unsubscribed(channel=msg.channel, id=msg.id))
 
-    def _restore(self, session: Session, since: int) -> None:
+    def _restore(self, session: Session, since: int) -> Awaitable[None] | None:
         """Re-create a resumed session's subscriptions and replay what it missed."""
         ws = self.workspace
         assert ws is not None
@@ -537,17 +540,74 @@ class Connection(WSListener):
             self.subscriptions[spec.channel] = sub
             subs.append(sub)
         if subs:
-            self._replay(subs, since)
+            return self._replay(subs, since)
+        return None
 
-    def _replay(self, subs: list[Subscription], since: int) -> None:
+    def _replay(self, subs: list[Subscription], since: int) -> Awaitable[None] | None:
         """Push retained events after `since` that match any of `subs`, in order.
 
         Runs synchronously right after the subscriptions were indexed, so a live event can
-        neither slip between the replay and the live stream nor arrive twice.
+        neither slip between the replay and the live stream nor arrive twice. When `since` is
+        older than the memory history and the bus can read back (Kafka), returns the
+        awaitable that does so (see `_replay_from_bus`); the caller awaits it.
         """
         ws = self.workspace
         assert ws is not None
         replay = ws.history.since(since)
+        bus = self.gw.bus
+        if replay.gap and getattr(bus, "can_read_back", None) is not None and bus.can_read_back(ws.id, since):
+            for sub in subs:
+                self.gw.hub.remove(ws, sub)  # held back from the live stream until the read-back is done
+            return self._replay_from_bus(subs, since)
+        self._replay_entries(subs, since, replay)
+        return None
+
+    async def _replay_from_bus(self, subs: list[Subscription], since: int) -> None:
+        """Replay from the bus what the memory history no longer holds, then switch to memory.
+
+        The subscriptions stay out of the index meanwhile; live events land in the memory
+        history. The read-back returns, without yielding to the loop, once it has reached the
+        history's floor; the memory tail and re-indexing then run in the same step, so the
+        client gets every event once, in order.
+        """
+        ws = self.workspace
+        assert ws is not None
+        m = self.gw.metrics
+
+        def emit(seq: int, event: Any) -> None:
+            for sub in subs:
+                if sub.matches(event):
+                    self.push(event_frame(event.body, seq))
+                    m.replayed += 1
+                    break
+
+        try:
+            upto, oldest = await self.gw.bus.read_back(
+                ws.id, since, lambda: ws.history.floor, emit, lambda: self.closed
+            )
+        except Exception as exc:  # noqa: BLE001 - the memory replay below reports the gap
+            log.warning(
+                "read-back from the bus failed: %s", exc,
+                extra={"fields": {"workspace": self.workspace_id, "since": since}},
+            )
+            upto, oldest = since, None
+        if self.closed or self.workspace is not ws:
+            return
+        live = [sub for sub in subs if self.subscriptions.get(sub.spec.channel) is sub]
+        for sub in live:
+            self.gw.hub.add(ws, sub)
+        if oldest is not None:
+            for sub in live:
+                self.send_error(
+                    4011,
+                    f"events after {since} are no longer retained by the event stream; it holds {oldest} onwards",
+                    channel=sub.spec.channel,
+                    oldest=oldest,
+                )
+                m.history_gaps += 1
+        self._replay_entries(live, upto, ws.history.since(upto))
+
+    def _replay_entries(self, subs: list[Subscription], since: int, replay: Any) -> None:
         m = self.gw.metrics
         if replay.gap:
             for sub in subs:

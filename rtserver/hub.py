@@ -76,12 +76,19 @@ class Hub:
         # Called with the id of each workspace this node learns of (the gateway persists them,
         # so that after a restart the change feeds record into their histories from the start).
         self.on_new_workspace: Callable[[str], None] | None = None
+        # Where a new workspace's history starts vouching for positions (None: the wall clock,
+        # as for the hybrid logical clock). The Kafka bus sets it: there seq is a topic offset.
+        self.history_floor: Callable[[str], int | None] | None = None
         metrics.add_gauges(self._gauges)
 
     def workspace(self, wid: str) -> Workspace:
         ws = self.workspaces.get(wid)
         if ws is None:
             ws = self.workspaces[wid] = Workspace(wid, self.cfg)
+            if self.history_floor is not None:
+                floor = self.history_floor(wid)
+                if floor is not None:
+                    ws.history.floor = floor
             if self.on_new_workspace is not None:
                 self.on_new_workspace(wid)
         return ws
@@ -109,15 +116,15 @@ class Hub:
         return entry.seq
 
     def _push_all(self, subs: Iterable[Subscription], frame: bytes) -> None:
-        # The loop (compiled when rtcore.fanout is built) appends to each connection's pending
-        # list and collects newly pending connections in _dirty: no call per delivery.
-        from rtcore.fanout_ref import best_push_all
+        # One loop (rtcore/fanout.py) appends to each connection's pending list and collects
+        # newly pending connections in _dirty: no method call per delivery.
+        from rtcore.fanout import push_all
 
         if type(subs) is not list:
             subs = list(subs)
         dirty = self._dirty
         before = len(dirty)
-        self.metrics.deliveries += best_push_all(subs, frame, dirty)
+        self.metrics.deliveries += push_all(subs, frame, dirty)
         if len(dirty) != before and not self._flush_scheduled:
             self._flush_scheduled = True
             if self._loop is None:
@@ -136,12 +143,12 @@ class Hub:
     def flush(self) -> None:
         """Write each dirty connection's pending frames in one transport write (the same as
         calling Connection.flush on each, without a Python call per connection)."""
-        from rtcore.fanout_ref import best_flush_all
+        from rtcore.fanout import flush_all
 
         self._flush_scheduled = False
         dirty = self._dirty
         self._dirty = []
-        writes, frames = best_flush_all(dirty, self.cfg.limits.send_buffer_bytes)
+        writes, frames = flush_all(dirty, self.cfg.limits.send_buffer_bytes)
         m = self.metrics
         m.writes += writes
         m.frames_out += frames

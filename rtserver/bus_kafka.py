@@ -1,0 +1,491 @@
+"""The Kafka event bus: several gateway nodes share one event stream.
+
+One topic (`bus.topic`) carries every workspace event, keyed by workspace id, so each workspace
+lives in one partition and is totally ordered there. A record's value is the event's metadata
+plus its already-encoded body (msgpack, `BusRecord`), so nodes never re-encode. Its `seq` is the
+record's offset + 1: assigned once by Kafka, identical on every node, increasing across restarts
+(never change the partition count of a live topic: a workspace would move partitions).
+
+- `KafkaPublisher` writes records (idempotent producer, acks=all) and returns the seq once the
+  record is durable; `rtserver ingest` and the publish API use it.
+- `KafkaBus` is a gateway node's bus: publishing goes to Kafka only; its consumer reads every
+  partition (starting one history window back), feeds the hub with the Kafka-assigned seq, and
+  tracks lag. `read_back` serves a resume whose `since` is older than the node's memory.
+- `RemoteSource` stands in for a change feed on a node: it validates channel names; the feed
+  itself is read by the ingest process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from rtcore.event import Event
+from rtserver.sources.base import ChannelUnavailable
+
+if TYPE_CHECKING:
+    from rtserver.config import Config
+    from rtserver.hub import Hub
+    from rtserver.metrics import Metrics
+
+log = logging.getLogger("rtserver.bus")
+
+GAP = "GAP"  # operation of a control record: the source lost changes (history_gap on every node)
+_MAX_CONCURRENT_READ_BACKS = 4
+_READ_BACK_STALL = 10.0  # seconds without progress before a read-back gives up (history_gap)
+
+
+class BusRecord(msgspec.Struct, array_like=True):
+    """The value of one events-topic record (the key is the workspace id)."""
+
+    source: str
+    entity: str
+    operation: str
+    record: Any
+    old_record: Any
+    body: bytes
+
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(BusRecord)
+
+
+def encode_event(event: Event) -> bytes:
+    return _encoder.encode(
+        BusRecord(event.source, event.entity, event.operation, event.record, event.old_record, event.body)
+    )
+
+
+def decode_event(workspace: str, value: bytes) -> tuple[BusRecord, Event]:
+    r = _decoder.decode(value)
+    return r, Event(workspace, r.source, r.entity, r.operation, r.record, r.body, r.old_record)
+
+
+def partition_for(workspace: str, partitions: int) -> int:
+    """The partition of `workspace`: the Java client's and aiokafka's default partitioner."""
+    from aiokafka.partitioner import murmur2
+
+    return (murmur2(workspace.encode()) & 0x7FFFFFFF) % partitions
+
+
+def bootstrap_of(cfg: Config) -> str:
+    return cfg.bus.kafka_bootstrap or cfg.audit.kafka_bootstrap
+
+
+async def client_options(cfg: Config) -> dict[str, Any]:
+    """Connection options shared by every Kafka client of the bus (security from [audit])."""
+    a = cfg.audit
+    options: dict[str, Any] = {"bootstrap_servers": bootstrap_of(cfg), "security_protocol": a.security_protocol}
+    if a.sasl_mechanism:
+        options.update(sasl_mechanism=a.sasl_mechanism, sasl_plain_username=a.sasl_username,
+                       sasl_plain_password=a.sasl_password)
+    if a.security_protocol in ("SSL", "SASL_SSL"):
+        from aiokafka.helpers import create_ssl_context
+
+        cafile = a.ssl_cafile or None
+        # Loading the CA bundle reads files: not on the event loop.
+        options["ssl_context"] = await asyncio.get_running_loop().run_in_executor(
+            None, lambda: create_ssl_context(cafile=cafile)
+        )
+    return options
+
+
+async def ensure_topic(options: dict[str, Any], topic: str, partitions: int, replication: int) -> int:
+    """Create `topic` when missing; returns its partition count."""
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+    from aiokafka.errors import TopicAlreadyExistsError
+
+    admin = AIOKafkaAdminClient(**options)
+    await admin.start()
+    try:
+        # Only describe a listed topic: describing a missing one lets the broker auto-create it
+        # with its default partition count.
+        if topic in await admin.list_topics():
+            existing = await admin.describe_topics([topic])
+            found = [t for t in existing if t.get("topic") == topic and t.get("error_code") == 0]
+            if found:
+                return len(found[0]["partitions"])
+        brokers = len((await admin.describe_cluster()).get("brokers", [])) or 1
+        try:
+            await admin.create_topics([NewTopic(topic, num_partitions=partitions,
+                                                replication_factor=min(replication, brokers))])
+            log.info("created topic %s", topic, extra={"fields": {"topic": topic, "partitions": partitions}})
+        except TopicAlreadyExistsError:
+            pass
+        for _ in range(50):
+            existing = await admin.describe_topics([topic])
+            found = [t for t in existing if t.get("topic") == topic and t.get("error_code") == 0 and t["partitions"]]
+            if found:
+                return len(found[0]["partitions"])
+            await asyncio.sleep(0.1)
+        raise RuntimeError(f"bus topic {topic}: not visible after creation")
+    finally:
+        await admin.close()
+
+
+class KafkaPublisher:
+    """Writes events to the topic; `publish` returns the seq once Kafka has the record (acks=all)."""
+
+    def __init__(self, cfg: Config, client_id: str):
+        self.cfg = cfg
+        self.topic = cfg.bus.topic
+        self.client_id = client_id
+        self.partitions = 0
+        self.published = 0
+        self.options: dict[str, Any] = {}
+        self._producer = None
+
+    async def start(self) -> None:
+        from aiokafka import AIOKafkaProducer
+
+        self.options = await client_options(self.cfg)
+        self.partitions = await ensure_topic(
+            self.options, self.topic, self.cfg.bus.partitions, self.cfg.bus.replication_factor
+        )
+        self._producer = AIOKafkaProducer(
+            **self.options,
+            client_id=self.client_id,
+            acks="all",
+            enable_idempotence=True,  # a retried send is written once, in order
+            linger_ms=0,
+            max_request_size=4 * 1024 * 1024,
+        )
+        await self._producer.start()
+
+    async def publish(self, event: Event, headers: list[tuple[str, bytes]] | None = None) -> int:
+        return await self.send(event.workspace, encode_event(event), headers)
+
+    async def send(self, workspace: str, value: bytes, headers: list[tuple[str, bytes]] | None = None) -> int:
+        producer = self._producer
+        if producer is None:
+            raise RuntimeError(f"bus topic {self.topic}: publisher not started (workspace {workspace})")
+        fut = await producer.send(self.topic, value, key=workspace.encode(), headers=headers)
+        meta = await fut
+        self.published += 1
+        return meta.offset + 1
+
+    async def publish_gap(self, workspace: str, source: str, reason: str) -> int:
+        value = _encoder.encode(BusRecord(source, "", GAP, None, None, reason.encode()))
+        return await self.send(workspace, value)
+
+    async def close(self) -> None:
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            with contextlib.suppress(Exception):
+                await producer.stop()
+
+
+class KafkaBus:
+    """A gateway node's bus (see the module docstring)."""
+
+    def __init__(self, cfg: Config, hub: Hub, metrics: Metrics, node: str):
+        self.cfg = cfg
+        self.hub = hub
+        self.node = node
+        self.topic = cfg.bus.topic
+        self.max_lag = cfg.bus.max_lag
+        self.publisher = KafkaPublisher(cfg, f"rtserver-node-{node}")
+        self._consumer = None
+        self._task: asyncio.Task | None = None
+        self._floor: dict[int, int] = {}  # partition -> first offset this node read (seq floor)
+        self._next: dict[int, int] = {}  # partition -> next offset to deliver
+        self._target: dict[int, int] = {}  # partition -> end offset at start: caught up once reached
+        self._caught_up = False
+        self._connected = False
+        self._last_error = ""
+        self._delivered = 0
+        self._read_backs = asyncio.Semaphore(_MAX_CONCURRENT_READ_BACKS)
+        self._stopping: set[asyncio.Task] = set()
+        # A workspace history created on this node starts at its partition's floor, not at the
+        # wall clock (seq is a Kafka offset here).
+        hub.history_floor = self._history_floor
+        metrics.add_gauges(self._gauges)
+
+    # -- EventBus --------------------------------------------------------------------------
+
+    async def publish(self, event: Event) -> int:
+        """To Kafka only: this node's consumer delivers it like every other node's."""
+        return await self.publisher.publish(event)
+
+    def history_gap(self, workspace: str, source: str, reason: str) -> None:
+        task = asyncio.ensure_future(self.publisher.publish_gap(workspace, source, reason))
+        task.add_done_callback(_log_failure)
+
+    async def start(self) -> None:
+        from aiokafka import AIOKafkaConsumer, TopicPartition
+
+        await self.publisher.start()
+        options = self.publisher.options
+        consumer = AIOKafkaConsumer(
+            **options,
+            client_id=f"rtserver-node-{self.node}",
+            group_id=None,  # every node reads every partition
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            fetch_max_wait_ms=100,
+            max_partition_fetch_bytes=4 * 1024 * 1024,
+        )
+        await consumer.start()
+        self._consumer = consumer
+        tps = [TopicPartition(self.topic, p) for p in range(self.publisher.partitions)]
+        consumer.assign(tps)
+        begin = await consumer.beginning_offsets(tps)
+        end = await consumer.end_offsets(tps)
+        h = self.cfg.history
+        horizon = int((time.time() - h.seconds) * 1000)
+        by_time = await consumer.offsets_for_times({tp: horizon for tp in tps})
+        for tp in tps:
+            # Read back one history window: by count and by age, whichever is shorter.
+            start = max(begin[tp], end[tp] - h.events)
+            found = by_time.get(tp)
+            start = max(start, found.offset if found is not None else end[tp])
+            consumer.seek(tp, start)
+            self._floor[tp.partition] = start
+            self._next[tp.partition] = start
+            self._target[tp.partition] = end[tp]
+        self._connected = True
+        self._task = asyncio.create_task(self._run(), name="rtserver-bus-consumer")
+        log.info("bus consumer started", extra={"fields": {"topic": self.topic, "partitions": len(tps),
+                                                           "read_back": sum(end[t] - self._floor[t.partition] for t in tps)}})
+
+    async def close(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:
+            with contextlib.suppress(Exception):
+                await consumer.stop()
+        await self.publisher.close()
+        for t in list(self._stopping):
+            with contextlib.suppress(Exception):
+                await t
+
+    # -- the consumer ----------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        from aiokafka.errors import KafkaError
+
+        consumer = self._consumer
+        assert consumer is not None
+        deliver = self.hub.deliver
+        while True:
+            try:
+                batches = await consumer.getmany(timeout_ms=500, max_records=2000)
+                self._connected = True
+            except asyncio.CancelledError:
+                raise
+            except KafkaError as exc:
+                self._connected = False
+                self._last_error = f"{type(exc).__name__}: {exc}"
+                log.warning("bus consumer: %s", exc, extra={"fields": {"topic": self.topic}})
+                await asyncio.sleep(0.5)
+                continue
+            for tp, records in batches.items():
+                for r in records:
+                    self._next[tp.partition] = r.offset + 1
+                    if r.key is None or r.value is None:
+                        continue
+                    workspace = r.key.decode()
+                    try:
+                        rec, event = decode_event(workspace, r.value)
+                    except msgspec.DecodeError as exc:
+                        log.error("undecodable bus record skipped: %s", exc,
+                                  extra={"fields": {"partition": tp.partition, "offset": r.offset, "workspace": workspace}})
+                        continue
+                    if rec.operation == GAP:
+                        self.hub.history_gap(workspace, rec.source, rec.body.decode("utf-8", "replace"))
+                        continue
+                    ws = self.hub.workspace(workspace)
+                    if r.offset + 1 <= ws.history.last_seq:
+                        continue  # already read (a workspace created mid-batch sees nothing twice)
+                    deliver(event, r.offset + 1)
+                    self._delivered += 1
+            if not self._caught_up and all(self._next[p] >= t for p, t in self._target.items()):
+                self._caught_up = True
+                log.info("bus consumer caught up", extra={"fields": {"topic": self.topic, "events": self._delivered}})
+
+    def _history_floor(self, wid: str) -> int | None:
+        if not self._floor:
+            return None
+        # Everything after the partition position this node started from passes through
+        # this history.
+        return self._floor[partition_for(wid, len(self._floor))]
+
+    # -- health ----------------------------------------------------------------------------
+
+    def lags(self) -> dict[int, int]:
+        consumer = self._consumer
+        out = {}
+        for p, nxt in self._next.items():
+            hw = None
+            if consumer is not None:
+                from aiokafka import TopicPartition
+
+                with contextlib.suppress(Exception):
+                    hw = consumer.highwater(TopicPartition(self.topic, p))
+            out[p] = max(hw or 0, self._target.get(p, 0)) - nxt
+        return out
+
+    def lag(self) -> int:
+        return sum(max(0, v) for v in self.lags().values())
+
+    def ready(self) -> bool:
+        """Accepting connections: consuming, caught up since start, and not too far behind."""
+        return self._task is not None and self._caught_up and self._connected and self.lag() <= self.max_lag
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "kind": "kafka",
+            "topic": self.topic,
+            "ready": self.ready(),
+            "caught_up": self._caught_up,
+            "connected": self._connected,
+            "lag": self.lag(),
+            "max_lag": self.max_lag,
+            "delivered": self._delivered,
+            "published": self.publisher.published,
+            "last_error": self._last_error,
+        }
+
+    def _gauges(self) -> list[tuple[str, str, dict[str, Any], float]]:
+        rows: list[tuple[str, str, dict[str, Any], float]] = [
+            (
+                "rt_bus_consumer_lag",
+                "Events-topic records not yet delivered by this node",
+                {"topic": self.topic, "partition": p},
+                max(0, v),
+            )
+            for p, v in sorted(self.lags().items())
+        ]
+        rows.append(("rt_bus_ready", "1 while this node accepts connections (bus lag within bound)", {}, 1 if self.ready() else 0))
+        rows.append(("rt_bus_delivered", "Events delivered from the bus since start", {}, self._delivered))
+        return rows
+
+    # -- resume from Kafka -----------------------------------------------------------------
+
+    def can_read_back(self, workspace: str, since: int) -> bool:
+        """True when the records after `since` that this node's memory lacks may be in Kafka."""
+        return self._consumer is not None and since >= 0
+
+    async def read_back(
+        self,
+        workspace: str,
+        since: int,
+        floor: Callable[[], int],
+        emit: Callable[[int, Event], None],
+        cancelled: Callable[[], bool],
+    ) -> tuple[int, int | None]:
+        """Read `workspace`'s records with seq > `since` from Kafka, in order, calling
+        `emit(seq, event)`, until the read position reaches `floor()` (the node's memory holds
+        the rest). Returns (the seq read up to, or `since` when nothing could be read; the
+        `oldest` seq for a history_gap when the topic no longer holds some of them, else None).
+        Returns without awaiting after its last check of `floor()`, so the caller can switch
+        to the memory history in the same step."""
+        from aiokafka import AIOKafkaConsumer, TopicPartition
+
+        tp = TopicPartition(self.topic, partition_for(workspace, len(self._floor)))
+        key = workspace.encode()
+        async with self._read_backs:
+            if since >= floor() or cancelled():
+                return since, None
+            consumer = AIOKafkaConsumer(**self.publisher.options, client_id=f"rtserver-readback-{self.node}",
+                                        group_id=None, enable_auto_commit=False, fetch_max_wait_ms=100)
+            try:
+                await consumer.start()
+                consumer.assign([tp])
+                begin = (await consumer.beginning_offsets([tp]))[tp]
+                gap = None
+                start = since  # offset of the record right after seq `since`
+                if start < begin:
+                    gap, start = begin + 1, begin  # deleted by retention
+                if floor() - start > self.cfg.bus.max_replay:
+                    return since, None  # too far back: the caller reports a history_gap
+                consumer.seek(tp, start)
+                pos = start
+                stalled = time.monotonic()
+                while pos < floor() and not cancelled():
+                    batch = await consumer.getmany(tp, timeout_ms=500, max_records=1000)
+                    records = batch.get(tp, [])
+                    if not records:
+                        if time.monotonic() - stalled > _READ_BACK_STALL:
+                            return since, None
+                        continue
+                    stalled = time.monotonic()
+                    for r in records:
+                        pos = r.offset + 1
+                        if r.key != key or r.value is None:
+                            continue
+                        rec, event = decode_event(workspace, r.value)
+                        if rec.operation != GAP:
+                            emit(pos, event)
+                return pos, gap
+            finally:
+                # Stopped in the background: awaiting here would let the history move on
+                # between our last check of floor() and the caller's switch to memory.
+                t = asyncio.ensure_future(consumer.stop())
+                self._stopping.add(t)
+                t.add_done_callback(self._stopping.discard)
+
+
+class RemoteSource:
+    """A change feed read by `rtserver ingest`: on a node it only validates channel names
+    (and, for PostgreSQL with a configured DSN, that the table exists)."""
+
+    def __init__(self, kind: str, url: str, schemas: list[str], tables: list[str]):
+        self.kind = kind
+        self.url = url
+        self.schemas = schemas
+        self.tables = tables
+        self._catalog = None
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        if self._catalog is not None:
+            await self._catalog.close()
+
+    async def check_channel(self, workspace: str, entity: str) -> str:
+        if entity == "*":
+            return "*"
+        if self.kind == "mongo":
+            if not entity or len(entity) > 255 or "$" in entity or "\0" in entity:
+                raise ChannelUnavailable(f"mongo:{entity}: malformed collection name (workspace {workspace})")
+            return entity
+        from rtserver.sources.pg_catalog import Catalog, valid_identifier
+        from rtserver.sources.postgres import entity_of
+
+        schema, _, name = entity.rpartition(".")
+        schema = schema or "public"
+        if not (valid_identifier(schema) and valid_identifier(name)):
+            raise ChannelUnavailable(f"postgres:{entity}: malformed table name (workspace {workspace})")
+        canonical = entity_of(schema, name)
+        if self._catalog is None:
+            self._catalog = Catalog(self.url, schemas=self.schemas, tables=self.tables, slot="", publication="")
+        try:
+            exists = await self._catalog.table_exists(schema, name)
+        except Exception as exc:  # noqa: BLE001 - any database failure is the client's 4010
+            raise ChannelUnavailable(f"postgres:{canonical}: database unavailable: {exc}") from exc
+        if not exists:
+            raise ChannelUnavailable(f"postgres:{canonical}: table does not exist")
+        return canonical
+
+    def ready(self) -> bool:
+        return True
+
+    def status(self) -> dict[str, Any]:
+        return {"kind": self.kind, "read_by": "rtserver ingest"}
+
+
+def _log_failure(task: asyncio.Future) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("bus: publishing a history gap failed", exc_info=task.exception())

@@ -1,0 +1,282 @@
+"""`rtserver ingest`: reads the change feeds and publishes normalized events to the Kafka bus.
+
+The same Source classes as the single process, with a sink that writes to the events topic
+and returns only once Kafka has the record (acks=all), so a source acknowledges its upstream
+position (LSN, resume token) only for durable events. Several ingest processes may run: a
+Kafka lease (`lease.py`) lets exactly one read the feeds; a standby takes over when it dies.
+
+No loss, no duplicate at a takeover (PostgreSQL): every record carries a header with the
+source's position when it was published (the last fully published commit LSN and how many
+events followed it). The new holder reads the topic's tail, writes that position into the
+slot's position file (so transactions already published are skipped) and drops the first
+events of the next transaction that the dead holder had already published.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import time
+from typing import Any
+
+import msgspec
+
+from rtcore.event import Event
+from rtserver.bus_kafka import KafkaPublisher, bootstrap_of
+from rtserver.config import Config
+from rtserver.lease import Lease
+
+log = logging.getLogger("rtserver.ingest")
+
+POSITION_HEADER = "rt-pos"
+_SCAN_SECONDS = 600  # a takeover looks this far back for the dead holder's last positions
+_SCAN_RECORDS = 200_000  # ... and at most this many records per partition
+_json = msgspec.json.Encoder()
+
+
+class SourceSink:
+    """The EventSink of one source: Kafka, with the position header and takeover dedup."""
+
+    def __init__(self, publisher: KafkaPublisher, kind: str, done: dict[str, tuple[int, int]]):
+        self.publisher = publisher
+        self.kind = kind
+        self.source: Any = None
+        self.done = done  # slot -> (commit LSN, events after it) already in Kafka
+        self.skipped = 0
+        self._lsn = -1
+        self._count = 0
+        self._gaps: set[asyncio.Task] = set()
+
+    async def publish(self, event: Event) -> int:
+        headers = None
+        src = self.source
+        if self.kind == "postgres" and src is not None:
+            # The source records a transaction's commit LSN only after all its events are
+            # published: (that LSN, n-th event since) names each event across processes.
+            lsn = src._published_lsn
+            if lsn != self._lsn:
+                self._lsn, self._count = lsn, 0
+            self._count += 1
+            done = self.done.get(src.slot)
+            if done is not None and done[0] == lsn and self._count <= done[1]:
+                self.skipped += 1
+                return 0
+            headers = [(POSITION_HEADER, f"{src.slot}|{lsn}|{self._count}".encode())]
+        return await self.publisher.publish(event, headers)
+
+    def history_gap(self, workspace: str, source: str, reason: str) -> None:
+        task = asyncio.ensure_future(self.publisher.publish_gap(workspace, source, reason))
+        self._gaps.add(task)
+        task.add_done_callback(self._gaps.discard)
+
+
+def plan_sources(cfg: Config) -> list[dict[str, Any]]:
+    """The feeds to read: one per PostgreSQL URL and per MongoDB database, each with the
+    workspaces it feeds ([workspaces.*] sections, and bus.workspaces for the default URLs)."""
+    from rtserver.sources.mongo import database_for
+
+    feeds: dict[tuple[str, ...], dict[str, Any]] = {}
+
+    def add(kind: str, url: str, database: str, wid: str, schemas: list[str], tables: list[str]) -> None:
+        key = (kind, url, database)
+        feed = feeds.setdefault(key, {"kind": kind, "url": url, "database": database, "schemas": schemas,
+                                      "tables": tables, "workspaces": []})
+        if wid not in feed["workspaces"]:
+            feed["workspaces"].append(wid)
+
+    defaults = [w for w in cfg.bus.workspaces if w not in cfg.workspaces]
+    for wid in list(cfg.workspaces) + defaults:
+        ws = cfg.sources_for(wid)
+        if ws.postgres_url:
+            add("postgres", ws.postgres_url, "", wid, ws.postgres_schemas, ws.postgres_tables)
+        if ws.mongo_url:
+            add("mongo", ws.mongo_url, database_for(ws.mongo_url, wid), wid, [], [])
+    return list(feeds.values())
+
+
+class Ingest:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.node = cfg.server.node or socket.gethostname()
+        self.state_dir = os.path.abspath(cfg.server.state_dir)
+        os.makedirs(self.state_dir, exist_ok=True)
+        self.publisher = KafkaPublisher(cfg, f"rtserver-ingest-{self.node}")
+        self.plan = plan_sources(cfg)
+        self.lease: Lease | None = None
+        self.sources: list[tuple[Any, SourceSink]] = []
+        self._server: asyncio.AbstractServer | None = None
+        self._lock = asyncio.Lock()
+
+    async def start(self) -> None:
+        if not self.plan:
+            log.warning("no feeds to read: set postgres.url/mongo.url with bus.workspaces, or [workspaces.*]")
+        await self.publisher.start()
+        self.lease = Lease(
+            self.publisher.options,
+            f"{self.cfg.bus.topic}.lease",
+            f"{self.cfg.bus.topic}.ingest",
+            session_timeout=self.cfg.bus.lease_timeout,
+            on_acquired=self._acquired,
+            on_lost=self._lost,
+            client_id=f"rtserver-ingest-{self.node}",
+        )
+        await self.lease.start()
+        if self.cfg.bus.ingest_port:
+            self._server = await asyncio.start_server(self._http, self.cfg.server.host, self.cfg.bus.ingest_port)
+        log.info("ingest started; waiting for the lease", extra={"fields": {
+            "topic": self.cfg.bus.topic, "bootstrap": bootstrap_of(self.cfg), "feeds": len(self.plan), "node": self.node}})
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        if self.lease is not None:
+            await self.lease.close()  # stops the sources first (they acknowledge what is published)
+        await self.publisher.close()
+
+    # -- the lease ---------------------------------------------------------------------------
+
+    async def _acquired(self) -> None:
+        async with self._lock:
+            done = await self._published_positions()
+            await self._write_positions(done)
+            for feed in self.plan:
+                sink = SourceSink(self.publisher, feed["kind"], done)
+                src = self._make_source(feed, sink)
+                sink.source = src
+                self.sources.append((src, sink))
+                await src.start()
+            log.info("ingest active: reading feeds", extra={"fields": {"feeds": len(self.sources), "resumed_slots": len(done)}})
+
+    async def _lost(self) -> None:
+        async with self._lock:
+            sources, self.sources = self.sources, []
+            for src, _ in sources:
+                try:
+                    await src.stop()
+                except Exception:
+                    log.exception("source did not stop cleanly", extra={"fields": {"source": src.kind}})
+
+    def _make_source(self, feed: dict[str, Any], sink: SourceSink) -> Any:
+        targets = tuple(feed["workspaces"])
+        if feed["kind"] == "postgres":
+            from rtserver.sources.postgres import PostgresSource
+
+            return PostgresSource(feed["url"], schemas=feed["schemas"], tables=feed["tables"],
+                                  instance=self.cfg.server.instance, state_dir=self.state_dir, sink=sink,
+                                  workspaces=lambda: targets)
+        from rtserver.sources.mongo import MongoSource
+
+        return MongoSource(feed["url"], database=feed["database"], state_dir=self.state_dir, sink=sink,
+                           workspaces=lambda: targets, allow_unknown_collections=self.cfg.mongo.allow_unknown_collections)
+
+    async def _published_positions(self) -> dict[str, tuple[int, int]]:
+        """The last position header of each slot in the topic's recent tail."""
+        from aiokafka import AIOKafkaConsumer, TopicPartition
+
+        topic = self.cfg.bus.topic
+        consumer = AIOKafkaConsumer(**self.publisher.options, group_id=None, enable_auto_commit=False,
+                                    client_id=f"rtserver-ingest-scan-{self.node}")
+        await consumer.start()
+        best: dict[str, tuple[int, int]] = {}
+        try:
+            tps = [TopicPartition(topic, p) for p in range(self.publisher.partitions)]
+            consumer.assign(tps)
+            begin = await consumer.beginning_offsets(tps)
+            end = await consumer.end_offsets(tps)
+            by_time = await consumer.offsets_for_times({tp: int((time.time() - _SCAN_SECONDS) * 1000) for tp in tps})
+            todo = {}
+            for tp in tps:
+                found = by_time.get(tp)
+                start = max(begin[tp], end[tp] - _SCAN_RECORDS, found.offset if found is not None else end[tp])
+                if start < end[tp]:
+                    consumer.seek(tp, start)
+                    todo[tp] = end[tp]
+                else:
+                    consumer.pause(tp)
+            quiet_since = time.monotonic()
+            while todo and time.monotonic() - quiet_since < 10:
+                batches = await consumer.getmany(timeout_ms=1000, max_records=5000)
+                if batches:
+                    quiet_since = time.monotonic()
+                for tp, records in batches.items():
+                    for r in records:
+                        for name, value in r.headers or ():
+                            if name == POSITION_HEADER:
+                                slot, lsn, count = value.decode().split("|")
+                                pos = (int(lsn), int(count))
+                                if pos > best.get(slot, (-1, -1)):
+                                    best[slot] = pos
+                    if records and records[-1].offset + 1 >= todo.get(tp, 0):
+                        todo.pop(tp, None)
+                        consumer.pause(tp)
+        finally:
+            await consumer.stop()
+        return best
+
+    async def _write_positions(self, done: dict[str, tuple[int, int]]) -> None:
+        """Let each slot's position file say what Kafka already has (skip those transactions)."""
+        from rtserver.sources.pg_state import PositionFile
+
+        for slot, (lsn, _count) in done.items():
+            pf = await PositionFile.open(os.path.join(self.state_dir, f"postgres-{slot}.pos"))
+            try:
+                if (pf.commit_lsn, pf.complete) != (lsn, True):
+                    pf.record(lsn, -1)
+                    log.info("slot %s resumes after the published commit LSN %d", slot, lsn,
+                             extra={"fields": {"slot": slot, "lsn": lsn, "already_published": _count}})
+            finally:
+                await pf.close()
+
+    # -- health ------------------------------------------------------------------------------
+
+    def status(self) -> tuple[bool, dict[str, Any]]:
+        held = bool(self.lease and self.lease.held)
+        feeds = {}
+        for src, sink in self.sources:
+            st = src.status()
+            feeds[f"{src.kind}:{st.get('slot') or st.get('database') or ''}"] = {
+                "ready": src.ready(), "takeover_skipped": sink.skipped, **{k: v for k, v in st.items() if k != "ready"}}
+        ready = not held or (bool(self.sources) and all(s.ready() for s, _ in self.sources))
+        return ready, {"ready": ready, "role": "active" if held else "standby", "feeds": feeds,
+                       "published": self.publisher.published}
+
+    async def _http(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            path = head.split(b" ", 2)[1].decode("latin-1") if head.count(b" ") >= 2 else ""
+            ready, details = self.status()
+            if path == "/healthz":
+                status, body = 200, b'{"status":"ok"}'
+            elif path == "/readyz":
+                status, body = (200 if ready else 503), _json.encode(details)
+            elif path == "/metrics":
+                lines = [f'rt_ingest_active {1 if details["role"] == "active" else 0}',
+                         f"rt_ingest_published_total {details['published']}"]
+                status, body = 200, ("\n".join(lines) + "\n").encode()
+            else:
+                status, body = 404, b'{"error":"no such endpoint"}'
+            writer.write(f"HTTP/1.1 {status} X\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+            await writer.drain()
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError):
+            pass
+        finally:
+            writer.close()
+
+
+async def run(cfg: Config) -> int:
+    """Run the ingest role until SIGTERM/SIGINT."""
+    ingest = Ingest(cfg)
+    await ingest.start()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("ingest stopping")
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(ingest.close(), cfg.server.shutdown_timeout)
+    return 0

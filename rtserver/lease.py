@@ -1,0 +1,125 @@
+"""A Kafka lease: exactly one holder among several `rtserver ingest` processes.
+
+Every candidate joins one consumer group on a one-partition lease topic; the group coordinator
+assigns that partition to exactly one live member. A member that dies stops heartbeating and is
+expelled after the session timeout, and the partition (the lease) moves to a standby. A holder
+that loses the partition in a rebalance stops its work before it rejoins, so the new holder
+starts only after the old one let go (or was declared dead).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+log = logging.getLogger("rtserver.lease")
+
+
+class Lease:
+    def __init__(
+        self,
+        options: dict[str, Any],
+        topic: str,
+        group: str,
+        *,
+        session_timeout: float,
+        on_acquired: Callable[[], Awaitable[None]],
+        on_lost: Callable[[], Awaitable[None]],
+        client_id: str = "rtserver-lease",
+    ):
+        self.options = options
+        self.topic = topic
+        self.group = group
+        self.session_timeout_ms = max(6000, int(session_timeout * 1000))  # the broker's minimum by default
+        self.client_id = client_id
+        self._on_acquired = on_acquired
+        self._on_lost = on_lost
+        self.held = False
+        self.acquisitions = 0
+        self._consumer = None
+        self._task: asyncio.Task | None = None
+        self._work: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        from aiokafka import AIOKafkaConsumer
+        from aiokafka.abc import ConsumerRebalanceListener
+
+        from rtserver.bus_kafka import ensure_topic
+
+        await ensure_topic(self.options, self.topic, 1, 3)
+        lease = self
+
+        class _Listener(ConsumerRebalanceListener):
+            async def on_partitions_revoked(self, revoked: Any) -> None:
+                await lease._release()
+
+            async def on_partitions_assigned(self, assigned: Any) -> None:
+                if any(tp.topic == lease.topic for tp in assigned):
+                    lease._acquire()
+
+        self._consumer = AIOKafkaConsumer(
+            **self.options,
+            client_id=self.client_id,
+            group_id=self.group,
+            enable_auto_commit=False,
+            session_timeout_ms=self.session_timeout_ms,
+            heartbeat_interval_ms=max(500, self.session_timeout_ms // 6),
+            rebalance_timeout_ms=self.session_timeout_ms * 2,
+        )
+        self._consumer.subscribe([self.topic], listener=_Listener())
+        await self._consumer.start()
+        self._task = asyncio.create_task(self._poll(), name="rtserver-lease")
+
+    async def _poll(self) -> None:
+        # Polling keeps the membership alive (max.poll.interval); the topic carries no records.
+        consumer = self._consumer
+        assert consumer is not None
+        while True:
+            try:
+                await consumer.getmany(timeout_ms=1000)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - keep the membership loop alive
+                log.warning("lease poll: %s", exc, extra={"fields": {"topic": self.topic, "group": self.group}})
+                await asyncio.sleep(0.5)
+
+    def _acquire(self) -> None:
+        if self.held:
+            return
+        self.held = True
+        self.acquisitions += 1
+        log.info("lease acquired", extra={"fields": {"topic": self.topic, "group": self.group}})
+        self._work = asyncio.create_task(self._on_acquired(), name="rtserver-lease-acquired")
+        self._work.add_done_callback(_log_failure)
+
+    async def _release(self) -> None:
+        if not self.held:
+            return
+        self.held = False
+        work, self._work = self._work, None
+        if work is not None and not work.done():
+            work.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await work
+        log.info("lease released", extra={"fields": {"topic": self.topic, "group": self.group}})
+        await self._on_lost()
+
+    async def close(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self._release()
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:
+            with contextlib.suppress(Exception):
+                await consumer.stop()  # leaves the group: a standby takes over at once
+
+
+def _log_failure(task: asyncio.Future) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("starting the leased work failed", exc_info=task.exception())
