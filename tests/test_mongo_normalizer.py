@@ -182,3 +182,13 @@ def test_malformed_bson_is_refused(cut):
     raw = bson.encode(order_change(1, "insert"))
     with pytest.raises(ValueError):
         mongo.decode_raw(raw[:-cut])
+
+
+def test_benchmark_shapes_take_the_compiled_fast_path():
+    """The data changes the source sees go through the one-pass raw path, not a silent fallback."""
+    import bson
+
+    from rtcore import mongo as compiled
+
+    for op in ("insert", "update", "replace", "delete"):
+        assert compiled.normalize_raw_fast_path(bson.encode(order_change(1, op)), ["w"]) is not None, op

@@ -33,6 +33,7 @@ from bson.raw_bson import RawBSONDocument
 from pymongo import AsyncMongoClient
 from pymongo.errors import OperationFailure, PyMongoError
 
+from rtcore.event import Event
 from rtserver.sources.base import ChannelUnavailable, EventSink
 
 try:
@@ -377,18 +378,17 @@ class MongoSource:
 
     async def _handle(self, change: RawBSONDocument) -> bool:
         """Publish one change; False when the stream must be reopened (invalidate)."""
+        workspaces = list(self._workspaces())
+        # The fast path reads the raw BSON once (record + body JSON in one pass); it declines
+        # non-data changes and unusual shapes, which take the decoded path below.
+        events = normalizer.normalize_raw(change.raw, workspaces)
+        if events:
+            await self._publish(events)
+            return True
         decoded = normalizer.decode_raw(change.raw)
         op = decoded.get("operationType")
         if op in DATA_OPERATIONS:
-            events = normalizer.normalize_decoded(decoded, list(self._workspaces()))
-            self._publishing = True
-            try:
-                for event in events:
-                    await self._sink.publish(event)
-            finally:
-                self._publishing = False
-            self._events += 1
-            self._last_event_at = time.monotonic()
+            await self._publish(normalizer.normalize_decoded(decoded, workspaces))
             return True
         ns = decoded.get("ns") or {}
         if op == "invalidate":
@@ -404,6 +404,16 @@ class MongoSource:
                                                               "collection": ns.get("coll")}})
         self._collections_at = 0.0
         return True
+
+    async def _publish(self, events: list[Event]) -> None:
+        self._publishing = True
+        try:
+            for event in events:
+                await self._sink.publish(event)
+        finally:
+            self._publishing = False
+        self._events += 1
+        self._last_event_at = time.monotonic()
 
     async def _collection_names(self, refresh_if_missing: str) -> frozenset[str]:
         fresh = time.monotonic() - self._collections_at < self._collections_ttl
