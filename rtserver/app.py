@@ -225,6 +225,7 @@ class Gateway:
                 state_dir=self.state_dir,
                 sink=self.bus,
                 workspaces=targets,
+                stream_memory_bytes=cfg.postgres.stream_memory,
             )
         else:
             from rtserver.sources.mongo import MongoSource

@@ -78,6 +78,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("postgres", "url", "RT_POSTGRES_URL", str, "", "PostgreSQL DSN of every workspace without its own"),
     Setting("postgres", "schemas", "RT_POSTGRES_SCHEMAS", list, ["public"], "Schemas whose tables are published"),
     Setting("postgres", "tables", "RT_POSTGRES_TABLES", list, [], "Tables to publish (schema.name); empty = all tables of `schemas`"),
+    Setting("postgres", "stream_memory", "RT_POSTGRES_STREAM_MEMORY", int, 32 * 1024 * 1024, "Bytes of streamed in-progress transactions held in memory before spilling to the state directory"),
     Setting("mongo", "url", "RT_MONGO_URL", str, "", "MongoDB URL of every workspace without its own"),
     Setting("mongo", "allow_unknown_collections", "RT_MONGO_ALLOW_UNKNOWN_COLLECTIONS", bool, False, "Accept mongo:{collection} for collections that do not exist yet"),
     Setting("audit", "kafka_bootstrap", "RT_KAFKA_BOOTSTRAP", str, "", "Kafka bootstrap servers for the audit trail (log only when empty)"),

@@ -57,7 +57,7 @@ class SourceSink:
         if self.kind == "postgres" and src is not None:
             # The source records a transaction's commit LSN only after all its events are
             # published: (that LSN, n-th event since) names each event across processes.
-            lsn = src._published_lsn
+            lsn = src.published_lsn
             if lsn != self._lsn:
                 self._lsn, self._count = lsn, 0
             self._count += 1
@@ -167,7 +167,8 @@ class Ingest:
 
             return PostgresSource(feed["url"], schemas=feed["schemas"], tables=feed["tables"],
                                   instance=self.cfg.server.instance, state_dir=self.state_dir, sink=sink,
-                                  workspaces=lambda: targets)
+                                  workspaces=lambda: targets,
+                                  stream_memory_bytes=self.cfg.postgres.stream_memory)
         from rtserver.sources.mongo import MongoSource
 
         return MongoSource(feed["url"], database=feed["database"], state_dir=self.state_dir, sink=sink,

@@ -42,12 +42,16 @@ class ReplicationStream:
     socket's reader callback; the callback must not block (the source queues the work).
     """
 
-    def __init__(self, dsn: str, slot: str, publication: str, *, proto_version: int = 1,
-                 messages: bool = True, application_name: str = "rtserver") -> None:
+    def __init__(self, dsn: str, slot: str, publication: str, *, proto_version: int | None = None,
+                 streaming: bool = True, messages: bool = True, application_name: str = "rtserver") -> None:
         self.dsn = dsn
         self.slot = slot
         self.publication = publication
+        # None: the newest this source speaks that the server supports (see connect())
         self.proto_version = proto_version
+        self.streaming = streaming
+        self.negotiated_proto = 0
+        self.server_version = 0
         self.messages = messages
         self.application_name = application_name
         self._conn: psycopg.AsyncConnection | None = None
@@ -68,10 +72,18 @@ class ReplicationStream:
         )
         self._conn = conn
         pgconn = conn.pgconn
-        opts = [f"proto_version '{self.proto_version}'", f"publication_names '{self.publication}'"]
+        self.server_version = pgconn.server_version
+        # Protocol 2 with streaming 'on' (PostgreSQL 14+): transactions larger than the server's
+        # logical_decoding_work_mem are sent while in progress (Stream Start/Stop/Commit/Abort)
+        # instead of being spilled on the server until they commit.
+        proto = self.proto_version
+        if proto is None:
+            proto = 2 if self.streaming and self.server_version >= 140000 else 1
+        self.negotiated_proto = proto
+        opts = [f"proto_version '{proto}'", f"publication_names '{self.publication}'"]
         if self.messages:
             opts.append("messages 'true'")
-        if self.proto_version >= 2:
+        if proto >= 2 and self.streaming:
             opts.append("streaming 'on'")
         cmd = f"START_REPLICATION SLOT \"{self.slot}\" LOGICAL {format_lsn(start_lsn)} ({', '.join(opts)})"
         pgconn.nonblocking = 1

@@ -7,6 +7,13 @@ target workspace, handed to the `EventSink`. A transaction's commit LSN is ackno
 PostgreSQL only after all its events were published, so a crash loses nothing: the slot
 redelivers unacknowledged transactions and duplicates are dropped by the commit LSN persisted
 in `state_dir` (see `pg_state`).
+
+On PostgreSQL 14+ the stream uses protocol 2 with `streaming 'on'`: a transaction larger than
+the server's logical_decoding_work_mem arrives while still in progress. Its messages are
+buffered per top-level xid (`pg_streamed`, bounded, spilling to `state_dir`), and decoded and
+published only when its Stream Commit arrives, in commit order like any other transaction;
+aborted transactions and rolled-back subtransactions are dropped. Clients never see
+uncommitted rows.
 """
 
 from __future__ import annotations
@@ -29,13 +36,23 @@ from rtserver.sources.base import ChannelUnavailable, EventSink
 from rtserver.sources.pg_catalog import Catalog, SetupError, publication_name, slot_name, valid_identifier
 from rtserver.sources.pg_state import PositionFile
 from rtserver.sources.pg_stream import ReplicationStream, StreamError
+from rtserver.sources.pg_streamed import StreamBuffers, StreamedTx
 
 try:  # the compiled decoder; the reference one keeps a source tree without build usable
     from rtcore import pgoutput as _pgoutput
 except ImportError:  # pragma: no cover - only before `pip install -e .`
     from rtcore import pgoutput_ref as _pgoutput
 
-from rtcore.pgoutput_ref import PG_EPOCH_OFFSET_US, UNCHANGED, convert_value, format_lsn
+from rtcore.pgoutput_ref import (
+    PG_EPOCH_OFFSET_US,
+    UNCHANGED,
+    StreamAbort,
+    StreamCommit,
+    StreamStart,
+    StreamStop,
+    convert_value,
+    format_lsn,
+)
 
 # The message classes of the decoder in use: the compiled one has its own native per-row classes.
 Begin = _pgoutput.Begin
@@ -55,6 +72,8 @@ STATUS_INTERVAL = 1.0  # seconds between standby status updates
 MAX_QUEUED_FRAMES = 10_000  # CopyData frames read but not processed: beyond it reading pauses
 MAX_PENDING_CHANGES = 10_000  # changes of one transaction held back waiting for its correlation id
 BACKOFF_MIN, BACKOFF_MAX = 0.2, 10.0
+STREAM_MEMORY_BYTES = 32 << 20  # streamed in-progress transactions held in memory, all together
+_STREAM_CONTROL_TAGS = frozenset(b"SEcA")  # inside a segment everything else is buffered undecoded
 
 
 class SlotLost(Exception):
@@ -92,6 +111,8 @@ class PostgresSource:
         sink: EventSink,
         workspaces: Callable[[], Iterable[str]],
         maintenance_interval: float = 2.0,
+        streaming: bool = True,
+        stream_memory_bytes: int = STREAM_MEMORY_BYTES,
     ) -> None:
         self.dsn = dsn
         self.schemas = list(schemas)
@@ -101,6 +122,8 @@ class PostgresSource:
         self.sink = sink
         self.workspaces = workspaces
         self.maintenance_interval = maintenance_interval
+        self.streaming = streaming
+        self.stream_memory_bytes = stream_memory_bytes
         self.slot = ""
         self.publication = publication_name(instance)
         self.catalog: Catalog | None = None
@@ -118,6 +141,11 @@ class PostgresSource:
         self._slot_recreations = 0
         self._slot_seen = False
         self._started = asyncio.Event()
+        self._proto_version = 0
+        self._streams: StreamBuffers | None = None
+        self._streamed_transactions = 0
+        self._streamed_aborts = 0
+        self._streamed_sub_aborts = 0
 
     # -- Source protocol ------------------------------------------------------------------
 
@@ -133,10 +161,14 @@ class PostgresSource:
     async def stop(self) -> None:
         self._stopping = True
         task, self._task = self._task, None
-        if task is not None:
+        while task is not None and not task.done():
+            # again until it ends: a cancellation swallowed by a library (Python 3.11's wait_for()
+            # drops one arriving as its awaitable completes) must not leave the feed running
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await asyncio.wait({task}, timeout=1.0)
+        if task is not None and not task.cancelled():
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                task.result()
         if self.catalog is not None:
             await self.catalog.close()
         if self._position is not None:
@@ -176,7 +208,13 @@ class PostgresSource:
     def ready(self) -> bool:
         return self._ready
 
+    @property
+    def published_lsn(self) -> int:
+        """Commit LSN of the last transaction whose events were all handed to the sink."""
+        return self._published_lsn
+
     def status(self) -> dict[str, Any]:
+        streams = self._streams
         return {
             "kind": "postgres",
             "ready": self._ready,
@@ -191,6 +229,14 @@ class PostgresSource:
             "transactions": self._transactions,
             "duplicates_dropped": self._duplicates,
             "slot_recreations": self._slot_recreations,
+            "proto_version": self._proto_version,
+            "streamed_transactions": self._streamed_transactions,
+            "streamed_aborted": self._streamed_aborts,
+            "streamed_subtransactions_aborted": self._streamed_sub_aborts,
+            "streamed_open": len(streams.open) if streams is not None else 0,
+            "streamed_memory_bytes": streams.mem_bytes if streams is not None else 0,
+            "streamed_spill_files": streams.spill_files if streams is not None else 0,
+            "streamed_spill_bytes": streams.spill_bytes if streams is not None else 0,
             "last_error": self._last_error,
         }
 
@@ -282,7 +328,8 @@ class PostgresSource:
 
     async def _stream(self) -> None:
         assert self.catalog is not None and self._position is not None
-        stream = ReplicationStream(self.dsn, self.slot, self.publication, application_name=f"rtserver-{self.instance}")
+        stream = ReplicationStream(self.dsn, self.slot, self.publication, streaming=self.streaming,
+                                   application_name=f"rtserver-{self.instance}")
         inbox = _Inbox(stream)
         try:
             try:
@@ -292,6 +339,12 @@ class PostgresSource:
                 if "does not exist" in text or "can no longer get changes" in text or "invalidated" in text:
                     raise SlotLost(text) from exc
                 raise
+            self._proto_version = stream.negotiated_proto
+            # a new connection streams unfinished transactions again from their start
+            self._streams = StreamBuffers(
+                os.path.join(self.state_dir, f"postgres-{self.slot}.streamed"), self.stream_memory_bytes
+            )
+            await self._streams.prepare()
             inbox.resume()
             self._ready = True
             self._last_error = ""
@@ -306,6 +359,8 @@ class PostgresSource:
                     await maintenance
         finally:
             self._ready = False
+            if self._streams is not None:
+                await self._streams.close()
             if self._acked_lsn:
                 with contextlib.suppress(StreamError, psycopg.Error):
                     stream.send_status(self._acked_lsn)
@@ -315,10 +370,12 @@ class PostgresSource:
         decoder = _pgoutput.Decoder()
         catalog = self.catalog
         position = self._position
-        assert catalog is not None and position is not None
+        streams = self._streams
+        assert catalog is not None and position is not None and streams is not None
         frames = inbox.frames
         last_status = 0.0
         tx: _Tx | None = None
+        segment: StreamedTx | None = None  # the streamed transaction whose segment is open
         while True:
             if not frames:
                 if inbox.failure:
@@ -331,12 +388,21 @@ class PostgresSource:
                     stream.send_status(self._acked_lsn, reply=True)
                     last_status = now
                 inbox.wake.clear()
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(inbox.wake.wait(), STATUS_INTERVAL)
+                # asyncio.timeout, not wait_for: Python 3.11's wait_for() loses a cancellation
+                # that arrives as the event fires, and stop() would wait for ever
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(STATUS_INTERVAL):
+                        await inbox.wake.wait()
                 continue
-            msg = decoder.decode_copy(frames.popleft())
+            frame = frames.popleft()
+            if segment is not None and frame[0] == 0x77 and frame[25] not in _STREAM_CONTROL_TAGS:
+                # a change (or Relation, Type, message) of an in-progress transaction: decoded
+                # and published at its Stream Commit, dropped at its Stream Abort
+                await streams.append(segment, frame[25:])
+                continue
+            msg = decoder.decode_copy(frame)
             if isinstance(msg, Keepalive):
-                if tx is None and not frames and msg.wal_end > self._acked_lsn:
+                if tx is None and not streams.open and not frames and msg.wal_end > self._acked_lsn:
                     # idle: everything before wal_end was sent and handled; let the WAL go
                     self._acked_lsn = msg.wal_end
                 if msg.reply_requested:
@@ -358,8 +424,10 @@ class PostgresSource:
                     self._duplicates += 1
                 elif m.final_lsn == position.commit_lsn:
                     tx.skip_first = position.partial_count
-            elif isinstance(m, Commit):
-                if tx is not None and not tx.skip_all:
+            elif isinstance(m, Commit | StreamCommit):
+                if isinstance(m, StreamCommit):
+                    await self._commit_streamed(m, decoder, catalog)
+                elif tx is not None and not tx.skip_all:
                     await self._flush(tx, final=True)
                     self._transactions += 1
                     self._published_lsn = m.commit_lsn
@@ -371,23 +439,85 @@ class PostgresSource:
                     await position.sync()
                     stream.send_status(self._acked_lsn, reply=False)
                     last_status = now
-            elif isinstance(m, Relation):
-                catalog.forget_types(m.schema, m.name)
-                unknown = [oid for oid in m.type_oids if oid >= 16384 and oid not in decoder.arrays]
-                if unknown:
-                    elements = await catalog.array_elements(unknown)
-                    for oid in unknown:
-                        # an element of 0 marks "not an array": the catalog is asked once per type
-                        decoder.register_array(oid, elements.get(oid, 0))
-            elif isinstance(m, Truncate):
-                if tx is None or tx.skip_all:
-                    continue
-                for rel in m.relations:
-                    tx.changes.append(_Change("TRUNCATE", rel, None, None, None))
-            elif isinstance(m, LogicalMessage):
-                if tx is not None and m.transactional and m.prefix == CORRELATION_PREFIX:
-                    tx.correlation = m.content.decode("utf-8", "replace")[:256]
-            # TypeInfo: enums and other user types are decoded as text; arrays learnt above
+            elif isinstance(m, StreamStart):
+                segment = streams.start(m.xid, m.first_segment)
+            elif isinstance(m, StreamStop):
+                segment = None
+            elif isinstance(m, StreamAbort):
+                await self._abort_streamed(m)
+            else:
+                await self._apply(m, tx, decoder, catalog)
+
+    async def _apply(self, m: Any, tx: _Tx | None, decoder: Any, catalog: Catalog) -> None:
+        """One message of a transaction (the live path inlines Insert/Update/Delete; a streamed
+        transaction's messages all come through here when it is replayed at its commit)."""
+        if isinstance(m, Insert | Update | Delete):
+            if tx is None or tx.skip_all:
+                return
+            tx.changes.append(await self._change(m, catalog))
+            if len(tx.changes) >= MAX_PENDING_CHANGES:
+                await self._flush(tx, final=False)
+        elif isinstance(m, Relation):
+            catalog.forget_types(m.schema, m.name)
+            unknown = [oid for oid in m.type_oids if oid >= 16384 and oid not in decoder.arrays]
+            if unknown:
+                elements = await catalog.array_elements(unknown)
+                for oid in unknown:
+                    # an element of 0 marks "not an array": the catalog is asked once per type
+                    decoder.register_array(oid, elements.get(oid, 0))
+        elif isinstance(m, Truncate):
+            if tx is None or tx.skip_all:
+                return
+            for rel in m.relations:
+                tx.changes.append(_Change("TRUNCATE", rel, None, None, None))
+        elif isinstance(m, LogicalMessage):
+            if tx is not None and m.transactional and m.prefix == CORRELATION_PREFIX:
+                tx.correlation = m.content.decode("utf-8", "replace")[:256]
+        # TypeInfo: enums and other user types are decoded as text; arrays learnt above
+
+    async def _commit_streamed(self, m: StreamCommit, decoder: Any, catalog: Catalog) -> None:
+        """Publish a streamed transaction at its commit: its buffered messages are decoded now,
+        with the same duplicate rules (by commit LSN) as a transaction sent whole."""
+        streams, position = self._streams, self._position
+        assert streams is not None and position is not None
+        buffered = streams.pop(m.xid)
+        try:
+            if m.commit_lsn < position.commit_lsn or (m.commit_lsn == position.commit_lsn and position.complete):
+                self._duplicates += 1  # published before a restart, not yet acknowledged then
+                return
+            # final_lsn of a whole transaction's Begin is its commit LSN: positions, correlation
+            # ids and partial counts mean the same whichever way the transaction came
+            tx = _Tx(Begin(m.commit_lsn, m.commit_time, m.xid))
+            if m.commit_lsn == position.commit_lsn:
+                tx.skip_first = position.partial_count
+            if buffered is not None:
+                # the messages carry their (sub)transaction xid: the decoder reads them as streamed
+                decoder.in_stream = True
+                try:
+                    async for raw in streams.replay(buffered):
+                        await self._apply(decoder.decode(raw), tx, decoder, catalog)
+                finally:
+                    decoder.in_stream = False
+            await self._flush(tx, final=True)
+            self._transactions += 1
+            self._streamed_transactions += 1
+            self._published_lsn = m.commit_lsn
+            position.record(m.commit_lsn, -1)
+        finally:
+            await streams.release(buffered)
+
+    async def _abort_streamed(self, m: StreamAbort) -> None:
+        """xid == subxid: the whole transaction rolled back; else one subtransaction did."""
+        streams = self._streams
+        assert streams is not None
+        if m.xid == m.subxid:
+            self._streamed_aborts += 1
+            await streams.release(streams.pop(m.xid))
+            return
+        buffered = streams.open.get(m.xid)
+        self._streamed_sub_aborts += 1
+        if buffered is not None:
+            streams.abort_subtransaction(buffered, m.subxid)
 
     async def _change(self, m: Insert | Update | Delete, catalog: Catalog) -> _Change:
         rel = m.relation
