@@ -59,6 +59,9 @@ class MemoryBus:
     def history_gap(self, workspace: str, source: str, reason: str) -> None:
         self.hub.history_gap(workspace, source, reason)
 
+    async def drain(self) -> None:
+        return None  # publish() has already recorded the event
+
     async def start(self) -> None:
         return None
 

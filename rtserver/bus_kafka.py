@@ -162,13 +162,18 @@ class KafkaPublisher:
         return await self.send(event.workspace, encode_event(event), headers)
 
     async def send(self, workspace: str, value: bytes, headers: list[tuple[str, bytes]] | None = None) -> int:
+        meta = await (await self.enqueue(workspace, value, headers))
+        return meta.offset + 1
+
+    async def enqueue(self, workspace: str, value: bytes,
+                      headers: list[tuple[str, bytes]] | None = None) -> asyncio.Future:
+        """Hand a record to the producer's batch; the future resolves once Kafka has it."""
         producer = self._producer
         if producer is None:
             raise RuntimeError(f"bus topic {self.topic}: publisher not started (workspace {workspace})")
         fut = await producer.send(self.topic, value, key=workspace.encode(), headers=headers)
-        meta = await fut
         self.published += 1
-        return meta.offset + 1
+        return fut
 
     async def publish_gap(self, workspace: str, source: str, reason: str) -> int:
         value = _encoder.encode(BusRecord(source, "", GAP, None, None, reason.encode()))

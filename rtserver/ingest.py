@@ -26,7 +26,7 @@ from typing import Any
 import msgspec
 
 from rtcore.event import Event
-from rtserver.bus_kafka import KafkaPublisher, bootstrap_of
+from rtserver.bus_kafka import KafkaPublisher, bootstrap_of, encode_event
 from rtserver.config import Config
 from rtserver.lease import Lease
 
@@ -36,6 +36,7 @@ POSITION_HEADER = "rt-pos"
 _SCAN_SECONDS = 600  # a takeover looks this far back for the dead holder's last positions
 _SCAN_RECORDS = 200_000  # ... and at most this many records per partition
 _json = msgspec.json.Encoder()
+_MAX_IN_FLIGHT = 10_000  # records awaiting Kafka's acknowledgement per source (bounded)
 
 
 class SourceSink:
@@ -50,6 +51,9 @@ class SourceSink:
         self._lsn = -1
         self._count = 0
         self._gaps: set[asyncio.Task] = set()
+        # Records handed to the producer and not yet acknowledged by Kafka: the source calls
+        # drain() before it acknowledges its upstream position, so batching costs no safety.
+        self._in_flight: list[asyncio.Future] = []
 
     async def publish(self, event: Event) -> int:
         headers = None
@@ -66,7 +70,16 @@ class SourceSink:
                 self.skipped += 1
                 return 0
             headers = [(POSITION_HEADER, f"{src.slot}|{lsn}|{self._count}".encode())]
-        return await self.publisher.publish(event, headers)
+        self._in_flight.append(await self.publisher.enqueue(event.workspace, encode_event(event), headers))
+        if len(self._in_flight) >= _MAX_IN_FLIGHT:
+            await self.drain()
+        return 0  # the seq (offset + 1) is known once Kafka answers; sources do not need it
+
+    async def drain(self) -> None:
+        """Wait until Kafka has every record published so far (acks=all); raises on failure."""
+        in_flight, self._in_flight = self._in_flight, []
+        if in_flight:
+            await asyncio.gather(*in_flight)
 
     def history_gap(self, workspace: str, source: str, reason: str) -> None:
         task = asyncio.ensure_future(self.publisher.publish_gap(workspace, source, reason))

@@ -1,9 +1,10 @@
 """The small protocol every change feed implements, so adding a source never touches the server.
 
 A source reads its feed, normalizes each change into an `rtcore.event.Event` and hands it to
-its `EventSink` (the event bus). `await sink.publish(event)` returns once the event has its
-`seq` and is recorded in the workspace history; only then may the source acknowledge the
-change's position upstream (LSN, resume token), so a crash loses nothing.
+its `EventSink` (the event bus) with `await sink.publish(event)`. Before it acknowledges a
+change's position upstream (LSN, resume token) it awaits `sink.drain()`, which returns once
+every event published so far is recorded (in the workspace history, or in Kafka), so a crash
+loses nothing.
 """
 
 from __future__ import annotations
@@ -20,6 +21,12 @@ class EventSink(Protocol):
 
     def history_gap(self, workspace: str, source: str, reason: str) -> None:
         """Tell the workspace's subscribers of `source` that changes may have been lost."""
+        ...
+
+    async def drain(self) -> None:
+        """Wait until every event published so far is recorded (a Kafka bus batches its
+        sends; the memory bus records in `publish` already). Sources call it before they
+        acknowledge an upstream position."""
         ...
 
 

@@ -410,6 +410,9 @@ class MongoSource:
         try:
             for event in events:
                 await self._sink.publish(event)
+            drain = getattr(self._sink, "drain", None)  # recorded before the token is saved
+            if drain is not None:
+                await drain()
         finally:
             self._publishing = False
         self._events += 1

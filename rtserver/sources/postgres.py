@@ -565,6 +565,11 @@ class PostgresSource:
             else:
                 new[col] = None if text is None else convert_value(oids[col], text)
 
+    async def _drain(self) -> None:
+        drain = getattr(self.sink, "drain", None)  # test sinks record in publish() already
+        if drain is not None:
+            await drain()
+
     async def _flush(self, tx: _Tx, final: bool) -> None:
         changes, tx.changes = tx.changes, []
         if not changes:
@@ -600,8 +605,10 @@ class PostgresSource:
             for ws in targets:
                 await self.sink.publish(Event(ws, "postgres", entity, change.operation, record, body, old))
                 self._events += 1
-            if not final:
-                position.record(begin.final_lsn, tx.index)
+        # Everything handed to the sink is recorded before the position says so.
+        await self._drain()
+        if not final:
+            position.record(begin.final_lsn, tx.index)
 
     async def _maintenance(self, inbox: _Inbox) -> None:
         """Publication kept up to date (new tables), slot health polled."""
