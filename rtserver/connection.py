@@ -21,6 +21,7 @@ import msgspec
 from picows import WSFrame, WSListener, WSMsgType, WSTransport
 
 from rtcore.engine import FilterError, close_frame, event_frame, text_frame
+from rtcore.fanout import flush_all
 from rtcore.messages import (
     Auth,
     AuthOk,
@@ -89,7 +90,7 @@ class Connection(WSListener):
         self._header_token = header_token
         self.transport: WSTransport | None = None
         self._raw = None  # the underlying asyncio transport: frames are written to it directly
-        self.pending: list[bytes] | None = None
+        self.pending: bytes | list[bytes] | None = None  # one frame, several, or none
         self.closed = False
         self.identity: Identity | None = None
         self.session: Session | None = None
@@ -164,19 +165,25 @@ class Connection(WSListener):
     # ---- outbound ------------------------------------------------------------------------
 
     def push(self, frame: bytes) -> None:
-        """Queue a complete frame for this iteration's write (the fan-out hot path)."""
+        """Queue a complete frame for this iteration's write (the fan-out hot path).
+
+        `pending` holds one frame as bytes and several as a list (see rtcore/fanout.py)."""
         pending = self.pending
         if pending is None:
             if self.closed:
                 return
-            self.pending = [frame]
+            self.pending = frame
             self.gw.hub.schedule(self)
-        elif pending[-1] is not frame:  # an event matching two channels goes out once
-            pending.append(frame)
+        elif pending is frame:  # an event matching two channels goes out once
+            return
+        elif type(pending) is list:
+            if pending[-1] is not frame:
+                pending.append(frame)
+        else:
+            self.pending = [pending, frame]
 
     def flush(self) -> None:
         """Write the pending frames now (the hub flushes every dirty connection the same way)."""
-        from rtcore.fanout import flush_all
 
         writes, frames = flush_all([self], self.gw.cfg.limits.send_buffer_bytes)
         m = self.gw.metrics

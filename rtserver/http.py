@@ -243,7 +243,9 @@ def new_ws_protocol(gw: Gateway) -> WSProtocol:
         # beyond it picows drops the connection.
         max(limits.max_message_bytes * 4, 1 << 20),
         None,
-        16 * 1024,
+        # Client messages are small; the buffer grows when one is not. 2 KiB instead of
+        # picows' 16 KiB default halves the memory of an idle connection (measured).
+        2048,
     )
 
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from rtcore.engine import SubscriptionIndex, compile_predicates, event_frame
 from rtcore.event import Event
+from rtcore.fanout import flush_all, push_all
 from rtserver.channels import SubscriptionSpec
 from rtserver.history import History
 from rtserver.metrics import Metrics
@@ -118,7 +119,6 @@ class Hub:
     def _push_all(self, subs: Iterable[Subscription], frame: bytes) -> None:
         # One loop (rtcore/fanout.py) appends to each connection's pending list and collects
         # newly pending connections in _dirty: no method call per delivery.
-        from rtcore.fanout import push_all
 
         if type(subs) is not list:
             subs = list(subs)
@@ -143,7 +143,6 @@ class Hub:
     def flush(self) -> None:
         """Write each dirty connection's pending frames in one transport write (the same as
         calling Connection.flush on each, without a Python call per connection)."""
-        from rtcore.fanout import flush_all
 
         self._flush_scheduled = False
         dirty = self._dirty

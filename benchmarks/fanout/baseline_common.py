@@ -1,0 +1,71 @@
+"""What both baseline servers share: token check, the event envelope, the publish listener.
+
+The baselines are the floor a user would write by hand: every event is wrapped in the same
+envelope the gateway sends (so frames are the same size), encoded once, and written to every
+subscriber; a subscriber may name a group `g` (the filtered scenario), kept in a dict. Tokens
+are checked with PyJWT (HS256) so the connection-storm figures compare like with like.
+Publishes arrive on a second port as newline-separated JSON payloads; each is acknowledged with
+one line once it has been written to every subscriber.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+import jwt
+
+from rtcore.timefmt import iso_ms
+
+_HEAD = b'{"type":"event","channel":"events:bench","operation":"PUBLISH","topic":"bench","payload":'
+
+
+class Envelope:
+    def __init__(self) -> None:
+        self.seq = 0
+
+    def body(self, payload: bytes) -> bytes:
+        self.seq += 1
+        return b'%s%s,"timestamp":"%s","correlationId":"bench-%d","seq":%d}' % (
+            _HEAD, payload, iso_ms(time.time_ns() // 1_000_000).encode(), self.seq, self.seq)
+
+
+def group_of(payload: bytes) -> int | None:
+    pos = payload.find(b'"g":')
+    if pos < 0:
+        return None
+    end = payload.find(b",", pos)
+    return int(payload[pos + 4:end])
+
+
+def check_token(token: str, secret: str) -> bool:
+    try:
+        jwt.decode(token, secret, algorithms=["HS256"], options={"require": ["exp"]})
+    except jwt.PyJWTError:
+        return False
+    return True
+
+
+class PublishProtocol(asyncio.Protocol):
+    """Newline-separated payloads in, one acknowledgement line out per payload."""
+
+    def __init__(self, on_event: Callable[[bytes], None]):
+        self.on_event = on_event
+        self.buf = b""
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf + data
+        lines = buf.split(b"\n")
+        self.buf = lines.pop()
+        events = [ln for ln in lines if ln]
+        if events:
+            # Acknowledge first, as the gateway does (its 202 leaves before the frames do):
+            # the publisher's next event is then already waiting when this fan-out ends.
+            self.transport.write(b"+\n" * len(events))
+        for line in events:
+            self.on_event(line)

@@ -1,0 +1,3 @@
+module fanout/gosub
+
+go 1.22

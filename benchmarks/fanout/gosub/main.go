@@ -1,0 +1,339 @@
+// gosub: the subscriber load generator of benchmarks/fanout in Go, so that the client side
+// costs less per delivery than the servers under test (a Python client needs several
+// microseconds per received frame). Same contract as `loadgen.py` with role "subscribers":
+// JSON config in argv[1], JSON-line commands on stdin (reset, stat, report, quit), JSON-line
+// replies on stdout, latencies written as little-endian int64 nanoseconds.
+// Standard library only: `go build` needs no module downloads.
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"crypto/rand"
+	"encoding/base64"
+	"encoding/binary"
+	"encoding/json"
+	"fmt"
+	"net"
+	"os"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+)
+
+type Spec struct {
+	Host    string            `json:"host"`
+	Port    int               `json:"port"`
+	Path    string            `json:"path"`
+	Headers map[string]string `json:"headers"`
+	Hello   []string          `json:"hello"`
+	Ready   string            `json:"ready"`
+	Groups  int               `json:"groups"`
+	SrcBase int               `json:"src_base"`
+}
+
+type Config struct {
+	Role        string `json:"role"`
+	Server      Spec   `json:"server"`
+	N           int    `json:"n"`
+	Offset      int    `json:"offset"`
+	Concurrency int    `json:"concurrency"`
+}
+
+var (
+	marker     = []byte(`{"t":`)
+	generation atomic.Int64
+	count      atomic.Int64
+	first      atomic.Int64
+	last       atomic.Int64
+)
+
+type conn struct {
+	c      net.Conn
+	mu     sync.Mutex
+	lat    []int64
+	gen    int64
+	closed atomic.Bool
+}
+
+func clientFrame(data []byte) []byte {
+	n := len(data)
+	var head []byte
+	switch {
+	case n < 126:
+		head = []byte{0x81, 0x80 | byte(n)}
+	case n < 65536:
+		head = []byte{0x81, 0x80 | 126, byte(n >> 8), byte(n)}
+	default:
+		head = make([]byte, 10)
+		head[0], head[1] = 0x81, 0x80|127
+		binary.BigEndian.PutUint64(head[2:], uint64(n))
+	}
+	mask := make([]byte, 4)
+	rand.Read(mask)
+	out := append(head, mask...)
+	for i, b := range data {
+		out = append(out, b^mask[i%4])
+	}
+	return out
+}
+
+// dial retries a set-up that fails (a server whose accept queue overflowed resets or
+// closes the connection), as a real client would.
+func dial(spec *Spec, index int) (*conn, error) {
+	var err error
+	for attempt := 0; attempt < 3; attempt++ {
+		var k *conn
+		if k, err = dialOnce(spec, index); err == nil {
+			return k, nil
+		}
+		time.Sleep(time.Duration(50*(attempt+1)) * time.Millisecond)
+	}
+	return nil, err
+}
+
+func dialOnce(spec *Spec, index int) (*conn, error) {
+	src := fmt.Sprintf("127.0.0.%d", spec.SrcBase+(index/20000)%200)
+	d := net.Dialer{
+		Timeout:   60 * time.Second,
+		LocalAddr: &net.TCPAddr{IP: net.ParseIP(src)},
+		Control: func(network, address string, rc syscall.RawConn) error {
+			return rc.Control(func(fd uintptr) {
+				syscall.SetsockoptInt(int(fd), syscall.IPPROTO_IP, 24, 1) // IP_BIND_ADDRESS_NO_PORT
+			})
+		},
+	}
+	c, err := d.Dial("tcp", net.JoinHostPort(spec.Host, strconv.Itoa(spec.Port)))
+	if err != nil {
+		return nil, err
+	}
+	c.SetDeadline(time.Now().Add(60 * time.Second))
+	key := make([]byte, 16)
+	rand.Read(key)
+	var req strings.Builder
+	fmt.Fprintf(&req, "GET %s HTTP/1.1\r\nHost: %s:%d\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"+
+		"Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n", spec.Path, spec.Host, spec.Port,
+		base64.StdEncoding.EncodeToString(key))
+	for k, v := range spec.Headers {
+		fmt.Fprintf(&req, "%s: %s\r\n", k, v)
+	}
+	req.WriteString("\r\n")
+	if _, err := c.Write([]byte(req.String())); err != nil {
+		c.Close()
+		return nil, err
+	}
+	buf := make([]byte, 0, 4096)
+	tmp := make([]byte, 4096)
+	for bytes.Index(buf, []byte("\r\n\r\n")) < 0 {
+		n, err := c.Read(tmp)
+		if err != nil {
+			c.Close()
+			return nil, fmt.Errorf("handshake: %w", err)
+		}
+		buf = append(buf, tmp[:n]...)
+	}
+	if !bytes.HasPrefix(buf, []byte("HTTP/1.1 101")) {
+		c.Close()
+		return nil, fmt.Errorf("upgrade refused: %.200q", buf)
+	}
+	buf = buf[bytes.Index(buf, []byte("\r\n\r\n"))+4:]
+	groups := spec.Groups
+	if groups < 1 {
+		groups = 1
+	}
+	var hello []byte
+	for _, m := range spec.Hello {
+		m = strings.ReplaceAll(m, "%I%", strconv.Itoa(index))
+		m = strings.ReplaceAll(m, "%G%", strconv.Itoa(index%groups))
+		hello = append(hello, clientFrame([]byte(m))...)
+	}
+	if len(hello) > 0 {
+		if _, err := c.Write(hello); err != nil {
+			c.Close()
+			return nil, err
+		}
+	}
+	ready := []byte(spec.Ready)
+	for bytes.Index(buf, ready) < 0 {
+		n, err := c.Read(tmp)
+		if err != nil {
+			c.Close()
+			return nil, fmt.Errorf("before ready: %w (%.200q)", err, buf)
+		}
+		buf = append(buf, tmp[:n]...)
+	}
+	c.SetDeadline(time.Time{})
+	return &conn{c: c, gen: generation.Load()}, nil
+}
+
+func (k *conn) receive() {
+	buf := make([]byte, 256*1024)
+	var tail []byte
+	for {
+		n, err := k.c.Read(buf[len(tail):])
+		if err != nil {
+			k.closed.Store(true)
+			return
+		}
+		now := time.Now().UnixNano()
+		data := buf[:len(tail)+n]
+		found := int64(0)
+		k.mu.Lock()
+		if g := generation.Load(); g != k.gen {
+			k.gen = g
+			k.lat = k.lat[:0]
+		}
+		pos := bytes.Index(data, marker)
+		keep := len(data) - 4
+		for pos >= 0 {
+			start := pos + len(marker)
+			comma := bytes.IndexByte(data[start:], ',')
+			if comma < 0 {
+				keep = pos
+				break
+			}
+			t, _ := strconv.ParseInt(string(data[start:start+comma]), 10, 64)
+			k.lat = append(k.lat, now-t)
+			found++
+			next := bytes.Index(data[start+comma:], marker)
+			if next < 0 {
+				break
+			}
+			pos = start + comma + next
+		}
+		k.mu.Unlock()
+		if found > 0 {
+			if count.Add(found) == found {
+				first.Store(now)
+			}
+			last.Store(now)
+		}
+		if keep < 0 {
+			keep = 0
+		}
+		// Keep the unparsed end (a marker cut in two) at the start of the buffer.
+		m := copy(buf, data[keep:])
+		tail = buf[:m]
+		if len(tail) > len(buf)/2 {
+			tail = tail[:0]
+		}
+	}
+}
+
+func reply(v any) {
+	b, _ := json.Marshal(v)
+	os.Stdout.Write(append(b, '\n'))
+}
+
+func cpuSeconds() float64 {
+	var ru syscall.Rusage
+	syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
+	return float64(ru.Utime.Sec+ru.Stime.Sec) + float64(ru.Utime.Usec+ru.Stime.Usec)/1e6
+}
+
+func main() {
+	var cfg Config
+	if err := json.Unmarshal([]byte(os.Args[1]), &cfg); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(2)
+	}
+	var lim syscall.Rlimit
+	syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim)
+	want := uint64(200000)
+	if lim.Max < want {
+		lim.Max = want
+	}
+	lim.Cur = lim.Max
+	syscall.Setrlimit(syscall.RLIMIT_NOFILE, &lim)
+
+	conc := cfg.Concurrency
+	if conc < 1 {
+		conc = 256
+	}
+	sem := make(chan struct{}, conc)
+	var mu sync.Mutex
+	var conns []*conn
+	errs := []string{}
+	var wg sync.WaitGroup
+	t0 := time.Now()
+	for i := 0; i < cfg.N; i++ {
+		wg.Add(1)
+		sem <- struct{}{}
+		go func(i int) {
+			defer wg.Done()
+			defer func() { <-sem }()
+			k, err := dial(&cfg.Server, cfg.Offset+i)
+			mu.Lock()
+			defer mu.Unlock()
+			if err != nil {
+				errs = append(errs, err.Error())
+				return
+			}
+			conns = append(conns, k)
+		}(i)
+	}
+	wg.Wait()
+	for _, k := range conns {
+		go k.receive()
+	}
+	if len(errs) > 3 {
+		errs = errs[:3]
+	}
+	reply(map[string]any{"ready": len(conns), "failed": cfg.N - len(conns), "errors": errs,
+		"connect_s": time.Since(t0).Seconds()})
+	open := func() int {
+		n := 0
+		for _, k := range conns {
+			if !k.closed.Load() {
+				n++
+			}
+		}
+		return n
+	}
+	in := bufio.NewScanner(os.Stdin)
+	for in.Scan() {
+		var cmd struct {
+			Op   string `json:"op"`
+			Path string `json:"path"`
+		}
+		json.Unmarshal(in.Bytes(), &cmd)
+		switch cmd.Op {
+		case "reset":
+			generation.Add(1)
+			for _, k := range conns {
+				k.mu.Lock()
+				k.lat = k.lat[:0]
+				k.gen = generation.Load()
+				k.mu.Unlock()
+			}
+			count.Store(0)
+			first.Store(0)
+			last.Store(0)
+			reply(map[string]any{"ok": true})
+		case "stat":
+			reply(map[string]any{"count": count.Load(), "first": first.Load(), "last": last.Load(), "open": open()})
+		case "report":
+			f, err := os.Create(cmd.Path)
+			samples := 0
+			if err == nil {
+				w := bufio.NewWriterSize(f, 1<<20)
+				for _, k := range conns {
+					k.mu.Lock()
+					binary.Write(w, binary.LittleEndian, k.lat)
+					samples += len(k.lat)
+					k.mu.Unlock()
+				}
+				w.Flush()
+				f.Close()
+			}
+			reply(map[string]any{"count": count.Load(), "first": first.Load(), "last": last.Load(),
+				"samples": samples, "open": open(), "cpu_s": cpuSeconds()})
+		case "quit":
+			reply(map[string]any{"bye": true})
+			os.Exit(0)
+		}
+	}
+}

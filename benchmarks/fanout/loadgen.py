@@ -1,0 +1,396 @@
+"""Load-generator process: subscribers, a publisher, or a connection storm.
+
+Run as `python -m benchmarks.fanout.loadgen '<json config>'` by the harness, pinned to a core
+with taskset. It speaks JSON lines: commands on stdin, replies on stdout. Subscribers are raw
+asyncio protocols that do their own minimal WebSocket handshake and never decode frames: they
+scan the received bytes for the payload's timestamp marker (wire.MARKER), which keeps the
+client cost per delivery low enough not to be the bottleneck of a 2-core machine.
+
+Subscriber commands: reset (forget counts), stat (counts so far), report (write latencies to
+`path`, reply counts), quit. Publisher and storm processes run once and print their result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import resource
+import socket
+import sys
+import time
+from array import array
+from typing import Any
+
+from benchmarks.fanout import wire
+
+IP_BIND_ADDRESS_NO_PORT = 24  # Linux: pick the port at connect(), so >28k per source address
+_MAX_SAMPLES = 30_000_000
+
+
+def raise_nofile(want: int = 200_000) -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    for target in (want, hard):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, target), max(hard, target)))
+            break
+        except (ValueError, OSError):
+            continue
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def source_address(index: int, base: int = 2) -> str:
+    """Spread connections over 127.0.0.x so the ephemeral port range is never the limit."""
+    return f"127.0.0.{base + (index // 20000) % 200}"
+
+
+async def open_socket(host: str, port: int, src: str) -> socket.socket:
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.bind((src, 0))
+        sock.setblocking(False)
+        await loop.sock_connect(sock, (host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class Stats:
+    __slots__ = ("count", "first", "last", "lat")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.first = 0
+        self.last = 0
+        self.lat = array("q")
+
+
+class Subscriber(asyncio.Protocol):
+    """One WebSocket client: handshake, hello messages, then count and time events."""
+
+    __slots__ = ("stats", "hello", "ready_marker", "ready", "state", "buf", "tail", "transport", "closed", "_request")
+
+    def __init__(self, stats: Stats, request: bytes, hello: list[bytes], ready_marker: bytes):
+        self.stats = stats
+        self.hello = hello
+        self.ready_marker = ready_marker
+        self.ready: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.state = 0  # 0 handshake, 1 waiting for the ready marker, 2 receiving
+        self.buf = b""
+        self.tail = b""
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self._request = request
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        transport.write(self._request)  # type: ignore[attr-defined]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if not self.ready.done():
+            self.ready.set_exception(ConnectionError(f"closed before ready: {exc or 'EOF'} {self.buf[:200]!r}"))
+
+    def data_received(self, data: bytes) -> None:
+        if self.state == 2:
+            self._events(data)
+            return
+        self.buf += data
+        if self.state == 0:
+            end = self.buf.find(wire.HANDSHAKE_END)
+            if end < 0:
+                return
+            if not self.buf.startswith(b"HTTP/1.1 101"):
+                self.ready.set_exception(ConnectionError(f"upgrade refused: {self.buf[:200]!r}"))
+                self.transport.close()
+                return
+            self.buf = self.buf[end + 4:]
+            self.state = 1
+            if self.hello:
+                self.transport.write(b"".join(self.hello))
+        pos = self.buf.find(self.ready_marker)
+        if pos >= 0:
+            self.state = 2
+            rest = self.buf[pos + len(self.ready_marker):]
+            self.buf = b""
+            if not self.ready.done():
+                self.ready.set_result(None)
+            if rest:
+                self._events(rest)
+
+    def _events(self, data: bytes) -> None:
+        now = time.time_ns()
+        buf = self.tail + data if self.tail else data
+        find = buf.find
+        pos = find(wire.MARKER)
+        if pos < 0:
+            self.tail = buf[-4:]
+            return
+        st = self.stats
+        lat = st.lat
+        n = 0
+        while pos >= 0:
+            comma = find(b",", pos + 5)
+            if comma < 0:
+                self.tail = buf[pos:]
+                break
+            lat.append(now - int(buf[pos + 5:comma]))
+            n += 1
+            pos = find(wire.MARKER, comma)
+        else:
+            self.tail = buf[-4:]
+        if n:
+            if not st.count:
+                st.first = now
+            st.count += n
+            st.last = now
+            if len(lat) > _MAX_SAMPLES:
+                del lat[: len(lat) // 2]
+
+
+def _hello(spec: dict[str, Any], index: int) -> list[bytes]:
+    out = []
+    for msg in spec.get("hello", []):
+        text = msg.replace("%I%", str(index)).replace("%G%", str(index % max(1, spec.get("groups", 1))))
+        out.append(wire.client_text_frame(text.encode()))
+    return out
+
+
+async def connect_one(spec: dict[str, Any], index: int, stats: Stats, timeout: float = 60.0,
+                      attempts: int = 3) -> Subscriber:
+    """Connect, upgrade, send the hello messages, wait for the ready marker; a connection
+    reset during set-up (a full accept queue) is retried like a real client would."""
+    for attempt in range(attempts):
+        try:
+            return await _connect_once(spec, index, stats, timeout)
+        except (ConnectionError, OSError):
+            if attempt == attempts - 1:
+                raise
+            await asyncio.sleep(0.05 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+async def _connect_once(spec: dict[str, Any], index: int, stats: Stats, timeout: float) -> Subscriber:
+    loop = asyncio.get_running_loop()
+    host, port = spec["host"], spec["port"]
+    sock = await asyncio.wait_for(open_socket(host, port, source_address(index, spec.get("src_base", 2))), timeout)
+    request = wire.ws_request(host, port, spec["path"], spec.get("headers"))
+    _, proto = await loop.create_connection(
+        lambda: Subscriber(stats, request, _hello(spec, index), spec["ready"].encode()), sock=sock
+    )
+    await asyncio.wait_for(proto.ready, timeout)
+    return proto
+
+
+async def run_subscribers(cfg: dict[str, Any]) -> None:
+    spec = cfg["server"]
+    n, offset = cfg["n"], cfg["offset"]
+    stats = Stats()
+    sem = asyncio.Semaphore(cfg.get("concurrency", 256))
+    subs: list[Subscriber] = []
+    errors: list[str] = []
+
+    async def one(i: int) -> None:
+        async with sem:
+            try:
+                subs.append(await connect_one(spec, offset + i, stats))
+            except (TimeoutError, OSError, ConnectionError) as exc:
+                errors.append(f"{type(exc).__name__}: {exc}")
+
+    t0 = time.monotonic()
+    await asyncio.gather(*(one(i) for i in range(n)))
+    _reply({"ready": len(subs), "failed": len(errors), "errors": errors[:3], "connect_s": time.monotonic() - t0})
+    reader = await _stdin()
+    while True:
+        line = await reader.readline()
+        if not line:
+            break
+        cmd = json.loads(line)
+        op = cmd["op"]
+        if op == "reset":
+            stats.count = stats.first = stats.last = 0
+            stats.lat = array("q")
+            for s in subs:
+                s.stats = stats
+            _reply({"ok": True})
+        elif op == "stat":
+            _reply({"count": stats.count, "first": stats.first, "last": stats.last,
+                    "open": sum(1 for s in subs if not s.closed)})
+        elif op == "report":
+            with open(cmd["path"], "wb") as fh:
+                stats.lat.tofile(fh)
+            _reply({"count": stats.count, "first": stats.first, "last": stats.last, "samples": len(stats.lat),
+                    "open": sum(1 for s in subs if not s.closed), "cpu_s": _cpu()})
+        elif op == "quit":
+            break
+    for s in subs:
+        if s.transport is not None:
+            s.transport.abort()
+    _reply({"bye": True})
+
+
+class Publisher(asyncio.Protocol):
+    """Counts acknowledgements (one marker per acknowledged event) on the publish connection."""
+
+    def __init__(self, ack: bytes):
+        self.ack = ack
+        self.acked = 0
+        self.tail = b""
+        self.waiter: asyncio.Future | None = None
+        self.want = 0
+        self.lost: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.tail + data
+        self.acked += buf.count(self.ack)
+        self.tail = buf[-(len(self.ack) - 1):] if len(self.ack) > 1 else b""
+        if self.waiter is not None and self.acked >= self.want and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.lost.done():
+            self.lost.set_result(exc)
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(ConnectionError(f"publish connection lost: {exc}"))
+
+    async def until(self, n: int) -> None:
+        if self.acked >= n:
+            return
+        self.want = n
+        self.waiter = asyncio.get_running_loop().create_future()
+        await self.waiter
+
+
+def _publish_bytes(pub: dict[str, Any], group: int) -> bytes:
+    body = wire.payload(group)
+    wrap = pub.get("wrap")
+    if wrap:
+        body = wrap.encode().replace(b"%P%", body)
+    if pub["kind"] == "http":
+        return wire.http_post(pub["host"], pub["port"], pub["path"], body, pub.get("headers", {}))
+    return body + b"\n"
+
+
+async def run_publisher(cfg: dict[str, Any]) -> None:
+    pub = cfg["publish"]
+    loop = asyncio.get_running_loop()
+    sock = await open_socket(pub["host"], pub["port"], "127.0.0.1")
+    _, proto = await loop.create_connection(lambda: Publisher(pub["ack"].encode()), sock=sock)
+    groups = max(1, cfg.get("groups", 1))
+    rng = random.Random(7)
+    mode = cfg["mode"]
+    duration = cfg["duration"]
+    max_events = cfg.get("max_events", 1 << 62)
+    sent = 0
+    t_start = time.time_ns()
+    deadline = time.monotonic() + duration
+    write = proto.transport.write
+    if mode == "window":  # closed loop: at most `window` events unacknowledged
+        window = cfg.get("window", 1)
+        while time.monotonic() < deadline and sent < max_events:
+            while sent - proto.acked < window and sent < max_events:
+                write(_publish_bytes(pub, rng.randrange(groups)))
+                sent += 1
+            await proto.until(sent - window + 1)
+    elif mode == "burst":  # `burst` events in one write, then wait for all of them
+        burst = cfg["burst"]
+        while time.monotonic() < deadline and sent < max_events:
+            write(b"".join(_publish_bytes(pub, rng.randrange(groups)) for _ in range(burst)))
+            sent += burst
+            await proto.until(sent)
+    elif mode == "paced":  # open loop at a fixed event rate
+        interval = 1.0 / cfg["events_per_s"]
+        t0 = time.monotonic()
+        while True:
+            due = t0 + sent * interval
+            now = time.monotonic()
+            if due > now:
+                await asyncio.sleep(due - now)
+            if time.monotonic() >= deadline or sent >= max_events:
+                break
+            write(_publish_bytes(pub, rng.randrange(groups)))
+            sent += 1
+    t_sent = time.time_ns()
+    try:
+        await asyncio.wait_for(proto.until(sent), 30)
+    except TimeoutError:
+        pass
+    proto.transport.close()
+    _reply({"sent": sent, "acked": proto.acked, "t_start": t_start, "t_sent": t_sent, "cpu_s": _cpu()})
+
+
+async def run_storm(cfg: dict[str, Any]) -> None:
+    """Connect, authenticate, subscribe, close: `total` times, `concurrency` at once."""
+    spec = cfg["server"]
+    total, conc = cfg["total"], cfg.get("concurrency", 64)
+    stats = Stats()
+    times = array("q")
+    errors: list[str] = []
+    counter = iter(range(total))
+
+    async def worker() -> None:
+        for i in counter:
+            t0 = time.perf_counter_ns()
+            try:
+                proto = await connect_one(spec, cfg["offset"] + i, stats, timeout=30)
+            except (TimeoutError, OSError, ConnectionError) as exc:
+                errors.append(f"{type(exc).__name__}: {exc}")
+                continue
+            times.append(time.perf_counter_ns() - t0)
+            proto.transport.close()
+
+    t_start = time.monotonic()
+    await asyncio.gather(*(worker() for _ in range(conc)))
+    elapsed = time.monotonic() - t_start
+    await asyncio.sleep(0.2)  # let the closes go out
+    with open(cfg["path"], "wb") as fh:
+        times.tofile(fh)
+    _reply({"done": len(times), "failed": len(errors), "errors": errors[:3], "elapsed": elapsed, "cpu_s": _cpu()})
+
+
+def _cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _reply(obj: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+async def _stdin() -> asyncio.StreamReader:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=1 << 20)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    return reader
+
+
+def main() -> None:
+    cfg = json.loads(sys.argv[1])
+    raise_nofile()
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    role = cfg["role"]
+    fn = {"subscribers": run_subscribers, "publisher": run_publisher, "storm": run_storm}[role]
+    try:
+        asyncio.run(fn(cfg))
+    except KeyboardInterrupt:
+        pass
+    os._exit(0)  # skip tearing down thousands of sockets one by one
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""Before/after of the fan-out hot loop, in one process: `python -m benchmarks.fanout.microbench`.
+
+Three versions of "queue one frame on 1000 connections, then write each connection's pending
+frames", over real loopback TCP connections (uvloop transports):
+  before    the gateway's loop before issue 8: a Python method call per delivery
+            (`sub.conn.push(frame)` -> `hub.schedule`) and per connection (`conn.flush()`,
+            which read the limit through the config object each time)
+  after     rtcore/fanout.py (one Python function per event / per flush), as the hub runs now
+  compiled  the same loops compiled with Cython, when `cythonize` is installed (built in a
+            temporary directory; the project does not ship it: see rtcore/fanout.py)
+Reported per delivery: the queueing alone (no system call) and queueing + the write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import uvloop
+
+from rtcore import fanout as fanout_loops
+
+N = 1000
+ROUNDS = 200
+
+
+class _Limits:
+    send_buffer_bytes = 4 << 20
+
+
+class _Cfg:
+    @property
+    def limits(self) -> _Limits:  # the real Config builds a section object per access
+        return _Limits()
+
+
+class Hub:
+    def __init__(self) -> None:
+        self.dirty: list = []
+        self.cfg = _Cfg()
+
+    def schedule(self, conn) -> None:
+        self.dirty.append(conn)
+
+
+class Conn:
+    """Attributes of rtserver's Connection that the loops touch; `push`/`flush` are the
+    pre-issue-8 methods, verbatim apart from the metrics object."""
+
+    def __init__(self, hub: Hub, raw) -> None:
+        self.hub = hub
+        self._raw = raw
+        self.pending = None
+        self.closed = False
+        self.writes = 0
+        self.frames_out = 0
+
+    def push(self, frame: bytes) -> None:
+        pending = self.pending
+        if pending is None:
+            if self.closed:
+                return
+            self.pending = [frame]
+            self.hub.schedule(self)
+        elif pending[-1] is not frame:
+            pending.append(frame)
+
+    def flush(self) -> None:
+        frames = self.pending
+        self.pending = None
+        if frames is None or self.closed:
+            return
+        raw = self._raw
+        if len(frames) == 1:
+            raw.write(frames[0])
+        else:
+            raw.write(b"".join(frames))
+        self.writes += 1
+        self.frames_out += len(frames)
+        if raw.get_write_buffer_size() > self.hub.cfg.limits.send_buffer_bytes:
+            self._slow_reader()
+
+    def _slow_reader(self) -> None:
+        raise RuntimeError("the reader side of the micro-benchmark fell behind")
+
+
+class Sub:
+    __slots__ = ("conn",)
+
+    def __init__(self, conn: Conn) -> None:
+        self.conn = conn
+
+
+class Drain(asyncio.Protocol):
+    def data_received(self, data: bytes) -> None:
+        pass
+
+
+async def main() -> None:
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(Drain, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    hub = Hub()
+    conns = []
+    for _ in range(N):
+        raw, _ = await loop.create_connection(asyncio.Protocol, "127.0.0.1", port)
+        conns.append(Conn(hub, raw))
+    subs = [Sub(c) for c in conns]
+    frame = b"\x81\x7e\x00\xcf" + b"x" * 207
+    limit = 4 << 20
+
+    def before() -> tuple[int, int]:
+        t0 = time.perf_counter_ns()
+        for sub in subs:
+            sub.conn.push(frame)
+        dirty, hub.dirty = hub.dirty, []
+        t1 = time.perf_counter_ns()
+        for conn in dirty:
+            conn.flush()
+        return t1 - t0, time.perf_counter_ns() - t1
+
+    def make(push_all, flush_all):
+        def run() -> tuple[int, int]:
+            dirty: list = []
+            t0 = time.perf_counter_ns()
+            push_all(subs, frame, dirty)
+            t1 = time.perf_counter_ns()
+            flush_all(dirty, limit)
+            return t1 - t0, time.perf_counter_ns() - t1
+        return run
+
+    variants = {"before": before, "after": make(fanout_loops.push_all, fanout_loops.flush_all)}
+    compiled = _compile()
+    if compiled is not None:
+        variants["compiled"] = make(compiled.push_all, compiled.flush_all)
+    best = {name: [float("inf"), float("inf")] for name in variants}
+    for _ in range(7):  # interleaved, so load elsewhere on the machine hits every variant alike
+        for name, fn in variants.items():
+            q = w = 0
+            for _ in range(ROUNDS):
+                dq, dw = fn()
+                q += dq
+                w += dw
+                await asyncio.sleep(0)  # the reader side drains (not timed)
+            best[name][0] = min(best[name][0], q / (ROUNDS * N))
+            best[name][1] = min(best[name][1], w / (ROUNDS * N))
+    print(f"{N} connections, {ROUNDS} events x 7 interleaved rounds; ns per delivery, best round")
+    print(f"{'variant':10s} {'queue':>7s} {'write':>7s} {'total':>7s}")
+    for name, (q, w) in best.items():
+        print(f"{name:10s} {q:7.0f} {w:7.0f} {q + w:7.0f}")
+    for c in conns:
+        c._raw.close()
+    server.close()
+
+
+def _compile():
+    """rtcore/fanout.py compiled by Cython in a temporary directory, or None."""
+    import importlib.util
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    if shutil.which("cythonize") is None:
+        return None
+    tmp = tempfile.mkdtemp(prefix="fanout-cy-")
+    src = os.path.join(tmp, "fanout_cy.py")
+    shutil.copy(fanout_loops.__file__, src)
+    proc = subprocess.run(["cythonize", "-i", "-3", src], cwd=tmp, capture_output=True, text=True)
+    if proc.returncode != 0:
+        print("cythonize failed:", proc.stderr[-500:])
+        return None
+    so = next(f for f in os.listdir(tmp) if f.startswith("fanout_cy.") and f.endswith(".so"))
+    spec = importlib.util.spec_from_file_location("fanout_cy", os.path.join(tmp, so))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    sys.modules["fanout_cy"] = mod
+    return mod
+
+
+if __name__ == "__main__":
+    uvloop.run(main())

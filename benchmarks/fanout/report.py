@@ -1,0 +1,231 @@
+"""Results to Markdown (figures and ratios to the baselines of the same run) and PNG charts."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+BASELINES = ("picows", "websockets", "centrifugo")
+
+
+def _index(data: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
+    return {(r["scenario"], r["server"]): r for r in data["results"]}
+
+
+def _err(r: dict[str, Any]) -> str:
+    return " ".join(r["error"].split())[:160].replace("|", "/")
+
+
+def _fmt(v: float | None, digits: int = 0) -> str:
+    if v is None:
+        return "–"
+    return f"{v:,.{digits}f}"
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    if not a or not b:
+        return "–"
+    return f"{a / b:.2f}×"
+
+
+def markdown(data: dict[str, Any]) -> str:
+    meta = data["meta"]
+    idx = _index(data)
+    scen = list(dict.fromkeys(r["scenario"] for r in data["results"]))
+    servers = list(dict.fromkeys(r["server"] for r in data["results"]))
+    out = [
+        f"# Fan-out benchmark ({'smoke' if meta.get('smoke') else 'standard set'})",
+        "",
+        f"Run {meta.get('started')} – {meta.get('finished')}; command `{meta.get('command', '')}`; "
+        f"server on CPU {meta.get('server_cpus')}, load generators on CPU {meta.get('client_cpus')}; "
+        f"gateway compiled core: {meta.get('gateway_compiled_core')}.",
+        "",
+        "## Targets of issue 8 (ratios within this run)",
+        "",
+        *targets(data),
+        "",
+        "## Throughput and latency (publish → receipt)",
+        "",
+        "| scenario | server | deliveries/s | ×picows | ×websockets | ×centrifugo | p50 ms | p90 | p99 | p99.9 | max | "
+        "server CPU | deliveries per CPU-s | frames/write | lost |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for s in scen:
+        for name in servers:
+            r = idx.get((s, name))
+            if r is None or r["kind"] != "fanout":
+                continue
+            if "error" in r:
+                out.append(f"| {s} | {name} | error: {_err(r)} |" + " |" * 13)
+                continue
+            lat = r.get("latency_ms") or {}
+            ratios = []
+            for b in BASELINES:
+                base = idx.get((s, b))
+                ok = base is not None and "error" not in base and b != name
+                ratios.append(_ratio(r["deliveries_per_s"], base["deliveries_per_s"]) if ok else "–")
+            out.append(
+                f"| {s} | {name} | {_fmt(r['deliveries_per_s'])} | {' | '.join(ratios)} | "
+                f"{_fmt(lat.get('p50'), 2)} | {_fmt(lat.get('p90'), 2)} | {_fmt(lat.get('p99'), 2)} | "
+                f"{_fmt(lat.get('p99.9'), 2)} | {_fmt(lat.get('max'), 1)} | {r['server_cpu_util']:.0%} | "
+                f"{_fmt(r.get('deliveries_per_cpu_s'))} | {_fmt(r.get('frames_per_write'), 2)} | {r['lost']} |"
+            )
+    paced = [s for s in scen if idx.get((s, "gateway"), {}).get("target_rate")]
+    if paced:
+        out += ["", "## Paced: p99 relative to the baselines at the same rate", "",
+                "| scenario | server | p99 ms | p99 ÷ picows p99 | p99 ÷ websockets p99 | p99 ÷ centrifugo p99 |",
+                "|---|---|---:|---:|---:|---:|"]
+        for s in paced:
+            for name in servers:
+                r = idx.get((s, name))
+                if r is None or "error" in r or not r.get("latency_ms"):
+                    continue
+                p99 = r["latency_ms"]["p99"]
+                cells = []
+                for b in BASELINES:
+                    base = idx.get((s, b))
+                    ok = base is not None and "error" not in base and base.get("latency_ms") and b != name
+                    cells.append(f"{p99 / base['latency_ms']['p99']:.2f}" if ok else "–")
+                out.append(f"| {s} | {name} | {p99:.2f} | {' | '.join(cells)} |")
+    storm = [r for r in data["results"] if r["kind"] == "storm"]
+    if storm:
+        out += ["", "## Connection storm (connect + auth + subscribe)", "",
+                "| server | connects/s | ×picows | ×websockets | p50 ms | p99 ms | per server CPU-s | failed |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in storm:
+            if "error" in r:
+                out.append(f"| {r['server']} | error: {_err(r)} | | | | | | |")
+                continue
+            cells = []
+            for b in ("picows", "websockets"):
+                base = idx.get((r["scenario"], b))
+                ok = base is not None and "error" not in base and b != r["server"]
+                cells.append(_ratio(r["connects_per_s"], base["connects_per_s"]) if ok else "–")
+            lat = r.get("latency_ms") or {}
+            out.append(f"| {r['server']} | {_fmt(r['connects_per_s'])} | {' | '.join(cells)} | "
+                       f"{_fmt(lat.get('p50'), 1)} | {_fmt(lat.get('p99'), 1)} | "
+                       f"{_fmt(r.get('connects_per_cpu_s'))} | {r['failed']} |")
+    idle = [r for r in data["results"] if r["kind"] == "idle"]
+    if idle:
+        out += ["", "## Idle connections: server RSS per authenticated, subscribed connection", "",
+                "| scenario | server | connections | RSS before MiB | RSS after MiB | KiB per connection | ×picows |",
+                "|---|---|---:|---:|---:|---:|---:|"]
+        for r in idle:
+            if "error" in r:
+                out.append(f"| {r['scenario']} | {r['server']} | error: {_err(r)} | | | | |")
+                continue
+            base = idx.get((r["scenario"], "picows"))
+            ok = base is not None and "error" not in base and r["server"] != "picows"
+            out.append(f"| {r['scenario']} | {r['server']} | {r['connections']} | {r['rss_before_mib']:.1f} | "
+                       f"{r['rss_after_mib']:.1f} | {r['rss_per_conn_kib']:.1f} | "
+                       f"{_ratio(r['rss_per_conn_kib'], base['rss_per_conn_kib']) if ok else '–'} |")
+    return "\n".join(out) + "\n"
+
+
+def _get(idx, scenario: str, server: str, *path: str) -> float | None:
+    r = idx.get((scenario, server))
+    if r is None or "error" in r:
+        return None
+    v: Any = r
+    for k in path:
+        if not isinstance(v, dict) or v.get(k) is None:
+            return None
+        v = v[k]
+    return float(v)
+
+
+def targets(data: dict[str, Any]) -> list[str]:
+    """The issue's targets, each as measured in this run: (ratio by rate, ratio by server CPU)."""
+    idx = _index(data)
+    rows = []
+
+    def ratio(a, b):
+        return a / b if a is not None and b else None
+
+    def row(name, goal, by_rate, by_cpu, ok):
+        cells = [f"{by_rate:.2f}" if by_rate is not None else "–", f"{by_cpu:.2f}" if by_cpu is not None else "–"]
+        verdict = "–" if by_rate is None else ("holds" if ok(by_rate) else "does not hold")
+        rows.append(f"| {name} | {goal} | {cells[0]} | {cells[1]} | {verdict} |")
+
+    dps, dpc = ("deliveries_per_s",), ("deliveries_per_cpu_s",)
+    for base, goal in (("picows", 0.95), ("websockets", 1.8)):
+        row(f"broadcast-1000 vs {base}", f"≥ {goal}×",
+            ratio(_get(idx, "broadcast-1000", "gateway", *dps), _get(idx, "broadcast-1000", base, *dps)),
+            ratio(_get(idx, "broadcast-1000", "gateway", *dpc), _get(idx, "broadcast-1000", base, *dpc)),
+            lambda v, g=goal: v >= g)
+    row("bursty-50 vs picows", "≥ 3×",
+        ratio(_get(idx, "bursty-50", "gateway", *dps), _get(idx, "bursty-50", "picows", *dps)),
+        ratio(_get(idx, "bursty-50", "gateway", *dpc), _get(idx, "bursty-50", "picows", *dpc)),
+        lambda v: v >= 3)
+    row("paced-100k p99 ÷ picows p99", "≤ 1.2",
+        ratio(_get(idx, "paced-100k", "gateway", "latency_ms", "p99"),
+              _get(idx, "paced-100k", "picows", "latency_ms", "p99")), None, lambda v: v <= 1.2)
+    row("filtered-10k ÷ broadcast-1000 (gateway)", "≥ 0.8×",
+        ratio(_get(idx, "filtered-10k", "gateway", *dps), _get(idx, "broadcast-1000", "gateway", *dps)),
+        ratio(_get(idx, "filtered-10k", "gateway", *dpc), _get(idx, "broadcast-1000", "gateway", *dpc)),
+        lambda v: v >= 0.8)
+    kib = _get(idx, "idle-20k", "gateway", "rss_per_conn_kib")
+    rows.append(f"| idle-20k KiB per connection | ≤ 20 KiB | {kib:.1f} KiB | – | "
+                f"{'holds' if kib <= 20 else 'does not hold'} |" if kib is not None else
+                "| idle-20k KiB per connection | ≤ 20 KiB | – | – | – |")
+    for sc in ("broadcast-1000", "paced-300k"):
+        row(f"{sc} vs centrifugo (goal: more per server core)", "> 1×",
+            ratio(_get(idx, sc, "gateway", *dps), _get(idx, sc, "centrifugo", *dps)),
+            ratio(_get(idx, sc, "gateway", *dpc), _get(idx, sc, "centrifugo", *dpc)),
+            lambda v: v > 1)
+    head = ["| target | goal | measured (rate) | measured (per server CPU-s) | verdict (rate) |",
+            "|---|---|---:|---:|---|"]
+    return head + rows
+
+
+def charts(data: dict[str, Any], out_dir: str, stem: str) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import matplotlib.ticker
+    except ImportError:
+        return []
+    written = []
+    res = [r for r in data["results"] if r["kind"] == "fanout" and "error" not in r]
+    servers = list(dict.fromkeys(r["server"] for r in res))
+    # Deliveries/s vs clients (broadcast).
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in servers:
+        pts = sorted((r["clients"], r["deliveries_per_s"]) for r in res
+                     if r["server"] == name and r["scenario"].startswith("broadcast"))
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("subscribers (one channel)")
+    ax.set_ylabel("deliveries/s")
+    ax.set_title("Broadcast, one event at a time")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    path = os.path.join(out_dir, f"{stem}-deliveries-vs-clients.png")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    written.append(path)
+    # Latency percentiles vs rate (paced).
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.5), sharey=False)
+    for ax, pct in zip(axes, ("p50", "p99"), strict=True):
+        for name in servers:
+            pts = sorted((r["target_rate"], r["latency_ms"][pct]) for r in res
+                         if r["server"] == name and r.get("target_rate") and r.get("latency_ms"))
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+        ax.set_xlabel("deliveries/s (paced), thousands")
+        ax.set_ylabel(f"{pct} latency, ms (log)")
+        ax.set_yscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _pos: f"{v / 1000:g}k"))
+        ax.set_title(f"{pct} publish → receipt")
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    path = os.path.join(out_dir, f"{stem}-latency-vs-rate.png")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    written.append(path)
+    return written

@@ -1,0 +1,68 @@
+"""The scenarios of the standard and smoke sets (issue 8).
+
+kind "fanout": N subscribers, a publisher in one of three modes:
+  window  closed loop, at most `window` events unacknowledged; each event is its own publish
+          call (window 2 keeps the next event waiting while the server writes the current
+          one, so a 2-core machine's scheduling delays do not idle the server)
+  burst   `burst` events in one write, then wait for their acknowledgements
+  paced   open loop at `rate` deliveries/s (events/s = rate / matching clients)
+kind "storm": connect + authenticate + subscribe + close, `total` times
+kind "idle": N subscribers that stay connected; server RSS per connection
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    kind: str  # fanout | storm | idle
+    clients: int = 0
+    mode: str = "window"
+    duration: float = 4.0
+    window: int = 2
+    burst: int = 0
+    rate: int = 0  # deliveries/s (paced)
+    groups: int = 0  # filtered: each event matches clients/groups subscribers
+    total: int = 0  # storm
+    concurrency: int = 128  # storm / connect
+    fresh: bool = False  # start a fresh server (RSS figures)
+    servers: tuple[str, ...] = ("gateway", "picows", "websockets")
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def matches_per_event(self) -> int:
+        return self.clients // self.groups if self.groups else self.clients
+
+
+ALL = ("gateway", "picows", "websockets", "centrifugo")
+
+
+def standard() -> list[Scenario]:
+    return [
+        Scenario("broadcast-300", "fanout", clients=300, servers=ALL),
+        Scenario("broadcast-1000", "fanout", clients=1000, servers=ALL),
+        Scenario("broadcast-3000", "fanout", clients=3000, servers=ALL),
+        Scenario("filtered-10k", "fanout", clients=10000, groups=100, window=8, duration=5.0),
+        Scenario("paced-100k", "fanout", clients=1000, mode="paced", rate=100_000, duration=5.0, servers=ALL),
+        Scenario("paced-300k", "fanout", clients=1000, mode="paced", rate=300_000, duration=5.0, servers=ALL),
+        Scenario("bursty-50", "fanout", clients=1000, mode="burst", burst=50, duration=4.0),
+        Scenario("storm", "storm", total=4000, concurrency=128),
+        Scenario("idle-20k", "idle", clients=20000, fresh=True, concurrency=256),
+    ]
+
+
+def smoke() -> list[Scenario]:
+    """Every scenario kind at toy size, for CI (~20 s): the gateway and the picows baseline,
+    plus the websockets baseline once so its driver does not rot."""
+    two = ("gateway", "picows")
+    return [
+        Scenario("broadcast-100", "fanout", clients=100, duration=0.7, servers=two + ("websockets",)),
+        Scenario("filtered-200", "fanout", clients=200, groups=10, window=4, duration=0.7, servers=two),
+        Scenario("paced-5k", "fanout", clients=100, mode="paced", rate=5000, duration=0.7, servers=two),
+        Scenario("bursty-50", "fanout", clients=100, mode="burst", burst=50, duration=0.7, servers=two),
+        Scenario("storm", "storm", total=100, concurrency=16, servers=two),
+        Scenario("idle-300", "idle", clients=300, servers=two),
+    ]

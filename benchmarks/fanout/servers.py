@@ -1,0 +1,288 @@
+"""Drivers of the servers under test: how to start each one, how a client talks to it, how
+events are published to it. Every server runs as its own process pinned to the server core.
+
+- `gateway`: `python -m rtserver serve`, clients authenticate with a bearer header and
+  subscribe to `events:bench`; events are published through the HTTP publish API.
+- `picows`, `websockets`: the baselines (baseline_*.py), same frames, events over a TCP line port.
+- `centrifugo`: benchmarks/centrifugo/bin/centrifugo (built by benchmarks/centrifugo/build.sh),
+  its JSON protocol over WebSocket, events through its HTTP API.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from typing import Any
+
+import jwt
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SECRET = "bench-secret-0123456789abcdef0123456789abcdef"
+CENTRIFUGO_BIN = os.path.join(ROOT, "benchmarks", "centrifugo", "bin", "centrifugo")
+WORKSPACE = "bench"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def token(sub: str = "bench-user", publish: bool = False, **claims: Any) -> str:
+    now = int(time.time())
+    payload = {"sub": sub, "iat": now, "exp": now + 7200, "workspaces": [WORKSPACE], **claims}
+    if publish:
+        payload["realtime_publish"] = True
+    return jwt.encode(payload, SECRET, algorithm="HS256")
+
+
+NICE = 0  # set by the CLI (--nice): priority of every benchmark process on a shared machine
+
+
+def taskset(cpus: str | None) -> list[str]:
+    """Pin to `cpus` (and apply NICE); empty when taskset is missing or there is one core."""
+    prefix = ["nice", "-n", str(NICE)] if NICE else []
+    if cpus is None or shutil.which("taskset") is None:
+        return prefix
+    return prefix + ["taskset", "-c", cpus]
+
+
+@dataclass
+class Server:
+    name: str
+    cpus: str | None
+    port: int = 0
+    proc: subprocess.Popen | None = None
+    tmp: tempfile.TemporaryDirectory | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    # -- lifecycle --
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def env(self) -> dict[str, str]:
+        return dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+    def start(self) -> None:
+        self.tmp = tempfile.TemporaryDirectory(prefix=f"fanout-{self.name}-")
+        self.port = free_port()
+        self.extra["publish_port"] = free_port()
+        log = open(os.path.join(self.tmp.name, "server.log"), "wb")
+        self.proc = subprocess.Popen(taskset(self.cpus) + self.command(), env=self.env(), cwd=self.tmp.name,
+                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.logs()}")
+            if self.healthy():
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"{self.name} did not come up:\n{self.logs()}")
+
+    def healthy(self) -> bool:
+        for port in (self.port, self.extra["publish_port"]):
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) != 0:
+                    return False
+        return True
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+        if self.tmp is not None:
+            self.tmp.cleanup()
+            self.tmp = None
+
+    def logs(self) -> str:
+        try:
+            with open(os.path.join(self.tmp.name, "server.log"), errors="replace") as fh:
+                return fh.read()[-5000:]
+        except (OSError, AttributeError):
+            return ""
+
+    # -- what the load generator needs --
+    def client_spec(self, filtered_groups: int = 0) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def publish_spec(self) -> dict[str, Any]:
+        return {"kind": "line", "host": "127.0.0.1", "port": self.extra["publish_port"], "ack": "+\n"}
+
+    def counters(self) -> dict[str, float]:
+        """Server-side counters worth reporting (the gateway's writes and frames)."""
+        return {}
+
+    # -- process figures --
+    def cpu_seconds(self) -> float:
+        with open(f"/proc/{self.proc.pid}/stat") as fh:
+            parts = fh.read().rsplit(")", 1)[1].split()
+        return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
+
+    def rss_bytes(self) -> int:
+        with open(f"/proc/{self.proc.pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        return 0
+
+
+class Gateway(Server):
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "rtserver", "serve", "--host", "127.0.0.1", "--port", str(self.port)]
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in super().env().items() if not k.startswith("RT_")}
+        env.update({
+            "RT_AUTH_HS256_SECRET": SECRET,
+            "RT_STATE_DIR": self.tmp.name,
+            "RT_LOG_LEVEL": "warning",
+            "RT_MAX_CONNECTIONS": "1000000",
+            "RT_MAX_CONNECTIONS_PER_SUBJECT": "1000000",
+            "RT_IDLE_TIMEOUT": "3600",
+            "RT_SEND_BUFFER_BYTES": str(64 * 1024 * 1024),
+        })
+        return env
+
+    def start(self) -> None:
+        super().start()
+        self.extra["compiled"] = _gateway_compiled()
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=1) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def counters(self) -> dict[str, float]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        out = {}
+        for line in text.splitlines():
+            name, _, value = line.partition(" ")
+            if name in ("rt_writes_total", "rt_frames_out_total", "rt_deliveries_total",
+                        "rt_slow_reader_drops_total"):
+                out[name] = float(value)
+        return out
+
+    def client_spec(self, filtered_groups: int = 0) -> dict[str, Any]:
+        sub: dict[str, Any] = {"type": "subscribe", "channel": "events:bench"}
+        if filtered_groups:
+            # Distinct predicate per client (the $ne value), 1/groups of the clients match an event.
+            sub["filter"] = {"predicates": {"g": 999999, "u": {"$ne": 888888}}}
+        hello = json.dumps(sub).replace("999999", "%G%").replace("888888", "%I%")
+        return {
+            "host": "127.0.0.1", "port": self.port, "path": f"/workspaces/{WORKSPACE}/realtime/connect",
+            "headers": {"Authorization": f"Bearer {token()}"}, "hello": [hello], "ready": '"subscribed"',
+            "groups": filtered_groups,
+        }
+
+    def publish_spec(self) -> dict[str, Any]:
+        return {"kind": "http", "host": "127.0.0.1", "port": self.port,
+                "path": f"/workspaces/{WORKSPACE}/realtime/events/bench",
+                "headers": {"Authorization": f"Bearer {token('bench-publisher', publish=True)}"},
+                "ack": "HTTP/1.1 "}
+
+
+class GatewayReadBuffer2k(Gateway):
+    """The gateway with a 2 KiB first read buffer per connection (see gateway_variant.py)."""
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "benchmarks.fanout.gateway_variant", "serve", "--host", "127.0.0.1",
+                "--port", str(self.port)]
+
+
+class Baseline(Server):
+    module = ""
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", self.module, str(self.port), str(self.extra["publish_port"]), SECRET]
+
+    def client_spec(self, filtered_groups: int = 0) -> dict[str, Any]:
+        sub = '{"type":"subscribe","channel":"events:bench"%s}' % (',"g":%G%' if filtered_groups else "")
+        auth = json.dumps({"type": "auth", "token": token()})
+        return {"host": "127.0.0.1", "port": self.port, "path": "/", "hello": [auth, sub],
+                "ready": '"subscribed"', "groups": filtered_groups}
+
+
+class PicowsBaseline(Baseline):
+    module = "benchmarks.fanout.baseline_picows"
+
+
+class WebsocketsBaseline(Baseline):
+    module = "benchmarks.fanout.baseline_websockets"
+
+
+class Centrifugo(Server):
+    """Centrifugo v6 with HMAC tokens and the HTTP API; one channel `bench`."""
+
+    api_key = "bench-api-key"
+
+    def command(self) -> list[str]:
+        cfg = {
+            "http_server": {"address": "127.0.0.1", "port": str(self.port)},
+            "client": {"token": {"hmac_secret_key": SECRET}, "allowed_origins": ["*"]},
+            "channel": {"without_namespace": {"allow_subscribe_for_client": True}},
+            "http_api": {"key": self.api_key},
+            "log": {"level": "error"},
+        }
+        path = os.path.join(self.tmp.name, "config.json")
+        with open(path, "w") as fh:
+            json.dump(cfg, fh)
+        return [CENTRIFUGO_BIN, "--config", path]
+
+    def env(self) -> dict[str, str]:
+        # One core, like the Python servers (and CPU per core is what the report compares).
+        return dict(os.environ, GOMAXPROCS="1")
+
+    def healthy(self) -> bool:
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", self.port)) == 0
+
+    def client_spec(self, filtered_groups: int = 0) -> dict[str, Any]:
+        connect = json.dumps({"id": 1, "connect": {"token": token()}})
+        sub = json.dumps({"id": 2, "subscribe": {"channel": "bench"}})
+        return {"host": "127.0.0.1", "port": self.port, "path": "/connection/websocket",
+                "hello": [connect, sub], "ready": '"id":2', "groups": 0}
+
+    def publish_spec(self) -> dict[str, Any]:
+        return {"kind": "http", "host": "127.0.0.1", "port": self.port, "path": "/api/publish",
+                "headers": {"X-API-Key": self.api_key}, "wrap": '{"channel":"bench","data":%P%}',
+                "ack": "HTTP/1.1 "}
+
+
+def _gateway_compiled() -> bool | None:
+    try:
+        from rtcore.engine import COMPILED
+
+        return COMPILED
+    except Exception:
+        return None
+
+
+KINDS: dict[str, type[Server]] = {
+    "gateway": Gateway,
+    "gateway-rb2k": GatewayReadBuffer2k,
+    "picows": PicowsBaseline,
+    "websockets": WebsocketsBaseline,
+    "centrifugo": Centrifugo,
+}
+
+
+def available(name: str) -> bool:
+    return name != "centrifugo" or os.access(CENTRIFUGO_BIN, os.X_OK)
