@@ -31,7 +31,7 @@ def test_demo_copy_of_the_client_is_current():
 
 async def test_js_client_suite_against_the_gateway(gateway_factory):
     node = require_node()
-    gw = await gateway_factory(env={"RT_HISTORY_EVENTS": "50"})
+    gw = await gateway_factory(env={"RT_HISTORY_EVENTS": "500"})
     env = {**os.environ, "RT_TEST_GATEWAY": gw.url, "RT_TEST_SECRET": SECRET}
     proc = await asyncio.create_subprocess_exec(
         node, "--test", "--test-reporter=spec", "test/client.test.js",

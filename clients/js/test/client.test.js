@@ -144,7 +144,8 @@ test("a new session (header auth) re-subscribes with since: events missed meanwh
 });
 
 test("history_gap is surfaced when the history no longer holds what was missed", { timeout: 30000 }, async () => {
-  // The gateway runs with RT_HISTORY_EVENTS=50.
+  // The gateway runs with RT_HISTORY_EVENTS=500: large enough that the other tests' reconnects
+  // never outrun it, small enough to overflow here.
   const ws = "js-gap";
   const proxy = await startProxy();
   const client = connect({ url: wsUrl(ws, proxy.port), getToken: () => token({ workspace: ws }), ...fast });
@@ -161,16 +162,16 @@ test("history_gap is surfaced when the history no longer holds what was missed",
     proxy.cut();
     await waitFor(() => client.state === "reconnecting", 5000, "reconnecting");
     const missed = [];
-    for (let i = 0; i < 60; i++) missed.push((await publish(ws, "g", { i })).seq);
+    for (let i = 0; i < 510; i++) missed.push((await publish(ws, "g", { i })).seq);
     proxy.hold = false;
-    await waitFor(() => events.length === 51, 10000, "replay of the retained 50");
+    await waitFor(() => events.length === 501, 10000, "replay of the retained 500");
     assert.equal(gaps.length, 1);
     assert.equal(gaps[0].channel, "events:g");
     assert.equal(gaps[0].code, 4011);
     assert.equal(gaps[0].oldest, missed[10]);
     assert.deepEqual(events.map((e) => e.seq), [first.seq, ...missed.slice(10)]);
     // The iterator saw the gap notice in order: before the replayed events.
-    assert.deepEqual(items.map((x) => x.type), ["event", "history_gap", ...Array(50).fill("event")]);
+    assert.deepEqual(items.map((x) => x.type), ["event", "history_gap", ...Array(500).fill("event")]);
   } finally {
     client.close();
     await proxy.close();
