@@ -604,27 +604,23 @@ class Connection(WSListener):
         for sub in live:
             self.gw.hub.add(ws, sub)
         if oldest is not None:
-            for sub in live:
-                self.send_error(
-                    4011,
-                    f"events after {since} are no longer retained by the event stream; it holds {oldest} onwards",
-                    channel=sub.spec.channel,
-                    oldest=oldest,
-                )
-                m.history_gaps += 1
+            self._send_gaps(
+                live, f"events after {since} are no longer retained by the event stream; it holds {oldest} onwards", oldest
+            )
         self._replay_entries(live, upto, ws.history.since(upto))
+
+    def _send_gaps(self, subs: list[Subscription], message: str, oldest: int) -> None:
+        """history_gap (4011) on each channel: the client reloads what the stream cannot give."""
+        for sub in subs:
+            self.send_error(4011, message, channel=sub.spec.channel, oldest=oldest)
+        self.gw.metrics.history_gaps += len(subs)
 
     def _replay_entries(self, subs: list[Subscription], since: int, replay: Any) -> None:
         m = self.gw.metrics
         if replay.gap:
-            for sub in subs:
-                self.send_error(
-                    4011,
-                    f"events after {since} may be missing from the history; it holds {replay.oldest} onwards",
-                    channel=sub.spec.channel,
-                    oldest=replay.oldest,
-                )
-                m.history_gaps += 1
+            self._send_gaps(
+                subs, f"events after {since} may be missing from the history; it holds {replay.oldest} onwards", replay.oldest
+            )
         n = 0
         for entry in replay.entries:
             event = entry.event
