@@ -127,6 +127,9 @@ class FrontProtocol(asyncio.Protocol):
         length = req.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.gw.cfg.limits.max_publish_bytes:
             req.too_large = True
+        elif req.headers.get("expect", "").lower() == "100-continue" and self.transport is not None:
+            # curl sends this for bodies over 1 KiB and would otherwise wait a second for it.
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, body: bytes) -> None:
         req = self._req
@@ -180,6 +183,8 @@ class FrontProtocol(asyncio.Protocol):
             elif method in (b"GET", b"HEAD"):
                 status, ctype, body = self.gw.http_get(path)
                 response = http_response(status, body, ctype, keep_alive)
+                if method == b"HEAD":
+                    response = response[: len(response) - len(body)]  # headers only, same length
             else:
                 response = json_error(405, f"method {method.decode()} not allowed", keep_alive)
         except Exception:

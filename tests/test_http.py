@@ -110,3 +110,30 @@ async def test_malformed_http_is_400(gateway):
         s.sendall(b"THIS IS NOT HTTP\r\n\r\n")
         data = s.recv(1000)
     assert data.startswith(b"HTTP/1.1 400")
+
+
+async def test_expect_100_continue_and_head(gateway):
+    token = gateway.token("w1", publish=True)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+    try:
+        body = json.dumps({"big": "x" * 2000}).encode()
+        writer.write(
+            f"POST /workspaces/w1/realtime/events/k HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+            f"Expect: 100-continue\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        )
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert interim.startswith(b"HTTP/1.1 100 Continue")
+        writer.write(body)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 202")
+        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+        await reader.readexactly(length)
+        writer.write(b"HEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200") and b"Content-Length: 15" in head
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")  # the HEAD sent no body
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200")
+        assert await reader.readexactly(15) == b'{"status":"ok"}'
+    finally:
+        writer.close()
