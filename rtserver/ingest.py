@@ -10,11 +10,17 @@ source's position when it was published (the last fully published commit LSN and
 events followed it). The new holder reads the topic's tail, writes that position into the
 slot's position file (so transactions already published are skipped) and drops the first
 events of the next transaction that the dead holder had already published.
+
+MongoDB likewise: the header `rt-mongo` = "database|resume token|n" names the n-th event
+published after the last acknowledged resume token (base64 BSON). The new holder, which may
+run on another machine with its own state_dir, seeds the source's token store with the newest
+such token (unless its own is as new) and drops the events of the next change already in Kafka.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
 import os
@@ -33,6 +39,7 @@ from rtserver.lease import Lease
 log = logging.getLogger("rtserver.ingest")
 
 POSITION_HEADER = "rt-pos"
+MONGO_HEADER = "rt-mongo"
 _SCAN_SECONDS = 600  # a takeover looks this far back for the dead holder's last positions
 _SCAN_RECORDS = 200_000  # ... and at most this many records per partition
 _json = msgspec.json.Encoder()
@@ -42,11 +49,14 @@ _MAX_IN_FLIGHT = 10_000  # records awaiting Kafka's acknowledgement per source (
 class SourceSink:
     """The EventSink of one source: Kafka, with the position header and takeover dedup."""
 
-    def __init__(self, publisher: KafkaPublisher, kind: str, done: dict[str, tuple[int, int]]):
+    def __init__(self, publisher: KafkaPublisher, kind: str, done: dict[str, tuple[int, int]],
+                 mongo_done: dict[str, tuple[bytes, int]] | None = None):
         self.publisher = publisher
         self.kind = kind
         self.source: Any = None
         self.done = done  # slot -> (commit LSN, events after it) already in Kafka
+        self.mongo_done = mongo_done or {}  # database -> (resume token, events after it)
+        self._token: bytes | None = None
         self.skipped = 0
         self._lsn = -1
         self._count = 0
@@ -70,6 +80,19 @@ class SourceSink:
                 self.skipped += 1
                 return 0
             headers = [(POSITION_HEADER, f"{src.slot}|{lsn}|{self._count}".encode())]
+        elif self.kind == "mongo" and src is not None:
+            # The token is the one acknowledged before the change in hand (a change fans out
+            # to one event per workspace); a fresh stream has none until its first batch.
+            token = src.published_token
+            if token != self._token:
+                self._token, self._count = token, 0
+            self._count += 1
+            done = self.mongo_done.get(src.database)
+            if token is not None and done is not None and done[0] == token and self._count <= done[1]:
+                self.skipped += 1
+                return 0
+            if token is not None:
+                headers = [(MONGO_HEADER, f"{src.database}|{base64.b64encode(token).decode()}|{self._count}".encode())]
         self._in_flight.append(await self.publisher.enqueue(event.workspace, encode_event(event), headers))
         if len(self._in_flight) >= _MAX_IN_FLIGHT:
             await self.drain()
@@ -154,15 +177,20 @@ class Ingest:
 
     async def _acquired(self) -> None:
         async with self._lock:
-            done = await self._published_positions()
+            done, mongo_done = await self._published_positions()
             await self._write_positions(done)
             for feed in self.plan:
-                sink = SourceSink(self.publisher, feed["kind"], done)
+                sink = SourceSink(self.publisher, feed["kind"], done, mongo_done)
                 src = self._make_source(feed, sink)
                 sink.source = src
+                seed = mongo_done.get(feed["database"]) if feed["kind"] == "mongo" else None
+                if seed is not None and await src.seed_token(seed[0]):
+                    log.info("mongo database %s resumes after the token Kafka has", feed["database"],
+                             extra={"fields": {"database": feed["database"], "already_published": seed[1]}})
                 self.sources.append((src, sink))
                 await src.start()
-            log.info("ingest active: reading feeds", extra={"fields": {"feeds": len(self.sources), "resumed_slots": len(done)}})
+            log.info("ingest active: reading feeds", extra={"fields": {
+                "feeds": len(self.sources), "resumed_slots": len(done), "resumed_databases": len(mongo_done)}})
 
     async def _lost(self) -> None:
         async with self._lock:
@@ -187,15 +215,20 @@ class Ingest:
         return MongoSource(feed["url"], database=feed["database"], state_dir=self.state_dir, sink=sink,
                            workspaces=lambda: targets, allow_unknown_collections=self.cfg.mongo.allow_unknown_collections)
 
-    async def _published_positions(self) -> dict[str, tuple[int, int]]:
-        """The last position header of each slot in the topic's recent tail."""
+    async def _published_positions(self) -> tuple[dict[str, tuple[int, int]], dict[str, tuple[bytes, int]]]:
+        """The last position header of each slot, and of each MongoDB database, in the topic's
+        recent tail. Mongo events of one database spread over partitions: the newest is the
+        greatest (token order, n)."""
         from aiokafka import AIOKafkaConsumer, TopicPartition
+
+        from rtserver.sources.mongo import token_order
 
         topic = self.cfg.bus.topic
         consumer = AIOKafkaConsumer(**self.publisher.options, group_id=None, enable_auto_commit=False,
                                     client_id=f"rtserver-ingest-scan-{self.node}")
         await consumer.start()
         best: dict[str, tuple[int, int]] = {}
+        newest: dict[str, tuple[str, int, bytes]] = {}
         try:
             tps = [TopicPartition(topic, p) for p in range(self.publisher.partitions)]
             consumer.assign(tps)
@@ -224,12 +257,22 @@ class Ingest:
                                 pos = (int(lsn), int(count))
                                 if pos > best.get(slot, (-1, -1)):
                                     best[slot] = pos
+                            elif name == MONGO_HEADER:
+                                try:
+                                    database, token_b64, count = value.decode().rsplit("|", 2)
+                                    token = base64.b64decode(token_b64, validate=True)
+                                    mpos = (token_order(token), int(count), token)
+                                except ValueError:  # not ours to trust: skip, do not fail the takeover
+                                    log.warning("malformed %s header at %s offset %d", MONGO_HEADER, tp, r.offset)
+                                    continue
+                                if mpos[:2] > newest.get(database, ("", -1, b""))[:2]:
+                                    newest[database] = mpos
                     if records and records[-1].offset + 1 >= todo.get(tp, 0):
                         todo.pop(tp, None)
                         consumer.pause(tp)
         finally:
             await consumer.stop()
-        return best
+        return best, {db: (token, count) for db, (_order, count, token) in newest.items()}
 
     async def _write_positions(self, done: dict[str, tuple[int, int]]) -> None:
         """Let each slot's position file say what Kafka already has (skip those transactions)."""

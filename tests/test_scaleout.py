@@ -272,3 +272,49 @@ async def test_gateway_node_killed_clients_resume_elsewhere(cluster):
             received[n] += [e["record"]["id"] for e in await events(c, 4)]
             await c.no_message(0.3)
     assert received == {0: [1, 2, 3, 4, 5], 1: [1, 2, 3, 4, 5]}
+
+
+async def test_mongo_ingest_killed_takeover_on_another_machine(cluster, mongo_server):
+    """The standby has its own (empty) state dir, as on another machine: it learns the resume
+    token from the topic's tail, so no change is lost or repeated. Two workspaces read one
+    database, so each change fans out to two events (on different partitions)."""
+    from pymongo import AsyncMongoClient
+
+    client = AsyncMongoClient(mongo_server.url, serverSelectionTimeoutMS=5000)
+    db = client["shop"]
+    await db.orders.insert_one({"_id": 0})
+    cluster.env.update({"RT_MONGO_URL": mongo_server.url.replace("/?", "/shop?"), "RT_BUS_WORKSPACES": "w1,w2"})
+    first = await cluster.ingest()
+    await first.wait_active()
+    node = await cluster.node()
+    total = 150
+    try:
+        async with ws_connect(node, "w1", token=node.token("w1")) as c1, \
+                ws_connect(node, "w2", token=node.token("w2")) as c2:
+            await c1.subscribe("mongo:orders")
+            await c2.subscribe("mongo:orders")
+
+            async def writer() -> None:
+                for i in range(1, total + 1):
+                    await db.orders.insert_one({"_id": i})
+                    await asyncio.sleep(0.02)
+
+            task = asyncio.create_task(writer())
+            got = {1: await events(c1, 20), 2: []}
+            await first.stop(signal.SIGKILL)  # mid-stream: the writer goes on
+            second = await cluster.ingest()
+            assert second.tmp.name != first.tmp.name
+            took = await second.wait_active(timeout=40)
+            await task
+            got[1] += await events(c1, total - 20, timeout=30)
+            got[2] = await events(c2, total, timeout=30)
+            await c1.no_message(1.0)
+            await c2.no_message(0.2)
+    finally:
+        await client.close()
+    for ws, evs in got.items():
+        ids = [e["document"]["_id"] for e in evs]
+        assert ids == list(range(1, total + 1)), f"w{ws}: takeover after {took:.1f}s; ids {ids}"
+        seqs = [e["seq"] for e in evs]
+        assert seqs == sorted(set(seqs))
+    assert "resumes after the token Kafka has" in second.logs(), second.logs()

@@ -29,6 +29,7 @@ from urllib.parse import unquote
 
 import bson
 from bson.codec_options import CodecOptions
+from bson.errors import InvalidBSON
 from bson.raw_bson import RawBSONDocument
 from pymongo import AsyncMongoClient
 from pymongo.errors import OperationFailure, PyMongoError
@@ -152,6 +153,17 @@ class ResumeTokenStore:
             await asyncio.shield(self._task)
 
 
+def token_order(token: Any) -> str:
+    """A resume token's sort key: its `_data` hex string orders tokens of one deployment."""
+    try:
+        if isinstance(token, bytes | bytearray):
+            token = RawBSONDocument(bytes(token))
+        data = token.get("_data") if token is not None else None
+    except (InvalidBSON, TypeError):
+        data = None
+    return data if isinstance(data, str) else ""
+
+
 class MongoSource:
     """Change feed of one MongoDB database for the workspaces `workspaces()` returns."""
 
@@ -235,6 +247,25 @@ class MongoSource:
                         extra={"fields": {"database": self.database, "error": type(exc).__name__}})
             with contextlib.suppress(Exception):
                 await client._topology.close()  # stop the driver's monitors all the same
+
+    @property
+    def published_token(self) -> bytes | None:
+        """Raw BSON of the token after which the stream yields the change now being published
+        (the last acknowledged one): with a count, it names each event across processes."""
+        token = self._token
+        if token is None:
+            return None
+        return token.raw if isinstance(token, RawBSONDocument) else bson.encode(token)
+
+    async def seed_token(self, token: bytes) -> bool:
+        """Before start(): resume after `token` (raw BSON, e.g. what Kafka already has) unless
+        the stored token is as new. True when the store now holds `token`."""
+        stored, _start_after = await self._tokens.load()
+        if stored is not None and token_order(stored) >= token_order(token):
+            return False
+        self._tokens.save(RawBSONDocument(token))
+        await self._tokens.flush()
+        return True
 
     def ready(self) -> bool:
         return self._ready
