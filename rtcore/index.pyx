@@ -13,7 +13,7 @@ from cpython.dict cimport PyDict_Check
 from cpython.list cimport PyList_Check
 from cpython.object cimport PyObject
 
-from rtcore.predicate cimport Matcher, scalar_key
+from rtcore.predicate cimport Matcher, resolve, scalar_key
 
 from rtcore.predicate import Matcher as _MatcherType
 from rtcore.predicate_ast import index_keys, keys_decide, parse
@@ -40,30 +40,6 @@ cdef class Table:
     pass
 
 
-cdef int resolve_into(object value, tuple parts, tuple indexes, Py_ssize_t i, list out) except -1:
-    """Appends the values the path parts[i:] reaches in `value` (as predicate_ref.resolve)."""
-    cdef Py_ssize_t n = len(parts)
-    cdef Py_ssize_t idx
-    cdef PyObject* found
-    while i < n:
-        if PyDict_Check(value):
-            found = PyDict_GetItemWithError(value, parts[i])
-            if found is NULL:
-                return 0
-            value = <object>found
-            i += 1
-        elif PyList_Check(value):
-            idx = indexes[i]
-            if 0 <= idx < len(<list>value):
-                resolve_into((<list>value)[idx], parts, indexes, i + 1, out)
-            for element in <list>value:
-                if PyDict_Check(element):
-                    resolve_into(element, parts, indexes, i, out)
-            return 0
-        else:
-            return 0
-    out.append(value)
-    return 0
 
 
 cdef inline int take_bucket(dict buckets, object value, list hits) except -1:
@@ -135,7 +111,7 @@ cdef int gather_table(Table table, object record, unsigned long long stamp, list
             take_value(attr.buckets, value, hits)
         elif PyList_Check(value):
             cands = []
-            resolve_into(value, attr.parts, attr.indexes, i, cands)
+            resolve(value, attr.parts, attr.indexes, i, cands)
             for value in cands:
                 take_value(attr.buckets, value, hits)
     take_hits(hits, stamp, out)

@@ -12,3 +12,6 @@ cdef class Matcher:
 
 
 cpdef object scalar_key(object value)
+
+# Appends every value a dotted path reaches (shared with the index's bucket lookups).
+cdef int resolve(object value, tuple parts, tuple indexes, Py_ssize_t i, list out) except -1
