@@ -3,7 +3,6 @@ double with PyMongo, a WebSocket client subscribes, the test writes with PyMongo
 
 from __future__ import annotations
 
-import asyncio
 import signal
 
 import pytest
@@ -23,17 +22,6 @@ async def mongo_gateway(mongo_server, gateway_factory):  # the gateway stops fir
     await client.close()
 
 
-async def _wait_ready(gw, timeout: float = 15) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while loop.time() < deadline:
-        status, _ = await gw.get("/readyz")
-        if status == 200:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"gateway not ready:\n{gw.logs()}")
-
-
 async def _subscribe(c, channel, **extra):
     await c.send({"type": "subscribe", "channel": channel, **extra})
     return await c.recv()
@@ -42,8 +30,8 @@ async def _subscribe(c, channel, **extra):
 async def test_operations_reach_subscriber_with_seed_shape(mongo_gateway):
     gw, db = mongo_gateway
     async with ws_connect(gw, "w1", token=gw.token("w1")) as c:
+        await gw.wait_ready()  # w1's feed starts with its first connection
         assert (await _subscribe(c, "mongo:orders"))["type"] == "subscribed"
-        await _wait_ready(gw)
         await db.orders.insert_one({"_id": 1, "orderId": "ORD-001", "total": 198.95})
         ev = await c.recv_event(timeout=10)
         assert ev["channel"] == "mongo:orders" and ev["operation"] == "INSERT" and ev["operationType"] == "insert"
@@ -64,9 +52,9 @@ async def test_operations_reach_subscriber_with_seed_shape(mongo_gateway):
 async def test_star_channel_and_filters(mongo_gateway):
     gw, db = mongo_gateway
     async with ws_connect(gw, "w1", token=gw.token("w1")) as star, ws_connect(gw, "w1", token=gw.token("w1")) as named:
+        await gw.wait_ready()
         await _subscribe(star, "mongo:*")
         await _subscribe(named, "mongo:orders", filter={"operations": ["INSERT"], "predicates": {"total": {"$gte": 100}}})
-        await _wait_ready(gw)
         await db.customers.insert_one({"_id": 1, "name": "Ada"})
         await db.orders.insert_one({"_id": 2, "total": 5})
         await db.orders.insert_one({"_id": 3, "total": 500})
@@ -80,6 +68,7 @@ async def test_star_channel_and_filters(mongo_gateway):
 async def test_unknown_collection_is_4010(mongo_gateway):
     gw, _ = mongo_gateway
     async with ws_connect(gw, "w1", token=gw.token("w1")) as c:
+        await gw.wait_ready()
         reply = await _subscribe(c, "mongo:nosuch")
         assert reply["type"] == "error" and reply["code"] == 4010
 
@@ -87,16 +76,16 @@ async def test_unknown_collection_is_4010(mongo_gateway):
 async def test_gateway_restart_resumes_from_saved_token(mongo_gateway):
     gw, db = mongo_gateway
     async with ws_connect(gw, "w1", token=gw.token("w1")) as c:
+        await gw.wait_ready()
         await _subscribe(c, "mongo:orders")
-        await _wait_ready(gw)
         await db.orders.insert_one({"_id": 1})
         first = await c.recv_event(timeout=10)
     await gw.stop(signal.SIGTERM)
     await db.orders.insert_one({"_id": 2})  # written while the gateway is down
     await gw.restart()
     async with ws_connect(gw, "w1", token=gw.token("w1")) as c:
+        await gw.wait_ready()
         await _subscribe(c, "mongo:orders", since=first["seq"])
-        await _wait_ready(gw)
         await db.orders.insert_one({"_id": 3})
         seen = []
         while len(seen) < 2:

@@ -25,10 +25,13 @@ async def test_resume_replays_all_sources_in_one_order(gateway_factory, pg_datab
         async with ws_connect(gw, "w1", token=token) as c:
             await c.send({"type": "auth", "token": token})
             session = (await c.recv_type("auth_ok"))["sessionId"]
+            # The first connection to w1 starts its MongoDB feed (the URL names no database: the
+            # workspace's own); subscribe once every feed streams.
+            await gw.wait_ready()
             for channel in ("postgres:products", "mongo:orders", "events:x"):
                 await c.send({"type": "subscribe", "channel": channel})
-                assert (await c.recv(timeout=15))["type"] == "subscribed"
-            await gw.wait_ready()
+                reply = await c.recv(timeout=15)
+                assert reply["type"] == "subscribed", reply
             out = await gw.publish("w1", "x", {"n": 0})
             last = (await c.recv_event())["seq"]
             assert last == out["seq"]
