@@ -171,21 +171,17 @@ class Gateway:
         """Sources to start with the process: every configured PostgreSQL database, and MongoDB
         databases named in configured URLs (a URL without a database serves each workspace's
         own database, started when that workspace is first seen)."""
-        started = []
         cfg = self.cfg
+        started: list[Source] = []
         if cfg.bus.kind == "kafka":
             return started  # a gateway node: `rtserver ingest` reads the feeds
-        for wid in cfg.workspaces:
-            for kind in ("postgres", "mongo"):
-                src = self.source(wid, kind, start=False)
-                if src is not None and src not in started:
-                    started.append(src)
+        wanted: list[tuple[str | None, str]] = [(w, k) for w in cfg.workspaces for k in ("postgres", "mongo")]
         if cfg.postgres.url:
-            src = self.source(None, "postgres", start=False)
-            if src is not None and src not in started:
-                started.append(src)
+            wanted.append((None, "postgres"))
         if cfg.mongo.url and _mongo_database(cfg.mongo.url):
-            src = self.source(None, "mongo", start=False)
+            wanted.append((None, "mongo"))
+        for wid, kind in wanted:
+            src = self.source(wid, kind, start=False)
             if src is not None and src not in started:
                 started.append(src)
         return started

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 
 from rtserver import __version__
 from rtserver.config import WORKSPACE_ID_RE, ConfigError, config_table_markdown, load
@@ -81,38 +82,34 @@ def _token(cfg, args) -> int:
 
 
 def _ingest(cfg) -> int:
-    import uvloop
-
-    from rtserver import logs
     from rtserver.ingest import run
 
-    logs.setup(cfg.server.log_level)
-    try:
-        return uvloop.run(run(cfg))
-    except OSError as exc:
-        print(f"rtserver ingest: {exc}", file=sys.stderr)
-        return 2
-    except RuntimeError as exc:
-        print(f"rtserver ingest: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 0
+    return _run_loop(cfg, run, "rtserver ingest", lambda exc: str(exc))
 
 
 def _serve(cfg) -> int:
+    from rtserver.app import serve
+
+    return _run_loop(
+        cfg, serve, "rtserver",
+        lambda exc: f"cannot listen on {cfg.server.host}:{cfg.server.port}: {exc.strerror}",
+    )
+
+
+def _run_loop(cfg, main, label: str, os_error: Callable[[OSError], str]) -> int:
+    """Run `main(cfg)` on uvloop with structured logs; a start-up failure is one line, exit 2."""
     import uvloop
 
     from rtserver import logs
-    from rtserver.app import serve
 
     logs.setup(cfg.server.log_level)
     try:
-        return uvloop.run(serve(cfg))
+        return uvloop.run(main(cfg))
     except OSError as exc:
-        print(f"rtserver: cannot listen on {cfg.server.host}:{cfg.server.port}: {exc.strerror}", file=sys.stderr)
+        print(f"{label}: {os_error(exc)}", file=sys.stderr)
         return 2
     except RuntimeError as exc:
-        print(f"rtserver: {exc}", file=sys.stderr)
+        print(f"{label}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 0

@@ -126,19 +126,20 @@ class Hub:
         before = len(dirty)
         self.metrics.deliveries += push_all(subs, frame, dirty)
         if len(dirty) != before and not self._flush_scheduled:
-            self._flush_scheduled = True
-            if self._loop is None:
-                self._loop = asyncio.get_running_loop()
-            self._loop.call_soon(self.flush)
+            self._schedule_flush()
 
     def schedule(self, conn: Connection) -> None:
         """Called by a connection whose pending list just became non-empty."""
         self._dirty.append(conn)
         if not self._flush_scheduled:
-            self._flush_scheduled = True
-            if self._loop is None:
-                self._loop = asyncio.get_running_loop()
-            self._loop.call_soon(self.flush)
+            self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        """Flush once, later in this loop iteration: every frame queued until then shares it."""
+        self._flush_scheduled = True
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        self._loop.call_soon(self.flush)
 
     def flush(self) -> None:
         """Write each dirty connection's pending frames in one transport write (the same as
