@@ -314,6 +314,9 @@ class KafkaBus:
                         continue  # already read (a workspace created mid-batch sees nothing twice)
                     deliver(event, r.offset + 1)
                     self._delivered += 1
+            # getmany returns buffered records without suspending: while catching up, let the
+            # connections, health checks and upgrades in between batches.
+            await asyncio.sleep(0)
             if not self._caught_up and all(self._next[p] >= t for p, t in self._target.items()):
                 self._caught_up = True
                 log.info("bus consumer caught up", extra={"fields": {"topic": self.topic, "events": self._delivered}})

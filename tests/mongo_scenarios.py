@@ -221,6 +221,20 @@ async def resume_after_restart(env: Env) -> None:
     assert [b["document"]["_id"] for b in bodies] == list(range(7))
 
 
+async def a_new_stream_resumes_from_its_first_empty_batch(env: Env) -> None:
+    """A stream opened from "now" that never saw a change still resumes where it was: changes
+    made while the process was down arrive after the restart."""
+    async with client(env) as db:
+        async with running(env) as source:
+            assert source.status()["resumable"]
+        for i in range(3):
+            await db.orders.insert_one({"_id": i})
+        async with running(env):
+            await db.orders.insert_one({"_id": 3})
+            bodies = await settle(env, 4)
+    assert [b["document"]["_id"] for b in bodies] == list(range(4))
+
+
 async def resume_after_dropped_connections(env: Env, drop: Callable[[], Any]) -> None:
     async with running(env) as source, client(env) as db:
         await db.orders.insert_one({"_id": 1})

@@ -74,6 +74,10 @@ async def test_resume_after_restart_loses_and_duplicates_nothing(env):
     await sc.resume_after_restart(env)
 
 
+async def test_a_new_stream_resumes_from_its_first_empty_batch(env):
+    await sc.a_new_stream_resumes_from_its_first_empty_batch(env)
+
+
 async def test_resume_after_getmore_network_error_and_resumable_error(env):
     try:
         await sc.resume_after_failpoints(env)

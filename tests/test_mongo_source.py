@@ -51,6 +51,10 @@ async def test_resume_after_restart_loses_and_duplicates_nothing(env):
     await sc.resume_after_restart(env)
 
 
+async def test_a_new_stream_resumes_from_its_first_empty_batch(env):
+    await sc.a_new_stream_resumes_from_its_first_empty_batch(env)
+
+
 async def test_resume_after_server_drops_connections(env):
     await sc.resume_after_dropped_connections(env, lambda: env.server.drop_connections())
 

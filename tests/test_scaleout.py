@@ -318,3 +318,60 @@ async def test_mongo_ingest_killed_takeover_on_another_machine(cluster, mongo_se
         seqs = [e["seq"] for e in evs]
         assert seqs == sorted(set(seqs))
     assert "resumes after the token Kafka has" in second.logs(), second.logs()
+
+
+async def test_node_behind_the_topic_refuses_new_connections_until_caught_up(cluster):
+    """Beyond RT_BUS_MAX_LAG a node answers new WebSocket upgrades and /readyz with 503 (a load
+    balancer sends clients elsewhere); its open connections go on, and it accepts again once it
+    has caught up."""
+    import websockets
+    from aiokafka import AIOKafkaProducer
+
+    from rtcore.event import Event
+    from rtserver.bus_kafka import encode_event
+
+    node = await cluster.node(RT_BUS_MAX_LAG="1000")
+    burst = 300_000
+    value = encode_event(Event("w1", "events", "burst", "PUBLISH", {"n": 0}, b'{"channel":"events:burst"}'))
+    producer = AIOKafkaProducer(bootstrap_servers=cluster.env["RT_BUS_KAFKA_BOOTSTRAP"], linger_ms=20,
+                                max_batch_size=1 << 20)
+    await producer.start()
+    try:
+        async with ws_connect(node, "w1", token=node.token("w1")) as open_client:
+            await open_client.subscribe("events:x")
+            # Frozen while the burst lands, the node wakes up far behind the topic.
+            os.kill(node.proc.pid, signal.SIGSTOP)
+            try:
+                for _ in range(burst):
+                    await producer.send(cluster.env["RT_BUS_TOPIC"], value, key=b"w1")
+                await producer.flush()
+            finally:
+                os.kill(node.proc.pid, signal.SIGCONT)
+            refused = None
+            t0 = time.monotonic()
+            while refused is None and time.monotonic() - t0 < 20:
+                status, body = await node.get("/readyz")
+                bus = json.loads(body)["bus"]
+                if status == 503 and bus["lag"] > 1000:
+                    try:
+                        async with ws_connect(node, "w1", token=node.token("w1")):
+                            pass
+                    except websockets.InvalidStatus as exc:
+                        refused = exc.response
+                    else:  # it caught up between the two requests: say so, not a pass
+                        _, after = await node.get("/readyz")
+                        raise AssertionError(f"new connection accepted while /readyz said {bus}; now {after}")
+                await asyncio.sleep(0.01)
+            assert refused is not None, "the node never reported a lag above the bound"
+            assert refused.status_code == 503 and b"behind the event stream" in refused.body, refused
+            ready = await wait_ready(node, timeout=60)
+            assert ready["bus"]["lag"] <= 1000 and ready["bus"]["delivered"] >= burst
+            # The connection opened before kept working, and new ones are welcome again.
+            async with ws_connect(node, "w1", token=node.token("w1")) as late:
+                await late.subscribe("events:x")
+                await node.publish("w1", "x", {"n": 1})
+                for c in (open_client, late):
+                    (ev,) = await events(c, 1)
+                    assert ev["payload"] == {"n": 1}
+    finally:
+        await producer.stop()

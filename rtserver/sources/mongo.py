@@ -381,6 +381,10 @@ class MongoSource:
         stream = await db.watch(self._pipeline(), **options)
         try:
             self._streams_opened += 1
+            # A stream opened from "now" already has a position (the first, empty batch's
+            # postBatchResumeToken): keep it, so changes made while this process is down, even
+            # before its first change, are read after a restart or by a standby.
+            self._acknowledge(stream.resume_token)
             self._ready = True
             self._last_error = ""
             log.info("mongo change stream open", extra={"fields": {"database": self.database,
