@@ -10,15 +10,29 @@ cdef class Entry:
     cdef Matcher matcher
     cdef bint decided           # a bucket hit is a match: the matcher need not run
     cdef bint transitions
+    cdef bint direct            # decided, in one bucket per Table: buckets hold its key itself
     cdef object keys            # tuple of (dotted, canonical key), or None: scanned
     cdef list tables            # the Tables the entry is in
+
+
+# One bucket of a Table's hash table: the entries whose filter implies "attribute `attr`
+# equals `key`". Entries are borrowed references (the index's _entries dict owns them).
+ctypedef struct Slot:
+    Py_hash_t hash              # hash(key)
+    void* key                   # owned reference to the canonical key; NULL: empty slot
+    void* ptr                   # n == 1: the item; 2..SMALL: an array of items; BIG: a dict
+                                # {Entry or direct key: whether direct}. An item is an Entry,
+                                # or a direct entry's key with the low bit set
+    int attr                    # AttrTable.id
+    int n                       # entries, or BIG (ptr is a dict {Entry: None})
 
 
 cdef class AttrTable:
     cdef str dotted
     cdef tuple parts
     cdef tuple indexes
-    cdef dict buckets           # canonical key -> Entry, or {Entry: None} when several
+    cdef int id
+    cdef Py_ssize_t nkeys       # slots of this attribute in the Table
 
 
 cdef class Table:
@@ -27,6 +41,37 @@ cdef class Table:
     cdef dict scan              # {Entry: None}
     cdef list attrs             # [AttrTable]
     cdef dict by_path           # dotted -> AttrTable
+    cdef int next_attr
+    # open addressing (linear probing, backward-shift deletion), load <= 1/2
+    cdef Slot* slots
+    cdef size_t mask
+    cdef Py_ssize_t used
+    cdef Slot* find(self, object key, Py_hash_t h, int attr) except? NULL
+    cdef Slot* find_from(self, object key, Py_hash_t h, int attr, size_t i) except? NULL
+    cdef int resize(self, size_t capacity) except -1
+    cdef Slot* claim(self, object key, Py_hash_t h, int attr) except NULL
+    cdef int release(self, Slot* s) except -1
+
+
+ctypedef struct Probe:
+    void* table                 # borrowed (the index holds it)
+    void* key                   # borrowed (the record, or Gatherer.hold, keeps it alive)
+    Py_hash_t hash
+    size_t pos
+    Slot* found
+    int attr
+
+
+cdef class Gatherer:
+    cdef Probe probes[64]       # lookups staged together; more go in rounds
+    cdef int n
+    cdef list hold              # canonical keys that are not the record's own objects
+    cdef unsigned long long stamp
+    cdef list out               # Entries to check
+    cdef list direct            # keys of direct entries hit: matches
+    cdef set seen               # buckets taken, once a match needs several rounds
+    cdef int add(self, Table table, AttrTable attr, object value) except -1
+    cdef int run(self, bint more) except -1
 
 
 cdef class SubscriptionIndex:
@@ -34,4 +79,5 @@ cdef class SubscriptionIndex:
     cdef dict _sources          # source -> {entity -> {operation or None -> Table}}
     cdef Py_ssize_t _transitions
     cdef unsigned long long _stamp
-    cdef int _gather(self, str source, str entity, str operation, object record, list out) except -1
+    cdef Gatherer _g
+    cdef int _gather(self, str source, str entity, str operation, object record, list out, list direct) except -1

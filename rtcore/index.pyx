@@ -1,4 +1,4 @@
-# cython: language_level=3, boundscheck=False, wraparound=False
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
 """Compiled subscription index: who gets an event, in O(attributes filtered on + matches).
 
 Subscriptions sit in Tables per (source, entity or "*", operation or any). Within a Table a
@@ -7,25 +7,39 @@ an `$and` containing one, an `$or` whose every branch has one) is put in the has
 each (A, v); the rest are scanned. A match resolves each attribute of the Table once on the
 record, takes the buckets of its values, and runs the compiled matcher of each candidate.
 Same structure and answers as `rtcore.index_ref.SubscriptionIndex`.
+
+With 100k subscriptions the index is far larger than the CPU caches, so a match is bound by
+memory latency, not by instructions. The buckets of a Table therefore live in one flat
+open-addressing array (not a dict per attribute) and a match runs in stages over all the
+lookups of an event: compute every slot address and prefetch it, then find the slots, then
+compare keys and prefetch the entries, then collect. The cache misses of the lookups overlap
+instead of following one another. A subscription that one bucket decides (a plain equality)
+sits in that bucket as its subscriber key itself, so a hit never touches its Entry; one that
+a bucket hit only narrows keeps a matcher of the rest of its filter (predicate_ast.residual).
 """
 
-from cpython.dict cimport PyDict_Check
+from cpython.dict cimport PyDict_Check, PyDict_Next
 from cpython.list cimport PyList_Check
-from cpython.object cimport PyObject
+from cpython.mem cimport PyMem_Calloc, PyMem_Free, PyMem_Malloc
+from cpython.object cimport PyObject, PyObject_Hash, PyObject_RichCompareBool, Py_EQ
+from cpython.ref cimport Py_DECREF, Py_INCREF
 
 from rtcore.predicate cimport Matcher, resolve, scalar_key
 
 from rtcore.predicate import Matcher as _MatcherType
-from rtcore.predicate_ast import index_keys, keys_decide, parse
+from rtcore.predicate_ast import index_keys, keys_decide, parse, residual
 
 
 cdef extern from "Python.h":
     PyObject* PyDict_GetItemWithError(object d, object key) except? NULL
 
 cdef extern from *:
-    # Starting the loads of many candidates before touching any lets their cache misses
-    # overlap; with 100k subscriptions the index is far larger than the CPU caches.
     void prefetch "__builtin_prefetch"(const void* addr) nogil
+
+
+DEF SMALL = 8       # up to this many entries a bucket is a flat array (one cache line)
+DEF BIG = -1        # Slot.n of a bucket kept as a dict {Entry: None} (O(1) removal)
+DEF MAX_PROBES = 64  # Gatherer.probes
 
 
 cdef class Entry:
@@ -36,63 +50,361 @@ cdef class AttrTable:
     pass
 
 
+cdef inline size_t home(Py_hash_t h, int attr) nogil:
+    # Python's int hash is the value itself: mix it, and the attribute, over all the bits.
+    cdef unsigned long long x = (<unsigned long long>h) ^ ((<unsigned long long>attr + 1) * 0x9E3779B97F4A7C15ULL)
+    x ^= x >> 33
+    x *= 0xff51afd7ed558ccdULL
+    x ^= x >> 33
+    x *= 0xc4ceb9fe1a85ec53ULL
+    x ^= x >> 33
+    return <size_t>x
+
+
 cdef class Table:
-    pass
+    def __dealloc__(self):
+        cdef size_t i
+        cdef Slot* s
+        if self.slots is NULL:
+            return
+        for i in range(self.mask + 1):
+            s = &self.slots[i]
+            if s.key is not NULL:
+                _free_bucket(s)
+                Py_DECREF(<object>s.key)
+        PyMem_Free(self.slots)
+        self.slots = NULL
 
+    cdef Slot* find(self, object key, Py_hash_t h, int attr) except? NULL:
+        return self.find_from(key, h, attr, home(h, attr) & self.mask)
 
+    cdef Slot* find_from(self, object key, Py_hash_t h, int attr, size_t i) except? NULL:
+        """The slot of (attr, key) probing from position i on, or NULL."""
+        cdef Slot* s
+        if self.slots is NULL:
+            return NULL
+        while True:
+            s = &self.slots[i]
+            if s.key is NULL:
+                return NULL
+            if s.hash == h and s.attr == attr and (
+                s.key == <void*>key or PyObject_RichCompareBool(<object>s.key, key, Py_EQ)
+            ):
+                return s
+            i = (i + 1) & self.mask
 
+    cdef int resize(self, size_t capacity) except -1:
+        cdef Slot* old = self.slots
+        cdef size_t old_cap = self.mask + 1 if old is not NULL else 0
+        cdef Slot* fresh = <Slot*>PyMem_Calloc(capacity, sizeof(Slot))
+        cdef size_t i, j
+        if fresh is NULL:
+            raise MemoryError()
+        for i in range(old_cap):
+            if old[i].key is not NULL:
+                j = home(old[i].hash, old[i].attr) & (capacity - 1)
+                while fresh[j].key is not NULL:
+                    j = (j + 1) & (capacity - 1)
+                fresh[j] = old[i]
+        self.slots = fresh
+        self.mask = capacity - 1
+        PyMem_Free(old)
+        return 0
 
-cdef inline int take_bucket(dict buckets, object value, list hits) except -1:
-    cdef PyObject* found
-    if PyDict_Check(value) or PyList_Check(value):
-        return 0  # index keys are scalars
-    found = PyDict_GetItemWithError(buckets, scalar_key(value))
-    if found is not NULL:
-        prefetch(found)
-        hits.append(<object>found)
-    return 0
-
-
-cdef int take_hits(list hits, unsigned long long stamp, list out) except -1:
-    """Appends the not-yet-seen entries of the buckets hit (an Entry, or a dict of them)."""
-    cdef Entry entry
-    for bucket in hits:
-        if type(bucket) is Entry:  # most buckets hold one entry: no dict to visit
-            entry = <Entry>bucket
-            if entry.stamp != stamp:
-                entry.stamp = stamp
-                out.append(entry)
+    cdef Slot* claim(self, object key, Py_hash_t h, int attr) except NULL:
+        """The slot of (attr, key), created empty (n == 0) when absent."""
+        cdef Slot* s
+        cdef size_t i
+        if self.slots is NULL:
+            self.resize(8)
         else:
-            for entry in <dict>bucket:
-                if entry.stamp != stamp:
-                    entry.stamp = stamp
-                    out.append(entry)
+            s = self.find(key, h, attr)
+            if s is not NULL:
+                return s
+            if (self.used + 1) * 2 > <Py_ssize_t>(self.mask + 1):
+                self.resize((self.mask + 1) * 2)
+        i = home(h, attr) & self.mask
+        while self.slots[i].key is not NULL:
+            i = (i + 1) & self.mask
+        s = &self.slots[i]
+        Py_INCREF(key)
+        s.key = <void*>key
+        s.hash = h
+        s.attr = attr
+        s.ptr = NULL
+        s.n = 0
+        self.used += 1
+        return s
+
+    cdef int release(self, Slot* s) except -1:
+        """Empties slot `s` (its bucket already freed), shifting back the run after it."""
+        cdef size_t i = s - self.slots
+        cdef size_t j = i
+        cdef size_t k
+        cdef object key = <object>s.key
+        while True:
+            j = (j + 1) & self.mask
+            if self.slots[j].key is NULL:
+                break
+            k = home(self.slots[j].hash, self.slots[j].attr) & self.mask
+            # slot j stays when its home lies cyclically in (i, j]
+            if (i < j and i < k <= j) or (i > j and (k > i or k <= j)):
+                continue
+            self.slots[i] = self.slots[j]
+            i = j
+        self.slots[i].key = NULL
+        self.slots[i].ptr = NULL
+        self.slots[i].n = 0
+        self.used -= 1
+        Py_DECREF(key)
+        if self.used * 8 < <Py_ssize_t>(self.mask + 1) and self.mask + 1 > 8:
+            self.resize((self.mask + 1) // 2)
+        return 0
+
+
+cdef inline void _free_bucket(Slot* s):
+    if s.n == BIG:
+        Py_DECREF(<object>s.ptr)
+    elif s.n > 1:
+        PyMem_Free(s.ptr)
+    s.ptr = NULL
+    s.n = 0
+
+
+cdef inline void* item_of(Entry entry):
+    if entry.direct:
+        return <void*>((<size_t><PyObject*>entry.key) | 1)
+    return <void*>entry
+
+
+cdef inline object untag(void* item):
+    return <object><PyObject*>((<size_t>item) & ~(<size_t>1))
+
+
+cdef int bucket_add(Slot* s, Entry entry) except -1:
+    cdef void** items
+    cdef dict big
+    cdef int i
+    cdef void* item = item_of(entry)
+    if s.n == 0:
+        s.ptr = item
+        s.n = 1
+    elif s.n == 1:
+        items = <void**>PyMem_Malloc(SMALL * sizeof(void*))
+        if items is NULL:
+            raise MemoryError()
+        items[0] = s.ptr
+        items[1] = item
+        s.ptr = <void*>items
+        s.n = 2
+    elif s.n == BIG:
+        (<dict>s.ptr)[untag(item)] = entry.direct
+    elif s.n < SMALL:
+        (<void**>s.ptr)[s.n] = item
+        s.n += 1
+    else:
+        items = <void**>s.ptr
+        big = {}
+        for i in range(s.n):
+            big[untag(items[i])] = bool((<size_t>items[i]) & 1)
+        big[untag(item)] = entry.direct
+        Py_INCREF(big)
+        s.ptr = <void*>big
+        s.n = BIG
+        PyMem_Free(items)
     return 0
 
 
-cdef inline int take_value(dict buckets, object value, list hits) except -1:
-    # A value and, when it is an array, its elements (equality matches any element).
-    take_bucket(buckets, value, hits)
-    if PyList_Check(value):
-        for element in <list>value:
-            take_bucket(buckets, element, hits)
+cdef int bucket_remove(Slot* s, Entry entry) except -1:
+    """Removes `entry`; returns the entries left."""
+    cdef void** items
+    cdef dict big
+    cdef int i
+    cdef Py_ssize_t pos = 0
+    cdef PyObject* k
+    cdef PyObject* v
+    cdef void* item = item_of(entry)
+    if s.n == 1:
+        if s.ptr == item:
+            s.ptr = NULL
+            s.n = 0
+        return s.n
+    if s.n == BIG:
+        big = <dict>s.ptr
+        big.pop(untag(item), None)
+        if len(big) > SMALL // 2:
+            return len(big)
+        # small again: back to a flat array
+        items = <void**>PyMem_Malloc(SMALL * sizeof(void*))
+        if items is NULL:
+            return len(big)
+        i = 0
+        while PyDict_Next(big, &pos, &k, &v):
+            items[i] = <void*>((<size_t>k) | (1 if <object>v else 0))
+            i += 1
+        s.ptr = <void*>items
+        s.n = i
+        Py_DECREF(big)
+    else:
+        items = <void**>s.ptr
+        for i in range(s.n):
+            if items[i] == item:
+                s.n -= 1
+                items[i] = items[s.n]
+                break
+    if s.n == 1:
+        items = <void**>s.ptr
+        s.ptr = items[0]
+        PyMem_Free(items)
+    elif s.n == 0:
+        PyMem_Free(s.ptr)
+        s.ptr = NULL
+    return s.n
+
+
+cdef inline int take(void* item, Gatherer g) except -1:
+    cdef Entry entry
+    if (<size_t>item) & 1:
+        g.direct.append(untag(item))
+    else:
+        entry = <Entry>item
+        if entry.stamp != g.stamp:
+            entry.stamp = g.stamp
+            g.out.append(entry)
     return 0
 
 
-cdef int gather_table(Table table, object record, unsigned long long stamp, list out) except -1:
-    """Appends every not-yet-seen Entry of `table` that could match `record`."""
+cdef inline int collect(Slot* s, Gatherer g) except -1:
+    """Takes the items of bucket `s`: direct keys are matches, Entries (not yet seen in this
+    match) candidates."""
+    cdef Entry entry
+    cdef void** items
+    cdef int i
+    cdef Py_ssize_t pos = 0
+    cdef PyObject* k
+    cdef PyObject* v
+    if s.n == 1:
+        take(s.ptr, g)
+    elif s.n == BIG:
+        while PyDict_Next(<dict>s.ptr, &pos, &k, &v):
+            if <object>v:
+                g.direct.append(<object>k)
+            else:
+                entry = <Entry>k
+                if entry.stamp != g.stamp:
+                    entry.stamp = g.stamp
+                    g.out.append(entry)
+    else:
+        items = <void**>s.ptr
+        for i in range(s.n):
+            take(items[i], g)
+    return 0
+
+
+cdef class Gatherer:
+    """The lookups of one match, staged so that their cache misses overlap."""
+
+    cdef int add(self, Table table, AttrTable attr, object value) except -1:
+        cdef object key
+        cdef Probe* p
+        if PyDict_Check(value) or PyList_Check(value):
+            return 0  # index keys are scalars
+        if self.n == MAX_PROBES:
+            self.run(True)
+        key = scalar_key(value)
+        if key is not value:
+            if self.hold is None:
+                self.hold = []
+            self.hold.append(key)
+        p = &self.probes[self.n]
+        p.table = <void*>table
+        p.key = <void*>key
+        p.hash = PyObject_Hash(key)
+        p.attr = attr.id
+        p.pos = home(p.hash, p.attr) & table.mask
+        prefetch(&table.slots[p.pos])
+        self.n += 1
+        return 0
+
+    cdef int run(self, bint more) except -1:
+        """Resolves the staged lookups and takes their buckets. `more`: other rounds follow
+        in this match (a direct key sits in one bucket, so taking a bucket twice would
+        repeat it: buckets are deduplicated within a round, and across rounds by `seen`)."""
+        cdef int j, i
+        cdef Probe* p
+        cdef Table table
+        cdef Slot* s
+        cdef void** items
+        cdef bint dup
+        # 1. find the slot whose hash and attribute agree; prefetch its key and bucket
+        for j in range(self.n):
+            p = &self.probes[j]
+            table = <Table>p.table
+            p.found = NULL
+            while True:
+                s = &table.slots[p.pos]
+                if s.key is NULL:
+                    break
+                if s.hash == p.hash and s.attr == p.attr:
+                    p.found = s
+                    prefetch(s.key)
+                    prefetch(s.ptr)
+                    break
+                p.pos = (p.pos + 1) & table.mask
+        # 2. confirm the key (rarely not: then probe on); prefetch a small bucket's items
+        for j in range(self.n):
+            p = &self.probes[j]
+            s = p.found
+            if s is NULL:
+                continue
+            if not (s.key == <void*>p.key or PyObject_RichCompareBool(<object>s.key, <object>p.key, Py_EQ)):
+                table = <Table>p.table
+                p.pos = (p.pos + 1) & table.mask
+                p.found = table.find_from(<object>p.key, p.hash, p.attr, p.pos)
+                s = p.found
+                if s is NULL:
+                    continue
+            if 1 < s.n <= SMALL:
+                items = <void**>s.ptr
+                for i in range(s.n):
+                    prefetch(items[i])
+        if more and self.seen is None:
+            self.seen = set()
+        # 3. take each bucket once
+        for j in range(self.n):
+            s = self.probes[j].found
+            if s is NULL:
+                continue
+            dup = False
+            for i in range(j):
+                if self.probes[i].found == s:
+                    dup = True
+                    break
+            if dup:
+                continue
+            if self.seen is not None:
+                if <size_t>s in self.seen:
+                    continue
+                self.seen.add(<size_t>s)
+            collect(s, self)
+        self.n = 0
+        return 0
+
+
+cdef int gather_table(Table table, object record, Gatherer g) except -1:
+    """Stages the lookups of every indexed attribute of `table` on `record` into `g`, and
+    appends the scanned entries of the table to g.out."""
     cdef Entry entry
     cdef AttrTable attr
     cdef object value
     cdef PyObject* found
     cdef Py_ssize_t i, nparts
     cdef list cands
-    cdef list hits = []
     for entry in table.scan:
-        if entry.stamp != stamp:
-            entry.stamp = stamp
-            out.append(entry)
-    if not PyDict_Check(record):
+        if entry.stamp != g.stamp:
+            entry.stamp = g.stamp
+            g.out.append(entry)
+    if not PyDict_Check(record) or table.slots is NULL:
         return 0
     for attr in table.attrs:
         value = record
@@ -108,13 +420,24 @@ cdef int gather_table(Table table, object record, unsigned long long stamp, list
             else:
                 break
         if i == nparts:
-            take_value(attr.buckets, value, hits)
+            stage_value(g, table, attr, value)
         elif PyList_Check(value):
             cands = []
             resolve(value, attr.parts, attr.indexes, i, cands)
+            if g.hold is None:
+                g.hold = []
+            g.hold.append(cands)
             for value in cands:
-                take_value(attr.buckets, value, hits)
-    take_hits(hits, stamp, out)
+                stage_value(g, table, attr, value)
+    return 0
+
+
+cdef inline int stage_value(Gatherer g, Table table, AttrTable attr, object value) except -1:
+    # A value and, when it is an array, its elements (equality matches any element).
+    g.add(table, attr, value)
+    if PyList_Check(value):
+        for element in <list>value:
+            g.add(table, attr, element)
     return 0
 
 
@@ -126,6 +449,7 @@ cdef class SubscriptionIndex:
         self._sources = {}
         self._transitions = 0
         self._stamp = 0
+        self._g = Gatherer.__new__(Gatherer)
 
     def __len__(self):
         return len(self._entries)
@@ -147,10 +471,20 @@ cdef class SubscriptionIndex:
         entry.matcher = matcher
         entry.transitions = bool(transitions)
         keys = None if matcher.empty else index_keys(ast)
+        if keys is not None:
+            # one bucket per (attribute, key) even when the filter names a key twice
+            keys = list({(k[0], k[3]): k for k in keys}.values())
         entry.keys = None if keys is None else tuple([(k[0], k[3]) for k in keys])
         entry.decided = keys is not None and keys_decide(ast)
         if entry.decided and not entry.transitions:
             entry.matcher = None  # never run: a bucket hit decides; saves ~40% of the memory
+        elif keys is not None and not entry.transitions:
+            # Reached only through a bucket hit, which proves the clause the keys came from:
+            # check the rest (fewer nodes to walk, and to miss in cache).
+            rest = residual(ast)
+            if rest is not None:
+                entry.matcher = _MatcherType(rest)
+        entry.direct = entry.decided and not entry.transitions and len(keys) == 1
         entry.tables = []
         ops = (None,) if operations is None else frozenset(operations)
         self.remove(key)
@@ -192,24 +526,39 @@ cdef class SubscriptionIndex:
         if entry.transitions:
             self._transitions -= 1
 
-    cdef int _gather(self, str source, str entity, str operation, object record, list out) except -1:
+    cdef int _gather(self, str source, str entity, str operation, object record, list out, list direct) except -1:
         cdef PyObject* found
         cdef PyObject* slot
+        cdef Gatherer g = self._g
         found = PyDict_GetItemWithError(self._sources, source)
         if found is NULL:
             return 0
-        entities = <dict>found
-        for ent in (entity, "*"):
-            found = PyDict_GetItemWithError(entities, ent)
-            if found is not NULL:
-                slot = PyDict_GetItemWithError(<dict>found, operation)
-                if slot is not NULL:
-                    gather_table(<Table>slot, record, self._stamp, out)
-                slot = PyDict_GetItemWithError(<dict>found, None)
-                if slot is not NULL:
-                    gather_table(<Table>slot, record, self._stamp, out)
-            if entity == "*":
-                break
+        g.n = 0
+        g.hold = None
+        g.seen = None
+        g.stamp = self._stamp
+        g.out = out
+        g.direct = direct
+        try:
+            entities = <dict>found
+            for ent in (entity, "*"):
+                found = PyDict_GetItemWithError(entities, ent)
+                if found is not NULL:
+                    slot = PyDict_GetItemWithError(<dict>found, operation)
+                    if slot is not NULL:
+                        gather_table(<Table>slot, record, g)
+                    slot = PyDict_GetItemWithError(<dict>found, None)
+                    if slot is not NULL:
+                        gather_table(<Table>slot, record, g)
+                if entity == "*":
+                    break
+            g.run(False)
+        finally:
+            g.n = 0
+            g.hold = None
+            g.seen = None
+            g.out = None
+            g.direct = None
         return 0
 
     def match(self, str source, str entity, str operation, record):
@@ -218,11 +567,17 @@ cdef class SubscriptionIndex:
         cdef list out = []
         cdef Entry entry
         self._stamp += 1
-        self._gather(source, entity, operation, record, cands)
+        self._gather(source, entity, operation, record, cands, out)
         for entry in cands:
             prefetch(<PyObject*>entry.key)
             if not entry.decided:
                 prefetch(<PyObject*>entry.matcher)  # a decided entry may have no matcher
+        for entry in cands:
+            if not entry.decided:
+                prefetch(<PyObject*>entry.matcher.node)
+        for entry in cands:
+            if not entry.decided:
+                entry.matcher.node.prefetch()
         for entry in cands:
             if entry.decided or entry.matcher._match(record):
                 out.append(entry.key)
@@ -240,10 +595,12 @@ cdef class SubscriptionIndex:
         cdef bint tracked = operation == "UPDATE" and old_record is not None
         cdef bint new, old
         self._stamp += 1
-        self._gather(source, entity, operation, record, cands)
+        self._gather(source, entity, operation, record, cands, deliver)
         n_new = len(cands)
         if tracked and self._transitions:
-            self._gather(source, entity, operation, old_record, cands)
+            # direct entries (never transitions=True) found through the old record only:
+            # not delivered
+            self._gather(source, entity, operation, old_record, cands, [])
         for i in range(len(cands)):
             entry = <Entry>cands[i]
             if i >= n_new and not entry.transitions:
@@ -271,11 +628,16 @@ cdef Table _new_table(tuple slot):
     table.scan = {}
     table.attrs = []
     table.by_path = {}
+    table.next_attr = 0
+    table.slots = NULL
+    table.mask = 0
+    table.used = 0
     return table
 
 
 cdef _insert(Table table, Entry entry, list keys):
     cdef AttrTable attr
+    cdef Slot* s
     table.count += 1
     if entry.keys is None:
         table.scan[entry] = None
@@ -287,36 +649,34 @@ cdef _insert(Table table, Entry entry, list keys):
             attr.dotted = dotted
             attr.parts = parts
             attr.indexes = indexes
-            attr.buckets = {}
+            attr.id = table.next_attr
+            attr.nkeys = 0
+            table.next_attr += 1
             table.by_path[dotted] = attr
             table.attrs.append(attr)
         else:
             attr = <AttrTable>found
-        bucket = attr.buckets.get(key)
-        if bucket is None:
-            attr.buckets[key] = entry
-        elif type(bucket) is Entry:
-            attr.buckets[key] = {bucket: None, entry: None}
-        else:
-            (<dict>bucket)[entry] = None
+        s = table.claim(key, PyObject_Hash(key), attr.id)
+        if s.n == 0:
+            attr.nkeys += 1
+        bucket_add(s, entry)
 
 
 cdef _delete(Table table, Entry entry):
     cdef AttrTable attr
+    cdef Slot* s
     table.count -= 1
     if entry.keys is None:
         del table.scan[entry]
         return
     for dotted, key in entry.keys:
         attr = <AttrTable>table.by_path[dotted]
-        bucket = attr.buckets[key]
-        if type(bucket) is Entry:
-            del attr.buckets[key]
-        else:
-            (<dict>bucket).pop(entry, None)
-            if len(<dict>bucket) == 1:
-                attr.buckets[key] = next(iter(<dict>bucket))
-        if key not in attr.buckets:
-            if not attr.buckets:
+        s = table.find(key, PyObject_Hash(key), attr.id)
+        if s is NULL:
+            continue
+        if bucket_remove(s, entry) == 0:
+            table.release(s)
+            attr.nkeys -= 1
+            if attr.nkeys == 0:
                 del table.by_path[dotted]
                 table.attrs.remove(attr)

@@ -9,6 +9,7 @@ from cpython.object cimport Py_EQ, Py_GE, Py_GT, Py_LE, Py_LT, PyObject, PyObjec
 from cpython.set cimport PySet_Contains
 
 from decimal import Decimal
+from sys import intern
 
 from rtcore.predicate_ast import (
     BOOL,
@@ -186,13 +187,23 @@ cdef int resolve(object value, tuple parts, tuple indexes, Py_ssize_t i, list ou
     return 0
 
 
+cdef extern from *:
+    void prefetch_addr "__builtin_prefetch"(const void* addr) nogil
+
+
 cdef class Node:
     cdef bint match(self, object record) except -1:
         return True
 
+    cdef void prefetch(self) noexcept:
+        pass
+
 
 cdef class AndNode(Node):
-    cdef list children
+    cdef tuple children
+
+    cdef void prefetch(self) noexcept:
+        prefetch_addr(<PyObject*>self.children)
 
     cdef bint match(self, object record) except -1:
         cdef Node child
@@ -203,7 +214,7 @@ cdef class AndNode(Node):
 
 
 cdef class OrNode(Node):
-    cdef list children
+    cdef tuple children
 
     cdef bint match(self, object record) except -1:
         cdef Node child
@@ -217,7 +228,11 @@ cdef class FieldNode(Node):
     cdef tuple parts
     cdef tuple indexes
     cdef Py_ssize_t nparts
-    cdef list clauses
+    cdef tuple clauses
+
+    cdef void prefetch(self) noexcept:
+        prefetch_addr(<PyObject*>self.parts)
+        prefetch_addr(<PyObject*>self.clauses)
 
     cdef bint match(self, object record) except -1:
         cdef object value = record
@@ -284,17 +299,19 @@ cdef Node build_node(tuple ast):
         return Node.__new__(Node)
     if kind == "and":
         and_node = AndNode.__new__(AndNode)
-        and_node.children = [build_node(child) for child in ast[1]]
+        and_node.children = tuple([build_node(child) for child in ast[1]])
         return and_node
     if kind == "or":
         or_node = OrNode.__new__(OrNode)
-        or_node.children = [build_node(child) for child in ast[1]]
+        or_node.children = tuple([build_node(child) for child in ast[1]])
         return or_node
     field = FieldNode.__new__(FieldNode)
-    field.parts = ast[2]
+    # Tuples, not lists: their items sit in the object itself (one cache miss less per hop
+    # on a cold matcher); interned names are shared by every filter on the same field.
+    field.parts = tuple([intern(p) for p in ast[2]])
     field.indexes = ast[3]
     field.nparts = len(ast[2])
-    field.clauses = [build_clause(spec) for spec in ast[4]]
+    field.clauses = tuple([build_clause(spec) for spec in ast[4]])
     return field
 
 

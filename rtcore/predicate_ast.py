@@ -265,13 +265,8 @@ def index_keys(node: tuple) -> list[tuple[str, tuple, tuple, Any]] | None:
         _, dotted, parts, indexes, clauses = node
         best = None
         for clause in clauses:
-            if clause[0] == "eq" and _is_scalar_key(clause[1]):
-                keys = [clause[1]]
-            elif clause[0] == "in" and clause[1] and all(_is_scalar_key(k) for k in clause[1]):
-                keys = list(clause[1])
-            else:
-                continue
-            if best is None or len(keys) < len(best):
+            keys = _indexable_clause_keys(clause)
+            if keys is not None and (best is None or len(keys) < len(best)):
                 best = keys
         if best is None:
             return None
@@ -294,6 +289,52 @@ def index_keys(node: tuple) -> list[tuple[str, tuple, tuple, Any]] | None:
             if len(union) > MAX_INDEX_KEYS:
                 return None
         return list(union.values())
+    return None
+
+
+def _indexable_clause_keys(clause: tuple) -> list | None:
+    if clause[0] == "eq" and _is_scalar_key(clause[1]):
+        return [clause[1]]
+    if clause[0] == "in" and clause[1] and all(_is_scalar_key(k) for k in clause[1]):
+        return list(clause[1])
+    return None
+
+
+def residual(node: tuple) -> tuple | None:
+    """What is left to check once a record hit one of index_keys(node): the node without the
+    equality / `$in` clause those keys came from ("true" when nothing is left), or None when
+    nothing can be dropped (an `$or`, or no keys). Each clause of a field holds on its own
+    (one array element may satisfy one clause and another the next), so dropping the one a
+    bucket hit proves changes nothing else."""
+    kind = node[0]
+    if kind == "field":
+        _, dotted, parts, indexes, clauses = node
+        best, best_i = None, -1
+        for i, clause in enumerate(clauses):  # the same choice as index_keys
+            keys = _indexable_clause_keys(clause)
+            if keys is not None and (best is None or len(keys) < len(best)):
+                best, best_i = keys, i
+        if best is None:
+            return None
+        rest = list(clauses[:best_i]) + list(clauses[best_i + 1:])
+        return ("field", dotted, parts, indexes, rest) if rest else ("true",)
+    if kind == "and":
+        best, best_i = None, -1
+        for i, child in enumerate(node[1]):
+            keys = index_keys(child)
+            if keys is not None and (best is None or len(keys) < len(best)):
+                best, best_i = keys, i
+        if best is None:
+            return None
+        sub = residual(node[1][best_i])
+        if sub is None:
+            return None
+        rest = [c for i, c in enumerate(node[1]) if i != best_i]
+        if sub != ("true",):
+            rest.append(sub)
+        if not rest:
+            return ("true",)
+        return rest[0] if len(rest) == 1 else ("and", rest)
     return None
 
 

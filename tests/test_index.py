@@ -202,3 +202,130 @@ def test_index_equals_linear_scan(commands):
             assert len(ix) == len(oracle)
             assert ix.has_transitions == oracle.has_transitions
             assert all((k in ix) == (k in oracle) for k in range(12))
+
+
+# ---- bucket shapes of the compiled index: one item, a small array, a dict, and back ----------
+
+
+def _check_against_oracle(ix, oracle, records, ops=("UPDATE", "INSERT")) -> None:
+    for record in records:
+        for op in ops:
+            assert _bag(ix.match("postgres", "t", op, record)) == _bag(oracle.match("postgres", "t", op, record))
+            for old in (None, records[0]):
+                got = [_bag(p) for p in ix.match_transitions("postgres", "t", op, record, old)]
+                assert got == [_bag(p) for p in oracle.match_transitions("postgres", "t", op, record, old)]
+
+
+@pytest.mark.parametrize("make", IMPLS)
+def test_a_crowded_value_grows_and_shrinks_its_bucket(make):
+    """Up to 40 subscriptions on one value, of every kind (decided, residual, several keys,
+    transitions), added and then removed one by one: same answers as the scan throughout."""
+    import random
+
+    rng = random.Random(7)
+    kinds = [
+        lambda: {"a": 1},
+        lambda: {"a": 1, "n": {"$gte": rng.randrange(4)}},
+        lambda: {"a": {"$in": [1, 2]}},
+        lambda: {"$or": [{"a": 1}, {"b": "x"}]},
+        lambda: {"a": 1, "b": {"$ne": "x"}},
+    ]
+    ix, oracle = make(), index_ref.LinearScan()
+    records = [{"a": 1, "b": "x", "n": 2}, {"a": [1, 1, 2], "n": 0}, {"a": 2, "b": "y"}, {"a": 1.0, "n": 3}]
+    subs = []
+    for i in range(40):
+        pred, ops, tr = rng.choice(kinds)(), rng.choice([None, frozenset({"UPDATE"})]), rng.random() < 0.2
+        subs.append(i)
+        for x in (ix, oracle):
+            x.add(i, "postgres", "t", ops, pred, tr)
+        if i % 4 == 0:
+            _check_against_oracle(ix, oracle, records)
+    rng.shuffle(subs)
+    for n, i in enumerate(subs):
+        for x in (ix, oracle):
+            x.remove(i)
+        if n % 3 == 0:
+            _check_against_oracle(ix, oracle, records)
+    assert len(ix) == 0 and ix.match("postgres", "t", "UPDATE", records[0]) == []
+
+
+@pytest.mark.parametrize("make", IMPLS)
+def test_long_arrays_and_repeated_values_give_each_subscriber_once(make):
+    """A record whose arrays make more lookups than the compiled index stages at once (64):
+    buckets reached several times still give each subscriber once."""
+    ix, oracle = make(), index_ref.LinearScan()
+    for i in range(30):
+        for x in (ix, oracle):
+            x.add(("eq", i), "postgres", "t", None, {"a": i})
+            x.add(("in", i), "postgres", "t", None, {"b": {"$in": [i, i + 1]}})
+            x.add(("rest", i), "postgres", "t", None, {"a": i, "b": {"$exists": True}})
+    record = {"a": list(range(30)) * 5, "b": [i % 7 for i in range(150)]}
+    _check_against_oracle(ix, oracle, [record, {"a": [3] * 200}])
+
+
+@pytest.mark.parametrize("make", IMPLS)
+def test_keys_with_equal_hashes_stay_apart(make):
+    """-1 and -2 hash alike in CPython, as do 1 and 2**61: the buckets must still compare
+    keys. 1, 1.0 and Decimal 1 are one key; True is another."""
+    ix, oracle = make(), index_ref.LinearScan()
+    values = [-1, -2, 1, 2**61, 2**62 + 1, True, "1"]
+    for i, v in enumerate(values):
+        for x in (ix, oracle):
+            x.add(i, "postgres", "t", None, {"a": v})
+    records = [{"a": v} for v in values] + [{"a": 1.0}, {"a": Decimal(1)}, {"a": values}]
+    _check_against_oracle(ix, oracle, records)
+    for x in (ix, oracle):
+        x.remove(0)
+        x.remove(2)
+    _check_against_oracle(ix, oracle, records)
+
+
+def test_table_grows_and_shrinks_with_thousands_of_values():
+    ix, oracle = index.SubscriptionIndex(), index_ref.LinearScan()
+    for i in range(5000):
+        for x in (ix, oracle):
+            x.add(i, "postgres", "t", None, {("a" if i % 2 else "b"): f"v{i}"})
+    probe = [{"a": f"v{i}", "b": f"v{i + 1}"} for i in range(0, 5000, 97)]
+    _check_against_oracle(ix, oracle, probe, ops=("UPDATE",))
+    for i in range(0, 5000):
+        if i % 50:
+            for x in (ix, oracle):
+                x.remove(i)
+    _check_against_oracle(ix, oracle, probe, ops=("UPDATE",))
+    for i in range(0, 5000, 50):
+        for x in (ix, oracle):
+            x.remove(i)
+    assert len(ix) == 0 and ix.match("postgres", "t", "UPDATE", probe[0]) == []
+    ix.add("again", "postgres", "t", None, {"a": "v1"})
+    assert ix.match("postgres", "t", "UPDATE", {"a": "v1"}) == ["again"]
+
+
+BULK_VALUE = st.sampled_from([0, 1, 1.0, "x", True])
+BULK_PRED = st.one_of(
+    st.builds(lambda v: {"a": v}, BULK_VALUE),
+    st.builds(lambda v, n: {"a": v, "n": {"$gt": n}}, BULK_VALUE, st.integers(0, 3)),
+    st.builds(lambda v, w: {"a": {"$in": [v, w]}}, BULK_VALUE, BULK_VALUE),
+    st.builds(lambda v, w: {"$or": [{"a": v}, {"b": w}]}, BULK_VALUE, BULK_VALUE),
+)
+BULK_RECORD = st.fixed_dictionaries(
+    {"a": BULK_VALUE | st.lists(BULK_VALUE, max_size=4), "b": BULK_VALUE, "n": st.integers(0, 4)}
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    st.lists(st.tuples(st.integers(0, 59), BULK_PRED, st.booleans()), min_size=20, max_size=80),
+    st.lists(st.integers(0, 59), max_size=60),
+    st.lists(BULK_RECORD, min_size=1, max_size=4),
+)
+def test_crowded_buckets_equal_linear_scan(adds, removes, records):
+    """Few values, many subscriptions: buckets of many entries, filled and emptied."""
+    ix, oracle = index.SubscriptionIndex(), index_ref.LinearScan()
+    for key, pred, tr in adds:
+        for x in (ix, oracle):
+            x.add(key, "postgres", "t", None, pred, tr)
+    _check_against_oracle(ix, oracle, records, ops=("UPDATE",))
+    for key in removes:
+        for x in (ix, oracle):
+            x.remove(key)
+    _check_against_oracle(ix, oracle, records, ops=("UPDATE",))
