@@ -10,11 +10,14 @@ Processes, so that measuring does not steal the measured process's loop:
   one single-row autocommit INSERT per tick on an absolute schedule);
 - `--role reader`: a bare replication reader (own slot and publication, same ReplicationStream
   and compiled decoder as the gateway, nothing else);
-- `--role subscribers`: N picows WebSocket clients subscribed to `postgres:ticks`.
-Latency = receive time - `sent_ns`, the writer's `time.time_ns()` taken just before it sends
+- the subscribers: N WebSocket clients subscribed to `postgres:ticks`: picows clients in
+  `--role subscribers` (default), or with `--client go` the Go load generator of
+  benchmarks/fanout on one OS thread (measured: about the same CPU per frame at this rate,
+  one wake-up and read per frame either way).
+Latency = receive time - `t`, the writer's `time.time_ns()` taken just before it sends
 the INSERT (so it includes the INSERT's own execution and commit, a conservative bound on
 commit -> receive). All processes share one clock (same host, CLOCK_REALTIME).
-Markers in `sent_ns`: > 0 measured tick, -3 warm-up, -1 end of the steady phase, 0 bulk row.
+Markers in `t`: > 0 measured tick, -3 warm-up, -1 end of the steady phase, 0 bulk row.
 """
 
 from __future__ import annotations
@@ -35,8 +38,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-TABLE_SQL = "CREATE TABLE ticks (id bigserial PRIMARY KEY, sent_ns bigint NOT NULL, name text, price numeric(10,2))"
-INSERT_SQL = "INSERT INTO ticks (sent_ns, name, price) VALUES ($1, 'tick', 9.99)"
+# `t` first: an event's record then starts with {"t":<ns>, which the Go subscriber looks for.
+TABLE_SQL = "CREATE TABLE ticks (t bigint NOT NULL, id bigserial PRIMARY KEY, name text, price numeric(10,2))"
+INSERT_SQL = "INSERT INTO ticks (t, name, price) VALUES ($1, 'tick', 9.99)"
 WARMUP_ROWS = 200
 
 
@@ -75,7 +79,7 @@ async def run_reader(dsn: str, slot: str, publication: str, bulk: int) -> None:
             return
         m = msg.message
         if m.kind == "I":
-            sent = m.new["sent_ns"]
+            sent = m.new["t"]
             if sent > 0:
                 samples.append(now - sent)
             elif sent == 0:
@@ -110,7 +114,7 @@ async def run_reader(dsn: str, slot: str, publication: str, bulk: int) -> None:
 class Rec(msgspec.Struct):
     """The one field of an event's record the subscribers read."""
 
-    sent_ns: int = -9
+    t: int = -9
 
 
 class Msg(msgspec.Struct):
@@ -147,7 +151,7 @@ async def run_subscribers(url: str, token: str, count: int, bulk: int) -> None:
                 return
             msg = decode(frame.get_payload_as_bytes())
             if msg.type == "event":
-                sent = msg.record.sent_ns
+                sent = msg.record.t
                 if sent > 0:
                     samples.append(now - sent)
                 elif sent == 0:
@@ -200,6 +204,69 @@ async def run_subscribers(url: str, token: str, count: int, bulk: int) -> None:
                       "closed": hub["closed"]}), flush=True)
     for t in transports:
         t.disconnect()
+
+
+# -- the Go subscriber ----------------------------------------------------------------------
+
+
+class GoSubscribers:
+    """benchmarks/fanout's Go subscriber (gosub) as the N clients: on one OS thread it costs a
+    fraction of a Python client per frame, so the clients' own queueing does not inflate the
+    gateway's latency. It reads each event's `{"t":<ns>,` (the record's first column)."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+
+    @classmethod
+    async def start(cls, binary: str, ws_url: str, token: str, count: int) -> GoSubscribers:
+        from urllib.parse import urlsplit
+
+        u = urlsplit(ws_url)
+        cfg = {"role": "subscribers", "n": count, "concurrency": 50, "server": {
+            "host": u.hostname, "port": u.port, "path": u.path + (f"?{u.query}" if u.query else ""),
+            "headers": {"Authorization": f"Bearer {token}"},
+            "hello": [json.dumps({"type": "subscribe", "channel": "postgres:ticks"})], "ready": '"subscribed"'}}
+        proc = await asyncio.create_subprocess_exec(binary, json.dumps(cfg), stdin=asyncio.subprocess.PIPE,
+                                                    stdout=asyncio.subprocess.PIPE,
+                                                    env={**os.environ, "GOMAXPROCS": "1"})
+        self = cls(proc)
+        ready = await self._reply(60)
+        if ready.get("ready") != count:
+            raise RuntimeError(f"go subscribers: {ready}")
+        return self
+
+    async def _reply(self, timeout: float) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        raw = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
+        if not raw:
+            raise RuntimeError(f"go subscribers exited ({await self.proc.wait()})")
+        return json.loads(raw)
+
+    async def cmd(self, op: str, **fields: Any) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"op": op, **fields}).encode() + b"\n")
+        await self.proc.stdin.drain()
+        return await self._reply(60)
+
+    async def wait_count(self, n: int, timeout: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            st = await self.cmd("stat")
+            if st["count"] >= n or time.monotonic() > deadline:
+                return st
+            await asyncio.sleep(0.05)
+
+    async def latencies(self) -> array.array:
+        with tempfile.NamedTemporaryFile(suffix=".lat") as fh:
+            await self.cmd("report", path=fh.name)
+            samples = array.array("q")
+            samples.frombytes(open(fh.name, "rb").read())  # noqa: SIM115 - read at once
+        return samples
+
+    async def stop(self) -> None:
+        if self.proc.returncode is None:
+            self.proc.terminate()
+            await self.proc.wait()
 
 
 # -- orchestrator ---------------------------------------------------------------------------
@@ -271,18 +338,31 @@ async def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
             reader = await Child.start("reader", dsn, "bare", "bare_pub", str(args.bulk))
             children.append(reader)
             assert await reader.line(30) == "READY"
-            subs = await Child.start("subscribers", gw.ws_url("w1"), gw.token("w1", ttl=7200),
-                                     str(args.subscribers), str(args.bulk))
+            go = None
+            if args.client in ("auto", "go"):
+                from benchmarks.fanout.run import gosub
+
+                go = gosub()
+                if go is None and args.client == "go":
+                    raise RuntimeError("the Go subscriber could not be built (is Go installed?)")
+            result["client"] = "go" if go else "python"
+            if go:
+                subs = await GoSubscribers.start(go, gw.ws_url("w1"), gw.token("w1", ttl=7200), args.subscribers)
+            else:
+                subs = await Child.start("subscribers", gw.ws_url("w1"), gw.token("w1", ttl=7200),
+                                         str(args.subscribers), str(args.bulk))
+                ready = await subs.line(60)
+                if ready != "READY":
+                    raise RuntimeError(f"subscribers: {ready}")
             children.append(subs)
-            ready = await subs.line(60)
-            if ready != "READY":
-                raise RuntimeError(f"subscribers: {ready}")
 
             stmt = await conn.prepare(INSERT_SQL)
             for _ in range(WARMUP_ROWS):
                 await stmt.fetch(-3)
                 await asyncio.sleep(1 / args.rate)
             await asyncio.sleep(0.5)
+            if go:
+                await subs.cmd("reset")
             pids = {"gateway": gw.proc.pid, "subscribers": subs.proc.pid, "bare_reader": reader.proc.pid}
             cpu0 = {k: cpu_seconds(p) for k, p in pids.items()}
             load0 = os.getloadavg()[0]
@@ -300,29 +380,43 @@ async def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
                 await stmt.fetch(t0)
                 acks.append(time.time_ns() - t0)
             elapsed = time.perf_counter() - start
-            await stmt.fetch(-1)
+            if not go:
+                await stmt.fetch(-1)  # the Python subscribers' end-of-phase marker
             result["cpu_share_during_steady"] = {k: round((cpu_seconds(p) - cpu0[k]) / elapsed, 2)
                                                  for k, p in pids.items()}
             result["machine_load_avg_1m"] = [round(load0, 1), round(os.getloadavg()[0], 1)]
             result["writer"] = {"commits": total, "achieved_per_s": round(total / elapsed), "late_ticks": late,
                                 "insert_roundtrip": quantiles(acks)}
-            steady = await subs.json(120)
-            result["gateway"] = steady["steady"]
-            result["gateway_closed_subscribers"] = steady["closed"]
+            if go:
+                st = await subs.wait_count(total * args.subscribers, 60)
+                result["gateway"] = quantiles(await subs.latencies())
+                result["gateway_closed_subscribers"] = args.subscribers - st["open"]
+                await subs.cmd("reset")
+            else:
+                steady = await subs.json(120)
+                result["gateway"] = steady["steady"]
+                result["gateway_closed_subscribers"] = steady["closed"]
 
             t_bulk = time.time_ns()
             await conn.execute(
-                f"INSERT INTO ticks (sent_ns, name, price) SELECT 0, 'bulk ' || g, g % 1000 + 0.99 "
+                f"INSERT INTO ticks (t, name, price) SELECT 0, 'bulk ' || g, g % 1000 + 0.99 "
                 f"FROM generate_series(1, {args.bulk}) g"
             )
             t_commit = time.time_ns()
             bare = await reader.json(600)
             result["bare_reader"] = bare["steady"]
-            bulk = await subs.json(900)
             n = args.bulk
+            if go:
+                st = await subs.wait_count(n * args.subscribers, 900)
+                bulk = {"bulk_done": args.subscribers if st["count"] >= n * args.subscribers else 0,
+                        "bulk_last_ns": st["last"], "closed": args.subscribers - st["open"]}
+            else:
+                bulk = await subs.json(900)
             result["bulk"] = {
                 "statement_ms": round((t_commit - t_bulk) / 1e6, 1),
-                "bare_reader_rows_per_s": round(n / ((bare["bulk_last_ns"] - t_commit) / 1e9)),
+                # from the statement start: with a small bulk the reader may be done before the
+                # commit reply reaches the writer
+                "bare_reader_rows_per_s_since_statement": round(n / ((bare["bulk_last_ns"] - t_bulk) / 1e9)),
                 "subscribers_done": bulk["bulk_done"],
                 "subscribers_closed": bulk["closed"],
             }
@@ -349,7 +443,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5)
     parser.add_argument("--subscribers", type=int, default=100)
     parser.add_argument("--bulk", type=int, default=100_000)
+    parser.add_argument("--client", choices=["auto", "go", "python"], default="python",
+                        help="the subscribers: the Go load generator of benchmarks/fanout (auto: when Go "
+                             "is installed) or picows clients in one Python process")
     args, rest = parser.parse_known_args()
+    if args.bulk < 1:
+        parser.error("--bulk must be at least 1 (the run ends when the bulk transaction has arrived)")
     import uvloop
 
     if args.role == "reader":

@@ -54,7 +54,10 @@ class MemoryBus:
         self.hub = hub
 
     async def publish(self, event: Event) -> int:
-        return self.hub.deliver(event)
+        hub = self.hub
+        if hub.backlogged():
+            await hub.room()
+        return hub.deliver(event)
 
     def history_gap(self, workspace: str, source: str, reason: str) -> None:
         self.hub.history_gap(workspace, source, reason)

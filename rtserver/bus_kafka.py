@@ -315,8 +315,12 @@ class KafkaBus:
                     deliver(event, r.offset + 1)
                     self._delivered += 1
             # getmany returns buffered records without suspending: while catching up, let the
-            # connections, health checks and upgrades in between batches.
-            await asyncio.sleep(0)
+            # connections, health checks and upgrades in between batches, and wait while the
+            # writes to clients are behind (the topic keeps what is not read yet).
+            if self.hub.backlogged():
+                await self.hub.room()
+            else:
+                await asyncio.sleep(0)
             if not self._caught_up and all(self._next[p] >= t for p, t in self._target.items()):
                 self._caught_up = True
                 log.info("bus consumer caught up", extra={"fields": {"topic": self.topic, "events": self._delivered}})

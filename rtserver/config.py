@@ -66,6 +66,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("limits", "max_connections_per_subject", "RT_MAX_CONNECTIONS_PER_SUBJECT", int, 1000, "Connections per subject (close 4008 beyond)"),
     Setting("limits", "max_message_bytes", "RT_MAX_MESSAGE_BYTES", int, 65536, "Largest inbound WebSocket message"),
     Setting("limits", "send_buffer_bytes", "RT_SEND_BUFFER_BYTES", int, 4 * 1024 * 1024, "Per-connection outbound buffer; beyond it the connection is closed with 1013"),
+    Setting("limits", "flush_chunk", "RT_FLUSH_CHUNK", int, 64, "Connections written per event-loop iteration; between chunks the loop reads what arrived, and new events join the frames of connections not yet written (one write)"),
+    Setting("limits", "fanout_backlog", "RT_FANOUT_BACKLOG", int, 2048, "Connections waiting for their write beyond which publishers (publish API, change feeds, bus consumer) wait"),
     Setting("limits", "max_invalid_per_minute", "RT_MAX_INVALID_PER_MINUTE", int, 20, "Invalid messages a minute before close 1008"),
     Setting("limits", "auth_timeout", "RT_AUTH_TIMEOUT", float, 10.0, "Seconds to authenticate before close 4002"),
     Setting("limits", "idle_timeout", "RT_IDLE_TIMEOUT", float, 60.0, "Seconds of peer silence before close 1001"),
@@ -294,7 +296,7 @@ def _validate(values: dict[str, dict[str, Any]], path: str) -> None:
     if bus["partitions"] < 1 or bus["replication_factor"] < 1:
         raise ConfigError("bus.partitions and bus.replication_factor must be at least 1")
     limits = values["limits"]
-    for key in ("max_message_bytes", "send_buffer_bytes", "max_publish_bytes"):
+    for key in ("max_message_bytes", "send_buffer_bytes", "max_publish_bytes", "flush_chunk", "fanout_backlog"):
         if limits[key] <= 0:
             raise ConfigError(f"limits.{key} must be positive")
 

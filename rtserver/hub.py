@@ -73,6 +73,9 @@ class Hub:
         self.workspaces: dict[str, Workspace] = {}
         self._dirty: list[Connection] = []
         self._flush_scheduled = False
+        self._chunk = cfg.limits.flush_chunk
+        self._max_backlog = cfg.limits.fanout_backlog
+        self._drained: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         # Called with the id of each workspace this node learns of (the gateway persists them,
         # so that after a restart the change feeds record into their histories from the start).
@@ -128,6 +131,18 @@ class Hub:
         if len(dirty) != before and not self._flush_scheduled:
             self._schedule_flush()
 
+    def backlogged(self) -> bool:
+        """More connections wait for their write than `limits.fanout_backlog`."""
+        return len(self._dirty) > self._max_backlog
+
+    async def room(self) -> None:
+        """Wait until the write backlog is within its bound: publishers (the publish API, the
+        change feeds, the Kafka consumer) slow down instead of frames piling up in memory."""
+        while len(self._dirty) > self._max_backlog:
+            if self._drained is None:
+                self._drained = asyncio.Event()
+            await self._drained.wait()
+
     def schedule(self, conn: Connection) -> None:
         """Called by a connection whose pending list just became non-empty."""
         self._dirty.append(conn)
@@ -143,11 +158,27 @@ class Hub:
 
     def flush(self) -> None:
         """Write each dirty connection's pending frames in one transport write (the same as
-        calling Connection.flush on each, without a Python call per connection)."""
+        calling Connection.flush on each, without a Python call per connection).
+
+        At most `limits.flush_chunk` connections per loop iteration: between chunks the loop reads
+        what arrived meanwhile (publishes, client messages), so a large fan-out does not hold
+        the loop for its whole length, and an event that arrives while earlier frames are
+        still being written joins them in the same write to every connection not yet
+        reached (coalescing under load, with no added waiting). Order per connection holds:
+        a connection is in the list at most once, with all its frames in `pending`."""
 
         self._flush_scheduled = False
         dirty = self._dirty
-        self._dirty = []
+        chunk = self._chunk
+        if len(dirty) > chunk:
+            self._dirty = dirty[chunk:]
+            del dirty[chunk:]
+            self._schedule_flush()
+        else:
+            self._dirty = []
+        if self._drained is not None and len(self._dirty) <= self._max_backlog:
+            self._drained.set()
+            self._drained = None
         writes, frames = flush_all(dirty, self.cfg.limits.send_buffer_bytes)
         m = self.metrics
         m.writes += writes

@@ -1,0 +1,120 @@
+"""The hub's write loop: at most `limits.flush_chunk` connections per loop iteration, frames of
+events that arrive in between joined to the connections not yet written, order kept, and
+publishers held back while more than `limits.fanout_backlog` connections wait for a write.
+In process, with recording transports (the wire is covered by the protocol and fan-out tests)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from rtserver import config
+from rtserver.hub import Hub
+from rtserver.metrics import Metrics
+
+
+class RecordingTransport:
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+
+class Conn:
+    """What the hub's loops read of a connection (see rtcore/fanout.py)."""
+
+    def __init__(self) -> None:
+        self.pending = None
+        self.closed = False
+        self._raw = RecordingTransport()
+
+    def _slow_reader(self) -> None:  # pragma: no cover - never over the limit here
+        raise AssertionError("not a slow reader")
+
+
+class Sub:
+    def __init__(self, conn: Conn) -> None:
+        self.conn = conn
+
+
+def make_hub(chunk: int, backlog: int) -> Hub:
+    cfg = config.load(environ={"RT_FLUSH_CHUNK": str(chunk), "RT_FANOUT_BACKLOG": str(backlog)})
+    return Hub(cfg, Metrics())
+
+
+async def test_flush_writes_a_chunk_per_iteration_and_joins_later_frames():
+    hub = make_hub(chunk=3, backlog=100)
+    conns = [Conn() for _ in range(8)]
+    subs = [Sub(c) for c in conns]
+    hub._push_all(subs, b"e1")
+    await asyncio.sleep(0)  # one iteration: the first chunk only
+    assert [len(c._raw.writes) for c in conns] == [1, 1, 1, 0, 0, 0, 0, 0]
+    hub._push_all(subs, b"e2")  # arrives while five connections still wait
+    for _ in range(10):
+        await asyncio.sleep(0)
+    # the first three get e2 on its own; the five not yet written get e1 and e2 in one write
+    assert [c._raw.writes for c in conns[:3]] == [[b"e1", b"e2"]] * 3
+    assert [c._raw.writes for c in conns[3:]] == [[b"e1e2"]] * 5
+    assert hub.metrics.writes == 11 and hub.metrics.frames_out == 16
+    assert not hub._dirty and not hub._flush_scheduled
+
+
+async def test_publishers_wait_while_the_backlog_is_over_its_bound():
+    hub = make_hub(chunk=2, backlog=4)
+    conns = [Conn() for _ in range(10)]
+    hub._push_all([Sub(c) for c in conns], b"e1")
+    assert hub.backlogged()
+    waiter = asyncio.ensure_future(hub.room())
+    await asyncio.sleep(0)
+    assert not waiter.done()  # 10 waiting, then 8 after the first chunk: over 4
+    for _ in range(3):
+        await asyncio.sleep(0)
+    # after 3 chunks 4 connections wait: within the bound, the publisher goes on
+    assert waiter.done() and not hub.backlogged()
+    await waiter
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert all(c._raw.writes == [b"e1"] for c in conns)
+    await hub.room()  # nothing waits: returns at once
+
+
+async def test_closed_connections_are_skipped_and_order_holds_per_connection():
+    hub = make_hub(chunk=2, backlog=100)
+    conns = [Conn() for _ in range(5)]
+    subs = [Sub(c) for c in conns]
+    for i in range(1, 6):
+        hub._push_all(subs, b"e%d" % i)
+        if i == 2:
+            conns[4].closed = True
+        await asyncio.sleep(0)
+    for _ in range(10):
+        await asyncio.sleep(0)
+    for c in conns[:4]:
+        assert b"".join(c._raw.writes) == b"e1e2e3e4e5"
+    assert conns[4]._raw.writes == []
+
+
+async def test_every_client_gets_every_event_in_order_with_one_connection_per_iteration(gateway_factory):
+    """The real gateway written one connection per loop iteration, with publishers held back
+    beyond two waiting connections: eight clients, forty concurrent publishes, nothing lost,
+    repeated or reordered."""
+    from contextlib import AsyncExitStack
+
+    from tests.harness.wsclient import ws_connect
+
+    gw = await gateway_factory(env={"RT_FLUSH_CHUNK": "1", "RT_FANOUT_BACKLOG": "2"})
+    async with AsyncExitStack() as stack:
+        clients = []
+        for _ in range(8):
+            c = await stack.enter_async_context(ws_connect(gw, "w1", token=gw.token("w1")))
+            await c.subscribe("events:x")
+            clients.append(c)
+        acks = await asyncio.gather(*(gw.publish("w1", "x", {"n": n}) for n in range(40)))
+        by_seq = sorted((a["seq"], n) for n, a in enumerate(acks))
+        for c in clients:
+            got = [await c.recv_event(timeout=10) for _ in range(40)]
+            assert [(e["seq"], e["payload"]["n"]) for e in got] == by_seq
+            await c.no_message(0.2)
