@@ -15,12 +15,15 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from benchmarks.fanout import scenarios
 from rtcore.fanout import flush_all, push_all
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.postgres  # the smoke set has one PostgreSQL-fed scenario (its own throwaway cluster)
 def test_smoke_run_produces_every_result(tmp_path):
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run(

@@ -280,8 +280,59 @@ def _publish_bytes(pub: dict[str, Any], group: int) -> bytes:
     return body + b"\n"
 
 
+async def run_pg_publisher(cfg: dict[str, Any]) -> None:
+    """Events as single-row INSERT commits (autocommit) through a small asyncpg pool; an event
+    is acknowledged when its commit returns. Window: at most `window` commits in flight;
+    paced: open loop at a fixed commit rate."""
+    import asyncpg
+
+    pub = cfg["publish"]
+    groups = max(1, cfg.get("groups", 1))
+    rng = random.Random(7)
+    mode, duration = cfg["mode"], cfg["duration"]
+    max_events = cfg.get("max_events", 1 << 62)
+    window = cfg.get("window", 1) if mode == "window" else 8
+    pool = await asyncpg.create_pool(pub["dsn"], min_size=window, max_size=window)
+    sql, pad = pub["sql"], wire.PAD
+    sent = acked = 0
+    slots = asyncio.Semaphore(window)
+
+    async def insert(group: int) -> None:
+        nonlocal acked
+        try:
+            await pool.execute(sql, time.time_ns(), group, pad)
+            acked += 1
+        finally:
+            slots.release()
+
+    tasks: set[asyncio.Task] = set()
+    t_start = time.time_ns()
+    t0 = time.monotonic()
+    deadline = t0 + duration
+    interval = 1.0 / cfg["events_per_s"] if mode == "paced" else 0.0
+    while time.monotonic() < deadline and sent < max_events:
+        if mode == "paced":
+            due = t0 + sent * interval
+            now = time.monotonic()
+            if due > now:
+                await asyncio.sleep(due - now)
+        await slots.acquire()
+        task = asyncio.create_task(insert(rng.randrange(groups)))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+        sent += 1
+    t_sent = time.time_ns()
+    if tasks:
+        await asyncio.wait(tasks, timeout=30)
+    await pool.close()
+    _reply({"sent": sent, "acked": acked, "t_start": t_start, "t_sent": t_sent, "cpu_s": _cpu()})
+
+
 async def run_publisher(cfg: dict[str, Any]) -> None:
     pub = cfg["publish"]
+    if pub["kind"] == "pg":
+        await run_pg_publisher(cfg)
+        return
     loop = asyncio.get_running_loop()
     sock = await open_socket(pub["host"], pub["port"], "127.0.0.1")
     _, proto = await loop.create_connection(lambda: Publisher(pub["ack"].encode()), sock=sock)

@@ -118,6 +118,39 @@ class Runner:
         self.log = log
         self.tmp = tempfile.mkdtemp(prefix="fanout-")
         self._src_base = 2
+        self._pg = None
+
+    def postgres(self) -> str:
+        """DSN of a throwaway PostgreSQL cluster (wal_level=logical) with an empty `ticks`
+        table, for the PostgreSQL-fed scenarios; started on first use, kept for the run."""
+        import asyncio
+
+        import asyncpg
+
+        from tests.harness.pgcluster import PgCluster
+
+        if self._pg is None:
+            self._pg = PgCluster()
+            self._pg.__enter__()
+
+        async def reset() -> None:
+            conn = await asyncpg.connect(self._pg.dsn)
+            try:
+                await conn.execute("DROP TABLE IF EXISTS ticks")
+                # `t` first: an event's record then starts with {"t":<ns>, the subscribers' marker.
+                await conn.execute("CREATE TABLE ticks (t bigint NOT NULL, id bigserial PRIMARY KEY, g int, u int, pad text)")
+                for (slot,) in await conn.fetch("SELECT slot_name FROM pg_replication_slots WHERE NOT active"):
+                    await conn.execute("SELECT pg_drop_replication_slot($1)", slot)
+            finally:
+                await conn.close()
+
+        asyncio.run(reset())
+        return self._pg.dsn
+
+    def close(self) -> None:
+        if self._pg is not None:
+            self._pg.__exit__(None, None, None)
+            self._pg = None
 
     # -- helpers --
     def _split(self, n: int) -> list[tuple[int, int]]:
@@ -327,30 +360,35 @@ def run_set(scenarios: list[Scenario], server_names: list[str], procs: int = 2, 
         else:
             log(f"[fanout] {name}: not available (benchmarks/centrifugo/build.sh builds it); skipped")
     results: list[dict[str, Any]] = []
-    for sc in scenarios:
-        rounds: dict[str, list[dict[str, Any]]] = {}
-        order = [n for n in names if n.split("-")[0] in sc.servers]
-        for k in range(repeat):
-            for name in order if k % 2 == 0 else order[::-1]:
-                server = srv.KINDS[name](name, runner.server_cpus)
-                t = time.monotonic()
-                try:
-                    server.start()
-                    if name == "gateway":
-                        meta["gateway_compiled_core"] = server.extra.get("compiled")
-                    res = runner.run(sc, server)
-                except Exception as exc:
-                    res = {"scenario": sc.name, "kind": sc.kind, "server": name, "clients": sc.clients,
-                           "error": f"{type(exc).__name__}: {exc}"[:2000]}
-                finally:
-                    server.stop()
-                rounds.setdefault(name, []).append(res)
-                log(f"[fanout] {sc.name:16s} {name:11s} {_summary(res)}  ({time.monotonic() - t:.1f}s)")
-        for name in order:
-            best = _best(sc, rounds[name])
-            if repeat > 1:
-                best = {**best, "rounds": [_brief(r) for r in rounds[name]]}
-            results.append(best)
+    try:
+        for sc in scenarios:
+            rounds: dict[str, list[dict[str, Any]]] = {}
+            order = [n for n in names if n.split("-")[0] in sc.servers]
+            for k in range(repeat):
+                for name in order if k % 2 == 0 else order[::-1]:
+                    server = srv.KINDS[name](name, runner.server_cpus)
+                    t = time.monotonic()
+                    try:
+                        if sc.params.get("source") == "postgres":
+                            server.extra["postgres"] = runner.postgres()
+                        server.start()
+                        if name == "gateway":
+                            meta["gateway_compiled_core"] = server.extra.get("compiled")
+                        res = runner.run(sc, server)
+                    except Exception as exc:
+                        res = {"scenario": sc.name, "kind": sc.kind, "server": name, "clients": sc.clients,
+                               "error": f"{type(exc).__name__}: {exc}"[:2000]}
+                    finally:
+                        server.stop()
+                    rounds.setdefault(name, []).append(res)
+                    log(f"[fanout] {sc.name:16s} {name:11s} {_summary(res)}  ({time.monotonic() - t:.1f}s)")
+            for name in order:
+                best = _best(sc, rounds[name])
+                if repeat > 1:
+                    best = {**best, "rounds": [_brief(r) for r in rounds[name]]}
+                results.append(best)
+    finally:
+        runner.close()
     meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     return {"meta": meta, "results": results}
 

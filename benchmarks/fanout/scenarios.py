@@ -49,6 +49,10 @@ def standard() -> list[Scenario]:
         Scenario("paced-100k", "fanout", clients=1000, mode="paced", rate=100_000, duration=5.0, servers=ALL),
         Scenario("paced-300k", "fanout", clients=1000, mode="paced", rate=300_000, duration=5.0, servers=ALL),
         Scenario("bursty-50", "fanout", clients=1000, mode="burst", burst=50, duration=4.0),
+        # Events from PostgreSQL: single-row INSERT commits at 100/s, read from the replication
+        # stream (the gateway only: the baselines have no change feed).
+        Scenario("pg-paced-100k", "fanout", clients=1000, mode="paced", rate=100_000, duration=5.0,
+                 servers=("gateway",), params={"source": "postgres"}),
         Scenario("storm", "storm", total=4000, concurrency=128),
         Scenario("idle-20k", "idle", clients=20000, fresh=True, concurrency=256),
     ]
@@ -63,6 +67,8 @@ def smoke() -> list[Scenario]:
         Scenario("filtered-200", "fanout", clients=200, groups=10, window=4, duration=0.7, servers=two),
         Scenario("paced-5k", "fanout", clients=100, mode="paced", rate=5000, duration=0.7, servers=two),
         Scenario("bursty-50", "fanout", clients=100, mode="burst", burst=50, duration=0.7, servers=two),
+        Scenario("pg-paced-5k", "fanout", clients=100, mode="paced", rate=5000, duration=0.7,
+                 servers=("gateway",), params={"source": "postgres"}),
         Scenario("storm", "storm", total=100, concurrency=16, servers=two),
         Scenario("idle-300", "idle", clients=300, servers=two),
     ]

@@ -156,6 +156,9 @@ class Gateway(Server):
             "RT_IDLE_TIMEOUT": "3600",
             "RT_SEND_BUFFER_BYTES": str(64 * 1024 * 1024),
         })
+        if self.extra.get("postgres"):  # a PostgreSQL-fed scenario (see Runner.postgres)
+            env["RT_POSTGRES_URL"] = self.extra["postgres"]
+            env["RT_INSTANCE"] = f"bench_{self.port}"
         return env
 
     def start(self) -> None:
@@ -163,8 +166,10 @@ class Gateway(Server):
         self.extra["compiled"] = _gateway_compiled()
 
     def healthy(self) -> bool:
+        # With a change feed: ready once it streams (rows inserted before would not be read).
+        path = "/readyz" if self.extra.get("postgres") else "/healthz"
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=1) as r:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=1) as r:
                 return r.status == 200
         except OSError:
             return False
@@ -181,7 +186,8 @@ class Gateway(Server):
         return out
 
     def client_spec(self, filtered_groups: int = 0) -> dict[str, Any]:
-        sub: dict[str, Any] = {"type": "subscribe", "channel": "events:bench"}
+        channel = "postgres:ticks" if self.extra.get("postgres") else "events:bench"
+        sub: dict[str, Any] = {"type": "subscribe", "channel": channel}
         if filtered_groups:
             # Distinct predicate per client (the $ne value), 1/groups of the clients match an event.
             sub["filter"] = {"predicates": {"g": 999999, "u": {"$ne": 888888}}}
@@ -193,6 +199,10 @@ class Gateway(Server):
         }
 
     def publish_spec(self) -> dict[str, Any]:
+        if self.extra.get("postgres"):
+            # INSERTs whose columns are the payload's fields: the record starts with {"t":
+            return {"kind": "pg", "dsn": self.extra["postgres"],
+                    "sql": "INSERT INTO ticks (t, g, u, pad) VALUES ($1, $2, -1, $3)"}
         return {"kind": "http", "host": "127.0.0.1", "port": self.port,
                 "path": f"/workspaces/{WORKSPACE}/realtime/events/bench",
                 "headers": {"Authorization": f"Bearer {token('bench-publisher', publish=True)}"},
