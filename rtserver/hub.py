@@ -75,6 +75,8 @@ class Hub:
         self._flush_scheduled = False
         self._chunk = cfg.limits.flush_chunk
         self._max_backlog = cfg.limits.fanout_backlog
+        metrics.add_gauges(lambda: [("rt_write_backlog", "Connections waiting for their write (see limits.flush_chunk)",
+                                     {}, len(self._dirty))])
         self._drained: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         # Called with the id of each workspace this node learns of (the gateway persists them,
@@ -138,6 +140,8 @@ class Hub:
     async def room(self) -> None:
         """Wait until the write backlog is within its bound: publishers (the publish API, the
         change feeds, the Kafka consumer) slow down instead of frames piling up in memory."""
+        if len(self._dirty) > self._max_backlog:
+            self.metrics.publisher_waits += 1
         while len(self._dirty) > self._max_backlog:
             if self._drained is None:
                 self._drained = asyncio.Event()

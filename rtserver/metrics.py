@@ -26,6 +26,7 @@ class Metrics:
         self.publish_requests: Counter[int] = Counter()  # by HTTP status
         self.history_gaps = 0
         self.replayed = 0
+        self.publisher_waits = 0  # publishes that waited for the write backlog (Hub.room)
         self._gauges: list[Callable[[], list[tuple[str, str, dict[str, Any], float]]]] = []
 
     def add_gauges(self, fn: Callable[[], list[tuple[str, str, dict[str, Any], float]]]) -> None:
@@ -50,6 +51,8 @@ class Metrics:
         counter("rt_deliveries_total", "Event frames written to connections", [({}, self.deliveries)])
         counter("rt_frames_out_total", "All frames written to connections", [({}, self.frames_out)])
         counter("rt_writes_total", "Transport writes (several frames coalesce into one)", [({}, self.writes)])
+        counter("rt_publisher_waits_total", "Publishes held until the write backlog was within limits.fanout_backlog",
+                [({}, self.publisher_waits)])
         counter("rt_drops_total", "Connections closed because they read too slowly (1013)", [({"reason": "slow_reader"}, self.drops_slow_reader)])
         counter(
             "rt_auth_failures_total",

@@ -75,6 +75,9 @@ async def test_publishers_wait_while_the_backlog_is_over_its_bound():
     # after 3 chunks 4 connections wait: within the bound, the publisher goes on
     assert waiter.done() and not hub.backlogged()
     await waiter
+    assert hub.metrics.publisher_waits == 1
+    rows = [ln for ln in hub.metrics.render().decode().splitlines() if ln.startswith(("rt_publisher_waits", "rt_write_backlog"))]
+    assert rows == ["rt_publisher_waits_total 1", "rt_write_backlog 2"], rows
     for _ in range(5):
         await asyncio.sleep(0)
     assert all(c._raw.writes == [b"e1"] for c in conns)
