@@ -10,10 +10,12 @@ Processes, so that measuring does not steal the measured process's loop:
   one single-row autocommit INSERT per tick on an absolute schedule);
 - `--role reader`: a bare replication reader (own slot and publication, same ReplicationStream
   and compiled decoder as the gateway, nothing else);
-- the subscribers: N WebSocket clients subscribed to `postgres:ticks`: picows clients in
-  `--role subscribers` (default), or with `--client go` the Go load generator of
-  benchmarks/fanout on one OS thread (measured: about the same CPU per frame at this rate,
-  one wake-up and read per frame either way).
+- the subscribers: N WebSocket clients subscribed to `postgres:ticks`: by default
+  benchmarks/csub/csub.c (all N in one epoll loop in C, about a microsecond per frame, so the
+  measuring clients do not take the CPU the gateway and PostgreSQL need on a small machine);
+  `--client python`: picows clients in `--role subscribers` (several µs per frame);
+  `--client go`: the Go load generator of benchmarks/fanout (as costly as Python at one frame
+  per wake-up).
 Latency = receive time - `t`, the writer's `time.time_ns()` taken just before it sends
 the INSERT (so it includes the INSERT's own execution and commit, a conservative bound on
 commit -> receive). All processes share one clock (same host, CLOCK_REALTIME).
@@ -269,6 +271,76 @@ class GoSubscribers:
             await self.proc.wait()
 
 
+# -- the C subscriber -----------------------------------------------------------------------
+
+CSUB_DIR = os.path.join(ROOT, "benchmarks", "csub")
+
+
+def csub_binary() -> str | None:
+    """benchmarks/csub/csub, built with gcc when missing or older than its source; None when
+    there is no C compiler."""
+    import shutil
+    import subprocess
+
+    src, binary = os.path.join(CSUB_DIR, "csub.c"), os.path.join(CSUB_DIR, "csub")
+    if os.path.exists(binary) and os.path.getmtime(binary) >= os.path.getmtime(src):
+        return binary
+    cc = shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        return None
+    proc = subprocess.run([cc, "-O2", "-o", binary, src], capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(f"pg_e2e: building csub failed, using the Python clients: {proc.stderr[-500:]}", file=sys.stderr)
+        return None
+    return binary
+
+
+async def start_csub(binary: str, ws_url: str, token: str, count: int, bulk: int, out: str) -> Child:
+    from urllib.parse import urlsplit
+
+    u = urlsplit(ws_url)
+    proc = await asyncio.create_subprocess_exec(
+        binary, u.hostname or "127.0.0.1", str(u.port), u.path + (f"?{u.query}" if u.query else ""), token,
+        str(count), str(bulk), out, stdout=asyncio.subprocess.PIPE)
+    return Child(proc, "csub")
+
+
+def load_latencies(path: str) -> array.array:
+    samples = array.array("q")
+    with open(path, "rb") as fh:
+        samples.frombytes(fh.read())
+    return samples
+
+
+# -- CPU placement --------------------------------------------------------------------------
+
+
+def pin(pid: int, cpu: int | None) -> None:
+    if cpu is not None:
+        try:
+            os.sched_setaffinity(pid, {cpu})
+        except OSError:
+            pass  # the process is gone, or affinity is not ours to set
+
+
+def pin_cluster(data_dir: str, cpu: int | None) -> None:
+    """The postmaster and its current children (backends forked later inherit it)."""
+    if cpu is None:
+        return
+    with open(os.path.join(data_dir, "postmaster.pid")) as fh:
+        postmaster = int(fh.readline())
+    pin(postmaster, cpu)
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            if ppid == postmaster:
+                pin(int(entry), cpu)
+
+
 # -- orchestrator ---------------------------------------------------------------------------
 
 
@@ -316,6 +388,8 @@ async def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
     from tests.harness.fixtures_gateway import SECRET, Gateway, free_port
     from tests.harness.pgcluster import PgCluster
 
+    cpus = sorted(os.sched_getaffinity(0))
+    placement = (cpus[0], cpus[1]) if args.pin and len(cpus) >= 2 else None
     result: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M"), "rate": args.rate, "seconds": args.seconds,
                               "subscribers": args.subscribers, "bulk_rows": args.bulk}
     with PgCluster() as cluster, tempfile.TemporaryDirectory(prefix="rt-bench-gw-") as state_dir:
@@ -338,15 +412,26 @@ async def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
             reader = await Child.start("reader", dsn, "bare", "bare_pub", str(args.bulk))
             children.append(reader)
             assert await reader.line(30) == "READY"
-            go = None
-            if args.client in ("auto", "go"):
+            go = csub = None
+            if args.client in ("auto", "c"):
+                csub = csub_binary()
+                if csub is None and args.client == "c":
+                    raise RuntimeError("benchmarks/csub could not be built (is gcc installed?)")
+            if args.client == "go":
                 from benchmarks.fanout.run import gosub
 
                 go = gosub()
                 if go is None and args.client == "go":
                     raise RuntimeError("the Go subscriber could not be built (is Go installed?)")
-            result["client"] = "go" if go else "python"
-            if go:
+            result["client"] = "c" if csub else "go" if go else "python"
+            if csub:
+                lat_file = os.path.join(state_dir, "csub-latencies.bin")
+                subs = await start_csub(csub, gw.ws_url("w1"), gw.token("w1", ttl=7200), args.subscribers,
+                                        args.bulk, lat_file)
+                ready = await subs.line(60)
+                if ready != "READY":
+                    raise RuntimeError(f"csub: {ready}")
+            elif go:
                 subs = await GoSubscribers.start(go, gw.ws_url("w1"), gw.token("w1", ttl=7200), args.subscribers)
             else:
                 subs = await Child.start("subscribers", gw.ws_url("w1"), gw.token("w1", ttl=7200),
@@ -364,6 +449,15 @@ async def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
             if go:
                 await subs.cmd("reset")
             pids = {"gateway": gw.proc.pid, "subscribers": subs.proc.pid, "bare_reader": reader.proc.pid}
+            if placement:
+                # As in a deployment where the database and the clients are other machines: the
+                # gateway alone on one core, everything else on the other.
+                gw_cpu, rest_cpu = placement
+                pin(gw.proc.pid, gw_cpu)
+                for pid in (subs.proc.pid, reader.proc.pid, os.getpid()):
+                    pin(pid, rest_cpu)
+                pin_cluster(cluster.data_dir, rest_cpu)
+                result["placement"] = {"gateway_cpu": gw_cpu, "others_cpu": rest_cpu}
             cpu0 = {k: cpu_seconds(p) for k, p in pids.items()}
             load0 = os.getloadavg()[0]
             acks = array.array("q")
@@ -394,7 +488,7 @@ async def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
                 await subs.cmd("reset")
             else:
                 steady = await subs.json(120)
-                result["gateway"] = steady["steady"]
+                result["gateway"] = quantiles(load_latencies(steady["steady_file"])) if csub else steady["steady"]
                 result["gateway_closed_subscribers"] = steady["closed"]
 
             t_bulk = time.time_ns()
@@ -443,9 +537,13 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5)
     parser.add_argument("--subscribers", type=int, default=100)
     parser.add_argument("--bulk", type=int, default=100_000)
-    parser.add_argument("--client", choices=["auto", "go", "python"], default="python",
-                        help="the subscribers: the Go load generator of benchmarks/fanout (auto: when Go "
-                             "is installed) or picows clients in one Python process")
+    parser.add_argument("--no-pin", dest="pin", action="store_false",
+                        help="leave CPU placement to the scheduler (default: the gateway alone on the first "
+                             "CPU, PostgreSQL, the writer, the bare reader and the clients on the second)")
+    parser.add_argument("--client", choices=["auto", "c", "go", "python"], default="auto",
+                        help="the subscribers: benchmarks/csub, one epoll loop in C (auto: when gcc is "
+                             "installed), the Go load generator of benchmarks/fanout, or picows clients "
+                             "in one Python process")
     args, rest = parser.parse_known_args()
     if args.bulk < 1:
         parser.error("--bulk must be at least 1 (the run ends when the bulk transaction has arrived)")
