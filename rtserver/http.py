@@ -44,6 +44,8 @@ _REASONS = {
 }
 
 _json = msgspec.json.Encoder()
+# Requests of one connection parsed and not yet answered before it stops being read.
+_MAX_PIPELINED = 64
 
 
 def http_response(status: int, body: bytes, content_type: str = "application/json", keep_alive: bool = True,
@@ -85,6 +87,8 @@ class FrontProtocol(asyncio.Protocol):
         self._req: _Request | None = None
         self._handed_off = False
         self._tasks: set[asyncio.Task] = set()
+        self._last: asyncio.Task | None = None  # the newest request's handler (they run in order)
+        self._paused = False
         self._closing = False
         self._header_name = b""
 
@@ -154,9 +158,31 @@ class FrontProtocol(asyncio.Protocol):
             return
         method = self._parser.get_method()
         keep_alive = self._parser.should_keep_alive()
-        task = asyncio.ensure_future(self._handle(method, req, keep_alive))
+        # Pipelined requests are handled one after the other: their events get seq in request
+        # order and the responses leave in that order, even when one waits (a JWKS fetch, the
+        # fan-out back-pressure). Beyond _MAX_PIPELINED waiting, stop reading the socket.
+        task = asyncio.ensure_future(self._handle_after(self._last, method, req, keep_alive))
+        self._last = task
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._handler_done)
+        if len(self._tasks) >= _MAX_PIPELINED and not self._paused and self.transport is not None:
+            self.transport.pause_reading()
+            self._paused = True
+
+    async def _handle_after(self, previous: asyncio.Task | None, method: bytes, req: _Request,
+                            keep_alive: bool) -> None:
+        if previous is not None and not previous.done():
+            await asyncio.wait([previous])  # only its end matters here, not its outcome
+        await self._handle(method, req, keep_alive)
+
+    def _handler_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if self._last is task:
+            self._last = None
+        t = self.transport
+        if self._paused and len(self._tasks) <= _MAX_PIPELINED // 2 and t is not None and not t.is_closing():
+            t.resume_reading()
+            self._paused = False
 
     # -- routing --
     async def _handle(self, method: bytes, req: _Request, keep_alive: bool) -> None:
