@@ -11,6 +11,7 @@ cdef class Entry:
     cdef bint decided           # a bucket hit is a match: the matcher need not run
     cdef bint transitions
     cdef bint direct            # decided, in one bucket per Table: buckets hold its key itself
+    cdef bint everyone          # no filter (and no transitions): in Table.everyone by its key
     cdef object keys            # tuple of (dotted, canonical key), or None: scanned
     cdef list tables            # the Tables the entry is in
 
@@ -39,6 +40,7 @@ cdef class Table:
     cdef object slot            # (source, entity, operation or None)
     cdef Py_ssize_t count
     cdef dict scan              # {Entry: None}
+    cdef dict everyone          # {key: None} of entries without a filter: all of them match
     cdef list attrs             # [AttrTable]
     cdef dict by_path           # dotted -> AttrTable
     cdef int next_attr

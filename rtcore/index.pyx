@@ -14,7 +14,8 @@ open-addressing array (not a dict per attribute) and a match runs in stages over
 lookups of an event: compute every slot address and prefetch it, then find the slots, then
 compare keys and prefetch the entries, then collect. The cache misses of the lookups overlap
 instead of following one another. A subscription that one bucket decides (a plain equality)
-sits in that bucket as its subscriber key itself, so a hit never touches its Entry; one that
+sits in that bucket as its subscriber key itself, so a hit never touches its Entry (and the
+keys of subscriptions without a filter are copied to the result in one C loop); one that
 a bucket hit only narrows keeps a matcher of the rest of its filter (predicate_ast.residual).
 """
 
@@ -400,6 +401,8 @@ cdef int gather_table(Table table, object record, Gatherer g) except -1:
     cdef PyObject* found
     cdef Py_ssize_t i, nparts
     cdef list cands
+    if table.everyone:
+        g.direct.extend(table.everyone)  # one C loop: no per-subscriber Python work
     for entry in table.scan:
         if entry.stamp != g.stamp:
             entry.stamp = g.stamp
@@ -485,6 +488,7 @@ cdef class SubscriptionIndex:
             if rest is not None:
                 entry.matcher = _MatcherType(rest)
         entry.direct = entry.decided and not entry.transitions and len(keys) == 1
+        entry.everyone = matcher.empty and not entry.transitions
         entry.tables = []
         ops = (None,) if operations is None else frozenset(operations)
         self.remove(key)
@@ -626,6 +630,7 @@ cdef Table _new_table(tuple slot):
     table.slot = slot
     table.count = 0
     table.scan = {}
+    table.everyone = {}
     table.attrs = []
     table.by_path = {}
     table.next_attr = 0
@@ -639,6 +644,9 @@ cdef _insert(Table table, Entry entry, list keys):
     cdef AttrTable attr
     cdef Slot* s
     table.count += 1
+    if entry.everyone:
+        table.everyone[entry.key] = None
+        return
     if entry.keys is None:
         table.scan[entry] = None
         return
@@ -666,6 +674,9 @@ cdef _delete(Table table, Entry entry):
     cdef AttrTable attr
     cdef Slot* s
     table.count -= 1
+    if entry.everyone:
+        del table.everyone[entry.key]
+        return
     if entry.keys is None:
         del table.scan[entry]
         return
