@@ -6,7 +6,7 @@ import asyncio
 import json
 import socket
 
-from tests.harness.wsclient import ws_connect
+from tests.harness.wsclient import subscribed_clients, ws_connect
 
 
 async def test_health_ready_metrics(gateway):
@@ -150,11 +150,7 @@ async def test_pipelined_publishes_keep_their_order_under_back_pressure(gateway_
     token = gw.token("w1", publish=True)
     total = 200
     async with AsyncExitStack() as stack:
-        clients = []
-        for _ in range(4):
-            c = await stack.enter_async_context(ws_connect(gw, "w1", token=gw.token("w1")))
-            await c.subscribe("events:k")
-            clients.append(c)
+        clients = await subscribed_clients(stack, gw, 4, "events:k")
         reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
         try:
             requests = []

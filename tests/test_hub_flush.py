@@ -106,15 +106,11 @@ async def test_every_client_gets_every_event_in_order_with_one_connection_per_it
     repeated or reordered."""
     from contextlib import AsyncExitStack
 
-    from tests.harness.wsclient import ws_connect
+    from tests.harness.wsclient import subscribed_clients
 
     gw = await gateway_factory(env={"RT_FLUSH_CHUNK": "1", "RT_FANOUT_BACKLOG": "2"})
     async with AsyncExitStack() as stack:
-        clients = []
-        for _ in range(8):
-            c = await stack.enter_async_context(ws_connect(gw, "w1", token=gw.token("w1")))
-            await c.subscribe("events:x")
-            clients.append(c)
+        clients = await subscribed_clients(stack, gw, 8, "events:x")
         acks = await asyncio.gather(*(gw.publish("w1", "x", {"n": n}) for n in range(40)))
         by_seq = sorted((a["seq"], n) for n, a in enumerate(acks))
         for c in clients:

@@ -78,3 +78,14 @@ async def ws_connect(gw: Any, workspace: str = "w1", token: str | None = None, h
         if token is not None and not header_auth:
             await client.auth(token)
         yield client
+
+
+async def subscribed_clients(stack: Any, gw: Any, count: int, channel: str, workspace: str = "w1") -> list[Client]:
+    """`count` authenticated clients of `workspace`, each subscribed to `channel`, closed by
+    `stack` (a contextlib.AsyncExitStack)."""
+    clients = []
+    for _ in range(count):
+        c = await stack.enter_async_context(ws_connect(gw, workspace, token=gw.token(workspace)))
+        await c.subscribe(channel)
+        clients.append(c)
+    return clients
