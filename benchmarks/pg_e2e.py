@@ -261,9 +261,7 @@ class GoSubscribers:
     async def latencies(self) -> array.array:
         with tempfile.NamedTemporaryFile(suffix=".lat") as fh:
             await self.cmd("report", path=fh.name)
-            samples = array.array("q")
-            samples.frombytes(open(fh.name, "rb").read())  # noqa: SIM115 - read at once
-        return samples
+            return load_latencies(fh.name)
 
     async def stop(self) -> None:
         if self.proc.returncode is None:
@@ -421,7 +419,7 @@ async def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
                 from benchmarks.fanout.run import gosub
 
                 go = gosub()
-                if go is None and args.client == "go":
+                if go is None:
                     raise RuntimeError("the Go subscriber could not be built (is Go installed?)")
             result["client"] = "c" if csub else "go" if go else "python"
             if csub:

@@ -64,8 +64,12 @@ ctypedef struct Probe:
     int attr
 
 
+cdef enum:
+    MAX_PROBES = 64             # lookups staged together; more go in rounds
+
+
 cdef class Gatherer:
-    cdef Probe probes[64]       # lookups staged together; more go in rounds
+    cdef Probe probes[MAX_PROBES]
     cdef int n
     cdef list hold              # canonical keys that are not the record's own objects
     cdef unsigned long long stamp

@@ -40,7 +40,6 @@ cdef extern from *:
 
 DEF SMALL = 8       # up to this many entries a bucket is a flat array (one cache line)
 DEF BIG = -1        # Slot.n of a bucket kept as a dict {Entry: None} (O(1) removal)
-DEF MAX_PROBES = 64  # Gatherer.probes
 
 
 cdef class Entry:
@@ -263,22 +262,25 @@ cdef int bucket_remove(Slot* s, Entry entry) except -1:
     return s.n
 
 
+cdef inline int candidate(Gatherer g, Entry entry) except -1:
+    """Appends `entry` to g.out unless this match has it already."""
+    if entry.stamp != g.stamp:
+        entry.stamp = g.stamp
+        g.out.append(entry)
+    return 0
+
+
 cdef inline int take(void* item, Gatherer g) except -1:
-    cdef Entry entry
     if (<size_t>item) & 1:
         g.direct.append(untag(item))
     else:
-        entry = <Entry>item
-        if entry.stamp != g.stamp:
-            entry.stamp = g.stamp
-            g.out.append(entry)
+        candidate(g, <Entry>item)
     return 0
 
 
 cdef inline int collect(Slot* s, Gatherer g) except -1:
     """Takes the items of bucket `s`: direct keys are matches, Entries (not yet seen in this
     match) candidates."""
-    cdef Entry entry
     cdef void** items
     cdef int i
     cdef Py_ssize_t pos = 0
@@ -291,10 +293,7 @@ cdef inline int collect(Slot* s, Gatherer g) except -1:
             if <object>v:
                 g.direct.append(<object>k)
             else:
-                entry = <Entry>k
-                if entry.stamp != g.stamp:
-                    entry.stamp = g.stamp
-                    g.out.append(entry)
+                candidate(g, <Entry>k)
     else:
         items = <void**>s.ptr
         for i in range(s.n):
@@ -404,9 +403,7 @@ cdef int gather_table(Table table, object record, Gatherer g) except -1:
     if table.everyone:
         g.direct.extend(table.everyone)  # one C loop: no per-subscriber Python work
     for entry in table.scan:
-        if entry.stamp != g.stamp:
-            entry.stamp = g.stamp
-            g.out.append(entry)
+        candidate(g, entry)
     if not PyDict_Check(record) or table.slots is NULL:
         return 0
     for attr in table.attrs:

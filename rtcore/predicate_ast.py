@@ -263,21 +263,12 @@ def index_keys(node: tuple) -> list[tuple[str, tuple, tuple, Any]] | None:
     kind = node[0]
     if kind == "field":
         _, dotted, parts, indexes, clauses = node
-        best = None
-        for clause in clauses:
-            keys = _indexable_clause_keys(clause)
-            if keys is not None and (best is None or len(keys) < len(best)):
-                best = keys
+        best, _ = _fewest_keys(clauses, _indexable_clause_keys)
         if best is None:
             return None
         return [(dotted, parts, indexes, k) for k in best]
     if kind == "and":
-        best = None
-        for child in node[1]:
-            keys = index_keys(child)
-            if keys is not None and (best is None or len(keys) < len(best)):
-                best = keys
-        return best
+        return _fewest_keys(node[1], index_keys)[0]
     if kind == "or":
         union: dict = {}
         for child in node[1]:
@@ -290,6 +281,17 @@ def index_keys(node: tuple) -> list[tuple[str, tuple, tuple, Any]] | None:
                 return None
         return list(union.values())
     return None
+
+
+def _fewest_keys(items: Any, keys_of: Any) -> tuple[Any, int]:
+    """(keys, position) of the item with the fewest index keys (the first of equals), or
+    (None, -1): the one choice index_keys and residual both make."""
+    best, best_i = None, -1
+    for i, item in enumerate(items):
+        keys = keys_of(item)
+        if keys is not None and (best is None or len(keys) < len(best)):
+            best, best_i = keys, i
+    return best, best_i
 
 
 def _indexable_clause_keys(clause: tuple) -> list | None:
@@ -309,21 +311,13 @@ def residual(node: tuple) -> tuple | None:
     kind = node[0]
     if kind == "field":
         _, dotted, parts, indexes, clauses = node
-        best, best_i = None, -1
-        for i, clause in enumerate(clauses):  # the same choice as index_keys
-            keys = _indexable_clause_keys(clause)
-            if keys is not None and (best is None or len(keys) < len(best)):
-                best, best_i = keys, i
+        best, best_i = _fewest_keys(clauses, _indexable_clause_keys)
         if best is None:
             return None
         rest = list(clauses[:best_i]) + list(clauses[best_i + 1:])
         return ("field", dotted, parts, indexes, rest) if rest else ("true",)
     if kind == "and":
-        best, best_i = None, -1
-        for i, child in enumerate(node[1]):
-            keys = index_keys(child)
-            if keys is not None and (best is None or len(keys) < len(best)):
-                best, best_i = keys, i
+        best, best_i = _fewest_keys(node[1], index_keys)
         if best is None:
             return None
         sub = residual(node[1][best_i])

@@ -140,9 +140,9 @@ class Hub:
     async def room(self) -> None:
         """Wait until the write backlog is within its bound: publishers (the publish API, the
         change feeds, the Kafka consumer) slow down instead of frames piling up in memory."""
-        if len(self._dirty) > self._max_backlog:
+        if self.backlogged():
             self.metrics.publisher_waits += 1
-        while len(self._dirty) > self._max_backlog:
+        while self.backlogged():
             if self._drained is None:
                 self._drained = asyncio.Event()
             await self._drained.wait()
