@@ -83,6 +83,7 @@ class Gateway:
                 extra={"fields": {"state_dir": self.state_dir}},
             )
         loop = asyncio.get_running_loop()
+        self.metrics.watch_gc()
         if cfg.server.demo:
             self.static = await loop.run_in_executor(None, load_static)
         for wid in await loop.run_in_executor(None, self._known.load):
@@ -153,6 +154,7 @@ class Gateway:
         except Exception:
             log.exception("audit did not close cleanly")
         await self.auth.close()
+        self.metrics.unwatch_gc()
         self._stopped.set()
 
     async def _sweep(self) -> None:

@@ -67,7 +67,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("limits", "max_message_bytes", "RT_MAX_MESSAGE_BYTES", int, 65536, "Largest inbound WebSocket message"),
     Setting("limits", "send_buffer_bytes", "RT_SEND_BUFFER_BYTES", int, 4 * 1024 * 1024, "Per-connection outbound buffer; beyond it the connection is closed with 1013"),
     Setting("limits", "flush_chunk", "RT_FLUSH_CHUNK", int, 64, "Connections written per event-loop iteration; between chunks the loop reads what arrived, and new events join the frames of connections not yet written (one write)"),
-    Setting("limits", "fanout_backlog", "RT_FANOUT_BACKLOG", int, 2048, "Connections waiting for their write beyond which publishers (publish API, change feeds, bus consumer) wait"),
+    Setting("limits", "fanout_backlog", "RT_FANOUT_BACKLOG", int, 65536, "Event frames queued on connections and not yet written beyond which publishers (publish API, change feeds, bus consumer) wait; below it, events join the frames of connections still waiting (fewer, larger writes under load)"),
     Setting("limits", "max_invalid_per_minute", "RT_MAX_INVALID_PER_MINUTE", int, 20, "Invalid messages a minute before close 1008"),
     Setting("limits", "auth_timeout", "RT_AUTH_TIMEOUT", float, 10.0, "Seconds to authenticate before close 4002"),
     Setting("limits", "idle_timeout", "RT_IDLE_TIMEOUT", float, 60.0, "Seconds of peer silence before close 1001"),

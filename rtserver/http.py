@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 import httptools
@@ -20,6 +21,7 @@ from picows import WSAutoPingStrategy
 from picows.picows import WSProtocol
 
 from rtserver.config import WORKSPACE_ID_RE
+from rtserver.eager import start_now
 
 if TYPE_CHECKING:
     from rtserver.app import Gateway
@@ -86,8 +88,9 @@ class FrontProtocol(asyncio.Protocol):
         self._raw = bytearray()
         self._req: _Request | None = None
         self._handed_off = False
-        self._tasks: set[asyncio.Task] = set()
-        self._last: asyncio.Task | None = None  # the newest request's handler (they run in order)
+        # Requests parsed while an earlier one waits, answered in order by the _drainer task.
+        self._queue: deque[tuple[bytes, _Request, bool]] = deque()
+        self._drainer: asyncio.Task | None = None
         self._paused = False
         self._closing = False
         self._header_name = b""
@@ -108,8 +111,9 @@ class FrontProtocol(asyncio.Protocol):
             self._respond(json_error(400, "malformed HTTP request", keep_alive=False), close=True)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        for task in self._tasks:
-            task.cancel()
+        self._queue.clear()
+        if self._drainer is not None:
+            self._drainer.cancel()
 
     # -- httptools callbacks --
     def on_message_begin(self) -> None:
@@ -160,27 +164,40 @@ class FrontProtocol(asyncio.Protocol):
         keep_alive = self._parser.should_keep_alive()
         # Pipelined requests are handled one after the other: their events get seq in request
         # order and the responses leave in that order, even when one waits (a JWKS fetch, the
-        # fan-out back-pressure). Beyond _MAX_PIPELINED waiting, stop reading the socket.
-        task = asyncio.ensure_future(self._handle_after(self._last, method, req, keep_alive))
-        self._last = task
-        self._tasks.add(task)
-        task.add_done_callback(self._handler_done)
-        if len(self._tasks) >= _MAX_PIPELINED and not self._paused and self.transport is not None:
-            self.transport.pause_reading()
-            self._paused = True
+        # fan-out back-pressure). A request runs at once unless an earlier one is waiting: its
+        # response leaves before the loop moves on. (A task per request waited a loop iteration,
+        # with a chunk of fan-out writes in it, before the request was even read, which held a
+        # publisher with few requests in flight to a fraction of what the hub could take.)
+        if self._drainer is not None:
+            self._queue.append((method, req, keep_alive))
+            if len(self._queue) >= _MAX_PIPELINED and not self._paused and self.transport is not None:
+                self.transport.pause_reading()
+                self._paused = True
+            return
+        waiting = start_now(self._handle(method, req, keep_alive))
+        if waiting is not None:
+            self._drainer = asyncio.ensure_future(self._drain(waiting))
 
-    async def _handle_after(self, previous: asyncio.Task | None, method: bytes, req: _Request,
-                            keep_alive: bool) -> None:
-        if previous is not None and not previous.done():
-            await asyncio.wait([previous])  # only its end matters here, not its outcome
-        await self._handle(method, req, keep_alive)
-
-    def _handler_done(self, task: asyncio.Task) -> None:
-        self._tasks.discard(task)
-        if self._last is task:
-            self._last = None
+    async def _drain(self, first: asyncio.Task) -> None:
+        """Finish the request that had to wait, then the ones queued behind it, in order."""
+        try:
+            await first
+            queue = self._queue
+            while queue and not self._closing:
+                if self._paused and len(queue) <= _MAX_PIPELINED // 2:
+                    self._paused = False
+                    t = self.transport
+                    if t is not None and not t.is_closing():
+                        t.resume_reading()
+                await self._handle(*queue.popleft())
+            queue.clear()  # closing: what came after a Connection: close is not answered
+        finally:
+            if self._drainer is asyncio.current_task():
+                self._drainer = None
+            if not first.done():
+                first.cancel()
         t = self.transport
-        if self._paused and len(self._tasks) <= _MAX_PIPELINED // 2 and t is not None and not t.is_closing():
+        if self._paused and t is not None and not t.is_closing():
             t.resume_reading()
             self._paused = False
 

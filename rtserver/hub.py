@@ -75,8 +75,14 @@ class Hub:
         self._flush_scheduled = False
         self._chunk = cfg.limits.flush_chunk
         self._max_backlog = cfg.limits.fanout_backlog
-        metrics.add_gauges(lambda: [("rt_write_backlog", "Connections waiting for their write (see limits.flush_chunk)",
-                                     {}, len(self._dirty))])
+        # Event frames queued on connections and not yet written (to within skipped duplicates;
+        # back to 0 whenever every connection has been written).
+        self._queued = 0
+        metrics.add_gauges(lambda: [
+            ("rt_write_backlog", "Connections waiting for their write (see limits.flush_chunk)", {}, len(self._dirty)),
+            ("rt_write_queue_frames", "Event frames queued and not yet written (see limits.fanout_backlog)", {},
+             self._queued),
+        ])
         self._drained: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         # Called with the id of each workspace this node learns of (the gateway persists them,
@@ -129,17 +135,24 @@ class Hub:
             subs = list(subs)
         dirty = self._dirty
         before = len(dirty)
-        self.metrics.deliveries += push_all(subs, frame, dirty)
+        n = push_all(subs, frame, dirty)
+        self.metrics.deliveries += n
+        self._queued += n
         if len(dirty) != before and not self._flush_scheduled:
             self._schedule_flush()
 
     def backlogged(self) -> bool:
-        """More connections wait for their write than `limits.fanout_backlog`."""
-        return len(self._dirty) > self._max_backlog
+        """More event frames wait for their write than `limits.fanout_backlog`."""
+        return self._queued > self._max_backlog
 
     async def room(self) -> None:
         """Wait until the write backlog is within its bound: publishers (the publish API, the
-        change feeds, the Kafka consumer) slow down instead of frames piling up in memory."""
+        change feeds, the Kafka consumer) slow down instead of frames piling up in memory.
+
+        The bound counts frames, not connections: while the queue is short of it, events keep
+        joining the frames of connections not yet written, so under load each write carries
+        more frames (the fewer writes, the more deliveries per second); the bound caps the
+        memory and the delay this queue may add."""
         if self.backlogged():
             self.metrics.publisher_waits += 1
         while self.backlogged():
@@ -180,13 +193,15 @@ class Hub:
             self._schedule_flush()
         else:
             self._dirty = []
-        if self._drained is not None and len(self._dirty) <= self._max_backlog:
-            self._drained.set()
-            self._drained = None
         writes, frames = flush_all(dirty, self.cfg.limits.send_buffer_bytes)
         m = self.metrics
         m.writes += writes
         m.frames_out += frames
+        # frames_out includes control frames, which were never counted in _queued.
+        self._queued = max(0, self._queued - frames) if self._dirty else 0
+        if self._drained is not None and self._queued <= self._max_backlog:
+            self._drained.set()
+            self._drained = None
 
     # ---- subscriptions -----------------------------------------------------------------
 

@@ -7,6 +7,8 @@ time, so nothing is computed unless someone asks.
 
 from __future__ import annotations
 
+import gc
+import time
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -28,6 +30,28 @@ class Metrics:
         self.replayed = 0
         self.publisher_waits = 0  # publishes that waited for the write backlog (Hub.room)
         self._gauges: list[Callable[[], list[tuple[str, str, dict[str, Any], float]]]] = []
+        # Garbage-collector passes by generation and the time the loop stood still in them: a
+        # collection holds every connection's frames back, so it shows in the latency tail.
+        self.gc_collections = [0, 0, 0]
+        self.gc_seconds = [0.0, 0.0, 0.0]
+        self._gc_started = 0.0
+
+    def watch_gc(self) -> None:
+        """Count collections and their pauses (rt_gc_*); idempotent."""
+        if self._on_gc not in gc.callbacks:
+            gc.callbacks.append(self._on_gc)
+
+    def unwatch_gc(self) -> None:
+        if self._on_gc in gc.callbacks:
+            gc.callbacks.remove(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+        else:
+            gen = info["generation"]
+            self.gc_collections[gen] += 1
+            self.gc_seconds[gen] += time.perf_counter() - self._gc_started
 
     def add_gauges(self, fn: Callable[[], list[tuple[str, str, dict[str, Any], float]]]) -> None:
         """Register a callback giving (name, help, labels, value) rows at scrape time."""
@@ -68,6 +92,10 @@ class Metrics:
         )
         counter("rt_history_gaps_total", "history_gap errors sent", [({}, self.history_gaps)])
         counter("rt_replayed_total", "Events replayed from history", [({}, self.replayed)])
+        counter("rt_gc_collections_total", "Garbage-collector passes by generation",
+                [({"generation": g}, n) for g, n in enumerate(self.gc_collections)])
+        counter("rt_gc_pause_seconds_total", "Time the event loop spent in garbage-collector passes",
+                [({"generation": g}, round(s, 6)) for g, s in enumerate(self.gc_seconds)])
 
         seen: set[str] = set()
         for fn in self._gauges:

@@ -141,7 +141,7 @@ async def test_expect_100_continue_and_head(gateway):
 
 async def test_pipelined_publishes_keep_their_order_under_back_pressure(gateway_factory):
     """200 publish requests in one write on one connection, with the gateway writing one client
-    per loop iteration and holding publishers beyond one waiting connection: the responses come
+    per loop iteration and holding publishers beyond one queued frame: the responses come
     back in request order with increasing seq, and every subscriber gets the events in that
     order (more than the 64 requests after which the connection is no longer read)."""
     from contextlib import AsyncExitStack
@@ -151,23 +151,7 @@ async def test_pipelined_publishes_keep_their_order_under_back_pressure(gateway_
     total = 200
     async with AsyncExitStack() as stack:
         clients = await subscribed_clients(stack, gw, 4, "events:k")
-        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
-        try:
-            requests = []
-            for i in range(total):
-                body = json.dumps({"i": i}).encode()
-                requests.append(
-                    f"POST /workspaces/w1/realtime/events/k HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
-                    f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
-            writer.write(b"".join(requests))
-            seqs = []
-            for _ in range(total):
-                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 20)
-                assert head.startswith(b"HTTP/1.1 202"), head
-                length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
-                seqs.append(json.loads(await reader.readexactly(length))["seq"])
-        finally:
-            writer.close()
+        seqs = await _pipelined_publishes(gw.port, token, "k", total)
         assert seqs == sorted(seqs) and len(set(seqs)) == total
         for c in clients:
             got = [await c.recv_event(timeout=10) for _ in range(total)]
@@ -175,3 +159,27 @@ async def test_pipelined_publishes_keep_their_order_under_back_pressure(gateway_
             assert [e["seq"] for e in got] == seqs
     _, metrics = await gw.get("/metrics")
     assert b"rt_publisher_waits_total 0" not in metrics  # the back-pressure did engage
+
+
+async def _pipelined_publishes(port: int, token: str, topic: str, n: int) -> list[int]:
+    """Send n publish requests ({"i": 0..n-1}) in one write on one connection; their seqs,
+    after checking every response is a 202."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        requests = []
+        for i in range(n):
+            body = json.dumps({"i": i}).encode()
+            requests.append(
+                f"POST /workspaces/w1/realtime/events/{topic} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        writer.write(b"".join(requests))
+        seqs = []
+        for _ in range(n):
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 20)
+            assert head.startswith(b"HTTP/1.1 202"), head
+            length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+            seqs.append(json.loads(await reader.readexactly(length))["seq"])
+        return seqs
+    finally:
+        writer.close()
+

@@ -1,6 +1,6 @@
 """The hub's write loop: at most `limits.flush_chunk` connections per loop iteration, frames of
 events that arrive in between joined to the connections not yet written, order kept, and
-publishers held back while more than `limits.fanout_backlog` connections wait for a write.
+publishers held back while more than `limits.fanout_backlog` frames wait to be written.
 In process, with recording transports (the wire is covered by the protocol and fan-out tests)."""
 
 from __future__ import annotations
@@ -62,25 +62,33 @@ async def test_flush_writes_a_chunk_per_iteration_and_joins_later_frames():
     assert not hub._dirty and not hub._flush_scheduled
 
 
-async def test_publishers_wait_while_the_backlog_is_over_its_bound():
-    hub = make_hub(chunk=2, backlog=4)
-    conns = [Conn() for _ in range(10)]
-    hub._push_all([Sub(c) for c in conns], b"e1")
-    assert hub.backlogged()
+async def test_publishers_wait_while_the_queued_frames_are_over_the_bound():
+    """The bound counts frames, not connections: four connections with three frames each are
+    over a bound of five until three of them have been written."""
+    hub = make_hub(chunk=1, backlog=5)
+    conns = [Conn() for _ in range(4)]
+    subs = [Sub(c) for c in conns]
+    for e in (b"e1", b"e2", b"e3"):
+        hub._push_all(subs, e)
+    assert hub.backlogged() and len(hub._dirty) == 4 and hub._queued == 12
     waiter = asyncio.ensure_future(hub.room())
     await asyncio.sleep(0)
-    assert not waiter.done()  # 10 waiting, then 8 after the first chunk: over 4
+    assert not waiter.done() and hub._queued == 9  # one connection written
+    await asyncio.sleep(0)
+    assert not waiter.done() and hub._queued == 6
+    await asyncio.sleep(0)
+    # three written, three frames queued: within the bound, the waiter is woken
+    assert not hub.backlogged() and len(hub._dirty) == 1
+    rows = [ln for ln in hub.metrics.render().decode().splitlines()
+            if ln.startswith(("rt_publisher_waits", "rt_write_backlog", "rt_write_queue_frames"))]
+    assert rows == ["rt_publisher_waits_total 1", "rt_write_backlog 1", "rt_write_queue_frames 3"], rows
+    await asyncio.sleep(0)
+    assert waiter.done()
+    await waiter
     for _ in range(3):
         await asyncio.sleep(0)
-    # after 3 chunks 4 connections wait: within the bound, the publisher goes on
-    assert waiter.done() and not hub.backlogged()
-    await waiter
-    assert hub.metrics.publisher_waits == 1
-    rows = [ln for ln in hub.metrics.render().decode().splitlines() if ln.startswith(("rt_publisher_waits", "rt_write_backlog"))]
-    assert rows == ["rt_publisher_waits_total 1", "rt_write_backlog 2"], rows
-    for _ in range(5):
-        await asyncio.sleep(0)
-    assert all(c._raw.writes == [b"e1"] for c in conns)
+    assert all(c._raw.writes == [b"e1e2e3"] for c in conns)
+    assert hub._queued == 0 and not hub._dirty
     await hub.room()  # nothing waits: returns at once
 
 
@@ -102,7 +110,7 @@ async def test_closed_connections_are_skipped_and_order_holds_per_connection():
 
 async def test_every_client_gets_every_event_in_order_with_one_connection_per_iteration(gateway_factory):
     """The real gateway written one connection per loop iteration, with publishers held back
-    beyond two waiting connections: eight clients, forty concurrent publishes, nothing lost,
+    beyond two queued frames: eight clients, forty concurrent publishes, nothing lost,
     repeated or reordered."""
     from contextlib import AsyncExitStack
 

@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--nice", type=int, default=0,
                    help="niceness of the servers and load generators (root may give them priority, e.g. -5, "
                         "over other work on a shared machine)")
+    r.add_argument("--gateway-env", action="append", default=[], metavar="RT_NAME=VALUE",
+                   help="a gateway setting for this run (repeatable), e.g. RT_FANOUT_BACKLOG=65536")
     r.add_argument("--merge", action="store_true",
                    help="replace only this run's (scenario, server) results in the existing JSON of --out, "
                         "then rewrite the table and charts (re-running one scenario)")
@@ -60,6 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     names = [s for s in args.servers.split(",") if s]
     t0 = time.monotonic()
     servers.NICE = args.nice
+    for item in args.gateway_env:
+        name, sep, value = item.partition("=")
+        if not sep or not name.startswith("RT_"):
+            p.error(f"--gateway-env {item!r}: expected RT_NAME=VALUE")
+        servers.GATEWAY_ENV[name] = value
     repeat = args.repeat if args.repeat is not None else (1 if args.smoke else 2)
     data = run_set(chosen, names, procs=args.procs, repeat=repeat, client=args.client, log=lambda m: print(m, flush=True))
     data["meta"].update({"command": "python -m benchmarks.fanout " + " ".join(argv or sys.argv[1:]),

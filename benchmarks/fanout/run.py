@@ -265,6 +265,9 @@ class Runner:
             writes = c1["rt_writes_total"] - c0.get("rt_writes_total", 0)
             frames = c1["rt_frames_out_total"] - c0.get("rt_frames_out_total", 0)
             out["frames_per_write"] = frames / writes if writes else None
+        gc_keys = [k for k in c1 if k.startswith("rt_gc_")]
+        if gc_keys:  # collector passes and pause seconds during the measurement, by generation
+            out["gc"] = {k[len("rt_gc_"):]: round(c1[k] - c0.get(k, 0.0), 6) for k in sorted(gc_keys)}
         out["latency_ms"] = _percentiles(lats)
         return out
 

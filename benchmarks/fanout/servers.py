@@ -46,6 +46,7 @@ def token(sub: str = "bench-user", publish: bool = False, **claims: Any) -> str:
 
 
 NICE = 0  # set by the CLI (--nice): priority of every benchmark process on a shared machine
+GATEWAY_ENV: dict[str, str] = {}  # set by the CLI (--gateway-env): settings to measure, e.g. RT_FANOUT_BACKLOG
 
 
 def taskset(cpus: str | None) -> list[str]:
@@ -156,6 +157,7 @@ class Gateway(Server):
             "RT_IDLE_TIMEOUT": "3600",
             "RT_SEND_BUFFER_BYTES": str(64 * 1024 * 1024),
         })
+        env.update(GATEWAY_ENV)
         if self.extra.get("postgres"):  # a PostgreSQL-fed scenario (see Runner.postgres)
             env["RT_POSTGRES_URL"] = self.extra["postgres"]
             env["RT_INSTANCE"] = f"bench_{self.port}"
@@ -182,6 +184,8 @@ class Gateway(Server):
             name, _, value = line.partition(" ")
             if name in ("rt_writes_total", "rt_frames_out_total", "rt_deliveries_total",
                         "rt_slow_reader_drops_total"):
+                out[name] = float(value)
+            elif name.startswith(("rt_gc_collections_total", "rt_gc_pause_seconds_total")):
                 out[name] = float(value)
         return out
 

@@ -1,0 +1,141 @@
+"""How the front protocol handles a connection's requests, in process with a recording
+transport: a request that need not wait is answered before `data_received` returns (no task,
+no loop iteration); one that waits (the fan-out back-pressure) holds the requests behind it,
+which are then answered in order; reading pauses while too many are queued."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import jwt
+
+from rtserver import config, http
+from rtserver.app import Gateway
+
+SECRET = "pipelining-test-secret-0123456789abcdef"
+
+
+class RecordingTransport:
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.paused = 0
+        self.resumed = 0
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def pause_reading(self) -> None:
+        self.paused += 1
+
+    def resume_reading(self) -> None:
+        self.resumed += 1
+
+    def get_extra_info(self, name: str, default=None):
+        return ("127.0.0.1", 5555) if name == "peername" else default
+
+    def responses(self) -> list[tuple[int, dict]]:
+        out = []
+        for part in bytes(self.data).split(b"HTTP/1.1 ")[1:]:
+            head, _, body = part.partition(b"\r\n\r\n")
+            out.append((int(head[:3]), json.loads(body)))
+        return out
+
+
+def make_gateway(tmp_path) -> Gateway:
+    cfg = config.load(environ={"RT_AUTH_HS256_SECRET": SECRET, "RT_STATE_DIR": str(tmp_path),
+                               "RT_FANOUT_BACKLOG": "10"})
+    return Gateway(cfg)
+
+
+def publish_request(i: int) -> bytes:
+    token = jwt.encode({"sub": "svc", "workspaces": ["w1"], "realtime_publish": True, "exp": 4102444800},
+                       SECRET, algorithm="HS256")
+    body = json.dumps({"i": i}).encode()
+    return (f"POST /workspaces/w1/realtime/events/t HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+def connect(gw: Gateway) -> tuple[http.FrontProtocol, RecordingTransport]:
+    proto = http.FrontProtocol(gw)
+    transport = RecordingTransport()
+    proto.connection_made(transport)
+    return proto, transport
+
+
+async def test_requests_that_need_not_wait_are_answered_within_data_received(tmp_path):
+    gw = make_gateway(tmp_path)
+    proto, transport = connect(gw)
+    proto.data_received(b"".join(publish_request(i) for i in range(5)))
+    # answered synchronously, in order, with consecutive seqs
+    got = transport.responses()
+    assert [status for status, _ in got] == [202] * 5
+    seqs = [body["seq"] for _, body in got]
+    assert seqs == sorted(seqs) and len(set(seqs)) == 5
+    assert proto._drainer is None
+
+
+async def test_a_waiting_request_holds_the_ones_behind_it_which_follow_in_order(tmp_path):
+    gw = make_gateway(tmp_path)
+    hub = gw.hub
+    hub._queued = 11  # over the bound of 10: publishers wait for room
+    proto, transport = connect(gw)
+    proto.data_received(publish_request(0) + publish_request(1))
+    proto.data_received(publish_request(2))
+    assert transport.responses() == [] and proto._drainer is not None
+    assert len(proto._queue) == 2
+    await asyncio.sleep(0.01)
+    assert transport.responses() == []  # still waiting for room
+    hub._queued = 0
+    hub._drained.set()  # what Hub.flush does once the backlog is within its bound
+    for _ in range(20):
+        await asyncio.sleep(0)
+        if len(transport.responses()) == 3:
+            break
+    got = transport.responses()
+    assert [s for s, _ in got] == [202] * 3
+    seqs = [b["seq"] for _, b in got]
+    assert seqs == sorted(seqs)
+    events = list(gw.hub.workspace("w1").history)
+    assert [e.event.record["i"] for e in events] == [0, 1, 2]
+    assert proto._drainer is None and not proto._queue
+    # and the next request is answered at once again
+    proto.data_received(publish_request(3))
+    assert len(transport.responses()) == 4
+
+
+async def test_reading_pauses_while_too_many_requests_wait_and_resumes_after(tmp_path):
+    gw = make_gateway(tmp_path)
+    gw.hub._queued = 11
+    proto, transport = connect(gw)
+    proto.data_received(b"".join(publish_request(i) for i in range(http._MAX_PIPELINED + 1)))
+    assert transport.paused == 1 and len(proto._queue) == http._MAX_PIPELINED
+    gw.hub._queued = 0
+    gw.hub._drained.set()
+    for _ in range(50):
+        await asyncio.sleep(0)
+        if proto._drainer is None:
+            break
+    assert transport.resumed == 1 and not proto._paused
+    assert len(transport.responses()) == http._MAX_PIPELINED + 1
+
+
+async def test_connection_lost_cancels_the_waiting_request_and_drops_the_queue(tmp_path):
+    gw = make_gateway(tmp_path)
+    gw.hub._queued = 11
+    proto, transport = connect(gw)
+    proto.data_received(publish_request(0) + publish_request(1))
+    drainer = proto._drainer
+    assert drainer is not None
+    proto.connection_lost(None)
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert drainer.done() and not proto._queue
+    assert len(gw.hub.workspace("w1").history) == 0  # nothing published after the connection went
