@@ -2,8 +2,9 @@
 each dirty connection's pending frames in one transport write.
 
 Duck-typed on purpose (rtcore never imports rtserver): a subscription has `.conn`; a connection
-has `.pending` (None, one frame as bytes, or a list of frames), `.closed`, `._raw` (an asyncio
-transport) and `._slow_reader()`.
+has `.pending` (None, one frame as bytes, or a list of frames), `.closed` and `._raw` (an asyncio
+transport). A connection learns that its reader falls behind from its transport (the
+`pause_writing` callback at the buffer's high-water mark), not from a check per write here.
 
 Plain Python on purpose. A Cython version of these loops was measured (issue 8,
 benchmarks/fanout/microbench.py) and was slower at queueing (96-121 vs 64 ns per delivery):
@@ -43,9 +44,8 @@ def push_all(subs: list, frame: bytes, dirty: list) -> int:
     return len(subs)
 
 
-def flush_all(dirty: list, limit: int) -> tuple[int, int]:
-    """One transport write per connection of all its pending frames; a connection whose
-    transport buffer then exceeds `limit` bytes is handed to its `_slow_reader()`.
+def flush_all(dirty: list) -> tuple[int, int]:
+    """One transport write per connection of all its pending frames.
     Returns (writes, frames written)."""
     writes = frames_out = 0
     for conn in dirty:
@@ -53,14 +53,11 @@ def flush_all(dirty: list, limit: int) -> tuple[int, int]:
         conn.pending = None
         if pending is None or conn.closed:
             continue
-        raw = conn._raw
         if type(pending) is list:
-            raw.write(b"".join(pending))
+            conn._raw.write(b"".join(pending))
             frames_out += len(pending)
         else:
-            raw.write(pending)
+            conn._raw.write(pending)
             frames_out += 1
         writes += 1
-        if raw.get_write_buffer_size() > limit:
-            conn._slow_reader()
     return writes, frames_out

@@ -41,6 +41,7 @@ cdef class Table:
     cdef Py_ssize_t count
     cdef dict scan              # {Entry: None}
     cdef dict everyone          # {key: None} of entries without a filter: all of them match
+    cdef list everyone_keys     # list(everyone), rebuilt after a change (None until then)
     cdef list attrs             # [AttrTable]
     cdef dict by_path           # dotted -> AttrTable
     cdef int next_attr

@@ -401,7 +401,11 @@ cdef int gather_table(Table table, object record, Gatherer g) except -1:
     cdef Py_ssize_t i, nparts
     cdef list cands
     if table.everyone:
-        g.direct.extend(table.everyone)  # one C loop: no per-subscriber Python work
+        # A list copies into the result with one memcpy-like loop; iterating the dict costs
+        # ~4x as much per key, and events far outnumber subscription changes.
+        if table.everyone_keys is None:
+            table.everyone_keys = list(table.everyone)
+        g.direct.extend(table.everyone_keys)
     for entry in table.scan:
         candidate(g, entry)
     if not PyDict_Check(record) or table.slots is NULL:
@@ -628,6 +632,7 @@ cdef Table _new_table(tuple slot):
     table.count = 0
     table.scan = {}
     table.everyone = {}
+    table.everyone_keys = None
     table.attrs = []
     table.by_path = {}
     table.next_attr = 0
@@ -643,6 +648,7 @@ cdef _insert(Table table, Entry entry, list keys):
     table.count += 1
     if entry.everyone:
         table.everyone[entry.key] = None
+        table.everyone_keys = None
         return
     if entry.keys is None:
         table.scan[entry] = None
@@ -673,6 +679,7 @@ cdef _delete(Table table, Entry entry):
     table.count -= 1
     if entry.everyone:
         del table.everyone[entry.key]
+        table.everyone_keys = None
         return
     if entry.keys is None:
         del table.scan[entry]

@@ -29,6 +29,7 @@ from rtserver.bus import create_bus
 from rtserver.channels import TOPIC_RE
 from rtserver.config import WORKSPACE_ID_RE, Config
 from rtserver.connection import Connection
+from rtserver.gc_policy import FreezeSurvivors
 from rtserver.hub import Hub
 from rtserver.known_workspaces import KnownWorkspaces
 from rtserver.metrics import Metrics
@@ -62,6 +63,7 @@ class Gateway:
         self._sources: dict[tuple[Any, ...], Source] = {}
         self._server: asyncio.AbstractServer | None = None
         self._sweeper: asyncio.Task | None = None
+        self._gc_policy: FreezeSurvivors | None = None
         self._stopped = asyncio.Event()
         self.port = 0
         self.upgrading_remote = ""
@@ -111,6 +113,9 @@ class Gateway:
         )
         self.port = self._server.sockets[0].getsockname()[1]
         self._sweeper = asyncio.ensure_future(self._sweep())
+        if cfg.server.gc_freeze:
+            self._gc_policy = FreezeSurvivors()
+            self._gc_policy.start()
         log.info(
             "listening",
             extra={
@@ -155,6 +160,8 @@ class Gateway:
             log.exception("audit did not close cleanly")
         await self.auth.close()
         self.metrics.unwatch_gc()
+        if self._gc_policy is not None:
+            self._gc_policy.stop()
         self._stopped.set()
 
     async def _sweep(self) -> None:

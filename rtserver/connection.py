@@ -116,10 +116,10 @@ class Connection(WSListener):
     def on_ws_connected(self, transport: WSTransport) -> None:
         self.transport = transport
         self._raw = transport.underlying_transport
-        # We watch the buffer ourselves after each write (limit -> 1013); keep asyncio's
-        # pause/resume callbacks out of the way.
-        self._raw.set_write_buffer_limits(high=1 << 30)
+        # Past this many bytes not yet taken by the socket, the transport calls pause_writing
+        # (through picows): a reader that slow is closed with 1013.
         gw = self.gw
+        self._raw.set_write_buffer_limits(high=gw.cfg.limits.send_buffer_bytes)
         gw.connections.add(self)
         gw.metrics.connections_total += 1
         loop = asyncio.get_running_loop()
@@ -162,8 +162,11 @@ class Connection(WSListener):
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         self._teardown()
 
-    def pause_writing(self) -> None:  # noqa: D401 - picows hook; see on_ws_connected
-        pass
+    def pause_writing(self) -> None:
+        """The transport's buffer passed limits.send_buffer_bytes (see on_ws_connected). Called
+        from inside a write: close after it, not in the middle of it."""
+        if not self.closed:
+            asyncio.get_running_loop().call_soon(self._slow_reader)
 
     def resume_writing(self) -> None:
         pass
@@ -191,7 +194,7 @@ class Connection(WSListener):
     def flush(self) -> None:
         """Write the pending frames now (the hub flushes every dirty connection the same way)."""
 
-        writes, frames = flush_all([self], self.gw.cfg.limits.send_buffer_bytes)
+        writes, frames = flush_all([self])
         m = self.gw.metrics
         m.writes += writes
         m.frames_out += frames
@@ -221,6 +224,8 @@ class Connection(WSListener):
             self.transport.disconnect(graceful=True)
 
     def _slow_reader(self) -> None:
+        if self.closed:
+            return
         self.gw.metrics.drops_slow_reader += 1
         log.info(
             "closing slow reader",

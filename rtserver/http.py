@@ -84,12 +84,13 @@ class FrontProtocol(asyncio.Protocol):
     def __init__(self, gw: Gateway):
         self.gw = gw
         self.transport: asyncio.Transport | None = None
-        self._parser = httptools.HttpRequestParser(self)
+        self._parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
         self._raw = bytearray()
         self._req: _Request | None = None
         self._handed_off = False
-        # Requests parsed while an earlier one waits, answered in order by the _drainer task.
-        self._queue: deque[tuple[bytes, _Request, bool]] = deque()
+        # Requests parsed while an earlier one waits, answered in order by the _drainer task
+        # (created then: a deque is ~600 bytes, and most connections become WebSockets).
+        self._queue: deque[tuple[bytes, _Request, bool]] | None = None
         self._drainer: asyncio.Task | None = None
         self._paused = False
         self._closing = False
@@ -100,7 +101,7 @@ class FrontProtocol(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        if self._handed_off:
+        if self._handed_off or self._parser is None:
             return
         self._raw += data
         try:
@@ -111,9 +112,17 @@ class FrontProtocol(asyncio.Protocol):
             self._respond(json_error(400, "malformed HTTP request", keep_alive=False), close=True)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._queue.clear()
+        if self._queue is not None:
+            self._queue.clear()
         if self._drainer is not None:
             self._drainer.cancel()
+        self._release()
+
+    def _release(self) -> None:
+        # The parser holds bound methods of this protocol: without this, protocol, parser and
+        # transport of every finished connection would wait for the cyclic garbage collector.
+        self._parser = None
+        self.transport = None
 
     # -- httptools callbacks --
     def on_message_begin(self) -> None:
@@ -169,6 +178,8 @@ class FrontProtocol(asyncio.Protocol):
         # with a chunk of fan-out writes in it, before the request was even read, which held a
         # publisher with few requests in flight to a fraction of what the hub could take.)
         if self._drainer is not None:
+            if self._queue is None:
+                self._queue = deque()
             self._queue.append((method, req, keep_alive))
             if len(self._queue) >= _MAX_PIPELINED and not self._paused and self.transport is not None:
                 self.transport.pause_reading()
@@ -182,7 +193,7 @@ class FrontProtocol(asyncio.Protocol):
         """Finish the request that had to wait, then the ones queued behind it, in order."""
         try:
             await first
-            queue = self._queue
+            queue = self._queue or deque()
             while queue and not self._closing:
                 if self._paused and len(queue) <= _MAX_PIPELINED // 2:
                     self._paused = False
@@ -270,6 +281,7 @@ class FrontProtocol(asyncio.Protocol):
             view = view[n:]
             ws_proto.buffer_updated(n)
         self.gw.upgrading_remote = ""
+        self._release()
 
 
 def new_ws_protocol(gw: Gateway) -> WSProtocol:

@@ -71,7 +71,10 @@ class Hub:
         self.cfg = cfg
         self.metrics = metrics
         self.workspaces: dict[str, Workspace] = {}
+        # Connections with frames to write, in the order they got them; those before
+        # _written already were (an offset, so that a chunk does not copy the rest of the list).
         self._dirty: list[Connection] = []
+        self._written = 0
         self._flush_scheduled = False
         self._chunk = cfg.limits.flush_chunk
         self._max_backlog = cfg.limits.fanout_backlog
@@ -79,7 +82,7 @@ class Hub:
         # back to 0 whenever every connection has been written).
         self._queued = 0
         metrics.add_gauges(lambda: [
-            ("rt_write_backlog", "Connections waiting for their write (see limits.flush_chunk)", {}, len(self._dirty)),
+            ("rt_write_backlog", "Connections waiting for their write (see limits.flush_chunk)", {}, self.waiting()),
             ("rt_write_queue_frames", "Event frames queued and not yet written (see limits.fanout_backlog)", {},
              self._queued),
         ])
@@ -141,6 +144,10 @@ class Hub:
         if len(dirty) != before and not self._flush_scheduled:
             self._schedule_flush()
 
+    def waiting(self) -> int:
+        """Connections waiting for their write."""
+        return len(self._dirty) - self._written
+
     def backlogged(self) -> bool:
         """More event frames wait for their write than `limits.fanout_backlog`."""
         return self._queued > self._max_backlog
@@ -186,14 +193,20 @@ class Hub:
 
         self._flush_scheduled = False
         dirty = self._dirty
-        chunk = self._chunk
-        if len(dirty) > chunk:
-            self._dirty = dirty[chunk:]
-            del dirty[chunk:]
+        start = self._written
+        end = start + self._chunk
+        if end < len(dirty):
+            batch = dirty[start:end]
+            if end >= 4096 and end * 2 >= len(dirty):
+                del dirty[:end]  # drop what was written, in O(1) amortised per connection
+                end = 0
+            self._written = end
             self._schedule_flush()
         else:
+            batch = dirty[start:] if start else dirty
             self._dirty = []
-        writes, frames = flush_all(dirty, self.cfg.limits.send_buffer_bytes)
+            self._written = 0
+        writes, frames = flush_all(batch)
         m = self.metrics
         m.writes += writes
         m.frames_out += frames

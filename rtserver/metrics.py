@@ -96,6 +96,9 @@ class Metrics:
                 [({"generation": g}, n) for g, n in enumerate(self.gc_collections)])
         counter("rt_gc_pause_seconds_total", "Time the event loop spent in garbage-collector passes",
                 [({"generation": g}, round(s, 6)) for g, s in enumerate(self.gc_seconds)])
+        lines.append("# HELP rt_gc_frozen_objects Objects left out of garbage-collector passes (server.gc_freeze)")
+        lines.append("# TYPE rt_gc_frozen_objects gauge")
+        lines.append(f"rt_gc_frozen_objects {gc.get_freeze_count()}")
 
         seen: set[str] = set()
         for fn in self._gauges:

@@ -59,7 +59,30 @@ async def test_flush_writes_a_chunk_per_iteration_and_joins_later_frames():
     assert [c._raw.writes for c in conns[:3]] == [[b"e1", b"e2"]] * 3
     assert [c._raw.writes for c in conns[3:]] == [[b"e1e2"]] * 5
     assert hub.metrics.writes == 11 and hub.metrics.frames_out == 16
-    assert not hub._dirty and not hub._flush_scheduled
+    assert hub.waiting() == 0 and not hub._flush_scheduled
+
+
+async def test_a_long_backlog_is_walked_by_offset_and_compacted():
+    """Chunks advance an offset over the list of waiting connections (no copy of the rest per
+    chunk); once most of a long list is written, the written part is dropped. Connections
+    queued again meanwhile get their frames in order, once each."""
+    hub = make_hub(chunk=1000, backlog=10**6)
+    conns = [Conn() for _ in range(6000)]
+    hub._push_all([Sub(c) for c in conns], b"e1")
+    await asyncio.sleep(0)
+    assert hub.waiting() == 5000
+    hub._push_all([Sub(c) for c in conns[:1000]], b"e2")  # written already: queued again at the end
+    assert hub.waiting() == 6000 and len(hub._dirty) == 7000
+    for _ in range(4):
+        await asyncio.sleep(0)
+    # 5000 of 7000 written: the written part is dropped from the list
+    assert len(hub._dirty) == 2000 and hub.waiting() == 2000
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert hub.waiting() == 0 and hub._dirty == [] and not hub._flush_scheduled
+    assert all(c._raw.writes == [b"e1", b"e2"] for c in conns[:1000])
+    assert all(c._raw.writes == [b"e1"] for c in conns[1000:])
+    assert hub.metrics.writes == 7000 and hub._queued == 0
 
 
 async def test_publishers_wait_while_the_queued_frames_are_over_the_bound():
@@ -70,7 +93,7 @@ async def test_publishers_wait_while_the_queued_frames_are_over_the_bound():
     subs = [Sub(c) for c in conns]
     for e in (b"e1", b"e2", b"e3"):
         hub._push_all(subs, e)
-    assert hub.backlogged() and len(hub._dirty) == 4 and hub._queued == 12
+    assert hub.backlogged() and hub.waiting() == 4 and hub._queued == 12
     waiter = asyncio.ensure_future(hub.room())
     await asyncio.sleep(0)
     assert not waiter.done() and hub._queued == 9  # one connection written
@@ -78,7 +101,7 @@ async def test_publishers_wait_while_the_queued_frames_are_over_the_bound():
     assert not waiter.done() and hub._queued == 6
     await asyncio.sleep(0)
     # three written, three frames queued: within the bound, the waiter is woken
-    assert not hub.backlogged() and len(hub._dirty) == 1
+    assert not hub.backlogged() and hub.waiting() == 1
     rows = [ln for ln in hub.metrics.render().decode().splitlines()
             if ln.startswith(("rt_publisher_waits", "rt_write_backlog", "rt_write_queue_frames"))]
     assert rows == ["rt_publisher_waits_total 1", "rt_write_backlog 1", "rt_write_queue_frames 3"], rows
@@ -88,7 +111,7 @@ async def test_publishers_wait_while_the_queued_frames_are_over_the_bound():
     for _ in range(3):
         await asyncio.sleep(0)
     assert all(c._raw.writes == [b"e1e2e3"] for c in conns)
-    assert hub._queued == 0 and not hub._dirty
+    assert hub._queued == 0 and hub.waiting() == 0
     await hub.room()  # nothing waits: returns at once
 
 

@@ -65,6 +65,28 @@ def test_replace_remove_and_failed_add(make):
 
 
 @pytest.mark.parametrize("make", IMPLS)
+def test_unfiltered_subscribers_follow_adds_and_removes_between_matches(make):
+    """Unfiltered subscriptions are copied to the result from a list kept beside their dict:
+    a match after an add, a remove or a replacement by a filtered one sees the change."""
+    ix = make()
+    subs = [Sub(f"u{i}") for i in range(5)]
+    for sub in subs:
+        ix.add(sub, "events", "t", None, None)
+    assert set(ix.match("events", "t", "PUBLISH", {"a": 1})) == set(subs)
+    ix.remove(subs[0])
+    assert set(ix.match("events", "t", "PUBLISH", {"a": 1})) == set(subs[1:])
+    late = Sub("late")
+    ix.add(late, "events", "t", None, None)
+    assert set(ix.match("events", "t", "PUBLISH", {"a": 1})) == set(subs[1:]) | {late}
+    ix.add(subs[1], "events", "t", None, {"a": 2})  # now filtered
+    assert set(ix.match("events", "t", "PUBLISH", {"a": 1})) == set(subs[2:]) | {late}
+    assert set(ix.match("events", "t", "PUBLISH", {"a": 2})) == set(subs[1:]) | {late}
+    for sub in [*subs[1:], late]:
+        ix.remove(sub)
+    assert ix.match("events", "t", "PUBLISH", {"a": 2}) == []
+
+
+@pytest.mark.parametrize("make", IMPLS)
 def test_no_duplicates_when_a_subscription_sits_in_several_buckets(make):
     ix = make()
     ix.add("or", "events", "*", None, {"$or": [{"a": 1}, {"b": "x"}, {"a": {"$in": [2, 3]}}]})
