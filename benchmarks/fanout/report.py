@@ -25,7 +25,12 @@ def _fmt(v: float | None, digits: int = 0) -> str:
 def _ratio(a: float | None, b: float | None) -> str:
     if not a or not b:
         return "–"
-    return f"{a / b:.2f}×"
+    return f"{_num(a / b)}×"
+
+
+def _num(x: float) -> str:
+    """Two decimals, or two significant digits below 0.1 (a ratio of 0.003 is not 0.00)."""
+    return f"{x:.2f}" if x >= 0.1 or x == 0 else f"{x:.2g}"
 
 
 def markdown(data: dict[str, Any]) -> str:
@@ -85,7 +90,7 @@ def markdown(data: dict[str, Any]) -> str:
                 for b in BASELINES:
                     base = idx.get((s, b))
                     ok = base is not None and "error" not in base and base.get("latency_ms") and b != name
-                    cells.append(f"{p99 / base['latency_ms']['p99']:.2f}" if ok else "–")
+                    cells.append(_num(p99 / base["latency_ms"]["p99"]) if ok else "–")
                 out.append(f"| {s} | {name} | {p99:.2f} | {' | '.join(cells)} |")
     storm = [r for r in data["results"] if r["kind"] == "storm"]
     if storm:
@@ -143,7 +148,7 @@ def targets(data: dict[str, Any]) -> list[str]:
         return a / b if a is not None and b else None
 
     def row(name, goal, by_rate, by_cpu, ok):
-        cells = [f"{by_rate:.2f}" if by_rate is not None else "–", f"{by_cpu:.2f}" if by_cpu is not None else "–"]
+        cells = [_num(by_rate) if by_rate is not None else "–", _num(by_cpu) if by_cpu is not None else "–"]
         verdict = "–" if by_rate is None or ok is None else ("holds" if ok(by_rate) else "does not hold")
         rows.append(f"| {name} | {goal} | {cells[0]} | {cells[1]} | {verdict} |")
 
