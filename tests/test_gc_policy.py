@@ -8,6 +8,9 @@ import asyncio
 import gc
 import weakref
 
+import pytest
+import uvloop
+
 from rtserver import config, http
 from rtserver.gc_policy import FreezeSurvivors
 from rtserver.metrics import Metrics
@@ -89,3 +92,88 @@ async def test_the_gateway_freezes_by_default_and_not_when_told(gateway_factory)
 def test_the_setting():
     assert config.load(environ={}).server.gc_freeze is True
     assert config.load(environ={"RT_GC_FREEZE": "false"}).server.gc_freeze is False
+
+
+_CLIENTS = """
+import asyncio, json, sys
+import websockets
+
+async def main(url, token, n):
+    loop = asyncio.get_running_loop()
+    while (await loop.run_in_executor(None, sys.stdin.readline)).strip() == "connect":
+        clients = []
+        for i in range(n):
+            ws = await websockets.connect(url, additional_headers={"Authorization": "Bearer " + token})
+            await ws.send(json.dumps({"type": "subscribe", "channel": "events:t", "filter": {"predicates": {"g": i}}}))
+            while json.loads(await ws.recv())["type"] != "subscribed":
+                pass
+            clients.append(ws)
+        print("ready", flush=True)
+        await loop.run_in_executor(None, sys.stdin.readline)
+        for ws in clients:
+            await ws.close()
+        print("closed", flush=True)
+
+asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
+"""
+
+
+@pytest.fixture
+def uvloop_policy():
+    """The gateway's own event loop (rtserver serve runs uvloop). asyncio's selector transport
+    leaves a reference cycle per closed socket; uvloop's does not."""
+    policy = asyncio.get_event_loop_policy()
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    yield
+    asyncio.set_event_loop_policy(policy)
+
+
+def test_connections_that_come_and_go_leave_nothing_frozen_behind(tmp_path, uvloop_policy):
+    asyncio.run(_come_and_go(tmp_path))
+
+
+async def _come_and_go(tmp_path) -> None:
+    """With the policy on, a full pass while clients are connected freezes their objects; once
+    they have gone (and their sessions expired) the frozen set is back where it was: nothing
+    of a finished connection depends on the cyclic collector, which no longer sees it. The
+    clients run in another process, so that only the gateway's objects are counted."""
+    import sys
+
+    import jwt
+
+    from rtserver.app import Gateway
+
+    secret = "churn-test-secret-0123456789abcdef"
+    cfg = config.load(environ={"RT_AUTH_HS256_SECRET": secret, "RT_STATE_DIR": str(tmp_path), "RT_PORT": "0",
+                               "RT_RESUME_TTL": "0.2", "RT_MAX_CONNECTIONS_PER_SUBJECT": "1000"})
+    gw = Gateway(cfg)
+    await gw.start()
+    token = jwt.encode({"sub": "u", "workspaces": ["w1"], "exp": 4102444800}, secret, algorithm="HS256")
+    url = f"ws://127.0.0.1:{gw.port}/workspaces/w1/realtime/connect"
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _CLIENTS, url, token, "100",
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+        counts = []
+        for _ in range(3):
+            proc.stdin.write(b"connect\n")
+            assert await asyncio.wait_for(proc.stdout.readline(), 60) == b"ready\n"
+            assert len(gw.connections) == 100
+            before_pass = gc.get_freeze_count()
+            gc.collect()
+            await asyncio.sleep(0)
+            assert gc.get_freeze_count() > before_pass + 100 * 20  # the open connections were frozen
+            proc.stdin.write(b"close\n")
+            assert await asyncio.wait_for(proc.stdout.readline(), 60) == b"closed\n"
+            for _ in range(100):
+                await asyncio.sleep(0.05)
+                if not gw.connections and len(gw.sessions) == 0:
+                    break
+            assert not gw.connections and len(gw.sessions) == 0
+            counts.append(gc.get_freeze_count())
+        proc.stdin.close()
+        await asyncio.wait_for(proc.wait(), 30)
+        # the first round may leave a few lazily created objects for good; then it is flat
+        assert counts[2] - counts[1] <= 20 and counts[1] - counts[0] <= 50, counts
+    finally:
+        await gw.shutdown()
