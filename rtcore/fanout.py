@@ -24,8 +24,10 @@ def push_all(subs: list, frame: bytes, dirty: list) -> int:
     list allocated, so fan-out creates no garbage for the cyclic collector), or a list of
     frames. A connection that had nothing queued is appended to `dirty` (to be flushed this
     iteration); the same frame twice in a row (an event matching two channels of one
-    connection) is queued once. Returns len(subs), the deliveries counted.
+    connection) is queued once, and a closed connection gets nothing. Returns the number of
+    frames queued (the hub's back-pressure counts them, so it must not count what it skipped).
     """
+    queued = 0
     for sub in subs:
         conn = sub.conn
         pending = conn.pending
@@ -37,11 +39,13 @@ def push_all(subs: list, frame: bytes, dirty: list) -> int:
         elif pending is frame:
             continue
         elif type(pending) is list:
-            if pending[-1] is not frame:
-                pending.append(frame)
+            if pending[-1] is frame:
+                continue
+            pending.append(frame)
         else:
             conn.pending = [pending, frame]
-    return len(subs)
+        queued += 1
+    return queued
 
 
 def flush_all(dirty: list) -> tuple[int, int]:

@@ -96,8 +96,9 @@ async def test_fanout_loops_write_each_connection_once():
     subs = [_Sub(c) for c in conns]
     a, b = b"frame-a;", b"frame-b;"
     dirty: list = []
-    # Connection 0 matches two channels: the same frame object twice is queued once.
-    assert push_all([subs[0], subs[0], subs[1], subs[2]], a, dirty) == 4
+    # Connection 0 matches two channels: the same frame object twice is queued once; the
+    # closed connection 2 gets nothing. The count is of frames queued.
+    assert push_all([subs[0], subs[0], subs[1], subs[2]], a, dirty) == 2
     assert push_all([subs[0]], b, dirty) == 1
     assert dirty == [conns[0], conns[1]]
     # One frame is held as bytes (no list per connection per event), several as a list.

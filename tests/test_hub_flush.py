@@ -148,3 +148,22 @@ async def test_every_client_gets_every_event_in_order_with_one_connection_per_it
             got = [await c.recv_event(timeout=10) for _ in range(40)]
             assert [(e["seq"], e["payload"]["n"]) for e in got] == by_seq
             await c.no_message(0.2)
+
+
+async def test_frames_not_queued_do_not_count_against_the_bound():
+    """An event whose matching connections are all closed, or that matches one connection
+    through several subscriptions, queues nothing (or one frame): publishers must not wait
+    for frames that will never be written (nothing would wake them)."""
+    hub = make_hub(chunk=2, backlog=2)
+    closed = [Conn() for _ in range(5)]
+    for c in closed:
+        c.closed = True
+    hub._push_all([Sub(c) for c in closed], b"e1")
+    assert hub._queued == 0 and not hub.backlogged() and hub.waiting() == 0
+    await asyncio.wait_for(hub.room(), 1)
+    one = Conn()
+    hub._push_all([Sub(one), Sub(one), Sub(one)], b"e2")
+    assert hub._queued == 1 and hub.metrics.deliveries == 1
+    for _ in range(2):
+        await asyncio.sleep(0)
+    assert one._raw.writes == [b"e2"] and hub._queued == 0
