@@ -11,7 +11,10 @@ benchmarks/fanout/microbench.py) and was slower at queueing (96-121 vs 64 ns per
 Cython reads attributes of Python objects through the generic PyObject_GetAttr, while
 CPython 3.11+ specializes them with inline caches. Both are dwarfed by the write system call
 (about 5-6 µs per connection on this machine), which only coalescing removes. Compiling would
-pay only if subscriptions pointed at a typed (cdef) outbox instead of a Python connection.
+pay only if subscriptions pointed at a typed (cdef) outbox instead of a Python connection;
+measured with such an outbox (1000 loopback connections, one process): queueing 30 vs 67 ns
+for a connection's first frame, 5 vs 24 ns for each further one, the write unchanged
+(~6.3 µs): about 2% of the server's time one event at a time, 4% at 26 frames per write.
 """
 
 from __future__ import annotations
