@@ -350,7 +350,8 @@ def run_set(scenarios: list[Scenario], server_names: list[str], procs: int = 2, 
     Scenario-major order (all servers for one scenario, then the next) keeps the runs being
     compared close in time on a machine whose other load varies; with `repeat` > 1 the servers
     take turns (order reversed every round) and the best round of each is kept (highest rate;
-    for paced scenarios, lowest p99), the others are listed under `rounds`.
+    for paced scenarios, lowest p99: interference from other load only adds latency), the
+    others are listed under `rounds`. A scenario may ask for more rounds (`Scenario.rounds`).
     """
     runner = Runner(procs=procs, client=client, log=log)
     meta: dict[str, Any] = {"server_cpus": runner.server_cpus, "client_cpus": runner.client_cpus,
@@ -367,7 +368,7 @@ def run_set(scenarios: list[Scenario], server_names: list[str], procs: int = 2, 
         for sc in scenarios:
             rounds: dict[str, list[dict[str, Any]]] = {}
             order = [n for n in names if n.split("-")[0] in sc.servers]
-            for k in range(repeat):
+            for k in range(repeat if repeat == 1 else max(repeat, sc.rounds)):
                 for name in order if k % 2 == 0 else order[::-1]:
                     server = srv.KINDS[name](name, runner.server_cpus)
                     t = time.monotonic()
@@ -387,7 +388,7 @@ def run_set(scenarios: list[Scenario], server_names: list[str], procs: int = 2, 
                     log(f"[fanout] {sc.name:16s} {name:11s} {_summary(res)}  ({time.monotonic() - t:.1f}s)")
             for name in order:
                 best = _best(sc, rounds[name])
-                if repeat > 1:
+                if len(rounds[name]) > 1:
                     best = {**best, "rounds": [_brief(r) for r in rounds[name]]}
                 results.append(best)
     finally:
