@@ -8,6 +8,7 @@ import logging
 from rtcore.errors import FilterError
 
 try:
+    from rtcore.fanout import Outbox, SubKey, flush_all, push_all, queue_one
     from rtcore.frames import close_frame, event_frame, text_frame, with_seq
     from rtcore.index import SubscriptionIndex
     from rtcore.predicate import Matcher, compile_predicates
@@ -18,6 +19,7 @@ except ImportError as exc:  # the extensions are not built: fall back, loudly
         "rtcore extensions not built, using the pure-Python reference engine",
         extra={"fields": {"error": str(exc)}},
     )
+    from rtcore.fanout_ref import Outbox, SubKey, flush_all, push_all, queue_one  # type: ignore[assignment]
     from rtcore.frames_ref import close_frame, event_frame, text_frame, with_seq
     from rtcore.index_ref import SubscriptionIndex
     from rtcore.predicate_ref import Matcher, compile_predicates
@@ -28,10 +30,15 @@ __all__ = [
     "COMPILED",
     "FilterError",
     "Matcher",
+    "Outbox",
+    "SubKey",
     "SubscriptionIndex",
     "close_frame",
     "compile_predicates",
     "event_frame",
+    "flush_all",
+    "push_all",
+    "queue_one",
     "text_frame",
     "with_seq",
 ]

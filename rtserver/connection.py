@@ -20,8 +20,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 from picows import WSFrame, WSListener, WSMsgType, WSTransport
 
-from rtcore.engine import FilterError, close_frame, event_frame, text_frame
-from rtcore.fanout import flush_all
+from rtcore.engine import FilterError, Outbox, close_frame, event_frame, flush_all, queue_one, text_frame
 from rtcore.messages import (
     Auth,
     AuthOk,
@@ -81,11 +80,11 @@ def _message_id(data: bytes) -> Any:
 
 
 class Connection(WSListener):
-    # The fan-out loops (rtcore/fanout.py) read and write these for every delivery: as slots
-    # they are fixed offsets in the object; in the instance dict of a subclass of picows'
-    # extension type each access is a generic lookup (measured: ~170 vs ~300-500 ns per
-    # delivery for the Python part of push + flush).
-    __slots__ = ("pending", "closed", "_raw", "__dict__")
+    # `out` is what the fan-out loops (rtcore/fanout.pyx) touch for every delivery: an
+    # extension type whose fields they read as C struct members. As slots, `out` and `_raw`
+    # are fixed offsets here too; in the instance dict of a subclass of picows' extension type
+    # each access would be a generic lookup.
+    __slots__ = ("out", "_raw", "__dict__")
 
     def __init__(self, gw: Gateway, workspace_id: str, header_token: str | None, remote: str):
         super().__init__()
@@ -96,8 +95,7 @@ class Connection(WSListener):
         self._header_token = header_token
         self.transport: WSTransport | None = None
         self._raw = None  # the underlying asyncio transport: frames are written to it directly
-        self.pending: bytes | list[bytes] | None = None  # one frame, several, or none
-        self.closed = False
+        self.out = Outbox()  # pending frames, closed, and the transport's write
         self.identity: Identity | None = None
         self.session: Session | None = None
         self.subscriptions: dict[str, Subscription] = {}
@@ -120,6 +118,7 @@ class Connection(WSListener):
         # (through picows): a reader that slow is closed with 1013.
         gw = self.gw
         self._raw.set_write_buffer_limits(high=gw.cfg.limits.send_buffer_bytes)
+        self.out.write = self._raw.write
         gw.connections.add(self)
         gw.metrics.connections_total += 1
         loop = asyncio.get_running_loop()
@@ -173,28 +172,24 @@ class Connection(WSListener):
 
     # ---- outbound ------------------------------------------------------------------------
 
-    def push(self, frame: bytes) -> None:
-        """Queue a complete frame for this iteration's write (the fan-out hot path).
+    @property
+    def closed(self) -> bool:
+        """No frame is queued or written any more (kept in the outbox the fan-out loops read)."""
+        return self.out.closed
 
-        `pending` holds one frame as bytes and several as a list (see rtcore/fanout.py)."""
-        pending = self.pending
-        if pending is None:
-            if self.closed:
-                return
-            self.pending = frame
-            self.gw.hub.schedule(self)
-        elif pending is frame:  # an event matching two channels goes out once
-            return
-        elif type(pending) is list:
-            if pending[-1] is not frame:
-                pending.append(frame)
-        else:
-            self.pending = [pending, frame]
+    @closed.setter
+    def closed(self, value: bool) -> None:
+        self.out.closed = value
+
+    def push(self, frame: bytes) -> None:
+        """Queue a complete frame for this iteration's write (rtcore/fanout: one frame as bytes,
+        several as a list, the same frame twice in a row once)."""
+        if queue_one(self.out, frame):
+            self.gw.hub.schedule(self.out)
 
     def flush(self) -> None:
-        """Write the pending frames now (the hub flushes every dirty connection the same way)."""
-
-        writes, frames = flush_all([self])
+        """Write the pending frames now (the hub flushes every dirty outbox the same way)."""
+        writes, frames = flush_all([self.out])
         m = self.gw.metrics
         m.writes += writes
         m.frames_out += frames

@@ -13,9 +13,16 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from rtcore.engine import SubscriptionIndex, compile_predicates, event_frame
+from rtcore.engine import (
+    Outbox,
+    SubKey,
+    SubscriptionIndex,
+    compile_predicates,
+    event_frame,
+    flush_all,
+    push_all,
+)
 from rtcore.event import Event
-from rtcore.fanout import flush_all, push_all
 from rtserver.channels import SubscriptionSpec
 from rtserver.history import History
 from rtserver.metrics import Metrics
@@ -30,12 +37,14 @@ _LEAVE = b',"transition":"leave"'
 _ENTER = b',"transition":"enter"'
 
 
-class Subscription:
-    """One channel subscription of one connection; the key the index returns."""
+class Subscription(SubKey):
+    """One channel subscription of one connection; the key the index returns (a SubKey: the
+    fan-out loop reaches the connection's outbox through it without a Python attribute)."""
 
     __slots__ = ("conn", "spec", "_matcher", "__weakref__")
 
     def __init__(self, conn: Connection, spec: SubscriptionSpec):
+        super().__init__(conn.out)
         self.conn = conn
         self.spec = spec
         self._matcher = None
@@ -71,9 +80,9 @@ class Hub:
         self.cfg = cfg
         self.metrics = metrics
         self.workspaces: dict[str, Workspace] = {}
-        # Connections with frames to write, in the order they got them; those before
+        # Outboxes (connections) with frames to write, in the order they got them; those before
         # _written already were (an offset, so that a chunk does not copy the rest of the list).
-        self._dirty: list[Connection] = []
+        self._dirty: list[Outbox] = []
         self._written = 0
         self._flush_scheduled = False
         self._chunk = cfg.limits.flush_chunk
@@ -131,8 +140,8 @@ class Hub:
         return entry.seq
 
     def _push_all(self, subs: Iterable[Subscription], frame: bytes) -> None:
-        # One loop (rtcore/fanout.py) appends to each connection's pending list and collects
-        # newly pending connections in _dirty: no method call per delivery.
+        # One compiled loop (rtcore/fanout.pyx) queues the frame on each subscription's outbox
+        # and collects newly pending outboxes in _dirty: no method call per delivery.
 
         if type(subs) is not list:
             subs = list(subs)
@@ -167,9 +176,9 @@ class Hub:
                 self._drained = asyncio.Event()
             await self._drained.wait()
 
-    def schedule(self, conn: Connection) -> None:
-        """Called by a connection whose pending list just became non-empty."""
-        self._dirty.append(conn)
+    def schedule(self, out: Outbox) -> None:
+        """Called for a connection's outbox that just got its first pending frame."""
+        self._dirty.append(out)
         if not self._flush_scheduled:
             self._schedule_flush()
 

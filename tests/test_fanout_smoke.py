@@ -2,8 +2,9 @@
 
 `python -m benchmarks.fanout run --smoke` runs every scenario against the gateway and the
 baselines at toy sizes; the test checks that each produced a result with the quantities the
-report needs. It asserts nothing about timings. The fan-out loops (rtcore/fanout.py, which
-the hub uses) are checked over real TCP connections.
+report needs. It asserts nothing about timings. The fan-out loops (rtcore/fanout.pyx, which
+the hub uses, and its pure-Python reference) are checked over real TCP connections, and
+against each other on random sequences of events.
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ import subprocess
 import sys
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from benchmarks.fanout import scenarios
-from rtcore.fanout import flush_all, push_all
+from rtcore import fanout, fanout_ref
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -60,21 +63,11 @@ def test_smoke_run_produces_every_result(tmp_path):
         assert (tmp_path / "fanout-smoke-latency-vs-rate.png").stat().st_size > 0
 
 
-class _Sub:
-    def __init__(self, conn):
-        self.conn = conn
+IMPLS = [pytest.param(fanout_ref, id="ref"), pytest.param(fanout, id="compiled")]
 
 
-class _Conn:
-    """The duck type the loops expect of rtserver's Connection, over a real transport."""
-
-    def __init__(self, raw):
-        self._raw = raw
-        self.pending = None
-        self.closed = False
-
-
-async def test_fanout_loops_write_each_connection_once():
+@pytest.mark.parametrize("impl", IMPLS)
+async def test_fanout_loops_write_each_connection_once(impl):
     received: dict[int, bytearray] = {}
 
     class Sink(asyncio.Protocol):
@@ -88,31 +81,88 @@ async def test_fanout_loops_write_each_connection_once():
     loop = asyncio.get_running_loop()
     server = await loop.create_server(Sink, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    conns = []
+    raws, outs = [], []
     for _ in range(3):
         raw, _ = await loop.create_connection(asyncio.Protocol, "127.0.0.1", port)
-        conns.append(_Conn(raw))
-    conns[2].closed = True
-    subs = [_Sub(c) for c in conns]
+        out = impl.Outbox()
+        out.write = raw.write
+        raws.append(raw)
+        outs.append(out)
+    outs[2].closed = True
+    subs = [impl.SubKey(o) for o in outs]
     a, b = b"frame-a;", b"frame-b;"
     dirty: list = []
     # Connection 0 matches two channels: the same frame object twice is queued once; the
     # closed connection 2 gets nothing. The count is of frames queued.
-    assert push_all([subs[0], subs[0], subs[1], subs[2]], a, dirty) == 2
-    assert push_all([subs[0]], b, dirty) == 1
-    assert dirty == [conns[0], conns[1]]
+    assert impl.push_all([subs[0], subs[0], subs[1], subs[2]], a, dirty) == 2
+    assert impl.push_all([subs[0]], b, dirty) == 1
+    assert dirty == [outs[0], outs[1]]
     # One frame is held as bytes (no list per connection per event), several as a list.
-    assert conns[0].pending == [a, b] and conns[1].pending is a and conns[2].pending is None
-    assert flush_all(dirty) == (2, 3)
-    assert conns[0].pending is None and conns[1].pending is None
-    conns[1].pending = b
-    assert flush_all([conns[1]]) == (1, 1)
+    assert outs[0].pending == [a, b] and outs[1].pending is a and outs[2].pending is None
+    assert impl.flush_all(dirty) == (2, 3)
+    assert outs[0].pending is None and outs[1].pending is None
+    assert impl.queue_one(outs[1], b) is True  # nothing was queued: the caller schedules it
+    assert impl.queue_one(outs[1], b) is False  # the same frame again: once
+    assert impl.queue_one(outs[2], b) is False and outs[2].pending is None  # closed
+    assert impl.flush_all([outs[1], outs[2]]) == (1, 1)
     for _ in range(100):
         if sum(len(v) for v in received.values()) >= len(a + b) + len(a + b):
             break
         await asyncio.sleep(0.01)
     assert sorted(bytes(v) for v in received.values()) == sorted([a + b, a + b, b""])
-    for c in conns:
-        c._raw.close()
+    for raw in raws:
+        raw.close()
     server.close()
     await server.wait_closed()
+
+
+# An operation: ("push", frame index, subscription indexes) | ("one", frame index, outbox)
+# | ("close", outbox) | ("flush",)
+_OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("push"), st.integers(0, 3), st.lists(st.integers(0, 9), max_size=12)),
+        st.tuples(st.just("one"), st.integers(0, 3), st.integers(0, 5)),
+        st.tuples(st.just("close"), st.integers(0, 5)),
+        st.tuples(st.just("flush")),
+    ),
+    max_size=40,
+)
+
+
+def _replay(impl, ops) -> tuple[list, list]:
+    """Run `ops` on 6 outboxes (10 subscription keys, several per outbox) and return what
+    each outbox wrote and what the loops returned."""
+    frames = [b"f%d;" % i for i in range(4)]
+    writes: list[list[bytes]] = [[] for _ in range(6)]
+    outs = []
+    for i in range(6):
+        out = impl.Outbox()
+        out.write = writes[i].append
+        outs.append(out)
+    subs = [impl.SubKey(outs[i % 6]) for i in range(10)]
+    dirty: list = []
+    results = []
+    for op in ops:
+        if op[0] == "push":
+            results.append(impl.push_all([subs[k] for k in op[2]], frames[op[1]], dirty))
+        elif op[0] == "one":
+            if impl.queue_one(outs[op[2]], frames[op[1]]):
+                dirty.append(outs[op[2]])
+            results.append(None)
+        elif op[0] == "close":
+            outs[op[1]].closed = True
+        else:
+            results.append(impl.flush_all(dirty))
+            dirty = []
+    results.append(impl.flush_all(dirty))
+    return writes, results
+
+
+@settings(max_examples=300, deadline=None)
+@given(_OPS)
+def test_compiled_loops_equal_the_reference(ops):
+    assert _replay(fanout, ops) == _replay(fanout_ref, ops)
+
+
+def test_the_compiled_loops_are_built():
+    assert fanout.__file__.endswith(".so") and fanout.Outbox is not fanout_ref.Outbox

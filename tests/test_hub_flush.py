@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 
+from rtcore.engine import Outbox, SubKey
 from rtserver import config
 from rtserver.hub import Hub
 from rtserver.metrics import Metrics
@@ -19,25 +20,26 @@ class RecordingTransport:
     def write(self, data: bytes) -> None:
         self.writes.append(data)
 
-    def get_write_buffer_size(self) -> int:
-        return 0
-
 
 class Conn:
-    """What the hub's loops read of a connection (see rtcore/fanout.py)."""
+    """A connection as the hub's loops see it: an outbox writing to a recording transport."""
 
     def __init__(self) -> None:
-        self.pending = None
-        self.closed = False
         self._raw = RecordingTransport()
+        self.out = Outbox()
+        self.out.write = self._raw.write
 
-    def _slow_reader(self) -> None:  # pragma: no cover - never over the limit here
-        raise AssertionError("not a slow reader")
+    @property
+    def closed(self) -> bool:
+        return self.out.closed
+
+    @closed.setter
+    def closed(self, value: bool) -> None:
+        self.out.closed = value
 
 
-class Sub:
-    def __init__(self, conn: Conn) -> None:
-        self.conn = conn
+def Sub(conn: Conn) -> SubKey:  # noqa: N802 - stands in for the Subscription class
+    return SubKey(conn.out)
 
 
 def make_hub(chunk: int, backlog: int) -> Hub:

@@ -5,21 +5,21 @@ frames", over real loopback TCP connections (uvloop transports):
   before    the gateway's loop before issue 8: a Python method call per delivery
             (`sub.conn.push(frame)` -> `hub.schedule`) and per connection (`conn.flush()`,
             which read the limit through the config object each time)
-  after     rtcore/fanout.py (one Python function per event / per flush), as the hub runs now
-  compiled  the same loops compiled with Cython, when `cythonize` is installed (built in a
-            temporary directory; the project does not ship it: see rtcore/fanout.py)
-Reported per delivery: the queueing alone (no system call) and queueing + the write.
+  python    rtcore/fanout_ref.py: one Python function per event / per flush over outboxes
+  compiled  rtcore/fanout.pyx, as the hub runs now: the same loops over extension-type
+            outboxes whose fields are C struct members
+Reported per delivery: the queueing alone (no system call) and queueing + the write, for one
+event at a time and for a connection's further frames in the same iteration (coalescing).
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 
 import uvloop
 
-from rtcore import fanout as fanout_loops
+from rtcore import fanout, fanout_ref
 
 N = 1000
 ROUNDS = 200
@@ -119,20 +119,24 @@ async def main() -> None:
             conn.flush()
         return t1 - t0, time.perf_counter_ns() - t1
 
-    def make(push_all, flush_all):
+    def make(impl):
+        outs = []
+        for c in conns:
+            out = impl.Outbox()
+            out.write = c._raw.write
+            outs.append(out)
+        keys = [impl.SubKey(o) for o in outs]
+
         def run() -> tuple[int, int]:
             dirty: list = []
             t0 = time.perf_counter_ns()
-            push_all(subs, frame, dirty)
+            impl.push_all(keys, frame, dirty)
             t1 = time.perf_counter_ns()
-            flush_all(dirty)
+            impl.flush_all(dirty)
             return t1 - t0, time.perf_counter_ns() - t1
         return run
 
-    variants = {"before": before, "after": make(fanout_loops.push_all, fanout_loops.flush_all)}
-    compiled = _compile()
-    if compiled is not None:
-        variants["compiled"] = make(compiled.push_all, compiled.flush_all)
+    variants = {"before": before, "python": make(fanout_ref), "compiled": make(fanout)}
     best = {name: [float("inf"), float("inf")] for name in variants}
     for _ in range(7):  # interleaved, so load elsewhere on the machine hits every variant alike
         for name, fn in variants.items():
@@ -151,31 +155,6 @@ async def main() -> None:
     for c in conns:
         c._raw.close()
     server.close()
-
-
-def _compile():
-    """rtcore/fanout.py compiled by Cython in a temporary directory, or None."""
-    import importlib.util
-    import shutil
-    import subprocess
-    import sys
-    import tempfile
-
-    if shutil.which("cythonize") is None:
-        return None
-    tmp = tempfile.mkdtemp(prefix="fanout-cy-")
-    src = os.path.join(tmp, "fanout_cy.py")
-    shutil.copy(fanout_loops.__file__, src)
-    proc = subprocess.run(["cythonize", "-i", "-3", src], cwd=tmp, capture_output=True, text=True)
-    if proc.returncode != 0:
-        print("cythonize failed:", proc.stderr[-500:])
-        return None
-    so = next(f for f in os.listdir(tmp) if f.startswith("fanout_cy.") and f.endswith(".so"))
-    spec = importlib.util.spec_from_file_location("fanout_cy", os.path.join(tmp, so))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    sys.modules["fanout_cy"] = mod
-    return mod
 
 
 if __name__ == "__main__":
