@@ -2,10 +2,10 @@
 
 Queue one event's frame on the outbox of every matching subscription, then write each dirty
 outbox's pending frames in one transport write. `Outbox` and `SubKey` are extension types, so
-the loops read their fields as C struct members: measured over 1000 loopback connections,
-queueing costs 30 ns for a connection's first frame and 5 ns for each further one (the plain
-Python loops over duck-typed connections: 67 and 24 ns); the write itself (~6 µs, the system
-call) is the same either way, and only coalescing removes it.
+the loops read their fields as C struct members. `python -m benchmarks.fanout.microbench`
+(1000 loopback connections, ns per delivery): queueing 30 here, 91 for the same loops in
+Python; queueing + write 5,977 vs 6,467. The write (the system call) is most of it, and only
+coalescing removes it.
 """
 
 cdef extern from "Python.h":
