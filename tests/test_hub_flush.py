@@ -29,14 +29,6 @@ class Conn:
         self.out = Outbox()
         self.out.write = self._raw.write
 
-    @property
-    def closed(self) -> bool:
-        return self.out.closed
-
-    @closed.setter
-    def closed(self, value: bool) -> None:
-        self.out.closed = value
-
 
 def Sub(conn: Conn) -> SubKey:  # noqa: N802 - stands in for the Subscription class
     return SubKey(conn.out)
@@ -124,7 +116,7 @@ async def test_closed_connections_are_skipped_and_order_holds_per_connection():
     for i in range(1, 6):
         hub._push_all(subs, b"e%d" % i)
         if i == 2:
-            conns[4].closed = True
+            conns[4].out.closed = True
         await asyncio.sleep(0)
     for _ in range(10):
         await asyncio.sleep(0)
@@ -159,7 +151,7 @@ async def test_frames_not_queued_do_not_count_against_the_bound():
     hub = make_hub(chunk=2, backlog=2)
     closed = [Conn() for _ in range(5)]
     for c in closed:
-        c.closed = True
+        c.out.closed = True
     hub._push_all([Sub(c) for c in closed], b"e1")
     assert hub._queued == 0 and not hub.backlogged() and hub.waiting() == 0
     await asyncio.wait_for(hub.room(), 1)
