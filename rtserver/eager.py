@@ -1,9 +1,9 @@
 """Run a coroutine at once, and make a task of it only if it has to wait.
 
 Most publish requests finish without waiting for anything (the token's identity is cached, the
-write backlog has room). Wrapping each in a task costs loop iterations, and while a
-connection's requests wait for one another in tasks, a pipelining publisher gets about one
-event through per iteration. Python 3.12 has eager tasks for this; 3.11 does not, hence this.
+write backlog has room). A task would run each only in the next loop iteration, after whatever
+that iteration holds (a chunk of fan-out writes), so every publisher round trip would wait for
+it. Python 3.12 has eager tasks for this; 3.11 does not, hence this.
 """
 
 from __future__ import annotations

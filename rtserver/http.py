@@ -195,11 +195,8 @@ class FrontProtocol(asyncio.Protocol):
             await first
             queue = self._queue or deque()
             while queue and not self._closing:
-                if self._paused and len(queue) <= _MAX_PIPELINED // 2:
-                    self._paused = False
-                    t = self.transport
-                    if t is not None and not t.is_closing():
-                        t.resume_reading()
+                if len(queue) <= _MAX_PIPELINED // 2:
+                    self._resume_reading()
                 await self._handle(*queue.popleft())
             queue.clear()  # closing: what came after a Connection: close is not answered
         finally:
@@ -207,10 +204,14 @@ class FrontProtocol(asyncio.Protocol):
                 self._drainer = None
             if not first.done():
                 first.cancel()
-        t = self.transport
-        if self._paused and t is not None and not t.is_closing():
-            t.resume_reading()
+        self._resume_reading()
+
+    def _resume_reading(self) -> None:
+        if self._paused:
             self._paused = False
+            t = self.transport
+            if t is not None and not t.is_closing():
+                t.resume_reading()
 
     # -- routing --
     async def _handle(self, method: bytes, req: _Request, keep_alive: bool) -> None:

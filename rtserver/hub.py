@@ -87,8 +87,8 @@ class Hub:
         self._flush_scheduled = False
         self._chunk = cfg.limits.flush_chunk
         self._max_backlog = cfg.limits.fanout_backlog
-        # Event frames queued on connections and not yet written (to within skipped duplicates;
-        # back to 0 whenever every connection has been written).
+        # Event frames queued on connections and not yet written (frames of a connection closed
+        # before its write stay counted until every waiting connection has been written: then 0).
         self._queued = 0
         metrics.add_gauges(lambda: [
             ("rt_write_backlog", "Connections waiting for their write (see limits.flush_chunk)", {}, self.waiting()),

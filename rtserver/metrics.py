@@ -35,6 +35,8 @@ class Metrics:
         self.gc_collections = [0, 0, 0]
         self.gc_seconds = [0.0, 0.0, 0.0]
         self._gc_started = 0.0
+        self.add_gauges(lambda: [("rt_gc_frozen_objects", "Objects left out of garbage-collector passes (server.gc_freeze)",
+                                  {}, gc.get_freeze_count())])
 
     def watch_gc(self) -> None:
         """Count collections and their pauses (rt_gc_*); idempotent."""
@@ -96,9 +98,6 @@ class Metrics:
                 [({"generation": g}, n) for g, n in enumerate(self.gc_collections)])
         counter("rt_gc_pause_seconds_total", "Time the event loop spent in garbage-collector passes",
                 [({"generation": g}, round(s, 6)) for g, s in enumerate(self.gc_seconds)])
-        lines.append("# HELP rt_gc_frozen_objects Objects left out of garbage-collector passes (server.gc_freeze)")
-        lines.append("# TYPE rt_gc_frozen_objects gauge")
-        lines.append(f"rt_gc_frozen_objects {gc.get_freeze_count()}")
 
         seen: set[str] = set()
         for fn in self._gauges:
