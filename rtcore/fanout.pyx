@@ -8,8 +8,18 @@ Python; queueing + write 5,977 vs 6,467. The write (the system call) is most of 
 coalescing removes it.
 """
 
+from cpython.object cimport PyObject, PyTypeObject
+
+
 cdef extern from "Python.h":
     object PyObject_CallOneArg(object callable, object arg)
+    ctypedef struct PyListObject:
+        PyObject** ob_item
+    PyObject* PyList_GET_ITEM(object lst, Py_ssize_t i)  # borrowed
+    Py_ssize_t PyList_GET_SIZE(object lst)
+    bint PyObject_TypeCheck(PyObject* o, PyTypeObject* t)
+    PyTypeObject* Py_TYPE(PyObject* o)
+    PyTypeObject PyList_Type
 
 
 cdef class Outbox:
@@ -57,14 +67,58 @@ cpdef bint queue_one(Outbox out, bytes frame) except -1:
     return False
 
 
+cdef extern from *:
+    void prefetch "__builtin_prefetch"(const void* addr) nogil
+
+
+# How far ahead of the subscription being queued on its memory is asked for, one hop per
+# stage: the subscription, its outbox, the outbox's pending list, the list's last item slot.
+DEF AHEAD_SUB = 48
+DEF AHEAD_OUT = 32
+DEF AHEAD_PENDING = 16
+DEF AHEAD_ITEMS = 8
+
+
+cdef inline void _prefetch_hop(PyObject* sub, int hops) noexcept:
+    # Borrowed pointers only: taking a reference would write the object's count, which is
+    # the very miss this is to avoid. Reads only what the stage before asked for.
+    cdef PyObject* out
+    cdef PyObject* pending
+    if not PyObject_TypeCheck(sub, <PyTypeObject*>SubKey):
+        return  # the checked cast in push_all raises for it
+    out = <PyObject*>(<SubKey>sub).out
+    if out == <PyObject*>None:
+        return
+    if hops == 1:
+        prefetch(out)
+        return
+    pending = <PyObject*>(<Outbox>out).pending
+    if hops == 2:
+        prefetch(pending)
+    elif Py_TYPE(pending) == &PyList_Type and PyList_GET_SIZE(<object>pending) > 0:
+        prefetch(&(<PyListObject*>pending).ob_item[PyList_GET_SIZE(<object>pending) - 1])
+
+
 def push_all(list subs, bytes frame, list dirty):
     """Queue `frame` on the outbox of every subscription key in `subs`; outboxes that had
     nothing queued go to `dirty`. Returns the number of frames queued (see fanout_ref)."""
     cdef Py_ssize_t queued = 0
+    cdef Py_ssize_t i, n = len(subs)
     cdef Outbox out
     cdef object pending
-    for sub in subs:
-        out = (<SubKey?>sub).out
+    # With thousands of connections, subscriptions and outboxes are cold in cache, and each
+    # hop (subscription -> outbox -> pending list -> its items) would wait for the one
+    # before: a pipeline of prefetches keeps several misses in flight instead.
+    for i in range(n):
+        if i + AHEAD_SUB < n:
+            prefetch(PyList_GET_ITEM(subs, i + AHEAD_SUB))
+        if i + AHEAD_OUT < n:
+            _prefetch_hop(PyList_GET_ITEM(subs, i + AHEAD_OUT), 1)
+        if i + AHEAD_PENDING < n:
+            _prefetch_hop(PyList_GET_ITEM(subs, i + AHEAD_PENDING), 2)
+        if i + AHEAD_ITEMS < n:
+            _prefetch_hop(PyList_GET_ITEM(subs, i + AHEAD_ITEMS), 3)
+        out = (<SubKey?>subs[i]).out
         pending = out.pending
         if pending is None:
             if out.closed:

@@ -7,8 +7,15 @@ cdef class Entry:
     # the fields a match reads come first, to share the object's first cache line
     cdef unsigned long long stamp
     cdef readonly object key
-    cdef Matcher matcher
+    # A residual that is one equality / inequality of a top-level field with a scalar is
+    # checked from these (no matcher): rfield the interned field name, rhash the hash of
+    # the canonical operand, rkind R_EQ / R_NE (0: use the matcher).
+    cdef object rfield
+    cdef Py_hash_t rhash
+    cdef int rkind
     cdef bint decided           # a bucket hit is a match: the matcher need not run
+    cdef object rkey            # the canonical operand (read only when the hashes agree)
+    cdef Matcher matcher
     cdef bint transitions
     cdef bint direct            # decided, in one bucket per Table: buckets hold its key itself
     cdef bint everyone          # no filter (and no transitions): in Table.everyone by its key

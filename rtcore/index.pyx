@@ -26,6 +26,7 @@ from cpython.object cimport PyObject, PyObject_Hash, PyObject_RichCompareBool, P
 from cpython.ref cimport Py_DECREF, Py_INCREF
 
 from rtcore.predicate cimport Matcher, resolve, scalar_key
+from sys import intern
 
 from rtcore.predicate import Matcher as _MatcherType
 from rtcore.predicate_ast import index_keys, keys_decide, parse, residual
@@ -40,6 +41,8 @@ cdef extern from *:
 
 DEF SMALL = 8       # up to this many entries a bucket is a flat array (one cache line)
 DEF BIG = -1        # Slot.n of a bucket kept as a dict {Entry: None} (O(1) removal)
+DEF R_EQ = 1        # Entry.rkind
+DEF R_NE = 2
 
 
 cdef class Entry:
@@ -289,6 +292,11 @@ cdef inline int collect(Slot* s, Gatherer g) except -1:
     if s.n == 1:
         take(s.ptr, g)
     elif s.n == BIG:
+        # Ask for every entry first: taking one reads it (its stamp), and cold entries would
+        # otherwise be waited for one after the other.
+        while PyDict_Next(<dict>s.ptr, &pos, &k, &v):
+            prefetch(k)
+        pos = 0
         while PyDict_Next(<dict>s.ptr, &pos, &k, &v):
             if <object>v:
                 g.direct.append(<object>k)
@@ -488,6 +496,7 @@ cdef class SubscriptionIndex:
             rest = residual(ast)
             if rest is not None:
                 entry.matcher = _MatcherType(rest)
+                _inline_residual(entry, rest)
         entry.direct = entry.decided and not entry.transitions and len(keys) == 1
         entry.everyone = matcher.empty and not entry.transitions
         entry.tables = []
@@ -571,20 +580,28 @@ cdef class SubscriptionIndex:
         cdef list cands = []
         cdef list out = []
         cdef Entry entry
+        cdef FieldCache field = None
         self._stamp += 1
         self._gather(source, entity, operation, record, cands, out)
         for entry in cands:
             prefetch(<PyObject*>entry.key)
-            if not entry.decided:
+            if not entry.decided and not entry.rkind:
                 prefetch(<PyObject*>entry.matcher)  # a decided entry may have no matcher
         for entry in cands:
-            if not entry.decided:
+            if not entry.decided and not entry.rkind:
                 prefetch(<PyObject*>entry.matcher.node)
         for entry in cands:
-            if not entry.decided:
+            if not entry.decided and not entry.rkind:
                 entry.matcher.node.prefetch()
         for entry in cands:
-            if entry.decided or entry.matcher._match(record):
+            if entry.decided:
+                out.append(entry.key)
+            elif entry.rkind:
+                if field is None:
+                    field = FieldCache.__new__(FieldCache)
+                if _inline_match(entry, record, field):
+                    out.append(entry.key)
+            elif entry.matcher._match(record):
                 out.append(entry.key)
         return out
 
@@ -695,3 +712,75 @@ cdef _delete(Table table, Entry entry):
             if attr.nkeys == 0:
                 del table.by_path[dotted]
                 table.attrs.remove(attr)
+
+
+cdef int _inline_residual(Entry entry, tuple rest) except -1:
+    """Sets entry.rfield/rkind/rhash/rkey when `rest` (a residual AST) is one `eq` or `ne`
+    clause on a top-level field with a scalar operand; the matcher stays for the rest."""
+    if rest[0] != "field":
+        return 0
+    _, dotted, parts, indexes, clauses = rest
+    if len(parts) != 1 or len(clauses) != 1:
+        return 0
+    clause = clauses[0]
+    if clause[0] != "eq" and clause[0] != "ne":
+        return 0
+    key = clause[1]
+    if type(key) is tuple:
+        return 0  # an object or array operand: the matcher's canonical comparison
+    entry.rfield = intern(parts[0])
+    entry.rkey = key
+    entry.rhash = PyObject_Hash(key)
+    entry.rkind = R_EQ if clause[0] == "eq" else R_NE
+    return 0
+
+
+
+cdef class FieldCache:
+    """The record's value of the field the previous inline residual read: the candidates of
+    one event mostly test the same field, so it is resolved (and hashed) once."""
+    cdef object name    # interned field name, or None: nothing resolved yet
+    cdef int n          # 0: no scalar there; 1: one scalar (key, hash); -1: an array's (keys)
+    cdef object key
+    cdef Py_hash_t hash
+    cdef list keys
+
+    cdef int load(self, object name, object record) except -1:
+        cdef PyObject* found
+        self.name = name
+        self.n = 0
+        self.key = None
+        self.keys = None
+        found = PyDict_GetItemWithError(record, name)
+        if found is NULL:
+            return 0
+        value = <object>found
+        if PyList_Check(value):
+            # an array matches when one of its scalar elements does (as the matcher's any_value)
+            self.keys = [scalar_key(e) for e in <list>value if not (PyList_Check(e) or PyDict_Check(e))]
+            if self.keys:
+                self.n = -1
+        elif not PyDict_Check(value):
+            self.key = scalar_key(value)
+            self.hash = PyObject_Hash(self.key)
+            self.n = 1
+        return 0
+
+
+cdef bint _inline_match(Entry entry, object record, FieldCache field) except -1:
+    """The residual of `entry` (see _inline_residual) on `record`, as its Matcher answers:
+    for R_EQ the field holds the operand (or, for an array, one of its scalar elements
+    does); R_NE the opposite. The hash decides most inequalities without reading rkey."""
+    cdef bint found = False
+    if not PyDict_Check(record):
+        return False
+    if field.name is not entry.rfield:
+        field.load(entry.rfield, record)
+    if field.n == 1:
+        found = field.hash == entry.rhash and PyObject_RichCompareBool(field.key, entry.rkey, Py_EQ)
+    elif field.n == -1:
+        for k in field.keys:
+            if PyObject_Hash(k) == entry.rhash and PyObject_RichCompareBool(k, entry.rkey, Py_EQ):
+                found = True
+                break
+    return found if entry.rkind == R_EQ else not found

@@ -5,11 +5,20 @@ from __future__ import annotations
 import time
 from datetime import UTC, datetime
 
+# (second, its formatted date and time): one tuple, so that a thread reading it never pairs
+# one second with another's text.
+_last: tuple[int | None, str] = (None, "")
+
 
 def iso_ms(epoch_ms: int) -> str:
     """2024-01-15T10:00:00.000Z for milliseconds since the Unix epoch."""
+    global _last
     seconds, ms = divmod(int(epoch_ms), 1000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{ms:03d}Z"
+    last = _last
+    # Events come many per second: format the date and time once per second.
+    if last[0] != seconds:
+        last = _last = (seconds, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)))
+    return f"{last[1]}.{ms:03d}Z"
 
 
 def iso_datetime(value: datetime) -> str:

@@ -114,7 +114,7 @@ class Gateway:
         self.port = self._server.sockets[0].getsockname()[1]
         self._sweeper = asyncio.ensure_future(self._sweep())
         if cfg.server.gc_freeze:
-            self._gc_policy = FreezeSurvivors()
+            self._gc_policy = FreezeSurvivors(on_frozen=lambda n: setattr(self.metrics, "gc_frozen", n))
             self._gc_policy.start()
         log.info(
             "listening",
@@ -342,11 +342,13 @@ class Gateway:
         token = http.bearer(headers)
         if token is None:
             return 401, _err("missing Authorization: Bearer token")
-        try:
-            identity = await self._publisher_identity(token, workspace)
-        except AuthError as exc:
-            status = 403 if exc.code == 4003 else 401
-            return status, _err(f"{exc.name}: {exc}")
+        identity = self._cached_publisher(token, workspace)
+        if identity is None:
+            try:
+                identity = await self._publisher_identity(token, workspace)
+            except AuthError as exc:
+                status = 403 if exc.code == 4003 else 401
+                return status, _err(f"{exc.name}: {exc}")
         if not self.auth.may_publish(identity):
             return 403, _err(f"token does not grant publishing to workspace {workspace}")
         if not body:
@@ -376,15 +378,20 @@ class Gateway:
         seq = await self.bus.publish(event)
         return 202, _json.encode({"seq": seq, "correlationId": corr})
 
-    async def _publisher_identity(self, token: str, workspace: str) -> Identity:
-        """Verify a publisher's token, once per token and workspace until it expires: a
-        service publishing at high rate reuses one token, and a signature check per event
-        is most of the publish path's cost."""
+    def _cached_publisher(self, token: str, workspace: str) -> Identity | None:
+        """The identity of a publisher's token verified before for this workspace, while
+        unexpired: a service publishing at high rate reuses one token, and a signature check
+        per event would be most of the publish path's cost."""
         key = (token, workspace)
         cached = self._publish_identities.get(key)
         if cached is not None and cached.expires_at > time.time():
             self._publish_identities.move_to_end(key)
             return cached
+        return None
+
+    async def _publisher_identity(self, token: str, workspace: str) -> Identity:
+        """Verify a publisher's token (not cached yet) and remember it (_cached_publisher)."""
+        key = (token, workspace)
         identity = await self.auth.authenticate(token, workspace)
         self._publish_identities[key] = identity
         if len(self._publish_identities) > _PUBLISH_IDENTITY_CACHE:

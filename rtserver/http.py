@@ -50,8 +50,21 @@ _json = msgspec.json.Encoder()
 _MAX_PIPELINED = 64
 
 
+# Response heads up to the Content-Length value, by (status, content type, keep-alive).
+_HEADS: dict[tuple[int, str, bool], bytes] = {}
+
+
 def http_response(status: int, body: bytes, content_type: str = "application/json", keep_alive: bool = True,
                   extra: dict[str, str] | None = None) -> bytes:
+    if not extra:
+        key = (status, content_type, keep_alive)
+        head = _HEADS.get(key)
+        if head is None:
+            head = _HEADS[key] = (
+                f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\nContent-Type: {content_type}\r\n"
+                f"Connection: {'keep-alive' if keep_alive else 'close'}\r\nContent-Length: "
+            ).encode()
+        return b"%s%d\r\n\r\n%s" % (head, len(body), body)
     head = [
         f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}",
         f"Content-Type: {content_type}",
@@ -95,6 +108,12 @@ class FrontProtocol(asyncio.Protocol):
         self._paused = False
         self._closing = False
         self._header_name = b""
+        # Responses of the requests answered while data_received runs: one write for all of
+        # them when it returns (None outside data_received: a response is written at once).
+        self._held: list[bytes] | None = None
+        self._close_after = False
+        self._max_body = gw.cfg.limits.max_publish_bytes
+        self._peer: str | None = None
 
     # -- asyncio.Protocol --
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -104,12 +123,18 @@ class FrontProtocol(asyncio.Protocol):
         if self._handed_off or self._parser is None:
             return
         self._raw += data
+        # A publisher pipelining requests gets the answers to all those in this read in one
+        # write: one system call (and one wake-up of the publisher) instead of one per event.
+        self._held = []
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
+            self._write_held()
             self._upgrade()
         except httptools.HttpParserError:
             self._respond(json_error(400, "malformed HTTP request", keep_alive=False), close=True)
+        finally:
+            self._write_held()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._queue is not None:
@@ -142,11 +167,11 @@ class FrontProtocol(asyncio.Protocol):
         if self._parser.should_upgrade():
             return  # handled by HttpParserUpgrade in data_received
         length = req.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > self.gw.cfg.limits.max_publish_bytes:
+        if length is not None and length.isdigit() and int(length) > self._max_body:
             req.too_large = True
-        elif req.headers.get("expect", "").lower() == "100-continue" and self.transport is not None:
+        elif req.headers.get("expect", "").lower() == "100-continue":
             # curl sends this for bodies over 1 KiB and would otherwise wait a second for it.
-            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self._respond(b"HTTP/1.1 100 Continue\r\n\r\n", close=False)
 
     def on_body(self, body: bytes) -> None:
         req = self._req
@@ -154,7 +179,7 @@ class FrontProtocol(asyncio.Protocol):
         if req.too_large:
             return
         req.size += len(body)
-        if req.size > self.gw.cfg.limits.max_publish_bytes:
+        if req.size > self._max_body:
             req.too_large = True
             req.body = []
         else:
@@ -227,7 +252,7 @@ class FrontProtocol(asyncio.Protocol):
                     response = json_error(404, f"no such endpoint: POST {path}", keep_alive)
                 elif req.too_large:
                     response = json_error(
-                        413, f"payload exceeds {self.gw.cfg.limits.max_publish_bytes} bytes", keep_alive=False
+                        413, f"payload exceeds {self._max_body} bytes", keep_alive=False
                     )
                     keep_alive = False
                 else:
@@ -250,16 +275,37 @@ class FrontProtocol(asyncio.Protocol):
 
     def _respond(self, data: bytes, close: bool) -> None:
         t = self.transport
-        if t is None or t.is_closing():
+        if t is None or t.is_closing() or self._close_after:
+            return
+        if self._held is not None:
+            self._held.append(data)
+            if close:
+                self._closing = True
+                self._close_after = True
             return
         t.write(data)
         if close:
             self._closing = True
             t.close()
 
+    def _write_held(self) -> None:
+        held = self._held
+        if held is None:
+            return
+        self._held = None
+        t = self.transport
+        if held and t is not None and not t.is_closing():
+            t.write(held[0] if len(held) == 1 else b"".join(held))
+        if self._close_after:
+            self._close_after = False
+            if t is not None:
+                t.close()
+
     def _remote(self) -> str:
-        peer = self.transport.get_extra_info("peername") if self.transport else None
-        return f"{peer[0]}:{peer[1]}" if peer else ""
+        if self._peer is None:
+            peer = self.transport.get_extra_info("peername") if self.transport else None
+            self._peer = f"{peer[0]}:{peer[1]}" if peer else ""
+        return self._peer
 
     def _upgrade(self) -> None:
         """Hand the transport and every byte read so far to a picows WSProtocol."""

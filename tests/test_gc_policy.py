@@ -23,11 +23,15 @@ class Survivor:
 
 
 async def test_survivors_of_a_full_pass_are_frozen_and_stop_unfreezes():
-    policy = FreezeSurvivors()
+    reported = []
+    policy = FreezeSurvivors(on_frozen=reported.append)
     try:
         policy.start()
         frozen_at_start = gc.get_freeze_count()
         assert frozen_at_start > 0 and policy.freezes == 1
+        # counted as they are frozen, without walking the permanent generation (give or take
+        # the few temporaries the count itself makes)
+        assert abs(policy.frozen - frozen_at_start) < 50 and reported == [policy.frozen]
         keep = [Survivor() for _ in range(1000)]
         gc.collect(1)  # a young pass: nothing is frozen after it
         await asyncio.sleep(0)
@@ -36,6 +40,7 @@ async def test_survivors_of_a_full_pass_are_frozen_and_stop_unfreezes():
         await asyncio.sleep(0)  # the freeze runs on the loop right after the pass
         assert policy.freezes == 2
         assert gc.get_freeze_count() >= frozen_at_start + len(keep)
+        assert abs(policy.frozen - gc.get_freeze_count()) < 50 and reported[-1] == policy.frozen
     finally:
         policy.stop()
     assert gc.get_freeze_count() == 0 and policy._on_gc not in gc.callbacks
@@ -77,7 +82,8 @@ async def test_gc_collections_and_pauses_are_counted():
 
 
 async def test_the_gateway_freezes_by_default_and_not_when_told(gateway_factory):
-    """rt_gc_frozen_objects: the start-up objects at least with the policy, none without."""
+    """rt_gc_frozen_objects (counted by the policy as it freezes): the start-up objects at
+    least with the policy, none without."""
     for env, expect_frozen in (({}, True), ({"RT_GC_FREEZE": "false"}, False)):
         gw = await gateway_factory(env=env)
         async with ws_connect(gw, "w1", token=gw.token("w1")) as c:

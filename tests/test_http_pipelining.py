@@ -19,11 +19,14 @@ SECRET = "pipelining-test-secret-0123456789abcdef"
 class RecordingTransport:
     def __init__(self) -> None:
         self.data = bytearray()
+        self.writes = 0
         self.paused = 0
         self.resumed = 0
         self.closed = False
 
     def write(self, data: bytes) -> None:
+        assert not self.closed, "write after close"
+        self.writes += 1
         self.data += data
 
     def is_closing(self) -> bool:
@@ -80,6 +83,44 @@ async def test_requests_that_need_not_wait_are_answered_within_data_received(tmp
     seqs = [body["seq"] for _, body in got]
     assert seqs == sorted(seqs) and len(set(seqs)) == 5
     assert proto._drainer is None
+    # the five answers leave in one write
+    assert transport.writes == 1
+    proto.data_received(publish_request(5))
+    assert transport.writes == 2 and len(transport.responses()) == 6
+
+
+async def test_a_closing_request_ends_the_batch_and_later_ones_are_not_answered(tmp_path):
+    gw = make_gateway(tmp_path)
+    proto, transport = connect(gw)
+    closing = publish_request(1).replace(b"Host: x\r\n", b"Host: x\r\nConnection: close\r\n")
+    proto.data_received(publish_request(0) + closing + publish_request(2))
+    got = transport.responses()
+    assert [s for s, _ in got] == [202, 202]
+    assert transport.writes == 1 and transport.closed
+    assert b"Connection: close" in bytes(transport.data).split(b"HTTP/1.1 ")[2]
+    assert [e.event.record["i"] for e in gw.hub.workspace("w1").history] == [0, 1]
+
+
+async def test_a_malformed_request_after_good_ones_answers_them_then_400_and_closes(tmp_path):
+    gw = make_gateway(tmp_path)
+    proto, transport = connect(gw)
+    proto.data_received(publish_request(0) + b"BROKEN\x00 / HTTP/9\r\n\r\n")
+    got = transport.responses()
+    assert [s for s, _ in got] == [202, 400]
+    assert transport.writes == 1 and transport.closed
+
+
+async def test_100_continue_follows_the_answers_before_it(tmp_path):
+    gw = make_gateway(tmp_path)
+    proto, transport = connect(gw)
+    second = publish_request(1).replace(b"Host: x\r\n", b"Host: x\r\nExpect: 100-continue\r\n")
+    head, _, body = second.partition(b"\r\n\r\n")
+    proto.data_received(publish_request(0) + head + b"\r\n\r\n")
+    data = bytes(transport.data)
+    assert data.startswith(b"HTTP/1.1 202 ") and data.endswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+    proto.data_received(body)
+    parts = bytes(transport.data).split(b"HTTP/1.1 ")[1:]
+    assert [p[:3] for p in parts] == [b"202", b"100", b"202"]
 
 
 async def test_a_waiting_request_holds_the_ones_behind_it_which_follow_in_order(tmp_path):

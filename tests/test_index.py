@@ -115,6 +115,38 @@ def test_indexed_equality_follows_filter_semantics(make):
 
 
 @pytest.mark.parametrize("make", IMPLS)
+def test_equality_or_inequality_left_after_the_bucket_follows_filter_semantics(make):
+    """A filter "g = G and u != I" (or "and u = J"): the bucket of g decides the first part;
+    the compiled index checks the second from the entry itself (Entry.rkind), which must
+    answer as the matcher does for scalars of every kind, arrays, objects and absence."""
+    ix = make()
+    ix.add("ne7", "events", "t", None, {"g": 1, "u": {"$ne": 7}})
+    ix.add("eq7", "events", "t", None, {"g": 1, "u": 7})
+    ix.add("ne_x", "events", "t", None, {"g": 1, "u": {"$ne": "x"}})
+    ix.add("eq_true", "events", "t", None, {"g": 1, "u": True})
+    ix.add("ne_none", "events", "t", None, {"g": 1, "u": {"$ne": None}})
+    ix.add("eq_obj", "events", "t", None, {"g": 1, "u": {"$eq": {"k": 1}}})
+
+    def run(record):
+        return set(ix.match("events", "t", "PUBLISH", record))
+
+    assert run({"g": 1, "u": 7}) == {"eq7", "ne_x", "ne_none"}
+    assert run({"g": 1, "u": 7.0}) == {"eq7", "ne_x", "ne_none"}
+    assert run({"g": 1, "u": Decimal("7")}) == {"eq7", "ne_x", "ne_none"}
+    assert run({"g": 1, "u": 8}) == {"ne7", "ne_x", "ne_none"}
+    assert run({"g": 1, "u": "x"}) == {"ne7", "ne_none"}
+    assert run({"g": 1, "u": True}) == {"ne7", "ne_x", "eq_true", "ne_none"}  # True is not 1
+    assert run({"g": 1, "u": 1}) == {"ne7", "ne_x", "ne_none"}
+    assert run({"g": 1, "u": None}) == {"ne7", "ne_x"}
+    assert run({"g": 1}) == {"ne7", "ne_x", "ne_none"}  # absent: no value equals
+    assert run({"g": 1, "u": [1, 7]}) == {"eq7", "ne_x", "ne_none"}  # an element equals
+    assert run({"g": 1, "u": [[7], {"a": 7}]}) == {"ne7", "ne_x", "ne_none"}  # nested: no
+    assert run({"g": 1, "u": {"k": 1}}) == {"ne7", "ne_x", "ne_none", "eq_obj"}
+    assert run({"g": 2, "u": 7}) == set()
+    assert run({"g": 1, "u": float("nan")}) == {"ne7", "ne_x", "ne_none"}
+
+
+@pytest.mark.parametrize("make", IMPLS)
 def test_transitions_enter_leave_deliver(make):
     ix = make()
     assert not ix.has_transitions
