@@ -71,17 +71,12 @@ cdef extern from *:
     void prefetch "__builtin_prefetch"(const void* addr) nogil
 
 
-# How far ahead of the subscription being queued on its memory is asked for, one hop per
-# stage: the subscription, its outbox, the outbox's pending list, the list's last item slot.
-DEF AHEAD_SUB = 48
-DEF AHEAD_OUT = 32
-DEF AHEAD_PENDING = 16
-DEF AHEAD_ITEMS = 8
+DEF BLOCK = 128  # subscriptions whose memory is asked for together
 
 
 cdef inline void _prefetch_hop(PyObject* sub, int hops) noexcept:
     # Borrowed pointers only: taking a reference would write the object's count, which is
-    # the very miss this is to avoid. Reads only what the stage before asked for.
+    # the very miss this is to avoid. Reads only what the pass before asked for.
     cdef PyObject* out
     cdef PyObject* pending
     if not PyObject_TypeCheck(sub, <PyTypeObject*>SubKey):
@@ -103,37 +98,38 @@ def push_all(list subs, bytes frame, list dirty):
     """Queue `frame` on the outbox of every subscription key in `subs`; outboxes that had
     nothing queued go to `dirty`. Returns the number of frames queued (see fanout_ref)."""
     cdef Py_ssize_t queued = 0
-    cdef Py_ssize_t i, n = len(subs)
+    cdef Py_ssize_t i, hop, base, end, n = len(subs)
     cdef Outbox out
     cdef object pending
     # With thousands of connections, subscriptions and outboxes are cold in cache, and each
     # hop (subscription -> outbox -> pending list -> its items) would wait for the one
-    # before: a pipeline of prefetches keeps several misses in flight instead.
-    for i in range(n):
-        if i + AHEAD_SUB < n:
-            prefetch(PyList_GET_ITEM(subs, i + AHEAD_SUB))
-        if i + AHEAD_OUT < n:
-            _prefetch_hop(PyList_GET_ITEM(subs, i + AHEAD_OUT), 1)
-        if i + AHEAD_PENDING < n:
-            _prefetch_hop(PyList_GET_ITEM(subs, i + AHEAD_PENDING), 2)
-        if i + AHEAD_ITEMS < n:
-            _prefetch_hop(PyList_GET_ITEM(subs, i + AHEAD_ITEMS), 3)
-        out = (<SubKey?>subs[i]).out
-        pending = out.pending
-        if pending is None:
-            if out.closed:
+    # before. So, per block of subscriptions, one pass per hop asks for the next object of
+    # every subscription (independent loads, in flight together), and the last pass works.
+    for base in range(0, n, BLOCK):
+        end = min(base + BLOCK, n)
+        if end - base > 8:
+            for i in range(base, end):
+                prefetch(PyList_GET_ITEM(subs, i))
+            for hop in range(1, 4):
+                for i in range(base, end):
+                    _prefetch_hop(PyList_GET_ITEM(subs, i), hop)
+        for i in range(base, end):
+            out = (<SubKey?>subs[i]).out
+            pending = out.pending
+            if pending is None:
+                if out.closed:
+                    continue
+                out.pending = frame
+                dirty.append(out)
+            elif pending is frame:
                 continue
-            out.pending = frame
-            dirty.append(out)
-        elif pending is frame:
-            continue
-        elif type(pending) is list:
-            if _last(<list>pending) is frame:
-                continue
-            (<list>pending).append(frame)
-        else:
-            out.pending = [pending, frame]
-        queued += 1
+            elif type(pending) is list:
+                if _last(<list>pending) is frame:
+                    continue
+                (<list>pending).append(frame)
+            else:
+                out.pending = [pending, frame]
+            queued += 1
     return queued
 
 
