@@ -115,6 +115,8 @@ def push_all(list subs, bytes frame, list dirty):
                     _prefetch_hop(PyList_GET_ITEM(subs, i), hop)
         for i in range(base, end):
             out = (<SubKey?>subs[i]).out
+            if out is None:
+                continue  # a key not attached to a connection (yet)
             pending = out.pending
             if pending is None:
                 if out.closed:

@@ -54,13 +54,15 @@ def push_all(subs: list, frame: bytes, dirty: list) -> int:
     One frame is held as bytes (the common case: no list allocated, so fan-out creates no
     garbage for the cyclic collector), several as a list. An outbox that had nothing queued is
     appended to `dirty` (to be flushed this iteration); the same frame twice in a row (an
-    event matching two channels of one connection) is queued once, and a closed outbox gets
-    nothing. Returns the number of frames queued (the hub's back-pressure counts them, so it
+    event matching two channels of one connection) is queued once, and a closed outbox, or a
+    key without one, gets nothing. Returns the number of frames queued (the hub's back-pressure counts them, so it
     must not count what it skipped).
     """
     queued = 0
     for sub in subs:
         out = sub.out
+        if out is None:
+            continue  # a key not attached to a connection (yet)
         pending = out.pending
         if pending is None:
             if out.closed:

@@ -120,7 +120,9 @@ async def test_fanout_loops_write_each_connection_once(impl):
 # | ("close", outbox) | ("flush",)
 _OPS = st.lists(
     st.one_of(
-        st.tuples(st.just("push"), st.integers(0, 3), st.lists(st.integers(0, 9), max_size=12)),
+        st.tuples(st.just("push"), st.integers(0, 3), st.lists(st.integers(0, 10), max_size=12)),
+        # longer than one block of the compiled loop's prefetch passes (128)
+        st.tuples(st.just("push"), st.integers(0, 3), st.lists(st.integers(0, 10), min_size=120, max_size=300)),
         st.tuples(st.just("one"), st.integers(0, 3), st.integers(0, 5)),
         st.tuples(st.just("close"), st.integers(0, 5)),
         st.tuples(st.just("flush")),
@@ -130,8 +132,8 @@ _OPS = st.lists(
 
 
 def _replay(impl, ops) -> tuple[list, list]:
-    """Run `ops` on 6 outboxes (10 subscription keys, several per outbox) and return what
-    each outbox wrote and what the loops returned."""
+    """Run `ops` on 6 outboxes (10 subscription keys, several per outbox, and one key without
+    an outbox) and return what each outbox wrote and what the loops returned."""
     frames = [b"f%d;" % i for i in range(4)]
     writes: list[list[bytes]] = [[] for _ in range(6)]
     outs = []
@@ -139,7 +141,7 @@ def _replay(impl, ops) -> tuple[list, list]:
         out = impl.Outbox()
         out.write = writes[i].append
         outs.append(out)
-    subs = [impl.SubKey(outs[i % 6]) for i in range(10)]
+    subs = [impl.SubKey(outs[i % 6]) for i in range(10)] + [impl.SubKey()]  # the last: no outbox
     dirty: list = []
     results = []
     for op in ops:
@@ -162,6 +164,15 @@ def _replay(impl, ops) -> tuple[list, list]:
 @given(_OPS)
 def test_compiled_loops_equal_the_reference(ops):
     assert _replay(fanout, ops) == _replay(fanout_ref, ops)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_push_all_rejects_what_is_not_a_subscription_key(impl):
+    out = impl.Outbox()
+    subs = [impl.SubKey(out)] * 200
+    subs[150] = object()  # in the second block of the compiled loop's prefetch passes
+    with pytest.raises((TypeError, AttributeError)):
+        impl.push_all(subs, b"f", [])
 
 
 def test_the_compiled_loops_are_built():
