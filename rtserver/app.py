@@ -53,6 +53,7 @@ class Gateway:
         os.makedirs(self.state_dir, exist_ok=True)
         self.metrics = Metrics()
         self.hub = Hub(cfg, self.metrics)
+        self.hub.open_connections = lambda: len(self.connections)
         self.sessions = Sessions(cfg.history.resume_ttl, cfg.history.max_suspended_sessions)
         self.dev_secret = load_or_create_dev_secret(self.state_dir) if cfg.dev_mode else None
         self.auth = Authenticator(cfg, dev_secret=self.dev_secret)

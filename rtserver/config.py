@@ -68,7 +68,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("limits", "max_message_bytes", "RT_MAX_MESSAGE_BYTES", int, 65536, "Largest inbound WebSocket message"),
     Setting("limits", "send_buffer_bytes", "RT_SEND_BUFFER_BYTES", int, 4 * 1024 * 1024, "Per-connection outbound buffer; beyond it the connection is closed with 1013"),
     Setting("limits", "flush_chunk", "RT_FLUSH_CHUNK", int, 16, "Connections written per event-loop iteration; between chunks the loop reads what arrived, and new events join the frames of connections not yet written (one write): smaller, more frames per write under load"),
-    Setting("limits", "fanout_backlog", "RT_FANOUT_BACKLOG", int, 262144, "Event frames queued on connections and not yet written beyond which publishers (publish API, change feeds, bus consumer) wait; below it, events join the frames of connections still waiting (fewer, larger writes under load)"),
+    Setting("limits", "fanout_backlog", "RT_FANOUT_BACKLOG", int, 65536, "Event frames queued on connections and not yet written beyond which publishers (publish API, change feeds, bus consumer) wait, or fanout_backlog_per_connection times the open connections if more; below it, events join the frames of connections still waiting (fewer, larger writes under load)"),
+    Setting("limits", "fanout_backlog_per_connection", "RT_FANOUT_BACKLOG_PER_CONNECTION", int, 32, "Frames per open connection the fan-out backlog may hold on average (see fanout_backlog; 0: the fixed bound only)"),
     Setting("limits", "max_invalid_per_minute", "RT_MAX_INVALID_PER_MINUTE", int, 20, "Invalid messages a minute before close 1008"),
     Setting("limits", "auth_timeout", "RT_AUTH_TIMEOUT", float, 10.0, "Seconds to authenticate before close 4002"),
     Setting("limits", "idle_timeout", "RT_IDLE_TIMEOUT", float, 60.0, "Seconds of peer silence before close 1001"),
@@ -300,6 +301,8 @@ def _validate(values: dict[str, dict[str, Any]], path: str) -> None:
     for key in ("max_message_bytes", "send_buffer_bytes", "max_publish_bytes", "flush_chunk", "fanout_backlog"):
         if limits[key] <= 0:
             raise ConfigError(f"limits.{key} must be positive")
+    if limits["fanout_backlog_per_connection"] < 0:
+        raise ConfigError("limits.fanout_backlog_per_connection must not be negative")
 
 
 def config_table_markdown() -> str:

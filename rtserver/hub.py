@@ -86,7 +86,12 @@ class Hub:
         self._written = 0
         self._flush_scheduled = False
         self._chunk = cfg.limits.flush_chunk
-        self._max_backlog = cfg.limits.fanout_backlog
+        self._min_backlog = cfg.limits.fanout_backlog
+        self._backlog_per_connection = cfg.limits.fanout_backlog_per_connection
+        # The open connections of this node (the gateway sets it): the backlog bound grows
+        # with them, so that each may collect about as many frames per write at 10,000
+        # connections as at 1,000.
+        self.open_connections: Callable[[], int] = lambda: 0
         # Event frames queued on connections and not yet written (frames of a connection closed
         # before its write stay counted until every waiting connection has been written: then 0).
         self._queued = 0
@@ -94,6 +99,8 @@ class Hub:
             ("rt_write_backlog", "Connections waiting for their write (see limits.flush_chunk)", {}, self.waiting()),
             ("rt_write_queue_frames", "Event frames queued and not yet written (see limits.fanout_backlog)", {},
              self._queued),
+            ("rt_write_queue_bound", "Queued frames beyond which publishers wait (limits.fanout_backlog*)", {},
+             self.backlog_bound()),
         ])
         self._drained: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -157,9 +164,14 @@ class Hub:
         """Connections waiting for their write."""
         return len(self._dirty) - self._written
 
+    def backlog_bound(self) -> int:
+        """limits.fanout_backlog, or limits.fanout_backlog_per_connection frames per open
+        connection when that is more."""
+        return max(self._min_backlog, self._backlog_per_connection * self.open_connections())
+
     def backlogged(self) -> bool:
-        """More event frames wait for their write than `limits.fanout_backlog`."""
-        return self._queued > self._max_backlog
+        """More event frames wait for their write than backlog_bound()."""
+        return self._queued > self.backlog_bound()
 
     async def room(self) -> None:
         """Wait until the write backlog is within its bound: publishers (the publish API, the
@@ -221,7 +233,7 @@ class Hub:
         m.frames_out += frames
         # frames_out includes control frames, which were never counted in _queued.
         self._queued = max(0, self._queued - frames) if self._dirty else 0
-        if self._drained is not None and self._queued <= self._max_backlog:
+        if self._drained is not None and self._queued <= self.backlog_bound():
             self._drained.set()
             self._drained = None
 

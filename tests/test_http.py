@@ -146,7 +146,7 @@ async def test_pipelined_publishes_keep_their_order_under_back_pressure(gateway_
     order (more than the 64 requests after which the connection is no longer read)."""
     from contextlib import AsyncExitStack
 
-    gw = await gateway_factory(env={"RT_FLUSH_CHUNK": "1", "RT_FANOUT_BACKLOG": "1"})
+    gw = await gateway_factory(env={"RT_FLUSH_CHUNK": "1", "RT_FANOUT_BACKLOG": "1", "RT_FANOUT_BACKLOG_PER_CONNECTION": "0"})
     token = gw.token("w1", publish=True)
     total = 200
     async with AsyncExitStack() as stack:

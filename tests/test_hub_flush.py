@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from rtcore.engine import Outbox, SubKey
 from rtserver import config
 from rtserver.hub import Hub
 from rtserver.metrics import Metrics
+from tests.harness.wsclient import ws_connect
 
 
 class RecordingTransport:
@@ -109,6 +112,39 @@ async def test_publishers_wait_while_the_queued_frames_are_over_the_bound():
     await hub.room()  # nothing waits: returns at once
 
 
+async def test_the_bound_grows_with_the_open_connections():
+    """limits.fanout_backlog is a floor; with more connections each may hold
+    fanout_backlog_per_connection frames on average (so that coalescing per connection does
+    not shrink as connections are added); 0 turns the growth off."""
+    cfg = config.load(environ={"RT_FANOUT_BACKLOG": "10", "RT_FANOUT_BACKLOG_PER_CONNECTION": "4"})
+    hub = Hub(cfg, Metrics())
+    open_now = [1]
+    hub.open_connections = lambda: open_now[0]
+    assert hub.backlog_bound() == 10  # 4 x 1 < 10
+    hub._queued = 15
+    assert hub.backlogged()
+    open_now[0] = 5
+    assert hub.backlog_bound() == 20 and not hub.backlogged()
+    hub._queued = 21
+    assert hub.backlogged()
+    rows = [ln for ln in hub.metrics.render().decode().splitlines() if ln.startswith("rt_write_queue_bound ")]
+    assert rows == ["rt_write_queue_bound 20"], rows
+    off = Hub(config.load(environ={"RT_FANOUT_BACKLOG": "10", "RT_FANOUT_BACKLOG_PER_CONNECTION": "0"}), Metrics())
+    off.open_connections = lambda: 1000
+    assert off.backlog_bound() == 10
+    with pytest.raises(config.ConfigError, match="fanout_backlog_per_connection"):
+        config.load(environ={"RT_FANOUT_BACKLOG_PER_CONNECTION": "-1"})
+
+
+async def test_the_gateway_counts_its_open_connections_for_the_bound(gateway_factory):
+    gw = await gateway_factory(env={"RT_FANOUT_BACKLOG": "10", "RT_FANOUT_BACKLOG_PER_CONNECTION": "1000"})
+    async with ws_connect(gw, "w1", token=gw.token("w1")) as c:
+        await c.subscribe("events:x")
+        _, body = await gw.get("/metrics")
+    bound = [ln for ln in body.decode().splitlines() if ln.startswith("rt_write_queue_bound ")]
+    assert bound and float(bound[0].split()[1]) >= 1000, bound
+
+
 async def test_closed_connections_are_skipped_and_order_holds_per_connection():
     hub = make_hub(chunk=2, backlog=100)
     conns = [Conn() for _ in range(5)]
@@ -133,7 +169,7 @@ async def test_every_client_gets_every_event_in_order_with_one_connection_per_it
 
     from tests.harness.wsclient import subscribed_clients
 
-    gw = await gateway_factory(env={"RT_FLUSH_CHUNK": "1", "RT_FANOUT_BACKLOG": "2"})
+    gw = await gateway_factory(env={"RT_FLUSH_CHUNK": "1", "RT_FANOUT_BACKLOG": "2", "RT_FANOUT_BACKLOG_PER_CONNECTION": "0"})
     async with AsyncExitStack() as stack:
         clients = await subscribed_clients(stack, gw, 8, "events:x")
         acks = await asyncio.gather(*(gw.publish("w1", "x", {"n": n}) for n in range(40)))
