@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="niceness of the servers and load generators (root may give them priority, e.g. -5, "
                         "over other work on a shared machine)")
     r.add_argument("--gateway-env", action="append", default=[], metavar="RT_NAME=VALUE",
-                   help="a gateway setting for this run (repeatable), e.g. RT_FANOUT_BACKLOG=65536")
+                   help="a gateway setting for this run (repeatable), e.g. RT_FANOUT_BACKLOG_PER_CONNECTION=8")
     r.add_argument("--merge", action="store_true",
                    help="replace only this run's (scenario, server) results in the existing JSON of --out, "
                         "then rewrite the table and charts (re-running one scenario)")
