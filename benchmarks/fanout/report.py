@@ -175,6 +175,11 @@ def targets(data: dict[str, Any]) -> list[str]:
         ratio(_get(idx, "filtered-10k", "gateway", *dps), _get(idx, "filtered-10k", "picows", *dps)),
         ratio(_get(idx, "filtered-10k", "gateway", *dpc), _get(idx, "filtered-10k", "picows", *dpc)),
         None)
+    # The index's share: distinct predicates against one equality per group, same deliveries.
+    row("filtered-10k ÷ filtered-eq-10k (distinct predicates vs one equality)", "report",
+        ratio(_get(idx, "filtered-10k", "gateway", *dps), _get(idx, "filtered-eq-10k", "gateway", *dps)),
+        ratio(_get(idx, "filtered-10k", "gateway", *dpc), _get(idx, "filtered-eq-10k", "gateway", *dpc)),
+        None)
     row("pg-paced-100k p99 ÷ paced-100k p99 (PostgreSQL-fed vs publish API)", "report",
         ratio(_get(idx, "pg-paced-100k", "gateway", "latency_ms", "p99"),
               _get(idx, "paced-100k", "gateway", "latency_ms", "p99")), None, None)

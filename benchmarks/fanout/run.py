@@ -169,7 +169,7 @@ class Runner:
         return base
 
     def _subscribers(self, server: srv.Server, sc: Scenario) -> list[LoadProc]:
-        spec = dict(server.client_spec(sc.groups), src_base=self._next_src())
+        spec = dict(server.client_spec(sc.groups, sc.params.get("predicate", "distinct")), src_base=self._next_src())
         loads = [LoadProc({"role": "subscribers", "server": spec, "n": k, "offset": off,
                            "concurrency": sc.concurrency}, self.client_cpus, binary=self.gosub)
                  for off, k in self._split(sc.clients)]

@@ -51,6 +51,11 @@ def standard() -> list[Scenario]:
         # window 20: 20 events x 100 matches = 2,000 deliveries in flight, as broadcast-1000's
         # 2 x 1,000, so the filtered/broadcast ratio compares routing at the same offered load.
         Scenario("filtered-10k", "fanout", clients=10000, groups=100, window=20, duration=5.0),
+        # The control for filtered-10k: the same deliveries, each client's filter one equality
+        # shared by its group (a bucket hit decides, no predicate left to evaluate), so the two
+        # differ only in what the index does.
+        Scenario("filtered-eq-10k", "fanout", clients=10000, groups=100, window=20, duration=5.0,
+                 servers=("gateway",), params={"predicate": "eq"}),
         Scenario("paced-100k", "fanout", clients=1000, mode="paced", rate=100_000, duration=5.0, servers=ALL,
                  rounds=3),
         Scenario("paced-300k", "fanout", clients=1000, mode="paced", rate=300_000, duration=5.0, servers=ALL),
@@ -71,6 +76,8 @@ def smoke() -> list[Scenario]:
     return [
         Scenario("broadcast-100", "fanout", clients=100, duration=0.7, servers=two + ("websockets",)),
         Scenario("filtered-200", "fanout", clients=200, groups=10, window=4, duration=0.7, servers=two),
+        Scenario("filtered-eq-200", "fanout", clients=200, groups=10, window=4, duration=0.7, servers=("gateway",),
+                 params={"predicate": "eq"}),
         Scenario("paced-5k", "fanout", clients=100, mode="paced", rate=5000, duration=0.7, servers=two),
         Scenario("bursty-50", "fanout", clients=100, mode="burst", burst=50, duration=0.7, servers=two),
         Scenario("pg-paced-5k", "fanout", clients=100, mode="paced", rate=5000, duration=0.7,

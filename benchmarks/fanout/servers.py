@@ -118,7 +118,10 @@ class Server:
             return ""
 
     # -- what the load generator needs --
-    def client_spec(self, filtered_groups: int = 0) -> dict[str, Any]:
+    def client_spec(self, filtered_groups: int = 0, predicate: str = "distinct") -> dict[str, Any]:
+        """How subscribers connect and subscribe; with `filtered_groups`, each matches
+        1/groups of the events (`predicate`: "distinct", a filter per client, or "eq", one
+        equality shared by a group; only the gateway has filters, the others route by group)."""
         raise NotImplementedError
 
     def publish_spec(self) -> dict[str, Any]:
@@ -189,10 +192,13 @@ class Gateway(Server):
                 out[name] = float(value)
         return out
 
-    def client_spec(self, filtered_groups: int = 0) -> dict[str, Any]:
+    def client_spec(self, filtered_groups: int = 0, predicate: str = "distinct") -> dict[str, Any]:
         channel = "postgres:ticks" if self.extra.get("postgres") else "events:bench"
         sub: dict[str, Any] = {"type": "subscribe", "channel": channel}
-        if filtered_groups:
+        if filtered_groups and predicate == "eq":
+            # The control: the same deliveries per event, through a plain equality per group.
+            sub["filter"] = {"predicates": {"g": 999999}}
+        elif filtered_groups:
             # Distinct predicate per client (the $ne value), 1/groups of the clients match an event.
             sub["filter"] = {"predicates": {"g": 999999, "u": {"$ne": 888888}}}
         hello = json.dumps(sub).replace("999999", "%G%").replace("888888", "%I%")
@@ -227,7 +233,7 @@ class Baseline(Server):
     def command(self) -> list[str]:
         return [sys.executable, "-m", self.module, str(self.port), str(self.extra["publish_port"]), SECRET]
 
-    def client_spec(self, filtered_groups: int = 0) -> dict[str, Any]:
+    def client_spec(self, filtered_groups: int = 0, predicate: str = "distinct") -> dict[str, Any]:
         sub = '{"type":"subscribe","channel":"events:bench"%s}' % (',"g":%G%' if filtered_groups else "")
         auth = json.dumps({"type": "auth", "token": token()})
         return {"host": "127.0.0.1", "port": self.port, "path": "/", "hello": [auth, sub],
@@ -268,7 +274,7 @@ class Centrifugo(Server):
         with socket.socket() as s:
             return s.connect_ex(("127.0.0.1", self.port)) == 0
 
-    def client_spec(self, filtered_groups: int = 0) -> dict[str, Any]:
+    def client_spec(self, filtered_groups: int = 0, predicate: str = "distinct") -> dict[str, Any]:
         connect = json.dumps({"id": 1, "connect": {"token": token()}})
         sub = json.dumps({"id": 2, "subscribe": {"channel": "bench"}})
         return {"host": "127.0.0.1", "port": self.port, "path": "/connection/websocket",
