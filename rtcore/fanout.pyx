@@ -49,22 +49,34 @@ cdef inline object _last(list frames):
     return frames[len(frames) - 1]
 
 
-cpdef bint queue_one(Outbox out, bytes frame) except -1:
-    """Queue `frame` on `out`; True when `out` had nothing queued (the caller schedules it)."""
+DEF SKIPPED = 0   # _queue: nothing queued (closed, or this frame is already the last one)
+DEF ADDED = 1     # queued after frames already pending
+DEF FIRST = 2     # queued on an outbox that had nothing pending: it must be scheduled
+
+
+cdef inline int _queue(Outbox out, bytes frame) except -1:
+    """Queue `frame` on `out` (one frame held as bytes, several as a list; the same frame
+    twice in a row once): SKIPPED, ADDED or FIRST."""
     cdef object pending = out.pending
     if pending is None:
         if out.closed:
-            return False
+            return SKIPPED
         out.pending = frame
-        return True
+        return FIRST
     if pending is frame:
-        return False
+        return SKIPPED
     if type(pending) is list:
-        if _last(<list>pending) is not frame:
-            (<list>pending).append(frame)
+        if _last(<list>pending) is frame:
+            return SKIPPED
+        (<list>pending).append(frame)
     else:
         out.pending = [pending, frame]
-    return False
+    return ADDED
+
+
+cpdef bint queue_one(Outbox out, bytes frame) except -1:
+    """Queue `frame` on `out`; True when `out` had nothing queued (the caller schedules it)."""
+    return _queue(out, frame) == FIRST
 
 
 cdef extern from *:
@@ -100,7 +112,7 @@ def push_all(list subs, bytes frame, list dirty):
     cdef Py_ssize_t queued = 0
     cdef Py_ssize_t i, hop, base, end, n = len(subs)
     cdef Outbox out
-    cdef object pending
+    cdef int queued_how
     # With thousands of connections, subscriptions and outboxes are cold in cache, and each
     # hop (subscription -> outbox -> pending list -> its items) would wait for the one
     # before. So, per block of subscriptions, one pass per hop asks for the next object of
@@ -117,21 +129,11 @@ def push_all(list subs, bytes frame, list dirty):
             out = (<SubKey?>subs[i]).out
             if out is None:
                 continue  # a key not attached to a connection (yet)
-            pending = out.pending
-            if pending is None:
-                if out.closed:
-                    continue
-                out.pending = frame
+            queued_how = _queue(out, frame)
+            if queued_how == FIRST:
                 dirty.append(out)
-            elif pending is frame:
-                continue
-            elif type(pending) is list:
-                if _last(<list>pending) is frame:
-                    continue
-                (<list>pending).append(frame)
-            else:
-                out.pending = [pending, frame]
-            queued += 1
+            if queued_how != SKIPPED:
+                queued += 1
     return queued
 
 

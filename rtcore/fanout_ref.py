@@ -30,22 +30,29 @@ class SubKey:
         self.out = out
 
 
-def queue_one(out: Outbox, frame: bytes) -> bool:
-    """Queue `frame` on `out`; True when `out` had nothing queued (the caller schedules it)."""
+def _queue(out: Outbox, frame: bytes) -> bool | None:
+    """Queue `frame` on `out`: None when nothing was queued (closed, or this frame is already
+    the last one), True when `out` had nothing pending (it must be scheduled), else False."""
     pending = out.pending
     if pending is None:
         if out.closed:
-            return False
+            return None
         out.pending = frame
         return True
     if pending is frame:
-        return False
+        return None
     if type(pending) is list:
-        if pending[-1] is not frame:
-            pending.append(frame)
+        if pending[-1] is frame:
+            return None
+        pending.append(frame)
     else:
         out.pending = [pending, frame]
     return False
+
+
+def queue_one(out: Outbox, frame: bytes) -> bool:
+    """Queue `frame` on `out`; True when `out` had nothing queued (the caller schedules it)."""
+    return _queue(out, frame) is True
 
 
 def push_all(subs: list, frame: bytes, dirty: list) -> int:
@@ -55,29 +62,19 @@ def push_all(subs: list, frame: bytes, dirty: list) -> int:
     garbage for the cyclic collector), several as a list. An outbox that had nothing queued is
     appended to `dirty` (to be flushed this iteration); the same frame twice in a row (an
     event matching two channels of one connection) is queued once, and a closed outbox, or a
-    key without one, gets nothing. Returns the number of frames queued (the hub's back-pressure counts them, so it
-    must not count what it skipped).
+    key without one, gets nothing. Returns the number of frames queued (the hub's
+    back-pressure counts them, so it must not count what it skipped).
     """
     queued = 0
     for sub in subs:
         out = sub.out
         if out is None:
             continue  # a key not attached to a connection (yet)
-        pending = out.pending
-        if pending is None:
-            if out.closed:
-                continue
-            out.pending = frame
+        first = _queue(out, frame)
+        if first:
             dirty.append(out)
-        elif pending is frame:
-            continue
-        elif type(pending) is list:
-            if pending[-1] is frame:
-                continue
-            pending.append(frame)
-        else:
-            out.pending = [pending, frame]
-        queued += 1
+        if first is not None:
+            queued += 1
     return queued
 
 

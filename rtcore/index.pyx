@@ -735,7 +735,6 @@ cdef int _inline_residual(Entry entry, tuple rest) except -1:
     return 0
 
 
-
 cdef class FieldCache:
     """The record's value of the field the previous inline residual read: the candidates of
     one event mostly test the same field, so it is resolved (and hashed) once."""

@@ -115,7 +115,7 @@ class Gateway:
         self.port = self._server.sockets[0].getsockname()[1]
         self._sweeper = asyncio.ensure_future(self._sweep())
         if cfg.server.gc_freeze:
-            self._gc_policy = FreezeSurvivors(on_frozen=lambda n: setattr(self.metrics, "gc_frozen", n))
+            self._gc_policy = FreezeSurvivors()
             self._gc_policy.start()
         log.info(
             "listening",
@@ -402,6 +402,9 @@ class Gateway:
     def _gauges(self) -> list[tuple[str, str, dict[str, Any], float]]:
         rows: list[tuple[str, str, dict[str, Any], float]] = [
             ("rt_suspended_sessions", "Sessions waiting to be resumed", {}, len(self.sessions)),
+            ("rt_gc_frozen_objects",
+             "Objects moved out of garbage-collector passes by server.gc_freeze, counted when frozen "
+             "(those freed since are not subtracted)", {}, self._gc_policy.frozen if self._gc_policy else 0),
         ]
         audit = self.audit.status()
         for key in ("backlog", "lost"):

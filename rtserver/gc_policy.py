@@ -19,18 +19,16 @@ from __future__ import annotations
 
 import asyncio
 import gc
-from collections.abc import Callable
 
 
 class FreezeSurvivors:
     """Installed for the life of a gateway: `start()` in Gateway.start, `stop()` at shutdown."""
 
-    def __init__(self, on_frozen: Callable[[int], None] | None = None) -> None:
+    def __init__(self) -> None:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._scheduled = False
         self.freezes = 0
         self.frozen = 0  # objects frozen so far
-        self._on_frozen = on_frozen
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -60,5 +58,3 @@ class FreezeSurvivors:
         gc.freeze()
         self.freezes += 1
         self.frozen += moving
-        if self._on_frozen is not None:
-            self._on_frozen(self.frozen)

@@ -54,26 +54,15 @@ _MAX_PIPELINED = 64
 _HEADS: dict[tuple[int, str, bool], bytes] = {}
 
 
-def http_response(status: int, body: bytes, content_type: str = "application/json", keep_alive: bool = True,
-                  extra: dict[str, str] | None = None) -> bytes:
-    if not extra:
-        key = (status, content_type, keep_alive)
-        head = _HEADS.get(key)
-        if head is None:
-            head = _HEADS[key] = (
-                f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\nContent-Type: {content_type}\r\n"
-                f"Connection: {'keep-alive' if keep_alive else 'close'}\r\nContent-Length: "
-            ).encode()
-        return b"%s%d\r\n\r\n%s" % (head, len(body), body)
-    head = [
-        f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}",
-        f"Content-Type: {content_type}",
-        f"Content-Length: {len(body)}",
-        "Connection: keep-alive" if keep_alive else "Connection: close",
-    ]
-    for k, v in (extra or {}).items():
-        head.append(f"{k}: {v}")
-    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+def http_response(status: int, body: bytes, content_type: str = "application/json", keep_alive: bool = True) -> bytes:
+    key = (status, content_type, keep_alive)
+    head = _HEADS.get(key)
+    if head is None:
+        head = _HEADS[key] = (
+            f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\nContent-Type: {content_type}\r\n"
+            f"Connection: {'keep-alive' if keep_alive else 'close'}\r\nContent-Length: "
+        ).encode()
+    return b"%s%d\r\n\r\n%s" % (head, len(body), body)
 
 
 def json_error(status: int, message: str, keep_alive: bool = True) -> bytes:

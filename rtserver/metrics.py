@@ -35,11 +35,6 @@ class Metrics:
         self.gc_collections = [0, 0, 0]
         self.gc_seconds = [0.0, 0.0, 0.0]
         self._gc_started = 0.0
-        # Set by the gateway's FreezeSurvivors (server.gc_freeze): objects it has frozen.
-        self.gc_frozen = 0
-        self.add_gauges(lambda: [("rt_gc_frozen_objects",
-                                  "Objects moved out of garbage-collector passes by server.gc_freeze, counted when "
-                                  "frozen (those freed since are not subtracted)", {}, self.gc_frozen)])
 
     def watch_gc(self) -> None:
         """Count collections and their pauses (rt_gc_*); idempotent."""

@@ -279,7 +279,7 @@ def _publish_bytes(pub: dict[str, Any], group: int) -> bytes:
         head = pub.get("_head")
         if head is None:
             head = pub["_head"] = wire.http_post_head(pub["host"], pub["port"], pub["path"], pub.get("headers", {}))
-        return wire.http_post(pub["host"], pub["port"], pub["path"], body, {}, head)
+        return wire.http_post(head, body)
     return body + b"\n"
 
 

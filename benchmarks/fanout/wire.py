@@ -70,6 +70,6 @@ def http_post_head(host: str, port: int, path: str, headers: dict[str, str]) -> 
     return ("\r\n".join(head) + "\r\nContent-Length: ").encode()
 
 
-def http_post(host: str, port: int, path: str, body: bytes, headers: dict[str, str], head: bytes = b"") -> bytes:
-    """The request; `head` from http_post_head saves building it again (the publisher's hot loop)."""
-    return b"%s%d\r\n\r\n%s" % (head or http_post_head(host, port, path, headers), len(body), body)
+def http_post(head: bytes, body: bytes) -> bytes:
+    """The request: `head` from http_post_head (built once per publisher), then the body."""
+    return b"%s%d\r\n\r\n%s" % (head, len(body), body)
