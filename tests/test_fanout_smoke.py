@@ -13,6 +13,7 @@ import asyncio
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -61,6 +62,17 @@ def test_smoke_run_produces_every_result(tmp_path):
     if importlib.util.find_spec("matplotlib") is not None:
         assert (tmp_path / "fanout-smoke-deliveries-vs-clients.png").stat().st_size > 0
         assert (tmp_path / "fanout-smoke-latency-vs-rate.png").stat().st_size > 0
+
+
+@pytest.mark.skipif(shutil.which("go") is None, reason="the Go subscriber needs Go")
+def test_go_subscriber_counts_each_timestamp_once_wherever_reads_cut_the_stream():
+    # benchmarks/fanout/gosub/main_test.go: the scan of received bytes that every latency
+    # figure of the Go subscriber comes from.
+    gosub = os.path.join(ROOT, "benchmarks", "fanout", "gosub")
+    env = dict(os.environ, CGO_ENABLED="0", GOTOOLCHAIN="local", GOFLAGS="-count=1")
+    proc = subprocess.run(["go", "test", "."], cwd=gosub, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "ok" in proc.stdout
 
 
 IMPLS = [pytest.param(fanout_ref, id="ref"), pytest.param(fanout, id="compiled")]

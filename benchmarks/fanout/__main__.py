@@ -23,7 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--servers", default="gateway,picows,websockets,centrifugo",
                    help="comma-separated: gateway, picows, websockets, centrifugo (skipped when not built)")
     r.add_argument("--scenarios", default="", help="comma-separated scenario names (default: all of the set)")
-    r.add_argument("--procs", type=int, default=2, help="subscriber load-generator processes")
+    r.add_argument("--procs", type=int, default=None,
+                   help="subscriber load-generator processes (default: 1 with the Go subscriber, 2 with the Python one)")
     r.add_argument("--repeat", type=int, default=None,
                    help="rounds per scenario and server, best kept (default 2; 1 with --smoke)")
     r.add_argument("--client", choices=("auto", "go", "python"), default="auto",

@@ -22,6 +22,10 @@ def _fmt(v: float | None, digits: int = 0) -> str:
     return f"{v:,.{digits}f}"
 
 
+def _pct(v: float | None) -> str:
+    return "–" if v is None else f"{v:.0%}"
+
+
 def _ratio(a: float | None, b: float | None) -> str:
     if not a or not b:
         return "–"
@@ -52,8 +56,8 @@ def markdown(data: dict[str, Any]) -> str:
         "## Throughput and latency (publish → receipt)",
         "",
         "| scenario | server | deliveries/s | ×picows | ×websockets | ×centrifugo | p50 ms | p90 | p99 | p99.9 | max | "
-        "server CPU | deliveries per CPU-s | frames/write | lost |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "server CPU | load-gen CPU | deliveries per CPU-s | frames/write | lost |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for s in scen:
         for name in servers:
@@ -61,7 +65,7 @@ def markdown(data: dict[str, Any]) -> str:
             if r is None or r["kind"] != "fanout":
                 continue
             if "error" in r:
-                out.append(f"| {s} | {name} | error: {_err(r)} |" + " |" * 13)
+                out.append(f"| {s} | {name} | error: {_err(r)} |" + " |" * 14)
                 continue
             lat = r.get("latency_ms") or {}
             ratios = []
@@ -73,6 +77,7 @@ def markdown(data: dict[str, Any]) -> str:
                 f"| {s} | {name} | {_fmt(r['deliveries_per_s'])} | {' | '.join(ratios)} | "
                 f"{_fmt(lat.get('p50'), 2)} | {_fmt(lat.get('p90'), 2)} | {_fmt(lat.get('p99'), 2)} | "
                 f"{_fmt(lat.get('p99.9'), 2)} | {_fmt(lat.get('max'), 1)} | {r['server_cpu_util']:.0%} | "
+                f"{_pct(r.get('loadgen_cpu_util'))} | "
                 f"{_fmt(r.get('deliveries_per_cpu_s'))} | {_fmt(r.get('frames_per_write'), 2)} | {r['lost']} |"
             )
     paced = [s for s in scen if idx.get((s, "gateway"), {}).get("target_rate")]

@@ -107,14 +107,16 @@ class LoadProc:
 
 
 class Runner:
-    def __init__(self, procs: int = 2, client: str = "auto", log=print):
+    def __init__(self, procs: int | None = None, client: str = "auto", log=print):
         raise_nofile()
         self.gosub = gosub(log) if client in ("auto", "go") else None
         if client == "go" and self.gosub is None:
             raise RuntimeError("--client go: the Go subscriber could not be built (is Go installed?)")
         self.client = "go" if self.gosub else "python"
         self.server_cpus, self.client_cpus = cpu_plan()
-        self.procs = procs
+        # One Go process reads all its connections with one epoll loop; more would only add
+        # context switches on the load generators' core. The Python one needs two to keep up.
+        self.procs = procs or (1 if self.gosub else 2)
         self.log = log
         self.tmp = tempfile.mkdtemp(prefix="fanout-")
         self._src_base = 2
@@ -259,6 +261,10 @@ class Runner:
             "client_cpu_s": sum(r["cpu_s"] for r in reports), "publisher_cpu_s": pub["cpu_s"],
             "client_wall_s": wall,
         }
+        # How busy the load generators' cores were (subscribers + publisher): near 100% the
+        # figure measures the load generator as much as the server.
+        client_cores = len(self.client_cpus.split(",")) if self.client_cpus else os.cpu_count() or 1
+        out["loadgen_cpu_util"] = (out["client_cpu_s"] + out["publisher_cpu_s"]) / (wall * client_cores)
         if sc.mode == "paced":
             out["target_rate"] = sc.rate
         if c1.get("rt_writes_total"):
@@ -343,7 +349,7 @@ def _percentiles(arrays: list[array]) -> dict[str, float] | None:
     return out
 
 
-def run_set(scenarios: list[Scenario], server_names: list[str], procs: int = 2, repeat: int = 1,
+def run_set(scenarios: list[Scenario], server_names: list[str], procs: int | None = None, repeat: int = 1,
             client: str = "auto", log=print) -> dict[str, Any]:
     """Every scenario against every requested server it lists, each on a fresh server process.
 
@@ -355,7 +361,7 @@ def run_set(scenarios: list[Scenario], server_names: list[str], procs: int = 2, 
     """
     runner = Runner(procs=procs, client=client, log=log)
     meta: dict[str, Any] = {"server_cpus": runner.server_cpus, "client_cpus": runner.client_cpus,
-                            "load_procs": procs, "repeat": repeat, "subscriber_client": runner.client,
+                            "load_procs": runner.procs, "repeat": repeat, "subscriber_client": runner.client,
                             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     names = []
     for name in server_names:

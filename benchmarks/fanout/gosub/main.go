@@ -16,6 +16,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -44,18 +45,23 @@ type Config struct {
 }
 
 var (
-	marker     = []byte(`{"t":`)
-	generation atomic.Int64
-	count      atomic.Int64
-	first      atomic.Int64
-	last       atomic.Int64
+	marker = []byte(`{"t":`)
+	count  atomic.Int64
+	first  atomic.Int64
+	last   atomic.Int64
+	// Latencies of this process's deliveries since the last reset, in nanoseconds. One slice
+	// for all connections: the receive loop is the only writer, and takes mu once per batch
+	// of ready sockets, not per read.
+	mu   sync.Mutex
+	lats []int64
 )
 
+// conn is one subscriber socket after its handshake: a non-blocking descriptor owned by the
+// process's epoll loop (no goroutine per connection, so a read costs a system call and the
+// scan of its bytes, not a goroutine wake-up).
 type conn struct {
-	c      net.Conn
-	mu     sync.Mutex
-	lat    []int64
-	gen    int64
+	fd     int
+	tail   []byte // the unparsed end of the previous read (a marker cut in two)
 	closed atomic.Bool
 }
 
@@ -166,61 +172,120 @@ func dialOnce(spec *Spec, index int) (*conn, error) {
 		buf = append(buf, tmp[:n]...)
 	}
 	c.SetDeadline(time.Time{})
-	return &conn{c: c, gen: generation.Load()}, nil
+	// Take the descriptor out of Go's poller: the receive loop reads it with its own epoll.
+	f, err := c.(*net.TCPConn).File()
+	c.Close()
+	if err != nil {
+		return nil, err
+	}
+	fd, err := syscall.Dup(int(f.Fd()))
+	f.Close()
+	if err != nil {
+		return nil, err
+	}
+	if err := syscall.SetNonblock(fd, true); err != nil {
+		syscall.Close(fd)
+		return nil, err
+	}
+	return &conn{fd: fd}, nil
 }
 
-func (k *conn) receive() {
+// receive is the process's one receive loop: epoll over every connection, each ready socket
+// read once into a shared buffer (warm in cache) and scanned for the payloads' timestamps.
+func receive(conns []*conn) {
+	runtime.LockOSThread()
+	ep, err := syscall.EpollCreate1(0)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "epoll:", err)
+		os.Exit(2)
+	}
+	byFd := map[int32]*conn{}
+	for _, k := range conns {
+		byFd[int32(k.fd)] = k
+		ev := syscall.EpollEvent{Events: syscall.EPOLLIN | syscall.EPOLLRDHUP, Fd: int32(k.fd)}
+		if err := syscall.EpollCtl(ep, syscall.EPOLL_CTL_ADD, k.fd, &ev); err != nil {
+			fmt.Fprintln(os.Stderr, "epoll_ctl:", err)
+			os.Exit(2)
+		}
+	}
+	events := make([]syscall.EpollEvent, 512)
 	buf := make([]byte, 256*1024)
-	var tail []byte
 	for {
-		n, err := k.c.Read(buf[len(tail):])
+		n, err := syscall.EpollWait(ep, events, 200)
 		if err != nil {
-			k.closed.Store(true)
-			return
+			if err == syscall.EINTR {
+				continue
+			}
+			fmt.Fprintln(os.Stderr, "epoll_wait:", err)
+			os.Exit(2)
 		}
-		now := time.Now().UnixNano()
-		data := buf[:len(tail)+n]
+		if n <= 0 {
+			continue
+		}
 		found := int64(0)
-		k.mu.Lock()
-		if g := generation.Load(); g != k.gen {
-			k.gen = g
-			k.lat = k.lat[:0]
-		}
-		pos := bytes.Index(data, marker)
-		keep := len(data) - 4
-		for pos >= 0 {
-			start := pos + len(marker)
-			comma := bytes.IndexByte(data[start:], ',')
-			if comma < 0 {
-				keep = pos
-				break
+		var now int64
+		mu.Lock()
+		for i := 0; i < n; i++ {
+			k := byFd[events[i].Fd]
+			m := copy(buf, k.tail)
+			r, err := syscall.Read(k.fd, buf[m:])
+			if r <= 0 {
+				if err == syscall.EAGAIN || err == syscall.EINTR {
+					continue
+				}
+				syscall.EpollCtl(ep, syscall.EPOLL_CTL_DEL, k.fd, nil)
+				syscall.Close(k.fd)
+				k.closed.Store(true)
+				continue
 			}
-			t, _ := strconv.ParseInt(string(data[start:start+comma]), 10, 64)
-			k.lat = append(k.lat, now-t)
-			found++
-			next := bytes.Index(data[start+comma:], marker)
-			if next < 0 {
-				break
+			now = time.Now().UnixNano()
+			data := buf[:m+r]
+			f, keep := scan(data, now)
+			found += f
+			k.tail = append(k.tail[:0], data[keep:]...)
+			if len(k.tail) > len(buf)/2 {
+				k.tail = k.tail[:0]
 			}
-			pos = start + comma + next
 		}
-		k.mu.Unlock()
+		mu.Unlock()
 		if found > 0 {
 			if count.Add(found) == found {
 				first.Store(now)
 			}
 			last.Store(now)
 		}
-		if keep < 0 {
-			keep = 0
-		}
-		// Keep the unparsed end (a marker cut in two) at the start of the buffer.
-		m := copy(buf, data[keep:])
-		tail = buf[:m]
-		if len(tail) > len(buf)/2 {
-			tail = tail[:0]
-		}
 	}
+}
+
+// scan appends the latency of each complete timestamp in data to lats; it returns how many it
+// found and where the unparsed end starts (a marker or a number cut by the read's end).
+func scan(data []byte, now int64) (int64, int) {
+	found := int64(0)
+	keep := len(data) - len(marker) + 1
+	pos := bytes.Index(data, marker)
+	for pos >= 0 {
+		i := pos + len(marker)
+		t := int64(0)
+		for i < len(data) && data[i] >= '0' && data[i] <= '9' {
+			t = t*10 + int64(data[i]-'0')
+			i++
+		}
+		if i == len(data) {
+			keep = pos
+			break
+		}
+		lats = append(lats, now-t)
+		found++
+		next := bytes.Index(data[i:], marker)
+		if next < 0 {
+			break
+		}
+		pos = i + next
+	}
+	if keep < 0 {
+		keep = 0
+	}
+	return found, keep
 }
 
 func reply(v any) {
@@ -276,9 +341,7 @@ func main() {
 		}(i)
 	}
 	wg.Wait()
-	for _, k := range conns {
-		go k.receive()
-	}
+	go receive(conns)
 	if len(errs) > 3 {
 		errs = errs[:3]
 	}
@@ -302,16 +365,12 @@ func main() {
 		json.Unmarshal(in.Bytes(), &cmd)
 		switch cmd.Op {
 		case "reset":
-			generation.Add(1)
-			for _, k := range conns {
-				k.mu.Lock()
-				k.lat = k.lat[:0]
-				k.gen = generation.Load()
-				k.mu.Unlock()
-			}
+			mu.Lock()
+			lats = lats[:0]
 			count.Store(0)
 			first.Store(0)
 			last.Store(0)
+			mu.Unlock()
 			reply(map[string]any{"ok": true})
 		case "stat":
 			reply(map[string]any{"count": count.Load(), "first": first.Load(), "last": last.Load(), "open": open()})
@@ -320,12 +379,10 @@ func main() {
 			samples := 0
 			if err == nil {
 				w := bufio.NewWriterSize(f, 1<<20)
-				for _, k := range conns {
-					k.mu.Lock()
-					binary.Write(w, binary.LittleEndian, k.lat)
-					samples += len(k.lat)
-					k.mu.Unlock()
-				}
+				mu.Lock()
+				binary.Write(w, binary.LittleEndian, lats)
+				samples = len(lats)
+				mu.Unlock()
 				w.Flush()
 				f.Close()
 			}
