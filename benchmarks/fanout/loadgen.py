@@ -206,6 +206,7 @@ async def run_subscribers(cfg: dict[str, Any]) -> None:
     await asyncio.gather(*(one(i) for i in range(n)))
     _reply({"ready": len(subs), "failed": len(errors), "errors": errors[:3], "connect_s": time.monotonic() - t0})
     reader = await _stdin()
+    cpu0 = _cpu()
     while True:
         line = await reader.readline()
         if not line:
@@ -213,6 +214,7 @@ async def run_subscribers(cfg: dict[str, Any]) -> None:
         cmd = json.loads(line)
         op = cmd["op"]
         if op == "reset":
+            cpu0 = _cpu()  # cpu_s counts from here: not the connecting
             stats.count = stats.first = stats.last = 0
             stats.lat = array("q")
             for s in subs:
@@ -225,7 +227,7 @@ async def run_subscribers(cfg: dict[str, Any]) -> None:
             with open(cmd["path"], "wb") as fh:
                 stats.lat.tofile(fh)
             _reply({"count": stats.count, "first": stats.first, "last": stats.last, "samples": len(stats.lat),
-                    "open": sum(1 for s in subs if not s.closed), "cpu_s": _cpu()})
+                    "open": sum(1 for s in subs if not s.closed), "cpu_s": _cpu() - cpu0})
         elif op == "quit":
             break
     for s in subs:
@@ -310,6 +312,7 @@ async def run_pg_publisher(cfg: dict[str, Any]) -> None:
 
     tasks: set[asyncio.Task] = set()
     t_start = time.time_ns()
+    cpu0 = _cpu()  # the run's CPU, not the start-up's
     t0 = time.monotonic()
     deadline = t0 + duration
     interval = 1.0 / cfg["events_per_s"] if mode == "paced" else 0.0
@@ -328,7 +331,7 @@ async def run_pg_publisher(cfg: dict[str, Any]) -> None:
     if tasks:
         await asyncio.wait(tasks, timeout=30)
     await pool.close()
-    _reply({"sent": sent, "acked": acked, "t_start": t_start, "t_sent": t_sent, "cpu_s": _cpu()})
+    _reply({"sent": sent, "acked": acked, "t_start": t_start, "t_sent": t_sent, "cpu_s": _cpu() - cpu0})
 
 
 async def run_publisher(cfg: dict[str, Any]) -> None:
@@ -346,6 +349,7 @@ async def run_publisher(cfg: dict[str, Any]) -> None:
     max_events = cfg.get("max_events", 1 << 62)
     sent = 0
     t_start = time.time_ns()
+    cpu0 = _cpu()  # the run's CPU, not the start-up's
     deadline = time.monotonic() + duration
     write = proto.transport.write
     if mode == "window":  # closed loop: at most `window` events unacknowledged
@@ -382,7 +386,7 @@ async def run_publisher(cfg: dict[str, Any]) -> None:
     except TimeoutError:
         pass
     proto.transport.close()
-    _reply({"sent": sent, "acked": proto.acked, "t_start": t_start, "t_sent": t_sent, "cpu_s": _cpu()})
+    _reply({"sent": sent, "acked": proto.acked, "t_start": t_start, "t_sent": t_sent, "cpu_s": _cpu() - cpu0})
 
 
 async def run_storm(cfg: dict[str, Any]) -> None:

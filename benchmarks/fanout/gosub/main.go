@@ -356,6 +356,7 @@ func main() {
 		}
 		return n
 	}
+	cpu0 := cpuSeconds()
 	in := bufio.NewScanner(os.Stdin)
 	for in.Scan() {
 		var cmd struct {
@@ -365,6 +366,7 @@ func main() {
 		json.Unmarshal(in.Bytes(), &cmd)
 		switch cmd.Op {
 		case "reset":
+			cpu0 = cpuSeconds() // cpu_s counts from here: not the connecting
 			mu.Lock()
 			lats = lats[:0]
 			count.Store(0)
@@ -387,7 +389,7 @@ func main() {
 				f.Close()
 			}
 			reply(map[string]any{"count": count.Load(), "first": first.Load(), "last": last.Load(),
-				"samples": samples, "open": open(), "cpu_s": cpuSeconds()})
+				"samples": samples, "open": open(), "cpu_s": cpuSeconds() - cpu0})
 		case "quit":
 			reply(map[string]any{"bye": true})
 			os.Exit(0)
