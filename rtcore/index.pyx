@@ -34,6 +34,8 @@ from rtcore.predicate_ast import index_keys, keys_decide, parse, residual
 
 cdef extern from "Python.h":
     PyObject* PyDict_GetItemWithError(object d, object key) except? NULL
+    PyObject* PyList_GET_ITEM(object lst, Py_ssize_t i)  # borrowed
+    Py_ssize_t PyList_GET_SIZE(object lst)
 
 cdef extern from *:
     void prefetch "__builtin_prefetch"(const void* addr) nogil
@@ -579,30 +581,41 @@ cdef class SubscriptionIndex:
         """Keys of the subscriptions that the event matches (no duplicates, any order)."""
         cdef list cands = []
         cdef list out = []
-        cdef Entry entry
+        cdef PyObject* p
+        cdef Py_ssize_t i, n
+        cdef bint matchers = False
         cdef FieldCache field = None
         self._stamp += 1
         self._gather(source, entity, operation, record, cands, out)
-        for entry in cands:
-            prefetch(<PyObject*>entry.key)
-            if not entry.decided and not entry.rkind:
-                prefetch(<PyObject*>entry.matcher)  # a decided entry may have no matcher
-        for entry in cands:
-            if not entry.decided and not entry.rkind:
-                prefetch(<PyObject*>entry.matcher.node)
-        for entry in cands:
-            if not entry.decided and not entry.rkind:
-                entry.matcher.node.prefetch()
-        for entry in cands:
-            if entry.decided:
-                out.append(entry.key)
-            elif entry.rkind:
+        # Borrowed pointers (cands holds every Entry): a reference per candidate and pass would
+        # write each Entry's count, in the loops that exist to touch as little as possible.
+        n = PyList_GET_SIZE(cands)
+        for i in range(n):
+            p = PyList_GET_ITEM(cands, i)
+            prefetch(<PyObject*>(<Entry>p).key)
+            if not (<Entry>p).decided and not (<Entry>p).rkind:
+                matchers = True
+                prefetch(<PyObject*>(<Entry>p).matcher)  # a decided entry may have no matcher
+        if matchers:
+            for i in range(n):
+                p = PyList_GET_ITEM(cands, i)
+                if not (<Entry>p).decided and not (<Entry>p).rkind:
+                    prefetch(<PyObject*>(<Entry>p).matcher.node)
+            for i in range(n):
+                p = PyList_GET_ITEM(cands, i)
+                if not (<Entry>p).decided and not (<Entry>p).rkind:
+                    (<Entry>p).matcher.node.prefetch()
+        for i in range(n):
+            p = PyList_GET_ITEM(cands, i)
+            if (<Entry>p).decided:
+                out.append((<Entry>p).key)
+            elif (<Entry>p).rkind:
                 if field is None:
                     field = FieldCache.__new__(FieldCache)
-                if _inline_match(entry, record, field):
-                    out.append(entry.key)
-            elif entry.matcher._match(record):
-                out.append(entry.key)
+                if _inline_match(<Entry>p, record, field):
+                    out.append((<Entry>p).key)
+            elif (<Entry>p).matcher._match(record):
+                out.append((<Entry>p).key)
         return out
 
     def match_transitions(self, str source, str entity, str operation, record, old_record):
@@ -766,7 +779,7 @@ cdef class FieldCache:
         return 0
 
 
-cdef bint _inline_match(Entry entry, object record, FieldCache field) except -1:
+cdef inline bint _inline_match(Entry entry, object record, FieldCache field) except -1:
     """The residual of `entry` (see _inline_residual) on `record`, as its Matcher answers:
     for R_EQ the field holds the operand (or, for an array, one of its scalar elements
     does); R_NE the opposite. The hash decides most inequalities without reading rkey."""
