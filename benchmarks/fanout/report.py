@@ -180,6 +180,12 @@ def targets(data: dict[str, Any]) -> list[str]:
         ratio(_get(idx, "filtered-10k", "gateway", *dps), _get(idx, "filtered-10k", "picows", *dps)),
         ratio(_get(idx, "filtered-10k", "gateway", *dpc), _get(idx, "filtered-10k", "picows", *dpc)),
         None)
+    # The same 10,000 connections, every one getting every event: what filtering costs beside
+    # the number of sockets written to.
+    row("filtered-10k ÷ broadcast-10k (same connections)", "report",
+        ratio(_get(idx, "filtered-10k", "gateway", *dps), _get(idx, "broadcast-10k", "gateway", *dps)),
+        ratio(_get(idx, "filtered-10k", "gateway", *dpc), _get(idx, "broadcast-10k", "gateway", *dpc)),
+        None)
     # The index's share: distinct predicates against one equality per group, same deliveries.
     row("filtered-10k ÷ filtered-eq-10k (distinct predicates vs one equality)", "report",
         ratio(_get(idx, "filtered-10k", "gateway", *dps), _get(idx, "filtered-eq-10k", "gateway", *dps)),

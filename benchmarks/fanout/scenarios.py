@@ -48,6 +48,9 @@ def standard() -> list[Scenario]:
         Scenario("broadcast-300", "fanout", clients=300, servers=ALL),
         Scenario("broadcast-1000", "fanout", clients=1000, servers=ALL),
         Scenario("broadcast-3000", "fanout", clients=3000, servers=ALL),
+        # As many connections as filtered-10k, each getting every event: filtered-10k ÷ this
+        # separates what filtering costs from what writing to 10,000 sockets costs.
+        Scenario("broadcast-10k", "fanout", clients=10000, servers=("gateway", "picows")),
         # window 20: 20 events x 100 matches = 2,000 deliveries in flight, as broadcast-1000's
         # 2 x 1,000, so the filtered/broadcast ratio compares routing at the same offered load.
         Scenario("filtered-10k", "fanout", clients=10000, groups=100, window=20, duration=5.0),
