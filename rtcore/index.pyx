@@ -752,10 +752,11 @@ cdef class FieldCache:
     """The record's value of the field the previous inline residual read: the candidates of
     one event mostly test the same field, so it is resolved (and hashed) once."""
     cdef object name    # interned field name, or None: nothing resolved yet
-    cdef int n          # 0: no scalar there; 1: one scalar (key, hash); -1: an array's (keys)
+    cdef int n          # 0: no scalar there; 1: one scalar (key, hash); -1: an array's (keys, hashes)
     cdef object key
     cdef Py_hash_t hash
     cdef list keys
+    cdef list hashes    # hash of each of keys, computed once per event, not per candidate
 
     cdef int load(self, object name, object record) except -1:
         cdef PyObject* found
@@ -763,6 +764,7 @@ cdef class FieldCache:
         self.n = 0
         self.key = None
         self.keys = None
+        self.hashes = None
         found = PyDict_GetItemWithError(record, name)
         if found is NULL:
             return 0
@@ -771,6 +773,7 @@ cdef class FieldCache:
             # an array matches when one of its scalar elements does (as the matcher's any_value)
             self.keys = [scalar_key(e) for e in <list>value if not (PyList_Check(e) or PyDict_Check(e))]
             if self.keys:
+                self.hashes = [PyObject_Hash(k) for k in self.keys]
                 self.n = -1
         elif not PyDict_Check(value):
             self.key = scalar_key(value)
@@ -784,6 +787,7 @@ cdef inline bint _inline_match(Entry entry, object record, FieldCache field) exc
     for R_EQ the field holds the operand (or, for an array, one of its scalar elements
     does); R_NE the opposite. The hash decides most inequalities without reading rkey."""
     cdef bint found = False
+    cdef Py_ssize_t i
     if not PyDict_Check(record):
         return False
     if field.name is not entry.rfield:
@@ -791,8 +795,8 @@ cdef inline bint _inline_match(Entry entry, object record, FieldCache field) exc
     if field.n == 1:
         found = field.hash == entry.rhash and PyObject_RichCompareBool(field.key, entry.rkey, Py_EQ)
     elif field.n == -1:
-        for k in field.keys:
-            if PyObject_Hash(k) == entry.rhash and PyObject_RichCompareBool(k, entry.rkey, Py_EQ):
+        for i in range(len(field.keys)):
+            if <Py_hash_t>field.hashes[i] == entry.rhash and PyObject_RichCompareBool(field.keys[i], entry.rkey, Py_EQ):
                 found = True
                 break
     return found if entry.rkind == R_EQ else not found
