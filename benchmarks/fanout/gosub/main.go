@@ -199,9 +199,13 @@ func receive(conns []*conn) {
 		fmt.Fprintln(os.Stderr, "epoll:", err)
 		os.Exit(2)
 	}
-	byFd := map[int32]*conn{}
+	maxFd := 0
 	for _, k := range conns {
-		byFd[int32(k.fd)] = k
+		maxFd = max(maxFd, k.fd)
+	}
+	byFd := make([]*conn, maxFd+1)
+	for _, k := range conns {
+		byFd[k.fd] = k
 		ev := syscall.EpollEvent{Events: syscall.EPOLLIN | syscall.EPOLLRDHUP, Fd: int32(k.fd)}
 		if err := syscall.EpollCtl(ep, syscall.EPOLL_CTL_ADD, k.fd, &ev); err != nil {
 			fmt.Fprintln(os.Stderr, "epoll_ctl:", err)
