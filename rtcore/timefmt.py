@@ -8,6 +8,8 @@ from datetime import UTC, datetime
 # (second, its formatted date and time): one tuple, so that a thread reading it never pairs
 # one second with another's text.
 _last: tuple[int | None, str] = (None, "")
+# ".000Z" ... ".999Z": appending one is several times cheaper than formatting it.
+_MILLIS = tuple(f".{i:03d}Z" for i in range(1000))
 
 
 def iso_ms(epoch_ms: int) -> str:
@@ -18,7 +20,7 @@ def iso_ms(epoch_ms: int) -> str:
     # Events come many per second: format the date and time once per second.
     if last[0] != seconds:
         last = _last = (seconds, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)))
-    return f"{last[1]}.{ms:03d}Z"
+    return last[1] + _MILLIS[ms]
 
 
 def iso_datetime(value: datetime) -> str:
