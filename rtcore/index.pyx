@@ -267,6 +267,11 @@ cdef int bucket_remove(Slot* s, Entry entry) except -1:
     return s.n
 
 
+cdef inline bint _runs_matcher(Entry entry) noexcept:
+    """match() runs the entry's matcher: neither a bucket hit nor the inline residual decides."""
+    return not entry.decided and not entry.rkind
+
+
 cdef inline int candidate(Gatherer g, Entry entry) except -1:
     """Appends `entry` to g.out unless this match has it already."""
     if entry.stamp != g.stamp:
@@ -593,17 +598,17 @@ cdef class SubscriptionIndex:
         for i in range(n):
             p = PyList_GET_ITEM(cands, i)
             prefetch(<PyObject*>(<Entry>p).key)
-            if not (<Entry>p).decided and not (<Entry>p).rkind:
+            if _runs_matcher(<Entry>p):
                 matchers = True
                 prefetch(<PyObject*>(<Entry>p).matcher)  # a decided entry may have no matcher
         if matchers:
             for i in range(n):
                 p = PyList_GET_ITEM(cands, i)
-                if not (<Entry>p).decided and not (<Entry>p).rkind:
+                if _runs_matcher(<Entry>p):
                     prefetch(<PyObject*>(<Entry>p).matcher.node)
             for i in range(n):
                 p = PyList_GET_ITEM(cands, i)
-                if not (<Entry>p).decided and not (<Entry>p).rkind:
+                if _runs_matcher(<Entry>p):
                     (<Entry>p).matcher.node.prefetch()
         for i in range(n):
             p = PyList_GET_ITEM(cands, i)

@@ -53,8 +53,7 @@ class FreezeSurvivors:
         # Counted here, from the generations about to be frozen (right after a full pass that
         # walked them anyway; give or take a few temporaries): gc.get_freeze_count() walks the
         # whole permanent generation, ~10 ms per million objects, too long for a metrics scrape.
-        moving = len(gc.get_objects(2)) + len(gc.get_objects(1))
-        moving += len(gc.get_objects(0))
+        moving = len(gc.get_objects(2)) + len(gc.get_objects(1)) + len(gc.get_objects(0))
         gc.freeze()
         self.freezes += 1
         self.frozen += moving
