@@ -147,6 +147,8 @@ async def test_a_waiting_request_holds_the_ones_behind_it_which_follow_in_order(
     events = list(gw.hub.workspace("w1").history)
     assert [e.event.record["i"] for e in events] == [0, 1, 2]
     assert proto._drainer is None and not proto._queue
+    # the waiting request's answer, then those of the two queued behind it in one write
+    assert transport.writes == 2
     # and the next request is answered at once again
     proto.data_received(publish_request(3))
     assert len(transport.responses()) == 4
@@ -166,6 +168,7 @@ async def test_reading_pauses_while_too_many_requests_wait_and_resumes_after(tmp
             break
     assert transport.resumed == 1 and not proto._paused
     assert len(transport.responses()) == http._MAX_PIPELINED + 1
+    assert transport.writes == 2  # the first answer, then the queued ones together
 
 
 async def test_connection_lost_cancels_the_waiting_request_and_drops_the_queue(tmp_path):
@@ -180,3 +183,43 @@ async def test_connection_lost_cancels_the_waiting_request_and_drops_the_queue(t
     await asyncio.sleep(0)
     assert drainer.done() and not proto._queue
     assert len(gw.hub.workspace("w1").history) == 0  # nothing published after the connection went
+
+
+async def test_queued_answers_leave_together_up_to_a_request_that_waits_again(tmp_path):
+    gw = make_gateway(tmp_path)
+    hub = gw.hub
+    deliver = hub.deliver
+
+    def deliver_then_fill(event, seq=None):
+        out = deliver(event, seq)
+        if event.record["i"] == 2:
+            hub._queued = 11  # the backlog is over its bound again: request 3 must wait
+        return out
+
+    hub.deliver = deliver_then_fill
+    hub._queued = 11
+    proto, transport = connect(gw)
+    proto.data_received(b"".join(publish_request(i) for i in range(5)))
+    assert transport.writes == 0
+
+    async def release(answers: int) -> None:
+        hub._queued = 0
+        drained, hub._drained = hub._drained, None  # as Hub.flush does
+        drained.set()
+        for _ in range(20):
+            await asyncio.sleep(0)
+            if len(transport.responses()) == answers:
+                return
+
+    await release(3)
+    assert len(transport.responses()) == 3
+    assert transport.writes == 2  # 0 on its own, then 1 and 2 together; 3 waits, 4 behind it
+    assert [e.event.record["i"] for e in hub.workspace("w1").history] == [0, 1, 2]
+    await release(5)
+    got = transport.responses()
+    assert [s for s, _ in got] == [202] * 5
+    seqs = [b["seq"] for _, b in got]
+    assert seqs == sorted(seqs)
+    assert transport.writes == 4  # then 3 on its own, and 4
+    assert [e.event.record["i"] for e in hub.workspace("w1").history] == [0, 1, 2, 3, 4]
+    assert proto._drainer is None and not proto._queue
