@@ -69,6 +69,13 @@ def json_error(status: int, message: str, keep_alive: bool = True) -> bytes:
     return http_response(status, _json.encode({"error": message}), keep_alive=keep_alive)
 
 
+# The request headers something here reads (the publish API: authorization, the correlation id),
+# by lower-case name: only these are decoded and kept, at a tenth of a publish request's cost.
+_READ_HEADERS = {
+    name.encode(): name for name in ("authorization", "content-length", "expect", "x-correlation-id")
+}
+
+
 class _Request:
     __slots__ = ("url", "headers", "body", "size", "too_large")
 
@@ -148,7 +155,9 @@ class FrontProtocol(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         assert self._req is not None
-        self._req.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+        key = _READ_HEADERS.get(name.lower())
+        if key is not None:
+            self._req.headers[key] = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:
         req = self._req
