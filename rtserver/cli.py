@@ -106,9 +106,11 @@ def _run_loop(cfg, main, label: str, os_error: Callable[[OSError], str]) -> int:
     try:
         return uvloop.run(main(cfg))
     except OSError as exc:
+        logs.flush()
         print(f"{label}: {os_error(exc)}", file=sys.stderr)
         return 2
     except RuntimeError as exc:
+        logs.flush()
         print(f"{label}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

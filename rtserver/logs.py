@@ -1,14 +1,23 @@
-"""Structured logging: one JSON object a line on stderr.
+"""Structured logging: one JSON object a line on stderr, written by a thread of its own.
 
 Modules log with `logger.info("message", extra={"fields": {...}})`; the fields become members of
 the JSON object. Nothing here ever receives a token: callers pass subjects and ids only.
+
+A log call formats its line and queues it; `LineWriter`'s thread writes the queue to stderr.
+stderr is a pipe to journald, a container runtime or a terminal, and a write to it waits when
+its reader is slow: on the event loop that wait would stall every connection (a connection
+storm logs an audit line per connection). The queue is bounded (`LineWriter.capacity` lines);
+past it, lines are dropped and counted, and the writer says how many in a line of its own.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import sys
+import threading
 import time
+from typing import TextIO
 
 import msgspec
 
@@ -35,10 +44,103 @@ class JsonFormatter(logging.Formatter):
             return _encode({k: str(v) for k, v in out.items()}).decode()
 
 
+class LineWriter(logging.Handler):
+    """Formats records in the caller's thread and writes the lines on a thread of its own.
+
+    At most `capacity` lines wait; beyond that a line is dropped and counted, and the next write
+    includes a warning with the count. `flush()` waits (up to `timeout` seconds) until what was
+    queued is written; `close()` (called by logging.shutdown at exit) writes the rest and stops
+    the thread."""
+
+    def __init__(self, stream: TextIO, capacity: int = 10000, timeout: float = 5.0):
+        super().__init__()
+        self.stream = stream
+        self.capacity = capacity
+        self.timeout = timeout
+        self.dropped = 0  # in all (the count since the last warning is _unreported)
+        self._lines: collections.deque[str] = collections.deque()
+        self._unreported = 0
+        self._writing = False
+        self._closed = False
+        self._cond = threading.Condition(threading.Lock())
+        self._thread = threading.Thread(target=self._run, name="rt-log-writer", daemon=True)
+        self._thread.start()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record)
+        except Exception:  # noqa: BLE001 - logging must not raise into the caller
+            self.handleError(record)
+            return
+        with self._cond:
+            if self._closed or len(self._lines) >= self.capacity:
+                self.dropped += 1
+                self._unreported += 1
+                return
+            self._lines.append(line)
+            if len(self._lines) == 1:
+                self._cond.notify_all()
+
+    def flush(self) -> None:
+        deadline = time.monotonic() + self.timeout
+        with self._cond:
+            while (self._lines or self._writing) and self._thread.is_alive():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self._cond.wait(left)
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._thread is not threading.current_thread():
+            self._thread.join(self.timeout)
+        super().close()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._lines and not self._unreported and not self._closed:
+                    self._cond.wait()
+                lines = list(self._lines)
+                self._lines.clear()
+                dropped, self._unreported = self._unreported, 0
+                done = self._closed
+                self._writing = bool(lines or dropped)
+            if dropped:
+                lines.append(self._dropped_line(dropped))
+            if lines:
+                try:
+                    self.stream.write("\n".join(lines) + "\n")
+                    self.stream.flush()
+                except Exception:  # noqa: BLE001 - nowhere left to report it; keep the thread
+                    pass
+            with self._cond:
+                self._writing = False
+                self._cond.notify_all()
+                if done and not self._lines:
+                    return
+
+    def _dropped_line(self, count: int) -> str:
+        record = logging.LogRecord(
+            "rtserver.logs", logging.WARNING, __file__, 0,
+            f"{count} log lines dropped: stderr did not keep up", None, None,
+        )
+        record.fields = {"dropped": count}
+        try:
+            return self.format(record)
+        except Exception:  # noqa: BLE001
+            return f"{count} log lines dropped: stderr did not keep up"
+
+
 def setup(level: str = "info") -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    handler = LineWriter(sys.stderr)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()
+    for old in root.handlers:
+        if isinstance(old, LineWriter):
+            old.close()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     # picows logs every connection at INFO; that is noise at our fan-out.
@@ -46,3 +148,9 @@ def setup(level: str = "info") -> None:
     # aiokafka logs an ERROR every few seconds while a broker is down; the audit reports
     # delivery trouble itself on rtserver.audit.kafka.
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
+
+
+def flush() -> None:
+    """Wait until the lines logged so far are written (before printing to stderr directly)."""
+    for handler in logging.getLogger().handlers:
+        handler.flush()
