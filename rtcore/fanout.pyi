@@ -3,7 +3,8 @@
 from collections.abc import Callable
 
 class Outbox:
-    pending: bytes | list[bytes] | None
+    @property
+    def pending(self) -> bytes | list[bytes] | None: ...
     closed: bool
     write: Callable[[bytes], object] | None
     def __init__(self) -> None: ...

@@ -2,37 +2,106 @@
 
 Queue one event's frame on the outbox of every matching subscription, then write each dirty
 outbox's pending frames in one transport write. `Outbox` and `SubKey` are extension types, so
-the loops read their fields as C struct members. `python -m benchmarks.fanout.microbench`
-(1000 loopback connections, ns per delivery): queueing 30 here, 91 for the same loops in
-Python; queueing + write 5,977 vs 6,467. The write (the system call) is most of it, and only
-coalescing removes it.
+the loops read their fields as C struct members, and an outbox keeps its frames in a C array
+(see Outbox). `python -m benchmarks.fanout.microbench` (1000 loopback connections, ns per
+delivery): queueing 27-30 here, 93-119 for the same loops in Python; queueing + write ~5,500
+vs ~6,200. The write (the system call) is most of it, and only coalescing removes it.
 """
 
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.mem cimport PyMem_Free, PyMem_Realloc
 from cpython.object cimport PyObject, PyTypeObject
+from libc.string cimport memcpy
 
 
 cdef extern from "Python.h":
     object PyObject_CallOneArg(object callable, object arg)
-    ctypedef struct PyListObject:
-        PyObject** ob_item
+    void incref "Py_INCREF"(PyObject* o)
+    void decref "Py_DECREF"(PyObject* o)
     PyObject* PyList_GET_ITEM(object lst, Py_ssize_t i)  # borrowed
-    Py_ssize_t PyList_GET_SIZE(object lst)
     bint PyObject_TypeCheck(PyObject* o, PyTypeObject* t)
-    PyTypeObject* Py_TYPE(PyObject* o)
-    PyTypeObject PyList_Type
+
+
+DEF FIRST_CAPACITY = 4   # frames an outbox holds before its array first grows
+DEF KEEP_CAPACITY = 64   # an array grown past this is freed when written (a burst's, not the norm)
 
 
 cdef class Outbox:
-    """What a connection exposes to fan-out: pending frames, closed, its transport's write."""
+    """What a connection exposes to fan-out: pending frames, closed, its transport's write.
 
-    cdef public object pending   # None, one frame (bytes) or a list of frames
+    The frames are a C array of references kept in the object, with the last frame queued
+    beside the count: queueing reads this object's own memory and writes one slot of the
+    array, where a Python list would cost two more dependent reads (the list, then its items),
+    each a cache miss at thousands of connections. `pending` shows them as fanout_ref does:
+    None, one frame (bytes), or a list."""
+
+    cdef PyObject** frames   # owned references, n of them
+    cdef Py_ssize_t n
+    cdef Py_ssize_t cap
+    cdef PyObject* last      # frames[n - 1], or NULL: the repeat check reads only this object
     cdef public bint closed
     cdef public object write     # the transport's write; None until connected
 
     def __init__(self):
-        self.pending = None
         self.closed = False
         self.write = None
+
+    def __dealloc__(self):
+        self._clear()
+        PyMem_Free(self.frames)
+        self.frames = NULL
+
+    @property
+    def pending(self):
+        if self.n == 0:
+            return None
+        if self.n == 1:
+            return <object>self.frames[0]
+        return [<object>self.frames[i] for i in range(self.n)]
+
+    cdef inline void _clear(self) noexcept:
+        cdef Py_ssize_t i
+        for i in range(self.n):
+            decref(self.frames[i])
+        self.n = 0
+        self.last = NULL
+
+    cdef int _grow(self) except -1:
+        cdef Py_ssize_t cap = self.cap * 2 if self.cap else FIRST_CAPACITY
+        cdef PyObject** grown = <PyObject**>PyMem_Realloc(self.frames, cap * sizeof(PyObject*))
+        if grown is NULL:
+            raise MemoryError()
+        self.frames = grown
+        self.cap = cap
+        return 0
+
+    cdef object take(self):
+        """The pending frames as one bytes object (None if none), and the outbox emptied."""
+        cdef Py_ssize_t i, size = 0
+        cdef object data
+        cdef char* dst
+        if self.n == 0:
+            return None
+        if self.n == 1:
+            data = <object>self.frames[0]  # a reference of its own...
+            decref(self.frames[0])         # ...so the array's goes
+            self.n = 0
+            self.last = NULL
+        else:
+            for i in range(self.n):
+                size += PyBytes_GET_SIZE(<object>self.frames[i])
+            data = PyBytes_FromStringAndSize(NULL, size)
+            dst = PyBytes_AS_STRING(data)
+            for i in range(self.n):
+                size = PyBytes_GET_SIZE(<object>self.frames[i])
+                memcpy(dst, PyBytes_AS_STRING(<object>self.frames[i]), size)
+                dst += size
+            self._clear()
+        if self.cap > KEEP_CAPACITY:
+            PyMem_Free(self.frames)
+            self.frames = NULL
+            self.cap = 0
+        return data
 
 
 cdef class SubKey:
@@ -44,34 +113,28 @@ cdef class SubKey:
         self.out = out
 
 
-cdef inline object _last(list frames):
-    # not frames[-1]: the extensions are built with wraparound=False (a list here has >= 2)
-    return frames[len(frames) - 1]
-
-
 DEF SKIPPED = 0   # _queue: nothing queued (closed, or this frame is already the last one)
 DEF ADDED = 1     # queued after frames already pending
 DEF FIRST = 2     # queued on an outbox that had nothing pending: it must be scheduled
 
 
 cdef inline int _queue(Outbox out, bytes frame) except -1:
-    """Queue `frame` on `out` (one frame held as bytes, several as a list; the same frame
-    twice in a row once): SKIPPED, ADDED or FIRST."""
-    cdef object pending = out.pending
-    if pending is None:
+    """Queue `frame` on `out` (the same frame twice in a row once): SKIPPED, ADDED or FIRST."""
+    cdef PyObject* f = <PyObject*>frame
+    cdef int how = ADDED
+    if out.n == 0:
         if out.closed:
             return SKIPPED
-        out.pending = frame
-        return FIRST
-    if pending is frame:
+        how = FIRST
+    elif out.last == f:
         return SKIPPED
-    if type(pending) is list:
-        if _last(<list>pending) is frame:
-            return SKIPPED
-        (<list>pending).append(frame)
-    else:
-        out.pending = [pending, frame]
-    return ADDED
+    if out.n == out.cap:
+        out._grow()
+    incref(f)
+    out.frames[out.n] = f
+    out.n += 1
+    out.last = f
+    return how
 
 
 cpdef bint queue_one(Outbox out, bytes frame) except -1:
@@ -81,6 +144,7 @@ cpdef bint queue_one(Outbox out, bytes frame) except -1:
 
 cdef extern from *:
     void prefetch "__builtin_prefetch"(const void* addr) nogil
+    void prefetch_write "__builtin_prefetch"(const void* addr, int rw) nogil
 
 
 DEF BLOCK = 128  # subscriptions whose memory is asked for together
@@ -90,7 +154,6 @@ cdef inline void _prefetch_hop(PyObject* sub, int hops) noexcept:
     # Borrowed pointers only: taking a reference would write the object's count, which is
     # the very miss this is to avoid. Reads only what the pass before asked for.
     cdef PyObject* out
-    cdef PyObject* pending
     if not PyObject_TypeCheck(sub, <PyTypeObject*>SubKey):
         return  # the checked cast in push_all raises for it
     out = <PyObject*>(<SubKey>sub).out
@@ -98,12 +161,8 @@ cdef inline void _prefetch_hop(PyObject* sub, int hops) noexcept:
         return
     if hops == 1:
         prefetch(out)
-        return
-    pending = <PyObject*>(<Outbox>out).pending
-    if hops == 2:
-        prefetch(pending)
-    elif Py_TYPE(pending) == &PyList_Type and PyList_GET_SIZE(<object>pending) > 0:
-        prefetch(&(<PyListObject*>pending).ob_item[PyList_GET_SIZE(<object>pending) - 1])
+    elif (<Outbox>out).n < (<Outbox>out).cap:
+        prefetch_write(&(<Outbox>out).frames[(<Outbox>out).n], 1)  # the slot the frame goes to
 
 
 def push_all(list subs, bytes frame, list dirty):
@@ -114,15 +173,15 @@ def push_all(list subs, bytes frame, list dirty):
     cdef Outbox out
     cdef int queued_how
     # With thousands of connections, subscriptions and outboxes are cold in cache, and each
-    # hop (subscription -> outbox -> pending list -> its items) would wait for the one
-    # before. So, per block of subscriptions, one pass per hop asks for the next object of
-    # every subscription (independent loads, in flight together), and the last pass works.
+    # hop (subscription -> outbox -> its frame array) would wait for the one before. So, per
+    # block of subscriptions, one pass per hop asks for the next object of every subscription
+    # (independent loads, in flight together), and the last pass works.
     for base in range(0, n, BLOCK):
         end = min(base + BLOCK, n)
         if end - base > 8:
             for i in range(base, end):
                 prefetch(PyList_GET_ITEM(subs, i))
-            for hop in range(1, 4):
+            for hop in range(1, 3):
                 for i in range(base, end):
                     _prefetch_hop(PyList_GET_ITEM(subs, i), hop)
         for i in range(base, end):
@@ -139,20 +198,20 @@ def push_all(list subs, bytes frame, list dirty):
 
 def flush_all(list dirty):
     """One write per outbox of all its pending frames. Returns (writes, frames written)."""
-    cdef Py_ssize_t writes = 0, frames = 0
+    cdef Py_ssize_t writes = 0, frames = 0, n
     cdef Outbox out
-    cdef object pending
+    cdef object data
     for o in dirty:
         out = <Outbox?>o
-        pending = out.pending
-        out.pending = None
-        if pending is None or out.closed or out.write is None:
+        n = out.n
+        if n == 0:
             continue
-        if type(pending) is list:
-            PyObject_CallOneArg(out.write, b"".join(<list>pending))
-            frames += len(<list>pending)
-        else:
-            PyObject_CallOneArg(out.write, pending)
-            frames += 1
+        if out.closed or out.write is None:
+            out._clear()
+            continue
+        # Emptied before the write: a write that ends the connection may queue on it again.
+        data = out.take()
+        PyObject_CallOneArg(out.write, data)
+        frames += n
         writes += 1
     return writes, frames

@@ -189,3 +189,29 @@ def test_push_all_rejects_what_is_not_a_subscription_key(impl):
 
 def test_the_compiled_loops_are_built():
     assert fanout.__file__.endswith(".so") and fanout.Outbox is not fanout_ref.Outbox
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_many_frames_on_one_outbox_leave_in_order_and_hold_no_reference_after(impl):
+    # More frames than the compiled outbox keeps its array for (it frees a grown one when
+    # written), then a few more on the same outbox; no frame keeps a reference it did not have.
+    frames = [b"frame-%03d;" % i for i in range(300)]
+    before = [sys.getrefcount(f) for f in frames]
+    out = impl.Outbox()
+    written: list[bytes] = []
+    out.write = written.append
+    assert impl.queue_one(out, frames[0]) is True
+    assert [impl.queue_one(out, f) for f in frames[1:]] == [False] * 299
+    assert impl.push_all([impl.SubKey(out)] * 20, frames[299], []) == 0  # already the last one
+    assert impl.flush_all([out]) == (1, 300)
+    assert written == [b"".join(frames)] and out.pending is None
+    assert impl.push_all([impl.SubKey(out)] * 20, frames[5], []) == 1
+    impl.queue_one(out, frames[6])
+    assert out.pending == [frames[5], frames[6]]
+    assert impl.flush_all([out]) == (1, 2)
+    assert written[1] == frames[5] + frames[6]
+    impl.queue_one(out, frames[7])
+    out.closed = True
+    assert impl.flush_all([out]) == (0, 0) and out.pending is None  # dropped, not written
+    del out
+    assert [sys.getrefcount(f) for f in frames] == before
