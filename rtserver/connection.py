@@ -3,9 +3,9 @@
 Inbound messages are decoded once with msgspec and handled in order. Handlers that must wait
 (token verification, a database check of a channel) run as a task while later messages queue
 behind them, so a client may send `auth` and `subscribe` back to back. Outbound frames go
-through `push`: they are appended to a pending list and written in one call per loop iteration
-(see hub.py). A connection whose transport buffer passes the limit is closed with 1013 without
-slowing anyone else.
+through `push`: they join the pending frames of the connection's outbox and leave in one write
+per loop iteration (see hub.py). A connection whose transport buffer passes the limit is
+closed with 1013 without slowing anyone else.
 """
 
 from __future__ import annotations

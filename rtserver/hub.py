@@ -2,8 +2,9 @@
 
 `Hub.deliver(event)` is the hot path: append to the workspace history (assigns seq, encodes the
 frame once), match the index, and push the same bytes to every matching connection. Pushing
-only appends to the connection's pending list; all pending frames of a connection leave in one
-transport write when the loop runs the flush scheduled for this iteration (no added waiting).
+only appends to the connection's pending frames (its outbox); all pending frames of a
+connection leave in one transport write when the loop runs the flush scheduled for this
+iteration (no added waiting).
 """
 
 from __future__ import annotations
