@@ -172,7 +172,9 @@ class Hub:
 
     def backlogged(self) -> bool:
         """More event frames wait for their write than backlog_bound()."""
-        return self._queued > self.backlog_bound()
+        # Every publish asks; below the fixed bound the answer needs no connection count.
+        queued = self._queued
+        return queued > self._min_backlog and queued > self.backlog_bound()
 
     async def room(self) -> None:
         """Wait until the write backlog is within its bound: publishers (the publish API, the
