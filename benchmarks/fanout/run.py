@@ -374,7 +374,7 @@ def run_set(scenarios: list[Scenario], server_names: list[str], procs: int | Non
         for sc in scenarios:
             rounds: dict[str, list[dict[str, Any]]] = {}
             order = [n for n in names if n.split("-")[0] in sc.servers]
-            for k in range(repeat if repeat == 1 else max(repeat, sc.rounds)):
+            for k in range(1 if repeat == 1 or sc.single_round else max(repeat, sc.rounds)):
                 for name in order if k % 2 == 0 else order[::-1]:
                     server = srv.KINDS[name](name, runner.server_cpus)
                     t = time.monotonic()
