@@ -18,17 +18,16 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import json
 import logging
 import os
 import socket
-import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import msgspec
 
+from rtcore.timefmt import iso_ms, now_ms
 from rtserver.audit_spool import Spool
 
 EVENTS = ("auth-granted", "auth-denied", "session-suspended", "session-resumed")
@@ -44,13 +43,6 @@ _decoder = msgspec.json.Decoder()
 
 # (event, workspaceId, JSON value): the unit every queue below holds.
 Entry = tuple[str, str, bytes]
-
-
-def _iso_now() -> str:
-    """RFC 3339 UTC with milliseconds and Z, as every timestamp on the wire."""
-    ns = time.time_ns()
-    seconds, rest = divmod(ns, 1_000_000_000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{rest // 1_000_000:03d}Z"
 
 
 class Audit:
@@ -99,13 +91,13 @@ class Audit:
                 "reason": reason,
                 "remoteAddr": remote_addr,
                 "node": self.node,
-                "timestamp": _iso_now(),
+                "timestamp": iso_ms(now_ms()),
             }
             for key, value in extra.items():
                 record.setdefault(key, value)
             value = _encoder.encode(record)
             self.emitted += 1
-            self._submit((event, workspace_id, value))
+            self._submit((event, workspace_id, value), record)
         except Exception:
             self.lost += 1
             ops_log.exception(
@@ -113,7 +105,8 @@ class Audit:
                 extra={"fields": {"event": event, "workspace": workspace_id}},
             )
 
-    def _submit(self, entry: Entry) -> None:
+    def _submit(self, entry: Entry, record: dict[str, Any]) -> None:
+        """Send `entry` on its way; `record` is its value before encoding."""
         raise NotImplementedError
 
     def status(self) -> dict[str, Any]:
@@ -136,9 +129,8 @@ class LogAudit(Audit):
 
     backend = "log"
 
-    def _submit(self, entry: Entry) -> None:
+    def _submit(self, entry: Entry, record: dict[str, Any]) -> None:
         # The record's members become members of the log line (see rtserver.logs).
-        record = json.loads(entry[2])
         log.info(f"audit {record['event']}", extra={"fields": record})
 
 
@@ -311,7 +303,7 @@ class KafkaAudit(Audit):
 
     # -- emit side (event loop, synchronous) -----------------------------------------------------
 
-    def _submit(self, entry: Entry) -> None:
+    def _submit(self, entry: Entry, record: dict[str, Any]) -> None:
         if self._closed:
             self._lose(1, "audit closed")
             log.warning(entry[2].decode())  # keep the record visible somewhere

@@ -21,13 +21,16 @@ from typing import TextIO
 
 import msgspec
 
-_encode = msgspec.json.Encoder().encode
+from rtcore.timefmt import iso_ms
+
+# A value JSON has no type for (an exception, a path) is logged as its str().
+_encode = msgspec.json.Encoder(enc_hook=str).encode
 
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         out = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "ts": iso_ms(int(record.created * 1000)),
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),

@@ -93,3 +93,16 @@ def test_close_writes_what_is_queued_and_stops_the_thread():
     assert not handler._thread.is_alive()
     log.info("after close")  # counted, not written, no error
     assert handler.dropped == 1 and len(stream.lines()) == 3
+
+
+def test_a_value_json_has_no_type_for_is_logged_as_its_text():
+    stream = BlockingStream()
+    stream.release.set()
+    handler = LineWriter(stream)
+    log = make_logger(handler, "t.types")
+    log.warning("odd", extra={"fields": {"error": ValueError("bad thing"), "count": 3, "ok": True}})
+    handler.flush()
+    (line,) = stream.lines()
+    assert line["error"] == "bad thing" and line["count"] == 3 and line["ok"] is True
+    assert line["ts"].endswith("Z") and len(line["ts"]) == len("2026-11-29T04:15:43.123Z")
+    handler.close()
