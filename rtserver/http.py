@@ -109,6 +109,9 @@ class FrontProtocol(asyncio.Protocol):
         self._held: list[bytes] | None = None
         self._close_after = False
         self._max_body = gw.cfg.limits.max_publish_bytes
+        # The last publish URL of this connection, and its path and route match.
+        self._publish_url: bytes | None = None
+        self._publish_route: tuple[str, re.Match[str]] | None = None
         self._peer: str | None = None
 
     # -- asyncio.Protocol --
@@ -256,14 +259,20 @@ class FrontProtocol(asyncio.Protocol):
 
     # -- routing --
     async def _handle(self, method: bytes, req: _Request, keep_alive: bool) -> None:
-        try:
-            path = httptools.parse_url(req.url).path.decode("latin-1")
-        except httptools.HttpParserInvalidURLError:
-            self._respond(json_error(400, "malformed URL", keep_alive), close=not keep_alive)
-            return
+        if method == b"POST" and req.url == self._publish_url:
+            # A publisher posts to the same URL request after request: parsed once.
+            path, m = self._publish_route
+        else:
+            try:
+                path = httptools.parse_url(req.url).path.decode("latin-1")
+            except httptools.HttpParserInvalidURLError:
+                self._respond(json_error(400, "malformed URL", keep_alive), close=not keep_alive)
+                return
+            m = PUBLISH_RE.match(path) if method == b"POST" else None
+            if m is not None:
+                self._publish_url, self._publish_route = req.url, (path, m)
         try:
             if method == b"POST":
-                m = PUBLISH_RE.match(path)
                 if m is None:
                     response = json_error(404, f"no such endpoint: POST {path}", keep_alive)
                 elif req.too_large:

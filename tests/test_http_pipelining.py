@@ -223,3 +223,23 @@ async def test_queued_answers_leave_together_up_to_a_request_that_waits_again(tm
     assert transport.writes == 4  # then 3 on its own, and 4
     assert [e.event.record["i"] for e in hub.workspace("w1").history] == [0, 1, 2, 3, 4]
     assert proto._drainer is None and not proto._queue
+
+
+async def test_one_connection_publishing_to_several_urls_gets_each_routed(tmp_path):
+    # The route of a connection's last publish URL is kept; another URL is parsed afresh.
+    gw = make_gateway(tmp_path)
+    proto, transport = connect(gw)
+
+    def to(path: bytes, i: int) -> bytes:
+        return publish_request(i).replace(b"/workspaces/w1/realtime/events/t", path, 1)
+
+    proto.data_received(
+        to(b"/workspaces/w1/realtime/events/t", 0) + to(b"/workspaces/w1/realtime/events/u", 1)
+        + to(b"/workspaces/w1/realtime/nope", 2) + to(b"/workspaces/w1/realtime/events/u", 3)
+        + to(b"/workspaces/w1/realtime/events/t", 4) + to(b"/workspaces/w%201/realtime/events/t", 5)
+    )
+    got = transport.responses()
+    assert [s for s, _ in got] == [202, 202, 404, 202, 202, 404], got
+    assert "no such endpoint: POST /workspaces/w1/realtime/nope" in got[2][1]["error"]
+    history = list(gw.hub.workspace("w1").history)
+    assert [(e.event.entity, e.event.record["i"]) for e in history] == [("t", 0), ("u", 1), ("u", 3), ("t", 4)]
