@@ -63,6 +63,9 @@ async def measure(rounds: int, reads: int) -> list[float]:
         batch = b"".join(publish_request(i, token) for i in range(PER_READ))
         for _ in range(50):  # token verified and cached, caches warm
             proto.data_received(batch)
+        accepted = len(gw.hub.workspace("w1").history)
+        if accepted != 50 * PER_READ:  # a bench of error answers would measure the wrong path
+            raise RuntimeError(f"{accepted} of {50 * PER_READ} warm-up publish requests were accepted")
         out = []
         for _ in range(rounds):
             t0 = time.perf_counter()
