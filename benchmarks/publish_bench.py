@@ -17,6 +17,7 @@ import time
 
 import jwt
 
+from benchmarks.fanout import wire
 from rtserver import config, http
 from rtserver.app import Gateway
 
@@ -44,14 +45,6 @@ class NullTransport:
         return ("127.0.0.1", 5555) if name == "peername" else default
 
 
-def publish_request(i: int, token: str) -> bytes:
-    body = b'{"t":%d,"g":%d,"u":-1,"pad":"%s"}' % (time.time_ns(), i % 100, b"x" * 48)
-    return (
-        f"POST /workspaces/w1/realtime/events/bench HTTP/1.1\r\nHost: 127.0.0.1:1234\r\n"
-        f"Content-Length: {len(body)}\r\nContent-Type: application/json\r\nAuthorization: Bearer {token}\r\n\r\n"
-    ).encode() + body
-
-
 async def measure(rounds: int, reads: int) -> list[float]:
     with tempfile.TemporaryDirectory() as state:
         cfg = config.load(environ={"RT_AUTH_HS256_SECRET": SECRET, "RT_STATE_DIR": state})
@@ -60,7 +53,10 @@ async def measure(rounds: int, reads: int) -> list[float]:
                            SECRET, algorithm="HS256")
         proto = http.FrontProtocol(gw)
         proto.connection_made(NullTransport())
-        batch = b"".join(publish_request(i, token) for i in range(PER_READ))
+        # The fan-out harness's publisher requests (benchmarks/fanout/wire.py).
+        head = wire.http_post_head("127.0.0.1", 1234, "/workspaces/w1/realtime/events/bench",
+                                   {"Authorization": f"Bearer {token}"})
+        batch = b"".join(wire.http_post(head, wire.payload(i % 100)) for i in range(PER_READ))
         for _ in range(50):  # token verified and cached, caches warm
             proto.data_received(batch)
         accepted = len(gw.hub.workspace("w1").history)

@@ -83,10 +83,7 @@ cdef class Outbox:
         if self.n == 0:
             return None
         if self.n == 1:
-            data = <object>self.frames[0]  # a reference of its own...
-            decref(self.frames[0])         # ...so the array's goes
-            self.n = 0
-            self.last = NULL
+            data = <object>self.frames[0]  # a reference of its own: _clear drops the array's
         else:
             for i in range(self.n):
                 size += PyBytes_GET_SIZE(<object>self.frames[i])
@@ -96,7 +93,7 @@ cdef class Outbox:
                 size = PyBytes_GET_SIZE(<object>self.frames[i])
                 memcpy(dst, PyBytes_AS_STRING(<object>self.frames[i]), size)
                 dst += size
-            self._clear()
+        self._clear()
         if self.cap > KEEP_CAPACITY:
             PyMem_Free(self.frames)
             self.frames = NULL
