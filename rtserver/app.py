@@ -288,8 +288,9 @@ class Gateway:
             return WSUpgradeResponseWithListener(
                 WSUpgradeResponse.create_error_response(503, b"behind the event stream; try another node"), None
             )
-        self.hub.workspace(workspace)
-        self.ensure_workspace_sources(workspace)
+        # The workspace's state (history, sources, the persisted list of known workspaces) is
+        # created when a token grants it (Connection._authenticate), not here: an anonymous
+        # upgrade must not make the gateway open change streams or remember ids it was sent.
         token = http.bearer(request.headers)
         return Connection(self, workspace, token, self.upgrading_remote)
 

@@ -6,8 +6,8 @@ after any disconnect (or re-subscribes with `since` when the session is gone, so
 events are replayed from the gateway's history and a `history_gap` is reported when they
 cannot be), refreshes the token in-band before it expires, reconnects at once with a fresh
 token on 4001, backs off exponentially (1 s doubling to 30 s, with jitter) on other losses,
-and stops with a RealtimeError on terminal codes (4002, 4003). Dead links are detected by
-the `websockets` keepalive pings.
+and stops with a RealtimeError on terminal codes (4002, 4003, 1008, 1009). Dead links are
+detected by the `websockets` keepalive pings.
 
     async with RealtimeClient(url, get_token) as client:
         events = client.events()  # buffers from here on
@@ -192,7 +192,7 @@ class RealtimeClient:
 
     async def connect(self) -> None:
         """Starts the connection loop; returns after the first `auth_ok`, raises a
-        RealtimeError when the gateway refuses for good (4002, 4003)."""
+        RealtimeError when the gateway refuses for good (4002, 4003, 1008, 1009)."""
         if self._task is None:
             self._ready = asyncio.get_running_loop().create_future()
             self._task = asyncio.create_task(self._run(), name=f"rtclient {self.url}")

@@ -62,7 +62,13 @@ CODE_NAMES = {
     4011: "history_gap",
 }
 
-_MAX_QUEUED_MESSAGES = 64
+# Messages that arrive while a handler awaits (auth, a database channel check) wait in order.
+# Past _PAUSE_QUEUED the connection stops reading, so TCP holds the rest in the client's send
+# buffer; reading resumes below _RESUME_QUEUED. Only a single read carrying more messages than
+# _MAX_QUEUED (tiny ones, far beyond any client's need) closes the connection.
+_PAUSE_QUEUED = 64
+_RESUME_QUEUED = 16
+_MAX_QUEUED = 4096
 _SLOW_CLOSE_GRACE = 5.0
 
 
@@ -102,6 +108,7 @@ class Connection(WSListener):
         self.last_rx = time.monotonic()
         self._queue: deque[bytes] = deque()
         self._busy = False
+        self._reading_paused = False
         self._invalid: deque[float] | None = None
         self._fragments: list[bytes] | None = None
         self._timer: asyncio.TimerHandle | None = None  # auth deadline, then token expiry
@@ -202,15 +209,16 @@ class Connection(WSListener):
     ) -> None:
         self.send(Error(code=code, name=CODE_NAMES[code], message=message, channel=channel, id=mid, oldest=oldest))
 
-    def close(self, code: int, detail: str | None = None, cause: str | None = None) -> None:
-        """Send `detail` as an error (when given), then a close frame with the code's name."""
+    def close(self, code: int, detail: str | None = None, cause: str | None = None, mid: Any = None) -> None:
+        """Send `detail` as an error (when given; `mid`: the id of the message refused), then a
+        close frame with the code's name."""
         if self.closed:
             return
         if cause is not None:
             self._close_cause = cause
         self._close_code = code
         if detail is not None and code >= 4000:
-            self.send_error(code, detail)
+            self.send_error(code, detail, mid=mid)
         self.push(close_frame(code, CODE_NAMES.get(code, "")))
         self.flush()
         self.closed = True
@@ -247,10 +255,15 @@ class Connection(WSListener):
             self._too_big(len(data))
             return
         if self._busy:
-            if len(self._queue) >= _MAX_QUEUED_MESSAGES:
+            queue = self._queue
+            if len(queue) >= _MAX_QUEUED:
+                self.send_error(4000, f"over {_MAX_QUEUED} messages sent while an earlier one was handled")
                 self.close(1008, cause="policy_violation")
                 return
-            self._queue.append(data)
+            queue.append(data)
+            if len(queue) >= _PAUSE_QUEUED and not self._reading_paused and self._raw is not None:
+                self._reading_paused = True
+                self._raw.pause_reading()
             return
         self._dispatch(data)
 
@@ -313,6 +326,9 @@ class Connection(WSListener):
             return
         while self._queue and not self._busy and not self.closed:
             self._dispatch(self._queue.popleft())
+        if self._reading_paused and len(self._queue) <= _RESUME_QUEUED and not self.closed:
+            self._reading_paused = False
+            self._raw.resume_reading()
 
     # ---- auth ----------------------------------------------------------------------------
 
@@ -341,7 +357,7 @@ class Connection(WSListener):
                 reason=str(exc),
                 remote_addr=self.remote,
             )
-            self.close(exc.code, str(exc), cause=exc.name)
+            self.close(exc.code, str(exc), cause=exc.name, mid=mid)
             return
         if self.closed:
             return
@@ -349,11 +365,12 @@ class Connection(WSListener):
             self.close(1001, cause="shutdown")
             return
         ws = gw.hub.workspace(self.workspace_id)
+        gw.ensure_workspace_sources(self.workspace_id)
         limits = gw.cfg.limits
         refusal = None
         if len(ws.connections) >= limits.max_connections:
             refusal = f"workspace {self.workspace_id} has reached its limit of {limits.max_connections} connections"
-        elif ws.subjects.get(identity.subject, 0) >= limits.max_connections_per_subject:
+        elif gw.hub.subjects.get(identity.subject, 0) >= limits.max_connections_per_subject:
             refusal = f"subject has reached its limit of {limits.max_connections_per_subject} connections"
         if refusal is not None:
             gw.metrics.auth_failures[4008] += 1
@@ -365,14 +382,15 @@ class Connection(WSListener):
                 reason=refusal,
                 remote_addr=self.remote,
             )
-            self.close(4008, refusal, cause="quota_exceeded")
+            self.close(4008, refusal, cause="quota_exceeded", mid=mid)
             return
         if self._timer is not None:
             self._timer.cancel()
         self.identity = identity
         self.workspace = ws
         ws.connections.add(self)
-        ws.subjects[identity.subject] = ws.subjects.get(identity.subject, 0) + 1
+        subjects = gw.hub.subjects
+        subjects[identity.subject] = subjects.get(identity.subject, 0) + 1
         self._arm_expiry()
 
         session = gw.sessions.take(resume, identity.subject, self.workspace_id) if resume else None
@@ -657,11 +675,12 @@ class Connection(WSListener):
         ws.connections.discard(self)
         assert self.identity is not None
         subject = self.identity.subject
-        left = ws.subjects.get(subject, 1) - 1
+        subjects = gw.hub.subjects
+        left = subjects.get(subject, 1) - 1
         if left:
-            ws.subjects[subject] = left
+            subjects[subject] = left
         else:
-            ws.subjects.pop(subject, None)
+            subjects.pop(subject, None)
         if self.session is not None:
             gw.sessions.suspend(self.session, ws.history.last_seq)
             gw.audit.emit(

@@ -73,7 +73,6 @@ class Workspace:
         self.history = History(wid, max_events=h.events, max_seconds=h.seconds, max_bytes=h.bytes)
         self.index = SubscriptionIndex()
         self.connections: set[Connection] = set()
-        self.subjects: dict[str, int] = {}
 
 
 class Hub:
@@ -81,6 +80,8 @@ class Hub:
         self.cfg = cfg
         self.metrics = metrics
         self.workspaces: dict[str, Workspace] = {}
+        # Authenticated connections per subject, all workspaces together (limits.max_connections_per_subject).
+        self.subjects: dict[str, int] = {}
         # Outboxes (connections) with frames to write, in the order they got them; those before
         # _written already were (an offset, so that a chunk does not copy the rest of the list).
         self._dirty: list[Outbox] = []

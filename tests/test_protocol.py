@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import time
 
@@ -64,9 +65,9 @@ async def test_auth_timeout_closes_4002(gateway_factory):
 
 async def test_expired_token_at_connect_closes_4001(gateway):
     async with ws_connect(gateway, "w1") as c:
-        await c.send({"type": "auth", "token": gateway.token("w1", ttl=-60)})
+        await c.send({"type": "auth", "token": gateway.token("w1", ttl=-60), "id": 3})
         err = await c.recv_type("error")
-        assert err["code"] == 4001 and err["name"] == "token_expired"
+        assert err["code"] == 4001 and err["name"] == "token_expired" and err["id"] == 3
         assert await c.expect_close() == (4001, "token_expired")
 
 
@@ -110,10 +111,48 @@ async def test_refused_refresh_keeps_connection(gateway):
 
 async def test_workspace_not_granted_closes_4003(gateway):
     async with ws_connect(gateway, "w2") as c:
-        await c.send({"type": "auth", "token": gateway.token("w1")})
+        await c.send({"type": "auth", "token": gateway.token("w1"), "id": "a1"})
         err = await c.recv_type("error")
-        assert err["code"] == 4003
+        assert err["code"] == 4003 and err["id"] == "a1"
         assert await c.expect_close() == (4003, "scope_denied")
+
+
+async def test_only_a_granted_workspace_gets_state(gateway_factory):
+    """An upgrade whose token is refused or never comes leaves nothing behind: no workspace
+    (history, metrics), no change streams, no line in the state dir's list of known ids."""
+    gw = await gateway_factory(env={"RT_AUTH_TIMEOUT": "0.5"})
+
+    def known() -> list[str]:
+        try:
+            with open(os.path.join(gw.state_dir, "workspaces")) as fh:
+                return fh.read().split()
+        except FileNotFoundError:
+            return []
+
+    async def workspace_gauge() -> float:
+        status, body = await gw.get("/metrics")
+        assert status == 200
+        return float(re.search(rb"^rt_workspaces (\S+)$", body, re.M).group(1))
+
+    async with ws_connect(gw, "anon-bad") as c:
+        await c.send({"type": "auth", "token": "garbage"})
+        assert await c.expect_close() == (4002, "token_invalid")
+    async with ws_connect(gw, "anon-other") as c:
+        await c.send({"type": "auth", "token": gw.token("w1")})
+        assert await c.expect_close() == (4003, "scope_denied")
+    async with ws_connect(gw, "anon-silent") as c:
+        assert await c.expect_close() == (4002, "token_invalid")
+    async with ws_connect(gw, "anon-header", token="not-a-jwt", header_auth=True) as c:
+        assert await c.expect_close() == (4002, "token_invalid")
+    assert await workspace_gauge() == 0
+    async with ws_connect(gw, "granted", token=gw.token("granted")) as c:
+        await c.subscribe("events:x")
+    assert await workspace_gauge() == 1
+    deadline = time.monotonic() + 5
+    while "granted" not in known() and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)  # appended off the event loop
+    assert known() == ["granted"]
+    assert b"anon" not in (await gw.get("/metrics"))[1]
 
 
 async def test_wildcard_workspace_grant(gateway):
@@ -208,6 +247,30 @@ async def test_twenty_invalid_messages_close_1008(gateway):
             await c.send("nope")
         code, reason = await c.expect_close()
     assert (code, reason) == (1008, "policy_violation")
+
+
+async def test_messages_behind_a_slow_handler_wait_their_turn(gateway):
+    """Messages sent while an earlier one is still handled (an auth refresh awaits the token
+    check) queue in order; past 64 the gateway stops reading instead of closing, so a client
+    that writes a thousand messages at once gets every answer, in order."""
+    from websockets.frames import Frame, Opcode
+
+    async with ws_connect(gateway, "w1", token=gateway.token("w1")) as c:
+        messages = []
+        for i in range(200):
+            messages.append({"type": "auth", "token": gateway.token("w1"), "id": f"a{i}"})
+            messages += [{"type": "ping", "id": f"p{i}.{j}"} for j in range(4)]
+        # One write: the messages arrive faster than the refreshes are handled.
+        data = b"".join(
+            Frame(Opcode.TEXT, json.dumps(m).encode()).serialize(mask=True, extensions=[]) for m in messages
+        )
+        c.ws.transport.write(data)
+        for m in messages:
+            reply = await c.recv(timeout=10)
+            assert reply["id"] == m["id"], (reply, m)
+            assert reply["type"] == ("auth_ok" if m["type"] == "auth" else "pong")
+        await c.send({"type": "ping", "id": "after"})
+        assert await c.recv() == {"type": "pong", "id": "after"}
 
 
 async def test_oversized_message_is_refused(gateway):
@@ -306,6 +369,15 @@ async def test_connection_quota_per_subject_closes_4008(gateway_factory):
             await second.send({"type": "auth", "token": gw.token("w1", sub="same")})
             assert (await second.recv_type("error"))["code"] == 4008
             assert (await second.expect_close())[0] == 4008
+        # The limit counts the subject's connections in every workspace together.
+        async with ws_connect(gw, "w2") as other:
+            await other.send({"type": "auth", "token": gw.token(["w1", "w2"], sub="same"), "id": 9})
+            err = await other.recv_type("error")
+            assert (err["code"], err["id"]) == (4008, 9)
+            assert (await other.expect_close())[0] == 4008
+    # Its connection gone, the subject may connect again.
+    async with ws_connect(gw, "w2", token=gw.token("w2", sub="same")) as again:
+        await again.subscribe("events:x")
 
 
 async def test_channel_permissions_claim(gateway_factory):

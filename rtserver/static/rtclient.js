@@ -5,12 +5,14 @@
 // It authenticates, keeps subscriptions alive across reconnects (resuming the session with
 // the last seen `seq`, or re-subscribing with `since` when the session is gone), refreshes
 // the token before it expires, backs off exponentially on failures and stops on terminal
-// codes (4002 token_invalid, 4003 scope_denied) with a RealtimeError.
+// codes (4002 token_invalid, 4003 scope_denied, 1008 policy_violation, 1009 message_too_big)
+// with a RealtimeError.
 //
 // rtserver/static/rtclient.js is a verbatim copy of this file (the demo page loads it);
 // tests/test_js_client.py checks that the two stay identical.
 
-/** Close codes after which reconnecting cannot help: the token or the grant is wrong. */
+/** Close codes after which reconnecting cannot help: the token or the grant is wrong, or the
+ * client sends what the gateway refuses (and would send it again). */
 export const TERMINAL_CODES = Object.freeze([4002, 4003, 1008, 1009]);
 
 const CODE_NAMES = {
