@@ -33,7 +33,7 @@ from rtserver.gc_policy import FreezeSurvivors
 from rtserver.hub import Hub
 from rtserver.known_workspaces import KnownWorkspaces
 from rtserver.metrics import Metrics
-from rtserver.sessions import Sessions
+from rtserver.sessions import Sessions, take_dump, write_dump
 from rtserver.sources.base import Source
 from rtserver.sources.mongo import database_for, redact
 
@@ -73,6 +73,8 @@ class Gateway:
         self._corr_prefix = secrets.token_hex(8)
         self._corr_counter = itertools.count(1)
         self._known = KnownWorkspaces(os.path.join(self.state_dir, "workspaces"))
+        # The sessions suspended by a drained shutdown, for the next start (sessions.py).
+        self._sessions_path = os.path.join(self.state_dir, "sessions.json")
         self.metrics.add_gauges(self._gauges)
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -91,6 +93,10 @@ class Gateway:
             self.static = await loop.run_in_executor(None, load_static)
         for wid in await loop.run_in_executor(None, self._known.load):
             self.hub.workspace(wid)
+        dump = await loop.run_in_executor(None, take_dump, self._sessions_path)
+        if dump is not None:
+            restored = self.sessions.restore(dump)
+            log.info("suspended sessions restored", extra={"fields": {"sessions": restored}})
         self.hub.on_new_workspace = self._known.add
         await self.auth.start()
         await self.audit.start()
@@ -155,6 +161,13 @@ class Gateway:
                 log.exception("source did not stop cleanly", extra={"fields": {"source": src.kind}})
         await self.bus.close()
         await self._known.flush()
+        if len(self.sessions):
+            try:
+                await asyncio.get_running_loop().run_in_executor(
+                    None, write_dump, self._sessions_path, self.sessions.dump()
+                )
+            except OSError:
+                log.exception("suspended sessions not saved", extra={"fields": {"path": self._sessions_path}})
         try:
             await asyncio.wait_for(self.audit.close(), max(0.5, deadline - time.monotonic()))
         except Exception:
@@ -360,9 +373,12 @@ class Gateway:
         except msgspec.DecodeError as exc:
             return 400, _err(f"body is not valid JSON: {exc}")
         corr = headers.get("x-correlation-id", "").strip()
-        if not corr or len(corr) > _CORRELATION_MAX or not corr.isprintable():
+        if not corr:
             # Unique without a uuid4 per event: a random per-process prefix and a counter.
             corr = f"{self._corr_prefix}-{next(self._corr_counter):x}"
+        elif len(corr) > _CORRELATION_MAX or not corr.isprintable():
+            # Refused rather than replaced: the publisher would look for its own id in vain.
+            return 400, _err(f"X-Correlation-ID must be 1-{_CORRELATION_MAX} printable characters")
         channel = f"events:{topic}"
         event_body = encode(
             CustomEventBody(

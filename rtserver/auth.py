@@ -133,7 +133,7 @@ class Authenticator:
         self._leeway: float = auth.leeway
         self._workspace_claim: str = auth.workspace_claim
         self._role_prefix: str = auth.workspace_role_prefix
-        self._channel_claim: str = auth.channel_claim
+        self._channel_claim: str = auth.channel_claim if auth.channel_permissions else ""
         self._publish_claim: str = auth.publish_claim
         self._publish_role: str = auth.publish_role
         secret: str = auth.hs256_secret

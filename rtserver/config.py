@@ -44,7 +44,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("server", "port", "RT_PORT", int, 8080, "Port for WebSocket, publish API, health and metrics"),
     Setting("server", "tls_cert", "RT_TLS_CERT", str, "", "PEM certificate: serve wss:// and https://"),
     Setting("server", "tls_key", "RT_TLS_KEY", str, "", "PEM private key of tls_cert"),
-    Setting("server", "state_dir", "RT_STATE_DIR", str, ".rtserver", "Local state: dev secret, source positions, audit spool"),
+    Setting("server", "state_dir", "RT_STATE_DIR", str, ".rtserver", "Local state: dev secret, source positions, audit spool, known workspaces, sessions saved at shutdown"),
     Setting("server", "instance", "RT_INSTANCE", str, "rtserver", "Instance name: replication slot and publication names derive from it"),
     Setting("server", "node", "RT_NODE", str, "", "Node name in logs and audit records (default: host name)"),
     Setting("server", "log_level", "RT_LOG_LEVEL", str, "info", "debug, info, warning or error"),
@@ -57,7 +57,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("auth", "audience", "RT_AUTH_AUDIENCE", str, "", "Required `aud` or `azp` (checked when set)"),
     Setting("auth", "workspace_claim", "RT_AUTH_WORKSPACE_CLAIM", str, "workspaces", "Claim path listing granted workspaces (`*` = all)"),
     Setting("auth", "workspace_role_prefix", "RT_AUTH_WORKSPACE_ROLE_PREFIX", str, "", "Prefix of role names that grant a workspace, e.g. `workspace:`"),
-    Setting("auth", "channel_claim", "RT_AUTH_CHANNEL_CLAIM", str, "", "Claim listing channel patterns a subject may subscribe to (off when empty)"),
+    Setting("auth", "channel_permissions", "RT_AUTH_CHANNEL_PERMISSIONS", bool, False, "Check channel permissions: a subject may subscribe only to the channel patterns its token lists in auth.channel_claim"),
+    Setting("auth", "channel_claim", "RT_AUTH_CHANNEL_CLAIM", str, "realtime_channels", "Claim (a dotted path) listing the channel patterns a subject may subscribe to, when auth.channel_permissions is on"),
     Setting("auth", "publish_claim", "RT_AUTH_PUBLISH_CLAIM", str, "realtime_publish", "Boolean claim granting the publish API"),
     Setting("auth", "publish_role", "RT_AUTH_PUBLISH_ROLE", str, "", "Role (in the workspace claim path) that also grants publishing"),
     Setting("auth", "leeway", "RT_AUTH_LEEWAY", float, 5.0, "Seconds of clock leeway when a token is presented"),
@@ -286,6 +287,15 @@ def _validate(values: dict[str, dict[str, Any]], path: str) -> None:
     if not re.match(r"^[a-z_][a-z0-9_]{0,40}$", server["instance"]):
         raise ConfigError(
             f"server.instance: {server['instance']!r} must be lower-case letters, digits and _ (it names a replication slot)"
+        )
+    auth = values["auth"]
+    if auth["channel_permissions"] and not auth["channel_claim"]:
+        raise ConfigError("auth.channel_permissions is on but auth.channel_claim names no claim")
+    if auth["channel_claim"] != "realtime_channels" and not auth["channel_permissions"]:
+        # Naming a claim suggests the check is wanted: refuse rather than silently not check.
+        raise ConfigError(
+            f"auth.channel_claim is {auth['channel_claim']!r} but auth.channel_permissions is off: "
+            "set RT_AUTH_CHANNEL_PERMISSIONS=true to check channel permissions"
         )
     audit = values["audit"]
     if audit["security_protocol"] not in {"PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"}:

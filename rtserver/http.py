@@ -14,6 +14,7 @@ import logging
 import re
 from collections import deque
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
 
 import httptools
 import msgspec
@@ -111,7 +112,7 @@ class FrontProtocol(asyncio.Protocol):
         self._max_body = gw.cfg.limits.max_publish_bytes
         # The last publish URL of this connection, and its path and route match.
         self._publish_url: bytes | None = None
-        self._publish_route: tuple[str, re.Match[str]] | None = None
+        self._publish_route: tuple[str, tuple[str, str]] | None = None  # path, (workspace, topic)
         self._peer: str | None = None
 
     # -- asyncio.Protocol --
@@ -259,9 +260,10 @@ class FrontProtocol(asyncio.Protocol):
 
     # -- routing --
     async def _handle(self, method: bytes, req: _Request, keep_alive: bool) -> None:
+        route: tuple[str, str] | None
         if method == b"POST" and req.url == self._publish_url:
             # A publisher posts to the same URL request after request: parsed once.
-            path, m = self._publish_route
+            path, route = self._publish_route
         else:
             try:
                 path = httptools.parse_url(req.url).path.decode("latin-1")
@@ -269,11 +271,16 @@ class FrontProtocol(asyncio.Protocol):
                 self._respond(json_error(400, "malformed URL", keep_alive), close=not keep_alive)
                 return
             m = PUBLISH_RE.match(path) if method == b"POST" else None
+            route = None
             if m is not None:
-                self._publish_url, self._publish_route = req.url, (path, m)
+                # Segments are percent-decoded after the split (a client's encodeURIComponent
+                # turns the topic "orders:eu" into "orders%3Aeu"; an encoded "/" stays inside
+                # its segment, where the topic check refuses it).
+                route = (unquote(m.group(1), errors="replace"), unquote(m.group(2), errors="replace"))
+                self._publish_url, self._publish_route = req.url, (path, route)
         try:
             if method == b"POST":
-                if m is None:
+                if route is None:
                     response = json_error(404, f"no such endpoint: POST {path}", keep_alive)
                 elif req.too_large:
                     response = json_error(
@@ -282,7 +289,7 @@ class FrontProtocol(asyncio.Protocol):
                     keep_alive = False
                 else:
                     status, body = await self.gw.publish_http(
-                        m.group(1), m.group(2), req.headers, b"".join(req.body), self._remote()
+                        route[0], route[1], req.headers, b"".join(req.body), self._remote()
                     )
                     response = http_response(status, body, keep_alive=keep_alive)
             elif method in (b"GET", b"HEAD"):

@@ -545,7 +545,7 @@ async def test_publish_claim_name_and_role_configurable(tmp_path: Any) -> None:
 
 
 async def test_channel_patterns(tmp_path: Any) -> None:
-    auth = Authenticator(make_cfg(tmp_path, RT_AUTH_HS256_SECRET=SECRET, RT_AUTH_CHANNEL_CLAIM="realtime_channels"))
+    auth = Authenticator(make_cfg(tmp_path, RT_AUTH_HS256_SECRET=SECRET, RT_AUTH_CHANNEL_PERMISSIONS="true"))
     token = jwt.encode(claims(realtime_channels=["postgres:*", "events:orders"]), SECRET, algorithm="HS256")
     identity = await auth.authenticate(token, WS)
     assert identity.channel_patterns == ("postgres:*", "events:orders")
@@ -570,6 +570,21 @@ async def test_channel_permissions_off_by_default(hs_auth: Authenticator) -> Non
     identity = await hs_auth.authenticate(token, WS)
     assert identity.channel_patterns is None
     assert hs_auth.may_subscribe(identity, "mongo:anything")
+
+
+async def test_channel_claim_path_is_configurable(tmp_path: Any) -> None:
+    auth = Authenticator(make_cfg(tmp_path, RT_AUTH_HS256_SECRET=SECRET, RT_AUTH_CHANNEL_PERMISSIONS="true",
+                                  RT_AUTH_CHANNEL_CLAIM="rt.channels"))
+    identity = await auth.authenticate(jwt.encode(claims(rt={"channels": ["mongo:*"]}), SECRET, algorithm="HS256"), WS)
+    assert auth.may_subscribe(identity, "mongo:orders") and not auth.may_subscribe(identity, "events:x")
+
+
+def test_channel_permission_settings_that_contradict_are_refused(tmp_path: Any) -> None:
+    # A claim named with the check off would look enforced and not be.
+    with pytest.raises(config.ConfigError, match="RT_AUTH_CHANNEL_PERMISSIONS=true"):
+        make_cfg(tmp_path, RT_AUTH_CHANNEL_CLAIM="rt.channels")
+    with pytest.raises(config.ConfigError, match="names no claim"):
+        make_cfg(tmp_path, RT_AUTH_CHANNEL_PERMISSIONS="true", RT_AUTH_CHANNEL_CLAIM="")
 
 
 # -- dev secret and mint_token -----------------------------------------------------------------

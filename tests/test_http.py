@@ -70,11 +70,28 @@ async def test_publish_errors(gateway):
         (f"{base}/orders", b"{}", {"Authorization": f"Bearer {gateway.token('w2', publish=True)}"}, 403),
         ("/workspaces/bad.id/realtime/events/orders", b"{}", good, 404),
         (f"{base}/orders", b'"' + b"x" * (256 * 1024) + b'"', good, 413),
+        (f"{base}/orders", b"{}", {**good, "X-Correlation-ID": "c" * 129}, 400),
+        (f"{base}/a%2Fb", b"{}", good, 400),  # an encoded "/" stays in the topic, which refuses it
+        (f"{base}/%FF", b"{}", good, 400),  # not UTF-8
     ]
     for path, body, headers, expected in cases:
         status, out = await gateway.post(path, body, headers)
         assert status == expected, (path, body[:20], headers, status, out)
         assert "error" in json.loads(out)
+
+
+async def test_publish_topic_may_be_percent_encoded(gateway):
+    async with ws_connect(gateway, "w1", token=gateway.token("w1")) as c:
+        await c.subscribe("events:orders:eu")
+        # What encodeURIComponent("orders:eu") gives, and a correlation id at its longest.
+        status, body = await gateway.post(
+            "/workspaces/w1/realtime/events/orders%3Aeu", b"{}",
+            {"Authorization": f"Bearer {gateway.token('w1', publish=True)}", "X-Correlation-ID": "c" * 128},
+        )
+        assert status == 202, body
+        ev = await c.recv_event()
+        assert (ev["channel"], ev["topic"], ev["seq"]) == ("events:orders:eu", "orders:eu", json.loads(body)["seq"])
+        assert ev["correlationId"] == "c" * 128
 
 
 async def test_publish_accepts_any_json_value_up_to_the_limit(gateway):

@@ -381,7 +381,7 @@ async def test_connection_quota_per_subject_closes_4008(gateway_factory):
 
 
 async def test_channel_permissions_claim(gateway_factory):
-    gw = await gateway_factory(env={"RT_AUTH_CHANNEL_CLAIM": "realtime_channels"})
+    gw = await gateway_factory(env={"RT_AUTH_CHANNEL_PERMISSIONS": "true"})
     token = gw.token("w1", realtime_channels=["events:orders"])
     async with ws_connect(gw, "w1", token=token) as c:
         await c.subscribe("events:orders")

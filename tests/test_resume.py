@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 
 import websockets
 
@@ -198,6 +200,61 @@ async def test_gateway_restart_gives_history_gap_never_silent_loss(gateway):
         assert gap["code"] == 4011 and gap["oldest"] == after["seq"]
         ev = await c.recv_event()
         assert ev["seq"] == after["seq"]
+
+
+async def test_sessions_survive_a_drained_restart(gateway):
+    """A drained shutdown keeps suspended sessions for the next start (state dir), so a client
+    resumes its session, filters included, across a restart: gap report, then live."""
+    token = gateway.token("w1")
+    async with ws_connect(gateway, "w1", token=token) as early:
+        await early.subscribe("events:a")
+        await early.send({"type": "auth", "token": token})
+        early_session = (await early.recv_type("auth_ok"))["sessionId"]
+    async with ws_connect(gateway, "w1", token=token) as c:
+        await c.subscribe("events:t", {"predicates": {"keep": True}})
+        await c.send({"type": "auth", "token": token})
+        session = (await c.recv_type("auth_ok"))["sessionId"]
+        out = await gateway.publish("w1", "t", {"keep": True})
+        last = (await c.recv_event())["seq"]
+        assert last == out["seq"]
+        await gateway.restart()  # SIGTERM: drained, closes this connection with 1001
+        assert c.close_code == 1001 or await c.expect_close() == (1001, "going_away")
+    dump = os.path.join(gateway.state_dir, "sessions.json")
+    assert not os.path.exists(dump), "the dump is consumed at start"
+    await gateway.publish("w1", "t", {"keep": False})
+    after = await gateway.publish("w1", "t", {"keep": True})
+    async with ws_connect(gateway, "w1") as c:
+        ok = await c.auth(token, resume=session, since=last)
+        assert ok["resumed"] is True and ok["sessionId"] == session
+        gap = await c.recv_type("error")
+        assert (gap["code"], gap["channel"]) == (4011, "events:t")
+        assert (await c.recv_event())["seq"] == after["seq"]  # the filter came back too
+        await c.no_message()
+    async with ws_connect(gateway, "w1") as c:
+        assert (await c.auth(token, resume=early_session))["resumed"] is True
+        # Without `since`, the replay starts where the session left: before the restart.
+        assert (await c.recv_type("error"))["code"] == 4011
+        live = await gateway.publish("w1", "a", {"n": 1})
+        assert (await c.recv_event())["seq"] == live["seq"]
+
+
+async def test_a_hard_kill_leaves_no_resumable_session_but_loses_nothing(gateway):
+    token = gateway.token("w1")
+    async with ws_connect(gateway, "w1", token=token) as c:
+        await c.subscribe("events:t")
+        await c.send({"type": "auth", "token": token})
+        session = (await c.recv_type("auth_ok"))["sessionId"]
+        await gateway.publish("w1", "t", {})
+        last = (await c.recv_event())["seq"]
+    await gateway.restart(signal.SIGKILL)
+    after = await gateway.publish("w1", "t", {"after": True})
+    async with ws_connect(gateway, "w1") as c:
+        ok = await c.auth(token, resume=session, since=last)
+        assert ok["resumed"] is False  # nothing was saved: subscribe again with since
+        await c.send({"type": "subscribe", "channel": "events:t", "since": last})
+        assert (await c.recv())["type"] == "subscribed"
+        assert (await c.recv_type("error"))["code"] == 4011
+        assert (await c.recv_event())["seq"] == after["seq"]
 
 
 async def test_metrics_show_history_and_suspended_sessions(gateway):
