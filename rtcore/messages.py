@@ -1,5 +1,5 @@
 """Every protocol message as a msgspec Struct: inbound ones are decoded (and validated) once at
-the edge, outbound ones encoded once. Field names are the wire names of PROTOCOL.md."""
+the edge, outbound ones encoded once. Field names are the wire names of docs/protocol.md."""
 
 from __future__ import annotations
 

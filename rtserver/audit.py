@@ -1,4 +1,4 @@
-"""Audit trail of connection events (PROTOCOL.md §9): Kafka when configured, else the log.
+"""Audit trail of connection events (docs/audit.md): Kafka when configured, else the log.
 
 `emit()` runs on the gateway's hot path, so it only builds the record and appends it to a
 bounded in-memory queue. A background task hands the queue to an idempotent aiokafka

@@ -1,7 +1,7 @@
 """Channel names and subscription filters: parsed and validated once, at subscribe time.
 
 `postgres:*`, `postgres:{table}`, `mongo:*`, `mongo:{collection}`, `events:*`, `events:{topic}`
-(PROTOCOL.md §4). A bad name or kind is 4010 (channel_unavailable); a bad filter is 4000.
+(docs/protocol.md §4). A bad name or kind is 4010 (channel_unavailable); a bad filter is 4000.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""One WebSocket client: the protocol state machine of PROTOCOL.md §1, §3, §6 and §7.
+"""One WebSocket client: the protocol state machine of docs/protocol.md §1, §3, §6 and §7.
 
 Inbound messages are decoded once with msgspec and handled in order. Handlers that must wait
 (token verification, a database check of a channel) run as a task while later messages queue

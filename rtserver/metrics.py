@@ -75,7 +75,7 @@ class Metrics:
         counter("rt_deliveries_total", "Event frames written to connections", [({}, self.deliveries)])
         counter("rt_frames_out_total", "All frames written to connections", [({}, self.frames_out)])
         counter("rt_writes_total", "Transport writes (several frames coalesce into one)", [({}, self.writes)])
-        counter("rt_publisher_waits_total", "Publishes held until the write backlog was within limits.fanout_backlog",
+        counter("rt_publisher_waits_total", "Publishes held until the write backlog was within bound (rt_write_queue_bound: limits.fanout_backlog, or fanout_backlog_per_connection per open connection when that is more)",
                 [({}, self.publisher_waits)])
         counter("rt_drops_total", "Connections closed because they read too slowly (1013)", [({"reason": "slow_reader"}, self.drops_slow_reader)])
         counter(

@@ -5,7 +5,8 @@ envelope the gateway sends (so frames are the same size), encoded once, and writ
 subscriber; a subscriber may name a group `g` (the filtered scenario), kept in a dict. Tokens
 are checked with PyJWT (HS256) so the connection-storm figures compare like with like.
 Publishes arrive on a second port as newline-separated JSON payloads; each is acknowledged with
-one line once it has been written to every subscriber.
+one line when it is read, before its fan-out (as the gateway answers 202 before its frames
+leave).
 """
 
 from __future__ import annotations

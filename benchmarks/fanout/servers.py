@@ -186,7 +186,7 @@ class Gateway(Server):
         for line in text.splitlines():
             name, _, value = line.partition(" ")
             if name in ("rt_writes_total", "rt_frames_out_total", "rt_deliveries_total",
-                        "rt_slow_reader_drops_total"):
+                        'rt_drops_total{reason="slow_reader"}'):
                 out[name] = float(value)
             elif name.startswith(("rt_gc_collections_total", "rt_gc_pause_seconds_total")):
                 out[name] = float(value)

@@ -58,7 +58,7 @@ LIST_TIMEOUT = 5.0
 
 
 def database_for(url: str, workspace: str) -> str:
-    """The database a workspace reads: the URL's path, else the workspace id (PROTOCOL.md §11).
+    """The database a workspace reads: the URL's path, else the workspace id (docs/mongo.md, "Configuration").
     Parsed without pymongo.uri_parser, which resolves mongodb+srv names (blocking DNS)."""
     rest = url.split("://", 1)[-1].split("?", 1)[0]
     hosts_and_path = rest.rsplit("@", 1)[-1]
