@@ -81,6 +81,9 @@ async def test_token_expiry_mid_session_closes_4001(gateway):
         assert err["code"] == 4001
         assert await c.expect_close() == (4001, "token_expired")
         assert time.time() >= exp - 0.05, "closed before the token's exp"
+    # The session stays resumable, and the audit trail says why its connection ended.
+    (rec,) = await gateway.audit_records("session-suspended")
+    assert (rec["code"], rec["reason"], rec["workspaceId"]) == (4001, "token_expired", "w1")
 
 
 async def test_in_band_refresh_extends_session(gateway):
@@ -105,6 +108,10 @@ async def test_refused_refresh_keeps_connection(gateway):
         assert (await c.recv_type("error"))["code"] == 4001
         await c.send({"type": "auth", "token": "garbage"})
         assert (await c.recv_type("error"))["code"] == 4002
+        # The same subject, but a token that no longer grants this workspace.
+        await c.send({"type": "auth", "token": gateway.token("w2", sub="alice"), "id": 2})
+        err = await c.recv_type("error")
+        assert (err["code"], err["id"]) == (4003, 2) and "workspace w1" in err["message"]
         await c.send({"type": "ping"})
         assert (await c.recv())["type"] == "pong"
 
@@ -454,6 +461,8 @@ async def test_slow_reader_gets_1013_and_others_lose_nothing(gateway_factory):
         assert exc.rcvd is not None and exc.rcvd.code == 1013 and exc.rcvd.reason == "try_again_later"
     status, body = await gw.get("/metrics")
     assert b'rt_drops_total{reason="slow_reader"} 1' in body
+    suspended = await gw.audit_records("session-suspended", count=2)
+    assert sorted((r["code"], r["reason"]) for r in suspended) == [(1000, "client_close"), (1013, "slow_reader")]
 
 
 async def test_ws_ping_frames_are_answered(gateway):
@@ -476,3 +485,5 @@ async def test_idle_peer_is_closed_1001(gateway_factory):
             await asyncio.wait_for(ws.recv(), 5)
     except websockets.ConnectionClosed as exc:
         assert exc.rcvd is not None and (exc.rcvd.code, exc.rcvd.reason) == (1001, "going_away")
+    (rec,) = await gw.audit_records("session-suspended")
+    assert (rec["code"], rec["reason"]) == (1001, "idle_timeout")

@@ -219,6 +219,8 @@ async def test_sessions_survive_a_drained_restart(gateway):
         assert last == out["seq"]
         await gateway.restart()  # SIGTERM: drained, closes this connection with 1001
         assert c.close_code == 1001 or await c.expect_close() == (1001, "going_away")
+    causes = [(r["sessionId"], r["code"], r["reason"]) for r in await gateway.audit_records("session-suspended", 2)]
+    assert causes == [(early_session, 1000, "client_close"), (session, 1001, "shutdown")]
     dump = os.path.join(gateway.state_dir, "sessions.json")
     assert not os.path.exists(dump), "the dump is consumed at start"
     await gateway.publish("w1", "t", {"keep": False})

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -105,6 +106,24 @@ class Gateway:
     async def restart(self, sig: int = signal.SIGTERM) -> None:
         await self.stop(sig)
         await self.start()
+
+    async def audit_records(self, event: str, count: int = 1, timeout: float = 5) -> list[dict]:
+        """The audit records `event` the gateway has logged (no Kafka configured: the log
+        backend), once there are at least `count` (written by a thread: poll)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = []
+            with open(self.log_path, "rb") as fh:
+                for line in fh:
+                    try:
+                        rec = json.loads(line)
+                    except ValueError:
+                        continue
+                    if rec.get("logger") == "rtserver.audit" and rec.get("event") == event:
+                        found.append(rec)
+            if len(found) >= count or time.monotonic() > deadline:
+                return found
+            await asyncio.sleep(0.05)
 
     def logs(self) -> str:
         try:
