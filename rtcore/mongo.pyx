@@ -466,8 +466,15 @@ cdef int _format_iso_chars(char* buf, int year, int month, int day, int hour, in
     return 0
 
 
+# Dates whose year has four digits; others are written with expanded years (rtcore.timefmt).
+cdef int64_t _MIN_RFC3339_MS = -62167219200000
+cdef int64_t _MAX_RFC3339_MS = 253402300799999
+
+
 cdef str _iso_ms(int64_t ms):
     cdef char buf[24]
+    if ms < _MIN_RFC3339_MS or ms > _MAX_RFC3339_MS:
+        return _ref_iso_ms(ms)
     _iso_ms_chars(buf, ms)
     return PyUnicode_DecodeASCII(buf, 24, NULL)
 
@@ -770,9 +777,18 @@ cdef object _raw_document(const unsigned char* buf, Py_ssize_t* pos, Py_ssize_t 
     return items if as_list else fields
 
 
+cdef bytes _bson_bytes(object raw):
+    # PyMongo hands large replies' documents over as memoryviews of the reply buffer.
+    data = raw.raw if type(raw) is _RawBSONDocument else raw
+    if data is None:
+        raise TypeError("expected BSON bytes or a RawBSONDocument, got None")
+    return data if type(data) is bytes else bytes(data)
+
+
 def decode_raw(raw):
-    """BSON bytes (or a RawBSONDocument) as JSON-ready values: to_json(bson.decode(raw))."""
-    cdef bytes data = raw.raw if type(raw) is _RawBSONDocument else raw
+    """BSON bytes (or a RawBSONDocument, or a memoryview of BSON) as JSON-ready values:
+    to_json(bson.decode(raw))."""
+    cdef bytes data = _bson_bytes(raw)
     cdef Py_ssize_t pos = 0
     cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
     result = _raw_document(<const unsigned char*>PyBytes_AS_STRING(data), &pos, n, False)
@@ -1112,6 +1128,7 @@ cdef object _jvalue(int kind, const unsigned char* buf, Py_ssize_t* pos, Py_ssiz
     cdef int32_t size
     cdef int32_t i32
     cdef int64_t i64
+    cdef int64_t ms
     cdef double d
     cdef object value
     cdef char* w
@@ -1150,11 +1167,16 @@ cdef object _jvalue(int kind, const unsigned char* buf, Py_ssize_t* pos, Py_ssiz
         if p + 8 > end:
             raise InvalidBSON("truncated datetime")
         pos[0] = p + 8
+        ms = _i64(buf + p)
+        if ms < _MIN_RFC3339_MS or ms > _MAX_RFC3339_MS:
+            value = _ref_iso_ms(ms)
+            _put_quoted_ascii(o, value)
+            return value
         if o.n + 26 > o.cap:
             _grow(o, 26)
         w = o.p + o.n
         w[0] = 34
-        _iso_ms_chars(w + 1, _i64(buf + p))
+        _iso_ms_chars(w + 1, ms)
         w[25] = 34
         o.n += 26
         return PyUnicode_DecodeASCII(w + 1, 24, NULL)
@@ -1462,8 +1484,12 @@ cdef object _normalize_fast(bytes data, object workspaces, _Out* o):
         return None
     # timestamp: wallTime, else clusterTime's seconds
     cdef char stamp[24]
+    cdef int64_t wall
     if kinds[F_WALL] == 0x09:
-        _iso_ms_chars(stamp, _i64(buf + at[F_WALL]))
+        wall = _i64(buf + at[F_WALL])
+        if wall < _MIN_RFC3339_MS or wall > _MAX_RFC3339_MS:
+            return None
+        _iso_ms_chars(stamp, wall)
     elif _absent(kinds[F_WALL]) and kinds[F_CLUSTER] == 0x11:
         cluster = _ref_iso_ms(<int64_t><uint32_t>_i32(buf + at[F_CLUSTER] + 4) * 1000)
         if type(cluster) is not str or len(<str>cluster) != 24:
@@ -1571,9 +1597,7 @@ def normalize_raw(raw, workspaces):
     """normalize_change of a change event still in BSON (PyMongo's RawBSONDocument or bytes)."""
     if not workspaces:
         return []
-    cdef bytes data = raw.raw if type(raw) is _RawBSONDocument else raw
-    if data is None:
-        raise TypeError("normalize_raw needs bytes or a RawBSONDocument")
+    cdef bytes data = _bson_bytes(raw)
     events = _fast(data, workspaces)
     if events is None:
         return normalize_decoded(decode_raw(data), workspaces)

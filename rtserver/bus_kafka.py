@@ -96,8 +96,14 @@ async def client_options(cfg: Config) -> dict[str, Any]:
     return options
 
 
-async def ensure_topic(options: dict[str, Any], topic: str, partitions: int, replication: int) -> int:
-    """Create `topic` when missing; returns its partition count."""
+# Room for the record batch's own framing above bus.max_record_bytes of value.
+RECORD_OVERHEAD = 64 * 1024
+
+
+async def ensure_topic(options: dict[str, Any], topic: str, partitions: int, replication: int,
+                       max_message_bytes: int | None = None) -> int:
+    """Create `topic` when missing (with max.message.bytes when given); returns its partition
+    count."""
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
     from aiokafka.errors import TopicAlreadyExistsError
 
@@ -113,8 +119,9 @@ async def ensure_topic(options: dict[str, Any], topic: str, partitions: int, rep
                 return len(found[0]["partitions"])
         brokers = len((await admin.describe_cluster()).get("brokers", [])) or 1
         try:
+            configs = {"max.message.bytes": str(max_message_bytes)} if max_message_bytes else None
             await admin.create_topics([NewTopic(topic, num_partitions=partitions,
-                                                replication_factor=min(replication, brokers))])
+                                                replication_factor=min(replication, brokers), topic_configs=configs)])
             log.info("created topic %s", topic, extra={"fields": {"topic": topic, "partitions": partitions}})
         except TopicAlreadyExistsError:
             pass
@@ -138,6 +145,7 @@ class KafkaPublisher:
         self.client_id = client_id
         self.partitions = 0
         self.published = 0
+        self.max_record = cfg.bus.max_record_bytes
         self.options: dict[str, Any] = {}
         self._producer = None
 
@@ -145,8 +153,10 @@ class KafkaPublisher:
         from aiokafka import AIOKafkaProducer
 
         self.options = await client_options(self.cfg)
+        self.max_record = self.cfg.bus.max_record_bytes
         self.partitions = await ensure_topic(
-            self.options, self.topic, self.cfg.bus.partitions, self.cfg.bus.replication_factor
+            self.options, self.topic, self.cfg.bus.partitions, self.cfg.bus.replication_factor,
+            max_message_bytes=self.max_record + RECORD_OVERHEAD,
         )
         self._producer = AIOKafkaProducer(
             **self.options,
@@ -154,7 +164,7 @@ class KafkaPublisher:
             acks="all",
             enable_idempotence=True,  # a retried send is written once, in order
             linger_ms=0,
-            max_request_size=4 * 1024 * 1024,
+            max_request_size=self.max_record + RECORD_OVERHEAD,
         )
         await self._producer.start()
 
@@ -234,7 +244,7 @@ class KafkaBus:
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             fetch_max_wait_ms=100,
-            max_partition_fetch_bytes=4 * 1024 * 1024,
+            max_partition_fetch_bytes=self.cfg.bus.max_record_bytes + RECORD_OVERHEAD,
         )
         await consumer.start()
         self._consumer = consumer
@@ -410,7 +420,8 @@ class KafkaBus:
             if since >= floor() or cancelled():
                 return since, None
             consumer = AIOKafkaConsumer(**self.publisher.options, client_id=f"rtserver-readback-{self.node}",
-                                        group_id=None, enable_auto_commit=False, fetch_max_wait_ms=100)
+                                        group_id=None, enable_auto_commit=False, fetch_max_wait_ms=100,
+                                        max_partition_fetch_bytes=self.cfg.bus.max_record_bytes + RECORD_OVERHEAD)
             try:
                 await consumer.start()
                 consumer.assign([tp])

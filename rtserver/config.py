@@ -102,6 +102,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("bus", "partitions", "RT_BUS_PARTITIONS", int, 12, "Partitions of the events topic when rtserver creates it (never change it afterwards: seq is the offset in the workspace's partition)"),
     Setting("bus", "replication_factor", "RT_BUS_REPLICATION_FACTOR", int, 3, "Replication factor of the events topic when rtserver creates it (capped at the broker count)"),
     Setting("bus", "max_lag", "RT_BUS_MAX_LAG", int, 10000, "Events a gateway node may be behind the topic; beyond it new connections get HTTP 503 and /readyz 503"),
+    Setting("bus", "max_record_bytes", "RT_BUS_MAX_RECORD_BYTES", int, 4 * 1024 * 1024, "Largest event record on the events topic (the topic is created with max.message.bytes to match); a change beyond it is skipped with history_gap"),
     Setting("bus", "max_replay", "RT_BUS_MAX_REPLAY", int, 100000, "Records one resume may read back from Kafka (older than the node's memory); beyond it history_gap"),
     Setting("bus", "workspaces", "RT_BUS_WORKSPACES", list, [], "Ingest: workspaces fed by the default postgres/mongo URLs (besides [workspaces.*] sections)"),
     Setting("bus", "ingest_port", "RT_INGEST_PORT", int, 0, "Ingest: port of its /healthz, /readyz and /metrics (0 = none)"),

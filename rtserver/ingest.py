@@ -58,6 +58,7 @@ class SourceSink:
         self.mongo_done = mongo_done or {}  # database -> (resume token, events after it)
         self._token: bytes | None = None
         self.skipped = 0
+        self.oversized = 0  # records over bus.max_record_bytes, skipped (_oversized)
         self._lsn = -1
         self._count = 0
         self._gaps: set[asyncio.Task] = set()
@@ -93,10 +94,26 @@ class SourceSink:
                 return 0
             if token is not None:
                 headers = [(MONGO_HEADER, f"{src.database}|{base64.b64encode(token).decode()}|{self._count}".encode())]
-        self._in_flight.append(await self.publisher.enqueue(event.workspace, encode_event(event), headers))
+        value = encode_event(event)
+        if len(value) > self.publisher.max_record:
+            self._oversized(event, len(value))
+            return 0
+        self._in_flight.append(await self.publisher.enqueue(event.workspace, value, headers))
         if len(self._in_flight) >= _MAX_IN_FLIGHT:
             await self.drain()
         return 0  # the seq (offset + 1) is known once Kafka answers; sources do not need it
+
+    def _oversized(self, event: Event, size: int) -> None:
+        """A record the topic would refuse on every retry: skipped, loudly, and the workspace's
+        subscribers told (history_gap) instead of the feed stalling behind it."""
+        self.oversized += 1
+        limit = self.publisher.max_record
+        where = f"{event.source}:{event.entity}"
+        log.error("change too large for the events topic; skipped",
+                  extra={"fields": {"workspace": event.workspace, "channel": where, "bytes": size,
+                                    "max_record_bytes": limit}})
+        self.history_gap(event.workspace, event.source,
+                         f"a change of {where} ({size} bytes) exceeded bus.max_record_bytes ({limit}) and was skipped")
 
     async def drain(self) -> None:
         """Wait until Kafka has every record published so far (acks=all); raises on failure."""
@@ -105,9 +122,26 @@ class SourceSink:
             await asyncio.gather(*in_flight)
 
     def history_gap(self, workspace: str, source: str, reason: str) -> None:
-        task = asyncio.ensure_future(self.publisher.publish_gap(workspace, source, reason))
+        task = asyncio.ensure_future(self._publish_gap(workspace, source, reason))
         self._gaps.add(task)
         task.add_done_callback(self._gaps.discard)
+
+    async def _publish_gap(self, workspace: str, source: str, reason: str) -> None:
+        """The gap record is how every node learns that changes were lost: retried until
+        Kafka has it (the feed itself goes on meanwhile)."""
+        delay = 0.5
+        while True:
+            try:
+                await self.publisher.publish_gap(workspace, source, reason)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the broker may be away: retry
+                log.warning("history_gap record not published yet; retrying",
+                            extra={"fields": {"workspace": workspace, "source": source,
+                                              "error": f"{type(exc).__name__}: {exc}", "retry_in_s": delay}})
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
 
 
 def plan_sources(cfg: Config) -> list[dict[str, Any]]:
@@ -296,7 +330,7 @@ class Ingest:
         for src, sink in self.sources:
             st = src.status()
             feeds[f"{src.kind}:{st.get('slot') or st.get('database') or ''}"] = {
-                "ready": src.ready(), "takeover_skipped": sink.skipped, **{k: v for k, v in st.items() if k != "ready"}}
+                "ready": src.ready(), "takeover_skipped": sink.skipped, "oversized_skipped": sink.oversized, **{k: v for k, v in st.items() if k != "ready"}}
         ready = not held or (bool(self.sources) and all(s.ready() for s, _ in self.sources))
         return ready, {"ready": ready, "role": "active" if held else "standby", "feeds": feeds,
                        "published": self.publisher.published}

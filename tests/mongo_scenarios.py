@@ -205,6 +205,20 @@ async def transaction_correlation_id(env: Env) -> None:
     assert ids[2].startswith("mongo-")
 
 
+async def far_dates_are_delivered(env: Env) -> None:
+    """A date MongoDB accepts but RFC 3339 cannot write (year 10000, year -1) is delivered with
+    an expanded year, as JavaScript writes it, and the changes after it flow on."""
+    from bson.datetime_ms import DatetimeMS
+
+    async with running(env), client(env) as db:
+        await db.orders.insert_one({"_id": 1, "at": DatetimeMS(253402300800000), "before": DatetimeMS(-62167219200001)})
+        await db.orders.insert_one({"_id": 2})
+        bodies = await settle(env, 2)
+    assert bodies[0]["document"] == {"_id": 1, "at": "+010000-01-01T00:00:00.000Z",
+                                     "before": "-000001-12-31T23:59:59.999Z"}
+    assert [b["document"]["_id"] for b in bodies] == [1, 2]
+
+
 async def resume_after_restart(env: Env) -> None:
     async with client(env) as db:
         async with running(env):

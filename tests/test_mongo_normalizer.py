@@ -131,6 +131,39 @@ def test_bson_type_mapping():
     assert mongo.decode_raw(bson.encode(raw_value)) == raw_expected
 
 
+@pytest.mark.parametrize(("ms", "text"), [
+    (253402300799999, "9999-12-31T23:59:59.999Z"),
+    (253402300800000, "+010000-01-01T00:00:00.000Z"),  # as JavaScript's toISOString writes it
+    (-62167219200000, "0000-01-01T00:00:00.000Z"),
+    (-62167219200001, "-000001-12-31T23:59:59.999Z"),
+    (-30610224000001, "0999-12-31T23:59:59.999Z"),
+    (2**63 - 1, "+292278994-08-17T07:12:55.807Z"),
+])
+def test_dates_beyond_four_digit_years_are_written_not_refused(ms, text):
+    # MongoDB stores any int64 of milliseconds; a change holding one must still be delivered.
+    from bson.codec_options import CodecOptions, DatetimeConversion
+    from bson.datetime_ms import DatetimeMS
+
+    change = order_change(1, "insert")
+    change["fullDocument"] = {"_id": 1, "d": DatetimeMS(ms), "list": [DatetimeMS(ms)]}
+    raw = bson.encode(change)
+    decoded = bson.decode(raw, CodecOptions(datetime_conversion=DatetimeConversion.DATETIME_AUTO))
+    expected = mongo_ref.normalize_change(decoded, ["w1"])
+    assert expected[0].record["d"] == text and expected[0].record["list"] == [text]
+    fast = mongo.normalize_raw_fast_path(raw, ["w1"])
+    for got in (fast, mongo.normalize_raw(raw, ["w1"]), mongo.normalize_decoded(mongo.decode_raw(raw), ["w1"])):
+        assert [(e.body, e.record) for e in got] == [(e.body, e.record) for e in expected]
+
+
+def test_memoryview_of_bson_is_accepted():
+    # PyMongo hands over a large reply's documents as memoryviews of its buffer.
+    raw = bson.encode(order_change(3, "insert"))
+    for impl in (mongo, mongo_ref):
+        assert [e.body for e in impl.normalize_raw(memoryview(raw), ["w1"])] == [
+            e.body for e in impl.normalize_raw(raw, ["w1"])]
+        assert impl.decode_raw(memoryview(raw)) == impl.decode_raw(raw)
+
+
 def test_event_fields_and_non_data_events():
     change = order_change(7, "update")
     (event,) = mongo.normalize_change(change, ["w1"])

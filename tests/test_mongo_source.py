@@ -7,8 +7,13 @@ tests/mongo_scenarios.py)."""
 
 from __future__ import annotations
 
-import pytest
+import json
 
+import bson
+import pytest
+from bson.raw_bson import RawBSONDocument
+
+from benchmarks.mongo_docs import order_change
 from rtserver.sources.mongo import database_for
 from tests import mongo_scenarios as sc
 
@@ -29,6 +34,57 @@ async def test_update_of_a_document_deleted_since_has_null_document(env):
 
 async def test_bson_types_map_to_json(env):
     await sc.bson_types_map_to_json(env)
+
+
+async def test_far_dates_are_delivered(env):
+    await sc.far_dates_are_delivered(env)
+
+
+async def test_an_unconvertible_change_is_skipped_with_a_gap(env):
+    """A stored string that is not UTF-8 (inserted raw; the same bytes fail on every retry):
+    skipped with an error and a history_gap per workspace, and the feed goes on behind it."""
+    env.workspaces[:] = ["w1", "w2"]
+    # The change event as a server would send it (the test double re-encodes what it stores,
+    # so it cannot hold such a string: the change goes straight to the source's handler).
+    change = order_change(1, "insert")
+    change["fullDocument"] = {"_id": 1, "name": "abcdef"}
+    bad = RawBSONDocument(bson.encode(change).replace(b"abcdef", b"ab\xff\xfeef"))
+    source = sc.make_source(env)
+    assert await source._handle(bad) is True  # handled: the stream moves past it
+    assert source.status()["skipped_changes"] == 1 and "shop.orders" in source.status()["last_error"]
+    assert await source._handle(RawBSONDocument(bson.encode(order_change(2, "insert")))) is True
+    assert [(e.workspace, json.loads(e.body)["document"]["orderId"]) for e in env.sink.events] == [
+        ("w1", "ORD-000002"), ("w2", "ORD-000002")]
+    assert [(w, s) for w, s, _ in env.sink.gaps] == [("w1", "mongo"), ("w2", "mongo")]
+    assert "could not be converted" in env.sink.gaps[0][2] and "UnicodeDecodeError" in env.sink.gaps[0][2]
+
+
+class _FailingOnce:
+    """An event sink (the gateway's bus) that refuses its first publish, as a Kafka producer
+    does when the broker is away: the source must retry from its saved token."""
+
+    def __init__(self, sink):
+        self.sink, self.failed = sink, 0
+
+    async def publish(self, event):
+        if not self.failed:
+            self.failed += 1
+            raise TimeoutError("the bus did not take the record in time")
+        return await self.sink.publish(event)
+
+    def history_gap(self, workspace, source, reason):
+        self.sink.history_gap(workspace, source, reason)
+
+
+async def test_a_sink_failure_is_retried_from_the_saved_token(env):
+    collected = env.sink
+    env.sink = _FailingOnce(collected)
+    async with sc.running(env), sc.client(env) as db:
+        await db.orders.insert_one({"_id": 1})
+        await db.orders.insert_one({"_id": 2})
+        env.sink = collected
+        bodies = await sc.settle(env, 2)
+    assert [b["document"]["_id"] for b in bodies] == [1, 2]  # nothing lost, nothing twice
 
 
 async def test_each_collection_is_its_own_channel(env):

@@ -320,6 +320,33 @@ async def test_mongo_ingest_killed_takeover_on_another_machine(cluster, mongo_se
     assert "resumes after the token Kafka has" in second.logs(), second.logs()
 
 
+async def test_a_change_too_large_for_the_topic_is_skipped_with_a_gap(cluster, mongo_server):
+    """A record the topic would refuse on every retry must not stall the feed behind it."""
+    from pymongo import AsyncMongoClient
+
+    cluster.env.update({"RT_MONGO_URL": mongo_server.url.replace("/?", "/shop?"),
+                        "RT_BUS_MAX_RECORD_BYTES": "65536"})
+    ingest = await cluster.ingest()
+    await ingest.wait_active()
+    node = await cluster.node()
+    client = AsyncMongoClient(mongo_server.url, serverSelectionTimeoutMS=5000)
+    try:
+        async with ws_connect(node, "w1", token=node.token("w1")) as c:
+            await c.subscribe("mongo:orders")
+            await client["shop"].orders.insert_one({"_id": 1, "blob": "x" * 100_000})
+            await client["shop"].orders.insert_one({"_id": 2, "blob": "small"})
+            got = [await c.recv(timeout=20), await c.recv(timeout=20)]
+            await c.no_message(0.5)
+    finally:
+        await client.close()
+    gap = next(m for m in got if m["type"] == "error")
+    assert gap["code"] == 4011 and "max_record_bytes" in gap["message"] and gap["channel"] == "mongo:orders"
+    assert [m["document"]["_id"] for m in got if m["type"] == "event"] == [2]
+    status = await ingest.status()
+    assert {k: f["oversized_skipped"] for k, f in status["feeds"].items() if k.startswith("mongo")} == {"mongo:shop": 1}
+    assert "change too large for the events topic" in ingest.logs()
+
+
 async def test_node_behind_the_topic_refuses_new_connections_until_caught_up(cluster):
     """Beyond RT_BUS_MAX_LAG a node answers new WebSocket upgrades and /readyz with 503 (a load
     balancer sends clients elsewhere); its open connections go on, and it accepts again once it

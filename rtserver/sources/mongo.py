@@ -210,6 +210,7 @@ class MongoSource:
         self._collections_lock = asyncio.Lock()
         self._events = 0
         self._history_lost = 0
+        self._skipped = 0  # changes that could not be converted (_unconvertible)
         self._last_error = ""
         self._last_event_at = 0.0
         self._streams_opened = 0
@@ -279,6 +280,7 @@ class MongoSource:
             "events": self._events,
             "streams_opened": self._streams_opened,
             "history_lost": self._history_lost,
+            "skipped_changes": self._skipped,
             "last_event_age_s": round(time.monotonic() - self._last_event_at, 3) if self._last_event_at else None,
             "resumable": self._token is not None or self._start_after is not None,
             "operations": sorted(self._operations),
@@ -343,6 +345,12 @@ class MongoSource:
                     continue
                 delay = await self._failed(exc, delay)
             except PyMongoError as exc:
+                delay = await self._failed(exc, delay)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - e.g. the bus refusing a record: keep the feed alive
+                log.exception("mongo source failed; reopening from the saved token",
+                              extra={"fields": {"database": self.database}})
                 delay = await self._failed(exc, delay)
 
     async def _failed(self, exc: Exception, delay: float) -> float:
@@ -414,17 +422,15 @@ class MongoSource:
     async def _handle(self, change: RawBSONDocument) -> bool:
         """Publish one change; False when the stream must be reopened (invalidate)."""
         workspaces = list(self._workspaces())
-        # The fast path reads the raw BSON once (record + body JSON in one pass); it declines
-        # non-data changes and unusual shapes, which take the decoded path below.
-        events = normalizer.normalize_raw(change.raw, workspaces)
-        if events:
+        try:
+            events, decoded = self._convert(change, workspaces)
+        except Exception as exc:  # noqa: BLE001 - one change must not stop the feed behind it
+            self._unconvertible(change, exc, workspaces)
+            return True
+        if events is not None:
             await self._publish(events)
             return True
-        decoded = normalizer.decode_raw(change.raw)
         op = decoded.get("operationType")
-        if op in DATA_OPERATIONS:
-            await self._publish(normalizer.normalize_decoded(decoded, workspaces))
-            return True
         ns = decoded.get("ns") or {}
         if op == "invalidate":
             log.warning("mongo change stream invalidated, reopening after it",
@@ -439,6 +445,35 @@ class MongoSource:
                                                               "collection": ns.get("coll")}})
         self._collections_at = 0.0
         return True
+
+    @staticmethod
+    def _convert(change: RawBSONDocument, workspaces: list[str]) -> tuple[list[Event] | None, dict[str, Any]]:
+        """The events of a data change (decoded: {}), or None and the decoded control event."""
+        # The fast path reads the raw BSON once (record + body JSON in one pass); it declines
+        # non-data changes and unusual shapes, which take the decoded path.
+        events = normalizer.normalize_raw(change.raw, workspaces)
+        if events:
+            return events, {}
+        decoded = normalizer.decode_raw(change.raw)
+        if decoded.get("operationType") in DATA_OPERATIONS:
+            return normalizer.normalize_decoded(decoded, workspaces), decoded
+        return None, decoded
+
+    def _unconvertible(self, change: RawBSONDocument, exc: Exception, workspaces: list[str]) -> None:
+        """A change no retry could convert (the same bytes fail the same way): skipped, loudly,
+        and the workspaces told that their history has a hole (history_gap)."""
+        self._skipped += 1
+        where = self.database
+        with contextlib.suppress(Exception):  # the change may be malformed where ns would be
+            ns = change.get("ns") or {}
+            where = f"{ns.get('db', self.database)}.{ns.get('coll', '?')}"
+        error = f"{type(exc).__name__}: {exc}"
+        self._last_error = f"skipped a change of {where}: {error}"
+        log.error("mongo change could not be converted; skipped",
+                  extra={"fields": {"database": self.database, "namespace": where, "error": error}})
+        reason = f"a MongoDB change in {where} could not be converted ({error}); it was skipped"
+        for ws in workspaces:
+            self._sink.history_gap(ws, "mongo", reason)
 
     async def _publish(self, events: list[Event]) -> None:
         self._publishing = True

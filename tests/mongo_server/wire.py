@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import bson
-from bson.codec_options import CodecOptions
+from bson.codec_options import CodecOptions, DatetimeConversion
 
 OP_REPLY = 1
 OP_QUERY = 2004
@@ -28,7 +28,9 @@ _UINT32 = struct.Struct("<I")
 _REPLY_PREFIX = struct.Struct("<iqii")
 
 # Documents are kept with their original types; UUIDs stay bson.Binary so they round-trip.
-CODEC = CodecOptions(tz_aware=False)
+# DATETIME_AUTO: dates beyond datetime's years 1-9999 (MongoDB stores any int64 of ms) stay
+# DatetimeMS instead of failing the decode.
+CODEC = CodecOptions(tz_aware=False, datetime_conversion=DatetimeConversion.DATETIME_AUTO)
 
 
 class ProtocolError(Exception):
