@@ -77,6 +77,8 @@ cdef class Decoder:
     cdef public dict relations
     cdef public dict types
     cdef public dict arrays
+    cdef public dict domains
+    cdef public list errors
     cdef dict _info
     cdef public bint in_stream
 

@@ -69,9 +69,11 @@ cdef enum:
     CONV_ARRAY = 9
 
 cdef object _json_decode = msgspec.json.decode
+cdef object _JsonError = msgspec.DecodeError
 cdef object _b64encode = base64.b64encode
 cdef object _UNCHANGED = UNCHANGED
 cdef int64_t _INT64_MAX = 9223372036854775807
+cdef double _INF = float("inf")
 
 
 # -- native per-row messages ------------------------------------------------------------------
@@ -253,19 +255,36 @@ cdef object _float(const uint8_t* p, Py_ssize_t n):
 
 
 cdef object _numeric(const uint8_t* p, Py_ssize_t n):
-    cdef Py_ssize_t i = 0
+    cdef Py_ssize_t start = 0
+    cdef Py_ssize_t i
+    cdef bint integral = True
     if n > 0 and p[0] == 45:
-        i = 1
-    if i >= n:
+        start = 1
+    if start >= n:
         return _float(p, n)
-    while i < n:
+    for i in range(start, n):
         if p[i] < 48 or p[i] > 57:
-            return _float(p, n)
-        i += 1
-    value = _parse_int(p, n)
-    if -_INT64_MAX <= value <= _INT64_MAX:
-        return value
-    return float(value)
+            integral = False
+            break
+    # more than 19 digits is beyond int64 anyway (and int() refuses more than 4300)
+    if integral and n - start <= 19:
+        value = _parse_int(p, n)
+        if -_INT64_MAX <= value <= _INT64_MAX:
+            return value
+    value = _float(p, n)
+    if (value == _INF or value == -_INF) and 48 <= p[start] <= 57:
+        # beyond a double's range: its exact text rather than an infinity (see pgoutput_ref)
+        return PyUnicode_DecodeUTF8(<const char*>p, n, NULL)
+    return value
+
+
+cdef object _json(const uint8_t* p, Py_ssize_t n):
+    cdef bytes raw = (<const char*>p)[:n]
+    try:
+        return _json_decode(raw)
+    except _JsonError:
+        # valid for PostgreSQL's json type, not representable here: the JSON text as a string
+        return PyUnicode_DecodeUTF8(<const char*>p, n, NULL)
 
 
 cdef inline bint _ascii(const uint8_t* p, Py_ssize_t n) noexcept nogil:
@@ -321,7 +340,7 @@ cdef object _convert(int code, int elem, const uint8_t* p, Py_ssize_t n):
     if code == CONV_NUMERIC:
         return _numeric(p, n)
     if code == CONV_JSON:
-        return _json_decode((<const char*>p)[:n])
+        return _json(p, n)
     if code == CONV_TIMESTAMP:
         return _timestamp(p, n)
     if code == CONV_TIMESTAMPTZ:
@@ -340,11 +359,20 @@ cdef class Decoder:
         self.relations = {}
         self.types = {}
         self.arrays = {}
+        self.domains = {}
+        self.errors = []
         self._info = {}
         self.in_stream = False
 
     def register_array(self, array_oid, element_oid):
         self.arrays[array_oid] = element_oid
+        self._rebuild()
+
+    def register_domain(self, domain_oid, base_oid):
+        self.domains[domain_oid] = base_oid
+        self._rebuild()
+
+    def _rebuild(self):
         for relid, rel in self.relations.items():
             self._info[relid] = self._build_info(rel)
 
@@ -355,7 +383,7 @@ cdef class Decoder:
         keys = bytearray()
         keyset = set(rel.key_columns)
         for oid, col in zip(rel.type_oids, rel.columns):
-            c, e = converter_for(oid, self.arrays)
+            c, e = converter_for(oid, self.arrays, self.domains)
             codes.append(c)
             elems.append(e)
             keys.append(1 if col in keyset else 0)
@@ -550,7 +578,13 @@ cdef class Decoder:
             if kind == 116:  # 't'
                 length = r_u32(r)
                 r_need(r, length)
-                value = _convert(codes[i], elems[i], r.buf + r.pos, length)
+                try:
+                    value = _convert(codes[i], elems[i], r.buf + r.pos, length)
+                except Exception as exc:
+                    # one odd value must not fail its row: its text, and the source reports it
+                    value = PyUnicode_DecodeUTF8(<const char*>r.buf + r.pos, length, "replace")
+                    self.errors.append((info.relation.schema, info.relation.name, columns[i],
+                                        f"{type(exc).__name__}: {exc}"))
                 r.pos += length
             elif kind == 110:  # 'n'
                 value = None

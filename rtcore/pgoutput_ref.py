@@ -8,14 +8,23 @@ captured real streams, and the benchmark measures the compiled one against this.
 
 Value conversion (text format, which is what pgoutput sends unless `binary` is requested):
   bool -> bool; int2/int4/int8/oid -> int; float4/float8 -> float (NaN/Infinity encode as
-  null); numeric -> int when the text is integral ("42"), else float (precision beyond ~15
-  significant digits is lost: JSON numbers are doubles for most clients); text, varchar,
-  bpchar, name, char, uuid -> str; json/jsonb -> the parsed JSON value; date -> "YYYY-MM-DD";
+  null); numeric -> int when the text is integral ("42") and fits in 64 bits, else float
+  (precision beyond ~15 significant digits is lost: JSON numbers are doubles for most
+  clients), and its text (a str) when beyond the range of a double, where a float would be
+  infinite; text, varchar, bpchar, name, char, uuid -> str; json/jsonb -> the parsed JSON
+  value, or its text (a str) when it holds what JSON cannot carry here (a number beyond the
+  range of a double, a lone surrogate escape); date -> "YYYY-MM-DD";
   time/timetz -> as PostgreSQL prints it; timestamp -> "YYYY-MM-DDTHH:MM:SS[.ffffff]" (no
   offset: the value has none); timestamptz -> UTC "YYYY-MM-DDTHH:MM:SS[.ffffff]Z";
   bytea -> base64; one-dimensional or nested arrays of these -> lists; enums and every
-  other type -> their text form. 'n' (NULL) -> None; 'u' (an unchanged TOASTed value that
-  the server did not send) -> the `UNCHANGED` sentinel, which the source must replace.
+  other type -> their text form; a domain -> as its base type. 'n' (NULL) -> None; 'u' (an
+  unchanged TOASTed value that the server did not send) -> the `UNCHANGED` sentinel, which the
+  source must replace.
+
+A value whose conversion fails all the same (e.g. text that is not UTF-8 in a SQL_ASCII
+database) never fails the message: it becomes its text (invalid UTF-8 replaced by U+FFFD) and
+the failure is appended to `Decoder.errors` as (schema, table, column, error) for the source to
+report.
 """
 
 from __future__ import annotations
@@ -90,14 +99,34 @@ ARRAY_ELEMENTS: dict[int, int] = {
 
 
 _INT64_MAX = (1 << 63) - 1
+_INF = float("inf")
+
+
+_INT64_DIGITS = 19
 
 
 def _numeric(text: str) -> Any:
-    if text.lstrip("-").isdigit():
+    digits = text[1:] if text.startswith("-") else text
+    # more than 19 digits is beyond int64 anyway (and int() refuses more than 4300)
+    if digits.isdigit() and len(digits) <= _INT64_DIGITS:
         value = int(text)
-        # beyond int64 a JSON encoder cannot write the int: fall back to a float
-        return value if -_INT64_MAX <= value <= _INT64_MAX else float(text)
-    return float(text)
+        if -_INT64_MAX <= value <= _INT64_MAX:
+            return value
+    value = float(text)
+    if (value == _INF or value == -_INF) and digits[:1].isdigit():
+        # beyond a double's range (numeric goes to 10^131072): an infinity, i.e. null in JSON,
+        # would lose the value; its exact text does not ('Infinity' itself stays a float)
+        return text
+    return value
+
+
+def _json(text: str) -> Any:
+    try:
+        return msgspec.json.decode(text)
+    except msgspec.DecodeError:
+        # valid for PostgreSQL's json type, not representable here (a number beyond a double,
+        # a lone surrogate escape): the JSON text itself, as a string
+        return text
 
 
 def _timestamp(text: str) -> str:
@@ -146,7 +175,7 @@ def convert_scalar(code: int, text: str) -> Any:
     if code == CONV_NUMERIC:
         return _numeric(text)
     if code == CONV_JSON:
-        return msgspec.json.decode(text)
+        return _json(text)
     if code == CONV_TIMESTAMP:
         return _timestamp(text)
     if code == CONV_TIMESTAMPTZ:
@@ -210,8 +239,13 @@ def _parse_array_at(text: str, pos: int, code: int) -> tuple[list, int]:
     raise ValueError(f"unterminated array literal: {text!r}")
 
 
-def converter_for(type_oid: int, arrays: dict[int, int] | None = None) -> tuple[int, int]:
-    """(code, element code) for `type_oid`; `arrays` adds array OIDs learnt at runtime."""
+def converter_for(
+    type_oid: int, arrays: dict[int, int] | None = None, domains: dict[int, int] | None = None
+) -> tuple[int, int]:
+    """(code, element code) for `type_oid`; `arrays` adds array OIDs learnt at runtime, `domains`
+    maps a domain OID to its (ultimate) base type OID: a domain's values are its base type's."""
+    if domains:
+        type_oid = domains.get(type_oid, type_oid)
     code = SCALAR_CONVERTERS.get(type_oid)
     if code is not None:
         return code, CONV_TEXT
@@ -219,16 +253,32 @@ def converter_for(type_oid: int, arrays: dict[int, int] | None = None) -> tuple[
     if elem is None and arrays is not None:
         elem = arrays.get(type_oid)
     if elem:  # 0: learnt not to be an array
+        if domains:
+            elem = domains.get(elem, elem)  # an array of a domain
         return CONV_ARRAY, SCALAR_CONVERTERS.get(elem, CONV_TEXT)
     return CONV_TEXT, CONV_TEXT
 
 
-def convert_value(type_oid: int, text: str, arrays: dict[int, int] | None = None) -> Any:
+def convert_value(
+    type_oid: int, text: str, arrays: dict[int, int] | None = None, domains: dict[int, int] | None = None
+) -> Any:
     """Convert one text-format value of type `type_oid` (used for on-demand fetches too)."""
-    code, elem = converter_for(type_oid, arrays)
+    code, elem = converter_for(type_oid, arrays, domains)
     if code == CONV_ARRAY:
         return parse_array(text, elem)
     return convert_scalar(code, text)
+
+
+def convert_or_text(code: int, elem: int, raw: bytes) -> tuple[Any, str]:
+    """(value, "") or, when the conversion fails, (the text with invalid UTF-8 replaced, the
+    error): one odd value must not fail its row, let alone stop the feed."""
+    try:
+        text = raw.decode("utf-8")
+        if code == CONV_ARRAY:
+            return parse_array(text, elem), ""
+        return convert_scalar(code, text), ""
+    except Exception as exc:  # noqa: BLE001 - any failure: the row is still delivered
+        return raw.decode("utf-8", "replace"), f"{type(exc).__name__}: {exc}"
 
 
 # -- messages ------------------------------------------------------------------------------
@@ -433,19 +483,30 @@ class Decoder:
         self.relations: dict[int, Relation] = {}
         self.types: dict[int, TypeInfo] = {}
         self.arrays: dict[int, int] = {}  # array OID -> element OID learnt from the catalog
+        self.domains: dict[int, int] = {}  # domain OID -> base type OID learnt from the catalog
+        # (schema, table, column, error) of values sent as text because their conversion failed
+        self.errors: list[tuple[str, str, str, str]] = []
         self._converters: dict[int, tuple[list[int], list[int]]] = {}
         self.in_stream = False
 
     def register_array(self, array_oid: int, element_oid: int) -> None:
         """Teach the decoder a non-built-in array type (e.g. an array of an enum)."""
         self.arrays[array_oid] = element_oid
+        self._rebuild()
+
+    def register_domain(self, domain_oid: int, base_oid: int) -> None:
+        """Teach the decoder a domain: its values are converted as its base type's."""
+        self.domains[domain_oid] = base_oid
+        self._rebuild()
+
+    def _rebuild(self) -> None:
         for relid, rel in self.relations.items():
             self._converters[relid] = self._build_converters(rel)
 
     def _build_converters(self, rel: Relation) -> tuple[list[int], list[int]]:
         codes, elems = [], []
         for oid in rel.type_oids:
-            c, e = converter_for(oid, self.arrays)
+            c, e = converter_for(oid, self.arrays, self.domains)
             codes.append(c)
             elems.append(e)
         return codes, elems
@@ -590,12 +651,9 @@ class Decoder:
                 if kind == 0x62:
                     value = base64.b64encode(raw).decode("ascii")
                 else:
-                    text = raw.decode("utf-8")
-                    code = codes[i]
-                    if code == CONV_ARRAY:
-                        value = parse_array(text, elems[i])
-                    else:
-                        value = convert_scalar(code, text)
+                    value, error = convert_or_text(codes[i], elems[i], raw)
+                    if error:
+                        self.errors.append((rel.schema, rel.name, columns[i], error))
             else:
                 raise DecodeError(f"unknown tuple column kind {kind!r}")
             if keys is not None and columns[i] not in keys:

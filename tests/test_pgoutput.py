@@ -157,3 +157,72 @@ def test_compiled_conversion_fast_paths_equal_reference(oid, texts):
         a, b = compiled.decode(msg), ref.decode(msg)
         assert a.kind == b.kind == "I"
         assert repr(a.astuple()) == repr(b.astuple()), text  # repr: NaN never equals itself
+
+
+def _one_column(oid: int) -> bytes:
+    return b"R" + struct.pack("!I", 7) + b"public\0t\0d" + struct.pack("!h", 1) + b"\x01v\0" + struct.pack("!Ii", oid, -1)
+
+
+def _insert(raw: bytes) -> bytes:
+    return b"I" + struct.pack("!I", 7) + b"N" + struct.pack("!h", 1) + b"t" + struct.pack("!i", len(raw)) + raw
+
+
+_HUGE = "1" + "0" * 400
+_UNREPRESENTABLE = [
+    # numeric beyond a double (the compiled decoder raised OverflowError, the reference gave inf)
+    (1700, _HUGE, _HUGE),
+    (1700, "-" + _HUGE + ".5", "-" + _HUGE + ".5"),
+    (1700, "1" + "0" * 5000, "1" + "0" * 5000),  # beyond int()'s 4300 digits
+    (1700, "12345678901234567890", 12345678901234567890.0),  # beyond int64, within a double
+    (1231, "{1," + _HUGE + "}", [1, _HUGE]),
+    # json that PostgreSQL accepts and msgspec cannot decode: the JSON text
+    (114, '{"x": 1e400}', '{"x": 1e400}'),
+    (114, '"\\ud800"', '"\\ud800"'),
+    (199, '{"[1e400]","{\\"a\\": 1}"}', ["[1e400]", {"a": 1}]),
+]
+
+
+@pytest.mark.parametrize("mod", [pgoutput, pgoutput_ref])
+@pytest.mark.parametrize(("oid", "text", "expected"), _UNREPRESENTABLE, ids=[f"{o}-{t[:12]}" for o, t, _ in _UNREPRESENTABLE])
+def test_values_json_cannot_carry_become_text(mod, oid, text, expected):
+    dec = mod.Decoder()
+    dec.decode(_one_column(oid))
+    assert dec.decode(_insert(text.encode())).new == {"v": expected}
+    assert dec.errors == []  # documented conversions, not failures
+
+
+@pytest.mark.parametrize(
+    ("oid", "raw", "expected", "error"),
+    [
+        (25, b"caf\xe9", "caf\ufffd", "UnicodeDecodeError"),  # not UTF-8 (a SQL_ASCII database)
+        (1007, b"{1,2", "{1,2", "IndexError"),  # a malformed array literal
+        (23, b"x1", "x1", "ValueError"),
+    ],
+)
+def test_failed_conversion_is_text_and_reported_in_both_decoders(oid, raw, expected, error):
+    """A value that cannot be converted never fails its row (which stopped the whole feed): it is
+    sent as its text and listed in `errors` for the source to report; both decoders agree."""
+    results = []
+    for mod in (pgoutput, pgoutput_ref):
+        dec = mod.Decoder()
+        dec.decode(_one_column(oid))
+        msg = dec.decode(_insert(raw))
+        assert msg.new == {"v": expected}
+        assert [e[:3] for e in dec.errors] == [("public", "t", "v")] and dec.errors[0][3].startswith(error)
+        results.append((repr(msg.astuple()), dec.errors))
+    assert results[0] == results[1]
+
+
+@pytest.mark.parametrize("mod", [pgoutput, pgoutput_ref])
+def test_domains_convert_as_their_base_type(mod):
+    dec = mod.Decoder()
+    dec.decode(_one_column(70000))
+    dec.register_domain(70000, 3802)  # a domain over jsonb
+    assert dec.decode(_insert(b'{"q": 1}')).new == {"v": {"q": 1}}
+    dec.decode(_one_column(70001))
+    dec.register_array(70001, 70002)  # an array of a domain over int4
+    dec.register_domain(70002, 23)
+    assert dec.decode(_insert(b"{1,NULL,3}")).new == {"v": [1, None, 3]}
+    dec.decode(_one_column(70003))
+    dec.register_domain(70003, 1007)  # a domain over int4[]
+    assert dec.decode(_insert(b"{{1,2}}")).new == {"v": [[1, 2]]}

@@ -103,3 +103,19 @@ async def test_transitions_enter_and_leave(pg_gateway):
         assert [e["record"]["price"] for e in plain_got] == [120, 500]
         assert all("transition" not in e for e in plain_got)
         await c.no_message()
+
+
+async def test_key_change_under_default_identity_is_no_transition(pg_gateway):
+    """REPLICA IDENTITY DEFAULT: an UPDATE of the key sends only the old key; the row matched
+    before and after, so no "enter" (the key alone was taken for the old row and did not match)."""
+    gw, db = pg_gateway
+    await db.execute("CREATE TABLE accounts (id int PRIMARY KEY, status text)")
+    async with ws_connect(gw, "w1", token=gw.token("w1")) as c:
+        f = {"predicates": {"status": "active"}, "transitions": True}
+        assert (await _subscribe(c, "postgres:accounts", filter=f))["type"] == "subscribed"
+        await db.execute("INSERT INTO accounts VALUES (1, 'active')")
+        assert (await c.recv_event(timeout=10))["operation"] == "INSERT"
+        await db.execute("UPDATE accounts SET id = 10 WHERE id = 1")
+        ev = await c.recv_event(timeout=10)
+        assert ev["record"] == {"id": 10, "status": "active"} and ev["oldRecord"] == {"id": 1}
+        assert "transition" not in ev

@@ -5,12 +5,18 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
+import os
 
 import asyncpg
+import psycopg
 import pytest
 
 from rtserver.sources.base import ChannelUnavailable
+from rtserver.sources.pg_catalog import slot_name
+from rtserver.sources.pg_state import PositionFile
 from rtserver.sources.postgres import PostgresSource
+from tests.harness.fixtures_postgres import drop_database
 
 pytestmark = pytest.mark.postgres
 
@@ -54,7 +60,7 @@ async def make_source(pg_database, tmp_path):
         src = PostgresSource(
             pg_database, schemas=kw.pop("schemas", ["public"]), instance=kw.pop("instance", "rttest"),
             state_dir=str(tmp_path / "state"), sink=sink, workspaces=lambda: list(workspaces),
-            maintenance_interval=0.3, **kw,
+            maintenance_interval=kw.pop("maintenance_interval", 0.3), **kw,
         )
         await src.start()
         await src.wait_streaming()
@@ -316,3 +322,264 @@ async def test_lost_slot_is_recreated_with_history_gap(db, make_source, pg_datab
     await db.execute("INSERT INTO ls VALUES (2)")
     events = await sink.wait_for(2)
     assert events[-1].record == {"id": 2}
+
+
+# -- values the decoder cannot convert ---------------------------------------------------------
+
+
+async def test_unconvertible_values_never_stop_the_feed(db, make_source):
+    """numeric beyond a double and json msgspec cannot decode (PostgreSQL accepts both) stopped
+    the feed for good (the same transaction failed on every reconnect); they arrive as text."""
+    await db.execute("CREATE TABLE odd (id int PRIMARY KEY, n numeric, j json)")
+    src, sink = await make_source()
+    await db.execute("INSERT INTO odd VALUES (1, 1, '1')")
+    await db.execute("INSERT INTO odd VALUES (2, 1e400, '1')")
+    await db.execute("""INSERT INTO odd VALUES (3, 1, '{"x": 1e400}')""")
+    await db.execute("""INSERT INTO odd VALUES (4, 1, '"\\ud800"')""")
+    await db.execute("INSERT INTO odd VALUES (5, 2, '[2]')")
+    events = await sink.wait_for(5)
+    records = [json.loads(e.body)["record"] for e in events]
+    assert records[0] == {"id": 1, "n": 1, "j": 1}
+    assert records[1] == {"id": 2, "n": "1" + "0" * 400, "j": 1}
+    assert records[2] == {"id": 3, "n": 1, "j": '{"x": 1e400}'}
+    assert records[3] == {"id": 4, "n": 1, "j": '"\\ud800"'}
+    assert records[4] == {"id": 5, "n": 2, "j": [2]}
+    assert src.ready() and src.status()["last_error"] == "" and not sink.gaps
+
+
+@pytest.fixture
+def sql_ascii_database(pg_cluster):
+    """A SQL_ASCII database: its text columns may hold bytes that are not UTF-8."""
+    name = f"rt_ascii_{os.getpid()}"
+    with psycopg.connect(pg_cluster.dsn, autocommit=True) as conn:
+        drop_database(pg_cluster, name, conn)
+        conn.execute(f"CREATE DATABASE \"{name}\" ENCODING 'SQL_ASCII' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0")
+    yield pg_cluster.dsn_for(name)
+    drop_database(pg_cluster, name)
+
+
+async def test_value_failing_conversion_is_sent_as_text_with_error_and_gap(sql_ascii_database, tmp_path, caplog):
+    conn = await asyncpg.connect(sql_ascii_database)
+    sink = CollectingSink()
+    src = PostgresSource(sql_ascii_database, instance="rtascii", state_dir=str(tmp_path / "state"), sink=sink,
+                         workspaces=lambda: ["w1"], maintenance_interval=0.3)
+    try:
+        await conn.execute("CREATE TABLE latin (id int PRIMARY KEY, s text)")
+        await src.start()
+        await src.wait_streaming()
+        with caplog.at_level(logging.ERROR, logger="rtserver.postgres"):
+            await conn.execute("INSERT INTO latin VALUES (1, E'caf\\xe9')")
+            await conn.execute("INSERT INTO latin VALUES (2, 'ok')")
+            events = await sink.wait_for(2)
+        assert [e.record for e in events] == [{"id": 1, "s": "caf\ufffd"}, {"id": 2, "s": "ok"}]
+        assert len(sink.gaps) == 1 and sink.gaps[0][:2] == ("w1", "postgres")
+        assert "public.latin column s" in sink.gaps[0][2]
+        logged = [r for r in caplog.records if r.levelno == logging.ERROR and getattr(r, "fields", {}).get("column") == "s"]
+        assert logged and logged[0].fields["table"] == "public.latin" and logged[0].fields["slot"] == src.slot
+        assert src.ready()
+    finally:
+        await src.stop()
+        await conn.close()
+
+
+# -- publication membership --------------------------------------------------------------------
+
+
+async def test_partitioned_table_is_published_under_its_own_name(db, make_source):
+    await db.execute("CREATE TABLE plain (id int PRIMARY KEY)")
+    await db.execute("CREATE TABLE orders (id int, region text, PRIMARY KEY (id, region)) PARTITION BY LIST (region)")
+    await db.execute("CREATE TABLE orders_eu PARTITION OF orders FOR VALUES IN ('eu')")
+    # a publication made by an earlier version, without publish_via_partition_root
+    await db.execute("CREATE PUBLICATION rttest_pub FOR TABLE plain")
+    src, sink = await make_source()
+    await asyncio.sleep(1.0)  # several periodic syncs: none may fail on the partitioned table
+    assert src.ready() and src.status()["last_error"] == ""
+    assert await src.check_channel("w1", "orders") == "orders"
+    with pytest.raises(ChannelUnavailable, match="partition of"):
+        await src.check_channel("w1", "orders_eu")
+    await db.execute("CREATE TABLE later (id int PRIMARY KEY)")
+    assert await src.check_channel("w1", "later") == "later"
+    await db.execute("INSERT INTO orders VALUES (1, 'eu')")
+    await db.execute("INSERT INTO plain VALUES (1)")
+    await db.execute("INSERT INTO later VALUES (1)")
+    events = await sink.wait_for(3)
+    assert [(e.entity, e.record) for e in events] == [
+        ("orders", {"id": 1, "region": "eu"}), ("plain", {"id": 1}), ("later", {"id": 1})]
+    await src.stop()
+    src2, _ = await make_source(sink=sink)  # a restart finds the publication as it left it
+    assert src2.ready()
+    await db.execute("INSERT INTO orders VALUES (2, 'eu')")
+    events = await sink.wait_for(4)
+    assert events[-1].entity == "orders"
+
+
+@pytest.fixture
+async def gateway_role(pg_database):
+    """A role with REPLICATION and CREATE but not superuser: it can add only the tables it owns."""
+    role = f"rt_gw_{os.getpid()}"
+    name = pg_database.rsplit("/", 1)[1]
+    admin = await asyncpg.connect(pg_database)
+    await admin.execute(f"CREATE ROLE {role} LOGIN REPLICATION")
+    await admin.execute(f'GRANT CREATE ON DATABASE "{name}" TO {role}; GRANT USAGE, CREATE ON SCHEMA public TO {role}')
+    yield role, pg_database.replace("//postgres@", f"//{role}@")
+    await admin.execute(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}'")
+    await admin.execute(f"DROP OWNED BY {role}; DROP ROLE {role}")
+    await admin.close()
+
+
+async def test_table_the_role_cannot_add_does_not_block_the_others(db, gateway_role, tmp_path, caplog):
+    role, dsn = gateway_role
+    await db.execute("CREATE TABLE not_mine (id int PRIMARY KEY)")  # owned by postgres
+    await db.execute(f"CREATE TABLE mine (id int PRIMARY KEY); ALTER TABLE mine OWNER TO {role}")
+    sink = CollectingSink()
+    src = PostgresSource(dsn, instance="rtrole", state_dir=str(tmp_path / "state"), sink=sink,
+                         workspaces=lambda: ["w1"], maintenance_interval=0.3)
+    try:
+        with caplog.at_level(logging.ERROR, logger="rtserver.postgres"):
+            await src.start()
+            await src.wait_streaming(timeout=10)
+        assert src.ready()
+        assert any(getattr(r, "fields", {}).get("table") == "public.not_mine" for r in caplog.records)
+        with pytest.raises(ChannelUnavailable, match="does not own it"):
+            await src.check_channel("w1", "not_mine")
+        await db.execute(f"CREATE TABLE mine2 (id int PRIMARY KEY); ALTER TABLE mine2 OWNER TO {role}")
+        assert await src.check_channel("w1", "mine2") == "mine2"  # the periodic and on-demand syncs go on
+        await db.execute("INSERT INTO not_mine VALUES (1); INSERT INTO mine VALUES (2); INSERT INTO mine2 VALUES (3)")
+        await sink.wait_for(2)
+        await asyncio.sleep(0.3)
+        assert [(e.entity, e.record) for e in sink.events] == [("mine", {"id": 2}), ("mine2", {"id": 3})]
+    finally:
+        await src.stop()
+
+
+async def test_table_written_before_it_is_published_gets_a_history_gap(db, make_source):
+    await db.execute("CREATE TABLE early (id int PRIMARY KEY)")
+    src, sink = await make_source(maintenance_interval=3600)  # only on-demand syncs here
+    await db.execute("CREATE TABLE fresh (id int PRIMARY KEY)")
+    await db.execute("INSERT INTO fresh VALUES (1)")  # before the publication holds it: not captured
+    await db.execute("CREATE TABLE empty_new (id int PRIMARY KEY)")
+    assert await src.check_channel("w1", "fresh") == "fresh"  # the sync adds both new tables
+    assert len(sink.gaps) == 1 and "public.fresh" in sink.gaps[0][2]  # empty_new lost nothing
+    await db.execute("INSERT INTO fresh VALUES (2)")
+    await sink.wait_for(1)
+    await asyncio.sleep(0.3)
+    assert [e.record for e in sink.events] == [{"id": 2}]
+
+
+# -- slot (re)creation ---------------------------------------------------------------------------
+
+
+async def test_new_slot_resets_a_saved_position_from_another_server(db, make_source, pg_database, tmp_path):
+    """The state directory holds a position from another server (a restore or a failover to a
+    standby behind it: higher LSNs than this one's). Changes of the new slot are not duplicates."""
+    await db.execute("CREATE TABLE rp (id int PRIMARY KEY)")
+    slot = slot_name("rttest", pg_database.rsplit("/", 1)[1])
+    pos = await PositionFile.open(str(tmp_path / "state" / f"postgres-{slot}.pos"))
+    pos.record(0xFFFF_0000_0000, -1)
+    await pos.close()
+    src, sink = await make_source()
+    await db.execute("INSERT INTO rp VALUES (1)")
+    events = await sink.wait_for(1)
+    assert events[0].record == {"id": 1} and src.status()["duplicates_dropped"] == 0
+    assert sink.gaps and "dropped" in sink.gaps[0][2]  # the slot it had streamed from is gone
+
+
+async def test_slot_recreated_while_running_resets_the_position(db, make_source, pg_database):
+    await db.execute("CREATE TABLE rr (id int PRIMARY KEY)")
+    src, sink = await make_source()
+    await db.execute("INSERT INTO rr VALUES (1)")
+    await sink.wait_for(1)
+    src._position.record(0xFFFF_0000_0000, -1)  # noqa: SLF001 - as if the server's LSNs went back
+    admin = await asyncpg.connect(pg_database)
+    try:
+        for _ in range(50):
+            rows = await admin.fetch("SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1", src.slot)
+            if rows and rows[0]["active_pid"]:
+                await admin.execute("SELECT pg_terminate_backend($1)", rows[0]["active_pid"])
+            try:
+                await admin.execute("SELECT pg_drop_replication_slot($1)", src.slot)
+                break
+            except asyncpg.ObjectInUseError:
+                await asyncio.sleep(0.05)
+    finally:
+        await admin.close()
+    for _ in range(150):
+        if sink.gaps and src.ready():
+            break
+        await asyncio.sleep(0.1)
+    assert sink.gaps and src.ready()
+    await db.execute("INSERT INTO rr VALUES (2)")
+    events = await sink.wait_for(2)
+    assert events[-1].record == {"id": 2} and src.status()["duplicates_dropped"] == 0
+
+
+# -- old rows, types, TOAST, changed columns -------------------------------------------------------
+
+
+async def test_key_only_old_tuple_is_not_an_old_record(db, make_source):
+    """REPLICA IDENTITY DEFAULT and a key change: the old tuple holds the key only. The wire shows
+    it as oldRecord; transitions must not take it for the old row (a false "enter")."""
+    await db.execute("CREATE TABLE kc (id int PRIMARY KEY, status text)")
+    src, sink = await make_source()
+    await db.execute("INSERT INTO kc VALUES (1, 'active')")
+    await db.execute("UPDATE kc SET id = 10 WHERE id = 1")
+    events = await sink.wait_for(2)
+    body = json.loads(events[1].body)
+    assert body["oldRecord"] == {"id": 1} and body["changedColumns"] == ["id"]
+    assert events[1].old_record is None
+
+
+async def test_domain_columns_keep_their_base_type(db, make_source):
+    await db.execute(
+        """CREATE DOMAIN posint AS int CHECK (VALUE > 0); CREATE DOMAIN small AS posint; CREATE DOMAIN jd AS jsonb;
+           CREATE DOMAIN ints AS int[]; CREATE TYPE mood AS ENUM ('sad', 'happy'); CREATE DOMAIN moods AS mood[];
+           CREATE DOMAIN price AS numeric(10,2)"""
+    )
+    await db.execute(
+        "CREATE TABLE dom (id int PRIMARY KEY, pi posint, sm small, jd jd, pa posint[], ia ints, ma moods, p price)"
+    )
+    src, sink = await make_source()
+    await db.execute(
+        """INSERT INTO dom VALUES (1, 5, 2, '{"q": 1}', '{1,2}', '{3,NULL}', '{sad,happy}', 9.5)"""
+    )
+    (event,) = await sink.wait_for(1)
+    assert json.loads(event.body)["record"] == {
+        "id": 1, "pi": 5, "sm": 2, "jd": {"q": 1}, "pa": [1, 2], "ia": [3, None], "ma": ["sad", "happy"], "p": 9.5}
+
+
+async def test_toast_fetch_has_the_streams_types_and_formats(db, make_source, pg_database):
+    """Unchanged TOAST values fetched by key equal the streamed ones: arrays of user types are
+    arrays, and the database's own DateStyle / bytea_output / TimeZone do not leak in."""
+    name = pg_database.rsplit("/", 1)[1]
+    await db.execute(
+        f"""ALTER DATABASE "{name}" SET bytea_output = 'escape'; ALTER DATABASE "{name}" SET DateStyle = 'SQL, DMY';
+            ALTER DATABASE "{name}" SET TimeZone = 'Asia/Tokyo'"""
+    )
+    await db.execute("CREATE TYPE mood AS ENUM ('sad', 'happy')")
+    await db.execute("CREATE TABLE tt (id int PRIMARY KEY, n int, ma mood[], by bytea, ts timestamp[], tz timestamptz[])")
+    for col in ("ma", "by", "ts", "tz"):
+        await db.execute(f"ALTER TABLE tt ALTER {col} SET STORAGE EXTERNAL")
+    src, sink = await make_source()
+    await db.execute(
+        """INSERT INTO tt VALUES (1, 0, array_fill('happy'::mood, ARRAY[1000]), decode(repeat('00ff7f', 2000), 'hex'),
+           array_fill('2024-01-15 10:00:00.5'::timestamp, ARRAY[400]),
+           array_fill('2024-01-15 10:00:00+00'::timestamptz, ARRAY[400]))"""
+    )
+    await db.execute("UPDATE tt SET n = 1")
+    events = await sink.wait_for(2)
+    inserted, updated = (json.loads(e.body)["record"] for e in events)
+    assert inserted["ma"][0] == "happy" and inserted["ts"][0] == "2024-01-15T10:00:00.5"
+    for col in ("ma", "by", "ts", "tz"):
+        assert updated[col] == inserted[col], col
+    assert updated["n"] == 1
+
+
+async def test_full_identity_unchanged_nan_is_not_a_changed_column(db, make_source):
+    await db.execute("CREATE TABLE fn (id int PRIMARY KEY, x float8, xs float8[], n int); ALTER TABLE fn REPLICA IDENTITY FULL")
+    src, sink = await make_source()
+    await db.execute("INSERT INTO fn VALUES (1, 'NaN', '{NaN,Infinity,1}', 0)")
+    await db.execute("UPDATE fn SET n = 1")
+    await db.execute("UPDATE fn SET x = 2")
+    await db.execute("UPDATE fn SET x = 'NaN'")
+    events = await sink.wait_for(4)
+    assert [json.loads(e.body)["changedColumns"] for e in events[1:]] == [["n"], ["x"], ["x"]]

@@ -7,9 +7,11 @@ import asyncio
 import hashlib
 import logging
 import re
-from typing import Any
+from typing import Any, NamedTuple
 
 import asyncpg
+
+from rtserver.sources.pg_stream import SESSION_SETTINGS
 
 log = logging.getLogger("rtserver.postgres")
 
@@ -20,6 +22,12 @@ PRIVILEGES_HELP = (
     "CREATE on the database (to create its publication) and ownership of the published tables "
     "(or superuser), and SELECT on them; see docs/postgres.md"
 )
+
+
+class TableState(NamedTuple):
+    why: str  # why the table is not published; "" when it is (or should be)
+    owned: bool  # the gateway's role owns it (or is a member of its owner): it may add it
+    owner: str
 
 
 class SetupError(Exception):
@@ -62,10 +70,16 @@ class Catalog:
         self.published: set[tuple[str, str]] = set()
         self.skipped: dict[tuple[str, str], str] = {}  # table -> why it is not published
         self._key_types: dict[tuple[str, str], dict[str, str]] = {}
+        self._server_version = 0
+        self._sync_lock = asyncio.Lock()  # the periodic sync and a subscribe's must not interleave
 
     async def _connection(self) -> asyncpg.Connection:
         if self._conn is None or self._conn.is_closed():
-            self._conn = await asyncpg.connect(self.dsn, server_settings={"application_name": "rtserver-catalog"})
+            # the stream's session settings: values fetched here (unchanged TOAST columns) must
+            # have the text formats of the values the stream sends
+            self._conn = await asyncpg.connect(
+                self.dsn, server_settings={"application_name": "rtserver-catalog", **SESSION_SETTINGS}
+            )
         return self._conn
 
     async def fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
@@ -119,15 +133,28 @@ class Catalog:
         if not row["repl"]:
             raise SetupError(f"the role lacks the REPLICATION attribute: {PRIVILEGES_HELP}")
 
-    async def desired_tables(self) -> dict[tuple[str, str], str]:
-        """(schema, table) -> replica identity ('d','f','i','n') + has-key flag, for every
-        table the configuration asks for that exists."""
+    async def server_version(self) -> int:
+        """server_version_num (e.g. 150004), asked once."""
+        if not self._server_version:
+            rows = await self.fetch("SELECT current_setting('server_version_num')::int AS v")
+            self._server_version = rows[0]["v"]
+        return self._server_version
+
+    async def desired_tables(self) -> dict[tuple[str, str], TableState]:
+        """(schema, table) -> its TableState, for every table the configuration asks for that exists."""
+        via_root = await self.server_version() >= 130000
+        # From PostgreSQL 13 a partitioned table is published as a whole (publish_via_partition_root):
+        # its partitions are not published themselves. Before, only the partitions can be.
+        root = "pg_partition_root(c.oid)::regclass::text" if via_root else "NULL::text"
         rows = await self.fetch(
-            """
+            f"""
             SELECT n.nspname AS schema, c.relname AS name, c.relreplident::text AS ident,
+                   c.relkind::text AS kind, c.relispartition AS partition,
+                   CASE WHEN c.relispartition THEN {root} END AS root,
+                   pg_has_role(c.relowner, 'USAGE') AS owned, pg_get_userbyid(c.relowner) AS owner,
                    EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary) AS has_pk
             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-            WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
+            WHERE c.relkind IN ('r', 'p')
               AND (n.nspname = ANY($1::text[])
                    OR (n.nspname || '.' || c.relname) = ANY($2::text[]))
             """,
@@ -136,51 +163,135 @@ class Catalog:
         )
         out = {}
         for r in rows:
-            usable = r["ident"] == "f" or (r["ident"] == "d" and r["has_pk"]) or r["ident"] == "i"
-            out[(r["schema"], r["name"])] = "ok" if usable else "no-key"
+            out[(r["schema"], r["name"])] = TableState(self._unpublishable(r, via_root), r["owned"], r["owner"])
         return out
 
-    async def sync_publication(self) -> set[tuple[str, str]]:
-        """Create the publication or bring its table list up to date; returns what it publishes.
+    def _unpublishable(self, r: asyncpg.Record, via_root: bool) -> str:
+        """Why the table of catalog row `r` is not published ("": it is)."""
+        if via_root and r["partition"]:
+            return f"it is a partition of {r['root']}: its changes are published under that table"
+        if not via_root and r["kind"] == "p":
+            return "a partitioned table can be published from PostgreSQL 13 on: subscribe to its partitions"
+        usable = r["ident"] in ("f", "i") or (r["ident"] == "d" and r["has_pk"])
+        return "" if usable else "it has no primary key; set REPLICA IDENTITY FULL to publish it"
+
+    async def sync_publication(self) -> list[tuple[str, str]]:
+        """Create the publication or bring its table list up to date, one table at a time, so a
+        table that cannot be added (not owned by the gateway's role) does not hold back the others.
 
         A table without a primary key (and without REPLICA IDENTITY FULL) is left out: once
-        published, PostgreSQL would refuse writers' UPDATE and DELETE on it."""
+        published, PostgreSQL would refuse writers' UPDATE and DELETE on it. Returns the tables
+        added to an already existing publication that hold rows: what was written to them before
+        was not captured (pgoutput publishes a table's changes from its addition on)."""
+        async with self._sync_lock:
+            return await self._sync_publication()
+
+    async def _sync_publication(self) -> list[tuple[str, str]]:
         desired = await self.desired_tables()
-        wanted = {t for t, state in desired.items() if state == "ok"}
-        skipped = {t: "it has no primary key; set REPLICA IDENTITY FULL to publish it" for t, s in desired.items() if s != "ok"}
-        for t in skipped.keys() - self.skipped.keys():
-            log.warning(
-                "postgres table %s.%s not published: %s", t[0], t[1], skipped[t],
-                extra={"fields": {"source": "postgres", "table": f"{t[0]}.{t[1]}"}},
-            )
-        self.skipped = skipped
-        exists = await self.fetch("SELECT 1 FROM pg_publication WHERE pubname = $1", self.publication)
+        wanted = {t for t, state in desired.items() if not state.why}
+        skipped = {t: state.why for t, state in desired.items() if state.why}
         try:
-            if not exists:
-                tables = ", ".join(f"{quote_ident(s)}.{quote_ident(n)}" for s, n in sorted(wanted))
-                sql = f"CREATE PUBLICATION {quote_ident(self.publication)}"
-                if tables:
-                    sql += f" FOR TABLE {tables}"
-                await self.execute(sql)
-                current = set(wanted)
-            else:
-                rows = await self.fetch(
-                    "SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = $1", self.publication
-                )
-                current = {(r["schemaname"], r["tablename"]) for r in rows}
-                add = wanted - current
-                drop = current - wanted
-                if add:
-                    names = ", ".join(f"{quote_ident(s)}.{quote_ident(n)}" for s, n in sorted(add))
-                    await self.execute(f"ALTER PUBLICATION {quote_ident(self.publication)} ADD TABLE {names}")
-                if drop:
-                    names = ", ".join(f"{quote_ident(s)}.{quote_ident(n)}" for s, n in sorted(drop))
-                    await self.execute(f"ALTER PUBLICATION {quote_ident(self.publication)} DROP TABLE {names}")
-                current = (current | add) - drop
+            created = await self._ensure_publication()
         except asyncpg.InsufficientPrivilegeError as exc:
             raise SetupError(f"cannot create or alter publication {self.publication}: {exc}; {PRIVILEGES_HELP}") from exc
-        self.published = current
-        return current
+        explicit, listed = await self._members()
+        current = explicit | (listed & desired.keys())  # also what a FOR ALL TABLES / TABLES IN SCHEMA covers
+        late = []
+        for t in sorted(wanted - current):
+            why = await self._add_table(t, desired[t])
+            if why:
+                skipped[t] = why
+                continue
+            current.add(t)
+            if not created and await self._has_rows(t):
+                late.append(t)
+        for t in sorted(explicit - wanted):
+            if await self._drop_table(t):
+                current.discard(t)
+        self._log_skipped(skipped)
+        self.skipped = skipped
+        self.published = current & wanted
+        return late
+
+    async def _ensure_publication(self) -> bool:
+        """Create the (empty) publication when missing; True when it was created now."""
+        via_root = await self.server_version() >= 130000
+        column = "pubviaroot" if via_root else "false AS pubviaroot"
+        rows = await self.fetch(f"SELECT {column} FROM pg_publication WHERE pubname = $1", self.publication)
+        name = quote_ident(self.publication)
+        if not rows:
+            await self.execute(f"CREATE PUBLICATION {name}" + (" WITH (publish_via_partition_root = true)" if via_root else ""))
+            return True
+        if via_root and not rows[0]["pubviaroot"]:
+            # a publication made before: partitioned tables' changes must come under their own name
+            await self.execute(f"ALTER PUBLICATION {name} SET (publish_via_partition_root = true)")
+        return False
+
+    async def _members(self) -> tuple[set[tuple[str, str]], set[tuple[str, str]]]:
+        """(the tables added to the publication by name, every table it publishes)."""
+        rows = await self.fetch(
+            "SELECT n.nspname AS schema, c.relname AS name FROM pg_publication_rel pr "
+            "JOIN pg_publication p ON p.oid = pr.prpubid JOIN pg_class c ON c.oid = pr.prrelid "
+            "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE p.pubname = $1",
+            self.publication,
+        )
+        explicit = {(r["schema"], r["name"]) for r in rows}
+        rows = await self.fetch(
+            "SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = $1", self.publication
+        )
+        return explicit, {(r["schemaname"], r["tablename"]) for r in rows}
+
+    async def _add_table(self, t: tuple[str, str], state: TableState) -> str:
+        """ALTER PUBLICATION ... ADD TABLE t; returns why it could not be added ("" when it was)."""
+        if not state.owned:
+            # checked first: a failing statement every sync would fill the server's log
+            return (
+                f"the gateway's role does not own it (its owner is {state.owner}) and PostgreSQL lets only a "
+                f"table's owner add it to a publication: GRANT {quote_ident(state.owner)} TO the gateway's role, "
+                f"or have a superuser run ALTER PUBLICATION {quote_ident(self.publication)} ADD TABLE {_qualified(t)}"
+            )
+        try:
+            await self.execute(f"ALTER PUBLICATION {quote_ident(self.publication)} ADD TABLE {_qualified(t)}")
+        except asyncpg.DuplicateObjectError:
+            return ""  # added meanwhile (another statement, a concurrent sync)
+        except asyncpg.UndefinedTableError:
+            return "it was dropped while being added"
+        except (asyncpg.InsufficientPrivilegeError, asyncpg.ObjectNotInPrerequisiteStateError,
+                asyncpg.FeatureNotSupportedError, asyncpg.WrongObjectTypeError) as exc:
+            return f"it cannot be added to publication {self.publication}: {exc}"
+        return ""
+
+    async def _drop_table(self, t: tuple[str, str]) -> bool:
+        try:
+            await self.execute(f"ALTER PUBLICATION {quote_ident(self.publication)} DROP TABLE {_qualified(t)}")
+        except (asyncpg.UndefinedObjectError, asyncpg.UndefinedTableError):
+            return True  # not a member any more
+        except asyncpg.PostgresError as exc:
+            log.warning(
+                "postgres table %s.%s could not be removed from publication %s: %s", t[0], t[1], self.publication, exc,
+                extra={"fields": {"source": "postgres", "publication": self.publication, "table": f"{t[0]}.{t[1]}"}},
+            )
+            return False
+        return True
+
+    async def _has_rows(self, t: tuple[str, str]) -> bool:
+        try:
+            rows = await self.fetch(f"SELECT EXISTS (SELECT 1 FROM {_qualified(t)}) AS any")
+        except asyncpg.PostgresError:
+            return True  # cannot tell (no SELECT privilege): assume changes were missed
+        return bool(rows[0]["any"])
+
+    def _log_skipped(self, skipped: dict[tuple[str, str], str]) -> None:
+        """Each table left out is logged once (and again when the reason changes)."""
+        for t, why in skipped.items():
+            if self.skipped.get(t) == why or why.startswith("it is a partition"):
+                continue
+            # a table the configuration names that cannot be added is an error; no key, a warning
+            level = logging.WARNING if "primary key" in why else logging.ERROR
+            log.log(
+                level, "postgres table %s.%s not published: %s", t[0], t[1], why,
+                extra={"fields": {"source": "postgres", "publication": self.publication, "table": f"{t[0]}.{t[1]}"}},
+            )
 
     async def ensure_slot(self) -> bool:
         """Create the permanent slot when missing; True when it was created now."""
@@ -217,13 +328,27 @@ class Catalog:
             return None
         return dict(rows[0])
 
-    async def array_elements(self, oids: list[int]) -> dict[int, int]:
-        """Element type of each array type among `oids` (for non-built-in array types)."""
+    async def resolve_types(self, oids: list[int]) -> dict[int, tuple[int, int]]:
+        """type OID -> (its base type: itself unless a domain, else the domain's base type, through
+        domains of domains; the element type when that base is an array type, else 0; also 0
+        for an array whose elements are separated by another delimiter than ',', e.g. of a
+        domain over box: the array parser does not know it, such arrays stay text)."""
         rows = await self.fetch(
-            "SELECT oid::int8 AS oid, typelem::int8 AS elem FROM pg_type WHERE oid = ANY($1::oid[]) AND typcategory = 'A'",
+            """
+            WITH RECURSIVE chain(oid, cur, depth) AS (
+                SELECT t.oid, t.oid, 0 FROM pg_type t WHERE t.oid = ANY($1::oid[])
+                UNION ALL
+                SELECT c.oid, t.typbasetype, c.depth + 1 FROM chain c JOIN pg_type t ON t.oid = c.cur
+                WHERE t.typtype = 'd' AND c.depth < 32
+            )
+            SELECT DISTINCT ON (c.oid) c.oid::int8 AS oid, c.cur::int8 AS base,
+                   CASE WHEN b.typcategory = 'A' AND e.typdelim = ',' THEN b.typelem ELSE 0 END::int8 AS elem
+            FROM chain c JOIN pg_type b ON b.oid = c.cur LEFT JOIN pg_type e ON e.oid = b.typelem
+            ORDER BY c.oid, c.depth DESC
+            """,
             oids,
         )
-        return {r["oid"]: r["elem"] for r in rows}
+        return {r["oid"]: (r["base"], r["elem"]) for r in rows}
 
     async def table_exists(self, schema: str, name: str) -> bool:
         rows = await self.fetch(
@@ -255,6 +380,10 @@ class Catalog:
 
     def forget_types(self, schema: str, name: str) -> None:
         self._key_types.pop((schema, name), None)
+
+
+def _qualified(t: tuple[str, str]) -> str:
+    return f"{quote_ident(t[0])}.{quote_ident(t[1])}"
 
 
 def _text_of(value: Any) -> str:

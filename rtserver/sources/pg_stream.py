@@ -21,6 +21,12 @@ from psycopg import pq
 
 from rtcore.pgoutput_ref import PG_EPOCH_OFFSET_US, format_lsn
 
+# The session settings whose text formats the decoder relies on: TimeZone=UTC makes timestamptz
+# text end in "+00" (the decoder's fast path); ISO dates, hex bytea and the float digits fix the
+# others. The replication connection runs with them, and so does the catalog connection that
+# fetches unchanged TOAST values, so fetched and streamed values look the same.
+SESSION_SETTINGS = {"TimeZone": "UTC", "DateStyle": "ISO", "bytea_output": "hex", "extra_float_digits": "1"}
+
 
 class StreamError(Exception):
     """The replication connection failed or was closed by the server."""
@@ -61,14 +67,12 @@ class ReplicationStream:
         self._writer_armed = False
 
     async def connect(self, start_lsn: int) -> None:
-        # TimeZone=UTC makes timestamptz text end in "+00" (the decoder's fast path); ISO dates
-        # and hex bytea fix the other text formats the decoder relies on.
         conn = await psycopg.AsyncConnection.connect(
             self.dsn,
             autocommit=True,
             replication="database",
             application_name=self.application_name,
-            options="-c TimeZone=UTC -c DateStyle=ISO -c bytea_output=hex -c extra_float_digits=1",
+            options=" ".join(f"-c {k}={v}" for k, v in SESSION_SETTINGS.items()),
         )
         self._conn = conn
         pgconn = conn.pgconn

@@ -81,14 +81,30 @@ class SlotLost(Exception):
 
 
 class _Change:
-    __slots__ = ("operation", "relation", "record", "old", "changed")
+    """old_kind: "O" when `old` is the whole old row (REPLICA IDENTITY FULL), "K" when it holds
+    only the old key columns, "" without an old tuple."""
 
-    def __init__(self, operation: str, relation: Relation, record: Any, old: Any, changed: list[str] | None):
+    __slots__ = ("operation", "relation", "record", "old", "changed", "old_kind")
+
+    def __init__(self, operation: str, relation: Relation, record: Any, old: Any, changed: list[str] | None,
+                 old_kind: str = ""):
         self.operation = operation
         self.relation = relation
         self.record = record
         self.old = old
         self.changed = changed
+        self.old_kind = old_kind
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal values, NaN equal to NaN (also inside arrays): an unchanged NaN column is unchanged."""
+    if a == b:
+        return True
+    if isinstance(a, float) and isinstance(b, float):
+        return a != a and b != b
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return False
 
 
 def entity_of(schema: str, table: str) -> str:
@@ -141,6 +157,7 @@ class PostgresSource:
         self._slot_recreations = 0
         self._slot_seen = False
         self._started = asyncio.Event()
+        self._decoder: Any = None  # the decoder of the current connection (its learnt types)
         self._proto_version = 0
         self._streams: StreamBuffers | None = None
         self._streamed_transactions = 0
@@ -193,7 +210,7 @@ class PostgresSource:
         if (schema, name) in catalog.published:
             return canonical
         try:
-            await catalog.sync_publication()  # a table created since the last sync
+            await self._sync_publication()  # a table created since the last sync
             if (schema, name) in catalog.published:
                 return canonical
             why = catalog.skipped.get((schema, name))
@@ -291,7 +308,7 @@ class PostgresSource:
             self._published_lsn = self._position.commit_lsn
         catalog = self.catalog
         await catalog.check_server()
-        await catalog.sync_publication()
+        await self._sync_publication()
         info = await catalog.slot_status()
         if info is not None and info["wal_status"] == "lost":
             raise SlotLost(f"replication slot {self.slot} was invalidated (wal_status lost)")
@@ -302,6 +319,7 @@ class PostgresSource:
                 self._slot_recreations += 1
                 self._fail(f"replication slot {self.slot} had disappeared; re-created it", loud=True)
                 self._announce_gap(f"replication slot {self.slot} was dropped")
+            await self._reset_position()
         self._slot_seen = True
         self._slot_info = (await catalog.slot_status()) or {}
 
@@ -314,15 +332,45 @@ class PostgresSource:
             await self.catalog.drop_slot()
             await self.catalog.ensure_slot()
             self._slot_seen = True
+            await self._reset_position()
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             self._fail(f"re-creating slot {self.slot} failed: {exc}", loud=True)
             await asyncio.sleep(BACKOFF_MIN)
             return
         self._announce_gap(f"replication slot {self.slot} was lost: {reason}")
 
+    async def _reset_position(self) -> None:
+        """A new slot starts a new LSN history: on a restored or failed-over server it may be
+        lower than the saved position, and every change below it would be dropped as already
+        published. Nothing of the new slot was published yet: start from zero."""
+        position = self._position
+        assert position is not None
+        if position.commit_lsn or self._acked_lsn:
+            log.warning(
+                "postgres position reset for the new slot %s (was %s)", self.slot, format_lsn(position.commit_lsn),
+                extra={"fields": {**self._log_fields(), "old_position": format_lsn(position.commit_lsn)}},
+            )
+        position.record(0, -1)
+        await position.sync()
+        self._published_lsn = 0
+        self._acked_lsn = 0  # never confirm the old server's LSNs to the new slot
+
     def _announce_gap(self, reason: str) -> None:
         for ws in self.workspaces():
             self.sink.history_gap(ws, "postgres", reason)
+
+    async def _sync_publication(self) -> None:
+        """Publication up to date; a table added to it after rows were written to it (created
+        between two syncs, or while the gateway was down) means those rows' changes were never
+        captured: a history_gap says so."""
+        assert self.catalog is not None
+        for schema, name in await self.catalog.sync_publication():
+            table = f"{schema}.{name}"
+            log.warning(
+                "postgres table %s was added to publication %s after rows were written to it; their changes were "
+                "not captured", table, self.publication, extra={"fields": {**self._log_fields(), "table": table}},
+            )
+            self._announce_gap(f"table {table} was published only after rows were written to it")
 
     # -- streaming ------------------------------------------------------------------------
 
@@ -367,7 +415,7 @@ class PostgresSource:
             await stream.close()
 
     async def _consume(self, stream: ReplicationStream, inbox: _Inbox) -> None:
-        decoder = _pgoutput.Decoder()
+        decoder = self._decoder = _pgoutput.Decoder()
         catalog = self.catalog
         position = self._position
         streams = self._streams
@@ -412,9 +460,11 @@ class PostgresSource:
                 continue
             m = msg.message
             if isinstance(m, Insert | Update | Delete):
+                if decoder.errors:
+                    self._conversion_failed(decoder, tx)
                 if tx is None or tx.skip_all:
                     continue
-                tx.changes.append(await self._change(m, catalog))
+                tx.changes.append(await self._change(m, catalog, tx))
                 if len(tx.changes) >= MAX_PENDING_CHANGES:
                     await self._flush(tx, final=False)
             elif isinstance(m, Begin):
@@ -452,19 +502,16 @@ class PostgresSource:
         """One message of a transaction (the live path inlines Insert/Update/Delete; a streamed
         transaction's messages all come through here when it is replayed at its commit)."""
         if isinstance(m, Insert | Update | Delete):
+            if decoder.errors:
+                self._conversion_failed(decoder, tx)
             if tx is None or tx.skip_all:
                 return
-            tx.changes.append(await self._change(m, catalog))
+            tx.changes.append(await self._change(m, catalog, tx))
             if len(tx.changes) >= MAX_PENDING_CHANGES:
                 await self._flush(tx, final=False)
         elif isinstance(m, Relation):
             catalog.forget_types(m.schema, m.name)
-            unknown = [oid for oid in m.type_oids if oid >= 16384 and oid not in decoder.arrays]
-            if unknown:
-                elements = await catalog.array_elements(unknown)
-                for oid in unknown:
-                    # an element of 0 marks "not an array": the catalog is asked once per type
-                    decoder.register_array(oid, elements.get(oid, 0))
+            await self._learn_types(m.type_oids, decoder, catalog)
         elif isinstance(m, Truncate):
             if tx is None or tx.skip_all:
                 return
@@ -474,6 +521,49 @@ class PostgresSource:
             if tx is not None and m.transactional and m.prefix == CORRELATION_PREFIX:
                 tx.correlation = m.content.decode("utf-8", "replace")[:256]
         # TypeInfo: enums and other user types are decoded as text; arrays learnt above
+
+    async def _learn_types(self, oids: Iterable[int], decoder: Any, catalog: Catalog) -> None:
+        """Teach the decoder the user-defined types of a table: arrays (of enums, of domains...)
+        and domains (converted as their base type). The catalog is asked once per type."""
+        def unknown(oid: int) -> bool:
+            return oid >= 16384 and oid not in decoder.arrays and oid not in decoder.domains
+
+        pending = {oid for oid in oids if unknown(oid)}
+        for _ in range(3):  # the types, then the element types of their arrays (domains, enums)
+            if not pending:
+                return
+            found = await catalog.resolve_types(sorted(pending))
+            elements = set()
+            for oid in pending:
+                base, elem = found.get(oid, (oid, 0))
+                if base != oid:
+                    decoder.register_domain(oid, base)
+                    if unknown(base):
+                        decoder.register_array(base, elem)  # a domain over an array of a user type
+                else:
+                    decoder.register_array(oid, elem)  # an element of 0 marks "known, not an array"
+                elements.add(elem)
+            pending = {oid for oid in elements if unknown(oid)}
+
+    def _conversion_failed(self, decoder: Any, tx: _Tx | None) -> None:
+        """Values the decoder sent as their text because converting them failed: logged as errors
+        and, after the transaction's events, a history_gap (the clients' rows may be off)."""
+        errors, decoder.errors = decoder.errors, []
+        if tx is None or tx.skip_all:
+            return
+        for schema, table, column, error in errors:
+            self._value_problem(tx, f"{schema}.{table}", column, error)
+
+    def _value_problem(self, tx: _Tx, table: str, column: str, error: str) -> None:
+        key = f"{table}.{column}"
+        if key in tx.problems:
+            return  # once per column and transaction
+        log.error(
+            "postgres value of %s column %s could not be converted; sent as its text: %s", table, column, error,
+            extra={"fields": {**self._log_fields(), "table": table, "column": column, "error": error,
+                              "commit_lsn": format_lsn(tx.begin.final_lsn)}},
+        )
+        tx.problems[key] = f"a value of {table} column {column} could not be converted and was sent as text ({error})"
 
     async def _commit_streamed(self, m: StreamCommit, decoder: Any, catalog: Catalog) -> None:
         """Publish a streamed transaction at its commit: its buffered messages are decoded now,
@@ -519,7 +609,7 @@ class PostgresSource:
         if buffered is not None:
             streams.abort_subtransaction(buffered, m.subxid)
 
-    async def _change(self, m: Insert | Update | Delete, catalog: Catalog) -> _Change:
+    async def _change(self, m: Insert | Update | Delete, catalog: Catalog, tx: _Tx) -> _Change:
         rel = m.relation
         if isinstance(m, Insert):
             return _Change("INSERT", rel, m.new, None, None)
@@ -528,16 +618,18 @@ class PostgresSource:
         new, old = m.new, m.old
         missing = [c for c, v in new.items() if v is UNCHANGED]
         if missing:
-            await self._fill_unchanged(rel, new, old, missing, catalog)
+            await self._fill_unchanged(rel, new, old, missing, catalog, tx)
         if m.old_kind == "O":
-            changed = [c for c in rel.columns if c in new and new.get(c) != old.get(c)]
+            changed = [c for c in rel.columns if c in new and not _same(new.get(c), old.get(c))]
         elif m.old_kind == "K":
-            changed = [c for c in rel.key_columns if old.get(c) != new.get(c)]
+            changed = [c for c in rel.key_columns if not _same(old.get(c), new.get(c))]
         else:
             changed = []
-        return _Change("UPDATE", rel, new, old, changed)
+        return _Change("UPDATE", rel, new, old, changed, m.old_kind)
 
-    async def _fill_unchanged(self, rel: Relation, new: dict, old: dict | None, missing: list[str], catalog: Catalog) -> None:
+    async def _fill_unchanged(
+        self, rel: Relation, new: dict, old: dict | None, missing: list[str], catalog: Catalog, tx: _Tx
+    ) -> None:
         """Unchanged TOASTed values are never sent as null: from the old row (REPLICA IDENTITY
         FULL), else fetched by primary key (the current value, which an UPDATE that did not
         touch the column left as it was)."""
@@ -558,12 +650,19 @@ class PostgresSource:
                 log.warning("fetching unchanged TOAST columns of %s.%s failed: %s", rel.schema, rel.name, exc,
                             extra={"fields": {**self._log_fields(), "table": f"{rel.schema}.{rel.name}"}})
         oids = dict(zip(rel.columns, rel.type_oids, strict=False))
+        decoder = self._decoder
         for col in fetch:
             text = values.get(col) if values is not None else None
             if values is None:
                 del new[col]  # the row is gone: leave the column out rather than send null
+            elif text is None:
+                new[col] = None
             else:
-                new[col] = None if text is None else convert_value(oids[col], text)
+                try:  # with the types the decoder learnt: arrays of enums, domains
+                    new[col] = convert_value(oids[col], text, decoder.arrays, decoder.domains)
+                except Exception as exc:  # noqa: BLE001 - as in the decoder: the text, reported
+                    new[col] = text
+                    self._value_problem(tx, f"{rel.schema}.{rel.name}", col, f"{type(exc).__name__}: {exc}")
 
     async def _drain(self) -> None:
         drain = getattr(self.sink, "drain", None)  # test sinks record in publish() already
@@ -601,12 +700,17 @@ class PostgresSource:
                 )
             )
             record = change.record if change.record is not None else {}
-            old = change.old if change.operation == "UPDATE" else None
+            # transitions evaluate the filter on the old row: only a whole old row is one (a
+            # key-only old tuple would look like a row that did not match)
+            old = change.old if change.operation == "UPDATE" and change.old_kind == "O" else None
             for ws in targets:
                 await self.sink.publish(Event(ws, "postgres", entity, change.operation, record, body, old))
                 self._events += 1
         # Everything handed to the sink is recorded before the position says so.
         await self._drain()
+        problems, tx.problems = tx.problems, {}
+        for reason in problems.values():
+            self._announce_gap(reason)
         if not final:
             position.record(begin.final_lsn, tx.index)
 
@@ -617,7 +721,7 @@ class PostgresSource:
         while True:
             await asyncio.sleep(self.maintenance_interval)
             try:
-                await catalog.sync_publication()
+                await self._sync_publication()
                 info = await catalog.slot_status()
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, SetupError) as exc:
                 log.warning("postgres maintenance failed: %s", exc, extra={"fields": self._log_fields()})
@@ -665,7 +769,7 @@ class _Inbox:
 
 
 class _Tx:
-    __slots__ = ("begin", "changes", "correlation", "skip_all", "skip_first", "index")
+    __slots__ = ("begin", "changes", "correlation", "skip_all", "skip_first", "index", "problems")
 
     def __init__(self, begin: Begin) -> None:
         self.begin = begin
@@ -674,3 +778,4 @@ class _Tx:
         self.skip_all = False
         self.skip_first = 0
         self.index = 0
+        self.problems: dict[str, str] = {}  # column -> history_gap reason, announced after the events
