@@ -272,6 +272,7 @@ def load(
             )
         except ValueError as exc:
             raise ConfigError(f"config file {path}: [workspaces.{ws}]: {exc}") from None
+        _check_mongo_url(f"config file {path}: [workspaces.{ws}] mongo_url", workspaces[ws].mongo_url)
 
     _validate(values, path or "")
     return Config(values=values, workspaces=workspaces, path=path or "")
@@ -314,6 +315,22 @@ def _validate(values: dict[str, dict[str, Any]], path: str) -> None:
             raise ConfigError(f"limits.{key} must be positive")
     if limits["fanout_backlog_per_connection"] < 0:
         raise ConfigError("limits.fanout_backlog_per_connection must not be negative")
+    _check_mongo_url("mongo.url (RT_MONGO_URL)", values["mongo"]["url"])
+
+
+def _check_mongo_url(where: str, url: str) -> None:
+    """A MongoDB URL the driver would refuse, refused at start with the setting's name (the
+    driver's own message names no setting). mongodb+srv:// is checked by the driver, which
+    needs a DNS lookup for it."""
+    if not url or url.startswith("mongodb+srv://"):
+        return
+    from pymongo import uri_parser
+    from pymongo.errors import PyMongoError
+
+    try:
+        uri_parser.parse_uri(url, warn=True)
+    except (PyMongoError, ValueError) as exc:
+        raise ConfigError(f"{where}: not a valid MongoDB URL: {exc}") from None
 
 
 def config_table_markdown() -> str:

@@ -178,6 +178,7 @@ class Ingest:
         self.plan = plan_sources(cfg)
         self.lease: Lease | None = None
         self.sources: list[tuple[Any, SourceSink]] = []
+        self.failed: dict[int, str] = {}  # id(source) -> why it did not start (reported in /readyz)
         self._server: asyncio.AbstractServer | None = None
         self._lock = asyncio.Lock()
 
@@ -211,24 +212,49 @@ class Ingest:
 
     async def _acquired(self) -> None:
         async with self._lock:
-            done, mongo_done = await self._published_positions()
-            await self._write_positions(done)
+            done, mongo_done = await self._takeover_positions()
             for feed in self.plan:
                 sink = SourceSink(self.publisher, feed["kind"], done, mongo_done)
                 src = self._make_source(feed, sink)
                 sink.source = src
-                seed = mongo_done.get(feed["database"]) if feed["kind"] == "mongo" else None
-                if seed is not None and await src.seed_token(seed[0]):
-                    log.info("mongo database %s resumes after the token Kafka has", feed["database"],
-                             extra={"fields": {"database": feed["database"], "already_published": seed[1]}})
                 self.sources.append((src, sink))
-                await src.start()
+                try:
+                    seed = mongo_done.get(feed["database"]) if feed["kind"] == "mongo" else None
+                    if seed is not None and await src.seed_token(seed[0]):
+                        log.info("mongo database %s resumes after the token Kafka has", feed["database"],
+                                 extra={"fields": {"database": feed["database"], "already_published": seed[1]}})
+                    await src.start()
+                except Exception as exc:  # noqa: BLE001 - one feed must not keep the others from starting
+                    from rtserver.sources.mongo import redact
+
+                    self.failed[id(src)] = f"{type(exc).__name__}: {exc}"
+                    log.error("ingest feed did not start", exc_info=True, extra={"fields": {
+                        "kind": feed["kind"], "database": feed["database"], "url": redact(feed["url"])}})
             log.info("ingest active: reading feeds", extra={"fields": {
-                "feeds": len(self.sources), "resumed_slots": len(done), "resumed_databases": len(mongo_done)}})
+                "feeds": len(self.sources), "failed": len(self.failed), "resumed_slots": len(done),
+                "resumed_databases": len(mongo_done)}})
+
+    async def _takeover_positions(self) -> tuple[dict[str, tuple[int, int]], dict[str, tuple[bytes, int]]]:
+        """What the topic already has of each feed, before any feed starts (a feed started without
+        it would publish again what the previous active ingest did): retried while Kafka is away."""
+        delay = 1.0
+        while True:
+            try:
+                done, mongo_done = await self._published_positions()
+                await self._write_positions(done)
+                return done, mongo_done
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - e.g. the broker briefly unreachable
+                log.error("ingest takeover: reading the topic's tail failed; retrying", extra={"fields": {
+                    "topic": self.cfg.bus.topic, "error": f"{type(exc).__name__}: {exc}", "retry_in_s": delay}})
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
 
     async def _lost(self) -> None:
         async with self._lock:
             sources, self.sources = self.sources, []
+            self.failed.clear()
             for src, _ in sources:
                 try:
                     await src.stop()
@@ -330,7 +356,8 @@ class Ingest:
         for src, sink in self.sources:
             st = src.status()
             feeds[f"{src.kind}:{st.get('slot') or st.get('database') or ''}"] = {
-                "ready": src.ready(), "takeover_skipped": sink.skipped, "oversized_skipped": sink.oversized, **{k: v for k, v in st.items() if k != "ready"}}
+                "ready": src.ready(), "takeover_skipped": sink.skipped, "oversized_skipped": sink.oversized,
+                **({"start_error": self.failed[id(src)]} if id(src) in self.failed else {}), **{k: v for k, v in st.items() if k != "ready"}}
         ready = not held or (bool(self.sources) and all(s.ready() for s, _ in self.sources))
         return ready, {"ready": ready, "role": "active" if held else "standby", "feeds": feeds,
                        "published": self.publisher.published}

@@ -35,11 +35,18 @@ def test_bad_config_is_one_line_and_exit_2(tmp_path):
         (["serve"], {"RT_MAX_SUBSCRIPTIONS": "many"}),
         (["serve"], {"RT_INSTANCE": "Bad-Name"}),
         (["serve"], {"RT_TLS_CERT": "/x.pem"}),
+        (["serve"], {"RT_MONGO_URL": "mongodb://rt:secret@db:port/app"}),
+        (["serve"], {"RT_AUTH_CHANNEL_CLAIM": "rt.channels"}),
     ):
         out = _run(args, env, cwd=str(tmp_path))
         assert out.returncode == 2, (args, env, out.stdout, out.stderr)
         lines = [line for line in out.stderr.splitlines() if line.strip()]
         assert len(lines) == 1 and "configuration error" in lines[0], out.stderr
+        assert "secret" not in out.stderr
+    ws = tmp_path / "ws.toml"
+    ws.write_text("[workspaces.acme]\nmongo_url = 'mongodb://db:99999/app'\n")
+    out = _run(["serve", "--config", str(ws)], cwd=str(tmp_path))
+    assert out.returncode == 2 and "[workspaces.acme] mongo_url: not a valid MongoDB URL" in out.stderr, out.stderr
 
 
 def test_unknown_config_setting_is_an_error(tmp_path):
