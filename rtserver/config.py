@@ -73,7 +73,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("limits", "fanout_backlog_per_connection", "RT_FANOUT_BACKLOG_PER_CONNECTION", int, 32, "Frames per open connection the fan-out backlog may hold on average (see fanout_backlog; 0: the fixed bound only)"),
     Setting("limits", "max_invalid_per_minute", "RT_MAX_INVALID_PER_MINUTE", int, 20, "Invalid messages a minute before close 1008"),
     Setting("limits", "auth_timeout", "RT_AUTH_TIMEOUT", float, 10.0, "Seconds to authenticate before close 4002"),
-    Setting("limits", "idle_timeout", "RT_IDLE_TIMEOUT", float, 60.0, "Seconds of peer silence before close 1001"),
+    Setting("limits", "idle_timeout", "RT_IDLE_TIMEOUT", float, 60.0, "Seconds of peer silence before a WebSocket is closed with 1001 (an HTTP connection with no request in progress or waiting: closed)"),
     Setting("limits", "max_publish_bytes", "RT_MAX_PUBLISH_BYTES", int, 256 * 1024, "Largest custom event payload (413 beyond)"),
     Setting("history", "events", "RT_HISTORY_EVENTS", int, 10000, "Events kept per workspace for replay"),
     Setting("history", "seconds", "RT_HISTORY_SECONDS", float, 300.0, "Age limit of retained events"),

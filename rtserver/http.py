@@ -29,6 +29,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("rtserver.http")
 
+# The head of a request (request line and headers) may take this many bytes; beyond: 431.
+MAX_HEAD_BYTES = 64 * 1024
+# After refusing a request over its limits, how long the rest of it is read and dropped.
+_LINGER_SECONDS = 2.0
+
 CONNECT_RE = re.compile(r"^/workspaces/([^/]+)/realtime/connect/?$")
 PUBLISH_RE = re.compile(r"^/workspaces/([^/]+)/realtime/events/([^/]+)/?$")
 
@@ -41,6 +46,7 @@ _REASONS = {
     404: "Not Found",
     405: "Method Not Allowed",
     413: "Payload Too Large",
+    431: "Request Header Fields Too Large",
     426: "Upgrade Required",
     500: "Internal Server Error",
     503: "Service Unavailable",
@@ -78,14 +84,18 @@ _READ_HEADERS = {
 
 
 class _Request:
-    __slots__ = ("url", "headers", "body", "size", "too_large")
+    __slots__ = ("url", "headers", "body", "size", "refusal")
 
     def __init__(self) -> None:
         self.url = b""
         self.headers: dict[str, str] = {}
         self.body: list[bytes] = []
         self.size = 0
-        self.too_large = False
+        self.refusal: tuple[int, str] | None = None  # answered with this, then the connection closes
+
+
+class _Refused(Exception):
+    """A request over its size limits: answered (status, message), and nothing more is read."""
 
 
 class FrontProtocol(asyncio.Protocol):
@@ -114,27 +124,84 @@ class FrontProtocol(asyncio.Protocol):
         self._publish_url: bytes | None = None
         self._publish_route: tuple[str, tuple[str, str]] | None = None  # path, (workspace, topic)
         self._peer: str | None = None
+        self._in_body = False  # the current request's headers are complete
+        self._linger = False  # closing after a refusal (_refuse): see _close
+        # A connection silent for limits.idle_timeout with no request of its own waiting is
+        # closed (one timer, re-armed lazily from the time of the last read).
+        self._idle_timeout = gw.cfg.limits.idle_timeout
+        self._last_rx = 0.0
+        self._idle_timer: asyncio.TimerHandle | None = None
 
     # -- asyncio.Protocol --
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        loop = asyncio.get_running_loop()
+        self._last_rx = loop.time()
+        self._idle_timer = loop.call_later(self._idle_timeout, self._check_idle)
+
+    def _check_idle(self) -> None:
+        self._idle_timer = None
+        if self._handed_off or self._parser is None or self._closing:
+            return
+        loop = asyncio.get_running_loop()
+        left = self._last_rx + self._idle_timeout - loop.time()
+        if left > 0 or self._drainer is not None:  # a request of its own is waiting: not idle
+            self._idle_timer = loop.call_later(max(left, 1.0), self._check_idle)
+            return
+        self._closing = True
+        if self.transport is not None:
+            self.transport.close()
 
     def data_received(self, data: bytes) -> None:
-        if self._handed_off or self._parser is None:
+        if self._handed_off or self._parser is None or self._closing:
             return
+        self._last_rx = asyncio.get_running_loop().time()
         self._raw += data
         # A publisher pipelining requests gets the answers to all those in this read in one
         # write: one system call (and one wake-up of the publisher) instead of one per event.
         self._held = []
         try:
             self._parser.feed_data(data)
+            # Bounded: a request in progress holds no more than its head's limit (here) and its
+            # body's (on_headers_complete, on_body).
+            if self._req is not None and not self._in_body and len(self._raw) > MAX_HEAD_BYTES:
+                raise _Refused(431, f"request head exceeds {MAX_HEAD_BYTES} bytes")
+        except _Refused as exc:
+            self._refuse(*exc.args)
         except httptools.HttpParserUpgrade:
             self._write_held()
             self._upgrade()
+        except httptools.HttpParserCallbackError as exc:
+            if not isinstance(exc.__context__, _Refused):
+                raise
+            self._refuse(*exc.__context__.args)
         except httptools.HttpParserError:
             self._respond(json_error(400, "malformed HTTP request", keep_alive=False), close=True)
         finally:
             self._write_held()
+
+    def _refuse(self, status: int, message: str) -> None:
+        """Answer `status` after the answers of the requests before it, then close; nothing
+        more of this connection is read or buffered."""
+        self._raw = bytearray()
+        self._req = None
+        self._linger = True
+        if self._drainer is None:
+            self._respond(json_error(status, message, keep_alive=False), close=True)
+            return
+        refusal = _Request()
+        refusal.refusal = (status, message)
+        if self._queue is None:
+            self._queue = deque()
+        self._queue.append((b"", refusal, False))
+        self._closing_read()
+
+    def _closing_read(self) -> None:
+        """Stop reading (and parsing) for good; queued answers still leave."""
+        self._parser = None
+        if not self._paused and self.transport is not None:
+            self.transport.pause_reading()
+            self._paused = True
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._queue is not None:
@@ -148,10 +215,14 @@ class FrontProtocol(asyncio.Protocol):
         # transport of every finished connection would wait for the cyclic garbage collector.
         self._parser = None
         self.transport = None
+        if self._idle_timer is not None:  # it holds this protocol too
+            self._idle_timer.cancel()
+            self._idle_timer = None
 
     # -- httptools callbacks --
     def on_message_begin(self) -> None:
         self._req = _Request()
+        self._in_body = False
 
     def on_url(self, url: bytes) -> None:
         assert self._req is not None
@@ -168,9 +239,11 @@ class FrontProtocol(asyncio.Protocol):
         assert req is not None
         if self._parser.should_upgrade():
             return  # handled by HttpParserUpgrade in data_received
+        self._in_body = True
         length = req.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self._max_body:
-            req.too_large = True
+            # Answered now, not after a body that may never end; the connection closes.
+            raise _Refused(413, f"payload exceeds {self._max_body} bytes")
         elif req.headers.get("expect", "").lower() == "100-continue":
             # curl sends this for bodies over 1 KiB and would otherwise wait a second for it.
             self._respond(b"HTTP/1.1 100 Continue\r\n\r\n", close=False)
@@ -178,14 +251,10 @@ class FrontProtocol(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         req = self._req
         assert req is not None
-        if req.too_large:
-            return
         req.size += len(body)
-        if req.size > self._max_body:
-            req.too_large = True
-            req.body = []
-        else:
-            req.body.append(body)
+        if req.size > self._max_body:  # a chunked body, its length not announced
+            raise _Refused(413, f"payload exceeds {self._max_body} bytes")
+        req.body.append(body)
 
     def on_message_complete(self) -> None:
         if self._parser.should_upgrade():
@@ -260,6 +329,9 @@ class FrontProtocol(asyncio.Protocol):
 
     # -- routing --
     async def _handle(self, method: bytes, req: _Request, keep_alive: bool) -> None:
+        if req.refusal is not None:  # queued by _refuse behind earlier requests
+            self._respond(json_error(*req.refusal, keep_alive=False), close=True)
+            return
         route: tuple[str, str] | None
         if method == b"POST" and req.url == self._publish_url:
             # A publisher posts to the same URL request after request: parsed once.
@@ -282,11 +354,6 @@ class FrontProtocol(asyncio.Protocol):
             if method == b"POST":
                 if route is None:
                     response = json_error(404, f"no such endpoint: POST {path}", keep_alive)
-                elif req.too_large:
-                    response = json_error(
-                        413, f"payload exceeds {self._max_body} bytes", keep_alive=False
-                    )
-                    keep_alive = False
                 else:
                     status, body = await self.gw.publish_http(
                         route[0], route[1], req.headers, b"".join(req.body), self._remote()
@@ -318,7 +385,19 @@ class FrontProtocol(asyncio.Protocol):
         t.write(data)
         if close:
             self._closing = True
+            self._close(t)
+
+    def _close(self, t: asyncio.Transport) -> None:
+        if not self._linger:
             t.close()
+            return
+        # The client is likely still sending what was refused: closing with its bytes unread
+        # would reset the connection and could destroy the answer before it is read. Send the
+        # answer and FIN, discard what still comes (data_received reads nothing while closing),
+        # and close after _LINGER_SECONDS.
+        t.write_eof()
+        self._resume_reading()
+        asyncio.get_running_loop().call_later(_LINGER_SECONDS, t.close)
 
     def _write_held(self) -> None:
         held = self._held
@@ -331,7 +410,7 @@ class FrontProtocol(asyncio.Protocol):
         if self._close_after:
             self._close_after = False
             if t is not None:
-                t.close()
+                self._close(t)
 
     def _remote(self) -> str:
         if self._peer is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 
@@ -176,6 +177,99 @@ async def test_pipelined_publishes_keep_their_order_under_back_pressure(gateway_
             assert [e["seq"] for e in got] == seqs
     _, metrics = await gw.get("/metrics")
     assert b"rt_publisher_waits_total 0" not in metrics  # the back-pressure did engage
+
+
+async def _read_response(reader) -> tuple[int, dict]:
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 20)
+    length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+    return int(head.split()[1]), json.loads(await reader.readexactly(length))
+
+
+async def _closed(reader, timeout: float = 10) -> bool:
+    try:
+        return await asyncio.wait_for(reader.read(), timeout) == b""
+    except ConnectionResetError:
+        return True
+
+
+async def test_oversized_requests_are_refused_at_once_and_never_buffered(gateway):
+    """A body announced over the limit is refused before it is sent; a chunked one once it
+    passes the limit; a request head that never ends at 64 KiB: the connection closes each time,
+    and what the client keeps sending is not kept in memory."""
+    token = gateway.token("w1", publish=True)
+    path = "/workspaces/w1/realtime/events/big"
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+    writer.write(f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+                 f"Content-Length: 1000000000\r\n\r\n".encode())
+    status, body = await _read_response(reader)  # without a byte of the body
+    assert status == 413 and "payload exceeds 262144 bytes" in body["error"]
+    assert await _closed(reader)
+    writer.close()
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+    writer.write(f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+                 f"Transfer-Encoding: chunked\r\n\r\n".encode())
+    chunk = b"%x\r\n%s\r\n" % (65536, b"x" * 65536)
+    with contextlib.suppress(ConnectionError):
+        for _ in range(5):
+            writer.write(chunk)
+            await writer.drain()
+    status, body = await _read_response(reader)
+    assert status == 413
+    assert await _closed(reader)
+    writer.close()
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+    with contextlib.suppress(ConnectionError):
+        for _ in range(100):  # 1 MB of headers if nobody stops it
+            writer.write(b"X-Junk: " + b"y" * 10000 + b"\r\n")
+            await writer.drain()
+    status, body = await _read_response(reader)
+    assert status == 431 and "request head exceeds 65536 bytes" in body["error"]
+    assert await _closed(reader)
+    writer.close()
+    assert (await gateway.get("/healthz"))[0] == 200
+
+
+async def test_refusal_is_answered_after_the_requests_before_it(gateway_factory):
+    """Pipelined publishes held by back-pressure, then one over the limit: every earlier request
+    is answered (202, in order) before the 413, and then the connection closes."""
+    from contextlib import AsyncExitStack
+
+    gw = await gateway_factory(env={"RT_FLUSH_CHUNK": "1", "RT_FANOUT_BACKLOG": "1", "RT_FANOUT_BACKLOG_PER_CONNECTION": "0"})
+    token = gw.token("w1", publish=True)
+    async with AsyncExitStack() as stack:
+        clients = await subscribed_clients(stack, gw, 4, "events:k")
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        head = f"POST /workspaces/w1/realtime/events/k HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+        requests = [(head + "Content-Length: 2\r\n\r\n{}").encode() for _ in range(100)]
+        requests.append((head + "Content-Length: 999999999\r\n\r\n").encode())
+        writer.write(b"".join(requests))
+        statuses = [(await _read_response(reader))[0] for _ in range(101)]
+        assert statuses == [202] * 100 + [413]
+        assert await _closed(reader)
+        writer.close()
+        for c in clients:  # the 100 accepted were delivered
+            assert len([await c.recv_event(timeout=10) for _ in range(100)]) == 100
+            await c.no_message(0.1)
+
+
+async def test_silent_http_connections_are_closed_after_the_idle_timeout(gateway_factory):
+    gw = await gateway_factory(env={"RT_IDLE_TIMEOUT": "1"})
+    idle_reader, idle_writer = await asyncio.open_connection("127.0.0.1", gw.port)  # says nothing
+    slow_reader, slow_writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    slow_writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # and never finishes
+    kept_reader, kept_writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    for _ in range(4):  # a keep-alive client that keeps asking stays
+        kept_writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await _read_response(kept_reader))[0] == 200
+        await asyncio.sleep(0.5)
+    assert await _closed(idle_reader, 5) and await _closed(slow_reader, 5)
+    kept_writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert (await _read_response(kept_reader))[0] == 200
+    for w in (idle_writer, slow_writer, kept_writer):
+        w.close()
 
 
 async def _pipelined_publishes(port: int, token: str, topic: str, n: int) -> list[int]:
