@@ -8,7 +8,6 @@ import itertools
 import logging
 import os
 import secrets
-import signal
 import socket
 import ssl
 import time
@@ -33,9 +32,11 @@ from rtserver.gc_policy import FreezeSurvivors
 from rtserver.hub import Hub
 from rtserver.known_workspaces import KnownWorkspaces
 from rtserver.metrics import Metrics
+from rtserver.redact import redact
 from rtserver.sessions import Sessions, take_dump, write_dump
+from rtserver.signals import until_signalled
 from rtserver.sources.base import Source
-from rtserver.sources.mongo import database_for, redact
+from rtserver.sources.mongo import database_for
 
 log = logging.getLogger("rtserver.app")
 
@@ -50,12 +51,19 @@ class Gateway:
         self.cfg = cfg
         self.node = cfg.server.node or socket.gethostname()
         self.state_dir = os.path.abspath(cfg.server.state_dir)
-        os.makedirs(self.state_dir, exist_ok=True)
+        try:
+            # 0700: it holds the dev secret, session ids, source positions, the audit spool
+            os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
+            if not os.access(self.state_dir, os.W_OK | os.X_OK):
+                raise PermissionError(13, "not writable")
+            dev_secret = load_or_create_dev_secret(self.state_dir) if cfg.dev_mode else None
+        except OSError as exc:
+            raise RuntimeError(f"state directory {self.state_dir} (server.state_dir): {exc.strerror or exc}") from None
         self.metrics = Metrics()
         self.hub = Hub(cfg, self.metrics)
         self.hub.open_connections = lambda: len(self.connections)
         self.sessions = Sessions(cfg.history.resume_ttl, cfg.history.max_suspended_sessions)
-        self.dev_secret = load_or_create_dev_secret(self.state_dir) if cfg.dev_mode else None
+        self.dev_secret = dev_secret
         self.auth = Authenticator(cfg, dev_secret=self.dev_secret)
         self.audit = create_audit(cfg, self.node)
         self.bus = create_bus(cfg, self.hub, self.metrics, self.node)
@@ -106,10 +114,16 @@ class Gateway:
         ctx = None
         if cfg.server.tls_cert:
             ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            for setting, path in (("server.tls_cert", cfg.server.tls_cert), ("server.tls_key", cfg.server.tls_key)):
+                if not os.path.isfile(path):
+                    raise RuntimeError(f"{setting}: no such file {path}")
             try:
-                ctx.load_cert_chain(cfg.server.tls_cert, cfg.server.tls_key)
+                # A passphrase-protected key would make OpenSSL prompt on the terminal: refused.
+                ctx.load_cert_chain(cfg.server.tls_cert, cfg.server.tls_key, password=_no_passphrase)
             except (OSError, ssl.SSLError) as exc:
-                raise RuntimeError(f"server.tls_cert/tls_key: cannot load: {exc}") from exc
+                raise RuntimeError(
+                    f"server.tls_cert/tls_key: cannot load ({exc}); the key must not be passphrase-protected"
+                ) from None
         self._server = await loop.create_server(
             lambda: http.FrontProtocol(self),
             host=cfg.server.host,
@@ -147,27 +161,31 @@ class Gateway:
             self._server.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
+        # The transports, taken before close(): a closed connection leaves gw.connections at
+        # once, while its transport still writes what it had queued and the close frame.
+        transports = [c._raw for c in list(self.connections) if c._raw is not None]
         for conn in list(self.connections):
             conn.close(1001, cause="shutdown")
-        # Let the close frames and pending data drain (bounded by the shutdown timeout).
-        while any(c._raw is not None and not c._raw.is_closing() for c in self.connections):
-            if time.monotonic() > deadline - 2:
-                break
+        # Saved before anything that could hang (a broker that stopped answering): the
+        # sessions just suspended resume after the restart.
+        await self._save_sessions()
+        # Let the queued frames and the close frames drain, within the shutdown timeout; a
+        # client that reads nothing is cut off then.
+        while any(t.get_write_buffer_size() for t in transports) and time.monotonic() < deadline - 2:
             await asyncio.sleep(0.05)
+        for t in transports:
+            if t.get_write_buffer_size():
+                t.abort()
         for src in list(self._sources.values()):
             try:
                 await asyncio.wait_for(src.stop(), max(0.5, deadline - time.monotonic() - 1))
             except Exception:
                 log.exception("source did not stop cleanly", extra={"fields": {"source": src.kind}})
-        await self.bus.close()
+        try:
+            await asyncio.wait_for(self.bus.close(), max(0.5, deadline - time.monotonic() - 1))
+        except Exception:
+            log.exception("event bus did not close cleanly")
         await self._known.flush()
-        if len(self.sessions):
-            try:
-                await asyncio.get_running_loop().run_in_executor(
-                    None, write_dump, self._sessions_path, self.sessions.dump()
-                )
-            except OSError:
-                log.exception("suspended sessions not saved", extra={"fields": {"path": self._sessions_path}})
         try:
             await asyncio.wait_for(self.audit.close(), max(0.5, deadline - time.monotonic()))
         except Exception:
@@ -177,6 +195,14 @@ class Gateway:
         if self._gc_policy is not None:
             self._gc_policy.stop()
         self._stopped.set()
+
+    async def _save_sessions(self) -> None:
+        if not len(self.sessions):
+            return
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, write_dump, self._sessions_path, self.sessions.dump())
+        except OSError:
+            log.exception("suspended sessions not saved", extra={"fields": {"path": self._sessions_path}})
 
     async def _sweep(self) -> None:
         idle = self.cfg.limits.idle_timeout
@@ -334,7 +360,12 @@ class Gateway:
         for key, src in self._sources.items():
             ok = src.ready()
             ready = ready and ok
-            sources[":".join(str(k) for k in key[:1] + key[2:]) or key[0]] = {"ready": ok, **src.status()}
+            # One entry per source: postgres by its (redacted) URL, mongo by its database, and
+            # by URL too when two servers hold databases of the same name.
+            name = f"{key[0]}:{redact(key[1])}" if key[0] == "postgres" else f"mongo:{key[2]}"
+            if name in sources:
+                name = f"{name}@{redact(key[1])}"
+            sources[name] = {"ready": ok, **src.status()}
         audit = self.audit.status()
         bus = self.bus.status()
         ready = ready and self.bus.ready()
@@ -474,21 +505,24 @@ def _compiled() -> bool:
     return COMPILED
 
 
+def _no_passphrase() -> bytes:
+    raise ssl.SSLError("the private key is encrypted: give server.tls_key without a passphrase")
+
+
 def _log_failure(task: asyncio.Future) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("source failed to start", exc_info=task.exception())
 
 
 async def serve(cfg: Config) -> int:
-    """Run the gateway until SIGTERM/SIGINT; returns the exit code."""
+    """Run the gateway until SIGTERM/SIGINT/SIGHUP (see rtserver.signals); the exit code."""
     gw = Gateway(cfg)
     await gw.start()
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    log.info("draining", extra={"fields": {"connections": len(gw.connections)}})
-    await gw.shutdown()
-    log.info("stopped")
-    return 0
+
+    async def stop() -> None:
+        log.info("draining", extra={"fields": {"connections": len(gw.connections)}})
+        await gw.shutdown()
+        log.info("stopped")
+
+    # shutdown() keeps within server.shutdown_timeout; past a little more, something hangs.
+    return await until_signalled(stop, cfg.server.shutdown_timeout + 5, "rtserver")

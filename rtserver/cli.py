@@ -76,7 +76,12 @@ def _token(cfg, args) -> int:
         print("rtserver: tokens come from your identity provider (auth.jwks_url is set); no HS256 secret to sign with",
               file=sys.stderr)
         return 2
-    secret = cfg.auth.hs256_secret or load_or_create_dev_secret(os.path.abspath(cfg.server.state_dir))
+    state_dir = os.path.abspath(cfg.server.state_dir)
+    try:
+        secret = cfg.auth.hs256_secret or load_or_create_dev_secret(state_dir)
+    except OSError as exc:
+        print(f"rtserver token: state directory {state_dir} (server.state_dir): {exc.strerror or exc}", file=sys.stderr)
+        return 2
     print(mint_token(secret, subject=args.sub, workspaces=args.workspace, publish=args.publish, ttl=args.ttl))
     return 0
 
@@ -103,6 +108,9 @@ def _run_loop(cfg, main, label: str, os_error: Callable[[OSError], str]) -> int:
     from rtserver import logs
 
     logs.setup(cfg.server.log_level)
+    # Everything the process writes under the state directory (dev secret, session ids, source
+    # positions, the audit spool) is for its own eyes.
+    os.umask(0o077)
     try:
         return uvloop.run(main(cfg))
     except OSError as exc:

@@ -7,6 +7,7 @@ description); the README's configuration table is generated from the same list
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tomllib
@@ -138,6 +139,8 @@ def _coerce(setting: Setting, value: Any, origin: str) -> Any:
             if isinstance(value, bool):
                 raise ValueError("expected a number")
             number = float(value)
+            if not math.isfinite(number):  # "nan" and "inf" parse; a leeway of inf accepts any token
+                raise ValueError("must be a finite number")
             if number < 0:
                 raise ValueError("must not be negative")
             return number
@@ -273,6 +276,7 @@ def load(
         except ValueError as exc:
             raise ConfigError(f"config file {path}: [workspaces.{ws}]: {exc}") from None
         _check_mongo_url(f"config file {path}: [workspaces.{ws}] mongo_url", workspaces[ws].mongo_url)
+        _check_postgres_url(f"config file {path}: [workspaces.{ws}] postgres_url", workspaces[ws].postgres_url)
 
     _validate(values, path or "")
     return Config(values=values, workspaces=workspaces, path=path or "")
@@ -302,6 +306,10 @@ def _validate(values: dict[str, dict[str, Any]], path: str) -> None:
     audit = values["audit"]
     if audit["security_protocol"] not in {"PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"}:
         raise ConfigError(f"audit.security_protocol: {audit['security_protocol']!r} is not supported")
+    if audit["sasl_mechanism"] not in {"", "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"}:
+        raise ConfigError(
+            f"audit.sasl_mechanism: {audit['sasl_mechanism']!r} is not PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512"
+        )
     bus = values["bus"]
     if bus["kind"] not in {"memory", "kafka"}:
         raise ConfigError(f"bus.kind: {bus['kind']!r} is not memory or kafka")
@@ -316,6 +324,26 @@ def _validate(values: dict[str, dict[str, Any]], path: str) -> None:
     if limits["fanout_backlog_per_connection"] < 0:
         raise ConfigError("limits.fanout_backlog_per_connection must not be negative")
     _check_mongo_url("mongo.url (RT_MONGO_URL)", values["mongo"]["url"])
+    _check_postgres_url("postgres.url (RT_POSTGRES_URL)", values["postgres"]["url"])
+
+
+def _check_postgres_url(where: str, url: str) -> None:
+    """A PostgreSQL connection string libpq cannot parse, refused at start with the setting's
+    name (else the source would retry it forever)."""
+    if not url:
+        return
+    import psycopg.conninfo
+
+    try:
+        params = psycopg.conninfo.conninfo_to_dict(url)
+    except psycopg.Error:
+        # libpq's message quotes the string, which may hold a password: not repeated here
+        raise ConfigError(
+            f"{where}: not a valid PostgreSQL connection string (postgresql://user@host:port/db or key=value pairs)"
+        ) from None
+    port = str(params.get("port", "5432"))
+    if not all(p.isdigit() and 0 < int(p) < 65536 for p in port.split(",")):
+        raise ConfigError(f"{where}: port {port!r} is not a TCP port")
 
 
 def _check_mongo_url(where: str, url: str) -> None:

@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import logging
 import os
-import signal
 import socket
 import time
 from typing import Any
@@ -35,6 +33,8 @@ from rtcore.event import Event
 from rtserver.bus_kafka import KafkaPublisher, bootstrap_of, encode_event
 from rtserver.config import Config
 from rtserver.lease import Lease
+from rtserver.redact import redact
+from rtserver.signals import until_signalled
 
 log = logging.getLogger("rtserver.ingest")
 
@@ -225,8 +225,6 @@ class Ingest:
                                  extra={"fields": {"database": feed["database"], "already_published": seed[1]}})
                     await src.start()
                 except Exception as exc:  # noqa: BLE001 - one feed must not keep the others from starting
-                    from rtserver.sources.mongo import redact
-
                     self.failed[id(src)] = f"{type(exc).__name__}: {exc}"
                     log.error("ingest feed did not start", exc_info=True, extra={"fields": {
                         "kind": feed["kind"], "database": feed["database"], "url": redact(feed["url"])}})
@@ -389,12 +387,12 @@ async def run(cfg: Config) -> int:
     """Run the ingest role until SIGTERM/SIGINT."""
     ingest = Ingest(cfg)
     await ingest.start()
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    log.info("ingest stopping")
-    with contextlib.suppress(Exception):
-        await asyncio.wait_for(ingest.close(), cfg.server.shutdown_timeout)
-    return 0
+
+    async def stop() -> None:
+        log.info("ingest stopping")
+        try:
+            await asyncio.wait_for(ingest.close(), cfg.server.shutdown_timeout)
+        except Exception:
+            log.exception("ingest did not close cleanly")
+
+    return await until_signalled(stop, cfg.server.shutdown_timeout + 5, "rtserver ingest")

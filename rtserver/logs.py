@@ -17,7 +17,7 @@ import logging
 import sys
 import threading
 import time
-from typing import TextIO
+from typing import Any, TextIO
 
 import msgspec
 
@@ -151,6 +151,18 @@ def setup(level: str = "info") -> None:
     # aiokafka logs an ERROR every few seconds while a broker is down; the audit reports
     # delivery trouble itself on rtserver.audit.kafka.
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
+    # Library warnings (warnings.warn) and uncaught exceptions become log lines too: stderr
+    # stays one JSON object a line.
+    logging.captureWarnings(True)
+    sys.excepthook = _log_uncaught
+
+
+def _log_uncaught(kind: type[BaseException], exc: BaseException, tb: Any) -> None:
+    if issubclass(kind, KeyboardInterrupt):
+        sys.__excepthook__(kind, exc, tb)
+        return
+    logging.getLogger("rtserver").critical("uncaught exception", exc_info=(kind, exc, tb))
+    flush()
 
 
 def flush() -> None:

@@ -97,14 +97,19 @@ class Metrics:
         counter("rt_gc_pause_seconds_total", "Time the event loop spent in garbage-collector passes",
                 [({"generation": g}, round(s, 6)) for g, s in enumerate(self.gc_seconds)])
 
-        seen: set[str] = set()
+        # The text format wants each family's samples together: the gauge providers interleave
+        # them (per source: ready, then its counts), so they are grouped here, in first-seen order.
+        families: dict[str, tuple[str, list[str]]] = {}
         for fn in self._gauges:
             for name, help_, labels, value in fn():
-                if name not in seen:
-                    lines.append(f"# HELP {name} {help_}")
-                    lines.append(f"# TYPE {name} gauge")
-                    seen.add(name)
-                lines.append(f"{name}{_labels(labels)} {value}")
+                family = families.get(name)
+                if family is None:
+                    family = families[name] = (help_, [])
+                family[1].append(f"{name}{_labels(labels)} {value}")
+        for name, (help_, samples) in families.items():
+            lines.append(f"# HELP {name} {help_}")
+            lines.append(f"# TYPE {name} gauge")
+            lines.extend(samples)
         lines.append("")
         return "\n".join(lines).encode()
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+
+import websockets
 
 from tests.harness.fixtures_gateway import free_port
 from tests.harness.wsclient import ws_connect
@@ -37,6 +40,10 @@ def test_bad_config_is_one_line_and_exit_2(tmp_path):
         (["serve"], {"RT_TLS_CERT": "/x.pem"}),
         (["serve"], {"RT_MONGO_URL": "mongodb://rt:secret@db:port/app"}),
         (["serve"], {"RT_AUTH_CHANNEL_CLAIM": "rt.channels"}),
+        (["serve"], {"RT_POSTGRES_URL": "postgresql//rt:secret@db/app"}),
+        (["serve"], {"RT_POSTGRES_URL": "postgresql://rt:secret@db:port/app"}),
+        (["serve"], {"RT_AUTH_LEEWAY": "inf"}),
+        (["serve"], {"RT_KAFKA_SASL_MECHANISM": "BOGUS"}),
     ):
         out = _run(args, env, cwd=str(tmp_path))
         assert out.returncode == 2, (args, env, out.stdout, out.stderr)
@@ -87,6 +94,21 @@ async def test_zero_config_serve_and_dev_token(tmp_path):
         out, _ = await asyncio.wait_for(proc.communicate(), 15)
     assert proc.returncode == 0
     assert b"dev mode" in out
+    # The state directory and all in it (secret, session ids, known workspaces) are private.
+    state = tmp_path / ".rtserver"
+    assert {p.name for p in state.iterdir()} >= {"dev-secret", "sessions.json", "workspaces"}
+    for path in [state, *state.iterdir()]:
+        assert path.stat().st_mode & 0o077 == 0, (path, oct(path.stat().st_mode))
+
+
+def test_unusable_state_directory_is_one_line(tmp_path):
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")
+    for args in (["serve"], ["token", "--workspace", "w1"]):
+        out = _run(args, {"RT_STATE_DIR": str(blocked / "state")}, cwd=str(tmp_path))
+        lines = [line for line in out.stderr.splitlines() if line.strip()]
+        assert out.returncode == 2 and len(lines) == 1, out.stderr
+        assert f"state directory {blocked / 'state'} (server.state_dir)" in lines[0], out.stderr
 
 
 async def test_sigterm_drains_with_1001_and_exits_0(gateway):
@@ -101,3 +123,49 @@ async def test_sigterm_drains_with_1001_and_exits_0(gateway):
         assert await b.expect_close(10) == (1001, "going_away")
         code = await asyncio.wait_for(gateway.proc.wait(), 12)
         assert code == 0 and time.monotonic() - t0 < 10
+
+
+async def _slow_subscriber(gw, frames: int):
+    """A subscribed client that stops reading, with `frames` ~60 KB events queued for it."""
+    ws = await websockets.connect(gw.ws_url("w1"), max_size=None, max_queue=1)
+    await ws.send(json.dumps({"type": "auth", "token": gw.token("w1")}))
+    await ws.recv()
+    await ws.send(json.dumps({"type": "subscribe", "channel": "events:big"}))
+    await ws.recv()
+    ws.transport.pause_reading()
+    for i in range(frames):
+        await gw.publish("w1", "big", {"blob": "x" * 60000, "i": i})
+    return ws
+
+
+async def test_drain_waits_for_a_slow_reader_to_take_its_frames(gateway_factory):
+    """A client behind on reading gets what was queued for it, then the 1001, when it catches
+    up within the shutdown timeout."""
+    # a send buffer large enough that the gateway does not give up on it first (1013)
+    gw = await gateway_factory(env={"RT_SHUTDOWN_TIMEOUT": "10", "RT_SEND_BUFFER_BYTES": str(32 << 20)})
+    ws = await _slow_subscriber(gw, 100)  # ~6 MB: more than the socket buffers take
+    gw.proc.send_signal(signal.SIGTERM)
+    await asyncio.sleep(1.0)  # the gateway is draining, the client not reading yet
+    ws.transport.resume_reading()
+    got = []
+    try:
+        while True:
+            got.append(json.loads(await asyncio.wait_for(ws.recv(), 10))["payload"]["i"])
+    except websockets.ConnectionClosed as exc:
+        assert exc.rcvd is not None and exc.rcvd.code == 1001
+    assert got == list(range(100))
+    assert await asyncio.wait_for(gw.proc.wait(), 15) == 0
+
+
+async def test_second_signal_ends_a_stuck_drain_at_once(gateway_factory):
+    gw = await gateway_factory(env={"RT_SHUTDOWN_TIMEOUT": "30", "RT_SEND_BUFFER_BYTES": str(32 << 20)})
+    ws = await _slow_subscriber(gw, 100)  # never reads: the drain would wait ~28 s
+    gw.proc.send_signal(signal.SIGTERM)
+    await asyncio.sleep(1.0)
+    assert gw.proc.returncode is None  # still draining
+    t0 = time.monotonic()
+    gw.proc.send_signal(signal.SIGINT)
+    assert await asyncio.wait_for(gw.proc.wait(), 5) == 1
+    assert time.monotonic() - t0 < 3
+    assert "did not stop cleanly (a second signal)" in gw.logs()
+    ws.transport.abort()

@@ -34,3 +34,29 @@ async def test_wss_and_https(gateway_factory, tmp_path):
         assert response.startswith(b"HTTP/1.1 202")
         ev = json.loads(await ws.recv())
         assert ev["type"] == "event" and ev["payload"] == {"tls": True}
+
+
+def test_unusable_certificate_or_key_is_one_clear_line(tmp_path):
+    """A missing file names its setting; a passphrase-protected key is refused instead of
+    OpenSSL prompting on the terminal."""
+    import os
+    import subprocess
+    import sys
+
+    from cryptography.hazmat.primitives import serialization
+
+    cert, key = self_signed(str(tmp_path))
+    with open(key, "rb") as fh:
+        plain = serialization.load_pem_private_key(fh.read(), password=None)
+    locked = tmp_path / "locked.pem"
+    locked.write_bytes(plain.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.BestAvailableEncryption(b"sesame")))
+    base = {k: v for k, v in os.environ.items() if not k.startswith("RT_")}
+    base.update({"RT_STATE_DIR": str(tmp_path / "state"), "RT_PORT": "0"})
+    for tls_key, expected in ((str(tmp_path / "nokey.pem"), "server.tls_key: no such file"),
+                              (str(locked), "passphrase")):
+        out = subprocess.run([sys.executable, "-m", "rtserver", "serve"], env={**base, "RT_TLS_CERT": cert,
+                             "RT_TLS_KEY": tls_key}, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                             timeout=30)
+        errors = [line for line in out.stderr.splitlines() if line.startswith("rtserver:")]
+        assert out.returncode == 2 and len(errors) == 1 and expected in errors[0], out.stderr

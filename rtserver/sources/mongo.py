@@ -35,6 +35,7 @@ from pymongo import AsyncMongoClient
 from pymongo.errors import OperationFailure, PyMongoError
 
 from rtcore.event import Event
+from rtserver.redact import redact
 from rtserver.sources.base import ChannelUnavailable, EventSink
 
 try:
@@ -68,9 +69,6 @@ def database_for(url: str, workspace: str) -> str:
     return workspace
 
 
-def redact(url: str) -> str:
-    """The URL without credentials, for logs and status."""
-    return re.sub(r"://[^@/]*@", "://***@", url)
 
 
 class ResumeTokenStore:
@@ -192,7 +190,8 @@ class MongoSource:
         self._collections_ttl = collections_ttl
         self._retry_max = retry_max_seconds
         self._client_options = dict(client_options or {})
-        digest = hashlib.sha256(f"{redact(url)}|{database}".encode()).hexdigest()[:12]
+        # The file name must stay what earlier versions chose: the user info masked as they did.
+        digest = hashlib.sha256(f"{re.sub(r'://[^@/]*@', '://***@', url)}|{database}".encode()).hexdigest()[:12]
         safe_db = re.sub(r"[^A-Za-z0-9_.-]", "_", database)
         self._tokens = ResumeTokenStore(os.path.join(state_dir, f"mongo-resume-{safe_db}-{digest}.json"))
         self._client: AsyncMongoClient[Any] | None = None

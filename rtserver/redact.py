@@ -1,0 +1,25 @@
+"""Connection strings without their secrets, for logs, /readyz and metric labels.
+
+A password can sit in a URL's user info (`postgresql://rt:pw@db/app`), in its query
+(`?password=pw`, `?sslpassword=pw`, `?authMechanismProperties=...:token`), or in a libpq
+keyword/value string (`host=db password=pw`). Every parameter whose name mentions a password,
+secret, token or key is masked, whatever the form.
+"""
+
+from __future__ import annotations
+
+import re
+
+_USERINFO = re.compile(r"://[^@/?#]*@")
+_SECRET_NAME = r"(?:pass|secret|token|key|credential|authmechanismproperties)"
+_QUERY_SECRET = re.compile(rf"([?&;][^=&;#]*{_SECRET_NAME}[^=&;#]*=)[^&;#]*", re.I)
+_KEYWORD_SECRET = re.compile(
+    rf"(\b[\w.-]*{_SECRET_NAME}[\w.-]*\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.I
+)
+
+
+def redact(url: str) -> str:
+    """`url` (a URL or a libpq keyword/value string) with user info and secret parameters masked."""
+    if "://" in url:
+        return _QUERY_SECRET.sub(r"\1***", _USERINFO.sub("://***@", url))
+    return _KEYWORD_SECRET.sub(r"\1***", url)

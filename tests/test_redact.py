@@ -1,0 +1,51 @@
+"""Connection strings in logs, /readyz and metric labels never carry their secrets."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from rtserver.redact import redact
+from tests.harness.wsclient import ws_connect
+
+
+@pytest.mark.parametrize(("url", "expected"), [
+    ("postgresql://rt:pw@db:5432/app?sslpassword=pw2&sslmode=require",
+     "postgresql://***@db:5432/app?sslpassword=***&sslmode=require"),
+    ("host=db port=5432 user=rt password=pw dbname=app", "host=db port=5432 user=rt password=*** dbname=app"),
+    ("host=db password='p w\\' x' dbname=app", "host=db password=*** dbname=app"),
+    ("mongodb://u:p@h1,h2/app?replicaSet=rs0&authMechanismProperties=AWS_SESSION_TOKEN:t",
+     "mongodb://***@h1,h2/app?replicaSet=rs0&authMechanismProperties=***"),
+    ("mongodb://h/app?tlsCertificateKeyFilePassword=pw&tls=true", "mongodb://h/app?tlsCertificateKeyFilePassword=***&tls=true"),
+    ("postgresql://db/app", "postgresql://db/app"),
+])
+def test_secrets_are_masked(url, expected):
+    assert redact(url) == expected
+
+
+async def test_no_database_secret_reaches_metrics_or_readiness(gateway_factory, tmp_path):
+    # Unreachable databases, their passwords in a URL's user info, its query, a keyword/value
+    # string: each database has its own /readyz entry, and no secret shows anywhere.
+    config = tmp_path / "rt.toml"
+    config.write_text("[workspaces.a]\npostgres_url = 'host=127.0.0.1 port=1 user=rt password=s3cret-c dbname=x'\n"
+                      "[workspaces.b]\npostgres_url = 'postgresql://rt:s3cret-d@127.0.0.1:1/y'\n")
+    gw = await gateway_factory(env={"RT_POSTGRES_URL": "postgresql://rt:s3cret-a@127.0.0.1:1/app?sslpassword=s3cret-b"},
+                               args=["--config", str(config)])
+    async with ws_connect(gw, "a", token=gw.token("a")), ws_connect(gw, "b", token=gw.token("b")):
+        pass  # a granted workspace starts its sources
+    _, metrics = await gw.get("/metrics")
+    status, ready = await gw.get("/readyz")
+    assert status == 503
+    assert sorted(json.loads(ready)["sources"]) == [
+        "postgres:host=127.0.0.1 port=1 user=rt password=*** dbname=x",
+        "postgres:postgresql://***@127.0.0.1:1/app?sslpassword=***",
+        "postgres:postgresql://***@127.0.0.1:1/y",
+    ]
+    for text in (metrics, ready, gw.logs().encode()):
+        assert b"s3cret" not in text
+    # Three sources' gauges: each family's samples stay together (the text format's rule).
+    names = [line.split("{")[0].split(" ")[0] for line in metrics.decode().splitlines() if line and line[0] != "#"]
+    runs = [n for i, n in enumerate(names) if i == 0 or names[i - 1] != n]
+    assert len(runs) == len(set(runs)), [n for n in set(runs) if runs.count(n) > 1]
+    assert names.count("rt_source_ready") == 3
