@@ -295,11 +295,9 @@ async def test_postgres_restart_under_source(db, make_source, pg_cluster, pg_dat
     assert st["wal_status"] in ("reserved", "extended") and st["slot"]
 
 
-async def test_lost_slot_is_recreated_with_history_gap(db, make_source, pg_database):
-    await db.execute("CREATE TABLE ls (id int PRIMARY KEY)")
-    src, sink = await make_source()
-    await db.execute("INSERT INTO ls VALUES (1)")
-    await sink.wait_for(1)
+async def _drop_slot_under(src, sink, pg_database: str) -> None:
+    """Drop the source's slot while it streams (as an operator or a failover would), then wait
+    for the source to re-create it and report the gap."""
     admin = await asyncpg.connect(pg_database)
     try:
         for _ in range(50):
@@ -317,6 +315,14 @@ async def test_lost_slot_is_recreated_with_history_gap(db, make_source, pg_datab
         if sink.gaps and src.ready():
             break
         await asyncio.sleep(0.1)
+
+
+async def test_lost_slot_is_recreated_with_history_gap(db, make_source, pg_database):
+    await db.execute("CREATE TABLE ls (id int PRIMARY KEY)")
+    src, sink = await make_source()
+    await db.execute("INSERT INTO ls VALUES (1)")
+    await sink.wait_for(1)
+    await _drop_slot_under(src, sink, pg_database)
     assert sink.gaps and sink.gaps[0][:2] == ("w1", "postgres")
     assert src.status()["slot_recreations"] >= 1
     await db.execute("INSERT INTO ls VALUES (2)")
@@ -490,23 +496,7 @@ async def test_slot_recreated_while_running_resets_the_position(db, make_source,
     await db.execute("INSERT INTO rr VALUES (1)")
     await sink.wait_for(1)
     src._position.record(0xFFFF_0000_0000, -1)  # noqa: SLF001 - as if the server's LSNs went back
-    admin = await asyncpg.connect(pg_database)
-    try:
-        for _ in range(50):
-            rows = await admin.fetch("SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1", src.slot)
-            if rows and rows[0]["active_pid"]:
-                await admin.execute("SELECT pg_terminate_backend($1)", rows[0]["active_pid"])
-            try:
-                await admin.execute("SELECT pg_drop_replication_slot($1)", src.slot)
-                break
-            except asyncpg.ObjectInUseError:
-                await asyncio.sleep(0.05)
-    finally:
-        await admin.close()
-    for _ in range(150):
-        if sink.gaps and src.ready():
-            break
-        await asyncio.sleep(0.1)
+    await _drop_slot_under(src, sink, pg_database)
     assert sink.gaps and src.ready()
     await db.execute("INSERT INTO rr VALUES (2)")
     events = await sink.wait_for(2)
