@@ -5,9 +5,16 @@ It authenticates by message (or by header), resumes its session with the last se
 after any disconnect (or re-subscribes with `since` when the session is gone, so missed
 events are replayed from the gateway's history and a `history_gap` is reported when they
 cannot be), refreshes the token in-band before it expires, reconnects at once with a fresh
-token on 4001, backs off exponentially (1 s doubling to 30 s, with jitter) on other losses,
+token on 4001 (unless that token expires within 5 s, or the connection before lasted less
+than 5 s: then it backs off, so a stale token cannot cause a reconnect storm), backs off
+exponentially (1 s doubling to 30 s, with jitter) on other losses and when `get_token`
+fails (reported to on_error as a RealtimeError named "token_unavailable", then retried),
 and stops with a RealtimeError on terminal codes (4002, 4003, 1008, 1009). Dead links are
-detected by the `websockets` keepalive pings.
+detected by the `websockets` keepalive pings. A subscription made or changed while
+disconnected is sent with `since` too, and an unsubscribe the gateway had not acknowledged
+before a link loss is sent again after a resume. Each event is delivered once, also when the
+replays of overlapping subscriptions overlap after a reconnect. An exception raised by a
+callback (on_event, on_state, on_gap, on_error) is logged and swallowed.
 
     async with RealtimeClient(url, get_token) as client:
         events = client.events()  # buffers from here on
@@ -37,7 +44,12 @@ log = logging.getLogger("rtserver.client")
 
 TERMINAL_CODES = frozenset({4002, 4003, 1008, 1009})
 _SUBSCRIPTION_REFUSALS = frozenset({4000, 4003, 4008, 4010})
-_SEEN_LIMIT = 4096  # recent seqs remembered to drop a replayed duplicate
+# After a 4001 the client reconnects at once with a new token, but only when that token is
+# fresh (its `exp` more than _FRESH_MARGIN away: the gateway accepts a token up to 5 s past
+# `exp` and then closes at once with 4001) and only once until a connection has been healthy
+# (authenticated for _HEALTHY_AFTER): otherwise it backs off.
+_FRESH_MARGIN = 5.0
+_HEALTHY_AFTER = 5.0
 _CODE_NAMES = {
     1000: "normal_closure", 1001: "going_away", 1006: "abnormal_closure", 1008: "policy_violation",
     1009: "message_too_big", 1011: "internal_error", 1013: "try_again_later", 4000: "invalid_message",
@@ -85,14 +97,14 @@ def channel_matches(channel: str, event_channel: str, filter: dict | None = None
 
 
 class _Subscription:
-    __slots__ = ("channel", "filter", "on_event", "acked", "ever_acked", "waiters")
+    __slots__ = ("channel", "filter", "on_event", "acked", "sent_id", "waiters")
 
     def __init__(self, channel: str, filter: dict | None, on_event: EventHandler | None):
         self.channel = channel
         self.filter = filter
         self.on_event = on_event
         self.acked = False  # confirmed on the current session
-        self.ever_acked = False
+        self.sent_id: str | None = None  # id of the last subscribe sent for it: its answer echoes it
         self.waiters: list[asyncio.Future[None]] = []
 
 
@@ -131,7 +143,28 @@ class _Feed:
 class RealtimeClient:
     """A gateway connection that reconnects by itself. `url` is the full WebSocket URL
     (`ws://host:port/workspaces/{id}/realtime/connect`); `get_token` returns a JWT (or an
-    awaitable of one) and is called for every connection and every refresh."""
+    awaitable of one) and is called for every connection and every refresh.
+
+    Duplicates. Live, the gateway sends a connection each event once, in `seq` order. Replays
+    break that order: after a reconnect, every subscription the gateway does not restore (all
+    of them on a fresh session; on a resumed one those made or changed while disconnected) is
+    sent again with `since`, and each such subscribe replays its own channel from `since`
+    while the subscriptions already in place deliver live events: an event that matches two
+    subscriptions comes twice, and seqs interleave. The rule that keeps each event once:
+
+    * `_floor`: every event up to this seq that matches the subscriptions has been
+      delivered. It is the `since` of the resume and of every re-subscribe.
+    * Outside a catch-up events arrive in seq order, so one at or below the last delivered
+      seq is a duplicate, dropped; otherwise `_floor` follows the events.
+    * Sending a subscribe with `since` starts a catch-up: `_floor` stays put, events at or
+      below it are dropped, the seqs delivered above it are kept in `_catchup` and one already
+      there is dropped. After the subscribes the client sends a ping with an id; the gateway
+      handles a connection's messages in order, replays included, so its pong comes after
+      every replay: `_floor` moves to the highest seq delivered and the set is cleared. The
+      set thus holds at most one replay window (what the gateway's history holds after
+      `_floor`, plus the live events of the catch-up). A connection lost during a catch-up
+      keeps both; the next one asks again from the same `_floor` and sends a new ping.
+    """
 
     def __init__(
         self,
@@ -164,22 +197,29 @@ class RealtimeClient:
 
         self.state = "idle"  # idle | connecting | open | reconnecting | closed
         self.session_id: str | None = None
-        self.last_seq: int | None = None
+        self.last_seq: int | None = None  # the highest seq delivered
         self.resumed: list[bool] = []  # one entry per session start: was it resumed?
         self.closes: list[int] = []  # close codes seen, in order
         self.attempt = 0
         self.error: RealtimeError | None = None
         self._subs: dict[str, _Subscription] = {}
-        self._pending_unsubs: set[str] = set()
+        # Unsubscribes the gateway has not acknowledged: channel -> id of the one sent (None:
+        # not sent yet). A resumed session gets its channels back, so they are sent again.
+        self._pending_unsubs: dict[str, str | None] = {}
         self._feeds: set[_Feed] = set()
-        self._seen: set[int] = set()
-        self._seen_order: deque[int] = deque()
+        self._floor: int | None = None  # see the class docstring
+        self._catchup: set[int] | None = None
+        self._marker: str | None = None  # id of the ping that ends the catch-up
         self._ws: ClientConnection | None = None
+        self._outbox: asyncio.Queue[str] | None = None  # the current connection's, in send order
         self._authed = False
+        self._authed_at: float | None = None
+        self._expired_once = False  # reconnected at once after a 4001 since the last healthy connection
         self._task: asyncio.Task[None] | None = None
         self._ready: asyncio.Future[None] | None = None
-        self._refresh_ids = 0
+        self._ids = 0
         self._pending_token: str | None = None  # sent in a refresh, in force once acknowledged
+        self._callback_tasks: set[asyncio.Future[Any]] = set()
 
     # ---- public API ----------------------------------------------------------------------
 
@@ -192,7 +232,10 @@ class RealtimeClient:
 
     async def connect(self) -> None:
         """Starts the connection loop; returns after the first `auth_ok`, raises a
-        RealtimeError when the gateway refuses for good (4002, 4003, 1008, 1009)."""
+        RealtimeError when the gateway refuses for good (4002, 4003, 1008, 1009) or the
+        client is closed."""
+        if self.state == "closed":
+            raise self._closed_error()
         if self._task is None:
             self._ready = asyncio.get_running_loop().create_future()
             self._task = asyncio.create_task(self._run(), name=f"rtclient {self.url}")
@@ -200,46 +243,74 @@ class RealtimeClient:
         await asyncio.shield(self._ready)
 
     async def subscribe(self, channel: str, filter: dict | None = None,
-                        on_event: EventHandler | None = None, *, timeout: float = 10.0) -> Callable[[], None]:
+                        on_event: EventHandler | None = None, *, timeout: float | None = None) -> Callable[[], None]:
         """Subscribes (replacing an earlier filter on `channel`); returns the unsubscribe
-        function. While connected, waits for the gateway's confirmation and raises a
-        RealtimeError if it refuses (4010, 4003, 4008, 4000)."""
+        function once the gateway has confirmed. A link lost meanwhile, or a client that is
+        reconnecting when it is called, does not fail it: the subscription is sent on the next
+        connection (with `since`, so the events of the outage are replayed) and subscribe()
+        returns when that confirms, as the JS client's `ready` settles. Called before connect(), it returns at once: the subscription is sent
+        on connect, and a refusal then goes to on_error.
+
+        Raises a RealtimeError when the gateway refuses (4010, 4003, 4008, 4000), when the
+        channel is unsubscribed or the client closes before the confirmation, and when the
+        client is already closed. With `timeout` (seconds), a confirmation that has not come
+        in time withdraws the subscription and raises a RealtimeError named "timeout". When
+        subscribe() raises or is cancelled, the channel is not subscribed."""
+        if self.state == "closed":
+            raise self._closed_error()
         sub = _Subscription(channel, filter, on_event)
         old = self._subs.get(channel)
         if old is not None:
             sub.waiters, old.waiters = old.waiters, []
         self._subs[channel] = sub
-        self._pending_unsubs.discard(channel)
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        sub.waiters.append(waiter)
-        if self.state == "open":
-            await self._send_subscribe(sub, None)
-            await asyncio.wait_for(asyncio.shield(waiter), timeout)
-        else:
-            waiter.add_done_callback(_retrieve)
+        self._pending_unsubs.pop(channel, None)
 
         def unsubscribe() -> None:
             self.unsubscribe(channel, sub)
 
+        if self.state == "idle":
+            return unsubscribe
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        waiter.add_done_callback(_retrieve)
+        sub.waiters.append(waiter)
+        if self._authed:
+            self._send_subscribe(sub, None)  # else on the next auth_ok
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter), timeout)
+        except TimeoutError:
+            self.unsubscribe(channel, sub)
+            raise RealtimeError(0, f"subscription to {channel} not confirmed within {timeout} s: withdrawn",
+                                name="timeout", channel=channel) from None
+        except asyncio.CancelledError:
+            self.unsubscribe(channel, sub)
+            raise
         return unsubscribe
 
     def unsubscribe(self, channel: str, only: object = None) -> None:
+        """Stops the subscription on `channel`: sent at once when connected, else on the next
+        connection, and again after a resume until the gateway has acknowledged it."""
         sub = self._subs.get(channel)
         if sub is None or (only is not None and sub is not only):
             return
         del self._subs[channel]
-        _settle(sub.waiters, RealtimeError(0, f"unsubscribed from {channel}"))
-        if self.state == "open" and self._ws is not None:
-            asyncio.ensure_future(self._send({"type": "unsubscribe", "channel": channel}))
-        else:
-            self._pending_unsubs.add(channel)
+        _settle(sub.waiters, RealtimeError(0, f"unsubscribed from {channel}", channel=channel))
+        if self.state == "closed":
+            return
+        self._pending_unsubs[channel] = None
+        if self._authed:
+            self._send_unsubscribe(channel)  # queued behind what was sent before: order kept
 
     def events(self, channel: str | None = None) -> AsyncIterator[dict[str, Any]]:
         """Events, and `{"type": "history_gap", ...}` notices, from now on (buffered from
         this call, not from the first iteration). Ends when the client closes; raises the
-        terminal RealtimeError, or a `buffer_overflow` one past `max_buffered` unread items."""
+        terminal RealtimeError, or a `buffer_overflow` one past `max_buffered` unread items.
+        Iterating one obtained after the client closed raises a RealtimeError (the terminal
+        error, or code 1000 "client closed")."""
         feed = _Feed(channel, self.max_buffered)
-        self._feeds.add(feed)
+        if self.state == "closed":
+            feed.end(self._closed_error())
+        else:
+            self._feeds.add(feed)
 
         async def iterate() -> AsyncIterator[dict[str, Any]]:
             try:
@@ -275,8 +346,31 @@ class RealtimeClient:
     def _set_state(self, state: str) -> None:
         if state != self.state:
             self.state = state
-            if self.on_state is not None:
-                self.on_state(state)
+            self._callback(self.on_state, state, "on_state")
+
+    def _callback(self, fn: Callable[[Any], Any] | None, arg: Any, name: str) -> None:
+        """Calls a user callback; what it raises is logged, never lets the client down."""
+        if fn is None:
+            return
+        try:
+            result = fn(arg)
+            if inspect.isawaitable(result):
+                task = asyncio.ensure_future(result)
+                self._callback_tasks.add(task)
+                task.add_done_callback(lambda t: self._callback_done(t, name))
+        except Exception:
+            log.exception("%s callback failed", name, extra={"fields": {"url": self.url}})
+
+    def _callback_done(self, task: asyncio.Future[Any], name: str) -> None:
+        self._callback_tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("%s callback failed", name, exc_info=task.exception(), extra={"fields": {"url": self.url}})
+
+    def _closed_error(self) -> RealtimeError:
+        e = self.error
+        if e is None:
+            return RealtimeError(1000, "client closed")
+        return RealtimeError(e.code, str(e), name=e.name, channel=e.channel, terminal=e.terminal)
 
     async def _token(self) -> str:
         token = self.get_token()
@@ -284,59 +378,95 @@ class RealtimeClient:
             token = await token
         return token
 
+    async def _fetch_token(self) -> str | None:
+        """A token, or None when get_token failed (reported to on_error; retried after a backoff)."""
+        try:
+            return await self._token()
+        except Exception as exc:
+            log.warning("get_token failed", extra={"fields": {"url": self.url, "error": repr(exc)}})
+            err = RealtimeError(0, f"get_token failed: {exc!r}", name="token_unavailable")
+            err.__cause__ = exc
+            self._callback(self.on_error, err, "on_error")
+            return None
+
     async def _run(self) -> None:
-        expired_once = False
+        at_once = False  # right after a 4001
         while self.state != "closed":
             self._set_state("connecting" if self.session_id is None and self.attempt == 0 else "reconnecting")
-            code = 1006
-            try:
-                token = await self._token()
-                headers = {"Authorization": f"Bearer {token}"} if self.header_auth else None
-                async with connect(self.url, additional_headers=headers, open_timeout=self.open_timeout,
-                                   max_size=8 << 20, close_timeout=2) as ws:
-                    self._ws = ws
-                    try:
-                        await self._serve(ws, token)
-                    finally:
-                        self._ws = None
-                        self._authed = False
-                    code = ws.close_code or 1006
-            except ConnectionClosed as exc:
-                code = exc.rcvd.code if exc.rcvd is not None else 1006
-            except (OSError, InvalidHandshake, TimeoutError) as exc:
-                log.info("connect failed", extra={"fields": {"url": self.url, "error": str(exc)}})
-            except RealtimeError as exc:
-                self._finish(exc)
-                return
+            token = await self._fetch_token()
             if self.state == "closed":
                 return
-            self.closes.append(code)
-            if code in TERMINAL_CODES:
-                self._finish(RealtimeError(code, f"connection closed: {_CODE_NAMES.get(code, code)}",
-                                           terminal=True))
-                return
-            if code == 4001 and not expired_once:
-                expired_once = True  # a fresh token, at once; if that fails too, back off
-                continue
-            if code != 4001:
-                expired_once = False
+            if token is not None and at_once and not _fresh(token):
+                # The gateway would accept it within its leeway and close with 4001 at once.
+                log.info("new token expires within %s s: backing off", _FRESH_MARGIN, extra={"fields": {"url": self.url}})
+                token = None
+            at_once = False
+            if token is not None:
+                code = await self._connect_once(token)
+                if code is None:
+                    return  # closed, or stopped for good
+                if code == 4001 and not self._expired_once:
+                    self._expired_once = True  # a fresh token, at once; if that fails too, back off
+                    at_once = True
+                    continue
             base = min(self.backoff_max, self.backoff_initial * 2 ** min(self.attempt, 30))
             self.attempt += 1
             self._set_state("reconnecting")
             await asyncio.sleep(base / 2 + random.random() * base / 2)  # jitter spreads a herd
 
+    async def _connect_once(self, token: str) -> int | None:
+        """One connection; its close code, or None when the client is closed or stopped."""
+        code = 1006
+        try:
+            headers = {"Authorization": f"Bearer {token}"} if self.header_auth else None
+            async with connect(self.url, additional_headers=headers, open_timeout=self.open_timeout,
+                               max_size=8 << 20, close_timeout=2) as ws:
+                self._ws = ws
+                try:
+                    await self._serve(ws, token)
+                finally:
+                    self._ws = None
+                    self._authed = False
+                code = ws.close_code or 1006
+        except ConnectionClosed as exc:
+            code = exc.rcvd.code if exc.rcvd is not None else 1006
+        except (OSError, InvalidHandshake, TimeoutError) as exc:
+            log.info("connect failed", extra={"fields": {"url": self.url, "error": str(exc)}})
+        except Exception:  # an unexpected message, say: reconnect rather than stop
+            log.exception("connection failed", extra={"fields": {"url": self.url}})
+        if self._authed_at is not None and time.monotonic() - self._authed_at >= _HEALTHY_AFTER:
+            self._expired_once = False  # a healthy connection: the next 4001 reconnects at once again
+        self._authed_at = None
+        if self.state == "closed":
+            return None
+        self.closes.append(code)
+        if code in TERMINAL_CODES:
+            self._finish(RealtimeError(code, f"connection closed: {_CODE_NAMES.get(code, code)}", terminal=True))
+            return None
+        return code
+
+    async def _write(self, ws: ClientConnection, outbox: asyncio.Queue[str]) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            while True:
+                await ws.send(await outbox.get())
+
     async def _serve(self, ws: ClientConnection, token: str) -> None:
+        outbox: asyncio.Queue[str] = asyncio.Queue()
+        self._outbox = outbox
+        writer = asyncio.create_task(self._write(ws, outbox))
         if not self.header_auth:
             msg: dict[str, Any] = {"type": "auth", "token": token}
             if self.session_id is not None:
                 msg["resume"] = self.session_id
-                if self.last_seq is not None:
-                    msg["since"] = self.last_seq
-            await ws.send(json.dumps(msg))
+                if self._floor is not None:
+                    msg["since"] = self._floor
+            self._send(msg)
         refresher: asyncio.Task[None] | None = None
         try:
             async for raw in ws:
                 msg = json.loads(raw)
+                if not isinstance(msg, dict):
+                    continue
                 kind = msg.get("type")
                 if kind == "event":
                     await self._on_event(msg)
@@ -344,36 +474,61 @@ class RealtimeClient:
                     if self._authed:
                         token = self._pending_token or token  # a refresh was accepted
                     else:
-                        await self._on_auth_ok(msg)
+                        self._on_auth_ok(msg)
                     if refresher is not None:
                         refresher.cancel()
                     refresher = asyncio.create_task(self._refresh_later(ws, token))
                 elif kind == "subscribed":
                     sub = self._subs.get(msg.get("channel"))
-                    if sub is not None:
-                        sub.acked = sub.ever_acked = True
+                    if sub is not None and _answers(msg, sub.sent_id):
+                        sub.acked = True
                         _settle(sub.waiters, None)
+                elif kind == "unsubscribed":
+                    channel, mid = msg.get("channel"), msg.get("id")
+                    if mid is not None and self._pending_unsubs.get(channel) == mid:
+                        del self._pending_unsubs[channel]
+                elif kind == "pong":
+                    if self._marker is not None and msg.get("id") == self._marker:
+                        # Every replay asked for is done: all up to last_seq has been delivered.
+                        self._marker = None
+                        self._catchup = None
+                        self._floor = self.last_seq
                 elif kind == "error":
                     self._on_error(msg)
         finally:
+            self._marker = None
+            if self._outbox is outbox:
+                self._outbox = None
+            writer.cancel()
             if refresher is not None:
                 refresher.cancel()
 
-    async def _on_auth_ok(self, msg: dict[str, Any]) -> None:
+    def _on_auth_ok(self, msg: dict[str, Any]) -> None:
         self._authed = True
+        self._authed_at = time.monotonic()
         self.attempt = 0
         resumed = bool(msg.get("resumed")) and msg.get("sessionId") == self.session_id
         self.session_id = msg.get("sessionId")
         self.resumed.append(resumed)
         self._set_state("open")
-        for channel in sorted(self._pending_unsubs):
-            await self._send({"type": "unsubscribe", "channel": channel})
-        self._pending_unsubs.clear()
+        if resumed:
+            for channel in sorted(self._pending_unsubs):
+                self._send_unsubscribe(channel)  # the resumed session has it back
+        else:
+            self._pending_unsubs.clear()  # a new session has no subscriptions
+        since = self._floor
         for sub in list(self._subs.values()):
             if resumed and sub.acked:
                 continue  # restored by the gateway
-            # A new session: ask for what was missed since the last seen event.
-            await self._send_subscribe(sub, self.last_seq if sub.ever_acked else None)
+            # A new session, or subscribed (or changed) while disconnected: ask for what was
+            # missed since the last event seen, so the outage is replayed (or a gap reported).
+            self._send_subscribe(sub, since)
+            if since is not None and self._catchup is None:
+                self._catchup = set()
+        if self._catchup is not None:
+            self._ids += 1
+            self._marker = f"catchup-{self._ids}"
+            self._send({"type": "ping", "id": self._marker})
         if self._ready is not None and not self._ready.done():
             self._ready.set_result(None)
 
@@ -393,18 +548,21 @@ class RealtimeClient:
             return
         if self._ws is ws:
             self._pending_token = fresh
-            self._refresh_ids += 1
-            await self._send({"type": "auth", "token": fresh, "id": f"refresh-{self._refresh_ids}"})
+            self._ids += 1
+            self._send({"type": "auth", "token": fresh, "id": f"refresh-{self._ids}"})
 
     async def _on_event(self, msg: dict[str, Any]) -> None:
         seq = msg.get("seq")
         if isinstance(seq, int):
-            if seq in self._seen:
-                return  # the same event replayed for a second channel
-            self._seen.add(seq)
-            self._seen_order.append(seq)
-            if len(self._seen_order) > _SEEN_LIMIT:
-                self._seen.discard(self._seen_order.popleft())
+            # Drop duplicates (the rule is in the class docstring).
+            if self._catchup is not None:
+                if (self._floor is not None and seq <= self._floor) or seq in self._catchup:
+                    return
+                self._catchup.add(seq)
+            elif self.last_seq is not None and seq <= self.last_seq:
+                return
+            else:
+                self._floor = seq
             if self.last_seq is None or seq > self.last_seq:
                 self.last_seq = seq
         channel = msg.get("channel", "")
@@ -423,34 +581,53 @@ class RealtimeClient:
         code = msg.get("code", 0)
         channel = msg.get("channel")
         if code == 4011:
+            if channel in self._pending_unsubs and channel not in self._subs:
+                return  # replayed for a channel the client has left (a resumed session had it back)
             gap = {"type": "history_gap", "code": 4011, "channel": channel, "oldest": msg.get("oldest"),
                    "message": msg.get("message")}
-            if self.on_gap is not None:
-                self.on_gap(gap)
+            self._callback(self.on_gap, gap, "on_gap")
             for feed in list(self._feeds):
                 feed.push(gap, self._subs)
             return
-        err = RealtimeError(code, msg.get("message", ""), name=msg.get("name"), channel=channel)
-        if channel and channel in self._subs and code in _SUBSCRIPTION_REFUSALS:
-            sub = self._subs.pop(channel)  # refused: not retried
+        sub = self._refused(msg) if code in _SUBSCRIPTION_REFUSALS else None
+        err = RealtimeError(code, msg.get("message", ""), name=msg.get("name"),
+                            channel=channel or (sub.channel if sub is not None else None))
+        if sub is not None:
+            del self._subs[sub.channel]  # refused: not retried
             _settle(sub.waiters, err)
-        if self.on_error is not None:
-            self.on_error(err)
+        self._callback(self.on_error, err, "on_error")
 
-    async def _send_subscribe(self, sub: _Subscription, since: int | None) -> None:
+    def _refused(self, msg: dict[str, Any]) -> _Subscription | None:
+        """The subscription an error answers: by channel, or by id (a bad filter's 4000 has no channel)."""
+        channel, mid = msg.get("channel"), msg.get("id")
+        if channel:
+            sub = self._subs.get(channel)
+            return sub if sub is not None and _answers(msg, sub.sent_id) else None
+        if mid is not None:
+            return next((s for s in self._subs.values() if s.sent_id == mid), None)
+        return None
+
+    def _send_subscribe(self, sub: _Subscription, since: int | None) -> None:
         sub.acked = False
-        msg: dict[str, Any] = {"type": "subscribe", "channel": sub.channel}
+        self._ids += 1
+        sub.sent_id = f"sub-{self._ids}"
+        msg: dict[str, Any] = {"type": "subscribe", "channel": sub.channel, "id": sub.sent_id}
         if sub.filter:
             msg["filter"] = sub.filter
         if since is not None:
             msg["since"] = since
-        await self._send(msg)
+        self._send(msg)
 
-    async def _send(self, msg: dict[str, Any]) -> None:
-        ws = self._ws
-        if ws is not None:
-            with contextlib.suppress(ConnectionClosed):
-                await ws.send(json.dumps(msg))
+    def _send_unsubscribe(self, channel: str) -> None:
+        self._ids += 1
+        mid = f"unsub-{self._ids}"
+        self._pending_unsubs[channel] = mid
+        self._send({"type": "unsubscribe", "channel": channel, "id": mid})
+
+    def _send(self, msg: dict[str, Any]) -> None:
+        """Queues `msg` on the current connection: messages leave in the order of the calls."""
+        if self._outbox is not None:
+            self._outbox.put_nowait(json.dumps(msg))
 
     def _finish(self, error: RealtimeError | None) -> None:
         if self.state == "closed":
@@ -462,11 +639,24 @@ class RealtimeClient:
             _settle(sub.waiters, closed)
         for feed in list(self._feeds):
             feed.end(error)
+        self._pending_unsubs.clear()
         if self._ready is not None and not self._ready.done():
             self._ready.set_exception(closed)
             self._ready.add_done_callback(_retrieve)
-        if error is not None and self.on_error is not None:
-            self.on_error(error)
+        if error is not None:
+            self._callback(self.on_error, error, "on_error")
+
+
+def _fresh(token: str) -> bool:
+    """Whether `token` is fresh enough to reconnect with at once after a 4001."""
+    exp = token_expiry(token)
+    return exp is None or exp - time.time() > _FRESH_MARGIN
+
+
+def _answers(msg: dict[str, Any], sent_id: str | None) -> bool:
+    """Whether a reply is to the last message sent for a channel (not to an earlier one)."""
+    mid = msg.get("id")
+    return mid is None or mid == sent_id
 
 
 def _settle(waiters: list[asyncio.Future[None]], error: BaseException | None) -> None:
@@ -481,4 +671,4 @@ def _settle(waiters: list[asyncio.Future[None]], error: BaseException | None) ->
 
 def _retrieve(fut: asyncio.Future[Any]) -> None:
     if not fut.cancelled():
-        fut.exception()  # mark retrieved: a refusal before connect is reported via on_error
+        fut.exception()  # mark retrieved: a refusal nobody awaits any more is reported via on_error

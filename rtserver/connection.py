@@ -682,7 +682,9 @@ class Connection(WSListener):
         else:
             subjects.pop(subject, None)
         if self.session is not None:
-            gw.sessions.suspend(self.session, ws.history.last_seq)
+            # The position the session is up to: the last event, or where the history starts
+            # when it has none yet (nothing before that happened while this connection lived).
+            gw.sessions.suspend(self.session, max(ws.history.last_seq, ws.history.floor))
             gw.audit.emit(
                 "session-suspended",
                 workspace_id=self.workspace_id,

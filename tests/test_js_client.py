@@ -6,10 +6,13 @@ from __future__ import annotations
 import asyncio
 import os
 import pathlib
+import re
 import shutil
 
 import pytest
 
+from rtcore.messages import CustomEventBody, MongoEventBody, PostgresEventBody
+from rtserver.channels import _FILTER_KEYS
 from tests.harness.fixtures_gateway import SECRET
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -29,10 +32,33 @@ def test_demo_copy_of_the_client_is_current():
     assert copy == src, "rtserver/static/rtclient.js is stale: run `npm run sync-demo` in clients/js"
 
 
+def _members(dts: str, interface: str) -> set[str]:
+    """The member names of `export interface <interface> { ... }` in a .d.ts (one level deep)."""
+    body = re.search(r"export interface " + interface + r" \{\n(.*?)\n\}", dts, re.S)
+    assert body is not None, interface
+    return set(re.findall(r"^  (\w+)\??:", body.group(1), re.M))
+
+
+def test_typescript_types_cover_the_protocol_and_the_options():
+    dts = (JS / "index.d.ts").read_text()
+    # Filter: exactly the fields the gateway accepts (anything else is error 4000).
+    assert _members(dts, "Filter") == set(_FILTER_KEYS)
+    # RealtimeEvent: every field an event frame can carry.
+    frame_fields = {"type", "seq", "transition"}
+    for body in (PostgresEventBody, MongoEventBody, CustomEventBody):
+        frame_fields |= set(body.__struct_fields__)
+    assert frame_fields <= _members(dts, "RealtimeEvent")
+    assert 'transition?: "enter" | "leave"' in dts and "transitions?: boolean" in dts
+    # ConnectOptions: every option the client reads.
+    src = (JS / "src" / "index.js").read_text()
+    assert set(re.findall(r"options\.(\w+)", src)) == _members(dts, "ConnectOptions")
+
+
 async def test_js_client_suite_against_the_gateway(gateway_factory):
     node = require_node()
     gw = await gateway_factory(env={"RT_HISTORY_EVENTS": "500"})
-    env = {**os.environ, "RT_TEST_GATEWAY": gw.url, "RT_TEST_SECRET": SECRET}
+    wide = await gateway_factory()  # the default history (10000 events), for the dedupe test
+    env = {**os.environ, "RT_TEST_GATEWAY": gw.url, "RT_TEST_GATEWAY_WIDE": wide.url, "RT_TEST_SECRET": SECRET}
     proc = await asyncio.create_subprocess_exec(
         node, "--test", "--test-reporter=spec", "test/client.test.js",
         cwd=JS, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,

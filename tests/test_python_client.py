@@ -63,6 +63,9 @@ async def test_refused_subscription_raises_with_code(gateway):
         with pytest.raises(RealtimeError) as info:
             await client.subscribe("nosuch:thing")
         assert (info.value.code, info.value.channel) == (4010, "nosuch:thing")
+        with pytest.raises(RealtimeError) as info:  # the gateway's 4000 names no channel: matched by id
+            await asyncio.wait_for(client.subscribe("events:x", {"bogus": 1}), 5)
+        assert (info.value.code, info.value.channel) == (4000, "events:x")
         assert client.state == "open"
 
 
@@ -217,3 +220,296 @@ def test_token_expiry_and_channel_routing():
     assert channel_matches("postgres:*", "postgres:products", {"entity": "products"})
     assert not channel_matches("postgres:*", "postgres:orders", {"entity": "products"})
     assert not channel_matches("mongo:*", "postgres:orders")
+
+
+# ---- reconnect edge cases ------------------------------------------------------------------
+
+
+class FreezeProxy(TcpProxy):
+    """A TcpProxy whose connections can go half-dead: while `frozen`, bytes are dropped both ways
+    (writes succeed, nothing arrives), as on a link that died without a reset."""
+
+    frozen = False
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                if self.frozen:
+                    continue
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            self._writers.discard(writer)
+            writer.transport.abort()
+
+
+def proxied(proxy: TcpProxy, workspace: str = "w1") -> str:
+    return f"ws://127.0.0.1:{proxy.port}/workspaces/{workspace}/realtime/connect"
+
+
+def publish_many(gateway, workspace: str, topic: str, n: int) -> list[int]:
+    """Publishes n events over one keep-alive connection (in a thread); returns their seqs."""
+    import http.client
+    import json
+
+    headers = {"Authorization": f"Bearer {gateway.token(workspace, publish=True)}", "Content-Type": "application/json"}
+    conn = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=10)
+    seqs = []
+    try:
+        for i in range(n):
+            conn.request("POST", f"/workspaces/{workspace}/realtime/events/{topic}", json.dumps({"i": i}), headers)
+            resp = conn.getresponse()
+            body = resp.read()
+            assert resp.status == 202, (resp.status, body)
+            seqs.append(json.loads(body)["seq"])
+    finally:
+        conn.close()
+    return seqs
+
+
+async def test_get_token_failure_is_reported_and_retried_with_backoff(gateway):
+    proxy = await TcpProxy(gateway.port).start()
+    calls: list[int] = []
+
+    def get_token() -> str:
+        calls.append(1)
+        if len(calls) in (1, 3):  # the first connection, and the reconnect after the cut
+            raise RuntimeError("token service 503")
+        return gateway.token("w1")
+
+    errors: list[RealtimeError] = []
+    got: list[dict] = []
+    client = RealtimeClient(proxied(proxy), get_token, on_error=errors.append, **FAST)
+    try:
+        await asyncio.wait_for(client.connect(), 5)
+        await client.subscribe("events:t", None, got.append)
+        proxy.cut()
+        await wait_for(lambda: len(client.resumed) == 2 and client.state == "open", 5, "reconnect")
+        e = await gateway.publish("w1", "t", {})
+        await wait_for(lambda: len(got) == 1, what="event after the reconnect")
+        assert got[0]["seq"] == e["seq"] and len(calls) == 4
+        assert [err.name for err in errors] == ["token_unavailable"] * 2
+        assert isinstance(errors[0].__cause__, RuntimeError) and not errors[0].terminal
+    finally:
+        await client.close()
+        await proxy.close()
+
+
+async def test_exceptions_raised_by_callbacks_are_logged_and_swallowed(gateway, caplog):
+    def boom(*_: object) -> None:
+        raise RuntimeError("a bug in a callback")
+
+    got: list[dict] = []
+    client = RealtimeClient(gateway.ws_url("w1"), lambda: gateway.token("w1"), on_state=boom, on_error=boom, **FAST)
+    try:
+        await asyncio.wait_for(client.connect(), 5)
+        with pytest.raises(RealtimeError) as info:
+            await client.subscribe("nosuch:thing")  # on_error raises
+        assert info.value.code == 4010
+        await client.subscribe("events:cb", None, boom)
+        await client.subscribe("events:cb2", None, got.append)
+        await gateway.publish("w1", "cb", {})
+        e = await gateway.publish("w1", "cb2", {})
+        await wait_for(lambda: len(got) == 1, what="event")
+        assert got[0]["seq"] == e["seq"] and client.state == "open"
+        assert "on_state callback failed" in caplog.text and "on_error callback failed" in caplog.text
+    finally:
+        await client.close()  # on_state("closed") raises too
+    assert client.state == "closed"
+
+
+async def test_fresh_session_resubscribing_overlapping_channels_delivers_each_event_once(gateway):
+    # Header auth: every reconnect is a new session, re-subscribed with `since`; events:* and
+    # events:orders each replay the 5000 events missed, more than any fixed dedupe window.
+    proxy = await TcpProxy(gateway.port).start()
+    client = RealtimeClient(proxied(proxy), lambda: gateway.token("w1"), header_auth=True,
+                            max_buffered=100_000, **FAST)
+    on_all: list[int] = []
+    on_orders: list[int] = []
+    try:
+        await client.connect()
+        items = client.events()
+        await client.subscribe("events:*", None, lambda e: on_all.append(e["seq"]))
+        await client.subscribe("events:orders", None, lambda e: on_orders.append(e["seq"]))
+        first = await gateway.publish("w1", "orders", {"i": -1})
+        await wait_for(lambda: len(on_all) == 1, what="first event")
+        proxy.hold = True
+        proxy.cut()
+        await wait_for(lambda: client.state == "reconnecting", what="reconnecting")
+        missed = await asyncio.to_thread(publish_many, gateway, "w1", "orders", 5000)
+        proxy.hold = False
+        await wait_for(lambda: len(client.resumed) == 2 and client.state == "open", 10, "reconnect")
+        assert client.resumed == [False, False]
+        await wait_for(lambda: len(on_all) >= 5001, 20, "the replay")
+        live = await gateway.publish("w1", "orders", {"i": "live"})
+        seqs: list[int] = []
+        while not seqs or seqs[-1] != live["seq"]:
+            item = await asyncio.wait_for(items.__anext__(), 10)
+            seqs.append(item["seq"])
+        want = [first["seq"], *missed, live["seq"]]
+        assert seqs == want
+        await asyncio.sleep(0.2)
+        assert on_all == want and on_orders == want
+    finally:
+        await client.close()
+        await proxy.close()
+
+
+async def test_unsubscribe_lost_on_a_dead_link_is_sent_again_after_resume(gateway):
+    proxy = await FreezeProxy(gateway.port).start()
+    client = RealtimeClient(proxied(proxy), lambda: gateway.token("w1"), **FAST)
+    try:
+        await client.connect()
+        items = client.events()
+        await client.subscribe("events:a")
+        await client.subscribe("events:b")
+        await gateway.publish("w1", "b", {})
+        assert (await asyncio.wait_for(items.__anext__(), 5))["channel"] == "events:b"
+        proxy.frozen = True
+        client.unsubscribe("events:a")  # written into a link that no longer carries anything
+        await asyncio.sleep(0.3)
+        proxy.frozen = False
+        proxy.cut()
+        await wait_for(lambda: client.state == "open" and len(client.resumed) == 2, 5, "resume")
+        assert client.resumed == [False, True]  # the gateway restored events:a with the session
+        await gateway.publish("w1", "a", {"x": "must not arrive"})
+        b = await gateway.publish("w1", "b", {})
+        item = await asyncio.wait_for(items.__anext__(), 5)
+        assert (item.get("channel"), item.get("seq")) == ("events:b", b["seq"]), item
+    finally:
+        await client.close()
+        await proxy.close()
+
+
+@pytest.mark.parametrize("header_auth", [False, True], ids=["resumed", "new-session"])
+async def test_subscription_made_or_changed_while_disconnected_gets_the_outage(gateway, header_auth):
+    proxy = await TcpProxy(gateway.port).start()
+    client = RealtimeClient(proxied(proxy), lambda: gateway.token("w1"), header_auth=header_auth, **FAST)
+    got: list[int] = []
+
+    def on_event(e: dict) -> None:
+        got.append(e["seq"])
+
+    try:
+        await client.connect()
+        await client.subscribe("events:orders", {"predicates": {"status": "new"}}, on_event)
+        e0 = await gateway.publish("w1", "orders", {"status": "new"})
+        await wait_for(lambda: len(got) == 1, what="first event")
+        proxy.hold = True
+        proxy.cut()
+        await wait_for(lambda: client.state == "reconnecting", what="reconnecting")
+        changed = asyncio.create_task(client.subscribe("events:orders", {"predicates": {"status": "paid"}}, on_event))
+        added = asyncio.create_task(client.subscribe("events:invoices", None, on_event))
+        await asyncio.sleep(0.05)  # both registered, waiting for the connection
+        e1 = await gateway.publish("w1", "orders", {"status": "paid"})
+        e2 = await gateway.publish("w1", "invoices", {})
+        proxy.hold = False
+        await asyncio.wait_for(asyncio.gather(changed, added), 10)
+        await wait_for(lambda: len(client.resumed) == 2 and client.state == "open", 10, "reconnect")
+        assert client.resumed == [False, not header_auth]
+        e3 = await gateway.publish("w1", "orders", {"status": "paid"})
+        e4 = await gateway.publish("w1", "invoices", {})
+        await wait_for(lambda: len(got) >= 5, 5, "the outage's events and the live ones")
+        await asyncio.sleep(0.2)
+        assert got == [e["seq"] for e in (e0, e1, e2, e3, e4)]
+    finally:
+        await client.close()
+        await proxy.close()
+
+
+async def test_unsubscribe_then_subscribe_on_the_same_channel_keeps_the_order(gateway):
+    got: list[dict] = []
+    async with RealtimeClient(gateway.ws_url("w1"), lambda: gateway.token("w1")) as client:
+        stop = await client.subscribe("events:orders", {"predicates": {"status": "new"}}, got.append)
+        stop()
+        await client.subscribe("events:orders", {"predicates": {"status": "paid"}}, got.append)
+        e = await gateway.publish("w1", "orders", {"status": "paid"})
+        await wait_for(lambda: len(got) == 1, what="event under the new filter")
+        assert got[0]["seq"] == e["seq"]
+
+
+async def test_subscribe_connect_and_events_after_close_or_a_terminal_error_raise(gateway):
+    client = RealtimeClient(gateway.ws_url("w1"), lambda: gateway.token("w1"))
+    await client.connect()
+    await client.close()
+    with pytest.raises(RealtimeError) as info:
+        await asyncio.wait_for(client.subscribe("events:x"), 2)
+    assert info.value.code == 1000
+    with pytest.raises(RealtimeError) as info:
+        await asyncio.wait_for(client.events().__anext__(), 2)
+    assert info.value.code == 1000
+    with pytest.raises(RealtimeError):
+        await asyncio.wait_for(client.connect(), 2)
+
+    denied = RealtimeClient(gateway.ws_url("w1"), lambda: gateway.token("w2"), **FAST)
+    with pytest.raises(RealtimeError):
+        await denied.connect()
+    for attempt in (denied.subscribe("events:x"), denied.events().__anext__()):
+        with pytest.raises(RealtimeError) as info:
+            await asyncio.wait_for(attempt, 2)
+        assert info.value.code == 4003 and info.value.terminal
+    await denied.close()
+
+
+async def test_subscribe_waits_for_the_confirmation_across_a_reconnect(gateway):
+    proxy = await FreezeProxy(gateway.port).start()
+    got: list[dict] = []
+    client = RealtimeClient(proxied(proxy), lambda: gateway.token("w1"), **FAST)
+    try:
+        await client.connect()
+        proxy.frozen = True  # the subscribes are lost, and so would be their answers
+        pending = asyncio.create_task(client.subscribe("events:orders", None, got.append))
+        with pytest.raises(RealtimeError) as info:  # not TimeoutError with the subscription left active
+            await client.subscribe("events:other", None, got.append, timeout=0.3)
+        assert info.value.name == "timeout" and info.value.channel == "events:other"
+        assert not pending.done()
+        proxy.frozen = False
+        proxy.cut()
+        await asyncio.wait_for(pending, 5)  # confirmed on the next connection
+        await gateway.publish("w1", "other", {})  # withdrawn after its timeout: not delivered
+        e = await gateway.publish("w1", "orders", {})
+        await wait_for(lambda: len(got) >= 1, what="event")
+        await asyncio.sleep(0.2)
+        assert [x["seq"] for x in got] == [e["seq"]]
+    finally:
+        await client.close()
+        await proxy.close()
+
+
+async def test_each_4001_after_a_healthy_connection_reconnects_at_once(gateway):
+    ttls = [2, 7, 3600]  # the second connection lives > 5 s: healthy
+    calls: list[int] = []
+
+    def get_token() -> str:
+        calls.append(1)
+        return gateway.token("w1", ttl=ttls[min(len(calls), 3) - 1])
+
+    # A backoff of >= 5 s would show: neither reconnect after 4001 may wait for it.
+    client = RealtimeClient(gateway.ws_url("w1"), get_token, proactive_refresh=False, backoff_initial=10)
+    try:
+        await client.connect()
+        await wait_for(lambda: client.closes == [4001], 5, "the first 4001")
+        await wait_for(lambda: len(client.resumed) == 2 and client.state == "open", 2, "reconnect")
+        await wait_for(lambda: client.closes == [4001, 4001], 10, "the second 4001")
+        await wait_for(lambda: len(client.resumed) == 3 and client.state == "open", 2, "second reconnect")
+        assert client.resumed == [False, True, True] and len(calls) == 3
+    finally:
+        await client.close()
+
+
+async def test_4001_with_a_stale_token_backs_off_instead_of_looping(gateway):
+    # A token cache that serves a token until it sees it expired: exp 1 s ago is accepted within
+    # the gateway's 5 s leeway, then closed with 4001 at once.
+    stale = gateway.token("w1", ttl=-1)
+    calls: list[int] = []
+    client = RealtimeClient(gateway.ws_url("w1"), lambda: calls.append(1) or stale, proactive_refresh=False,
+                            backoff_initial=0.2, backoff_max=0.4)
+    try:
+        await client.connect()
+        await asyncio.sleep(2)
+        assert 4001 in client.closes and client.state != "closed"
+        assert len(calls) < 30, len(calls)  # 0.1-0.2 s apart; a storm makes hundreds
+    finally:
+        await client.close()

@@ -202,6 +202,19 @@ async def test_gateway_restart_gives_history_gap_never_silent_loss(gateway):
         assert ev["seq"] == after["seq"]
 
 
+async def test_resume_without_since_on_a_quiet_workspace_reports_no_gap(gateway):
+    token = gateway.token("w1")
+    async with ws_connect(gateway, "w1", token=token) as c:
+        await c.subscribe("events:q")
+        await c.send({"type": "auth", "token": token})
+        session = (await c.recv_type("auth_ok"))["sessionId"]
+    async with ws_connect(gateway, "w1") as c:
+        assert (await c.auth(token, resume=session))["resumed"] is True
+        await c.no_message(0.5)  # nothing was published: nothing missed, no history_gap
+        live = await gateway.publish("w1", "q", {"n": 1})
+        assert (await c.recv_event())["seq"] == live["seq"]
+
+
 async def test_sessions_survive_a_drained_restart(gateway):
     """A drained shutdown keeps suspended sessions for the next start (state dir), so a client
     resumes its session, filters included, across a restart: gap report, then live."""

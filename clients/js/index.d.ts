@@ -2,10 +2,15 @@
 
 export type ConnectionState = "idle" | "connecting" | "open" | "reconnecting" | "closed";
 
+/** A subscription filter (docs/protocol.md §4). */
 export interface Filter {
   operations?: Array<"INSERT" | "UPDATE" | "DELETE" | "TRUNCATE" | "REPLACE" | "PUBLISH">;
+  /** Narrows a `*` channel to one table/collection/topic. */
   entity?: string;
   predicates?: Record<string, unknown>;
+  /** Also deliver the UPDATEs after which a row stops matching (`transition: "leave"`), and
+   * mark those after which it starts to (`transition: "enter"`). Default false. */
+  transitions?: boolean;
 }
 
 /** A change pushed by the gateway (docs/protocol.md §5). */
@@ -16,17 +21,26 @@ export interface RealtimeEvent {
   seq: number;
   timestamp: string;
   correlationId: string;
+  /** With `filter.transitions`: the UPDATE made the row stop ("leave") or start ("enter")
+   * matching the filter's predicates; absent when it matched before and after. */
+  transition?: "enter" | "leave";
   /** postgres */
   table?: string;
   schema?: string;
-  record?: Record<string, unknown>;
-  oldRecord?: Record<string, unknown>;
+  record?: Record<string, unknown> | null;
+  oldRecord?: Record<string, unknown> | null;
   changedColumns?: string[];
   /** mongo */
   collection?: string;
-  document?: Record<string, unknown>;
-  operationType?: string;
-  updateDescription?: { updatedFields: Record<string, unknown>; removedFields: string[] };
+  document?: Record<string, unknown> | null;
+  operationType?: "insert" | "update" | "replace" | "delete";
+  updateDescription?: {
+    updatedFields: Record<string, unknown>;
+    removedFields: string[];
+    truncatedArrays?: Array<{ field: string; newSize: number }>;
+  };
+  /** The pre-image, for collections with pre-images enabled (docs/mongo.md). */
+  oldDocument?: Record<string, unknown> | null;
   /** events */
   topic?: string;
   payload?: unknown;
@@ -64,11 +78,15 @@ export interface ConnectOptions {
   pongTimeoutMs?: number;
   /** Unread items an events() iterator may hold before it fails (default 10000). */
   maxBufferedEvents?: number;
+  /** A connection attempt whose WebSocket upgrade has not completed after this long is
+   * abandoned and counts as a failed attempt (backoff); default 10000. */
+  openTimeoutMs?: number;
 }
 
 export declare const TERMINAL_CODES: readonly number[];
 
 export declare class RealtimeError extends Error {
+  constructor(code: number, message?: string, details?: { name?: string; channel?: string; terminal?: boolean });
   /** The close or error code (4001 token_expired, 4002, 4003, 4010, ...); 0 for client-side errors. */
   code: number;
   codeName: string;
@@ -79,7 +97,9 @@ export declare class RealtimeError extends Error {
 
 export interface Unsubscribe {
   (): void;
-  /** Settles when the gateway confirms the subscription, or rejects with a RealtimeError. */
+  /** Resolves when the gateway confirms the subscription (waiting across reconnects); rejects
+   * with a RealtimeError when it refuses (4010, 4003, 4008, 4000), when the channel is
+   * unsubscribed or the client closes first, or at once when the client was already closed. */
   ready: Promise<void>;
 }
 
@@ -94,8 +114,12 @@ export declare class RealtimeClient {
   readonly url: string;
   readonly state: ConnectionState;
   readonly sessionId: string | null;
-  /** The highest `seq` seen: resumes start after it. */
+  /** The highest `seq` delivered. Resumes and re-subscribes ask for what follows it (while
+   * the replays after a reconnect are still arriving: what follows the `seq` up to which
+   * everything had been delivered). */
   readonly lastSeq: number | null;
+  /** Failed connection attempts since the last success (drives the backoff). */
+  readonly attempt: number;
   /** The terminal error, once closed by one. */
   readonly error: RealtimeError | null;
   /** Resolves on the first auth_ok; rejects on a terminal error or close(). */
@@ -106,7 +130,9 @@ export declare class RealtimeClient {
   subscribe(channel: string, onEvent?: (event: RealtimeEvent) => void): Unsubscribe;
   subscribe(channel: string, filter: Filter | null | undefined, onEvent?: (event: RealtimeEvent) => void): Unsubscribe;
   unsubscribe(channel: string): void;
-  /** Events and gap notices from now on, optionally of one subscribed channel. */
+  /** Events and gap notices from now on, optionally of one subscribed channel. Create it
+   * before awaiting anything: it buffers from this call on. One obtained after close() or a
+   * terminal error throws a RealtimeError when iterated. */
   events(channel?: string): AsyncIterableIterator<RealtimeEvent | HistoryGap>;
   on(name: "state", fn: (state: ConnectionState) => void): () => void;
   on(name: "event", fn: (event: RealtimeEvent) => void): () => void;

@@ -3,10 +3,13 @@
 // Works in browsers (no dependencies) and in Node.js (uses the `ws` package when
 // globalThis.WebSocket is missing, or when header authentication is asked for).
 // It authenticates, keeps subscriptions alive across reconnects (resuming the session with
-// the last seen `seq`, or re-subscribing with `since` when the session is gone), refreshes
-// the token before it expires, backs off exponentially on failures and stops on terminal
-// codes (4002 token_invalid, 4003 scope_denied, 1008 policy_violation, 1009 message_too_big)
-// with a RealtimeError.
+// the last seen `seq`, or re-subscribing with `since` when the session is gone, or when a
+// subscription was made or changed while disconnected), delivers each event once, refreshes
+// the token before it expires, reconnects at once with a new token on 4001 (unless that token
+// expires within 5 s, or the connection before lasted less than 5 s: then it backs off),
+// backs off exponentially on other failures (a connection attempt that does not open within
+// openTimeoutMs counts as one) and stops on terminal codes (4002 token_invalid,
+// 4003 scope_denied, 1008 policy_violation, 1009 message_too_big) with a RealtimeError.
 //
 // rtserver/static/rtclient.js is a verbatim copy of this file (the demo page loads it);
 // tests/test_js_client.py checks that the two stay identical.
@@ -60,7 +63,22 @@ export function channelMatches(channel, eventChannel, filter) {
 }
 
 const MAX_TIMER_MS = 2 ** 31 - 1;
-const SEEN_LIMIT = 4096; // recent seqs remembered to drop a replayed duplicate
+// After a 4001 the client reconnects at once with a new token, but only when that token is
+// fresh (its `exp` more than FRESH_MARGIN_MS away: the gateway accepts a token up to 5 s past
+// `exp` and then closes at once with 4001) and only once until a connection has been healthy
+// (authenticated for HEALTHY_AFTER_MS): otherwise it backs off.
+const FRESH_MARGIN_MS = 5000;
+const HEALTHY_AFTER_MS = 5000;
+
+function isFresh(token) {
+  const exp = tokenExpiry(token);
+  return exp === null || exp * 1000 - Date.now() > FRESH_MARGIN_MS;
+}
+
+// Whether a reply is to the last message sent for a channel (not to an earlier one).
+function answers(msg, sentId) {
+  return msg.id === undefined || msg.id === null || msg.id === sentId;
+}
 
 class Subscription {
   constructor(channel, filter, onEvent) {
@@ -68,10 +86,29 @@ class Subscription {
     this.filter = filter || null;
     this.onEvent = onEvent || null;
     this.acked = false; // the gateway confirmed it on the current session
-    this.everAcked = false;
+    this.sentId = null; // id of the last subscribe sent for it: its answer echoes it
     this.waiters = [];
   }
 }
+
+// Duplicates. Live, the gateway sends a connection each event once, in `seq` order. Replays
+// break that order: after a reconnect, every subscription the gateway does not restore (all of
+// them on a fresh session; on a resumed one those made or changed while disconnected) is sent
+// again with `since`, and each such subscribe replays its own channel from `since` while the
+// subscriptions already in place deliver live events: an event that matches two subscriptions
+// comes twice, and seqs interleave. The rule that keeps each event once:
+// - `floor`: every event up to this seq that matches the subscriptions has been delivered. It
+//   is the `since` of the resume and of every re-subscribe.
+// - Outside a catch-up events arrive in seq order, so one at or below the last delivered seq is
+//   a duplicate, dropped; otherwise `floor` follows the events.
+// - Sending a subscribe with `since` starts a catch-up: `floor` stays put, events at or below
+//   it are dropped, the seqs delivered above it are kept in `catchup` and one already there is
+//   dropped. After the subscribes the client sends a ping with an id; the gateway handles a
+//   connection's messages in order, replays included, so its pong comes after every replay:
+//   `floor` moves to the highest seq delivered and the set is cleared. The set thus holds at
+//   most one replay window (what the gateway's history holds after `floor`, plus the live
+//   events of the catch-up). A connection lost during a catch-up keeps both; the next one asks
+//   again from the same `floor` and sends a new ping.
 
 /**
  * A connection to the gateway that reconnects by itself. See index.d.ts for the options.
@@ -92,20 +129,25 @@ export class RealtimeClient {
     this.pingInterval = options.pingIntervalMs ?? 25000;
     this.pongTimeout = options.pongTimeoutMs ?? 10000;
     this.maxBuffered = options.maxBufferedEvents ?? 10000;
+    this.openTimeout = options.openTimeoutMs ?? 10000;
 
     this.state = "idle"; // idle | connecting | open | reconnecting | closed
     this.sessionId = null;
-    this.lastSeq = null;
+    this.lastSeq = null; // the highest seq delivered
+    this.floor = null; // see "Duplicates" above
+    this.catchup = null;
+    this.marker = null; // id of the ping that ends the catch-up
     this.subs = new Map();
-    this.pendingUnsubs = new Set();
+    // Unsubscribes the gateway has not acknowledged: channel -> id of the one sent (null: not
+    // sent yet). A resumed session gets its channels back, so they are sent again.
+    this.pendingUnsubs = new Map();
     this.listeners = new Map();
     this.iterators = new Set();
     this.ws = null;
     this.attempt = 0;
-    this.expired = false; // the last close was 4001: reconnect at once, once
-    this.timers = { retry: null, refresh: null, ping: null };
-    this.seen = new Set();
-    this.seenOrder = [];
+    this.expired = false; // reconnected at once after a 4001 since the last healthy connection
+    this.authedAt = null;
+    this.timers = { retry: null, refresh: null, ping: null, open: null };
     this.nextId = 1;
     this.closedByUser = false;
     this.error = null;
@@ -128,10 +170,19 @@ export class RealtimeClient {
 
   /**
    * Subscribes to `channel` (replacing an earlier filter on it). Returns the unsubscribe
-   * function; its `ready` promise settles when the gateway confirms or refuses.
+   * function; its `ready` promise settles when the gateway confirms (waiting across
+   * reconnects: a subscription not confirmed before a link loss is sent again, with `since`)
+   * or refuses, or when the client closes. After close() or a terminal error, `ready` rejects.
    */
   subscribe(channel, filter, onEvent) {
     if (typeof filter === "function" && onEvent === undefined) { onEvent = filter; filter = null; }
+    if (this.state === "closed") {
+      const ready = Promise.reject(this._closedError());
+      ready.catch(() => {});
+      const unsubscribe = () => {};
+      unsubscribe.ready = ready;
+      return unsubscribe;
+    }
     const old = this.subs.get(channel);
     const sub = new Subscription(channel, filter, onEvent);
     if (old) sub.waiters = old.waiters.splice(0);
@@ -139,26 +190,31 @@ export class RealtimeClient {
     this.pendingUnsubs.delete(channel);
     const ready = new Promise((resolve, reject) => sub.waiters.push({ resolve, reject }));
     ready.catch(() => {});
-    if (this.state === "open") this._sendSubscribe(sub, null);
+    if (this.state === "open" && this.authed) this._sendSubscribe(sub, null); // else on the next auth_ok
     if (this.state === "idle") this._start();
     const unsubscribe = () => this.unsubscribe(channel, sub);
     unsubscribe.ready = ready;
     return unsubscribe;
   }
 
-  /** Stops the subscription on `channel`. */
+  /**
+   * Stops the subscription on `channel`: sent at once when connected, else on the next
+   * connection, and again after a resume until the gateway has acknowledged it.
+   */
   unsubscribe(channel, only) {
     const sub = this.subs.get(channel);
     if (!sub || (only && sub !== only)) return;
     this.subs.delete(channel);
-    for (const w of sub.waiters.splice(0)) w.reject(new RealtimeError(0, `unsubscribed from ${channel}`));
-    if (this.state === "open") this._send({ type: "unsubscribe", channel });
-    else this.pendingUnsubs.add(channel);
+    for (const w of sub.waiters.splice(0)) w.reject(new RealtimeError(0, `unsubscribed from ${channel}`, { channel }));
+    if (this.state === "closed") return;
+    this.pendingUnsubs.set(channel, null);
+    if (this.state === "open" && this.authed) this._sendUnsubscribe(channel);
   }
 
   /**
    * Events (and `history_gap` notices) as an async iterator, optionally for one channel.
    * Bounded: past `maxBufferedEvents` unread items the iterator throws a RealtimeError.
+   * One obtained after close() or a terminal error throws a RealtimeError when iterated.
    */
   events(channel) {
     const client = this;
@@ -166,6 +222,7 @@ export class RealtimeClient {
     let wake = null;
     let done = false;
     let failure = null;
+    if (this.state === "closed") { done = true; failure = this._closedError(); }
     const it = {
       push(item) {
         if (done) return;
@@ -186,7 +243,7 @@ export class RealtimeClient {
         if (wake) { const w = wake; wake = null; w(); }
       },
     };
-    this.iterators.add(it);
+    if (!done) this.iterators.add(it);
     if (this.state === "idle") this._start();
     return {
       [Symbol.asyncIterator]() { return this; },
@@ -217,6 +274,12 @@ export class RealtimeClient {
 
   // ---- connection lifecycle ------------------------------------------------------------
 
+  _closedError() {
+    const e = this.error;
+    if (!e) return new RealtimeError(1000, "client closed");
+    return new RealtimeError(e.code, e.message, { name: e.codeName, channel: e.channel, terminal: e.terminal });
+  }
+
   _start() {
     if (this.state !== "idle") return;
     this._connect();
@@ -244,7 +307,7 @@ export class RealtimeClient {
     return mod.WebSocket || mod.default;
   }
 
-  async _connect() {
+  async _connect(atOnce = false) {
     if (this.state === "closed") return;
     this._setState(this.attempt === 0 && !this.sessionId ? "connecting" : "reconnecting");
     let token, WS;
@@ -258,6 +321,12 @@ export class RealtimeClient {
       return;
     }
     if (this.state === "closed") return;
+    if (atOnce && !isFresh(token)) {
+      // Right after a 4001: the gateway would accept this token within its leeway and close
+      // with 4001 at once. Back off instead (getToken is called again after the delay).
+      this._scheduleRetry();
+      return;
+    }
     let ws;
     try {
       ws = this.headerAuth
@@ -270,13 +339,26 @@ export class RealtimeClient {
     this.ws = ws;
     this.token = token;
     this.authed = false;
+    // An upgrade that never completes (a stuck proxy, a half-open path) counts as a failed
+    // attempt: without this the client would stay "connecting" for good.
+    this.timers.open = setTimeout(() => {
+      this.timers.open = null;
+      if (this.ws !== ws) return;
+      this.ws = null;
+      try {
+        if (typeof ws.terminate === "function") ws.terminate(); else ws.close();
+      } catch { /* already closing */ }
+      this._onClose(1006, "opening handshake timed out");
+    }, this.openTimeout);
     ws.onopen = () => {
       if (this.ws !== ws) return;
+      clearTimeout(this.timers.open);
+      this.timers.open = null;
       if (!this.headerAuth) {
         const msg = { type: "auth", token };
         if (this.sessionId) {
           msg.resume = this.sessionId;
-          if (this.lastSeq !== null) msg.since = this.lastSeq;
+          if (this.floor !== null) msg.since = this.floor;
         }
         this._send(msg);
       }
@@ -311,17 +393,28 @@ export class RealtimeClient {
         break;
       case "subscribed": {
         const sub = this.subs.get(msg.channel);
-        if (sub) {
-          sub.acked = sub.everAcked = true;
+        if (sub && answers(msg, sub.sentId)) {
+          sub.acked = true;
           for (const w of sub.waiters.splice(0)) w.resolve();
         }
         break;
       }
+      case "unsubscribed":
+        if (msg.id !== undefined && this.pendingUnsubs.get(msg.channel) === msg.id) this.pendingUnsubs.delete(msg.channel);
+        break;
+      case "pong":
+        if (this.marker !== null && msg.id === this.marker) {
+          // Every replay asked for is done: all up to lastSeq has been delivered.
+          this.marker = null;
+          this.catchup = null;
+          this.floor = this.lastSeq;
+        }
+        break;
       case "error":
         this._onError(msg);
         break;
       default:
-        break; // pong, unsubscribed
+        break;
     }
   }
 
@@ -332,18 +425,28 @@ export class RealtimeClient {
       return;
     }
     this.authed = true;
+    this.authedAt = Date.now();
     this.attempt = 0;
-    this.expired = false;
     const resumed = Boolean(msg.resumed) && msg.sessionId === this.sessionId;
     this.sessionId = msg.sessionId;
     this._setState("open");
     this._scheduleRefresh();
-    for (const channel of this.pendingUnsubs) this._send({ type: "unsubscribe", channel });
-    this.pendingUnsubs.clear();
-    for (const sub of this.subs.values()) {
+    if (resumed) {
+      for (const channel of [...this.pendingUnsubs.keys()]) this._sendUnsubscribe(channel); // the session has it back
+    } else {
+      this.pendingUnsubs.clear(); // a new session has no subscriptions
+    }
+    const since = this.floor;
+    for (const sub of [...this.subs.values()]) {
       if (resumed && sub.acked) continue; // restored by the gateway
-      // On a new session, ask for what was missed since the last seen event.
-      this._sendSubscribe(sub, sub.everAcked ? this.lastSeq : null);
+      // A new session, or subscribed (or changed) while disconnected: ask for what was missed
+      // since the last event seen, so the outage is replayed (or a gap reported).
+      this._sendSubscribe(sub, since);
+      if (since !== null && this.catchup === null) this.catchup = new Set();
+    }
+    if (this.catchup !== null) {
+      this.marker = `catchup-${this.nextId++}`;
+      this._send({ type: "ping", id: this.marker });
     }
     this._emit("open", { sessionId: msg.sessionId, resumed, expiresAt: msg.expiresAt });
     this._readyResolve({ sessionId: msg.sessionId, resumed });
@@ -352,10 +455,15 @@ export class RealtimeClient {
   _onEvent(msg) {
     const seq = msg.seq;
     if (typeof seq === "number") {
-      if (this.seen.has(seq)) return; // the same event replayed for a second channel
-      this.seen.add(seq);
-      this.seenOrder.push(seq);
-      if (this.seenOrder.length > SEEN_LIMIT) this.seen.delete(this.seenOrder.shift());
+      // Drop duplicates (the rule is under "Duplicates" above).
+      if (this.catchup !== null) {
+        if ((this.floor !== null && seq <= this.floor) || this.catchup.has(seq)) return;
+        this.catchup.add(seq);
+      } else if (this.lastSeq !== null && seq <= this.lastSeq) {
+        return;
+      } else {
+        this.floor = seq;
+      }
       if (this.lastSeq === null || seq > this.lastSeq) this.lastSeq = seq;
     }
     for (const sub of this.subs.values()) {
@@ -368,24 +476,43 @@ export class RealtimeClient {
   }
 
   _onError(msg) {
-    const err = new RealtimeError(msg.code, msg.message, { name: msg.name, channel: msg.channel });
     if (msg.code === 4011) {
+      // Not for a channel the client has left (a resumed session had it back).
+      if (this.pendingUnsubs.has(msg.channel) && !this.subs.has(msg.channel)) return;
       const gap = { type: "history_gap", code: 4011, channel: msg.channel, oldest: msg.oldest, message: msg.message };
       this._emit("gap", gap);
       for (const it of this.iterators) it.push(gap);
       return;
     }
-    if (msg.channel && this.subs.has(msg.channel) && [4000, 4003, 4008, 4010].includes(msg.code)) {
+    const sub = [4000, 4003, 4008, 4010].includes(msg.code) ? this._refused(msg) : null;
+    const err = new RealtimeError(msg.code, msg.message, { name: msg.name, channel: msg.channel || sub?.channel });
+    if (sub) {
       // The gateway refused this subscription: it is not retried.
-      const sub = this.subs.get(msg.channel);
-      this.subs.delete(msg.channel);
+      this.subs.delete(sub.channel);
       for (const w of sub.waiters.splice(0)) w.reject(err);
     }
     this._emit("error", err);
   }
 
+  // The subscription an error answers: by channel, or by id (a bad filter's 4000 has no channel).
+  _refused(msg) {
+    if (msg.channel) {
+      const sub = this.subs.get(msg.channel);
+      return sub && answers(msg, sub.sentId) ? sub : null;
+    }
+    if (msg.id === undefined || msg.id === null) return null;
+    for (const sub of this.subs.values()) if (sub.sentId === msg.id) return sub;
+    return null;
+  }
+
   _onClose(code, reason) {
     this._clearTimers();
+    this.authed = false;
+    this.marker = null;
+    if (this.authedAt !== null && Date.now() - this.authedAt >= HEALTHY_AFTER_MS) {
+      this.expired = false; // a healthy connection: the next 4001 reconnects at once again
+    }
+    this.authedAt = null;
     if (this.state === "closed") return;
     this._emit("close", { code, reason });
     if (TERMINAL_CODES.includes(code)) {
@@ -394,10 +521,11 @@ export class RealtimeClient {
       return;
     }
     if (code === 4001 && !this.expired) {
-      // The token expired: get a fresh one and come back at once (once; then back off).
+      // The token expired: get a new one and come back at once (if it is fresh; once until a
+      // connection has been healthy; else back off).
       this.expired = true;
       this._setState("reconnecting");
-      this._connect();
+      this._connect(true);
       return;
     }
     this._scheduleRetry();
@@ -462,10 +590,17 @@ export class RealtimeClient {
 
   _sendSubscribe(sub, since) {
     sub.acked = false;
-    const msg = { type: "subscribe", channel: sub.channel };
+    sub.sentId = `sub-${this.nextId++}`;
+    const msg = { type: "subscribe", channel: sub.channel, id: sub.sentId };
     if (sub.filter) msg.filter = sub.filter;
     if (since !== null && since !== undefined) msg.since = since;
     this._send(msg);
+  }
+
+  _sendUnsubscribe(channel) {
+    const id = `unsub-${this.nextId++}`;
+    this.pendingUnsubs.set(channel, id);
+    this._send({ type: "unsubscribe", channel, id });
   }
 
   _send(msg) {
@@ -480,6 +615,7 @@ export class RealtimeClient {
     this.ws = null;
     if (ws) { try { ws.close(1000); } catch { /* not open yet */ } }
     this.error = error;
+    this.pendingUnsubs.clear();
     this._setState("closed");
     for (const sub of this.subs.values()) {
       for (const w of sub.waiters.splice(0)) w.reject(error || new RealtimeError(1000, "client closed"));

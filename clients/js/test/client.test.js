@@ -2,8 +2,13 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 
+import { spawn } from "node:child_process";
+import { readFileSync, unlinkSync, writeFileSync } from "node:fs";
+import net from "node:net";
+import { fileURLToPath } from "node:url";
+
 import { connect, RealtimeError, tokenExpiry, channelMatches } from "../src/index.js";
-import { publish, startProxy, token, waitFor, wsUrl } from "./helpers.js";
+import { GATEWAY_WIDE, publish, startProxy, token, waitFor, wsUrl } from "./helpers.js";
 
 const fast = { backoffInitialMs: 50, backoffMaxMs: 400 };
 
@@ -74,6 +79,9 @@ test("a refused subscription rejects its ready promise with the code", { timeout
   try {
     const unsub = client.subscribe("nosuch:thing", null, () => {});
     await assert.rejects(unsub.ready, (err) => err instanceof RealtimeError && err.code === 4010);
+    // The gateway's 4000 for a bad filter names no channel: matched by the subscribe's id.
+    const bad = client.subscribe("events:x", { bogus: 1 });
+    await assert.rejects(within(bad.ready, 5000), (err) => err instanceof RealtimeError && err.code === 4000 && err.channel === "events:x");
     assert.equal(client.state, "open");
   } finally {
     client.close();
@@ -269,4 +277,212 @@ test("token expiry decoding and channel routing", { timeout: 30000 }, () => {
   assert.ok(!channelMatches("postgres:*", "postgres:orders", { entity: "products" }));
   assert.ok(!channelMatches("mongo:*", "postgres:orders"));
   assert.ok(!channelMatches("events:a", "events:b"));
+});
+
+// ---- reconnect edge cases ------------------------------------------------------------------
+
+/** Settles like `promise`, or rejects with "still pending" after `ms`. */
+function within(promise, ms = 2000) {
+  let timer;
+  return Promise.race([
+    promise,
+    new Promise((_, reject) => { timer = setTimeout(() => reject(new Error("still pending")), ms); }),
+  ]).finally(() => clearTimeout(timer));
+}
+
+test("a new session re-subscribing overlapping channels delivers each event once, however many were missed",
+  { timeout: 60000, skip: GATEWAY_WIDE ? false : "RT_TEST_GATEWAY_WIDE is not set" }, async () => {
+    // Header auth: every reconnect is a new session, re-subscribed with `since`; events:* and
+    // events:orders each replay the 5000 events missed, more than any fixed dedupe window.
+    const ws = "js-dedupe";
+    const proxy = await startProxy({ gateway: GATEWAY_WIDE });
+    const client = connect({ url: wsUrl(ws, proxy.port), getToken: () => token({ workspace: ws }), headerAuth: true,
+      maxBufferedEvents: 100000, ...fast });
+    const { events, opens } = collect(client);
+    const onAll = [];
+    const onOrders = [];
+    const items = client.events();
+    try {
+      await client.subscribe("events:*", (e) => onAll.push(e.seq)).ready;
+      await client.subscribe("events:orders", (e) => onOrders.push(e.seq)).ready;
+      const first = await publish(ws, "orders", { i: -1 }, GATEWAY_WIDE);
+      await waitFor(() => events.length === 1, 5000, "first event");
+      proxy.hold = true;
+      proxy.cut();
+      await waitFor(() => client.state === "reconnecting", 5000, "reconnecting");
+      const missed = [];
+      let n = 0;
+      const worker = async () => {
+        while (n < 5000) { n++; missed.push((await publish(ws, "orders", { n }, GATEWAY_WIDE)).seq); }
+      };
+      await Promise.all(Array.from({ length: 8 }, worker));
+      missed.sort((a, b) => a - b);
+      proxy.hold = false;
+      await waitFor(() => opens.length === 2 && client.state === "open", 10000, "reconnect");
+      assert.equal(opens[1].resumed, false);
+      await waitFor(() => events.length >= 5001, 20000, "the replay");
+      const live = await publish(ws, "orders", { live: true }, GATEWAY_WIDE);
+      const seqs = [];
+      while (seqs.at(-1) !== live.seq) seqs.push((await within(items.next(), 10000)).value.seq);
+      const want = [first.seq, ...missed, live.seq];
+      assert.deepEqual(seqs, want);
+      await new Promise((r) => setTimeout(r, 200));
+      assert.deepEqual(events.map((e) => e.seq), want);
+      assert.deepEqual(onAll, want);
+      assert.deepEqual(onOrders, want);
+    } finally {
+      client.close();
+      await proxy.close();
+    }
+  });
+
+test("4001 with a token inside the gateway's leeway backs off instead of reconnecting in a loop", { timeout: 30000 }, async () => {
+  // A token cache that serves a token until it sees it expired: exp 1 s ago is accepted within
+  // the gateway's 5 s leeway, then closed with 4001 at once.
+  const ws = "js-storm";
+  const stale = token({ workspace: ws, ttl: -1 });
+  let calls = 0;
+  const client = connect({ url: wsUrl(ws), getToken: () => { calls++; return stale; }, proactiveRefresh: false,
+    backoffInitialMs: 200, backoffMaxMs: 400 });
+  const { closes } = collect(client);
+  try {
+    await client.ready;
+    await new Promise((r) => setTimeout(r, 2000));
+    assert.ok(closes.length > 0 && closes.every((c) => c.code === 4001), JSON.stringify(closes));
+    assert.ok(calls < 30, `getToken called ${calls} times in 2 s`); // 0.1-0.2 s apart; a storm makes hundreds
+    assert.notEqual(client.state, "closed");
+  } finally {
+    client.close();
+  }
+});
+
+test("an unsubscribe lost on a dead link is sent again after the resume", { timeout: 30000 }, async () => {
+  const ws = "js-unsub-lost";
+  const proxy = await startProxy();
+  const client = connect({ url: wsUrl(ws, proxy.port), getToken: () => token({ workspace: ws }), ...fast });
+  const { opens } = collect(client);
+  const items = client.events();
+  try {
+    await client.subscribe("events:a").ready;
+    await client.subscribe("events:b").ready;
+    await publish(ws, "b", {});
+    assert.equal((await within(items.next(), 5000)).value.channel, "events:b");
+    proxy.frozen = true;
+    client.unsubscribe("events:a"); // written into a link that no longer carries anything
+    await new Promise((r) => setTimeout(r, 300));
+    proxy.frozen = false;
+    proxy.cut();
+    await waitFor(() => client.state === "open" && opens.length === 2, 5000, "resume");
+    assert.equal(opens[1].resumed, true); // the gateway restored events:a with the session
+    await publish(ws, "a", { x: "must not arrive" });
+    const b = await publish(ws, "b", {});
+    const { value } = await within(items.next(), 5000);
+    assert.deepEqual([value.channel, value.seq], ["events:b", b.seq]);
+  } finally {
+    client.close();
+    await proxy.close();
+  }
+});
+
+for (const headerAuth of [false, true]) {
+  test(`a subscription made or changed while disconnected gets the events of the outage (${headerAuth ? "new session" : "resumed"})`,
+    { timeout: 30000 }, async () => {
+      const ws = `js-sub-down-${headerAuth}`;
+      const proxy = await startProxy();
+      const client = connect({ url: wsUrl(ws, proxy.port), getToken: () => token({ workspace: ws }), headerAuth, ...fast });
+      const { opens } = collect(client);
+      const got = [];
+      const onEvent = (e) => got.push(e.seq);
+      try {
+        await client.subscribe("events:orders", { predicates: { status: "new" } }, onEvent).ready;
+        const e0 = await publish(ws, "orders", { status: "new" });
+        await waitFor(() => got.length === 1, 5000, "first event");
+        proxy.hold = true;
+        proxy.cut();
+        await waitFor(() => client.state === "reconnecting", 5000, "reconnecting");
+        const changed = client.subscribe("events:orders", { predicates: { status: "paid" } }, onEvent);
+        const added = client.subscribe("events:invoices", onEvent);
+        const e1 = await publish(ws, "orders", { status: "paid" });
+        const e2 = await publish(ws, "invoices", {});
+        proxy.hold = false;
+        await within(Promise.all([changed.ready, added.ready]), 10000);
+        assert.deepEqual(opens.map((o) => o.resumed), [false, !headerAuth]);
+        const e3 = await publish(ws, "orders", { status: "paid" });
+        const e4 = await publish(ws, "invoices", {});
+        await waitFor(() => got.length >= 5, 5000, "the outage's events and the live ones");
+        await new Promise((r) => setTimeout(r, 200));
+        assert.deepEqual(got, [e0, e1, e2, e3, e4].map((e) => e.seq));
+      } finally {
+        client.close();
+        await proxy.close();
+      }
+    });
+}
+
+test("a connection attempt that never opens times out and backs off", { timeout: 30000 }, async () => {
+  // A peer that accepts TCP but never answers the upgrade (a stuck load balancer).
+  const sockets = new Set();
+  const server = net.createServer((s) => { sockets.add(s); s.on("error", () => {}); });
+  await new Promise((r) => server.listen(0, "127.0.0.1", r));
+  const client = connect({ url: wsUrl("js-stuck", server.address().port), getToken: () => token({ workspace: "js-stuck" }),
+    openTimeoutMs: 300, ...fast });
+  const { closes } = collect(client);
+  try {
+    await waitFor(() => closes.length >= 3, 5000, "three timed-out attempts");
+    assert.ok(closes.every((c) => c.code === 1006 && /timed out/.test(c.reason)), JSON.stringify(closes));
+    assert.equal(client.state, "reconnecting");
+    assert.ok(client.attempt >= 3);
+  } finally {
+    client.close();
+    for (const s of sockets) s.destroy();
+    await new Promise((r) => server.close(r));
+  }
+});
+
+test("subscribe() and events() after close() or a terminal error reject", { timeout: 30000 }, async () => {
+  const client = connect({ url: wsUrl("js-after-close"), getToken: () => token({ workspace: "js-after-close" }) });
+  await client.ready;
+  client.close();
+  await assert.rejects(within(client.subscribe("events:x").ready), (err) => err instanceof RealtimeError && err.code === 1000);
+  await assert.rejects(within(client.events().next()), (err) => err instanceof RealtimeError && err.code === 1000);
+
+  const denied = connect({ url: wsUrl("js-after-close"), getToken: () => token({ workspace: "elsewhere" }), ...fast });
+  await assert.rejects(denied.ready, (err) => err.code === 4003);
+  await assert.rejects(within(denied.subscribe("events:x").ready), (err) => err instanceof RealtimeError && err.code === 4003 && err.terminal);
+  await assert.rejects(within(denied.events().next()), (err) => err instanceof RealtimeError && err.code === 4003);
+  denied.close();
+});
+
+test("the README's Node.js example runs as written and misses no event", { timeout: 30000 }, async () => {
+  // The gateway's answer to the subscribe and the first events reach the client in one read:
+  // an events() iterator created after awaiting the subscription would miss those events.
+  const readme = readFileSync(new URL("../README.md", import.meta.url), "utf8");
+  const code = readme.split("## Node.js")[1].match(/```js\n([\s\S]*?)```/)[1];
+  const ws = "js-readme";
+  const proxy = await startProxy();
+  // Inside the package, so that `import "@rtserver/client"` resolves to it as it would for a user.
+  const file = fileURLToPath(new URL(`./.readme-example-${process.pid}.mjs`, import.meta.url));
+  writeFileSync(file, code);
+  const child = spawn(process.execPath, [file], {
+    env: { ...process.env, RT_URL: wsUrl(ws, proxy.port), RT_TOKEN: token({ workspace: ws }) },
+    stdio: ["ignore", "pipe", "pipe"],
+  });
+  let out = "";
+  child.stdout.on("data", (d) => { out += d; });
+  child.stderr.on("data", (d) => { out += d; });
+  try {
+    await waitFor(() => proxy.downstream.includes("auth_ok"), 5000, "auth_ok");
+    proxy.corked = true; // from here on the client gets nothing until uncork()
+    await waitFor(() => proxy.downstream.includes('"subscribed"'), 5000, "the subscription");
+    const seqs = [];
+    for (let i = 0; i < 3; i++) seqs.push((await publish(ws, "orders", { status: "paid", i })).seq);
+    await waitFor(() => (proxy.downstream.match(/"type":"event"/g) || []).length === 3, 5000, "three events");
+    proxy.uncork();
+    await waitFor(() => out.trim().split("\n").length >= 3, 5000, `three lines from the example, got: ${JSON.stringify(out)}`);
+    assert.deepEqual(out.trim().split("\n").map((line) => Number(line.split(" ")[0])), seqs);
+  } finally {
+    child.kill();
+    unlinkSync(file);
+    await proxy.close();
+  }
 });

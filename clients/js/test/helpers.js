@@ -1,6 +1,7 @@
 // Test helpers: HS256 tokens, publishing over HTTP and a TCP proxy whose connections the test
 // can cut. The gateway itself is started by tests/test_js_client.py, which passes
-// RT_TEST_GATEWAY (http://host:port) and RT_TEST_SECRET.
+// RT_TEST_GATEWAY (http://host:port) and RT_TEST_SECRET, and RT_TEST_GATEWAY_WIDE: a second
+// gateway with the default history of 10000 events (RT_TEST_GATEWAY keeps only 500).
 import { createHmac } from "node:crypto";
 import net from "node:net";
 
@@ -10,6 +11,7 @@ if (!GATEWAY || !SECRET) {
   throw new Error("RT_TEST_GATEWAY and RT_TEST_SECRET must be set (run tests/test_js_client.py)");
 }
 const gatewayUrl = new URL(GATEWAY);
+export const GATEWAY_WIDE = process.env.RT_TEST_GATEWAY_WIDE || null;
 
 const b64url = (buf) => Buffer.from(buf).toString("base64url");
 
@@ -27,8 +29,8 @@ export function wsUrl(workspace, port = gatewayUrl.port) {
   return `ws://127.0.0.1:${port}/workspaces/${workspace}/realtime/connect`;
 }
 
-export async function publish(workspace, topic, payload) {
-  const res = await fetch(`${GATEWAY}/workspaces/${workspace}/realtime/events/${topic}`, {
+export async function publish(workspace, topic, payload, gateway = GATEWAY) {
+  const res = await fetch(`${gateway}/workspaces/${workspace}/realtime/events/${topic}`, {
     method: "POST",
     headers: { Authorization: `Bearer ${token({ workspace, publish: true })}`, "Content-Type": "application/json" },
     body: JSON.stringify(payload),
@@ -47,18 +49,30 @@ export async function waitFor(predicate, ms = 5000, what = "condition") {
 }
 
 /**
- * A TCP proxy to the gateway. `cut()` destroys every open connection (a network loss as the
- * client sees it); while `hold` is true new connections are dropped at once.
+ * A TCP proxy to the gateway (or to `gateway`). `cut()` destroys every open connection (a
+ * network loss as the client sees it); while `hold` is true new connections are dropped at
+ * once; while `frozen` is true bytes are dropped both ways (a half-dead link: writes succeed,
+ * nothing arrives); while `corked` is true what the gateway sends is held back, and `uncork()`
+ * hands it to the client in one write. `downstream` is everything the gateway sent so far.
  */
-export async function startProxy() {
+export async function startProxy({ gateway = GATEWAY } = {}) {
+  const target = new URL(gateway);
   const sockets = new Set();
+  const held = [];
   const proxy = {
     hold: false,
+    frozen: false,
+    corked: false,
     accepted: 0,
     port: 0,
+    downstream: "",
     cut() {
       for (const s of sockets) s.destroy();
       sockets.clear();
+    },
+    uncork() {
+      proxy.corked = false;
+      for (const [client, chunks] of held.splice(0)) client.write(Buffer.concat(chunks));
     },
     close() {
       proxy.cut();
@@ -68,12 +82,20 @@ export async function startProxy() {
   const server = net.createServer((client) => {
     proxy.accepted += 1;
     if (proxy.hold) { client.destroy(); return; }
-    const upstream = net.connect(Number(gatewayUrl.port), gatewayUrl.hostname);
+    const upstream = net.connect(Number(target.port), target.hostname);
     sockets.add(client); sockets.add(upstream);
     const drop = () => { client.destroy(); upstream.destroy(); sockets.delete(client); sockets.delete(upstream); };
     client.on("error", drop); upstream.on("error", drop);
     client.on("close", drop); upstream.on("close", drop);
-    client.pipe(upstream); upstream.pipe(client);
+    client.on("data", (data) => { if (!proxy.frozen) upstream.write(data); });
+    upstream.on("data", (data) => {
+      if (proxy.frozen) return;
+      proxy.downstream += data.toString("latin1");
+      if (!proxy.corked) { client.write(data); return; }
+      let entry = held.find(([c]) => c === client);
+      if (!entry) held.push(entry = [client, []]);
+      entry[1].push(data);
+    });
   });
   await new Promise((r) => server.listen(0, "127.0.0.1", r));
   proxy.port = server.address().port;
