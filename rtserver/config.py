@@ -11,6 +11,7 @@ import math
 import os
 import re
 import tomllib
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -356,7 +357,11 @@ def _check_mongo_url(where: str, url: str) -> None:
     from pymongo.errors import PyMongoError
 
     try:
-        uri_parser.parse_uri(url, warn=True)
+        with warnings.catch_warnings():
+            # An unknown option only warns: the driver warns again when it connects, by then
+            # through the JSON log (logs.setup), not as a bare line on stderr now.
+            warnings.simplefilter("ignore")
+            uri_parser.parse_uri(url, warn=True)
     except (PyMongoError, ValueError) as exc:
         raise ConfigError(f"{where}: not a valid MongoDB URL: {exc}") from None
 
