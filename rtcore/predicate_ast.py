@@ -162,7 +162,12 @@ class _Parser:
             raise FilterError(f"{where}: {op} expects a non-empty array of objects")
         if len(value) > MAX_CLAUSES:
             raise FilterError(f"{where}: {op} exceeds the limit of {MAX_CLAUSES} clauses")
-        children = [self.predicate_set(v, f"{where}.{op}[{i}]", depth + 1) for i, v in enumerate(value)]
+        children = []
+        for i, v in enumerate(value):
+            # Each member is a clause of its own, an empty one too: otherwise nesting empty
+            # members would build filters of any size under the limit.
+            self.count(f"{where}.{op}[{i}]", op)
+            children.append(self.predicate_set(v, f"{where}.{op}[{i}]", depth + 1))
         return ("and" if op == "$and" else "or", children)
 
     def field(self, name: str, value: Any, where: str, depth: int) -> tuple:

@@ -34,8 +34,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("rtserver.hub")
 
-_LEAVE = b',"transition":"leave"'
-_ENTER = b',"transition":"enter"'
+LEAVE = b',"transition":"leave"'
+ENTER = b',"transition":"enter"'
 
 
 class Subscription(SubKey):
@@ -52,18 +52,48 @@ class Subscription(SubKey):
 
     def matches(self, event: Event) -> bool:
         """Slow-path match of one event (replay); the index does the live matching."""
+        return self._in_scope(event) and self._matches_record(event.record)
+
+    def view(self, event: Event) -> bytes | None:
+        """How a replay shows `event` to this subscription, as the live path (Hub.deliver) does:
+        None (not sent), b"" (plain), or the transition suffix (ENTER, LEAVE)."""
+        if not self._in_scope(event):
+            return None
+        now = self._matches_record(event.record)
+        if not self.spec.transitions or event.operation != "UPDATE" or event.old_record is None:
+            return b"" if now else None
+        before = self._matches_record(event.old_record)
+        if now:
+            return b"" if before else ENTER
+        return LEAVE if before else None
+
+    def _in_scope(self, event: Event) -> bool:
         spec = self.spec
         if event.source != spec.source:
             return False
         if spec.entity != "*" and event.entity != spec.entity:
             return False
-        if spec.operations is not None and event.operation not in spec.operations:
-            return False
-        if spec.predicates is None:
+        return spec.operations is None or event.operation in spec.operations
+
+    def _matches_record(self, record: Any) -> bool:
+        if self.spec.predicates is None:
             return True
         if self._matcher is None:
-            self._matcher = compile_predicates(spec.predicates)
-        return self._matcher.matches(event.record)
+            self._matcher = compile_predicates(self.spec.predicates)
+        return self._matcher.matches(record)
+
+
+def _one_frame_per_connection(
+    subs: list[Subscription], enter: list[Subscription], leave: list[Subscription]
+) -> tuple[list[Subscription], list[Subscription], list[Subscription]]:
+    """An event reaches a connection once, whatever number of its subscriptions match. When
+    they disagree, the connection's view is the union of its filters: the row is in it if any
+    subscription matches the new row, so `enter` wins over a plain frame, and either over
+    `leave` (the row is still in the view through another subscription)."""
+    entering = {s.conn for s in enter}
+    plain = [s for s in subs if s.conn not in entering] if entering else subs
+    shown = entering.union(s.conn for s in plain)
+    return plain, enter, [s for s in leave if s.conn not in shown]
 
 
 class Workspace:
@@ -138,10 +168,12 @@ class Hub:
             subs, enter, leave = index.match_transitions(
                 event.source, event.entity, event.operation, event.record, event.old_record
             )
+            if enter or leave:
+                subs, enter, leave = _one_frame_per_connection(subs, enter, leave)
             if enter:
-                self._push_all(enter, event_frame(event.body, entry.seq, _ENTER))
+                self._push_all(enter, event_frame(event.body, entry.seq, ENTER))
             if leave:
-                self._push_all(leave, event_frame(event.body, entry.seq, _LEAVE))
+                self._push_all(leave, event_frame(event.body, entry.seq, LEAVE))
         else:
             subs = index.match(event.source, event.entity, event.operation, event.record)
         if subs:

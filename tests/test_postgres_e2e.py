@@ -105,6 +105,54 @@ async def test_transitions_enter_and_leave(pg_gateway):
         await c.no_message()
 
 
+async def test_one_event_once_per_connection_whatever_its_subscriptions_say(pg_gateway):
+    """One connection, a transitions subscription on the table and a plain one on postgres:*
+    with the same filter: an UPDATE that enters arrives once, as `enter`; with the plain one
+    unfiltered, an UPDATE that leaves the filter arrives once, plain (the row is still in view)."""
+    gw, db = pg_gateway
+    await db.execute("INSERT INTO products VALUES (1, 'tv', 'electronics', 50)")
+    f = {"predicates": {"price": {"$gte": 100}}}
+    async with ws_connect(gw, "w1", token=gw.token("w1")) as c:
+        assert (await _subscribe(c, "postgres:products", filter={**f, "transitions": True}))["type"] == "subscribed"
+        assert (await _subscribe(c, "postgres:*", filter=f))["type"] == "subscribed"
+        await db.execute("UPDATE products SET price = 150 WHERE id = 1")  # enters
+        ev = await c.recv_event(timeout=10)
+        assert (ev["record"]["price"], ev.get("transition")) == (150, "enter")
+        await c.no_message(0.5)
+    async with ws_connect(gw, "w1", token=gw.token("w1")) as c:
+        assert (await _subscribe(c, "postgres:products", filter={**f, "transitions": True}))["type"] == "subscribed"
+        assert (await _subscribe(c, "postgres:*"))["type"] == "subscribed"
+        await db.execute("UPDATE products SET price = 20 WHERE id = 1")  # leaves the filter
+        ev = await c.recv_event(timeout=10)
+        assert ev["record"]["price"] == 20 and "transition" not in ev
+        await c.no_message(0.5)
+
+
+async def test_replay_shows_transitions_as_the_live_path_does(pg_gateway):
+    """A subscriber that catches up with `since` (or a resume) gets the same enter/leave as it
+    would have live: a replay that dropped the leave would keep a stale row in its view."""
+    gw, db = pg_gateway
+    await db.execute("INSERT INTO products VALUES (1, 'tv', 'electronics', 150)")
+    f = {"predicates": {"price": {"$gte": 100}}, "transitions": True}
+    async with ws_connect(gw, "w1", token=gw.token("w1")) as c:
+        assert (await _subscribe(c, "postgres:products", filter=f))["type"] == "subscribed"
+        await db.execute("UPDATE products SET price = 120 WHERE id = 1")  # stays in
+        since = (await c.recv_event(timeout=10))["seq"]
+    async with ws_connect(gw, "w1", token=gw.token("w1")) as watcher:
+        assert (await _subscribe(watcher, "postgres:products"))["type"] == "subscribed"
+        await db.execute("UPDATE products SET price = 50 WHERE id = 1")  # leaves
+        await db.execute("UPDATE products SET price = 60 WHERE id = 1")  # stays out
+        await db.execute("UPDATE products SET price = 500 WHERE id = 1")  # enters
+        await db.execute("UPDATE products SET price = 510 WHERE id = 1")  # stays in
+        for _ in range(4):  # all four in the history
+            await watcher.recv_event(timeout=10)
+    async with ws_connect(gw, "w1", token=gw.token("w1")) as c:
+        assert (await _subscribe(c, "postgres:products", filter=f, since=since))["type"] == "subscribed"
+        got = [await c.recv_event(timeout=10) for _ in range(3)]
+        assert [(e["record"]["price"], e.get("transition")) for e in got] == [(50, "leave"), (500, "enter"), (510, None)]
+        await c.no_message(0.5)
+
+
 async def test_key_change_under_default_identity_is_no_transition(pg_gateway):
     """REPLICA IDENTITY DEFAULT: an UPDATE of the key sends only the old key; the row matched
     before and after, so no "enter" (the key alone was taken for the old row and did not match)."""

@@ -167,6 +167,9 @@ INVALID = [
     ({"a": {"$eq": [[[[[[[[[1]]]]]]]]]}}, "predicates.a: $eq value nests deeper than 8 levels"),
     ({"a": {"$eq": {1, 2}}}, "predicates.a: $eq value of unsupported type set"),
     ({f"f{i}": i for i in range(65)}, "predicates.f64: $eq exceeds the limit of 64 clauses"),
+    # empty members cost a clause each: nested, they would otherwise build filters of any size
+    ({"$and": [{"$or": [{}] * 64}] * 64}, "exceeds the limit of 64 clauses"),
+    ({"$or": [{"a": 1}] * 33}, "predicates.$or[32]: $or exceeds the limit of 64 clauses"),
     ({"a": {"$in": [{"$x": 1}], "$gt": 1}} | {f"f{i}": {"$exists": True} for i in range(63)}, "exceeds the limit of 64"),
     ([1, 2], "predicates: must be an object"),
     ("a", "predicates: must be an object"),
