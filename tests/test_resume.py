@@ -13,6 +13,12 @@ import websockets
 from tests.harness.wsclient import ws_connect
 
 
+async def _session_id(c, token: str) -> str:
+    """The session of an authenticated connection (an in-band refresh answers with its id)."""
+    await c.send({"type": "auth", "token": token})
+    return (await c.recv_type("auth_ok"))["sessionId"]
+
+
 async def _drain_events(c, n: int, timeout: float = 5) -> list[dict]:
     return [await c.recv_event(timeout) for _ in range(n)]
 
@@ -23,8 +29,7 @@ async def test_resume_replays_exactly_the_missed_matching_events(gateway):
         await c.subscribe("events:orders", {"predicates": {"keep": True}})
         await c.subscribe("events:audit")
         session = None
-        await c.send({"type": "auth", "token": token})
-        session = (await c.recv_type("auth_ok"))["sessionId"]
+        session = await _session_id(c, token)
         out = await gateway.publish("w1", "orders", {"keep": True, "n": 0})
         last = (await c.recv_event())["seq"]
         assert last == out["seq"]
@@ -67,8 +72,7 @@ async def test_seam_is_exact_under_continuous_publishing(gateway):
         async with ws_connect(gateway, "w1", token=token) as c:
             await c.subscribe("events:seam")
             session = None
-            await c.send({"type": "auth", "token": token})
-            session = (await c.recv_type("auth_ok"))["sessionId"]
+            session = await _session_id(c, token)
             first = await gateway.publish("w1", "seam", {"i": -1}, token=pub_token)
             last = (await c.recv_event())["seq"]
             assert last == first["seq"]
@@ -175,8 +179,7 @@ async def test_unknown_or_expired_session_gives_fresh_session(gateway_factory):
         ok = await c.auth(token, resume="no-such-session", since=1)
         assert ok["resumed"] is False
     async with ws_connect(gw, "w1", token=token) as c:
-        await c.send({"type": "auth", "token": token})
-        session = (await c.recv_type("auth_ok"))["sessionId"]
+        session = await _session_id(c, token)
     await asyncio.sleep(2.5)
     async with ws_connect(gw, "w1") as c:
         ok = await c.auth(token, resume=session)
@@ -206,8 +209,7 @@ async def test_resume_without_since_on_a_quiet_workspace_reports_no_gap(gateway)
     token = gateway.token("w1")
     async with ws_connect(gateway, "w1", token=token) as c:
         await c.subscribe("events:q")
-        await c.send({"type": "auth", "token": token})
-        session = (await c.recv_type("auth_ok"))["sessionId"]
+        session = await _session_id(c, token)
     async with ws_connect(gateway, "w1") as c:
         assert (await c.auth(token, resume=session))["resumed"] is True
         await c.no_message(0.5)  # nothing was published: nothing missed, no history_gap
@@ -221,12 +223,10 @@ async def test_sessions_survive_a_drained_restart(gateway):
     token = gateway.token("w1")
     async with ws_connect(gateway, "w1", token=token) as early:
         await early.subscribe("events:a")
-        await early.send({"type": "auth", "token": token})
-        early_session = (await early.recv_type("auth_ok"))["sessionId"]
+        early_session = await _session_id(early, token)
     async with ws_connect(gateway, "w1", token=token) as c:
         await c.subscribe("events:t", {"predicates": {"keep": True}})
-        await c.send({"type": "auth", "token": token})
-        session = (await c.recv_type("auth_ok"))["sessionId"]
+        session = await _session_id(c, token)
         out = await gateway.publish("w1", "t", {"keep": True})
         last = (await c.recv_event())["seq"]
         assert last == out["seq"]
@@ -257,8 +257,7 @@ async def test_a_hard_kill_leaves_no_resumable_session_but_loses_nothing(gateway
     token = gateway.token("w1")
     async with ws_connect(gateway, "w1", token=token) as c:
         await c.subscribe("events:t")
-        await c.send({"type": "auth", "token": token})
-        session = (await c.recv_type("auth_ok"))["sessionId"]
+        session = await _session_id(c, token)
         await gateway.publish("w1", "t", {})
         last = (await c.recv_event())["seq"]
     await gateway.restart(signal.SIGKILL)

@@ -2,7 +2,8 @@
 while the gateway behind it (and its history) lives on.
 
 `cut()` aborts every open connection; while `hold` is set, new connections are dropped at once
-(the gateway looks unreachable).
+(the gateway looks unreachable); while `frozen` is set, open connections go half-dead: bytes are
+dropped both ways (writes succeed, nothing arrives), as on a link that died without a reset.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ class TcpProxy:
     def __init__(self, target_port: int, target_host: str = "127.0.0.1"):
         self.target = (target_host, target_port)
         self.hold = False
+        self.frozen = False
         self.accepted = 0
         self.port = 0
         self._server: asyncio.Server | None = None
@@ -51,6 +53,8 @@ class TcpProxy:
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while data := await reader.read(65536):
+                if self.frozen:
+                    continue
                 writer.write(data)
                 await writer.drain()
         except (ConnectionError, OSError):
