@@ -40,6 +40,7 @@ from bson.timestamp import Timestamp
 
 from rtcore.event import Event
 from rtcore.messages import MongoEventBody, encode
+from rtcore.timefmt import MAX_RFC3339_MS, MIN_RFC3339_MS
 from rtcore import mongo_ref as _ref
 
 import_datetime()
@@ -467,8 +468,8 @@ cdef int _format_iso_chars(char* buf, int year, int month, int day, int hour, in
 
 
 # Dates whose year has four digits; others are written with expanded years (rtcore.timefmt).
-cdef int64_t _MIN_RFC3339_MS = -62167219200000
-cdef int64_t _MAX_RFC3339_MS = 253402300799999
+cdef int64_t _MIN_RFC3339_MS = MIN_RFC3339_MS
+cdef int64_t _MAX_RFC3339_MS = MAX_RFC3339_MS
 
 
 cdef str _iso_ms(int64_t ms):

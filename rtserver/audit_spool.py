@@ -16,6 +16,8 @@ import fcntl
 import os
 import re
 
+from rtserver.atomic_file import replace_file
+
 _SEGMENT_RE = re.compile(r"^(\d{20})\.jsonl$")
 # Segment ids start high so records can be put back in front of all others (the batch that
 # was in flight when the gateway stopped) without renaming anything.
@@ -194,11 +196,4 @@ class Spool:
         return os.path.join(self.directory, f"{sid:020d}.jsonl")
 
     def _write_file(self, sid: int, lines: list[bytes]) -> None:
-        # Write then rename, so a crash leaves either the old or the new content.
-        path = self._path(sid)
-        tmp = path + ".tmp"
-        with open(tmp, "wb") as fh:
-            fh.write(b"\n".join(lines) + b"\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        replace_file(self._path(sid), b"\n".join(lines) + b"\n")

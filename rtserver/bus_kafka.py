@@ -153,7 +153,6 @@ class KafkaPublisher:
         from aiokafka import AIOKafkaProducer
 
         self.options = await client_options(self.cfg)
-        self.max_record = self.cfg.bus.max_record_bytes
         self.partitions = await ensure_topic(
             self.options, self.topic, self.cfg.bus.partitions, self.cfg.bus.replication_factor,
             max_message_bytes=self.max_record + RECORD_OVERHEAD,
@@ -206,6 +205,7 @@ class KafkaBus:
         self.topic = cfg.bus.topic
         self.max_lag = cfg.bus.max_lag
         self.publisher = KafkaPublisher(cfg, f"rtserver-node-{node}")
+        self._fetch_bytes = cfg.bus.max_record_bytes + RECORD_OVERHEAD  # a record as large as the topic takes
         self._consumer = None
         self._task: asyncio.Task | None = None
         self._floor: dict[int, int] = {}  # partition -> first offset this node read (seq floor)
@@ -244,7 +244,7 @@ class KafkaBus:
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             fetch_max_wait_ms=100,
-            max_partition_fetch_bytes=self.cfg.bus.max_record_bytes + RECORD_OVERHEAD,
+            max_partition_fetch_bytes=self._fetch_bytes,
         )
         await consumer.start()
         self._consumer = consumer
@@ -421,7 +421,7 @@ class KafkaBus:
                 return since, None
             consumer = AIOKafkaConsumer(**self.publisher.options, client_id=f"rtserver-readback-{self.node}",
                                         group_id=None, enable_auto_commit=False, fetch_max_wait_ms=100,
-                                        max_partition_fetch_bytes=self.cfg.bus.max_record_bytes + RECORD_OVERHEAD)
+                                        max_partition_fetch_bytes=self._fetch_bytes)
             try:
                 await consumer.start()
                 consumer.assign([tp])

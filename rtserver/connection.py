@@ -37,7 +37,7 @@ from rtcore.messages import (
 from rtcore.timefmt import iso_ms
 from rtserver import channels
 from rtserver.auth import AuthError, Identity
-from rtserver.hub import ENTER, Subscription, Workspace
+from rtserver.hub import Subscription, Workspace, replay_view
 from rtserver.sessions import Session
 from rtserver.sources.base import ChannelUnavailable
 
@@ -83,20 +83,6 @@ def _message_id(data: bytes) -> Any:
         if isinstance(mid, (int, str)) and not isinstance(mid, bool):
             return mid
     return None
-
-
-def _replay_view(subs: list[Subscription], event: Any) -> bytes | None:
-    """How a replayed event reaches the connection, once whatever number of `subs` match, with
-    the live path's precedence (hub._one_frame_per_connection): enter over plain over leave.
-    None: not sent; b"": plain; else the transition suffix for event_frame."""
-    shown = None
-    for sub in subs:
-        view = sub.view(event)
-        if view is ENTER:
-            return ENTER
-        if view is not None and (shown is None or view == b""):
-            shown = view
-    return shown
 
 
 class Connection(WSListener):
@@ -620,7 +606,7 @@ class Connection(WSListener):
         m = self.gw.metrics
 
         def emit(seq: int, event: Any) -> None:
-            shown = _replay_view(subs, event)
+            shown = replay_view(subs, event)
             if shown is not None:
                 self.push(event_frame(event.body, seq, shown))
                 m.replayed += 1
@@ -661,7 +647,7 @@ class Connection(WSListener):
         n = 0
         for entry in replay.entries:
             event = entry.event
-            shown = _replay_view(subs, event)
+            shown = replay_view(subs, event)
             if shown is None:
                 continue
             self.push(entry.frame if shown == b"" else event_frame(event.body, entry.seq, shown))

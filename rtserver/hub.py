@@ -50,13 +50,9 @@ class Subscription(SubKey):
         self.spec = spec
         self._matcher = None
 
-    def matches(self, event: Event) -> bool:
-        """Slow-path match of one event (replay); the index does the live matching."""
-        return self._in_scope(event) and self._matches_record(event.record)
-
     def view(self, event: Event) -> bytes | None:
-        """How a replay shows `event` to this subscription, as the live path (Hub.deliver) does:
-        None (not sent), b"" (plain), or the transition suffix (ENTER, LEAVE)."""
+        """How a replay shows `event` to this subscription, as the live path (Hub.deliver, with
+        the index) does: None (not sent), b"" (plain), or the transition suffix (ENTER, LEAVE)."""
         if not self._in_scope(event):
             return None
         now = self._matches_record(event.record)
@@ -81,6 +77,20 @@ class Subscription(SubKey):
         if self._matcher is None:
             self._matcher = compile_predicates(self.spec.predicates)
         return self._matcher.matches(record)
+
+
+def replay_view(subs: list[Subscription], event: Event) -> bytes | None:
+    """How a replayed event reaches a connection with these subscriptions: once, with the live
+    path's precedence (_one_frame_per_connection): None (not sent), b"" (plain), or the
+    transition suffix for event_frame."""
+    shown = None
+    for sub in subs:
+        view = sub.view(event)
+        if view is ENTER:
+            return ENTER
+        if view is not None and (shown is None or view == b""):
+            shown = view
+    return shown
 
 
 def _one_frame_per_connection(

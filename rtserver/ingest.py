@@ -25,7 +25,8 @@ import logging
 import os
 import socket
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -37,6 +38,7 @@ from rtserver.redact import redact
 from rtserver.signals import until_signalled
 
 log = logging.getLogger("rtserver.ingest")
+T = TypeVar("T")
 
 POSITION_HEADER = "rt-pos"
 MONGO_HEADER = "rt-mongo"
@@ -129,19 +131,26 @@ class SourceSink:
     async def _publish_gap(self, workspace: str, source: str, reason: str) -> None:
         """The gap record is how every node learns that changes were lost: retried until
         Kafka has it (the feed itself goes on meanwhile)."""
-        delay = 0.5
-        while True:
-            try:
-                await self.publisher.publish_gap(workspace, source, reason)
-                return
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - the broker may be away: retry
-                log.warning("history_gap record not published yet; retrying",
-                            extra={"fields": {"workspace": workspace, "source": source,
-                                              "error": f"{type(exc).__name__}: {exc}", "retry_in_s": delay}})
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
+        await _retry(lambda: self.publisher.publish_gap(workspace, source, reason),
+                     "history_gap record not published yet; retrying", logging.WARNING,
+                     {"workspace": workspace, "source": source}, first=0.5, most=10.0)
+
+
+async def _retry(call: Callable[[], Awaitable[T]], message: str, level: int, fields: dict[str, Any],
+                 first: float, most: float) -> T:
+    """`call()` until it returns, the delay doubling from `first` to `most` seconds between
+    attempts (the broker may be away for a while); each failure logged with `fields`."""
+    delay = first
+    while True:
+        try:
+            return await call()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - whatever the broker or the network raise
+            log.log(level, message, extra={"fields": {**fields, "error": f"{type(exc).__name__}: {exc}",
+                                                      "retry_in_s": delay}})
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, most)
 
 
 def plan_sources(cfg: Config) -> list[dict[str, Any]]:
@@ -235,19 +244,13 @@ class Ingest:
     async def _takeover_positions(self) -> tuple[dict[str, tuple[int, int]], dict[str, tuple[bytes, int]]]:
         """What the topic already has of each feed, before any feed starts (a feed started without
         it would publish again what the previous active ingest did): retried while Kafka is away."""
-        delay = 1.0
-        while True:
-            try:
-                done, mongo_done = await self._published_positions()
-                await self._write_positions(done)
-                return done, mongo_done
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - e.g. the broker briefly unreachable
-                log.error("ingest takeover: reading the topic's tail failed; retrying", extra={"fields": {
-                    "topic": self.cfg.bus.topic, "error": f"{type(exc).__name__}: {exc}", "retry_in_s": delay}})
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 30.0)
+        async def scan() -> tuple[dict[str, tuple[int, int]], dict[str, tuple[bytes, int]]]:
+            done, mongo_done = await self._published_positions()
+            await self._write_positions(done)
+            return done, mongo_done
+
+        return await _retry(scan, "ingest takeover: reading the topic's tail failed; retrying", logging.ERROR,
+                            {"topic": self.cfg.bus.topic}, first=1.0, most=30.0)
 
     async def _lost(self) -> None:
         async with self._lock:

@@ -10,11 +10,9 @@ still resumes.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import secrets
-import tempfile
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -23,6 +21,7 @@ from typing import Any
 import msgspec
 
 from rtserver import channels
+from rtserver.atomic_file import replace_file
 from rtserver.channels import SubscriptionSpec
 
 log = logging.getLogger("rtserver.sessions")
@@ -131,19 +130,8 @@ class Sessions:
 
 def write_dump(path: str, data: bytes) -> None:
     """Write `Sessions.dump()` to `path` (0600: session ids; blocking, run it in an executor)."""
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, mode=0o700, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".sessions.", dir=directory)  # created 0600
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
+    replace_file(path, data)
 
 
 def take_dump(path: str) -> bytes | None:

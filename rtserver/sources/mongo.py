@@ -35,6 +35,7 @@ from pymongo import AsyncMongoClient
 from pymongo.errors import OperationFailure, PyMongoError
 
 from rtcore.event import Event
+from rtserver.atomic_file import replace_file
 from rtserver.redact import redact
 from rtserver.sources.base import ChannelUnavailable, EventSink
 
@@ -138,12 +139,9 @@ class ResumeTokenStore:
                 os.unlink(self.path)
             return
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        tmp = f"{self.path}.tmp"
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump({"version": 1, "token": base64.b64encode(data[1:]).decode(), "startAfter": data[:1] == b"S"}, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
+        replace_file(self.path, json.dumps(
+            {"version": 1, "token": base64.b64encode(data[1:]).decode(), "startAfter": data[:1] == b"S"}
+        ).encode())
 
     async def flush(self) -> None:
         """Wait until the newest token is on disk."""
@@ -447,7 +445,8 @@ class MongoSource:
 
     @staticmethod
     def _convert(change: RawBSONDocument, workspaces: list[str]) -> tuple[list[Event] | None, dict[str, Any]]:
-        """The events of a data change (decoded: {}), or None and the decoded control event."""
+        """(its events, _) for a data change; (None, the decoded change) for a control event
+        (invalidate, drop, rename), which _handle acts on."""
         # The fast path reads the raw BSON once (record + body JSON in one pass); it declines
         # non-data changes and unusual shapes, which take the decoded path.
         events = normalizer.normalize_raw(change.raw, workspaces)
@@ -455,7 +454,7 @@ class MongoSource:
             return events, {}
         decoded = normalizer.decode_raw(change.raw)
         if decoded.get("operationType") in DATA_OPERATIONS:
-            return normalizer.normalize_decoded(decoded, workspaces), decoded
+            return normalizer.normalize_decoded(decoded, workspaces), {}
         return None, decoded
 
     def _unconvertible(self, change: RawBSONDocument, exc: Exception, workspaces: list[str]) -> None:

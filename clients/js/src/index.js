@@ -343,12 +343,7 @@ export class RealtimeClient {
     // attempt: without this the client would stay "connecting" for good.
     this.timers.open = setTimeout(() => {
       this.timers.open = null;
-      if (this.ws !== ws) return;
-      this.ws = null;
-      try {
-        if (typeof ws.terminate === "function") ws.terminate(); else ws.close();
-      } catch { /* already closing */ }
-      this._onClose(1006, "opening handshake timed out");
+      if (this.ws === ws) this._abandon(ws, "opening handshake timed out");
     }, this.openTimeout);
     ws.onopen = () => {
       if (this.ws !== ws) return;
@@ -574,14 +569,18 @@ export class RealtimeClient {
       this._send({ type: "ping" });
       // Silence after a ping means a dead link (a browser cannot see it otherwise).
       this.timers.ping = setTimeout(() => {
-        if (this.ws !== ws) return;
-        this.ws = null;
-        try {
-          if (typeof ws.terminate === "function") ws.terminate(); else ws.close();
-        } catch { /* already closing */ }
-        this._onClose(1006, "no answer to ping");
+        if (this.ws === ws) this._abandon(ws, "no answer to ping");
       }, this.pongTimeout);
     }, this.pingInterval);
+  }
+
+  /** Give up on a socket that went silent: drop it at once and handle it as a lost link. */
+  _abandon(ws, reason) {
+    this.ws = null;
+    try {
+      if (typeof ws.terminate === "function") ws.terminate(); else ws.close();
+    } catch { /* already closing */ }
+    this._onClose(1006, reason);
   }
 
   _clearTimers() {
