@@ -84,6 +84,15 @@ logger.server.level = INFO
 """
 
 
+def _cluster_id() -> str:
+    """A random KRaft cluster id. Like Kafka's own Uuid.randomUuid, never one starting with "-":
+    the storage tool's argument parser would take it for an option (1 run in 64 failed so)."""
+    while True:
+        cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+        if not cid.startswith("-"):
+            return cid
+
+
 class KafkaBroker:
     """One KRaft node (broker + controller) on 127.0.0.1; `bootstrap` is its client address."""
 
@@ -95,7 +104,7 @@ class KafkaBroker:
         self.log_path = self.dir / "broker.log"
         self.port, self.controller_port = _free_ports(2)
         self.bootstrap = f"127.0.0.1:{self.port}"
-        self.cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+        self.cluster_id = _cluster_id()
         self._proc: subprocess.Popen | None = None
         self._formatted = False
         self._write_config()
