@@ -110,7 +110,8 @@ class Connection(WSListener):
         self._busy = False
         self._reading_paused = False
         self._invalid: deque[float] | None = None
-        self._fragments: list[bytes] | None = None
+        self._fragments: list[bytes] | None = None  # a fragmented message being received
+        self._fragments_size = 0  # its bytes so far
         self._timer: asyncio.TimerHandle | None = None  # auth deadline, then token expiry
         self._close_cause = "network"
         self._close_code: int | None = None
@@ -143,17 +144,29 @@ class Connection(WSListener):
             if frame.fin:
                 self._on_message(frame.get_payload_as_bytes())
             else:
-                self._fragments = [frame.get_payload_as_bytes()]
+                first = frame.get_payload_as_bytes()
+                self._fragments = [first]
+                self._fragments_size = len(first)
+                if self._fragments_size > self.gw.cfg.limits.max_message_bytes:
+                    self._fragments = None
+                    self._too_big(len(first))
         elif mt == WSMsgType.CONTINUATION:
-            if self._fragments is None:
+            fragments = self._fragments
+            if fragments is None:
                 return
-            self._fragments.append(frame.get_payload_as_bytes())
-            size = sum(len(f) for f in self._fragments)
+            payload = frame.get_payload_as_bytes()
+            # A running total, and empty fragments not kept: a peer sending endless empty
+            # continuation frames would otherwise grow the list and make each frame cost a sum
+            # over all before it (quadratic: 50,000 such frames, 300 KB, stalled the loop 18 s).
+            if payload:
+                fragments.append(payload)
+                self._fragments_size += len(payload)
+            size = self._fragments_size
             if size > self.gw.cfg.limits.max_message_bytes:
                 self._fragments = None
                 self._too_big(size)
             elif frame.fin:
-                data = b"".join(self._fragments)
+                data = b"".join(fragments)
                 self._fragments = None
                 self._on_message(data)
         elif mt == WSMsgType.CLOSE:
