@@ -459,6 +459,7 @@ class Connection(WSListener):
         self.identity = identity
         self._arm_expiry()
         self.send(AuthOk(sessionId=self.session.id, expiresAt=_expires(identity), resumed=False, id=msg.id))
+        self._drop_ungranted()
         gw.audit.emit(
             "auth-granted",
             workspace_id=self.workspace_id,
@@ -577,6 +578,7 @@ class Connection(WSListener):
         """Re-create a resumed session's subscriptions and replay what it missed."""
         ws = self.workspace
         assert ws is not None
+        self._drop_ungranted()
         subs = []
         for spec in session.specs.values():
             sub = Subscription(self, spec)
@@ -586,6 +588,24 @@ class Connection(WSListener):
         if subs:
             return self._replay(subs, since)
         return None
+
+    def _drop_ungranted(self) -> None:
+        """Drop the subscriptions the current token does not grant, each with a 4003 error.
+
+        The channel permissions are the token's: a refreshed token, or the token resuming a
+        session, may grant fewer channels than the one that subscribed.
+        """
+        assert self.identity is not None and self.session is not None
+        auth = self.gw.auth
+        specs = self.session.specs
+        for channel in [c for c in specs if not auth.may_subscribe(self.identity, c)]:
+            del specs[channel]
+            sub = self.subscriptions.pop(channel, None)
+            if sub is not None and self.workspace is not None:
+                self.gw.hub.remove(self.workspace, sub)
+            self.send_error(
+                4003, f"token does not grant channel {channel}: subscription dropped", channel=channel
+            )
 
     def _replay(self, subs: list[Subscription], since: int) -> Awaitable[None] | None:
         """Push retained events after `since` that match any of `subs`, in order.

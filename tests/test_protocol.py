@@ -426,6 +426,43 @@ async def test_channel_permissions_claim(gateway_factory):
         assert (await c.recv())["type"] == "pong"
 
 
+async def test_channel_permissions_apply_to_refreshed_and_resumed_sessions(gateway_factory):
+    """The channel permissions are the current token's: a refresh, or a resume, with a token
+    that grants fewer channels drops the subscriptions it does not cover (4003 on each), and
+    neither live events nor the resume's replay of them reach the client."""
+    gw = await gateway_factory(env={"RT_AUTH_CHANNEL_PERMISSIONS": "true"})
+    wide = gw.token("w1", realtime_channels=["events:*"])
+    narrow = gw.token("w1", realtime_channels=["events:public"])
+    async with ws_connect(gw, "w1", token=wide) as c:
+        await c.subscribe("events:secret")
+        await c.subscribe("events:public")
+        await c.send({"type": "auth", "token": narrow, "id": "r"})
+        ok = await c.recv_type("auth_ok")
+        session = ok["sessionId"]
+        err = await c.recv_type("error")
+        assert (err["code"], err["channel"]) == (4003, "events:secret")
+        await gw.publish("w1", "secret", {"n": 1})
+        await gw.publish("w1", "public", {"n": 2})
+        assert (await c.recv_event())["payload"] == {"n": 2}
+        await c.no_message()
+        # Back to the wide token, then away: the session keeps both subscriptions.
+        await c.send({"type": "auth", "token": wide})
+        await c.recv_type("auth_ok")
+        await c.subscribe("events:secret")
+        seen = (await gw.publish("w1", "public", {"n": 3}))["seq"]
+        assert (await c.recv_event())["seq"] == seen
+    await gw.publish("w1", "secret", {"n": 4})
+    await gw.publish("w1", "public", {"n": 5})
+    async with ws_connect(gw, "w1") as c:
+        ok = await c.auth(narrow, resume=session, since=seen)
+        assert ok["resumed"] is True
+        err = await c.recv_type("error")
+        assert (err["code"], err["channel"]) == (4003, "events:secret")
+        assert (await c.recv_event())["payload"] == {"n": 5}
+        await gw.publish("w1", "secret", {"n": 6})
+        await c.no_message()
+
+
 async def test_fan_out_to_many_clients_in_order(gateway):
     n_clients, n_events = 50, 40
     token = gateway.token("w1")
