@@ -12,10 +12,12 @@ from typing import Any
 
 from rtcore.event import OPERATIONS
 
-TOPIC_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+# Anchored with \Z: `$` also matches before a trailing newline, so "orders\n" (a publish URL's
+# "orders%0A") would pass as a topic.
+TOPIC_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}\Z")
 _IDENT = r"[A-Za-z_][A-Za-z0-9_$]{0,62}"
-TABLE_RE = re.compile(rf"^(?:({_IDENT})\.)?({_IDENT})$")
-COLLECTION_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,119}$")
+TABLE_RE = re.compile(rf"^(?:({_IDENT})\.)?({_IDENT})\Z")
+COLLECTION_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,119}\Z")
 
 _FILTER_KEYS = {"operations", "entity", "predicates", "transitions"}
 

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-WORKSPACE_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+WORKSPACE_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")  # \Z: `$` would accept a trailing newline
 
 
 class ConfigError(Exception):

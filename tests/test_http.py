@@ -74,6 +74,11 @@ async def test_publish_errors(gateway):
         (f"{base}/orders", b"{}", {**good, "X-Correlation-ID": "c" * 129}, 400),
         (f"{base}/a%2Fb", b"{}", good, 400),  # an encoded "/" stays in the topic, which refuses it
         (f"{base}/%FF", b"{}", good, 400),  # not UTF-8
+        # A trailing newline is no part of a topic or a workspace id (a `$`-anchored check let
+        # "orders\n" through as a topic and "w1\n" as a workspace of its own).
+        (f"{base}/orders%0A", b"{}", good, 400),
+        ("/workspaces/w1%0A/realtime/events/orders", b"{}",
+         {"Authorization": f"Bearer {gateway.token('*', publish=True)}"}, 404),
     ]
     for path, body, headers, expected in cases:
         status, out = await gateway.post(path, body, headers)

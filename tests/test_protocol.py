@@ -214,10 +214,15 @@ async def test_generated_correlation_id_when_absent(gateway):
 
 async def test_channel_errors_4010(gateway):
     async with ws_connect(gateway, "w1", token=gateway.token("w1")) as c:
-        for channel in ("nosuch:thing", "events:bad topic!", "postgres:products", "mongo:orders", "events", "events:"):
+        # "events:x\n": a trailing newline is no part of a topic (a `$`-anchored check let it in).
+        for channel in ("nosuch:thing", "events:bad topic!", "postgres:products", "mongo:orders", "events", "events:",
+                        "events:x\n"):
             await c.send({"type": "subscribe", "channel": channel, "id": channel})
             err = await c.recv_type("error")
             assert (err["code"], err["name"], err["channel"], err["id"]) == (4010, "channel_unavailable", channel, channel)
+        # Refused as malformed before the source is looked up (it passed as table "orders").
+        await c.send({"type": "subscribe", "channel": "postgres:orders\n"})
+        assert "a table is" in (await c.recv_type("error"))["message"]
 
 
 async def test_filter_errors_4000(gateway):

@@ -15,7 +15,7 @@ from rtserver.sources.pg_stream import SESSION_SETTINGS
 
 log = logging.getLogger("rtserver.postgres")
 
-_IDENT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]{0,62}$")
+_IDENT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]{0,62}\Z")
 
 PRIVILEGES_HELP = (
     "the gateway's PostgreSQL role needs: the REPLICATION attribute (ALTER ROLE <role> REPLICATION), "
