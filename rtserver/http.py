@@ -45,6 +45,7 @@ _REASONS = {
     403: "Forbidden",
     404: "Not Found",
     405: "Method Not Allowed",
+    408: "Request Timeout",
     413: "Payload Too Large",
     431: "Request Header Fields Too Large",
     426: "Upgrade Required",
@@ -131,6 +132,12 @@ class FrontProtocol(asyncio.Protocol):
         self._idle_timeout = gw.cfg.limits.idle_timeout
         self._last_rx = 0.0
         self._idle_timer: asyncio.TimerHandle | None = None
+        # A request must arrive within limits.request_timeout of its first byte: without a
+        # deadline, a peer sending a byte of its head (or body) now and then held the
+        # connection for ever (slowloris), as idle_timeout only counts silence.
+        self._request_timeout = gw.cfg.limits.request_timeout
+        self._req_started = 0.0
+        self._request_timer: asyncio.TimerHandle | None = None
 
     # -- asyncio.Protocol --
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -151,6 +158,21 @@ class FrontProtocol(asyncio.Protocol):
         self._closing = True
         if self.transport is not None:
             self.transport.close()
+
+    def _check_request(self) -> None:
+        self._request_timer = None
+        if self._handed_off or self._parser is None or self._closing or self._req is None:
+            return  # no request being read: the next one arms the timer again
+        loop = asyncio.get_running_loop()
+        if self._paused:
+            # Reading stopped on our side (requests waiting for the fan-out): not the client's
+            # delay; it gets the whole timeout again once reading resumes.
+            self._req_started = loop.time()
+        deadline = self._req_started + self._request_timeout
+        if loop.time() < deadline:
+            self._request_timer = loop.call_at(deadline, self._check_request)
+            return
+        self._refuse(408, f"request not received in full within {self._request_timeout:g} s")
 
     def data_received(self, data: bytes) -> None:
         if self._handed_off or self._parser is None or self._closing:
@@ -218,11 +240,20 @@ class FrontProtocol(asyncio.Protocol):
         if self._idle_timer is not None:  # it holds this protocol too
             self._idle_timer.cancel()
             self._idle_timer = None
+        if self._request_timer is not None:
+            self._request_timer.cancel()
+            self._request_timer = None
 
     # -- httptools callbacks --
     def on_message_begin(self) -> None:
         self._req = _Request()
         self._in_body = False
+        # One timer per connection, re-armed lazily (_check_request), not one per request: a
+        # publisher sends thousands a second on one connection.
+        loop = asyncio.get_running_loop()
+        self._req_started = loop.time()
+        if self._request_timer is None:
+            self._request_timer = loop.call_at(self._req_started + self._request_timeout, self._check_request)
 
     def on_url(self, url: bytes) -> None:
         assert self._req is not None

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import socket
+import time
 
 from tests.harness.wsclient import subscribed_clients, ws_connect
 
@@ -299,3 +300,45 @@ async def _pipelined_publishes(port: int, token: str, topic: str, n: int) -> lis
     finally:
         writer.close()
 
+
+
+async def test_a_request_trickling_in_is_cut_off_at_the_request_timeout(gateway_factory):
+    """A peer that sends a request a byte at a time (slowloris) is never silent for the idle
+    timeout: the request itself, head or body, must arrive within limits.request_timeout of its
+    first byte, or it is answered 408 and the connection closes. A keep-alive client whose
+    requests each arrive at once stays, however long it lasts."""
+    gw = await gateway_factory(env={"RT_REQUEST_TIMEOUT": "2"})
+    token = gw.token("w1", publish=True)
+    heads = [
+        b"GET /workspaces/w1/realtime/connect HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nX-Pad: ",
+        f"POST /workspaces/w1/realtime/events/t HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+        f"Content-Length: 100\r\n\r\n{{\"a\":\"".encode(),
+    ]
+    slow = []
+    for head in heads:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        writer.write(head)
+        slow.append((reader, writer))
+    kept_reader, kept_writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    started = time.monotonic()
+    answers: list[bytes] = [b"", b""]
+    while time.monotonic() - started < 6 and not all(answers):
+        await asyncio.sleep(0.25)
+        for i, (reader, writer) in enumerate(slow):
+            if not answers[i]:
+                writer.write(b"a")  # never silent for long
+                try:
+                    answers[i] = await asyncio.wait_for(reader.read(1000), 0.01)
+                except TimeoutError:
+                    pass
+        kept_writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await _read_response(kept_reader))[0] == 200
+    for answer in answers:
+        assert answer.startswith(b"HTTP/1.1 408 "), answer
+    assert time.monotonic() - started < 5
+    for reader, _ in slow:
+        assert await _closed(reader, 5)
+    kept_writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert (await _read_response(kept_reader))[0] == 200
+    for _, writer in [*slow, (kept_reader, kept_writer)]:
+        writer.close()
