@@ -53,14 +53,27 @@ class KeyNotFound(Exception):
 
 
 def _fetch_blocking(url: str, ssl_context: ssl.SSLContext | None, timeout: float) -> bytes:
-    # Runs in an executor thread: urllib blocks on DNS, connect and read.
+    # Runs in an executor thread: urllib blocks on DNS, connect and read. urllib's timeout bounds
+    # each socket operation, not the fetch: the body is read piecewise against a deadline so a
+    # server trickling its answer frees the thread too (the waiters are freed by _fetch).
+    deadline = time.monotonic() + timeout
     request = urllib.request.Request(url, headers={"Accept": "application/json", "User-Agent": "rtserver"})
     try:
         kwargs: dict[str, Any] = {"timeout": timeout}
         if url.lower().startswith("https:"):
             kwargs["context"] = ssl_context or ssl.create_default_context()
         with urllib.request.urlopen(request, **kwargs) as response:  # noqa: S310 - URL is operator config
-            body = response.read(MAX_JWKS_BYTES + 1)
+            chunks: list[bytes] = []
+            size = 0
+            while size <= MAX_JWKS_BYTES:
+                if time.monotonic() > deadline:
+                    raise JwksError(f"JWKS {url}: no complete answer within {timeout:g} s")
+                chunk = response.read1(MAX_JWKS_BYTES + 1 - size)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+            body = b"".join(chunks)
     except urllib.error.HTTPError as exc:
         raise JwksError(f"JWKS {url}: HTTP {exc.code}") from None
     except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
@@ -150,7 +163,13 @@ class JwksCache:
 
     async def _fetch(self) -> None:
         loop = asyncio.get_running_loop()
-        body = await loop.run_in_executor(None, _fetch_blocking, self.url, self._ssl_context, self._timeout)
+        fetch = loop.run_in_executor(None, _fetch_blocking, self.url, self._ssl_context, self._timeout)
+        try:
+            # The whole fetch, not each socket operation: clients wait on it (an RS token with an
+            # unknown kid, the first ones after start) and a trickling answer must not hold them.
+            body = await asyncio.wait_for(fetch, self._timeout)
+        except TimeoutError:
+            raise JwksError(f"JWKS {self.url}: no complete answer within {self._timeout:g} s") from None
         keys = parse_jwks(body, self.url)
         self._keys = keys
         self._resolved.clear()

@@ -379,6 +379,24 @@ async def test_fetch_does_not_block_the_loop(rs_auth: Authenticator, jwks_server
     assert ticks >= 5  # the loop kept running while the fetch waited
 
 
+async def test_a_trickling_jwks_answer_is_cut_off_at_the_fetch_timeout(jwks_server: JwksServer) -> None:
+    """The fetch timeout bounds the whole fetch: urllib's bounds each socket read, so a key set
+    trickling in a byte at a time held the fetch, and every token waiting on it, for as long as
+    the server went on (here about 20 s)."""
+    jwks_server.trickle = 0.05
+    cache = JwksCache(jwks_server.url, timeout=1.0)
+    started = time.monotonic()
+    try:
+        with pytest.raises(JwksError, match="no complete answer within 1 s"):
+            await cache.refresh()
+        assert time.monotonic() - started < 3
+        jwks_server.trickle = 0.0
+        await cache.refresh()
+        assert cache.loaded
+    finally:
+        await cache.close()
+
+
 async def test_prefetch_failure_is_not_fatal(tmp_path: Any, jwks_server: JwksServer) -> None:
     jwks_server.status = 503
     auth = Authenticator(make_cfg(tmp_path, RT_AUTH_JWKS_URL=jwks_server.url))

@@ -66,6 +66,7 @@ class JwksServer:
         self._entries: dict[str, _Entry] = {}
         self.requests = 0
         self.delay = 0.0  # seconds each response waits (to overlap concurrent fetches)
+        self.trickle = 0.0  # when set, the key set is sent a byte at a time, this many seconds apart
         self.status = 200  # answer this HTTP status instead of the key set when not 200
         self.tls = tls
         self.client_ssl_context: ssl.SSLContext | None = None
@@ -144,7 +145,16 @@ class JwksServer:
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
-                self.wfile.write(body)
+                if not server.trickle:
+                    self.wfile.write(body)
+                    return
+                try:
+                    for i in range(len(body)):
+                        self.wfile.write(body[i : i + 1])
+                        self.wfile.flush()
+                        time.sleep(server.trickle)
+                except OSError:
+                    pass  # the client gave up
 
             def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
                 pass  # keep test output clean
