@@ -205,14 +205,19 @@ class Gateway:
             log.exception("suspended sessions not saved", extra={"fields": {"path": self._sessions_path}})
 
     async def _sweep(self) -> None:
-        idle = self.cfg.limits.idle_timeout
         while True:
             await asyncio.sleep(_SWEEP_INTERVAL)
-            now = time.monotonic()
-            for conn in list(self.connections):
-                conn.check_idle(now, idle)
-            self.sessions.sweep()
-            self.hub.expire_histories()
+            self._sweep_once()
+
+    def _sweep_once(self) -> None:
+        # A function of its own: a loop variable of _sweep would hold the last connection
+        # visited (and all it references) until the next sweep.
+        idle = self.cfg.limits.idle_timeout
+        now = time.monotonic()
+        for conn in list(self.connections):
+            conn.check_idle(now, idle)
+        self.sessions.sweep()
+        self.hub.expire_histories()
 
     # ---- sources ---------------------------------------------------------------------------
 
