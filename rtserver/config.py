@@ -81,6 +81,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("history", "events", "RT_HISTORY_EVENTS", int, 10000, "Events kept per workspace for replay"),
     Setting("history", "seconds", "RT_HISTORY_SECONDS", float, 300.0, "Age limit of retained events"),
     Setting("history", "bytes", "RT_HISTORY_BYTES", int, 64 * 1024 * 1024, "Byte limit of retained frames per workspace"),
+    Setting("history", "node_bytes", "RT_HISTORY_NODE_BYTES", int, 1024 * 1024 * 1024, "Byte limit of retained frames of all workspaces together; beyond it the node's oldest retained events are evicted (whichever workspace holds them) until 7/8 of it remain, and a reader from before them gets history_gap"),
     Setting("history", "resume_ttl", "RT_RESUME_TTL", float, 120.0, "Seconds a disconnected session stays resumable"),
     Setting("history", "max_suspended_sessions", "RT_MAX_SUSPENDED_SESSIONS", int, 100000, "Suspended sessions kept at most (oldest dropped)"),
     Setting("postgres", "url", "RT_POSTGRES_URL", str, "", "PostgreSQL DSN of every workspace without its own"),
@@ -325,6 +326,8 @@ def _validate(values: dict[str, dict[str, Any]], path: str) -> None:
             raise ConfigError(f"limits.{key} must be positive")
     if limits["request_timeout"] <= 0:
         raise ConfigError("limits.request_timeout must be positive")
+    if values["history"]["node_bytes"] <= 0:
+        raise ConfigError("history.node_bytes must be positive")
     if limits["fanout_backlog_per_connection"] < 0:
         raise ConfigError("limits.fanout_backlog_per_connection must not be negative")
     _check_mongo_url("mongo.url (RT_MONGO_URL)", values["mongo"]["url"])

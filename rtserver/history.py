@@ -42,12 +42,29 @@ class Replay:
     entries: list[HistoryEntry]
 
 
+class NodeBudget:
+    """The retained bytes of every history of the node together, against `history.node_bytes`
+    (each history adds and subtracts its own; the hub evicts when `over()`)."""
+
+    __slots__ = ("limit", "bytes", "evicted")
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.bytes = 0
+        self.evicted = 0  # events evicted for the node bound, in all
+
+    def over(self) -> bool:
+        return self.bytes > self.limit
+
+
 class History:
-    def __init__(self, workspace: str, *, max_events: int, max_seconds: float, max_bytes: int):
+    def __init__(self, workspace: str, *, max_events: int, max_seconds: float, max_bytes: int,
+                 budget: NodeBudget | None = None):
         self.workspace = workspace
         self.max_events = max(1, max_events)
         self.max_seconds = max_seconds
         self.max_bytes = max_bytes
+        self.budget = budget if budget is not None else NodeBudget(1 << 62)
         self._entries: deque[HistoryEntry] = deque()
         self._bytes = 0
         self.last_seq = 0
@@ -75,7 +92,9 @@ class History:
             self.last_seq = seq
         entry = HistoryEntry(seq, time.monotonic(), event_frame(event.body, seq), event)
         self._entries.append(entry)
-        self._bytes += len(entry.frame) + len(event.body)
+        size = len(entry.frame) + len(event.body)
+        self._bytes += size
+        self.budget.bytes += size
         self._evict(entry.at)
         return entry
 
@@ -85,9 +104,25 @@ class History:
         while entries and (
             len(entries) > self.max_events or self._bytes > self.max_bytes or entries[0].at < horizon
         ):
-            old = entries.popleft()
-            self._bytes -= len(old.frame) + len(old.event.body)
-            self.floor = old.seq
+            self._drop_oldest()
+
+    def _drop_oldest(self) -> HistoryEntry:
+        old = self._entries.popleft()
+        size = len(old.frame) + len(old.event.body)
+        self._bytes -= size
+        self.budget.bytes -= size
+        self.floor = old.seq
+        return old
+
+    def evict_oldest(self) -> None:
+        """Drop the oldest retained event (for the node bound): a reader from before it now
+        gets history_gap, as after any eviction."""
+        self._drop_oldest()
+        self.budget.evicted += 1
+
+    def oldest_at(self) -> float | None:
+        """When the oldest retained event was appended (monotonic), None when empty."""
+        return self._entries[0].at if self._entries else None
 
     def expire(self) -> None:
         """Drop entries past the age limit (called periodically, so idle workspaces shrink)."""

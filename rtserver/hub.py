@@ -10,6 +10,7 @@ iteration (no added waiting).
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
@@ -25,7 +26,7 @@ from rtcore.engine import (
 )
 from rtcore.event import Event
 from rtserver.channels import SubscriptionSpec
-from rtserver.history import History
+from rtserver.history import History, NodeBudget
 from rtserver.metrics import Metrics
 
 if TYPE_CHECKING:
@@ -107,10 +108,10 @@ def _one_frame_per_connection(
 
 
 class Workspace:
-    def __init__(self, wid: str, cfg: Config):
+    def __init__(self, wid: str, cfg: Config, budget: NodeBudget | None = None):
         self.id = wid
         h = cfg.history
-        self.history = History(wid, max_events=h.events, max_seconds=h.seconds, max_bytes=h.bytes)
+        self.history = History(wid, max_events=h.events, max_seconds=h.seconds, max_bytes=h.bytes, budget=budget)
         self.index = SubscriptionIndex()
         self.connections: set[Connection] = set()
 
@@ -120,6 +121,8 @@ class Hub:
         self.cfg = cfg
         self.metrics = metrics
         self.workspaces: dict[str, Workspace] = {}
+        # history.node_bytes: what the histories of all workspaces retain together.
+        self.history_budget = NodeBudget(cfg.history.node_bytes)
         # Authenticated connections per subject, all workspaces together (limits.max_connections_per_subject).
         self.subjects: dict[str, int] = {}
         # Outboxes (connections) with frames to write, in the order they got them; those before
@@ -157,7 +160,7 @@ class Hub:
     def workspace(self, wid: str) -> Workspace:
         ws = self.workspaces.get(wid)
         if ws is None:
-            ws = self.workspaces[wid] = Workspace(wid, self.cfg)
+            ws = self.workspaces[wid] = Workspace(wid, self.cfg, self.history_budget)
             if self.history_floor is not None:
                 floor = self.history_floor(wid)
                 if floor is not None:
@@ -172,6 +175,8 @@ class Hub:
         """Record `event` in its workspace history and push its frame to every subscriber."""
         ws = self.workspace(event.workspace)
         entry = ws.history.append(event, seq)
+        if self.history_budget.bytes > self.history_budget.limit:
+            self.trim_histories()
         self.metrics.events_in[event.source] += 1
         index = ws.index
         if index.has_transitions and event.old_record is not None and event.operation == "UPDATE":
@@ -309,16 +314,44 @@ class Hub:
         for ws in self.workspaces.values():
             ws.history.expire()
 
+    def trim_histories(self) -> None:
+        """history.node_bytes passed: evict the node's oldest retained events, whichever
+        workspaces hold them, until 7/8 of the bound remain. Each eviction moves its history's
+        floor as any eviction does, so a reader from before it gets history_gap. The margin
+        makes this scan of the workspaces rare (once per 1/8 of the bound appended), so the
+        cost per delivered event stays O(1) amortised."""
+        budget = self.history_budget
+        target = budget.limit - budget.limit // 8
+        heap = []
+        for ws in self.workspaces.values():
+            at = ws.history.oldest_at()
+            if at is not None:
+                heap.append((at, ws.id, ws.history))
+        heapq.heapify(heap)
+        while heap and budget.bytes > target:
+            _, wid, history = heap[0]
+            history.evict_oldest()
+            at = history.oldest_at()
+            if at is None:
+                heapq.heappop(heap)
+            else:
+                heapq.heapreplace(heap, (at, wid, history))
+
     def _gauges(self) -> list[tuple[str, str, dict[str, Any], float]]:
         rows: list[tuple[str, str, dict[str, Any], float]] = []
         conns = subs = 0
         for ws in self.workspaces.values():
             conns += len(ws.connections)
             subs += len(ws.index)
-            rows.append(("rt_history_events", "Events retained for replay", {"workspace": ws.id}, len(ws.history)))
-            rows.append(("rt_history_bytes", "Bytes retained for replay", {"workspace": ws.id}, ws.history.bytes))
+            if len(ws.history):  # a series per workspace holding events, not per id ever seen
+                rows.append(("rt_history_events", "Events retained for replay", {"workspace": ws.id}, len(ws.history)))
+                rows.append(("rt_history_bytes", "Bytes retained for replay", {"workspace": ws.id}, ws.history.bytes))
         rows.append(("rt_connections", "Open authenticated connections", {}, conns))
         rows.append(("rt_subscriptions", "Active subscriptions", {}, subs))
         rows.append(("rt_workspaces", "Workspaces known to this node", {}, len(self.workspaces)))
+        budget = self.history_budget
+        rows.append(("rt_history_node_bytes", "Bytes retained for replay by all workspaces (bound: history.node_bytes)",
+                     {}, budget.bytes))
+        rows.append(("rt_history_node_evicted", "Events evicted to keep within history.node_bytes", {}, budget.evicted))
         return rows
 
