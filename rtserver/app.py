@@ -99,8 +99,12 @@ class Gateway:
         self.metrics.watch_gc()
         if cfg.server.demo:
             self.static = await loop.run_in_executor(None, load_static)
+        self.hub.retirable = self._retirable
         for wid in await loop.run_in_executor(None, self._known.load):
-            self.hub.workspace(wid)
+            # Only the workspaces a shared feed records into need a history from the start;
+            # any other starts as after a restart when it is next used.
+            if not self._retirable(wid):
+                self.hub.workspace(wid)
         dump = await loop.run_in_executor(None, take_dump, self._sessions_path)
         if dump is not None:
             restored = self.sessions.restore(dump)
@@ -218,6 +222,7 @@ class Gateway:
             conn.check_idle(now, idle)
         self.sessions.sweep()
         self.hub.expire_histories()
+        self.hub.retire_idle(self.cfg.history.resume_ttl)
 
     # ---- sources ---------------------------------------------------------------------------
 
@@ -311,6 +316,16 @@ class Gateway:
             database = key[2]
             return lambda: (database,) if database in hub.workspaces else ()
         return lambda: [w for w in hub.workspaces if w not in cfg.workspaces]
+
+    def _retirable(self, workspace: str) -> bool:
+        """True when every event of `workspace` reaches Hub.deliver whether or not the workspace
+        is in memory: on a Kafka node (the consumer delivers each record), or when no default
+        change feed serves it (those fan out only to the workspaces in memory). Its own
+        [workspaces.W] feeds and the publish API always name it."""
+        cfg = self.cfg
+        if cfg.bus.kind == "kafka" or workspace in cfg.workspaces:
+            return True
+        return not cfg.postgres.url and not cfg.mongo.url
 
     def ensure_workspace_sources(self, workspace: str) -> None:
         for kind in ("postgres", "mongo"):

@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import heapq
 import logging
+import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -114,6 +116,13 @@ class Workspace:
         self.history = History(wid, max_events=h.events, max_seconds=h.seconds, max_bytes=h.bytes, budget=budget)
         self.index = SubscriptionIndex()
         self.connections: set[Connection] = set()
+        self.idle_since: float | None = None  # monotonic; set by Hub.retire_idle
+
+
+# Retired workspaces whose position is remembered (see Hub.retire_idle); beyond it the oldest
+# are forgotten, and such a workspace starts again as after a restart (a reader from before
+# gets history_gap).
+MAX_RETIRED = 1_000_000
 
 
 class Hub:
@@ -155,12 +164,26 @@ class Hub:
         # Where a new workspace's history starts vouching for positions (None: the wall clock,
         # as for the hybrid logical clock). The Kafka bus sets it: there seq is a topic offset.
         self.history_floor: Callable[[str], int | None] | None = None
+        # Whether every event of a workspace reaches deliver() even while the workspace is not
+        # in memory (no change feed fans out to "every known workspace"): only such a
+        # workspace may be retired when idle (the gateway sets it; default: never).
+        self.retirable: Callable[[str], bool] = lambda wid: False
+        # Retired workspaces: id -> the position their history vouched for up to (last_seq,
+        # or floor when later): where it starts again when the workspace comes back.
+        self._retired: OrderedDict[str, int] = OrderedDict()
+        self.retired_total = 0
         metrics.add_gauges(self._gauges)
 
     def workspace(self, wid: str) -> Workspace:
         ws = self.workspaces.get(wid)
         if ws is None:
             ws = self.workspaces[wid] = Workspace(wid, self.cfg, self.history_budget)
+            position = self._retired.pop(wid, None)
+            if position is not None:
+                # Back from retirement: every event since went through deliver(), which brings
+                # the workspace back first, so nothing after `position` was missed.
+                ws.history.floor = ws.history.last_seq = position
+                return ws
             if self.history_floor is not None:
                 floor = self.history_floor(wid)
                 if floor is not None:
@@ -168,6 +191,31 @@ class Hub:
             if self.on_new_workspace is not None:
                 self.on_new_workspace(wid)
         return ws
+
+    def retire_idle(self, grace: float, now: float | None = None) -> None:
+        """Drop the in-memory state of workspaces idle for `grace` seconds: no connection, no
+        subscription, no retained event, and `retirable`. Only the position their history
+        vouched for is kept (MAX_RETIRED of them), so a reader resuming from it later gets
+        exactly what a workspace kept in memory would give: no history_gap when nothing was
+        missed. Called by the gateway's sweeper, never on the event path."""
+        now = time.monotonic() if now is None else now
+        idle = []
+        for ws in self.workspaces.values():
+            if ws.connections or len(ws.index) or len(ws.history):
+                ws.idle_since = None
+            elif ws.idle_since is None:
+                ws.idle_since = now
+            elif now - ws.idle_since >= grace:
+                idle.append(ws)
+        for ws in idle:
+            if not self.retirable(ws.id):
+                continue
+            del self.workspaces[ws.id]
+            h = ws.history
+            self._retired[ws.id] = max(h.last_seq, h.floor)
+            self.retired_total += 1
+            while len(self._retired) > MAX_RETIRED:
+                self._retired.popitem(last=False)
 
     # ---- the hot path ------------------------------------------------------------------
 
@@ -348,7 +396,9 @@ class Hub:
                 rows.append(("rt_history_bytes", "Bytes retained for replay", {"workspace": ws.id}, ws.history.bytes))
         rows.append(("rt_connections", "Open authenticated connections", {}, conns))
         rows.append(("rt_subscriptions", "Active subscriptions", {}, subs))
-        rows.append(("rt_workspaces", "Workspaces known to this node", {}, len(self.workspaces)))
+        rows.append(("rt_workspaces", "Workspaces in memory on this node", {}, len(self.workspaces)))
+        rows.append(("rt_workspaces_retired", "Idle workspaces whose memory was given back (their position is kept)",
+                     {}, len(self._retired)))
         budget = self.history_budget
         rows.append(("rt_history_node_bytes", "Bytes retained for replay by all workspaces (bound: history.node_bytes)",
                      {}, budget.bytes))
