@@ -317,7 +317,10 @@ class KafkaBus:
                                   extra={"fields": {"partition": tp.partition, "offset": r.offset, "workspace": workspace}})
                         continue
                     if rec.operation == GAP:
-                        self.hub.history_gap(workspace, rec.source, rec.body.decode("utf-8", "replace"))
+                        held = self.hub.workspaces.get(workspace)
+                        if held is None or r.offset + 1 > held.history.last_seq:
+                            self.hub.history_gap(workspace, rec.source, rec.body.decode("utf-8", "replace"),
+                                                 r.offset + 1)
                         continue
                     ws = self.hub.workspace(workspace)
                     if r.offset + 1 <= ws.history.last_seq:
@@ -405,11 +408,12 @@ class KafkaBus:
         floor: Callable[[], int],
         emit: Callable[[int, Event], None],
         cancelled: Callable[[], bool],
-    ) -> tuple[int, int | None]:
+    ) -> tuple[int, int | None, frozenset[str]]:
         """Read `workspace`'s records with seq > `since` from Kafka, in order, calling
         `emit(seq, event)`, until the read position reaches `floor()` (the node's memory holds
         the rest). Returns (the seq read up to, or `since` when nothing could be read; the
-        `oldest` seq for a history_gap when the topic no longer holds some of them, else None).
+        `oldest` seq for a history_gap when the topic no longer holds some of them, else None;
+        the sources whose gap records were read: they lost changes after `since`).
         Returns without awaiting after its last check of `floor()`, so the caller can switch
         to the memory history in the same step."""
         from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -418,7 +422,7 @@ class KafkaBus:
         key = workspace.encode()
         async with self._read_backs:
             if since >= floor() or cancelled():
-                return since, None
+                return since, None, frozenset()
             consumer = AIOKafkaConsumer(**self.publisher.options, client_id=f"rtserver-readback-{self.node}",
                                         group_id=None, enable_auto_commit=False, fetch_max_wait_ms=100,
                                         max_partition_fetch_bytes=self._fetch_bytes)
@@ -431,16 +435,17 @@ class KafkaBus:
                 if start < begin:
                     gap, start = begin + 1, begin  # deleted by retention
                 if floor() - start > self.cfg.bus.max_replay:
-                    return since, None  # too far back: the caller reports a history_gap
+                    return since, None, frozenset()  # too far back: the caller reports a history_gap
                 consumer.seek(tp, start)
                 pos = start
+                lost: set[str] = set()
                 stalled = time.monotonic()
                 while pos < floor() and not cancelled():
                     batch = await consumer.getmany(tp, timeout_ms=500, max_records=1000)
                     records = batch.get(tp, [])
                     if not records:
                         if time.monotonic() - stalled > _READ_BACK_STALL:
-                            return since, None
+                            return since, None, frozenset()
                         continue
                     stalled = time.monotonic()
                     for r in records:
@@ -448,9 +453,11 @@ class KafkaBus:
                         if r.key != key or r.value is None:
                             continue
                         rec, event = decode_event(workspace, r.value)
-                        if rec.operation != GAP:
+                        if rec.operation == GAP:
+                            lost.add(rec.source)
+                        else:
                             emit(pos, event)
-                return pos, gap
+                return pos, gap, frozenset(lost)
             finally:
                 # Stopped in the background: awaiting here would let the history move on
                 # between our last check of floor() and the caller's switch to memory.

@@ -644,8 +644,9 @@ class Connection(WSListener):
                 self.push(event_frame(event.body, seq, shown))
                 m.replayed += 1
 
+        lost: frozenset[str] = frozenset()
         try:
-            upto, oldest = await self.gw.bus.read_back(
+            upto, oldest, lost = await self.gw.bus.read_back(
                 ws.id, since, lambda: ws.history.floor, emit, lambda: self.closed
             )
         except Exception as exc:  # noqa: BLE001 - the memory replay below reports the gap
@@ -663,6 +664,8 @@ class Connection(WSListener):
             self._send_gaps(
                 live, f"events after {since} are no longer retained by the event stream; it holds {oldest} onwards", oldest
             )
+        elif lost:
+            self._send_loss_gaps(live, since, lost, ws.history.oldest())
         self._replay_entries(live, upto, ws.history.since(upto))
 
     def _send_gaps(self, subs: list[Subscription], message: str, oldest: int) -> None:
@@ -671,12 +674,22 @@ class Connection(WSListener):
             self.send_error(4011, message, channel=sub.spec.channel, oldest=oldest)
         self.gw.metrics.history_gaps += len(subs)
 
+    def _send_loss_gaps(self, subs: list[Subscription], since: int, lost: frozenset[str], oldest: int) -> None:
+        """history_gap on the channels of the sources that reported lost changes after `since`."""
+        for source in sorted(lost):
+            hit = [sub for sub in subs if sub.spec.source == source]
+            if hit:
+                self._send_gaps(hit, f"{source} changes after {since} may have been lost (the source reported a loss)",
+                                oldest)
+
     def _replay_entries(self, subs: list[Subscription], since: int, replay: Any) -> None:
         m = self.gw.metrics
         if replay.gap:
             self._send_gaps(
                 subs, f"events after {since} may be missing from the history; it holds {replay.oldest} onwards", replay.oldest
             )
+        elif replay.lost:
+            self._send_loss_gaps(subs, since, replay.lost, replay.oldest)
         n = 0
         for entry in replay.entries:
             event = entry.event

@@ -40,11 +40,12 @@ class Replay:
     gap: bool
     oldest: int  # the first position the history can replay from
     entries: list[HistoryEntry]
+    lost: frozenset[str] = frozenset()  # sources that reported lost changes after `since`
 
 
 class NodeBudget:
     """The retained bytes of every history of the node together, against `history.node_bytes`
-    (each history adds and subtracts its own; the hub evicts when `over()`)."""
+    (each history adds and subtracts its own; the hub evicts when `bytes` passes `limit`)."""
 
     __slots__ = ("limit", "bytes", "evicted")
 
@@ -52,9 +53,6 @@ class NodeBudget:
         self.limit = limit
         self.bytes = 0
         self.evicted = 0  # events evicted for the node bound, in all
-
-    def over(self) -> bool:
-        return self.bytes > self.limit
 
 
 class History:
@@ -69,6 +67,10 @@ class History:
         self._bytes = 0
         self.last_seq = 0
         self.floor = _now_us()
+        # Source kind -> the position of its latest reported loss (a replication slot lost, a
+        # change that could not be converted, ...): a reader from before it may have missed
+        # that source's changes, though every retained event is still here.
+        self.losses: dict[str, int] = {}
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -97,6 +99,18 @@ class History:
         self.budget.bytes += size
         self._evict(entry.at)
         return entry
+
+    def lost(self, source: str, seq: int | None = None) -> int:
+        """Record that `source` lost changes now, at a position of its own (`seq` when assigned
+        upstream: the Kafka offset of the bus's gap record); returns it. A reader whose `since`
+        is before it gets `source` in `Replay.lost`."""
+        if seq is None:
+            seq = self.next_seq()
+        elif seq > self.last_seq:
+            self.last_seq = seq
+        if seq > self.losses.get(source, 0):
+            self.losses[source] = seq
+        return seq
 
     def _evict(self, now: float) -> None:
         entries = self._entries
@@ -132,14 +146,16 @@ class History:
         return self._entries[0].seq if self._entries else max(self.last_seq, self.floor) + 1
 
     def since(self, since: int) -> Replay:
-        """The retained entries after `since`, and whether some may be missing before them."""
+        """The retained entries after `since`, whether some may be missing before them, and
+        which sources reported a loss after it."""
         self.expire()
         gap = since < self.floor
+        lost = frozenset(src for src, at in self.losses.items() if since < at) if self.losses else frozenset()
         entries = self._entries
         if not entries or entries[-1].seq <= since:
-            return Replay(gap, self.oldest(), [])
+            return Replay(gap, self.oldest(), [], lost)
         if entries[0].seq > since:
-            return Replay(gap, self.oldest(), list(entries))
+            return Replay(gap, self.oldest(), list(entries), lost)
         # Binary search on the deque's seq order (deque indexing is O(n) at worst; fine at 10k).
         lo, hi = 0, len(entries)
         while lo < hi:
@@ -148,7 +164,7 @@ class History:
                 lo = mid + 1
             else:
                 hi = mid
-        return Replay(gap, self.oldest(), [entries[i] for i in range(lo, len(entries))])
+        return Replay(gap, self.oldest(), [entries[i] for i in range(lo, len(entries))], lost)
 
     def __iter__(self) -> Iterator[HistoryEntry]:
         return iter(self._entries)

@@ -346,11 +346,16 @@ class Hub:
     def remove(self, ws: Workspace, sub: Subscription) -> None:
         ws.index.remove(sub)
 
-    def history_gap(self, workspace: str, source: str, reason: str) -> None:
-        """A source lost changes: tell every subscriber of that source in the workspace."""
+    def history_gap(self, workspace: str, source: str, reason: str, seq: int | None = None) -> None:
+        """A source lost changes: tell every subscriber of that source in the workspace, and
+        record the loss in its history (at `seq` when assigned upstream), so a session or a
+        `since` from before it gets history_gap later too."""
         ws = self.workspaces.get(workspace)
         if ws is None:
-            return
+            if workspace not in self._retired:
+                return  # never held here: its history will start after this loss anyway
+            ws = self.workspace(workspace)  # retired: its kept position predates the loss
+        ws.history.lost(source, seq)
         oldest = ws.history.oldest()
         for conn in list(ws.connections):
             for sub in list(conn.subscriptions.values()):

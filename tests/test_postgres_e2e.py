@@ -167,3 +167,42 @@ async def test_key_change_under_default_identity_is_no_transition(pg_gateway):
         ev = await c.recv_event(timeout=10)
         assert ev["record"] == {"id": 10, "status": "active"} and ev["oldRecord"] == {"id": 1}
         assert "transition" not in ev
+
+
+async def test_a_reported_loss_reaches_readers_that_come_back_later(pg_gateway):
+    """A source's loss (here rows written to a table before the gateway's publication held it)
+    is told to a session resumed or a `since` from before it, on that source's channels only,
+    not only to the subscribers connected at that moment: before, a session resumed afterwards
+    got its events as if nothing was missing."""
+    gw, db = pg_gateway
+    token = gw.token("w1")
+    async with ws_connect(gw, "w1", token=token) as c:
+        await c.subscribe("postgres:products")
+        await c.subscribe("events:t")
+        await c.send({"type": "auth", "token": token})
+        session = (await c.recv_type("auth_ok"))["sessionId"]
+        await db.execute("INSERT INTO products VALUES (1, 'a', 'x', 1)")
+        before = (await c.recv_event(timeout=10))["seq"]
+    # Disconnected: a new table is written before the publication holds it, then a subscriber
+    # makes the gateway add it (the periodic sync would too): its rows are lost.
+    await db.execute("CREATE TABLE fresh (id int PRIMARY KEY)")
+    await db.execute("INSERT INTO fresh VALUES (1)")
+    async with ws_connect(gw, "w1", token=token) as other:
+        await other.subscribe("postgres:fresh")  # answered after the sync that finds the loss
+    await db.execute("INSERT INTO products VALUES (2, 'b', 'x', 2)")
+    out = await gw.publish("w1", "t", {"n": 1})
+    async with ws_connect(gw, "w1") as c:
+        ok = await c.auth(token, resume=session, since=before)
+        assert ok["resumed"] is True
+        gap = await c.recv_type("error", timeout=10)
+        assert gap["code"] == 4011 and gap["channel"] == "postgres:products"  # not events:t
+        got = [await c.recv_event(timeout=10) for _ in range(2)]
+        assert [(e["channel"], e["seq"] > before) for e in got] == [("postgres:products", True), ("events:t", True)]
+        assert got[0]["record"]["id"] == 2 and got[1]["seq"] == out["seq"]
+        await c.no_message(0.3)
+    async with ws_connect(gw, "w1", token=token) as c:
+        # From a position after the loss: nothing missed, no gap.
+        await c.send({"type": "subscribe", "channel": "postgres:products", "since": got[0]["seq"] - 1})
+        await c.recv_type("subscribed")
+        assert (await c.recv_event(timeout=10))["record"]["id"] == 2
+        await c.no_message(0.3)

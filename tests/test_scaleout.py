@@ -333,15 +333,28 @@ async def test_a_change_too_large_for_the_topic_is_skipped_with_a_gap(cluster, m
     try:
         async with ws_connect(node, "w1", token=node.token("w1")) as c:
             await c.subscribe("mongo:orders")
+            await client["shop"].orders.insert_one({"_id": 0, "blob": "small"})
+            before = (await c.recv_event(timeout=20))["seq"]
             await client["shop"].orders.insert_one({"_id": 1, "blob": "x" * 100_000})
             await client["shop"].orders.insert_one({"_id": 2, "blob": "small"})
             got = [await c.recv(timeout=20), await c.recv(timeout=20)]
             await c.no_message(0.5)
+        gap = next(m for m in got if m["type"] == "error")
+        assert gap["code"] == 4011 and "max_record_bytes" in gap["message"] and gap["channel"] == "mongo:orders"
+        assert [m["document"]["_id"] for m in got if m["type"] == "event"] == [2]
+        # A reader coming back from before the loss hears of it too: from this node's memory,
+        # and from a node started afterwards, which reads the gap record back from the topic.
+        later = await cluster.node()
+        for gw in (node, later):
+            async with ws_connect(gw, "w1", token=gw.token("w1")) as c:
+                await c.send({"type": "subscribe", "channel": "mongo:orders", "since": before})
+                await c.recv_type("subscribed", timeout=20)
+                again = await c.recv(timeout=20)
+                assert again["type"] == "error" and again["code"] == 4011 and again["channel"] == "mongo:orders"
+                assert (await c.recv_event(timeout=20))["document"]["_id"] == 2
+                await c.no_message(0.3)
     finally:
         await client.close()
-    gap = next(m for m in got if m["type"] == "error")
-    assert gap["code"] == 4011 and "max_record_bytes" in gap["message"] and gap["channel"] == "mongo:orders"
-    assert [m["document"]["_id"] for m in got if m["type"] == "event"] == [2]
     status = await ingest.status()
     assert {k: f["oversized_skipped"] for k, f in status["feeds"].items() if k.startswith("mongo")} == {"mongo:shop": 1}
     assert "change too large for the events topic" in ingest.logs()
