@@ -5,7 +5,7 @@ Changes committed while the gateway was down are streamed again at start-up, bef
 has reconnected: remembering the workspaces lets those changes land in the right histories
 instead of being acknowledged with nobody to record them.
 
-One id a line in `<state_dir>/workspaces`; appends happen off the event loop.
+One id a line in `<state_dir>/workspaces`, each once; appends happen off the event loop.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import asyncio
 import logging
 import os
 
+from rtserver.atomic_file import replace_file
 from rtserver.config import WORKSPACE_ID_RE
 
 log = logging.getLogger("rtserver.known_workspaces")
@@ -24,17 +25,28 @@ class KnownWorkspaces:
         self.path = path
         self._pending: list[str] = []
         self._task: asyncio.Future | None = None
+        self._known: set[str] = set()
 
     def load(self) -> list[str]:
-        """The remembered ids (blocking: run it in an executor)."""
+        """The remembered ids (blocking: run it in an executor). A file holding an id twice
+        (written by earlier versions) is rewritten with each once."""
         try:
             with open(self.path) as fh:
-                ids = [line.strip() for line in fh]
+                lines = [line.strip() for line in fh]
         except FileNotFoundError:
             return []
-        return list(dict.fromkeys(i for i in ids if WORKSPACE_ID_RE.match(i)))
+        ids = list(dict.fromkeys(i for i in lines if WORKSPACE_ID_RE.match(i)))
+        self._known = set(ids)
+        if len(ids) < len(lines):
+            replace_file(self.path, "".join(f"{i}\n" for i in ids).encode())
+        return ids
 
     def add(self, workspace: str) -> None:
+        # A workspace given back to memory when idle (Hub.retire_idle), or not created at start,
+        # is new to the hub again when next used: remembered already.
+        if workspace in self._known:
+            return
+        self._known.add(workspace)
         self._pending.append(workspace)
         if self._task is None or self._task.done():
             self._task = asyncio.ensure_future(self.flush())

@@ -106,3 +106,21 @@ async def test_idle_workspaces_give_their_memory_back_and_resume_exactly(tmp_pat
     shared = Gateway(_cfg(tmp_path, RT_POSTGRES_URL="postgresql://rt@127.0.0.1:1/app"))
     assert shared._retirable("w1") is False and gw._retirable("w1") is True
     await asyncio.sleep(0)
+
+
+async def test_known_workspaces_file_holds_each_id_once(tmp_path):
+    """A workspace new to the hub again (retired when idle, or not created at start) was
+    appended to the state file once more each time: the file grew with every restart."""
+    from rtserver.known_workspaces import KnownWorkspaces
+
+    path = tmp_path / "workspaces"
+    path.write_text("w1\nw2\nw1\nw2\nw3\n")  # as earlier versions left it
+    known = KnownWorkspaces(str(path))
+    assert known.load() == ["w1", "w2", "w3"]
+    assert path.read_text() == "w1\nw2\nw3\n"  # compacted
+    for wid in ("w1", "w2", "w4", "w1", "w4"):
+        known.add(wid)
+    await known.flush()
+    assert path.read_text() == "w1\nw2\nw3\nw4\n"
+    again = KnownWorkspaces(str(path))
+    assert again.load() == ["w1", "w2", "w3", "w4"]
