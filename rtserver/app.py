@@ -24,7 +24,7 @@ from rtcore.timefmt import iso_ms, now_ms
 from rtserver import http
 from rtserver.audit import create_audit
 from rtserver.auth import Authenticator, AuthError, Identity, load_or_create_dev_secret
-from rtserver.bus import create_bus
+from rtserver.bus import BusUnavailable, create_bus
 from rtserver.channels import TOPIC_RE
 from rtserver.config import WORKSPACE_ID_RE, Config
 from rtserver.connection import Connection
@@ -345,7 +345,7 @@ class Gateway:
             )
         if not self.bus.ready():
             return WSUpgradeResponseWithListener(
-                WSUpgradeResponse.create_error_response(503, b"behind the event stream; try another node"), None
+                WSUpgradeResponse.create_error_response(503, b"behind the event stream or cut off from it; try another node"), None
             )
         # The workspace's state (history, sources, the persisted list of known workspaces) is
         # created when a token grants it (Connection._authenticate), not here: an anonymous
@@ -444,7 +444,13 @@ class Gateway:
         event = Event(
             workspace=workspace, source="events", entity=topic, operation="PUBLISH", record=payload, body=event_body
         )
-        seq = await self.bus.publish(event)
+        try:
+            seq = await self.bus.publish(event)
+        except BusUnavailable as exc:
+            if exc.status == 504:  # the outcome is unknown to the publisher: leave a trace of it
+                log.warning("publish not confirmed: %s", exc, extra={"fields": {
+                    "workspace": workspace, "topic": topic, "correlation_id": corr}})
+            return exc.status, _err(str(exc))  # 503s are counted in rt_publish_requests_total
         return 202, _json.encode({"seq": seq, "correlationId": corr})
 
     def _cached_publisher(self, token: str, workspace: str) -> Identity | None:

@@ -18,9 +18,19 @@ if TYPE_CHECKING:
     from rtserver.metrics import Metrics
 
 
+class BusUnavailable(Exception):
+    """The bus could not take an event: `status` 503 when it was not sent (a retry is safe),
+    504 when it was sent but not confirmed in time (it may still be delivered, once)."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
 class EventBus(Protocol):
     async def publish(self, event: Event) -> int:
-        """Deliver `event`; returns its seq once it is recorded (safe to acknowledge upstream)."""
+        """Deliver `event`; returns its seq once it is recorded (safe to acknowledge upstream).
+        Raises BusUnavailable when the bus cannot take it now."""
         ...
 
     def history_gap(self, workspace: str, source: str, reason: str) -> None:

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from rtcore.event import Event
+from rtserver.bus import BusUnavailable
 from rtserver.sources.base import ChannelUnavailable
 
 if TYPE_CHECKING:
@@ -39,6 +40,7 @@ log = logging.getLogger("rtserver.bus")
 GAP = "GAP"  # operation of a control record: the source lost changes (history_gap on every node)
 _MAX_CONCURRENT_READ_BACKS = 4
 _READ_BACK_STALL = 10.0  # seconds without progress before a read-back gives up (history_gap)
+_PROBE_INTERVAL = 1.0  # seconds between two metadata requests of a publisher's watch
 
 
 class BusRecord(msgspec.Struct, array_like=True):
@@ -137,7 +139,13 @@ async def ensure_topic(options: dict[str, Any], topic: str, partitions: int, rep
 
 
 class KafkaPublisher:
-    """Writes events to the topic; `publish` returns the seq once Kafka has the record (acks=all)."""
+    """Writes events to the topic; `publish` returns the seq once Kafka has the record (acks=all).
+
+    `available()` says whether Kafka takes records now. The idempotent producer retries a
+    record until Kafka has it, so an outage shows only as records waiting: the publisher counts
+    Kafka unavailable when a record has waited `bus.publish_timeout` without any acknowledgement,
+    or when the cluster does not answer the metadata request its watch sends every second (an
+    idle publisher, such as an ingest whose feeds are quiet, would otherwise not notice)."""
 
     def __init__(self, cfg: Config, client_id: str):
         self.cfg = cfg
@@ -146,8 +154,14 @@ class KafkaPublisher:
         self.partitions = 0
         self.published = 0
         self.max_record = cfg.bus.max_record_bytes
+        self.timeout = cfg.bus.publish_timeout
         self.options: dict[str, Any] = {}
         self._producer = None
+        self._watch_task: asyncio.Task | None = None
+        self._unreachable = ""  # why the last metadata request failed ("" when it succeeded)
+        self._waiting = 0  # records handed to the producer, not yet acknowledged or failed
+        self._progress = 0.0  # monotonic time of the last acknowledgement (or of the first wait)
+        self._was_available = True
 
     async def start(self) -> None:
         from aiokafka import AIOKafkaProducer
@@ -166,6 +180,60 @@ class KafkaPublisher:
             max_request_size=self.max_record + RECORD_OVERHEAD,
         )
         await self._producer.start()
+        self._watch_task = asyncio.create_task(self._watch(), name="rtserver-bus-watch")
+
+    async def _watch(self) -> None:
+        """Ask the cluster for the topic's metadata every second (see the class docstring)."""
+        producer = self._producer
+        assert producer is not None
+        client = producer.client
+        client.add_topic(self.topic)  # else each request would ask for every topic of the cluster
+        while True:
+            try:
+                # shielded by aiokafka: a timeout here does not cancel the update itself
+                ok = await asyncio.wait_for(client.force_metadata_update(), self.timeout)
+                why = "" if ok else "no broker answered a metadata request"
+            except TimeoutError:
+                why = f"no metadata answer within {self.timeout:g}s"
+            if not why:
+                available = client.cluster.available_partitions_for_topic(self.topic) or ()
+                if len(available) < self.partitions:
+                    why = f"{self.partitions - len(available)} of {self.partitions} partitions have no leader"
+            self._unreachable = why
+            self._log_transition()
+            await asyncio.sleep(_PROBE_INTERVAL)
+
+    def available(self) -> bool:
+        """False while Kafka does not take records (see the class docstring)."""
+        return not self.problem()
+
+    def problem(self) -> str:
+        """Why Kafka counts as unavailable, or "" when it takes records."""
+        if self._producer is None:
+            return f"bus topic {self.topic}: publisher not started"
+        if self._unreachable:
+            return f"Kafka at {bootstrap_of(self.cfg)} unavailable for topic {self.topic}: {self._unreachable}"
+        if self._waiting and time.monotonic() - self._progress > self.timeout:
+            return (f"Kafka has acknowledged none of {self._waiting} waiting records of topic {self.topic} "
+                    f"for {time.monotonic() - self._progress:.0f}s")
+        return ""
+
+    def _log_transition(self) -> None:
+        problem = self.problem()
+        if bool(problem) == self._was_available:
+            self._was_available = not problem
+            if problem:
+                log.warning("bus: %s", problem, extra={"fields": {"topic": self.topic, "client": self.client_id}})
+            else:
+                log.info("bus: Kafka takes records again", extra={"fields": {"topic": self.topic, "client": self.client_id}})
+
+    def status(self) -> dict[str, Any]:
+        problem = self.problem()
+        return {"connected": not problem, "waiting": self._waiting, "error": problem}
+
+    def _settled(self, _fut: asyncio.Future) -> None:
+        self._waiting -= 1
+        self._progress = time.monotonic()
 
     async def publish(self, event: Event, headers: list[tuple[str, bytes]] | None = None) -> int:
         return await self.send(event.workspace, encode_event(event), headers)
@@ -182,6 +250,10 @@ class KafkaPublisher:
             raise RuntimeError(f"bus topic {self.topic}: publisher not started (workspace {workspace})")
         fut = await producer.send(self.topic, value, key=workspace.encode(), headers=headers)
         self.published += 1
+        if not self._waiting:
+            self._progress = time.monotonic()  # an outage counts from the first record waiting
+        self._waiting += 1
+        fut.add_done_callback(self._settled)
         return fut
 
     async def publish_gap(self, workspace: str, source: str, reason: str) -> int:
@@ -189,6 +261,11 @@ class KafkaPublisher:
         return await self.send(workspace, value)
 
     async def close(self) -> None:
+        watch, self._watch_task = self._watch_task, None
+        if watch is not None:
+            watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watch
         producer, self._producer = self._producer, None
         if producer is not None:
             with contextlib.suppress(Exception):
@@ -225,8 +302,32 @@ class KafkaBus:
     # -- EventBus --------------------------------------------------------------------------
 
     async def publish(self, event: Event) -> int:
-        """To Kafka only: this node's consumer delivers it like every other node's."""
-        return await self.publisher.publish(event)
+        """To Kafka only: this node's consumer delivers it like every other node's. Refused
+        (BusUnavailable 503) while Kafka is unavailable; sent but not acknowledged within
+        bus.publish_timeout, BusUnavailable 504: the producer still writes it once Kafka is back,
+        and the publisher is told so rather than kept waiting for the outage's length."""
+        from aiokafka.errors import KafkaError
+
+        pub = self.publisher
+        where = f"workspace {event.workspace}, bus topic {self.topic}"
+        problem = pub.problem()
+        if problem:
+            raise BusUnavailable(503, f"event bus unavailable ({problem}); the event was not published ({where})")
+        try:
+            # Cancelling send() (buffer full while Kafka is away) drops the record: not sent.
+            fut = await asyncio.wait_for(pub.enqueue(event.workspace, encode_event(event)), pub.timeout)
+        except (TimeoutError, KafkaError) as exc:
+            raise BusUnavailable(503, f"event bus unavailable ({type(exc).__name__}: {exc}); "
+                                      f"the event was not published ({where})") from exc
+        try:
+            meta = await asyncio.wait_for(asyncio.shield(fut), pub.timeout)
+        except TimeoutError:
+            raise BusUnavailable(504, f"Kafka did not acknowledge the event within {pub.timeout:g}s ({where}); "
+                                      "it is written once Kafka is back, so a retry may publish it twice") from None
+        except KafkaError as exc:
+            raise BusUnavailable(503, f"event bus refused the event ({type(exc).__name__}: {exc}); "
+                                      f"it was not published ({where})") from exc
+        return meta.offset + 1
 
     def history_gap(self, workspace: str, source: str, reason: str) -> None:
         task = asyncio.ensure_future(self.publisher.publish_gap(workspace, source, reason))
@@ -365,7 +466,8 @@ class KafkaBus:
 
     def ready(self) -> bool:
         """Accepting connections: consuming, caught up since start, and not too far behind."""
-        return self._task is not None and self._caught_up and self._connected and self.lag() <= self.max_lag
+        return (self._task is not None and self._caught_up and self._connected and self.publisher.available()
+                and self.lag() <= self.max_lag)
 
     def status(self) -> dict[str, Any]:
         return {
@@ -373,12 +475,13 @@ class KafkaBus:
             "topic": self.topic,
             "ready": self.ready(),
             "caught_up": self._caught_up,
-            "connected": self._connected,
+            # Kafka's consumer retries quietly through an outage: the publisher's watch says it.
+            "connected": self._connected and self.publisher.available(),
             "lag": self.lag(),
             "max_lag": self.max_lag,
             "delivered": self._delivered,
             "published": self.publisher.published,
-            "last_error": self._last_error,
+            "last_error": self.publisher.problem() or self._last_error,
         }
 
     def _gauges(self) -> list[tuple[str, str, dict[str, Any], float]]:

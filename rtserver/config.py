@@ -110,6 +110,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("bus", "max_replay", "RT_BUS_MAX_REPLAY", int, 100000, "Records one resume may read back from Kafka (older than the node's memory); beyond it history_gap"),
     Setting("bus", "workspaces", "RT_BUS_WORKSPACES", list, [], "Ingest: workspaces fed by the default postgres/mongo URLs (besides [workspaces.*] sections)"),
     Setting("bus", "ingest_port", "RT_INGEST_PORT", int, 0, "Ingest: port of its /healthz, /readyz and /metrics (0 = none)"),
+    Setting("bus", "publish_timeout", "RT_BUS_PUBLISH_TIMEOUT", float, 5.0, "Seconds Kafka may leave a record unacknowledged or a metadata request unanswered before the bus counts as unavailable: /readyz 503 (nodes and ingest), publish API 503 (not sent) or 504 (sent, not confirmed)"),
     Setting("bus", "lease_timeout", "RT_BUS_LEASE_TIMEOUT", float, 6.0, "Ingest: seconds after which a standby takes over from a dead active ingest (Kafka group session timeout, >= 6)"),
 )
 
@@ -320,6 +321,8 @@ def _validate(values: dict[str, dict[str, Any]], path: str) -> None:
         raise ConfigError("bus.kind kafka needs bus.kafka_bootstrap (RT_BUS_KAFKA_BOOTSTRAP) or audit.kafka_bootstrap")
     if bus["partitions"] < 1 or bus["replication_factor"] < 1:
         raise ConfigError("bus.partitions and bus.replication_factor must be at least 1")
+    if bus["publish_timeout"] <= 0:
+        raise ConfigError("bus.publish_timeout must be positive")
     limits = values["limits"]
     for key in ("max_message_bytes", "send_buffer_bytes", "max_publish_bytes", "flush_chunk", "fanout_backlog"):
         if limits[key] <= 0:

@@ -359,9 +359,12 @@ class Ingest:
             feeds[f"{src.kind}:{st.get('slot') or st.get('database') or ''}"] = {
                 "ready": src.ready(), "takeover_skipped": sink.skipped, "oversized_skipped": sink.oversized,
                 **({"start_error": self.failed[id(src)]} if id(src) in self.failed else {}), **{k: v for k, v in st.items() if k != "ready"}}
-        ready = not held or (bool(self.sources) and all(s.ready() for s, _ in self.sources))
+        bus = self.publisher.status()
+        # An active ingest cut off from Kafka only waits (its feeds hold their position), and a
+        # standby could not take over: neither is ready.
+        ready = bus["connected"] and (not held or (bool(self.sources) and all(s.ready() for s, _ in self.sources)))
         return ready, {"ready": ready, "role": "active" if held else "standby", "feeds": feeds,
-                       "published": self.publisher.published}
+                       "published": self.publisher.published, "bus": {"topic": self.cfg.bus.topic, **bus}}
 
     async def _http(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -374,7 +377,8 @@ class Ingest:
                 status, body = (200 if ready else 503), _json.encode(details)
             elif path == "/metrics":
                 lines = [f'rt_ingest_active {1 if details["role"] == "active" else 0}',
-                         f"rt_ingest_published_total {details['published']}"]
+                         f"rt_ingest_published_total {details['published']}",
+                         f"rt_ingest_bus_connected {1 if details['bus']['connected'] else 0}"]
                 status, body = 200, ("\n".join(lines) + "\n").encode()
             else:
                 status, body = 404, b'{"error":"no such endpoint"}'

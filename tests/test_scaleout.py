@@ -211,6 +211,71 @@ async def test_ingest_killed_mid_stream_nothing_lost_or_duplicated(cluster):
     assert seqs == sorted(set(seqs))
 
 
+async def test_kafka_outage_readiness_publish_answers_and_exactly_once_delivery(cluster, kafka_broker):
+    """Kafka stops for 10 s mid-stream and comes back: the ingest and both nodes say so in
+    /readyz and recover by themselves; a publish answers instead of waiting for the outage (503:
+    not sent; 504: sent, written once later); new WebSocket connections are refused; every row
+    and every accepted event reaches both nodes once, in order, with the same seq."""
+    from contextlib import AsyncExitStack
+
+    import websockets
+
+    cluster.env["RT_BUS_PUBLISH_TIMEOUT"] = "2"
+    ingest = await cluster.ingest()
+    await ingest.wait_active()
+    a, b = await cluster.node(), await cluster.node()
+
+    def post(gw, n: int):
+        return gw.post("/workspaces/w1/realtime/events/x", json.dumps({"n": n}).encode(),
+                       {"Authorization": f"Bearer {gw.token('w1', publish=True)}"})
+
+    async with AsyncExitStack() as stack:
+        clients = [await subscribed_client(stack, gw, "postgres:orders", "events:x") for gw in (a, b)]
+        for i in range(1, 4):
+            await cluster.db.execute("INSERT INTO orders VALUES ($1, 'before')", i)
+            await (a if i % 2 else b).publish("w1", "x", {"n": i})
+
+        await kafka_broker.astop()
+        down = time.monotonic()
+        racing = asyncio.create_task(post(a, 100))  # sent before the node can know: 503 or 504
+        for i in range(4, 7):
+            await cluster.db.execute("INSERT INTO orders VALUES ($1, 'during')", i)
+        while True:
+            said = [await ingest.status(), *[json.loads((await gw.get("/readyz"))[1]) for gw in (a, b)]]
+            if not any(s["ready"] or s["bus"]["connected"] for s in said):
+                break
+            assert time.monotonic() - down < 20, f"still ready with Kafka down: {said}"
+            await asyncio.sleep(0.2)
+        status, body = await post(b, 101)  # a hang fails here (the harness waits 10 s)
+        assert status == 503 and b"event bus unavailable" in body, (status, body)
+        try:
+            async with ws_connect(a, "w1", token=a.token("w1")):
+                raise AssertionError("a new connection was accepted while the node cannot get events")
+        except websockets.InvalidStatus as exc:
+            assert exc.response.status_code == 503, exc.response
+        raced, raced_body = await racing
+        assert raced in (503, 504), (raced, raced_body)
+        await asyncio.sleep(max(0.0, 10 - (time.monotonic() - down)))
+        await kafka_broker.astart()
+
+        await ingest.wait_active(timeout=60)
+        for gw in (a, b):
+            await wait_ready(gw, timeout=60)
+        await b.publish("w1", "x", {"n": 101})  # retrying after a 503 is safe
+        for i in range(7, 9):
+            await cluster.db.execute("INSERT INTO orders VALUES ($1, 'after')", i)
+            await (a if i % 2 else b).publish("w1", "x", {"n": i})
+        customs = [1, 2, 3, *([100] if raced == 504 else []), 101, 7, 8]
+        got = [await events(c, 8 + len(customs), timeout=30) for c in clients]
+        for c in clients:
+            await c.no_message(0.5)
+    assert [key(e) for e in got[0]] == [key(e) for e in got[1]]
+    seqs = [e["seq"] for e in got[0]]
+    assert seqs == sorted(set(seqs))
+    assert [e["record"]["id"] for e in got[0] if e["channel"] == "postgres:orders"] == list(range(1, 9))
+    assert [e["payload"]["n"] for e in got[0] if e["channel"] == "events:x"] == customs
+
+
 async def test_resume_on_another_node_gets_exactly_the_missed_events(cluster):
     ingest = await cluster.ingest()
     await ingest.wait_active()
