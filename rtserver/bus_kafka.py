@@ -98,6 +98,17 @@ async def client_options(cfg: Config) -> dict[str, Any]:
     return options
 
 
+async def stop_client(client: Any, what: str, fields: dict[str, Any]) -> None:
+    """`client.stop()`, ending however Kafka is. While Kafka is away, an aiokafka consumer's
+    stop() raises the cancellation of its own fetch task (waiting to retry): awaited directly,
+    that passes for our own cancellation and turns a clean shutdown into a crash."""
+    task = asyncio.ensure_future(client.stop())
+    await asyncio.wait({task})  # our own cancellation still reaches us here
+    if task.cancelled() or task.exception() is not None:
+        why = "cancelled inside aiokafka" if task.cancelled() else f"{type(task.exception()).__name__}: {task.exception()}"
+        log.info("%s stopped uncleanly (Kafka unreachable?): %s", what, why, extra={"fields": fields})
+
+
 # Room for the record batch's own framing above bus.max_record_bytes of value.
 RECORD_OVERHEAD = 64 * 1024
 
@@ -378,8 +389,7 @@ class KafkaBus:
                 await task
         consumer, self._consumer = self._consumer, None
         if consumer is not None:
-            with contextlib.suppress(Exception):
-                await consumer.stop()
+            await stop_client(consumer, "bus consumer", {"topic": self.topic})
         await self.publisher.close()
         for t in list(self._stopping):
             with contextlib.suppress(Exception):
@@ -564,7 +574,8 @@ class KafkaBus:
             finally:
                 # Stopped in the background: awaiting here would let the history move on
                 # between our last check of floor() and the caller's switch to memory.
-                t = asyncio.ensure_future(consumer.stop())
+                t = asyncio.ensure_future(stop_client(consumer, "read-back consumer",
+                                                      {"topic": self.topic, "workspace": workspace}))
                 self._stopping.add(t)
                 t.add_done_callback(self._stopping.discard)
 

@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from rtcore.event import Event
-from rtserver.bus_kafka import KafkaPublisher, bootstrap_of, encode_event
+from rtserver.bus_kafka import KafkaPublisher, bootstrap_of, encode_event, stop_client
 from rtserver.config import Config
 from rtserver.lease import Lease
 from rtserver.redact import redact
@@ -332,7 +332,7 @@ class Ingest:
                         todo.pop(tp, None)
                         consumer.pause(tp)
         finally:
-            await consumer.stop()
+            await stop_client(consumer, "ingest takeover scan", {"topic": topic})
         return best, {db: (token, count) for db, (_order, count, token) in newest.items()}
 
     async def _write_positions(self, done: dict[str, tuple[int, int]]) -> None:

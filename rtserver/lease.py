@@ -114,10 +114,12 @@ class Lease:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self._release()
+        from rtserver.bus_kafka import stop_client
+
         consumer, self._consumer = self._consumer, None
         if consumer is not None:
-            with contextlib.suppress(Exception):
-                await consumer.stop()  # leaves the group: a standby takes over at once
+            # leaves the group: a standby takes over at once
+            await stop_client(consumer, "lease consumer", {"topic": self.topic, "group": self.group})
 
 
 def _log_failure(task: asyncio.Future) -> None:

@@ -215,7 +215,8 @@ async def test_kafka_outage_readiness_publish_answers_and_exactly_once_delivery(
     """Kafka stops for 10 s mid-stream and comes back: the ingest and both nodes say so in
     /readyz and recover by themselves; a publish answers instead of waiting for the outage (503:
     not sent; 504: sent, written once later); new WebSocket connections are refused; every row
-    and every accepted event reaches both nodes once, in order, with the same seq."""
+    and every accepted event reaches both nodes once, in order, with the same seq. A node
+    stopped during the outage stops cleanly (its audit and state are saved)."""
     from contextlib import AsyncExitStack
 
     import websockets
@@ -223,7 +224,7 @@ async def test_kafka_outage_readiness_publish_answers_and_exactly_once_delivery(
     cluster.env["RT_BUS_PUBLISH_TIMEOUT"] = "2"
     ingest = await cluster.ingest()
     await ingest.wait_active()
-    a, b = await cluster.node(), await cluster.node()
+    a, b, c = await cluster.node(), await cluster.node(), await cluster.node()
 
     def post(gw, n: int):
         return gw.post("/workspaces/w1/realtime/events/x", json.dumps({"n": n}).encode(),
@@ -241,7 +242,7 @@ async def test_kafka_outage_readiness_publish_answers_and_exactly_once_delivery(
         for i in range(4, 7):
             await cluster.db.execute("INSERT INTO orders VALUES ($1, 'during')", i)
         while True:
-            said = [await ingest.status(), *[json.loads((await gw.get("/readyz"))[1]) for gw in (a, b)]]
+            said = [await ingest.status(), *[json.loads((await gw.get("/readyz"))[1]) for gw in (a, b, c)]]
             if not any(s["ready"] or s["bus"]["connected"] for s in said):
                 break
             assert time.monotonic() - down < 20, f"still ready with Kafka down: {said}"
@@ -254,6 +255,7 @@ async def test_kafka_outage_readiness_publish_answers_and_exactly_once_delivery(
         except websockets.InvalidStatus as exc:
             assert exc.response.status_code == 503, exc.response
         raced, raced_body = await racing
+        assert await c.stop() == 0 and "uncaught exception" not in c.logs(), c.logs()
         assert raced in (503, 504), (raced, raced_body)
         await asyncio.sleep(max(0.0, 10 - (time.monotonic() - down)))
         await kafka_broker.astart()
