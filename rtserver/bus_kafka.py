@@ -255,11 +255,23 @@ class KafkaPublisher:
 
     async def enqueue(self, workspace: str, value: bytes,
                       headers: list[tuple[str, bytes]] | None = None) -> asyncio.Future:
-        """Hand a record to the producer's batch; the future resolves once Kafka has it."""
+        """Hand a record to the producer's batch; the future resolves once Kafka has it. Waits
+        while the partition's batch is full (Kafka away), however long."""
+        from aiokafka.errors import KafkaTimeoutError
+
         producer = self._producer
         if producer is None:
             raise RuntimeError(f"bus topic {self.topic}: publisher not started (workspace {workspace})")
-        fut = await producer.send(self.topic, value, key=workspace.encode(), headers=headers)
+        while True:
+            try:
+                fut = await producer.send(self.topic, value, key=workspace.encode(), headers=headers)
+                break
+            except KafkaTimeoutError:
+                # The batch stayed full for aiokafka's request timeout (40 s) and this record was
+                # not added. Failing here would make a source read its transaction again and
+                # publish twice the records already batched: wait on, as drain() does.
+                log.warning("bus: Kafka has not taken the pending batch yet; still waiting",
+                            extra={"fields": {"topic": self.topic, "workspace": workspace, "client": self.client_id}})
         self.published += 1
         if not self._waiting:
             self._progress = time.monotonic()  # an outage counts from the first record waiting
