@@ -42,6 +42,7 @@ log = logging.getLogger("rtserver.app")
 
 _json = msgspec.json.Encoder()
 _SWEEP_INTERVAL = 1.0
+_SWEEP_CHUNK = 2048  # connections checked for idleness between two turns of the loop
 _CORRELATION_MAX = 128
 _PUBLISH_IDENTITY_CACHE = 4096  # verified publisher tokens kept (LRU)
 
@@ -211,18 +212,23 @@ class Gateway:
     async def _sweep(self) -> None:
         while True:
             await asyncio.sleep(_SWEEP_INTERVAL)
-            self._sweep_once()
+            await self._sweep_once()
 
-    def _sweep_once(self) -> None:
+    async def _sweep_once(self) -> None:
         # A function of its own: a loop variable of _sweep would hold the last connection
         # visited (and all it references) until the next sweep.
         idle = self.cfg.limits.idle_timeout
         now = time.monotonic()
-        for conn in list(self.connections):
-            conn.check_idle(now, idle)
+        conns = list(self.connections)
+        # In chunks, as Hub.sweep walks the workspaces: the loop serves clients in between.
+        for start in range(0, len(conns), _SWEEP_CHUNK):
+            if start:
+                await asyncio.sleep(0)
+            for conn in conns[start:start + _SWEEP_CHUNK]:
+                conn.check_idle(now, idle)
+        del conns
         self.sessions.sweep()
-        self.hub.expire_histories()
-        self.hub.retire_idle(self.cfg.history.resume_ttl)
+        await self.hub.sweep(self.cfg.history.resume_ttl)
 
     # ---- sources ---------------------------------------------------------------------------
 
