@@ -33,7 +33,7 @@ from rtserver.hub import Hub
 from rtserver.known_workspaces import KnownWorkspaces
 from rtserver.metrics import Metrics
 from rtserver.redact import redact
-from rtserver.sessions import Sessions, take_dump, write_dump
+from rtserver.sessions import Sessions, encode_dump, take_dump, write_dump
 from rtserver.signals import until_signalled
 from rtserver.sources.base import Source
 from rtserver.sources.mongo import database_for
@@ -205,7 +205,9 @@ class Gateway:
         if not len(self.sessions):
             return
         try:
-            await asyncio.get_running_loop().run_in_executor(None, write_dump, self._sessions_path, self.sessions.dump())
+            # Encoding 100,000 sessions takes ~0.6 s: in the executor, from a snapshot.
+            snap, path = self.sessions.snapshot(), self._sessions_path
+            await asyncio.get_running_loop().run_in_executor(None, lambda: write_dump(path, encode_dump(snap)))
         except OSError:
             log.exception("suspended sessions not saved", extra={"fields": {"path": self._sessions_path}})
 

@@ -16,7 +16,6 @@ import secrets
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any
 
 import msgspec
 
@@ -83,21 +82,16 @@ class Sessions:
 
     def dump(self) -> bytes:
         """The suspended sessions, each with its wall-clock expiry (monotonic time does not
-        survive a restart), for `restore` in the next process."""
+        survive a restart), for `restore` in the next process. The same as
+        `encode_dump(self.snapshot())`; the gateway encodes in an executor (100,000 sessions:
+        ~0.6 s)."""
+        return encode_dump(self.snapshot())
+
+    def snapshot(self) -> DumpSnapshot:
+        """What `encode_dump` needs, taken on the event loop (a list copy: ~20 ms for 100,000
+        sessions); the encoding may then run in another thread."""
         self.sweep()
-        now_mono, now_wall = time.monotonic(), time.time()
-        out: list[dict[str, Any]] = []
-        for s in self._suspended.values():
-            assert s.suspended_at is not None
-            out.append({
-                "id": s.id,
-                "subject": s.subject,
-                "workspace": s.workspace,
-                "lastSeq": s.last_seq,
-                "expiresAt": now_wall + s.suspended_at + self.ttl - now_mono,
-                "subscriptions": [{"channel": spec.channel, "filter": spec.filter} for spec in s.specs.values()],
-            })
-        return msgspec.json.encode({"version": _DUMP_VERSION, "sessions": out})
+        return DumpSnapshot(time.monotonic(), time.time(), self.ttl, list(self._suspended.values()))
 
     def restore(self, data: bytes) -> int:
         """Take back the sessions of `dump` that have not expired; returns how many."""
@@ -126,6 +120,36 @@ class Sessions:
                 channels.InvalidFilter) as exc:
             log.warning("suspended sessions not restored: unreadable dump", extra={"fields": {"error": str(exc)}})
             return 0
+
+
+@dataclass
+class DumpSnapshot:
+    now_mono: float
+    now_wall: float
+    ttl: float
+    sessions: list[Session]
+
+
+def encode_dump(snap: DumpSnapshot) -> bytes:
+    """`Sessions.dump()` of a snapshot; CPU-bound (run it in an executor for a large one). A
+    session taken back (resumed) since the snapshot is left out. Each session is encoded on its
+    own, so the thread running this lets the event loop's thread in between (one call over the
+    whole document would hold the interpreter lock throughout)."""
+    encode = msgspec.json.encode
+    rows: list[bytes] = []
+    for s in snap.sessions:
+        suspended_at = s.suspended_at
+        if suspended_at is None:
+            continue
+        rows.append(encode({
+            "id": s.id,
+            "subject": s.subject,
+            "workspace": s.workspace,
+            "lastSeq": s.last_seq,
+            "expiresAt": snap.now_wall + suspended_at + snap.ttl - snap.now_mono,
+            "subscriptions": [{"channel": spec.channel, "filter": spec.filter} for spec in list(s.specs.values())],
+        }))
+    return b'{"version":%d,"sessions":[' % _DUMP_VERSION + b",".join(rows) + b"]}"
 
 
 def write_dump(path: str, data: bytes) -> None:
