@@ -143,3 +143,34 @@ async def test_saving_many_suspended_sessions_at_shutdown_does_not_hold_the_loop
     for got, row in zip(saved["sessions"], want["sessions"], strict=True):
         assert got.pop("expiresAt") == pytest.approx(row.pop("expiresAt"), abs=1.0)
         assert got == row
+
+
+async def test_a_large_mongodb_batch_does_not_hold_the_loop(mongo_server, tmp_path):
+    """The change stream hands over a whole batch of changes without suspending (the driver
+    has them buffered) and the memory bus records in place: with a database shared by 2,000
+    workspaces, one batch of the test server's 101 changes is 202,000 events (a real server's
+    batches hold up to 16 MiB of changes). Measured before the change: ~1 s per batch."""
+    from pymongo import AsyncMongoClient
+
+    from rtserver.sources.mongo import MongoSource
+
+    hub = Hub(config.load(environ={"RT_HISTORY_EVENTS": "10"}), Metrics())
+    bus = MemoryBus(hub)
+    workspaces = [f"w{i}" for i in range(2000)]
+    client = AsyncMongoClient(mongo_server.url, serverSelectionTimeoutMS=5000)
+    src = MongoSource(mongo_server.url, database="shop", state_dir=str(tmp_path), sink=bus,
+                      workspaces=lambda: workspaces, max_await_ms=100)
+    try:
+        await client["shop"].orders.insert_one({"_id": -1})
+        await src.start()
+        while not src.ready():
+            await asyncio.sleep(0.02)
+        async with LoopProbe() as probe:
+            await client["shop"].orders.insert_many([{"_id": i, "v": "x" * 20} for i in range(303)])
+            while sum(hub.metrics.events_in.values()) < 2000 * 303:
+                await asyncio.sleep(0.01)
+        print(f"worst loop stall {probe.worst * 1000:.0f} ms")
+        assert probe.worst < 0.3, f"the loop stood still for {probe.worst:.2f} s"
+    finally:
+        await src.stop()
+        await client.close()

@@ -37,7 +37,7 @@ from pymongo.errors import OperationFailure, PyMongoError
 from rtcore.event import Event
 from rtserver.atomic_file import replace_file
 from rtserver.redact import redact
-from rtserver.sources.base import ChannelUnavailable, EventSink
+from rtserver.sources.base import YIELD_EVERY, ChannelUnavailable, EventSink
 
 try:
     from rtcore import mongo as normalizer
@@ -205,7 +205,8 @@ class MongoSource:
         self._collections: frozenset[str] = frozenset()
         self._collections_at = 0.0
         self._collections_lock = asyncio.Lock()
-        self._events = 0
+        self._events = 0  # changes published
+        self._published = 0  # events published (a change is one per workspace it feeds)
         self._history_lost = 0
         self._skipped = 0  # changes that could not be converted (_unconvertible)
         self._last_error = ""
@@ -478,6 +479,9 @@ class MongoSource:
         try:
             for event in events:
                 await self._sink.publish(event)
+                self._published += 1
+                if self._published % YIELD_EVERY == 0:
+                    await asyncio.sleep(0)  # a turn for the clients: a batch does not suspend by itself
             drain = getattr(self._sink, "drain", None)  # recorded before the token is saved
             if drain is not None:
                 await drain()

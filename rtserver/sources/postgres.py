@@ -32,7 +32,7 @@ import psycopg
 
 from rtcore import messages, timefmt
 from rtcore.event import Event
-from rtserver.sources.base import ChannelUnavailable, EventSink
+from rtserver.sources.base import YIELD_EVERY, ChannelUnavailable, EventSink
 from rtserver.sources.pg_catalog import Catalog, SetupError, publication_name, slot_name, valid_identifier
 from rtserver.sources.pg_state import PositionFile
 from rtserver.sources.pg_stream import ReplicationStream, StreamError
@@ -71,10 +71,6 @@ CORRELATION_PREFIX = "rt.correlation"
 STATUS_INTERVAL = 1.0  # seconds between standby status updates
 MAX_QUEUED_FRAMES = 10_000  # CopyData frames read but not processed: beyond it reading pauses
 MAX_PENDING_CHANGES = 10_000  # changes of one transaction held back waiting for its correlation id
-# Events published between two turns of the event loop: a flush (up to MAX_PENDING_CHANGES
-# changes, each for every target workspace) does not suspend by itself (the memory bus records
-# in place), and held every client meanwhile (10,000 changes x 100 workspaces: ~2 s).
-YIELD_EVERY = 512
 BACKOFF_MIN, BACKOFF_MAX = 0.2, 10.0
 STREAM_MEMORY_BYTES = 32 << 20  # streamed in-progress transactions held in memory, all together
 _STREAM_CONTROL_TAGS = frozenset(b"SEcA")  # inside a segment everything else is buffered undecoded
@@ -711,7 +707,7 @@ class PostgresSource:
                 await self.sink.publish(Event(ws, "postgres", entity, change.operation, record, body, old))
                 self._events += 1
                 if self._events % YIELD_EVERY == 0:
-                    await asyncio.sleep(0)  # a turn for the clients: see YIELD_EVERY
+                    await asyncio.sleep(0)  # a turn for the clients (sources.base.YIELD_EVERY)
         # Everything handed to the sink is recorded before the position says so.
         await self._drain()
         problems, tx.problems = tx.problems, {}
