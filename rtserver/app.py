@@ -29,10 +29,12 @@ from rtserver.channels import TOPIC_RE
 from rtserver.config import WORKSPACE_ID_RE, Config
 from rtserver.connection import Connection
 from rtserver.gc_policy import FreezeSurvivors
+from rtserver.history import now_us
 from rtserver.hub import Hub
 from rtserver.known_workspaces import KnownWorkspaces
 from rtserver.metrics import Metrics
 from rtserver.redact import redact
+from rtserver.seq_reservation import SeqReservation, reservation_path
 from rtserver.sessions import Sessions, encode_dump, take_dump, write_dump
 from rtserver.signals import until_signalled
 from rtserver.sources.base import Source
@@ -84,6 +86,9 @@ class Gateway:
         self._known = KnownWorkspaces(os.path.join(self.state_dir, "workspaces"))
         # The sessions suspended by a drained shutdown, for the next start (sessions.py).
         self._sessions_path = os.path.join(self.state_dir, "sessions.json")
+        # Memory bus: seq is a clock reading, kept increasing across restarts by a reservation
+        # (seq_reservation.py); a Kafka node's seq is the topic offset.
+        self._seq = SeqReservation(reservation_path(self.state_dir)) if cfg.bus.kind == "memory" else None
         self.metrics.add_gauges(self._gauges)
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -101,6 +106,10 @@ class Gateway:
         if cfg.server.demo:
             self.static = await loop.run_in_executor(None, load_static)
         self.hub.retirable = self._retirable
+        if self._seq is not None:
+            # Before any history exists: every one starts above what earlier runs handed out.
+            base = await self._seq.start(now_us())
+            self.hub.history_floor = lambda _wid: max(now_us(), base)
         for wid in await loop.run_in_executor(None, self._known.load):
             # Only the workspaces a shared feed records into need a history from the start;
             # any other starts as after a restart when it is next used.
@@ -230,7 +239,9 @@ class Gateway:
                 conn.check_idle(now, idle)
         del conns
         self.sessions.sweep()
-        await self.hub.sweep(self.cfg.history.resume_ttl)
+        high = await self.hub.sweep(self.cfg.history.resume_ttl)
+        if self._seq is not None:
+            self._seq.renew(max(now_us(), high))
 
     # ---- sources ---------------------------------------------------------------------------
 

@@ -21,7 +21,7 @@ from rtcore.engine import event_frame
 from rtcore.event import Event
 
 
-def _now_us() -> int:
+def now_us() -> int:
     return time.time_ns() // 1000
 
 
@@ -66,7 +66,7 @@ class History:
         self._entries: deque[HistoryEntry] = deque()
         self._bytes = 0
         self.last_seq = 0
-        self.floor = _now_us()
+        self.floor = now_us()
         # Source kind -> the position of its latest reported loss (a replication slot lost, a
         # change that could not be converted, ...): a reader from before it may have missed
         # that source's changes, though every retained event is still here.
@@ -80,7 +80,7 @@ class History:
         return self._bytes
 
     def next_seq(self) -> int:
-        seq = max(self.last_seq + 1, self.floor + 1, _now_us())
+        seq = max(self.last_seq + 1, self.floor + 1, now_us())
         self.last_seq = seq
         return seq
 

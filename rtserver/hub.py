@@ -196,22 +196,27 @@ class Hub:
                 self.on_new_workspace(wid)
         return ws
 
-    async def sweep(self, grace: float) -> None:
+    async def sweep(self, grace: float) -> int:
         """The periodic pass over every workspace in memory: expire old history entries
-        (History.expire) and retire those idle for `grace` seconds (retire_idle). The pass
-        yields to the loop every SWEEP_CHUNK workspaces: a node fed by a shared database keeps
-        every known workspace in memory (a million ids), and one pass over 100,000 took
-        ~0.1 s, every second. A workspace is checked and retired in one step, so what changes
-        in between (a connection arriving) is seen."""
+        (History.expire) and retire those idle for `grace` seconds (retire_idle); returns the
+        highest position a workspace in memory has handed out. The pass yields to the loop
+        every SWEEP_CHUNK workspaces: a node fed by a shared database keeps every known
+        workspace in memory (a million ids), and one pass over 100,000 took ~0.1 s, every
+        second. A workspace is checked and retired in one step, so what changes in between (a
+        connection arriving) is seen."""
         now = time.monotonic()
+        high = 0
         todo = list(self.workspaces.values())
         for start in range(0, len(todo), SWEEP_CHUNK):
             if start:
                 await asyncio.sleep(0)
             for ws in todo[start:start + SWEEP_CHUNK]:
                 if self.workspaces.get(ws.id) is ws:
+                    if ws.history.last_seq > high:
+                        high = ws.history.last_seq
                     ws.history.expire()
                     self._retire_if_idle(ws, grace, now)
+        return high
 
     def retire_idle(self, grace: float, now: float | None = None) -> None:
         """Drop the in-memory state of workspaces idle for `grace` seconds: no connection, no
