@@ -108,6 +108,16 @@ def _reset(s: socket.socket) -> None:
     s.close()
 
 
+class Addr:
+    """What ws_connect needs of a gateway, for one running in this process."""
+
+    def __init__(self, gw: Gateway):
+        self.gw = gw
+
+    def ws_url(self, workspace: str) -> str:
+        return f"ws://127.0.0.1:{self.gw.port}/workspaces/{workspace}/realtime/connect"
+
+
 async def _until(cond, timeout: float = 10.0, what: str = "") -> None:
     deadline = time.monotonic() + timeout
     while not cond():
@@ -117,14 +127,7 @@ async def _until(cond, timeout: float = 10.0, what: str = "") -> None:
 
 async def _round(gw: Gateway, pub: Publisher, r: int) -> None:
     """One round of churn; every connection it opens has ended when it returns."""
-    url = f"ws://127.0.0.1:{gw.port}/workspaces/w1/realtime/connect"
-
-    class _Addr:  # what ws_connect needs of a gateway
-        @staticmethod
-        def ws_url(workspace: str) -> str:
-            return url.replace("/w1/", f"/{workspace}/")
-
-    addr = _Addr()
+    addr = Addr(gw)
     # Clean closes: several channels and filters, events, an unsubscribe, a resume.
     for i in range(4):
         sub = f"user-{r}-{i}"
@@ -169,7 +172,7 @@ async def _round(gw: Gateway, pub: Publisher, r: int) -> None:
         await c.send({"type": "auth", "token": _token(["w3"], "x")})
         assert await c.expect_close() == (4003, "scope_denied")
     # Quota: the fourth connection of one subject is closed with 4008.
-    quota = [await websockets.connect(url) for _ in range(4)]
+    quota = [await websockets.connect(addr.ws_url("w1")) for _ in range(4)]
     try:
         for ws in quota[:3]:
             await Client(ws).auth(_token(["w1"], f"q-{r}"))

@@ -57,33 +57,30 @@ async def test_idle_workspaces_give_their_memory_back_and_resume_exactly(tmp_pat
     import asyncio
 
     from rtserver.app import Gateway
-    from tests.test_churn import Publisher, _cfg, _token, _until
+    from tests.test_churn import Addr, Publisher, _cfg, _token, _until
 
     gw = Gateway(_cfg(tmp_path, RT_HISTORY_SECONDS="0.5"))
     await gw.start()
     pub = Publisher(gw.port)
 
-    class _Addr:
-        @staticmethod
-        def ws_url(workspace: str) -> str:
-            return f"ws://127.0.0.1:{gw.port}/workspaces/{workspace}/realtime/connect"
+    addr = Addr(gw)
 
     try:
         token = _token(["*"], "u")
-        async with ws_connect(_Addr, "w1", token=token) as c:
+        async with ws_connect(addr, "w1", token=token) as c:
             await c.subscribe("events:t")
             first = await pub.publish("w1", "t", {"i": 0})
             last = await pub.publish("w1", "t", {"i": 1})
             assert [(await c.recv_event())["seq"] for _ in range(2)] == [first, last]
             session = (await c.auth(token))["sessionId"]
         for i in range(50):  # many workspaces, each used once
-            async with ws_connect(_Addr, f"once-{i}", token=token) as c:
+            async with ws_connect(addr, f"once-{i}", token=token) as c:
                 await c.subscribe("events:t")
         await _until(lambda: not gw.hub.workspaces, timeout=10, what="idle workspaces to be retired")
         assert len(gw.hub._retired) == 51
         # Back after retirement (the session expired with resume_ttl: subscribe again with
         # since) from the last event seen: nothing missed, no gap.
-        async with ws_connect(_Addr, "w1") as c:
+        async with ws_connect(addr, "w1") as c:
             ok = await c.auth(token, resume=session, since=last)
             assert ok["resumed"] is False
             await c.send({"type": "subscribe", "channel": "events:t", "since": last})
@@ -91,7 +88,7 @@ async def test_idle_workspaces_give_their_memory_back_and_resume_exactly(tmp_pat
             await c.no_message(0.5)
             seq = await pub.publish("w1", "t", {"i": 2})
             assert (await c.recv_event())["seq"] == seq > last
-        async with ws_connect(_Addr, "w1", token=token) as c:
+        async with ws_connect(addr, "w1", token=token) as c:
             # From before events that were evicted (by age): history_gap.
             await c.send({"type": "subscribe", "channel": "events:t", "since": first})
             await c.recv_type("subscribed")

@@ -10,7 +10,7 @@ from rtserver.app import Gateway
 from rtserver.history import now_us
 from rtserver.seq_reservation import AHEAD_US
 from tests.harness.wsclient import ws_connect
-from tests.test_churn import Publisher, _cfg, _token
+from tests.test_churn import Addr, Publisher, _cfg, _token
 
 
 async def test_positions_stay_above_the_previous_run_when_the_clock_stepped_back(tmp_path):
@@ -22,10 +22,7 @@ async def test_positions_stay_above_the_previous_run_when_the_clock_stepped_back
     await gw.start()
     pub = Publisher(gw.port)
 
-    class _Addr:
-        @staticmethod
-        def ws_url(workspace: str) -> str:
-            return f"ws://127.0.0.1:{gw.port}/workspaces/{workspace}/realtime/connect"
+    addr = Addr(gw)
 
     try:
         # Reserved durably before the first position: a crash now still restarts above it.
@@ -33,7 +30,7 @@ async def test_positions_stay_above_the_previous_run_when_the_clock_stepped_back
         first = await pub.publish("w1", "t", {"i": 0})
         second = await pub.publish("w1", "t", {"i": 1})
         assert previous < first < second
-        async with ws_connect(_Addr, "w1", token=_token(["w1"], "u")) as c:
+        async with ws_connect(addr, "w1", token=_token(["w1"], "u")) as c:
             # A reader of the previous run (its last position just below `previous`) may have
             # missed events: history_gap, then what this run holds. Before, with no gap and
             # every new seq below its `since`, it was sent nothing.
