@@ -109,6 +109,18 @@ async def stop_client(client: Any, what: str, fields: dict[str, Any]) -> None:
         log.info("%s stopped uncleanly (Kafka unreachable?): %s", what, why, extra={"fields": fields})
 
 
+def _log_late_outcome(fut: asyncio.Future, where: str) -> None:
+    """What became of an event its publisher was answered 504 for."""
+    if fut.cancelled():
+        log.warning("a publish answered 504 was not written (cancelled)", extra={"fields": {"where": where}})
+    elif fut.exception() is not None:
+        log.warning("a publish answered 504 was not written: %s", fut.exception(), extra={"fields": {"where": where}})
+    else:
+        log.info("a publish answered 504 was written", extra={"fields": {"where": where, "seq": fut.result().offset + 1}})
+
+
+REQUEST_TIMEOUT_MS = 120_000  # the bus producers' aiokafka request timeout (see KafkaPublisher.start)
+
 # Room for the record batch's own framing above bus.max_record_bytes of value.
 RECORD_OVERHEAD = 64 * 1024
 
@@ -189,6 +201,11 @@ class KafkaPublisher:
             enable_idempotence=True,  # a retried send is written once, in order
             linger_ms=0,
             max_request_size=self.max_record + RECORD_OVERHEAD,
+            # Also how long a batch may wait for a partition leader before aiokafka drops it
+            # (40 s by default): Kafka coming back from a longer outage elects leaders first, and
+            # a dropped batch is lost (a publish answered 504) or read again by a restarted feed
+            # (duplicates). Kafka's own clients give a record 120 s (delivery.timeout.ms).
+            request_timeout_ms=REQUEST_TIMEOUT_MS,
         )
         await self._producer.start()
         self._watch_task = asyncio.create_task(self._watch(), name="rtserver-bus-watch")
@@ -267,7 +284,7 @@ class KafkaPublisher:
                 fut = await producer.send(self.topic, value, key=workspace.encode(), headers=headers)
                 break
             except KafkaTimeoutError:
-                # The batch stayed full for aiokafka's request timeout (40 s) and this record was
+                # The batch stayed full for aiokafka's request timeout (120 s) and this record was
                 # not added. Failing here would make a source read its transaction again and
                 # publish twice the records already batched: wait on, as drain() does.
                 log.warning("bus: Kafka has not taken the pending batch yet; still waiting",
@@ -327,8 +344,10 @@ class KafkaBus:
     async def publish(self, event: Event) -> int:
         """To Kafka only: this node's consumer delivers it like every other node's. Refused
         (BusUnavailable 503) while Kafka is unavailable; sent but not acknowledged within
-        bus.publish_timeout, BusUnavailable 504: the producer still writes it once Kafka is back,
-        and the publisher is told so rather than kept waiting for the outage's length."""
+        bus.publish_timeout, BusUnavailable 504: the outcome is unknown (the producer writes it
+        once Kafka is back, unless the batch outlives the producer's request timeout, 120 s, while
+        the partition has no leader), and the publisher is told so rather than kept waiting for the
+        outage's length; the outcome is logged when it is known."""
         from aiokafka.errors import KafkaError
 
         pub = self.publisher
@@ -345,8 +364,9 @@ class KafkaBus:
         try:
             meta = await asyncio.wait_for(asyncio.shield(fut), pub.timeout)
         except TimeoutError:
+            fut.add_done_callback(lambda f: _log_late_outcome(f, where))
             raise BusUnavailable(504, f"Kafka did not acknowledge the event within {pub.timeout:g}s ({where}); "
-                                      "it is written once Kafka is back, so a retry may publish it twice") from None
+                                      "it is usually written when Kafka is back, so a retry may publish it twice") from None
         except KafkaError as exc:
             raise BusUnavailable(503, f"event bus refused the event ({type(exc).__name__}: {exc}); "
                                       f"it was not published ({where})") from exc
