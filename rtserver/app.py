@@ -30,7 +30,7 @@ from rtserver.config import WORKSPACE_ID_RE, Config
 from rtserver.connection import Connection
 from rtserver.gc_policy import FreezeSurvivors
 from rtserver.history import now_us
-from rtserver.hub import Hub
+from rtserver.hub import Hub, in_turns
 from rtserver.known_workspaces import KnownWorkspaces
 from rtserver.metrics import Metrics
 from rtserver.redact import redact
@@ -44,7 +44,6 @@ log = logging.getLogger("rtserver.app")
 
 _json = msgspec.json.Encoder()
 _SWEEP_INTERVAL = 1.0
-_SWEEP_CHUNK = 2048  # connections checked for idleness between two turns of the loop
 _CORRELATION_MAX = 128
 _PUBLISH_IDENTITY_CACHE = 4096  # verified publisher tokens kept (LRU)
 
@@ -230,14 +229,8 @@ class Gateway:
         # visited (and all it references) until the next sweep.
         idle = self.cfg.limits.idle_timeout
         now = time.monotonic()
-        conns = list(self.connections)
-        # In chunks, as Hub.sweep walks the workspaces: the loop serves clients in between.
-        for start in range(0, len(conns), _SWEEP_CHUNK):
-            if start:
-                await asyncio.sleep(0)
-            for conn in conns[start:start + _SWEEP_CHUNK]:
-                conn.check_idle(now, idle)
-        del conns
+        async for conn in in_turns(list(self.connections)):
+            conn.check_idle(now, idle)
         self.sessions.sweep()
         high = await self.hub.sweep(self.cfg.history.resume_ttl)
         if self._seq is not None:

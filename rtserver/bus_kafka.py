@@ -512,18 +512,19 @@ class KafkaBus:
                 and self.lag() <= self.max_lag)
 
     def status(self) -> dict[str, Any]:
+        # Kafka's consumer retries quietly through an outage: the publisher's watch says it.
+        problem = self.publisher.problem()
         return {
             "kind": "kafka",
             "topic": self.topic,
             "ready": self.ready(),
             "caught_up": self._caught_up,
-            # Kafka's consumer retries quietly through an outage: the publisher's watch says it.
-            "connected": self._connected and self.publisher.available(),
+            "connected": self._connected and not problem,
             "lag": self.lag(),
             "max_lag": self.max_lag,
             "delivered": self._delivered,
             "published": self.publisher.published,
-            "last_error": self.publisher.problem() or self._last_error,
+            "last_error": problem or self._last_error,
         }
 
     def _gauges(self) -> list[tuple[str, str, dict[str, Any], float]]:

@@ -100,17 +100,16 @@ class History:
         self._evict(entry.at)
         return entry
 
-    def lost(self, source: str, seq: int | None = None) -> int:
+    def lost(self, source: str, seq: int | None = None) -> None:
         """Record that `source` lost changes now, at a position of its own (`seq` when assigned
-        upstream: the Kafka offset of the bus's gap record); returns it. A reader whose `since`
-        is before it gets `source` in `Replay.lost`."""
+        upstream: the Kafka offset of the bus's gap record). A reader whose `since` is before
+        it gets `source` in `Replay.lost`."""
         if seq is None:
             seq = self.next_seq()
         elif seq > self.last_seq:
             self.last_seq = seq
         if seq > self.losses.get(source, 0):
             self.losses[source] = seq
-        return seq
 
     def _evict(self, now: float) -> None:
         entries = self._entries
@@ -120,13 +119,12 @@ class History:
         ):
             self._drop_oldest()
 
-    def _drop_oldest(self) -> HistoryEntry:
+    def _drop_oldest(self) -> None:
         old = self._entries.popleft()
         size = len(old.frame) + len(old.event.body)
         self._bytes -= size
         self.budget.bytes -= size
         self.floor = old.seq
-        return old
 
     def evict_oldest(self) -> None:
         """Drop the oldest retained event (for the node bound): a reader from before it now

@@ -14,8 +14,8 @@ import heapq
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from rtcore.engine import (
     Outbox,
@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from rtserver.connection import Connection
 
 log = logging.getLogger("rtserver.hub")
+T = TypeVar("T")
 
 LEAVE = b',"transition":"leave"'
 ENTER = b',"transition":"enter"'
@@ -116,17 +117,27 @@ class Workspace:
         self.history = History(wid, max_events=h.events, max_seconds=h.seconds, max_bytes=h.bytes, budget=budget)
         self.index = SubscriptionIndex()
         self.connections: set[Connection] = set()
-        self.idle_since: float | None = None  # monotonic; set by Hub.retire_idle
+        self.idle_since: float | None = None  # monotonic; set by Hub.sweep
 
 
-# Retired workspaces whose position is remembered (see Hub.retire_idle); beyond it the oldest
+# Retired workspaces whose position is remembered (see Hub.sweep); beyond it the oldest
 # are forgotten, and such a workspace starts again as after a restart (a reader from before
 # gets history_gap).
 MAX_RETIRED = 1_000_000
-# Workspaces the periodic sweep (Hub.sweep) visits between two turns of the event loop.
+# Items (workspaces, connections) a periodic sweep visits between two turns of the event loop.
 SWEEP_CHUNK = 2048
 # Workspaces with rt_history_events/rt_history_bytes series: those retaining the most bytes.
 HISTORY_SERIES_MAX = 100
+
+
+async def in_turns(items: list[T]) -> AsyncIterator[T]:
+    """Each of `items`, with a turn of the event loop between every SWEEP_CHUNK of them: a
+    periodic pass over everything the node holds must not hold the clients meanwhile."""
+    for start in range(0, len(items), SWEEP_CHUNK):
+        if start:
+            await asyncio.sleep(0)
+        for item in items[start:start + SWEEP_CHUNK]:
+            yield item
 
 
 class Hub:
@@ -175,7 +186,6 @@ class Hub:
         # Retired workspaces: id -> the position their history vouched for up to (last_seq,
         # or floor when later): where it starts again when the workspace comes back.
         self._retired: OrderedDict[str, int] = OrderedDict()
-        self.retired_total = 0
         metrics.add_gauges(self._gauges)
 
     def workspace(self, wid: str) -> Workspace:
@@ -198,37 +208,28 @@ class Hub:
 
     async def sweep(self, grace: float) -> int:
         """The periodic pass over every workspace in memory: expire old history entries
-        (History.expire) and retire those idle for `grace` seconds (retire_idle); returns the
-        highest position a workspace in memory has handed out. The pass yields to the loop
-        every SWEEP_CHUNK workspaces: a node fed by a shared database keeps every known
-        workspace in memory (a million ids), and one pass over 100,000 took ~0.1 s, every
-        second. A workspace is checked and retired in one step, so what changes in between (a
-        connection arriving) is seen."""
+        (History.expire) and retire those idle for `grace` seconds (_retire_if_idle); returns
+        the highest position a workspace in memory has handed out. The pass gives the loop a
+        turn every SWEEP_CHUNK workspaces (in_turns): a node fed by a shared database keeps
+        every known workspace in memory (a million ids), and one pass over 100,000 took
+        ~0.1 s, every second. A workspace is checked and retired in one step, so what changes
+        in between (a connection arriving) is seen."""
         now = time.monotonic()
         high = 0
-        todo = list(self.workspaces.values())
-        for start in range(0, len(todo), SWEEP_CHUNK):
-            if start:
-                await asyncio.sleep(0)
-            for ws in todo[start:start + SWEEP_CHUNK]:
-                if self.workspaces.get(ws.id) is ws:
-                    if ws.history.last_seq > high:
-                        high = ws.history.last_seq
-                    ws.history.expire()
-                    self._retire_if_idle(ws, grace, now)
+        async for ws in in_turns(list(self.workspaces.values())):
+            if self.workspaces.get(ws.id) is ws:
+                if ws.history.last_seq > high:
+                    high = ws.history.last_seq
+                ws.history.expire()
+                self._retire_if_idle(ws, grace, now)
         return high
 
-    def retire_idle(self, grace: float, now: float | None = None) -> None:
-        """Drop the in-memory state of workspaces idle for `grace` seconds: no connection, no
-        subscription, no retained event, and `retirable`. Only the position their history
+    def _retire_if_idle(self, ws: Workspace, grace: float, now: float) -> None:
+        """Drop the in-memory state of a workspace idle for `grace` seconds: no connection, no
+        subscription, no retained event, and `retirable`. Only the position its history
         vouched for is kept (MAX_RETIRED of them), so a reader resuming from it later gets
         exactly what a workspace kept in memory would give: no history_gap when nothing was
-        missed. Called by the gateway's sweeper (through `sweep`), never on the event path."""
-        now = time.monotonic() if now is None else now
-        for ws in list(self.workspaces.values()):
-            self._retire_if_idle(ws, grace, now)
-
-    def _retire_if_idle(self, ws: Workspace, grace: float, now: float) -> None:
+        missed. Called by the sweep, never on the event path."""
         if ws.connections or len(ws.index) or len(ws.history):
             ws.idle_since = None
             return
@@ -240,7 +241,6 @@ class Hub:
         del self.workspaces[ws.id]
         h = ws.history
         self._retired[ws.id] = max(h.last_seq, h.floor)
-        self.retired_total += 1
         while len(self._retired) > MAX_RETIRED:
             self._retired.popitem(last=False)
 
@@ -389,10 +389,6 @@ class Hub:
                 if sub.spec.source == source:
                     conn.send_error(4011, f"{source} changes may have been lost: {reason}", channel=sub.spec.channel, oldest=oldest)
                     self.metrics.history_gaps += 1
-
-    def expire_histories(self) -> None:
-        for ws in self.workspaces.values():
-            ws.history.expire()
 
     def trim_histories(self) -> None:
         """history.node_bytes passed: evict the node's oldest retained events, whichever

@@ -42,7 +42,7 @@ class KnownWorkspaces:
         return ids
 
     def add(self, workspace: str) -> None:
-        # A workspace given back to memory when idle (Hub.retire_idle), or not created at start,
+        # A workspace whose memory was given back when idle (Hub.sweep), or not created at start,
         # is new to the hub again when next used: remembered already.
         if workspace in self._known:
             return

@@ -98,23 +98,11 @@ async def test_sweep_of_many_workspaces_lets_the_loop_run_in_between():
     for i in range(n - 1):
         hub.workspace(f"w{i}")
     hub.workspace("keep")
-    turns = 0
-
-    async def count_turns() -> None:
-        nonlocal turns
-        while True:
-            await asyncio.sleep(0)
-            turns += 1
-
-    counter = asyncio.get_running_loop().create_task(count_turns())
-    await asyncio.sleep(0)
-    before = turns
-    await hub.sweep(0.0)  # the first pass marks every empty workspace idle
-    assert turns - before >= 3, "the sweep held the loop for its whole length"
-    assert len(hub.workspaces) == n
-    await hub.sweep(0.0)  # the second retires them (all but the one that is not retirable)
-    counter.cancel()
-    await asyncio.gather(counter, return_exceptions=True)
+    async with LoopProbe() as probe:
+        await hub.sweep(0.0)  # the first pass marks every empty workspace idle
+        assert probe.turns >= 3, "the sweep held the loop for its whole length"
+        assert len(hub.workspaces) == n
+        await hub.sweep(0.0)  # the second retires them (all but the one that is not retirable)
     assert list(hub.workspaces) == ["keep"] and len(hub._retired) == n - 1
 
 
