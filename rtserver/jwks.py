@@ -135,6 +135,7 @@ class JwksCache:
         self._inflight: asyncio.Task[None] | None = None
         self._background: asyncio.Task[None] | None = None
         self.fetch_count = 0  # attempts made, for metrics and tests
+        self.generation = 0  # key sets loaded so far: which one a key came from (still_current)
 
     @property
     def loaded(self) -> bool:
@@ -173,6 +174,7 @@ class JwksCache:
         keys = parse_jwks(body, self.url)
         self._keys = keys
         self._resolved.clear()
+        self.generation += 1
         self._fetched_at = time.monotonic()
         log.info("JWKS loaded", extra={"fields": {"url": self.url, "keys": sorted(keys)}})
 
@@ -200,9 +202,20 @@ class JwksCache:
         elif self._stale():
             # The key is known but the set is old: verify with it now and refresh behind, so a
             # key the provider withdrew stops verifying within max_age.
-            if self._background is None or self._background.done():
-                self._background = asyncio.get_running_loop().create_task(self._refresh_logged())
+            self._refresh_behind()
         return self._resolve(kid, alg)
+
+    def still_current(self, generation: int) -> bool:
+        """Whether the key set is still the one of `generation` (a token verified with a key of
+        it may be taken as verified); an old set is refreshed behind, as by key_for, so that
+        holds within max_age of a key's withdrawal for those tokens too."""
+        if self._stale():
+            self._refresh_behind()
+        return generation == self.generation
+
+    def _refresh_behind(self) -> None:
+        if self._background is None or self._background.done():
+            self._background = asyncio.get_running_loop().create_task(self._refresh_logged())
 
     def _stale(self) -> bool:
         if self._fetched_at is None or self._attempted_at is None:

@@ -150,6 +150,57 @@ async def test_malformed_tokens(hs_auth: Authenticator, token: str) -> None:
     assert info.value.code == 4002
 
 
+@pytest.mark.parametrize("token", [
+    "abc", "a.b.c", "eyJhbGciOiJIUzI1NiJ9.e30",
+    "eyJhbGciOiJIUzI1NiJ9.e30.@@@",  # a readable header, the rest not
+    "eyJhbGciOiJIUzI1NiJ9.e!30.abc",
+    "eyJhbGciOiJIUzI1NiJ9===.e30.abc",
+])
+async def test_malformed_tokens_are_named_so(hs_auth: Authenticator, token: str) -> None:
+    # The header is read for the key without PyJWT (Authenticator._verify_now); PyJWT still
+    # judges the whole token, and a token it cannot read is "malformed" either way.
+    exc = await refused(hs_auth, token)
+    assert exc.code == 4002 and str(exc).startswith("malformed token: "), str(exc)
+
+
+async def test_a_token_is_verified_once_and_refused_once_it_expires(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    auth = Authenticator(make_cfg(tmp_path, RT_AUTH_HS256_SECRET=SECRET, RT_AUTH_LEEWAY=0))
+    decoded: list[str] = []
+    decode = jwt.decode
+
+    def counting_decode(token: str, *args: Any, **kwargs: Any) -> Any:
+        decoded.append(token)
+        return decode(token, *args, **kwargs)
+
+    monkeypatch.setattr("rtserver.auth.jwt.decode", counting_decode)
+    exp = int(time.time()) + 2
+    token = jwt.encode(claims(exp=exp), SECRET, algorithm="HS256")
+    for _ in range(3):  # a reconnect, a refresh with the same token, another connection
+        assert (await auth.authenticate(token, WS)).subject == "user-1"
+    assert len(decoded) == 1
+    # The remembered verification does not outlive the token.
+    while time.time() < exp:
+        await asyncio.sleep(0.05)
+    exc = await refused(auth, token)
+    assert exc.code == 4001
+    # Nor does it widen what the token grants.
+    other = jwt.encode(claims(), SECRET, algorithm="HS256")
+    await auth.authenticate(other, WS)
+    assert (await refused(auth, other, "another-workspace")).code == 4003
+
+
+async def test_remembered_verifications_are_bounded(hs_auth: Authenticator, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("rtserver.auth._VERIFIED_MAX", 10)
+    for i in range(25):
+        await hs_auth.authenticate(jwt.encode(claims(sub=f"user-{i}"), SECRET, algorithm="HS256"), WS)
+    assert len(hs_auth._verified) == 10
+    long_token = jwt.encode(claims(pad="x" * 5000), SECRET, algorithm="HS256")
+    await hs_auth.authenticate(long_token, WS)
+    assert long_token not in hs_auth._verified
+
+
 async def test_missing_exp_and_sub(hs_auth: Authenticator) -> None:
     exc = await refused(hs_auth, jwt.encode(claims(exp=None), SECRET, algorithm="HS256"))
     assert (exc.code, str(exc)) == (4002, "token has no exp")
@@ -722,6 +773,33 @@ async def test_stale_key_set_is_refreshed_behind(jwks_server: JwksServer) -> Non
         assert (await cache.key_for("rsa-next", "RS256")).algorithm_name == "RS256"
     finally:
         await cache.close()
+
+
+async def test_a_remembered_token_stops_verifying_once_its_key_is_withdrawn(
+    tmp_path: Any, jwks_server: JwksServer
+) -> None:
+    auth = Authenticator(make_cfg(tmp_path, RT_AUTH_JWKS_URL=jwks_server.url, RT_AUTH_JWKS_REFETCH_INTERVAL=0.1))
+    await auth.start()
+    assert auth.jwks is not None
+    auth.jwks.max_age = 0.2
+    try:
+        token = jwks_server.sign(claims(), "rsa-1")
+        await auth.authenticate(token, WS)  # verified and remembered
+        jwks_server.rotate("rsa-next", "RSA")
+        await asyncio.sleep(0.25)
+        # Only this token arrives: its own use of the old set refreshes it behind, as a new
+        # token's would, and once the new set is in it is verified again, against that set.
+        for _ in range(100):
+            try:
+                await auth.authenticate(token, WS)
+            except AuthError as exc:
+                assert exc.code == 4002 and "rsa-1" in str(exc)
+                break
+            await asyncio.sleep(0.02)
+        else:
+            pytest.fail("a token whose key the provider withdrew still verifies")
+    finally:
+        await auth.close()
 
 
 def test_parse_jwks_keeps_only_public_signing_keys() -> None:
