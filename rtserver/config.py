@@ -81,7 +81,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("history", "events", "RT_HISTORY_EVENTS", int, 10000, "Events kept per workspace for replay"),
     Setting("history", "seconds", "RT_HISTORY_SECONDS", float, 300.0, "Age limit of retained events"),
     Setting("history", "bytes", "RT_HISTORY_BYTES", int, 64 * 1024 * 1024, "Byte limit of retained frames per workspace"),
-    Setting("history", "node_bytes", "RT_HISTORY_NODE_BYTES", int, 1024 * 1024 * 1024, "Byte limit of retained frames of all workspaces together; beyond it the node's oldest retained events are evicted (whichever workspace holds them) until 7/8 of it remain, and a reader from before them gets history_gap"),
+    Setting("history", "node_bytes", "RT_HISTORY_NODE_BYTES", int, 1024 * 1024 * 1024, "Byte limit of retained frames of all workspaces together; beyond it the oldest events of the workspaces retaining the most are evicted (a workspace holding less than the larger ones keeps its events) until 7/8 of it remain, and a reader from before them gets history_gap"),
     Setting("history", "resume_ttl", "RT_RESUME_TTL", float, 120.0, "Seconds a disconnected session stays resumable"),
     Setting("history", "max_suspended_sessions", "RT_MAX_SUSPENDED_SESSIONS", int, 100000, "Suspended sessions kept at most (oldest dropped)"),
     Setting("postgres", "url", "RT_POSTGRES_URL", str, "", "PostgreSQL DSN of every workspace without its own"),

@@ -15,15 +15,24 @@ def _metric(body: bytes, name: str) -> float:
     return float(re.search(rb"^" + name.encode() + rb" (\S+)$", body, re.M).group(1))
 
 
-async def test_node_history_bound_evicts_the_oldest_events_node_wide(gateway_factory):
+async def test_node_history_bound_evicts_from_the_workspaces_retaining_the_most(gateway_factory):
+    """A busy workspace passing the node bound loses its own oldest events, not a quiet one's:
+    evicting the node's oldest events whichever workspace held them gave w1's two events to
+    w2's later ones, and w1's readers history_gap though w1 had published two events."""
     gw = await gateway_factory(env={"RT_HISTORY_NODE_BYTES": "20000"})
-    old = [(await gw.publish("w1", "t", {"i": i, "blob": BLOB}))["seq"] for i in range(5)]
-    # Another workspace's events push the node past its bound: w1's are the oldest.
-    new = [(await gw.publish("w2", "t", {"i": i, "blob": BLOB}))["seq"] for i in range(6)]
+    quiet = [(await gw.publish("w1", "t", {"i": i, "blob": BLOB}))["seq"] for i in range(2)]
+    # w2's events push the node past its bound again and again: w1's are the oldest.
+    busy = [(await gw.publish("w2", "t", {"i": i, "blob": BLOB}))["seq"] for i in range(12)]
     token = gw.token(["w1", "w2"])
     async with ws_connect(gw, "w1", token=token) as c:
-        # From before the evicted events: a gap, then what w1 still holds, in order.
-        await c.send({"type": "subscribe", "channel": "events:t", "since": old[0]})
+        # The quiet workspace keeps what it published: no gap, both events.
+        await c.send({"type": "subscribe", "channel": "events:t", "since": quiet[0] - 1})
+        await c.recv_type("subscribed")
+        assert [(await c.recv_event())["seq"] for _ in quiet] == quiet
+        await c.no_message(0.5)
+    async with ws_connect(gw, "w2", token=token) as c:
+        # From before w2's evicted events: a gap, then what w2 still holds, in order.
+        await c.send({"type": "subscribe", "channel": "events:t", "since": busy[0]})
         await c.recv_type("subscribed")
         gap = await c.recv_type("error")
         assert gap["code"] == 4011 and gap["channel"] == "events:t"
@@ -33,21 +42,36 @@ async def test_node_history_bound_evicts_the_oldest_events_node_wide(gateway_fac
                 rest.append((await c.recv_event(timeout=0.5))["seq"])
             except TimeoutError:
                 break
-        assert rest == [s for s in old if s >= gap["oldest"]] and len(rest) < len(old)
-    async with ws_connect(gw, "w1", token=token) as c:
-        # From the last event: nothing was missed, so no gap even though w1 lost its oldest.
-        await c.send({"type": "subscribe", "channel": "events:t", "since": old[-1]})
-        await c.recv_type("subscribed")
-        await c.no_message(0.5)
+        assert rest == [s for s in busy if s >= gap["oldest"]] and 0 < len(rest) < len(busy)
     async with ws_connect(gw, "w2", token=token) as c:
-        # The newest events are kept: a reader of w2 from its first event misses nothing.
-        await c.send({"type": "subscribe", "channel": "events:t", "since": new[0]})
+        # From the last event: nothing was missed, so no gap even though w2 lost its oldest.
+        await c.send({"type": "subscribe", "channel": "events:t", "since": busy[-1]})
         await c.recv_type("subscribed")
-        assert [(await c.recv_event())["seq"] for _ in new[1:]] == new[1:]
         await c.no_message(0.5)
     status, body = await gw.get("/metrics")
     assert _metric(body, "rt_history_node_bytes") <= 20000
     assert _metric(body, "rt_history_node_evicted") >= 1
+
+
+def test_node_bound_shares_out_max_min_fairly():
+    """In process: each trim takes the oldest event of the history retaining the most, so the
+    workspaces under their fair share keep everything and the node bound stays exact."""
+    from rtcore.event import Event
+    from rtserver import config
+    from rtserver.hub import Hub
+    from rtserver.metrics import Metrics
+
+    hub = Hub(config.load(environ={"RT_HISTORY_NODE_BYTES": "100000"}), Metrics())
+    body = b'{"type":"event","channel":"events:t","blob":"' + b"x" * 400 + b'"}'
+    for wid, n in (("small", 10), ("medium", 40)):  # ~10 KB and ~40 KB, published first
+        for _ in range(n):
+            hub.deliver(Event(wid, "events", "t", "PUBLISH", {}, body))
+    for _ in range(1000):  # ~1 MB, ten times the bound
+        hub.deliver(Event("big", "events", "t", "PUBLISH", {}, body))
+    sizes = {w: len(hub.workspaces[w].history) for w in ("small", "medium", "big")}
+    assert sizes["small"] == 10 and sizes["medium"] == 40, sizes  # under their share: untouched
+    assert hub.history_budget.bytes <= 100000
+    assert hub.history_budget.evicted == 1000 - sizes["big"]
 
 
 async def test_idle_workspaces_give_their_memory_back_and_resume_exactly(tmp_path):
