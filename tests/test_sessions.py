@@ -1,8 +1,10 @@
-"""Sessions.dump / restore (rtserver/sessions.py): what a drained shutdown hands to the next
-start. The end-to-end case is tests/test_resume.py::test_sessions_survive_a_drained_restart."""
+"""Sessions (rtserver/sessions.py): the bound on suspended sessions shared by the workspaces, and
+dump / restore, what a drained shutdown hands to the next start (end to end:
+tests/test_resume.py::test_sessions_survive_a_drained_restart)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import stat
 import time
@@ -68,3 +70,63 @@ def test_dump_file_is_private_and_taken_once(tmp_path):
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     assert take_dump(path) == b"{}"
     assert take_dump(path) is None
+
+
+def test_the_bound_drops_sessions_of_the_workspace_holding_the_most():
+    """Past max_suspended the workspace holding the most suspended sessions loses its oldest,
+    not the node's oldest session: a workspace under its share keeps every session. Taking and
+    expiring sessions keeps the per-workspace counts right."""
+    sessions = Sessions(ttl=100, max_suspended=10)
+    quiet = [sessions.new("q", "quiet") for _ in range(3)]
+    for s in quiet:
+        sessions.suspend(s, 1)
+    busy = [sessions.new("b", "busy") for _ in range(50)]
+    for s in busy:
+        sessions.suspend(s, 1)
+    assert len(sessions) == 10 and sessions.expired == 43
+    assert sessions.take(quiet[0].id, "q", "quiet") is quiet[0]  # oldest of the node, kept
+    assert [s.id for s in sessions.snapshot().sessions] == [quiet[1].id, quiet[2].id] + [s.id for s in busy[-7:]]
+    other = [sessions.new("o", "other") for _ in range(6)]
+    for s in other:  # busy (7) > other: busy gives way until both hold 4 (quiet keeps its 2)
+        sessions.suspend(s, 1)
+    held = {w: sum(1 for s in sessions.snapshot().sessions if s.workspace == w) for w in ("quiet", "busy", "other")}
+    assert held == {"quiet": 2, "busy": 4, "other": 4}, held
+    assert sessions._most == 4 and sessions._holding == {2: {"quiet"}, 4: {"busy", "other"}}
+    sessions.ttl = 0
+    sessions.sweep()
+    assert len(sessions) == 0 and sessions._most == 0 and not sessions._holding and not sessions._by_workspace
+
+
+async def test_a_workspace_churning_connections_does_not_push_out_other_workspaces_sessions(tmp_path):
+    """Real sockets: w2 disconnects two clients (their sessions suspended), then w1 opens and
+    closes 30 connections against a node bound of 10 suspended sessions. w2's clients still
+    resume (before: both sessions dropped after w1's tenth disconnect, resumed false)."""
+    from rtserver.app import Gateway
+    from tests.harness.wsclient import ws_connect
+    from tests.test_churn import Addr, _cfg, _token
+
+    gw = Gateway(_cfg(tmp_path, RT_MAX_SUSPENDED_SESSIONS="10", RT_RESUME_TTL="60",
+                      RT_MAX_CONNECTIONS_PER_SUBJECT="100"))
+    await gw.start()
+    addr = Addr(gw)
+    try:
+        quiet = _token(["w2"], "q")
+        ids = []
+        for _ in range(2):
+            async with ws_connect(addr, "w2", token=None) as c:
+                ids.append((await c.auth(quiet))["sessionId"])
+                await c.subscribe("events:t")
+        busy = _token(["w1"], "b")
+        for _ in range(30):
+            async with ws_connect(addr, "w1", token=busy) as c:
+                await c.subscribe("events:t")
+        for _ in range(100):  # the last closes are seen by the server shortly after
+            if len(gw.sessions) == 10 and gw.sessions.expired == 22:
+                break
+            await asyncio.sleep(0.01)
+        assert len(gw.sessions) == 10 and gw.sessions.expired == 22
+        for sid in ids:
+            async with ws_connect(addr, "w2", token=None) as c:
+                assert (await c.auth(quiet, resume=sid))["resumed"] is True
+    finally:
+        await gw.shutdown()
