@@ -9,9 +9,9 @@ import asyncio
 
 import pytest
 
-from rtcore.engine import Outbox, SubKey
+from rtcore.engine import Outbox, SubKey, queue_one
 from rtserver import config
-from rtserver.hub import Hub
+from rtserver.hub import Hub, Lane
 from rtserver.metrics import Metrics
 from tests.harness.wsclient import ws_connect
 
@@ -37,6 +37,15 @@ def Sub(conn: Conn) -> SubKey:  # noqa: N802 - stands in for the Subscription cl
     return SubKey(conn.out)
 
 
+def lane(hub: Hub, workspace: str = "w1") -> Lane:
+    return hub.workspace(workspace).lane
+
+
+def push(hub: Hub, subs: list[SubKey], frame: bytes, workspace: str = "w1") -> None:
+    """Queue `frame` for `subs` as an event of `workspace` (Hub.deliver's fan-out)."""
+    hub._push_all(subs, frame, lane(hub, workspace))
+
+
 def make_hub(chunk: int, backlog: int) -> Hub:
     cfg = config.load(environ={"RT_FLUSH_CHUNK": str(chunk), "RT_FANOUT_BACKLOG": str(backlog)})
     return Hub(cfg, Metrics())
@@ -46,10 +55,10 @@ async def test_flush_writes_a_chunk_per_iteration_and_joins_later_frames():
     hub = make_hub(chunk=3, backlog=100)
     conns = [Conn() for _ in range(8)]
     subs = [Sub(c) for c in conns]
-    hub._push_all(subs, b"e1")
+    push(hub, subs, b"e1")
     await asyncio.sleep(0)  # one iteration: the first chunk only
     assert [len(c._raw.writes) for c in conns] == [1, 1, 1, 0, 0, 0, 0, 0]
-    hub._push_all(subs, b"e2")  # arrives while five connections still wait
+    push(hub, subs, b"e2")  # arrives while five connections still wait
     for _ in range(10):
         await asyncio.sleep(0)
     # the first three get e2 on its own; the five not yet written get e1 and e2 in one write
@@ -65,21 +74,66 @@ async def test_a_long_backlog_is_walked_by_offset_and_compacted():
     queued again meanwhile get their frames in order, once each."""
     hub = make_hub(chunk=1000, backlog=10**6)
     conns = [Conn() for _ in range(6000)]
-    hub._push_all([Sub(c) for c in conns], b"e1")
+    push(hub, [Sub(c) for c in conns], b"e1")
     await asyncio.sleep(0)
     assert hub.waiting() == 5000
-    hub._push_all([Sub(c) for c in conns[:1000]], b"e2")  # written already: queued again at the end
-    assert hub.waiting() == 6000 and len(hub._dirty) == 7000
+    push(hub, [Sub(c) for c in conns[:1000]], b"e2")  # written already: queued again at the end
+    assert hub.waiting() == 6000 and len(lane(hub).dirty) == 7000
     for _ in range(4):
         await asyncio.sleep(0)
     # 5000 of 7000 written: the written part is dropped from the list
-    assert len(hub._dirty) == 2000 and hub.waiting() == 2000
+    assert len(lane(hub).dirty) == 2000 and hub.waiting() == 2000
     for _ in range(3):
         await asyncio.sleep(0)
-    assert hub.waiting() == 0 and hub._dirty == [] and not hub._flush_scheduled
+    assert hub.waiting() == 0 and lane(hub).dirty == [] and not hub._flush_scheduled
     assert all(c._raw.writes == [b"e1", b"e2"] for c in conns[:1000])
     assert all(c._raw.writes == [b"e1"] for c in conns[1000:])
     assert hub.metrics.writes == 7000 and hub._queued == 0
+
+
+async def test_workspaces_take_turns_so_a_small_one_is_not_written_after_a_large_one():
+    """A workspace's single connection is written in the next loop iteration, while another
+    workspace still has thousands to write; so are replies. The chunk is shared, what a lane
+    does not use goes to the others, and each connection still gets its frames in order."""
+    hub = make_hub(chunk=16, backlog=10**6)
+    big = [Conn() for _ in range(5000)]
+    push(hub, [Sub(c) for c in big], b"a1", "A")
+    await asyncio.sleep(0)
+    assert hub.waiting() == 5000 - 16  # alone, the large workspace gets the whole chunk
+    small = Conn()
+    push(hub, [Sub(small)], b"b1", "B")
+    replied = Conn()
+    replied.out.closed = False
+    if queue_one(replied.out, b"reply"):
+        hub.schedule(replied.out)
+    await asyncio.sleep(0)
+    assert small._raw.writes == [b"b1"] and replied._raw.writes == [b"reply"]
+    assert hub.metrics.writes == 32  # 16 + (1 + 1 + 14: the rest of the chunk to A)
+    push(hub, [Sub(c) for c in big], b"a2", "A")  # joins those not yet written
+    for _ in range(400):
+        if not hub.waiting():
+            break
+        await asyncio.sleep(0)
+    assert hub.waiting() == 0 and not hub._flush_scheduled and hub._queued == 0
+    assert all(c._raw.writes == [b"a1", b"a2"] for c in big[:30])
+    assert all(c._raw.writes == [b"a1a2"] for c in big[30:])
+
+
+async def test_many_lanes_share_a_chunk_in_turns():
+    """More lanes waiting than the chunk has connections: one connection each per iteration,
+    in turns, none skipped."""
+    hub = make_hub(chunk=4, backlog=10**6)
+    conns = {f"w{i}": [Conn(), Conn()] for i in range(10)}
+    for wid, cs in conns.items():
+        push(hub, [Sub(c) for c in cs], b"e", wid)
+    await asyncio.sleep(0)
+    assert [sum(len(c._raw.writes) for c in cs) for cs in conns.values()] == [1] * 4 + [0] * 6
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert [sum(len(c._raw.writes) for c in cs) for cs in conns.values()] == [2] * 2 + [1] * 8
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert all(c._raw.writes == [b"e"] for cs in conns.values() for c in cs) and hub.waiting() == 0
 
 
 async def test_publishers_wait_while_the_queued_frames_are_over_the_bound():
@@ -89,7 +143,7 @@ async def test_publishers_wait_while_the_queued_frames_are_over_the_bound():
     conns = [Conn() for _ in range(4)]
     subs = [Sub(c) for c in conns]
     for e in (b"e1", b"e2", b"e3"):
-        hub._push_all(subs, e)
+        push(hub, subs, e)
     assert hub.backlogged() and hub.waiting() == 4 and hub._queued == 12
     waiter = asyncio.ensure_future(hub.room())
     await asyncio.sleep(0)
@@ -150,7 +204,7 @@ async def test_closed_connections_are_skipped_and_order_holds_per_connection():
     conns = [Conn() for _ in range(5)]
     subs = [Sub(c) for c in conns]
     for i in range(1, 6):
-        hub._push_all(subs, b"e%d" % i)
+        push(hub, subs, b"e%d" % i)
         if i == 2:
             conns[4].out.closed = True
         await asyncio.sleep(0)
@@ -188,11 +242,11 @@ async def test_frames_not_queued_do_not_count_against_the_bound():
     closed = [Conn() for _ in range(5)]
     for c in closed:
         c.out.closed = True
-    hub._push_all([Sub(c) for c in closed], b"e1")
+    push(hub, [Sub(c) for c in closed], b"e1")
     assert hub._queued == 0 and not hub.backlogged() and hub.waiting() == 0
     await asyncio.wait_for(hub.room(), 1)
     one = Conn()
-    hub._push_all([Sub(one), Sub(one), Sub(one)], b"e2")
+    push(hub, [Sub(one), Sub(one), Sub(one)], b"e2")
     assert hub._queued == 1 and hub.metrics.deliveries == 1
     for _ in range(2):
         await asyncio.sleep(0)
