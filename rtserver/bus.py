@@ -66,7 +66,7 @@ class MemoryBus:
     async def publish(self, event: Event) -> int:
         hub = self.hub
         if hub.backlogged():
-            await hub.room()
+            await hub.room(event.workspace)
         return hub.deliver(event)
 
     def history_gap(self, workspace: str, source: str, reason: str) -> None:

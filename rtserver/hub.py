@@ -129,10 +129,13 @@ class Lane:
     per workspace, measured at saturation). A connection may be listed in two lanes at once
     (a reply and an event); its frames are in one outbox, so they leave in order either way."""
 
-    __slots__ = ("dirty", "written", "ready")
+    __slots__ = ("dirty", "written", "ready", "queued")
 
     def __init__(self) -> None:
         self.dirty: list[Outbox] = []
+        # Event frames this lane queued and not yet written (Hub._queued, per lane): which
+        # workspace fills the write queue (Hub.room).
+        self.queued = 0
         self.written = 0  # those before this offset were written (no copy of the rest per chunk)
         self.ready = False  # in Hub._ready
 
@@ -317,6 +320,7 @@ class Hub:
         n = push_all(subs, frame, dirty)
         self.metrics.deliveries += n
         self._queued += n
+        lane.queued += n
         if len(dirty) != before:
             self._pending(lane)
 
@@ -343,20 +347,39 @@ class Hub:
         queued = self._queued
         return queued > self._min_backlog and queued > self.backlog_bound()
 
-    async def room(self) -> None:
+    async def room(self, workspace: str | None = None) -> None:
         """Wait until the write backlog is within its bound: publishers (the publish API, the
         change feeds, the Kafka consumer) slow down instead of frames piling up in memory.
 
         The bound counts frames, not connections: while the queue is short of it, events keep
         joining the frames of connections not yet written, so under load each write carries
         more frames (the fewer writes, the more deliveries per second); the bound caps the
-        memory and the delay this queue may add."""
-        if self.backlogged():
-            self.metrics.publisher_waits += 1
-        while self.backlogged():
+        memory and the delay this queue may add.
+
+        With `workspace`, an event of a workspace holding less than an equal share of the
+        queued frames (among the workspaces waiting for writes) does not wait: the workspace
+        filling the queue is the one held back, not every other one with it (before, a quiet
+        workspace's publish waited 15-22 ms in the median behind one publishing at full rate
+        to 10,000 connections). The bound may then be passed by what the others queue, at
+        most about their shares."""
+        lane = None
+        if workspace is not None:
+            ws = self.workspaces.get(workspace)
+            if ws is None:
+                return  # not held here: nothing of it is queued
+            lane = ws.lane
+        if not self._holds_back(lane):
+            return
+        self.metrics.publisher_waits += 1
+        while self._holds_back(lane):
             if self._drained is None:
                 self._drained = asyncio.Event()
             await self._drained.wait()
+
+    def _holds_back(self, lane: Lane | None) -> bool:
+        if not self.backlogged():
+            return False
+        return lane is None or lane.queued * max(1, len(self._ready)) >= self._queued
 
     def schedule(self, out: Outbox) -> None:
         """Called for a connection's outbox that just got its first pending frame (a reply,
@@ -402,8 +425,11 @@ class Hub:
             frames += f
             if lane.waiting():
                 ready.append(lane)
+                # Approximate: a connection's write takes its frames of every lane.
+                lane.queued = max(0, lane.queued - f)
             else:
                 lane.ready = False
+                lane.queued = 0
         m = self.metrics
         m.writes += writes
         m.frames_out += frames

@@ -66,6 +66,13 @@ def publish_request(i: int) -> bytes:
             f"Content-Length: {len(body)}\r\n\r\n").encode() + body
 
 
+def queue_frames(hub, n: int) -> None:
+    """As if workspace w1's events had `n` frames waiting for their write (over the bound of
+    10 at 11: its publishers wait for room)."""
+    hub._queued = n
+    hub.workspace("w1").lane.queued = n
+
+
 def connect(gw: Gateway) -> tuple[http.FrontProtocol, RecordingTransport]:
     proto = http.FrontProtocol(gw)
     transport = RecordingTransport()
@@ -126,7 +133,7 @@ async def test_100_continue_follows_the_answers_before_it(tmp_path):
 async def test_a_waiting_request_holds_the_ones_behind_it_which_follow_in_order(tmp_path):
     gw = make_gateway(tmp_path)
     hub = gw.hub
-    hub._queued = 11  # over the bound of 10: publishers wait for room
+    queue_frames(hub, 11)  # over the bound of 10: publishers wait for room
     proto, transport = connect(gw)
     proto.data_received(publish_request(0) + publish_request(1))
     proto.data_received(publish_request(2))
@@ -134,7 +141,7 @@ async def test_a_waiting_request_holds_the_ones_behind_it_which_follow_in_order(
     assert len(proto._queue) == 2
     await asyncio.sleep(0.01)
     assert transport.responses() == []  # still waiting for room
-    hub._queued = 0
+    queue_frames(hub, 0)
     hub._drained.set()  # what Hub.flush does once the backlog is within its bound
     for _ in range(20):
         await asyncio.sleep(0)
@@ -156,11 +163,11 @@ async def test_a_waiting_request_holds_the_ones_behind_it_which_follow_in_order(
 
 async def test_reading_pauses_while_too_many_requests_wait_and_resumes_after(tmp_path):
     gw = make_gateway(tmp_path)
-    gw.hub._queued = 11
+    queue_frames(gw.hub, 11)
     proto, transport = connect(gw)
     proto.data_received(b"".join(publish_request(i) for i in range(http._MAX_PIPELINED + 1)))
     assert transport.paused == 1 and len(proto._queue) == http._MAX_PIPELINED
-    gw.hub._queued = 0
+    queue_frames(gw.hub, 0)
     gw.hub._drained.set()
     for _ in range(50):
         await asyncio.sleep(0)
@@ -173,7 +180,7 @@ async def test_reading_pauses_while_too_many_requests_wait_and_resumes_after(tmp
 
 async def test_connection_lost_cancels_the_waiting_request_and_drops_the_queue(tmp_path):
     gw = make_gateway(tmp_path)
-    gw.hub._queued = 11
+    queue_frames(gw.hub, 11)
     proto, transport = connect(gw)
     proto.data_received(publish_request(0) + publish_request(1))
     drainer = proto._drainer
@@ -193,17 +200,17 @@ async def test_queued_answers_leave_together_up_to_a_request_that_waits_again(tm
     def deliver_then_fill(event, seq=None):
         out = deliver(event, seq)
         if event.record["i"] == 2:
-            hub._queued = 11  # the backlog is over its bound again: request 3 must wait
+            queue_frames(hub, 11)  # the backlog is over its bound again: request 3 must wait
         return out
 
     hub.deliver = deliver_then_fill
-    hub._queued = 11
+    queue_frames(hub, 11)
     proto, transport = connect(gw)
     proto.data_received(b"".join(publish_request(i) for i in range(5)))
     assert transport.writes == 0
 
     async def release(answers: int) -> None:
-        hub._queued = 0
+        queue_frames(hub, 0)
         drained, hub._drained = hub._drained, None  # as Hub.flush does
         drained.set()
         for _ in range(20):

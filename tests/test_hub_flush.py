@@ -166,6 +166,31 @@ async def test_publishers_wait_while_the_queued_frames_are_over_the_bound():
     await hub.room()  # nothing waits: returns at once
 
 
+async def test_only_the_workspace_filling_the_queue_waits():
+    """Over the bound, a publish of a workspace holding less than an equal share of the queued
+    frames goes on; the workspace holding the rest waits until the queue is within its bound."""
+    hub = make_hub(chunk=1, backlog=5)
+    conns = [Conn() for _ in range(4)]
+    for e in (b"a1", b"a2", b"a3"):
+        push(hub, [Sub(c) for c in conns], e, "A")
+    assert hub.backlogged() and hub._queued == 12
+    busy = asyncio.ensure_future(hub.room("A"))
+    await asyncio.sleep(0)  # it waits; one connection written (chunk 1): 9 frames queued
+    assert not busy.done() and hub.metrics.publisher_waits == 1
+    await hub.room("B")  # nothing of B queued: at once
+    other = Conn()
+    push(hub, [Sub(other)], b"b1", "B")
+    await hub.room("B")  # 1 of 10 queued frames, two workspaces waiting: under its share
+    assert not busy.done() and hub.metrics.publisher_waits == 1
+    await hub.room("C")  # a workspace the node does not hold yet
+    for _ in range(10):
+        if busy.done():
+            break
+        await asyncio.sleep(0)
+    assert busy.done() and not hub.backlogged()
+    assert other._raw.writes == [b"b1"]
+
+
 async def test_the_bound_grows_with_the_open_connections():
     """limits.fanout_backlog is a floor; with more connections each may hold
     fanout_backlog_per_connection frames on average (so that coalescing per connection does
