@@ -74,6 +74,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("limits", "fanout_backlog", "RT_FANOUT_BACKLOG", int, 65536, "Event frames queued on connections and not yet written beyond which publishers (publish API, change feeds, bus consumer) wait, or fanout_backlog_per_connection times the open connections if more; below it, events join the frames of connections still waiting (fewer, larger writes under load)"),
     Setting("limits", "fanout_backlog_per_connection", "RT_FANOUT_BACKLOG_PER_CONNECTION", int, 32, "Frames per open connection the fan-out backlog may hold on average (see fanout_backlog; 0: the fixed bound only)"),
     Setting("limits", "max_invalid_per_minute", "RT_MAX_INVALID_PER_MINUTE", int, 20, "Invalid messages a minute before close 1008"),
+    Setting("limits", "min_refresh_interval", "RT_MIN_REFRESH_INTERVAL", float, 1.0, "Seconds between two token refreshes (`auth` on an open connection) that the gateway handles; a sooner one waits, and the connection's later messages behind it"),
     Setting("limits", "auth_timeout", "RT_AUTH_TIMEOUT", float, 10.0, "Seconds to authenticate before close 4002"),
     Setting("limits", "request_timeout", "RT_REQUEST_TIMEOUT", float, 30.0, "Seconds an HTTP request (head and body; the WebSocket upgrade request too) may take to arrive once its first byte has: beyond, 408 and the connection is closed"),
     Setting("limits", "idle_timeout", "RT_IDLE_TIMEOUT", float, 60.0, "Seconds of peer silence before a WebSocket is closed with 1001 (an HTTP connection with no request in progress or waiting: closed)"),

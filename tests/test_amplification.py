@@ -120,3 +120,40 @@ async def test_pipelined_replays_run_one_per_turn(gw, monkeypatch):
         assert probe.most_between <= 1000, probe.most_between
     finally:
         await drain.close()
+
+
+async def test_token_refreshes_are_paced(tmp_path, monkeypatch):
+    """A refresh is a signature check and an audit record (~190 us each: one connection
+    refreshing in a loop took a core and wrote 5,000 audit records a second, measured). One
+    per limits.min_refresh_interval is handled; a sooner one waits, with the messages behind
+    it (before: all three refreshes and the ping handled at once)."""
+    from tests.harness.wsclient import ws_connect
+    from tests.test_churn import Addr
+
+    gateway = Gateway(_cfg(tmp_path, RT_MIN_REFRESH_INTERVAL="3600"))
+    await gateway.start()
+    verified = [0]
+    authenticate = gateway.auth.authenticate
+
+    async def counting(token: str, workspace: str):
+        verified[0] += 1
+        return await authenticate(token, workspace)
+
+    monkeypatch.setattr(gateway.auth, "authenticate", counting)
+    try:
+        token = _token(["w1"], "amp")
+        async with ws_connect(Addr(gateway), "w1", token) as client:
+            assert verified[0] == 1
+            base = gateway.metrics.messages_in
+            for _ in range(3):
+                await client.send({"type": "auth", "token": token})
+            await client.send({"type": "ping", "id": "after"})
+            assert (await client.recv_type("auth_ok"))["resumed"] is False  # the first refresh: at once
+            await _until(lambda: gateway.metrics.messages_in - base == 4, what="the messages to arrive")
+            for _ in range(200):
+                await asyncio.sleep(0)
+            assert verified[0] == 2, f"{verified[0] - 1} refreshes verified"
+            (conn,) = gateway.connections
+            assert conn._busy and len(conn._queue) == 2  # the third refresh and the ping wait in order
+    finally:
+        await gateway.shutdown()

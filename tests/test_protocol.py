@@ -261,12 +261,15 @@ async def test_twenty_invalid_messages_close_1008(gateway):
     assert (code, reason) == (1008, "policy_violation")
 
 
-async def test_messages_behind_a_slow_handler_wait_their_turn(gateway):
+async def test_messages_behind_a_slow_handler_wait_their_turn(gateway_factory):
     """Messages sent while an earlier one is still handled (an auth refresh awaits the token
     check) queue in order; past 64 the gateway stops reading instead of closing, so a client
     that writes a thousand messages at once gets every answer, in order."""
     from websockets.frames import Frame, Opcode
 
+    # Refreshes unpaced: 200 of them at one a second would take minutes (pacing itself:
+    # tests/test_amplification.py).
+    gateway = await gateway_factory(env={"RT_MIN_REFRESH_INTERVAL": "0"})
     async with ws_connect(gateway, "w1", token=gateway.token("w1")) as c:
         messages = []
         for i in range(200):
