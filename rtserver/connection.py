@@ -37,7 +37,7 @@ from rtcore.messages import (
 from rtcore.timefmt import iso_ms
 from rtserver import channels
 from rtserver.auth import AuthError, Identity
-from rtserver.hub import Subscription, Workspace, replay_view
+from rtserver.hub import Subscription, Workspace, replay_viewer
 from rtserver.sessions import Session
 from rtserver.sources.base import ChannelUnavailable
 
@@ -683,9 +683,10 @@ class Connection(WSListener):
         ws = self.workspace
         assert ws is not None
         m = self.gw.metrics
+        view = replay_viewer(subs)
 
         def emit(seq: int, event: Any) -> None:
-            shown = replay_view(subs, event)
+            shown = view(event)
             if shown is not None:
                 self.push(event_frame(event.body, seq, shown))
                 m.replayed += 1
@@ -738,9 +739,10 @@ class Connection(WSListener):
         elif replay.lost:
             self._send_loss_gaps(subs, since, replay.lost, replay.oldest)
         n = 0
+        view = replay_viewer(subs)
         for entry in replay.entries:
             event = entry.event
-            shown = replay_view(subs, event)
+            shown = view(event)
             if shown is None:
                 continue
             self.push(entry.frame if shown == b"" else event_frame(event.body, entry.seq, shown))

@@ -157,3 +157,40 @@ async def test_token_refreshes_are_paced(tmp_path, monkeypatch):
             assert conn._busy and len(conn._queue) == 2  # the third refresh and the ping wait in order
     finally:
         await gateway.shutdown()
+
+
+async def test_a_resume_replay_tries_only_the_subscriptions_of_each_events_entity(gw, monkeypatch):
+    """A resume replays the history for every subscription of the session: each event was
+    tried on each of them, so 100 subscriptions on other topics made a 10,000-event replay
+    cost 118 ms for no frame at all (measured), at the price of a reconnect. Now each event
+    meets only the subscriptions of its entity (before: 51 tries per event here, 10,200 in all)."""
+    from rtserver.hub import Subscription
+    from tests.harness.wsclient import ws_connect
+    from tests.test_churn import Addr
+
+    token = _token(["w1"], "amp")
+    async with ws_connect(Addr(gw), "w1", token) as client:
+        for i in range(50):
+            await client.subscribe(f"events:other{i}")
+        await client.subscribe("events:t")
+        (conn,) = gw.connections
+        session_id = conn.session.id
+    await _until(lambda: not gw.connections, what="the connection to end")
+    since = gw.hub.workspaces["w1"].history.floor  # no gap: every event after it is retained
+    for i in range(200):
+        gw.hub.deliver(_event(i))
+
+    tries = [0]
+    view = Subscription.view
+
+    def counting(self, event):
+        tries[0] += 1
+        return view(self, event)
+
+    monkeypatch.setattr(Subscription, "view", counting)
+    async with ws_connect(Addr(gw), "w1") as client:
+        await client.send({"type": "auth", "token": token, "resume": session_id, "since": since})
+        assert (await client.recv_type("auth_ok"))["resumed"] is True
+        seqs = [(await client.recv_event())["seq"] for _ in range(200)]
+    assert seqs == sorted(seqs)
+    assert tries[0] == 200, f"{tries[0]} tries for 200 events"
