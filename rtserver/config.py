@@ -68,6 +68,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("limits", "max_subscriptions", "RT_MAX_SUBSCRIPTIONS", int, 100, "Subscriptions per connection (error 4008 beyond)"),
     Setting("limits", "max_connections", "RT_MAX_CONNECTIONS", int, 10000, "Connections per workspace (close 4008 beyond)"),
     Setting("limits", "max_connections_per_subject", "RT_MAX_CONNECTIONS_PER_SUBJECT", int, 1000, "Connections per subject on this node, all workspaces together (close 4008 beyond)"),
+    Setting("limits", "max_filter_bytes", "RT_MAX_FILTER_BYTES", int, 128 * 1024, "JSON bytes of the filters of one connection's subscriptions together (error 4008 beyond); a compiled filter takes ~30 times its size in memory"),
     Setting("limits", "max_message_bytes", "RT_MAX_MESSAGE_BYTES", int, 65536, "Largest inbound WebSocket message"),
     Setting("limits", "send_buffer_bytes", "RT_SEND_BUFFER_BYTES", int, 4 * 1024 * 1024, "Per-connection outbound buffer; beyond it the connection is closed with 1013"),
     Setting("limits", "flush_chunk", "RT_FLUSH_CHUNK", int, 16, "Connections written per event-loop iteration, shared in turns by the workspaces waiting; between chunks the loop reads what arrived, and new events join the frames of connections not yet written (one write): smaller, more frames per write under load"),
@@ -325,7 +326,8 @@ def _validate(values: dict[str, dict[str, Any]], path: str) -> None:
     if bus["publish_timeout"] <= 0:
         raise ConfigError("bus.publish_timeout must be positive")
     limits = values["limits"]
-    for key in ("max_message_bytes", "send_buffer_bytes", "max_publish_bytes", "flush_chunk", "fanout_backlog"):
+    for key in ("max_message_bytes", "max_filter_bytes", "send_buffer_bytes", "max_publish_bytes", "flush_chunk",
+                "fanout_backlog"):
         if limits[key] <= 0:
             raise ConfigError(f"limits.{key} must be positive")
     if limits["request_timeout"] <= 0:

@@ -392,6 +392,33 @@ async def test_subscription_quota_4008(gateway_factory):
         assert (await c.recv())["type"] == "pong"
 
 
+async def test_filter_bytes_per_connection_4008(gateway_factory):
+    """The filters of a connection's subscriptions are bounded together in JSON bytes: a
+    compiled filter takes ~30 times its size in memory, and a connection could otherwise hold
+    the subscription quota's worth of the largest message each."""
+    gw = await gateway_factory(env={"RT_MAX_FILTER_BYTES": "300"})
+
+    def sized(n: int) -> dict:
+        filter_ = {"predicates": {"k": {"$in": []}}}
+        while len(json.dumps(filter_, separators=(",", ":"))) < n:
+            filter_["predicates"]["k"]["$in"].append(len(filter_["predicates"]["k"]["$in"]))
+        return filter_
+
+    async with ws_connect(gw, "w1", token=gw.token("w1")) as c:
+        await c.subscribe("events:a", sized(200))
+        await c.send({"type": "subscribe", "channel": "events:b", "filter": sized(150), "id": 7})
+        err = await c.recv_type("error")
+        assert (err["code"], err["name"], err["id"], err["channel"]) == (4008, "quota_exceeded", 7, "events:b")
+        assert "over the limit of 300" in err["message"]
+        await c.subscribe("events:b", sized(90))  # fits beside the first
+        await c.subscribe("events:a", sized(205))  # a replaced filter counts once
+        await c.send({"type": "unsubscribe", "channel": "events:a"})
+        await c.recv_type("unsubscribed")
+        await c.subscribe("events:c", sized(200))  # what an unsubscribe freed
+        await gw.publish("w1", "b", {"k": 3})
+        assert (await c.recv_event())["channel"] == "events:b"
+
+
 async def test_connection_quota_per_workspace_closes_4008(gateway_factory):
     gw = await gateway_factory(env={"RT_MAX_CONNECTIONS": "2"})
     async with ws_connect(gw, "w1", token=gw.token("w1")), ws_connect(gw, "w1", token=gw.token("w1", sub="b")):
