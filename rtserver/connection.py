@@ -14,7 +14,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -75,6 +75,10 @@ _MAX_QUEUED = 4096
 # 100 `subscribe` with `since` (a replay each of a 10,000-event history) 1.6 s and 400 MB.
 _PER_TURN = 32
 _SLOW_CLOSE_GRACE = 5.0
+# A replay leaves in pieces of a quarter of limits.send_buffer_bytes (at least this), each
+# once the client has taken all but one piece (checked every _REPLAY_POLL seconds).
+_MIN_REPLAY_PIECE = 16 * 1024
+_REPLAY_POLL = 0.002
 
 
 def _message_id(data: bytes) -> Any:
@@ -682,8 +686,7 @@ class Connection(WSListener):
             for sub in subs:
                 self.gw.hub.remove(ws, sub)  # held back from the live stream until the read-back is done
             return self._replay_from_bus(subs, since)
-        self._replay_entries(subs, since, replay)
-        return None
+        return self._replay_entries(subs, since, replay)
 
     async def _replay_from_bus(self, subs: list[Subscription], since: int) -> None:
         """Replay from the bus what the memory history no longer holds, then switch to memory.
@@ -727,7 +730,9 @@ class Connection(WSListener):
         elif lost:
             self._send_loss_gaps(live, since, lost, ws.history.oldest())
         self._turn_handled = _PER_TURN  # as _replay: the memory tail is a turn's work
-        self._replay_entries(live, upto, ws.history.since(upto))
+        pending = self._replay_entries(live, upto, ws.history.since(upto))
+        if pending is not None:
+            await pending
 
     def _send_gaps(self, subs: list[Subscription], message: str, oldest: int) -> None:
         """history_gap (4011) on each channel: the client reloads what the stream cannot give."""
@@ -743,24 +748,93 @@ class Connection(WSListener):
                 self._send_gaps(hit, f"{source} changes after {since} may have been lost (the source reported a loss)",
                                 oldest)
 
-    def _replay_entries(self, subs: list[Subscription], since: int, replay: Any) -> None:
-        m = self.gw.metrics
+    def _replay_entries(self, subs: list[Subscription], since: int, replay: Any) -> Awaitable[None] | None:
+        """Push the retained entries of `replay` that `subs` show, after its gap or loss
+        notices. What does not fit in one piece (_replay_piece bytes) leaves in pieces, each
+        once the client has taken the one before (_replay_paced), with `subs` out of the index
+        meanwhile: a replay larger than the send buffer, written at once, passed
+        limits.send_buffer_bytes and closed the connection with 1013 however fast the client
+        read (a resume after a long disconnect in a busy workspace), again at every reconnect.
+        Returns the awaitable that sends the rest, or None when all of it is queued."""
+        self._notify_gaps(subs, since, replay)
+        view = replay_viewer(subs)
+        entries = replay.entries
+        done = self._push_piece(view, entries, 0)
+        if done == len(entries):
+            return None
+        ws = self.workspace
+        assert ws is not None
+        for sub in subs:
+            self.gw.hub.remove(ws, sub)  # held back from the live stream until the replay is out
+        return self._replay_paced(subs, view, entries, done)
+
+    def _notify_gaps(self, subs: list[Subscription], since: int, replay: Any) -> None:
         if replay.gap:
             self._send_gaps(
                 subs, f"events after {since} may be missing from the history; it holds {replay.oldest} onwards", replay.oldest
             )
         elif replay.lost:
             self._send_loss_gaps(subs, since, replay.lost, replay.oldest)
-        n = 0
-        view = replay_viewer(subs)
-        for entry in replay.entries:
-            event = entry.event
-            shown = view(event)
+
+    @property
+    def _replay_piece(self) -> int:
+        return max(_MIN_REPLAY_PIECE, self.gw.cfg.limits.send_buffer_bytes // 4)
+
+    def _push_piece(self, view: Callable[[Any], bytes | None], entries: list[Any], start: int) -> int:
+        """Push what `view` shows of entries[start:] until a piece is full; returns the index
+        of the first entry not looked at."""
+        budget = self._replay_piece
+        i, n, end = start, 0, len(entries)
+        while i < end and budget > 0:
+            entry = entries[i]
+            i += 1
+            shown = view(entry.event)
             if shown is None:
                 continue
-            self.push(entry.frame if shown == b"" else event_frame(event.body, entry.seq, shown))
+            frame = entry.frame if shown == b"" else event_frame(entry.event.body, entry.seq, shown)
+            self.push(frame)
+            budget -= len(frame)
             n += 1
-        m.replayed += n
+        self.gw.metrics.replayed += n
+        return i
+
+    async def _replay_paced(
+        self, subs: list[Subscription], view: Callable[[Any], bytes | None], entries: list[Any], done: int
+    ) -> None:
+        """The rest of a replay, a piece each time the client has taken the pieces before. The
+        entries retained when it began are sent first (those evicted since are still sent: they
+        are held here); then, until the history's tail fits in one piece, what was appended
+        meanwhile. The last piece and the return of `subs` to the index happen in one step, so
+        no live event slips between or arrives twice."""
+        ws = self.workspace
+        assert ws is not None
+        last = entries[done - 1].seq  # every entry up to here was looked at
+        while True:
+            await self._taken()
+            if self.closed or self.workspace is not ws:
+                return
+            if done < len(entries):
+                done = self._push_piece(view, entries, done)
+                last = entries[done - 1].seq
+                continue
+            live = [sub for sub in subs if self.subscriptions.get(sub.spec.channel) is sub]
+            tail = ws.history.since(last)
+            self._notify_gaps(live, last, tail)
+            entries = tail.entries
+            done = self._push_piece(view, entries, 0)
+            if done == len(entries):  # the whole tail in this step: live from here
+                for sub in live:
+                    self.gw.hub.add(ws, sub)
+                return
+            last = entries[done - 1].seq
+
+    async def _taken(self) -> None:
+        """Write what is queued, then wait until the client has taken all but a piece of it."""
+        self.flush()
+        piece = self._replay_piece
+        raw = self._raw
+        while not self.closed and raw is not None and raw.get_write_buffer_size() > piece:
+            await asyncio.sleep(_REPLAY_POLL)
 
     # ---- teardown ------------------------------------------------------------------------
 

@@ -7,10 +7,13 @@ import asyncio
 import json
 import os
 import signal
+import socket
 
 import websockets
 
+from rtserver.app import Gateway
 from tests.harness.wsclient import ws_connect
+from tests.test_churn import Addr, Publisher, _cfg, _token
 
 
 async def _session_id(c, token: str) -> str:
@@ -154,6 +157,53 @@ async def test_slow_reader_closed_1013_resumes_without_loss(gateway_factory):
         assert ok["resumed"] is True
         rest = [e["seq"] for e in await _drain_events(c, len(published) - len(seen), timeout=10)]
     assert seen + rest == published
+
+
+async def test_a_replay_larger_than_the_send_buffer_reaches_a_reader_that_keeps_up(tmp_path):
+    """A replay leaves in pieces as the client takes them: written at once, one larger than
+    limits.send_buffer_bytes closed the connection with 1013 however fast the client read,
+    and again at every reconnect. Events published while it is under way follow it, once
+    each, in order; a resumed session's replay is paced the same way."""
+    gw = Gateway(_cfg(tmp_path, RT_SEND_BUFFER_BYTES="262144", RT_HISTORY_EVENTS="10000",
+                      RT_MAX_CONNECTIONS_PER_SUBJECT="10"))
+    await gw.start()
+    pub = Publisher(gw.port)
+    token = _token(["w1"], "u")
+
+    def narrow_send_buffer() -> None:
+        # A network path rather than loopback's large receive window: the kernel takes 64 KB
+        # at a time, so what the client has not read yet stays in the gateway's buffer.
+        for conn in gw.connections:
+            conn._raw.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+
+    try:
+        published = [await pub.publish("w1", "big", {"i": i, "blob": "x" * 20000}) for i in range(300)]
+        async with ws_connect(Addr(gw), "w1", token=token) as c:
+            session = await _session_id(c, token)
+            narrow_send_buffer()
+            await c.send({"type": "subscribe", "channel": "events:big", "since": published[0] - 1})
+            assert (await c.recv_type("subscribed"))["channel"] == "events:big"
+
+            async def publish_meanwhile() -> list[int]:
+                return [await pub.publish("w1", "big", {"i": f"m{i}", "blob": "y" * 20000}) for i in range(40)]
+
+            meanwhile = asyncio.ensure_future(publish_meanwhile())
+            got = [(await c.recv_event(10))["seq"] for _ in range(340)]
+            published += await meanwhile
+            assert got == published
+            live = await pub.publish("w1", "big", {"i": "live"})
+            assert (await c.recv_event(10))["seq"] == live
+            await c.no_message()
+        missed = [await pub.publish("w1", "big", {"i": f"r{i}", "blob": "z" * 20000}) for i in range(300)]
+        async with ws_connect(Addr(gw), "w1") as c:
+            narrow_send_buffer()
+            assert (await c.auth(token, resume=session, since=live))["resumed"] is True
+            assert [(await c.recv_event(10))["seq"] for _ in range(300)] == missed
+            await c.no_message()
+        assert gw.metrics.drops_slow_reader == 0
+    finally:
+        await pub.close()
+        await gw.shutdown()
 
 
 async def test_resume_by_another_subject_gives_fresh_session(gateway):
