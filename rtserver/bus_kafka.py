@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -39,6 +39,7 @@ log = logging.getLogger("rtserver.bus")
 
 GAP = "GAP"  # operation of a control record: the source lost changes (history_gap on every node)
 _MAX_CONCURRENT_READ_BACKS = 4
+_READ_BACK_ROOM_BYTES = 64 * 1024  # emitted between two waits for the reader (read_back)
 _READ_BACK_STALL = 10.0  # seconds without progress before a read-back gives up (history_gap)
 _PROBE_INTERVAL = 1.0  # seconds between two metadata requests of a publisher's watch
 
@@ -554,6 +555,7 @@ class KafkaBus:
         floor: Callable[[], int],
         emit: Callable[[int, Event], None],
         cancelled: Callable[[], bool],
+        room: Callable[[], Awaitable[None]] | None = None,
     ) -> tuple[int, int | None, frozenset[str]]:
         """Read `workspace`'s records with seq > `since` from Kafka, in order, calling
         `emit(seq, event)`, until the read position reaches `floor()` (the node's memory holds
@@ -561,7 +563,10 @@ class KafkaBus:
         `oldest` seq for a history_gap when the topic no longer holds some of them, else None;
         the sources whose gap records were read: they lost changes after `since`).
         Returns without awaiting after its last check of `floor()`, so the caller can switch
-        to the memory history in the same step."""
+        to the memory history in the same step. `room` is awaited before each fetch and after
+        every _READ_BACK_ROOM_BYTES emitted: the reader's connection takes what was emitted
+        before more is (a read-back larger than the send buffer, emitted at once, closed a
+        client that read at full speed with 1013)."""
         from aiokafka import AIOKafkaConsumer, TopicPartition
 
         tp = TopicPartition(self.topic, partition_for(workspace, len(self._floor)))
@@ -587,6 +592,10 @@ class KafkaBus:
                 lost: set[str] = set()
                 stalled = time.monotonic()
                 while pos < floor() and not cancelled():
+                    if room is not None:
+                        await room()
+                        if pos >= floor() or cancelled():
+                            break
                     batch = await consumer.getmany(tp, timeout_ms=500, max_records=1000)
                     records = batch.get(tp, [])
                     if not records:
@@ -594,6 +603,7 @@ class KafkaBus:
                             return since, None, frozenset()
                         continue
                     stalled = time.monotonic()
+                    emitted = 0
                     for r in records:
                         pos = r.offset + 1
                         if r.key != key or r.value is None:
@@ -603,6 +613,10 @@ class KafkaBus:
                             lost.add(rec.source)
                         else:
                             emit(pos, event)
+                            emitted += len(r.value)
+                            if room is not None and emitted >= _READ_BACK_ROOM_BYTES:
+                                await room()
+                                emitted = 0
                 return pos, gap, frozenset(lost)
             finally:
                 # Stopped in the background: awaiting here would let the history move on

@@ -63,9 +63,10 @@ CODE_NAMES = {
 }
 
 # Messages that arrive while a handler awaits (auth, a database channel check), or past a
-# turn's budget (_PER_TURN), wait in order. Past _PAUSE_QUEUED the connection stops reading, so TCP holds the rest in the client's send
-# buffer; reading resumes below _RESUME_QUEUED. Only a single read carrying more messages than
-# _MAX_QUEUED (tiny ones, far beyond any client's need) closes the connection.
+# turn's budget (_PER_TURN), wait in order. Past _PAUSE_QUEUED the connection stops reading, so
+# TCP holds the rest in the client's send buffer; reading resumes below _RESUME_QUEUED. Only a
+# single read carrying more messages than _MAX_QUEUED (tiny ones, far beyond any client's need)
+# closes the connection.
 _PAUSE_QUEUED = 64
 _RESUME_QUEUED = 16
 _MAX_QUEUED = 4096
@@ -710,7 +711,7 @@ class Connection(WSListener):
         lost: frozenset[str] = frozenset()
         try:
             upto, oldest, lost = await self.gw.bus.read_back(
-                ws.id, since, lambda: ws.history.floor, emit, lambda: self.closed
+                ws.id, since, lambda: ws.history.floor, emit, lambda: self.closed, self._taken
             )
         except Exception as exc:  # noqa: BLE001 - the memory replay below reports the gap
             log.warning(

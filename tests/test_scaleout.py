@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -503,3 +504,36 @@ async def test_node_behind_the_topic_refuses_new_connections_until_caught_up(clu
                     assert ev["payload"] == {"n": 1}
     finally:
         await producer.stop()
+
+
+async def test_a_read_back_larger_than_the_send_buffer_reaches_a_reader_that_keeps_up(kafka_broker, tmp_path):
+    """A node's read-back from Kafka waits for the client to take what it emitted before
+    fetching more: one larger than limits.send_buffer_bytes, emitted at once, closed a client
+    that read at full speed with 1013 (in process, so the gateway's socket can be given a
+    network path's send buffer rather than loopback's large receive window)."""
+    from rtserver.app import Gateway
+    from tests.test_churn import Addr, Publisher, _cfg, _token
+
+    gw = Gateway(_cfg(tmp_path, RT_BUS="kafka", RT_BUS_KAFKA_BOOTSTRAP=kafka_broker.bootstrap,
+                      RT_BUS_TOPIC=f"rt.events.{uuid.uuid4().hex[:8]}", RT_BUS_PARTITIONS="1",
+                      RT_HISTORY_EVENTS="2", RT_SEND_BUFFER_BYTES="262144", RT_MAX_CONNECTIONS_PER_SUBJECT="10"))
+    await gw.start()
+    pub = Publisher(gw.port)
+    try:
+        for _ in range(300):
+            if gw.bus.ready():
+                break
+            await asyncio.sleep(0.1)
+        published = [await pub.publish("w1", "big", {"i": i, "blob": "x" * 20000}) for i in range(300)]
+        async with ws_connect(Addr(gw), "w1", token=_token(["w1"], "u")) as c:
+            for conn in gw.connections:
+                conn._raw.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+            await c.send({"type": "subscribe", "channel": "events:big", "since": published[0] - 1})
+            assert (await c.recv_type("subscribed"))["channel"] == "events:big"
+            got = [(await c.recv_event(20))["seq"] for _ in range(300)]
+            live = await pub.publish("w1", "big", {"i": "live"})
+            assert (await c.recv_event(10))["seq"] == live
+        assert got == published and gw.metrics.drops_slow_reader == 0
+    finally:
+        await pub.close()
+        await gw.shutdown()
