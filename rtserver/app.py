@@ -28,6 +28,7 @@ from rtserver.bus import BusUnavailable, create_bus
 from rtserver.channels import TOPIC_RE
 from rtserver.config import WORKSPACE_ID_RE, Config
 from rtserver.connection import Connection
+from rtserver.fd_limit import connection_share, open_files_limit
 from rtserver.gc_policy import FreezeSurvivors
 from rtserver.history import now_us
 from rtserver.hub import Hub, in_turns
@@ -62,6 +63,7 @@ class Gateway:
         except OSError as exc:
             raise RuntimeError(f"state directory {self.state_dir} (server.state_dir): {exc.strerror or exc}") from None
         self.metrics = Metrics()
+        self.max_node_connections = connection_share(cfg.limits.max_node_connections)
         self.hub = Hub(cfg, self.metrics)
         self.hub.open_connections = lambda: len(self.connections)
         self.sessions = Sessions(cfg.history.resume_ttl, cfg.history.max_suspended_sessions)
@@ -159,6 +161,8 @@ class Gateway:
                     "tls": bool(ctx),
                     "node": self.node,
                     "compiled_core": _compiled(),
+                    "open_files_limit": open_files_limit(),
+                    "max_node_connections": self.max_node_connections,
                 }
             },
         )
@@ -354,6 +358,14 @@ class Gateway:
         if self.draining:
             return WSUpgradeResponseWithListener(
                 WSUpgradeResponse.create_error_response(503, b"shutting down"), None
+            )
+        if len(self.connections) >= self.max_node_connections:
+            # Before the open-files limit: past it the gateway's own sockets would fail too.
+            self.metrics.connections_refused += 1
+            return WSUpgradeResponseWithListener(
+                WSUpgradeResponse.create_error_response(
+                    503, b"this node holds its limit of %d connections; try another node" % self.max_node_connections
+                ), None
             )
         if not self.bus.ready():
             return WSUpgradeResponseWithListener(

@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 from rtserver import __version__
 from rtserver.config import WORKSPACE_ID_RE, ConfigError, config_table_markdown, load
+from rtserver.fd_limit import raise_open_files_limit
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -111,6 +112,7 @@ def _run_loop(cfg, main, label: str, os_error: Callable[[OSError], str]) -> int:
     # Everything the process writes under the state directory (dev secret, session ids, source
     # positions, the audit spool) is for its own eyes.
     os.umask(0o077)
+    raise_open_files_limit()  # the start-up log line says the result
     try:
         return uvloop.run(main(cfg))
     except OSError as exc:

@@ -67,6 +67,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("auth", "jwks_refetch_interval", "RT_AUTH_JWKS_REFETCH_INTERVAL", float, 30.0, "Minimum seconds between JWKS refetches on an unknown kid"),
     Setting("limits", "max_subscriptions", "RT_MAX_SUBSCRIPTIONS", int, 100, "Subscriptions per connection (error 4008 beyond)"),
     Setting("limits", "max_connections", "RT_MAX_CONNECTIONS", int, 10000, "Connections per workspace (close 4008 beyond)"),
+    Setting("limits", "max_node_connections", "RT_MAX_NODE_CONNECTIONS", int, 0, "WebSocket connections this node holds at most, all workspaces together (further upgrades get 503); 0: the open-files limit (raised to the hard limit at start) less 1024 kept for the gateway's own sockets and files, or half of a small limit"),
     Setting("limits", "max_connections_per_subject", "RT_MAX_CONNECTIONS_PER_SUBJECT", int, 1000, "Connections per subject on this node, all workspaces together (close 4008 beyond)"),
     Setting("limits", "max_filter_bytes", "RT_MAX_FILTER_BYTES", int, 128 * 1024, "JSON bytes of the filters of one connection's subscriptions together (error 4008 beyond); a compiled filter takes ~30 times its size in memory"),
     Setting("limits", "max_message_bytes", "RT_MAX_MESSAGE_BYTES", int, 65536, "Largest inbound WebSocket message"),

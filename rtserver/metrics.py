@@ -17,6 +17,7 @@ from typing import Any
 class Metrics:
     def __init__(self) -> None:
         self.connections_total = 0
+        self.connections_refused = 0  # upgrades answered 503: the node at limits.max_node_connections
         self.events_in: Counter[str] = Counter()  # by source kind
         self.deliveries = 0  # frames written for events (after coalescing, counted per frame)
         self.frames_out = 0  # all frames written, events and control
@@ -67,6 +68,8 @@ class Metrics:
                 lines.append(f"{name}{_labels(labels)} {value}")
 
         counter("rt_connections_total", "WebSocket connections accepted", [({}, self.connections_total)])
+        counter("rt_connections_refused_total", "WebSocket upgrades refused with 503: the node holds limits.max_node_connections",
+                [({}, self.connections_refused)])
         counter(
             "rt_events_in_total",
             "Events received from sources",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -68,8 +69,14 @@ async def test_zero_config_serve_and_dev_token(tmp_path):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RT_")}
     env["RT_PORT"] = str(port)
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+
+    def low_soft_limit() -> None:  # as a service manager's usual 1024, lower still
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+
     proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "rtserver", "serve", cwd=str(tmp_path), env=env,
-                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+                                                preexec_fn=low_soft_limit)
     try:
         class _GW:
             def ws_url(self, ws: str) -> str:
@@ -84,6 +91,10 @@ async def test_zero_config_serve_and_dev_token(tmp_path):
             except OSError:
                 assert time.monotonic() < deadline, "gateway did not start"
                 await asyncio.sleep(0.1)
+        # The open-files limit is raised to the hard one: a soft 1024 would stop it near 1000 clients.
+        with open(f"/proc/{proc.pid}/limits") as fh:
+            soft = next(line.split()[3] for line in fh if line.startswith("Max open files"))
+        assert soft == ("unlimited" if hard == resource.RLIM_INFINITY else str(hard)), soft
         token = _run(["token", "--workspace", "demo", "--publish"], cwd=str(tmp_path)).stdout.strip()
         assert token.count(".") == 2
         async with ws_connect(_GW(), "demo", token=token) as c:

@@ -10,6 +10,7 @@ import re
 import time
 
 import jwt
+import pytest
 import websockets
 
 from tests.harness.wsclient import ws_connect
@@ -417,6 +418,31 @@ async def test_filter_bytes_per_connection_4008(gateway_factory):
         await c.subscribe("events:c", sized(200))  # what an unsubscribe freed
         await gw.publish("w1", "b", {"k": 3})
         assert (await c.recv_event())["channel"] == "events:b"
+
+
+async def test_node_connection_limit_answers_503_to_further_upgrades(gateway_factory):
+    """limits.max_node_connections counts every workspace's WebSocket connections: past it an
+    upgrade gets 503 (before the open-files limit, where the gateway's own sockets would fail
+    too); a connection that ends makes room again."""
+    gw = await gateway_factory(env={"RT_MAX_NODE_CONNECTIONS": "2"})
+    async with ws_connect(gw, "w1", token=gw.token("w1")), ws_connect(gw, "w2", token=gw.token("w2")):
+        with pytest.raises(websockets.InvalidStatus) as info:
+            async with ws_connect(gw, "w3", token=gw.token("w3")):
+                pass
+        assert info.value.response.status_code == 503
+        assert b"limit of 2 connections" in info.value.response.body
+    for _ in range(100):  # once the gateway has seen the two closes
+        try:
+            async with ws_connect(gw, "w3", token=gw.token("w3")) as c:
+                await c.subscribe("events:x")
+                break
+        except websockets.InvalidStatus:
+            await asyncio.sleep(0.05)
+    else:
+        pytest.fail("no room after the connections ended")
+    _, metrics = await gw.get("/metrics")
+    refused = re.search(rb"^rt_connections_refused_total (\d+)", metrics, re.M)
+    assert refused is not None and int(refused.group(1)) >= 1
 
 
 async def test_connection_quota_per_workspace_closes_4008(gateway_factory):

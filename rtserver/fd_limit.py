@@ -1,0 +1,46 @@
+"""The process's limit of open files: raised to what the system allows, and the share of it that
+WebSocket connections may take.
+
+A Linux service usually starts with a soft limit of 1024 open files (the hard limit is far
+higher), which would stop a gateway at about a thousand clients with EMFILE: new connections
+reset, and the gateway's own sockets (PostgreSQL, MongoDB, Kafka, the JWKS fetch) and files
+failing with them. The Go runtime raises its soft limit to the hard one at start for the same
+reason; so does `rtserver serve`.
+"""
+
+from __future__ import annotations
+
+import resource
+
+# Kept for what is not a client connection: change feeds, Kafka, JWKS fetches, state files, HTTP
+# requests in progress. With a small limit, half of it.
+RESERVED = 1024
+
+
+def raise_open_files_limit() -> tuple[int, int]:
+    """Raise the soft limit of open files to the hard limit; returns (before, after)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard <= soft:
+        return soft, soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError):
+        return soft, soft
+    return soft, hard
+
+
+def open_files_limit() -> int:
+    """The soft limit of open files now (-1: unlimited)."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return -1 if soft == resource.RLIM_INFINITY else soft
+
+
+def connection_share(configured: int) -> int:
+    """limits.max_node_connections: `configured`, or for 0 the open-files limit less what the
+    gateway keeps for itself (RESERVED, or half of a small limit)."""
+    if configured > 0:
+        return configured
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 30
+    return max(1, soft - RESERVED, soft // 2)
