@@ -75,6 +75,9 @@ _MAX_QUEUED = 4096
 # a read grows with the peer's backlog: 100,000 pings in one 3 MB read held the loop 1.4 s, and
 # 100 `subscribe` with `since` (a replay each of a 10,000-event history) 1.6 s and 400 MB.
 _PER_TURN = 32
+# A replay of this many history entries counts as one message of a turn's budget: one of 1,000
+# entries spends a turn.
+_REPLAY_ENTRIES_PER_MESSAGE = 32
 _SLOW_CLOSE_GRACE = 5.0
 # A replay leaves in pieces of a quarter of limits.send_buffer_bytes (at least this), each
 # once the client has taken all but one piece (checked every _REPLAY_POLL seconds).
@@ -678,10 +681,8 @@ class Connection(WSListener):
         """
         ws = self.workspace
         assert ws is not None
-        # A replay is a turn's work (a scan of up to history.events entries, a frame for each
-        # match): the connection's next message waits for the next turn, after the flush.
-        self._turn_handled = _PER_TURN
         replay = ws.history.since(since)
+        self._charge_replay(len(replay.entries))
         bus = self.gw.bus
         if replay.gap and getattr(bus, "can_read_back", None) is not None and bus.can_read_back(ws.id, since):
             for sub in subs:
@@ -730,10 +731,19 @@ class Connection(WSListener):
             )
         elif lost:
             self._send_loss_gaps(live, since, lost, ws.history.oldest())
-        self._turn_handled = _PER_TURN  # as _replay: the memory tail is a turn's work
-        pending = self._replay_entries(live, upto, ws.history.since(upto))
+        tail = ws.history.since(upto)
+        self._charge_replay(len(tail.entries))
+        pending = self._replay_entries(live, upto, tail)
         if pending is not None:
             await pending
+
+    def _charge_replay(self, entries: int) -> None:
+        """A replay counts against the turn's budget as a message per _REPLAY_ENTRIES_PER_MESSAGE
+        entries it looks at (a scan, a frame for each match): after a long one the connection's
+        next message waits for the next turn, after the flush; a short one (a resume after a
+        blip) does not hold back the messages behind it, which other connections' work (a
+        publish) would otherwise overtake."""
+        self._turn_handled += entries // _REPLAY_ENTRIES_PER_MESSAGE
 
     def _send_gaps(self, subs: list[Subscription], message: str, oldest: int) -> None:
         """history_gap (4011) on each channel: the client reloads what the stream cannot give."""

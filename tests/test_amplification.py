@@ -122,6 +122,31 @@ async def test_pipelined_replays_run_one_per_turn(gw, monkeypatch):
         await drain.close()
 
 
+async def test_a_message_behind_a_short_replay_is_handled_in_the_same_turn(gw, monkeypatch):
+    """Only a long replay spends the turn: a subscribe with `since` over a few events and the
+    unsubscribe right behind it (one read) are handled together, so a publish arriving in the
+    meantime cannot reach the subscription the client has already let go (a resume followed by
+    a re-sent unsubscribe, as the JS client does)."""
+    count = _count_handled(monkeypatch)
+    s, drain = await _authed(gw)
+    try:
+        for i in range(10):
+            gw.hub.deliver(_event(i))
+        since = gw.hub.workspaces["w1"].history.oldest() - 1
+        data = b"".join(_masked_text(json.dumps(m).encode()) for m in (
+            {"type": "subscribe", "channel": "events:t", "since": since},
+            {"type": "unsubscribe", "channel": "events:t"},
+        ))
+        base = count[0]
+        async with LoopProbe(lambda: count[0]) as probe:
+            await asyncio.get_running_loop().sock_sendall(s, data)
+            await _until(lambda: count[0] - base == 2, what="both handled")
+        assert probe.most_between == 2, probe.most_between
+        assert gw.metrics.replayed >= 10
+    finally:
+        await drain.close()
+
+
 async def test_token_refreshes_are_paced(tmp_path, monkeypatch):
     """A refresh is a signature check and an audit record (~190 us each: one connection
     refreshing in a loop took a core and wrote 5,000 audit records a second, measured). One
