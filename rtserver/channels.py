@@ -10,6 +10,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
+
 from rtcore.event import OPERATIONS
 
 # Anchored with \Z: `$` also matches before a trailing newline, so "orders\n" (a publish URL's
@@ -39,6 +41,7 @@ class SubscriptionSpec:
     predicates: dict[str, Any] | None
     transitions: bool
     filter: dict[str, Any] | None  # the client's filter, kept to restore resumed sessions
+    filter_bytes: int = 0  # the filter in JSON bytes (limits.max_filter_bytes)
 
 
 def canonical_entity(source: str, name: str) -> str:
@@ -108,5 +111,6 @@ def parse(channel: str, filter_: Any) -> SubscriptionSpec:
         if not isinstance(tr, bool):
             raise InvalidFilter(f"{channel}: filter.transitions must be true or false")
         transitions = tr
-    return SubscriptionSpec(channel, source, entity, operations, predicates, transitions, filter_)
+    size = len(msgspec.json.encode(filter_)) if filter_ else 0
+    return SubscriptionSpec(channel, source, entity, operations, predicates, transitions, filter_, size)
 

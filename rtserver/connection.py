@@ -11,6 +11,7 @@ closed with 1013 without slowing anyone else.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections import deque
@@ -37,7 +38,7 @@ from rtcore.messages import (
 from rtcore.timefmt import iso_ms
 from rtserver import channels
 from rtserver.auth import AuthError, Identity
-from rtserver.hub import Subscription, Workspace, filter_bytes, replay_viewer
+from rtserver.hub import Subscription, Workspace, replay_viewer
 from rtserver.sessions import Session
 from rtserver.sources.base import ChannelUnavailable
 
@@ -561,12 +562,11 @@ class Connection(WSListener):
             return
         # A compiled filter takes 27-39 bytes of memory per byte received: without a bound, 100
         # subscriptions of 38 KB filters held 110 MB for one connection (measured).
-        size = filter_bytes(msg.filter)
-        held = sum(sub.filter_bytes for channel, sub in self.subscriptions.items() if channel != msg.channel)
-        if held + size > gw.cfg.limits.max_filter_bytes:
+        held = sum(sub.spec.filter_bytes for channel, sub in self.subscriptions.items() if channel != msg.channel)
+        if held + spec.filter_bytes > gw.cfg.limits.max_filter_bytes:
             self.send_error(
                 4008,
-                f"filters of this connection would take {held + size} bytes of JSON, over the limit of "
+                f"filters of this connection would take {held + spec.filter_bytes} bytes of JSON, over the limit of "
                 f"{gw.cfg.limits.max_filter_bytes}",
                 channel=msg.channel,
                 mid=msg.id,
@@ -599,9 +599,7 @@ class Connection(WSListener):
         if self.closed:
             return
         if entity != spec.entity:
-            spec = channels.SubscriptionSpec(
-                spec.channel, spec.source, entity, spec.operations, spec.predicates, spec.transitions, spec.filter
-            )
+            spec = dataclasses.replace(spec, entity=entity)
         pending = self._add(spec, msg.since, msg.id)
         if pending is not None:
             await pending
@@ -722,7 +720,7 @@ class Connection(WSListener):
             upto, oldest = since, None
         if self.closed or self.workspace is not ws:
             return
-        live = [sub for sub in subs if self.subscriptions.get(sub.spec.channel) is sub]
+        live = self._still_subscribed(subs)
         for sub in live:
             self.gw.hub.add(ws, sub)
         if oldest is not None:
@@ -736,6 +734,10 @@ class Connection(WSListener):
         pending = self._replay_entries(live, upto, tail)
         if pending is not None:
             await pending
+
+    def _still_subscribed(self, subs: list[Subscription]) -> list[Subscription]:
+        """Those of `subs` not unsubscribed or replaced while their replay was under way."""
+        return [sub for sub in subs if self.subscriptions.get(sub.spec.channel) is sub]
 
     def _charge_replay(self, entries: int) -> None:
         """A replay counts against the turn's budget as a message per _REPLAY_ENTRIES_PER_MESSAGE
@@ -828,7 +830,7 @@ class Connection(WSListener):
                 done = self._push_piece(view, entries, done)
                 last = entries[done - 1].seq
                 continue
-            live = [sub for sub in subs if self.subscriptions.get(sub.spec.channel) is sub]
+            live = self._still_subscribed(subs)
             tail = ws.history.since(last)
             self._notify_gaps(live, last, tail)
             entries = tail.entries

@@ -17,16 +17,15 @@ import resource
 RESERVED = 1024
 
 
-def raise_open_files_limit() -> tuple[int, int]:
-    """Raise the soft limit of open files to the hard limit; returns (before, after)."""
+def raise_open_files_limit() -> None:
+    """Raise the soft limit of open files to the hard limit (open_files_limit says the result)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY or hard <= soft:
-        return soft, soft
+        return
     try:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     except (ValueError, OSError):
-        return soft, soft
-    return soft, hard
+        pass  # the soft limit stays; limits.max_node_connections follows it
 
 
 def open_files_limit() -> int:
@@ -40,7 +39,7 @@ def connection_share(configured: int) -> int:
     gateway keeps for itself (RESERVED, or half of a small limit)."""
     if configured > 0:
         return configured
-    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    if soft == resource.RLIM_INFINITY:
+    soft = open_files_limit()
+    if soft < 0:
         return 1 << 30
     return max(1, soft - RESERVED, soft // 2)

@@ -17,8 +17,6 @@ from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import msgspec
-
 from rtcore.engine import (
     Outbox,
     SubKey,
@@ -33,8 +31,6 @@ from rtserver.channels import SubscriptionSpec
 from rtserver.history import History, NodeBudget
 from rtserver.metrics import Metrics
 
-_json_encode = msgspec.json.encode
-
 if TYPE_CHECKING:
     from rtserver.config import Config
     from rtserver.connection import Connection
@@ -46,23 +42,17 @@ LEAVE = b',"transition":"leave"'
 ENTER = b',"transition":"enter"'
 
 
-def filter_bytes(filter_: dict[str, Any] | None) -> int:
-    """A subscription's filter as the client sent it, in JSON bytes (limits.max_filter_bytes)."""
-    return len(_json_encode(filter_)) if filter_ else 0
-
-
 class Subscription(SubKey):
     """One channel subscription of one connection; the key the index returns (a SubKey: the
     fan-out loop reaches the connection's outbox through it without a Python attribute)."""
 
-    __slots__ = ("conn", "spec", "_matcher", "filter_bytes", "__weakref__")
+    __slots__ = ("conn", "spec", "_matcher", "__weakref__")
 
     def __init__(self, conn: Connection, spec: SubscriptionSpec):
         super().__init__(conn.out)
         self.conn = conn
         self.spec = spec
         self._matcher = None
-        self.filter_bytes = filter_bytes(spec.filter)
 
     def view(self, event: Event) -> bytes | None:
         """How a replay shows `event` to this subscription, as the live path (Hub.deliver, with
