@@ -11,7 +11,6 @@ import secrets
 import socket
 import ssl
 import time
-from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
@@ -23,7 +22,7 @@ from rtcore.messages import CustomEventBody, encode
 from rtcore.timefmt import iso_ms, now_ms
 from rtserver import http
 from rtserver.audit import create_audit
-from rtserver.auth import Authenticator, AuthError, Identity, load_or_create_dev_secret
+from rtserver.auth import Authenticator, AuthError, load_or_create_dev_secret
 from rtserver.bus import BusUnavailable, create_bus
 from rtserver.channels import TOPIC_RE
 from rtserver.config import WORKSPACE_ID_RE, Config
@@ -46,7 +45,6 @@ log = logging.getLogger("rtserver.app")
 _json = msgspec.json.Encoder()
 _SWEEP_INTERVAL = 1.0
 _CORRELATION_MAX = 128
-_PUBLISH_IDENTITY_CACHE = 4096  # verified publisher tokens kept (LRU)
 
 
 class Gateway:
@@ -81,7 +79,6 @@ class Gateway:
         self.port = 0
         self.upgrading_remote = ""
         self.static: dict[str, tuple[str, bytes]] = {}
-        self._publish_identities: OrderedDict[tuple[str, str], Identity] = OrderedDict()
         self._corr_prefix = secrets.token_hex(8)
         self._corr_counter = itertools.count(1)
         self._known = KnownWorkspaces(os.path.join(self.state_dir, "workspaces"))
@@ -432,10 +429,12 @@ class Gateway:
         token = http.bearer(headers)
         if token is None:
             return 401, _err("missing Authorization: Bearer token")
-        identity = self._cached_publisher(token, workspace)
+        # A publisher's token is verified once (Authenticator.known): a signature check per
+        # event would be most of the publish path's cost.
+        identity = self.auth.known(token, workspace)
         if identity is None:
             try:
-                identity = await self._publisher_identity(token, workspace)
+                identity = await self.auth.authenticate(token, workspace)
             except AuthError as exc:
                 status = 403 if exc.code == 4003 else 401
                 return status, _err(f"{exc.name}: {exc}")
@@ -476,26 +475,6 @@ class Gateway:
                     "workspace": workspace, "topic": topic, "correlation_id": corr}})
             return exc.status, _err(str(exc))  # 503s are counted in rt_publish_requests_total
         return 202, _json.encode({"seq": seq, "correlationId": corr})
-
-    def _cached_publisher(self, token: str, workspace: str) -> Identity | None:
-        """The identity of a publisher's token verified before for this workspace, while
-        unexpired: a service publishing at high rate reuses one token, and a signature check
-        per event would be most of the publish path's cost."""
-        key = (token, workspace)
-        cached = self._publish_identities.get(key)
-        if cached is not None and cached.expires_at > time.time():
-            self._publish_identities.move_to_end(key)
-            return cached
-        return None
-
-    async def _publisher_identity(self, token: str, workspace: str) -> Identity:
-        """Verify a publisher's token (not cached yet) and remember it (_cached_publisher)."""
-        key = (token, workspace)
-        identity = await self.auth.authenticate(token, workspace)
-        self._publish_identities[key] = identity
-        if len(self._publish_identities) > _PUBLISH_IDENTITY_CACHE:
-            self._publish_identities.popitem(last=False)
-        return identity
 
     def _gauges(self) -> list[tuple[str, str, dict[str, Any], float]]:
         rows: list[tuple[str, str, dict[str, Any], float]] = [

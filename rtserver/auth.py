@@ -30,8 +30,8 @@ from rtserver.jwks import ASYMMETRIC_ALGORITHMS, JwksCache, KeyNotFound
 log = logging.getLogger("rtserver.auth")
 
 _json_decode = msgspec.json.decode
-_VERIFIED_MAX = 2048  # tokens remembered as verified (Authenticator._verify)
-_VERIFIED_TOKEN_MAX = 4096  # longer ones are verified each time: bounds the memory to ~8 MiB
+_VERIFIED_MAX = 4096  # (token, workspace) pairs remembered as verified (Authenticator.known)
+_VERIFIED_BYTES = 8 * 1024 * 1024  # and their tokens' characters at most: 512 of the longest
 MAX_TOKEN_BYTES = 16 * 1024  # real tokens are 1-4 KiB; bounds the work an anonymous peer can cause
 DEV_SECRET_FILE = "dev-secret"
 
@@ -164,8 +164,10 @@ class Authenticator:
             secret = dev_secret if dev_secret is not None else load_or_create_dev_secret(cfg.server.state_dir)
             self.dev_mode = True
         self._secret: bytes | None = secret.encode() if secret else None
-        # Token -> its verified claims and the JWKS generation that verified them (_verify).
-        self._verified: OrderedDict[str, tuple[dict[str, Any], int | None]] = OrderedDict()
+        # (token, workspace) -> the identity granted and the generation of the JWKS key set that
+        # verified the token (None: HS256); see known().
+        self._verified: OrderedDict[tuple[str, str], tuple[Identity, int | None]] = OrderedDict()
+        self._verified_bytes = 0
         self.jwks: JwksCache | None = None
         if auth.jwks_url:
             self.jwks = JwksCache(
@@ -186,7 +188,51 @@ class Authenticator:
 
     async def authenticate(self, token: str, workspace: str) -> Identity:
         """Verify `token` and check it grants `workspace`. Raises AuthError."""
-        claims = await self._verify(token)
+        identity = self.known(token, workspace)
+        if identity is not None:
+            return identity
+        claims, generation = await self._verify_now(token)
+        identity = self._identity(claims, workspace)
+        self._remember((token, workspace), identity, generation)
+        return identity
+
+    def known(self, token: str, workspace: str) -> Identity | None:
+        """The identity of a token verified before for `workspace`, while it has not expired
+        and the key set that verified it is current; None: authenticate() it.
+
+        A client reconnecting or refreshing, every connection of a service using one token,
+        and a service publishing at a high rate present the same token again, and a
+        verification is a third of what a connection costs the gateway and most of a publish
+        request (PyJWT checks each character in Python: ~50 µs for a short token, ~120 µs at
+        Keycloak's usual length). A key the provider withdrew stops its tokens as it did before:
+        a token verified with a JWKS key counts only while that key set is the current one
+        (JwksCache.still_current). What a token grants is not widened: the pair is the key, and
+        a workspace the token does not grant is never remembered."""
+        key = (token, workspace)
+        entry = self._verified.get(key)
+        if entry is None:
+            return None
+        identity, generation = entry
+        if identity.expires_at + self._leeway > time.time() and (
+            generation is None or (self.jwks is not None and self.jwks.still_current(generation))
+        ):
+            self._verified.move_to_end(key)
+            return identity
+        del self._verified[key]
+        self._verified_bytes -= len(token)
+        return None
+
+    def _remember(self, key: tuple[str, str], identity: Identity, generation: int | None) -> None:
+        verified = self._verified
+        if key in verified:  # verified again meanwhile by a concurrent authenticate
+            return
+        verified[key] = (identity, generation)
+        self._verified_bytes += len(key[0])
+        while len(verified) > _VERIFIED_MAX or self._verified_bytes > _VERIFIED_BYTES:
+            (token, _), _entry = verified.popitem(last=False)
+            self._verified_bytes -= len(token)
+
+    def _identity(self, claims: dict[str, Any], workspace: str) -> Identity:
         subject = claims["sub"]
         if not self._grants_workspace(claims, workspace):
             raise _denied(f"token does not grant workspace {workspace}", subject)
@@ -207,31 +253,6 @@ class Authenticator:
 
     def may_publish(self, identity: Identity) -> bool:
         return identity.can_publish
-
-    async def _verify(self, token: str) -> dict[str, Any]:
-        """The claims of `token`, verified now or, for a token verified before, while it has not
-        expired. A client reconnecting or refreshing, and every connection of a service using
-        one token, present the same token again, and a verification is a third of what a
-        connection costs the gateway (PyJWT checks each character in Python: ~50 µs for a
-        short token, ~120 µs at Keycloak's usual length). A token verified with a JWKS key counts
-        as verified only while that key set is the current one: a key the provider withdrew
-        stops its tokens as it did before (JwksCache.still_current)."""
-        verified = self._verified
-        known = verified.get(token)
-        if known is not None:
-            claims, generation = known
-            if claims["exp"] + self._leeway > time.time() and (
-                generation is None or (self.jwks is not None and self.jwks.still_current(generation))
-            ):
-                verified.move_to_end(token)
-                return claims
-            del verified[token]
-        claims, generation = await self._verify_now(token)
-        if len(token) <= _VERIFIED_TOKEN_MAX:
-            verified[token] = (claims, generation)
-            if len(verified) > _VERIFIED_MAX:
-                verified.popitem(last=False)
-        return claims
 
     async def _verify_now(self, token: str) -> tuple[dict[str, Any], int | None]:
         """The verified claims, and the generation of the JWKS key set that verified them

@@ -196,9 +196,14 @@ async def test_remembered_verifications_are_bounded(hs_auth: Authenticator, monk
     for i in range(25):
         await hs_auth.authenticate(jwt.encode(claims(sub=f"user-{i}"), SECRET, algorithm="HS256"), WS)
     assert len(hs_auth._verified) == 10
-    long_token = jwt.encode(claims(pad="x" * 5000), SECRET, algorithm="HS256")
-    await hs_auth.authenticate(long_token, WS)
-    assert long_token not in hs_auth._verified
+    # By their tokens' size too: a few long tokens take the place of many short ones.
+    long_tokens = [jwt.encode(claims(sub=f"big-{i}", pad="x" * 5000), SECRET, algorithm="HS256") for i in range(3)]
+    monkeypatch.setattr("rtserver.auth._VERIFIED_BYTES", len(long_tokens[0]) * 5 // 2)  # two of them
+    for token in long_tokens:
+        await hs_auth.authenticate(token, WS)
+    assert [token for token, _ in hs_auth._verified] == long_tokens[1:]
+    assert hs_auth._verified_bytes == sum(map(len, long_tokens[1:]))
+    assert hs_auth.known(long_tokens[0], WS) is None and hs_auth.known(long_tokens[2], WS) is not None
 
 
 async def test_missing_exp_and_sub(hs_auth: Authenticator) -> None:
@@ -800,6 +805,37 @@ async def test_a_remembered_token_stops_verifying_once_its_key_is_withdrawn(
             pytest.fail("a token whose key the provider withdrew still verifies")
     finally:
         await auth.close()
+
+
+async def test_a_publishers_remembered_token_stops_once_its_key_is_withdrawn(
+    tmp_path: Any, jwks_server: JwksServer
+) -> None:
+    # The publish API takes a token verified before from the same memory as connections do,
+    # so the provider's withdrawal of a key stops a publisher as it stops a client.
+    from rtserver.app import Gateway
+
+    gw = Gateway(make_cfg(tmp_path, RT_AUTH_JWKS_URL=jwks_server.url, RT_AUTH_JWKS_REFETCH_INTERVAL=0.1))
+    headers = {"authorization": f"Bearer {jwks_server.sign(claims(realtime_publish=True), 'rsa-1')}"}
+    try:
+        for _ in range(3):
+            status, body = await gw.publish_http(WS, "orders", headers, b"{}", "127.0.0.1")
+            assert status == 202, body
+        assert jwks_server.requests == 1  # verified once
+        assert gw.auth.jwks is not None
+        gw.auth.jwks.max_age = 0.2
+        jwks_server.rotate("rsa-next", "RSA")
+        await asyncio.sleep(0.25)
+        accepted = 3
+        for _ in range(100):
+            status, body = await gw.publish_http(WS, "orders", headers, b"{}", "127.0.0.1")
+            if status != 202:
+                break
+            accepted += 1
+            await asyncio.sleep(0.02)
+        assert status == 401 and b"rsa-1" in body, body
+        assert len(gw.hub.workspace(WS).history) == accepted  # the refused one was not published
+    finally:
+        await gw.auth.close()
 
 
 def test_parse_jwks_keeps_only_public_signing_keys() -> None:
