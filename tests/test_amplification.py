@@ -147,6 +147,45 @@ async def test_a_message_behind_a_short_replay_is_handled_in_the_same_turn(gw, m
         await drain.close()
 
 
+async def test_long_replays_are_paid_over_the_turns_after_them(tmp_path, monkeypatch):
+    """A `subscribe` with `since` whose filter matches nothing still reads the whole history:
+    ~16 ms for 10,000 events, for a 100-byte message and nothing sent back. Counted as one
+    message per 32 entries read, such a scan is 312 messages, and what exceeds the turn's 32
+    is taken from the turns after it: scans sent back to back run one every ~10 turns, the
+    connection's share of the loop, where each turn ran one before (measured: 1 turn apart)."""
+    gateway = Gateway(_cfg(tmp_path, RT_HISTORY_EVENTS="10000", RT_MAX_CONNECTIONS_PER_SUBJECT="10"))
+    await gateway.start()
+    turns_at: list[int] = []
+    probe = LoopProbe()
+    original = connection_module.Connection._dispatch
+
+    def recording(self, data: bytes) -> None:
+        turns_at.append(probe.turns)
+        original(self, data)
+
+    try:
+        s, drain = await _authed(gateway)
+        try:
+            for i in range(10_000):
+                gateway.hub.deliver(_event(i))
+            monkeypatch.setattr(connection_module.Connection, "_dispatch", recording)
+            k = 4
+            data = b"".join(_masked_text(json.dumps(
+                {"type": "subscribe", "channel": "events:t", "since": 0, "filter": {"predicates": {"i": -1 - j}}}
+            ).encode()) for j in range(k))  # each one changes the filter: a scan each
+            async with probe:
+                await asyncio.get_running_loop().sock_sendall(s, data)
+                await _until(lambda: len(turns_at) == k, what="every subscribe handled")
+            gaps = [b - a for a, b in zip(turns_at, turns_at[1:], strict=False)]
+            print(f"turns between the scans: {gaps}")
+            per_scan = 10_000 // connection_module._REPLAY_ENTRIES_PER_MESSAGE
+            assert min(gaps) >= per_scan // connection_module._PER_TURN - 1, gaps
+        finally:
+            await drain.close()
+    finally:
+        await gateway.shutdown()
+
+
 async def test_token_refreshes_are_paced(tmp_path, monkeypatch):
     """A refresh is a signature check and an audit record (~190 us each: one connection
     refreshing in a loop took a core and wrote 5,000 audit records a second, measured). One
