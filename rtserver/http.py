@@ -473,9 +473,27 @@ class FrontProtocol(asyncio.Protocol):
         self._release()
 
 
+class _HalfReadWSProtocol(WSProtocol):
+    """picows's protocol, offered at most half of its free read buffer per read.
+
+    picows doubles its read buffer whenever one read fills it past 90%, and never shrinks it:
+    a client that sent a burst once (its backlog filling each read) left its connection holding
+    a buffer the size of the burst for good (a 135 KB burst: 128 KiB kept, measured). Offered
+    half, a read never fills it: the buffer grows only for a frame larger than the part of it
+    that is free (bounded by the frame size picows accepts), as it must."""
+
+    def get_buffer(self, size_hint: int) -> memoryview:
+        buf = WSProtocol.get_buffer(self, size_hint)
+        half = len(buf) >> 1
+        return buf[:half] if half >= _MIN_READ else buf
+
+
+_MIN_READ = 1024  # below this, the whole free part: the frame in progress needs it (picows grows then)
+
+
 def new_ws_protocol(gw: Gateway) -> WSProtocol:
     limits = gw.cfg.limits
-    return WSProtocol(
+    return _HalfReadWSProtocol(
         None,
         None,
         False,
