@@ -473,6 +473,9 @@ class FrontProtocol(asyncio.Protocol):
         self._release()
 
 
+_MIN_READ = 512  # below this, the whole free part: the frame in progress needs it (picows grows then)
+
+
 class _HalfReadWSProtocol(WSProtocol):
     """picows's protocol, offered at most half of its free read buffer per read.
 
@@ -486,9 +489,6 @@ class _HalfReadWSProtocol(WSProtocol):
         buf = WSProtocol.get_buffer(self, size_hint)
         half = len(buf) >> 1
         return buf[:half] if half >= _MIN_READ else buf
-
-
-_MIN_READ = 1024  # below this, the whole free part: the frame in progress needs it (picows grows then)
 
 
 def new_ws_protocol(gw: Gateway) -> WSProtocol:
