@@ -17,6 +17,7 @@ import jwt
 import pytest
 
 from rtserver import config
+from rtserver.app import Gateway
 from rtserver.auth import (
     Authenticator,
     AuthError,
@@ -780,18 +781,24 @@ async def test_stale_key_set_is_refreshed_behind(jwks_server: JwksServer) -> Non
         await cache.close()
 
 
+async def withdraw_rsa1_once_stale(auth: Authenticator, jwks_server: JwksServer) -> None:
+    """The provider replaces key rsa-1 by another, and the key set `auth` holds is old enough
+    (max_age 0.2 s) that its next use refreshes it behind."""
+    assert auth.jwks is not None
+    auth.jwks.max_age = 0.2
+    jwks_server.rotate("rsa-next", "RSA")
+    await asyncio.sleep(0.25)
+
+
 async def test_a_remembered_token_stops_verifying_once_its_key_is_withdrawn(
     tmp_path: Any, jwks_server: JwksServer
 ) -> None:
     auth = Authenticator(make_cfg(tmp_path, RT_AUTH_JWKS_URL=jwks_server.url, RT_AUTH_JWKS_REFETCH_INTERVAL=0.1))
     await auth.start()
-    assert auth.jwks is not None
-    auth.jwks.max_age = 0.2
     try:
         token = jwks_server.sign(claims(), "rsa-1")
         await auth.authenticate(token, WS)  # verified and remembered
-        jwks_server.rotate("rsa-next", "RSA")
-        await asyncio.sleep(0.25)
+        await withdraw_rsa1_once_stale(auth, jwks_server)
         # Only this token arrives: its own use of the old set refreshes it behind, as a new
         # token's would, and once the new set is in it is verified again, against that set.
         for _ in range(100):
@@ -812,19 +819,14 @@ async def test_a_publishers_remembered_token_stops_once_its_key_is_withdrawn(
 ) -> None:
     # The publish API takes a token verified before from the same memory as connections do,
     # so the provider's withdrawal of a key stops a publisher as it stops a client.
-    from rtserver.app import Gateway
-
     gw = Gateway(make_cfg(tmp_path, RT_AUTH_JWKS_URL=jwks_server.url, RT_AUTH_JWKS_REFETCH_INTERVAL=0.1))
     headers = {"authorization": f"Bearer {jwks_server.sign(claims(realtime_publish=True), 'rsa-1')}"}
     try:
         for _ in range(3):
             status, body = await gw.publish_http(WS, "orders", headers, b"{}", "127.0.0.1")
             assert status == 202, body
-        assert jwks_server.requests == 1  # verified once
-        assert gw.auth.jwks is not None
-        gw.auth.jwks.max_age = 0.2
-        jwks_server.rotate("rsa-next", "RSA")
-        await asyncio.sleep(0.25)
+        assert jwks_server.requests == 1  # the key set fetched once
+        await withdraw_rsa1_once_stale(gw.auth, jwks_server)
         accepted = 3
         for _ in range(100):
             status, body = await gw.publish_http(WS, "orders", headers, b"{}", "127.0.0.1")
