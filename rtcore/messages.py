@@ -9,6 +9,23 @@ import msgspec
 
 MessageId = int | str | None
 
+# What msgspec raises besides DecodeError on text a client chose: invalid UTF-8 in a string
+# (UnicodeDecodeError) and JSON nested past the interpreter's recursion limit (RecursionError,
+# a 60 KB message of `[`). Uncaught, a WebSocket message so made left on_ws_frame and picows
+# dropped the connection with 1011 (§6: 4000, the connection stays open), a publish body got
+# 500 (§8: 400), and a token header so made 1011 / 500 (§6: 4002, §8: 401).
+UNREADABLE_JSON = (UnicodeDecodeError, RecursionError)
+
+
+def unreadable_json(exc: BaseException) -> str:
+    """Why msgspec could not read a text: for the 4000 (or HTTP 400) message."""
+    if isinstance(exc, RecursionError):
+        return "JSON nests too deeply"
+    if isinstance(exc, UnicodeDecodeError):
+        return "text is not valid UTF-8"
+    return str(exc)
+
+
 # ---- client -> server -------------------------------------------------------------------
 
 

@@ -18,7 +18,7 @@ import msgspec
 from picows import WSUpgradeRequest, WSUpgradeResponse, WSUpgradeResponseWithListener
 
 from rtcore.event import Event
-from rtcore.messages import CustomEventBody, encode
+from rtcore.messages import UNREADABLE_JSON, CustomEventBody, encode, unreadable_json
 from rtcore.timefmt import iso_ms, now_ms
 from rtserver import http
 from rtserver.audit import create_audit
@@ -446,6 +446,8 @@ class Gateway:
             payload = msgspec.json.decode(body)
         except msgspec.DecodeError as exc:
             return 400, _err(f"body is not valid JSON: {exc}")
+        except UNREADABLE_JSON as exc:
+            return 400, _err(f"body is not valid JSON: {unreadable_json(exc)}")
         corr = headers.get("x-correlation-id", "").strip()
         if not corr:
             # Unique without a uuid4 per event: a random per-process prefix and a counter.

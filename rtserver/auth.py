@@ -67,6 +67,10 @@ def _peek_header(token: str) -> dict[str, Any] | None:
         header = _json_decode(base64.urlsafe_b64decode(head + "=" * (-len(head) % 4)))
     except (ValueError, msgspec.DecodeError):  # binascii.Error is a ValueError
         return None
+    except RecursionError:
+        # Refused here: PyJWT's json.loads would raise RecursionError too, not a PyJWTError,
+        # and the connection closed with 1011 (a publish got 500) instead of 4002 (401).
+        raise _invalid("malformed token: its header nests too deeply") from None
     return header if isinstance(header, dict) else None
 
 

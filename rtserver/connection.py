@@ -23,6 +23,7 @@ from picows import WSFrame, WSListener, WSMsgType, WSTransport
 
 from rtcore.engine import FilterError, Outbox, close_frame, event_frame, flush_all, queue_one, text_frame
 from rtcore.messages import (
+    UNREADABLE_JSON,
     Auth,
     AuthOk,
     Error,
@@ -34,6 +35,7 @@ from rtcore.messages import (
     Unsubscribed,
     client_decoder,
     encode,
+    unreadable_json,
 )
 from rtcore.timefmt import iso_ms
 from rtserver import channels
@@ -90,7 +92,7 @@ def _message_id(data: bytes) -> Any:
     """Best-effort `id` of a message that failed validation, to echo in the error."""
     try:
         obj = msgspec.json.decode(data)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, *UNREADABLE_JSON):
         return None
     if isinstance(obj, dict):
         mid = obj.get("id")
@@ -341,6 +343,9 @@ class Connection(WSListener):
             return
         except msgspec.DecodeError as exc:
             self._invalid_message(f"not JSON: {exc}", None)
+            return
+        except UNREADABLE_JSON as exc:
+            self._invalid_message(f"not JSON: {unreadable_json(exc)}", None)
             return
         if self.identity is None:
             if isinstance(msg, Auth):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import socket
@@ -61,12 +62,19 @@ async def test_upgrade_to_bad_workspace_id_or_path_is_404(gateway):
 async def test_publish_errors(gateway):
     base = "/workspaces/w1/realtime/events"
     good = {"Authorization": f"Bearer {gateway.token('w1', publish=True)}"}
+    # A token whose header is JSON nested 6,000 deep.
+    deep_token = base64.urlsafe_b64encode(b"[" * 6000 + b"]" * 6000).rstrip(b"=").decode() + ".e30.c2ln"
     cases = [
         (f"{base}/orders", b"{bad json", good, 400),
+        # Unreadable JSON is bad JSON too (both were 500: the decoder's RecursionError and
+        # UnicodeDecodeError were not caught).
+        (f"{base}/orders", b"[" * 100000 + b"]" * 100000, good, 400),
+        (f"{base}/orders", b'"\xff"', good, 400),
         (f"{base}/bad%20topic", b"{}", good, 400),
         (f"{base}/orders", b"", good, 400),
         (f"{base}/orders", b"{}", {}, 401),
         (f"{base}/orders", b"{}", {"Authorization": "Bearer garbage"}, 401),
+        (f"{base}/orders", b"{}", {"Authorization": f"Bearer {deep_token}"}, 401),  # was 500
         (f"{base}/orders", b"{}", {"Authorization": f"Bearer {gateway.token('w1', publish=True, ttl=-60)}"}, 401),
         (f"{base}/orders", b"{}", {"Authorization": f"Bearer {gateway.token('w1')}"}, 403),
         (f"{base}/orders", b"{}", {"Authorization": f"Bearer {gateway.token('w2', publish=True)}"}, 403),

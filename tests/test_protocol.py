@@ -180,6 +180,27 @@ async def test_bad_signature_and_alg_none_are_4002(gateway):
             assert (await c.expect_close())[0] == 4002
 
 
+def _deep_token(depth: int = 6000) -> str:
+    """A token-shaped string whose header is JSON nested `depth` deep (under the 16 KiB bound)."""
+    import base64
+
+    head = base64.urlsafe_b64encode(b"[" * depth + b"]" * depth).rstrip(b"=").decode()
+    return f"{head}.e30.c2ln"
+
+
+async def test_token_with_a_deeply_nested_header_is_4002(gateway):
+    """Its header's JSON nests past the recursion limit: it is malformed (4002), not a crash of
+    the handler (1011, internal_error, before the fix)."""
+    async with ws_connect(gateway, "w1") as c:
+        await c.send({"type": "auth", "token": _deep_token(), "id": "d"})
+        err = await c.recv_type("error")
+        assert (err["code"], err["id"]) == (4002, "d") and "nests too deeply" in err["message"], err
+        assert await c.expect_close() == (4002, "token_invalid")
+    async with ws_connect(gateway, "w1", token=_deep_token(), header_auth=True) as c:
+        assert (await c.recv_type("error"))["code"] == 4002
+        assert await c.expect_close() == (4002, "token_invalid")
+
+
 async def test_subscribe_reply_echoes_id_and_unsubscribe(gateway):
     async with ws_connect(gateway, "w1", token=gateway.token("w1")) as c:
         await c.send({"type": "subscribe", "channel": "events:orders", "id": "s1"})
@@ -252,6 +273,32 @@ async def test_unknown_type_and_non_object_are_4000(gateway):
             assert err["code"] == 4000
         await c.send('{"type":"explode","id":3}')
         assert (await c.recv_type("error"))["id"] == 3
+
+
+async def test_unreadable_json_is_4000_and_the_connection_stays_open(gateway):
+    """JSON nested past the recursion limit and a text frame that is not UTF-8 are messages
+    that are not JSON (§6: 4000, the connection stays open), before auth and after. Both made
+    the decoder raise what the gateway did not catch: picows dropped the connection with 1011."""
+    from websockets.frames import Frame, Opcode
+
+    deep_array = "[" * 30000 + "]" * 30000  # 60 KB, under the 64 KiB message limit
+    deep_filter = json.dumps({"type": "subscribe", "channel": "events:x", "id": 5, "filter": {}})
+    deep_filter = deep_filter.replace("{}", '{"predicates":{"x":' + "[" * 5000 + "]" * 5000 + "}}")
+    not_utf8 = Frame(Opcode.TEXT, b'{"type":"ping","id":"\xff"}').serialize(mask=True, extensions=[])
+    async with ws_connect(gateway, "w1") as c:
+        for authenticated in (False, True):
+            for send, says in ((deep_array, "got `array`"), (deep_filter, "nests too deeply"), (not_utf8, "UTF-8")):
+                if isinstance(send, bytes):
+                    c.ws.transport.write(send)
+                else:
+                    await c.send(send)
+                err = await c.recv_type("error")
+                assert (err["code"], err["name"]) == (4000, "invalid_message"), err
+                assert says in err["message"], err
+            if not authenticated:
+                await c.auth(gateway.token("w1"))
+        await c.send({"type": "ping", "id": "still-open"})
+        assert await c.recv() == {"type": "pong", "id": "still-open"}
 
 
 async def test_twenty_invalid_messages_close_1008(gateway):
