@@ -500,6 +500,12 @@ class Connection(WSListener):
             identity = await gw.auth.authenticate(msg.token, self.workspace_id)
             if identity.subject != self.identity.subject:
                 raise AuthError(4003, "a refresh token must be for the same subject", subject=identity.subject)
+            # The leeway lets a token a few seconds past `exp` through authenticate(), but the
+            # session ends exactly at `exp`: taken as a refresh, such a token replaced a valid
+            # one and closed the connection with 4001 at once. It is expired: refused, and the
+            # connection carries on under the old token (§1).
+            if identity.expires_at <= time.time():
+                raise AuthError(4001, f"token expired at {_expires(identity)}", subject=identity.subject)
         except AuthError as exc:
             gw.metrics.auth_failures[exc.code] += 1
             gw.audit.emit(

@@ -117,6 +117,25 @@ async def test_refused_refresh_keeps_connection(gateway):
         assert (await c.recv())["type"] == "pong"
 
 
+async def test_refresh_with_a_token_just_past_exp_is_refused(gateway):
+    """A token a second or two past `exp` passes the presentation leeway, but the session ends
+    exactly at `exp`: as a refresh it replaced the valid token and closed the connection with
+    4001 at once. It is an expired token: refused (4001), the connection carries on."""
+    async with ws_connect(gateway, "w1") as c:
+        first = await c.auth(gateway.token("w1", sub="alice"))
+        await c.send({"type": "auth", "token": gateway.token("w1", sub="alice", ttl=-2), "id": "late"})
+        err = await c.recv_type("error")
+        assert (err["code"], err["name"], err["id"]) == (4001, "token_expired", "late"), err
+        await c.send({"type": "ping", "id": "p"})
+        assert await c.recv() == {"type": "pong", "id": "p"}
+        await c.no_message(0.3)
+        assert c.close_code is None
+        # A later refresh with a valid token is still taken (same session).
+        await asyncio.sleep(1.1)  # limits.min_refresh_interval
+        again = await c.auth(gateway.token("w1", sub="alice", ttl=7200))
+        assert again["sessionId"] == first["sessionId"]
+
+
 async def test_workspace_not_granted_closes_4003(gateway):
     async with ws_connect(gateway, "w2") as c:
         await c.send({"type": "auth", "token": gateway.token("w1"), "id": "a1"})
