@@ -156,6 +156,13 @@ class _Parser:
         return nodes[0] if len(nodes) == 1 else ("and", nodes)
 
     def logical(self, op: str, value: Any, where: str, depth: int) -> tuple:
+        if op == "$not":
+            # As in MongoDB, $not negates a field's operators; docs that list it beside
+            # $and/$or read as if it took a predicate set, and "unknown operator" left a
+            # client to guess where it goes.
+            raise FilterError(
+                f'{where}: $not applies to the operators of a field, e.g. {{"price": {{"$not": {{"$gt": 100}}}}}}'
+            )
         if op not in ("$and", "$or"):
             raise FilterError(f"{where}: unknown operator {op}")
         if not isinstance(value, list) or not value:

@@ -147,7 +147,7 @@ def test_nan_and_non_object_records(impl):
 INVALID = [
     ({"price": {"$foo": 1}}, "predicates.price: unknown operator $foo"),
     ({"$nor": [{"a": 1}]}, "predicates: unknown operator $nor"),
-    ({"$not": {"a": 1}}, "predicates: unknown operator $not"),
+    ({"$not": {"a": 1}}, 'predicates: $not applies to the operators of a field, e.g. {"price": {"$not": {"$gt": 100}}}'),
     ({"$or": []}, "predicates: $or expects a non-empty array"),
     ({"$and": {"a": 1}}, "predicates: $and expects a non-empty array"),
     ({"$or": [1]}, "predicates.$or[0]: must be an object"),
