@@ -4,6 +4,7 @@ with the `websockets` library as the client."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import re
@@ -201,8 +202,6 @@ async def test_bad_signature_and_alg_none_are_4002(gateway):
 
 def _deep_token(depth: int = 6000) -> str:
     """A token-shaped string whose header is JSON nested `depth` deep (under the 16 KiB bound)."""
-    import base64
-
     head = base64.urlsafe_b64encode(b"[" * depth + b"]" * depth).rstrip(b"=").decode()
     return f"{head}.e30.c2ln"
 
