@@ -573,3 +573,30 @@ async def test_full_identity_unchanged_nan_is_not_a_changed_column(db, make_sour
     await db.execute("UPDATE fn SET x = 'NaN'")
     events = await sink.wait_for(4)
     assert [json.loads(e.body)["changedColumns"] for e in events[1:]] == [["n"], ["x"], ["x"]]
+
+
+async def test_builtin_arrays_outside_the_decoders_table_are_arrays(db, make_source):
+    """docs/postgres.md: arrays -> arrays. Built-in array types the decoder has no entry for
+    (interval[], inet[], money[], point[], tstzrange[]...) arrived as their literal text,
+    e.g. "{\\"1 day\\",02:00:00}"; box[] (delimiter ';') stays text, as documented."""
+    await db.execute(
+        """CREATE TABLE ba (id int PRIMARY KEY, iv interval[], ip inet[], mac macaddr[], mo money[],
+           bits bit(4)[], pt point[], r int4range[], x xml[], bx box[], n int)"""
+    )
+    await db.execute("ALTER TABLE ba ALTER iv SET STORAGE EXTERNAL")
+    src, sink = await make_source()
+    await db.execute(
+        """INSERT INTO ba VALUES (1, '{"1 day","2 hours",NULL}', '{10.0.0.1,::1}', '{08:00:2b:01:02:03}',
+           '{1.50}', '{1010}', '{"(1,2)"}', '{"[1,3)"}', '{<a/>}', '{(1,1),(0,0)}', 0)"""
+    )
+    await db.execute("UPDATE ba SET iv = array_fill('1 day'::interval, ARRAY[600])")
+    await db.execute("UPDATE ba SET n = 1")  # iv unchanged TOAST: fetched, converted alike
+    events = await sink.wait_for(3)
+    r = json.loads(events[0].body)["record"]
+    assert r == {
+        "id": 1, "iv": ["1 day", "02:00:00", None], "ip": ["10.0.0.1", "::1"], "mac": ["08:00:2b:01:02:03"],
+        "mo": ["$1.50"], "bits": ["1010"], "pt": ["(1,2)"], "r": ["[1,3)"], "x": ["<a/>"],
+        "bx": "{(1,1),(0,0)}", "n": 0,
+    }
+    fetched = json.loads(events[2].body)["record"]["iv"]
+    assert fetched == json.loads(events[1].body)["record"]["iv"] == ["1 day"] * 600

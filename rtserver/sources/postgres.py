@@ -44,7 +44,9 @@ except ImportError:  # pragma: no cover - only before `pip install -e .`
     from rtcore import pgoutput_ref as _pgoutput
 
 from rtcore.pgoutput_ref import (
+    ARRAY_ELEMENTS,
     PG_EPOCH_OFFSET_US,
+    SCALAR_CONVERTERS,
     UNCHANGED,
     StreamAbort,
     StreamCommit,
@@ -523,10 +525,14 @@ class PostgresSource:
         # TypeInfo: enums and other user types are decoded as text; arrays learnt above
 
     async def _learn_types(self, oids: Iterable[int], decoder: Any, catalog: Catalog) -> None:
-        """Teach the decoder the user-defined types of a table: arrays (of enums, of domains...)
-        and domains (converted as their base type). The catalog is asked once per type."""
+        """Teach the decoder the types of a table that its built-in tables do not cover: arrays
+        (of enums, of domains, and built-in ones such as interval[], inet[], money[]) and
+        domains (converted as their base type). The catalog is asked once per type."""
         def unknown(oid: int) -> bool:
-            return oid >= 16384 and oid not in decoder.arrays and oid not in decoder.domains
+            # every type without a converter entry, built-in ones too: a built-in array type
+            # missing from ARRAY_ELEMENTS (interval[], inet[]...) would otherwise stay text
+            return (oid not in SCALAR_CONVERTERS and oid not in ARRAY_ELEMENTS
+                    and oid not in decoder.arrays and oid not in decoder.domains)
 
         pending = {oid for oid in oids if unknown(oid)}
         for _ in range(3):  # the types, then the element types of their arrays (domains, enums)
