@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import re
 from typing import Any, NamedTuple
@@ -359,20 +360,35 @@ class Catalog:
         return bool(rows)
 
     async def fetch_columns(self, schema: str, name: str, key: dict[str, Any], columns: list[str]) -> dict[str, str | None] | None:
-        """Current text values of `columns` of the row whose key is `key` (None: no such row)."""
+        """Current text values of `columns` of the row whose key is `key` (None: no such row).
+
+        `key` holds the key as the event carries it (converted values), so each is turned back
+        into something PostgreSQL compares with the column: base64 is decoded for bytea, lists
+        become array literals, JSON is serialized, and the column's type keeps its modifier
+        (char(4), bit(4): without it the cast would cut the value to one character)."""
         types = self._key_types.get((schema, name))
         if types is None:
             rows = await self.fetch(
-                "SELECT a.attname AS col, format_type(a.atttypid, NULL) AS typ FROM pg_attribute a "
+                "SELECT a.attname AS col, format_type(a.atttypid, a.atttypmod) AS typ, "
+                "CASE WHEN b.typname = 'bytea' THEN 'bytea' WHEN b.typname IN ('json', 'jsonb') THEN 'json' "
+                "WHEN b.typcategory = 'A' THEN 'array' ELSE '' END AS form "
+                "FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid "
+                "JOIN pg_type b ON b.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END "
                 "WHERE a.attrelid = (quote_ident($1) || '.' || quote_ident($2))::regclass AND a.attnum > 0 AND NOT a.attisdropped",
                 schema, name,
             )
-            types = {r["col"]: r["typ"] for r in rows}
+            types = {r["col"]: (r["typ"], r["form"]) for r in rows}
             self._key_types[(schema, name)] = types
-        where = " AND ".join(f"{quote_ident(k)} = ${i + 1}::text::{types.get(k, 'text')}" for i, k in enumerate(key))
+        conditions, args = [], []
+        for i, (k, value) in enumerate(key.items()):
+            typ, form = types.get(k, ("text", ""))
+            param = f"${i + 1}::text"
+            if form == "bytea" and isinstance(value, str):
+                param = f"decode({param}, 'base64')"  # the event carries bytea as base64
+            conditions.append(f"{quote_ident(k)} = {param}::{typ}")
+            args.append(_key_text(value, form))
         cols = ", ".join(f"{quote_ident(c)}::text" for c in columns)
-        sql = f"SELECT {cols} FROM {quote_ident(schema)}.{quote_ident(name)} WHERE {where}"
-        args = [v if isinstance(v, str) else _text_of(v) for v in key.values()]
+        sql = f"SELECT {cols} FROM {quote_ident(schema)}.{quote_ident(name)} WHERE {' AND '.join(conditions)}"
         rows = await self.fetch(sql, *args)
         if not rows:
             return None
@@ -384,6 +400,29 @@ class Catalog:
 
 def _qualified(t: tuple[str, str]) -> str:
     return f"{quote_ident(t[0])}.{quote_ident(t[1])}"
+
+
+def _key_text(value: Any, form: str) -> str:
+    """A key value of an event as text PostgreSQL casts back to the column's type."""
+    if form == "json":
+        return json.dumps(value, ensure_ascii=False)
+    if form == "array" and isinstance(value, list):
+        return _array_literal(value)
+    return _text_of(value)
+
+
+def _array_literal(items: list) -> str:
+    """'{...}' for a (nested) list of converted values: elements quoted, None as NULL."""
+    out = []
+    for v in items:
+        if v is None:
+            out.append("NULL")
+        elif isinstance(v, list):
+            out.append(_array_literal(v))
+        else:
+            text = json.dumps(v) if isinstance(v, dict) else _text_of(v)
+            out.append('"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"')
+    return "{" + ",".join(out) + "}"
 
 
 def _text_of(value: Any) -> str:
