@@ -269,7 +269,7 @@ cdef object _numeric(const uint8_t* p, Py_ssize_t n):
     # more than 19 digits is beyond int64 anyway (and int() refuses more than 4300)
     if integral and n - start <= 19:
         value = _parse_int(p, n)
-        if -_INT64_MAX <= value <= _INT64_MAX:
+        if -_INT64_MAX - 1 <= value <= _INT64_MAX:  # int64's range: -2**63 too
             return value
     value = _float(p, n)
     if (value == _INF or value == -_INF) and 48 <= p[start] <= 57:

@@ -110,7 +110,7 @@ def _numeric(text: str) -> Any:
     # more than 19 digits is beyond int64 anyway (and int() refuses more than 4300)
     if digits.isdigit() and len(digits) <= _INT64_DIGITS:
         value = int(text)
-        if -_INT64_MAX <= value <= _INT64_MAX:
+        if -_INT64_MAX - 1 <= value <= _INT64_MAX:  # int64's range: -2**63 too
             return value
     value = float(text)
     if (value == _INF or value == -_INF) and digits[:1].isdigit():

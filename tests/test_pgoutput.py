@@ -226,3 +226,15 @@ def test_domains_convert_as_their_base_type(mod):
     dec.decode(_one_column(70003))
     dec.register_domain(70003, 1007)  # a domain over int4[]
     assert dec.decode(_insert(b"{{1,2}}")).new == {"v": [[1, 2]]}
+
+
+@pytest.mark.parametrize("mod", [pgoutput, pgoutput_ref])
+def test_numeric_integers_within_64_bits_stay_integers(mod):
+    """docs/postgres.md: only an integer beyond 64 bits becomes a double. The smallest int64,
+    -9223372036854775808, became -9.223372036854776e18 (the bound checked was -(2**63 - 1))."""
+    dec = mod.Decoder()
+    dec.decode(_one_column(1700))
+    for value in (-(2**63), 2**63 - 1, -(2**63 - 1)):
+        got = dec.decode(_insert(str(value).encode())).new["v"]
+        assert type(got) is int and got == value
+    assert type(dec.decode(_insert(str(-(2**63) - 1).encode())).new["v"]) is float
