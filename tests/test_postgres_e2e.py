@@ -206,3 +206,19 @@ async def test_a_reported_loss_reaches_readers_that_come_back_later(pg_gateway):
         await c.recv_type("subscribed")
         assert (await c.recv_event(timeout=10))["record"]["id"] == 2
         await c.no_message(0.3)
+
+
+async def test_truncate_reaches_a_filtered_view_through_the_wildcard_channel(pg_gateway):
+    """docs/postgres.md (TRUNCATE): record null, matched as a row without fields; a filtered
+    subscriber learns of it through a second, unfiltered TRUNCATE subscription on postgres:*."""
+    gw, db = pg_gateway
+    await db.execute("INSERT INTO products VALUES (1, 'tv', 'electronics', 150)")
+    async with ws_connect(gw, "w1", token=gw.token("w1")) as c, ws_connect(gw, "w1", token=gw.token("w1")) as ne:
+        assert (await _subscribe(c, "postgres:products", filter={"predicates": {"category": "electronics"}}))["type"] == "subscribed"
+        assert (await _subscribe(c, "postgres:*", filter={"entity": "products", "operations": ["TRUNCATE"]}))["type"] == "subscribed"
+        assert (await _subscribe(ne, "postgres:products", filter={"predicates": {"category": {"$ne": "food"}}}))["type"] == "subscribed"
+        await db.execute("TRUNCATE products")
+        for conn in (c, ne):
+            ev = await conn.recv_event(timeout=10)
+            assert (ev["operation"], ev["record"], ev["channel"]) == ("TRUNCATE", None, "postgres:products")
+            await conn.no_message(0.3)  # once per connection
