@@ -685,10 +685,44 @@ class PostgresSource:
         timestamp = timefmt.iso_ms((begin.commit_time + PG_EPOCH_OFFSET_US) // 1000)
         correlation = tx.correlation or f"pg-{begin.xid}-{format_lsn(begin.final_lsn)}"
         targets = list(self.workspaces())
+        try:
+            await self._publish_changes(tx, changes, targets, timestamp, correlation)
+            # Everything handed to the sink is recorded before the position says so.
+            await self._drain()
+        except (Exception, asyncio.CancelledError):
+            # Stopped (or failed) part-way: the changes already handed over are recorded, so a
+            # restart skips exactly those instead of publishing them again from the last
+            # checkpoint (up to MAX_PENDING_CHANGES duplicates).
+            await self._record_part(tx)
+            raise
+        problems, tx.problems = tx.problems, {}
+        for reason in problems.values():
+            self._announce_gap(reason)
+        if not final:
+            position.record(begin.final_lsn, tx.index)
+            tx.recorded = tx.index
+
+    async def _record_part(self, tx: _Tx) -> None:
+        """Position after the first tx.published changes of `tx`, when some were handed over
+        since the last record (drained first; a second cancellation leaves it as it was)."""
+        position = self._position
+        assert position is not None
+        if tx.published <= max(tx.skip_first, tx.recorded):
+            return
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            await self._drain()
+            position.record(tx.begin.final_lsn, tx.published)
+            tx.recorded = tx.published
+
+    async def _publish_changes(
+        self, tx: _Tx, changes: list[_Change], targets: list[str], timestamp: str, correlation: str
+    ) -> None:
+        """Hand each change to every workspace; tx.published counts the changes that are."""
         for change in changes:
             tx.index += 1
             if tx.index <= tx.skip_first:
                 self._duplicates += 1
+                tx.published = tx.index
                 continue
             rel = change.relation
             entity = entity_of(rel.schema, rel.name)
@@ -709,18 +743,14 @@ class PostgresSource:
             # transitions evaluate the filter on the old row: only a whole old row is one (a
             # key-only old tuple would look like a row that did not match)
             old = change.old if change.operation == "UPDATE" and change.old_kind == "O" else None
+            turn = False
             for ws in targets:
                 await self.sink.publish(Event(ws, "postgres", entity, change.operation, record, body, old))
                 self._events += 1
-                if self._events % YIELD_EVERY == 0:
-                    await asyncio.sleep(0)  # a turn for the clients (sources.base.YIELD_EVERY)
-        # Everything handed to the sink is recorded before the position says so.
-        await self._drain()
-        problems, tx.problems = tx.problems, {}
-        for reason in problems.values():
-            self._announce_gap(reason)
-        if not final:
-            position.record(begin.final_lsn, tx.index)
+                turn = turn or self._events % YIELD_EVERY == 0
+            tx.published = tx.index
+            if turn:
+                await asyncio.sleep(0)  # a turn for the clients (sources.base.YIELD_EVERY)
 
     async def _maintenance(self, inbox: _Inbox) -> None:
         """Publication kept up to date (new tables), slot health polled."""
@@ -777,7 +807,8 @@ class _Inbox:
 
 
 class _Tx:
-    __slots__ = ("begin", "changes", "correlation", "skip_all", "skip_first", "index", "problems")
+    __slots__ = ("begin", "changes", "correlation", "skip_all", "skip_first", "index", "published", "recorded",
+                 "problems")
 
     def __init__(self, begin: Begin) -> None:
         self.begin = begin
@@ -786,4 +817,6 @@ class _Tx:
         self.skip_all = False
         self.skip_first = 0
         self.index = 0
+        self.published = 0  # changes handed to every workspace (index of the last one)
+        self.recorded = 0  # changes the position file says are published
         self.problems: dict[str, str] = {}  # column -> history_gap reason, announced after the events
