@@ -20,6 +20,9 @@ OPERATIONS: dict[str, frozenset[str]] = {
     "events": frozenset({"PUBLISH"}),
 }
 ALL_OPERATIONS = frozenset().union(*OPERATIONS.values())
+# Operations on a whole table rather than on a row (no record of their own): they reach every
+# subscription of their channel whatever its predicates (a TRUNCATE empties a filtered view too).
+WHOLE_ENTITY_OPERATIONS = frozenset({"TRUNCATE"})
 
 
 class Event(msgspec.Struct, gc=False):

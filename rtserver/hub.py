@@ -26,7 +26,7 @@ from rtcore.engine import (
     flush_all,
     push_all,
 )
-from rtcore.event import Event
+from rtcore.event import WHOLE_ENTITY_OPERATIONS, Event
 from rtserver.channels import SubscriptionSpec
 from rtserver.history import History, NodeBudget
 from rtserver.metrics import Metrics
@@ -57,8 +57,10 @@ class Subscription(SubKey):
     def view(self, event: Event) -> bytes | None:
         """How a replay shows `event` to this subscription, as the live path (Hub.deliver, with
         the index) does: None (not sent), b"" (plain), or the transition suffix (ENTER, LEAVE)."""
-        if not self._in_scope(event):
+        if not self.in_scope(event):
             return None
+        if event.operation in WHOLE_ENTITY_OPERATIONS:
+            return b""
         now = self._matches_record(event.record)
         if not self.spec.transitions or event.operation != "UPDATE" or event.old_record is None:
             return b"" if now else None
@@ -67,7 +69,9 @@ class Subscription(SubKey):
             return b"" if before else ENTER
         return LEAVE if before else None
 
-    def _in_scope(self, event: Event) -> bool:
+    def in_scope(self, event: Event) -> bool:
+        """`event` is on this subscription's channel and of an operation it takes (predicates
+        aside)."""
         spec = self.spec
         if event.source != spec.source:
             return False
@@ -114,6 +118,20 @@ def replay_viewer(subs: list[Subscription]) -> Callable[[Event], bytes | None]:
         return replay_view(exact if wild is None else exact + wild, event)
 
     return view
+
+
+def _whole_entity_subscribers(ws: Workspace, event: Event) -> list[Subscription]:
+    """A subscription per connection of `ws` whose channel and operations take `event` (a
+    TRUNCATE), whatever their predicates: the index evaluates predicates on the record, and a
+    TRUNCATE has none, so a filtered view of a table would never learn it was emptied. Such
+    events are rare: a scan of the workspace's subscriptions is cheap enough."""
+    found = []
+    for conn in ws.connections:
+        for sub in conn.subscriptions.values():
+            if sub.in_scope(event):
+                found.append(sub)
+                break
+    return found
 
 
 def _one_frame_per_connection(
@@ -322,6 +340,8 @@ class Hub:
                 self._push_all(enter, event_frame(event.body, entry.seq, ENTER), ws.lane)
             if leave:
                 self._push_all(leave, event_frame(event.body, entry.seq, LEAVE), ws.lane)
+        elif event.operation in WHOLE_ENTITY_OPERATIONS:
+            subs = _whole_entity_subscribers(ws, event)
         else:
             subs = index.match(event.source, event.entity, event.operation, event.record)
         if subs:

@@ -189,7 +189,10 @@ async def test_a_reported_loss_reaches_readers_that_come_back_later(pg_gateway):
     await db.execute("INSERT INTO fresh VALUES (1)")
     async with ws_connect(gw, "w1", token=token) as other:
         await other.subscribe("postgres:fresh")  # answered after the sync that finds the loss
-    await db.execute("INSERT INTO products VALUES (2, 'b', 'x', 2)")
+        await other.subscribe("postgres:products")
+        await db.execute("INSERT INTO products VALUES (2, 'b', 'x', 2)")
+        # In the gateway before the publish below, so the replay's order is known.
+        assert (await other.recv_event(timeout=10))["record"]["id"] == 2
     out = await gw.publish("w1", "t", {"n": 1})
     async with ws_connect(gw, "w1") as c:
         ok = await c.auth(token, resume=session, since=before)
@@ -208,17 +211,31 @@ async def test_a_reported_loss_reaches_readers_that_come_back_later(pg_gateway):
         await c.no_message(0.3)
 
 
-async def test_truncate_reaches_a_filtered_view_through_the_wildcard_channel(pg_gateway):
-    """docs/postgres.md (TRUNCATE): record null, matched as a row without fields; a filtered
-    subscriber learns of it through a second, unfiltered TRUNCATE subscription on postgres:*."""
+async def test_truncate_reaches_filtered_subscriptions(pg_gateway):
+    """A TRUNCATE (record null) empties the table, so it reaches every subscription of the table
+    whose operations take it, whatever the predicates, once per connection, live and in a
+    replay: before, the index evaluated `{"category": "electronics"}` on a row without fields
+    and a client's filtered view silently kept the rows of an emptied table."""
     gw, db = pg_gateway
+    token = gw.token("w1")
     await db.execute("INSERT INTO products VALUES (1, 'tv', 'electronics', 150)")
-    async with ws_connect(gw, "w1", token=gw.token("w1")) as c, ws_connect(gw, "w1", token=gw.token("w1")) as ne:
+    async with ws_connect(gw, "w1", token=token) as c, ws_connect(gw, "w1", token=token) as other:
         assert (await _subscribe(c, "postgres:products", filter={"predicates": {"category": "electronics"}}))["type"] == "subscribed"
-        assert (await _subscribe(c, "postgres:*", filter={"entity": "products", "operations": ["TRUNCATE"]}))["type"] == "subscribed"
-        assert (await _subscribe(ne, "postgres:products", filter={"predicates": {"category": {"$ne": "food"}}}))["type"] == "subscribed"
+        assert (await _subscribe(c, "postgres:*", filter={"predicates": {"price": {"$gt": 1000}}}))["type"] == "subscribed"
+        # Not for it: other operations only.
+        assert (await _subscribe(other, "postgres:products", filter={"operations": ["INSERT"], "predicates": {"category": "electronics"}}))["type"] == "subscribed"
+        assert (await _subscribe(other, "postgres:*", filter={"operations": ["DELETE"]}))["type"] == "subscribed"
+        await db.execute("INSERT INTO products VALUES (2, 'radio', 'electronics', 20)")
+        inserted = await c.recv_event(timeout=10)
+        assert (await other.recv_event(timeout=10))["seq"] == inserted["seq"]
         await db.execute("TRUNCATE products")
-        for conn in (c, ne):
-            ev = await conn.recv_event(timeout=10)
-            assert (ev["operation"], ev["record"], ev["channel"]) == ("TRUNCATE", None, "postgres:products")
-            await conn.no_message(0.3)  # once per connection
+        ev = await c.recv_event(timeout=10)
+        assert (ev["operation"], ev["record"], ev["channel"]) == ("TRUNCATE", None, "postgres:products")
+        await c.no_message(0.3)  # once per connection, though both subscriptions take it
+        await other.no_message(0.3)
+    async with ws_connect(gw, "w1", token=token) as c:
+        await c.auth(token)
+        await _subscribe(c, "postgres:products", filter={"predicates": {"category": "electronics"}}, since=inserted["seq"])
+        replayed = await c.recv_event(timeout=10)
+        assert (replayed["operation"], replayed["seq"]) == ("TRUNCATE", ev["seq"])
+        await c.no_message(0.3)
