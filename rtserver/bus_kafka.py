@@ -652,12 +652,13 @@ class RemoteSource:
             if not entity or len(entity) > 255 or "$" in entity or "\0" in entity:
                 raise ChannelUnavailable(f"mongo:{entity}: malformed collection name (workspace {workspace})")
             return entity
-        from rtserver.sources.pg_catalog import Catalog, valid_identifier
+        from rtserver.channels import valid_table_name
+        from rtserver.sources.pg_catalog import Catalog
         from rtserver.sources.postgres import entity_of
 
         schema, _, name = entity.rpartition(".")
         schema = schema or "public"
-        if not (valid_identifier(schema) and valid_identifier(name)):
+        if not (valid_table_name(schema) and valid_table_name(name)):
             raise ChannelUnavailable(f"postgres:{entity}: malformed table name (workspace {workspace})")
         canonical = entity_of(schema, name)
         if self._catalog is None:

@@ -17,8 +17,11 @@ from rtcore.event import OPERATIONS
 # Anchored with \Z: `$` also matches before a trailing newline, so "orders\n" (a publish URL's
 # "orders%0A") would pass as a topic.
 TOPIC_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}\Z")
-_IDENT = r"[A-Za-z_][A-Za-z0-9_$]{0,62}"
-TABLE_RE = re.compile(rf"^(?:({_IDENT})\.)?({_IDENT})\Z")
+# A table or schema name as PostgreSQL stores it: quoted identifiers may hold hyphens, spaces,
+# non-ASCII letters ("order-items", "produits_été"), so anything but the separator `.`, `"`
+# and control characters, at most 63 bytes (NAMEDATALEN - 1; checked in valid_table_name).
+_NAME = r'[^."\x00-\x1f\x7f]{1,63}'
+TABLE_RE = re.compile(rf"^(?:({_NAME})\.)?({_NAME})\Z")
 COLLECTION_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,119}\Z")
 
 _FILTER_KEYS = {"operations", "entity", "predicates", "transitions"}
@@ -44,6 +47,11 @@ class SubscriptionSpec:
     filter_bytes: int = 0  # the filter in JSON bytes (limits.max_filter_bytes)
 
 
+def valid_table_name(name: str) -> bool:
+    """A PostgreSQL table or schema name the channels can carry (see _NAME)."""
+    return bool(re.match(rf"^{_NAME}\Z", name)) and len(name.encode()) <= 63
+
+
 def canonical_entity(source: str, name: str) -> str:
     """The canonical form of a table/collection/topic name, or ChannelError."""
     if source == "events":
@@ -55,6 +63,8 @@ def canonical_entity(source: str, name: str) -> str:
         if not m:
             raise ChannelError(f"postgres:{name}: a table is `name` or `schema.name` (SQL identifiers)")
         schema, table = m.group(1), m.group(2)
+        if not (valid_table_name(table) and (schema is None or valid_table_name(schema))):
+            raise ChannelError(f"postgres:{name}: a table or schema name is at most 63 bytes")
         return table if schema in (None, "public") else f"{schema}.{table}"
     if source == "mongo":
         if not COLLECTION_RE.match(name) or name.startswith("system."):

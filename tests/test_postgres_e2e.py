@@ -49,6 +49,27 @@ async def test_unknown_table_is_4010(pg_gateway):
         assert reply["type"] == "error" and reply["code"] == 4010
 
 
+async def test_quoted_table_names_are_channels(pg_gateway):
+    """Tables whose names need quoting in SQL (hyphens, spaces, non-ASCII letters, capitals)
+    stream on postgres:* and are channels of their own too: before, `postgres:order-items` was
+    refused as malformed (4010) though its events flowed under that channel name."""
+    gw, db = pg_gateway
+    names = ["order-items", "produits été", "Mixed"]
+    for name in names:
+        await db.execute(f'CREATE TABLE "{name}" (id int PRIMARY KEY)')
+    async with ws_connect(gw, "w1", token=gw.token("w1")) as c:
+        for name in names:
+            reply = await _subscribe(c, f"postgres:{name}")
+            assert reply["type"] == "subscribed", reply
+        for bad in ['postgres:a"b', "postgres:" + "é" * 32, "postgres:x\ty"]:
+            reply = await _subscribe(c, bad)
+            assert (reply["type"], reply["code"]) == ("error", 4010), reply
+        for i, name in enumerate(names):
+            await db.execute(f'INSERT INTO "{name}" VALUES ({i})')
+            ev = await c.recv_event(timeout=10)
+            assert (ev["channel"], ev["table"], ev["record"]) == (f"postgres:{name}", name, {"id": i})
+
+
 async def test_filters_on_record(pg_gateway):
     gw, db = pg_gateway
     async with ws_connect(gw, "w1", token=gw.token("w1")) as c:

@@ -16,8 +16,6 @@ from rtserver.sources.pg_stream import SESSION_SETTINGS
 
 log = logging.getLogger("rtserver.postgres")
 
-_IDENT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]{0,62}\Z")
-
 PRIVILEGES_HELP = (
     "the gateway's PostgreSQL role needs: the REPLICATION attribute (ALTER ROLE <role> REPLICATION), "
     "CREATE on the database (to create its publication) and ownership of the published tables "
@@ -37,10 +35,6 @@ class SetupError(Exception):
 
 def quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
-
-
-def valid_identifier(name: str) -> bool:
-    return bool(_IDENT_RE.match(name))
 
 
 def slot_name(instance: str, database: str) -> str:

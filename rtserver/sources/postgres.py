@@ -32,8 +32,9 @@ import psycopg
 
 from rtcore import messages, timefmt
 from rtcore.event import Event
+from rtserver.channels import valid_table_name
 from rtserver.sources.base import YIELD_EVERY, ChannelUnavailable, EventSink
-from rtserver.sources.pg_catalog import Catalog, SetupError, publication_name, slot_name, valid_identifier
+from rtserver.sources.pg_catalog import Catalog, SetupError, publication_name, slot_name
 from rtserver.sources.pg_state import PositionFile
 from rtserver.sources.pg_stream import ReplicationStream, StreamError
 from rtserver.sources.pg_streamed import StreamBuffers, StreamedTx
@@ -199,7 +200,7 @@ class PostgresSource:
             return "*"
         schema, _, name = entity.rpartition(".")
         schema = schema or "public"
-        if not (valid_identifier(schema) and valid_identifier(name)):
+        if not (valid_table_name(schema) and valid_table_name(name)):
             raise ChannelUnavailable(f"postgres:{entity}: malformed table name (workspace {workspace})")
         canonical = entity_of(schema, name)
         if self.catalog is None and self._task is not None:
