@@ -3,8 +3,8 @@ of BSON types) becomes one normalized `Event` per target workspace, with the see
 (`collection`, `document`, `operationType`) encoded once.
 
 BSON -> JSON: ObjectId -> 24-hex string, datetime -> RFC 3339 ms Z, Decimal128 -> number (int
-when integral, else float; NaN/Infinity -> null), Binary/bytes -> base64, UUID -> canonical
-string, Int64 -> int, Timestamp -> {"t","i"}, Regex -> {"$regex","$options"}, DBRef ->
+when integral, else float; NaN/Infinity -> that float, written as null in bodies), Binary/bytes ->
+base64, UUID -> canonical string, Int64 -> int, Timestamp -> {"t","i"}, Regex -> {"$regex","$options"}, DBRef ->
 {"$ref","$id"[,"$db"]}, MinKey/MaxKey -> {"$minKey":1}/{"$maxKey":1}, Code -> its source.
 The compiled module must give byte-identical bodies; tests compare the two.
 """
@@ -104,11 +104,14 @@ def _regex_options(flags: int | str) -> str:
     return "".join(letter for letter, bit in _REGEX_FLAGS if flags & bit)
 
 
-def decimal_to_number(value: Decimal128) -> int | float | None:
+def decimal_to_number(value: Decimal128) -> int | float:
     dec = value.to_decimal()
     if not dec.is_finite():
-        return None
-    if dec == dec.to_integral_value() and abs(dec) < 2**63:
+        # The float itself, as for a double: the body writes null (JSON has no such number)
+        # while filters compare it as MongoDB does (Infinity > every finite number; null does
+        # not match NaN). float() refuses a signalling NaN, hence the explicit nan.
+        return float("nan") if dec.is_nan() else float(dec)
+    if dec == dec.to_integral_value() and -(2**63) <= dec < 2**63:  # int64's range, both ends
         return int(dec)
     return float(dec)
 

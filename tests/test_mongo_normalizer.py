@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import re
 import uuid
 
@@ -47,6 +48,12 @@ documents = st.recursive(
 )
 
 
+def _same(a, b) -> bool:
+    """Equal values, NaN included (a Decimal128 NaN is a float NaN, which == never equals);
+    repr also tells 1 from 1.0."""
+    return repr(a) == repr(b)
+
+
 def _through_bson(doc):
     """What PyMongo hands over: the document after a BSON round trip."""
     return bson.decode(bson.encode({"d": doc}))["d"]
@@ -56,9 +63,9 @@ def _through_bson(doc):
 @given(documents)
 def test_values_match_reference(doc):
     decoded = _through_bson(doc)
-    assert mongo.to_json(decoded) == mongo_ref.to_json(decoded)
+    assert _same(mongo.to_json(decoded), mongo_ref.to_json(decoded))
     raw = bson.encode(doc)
-    assert mongo.decode_raw(raw) == mongo_ref.decode_raw(raw)
+    assert _same(mongo.decode_raw(raw), mongo_ref.decode_raw(raw))
     json.dumps(mongo.decode_raw(raw), allow_nan=True)  # JSON-ready
 
 
@@ -76,8 +83,8 @@ def test_bodies_match_reference_byte_for_byte(doc, op, with_before):
     for got in (mongo.normalize_change(change, ["w1", "w2"]), mongo.normalize_raw(raw, ["w1", "w2"]),
                 mongo.normalize_decoded(mongo.decode_raw(raw), ["w1", "w2"])):
         assert [e.body for e in got] == [e.body for e in expected]
-        assert [(e.workspace, e.entity, e.operation, e.record, e.old_record) for e in got] == [
-            (e.workspace, e.entity, e.operation, e.record, e.old_record) for e in expected]
+        assert _same([(e.workspace, e.entity, e.operation, e.record, e.old_record) for e in got],
+                     [(e.workspace, e.entity, e.operation, e.record, e.old_record) for e in expected])
 
 
 def test_bson_type_mapping():
@@ -108,7 +115,7 @@ def test_bson_type_mapping():
         "aware": "2024-01-15T10:00:00.000Z",
         "dec": 198.95,
         "decint": 1,
-        "nan": None,
+        "nan": math.nan,  # clients see null; filters see NaN
         "bytes": "AP8=",
         "bin": "AQI=",
         "uuid4": "00000000-0000-0000-0000-000000000001",
@@ -124,11 +131,11 @@ def test_bson_type_mapping():
     }
     for impl in (mongo, mongo_ref):
         got = impl.to_json(value)
-        assert got == expected
+        assert _same(got, expected)
         assert type(got["int64"]) is int and type(got["decint"]) is int
     raw_value = {k: v for k, v in value.items() if k != "pyuuid"}  # BSON has no native UUID
     raw_expected = {k: v for k, v in expected.items() if k != "pyuuid"}
-    assert mongo.decode_raw(bson.encode(raw_value)) == raw_expected
+    assert _same(mongo.decode_raw(bson.encode(raw_value)), raw_expected)
 
 
 @pytest.mark.parametrize(("ms", "text"), [
@@ -191,6 +198,32 @@ def test_correlation_id_and_timestamp_fallbacks():
         assert body["timestamp"] == "2024-01-15T10:00:01.000Z"  # clusterTime's seconds
     body = json.loads(mongo.normalize_raw(bson.encode(change), ["w"])[0].body)
     assert body["correlationId"] == "00000000-0000-0000-0000-000000000009:4"
+
+
+def test_decimal128_special_values_are_numbers_to_filters_and_null_to_clients():
+    """Decimal128 NaN/±Infinity reach clients as null (JSON has no such number) but filters see
+    the number, as for a double and as MongoDB compares them (docs/protocol.md): Infinity is
+    $gt every finite number, null does not match NaN. The smallest int64 is an integer."""
+    from rtcore.predicate import compile_predicates
+
+    change = order_change(1, "insert")
+    change["fullDocument"] = {"_id": 1, "dinf": Decimal128("Infinity"), "dninf": Decimal128("-Infinity"),
+                              "dnan": Decimal128("NaN"), "inf": float("inf"), "low": Decimal128("-9223372036854775808")}
+    raw = bson.encode(change)
+    paths = [mongo.normalize_raw_fast_path(raw, ["w"]), mongo.normalize_raw(raw, ["w"]),
+             mongo.normalize_decoded(mongo.decode_raw(raw), ["w"]), mongo_ref.normalize_raw(raw, ["w"]),
+             mongo.normalize_change(bson.decode(raw), ["w"])]
+    for (event,) in paths:
+        assert json.loads(event.body)["document"] == {"_id": 1, "dinf": None, "dninf": None, "dnan": None, "inf": None,
+                                                      "low": -9223372036854775808}
+        record = event.record
+        assert type(record["low"]) is int
+        assert compile_predicates({"dinf": {"$gt": 1e308}}).matches(record)
+        assert compile_predicates({"inf": {"$gt": 1e308}}).matches(record)
+        assert compile_predicates({"dninf": {"$lt": -1e308}}).matches(record)
+        assert not compile_predicates({"dnan": None}).matches(record)
+        assert not compile_predicates({"dinf": None}).matches(record)
+        assert not compile_predicates({"dnan": {"$gt": 0}}).matches(record)
 
 
 def test_update_without_document_keeps_key_as_record():
