@@ -219,6 +219,28 @@ async def far_dates_are_delivered(env: Env) -> None:
     assert [b["document"]["_id"] for b in bodies] == [1, 2]
 
 
+async def large_changes_arrive_whole(env: Env) -> None:
+    """A change over 16 MiB (a 9 MB document's post- and pre-image together), which MongoDB can
+    send only in fragments ($changeStreamSplitLargeEvent, MongoDB 7.0 / 6.0.9+), arrives as one
+    event, in order, and is not published again after a restart."""
+    big = "x" * (9 * 1024 * 1024)
+    async with client(env) as db:
+        await db.create_collection("orders", changeStreamPreAndPostImages={"enabled": True})
+        await db.orders.insert_one({"_id": 1, "big": big})
+        async with running(env):
+            await db.orders.update_one({"_id": 1}, {"$set": {"n": 1}})
+            await db.orders.insert_one({"_id": 2})
+            await env.sink.wait_for(2, timeout=30)
+        async with running(env):
+            await db.orders.insert_one({"_id": 3})
+            bodies = await settle(env, 3)
+    assert [(b["operation"], b["document"]["_id"]) for b in bodies] == [("UPDATE", 1), ("INSERT", 2), ("INSERT", 3)]
+    assert bodies[0]["document"] == {"_id": 1, "big": big, "n": 1}
+    assert bodies[0]["oldDocument"] == {"_id": 1, "big": big}
+    assert bodies[0]["updateDescription"] == {"updatedFields": {"n": 1}, "removedFields": []}
+    assert "splitEvent" not in bodies[0]
+
+
 async def resume_after_restart(env: Env) -> None:
     async with client(env) as db:
         async with running(env):

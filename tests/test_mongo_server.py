@@ -142,6 +142,50 @@ async def test_collection_drop_invalidates_collection_streams_only(db):
         assert (await db_stream.next())["ns"] == {"db": "t", "coll": "other"}
 
 
+async def test_events_over_16_mib_fail_or_split_into_fragments(db):
+    """As mongod: a change event over 16 MiB (here a 9 MB document's pre- and post-image) fails
+    the stream with BSONObjectTooLarge (10334); after $changeStreamSplitLargeEvent it comes as
+    fragments, fields sorted by size, each with a token that resumes after it."""
+    big = "x" * (9 * 1024 * 1024)
+    await db.create_collection("c", changeStreamPreAndPostImages={"enabled": True})
+    await db.c.insert_one({"_id": 1, "big": big})
+    opened = await db.c.watch(full_document="updateLookup", full_document_before_change="whenAvailable")
+    start = opened.resume_token
+    await opened.close()
+    await db.c.update_one({"_id": 1}, {"$set": {"n": 1}})
+    await db.c.insert_one({"_id": 2})
+    options = {"full_document": "updateLookup", "full_document_before_change": "whenAvailable", "resume_after": start}
+    with pytest.raises(OperationFailure) as info:  # the aggregate's first batch holds it
+        await db.c.watch(**options)
+    assert info.value.code == 10334
+    async with await db.c.watch([{"$changeStreamSplitLargeEvent": {}}], **options) as stream:
+        one, two, after = await stream.next(), await stream.next(), await stream.next()
+    assert [one["splitEvent"], two["splitEvent"]] == [{"fragment": 1, "of": 2}, {"fragment": 2, "of": 2}]
+    # The smaller fields first: the post-image's element is the smaller one (its name is shorter).
+    assert one["operationType"] == "update" and one["fullDocument"] == {"_id": 1, "big": big, "n": 1}
+    assert list(two) == ["_id", "splitEvent", "fullDocumentBeforeChange"]
+    assert two["fullDocumentBeforeChange"] == {"_id": 1, "big": big}
+    assert one["_id"] != two["_id"] and after["documentKey"] == {"_id": 2}
+    async with await db.c.watch([{"$changeStreamSplitLargeEvent": {}}], **{**options, "resume_after": one["_id"]}) as stream:
+        assert (await stream.next())["splitEvent"] == {"fragment": 2, "of": 2}
+    async with await db.c.watch([{"$changeStreamSplitLargeEvent": {}}], **{**options, "resume_after": two["_id"]}) as stream:
+        assert (await stream.next())["documentKey"] == {"_id": 2}
+
+
+async def test_split_stage_unknown_to_an_older_server():
+    from tests.mongo_server import ThreadedMongoTestServer
+
+    server = ThreadedMongoTestServer(split_large_events=False).start()
+    client = AsyncMongoClient(server.url, serverSelectionTimeoutMS=3000)
+    try:
+        with pytest.raises(OperationFailure) as info:
+            await client.t.watch([{"$changeStreamSplitLargeEvent": {}}])
+        assert info.value.code == 40324 and "$changeStreamSplitLargeEvent" in str(info.value)
+    finally:
+        await client.close()
+        server.stop()
+
+
 async def test_truncated_oplog_is_history_lost(db, mongo_server):
     async with await db.c.watch() as stream:
         await db.c.insert_one({"_id": 1})

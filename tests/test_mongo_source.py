@@ -103,6 +103,28 @@ async def test_transaction_changes_share_a_correlation_id(env):
     await sc.transaction_correlation_id(env)
 
 
+async def test_a_change_over_16_mib_arrives_whole(env):
+    await sc.large_changes_arrive_whole(env)
+
+
+async def test_a_server_without_the_split_stage_still_streams(collecting_sink, tmp_path):
+    """MongoDB before 7.0 / 6.0.9 refuses $changeStreamSplitLargeEvent: the source streams
+    without it (changes over 16 MiB then stop the feed, as docs/mongo.md says)."""
+    from tests.mongo_server import ThreadedMongoTestServer
+
+    server = ThreadedMongoTestServer(split_large_events=False).start()
+    try:
+        env = sc.Env(url=server.url, database="shop", state_dir=str(tmp_path / "state"), sink=collecting_sink,
+                     server=server)
+        async with sc.running(env) as source, sc.client(env) as db:
+            await db.orders.insert_one({"_id": 1})
+            bodies = await sc.settle(env, 1)
+            assert source.status()["split_large_events"] is False
+        assert [b["document"]["_id"] for b in bodies] == [1]
+    finally:
+        server.stop()
+
+
 async def test_resume_after_restart_loses_and_duplicates_nothing(env):
     await sc.resume_after_restart(env)
 

@@ -8,7 +8,8 @@ handle dropped connections and failovers. This module adds what the driver canno
 - ChangeStreamHistoryLost (the token is older than the oplog): a loud log, ready() False until
   a new stream is open, and `history_gap` to every workspace's subscribers;
 - `invalidate` (the database was dropped or renamed) reopens the stream with `startAfter`;
-- `check_channel` refuses collections that do not exist (listed, cached briefly).
+- `check_channel` refuses collections that do not exist (listed, cached briefly);
+- a change over 16 MiB comes in fragments ($changeStreamSplitLargeEvent), joined into one.
 Change events are read as raw BSON and decoded once, by rtcore.mongo, straight to JSON values.
 """
 
@@ -28,7 +29,7 @@ from typing import Any
 from urllib.parse import unquote
 
 import bson
-from bson.codec_options import CodecOptions
+from bson.codec_options import CodecOptions, DatetimeConversion
 from bson.errors import InvalidBSON
 from bson.raw_bson import RawBSONDocument
 from pymongo import AsyncMongoClient
@@ -53,6 +54,12 @@ OPERATION_TYPES = {"INSERT": "insert", "UPDATE": "update", "REPLACE": "replace",
 HISTORY_LOST_CODES = frozenset({286, 280})  # ChangeStreamHistoryLost, ChangeStreamFatalError
 INVALID_RESUME_TOKEN = 260
 UNSUPPORTED_OPTION_CODES = frozenset({40415, 9})  # unknown $changeStream field (pre-6.0 servers)
+# The last stage of the pipeline: a change over 16 MiB (a large document's post- and pre-image
+# together) comes in fragments instead of failing every getMore with BSONObjectTooLarge (10334),
+# which would stop the feed for good. MongoDB 7.0 and 6.0.9+; older servers refuse it (40324).
+SPLIT_STAGE = "$changeStreamSplitLargeEvent"
+# Fragments' top-level fields: wallTime stays a date whatever its value.
+FRAGMENT_CODEC = CodecOptions(document_class=RawBSONDocument, datetime_conversion=DatetimeConversion.DATETIME_AUTO)
 COLLECTION_NAME_RE = re.compile(r"^[^$\x00]{1,255}$")
 RAW_CODEC = CodecOptions(document_class=RawBSONDocument)
 CLOSE_TIMEOUT = 2.0
@@ -149,6 +156,18 @@ class ResumeTokenStore:
             await asyncio.shield(self._task)
 
 
+def _joined(fragments: list[RawBSONDocument]) -> RawBSONDocument:
+    """The change a split event's fragments make together: their top-level fields (each field is
+    in one fragment) without splitEvent; _id the last fragment's token, after which the stream
+    resumes with the next change (and stable for the correlation id). Sub-documents stay raw."""
+    fields: dict[str, Any] = {}
+    for fragment in fragments:
+        for key, value in RawBSONDocument(fragment.raw, FRAGMENT_CODEC).items():
+            if key != "splitEvent":
+                fields[key] = value
+    return RawBSONDocument(bson.encode(fields), FRAGMENT_CODEC)
+
+
 def token_order(token: Any) -> str:
     """A resume token's sort key: its `_data` hex string orders tokens of one deployment."""
     try:
@@ -202,6 +221,7 @@ class MongoSource:
         self._token: Any = None  # resume from here (resumeAfter), or...
         self._start_after: Any = None  # ...after an invalidate (startAfter)
         self._with_pre_images = True
+        self._split_events = True  # False on a server without SPLIT_STAGE
         self._collections: frozenset[str] = frozenset()
         self._collections_at = 0.0
         self._collections_lock = asyncio.Lock()
@@ -282,6 +302,7 @@ class MongoSource:
             "last_event_age_s": round(time.monotonic() - self._last_event_at, 3) if self._last_event_at else None,
             "resumable": self._token is not None or self._start_after is not None,
             "operations": sorted(self._operations),
+            "split_large_events": self._split_events,
             "last_error": self._last_error,
         }
 
@@ -311,7 +332,10 @@ class MongoSource:
 
     def _pipeline(self) -> list[dict[str, Any]]:
         types = sorted(self._operations) + list(CONTROL_OPERATIONS)
-        return [{"$match": {"operationType": {"$in": types}}}]
+        pipeline: list[dict[str, Any]] = [{"$match": {"operationType": {"$in": types}}}]
+        if self._split_events:
+            pipeline.append({SPLIT_STAGE: {}})  # must be the last stage
+        return pipeline
 
     async def _run(self) -> None:
         token, start_after = await self._tokens.load()
@@ -340,6 +364,11 @@ class MongoSource:
                     log.warning("mongo server has no pre-images (MongoDB < 6.0): oldDocument disabled",
                                 extra={"fields": {"database": self.database}})
                     self._with_pre_images = False
+                    continue
+                if self._split_events and SPLIT_STAGE in str(exc):
+                    log.warning("mongo server cannot split large change events (MongoDB < 7.0 / 6.0.9): "
+                                "a change over 16 MiB will stop the feed", extra={"fields": {"database": self.database}})
+                    self._split_events = False
                     continue
                 delay = await self._failed(exc, delay)
             except PyMongoError as exc:
@@ -395,13 +424,30 @@ class MongoSource:
             self._last_error = ""
             log.info("mongo change stream open", extra={"fields": {"database": self.database,
                      "resumed": "resume_after" in options or "start_after" in options}})
+            fragments: list[RawBSONDocument] = []  # of the change being read, when it is split
             while not self._stopping and not self._reopen.is_set():
                 change = await stream.try_next()
                 if change is None:
                     if not stream.alive:
                         return
-                    self._acknowledge(stream.resume_token)
+                    if not fragments:  # never a token inside a change: a restart reads it whole
+                        self._acknowledge(stream.resume_token)
                     continue
+                split = change.get("splitEvent")
+                if split is not None:
+                    if split.get("fragment") == 1:
+                        fragments = []
+                    fragments.append(change)
+                    if split.get("fragment") != split.get("of"):
+                        continue
+                    try:
+                        change = _joined(fragments)
+                    except Exception as exc:  # noqa: BLE001 - as in _handle: the same bytes fail every time
+                        self._unconvertible(fragments[-1], exc, list(self._workspaces()))
+                        fragments = []
+                        self._acknowledge(stream.resume_token)
+                        continue
+                    fragments = []
                 if not await self._handle(change):
                     return
                 self._acknowledge(stream.resume_token)

@@ -13,11 +13,16 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import bson
 from bson.timestamp import Timestamp
 
 from .store import CommandError, matches
 
 INVALIDATE_SUFFIX = "01"
+FRAGMENT_MARK = "F"  # a fragment's token: the event's, then F and the fragment's index (4 hex digits)
+MAX_USER_BSON = 16 * 1024 * 1024  # BSONObjMaxUserSize: no change event (or fragment) may exceed it
+MAX_BATCH_BYTES = 16 * 1024 * 1024  # a reply's batch stops there (the first event always goes)
+SPLIT_STAGE = "$changeStreamSplitLargeEvent"
 
 
 @dataclass
@@ -36,16 +41,23 @@ class Entry:
     txn_number: int | None = None
 
 
-def token(counter: int, invalidate: bool = False) -> dict[str, str]:
-    return {"_data": f"{counter:016X}" + (INVALIDATE_SUFFIX if invalidate else "")}
+def token(counter: int, invalidate: bool = False, fragment: int | None = None) -> dict[str, str]:
+    """A resume token; `fragment` (0-based) names one fragment of a split event, as MongoDB's
+    tokens carry a fragment number: resuming after it yields the fragments after it."""
+    suffix = INVALIDATE_SUFFIX if invalidate else ""
+    if fragment is not None:
+        suffix = f"{FRAGMENT_MARK}{fragment:04X}"
+    return {"_data": f"{counter:016X}" + suffix}
 
 
-def parse_token(value: Any) -> tuple[int, bool]:
+def parse_token(value: Any) -> tuple[int, bool, int | None]:
+    """(counter, whether it is an invalidate event's, the fragment index or None)."""
     data = value.get("_data") if isinstance(value, dict) else None
     if not isinstance(data, str) or len(data) < 16:
         raise CommandError(260, "InvalidResumeToken", f"malformed resume token: {value!r}")
     try:
-        return int(data[:16], 16), data[16:] == INVALIDATE_SUFFIX
+        fragment = int(data[17:], 16) if data[16:17] == FRAGMENT_MARK else None
+        return int(data[:16], 16), data[16:] == INVALIDATE_SUFFIX, fragment
     except ValueError:
         raise CommandError(260, "InvalidResumeToken", f"malformed resume token: {value!r}") from None
 
@@ -107,6 +119,8 @@ class ChangeStream:
     full_document: str
     before_change: str
     batch_size: int
+    split: bool = False  # the pipeline ends with $changeStreamSplitLargeEvent
+    skip_fragments: tuple[int, int] | None = None  # (counter, n): resumed after n fragments of that event
     pending: list[dict[str, Any]] = field(default_factory=list)
     invalidated: bool = False
 
@@ -116,7 +130,8 @@ class ChangeStream:
 
 
 def open_stream(
-    oplog: Oplog, cursor_id: int, db: str, coll: str | None, spec: dict[str, Any], rest: list[dict[str, Any]], batch_size: int
+    oplog: Oplog, cursor_id: int, db: str, coll: str | None, spec: dict[str, Any], rest: list[dict[str, Any]], batch_size: int,
+    split_supported: bool = True,
 ) -> ChangeStream:
     """A change stream cursor from a `$changeStream` stage and the stages after it."""
     allowed = {"fullDocument", "fullDocumentBeforeChange", "resumeAfter", "startAfter", "startAtOperationTime",
@@ -125,7 +140,15 @@ def open_stream(
     if unknown:
         raise CommandError(40415, "Location40415", f"BSON field '$changeStream.{sorted(unknown)[0]}' is an unknown field.")
     match: dict[str, Any] | None = None
-    for stage in rest:
+    split = False
+    for i, stage in enumerate(rest):
+        if list(stage) == [SPLIT_STAGE]:
+            if not split_supported:
+                raise CommandError(40324, "Location40324", f"Unrecognized pipeline stage name: '{SPLIT_STAGE}'")
+            if i != len(rest) - 1:
+                raise CommandError(7182801, "Location7182801", f"{SPLIT_STAGE} can only appear as the last stage")
+            split = True
+            continue
         if list(stage) != ["$match"]:
             raise CommandError(20, "IllegalOperation", f"test server: only $match may follow $changeStream, got {list(stage)}")
         match = {"$and": [match, stage["$match"]]} if match else stage["$match"]
@@ -140,19 +163,22 @@ def open_stream(
     if resume is not None and start_after is not None:
         raise CommandError(50865, "Location50865", "Do not specify both 'resumeAfter' and 'startAfter'")
     position = oplog.head
+    skip_fragments = None
     if resume is not None or start_after is not None:
-        counter, is_invalidate = parse_token(resume if resume is not None else start_after)
+        counter, is_invalidate, fragment = parse_token(resume if resume is not None else start_after)
         if is_invalidate and resume is not None:
             raise CommandError(260, "InvalidResumeToken", "Cannot resume after an invalidate event; use startAfter")
         if counter < oplog.floor:
             raise CommandError(286, "ChangeStreamHistoryLost",
                                "Resume of change stream was not possible, as the resume point may no longer be in the oplog.")
         position = counter
+        if fragment is not None:  # after a fragment: the event's later fragments come first
+            position, skip_fragments = counter - 1, (counter, fragment + 1)
     elif (at := spec.get("startAtOperationTime")) is not None:
         if at.inc <= oplog.floor:
             raise CommandError(286, "ChangeStreamHistoryLost", "startAtOperationTime is older than the oplog")
         position = at.inc - 1
-    return ChangeStream(cursor_id, db, coll, position, match, full_document, before, batch_size)
+    return ChangeStream(cursor_id, db, coll, position, match, full_document, before, batch_size, split, skip_fragments)
 
 
 def _render(stream: ChangeStream, entry: Entry, lookup: Callable[[str, str, dict[str, Any]], dict[str, Any] | None]) -> list[dict[str, Any]]:
@@ -198,11 +224,25 @@ def next_batch(
     if stream.position < oplog.floor:
         raise CommandError(286, "ChangeStreamHistoryLost", "the change stream's position is no longer in the oplog",
                            labels=[])
-    batch: list[dict[str, Any]] = stream.pending[:limit]
-    del stream.pending[:limit]
+    batch: list[dict[str, Any]] = []
+    size = 0
+
+    def add(event: dict[str, Any]) -> None:
+        # As mongod: at most `limit` events and about 16 MiB per reply, the rest waits.
+        nonlocal size
+        event_size = len(bson.encode(event))
+        if stream.pending or len(batch) >= limit or (batch and size + event_size > MAX_BATCH_BYTES):
+            stream.pending.append(event)
+        else:
+            batch.append(event)
+            size += event_size
+
+    waiting, stream.pending = stream.pending, []
+    for event in waiting:
+        add(event)
     if not stream.invalidated:
         for entry in oplog.after(stream.position):
-            if len(batch) >= limit:
+            if stream.pending or len(batch) >= limit:
                 break
             stream.position = entry.counter
             for event in _render(stream, entry, lookup):
@@ -210,11 +250,45 @@ def next_batch(
                     stream.invalidated = True
                 elif stream.match is not None and not matches(event, stream.match):
                     continue
-                if len(batch) < limit:
-                    batch.append(event)
-                else:
-                    stream.pending.append(event)
+                for piece in _fit(stream, entry.counter, event):
+                    add(piece)
             if stream.invalidated:
                 break
     pbrt = batch[-1]["_id"] if batch and (stream.pending or stream.invalidated) else token(stream.position)
     return batch, pbrt
+
+
+def _fit(stream: ChangeStream, counter: int, event: dict[str, Any]) -> list[dict[str, Any]]:
+    """The event as the server sends it: whole when within 16 MiB; else BSONObjectTooLarge (10334,
+    which kills the cursor), or, after $changeStreamSplitLargeEvent, fragments as mongod's
+    splitChangeEvent builds them: the fields other than _id sorted by (size, name), packed
+    greedily, each fragment with a token of its own and splitEvent {fragment, of}."""
+    skip = stream.skip_fragments[1] if stream.skip_fragments and stream.skip_fragments[0] == counter else 0
+    encoded = bson.encode(event)
+    if len(encoded) <= MAX_USER_BSON:
+        return [] if skip else [event]
+    if not stream.split:
+        raise CommandError(10334, "BSONObjectTooLarge",
+                           f"BSONObj size: {len(encoded)} (0x{len(encoded):X}) is invalid. Size must be between 0 and "
+                           f"16793600(16MB) First element: _id: {event['_id']!r}")
+    fields = sorted(((len(bson.encode({k: v})) - 5, k) for k, v in event.items() if k != "_id"))
+    fragments: list[dict[str, Any]] = []
+    i = 0
+    while i < len(fields):
+        fragment: dict[str, Any] = {"_id": token(counter, fragment=len(fragments)),
+                                    "splitEvent": {"fragment": len(fragments) + 1, "of": 0}}
+        fragment_size = len(bson.encode(fragment))
+        while True:
+            field_size, name = fields[i]
+            fragment[name] = event[name]
+            fragment_size += field_size
+            i += 1
+            if i == len(fields) or fragment_size + fields[i][0] > MAX_USER_BSON:
+                break
+        if fragment_size > MAX_USER_BSON:
+            raise CommandError(7182500, "Location7182500", f"Splitting change event failed: fragment size {fragment_size} "
+                                                           f"is greater than maximum allowed fragment size {MAX_USER_BSON}")
+        fragments.append(fragment)
+    for fragment in fragments:
+        fragment["splitEvent"]["of"] = len(fragments)
+    return fragments[skip:]

@@ -61,8 +61,11 @@ class _Txn:
 class MongoTestServer:
     """A MongoDB test double: in-memory, one replica-set primary, change streams included."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, replica_set: str = "rs0", oplog_size: int = 100_000):
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, replica_set: str = "rs0", oplog_size: int = 100_000,
+                 split_large_events: bool = True):
         self.host = host
+        # $changeStreamSplitLargeEvent exists from MongoDB 7.0 (and 6.0.9); False: an older server.
+        self.split_large_events = split_large_events
         self.port = port
         self.replica_set = replica_set
         self.oplog = Oplog(oplog_size)
@@ -469,7 +472,8 @@ class MongoTestServer:
         batch_size = int(cmd.get("cursor", {}).get("batchSize", 101))
         if pipeline and "$changeStream" in pipeline[0]:
             cursor_id = next(self._cursor_ids)
-            stream = open_stream(self.oplog, cursor_id, db, coll, pipeline[0]["$changeStream"], pipeline[1:], batch_size)
+            stream = open_stream(self.oplog, cursor_id, db, coll, pipeline[0]["$changeStream"], pipeline[1:], batch_size,
+                                 self.split_large_events)
             batch, pbrt = next_batch(self.oplog, stream, self._lookup, batch_size) if batch_size else ([], None)
             if pbrt is None:
                 pbrt = token(stream.position)
