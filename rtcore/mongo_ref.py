@@ -5,7 +5,7 @@ of BSON types) becomes one normalized `Event` per target workspace, with the see
 BSON -> JSON: ObjectId -> 24-hex string, datetime -> RFC 3339 ms Z, Decimal128 -> number (int
 when integral, else float; NaN/Infinity -> that float, written as null in bodies), Binary/bytes ->
 base64, UUID -> canonical string, Int64 -> int, Timestamp -> {"t","i"}, Regex -> {"$regex","$options"}, DBRef ->
-{"$ref","$id"[,"$db"]}, MinKey/MaxKey -> {"$minKey":1}/{"$maxKey":1}, Code -> its source.
+{"$ref","$id"[,"$db"], other fields}, MinKey/MaxKey -> {"$minKey":1}/{"$maxKey":1}, Code -> its source.
 The compiled module must give byte-identical bodies; tests compare the two.
 """
 
@@ -73,10 +73,9 @@ def _to_json_rare(value: Any) -> Any:
     if isinstance(value, Regex):
         return {"$regex": value.pattern, "$options": _regex_options(value.flags)}
     if isinstance(value, DBRef):
-        ref = {"$ref": value.collection, "$id": to_json(value.id)}
-        if value.database is not None:
-            ref["$db"] = value.database
-        return ref
+        # as_doc(): $ref, $id, $db, then the other fields a DBRef may carry (bson.decode moves
+        # them into the DBRef; dropping them would lose data the compiled raw path keeps).
+        return {key: to_json(item) for key, item in value.as_doc().items()}
     if isinstance(value, MinKey):
         return {"$minKey": 1}
     if isinstance(value, MaxKey):

@@ -226,6 +226,25 @@ def test_decimal128_special_values_are_numbers_to_filters_and_null_to_clients():
         assert not compile_predicates({"dnan": {"$gt": 0}}).matches(record)
 
 
+def test_dbref_keeps_its_extra_fields_on_every_path():
+    """A DBRef is a sub-document ({$ref, $id, $db} first, other fields allowed): every path
+    delivers all of its fields; the reference (the fallback when rtcore.mongo is not built)
+    dropped those after $db."""
+    oid = ObjectId("65a5f0c2e4b0a1b2c3d4e5f6")
+    change = order_change(1, "insert")
+    change["fullDocument"] = {"_id": 1, "ref": {"$ref": "c", "$id": oid, "$db": "shop", "note": "x", "n": 2}}
+    raw = bson.encode(change)
+    want = {"$ref": "c", "$id": "65a5f0c2e4b0a1b2c3d4e5f6", "$db": "shop", "note": "x", "n": 2}
+    bodies = set()
+    for (event,) in (mongo.normalize_raw(raw, ["w"]), mongo_ref.normalize_raw(raw, ["w"]),
+                     mongo.normalize_change(bson.decode(raw), ["w"]), mongo_ref.normalize_change(bson.decode(raw), ["w"])):
+        assert event.record["ref"] == want
+        bodies.add(event.body)
+    assert len(bodies) == 1
+    assert mongo_ref.to_json(DBRef("c", oid, "shop", note="x")) == {"$ref": "c", "$id": "65a5f0c2e4b0a1b2c3d4e5f6",
+                                                                      "$db": "shop", "note": "x"}
+
+
 def test_update_without_document_keeps_key_as_record():
     change = order_change(2, "update")
     change["fullDocument"] = None
