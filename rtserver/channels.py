@@ -22,7 +22,18 @@ TOPIC_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}\Z")
 # and control characters, at most 63 bytes (NAMEDATALEN - 1; checked in valid_table_name).
 _NAME = r'[^."\x00-\x1f\x7f]{1,63}'
 TABLE_RE = re.compile(rf"^(?:({_NAME})\.)?({_NAME})\Z")
-COLLECTION_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,119}\Z")
+
+
+def valid_collection(name: str) -> bool:
+    """MongoDB's own rule for a collection name: not empty, no '$' or NUL, not system.*, at most
+    255 bytes of UTF-8 (a namespace's limit). Spaces, ':', '@' and non-ASCII letters are allowed:
+    such a collection exists, streams on mongo:* under its name, and must be subscribable."""
+    try:
+        size = len(name.encode("utf-8"))
+    except UnicodeEncodeError:  # a lone surrogate: no MongoDB name
+        return False
+    return 0 < size <= 255 and "$" not in name and "\0" not in name and not name.startswith("system.")
+
 
 _FILTER_KEYS = {"operations", "entity", "predicates", "transitions"}
 
@@ -49,7 +60,11 @@ class SubscriptionSpec:
 
 def valid_table_name(name: str) -> bool:
     """A PostgreSQL table or schema name the channels can carry (see _NAME)."""
-    return bool(re.match(rf"^{_NAME}\Z", name)) and len(name.encode()) <= 63
+    try:
+        size = len(name.encode("utf-8"))
+    except UnicodeEncodeError:  # a lone surrogate: no PostgreSQL name
+        return False
+    return size <= 63 and bool(re.match(rf"^{_NAME}\Z", name))
 
 
 def canonical_entity(source: str, name: str) -> str:
@@ -67,7 +82,7 @@ def canonical_entity(source: str, name: str) -> str:
             raise ChannelError(f"postgres:{name}: a table or schema name is at most 63 bytes")
         return table if schema in (None, "public") else f"{schema}.{table}"
     if source == "mongo":
-        if not COLLECTION_RE.match(name) or name.startswith("system."):
+        if not valid_collection(name):
             raise ChannelError(f"mongo:{name}: not a valid collection name")
         return name
     raise ChannelError(f"unknown channel kind {source!r}: use postgres:, mongo: or events:")

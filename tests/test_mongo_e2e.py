@@ -94,3 +94,26 @@ async def test_gateway_restart_resumes_from_saved_token(mongo_gateway):
                 seen.append(msg["document"]["_id"])
         assert seen == [2, 3]
         await c.no_message(0.3)
+
+
+async def test_any_collection_mongodb_allows_is_a_channel(mongo_gateway):
+    """MongoDB names may hold spaces, non-ASCII letters, ':' or '@' (not '$' or NUL, not
+    system.*): each such existing collection is a channel, and an entity filter, as every event
+    of mongo:* names it; a name MongoDB refuses is still 4010."""
+    gw, db = mongo_gateway
+    names = ["order items", "café", "a:b@v2"]
+    for name in names:
+        await db[name].insert_one({"_id": "seed"})
+    async with ws_connect(gw, "w1", token=gw.token("w1")) as c, ws_connect(gw, "w1", token=gw.token("w1")) as star:
+        await gw.wait_ready()
+        for name in names:
+            assert (await _subscribe(c, f"mongo:{name}"))["type"] == "subscribed", name
+        assert (await _subscribe(star, "mongo:*", filter={"entity": "café"}))["type"] == "subscribed"
+        for bad in ("a$b", "system.views"):
+            assert (await _subscribe(c, f"mongo:{bad}"))["code"] == 4010, bad
+        for i, name in enumerate(names):
+            await db[name].insert_one({"_id": i})
+        seen = [(e["channel"], e["document"]["_id"]) for e in [await c.recv_event(timeout=10) for _ in names]]
+        assert seen == [(f"mongo:{name}", i) for i, name in enumerate(names)]
+        assert (await star.recv_event(timeout=10))["channel"] == "mongo:café"
+        await star.no_message(0.3)
