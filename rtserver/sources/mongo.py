@@ -58,6 +58,7 @@ UNSUPPORTED_OPTION_CODES = frozenset({40415, 9})  # unknown $changeStream field 
 # together) comes in fragments instead of failing every getMore with BSONObjectTooLarge (10334),
 # which would stop the feed for good. MongoDB 7.0 and 6.0.9+; older servers refuse it (40324).
 SPLIT_STAGE = "$changeStreamSplitLargeEvent"
+UNKNOWN_STAGE = 40324  # "Unrecognized pipeline stage name": the only stage that can be new is SPLIT_STAGE
 # Fragments' top-level fields: wallTime stays a date whatever its value.
 FRAGMENT_CODEC = CodecOptions(document_class=RawBSONDocument, datetime_conversion=DatetimeConversion.DATETIME_AUTO)
 COLLECTION_NAME_RE = re.compile(r"^[^$\x00]{1,255}$")
@@ -365,7 +366,7 @@ class MongoSource:
                                 extra={"fields": {"database": self.database}})
                     self._with_pre_images = False
                     continue
-                if self._split_events and SPLIT_STAGE in str(exc):
+                if self._split_events and (exc.code == UNKNOWN_STAGE or SPLIT_STAGE in str(exc)):
                     log.warning("mongo server cannot split large change events (MongoDB < 7.0 / 6.0.9): "
                                 "a change over 16 MiB will stop the feed", extra={"fields": {"database": self.database}})
                     self._split_events = False
