@@ -51,8 +51,8 @@ _SUBSCRIPTION_REFUSALS = frozenset({4000, 4003, 4008, 4010})
 _FRESH_MARGIN = 5.0
 _HEALTHY_AFTER = 5.0
 _CODE_NAMES = {
-    1000: "normal_closure", 1001: "going_away", 1006: "abnormal_closure", 1008: "policy_violation",
-    1009: "message_too_big", 1011: "internal_error", 1013: "try_again_later", 4000: "invalid_message",
+    1000: "normal_closure", 1001: "going_away", 1002: "protocol_error", 1006: "abnormal_closure",
+    1008: "policy_violation", 1009: "message_too_big", 1011: "internal_error", 1013: "try_again_later", 4000: "invalid_message",
     4001: "token_expired", 4002: "token_invalid", 4003: "scope_denied", 4008: "quota_exceeded",
     4010: "channel_unavailable", 4011: "history_gap",
 }

@@ -52,6 +52,7 @@ log = logging.getLogger("rtserver.connection")
 CODE_NAMES = {
     1000: "normal_closure",
     1001: "going_away",
+    1002: "protocol_error",
     1008: "policy_violation",
     1009: "message_too_big",
     1011: "internal_error",
@@ -130,6 +131,7 @@ class Connection(WSListener):
         self._invalid: deque[float] | None = None
         self._fragments: list[bytes] | None = None  # a fragmented message being received
         self._fragments_size = 0  # its bytes so far
+        self._fragmented = False  # between a data frame without FIN and the continuation with it
         self._timer: asyncio.TimerHandle | None = None  # auth deadline, then token expiry
         self._close_cause = "network"
         self._close_code: int | None = None
@@ -159,10 +161,16 @@ class Connection(WSListener):
         self.last_rx = time.monotonic()
         self._ping_sent = False
         mt = frame.msg_type
+        if (mt == WSMsgType.TEXT or mt == WSMsgType.BINARY) and self._fragmented:
+            # RFC 6455 §5.4: a message's fragments are not interleaved with another message's;
+            # taking the new one silently dropped the fragments before it.
+            self._protocol_error("a new message began before the fragmented one ended")
+            return
         if mt == WSMsgType.TEXT:
             if frame.fin:
                 self._on_message(frame.get_payload_as_bytes())
             else:
+                self._fragmented = True
                 first = frame.get_payload_as_bytes()
                 self._fragments = [first]
                 self._fragments_size = len(first)
@@ -170,9 +178,13 @@ class Connection(WSListener):
                     self._fragments = None
                     self._too_big(len(first))
         elif mt == WSMsgType.CONTINUATION:
+            if not self._fragmented:
+                self._protocol_error("a continuation frame without a message to continue")
+                return
+            self._fragmented = not frame.fin
             fragments = self._fragments
             if fragments is None:
-                return
+                return  # a message already refused (too big, binary): its rest is dropped
             payload = frame.get_payload_as_bytes()
             # A running total, and empty fragments not kept: a peer sending endless empty
             # continuation frames would otherwise grow the list and make each frame cost a sum
@@ -194,6 +206,7 @@ class Connection(WSListener):
             transport.send_close(frame.get_close_code(), frame.get_close_message())
             transport.disconnect()
         elif mt == WSMsgType.BINARY:
+            self._fragmented = not frame.fin
             self._invalid_message("binary frames are not supported: send JSON text", None)
         # PING is answered by picows (auto pong); PONG only refreshes last_rx.
 
@@ -330,6 +343,12 @@ class Connection(WSListener):
         if self._reading_paused and len(queue) <= _RESUME_QUEUED and not self.closed:
             self._reading_paused = False
             self._raw.resume_reading()
+
+    def _protocol_error(self, detail: str) -> None:
+        if self.closed:
+            return  # frames the client sent before it read the close
+        log.info("websocket protocol error", extra={"fields": {"workspace": self.workspace_id, "detail": detail}})
+        self.close(1002, cause="protocol_error")
 
     def _too_big(self, size: int) -> None:
         self.send_error(4000, f"message of {size} bytes exceeds the {self.gw.cfg.limits.max_message_bytes}-byte limit")

@@ -390,6 +390,33 @@ async def test_fragmented_message_with_a_flood_of_empty_continuations(gateway):
         assert code == 1009
 
 
+@pytest.mark.parametrize("case", ["text_inside_text", "binary_inside_text", "stray_continuation"])
+async def test_broken_fragmentation_is_a_protocol_error(gateway, case):
+    """RFC 6455 §5.4: a message's fragments are not interleaved with another message, and a
+    continuation frame continues a message. Before, a new message silently dropped the
+    fragments before it and a stray continuation was ignored; now both close with 1002."""
+    from websockets.frames import Frame, Opcode
+
+    def frame(opcode: Opcode, data: bytes, fin: bool) -> bytes:
+        return Frame(opcode, data, fin=fin).serialize(mask=True, extensions=[])
+
+    ping = json.dumps({"type": "ping", "id": "p"}).encode()
+    wrong = {
+        "text_inside_text": frame(Opcode.TEXT, ping[:5], False) + frame(Opcode.TEXT, ping, True),
+        "binary_inside_text": frame(Opcode.TEXT, ping[:5], False) + frame(Opcode.BINARY, b"x", True),
+        "stray_continuation": frame(Opcode.CONT, ping, True),
+    }[case]
+    async with ws_connect(gateway, "w1", token=gateway.token("w1")) as c:
+        # Fragments done right still work, a binary message's included (refused, 4000).
+        c.ws.transport.write(frame(Opcode.BINARY, b"x", False) + frame(Opcode.CONT, b"y", True)
+                             + frame(Opcode.TEXT, ping[:5], False) + frame(Opcode.CONT, ping[5:], True))
+        assert (await c.recv_type("error"))["code"] == 4000
+        assert await c.recv() == {"type": "pong", "id": "p"}
+        c.ws.transport.write(wrong)
+        code, reason = await c.expect_close()
+        assert (code, reason) == (1002, "protocol_error")
+
+
 async def test_filters_operations_entity_predicates(gateway):
     async with ws_connect(gateway, "w1", token=gateway.token("w1")) as c:
         await c.subscribe("events:*", {"entity": "orders", "predicates": {"total": {"$gte": 100}, "tags": "vip"}})
