@@ -124,11 +124,14 @@ def _whole_entity_subscribers(ws: Workspace, event: Event) -> list[Subscription]
     """A subscription per connection of `ws` whose channel and operations take `event` (a
     TRUNCATE), whatever their predicates: the index evaluates predicates on the record, and a
     TRUNCATE has none, so a filtered view of a table would never learn it was emptied. Such
-    events are rare: a scan of the workspace's subscriptions is cheap enough."""
+    events are rare: a scan of the workspace's subscriptions is cheap enough. Only indexed
+    subscriptions count, as for index.match: one taken out of the index while its replay reads
+    the bus back gets the event from that replay, not twice."""
+    index = ws.index
     found = []
     for conn in ws.connections:
         for sub in conn.subscriptions.values():
-            if sub.in_scope(event):
+            if sub in index and sub.in_scope(event):
                 found.append(sub)
                 break
     return found

@@ -10,8 +10,10 @@ import asyncio
 import pytest
 
 from rtcore.engine import Outbox, SubKey, queue_one
+from rtcore.event import Event
 from rtserver import config
-from rtserver.hub import Hub, Lane
+from rtserver.channels import parse
+from rtserver.hub import Hub, Lane, Subscription
 from rtserver.metrics import Metrics
 from tests.harness.wsclient import ws_connect
 
@@ -276,3 +278,36 @@ async def test_frames_not_queued_do_not_count_against_the_bound():
     for _ in range(2):
         await asyncio.sleep(0)
     assert one._raw.writes == [b"e2"] and hub._queued == 0
+
+
+async def test_a_truncate_reaches_indexed_subscriptions_whatever_their_predicates():
+    """A TRUNCATE has no row for predicates to look at: it reaches, once per connection, each
+    indexed subscription whose channel and operations take it. A subscription the connection
+    holds but the index does not (taken out while its replay reads the bus back) gets it from
+    that replay, not from the live path too."""
+    hub = make_hub(chunk=100, backlog=10**6)
+    ws = hub.workspace("w1")
+    specs = {
+        "filtered": [parse("postgres:products", {"predicates": {"category": "electronics"}}),
+                     parse("postgres:*", {"predicates": {"price": {"$gt": 1000}}})],  # both take it: once
+        "inserts": [parse("postgres:products", {"operations": ["INSERT"]})],
+        "other_table": [parse("postgres:orders", None)],
+        "reading_back": [parse("postgres:products", None)],
+    }
+    conns = {}
+    for name, its_specs in specs.items():
+        conn = Conn()
+        conn.subscriptions = {}
+        for spec in its_specs:
+            sub = Subscription(conn, spec)
+            conn.subscriptions[spec.channel] = sub
+            if name != "reading_back":
+                hub.add(ws, sub)
+        ws.connections.add(conn)
+        conns[name] = conn
+    hub.deliver(Event("w1", "postgres", "products", "TRUNCATE", {}, b'{"type":"event","operation":"TRUNCATE"}'))
+    for _ in range(3):
+        await asyncio.sleep(0)
+    got = {name: len(conn._raw.writes) for name, conn in conns.items()}
+    assert got == {"filtered": 1, "inserts": 0, "other_table": 0, "reading_back": 0}
+    assert b'"operation":"TRUNCATE"' in conns["filtered"]._raw.writes[0]
