@@ -21,18 +21,23 @@ TOPIC_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}\Z")
 # non-ASCII letters ("order-items", "produits_été"), so anything but the separator `.`, `"`
 # and control characters, at most 63 bytes (NAMEDATALEN - 1; checked in valid_table_name).
 _NAME = r'[^."\x00-\x1f\x7f]{1,63}'
+_NAME_RE = re.compile(rf"^{_NAME}\Z")
 TABLE_RE = re.compile(rf"^(?:({_NAME})\.)?({_NAME})\Z")
+
+
+def _utf8_size(name: str) -> int:
+    """Bytes of `name` in UTF-8; -1 for a lone surrogate, which no database name holds."""
+    try:
+        return len(name.encode("utf-8"))
+    except UnicodeEncodeError:
+        return -1
 
 
 def valid_collection(name: str) -> bool:
     """MongoDB's own rule for a collection name: not empty, no '$' or NUL, not system.*, at most
     255 bytes of UTF-8 (a namespace's limit). Spaces, ':', '@' and non-ASCII letters are allowed:
     such a collection exists, streams on mongo:* under its name, and must be subscribable."""
-    try:
-        size = len(name.encode("utf-8"))
-    except UnicodeEncodeError:  # a lone surrogate: no MongoDB name
-        return False
-    return 0 < size <= 255 and "$" not in name and "\0" not in name and not name.startswith("system.")
+    return 0 < _utf8_size(name) <= 255 and "$" not in name and "\0" not in name and not name.startswith("system.")
 
 
 _FILTER_KEYS = {"operations", "entity", "predicates", "transitions"}
@@ -60,11 +65,7 @@ class SubscriptionSpec:
 
 def valid_table_name(name: str) -> bool:
     """A PostgreSQL table or schema name the channels can carry (see _NAME)."""
-    try:
-        size = len(name.encode("utf-8"))
-    except UnicodeEncodeError:  # a lone surrogate: no PostgreSQL name
-        return False
-    return size <= 63 and bool(re.match(rf"^{_NAME}\Z", name))
+    return 0 < _utf8_size(name) <= 63 and _NAME_RE.match(name) is not None
 
 
 def canonical_entity(source: str, name: str) -> str:
@@ -76,7 +77,7 @@ def canonical_entity(source: str, name: str) -> str:
     if source == "postgres":
         m = TABLE_RE.match(name)
         if not m:
-            raise ChannelError(f"postgres:{name}: a table is `name` or `schema.name` (SQL identifiers)")
+            raise ChannelError(f"postgres:{name}: a table is `name` or `schema.name`, without `\"` or control characters")
         schema, table = m.group(1), m.group(2)
         if not (valid_table_name(table) and (schema is None or valid_table_name(schema))):
             raise ChannelError(f"postgres:{name}: a table or schema name is at most 63 bytes")
