@@ -28,6 +28,7 @@ import msgspec
 
 from rtcore.event import Event
 from rtserver.bus import BusUnavailable
+from rtserver.channels import valid_collection, valid_table_name
 from rtserver.sources.base import ChannelUnavailable
 
 if TYPE_CHECKING:
@@ -649,10 +650,9 @@ class RemoteSource:
         if entity == "*":
             return "*"
         if self.kind == "mongo":
-            if not entity or len(entity) > 255 or "$" in entity or "\0" in entity:
+            if not valid_collection(entity):
                 raise ChannelUnavailable(f"mongo:{entity}: malformed collection name (workspace {workspace})")
             return entity
-        from rtserver.channels import valid_table_name
         from rtserver.sources.pg_catalog import Catalog
         from rtserver.sources.postgres import entity_of
 

@@ -37,6 +37,7 @@ from pymongo.errors import OperationFailure, PyMongoError
 
 from rtcore.event import Event
 from rtserver.atomic_file import replace_file
+from rtserver.channels import valid_collection
 from rtserver.redact import redact
 from rtserver.sources.base import YIELD_EVERY, ChannelUnavailable, EventSink
 
@@ -61,7 +62,6 @@ SPLIT_STAGE = "$changeStreamSplitLargeEvent"
 UNKNOWN_STAGE = 40324  # "Unrecognized pipeline stage name": the only stage that can be new is SPLIT_STAGE
 # Fragments' top-level fields: wallTime stays a date whatever its value.
 FRAGMENT_CODEC = CodecOptions(document_class=RawBSONDocument, datetime_conversion=DatetimeConversion.DATETIME_AUTO)
-COLLECTION_NAME_RE = re.compile(r"^[^$\x00]{1,255}$")
 RAW_CODEC = CodecOptions(document_class=RawBSONDocument)
 CLOSE_TIMEOUT = 2.0
 LIST_TIMEOUT = 5.0
@@ -310,7 +310,7 @@ class MongoSource:
     async def check_channel(self, workspace: str, entity: str) -> str:
         if entity == "*":
             return entity
-        if not COLLECTION_NAME_RE.match(entity) or entity.startswith("system."):
+        if not valid_collection(entity):
             raise ChannelUnavailable(f"mongo:{entity}: not a valid collection name")
         if self._allow_unknown:
             return entity
