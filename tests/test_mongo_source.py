@@ -171,3 +171,27 @@ def test_database_from_url_or_workspace():
     assert database_for("mongodb://u:p@h1,h2/app%20db", "w1") == "app db"
     assert database_for("mongodb://h:27017/?directConnection=true", "w1") == "w1"
     assert database_for("mongodb+srv://cluster.example.net", "w2") == "w2"
+
+
+async def test_not_ready_while_the_driver_retries_a_lost_server(env):
+    """The server goes away under an open stream: PyMongo's own resume then waits for a server
+    (up to serverSelectionTimeoutMS, 30 s by default) inside try_next, before the source sees an
+    error. /readyz must say not ready during that wait, not only once the driver gives up."""
+    from tests.mongo_server import ThreadedMongoTestServer
+
+    port = env.server.port
+    async with sc.running(env, client_options={"serverSelectionTimeoutMS": 60_000}) as source:
+        env.server.stop()
+        await sc.wait_until(lambda: not source.ready(), timeout=20, what="not ready while the driver waits")
+        assert source.status()["ready"] is False
+        assert source.status()["last_error"] == ""  # the driver is still retrying: no error seen yet
+        revived = ThreadedMongoTestServer(port=port).start()
+        try:
+            await sc.wait_until(source.ready, timeout=30, what="ready again")
+            async with sc.client(env) as db:
+                await db.orders.insert_one({"_id": 7})
+            bodies = await sc.settle(env, 1)
+            assert [b["document"]["_id"] for b in bodies] == [7]
+        finally:
+            await source.stop()
+            revived.stop()

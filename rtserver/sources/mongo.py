@@ -288,14 +288,21 @@ class MongoSource:
         return True
 
     def ready(self) -> bool:
-        return self._ready
+        return self._ready and self._server_known()
+
+    def _server_known(self) -> bool:
+        # The driver resumes a stream itself after a network error, waiting for a server for up
+        # to serverSelectionTimeoutMS inside try_next before the source sees anything: its
+        # topology (marked Unknown on the error, then by its monitor) tells the truth sooner.
+        client = self._client
+        return client is not None and client.topology_description.has_readable_server(client.read_preference)
 
     def status(self) -> dict[str, Any]:
         return {
             "kind": self.kind,
             "url": redact(self.url),
             "database": self.database,
-            "ready": self._ready,
+            "ready": self.ready(),
             "events": self._events,
             "streams_opened": self._streams_opened,
             "history_lost": self._history_lost,
