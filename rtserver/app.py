@@ -300,6 +300,7 @@ class Gateway:
                 sink=self.bus,
                 workspaces=targets,
                 stream_memory_bytes=cfg.postgres.stream_memory,
+                receive_timeout=cfg.postgres.receive_timeout,
             )
         else:
             from rtserver.sources.mongo import MongoSource

@@ -91,6 +91,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("postgres", "schemas", "RT_POSTGRES_SCHEMAS", list, ["public"], "Schemas whose tables are published"),
     Setting("postgres", "tables", "RT_POSTGRES_TABLES", list, [], "Tables to publish (schema.name); empty = all tables of `schemas`"),
     Setting("postgres", "stream_memory", "RT_POSTGRES_STREAM_MEMORY", int, 32 * 1024 * 1024, "Bytes of streamed in-progress transactions held in memory before spilling to the state directory"),
+    Setting("postgres", "receive_timeout", "RT_POSTGRES_RECEIVE_TIMEOUT", float, 60.0, "Seconds the server may leave the source's status update (sent every second) unanswered before the replication link counts as dead and is reopened; also bounds connecting and each catalog query"),
     Setting("mongo", "url", "RT_MONGO_URL", str, "", "MongoDB URL of every workspace without its own"),
     Setting("mongo", "allow_unknown_collections", "RT_MONGO_ALLOW_UNKNOWN_COLLECTIONS", bool, False, "Accept mongo:{collection} for collections that do not exist yet"),
     Setting("audit", "kafka_bootstrap", "RT_KAFKA_BOOTSTRAP", str, "", "Kafka bootstrap servers for the audit trail (log only when empty)"),
@@ -333,6 +334,8 @@ def _validate(values: dict[str, dict[str, Any]], path: str) -> None:
             raise ConfigError(f"limits.{key} must be positive")
     if limits["request_timeout"] <= 0:
         raise ConfigError("limits.request_timeout must be positive")
+    if values["postgres"]["receive_timeout"] <= 0:
+        raise ConfigError("postgres.receive_timeout must be positive")
     if values["history"]["node_bytes"] <= 0:
         raise ConfigError("history.node_bytes must be positive")
     if limits["fanout_backlog_per_connection"] < 0:

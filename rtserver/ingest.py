@@ -270,7 +270,8 @@ class Ingest:
             return PostgresSource(feed["url"], schemas=feed["schemas"], tables=feed["tables"],
                                   instance=self.cfg.server.instance, state_dir=self.state_dir, sink=sink,
                                   workspaces=lambda: targets,
-                                  stream_memory_bytes=self.cfg.postgres.stream_memory)
+                                  stream_memory_bytes=self.cfg.postgres.stream_memory,
+                                  receive_timeout=self.cfg.postgres.receive_timeout)
         from rtserver.sources.mongo import MongoSource
 
         return MongoSource(feed["url"], database=feed["database"], state_dir=self.state_dir, sink=sink,

@@ -653,3 +653,67 @@ async def test_stop_part_way_through_publishing_a_transaction_repeats_nothing(db
     await sink.wait_for(rows + 1, timeout=60)
     await asyncio.sleep(0.3)
     assert [e.record["id"] for e in sink.events] == [*range(1, rows + 1), 0]
+
+
+async def test_a_link_gone_silent_is_reopened_and_nothing_is_lost(db, pg_cluster, pg_database, tmp_path):
+    """The link to the server dies without a reset (a partition, a dead NAT entry): writes
+    still succeed, nothing arrives. The server answers the source's status update every second,
+    so silence past receive_timeout means a dead link: the source must say so (not ready), reopen
+    the stream and deliver what was written meanwhile, instead of waiting on the socket for as
+    long as TCP takes to give up (minutes to hours)."""
+    from tests.harness.tcpproxy import TcpProxy
+
+    await db.execute("CREATE TABLE silent (id int PRIMARY KEY)")
+    proxy = await TcpProxy(pg_cluster.port).start()
+    sink = CollectingSink()
+    src = PostgresSource(
+        pg_database.replace(f":{pg_cluster.port}/", f":{proxy.port}/"), instance="rtsilent",
+        state_dir=str(tmp_path / "state"), sink=sink, workspaces=lambda: ["w1"], maintenance_interval=0.3,
+        receive_timeout=2.0,
+    )
+    try:
+        await src.start()
+        await src.wait_streaming()
+        await db.execute("INSERT INTO silent VALUES (1)")
+        await sink.wait_for(1)
+        proxy.frozen = True
+        await db.execute("INSERT INTO silent VALUES (2)")
+        for _ in range(300):
+            if not src.ready():
+                break
+            await asyncio.sleep(0.05)
+        assert not src.ready()
+        assert "no answer from the server" in src.status()["last_error"]
+        proxy.frozen = False
+        proxy.cut()  # the half-dead connections end for good (on a real link: the server's timeouts)
+        await db.execute("INSERT INTO silent VALUES (3)")
+        events = await sink.wait_for(3, timeout=30)
+        assert [e.record["id"] for e in events] == [1, 2, 3]
+    finally:
+        await src.stop()
+        await proxy.close()
+
+
+async def test_catalog_queries_over_a_dead_link_end_with_a_timeout(db, pg_cluster, pg_database):
+    """The catalog connection (publication, slot status, TOAST fetches) over a link gone silent:
+    a query and a connect end with TimeoutError after the source's receive_timeout, instead of
+    holding the catalog's lock (and every subscribe checking a table) until TCP gives up."""
+    from rtserver.sources.pg_catalog import Catalog
+    from tests.harness.tcpproxy import TcpProxy
+
+    proxy = await TcpProxy(pg_cluster.port).start()
+    catalog = Catalog(pg_database.replace(f":{pg_cluster.port}/", f":{proxy.port}/"), schemas=["public"], tables=[],
+                      slot="", publication="rt_unused", timeout=1.0)
+    try:
+        assert await catalog.database() == pg_database.rsplit("/", 1)[1]
+        proxy.frozen = True
+        for attempt in ("query on the open connection", "connect and query"):
+            query = asyncio.ensure_future(catalog.fetch("SELECT 1"))
+            done, _ = await asyncio.wait({query}, timeout=60)
+            assert query in done, f"{attempt}: hung on the dead link"
+            assert isinstance(query.exception(), TimeoutError), (attempt, query.exception())
+        proxy.frozen = False
+        assert await catalog.database() == pg_database.rsplit("/", 1)[1]  # a new connection, working
+    finally:
+        await catalog.close()
+        await proxy.close()

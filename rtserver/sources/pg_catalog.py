@@ -54,8 +54,13 @@ def publication_name(instance: str) -> str:
 class Catalog:
     """One asyncpg connection (re-opened when broken), queries serialized by a lock."""
 
-    def __init__(self, dsn: str, *, schemas: list[str], tables: list[str], slot: str, publication: str):
+    def __init__(self, dsn: str, *, schemas: list[str], tables: list[str], slot: str, publication: str,
+                 timeout: float | None = None):
         self.dsn = dsn
+        # Bounds the connect and each query: a link that died without a reset would otherwise
+        # hold a query, and the lock behind it, until TCP gives up (the slot's creation, which
+        # waits for running transactions, is the one query left unbounded).
+        self.timeout = timeout
         self.schemas = list(schemas)
         self.tables = list(tables)
         self.slot = slot
@@ -73,7 +78,8 @@ class Catalog:
             # the stream's session settings: values fetched here (unchanged TOAST columns) must
             # have the text formats of the values the stream sends
             self._conn = await asyncpg.connect(
-                self.dsn, server_settings={"application_name": "rtserver-catalog", **SESSION_SETTINGS}
+                self.dsn, server_settings={"application_name": "rtserver-catalog", **SESSION_SETTINGS},
+                timeout=self.timeout or 60,
             )
         return self._conn
 
@@ -81,16 +87,16 @@ class Catalog:
         async with self._lock:
             conn = await self._connection()
             try:
-                return await conn.fetch(sql, *args)
-            except (asyncpg.ConnectionDoesNotExistError, asyncpg.InterfaceError, OSError):
+                return await conn.fetch(sql, *args, timeout=self.timeout)
+            except (asyncpg.ConnectionDoesNotExistError, asyncpg.InterfaceError, OSError):  # OSError: timeouts too
                 await self._drop()
                 raise
 
-    async def execute(self, sql: str, *args: Any) -> None:
+    async def execute(self, sql: str, *args: Any, bounded: bool = True) -> None:
         async with self._lock:
             conn = await self._connection()
             try:
-                await conn.execute(sql, *args)
+                await conn.execute(sql, *args, timeout=self.timeout if bounded else None)
             except (asyncpg.ConnectionDoesNotExistError, asyncpg.InterfaceError, OSError):
                 await self._drop()
                 raise
@@ -294,7 +300,8 @@ class Catalog:
         if rows:
             return False
         try:
-            await self.execute("SELECT pg_create_logical_replication_slot($1, 'pgoutput')", self.slot)
+            # waits for every transaction running at the time to end, however long they take
+            await self.execute("SELECT pg_create_logical_replication_slot($1, 'pgoutput')", self.slot, bounded=False)
         except asyncpg.DuplicateObjectError:
             return False
         except asyncpg.InsufficientPrivilegeError as exc:

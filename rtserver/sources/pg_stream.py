@@ -49,7 +49,8 @@ class ReplicationStream:
     """
 
     def __init__(self, dsn: str, slot: str, publication: str, *, proto_version: int | None = None,
-                 streaming: bool = True, messages: bool = True, application_name: str = "rtserver") -> None:
+                 streaming: bool = True, messages: bool = True, application_name: str = "rtserver",
+                 connect_timeout: float | None = None) -> None:
         self.dsn = dsn
         self.slot = slot
         self.publication = publication
@@ -60,6 +61,7 @@ class ReplicationStream:
         self.server_version = 0
         self.messages = messages
         self.application_name = application_name
+        self.connect_timeout = connect_timeout
         self._conn: psycopg.AsyncConnection | None = None
         self._pgconn: pq.abc.PGconn | None = None
         self._fd = -1
@@ -67,6 +69,19 @@ class ReplicationStream:
         self._writer_armed = False
 
     async def connect(self, start_lsn: int) -> None:
+        """Connect and start streaming; bounded by connect_timeout as a whole (a dead link would
+        otherwise hold the connect, or the wait for START_REPLICATION's answer, indefinitely)."""
+        if self.connect_timeout is None:
+            await self._connect(start_lsn)
+            return
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                await self._connect(start_lsn)
+        except TimeoutError as exc:
+            await self.close()
+            raise StreamError(f"no answer from the server within {self.connect_timeout:g} s") from exc
+
+    async def _connect(self, start_lsn: int) -> None:
         conn = await psycopg.AsyncConnection.connect(
             self.dsn,
             autocommit=True,

@@ -72,6 +72,11 @@ log = logging.getLogger("rtserver.postgres")
 
 CORRELATION_PREFIX = "rt.correlation"
 STATUS_INTERVAL = 1.0  # seconds between standby status updates
+# Seconds a status update asking for a reply (sent every STATUS_INTERVAL when idle) may go
+# without a byte from the server before the link counts as dead: the server answers at once,
+# so silence means the link died without a reset, which TCP may take hours to notice.
+# PostgreSQL's own subscribers give up after wal_receiver_timeout, 60 s by default, as here.
+RECEIVE_TIMEOUT = 60.0
 MAX_QUEUED_FRAMES = 10_000  # CopyData frames read but not processed: beyond it reading pauses
 MAX_PENDING_CHANGES = 10_000  # changes of one transaction held back waiting for its correlation id
 BACKOFF_MIN, BACKOFF_MAX = 0.2, 10.0
@@ -132,6 +137,7 @@ class PostgresSource:
         maintenance_interval: float = 2.0,
         streaming: bool = True,
         stream_memory_bytes: int = STREAM_MEMORY_BYTES,
+        receive_timeout: float = RECEIVE_TIMEOUT,
     ) -> None:
         self.dsn = dsn
         self.schemas = list(schemas)
@@ -143,6 +149,7 @@ class PostgresSource:
         self.maintenance_interval = maintenance_interval
         self.streaming = streaming
         self.stream_memory_bytes = stream_memory_bytes
+        self.receive_timeout = receive_timeout
         self.slot = ""
         self.publication = publication_name(instance)
         self.catalog: Catalog | None = None
@@ -297,14 +304,16 @@ class PostgresSource:
 
     async def _setup(self) -> None:
         if self.catalog is None:
-            probe = Catalog(self.dsn, schemas=self.schemas, tables=self.tables, slot="", publication=self.publication)
+            probe = Catalog(self.dsn, schemas=self.schemas, tables=self.tables, slot="", publication=self.publication,
+                            timeout=self.receive_timeout)
             try:
                 database = await probe.database()
             finally:
                 await probe.close()
             self.slot = slot_name(self.instance, database)
             self.catalog = Catalog(
-                self.dsn, schemas=self.schemas, tables=self.tables, slot=self.slot, publication=self.publication
+                self.dsn, schemas=self.schemas, tables=self.tables, slot=self.slot, publication=self.publication,
+                timeout=self.receive_timeout,
             )
         if self._position is None:
             self._position = await PositionFile.open(os.path.join(self.state_dir, f"postgres-{self.slot}.pos"))
@@ -380,7 +389,7 @@ class PostgresSource:
     async def _stream(self) -> None:
         assert self.catalog is not None and self._position is not None
         stream = ReplicationStream(self.dsn, self.slot, self.publication, streaming=self.streaming,
-                                   application_name=f"rtserver-{self.instance}")
+                                   application_name=f"rtserver-{self.instance}", connect_timeout=self.receive_timeout)
         inbox = _Inbox(stream)
         try:
             try:
@@ -425,6 +434,7 @@ class PostgresSource:
         assert catalog is not None and position is not None and streams is not None
         frames = inbox.frames
         last_status = 0.0
+        asked_at = 0.0  # the first reply request that nothing was heard after (0: none)
         tx: _Tx | None = None
         segment: StreamedTx | None = None  # the streamed transaction whose segment is open
         while True:
@@ -434,10 +444,16 @@ class PostgresSource:
                 if inbox.paused:
                     inbox.resume()
                 now = time.monotonic()
+                if inbox.heard_at >= asked_at:
+                    asked_at = 0.0
+                elif now - asked_at > self.receive_timeout:
+                    raise StreamError(f"no answer from the server for {self.receive_timeout:g} s "
+                                      "(postgres.receive_timeout): the link is presumed dead")
                 if now - last_status >= STATUS_INTERVAL:
                     await position.sync()
                     stream.send_status(self._acked_lsn, reply=True)
                     last_status = now
+                    asked_at = asked_at or now
                 inbox.wake.clear()
                 # asyncio.timeout, not wait_for: Python 3.11's wait_for() loses a cancellation
                 # that arrives as the event fires, and stop() would wait for ever
@@ -782,8 +798,10 @@ class _Inbox:
         self.wake = asyncio.Event()
         self.failure: list[BaseException] = []
         self.paused = True
+        self.heard_at = time.monotonic()  # when the socket last had something (or reading resumed)
 
     def on_readable(self) -> None:
+        self.heard_at = time.monotonic()
         try:
             self.stream.read_available(self.frames.append)
         except StreamError as exc:
@@ -797,6 +815,7 @@ class _Inbox:
     def resume(self) -> None:
         if self.paused and not self.failure:
             self.paused = False
+            self.heard_at = time.monotonic()  # a paused reader heard nothing: not the server's silence
             self.stream.add_reader(self.on_readable)
             self.on_readable()  # libpq may hold buffered frames the socket no longer signals
 
