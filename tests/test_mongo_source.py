@@ -7,6 +7,7 @@ tests/mongo_scenarios.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import bson
@@ -195,3 +196,30 @@ async def test_not_ready_while_the_driver_retries_a_lost_server(env):
         finally:
             await source.stop()
             revived.stop()
+
+
+async def test_a_link_gone_silent_is_not_ready_then_recovers(env):
+    """The link to the server dies without a reset (writes succeed, nothing arrives): the
+    driver's monitor stops hearing the server, so /readyz says not ready; once the link works
+    again the stream goes on from where it was, the change written meanwhile included."""
+    from tests.harness.tcpproxy import TcpProxy
+
+    proxy = await TcpProxy(env.server.port).start()
+    proxied = dataclasses.replace(env, url=env.url.replace(f":{env.server.port}", f":{proxy.port}"))
+    fast_monitor = {"connectTimeoutMS": 1000, "heartbeatFrequencyMS": 500}
+    try:
+        async with sc.running(proxied, client_options=fast_monitor) as source:
+            async with sc.client(env) as db:
+                await db.orders.insert_one({"_id": 1})
+                await sc.settle(env, 1)
+                proxy.frozen = True
+                await db.orders.insert_one({"_id": 2})
+                await sc.wait_until(lambda: not source.ready(), timeout=30, what="not ready on the dead link")
+                proxy.frozen = False
+                proxy.cut()  # the half-dead connections end for good (on a real link: TCP's timeouts)
+                await sc.wait_until(source.ready, timeout=30, what="ready again")
+                await db.orders.insert_one({"_id": 3})
+                bodies = await sc.settle(env, 3)
+        assert [b["document"]["_id"] for b in bodies] == [1, 2, 3]
+    finally:
+        await proxy.close()
