@@ -85,15 +85,28 @@ def token_expiry(token: str) -> float | None:
 
 
 def channel_matches(channel: str, event_channel: str, filter: dict | None = None) -> bool:
-    """Whether an event on concrete `event_channel` belongs to a subscription on `channel`."""
-    if channel == event_channel:
-        return True
+    """Whether an event on concrete `event_channel` belongs to a subscription on `channel`.
+
+    As the gateway matches: a `*` channel narrowed by `filter.entity` to that one name, and
+    names compared whole (a topic or collection may hold dots: `events:*` with entity
+    `created` is not `events:order.created`), a PostgreSQL table of schema `public` with or
+    without the schema (events name it without)."""
     kind, _, name = channel.partition(":")
-    if name != "*" or not event_channel.startswith(kind + ":"):
+    event_kind, _, event_name = event_channel.partition(":")
+    if kind != event_kind:
         return False
-    entity = (filter or {}).get("entity")
-    rest = event_channel[len(kind) + 1:]
-    return not entity or rest == entity or rest.endswith("." + entity)
+    if name == "*":
+        name = (filter or {}).get("entity")
+        if not name:
+            return True
+    return _canonical(kind, name) == event_name
+
+
+def _canonical(kind: str, name: str) -> str:
+    """A channel's name as the gateway writes it in events (rtserver.channels.canonical_entity)."""
+    if kind == "postgres" and name.startswith("public.") and "." not in name[7:]:
+        return name[7:]
+    return name
 
 
 class _Subscription:

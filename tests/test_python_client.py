@@ -220,6 +220,12 @@ def test_token_expiry_and_channel_routing():
     assert channel_matches("postgres:*", "postgres:products", {"entity": "products"})
     assert not channel_matches("postgres:*", "postgres:orders", {"entity": "products"})
     assert not channel_matches("mongo:*", "postgres:orders")
+    assert channel_matches("postgres:public.products", "postgres:products")
+    assert channel_matches("postgres:*", "postgres:products", {"entity": "public.products"})
+    assert not channel_matches("postgres:*", "postgres:sales.products", {"entity": "products"})
+    assert channel_matches("postgres:sales.products", "postgres:sales.products")
+    assert not channel_matches("events:*", "events:order.created", {"entity": "created"})
+    assert not channel_matches("events:public.x", "events:x")  # only PostgreSQL has schemas
 
 
 # ---- reconnect edge cases ------------------------------------------------------------------
@@ -493,3 +499,45 @@ async def test_4001_with_a_stale_token_backs_off_instead_of_looping(gateway):
         assert len(calls) < 30, len(calls)  # 0.1-0.2 s apart; a storm makes hundreds
     finally:
         await client.close()
+
+
+async def test_events_reach_the_callbacks_of_the_subscriptions_the_gateway_matched(gateway):
+    # Topics may hold dots: `events:*` narrowed to entity `created` is not `events:order.created`,
+    # which reaches the connection through its own subscription.
+    narrowed: list[str] = []
+    order_created: list[str] = []
+    async with RealtimeClient(gateway.ws_url("w1"), lambda: gateway.token("w1")) as client:
+        items = client.events("events:*")
+        await client.subscribe("events:*", {"entity": "created"}, lambda e: narrowed.append(e["channel"]))
+        await client.subscribe("events:order.created", None, lambda e: order_created.append(e["channel"]))
+        await gateway.publish("w1", "order.created", {})
+        last = await gateway.publish("w1", "created", {})
+        seen = []
+        while not seen or seen[-1][1] != last["seq"]:
+            item = await asyncio.wait_for(items.__anext__(), 5)
+            seen.append((item["channel"], item["seq"]))
+        assert [channel for channel, _ in seen] == ["events:created"]
+        assert narrowed == ["events:created"] and order_created == ["events:order.created"]
+
+
+@pytest.mark.postgres
+async def test_a_public_table_channel_written_with_its_schema_gets_its_events(gateway_factory, pg_database):
+    import asyncpg
+
+    db = await asyncpg.connect(pg_database)
+    try:
+        await db.execute("CREATE TABLE products (id int PRIMARY KEY, name text)")
+        gw = await gateway_factory(env={"RT_POSTGRES_URL": pg_database, "RT_INSTANCE": "clientpg"})
+        await gw.wait_ready()
+        got: list[dict] = []
+        narrowed: list[dict] = []
+        async with RealtimeClient(gw.ws_url("w1"), lambda: gw.token("w1")) as client:
+            items = client.events("postgres:public.products")
+            await client.subscribe("postgres:public.products", None, got.append)
+            await client.subscribe("postgres:*", {"entity": "public.products"}, narrowed.append)
+            await db.execute("INSERT INTO products VALUES (1, 'a')")
+            item = await asyncio.wait_for(items.__anext__(), 15)
+            assert (item["channel"], item["record"]["id"]) == ("postgres:products", 1)
+            assert [e["record"]["id"] for e in got] == [1] and [e["record"]["id"] for e in narrowed] == [1]
+    finally:
+        await db.close()

@@ -53,13 +53,29 @@ export function tokenExpiry(token) {
   }
 }
 
-/** Whether an event on concrete `eventChannel` belongs to a subscription on `channel`. */
+/**
+ * Whether an event on concrete `eventChannel` belongs to a subscription on `channel`, as the
+ * gateway matches: a `*` channel narrowed by `filter.entity` to that one name, and names
+ * compared whole (a topic or collection may hold dots: `events:*` with entity `created` is not
+ * `events:order.created`), a PostgreSQL table of schema `public` with or without the schema
+ * (events name it without).
+ */
 export function channelMatches(channel, eventChannel, filter) {
-  if (channel === eventChannel) return true;
   const i = channel.indexOf(":");
-  if (channel.slice(i + 1) !== "*" || !eventChannel.startsWith(channel.slice(0, i + 1))) return false;
-  const entity = filter && filter.entity;
-  return !entity || eventChannel.slice(i + 1) === entity || eventChannel.slice(i + 1).endsWith("." + entity);
+  const j = eventChannel.indexOf(":");
+  const kind = channel.slice(0, i);
+  if (i < 0 || j < 0 || kind !== eventChannel.slice(0, j)) return false;
+  let name = channel.slice(i + 1);
+  if (name === "*") {
+    name = filter && filter.entity;
+    if (!name) return true;
+  }
+  return canonical(kind, name) === eventChannel.slice(j + 1);
+}
+
+// A channel's name as the gateway writes it in events (rtserver/channels.py canonical_entity).
+function canonical(kind, name) {
+  return kind === "postgres" && name.startsWith("public.") && !name.slice(7).includes(".") ? name.slice(7) : name;
 }
 
 const MAX_TIMER_MS = 2 ** 31 - 1;

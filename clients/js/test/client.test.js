@@ -277,6 +277,35 @@ test("token expiry decoding and channel routing", { timeout: 30000 }, () => {
   assert.ok(!channelMatches("postgres:*", "postgres:orders", { entity: "products" }));
   assert.ok(!channelMatches("mongo:*", "postgres:orders"));
   assert.ok(!channelMatches("events:a", "events:b"));
+  assert.ok(channelMatches("postgres:public.products", "postgres:products"));
+  assert.ok(channelMatches("postgres:*", "postgres:products", { entity: "public.products" }));
+  assert.ok(!channelMatches("postgres:*", "postgres:sales.products", { entity: "products" }));
+  assert.ok(channelMatches("postgres:sales.products", "postgres:sales.products"));
+  assert.ok(!channelMatches("events:*", "events:order.created", { entity: "created" }));
+  assert.ok(!channelMatches("events:public.x", "events:x")); // only PostgreSQL has schemas
+});
+
+test("events reach the callbacks of the subscriptions the gateway matched", { timeout: 30000 }, async () => {
+  // Topics may hold dots: `events:*` narrowed to entity `created` is not `events:order.created`,
+  // which reaches the connection through its own subscription.
+  const ws = "js-routing";
+  const client = connect({ url: wsUrl(ws), getToken: () => token({ workspace: ws }) });
+  const narrowed = [];
+  const orderCreated = [];
+  const items = client.events("events:*");
+  try {
+    await client.subscribe("events:*", { entity: "created" }, (e) => narrowed.push(e.channel)).ready;
+    await client.subscribe("events:order.created", (e) => orderCreated.push(e.channel)).ready;
+    await publish(ws, "order.created", {});
+    const last = await publish(ws, "created", {});
+    const seen = [];
+    while (seen.at(-1)?.seq !== last.seq) seen.push((await within(items.next(), 5000)).value);
+    assert.deepEqual(seen.map((e) => e.channel), ["events:created"]);
+    assert.deepEqual(narrowed, ["events:created"]);
+    assert.deepEqual(orderCreated, ["events:order.created"]);
+  } finally {
+    client.close();
+  }
 });
 
 // ---- reconnect edge cases ------------------------------------------------------------------
