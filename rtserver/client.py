@@ -12,7 +12,9 @@ fails (reported to on_error as a RealtimeError named "token_unavailable", then r
 and stops with a RealtimeError on terminal codes (4002, 4003, 1008, 1009). Dead links are
 detected by the `websockets` keepalive pings. A subscription made or changed while
 disconnected is sent with `since` too, and an unsubscribe the gateway had not acknowledged
-before a link loss is sent again after a resume. Each event is delivered once, also when the
+before a link loss is sent again after a resume; nothing is delivered for a channel once
+it is unsubscribed (what was in flight, or what a resumed session replays there before the
+unsubscribe reaches the gateway). Each event is delivered once, also when the
 replays of overlapping subscriptions overlap after a reconnect. An exception raised by a
 callback (on_event, on_state, on_gap, on_error) is logged and swallowed.
 
@@ -579,8 +581,13 @@ class RealtimeClient:
             if self.last_seq is None or seq > self.last_seq:
                 self.last_seq = seq
         channel = msg.get("channel", "")
-        for sub in list(self._subs.values()):
-            if sub.on_event is not None and channel_matches(sub.channel, channel, sub.filter):
+        subs = [sub for sub in self._subs.values() if channel_matches(sub.channel, channel, sub.filter)]
+        if not subs:
+            # For a channel the application has left: in flight when it unsubscribed, or
+            # replayed by a resumed session that had it back before the unsubscribe arrived.
+            return
+        for sub in subs:
+            if sub.on_event is not None:
                 try:
                     result = sub.on_event(msg)
                     if inspect.isawaitable(result):

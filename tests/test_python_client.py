@@ -369,6 +369,36 @@ async def test_unsubscribe_lost_on_a_dead_link_is_sent_again_after_resume(gatewa
         await proxy.close()
 
 
+async def test_a_channel_unsubscribed_while_disconnected_delivers_nothing_after_the_resume(gateway):
+    # The resumed session has events:a back and replays what it missed there before the
+    # unsubscribe, sent after auth_ok, reaches the gateway: that replay is not the app's.
+    proxy = await TcpProxy(gateway.port).start()
+    client = RealtimeClient(proxied(proxy), lambda: gateway.token("w1"), **FAST)
+    on_a: list[dict] = []
+    try:
+        await client.connect()
+        items = client.events()
+        await client.subscribe("events:a", None, on_a.append)
+        await client.subscribe("events:b")
+        await gateway.publish("w1", "b", {})
+        assert (await asyncio.wait_for(items.__anext__(), 5))["channel"] == "events:b"
+        proxy.hold = True
+        proxy.cut()
+        await wait_for(lambda: client.state == "reconnecting", what="reconnecting")
+        client.unsubscribe("events:a")
+        await gateway.publish("w1", "a", {"x": "must not arrive"})
+        proxy.hold = False
+        await wait_for(lambda: client.state == "open" and len(client.resumed) == 2, 5, "resume")
+        assert client.resumed == [False, True]
+        b = await gateway.publish("w1", "b", {})
+        item = await asyncio.wait_for(items.__anext__(), 5)
+        assert (item.get("channel"), item.get("seq")) == ("events:b", b["seq"]), item
+        assert on_a == []
+    finally:
+        await client.close()
+        await proxy.close()
+
+
 @pytest.mark.parametrize("header_auth", [False, True], ids=["resumed", "new-session"])
 async def test_subscription_made_or_changed_while_disconnected_gets_the_outage(gateway, header_auth):
     proxy = await TcpProxy(gateway.port).start()

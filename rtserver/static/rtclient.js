@@ -477,8 +477,13 @@ export class RealtimeClient {
       }
       if (this.lastSeq === null || seq > this.lastSeq) this.lastSeq = seq;
     }
-    for (const sub of this.subs.values()) {
-      if (sub.onEvent && channelMatches(sub.channel, msg.channel, sub.filter)) {
+    const channel = typeof msg.channel === "string" ? msg.channel : "";
+    const subs = [...this.subs.values()].filter((sub) => channelMatches(sub.channel, channel, sub.filter));
+    // For a channel the application has left: in flight when it unsubscribed, or replayed by a
+    // resumed session that had it back before the unsubscribe arrived.
+    if (!subs.length) return;
+    for (const sub of subs) {
+      if (sub.onEvent) {
         try { sub.onEvent(msg); } catch (err) { setTimeout(() => { throw err; }); }
       }
     }

@@ -413,6 +413,35 @@ test("an unsubscribe lost on a dead link is sent again after the resume", { time
   }
 });
 
+test("a channel unsubscribed while disconnected delivers nothing after the resume", { timeout: 30000 }, async () => {
+  // The resumed session has events:a back and replays what it missed there before the
+  // unsubscribe, sent after auth_ok, reaches the gateway: that replay is not the app's.
+  const ws = "js-unsub-offline";
+  const proxy = await startProxy();
+  const client = connect({ url: wsUrl(ws, proxy.port), getToken: () => token({ workspace: ws }), ...fast });
+  const { events, opens } = collect(client);
+  try {
+    await client.subscribe("events:a").ready;
+    await client.subscribe("events:b").ready;
+    await publish(ws, "b", {});
+    await waitFor(() => events.length === 1, 5000, "first event");
+    proxy.hold = true;
+    proxy.cut();
+    await waitFor(() => client.state === "reconnecting", 5000, "reconnecting");
+    client.unsubscribe("events:a");
+    await publish(ws, "a", { x: "must not arrive" });
+    proxy.hold = false;
+    await waitFor(() => client.state === "open" && opens.length === 2, 5000, "resume");
+    assert.equal(opens[1].resumed, true);
+    const b = await publish(ws, "b", {});
+    await waitFor(() => events.at(-1).seq === b.seq, 5000, "the live event");
+    assert.deepEqual(events.map((e) => e.channel), ["events:b", "events:b"]);
+  } finally {
+    client.close();
+    await proxy.close();
+  }
+});
+
 for (const headerAuth of [false, true]) {
   test(`a subscription made or changed while disconnected gets the events of the outage (${headerAuth ? "new session" : "resumed"})`,
     { timeout: 30000 }, async () => {
