@@ -434,8 +434,11 @@ class RealtimeClient:
         code = 1006
         try:
             headers = {"Authorization": f"Bearer {token}"} if self.header_auth else None
+            # No max_size: an event frame is as large as its change (a PostgreSQL row can hold
+            # megabytes). With a limit, such an event closed the connection from this side (1009),
+            # lost what followed it in flight, and came back with every replay.
             async with connect(self.url, additional_headers=headers, open_timeout=self.open_timeout,
-                               max_size=8 << 20, close_timeout=2) as ws:
+                               max_size=None, close_timeout=2) as ws:
                 self._ws = ws
                 try:
                     await self._serve(ws, token)

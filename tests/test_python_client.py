@@ -571,3 +571,24 @@ async def test_a_public_table_channel_written_with_its_schema_gets_its_events(ga
             assert [e["record"]["id"] for e in got] == [1] and [e["record"]["id"] for e in narrowed] == [1]
     finally:
         await db.close()
+
+
+@pytest.mark.postgres
+async def test_a_9_mib_event_is_delivered_and_the_connection_stays_open(gateway_factory, pg_database):
+    import asyncpg
+
+    db = await asyncpg.connect(pg_database)
+    try:
+        await db.execute("CREATE TABLE docs (id int PRIMARY KEY, body text)")
+        gw = await gateway_factory(env={"RT_POSTGRES_URL": pg_database, "RT_INSTANCE": "clientbig"})
+        await gw.wait_ready()
+        got: list[dict] = []
+        async with RealtimeClient(gw.ws_url("w1"), lambda: gw.token("w1"), **FAST) as client:
+            await client.subscribe("postgres:docs", None, got.append)
+            await db.execute("INSERT INTO docs VALUES (1, $1)", "x" * (9 << 20))  # a 9 MiB row
+            await db.execute("INSERT INTO docs VALUES (2, 'small')")
+            await wait_for(lambda: len(got) == 2, 30, "both rows")
+            assert [(e["record"]["id"], len(e["record"]["body"])) for e in got] == [(1, 9 << 20), (2, 5)]
+            assert client.closes == [] and client.state == "open"
+    finally:
+        await db.close()
