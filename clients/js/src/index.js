@@ -91,6 +91,15 @@ function isFresh(token) {
   return exp === null || exp * 1000 - Date.now() > FRESH_MARGIN_MS;
 }
 
+// What a listener (an onEvent callback, an on() listener) throws is reported and goes no
+// further, as in the Python client: it must not cost the connection, nor the application (thrown
+// again from a timer, it was an uncaught exception, which ends a Node.js process). Browsers
+// report it like an uncaught error (window "error" event, console); elsewhere console.error.
+function reportListenerError(err) {
+  if (typeof globalThis.window === "object" && typeof globalThis.reportError === "function") globalThis.reportError(err);
+  else console.error("rtclient: a listener failed:", err);
+}
+
 // Whether a reply is to the last message sent for a channel (not to an earlier one).
 function answers(msg, sentId) {
   return msg.id === undefined || msg.id === null || msg.id === sentId;
@@ -311,7 +320,7 @@ export class RealtimeClient {
     const set = this.listeners.get(name);
     if (!set) return;
     for (const fn of [...set]) {
-      try { fn(value); } catch (err) { setTimeout(() => { throw err; }); }
+      try { fn(value); } catch (err) { reportListenerError(err); }
     }
   }
 
@@ -484,7 +493,7 @@ export class RealtimeClient {
     if (!subs.length) return;
     for (const sub of subs) {
       if (sub.onEvent) {
-        try { sub.onEvent(msg); } catch (err) { setTimeout(() => { throw err; }); }
+        try { sub.onEvent(msg); } catch (err) { reportListenerError(err); }
       }
     }
     this._emit("event", msg);

@@ -442,6 +442,30 @@ test("a channel unsubscribed while disconnected delivers nothing after the resum
   }
 });
 
+test("a listener that throws is reported; the client and the process carry on", { timeout: 30000 }, async () => {
+  const ws = "js-listener-throws";
+  const reported = [];
+  const consoleError = console.error;
+  console.error = (...args) => reported.push(args.at(-1)?.message);
+  const client = connect({ url: wsUrl(ws), getToken: () => token({ workspace: ws }) });
+  const got = [];
+  try {
+    client.on("event", () => { throw new Error("bug in an event listener"); });
+    client.on("event", (e) => got.push(e.seq));
+    await client.subscribe("events:a", () => { throw new Error("bug in a callback"); }).ready;
+    const a = await publish(ws, "a", {});
+    const b = await publish(ws, "a", {});
+    await waitFor(() => got.length === 2, 5000, "both events");
+    await new Promise((r) => setTimeout(r, 100)); // a rethrow from a timer would have come by now
+    assert.deepEqual(got, [a.seq, b.seq]);
+    assert.deepEqual(reported, ["bug in a callback", "bug in an event listener", "bug in a callback", "bug in an event listener"]);
+    assert.equal(client.state, "open");
+  } finally {
+    client.close();
+    console.error = consoleError;
+  }
+});
+
 for (const headerAuth of [false, true]) {
   test(`a subscription made or changed while disconnected gets the events of the outage (${headerAuth ? "new session" : "resumed"})`,
     { timeout: 30000 }, async () => {
