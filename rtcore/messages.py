@@ -69,6 +69,10 @@ class AuthOk(msgspec.Struct, tag="auth_ok", tag_field="type", omit_defaults=True
 class Subscribed(msgspec.Struct, tag="subscribed", tag_field="type", omit_defaults=True):
     channel: str
     id: MessageId = None
+    # The workspace's stream position when the subscription took effect: the events after it
+    # that match are delivered. A client that has seen no event yet resumes `since` it, so the
+    # frames in flight when its link died are replayed (docs/protocol.md §3, §7).
+    seq: int | None = None
 
 
 class Unsubscribed(msgspec.Struct, tag="unsubscribed", tag_field="type", omit_defaults=True):

@@ -170,7 +170,8 @@ class RealtimeClient:
     * `_floor`: every event up to this seq that matches the subscriptions has been
       delivered. It is the `since` of the resume and of every re-subscribe.
     * Outside a catch-up events arrive in seq order, so one at or below the last delivered
-      seq is a duplicate, dropped; otherwise `_floor` follows the events.
+      seq is a duplicate, dropped; otherwise `_floor` follows the events, and the `seq` of a
+      `subscribed` reply (the stream position it took effect at) when that is higher.
     * Sending a subscribe with `since` starts a catch-up: `_floor` stays put, events at or
       below it are dropped, the seqs delivered above it are kept in `_catchup` and one already
       there is dropped. After the subscribes the client sends a ping with an id; the gateway
@@ -501,6 +502,7 @@ class RealtimeClient:
                     if sub is not None and _answers(msg, sub.sent_id):
                         sub.acked = True
                         _settle(sub.waiters, None)
+                    self._at_position(msg.get("seq"))
                 elif kind == "unsubscribed":
                     channel, mid = msg.get("channel"), msg.get("id")
                     if mid is not None and self._pending_unsubs.get(channel) == mid:
@@ -549,6 +551,15 @@ class RealtimeClient:
             self._send({"type": "ping", "id": self._marker})
         if self._ready is not None and not self._ready.done():
             self._ready.set_result(None)
+
+    def _at_position(self, seq: object) -> None:
+        """A `subscribed` reply's `seq`: the position the gateway's stream had reached when it
+        took the subscription. The connection's frames come in order, so every event up to it
+        that matches the subscriptions came before the reply; outside a catch-up (whose replays
+        follow their replies) `_floor` moves up to it. Before the first event it is what a
+        resume asks `since`: without it the events in flight when the link died were lost."""
+        if isinstance(seq, int) and self._catchup is None and (self._floor is None or seq > self._floor):
+            self._floor = seq
 
     async def _refresh_later(self, ws: ClientConnection, token: str) -> None:
         self._pending_token = None

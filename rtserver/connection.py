@@ -657,7 +657,9 @@ class Connection(WSListener):
             self.gw.hub.remove(ws, old)
         self.subscriptions[spec.channel] = sub
         self.session.specs[spec.channel] = spec
-        self.send(Subscribed(channel=spec.channel, id=mid))
+        # Live events match at delivery, in seq order: every one after this position reaches
+        # the subscription (the position as in _teardown's suspend).
+        self.send(Subscribed(channel=spec.channel, id=mid, seq=max(ws.history.last_seq, ws.history.floor)))
         if since is not None:
             return self._replay([sub], since)
         return None

@@ -222,7 +222,12 @@ async def test_token_with_a_deeply_nested_header_is_4002(gateway):
 async def test_subscribe_reply_echoes_id_and_unsubscribe(gateway):
     async with ws_connect(gateway, "w1", token=gateway.token("w1")) as c:
         await c.send({"type": "subscribe", "channel": "events:orders", "id": "s1"})
-        assert await c.recv() == {"type": "subscribed", "channel": "events:orders", "id": "s1"}
+        reply = await c.recv()
+        position = reply.pop("seq")  # where the subscription starts: every later event that matches
+        assert reply == {"type": "subscribed", "channel": "events:orders", "id": "s1"}
+        before = (await gateway.publish("w1", "other", {}))["seq"]
+        await c.send({"type": "subscribe", "channel": "events:x", "id": "s2"})
+        assert (await c.recv())["seq"] >= before > position
         await c.send({"type": "unsubscribe", "channel": "events:orders", "id": 2})
         assert await c.recv() == {"type": "unsubscribed", "channel": "events:orders", "id": 2}
         await c.send({"type": "unsubscribe", "channel": "events:never"})

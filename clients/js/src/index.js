@@ -125,7 +125,8 @@ class Subscription {
 // - `floor`: every event up to this seq that matches the subscriptions has been delivered. It
 //   is the `since` of the resume and of every re-subscribe.
 // - Outside a catch-up events arrive in seq order, so one at or below the last delivered seq is
-//   a duplicate, dropped; otherwise `floor` follows the events.
+//   a duplicate, dropped; otherwise `floor` follows the events, and the `seq` of a `subscribed`
+//   reply (the stream position it took effect at) when that is higher.
 // - Sending a subscribe with `since` starts a catch-up: `floor` stays put, events at or below
 //   it are dropped, the seqs delivered above it are kept in `catchup` and one already there is
 //   dropped. After the subscribes the client sends a ping with an id; the gateway handles a
@@ -416,6 +417,14 @@ export class RealtimeClient {
         if (sub && answers(msg, sub.sentId)) {
           sub.acked = true;
           for (const w of sub.waiters.splice(0)) w.resolve();
+        }
+        // `seq`: the position the gateway's stream had reached when it took the subscription.
+        // The connection's frames come in order, so every event up to it that matches the
+        // subscriptions came before the reply; outside a catch-up (whose replays follow their
+        // replies) `floor` moves up to it. Before the first event it is what a resume asks
+        // `since`: without it the events in flight when the link died were lost.
+        if (typeof msg.seq === "number" && this.catchup === null && (this.floor === null || msg.seq > this.floor)) {
+          this.floor = msg.seq;
         }
         break;
       }

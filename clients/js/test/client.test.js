@@ -467,6 +467,33 @@ test("a listener that throws is reported; the client and the process carry on", 
 });
 
 for (const headerAuth of [false, true]) {
+  test(`an event in flight before the first one arrived is not lost (${headerAuth ? "new session" : "resumed"})`,
+    { timeout: 30000 }, async () => {
+      // No event seen yet: the resume (or the re-subscribe of a new session) asks `since` the
+      // position of the `subscribed` reply, so the event the dead link swallowed is replayed.
+      const ws = `js-inflight-${headerAuth}`;
+      const proxy = await startProxy();
+      const client = connect({ url: wsUrl(ws, proxy.port), getToken: () => token({ workspace: ws }), headerAuth, ...fast });
+      const { events, opens } = collect(client);
+      try {
+        await client.subscribe("events:a").ready;
+        proxy.frozen = true; // the gateway writes the event into a link that carries nothing
+        const e = await publish(ws, "a", {});
+        proxy.frozen = false;
+        proxy.cut();
+        await waitFor(() => client.state === "open" && opens.length === 2, 5000, "reconnect");
+        assert.equal(opens[1].resumed, !headerAuth);
+        const live = await publish(ws, "a", {});
+        await waitFor(() => events.some((x) => x.seq === live.seq), 5000, "the live event");
+        assert.deepEqual(events.map((x) => x.seq), [e.seq, live.seq]);
+      } finally {
+        client.close();
+        await proxy.close();
+      }
+    });
+}
+
+for (const headerAuth of [false, true]) {
   test(`a subscription made or changed while disconnected gets the events of the outage (${headerAuth ? "new session" : "resumed"})`,
     { timeout: 30000 }, async () => {
       const ws = `js-sub-down-${headerAuth}`;
