@@ -132,6 +132,21 @@ async def test_gateway_restart_resubscribes_and_surfaces_history_gap(gateway):
         await client.close()
 
 
+async def test_a_history_gap_reaches_the_iterator_of_a_narrowed_wildcard_channel(gateway):
+    client = RealtimeClient(gateway.ws_url("w1"), lambda: gateway.token("w1"), **FAST)
+    try:
+        await client.connect()
+        items = client.events("events:*")
+        await client.subscribe("events:*", {"entity": "r"})
+        first = await gateway.publish("w1", "r", {})
+        assert (await asyncio.wait_for(items.__anext__(), 5))["seq"] == first["seq"]
+        await gateway.restart()  # the in-memory history is gone: the resume reports a gap
+        gap = await asyncio.wait_for(items.__anext__(), 15)
+        assert (gap["type"], gap["channel"]) == ("history_gap", "events:*")
+    finally:
+        await client.close()
+
+
 async def test_token_expired_4001_refetches_token_and_resumes_at_once(gateway):
     calls = []
 
@@ -226,6 +241,9 @@ def test_token_expiry_and_channel_routing():
     assert channel_matches("postgres:sales.products", "postgres:sales.products")
     assert not channel_matches("events:*", "events:order.created", {"entity": "created"})
     assert not channel_matches("events:public.x", "events:x")  # only PostgreSQL has schemas
+    # a history_gap notice names the subscription's channel as it was written
+    assert channel_matches("events:*", "events:*", {"entity": "created"})
+    assert channel_matches("postgres:public.products", "postgres:public.products")
 
 
 # ---- reconnect edge cases ------------------------------------------------------------------

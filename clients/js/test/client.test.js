@@ -283,6 +283,9 @@ test("token expiry decoding and channel routing", { timeout: 30000 }, () => {
   assert.ok(channelMatches("postgres:sales.products", "postgres:sales.products"));
   assert.ok(!channelMatches("events:*", "events:order.created", { entity: "created" }));
   assert.ok(!channelMatches("events:public.x", "events:x")); // only PostgreSQL has schemas
+  // a history_gap notice names the subscription's channel as it was written
+  assert.ok(channelMatches("events:*", "events:*", { entity: "created" }));
+  assert.ok(channelMatches("postgres:public.products", "postgres:public.products"));
 });
 
 test("events reach the callbacks of the subscriptions the gateway matched", { timeout: 30000 }, async () => {
