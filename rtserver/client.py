@@ -7,7 +7,8 @@ events are replayed from the gateway's history and a `history_gap` is reported w
 cannot be), refreshes the token in-band before it expires, reconnects at once with a fresh
 token on 4001 (unless that token expires within 5 s, or the connection before lasted less
 than 5 s: then it backs off, so a stale token cannot cause a reconnect storm), backs off
-exponentially (1 s doubling to 30 s, with jitter) on other losses and when `get_token`
+exponentially (1 s doubling to 30 s, each wait up to half as long again at random, never
+over 30 s) on other losses and when `get_token`
 fails (reported to on_error as a RealtimeError named "token_unavailable", then retried),
 and stops with a RealtimeError on terminal codes (4002, 4003, 1008, 1009). Dead links are
 detected by the `websockets` keepalive pings. A subscription made or changed while
@@ -427,10 +428,18 @@ class RealtimeClient:
                     self._expired_once = True  # a fresh token, at once; if that fails too, back off
                     at_once = True
                     continue
-            base = min(self.backoff_max, self.backoff_initial * 2 ** min(self.attempt, 30))
+            delay = self._backoff()
             self.attempt += 1
             self._set_state("reconnecting")
-            await asyncio.sleep(base / 2 + random.random() * base / 2)  # jitter spreads a herd
+            await asyncio.sleep(delay)
+
+    def _backoff(self) -> float:
+        """The wait before the next attempt: backoff_initial doubled per failed attempt up to
+        backoff_max (the product's schedule: 1 s, 2 s, 4 s ... 30 s), each up to half as long
+        again at random to spread a herd of clients, never shorter than the schedule nor longer than
+        backoff_max."""
+        base = min(self.backoff_max, self.backoff_initial * 2 ** min(self.attempt, 30))
+        return min(self.backoff_max, base * (1 + random.random() / 2))
 
     async def _connect_once(self, token: str) -> int | None:
         """One connection; its close code, or None when the client is closed or stopped."""

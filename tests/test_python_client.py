@@ -246,6 +246,24 @@ def test_token_expiry_and_channel_routing():
     assert channel_matches("postgres:public.products", "postgres:public.products")
 
 
+@pytest.mark.parametrize("rand", [0.0, 0.5, 0.999999])
+def test_backoff_follows_the_schedule_from_1_s_to_30_s(monkeypatch, rand):
+    # The product's schedule (1 s doubling to 30 s); the jitter only lengthens a wait, up to
+    # half as long again, and never past the maximum (it used to halve it: 0.5 s first).
+    import rtserver.client
+
+    monkeypatch.setattr(rtserver.client.random, "random", lambda: rand)
+    client = RealtimeClient("ws://127.0.0.1:9/workspaces/w1/realtime/connect", lambda: "unused")
+    waits = []
+    for attempt in range(8):
+        client.attempt = attempt
+        waits.append(client._backoff())
+    schedule = [1, 2, 4, 8, 16, 30, 30, 30]
+    assert all(s <= w <= min(30, s * 1.5) for s, w in zip(schedule, waits, strict=True)), waits
+    if rand == 0.0:
+        assert waits == schedule
+
+
 # ---- reconnect edge cases ------------------------------------------------------------------
 
 

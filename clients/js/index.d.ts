@@ -65,7 +65,8 @@ export interface ConnectOptions {
   headerAuth?: boolean;
   /** A WebSocket class to use instead of globalThis.WebSocket / `ws`. */
   WebSocket?: unknown;
-  /** First reconnect delay (default 1000), doubled per failure up to backoffMaxMs (30000). */
+  /** First reconnect delay (default 1000), doubled per failure up to backoffMaxMs (30000);
+   * each wait is up to half as long again at random, never over backoffMaxMs. */
   backoffInitialMs?: number;
   backoffMaxMs?: number;
   /** Refresh the token in-band this long before `exp` (default 30000, at most 25% of its life). */

@@ -569,10 +569,18 @@ export class RealtimeClient {
   _scheduleRetry() {
     if (this.state === "closed") return;
     this._setState("reconnecting");
-    const base = Math.min(this.backoffMax, this.backoffInitial * 2 ** this.attempt);
+    const delay = this._backoffDelay();
     this.attempt = Math.min(this.attempt + 1, 30);
-    const delay = base / 2 + Math.random() * (base / 2); // jitter: spread a herd of clients
     this.timers.retry = setTimeout(() => { this.timers.retry = null; this._connect(); }, delay);
+  }
+
+  // The wait before the next attempt: backoffInitialMs doubled per failed attempt up to
+  // backoffMaxMs (the product's schedule: 1 s, 2 s, 4 s ... 30 s), each up to half as long again
+  // at random to spread a herd of clients, never shorter than the schedule nor longer than
+  // backoffMaxMs.
+  _backoffDelay() {
+    const base = Math.min(this.backoffMax, this.backoffInitial * 2 ** this.attempt);
+    return Math.min(this.backoffMax, base * (1 + Math.random() / 2));
   }
 
   _scheduleRefresh() {

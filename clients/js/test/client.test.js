@@ -7,7 +7,7 @@ import { readFileSync, unlinkSync, writeFileSync } from "node:fs";
 import net from "node:net";
 import { fileURLToPath } from "node:url";
 
-import { connect, RealtimeError, tokenExpiry, channelMatches } from "../src/index.js";
+import { connect, RealtimeClient, RealtimeError, tokenExpiry, channelMatches } from "../src/index.js";
 import { GATEWAY_WIDE, publish, startProxy, token, waitFor, wsUrl } from "./helpers.js";
 
 const fast = { backoffInitialMs: 50, backoffMaxMs: 400 };
@@ -308,6 +308,27 @@ test("events reach the callbacks of the subscriptions the gateway matched", { ti
     assert.deepEqual(orderCreated, ["events:order.created"]);
   } finally {
     client.close();
+  }
+});
+
+test("backoff follows the schedule from 1 s to 30 s, the jitter only lengthening a wait", () => {
+  // It used to halve a wait at random: a first retry after 0.5 s.
+  const random = Math.random;
+  try {
+    for (const r of [0, 0.5, 0.999999]) {
+      Math.random = () => r;
+      const client = new RealtimeClient({ url: "ws://127.0.0.1:9/workspaces/w1/realtime/connect", getToken: () => "unused" });
+      const waits = [];
+      for (let attempt = 0; attempt < 8; attempt++) {
+        client.attempt = attempt;
+        waits.push(client._backoffDelay());
+      }
+      const schedule = [1000, 2000, 4000, 8000, 16000, 30000, 30000, 30000];
+      assert.ok(schedule.every((s, i) => s <= waits[i] && waits[i] <= Math.min(30000, s * 1.5)), JSON.stringify(waits));
+      if (r === 0) assert.deepEqual(waits, schedule);
+    }
+  } finally {
+    Math.random = random;
   }
 });
 
