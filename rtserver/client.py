@@ -53,6 +53,7 @@ _SUBSCRIPTION_REFUSALS = frozenset({4000, 4003, 4008, 4010})
 # (authenticated for _HEALTHY_AFTER): otherwise it backs off.
 _FRESH_MARGIN = 5.0
 _HEALTHY_AFTER = 5.0
+_KEPT = 1000  # entries of RealtimeClient.resumed and .closes
 _CODE_NAMES = {
     1000: "normal_closure", 1001: "going_away", 1002: "protocol_error", 1006: "abnormal_closure",
     1008: "policy_violation", 1009: "message_too_big", 1011: "internal_error", 1013: "try_again_later", 4000: "invalid_message",
@@ -217,8 +218,10 @@ class RealtimeClient:
         self.state = "idle"  # idle | connecting | open | reconnecting | closed
         self.session_id: str | None = None
         self.last_seq: int | None = None  # the highest seq delivered
-        self.resumed: list[bool] = []  # one entry per session start: was it resumed?
-        self.closes: list[int] = []  # close codes seen, in order
+        # The latest _KEPT session starts (was each resumed?) and close codes, oldest first: a
+        # client that runs for months through a flapping network must not grow without bound.
+        self.resumed: list[bool] = []
+        self.closes: list[int] = []
         self.attempt = 0
         self.error: RealtimeError | None = None
         self._subs: dict[str, _Subscription] = {}
@@ -469,7 +472,7 @@ class RealtimeClient:
         self._authed_at = None
         if self.state == "closed":
             return None
-        self.closes.append(code)
+        _keep(self.closes, code)
         if code in TERMINAL_CODES:
             self._finish(RealtimeError(code, f"connection closed: {_CODE_NAMES.get(code, code)}", terminal=True))
             return None
@@ -540,7 +543,7 @@ class RealtimeClient:
         self.attempt = 0
         resumed = bool(msg.get("resumed")) and msg.get("sessionId") == self.session_id
         self.session_id = msg.get("sessionId")
-        self.resumed.append(resumed)
+        _keep(self.resumed, resumed)
         self._set_state("open")
         if resumed:
             for channel in sorted(self._pending_unsubs):
@@ -690,6 +693,12 @@ class RealtimeClient:
             self._ready.add_done_callback(_retrieve)
         if error is not None:
             self._callback(self.on_error, error, "on_error")
+
+
+def _keep(entries: list[Any], entry: Any) -> None:
+    entries.append(entry)
+    if len(entries) > _KEPT:
+        del entries[0]
 
 
 def _fresh(token: str) -> bool:

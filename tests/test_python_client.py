@@ -652,3 +652,21 @@ async def test_a_9_mib_event_is_delivered_and_the_connection_stays_open(gateway_
             assert client.closes == [] and client.state == "open"
     finally:
         await db.close()
+
+
+async def test_the_records_of_reconnects_stay_bounded(gateway):
+    # `closes` gets an entry per failed attempt, `resumed` one per session: a client that runs
+    # for months through a flapping network keeps the latest 1000 only.
+    proxy = await TcpProxy(gateway.port).start()
+    proxy.hold = True
+    client = RealtimeClient(proxied(proxy), lambda: gateway.token("w1"), backoff_initial=0.0001, backoff_max=0.0001)
+    try:
+        task = asyncio.create_task(client.connect())
+        await wait_for(lambda: proxy.accepted > 1100, 60, "many attempts")
+        proxy.hold = False
+        await asyncio.wait_for(task, 10)
+        assert len(client.closes) == 1000 and set(client.closes) == {1006}
+        assert client.resumed == [False]
+    finally:
+        await client.close()
+        await proxy.close()
