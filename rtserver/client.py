@@ -523,10 +523,12 @@ class RealtimeClient:
                         del self._pending_unsubs[channel]
                 elif kind == "pong":
                     if self._marker is not None and msg.get("id") == self._marker:
-                        # Every replay asked for is done: all up to last_seq has been delivered.
+                        # Every replay asked for is done: all up to last_seq has been delivered
+                        # (and up to the floor, which may be higher: a `subscribed` position).
                         self._marker = None
                         self._catchup = None
-                        self._floor = self.last_seq
+                        if self.last_seq is not None and (self._floor is None or self.last_seq > self._floor):
+                            self._floor = self.last_seq
                 elif kind == "error":
                     self._on_error(msg)
         finally:

@@ -438,19 +438,23 @@ async def test_a_channel_unsubscribed_while_disconnected_delivers_nothing_after_
 @pytest.mark.parametrize("header_auth", [False, True], ids=["resumed", "new-session"])
 async def test_an_event_in_flight_before_the_first_one_arrived_is_not_lost(gateway, header_auth):
     # No event seen yet: the resume (or the re-subscribe of a new session) asks `since` the
-    # position of the `subscribed` reply, so the event the dead link swallowed is replayed.
+    # position of the `subscribed` reply, so the event the dead link swallowed is replayed;
+    # also after a first reconnect that had nothing to replay.
     proxy = await TcpProxy(gateway.port).start()
     client = RealtimeClient(proxied(proxy), lambda: gateway.token("w1"), header_auth=header_auth, **FAST)
     got: list[int] = []
     try:
         await client.connect()
         await client.subscribe("events:a", None, lambda e: got.append(e["seq"]))
+        proxy.cut()
+        await wait_for(lambda: client.state == "open" and len(client.resumed) == 2, 5, "reconnect")
+        await wait_for(lambda: client._catchup is None, 5, "the end of the catch-up, if any")
         proxy.frozen = True  # the gateway writes the event into a link that carries nothing
         e = await gateway.publish("w1", "a", {})
         proxy.frozen = False
         proxy.cut()
-        await wait_for(lambda: client.state == "open" and len(client.resumed) == 2, 5, "reconnect")
-        assert client.resumed == [False, not header_auth]
+        await wait_for(lambda: client.state == "open" and len(client.resumed) == 3, 5, "reconnect")
+        assert client.resumed == [False, not header_auth, not header_auth]
         live = await gateway.publish("w1", "a", {})
         await wait_for(lambda: live["seq"] in got, 5, "the live event")
         assert got == [e["seq"], live["seq"]]

@@ -434,10 +434,11 @@ export class RealtimeClient {
         break;
       case "pong":
         if (this.marker !== null && msg.id === this.marker) {
-          // Every replay asked for is done: all up to lastSeq has been delivered.
+          // Every replay asked for is done: all up to lastSeq has been delivered (and up to the
+          // floor, which may be higher: a `subscribed` position).
           this.marker = null;
           this.catchup = null;
-          this.floor = this.lastSeq;
+          if (this.lastSeq !== null && (this.floor === null || this.lastSeq > this.floor)) this.floor = this.lastSeq;
         }
         break;
       case "error":

@@ -494,19 +494,23 @@ for (const headerAuth of [false, true]) {
   test(`an event in flight before the first one arrived is not lost (${headerAuth ? "new session" : "resumed"})`,
     { timeout: 30000 }, async () => {
       // No event seen yet: the resume (or the re-subscribe of a new session) asks `since` the
-      // position of the `subscribed` reply, so the event the dead link swallowed is replayed.
+      // position of the `subscribed` reply, so the event the dead link swallowed is replayed;
+      // also after a first reconnect that had nothing to replay.
       const ws = `js-inflight-${headerAuth}`;
       const proxy = await startProxy();
       const client = connect({ url: wsUrl(ws, proxy.port), getToken: () => token({ workspace: ws }), headerAuth, ...fast });
       const { events, opens } = collect(client);
       try {
         await client.subscribe("events:a").ready;
+        proxy.cut();
+        await waitFor(() => client.state === "open" && opens.length === 2, 5000, "reconnect");
+        await waitFor(() => client.catchup === null, 5000, "the end of the catch-up, if any");
         proxy.frozen = true; // the gateway writes the event into a link that carries nothing
         const e = await publish(ws, "a", {});
         proxy.frozen = false;
         proxy.cut();
-        await waitFor(() => client.state === "open" && opens.length === 2, 5000, "reconnect");
-        assert.equal(opens[1].resumed, !headerAuth);
+        await waitFor(() => client.state === "open" && opens.length === 3, 5000, "reconnect");
+        assert.deepEqual(opens.map((o) => o.resumed), [false, !headerAuth, !headerAuth]);
         const live = await publish(ws, "a", {});
         await waitFor(() => events.some((x) => x.seq === live.seq), 5000, "the live event");
         assert.deepEqual(events.map((x) => x.seq), [e.seq, live.seq]);
