@@ -9,7 +9,8 @@ token on 4001 (unless that token expires within 5 s, or the connection before la
 than 5 s: then it backs off, so a stale token cannot cause a reconnect storm), backs off
 exponentially (1 s doubling to 30 s, each wait up to half as long again at random, never
 over 30 s) on other losses and when `get_token`
-fails (reported to on_error as a RealtimeError named "token_unavailable", then retried),
+fails (at connect or for a refresh: reported to on_error as a RealtimeError named
+"token_unavailable", then retried; a failed refresh, at the 4001 that ends the session),
 and stops with a RealtimeError on terminal codes (4002, 4003, 1008, 1009). Dead links are
 detected by the `websockets` keepalive pings. A subscription made or changed while
 disconnected is sent with `since` too, and an unsubscribe the gateway had not acknowledged
@@ -586,11 +587,9 @@ class RealtimeClient:
             return
         remaining = exp - time.time()
         await asyncio.sleep(max(remaining - self.refresh_margin, remaining * 0.75, 0.0))
-        try:
-            fresh = await self._token()
-        except Exception as exc:  # the gateway closes with 4001 at exp; we reconnect then
-            log.warning("token refresh failed", extra={"fields": {"url": self.url, "error": str(exc)}})
-            return
+        fresh = await self._fetch_token()  # a failure goes to on_error, as at connect
+        if fresh is None:
+            return  # the gateway closes with 4001 at exp; we reconnect then
         if self._ws is ws:
             self._pending_token = fresh
             self._ids += 1

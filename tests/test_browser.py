@@ -50,4 +50,6 @@ async def test_demo_page_receives_events_and_resumes_after_network_loss(gateway_
     # newest first: the live event after the resume, the three published offline, the first
     assert result["shown"] == result["expected"] and len(result["shown"]) == 5
     assert result["resumed"] == "true" and result["gaps"] == 0
+    # headerAuth needs Node.js: in a browser a terminal error at once, not retries for good
+    assert result["headerAuth"] == {"outcome": {"codeName": "websocket_unavailable", "terminal": True}, "retried": False}
     assert screenshot.stat().st_size > 1000

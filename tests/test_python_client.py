@@ -319,6 +319,27 @@ async def test_get_token_failure_is_reported_and_retried_with_backoff(gateway):
         await proxy.close()
 
 
+async def test_a_failed_refresh_is_reported_and_the_4001_that_follows_reconnects(gateway):
+    calls: list[int] = []
+
+    def get_token() -> str:
+        calls.append(1)
+        if len(calls) == 2:  # the proactive refresh
+            raise RuntimeError("token service 503")
+        return gateway.token("w1", ttl=3 if len(calls) == 1 else 3600)
+
+    errors: list[RealtimeError] = []
+    client = RealtimeClient(gateway.ws_url("w1"), get_token, on_error=errors.append, **FAST)
+    try:
+        await client.connect()
+        await wait_for(lambda: len(client.resumed) == 2 and client.state == "open", 10, "the reconnect after 4001")
+        assert client.closes == [4001] and client.resumed == [False, True] and len(calls) == 3
+        failed = [e for e in errors if e.code != 4001]  # the gateway's error before its 4001 close
+        assert [e.name for e in failed] == ["token_unavailable"] and isinstance(failed[0].__cause__, RuntimeError)
+    finally:
+        await client.close()
+
+
 async def test_exceptions_raised_by_callbacks_are_logged_and_swallowed(gateway, caplog):
     def boom(*_: object) -> None:
         raise RuntimeError("a bug in a callback")

@@ -90,7 +90,11 @@ export declare class RealtimeError extends Error {
   constructor(code: number, message?: string, details?: { name?: string; channel?: string; terminal?: boolean });
   /** The close or error code (4001 token_expired, 4002, 4003, 4010, ...); 0 for client-side errors. */
   code: number;
+  /** The code's name, or for code 0: "token_unavailable" (getToken failed),
+   * "buffer_overflow" (an events() iterator), "websocket_unavailable" (terminal), "error". */
   codeName: string;
+  /** For token_unavailable: what getToken threw. */
+  cause?: unknown;
   channel?: string;
   /** True when the client stopped for good (4002, 4003, 1008, 1009). */
   terminal: boolean;
@@ -138,7 +142,9 @@ export declare class RealtimeClient {
   on(name: "state", fn: (state: ConnectionState) => void): () => void;
   on(name: "event", fn: (event: RealtimeEvent) => void): () => void;
   on(name: "gap", fn: (gap: HistoryGap) => void): () => void;
-  on(name: "error", fn: (error: RealtimeError | Error) => void): () => void;
+  /** A gateway error, a terminal close, or a failing getToken (codeName "token_unavailable",
+   * `cause`: what it threw; the client retries). */
+  on(name: "error", fn: (error: RealtimeError) => void): () => void;
   on(name: "open", fn: (info: OpenInfo) => void): () => void;
   on(name: "close", fn: (info: { code: number; reason: string }) => void): () => void;
   close(): void;

@@ -92,6 +92,15 @@ function isFresh(token) {
   return exp === null || exp * 1000 - Date.now() > FRESH_MARGIN_MS;
 }
 
+// A failing getToken, reported as the Python client does: a RealtimeError named
+// "token_unavailable" (code 0) whose `cause` is what getToken threw. The client retries.
+function tokenUnavailable(err) {
+  const error = new RealtimeError(0, `getToken failed: ${err instanceof Error ? err.message : String(err)}`,
+    { name: "token_unavailable" });
+  error.cause = err;
+  return error;
+}
+
 // What a listener (an onEvent callback, an on() listener) throws is reported and goes no
 // further, as in the Python client: it must not cost the connection, nor the application (thrown
 // again from a timer, it was an uncaught exception, which ends a Node.js process). Browsers
@@ -340,11 +349,21 @@ export class RealtimeClient {
     let token, WS;
     try {
       token = await this.getToken();
-      WS = await this._socketClass();
     } catch (err) {
       if (this.state === "closed") return;
-      this._emit("error", err);
+      this._emit("error", tokenUnavailable(err));
       this._scheduleRetry();
+      return;
+    }
+    try {
+      WS = await this._socketClass();
+    } catch (err) {
+      // No WebSocket to use (headerAuth in a browser, or Node.js without `ws` and without a
+      // global WebSocket): no retry can help.
+      if (this.state !== "closed") {
+        this._finish(new RealtimeError(0, `no WebSocket implementation${this.headerAuth ? " for headerAuth (Node.js only)" : ""}: ${err && err.message}`,
+          { name: "websocket_unavailable", terminal: true }));
+      }
       return;
     }
     if (this.state === "closed") return;
@@ -602,7 +621,7 @@ export class RealtimeClient {
     try {
       token = await this.getToken();
     } catch (err) {
-      this._emit("error", err);
+      if (this.state !== "closed") this._emit("error", tokenUnavailable(err));
       return; // the gateway closes with 4001 at exp; we reconnect from there
     }
     if (this.ws !== ws || !ws || !this.authed) return;

@@ -332,6 +332,32 @@ test("backoff follows the schedule from 1 s to 30 s, the jitter only lengthening
   }
 });
 
+test("a failing getToken is reported as token_unavailable, at connect and for a refresh", { timeout: 30000 }, async () => {
+  const ws = "js-token-fails";
+  let calls = 0;
+  const getToken = () => {
+    calls++;
+    if (calls === 1 || calls === 3) throw new Error("token service 503"); // the first connect, the refresh
+    return token({ workspace: ws, ttl: calls === 2 ? 3 : 3600 });
+  };
+  const client = new RealtimeClient({ url: wsUrl(ws), getToken, ...fast });
+  const { opens, closes } = collect(client);
+  const errors = [];
+  client.on("error", (e) => errors.push(e));
+  try {
+    client.subscribe("events:x"); // starts the client, listeners in place
+    await client.ready;
+    await waitFor(() => opens.length === 2 && client.state === "open", 10000, "the reconnect after 4001");
+    assert.deepEqual(closes.map((c) => c.code), [4001]);
+    assert.equal(calls, 4);
+    assert.ok(errors.every((e) => e instanceof RealtimeError), errors.map(String).join());
+    assert.deepEqual(errors.filter((e) => e.code !== 4001).map((e) => [e.code, e.codeName, e.cause?.message]),
+      [[0, "token_unavailable", "token service 503"], [0, "token_unavailable", "token service 503"]]);
+  } finally {
+    client.close();
+  }
+});
+
 // ---- reconnect edge cases ------------------------------------------------------------------
 
 /** Settles like `promise`, or rejects with "still pending" after `ms`. */

@@ -59,7 +59,24 @@ try {
   const gaps = await page.$$eval("#events li.gap", (lis) => lis.length);
   mkdirSync(artifacts, { recursive: true });
   await page.screenshot({ path: path.join(artifacts, "demo-page.png"), fullPage: true });
-  console.log("RESULT " + JSON.stringify({ shown, expected: [live.seq, ...missed.slice().reverse(), first.seq], resumed, gaps }));
+
+  // headerAuth is for Node.js: in a browser the client stops at once with a terminal error
+  // instead of retrying for good (there is no `ws` to import).
+  const headerAuth = await page.evaluate(async (url) => {
+    const { connect } = await import("/demo/rtclient.js");
+    const client = connect({ url, getToken: () => "unused", headerAuth: true, backoffInitialMs: 10, backoffMaxMs: 20 });
+    const states = [];
+    client.on("state", (s) => states.push(s));
+    const outcome = await Promise.race([
+      client.ready.then(() => "open", (e) => ({ codeName: e.codeName, terminal: e.terminal })),
+      new Promise((resolve) => setTimeout(() => resolve("still pending after 5 s"), 5000)),
+    ]);
+    client.close();
+    return { outcome, retried: states.includes("reconnecting") };
+  }, `ws://127.0.0.1:${proxy.port}/workspaces/w1/realtime/connect`);
+  step(`headerAuth in the browser: ${JSON.stringify(headerAuth)}`);
+  console.log("RESULT " + JSON.stringify({ shown, expected: [live.seq, ...missed.slice().reverse(), first.seq], resumed, gaps,
+    headerAuth }));
 } catch (err) {
   if (page) {
     mkdirSync(artifacts, { recursive: true });
