@@ -37,6 +37,7 @@ import json
 import logging
 import random
 import time
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -229,7 +230,12 @@ class RealtimeClient:
         # Unsubscribes the gateway has not acknowledged: channel -> id of the one sent (None:
         # not sent yet). A resumed session gets its channels back, so they are sent again.
         self._pending_unsubs: dict[str, str | None] = {}
-        self._feeds: set[_Feed] = set()
+        # Held weakly until iterated: an events() iterator the application drops without
+        # iterating it (its generator never started, so its `finally` never runs) must not keep
+        # buffering. One being iterated is held (_iterated): a task suspended in it may have no
+        # other reference than the feed's wake-up event.
+        self._feeds: weakref.WeakSet[_Feed] = weakref.WeakSet()
+        self._iterated: set[_Feed] = set()
         self._floor: int | None = None  # see the class docstring
         self._catchup: set[int] | None = None
         self._marker: str | None = None  # id of the ping that ends the catch-up
@@ -325,7 +331,8 @@ class RealtimeClient:
 
     def events(self, channel: str | None = None) -> AsyncIterator[dict[str, Any]]:
         """Events, and `{"type": "history_gap", ...}` notices, from now on (buffered from
-        this call, not from the first iteration). Ends when the client closes; raises the
+        this call, not from the first iteration; one dropped before it is iterated stops
+        buffering once garbage-collected). Ends when the client closes; raises the
         terminal RealtimeError, or a `buffer_overflow` one past `max_buffered` unread items.
         Iterating one obtained after the client closed raises a RealtimeError (the terminal
         error, or code 1000 "client closed")."""
@@ -336,6 +343,7 @@ class RealtimeClient:
             self._feeds.add(feed)
 
         async def iterate() -> AsyncIterator[dict[str, Any]]:
+            self._iterated.add(feed)
             try:
                 while True:
                     if feed.items:
@@ -349,6 +357,7 @@ class RealtimeClient:
                     await feed.wake.wait()
             finally:
                 self._feeds.discard(feed)
+                self._iterated.discard(feed)
 
         return iterate()
 

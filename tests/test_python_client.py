@@ -695,3 +695,33 @@ async def test_the_records_of_reconnects_stay_bounded(gateway):
     finally:
         await client.close()
         await proxy.close()
+
+
+async def test_an_events_iterator_dropped_unstarted_stops_buffering(gateway):
+    # The README's pattern: events() before subscribe(); when subscribe() raises, the
+    # iterator is dropped without being iterated. It must not hold events for good.
+    import gc
+    import weakref
+
+    async with RealtimeClient(gateway.ws_url("w1"), lambda: gateway.token("w1")) as client:
+        got: list[dict] = []
+        await client.subscribe("events:kept", None, got.append)
+        events = client.events()
+        with pytest.raises(RealtimeError):
+            await client.subscribe("nosuch:thing")
+        buffered = weakref.ref(next(iter(client._feeds)))
+        del events
+        # One being iterated keeps receiving, by a task the application kept no reference to.
+        iterated: list[dict] = []
+
+        async def consume() -> None:
+            async for item in client.events():
+                iterated.append(item)
+
+        consumer = weakref.ref(asyncio.ensure_future(consume()))
+        await asyncio.sleep(0)  # the consumer waits for its first item
+        gc.collect()
+        e = await gateway.publish("w1", "kept", {})
+        await wait_for(lambda: len(got) == 1 and len(iterated) == 1, what="the event")
+        assert got[0]["seq"] == iterated[0]["seq"] == e["seq"] and buffered() is None
+        assert consumer() is not None and len(client._feeds) == 1

@@ -136,8 +136,9 @@ export declare class RealtimeClient {
   subscribe(channel: string, filter: Filter | null | undefined, onEvent?: (event: RealtimeEvent) => void): Unsubscribe;
   unsubscribe(channel: string): void;
   /** Events and gap notices from now on, optionally of one subscribed channel. Create it
-   * before awaiting anything: it buffers from this call on. One obtained after close() or a
-   * terminal error throws a RealtimeError when iterated. */
+   * before awaiting anything: it buffers from this call on (one dropped before it is iterated
+   * stops once garbage-collected). One obtained after close() or a terminal error throws a
+   * RealtimeError when iterated. */
   events(channel?: string): AsyncIterableIterator<RealtimeEvent | HistoryGap>;
   on(name: "state", fn: (state: ConnectionState) => void): () => void;
   on(name: "event", fn: (event: RealtimeEvent) => void): () => void;

@@ -178,7 +178,8 @@ export class RealtimeClient {
     // sent yet). A resumed session gets its channels back, so they are sent again.
     this.pendingUnsubs = new Map();
     this.listeners = new Map();
-    this.iterators = new Set();
+    this.iterators = new Set(); // WeakRefs to the events() iterators' feeds
+    this.iterated = new Set(); // the feeds being iterated
     this.ws = null;
     this.attempt = 0;
     this.expired = false; // reconnected at once after a 4001 since the last healthy connection
@@ -279,15 +280,24 @@ export class RealtimeClient {
         if (wake) { const w = wake; wake = null; w(); }
       },
     };
-    if (!done) this.iterators.add(it);
+    // Held weakly until iterated (where WeakRef exists): an iterator the application drops
+    // without iterating it must not keep buffering. One being iterated is held (this.iterated):
+    // a loop suspended in next() may have no other reference than its wake-up in `it`.
+    const ref = typeof WeakRef === "function" ? new WeakRef(it) : { deref: () => it };
+    if (!done) this.iterators.add(ref);
     if (this.state === "idle") this._start();
+    const stop = () => {
+      client.iterators.delete(ref);
+      client.iterated.delete(it);
+    };
     return {
       [Symbol.asyncIterator]() { return this; },
       async next() {
+        client.iterated.add(it);
         for (;;) {
           if (queue.length) return { value: queue.shift(), done: false };
           if (done) {
-            client.iterators.delete(it);
+            stop();
             if (failure) { const f = failure; failure = null; throw f; }
             return { value: undefined, done: true };
           }
@@ -296,10 +306,20 @@ export class RealtimeClient {
       },
       async return() {
         done = true;
-        client.iterators.delete(it);
+        stop();
         return { value: undefined, done: true };
       },
     };
+  }
+
+  /** The events() iterators still held by the application (or being iterated). */
+  _liveIterators() {
+    const live = [];
+    for (const ref of this.iterators) {
+      const it = ref.deref();
+      if (it) live.push(it); else this.iterators.delete(ref);
+    }
+    return live;
   }
 
   /** Closes for good (the session stays resumable on the server for a while). */
@@ -527,7 +547,7 @@ export class RealtimeClient {
       }
     }
     this._emit("event", msg);
-    for (const it of this.iterators) it.push(msg);
+    for (const it of this._liveIterators()) it.push(msg);
   }
 
   _onError(msg) {
@@ -536,7 +556,7 @@ export class RealtimeClient {
       if (this.pendingUnsubs.has(msg.channel) && !this.subs.has(msg.channel)) return;
       const gap = { type: "history_gap", code: 4011, channel: msg.channel, oldest: msg.oldest, message: msg.message };
       this._emit("gap", gap);
-      for (const it of this.iterators) it.push(gap);
+      for (const it of this._liveIterators()) it.push(gap);
       return;
     }
     const sub = [4000, 4003, 4008, 4010].includes(msg.code) ? this._refused(msg) : null;
@@ -687,8 +707,9 @@ export class RealtimeClient {
     for (const sub of this.subs.values()) {
       for (const w of sub.waiters.splice(0)) w.reject(error || new RealtimeError(1000, "client closed"));
     }
-    for (const it of [...this.iterators]) it.end(error);
+    for (const it of this._liveIterators()) it.end(error);
     this.iterators.clear();
+    this.iterated.clear();
     if (error) {
       this._emit("error", error);
       this._readyReject(error);

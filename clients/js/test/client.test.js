@@ -6,11 +6,15 @@ import { spawn } from "node:child_process";
 import { readFileSync, unlinkSync, writeFileSync } from "node:fs";
 import net from "node:net";
 import { fileURLToPath } from "node:url";
+import v8 from "node:v8";
+import vm from "node:vm";
 
 import { connect, RealtimeClient, RealtimeError, tokenExpiry, channelMatches } from "../src/index.js";
 import { GATEWAY_WIDE, publish, startProxy, token, waitFor, wsUrl } from "./helpers.js";
 
 const fast = { backoffInitialMs: 50, backoffMaxMs: 400 };
+v8.setFlagsFromString("--expose-gc");
+const gc = vm.runInNewContext("gc");
 
 function collect(client) {
   const events = [];
@@ -357,6 +361,29 @@ test("a failing getToken is reported as token_unavailable, at connect and for a 
     client.close();
   }
 });
+
+test("an events() iterator dropped before it is iterated stops buffering; one being iterated keeps receiving",
+  { timeout: 30000 }, async () => {
+    // The README's pattern creates events() before awaiting the subscription: when that
+    // rejects, the iterator is dropped without being iterated. It must not hold events for good.
+    const ws = "js-iter-dropped";
+    const client = connect({ url: wsUrl(ws), getToken: () => token({ workspace: ws }) });
+    const got = [];
+    try {
+      await client.subscribe("events:kept", (e) => got.push(e.seq)).ready;
+      client.events(); // dropped at once
+      const iterated = [];
+      (async () => { for await (const item of client.events()) iterated.push(item.seq); })(); // no reference kept
+      await new Promise((r) => setTimeout(r, 0)); // WeakRef targets live until the job ends
+      gc();
+      const e = await publish(ws, "kept", {});
+      await waitFor(() => got.length === 1 && iterated.length === 1, 5000, "the event");
+      assert.deepEqual([got, iterated], [[e.seq], [e.seq]]);
+      assert.equal(client.iterators.size, 1);
+    } finally {
+      client.close();
+    }
+  });
 
 // ---- reconnect edge cases ------------------------------------------------------------------
 
