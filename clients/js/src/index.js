@@ -110,6 +110,17 @@ function reportListenerError(err) {
   else console.error("rtclient: a listener failed:", err);
 }
 
+// Calls a listener; what it throws, or the promise it returns rejects with (an async
+// listener: unhandled, such a rejection also ends a Node.js process), is reported.
+function callListener(fn, value) {
+  try {
+    const result = fn(value);
+    if (result && typeof result.then === "function") result.then(undefined, reportListenerError);
+  } catch (err) {
+    reportListenerError(err);
+  }
+}
+
 // Whether a reply is to the last message sent for a channel (not to an earlier one).
 function answers(msg, sentId) {
   return msg.id === undefined || msg.id === null || msg.id === sentId;
@@ -351,7 +362,7 @@ export class RealtimeClient {
     const set = this.listeners.get(name);
     if (!set) return;
     for (const fn of [...set]) {
-      try { fn(value); } catch (err) { reportListenerError(err); }
+      callListener(fn, value);
     }
   }
 
@@ -543,7 +554,7 @@ export class RealtimeClient {
     if (!subs.length) return;
     for (const sub of subs) {
       if (sub.onEvent) {
-        try { sub.onEvent(msg); } catch (err) { reportListenerError(err); }
+        callListener(sub.onEvent, msg);
       }
     }
     this._emit("event", msg);

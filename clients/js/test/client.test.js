@@ -528,14 +528,17 @@ test("a listener that throws is reported; the client and the process carry on", 
   const got = [];
   try {
     client.on("event", () => { throw new Error("bug in an event listener"); });
+    client.on("event", async () => { throw new Error("bug in an async event listener"); });
     client.on("event", (e) => got.push(e.seq));
     await client.subscribe("events:a", () => { throw new Error("bug in a callback"); }).ready;
+    await client.subscribe("events:b", async () => { throw new Error("bug in an async callback"); }).ready;
     const a = await publish(ws, "a", {});
-    const b = await publish(ws, "a", {});
+    const b = await publish(ws, "b", {});
     await waitFor(() => got.length === 2, 5000, "both events");
     await new Promise((r) => setTimeout(r, 100)); // a rethrow from a timer would have come by now
     assert.deepEqual(got, [a.seq, b.seq]);
-    assert.deepEqual(reported, ["bug in a callback", "bug in an event listener", "bug in a callback", "bug in an event listener"]);
+    assert.deepEqual(reported.sort(), ["bug in a callback", "bug in an async callback", "bug in an async event listener",
+      "bug in an async event listener", "bug in an event listener", "bug in an event listener"]);
     assert.equal(client.state, "open");
   } finally {
     client.close();
