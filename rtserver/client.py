@@ -284,9 +284,13 @@ class RealtimeClient:
         channel is unsubscribed or the client closes before the confirmation, and when the
         client is already closed. With `timeout` (seconds), a confirmation that has not come
         in time withdraws the subscription and raises a RealtimeError named "timeout". When
-        subscribe() raises or is cancelled, the channel is not subscribed."""
+        subscribe() raises or is cancelled, the channel is not subscribed. A filter that JSON
+        cannot carry raises TypeError (or ValueError) at once."""
         if self.state == "closed":
             raise self._closed_error()
+        # A filter JSON cannot carry (a datetime, say) raises here, before it is registered:
+        # registered, it failed every connection's re-subscribe, a reconnect loop.
+        json.dumps(filter)
         sub = _Subscription(channel, filter, on_event)
         old = self._subs.get(channel)
         if old is not None:

@@ -725,3 +725,25 @@ async def test_an_events_iterator_dropped_unstarted_stops_buffering(gateway):
         await wait_for(lambda: len(got) == 1 and len(iterated) == 1, what="the event")
         assert got[0]["seq"] == iterated[0]["seq"] == e["seq"] and buffered() is None
         assert consumer() is not None and len(client._feeds) == 1
+
+
+async def test_a_filter_json_cannot_carry_raises_and_registers_nothing(gateway):
+    # Registered, it failed the re-subscribe of every connection: a reconnect loop.
+    import datetime
+
+    proxy = await TcpProxy(gateway.port).start()
+    client = RealtimeClient(proxied(proxy), lambda: gateway.token("w1"), **FAST)
+    got: list[dict] = []
+    try:
+        await client.connect()
+        await client.subscribe("events:ok", None, got.append)
+        with pytest.raises(TypeError):
+            await client.subscribe("events:bad", {"predicates": {"at": datetime.datetime.now()}})
+        proxy.cut()
+        await wait_for(lambda: client.state == "open" and len(client.resumed) == 2, 5, "reconnect")
+        e = await gateway.publish("w1", "ok", {})
+        await wait_for(lambda: len(got) == 1, what="the event")
+        assert got[0]["seq"] == e["seq"] and client.closes == [1006] and client.resumed == [False, True]
+    finally:
+        await client.close()
+        await proxy.close()

@@ -132,6 +132,7 @@ export declare class RealtimeClient {
   /** Resolves after close(); rejects with the terminal RealtimeError. */
   readonly closed: Promise<void>;
 
+  /** Throws a TypeError, registering nothing, for a filter JSON cannot carry (a BigInt, a cycle). */
   subscribe(channel: string, onEvent?: (event: RealtimeEvent) => void): Unsubscribe;
   subscribe(channel: string, filter: Filter | null | undefined, onEvent?: (event: RealtimeEvent) => void): Unsubscribe;
   unsubscribe(channel: string): void;

@@ -231,6 +231,9 @@ export class RealtimeClient {
       unsubscribe.ready = ready;
       return unsubscribe;
     }
+    // A filter JSON cannot carry (a BigInt, a cycle) throws here, before it is registered:
+    // registered, it failed every connection's re-subscribe.
+    JSON.stringify(filter);
     const old = this.subs.get(channel);
     const sub = new Subscription(channel, filter, onEvent);
     if (old) sub.waiters = old.waiters.splice(0);

@@ -385,6 +385,27 @@ test("an events() iterator dropped before it is iterated stops buffering; one be
     }
   });
 
+test("a filter JSON cannot carry throws and registers nothing", { timeout: 30000 }, async () => {
+  // Registered, it failed the re-subscribe of every connection (in Node.js an uncaught exception).
+  const ws = "js-bad-filter";
+  const proxy = await startProxy();
+  const client = connect({ url: wsUrl(ws, proxy.port), getToken: () => token({ workspace: ws }), ...fast });
+  const { events, opens, closes } = collect(client);
+  try {
+    await client.subscribe("events:ok").ready;
+    assert.throws(() => client.subscribe("events:bad", { predicates: { n: 10n } }), TypeError);
+    proxy.cut();
+    await waitFor(() => client.state === "open" && opens.length === 2, 5000, "reconnect");
+    const e = await publish(ws, "ok", {});
+    await waitFor(() => events.length === 1, 5000, "the event");
+    assert.equal(events[0].seq, e.seq);
+    assert.deepEqual([closes.length, opens.map((o) => o.resumed)], [1, [false, true]]);
+  } finally {
+    client.close();
+    await proxy.close();
+  }
+});
+
 // ---- reconnect edge cases ------------------------------------------------------------------
 
 /** Settles like `promise`, or rejects with "still pending" after `ms`. */
