@@ -643,6 +643,12 @@ class RealtimeClient:
         code = msg.get("code", 0)
         channel = msg.get("channel")
         if code == 4011:
+            oldest = msg.get("oldest")
+            if isinstance(oldest, int) and (self._floor is None or oldest - 1 > self._floor):
+                # The history holds nothing before `oldest` (no replay can bring it) and the
+                # application has been told: the next resume asks from there, else it got the
+                # same gap again after every reconnect until an event came.
+                self._floor = oldest - 1
             if channel in self._pending_unsubs and channel not in self._subs:
                 return  # replayed for a channel the client has left (a resumed session had it back)
             gap = {"type": "history_gap", "code": 4011, "channel": channel, "oldest": msg.get("oldest"),

@@ -566,6 +566,12 @@ export class RealtimeClient {
 
   _onError(msg) {
     if (msg.code === 4011) {
+      if (typeof msg.oldest === "number" && (this.floor === null || msg.oldest - 1 > this.floor)) {
+        // The history holds nothing before `oldest` (no replay can bring it) and the
+        // application has been told: the next resume asks from there, else it got the same
+        // gap again after every reconnect until an event came.
+        this.floor = msg.oldest - 1;
+      }
       // Not for a channel the client has left (a resumed session had it back).
       if (this.pendingUnsubs.has(msg.channel) && !this.subs.has(msg.channel)) return;
       const gap = { type: "history_gap", code: 4011, channel: msg.channel, oldest: msg.oldest, message: msg.message };

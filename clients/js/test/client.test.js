@@ -191,6 +191,36 @@ test("history_gap is surfaced when the history no longer holds what was missed",
   }
 });
 
+test("a history_gap is reported once, not again after every reconnect", { timeout: 30000 }, async () => {
+  // The events missed on events:g were evicted by others (RT_HISTORY_EVENTS=500): a gap, and
+  // nothing to replay. The next reconnect asked from the same position and got the gap again.
+  const ws = "js-gap-once";
+  const proxy = await startProxy();
+  const client = connect({ url: wsUrl(ws, proxy.port), getToken: () => token({ workspace: ws }), ...fast });
+  const { events, opens, gaps } = collect(client);
+  try {
+    await client.subscribe("events:g").ready;
+    await client.subscribe("events:h").ready;
+    await publish(ws, "g", {});
+    await waitFor(() => events.length === 1, 5000, "first event");
+    proxy.hold = true;
+    proxy.cut();
+    await waitFor(() => client.state === "reconnecting", 5000, "reconnecting");
+    for (let i = 0; i < 510; i++) await publish(ws, "other", { i });
+    proxy.hold = false;
+    await waitFor(() => gaps.length === 2, 10000, "the gap on both channels");
+    proxy.cut(); // before any event: the floor is where the gap said the history starts
+    await waitFor(() => client.state === "open" && opens.length === 3, 10000, "reconnect");
+    const h = await publish(ws, "h", {}); // comes after the resume's replay and gaps, in order
+    await waitFor(() => events.at(-1).seq === h.seq, 5000, "the live event");
+    assert.deepEqual(opens.map((o) => o.resumed), [false, true, true]);
+    assert.deepEqual(gaps.map((g) => g.channel).sort(), ["events:g", "events:h"]);
+  } finally {
+    client.close();
+    await proxy.close();
+  }
+});
+
 test("token_expired (4001): getToken is called and the session resumes at once", { timeout: 30000 }, async () => {
   const ws = "js-expiry";
   let calls = 0;
