@@ -7,6 +7,8 @@ class Outbox:
     def pending(self) -> bytes | list[bytes] | None: ...
     closed: bool
     write: Callable[[bytes], object] | None
+    big: int
+    on_big: Callable[[int], object] | None
     def __init__(self) -> None: ...
 
 class SubKey:

@@ -20,6 +20,7 @@ cdef extern from "Python.h":
     void decref "Py_DECREF"(PyObject* o)
     PyObject* PyList_GET_ITEM(object lst, Py_ssize_t i)  # borrowed
     bint PyObject_TypeCheck(PyObject* o, PyTypeObject* t)
+    Py_ssize_t PY_SSIZE_T_MAX
 
 
 DEF FIRST_CAPACITY = 4   # frames an outbox holds before its array first grows
@@ -41,10 +42,17 @@ cdef class Outbox:
     cdef PyObject* last      # frames[n - 1], or NULL: the repeat check reads only this object
     cdef public bint closed
     cdef public object write     # the transport's write; None until connected
+    # A write holding a frame larger than `big` calls on_big(its size) first: the connection
+    # lets its send buffer hold that frame beyond its limit (a 9 MiB row is no slow reader).
+    cdef public Py_ssize_t big
+    cdef public object on_big
+    cdef Py_ssize_t taken_max    # the largest frame of the last take()
 
     def __init__(self):
         self.closed = False
         self.write = None
+        self.big = PY_SSIZE_T_MAX
+        self.on_big = None
 
     def __dealloc__(self):
         self._clear()
@@ -84,13 +92,17 @@ cdef class Outbox:
             return None
         if self.n == 1:
             data = <object>self.frames[0]  # a reference of its own: _clear drops the array's
+            self.taken_max = PyBytes_GET_SIZE(data)
         else:
+            self.taken_max = 0
             for i in range(self.n):
                 size += PyBytes_GET_SIZE(<object>self.frames[i])
             data = PyBytes_FromStringAndSize(NULL, size)
             dst = PyBytes_AS_STRING(data)
             for i in range(self.n):
                 size = PyBytes_GET_SIZE(<object>self.frames[i])
+                if size > self.taken_max:
+                    self.taken_max = size
                 memcpy(dst, PyBytes_AS_STRING(<object>self.frames[i]), size)
                 dst += size
         self._clear()
@@ -254,6 +266,8 @@ def flush_all(list dirty):
             continue
         # Emptied before the write: a write that ends the connection may queue on it again.
         data = out.take()
+        if out.taken_max > out.big and out.on_big is not None:
+            PyObject_CallOneArg(out.on_big, out.taken_max)
         PyObject_CallOneArg(out.write, data)
         frames += n
         writes += 1

@@ -11,16 +11,20 @@ Connection owns an Outbox, and its Subscription is a SubKey.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 
 
 class Outbox:
-    __slots__ = ("pending", "closed", "write")
+    __slots__ = ("pending", "closed", "write", "big", "on_big")
 
     def __init__(self) -> None:
         self.pending: bytes | list[bytes] | None = None
         self.closed = False
         self.write: Callable[[bytes], object] | None = None
+        # a write holding a frame larger than `big` calls on_big(its size) first (fanout.pyx)
+        self.big = sys.maxsize
+        self.on_big: Callable[[int], object] | None = None
 
 
 class SubKey:
@@ -86,6 +90,9 @@ def flush_all(dirty: list) -> tuple[int, int]:
         out.pending = None
         if pending is None or out.closed or out.write is None:
             continue
+        largest = max(map(len, pending)) if type(pending) is list else len(pending)
+        if largest > out.big and out.on_big is not None:
+            out.on_big(largest)
         if type(pending) is list:
             out.write(b"".join(pending))
             frames_out += len(pending)

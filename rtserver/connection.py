@@ -147,6 +147,10 @@ class Connection(WSListener):
         # (through picows): a reader that slow is closed with 1013.
         gw = self.gw
         self._raw.set_write_buffer_limits(high=gw.cfg.limits.send_buffer_bytes)
+        # Frames up to a quarter of the limit leave it as it is (no call in the fan-out loop);
+        # a larger one raises it by its size (_big_frame).
+        self.out.big = gw.cfg.limits.send_buffer_bytes // 4
+        self.out.on_big = self._big_frame
         self.out.write = self._raw.write
         gw.connections.add(self)
         gw.metrics.connections_total += 1
@@ -214,13 +218,21 @@ class Connection(WSListener):
         self._teardown()
 
     def pause_writing(self) -> None:
-        """The transport's buffer passed limits.send_buffer_bytes (see on_ws_connected). Called
+        """The transport's buffer passed its high-water mark (see on_ws_connected). Called
         from inside a write: close after it, not in the middle of it."""
         if not self.closed:
             asyncio.get_running_loop().call_soon(self._slow_reader)
 
     def resume_writing(self) -> None:
         pass
+
+    def _big_frame(self, size: int) -> None:
+        """A frame larger than any before is about to be written (rtcore.fanout calls this
+        before the write): the send buffer may hold it beyond limits.send_buffer_bytes. What
+        the kernel does not take at once of a 9 MiB row waits there however fast the client
+        reads, and is no sign of a slow reader."""
+        self.out.big = size
+        self._raw.set_write_buffer_limits(high=self.gw.cfg.limits.send_buffer_bytes + size)
 
     # ---- outbound ------------------------------------------------------------------------
 
@@ -890,6 +902,7 @@ class Connection(WSListener):
     def _teardown(self) -> None:
         """Drop subscriptions and counts (idempotent), suspend the session."""
         self.closed = True
+        self.out.on_big = None  # a bound method of this connection: no cycle through the outbox
         gw = self.gw
         gw.connections.discard(self)
         if self._timer is not None:

@@ -225,3 +225,28 @@ def test_many_frames_on_one_outbox_leave_in_order_and_hold_no_reference_after(im
     assert impl.flush_all([out]) == (0, 0) and out.pending is None  # dropped, not written
     del out
     assert [sys.getrefcount(f) for f in frames] == before
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_frame_larger_than_big_is_announced_before_its_write(impl):
+    # The connection raises its send-buffer mark by a large frame's size before that frame is
+    # written (Connection._big_frame): on_big must come first, with the largest frame's size,
+    # and not at all for writes of smaller frames.
+    out = impl.Outbox()
+    calls: list[tuple[str, int]] = []
+    out.write = lambda data: calls.append(("write", len(data)))
+    out.on_big = lambda size: calls.append(("big", size))
+    out.big = 100
+    impl.queue_one(out, b"a" * 50)
+    impl.flush_all([out])
+    impl.queue_one(out, b"b" * 10)
+    impl.queue_one(out, b"c" * 150)
+    impl.queue_one(out, b"d" * 20)
+    impl.flush_all([out])
+    impl.queue_one(out, b"e" * 101)
+    impl.flush_all([out])
+    assert calls == [("write", 50), ("big", 150), ("write", 180), ("big", 101), ("write", 101)]
+    out.on_big = None  # none set: the write alone
+    impl.queue_one(out, b"f" * 500)
+    impl.flush_all([out])
+    assert calls[-1] == ("write", 500) and len(calls) == 6

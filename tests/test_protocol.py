@@ -687,6 +687,68 @@ async def test_slow_reader_gets_1013_and_others_lose_nothing(gateway_factory):
     assert sorted((r["code"], r["reason"]) for r in suspended) == [(1000, "client_close"), (1013, "slow_reader")]
 
 
+async def _small_window_client(gw, token: str):
+    """A client that reads as fast as it can through a small receive window: an event larger
+    than the kernel buffers between the two ends waits in the gateway's send buffer while it
+    leaves, as over a long-distance link."""
+    import socket
+
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+    sock.connect(("127.0.0.1", gw.port))
+    ws = await websockets.connect(gw.ws_url("w1"), sock=sock, max_size=None)
+    await ws.send(json.dumps({"type": "auth", "token": token}))
+    await ws.recv()
+    await ws.send(json.dumps({"type": "subscribe", "channel": "events:big"}))
+    await ws.recv()
+    return ws
+
+
+async def test_an_event_larger_than_the_send_buffer_is_no_slow_reader(gateway_factory):
+    """One 6 MiB event, 24 times send_buffer_bytes: what the kernel does not take at once waits
+    in the send buffer, past its limit, however fast the client reads. That is no slow reader:
+    it was closed with 1013 after the event (every subscriber, at every such event). The
+    limit counts what waits beyond the largest frame: the events after it arrive, and the
+    connection stays open."""
+    gw = await gateway_factory(env={"RT_SEND_BUFFER_BYTES": "262144", "RT_MAX_PUBLISH_BYTES": str(8 << 20)})
+    token = gw.token("w1")
+    ws = await _small_window_client(gw, token)
+    try:
+        await gw.publish("w1", "big", {"blob": "x" * (6 << 20)})
+        for i in range(3):
+            await gw.publish("w1", "big", {"i": i})
+        first = json.loads(await asyncio.wait_for(ws.recv(), 30))
+        assert len(first["payload"]["blob"]) == 6 << 20
+        assert [json.loads(await asyncio.wait_for(ws.recv(), 10))["payload"] for _ in range(3)] == [
+            {"i": 0}, {"i": 1}, {"i": 2}]
+        await ws.send(json.dumps({"type": "ping"}))
+        assert json.loads(await asyncio.wait_for(ws.recv(), 10)) == {"type": "pong"}
+    finally:
+        await ws.close()
+    status, body = await gw.get("/metrics")
+    assert b'rt_drops_total{reason="slow_reader"}' not in body or b'rt_drops_total{reason="slow_reader"} 0' in body
+
+
+async def test_a_slow_reader_is_closed_past_the_limit_beyond_its_largest_frame(gateway_factory):
+    """The allowance for a large frame is that frame: a client that stops reading after it is
+    closed with 1013 once send_buffer_bytes more wait behind it."""
+    gw = await gateway_factory(env={"RT_SEND_BUFFER_BYTES": "262144", "RT_MAX_PUBLISH_BYTES": str(8 << 20)})
+    token = gw.token("w1")
+    ws = await _small_window_client(gw, token)
+    ws.transport.pause_reading()
+    await gw.publish("w1", "big", {"blob": "x" * (6 << 20)})
+    for i in range(100):  # 6 MB more: the kernel buffers and 256 KiB beyond the 6 MiB frame
+        await gw.publish("w1", "big", {"i": i, "pad": "y" * 60000})
+    ws.transport.resume_reading()
+    try:
+        while True:
+            await asyncio.wait_for(ws.recv(), 30)
+    except websockets.ConnectionClosed as exc:
+        assert exc.rcvd is not None and exc.rcvd.code == 1013
+    status, body = await gw.get("/metrics")
+    assert b'rt_drops_total{reason="slow_reader"} 1' in body
+
+
 async def test_ws_ping_frames_are_answered(gateway):
     async with ws_connect(gateway, "w1", token=gateway.token("w1")) as c:
         pong_waiter = await c.ws.ping()
