@@ -82,6 +82,10 @@ class Unsubscribed(msgspec.Struct, tag="unsubscribed", tag_field="type", omit_de
 
 class Pong(msgspec.Struct, tag="pong", tag_field="type", omit_defaults=True):
     id: MessageId = None
+    # The workspace's stream position, as in Subscribed: the events up to it that match the
+    # connection's subscriptions came before this pong. A quiet subscriber's `since` follows
+    # it, so a reconnect in a busy workspace does not ask from before what the history holds.
+    seq: int | None = None
 
 
 class Error(msgspec.Struct, tag="error", tag_field="type", omit_defaults=True):

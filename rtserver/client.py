@@ -12,7 +12,9 @@ over 30 s) on other losses and when `get_token`
 fails (at connect or for a refresh: reported to on_error as a RealtimeError named
 "token_unavailable", then retried; a failed refresh, at the 4001 that ends the session),
 and stops with a RealtimeError on terminal codes (4002, 4003, 1008, 1009). Dead links are
-detected by the `websockets` keepalive pings. A subscription made or changed while
+detected by the `websockets` keepalive pings; a JSON ping every `position_interval` (25 s)
+brings the stream position, so subscriptions that get no events in a busy workspace resume
+from what the history still holds (no needless history_gap). A subscription made or changed while
 disconnected is sent with `since` too, and an unsubscribe the gateway had not acknowledged
 before a link loss is sent again after a resume; nothing is delivered for a channel once
 it is unsubscribed (what was in flight, or what a resumed session replays there before the
@@ -177,7 +179,9 @@ class RealtimeClient:
       delivered. It is the `since` of the resume and of every re-subscribe.
     * Outside a catch-up events arrive in seq order, so one at or below the last delivered
       seq is a duplicate, dropped; otherwise `_floor` follows the events, and the `seq` of a
-      `subscribed` reply (the stream position it took effect at) when that is higher.
+      `subscribed` reply (the stream position it took effect at) when that is higher, and of
+      a `pong`: every `position_interval` the client sends a ping, so a subscription that
+      gets no events in a busy workspace still asks for what is in the history on reconnect.
     * Sending a subscribe with `since` starts a catch-up: `_floor` stays put, events at or
       below it are dropped, the seqs delivered above it are kept in `_catchup` and one already
       there is dropped. After the subscribes the client sends a ping with an id; the gateway
@@ -200,6 +204,7 @@ class RealtimeClient:
         proactive_refresh: bool = True,
         max_buffered: int = 10000,
         open_timeout: float = 10.0,
+        position_interval: float = 25.0,
         on_gap: Callable[[dict[str, Any]], Any] | None = None,
         on_state: Callable[[str], Any] | None = None,
         on_error: Callable[[RealtimeError], Any] | None = None,
@@ -213,6 +218,7 @@ class RealtimeClient:
         self.proactive_refresh = proactive_refresh
         self.max_buffered = max_buffered
         self.open_timeout = open_timeout
+        self.position_interval = position_interval
         self.on_gap = on_gap
         self.on_state = on_state
         self.on_error = on_error
@@ -509,6 +515,7 @@ class RealtimeClient:
                     msg["since"] = self._floor
             self._send(msg)
         refresher: asyncio.Task[None] | None = None
+        positions: asyncio.Task[None] | None = None
         try:
             async for raw in ws:
                 msg = json.loads(raw)
@@ -525,6 +532,8 @@ class RealtimeClient:
                     if refresher is not None:
                         refresher.cancel()
                     refresher = asyncio.create_task(self._refresh_later(ws, token))
+                    if positions is None and self.position_interval > 0:
+                        positions = asyncio.create_task(self._ask_positions(ws))
                 elif kind == "subscribed":
                     sub = self._subs.get(msg.get("channel"))
                     if sub is not None and _answers(msg, sub.sent_id):
@@ -543,6 +552,7 @@ class RealtimeClient:
                         self._catchup = None
                         if self.last_seq is not None and (self._floor is None or self.last_seq > self._floor):
                             self._floor = self.last_seq
+                    self._at_position(msg.get("seq"))
                 elif kind == "error":
                     self._on_error(msg)
         finally:
@@ -552,6 +562,8 @@ class RealtimeClient:
             writer.cancel()
             if refresher is not None:
                 refresher.cancel()
+            if positions is not None:
+                positions.cancel()
 
     def _on_auth_ok(self, msg: dict[str, Any]) -> None:
         self._authed = True
@@ -583,13 +595,22 @@ class RealtimeClient:
             self._ready.set_result(None)
 
     def _at_position(self, seq: object) -> None:
-        """A `subscribed` reply's `seq`: the position the gateway's stream had reached when it
-        took the subscription. The connection's frames come in order, so every event up to it
-        that matches the subscriptions came before the reply; outside a catch-up (whose replays
-        follow their replies) `_floor` moves up to it. Before the first event it is what a
-        resume asks `since`: without it the events in flight when the link died were lost."""
+        """The `seq` of a `subscribed` reply or a `pong`: the position the gateway's stream had
+        reached when it sent it. The connection's frames come in order, so every event up to it
+        that matches the subscriptions came before; outside a catch-up (whose replays follow
+        their replies) `_floor` moves up to it. Before the first event it is what a resume asks
+        `since`: without it the events in flight when the link died were lost; and a quiet
+        subscription in a busy workspace would ask from before what the history holds (a
+        history_gap at each reconnect, for nothing)."""
         if isinstance(seq, int) and self._catchup is None and (self._floor is None or seq > self._floor):
             self._floor = seq
+
+    async def _ask_positions(self, ws: ClientConnection) -> None:
+        """A ping every position_interval; its pong carries the stream position (_at_position)."""
+        while True:
+            await asyncio.sleep(self.position_interval)
+            if self._ws is ws and self._catchup is None:
+                self._send({"type": "ping"})
 
     async def _refresh_later(self, ws: ClientConnection, token: str) -> None:
         self._pending_token = None

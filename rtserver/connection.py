@@ -389,7 +389,8 @@ class Connection(WSListener):
         elif isinstance(msg, Unsubscribe):
             self._unsubscribe(msg)
         elif isinstance(msg, Ping):
-            self.send(Pong(id=msg.id))
+            history = self.workspace.history
+            self.send(Pong(id=msg.id, seq=max(history.last_seq, history.floor)))
         elif isinstance(msg, Auth):
             self._run(self._refresh(msg))
 

@@ -485,6 +485,36 @@ async def test_an_event_in_flight_before_the_first_one_arrived_is_not_lost(gatew
 
 
 @pytest.mark.parametrize("header_auth", [False, True], ids=["resumed", "new-session"])
+async def test_a_quiet_subscription_in_a_busy_workspace_reconnects_without_a_gap(gateway_factory, header_auth):
+    # The subscription gets no event while the workspace's other topics outrun the history (20
+    # events here): its `since` follows the pongs of the client's position pings, so the
+    # reconnect asks for what the history holds. It asked from the `subscribed` position (or
+    # its last event, long ago) and got a history_gap at every reconnect, for nothing.
+    gw = await gateway_factory(env={"RT_HISTORY_EVENTS": "20"})
+    proxy = await TcpProxy(gw.port).start()
+    client = RealtimeClient(proxied(proxy), lambda: gw.token("w1"), header_auth=header_auth,
+                            position_interval=0.1, **FAST)
+    got: list[int] = []
+    gaps: list[dict] = []
+    client.on_gap = gaps.append
+    try:
+        await client.connect()
+        await client.subscribe("events:quiet", None, lambda e: got.append(e["seq"]))
+        busy = await asyncio.get_running_loop().run_in_executor(None, publish_many, gw, "w1", "busy", 50)
+        await wait_for(lambda: client._floor is not None and client._floor >= busy[-1], 5, "a pong after the busy events")
+        proxy.frozen = True
+        e = await gw.publish("w1", "quiet", {})
+        proxy.frozen = False
+        proxy.cut()
+        await wait_for(lambda: e["seq"] in got, 5, "the event of the outage")
+        assert got == [e["seq"]] and gaps == []
+        assert client.resumed == [False, not header_auth]
+    finally:
+        await client.close()
+        await proxy.close()
+
+
+@pytest.mark.parametrize("header_auth", [False, True], ids=["resumed", "new-session"])
 async def test_subscription_made_or_changed_while_disconnected_gets_the_outage(gateway, header_auth):
     proxy = await TcpProxy(gateway.port).start()
     client = RealtimeClient(proxied(proxy), lambda: gateway.token("w1"), header_auth=header_auth, **FAST)

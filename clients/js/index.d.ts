@@ -74,7 +74,8 @@ export interface ConnectOptions {
   /** Default true. When false, the client only refreshes after the gateway closes with 4001. */
   proactiveRefresh?: boolean;
   /** An application ping after this much silence (default 25000); no answer within
-   * pongTimeoutMs (10000) counts as a lost connection. */
+   * pongTimeoutMs (10000) counts as a lost connection. Its pong carries the stream position,
+   * which a quiet subscription resumes from (no needless history_gap in a busy workspace). */
   pingIntervalMs?: number;
   pongTimeoutMs?: number;
   /** Unread items an events() iterator may hold before it fails (default 10000). */

@@ -147,7 +147,7 @@ class Subscription {
 //   is the `since` of the resume and of every re-subscribe.
 // - Outside a catch-up events arrive in seq order, so one at or below the last delivered seq is
 //   a duplicate, dropped; otherwise `floor` follows the events, and the `seq` of a `subscribed`
-//   reply (the stream position it took effect at) when that is higher.
+//   reply (the stream position it took effect at) or of a `pong` when that is higher.
 // - Sending a subscribe with `since` starts a catch-up: `floor` stays put, events at or below
 //   it are dropped, the seqs delivered above it are kept in `catchup` and one already there is
 //   dropped. After the subscribes the client sends a ping with an id; the gateway handles a
@@ -472,14 +472,7 @@ export class RealtimeClient {
           sub.acked = true;
           for (const w of sub.waiters.splice(0)) w.resolve();
         }
-        // `seq`: the position the gateway's stream had reached when it took the subscription.
-        // The connection's frames come in order, so every event up to it that matches the
-        // subscriptions came before the reply; outside a catch-up (whose replays follow their
-        // replies) `floor` moves up to it. Before the first event it is what a resume asks
-        // `since`: without it the events in flight when the link died were lost.
-        if (typeof msg.seq === "number" && this.catchup === null && (this.floor === null || msg.seq > this.floor)) {
-          this.floor = msg.seq;
-        }
+        this._atPosition(msg.seq);
         break;
       }
       case "unsubscribed":
@@ -493,6 +486,7 @@ export class RealtimeClient {
           this.catchup = null;
           if (this.lastSeq !== null && (this.floor === null || this.lastSeq > this.floor)) this.floor = this.lastSeq;
         }
+        this._atPosition(msg.seq);
         break;
       case "error":
         this._onError(msg);
@@ -667,6 +661,21 @@ export class RealtimeClient {
     if (this.ws !== ws || !ws || !this.authed) return;
     this.token = token;
     this._send({ type: "auth", token, id: `refresh-${this.nextId++}` });
+  }
+
+  /**
+   * The `seq` of a `subscribed` reply or a `pong`: the position the gateway's stream had reached
+   * when it sent it. The connection's frames come in order, so every event up to it that
+   * matches the subscriptions came before; outside a catch-up (whose replays follow their
+   * replies) `floor` moves up to it. Before the first event it is what a resume asks `since`:
+   * without it the events in flight when the link died were lost; and a quiet subscription in
+   * a busy workspace would ask from before what the history holds (a history_gap at each
+   * reconnect, for nothing). The keepalive ping (pingIntervalMs) brings one when it is quiet.
+   */
+  _atPosition(seq) {
+    if (typeof seq === "number" && this.catchup === null && (this.floor === null || seq > this.floor)) {
+      this.floor = seq;
+    }
   }
 
   _armPing() {

@@ -629,6 +629,36 @@ for (const headerAuth of [false, true]) {
 }
 
 for (const headerAuth of [false, true]) {
+  test(`a quiet subscription in a busy workspace reconnects without a gap (${headerAuth ? "new session" : "resumed"})`,
+    { timeout: 60000 }, async () => {
+      // The subscription gets no event while the workspace's other topics outrun the history
+      // (500 events on this gateway): its `since` follows the pongs of the keepalive pings, so
+      // the reconnect asks for what the history holds instead of getting a history_gap.
+      const ws = `js-quiet-${headerAuth}`;
+      const proxy = await startProxy();
+      const client = connect({ url: wsUrl(ws, proxy.port), getToken: () => token({ workspace: ws }), headerAuth,
+        pingIntervalMs: 100, ...fast });
+      const { events, gaps } = collect(client);
+      try {
+        await client.subscribe("events:quiet").ready;
+        let last = null;
+        for (let i = 0; i < 600; i++) last = await publish(ws, "busy", { i });
+        await waitFor(() => client.floor !== null && client.floor >= last.seq, 5000, "a pong after the busy events");
+        proxy.frozen = true;
+        const e = await publish(ws, "quiet", {});
+        proxy.frozen = false;
+        proxy.cut();
+        await waitFor(() => events.some((x) => x.seq === e.seq), 5000, "the event of the outage");
+        assert.deepEqual(events.map((x) => x.seq), [e.seq]);
+        assert.deepEqual(gaps, []);
+      } finally {
+        client.close();
+        await proxy.close();
+      }
+    });
+}
+
+for (const headerAuth of [false, true]) {
   test(`a subscription made or changed while disconnected gets the events of the outage (${headerAuth ? "new session" : "resumed"})`,
     { timeout: 30000 }, async () => {
       const ws = `js-sub-down-${headerAuth}`;
