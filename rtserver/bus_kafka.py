@@ -71,6 +71,36 @@ def decode_event(workspace: str, value: bytes) -> tuple[BusRecord, Event]:
     return r, Event(workspace, r.source, r.entity, r.operation, r.record, r.body, r.old_record)
 
 
+class ForeignRecord(ValueError):
+    """A record of the events topic that is not an event record (written by another producer,
+    or damaged): consumers skip it with a log rather than stop."""
+
+
+def decode_record(key: bytes | None, value: bytes | None) -> tuple[BusRecord, Event]:
+    """The event of one events-topic record (the key is its workspace id); ForeignRecord when
+    the record is not one."""
+    if key is None or value is None:
+        raise ForeignRecord("no key or no value")
+    try:
+        workspace = key.decode()
+    except UnicodeDecodeError:
+        raise ForeignRecord("key is not UTF-8") from None
+    try:
+        rec, event = decode_event(workspace, value)
+    except msgspec.DecodeError as exc:
+        raise ForeignRecord(f"value is not an event record: {exc}") from None
+    if rec.operation != GAP and not (rec.body[:1] == b"{" and rec.body[-1:] == b"}"):
+        # seq is spliced in before the body's closing brace: anything else becomes invalid JSON
+        raise ForeignRecord("event body is not a JSON object")
+    return rec, event
+
+
+def record_fields(topic: str, partition: int, offset: int, key: bytes | None) -> dict[str, Any]:
+    """Where a record is, for a log line (the key shown as text when it is, cut short)."""
+    shown = key[:100].decode("utf-8", "backslashreplace") if key is not None else None
+    return {"topic": topic, "partition": partition, "offset": offset, "workspace": shown}
+
+
 def partition_for(workspace: str, partitions: int) -> int:
     """The partition of `workspace`: the Java client's and aiokafka's default partitioner."""
     from aiokafka.partitioner import murmur2
@@ -412,6 +442,7 @@ class KafkaBus:
             self._target[tp.partition] = end[tp]
         self._connected = True
         self._task = asyncio.create_task(self._run(), name="rtserver-bus-consumer")
+        self._task.add_done_callback(self._consumer_ended)
         log.info("bus consumer started", extra={"fields": {"topic": self.topic, "partitions": len(tps),
                                                            "read_back": sum(end[t] - self._floor[t.partition] for t in tps)}})
 
@@ -452,26 +483,17 @@ class KafkaBus:
             for tp, records in batches.items():
                 for r in records:
                     self._next[tp.partition] = r.offset + 1
-                    if r.key is None or r.value is None:
-                        continue
-                    workspace = r.key.decode()
                     try:
-                        rec, event = decode_event(workspace, r.value)
-                    except msgspec.DecodeError as exc:
-                        log.error("undecodable bus record skipped: %s", exc,
-                                  extra={"fields": {"partition": tp.partition, "offset": r.offset, "workspace": workspace}})
+                        rec, event = decode_record(r.key, r.value)
+                    except ForeignRecord as exc:
+                        log.error("bus record skipped: %s", exc,
+                                  extra={"fields": record_fields(self.topic, tp.partition, r.offset, r.key)})
                         continue
-                    if rec.operation == GAP:
-                        held = self.hub.workspaces.get(workspace)
-                        if held is None or r.offset + 1 > held.history.last_seq:
-                            self.hub.history_gap(workspace, rec.source, rec.body.decode("utf-8", "replace"),
-                                                 r.offset + 1)
-                        continue
-                    ws = self.hub.workspace(workspace)
-                    if r.offset + 1 <= ws.history.last_seq:
-                        continue  # already read (a workspace created mid-batch sees nothing twice)
-                    deliver(event, r.offset + 1)
-                    self._delivered += 1
+                    try:
+                        self._take(rec, event, r.offset + 1, deliver)
+                    except Exception:  # noqa: BLE001 - one record must not stop this node's only consumer
+                        log.exception("bus record could not be delivered; skipped",
+                                      extra={"fields": record_fields(self.topic, tp.partition, r.offset, r.key)})
             # getmany returns buffered records without suspending: while catching up, let the
             # connections, health checks and upgrades in between batches, and wait while the
             # writes to clients are behind (the topic keeps what is not read yet).
@@ -482,6 +504,28 @@ class KafkaBus:
             if not self._caught_up and all(self._next[p] >= t for p, t in self._target.items()):
                 self._caught_up = True
                 log.info("bus consumer caught up", extra={"fields": {"topic": self.topic, "events": self._delivered}})
+
+    def _consumer_ended(self, task: asyncio.Task) -> None:
+        """The consumer loop ends only when the bus closes; otherwise this node gets no events
+        any more: not ready (ready() checks the task), and said loudly."""
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            self._last_error = f"bus consumer stopped: {type(exc).__name__}: {exc}"
+            log.error("bus consumer stopped; this node gets no events", exc_info=exc,
+                      extra={"fields": {"topic": self.topic}})
+
+    def _take(self, rec: BusRecord, event: Event, seq: int, deliver: Callable[[Event, int], int]) -> None:
+        workspace = event.workspace
+        if rec.operation == GAP:
+            held = self.hub.workspaces.get(workspace)
+            if held is None or seq > held.history.last_seq:
+                self.hub.history_gap(workspace, rec.source, rec.body.decode("utf-8", "replace"), seq)
+            return
+        ws = self.hub.workspace(workspace)
+        if seq <= ws.history.last_seq:
+            return  # already read (a workspace created mid-batch sees nothing twice)
+        deliver(event, seq)
+        self._delivered += 1
 
     def _history_floor(self, wid: str) -> int | None:
         if not self._floor:
@@ -510,7 +554,7 @@ class KafkaBus:
 
     def ready(self) -> bool:
         """Accepting connections: consuming, caught up since start, and not too far behind."""
-        return (self._task is not None and self._caught_up and self._connected and self.publisher.available()
+        return (self._task is not None and not self._task.done() and self._caught_up and self._connected and self.publisher.available()
                 and self.lag() <= self.max_lag)
 
     def status(self) -> dict[str, Any]:
@@ -607,9 +651,14 @@ class KafkaBus:
                     emitted = 0
                     for r in records:
                         pos = r.offset + 1
-                        if r.key != key or r.value is None:
+                        if r.key != key:
                             continue
-                        rec, event = decode_event(workspace, r.value)
+                        try:
+                            rec, event = decode_record(r.key, r.value)
+                        except ForeignRecord as exc:  # the live consumer skipped it too
+                            log.error("bus record skipped in a read-back: %s", exc,
+                                      extra={"fields": record_fields(self.topic, tp.partition, r.offset, r.key)})
+                            continue
                         if rec.operation == GAP:
                             lost.add(rec.source)
                         else:

@@ -537,3 +537,49 @@ async def test_a_read_back_larger_than_the_send_buffer_reaches_a_reader_that_kee
     finally:
         await pub.close()
         await gw.shutdown()
+
+
+async def test_foreign_records_on_the_topic_are_skipped_with_a_log(cluster):
+    """Records rtserver did not write (another producer on the topic, a damaged record) are
+    skipped with a log naming where they are; before, a key that was not UTF-8 ended the node's
+    consumer (no event reached its clients any more, /readyz still 200) and a body that was not
+    a JSON object went to the clients as broken JSON. A node started later reads them back at
+    start and in a resume the same way."""
+    import msgspec
+    from aiokafka import AIOKafkaProducer
+
+    node = await cluster.node()
+    topic = cluster.env["RT_BUS_TOPIC"]
+    foreign = [
+        (b"\xff\xfe", b"\x00not ours"),  # key not UTF-8
+        (b"w1", b"\x00not msgpack"),
+        (b"w1", msgspec.msgpack.encode(["events", "x", "PUBLISH", None, None, b"not json"])),
+        (None, b"no key"),
+    ]
+    producer = AIOKafkaProducer(bootstrap_servers=cluster.env["RT_BUS_KAFKA_BOOTSTRAP"])
+    await producer.start()
+    try:
+        async with ws_connect(node, "w1", token=node.token("w1")) as c:
+            await c.subscribe("events:x")
+            await node.publish("w1", "x", {"n": 1})
+            (first,) = await events(c, 1)
+            for k, v in foreign:
+                await producer.send_and_wait(topic, v, key=k)
+            await node.publish("w1", "x", {"n": 2})
+            (second,) = await events(c, 1)
+            assert second["payload"] == {"n": 2}
+            await c.no_message(0.3)
+    finally:
+        await producer.stop()
+    skipped = [json.loads(line) for line in node.logs().splitlines() if "bus record skipped" in line]
+    assert len(skipped) == len(foreign), node.logs()
+    assert all(s["topic"] == topic and isinstance(s["offset"], int) for s in skipped), skipped
+    assert json.loads((await node.get("/readyz"))[1])["ready"]
+    # A node started afterwards remembers only the last event: the resume reads the rest back.
+    late = await cluster.node(RT_HISTORY_EVENTS="1")
+    async with ws_connect(late, "w1", token=late.token("w1")) as c:
+        await c.send({"type": "subscribe", "channel": "events:x", "since": first["seq"]})
+        await c.recv_type("subscribed", timeout=20)
+        got = await events(c, 1)
+        await c.no_message(0.5)
+    assert [(e["seq"], e["payload"]) for e in got] == [(second["seq"], {"n": 2})]
