@@ -363,6 +363,7 @@ class KafkaBus:
         self._caught_up = False
         self._connected = False
         self._last_error = ""
+        self._broken = ""  # why this node cannot serve right until it restarts (_out_of_range)
         self._delivered = 0
         self._read_backs = asyncio.Semaphore(_MAX_CONCURRENT_READ_BACKS)
         self._stopping: set[asyncio.Task] = set()
@@ -418,7 +419,7 @@ class KafkaBus:
             client_id=f"rtserver-node-{self.node}",
             group_id=None,  # every node reads every partition
             enable_auto_commit=False,
-            auto_offset_reset="earliest",
+            auto_offset_reset="none",  # records deleted before they were read: _out_of_range
             fetch_max_wait_ms=100,
             max_partition_fetch_bytes=self._fetch_bytes,
         )
@@ -463,7 +464,7 @@ class KafkaBus:
     # -- the consumer ----------------------------------------------------------------------
 
     async def _run(self) -> None:
-        from aiokafka.errors import KafkaError
+        from aiokafka.errors import KafkaError, OffsetOutOfRangeError
 
         consumer = self._consumer
         assert consumer is not None
@@ -474,6 +475,14 @@ class KafkaBus:
                 self._connected = True
             except asyncio.CancelledError:
                 raise
+            except OffsetOutOfRangeError as exc:
+                positions = exc.args[0] if exc.args and isinstance(exc.args[0], dict) else {}
+                try:
+                    await self._out_of_range(consumer, positions)
+                except KafkaError as err:  # Kafka away: the next fetch raises this again
+                    log.warning("bus consumer: %s", err, extra={"fields": {"topic": self.topic}})
+                    await asyncio.sleep(0.5)
+                continue
             except KafkaError as exc:
                 self._connected = False
                 self._last_error = f"{type(exc).__name__}: {exc}"
@@ -504,6 +513,33 @@ class KafkaBus:
             if not self._caught_up and all(self._next[p] >= t for p, t in self._target.items()):
                 self._caught_up = True
                 log.info("bus consumer caught up", extra={"fields": {"topic": self.topic, "events": self._delivered}})
+
+    async def _out_of_range(self, consumer: Any, positions: dict[Any, int]) -> None:
+        """The topic no longer holds the records this node was to read next (retention deleted
+        them while it was behind): they are lost to this node. Kafka's consumer would go on from
+        the oldest record kept without a word (auto_offset_reset); here every subscriber of the
+        partition's workspaces gets history_gap, their histories vouch only for what follows
+        (a resume from before the loss gets history_gap too), and reading goes on from there."""
+        begin = await consumer.beginning_offsets(list(positions))
+        n = len(self._floor)
+        for tp, fetched in positions.items():
+            first, p = begin[tp], tp.partition
+            fields = {"topic": self.topic, "partition": p, "fetch_offset": fetched, "oldest_offset": first}
+            if fetched < first:
+                reason = (f"records {fetched}..{first - 1} of partition {p} of bus topic {self.topic} were deleted "
+                          "(retention) before this node read them")
+                hit = self.hub.stream_lost(lambda wid, p=p: partition_for(wid, n) == p, first, reason)
+                self._floor[p] = max(self._floor[p], first)  # where a history created from now on starts
+                log.error("bus: events lost to this node: %s", reason, extra={"fields": {**fields, "workspaces": hit}})
+            else:
+                # Fewer records than this node read already: the topic was deleted and created
+                # again, or truncated. Its offsets (seq) went back; only a restart of the node
+                # (which forgets the old ones) serves its workspaces right again.
+                self._broken = (f"bus topic {self.topic} partition {p} ends before offset {fetched} this node read up "
+                                "to: the topic was re-created or truncated; restart this node")
+                log.error("bus: %s", self._broken, extra={"fields": fields})
+            consumer.seek(tp, first)
+            self._next[p] = first
 
     def _consumer_ended(self, task: asyncio.Task) -> None:
         """The consumer loop ends only when the bus closes; otherwise this node gets no events
@@ -554,7 +590,7 @@ class KafkaBus:
 
     def ready(self) -> bool:
         """Accepting connections: consuming, caught up since start, and not too far behind."""
-        return (self._task is not None and not self._task.done() and self._caught_up and self._connected and self.publisher.available()
+        return (self._task is not None and not self._task.done() and not self._broken and self._caught_up and self._connected and self.publisher.available()
                 and self.lag() <= self.max_lag)
 
     def status(self) -> dict[str, Any]:
@@ -570,7 +606,7 @@ class KafkaBus:
             "max_lag": self.max_lag,
             "delivered": self._delivered,
             "published": self.publisher.published,
-            "last_error": problem or self._last_error,
+            "last_error": self._broken or problem or self._last_error,
         }
 
     def _gauges(self) -> list[tuple[str, str, dict[str, Any], float]]:
@@ -619,8 +655,11 @@ class KafkaBus:
         async with self._read_backs:
             if since >= floor() or cancelled():
                 return since, None, frozenset()
+            # auto_offset_reset none: records deleted between the check of the beginning below and
+            # the fetch raise (the caller sends history_gap) instead of being skipped in silence.
             consumer = AIOKafkaConsumer(**self.publisher.options, client_id=f"rtserver-readback-{self.node}",
                                         group_id=None, enable_auto_commit=False, fetch_max_wait_ms=100,
+                                        auto_offset_reset="none",
                                         max_partition_fetch_bytes=self._fetch_bytes)
             try:
                 await consumer.start()

@@ -512,6 +512,29 @@ class Hub:
                     conn.send_error(4011, f"{source} changes may have been lost: {reason}", channel=sub.spec.channel, oldest=oldest)
                     self.metrics.history_gaps += 1
 
+    def stream_lost(self, covers: Callable[[str], bool], upto: int, reason: str) -> int:
+        """The events up to position `upto` of the workspaces `covers` names were lost before
+        this node read them (the Kafka bus: deleted by retention while the node was behind).
+        Their subscribers get history_gap now, and their histories vouch only for what follows,
+        so a reader from before the loss gets history_gap later too; a retired workspace comes
+        back from `upto` on. Returns how many workspaces held here were hit."""
+        hit = 0
+        for ws in list(self.workspaces.values()):
+            if not covers(ws.id):
+                continue
+            hit += 1
+            if ws.history.floor < upto:
+                ws.history.floor = upto
+            for conn in list(ws.connections):
+                for sub in list(conn.subscriptions.values()):
+                    conn.send_error(4011, f"events may have been lost: {reason}", channel=sub.spec.channel,
+                                    oldest=upto + 1)
+                    self.metrics.history_gaps += 1
+        for wid, position in list(self._retired.items()):
+            if position < upto and covers(wid):
+                self._retired[wid] = upto
+        return hit
+
     def trim_histories(self) -> None:
         """history.node_bytes passed: evict the oldest retained events of the workspaces
         retaining the most bytes (each step takes the oldest event of the largest history; ties:

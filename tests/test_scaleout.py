@@ -583,3 +583,63 @@ async def test_foreign_records_on_the_topic_are_skipped_with_a_log(cluster):
         got = await events(c, 1)
         await c.no_message(0.5)
     assert [(e["seq"], e["payload"]) for e in got] == [(second["seq"], {"n": 2})]
+
+
+async def test_records_deleted_before_a_node_read_them_are_a_history_gap(cluster):
+    """A node behind the topic (frozen here) whose next records retention deleted meanwhile
+    (here DeleteRecords) lost them: its subscribers get history_gap before the events that
+    follow, and a resume from before the loss gets one too. Before, Kafka's consumer went on
+    from the oldest record kept (auto_offset_reset) without a word: a silent loss."""
+    from aiokafka import AIOKafkaProducer, TopicPartition
+    from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
+
+    from rtcore.event import Event
+    from rtserver.bus_kafka import encode_event, partition_for
+
+    node = await cluster.node()
+    topic, bootstrap = cluster.env["RT_BUS_TOPIC"], cluster.env["RT_BUS_KAFKA_BOOTSTRAP"]
+
+    def value(n: int) -> bytes:
+        body = json.dumps({"type": "event", "channel": "events:x", "operation": "PUBLISH", "topic": "x",
+                           "payload": {"n": n}}).encode()
+        return encode_event(Event("w1", "events", "x", "PUBLISH", None, body))
+
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await producer.start()
+    await admin.start()
+    try:
+        async with ws_connect(node, "w1", token=node.token("w1")) as c:
+            await c.subscribe("events:x")
+            await producer.send_and_wait(topic, value(0), key=b"w1")
+            (first,) = await events(c, 1)
+            os.kill(node.proc.pid, signal.SIGSTOP)
+            try:
+                offsets = [(await producer.send_and_wait(topic, value(n), key=b"w1")).offset for n in range(1, 41)]
+                # n = 1..34 deleted before the node reads them (the fetch it had sent may get a few)
+                tp = TopicPartition(topic, partition_for("w1", 3))
+                await admin.delete_records({tp: RecordsToDelete(offsets[34])})
+            finally:
+                os.kill(node.proc.pid, signal.SIGCONT)
+            got = []
+            while not got or got[-1].get("payload") != {"n": 40}:
+                got.append(await c.recv(timeout=20))
+            await c.no_message(0.3)
+        gaps = [m for m in got if m["type"] == "error"]
+        assert [(m["code"], m["channel"], m["oldest"]) for m in gaps] == [(4011, "events:x", offsets[34] + 1)], got
+        assert [m["payload"]["n"] for m in got[got.index(gaps[0]) + 1:]] == list(range(35, 41)), got
+        before = [m["seq"] for m in got[:got.index(gaps[0])]]
+        assert before == list(range(first["seq"] + 1, first["seq"] + 1 + len(before))), got  # no hole before it
+        # A reader from before the loss hears of it too.
+        async with ws_connect(node, "w1", token=node.token("w1")) as c:
+            await c.send({"type": "subscribe", "channel": "events:x", "since": first["seq"]})
+            await c.recv_type("subscribed", timeout=20)
+            gap = await c.recv(timeout=20)
+            assert gap["type"] == "error" and gap["code"] == 4011 and gap["oldest"] == offsets[34] + 1, gap
+            assert [e["payload"]["n"] for e in await events(c, 6)] == list(range(35, 41))
+            await c.no_message(0.3)
+    finally:
+        await producer.stop()
+        await admin.close()
+    assert "events lost to this node" in node.logs()
+    assert json.loads((await node.get("/readyz"))[1])["ready"]
