@@ -8,8 +8,9 @@ Kafka lease (`lease.py`) lets exactly one read the feeds; a standby takes over w
 No loss, no duplicate at a takeover (PostgreSQL): every record carries a header with the
 source's position when it was published (the last fully published commit LSN and how many
 events followed it). The new holder reads the topic's tail, writes that position into the
-slot's position file (so transactions already published are skipped) and drops the first
-events of the next transaction that the dead holder had already published.
+slot's position file (so transactions already published are skipped) and drops the events
+of the next transaction that the dead holder had already published, partition by partition
+(SourceSink._in_kafka).
 
 MongoDB likewise: the header `rt-mongo` = "database|resume token|n" names the n-th event
 published after the last acknowledged resume token (base64 BSON). The new holder, which may
@@ -31,7 +32,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from rtcore.event import Event
-from rtserver.bus_kafka import KafkaPublisher, bootstrap_of, encode_event, stop_client
+from rtserver.bus_kafka import KafkaPublisher, bootstrap_of, encode_event, partition_for, stop_client
 from rtserver.config import Config
 from rtserver.lease import Lease
 from rtserver.redact import redact
@@ -51,13 +52,15 @@ _MAX_IN_FLIGHT = 10_000  # records awaiting Kafka's acknowledgement per source (
 class SourceSink:
     """The EventSink of one source: Kafka, with the position header and takeover dedup."""
 
-    def __init__(self, publisher: KafkaPublisher, kind: str, done: dict[str, tuple[int, int]],
-                 mongo_done: dict[str, tuple[bytes, int]] | None = None):
+    def __init__(self, publisher: KafkaPublisher, kind: str, done: dict[str, tuple[int, dict[int, int]]],
+                 mongo_done: dict[str, tuple[bytes, dict[int, int]]] | None = None):
         self.publisher = publisher
         self.kind = kind
         self.source: Any = None
-        self.done = done  # slot -> (commit LSN, events after it) already in Kafka
-        self.mongo_done = mongo_done or {}  # database -> (resume token, events after it)
+        # What Kafka already has (_published_positions): slot -> (commit LSN, {partition: events
+        # after it in that partition}), database -> (resume token, {partition: events after it}).
+        self.done = done
+        self.mongo_done = mongo_done or {}
         self._token: bytes | None = None
         self.skipped = 0
         self.oversized = 0  # records over bus.max_record_bytes, skipped (_oversized)
@@ -79,7 +82,7 @@ class SourceSink:
                 self._lsn, self._count = lsn, 0
             self._count += 1
             done = self.done.get(src.slot)
-            if done is not None and done[0] == lsn and self._count <= done[1]:
+            if done is not None and done[0] == lsn and self._in_kafka(event, done[1]):
                 self.skipped += 1
                 return 0
             headers = [(POSITION_HEADER, f"{src.slot}|{lsn}|{self._count}".encode())]
@@ -91,7 +94,7 @@ class SourceSink:
                 self._token, self._count = token, 0
             self._count += 1
             done = self.mongo_done.get(src.database)
-            if token is not None and done is not None and done[0] == token and self._count <= done[1]:
+            if token is not None and done is not None and done[0] == token and self._in_kafka(event, done[1]):
                 self.skipped += 1
                 return 0
             if token is not None:
@@ -104,6 +107,14 @@ class SourceSink:
         if len(self._in_flight) >= _MAX_IN_FLIGHT:
             await self.drain()
         return 0  # the seq (offset + 1) is known once Kafka answers; sources do not need it
+
+    def _in_kafka(self, event: Event, counts: dict[int, int]) -> bool:
+        """Whether the dead holder's n-th event after the position (n = self._count) is in Kafka.
+        Its events went to the partitions of their workspaces, each partition led by its own
+        broker: it may have died with a later event written to one partition and an earlier one
+        not to another. Within one partition the idempotent producer writes in order, so the
+        n-th is there when that partition holds the n-th or a later one."""
+        return self._count <= counts.get(partition_for(event.workspace, self.publisher.partitions), 0)
 
     def _oversized(self, event: Event, size: int) -> None:
         """A record the topic would refuse on every retry: skipped, loudly, and the workspace's
@@ -241,10 +252,11 @@ class Ingest:
                 "feeds": len(self.sources), "failed": len(self.failed), "resumed_slots": len(done),
                 "resumed_databases": len(mongo_done)}})
 
-    async def _takeover_positions(self) -> tuple[dict[str, tuple[int, int]], dict[str, tuple[bytes, int]]]:
+    async def _takeover_positions(self) -> tuple[dict[str, tuple[int, dict[int, int]]],
+                                                 dict[str, tuple[bytes, dict[int, int]]]]:
         """What the topic already has of each feed, before any feed starts (a feed started without
         it would publish again what the previous active ingest did): retried while Kafka is away."""
-        async def scan() -> tuple[dict[str, tuple[int, int]], dict[str, tuple[bytes, int]]]:
+        async def scan() -> tuple[dict[str, tuple[int, dict[int, int]]], dict[str, tuple[bytes, dict[int, int]]]]:
             done, mongo_done = await self._published_positions()
             await self._write_positions(done)
             return done, mongo_done
@@ -277,10 +289,13 @@ class Ingest:
         return MongoSource(feed["url"], database=feed["database"], state_dir=self.state_dir, sink=sink,
                            workspaces=lambda: targets, allow_unknown_collections=self.cfg.mongo.allow_unknown_collections)
 
-    async def _published_positions(self) -> tuple[dict[str, tuple[int, int]], dict[str, tuple[bytes, int]]]:
-        """The last position header of each slot, and of each MongoDB database, in the topic's
-        recent tail. Mongo events of one database spread over partitions: the newest is the
-        greatest (token order, n)."""
+    async def _published_positions(self) -> tuple[dict[str, tuple[int, dict[int, int]]],
+                                                  dict[str, tuple[bytes, dict[int, int]]]]:
+        """The newest position of each slot, and of each MongoDB database, in the topic's recent
+        tail, with how many events after it each partition holds. The newest commit LSN (resume
+        token: the greatest token order) in any header is complete in Kafka (the source drained
+        it before moving on); the events of the next transaction (change) are counted per
+        partition (SourceSink._in_kafka)."""
         from aiokafka import AIOKafkaConsumer, TopicPartition
 
         from rtserver.sources.mongo import token_order
@@ -289,8 +304,8 @@ class Ingest:
         consumer = AIOKafkaConsumer(**self.publisher.options, group_id=None, enable_auto_commit=False,
                                     client_id=f"rtserver-ingest-scan-{self.node}")
         await consumer.start()
-        best: dict[str, tuple[int, int]] = {}
-        newest: dict[str, tuple[str, int, bytes]] = {}
+        best: dict[tuple[str, int], tuple[int, int]] = {}  # (slot, partition) -> (LSN, n)
+        newest: dict[tuple[str, int], tuple[str, int, bytes]] = {}  # (database, partition) -> (order, n, token)
         try:
             tps = [TopicPartition(topic, p) for p in range(self.publisher.partitions)]
             consumer.assign(tps)
@@ -317,8 +332,8 @@ class Ingest:
                             if name == POSITION_HEADER:
                                 slot, lsn, count = value.decode().split("|")
                                 pos = (int(lsn), int(count))
-                                if pos > best.get(slot, (-1, -1)):
-                                    best[slot] = pos
+                                if pos > best.get((slot, tp.partition), (-1, -1)):
+                                    best[slot, tp.partition] = pos
                             elif name == MONGO_HEADER:
                                 try:
                                     database, token_b64, count = value.decode().rsplit("|", 2)
@@ -327,26 +342,41 @@ class Ingest:
                                 except ValueError:  # not ours to trust: skip, do not fail the takeover
                                     log.warning("malformed %s header at %s offset %d", MONGO_HEADER, tp, r.offset)
                                     continue
-                                if mpos[:2] > newest.get(database, ("", -1, b""))[:2]:
-                                    newest[database] = mpos
+                                if mpos[:2] > newest.get((database, tp.partition), ("", -1, b""))[:2]:
+                                    newest[database, tp.partition] = mpos
                     if records and records[-1].offset + 1 >= todo.get(tp, 0):
                         todo.pop(tp, None)
                         consumer.pause(tp)
         finally:
             await stop_client(consumer, "ingest takeover scan", {"topic": topic})
-        return best, {db: (token, count) for db, (_order, count, token) in newest.items()}
+        done: dict[str, tuple[int, dict[int, int]]] = {}
+        for (slot, partition), (lsn, count) in best.items():
+            top = done.get(slot)
+            if top is None or lsn > top[0]:
+                done[slot] = (lsn, {partition: count})
+            elif lsn == top[0]:
+                top[1][partition] = count
+        mongo_done: dict[str, tuple[bytes, dict[int, int]]] = {}
+        orders: dict[str, str] = {}
+        for (database, partition), (order, count, token) in newest.items():
+            if database not in orders or order > orders[database]:
+                orders[database] = order
+                mongo_done[database] = (token, {partition: count})
+            elif order == orders[database]:
+                mongo_done[database][1][partition] = count
+        return done, mongo_done
 
-    async def _write_positions(self, done: dict[str, tuple[int, int]]) -> None:
+    async def _write_positions(self, done: dict[str, tuple[int, dict[int, int]]]) -> None:
         """Let each slot's position file say what Kafka already has (skip those transactions)."""
         from rtserver.sources.pg_state import PositionFile
 
-        for slot, (lsn, _count) in done.items():
+        for slot, (lsn, counts) in done.items():
             pf = await PositionFile.open(os.path.join(self.state_dir, f"postgres-{slot}.pos"))
             try:
                 if (pf.commit_lsn, pf.complete) != (lsn, True):
                     pf.record(lsn, -1)
                     log.info("slot %s resumes after the published commit LSN %d", slot, lsn,
-                             extra={"fields": {"slot": slot, "lsn": lsn, "already_published": _count}})
+                             extra={"fields": {"slot": slot, "lsn": lsn, "already_published": counts}})
             finally:
                 await pf.close()
 

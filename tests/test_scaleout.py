@@ -643,3 +643,60 @@ async def test_records_deleted_before_a_node_read_them_are_a_history_gap(cluster
         await admin.close()
     assert "events lost to this node" in node.logs()
     assert json.loads((await node.get("/readyz"))[1])["ready"]
+
+
+async def test_takeover_skips_per_partition_what_the_dead_ingest_published(cluster):
+    """A row of a database feeding two workspaces is two events on two partitions (two broker
+    leaders in a real cluster): a killed ingest may leave the later one in Kafka and not the
+    earlier. The topic is left here as such a kill leaves it (the second event of a transaction
+    written, the first not); the new holder must publish the first and not the second. Before,
+    it skipped as many events as the newest position header named on any partition: w1's
+    row was lost."""
+    from contextlib import AsyncExitStack
+
+    from aiokafka import AIOKafkaProducer
+
+    from rtcore.event import Event
+    from rtcore.pgoutput_ref import parse_lsn
+    from rtserver.bus_kafka import encode_event, partition_for
+    from rtserver.ingest import POSITION_HEADER
+
+    assert partition_for("w1", 3) != partition_for("w2", 3)
+    cluster.env["RT_BUS_WORKSPACES"] = "w1,w2"  # each row: event 1 for w1, event 2 for w2
+    first = await cluster.ingest()
+    await first.wait_active()
+    node = await cluster.node()
+    async with AsyncExitStack() as stack:
+        c1 = await stack.enter_async_context(ws_connect(node, "w1", token=node.token("w1")))
+        c2 = await stack.enter_async_context(ws_connect(node, "w2", token=node.token("w2")))
+        for c in (c1, c2):
+            await c.subscribe("postgres:orders")
+        await cluster.db.execute("INSERT INTO orders VALUES (1, 'before')")
+        (one,) = await events(c2, 1)
+        await events(c1, 1)
+        (feed,) = (await first.status())["feeds"].values()
+        slot, lsn = feed["slot"], parse_lsn(feed["published_lsn"])
+        await first.stop()  # the slot is acknowledged up to row 1's transaction
+        await cluster.db.execute("INSERT INTO orders VALUES (2, 'in flight when the ingest died')")
+        # What the killed ingest left in Kafka: row 2's event for w2 (the 2nd after `lsn`) only.
+        body = json.dumps({**{k: v for k, v in one.items() if k != "seq"}, "record": {"id": 2, "note": "w2 copy"}})
+        value = encode_event(Event("w2", "postgres", "orders", "INSERT", {"id": 2}, body.encode()))
+        producer = AIOKafkaProducer(bootstrap_servers=cluster.env["RT_BUS_KAFKA_BOOTSTRAP"])
+        await producer.start()
+        try:
+            await producer.send_and_wait(cluster.env["RT_BUS_TOPIC"], value, key=b"w2",
+                                         headers=[(POSITION_HEADER, f"{slot}|{lsn}|2".encode())])
+        finally:
+            await producer.stop()
+        second = await cluster.ingest()
+        await second.wait_active()
+        got1, got2 = await events(c1, 1), await events(c2, 1)
+        await cluster.db.execute("INSERT INTO orders VALUES (3, 'after')")
+        got1 += await events(c1, 1)
+        got2 += await events(c2, 1)
+        for c in (c1, c2):
+            await c.no_message(0.5)
+    assert [e["record"]["id"] for e in got1] == [2, 3]
+    assert [(e["record"]["id"], e["record"].get("note")) for e in got2] == [(2, "w2 copy"), (3, "after")]
+    (feed,) = (await second.status())["feeds"].values()
+    assert feed["takeover_skipped"] == 1, feed
