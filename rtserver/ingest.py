@@ -6,10 +6,11 @@ position (LSN, resume token) only for durable events. Several ingest processes m
 Kafka lease (`lease.py`) lets exactly one read the feeds; a standby takes over when it dies.
 
 No loss, no duplicate at a takeover (PostgreSQL): every record carries a header with the
-source's position when it was published (the last fully published commit LSN and how many
-events followed it). The new holder reads the topic's tail, writes that position into the
-slot's position file (so transactions already published are skipped) and drops the events
-of the next transaction that the dead holder had already published, partition by partition
+source's position when it was published (the last fully published commit LSN, how many
+events followed it, and the commit LSN of the transaction of those events). The new holder
+reads the topic's tail, writes that position into the slot's position file (so transactions
+already published are skipped) and, if the slot delivers that same transaction again, drops
+its events that the dead holder had already published, partition by partition
 (SourceSink._in_kafka).
 
 MongoDB likewise: the header `rt-mongo` = "database|resume token|n" names the n-th event
@@ -52,19 +53,21 @@ _MAX_IN_FLIGHT = 10_000  # records awaiting Kafka's acknowledgement per source (
 class SourceSink:
     """The EventSink of one source: Kafka, with the position header and takeover dedup."""
 
-    def __init__(self, publisher: KafkaPublisher, kind: str, done: dict[str, tuple[int, dict[int, int]]],
+    def __init__(self, publisher: KafkaPublisher, kind: str, done: dict[str, tuple[int, int, dict[int, int]]],
                  mongo_done: dict[str, tuple[bytes, dict[int, int]]] | None = None):
         self.publisher = publisher
         self.kind = kind
         self.source: Any = None
-        # What Kafka already has (_published_positions): slot -> (commit LSN, {partition: events
-        # after it in that partition}), database -> (resume token, {partition: events after it}).
+        # What Kafka already has (_published_positions): slot -> (commit LSN, commit LSN of the
+        # next transaction (-1: not said), {partition: its events in that partition}),
+        # database -> (resume token, {partition: events after it}).
         self.done = done
         self.mongo_done = mongo_done or {}
         self._token: bytes | None = None
         self.skipped = 0
         self.oversized = 0  # records over bus.max_record_bytes, skipped (_oversized)
         self._lsn = -1
+        self._tx = -1
         self._count = 0
         self._gaps: set[asyncio.Task] = set()
         # Records handed to the producer and not yet acknowledged by Kafka: the source calls
@@ -76,16 +79,19 @@ class SourceSink:
         src = self.source
         if self.kind == "postgres" and src is not None:
             # The source records a transaction's commit LSN only after all its events are
-            # published: (that LSN, n-th event since) names each event across processes.
-            lsn = src.published_lsn
-            if lsn != self._lsn:
-                self._lsn, self._count = lsn, 0
+            # published: (that LSN, n-th event since, commit LSN of this event's transaction)
+            # names each event across processes. The transaction's own LSN says whether the
+            # slot delivers the same one again: a slot acknowledged past it (a clean stop does
+            # that) delivers the next transaction, which also follows the published LSN.
+            lsn, tx = src.published_lsn, src.publishing_lsn
+            if (lsn, tx) != (self._lsn, self._tx):
+                self._lsn, self._tx, self._count = lsn, tx, 0
             self._count += 1
             done = self.done.get(src.slot)
-            if done is not None and done[0] == lsn and self._in_kafka(event, done[1]):
+            if done is not None and done[0] == lsn and done[1] in (-1, tx) and self._in_kafka(event, done[2]):
                 self.skipped += 1
                 return 0
-            headers = [(POSITION_HEADER, f"{src.slot}|{lsn}|{self._count}".encode())]
+            headers = [(POSITION_HEADER, f"{src.slot}|{lsn}|{self._count}|{tx}".encode())]
         elif self.kind == "mongo" and src is not None:
             # The token is the one acknowledged before the change in hand (a change fans out
             # to one event per workspace); a fresh stream has none until its first batch.
@@ -252,11 +258,12 @@ class Ingest:
                 "feeds": len(self.sources), "failed": len(self.failed), "resumed_slots": len(done),
                 "resumed_databases": len(mongo_done)}})
 
-    async def _takeover_positions(self) -> tuple[dict[str, tuple[int, dict[int, int]]],
+    async def _takeover_positions(self) -> tuple[dict[str, tuple[int, int, dict[int, int]]],
                                                  dict[str, tuple[bytes, dict[int, int]]]]:
         """What the topic already has of each feed, before any feed starts (a feed started without
         it would publish again what the previous active ingest did): retried while Kafka is away."""
-        async def scan() -> tuple[dict[str, tuple[int, dict[int, int]]], dict[str, tuple[bytes, dict[int, int]]]]:
+        async def scan() -> tuple[dict[str, tuple[int, int, dict[int, int]]],
+                                  dict[str, tuple[bytes, dict[int, int]]]]:
             done, mongo_done = await self._published_positions()
             await self._write_positions(done)
             return done, mongo_done
@@ -289,7 +296,7 @@ class Ingest:
         return MongoSource(feed["url"], database=feed["database"], state_dir=self.state_dir, sink=sink,
                            workspaces=lambda: targets, allow_unknown_collections=self.cfg.mongo.allow_unknown_collections)
 
-    async def _published_positions(self) -> tuple[dict[str, tuple[int, dict[int, int]]],
+    async def _published_positions(self) -> tuple[dict[str, tuple[int, int, dict[int, int]]],
                                                   dict[str, tuple[bytes, dict[int, int]]]]:
         """The newest position of each slot, and of each MongoDB database, in the topic's recent
         tail, with how many events after it each partition holds. The newest commit LSN (resume
@@ -304,7 +311,7 @@ class Ingest:
         consumer = AIOKafkaConsumer(**self.publisher.options, group_id=None, enable_auto_commit=False,
                                     client_id=f"rtserver-ingest-scan-{self.node}")
         await consumer.start()
-        best: dict[tuple[str, int], tuple[int, int]] = {}  # (slot, partition) -> (LSN, n)
+        best: dict[tuple[str, int], tuple[int, int, int]] = {}  # (slot, partition) -> (LSN, tx LSN, n)
         newest: dict[tuple[str, int], tuple[str, int, bytes]] = {}  # (database, partition) -> (order, n, token)
         try:
             tps = [TopicPartition(topic, p) for p in range(self.publisher.partitions)]
@@ -330,9 +337,13 @@ class Ingest:
                     for r in records:
                         for name, value in r.headers or ():
                             if name == POSITION_HEADER:
-                                slot, lsn, count = value.decode().split("|")
-                                pos = (int(lsn), int(count))
-                                if pos > best.get((slot, tp.partition), (-1, -1)):
+                                try:  # slot|LSN|n|transaction LSN (older ingests: without the last)
+                                    slot, lsn, count, *tx = value.decode().split("|")
+                                    pos = (int(lsn), int(tx[0]) if tx else -1, int(count))
+                                except ValueError:  # not ours to trust: skip, do not fail the takeover
+                                    log.warning("malformed %s header at %s offset %d", POSITION_HEADER, tp, r.offset)
+                                    continue
+                                if pos > best.get((slot, tp.partition), (-1, -1, -1)):
                                     best[slot, tp.partition] = pos
                             elif name == MONGO_HEADER:
                                 try:
@@ -349,13 +360,13 @@ class Ingest:
                         consumer.pause(tp)
         finally:
             await stop_client(consumer, "ingest takeover scan", {"topic": topic})
-        done: dict[str, tuple[int, dict[int, int]]] = {}
-        for (slot, partition), (lsn, count) in best.items():
+        done: dict[str, tuple[int, int, dict[int, int]]] = {}
+        for (slot, partition), (lsn, tx, count) in best.items():
             top = done.get(slot)
-            if top is None or lsn > top[0]:
-                done[slot] = (lsn, {partition: count})
-            elif lsn == top[0]:
-                top[1][partition] = count
+            if top is None or (lsn, tx) > top[:2]:
+                done[slot] = (lsn, tx, {partition: count})
+            elif (lsn, tx) == top[:2]:
+                top[2][partition] = count
         mongo_done: dict[str, tuple[bytes, dict[int, int]]] = {}
         orders: dict[str, str] = {}
         for (database, partition), (order, count, token) in newest.items():
@@ -366,11 +377,11 @@ class Ingest:
                 mongo_done[database][1][partition] = count
         return done, mongo_done
 
-    async def _write_positions(self, done: dict[str, tuple[int, dict[int, int]]]) -> None:
+    async def _write_positions(self, done: dict[str, tuple[int, int, dict[int, int]]]) -> None:
         """Let each slot's position file say what Kafka already has (skip those transactions)."""
         from rtserver.sources.pg_state import PositionFile
 
-        for slot, (lsn, counts) in done.items():
+        for slot, (lsn, _tx, counts) in done.items():
             pf = await PositionFile.open(os.path.join(self.state_dir, f"postgres-{slot}.pos"))
             try:
                 if (pf.commit_lsn, pf.complete) != (lsn, True):

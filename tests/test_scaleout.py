@@ -700,3 +700,28 @@ async def test_takeover_skips_per_partition_what_the_dead_ingest_published(clust
     assert [(e["record"]["id"], e["record"].get("note")) for e in got2] == [(2, "w2 copy"), (3, "after")]
     (feed,) = (await second.status())["feeds"].values()
     assert feed["takeover_skipped"] == 1, feed
+
+
+async def test_a_clean_handover_loses_nothing(cluster):
+    """The active ingest stops cleanly (SIGTERM: a rolling upgrade) and a standby on another
+    machine takes over: the rows written afterwards all arrive. The stopped ingest had
+    acknowledged its last transaction to the slot, so the slot does not deliver it again; the
+    new holder's first transaction follows the same published LSN, and was taken for the one
+    the position header named: its first events were dropped as already published."""
+    first = await cluster.ingest()
+    await first.wait_active()
+    node = await cluster.node()
+    async with ws_connect(node, "w1", token=node.token("w1")) as c:
+        await c.subscribe("postgres:orders")
+        await cluster.db.execute("INSERT INTO orders VALUES (1, 'before')")
+        got = await events(c, 1)
+        await first.stop()
+        second = await cluster.ingest()
+        await second.wait_active()
+        for i in (2, 3):
+            await cluster.db.execute("INSERT INTO orders VALUES ($1, 'after')", i)
+        got += await events(c, 2)
+        await c.no_message(0.5)
+    assert [e["record"]["id"] for e in got] == [1, 2, 3]
+    (feed,) = (await second.status())["feeds"].values()
+    assert feed["takeover_skipped"] == 0, feed

@@ -161,6 +161,7 @@ class PostgresSource:
         self._slot_info: dict[str, Any] = {}
         self._acked_lsn = 0
         self._published_lsn = 0
+        self._publishing_lsn = 0
         self._events = 0
         self._transactions = 0
         self._duplicates = 0
@@ -239,6 +240,11 @@ class PostgresSource:
     def published_lsn(self) -> int:
         """Commit LSN of the last transaction whose events were all handed to the sink."""
         return self._published_lsn
+
+    @property
+    def publishing_lsn(self) -> int:
+        """Commit LSN of the transaction whose events are being handed to the sink."""
+        return self._publishing_lsn
 
     def status(self) -> dict[str, Any]:
         streams = self._streams
@@ -702,6 +708,7 @@ class PostgresSource:
         timestamp = timefmt.iso_ms((begin.commit_time + PG_EPOCH_OFFSET_US) // 1000)
         correlation = tx.correlation or f"pg-{begin.xid}-{format_lsn(begin.final_lsn)}"
         targets = list(self.workspaces())
+        self._publishing_lsn = begin.final_lsn
         try:
             await self._publish_changes(tx, changes, targets, timestamp, correlation)
             # Everything handed to the sink is recorded before the position says so.
