@@ -73,8 +73,10 @@ class SourceSink:
         # Records handed to the producer and not yet acknowledged by Kafka: the source calls
         # drain() before it acknowledges its upstream position, so batching costs no safety.
         self._in_flight: list[asyncio.Future] = []
+        self._failed: BaseException | None = None  # why records were not written (drain)
 
     async def publish(self, event: Event) -> int:
+        self._failed = None  # the source started over after a failed drain
         headers = None
         src = self.source
         if self.kind == "postgres" and src is not None:
@@ -135,10 +137,26 @@ class SourceSink:
                          f"a change of {where} ({size} bytes) exceeded bus.max_record_bytes ({limit}) and was skipped")
 
     async def drain(self) -> None:
-        """Wait until Kafka has every record published so far (acks=all); raises on failure."""
-        in_flight, self._in_flight = self._in_flight, []
+        """Wait until Kafka has every record published so far (acks=all); raises on failure.
+
+        A source that fails or is stopped part-way drains again before it records how far it
+        got (PostgresSource._record_part): that drain must not pass for records that were not
+        confirmed. So a cancelled drain leaves its records counted (asyncio.wait does not
+        cancel them), and after a failure every drain raises until the source publishes again
+        (having started over from its last recorded position)."""
+        in_flight = self._in_flight
         if in_flight:
-            await asyncio.gather(*in_flight)
+            await asyncio.wait(in_flight)
+            self._in_flight = []
+            for fut in in_flight:
+                if fut.cancelled():
+                    self._failed = RuntimeError(f"bus topic {self.publisher.topic}: a record's send was cancelled")
+                    break
+                if fut.exception() is not None:
+                    self._failed = fut.exception()
+                    break
+        if self._failed is not None:
+            raise self._failed
 
     def history_gap(self, workspace: str, source: str, reason: str) -> None:
         task = asyncio.ensure_future(self._publish_gap(workspace, source, reason))

@@ -725,3 +725,55 @@ async def test_a_clean_handover_loses_nothing(cluster):
     assert [e["record"]["id"] for e in got] == [1, 2, 3]
     (feed,) = (await second.status())["feeds"].values()
     assert feed["takeover_skipped"] == 0, feed
+
+
+async def test_a_record_kafka_refused_is_read_again_not_lost(cluster):
+    """The ingest's feed records its position only for records Kafka confirmed. Kafka refuses
+    a record here (the topic's max.message.bytes lowered under the change; the operator raises
+    it again and restarts the ingest): the refused transaction and the one after it are read
+    again and published once each. Before, the drain the feed ran before recording a partial
+    position found nothing left to wait for and recorded the refused records as published: the
+    feed dropped them as duplicates, and the next row with them, and acknowledged them to the
+    slot (lost for every later ingest too)."""
+    import random
+    import string
+
+    from aiokafka.admin import AIOKafkaAdminClient
+    from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+    from rtserver.bus_kafka import RECORD_OVERHEAD
+
+    ingest = await cluster.ingest()
+    await ingest.wait_active()
+    node = await cluster.node()
+    admin = AIOKafkaAdminClient(bootstrap_servers=cluster.env["RT_BUS_KAFKA_BOOTSTRAP"])
+    await admin.start()
+
+    async def limit(size: int) -> None:
+        await admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, cluster.env["RT_BUS_TOPIC"],
+                                                  configs={"max.message.bytes": str(size)})])
+
+    try:
+        async with ws_connect(node, "w1", token=node.token("w1")) as c:
+            await c.subscribe("postgres:orders")
+            await cluster.db.execute("INSERT INTO orders VALUES (1, 'small')")
+            got = await events(c, 1)
+            await limit(1_000_000)
+            big = "".join(random.choices(string.ascii_letters, k=1_500_000))  # not compressible
+            await cluster.db.execute("INSERT INTO orders VALUES (2, $1)", big)
+            await cluster.db.execute("INSERT INTO orders VALUES (3, 'small')")
+            # Two failed attempts: the first refused the record, the second read the transaction
+            # again (before, it was then dropped as already published and acknowledged).
+            while ingest.logs().count('"msg":"postgres source: ') < 2:
+                await asyncio.sleep(0.2)
+            assert "MessageSizeTooLargeError" in ingest.logs()
+            await limit(4 * 1024 * 1024 + RECORD_OVERHEAD)
+            await ingest.stop()
+            again = await cluster.ingest()
+            await again.wait_active()
+            got += await events(c, 2)
+            await c.no_message(0.5)
+    finally:
+        await admin.close()
+    assert [e["record"]["id"] for e in got] == [1, 2, 3]
+    assert len(got[1]["record"]["note"]) == len(big)
