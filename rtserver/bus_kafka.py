@@ -217,16 +217,23 @@ class KafkaPublisher:
         self._waiting = 0  # records handed to the producer, not yet acknowledged or failed
         self._progress = 0.0  # monotonic time of the last acknowledgement (or of the first wait)
         self._was_available = True
+        self._refused = False  # Kafka refused a record: the producer must be renewed (_renew)
+        self._renewing = asyncio.Lock()
+        self._renew_task: asyncio.Task | None = None
 
     async def start(self) -> None:
-        from aiokafka import AIOKafkaProducer
-
         self.options = await client_options(self.cfg)
         self.partitions = await ensure_topic(
             self.options, self.topic, self.cfg.bus.partitions, self.cfg.bus.replication_factor,
             max_message_bytes=self.max_record + RECORD_OVERHEAD,
         )
-        self._producer = AIOKafkaProducer(
+        self._producer = await self._new_producer()
+        self._watch_task = asyncio.create_task(self._watch(), name="rtserver-bus-watch")
+
+    async def _new_producer(self) -> Any:
+        from aiokafka import AIOKafkaProducer
+
+        producer = AIOKafkaProducer(
             **self.options,
             client_id=self.client_id,
             acks="all",
@@ -239,16 +246,33 @@ class KafkaPublisher:
             # (duplicates). Kafka's own clients give a record 120 s (delivery.timeout.ms).
             request_timeout_ms=REQUEST_TIMEOUT_MS,
         )
-        await self._producer.start()
-        self._watch_task = asyncio.create_task(self._watch(), name="rtserver-bus-watch")
+        await producer.start()
+        producer.client.add_topic(self.topic)  # else each metadata request asks for every topic
+        return producer
+
+    async def _renew(self) -> None:
+        """A new producer after Kafka refused a record. aiokafka's idempotent producer gave the
+        refused batch its sequence numbers and never takes them back: every later batch for that
+        partition is refused too (OutOfOrderSequenceNumber), for good. The old producer first
+        settles what it holds, so the records of one partition stay in order."""
+        async with self._renewing:
+            old = self._producer
+            if not self._refused or old is None:
+                return
+            log.warning("bus: Kafka refused a record; starting a new producer",
+                        extra={"fields": {"topic": self.topic, "client": self.client_id}})
+            with contextlib.suppress(Exception):
+                await old.flush()
+            self._producer = await self._new_producer()
+            self._refused = False
+            await stop_client(old, "bus producer", {"topic": self.topic, "client": self.client_id})
 
     async def _watch(self) -> None:
         """Ask the cluster for the topic's metadata every second (see the class docstring)."""
-        producer = self._producer
-        assert producer is not None
-        client = producer.client
-        client.add_topic(self.topic)  # else each request would ask for every topic of the cluster
         while True:
+            producer = self._producer  # _renew may replace it
+            assert producer is not None
+            client = producer.client
             try:
                 # shielded by aiokafka: a timeout here does not cancel the update itself
                 ok = await asyncio.wait_for(client.force_metadata_update(), self.timeout)
@@ -291,9 +315,11 @@ class KafkaPublisher:
         problem = self.problem()
         return {"connected": not problem, "waiting": self._waiting, "error": problem}
 
-    def _settled(self, _fut: asyncio.Future) -> None:
+    def _settled(self, fut: asyncio.Future) -> None:
         self._waiting -= 1
         self._progress = time.monotonic()
+        if not fut.cancelled() and fut.exception() is not None:
+            self._refused = True  # the next enqueue() starts a new producer (_renew)
 
     async def publish(self, event: Event, headers: list[tuple[str, bytes]] | None = None) -> int:
         return await self.send(event.workspace, encode_event(event), headers)
@@ -308,6 +334,8 @@ class KafkaPublisher:
         while the partition's batch is full (Kafka away), however long."""
         from aiokafka.errors import KafkaTimeoutError
 
+        if self._refused:
+            await asyncio.shield(self._renewal())
         producer = self._producer
         if producer is None:
             raise RuntimeError(f"bus topic {self.topic}: publisher not started (workspace {workspace})")
@@ -328,6 +356,13 @@ class KafkaPublisher:
         fut.add_done_callback(self._settled)
         return fut
 
+    def _renewal(self) -> asyncio.Task:
+        """The one renewal under way: shielded by its callers, so a publish given up (its
+        timeout) does not leave a producer half made."""
+        if self._renew_task is None or self._renew_task.done():
+            self._renew_task = asyncio.ensure_future(self._renew())
+        return self._renew_task
+
     async def publish_gap(self, workspace: str, source: str, reason: str) -> int:
         value = _encoder.encode(BusRecord(source, "", GAP, None, None, reason.encode()))
         return await self.send(workspace, value)
@@ -338,6 +373,11 @@ class KafkaPublisher:
             watch.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watch
+        renewal = self._renew_task
+        if renewal is not None and not renewal.done():
+            renewal.cancel()  # it may wait for Kafka (flush)
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await renewal
         producer, self._producer = self._producer, None
         if producer is not None:
             with contextlib.suppress(Exception):
