@@ -193,6 +193,31 @@ async def ensure_topic(options: dict[str, Any], topic: str, partitions: int, rep
         await admin.close()
 
 
+async def topic_max_message_bytes(options: dict[str, Any], topic: str) -> int | None:
+    """The largest record batch `topic` takes (its max.message.bytes, or the broker's
+    message.max.bytes it inherits); None when Kafka does not say."""
+    from aiokafka.admin import AIOKafkaAdminClient
+    from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+    admin = AIOKafkaAdminClient(**options)
+    await admin.start()
+    try:
+        for response in await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)]):
+            for error_code, _message, _type, name, entries in response.resources:
+                if error_code == 0 and name == topic:
+                    for entry in entries:
+                        if entry[0] == "max.message.bytes" and entry[1] is not None:
+                            return int(entry[1])
+    finally:
+        await admin.close()
+    return None
+
+
+# What a record batch holds besides one record's value: batch and record framing, the key (a
+# workspace id) and the position header.
+_BATCH_FRAMING = 1024
+
+
 class KafkaPublisher:
     """Writes events to the topic; `publish` returns the seq once Kafka has the record (acks=all).
 
@@ -227,6 +252,18 @@ class KafkaPublisher:
             self.options, self.topic, self.cfg.bus.partitions, self.cfg.bus.replication_factor,
             max_message_bytes=self.max_record + RECORD_OVERHEAD,
         )
+        # A topic created beforehand (auto-creation off, or by a platform team) often has the
+        # broker's 1 MiB: a larger record would be refused on every retry and stall the feed
+        # behind it. Records the topic cannot take are skipped with history_gap instead.
+        limit = await topic_max_message_bytes(self.options, self.topic)
+        if limit is not None and limit - _BATCH_FRAMING < self.max_record:
+            log.warning("bus topic %s takes records up to %d bytes (max.message.bytes), less than "
+                        "bus.max_record_bytes %d: larger changes are skipped with history_gap; raise the "
+                        "topic's max.message.bytes to %d to carry them", self.topic, limit, self.max_record,
+                        self.max_record + RECORD_OVERHEAD,
+                        extra={"fields": {"topic": self.topic, "max_message_bytes": limit,
+                                          "max_record_bytes": self.max_record, "client": self.client_id}})
+            self.max_record = max(0, limit - _BATCH_FRAMING)
         self._producer = await self._new_producer()
         self._watch_task = asyncio.create_task(self._watch(), name="rtserver-bus-watch")
 

@@ -134,7 +134,8 @@ class SourceSink:
                   extra={"fields": {"workspace": event.workspace, "channel": where, "bytes": size,
                                     "max_record_bytes": limit}})
         self.history_gap(event.workspace, event.source,
-                         f"a change of {where} ({size} bytes) exceeded bus.max_record_bytes ({limit}) and was skipped")
+                         f"a change of {where} ({size} bytes) exceeded the events topic's record limit ({limit} bytes: "
+                         "bus.max_record_bytes, or the topic's max.message.bytes when smaller) and was skipped")
 
     async def drain(self) -> None:
         """Wait until Kafka has every record published so far (acks=all); raises on failure.

@@ -811,3 +811,34 @@ async def test_a_record_kafka_refused_does_not_block_its_partition(cluster):
     finally:
         await admin.close()
     assert [e["payload"]["n"] for e in got] == [0, 2, 3]
+
+
+async def test_a_topic_created_beforehand_with_a_smaller_record_limit(cluster):
+    """The events topic was created beforehand with the broker's default max.message.bytes
+    (1 MiB, below RT_BUS_MAX_RECORD_BYTES): a change between the two is skipped with a
+    history_gap and the feed goes on. Before, Kafka refused it on every retry and the feed
+    stalled behind it (the rows after it never came)."""
+    import random
+    import string
+
+    from tests.harness.kafka import create_topics
+
+    await create_topics(cluster.env["RT_BUS_KAFKA_BOOTSTRAP"], [cluster.env["RT_BUS_TOPIC"]], partitions=3)
+    ingest = await cluster.ingest()
+    await ingest.wait_active()
+    node = await cluster.node()
+    async with ws_connect(node, "w1", token=node.token("w1")) as c:
+        await c.subscribe("postgres:orders")
+        await cluster.db.execute("INSERT INTO orders VALUES (1, 'small')")
+        got = [await c.recv(timeout=20)]
+        big = "".join(random.choices(string.ascii_letters, k=1_500_000))  # not compressible
+        await cluster.db.execute("INSERT INTO orders VALUES (2, $1)", big)
+        await cluster.db.execute("INSERT INTO orders VALUES (3, 'small')")
+        got += [await c.recv(timeout=20), await c.recv(timeout=20)]
+        await c.no_message(0.5)
+    assert [m.get("record", {}).get("id") for m in got if m["type"] == "event"] == [1, 3], got
+    (gap,) = [m for m in got if m["type"] == "error"]
+    assert gap["code"] == 4011 and gap["channel"] == "postgres:orders" and "max.message.bytes" in gap["message"], gap
+    (feed,) = (await ingest.status())["feeds"].values()
+    assert feed["oversized_skipped"] == 1, feed
+    assert "takes records up to" in ingest.logs()
