@@ -630,8 +630,10 @@ class KafkaBus:
     def _take(self, rec: BusRecord, event: Event, seq: int, deliver: Callable[[Event, int], int]) -> None:
         workspace = event.workspace
         if rec.operation == GAP:
-            held = self.hub.workspaces.get(workspace)
-            if held is None or seq > held.history.last_seq:
+            # Held or not: a history created later starts at its partition's floor, which may
+            # be before this record (one read at start), and must know of the loss.
+            held = self.hub.workspace(workspace)
+            if seq > held.history.last_seq:
                 self.hub.history_gap(workspace, rec.source, rec.body.decode("utf-8", "replace"), seq)
             return
         ws = self.hub.workspace(workspace)

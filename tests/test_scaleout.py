@@ -842,3 +842,42 @@ async def test_a_topic_created_beforehand_with_a_smaller_record_limit(cluster):
     (feed,) = (await ingest.status())["feeds"].values()
     assert feed["oversized_skipped"] == 1, feed
     assert "takes records up to" in ingest.logs()
+
+
+async def test_a_node_started_after_a_gap_record_reports_it(cluster):
+    """A node whose start-up window begins with a source's gap record, before any event of
+    that workspace, still tells a reader from before the loss: history_gap, then the events
+    after it. Before, the gap record of a workspace the node did not hold yet was dropped, the
+    workspace's history then started at the window's start, and the resume from just before
+    it got the events with no word of the loss."""
+    import msgspec
+    from aiokafka import AIOKafkaProducer
+
+    from rtcore.event import Event
+    from rtserver.bus_kafka import GAP, BusRecord, encode_event
+
+    def row(n: int) -> bytes:
+        body = json.dumps({"type": "event", "channel": "postgres:orders", "operation": "INSERT", "table": "orders",
+                           "schema": "public", "record": {"id": n}}).encode()
+        return encode_event(Event("w1", "postgres", "orders", "INSERT", {"id": n}, body))
+
+    topic = cluster.env["RT_BUS_TOPIC"]
+    first = await cluster.node()  # creates the topic
+    producer = AIOKafkaProducer(bootstrap_servers=cluster.env["RT_BUS_KAFKA_BOOTSTRAP"])
+    await producer.start()
+    try:
+        before = (await producer.send_and_wait(topic, row(1), key=b"w1")).offset + 1
+        gap = BusRecord("postgres", "", GAP, None, None, b"replication slot was lost")  # as publish_gap writes it
+        await producer.send_and_wait(topic, msgspec.msgpack.encode(gap), key=b"w1")
+        await producer.send_and_wait(topic, row(2), key=b"w1")
+    finally:
+        await producer.stop()
+    late = await cluster.node(RT_HISTORY_EVENTS="2")  # its window: the gap record and row 2
+    for gw in (first, late):
+        async with ws_connect(gw, "w1", token=gw.token("w1")) as c:
+            await c.send({"type": "subscribe", "channel": "postgres:orders", "since": before})
+            await c.recv_type("subscribed", timeout=20)
+            notice = await c.recv(timeout=20)
+            assert (notice["type"], notice.get("code"), notice["channel"]) == ("error", 4011, "postgres:orders"), notice
+            assert [e["record"]["id"] for e in await events(c, 1)] == [2]
+            await c.no_message(0.3)
