@@ -243,6 +243,7 @@ class KafkaPublisher:
         self._progress = 0.0  # monotonic time of the last acknowledgement (or of the first wait)
         self._was_available = True
         self._refused = False  # Kafka refused a record: the producer must be renewed (_renew)
+        self._grown = 0  # partition count of the topic once it had more than at start
         self._renewing = asyncio.Lock()
         self._renew_task: asyncio.Task | None = None
 
@@ -320,9 +321,23 @@ class KafkaPublisher:
                 available = client.cluster.available_partitions_for_topic(self.topic) or ()
                 if len(available) < self.partitions:
                     why = f"{self.partitions - len(available)} of {self.partitions} partitions have no leader"
+                self._check_partition_count(len(client.cluster.partitions_for_topic(self.topic) or ()))
             self._unreachable = why
             self._log_transition()
             await asyncio.sleep(_PROBE_INTERVAL)
+
+    def _check_partition_count(self, count: int) -> None:
+        """Partitions added to the live topic: this process keeps every workspace where it was
+        (enqueue pins the partition, nodes read the first self.partitions), but a process
+        started from now on would hash over `count` partitions. Said loudly, once."""
+        if count > self.partitions and count != self._grown:
+            self._grown = count
+            log.error("bus topic %s now has %d partitions, %d when this process started: this process keeps "
+                      "workspaces on their partitions, but one started now would move them (their seq would go "
+                      "back, nodes would disagree); bring the topic back to %d partitions (re-create it) before "
+                      "restarting any rtserver process", self.topic, count, self.partitions, self.partitions,
+                      extra={"fields": {"topic": self.topic, "partitions": count, "read": self.partitions,
+                                        "client": self.client_id}})
 
     def available(self) -> bool:
         """False while Kafka does not take records (see the class docstring)."""
@@ -350,7 +365,12 @@ class KafkaPublisher:
 
     def status(self) -> dict[str, Any]:
         problem = self.problem()
-        return {"connected": not problem, "waiting": self._waiting, "error": problem}
+        return {"connected": not problem, "waiting": self._waiting, "error": problem,
+                "partitions_added": self.partitions_added()}
+
+    def partitions_added(self) -> int:
+        """Partitions added to the topic since this process started (see _check_partition_count)."""
+        return self._grown - self.partitions if self._grown else 0
 
     def _settled(self, fut: asyncio.Future) -> None:
         self._waiting -= 1
@@ -378,7 +398,11 @@ class KafkaPublisher:
             raise RuntimeError(f"bus topic {self.topic}: publisher not started (workspace {workspace})")
         while True:
             try:
-                fut = await producer.send(self.topic, value, key=workspace.encode(), headers=headers)
+                # The partition of the count read at start, not the producer's current one: a
+                # partition added to the live topic would move the workspace where no node reads
+                # and its seq would go back (_watch says so).
+                fut = await producer.send(self.topic, value, key=workspace.encode(), headers=headers,
+                                          partition=partition_for(workspace, self.partitions))
                 break
             except KafkaTimeoutError:
                 # The batch stayed full for aiokafka's request timeout (120 s) and this record was
@@ -686,6 +710,7 @@ class KafkaBus:
             "delivered": self._delivered,
             "published": self.publisher.published,
             "last_error": self._broken or problem or self._last_error,
+            "partitions_added": self.publisher.partitions_added(),
         }
 
     def _gauges(self) -> list[tuple[str, str, dict[str, Any], float]]:

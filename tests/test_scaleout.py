@@ -881,3 +881,37 @@ async def test_a_node_started_after_a_gap_record_reports_it(cluster):
             assert (notice["type"], notice.get("code"), notice["channel"]) == ("error", 4011, "postgres:orders"), notice
             assert [e["record"]["id"] for e in await events(c, 1)] == [2]
             await c.no_message(0.3)
+
+
+async def test_partitions_added_to_the_live_topic_move_no_workspace(cluster):
+    """An operator adds partitions to the live events topic (the docs say never): running
+    processes keep every workspace on its partition, so the events still reach the nodes with
+    seq going up, and each says loudly what a restart would do. Before, the producer hashed over
+    the new count: most workspaces' events went to partitions no node reads (lost, the publish
+    answered 202 with a seq that went back)."""
+    from contextlib import AsyncExitStack
+
+    from aiokafka.admin import AIOKafkaAdminClient, NewPartitions
+
+    node = await cluster.node()
+    workspaces = [f"w{i}" for i in range(1, 9)]
+    first = {w: (await node.publish(w, "x", {"n": 0}))["seq"] for w in workspaces}
+    admin = AIOKafkaAdminClient(bootstrap_servers=cluster.env["RT_BUS_KAFKA_BOOTSTRAP"])
+    await admin.start()
+    try:
+        await admin.create_partitions({cluster.env["RT_BUS_TOPIC"]: NewPartitions(total_count=12)})
+    finally:
+        await admin.close()
+    while json.loads((await node.get("/readyz"))[1])["bus"]["partitions_added"] != 9:
+        await asyncio.sleep(0.2)  # the node's metadata watch has seen them
+    async with AsyncExitStack() as stack:
+        clients = {w: await stack.enter_async_context(ws_connect(node, w, token=node.token(w))) for w in workspaces}
+        for c in clients.values():
+            await c.subscribe("events:x")
+        second = {w: (await node.publish(w, "x", {"n": 1}))["seq"] for w in workspaces}
+        for w, c in clients.items():
+            (ev,) = await events(c, 1)
+            assert (ev["payload"], ev["seq"]) == ({"n": 1}, second[w]), w
+            await c.no_message(0.1)
+    assert all(second[w] > first[w] for w in workspaces), (first, second)
+    assert "now has 12 partitions, 3 when this process started" in node.logs()
