@@ -467,6 +467,7 @@ class KafkaBus:
         self._broken = ""  # why this node cannot serve right until it restarts (_out_of_range)
         self._delivered = 0
         self._read_backs = asyncio.Semaphore(_MAX_CONCURRENT_READ_BACKS)
+        self._progressed = asyncio.Event()  # set after each batch the consumer delivered (catch_up)
         self._stopping: set[asyncio.Task] = set()
         # A workspace history created on this node starts at its partition's floor, not at the
         # wall clock (seq is a Kafka offset here).
@@ -604,6 +605,9 @@ class KafkaBus:
                     except Exception:  # noqa: BLE001 - one record must not stop this node's only consumer
                         log.exception("bus record could not be delivered; skipped",
                                       extra={"fields": record_fields(self.topic, tp.partition, r.offset, r.key)})
+            if batches:
+                self._progressed.set()
+                self._progressed = asyncio.Event()
             # getmany returns buffered records without suspending: while catching up, let the
             # connections, health checks and upgrades in between batches, and wait while the
             # writes to clients are behind (the topic keeps what is not read yet).
@@ -728,6 +732,34 @@ class KafkaBus:
         return rows
 
     # -- resume from Kafka -----------------------------------------------------------------
+
+    def behind(self, workspace: str, since: int) -> bool:
+        """True when a client's `since` (seen on another node, say) is past what this node has
+        read of the workspace's partition."""
+        if not self._floor:
+            return False
+        return self._next[partition_for(workspace, len(self._floor))] < since
+
+    async def catch_up(self, workspace: str, since: int, cancelled: Callable[[], bool]) -> None:
+        """Wait until this node has delivered the workspace's records up to seq `since`, when
+        the topic has them (a `since` the topic never had is not waited for); returns without
+        yielding after its last check of behind()."""
+        from aiokafka import TopicPartition
+
+        consumer = self._consumer
+        if consumer is None or not self.behind(workspace, since):
+            return
+        tp = TopicPartition(self.topic, partition_for(workspace, len(self._floor)))
+        try:
+            end = (await consumer.end_offsets([tp]))[tp]
+        except Exception as exc:  # noqa: BLE001 - Kafka away: the wait below is bounded by it
+            log.warning("bus: end offset unknown: %s", exc, extra={"fields": {"topic": self.topic, "workspace": workspace}})
+            end = since
+        if end < since:
+            return  # a position this topic never had (another deployment's): nothing to wait for
+        while self.behind(workspace, since) and not cancelled() and self._task is not None and not self._task.done():
+            with contextlib.suppress(TimeoutError):  # now and then: the connection may have closed
+                await asyncio.wait_for(self._progressed.wait(), 1.0)
 
     def can_read_back(self, workspace: str, since: int) -> bool:
         """True when the records after `since` that this node's memory lacks may be in Kafka."""

@@ -728,9 +728,13 @@ class Connection(WSListener):
         """
         ws = self.workspace
         assert ws is not None
+        bus = self.gw.bus
+        if getattr(bus, "behind", None) is not None and bus.behind(ws.id, since):
+            for sub in subs:
+                self.gw.hub.remove(ws, sub)  # held back: what this node delivers next, the client has
+            return self._replay_after_catching_up(subs, since)
         replay = ws.history.since(since)
         self._charge_replay(len(replay.entries))
-        bus = self.gw.bus
         if replay.gap and getattr(bus, "can_read_back", None) is not None and bus.can_read_back(ws.id, since):
             for sub in subs:
                 self.gw.hub.remove(ws, sub)  # held back from the live stream until the read-back is done
@@ -781,6 +785,26 @@ class Connection(WSListener):
         tail = ws.history.since(upto)
         self._charge_replay(len(tail.entries))
         pending = self._replay_entries(live, upto, tail)
+        if pending is not None:
+            await pending
+
+    async def _replay_after_catching_up(self, subs: list[Subscription], since: int) -> None:
+        """The client has seen events up to `since` on another node that this one has not read
+        yet (Kafka bus: nodes read at their own pace). Live, they would reach the client again,
+        seq going back: the subscriptions stay out of the index until this node has read up to
+        `since` (bus.catch_up returns without yielding once it has), then the memory replay
+        and re-indexing run in the same step."""
+        ws = self.workspace
+        assert ws is not None
+        await self.gw.bus.catch_up(ws.id, since, lambda: self.closed)
+        if self.closed or self.workspace is not ws:
+            return
+        live = self._still_subscribed(subs)
+        for sub in live:
+            self.gw.hub.add(ws, sub)
+        replay = ws.history.since(since)
+        self._charge_replay(len(replay.entries))
+        pending = self._replay_entries(live, since, replay)
         if pending is not None:
             await pending
 

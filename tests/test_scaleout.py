@@ -915,3 +915,42 @@ async def test_partitions_added_to_the_live_topic_move_no_workspace(cluster):
             await c.no_message(0.1)
     assert all(second[w] > first[w] for w in workspaces), (first, second)
     assert "now has 12 partitions, 3 when this process started" in node.logs()
+
+
+async def test_resume_on_a_node_behind_the_client_sends_nothing_twice(cluster):
+    """A client that saw events on node A subscribes with `since` on node B, which has not read
+    that far yet (frozen here behind a burst in the same partition): B sends only what follows
+    `since`, seq going up. Before, the subscription went live at once and B then delivered the
+    events the client had already seen, seq going back."""
+    from aiokafka import AIOKafkaProducer
+
+    from rtcore.event import Event
+    from rtserver.bus_kafka import encode_event, partition_for
+
+    assert partition_for("w3", 3) == partition_for("w1", 3)
+    a, b = await cluster.node(), await cluster.node(RT_BUS_MAX_LAG="1000000")
+    burst = encode_event(Event("w3", "events", "burst", "PUBLISH", None, b'{"channel":"events:burst"}'))
+    producer = AIOKafkaProducer(bootstrap_servers=cluster.env["RT_BUS_KAFKA_BOOTSTRAP"], linger_ms=20,
+                                max_batch_size=1 << 20)
+    await producer.start()
+    try:
+        async with ws_connect(a, "w1", token=a.token("w1")) as ca, ws_connect(b, "w1", token=b.token("w1")) as cb:
+            await ca.subscribe("events:x")
+            os.kill(b.proc.pid, signal.SIGSTOP)
+            try:
+                for _ in range(50_000):  # w1's events below come after it in their partition
+                    await producer.send(cluster.env["RT_BUS_TOPIC"], burst, key=b"w3")
+                await producer.flush()
+                for n in (1, 2, 3):
+                    await a.publish("w1", "x", {"n": n})
+                seen = await events(ca, 3)
+                await cb.send({"type": "subscribe", "channel": "events:x", "since": seen[-1]["seq"]})
+            finally:
+                os.kill(b.proc.pid, signal.SIGCONT)
+            await cb.recv_type("subscribed", timeout=20)
+            await a.publish("w1", "x", {"n": 4})
+            got = await events(cb, 1, timeout=30)
+            await cb.no_message(0.5)
+    finally:
+        await producer.stop()
+    assert [(e["payload"]["n"], e["seq"] > seen[-1]["seq"]) for e in got] == [(4, True)], got
