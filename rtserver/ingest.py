@@ -144,7 +144,14 @@ class SourceSink:
         got (PostgresSource._record_part): that drain must not pass for records that were not
         confirmed. So a cancelled drain leaves its records counted (asyncio.wait does not
         cancel them), and after a failure every drain raises until the source publishes again
-        (having started over from its last recorded position)."""
+        (having started over from its last recorded position).
+
+        It also waits for the gap records announced so far: a skipped change (too large, not
+        convertible) has no record of its own, and acknowledging it upstream before its gap
+        record is in Kafka would lose the loss itself with a stopped ingest."""
+        gaps = set(self._gaps)
+        if gaps:
+            await asyncio.wait(gaps)  # retried until Kafka has them; a cancellation leaves them be
         in_flight = self._in_flight
         if in_flight:
             await asyncio.wait(in_flight)

@@ -954,3 +954,36 @@ async def test_resume_on_a_node_behind_the_client_sends_nothing_twice(cluster):
     finally:
         await producer.stop()
     assert [(e["payload"]["n"], e["seq"] > seen[-1]["seq"]) for e in got] == [(4, True)], got
+
+
+async def test_a_gap_announced_while_kafka_is_down_survives_an_ingest_restart(cluster, kafka_broker):
+    """A change the ingest must skip (too large for the topic) while Kafka is down: its gap
+    record waits for Kafka, and so does the feed's position, so an ingest stopped meanwhile
+    leaves the change to be read (and announced) again. Before, the feed acknowledged the
+    skipped change at once (nothing of it waited for Kafka), the gap record was lost with the
+    stopped ingest, and the subscribers never heard of the loss."""
+    cluster.env["RT_BUS_MAX_RECORD_BYTES"] = "65536"
+    first = await cluster.ingest()
+    await first.wait_active()
+    node = await cluster.node()
+    async with ws_connect(node, "w1", token=node.token("w1")) as c:
+        await c.subscribe("postgres:orders")
+        await cluster.db.execute("INSERT INTO orders VALUES (1, 'small')")
+        got = await events(c, 1)
+        await kafka_broker.astop()
+        try:
+            await cluster.db.execute("INSERT INTO orders VALUES (2, $1)", "x" * 100_000)
+            while not any(f["oversized_skipped"] for f in (await first.status())["feeds"].values()):
+                await asyncio.sleep(0.1)
+            await first.stop()
+            assert first.proc.returncode == 0, first.logs()
+        finally:
+            await kafka_broker.astart()
+        second = await cluster.ingest()
+        await second.wait_active(timeout=60)
+        await cluster.db.execute("INSERT INTO orders VALUES (3, 'small')")
+        while got[-1].get("record", {}).get("id") != 3:
+            got.append(await c.recv(timeout=30))
+        await c.no_message(0.5)
+    assert [(m["type"], m.get("code"), m.get("record", {}).get("id")) for m in got] == [
+        ("event", None, 1), ("error", 4011, None), ("event", None, 3)], got
