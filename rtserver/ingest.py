@@ -63,12 +63,9 @@ class SourceSink:
         # database -> (resume token, {partition: events after it}).
         self.done = done
         self.mongo_done = mongo_done or {}
-        self._token: bytes | None = None
         self.skipped = 0
         self.oversized = 0  # records over bus.max_record_bytes, skipped (_oversized)
-        self._lsn = -1
-        self._tx = -1
-        self._count = 0
+        self._count = 0  # the source's number of the event in hand within its transaction (change)
         self._gaps: set[asyncio.Task] = set()
         # Records handed to the producer and not yet acknowledged by Kafka: the source calls
         # drain() before it acknowledges its upstream position, so batching costs no safety.
@@ -81,14 +78,13 @@ class SourceSink:
         src = self.source
         if self.kind == "postgres" and src is not None:
             # The source records a transaction's commit LSN only after all its events are
-            # published: (that LSN, n-th event since, commit LSN of this event's transaction)
-            # names each event across processes. The transaction's own LSN says whether the
-            # slot delivers the same one again: a slot acknowledged past it (a clean stop does
-            # that) delivers the next transaction, which also follows the published LSN.
+            # published: (that LSN, n-th event of the transaction after it, commit LSN of that
+            # transaction) names each event across processes. The transaction's own LSN says
+            # whether the slot delivers the same one again: a slot acknowledged past it (a
+            # clean stop does that) delivers the next transaction, which also follows the
+            # published LSN. The source numbers the events (the same on every reading).
             lsn, tx = src.published_lsn, src.publishing_lsn
-            if (lsn, tx) != (self._lsn, self._tx):
-                self._lsn, self._tx, self._count = lsn, tx, 0
-            self._count += 1
+            self._count = src.publishing_event
             done = self.done.get(src.slot)
             if done is not None and done[0] == lsn and done[1] in (-1, tx) and self._in_kafka(event, done[2]):
                 self.skipped += 1
@@ -96,11 +92,10 @@ class SourceSink:
             headers = [(POSITION_HEADER, f"{src.slot}|{lsn}|{self._count}|{tx}".encode())]
         elif self.kind == "mongo" and src is not None:
             # The token is the one acknowledged before the change in hand (a change fans out
-            # to one event per workspace); a fresh stream has none until its first batch.
+            # to one event per workspace, numbered by the source); a fresh stream has none
+            # until its first batch.
             token = src.published_token
-            if token != self._token:
-                self._token, self._count = token, 0
-            self._count += 1
+            self._count = src.publishing_event
             done = self.mongo_done.get(src.database)
             if token is not None and done is not None and done[0] == token and self._in_kafka(event, done[1]):
                 self.skipped += 1

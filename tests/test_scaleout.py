@@ -987,3 +987,54 @@ async def test_a_gap_announced_while_kafka_is_down_survives_an_ingest_restart(cl
         await c.no_message(0.5)
     assert [(m["type"], m.get("code"), m.get("record", {}).get("id")) for m in got] == [
         ("event", None, 1), ("error", 4011, None), ("event", None, 3)], got
+
+
+async def test_a_takeover_after_a_transaction_was_read_again_skips_only_what_kafka_has(cluster):
+    """A feed reads a transaction again after Kafka refused one of its records (each attempt
+    publishing its first row again); the ingest is killed, the limit raised, a standby takes
+    over. The position headers number each event within its transaction, the same on every
+    attempt, so the new holder skips the first row (in Kafka) and publishes the second. Before,
+    the count went on across attempts (the second attempt's first row was the 3rd), and the new
+    holder skipped the never-written second row as well: lost."""
+    import random
+    import string
+
+    from aiokafka.admin import AIOKafkaAdminClient
+    from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+    from rtserver.bus_kafka import RECORD_OVERHEAD
+
+    first = await cluster.ingest()
+    await first.wait_active()
+    node = await cluster.node()
+    admin = AIOKafkaAdminClient(bootstrap_servers=cluster.env["RT_BUS_KAFKA_BOOTSTRAP"])
+    await admin.start()
+
+    async def limit(size: int) -> None:
+        await admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, cluster.env["RT_BUS_TOPIC"],
+                                                  configs={"max.message.bytes": str(size)})])
+
+    try:
+        async with ws_connect(node, "w1", token=node.token("w1")) as c:
+            await c.subscribe("postgres:orders")
+            await cluster.db.execute("INSERT INTO orders VALUES (0, 'small')")
+            got = await events(c, 1)
+            await limit(1_000_000)
+            big = "".join(random.choices(string.ascii_letters, k=1_500_000))  # not compressible
+            async with cluster.db.transaction():
+                await cluster.db.execute("INSERT INTO orders VALUES (1, 'small')")
+                await cluster.db.execute("INSERT INTO orders VALUES (2, $1)", big)
+            while first.logs().count('"msg":"postgres source: ') < 2:  # two attempts refused
+                await asyncio.sleep(0.2)
+            await first.stop(signal.SIGKILL)
+            await limit(4 * 1024 * 1024 + RECORD_OVERHEAD)
+            second = await cluster.ingest()
+            await second.wait_active()
+            await cluster.db.execute("INSERT INTO orders VALUES (3, 'small')")
+            while got[-1]["record"]["id"] != 3:
+                got += await events(c, 1)
+            await c.no_message(0.5)
+    finally:
+        await admin.close()
+    ids = [e["record"]["id"] for e in got]
+    assert ids[0] == 0 and ids[-2:] == [2, 3] and set(ids[1:-2]) == {1}, ids  # row 1 once per attempt

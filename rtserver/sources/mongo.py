@@ -228,6 +228,7 @@ class MongoSource:
         self._collections_lock = asyncio.Lock()
         self._events = 0  # changes published
         self._published = 0  # events published (a change is one per workspace it feeds)
+        self._publishing_event = 0  # index of the event being published within its change
         self._history_lost = 0
         self._skipped = 0  # changes that could not be converted (_unconvertible)
         self._last_error = ""
@@ -267,6 +268,12 @@ class MongoSource:
                         extra={"fields": {"database": self.database, "error": type(exc).__name__}})
             with contextlib.suppress(Exception):
                 await client._topology.close()  # stop the driver's monitors all the same
+
+    @property
+    def publishing_event(self) -> int:
+        """1-based index, within its change, of the event being handed to the sink: the same
+        each time the change is read after the same token, however often the feed started over."""
+        return self._publishing_event
 
     @property
     def published_token(self) -> bytes | None:
@@ -531,7 +538,8 @@ class MongoSource:
     async def _publish(self, events: list[Event]) -> None:
         self._publishing = True
         try:
-            for event in events:
+            for i, event in enumerate(events, 1):
+                self._publishing_event = i
                 await self._sink.publish(event)
                 self._published += 1
                 if self._published % YIELD_EVERY == 0:

@@ -162,6 +162,7 @@ class PostgresSource:
         self._acked_lsn = 0
         self._published_lsn = 0
         self._publishing_lsn = 0
+        self._publishing_event = 0
         self._events = 0
         self._transactions = 0
         self._duplicates = 0
@@ -245,6 +246,13 @@ class PostgresSource:
     def publishing_lsn(self) -> int:
         """Commit LSN of the transaction whose events are being handed to the sink."""
         return self._publishing_lsn
+
+    @property
+    def publishing_event(self) -> int:
+        """1-based index, within its transaction, of the event being handed to the sink: the
+        same each time the transaction is read (change index x targets), however often the
+        feed started over."""
+        return self._publishing_event
 
     def status(self) -> dict[str, Any]:
         streams = self._streams
@@ -768,7 +776,9 @@ class PostgresSource:
             # key-only old tuple would look like a row that did not match)
             old = change.old if change.operation == "UPDATE" and change.old_kind == "O" else None
             turn = False
-            for ws in targets:
+            first = (tx.index - 1) * len(targets)
+            for i, ws in enumerate(targets, 1):
+                self._publishing_event = first + i
                 await self.sink.publish(Event(ws, "postgres", entity, change.operation, record, body, old))
                 self._events += 1
                 turn = turn or self._events % YIELD_EVERY == 0
