@@ -472,6 +472,7 @@ class KafkaBus:
         # A workspace history created on this node starts at its partition's floor, not at the
         # wall clock (seq is a Kafka offset here).
         hub.history_floor = self._history_floor
+        hub.retired_floor = self._history_floor
         metrics.add_gauges(self._gauges)
 
     # -- EventBus --------------------------------------------------------------------------
@@ -633,8 +634,9 @@ class KafkaBus:
             if fetched < first:
                 reason = (f"records {fetched}..{first - 1} of partition {p} of bus topic {self.topic} were deleted "
                           "(retention) before this node read them")
-                hit = self.hub.stream_lost(lambda wid, p=p: partition_for(wid, n) == p, first, reason)
-                self._floor[p] = max(self._floor[p], first)  # where a history created from now on starts
+                # First: where a history created, or brought back from retirement, from now on starts.
+                self._floor[p] = max(self._floor[p], first)
+                hit = await self.hub.stream_lost(lambda wid, p=p: partition_for(wid, n) == p, first, reason)
                 log.error("bus: events lost to this node: %s", reason, extra={"fields": {**fields, "workspaces": hit}})
             else:
                 # Fewer records than this node read already: the topic was deleted and created

@@ -258,6 +258,9 @@ class Hub:
         # Where a new workspace's history starts vouching for positions (None: the wall clock,
         # as for the hybrid logical clock). The Kafka bus sets it: there seq is a topic offset.
         self.history_floor: Callable[[str], int | None] | None = None
+        # Where a workspace back from retirement starts vouching at the earliest (the Kafka bus:
+        # after events its partition lost while it was retired, KafkaBus._out_of_range).
+        self.retired_floor: Callable[[str], int | None] | None = None
         # Whether every event of a workspace reaches deliver() even while the workspace is not
         # in memory (no change feed fans out to "every known workspace"): only such a
         # workspace may be retired when idle (the gateway sets it; default: never).
@@ -273,6 +276,8 @@ class Hub:
             ws = self.workspaces[wid] = Workspace(wid, self.cfg, self.history_budget)
             position = self._retired.pop(wid, None)
             if position is not None:
+                if self.retired_floor is not None:
+                    position = max(position, self.retired_floor(wid) or 0)
                 # Back from retirement: every event since went through deliver(), which brings
                 # the workspace back first, so nothing after `position` was missed.
                 ws.history.floor = ws.history.last_seq = position
@@ -512,15 +517,17 @@ class Hub:
                     conn.send_error(4011, f"{source} changes may have been lost: {reason}", channel=sub.spec.channel, oldest=oldest)
                     self.metrics.history_gaps += 1
 
-    def stream_lost(self, covers: Callable[[str], bool], upto: int, reason: str) -> int:
+    async def stream_lost(self, covers: Callable[[str], bool], upto: int, reason: str) -> int:
         """The events up to position `upto` of the workspaces `covers` names were lost before
         this node read them (the Kafka bus: deleted by retention while the node was behind).
         Their subscribers get history_gap now, and their histories vouch only for what follows,
-        so a reader from before the loss gets history_gap later too; a retired workspace comes
-        back from `upto` on. Returns how many workspaces held here were hit."""
+        so a reader from before the loss gets history_gap later too (histories created or
+        brought back from retirement meanwhile start after it: history_floor, retired_floor).
+        A pass over every workspace held, a turn of the loop between chunks (in_turns).
+        Returns how many workspaces held here were hit."""
         hit = 0
-        for ws in list(self.workspaces.values()):
-            if not covers(ws.id):
+        async for ws in in_turns(list(self.workspaces.values())):
+            if self.workspaces.get(ws.id) is not ws or not covers(ws.id):
                 continue
             hit += 1
             if ws.history.floor < upto:
@@ -530,9 +537,6 @@ class Hub:
                     conn.send_error(4011, f"events may have been lost: {reason}", channel=sub.spec.channel,
                                     oldest=upto + 1)
                     self.metrics.history_gaps += 1
-        for wid, position in list(self._retired.items()):
-            if position < upto and covers(wid):
-                self._retired[wid] = upto
         return hit
 
     def trim_histories(self) -> None:
