@@ -473,6 +473,8 @@ class KafkaBus:
         # wall clock (seq is a Kafka offset here).
         hub.history_floor = self._history_floor
         hub.retired_floor = self._history_floor
+        hub.on_forgotten = self._forgot
+        self._forgotten: dict[int, int] = {}  # partition -> highest position of a forgotten retired workspace
         metrics.add_gauges(self._gauges)
 
     # -- EventBus --------------------------------------------------------------------------
@@ -676,8 +678,18 @@ class KafkaBus:
         if not self._floor:
             return None
         # Everything after the partition position this node started from passes through
-        # this history.
-        return self._floor[partition_for(wid, len(self._floor))]
+        # this history, unless an earlier history of the workspace was retired and forgotten.
+        p = partition_for(wid, len(self._floor))
+        return max(self._floor[p], self._forgotten.get(p, 0))
+
+    def _forgot(self, wid: str, position: int) -> None:
+        """The hub forgot a retired workspace's position (MAX_RETIRED): what it had seen up to
+        `position` a new history cannot vouch for, and which workspace it was no longer shows,
+        so every history of that partition created from now on starts there at the lowest."""
+        if self._floor:
+            p = partition_for(wid, len(self._floor))
+            if position > self._forgotten.get(p, 0):
+                self._forgotten[p] = position
 
     # -- health ----------------------------------------------------------------------------
 

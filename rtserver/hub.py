@@ -261,6 +261,10 @@ class Hub:
         # Where a workspace back from retirement starts vouching at the earliest (the Kafka bus:
         # after events its partition lost while it was retired, KafkaBus._out_of_range).
         self.retired_floor: Callable[[str], int | None] | None = None
+        # Called with a retired workspace and its position when MAX_RETIRED drops them: the
+        # Kafka bus then starts later histories of that partition no lower (a workspace's new
+        # history must not vouch for what its old one saw and forgot).
+        self.on_forgotten: Callable[[str, int], None] | None = None
         # Whether every event of a workspace reaches deliver() even while the workspace is not
         # in memory (no change feed fans out to "every known workspace"): only such a
         # workspace may be retired when idle (the gateway sets it; default: never).
@@ -326,7 +330,9 @@ class Hub:
         h = ws.history
         self._retired[ws.id] = max(h.last_seq, h.floor)
         while len(self._retired) > MAX_RETIRED:
-            self._retired.popitem(last=False)
+            wid, position = self._retired.popitem(last=False)
+            if self.on_forgotten is not None:
+                self.on_forgotten(wid, position)
 
     # ---- the hot path ------------------------------------------------------------------
 

@@ -1038,3 +1038,45 @@ async def test_a_takeover_after_a_transaction_was_read_again_skips_only_what_kaf
         await admin.close()
     ids = [e["record"]["id"] for e in got]
     assert ids[0] == 0 and ids[-2:] == [2, 3] and set(ids[1:-2]) == {1}, ids  # row 1 once per attempt
+
+
+async def test_a_workspace_forgotten_in_retirement_resumes_without_a_silent_loss(kafka_broker, tmp_path, monkeypatch):
+    """A node keeps the position of at most MAX_RETIRED retired workspaces (1 here, 1,000,000
+    in production); a workspace whose position it forgot starts a new history. On a Kafka node
+    that history started at the partition position the node started from: a reader who saw
+    the workspace's first event and missed its second got nothing, no history_gap. Now a
+    forgotten position raises the floor of later histories of its partition: the resume reads
+    the missed event back from Kafka (in process: the test waits on the hub's retirements)."""
+    from rtserver import hub as hub_module
+    from rtserver.app import Gateway
+    from tests.test_churn import Addr, Publisher, _cfg, _token
+
+    monkeypatch.setattr(hub_module, "MAX_RETIRED", 1)
+    gw = Gateway(_cfg(tmp_path, RT_BUS="kafka", RT_BUS_KAFKA_BOOTSTRAP=kafka_broker.bootstrap,
+                      RT_BUS_TOPIC=f"rt.events.{uuid.uuid4().hex[:8]}", RT_BUS_PARTITIONS="1",
+                      RT_HISTORY_SECONDS="0.5"))
+    await gw.start()
+    pub = Publisher(gw.port)
+
+    async def until(condition) -> None:
+        while not condition():
+            await asyncio.sleep(0.05)
+
+    try:
+        await until(gw.bus.ready)
+        seen = await pub.publish("w1", "x", {"n": 0})
+        missed = await pub.publish("w1", "x", {"n": 1})
+        await until(lambda: gw.bus.status()["delivered"] == 2)
+        await until(lambda: gw.hub.workspaces.get("w1") is None)  # retired (idle, history expired)
+        await pub.publish("w2", "x", {"n": 0})
+        await until(lambda: gw.bus.status()["delivered"] == 3)
+        await until(lambda: gw.hub.workspaces.get("w2") is None)  # retired: w1's position forgotten
+        async with ws_connect(Addr(gw), "w1", token=_token(["w1"], "u")) as c:
+            await c.send({"type": "subscribe", "channel": "events:x", "since": seen})
+            await c.recv_type("subscribed", timeout=20)
+            got = await c.recv_event(20)
+            await c.no_message(0.3)
+        assert (got["seq"], got["payload"]) == (missed, {"n": 1})
+    finally:
+        await pub.close()
+        await gw.shutdown()
