@@ -24,8 +24,10 @@ _SEGMENT_RE = re.compile(r"^(\d{20})\.jsonl$")
 _FIRST_SEGMENT = 10**15
 
 
-class SpoolError(Exception):
-    """The spool directory cannot be used (unwritable, or held by another process)."""
+class SpoolError(RuntimeError):
+    """The spool directory cannot be used (unwritable, unreadable, or held by another process).
+
+    A RuntimeError: `rtserver serve` reports those as a one-line start-up failure (exit 2)."""
 
 
 class Spool:
@@ -47,19 +49,27 @@ class Spool:
 
     def open(self) -> None:
         """Create the directory, take its lock and index the segments left by a previous run."""
+        where = f"audit spool {self.directory} (audit.spool_dir)"
         try:
             os.makedirs(self.directory, mode=0o700, exist_ok=True)
             self._lock_fh = open(os.path.join(self.directory, ".lock"), "a+b")
         except OSError as exc:
-            raise SpoolError(f"audit spool {self.directory}: {exc.strerror or exc}") from None
+            raise SpoolError(f"{where}: {exc.strerror or exc}") from None
         try:
             fcntl.flock(self._lock_fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             self._lock_fh.close()
             self._lock_fh = None
             raise SpoolError(
-                f"audit spool {self.directory}: in use by another process (give each node its own state_dir)"
+                f"{where}: in use by another process (give each node its own state_dir)"
             ) from None
+        try:
+            self._index()
+        except OSError as exc:
+            raise SpoolError(f"{where}: {exc.filename or self.directory}: {exc.strerror or exc}") from None
+
+    def _index(self) -> None:
+        """Count the segments a previous run left (records and bytes), drop its leftovers."""
         for name in os.listdir(self.directory):
             path = os.path.join(self.directory, name)
             if name.endswith(".tmp"):

@@ -180,3 +180,25 @@ async def test_second_signal_ends_a_stuck_drain_at_once(gateway_factory):
     assert time.monotonic() - t0 < 3
     assert "did not stop cleanly (a second signal)" in gw.logs()
     ws.transport.abort()
+
+
+def test_unusable_audit_spool_is_one_line(tmp_path):
+    """An audit spool the gateway cannot use (a file in the way, or another process holding its
+    lock) is a one-line start-up error naming audit.spool_dir, exit 2: no traceback."""
+    from rtserver.audit_spool import Spool
+
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")
+    held = Spool(str(tmp_path / "held"), 1 << 20)
+    held.open()  # as a second gateway sharing the spool would
+    try:
+        for spool_dir, why in ((blocked / "spool", "Not a directory"), (tmp_path / "held", "in use by another process")):
+            env = {"RT_KAFKA_BOOTSTRAP": "127.0.0.1:9", "RT_AUDIT_SPOOL_DIR": str(spool_dir),
+                   "RT_PORT": str(free_port())}  # the spool opens before any Kafka connection
+            out = _run(["serve"], env, cwd=str(tmp_path))
+            problems = [line for line in out.stderr.splitlines() if not line.startswith("{")]
+            assert out.returncode == 2 and len(problems) == 1, out.stderr
+            assert problems[0].startswith(f"rtserver: audit spool {spool_dir} (audit.spool_dir): {why}"), out.stderr
+            assert "Traceback" not in out.stderr
+    finally:
+        held.close()
