@@ -136,14 +136,19 @@ class Gateway:
                 raise RuntimeError(
                     f"server.tls_cert/tls_key: cannot load ({exc}); the key must not be passphrase-protected"
                 ) from None
-        self._server = await loop.create_server(
-            lambda: http.FrontProtocol(self),
-            host=cfg.server.host,
-            port=cfg.server.port,
-            ssl=ctx,
-            backlog=4096,
-            reuse_address=True,
-        )
+        try:
+            self._server = await loop.create_server(
+                lambda: http.FrontProtocol(self),
+                host=cfg.server.host,
+                port=cfg.server.port,
+                ssl=ctx,
+                backlog=4096,
+                reuse_address=True,
+            )
+        except OSError as exc:
+            # Said here, where it is known to be the listener: other start-up steps fail with
+            # OSErrors of their own (a state file), which the CLI reports by their file name.
+            raise RuntimeError(f"cannot listen on {cfg.server.host}:{cfg.server.port}: {exc.strerror or exc}") from None
         self.port = self._server.sockets[0].getsockname()[1]
         self._sweeper = asyncio.ensure_future(self._sweep())
         if cfg.server.gc_freeze:

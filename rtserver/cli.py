@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable
 
 from rtserver import __version__
 from rtserver.config import WORKSPACE_ID_RE, ConfigError, config_table_markdown, load
@@ -90,19 +89,23 @@ def _token(cfg, args) -> int:
 def _ingest(cfg) -> int:
     from rtserver.ingest import run
 
-    return _run_loop(cfg, run, "rtserver ingest", lambda exc: str(exc))
+    return _run_loop(cfg, run, "rtserver ingest")
 
 
 def _serve(cfg) -> int:
     from rtserver.app import serve
 
-    return _run_loop(
-        cfg, serve, "rtserver",
-        lambda exc: f"cannot listen on {cfg.server.host}:{cfg.server.port}: {exc.strerror}",
-    )
+    return _run_loop(cfg, serve, "rtserver")
 
 
-def _run_loop(cfg, main, label: str, os_error: Callable[[OSError], str]) -> int:
+def _os_error(exc: OSError) -> str:
+    """An OSError no start-up step explained, with the file it is about when it names one."""
+    if exc.filename is not None and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}"
+    return str(exc)
+
+
+def _run_loop(cfg, main, label: str) -> int:
     """Run `main(cfg)` on uvloop with structured logs; a start-up failure is one line, exit 2."""
     import uvloop
 
@@ -117,7 +120,7 @@ def _run_loop(cfg, main, label: str, os_error: Callable[[OSError], str]) -> int:
         return uvloop.run(main(cfg))
     except OSError as exc:
         logs.flush()
-        print(f"{label}: {os_error(exc)}", file=sys.stderr)
+        print(f"{label}: {_os_error(exc)}", file=sys.stderr)
         return 2
     except RuntimeError as exc:
         logs.flush()

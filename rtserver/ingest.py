@@ -244,7 +244,11 @@ class Ingest:
         )
         await self.lease.start()
         if self.cfg.bus.ingest_port:
-            self._server = await asyncio.start_server(self._http, self.cfg.server.host, self.cfg.bus.ingest_port)
+            host, port = self.cfg.server.host, self.cfg.bus.ingest_port
+            try:
+                self._server = await asyncio.start_server(self._http, host, port)
+            except OSError as exc:
+                raise RuntimeError(f"cannot listen on {host}:{port} (bus.ingest_port): {exc.strerror or exc}") from None
         log.info("ingest started; waiting for the lease", extra={"fields": {
             "topic": self.cfg.bus.topic, "bootstrap": bootstrap_of(self.cfg), "feeds": len(self.plan), "node": self.node}})
 

@@ -202,3 +202,25 @@ def test_unusable_audit_spool_is_one_line(tmp_path):
             assert "Traceback" not in out.stderr
     finally:
         held.close()
+
+
+def test_start_up_errors_say_what_failed(tmp_path):
+    """A port in use says so; a state file the gateway cannot read says which file, not that the
+    port could not be listened on."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = _run(["serve"], {"RT_PORT": str(port), "RT_STATE_DIR": str(tmp_path / "a")}, cwd=str(tmp_path))
+    problems = [line for line in out.stderr.splitlines() if not line.startswith("{")]
+    assert out.returncode == 2 and len(problems) == 1, out.stderr
+    assert problems[0].startswith(f"rtserver: cannot listen on 127.0.0.1:{port}: "), out.stderr
+
+    state = tmp_path / "b"
+    (state / "sessions.json").mkdir(parents=True)  # in the way of the sessions saved at shutdown
+    out = _run(["serve"], {"RT_PORT": str(free_port()), "RT_STATE_DIR": str(state)}, cwd=str(tmp_path))
+    problems = [line for line in out.stderr.splitlines() if not line.startswith("{")]
+    assert out.returncode == 2 and len(problems) == 1, out.stderr
+    assert problems[0] == f"rtserver: {state / 'sessions.json'}: Is a directory", out.stderr
