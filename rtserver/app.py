@@ -35,7 +35,7 @@ from rtserver.known_workspaces import KnownWorkspaces
 from rtserver.metrics import Metrics
 from rtserver.redact import redact
 from rtserver.seq_reservation import SeqReservation, reservation_path
-from rtserver.sessions import Sessions, encode_dump, take_dump, write_dump
+from rtserver.sessions import Sessions, drop_dump, encode_dump, read_dump, write_dump
 from rtserver.signals import until_signalled
 from rtserver.sources.base import Source
 from rtserver.sources.mongo import database_for
@@ -113,7 +113,7 @@ class Gateway:
             # any other starts as after a restart when it is next used.
             if not self._retirable(wid):
                 self.hub.workspace(wid)
-        dump = await loop.run_in_executor(None, take_dump, self._sessions_path)
+        dump = await loop.run_in_executor(None, read_dump, self._sessions_path)
         if dump is not None:
             restored = self.sessions.restore(dump)
             log.info("suspended sessions restored", extra={"fields": {"sessions": restored}})
@@ -144,12 +144,18 @@ class Gateway:
                 ssl=ctx,
                 backlog=4096,
                 reuse_address=True,
+                start_serving=False,  # bound: from here on the start succeeds
             )
         except OSError as exc:
             # Said here, where it is known to be the listener: other start-up steps fail with
             # OSErrors of their own (a state file), which the CLI reports by their file name.
             raise RuntimeError(f"cannot listen on {cfg.server.host}:{cfg.server.port}: {exc.strerror or exc}") from None
         self.port = self._server.sockets[0].getsockname()[1]
+        if dump is not None:
+            # Removed only once the port is ours, before a client can resume one: a start that
+            # failed before (the port in use, a broker down) left them for the next one.
+            await loop.run_in_executor(None, drop_dump, self._sessions_path)
+        await self._server.start_serving()
         self._sweeper = asyncio.ensure_future(self._sweep())
         if cfg.server.gc_freeze:
             self._gc_policy = FreezeSurvivors()

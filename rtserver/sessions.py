@@ -11,6 +11,7 @@ still resumes.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
@@ -197,13 +198,26 @@ def write_dump(path: str, data: bytes) -> None:
     replace_file(path, data)
 
 
-def take_dump(path: str) -> bytes | None:
-    """Read and remove the dump at `path` (once restored, a later crash must not bring its
-    sessions back a second time); None when there is none. Blocking: run it in an executor."""
+def read_dump(path: str) -> bytes | None:
+    """The dump at `path`, left in place (`drop_dump` removes it once the gateway is up: a start
+    that fails before would otherwise lose the sessions); None when there is none. Blocking."""
     try:
         with open(path, "rb") as fh:
-            data = fh.read()
+            return fh.read()
     except FileNotFoundError:
         return None
-    os.unlink(path)
+
+
+def drop_dump(path: str) -> None:
+    """Remove the dump once restored and served from: a later crash must not bring its
+    sessions back a second time. Blocking: run it in an executor."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def take_dump(path: str) -> bytes | None:
+    """Read and remove the dump at `path`; None when there is none. Blocking."""
+    data = read_dump(path)
+    if data is not None:
+        drop_dump(path)
     return data

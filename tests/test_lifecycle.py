@@ -7,12 +7,15 @@ import json
 import os
 import resource
 import signal
+import socket
 import subprocess
 import sys
 import time
 
+import pytest
 import websockets
 
+from rtserver.audit_spool import Spool
 from tests.harness.fixtures_gateway import free_port
 from tests.harness.wsclient import ws_connect
 
@@ -185,8 +188,6 @@ async def test_second_signal_ends_a_stuck_drain_at_once(gateway_factory):
 def test_unusable_audit_spool_is_one_line(tmp_path):
     """An audit spool the gateway cannot use (a file in the way, or another process holding its
     lock) is a one-line start-up error naming audit.spool_dir, exit 2: no traceback."""
-    from rtserver.audit_spool import Spool
-
     blocked = tmp_path / "file"
     blocked.write_text("not a directory")
     held = Spool(str(tmp_path / "held"), 1 << 20)
@@ -207,8 +208,6 @@ def test_unusable_audit_spool_is_one_line(tmp_path):
 def test_start_up_errors_say_what_failed(tmp_path):
     """A port in use says so; a state file the gateway cannot read says which file, not that the
     port could not be listened on."""
-    import socket
-
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -224,3 +223,25 @@ def test_start_up_errors_say_what_failed(tmp_path):
     problems = [line for line in out.stderr.splitlines() if not line.startswith("{")]
     assert out.returncode == 2 and len(problems) == 1, out.stderr
     assert problems[0] == f"rtserver: {state / 'sessions.json'}: Is a directory", out.stderr
+
+
+async def test_a_failed_start_keeps_the_saved_sessions(gateway):
+    """The sessions a drained stop saved survive a start that fails (here: the port taken by
+    another process) and are resumed at the next one."""
+    token = gateway.token("w1")
+    async with ws_connect(gateway, "w1", token=token) as c:
+        await c.subscribe("events:t")
+        await c.send({"type": "auth", "token": token})
+        session = (await c.recv_type("auth_ok"))["sessionId"]
+        assert await gateway.stop() == 0  # SIGTERM: drained, the session saved
+    with socket.socket() as taken:
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past the closed connections' TIME_WAIT
+        taken.bind(("127.0.0.1", gateway.port))
+        taken.listen()
+        with pytest.raises(RuntimeError, match="exited with 2"):
+            await gateway.start()
+    assert f"cannot listen on 127.0.0.1:{gateway.port}" in gateway.logs()
+    await gateway.start()
+    async with ws_connect(gateway, "w1") as c:
+        ok = await c.auth(token, resume=session)
+        assert ok["resumed"] is True and ok["sessionId"] == session
