@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 
@@ -87,15 +88,11 @@ def _token(cfg, args) -> int:
 
 
 def _ingest(cfg) -> int:
-    from rtserver.ingest import run
-
-    return _run_loop(cfg, run, "rtserver ingest")
+    return _run_loop(cfg, "rtserver.ingest", "run", "rtserver ingest")
 
 
 def _serve(cfg) -> int:
-    from rtserver.app import serve
-
-    return _run_loop(cfg, serve, "rtserver")
+    return _run_loop(cfg, "rtserver.app", "serve", "rtserver")
 
 
 def _os_error(exc: OSError) -> str:
@@ -105,13 +102,17 @@ def _os_error(exc: OSError) -> str:
     return str(exc)
 
 
-def _run_loop(cfg, main, label: str) -> int:
-    """Run `main(cfg)` on uvloop with structured logs; a start-up failure is one line, exit 2."""
+def _run_loop(cfg, module: str, function: str, label: str) -> int:
+    """Run `module.function(cfg)` on uvloop with structured logs; a start-up failure is one
+    line, exit 2."""
     import uvloop
 
     from rtserver import logs
 
     logs.setup(cfg.server.log_level)
+    # Imported once the log is JSON: what the import logs (the rtcore extensions not built,
+    # the pure-Python engine in use) is a JSON line too, with its fields.
+    main = getattr(importlib.import_module(module), function)
     # Everything the process writes under the state directory (dev secret, session ids, source
     # positions, the audit spool) is for its own eyes.
     os.umask(0o077)

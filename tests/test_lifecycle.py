@@ -245,3 +245,44 @@ async def test_a_failed_start_keeps_the_saved_sessions(gateway):
     async with ws_connect(gateway, "w1") as c:
         ok = await c.auth(token, resume=session)
         assert ok["resumed"] is True and ok["sessionId"] == session
+
+
+_WITHOUT_EXTENSIONS = """
+import sys
+
+class NotBuilt:
+    # As in a checkout where the rtcore extensions were never compiled.
+    def find_spec(self, name, path=None, target=None):
+        if name in ("rtcore.fanout", "rtcore.frames", "rtcore.index", "rtcore.predicate", "rtcore.mongo",
+                    "rtcore.pgoutput"):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, NotBuilt())
+from rtserver.cli import main
+sys.exit(main(["serve"]))
+"""
+
+
+def test_without_the_compiled_core_every_line_is_json(tmp_path):
+    """The gateway runs on the pure-Python engine when the extensions are not built, and says
+    so in the JSON log like everything else (not as a bare line on stderr before it)."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RT_")}
+    env["RT_PORT"] = str(port)
+    log_path = tmp_path / "gateway.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-c", _WITHOUT_EXTENSIONS], cwd=str(tmp_path), env=env,
+                                stdout=log, stderr=log)
+    try:
+        deadline = time.monotonic() + 30
+        while b'"listening"' not in log_path.read_bytes():
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    lines = [json.loads(line) for line in log_path.read_text().splitlines()]  # each one JSON
+    engine = next(line for line in lines if line["logger"] == "rtserver.engine")
+    assert "pure-Python reference engine" in engine["msg"] and "rtcore." in engine["error"]
+    assert next(line for line in lines if line["msg"] == "listening")["compiled_core"] is False
