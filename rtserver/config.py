@@ -137,7 +137,8 @@ def _coerce(setting: Setting, value: Any, origin: str) -> Any:
         if setting.kind is list:
             return _list(value)
         if setting.kind is int:
-            if isinstance(value, bool):
+            # int() would truncate a TOML float (a queue_size of 0.5 became 0) and take a bool
+            if isinstance(value, bool) or isinstance(value, float) and not value.is_integer():
                 raise ValueError("expected an integer")
             number = int(value)
             if number < 0:

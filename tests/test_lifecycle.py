@@ -16,6 +16,7 @@ import pytest
 import websockets
 
 from rtserver.audit_spool import Spool
+from rtserver.config import ConfigError, load
 from tests.harness.fixtures_gateway import free_port
 from tests.harness.wsclient import ws_connect
 
@@ -286,3 +287,15 @@ def test_without_the_compiled_core_every_line_is_json(tmp_path):
     engine = next(line for line in lines if line["logger"] == "rtserver.engine")
     assert "pure-Python reference engine" in engine["msg"] and "rtcore." in engine["error"]
     assert next(line for line in lines if line["msg"] == "listening")["compiled_core"] is False
+
+
+def test_a_fraction_for_an_integer_setting_is_refused(tmp_path):
+    """TOML has floats: `port = 8080.5` or `queue_size = 0.5` is a mistake to name, not a
+    value to truncate (to 8080, or to a queue of 0)."""
+    cfg = tmp_path / "c.toml"
+    for section, key, value in (("server", "port", "8080.5"), ("audit", "queue_size", "0.5")):
+        cfg.write_text(f"[{section}]\n{key} = {value}\n")
+        with pytest.raises(ConfigError, match=rf"\({section}\.{key}\): invalid value {value}: expected an integer"):
+            load(str(cfg), environ={})
+    cfg.write_text("[server]\nport = 8080.0\n")  # a whole number written as a float is still that number
+    assert load(str(cfg), environ={}).server.port == 8080
