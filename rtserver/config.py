@@ -17,6 +17,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 WORKSPACE_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")  # \Z: `$` would accept a trailing newline
+# Kafka's rule for topic names (a producer sending to another name waits for metadata that never
+# comes, then fails with an error naming neither the topic nor the setting).
+_KAFKA_TOPIC_RE = re.compile(r"^[A-Za-z0-9._-]{1,249}\Z")
 
 
 class ConfigError(Exception):
@@ -319,7 +322,10 @@ def _validate(values: dict[str, dict[str, Any]], path: str) -> None:
         raise ConfigError(
             f"audit.sasl_mechanism: {audit['sasl_mechanism']!r} is not PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512"
         )
+    # The longest names each setting makes: the last audit event, the bus's ingest group topic.
+    _check_topic("audit.topic_prefix", audit["topic_prefix"] + "session-suspended")
     bus = values["bus"]
+    _check_topic("bus.topic", bus["topic"] + ".ingest")
     if bus["kind"] not in {"memory", "kafka"}:
         raise ConfigError(f"bus.kind: {bus['kind']!r} is not memory or kafka")
     if bus["kind"] == "kafka" and not (bus["kafka_bootstrap"] or audit["kafka_bootstrap"]):
@@ -343,6 +349,14 @@ def _validate(values: dict[str, dict[str, Any]], path: str) -> None:
         raise ConfigError("limits.fanout_backlog_per_connection must not be negative")
     _check_mongo_url("mongo.url (RT_MONGO_URL)", values["mongo"]["url"])
     _check_postgres_url("postgres.url (RT_POSTGRES_URL)", values["postgres"]["url"])
+
+
+def _check_topic(setting: str, longest: str) -> None:
+    if not _KAFKA_TOPIC_RE.match(longest):
+        raise ConfigError(
+            f"{setting}: makes the Kafka topic name {longest!r}, which Kafka refuses "
+            "(topic names are 1-249 of A-Z a-z 0-9 . _ -)"
+        )
 
 
 def _check_postgres_url(where: str, url: str) -> None:

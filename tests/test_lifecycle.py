@@ -49,6 +49,9 @@ def test_bad_config_is_one_line_and_exit_2(tmp_path):
         (["serve"], {"RT_POSTGRES_URL": "postgresql://rt:secret@db:port/app"}),
         (["serve"], {"RT_AUTH_LEEWAY": "inf"}),
         (["serve"], {"RT_KAFKA_SASL_MECHANISM": "BOGUS"}),
+        (["serve"], {"RT_AUDIT_TOPIC_PREFIX": "console realtime."}),  # no Kafka topic has a space
+        (["serve"], {"RT_BUS_TOPIC": "events/" + "x" * 10}),
+        (["serve"], {"RT_AUDIT_TOPIC_PREFIX": "p" * 240}),  # beyond Kafka's 249 characters
     ):
         out = _run(args, env, cwd=str(tmp_path))
         assert out.returncode == 2, (args, env, out.stdout, out.stderr)
