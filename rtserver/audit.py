@@ -438,9 +438,11 @@ class KafkaAudit(Audit):
             futs: list[asyncio.Future] = []
             self._inflight_futs = futs
             error: BaseException | None = None
+            topic = ""  # the topic of the failure: a missing one stalls the whole trail (order)
             try:
                 for event, workspace, value in self._inflight:
-                    futs.append(await producer.send(self.topic_prefix + event, value, key=workspace.encode()))
+                    topic = self.topic_prefix + event
+                    futs.append(await producer.send(topic, value, key=workspace.encode()))
             except Exception as exc:  # metadata or buffer timeout while Kafka is unreachable
                 error = exc
             while futs:
@@ -450,13 +452,16 @@ class KafkaAudit(Audit):
                 if not waiting:
                     break
                 self._set_connected(False, f"{len(waiting)} records waiting for acks")
+            if error is None:
+                for (event, _, _), fut in zip(self._inflight, futs, strict=False):
+                    if not fut.cancelled() and fut.exception() is not None:
+                        error, topic = fut.exception(), self.topic_prefix + event
+                        break
             self._settle_inflight()
             if not self._inflight:
                 self._set_connected(True)
                 return
-            if error is None:
-                error = next((f.exception() for f in futs if not f.cancelled() and f.exception()), None)
-            self._set_connected(False, f"{type(error).__name__}: {error}" if error else "send failed")
+            self._set_connected(False, f"topic {topic}: {type(error).__name__}: {error}" if error else "send failed")
             # A fresh producer (new producer id) clears any sequence state the failure left behind.
             await self._stop_producer(producer, 2.0)
             if self._producer is producer:
@@ -491,8 +496,9 @@ class KafkaAudit(Audit):
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
+            # Not `connected` yet: Kafka answering is not records delivered (a topic missing on
+            # a cluster without auto-creation fails every send); _deliver_inflight says so.
             self._producer = producer
-            self._set_connected(True)
         return self._producer
 
     def _producer_options(self) -> dict[str, Any]:

@@ -235,6 +235,34 @@ async def test_spool_bound_counts_lost_and_delivers_the_rest(kafka_broker, tmp_p
     assert seqs == sorted(seqs)  # what survived arrives in emit order
 
 
+async def test_a_topic_kafka_will_not_take_is_named_and_not_connected(kafka_broker, tmp_path, caplog):
+    """Records for a topic the cluster does not have (not created, no auto-creation; here a name
+    Kafka refuses, which takes the same path) are not delivered: the warning names the topic,
+    and `connected` stays false though the broker answers (a new producer starts fine)."""
+    prefix = f"t{uuid.uuid4().hex[:10]} no such topic."
+    audit = make_audit(kafka_broker.bootstrap, prefix, tmp_path / "spool", request_timeout_ms=2000)
+    await audit.start()
+    try:
+        with caplog.at_level(logging.INFO, logger="rtserver.audit.kafka"):
+            audit.emit("auth-denied", workspace_id="w1", code=4002, reason="test")
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 60
+            while not any("cannot deliver" in r.getMessage() for r in caplog.records):
+                assert loop.time() < deadline, "the failure was never reported"
+                await asyncio.sleep(0.05)
+            failed = audit._producer
+            while audit._producer is None or audit._producer is failed:  # the next attempt's producer
+                assert loop.time() < deadline, "no new producer after the failure"
+                await asyncio.sleep(0.02)
+            st = audit.status()
+        warning = next(r.getMessage() for r in caplog.records if "cannot deliver" in r.getMessage())
+        assert f"topic {prefix}auth-denied: " in warning, warning
+        assert not any("reachable" in r.getMessage() for r in caplog.records), "no record was delivered"
+        assert (st["connected"], st["delivered"], st["backlog"]) == (False, 0, 1)
+    finally:
+        await audit.close()
+
+
 async def test_spool_keeps_order_across_reopen_and_refuses_a_second_owner(tmp_path):
     d = str(tmp_path / "spool")
     spool = Spool(d, max_bytes=10_000, segment_bytes=1024)
