@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import sys
 
@@ -110,6 +111,13 @@ def _run_loop(cfg, module: str, function: str, label: str) -> int:
     from rtserver import logs
 
     logs.setup(cfg.server.log_level)
+    for name, like in cfg.unknown_env:
+        # A warning, not an error: RT_ is a short prefix other tools may use too. The value is
+        # not logged (it may be a secret).
+        logging.getLogger("rtserver.config").warning(
+            "environment variable %s is not a setting: ignored%s", name, f" (did you mean {like}?)" if like else "",
+            extra={"fields": {"variable": name, "did_you_mean": like or None}},
+        )
     # Imported once the log is JSON: what the import logs (the rtcore extensions not built,
     # the pure-Python engine in use) is a JSON line too, with its fields.
     main = getattr(importlib.import_module(module), function)

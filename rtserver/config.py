@@ -7,6 +7,7 @@ description); the README's configuration table is generated from the same list
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import re
@@ -178,6 +179,9 @@ class Config:
     values: dict[str, dict[str, Any]]
     workspaces: dict[str, WorkspaceSources]
     path: str = ""
+    # RT_* environment variables that are no setting (a typo: RT_KAFKA_BOOTSTRAP_SERVERS would
+    # leave the audit trail in the log), each with the setting it most resembles or "".
+    unknown_env: list[tuple[str, str]] = field(default_factory=list)
 
     def get(self, section: str, key: str) -> Any:
         return self.values[section][key]
@@ -259,6 +263,12 @@ def load(
     for s in SETTINGS:
         if s.env in environ:
             values[s.section][s.key] = _coerce(s, environ[s.env], f"environment {s.env}")
+    known_env = [s.env for s in SETTINGS]
+    unknown_env = [
+        (name, next(iter(difflib.get_close_matches(name, known_env, n=1, cutoff=0.7)), ""))
+        for name in sorted(environ)
+        if name.startswith("RT_") and name not in known_env
+    ]
 
     for dotted, value in (overrides or {}).items():
         if value is None:
@@ -291,7 +301,7 @@ def load(
         _check_postgres_url(f"config file {path}: [workspaces.{ws}] postgres_url", workspaces[ws].postgres_url)
 
     _validate(values, path or "")
-    return Config(values=values, workspaces=workspaces, path=path or "")
+    return Config(values=values, workspaces=workspaces, path=path or "", unknown_env=unknown_env)
 
 
 def _validate(values: dict[str, dict[str, Any]], path: str) -> None:

@@ -302,3 +302,23 @@ def test_a_fraction_for_an_integer_setting_is_refused(tmp_path):
             load(str(cfg), environ={})
     cfg.write_text("[server]\nport = 8080.0\n")  # a whole number written as a float is still that number
     assert load(str(cfg), environ={}).server.port == 8080
+
+
+def test_a_misspelt_environment_variable_is_named_in_the_log(tmp_path):
+    """RT_* variables that are no setting are ignored, but said so at start, with the setting
+    they most resemble: RT_KAFKA_BOOTSTRAP_SERVERS would otherwise leave the audit trail in
+    the log without a word. Their values are never logged."""
+    with socket.socket() as taken:  # the start then ends at once, after the warnings
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        env = {"RT_PORT": str(taken.getsockname()[1]), "RT_KAFKA_BOOTSTRAP_SERVERS": "kafka-secret-host:9092",
+               "RT_WHATEVER": "x"}
+        out = _run(["serve"], env, cwd=str(tmp_path))
+    assert out.returncode == 2
+    warned = {line["variable"]: line for line in map(json.loads, out.stderr.splitlines()[:-1])
+              if line["logger"] == "rtserver.config"}
+    assert set(warned) == {"RT_KAFKA_BOOTSTRAP_SERVERS", "RT_WHATEVER"}, out.stderr
+    assert warned["RT_KAFKA_BOOTSTRAP_SERVERS"]["did_you_mean"] == "RT_KAFKA_BOOTSTRAP"
+    assert "did you mean RT_KAFKA_BOOTSTRAP?" in warned["RT_KAFKA_BOOTSTRAP_SERVERS"]["msg"]
+    assert warned["RT_WHATEVER"]["did_you_mean"] is None
+    assert "kafka-secret-host" not in out.stderr
