@@ -5,12 +5,24 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import math
 import os
 import sys
 
 from rtserver import __version__
 from rtserver.config import WORKSPACE_ID_RE, ConfigError, config_table_markdown, load
 from rtserver.fd_limit import raise_open_files_limit
+
+
+def _lifetime(text: str) -> float:
+    """--ttl: positive and finite (nan or inf would not make an `exp`; 0 or less, an expired token)."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a positive number of seconds")
+    return seconds
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     tok.add_argument("--workspace", action="append", required=True, help="workspace id to grant (repeatable; * = all)")
     tok.add_argument("--sub", default="dev-user", help="subject (default dev-user)")
     tok.add_argument("--publish", action="store_true", help="grant the publish API")
-    tok.add_argument("--ttl", type=float, default=3600.0, help="lifetime in seconds (default 3600)")
+    tok.add_argument("--ttl", type=_lifetime, default=3600.0, help="lifetime in seconds (default 3600)")
     tok.add_argument("--config", help="TOML configuration file")
     tok.add_argument("--state-dir", help="local state directory (default .rtserver)")
 

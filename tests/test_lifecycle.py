@@ -322,3 +322,14 @@ def test_a_misspelt_environment_variable_is_named_in_the_log(tmp_path):
     assert "did you mean RT_KAFKA_BOOTSTRAP?" in warned["RT_KAFKA_BOOTSTRAP_SERVERS"]["msg"]
     assert warned["RT_WHATEVER"]["did_you_mean"] is None
     assert "kafka-secret-host" not in out.stderr
+
+
+def test_token_refuses_a_lifetime_that_makes_no_token(tmp_path):
+    """`rtserver token --ttl` nan or inf crashed with a traceback; 0 or less minted a token
+    already expired. Each is a usage error now (exit 2), and a good one still mints."""
+    for ttl in ("nan", "inf", "0", "-5", "soon"):
+        out = _run(["token", "--workspace", "w1", f"--ttl={ttl}"], cwd=str(tmp_path))
+        assert out.returncode == 2 and "argument --ttl" in out.stderr, (ttl, out.stderr)
+        assert "Traceback" not in out.stderr and not out.stdout
+    out = _run(["token", "--workspace", "w1", "--ttl", "60"], cwd=str(tmp_path))
+    assert out.returncode == 0 and out.stdout.count(".") == 2
