@@ -243,6 +243,8 @@ def load(
             raise ConfigError(f"config file {path}: not found") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path}: {exc}") from None
+        except UnicodeDecodeError as exc:  # tomllib decodes the bytes first: not a TOMLDecodeError
+            raise ConfigError(f"config file {path}: not UTF-8 text (byte {exc.start}): TOML files are UTF-8") from None
         except OSError as exc:
             raise ConfigError(f"config file {path}: {exc.strerror}") from None
 

@@ -36,8 +36,11 @@ def test_version():
 def test_bad_config_is_one_line_and_exit_2(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("[server]\nport = 'eighty'\n")
+    latin1 = tmp_path / "latin1.toml"
+    latin1.write_bytes("[server]\nnode = 'nœud-é'\n".encode("latin-1", "replace"))  # TOML is UTF-8
     for args, env in (
         (["serve", "--config", str(bad)], {}),
+        (["serve", "--config", str(latin1)], {}),
         (["serve", "--config", str(tmp_path / "missing.toml")], {}),
         (["serve"], {"RT_PORT": "99999"}),
         (["serve"], {"RT_MAX_SUBSCRIPTIONS": "many"}),
