@@ -53,7 +53,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("server", "state_dir", "RT_STATE_DIR", str, ".rtserver", "Local state: dev secret, source positions, audit spool, known workspaces, sessions saved at shutdown, the seq reservation"),
     Setting("server", "instance", "RT_INSTANCE", str, "rtserver", "Instance name: replication slot and publication names derive from it"),
     Setting("server", "node", "RT_NODE", str, "", "Node name in logs and audit records (default: host name)"),
-    Setting("server", "log_level", "RT_LOG_LEVEL", str, "info", "debug, info, warning or error"),
+    Setting("server", "log_level", "RT_LOG_LEVEL", str, "info", "debug, info, warning or error (the audit records logged without Kafka are kept at any level)"),
     Setting("server", "demo", "RT_DEMO", bool, False, "Serve the demo page at /demo (`rtserver serve --demo`)"),
     Setting("server", "shutdown_timeout", "RT_SHUTDOWN_TIMEOUT", float, 10.0, "Seconds to drain on SIGTERM"),
     Setting("server", "gc_freeze", "RT_GC_FREEZE", bool, True, "After start-up and after each full garbage-collector pass, leave the survivors out of later passes (gc.freeze): passes stay short however many connections are open"),

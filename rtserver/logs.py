@@ -146,6 +146,11 @@ def setup(level: str = "info") -> None:
             old.close()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # Without Kafka the audit records (INFO on rtserver.audit) are the audit trail itself, not
+    # diagnostics: kept at any log level (RT_LOG_LEVEL=warning silenced the trail while the
+    # audit status counted them delivered). Its operational child follows the level set.
+    logging.getLogger("rtserver.audit").setLevel(min(logging.INFO, root.level))
+    logging.getLogger("rtserver.audit.kafka").setLevel(root.level)
     # picows logs every connection at INFO; that is noise at our fan-out.
     logging.getLogger("picows").setLevel(logging.WARNING)
     # aiokafka logs an ERROR every few seconds while a broker is down; the audit reports

@@ -336,3 +336,18 @@ def test_token_refuses_a_lifetime_that_makes_no_token(tmp_path):
         assert "Traceback" not in out.stderr and not out.stdout
     out = _run(["token", "--workspace", "w1", "--ttl", "60"], cwd=str(tmp_path))
     assert out.returncode == 0 and out.stdout.count(".") == 2
+
+
+async def test_the_logged_audit_trail_is_kept_at_any_log_level(gateway_factory):
+    """Without Kafka the audit records are log lines at INFO; RT_LOG_LEVEL=warning (to quieten
+    the log) must not drop the trail while its status counts the records delivered."""
+    gw = await gateway_factory(env={"RT_LOG_LEVEL": "warning"})
+    async with ws_connect(gw, "w1", token=gw.token("w1")) as c:
+        await c.subscribe("events:x")
+    granted = await gw.audit_records("auth-granted")
+    suspended = await gw.audit_records("session-suspended")
+    assert len(granted) == 1 and len(suspended) == 1, gw.logs()
+    assert '"msg":"listening"' not in gw.logs()  # the rest of INFO stays quiet
+    status, body = await gw.get("/readyz")
+    audit = json.loads(body)["audit"]
+    assert (audit["backend"], audit["emitted"], audit["delivered"]) == ("log", 2, 2)
