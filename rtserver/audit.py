@@ -239,11 +239,12 @@ class KafkaAudit(Audit):
             return
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.close_timeout
-        # Drain while Kafka takes records; when it is unreachable, go straight to the spool.
+        # Drain while Kafka takes records, or has a producer started that may (a first batch
+        # not acknowledged yet); when it is unreachable, go straight to the spool.
         while (
             self._backlog()
             and loop.time() < deadline
-            and self._connected
+            and (self._connected or self._producer is not None)
             and not self._sender.done()
             and not self._hurry.is_set()
         ):
