@@ -334,10 +334,10 @@ def _validate(values: dict[str, dict[str, Any]], path: str) -> None:
         raise ConfigError(
             f"audit.sasl_mechanism: {audit['sasl_mechanism']!r} is not PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512"
         )
-    # The longest names each setting makes: the last audit event, the bus's ingest group topic.
+    # The longest topic names each setting makes: an audit event's, the ingest lease topic.
     _check_topic("audit.topic_prefix", audit["topic_prefix"] + "session-suspended")
     bus = values["bus"]
-    _check_topic("bus.topic", bus["topic"] + ".ingest")
+    _check_topic("bus.topic", bus["topic"] + ".lease")
     if bus["kind"] not in {"memory", "kafka"}:
         raise ConfigError(f"bus.kind: {bus['kind']!r} is not memory or kafka")
     if bus["kind"] == "kafka" and not (bus["kafka_bootstrap"] or audit["kafka_bootstrap"]):
