@@ -1,16 +1,25 @@
 """The wheel: built with `python -m build --wheel`, installed into a clean venv, runs there
-without a compiler or Cython, and carries the MIT license in its metadata."""
+without a compiler or Cython (zero-config `rtserver serve` serves a client and the demo page),
+and carries the MIT license in its metadata."""
 
 from __future__ import annotations
 
+import asyncio
 import glob
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
+import urllib.request
 import venv
 import zipfile
 
 import pytest
+import websockets
+
+from tests.harness.fixtures_gateway import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -48,3 +57,33 @@ def test_wheel_builds_installs_and_runs(tmp_path):
     compiled, where = check.stdout.split()
     assert compiled == "True", check.stderr
     assert where.startswith(str(env_dir)), f"imported {where}, not the installed wheel"
+
+    # Zero configuration, as the README's set-up: `rtserver serve` from the wheel serves a client
+    # (dev token from `rtserver token`) and the demo page, and stops cleanly on SIGTERM.
+    port = free_port()
+    serve_env = {k: v for k, v in clean.items() if not k.startswith("RT_")}
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([str(env_dir / "bin" / "rtserver"), "serve", "--port", str(port), "--demo"],
+                                cwd=str(tmp_path), env=serve_env, stdout=log, stderr=log)
+    try:
+        deadline = time.monotonic() + 60
+        while b'"listening"' not in log_path.read_bytes():
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.1)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/demo/rtclient.js", timeout=10) as r:
+            assert r.status == 200 and b"class" in r.read()
+        token = subprocess.run([str(env_dir / "bin" / "rtserver"), "token", "--workspace", "demo"], check=True,
+                               capture_output=True, text=True, cwd=str(tmp_path), env=serve_env, timeout=60)
+
+        async def client() -> dict:
+            async with websockets.connect(f"ws://127.0.0.1:{port}/workspaces/demo/realtime/connect") as ws:
+                await ws.send(json.dumps({"type": "auth", "token": token.stdout.strip()}))
+                return json.loads(await asyncio.wait_for(ws.recv(), 10))
+
+        assert asyncio.run(client())["type"] == "auth_ok"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, log_path.read_text()
+    lines = [json.loads(line) for line in log_path.read_text().splitlines()]  # one JSON object a line
+    assert next(line for line in lines if line["msg"] == "listening")["compiled_core"] is True
