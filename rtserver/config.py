@@ -308,6 +308,10 @@ def load(
 
 def _validate(values: dict[str, dict[str, Any]], path: str) -> None:
     server = values["server"]
+    if not server["host"].strip():
+        # asyncio takes "" for every interface: RT_HOST= left blank in a compose file or template
+        # would open the gateway to the network instead of the loopback default.
+        raise ConfigError("server.host is empty: give an address (127.0.0.1; 0.0.0.0 or :: for every interface)")
     if not 0 <= server["port"] <= 65535:
         raise ConfigError(f"server.port: {server['port']} is not a TCP port")
     if bool(server["tls_cert"]) != bool(server["tls_key"]):
