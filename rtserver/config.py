@@ -312,6 +312,9 @@ def _validate(values: dict[str, dict[str, Any]], path: str) -> None:
         # asyncio takes "" for every interface: RT_HOST= left blank in a compose file or template
         # would open the gateway to the network instead of the loopback default.
         raise ConfigError("server.host is empty: give an address (127.0.0.1; 0.0.0.0 or :: for every interface)")
+    if not server["state_dir"].strip():
+        # "" would be the working directory: the dev secret and the spool written among its files
+        raise ConfigError("server.state_dir is empty: give a directory (default .rtserver)")
     if not 0 <= server["port"] <= 65535:
         raise ConfigError(f"server.port: {server['port']} is not a TCP port")
     if bool(server["tls_cert"]) != bool(server["tls_key"]):
@@ -341,6 +344,7 @@ def _validate(values: dict[str, dict[str, Any]], path: str) -> None:
     # The longest topic names each setting makes: an audit event's, the ingest lease topic.
     _check_topic("audit.topic_prefix", audit["topic_prefix"] + "session-suspended")
     bus = values["bus"]
+    _check_topic("bus.topic", bus["topic"])
     _check_topic("bus.topic", bus["topic"] + ".lease")
     if bus["kind"] not in {"memory", "kafka"}:
         raise ConfigError(f"bus.kind: {bus['kind']!r} is not memory or kafka")

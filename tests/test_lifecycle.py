@@ -54,6 +54,8 @@ def test_bad_config_is_one_line_and_exit_2(tmp_path):
         (["serve"], {"RT_KAFKA_SASL_MECHANISM": "BOGUS"}),
         (["serve"], {"RT_AUDIT_TOPIC_PREFIX": "console realtime."}),  # no Kafka topic has a space
         (["serve"], {"RT_HOST": ""}),  # blank: asyncio would listen on every interface
+        (["serve"], {"RT_STATE_DIR": " "}),  # blank: the state would land in the working directory
+        (["serve"], {"RT_BUS_TOPIC": ""}),
         (["serve"], {"RT_BUS_TOPIC": "events/" + "x" * 10}),
         (["serve"], {"RT_AUDIT_TOPIC_PREFIX": "p" * 240}),  # beyond Kafka's 249 characters
     ):
