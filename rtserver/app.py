@@ -498,9 +498,10 @@ class Gateway:
              "(those freed since are not subtracted)", {}, self._gc_policy.frozen if self._gc_policy else 0),
         ]
         audit = self.audit.status()
-        for key in ("backlog", "lost"):
-            if isinstance(audit.get(key), (int, float)):
-                rows.append((f"rt_audit_{key}", f"Audit records {key}", {}, audit[key]))
+        for key, help_ in _AUDIT_GAUGES.items():  # every number of status(), as docs/audit.md says
+            value = audit.get(key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                rows.append((f"rt_audit_{key}", help_, {}, value))
         if "connected" in audit:
             rows.append(("rt_audit_connected", "1 while audit records reach Kafka", {}, 1 if audit["connected"] else 0))
         for key, src in self._sources.items():
@@ -514,6 +515,16 @@ class Gateway:
                     rows.append(("rt_source_wal_status", "Replication slot WAL status", {**labels, "wal_status": value}, 1))
         return rows
 
+
+_AUDIT_GAUGES = {
+    "backlog": "Audit records not yet delivered (memory, in flight and spool)",
+    "queued": "Audit records of the backlog in memory",
+    "spooled": "Audit records of the backlog in the on-disk spool",
+    "spool_bytes": "Bytes of the audit spool",
+    "emitted": "Audit records emitted since start",
+    "delivered": "Audit records delivered since start (Kafka acknowledged, or logged)",
+    "lost": "Audit records lost since start (spool full, disk failing)",
+}
 
 _STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 _STATIC_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import re
 import socket
 import time
 
@@ -23,6 +24,54 @@ async def test_health_ready_metrics(gateway):
     for name in ("rt_connections", "rt_subscriptions", "rt_events_in_total", "rt_deliveries_total",
                  "rt_drops_total", "rt_auth_failures_total"):
         assert f"\n{name}" in "\n" + text, name
+
+
+_METRIC_NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
+_SAMPLE_RE = re.compile(rf'^({_METRIC_NAME})(?:\{{((?:[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\.)*",?)*)\}})? (\S+)$')
+
+
+def parse_exposition(text: str) -> dict[str, float]:
+    """Prometheus text format 0.0.4, strictly: each family's HELP and TYPE once, before its
+    samples, which follow together; label values escaped; numbers. {sample with labels: value}."""
+    samples: dict[str, float] = {}
+    families: set[str] = set()
+    family = None
+    assert text.endswith("\n")
+    for line in text.splitlines():
+        if line.startswith("# HELP "):
+            name = line.split(" ", 3)[2]
+            assert name not in families, f"family {name} twice"
+            families.add(name)
+            family, typed = name, False
+        elif line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ")
+            assert name == family and kind in ("counter", "gauge"), line
+            typed = True
+        else:
+            m = _SAMPLE_RE.match(line)
+            assert m, f"not a sample line: {line!r}"
+            assert m.group(1) == family and typed, f"{line!r} outside its family's HELP/TYPE"
+            key = line.rsplit(" ", 1)[0]
+            assert key not in samples, f"sample {key} twice"
+            samples[key] = float(m.group(3))
+    return samples
+
+
+async def test_metrics_are_valid_exposition_with_every_audit_number(gateway):
+    """/metrics parses as the text format, and carries every number of the audit's status
+    (docs/audit.md: `rt_audit_*`), equal to /readyz's."""
+    async with ws_connect(gateway, "w1", token=gateway.token("w1")) as c:
+        await c.subscribe("events:x")
+    await gateway.audit_records("session-suspended")
+    _, body = await gateway.get("/metrics")
+    samples = parse_exposition(body.decode())
+    _, ready = await gateway.get("/readyz")
+    audit = json.loads(ready)["audit"]
+    numbers = {k: v for k, v in audit.items() if isinstance(v, int) and not isinstance(v, bool)}
+    assert set(numbers) >= {"backlog", "queued", "spooled", "spool_bytes", "emitted", "delivered", "lost"}
+    for key, value in numbers.items():
+        assert samples.get(f"rt_audit_{key}") == value, key
+    assert audit["emitted"] == 2  # auth-granted, session-suspended
 
 
 async def test_metrics_count_connections_events_and_auth_failures(gateway):
