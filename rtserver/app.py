@@ -4,6 +4,7 @@ and owns the lifecycle (start, periodic sweeps, drain on SIGTERM)."""
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import itertools
 import logging
 import os
@@ -12,7 +13,7 @@ import socket
 import ssl
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import IO, Any
 
 import msgspec
 from picows import WSUpgradeRequest, WSUpgradeResponse, WSUpgradeResponseWithListener
@@ -568,15 +569,39 @@ def _log_failure(task: asyncio.Future) -> None:
         log.error("source failed to start", exc_info=task.exception())
 
 
+def hold_state_dir(state_dir: str) -> IO[bytes]:
+    """Lock `state_dir` for this `rtserver serve` (held until the process ends). Two gateways
+    sharing one would silently overwrite each other's saved sessions and known workspaces, and
+    hand out seqs from one reservation; without Kafka nothing else would stop the second."""
+    path = os.path.join(state_dir, ".serve.lock")
+    try:
+        fh = open(path, "a+b")  # noqa: SIM115 - held for the process's lifetime
+    except OSError as exc:
+        raise RuntimeError(f"state directory {state_dir} (server.state_dir): {exc.strerror or exc}") from None
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.close()
+        raise RuntimeError(
+            f"state directory {state_dir} (server.state_dir): in use by another rtserver serve "
+            "(give each node its own state_dir)"
+        ) from None
+    return fh
+
+
 async def serve(cfg: Config) -> int:
     """Run the gateway until SIGTERM/SIGINT/SIGHUP (see rtserver.signals); the exit code."""
     gw = Gateway(cfg)
-    await gw.start()
+    lock = hold_state_dir(gw.state_dir)
+    try:
+        await gw.start()
 
-    async def stop() -> None:
-        log.info("draining", extra={"fields": {"connections": len(gw.connections)}})
-        await gw.shutdown()
-        log.info("stopped")
+        async def stop() -> None:
+            log.info("draining", extra={"fields": {"connections": len(gw.connections)}})
+            await gw.shutdown()
+            log.info("stopped")
 
-    # shutdown() keeps within server.shutdown_timeout; past a little more, something hangs.
-    return await until_signalled(stop, cfg.server.shutdown_timeout + 5, "rtserver")
+        # shutdown() keeps within server.shutdown_timeout; past a little more, something hangs.
+        return await until_signalled(stop, cfg.server.shutdown_timeout + 5, "rtserver")
+    finally:
+        lock.close()

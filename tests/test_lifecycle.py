@@ -354,3 +354,14 @@ async def test_the_logged_audit_trail_is_kept_at_any_log_level(gateway_factory):
     status, body = await gw.get("/readyz")
     audit = json.loads(body)["audit"]
     assert (audit["backend"], audit["emitted"], audit["delivered"]) == ("log", 2, 2)
+
+
+async def test_a_second_gateway_on_the_same_state_directory_is_refused(gateway, tmp_path):
+    """Two `rtserver serve` on one state directory would overwrite each other's saved sessions
+    and known workspaces; without Kafka (no audit spool lock) nothing stopped the second."""
+    out = _run(["serve"], {"RT_STATE_DIR": gateway.state_dir, "RT_PORT": str(free_port())}, cwd=str(tmp_path))
+    problems = [line for line in out.stderr.splitlines() if not line.startswith("{")]
+    assert out.returncode == 2 and len(problems) == 1, out.stderr
+    assert problems[0].startswith(f"rtserver: state directory {gateway.state_dir} (server.state_dir): in use"), out.stderr
+    status, _ = await gateway.get("/healthz")  # the first one carries on
+    assert status == 200
