@@ -341,6 +341,17 @@ def _validate(values: dict[str, dict[str, Any]], path: str) -> None:
         raise ConfigError(
             f"audit.sasl_mechanism: {audit['sasl_mechanism']!r} is not PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512"
         )
+    # Checked here, not by the Kafka client: it refuses these when the first record is sent (the
+    # audit sender then failed with a traceback every second), or ignores the credentials.
+    if audit["security_protocol"].startswith("SASL_"):
+        missing = [f"audit.{k}" for k in ("sasl_mechanism", "sasl_username", "sasl_password") if not audit[k]]
+        if missing:
+            raise ConfigError(f"audit.security_protocol {audit['security_protocol']} needs {', '.join(missing)}")
+    elif audit["sasl_mechanism"]:
+        raise ConfigError(
+            f"audit.sasl_mechanism is set but audit.security_protocol is {audit['security_protocol']}: the "
+            "credentials would not be sent (SASL_SSL or SASL_PLAINTEXT uses them)"
+        )
     # The longest topic names each setting makes: an audit event's, the ingest lease topic.
     _check_topic("audit.topic_prefix", audit["topic_prefix"] + "session-suspended")
     bus = values["bus"]

@@ -52,6 +52,9 @@ def test_bad_config_is_one_line_and_exit_2(tmp_path):
         (["serve"], {"RT_POSTGRES_URL": "postgresql://rt:secret@db:port/app"}),
         (["serve"], {"RT_AUTH_LEEWAY": "inf"}),
         (["serve"], {"RT_KAFKA_SASL_MECHANISM": "BOGUS"}),
+        (["serve"], {"RT_KAFKA_SECURITY_PROTOCOL": "SASL_SSL", "RT_KAFKA_SASL_MECHANISM": "PLAIN"}),  # no user
+        (["serve"], {"RT_KAFKA_SASL_MECHANISM": "PLAIN", "RT_KAFKA_SASL_USERNAME": "rt",
+                     "RT_KAFKA_SASL_PASSWORD": "secret"}),  # PLAINTEXT would not send them
         (["serve"], {"RT_AUDIT_TOPIC_PREFIX": "console realtime."}),  # no Kafka topic has a space
         (["serve"], {"RT_HOST": ""}),  # blank: asyncio would listen on every interface
         (["serve"], {"RT_STATE_DIR": " "}),  # blank: the state would land in the working directory
