@@ -11,6 +11,7 @@ import difflib
 import math
 import os
 import re
+import ssl
 import tomllib
 import warnings
 from collections.abc import Mapping
@@ -352,6 +353,18 @@ def _validate(values: dict[str, dict[str, Any]], path: str) -> None:
             f"audit.sasl_mechanism is set but audit.security_protocol is {audit['security_protocol']}: the "
             "credentials would not be sent (SASL_SSL or SASL_PLAINTEXT uses them)"
         )
+    if audit["ssl_cafile"]:
+        if audit["security_protocol"] not in ("SSL", "SASL_SSL"):
+            raise ConfigError(
+                f"audit.ssl_cafile is set but audit.security_protocol is {audit['security_protocol']}: "
+                "it would not be used (SSL or SASL_SSL uses it)"
+            )
+        # Loaded when the first Kafka client starts: a missing or malformed bundle then read
+        # '[Errno 2] No such file or directory', naming neither the file nor the setting.
+        try:
+            ssl.create_default_context(cafile=audit["ssl_cafile"])
+        except OSError as exc:  # ssl.SSLError included
+            raise ConfigError(f"audit.ssl_cafile {audit['ssl_cafile']}: cannot load: {exc.strerror or exc}") from None
     # The longest topic names each setting makes: an audit event's, the ingest lease topic.
     _check_topic("audit.topic_prefix", audit["topic_prefix"] + "session-suspended")
     bus = values["bus"]

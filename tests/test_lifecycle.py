@@ -36,6 +36,8 @@ def test_version():
 def test_bad_config_is_one_line_and_exit_2(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("[server]\nport = 'eighty'\n")
+    not_pem = tmp_path / "ca.pem"
+    not_pem.write_text("not a certificate\n")
     latin1 = tmp_path / "latin1.toml"
     latin1.write_bytes("[server]\nnode = 'nœud-é'\n".encode("latin-1", "replace"))  # TOML is UTF-8
     for args, env in (
@@ -55,6 +57,9 @@ def test_bad_config_is_one_line_and_exit_2(tmp_path):
         (["serve"], {"RT_KAFKA_SECURITY_PROTOCOL": "SASL_SSL", "RT_KAFKA_SASL_MECHANISM": "PLAIN"}),  # no user
         (["serve"], {"RT_KAFKA_SASL_MECHANISM": "PLAIN", "RT_KAFKA_SASL_USERNAME": "rt",
                      "RT_KAFKA_SASL_PASSWORD": "secret"}),  # PLAINTEXT would not send them
+        (["serve"], {"RT_KAFKA_SECURITY_PROTOCOL": "SSL", "RT_KAFKA_SSL_CAFILE": str(tmp_path / "none.pem")}),
+        (["serve"], {"RT_KAFKA_SECURITY_PROTOCOL": "SSL", "RT_KAFKA_SSL_CAFILE": str(not_pem)}),
+        (["serve"], {"RT_KAFKA_SSL_CAFILE": str(not_pem)}),  # PLAINTEXT would not use it
         (["serve"], {"RT_AUDIT_TOPIC_PREFIX": "console realtime."}),  # no Kafka topic has a space
         (["serve"], {"RT_HOST": ""}),  # blank: asyncio would listen on every interface
         (["serve"], {"RT_STATE_DIR": " "}),  # blank: the state would land in the working directory
