@@ -365,9 +365,11 @@ def _validate(values: dict[str, dict[str, Any]], path: str) -> None:
             ssl.create_default_context(cafile=audit["ssl_cafile"])
         except OSError as exc:  # ssl.SSLError included
             raise ConfigError(f"audit.ssl_cafile {audit['ssl_cafile']}: cannot load: {exc.strerror or exc}") from None
+    _check_bootstrap("audit.kafka_bootstrap (RT_KAFKA_BOOTSTRAP)", audit["kafka_bootstrap"])
     # The longest topic names each setting makes: an audit event's, the ingest lease topic.
     _check_topic("audit.topic_prefix", audit["topic_prefix"] + "session-suspended")
     bus = values["bus"]
+    _check_bootstrap("bus.kafka_bootstrap (RT_BUS_KAFKA_BOOTSTRAP)", bus["kafka_bootstrap"])
     _check_topic("bus.topic", bus["topic"])
     _check_topic("bus.topic", bus["topic"] + ".lease")
     if bus["kind"] not in {"memory", "kafka"}:
@@ -393,6 +395,20 @@ def _validate(values: dict[str, dict[str, Any]], path: str) -> None:
         raise ConfigError("limits.fanout_backlog_per_connection must not be negative")
     _check_mongo_url("mongo.url (RT_MONGO_URL)", values["mongo"]["url"])
     _check_postgres_url("postgres.url (RT_POSTGRES_URL)", values["postgres"]["url"])
+
+
+_BOOTSTRAP_ENTRY_RE = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+)(?::(\d{1,5}))?\Z")
+
+
+def _check_bootstrap(setting: str, value: str) -> None:
+    """host[:port][,host[:port]...], as Kafka clients take it. A malformed one (a URL, a port
+    that is no number) started the gateway, then failed every delivery attempt."""
+    if not value:
+        return
+    for entry in value.split(","):
+        m = _BOOTSTRAP_ENTRY_RE.match(entry.strip())
+        if m is None or m.group(2) is not None and not 0 < int(m.group(2)) < 65536:
+            raise ConfigError(f"{setting}: {entry.strip()!r} is not host:port (a list of them: host1:9092,host2:9092)")
 
 
 def _check_topic(setting: str, longest: str) -> None:
