@@ -1,8 +1,9 @@
 """Run a service until a stop signal, then stop it within a deadline.
 
-SIGTERM, SIGINT and SIGHUP (a closed terminal) start a clean stop. A second signal, or a stop
-still running when its deadline passes (a broker that stopped answering), ends the process at
-once: an operator's second Ctrl-C, or the orchestrator's patience, must always win.
+SIGTERM, SIGINT and SIGHUP (a closed terminal; not when started ignoring it, as by nohup)
+start a clean stop. A second signal, or a stop still running when its deadline passes (a
+broker that stopped answering), ends the process at once: an operator's second Ctrl-C, or the
+orchestrator's patience, must always win.
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ async def until_signalled(stop: Callable[[], Awaitable[None]], deadline: float, 
     loop = asyncio.get_running_loop()
     signalled = asyncio.Event()
     for sig in STOP_SIGNALS:
+        if sig == signal.SIGHUP and signal.getsignal(sig) is signal.SIG_IGN:
+            # Ignored by whoever started us (`nohup rtserver serve &`): closing that terminal
+            # must not stop the gateway the operator asked to outlive it.
+            continue
         loop.add_signal_handler(sig, signalled.set)
     await signalled.wait()
     signalled.clear()

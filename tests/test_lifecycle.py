@@ -376,3 +376,40 @@ async def test_a_second_gateway_on_the_same_state_directory_is_refused(gateway, 
     assert problems[0].startswith(f"rtserver: state directory {gateway.state_dir} (server.state_dir): in use"), out.stderr
     status, _ = await gateway.get("/healthz")  # the first one carries on
     assert status == 200
+
+
+async def test_sighup_is_left_ignored_under_nohup(tmp_path):
+    """Started with SIGHUP ignored (`nohup rtserver serve &`), the gateway outlives the closed
+    terminal's SIGHUP; SIGTERM still drains it, exit 0."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RT_")}
+    env["RT_PORT"] = str(port)
+
+    def as_nohup() -> None:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "rtserver", "serve", cwd=str(tmp_path), env=env,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+                                                preexec_fn=as_nohup)
+    lines: list[bytes] = []
+    try:
+        while not any(b'"listening"' in line for line in lines):
+            line = await asyncio.wait_for(proc.stdout.readline(), 30)
+            assert line, b"".join(lines).decode()
+            lines.append(line)
+        proc.send_signal(signal.SIGHUP)
+        # Still serving: a WebSocket client authenticates after the SIGHUP was delivered.
+        token = _run(["token", "--workspace", "w1"], cwd=str(tmp_path)).stdout.strip()
+
+        class _GW:
+            def ws_url(self, ws: str) -> str:
+                return f"ws://127.0.0.1:{port}/workspaces/{ws}/realtime/connect"
+
+        async with ws_connect(_GW(), "w1", token=token) as c:
+            await c.subscribe("events:x")
+        assert proc.returncode is None
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0
+    assert b"draining" in out
