@@ -28,6 +28,7 @@ import os
 import socket
 import time
 from collections.abc import Awaitable, Callable
+from http import HTTPStatus
 from typing import Any, TypeVar
 
 import msgspec
@@ -438,18 +439,30 @@ class Ingest:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
             path = head.split(b" ", 2)[1].decode("latin-1") if head.count(b" ") >= 2 else ""
             ready, details = self.status()
+            ctype = "application/json"
             if path == "/healthz":
                 status, body = 200, b'{"status":"ok"}'
             elif path == "/readyz":
                 status, body = (200 if ready else 503), _json.encode(details)
             elif path == "/metrics":
-                lines = [f'rt_ingest_active {1 if details["role"] == "active" else 0}',
-                         f"rt_ingest_published_total {details['published']}",
-                         f"rt_ingest_bus_connected {1 if details['bus']['connected'] else 0}"]
-                status, body = 200, ("\n".join(lines) + "\n").encode()
+                # The text format with HELP/TYPE and its content type, as the gateway's: Prometheus
+                # 3 refuses a scrape that has none (without a fallback_scrape_protocol).
+                rows = [
+                    ("rt_ingest_active", "gauge", "1 while this ingest holds the lease (reads the feeds)",
+                     1 if details["role"] == "active" else 0),
+                    ("rt_ingest_published_total", "counter", "Events published to the bus topic",
+                     details["published"]),
+                    ("rt_ingest_bus_connected", "gauge", "1 while Kafka takes the ingest's records",
+                     1 if details["bus"]["connected"] else 0),
+                ]
+                lines = [f"# HELP {n} {h}\n# TYPE {n} {t}\n{n} {v}" for n, t, h, v in rows]
+                status, body, ctype = 200, ("\n".join(lines) + "\n").encode(), "text/plain; version=0.0.4"
             else:
                 status, body = 404, b'{"error":"no such endpoint"}'
-            writer.write(f"HTTP/1.1 {status} X\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+            writer.write(
+                f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\nContent-Type: {ctype}\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body
+            )
             await writer.drain()
         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError):
             pass

@@ -6,10 +6,10 @@ import asyncio
 import base64
 import contextlib
 import json
-import re
 import socket
 import time
 
+from tests.harness.prometheus import parse_exposition
 from tests.harness.wsclient import subscribed_clients, ws_connect
 
 
@@ -24,37 +24,6 @@ async def test_health_ready_metrics(gateway):
     for name in ("rt_connections", "rt_subscriptions", "rt_events_in_total", "rt_deliveries_total",
                  "rt_drops_total", "rt_auth_failures_total"):
         assert f"\n{name}" in "\n" + text, name
-
-
-_METRIC_NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
-_SAMPLE_RE = re.compile(rf'^({_METRIC_NAME})(?:\{{((?:[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\.)*",?)*)\}})? (\S+)$')
-
-
-def parse_exposition(text: str) -> dict[str, float]:
-    """Prometheus text format 0.0.4, strictly: each family's HELP and TYPE once, before its
-    samples, which follow together; label values escaped; numbers. {sample with labels: value}."""
-    samples: dict[str, float] = {}
-    families: set[str] = set()
-    family = None
-    assert text.endswith("\n")
-    for line in text.splitlines():
-        if line.startswith("# HELP "):
-            name = line.split(" ", 3)[2]
-            assert name not in families, f"family {name} twice"
-            families.add(name)
-            family, typed = name, False
-        elif line.startswith("# TYPE "):
-            _, _, name, kind = line.split(" ")
-            assert name == family and kind in ("counter", "gauge"), line
-            typed = True
-        else:
-            m = _SAMPLE_RE.match(line)
-            assert m, f"not a sample line: {line!r}"
-            assert m.group(1) == family and typed, f"{line!r} outside its family's HELP/TYPE"
-            key = line.rsplit(" ", 1)[0]
-            assert key not in samples, f"sample {key} twice"
-            samples[key] = float(m.group(3))
-    return samples
 
 
 async def test_metrics_are_valid_exposition_with_every_audit_number(gateway):
