@@ -389,6 +389,11 @@ def _validate(values: dict[str, dict[str, Any]], path: str) -> None:
         raise ConfigError("limits.request_timeout must be positive")
     if values["postgres"]["receive_timeout"] <= 0:
         raise ConfigError("postgres.receive_timeout must be positive")
+    # 0 is no "unlimited" here: the gateway would start and then refuse or drop every client.
+    for key in ("max_connections", "max_connections_per_subject", "max_subscriptions", "auth_timeout",
+                "idle_timeout"):
+        if limits[key] <= 0:
+            raise ConfigError(f"limits.{key} must be positive: 0 would refuse or close every client")
     if values["history"]["node_bytes"] <= 0:
         raise ConfigError("history.node_bytes must be positive")
     if limits["fanout_backlog_per_connection"] < 0:

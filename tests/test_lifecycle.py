@@ -62,6 +62,12 @@ def test_bad_config_is_one_line_and_exit_2(tmp_path):
         (["serve"], {"RT_KAFKA_SSL_CAFILE": str(not_pem)}),  # PLAINTEXT would not use it
         (["serve"], {"RT_AUDIT_TOPIC_PREFIX": "console realtime."}),  # no Kafka topic has a space
         (["serve"], {"RT_HOST": ""}),  # blank: asyncio would listen on every interface
+        # 0 as "unlimited": every client would be refused (4008, 4002) or closed (1001)
+        (["serve"], {"RT_MAX_CONNECTIONS": "0"}),
+        (["serve"], {"RT_MAX_CONNECTIONS_PER_SUBJECT": "0"}),
+        (["serve"], {"RT_MAX_SUBSCRIPTIONS": "0"}),
+        (["serve"], {"RT_AUTH_TIMEOUT": "0"}),
+        (["serve"], {"RT_IDLE_TIMEOUT": "0"}),
         (["serve"], {"RT_KAFKA_BOOTSTRAP": "kafka1:9092,kafka2:port"}),
         (["serve"], {"RT_KAFKA_BOOTSTRAP": "http://kafka:9092"}),
         (["serve"], {"RT_BUS_KAFKA_BOOTSTRAP": "127.0.0.1:99999"}),
