@@ -4,10 +4,13 @@ as real processes, against the harness's Kafka broker and PostgreSQL cluster."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import random
 import signal
 import socket
+import string
 import sys
 import tempfile
 import time
@@ -144,6 +147,31 @@ async def events(c, n: int, timeout: float = 20) -> list[dict]:
         assert msg["type"] == "event", msg
         out.append(msg)
     return out
+
+
+def incompressible(size: int) -> str:
+    """Text Kafka's compression does not shrink: a record about this large."""
+    return "".join(random.choices(string.ascii_letters, k=size))
+
+
+@contextlib.asynccontextmanager
+async def topic_record_limit(cluster):
+    """`await limit(size)` sets the events topic's max.message.bytes (an operator lowering or
+    raising it under a running feed)."""
+    from aiokafka.admin import AIOKafkaAdminClient
+    from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=cluster.env["RT_BUS_KAFKA_BOOTSTRAP"])
+    await admin.start()
+
+    async def limit(size: int) -> None:
+        await admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, cluster.env["RT_BUS_TOPIC"],
+                                                  configs={"max.message.bytes": str(size)})])
+
+    try:
+        yield limit
+    finally:
+        await admin.close()
 
 
 def key(ev: dict):
@@ -744,31 +772,18 @@ async def test_a_record_kafka_refused_is_read_again_not_lost(cluster):
     position found nothing left to wait for and recorded the refused records as published: the
     feed dropped them as duplicates, and the next row with them, and acknowledged them to the
     slot (lost for every later ingest too)."""
-    import random
-    import string
-
-    from aiokafka.admin import AIOKafkaAdminClient
-    from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
-
     from rtserver.bus_kafka import RECORD_OVERHEAD
 
     ingest = await cluster.ingest()
     await ingest.wait_active()
     node = await cluster.node()
-    admin = AIOKafkaAdminClient(bootstrap_servers=cluster.env["RT_BUS_KAFKA_BOOTSTRAP"])
-    await admin.start()
-
-    async def limit(size: int) -> None:
-        await admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, cluster.env["RT_BUS_TOPIC"],
-                                                  configs={"max.message.bytes": str(size)})])
-
-    try:
+    async with topic_record_limit(cluster) as limit:
         async with ws_connect(node, "w1", token=node.token("w1")) as c:
             await c.subscribe("postgres:orders")
             await cluster.db.execute("INSERT INTO orders VALUES (1, 'small')")
             got = await events(c, 1)
             await limit(1_000_000)
-            big = "".join(random.choices(string.ascii_letters, k=1_500_000))  # not compressible
+            big = incompressible(1_500_000)
             await cluster.db.execute("INSERT INTO orders VALUES (2, $1)", big)
             await cluster.db.execute("INSERT INTO orders VALUES (3, 'small')")
             # Two failed attempts: the first refused the record, the second read the transaction
@@ -779,8 +794,6 @@ async def test_a_record_kafka_refused_is_read_again_not_lost(cluster):
             await limit(4 * 1024 * 1024 + RECORD_OVERHEAD)
             got += await events(c, 2, timeout=30)  # the feed retries, backing off up to 10 s
             await c.no_message(0.5)
-    finally:
-        await admin.close()
     assert [e["record"]["id"] for e in got] == [1, 2, 3]
     assert len(got[1]["record"]["note"]) == len(big)
 
@@ -792,15 +805,9 @@ async def test_a_record_kafka_refused_does_not_block_its_partition(cluster):
     later record of the partition (OutOfOrderSequenceNumber) until the node restarted; the
     ingest's feed likewise stalled behind a refused record after the operator had raised the
     limit again."""
-    from aiokafka.admin import AIOKafkaAdminClient
-    from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
-
     node = await cluster.node()
-    admin = AIOKafkaAdminClient(bootstrap_servers=cluster.env["RT_BUS_KAFKA_BOOTSTRAP"])
-    await admin.start()
-    try:
-        await admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, cluster.env["RT_BUS_TOPIC"],
-                                                  configs={"max.message.bytes": "4096"})])
+    async with topic_record_limit(cluster) as limit:
+        await limit(4096)
 
         def post(payload: dict):
             return node.post("/workspaces/w1/realtime/events/x", json.dumps(payload).encode(),
@@ -816,8 +823,6 @@ async def test_a_record_kafka_refused_does_not_block_its_partition(cluster):
                 assert status == 202, (status, body)
             got = await events(c, 3)
             await c.no_message(0.3)
-    finally:
-        await admin.close()
     assert [e["payload"]["n"] for e in got] == [0, 2, 3]
 
 
@@ -826,9 +831,6 @@ async def test_a_topic_created_beforehand_with_a_smaller_record_limit(cluster):
     (1 MiB, below RT_BUS_MAX_RECORD_BYTES): a change between the two is skipped with a
     history_gap and the feed goes on. Before, Kafka refused it on every retry and the feed
     stalled behind it (the rows after it never came)."""
-    import random
-    import string
-
     from tests.harness.kafka import create_topics
 
     await create_topics(cluster.env["RT_BUS_KAFKA_BOOTSTRAP"], [cluster.env["RT_BUS_TOPIC"]], partitions=3)
@@ -839,7 +841,7 @@ async def test_a_topic_created_beforehand_with_a_smaller_record_limit(cluster):
         await c.subscribe("postgres:orders")
         await cluster.db.execute("INSERT INTO orders VALUES (1, 'small')")
         got = [await c.recv(timeout=20)]
-        big = "".join(random.choices(string.ascii_letters, k=1_500_000))  # not compressible
+        big = incompressible(1_500_000)
         await cluster.db.execute("INSERT INTO orders VALUES (2, $1)", big)
         await cluster.db.execute("INSERT INTO orders VALUES (3, 'small')")
         got += [await c.recv(timeout=20), await c.recv(timeout=20)]
@@ -1004,31 +1006,18 @@ async def test_a_takeover_after_a_transaction_was_read_again_skips_only_what_kaf
     attempt, so the new holder skips the first row (in Kafka) and publishes the second. Before,
     the count went on across attempts (the second attempt's first row was the 3rd), and the new
     holder skipped the never-written second row as well: lost."""
-    import random
-    import string
-
-    from aiokafka.admin import AIOKafkaAdminClient
-    from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
-
     from rtserver.bus_kafka import RECORD_OVERHEAD
 
     first = await cluster.ingest()
     await first.wait_active()
     node = await cluster.node()
-    admin = AIOKafkaAdminClient(bootstrap_servers=cluster.env["RT_BUS_KAFKA_BOOTSTRAP"])
-    await admin.start()
-
-    async def limit(size: int) -> None:
-        await admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, cluster.env["RT_BUS_TOPIC"],
-                                                  configs={"max.message.bytes": str(size)})])
-
-    try:
+    async with topic_record_limit(cluster) as limit:
         async with ws_connect(node, "w1", token=node.token("w1")) as c:
             await c.subscribe("postgres:orders")
             await cluster.db.execute("INSERT INTO orders VALUES (0, 'small')")
             got = await events(c, 1)
             await limit(1_000_000)
-            big = "".join(random.choices(string.ascii_letters, k=1_500_000))  # not compressible
+            big = incompressible(1_500_000)
             async with cluster.db.transaction():
                 await cluster.db.execute("INSERT INTO orders VALUES (1, 'small')")
                 await cluster.db.execute("INSERT INTO orders VALUES (2, $1)", big)
@@ -1042,8 +1031,6 @@ async def test_a_takeover_after_a_transaction_was_read_again_skips_only_what_kaf
             while got[-1]["record"]["id"] != 3:
                 got += await events(c, 1)
             await c.no_message(0.5)
-    finally:
-        await admin.close()
     ids = [e["record"]["id"] for e in got]
     assert ids[0] == 0 and ids[-2:] == [2, 3] and set(ids[1:-2]) == {1}, ids  # row 1 once per attempt
 
