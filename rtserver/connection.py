@@ -389,8 +389,7 @@ class Connection(WSListener):
         elif isinstance(msg, Unsubscribe):
             self._unsubscribe(msg)
         elif isinstance(msg, Ping):
-            history = self.workspace.history
-            self.send(Pong(id=msg.id, seq=max(history.last_seq, history.floor)))
+            self.send(Pong(id=msg.id, seq=self.workspace.history.position))
         elif isinstance(msg, Auth):
             self._run(self._refresh(msg))
 
@@ -672,7 +671,7 @@ class Connection(WSListener):
         self.session.specs[spec.channel] = spec
         # Live events match at delivery, in seq order: every one after this position reaches
         # the subscription (the position as in _teardown's suspend).
-        self.send(Subscribed(channel=spec.channel, id=mid, seq=max(ws.history.last_seq, ws.history.floor)))
+        self.send(Subscribed(channel=spec.channel, id=mid, seq=ws.history.position))
         if since is not None:
             return self._replay([sub], since)
         return None
@@ -952,7 +951,7 @@ class Connection(WSListener):
         if self.session is not None:
             # The position the session is up to: the last event, or where the history starts
             # when it has none yet (nothing before that happened while this connection lived).
-            gw.sessions.suspend(self.session, max(ws.history.last_seq, ws.history.floor))
+            gw.sessions.suspend(self.session, ws.history.position)
             gw.audit.emit(
                 "session-suspended",
                 workspace_id=self.workspace_id,

@@ -79,6 +79,13 @@ class History:
     def bytes(self) -> int:
         return self._bytes
 
+    @property
+    def position(self) -> int:
+        """The stream position this history has reached: its last event, or its floor when
+        nothing came after it (a session suspended here, a subscription or pong answered here,
+        resumes from it)."""
+        return max(self.last_seq, self.floor)
+
     def next_seq(self) -> int:
         seq = max(self.last_seq + 1, self.floor + 1, now_us())
         self.last_seq = seq
@@ -141,7 +148,7 @@ class History:
         self._evict(time.monotonic())
 
     def oldest(self) -> int:
-        return self._entries[0].seq if self._entries else max(self.last_seq, self.floor) + 1
+        return self._entries[0].seq if self._entries else self.position + 1
 
     def since(self, since: int) -> Replay:
         """The retained entries after `since`, whether some may be missing before them, and

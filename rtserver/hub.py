@@ -327,8 +327,7 @@ class Hub:
         if now - ws.idle_since < grace or not self.retirable(ws.id):
             return
         del self.workspaces[ws.id]
-        h = ws.history
-        self._retired[ws.id] = max(h.last_seq, h.floor)
+        self._retired[ws.id] = ws.history.position
         while len(self._retired) > MAX_RETIRED:
             wid, position = self._retired.popitem(last=False)
             if self.on_forgotten is not None:
