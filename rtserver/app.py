@@ -4,7 +4,6 @@ and owns the lifecycle (start, periodic sweeps, drain on SIGTERM)."""
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import itertools
 import logging
 import os
@@ -29,6 +28,7 @@ from rtserver.channels import TOPIC_RE
 from rtserver.config import WORKSPACE_ID_RE, Config
 from rtserver.connection import Connection
 from rtserver.fd_limit import connection_share, open_files_limit
+from rtserver.file_lock import lock_exclusive
 from rtserver.gc_policy import FreezeSurvivors
 from rtserver.history import now_us
 from rtserver.hub import Hub, in_turns
@@ -573,19 +573,15 @@ def hold_state_dir(state_dir: str) -> IO[bytes]:
     """Lock `state_dir` for this `rtserver serve` (held until the process ends). Two gateways
     sharing one would silently overwrite each other's saved sessions and known workspaces, and
     hand out seqs from one reservation; without Kafka nothing else would stop the second."""
-    path = os.path.join(state_dir, ".serve.lock")
     try:
-        fh = open(path, "a+b")  # noqa: SIM115 - held for the process's lifetime
+        fh = lock_exclusive(os.path.join(state_dir, ".serve.lock"))
     except OSError as exc:
         raise RuntimeError(f"state directory {state_dir} (server.state_dir): {exc.strerror or exc}") from None
-    try:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        fh.close()
+    if fh is None:
         raise RuntimeError(
             f"state directory {state_dir} (server.state_dir): in use by another rtserver serve "
             "(give each node its own state_dir)"
-        ) from None
+        )
     return fh
 
 

@@ -12,11 +12,11 @@ never on the event loop, and that single thread keeps them in order. Counters (`
 
 from __future__ import annotations
 
-import fcntl
 import os
 import re
 
 from rtserver.atomic_file import replace_file
+from rtserver.file_lock import lock_exclusive
 
 _SEGMENT_RE = re.compile(r"^(\d{20})\.jsonl$")
 # Segment ids start high so records can be put back in front of all others (the batch that
@@ -52,17 +52,11 @@ class Spool:
         where = f"audit spool {self.directory} (audit.spool_dir)"
         try:
             os.makedirs(self.directory, mode=0o700, exist_ok=True)
-            self._lock_fh = open(os.path.join(self.directory, ".lock"), "a+b")
+            self._lock_fh = lock_exclusive(os.path.join(self.directory, ".lock"))
         except OSError as exc:
             raise SpoolError(f"{where}: {exc.strerror or exc}") from None
-        try:
-            fcntl.flock(self._lock_fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self._lock_fh.close()
-            self._lock_fh = None
-            raise SpoolError(
-                f"{where}: in use by another process (give each node its own state_dir)"
-            ) from None
+        if self._lock_fh is None:
+            raise SpoolError(f"{where}: in use by another process (give each node its own state_dir)")
         try:
             self._index()
         except OSError as exc:
