@@ -213,11 +213,3 @@ def drop_dump(path: str) -> None:
     sessions back a second time. Blocking: run it in an executor."""
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-
-
-def take_dump(path: str) -> bytes | None:
-    """Read and remove the dump at `path`; None when there is none. Blocking."""
-    data = read_dump(path)
-    if data is not None:
-        drop_dump(path)
-    return data

@@ -115,7 +115,7 @@ async def test_saving_many_suspended_sessions_at_shutdown_does_not_hold_the_loop
 
     from rtserver import channels
     from rtserver.app import Gateway
-    from rtserver.sessions import take_dump
+    from rtserver.sessions import read_dump
 
     n = 250_000
     gw = Gateway(config.load(environ={
@@ -141,7 +141,7 @@ async def test_saving_many_suspended_sessions_at_shutdown_does_not_hold_the_loop
     # (~1 s here); now the loop takes turns throughout (thousands).
     print(f"turns while encoding: {turns_while_encoding}")
     assert turns_while_encoding >= 200, f"{turns_while_encoding} turns of the loop while 250,000 sessions were encoded"
-    saved = msgspec.json.decode(take_dump(gw._sessions_path))
+    saved = msgspec.json.decode(read_dump(gw._sessions_path))
     want = msgspec.json.decode(expected)
     assert len(saved["sessions"]) == n and saved["version"] == want["version"]
     for got, row in zip(saved["sessions"], want["sessions"], strict=True):

@@ -12,7 +12,7 @@ import time
 import msgspec
 
 from rtserver import channels
-from rtserver.sessions import Sessions, take_dump, write_dump
+from rtserver.sessions import Sessions, drop_dump, read_dump, write_dump
 
 
 def _suspended(sessions: Sessions, sid: str, channel: str, filter_: dict | None, last_seq: int) -> None:
@@ -68,8 +68,9 @@ def test_dump_file_is_private_and_taken_once(tmp_path):
     path = os.path.join(tmp_path, "state", "sessions.json")
     write_dump(path, b"{}")
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
-    assert take_dump(path) == b"{}"
-    assert take_dump(path) is None
+    assert read_dump(path) == b"{}"
+    drop_dump(path)  # the gateway drops it once restored and listening
+    assert read_dump(path) is None
 
 
 def test_the_bound_drops_sessions_of_the_workspace_holding_the_most():
