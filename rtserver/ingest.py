@@ -28,7 +28,6 @@ import os
 import socket
 import time
 from collections.abc import Awaitable, Callable
-from http import HTTPStatus
 from typing import Any, TypeVar
 
 import msgspec
@@ -36,6 +35,7 @@ import msgspec
 from rtcore.event import Event
 from rtserver.bus_kafka import KafkaPublisher, bootstrap_of, encode_event, partition_for, stop_client
 from rtserver.config import Config
+from rtserver.http import http_response
 from rtserver.lease import Lease
 from rtserver.redact import redact
 from rtserver.signals import until_signalled
@@ -459,10 +459,7 @@ class Ingest:
                 status, body, ctype = 200, ("\n".join(lines) + "\n").encode(), "text/plain; version=0.0.4"
             else:
                 status, body = 404, b'{"error":"no such endpoint"}'
-            writer.write(
-                f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\nContent-Type: {ctype}\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body
-            )
+            writer.write(http_response(status, body, ctype, keep_alive=False))
             await writer.drain()
         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError):
             pass
