@@ -318,17 +318,13 @@ class PostgresSource:
 
     async def _setup(self) -> None:
         if self.catalog is None:
-            probe = Catalog(self.dsn, schemas=self.schemas, tables=self.tables, slot="", publication=self.publication,
-                            timeout=self.receive_timeout)
+            probe = self._new_catalog(slot="")  # the database name, which the slot's name holds
             try:
                 database = await probe.database()
             finally:
                 await probe.close()
             self.slot = slot_name(self.instance, database)
-            self.catalog = Catalog(
-                self.dsn, schemas=self.schemas, tables=self.tables, slot=self.slot, publication=self.publication,
-                timeout=self.receive_timeout,
-            )
+            self.catalog = self._new_catalog(self.slot)
         if self._position is None:
             self._position = await PositionFile.open(os.path.join(self.state_dir, f"postgres-{self.slot}.pos"))
             self._published_lsn = self._position.commit_lsn
@@ -348,6 +344,10 @@ class PostgresSource:
             await self._reset_position()
         self._slot_seen = True
         self._slot_info = (await catalog.slot_status()) or {}
+
+    def _new_catalog(self, slot: str) -> Catalog:
+        return Catalog(self.dsn, schemas=self.schemas, tables=self.tables, slot=slot, publication=self.publication,
+                       timeout=self.receive_timeout)
 
     async def _recreate_slot(self, reason: str) -> None:
         self._ready = False
