@@ -49,6 +49,7 @@ def test_smoke_run_produces_every_result(tmp_path):
                 assert r["latency_ms"]["samples"] == r["delivered"]
                 assert set(r["latency_ms"]) >= {"p50", "p90", "p99", "p99.9", "max"}
                 assert r["server_cpu_s"] >= 0 and r["server_rss_mib"] > 0
+                assert r["bytes_per_delivery"] > 0
             elif sc.kind == "storm":
                 assert r["connections"] == sc.total and r["failed"] == 0
             else:
@@ -56,6 +57,18 @@ def test_smoke_run_produces_every_result(tmp_path):
                 assert r["rss_after_mib"] > 0
     gw = got[("broadcast-100", "gateway")]
     assert gw["frames_per_write"] >= 1.0
+    # The baselines speak the gateway's frames: their envelope copies its fields and the
+    # lengths of its values (a 16-hex-digit correlation prefix, a microsecond position), so a
+    # delivery is the same bytes for all. 26 bytes more for the gateway once cost it a third more
+    # CPU per paced delivery (README-fanout, "Frame size"). Within 2 bytes: the hex counters
+    # may gain a digit a few events apart.
+    for sc in scenarios.smoke():
+        if sc.kind != "fanout" or "gateway" not in sc.servers:
+            continue
+        size = got[(sc.name, "gateway")]["bytes_per_delivery"]
+        for server in sc.servers:
+            other = got[(sc.name, server)]["bytes_per_delivery"]
+            assert abs(other - size) < 2, f"{sc.name}: {server} {other:.1f} bytes per delivery, gateway {size:.1f}"
     md = (tmp_path / "fanout-smoke.md").read_text()
     for sc in scenarios.smoke():
         assert sc.name in md

@@ -12,6 +12,7 @@ leave).
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 from collections.abc import Callable
 
@@ -23,13 +24,24 @@ _HEAD = b'{"type":"event","channel":"events:bench","operation":"PUBLISH","topic"
 
 
 class Envelope:
+    """The gateway's event envelope with values of the same length: a correlation id made of a
+    random 16-hex-digit prefix and a hex counter from 1 (rtserver/app.py), and a position that
+    starts at the wall clock in microseconds and counts events (rtserver/history.py). The
+    frames are then the same size byte for byte, which matters beyond the copying: a Linux
+    subscriber that has received more than 536 bytes since its last ACK (two frames of over
+    268 bytes) ACKs at once, and on loopback that ACK is made and taken in the writer's system
+    call (benchmarks/README-fanout.md, "Frame size")."""
+
     def __init__(self) -> None:
-        self.seq = 0
+        self.prefix = secrets.token_hex(8).encode()
+        self.n = 0
+        self.first_seq = time.time_ns() // 1000
 
     def body(self, payload: bytes) -> bytes:
-        self.seq += 1
-        return b'%s%s,"timestamp":"%s","correlationId":"bench-%d","seq":%d}' % (
-            _HEAD, payload, iso_ms(time.time_ns() // 1_000_000).encode(), self.seq, self.seq)
+        self.n += 1
+        return b'%s%s,"timestamp":"%s","correlationId":"%s-%x","seq":%d}' % (
+            _HEAD, payload, iso_ms(time.time_ns() // 1_000_000).encode(), self.prefix, self.n,
+            self.first_seq + self.n)
 
 
 def group_of(payload: bytes) -> int | None:

@@ -61,10 +61,11 @@ async def open_socket(host: str, port: int, src: str) -> socket.socket:
 
 
 class Stats:
-    __slots__ = ("count", "first", "last", "lat")
+    __slots__ = ("count", "first", "last", "lat", "bytes")
 
     def __init__(self) -> None:
         self.count = 0
+        self.bytes = 0  # received after the ready marker: frames as they came, headers included
         self.first = 0
         self.last = 0
         self.lat = array("q")
@@ -125,6 +126,7 @@ class Subscriber(asyncio.Protocol):
 
     def _events(self, data: bytes) -> None:
         now = time.time_ns()
+        self.stats.bytes += len(data)
         buf = self.tail + data if self.tail else data
         find = buf.find
         pos = find(wire.MARKER)
@@ -215,7 +217,7 @@ async def run_subscribers(cfg: dict[str, Any]) -> None:
         op = cmd["op"]
         if op == "reset":
             cpu0 = _cpu()  # cpu_s counts from here: not the connecting
-            stats.count = stats.first = stats.last = 0
+            stats.count = stats.first = stats.last = stats.bytes = 0
             stats.lat = array("q")
             for s in subs:
                 s.stats = stats
@@ -227,7 +229,8 @@ async def run_subscribers(cfg: dict[str, Any]) -> None:
             with open(cmd["path"], "wb") as fh:
                 stats.lat.tofile(fh)
             _reply({"count": stats.count, "first": stats.first, "last": stats.last, "samples": len(stats.lat),
-                    "open": sum(1 for s in subs if not s.closed), "cpu_s": _cpu() - cpu0})
+                    "open": sum(1 for s in subs if not s.closed), "cpu_s": _cpu() - cpu0,
+                    "bytes": stats.bytes})
         elif op == "quit":
             break
     for s in subs:

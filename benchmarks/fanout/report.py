@@ -56,8 +56,8 @@ def markdown(data: dict[str, Any]) -> str:
         "## Throughput and latency (publish → receipt)",
         "",
         "| scenario | server | deliveries/s | ×picows | ×websockets | ×centrifugo | p50 ms | p90 | p99 | p99.9 | max | "
-        "server CPU | load-gen CPU | deliveries per CPU-s | frames/write | lost |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "server CPU | load-gen CPU | deliveries per CPU-s | frames/write | bytes/delivery | lost |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for s in scen:
         for name in servers:
@@ -65,7 +65,7 @@ def markdown(data: dict[str, Any]) -> str:
             if r is None or r["kind"] != "fanout":
                 continue
             if "error" in r:
-                out.append(f"| {s} | {name} | error: {_err(r)} |" + " |" * 14)
+                out.append(f"| {s} | {name} | error: {_err(r)} |" + " |" * 15)
                 continue
             lat = r.get("latency_ms") or {}
             ratios = []
@@ -78,7 +78,7 @@ def markdown(data: dict[str, Any]) -> str:
                 f"{_fmt(lat.get('p50'), 2)} | {_fmt(lat.get('p90'), 2)} | {_fmt(lat.get('p99'), 2)} | "
                 f"{_fmt(lat.get('p99.9'), 2)} | {_fmt(lat.get('max'), 1)} | {r['server_cpu_util']:.0%} | "
                 f"{_pct(r.get('loadgen_cpu_util'))} | "
-                f"{_fmt(r.get('deliveries_per_cpu_s'))} | {_fmt(r.get('frames_per_write'), 2)} | {r['lost']} |"
+                f"{_fmt(r.get('deliveries_per_cpu_s'))} | {_fmt(r.get('frames_per_write'), 2)} | {_fmt(r.get('bytes_per_delivery'), 1)} | {r['lost']} |"
             )
     paced = [s for s in scen if idx.get((s, "gateway"), {}).get("target_rate")]
     if paced:

@@ -260,6 +260,9 @@ class Runner:
             "server_rss_mib": rss / 2**20,
             "client_cpu_s": sum(r["cpu_s"] for r in reports), "publisher_cpu_s": pub["cpu_s"],
             "client_wall_s": wall,
+            # The same for every server when their frames are the same size (the baselines
+            # copy the gateway's envelope): a paced delivery's cost depends on it (README-fanout).
+            "bytes_per_delivery": sum(r.get("bytes", 0) for r in reports) / delivered if delivered else None,
         }
         # How busy the load generators' cores were (subscribers + publisher): near 100% the
         # figure measures the load generator as much as the server.

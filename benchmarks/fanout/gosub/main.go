@@ -47,8 +47,11 @@ type Config struct {
 var (
 	marker = []byte(`{"t":`)
 	count  atomic.Int64
-	first  atomic.Int64
-	last   atomic.Int64
+	// Bytes read after the handshake and the ready message: the frames as sent, headers
+	// included (the baselines' frames must be the gateway's size).
+	received atomic.Int64
+	first    atomic.Int64
+	last     atomic.Int64
 	// Latencies of this process's deliveries since the last reset, in nanoseconds. One slice
 	// for all connections: the receive loop is the only writer, and takes mu once per batch
 	// of ready sockets, not per read.
@@ -227,6 +230,7 @@ func receive(conns []*conn) {
 			continue
 		}
 		found := int64(0)
+		got := int64(0)
 		var now int64
 		mu.Lock()
 		for i := 0; i < n; i++ {
@@ -243,6 +247,7 @@ func receive(conns []*conn) {
 				continue
 			}
 			now = time.Now().UnixNano()
+			got += int64(r)
 			data := buf[:m+r]
 			f, keep := scan(data, now)
 			found += f
@@ -252,6 +257,7 @@ func receive(conns []*conn) {
 			}
 		}
 		mu.Unlock()
+		received.Add(got)
 		if found > 0 {
 			if count.Add(found) == found {
 				first.Store(now)
@@ -374,6 +380,7 @@ func main() {
 			mu.Lock()
 			lats = lats[:0]
 			count.Store(0)
+			received.Store(0)
 			first.Store(0)
 			last.Store(0)
 			mu.Unlock()
@@ -393,7 +400,7 @@ func main() {
 				f.Close()
 			}
 			reply(map[string]any{"count": count.Load(), "first": first.Load(), "last": last.Load(),
-				"samples": samples, "open": open(), "cpu_s": cpuSeconds() - cpu0})
+				"samples": samples, "open": open(), "cpu_s": cpuSeconds() - cpu0, "bytes": received.Load()})
 		case "quit":
 			reply(map[string]any{"bye": true})
 			os.Exit(0)
