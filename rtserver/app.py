@@ -88,7 +88,7 @@ class Gateway:
         # Memory bus: seq is a clock reading, kept increasing across restarts by a reservation
         # (seq_reservation.py); a Kafka node's seq is the topic offset.
         self._seq = SeqReservation(reservation_path(self.state_dir)) if cfg.bus.kind == "memory" else None
-        self.metrics.add_gauges(self._gauges)
+        self.metrics.add_gauges(self._gauges, counters=_COUNTS)
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -526,6 +526,14 @@ _AUDIT_GAUGES = {
     "delivered": "Audit records delivered since start (Kafka acknowledged, or logged)",
     "lost": "Audit records lost since start (spool full, disk failing)",
 }
+
+# The rows of _gauges that count since start: the audit's records, and what the sources'
+# status() counts (PostgreSQL and MongoDB); typed counter in /metrics.
+_AUDIT_COUNTS = ("emitted", "delivered", "lost")
+_SOURCE_COUNTS = ("events", "transactions", "duplicates_dropped", "slot_recreations", "streamed_transactions",
+                  "streamed_aborted", "streamed_subtransactions_aborted", "streams_opened", "history_lost",
+                  "skipped_changes")
+_COUNTS = frozenset([f"rt_audit_{k}" for k in _AUDIT_COUNTS] + [f"rt_source_{k}" for k in _SOURCE_COUNTS])
 
 _STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 _STATIC_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",

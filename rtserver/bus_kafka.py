@@ -475,7 +475,7 @@ class KafkaBus:
         hub.retired_floor = self._history_floor
         hub.on_forgotten = self._forgot
         self._forgotten: dict[int, int] = {}  # partition -> highest position of a forgotten retired workspace
-        metrics.add_gauges(self._gauges)
+        metrics.add_gauges(self._gauges, counters=("rt_bus_delivered",))
 
     # -- EventBus --------------------------------------------------------------------------
 

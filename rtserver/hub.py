@@ -272,7 +272,7 @@ class Hub:
         # Retired workspaces: id -> the position their history vouched for up to (last_seq,
         # or floor when later): where it starts again when the workspace comes back.
         self._retired: OrderedDict[str, int] = OrderedDict()
-        metrics.add_gauges(self._gauges)
+        metrics.add_gauges(self._gauges, counters=("rt_history_node_evicted",))
 
     def workspace(self, wid: str) -> Workspace:
         ws = self.workspaces.get(wid)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import gc
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 
@@ -30,7 +30,9 @@ class Metrics:
         self.history_gaps = 0
         self.replayed = 0
         self.publisher_waits = 0  # publishes that waited for the write backlog (Hub.room)
-        self._gauges: list[Callable[[], list[tuple[str, str, dict[str, Any], float]]]] = []
+        # Providers of rows read at scrape time, each with the names of its rows that only grow
+        # (typed counter, so rate() and increase() mean what they say); the rest are gauges.
+        self._gauges: list[tuple[Callable[[], list[tuple[str, str, dict[str, Any], float]]], frozenset[str]]] = []
         # Garbage-collector passes by generation and the time the loop stood still in them: a
         # collection holds every connection's frames back, so it shows in the latency tail.
         self.gc_collections = [0, 0, 0]
@@ -54,9 +56,11 @@ class Metrics:
             self.gc_collections[gen] += 1
             self.gc_seconds[gen] += time.perf_counter() - self._gc_started
 
-    def add_gauges(self, fn: Callable[[], list[tuple[str, str, dict[str, Any], float]]]) -> None:
-        """Register a callback giving (name, help, labels, value) rows at scrape time."""
-        self._gauges.append(fn)
+    def add_gauges(self, fn: Callable[[], list[tuple[str, str, dict[str, Any], float]]],
+                   counters: Iterable[str] = ()) -> None:
+        """Register a callback giving (name, help, labels, value) rows at scrape time; the rows
+        named in `counters` count since start (typed counter), the others are gauges."""
+        self._gauges.append((fn, frozenset(counters)))
 
     def render(self) -> bytes:
         lines: list[str] = []
@@ -102,16 +106,16 @@ class Metrics:
 
         # The text format wants each family's samples together: the gauge providers interleave
         # them (per source: ready, then its counts), so they are grouped here, in first-seen order.
-        families: dict[str, tuple[str, list[str]]] = {}
-        for fn in self._gauges:
+        families: dict[str, tuple[str, str, list[str]]] = {}
+        for fn, counters in self._gauges:
             for name, help_, labels, value in fn():
                 family = families.get(name)
                 if family is None:
-                    family = families[name] = (help_, [])
-                family[1].append(f"{name}{_labels(labels)} {value}")
-        for name, (help_, samples) in families.items():
+                    family = families[name] = (help_, "counter" if name in counters else "gauge", [])
+                family[2].append(f"{name}{_labels(labels)} {value}")
+        for name, (help_, kind, samples) in families.items():
             lines.append(f"# HELP {name} {help_}")
-            lines.append(f"# TYPE {name} gauge")
+            lines.append(f"# TYPE {name} {kind}")
             lines.extend(samples)
         lines.append("")
         return "\n".join(lines).encode()

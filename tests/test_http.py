@@ -9,7 +9,7 @@ import json
 import socket
 import time
 
-from tests.harness.prometheus import parse_exposition
+from tests.harness.prometheus import family_types, parse_exposition
 from tests.harness.wsclient import subscribed_clients, ws_connect
 
 
@@ -41,6 +41,13 @@ async def test_metrics_are_valid_exposition_with_every_audit_number(gateway):
     for key, value in numbers.items():
         assert samples.get(f"rt_audit_{key}") == value, key
     assert audit["emitted"] == 2  # auth-granted, session-suspended
+    # What counts since start is typed counter (rate() and increase() apply), levels are gauges.
+    types = family_types(body.decode())
+    for name in ("rt_audit_emitted", "rt_audit_delivered", "rt_audit_lost", "rt_history_node_evicted"):
+        assert types[name] == "counter", name
+    for name in ("rt_audit_backlog", "rt_audit_spool_bytes", "rt_history_node_bytes", "rt_connections"):
+        assert types[name] == "gauge", name
+    assert all(kind == "counter" for name, kind in types.items() if name.endswith("_total")), types
 
 
 async def test_metrics_count_connections_events_and_auth_failures(gateway):

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from rtserver.redact import redact
+from tests.harness.prometheus import family_types
 from tests.harness.wsclient import ws_connect
 
 
@@ -49,3 +50,8 @@ async def test_no_database_secret_reaches_metrics_or_readiness(gateway_factory, 
     runs = [n for i, n in enumerate(names) if i == 0 or names[i - 1] != n]
     assert len(runs) == len(set(runs)), [n for n in set(runs) if runs.count(n) > 1]
     assert names.count("rt_source_ready") == 3
+    types = family_types(metrics.decode())
+    for name in ("rt_source_events", "rt_source_transactions", "rt_source_duplicates_dropped",
+                 "rt_source_slot_recreations", "rt_source_streamed_transactions"):
+        assert types[name] == "counter", name
+    assert types["rt_source_ready"] == types["rt_source_streamed_open"] == "gauge"

@@ -21,7 +21,7 @@ import asyncpg
 import pytest
 
 from tests.harness.fixtures_gateway import free_port
-from tests.harness.prometheus import parse_exposition
+from tests.harness.prometheus import family_types, parse_exposition
 from tests.harness.wsclient import ws_connect
 
 pytestmark = [pytest.mark.postgres, pytest.mark.kafka]
@@ -210,6 +210,8 @@ async def test_two_nodes_same_events_same_order_same_seq(cluster):
     assert ready["bus"]["kind"] == "kafka" and ready["bus"]["lag"] == 0
     status, metrics = await a.get("/metrics")
     assert status == 200 and b'rt_bus_consumer_lag{topic="' in metrics and b'partition="2"' in metrics, metrics.decode()
+    types = family_types(metrics.decode())
+    assert types["rt_bus_delivered"] == "counter" and types["rt_bus_consumer_lag"] == "gauge"
     # The ingest's /metrics is the text format too, with its content type (Prometheus 3 needs it).
     with urllib.request.urlopen(f"http://127.0.0.1:{ingest.port}/metrics", timeout=10) as r:
         ctype, text = r.headers.get("Content-Type", ""), r.read().decode()

@@ -33,3 +33,8 @@ def parse_exposition(text: str) -> dict[str, float]:
             assert key not in samples, f"sample {key} twice"
             samples[key] = float(m.group(3))
     return samples
+
+
+def family_types(text: str) -> dict[str, str]:
+    """{family name: its TYPE} of an exposition (parse_exposition checks the format)."""
+    return {line.split(" ")[2]: line.split(" ")[3] for line in text.splitlines() if line.startswith("# TYPE ")}
