@@ -1,8 +1,9 @@
 """The PostgreSQL source's persisted position: the commit LSN of the last transaction whose
 events were all published (and, for a large transaction published in parts, how many of its
-changes were), so the changes the slot redelivers after a restart are dropped, not repeated.
+changes were, and to how many workspaces the next one was), so the changes the slot
+redelivers after a restart are dropped, not repeated.
 
-Writes are a 32-byte `pwrite` at offset 0 of an open file, done on the event loop: it lands in
+Writes are a 48-byte `pwrite` at offset 0 of an open file, done on the event loop: it lands in
 the page cache without waiting for the device, and survives a crash of the process. `sync()`
 fsyncs in an executor; the source calls it before acknowledging an LSN to PostgreSQL, so an
 acknowledged position is on disk (a power loss cannot make us drop what we never published).
@@ -11,19 +12,35 @@ acknowledged position is on disk (a power loss cannot make us drop what we never
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import struct
 
-_FORMAT = struct.Struct("!4sQqQ")  # magic, commit_lsn, partial count (-1 = complete), check
-_MAGIC = b"RTP1"
+# magic, commit_lsn, partial count (-1 = complete), check: what versions before RTP2 wrote
+_FORMAT_1 = struct.Struct("!4sQqQ")
+_MAGIC_1 = b"RTP1"
+# RTP2 adds: of the change after the counted ones, how many workspaces had it, and a key of the
+# workspace list it went to (they count only for the same list: workspaces come and go).
+_FORMAT = struct.Struct("!4sQqQQQ")
+_MAGIC = b"RTP2"
+_SALT = 0x5A5A5A5A5A5A5A5A
+_U64 = 0xFFFFFFFFFFFFFFFF
+
+
+def targets_key(targets: list[str]) -> int:
+    """A key of a workspace list, the same in every process (str hashes are not)."""
+    digest = hashlib.blake2b("\0".join(targets).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
 
 
 class PositionFile:
-    def __init__(self, path: str, fd: int, commit_lsn: int, count: int) -> None:
+    def __init__(self, path: str, fd: int, commit_lsn: int, count: int, part: int = 0, key: int = 0) -> None:
         self.path = path
         self._fd = fd
         self.commit_lsn = commit_lsn
         self._count = count
+        self._part = part
+        self._key = key
         self._dirty = False
         self.synced_lsn = commit_lsn
 
@@ -37,12 +54,15 @@ class PositionFile:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         data = os.pread(fd, _FORMAT.size, 0)
-        lsn, count = 0, -1
-        if len(data) == _FORMAT.size:
-            magic, lsn_, count_, check = _FORMAT.unpack(data)
-            if magic == _MAGIC and check == (lsn_ ^ (count_ & 0xFFFFFFFFFFFFFFFF) ^ 0x5A5A5A5A5A5A5A5A):
-                lsn, count = lsn_, count_
-        return cls(path, fd, lsn, count)
+        if data[:4] == _MAGIC and len(data) == _FORMAT.size:
+            _, lsn, count, part, key, check = _FORMAT.unpack(data)
+            if check == lsn ^ (count & _U64) ^ part ^ key ^ _SALT:
+                return cls(path, fd, lsn, count, part, key)
+        elif data[:4] == _MAGIC_1 and len(data) >= _FORMAT_1.size:
+            _, lsn, count, check = _FORMAT_1.unpack(data[:_FORMAT_1.size])
+            if check == lsn ^ (count & _U64) ^ _SALT:
+                return cls(path, fd, lsn, count)
+        return cls(path, fd, 0, -1)
 
     @property
     def complete(self) -> bool:
@@ -52,12 +72,23 @@ class PositionFile:
     def partial_count(self) -> int:
         return max(self._count, 0)
 
-    def record(self, commit_lsn: int, count: int) -> None:
-        """Remember that `count` changes (-1: all) of the transaction at `commit_lsn` are published."""
+    @property
+    def partial_part(self) -> int:
+        """How many workspaces of the list of partial_key had the change after the counted ones."""
+        return 0 if self.complete else self._part
+
+    @property
+    def partial_key(self) -> int:
+        return self._key
+
+    def record(self, commit_lsn: int, count: int, part: int = 0, key: int = 0) -> None:
+        """Remember that `count` changes (-1: all) of the transaction at `commit_lsn` are
+        published, and the next one to the first `part` workspaces of the list of `key`."""
         self.commit_lsn = commit_lsn
         self._count = count
-        check = commit_lsn ^ (count & 0xFFFFFFFFFFFFFFFF) ^ 0x5A5A5A5A5A5A5A5A
-        os.pwrite(self._fd, _FORMAT.pack(_MAGIC, commit_lsn, count, check), 0)
+        self._part, self._key = part, key
+        check = commit_lsn ^ (count & _U64) ^ part ^ key ^ _SALT
+        os.pwrite(self._fd, _FORMAT.pack(_MAGIC, commit_lsn, count, part, key, check), 0)
         self._dirty = True
 
     async def sync(self) -> None:

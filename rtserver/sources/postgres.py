@@ -35,7 +35,7 @@ from rtcore.event import Event
 from rtserver.channels import valid_table_name
 from rtserver.sources.base import YIELD_EVERY, ChannelUnavailable, EventSink
 from rtserver.sources.pg_catalog import Catalog, SetupError, publication_name, slot_name
-from rtserver.sources.pg_state import PositionFile
+from rtserver.sources.pg_state import PositionFile, targets_key
 from rtserver.sources.pg_stream import ReplicationStream, StreamError
 from rtserver.sources.pg_streamed import StreamBuffers, StreamedTx
 
@@ -506,7 +506,7 @@ class PostgresSource:
                     tx.skip_all = True  # published before a restart, not yet acknowledged then
                     self._duplicates += 1
                 elif m.final_lsn == position.commit_lsn:
-                    tx.skip_first = position.partial_count
+                    tx.resume_after(position)
             elif isinstance(m, Commit | StreamCommit):
                 if isinstance(m, StreamCommit):
                     await self._commit_streamed(m, decoder, catalog)
@@ -616,7 +616,7 @@ class PostgresSource:
             # ids and partial counts mean the same whichever way the transaction came
             tx = _Tx(Begin(m.commit_lsn, m.commit_time, m.xid))
             if m.commit_lsn == position.commit_lsn:
-                tx.skip_first = position.partial_count
+                tx.resume_after(position)
             if buffered is not None:
                 # the messages carry their (sub)transaction xid: the decoder reads them as streamed
                 decoder.in_stream = True
@@ -731,31 +731,40 @@ class PostgresSource:
         for reason in problems.values():
             self._announce_gap(reason)
         if not final:
-            position.record(begin.final_lsn, tx.index)
+            position.record(begin.final_lsn, tx.index, *tx.partial())
             tx.recorded = tx.index
 
     async def _record_part(self, tx: _Tx) -> None:
-        """Position after the first tx.published changes of `tx`, when some were handed over
-        since the last record (drained first; a second cancellation leaves it as it was)."""
+        """Position after the first tx.published changes of `tx` (and the workspaces that have
+        the next one), when some were handed over since the last record (drained first; a
+        second cancellation leaves it as it was)."""
         position = self._position
         assert position is not None
-        if tx.published <= max(tx.skip_first, tx.recorded):
+        floor = max(tx.skip_first, tx.recorded)
+        if tx.published < floor or (tx.published == floor and not tx.part):
             return
         with contextlib.suppress(Exception, asyncio.CancelledError):
             await self._drain()
-            position.record(tx.begin.final_lsn, tx.published)
+            position.record(tx.begin.final_lsn, tx.published, *tx.partial())
             tx.recorded = tx.published
 
     async def _publish_changes(
         self, tx: _Tx, changes: list[_Change], targets: list[str], timestamp: str, correlation: str
     ) -> None:
-        """Hand each change to every workspace; tx.published counts the changes that are."""
+        """Hand each change to every workspace; tx.published counts the changes that are, and
+        tx.part the workspaces that have the one being handed."""
+        key = targets_key(targets)
         for change in changes:
             tx.index += 1
             if tx.index <= tx.skip_first:
                 self._duplicates += 1
                 tx.published = tx.index
                 continue
+            # The workspaces that had it before a restart, when it goes to the same list again.
+            had = tx.skip_part if tx.index == tx.skip_first + 1 and key == tx.skip_key else 0
+            if had:
+                self._duplicates += 1
+            tx.part, tx.part_key = 0, key
             rel = change.relation
             entity = entity_of(rel.schema, rel.name)
             body = messages.encode(
@@ -779,10 +788,13 @@ class PostgresSource:
             first = (tx.index - 1) * len(targets)
             for i, ws in enumerate(targets, 1):
                 self._publishing_event = first + i
-                await self.sink.publish(Event(ws, "postgres", entity, change.operation, record, body, old))
-                self._events += 1
-                turn = turn or self._events % YIELD_EVERY == 0
+                if i > had:
+                    await self.sink.publish(Event(ws, "postgres", entity, change.operation, record, body, old))
+                    self._events += 1
+                    turn = turn or self._events % YIELD_EVERY == 0
+                tx.part = i
             tx.published = tx.index
+            tx.part = 0
             if turn:
                 await asyncio.sleep(0)  # a turn for the clients (sources.base.YIELD_EVERY)
 
@@ -844,8 +856,8 @@ class _Inbox:
 
 
 class _Tx:
-    __slots__ = ("begin", "changes", "correlation", "skip_all", "skip_first", "index", "published", "recorded",
-                 "problems")
+    __slots__ = ("begin", "changes", "correlation", "skip_all", "skip_first", "skip_part", "skip_key", "index",
+                 "published", "part", "part_key", "recorded", "problems")
 
     def __init__(self, begin: Begin) -> None:
         self.begin = begin
@@ -853,7 +865,26 @@ class _Tx:
         self.correlation = ""
         self.skip_all = False
         self.skip_first = 0
+        # of change skip_first + 1, the workspaces that had it before a restart (of the list of
+        # skip_key): a stop can land between two workspaces of one change
+        self.skip_part = 0
+        self.skip_key = 0
         self.index = 0
         self.published = 0  # changes handed to every workspace (index of the last one)
+        self.part = 0  # of change published + 1, the workspaces that have it (of the list of part_key)
+        self.part_key = 0
         self.recorded = 0  # changes the position file says are published
         self.problems: dict[str, str] = {}  # column -> history_gap reason, announced after the events
+
+    def resume_after(self, position: PositionFile) -> None:
+        """This transaction is the position's: skip what it says was handed over."""
+        self.skip_first = position.partial_count
+        self.skip_part, self.skip_key = position.partial_part, position.partial_key
+
+    def partial(self) -> tuple[int, int]:
+        """(workspaces, key of their list) that have the change after the published ones."""
+        if self.part:
+            return self.part, self.part_key
+        if self.published == self.skip_first:
+            return self.skip_part, self.skip_key
+        return 0, 0
