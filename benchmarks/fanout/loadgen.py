@@ -226,10 +226,11 @@ async def run_subscribers(cfg: dict[str, Any]) -> None:
             _reply({"count": stats.count, "first": stats.first, "last": stats.last,
                     "open": sum(1 for s in subs if not s.closed)})
         elif op == "report":
+            cpu = _cpu() - cpu0  # before writing the latencies: that is not load (gosub/main.go)
             with open(cmd["path"], "wb") as fh:
                 stats.lat.tofile(fh)
             _reply({"count": stats.count, "first": stats.first, "last": stats.last, "samples": len(stats.lat),
-                    "open": sum(1 for s in subs if not s.closed), "cpu_s": _cpu() - cpu0,
+                    "open": sum(1 for s in subs if not s.closed), "cpu_s": cpu,
                     "bytes": stats.bytes})
         elif op == "quit":
             break
