@@ -155,12 +155,24 @@ class Subscriber(asyncio.Protocol):
                 del lat[: len(lat) // 2]
 
 
+def _token(spec: dict[str, Any], index: int) -> str:
+    """Connection `index`'s own token, from the spec's `tokens` file (read once)."""
+    tokens = spec.get("_tokens")
+    if tokens is None:
+        with open(spec["tokens"]) as fh:
+            tokens = spec["_tokens"] = fh.read().split()
+    return tokens[index % len(tokens)]
+
+
+def _fill(spec: dict[str, Any], text: str, index: int) -> str:
+    """A hello message or header value for connection `index`: its token, index and group."""
+    if "%T%" in text:
+        text = text.replace("%T%", _token(spec, index))
+    return text.replace("%I%", str(index)).replace("%G%", str(index % max(1, spec.get("groups", 1))))
+
+
 def _hello(spec: dict[str, Any], index: int) -> list[bytes]:
-    out = []
-    for msg in spec.get("hello", []):
-        text = msg.replace("%I%", str(index)).replace("%G%", str(index % max(1, spec.get("groups", 1))))
-        out.append(wire.client_text_frame(text.encode()))
-    return out
+    return [wire.client_text_frame(_fill(spec, msg, index).encode()) for msg in spec.get("hello", [])]
 
 
 async def connect_one(spec: dict[str, Any], index: int, stats: Stats, timeout: float = 60.0,
@@ -181,7 +193,8 @@ async def _connect_once(spec: dict[str, Any], index: int, stats: Stats, timeout:
     loop = asyncio.get_running_loop()
     host, port = spec["host"], spec["port"]
     sock = await asyncio.wait_for(open_socket(host, port, source_address(index, spec.get("src_base", 2))), timeout)
-    request = wire.ws_request(host, port, spec["path"], spec.get("headers"))
+    headers = {k: _fill(spec, v, index) for k, v in (spec.get("headers") or {}).items()}
+    request = wire.ws_request(host, port, spec["path"], headers)
     _, proto = await loop.create_connection(
         lambda: Subscriber(stats, request, _hello(spec, index), spec["ready"].encode()), sock=sock
     )

@@ -120,6 +120,7 @@ class Runner:
         self.log = log
         self.tmp = tempfile.mkdtemp(prefix="fanout-")
         self._src_base = 2
+        self._n_tokens = 0
         self._pg = None
 
     def postgres(self) -> str:
@@ -164,6 +165,15 @@ class Runner:
             off += k
         return out
 
+    def _tokens(self, n: int) -> str:
+        """A file of at least `n` distinct connection tokens (servers.write_tokens), made once
+        for the run's largest need."""
+        path = os.path.join(self.tmp, "tokens.txt")
+        if n > self._n_tokens:
+            srv.write_tokens(path, n)
+            self._n_tokens = n
+        return path
+
     def _next_src(self) -> int:
         # Each connecting phase uses fresh source addresses (TIME_WAIT of earlier phases).
         base = self._src_base
@@ -171,7 +181,8 @@ class Runner:
         return base
 
     def _subscribers(self, server: srv.Server, sc: Scenario) -> list[LoadProc]:
-        spec = dict(server.client_spec(sc.groups, sc.params.get("predicate", "distinct")), src_base=self._next_src())
+        spec = dict(server.client_spec(sc.groups, sc.params.get("predicate", "distinct")), src_base=self._next_src(),
+                    tokens=self._tokens(sc.clients))
         loads = [LoadProc({"role": "subscribers", "server": spec, "n": k, "offset": off,
                            "concurrency": sc.concurrency}, self.client_cpus, binary=self.gosub)
                  for off, k in self._split(sc.clients)]
@@ -281,7 +292,7 @@ class Runner:
         return out
 
     def _storm(self, sc: Scenario, server: srv.Server) -> dict[str, Any]:
-        spec = dict(server.client_spec(0), src_base=self._next_src())
+        spec = dict(server.client_spec(0), src_base=self._next_src(), tokens=self._tokens(sc.total))
         cpu0 = server.cpu_seconds()
         loads, paths = [], []
         for i, (off, k) in enumerate(self._split(sc.total)):

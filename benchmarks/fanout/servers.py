@@ -45,6 +45,15 @@ def token(sub: str = "bench-user", publish: bool = False, **claims: Any) -> str:
     return jwt.encode(payload, SECRET, algorithm="HS256")
 
 
+def write_tokens(path: str, n: int) -> None:
+    """`n` connection tokens, one a line, each for its own subject (`bench-user-<i>`): the load
+    generators give connection i token i (the `%T%` of a client spec). With one token for every
+    connection the gateway verified it once and remembered it (Authenticator.known), while the
+    baselines verified every connection's: the storm compared unlike work."""
+    with open(path, "w") as fh:
+        fh.writelines(token(f"bench-user-{i}") + "\n" for i in range(n))
+
+
 NICE = 0  # set by the CLI (--nice): priority of every benchmark process on a shared machine
 GATEWAY_ENV: dict[str, str] = {}  # set by the CLI (--gateway-env): settings to measure, e.g. RT_FANOUT_BACKLOG
 
@@ -121,7 +130,9 @@ class Server:
     def client_spec(self, filtered_groups: int = 0, predicate: str = "distinct") -> dict[str, Any]:
         """How subscribers connect and subscribe; with `filtered_groups`, each matches
         1/groups of the events (`predicate`: "distinct", a filter per client, or "eq", one
-        equality shared by a group; only the gateway has filters, the others route by group)."""
+        equality shared by a group; only the gateway has filters, the others route by group).
+        `%T%` in headers and hello messages is the connection's own token (Runner adds the
+        `tokens` file; see write_tokens), `%I%` its index, `%G%` its group."""
         raise NotImplementedError
 
     def publish_spec(self) -> dict[str, Any]:
@@ -208,7 +219,7 @@ class Gateway(Server):
         hello = json.dumps(sub).replace("999999", "%G%").replace("888888", "%I%")
         return {
             "host": "127.0.0.1", "port": self.port, "path": f"/workspaces/{WORKSPACE}/realtime/connect",
-            "headers": {"Authorization": f"Bearer {token()}"}, "hello": [hello], "ready": '"subscribed"',
+            "headers": {"Authorization": "Bearer %T%"}, "hello": [hello], "ready": '"subscribed"',
             "groups": filtered_groups,
         }
 
@@ -239,7 +250,7 @@ class Baseline(Server):
 
     def client_spec(self, filtered_groups: int = 0, predicate: str = "distinct") -> dict[str, Any]:
         sub = '{"type":"subscribe","channel":"events:bench"%s}' % (',"g":%G%' if filtered_groups else "")
-        auth = json.dumps({"type": "auth", "token": token()})
+        auth = json.dumps({"type": "auth", "token": "%T%"})
         return {"host": "127.0.0.1", "port": self.port, "path": "/", "hello": [auth, sub],
                 "ready": '"subscribed"', "groups": filtered_groups}
 
@@ -279,7 +290,7 @@ class Centrifugo(Server):
             return s.connect_ex(("127.0.0.1", self.port)) == 0
 
     def client_spec(self, filtered_groups: int = 0, predicate: str = "distinct") -> dict[str, Any]:
-        connect = json.dumps({"id": 1, "connect": {"token": token()}})
+        connect = json.dumps({"id": 1, "connect": {"token": "%T%"}})
         sub = json.dumps({"id": 2, "subscribe": {"channel": "bench"}})
         return {"host": "127.0.0.1", "port": self.port, "path": "/connection/websocket",
                 "hello": [connect, sub], "ready": '"id":2', "groups": 0}

@@ -34,6 +34,7 @@ type Spec struct {
 	Ready   string            `json:"ready"`
 	Groups  int               `json:"groups"`
 	SrcBase int               `json:"src_base"`
+	Tokens  string            `json:"tokens"` // a file, one token a line: connection i's is %T%
 }
 
 type Config struct {
@@ -45,6 +46,8 @@ type Config struct {
 }
 
 var (
+	// The connection tokens of Spec.Tokens: connection i authenticates with tokens[i].
+	tokens []string
 	marker = []byte(`{"t":`)
 	count  atomic.Int64
 	// Bytes read after the handshake and the ready message: the frames as sent, headers
@@ -126,8 +129,15 @@ func dialOnce(spec *Spec, index int) (*conn, error) {
 	fmt.Fprintf(&req, "GET %s HTTP/1.1\r\nHost: %s:%d\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"+
 		"Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n", spec.Path, spec.Host, spec.Port,
 		base64.StdEncoding.EncodeToString(key))
+	fill := func(m string) string {
+		if len(tokens) > 0 {
+			m = strings.ReplaceAll(m, "%T%", tokens[index%len(tokens)])
+		}
+		m = strings.ReplaceAll(m, "%I%", strconv.Itoa(index))
+		return strings.ReplaceAll(m, "%G%", strconv.Itoa(index%max(1, spec.Groups)))
+	}
 	for k, v := range spec.Headers {
-		fmt.Fprintf(&req, "%s: %s\r\n", k, v)
+		fmt.Fprintf(&req, "%s: %s\r\n", k, fill(v))
 	}
 	req.WriteString("\r\n")
 	if _, err := c.Write([]byte(req.String())); err != nil {
@@ -149,15 +159,9 @@ func dialOnce(spec *Spec, index int) (*conn, error) {
 		return nil, fmt.Errorf("upgrade refused: %.200q", buf)
 	}
 	buf = buf[bytes.Index(buf, []byte("\r\n\r\n"))+4:]
-	groups := spec.Groups
-	if groups < 1 {
-		groups = 1
-	}
 	var hello []byte
 	for _, m := range spec.Hello {
-		m = strings.ReplaceAll(m, "%I%", strconv.Itoa(index))
-		m = strings.ReplaceAll(m, "%G%", strconv.Itoa(index%groups))
-		hello = append(hello, clientFrame([]byte(m))...)
+		hello = append(hello, clientFrame([]byte(fill(m)))...)
 	}
 	if len(hello) > 0 {
 		if _, err := c.Write(hello); err != nil {
@@ -324,6 +328,14 @@ func main() {
 	lim.Cur = lim.Max
 	syscall.Setrlimit(syscall.RLIMIT_NOFILE, &lim)
 
+	if cfg.Server.Tokens != "" {
+		b, err := os.ReadFile(cfg.Server.Tokens)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(2)
+		}
+		tokens = strings.Fields(string(b))
+	}
 	conc := cfg.Concurrency
 	if conc < 1 {
 		conc = 256
