@@ -370,8 +370,8 @@ def run_set(scenarios: list[Scenario], server_names: list[str], procs: int | Non
     Scenario-major order (all servers for one scenario, then the next) keeps the runs being
     compared close in time on a machine whose other load varies; with `repeat` > 1 the servers
     take turns (order reversed every round) and the best round of each is kept (highest rate;
-    for paced scenarios, lowest p99: interference from other load only adds latency), the
-    others are listed under `rounds`. A scenario may ask for more rounds (`Scenario.rounds`).
+    for paced scenarios, lowest p99: interference from other load only adds latency; a round
+    that lost deliveries only when every round did), the others are listed under `rounds`. A scenario may ask for more rounds (`Scenario.rounds`).
     """
     runner = Runner(procs=procs, client=client, log=log)
     meta: dict[str, Any] = {"server_cpus": runner.server_cpus, "client_cpus": runner.client_cpus,
@@ -417,16 +417,19 @@ def run_set(scenarios: list[Scenario], server_names: list[str], procs: int | Non
     return {"meta": meta, "results": results}
 
 
-def _score(sc: Scenario, r: dict[str, Any]) -> float:
+def _score(sc: Scenario, r: dict[str, Any]) -> tuple[int, float]:
     if "error" in r:
-        return float("-inf")
+        return 0, float("-inf")
     if sc.kind == "fanout":
+        # A round that lost deliveries ranks below every complete one: the deliveries missing
+        # from its percentiles are the late ones (a dropped slow reader), so its p99 looks better.
+        complete = 2 if not r.get("lost") else 1
         if sc.mode == "paced":
-            return -(r.get("latency_ms") or {}).get("p99", float("inf"))
-        return r["deliveries_per_s"]
+            return complete, -(r.get("latency_ms") or {}).get("p99", float("inf"))
+        return complete, r["deliveries_per_s"]
     if sc.kind == "storm":
-        return r["connects_per_s"]
-    return -r["rss_per_conn_kib"]
+        return 2, r["connects_per_s"]
+    return 2, -r["rss_per_conn_kib"]
 
 
 def _best(sc: Scenario, rounds: list[dict[str, Any]]) -> dict[str, Any]:
