@@ -46,6 +46,7 @@ def test_smoke_run_produces_every_result(tmp_path):
             if sc.kind == "fanout":
                 assert r["events"] > 0
                 assert r["delivered"] == r["expected"] == r["events"] * sc.matches_per_event()
+                assert r["refused"] == 0
                 assert r["latency_ms"]["samples"] == r["delivered"]
                 assert set(r["latency_ms"]) >= {"p50", "p90", "p99", "p99.9", "max"}
                 assert r["server_cpu_s"] >= 0 and r["server_rss_mib"] > 0
@@ -98,6 +99,22 @@ def test_every_connection_authenticates_with_a_token_of_its_own(tmp_path):
             assert len(used) == 1, f"{name}: connection {i} sends {len(used)} of the tokens"
             subjects.append(jwt.decode(used[0], servers.SECRET, algorithms=["HS256"])["sub"])
         assert len(set(subjects)) == 3, f"{name}: {subjects}"
+
+
+async def test_publisher_counts_answers_and_accepted_events_apart():
+    # Every answer frees the window; only an accepted event owes deliveries. A refused publish
+    # (the gateway's 503, Centrifugo's 200 with an error) counted as acknowledged before, and its
+    # deliveries as lost. Fed cut at every byte: each marker counted once.
+    stream = b"HTTP/1.1 202 Accepted\r\n\r\nHTTP/1.1 503 Busy\r\n\r\nHTTP/1.1 202 Accepted\r\n\r\n"
+    for cut in range(len(stream) + 1):
+        pub = loadgen.Publisher(b"HTTP/1.1 ", b"HTTP/1.1 202 ")
+        pub.data_received(stream[:cut])
+        pub.data_received(stream[cut:])
+        assert (pub.acked, pub.accepted) == (3, 2), cut
+    line = loadgen.Publisher(b"+\n")
+    line.data_received(b"+\n+")
+    line.data_received(b"\n")
+    assert (line.acked, line.accepted) == (2, 2)
 
 
 def test_best_round_is_a_complete_one():

@@ -254,12 +254,16 @@ async def run_subscribers(cfg: dict[str, Any]) -> None:
 
 
 class Publisher(asyncio.Protocol):
-    """Counts acknowledgements (one marker per acknowledged event) on the publish connection."""
+    """Counts answers (one `ack` marker per event answered: they free the window) and, with an
+    `ok` marker, the answers that accepted their event (a 503 or an API error answers too)."""
 
-    def __init__(self, ack: bytes):
+    def __init__(self, ack: bytes, ok: bytes | None = None):
         self.ack = ack
+        self.ok = ok
         self.acked = 0
+        self.accepted = 0
         self.tail = b""
+        self.ok_tail = b""
         self.waiter: asyncio.Future | None = None
         self.want = 0
         self.lost: asyncio.Future = asyncio.get_running_loop().create_future()
@@ -269,9 +273,17 @@ class Publisher(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        # Each marker is counted in what came after its own tail (the previous read's last
+        # len(marker) - 1 bytes: a marker cut in two is counted once, a whole one never twice).
         buf = self.tail + data
         self.acked += buf.count(self.ack)
         self.tail = buf[-(len(self.ack) - 1):] if len(self.ack) > 1 else b""
+        if self.ok is None:
+            self.accepted = self.acked
+        else:
+            buf = self.ok_tail + data
+            self.accepted += buf.count(self.ok)
+            self.ok_tail = buf[-(len(self.ok) - 1):] if len(self.ok) > 1 else b""
         if self.waiter is not None and self.acked >= self.want and not self.waiter.done():
             self.waiter.set_result(None)
 
@@ -358,7 +370,8 @@ async def run_publisher(cfg: dict[str, Any]) -> None:
         return
     loop = asyncio.get_running_loop()
     sock = await open_socket(pub["host"], pub["port"], "127.0.0.1")
-    _, proto = await loop.create_connection(lambda: Publisher(pub["ack"].encode()), sock=sock)
+    ok = pub["ok"].encode() if pub.get("ok") else None
+    _, proto = await loop.create_connection(lambda: Publisher(pub["ack"].encode(), ok), sock=sock)
     groups = max(1, cfg.get("groups", 1))
     rng = random.Random(7)
     mode = cfg["mode"]
@@ -403,7 +416,7 @@ async def run_publisher(cfg: dict[str, Any]) -> None:
     except TimeoutError:
         pass
     proto.transport.close()
-    _reply({"sent": sent, "acked": proto.acked, "t_start": t_start, "t_sent": t_sent, "cpu_s": _cpu() - cpu0})
+    _reply({"sent": sent, "acked": proto.acked, "accepted": proto.accepted, "t_start": t_start, "t_sent": t_sent, "cpu_s": _cpu() - cpu0})
 
 
 async def run_storm(cfg: dict[str, Any]) -> None:

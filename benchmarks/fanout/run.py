@@ -234,7 +234,10 @@ class Runner:
                 pub = pub_proc.read(timeout=sc.duration + 60)
             finally:
                 pub_proc.close()
-            expected = pub["acked"] * per_event
+            # Deliveries owed for the events the server accepted: one it refused (a 503, an API
+            # error) was answered too, and counted as lost before.
+            accepted = pub.get("accepted", pub["acked"])
+            expected = accepted * per_event
             got, last_change, prev = 0, time.monotonic(), -1
             while time.monotonic() - last_change < 3.0:
                 got = sum(lp.send(op="stat")["count"] for lp in loads)
@@ -263,7 +266,8 @@ class Runner:
         wall = max(1e-9, (last - pub["t_start"]) / 1e9)
         cpu = cpu1 - cpu0
         out = {
-            "events": pub["acked"], "sent": pub["sent"], "expected": expected, "delivered": delivered,
+            "events": accepted, "refused": pub["acked"] - accepted, "sent": pub["sent"], "expected": expected,
+            "delivered": delivered,
             "lost": max(0, expected - delivered),
             "deliveries_per_s": delivered / wall, "seconds": wall,
             "server_cpu_s": cpu, "server_cpu_util": cpu / max(1e-9, t1 - t0),
@@ -451,6 +455,7 @@ def _summary(r: dict[str, Any]) -> str:
         lat = r.get("latency_ms") or {}
         return (f"{r['deliveries_per_s']:>10,.0f} deliv/s  p50 {lat.get('p50', 0):.2f} p99 {lat.get('p99', 0):.2f} "
                 f"max {lat.get('max', 0):.1f} ms  cpu {r['server_cpu_util']:.0%}  lost {r['lost']}"
+                + (f"  refused {r['refused']}" if r.get("refused") else "")
                 + (f"  frames/write {r['frames_per_write']:.2f}" if r.get("frames_per_write") else ""))
     if r["kind"] == "storm":
         return f"{r['connects_per_s']:>8,.0f} connects/s  failed {r['failed']}"

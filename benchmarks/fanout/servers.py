@@ -231,7 +231,7 @@ class Gateway(Server):
         return {"kind": "http", "host": "127.0.0.1", "port": self.port,
                 "path": f"/workspaces/{WORKSPACE}/realtime/events/bench",
                 "headers": {"Authorization": f"Bearer {token('bench-publisher', publish=True)}"},
-                "ack": "HTTP/1.1 "}
+                "ack": "HTTP/1.1 ", "ok": "HTTP/1.1 202 "}
 
 
 class GatewayReadBuffer2k(Gateway):
@@ -299,7 +299,8 @@ class Centrifugo(Server):
         return {"kind": "http", "host": "127.0.0.1", "port": self.port, "path": "/api/publish",
                 "headers": {"X-API-Key": self.api_key},
                 "wrap": '{"channel":"bench","data":%%P%%,"tags":{"p":"%s"}}' % ("x" * centrifugo_pad()),
-                "ack": "HTTP/1.1 "}
+                # an API error is a 200 too, with {"error":...} in place of {"result":...}
+                "ack": "HTTP/1.1 ", "ok": '{"result"'}
 
 
 def centrifugo_pad() -> int:
