@@ -21,13 +21,13 @@ import collections
 import logging
 import os
 import socket
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import msgspec
 
 from rtcore.timefmt import iso_ms, now_ms
+from rtserver import ids
 from rtserver.audit_spool import Spool
 
 EVENTS = ("auth-granted", "auth-denied", "session-suspended", "session-resumed")
@@ -83,7 +83,7 @@ class Audit:
             if event not in _EVENT_SET:
                 raise ValueError(f"unknown audit event {event!r}")
             record: dict[str, Any] = {
-                "id": str(uuid.uuid4()),
+                "id": ids.uuid4(),
                 "event": event,
                 "workspaceId": workspace_id,
                 "subject": subject,

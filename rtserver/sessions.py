@@ -14,14 +14,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import secrets
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import msgspec
 
-from rtserver import channels
+from rtserver import channels, ids
 from rtserver.atomic_file import replace_file
 from rtserver.channels import SubscriptionSpec
 
@@ -58,7 +57,7 @@ class Sessions:
         self.expired = 0
 
     def new(self, subject: str, workspace: str) -> Session:
-        return Session(id=secrets.token_urlsafe(18), subject=subject, workspace=workspace)
+        return Session(id=ids.token_urlsafe(18), subject=subject, workspace=workspace)
 
     def suspend(self, session: Session, last_seq: int) -> None:
         if session.id in self._suspended:
