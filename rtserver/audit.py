@@ -27,7 +27,7 @@ from typing import Any
 import msgspec
 
 from rtcore.timefmt import iso_ms, now_ms
-from rtserver import ids
+from rtserver import ids, logs
 from rtserver.audit_spool import Spool
 
 EVENTS = ("auth-granted", "auth-denied", "session-suspended", "session-resumed")
@@ -133,8 +133,13 @@ class LogAudit(Audit):
     backend = "log"
 
     def _submit(self, entry: Entry, record: dict[str, Any]) -> None:
-        # The record's members become members of the log line (see rtserver.logs).
-        log.info(f"audit {record['event']}", extra={"fields": record})
+        # The record's members become members of the log line (see rtserver.logs): with the
+        # writer logs.setup() installs, the line is made from the record's JSON at hand.
+        writer = logs.direct_writer(log, logging.INFO)
+        if writer is not None and logs.LINE_KEYS.isdisjoint(record):
+            writer.put(logs.json_line(record["timestamp"], "info", log.name, f"audit {entry[0]}", entry[2]))
+        else:
+            log.info(f"audit {record['event']}", extra={"fields": record})
         self.delivered += 1
 
 

@@ -7,7 +7,10 @@ import json
 import logging
 import threading
 
-from rtserver.logs import JsonFormatter, LineWriter
+from rtserver import logs
+from rtserver.audit import LogAudit
+from rtserver.audit import log as audit_log
+from rtserver.logs import JsonFormatter, LineWriter, direct_writer
 
 
 class BlockingStream:
@@ -106,3 +109,86 @@ def test_a_value_json_has_no_type_for_is_logged_as_its_text():
     assert line["error"] == "bad thing" and line["count"] == 3 and line["ok"] is True
     assert line["ts"].endswith("Z") and len(line["ts"]) == len("2026-11-29T04:15:43.123Z")
     handler.close()
+
+
+class ListStream:
+    def __init__(self) -> None:
+        self.text = ""
+
+    def write(self, data: str) -> int:
+        self.text += data
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+
+def _pairs(line: str) -> list[tuple[str, object]]:
+    return json.loads(line, object_pairs_hook=list)
+
+
+def test_log_audit_lines_are_the_formatters_lines_with_or_without_the_direct_path(monkeypatch):
+    """With the writer logs.setup() installs, LogAudit hands its line to the writer directly
+    (logs.direct_writer); the line is the one the logging call made: same members, same order,
+    one JSON object, no member twice. Any other configuration goes through logging."""
+    stream = ListStream()
+    writer = LineWriter(stream)
+    writer.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [writer])  # without pytest's capture handler
+    monkeypatch.setattr(audit_log, "level", audit_log.level)  # restored after the test
+    audit_log.setLevel(logging.INFO)
+    assert logs.direct_writer(audit_log, logging.INFO) is writer
+    calls = []
+    monkeypatch.setattr(audit_log, "info", lambda *a, **kw: (calls.append(a), logging.Logger.info(audit_log, *a, **kw)))
+
+    audit = LogAudit("node-d")
+    kw = dict(workspace_id="w1", subject="alice", session_id="s1", remote_addr="1.2.3.4:5", refresh=True)
+    audit.emit("auth-granted", **kw)  # direct
+    assert not calls
+    audit.emit("auth-granted", **kw, msg="clash")  # a member the line has itself: through logging
+    assert len(calls) == 1
+    monkeypatch.setattr(root, "handlers", [writer, logging.NullHandler()])
+    assert logs.direct_writer(audit_log, logging.INFO) is None
+    audit.emit("auth-granted", **kw)  # another handler: through logging
+    assert len(calls) == 2
+    writer.flush()
+    direct, clash, logged = (_pairs(line) for line in stream.text.splitlines())
+    assert [k for k, _ in direct] == [k for k, _ in logged]
+    assert [k for k, _ in direct][:4] == ["ts", "level", "logger", "msg"]
+    same = {"ts", "id", "timestamp"}
+    assert [p for p in direct if p[0] not in same] == [p for p in logged if p[0] not in same]
+    assert dict(direct)["msg"] == "audit auth-granted" and dict(direct)["refresh"] is True
+    assert dict(direct)["ts"] == dict(direct)["timestamp"]
+    assert len({k for k, _ in clash}) == len(clash) and dict(clash)["msg"] == "audit auth-granted"
+    assert audit.status()["delivered"] == 3
+    writer.close()
+
+
+def test_direct_writer_only_for_the_plain_setup():
+    writer = LineWriter(ListStream())
+    writer.setFormatter(JsonFormatter())
+    parent = logging.Logger("t.direct", logging.INFO)
+    parent.addHandler(writer)
+    child = logging.Logger("t.direct.child", logging.NOTSET)
+    child.parent = parent
+    assert direct_writer(child, logging.INFO) is writer
+    assert direct_writer(child, logging.DEBUG) is None  # not enabled
+    writer.setLevel(logging.WARNING)
+    assert direct_writer(child, logging.INFO) is None
+    writer.setLevel(logging.NOTSET)
+    writer.addFilter(lambda r: True)
+    assert direct_writer(child, logging.INFO) is None
+    writer.filters.clear()
+    child.addFilter(lambda r: True)
+    assert direct_writer(child, logging.INFO) is None
+    child.filters.clear()
+    writer.setFormatter(logging.Formatter())
+    assert direct_writer(child, logging.INFO) is None
+    writer.setFormatter(JsonFormatter())
+    child.propagate = False
+    assert direct_writer(child, logging.INFO) is None  # no handler: logging's last resort
+    child.propagate = True
+    child.disabled = True
+    assert direct_writer(child, logging.INFO) is None
+    writer.close()
