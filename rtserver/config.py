@@ -188,10 +188,14 @@ class Config:
         return self.values[section][key]
 
     def __getattr__(self, name: str) -> Any:
-        # `config.server`, `config.auth`... give a namespace of that section.
+        # `config.server`, `config.auth`... give a namespace of that section, made on first use
+        # and kept as an attribute: a connection reads ~10 settings (each read went through
+        # here and made a namespace). It reads the section's dict itself, so a value changed in
+        # `values` shows through it.
         values = self.__dict__.get("values")
         if values is not None and name in values:
-            return _Section(name, values[name])
+            section = self.__dict__[name] = _Section(name, values[name])
+            return section
         raise AttributeError(name)
 
     def sources_for(self, workspace: str) -> WorkspaceSources:
@@ -212,15 +216,17 @@ class Config:
 
 
 class _Section:
+    """One section's settings as attributes: its instance dict is the section's dict in
+    Config.values, so a read is a plain attribute lookup."""
+
+    __slots__ = ("_name", "__dict__")
+
     def __init__(self, name: str, values: dict[str, Any]):
         self._name = name
-        self._values = values
+        self.__dict__ = values
 
     def __getattr__(self, key: str) -> Any:
-        try:
-            return self._values[key]
-        except KeyError:
-            raise AttributeError(f"{self._name}.{key}") from None
+        raise AttributeError(f"{self._name}.{key}")
 
 
 def load(

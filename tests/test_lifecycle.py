@@ -87,6 +87,22 @@ def test_bad_config_is_one_line_and_exit_2(tmp_path):
     assert out.returncode == 2 and "[workspaces.acme] mongo_url: not a valid MongoDB URL" in out.stderr, out.stderr
 
 
+def test_config_sections_read_the_values_they_hold(tmp_path):
+    """cfg.limits (any section) is made once and kept, and reads its section's dict itself: a
+    value set in cfg.values shows through it; an unknown key or section is an AttributeError
+    naming it."""
+    cfg = load(environ={"RT_STATE_DIR": str(tmp_path), "RT_MAX_CONNECTIONS": "7"})
+    limits = cfg.limits
+    assert cfg.limits is limits and limits.max_connections == 7 == cfg.get("limits", "max_connections")
+    cfg.values["limits"]["max_connections"] = 9
+    assert cfg.limits.max_connections == 9
+    with pytest.raises(AttributeError, match="limits.no_such_key"):
+        _ = cfg.limits.no_such_key
+    with pytest.raises(AttributeError, match="no_such_section"):
+        _ = cfg.no_such_section
+    assert vars(cfg.server) is cfg.values["server"] and "_name" not in cfg.values["server"]
+
+
 def test_unknown_config_setting_is_an_error(tmp_path):
     cfg = tmp_path / "c.toml"
     cfg.write_text("[server]\nprot = 1\n")
