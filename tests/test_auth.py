@@ -16,6 +16,7 @@ from typing import Any
 import jwt
 import pytest
 
+from rtserver import auth as auth_module
 from rtserver import config
 from rtserver.app import Gateway
 from rtserver.auth import (
@@ -136,6 +137,28 @@ async def test_hs256_bad_signature(hs_auth: Authenticator) -> None:
     assert "signature" in str(exc)
 
 
+async def test_hs256_key_checked_once_and_every_token_still_verified(tmp_path: Any) -> None:
+    """PyJWT's check of the HS256 key runs once per key (auth._HS256); every token's signature
+    is still checked with it, and a key PyJWT refuses is refused every time."""
+    auth = Authenticator(make_cfg(tmp_path, RT_AUTH_HS256_SECRET=SECRET))
+    for _ in range(3):
+        assert (await auth.authenticate(jwt.encode(claims(jti=os.urandom(4).hex()), SECRET, algorithm="HS256"),
+                                        WS)).subject == "user-1"
+        other = jwt.encode(claims(jti=os.urandom(4).hex()), "another-secret-of-sufficient-length-000000",
+                           algorithm="HS256")
+        assert "signature" in str(await refused(auth, other))
+    alg = auth_module._pyjwt._jws.get_algorithm_by_name("HS256")
+    assert isinstance(alg, auth_module._HS256) and alg._prepared == (SECRET.encode(), SECRET.encode())
+    assert jwt.api_jws._jws_global_obj.get_algorithm_by_name("HS256") is not alg  # jwt.decode as it was
+
+    pem = "-----BEGIN PUBLIC KEY-----\nMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE\n-----END PUBLIC KEY-----\n"
+    pem_auth = Authenticator(make_cfg(tmp_path, RT_AUTH_HS256_SECRET=pem))
+    for _ in range(2):
+        token = raw_token({"alg": "HS256", "typ": "JWT"}, claims(jti=os.urandom(4).hex()), pem.encode())
+        exc = await refused(pem_auth, token)
+        assert exc.code == 4002 and str(exc).startswith("token key refused: "), str(exc)
+
+
 async def test_hs256_tampered_payload(hs_auth: Authenticator) -> None:
     token = jwt.encode(claims(), SECRET, algorithm="HS256")
     header, _payload, signature = token.split(".")
@@ -169,13 +192,13 @@ async def test_a_token_is_verified_once_and_refused_once_it_expires(
 ) -> None:
     auth = Authenticator(make_cfg(tmp_path, RT_AUTH_HS256_SECRET=SECRET, RT_AUTH_LEEWAY=0))
     decoded: list[str] = []
-    decode = jwt.decode
+    decode = auth_module._pyjwt.decode
 
     def counting_decode(token: str, *args: Any, **kwargs: Any) -> Any:
         decoded.append(token)
         return decode(token, *args, **kwargs)
 
-    monkeypatch.setattr("rtserver.auth.jwt.decode", counting_decode)
+    monkeypatch.setattr(auth_module._pyjwt, "decode", counting_decode)
     exp = int(time.time()) + 2
     token = jwt.encode(claims(exp=exp), SECRET, algorithm="HS256")
     for _ in range(3):  # a reconnect, a refresh with the same token, another connection
