@@ -92,18 +92,26 @@ class LineWriter(logging.Handler):
     At most `capacity` lines wait; beyond that a line is dropped and counted, and the next write
     includes a warning with the count. `flush()` waits (up to `timeout` seconds) until what was
     queued is written; `close()` (called by logging.shutdown at exit) writes the rest and stops
-    the thread."""
+    the thread.
 
-    def __init__(self, stream: TextIO, capacity: int = 10000, timeout: float = 5.0):
+    Woken by a line, the thread lets the lines of the next `linger` seconds join it before it
+    writes (flush() and close() cut that short). Each wake-up of the thread takes the GIL from
+    the event loop's thread and, on the core they share, preempts it: woken by the first line
+    after each write, it did so ~3 times per connection in a connection storm (11,000
+    preemptions of the loop's thread in a 4,000-connection storm, measured)."""
+
+    def __init__(self, stream: TextIO, capacity: int = 10000, timeout: float = 5.0, linger: float = 0.005):
         super().__init__()
         self.stream = stream
         self.capacity = capacity
         self.timeout = timeout
+        self.linger = linger
         self.dropped = 0  # in all (the count since the last warning is _unreported)
         self._lines: collections.deque[str] = collections.deque()
         self._unreported = 0
         self._writing = False
         self._closed = False
+        self._flushing = 0  # flush() calls waiting
         self._cond = threading.Condition(threading.Lock())
         self._thread = threading.Thread(target=self._run, name="rt-log-writer", daemon=True)
         self._thread.start()
@@ -130,11 +138,16 @@ class LineWriter(logging.Handler):
     def flush(self) -> None:
         deadline = time.monotonic() + self.timeout
         with self._cond:
-            while (self._lines or self._writing) and self._thread.is_alive():
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return
-                self._cond.wait(left)
+            self._flushing += 1  # the writer does not linger meanwhile
+            self._cond.notify_all()  # nor goes on lingering
+            try:
+                while (self._lines or self._writing) and self._thread.is_alive():
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return
+                    self._cond.wait(left)
+            finally:
+                self._flushing -= 1
 
     def close(self) -> None:
         with self._cond:
@@ -149,6 +162,8 @@ class LineWriter(logging.Handler):
             with self._cond:
                 while not self._lines and not self._unreported and not self._closed:
                     self._cond.wait()
+                if self.linger > 0 and not self._closed and not self._flushing:
+                    self._cond.wait(self.linger)  # notified early by flush() or close()
                 lines = list(self._lines)
                 self._lines.clear()
                 dropped, self._unreported = self._unreported, 0

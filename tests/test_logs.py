@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 
 from rtserver import logs
 from rtserver.audit import LogAudit
@@ -192,3 +193,42 @@ def test_direct_writer_only_for_the_plain_setup():
     child.disabled = True
     assert direct_writer(child, logging.INFO) is None
     writer.close()
+
+
+class CountingStream(ListStream):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, data: str) -> int:
+        self.writes += 1
+        return super().write(data)
+
+
+def test_lines_of_a_burst_leave_in_one_write_and_flush_or_close_do_not_wait_for_the_linger():
+    """Woken by a line, the writer lets the burst behind it gather for `linger` seconds (one
+    wake-up of its thread, one write); flush() and close() write at once."""
+    stream = CountingStream()
+    handler = LineWriter(stream, linger=30.0)
+    log = make_logger(handler, "t.linger")
+    started = time.monotonic()
+    for i in range(50):
+        log.info("line %d", i, extra={"fields": {"i": i}})
+    handler.flush()
+    assert time.monotonic() - started < 10
+    assert [json.loads(line)["i"] for line in stream.text.splitlines()] == list(range(50))
+    assert stream.writes == 1
+    log.info("last", extra={"fields": {"i": 50}})
+    handler.close()
+    assert time.monotonic() - started < 10
+    assert json.loads(stream.text.splitlines()[-1])["i"] == 50
+
+    quick = CountingStream()
+    handler = LineWriter(quick, linger=0.01)
+    log = make_logger(handler, "t.linger2")
+    log.info("alone")
+    deadline = time.monotonic() + 10
+    while not quick.text and time.monotonic() < deadline:  # written without a flush
+        time.sleep(0.005)
+    assert json.loads(quick.text)["msg"] == "alone"
+    handler.close()
