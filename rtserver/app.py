@@ -499,7 +499,7 @@ class Gateway:
              "(those freed since are not subtracted)", {}, self._gc_policy.frozen if self._gc_policy else 0),
         ]
         audit = self.audit.status()
-        for key, help_ in _AUDIT_GAUGES.items():  # every number of status(), as docs/audit.md says
+        for key, help_ in _AUDIT_NUMBERS.items():  # every number of status(), as docs/audit.md says
             value = audit.get(key)
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 rows.append((f"rt_audit_{key}", help_, {}, value))
@@ -517,7 +517,7 @@ class Gateway:
         return rows
 
 
-_AUDIT_GAUGES = {
+_AUDIT_NUMBERS = {
     "backlog": "Audit records not yet delivered (memory, in flight and spool)",
     "queued": "Audit records of the backlog in memory",
     "spooled": "Audit records of the backlog in the on-disk spool",

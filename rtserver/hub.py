@@ -515,11 +515,14 @@ class Hub:
                 return  # never held here: its history will start after this loss anyway
             ws = self.workspace(workspace)  # retired: its kept position predates the loss
         ws.history.lost(source, seq)
-        oldest = ws.history.oldest()
+        self._tell_gap(ws, f"{source} changes may have been lost: {reason}", ws.history.oldest(), source)
+
+    def _tell_gap(self, ws: Workspace, message: str, oldest: int, source: str | None = None) -> None:
+        """history_gap (4011) to every subscription of `ws` (of `source` only, when given)."""
         for conn in list(ws.connections):
             for sub in list(conn.subscriptions.values()):
-                if sub.spec.source == source:
-                    conn.send_error(4011, f"{source} changes may have been lost: {reason}", channel=sub.spec.channel, oldest=oldest)
+                if source is None or sub.spec.source == source:
+                    conn.send_error(4011, message, channel=sub.spec.channel, oldest=oldest)
                     self.metrics.history_gaps += 1
 
     async def stream_lost(self, covers: Callable[[str], bool], upto: int, reason: str) -> int:
@@ -537,11 +540,7 @@ class Hub:
             hit += 1
             if ws.history.floor < upto:
                 ws.history.floor = upto
-            for conn in list(ws.connections):
-                for sub in list(conn.subscriptions.values()):
-                    conn.send_error(4011, f"events may have been lost: {reason}", channel=sub.spec.channel,
-                                    oldest=upto + 1)
-                    self.metrics.history_gaps += 1
+            self._tell_gap(ws, f"events may have been lost: {reason}", upto + 1)
         return hit
 
     def trim_histories(self) -> None:

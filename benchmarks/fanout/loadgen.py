@@ -253,6 +253,13 @@ async def run_subscribers(cfg: dict[str, Any]) -> None:
     _reply({"bye": True})
 
 
+def _count_markers(tail: bytes, data: bytes, marker: bytes) -> tuple[int, bytes]:
+    """The markers in `data` read after `tail` (the previous read's last len(marker) - 1 bytes:
+    a marker cut in two is counted once, a whole one never twice), and the tail to keep."""
+    buf = tail + data
+    return buf.count(marker), buf[-(len(marker) - 1):] if len(marker) > 1 else b""
+
+
 class Publisher(asyncio.Protocol):
     """Counts answers (one `ack` marker per event answered: they free the window) and, with an
     `ok` marker, the answers that accepted their event (a 503 or an API error answers too)."""
@@ -273,17 +280,13 @@ class Publisher(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        # Each marker is counted in what came after its own tail (the previous read's last
-        # len(marker) - 1 bytes: a marker cut in two is counted once, a whole one never twice).
-        buf = self.tail + data
-        self.acked += buf.count(self.ack)
-        self.tail = buf[-(len(self.ack) - 1):] if len(self.ack) > 1 else b""
+        n, self.tail = _count_markers(self.tail, data, self.ack)
+        self.acked += n
         if self.ok is None:
             self.accepted = self.acked
         else:
-            buf = self.ok_tail + data
-            self.accepted += buf.count(self.ok)
-            self.ok_tail = buf[-(len(self.ok) - 1):] if len(self.ok) > 1 else b""
+            n, self.ok_tail = _count_markers(self.ok_tail, data, self.ok)
+            self.accepted += n
         if self.waiter is not None and self.acked >= self.want and not self.waiter.done():
             self.waiter.set_result(None)
 

@@ -753,18 +753,19 @@ class PostgresSource:
     ) -> None:
         """Hand each change to every workspace; tx.published counts the changes that are, and
         tx.part the workspaces that have the one being handed."""
-        key = targets_key(targets)
         for change in changes:
             tx.index += 1
             if tx.index <= tx.skip_first:
                 self._duplicates += 1
                 tx.published = tx.index
                 continue
-            # The workspaces that had it before a restart, when it goes to the same list again.
-            had = tx.skip_part if tx.index == tx.skip_first + 1 and key == tx.skip_key else 0
-            if had:
+            # The workspaces that had it before a restart, when it goes to the same list again
+            # (the list's key made only then, and when a part is recorded: not per transaction).
+            had = 0
+            if tx.index == tx.skip_first + 1 and tx.skip_part and targets_key(targets) == tx.skip_key:
+                had = tx.skip_part
                 self._duplicates += 1
-            tx.part, tx.part_key = 0, key
+            tx.part, tx.part_targets = 0, targets
             rel = change.relation
             entity = entity_of(rel.schema, rel.name)
             body = messages.encode(
@@ -857,7 +858,7 @@ class _Inbox:
 
 class _Tx:
     __slots__ = ("begin", "changes", "correlation", "skip_all", "skip_first", "skip_part", "skip_key", "index",
-                 "published", "part", "part_key", "recorded", "problems")
+                 "published", "part", "part_targets", "recorded", "problems")
 
     def __init__(self, begin: Begin) -> None:
         self.begin = begin
@@ -871,8 +872,8 @@ class _Tx:
         self.skip_key = 0
         self.index = 0
         self.published = 0  # changes handed to every workspace (index of the last one)
-        self.part = 0  # of change published + 1, the workspaces that have it (of the list of part_key)
-        self.part_key = 0
+        self.part = 0  # of change published + 1, the first workspaces of part_targets that have it
+        self.part_targets: list[str] = []
         self.recorded = 0  # changes the position file says are published
         self.problems: dict[str, str] = {}  # column -> history_gap reason, announced after the events
 
@@ -884,7 +885,7 @@ class _Tx:
     def partial(self) -> tuple[int, int]:
         """(workspaces, key of their list) that have the change after the published ones."""
         if self.part:
-            return self.part, self.part_key
+            return self.part, targets_key(self.part_targets)
         if self.published == self.skip_first:
             return self.skip_part, self.skip_key
         return 0, 0
