@@ -5,6 +5,13 @@ in tests/kafka/target/jars; this module runs that script when the cache is missi
 listens on random loopback ports, keeps its data in a temporary directory, and can be stopped
 and started again on the same ports and data for outage tests.
 
+Besides its PLAINTEXT listener (`bootstrap`) it has a second one, PROXIED, listening on
+`proxied_port` but advertising `proxied_bootstrap` (another loopback port, reserved here, where
+nothing listens until a test starts a `TcpProxy(broker.proxied_port).start(port=...)` on it):
+a client bootstrapped there is told the broker lives there, so all of its traffic (metadata,
+produce, group coordination, fetches) goes through the proxy, and a test can cut off that one
+client while every other client reaches the broker directly.
+
 Also here: `TopicReader`, a real aiokafka consumer that collects what the audit wrote.
 """
 
@@ -94,7 +101,8 @@ def _cluster_id() -> str:
 
 
 class KafkaBroker:
-    """One KRaft node (broker + controller) on 127.0.0.1; `bootstrap` is its client address."""
+    """One KRaft node (broker + controller) on 127.0.0.1; `bootstrap` is its client address,
+    `proxied_bootstrap` its address through a test's TCP proxy to `proxied_port` (module doc)."""
 
     def __init__(self, jars: Path, heap_mb: int = 384):
         self.jars = jars
@@ -102,8 +110,10 @@ class KafkaBroker:
         self.dir = Path(tempfile.mkdtemp(prefix="rt-kafka-"))
         self.data_dir = self.dir / "data"
         self.log_path = self.dir / "broker.log"
-        self.port, self.controller_port = _free_ports(2)
+        self.port, self.controller_port, self.proxied_port, self.proxy_port = _free_ports(4)
         self.bootstrap = f"127.0.0.1:{self.port}"
+        # The PROXIED listener listens on proxied_port and advertises proxy_port (see the module doc).
+        self.proxied_bootstrap = f"127.0.0.1:{self.proxy_port}"
         self.cluster_id = _cluster_id()
         self._proc: subprocess.Popen | None = None
         self._formatted = False
@@ -183,10 +193,11 @@ class KafkaBroker:
             "process.roles": "broker,controller",
             "node.id": "1",
             "controller.quorum.voters": f"1@127.0.0.1:{self.controller_port}",
-            "listeners": f"PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}",
-            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{self.port}",
+            "listeners": f"PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port},"
+                         f"PROXIED://127.0.0.1:{self.proxied_port}",
+            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{self.port},PROXIED://127.0.0.1:{self.proxy_port}",
             "controller.listener.names": "CONTROLLER",
-            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,PROXIED:PLAINTEXT",
             "inter.broker.listener.name": "PLAINTEXT",
             "log.dirs": str(self.data_dir),
             "num.partitions": "1",

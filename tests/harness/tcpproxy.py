@@ -3,7 +3,11 @@ while the gateway behind it (and its history) lives on.
 
 `cut()` aborts every open connection; while `hold` is set, new connections are dropped at once
 (the gateway looks unreachable); while `frozen` is set, open connections go half-dead: bytes are
-dropped both ways (writes succeed, nothing arrives), as on a link that died without a reset.
+dropped both ways (writes succeed, nothing arrives), as on a link that died without a reset;
+while `paused` is set, nothing is forwarded but nothing is lost either: the proxy stops reading
+both ways (and a new connection is not connected onwards), bytes wait in the buffers and TCP's
+flow control pushes back on the senders, and they are all delivered, in order, once `paused` is
+cleared: a network that stalls and heals, as TCP retransmission would deliver.
 """
 
 from __future__ import annotations
@@ -20,9 +24,23 @@ class TcpProxy:
         self.port = 0
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self._flowing = asyncio.Event()  # cleared while paused
+        self._flowing.set()
 
-    async def start(self) -> TcpProxy:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+    @property
+    def paused(self) -> bool:
+        return not self._flowing.is_set()
+
+    @paused.setter
+    def paused(self, value: bool) -> None:
+        if value:
+            self._flowing.clear()
+        else:
+            self._flowing.set()
+
+    async def start(self, port: int = 0) -> TcpProxy:
+        """Listen on 127.0.0.1:`port` (a free one by default; `port` then says which)."""
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", port)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
@@ -33,6 +51,7 @@ class TcpProxy:
 
     async def close(self) -> None:
         self.cut()
+        self.paused = False  # the pipes waiting to go on find their connections gone and end
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
@@ -42,6 +61,12 @@ class TcpProxy:
         if self.hold:
             writer.transport.abort()
             return
+        if self.paused:
+            self._writers.add(writer)  # cut() reaches it while it waits
+            await self._flowing.wait()
+            self._writers.discard(writer)
+            if writer.transport.is_closing():
+                return
         try:
             up_reader, up_writer = await asyncio.open_connection(*self.target)
         except OSError:
@@ -52,9 +77,14 @@ class TcpProxy:
 
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            while data := await reader.read(65536):
+            while True:
+                await self._flowing.wait()
+                data = await reader.read(65536)
+                if not data:
+                    break
                 if self.frozen:
                     continue
+                await self._flowing.wait()  # paused while this chunk was read: it waits too
                 writer.write(data)
                 await writer.drain()
         except (ConnectionError, OSError):
