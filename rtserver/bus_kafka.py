@@ -7,10 +7,10 @@ record's offset + 1: assigned once by Kafka, identical on every node, increasing
 (never change the partition count of a live topic: a workspace would move partitions).
 
 - `KafkaPublisher` writes records (idempotent producer, acks=all) and returns the seq once the
-  record is durable; `rtserver ingest` and the publish API use it.
+  record is durable; the publish API uses it (the ingest for its watch and options only).
 - `KafkaBus` is a gateway node's bus: publishing goes to Kafka only; its consumer reads every
-  partition (starting one history window back), feeds the hub with the Kafka-assigned seq, and
-  tracks lag. `read_back` serves a resume whose `since` is older than the node's memory.
+  partition (starting one history window back; committed records only: the ingest writes in
+  transactions, `bus_txn.py`), feeds the hub with the Kafka-assigned seq, and tracks lag. `read_back` serves a resume whose `since` is older than the node's memory.
 - `RemoteSource` stands in for a change feed on a node: it validates channel names; the feed
   itself is read by the ingest process.
 """
@@ -64,6 +64,11 @@ def encode_event(event: Event) -> bytes:
     return _encoder.encode(
         BusRecord(event.source, event.entity, event.operation, event.record, event.old_record, event.body)
     )
+
+
+def gap_record(source: str, reason: str) -> bytes:
+    """The value of a GAP record: `source` lost changes, for `reason`."""
+    return _encoder.encode(BusRecord(source, "", GAP, None, None, reason.encode()))
 
 
 def decode_event(workspace: str, value: bytes) -> tuple[BusRecord, Event]:
@@ -425,8 +430,7 @@ class KafkaPublisher:
         return self._renew_task
 
     async def publish_gap(self, workspace: str, source: str, reason: str) -> int:
-        value = _encoder.encode(BusRecord(source, "", GAP, None, None, reason.encode()))
-        return await self.send(workspace, value)
+        return await self.send(workspace, gap_record(source, reason))
 
     async def close(self) -> None:
         watch, self._watch_task = self._watch_task, None
@@ -460,6 +464,7 @@ class KafkaBus:
         self._task: asyncio.Task | None = None
         self._floor: dict[int, int] = {}  # partition -> first offset this node read (seq floor)
         self._next: dict[int, int] = {}  # partition -> next offset to deliver
+        self._tps: list[Any] = []  # the topic's partitions, as aiokafka names them
         self._target: dict[int, int] = {}  # partition -> end offset at start: caught up once reached
         self._caught_up = False
         self._connected = False
@@ -525,12 +530,15 @@ class KafkaBus:
             group_id=None,  # every node reads every partition
             enable_auto_commit=False,
             auto_offset_reset="none",  # records deleted before they were read: _out_of_range
+            # the ingest writes in transactions (bus_txn): records of an aborted one (a fenced
+            # ingest's) are never delivered
+            isolation_level="read_committed",
             fetch_max_wait_ms=100,
             max_partition_fetch_bytes=self._fetch_bytes,
         )
         await consumer.start()
         self._consumer = consumer
-        tps = [TopicPartition(self.topic, p) for p in range(self.publisher.partitions)]
+        tps = self._tps = [TopicPartition(self.topic, p) for p in range(self.publisher.partitions)]
         consumer.assign(tps)
         begin = await consumer.beginning_offsets(tps)
         end = await consumer.end_offsets(tps)
@@ -608,6 +616,11 @@ class KafkaBus:
                     except Exception:  # noqa: BLE001 - one record must not stop this node's only consumer
                         log.exception("bus record could not be delivered; skipped",
                                       extra={"fields": record_fields(self.topic, tp.partition, r.offset, r.key)})
+            # Past the last record read: a transaction's commit marker takes an offset of its own,
+            # and a partition may end with one (the lag and catching up count to the end).
+            for tp in self._tps:
+                with contextlib.suppress(Exception):
+                    self._next[tp.partition] = max(self._next[tp.partition], await consumer.position(tp))
             if batches:
                 self._progressed.set()
                 self._progressed = asyncio.Event()
@@ -702,7 +715,8 @@ class KafkaBus:
                 from aiokafka import TopicPartition
 
                 with contextlib.suppress(Exception):
-                    hw = consumer.highwater(TopicPartition(self.topic, p))
+                    # read_committed: what can be read ends at the last stable offset
+                    hw = consumer.last_stable_offset(TopicPartition(self.topic, p))
             out[p] = max(hw or 0, self._target.get(p, 0)) - nxt
         return out
 
@@ -809,7 +823,7 @@ class KafkaBus:
             # the fetch raise (the caller sends history_gap) instead of being skipped in silence.
             consumer = AIOKafkaConsumer(**self.publisher.options, client_id=f"rtserver-readback-{self.node}",
                                         group_id=None, enable_auto_commit=False, fetch_max_wait_ms=100,
-                                        auto_offset_reset="none",
+                                        auto_offset_reset="none", isolation_level="read_committed",
                                         max_partition_fetch_bytes=self._fetch_bytes)
             try:
                 await consumer.start()
@@ -833,6 +847,10 @@ class KafkaBus:
                     batch = await consumer.getmany(tp, timeout_ms=500, max_records=1000)
                     records = batch.get(tp, [])
                     if not records:
+                        # past commit markers only (see _run)
+                        pos = max(pos, await consumer.position(tp))
+                        if pos >= floor() or cancelled():
+                            break
                         if time.monotonic() - stalled > _READ_BACK_STALL:
                             return since, None, frozenset()
                         continue

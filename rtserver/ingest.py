@@ -1,9 +1,10 @@
 """`rtserver ingest`: reads the change feeds and publishes normalized events to the Kafka bus.
 
-The same Source classes as the single process, with a sink that writes to the events topic
-and returns only once Kafka has the record (acks=all), so a source acknowledges its upstream
-position (LSN, resume token) only for durable events. Several ingest processes may run: a
-Kafka lease (`lease.py`) lets exactly one read the feeds; a standby takes over when it dies.
+The same Source classes as the single process, with a sink that writes to the events topic in
+Kafka transactions (`bus_txn.py`), so a source acknowledges its upstream position (LSN, resume
+token) only for committed events. Several ingest processes may run: a Kafka lease (`lease.py`)
+lets exactly one read the feeds; a standby takes over when it dies, and its transactional
+producer fences the old holder's (an ingest cut off from Kafka alone lands nothing after it).
 
 No loss, no duplicate at a takeover (PostgreSQL): every record carries a header with the
 source's position when it was published (the last fully published commit LSN, how many
@@ -23,10 +24,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 import os
 import socket
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -34,6 +37,7 @@ import msgspec
 
 from rtcore.event import Event
 from rtserver.bus_kafka import KafkaPublisher, bootstrap_of, encode_event, partition_for, stop_client
+from rtserver.bus_txn import TransactionalWriter, WriterFailed
 from rtserver.config import Config
 from rtserver.http import http_response
 from rtserver.lease import Lease
@@ -48,15 +52,17 @@ MONGO_HEADER = "rt-mongo"
 _SCAN_SECONDS = 600  # a takeover looks this far back for the dead holder's last positions
 _SCAN_RECORDS = 200_000  # ... and at most this many records per partition
 _json = msgspec.json.Encoder()
+_REJOIN_FIRST_DELAY = 0.5  # seconds out of the lease group after a failed transaction, doubling
+_REJOIN_MAX_DELAY = 30.0
 _MAX_IN_FLIGHT = 10_000  # records awaiting Kafka's acknowledgement per source (bounded)
 
 
 class SourceSink:
     """The EventSink of one source: Kafka, with the position header and takeover dedup."""
 
-    def __init__(self, publisher: KafkaPublisher, kind: str, done: dict[str, tuple[int, int, dict[int, int]]],
+    def __init__(self, writer: TransactionalWriter, kind: str, done: dict[str, tuple[int, int, dict[int, int]]],
                  mongo_done: dict[str, tuple[bytes, dict[int, int]]] | None = None):
-        self.publisher = publisher
+        self.writer = writer
         self.kind = kind
         self.source: Any = None
         # What Kafka already has (_published_positions): slot -> (commit LSN, commit LSN of the
@@ -68,6 +74,9 @@ class SourceSink:
         self.oversized = 0  # records over bus.max_record_bytes, skipped (_oversized)
         self._count = 0  # the source's number of the event in hand within its transaction (change)
         self._gaps: set[asyncio.Task] = set()
+        # after_durable callbacks waiting for gap records first, in order, and their task
+        self._deferred: deque[tuple[set[asyncio.Task], Callable[[], None]]] = deque()
+        self._deferring: asyncio.Task | None = None
         # Records handed to the producer and not yet acknowledged by Kafka: the source calls
         # drain() before it acknowledges its upstream position, so batching costs no safety.
         self._in_flight: list[asyncio.Future] = []
@@ -104,13 +113,36 @@ class SourceSink:
             if token is not None:
                 headers = [(MONGO_HEADER, f"{src.database}|{base64.b64encode(token).decode()}|{self._count}".encode())]
         value = encode_event(event)
-        if len(value) > self.publisher.max_record:
+        if len(value) > self.writer.max_record:
             self._oversized(event, len(value))
             return 0
-        self._in_flight.append(await self.publisher.enqueue(event.workspace, value, headers))
+        self._in_flight.append(await self.writer.enqueue(event.workspace, value, headers))
         if len(self._in_flight) >= _MAX_IN_FLIGHT:
             await self.drain()
         return 0  # the seq (offset + 1) is known once Kafka answers; sources do not need it
+
+    def after_durable(self, callback: Callable[[], None]) -> None:
+        """`callback()` once Kafka has committed every record published so far, and the gap
+        records announced so far (as drain() waits for both): the source records its position
+        there without waiting (TransactionalWriter.after). In order; never when a gap record
+        was given up (the writer failed: the ingest starts its feeds over)."""
+        if not self._gaps and not self._deferred:
+            self.writer.after(callback)
+            return
+        self._deferred.append((set(self._gaps), callback))
+        if self._deferring is None or self._deferring.done():
+            self._deferring = asyncio.ensure_future(self._after_gaps())
+
+    async def _after_gaps(self) -> None:
+        while self._deferred:
+            gaps, callback = self._deferred[0]
+            if gaps:
+                await asyncio.wait(gaps)
+                if any(not t.cancelled() and t.exception() is not None for t in gaps):
+                    self._deferred.clear()
+                    return
+            self._deferred.popleft()
+            self.writer.after(callback)
 
     def _in_kafka(self, event: Event, counts: dict[int, int]) -> bool:
         """Whether the dead holder's n-th event after the position (n = self._count) is in Kafka.
@@ -118,13 +150,13 @@ class SourceSink:
         broker: it may have died with a later event written to one partition and an earlier one
         not to another. Within one partition the idempotent producer writes in order, so the
         n-th is there when that partition holds the n-th or a later one."""
-        return self._count <= counts.get(partition_for(event.workspace, self.publisher.partitions), 0)
+        return self._count <= counts.get(partition_for(event.workspace, self.writer.partitions), 0)
 
     def _oversized(self, event: Event, size: int) -> None:
         """A record the topic would refuse on every retry: skipped, loudly, and the workspace's
         subscribers told (history_gap) instead of the feed stalling behind it."""
         self.oversized += 1
-        limit = self.publisher.max_record
+        limit = self.writer.max_record
         where = f"{event.source}:{event.entity}"
         log.error("change too large for the events topic; skipped",
                   extra={"fields": {"workspace": event.workspace, "channel": where, "bytes": size,
@@ -148,13 +180,16 @@ class SourceSink:
         gaps = set(self._gaps)
         if gaps:
             await asyncio.wait(gaps)  # retried until Kafka has them; a cancellation leaves them be
+            for task in gaps:  # given up only when the writer failed
+                if not task.cancelled() and task.exception() is not None:
+                    self._failed = task.exception()
         in_flight = self._in_flight
         if in_flight:
             await asyncio.wait(in_flight)
             self._in_flight = []
             for fut in in_flight:
                 if fut.cancelled():
-                    self._failed = RuntimeError(f"bus topic {self.publisher.topic}: a record's send was cancelled")
+                    self._failed = RuntimeError(f"bus topic {self.writer.topic}: a record's send was cancelled")
                     break
                 if fut.exception() is not None:
                     self._failed = fut.exception()
@@ -169,16 +204,18 @@ class SourceSink:
 
     async def _publish_gap(self, workspace: str, source: str, reason: str) -> None:
         """The gap record is how every node learns that changes were lost: retried until
-        Kafka has it (the feed itself goes on meanwhile)."""
-        await _retry(lambda: self.publisher.publish_gap(workspace, source, reason),
+        Kafka has it (the feed itself goes on meanwhile), unless the writer failed: the
+        ingest then starts its feeds over, and this one is announced again."""
+        await _retry(lambda: self.writer.publish_gap(workspace, source, reason),
                      "history_gap record not published yet; retrying", logging.WARNING,
-                     {"workspace": workspace, "source": source}, first=0.5, most=10.0)
+                     {"workspace": workspace, "source": source}, first=0.5, most=10.0, give_up=WriterFailed)
 
 
 async def _retry(call: Callable[[], Awaitable[T]], message: str, level: int, fields: dict[str, Any],
-                 first: float, most: float) -> T:
+                 first: float, most: float, give_up: type[Exception] | None = None) -> T:
     """`call()` until it returns, the delay doubling from `first` to `most` seconds between
-    attempts (the broker may be away for a while); each failure logged with `fields`."""
+    attempts (the broker may be away for a while); each failure logged with `fields`. A
+    `give_up` exception is raised at once."""
     delay = first
     while True:
         try:
@@ -186,6 +223,8 @@ async def _retry(call: Callable[[], Awaitable[T]], message: str, level: int, fie
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - whatever the broker or the network raise
+            if give_up is not None and isinstance(exc, give_up):
+                raise
             log.log(level, message, extra={"fields": {**fields, "error": f"{type(exc).__name__}: {exc}",
                                                       "retry_in_s": delay}})
             await asyncio.sleep(delay)
@@ -227,6 +266,12 @@ class Ingest:
         self.lease: Lease | None = None
         self.sources: list[tuple[Any, SourceSink]] = []
         self.failed: dict[int, str] = {}  # id(source) -> why it did not start (reported in /readyz)
+        # The feeds' writer while this process holds the lease (bus_txn: made at each
+        # acquisition, so a fenced writer is never renewed in place).
+        self.writer: TransactionalWriter | None = None
+        self.writer_failures = 0
+        self._failure_streak = 0  # failed writers in a row, none of which committed anything
+        self._rejoin: asyncio.Task | None = None
         self._server: asyncio.AbstractServer | None = None
         self._lock = asyncio.Lock()
 
@@ -256,6 +301,10 @@ class Ingest:
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
+        if self._rejoin is not None:
+            self._rejoin.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._rejoin
         if self.lease is not None:
             await self.lease.close()  # stops the sources first (they acknowledge what is published)
         await self.publisher.close()
@@ -264,9 +313,15 @@ class Ingest:
 
     async def _acquired(self) -> None:
         async with self._lock:
+            # First the writer: starting it fences the previous holder's, and Kafka aborts that
+            # one's open transaction, so the tail read next is all it will ever have written.
+            writer = TransactionalWriter(self.publisher, f"{self.cfg.bus.topic}.ingest", self._writer_failed)
+            await _retry(writer.start, "ingest takeover: starting the transactional producer failed; retrying",
+                         logging.ERROR, {"topic": self.cfg.bus.topic}, first=1.0, most=30.0)
+            self.writer = writer
             done, mongo_done = await self._takeover_positions()
             for feed in self.plan:
-                sink = SourceSink(self.publisher, feed["kind"], done, mongo_done)
+                sink = SourceSink(writer, feed["kind"], done, mongo_done)
                 src = self._make_source(feed, sink)
                 sink.source = src
                 self.sources.append((src, sink))
@@ -306,6 +361,36 @@ class Ingest:
                     await src.stop()
                 except Exception:
                     log.exception("source did not stop cleanly", extra={"fields": {"source": src.kind}})
+            writer, self.writer = self.writer, None
+            if writer is not None:
+                await writer.close()
+
+    def _writer_failed(self, exc: BaseException) -> None:
+        """A transaction failed (bus_txn): fenced by a newer holder, aborted by Kafka after an
+        outage longer than its timeout, or a record refused. Its records are not in Kafka; the
+        lease is given up and joined again, so the feeds start over from what Kafka has, under
+        a writer made by a holder the group has just confirmed."""
+        self.writer_failures += 1
+        writer = self.writer
+        # Failing again before anything committed (a record Kafka refuses each time): wait
+        # longer each time, out of the group (a standby may fare better meanwhile).
+        self._failure_streak = 1 if writer is None or writer.committed else self._failure_streak + 1
+        delay = min(_REJOIN_MAX_DELAY, _REJOIN_FIRST_DELAY * 2 ** (self._failure_streak - 1))
+        fenced = type(exc).__name__ == "ProducerFenced"
+        log.error("ingest: a Kafka transaction failed; giving up the lease and joining again",
+                  extra={"fields": {"topic": self.cfg.bus.topic, "error": f"{type(exc).__name__}: {exc}",
+                                    "fenced": fenced, "rejoin_in_s": delay}})
+        if self._rejoin is None or self._rejoin.done():
+            self._rejoin = asyncio.create_task(self._rejoin_lease(delay), name="rtserver-ingest-rejoin")
+
+    async def _rejoin_lease(self, delay: float) -> None:
+        lease = self.lease
+        if lease is None:
+            return
+        await lease.close()
+        await asyncio.sleep(delay)
+        await _retry(lease.rejoin, "ingest: joining the lease again failed; retrying", logging.ERROR,
+                     {"topic": self.cfg.bus.topic}, first=1.0, most=30.0)
 
     def _make_source(self, feed: dict[str, Any], sink: SourceSink) -> Any:
         targets = tuple(feed["workspaces"])
@@ -335,6 +420,7 @@ class Ingest:
 
         topic = self.cfg.bus.topic
         consumer = AIOKafkaConsumer(**self.publisher.options, group_id=None, enable_auto_commit=False,
+                                    isolation_level="read_committed",  # as the nodes read it
                                     client_id=f"rtserver-ingest-scan-{self.node}")
         await consumer.start()
         best: dict[tuple[str, int], tuple[int, int, int]] = {}  # (slot, partition) -> (LSN, tx LSN, n)
@@ -381,8 +467,10 @@ class Ingest:
                                     continue
                                 if mpos[:2] > newest.get((database, tp.partition), ("", -1, b""))[:2]:
                                     newest[database, tp.partition] = mpos
-                    if records and records[-1].offset + 1 >= todo.get(tp, 0):
-                        todo.pop(tp, None)
+                for tp in list(todo):
+                    # the position, not the last record: a transaction's commit marker ends the tail
+                    if await consumer.position(tp) >= todo[tp]:
+                        todo.pop(tp)
                         consumer.pause(tp)
         finally:
             await stop_client(consumer, "ingest takeover scan", {"topic": topic})
@@ -428,6 +516,12 @@ class Ingest:
                 "ready": src.ready(), "takeover_skipped": sink.skipped, "oversized_skipped": sink.oversized,
                 **({"start_error": self.failed[id(src)]} if id(src) in self.failed else {}), **{k: v for k, v in st.items() if k != "ready"}}
         bus = self.publisher.status()
+        writer = self.writer
+        if writer is not None:
+            bus["waiting"] += writer.waiting
+            if writer.problem() and not bus["error"]:
+                bus.update(connected=False, error=writer.problem())
+        bus["writer_failures"] = self.writer_failures
         # An active ingest cut off from Kafka only waits (its feeds hold their position), and a
         # standby could not take over: neither is ready.
         ready = bus["connected"] and (not held or (bool(self.sources) and all(s.ready() for s, _ in self.sources)))
@@ -454,6 +548,9 @@ class Ingest:
                      details["published"]),
                     ("rt_ingest_bus_connected", "gauge", "1 while Kafka takes the ingest's records",
                      1 if details["bus"]["connected"] else 0),
+                    ("rt_ingest_writer_failures_total", "counter",
+                     "Kafka transactions that failed (fenced, aborted, a record refused): each made the ingest rejoin the lease",
+                     details["bus"]["writer_failures"]),
                 ]
                 lines = [f"# HELP {n} {h}\n# TYPE {n} {t}\n{n} {v}" for n, t, h, v in rows]
                 status, body, ctype = 200, ("\n".join(lines) + "\n").encode(), "text/plain; version=0.0.4"

@@ -107,6 +107,13 @@ class Lease:
         log.info("lease released", extra={"fields": {"topic": self.topic, "group": self.group}})
         await self._on_lost()
 
+    async def rejoin(self) -> None:
+        """Leave the group and join it again: the lease goes to whichever member the coordinator
+        picks (this one again when it is alone), through a rebalance that first takes it from
+        every member."""
+        await self.close()
+        await self.start()
+
     async def close(self) -> None:
         task, self._task = self._task, None
         if task is not None:

@@ -161,6 +161,10 @@ class PostgresSource:
         self._slot_info: dict[str, Any] = {}
         self._acked_lsn = 0
         self._published_lsn = 0
+        # Commits handed to the sink whose durability callback has not run yet (_durable), and
+        # the generation those callbacks belong to (a recreated slot or a stop ends it).
+        self._undurable = 0
+        self._generation = 0
         self._publishing_lsn = 0
         self._publishing_event = 0
         self._events = 0
@@ -189,6 +193,7 @@ class PostgresSource:
 
     async def stop(self) -> None:
         self._stopping = True
+        self._generation += 1  # callbacks still due would write a closed position file
         task, self._task = self._task, None
         while task is not None and not task.done():
             # again until it ends: a cancellation swallowed by a library (Python 3.11's wait_for()
@@ -371,6 +376,7 @@ class PostgresSource:
         published. Nothing of the new slot was published yet: start from zero."""
         position = self._position
         assert position is not None
+        self._generation += 1  # commits of the old slot still in flight: not to be recorded
         if position.commit_lsn or self._acked_lsn:
             log.warning(
                 "postgres position reset for the new slot %s (was %s)", self.slot, format_lsn(position.commit_lsn),
@@ -402,6 +408,10 @@ class PostgresSource:
 
     async def _stream(self) -> None:
         assert self.catalog is not None and self._position is not None
+        # Transactions of the last connection still in flight: recorded (or failed) before the
+        # slot delivers them again, or they would be published twice.
+        with contextlib.suppress(Exception):
+            await self._drain()
         stream = ReplicationStream(self.dsn, self.slot, self.publication, streaming=self.streaming,
                                    application_name=f"rtserver-{self.instance}", connect_timeout=self.receive_timeout)
         inbox = _Inbox(stream)
@@ -483,7 +493,8 @@ class PostgresSource:
                 continue
             msg = decoder.decode_copy(frame)
             if isinstance(msg, Keepalive):
-                if tx is None and not streams.open and not frames and msg.wal_end > self._acked_lsn:
+                if (tx is None and not streams.open and not frames and not self._undurable
+                        and msg.wal_end > self._acked_lsn):
                     # idle: everything before wal_end was sent and handled; let the WAL go
                     self._acked_lsn = msg.wal_end
                 if msg.reply_requested:
@@ -514,9 +525,9 @@ class PostgresSource:
                     await self._flush(tx, final=True)
                     self._transactions += 1
                     self._published_lsn = m.commit_lsn
-                    position.record(m.commit_lsn, -1)
+                    self._durable(position.record, m.commit_lsn, -1)
                 tx = None
-                self._acked_lsn = max(self._acked_lsn, m.end_lsn)
+                self._durable(self._ack, m.end_lsn)
                 now = time.monotonic()
                 if now - last_status >= STATUS_INTERVAL:
                     await position.sync()
@@ -629,7 +640,7 @@ class PostgresSource:
             self._transactions += 1
             self._streamed_transactions += 1
             self._published_lsn = m.commit_lsn
-            position.record(m.commit_lsn, -1)
+            self._durable(position.record, m.commit_lsn, -1)
         finally:
             await streams.release(buffered)
 
@@ -706,6 +717,29 @@ class PostgresSource:
         if drain is not None:
             await drain()
 
+    def _durable(self, then: Callable[..., None], *args: Any) -> None:
+        """`then(*args)` once everything handed to the sink so far is durable: at once for a
+        sink that has it when publish() returns; for the ingest's, once the Kafka transaction
+        carrying it committed. The feed does not wait for that (one commit per transaction
+        would bound it to a few hundred transactions a second); the position, and the LSN
+        acknowledged to the slot, follow in order."""
+        after = getattr(self.sink, "after_durable", None)
+        if after is None:
+            then(*args)
+            return
+        generation = self._generation
+        self._undurable += 1
+
+        def durable() -> None:
+            self._undurable -= 1
+            if generation == self._generation:
+                then(*args)
+
+        after(durable)
+
+    def _ack(self, lsn: int) -> None:
+        self._acked_lsn = max(self._acked_lsn, lsn)
+
     async def _flush(self, tx: _Tx, final: bool) -> None:
         changes, tx.changes = tx.changes, []
         if not changes:
@@ -719,8 +753,10 @@ class PostgresSource:
         self._publishing_lsn = begin.final_lsn
         try:
             await self._publish_changes(tx, changes, targets, timestamp, correlation)
-            # Everything handed to the sink is recorded before the position says so.
-            await self._drain()
+            # Everything handed to the sink is recorded before the position says so: here for
+            # a part of a transaction, through _durable for a whole one when the sink can say.
+            if not final or not hasattr(self.sink, "after_durable"):
+                await self._drain()
         except (Exception, asyncio.CancelledError):
             # Stopped (or failed) part-way: the changes already handed over are recorded, so a
             # restart skips exactly those instead of publishing them again from the last
