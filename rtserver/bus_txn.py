@@ -40,6 +40,8 @@ _BETWEEN_TRANSACTIONS = 0.003
 # Kafka aborts a transaction left open this long (its holder died): until then, nodes reading
 # committed records do not get past it in its partitions.
 TRANSACTION_TIMEOUT_MS = 60_000
+# How long closing a writer waits for Kafka to end the transaction it leaves open.
+_CLOSE_ABORT_TIMEOUT = 5.0
 
 
 class WriterFailed(RuntimeError):
@@ -248,11 +250,36 @@ class TransactionalWriter:
         self._fail(WriterFailed(f"bus topic {self.topic}: writer closed"), report=False)
         producer, self._producer = self._producer, None
         if producer is not None:
+            await _end_transaction(producer, self.topic)
             batches = _failed_futures(producer)
             with contextlib.suppress(Exception):
                 await producer.stop()
             for fut in [*batches, *_failed_futures(producer)]:
                 _retrieved(fut)
+
+
+async def _end_transaction(producer: Any, topic: str) -> None:
+    """End the transaction a closed writer leaves open (its task cancelled between a send and
+    the commit): aborted, or the commit already under way awaited. Left open, it keeps every
+    later record of its partitions (custom events too) from read_committed readers until the
+    next holder starts its producer or Kafka aborts it after TRANSACTION_TIMEOUT_MS. Bounded:
+    with Kafka away, Kafka's timeout ends it."""
+    manager = getattr(producer, "_txn_manager", None)
+    if manager is None or manager.is_fatal_error():
+        return
+    try:
+        if manager.needs_transaction_commit() is not None:  # a commit (or abort) under way
+            waiter = asyncio.shield(manager.wait_for_transaction_end())
+        elif manager.is_in_transaction() or manager.state.name == "ABORTABLE_ERROR":
+            waiter = producer.abort_transaction()
+        else:
+            return
+        await asyncio.wait_for(waiter, _CLOSE_ABORT_TIMEOUT)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - Kafka away, fenced: its timeout or the next holder ends it
+        log.warning("bus: the closed writer's open transaction was not ended; Kafka aborts it after its timeout",
+                    extra={"fields": {"topic": topic, "error": f"{type(exc).__name__}: {exc}"}})
 
 
 def _retrieved(fut: asyncio.Future) -> None:
