@@ -294,7 +294,7 @@ def _failed_futures(producer: Any) -> list[asyncio.Future]:
     CPython 3.11's parser)."""
     out = []
     manager = getattr(producer, "_txn_manager", None)
-    if manager is not None:
+    if manager is not None and manager.wait_for_transaction_end() is not None:  # None: never began one
         out.append(manager.wait_for_transaction_end())
     accumulator = getattr(producer, "_message_accumulator", None)
     for batches in [*getattr(accumulator, "_batches", {}).values(), getattr(accumulator, "_pending_batches", ())]:

@@ -88,3 +88,68 @@ async def test_a_closed_writer_leaves_no_open_transaction_behind(kafka_broker):
         await writer.close()
         await node.close()
         await pub.close()
+
+
+
+async def test_a_writer_that_never_wrote_closes_cleanly(kafka_broker):
+    """An idle ingest (no change since it took the lease) stopped, or losing the lease: its
+    writer never began a transaction. Closing it raised AttributeError (aiokafka has no
+    transaction waiter yet), which skipped stopping its producer (leaked at every such lease
+    loss) and, on a SIGTERM, the lease consumer's LeaveGroup (the standby then waited out
+    the lease timeout instead of taking over at once)."""
+    topic = f"rt.txn.{uuid.uuid4().hex[:8]}"
+    pub = await _publisher(kafka_broker.bootstrap, topic)
+    writer = TransactionalWriter(pub, f"{topic}.ingest", lambda exc: None)
+    await writer.start()
+    producer = writer._producer
+    try:
+        await writer.close()
+        assert producer._closed
+    finally:
+        await pub.close()
+
+
+async def test_a_transaction_kafka_aborted_on_its_timeout_fails_the_writer(kafka_broker, monkeypatch):
+    """Kafka unreachable for longer than the transaction timeout while a transaction has
+    records in the log: Kafka aborts it; once the network heals the writer must fail (the
+    ingest then rejoins and its feeds read those changes again), not hang nor commit."""
+    from rtserver import bus_txn
+    from tests.harness.tcpproxy import TcpProxy
+
+    monkeypatch.setattr(bus_txn, "TRANSACTION_TIMEOUT_MS", 2000)
+    proxy = await TcpProxy(kafka_broker.proxied_port).start(port=kafka_broker.proxy_port)
+    topic = f"rt.txn.{uuid.uuid4().hex[:8]}"
+    pub = await _publisher(kafka_broker.proxied_bootstrap, topic)
+    failures: list[BaseException] = []
+    writer = TransactionalWriter(pub, f"{topic}.ingest", failures.append)
+    await writer.start()
+    hold = asyncio.Event()
+    try:
+        await (await writer.enqueue("w1", encode_event(_event("w1", 1))))
+        commit = writer._producer.commit_transaction
+        sent = asyncio.Event()
+
+        async def held_commit() -> None:
+            sent.set()
+            await hold.wait()
+            await commit()
+
+        writer._producer.commit_transaction = held_commit
+        pending = await writer.enqueue("w1", encode_event(_event("w1", 2)))
+        await asyncio.wait_for(sent.wait(), 10)
+        proxy.paused = True
+        # the broker looks for timed-out transactions every 10 s
+        ns = await _read_committed(kafka_broker.bootstrap, topic, lambda ns: False, timeout=13)
+        assert ns == [1]
+        hold.set()
+        proxy.paused = False
+        done, _ = await asyncio.wait({pending}, timeout=20)
+        assert done, f"the writer neither committed nor failed 20 s after the network healed: {writer.problem()}"
+        assert pending.exception() is not None, "committed a transaction Kafka had aborted"
+        assert len(failures) == 1, failures
+    finally:
+        hold.set()
+        await writer.close()
+        await pub.close()
+        await proxy.close()
+
