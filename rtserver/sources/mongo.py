@@ -220,6 +220,9 @@ class MongoSource:
         self._operations: frozenset[str] = frozenset(DATA_OPERATIONS)
         self._reopen = asyncio.Event()
         self._token: Any = None  # resume from here (resumeAfter), or...
+        # Token saves wait for the sink's records to be durable (_durably); a stop or a cleared
+        # store ends the generation those saves belong to.
+        self._generation = 0
         self._start_after: Any = None  # ...after an invalidate (startAfter)
         self._with_pre_images = True
         self._split_events = True  # False on a server without SPLIT_STAGE
@@ -244,6 +247,9 @@ class MongoSource:
     async def stop(self) -> None:
         self._stopping = True
         task = self._task
+        # After the stop, saves still due would write over a token seeded meanwhile (a later
+        # acquisition's seed_token): what they had to say, Kafka's headers say too.
+        self._generation += 1
         if task is not None and not task.done():
             if self._publishing:
                 # Let the change in hand finish so its token is saved with it.
@@ -413,6 +419,7 @@ class MongoSource:
                   extra={"fields": {"database": self.database, "url": redact(self.url), "error": str(exc)}})
         self._token = None
         self._start_after = None
+        self._generation += 1  # saves of older tokens still due: that history is lost
         self._tokens.clear()
         for ws in list(self._workspaces()):
             self._sink.history_gap(ws, "mongo", reason)
@@ -476,7 +483,25 @@ class MongoSource:
             return
         self._token = token
         self._start_after = None
-        self._tokens.save(token)
+        self._durably(self._tokens.save, token)
+
+    def _durably(self, save: Callable[..., None], *args: Any, **kwargs: Any) -> None:
+        """`save(...)` once everything handed to the sink so far is durable: at once for a sink
+        that has it when publish() returns; for the ingest's, once the Kafka transaction carrying
+        it committed (the feed goes on meanwhile: group commit; a failed transaction makes the
+        ingest start its feeds over from the saved token, so the next change is read meanwhile
+        from the token in memory only)."""
+        after = getattr(self._sink, "after_durable", None)
+        if after is None:
+            save(*args, **kwargs)
+            return
+        generation = self._generation
+
+        def durable() -> None:
+            if generation == self._generation:
+                save(*args, **kwargs)
+
+        after(durable)
 
     async def _handle(self, change: RawBSONDocument) -> bool:
         """Publish one change; False when the stream must be reopened (invalidate)."""
@@ -496,7 +521,7 @@ class MongoSource:
                         extra={"fields": {"database": self.database}})
             self._start_after = change["_id"]
             self._token = None
-            self._tokens.save(change["_id"], start_after=True)
+            self._durably(self._tokens.save, change["_id"], start_after=True)
             self._collections_at = 0.0
             return False
         # drop, dropDatabase, rename: other collections stream on; refresh the known names.
@@ -544,8 +569,9 @@ class MongoSource:
                 self._published += 1
                 if self._published % YIELD_EVERY == 0:
                     await asyncio.sleep(0)  # a turn for the clients: a batch does not suspend by itself
-            drain = getattr(self._sink, "drain", None)  # recorded before the token is saved
-            if drain is not None:
+            # recorded before the token is saved: the ingest's sink says when (_durably)
+            drain = getattr(self._sink, "drain", None)
+            if drain is not None and not hasattr(self._sink, "after_durable"):
                 await drain()
         finally:
             self._publishing = False
