@@ -715,8 +715,9 @@ class KafkaBus:
                 from aiokafka import TopicPartition
 
                 with contextlib.suppress(Exception):
-                    # read_committed: what can be read ends at the last stable offset
-                    hw = consumer.last_stable_offset(TopicPartition(self.topic, p))
+                    # the high watermark, not the last stable offset: records held back behind
+                    # an open transaction (a dead ingest's, until it is aborted) count as lag
+                    hw = consumer.highwater(TopicPartition(self.topic, p))
             out[p] = max(hw or 0, self._target.get(p, 0)) - nxt
         return out
 

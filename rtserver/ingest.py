@@ -524,8 +524,12 @@ class Ingest:
         bus["writer_failures"] = self.writer_failures
         # An active ingest cut off from Kafka only waits (its feeds hold their position), and a
         # standby could not take over: neither is ready.
-        ready = bus["connected"] and (not held or (bool(self.sources) and all(s.ready() for s, _ in self.sources)))
-        return ready, {"ready": ready, "role": "active" if held else "standby", "feeds": feeds,
+        # Out of the lease group after a failed transaction (_rejoin_lease): no standby either.
+        rejoining = self._rejoin is not None and not self._rejoin.done()
+        ready = bus["connected"] and not rejoining and (
+            not held or (bool(self.sources) and all(s.ready() for s, _ in self.sources)))
+        role = "active" if held else "rejoining" if rejoining else "standby"
+        return ready, {"ready": ready, "role": role, "feeds": feeds,
                        "published": self.publisher.published, "bus": {"topic": self.cfg.bus.topic, **bus}}
 
     async def _http(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -525,7 +525,7 @@ class PostgresSource:
                     await self._flush(tx, final=True)
                     self._transactions += 1
                     self._published_lsn = m.commit_lsn
-                    self._durable(position.record, m.commit_lsn, -1)
+                    self._durable(self._record_commit, m.commit_lsn)
                 tx = None
                 self._durable(self._ack, m.end_lsn)
                 now = time.monotonic()
@@ -640,7 +640,7 @@ class PostgresSource:
             self._transactions += 1
             self._streamed_transactions += 1
             self._published_lsn = m.commit_lsn
-            self._durable(position.record, m.commit_lsn, -1)
+            self._durable(self._record_commit, m.commit_lsn)
         finally:
             await streams.release(buffered)
 
@@ -739,6 +739,14 @@ class PostgresSource:
 
     def _ack(self, lsn: int) -> None:
         self._acked_lsn = max(self._acked_lsn, lsn)
+
+    def _record_commit(self, lsn: int) -> None:
+        """The transaction at `lsn` published whole, unless the position is already further: a
+        later transaction's part recorded after a drain may come before this (deferred) call."""
+        position = self._position
+        assert position is not None
+        if lsn > position.commit_lsn or (lsn == position.commit_lsn and not position.complete):
+            position.record(lsn, -1)
 
     async def _flush(self, tx: _Tx, final: bool) -> None:
         changes, tx.changes = tx.changes, []
