@@ -168,6 +168,24 @@ async def _read_committed(bootstrap: str, topic: str, until, timeout: float) -> 
     return ns
 
 
+async def _held_in_transaction(writer: TransactionalWriter, hold: asyncio.Event) -> asyncio.Future:
+    """Record 1 committed, then record 2 sent in a transaction whose commit waits for `hold`:
+    the future of record 2, once its records are in the log."""
+    await (await writer.enqueue("w1", encode_event(_event("w1", 1))))
+    commit = writer._producer.commit_transaction
+    sent = asyncio.Event()
+
+    async def held_commit() -> None:
+        sent.set()
+        await hold.wait()
+        await commit()
+
+    writer._producer.commit_transaction = held_commit
+    pending = await writer.enqueue("w1", encode_event(_event("w1", 2)))
+    await asyncio.wait_for(sent.wait(), 10)
+    return pending
+
+
 async def test_a_closed_writer_leaves_no_open_transaction_behind(kafka_broker):
     """The ingest stops (SIGTERM, or the lease lost) while a transaction has records in the
     log and is not committed yet: closing the writer must end that transaction, or every
@@ -180,18 +198,8 @@ async def test_a_closed_writer_leaves_no_open_transaction_behind(kafka_broker):
     node = await _publisher(kafka_broker.bootstrap, topic, 1)  # a gateway node's publisher
     hold = asyncio.Event()
     try:
-        await (await writer.enqueue("w1", encode_event(_event("w1", 1))))
-        commit = writer._producer.commit_transaction
-        sent = asyncio.Event()
-
-        async def held_commit() -> None:  # the process is stopped between the send and the commit
-            sent.set()
-            await hold.wait()
-            await commit()
-
-        writer._producer.commit_transaction = held_commit
-        pending = await writer.enqueue("w1", encode_event(_event("w1", 2)))
-        await asyncio.wait_for(sent.wait(), 10)
+        # the process is stopped between the send and the commit
+        pending = await _held_in_transaction(writer, hold)
         await writer.close()
         assert pending.done() and pending.exception() is not None
         await node.send("w1", encode_event(_event("w1", 3)))  # a custom event after the stop
@@ -238,18 +246,7 @@ async def test_a_transaction_kafka_aborted_on_its_timeout_fails_the_writer(kafka
     await writer.start()
     hold = asyncio.Event()
     try:
-        await (await writer.enqueue("w1", encode_event(_event("w1", 1))))
-        commit = writer._producer.commit_transaction
-        sent = asyncio.Event()
-
-        async def held_commit() -> None:
-            sent.set()
-            await hold.wait()
-            await commit()
-
-        writer._producer.commit_transaction = held_commit
-        pending = await writer.enqueue("w1", encode_event(_event("w1", 2)))
-        await asyncio.wait_for(sent.wait(), 10)
+        pending = await _held_in_transaction(writer, hold)
         proxy.paused = True
         # the broker looks for timed-out transactions every 10 s
         ns = await _read_committed(kafka_broker.bootstrap, topic, lambda ns: False, timeout=13)
