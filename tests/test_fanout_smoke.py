@@ -317,3 +317,23 @@ def test_a_frame_larger_than_big_is_announced_before_its_write(impl):
     impl.queue_one(out, b"f" * 500)
     impl.flush_all([out])
     assert calls[-1] == ("write", 500) and len(calls) == 6
+
+
+@pytest.mark.kafka
+def test_scaleout_harness_delivers_every_event_through_a_kafka_node(kafka_broker):
+    """`python -m benchmarks.scaleout.run` keeps working: one Kafka node at toy size, both
+    phases, every event at every subscriber (it broke once when the load generators started
+    giving each connection a token of its own and this harness gave them none)."""
+    import argparse
+    import uuid
+
+    from benchmarks.scaleout.run import run_config
+
+    args = argparse.Namespace(clients_per_node=3, rate=20.0, window=2, seconds=1.0)
+    bus = {"RT_BUS": "kafka", "RT_BUS_KAFKA_BOOTSTRAP": kafka_broker.bootstrap,
+           "RT_BUS_TOPIC": f"bench.events.{uuid.uuid4().hex[:8]}", "RT_BUS_PARTITIONS": "2"}
+    out = run_config("kafka-1", 1, bus, args, None, 40)
+    for phase in ("latency", "capacity"):
+        r = out[phase]
+        assert r["events"] > 0 and r["lost"] == 0, (phase, r)
+        assert r["delivered"] == r["events"] * 3 == r["latency_ms"]["samples"], (phase, r)

@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import tempfile
 import time
 import urllib.request
 import uuid
@@ -47,11 +49,14 @@ def run_config(name: str, nodes: int, bus: dict[str, str], args: argparse.Namesp
                src_base: int) -> dict[str, Any]:
     servers = [Node(f"{name}-{i}", None, extra={"bus": bus}) for i in range(nodes)]
     loads: list[LoadProc] = []
+    # every connection presents a token of its own (the client spec's %T%: servers.write_tokens)
+    tokens = os.path.join(tempfile.mkdtemp(prefix="rt-scaleout-"), "tokens.txt")
+    srv.write_tokens(tokens, args.clients_per_node)
     try:
         for s in servers:
             s.start()
         for i, s in enumerate(servers):
-            spec = dict(s.client_spec(0), src_base=src_base + i)
+            spec = dict(s.client_spec(0), src_base=src_base + i, tokens=tokens)
             loads.append(LoadProc({"role": "subscribers", "server": spec, "n": args.clients_per_node, "offset": 0,
                                    "concurrency": 128}, None, binary=binary))
         ready = [lp.read(timeout=180) for lp in loads]
@@ -100,6 +105,7 @@ def run_config(name: str, nodes: int, bus: dict[str, str], args: argparse.Namesp
             lp.close()
         for s in servers:
             s.stop()
+        shutil.rmtree(os.path.dirname(tokens), ignore_errors=True)
 
 
 def main() -> None:
