@@ -270,10 +270,12 @@ class KafkaPublisher:
                         extra={"fields": {"topic": self.topic, "max_message_bytes": limit,
                                           "max_record_bytes": self.max_record, "client": self.client_id}})
             self.max_record = max(0, limit - _BATCH_FRAMING)
-        self._producer = await self._new_producer()
+        self._producer = await self.new_producer()
         self._watch_task = asyncio.create_task(self._watch(), name="rtserver-bus-watch")
 
-    async def _new_producer(self) -> Any:
+    async def new_producer(self, **settings: Any) -> Any:
+        """A started producer for the topic, idempotent, with `settings` on top (the ingest's
+        transactional id: bus_txn)."""
         from aiokafka import AIOKafkaProducer
 
         producer = AIOKafkaProducer(
@@ -288,8 +290,14 @@ class KafkaPublisher:
             # a dropped batch is lost (a publish answered 504) or read again by a restarted feed
             # (duplicates). Kafka's own clients give a record 120 s (delivery.timeout.ms).
             request_timeout_ms=REQUEST_TIMEOUT_MS,
+            **settings,
         )
-        await producer.start()
+        try:
+            await producer.start()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await producer.stop()
+            raise
         producer.client.add_topic(self.topic)  # else each metadata request asks for every topic
         return producer
 
@@ -306,7 +314,7 @@ class KafkaPublisher:
                         extra={"fields": {"topic": self.topic, "client": self.client_id}})
             with contextlib.suppress(Exception):
                 await old.flush()
-            self._producer = await self._new_producer()
+            self._producer = await self.new_producer()
             self._refused = False
             await stop_client(old, "bus producer", {"topic": self.topic, "client": self.client_id})
 
@@ -394,27 +402,12 @@ class KafkaPublisher:
                       headers: list[tuple[str, bytes]] | None = None) -> asyncio.Future:
         """Hand a record to the producer's batch; the future resolves once Kafka has it. Waits
         while the partition's batch is full (Kafka away), however long."""
-        from aiokafka.errors import KafkaTimeoutError
-
         if self._refused:
             await asyncio.shield(self._renewal())
         producer = self._producer
         if producer is None:
             raise RuntimeError(f"bus topic {self.topic}: publisher not started (workspace {workspace})")
-        while True:
-            try:
-                # The partition of the count read at start, not the producer's current one: a
-                # partition added to the live topic would move the workspace where no node reads
-                # and its seq would go back (_watch says so).
-                fut = await producer.send(self.topic, value, key=workspace.encode(), headers=headers,
-                                          partition=partition_for(workspace, self.partitions))
-                break
-            except KafkaTimeoutError:
-                # The batch stayed full for aiokafka's request timeout (120 s) and this record was
-                # not added. Failing here would make a source read its transaction again and
-                # publish twice the records already batched: wait on, as drain() does.
-                log.warning("bus: Kafka has not taken the pending batch yet; still waiting",
-                            extra={"fields": {"topic": self.topic, "workspace": workspace, "client": self.client_id}})
+        fut = await send_waiting(producer, self.topic, self.partitions, workspace, value, headers, self.client_id)
         self.published += 1
         if not self._waiting:
             self._progress = time.monotonic()  # an outage counts from the first record waiting
@@ -447,6 +440,27 @@ class KafkaPublisher:
         if producer is not None:
             with contextlib.suppress(Exception):
                 await producer.stop()
+
+
+async def send_waiting(producer: Any, topic: str, partitions: int, workspace: str, value: bytes,
+                       headers: list[tuple[str, bytes]] | None, client: str) -> asyncio.Future:
+    """`producer.send` of a workspace's record to its partition; waits while the partition's
+    batch is full (Kafka away), however long. The future resolves once Kafka has the record."""
+    from aiokafka.errors import KafkaTimeoutError
+
+    while True:
+        try:
+            # The partition of the count read at start, not the producer's current one: a
+            # partition added to the live topic would move the workspace where no node reads
+            # and its seq would go back (KafkaPublisher._watch says so).
+            return await producer.send(topic, value, key=workspace.encode(), headers=headers,
+                                       partition=partition_for(workspace, partitions))
+        except KafkaTimeoutError:
+            # The batch stayed full for aiokafka's request timeout (120 s) and this record was
+            # not added. Failing here would make a source read its transaction again and
+            # publish twice the records already batched: wait on, as drain() does.
+            log.warning("bus: Kafka has not taken the pending batch yet; still waiting",
+                        extra={"fields": {"topic": topic, "workspace": workspace, "client": client}})
 
 
 class KafkaBus:

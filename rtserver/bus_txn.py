@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from rtserver.bus_kafka import RECORD_OVERHEAD, REQUEST_TIMEOUT_MS, KafkaPublisher, gap_record, partition_for
+from rtserver.bus_kafka import KafkaPublisher, gap_record, send_waiting
 
 log = logging.getLogger("rtserver.bus")
 
@@ -89,26 +89,8 @@ class TransactionalWriter:
     async def start(self) -> None:
         """Start the producer under the shared transactional id: from here on, the previous
         holder's producer is fenced and its open transaction aborted."""
-        from aiokafka import AIOKafkaProducer
-
-        producer = AIOKafkaProducer(
-            **self.publisher.options,
-            client_id=self.publisher.client_id,
-            transactional_id=self.transactional_id,
-            transaction_timeout_ms=TRANSACTION_TIMEOUT_MS,
-            acks="all",
-            linger_ms=0,
-            max_request_size=self.publisher.max_record + RECORD_OVERHEAD,
-            request_timeout_ms=REQUEST_TIMEOUT_MS,  # as KafkaPublisher's (see there)
-        )
-        try:
-            await producer.start()
-        except BaseException:
-            with contextlib.suppress(Exception):
-                await producer.stop()
-            raise
-        producer.client.add_topic(self.topic)
-        self._producer = producer
+        self._producer = await self.publisher.new_producer(transactional_id=self.transactional_id,
+                                                           transaction_timeout_ms=TRANSACTION_TIMEOUT_MS)
 
     # -- handing records over ----------------------------------------------------------------
 
@@ -183,22 +165,11 @@ class TransactionalWriter:
             self._fail(exc, report=True)
 
     async def _commit(self, batch: _Batch) -> None:
-        from aiokafka.errors import KafkaTimeoutError
-
         producer = self._producer
-        n = self.partitions
         await producer.begin_transaction()
-        sends = []
-        for workspace, value, headers, _fut in batch.records:
-            while True:
-                try:
-                    # the partition of the count read at start (KafkaPublisher.enqueue says why)
-                    sends.append(await producer.send(self.topic, value, key=workspace.encode(), headers=headers,
-                                                     partition=partition_for(workspace, n)))
-                    break
-                except KafkaTimeoutError:  # the batch stayed full for the request timeout: Kafka away
-                    log.warning("bus: Kafka has not taken the pending batch yet; still waiting",
-                                extra={"fields": {"topic": self.topic, "workspace": workspace}})
+        client = self.publisher.client_id
+        sends = [await send_waiting(producer, self.topic, self.partitions, workspace, value, headers, client)
+                 for workspace, value, headers, _fut in batch.records]
         results = await asyncio.gather(*sends, return_exceptions=True)
         for r in results:
             if isinstance(r, BaseException):
@@ -297,8 +268,9 @@ def _failed_futures(producer: Any) -> list[asyncio.Future]:
     CPython 3.11's parser)."""
     out = []
     manager = getattr(producer, "_txn_manager", None)
-    if manager is not None and manager.wait_for_transaction_end() is not None:  # None: never began one
-        out.append(manager.wait_for_transaction_end())
+    outcome = manager.wait_for_transaction_end() if manager is not None else None
+    if outcome is not None:  # None: it never began one
+        out.append(outcome)
     accumulator = getattr(producer, "_message_accumulator", None)
     for batches in [*getattr(accumulator, "_batches", {}).values(), getattr(accumulator, "_pending_batches", ())]:
         for batch in batches:

@@ -4,11 +4,13 @@ A source reads its feed, normalizes each change into an `rtcore.event.Event` and
 its `EventSink` (the event bus) with `await sink.publish(event)`. Before it acknowledges a
 change's position upstream (LSN, resume token) it awaits `sink.drain()`, which returns once
 every event published so far is recorded (in the workspace history, or in Kafka), so a crash
-loses nothing.
+loses nothing; or, with a sink that has `after_durable(callback)` (the ingest's: Kafka
+transactions), it acknowledges in the callback, without waiting (`when_durable`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from rtcore.event import Event
@@ -34,6 +36,16 @@ class EventSink(Protocol):
         sends; the memory bus records in `publish` already). Sources call it before they
         acknowledge an upstream position."""
         ...
+
+
+def when_durable(sink: Any, then: Callable[[], None]) -> None:
+    """`then()` once every event handed to `sink` so far is recorded: at once for a sink that
+    records in publish(), through its after_durable for one that says later."""
+    after = getattr(sink, "after_durable", None)
+    if after is None:
+        then()
+    else:
+        after(then)
 
 
 class ChannelUnavailable(Exception):

@@ -39,7 +39,7 @@ from rtcore.event import Event
 from rtserver.atomic_file import replace_file
 from rtserver.channels import valid_collection
 from rtserver.redact import redact
-from rtserver.sources.base import YIELD_EVERY, ChannelUnavailable, EventSink
+from rtserver.sources.base import YIELD_EVERY, ChannelUnavailable, EventSink, when_durable
 
 try:
     from rtcore import mongo as normalizer
@@ -491,17 +491,13 @@ class MongoSource:
         it committed (the feed goes on meanwhile: group commit; a failed transaction makes the
         ingest start its feeds over from the saved token, so the next change is read meanwhile
         from the token in memory only)."""
-        after = getattr(self._sink, "after_durable", None)
-        if after is None:
-            save(*args, **kwargs)
-            return
         generation = self._generation
 
         def durable() -> None:
             if generation == self._generation:
                 save(*args, **kwargs)
 
-        after(durable)
+        when_durable(self._sink, durable)
 
     async def _handle(self, change: RawBSONDocument) -> bool:
         """Publish one change; False when the stream must be reopened (invalidate)."""

@@ -33,7 +33,7 @@ import psycopg
 from rtcore import messages, timefmt
 from rtcore.event import Event
 from rtserver.channels import valid_table_name
-from rtserver.sources.base import YIELD_EVERY, ChannelUnavailable, EventSink
+from rtserver.sources.base import YIELD_EVERY, ChannelUnavailable, EventSink, when_durable
 from rtserver.sources.pg_catalog import Catalog, SetupError, publication_name, slot_name
 from rtserver.sources.pg_state import PositionFile, targets_key
 from rtserver.sources.pg_stream import ReplicationStream, StreamError
@@ -723,10 +723,6 @@ class PostgresSource:
         carrying it committed. The feed does not wait for that (one commit per transaction
         would bound it to a few hundred transactions a second); the position, and the LSN
         acknowledged to the slot, follow in order."""
-        after = getattr(self.sink, "after_durable", None)
-        if after is None:
-            then(*args)
-            return
         generation = self._generation
         self._undurable += 1
 
@@ -735,7 +731,7 @@ class PostgresSource:
             if generation == self._generation:
                 then(*args)
 
-        after(durable)
+        when_durable(self.sink, durable)
 
     def _ack(self, lsn: int) -> None:
         self._acked_lsn = max(self._acked_lsn, lsn)
