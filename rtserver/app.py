@@ -48,6 +48,27 @@ _SWEEP_INTERVAL = 1.0
 _CORRELATION_MAX = 128
 
 
+def _publish_refused(exc: BusUnavailable, workspace: str, topic: str, corr: str) -> tuple[int, bytes]:
+    if exc.status == 504:  # the outcome is unknown to the publisher: leave a trace of it
+        log.warning("publish not confirmed: %s", exc, extra={"fields": {
+            "workspace": workspace, "topic": topic, "correlation_id": corr}})
+    return exc.status, _err(str(exc))  # 503s are counted in rt_publish_requests_total
+
+
+def _publish_outcome(seq: asyncio.Future[int], workspace: str, topic: str, corr: str) -> tuple[int, bytes]:
+    """The answer to a publish once the bus confirmed it (or did not: BusUnavailable)."""
+    if seq.cancelled():
+        return 503, _err(f"the event's confirmation was cancelled; it may not be published (workspace {workspace})")
+    exc = seq.exception()
+    if isinstance(exc, BusUnavailable):
+        return _publish_refused(exc, workspace, topic, corr)
+    if exc is not None:
+        log.error("publish failed", exc_info=exc, extra={"fields": {
+            "workspace": workspace, "topic": topic, "correlation_id": corr}})
+        return 500, _err("internal error")
+    return 202, _json.encode({"seq": seq.result(), "correlationId": corr})
+
+
 class Gateway:
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -427,10 +448,19 @@ class Gateway:
 
     async def publish_http(
         self, workspace: str, topic: str, headers: Mapping[str, str], body: bytes, remote: str
-    ) -> tuple[int, bytes]:
-        status, out = await self._publish(workspace, topic, headers, body, remote)
-        self.metrics.publish_requests[status] += 1
-        return status, out
+    ) -> tuple[int, bytes] | asyncio.Future[tuple[int, bytes]]:
+        """The publish API's answer (status, body), or a future of it while the bus confirms
+        the event (Kafka): the protocol goes on with the connection's next requests meanwhile
+        and answers in request order."""
+        out = await self._publish(workspace, topic, headers, body, remote)
+        if type(out) is tuple:
+            self.metrics.publish_requests[out[0]] += 1
+        else:
+            out.add_done_callback(self._count_publish)
+        return out
+
+    def _count_publish(self, answer: asyncio.Future[tuple[int, bytes]]) -> None:
+        self.metrics.publish_requests[answer.result()[0]] += 1
 
     async def _publish(
         self, workspace: str, topic: str, headers: Mapping[str, str], body: bytes, remote: str
@@ -483,13 +513,14 @@ class Gateway:
             workspace=workspace, source="events", entity=topic, operation="PUBLISH", record=payload, body=event_body
         )
         try:
-            seq = await self.bus.publish(event)
+            seq = await self.bus.submit(event)
         except BusUnavailable as exc:
-            if exc.status == 504:  # the outcome is unknown to the publisher: leave a trace of it
-                log.warning("publish not confirmed: %s", exc, extra={"fields": {
-                    "workspace": workspace, "topic": topic, "correlation_id": corr}})
-            return exc.status, _err(str(exc))  # 503s are counted in rt_publish_requests_total
-        return 202, _json.encode({"seq": seq, "correlationId": corr})
+            return _publish_refused(exc, workspace, topic, corr)
+        if type(seq) is int:
+            return 202, _json.encode({"seq": seq, "correlationId": corr})
+        answer: asyncio.Future[tuple[int, bytes]] = asyncio.get_running_loop().create_future()
+        seq.add_done_callback(lambda f: answer.set_result(_publish_outcome(f, workspace, topic, corr)))
+        return answer
 
     def _gauges(self) -> list[tuple[str, str, dict[str, Any], float]]:
         rows: list[tuple[str, str, dict[str, Any], float]] = [

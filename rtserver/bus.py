@@ -8,6 +8,7 @@ interface, assigning `seq` once at ingest so every node agrees on it.
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING, Any, Protocol
 
 from rtcore.event import Event
@@ -31,6 +32,13 @@ class EventBus(Protocol):
     async def publish(self, event: Event) -> int:
         """Deliver `event`; returns its seq once it is recorded (safe to acknowledge upstream).
         Raises BusUnavailable when the bus cannot take it now."""
+        ...
+
+    async def submit(self, event: Event) -> int | asyncio.Future[int]:
+        """`publish` in two steps, for the publish API's pipelined requests: returns once
+        `event`'s place among this process's events is fixed (a later submit comes after it):
+        its seq when it is already recorded, or a future of it (BusUnavailable for its
+        exception). Raises BusUnavailable when the bus cannot take it now."""
         ...
 
     def history_gap(self, workspace: str, source: str, reason: str) -> None:
@@ -68,6 +76,8 @@ class MemoryBus:
         if hub.backlogged():
             await hub.room(event.workspace)
         return hub.deliver(event)
+
+    submit = publish  # recorded once it returns
 
     def history_gap(self, workspace: str, source: str, reason: str) -> None:
         self.hub.history_gap(workspace, source, reason)

@@ -29,6 +29,7 @@ import msgspec
 from rtcore.event import Event
 from rtserver.bus import BusUnavailable
 from rtserver.channels import valid_collection, valid_table_name
+from rtserver.eager import run_now
 from rtserver.sources.base import ChannelUnavailable
 
 if TYPE_CHECKING:
@@ -154,6 +155,42 @@ def _log_late_outcome(fut: asyncio.Future, where: str) -> None:
         log.warning("a publish answered 504 was not written: %s", fut.exception(), extra={"fields": {"where": where}})
     else:
         log.info("a publish answered 504 was written", extra={"fields": {"where": where, "seq": fut.result().offset + 1}})
+
+
+def _confirmation(ack: asyncio.Future, timeout: float, workspace: str, topic: str) -> asyncio.Future[int]:
+    """The seq `ack` (a producer's future of a record) acknowledges, within `timeout`; else
+    BusUnavailable (see KafkaBus.submit). Callbacks and one timer, not a task per record."""
+    from aiokafka.errors import KafkaError
+
+    loop = asyncio.get_running_loop()
+    out: asyncio.Future[int] = loop.create_future()
+
+    def settled(f: asyncio.Future) -> None:
+        timer.cancel()
+        if out.done():
+            return  # answered 504 already: _log_late_outcome tells what became of it
+        exc = None if f.cancelled() else f.exception()
+        if f.cancelled() or isinstance(exc, KafkaError):
+            why = "cancelled" if exc is None else f"{type(exc).__name__}: {exc}"
+            out.set_exception(BusUnavailable(503, f"event bus refused the event ({why}); it was not published "
+                                                  f"(workspace {workspace}, bus topic {topic})"))
+        elif exc is not None:
+            out.set_exception(exc)
+        else:
+            out.set_result(f.result().offset + 1)
+
+    def expired() -> None:
+        if out.done():
+            return
+        where = f"workspace {workspace}, bus topic {topic}"
+        ack.add_done_callback(lambda f: _log_late_outcome(f, where))
+        out.set_exception(BusUnavailable(
+            504, f"Kafka did not acknowledge the event within {timeout:g}s ({where}); "
+                 "it is usually written when Kafka is back, so a retry may publish it twice"))
+
+    timer = loop.call_later(timeout, expired)
+    ack.add_done_callback(settled)
+    return out
 
 
 REQUEST_TIMEOUT_MS = 120_000  # the bus producers' aiokafka request timeout (see KafkaPublisher.start)
@@ -499,35 +536,40 @@ class KafkaBus:
     # -- EventBus --------------------------------------------------------------------------
 
     async def publish(self, event: Event) -> int:
-        """To Kafka only: this node's consumer delivers it like every other node's. Refused
-        (BusUnavailable 503) while Kafka is unavailable; sent but not acknowledged within
-        bus.publish_timeout, BusUnavailable 504: the outcome is unknown (the producer writes it
-        once Kafka is back, unless the batch outlives the producer's request timeout, 120 s, while
-        the partition has no leader), and the publisher is told so rather than kept waiting for the
-        outage's length; the outcome is logged when it is known."""
+        """To Kafka only: this node's consumer delivers it like every other node's (see submit)."""
+        seq = await self.submit(event)
+        return await seq
+
+    async def submit(self, event: Event) -> asyncio.Future[int]:
+        """Hand `event` to the producer; returns once it is in the partition's batch (a later
+        submit of the workspace is written after it) with a future of its seq, Kafka's
+        acknowledgement. The publish API answers pipelined requests from these futures in
+        request order, so the records of one publisher travel together instead of one Kafka
+        round trip each.
+
+        Refused (BusUnavailable 503) while Kafka is unavailable, or when the batch stays full
+        for bus.publish_timeout. Sent but not acknowledged within bus.publish_timeout, the
+        future fails with BusUnavailable 504: the outcome is unknown (the producer writes it
+        once Kafka is back, unless the batch outlives the producer's request timeout, 120 s,
+        while the partition has no leader), and the publisher is told so rather than kept
+        waiting for the outage's length; the outcome is logged when it is known."""
         from aiokafka.errors import KafkaError
 
         pub = self.publisher
-        where = f"workspace {event.workspace}, bus topic {self.topic}"
         problem = pub.problem()
         if problem:
-            raise BusUnavailable(503, f"event bus unavailable ({problem}); the event was not published ({where})")
+            raise BusUnavailable(503, f"event bus unavailable ({problem}); the event was not published "
+                                      f"(workspace {event.workspace}, bus topic {self.topic})")
         try:
+            # Usually in the batch at once; otherwise waiting for room (or a new producer).
             # Cancelling send() (buffer full while Kafka is away) drops the record: not sent.
-            fut = await asyncio.wait_for(pub.enqueue(event.workspace, encode_event(event)), pub.timeout)
+            finished, ack = run_now(pub.enqueue(event.workspace, encode_event(event)))
+            if not finished:
+                ack = await asyncio.wait_for(ack, pub.timeout)
         except (TimeoutError, KafkaError) as exc:
-            raise BusUnavailable(503, f"event bus unavailable ({type(exc).__name__}: {exc}); "
-                                      f"the event was not published ({where})") from exc
-        try:
-            meta = await asyncio.wait_for(asyncio.shield(fut), pub.timeout)
-        except TimeoutError:
-            fut.add_done_callback(lambda f: _log_late_outcome(f, where))
-            raise BusUnavailable(504, f"Kafka did not acknowledge the event within {pub.timeout:g}s ({where}); "
-                                      "it is usually written when Kafka is back, so a retry may publish it twice") from None
-        except KafkaError as exc:
-            raise BusUnavailable(503, f"event bus refused the event ({type(exc).__name__}: {exc}); "
-                                      f"it was not published ({where})") from exc
-        return meta.offset + 1
+            raise BusUnavailable(503, f"event bus unavailable ({type(exc).__name__}: {exc}); the event was "
+                                      f"not published (workspace {event.workspace}, bus topic {self.topic})") from exc
+        return _confirmation(ack, pub.timeout, event.workspace, self.topic)
 
     def history_gap(self, workspace: str, source: str, reason: str) -> None:
         task = asyncio.ensure_future(self.publisher.publish_gap(workspace, source, reason))

@@ -11,17 +11,26 @@ from __future__ import annotations
 import asyncio
 import types
 from collections.abc import Coroutine, Generator
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 def start_now(coro: Coroutine[Any, Any, Any]) -> asyncio.Task | None:
     """Run `coro` until it first waits. None if it finished (its result is dropped, an
     exception propagates to the caller); otherwise a task that finishes it."""
+    finished, task = run_now(coro)
+    return None if finished else task  # type: ignore[return-value]
+
+
+def run_now(coro: Coroutine[Any, Any, T]) -> tuple[bool, T | asyncio.Task[T]]:
+    """Run `coro` until it first waits: (True, its result) if it finished (an exception
+    propagates to the caller), else (False, a task that finishes it)."""
     try:
         waiting_on = coro.send(None)
-    except StopIteration:
-        return None
-    return asyncio.ensure_future(_finish(coro, waiting_on))
+    except StopIteration as stop:
+        return True, stop.value
+    return False, asyncio.ensure_future(_finish(coro, waiting_on))
 
 
 async def _finish(coro: Coroutine[Any, Any, Any], waiting_on: Any) -> Any:

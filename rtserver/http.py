@@ -113,6 +113,10 @@ class FrontProtocol(asyncio.Protocol):
         # (created then: a deque is ~600 bytes, and most connections become WebSockets).
         self._queue: deque[tuple[bytes, _Request, bool]] | None = None
         self._drainer: asyncio.Task | None = None
+        # Answers not written yet because one before them waits for the bus to confirm its
+        # event (Kafka): (a future of (status, body), or the response's bytes; close after it).
+        # Requests behind such a publish are handled meanwhile, their answers queued here.
+        self._answers: deque[tuple[asyncio.Future[tuple[int, bytes]] | bytes, bool]] | None = None
         self._paused = False
         self._closing = False
         self._header_name = b""
@@ -152,7 +156,7 @@ class FrontProtocol(asyncio.Protocol):
             return
         loop = asyncio.get_running_loop()
         left = self._last_rx + self._idle_timeout - loop.time()
-        if left > 0 or self._drainer is not None:  # a request of its own is waiting: not idle
+        if left > 0 or self._drainer is not None or self._answers:  # a request of its own is waiting: not idle
             self._idle_timer = loop.call_later(max(left, 1.0), self._check_idle)
             return
         self._closing = True
@@ -191,8 +195,12 @@ class FrontProtocol(asyncio.Protocol):
         except _Refused as exc:
             self._refuse(*exc.args)
         except httptools.HttpParserUpgrade:
-            self._write_held()
-            self._upgrade()
+            if self._drainer is not None or self._answers:
+                # The WebSocket would take the transport before their answers are written.
+                self._refuse(400, "WebSocket upgrade pipelined behind requests not answered yet")
+            else:
+                self._write_held()
+                self._upgrade()
         except httptools.HttpParserCallbackError as exc:
             if not isinstance(exc.__context__, _Refused):
                 raise
@@ -228,6 +236,7 @@ class FrontProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._queue is not None:
             self._queue.clear()
+        self._answers = None  # their events are published all the same; nobody to tell
         if self._drainer is not None:
             self._drainer.cancel()
         self._release()
@@ -352,6 +361,11 @@ class FrontProtocol(asyncio.Protocol):
             self._write_held()
 
     def _resume_reading(self) -> None:
+        """Read again, unless requests or answers still wait beyond half of _MAX_PIPELINED
+        (or reading ended for good: then what arrives is dropped)."""
+        half = _MAX_PIPELINED // 2
+        if self._parser is not None and (len(self._queue or ()) > half or len(self._answers or ()) > half):
+            return
         if self._paused:
             self._paused = False
             t = self.transport
@@ -386,10 +400,13 @@ class FrontProtocol(asyncio.Protocol):
                 if route is None:
                     response = json_error(404, f"no such endpoint: POST {path}", keep_alive)
                 else:
-                    status, body = await self.gw.publish_http(
+                    answer = await self.gw.publish_http(
                         route[0], route[1], req.headers, b"".join(req.body), self._remote()
                     )
-                    response = http_response(status, body, keep_alive=keep_alive)
+                    if type(answer) is not tuple:
+                        self._respond_later(answer, keep_alive)
+                        return
+                    response = http_response(answer[0], answer[1], keep_alive=keep_alive)
             elif method in (b"GET", b"HEAD"):
                 status, ctype, body = self.gw.http_get(path)
                 response = http_response(status, body, ctype, keep_alive)
@@ -407,6 +424,11 @@ class FrontProtocol(asyncio.Protocol):
         t = self.transport
         if t is None or t.is_closing() or self._close_after:
             return
+        if self._answers:  # after those still waiting for the bus
+            self._answers.append((data, close))
+            if close:
+                self._closing = True
+            return
         if self._held is not None:
             self._held.append(data)
             if close:
@@ -417,6 +439,50 @@ class FrontProtocol(asyncio.Protocol):
         if close:
             self._closing = True
             self._close(t)
+
+    def _respond_later(self, answer: asyncio.Future[tuple[int, bytes]], keep_alive: bool) -> None:
+        """Answer once `answer` is known, after the answers before it; the requests behind it
+        go on meanwhile. Reading pauses while _MAX_PIPELINED answers wait."""
+        answers = self._answers
+        if answers is None:
+            answers = self._answers = deque()
+        answers.append((answer, not keep_alive))
+        if not keep_alive:
+            self._closing = True
+        answer.add_done_callback(self._answered)
+        if len(answers) >= _MAX_PIPELINED and not self._paused and self.transport is not None:
+            self.transport.pause_reading()
+            self._paused = True
+
+    def _answered(self, _: asyncio.Future) -> None:
+        """Write the answers now known from the front of the line, in one write (the bus
+        confirms a batch of records at once)."""
+        answers = self._answers
+        t = self.transport
+        if not answers or t is None:
+            return
+        if t.is_closing():
+            answers.clear()
+            return
+        out = []
+        close = False
+        while answers and not close:
+            item, close = answers[0]
+            if type(item) is not bytes:
+                if not item.done():
+                    close = False
+                    break
+                status, body = item.result()
+                item = http_response(status, body, keep_alive=not close)
+            answers.popleft()
+            out.append(item)
+        if out:
+            t.write(out[0] if len(out) == 1 else b"".join(out))
+        if close:
+            answers.clear()
+            self._close(t)
+        else:
+            self._resume_reading()
 
     def _close(self, t: asyncio.Transport) -> None:
         if not self._linger:

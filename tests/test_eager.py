@@ -8,7 +8,7 @@ import asyncio
 
 import pytest
 
-from rtserver.eager import start_now
+from rtserver.eager import run_now, start_now
 
 
 async def test_a_coroutine_that_never_waits_runs_before_start_now_returns():
@@ -101,3 +101,19 @@ async def test_a_coroutine_may_catch_its_cancellation_and_go_on():
     await asyncio.sleep(0)
     task.cancel()
     assert await task == "kept going"
+
+
+async def test_run_now_gives_the_result_of_a_coroutine_that_never_waits_or_a_task_of_one_that_does():
+    async def quick() -> int:
+        return 5
+
+    assert run_now(quick()) == (True, 5)
+    fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    async def slow() -> int:
+        return await fut + 1
+
+    finished, task = run_now(slow())
+    assert not finished and isinstance(task, asyncio.Task)
+    fut.set_result(6)
+    assert await task == 7

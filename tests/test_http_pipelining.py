@@ -23,6 +23,7 @@ class RecordingTransport:
         self.paused = 0
         self.resumed = 0
         self.closed = False
+        self.eof = False
 
     def write(self, data: bytes) -> None:
         assert not self.closed, "write after close"
@@ -31,6 +32,9 @@ class RecordingTransport:
 
     def is_closing(self) -> bool:
         return self.closed
+
+    def write_eof(self) -> None:  # a refusal's answer ends the stream, then lingers (FrontProtocol._close)
+        self.eof = True
 
     def close(self) -> None:
         self.closed = True
@@ -250,3 +254,118 @@ async def test_one_connection_publishing_to_several_urls_gets_each_routed(tmp_pa
     assert "no such endpoint: POST /workspaces/w1/realtime/nope" in got[2][1]["error"]
     history = list(gw.hub.workspace("w1").history)
     assert [(e.event.entity, e.event.record["i"]) for e in history] == [("t", 0), ("u", 1), ("u", 3), ("t", 4)]
+
+
+class ConfirmingBus:
+    """The bus interface as the Kafka bus behaves towards the publish API: submit() fixes an
+    event's place at once and returns a future of its seq, which the test resolves in any
+    order (Kafka acknowledges a batch at once; a failure may come before a success)."""
+
+    def __init__(self) -> None:
+        self.submitted: list[tuple[int, asyncio.Future]] = []
+
+    async def submit(self, event) -> asyncio.Future:
+        fut = asyncio.get_running_loop().create_future()
+        self.submitted.append((event.record["i"], fut))
+        return fut
+
+    def confirm(self, k: int) -> None:
+        self.submitted[k][1].set_result(100 + k)
+
+
+def confirming_gateway(tmp_path) -> tuple[Gateway, ConfirmingBus]:
+    gw = make_gateway(tmp_path)
+    bus = gw.bus = ConfirmingBus()
+    return gw, bus
+
+
+async def settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def test_requests_behind_an_unconfirmed_publish_go_on_and_answers_keep_request_order(tmp_path):
+    from rtserver.bus import BusUnavailable
+
+    gw, bus = confirming_gateway(tmp_path)
+    proto, transport = connect(gw)
+    get = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+    proto.data_received(publish_request(0) + publish_request(1) + get + publish_request(2))
+    # every event handed to the bus before any is confirmed; nothing answered yet
+    assert [i for i, _ in bus.submitted] == [0, 1, 2]
+    assert transport.responses() == [] and proto._drainer is None
+    bus.confirm(1)
+    await settle()
+    assert transport.responses() == []  # 1 is known, but 0 is not
+    bus.submitted[0][1].set_exception(BusUnavailable(504, "not acknowledged in time (workspace w1)"))
+    await settle()
+    got = transport.responses()
+    assert [s for s, _ in got] == [504, 202, 200]  # the GET's answer was queued behind them
+    assert got[1][1]["seq"] == 101 and "w1" in got[0][1]["error"]
+    assert transport.writes == 1  # the three known answers in one write
+    bus.confirm(2)
+    await settle()
+    assert [s for s, _ in transport.responses()] == [504, 202, 200, 202]
+    assert not proto._answers
+    # with nothing waiting, a request is answered within data_received again
+    proto.data_received(get)
+    assert len(transport.responses()) == 5
+    assert gw.metrics.publish_requests[202] == 2 and gw.metrics.publish_requests[504] == 1
+
+
+async def test_a_closing_publish_behind_unconfirmed_ones_closes_after_its_answer(tmp_path):
+    gw, bus = confirming_gateway(tmp_path)
+    proto, transport = connect(gw)
+    closing = publish_request(1).replace(b"Host: x\r\n", b"Host: x\r\nConnection: close\r\n")
+    proto.data_received(publish_request(0) + closing + publish_request(2))
+    assert [i for i, _ in bus.submitted] == [0, 1]  # nothing after the closing request is handled
+    bus.confirm(0)
+    await settle()
+    assert [s for s, _ in transport.responses()] == [202] and not transport.closed
+    bus.confirm(1)
+    await settle()
+    assert [s for s, _ in transport.responses()] == [202, 202] and transport.closed
+    assert b"Connection: close" in bytes(transport.data).split(b"HTTP/1.1 ")[2]
+
+
+async def test_reading_pauses_while_too_many_answers_wait_for_the_bus(tmp_path):
+    gw, bus = confirming_gateway(tmp_path)
+    proto, transport = connect(gw)
+    proto.data_received(b"".join(publish_request(i) for i in range(http._MAX_PIPELINED)))
+    assert transport.paused == 1 and len(bus.submitted) == http._MAX_PIPELINED
+    for k in range(http._MAX_PIPELINED // 2 - 1):
+        bus.confirm(k)
+    await settle()
+    assert transport.resumed == 0  # still more than half waiting
+    bus.confirm(http._MAX_PIPELINED // 2 - 1)
+    await settle()
+    assert transport.resumed == 1 and not proto._paused
+    assert len(transport.responses()) == http._MAX_PIPELINED // 2
+
+
+async def test_a_websocket_upgrade_behind_an_unconfirmed_publish_is_refused(tmp_path):
+    gw, bus = confirming_gateway(tmp_path)
+    proto, transport = connect(gw)
+    upgrade = (b"GET /workspaces/w1/realtime/connect HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+               b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+               b"Sec-WebSocket-Version: 13\r\n\r\n")
+    proto.data_received(publish_request(0) + upgrade)
+    assert not proto._handed_off
+    bus.confirm(0)
+    await settle()
+    got = transport.responses()
+    assert [s for s, _ in got] == [202, 400] and "upgrade" in got[1][1]["error"].lower()
+    assert transport.eof  # then closed after the linger
+
+
+async def test_connection_lost_with_unconfirmed_publishes_writes_nothing_later(tmp_path):
+    gw, bus = confirming_gateway(tmp_path)
+    proto, transport = connect(gw)
+    proto.data_received(publish_request(0) + publish_request(1))
+    proto.connection_lost(None)
+    transport.closed = True
+    bus.confirm(0)
+    bus.confirm(1)
+    await settle()  # RecordingTransport fails a write after close
+    assert transport.responses() == []
+    assert gw.metrics.publish_requests[202] == 2  # published all the same, and counted

@@ -767,6 +767,71 @@ async def test_a_read_back_larger_than_the_send_buffer_reaches_a_reader_that_kee
         await gw.shutdown()
 
 
+async def test_pipelined_publishes_travel_to_kafka_together_and_are_answered_in_order(kafka_broker, tmp_path):
+    """A publisher's pipelined requests on a Kafka node: every record goes to the producer
+    before the first is acknowledged (not one Kafka round trip each), the answers leave in
+    request order with consecutive seqs, and subscribers get the events in that order."""
+    from rtserver import http
+    from rtserver.app import Gateway
+    from tests.test_churn import SECRET, Addr, _cfg, _token
+    from tests.test_http_pipelining import RecordingTransport
+
+    gw = Gateway(_cfg(tmp_path, RT_BUS="kafka", RT_BUS_KAFKA_BOOTSTRAP=kafka_broker.bootstrap,
+                      RT_BUS_TOPIC=f"rt.events.{uuid.uuid4().hex[:8]}", RT_BUS_PARTITIONS="1",
+                      RT_HISTORY_EVENTS="1000"))
+    await gw.start()
+    token = _token(["w1"], "publisher", publish=True, secret=SECRET)
+
+    def request(i: int) -> bytes:
+        body = json.dumps({"i": i}).encode()
+        return (f"POST /workspaces/w1/realtime/events/t HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+    try:
+        for _ in range(300):
+            if gw.bus.ready():
+                break
+            await asyncio.sleep(0.1)
+        async with ws_connect(Addr(gw), "w1", token=_token(["w1"], "u")) as c:
+            await c.send({"type": "subscribe", "channel": "events:t"})
+            await c.recv_type("subscribed")
+            proto = http.FrontProtocol(gw)
+            transport = RecordingTransport()
+            proto.connection_made(transport)
+            before = gw.bus.publisher.published
+            proto.data_received(b"".join(request(i) for i in range(40)))
+            assert gw.bus.publisher.published - before == 40 and transport.responses() == []
+            for _ in range(200):
+                if len(transport.responses()) == 40:
+                    break
+                await asyncio.sleep(0.05)
+            got = transport.responses()
+            assert [s for s, _ in got] == [202] * 40, got
+            seqs = [b["seq"] for _, b in got]
+            assert seqs == list(range(seqs[0], seqs[0] + 40))  # one partition: consecutive offsets
+            assert transport.writes < 40  # answers of one acknowledgement leave together
+            events = [await c.recv_event(10) for _ in range(40)]
+            assert [e["seq"] for e in events] == seqs
+            assert [e["payload"]["i"] for e in events] == list(range(40))
+
+            # the same over a real socket: 300 requests written at once, answered in order
+            reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+            writer.write(b"".join(request(i) for i in range(40, 340)))
+            answers = []
+            while len(answers) < 300:
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 20)
+                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                answers.append((int(head[9:12]), json.loads(await reader.readexactly(length))))
+            writer.close()
+            assert [s for s, _ in answers] == [202] * 300
+            more = [b["seq"] for _, b in answers]
+            assert more == list(range(seqs[-1] + 1, seqs[-1] + 301))
+            events = [await c.recv_event(10) for _ in range(300)]
+            assert [(e["seq"], e["payload"]["i"]) for e in events] == list(zip(more, range(40, 340), strict=True))
+    finally:
+        await gw.shutdown()
+
+
 async def test_foreign_records_on_the_topic_are_skipped_with_a_log(cluster):
     """Records rtserver did not write (another producer on the topic, a damaged record) are
     skipped with a log naming where they are; before, a key that was not UTF-8 ended the node's
