@@ -118,6 +118,9 @@ class FrontProtocol(asyncio.Protocol):
         # Requests behind such a publish are handled meanwhile, their answers queued here.
         self._answers: deque[tuple[asyncio.Future[tuple[int, bytes]] | bytes, bool]] | None = None
         self._paused = False
+        # The transport's write buffer is over its high-water mark: the peer does not read its
+        # answers, so its requests are not read either (pause_writing).
+        self._write_blocked = False
         self._closing = False
         self._header_name = b""
         # Responses of the requests answered while data_received runs: one write for all of
@@ -160,8 +163,13 @@ class FrontProtocol(asyncio.Protocol):
             self._idle_timer = loop.call_later(max(left, 1.0), self._check_idle)
             return
         self._closing = True
-        if self.transport is not None:
-            self.transport.close()
+        t = self.transport
+        if t is not None:
+            # Answers it never read would hold a closing transport open for good.
+            if t.get_write_buffer_size():
+                t.abort()
+            else:
+                t.close()
 
     def _check_request(self) -> None:
         self._request_timer = None
@@ -360,11 +368,25 @@ class FrontProtocol(asyncio.Protocol):
         finally:
             self._write_held()
 
+    def pause_writing(self) -> None:
+        """The answers are not read: stop reading requests (each would add an answer to the
+        buffer, without bound) until they are; one that never reads is closed as idle."""
+        self._write_blocked = True
+        if not self._paused and not self._handed_off and self.transport is not None:
+            self.transport.pause_reading()
+            self._paused = True
+
+    def resume_writing(self) -> None:
+        self._write_blocked = False
+        self._resume_reading()
+
     def _resume_reading(self) -> None:
-        """Read again, unless requests or answers still wait beyond half of _MAX_PIPELINED
-        (or reading ended for good: then what arrives is dropped)."""
+        """Read again, unless the answers are not being read (pause_writing), or requests or
+        answers still wait beyond half of _MAX_PIPELINED; once no request is to be read any
+        more (closing), reading goes on regardless and what arrives is dropped."""
         half = _MAX_PIPELINED // 2
-        if self._parser is not None and (len(self._queue or ()) > half or len(self._answers or ()) > half):
+        if self._parser is not None and not self._closing and (
+                self._write_blocked or len(self._queue or ()) > half or len(self._answers or ()) > half):
             return
         if self._paused:
             self._paused = False
@@ -485,6 +507,11 @@ class FrontProtocol(asyncio.Protocol):
             self._resume_reading()
 
     def _close(self, t: asyncio.Transport) -> None:
+        loop = asyncio.get_running_loop()
+        if t.get_write_buffer_size():
+            # close() waits for the buffer to be written: a peer that never reads it would hold
+            # the connection open for good. It gets limits.idle_timeout to read it.
+            loop.call_later(self._idle_timeout, t.abort)  # no-op once the connection is gone
         if not self._linger:
             t.close()
             return
@@ -494,7 +521,7 @@ class FrontProtocol(asyncio.Protocol):
         # and close after _LINGER_SECONDS.
         t.write_eof()
         self._resume_reading()
-        asyncio.get_running_loop().call_later(_LINGER_SECONDS, t.close)
+        loop.call_later(_LINGER_SECONDS, t.close)
 
     def _write_held(self) -> None:
         held = self._held
@@ -520,6 +547,9 @@ class FrontProtocol(asyncio.Protocol):
         self._handed_off = True
         transport = self.transport
         assert transport is not None
+        if self._paused:  # the answers before the upgrade filled the write buffer (pause_writing)
+            self._paused = False
+            transport.resume_reading()  # picows has its own flow control from here on
         ws_proto = self.gw.new_ws_protocol()
         transport.set_protocol(ws_proto)
         ws_proto.connection_made(transport)

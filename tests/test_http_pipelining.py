@@ -24,6 +24,8 @@ class RecordingTransport:
         self.resumed = 0
         self.closed = False
         self.eof = False
+        self.aborted = False
+        self.unread = 0  # what get_write_buffer_size says: bytes the peer has not taken yet
 
     def write(self, data: bytes) -> None:
         assert not self.closed, "write after close"
@@ -32,6 +34,12 @@ class RecordingTransport:
 
     def is_closing(self) -> bool:
         return self.closed
+
+    def get_write_buffer_size(self) -> int:
+        return self.unread
+
+    def abort(self) -> None:
+        self.aborted = self.closed = True
 
     def write_eof(self) -> None:  # a refusal's answer ends the stream, then lingers (FrontProtocol._close)
         self.eof = True
@@ -369,3 +377,113 @@ async def test_connection_lost_with_unconfirmed_publishes_writes_nothing_later(t
     await settle()  # RecordingTransport fails a write after close
     assert transport.responses() == []
     assert gw.metrics.publish_requests[202] == 2  # published all the same, and counted
+
+
+async def unread_publisher(tmp_path, monkeypatch, n: int, **env: str):
+    """A gateway in process, and a real connection to it on which `n` pipelined publish
+    requests are written (and nothing read): (gateway, its protocol, reader, writer)."""
+    import socket
+
+    protos: list[http.FrontProtocol] = []
+
+    class Recorded(http.FrontProtocol):
+        def __init__(self, gw: Gateway) -> None:
+            super().__init__(gw)
+            protos.append(self)
+
+    monkeypatch.setattr(http, "FrontProtocol", Recorded)
+    cfg = config.load(environ={"RT_AUTH_HS256_SECRET": SECRET, "RT_STATE_DIR": str(tmp_path), "RT_PORT": "0",
+                               "RT_GC_FREEZE": "false", **env})
+    gw = Gateway(cfg)
+    await gw.start()
+    token = jwt.encode({"sub": "svc", "workspaces": ["w1"], "realtime_publish": True, "exp": 4102444800},
+                       SECRET, algorithm="HS256")
+    head = (f"POST /workspaces/w1/realtime/events/t HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+            "Content-Length: ").encode()
+    requests = []
+    for i in range(n):
+        body = json.dumps({"i": i}).encode()
+        requests.append(head + str(len(body)).encode() + b"\r\n\r\n" + body)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    sock.setblocking(False)
+    try:
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", gw.port))
+        reader, writer = await asyncio.open_connection(sock=sock)
+        for _ in range(100):
+            if protos:
+                break
+            await asyncio.sleep(0.01)
+        proto = protos[0]
+        proto.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+        writer.write(b"".join(requests))
+    except BaseException:
+        sock.close()
+        await gw.shutdown()
+        raise
+    return gw, proto, reader, writer
+
+
+async def test_a_publisher_that_never_reads_its_answers_is_cut_off_when_idle(tmp_path, monkeypatch):
+    gw, proto, reader, writer = await unread_publisher(tmp_path, monkeypatch, 20_000, RT_IDLE_TIMEOUT="1")
+    try:
+        for _ in range(100):
+            if proto.transport is None:  # connection_lost
+                break
+            await asyncio.sleep(0.1)
+        assert proto.transport is None, "a connection whose answers are never read stayed open"
+        assert gw.metrics.publish_requests[202] < 20_000
+    finally:
+        writer.close()
+        await gw.shutdown()
+
+
+async def test_a_publisher_that_does_not_read_its_answers_is_not_read_either(tmp_path, monkeypatch):
+    """Over real sockets: a publisher writing 20,000 requests and reading none of the answers
+    fills the gateway's write buffer; from then on the gateway stops reading its requests
+    (bounded: the answers are not queued without end), and once it reads, every request is
+    published and answered in order."""
+    n = 20_000
+    gw, proto, reader, writer = await unread_publisher(tmp_path, monkeypatch, n)
+    try:
+        def accepted() -> int:
+            return gw.metrics.publish_requests[202]
+
+        seen, steady = -1, 0
+        while steady < 5 and accepted() < n:
+            await asyncio.sleep(0.1)
+            steady = steady + 1 if accepted() == seen else 0
+            seen = accepted()
+        assert accepted() < n, "the gateway read every request although no answer was read"
+        assert proto._paused and proto._write_blocked
+        assert proto.transport.get_write_buffer_size() < 1024 * 1024
+
+        seqs = []
+        for _ in range(n):
+            status_line = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 20)
+            length = int(status_line.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            answer = json.loads(await reader.readexactly(length))
+            assert status_line.startswith(b"HTTP/1.1 202 "), (status_line, answer)
+            seqs.append(answer["seq"])
+        assert seqs == sorted(seqs) and len(set(seqs)) == n and accepted() == n
+        assert not proto._paused
+    finally:
+        writer.close()
+        await gw.shutdown()
+
+
+async def test_a_closing_answer_the_peer_never_reads_is_given_up_after_the_idle_timeout(tmp_path):
+    cfg = config.load(environ={"RT_AUTH_HS256_SECRET": SECRET, "RT_STATE_DIR": str(tmp_path),
+                               "RT_IDLE_TIMEOUT": "0.2"})
+    gw = Gateway(cfg)
+    proto, transport = connect(gw)
+    transport.unread = 100_000  # the peer reads nothing: close() would wait for ever
+    proto.data_received(publish_request(0).replace(b"Host: x\r\n", b"Host: x\r\nConnection: close\r\n"))
+    assert transport.closed and not transport.aborted  # asked to close after the write
+    await asyncio.sleep(0.4)
+    assert transport.aborted
+    # an answer written in full is closed normally, with nothing left to give up
+    proto, transport = connect(gw)
+    proto.data_received(publish_request(1).replace(b"Host: x\r\n", b"Host: x\r\nConnection: close\r\n"))
+    await asyncio.sleep(0.4)
+    assert transport.closed and not transport.aborted
