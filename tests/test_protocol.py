@@ -374,6 +374,18 @@ async def test_oversized_message_is_refused(gateway):
         assert code == 1009
 
 
+async def test_a_frame_over_the_read_limit_closes_1009_and_is_audited_as_such(gateway):
+    """A single frame beyond what the gateway reads (1 MiB, or 4 times
+    limits.max_message_bytes) is refused by picows itself: its close 1009 comes before the
+    gateway's 4000 error, which the client then drops; the audit trail names the cause."""
+    async with ws_connect(gateway, "w1", token=gateway.token("w1")) as c:
+        await c.send(json.dumps({"type": "ping", "pad": "x" * (2 << 20)}))
+        code, reason = await c.expect_close()
+        assert code == 1009 and "exceeding max allowed size" in reason
+    (rec,) = await gateway.audit_records("session-suspended")
+    assert (rec["code"], rec["reason"]) == (1009, "message_too_big")
+
+
 async def test_fragmented_message_with_a_flood_of_empty_continuations(gateway):
     """A message may come in fragments; empty continuation frames cost the gateway nothing
     per frame (a sum over all fragments per frame made 40,000 of them, 240 KB sent before
