@@ -311,6 +311,10 @@ class Authenticator:
         kid = header.get("kid")
         if not isinstance(alg, str):
             raise _invalid("malformed token: alg is not a string")
+        # Checked before the key set is consulted: a list or object kid is no dict key there
+        # (TypeError: close 1011, publish 500), and any other would cost a refetch.
+        if kid is not None and not isinstance(kid, str):
+            raise _invalid("malformed token: kid is not a string")
         key: Any
         generation: int | None = None
         if alg == "HS256":

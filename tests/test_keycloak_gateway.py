@@ -3,6 +3,8 @@ HTTP server, key rotation, issuer/audience checks, roles as workspace grants."""
 
 from __future__ import annotations
 
+import base64
+import json
 import time
 
 import pytest
@@ -61,3 +63,42 @@ async def test_rs256_via_jwks_with_rotation_and_roles(jwks, gateway_factory):
             await c.send({"type": "auth", "token": bad})
             assert (await c.recv_type("error"))["code"] == code
             assert (await c.expect_close())[0] == code
+
+
+def _forged(header: dict, claims: dict) -> str:
+    """A token with the header given (shapes PyJWT will not encode), signature garbage."""
+    def b64(obj: dict) -> str:
+        return base64.urlsafe_b64encode(json.dumps(obj).encode()).rstrip(b"=").decode()
+
+    return f"{b64(header)}.{b64(claims)}.c2lnbmF0dXJl"
+
+
+async def _refused_with(gw, token: str, code: int, *, header_auth: bool = False) -> dict:
+    async with ws_connect(gw, "acme", token=token if header_auth else None, header_auth=header_auth) as c:
+        if not header_auth:
+            await c.send({"type": "auth", "token": token})
+        error = await c.recv_type("error")
+        assert error["code"] == code, error
+        assert (await c.expect_close())[0] == code
+        return error
+
+
+async def test_a_kid_that_is_not_a_string_is_token_invalid(jwks, gateway_factory):
+    """A header kid that is a JSON list or object reached the key-set lookup as a dict key:
+    TypeError, the connection closed 1011 and a publish answered 500, with an error and its
+    traceback logged, for a token anyone can forge. An integer kid cost a JWKS refetch."""
+    jwks.add_key("k1")
+    gw = await gateway_factory(env={"RT_AUTH_HS256_SECRET": "", "RT_AUTH_JWKS_URL": jwks.url})
+    roles = {"workspaces": ["acme"], "realtime_publish": True}
+    for kid in (["k1"], {"k": "k1"}, 7):
+        token = _forged({"alg": "RS256", "kid": kid}, _claims(**roles))
+        error = await _refused_with(gw, token, 4002)
+        assert "kid" in error["message"]
+        await _refused_with(gw, token, 4002, header_auth=True)
+        status, body = await gw.post("/workspaces/acme/realtime/events/orders", b"{}",
+                                     {"Authorization": f"Bearer {token}"})
+        assert status == 401, body
+    assert jwks.requests == 1  # the prefetch only: a malformed kid is no reason to refetch
+    assert "message handler failed" not in gw.logs()
+    async with ws_connect(gw, "acme", token=jwks.sign(_claims(**roles), "k1")) as c:
+        await c.subscribe("events:orders")
