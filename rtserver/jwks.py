@@ -90,6 +90,9 @@ def parse_jwks(body: bytes, url: str = "") -> dict[str, dict[str, Any]]:
         doc = json.loads(body)
     except ValueError as exc:
         raise JwksError(f"JWKS {url}: not JSON: {exc}") from None
+    except RecursionError:
+        # Not a ValueError: it escaped every caller (the token waiting on the fetch got 1011).
+        raise JwksError(f"JWKS {url}: not JSON: nested too deeply") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list):
         raise JwksError(f"JWKS {url}: no \"keys\" list")
     keys: dict[str, dict[str, Any]] = {}

@@ -3,6 +3,7 @@ HTTP server, key rotation, issuer/audience checks, roles as workspace grants."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import time
@@ -73,6 +74,15 @@ def _forged(header: dict, claims: dict) -> str:
     return f"{b64(header)}.{b64(claims)}.c2lnbmF0dXJl"
 
 
+async def _logged(gw, text: str) -> None:
+    """Until the gateway's log (written by a thread of its own) has `text`."""
+    for _ in range(100):
+        if text in gw.logs():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{text!r} not logged:\n{gw.logs()}")
+
+
 async def _refused_with(gw, token: str, code: int, *, header_auth: bool = False) -> dict:
     async with ws_connect(gw, "acme", token=token if header_auth else None, header_auth=header_auth) as c:
         if not header_auth:
@@ -102,3 +112,22 @@ async def test_a_kid_that_is_not_a_string_is_token_invalid(jwks, gateway_factory
     assert "message handler failed" not in gw.logs()
     async with ws_connect(gw, "acme", token=jwks.sign(_claims(**roles), "k1")) as c:
         await c.subscribe("events:orders")
+
+
+async def test_a_jwks_answer_nested_too_deeply_is_a_failed_fetch(jwks, gateway_factory):
+    """A key set answer of deeply nested JSON made json.loads raise RecursionError, which no one
+    expected: the token that caused the refetch closed its connection 1011 and the keys held
+    were not known to be kept. It is a failed fetch like any malformed answer: 4002 for the
+    token with the unknown kid, the keys held keep serving."""
+    jwks.add_key("k1")
+    gw = await gateway_factory(env={"RT_AUTH_HS256_SECRET": "", "RT_AUTH_JWKS_URL": jwks.url})
+    roles = {"workspaces": ["acme"]}
+    jwks.add_key("k2")
+    jwks.body = b"[" * 100_000
+    error = await _refused_with(gw, jwks.sign(_claims(**roles), "k2"), 4002)
+    assert "k2" in error["message"]
+    assert jwks.requests == 2
+    async with ws_connect(gw, "acme", token=jwks.sign(_claims(**roles), "k1")) as c:
+        await c.subscribe("events:orders")
+    await _logged(gw, "JWKS fetch failed")  # as what it is, and nothing worse
+    assert "nested too deeply" in gw.logs() and "message handler failed" not in gw.logs()

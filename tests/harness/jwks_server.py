@@ -68,6 +68,8 @@ class JwksServer:
         self.delay = 0.0  # seconds each response waits (to overlap concurrent fetches)
         self.trickle = 0.0  # when set, the key set is sent a byte at a time, this many seconds apart
         self.status = 200  # answer this HTTP status instead of the key set when not 200
+        self.body: bytes | None = None  # when set, answer these bytes (status 200) instead of the key set
+        self.redirect: str | None = None  # when set, answer 302 to this URL instead of the key set
         self.tls = tls
         self.client_ssl_context: ssl.SSLContext | None = None
         self._tmpdir: tempfile.TemporaryDirectory[str] | None = None
@@ -135,8 +137,15 @@ class JwksServer:
                     time.sleep(server.delay)
                 if self.path != JWKS_PATH:
                     self._send(404, b'{"error":"not found"}')
+                elif server.redirect is not None:
+                    self.send_response(302)
+                    self.send_header("Location", server.redirect)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
                 elif server.status != 200:
                     self._send(server.status, b'{"error":"unavailable"}')
+                elif server.body is not None:
+                    self._send(200, server.body)
                 else:
                     self._send(200, json.dumps(server.document()).encode())
 
