@@ -22,6 +22,8 @@ from typing import Any
 
 import jwt
 
+from rtserver.redact import redact
+
 log = logging.getLogger("rtserver.auth")
 
 # Algorithms verified with JWKS keys, and the key type (and EC curve) each needs.
@@ -52,6 +54,17 @@ class KeyNotFound(Exception):
     """No usable key for the token's kid/alg (message says why)."""
 
 
+class _NoDowngradeRedirects(urllib.request.HTTPRedirectHandler):
+    """urllib follows a redirect from https to plain http (or ftp): keys fetched that way can be
+    anyone's on the network path. A redirect is followed only to https, or from http to http."""
+
+    def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> Any:
+        old, new = req.full_url.lower(), newurl.lower()
+        if not new.startswith("https:") and not (old.startswith("http:") and new.startswith("http:")):
+            raise JwksError(f"JWKS {req.full_url}: refused redirect ({code}) to {redact(newurl)}")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
 def _fetch_blocking(url: str, ssl_context: ssl.SSLContext | None, timeout: float) -> bytes:
     # Runs in an executor thread: urllib blocks on DNS, connect and read. urllib's timeout bounds
     # each socket operation, not the fetch: the body is read piecewise against a deadline so a
@@ -59,10 +72,9 @@ def _fetch_blocking(url: str, ssl_context: ssl.SSLContext | None, timeout: float
     deadline = time.monotonic() + timeout
     request = urllib.request.Request(url, headers={"Accept": "application/json", "User-Agent": "rtserver"})
     try:
-        kwargs: dict[str, Any] = {"timeout": timeout}
-        if url.lower().startswith("https:"):
-            kwargs["context"] = ssl_context or ssl.create_default_context()
-        with urllib.request.urlopen(request, **kwargs) as response:  # noqa: S310 - URL is operator config
+        context = ssl_context or ssl.create_default_context()
+        opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=context), _NoDowngradeRedirects)
+        with opener.open(request, timeout=timeout) as response:  # URL is operator config
             chunks: list[bytes] = []
             size = 0
             while size <= MAX_JWKS_BYTES:

@@ -385,6 +385,35 @@ async def test_jwks_over_https(tmp_path: Any) -> None:
         server.stop()
 
 
+async def test_an_https_jwks_url_redirected_to_http_is_not_followed(tmp_path: Any) -> None:
+    """urllib follows any redirect between http, https and ftp: an https JWKS URL answering 302
+    to a plain http address had its keys taken from there, where anyone on the network path
+    can put theirs, and tokens signed with those were accepted."""
+    idp = JwksServer(tls=True).start()
+    plain = JwksServer().start()  # the attacker's key set, over plain http
+    try:
+        idp.add_key("rsa-1", "RSA")
+        plain.add_key("evil", "RSA")
+        idp.redirect = plain.url
+        auth = Authenticator(make_cfg(tmp_path, RT_AUTH_JWKS_URL=idp.url), jwks_ssl_context=idp.client_ssl_context)
+        await auth.start()
+        try:
+            exc = await refused(auth, plain.sign(claims(), "evil"))
+            assert exc.code == 4002
+            assert not auth.jwks.loaded and plain.requests == 0
+            with pytest.raises(JwksError, match="redirect"):
+                await auth.jwks.refresh()
+            # A redirect that keeps TLS is followed.
+            idp.redirect = idp.url + "?moved"
+            await auth.jwks.refresh()
+            assert (await auth.authenticate(idp.sign(claims(), "rsa-1"), WS)).subject == "user-1"
+        finally:
+            await auth.close()
+    finally:
+        idp.stop()
+        plain.stop()
+
+
 async def test_key_rotation_triggers_refetch(rs_auth: Authenticator, jwks_server: JwksServer) -> None:
     assert jwks_server.requests == 1  # the prefetch
     await rs_auth.authenticate(jwks_server.sign(claims(), "rsa-1"), WS)

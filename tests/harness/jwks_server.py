@@ -69,7 +69,9 @@ class JwksServer:
         self.trickle = 0.0  # when set, the key set is sent a byte at a time, this many seconds apart
         self.status = 200  # answer this HTTP status instead of the key set when not 200
         self.body: bytes | None = None  # when set, answer these bytes (status 200) instead of the key set
-        self.redirect: str | None = None  # when set, answer 302 to this URL instead of the key set
+        # When set, answer 302 to this URL instead of the key set (the URL with a query string,
+        # `url + "?moved"`, still answers the key set: a redirect to it ends there).
+        self.redirect: str | None = None
         self.tls = tls
         self.client_ssl_context: ssl.SSLContext | None = None
         self._tmpdir: tempfile.TemporaryDirectory[str] | None = None
@@ -135,9 +137,9 @@ class JwksServer:
                     server.requests += 1
                 if server.delay:
                     time.sleep(server.delay)
-                if self.path != JWKS_PATH:
+                if self.path.partition("?")[0] != JWKS_PATH:
                     self._send(404, b'{"error":"not found"}')
-                elif server.redirect is not None:
+                elif server.redirect is not None and self.path == JWKS_PATH:
                     self.send_response(302)
                     self.send_header("Location", server.redirect)
                     self.send_header("Content-Length", "0")
