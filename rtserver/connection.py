@@ -380,6 +380,11 @@ class Connection(WSListener):
             return
         if self.identity is None:
             if isinstance(msg, Auth):
+                # The deadline is the client's, to send a token: the time the gateway takes to
+                # verify it (a JWKS refetch, bounded by its own timeout) does not count.
+                if self._timer is not None:
+                    self._timer.cancel()
+                    self._timer = None
                 self._run(self._authenticate(msg.token, msg.resume, msg.since, msg.id))
             else:
                 self.send_error(4003, "authenticate first: send {\"type\":\"auth\",\"token\":...}", mid=msg.id)

@@ -131,3 +131,26 @@ async def test_a_jwks_answer_nested_too_deeply_is_a_failed_fetch(jwks, gateway_f
         await c.subscribe("events:orders")
     await _logged(gw, "JWKS fetch failed")  # as what it is, and nothing worse
     assert "nested too deeply" in gw.logs() and "message handler failed" not in gw.logs()
+
+
+async def test_a_token_sent_in_time_is_not_cut_off_by_the_auth_timeout(jwks, gateway_factory):
+    """The auth deadline is the client's to send a token; it stayed armed while the gateway
+    verified one, so a client that sent a valid token at once, whose kid made the gateway
+    refetch a slow key set (a key rotation), was closed 4002 "auth timeout" at the deadline."""
+    jwks.add_key("k1")
+    gw = await gateway_factory(env={
+        "RT_AUTH_HS256_SECRET": "", "RT_AUTH_JWKS_URL": jwks.url, "RT_AUTH_TIMEOUT": "0.5",
+    })
+    jwks.rotate("k2")
+    jwks.delay = 1.5  # the refetch the new kid causes outlasts the auth deadline
+    token = jwks.sign(_claims(workspaces=["acme"]), "k2")
+    async with ws_connect(gw, "acme") as c:
+        await c.send({"type": "auth", "token": token, "id": 1})
+        answer = await c.recv()
+        assert answer["type"] == "auth_ok" and answer["id"] == 1, answer
+        await c.subscribe("events:orders")
+    # With no token sent at all, the deadline still closes the connection.
+    async with ws_connect(gw, "acme") as c:
+        error = await c.recv_type("error")
+        assert error["code"] == 4002 and "auth timeout" in error["message"]
+        assert (await c.expect_close())[0] == 4002
