@@ -363,7 +363,12 @@ class Authenticator:
             raise _invalid(f"invalid token: {exc}") from None
 
         exp = claims.get("exp")
-        if isinstance(exp, bool) or not isinstance(exp, int | float) or not math.isfinite(exp):
+        try:
+            # float(): an int past a float's range raised OverflowError here (closed 1011).
+            usable = not isinstance(exp, bool) and isinstance(exp, int | float) and math.isfinite(float(exp))
+        except OverflowError:
+            usable = False
+        if not usable:
             raise _invalid("token exp is not a number")
         sub = claims.get("sub")
         if not isinstance(sub, str) or not sub:

@@ -29,6 +29,7 @@ from rtserver.auth import (
 )
 from rtserver.jwks import FAILURE_RETRY_INTERVAL, JwksCache, JwksError, KeyNotFound, parse_jwks
 from tests.harness.jwks_server import JwksServer, private_key, public_pem
+from tests.harness.wsclient import ws_connect
 
 SECRET = "s3cret-for-tests-0123456789abcdef0123456789abcdef"
 WS = "acme"
@@ -243,6 +244,20 @@ async def test_exp_must_be_a_number(hs_auth: Authenticator) -> None:
     token = jwt.encode(claims(exp=str(int(time.time()) + 300)), SECRET, algorithm="HS256")
     exc = await refused(hs_auth, token)
     assert exc.code == 4002
+
+
+async def test_an_exp_too_large_for_a_float_is_token_invalid(gateway_factory: Any) -> None:
+    """An integer exp past a float's range (10**400) passed PyJWT's int() check, then
+    math.isfinite raised OverflowError: the connection closed 1011 and an error was logged,
+    instead of the token being refused as one whose exp is not a usable number."""
+    gw = await gateway_factory()
+    token = gw.token("w1", exp=10**400)
+    async with ws_connect(gw, "w1") as c:
+        await c.send({"type": "auth", "token": token})
+        error = await c.recv_type("error")
+        assert error["code"] == 4002 and "exp" in error["message"], error
+        assert (await c.expect_close())[0] == 4002
+    assert "message handler failed" not in gw.logs()
 
 
 # -- alg none and algorithm confusion ----------------------------------------------------------
