@@ -96,8 +96,9 @@ def _fetch_blocking(url: str, ssl_context: ssl.SSLContext | None, timeout: float
     return body
 
 
-def parse_jwks(body: bytes, url: str = "") -> dict[str, dict[str, Any]]:
-    """Signing keys of a JWKS document by kid ("" for a key without kid). Unusable keys are skipped."""
+def parse_jwks(body: bytes, url: str = "") -> dict[str, list[dict[str, Any]]]:
+    """Signing keys of a JWKS document by kid ("" for a key without kid), in document order: keys
+    of different types may share a kid (RFC 7517 §4.5). Unusable keys are skipped."""
     try:
         doc = json.loads(body)
     except ValueError as exc:
@@ -107,9 +108,10 @@ def parse_jwks(body: bytes, url: str = "") -> dict[str, dict[str, Any]]:
         raise JwksError(f"JWKS {url}: not JSON: nested too deeply") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list):
         raise JwksError(f"JWKS {url}: no \"keys\" list")
-    keys: dict[str, dict[str, Any]] = {}
+    keys: dict[str, list[dict[str, Any]]] = {}
+    count = 0
     for entry in doc["keys"]:
-        if len(keys) >= MAX_KEYS:
+        if count >= MAX_KEYS:
             log.warning("JWKS has too many keys; ignoring the rest", extra={"fields": {"url": url, "max": MAX_KEYS}})
             break
         if not isinstance(entry, dict):
@@ -121,7 +123,8 @@ def parse_jwks(body: bytes, url: str = "") -> dict[str, dict[str, Any]]:
         # confusion, and encryption keys (use=enc) must never verify a signature.
         if entry.get("kty") not in ("RSA", "EC") or entry.get("use", "sig") != "sig":
             continue
-        keys[kid] = entry
+        keys.setdefault(kid, []).append(entry)
+        count += 1
     return keys
 
 
@@ -142,7 +145,7 @@ class JwksCache:
         self.max_age = max(max_age, refetch_interval)
         self._ssl_context = ssl_context
         self._timeout = timeout
-        self._keys: dict[str, dict[str, Any]] = {}
+        self._keys: dict[str, list[dict[str, Any]]] = {}
         self._resolved: dict[tuple[str, str], jwt.PyJWK] = {}
         self._fetched_at: float | None = None  # monotonic time of the last successful fetch
         self._attempted_at: float | None = None  # monotonic time of the last attempt
@@ -269,12 +272,17 @@ class JwksCache:
         cached = self._resolved.get((kid, alg))
         if cached is not None:
             return cached
-        data = self._keys.get(kid)
-        if data is None:
+        candidates = self._keys.get(kid)
+        if candidates is None:
             raise KeyNotFound(f"unknown key id {kid!r}")
         kty, crv = ASYMMETRIC_ALGORITHMS[alg]
-        if data.get("kty") != kty or (crv is not None and data.get("crv") != crv):
-            raise KeyNotFound(f"key {kid!r} ({data.get('kty')}) cannot verify {alg}")
+        # Of the keys under this kid, the first of the type (and curve) the algorithm needs.
+        data = next(
+            (d for d in candidates if d.get("kty") == kty and (crv is None or d.get("crv") == crv)), None
+        )
+        if data is None:
+            types = ", ".join(str(d.get("kty")) for d in candidates)
+            raise KeyNotFound(f"key {kid!r} ({types}) cannot verify {alg}")
         if "alg" in data and data["alg"] != alg:
             raise KeyNotFound(f"key {kid!r} is for {data['alg']}, token uses {alg}")
         try:

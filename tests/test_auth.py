@@ -15,6 +15,7 @@ from typing import Any
 
 import jwt
 import pytest
+from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
 from rtserver import auth as auth_module
 from rtserver import config
@@ -922,6 +923,24 @@ def test_parse_jwks_keeps_only_public_signing_keys() -> None:
     for bad in (b"not json", b"[]", b'{"keys": {}}'):
         with pytest.raises(JwksError):
             parse_jwks(bad, "http://idp/certs")
+
+
+async def test_one_kid_for_an_rsa_and_an_ec_key_verifies_both(tmp_path: Any, jwks_server: JwksServer) -> None:
+    """RFC 7517 §4.5 lets keys of different types share a kid (equivalent alternatives). The
+    key set was a dict by kid, so the last of them replaced the others: tokens signed with the
+    RSA one were refused 'key (EC) cannot verify RS256'."""
+    rsa_jwk = RSAAlgorithm.to_jwk(private_key("dup-rsa", "RSA").public_key(), as_dict=True)
+    ec_jwk = ECAlgorithm.to_jwk(private_key("dup-ec", "EC").public_key(), as_dict=True)
+    jwks_server.body = json.dumps({"keys": [{**rsa_jwk, "kid": "dup"}, {**ec_jwk, "kid": "dup"}]}).encode()
+    auth = Authenticator(make_cfg(tmp_path, RT_AUTH_JWKS_URL=jwks_server.url))
+    await auth.start()
+    try:
+        for key, alg in ((private_key("dup-rsa", "RSA"), "RS256"), (private_key("dup-ec", "EC"), "ES256")):
+            token = jwt.encode(claims(), key, algorithm=alg, headers={"kid": "dup"})
+            assert (await auth.authenticate(token, WS)).subject == "user-1", alg
+        assert jwks_server.requests == 1
+    finally:
+        await auth.close()
 
 
 async def test_unreachable_jwks_is_token_invalid(tmp_path: Any) -> None:
