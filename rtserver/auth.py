@@ -220,7 +220,7 @@ class Authenticator:
             try:
                 await self.jwks.refresh()
             except Exception as exc:  # noqa: BLE001 - not fatal: the IdP may come up after us
-                log.warning("JWKS prefetch failed", extra={"fields": {"url": self.jwks.url, "error": str(exc)}})
+                log.warning("JWKS prefetch failed", extra={"fields": {"url": self.jwks.shown_url, "error": str(exc)}})
 
     async def close(self) -> None:
         if self.jwks is not None:

@@ -61,7 +61,7 @@ class _NoDowngradeRedirects(urllib.request.HTTPRedirectHandler):
     def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> Any:
         old, new = req.full_url.lower(), newurl.lower()
         if not new.startswith("https:") and not (old.startswith("http:") and new.startswith("http:")):
-            raise JwksError(f"JWKS {req.full_url}: refused redirect ({code}) to {redact(newurl)}")
+            raise JwksError(f"JWKS {redact(req.full_url)}: refused redirect ({code}) to {redact(newurl)}")
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
@@ -70,6 +70,7 @@ def _fetch_blocking(url: str, ssl_context: ssl.SSLContext | None, timeout: float
     # each socket operation, not the fetch: the body is read piecewise against a deadline so a
     # server trickling its answer frees the thread too (the waiters are freed by _fetch).
     deadline = time.monotonic() + timeout
+    shown = redact(url)  # errors are logged: a credential in the URL's query is not
     request = urllib.request.Request(url, headers={"Accept": "application/json", "User-Agent": "rtserver"})
     try:
         context = ssl_context or ssl.create_default_context()
@@ -79,7 +80,7 @@ def _fetch_blocking(url: str, ssl_context: ssl.SSLContext | None, timeout: float
             size = 0
             while size <= MAX_JWKS_BYTES:
                 if time.monotonic() > deadline:
-                    raise JwksError(f"JWKS {url}: no complete answer within {timeout:g} s")
+                    raise JwksError(f"JWKS {shown}: no complete answer within {timeout:g} s")
                 chunk = response.read1(MAX_JWKS_BYTES + 1 - size)
                 if not chunk:
                     break
@@ -87,12 +88,12 @@ def _fetch_blocking(url: str, ssl_context: ssl.SSLContext | None, timeout: float
                 size += len(chunk)
             body = b"".join(chunks)
     except urllib.error.HTTPError as exc:
-        raise JwksError(f"JWKS {url}: HTTP {exc.code}") from None
+        raise JwksError(f"JWKS {shown}: HTTP {exc.code}") from None
     except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
-        raise JwksError(f"JWKS {url}: {reason}") from None
+        raise JwksError(f"JWKS {shown}: {reason}") from None
     if len(body) > MAX_JWKS_BYTES:
-        raise JwksError(f"JWKS {url}: response larger than {MAX_JWKS_BYTES} bytes")
+        raise JwksError(f"JWKS {shown}: response larger than {MAX_JWKS_BYTES} bytes")
     return body
 
 
@@ -141,6 +142,7 @@ class JwksCache:
         timeout: float = FETCH_TIMEOUT,
     ) -> None:
         self.url = url
+        self.shown_url = redact(url)  # for logs and errors: without a credential it may carry
         self.refetch_interval = refetch_interval
         self.max_age = max(max_age, refetch_interval)
         self._ssl_context = ssl_context
@@ -188,13 +190,13 @@ class JwksCache:
             # unknown kid, the first ones after start) and a trickling answer must not hold them.
             body = await asyncio.wait_for(fetch, self._timeout)
         except TimeoutError:
-            raise JwksError(f"JWKS {self.url}: no complete answer within {self._timeout:g} s") from None
-        keys = parse_jwks(body, self.url)
+            raise JwksError(f"JWKS {self.shown_url}: no complete answer within {self._timeout:g} s") from None
+        keys = parse_jwks(body, self.shown_url)
         self._keys = keys
         self._resolved.clear()
         self.generation += 1
         self._fetched_at = time.monotonic()
-        log.info("JWKS loaded", extra={"fields": {"url": self.url, "keys": sorted(keys)}})
+        log.info("JWKS loaded", extra={"fields": {"url": self.shown_url, "keys": sorted(keys)}})
 
     def _may_fetch_for_unknown_kid(self) -> bool:
         if self._inflight is not None:
@@ -246,7 +248,7 @@ class JwksCache:
         try:
             await self.refresh()
         except JwksError as exc:
-            log.warning("JWKS fetch failed", extra={"fields": {"url": self.url, "error": str(exc)}})
+            log.warning("JWKS fetch failed", extra={"fields": {"url": self.shown_url, "error": str(exc)}})
 
     async def close(self) -> None:
         """Cancel a background refresh and a fetch in flight (its executor thread ends on its own)."""

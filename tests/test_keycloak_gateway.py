@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from rtserver.jwks import FAILURE_RETRY_INTERVAL
 from tests.harness.jwks_server import JwksServer
 from tests.harness.wsclient import ws_connect
 
@@ -154,3 +155,21 @@ async def test_a_token_sent_in_time_is_not_cut_off_by_the_auth_timeout(jwks, gat
         error = await c.recv_type("error")
         assert error["code"] == 4002 and "auth timeout" in error["message"]
         assert (await c.expect_close())[0] == 4002
+
+
+async def test_a_secret_in_the_jwks_url_is_not_logged(jwks, gateway_factory):
+    """A JWKS URL may carry a credential in its query (an API gateway's key in front of the
+    provider). The JWKS log lines and fetch errors wrote the URL as configured, the secret
+    with it; they now write it redacted, as the database URLs are."""
+    jwks.add_key("k1")
+    jwks.status = 503
+    url = jwks.url + "?api_key=s3cr3t-jwks-credential"
+    gw = await gateway_factory(env={"RT_AUTH_HS256_SECRET": "", "RT_AUTH_JWKS_URL": url})
+    await _logged(gw, "JWKS prefetch failed")
+    jwks.status = 200
+    await asyncio.sleep(FAILURE_RETRY_INTERVAL + 0.1)  # the next token may fetch again
+    async with ws_connect(gw, "acme", token=jwks.sign(_claims(workspaces=["acme"]), "k1")) as c:
+        await c.subscribe("events:orders")
+    await _logged(gw, "JWKS loaded")
+    assert "s3cr3t-jwks-credential" not in gw.logs()
+    assert "api_key=***" in gw.logs()
