@@ -34,6 +34,10 @@ _json_decode = msgspec.json.decode
 _VERIFIED_MAX = 4096  # (token, workspace) pairs remembered as verified (Authenticator.known)
 _VERIFIED_BYTES = 8 * 1024 * 1024  # and their tokens' characters at most: 512 of the longest
 MAX_TOKEN_BYTES = 16 * 1024  # real tokens are 1-4 KiB; bounds the work an anonymous peer can cause
+# A token header's kid and alg come from anyone and end up in error messages and audit records:
+# a longer kid is refused (real ones are up to ~100 characters), an unknown alg shown cut short.
+MAX_KID_CHARS = 256
+_SHOWN_ALG_CHARS = 32
 DEV_SECRET_FILE = "dev-secret"
 
 
@@ -315,6 +319,8 @@ class Authenticator:
         # (TypeError: close 1011, publish 500), and any other would cost a refetch.
         if kid is not None and not isinstance(kid, str):
             raise _invalid("malformed token: kid is not a string")
+        if kid is not None and len(kid) > MAX_KID_CHARS:
+            raise _invalid(f"malformed token: kid longer than {MAX_KID_CHARS} characters")
         key: Any
         generation: int | None = None
         if alg == "HS256":
@@ -330,7 +336,7 @@ class Authenticator:
                 raise _invalid(str(exc)) from None
             generation = self.jwks.generation
         else:
-            raise _invalid(f"algorithm {alg!r} is not accepted")
+            raise _invalid(f"algorithm {alg[:_SHOWN_ALG_CHARS]!r} is not accepted")
 
         options = {"verify_aud": False, "require": ["exp"]}  # aud/azp checked below
         try:

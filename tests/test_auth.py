@@ -277,6 +277,21 @@ async def test_non_string_alg_refused(hs_auth: Authenticator, alg: Any) -> None:
     assert exc.code == 4002
 
 
+async def test_an_attacker_chosen_kid_or_alg_is_not_echoed_at_length(rs_auth: Authenticator,
+                                                                      jwks_server: JwksServer) -> None:
+    """The header's kid and alg reach error messages (and audit records' reason): a 5,000-character
+    kid is refused as such, without a JWKS refetch, and an unknown alg is shown cut short."""
+    fetches = jwks_server.requests
+    exc = await refused(rs_auth, raw_token({"alg": "RS256", "kid": "k" * 5000}, claims(), None))
+    assert exc.code == 4002 and len(str(exc)) < 200 and "kid longer than" in str(exc)
+    assert jwks_server.requests == fetches
+    exc = await refused(rs_auth, raw_token({"alg": "X" * 5000, "kid": "rsa-1"}, claims(), None))
+    assert exc.code == 4002 and len(str(exc)) < 200
+    # a kid of ordinary length is looked up as before
+    exc = await refused(rs_auth, raw_token({"alg": "RS256", "kid": "k" * 100}, claims(), None))
+    assert "unknown key id" in str(exc)
+
+
 async def test_alg_none_refused_with_jwks(rs_auth: Authenticator) -> None:
     exc = await refused(rs_auth, raw_token({"alg": "none", "kid": "rsa-1"}, claims(), None))
     assert exc.code == 4002
