@@ -124,6 +124,12 @@ def parse_jwks(body: bytes, url: str = "") -> dict[str, list[dict[str, Any]]]:
         # confusion, and encryption keys (use=enc) must never verify a signature.
         if entry.get("kty") not in ("RSA", "EC") or entry.get("use", "sig") != "sig":
             continue
+        if "d" in entry:
+            # A private key in a published key set: anyone who fetched it can sign tokens, so it
+            # verifies nothing (PyJWT could not verify with it either: each token got 1011).
+            log.error("JWKS publishes a private key; it is not used: rotate it at the identity provider",
+                      extra={"fields": {"url": url, "kid": kid[:64]}})
+            continue
         keys.setdefault(kid, []).append(entry)
         count += 1
     return keys

@@ -292,6 +292,30 @@ async def test_an_attacker_chosen_kid_or_alg_is_not_echoed_at_length(rs_auth: Au
     assert "unknown key id" in str(exc)
 
 
+async def test_a_private_key_published_in_the_jwks_verifies_nothing(
+    rs_auth: Authenticator, jwks_server: JwksServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A key set that publishes a private key (its "d"): anyone may sign with it, so the key is
+    not used and the operator is told; tokens of that kid get 4002 (before: PyJWT's verify of a
+    private key raised AttributeError, closing each such connection 1011), the other keys work."""
+    import json as _json
+
+    from jwt.algorithms import RSAAlgorithm
+
+    leaked = private_key("leaked")
+    jwk = _json.loads(RSAAlgorithm.to_jwk(leaked))
+    good = _json.loads(RSAAlgorithm.to_jwk(private_key("rsa-1").public_key()))
+    jwk["kid"], good["kid"] = "leaked", "rsa-1"
+    jwks_server.body = _json.dumps({"keys": [jwk, good]}).encode()
+    await rs_auth.jwks.refresh()
+    assert "publishes a private key" in caplog.text and '"d"' not in caplog.text
+    forged = jwt.encode(claims(), leaked, algorithm="RS256", headers={"kid": "leaked"})
+    exc = await refused(rs_auth, forged)
+    assert exc.code == 4002 and "unknown key id" in str(exc)
+    ok = jwt.encode(claims(), private_key("rsa-1"), algorithm="RS256", headers={"kid": "rsa-1"})
+    assert (await rs_auth.authenticate(ok, WS)).subject
+
+
 async def test_alg_none_refused_with_jwks(rs_auth: Authenticator) -> None:
     exc = await refused(rs_auth, raw_token({"alg": "none", "kid": "rsa-1"}, claims(), None))
     assert exc.code == 4002
