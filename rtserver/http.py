@@ -288,8 +288,10 @@ class FrontProtocol(asyncio.Protocol):
         if self._parser.should_upgrade():
             return  # handled by HttpParserUpgrade in data_received
         self._in_body = True
+        # The parser checked the value (digits, one length) but keeps the whitespace allowed
+        # after it: "1000000000 " waited for its gigabyte and got its 100 Continue.
         length = req.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > self._max_body:
+        if length is not None and (length := length.rstrip(" \t")).isdigit() and int(length) > self._max_body:
             # Answered now, not after a body that may never end; the connection closes.
             raise _Refused(413, f"payload exceeds {self._max_body} bytes")
         elif req.headers.get("expect", "").lower() == "100-continue":

@@ -271,6 +271,22 @@ async def test_oversized_requests_are_refused_at_once_and_never_buffered(gateway
     assert (await gateway.get("/healthz"))[0] == 200
 
 
+async def test_a_body_announced_over_the_limit_with_trailing_whitespace_is_refused_at_once(gateway):
+    """HTTP allows whitespace after a header value ("Content-Length: 1000000000 "), and the
+    parser keeps it: the length was then not recognised, so the 413 waited for a gigabyte of
+    body and an `Expect: 100-continue` was even answered 100 Continue, inviting it."""
+    token = gateway.token("w1", publish=True)
+    for length in ("1000000000 ", "1000000000\t"):
+        reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+        writer.write(f"POST /workspaces/w1/realtime/events/big HTTP/1.1\r\nHost: x\r\n"
+                     f"Authorization: Bearer {token}\r\nExpect: 100-continue\r\n"
+                     f"Content-Length: {length}\r\n\r\n".encode())
+        status, body = await _read_response(reader)
+        assert status == 413 and "payload exceeds 262144 bytes" in body["error"], (length, status, body)
+        assert await _closed(reader)
+        writer.close()
+
+
 async def test_refusal_is_answered_after_the_requests_before_it(gateway_factory):
     """Pipelined publishes held by back-pressure, then one over the limit: every earlier request
     is answered (202, in order) before the 413, and then the connection closes."""
