@@ -190,7 +190,11 @@ class FrontProtocol(asyncio.Protocol):
         if self._handed_off or self._parser is None or self._closing:
             return
         self._last_rx = asyncio.get_running_loop().time()
-        self._raw += data
+        if not self._in_body or self._req is None:
+            # Kept for a WebSocket hand-off, which no request with a body can be: a chunked
+            # body's framing (chunk extensions, trailer fields), which its limit does not
+            # count, was kept here without bound.
+            self._raw += data
         # A publisher pipelining requests gets the answers to all those in this read in one
         # write: one system call (and one wake-up of the publisher) instead of one per event.
         self._held = []
@@ -288,6 +292,9 @@ class FrontProtocol(asyncio.Protocol):
         if self._parser.should_upgrade():
             return  # handled by HttpParserUpgrade in data_received
         self._in_body = True
+        # Not an upgrade: its bytes are no longer needed for a hand-off (nor kept while its
+        # body is read: data_received).
+        self._raw.clear()
         # The parser checked the value (digits, one length) but keeps the whitespace allowed
         # after it: "1000000000 " waited for its gigabyte and got its 100 Continue.
         length = req.headers.get("content-length")
@@ -311,8 +318,6 @@ class FrontProtocol(asyncio.Protocol):
             return  # the hand-off in data_received needs every byte of this request
         req = self._req
         self._req = None
-        # The bytes of completed requests are no longer needed for a possible upgrade hand-off.
-        self._raw.clear()
         if req is None or self._closing:
             return
         method = self._parser.get_method()
