@@ -1,8 +1,8 @@
 """The one listening port: plain HTTP (publish API, health, metrics) and the WebSocket upgrade.
 
 picows parses only GET requests without a body, so every connection starts with `FrontProtocol`,
-which parses HTTP with httptools. A WebSocket upgrade is handed, with the bytes read so far, to a
-picows `WSProtocol` on the same transport; from then on the connection is pure picows and the
+which parses HTTP with httptools. A WebSocket upgrade is handed, as a request head rebuilt from
+what was parsed and the bytes read after it, to a picows `WSProtocol` on the same transport; from then on the connection is pure picows and the
 WebSocket hot path does not pass through this module. Everything else is answered here, with
 keep-alive, so a publisher can reuse its connection.
 """
@@ -77,10 +77,14 @@ def json_error(status: int, message: str, keep_alive: bool = True) -> bytes:
     return http_response(status, _json.encode({"error": message}), keep_alive=keep_alive)
 
 
-# The request headers something here reads (the publish API: authorization, the correlation id),
-# by lower-case name: only these are decoded and kept; a client's other headers cost a lookup.
+# The request headers something here reads (the publish API: authorization, the correlation id;
+# the WebSocket handshake: _upgrade), by lower-case name: only these are decoded and kept; a
+# client's other headers cost a lookup.
+# (The body headers too: picows refuses an upgrade with a body.)
+_UPGRADE_HEADERS = ("upgrade", "sec-websocket-key", "sec-websocket-version", "authorization", "content-length",
+                    "transfer-encoding")
 _READ_HEADERS = {
-    name.encode(): name for name in ("authorization", "content-length", "expect", "x-correlation-id")
+    name.encode(): name for name in ("content-length", "expect", "x-correlation-id", *_UPGRADE_HEADERS)
 }
 
 
@@ -106,7 +110,8 @@ class FrontProtocol(asyncio.Protocol):
         self.gw = gw
         self.transport: asyncio.Transport | None = None
         self._parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
-        self._raw = bytearray()
+        # Bytes of the request head being read (over MAX_HEAD_BYTES: 431).
+        self._head_bytes = 0
         self._req: _Request | None = None
         self._handed_off = False
         # Requests parsed while an earlier one waits, answered in order by the _drainer task
@@ -191,10 +196,7 @@ class FrontProtocol(asyncio.Protocol):
             return
         self._last_rx = asyncio.get_running_loop().time()
         if not self._in_body or self._req is None:
-            # Kept for a WebSocket hand-off, which no request with a body can be: a chunked
-            # body's framing (chunk extensions, trailer fields), which its limit does not
-            # count, was kept here without bound.
-            self._raw += data
+            self._head_bytes += len(data)
         # A publisher pipelining requests gets the answers to all those in this read in one
         # write: one system call (and one wake-up of the publisher) instead of one per event.
         self._held = []
@@ -202,17 +204,17 @@ class FrontProtocol(asyncio.Protocol):
             self._parser.feed_data(data)
             # Bounded: a request in progress holds no more than its head's limit (here) and its
             # body's (on_headers_complete, on_body).
-            if self._req is not None and not self._in_body and len(self._raw) > MAX_HEAD_BYTES:
+            if self._req is not None and not self._in_body and self._head_bytes > MAX_HEAD_BYTES:
                 raise _Refused(431, f"request head exceeds {MAX_HEAD_BYTES} bytes")
         except _Refused as exc:
             self._refuse(*exc.args)
-        except httptools.HttpParserUpgrade:
+        except httptools.HttpParserUpgrade as exc:
             if self._drainer is not None or self._answers:
                 # The WebSocket would take the transport before their answers are written.
                 self._refuse(400, "WebSocket upgrade pipelined behind requests not answered yet")
             else:
                 self._write_held()
-                self._upgrade()
+                self._upgrade(data[exc.args[0]:])
         except httptools.HttpParserCallbackError as exc:
             if not isinstance(exc.__context__, _Refused):
                 raise
@@ -225,7 +227,6 @@ class FrontProtocol(asyncio.Protocol):
     def _refuse(self, status: int, message: str) -> None:
         """Answer `status` after the answers of the requests before it, then close; nothing
         more of this connection is read or buffered."""
-        self._raw = bytearray()
         self._req = None
         self._linger = True
         if self._drainer is None:
@@ -292,9 +293,7 @@ class FrontProtocol(asyncio.Protocol):
         if self._parser.should_upgrade():
             return  # handled by HttpParserUpgrade in data_received
         self._in_body = True
-        # Not an upgrade: its bytes are no longer needed for a hand-off (nor kept while its
-        # body is read: data_received).
-        self._raw.clear()
+        self._head_bytes = 0
         # The parser checked the value (digits, one length) but keeps the whitespace allowed
         # after it: "1000000000 " waited for its gigabyte and got its 100 Continue.
         length = req.headers.get("content-length")
@@ -315,7 +314,7 @@ class FrontProtocol(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         if self._parser.should_upgrade():
-            return  # the hand-off in data_received needs every byte of this request
+            return  # handed off in data_received
         req = self._req
         self._req = None
         if req is None or self._closing:
@@ -549,20 +548,31 @@ class FrontProtocol(asyncio.Protocol):
             self._peer = f"{peer[0]}:{peer[1]}" if peer else ""
         return self._peer
 
-    def _upgrade(self) -> None:
-        """Hand the transport and every byte read so far to a picows WSProtocol."""
+    def _upgrade(self, after: bytes) -> None:
+        """Hand the transport to a picows WSProtocol: the upgrade request, then `after` (what
+        the client sent behind it)."""
         self._handed_off = True
         transport = self.transport
-        assert transport is not None
+        req = self._req
+        assert transport is not None and req is not None and self._parser is not None
+        # The head is rebuilt from what was parsed, not passed on as read: the bytes read of
+        # a request sent behind others were dropped with theirs (the upgrade was never
+        # answered), and picows wants "Connection" to be exactly "upgrade" where Firefox sends
+        # "keep-alive, Upgrade" (should_upgrade() saw the upgrade option in it).
+        head = [b"%s %s HTTP/%s\r\nConnection: Upgrade\r\n" % (
+            self._parser.get_method(), req.url, self._parser.get_http_version().encode())]
+        for name in _UPGRADE_HEADERS:
+            value = req.headers.get(name)
+            if value is not None:
+                head.append(b"%s: %s\r\n" % (name.encode(), value.encode("latin-1")))
+        head.append(b"\r\n")
         if self._paused:  # the answers before the upgrade filled the write buffer (pause_writing)
             self._paused = False
             transport.resume_reading()  # picows has its own flow control from here on
         ws_proto = self.gw.new_ws_protocol()
         transport.set_protocol(ws_proto)
         ws_proto.connection_made(transport)
-        data = bytes(self._raw)
-        self._raw = bytearray()
-        view = memoryview(data)
+        view = memoryview(b"".join(head) + after)
         # picows calls the listener factory synchronously while parsing these bytes; that is
         # where the connection learns its peer address.
         self.gw.upgrading_remote = self._remote()
