@@ -284,7 +284,9 @@ class FrontProtocol(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         assert self._req is not None
         key = _READ_HEADERS.get(name.lower())
-        if key is not None:
+        # Not the trailer fields after a chunked body: HTTP forbids merging them into the
+        # head (they replaced the Authorization or X-Correlation-ID a proxy checked there).
+        if key is not None and not self._in_body:
             self._req.headers[key] = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:

@@ -610,3 +610,16 @@ async def test_a_websocket_upgrade_with_more_than_upgrade_in_its_connection_head
             writer.close()
     finally:
         await gw.shutdown()
+
+
+async def test_trailer_fields_of_a_chunked_body_do_not_replace_its_headers(tmp_path):
+    """Fields after a chunked body (trailers) were stored as headers: one could replace the
+    Authorization a proxy checked or set in the head, or the correlation id. HTTP forbids
+    merging such fields into the head (RFC 9110 6.5.1); they are ignored."""
+    gw = make_gateway(tmp_path)
+    proto, transport = connect(gw)
+    head = publish_request(0).split(b"Content-Length")[0]
+    proto.data_received(head + b"X-Correlation-ID: from-head\r\nTransfer-Encoding: chunked\r\n\r\n"
+                        b"2\r\n{}\r\n0\r\nAuthorization: Bearer garbage\r\nX-Correlation-ID: from-trailer\r\n\r\n")
+    [(status, body)] = transport.responses()
+    assert status == 202 and body["correlationId"] == "from-head", body
