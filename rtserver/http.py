@@ -54,6 +54,7 @@ _REASONS = {
 }
 
 _json = msgspec.json.Encoder()
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 # Requests of one connection parsed and not yet answered before it stops being read.
 _MAX_PIPELINED = 64
 
@@ -89,14 +90,16 @@ _READ_HEADERS = {
 
 
 class _Request:
-    __slots__ = ("url", "headers", "body", "size", "refusal")
+    __slots__ = ("url", "headers", "body", "size", "canned")
 
     def __init__(self) -> None:
         self.url = b""
         self.headers: dict[str, str] = {}
         self.body: list[bytes] = []
         self.size = 0
-        self.refusal: tuple[int, str] | None = None  # answered with this, then the connection closes
+        # Not a request: an answer queued behind those of the requests before it (a refusal,
+        # a 100 Continue), and whether the connection closes after it.
+        self.canned: tuple[bytes, bool] | None = None
 
 
 class _Refused(Exception):
@@ -232,12 +235,16 @@ class FrontProtocol(asyncio.Protocol):
         if self._drainer is None:
             self._respond(json_error(status, message, keep_alive=False), close=True)
             return
-        refusal = _Request()
-        refusal.refusal = (status, message)
+        self._queue_canned(json_error(status, message, keep_alive=False), close=True)
+        self._closing_read()
+
+    def _queue_canned(self, answer: bytes, close: bool) -> None:
+        """Queue `answer` behind the requests waiting for the drainer."""
+        canned = _Request()
+        canned.canned = (answer, close)
         if self._queue is None:
             self._queue = deque()
-        self._queue.append((b"", refusal, False))
-        self._closing_read()
+        self._queue.append((b"", canned, False))
 
     def _closing_read(self) -> None:
         """Stop reading (and parsing) for good; queued answers still leave."""
@@ -304,7 +311,12 @@ class FrontProtocol(asyncio.Protocol):
             raise _Refused(413, f"payload exceeds {self._max_body} bytes")
         elif req.headers.get("expect", "").lower() == "100-continue":
             # curl sends this for bodies over 1 KiB and would otherwise wait a second for it.
-            self._respond(b"HTTP/1.1 100 Continue\r\n\r\n", close=False)
+            # After the answers of the requests before it: with one of them waiting, it was
+            # written at once, and read as an interim answer to that one.
+            if self._drainer is not None:
+                self._queue_canned(_CONTINUE, close=False)
+            else:
+                self._respond(_CONTINUE, close=False)
 
     def on_body(self, body: bytes) -> None:
         req = self._req
@@ -404,8 +416,8 @@ class FrontProtocol(asyncio.Protocol):
 
     # -- routing --
     async def _handle(self, method: bytes, req: _Request, keep_alive: bool) -> None:
-        if req.refusal is not None:  # queued by _refuse behind earlier requests
-            self._respond(json_error(*req.refusal, keep_alive=False), close=True)
+        if req.canned is not None:  # queued behind earlier requests (_queue_canned)
+            self._respond(*req.canned)
             return
         route: tuple[str, str] | None
         if method == b"POST" and req.url == self._publish_url:

@@ -623,3 +623,27 @@ async def test_trailer_fields_of_a_chunked_body_do_not_replace_its_headers(tmp_p
                         b"2\r\n{}\r\n0\r\nAuthorization: Bearer garbage\r\nX-Correlation-ID: from-trailer\r\n\r\n")
     [(status, body)] = transport.responses()
     assert status == 202 and body["correlationId"] == "from-head", body
+
+
+async def test_100_continue_waits_for_the_answers_of_requests_still_waiting_before_it(tmp_path):
+    """With a request before it waiting (fan-out back-pressure), the 100 Continue of the next
+    one was written at once, ahead of the earlier request's answer: the client read it as an
+    interim answer to the earlier request and went on waiting for its own."""
+    gw = make_gateway(tmp_path)
+    queue_frames(gw.hub, 11)
+    proto, transport = connect(gw)
+    second = publish_request(1).replace(b"Host: x\r\n", b"Host: x\r\nExpect: 100-continue\r\n")
+    head, _, body = second.partition(b"\r\n\r\n")
+    proto.data_received(publish_request(0) + head + b"\r\n\r\n")
+    assert bytes(transport.data) == b""  # the first waits: nothing may overtake its answer
+    queue_frames(gw.hub, 0)
+    gw.hub._drained.set()
+    for _ in range(20):
+        await asyncio.sleep(0)
+    data = bytes(transport.data)
+    assert data.startswith(b"HTTP/1.1 202 ") and data.endswith(b"HTTP/1.1 100 Continue\r\n\r\n"), data
+    proto.data_received(body)
+    for _ in range(20):
+        await asyncio.sleep(0)
+    parts = bytes(transport.data).split(b"HTTP/1.1 ")[1:]
+    assert [p[:3] for p in parts] == [b"202", b"100", b"202"]
