@@ -204,7 +204,19 @@ class FrontProtocol(asyncio.Protocol):
         # write: one system call (and one wake-up of the publisher) instead of one per event.
         self._held = []
         try:
-            self._parser.feed_data(data)
+            while True:
+                try:
+                    self._parser.feed_data(data)
+                except httptools.HttpParserUpgrade as exc:
+                    if not self._in_body:
+                        raise  # to a WebSocket (on_headers_complete)
+                    # To another protocol: answered as a plain request already, but a parser
+                    # goes no further than an upgrade: what follows goes to a new one.
+                    data = data[exc.args[0]:]
+                    self._parser = httptools.HttpRequestParser(self)
+                    if data and not self._closing:
+                        continue
+                break
             # Bounded: a request in progress holds no more than its head's limit (here) and its
             # body's (on_headers_complete, on_body).
             if self._req is not None and not self._in_body and self._head_bytes > MAX_HEAD_BYTES:
@@ -300,7 +312,13 @@ class FrontProtocol(asyncio.Protocol):
         req = self._req
         assert req is not None
         if self._parser.should_upgrade():
-            return  # handled by HttpParserUpgrade in data_received
+            if req.headers.get("upgrade", "").lower() == "websocket":
+                return  # handled by HttpParserUpgrade in data_received
+            # An upgrade to another protocol (h2c: curl --http2) is ignored, as a server may:
+            # the request is served as it is (it went to picows: 404, 400). The parser leaves
+            # the body of such a request unread: it would be read as the next request.
+            if req.headers.get("transfer-encoding") or req.headers.get("content-length", "0").strip(" \t0"):
+                raise _Refused(400, "a request with a body may ask for an Upgrade to websocket only")
         self._in_body = True
         self._head_bytes = 0
         # The parser checked the value (digits, one length) but keeps the whitespace allowed
@@ -327,8 +345,8 @@ class FrontProtocol(asyncio.Protocol):
         req.body.append(body)
 
     def on_message_complete(self) -> None:
-        if self._parser.should_upgrade():
-            return  # handed off in data_received
+        if not self._in_body:
+            return  # a WebSocket upgrade (on_headers_complete), handed off in data_received
         req = self._req
         self._req = None
         if req is None or self._closing:

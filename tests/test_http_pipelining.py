@@ -647,3 +647,26 @@ async def test_100_continue_waits_for_the_answers_of_requests_still_waiting_befo
         await asyncio.sleep(0)
     parts = bytes(transport.data).split(b"HTTP/1.1 ")[1:]
     assert [p[:3] for p in parts] == [b"202", b"100", b"202"]
+
+
+async def test_an_upgrade_to_another_protocol_than_websocket_is_ignored(tmp_path, monkeypatch):
+    """`curl --http2` on plain HTTP asks to upgrade to h2c. Every request with an Upgrade header
+    went to picows, which answered GET /healthz 404 and a publish 400 and closed. A server may
+    ignore an upgrade it does not offer (RFC 9110 7.8): such a request is served as the HTTP/1.1
+    request it is, and the connection goes on; one with a body (which the parser then leaves
+    unread) is refused, and so is a CONNECT (400: its target is no path)."""
+    gw, _ = await in_process_gateway(tmp_path, monkeypatch)
+    h2c = b"Upgrade: h2c\r\nConnection: Upgrade, HTTP2-Settings\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n"
+    get = b"GET /healthz HTTP/1.1\r\nHost: x\r\n"
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        writer.write(get + h2c + b"\r\n" + get + b"\r\n" + b"CONNECT x:443 HTTP/1.1\r\nHost: x:443\r\n\r\n" + get + b"\r\n")
+        answers = [await read_answer(reader) for _ in range(4)]
+        assert [status for status, _, _ in answers] == [200, 200, 400, 200]
+        assert answers[0][2] == b'{"status":"ok"}'
+        writer.write(publish_request(0).replace(b"Host: x\r\n", b"Host: x\r\n" + h2c))
+        status, head, body = await read_answer(reader)
+        assert status == 400 and b"Upgrade" in body, body
+        writer.close()
+    finally:
+        await gw.shutdown()
