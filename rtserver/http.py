@@ -212,7 +212,8 @@ class FrontProtocol(asyncio.Protocol):
                         raise  # to a WebSocket (on_headers_complete)
                     # To another protocol: answered as a plain request already, but a parser
                     # goes no further than an upgrade: what follows goes to a new one.
-                    data = data[exc.args[0]:]
+                    # A view: no copy of the rest per request (a read may hold thousands).
+                    data = memoryview(data)[exc.args[0]:]  # type: ignore[assignment]
                     self._parser = httptools.HttpRequestParser(self)
                     if data and not self._closing:
                         continue
@@ -580,7 +581,7 @@ class FrontProtocol(asyncio.Protocol):
             self._peer = f"{peer[0]}:{peer[1]}" if peer else ""
         return self._peer
 
-    def _upgrade(self, after: bytes) -> None:
+    def _upgrade(self, after: bytes | memoryview) -> None:
         """Hand the transport to a picows WSProtocol: the upgrade request, then `after` (what
         the client sent behind it)."""
         self._handed_off = True
