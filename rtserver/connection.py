@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import msgspec
-from picows import WSFrame, WSListener, WSMsgType, WSTransport
+from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport
 
 from rtcore.engine import FilterError, Outbox, close_frame, event_frame, flush_all, queue_one, text_frame
 from rtcore.messages import (
@@ -87,6 +87,19 @@ _SLOW_CLOSE_GRACE = 5.0
 # once the client has taken all but one piece (checked every _REPLAY_POLL seconds).
 _MIN_REPLAY_PIECE = 16 * 1024
 _REPLAY_POLL = 0.002
+
+
+def _close_answer(code: int) -> int:
+    """The code of the close frame answering a client's close with `code` (picows' 0 for none).
+
+    picows refuses the codes below 3000 it does not know, but passes 0 (a close frame without
+    a code), 1006 and codes from 5000: RFC 6455 §7.4 lets none of them be sent, so an empty
+    close is answered 1000 and the others as the protocol errors they are (1002)."""
+    if code == 0:
+        return 1000
+    if code == 1006 or code >= 5000:
+        return 1002
+    return code
 
 
 def _message_id(data: bytes) -> Any:
@@ -205,9 +218,19 @@ class Connection(WSListener):
                 self._fragments = None
                 self._on_message(data)
         elif mt == WSMsgType.CLOSE:
-            self._close_cause = "client_close"
-            self._close_code = int(frame.get_close_code())
-            transport.send_close(frame.get_close_code(), frame.get_close_message())
+            code = int(frame.get_close_code())
+            answer = _close_answer(code)
+            if answer == code:
+                self._close_cause = "client_close"
+                self._close_code = code
+                transport.send_close(frame.get_close_code(), frame.get_close_message())
+            else:
+                # No code (picows reads it as 0: "no status received", 1005), or one no close
+                # frame may carry: answered with a code that may be sent (echoed, 0 made the
+                # server's close frame invalid, and clients failed the handshake).
+                self._close_cause = "client_close" if code == 0 else "protocol_error"
+                self._close_code = 1005 if code == 0 else answer
+                transport.send_close(WSCloseCode(answer))
             transport.disconnect()
         elif mt == WSMsgType.BINARY:
             self._fragmented = not frame.fin

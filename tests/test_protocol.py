@@ -789,3 +789,61 @@ async def test_idle_peer_is_closed_1001(gateway_factory):
         assert exc.rcvd is not None and (exc.rcvd.code, exc.rcvd.reason) == (1001, "going_away")
     (rec,) = await gw.audit_records("session-suspended")
     assert (rec["code"], rec["reason"]) == (1001, "idle_timeout")
+
+
+async def _raw_ws(gw, workspace: str = "w1") -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A WebSocket opened by hand: the server's frames are read as bytes, as sent."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    key = base64.b64encode(os.urandom(16)).decode()
+    writer.write(
+        f"GET /workspaces/{workspace}/realtime/connect HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return reader, writer
+
+
+def _masked(opcode: int, payload: bytes) -> bytes:
+    from websockets.frames import Frame, Opcode
+
+    return Frame(Opcode(opcode), payload).serialize(mask=True, extensions=[])
+
+
+async def _read_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    b0, b1 = await asyncio.wait_for(reader.readexactly(2), 5)
+    n = b1 & 0x7F
+    if n == 126:
+        n = int.from_bytes(await reader.readexactly(2), "big")
+    elif n == 127:
+        n = int.from_bytes(await reader.readexactly(8), "big")
+    return b0 & 0x0F, await reader.readexactly(n)
+
+
+@pytest.mark.parametrize(("sent", "answer"), [
+    (b"", 1000),  # no status code: "no status received" (1005) is not a code to send back
+    ((1006).to_bytes(2, "big"), 1002),  # reserved: never in a close frame (RFC 6455 §7.4.1)
+    ((5000).to_bytes(2, "big"), 1002),  # past the range of codes
+    ((4321).to_bytes(2, "big") + b"bye", 4321),  # an application's code is echoed
+])
+async def test_a_client_close_is_answered_with_a_code_that_may_be_sent(gateway, sent, answer):
+    """The server answers a client's close frame with one of its own. picows reads a close
+    frame without a code as 0 and lets 1006 and codes from 5000 through; echoed, they made
+    the server's close frame invalid (0 is no close code at all): a browser then fails the
+    connection (1006, not clean) and `websockets` with 1002. The audit record of an empty
+    close says 1005, as a browser's CloseEvent does."""
+    reader, writer = await _raw_ws(gateway)
+    try:
+        writer.write(_masked(0x1, json.dumps({"type": "auth", "token": gateway.token("w1")}).encode()))
+        opcode, data = await _read_frame(reader)
+        assert opcode == 0x1 and json.loads(data)["type"] == "auth_ok"
+        writer.write(_masked(0x8, sent))
+        opcode, data = await _read_frame(reader)
+        assert opcode == 0x8
+        assert int.from_bytes(data[:2], "big") == answer, data
+    finally:
+        writer.close()
+    (rec,) = await gateway.audit_records("session-suspended")
+    expected = {1000: (1005, "client_close"), 1002: (1002, "protocol_error")}.get(answer, (answer, "client_close"))
+    assert (rec["code"], rec["reason"]) == expected
+    assert "Traceback" not in gateway.logs()
