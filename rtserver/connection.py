@@ -421,9 +421,10 @@ class Connection(WSListener):
         elif isinstance(msg, Auth):
             self._run(self._refresh(msg))
 
-    def _invalid_message(self, message: str, mid: Any) -> None:
+    def _invalid_message(self, message: str, mid: Any, channel: str | None = None) -> None:
+        """4000 (`channel`: the subscribe's, for a refused filter); 1008 past the rate."""
         self.gw.metrics.invalid_messages += 1
-        self.send_error(4000, message, mid=mid)
+        self.send_error(4000, message, mid=mid, channel=channel)
         now = time.monotonic()
         if self._invalid is None:
             self._invalid = deque()
@@ -620,7 +621,7 @@ class Connection(WSListener):
             self.send_error(4010, str(exc), channel=msg.channel, mid=msg.id)
             return
         except channels.InvalidFilter as exc:
-            self._invalid_message(str(exc), msg.id)
+            self._invalid_message(str(exc), msg.id, channel=msg.channel)
             return
         assert self.identity is not None
         if not gw.auth.may_subscribe(self.identity, msg.channel):
@@ -690,7 +691,7 @@ class Connection(WSListener):
         try:
             self.gw.hub.add(ws, sub)
         except FilterError as exc:
-            self._invalid_message(f"{spec.channel}: {exc}", mid)
+            self._invalid_message(f"{spec.channel}: {exc}", mid, channel=spec.channel)
             return None
         old = self.subscriptions.get(spec.channel)
         if old is not None:

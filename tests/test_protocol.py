@@ -294,6 +294,17 @@ async def test_filter_errors_4000(gateway):
         await c.subscribe("events:orders")
 
 
+async def test_a_refused_filter_names_its_channel(gateway):
+    """A subscribe's errors name its channel (§5), a bad filter's 4000 too: a client with
+    several subscribes in flight, and no ids, knows which one was refused. Before, the
+    filter's 4000 alone had no `channel`, whether the filter's shape or a predicate was bad."""
+    async with ws_connect(gateway, "w1", token=gateway.token("w1")) as c:
+        for f in ({"colour": "red"}, {"predicates": {"price": {"$regex": "x"}}}):
+            await c.send({"type": "subscribe", "channel": "events:orders", "filter": f})
+            err = await c.recv_type("error")
+            assert (err["code"], err.get("channel")) == (4000, "events:orders"), err
+
+
 async def test_unknown_type_and_non_object_are_4000(gateway):
     async with ws_connect(gateway, "w1", token=gateway.token("w1")) as c:
         for msg in ('{"type":"explode","id":3}', "[1,2]", '"x"', '{"channel":"events:x"}'):
