@@ -700,7 +700,8 @@ class Connection(WSListener):
         self.session.specs[spec.channel] = spec
         # Live events match at delivery, in seq order: every one after this position reaches
         # the subscription (the position as in _teardown's suspend).
-        self.send(Subscribed(channel=spec.channel, id=mid, seq=ws.history.position))
+        sub.start = ws.history.position
+        self.send(Subscribed(channel=spec.channel, id=mid, seq=sub.start))
         if since is not None:
             return self._replay([sub], since)
         return None
@@ -722,6 +723,7 @@ class Connection(WSListener):
         for spec in session.specs.values():
             sub = Subscription(self, spec)
             self.gw.hub.add(ws, sub)
+            sub.start = ws.history.position
             self.subscriptions[spec.channel] = sub
             subs.append(sub)
         if subs:
@@ -780,10 +782,10 @@ class Connection(WSListener):
         ws = self.workspace
         assert ws is not None
         m = self.gw.metrics
-        view = replay_viewer(subs)
+        view = replay_viewer(subs, self._others(subs))
 
         def emit(seq: int, event: Any) -> None:
-            shown = view(event)
+            shown = view(event, seq)
             if shown is not None:
                 self.push(event_frame(event.body, seq, shown))
                 m.replayed += 1
@@ -871,7 +873,7 @@ class Connection(WSListener):
         read (a resume after a long disconnect in a busy workspace), again at every reconnect.
         Returns the awaitable that sends the rest, or None when all of it is queued."""
         self._notify_gaps(subs, since, replay)
-        view = replay_viewer(subs)
+        view = replay_viewer(subs, self._others(subs))
         entries = replay.entries
         done = self._push_piece(view, entries, 0)
         if done == len(entries):
@@ -894,7 +896,12 @@ class Connection(WSListener):
     def _replay_piece(self) -> int:
         return max(_MIN_REPLAY_PIECE, self.gw.cfg.limits.send_buffer_bytes // 4)
 
-    def _push_piece(self, view: Callable[[Any], bytes | None], entries: list[Any], start: int) -> int:
+    def _others(self, subs: list[Subscription]) -> list[Subscription]:
+        """The connection's subscriptions besides `subs` (those a replay for `subs` must not
+        repeat: see replay_viewer)."""
+        return [sub for sub in self.subscriptions.values() if all(sub is not s for s in subs)]
+
+    def _push_piece(self, view: Callable[[Any, int], bytes | None], entries: list[Any], start: int) -> int:
         """Push what `view` shows of entries[start:] until a piece is full; returns the index
         of the first entry not looked at."""
         budget = self._replay_piece
@@ -902,7 +909,7 @@ class Connection(WSListener):
         while i < end and budget > 0:
             entry = entries[i]
             i += 1
-            shown = view(entry.event)
+            shown = view(entry.event, entry.seq)
             if shown is None:
                 continue
             frame = entry.frame if shown == b"" else event_frame(entry.event.body, entry.seq, shown)
@@ -913,7 +920,7 @@ class Connection(WSListener):
         return i
 
     async def _replay_paced(
-        self, subs: list[Subscription], view: Callable[[Any], bytes | None], entries: list[Any], done: int
+        self, subs: list[Subscription], view: Callable[[Any, int], bytes | None], entries: list[Any], done: int
     ) -> None:
         """The rest of a replay, a piece each time the client has taken the pieces before. The
         entries retained when it began are sent first (those evicted since are still sent: they

@@ -67,6 +67,72 @@ async def test_subscribe_with_since_replays_then_live(gateway):
         assert (await c.recv_event())["seq"] == live["seq"]
 
 
+async def test_a_replay_leaves_out_what_another_subscription_delivered(gateway):
+    """An event reaches a connection once, whatever number of its subscriptions match (§3),
+    a replay included: subscribing to `events:orders` with `since` beside a live `events:*`
+    replays the events `events:*` has not delivered (those before it began), not those it
+    did. Before, those came again, after later ones (seq going back)."""
+    token = gateway.token("w1")
+    before = [(await gateway.publish("w1", "orders", {"i": i}))["seq"] for i in range(2)]
+    async with ws_connect(gateway, "w1", token=token) as c:
+        await c.subscribe("events:*")
+        during = [(await gateway.publish("w1", "orders", {"i": i}))["seq"] for i in range(2, 4)]
+        during.append((await gateway.publish("w1", "other", {"i": 4}))["seq"])
+        assert [(await c.recv_event())["seq"] for _ in during] == during
+        await c.send({"type": "subscribe", "channel": "events:orders", "since": before[0] - 1})
+        await c.recv_type("subscribed")
+        assert [(await c.recv_event())["seq"] for _ in before] == before
+        await c.no_message()
+        live = (await gateway.publish("w1", "orders", {"i": 5}))["seq"]
+        assert (await c.recv_event())["seq"] == live
+        await c.no_message()
+
+
+async def test_a_paced_replay_beside_a_live_subscription_sends_each_event_once(gateway_factory):
+    """The same while a publisher runs flat out and the replay leaves in pieces: the events
+    published meanwhile reach the client through `events:*` and are left out of the replay's
+    tail (before: hundreds of them came twice)."""
+    gw = await gateway_factory(env={"RT_SEND_BUFFER_BYTES": "65536", "RT_HISTORY_EVENTS": "10000"})
+    pub_token = gw.token("w1", publish=True)
+    pad = "x" * 500  # 300 of these are many pieces of 16 KiB
+    before = [(await gw.publish("w1", "seam", {"i": i, "pad": pad}, token=pub_token))["seq"] for i in range(300)]
+    published: list[int] = []
+    stop = asyncio.Event()
+
+    async def publisher() -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        try:
+            while not stop.is_set():
+                body = json.dumps({"pad": pad}).encode()
+                writer.write(
+                    f"POST /workspaces/w1/realtime/events/seam HTTP/1.1\r\nHost: x\r\n"
+                    f"Authorization: Bearer {pub_token}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
+                )
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                published.append(json.loads(await reader.readexactly(length))["seq"])
+        finally:
+            writer.close()
+
+    async with ws_connect(gw, "w1", token=gw.token("w1")) as c:
+        await c.subscribe("events:*")
+        task = asyncio.create_task(publisher())
+        while len(published) < 50:
+            await asyncio.sleep(0.01)
+        await c.send({"type": "subscribe", "channel": "events:seam", "since": before[0] - 1})
+        while len(published) < 500:
+            await asyncio.sleep(0.01)
+        stop.set()
+        await task
+        got: list[int] = []
+        while len(got) < len(before) + len(published):
+            msg = await c.recv()
+            if msg["type"] == "event":
+                got.append(msg["seq"])
+        await c.no_message()
+    assert sorted(got) == before + published
+
+
 async def test_seam_is_exact_under_continuous_publishing(gateway):
     """Resume while a publisher runs flat out: each event exactly once, in order."""
     token = gateway.token("w1")
