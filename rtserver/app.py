@@ -86,7 +86,8 @@ class Gateway:
         self.max_node_connections = connection_share(cfg.limits.max_node_connections)
         self.hub = Hub(cfg, self.metrics)
         self.hub.open_connections = lambda: len(self.connections)
-        self.sessions = Sessions(cfg.history.resume_ttl, cfg.history.max_suspended_sessions)
+        self.sessions = Sessions(cfg.history.resume_ttl, cfg.history.max_suspended_sessions,
+                                 cfg.history.max_suspended_filter_bytes)
         self.dev_secret = dev_secret
         self.auth = Authenticator(cfg, dev_secret=self.dev_secret)
         self.audit = create_audit(cfg, self.node)

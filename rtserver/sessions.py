@@ -12,6 +12,7 @@ still resumes.
 from __future__ import annotations
 
 import contextlib
+import heapq
 import logging
 import os
 import time
@@ -38,12 +39,23 @@ class Session:
     # The workspace position when the connection ended: the replay start when a resume
     # carries no `since` (a client that passes its last seen seq gets an exact replay).
     last_seq: int = 0
+    # The JSON bytes of its filters while suspended (Sessions.max_bytes).
+    weight: int = 0
 
 
 class Sessions:
-    def __init__(self, ttl: float, max_suspended: int):
+    def __init__(self, ttl: float, max_suspended: int, max_bytes: int = 1 << 62):
         self.ttl = ttl
         self.max_suspended = max_suspended
+        # The filters of the suspended sessions together, in JSON bytes: bounded by count
+        # alone, a client churning connections with 128 KiB of filters each held 100,000
+        # sessions' worth of them (gigabytes) for resume_ttl. Past it the workspace whose
+        # sessions hold the most bytes loses its oldest (_heaviest: (-bytes, workspace),
+        # entries gone stale skipped when met).
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._bytes_by_workspace: dict[str, int] = {}
+        self._heaviest: list[tuple[int, str]] = []
         # Every suspended session, oldest first (expiry by age), and the same per workspace.
         self._suspended: OrderedDict[str, Session] = OrderedDict()
         self._by_workspace: dict[str, OrderedDict[str, Session]] = {}
@@ -64,16 +76,43 @@ class Sessions:
             self._remove(self._suspended[session.id])
         session.suspended_at = time.monotonic()
         session.last_seq = last_seq
+        session.weight = sum(spec.filter_bytes for spec in session.specs.values())
         self._suspended[session.id] = session
         mine = self._by_workspace.get(session.workspace)
         if mine is None:
             mine = self._by_workspace[session.workspace] = OrderedDict()
         mine[session.id] = session
         self._recount(session.workspace, len(mine) - 1, len(mine))
+        self._weigh(session.workspace, session.weight)
         while len(self._suspended) > self.max_suspended:
             largest = next(iter(self._holding[self._most]))
             self._remove(next(iter(self._by_workspace[largest].values())))
             self.expired += 1
+        while self.bytes > self.max_bytes:
+            heaviest = self._heaviest_workspace()
+            self._remove(next(iter(self._by_workspace[heaviest].values())))
+            self.expired += 1
+
+    def _weigh(self, workspace: str, delta: int) -> None:
+        """`workspace`'s suspended sessions hold `delta` more bytes of filters."""
+        if not delta:
+            return
+        self.bytes += delta
+        held = self._bytes_by_workspace.get(workspace, 0) + delta
+        if held:
+            self._bytes_by_workspace[workspace] = held
+            heapq.heappush(self._heaviest, (-held, workspace))
+        else:
+            del self._bytes_by_workspace[workspace]
+        if len(self._heaviest) > 4 * len(self._bytes_by_workspace) + 64:  # mostly stale: rebuild
+            self._heaviest = [(-held, wid) for wid, held in self._bytes_by_workspace.items()]
+            heapq.heapify(self._heaviest)
+
+    def _heaviest_workspace(self) -> str:
+        heap = self._heaviest
+        while -heap[0][0] != self._bytes_by_workspace.get(heap[0][1]):
+            heapq.heappop(heap)
+        return heap[0][1]
 
     def _remove(self, session: Session) -> None:
         del self._suspended[session.id]
@@ -82,6 +121,7 @@ class Sessions:
         if not mine:
             del self._by_workspace[session.workspace]
         self._recount(session.workspace, len(mine) + 1, len(mine))
+        self._weigh(session.workspace, -session.weight)
 
     def _recount(self, workspace: str, before: int, after: int) -> None:
         """`workspace` went from holding `before` sessions to `after` (one more or one less)."""

@@ -131,3 +131,49 @@ async def test_a_workspace_churning_connections_does_not_push_out_other_workspac
                 assert (await c.auth(quiet, resume=sid))["resumed"] is True
     finally:
         await gw.shutdown()
+
+
+async def test_suspended_sessions_are_bounded_by_the_bytes_of_their_filters(tmp_path):
+    """Real sockets: a client that churns connections, each with large filters, leaves a
+    suspended session holding them for resume_ttl; bounded by count alone (100,000), that was
+    gigabytes. Past history.max_suspended_filter_bytes the workspace whose sessions hold the
+    most loses its oldest: here w1's churn ends its own sessions, not w2's."""
+    import json
+
+    from rtserver.app import Gateway
+    from tests.harness.wsclient import ws_connect
+    from tests.test_churn import Addr, _cfg, _token
+
+    gw = Gateway(_cfg(tmp_path, RT_MAX_SUSPENDED_FILTER_BYTES="1000", RT_RESUME_TTL="60",
+                      RT_MAX_CONNECTIONS_PER_SUBJECT="100"))
+    await gw.start()
+    addr = Addr(gw)
+    big = {"predicates": {"k": {"$in": list(range(118))}}}
+    assert 390 < len(json.dumps(big, separators=(",", ":"))) < 400
+    try:
+        quiet = _token(["w2"], "q")
+        quiet_ids = []
+        for _ in range(2):
+            async with ws_connect(addr, "w2", token=None) as c:
+                quiet_ids.append((await c.auth(quiet))["sessionId"])
+                await c.subscribe("events:t", {"predicates": {"k": 1}})
+        busy = _token(["w1"], "b")
+        busy_ids = []
+        for _ in range(20):
+            async with ws_connect(addr, "w1", token=None) as c:
+                busy_ids.append((await c.auth(busy))["sessionId"])
+                await c.subscribe("events:t", big)
+        for _ in range(100):  # the last closes are seen by the server shortly after
+            if gw.sessions.expired == 18 and len(gw.sessions) == 4:
+                break
+            await asyncio.sleep(0.01)
+        assert (gw.sessions.expired, len(gw.sessions)) == (18, 4)
+        async with ws_connect(addr, "w1", token=None) as c:
+            assert (await c.auth(busy, resume=busy_ids[0]))["resumed"] is False
+        async with ws_connect(addr, "w1", token=None) as c:
+            assert (await c.auth(busy, resume=busy_ids[-1]))["resumed"] is True
+        for sid in quiet_ids:
+            async with ws_connect(addr, "w2", token=None) as c:
+                assert (await c.auth(quiet, resume=sid))["resumed"] is True
+    finally:
+        await gw.shutdown()
