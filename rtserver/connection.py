@@ -84,9 +84,12 @@ _PER_TURN = 32
 _REPLAY_ENTRIES_PER_MESSAGE = 32
 _SLOW_CLOSE_GRACE = 5.0
 # A replay leaves in pieces of a quarter of limits.send_buffer_bytes (at least this), each
-# once the client has taken all but one piece (checked every _REPLAY_POLL seconds).
+# once the client has taken all but one piece (checked every _REPLAY_POLL seconds; while it
+# takes nothing, the wait doubles up to _REPLAY_POLL_MAX: a client that stopped reading in a
+# replay was looked at 500 times a second for as long as it stayed).
 _MIN_REPLAY_PIECE = 16 * 1024
 _REPLAY_POLL = 0.002
+_REPLAY_POLL_MAX = 0.256
 
 
 def _close_answer(code: int) -> int:
@@ -150,6 +153,7 @@ class Connection(WSListener):
         self._close_code: int | None = None
         self._ping_sent = False
         self._refreshed_at = float("-inf")  # loop time of the last token refresh handled
+        self._replay_wait = _REPLAY_POLL  # the last wait between two looks at the send buffer (_taken)
 
     # ---- picows callbacks ----------------------------------------------------------------
 
@@ -954,8 +958,17 @@ class Connection(WSListener):
         self.flush()
         piece = self._replay_piece
         raw = self._raw
-        while not self.closed and raw is not None and raw.get_write_buffer_size() > piece:
-            await asyncio.sleep(_REPLAY_POLL)
+        if raw is None:
+            return
+        wait = _REPLAY_POLL
+        size = raw.get_write_buffer_size()
+        while not self.closed and size > piece:
+            await asyncio.sleep(wait)
+            left = raw.get_write_buffer_size()
+            # Back to the short wait as soon as the client takes something.
+            wait = _REPLAY_POLL if left < size else min(wait * 2, _REPLAY_POLL_MAX)
+            self._replay_wait = wait
+            size = left
 
     # ---- teardown ------------------------------------------------------------------------
 

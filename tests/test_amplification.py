@@ -300,3 +300,42 @@ async def test_a_resume_replay_tries_only_the_subscriptions_of_each_events_entit
         seqs = [(await client.recv_event())["seq"] for _ in range(200)]
     assert seqs == sorted(seqs)
     assert tries[0] == 200, f"{tries[0]} tries for 200 events"
+
+
+async def test_a_paced_replay_to_a_client_that_takes_nothing_backs_off(tmp_path):
+    """A replay larger than a piece waits for the client to take each one, looking at the send
+    buffer every 2 ms. A client that subscribed with `since` to a large history and then read
+    nothing (a ping frame now and then keeps it from the idle timeout, and the pacing keeps its
+    buffer below the 1013 bound) was looked at 500 times a second for as long as it stayed:
+    a subject's thousand connections so made were 500,000 wake-ups a second of the loop. While
+    the client takes nothing, the wait between looks now doubles, up to _REPLAY_POLL_MAX; once
+    it reads, the replay goes on and ends as before."""
+    gw = Gateway(_cfg(tmp_path, RT_SEND_BUFFER_BYTES="65536", RT_HISTORY_EVENTS="10000",
+                      RT_MAX_CONNECTIONS_PER_SUBJECT="10"))
+    await gw.start()
+    s = drain = None
+    try:
+        for i in range(3000):
+            gw.hub.deliver(_event(i))
+        since = gw.hub.workspaces["w1"].history.floor
+        s = await _raw_upgrade(gw.port, "w1", _token(["w1"], "amp"), rcvbuf=4096)
+        await _until(lambda: any(c.identity is not None for c in gw.connections), what="auth")
+        (conn,) = gw.connections
+        # A network path rather than loopback's large buffers: what the client has not read
+        # stays in the gateway's send buffer.
+        conn._raw.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+        subscribe = {"type": "subscribe", "channel": "events:t", "since": since}
+        await asyncio.get_running_loop().sock_sendall(s, _masked_text(json.dumps(subscribe).encode()))
+        cap = connection_module._REPLAY_POLL_MAX
+        await _until(lambda: conn._replay_wait == cap, what="the wait between looks to reach its cap")
+        index = gw.hub.workspaces["w1"].index
+        assert len(index) == 0  # the replay is under way: the subscription waits for its end
+        drain = Drain(s)
+        await _until(lambda: len(index) == 1, what="the replay to end once the client reads")
+        assert not conn.closed
+    finally:
+        if drain is not None:
+            await drain.close()
+        elif s is not None:
+            s.close()
+        await gw.shutdown()
