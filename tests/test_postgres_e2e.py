@@ -260,3 +260,47 @@ async def test_truncate_reaches_filtered_subscriptions(pg_gateway):
         replayed = await c.recv_event(timeout=10)
         assert (replayed["operation"], replayed["seq"]) == ("TRUNCATE", ev["seq"])
         await c.no_message(0.3)
+
+
+async def test_a_subscribe_to_no_table_costs_no_publication_sync(pg_database, tmp_path, monkeypatch):
+    """A subscribe to a table the publication lacks synced the publication first (a table
+    created since the last sync): several catalog queries, under the lock every such subscribe
+    waits on. 4010 is no invalid message (no 1008), so a client naming tables that do not exist
+    made the gateway run that sync as often as it liked, and other clients' subscribes to new
+    tables queued behind. A table outside the configured schemas now costs no query, a name
+    that is no table one lookup; a table created since the last sync is still found."""
+    from rtserver.app import Gateway
+    from rtserver.sources.pg_catalog import Catalog
+    from tests.test_churn import Addr, _cfg, _token
+
+    syncs = [0]
+    original = Catalog.sync_publication
+
+    async def counting(self):
+        syncs[0] += 1
+        return await original(self)
+
+    monkeypatch.setattr(Catalog, "sync_publication", counting)
+    db = await asyncpg.connect(pg_database)
+    await db.execute("CREATE TABLE early (id int PRIMARY KEY)")
+    gw = Gateway(_cfg(tmp_path, RT_POSTGRES_URL=pg_database, RT_INSTANCE="nosync"))
+    await gw.start()
+    try:
+        async with ws_connect(Addr(gw), "w1", token=_token(["w1"], "u")) as c:
+            assert (await _subscribe(c, "postgres:early"))["type"] == "subscribed"  # the source is up
+            before = syncs[0]
+            for i in range(20):
+                reply = await _subscribe(c, f"postgres:nosuch{i}", id=i)
+                assert (reply["type"], reply["code"], reply["id"]) == ("error", 4010, i), reply
+                assert "does not exist" in reply["message"]
+            # A table outside the configured schemas is never published: nothing to sync either.
+            for i in range(20):
+                reply = await _subscribe(c, "postgres:pg_catalog.pg_class", id=i)
+                assert (reply["type"], reply["code"], reply["id"]) == ("error", 4010, i), reply
+                assert "not published" in reply["message"]
+            assert syncs[0] == before
+            await db.execute("CREATE TABLE late (id int PRIMARY KEY)")
+            assert (await _subscribe(c, "postgres:late"))["type"] == "subscribed"
+    finally:
+        await db.close()
+        await gw.shutdown()

@@ -141,6 +141,12 @@ class Catalog:
             self._server_version = rows[0]["v"]
         return self._server_version
 
+    def configured(self, schema: str, name: str) -> bool:
+        """Whether the configuration asks for this table (the scope of desired_tables)."""
+        if self.tables:
+            return f"{schema}.{name}" in {t if "." in t else f"public.{t}" for t in self.tables}
+        return schema in self.schemas
+
     async def desired_tables(self) -> dict[tuple[str, str], TableState]:
         """(schema, table) -> its TableState, for every table the configuration asks for that exists."""
         via_root = await self.server_version() >= 130000
