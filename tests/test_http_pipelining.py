@@ -384,18 +384,7 @@ async def unread_publisher(tmp_path, monkeypatch, n: int, **env: str):
     requests are written (and nothing read): (gateway, its protocol, reader, writer)."""
     import socket
 
-    protos: list[http.FrontProtocol] = []
-
-    class Recorded(http.FrontProtocol):
-        def __init__(self, gw: Gateway) -> None:
-            super().__init__(gw)
-            protos.append(self)
-
-    monkeypatch.setattr(http, "FrontProtocol", Recorded)
-    cfg = config.load(environ={"RT_AUTH_HS256_SECRET": SECRET, "RT_STATE_DIR": str(tmp_path), "RT_PORT": "0",
-                               "RT_GC_FREEZE": "false", **env})
-    gw = Gateway(cfg)
-    await gw.start()
+    gw, protos = await in_process_gateway(tmp_path, monkeypatch, **env)
     token = jwt.encode({"sub": "svc", "workspaces": ["w1"], "realtime_publish": True, "exp": 4102444800},
                        SECRET, algorithm="HS256")
     head = (f"POST /workspaces/w1/realtime/events/t HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"

@@ -8,6 +8,8 @@ import json
 import os
 import signal
 import socket
+from collections.abc import Callable
+from typing import Any
 
 import websockets
 
@@ -25,6 +27,27 @@ async def _session_id(c, token: str) -> str:
 async def _drain_events(c, n: int, timeout: float = 5) -> list[dict]:
     return [await c.recv_event(timeout) for _ in range(n)]
 
+
+
+async def publish_until(port: int, token: str, stop: asyncio.Event, published: list[int],
+                        payload: Callable[[int], Any]) -> None:
+    """Publish payload(0), payload(1), ... to events:seam of w1, one request at a time on one
+    connection, until `stop` is set; each answer's seq is appended to `published`."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    i = 0
+    try:
+        while not stop.is_set():
+            body = json.dumps(payload(i)).encode()
+            writer.write(
+                f"POST /workspaces/w1/realtime/events/seam HTTP/1.1\r\nHost: x\r\n"
+                f"Authorization: Bearer {token}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
+            )
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+            published.append(json.loads(await reader.readexactly(length))["seq"])
+            i += 1
+    finally:
+        writer.close()
 
 async def test_resume_replays_exactly_the_missed_matching_events(gateway):
     token = gateway.token("w1")
@@ -99,24 +122,9 @@ async def test_a_paced_replay_beside_a_live_subscription_sends_each_event_once(g
     published: list[int] = []
     stop = asyncio.Event()
 
-    async def publisher() -> None:
-        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
-        try:
-            while not stop.is_set():
-                body = json.dumps({"pad": pad}).encode()
-                writer.write(
-                    f"POST /workspaces/w1/realtime/events/seam HTTP/1.1\r\nHost: x\r\n"
-                    f"Authorization: Bearer {pub_token}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
-                )
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
-                published.append(json.loads(await reader.readexactly(length))["seq"])
-        finally:
-            writer.close()
-
     async with ws_connect(gw, "w1", token=gw.token("w1")) as c:
         await c.subscribe("events:*")
-        task = asyncio.create_task(publisher())
+        task = asyncio.create_task(publish_until(gw.port, pub_token, stop, published, lambda i: {"pad": pad}))
         while len(published) < 50:
             await asyncio.sleep(0.01)
         await c.send({"type": "subscribe", "channel": "events:seam", "since": before[0] - 1})
@@ -148,24 +156,7 @@ async def test_seam_is_exact_under_continuous_publishing(gateway):
         published: list[int] = []
         stop = asyncio.Event()
 
-        async def publisher(stop: asyncio.Event, published: list[int]) -> None:
-            reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
-            i = 0
-            try:
-                while not stop.is_set():
-                    body = json.dumps({"i": i}).encode()
-                    writer.write(
-                        f"POST /workspaces/w1/realtime/events/seam HTTP/1.1\r\nHost: x\r\n"
-                        f"Authorization: Bearer {pub_token}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
-                    )
-                    head = await reader.readuntil(b"\r\n\r\n")
-                    length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
-                    published.append(json.loads(await reader.readexactly(length))["seq"])
-                    i += 1
-            finally:
-                writer.close()
-
-        task = asyncio.create_task(publisher(stop, published))
+        task = asyncio.create_task(publish_until(gateway.port, pub_token, stop, published, lambda i: {"i": i}))
         await asyncio.sleep(0.05)
         async with ws_connect(gateway, "w1") as c:
             ok = await c.auth(token, resume=session, since=last)
