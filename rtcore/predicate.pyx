@@ -100,7 +100,7 @@ cdef class Clause:
     cdef object operand        # range
     cdef int cls               # range: comparison class of the operand
     cdef int op                # range: Py_GT ...
-    cdef bint never            # range: NaN operand, never true
+    cdef bint nan_operand      # range: NaN operand, true only of a NaN for $gte/$lte
     cdef bint flag             # exists
     cdef list sub              # not
 
@@ -121,10 +121,11 @@ cdef bint test_one(Clause c, object x) except -1:
             return c.container and PySet_Contains(c.keys, canon(x))
         return PySet_Contains(c.keys, scalar_key(x))
     # range
-    if c.never or class_of(x) != c.cls:
+    if class_of(x) != c.cls:
         return False
-    if c.cls == C_NUM and value_is_nan(x):
-        return False
+    if c.cls == C_NUM and (c.nan_operand or value_is_nan(x)):
+        # As in MongoDB: NaN is smaller or greater than nothing but equals NaN.
+        return c.nan_operand and (c.op == Py_GE or c.op == Py_LE) and value_is_nan(x)
     return PyObject_RichCompareBool(x, c.operand, c.op)
 
 
@@ -286,7 +287,7 @@ cdef Clause build_clause(tuple spec):
         c.operand = spec[1]
         c.cls = class_of(spec[1])
         c.op = {"gt": Py_GT, "gte": Py_GE, "lt": Py_LT, "lte": Py_LE}[kind]
-        c.never = c.cls == C_NUM and value_is_nan(spec[1])
+        c.nan_operand = c.cls == C_NUM and value_is_nan(spec[1])
     return c
 
 

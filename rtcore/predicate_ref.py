@@ -48,7 +48,8 @@ def _compare(op: str, value: Any, operand: Any, cls: str) -> bool:
     if type_class(value) != cls:
         return False
     if cls == NUM and (is_nan(value) or is_nan(operand)):
-        return False
+        # As in MongoDB: NaN is smaller or greater than nothing but equals NaN.
+        return op in ("gte", "lte") and is_nan(value) and is_nan(operand)
     if op == "gt":
         return value > operand
     if op == "gte":

@@ -144,6 +144,23 @@ def test_nan_and_non_object_records(impl):
         assert impl.compile_predicates({"$and": [{}]}).matches(payload) is False
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_nan_is_within_inclusive_bounds_of_nan(impl):
+    # MongoDB: NaN compares false to everything except that it equals NaN, so $gte/$lte NaN
+    # (like $eq) match a NaN field while $gt/$lt never do.
+    for op, expected in (("$gte", True), ("$lte", True), ("$gt", False), ("$lt", False)):
+        for operand in (float("nan"), Decimal("NaN")):
+            matcher = impl.compile_predicates({"x": {op: operand}})
+            assert matcher.matches({"x": float("nan")}) is expected, (op, operand)
+            assert matcher.matches({"x": Decimal("NaN")}) is expected, (op, operand)
+            assert matcher.matches({"x": [1, float("nan")]}) is expected, (op, operand)
+            assert matcher.matches({"x": 1}) is False
+            assert matcher.matches({"x": float("inf")}) is False
+    assert impl.compile_predicates({"x": {"$gte": 0}}).matches({"x": float("nan")}) is False
+    assert impl.compile_predicates({"x": {"$lte": 0}}).matches({"x": float("nan")}) is False
+    assert impl.compile_predicates({"x": {"$not": {"$gte": float("nan")}}}).matches({"x": float("nan")}) is False
+
+
 INVALID = [
     ({"price": {"$foo": 1}}, "predicates.price: unknown operator $foo"),
     ({"$nor": [{"a": 1}]}, "predicates: unknown operator $nor"),
