@@ -71,6 +71,11 @@ SEMANTICS = [
     ({"missing": {"$lt": 0}}, False),
     ({"missing": 1}, False),
     ({"missing": {"$not": {"$gt": 1}}}, True),
+    # ... but a $not of what a missing field matches does not
+    ({"missing": {"$not": {"$exists": False}}}, False),
+    ({"missing": {"$not": {"$ne": 1}}}, False),
+    ({"missing": {"$not": {"$nin": [1]}}}, False),
+    ({"missing": {"$not": {"$exists": True}}}, True),
     # $in / $nin
     ({"category": {"$in": ["books", "electronics"]}}, True),
     ({"category": {"$nin": ["books", "electronics"]}}, False),
