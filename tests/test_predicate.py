@@ -182,6 +182,8 @@ INVALID = [
     ({"a": {"$not": 5}}, "predicates.a: $not expects a non-empty object"),
     ({"a": {"$not": {}}}, "predicates.a: $not expects a non-empty object"),
     ({"a": {"$gt": 1, "b": 2}}, "predicates.a: cannot mix operators"),
+    # MongoDB reads this one (first member plain) as a literal document; here it is refused
+    ({"a": {"b": 2, "$gt": 1}}, "predicates.a: cannot mix operators"),
     ({"a..b": 1}, "predicates.a..b: invalid field path"),
     ({"": 1}, "predicates.: invalid field path"),
     ({"a.$b": 1}, "predicates.a.$b: invalid field path"),
