@@ -245,26 +245,27 @@ class FrontProtocol(asyncio.Protocol):
         more of this connection is read or buffered."""
         self._req = None
         self._linger = True
-        if self._drainer is None:
-            self._respond(json_error(status, message, keep_alive=False), close=True)
-            return
-        self._queue_canned(json_error(status, message, keep_alive=False), close=True)
-        self._closing_read()
+        if self._answer_in_turn(json_error(status, message, keep_alive=False), close=True):
+            self._closing_read()
 
-    def _queue_canned(self, answer: bytes, close: bool) -> None:
-        """Queue `answer` behind the requests waiting for the drainer."""
+    def _answer_in_turn(self, answer: bytes, close: bool) -> bool:
+        """Answer `answer` after the answers of the requests before it: now (_respond keeps it
+        behind those waiting for the bus), or queued behind the requests waiting for the
+        drainer (True)."""
+        if self._drainer is None:
+            self._respond(answer, close)
+            return False
         canned = _Request()
         canned.canned = (answer, close)
         if self._queue is None:
             self._queue = deque()
         self._queue.append((b"", canned, False))
+        return True
 
     def _closing_read(self) -> None:
         """Stop reading (and parsing) for good; queued answers still leave."""
         self._parser = None
-        if not self._paused and self.transport is not None:
-            self.transport.pause_reading()
-            self._paused = True
+        self._pause_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._queue is not None:
@@ -332,10 +333,7 @@ class FrontProtocol(asyncio.Protocol):
             # curl sends this for bodies over 1 KiB and would otherwise wait a second for it.
             # After the answers of the requests before it: with one of them waiting, it was
             # written at once, and read as an interim answer to that one.
-            if self._drainer is not None:
-                self._queue_canned(_CONTINUE, close=False)
-            else:
-                self._respond(_CONTINUE, close=False)
+            self._answer_in_turn(_CONTINUE, close=False)
 
     def on_body(self, body: bytes) -> None:
         req = self._req
@@ -364,9 +362,8 @@ class FrontProtocol(asyncio.Protocol):
             if self._queue is None:
                 self._queue = deque()
             self._queue.append((method, req, keep_alive))
-            if len(self._queue) >= _MAX_PIPELINED and not self._paused and self.transport is not None:
-                self.transport.pause_reading()
-                self._paused = True
+            if len(self._queue) >= _MAX_PIPELINED:
+                self._pause_reading()
             return
         waiting = start_now(self._handle(method, req, keep_alive))
         if waiting is not None:
@@ -411,13 +408,16 @@ class FrontProtocol(asyncio.Protocol):
         """The answers are not read: stop reading requests (each would add an answer to the
         buffer, without bound) until they are; one that never reads is closed as idle."""
         self._write_blocked = True
-        if not self._paused and not self._handed_off and self.transport is not None:
-            self.transport.pause_reading()
-            self._paused = True
+        self._pause_reading()
 
     def resume_writing(self) -> None:
         self._write_blocked = False
         self._resume_reading()
+
+    def _pause_reading(self) -> None:
+        if not self._paused and not self._handed_off and self.transport is not None:
+            self.transport.pause_reading()
+            self._paused = True
 
     def _resume_reading(self) -> None:
         """Read again, unless the answers are not being read (pause_writing), or requests or
@@ -435,7 +435,7 @@ class FrontProtocol(asyncio.Protocol):
 
     # -- routing --
     async def _handle(self, method: bytes, req: _Request, keep_alive: bool) -> None:
-        if req.canned is not None:  # queued behind earlier requests (_queue_canned)
+        if req.canned is not None:  # queued behind earlier requests (_answer_in_turn)
             self._respond(*req.canned)
             return
         route: tuple[str, str] | None
@@ -511,9 +511,8 @@ class FrontProtocol(asyncio.Protocol):
         if not keep_alive:
             self._closing = True
         answer.add_done_callback(self._answered)
-        if len(answers) >= _MAX_PIPELINED and not self._paused and self.transport is not None:
-            self.transport.pause_reading()
-            self._paused = True
+        if len(answers) >= _MAX_PIPELINED:
+            self._pause_reading()
 
     def _answered(self, _: asyncio.Future) -> None:
         """Write the answers now known from the front of the line, in one write (the bus
