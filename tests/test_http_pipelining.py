@@ -12,6 +12,7 @@ import jwt
 
 from rtserver import config, http
 from rtserver.app import Gateway
+from tests.harness.http_wire import post_request, read_answer
 
 SECRET = "pipelining-test-secret-0123456789abcdef"
 
@@ -387,12 +388,7 @@ async def unread_publisher(tmp_path, monkeypatch, n: int, **env: str):
     gw, protos = await in_process_gateway(tmp_path, monkeypatch, **env)
     token = jwt.encode({"sub": "svc", "workspaces": ["w1"], "realtime_publish": True, "exp": 4102444800},
                        SECRET, algorithm="HS256")
-    head = (f"POST /workspaces/w1/realtime/events/t HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
-            "Content-Length: ").encode()
-    requests = []
-    for i in range(n):
-        body = json.dumps({"i": i}).encode()
-        requests.append(head + str(len(body)).encode() + b"\r\n\r\n" + body)
+    requests = [post_request("/workspaces/w1/realtime/events/t", token, {"i": i}) for i in range(n)]
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
     sock.setblocking(False)
@@ -449,11 +445,9 @@ async def test_a_publisher_that_does_not_read_its_answers_is_not_read_either(tmp
 
         seqs = []
         for _ in range(n):
-            status_line = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 20)
-            length = int(status_line.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
-            answer = json.loads(await reader.readexactly(length))
-            assert status_line.startswith(b"HTTP/1.1 202 "), (status_line, answer)
-            seqs.append(answer["seq"])
+            status, head, body = await read_answer(reader, 20)
+            assert status == 202, (head, body)
+            seqs.append(json.loads(body)["seq"])
         assert seqs == sorted(seqs) and len(set(seqs)) == n and accepted() == n
         assert not proto._paused
     finally:
@@ -494,13 +488,6 @@ async def in_process_gateway(tmp_path, monkeypatch, **env: str) -> tuple[Gateway
     gw = Gateway(cfg)
     await gw.start()
     return gw, protos
-
-
-async def read_answer(reader: asyncio.StreamReader) -> tuple[int, bytes, bytes]:
-    """(status, head, body) of the next response on `reader`."""
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-    length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
-    return int(head.split()[1]), head, await asyncio.wait_for(reader.readexactly(length), 10)
 
 
 def held_bytes(proto: http.FrontProtocol) -> int:

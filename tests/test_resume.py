@@ -14,6 +14,7 @@ from typing import Any
 import websockets
 
 from rtserver.app import Gateway
+from tests.harness.http_wire import post_request, read_answer
 from tests.harness.wsclient import ws_connect
 from tests.test_churn import Addr, Publisher, _cfg, _token
 
@@ -37,14 +38,9 @@ async def publish_until(port: int, token: str, stop: asyncio.Event, published: l
     i = 0
     try:
         while not stop.is_set():
-            body = json.dumps(payload(i)).encode()
-            writer.write(
-                f"POST /workspaces/w1/realtime/events/seam HTTP/1.1\r\nHost: x\r\n"
-                f"Authorization: Bearer {token}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
-            )
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
-            published.append(json.loads(await reader.readexactly(length))["seq"])
+            writer.write(post_request("/workspaces/w1/realtime/events/seam", token, payload(i)))
+            _, _, body = await read_answer(reader)
+            published.append(json.loads(body)["seq"])
             i += 1
     finally:
         writer.close()

@@ -21,6 +21,7 @@ import asyncpg
 import pytest
 
 from tests.harness.fixtures_gateway import free_port
+from tests.harness.http_wire import post_request, read_answer
 from tests.harness.prometheus import family_types, parse_exposition
 from tests.harness.wsclient import ws_connect
 
@@ -260,17 +261,11 @@ async def pipelined_posts(port: int, token: str, path: str, payloads: list, time
     the answers (status, JSON body) in the order they came."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
-        requests = []
-        for payload in payloads:
-            body = json.dumps(payload).encode()
-            requests.append(f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
-                            f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
-        writer.write(b"".join(requests))
+        writer.write(b"".join(post_request(path, token, payload) for payload in payloads))
         answers = []
         while len(answers) < len(payloads):
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
-            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
-            answers.append((int(head[9:12]), json.loads(await reader.readexactly(length))))
+            status, _, body = await read_answer(reader, timeout)
+            answers.append((status, json.loads(body)))
         return answers
     finally:
         writer.close()
@@ -820,9 +815,7 @@ async def test_pipelined_publishes_travel_to_kafka_together_and_are_answered_in_
     token = _token(["w1"], "publisher", publish=True, secret=SECRET)
 
     def request(i: int) -> bytes:
-        body = json.dumps({"i": i}).encode()
-        return (f"POST /workspaces/w1/realtime/events/t HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
-                f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+        return post_request("/workspaces/w1/realtime/events/t", token, {"i": i})
 
     try:
         for _ in range(300):
