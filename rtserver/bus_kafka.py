@@ -6,8 +6,9 @@ plus its already-encoded body (msgpack, `BusRecord`), so nodes never re-encode. 
 record's offset + 1: assigned once by Kafka, identical on every node, increasing across restarts
 (never change the partition count of a live topic: a workspace would move partitions).
 
-- `KafkaPublisher` writes records (idempotent producer, acks=all) and returns the seq once the
-  record is durable; the publish API uses it (the ingest for its watch and options only).
+- `KafkaPublisher` writes records (idempotent producer, acks=all): `enqueue` hands one over with
+  a future of Kafka's acknowledgement; the publish API uses it (the ingest for its watch and
+  options only).
 - `KafkaBus` is a gateway node's bus: publishing goes to Kafka only; its consumer reads every
   partition (starting one history window back; committed records only: the ingest writes in
   transactions, `bus_txn.py`), feeds the hub with the Kafka-assigned seq, and tracks lag. `read_back` serves a resume whose `since` is older than the node's memory.
@@ -261,7 +262,7 @@ _BATCH_FRAMING = 1024
 
 
 class KafkaPublisher:
-    """Writes events to the topic; `publish` returns the seq once Kafka has the record (acks=all).
+    """Writes events to the topic; `send` returns the seq once Kafka has the record (acks=all).
 
     `available()` says whether Kafka takes records now. The idempotent producer retries a
     record until Kafka has it, so an outage shows only as records waiting: the publisher counts
@@ -427,9 +428,6 @@ class KafkaPublisher:
         self._progress = time.monotonic()
         if not fut.cancelled() and fut.exception() is not None:
             self._refused = True  # the next enqueue() starts a new producer (_renew)
-
-    async def publish(self, event: Event, headers: list[tuple[str, bytes]] | None = None) -> int:
-        return await self.send(event.workspace, encode_event(event), headers)
 
     async def send(self, workspace: str, value: bytes, headers: list[tuple[str, bytes]] | None = None) -> int:
         meta = await (await self.enqueue(workspace, value, headers))
