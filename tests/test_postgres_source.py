@@ -575,6 +575,21 @@ async def test_full_identity_unchanged_nan_is_not_a_changed_column(db, make_sour
     assert [json.loads(e.body)["changedColumns"] for e in events[1:]] == [["n"], ["x"], ["x"]]
 
 
+async def test_full_identity_json_true_replacing_1_is_a_changed_column(db, make_source):
+    """docs/postgres.md: under FULL, changedColumns is exactly the columns whose values differ.
+    A jsonb value going from 1 to true (or [0] to [false]) is a change, which Python's True == 1
+    hid; 1 and 1.0 stay equal, as PostgreSQL's jsonb and numeric say."""
+    await db.execute("CREATE TABLE fj (id int PRIMARY KEY, j jsonb, a jsonb, f jsonb, n int); "
+                     "ALTER TABLE fj REPLICA IDENTITY FULL")
+    src, sink = await make_source()
+    await db.execute("""INSERT INTO fj VALUES (1, '{"on": 1}', '[0, [1]]', '{"x": 1}', 0)""")
+    await db.execute("""UPDATE fj SET j = '{"on": true}'""")
+    await db.execute("""UPDATE fj SET a = '[0, [true]]'""")
+    await db.execute("""UPDATE fj SET f = '{"x": 1.0}', n = 1""")
+    events = await sink.wait_for(4)
+    assert [json.loads(e.body)["changedColumns"] for e in events[1:]] == [["j"], ["a"], ["n"]]
+
+
 async def test_builtin_arrays_outside_the_decoders_table_are_arrays(db, make_source):
     """docs/postgres.md: arrays -> arrays. Built-in array types the decoder has no entry for
     (interval[], inet[], money[], point[], tstzrange[]...) arrived as their literal text,

@@ -105,14 +105,18 @@ class _Change:
 
 
 def _same(a: Any, b: Any) -> bool:
-    """Equal values, NaN equal to NaN (also inside arrays): an unchanged NaN column is unchanged."""
+    """Equal values, NaN equal to NaN (also inside arrays): an unchanged NaN column is unchanged.
+    A bool is never equal to a number, also inside JSON: Python's True == 1 would hide a jsonb
+    value turning from 1 into true (1 and 1.0 stay equal, as numeric and jsonb compare them)."""
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(v, b[k]) for k, v in a.items())
+    if isinstance(a, bool) is not isinstance(b, bool):
+        return False
     if a == b:
         return True
-    if isinstance(a, float) and isinstance(b, float):
-        return a != a and b != b
-    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
-        return all(_same(x, y) for x, y in zip(a, b, strict=True))
-    return False
+    return isinstance(a, float) and isinstance(b, float) and a != a and b != b
 
 
 def entity_of(schema: str, table: str) -> str:
