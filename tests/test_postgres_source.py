@@ -176,6 +176,30 @@ async def test_table_without_primary_key(db, make_source):
         await src.check_channel("w1", "nokey")
 
 
+async def test_tables_without_a_usable_replica_identity_are_left_out_with_the_reason(db, make_source):
+    """REPLICA IDENTITY USING INDEX whose index was dropped acts as NOTHING: once published,
+    PostgreSQL refused the application's UPDATEs on it ("does not have a replica identity and
+    publishes updates"). It is left out like a table without a key; and a table with a primary
+    key but REPLICA IDENTITY NOTHING is not said to lack a primary key."""
+    await db.execute("CREATE TABLE gone (id int NOT NULL, v text); CREATE UNIQUE INDEX gone_id ON gone (id); "
+                     "ALTER TABLE gone REPLICA IDENTITY USING INDEX gone_id; DROP INDEX gone_id")
+    await db.execute("CREATE TABLE nothing (id int PRIMARY KEY, v text); ALTER TABLE nothing REPLICA IDENTITY NOTHING")
+    await db.execute("CREATE TABLE byindex (id int NOT NULL, v text); CREATE UNIQUE INDEX byindex_id ON byindex (id); "
+                     "ALTER TABLE byindex REPLICA IDENTITY USING INDEX byindex_id")
+    src, sink = await make_source()
+    await db.execute("INSERT INTO gone VALUES (1, 'a'); INSERT INTO nothing VALUES (1, 'a')")
+    await db.execute("UPDATE gone SET v = 'still writable'; UPDATE nothing SET v = 'still writable'")
+    await db.execute("INSERT INTO byindex VALUES (1, 'a'); UPDATE byindex SET id = 2; DELETE FROM byindex")
+    events = await sink.wait_for(3)
+    assert [(e.entity, e.operation) for e in events] == [("byindex", "INSERT"), ("byindex", "UPDATE"), ("byindex", "DELETE")]
+    assert json.loads(events[1].body)["oldRecord"] == {"id": 1}
+    with pytest.raises(ChannelUnavailable, match="index .*was dropped"):
+        await src.check_channel("w1", "gone")
+    with pytest.raises(ChannelUnavailable, match="REPLICA IDENTITY is NOTHING") as exc:
+        await src.check_channel("w1", "nothing")
+    assert "no primary key" not in str(exc.value)
+
+
 async def test_two_schemas_same_table_and_check_channel(db, make_source):
     await db.execute("CREATE SCHEMA sales; CREATE TABLE orders (id int PRIMARY KEY); CREATE TABLE sales.orders (id int PRIMARY KEY)")
     await db.execute("CREATE SCHEMA other; CREATE TABLE other.hidden (id int PRIMARY KEY)")

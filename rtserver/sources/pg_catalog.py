@@ -159,7 +159,8 @@ class Catalog:
                    c.relkind::text AS kind, c.relispartition AS partition,
                    CASE WHEN c.relispartition THEN {root} END AS root,
                    pg_has_role(c.relowner, 'USAGE') AS owned, pg_get_userbyid(c.relowner) AS owner,
-                   EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary) AS has_pk
+                   EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary) AS has_pk,
+                   EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisreplident) AS has_ident_index
             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
             WHERE c.relkind IN ('r', 'p')
               AND (n.nspname = ANY($1::text[])
@@ -179,15 +180,26 @@ class Catalog:
             return f"it is a partition of {r['root']}: its changes are published under that table"
         if not via_root and r["kind"] == "p":
             return "a partitioned table can be published from PostgreSQL 13 on: subscribe to its partitions"
-        usable = r["ident"] in ("f", "i") or (r["ident"] == "d" and r["has_pk"])
-        return "" if usable else "it has no primary key; set REPLICA IDENTITY FULL to publish it"
+        # without a replica identity PostgreSQL refuses every writer's UPDATE and DELETE once published
+        ident = r["ident"]
+        if ident == "f" or (ident == "d" and r["has_pk"]) or (ident == "i" and r["has_ident_index"]):
+            return ""
+        if ident == "n":
+            return ("its REPLICA IDENTITY is NOTHING; set REPLICA IDENTITY DEFAULT (with a primary key) or FULL "
+                    "to publish it")
+        if ident == "i":
+            # PostgreSQL keeps relreplident 'i' when the index goes, and then treats it as NOTHING
+            return ("the index of its REPLICA IDENTITY USING INDEX was dropped; set REPLICA IDENTITY DEFAULT "
+                    "(with a primary key), USING INDEX another one or FULL to publish it")
+        return "it has no primary key; set REPLICA IDENTITY FULL to publish it"
 
     async def sync_publication(self) -> list[tuple[str, str]]:
         """Create the publication or bring its table list up to date, one table at a time, so a
         table that cannot be added (not owned by the gateway's role) does not hold back the others.
 
-        A table without a primary key (and without REPLICA IDENTITY FULL) is left out: once
-        published, PostgreSQL would refuse writers' UPDATE and DELETE on it. Returns the tables
+        A table without a replica identity (no primary key under DEFAULT, NOTHING, or USING INDEX
+        whose index was dropped) is left out: once published, PostgreSQL would refuse writers'
+        UPDATE and DELETE on it. Returns the tables
         added to an already existing publication that hold rows: what was written to them before
         was not captured (pgoutput publishes a table's changes from its addition on)."""
         async with self._sync_lock:
@@ -294,7 +306,7 @@ class Catalog:
             if self.skipped.get(t) == why or why.startswith("it is a partition"):
                 continue
             # a table the configuration names that cannot be added is an error; no key, a warning
-            level = logging.WARNING if "primary key" in why else logging.ERROR
+            level = logging.WARNING if "REPLICA IDENTITY" in why else logging.ERROR
             log.log(
                 level, "postgres table %s.%s not published: %s", t[0], t[1], why,
                 extra={"fields": {"source": "postgres", "publication": self.publication, "table": f"{t[0]}.{t[1]}"}},
