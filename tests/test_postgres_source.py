@@ -441,6 +441,12 @@ async def test_partitioned_table_is_published_under_its_own_name(db, make_source
     await db.execute("INSERT INTO orders VALUES (2, 'eu')")
     events = await sink.wait_for(4)
     assert events[-1].entity == "orders"
+    # docs/postgres.md: PostgreSQL sends nothing for TRUNCATE of a partition, only of the root
+    await db.execute("TRUNCATE orders_eu")
+    await db.execute("INSERT INTO orders VALUES (3, 'eu')")
+    await db.execute("TRUNCATE orders")
+    events = await sink.wait_for(6)
+    assert [(e.operation, e.record) for e in events[4:]] == [("INSERT", {"id": 3, "region": "eu"}), ("TRUNCATE", {})]
 
 
 @pytest.fixture
