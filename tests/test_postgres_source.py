@@ -200,6 +200,39 @@ async def test_tables_without_a_usable_replica_identity_are_left_out_with_the_re
     assert "no primary key" not in str(exc.value)
 
 
+async def test_a_latin1_database_streams_its_text_as_utf8(pg_cluster, tmp_path):
+    """pgoutput sends text in the replication connection's client encoding, which defaulted to the
+    database's: in a LATIN1 database every non-ASCII value arrived as invalid UTF-8 (sent as
+    U+FFFD with an error and a history_gap per transaction), and a non-ASCII table name stopped
+    the whole feed (the Relation message did not decode: a crash, again at each reconnect)."""
+    name = f"rt_test_latin1_{os.getpid()}"
+    dsn = pg_cluster.dsn_for(name)
+    admin = await asyncpg.connect(pg_cluster.dsn)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.execute(f"""CREATE DATABASE "{name}" ENCODING 'LATIN1' TEMPLATE template0 LC_COLLATE 'C' LC_CTYPE 'C'""")
+    finally:
+        await admin.close()
+    db = await asyncpg.connect(dsn)
+    sink = CollectingSink()
+    src = PostgresSource(dsn, instance="rttest", state_dir=str(tmp_path / "state"), sink=sink,
+                         workspaces=lambda: ["w1"], maintenance_interval=0.3)
+    try:
+        await db.execute('CREATE TABLE "thé" (id int PRIMARY KEY, "prénom" text, long text)')
+        await src.start()
+        await src.wait_streaming()
+        await db.execute("""INSERT INTO "thé" VALUES (1, 'José', repeat('é', 5000))""")
+        await db.execute("""UPDATE "thé" SET "prénom" = 'Zoë'""")  # long: unchanged TOAST, fetched
+        events = await sink.wait_for(2)
+        assert [(e.entity, e.record["prénom"], e.record["long"]) for e in events] == [
+            ("thé", "José", "é" * 5000), ("thé", "Zoë", "é" * 5000)]
+        assert sink.gaps == [] and src.status()["last_error"] == ""
+    finally:
+        await src.stop()
+        await db.close()
+        drop_database(pg_cluster, name)
+
+
 async def test_two_schemas_same_table_and_check_channel(db, make_source):
     await db.execute("CREATE SCHEMA sales; CREATE TABLE orders (id int PRIMARY KEY); CREATE TABLE sales.orders (id int PRIMARY KEY)")
     await db.execute("CREATE SCHEMA other; CREATE TABLE other.hidden (id int PRIMARY KEY)")
