@@ -167,6 +167,21 @@ def _insert(raw: bytes) -> bytes:
     return b"I" + struct.pack("!I", 7) + b"N" + struct.pack("!h", 1) + b"t" + struct.pack("!i", len(raw)) + raw
 
 
+_BEYOND_ISO = [
+    # docs/postgres.md: what ISO 8601 does not write stays as PostgreSQL prints it
+    (1114, "infinity"), (1114, "-infinity"), (1114, "0044-03-15 12:00:00 BC"), (1114, "10000-01-01 00:00:00"),
+    (1184, "infinity"), (1184, "0044-03-15 12:00:00+00 BC"), (1184, "10000-01-01 00:00:00+00"),
+    (1082, "infinity"), (1082, "0044-03-15 BC"), (1082, "10000-01-01"),
+]
+
+
+@pytest.mark.parametrize(("oid", "text"), _BEYOND_ISO)
+def test_dates_iso_cannot_write_stay_as_printed(oid, text):
+    for decoder in (pgoutput.Decoder(), pgoutput_ref.Decoder()):
+        decoder.decode(_one_column(oid))
+        assert decoder.decode(_insert(text.encode())).new == {"v": text}
+
+
 _HUGE = "1" + "0" * 400
 _UNREPRESENTABLE = [
     # numeric beyond a double (the compiled decoder raised OverflowError, the reference gave inf)
