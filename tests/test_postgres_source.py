@@ -482,6 +482,26 @@ async def test_partitioned_table_is_published_under_its_own_name(db, make_source
     assert [(e.operation, e.record) for e in events[4:]] == [("INSERT", {"id": 3, "region": "eu"}), ("TRUNCATE", {})]
 
 
+async def test_partitioned_table_is_published_only_when_its_partitions_have_a_replica_identity(db, make_source):
+    """PostgreSQL checks each partition's own replica identity: a partitioned table with
+    REPLICA IDENTITY FULL (the gateway's advice for one without a primary key) whose partitions
+    had none was published, and from then on the application's UPDATE and DELETE on it failed."""
+    await db.execute("CREATE TABLE ev (id int, y int) PARTITION BY RANGE (y)")
+    await db.execute("CREATE TABLE ev1 PARTITION OF ev FOR VALUES FROM (0) TO (10)")
+    await db.execute("ALTER TABLE ev REPLICA IDENTITY FULL")
+    src, sink = await make_source()
+    await db.execute("INSERT INTO ev VALUES (1, 1)")
+    await db.execute("UPDATE ev SET id = 2 WHERE id = 1")  # still writable
+    with pytest.raises(ChannelUnavailable, match="partition public.ev1 has no replica identity"):
+        await src.check_channel("w1", "ev")
+    await db.execute("ALTER TABLE ev1 REPLICA IDENTITY FULL")
+    assert await src.check_channel("w1", "ev") == "ev"
+    await db.execute("UPDATE ev SET id = 3 WHERE id = 2")
+    (event,) = await sink.wait_for(1)
+    assert (event.entity, event.operation, event.record, event.old_record) == (
+        "ev", "UPDATE", {"id": 3, "y": 1}, {"id": 2, "y": 1})
+
+
 @pytest.fixture
 async def gateway_role(pg_database):
     """A role with REPLICATION and CREATE but not superuser: it can add only the tables it owns."""

@@ -153,6 +153,14 @@ class Catalog:
         # From PostgreSQL 13 a partitioned table is published as a whole (publish_via_partition_root):
         # its partitions are not published themselves. Before, only the partitions can be.
         root = "pg_partition_root(c.oid)::regclass::text" if via_root else "NULL::text"
+        # PostgreSQL checks the replica identity of the partition a row is in, not its root's
+        bare = (
+            f"""CASE WHEN c.relkind = 'p' THEN ARRAY(
+                   SELECT pn.nspname || '.' || p.relname FROM pg_partition_tree(c.oid) t
+                   JOIN pg_class p ON p.oid = t.relid JOIN pg_namespace pn ON pn.oid = p.relnamespace
+                   WHERE p.relkind = 'r' AND NOT {_has_identity('p')} ORDER BY 1) END"""
+            if via_root else "NULL::text[]"
+        )
         rows = await self.fetch(
             f"""
             SELECT n.nspname AS schema, c.relname AS name, c.relreplident::text AS ident,
@@ -160,7 +168,8 @@ class Catalog:
                    CASE WHEN c.relispartition THEN {root} END AS root,
                    pg_has_role(c.relowner, 'USAGE') AS owned, pg_get_userbyid(c.relowner) AS owner,
                    EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary) AS has_pk,
-                   EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisreplident) AS has_ident_index
+                   EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisreplident) AS has_ident_index,
+                   {bare} AS bare_partitions
             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
             WHERE c.relkind IN ('r', 'p')
               AND (n.nspname = ANY($1::text[])
@@ -183,7 +192,7 @@ class Catalog:
         # without a replica identity PostgreSQL refuses every writer's UPDATE and DELETE once published
         ident = r["ident"]
         if ident == "f" or (ident == "d" and r["has_pk"]) or (ident == "i" and r["has_ident_index"]):
-            return ""
+            return _bare_partitions(r["bare_partitions"] or [])
         if ident == "n":
             return ("its REPLICA IDENTITY is NOTHING; set REPLICA IDENTITY DEFAULT (with a primary key) or FULL "
                     "to publish it")
@@ -415,6 +424,27 @@ class Catalog:
 
     def forget_types(self, schema: str, name: str) -> None:
         self._key_types.pop((schema, name), None)
+
+
+def _has_identity(alias: str) -> str:
+    """SQL: the pg_class row `alias` has a replica identity (what _unpublishable asks of a table)."""
+    return (
+        f"({alias}.relreplident = 'f' OR ({alias}.relreplident = 'd' AND EXISTS "
+        f"(SELECT 1 FROM pg_index i WHERE i.indrelid = {alias}.oid AND i.indisprimary)) "
+        f"OR ({alias}.relreplident = 'i' AND EXISTS "
+        f"(SELECT 1 FROM pg_index i WHERE i.indrelid = {alias}.oid AND i.indisreplident)))"
+    )
+
+
+def _bare_partitions(names: list[str]) -> str:
+    """Why a partitioned table is not published when some of its partitions lack a replica
+    identity ("" when none does): PostgreSQL would refuse UPDATE and DELETE on those."""
+    if not names:
+        return ""
+    listed = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    which = f"its partition {listed} has" if len(names) == 1 else f"its partitions {listed} have"
+    return (f"{which} no replica identity (PostgreSQL checks each partition's own); give "
+            f"{'it' if len(names) == 1 else 'them'} a primary key or REPLICA IDENTITY FULL to publish it")
 
 
 def _qualified(t: tuple[str, str]) -> str:
