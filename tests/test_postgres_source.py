@@ -233,6 +233,17 @@ async def test_a_latin1_database_streams_its_text_as_utf8(pg_cluster, tmp_path):
         drop_database(pg_cluster, name)
 
 
+async def test_a_client_encoding_from_the_environment_does_not_change_the_stream(db, make_source, monkeypatch):
+    """libpq takes PGCLIENTENCODING from the gateway's environment: the stream's text came in it,
+    not in the UTF-8 the decoder reads (U+FFFD, an error and a history_gap per transaction)."""
+    monkeypatch.setenv("PGCLIENTENCODING", "LATIN1")
+    await db.execute("CREATE TABLE enc (id int PRIMARY KEY, s text)")
+    src, sink = await make_source()
+    await db.execute("INSERT INTO enc VALUES (1, 'hé')")
+    (event,) = await sink.wait_for(1)
+    assert event.record == {"id": 1, "s": "hé"} and sink.gaps == []
+
+
 async def test_two_schemas_same_table_and_check_channel(db, make_source):
     await db.execute("CREATE SCHEMA sales; CREATE TABLE orders (id int PRIMARY KEY); CREATE TABLE sales.orders (id int PRIMARY KEY)")
     await db.execute("CREATE SCHEMA other; CREATE TABLE other.hidden (id int PRIMARY KEY)")

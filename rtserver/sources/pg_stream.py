@@ -92,11 +92,12 @@ class ReplicationStream:
         self._conn = conn
         pgconn = conn.pgconn
         self.server_version = pgconn.server_version
-        # pgoutput sends names and values in the client encoding, by default the database's:
-        # LATIN1 bytes are no UTF-8. Not for SQL_ASCII, which PostgreSQL does not convert but
-        # would then check, ending the stream at the first byte that is no UTF-8 (the decoder
-        # sends such a value as text and reports it).
-        if pgconn.parameter_status(b"server_encoding") not in (b"UTF8", b"SQL_ASCII"):
+        # pgoutput sends names and values in the client encoding, by default the database's (or
+        # PGCLIENTENCODING's): LATIN1 bytes are no UTF-8. Not for SQL_ASCII, which PostgreSQL
+        # does not convert but would then check, ending the stream at the first byte that is no
+        # UTF-8 (the decoder sends such a value as text and reports it).
+        if (pgconn.parameter_status(b"client_encoding") != b"UTF8"
+                and pgconn.parameter_status(b"server_encoding") != b"SQL_ASCII"):
             await conn.execute("SET client_encoding TO 'UTF8'")  # no parameters: simple query protocol
         # Protocol 2 with streaming 'on' (PostgreSQL 14+): transactions larger than the server's
         # logical_decoding_work_mem are sent while in progress (Stream Start/Stop/Commit/Abort)
