@@ -244,6 +244,19 @@ async def test_a_client_encoding_from_the_environment_does_not_change_the_stream
     assert event.record == {"id": 1, "s": "hé"} and sink.gaps == []
 
 
+async def test_date_and_time_zone_from_the_environment_do_not_change_the_stream(db, make_source, monkeypatch):
+    """libpq sends PGDATESTYLE and PGTZ from the gateway's environment after the connection's
+    options, so they won over the stream's DateStyle=ISO and TimeZone=UTC: dates arrived as
+    "15.01.2024", timestamps as "15.01.2024T10:00:00" and timestamptz in the zone's form."""
+    monkeypatch.setenv("PGDATESTYLE", "German")
+    monkeypatch.setenv("PGTZ", "Asia/Kolkata")
+    await db.execute("CREATE TABLE dt (id int PRIMARY KEY, d date, ts timestamp, tz timestamptz)")
+    src, sink = await make_source()
+    await db.execute("INSERT INTO dt VALUES (1, '2024-01-15', '2024-01-15 10:00:00.5', '2024-01-15 12:00:00+02')")
+    (event,) = await sink.wait_for(1)
+    assert event.record == {"id": 1, "d": "2024-01-15", "ts": "2024-01-15T10:00:00.5", "tz": "2024-01-15T10:00:00Z"}
+
+
 async def test_two_schemas_same_table_and_check_channel(db, make_source):
     await db.execute("CREATE SCHEMA sales; CREATE TABLE orders (id int PRIMARY KEY); CREATE TABLE sales.orders (id int PRIMARY KEY)")
     await db.execute("CREATE SCHEMA other; CREATE TABLE other.hidden (id int PRIMARY KEY)")

@@ -32,6 +32,18 @@ class StreamError(Exception):
     """The replication connection failed or was closed by the server."""
 
 
+def _session_sql(pgconn: pq.abc.PGconn) -> str:
+    """SET statements for SESSION_SETTINGS, run once connected: as startup options they lost to
+    PGDATESTYLE and PGTZ, which libpq sends from the environment after them. pgoutput sends names
+    and values in the client encoding, by default the database's (or PGCLIENTENCODING's), so
+    UTF-8 too, except for SQL_ASCII, which PostgreSQL does not convert but would then check,
+    ending the stream at the first byte that is no UTF-8 (the decoder reports such a value)."""
+    settings = dict(SESSION_SETTINGS)
+    if pgconn.parameter_status(b"server_encoding") != b"SQL_ASCII":
+        settings["client_encoding"] = "UTF8"
+    return "; ".join(f"SET {name} TO '{value}'" for name, value in settings.items())
+
+
 def _wake(fut: asyncio.Future) -> None:
     if not fut.done():
         fut.set_result(None)
@@ -87,18 +99,11 @@ class ReplicationStream:
             autocommit=True,
             replication="database",
             application_name=self.application_name,
-            options=" ".join(f"-c {k}={v}" for k, v in SESSION_SETTINGS.items()),
         )
         self._conn = conn
         pgconn = conn.pgconn
         self.server_version = pgconn.server_version
-        # pgoutput sends names and values in the client encoding, by default the database's (or
-        # PGCLIENTENCODING's): LATIN1 bytes are no UTF-8. Not for SQL_ASCII, which PostgreSQL
-        # does not convert but would then check, ending the stream at the first byte that is no
-        # UTF-8 (the decoder sends such a value as text and reports it).
-        if (pgconn.parameter_status(b"client_encoding") != b"UTF8"
-                and pgconn.parameter_status(b"server_encoding") != b"SQL_ASCII"):
-            await conn.execute("SET client_encoding TO 'UTF8'")  # no parameters: simple query protocol
+        await conn.execute(_session_sql(pgconn))  # no parameters: the simple query protocol
         # Protocol 2 with streaming 'on' (PostgreSQL 14+): transactions larger than the server's
         # logical_decoding_work_mem are sent while in progress (Stream Start/Stop/Commit/Abort)
         # instead of being spilled on the server until they commit.
