@@ -610,6 +610,27 @@ async def test_slot_recreated_while_running_resets_the_position(db, make_source,
     assert events[-1].record == {"id": 2} and src.status()["duplicates_dropped"] == 0
 
 
+async def test_publication_dropped_under_the_feed_is_recovered_with_a_gap(db, make_source):
+    """PostgreSQL looks the publication up as of each change it decodes: once it was dropped (a
+    DBA resetting it, a migration), the slot failed at the same change on every reconnect, even
+    with the publication re-created, and the feed stayed down for good. The slot is re-created
+    now, and subscribers get a history_gap for what was written meanwhile."""
+    await db.execute("CREATE TABLE dp (id int PRIMARY KEY)")
+    src, sink = await make_source()
+    await db.execute("INSERT INTO dp VALUES (1)")
+    await sink.wait_for(1)
+    await db.execute(f"DROP PUBLICATION {src.publication}")
+    await db.execute("INSERT INTO dp VALUES (2)")  # lost with the publication
+    for _ in range(150):
+        if sink.gaps and src.ready():
+            break
+        await asyncio.sleep(0.1)
+    assert len(sink.gaps) == 1 and f"publication {src.publication} was dropped" in sink.gaps[0][2]
+    await db.execute("INSERT INTO dp VALUES (3)")
+    events = await sink.wait_for(2)
+    assert [e.record for e in events] == [{"id": 1}, {"id": 3}] and src.ready()
+
+
 # -- old rows, types, TOAST, changed columns -------------------------------------------------------
 
 

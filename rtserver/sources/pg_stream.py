@@ -29,7 +29,12 @@ SESSION_SETTINGS = {"TimeZone": "UTC", "DateStyle": "ISO", "bytea_output": "hex"
 
 
 class StreamError(Exception):
-    """The replication connection failed or was closed by the server."""
+    """The replication connection failed or was closed by the server; `sqlstate` is the error
+    code the server sent with it ("" when none)."""
+
+    def __init__(self, message: str, sqlstate: str = "") -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
 
 
 def _session_sql(pgconn: pq.abc.PGconn) -> str:
@@ -165,7 +170,9 @@ class ReplicationStream:
             # -1: COPY done (server ended the stream); -2: error
             res = pgconn.get_result()
             msg = res.get_error_message() if res is not None else ""
-            raise StreamError(f"replication stream ended: {msg or pgconn.get_error_message() or 'closed by server'}")
+            code = (res.error_field(pq.DiagnosticField.SQLSTATE) if res is not None else None) or b""
+            raise StreamError(f"replication stream ended: {msg or pgconn.get_error_message() or 'closed by server'}",
+                              code.decode("ascii", "replace"))
 
     def add_reader(self, callback: Callable[[], None]) -> None:
         asyncio.get_running_loop().add_reader(self._fd, callback)

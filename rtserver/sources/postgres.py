@@ -81,6 +81,7 @@ MAX_QUEUED_FRAMES = 10_000  # CopyData frames read but not processed: beyond it 
 MAX_PENDING_CHANGES = 10_000  # changes of one transaction held back waiting for its correlation id
 BACKOFF_MIN, BACKOFF_MAX = 0.2, 10.0
 STREAM_MEMORY_BYTES = 32 << 20  # streamed in-progress transactions held in memory, all together
+UNDEFINED_OBJECT = "42704"  # SQLSTATE of "publication ... does not exist"
 _STREAM_CONTROL_TAGS = frozenset(b"SEcA")  # inside a segment everything else is buffered undecoded
 
 
@@ -369,10 +370,13 @@ class PostgresSource:
         try:
             assert self.catalog is not None
             await self.catalog.drop_slot()
+            # a new slot decodes from its creation on, looking the publication up as of each
+            # change: it must exist first (it may be what was lost)
+            await self._sync_publication()
             await self.catalog.ensure_slot()
             self._slot_seen = True
             await self._reset_position()
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, SetupError) as exc:
             self._fail(f"re-creating slot {self.slot} failed: {exc}", loud=True)
             await asyncio.sleep(BACKOFF_MIN)
             return
@@ -445,6 +449,13 @@ class PostgresSource:
             maintenance = asyncio.create_task(self._maintenance(inbox))
             try:
                 await self._consume(stream, inbox)
+            except StreamError as exc:
+                if exc.sqlstate == UNDEFINED_OBJECT and f'"{self.publication}"' in str(exc):
+                    # pgoutput looks the publication up as of each change it decodes: the slot
+                    # fails at the same change on every reconnect, re-created publication or not
+                    raise SlotLost(f"publication {self.publication} was dropped; replication slot {self.slot} "
+                                   "cannot decode past that point") from exc
+                raise
             finally:
                 maintenance.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
