@@ -24,8 +24,10 @@ from libc.string cimport memcpy
 cdef extern from "Python.h":
     object PyUnicode_New(Py_ssize_t size, Py_UCS4 maxchar)
     void* PyUnicode_DATA(object o)
-    # with a NULL overflow_exception and an end pointer it never raises
+    # with a NULL overflow_exception it never raises on overflow; text that is no float at all
+    # leaves a ValueError set (cleared before the fallback, see _float)
     double PyOS_string_to_double(const char* s, char** endptr, void* overflow_exception)
+    void PyErr_Clear()
 
 import base64
 
@@ -250,6 +252,9 @@ cdef object _float(const uint8_t* p, Py_ssize_t n):
     buf[n] = 0
     value = PyOS_string_to_double(buf, &end, NULL)
     if end != buf + n:
+        # not all of it parsed (and the error it set would surface later as SystemError):
+        # float() decides, accepting or refusing as the reference does
+        PyErr_Clear()
         return float(PyUnicode_DecodeUTF8(<const char*>p, n, NULL))
     return PyFloat_FromDouble(value)
 

@@ -107,8 +107,9 @@ _INT64_DIGITS = 19
 
 def _numeric(text: str) -> Any:
     digits = text[1:] if text.startswith("-") else text
-    # more than 19 digits is beyond int64 anyway (and int() refuses more than 4300)
-    if digits.isdigit() and len(digits) <= _INT64_DIGITS:
+    # more than 19 digits is beyond int64 anyway (and int() refuses more than 4300); ASCII
+    # digits only, as the compiled decoder counts them (str.isdigit() takes "１" too)
+    if digits.isascii() and digits.isdigit() and len(digits) <= _INT64_DIGITS:
         value = int(text)
         if -_INT64_MAX - 1 <= value <= _INT64_MAX:  # int64's range: -2**63 too
             return value

@@ -167,6 +167,20 @@ def _insert(raw: bytes) -> bytes:
     return b"I" + struct.pack("!I", 7) + b"N" + struct.pack("!h", 1) + b"t" + struct.pack("!i", len(raw)) + raw
 
 
+@pytest.mark.parametrize("oid", [700, 701, 1700])
+@pytest.mark.parametrize("text", [" 1", "1 ", "\uff11", "\u0661.5", "1_0"])
+def test_floats_the_c_parser_refuses_convert_as_the_reference(oid, text):
+    """Crafted input PostgreSQL does not send: the compiled float path left the C parser's error
+    set when it fell back to float(), which then failed the whole message with SystemError (a
+    crash of the feed) where the reference converts or reports the one value."""
+    compiled, ref = pgoutput.Decoder(), pgoutput_ref.Decoder()
+    results = []
+    for decoder in (compiled, ref):
+        decoder.decode(_one_column(oid))
+        results.append((decoder.decode(_insert(text.encode())).new, [e[:3] for e in decoder.errors]))
+    assert repr(results[0]) == repr(results[1])
+
+
 _BEYOND_ISO = [
     # docs/postgres.md: what ISO 8601 does not write stays as PostgreSQL prints it
     (1114, "infinity"), (1114, "-infinity"), (1114, "0044-03-15 12:00:00 BC"), (1114, "10000-01-01 00:00:00"),
