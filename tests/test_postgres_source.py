@@ -257,6 +257,20 @@ async def test_date_and_time_zone_from_the_environment_do_not_change_the_stream(
     assert event.record == {"id": 1, "d": "2024-01-15", "ts": "2024-01-15T10:00:00.5", "tz": "2024-01-15T10:00:00Z"}
 
 
+async def test_a_table_whose_name_holds_a_dot_is_not_published_under_another_tables_channel(db, make_source):
+    """Channels are postgres:schema.table: public."sales.orders" streamed on postgres:sales.orders,
+    so subscribers of the table orders of schema sales got its rows as theirs. A name the channels
+    cannot carry is left out, with the reason in the log."""
+    await db.execute('CREATE SCHEMA sales; CREATE TABLE sales.orders (id int PRIMARY KEY, who text); '
+                     'CREATE TABLE "sales.orders" (id int PRIMARY KEY, who text)')
+    src, sink = await make_source(schemas=["public", "sales"])
+    await db.execute("""INSERT INTO "sales.orders" VALUES (1, 'other table')""")
+    await db.execute("INSERT INTO sales.orders VALUES (2, 'sales.orders')")
+    (event,) = await sink.wait_for(1)
+    assert (event.entity, event.record) == ("sales.orders", {"id": 2, "who": "sales.orders"})
+    assert "channel" in src.catalog.skipped[("public", "sales.orders")]
+
+
 async def test_two_schemas_same_table_and_check_channel(db, make_source):
     await db.execute("CREATE SCHEMA sales; CREATE TABLE orders (id int PRIMARY KEY); CREATE TABLE sales.orders (id int PRIMARY KEY)")
     await db.execute("CREATE SCHEMA other; CREATE TABLE other.hidden (id int PRIMARY KEY)")

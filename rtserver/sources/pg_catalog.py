@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 
 import asyncpg
 
+from rtserver.channels import valid_table_name
 from rtserver.sources.pg_stream import SESSION_SETTINGS
 
 log = logging.getLogger("rtserver.postgres")
@@ -185,6 +186,10 @@ class Catalog:
 
     def _unpublishable(self, r: asyncpg.Record, via_root: bool) -> str:
         """Why the table of catalog row `r` is not published ("": it is)."""
+        if not (valid_table_name(r["schema"]) and valid_table_name(r["name"])):
+            # public."a.b" would stream on postgres:a.b, the channel of table b of schema a
+            return ("its name holds '.', '\"' or a control character, which a channel name "
+                    "(postgres:schema.table) cannot carry: rename it to publish it")
         if via_root and r["partition"]:
             return f"it is a partition of {r['root']}: its changes are published under that table"
         if not via_root and r["kind"] == "p":
