@@ -390,6 +390,36 @@ async def test_postgres_restart_under_source(db, make_source, pg_cluster, pg_dat
     assert st["wal_status"] in ("reserved", "extended") and st["slot"]
 
 
+class StallingSink(CollectingSink):
+    """A sink whose first publish takes `stall` seconds, as a history or Kafka held up would."""
+
+    def __init__(self, stall: float) -> None:
+        super().__init__()
+        self.stall = stall
+
+    async def publish(self, event) -> int:
+        if not self.events:
+            await asyncio.sleep(self.stall)
+        return await super().publish(event)
+
+
+async def test_a_sink_held_up_longer_than_wal_sender_timeout_keeps_the_link(db, make_source, pg_database):
+    """While the feed waited for its sink, nothing was sent to the server, which ends a walsender
+    that hears nothing for wal_sender_timeout (60 s by default): a Kafka stall of a minute cost
+    the connection, a not-ready spell and the resending of the transaction. Status updates go on
+    while the feed waits."""
+    name = pg_database.rsplit("/", 1)[1]
+    await db.execute(f"ALTER DATABASE \"{name}\" SET wal_sender_timeout = '2s'")
+    await db.execute("CREATE TABLE ka (id int PRIMARY KEY)")
+    src, sink = await make_source(sink=StallingSink(5.0))
+    await db.execute("INSERT INTO ka VALUES (1)")
+    await db.execute("INSERT INTO ka VALUES (2)")
+    events = await sink.wait_for(2, timeout=30)
+    assert [e.record["id"] for e in events] == [1, 2]
+    st = src.status()
+    assert st["duplicates_dropped"] == 0 and st["last_error"] == "" and st["ready"]
+
+
 async def _drop_slot_under(src, sink, pg_database: str) -> None:
     """Drop the source's slot while it streams (as an operator or a failover would), then wait
     for the source to re-create it and report the gap."""

@@ -84,6 +84,8 @@ class ReplicationStream:
         self._fd = -1
         self._closed = False
         self._writer_armed = False
+        self.sent_lsn = 0  # the LSN the last status update acknowledged
+        self.sent_at = 0.0  # when it was sent (time.monotonic())
 
     async def connect(self, start_lsn: int) -> None:
         """Connect and start streaming; bounded by connect_timeout as a whole (a dead link would
@@ -194,6 +196,7 @@ class ReplicationStream:
             pgconn.put_copy_data(frame)
         except psycopg.OperationalError as exc:
             raise StreamError(f"standby status update failed: {exc}") from exc
+        self.sent_lsn, self.sent_at = lsn, time.monotonic()
         self._flush_nowait()
 
     def _flush_nowait(self) -> None:

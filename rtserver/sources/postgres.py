@@ -447,6 +447,7 @@ class PostgresSource:
             self._started.set()
             log.info("postgres streaming slot %s", self.slot, extra={"fields": self._log_fields()})
             maintenance = asyncio.create_task(self._maintenance(inbox))
+            alive = asyncio.create_task(self._keep_alive(stream))
             try:
                 await self._consume(stream, inbox)
             except StreamError as exc:
@@ -457,9 +458,10 @@ class PostgresSource:
                                    "cannot decode past that point") from exc
                 raise
             finally:
-                maintenance.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await maintenance
+                for task in (maintenance, alive):
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await task
         finally:
             self._ready = False
             if self._streams is not None:
@@ -857,6 +859,19 @@ class PostgresSource:
             tx.part = 0
             if turn:
                 await asyncio.sleep(0)  # a turn for the clients (sources.base.YIELD_EVERY)
+
+    async def _keep_alive(self, stream: ReplicationStream) -> None:
+        """A status update every STATUS_INTERVAL whatever the feed is waiting for (a sink held up,
+        a large flush): the server ends a walsender that hears nothing for wal_sender_timeout
+        (60 s by default). It repeats the last acknowledged LSN: acknowledging more is the feed's
+        own, after the position is synced."""
+        while True:
+            await asyncio.sleep(STATUS_INTERVAL)
+            if time.monotonic() - stream.sent_at >= STATUS_INTERVAL:
+                try:
+                    stream.send_status(stream.sent_lsn)
+                except (StreamError, psycopg.Error):
+                    return  # the feed notices the broken link on its own
 
     async def _maintenance(self, inbox: _Inbox) -> None:
         """Publication kept up to date (new tables), slot health polled."""
