@@ -420,6 +420,33 @@ async def test_a_sink_held_up_longer_than_wal_sender_timeout_keeps_the_link(db, 
     assert st["duplicates_dropped"] == 0 and st["last_error"] == "" and st["ready"]
 
 
+async def test_slot_creation_held_up_by_a_running_transaction_says_so(db, pg_database, tmp_path):
+    """Creating the slot waits for every transaction running at the time (an idle session left in
+    a transaction holds it for ever): the source was not ready, with no error and no log line
+    saying why. Its status and log now name the wait."""
+    await db.execute("CREATE TABLE sw (id int PRIMARY KEY)")
+    other = await asyncpg.connect(pg_database)
+    tr = other.transaction()
+    await tr.start()
+    await other.execute("INSERT INTO sw VALUES (1)")  # holds an xid: the slot waits for its end
+    sink = CollectingSink()
+    src = PostgresSource(pg_database, instance="rtwait", state_dir=str(tmp_path / "state"), sink=sink,
+                         workspaces=lambda: ["w1"], maintenance_interval=0.3)
+    try:
+        await src.start()
+        for _ in range(150):
+            if "waiting for the transactions" in src.status()["last_error"]:
+                break
+            await asyncio.sleep(0.1)
+        assert not src.ready() and f"replication slot {src.slot}" in src.status()["last_error"]
+        await tr.commit()
+        await src.wait_streaming()
+        assert src.ready() and src.status()["last_error"] == ""
+    finally:
+        await src.stop()
+        await other.close()
+
+
 async def _drop_slot_under(src, sink, pg_database: str) -> None:
     """Drop the source's slot while it streams (as an operator or a failover would), then wait
     for the source to re-create it and report the gap."""

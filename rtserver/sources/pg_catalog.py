@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import re
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import asyncpg
@@ -326,11 +327,14 @@ class Catalog:
                 extra={"fields": {"source": "postgres", "publication": self.publication, "table": f"{t[0]}.{t[1]}"}},
             )
 
-    async def ensure_slot(self) -> bool:
-        """Create the permanent slot when missing; True when it was created now."""
+    async def ensure_slot(self, creating: Callable[[], None] | None = None) -> bool:
+        """Create the permanent slot when missing; True when it was created now. `creating` is
+        called first: the creation may wait long (see below), and the caller says so."""
         rows = await self.fetch("SELECT wal_status FROM pg_replication_slots WHERE slot_name = $1", self.slot)
         if rows:
             return False
+        if creating is not None:
+            creating()
         try:
             # waits for every transaction running at the time to end, however long they take
             await self.execute("SELECT pg_create_logical_replication_slot($1, 'pgoutput')", self.slot, bounded=False)

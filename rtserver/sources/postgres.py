@@ -348,7 +348,7 @@ class PostgresSource:
         info = await catalog.slot_status()
         if info is not None and info["wal_status"] == "lost":
             raise SlotLost(f"replication slot {self.slot} was invalidated (wal_status lost)")
-        if await catalog.ensure_slot():
+        if await catalog.ensure_slot(self._creating_slot):
             log.info("created replication slot %s", self.slot, extra={"fields": self._log_fields()})
             if self._slot_seen or self._position.commit_lsn:
                 # we streamed from this slot before: it was dropped under us, changes are lost
@@ -358,6 +358,15 @@ class PostgresSource:
             await self._reset_position()
         self._slot_seen = True
         self._slot_info = (await catalog.slot_status()) or {}
+
+    def _creating_slot(self) -> None:
+        """Said before the slot's creation, which waits for every transaction running at the time
+        (an idle session left in a transaction, a prepared transaction: for as long as they last)."""
+        message = (f"creating replication slot {self.slot}: waiting for the transactions running on the database "
+                   "to end (a session idle in a transaction, a prepared transaction, hold it up)")
+        self._ready = False
+        self._last_error = message  # /readyz says why it is not ready yet; cleared once streaming
+        log.info("postgres source: %s", message, extra={"fields": self._log_fields()})
 
     def _new_catalog(self, slot: str) -> Catalog:
         return Catalog(self.dsn, schemas=self.schemas, tables=self.tables, slot=slot, publication=self.publication,
@@ -373,7 +382,7 @@ class PostgresSource:
             # a new slot decodes from its creation on, looking the publication up as of each
             # change: it must exist first (it may be what was lost)
             await self._sync_publication()
-            await self.catalog.ensure_slot()
+            await self.catalog.ensure_slot(self._creating_slot)
             self._slot_seen = True
             await self._reset_position()
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, SetupError) as exc:
