@@ -214,9 +214,9 @@ class Catalog:
 
         A table without a replica identity (no primary key under DEFAULT, NOTHING, or USING INDEX
         whose index was dropped) is left out: once published, PostgreSQL would refuse writers'
-        UPDATE and DELETE on it. Returns the tables
-        added to an already existing publication that hold rows: what was written to them before
-        was not captured (pgoutput publishes a table's changes from its addition on)."""
+        UPDATE and DELETE on it. Returns the tables added to an already existing publication that
+        hold rows: what was written to them before was not captured (pgoutput publishes a table's
+        changes from its addition on)."""
         async with self._sync_lock:
             return await self._sync_publication()
 
