@@ -597,6 +597,23 @@ async def test_partitioned_table_is_published_only_when_its_partitions_have_a_re
         "ev", "UPDATE", {"id": 3, "y": 1}, {"id": 2, "y": 1})
 
 
+async def test_full_identity_on_a_partitioned_table_alone_is_warned_about(db, make_source, caplog):
+    """PostgreSQL takes the old row from the identity of the partition the row is in: with FULL on
+    the partitioned table only, events said "whole old row" and carried the key with nulls
+    (oldRecord {"s": null}, DELETE records without their values), silently. It is still published
+    (its partitions have a key), with a warning naming the partitions to set FULL on."""
+    await db.execute("CREATE TABLE pf (id int, y int, s text, PRIMARY KEY (id, y)) PARTITION BY RANGE (y)")
+    await db.execute("CREATE TABLE pf1 PARTITION OF pf FOR VALUES FROM (0) TO (10)")
+    await db.execute("CREATE TABLE pf2 PARTITION OF pf FOR VALUES FROM (10) TO (20)")
+    await db.execute("ALTER TABLE pf REPLICA IDENTITY FULL; ALTER TABLE pf2 REPLICA IDENTITY FULL")
+    with caplog.at_level(logging.WARNING, logger="rtserver.postgres"):
+        src, sink = await make_source()
+    assert await src.check_channel("w1", "pf") == "pf"
+    warned = [r.getMessage() for r in caplog.records if getattr(r, "fields", {}).get("table") == "public.pf"]
+    assert len(warned) == 1 and "public.pf1" in warned[0] and "public.pf2" not in warned[0]
+    assert "REPLICA IDENTITY FULL" in warned[0]
+
+
 @pytest.fixture
 async def gateway_role(pg_database):
     """A role with REPLICATION and CREATE but not superuser: it can add only the tables it owns."""

@@ -29,6 +29,7 @@ class TableState(NamedTuple):
     why: str  # why the table is not published; "" when it is (or should be)
     owned: bool  # the gateway's role owns it (or is a member of its owner): it may add it
     owner: str
+    warning: str = ""  # what a published table's events lack, for the log
 
 
 class SetupError(Exception):
@@ -71,6 +72,7 @@ class Catalog:
         self._lock = asyncio.Lock()
         self.published: set[tuple[str, str]] = set()
         self.skipped: dict[tuple[str, str], str] = {}  # table -> why it is not published
+        self._warned: dict[tuple[str, str], str] = {}  # published table -> what its events lack
         self._key_types: dict[tuple[str, str], dict[str, str]] = {}
         self._server_version = 0
         self._sync_lock = asyncio.Lock()  # the periodic sync and a subscribe's must not interleave
@@ -163,6 +165,14 @@ class Catalog:
                    WHERE p.relkind = 'r' AND NOT {_has_identity('p')} ORDER BY 1) END"""
             if via_root else "NULL::text[]"
         )
+        # ... and takes the old row from it: FULL on the partitioned table alone gives key columns
+        not_full = (
+            """CASE WHEN c.relkind = 'p' AND c.relreplident = 'f' THEN ARRAY(
+                   SELECT pn.nspname || '.' || p.relname FROM pg_partition_tree(c.oid) t
+                   JOIN pg_class p ON p.oid = t.relid JOIN pg_namespace pn ON pn.oid = p.relnamespace
+                   WHERE p.relkind = 'r' AND p.relreplident <> 'f' ORDER BY 1) END"""
+            if via_root else "NULL::text[]"
+        )
         rows = await self.fetch(
             f"""
             SELECT n.nspname AS schema, c.relname AS name, c.relreplident::text AS ident,
@@ -171,7 +181,7 @@ class Catalog:
                    pg_has_role(c.relowner, 'USAGE') AS owned, pg_get_userbyid(c.relowner) AS owner,
                    EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary) AS has_pk,
                    EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisreplident) AS has_ident_index,
-                   {bare} AS bare_partitions
+                   {bare} AS bare_partitions, {not_full} AS not_full_partitions
             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
             WHERE c.relkind IN ('r', 'p')
               AND (n.nspname = ANY($1::text[])
@@ -182,7 +192,8 @@ class Catalog:
         )
         out = {}
         for r in rows:
-            out[(r["schema"], r["name"])] = TableState(self._unpublishable(r, via_root), r["owned"], r["owner"])
+            out[(r["schema"], r["name"])] = TableState(self._unpublishable(r, via_root), r["owned"], r["owner"],
+                                                       _not_full_partitions(r["not_full_partitions"] or []))
         return out
 
     def _unpublishable(self, r: asyncpg.Record, via_root: bool) -> str:
@@ -244,6 +255,7 @@ class Catalog:
                 current.discard(t)
         self._log_skipped(skipped)
         self.skipped = skipped
+        self._log_warnings({t: state.warning for t, state in desired.items() if state.warning and not state.why})
         self.published = current & wanted
         return late
 
@@ -326,6 +338,16 @@ class Catalog:
                 level, "postgres table %s.%s not published: %s", t[0], t[1], why,
                 extra={"fields": {"source": "postgres", "publication": self.publication, "table": f"{t[0]}.{t[1]}"}},
             )
+
+    def _log_warnings(self, warnings: dict[tuple[str, str], str]) -> None:
+        """What a published table's events lack, logged once (and again when it changes)."""
+        for t, warning in warnings.items():
+            if self._warned.get(t) != warning:
+                log.warning(
+                    "postgres table %s.%s: %s", t[0], t[1], warning,
+                    extra={"fields": {"source": "postgres", "publication": self.publication, "table": f"{t[0]}.{t[1]}"}},
+                )
+        self._warned = warnings
 
     async def ensure_slot(self, creating: Callable[[], None] | None = None) -> bool:
         """Create the permanent slot when missing; True when it was created now. `creating` is
@@ -454,6 +476,19 @@ def _bare_partitions(names: list[str]) -> str:
     which = f"its partition {listed} has" if len(names) == 1 else f"its partitions {listed} have"
     return (f"{which} no replica identity (PostgreSQL checks each partition's own); give "
             f"{'it' if len(names) == 1 else 'them'} a primary key or REPLICA IDENTITY FULL to publish it")
+
+
+def _not_full_partitions(names: list[str]) -> str:
+    """What the events of a partitioned table with REPLICA IDENTITY FULL lack when some of its
+    partitions do not have it ("" when all do): PostgreSQL logs the old row of the partition's
+    own identity, so theirs arrive as key columns only, the other columns null."""
+    if not names:
+        return ""
+    listed = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return (f"it has REPLICA IDENTITY FULL but its partition{'s' if len(names) > 1 else ''} {listed} "
+            f"{'do' if len(names) > 1 else 'does'} not: PostgreSQL takes the old row from the partition's "
+            "identity, so for their rows oldRecord and DELETE records hold the key columns and nulls, and "
+            f"changedColumns misses columns; ALTER TABLE ... REPLICA IDENTITY FULL on {'them' if len(names) > 1 else 'it'} too")
 
 
 def _qualified(t: tuple[str, str]) -> str:
