@@ -85,6 +85,8 @@ SCALAR_CONVERTERS: dict[int, int] = {
     # text-like and date/time types whose text form is already what we send
     25: CONV_TEXT, 1043: CONV_TEXT, 1042: CONV_TEXT, 19: CONV_TEXT, 18: CONV_TEXT,
     2950: CONV_TEXT, 1082: CONV_TEXT, 1083: CONV_TEXT, 1266: CONV_TEXT,
+    # int2vector, oidvector: in the array category with ',' as delimiter, but printed "1 2"
+    22: CONV_TEXT, 30: CONV_TEXT,
 }
 
 # Built-in array type OID -> element type OID.
