@@ -380,6 +380,7 @@ export class RealtimeClient {
   async _connect(atOnce = false) {
     if (this.state === "closed") return;
     this._setState(this.attempt === 0 && !this.sessionId ? "connecting" : "reconnecting");
+    if (this.state === "closed") return; // closed by a state listener: no getToken() for nothing
     let token, WS;
     try {
       token = await this.getToken();
@@ -508,6 +509,7 @@ export class RealtimeClient {
     const resumed = Boolean(msg.resumed) && msg.sessionId === this.sessionId;
     this.sessionId = msg.sessionId;
     this._setState("open");
+    if (this.state === "closed") return; // closed by a state listener: no refresh timer to outlive it
     this._scheduleRefresh();
     if (resumed) {
       for (const channel of [...this.pendingUnsubs.keys()]) this._sendUnsubscribe(channel); // the session has it back
@@ -604,6 +606,9 @@ export class RealtimeClient {
     this.authedAt = null;
     if (this.state === "closed") return;
     this._emit("close", { code, reason });
+    // A close listener may have called close(): it is final (the 4001 path below would set the
+    // state back to "reconnecting" and connect again).
+    if (this.state === "closed") return;
     if (TERMINAL_CODES.includes(code)) {
       this._finish(new RealtimeError(code, `connection closed: ${reason || CODE_NAMES[code] || code}`,
         { name: reason || CODE_NAMES[code], terminal: true }));
@@ -623,6 +628,9 @@ export class RealtimeClient {
   _scheduleRetry() {
     if (this.state === "closed") return;
     this._setState("reconnecting");
+    // A state listener may have called close(): a timer armed now would outlive it (and keep a
+    // Node.js process alive for up to backoffMaxMs).
+    if (this.state === "closed") return;
     const delay = this._backoffDelay();
     this.attempt = Math.min(this.attempt + 1, 30);
     this.timers.retry = setTimeout(() => { this.timers.retry = null; this._connect(); }, delay);

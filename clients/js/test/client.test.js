@@ -760,3 +760,51 @@ test("the README's Node.js example runs as written and misses no event", { timeo
     await proxy.close();
   }
 });
+
+test("close() from a close or state listener stops the client for good, also on 4001", { timeout: 30000 }, async () => {
+  // "Stop when the token expires" (a user who logged out): close() in the close listener of a
+  // 4001 must not be followed by the at-once reconnect with a new token.
+  const ws = "js-close-in-listener";
+  let calls = 0;
+  const getToken = () => { calls++; return token({ workspace: ws, ttl: calls === 1 ? 2 : 3600 }); };
+  const client = connect({ url: wsUrl(ws), getToken, proactiveRefresh: false });
+  const closes = [];
+  client.on("close", (c) => { closes.push(c.code); client.close(); });
+  try {
+    await client.subscribe("events:x").ready;
+    await client.closed;
+    await new Promise((r) => setImmediate(r));
+    assert.deepEqual(closes, [4001]);
+    assert.equal(client.state, "closed");
+    assert.equal(calls, 1, "getToken called again after close()");
+  } finally {
+    client.close();
+  }
+
+  // close() in a state listener ("give up after a few attempts", or on "open"): no retry or
+  // refresh timer is left behind to keep a Node.js process alive (up to backoffMaxMs, or until
+  // the token's refresh) and call getToken() after close().
+  const script = `
+    import { connect } from ${JSON.stringify(new URL("../src/index.js", import.meta.url).href)};
+    for (const [url, at] of [["ws://127.0.0.1:1/workspaces/w/realtime/connect", "reconnecting"], [process.env.RT_URL, "open"]]) {
+      const client = connect({ url, getToken: () => process.env.RT_TOKEN, backoffInitialMs: 600000, backoffMaxMs: 600000 });
+      client.on("state", (s) => { if (s === at) client.close(); });
+      await client.closed;
+      console.log("closed on", at);
+    }`;
+  const child = spawn(process.execPath, ["--input-type=module", "-e", script], {
+    env: { ...process.env, RT_URL: wsUrl(ws), RT_TOKEN: token({ workspace: ws }) },
+    stdio: ["ignore", "pipe", "pipe"],
+  });
+  let out = "";
+  let exited = false;
+  child.stdout.on("data", (d) => { out += d; });
+  child.stderr.on("data", (d) => { out += d; });
+  child.on("exit", () => { exited = true; });
+  try {
+    await waitFor(() => exited, 10000, "the process to exit after close()");
+    assert.equal(out.trim(), "closed on reconnecting\nclosed on open");
+  } finally {
+    child.kill();
+  }
+});
