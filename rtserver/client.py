@@ -19,8 +19,11 @@ disconnected is sent with `since` too, and an unsubscribe the gateway had not ac
 before a link loss is sent again after a resume; nothing is delivered for a channel once
 it is unsubscribed (what was in flight, or what a resumed session replays there before the
 unsubscribe reaches the gateway). Each event is delivered once, also when the
-replays of overlapping subscriptions overlap after a reconnect. An exception raised by a
-callback (on_event, on_state, on_gap, on_error) is logged and swallowed.
+replays of overlapping subscriptions overlap after a reconnect. An async on_event is awaited
+before the next frame is read: events stay in order, a slow one holds the connection back (past
+the gateway's send buffer it closes with 1013 and the client resumes), and it cannot await
+subscribe(). An exception raised by a callback (on_event, on_state, on_gap, on_error) is
+logged and swallowed.
 
     async with RealtimeClient(url, get_token) as client:
         events = client.events()  # buffers from here on
@@ -291,9 +294,17 @@ class RealtimeClient:
         client is already closed. With `timeout` (seconds), a confirmation that has not come
         in time withdraws the subscription and raises a RealtimeError named "timeout". When
         subscribe() raises or is cancelled, the channel is not subscribed. A filter that JSON
-        cannot carry raises TypeError (or ValueError) at once."""
+        cannot carry raises TypeError (or ValueError) at once.
+
+        An async on_event is awaited before the next frame is read (events stay in order), so
+        the confirmation cannot arrive while one runs: awaited in an on_event handler,
+        subscribe() raises RuntimeError at once (start it in a task instead)."""
         if self.state == "closed":
             raise self._closed_error()
+        if self._task is not None and asyncio.current_task() is self._task:
+            # It would wait for a reply that is read only after the handler returns: for good.
+            raise RuntimeError(f"subscribe({channel!r}) awaited in an on_event handler would wait for itself: "
+                               "start it in a task (asyncio.create_task) instead")
         # A filter JSON cannot carry (a datetime, say) raises here, before it is registered:
         # registered, it failed every connection's re-subscribe, a reconnect loop.
         json.dumps(filter)

@@ -809,3 +809,30 @@ async def test_a_history_gap_is_reported_once_not_after_every_reconnect(gateway_
     finally:
         await client.close()
         await proxy.close()
+
+
+async def test_subscribe_awaited_in_an_on_event_handler_raises_instead_of_hanging(gateway):
+    # An async on_event is awaited before the next frame is read (events stay in order), so
+    # the confirmation a subscribe() awaited there waits for could never be read: it hung for
+    # good, and with it every subscription of the client.
+    outcome: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
+    after: list[int] = []
+
+    async def on_order(event: dict) -> None:
+        if outcome.done():
+            after.append(event["seq"])
+            return
+        try:
+            await client.subscribe("events:lines")
+            outcome.set_result(None)
+        except Exception as exc:
+            outcome.set_result(exc)
+
+    async with RealtimeClient(gateway.ws_url("w1"), lambda: gateway.token("w1")) as client:
+        await client.subscribe("events:orders", None, on_order)
+        await gateway.publish("w1", "orders", {})
+        error = await asyncio.wait_for(outcome, 5)
+        assert isinstance(error, RuntimeError) and "on_event" in str(error), repr(error)
+        e = await gateway.publish("w1", "orders", {})  # the connection carries on
+        await wait_for(lambda: after == [e["seq"]], what="the next event")
+        assert client.state == "open"
