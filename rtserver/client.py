@@ -293,8 +293,9 @@ class RealtimeClient:
         channel is unsubscribed or the client closes before the confirmation, and when the
         client is already closed. With `timeout` (seconds), a confirmation that has not come
         in time withdraws the subscription and raises a RealtimeError named "timeout". When
-        subscribe() raises or is cancelled, the channel is not subscribed. A filter that JSON
-        cannot carry raises TypeError (or ValueError) at once.
+        subscribe() raises or is cancelled, the channel is not subscribed (not even with the
+        filter this call was to replace). A filter that JSON cannot carry raises TypeError (or
+        ValueError) at once.
 
         An async on_event is awaited before the next frame is read (events stay in order), so
         the confirmation cannot arrive while one runs: awaited in an on_event handler,
@@ -693,8 +694,10 @@ class RealtimeClient:
         err = RealtimeError(code, msg.get("message", ""), name=msg.get("name"),
                             channel=channel or (sub.channel if sub is not None else None))
         if sub is not None:
-            del self._subs[sub.channel]  # refused: not retried
+            # Refused: not retried, and unsubscribed at the gateway too, which keeps a
+            # subscription whose replacement it refuses (events nobody receives, a quota slot).
             _settle(sub.waiters, err)
+            self.unsubscribe(sub.channel, sub)
         self._callback(self.on_error, err, "on_error")
 
     def _refused(self, msg: dict[str, Any]) -> _Subscription | None:

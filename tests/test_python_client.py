@@ -836,3 +836,20 @@ async def test_subscribe_awaited_in_an_on_event_handler_raises_instead_of_hangin
         e = await gateway.publish("w1", "orders", {})  # the connection carries on
         await wait_for(lambda: after == [e["seq"]], what="the next event")
         assert client.state == "open"
+
+
+async def test_a_refused_replacement_filter_leaves_the_channel_unsubscribed_at_the_gateway_too(gateway_factory):
+    # The gateway keeps a subscription whose replacement it refuses; the client forgot it
+    # (subscribe() raised: "the channel is not subscribed"), so it went on taking events the
+    # client dropped and a subscription slot: here the only one, the next subscribe got 4008.
+    gateway = await gateway_factory(env={"RT_MAX_SUBSCRIPTIONS": "1"})
+    got: list[dict] = []
+    async with RealtimeClient(gateway.ws_url("w1"), lambda: gateway.token("w1")) as client:
+        await client.subscribe("events:orders", None, got.append)
+        with pytest.raises(RealtimeError) as info:
+            await asyncio.wait_for(client.subscribe("events:orders", {"bogus": 1}), 5)
+        assert info.value.code == 4000
+        await asyncio.wait_for(client.subscribe("events:other", None, got.append), 5)
+        e = await gateway.publish("w1", "other", {})
+        await wait_for(lambda: len(got) == 1, what="the event on events:other")
+        assert got[0]["seq"] == e["seq"]

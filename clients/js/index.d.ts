@@ -104,7 +104,8 @@ export declare class RealtimeError extends Error {
 export interface Unsubscribe {
   (): void;
   /** Resolves when the gateway confirms the subscription (waiting across reconnects); rejects
-   * with a RealtimeError when it refuses (4010, 4003, 4008, 4000), when the channel is
+   * with a RealtimeError when it refuses (4010, 4003, 4008, 4000: the channel is then not
+   * subscribed, not even with the filter this one was to replace), when the channel is
    * unsubscribed or the client closes first, or at once when the client was already closed. */
   ready: Promise<void>;
 }

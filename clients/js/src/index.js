@@ -578,9 +578,11 @@ export class RealtimeClient {
     const sub = [4000, 4003, 4008, 4010].includes(msg.code) ? this._refused(msg) : null;
     const err = new RealtimeError(msg.code, msg.message, { name: msg.name, channel: msg.channel || sub?.channel });
     if (sub) {
-      // The gateway refused this subscription: it is not retried.
-      this.subs.delete(sub.channel);
+      // The gateway refused this subscription: it is not retried, and it is unsubscribed at the
+      // gateway too, which keeps a subscription whose replacement it refuses (events nobody
+      // receives, a quota slot).
       for (const w of sub.waiters.splice(0)) w.reject(err);
+      this.unsubscribe(sub.channel, sub);
     }
     this._emit("error", err);
   }

@@ -808,3 +808,26 @@ test("close() from a close or state listener stops the client for good, also on 
     child.kill();
   }
 });
+
+test("a refused replacement filter leaves the channel unsubscribed at the gateway too", { timeout: 30000 }, async () => {
+  // The gateway keeps a subscription whose replacement it refuses; the client dropped it (its
+  // ready rejected), so the gateway went on sending its events for nothing (and it held a slot
+  // of the subscription quota).
+  const ws = "js-refused-replacement";
+  const proxy = await startProxy();
+  const client = connect({ url: wsUrl(ws, proxy.port), getToken: () => token({ workspace: ws }) });
+  const { events } = collect(client);
+  try {
+    await client.subscribe("events:orders").ready;
+    await assert.rejects(within(client.subscribe("events:orders", { bogus: 1 }).ready, 5000), (err) => err.code === 4000);
+    await client.subscribe("events:other").ready;
+    const dropped = await publish(ws, "orders", {});
+    const e = await publish(ws, "other", {});
+    await waitFor(() => events.length === 1, 5000, "the event on events:other");
+    assert.equal(events[0].seq, e.seq);
+    assert.ok(!proxy.downstream.includes(`"seq":${dropped.seq}`), "the gateway still sent events:orders");
+  } finally {
+    client.close();
+    await proxy.close();
+  }
+});
