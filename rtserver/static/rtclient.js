@@ -319,8 +319,13 @@ export class RealtimeClient {
         }
       },
       async return() {
+        // Ends the iterator, also for a next() pending on it (stopped from outside the loop),
+        // which nothing would wake otherwise: close() no longer sees the iterator.
         done = true;
+        failure = null;
+        queue.length = 0;
         stop();
+        if (wake) { const w = wake; wake = null; w(); }
         return { value: undefined, done: true };
       },
     };

@@ -831,3 +831,23 @@ test("a refused replacement filter leaves the channel unsubscribed at the gatewa
     await proxy.close();
   }
 });
+
+test("return() on an events() iterator ends a next() pending on it", { timeout: 30000 }, async () => {
+  // Stopping a consumer loop from outside (a component unmounting, an abort): the loop's pending
+  // next() stayed pending for good, also after client.close(), which no longer saw the iterator.
+  const ws = "js-iterator-return";
+  const client = connect({ url: wsUrl(ws), getToken: () => token({ workspace: ws }) });
+  const events = client.events();
+  try {
+    await client.subscribe("events:x").ready;
+    const e = await publish(ws, "x", {});
+    assert.equal((await within(events.next(), 5000)).value.seq, e.seq);
+    const pending = events.next();
+    assert.deepEqual(await events.return(), { value: undefined, done: true });
+    assert.deepEqual(await within(pending), { value: undefined, done: true });
+    await publish(ws, "x", {});
+    assert.deepEqual(await within(events.next()), { value: undefined, done: true });
+  } finally {
+    client.close();
+  }
+});
