@@ -294,8 +294,8 @@ class RealtimeClient:
         client is already closed. With `timeout` (seconds), a confirmation that has not come
         in time withdraws the subscription and raises a RealtimeError named "timeout". When
         subscribe() raises or is cancelled, the channel is not subscribed (not even with the
-        filter this call was to replace). A filter that JSON cannot carry raises TypeError (or
-        ValueError) at once.
+        filter this call was to replace). A filter that JSON cannot carry raises TypeError (a
+        datetime, say) or ValueError (NaN, Infinity) at once.
 
         An async on_event is awaited before the next frame is read (events stay in order), so
         the confirmation cannot arrive while one runs: awaited in an on_event handler,
@@ -307,8 +307,9 @@ class RealtimeClient:
             raise RuntimeError(f"subscribe({channel!r}) awaited in an on_event handler would wait for itself: "
                                "start it in a task (asyncio.create_task) instead")
         # A filter JSON cannot carry (a datetime, say) raises here, before it is registered:
-        # registered, it failed every connection's re-subscribe, a reconnect loop.
-        json.dumps(filter)
+        # registered, it failed every connection's re-subscribe, a reconnect loop. NaN and
+        # Infinity too (json.dumps writes them): the gateway's "not JSON" has no id to match.
+        json.dumps(filter, allow_nan=False)
         sub = _Subscription(channel, filter, on_event)
         old = self._subs.get(channel)
         if old is not None:

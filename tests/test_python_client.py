@@ -853,3 +853,19 @@ async def test_a_refused_replacement_filter_leaves_the_channel_unsubscribed_at_t
         e = await gateway.publish("w1", "other", {})
         await wait_for(lambda: len(got) == 1, what="the event on events:other")
         assert got[0]["seq"] == e["seq"]
+
+
+async def test_a_filter_with_nan_or_infinity_raises_instead_of_hanging(gateway):
+    # json.dumps writes NaN and Infinity, which JSON has not: the gateway answered "not JSON"
+    # with no id to match, so subscribe() waited for good (and the subscription, registered,
+    # was sent again at every reconnect, each an invalid message towards the 1008 close).
+    got: list[dict] = []
+    async with RealtimeClient(gateway.ws_url("w1"), lambda: gateway.token("w1")) as client:
+        for value in (float("inf"), float("nan")):
+            with pytest.raises(ValueError):
+                await asyncio.wait_for(client.subscribe("events:x", {"predicates": {"price": {"$lt": value}}}), 5)
+        await client.subscribe("events:y", None, got.append)
+        await gateway.publish("w1", "x", {"price": 1})
+        e = await gateway.publish("w1", "y", {})
+        await wait_for(lambda: len(got) == 1, what="the event on events:y")
+        assert got[0]["seq"] == e["seq"]

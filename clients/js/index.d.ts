@@ -134,7 +134,8 @@ export declare class RealtimeClient {
   /** Resolves after close(); rejects with the terminal RealtimeError. */
   readonly closed: Promise<void>;
 
-  /** Throws a TypeError, registering nothing, for a filter JSON cannot carry (a BigInt, a cycle). */
+  /** Throws a TypeError, registering nothing, for a filter JSON cannot carry (a BigInt, a cycle,
+   * NaN, Infinity). */
   subscribe(channel: string, onEvent?: (event: RealtimeEvent) => void): Unsubscribe;
   subscribe(channel: string, filter: Filter | null | undefined, onEvent?: (event: RealtimeEvent) => void): Unsubscribe;
   unsubscribe(channel: string): void;

@@ -121,6 +121,14 @@ function callListener(fn, value) {
   }
 }
 
+// A JSON.stringify replacer that refuses what JSON has no number for (NaN, Infinity).
+function finiteOnly(key, value) {
+  if (typeof value === "number" && !Number.isFinite(value)) {
+    throw new TypeError(`filter: ${value} at ${JSON.stringify(key)} is no JSON number`);
+  }
+  return value;
+}
+
 // Whether a reply is to the last message sent for a channel (not to an earlier one).
 function answers(msg, sentId) {
   return msg.id === undefined || msg.id === null || msg.id === sentId;
@@ -232,8 +240,9 @@ export class RealtimeClient {
       return unsubscribe;
     }
     // A filter JSON cannot carry (a BigInt, a cycle) throws here, before it is registered:
-    // registered, it failed every connection's re-subscribe.
-    JSON.stringify(filter);
+    // registered, it failed every connection's re-subscribe. NaN and Infinity too, which
+    // JSON.stringify would write as null: a filter that silently matched nothing.
+    JSON.stringify(filter, finiteOnly);
     const old = this.subs.get(channel);
     const sub = new Subscription(channel, filter, onEvent);
     if (old) sub.waiters = old.waiters.splice(0);

@@ -851,3 +851,23 @@ test("return() on an events() iterator ends a next() pending on it", { timeout: 
     client.close();
   }
 });
+
+test("a filter with NaN or Infinity throws instead of matching nothing", { timeout: 30000 }, async () => {
+  // JSON.stringify writes them as null: {"$lt": null} compares with no number, so the
+  // subscription was confirmed and never got an event, without a word.
+  const ws = "js-infinite-filter";
+  const client = connect({ url: wsUrl(ws), getToken: () => token({ workspace: ws }) });
+  const { events } = collect(client);
+  try {
+    for (const value of [Infinity, -Infinity, NaN]) {
+      assert.throws(() => client.subscribe("events:x", { predicates: { price: { $lt: value } } }), TypeError);
+    }
+    await client.subscribe("events:y").ready;
+    await publish(ws, "x", { price: 1 });
+    const e = await publish(ws, "y", {});
+    await waitFor(() => events.length === 1, 5000, "the event on events:y");
+    assert.deepEqual(events.map((ev) => ev.seq), [e.seq]);
+  } finally {
+    client.close();
+  }
+});
