@@ -262,7 +262,13 @@ class RealtimeClient:
     # ---- public API ----------------------------------------------------------------------
 
     async def __aenter__(self) -> RealtimeClient:
-        await self.connect()
+        try:
+            await self.connect()
+        except BaseException:
+            # No __aexit__ follows a failed __aenter__ (a timeout around `async with`, say):
+            # the connection loop would go on in the background for good.
+            await self.close()
+            raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -271,7 +277,8 @@ class RealtimeClient:
     async def connect(self) -> None:
         """Starts the connection loop; returns after the first `auth_ok`, raises a
         RealtimeError when the gateway refuses for good (4002, 4003, 1008, 1009) or the
-        client is closed."""
+        client is closed. Cancelled (a timeout), it leaves the loop retrying: close() stops
+        it (`async with` closes the client when entering fails)."""
         if self.state == "closed":
             raise self._closed_error()
         if self._task is None:

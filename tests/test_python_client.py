@@ -869,3 +869,30 @@ async def test_a_filter_with_nan_or_infinity_raises_instead_of_hanging(gateway):
         e = await gateway.publish("w1", "y", {})
         await wait_for(lambda: len(got) == 1, what="the event on events:y")
         assert got[0]["seq"] == e["seq"]
+
+
+async def test_async_with_abandoned_while_connecting_stops_the_client(gateway):
+    # `async with` under a timeout that fires while the gateway is unreachable: __aexit__ does
+    # not run for an __aenter__ that raised, and the connection loop went on in the background
+    # for good (reconnecting, calling get_token), with no client left to close it.
+    proxy = await TcpProxy(gateway.port).start()
+    proxy.hold = True
+    calls: list[float] = []
+
+    def get_token() -> str:
+        calls.append(time.monotonic())
+        return gateway.token("w1")
+
+    client = RealtimeClient(f"ws://127.0.0.1:{proxy.port}/workspaces/w1/realtime/connect", get_token, **FAST)
+    try:
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.5), client:
+                pytest.fail("connected through a proxy that drops every connection")
+        assert client.state == "closed"
+        n = len(calls)
+        proxy.hold = False
+        await asyncio.sleep(0.5)  # several backoff periods: no attempt may follow
+        assert len(calls) == n and client.state == "closed"
+    finally:
+        await client.close()
+        await proxy.close()
