@@ -316,7 +316,9 @@ class RealtimeClient:
         # A filter JSON cannot carry (a datetime, say) raises here, before it is registered:
         # registered, it failed every connection's re-subscribe, a reconnect loop. NaN and
         # Infinity too (json.dumps writes them): the gateway's "not JSON" has no id to match.
-        json.dumps(filter, allow_nan=False)
+        # Kept as a copy: the application's dict, changed later (a template reused for the next
+        # subscribe), changed what a reconnect sends.
+        filter = json.loads(json.dumps(filter, allow_nan=False))
         sub = _Subscription(channel, filter, on_event)
         old = self._subs.get(channel)
         if old is not None:

@@ -896,3 +896,25 @@ async def test_async_with_abandoned_while_connecting_stops_the_client(gateway):
     finally:
         await client.close()
         await proxy.close()
+
+
+async def test_a_filter_changed_by_the_application_after_subscribe_is_not_what_a_reconnect_sends(gateway):
+    # The client kept the application's dict: one built from a template and changed for the
+    # next subscribe changed the first subscription too, silently, at the next new session.
+    proxy = await TcpProxy(gateway.port).start()
+    got: list[dict] = []
+    client = RealtimeClient(proxied(proxy), lambda: gateway.token("w1"), header_auth=True, **FAST)
+    try:
+        await client.connect()
+        template = {"predicates": {"status": "paid"}}
+        await client.subscribe("events:orders", template, got.append)
+        template["predicates"]["status"] = "refunded"
+        await client.subscribe("events:refunds", template, got.append)
+        proxy.cut()
+        await wait_for(lambda: client.state == "open" and len(client.resumed) == 2, 5, "a new session")
+        e = await gateway.publish("w1", "orders", {"status": "paid"})
+        await wait_for(lambda: len(got) == 1, what="the paid order")
+        assert got[0]["seq"] == e["seq"]
+    finally:
+        await client.close()
+        await proxy.close()

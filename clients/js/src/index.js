@@ -241,8 +241,11 @@ export class RealtimeClient {
     }
     // A filter JSON cannot carry (a BigInt, a cycle) throws here, before it is registered:
     // registered, it failed every connection's re-subscribe. NaN and Infinity too, which
-    // JSON.stringify would write as null: a filter that silently matched nothing.
-    JSON.stringify(filter, finiteOnly);
+    // JSON.stringify would write as null: a filter that silently matched nothing. Kept as a
+    // copy: the application's object, changed later (a template reused for the next
+    // subscribe), changed what a reconnect sends.
+    const json = JSON.stringify(filter, finiteOnly);
+    filter = json === undefined ? null : JSON.parse(json);
     const old = this.subs.get(channel);
     const sub = new Subscription(channel, filter, onEvent);
     if (old) sub.waiters = old.waiters.splice(0);

@@ -871,3 +871,26 @@ test("a filter with NaN or Infinity throws instead of matching nothing", { timeo
     client.close();
   }
 });
+
+test("a filter changed by the application after subscribe() is not what a reconnect sends", { timeout: 30000 }, async () => {
+  // The client kept the application's object: one built from a template and changed for the
+  // next subscribe changed the first subscription too, silently, at the next new session.
+  const ws = "js-filter-copy";
+  const proxy = await startProxy();
+  const client = connect({ url: wsUrl(ws, proxy.port), getToken: () => token({ workspace: ws }), headerAuth: true, ...fast });
+  const { events, opens } = collect(client);
+  try {
+    const template = { predicates: { status: "paid" } };
+    await client.subscribe("events:orders", template).ready;
+    template.predicates.status = "refunded";
+    await client.subscribe("events:refunds", template).ready;
+    proxy.cut();
+    await waitFor(() => client.state === "open" && opens.length === 2, 5000, "a new session");
+    const e = await publish(ws, "orders", { status: "paid" });
+    await waitFor(() => events.length === 1, 5000, "the paid order");
+    assert.equal(events[0].seq, e.seq);
+  } finally {
+    client.close();
+    await proxy.close();
+  }
+});
