@@ -282,7 +282,10 @@ export class RealtimeClient {
   events(channel) {
     const client = this;
     const queue = [];
-    let wake = null;
+    // The next() calls waiting for an item: each is woken to look again (the protocol allows
+    // several pending at once; with one slot, a second call took the first one's wake-up).
+    let waiting = [];
+    const wakeAll = () => { const w = waiting; waiting = []; for (const resolve of w) resolve(); };
     let done = false;
     let failure = null;
     if (this.state === "closed") { done = true; failure = this._closedError(); }
@@ -297,13 +300,13 @@ export class RealtimeClient {
         } else {
           queue.push(item);
         }
-        if (wake) { const w = wake; wake = null; w(); }
+        wakeAll();
       },
       end(err) {
         if (done) return;
         done = true;
         failure = err || null;
-        if (wake) { const w = wake; wake = null; w(); }
+        wakeAll();
       },
     };
     // Held weakly until iterated (where WeakRef exists): an iterator the application drops
@@ -327,7 +330,7 @@ export class RealtimeClient {
             if (failure) { const f = failure; failure = null; throw f; }
             return { value: undefined, done: true };
           }
-          await new Promise((resolve) => { wake = resolve; });
+          await new Promise((resolve) => { waiting.push(resolve); });
         }
       },
       async return() {
@@ -337,7 +340,7 @@ export class RealtimeClient {
         failure = null;
         queue.length = 0;
         stop();
-        if (wake) { const w = wake; wake = null; w(); }
+        wakeAll();
         return { value: undefined, done: true };
       },
     };

@@ -894,3 +894,25 @@ test("a filter changed by the application after subscribe() is not what a reconn
     await proxy.close();
   }
 });
+
+test("concurrent next() calls on an events() iterator each get an item", { timeout: 30000 }, async () => {
+  // Allowed by the async iterator protocol (a prefetching consumer, two workers sharing one
+  // iterator): the second call took over the first one's wake-up, which then never came.
+  const ws = "js-iterator-concurrent";
+  const client = connect({ url: wsUrl(ws), getToken: () => token({ workspace: ws }) });
+  const events = client.events();
+  try {
+    await client.subscribe("events:x").ready;
+    const first = events.next();
+    const second = events.next();
+    const a = await publish(ws, "x", {});
+    const b = await publish(ws, "x", {});
+    const got = await within(Promise.all([first, second]), 5000);
+    assert.deepEqual(got.map((r) => r.value.seq).sort(), [a.seq, b.seq].sort());
+    const third = events.next();
+    client.close();
+    assert.deepEqual(await within(third), { value: undefined, done: true });
+  } finally {
+    client.close();
+  }
+});
