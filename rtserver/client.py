@@ -304,6 +304,11 @@ class RealtimeClient:
         filter this call was to replace). A filter that JSON cannot carry raises TypeError (a
         datetime, say) or ValueError (NaN, Infinity) at once.
 
+        `on_event` gets the events on `channel` (narrowed by `filter.entity` on a `*` channel),
+        routed by channel only: the gateway sends an event once per connection without saying
+        which filter matched, so beside an overlapping subscription (`events:*` next to a
+        filtered `events:orders`) it also gets events its own predicates exclude.
+
         An async on_event is awaited before the next frame is read (events stay in order), so
         the confirmation cannot arrive while one runs: awaited in an on_event handler,
         subscribe() raises RuntimeError at once (start it in a task instead)."""
