@@ -1,8 +1,9 @@
 """An asyncio client for the gateway (the Python twin of clients/js): subscriptions that
 survive reconnects.
 
-It authenticates by message (or by header), resumes its session with the last seen `seq`
-after any disconnect (or re-subscribes with `since` when the session is gone, so missed
+It authenticates by message (or by header: `header_auth`, which cannot resume a session),
+resumes its session with the last seen `seq` after any disconnect (or re-subscribes with
+`since` when the session is gone or authentication is by header, so missed
 events are replayed from the gateway's history and a `history_gap` is reported when they
 cannot be), refreshes the token in-band before it expires, reconnects at once with a fresh
 token on 4001 (unless that token expires within 5 s, or the connection before lasted less
