@@ -13,7 +13,7 @@ import psycopg
 import pytest
 
 from rtserver.sources.base import ChannelUnavailable
-from rtserver.sources.pg_catalog import slot_name
+from rtserver.sources.pg_catalog import SetupError, check_version, slot_name
 from rtserver.sources.pg_state import PositionFile
 from rtserver.sources.postgres import PostgresSource
 from tests.harness.fixtures_postgres import drop_database
@@ -77,6 +77,15 @@ async def db(pg_database):
     conn = await asyncpg.connect(pg_database)
     yield conn
     await conn.close()
+
+
+def test_a_server_older_than_14_is_refused_with_its_version():
+    # No PostgreSQL 13 can be installed here: the check the set-up runs on server_version_num
+    # is tried alone (a real 15 passes it in every other test of this file).
+    with pytest.raises(SetupError, match=r"PostgreSQL 13\.16 \(Debian 13\.16-1\) is too old: .* 14 or later"):
+        check_version(130016, "13.16 (Debian 13.16-1)")
+    check_version(140000, "14.0")
+    check_version(180001, "18.1")
 
 
 async def test_insert_update_delete_truncate(db, make_source):

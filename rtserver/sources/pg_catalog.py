@@ -18,6 +18,7 @@ from rtserver.sources.pg_stream import SESSION_SETTINGS
 
 log = logging.getLogger("rtserver.postgres")
 
+MIN_SERVER_VERSION = 140000  # server_version_num of PostgreSQL 14 (docs/postgres.md, "Requirements")
 PRIVILEGES_HELP = (
     "the gateway's PostgreSQL role needs: the REPLICATION attribute (ALTER ROLE <role> REPLICATION), "
     "CREATE on the database (to create its publication) and ownership of the published tables "
@@ -74,7 +75,6 @@ class Catalog:
         self.skipped: dict[tuple[str, str], str] = {}  # table -> why it is not published
         self._warned: dict[tuple[str, str], str] = {}  # published table -> what its events lack
         self._key_types: dict[tuple[str, str], dict[str, str]] = {}
-        self._server_version = 0
         self._sync_lock = asyncio.Lock()  # the periodic sync and a subscribe's must not interleave
 
     async def _connection(self) -> asyncpg.Connection:
@@ -126,10 +126,12 @@ class Catalog:
 
     async def check_server(self) -> None:
         rows = await self.fetch(
-            "SELECT current_setting('wal_level') AS wal_level, r.rolreplication OR r.rolsuper AS repl "
+            "SELECT current_setting('wal_level') AS wal_level, r.rolreplication OR r.rolsuper AS repl, "
+            "current_setting('server_version_num')::int AS version, current_setting('server_version') AS shown "
             "FROM pg_roles r WHERE r.rolname = current_user"
         )
         row = rows[0]
+        check_version(row["version"], row["shown"])
         if row["wal_level"] != "logical":
             raise SetupError(
                 f"PostgreSQL wal_level is {row['wal_level']!r}; logical replication needs wal_level=logical "
@@ -137,13 +139,6 @@ class Catalog:
             )
         if not row["repl"]:
             raise SetupError(f"the role lacks the REPLICATION attribute: {PRIVILEGES_HELP}")
-
-    async def server_version(self) -> int:
-        """server_version_num (e.g. 150004), asked once."""
-        if not self._server_version:
-            rows = await self.fetch("SELECT current_setting('server_version_num')::int AS v")
-            self._server_version = rows[0]["v"]
-        return self._server_version
 
     def configured(self, schema: str, name: str) -> bool:
         """Whether the configuration asks for this table (the scope of desired_tables)."""
@@ -153,31 +148,23 @@ class Catalog:
 
     async def desired_tables(self) -> dict[tuple[str, str], TableState]:
         """(schema, table) -> its TableState, for every table the configuration asks for that exists."""
-        via_root = await self.server_version() >= 130000
-        # From PostgreSQL 13 a partitioned table is published as a whole (publish_via_partition_root):
-        # its partitions are not published themselves. Before, only the partitions can be.
-        root = "pg_partition_root(c.oid)::regclass::text" if via_root else "NULL::text"
-        # PostgreSQL checks the replica identity of the partition a row is in, not its root's
-        bare = (
-            f"""CASE WHEN c.relkind = 'p' THEN ARRAY(
+        # A partitioned table is published as a whole (publish_via_partition_root): its partitions
+        # are not published themselves. PostgreSQL checks the replica identity of the partition a
+        # row is in, not its root's ...
+        bare = f"""CASE WHEN c.relkind = 'p' THEN ARRAY(
                    SELECT pn.nspname || '.' || p.relname FROM pg_partition_tree(c.oid) t
                    JOIN pg_class p ON p.oid = t.relid JOIN pg_namespace pn ON pn.oid = p.relnamespace
                    WHERE p.relkind = 'r' AND NOT {_has_identity('p')} ORDER BY 1) END"""
-            if via_root else "NULL::text[]"
-        )
         # ... and takes the old row from it: FULL on the partitioned table alone gives key columns
-        not_full = (
-            """CASE WHEN c.relkind = 'p' AND c.relreplident = 'f' THEN ARRAY(
+        not_full = """CASE WHEN c.relkind = 'p' AND c.relreplident = 'f' THEN ARRAY(
                    SELECT pn.nspname || '.' || p.relname FROM pg_partition_tree(c.oid) t
                    JOIN pg_class p ON p.oid = t.relid JOIN pg_namespace pn ON pn.oid = p.relnamespace
                    WHERE p.relkind = 'r' AND p.relreplident <> 'f' ORDER BY 1) END"""
-            if via_root else "NULL::text[]"
-        )
         rows = await self.fetch(
             f"""
             SELECT n.nspname AS schema, c.relname AS name, c.relreplident::text AS ident,
                    c.relkind::text AS kind, c.relispartition AS partition,
-                   CASE WHEN c.relispartition THEN {root} END AS root,
+                   CASE WHEN c.relispartition THEN pg_partition_root(c.oid)::regclass::text END AS root,
                    pg_has_role(c.relowner, 'USAGE') AS owned, pg_get_userbyid(c.relowner) AS owner,
                    EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary) AS has_pk,
                    EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisreplident) AS has_ident_index,
@@ -192,20 +179,18 @@ class Catalog:
         )
         out = {}
         for r in rows:
-            out[(r["schema"], r["name"])] = TableState(self._unpublishable(r, via_root), r["owned"], r["owner"],
+            out[(r["schema"], r["name"])] = TableState(self._unpublishable(r), r["owned"], r["owner"],
                                                        _not_full_partitions(r["not_full_partitions"] or []))
         return out
 
-    def _unpublishable(self, r: asyncpg.Record, via_root: bool) -> str:
+    def _unpublishable(self, r: asyncpg.Record) -> str:
         """Why the table of catalog row `r` is not published ("": it is)."""
         if not (valid_table_name(r["schema"]) and valid_table_name(r["name"])):
             # public."a.b" would stream on postgres:a.b, the channel of table b of schema a
             return ("its name holds '.', '\"' or a control character, which a channel name "
                     "(postgres:schema.table) cannot carry: rename it to publish it")
-        if via_root and r["partition"]:
+        if r["partition"]:
             return f"it is a partition of {r['root']}: its changes are published under that table"
-        if not via_root and r["kind"] == "p":
-            return "a partitioned table can be published from PostgreSQL 13 on: subscribe to its partitions"
         # without a replica identity PostgreSQL refuses every writer's UPDATE and DELETE once published
         ident = r["ident"]
         if ident == "f" or (ident == "d" and r["has_pk"]) or (ident == "i" and r["has_ident_index"]):
@@ -261,14 +246,12 @@ class Catalog:
 
     async def _ensure_publication(self) -> bool:
         """Create the (empty) publication when missing; True when it was created now."""
-        via_root = await self.server_version() >= 130000
-        column = "pubviaroot" if via_root else "false AS pubviaroot"
-        rows = await self.fetch(f"SELECT {column} FROM pg_publication WHERE pubname = $1", self.publication)
+        rows = await self.fetch("SELECT pubviaroot FROM pg_publication WHERE pubname = $1", self.publication)
         name = quote_ident(self.publication)
         if not rows:
-            await self.execute(f"CREATE PUBLICATION {name}" + (" WITH (publish_via_partition_root = true)" if via_root else ""))
+            await self.execute(f"CREATE PUBLICATION {name} WITH (publish_via_partition_root = true)")
             return True
-        if via_root and not rows[0]["pubviaroot"]:
+        if not rows[0]["pubviaroot"]:
             # a publication made before: partitioned tables' changes must come under their own name
             await self.execute(f"ALTER PUBLICATION {name} SET (publish_via_partition_root = true)")
         return False
@@ -455,6 +438,14 @@ class Catalog:
 
     def forget_types(self, schema: str, name: str) -> None:
         self._key_types.pop((schema, name), None)
+
+
+def check_version(version_num: int, shown: str) -> None:
+    """Refuse a server older than MIN_SERVER_VERSION: it would refuse the stream's options
+    (pgoutput's `messages` came in 14) and the catalog queries (pg_replication_slots.wal_status
+    in 13) with errors that do not say the version is the matter."""
+    if version_num < MIN_SERVER_VERSION:
+        raise SetupError(f"PostgreSQL {shown} is too old: the gateway needs PostgreSQL 14 or later")
 
 
 def _has_identity(alias: str) -> str:
