@@ -11,6 +11,19 @@ except ImportError:  # pragma: no cover - Cython is a build requirement
     cythonize = None
 
 sources = sorted(glob.glob(os.path.join("rtcore", "*.pyx")))
+if not sources:
+    # Without its extensions rtserver still installs, as a pure-Python wheel running the slow
+    # reference engine: an operator would learn it from one log line, if at all.
+    raise SystemExit("setup.py: no rtcore/*.pyx found: run it from the source tree or an sdist of it")
+if cythonize is None:
+    # setuptools then compiles the .c an sdist carries for each .pyx; a source tree has none.
+    missing = [p[:-4] + ".c" for p in sources if not os.path.exists(p[:-4] + ".c")]
+    if missing:
+        raise SystemExit(
+            f"setup.py: building rtcore needs Cython>=3.0 (pip install Cython), or an sdist that carries the "
+            f"generated C ({', '.join(missing)} missing)"
+        )
+
 extensions = [
     Extension(
         "rtcore." + os.path.splitext(os.path.basename(path))[0],
@@ -20,7 +33,7 @@ extensions = [
     for path in sources
 ]
 
-if cythonize is not None and extensions:
+if cythonize is not None:
     extensions = cythonize(
         extensions,
         compiler_directives={

@@ -1,6 +1,7 @@
-"""The wheel: built with `python -m build --wheel`, installed into a clean venv, runs there
-without a compiler or Cython (zero-config `rtserver serve` serves a client and the demo page),
-and carries the MIT license in its metadata."""
+"""The wheel: built with `python -m build` (the sdist, then the wheel from it), installed into a
+clean venv, runs there without a compiler or Cython (zero-config `rtserver serve` serves a client
+and the demo page), and carries the MIT license in its metadata. The sdist carries what builds
+rtcore with Cython or without it."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ import asyncio
 import glob
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 import urllib.request
 import venv
@@ -27,10 +30,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.mark.timeout(900)
 def test_wheel_builds_installs_and_runs(tmp_path):
     out = tmp_path / "dist"
-    subprocess.run([sys.executable, "-m", "build", "--wheel", "--outdir", str(out), ROOT], check=True,
+    # No --wheel: the operator's `python -m build` builds the wheel from the sdist it builds.
+    subprocess.run([sys.executable, "-m", "build", "--outdir", str(out), ROOT], check=True,
                    capture_output=True, timeout=800)
     wheels = glob.glob(str(out / "rtserver-*.whl"))
-    assert len(wheels) == 1
+    assert len(wheels) == 1 and not wheels[0].endswith("-none-any.whl"), wheels
     with zipfile.ZipFile(wheels[0]) as zf:
         names = zf.namelist()
         assert any(n.startswith("rtcore/") and n.endswith(".so") for n in names), "compiled rtcore missing"
@@ -87,3 +91,54 @@ def test_wheel_builds_installs_and_runs(tmp_path):
         assert proc.wait(30) == 0, log_path.read_text()
     lines = [json.loads(line) for line in log_path.read_text().splitlines()]  # one JSON object a line
     assert next(line for line in lines if line["msg"] == "listening")["compiled_core"] is True
+
+
+def _source_tree(dest) -> None:
+    """What the sdist is built from: the tracked sources, none of the .c or .so built here."""
+    skip = shutil.ignore_patterns("*.so", "*.c", "__pycache__", "*.egg-info", "build")
+    for name in ("rtcore", "rtserver"):
+        shutil.copytree(os.path.join(ROOT, name), dest / name, ignore=skip)
+    for name in ("pyproject.toml", "setup.py", "MANIFEST.in", "README.md", "LICENSE"):
+        shutil.copy(os.path.join(ROOT, name), dest / name)
+
+
+# setup.py run as if Cython were not installed (a build with --no-build-isolation without it).
+_WITHOUT_CYTHON = """
+import sys
+
+class NoCython:
+    def find_spec(self, name, path=None, target=None):
+        if name == "Cython" or name.startswith("Cython."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, NoCython())
+sys.argv = ["setup.py", "--name"]
+exec(compile(open("setup.py").read(), "setup.py", "exec"))
+"""
+
+
+def test_the_sdist_builds_rtcore_with_or_without_cython(tmp_path):
+    """The sdist carries each extension's .pyx and the .c generated from it: the wheel built
+    from it (the default `python -m build`, `pip install rtserver-*.tar.gz`) compiled nothing
+    when it had only the .c, and installed the pure-Python engine. Without Cython, setup.py
+    takes the sdist's .c, and in a source tree says that Cython is needed."""
+    src = tmp_path / "src"
+    _source_tree(src)
+    without = subprocess.run([sys.executable, "-c", _WITHOUT_CYTHON], cwd=str(src), capture_output=True, text=True,
+                             timeout=60)
+    assert without.returncode != 0 and "building rtcore needs Cython" in without.stderr, without.stderr
+    subprocess.run([sys.executable, "-m", "build", "--sdist", "--no-isolation", "--skip-dependency-check",
+                    "--outdir", str(tmp_path / "dist"), str(src)], check=True, capture_output=True, timeout=300)
+    (sdist,) = glob.glob(str(tmp_path / "dist" / "rtserver-*.tar.gz"))
+    with tarfile.open(sdist) as tf:
+        names = {n.split("/", 1)[1] for n in tf.getnames() if "/" in n}
+        tf.extractall(tmp_path / "unpacked", filter="data")
+    pyx = {f"rtcore/{os.path.basename(p)}" for p in glob.glob(os.path.join(ROOT, "rtcore", "*.pyx"))}
+    assert pyx and pyx <= names, sorted(pyx - names)
+    assert {p[:-4] + ".c" for p in pyx} <= names
+    assert {f"rtcore/{os.path.basename(p)}" for p in glob.glob(os.path.join(ROOT, "rtcore", "*.pxd"))} <= names
+    (unpacked,) = (tmp_path / "unpacked").iterdir()
+    from_sdist = subprocess.run([sys.executable, "-c", _WITHOUT_CYTHON], cwd=str(unpacked), capture_output=True,
+                                text=True, timeout=60)
+    assert from_sdist.returncode == 0 and from_sdist.stdout.strip() == "rtserver", from_sdist.stderr
