@@ -11,6 +11,7 @@ import secrets
 import socket
 import ssl
 import time
+from collections import Counter
 from collections.abc import Mapping
 from typing import IO, Any
 
@@ -537,8 +538,13 @@ class Gateway:
                 rows.append((f"rt_audit_{key}", help_, {}, value))
         if "connected" in audit:
             rows.append(("rt_audit_connected", "1 while audit records reach Kafka", {}, 1 if audit["connected"] else 0))
+        # Databases of one name on two MongoDB servers (as /readyz tells apart): their series
+        # carry the server's URL too, else each sample came twice with the same labels.
+        mongo_names = Counter(key[2] for key in self._sources if key[0] == "mongo")
         for key, src in self._sources.items():
             labels = {"source": key[0], "database": str(key[-1]) if key[0] == "mongo" else redact(key[1])}
+            if key[0] == "mongo" and mongo_names[key[2]] > 1:
+                labels["url"] = redact(key[1])
             rows.append(("rt_source_ready", "1 while the source streams", labels, 1 if src.ready() else 0))
             for name, value in src.status().items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool):

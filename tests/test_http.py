@@ -50,6 +50,25 @@ async def test_metrics_are_valid_exposition_with_every_audit_number(gateway):
     assert all(kind == "counter" for name, kind in types.items() if name.endswith("_total")), types
 
 
+async def test_source_series_of_same_named_databases_on_two_servers_are_distinct(gateway_factory, tmp_path):
+    """Two workspaces whose MongoDB databases have the same name on two servers: /readyz tells
+    them apart by URL, and so must /metrics, else each rt_source_* sample came twice with the
+    same labels (a scrape with duplicate series: Prometheus keeps one of them)."""
+    from tests.harness.fixtures_gateway import free_port
+
+    urls = [f"mongodb://rt:s3cret@127.0.0.1:{free_port()}/app?serverSelectionTimeoutMS=500" for _ in range(2)]
+    config = tmp_path / "rt.toml"
+    config.write_text("".join(f'[workspaces.w{i}]\nmongo_url = "{url}"\n' for i, url in enumerate(urls)))
+    gw = await gateway_factory(args=["--config", str(config)])
+    _, ready = await gw.get("/readyz")
+    assert len(json.loads(ready)["sources"]) == 2, ready
+    _, body = await gw.get("/metrics")
+    text = body.decode()
+    samples = parse_exposition(text)
+    assert len([k for k in samples if k.startswith("rt_source_ready{")]) == 2, text
+    assert "s3cret" not in text
+
+
 async def test_metrics_count_connections_events_and_auth_failures(gateway):
     async with ws_connect(gateway, "w1", token=gateway.token("w1")) as c:
         await c.subscribe("events:x")
