@@ -68,7 +68,9 @@ def main(argv: list[str] | None = None) -> int:
             overrides.update({"server.host": args.host, "server.port": args.port, "server.demo": args.demo})
         if args.command == "ingest":
             overrides.update({"bus.ingest_port": args.health_port, "bus.kind": "kafka"})
-        cfg = load(args.config, overrides=overrides)
+        # Said in errors about them: no --ingest-port or --kind option exists.
+        origins = {"bus.ingest_port": "option --health-port", "bus.kind": "rtserver ingest"}
+        cfg = load(args.config, overrides=overrides, override_origins=origins)
     except ConfigError as exc:
         print(f"rtserver: configuration error: {exc}", file=sys.stderr)
         return 2

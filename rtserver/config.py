@@ -234,8 +234,10 @@ def load(
     path: str | None = None,
     environ: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
+    override_origins: Mapping[str, str] | None = None,
 ) -> Config:
-    """Build the configuration. `overrides` maps "section.key" to CLI values (None = unset)."""
+    """Build the configuration. `overrides` maps "section.key" to CLI values (None = unset);
+    errors say a value came from `option --key`, or from what `override_origins` names for it."""
     environ = os.environ if environ is None else environ
     values: dict[str, dict[str, Any]] = {}
     for s in SETTINGS:
@@ -258,6 +260,7 @@ def load(
 
     known = {(s.section, s.key): s for s in SETTINGS}
     sections = {s.section for s in SETTINGS}
+    origins: dict[str, str] = {}  # "section.key" -> where its value came from, when not the default
     workspaces_raw = data.pop("workspaces", {})
     for section, table in data.items():
         if section not in sections:
@@ -269,10 +272,12 @@ def load(
             if setting is None:
                 raise ConfigError(f"config file {path}: unknown setting {section}.{key}")
             values[section][key] = _coerce(setting, value, f"config file {path}")
+            origins[f"{section}.{key}"] = f"config file {path}"
 
     for s in SETTINGS:
         if s.env in environ:
             values[s.section][s.key] = _coerce(s, environ[s.env], f"environment {s.env}")
+            origins[f"{s.section}.{s.key}"] = f"environment {s.env}"
     known_env = [s.env for s in SETTINGS]
     unknown_env = [
         (name, next(iter(difflib.get_close_matches(name, known_env, n=1, cutoff=0.7)), ""))
@@ -284,7 +289,9 @@ def load(
         if value is None:
             continue
         section, key = dotted.split(".", 1)
-        values[section][key] = _coerce(known[(section, key)], value, f"option --{key.replace('_', '-')}")
+        option = (override_origins or {}).get(dotted) or f"option --{key.replace('_', '-')}"
+        values[section][key] = _coerce(known[(section, key)], value, option)
+        origins[dotted] = option
 
     workspaces: dict[str, WorkspaceSources] = {}
     if not isinstance(workspaces_raw, dict):
@@ -310,8 +317,22 @@ def load(
         _check_mongo_url(f"config file {path}: [workspaces.{ws}] mongo_url", workspaces[ws].mongo_url)
         _check_postgres_url(f"config file {path}: [workspaces.{ws}] postgres_url", workspaces[ws].postgres_url)
 
-    _validate(values, path or "")
+    try:
+        _validate(values, path or "")
+    except ConfigError as exc:
+        raise ConfigError(_with_origins(str(exc), origins)) from None
     return Config(values=values, workspaces=workspaces, path=path or "", unknown_env=unknown_env)
+
+
+def _with_origins(message: str, origins: Mapping[str, str]) -> str:
+    """`message` of a check that weighs settings together, with where each setting it names was
+    set: "server.port: 70000 is not a TCP port" left the operator of a file plus RT_*
+    variables (plus flags) to look in all of them."""
+    named = sorted((m.start(), name) for name in origins
+                   if (m := re.search(rf"(?<![\w.]){re.escape(name)}(?![\w])", message)) is not None)
+    if not named:
+        return message
+    return f"{message} ({'; '.join(f'{name} from {origins[name]}' for _, name in named)})"
 
 
 def _validate(values: dict[str, dict[str, Any]], path: str) -> None:

@@ -343,6 +343,30 @@ def test_a_fraction_for_an_integer_setting_is_refused(tmp_path):
     assert load(str(cfg), environ={}).server.port == 8080
 
 
+def test_an_inconsistent_value_names_where_it_was_set(tmp_path):
+    """A value each source of settings could have given (the file, an RT_* variable, a flag)
+    that the checks after loading refuse says where it came from: `server.port: 70000 is not a
+    TCP port` sent the operator of a file plus an environment looking in both."""
+    cfg = tmp_path / "rt.toml"
+    cfg.write_text("[server]\nport = 70000\nlog_level = 'info'\n")
+    out = _run(["serve", "--config", str(cfg)], cwd=str(tmp_path))
+    assert out.returncode == 2 and f"server.port from config file {cfg}" in out.stderr, out.stderr
+    out = _run(["serve", "--config", str(cfg)], {"RT_PORT": "8080", "RT_LOG_LEVEL": "verbose"}, cwd=str(tmp_path))
+    assert out.returncode == 2 and "server.log_level from environment RT_LOG_LEVEL" in out.stderr, out.stderr
+    out = _run(["serve", "--config", str(cfg), "--port", "99999"], cwd=str(tmp_path))
+    assert out.returncode == 2 and "server.port from option --port" in out.stderr, out.stderr
+    out = _run(["serve"], {"RT_TLS_CERT": "/x.pem"}, cwd=str(tmp_path))  # two settings named: the one set
+    assert out.returncode == 2 and out.stderr.strip().endswith("(server.tls_cert from environment RT_TLS_CERT)"), out.stderr
+    # The ingest's flags: no --ingest-port or --kind exists.
+    out = _run(["ingest", "--health-port", "-1"], cwd=str(tmp_path))
+    assert out.returncode == 2 and "option --health-port (bus.ingest_port)" in out.stderr, out.stderr
+    out = _run(["ingest"], cwd=str(tmp_path))
+    assert out.returncode == 2 and "(bus.kind from rtserver ingest)" in out.stderr, out.stderr
+    cfg.write_text("[mongo]\nurl = 'mongodb://rt:secret@db:port/app'\n")
+    out = _run(["serve", "--config", str(cfg)], cwd=str(tmp_path))
+    assert out.returncode == 2 and f"mongo.url from config file {cfg}" in out.stderr and "secret" not in out.stderr
+
+
 def test_a_misspelt_environment_variable_is_named_in_the_log(tmp_path):
     """RT_* variables that are no setting are ignored, but said so at start, with the setting
     they most resemble: RT_KAFKA_BOOTSTRAP_SERVERS would otherwise leave the audit trail in
