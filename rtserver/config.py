@@ -344,8 +344,9 @@ def _validate(values: dict[str, dict[str, Any]], path: str) -> None:
     if not server["state_dir"].strip():
         # "" would be the working directory: the dev secret and the spool written among its files
         raise ConfigError("server.state_dir is empty: give a directory (default .rtserver)")
-    if not 0 <= server["port"] <= 65535:
-        raise ConfigError(f"server.port: {server['port']} is not a TCP port")
+    for setting, port in (("server.port", server["port"]), ("bus.ingest_port", values["bus"]["ingest_port"])):
+        if not 0 <= port <= 65535:  # beyond, the bind raises OverflowError: a traceback
+            raise ConfigError(f"{setting}: {port} is not a TCP port")
     if bool(server["tls_cert"]) != bool(server["tls_key"]):
         raise ConfigError("server.tls_cert and server.tls_key must be set together")
     if server["log_level"].lower() not in {"debug", "info", "warning", "error"}:

@@ -367,6 +367,15 @@ def test_an_inconsistent_value_names_where_it_was_set(tmp_path):
     assert out.returncode == 2 and f"mongo.url from config file {cfg}" in out.stderr and "secret" not in out.stderr
 
 
+def test_an_ingest_health_port_beyond_65535_is_a_configuration_error(tmp_path):
+    """bus.ingest_port was not checked as server.port is: the ingest failed once Kafka
+    answered, when it bound the port, with a traceback (OverflowError) and exit 1."""
+    for args, env in ((["ingest", "--health-port", "70000"], {}), (["ingest"], {"RT_INGEST_PORT": "70000"})):
+        out = _run(args, {"RT_BUS_KAFKA_BOOTSTRAP": "127.0.0.1:9", **env}, cwd=str(tmp_path))
+        assert out.returncode == 2, out.stderr
+        assert out.stderr.startswith("rtserver: configuration error: bus.ingest_port: 70000 is not a TCP port"), out.stderr
+
+
 def test_a_misspelt_environment_variable_is_named_in_the_log(tmp_path):
     """RT_* variables that are no setting are ignored, but said so at start, with the setting
     they most resemble: RT_KAFKA_BOOTSTRAP_SERVERS would otherwise leave the audit trail in
