@@ -329,7 +329,8 @@ def _with_origins(message: str, origins: Mapping[str, str]) -> str:
     set: "server.port: 70000 is not a TCP port" left the operator of a file plus RT_*
     variables (plus flags) to look in all of them."""
     named = sorted((m.start(), name) for name in origins
-                   if (m := re.search(rf"(?<![\w.]){re.escape(name)}(?![\w])", message)) is not None)
+                   if (m := re.search(rf"(?<![\w.]){re.escape(name)}(?![\w])", message)) is not None
+                   and origins[name].removeprefix("environment ") not in message)  # "mongo.url (RT_MONGO_URL)"
     if not named:
         return message
     return f"{message} ({'; '.join(f'{name} from {origins[name]}' for _, name in named)})"
@@ -479,7 +480,7 @@ def _check_mongo_url(where: str, url: str) -> None:
     needs a DNS lookup for it."""
     if not url or url.startswith("mongodb+srv://"):
         return
-    from pymongo import uri_parser
+    from pymongo import MongoClient, uri_parser
     from pymongo.errors import PyMongoError
 
     try:
@@ -488,6 +489,10 @@ def _check_mongo_url(where: str, url: str) -> None:
             # through the JSON log (logs.setup), not as a bare line on stderr now.
             warnings.simplefilter("ignore")
             uri_parser.parse_uri(url, warn=True)
+            # The client checks the credentials against the mechanism (MONGODB-X509 with a
+            # password, GSSAPI without a user) when it is made, not when parsing: the feed's
+            # start raised then, a traceback and exit 1. Without connecting nothing is started.
+            MongoClient(url, connect=False).close()
     except (PyMongoError, ValueError) as exc:
         raise ConfigError(f"{where}: not a valid MongoDB URL: {exc}") from None
 

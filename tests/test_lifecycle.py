@@ -49,6 +49,9 @@ def test_bad_config_is_one_line_and_exit_2(tmp_path):
         (["serve"], {"RT_INSTANCE": "Bad-Name"}),
         (["serve"], {"RT_TLS_CERT": "/x.pem"}),
         (["serve"], {"RT_MONGO_URL": "mongodb://rt:secret@db:port/app"}),
+        # parsed, but refused by the driver's client when the feed started: a traceback, exit 1
+        (["serve"], {"RT_MONGO_URL": "mongodb://rt:secret@db/app?authMechanism=MONGODB-X509"}),
+        (["serve"], {"RT_MONGO_URL": "mongodb://db/app?authMechanism=GSSAPI"}),
         (["serve"], {"RT_AUTH_CHANNEL_CLAIM": "rt.channels"}),
         (["serve"], {"RT_POSTGRES_URL": "postgresql//rt:secret@db/app"}),
         (["serve"], {"RT_POSTGRES_URL": "postgresql://rt:secret@db:port/app"}),
