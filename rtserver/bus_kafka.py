@@ -291,11 +291,20 @@ class KafkaPublisher:
         self._renew_task: asyncio.Task | None = None
 
     async def start(self) -> None:
+        from aiokafka.errors import KafkaError
+
         self.options = await client_options(self.cfg)
-        self.partitions = await ensure_topic(
-            self.options, self.topic, self.cfg.bus.partitions, self.cfg.bus.replication_factor,
-            max_message_bytes=self.max_record + RECORD_OVERHEAD,
-        )
+        try:
+            self.partitions = await ensure_topic(
+                self.options, self.topic, self.cfg.bus.partitions, self.cfg.bus.replication_factor,
+                max_message_bytes=self.max_record + RECORD_OVERHEAD,
+            )
+        except KafkaError as exc:
+            # The process's first word with Kafka: the client's own message ("Unable to
+            # bootstrap from [...]") names no setting.
+            setting = "bus.kafka_bootstrap" if self.cfg.bus.kafka_bootstrap else "audit.kafka_bootstrap"
+            raise RuntimeError(f"event bus: Kafka at {bootstrap_of(self.cfg)} ({setting}), topic {self.topic}: "
+                               f"{exc}") from None
         # A topic created beforehand (auto-creation off, or by a platform team) often has the
         # broker's 1 MiB: a larger record would be refused on every retry and stall the feed
         # behind it. Records the topic cannot take are skipped with history_gap instead.

@@ -379,6 +379,21 @@ def test_an_ingest_health_port_beyond_65535_is_a_configuration_error(tmp_path):
         assert out.stderr.startswith("rtserver: configuration error: bus.ingest_port: 70000 is not a TCP port"), out.stderr
 
 
+def test_kafka_unreachable_at_start_names_the_setting(tmp_path):
+    """A node or ingest whose Kafka does not answer at start stops (exit 2) with one line that
+    names the setting holding the address: it said only `KafkaConnectionError: Unable to
+    bootstrap from [('127.0.0.1', 9, <AddressFamily.AF_INET: 2>)]`."""
+    port = free_port()  # nothing listens there
+    for args, env, setting in (
+        (["serve"], {"RT_BUS": "kafka", "RT_BUS_KAFKA_BOOTSTRAP": f"127.0.0.1:{port}"}, "bus.kafka_bootstrap"),
+        (["ingest"], {"RT_KAFKA_BOOTSTRAP": f"127.0.0.1:{port}"}, "audit.kafka_bootstrap"),
+    ):
+        out = _run(args, {"RT_PORT": str(free_port()), **env}, cwd=str(tmp_path))
+        problems = [line for line in out.stderr.splitlines() if not line.startswith("{")]
+        assert out.returncode == 2 and len(problems) == 1, out.stderr
+        assert f"Kafka at 127.0.0.1:{port} ({setting})" in problems[0], out.stderr
+
+
 def test_a_misspelt_environment_variable_is_named_in_the_log(tmp_path):
     """RT_* variables that are no setting are ignored, but said so at start, with the setting
     they most resemble: RT_KAFKA_BOOTSTRAP_SERVERS would otherwise leave the audit trail in
