@@ -124,6 +124,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("bus", "lease_timeout", "RT_BUS_LEASE_TIMEOUT", float, 6.0, "Ingest: seconds after which a standby takes over from a dead active ingest (Kafka group session timeout, >= 6)"),
 )
 
+# Settings whose value an error must not repeat: it is shown on the terminal and kept in logs.
+_SECRETS = frozenset({("auth", "hs256_secret"), ("audit", "sasl_password")})
+
 _BOOL_TRUE = {"1", "true", "yes", "on"}
 _BOOL_FALSE = {"0", "false", "no", "off", ""}
 
@@ -163,7 +166,8 @@ def _coerce(setting: Setting, value: Any, origin: str) -> Any:
             raise ValueError("expected a string")
         return value
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{where}: invalid value {value!r}: {exc}") from None
+        shown = "(not shown: a secret)" if (setting.section, setting.key) in _SECRETS else repr(value)
+        raise ConfigError(f"{where}: invalid value {shown}: {exc}") from None
 
 
 @dataclass

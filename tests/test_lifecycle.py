@@ -394,6 +394,17 @@ def test_kafka_unreachable_at_start_names_the_setting(tmp_path):
         assert f"Kafka at 127.0.0.1:{port} ({setting})" in problems[0], out.stderr
 
 
+def test_a_malformed_secret_is_not_repeated_in_the_error(tmp_path):
+    """A secret written as a TOML number (or a list) is refused, naming the setting, without
+    its value: the error line goes to the terminal and into the service's log."""
+    cfg = tmp_path / "c.toml"
+    for section, key, value in (("auth", "hs256_secret", "31415926535897"), ("audit", "sasl_password", "[271828, 1828]")):
+        cfg.write_text(f"[{section}]\n{key} = {value}\n")
+        out = _run(["serve", "--config", str(cfg)], cwd=str(tmp_path))
+        assert out.returncode == 2 and f"({section}.{key}): invalid value" in out.stderr, out.stderr
+        assert "31415926535897" not in out.stderr and "271828" not in out.stderr, out.stderr
+
+
 def test_a_misspelt_environment_variable_is_named_in_the_log(tmp_path):
     """RT_* variables that are no setting are ignored, but said so at start, with the setting
     they most resemble: RT_KAFKA_BOOTSTRAP_SERVERS would otherwise leave the audit trail in
