@@ -636,14 +636,12 @@ async def serve(cfg: Config) -> int:
     gw = Gateway(cfg)
     lock = hold_state_dir(gw.state_dir)
     try:
-        await gw.start()
-
         async def stop() -> None:
             log.info("draining", extra={"fields": {"connections": len(gw.connections)}})
             await gw.shutdown()
             log.info("stopped")
 
         # shutdown() keeps within server.shutdown_timeout; past a little more, something hangs.
-        return await until_signalled(stop, cfg.server.shutdown_timeout + 5, "rtserver")
+        return await until_signalled(gw.start, stop, cfg.server.shutdown_timeout + 5, "rtserver")
     finally:
         lock.close()

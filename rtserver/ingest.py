@@ -571,7 +571,6 @@ class Ingest:
 async def run(cfg: Config) -> int:
     """Run the ingest role until SIGTERM/SIGINT."""
     ingest = Ingest(cfg)
-    await ingest.start()
 
     async def stop() -> None:
         log.info("ingest stopping")
@@ -580,4 +579,4 @@ async def run(cfg: Config) -> int:
         except Exception:
             log.exception("ingest did not close cleanly")
 
-    return await until_signalled(stop, cfg.server.shutdown_timeout + 5, "rtserver ingest")
+    return await until_signalled(ingest.start, stop, cfg.server.shutdown_timeout + 5, "rtserver ingest")

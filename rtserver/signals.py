@@ -1,14 +1,16 @@
 """Run a service until a stop signal, then stop it within a deadline.
 
 SIGTERM, SIGINT and SIGHUP (a closed terminal; not when started ignoring it, as by nohup)
-start a clean stop. A second signal, or a stop still running when its deadline passes (a
-broker that stopped answering), ends the process at once: an operator's second Ctrl-C, or the
-orchestrator's patience, must always win.
+start a clean stop, from the start-up on: a signal while the service starts abandons the
+start and stops what it began. A second signal, or a stop still running when its deadline
+passes (a broker that stopped answering), ends the process at once: an operator's second
+Ctrl-C, or the orchestrator's patience, must always win.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -21,8 +23,12 @@ log = logging.getLogger("rtserver")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
-async def until_signalled(stop: Callable[[], Awaitable[None]], deadline: float, name: str) -> int:
-    """Wait for a stop signal, run `stop()`; 0 once it is done, else the process exits with 1."""
+async def until_signalled(start: Callable[[], Awaitable[None]], stop: Callable[[], Awaitable[None]],
+                          deadline: float, name: str) -> int:
+    """Run `start()`, wait for a stop signal, run `stop()`; 0 once it is done, else the process
+    exits with 1. A failed start raises. The handlers are in place before `start()`: a signal
+    during a slow start-up (a JWKS or Kafka that takes its time) would kill the process, exit
+    143 without a log line."""
     loop = asyncio.get_running_loop()
     signalled = asyncio.Event()
     for sig in STOP_SIGNALS:
@@ -31,9 +37,18 @@ async def until_signalled(stop: Callable[[], Awaitable[None]], deadline: float, 
             # must not stop the gateway the operator asked to outlive it.
             continue
         loop.add_signal_handler(sig, signalled.set)
-    await signalled.wait()
+    starting = asyncio.ensure_future(start())
+    waiting = asyncio.ensure_future(signalled.wait())
+    await asyncio.wait({starting, waiting}, return_when=asyncio.FIRST_COMPLETED)
+    if starting.done():
+        waiting.cancel()
+        starting.result()
+        await signalled.wait()
+    else:
+        starting.cancel()
+        log.info("%s asked to stop during start-up: start abandoned", name)
     signalled.clear()
-    stopping = asyncio.ensure_future(stop())
+    stopping = asyncio.ensure_future(_after(starting, stop))
     again = asyncio.ensure_future(signalled.wait())
     done, _ = await asyncio.wait({stopping, again}, timeout=deadline, return_when=asyncio.FIRST_COMPLETED)
     if stopping in done:
@@ -44,3 +59,12 @@ async def until_signalled(stop: Callable[[], Awaitable[None]], deadline: float, 
     log.error("%s did not stop cleanly (%s): exiting now", name, why, extra={"fields": {"reason": why}})
     logs.flush()
     os._exit(1)
+
+
+async def _after(start: asyncio.Future[None], stop: Callable[[], Awaitable[None]]) -> None:
+    """`stop()` once `start` (done, or cancelled at a signal) has ended: stop then finds what the
+    start began, however far it got."""
+    if not start.done():
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await start
+    await stop()

@@ -462,6 +462,46 @@ async def test_a_second_gateway_on_the_same_state_directory_is_refused(gateway, 
     assert status == 200
 
 
+async def test_sigterm_during_start_up_stops_it_with_exit_0(tmp_path):
+    """A stop signal while the gateway starts (here: fetching the JWKS from an identity
+    provider that accepted the connection and says nothing; up to 10 s) killed the process:
+    no stop handler was installed yet, so exit 143 and not a log line. It stops now: start-up
+    abandoned, what it began stopped, exit 0, every line JSON."""
+    connected = asyncio.Event()
+    held: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+        connected.set()
+
+    idp = await asyncio.start_server(silent, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{idp.sockets[0].getsockname()[1]}/certs"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RT_")}
+    env.update({"RT_PORT": str(free_port()), "RT_AUTH_JWKS_URL": url})
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "rtserver", "serve", cwd=str(tmp_path), env=env,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    try:
+        await asyncio.wait_for(connected.wait(), 30)  # starting: the JWKS prefetch waits for an answer
+        proc.send_signal(signal.SIGTERM)
+        seen = b""
+        while b"asked to stop during start-up" not in seen:
+            line = await asyncio.wait_for(proc.stdout.readline(), 30)
+            assert line, seen.decode()
+            seen += line
+        for w in held:  # else the abandoned fetch's thread holds the exit until its 10 s timeout
+            w.close()
+        rest, _ = await asyncio.wait_for(proc.communicate(), 30)
+        out = seen + rest
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        idp.close()
+    assert proc.returncode == 0, out.decode()
+    lines = [json.loads(line) for line in out.decode().splitlines()]
+    assert lines[-1]["msg"] == "stopped"
+    assert not any(line["msg"] == "listening" for line in lines)
+
+
 async def test_sighup_is_left_ignored_under_nohup(tmp_path):
     """Started with SIGHUP ignored (`nohup rtserver serve &`), the gateway outlives the closed
     terminal's SIGHUP; SIGTERM still drains it, exit 0."""
