@@ -13,10 +13,13 @@ import os
 import re
 import ssl
 import tomllib
+import urllib.parse
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from rtserver.redact import redact
 
 WORKSPACE_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")  # \Z: `$` would accept a trailing newline
 # Kafka's rule for topic names (a producer sending to another name waits for metadata that never
@@ -361,6 +364,7 @@ def _validate(values: dict[str, dict[str, Any]], path: str) -> None:
             f"server.instance: {server['instance']!r} must be lower-case letters, digits and _ (it names a replication slot)"
         )
     auth = values["auth"]
+    _check_jwks_url(auth["jwks_url"])
     if auth["channel_permissions"] and not auth["channel_claim"]:
         raise ConfigError("auth.channel_permissions is on but auth.channel_claim names no claim")
     if auth["channel_claim"] != "realtime_channels" and not auth["channel_permissions"]:
@@ -449,6 +453,21 @@ def _check_bootstrap(setting: str, value: str) -> None:
         m = _BOOTSTRAP_ENTRY_RE.match(entry.strip())
         if m is None or m.group(2) is not None and not 0 < int(m.group(2)) < 65536:
             raise ConfigError(f"{setting}: {entry.strip()!r} is not host:port (a list of them: host1:9092,host2:9092)")
+
+
+def _check_jwks_url(url: str) -> None:
+    """http(s)://host/...: without its scheme (or with another) the gateway started, said it
+    was ready and refused every client, with a warning per fetch ("unknown url type")."""
+    if not url:
+        return
+    try:
+        parts = urllib.parse.urlsplit(url)
+        usable = parts.scheme in ("http", "https") and bool(parts.hostname)
+    except ValueError:  # an unclosed [IPv6] bracket
+        usable = False
+    if not usable:
+        raise ConfigError(f"auth.jwks_url: {redact(url)!r} is not an http:// or https:// URL with a host "
+                          "(e.g. https://idp.example.com/realms/R/protocol/openid-connect/certs)")
 
 
 def _check_topic(setting: str, longest: str) -> None:

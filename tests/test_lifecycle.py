@@ -405,6 +405,23 @@ def test_a_malformed_secret_is_not_repeated_in_the_error(tmp_path):
         assert "31415926535897" not in out.stderr and "271828" not in out.stderr, out.stderr
 
 
+def test_a_jwks_url_that_is_no_http_url_is_a_configuration_error(tmp_path):
+    """A JWKS URL without its scheme (or another scheme than http/https) started a gateway that
+    reported ready and refused every client, a warning per fetch ('unknown url type'). It is a
+    configuration error naming the setting; a good one still starts."""
+    with socket.socket() as taken:  # a start that gets past the configuration ends here, at once
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        for url in ("keycloak.example.com/realms/acme/protocol/openid-connect/certs", "ftp://idp/certs",
+                    "https:///certs", "https://user:s3cret@/certs", "https://[::1/certs"):
+            out = _run(["serve"], {"RT_PORT": port, "RT_AUTH_JWKS_URL": url}, cwd=str(tmp_path))
+            assert out.returncode == 2 and "configuration error: auth.jwks_url" in out.stderr, (url, out.stderr)
+            assert "s3cret" not in out.stderr
+        out = _run(["serve"], {"RT_PORT": port, "RT_AUTH_JWKS_URL": "http://127.0.0.1:9/certs"}, cwd=str(tmp_path))
+        assert out.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in out.stderr, out.stderr
+
+
 def test_a_misspelt_environment_variable_is_named_in_the_log(tmp_path):
     """RT_* variables that are no setting are ignored, but said so at start, with the setting
     they most resemble: RT_KAFKA_BOOTSTRAP_SERVERS would otherwise leave the audit trail in
