@@ -271,13 +271,14 @@ def load(
     workspaces_raw = data.pop("workspaces", {})
     for section, table in data.items():
         if section not in sections:
-            raise ConfigError(f"config file {path}: unknown section [{section}]")
+            raise ConfigError(f"config file {path}: {_misplaced(section, table, sections)}")
         if not isinstance(table, dict):
             raise ConfigError(f"config file {path}: [{section}] must be a table")
         for key, value in table.items():
             setting = known.get((section, key))
             if setting is None:
-                raise ConfigError(f"config file {path}: unknown setting {section}.{key}")
+                raise ConfigError(f"config file {path}: unknown setting {section}.{key}"
+                                  + _resembles(f"{section}.{key}", [f"{s.section}.{s.key}" for s in SETTINGS]))
             values[section][key] = _coerce(setting, value, f"config file {path}")
             origins[f"{section}.{key}"] = f"config file {path}"
 
@@ -329,6 +330,24 @@ def load(
     except ConfigError as exc:
         raise ConfigError(_with_origins(str(exc), origins)) from None
     return Config(values=values, workspaces=workspaces, path=path or "", unknown_env=unknown_env)
+
+
+def _resembles(name: str, names: list[str]) -> str:
+    """The hint " (did you mean X?)" naming what `name` most resembles, as for RT_* variables."""
+    like = difflib.get_close_matches(name, names, n=1, cutoff=0.7)
+    return f" (did you mean {like[0]}?)" if like else ""
+
+
+def _misplaced(name: str, value: Any, sections: set[str]) -> str:
+    """What is wrong with a top-level `name` of the file that is no section: a setting written
+    above every section header (TOML puts `port = 9000` there) was an "unknown section [port]"."""
+    if not isinstance(value, dict):
+        homes = [f"[{s.section}]" for s in SETTINGS if s.key == name]  # url: [postgres] or [mongo]
+        if homes:
+            return f"{name} is outside any section: it belongs under {' or '.join(homes)}"
+        return f"{name} is outside any section (settings go under [server], [auth], [limits]...)"
+    like = difflib.get_close_matches(name, sorted(sections), n=1, cutoff=0.7)
+    return f"unknown section [{name}]" + (f" (did you mean [{like[0]}]?)" if like else "")
 
 
 def _with_origins(message: str, origins: Mapping[str, str]) -> str:

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -111,6 +112,25 @@ def test_unknown_config_setting_is_an_error(tmp_path):
     cfg.write_text("[server]\nprot = 1\n")
     out = _run(["serve", "--config", str(cfg)], cwd=str(tmp_path))
     assert out.returncode == 2 and "server.prot" in out.stderr
+
+
+def test_a_misplaced_or_misspelt_config_key_says_what_was_meant():
+    """A setting written above every section (`port = 9000`) was refused as an "unknown section
+    [port]", and a misspelt key or section with no hint, while a misspelt RT_* variable is
+    named with the setting it resembles. Each now says where the setting belongs."""
+    for text, said in (
+        ("port = 9000\n[server]\nhost = '0.0.0.0'\n", "port is outside any section: it belongs under [server]"),
+        ("[limits]\nmax_conections = 5\n", "unknown setting limits.max_conections (did you mean limits.max_connections?)"),
+        ("[limit]\nmax_connections = 5\n", "unknown section [limit] (did you mean [limits]?)"),
+        ("[server]\nprot = 1\n", "unknown setting server.prot (did you mean server.port?)"),
+        ("[server]\nzzz = 1\n", "unknown setting server.zzz"),
+    ):
+        with tempfile.NamedTemporaryFile("w", suffix=".toml") as fh:
+            fh.write(text)
+            fh.flush()
+            with pytest.raises(ConfigError) as err:
+                load(fh.name, environ={})
+        assert str(err.value) == f"config file {fh.name}: {said}", str(err.value)
 
 
 async def test_zero_config_serve_and_dev_token(tmp_path):
