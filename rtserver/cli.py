@@ -40,6 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     ing = sub.add_parser("ingest", help="read the change feeds and publish them to the Kafka bus (scale-out)")
     ing.add_argument("--config", help="TOML configuration file")
     ing.add_argument("--state-dir", help="local state directory (default .rtserver)")
+    ing.add_argument("--host", help="address of the health port (default 127.0.0.1)")
     ing.add_argument("--health-port", type=int, help="port of /healthz, /readyz, /metrics (default: none)")
 
     tok = sub.add_parser("token", help="print a development token signed with the configured or generated secret")
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             overrides.update({"server.host": args.host, "server.port": args.port, "server.demo": args.demo})
         if args.command == "ingest":
-            overrides.update({"bus.ingest_port": args.health_port, "bus.kind": "kafka"})
+            overrides.update({"server.host": args.host, "bus.ingest_port": args.health_port, "bus.kind": "kafka"})
         # Said in errors about them: no --ingest-port or --kind option exists.
         origins = {"bus.ingest_port": "option --health-port", "bus.kind": "rtserver ingest"}
         cfg = load(args.config, overrides=overrides, override_origins=origins)

@@ -38,10 +38,10 @@ class IngestProcess:
         self.log_path = os.path.join(self.tmp.name, "ingest.log")
         self.proc: asyncio.subprocess.Process | None = None
 
-    async def start(self) -> None:
+    async def start(self, *args: str) -> None:
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "rtserver", "ingest", "--health-port", str(self.port),
+            sys.executable, "-m", "rtserver", "ingest", "--health-port", str(self.port), *args,
             env=self.env, stdout=log, stderr=log,
         )
         log.close()
@@ -107,11 +107,11 @@ async def cluster(kafka_broker, pg_database, gateway_factory):
             self.env = env
             self.db = db
 
-        async def ingest(self, **extra: str) -> IngestProcess:
+        async def ingest(self, *args: str, **extra: str) -> IngestProcess:
             base = {k: v for k, v in os.environ.items() if not k.startswith("RT_")}
             p = IngestProcess({**base, **env, **extra})
             ingests.append(p)
-            await p.start()
+            await p.start(*args)
             return p
 
         async def node(self, **extra: str):
@@ -1359,3 +1359,23 @@ async def test_a_workspace_forgotten_in_retirement_resumes_without_a_silent_loss
     finally:
         await pub.close()
         await gw.shutdown()
+
+
+async def test_the_ingest_health_port_listens_on_the_address_given(cluster):
+    """`rtserver ingest --health-port P` listens on server.host, 127.0.0.1 by default: an
+    orchestrator's probe or a Prometheus on another machine could reach it only through
+    RT_HOST, which nothing said, as `rtserver serve --host` has no `ingest` counterpart. The
+    ingest takes --host too."""
+    ingest = await cluster.ingest("--host", "127.0.0.2")  # another loopback address
+    deadline = time.monotonic() + 30
+    while True:
+        assert ingest.proc.returncode is None, ingest.logs()
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.2:{ingest.port}/healthz", timeout=2) as r:
+                assert r.status == 200
+                break
+        except OSError:
+            assert time.monotonic() < deadline, ingest.logs()
+            await asyncio.sleep(0.1)
+    with pytest.raises(OSError):  # not on the default address
+        urllib.request.urlopen(f"http://127.0.0.1:{ingest.port}/healthz", timeout=2)
