@@ -378,7 +378,9 @@ def _validate(values: dict[str, dict[str, Any]], path: str) -> None:
         raise ConfigError("server.tls_cert and server.tls_key must be set together")
     if server["log_level"].lower() not in {"debug", "info", "warning", "error"}:
         raise ConfigError(f"server.log_level: {server['log_level']!r} is not debug, info, warning or error")
-    if not re.match(r"^[a-z_][a-z0-9_]{0,40}$", server["instance"]):
+    # \Z: `$` let a trailing newline through (an env file, a ConfigMap's value), which the slot
+    # name then carried: PostgreSQL refused it at every attempt, the feed never started.
+    if not re.match(r"^[a-z_][a-z0-9_]{0,40}\Z", server["instance"]):
         raise ConfigError(
             f"server.instance: {server['instance']!r} must be lower-case letters, digits and _ (it names a replication slot)"
         )

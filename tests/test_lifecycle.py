@@ -48,6 +48,7 @@ def test_bad_config_is_one_line_and_exit_2(tmp_path):
         (["serve"], {"RT_PORT": "99999"}),
         (["serve"], {"RT_MAX_SUBSCRIPTIONS": "many"}),
         (["serve"], {"RT_INSTANCE": "Bad-Name"}),
+        (["serve"], {"RT_INSTANCE": "rtserver\n"}),  # the slot name would carry the newline
         (["serve"], {"RT_TLS_CERT": "/x.pem"}),
         (["serve"], {"RT_MONGO_URL": "mongodb://rt:secret@db:port/app"}),
         # parsed, but refused by the driver's client when the feed started: a traceback, exit 1
