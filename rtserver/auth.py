@@ -448,6 +448,36 @@ def _read_secret(path: str) -> str | None:
     return text
 
 
+def claims_for(auth: Any, *, workspaces: list[str], publish: bool, channels: list[str]) -> dict[str, Any]:
+    """The claims with which a token passes the checks of configuration section `auth` (the
+    Authenticator's): its issuer and audience, the workspaces at its claim path with its role
+    prefix, publishing by its claim or role, and `channels` at the channel claim. Without it,
+    `rtserver token` wrote the default shape, which a gateway configured for Keycloak refused."""
+    claims: dict[str, Any] = {}
+    if auth.issuer:
+        claims["iss"] = auth.issuer
+    if auth.audience:
+        claims["aud"] = auth.audience
+    granted = [auth.workspace_role_prefix + w for w in workspaces]
+    if publish and not auth.publish_claim and auth.publish_role:
+        granted.append(auth.publish_role)
+    _put_claim(claims, auth.workspace_claim, granted)
+    if publish and auth.publish_claim:
+        _put_claim(claims, auth.publish_claim, True)
+    if channels:
+        _put_claim(claims, auth.channel_claim, list(channels))
+    return claims
+
+
+def _put_claim(claims: dict[str, Any], path: str, value: Any) -> None:
+    """Set `value` at dotted `path` (one level a part: claim_at finds it that way too)."""
+    *parents, last = path.split(".")
+    node = claims
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[last] = value
+
+
 def mint_token(
     secret: str,
     *,

@@ -47,6 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     tok.add_argument("--workspace", action="append", required=True, help="workspace id to grant (repeatable; * = all)")
     tok.add_argument("--sub", default="dev-user", help="subject (default dev-user)")
     tok.add_argument("--publish", action="store_true", help="grant the publish API")
+    tok.add_argument("--channel", action="append", default=[],
+                     help="channel pattern granted when auth.channel_permissions is on (repeatable; events:*, *)")
     tok.add_argument("--ttl", type=_lifetime, default=3600.0, help="lifetime in seconds (default 3600)")
     tok.add_argument("--config", help="TOML configuration file")
     tok.add_argument("--state-dir", help="local state directory (default .rtserver)")
@@ -83,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _token(cfg, args) -> int:
-    from rtserver.auth import load_or_create_dev_secret, mint_token
+    from rtserver.auth import claims_for, load_or_create_dev_secret, mint_token
 
     for w in args.workspace:
         if w != "*" and not WORKSPACE_ID_RE.match(w):
@@ -99,7 +101,13 @@ def _token(cfg, args) -> int:
     except OSError as exc:
         print(f"rtserver token: state directory {state_dir} (server.state_dir): {exc.strerror or exc}", file=sys.stderr)
         return 2
-    print(mint_token(secret, subject=args.sub, workspaces=args.workspace, publish=args.publish, ttl=args.ttl))
+    if cfg.auth.channel_permissions and not args.channel:
+        print("rtserver token: auth.channel_permissions is on and no --channel given: the token grants no channel",
+              file=sys.stderr)
+    # The claims this configuration's gateway checks (issuer, audience, claim paths, role prefix).
+    claims = claims_for(cfg.auth, workspaces=args.workspace, publish=args.publish, channels=args.channel)
+    print(mint_token(secret, subject=args.sub, workspaces=args.workspace, publish=args.publish, ttl=args.ttl,
+                     extra=claims))
     return 0
 
 

@@ -474,6 +474,34 @@ def test_token_refuses_a_lifetime_that_makes_no_token(tmp_path):
     assert out.returncode == 0 and out.stdout.count(".") == 2
 
 
+async def test_a_dev_token_passes_the_checks_of_the_configuration_it_was_minted_with(gateway_factory, tmp_path):
+    """`rtserver token` signed with the configured secret but always wrote the default claims
+    (`workspaces`, `realtime_publish`, no iss or aud): with an HS256 secret beside a Keycloak
+    set-up (issuer, audience, roles with a prefix, channel permissions), the gateway refused the
+    token the same configuration minted (4002, 4003). It now writes what that configuration
+    checks; `--channel` lists the channel patterns when channel permissions are on."""
+    env = {
+        "RT_AUTH_ISSUER": "https://idp.example.com/realms/acme",
+        "RT_AUTH_AUDIENCE": "realtime",
+        "RT_AUTH_WORKSPACE_CLAIM": "resource_access.my.app.roles",  # a client id with dots
+        "RT_AUTH_WORKSPACE_ROLE_PREFIX": "workspace:",
+        "RT_AUTH_PUBLISH_CLAIM": "rt.publish",
+        "RT_AUTH_CHANNEL_PERMISSIONS": "true",
+        "RT_AUTH_CHANNEL_CLAIM": "rt.channels",
+    }
+    gw = await gateway_factory(env=env)
+    minted = _run(["token", "--workspace", "w1", "--publish", "--channel", "events:*"],
+                  {**env, "RT_AUTH_HS256_SECRET": gw.env["RT_AUTH_HS256_SECRET"]}, cwd=str(tmp_path))
+    assert minted.returncode == 0, minted.stderr
+    token = minted.stdout.strip()
+    async with ws_connect(gw, "w1", token=token) as c:
+        await c.subscribe("events:x")
+        await gw.publish("w1", "x", {"n": 1}, token=token)
+        assert (await c.recv_event())["payload"] == {"n": 1}
+        await c.send({"type": "subscribe", "channel": "postgres:orders", "id": "p"})
+        assert (await c.recv_type("error"))["code"] == 4003  # not among its --channel patterns
+
+
 async def test_the_logged_audit_trail_is_kept_at_any_log_level(gateway_factory):
     """Without Kafka the audit records are log lines at INFO; RT_LOG_LEVEL=warning (to quieten
     the log) must not drop the trail while its status counts the records delivered."""
