@@ -25,6 +25,13 @@ def _lifetime(text: str) -> float:
     return seconds
 
 
+def _subject(text: str) -> str:
+    """--sub: not empty (the gateway refuses a token without a subject: 'token has no sub')."""
+    if not text:
+        raise argparse.ArgumentTypeError("must not be empty: the gateway refuses a token without a subject")
+    return text
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rtserver", description="Realtime subscriptions gateway")
     p.add_argument("--version", action="version", version=f"rtserver {__version__}")
@@ -45,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
 
     tok = sub.add_parser("token", help="print a development token signed with the configured or generated secret")
     tok.add_argument("--workspace", action="append", required=True, help="workspace id to grant (repeatable; * = all)")
-    tok.add_argument("--sub", default="dev-user", help="subject (default dev-user)")
+    tok.add_argument("--sub", type=_subject, default="dev-user", help="subject (default dev-user)")
     tok.add_argument("--publish", action="store_true", help="grant the publish API")
     tok.add_argument("--channel", action="append", default=[],
                      help="channel pattern granted when auth.channel_permissions is on (repeatable; events:*, *)")

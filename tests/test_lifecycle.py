@@ -474,6 +474,13 @@ def test_token_refuses_a_lifetime_that_makes_no_token(tmp_path):
     assert out.returncode == 0 and out.stdout.count(".") == 2
 
 
+def test_token_refuses_an_empty_subject(tmp_path):
+    """`rtserver token --sub ""` minted a token every gateway refuses ('token has no sub',
+    4002), without a word; it is a usage error now."""
+    out = _run(["token", "--workspace", "w1", "--sub", ""], cwd=str(tmp_path))
+    assert out.returncode == 2 and "argument --sub" in out.stderr and not out.stdout, out.stderr
+
+
 async def test_a_dev_token_passes_the_checks_of_the_configuration_it_was_minted_with(gateway_factory, tmp_path):
     """`rtserver token` signed with the configured secret but always wrote the default claims
     (`workspaces`, `realtime_publish`, no iss or aud): with an HS256 secret beside a Keycloak
