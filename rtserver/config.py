@@ -127,6 +127,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("bus", "lease_timeout", "RT_BUS_LEASE_TIMEOUT", float, 6.0, "Ingest: seconds after which a standby takes over from a dead active ingest (Kafka group session timeout, >= 6)"),
 )
 
+# Files and directories: a leading ~ is the home directory, as a shell would take it (TOML has
+# no shell: `state_dir = "~/.rtserver"` made a directory named `~` in the working directory).
+_PATHS = frozenset({("server", "state_dir"), ("server", "tls_cert"), ("server", "tls_key"),
+                    ("audit", "ssl_cafile"), ("audit", "spool_dir")})
+
 # Settings whose value an error must not repeat: it is shown on the terminal and kept in logs.
 _SECRETS = frozenset({("auth", "hs256_secret"), ("audit", "sasl_password")})
 
@@ -167,6 +172,8 @@ def _coerce(setting: Setting, value: Any, origin: str) -> Any:
             return number
         if not isinstance(value, str):
             raise ValueError("expected a string")
+        if (setting.section, setting.key) in _PATHS:
+            return os.path.expanduser(value)
         return value
     except (TypeError, ValueError) as exc:
         shown = "(not shown: a secret)" if (setting.section, setting.key) in _SECRETS else repr(value)

@@ -474,6 +474,21 @@ def test_token_refuses_a_lifetime_that_makes_no_token(tmp_path):
     assert out.returncode == 0 and out.stdout.count(".") == 2
 
 
+def test_a_home_relative_path_in_the_config_file_is_under_home(tmp_path):
+    """TOML has no shell to expand `~`: `state_dir = "~/.rtserver"` made a directory named `~`
+    in the working directory (with the dev secret in it, and `rm -rf ~` to clean it up). Paths
+    in settings start at the home directory, as on a command line."""
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    cfg = work / "rt.toml"
+    cfg.write_text('[server]\nstate_dir = "~/rtstate"\n')
+    out = _run(["token", "--workspace", "w1", "--config", str(cfg)], {"HOME": str(home)}, cwd=str(work))
+    assert out.returncode == 0, out.stderr
+    assert (home / "rtstate" / "dev-secret").is_file() and not (work / "~").exists()
+    assert load(str(cfg), environ={}).server.state_dir == os.path.expanduser("~/rtstate")
+
+
 def test_token_refuses_an_empty_subject(tmp_path):
     """`rtserver token --sub ""` minted a token every gateway refuses ('token has no sub',
     4002), without a word; it is a usage error now."""
