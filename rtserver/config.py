@@ -435,6 +435,10 @@ def _validate(values: dict[str, dict[str, Any]], path: str) -> None:
     # The longest topic names each setting makes: an audit event's, the ingest lease topic.
     _check_topic("audit.topic_prefix", audit["topic_prefix"] + "session-suspended")
     bus = values["bus"]
+    for wid in bus["workspaces"]:
+        # Any other name fed a workspace no client can connect to: its events went nowhere.
+        if not WORKSPACE_ID_RE.match(wid):
+            raise ConfigError(f"bus.workspaces: {wid!r} is not a workspace id (1-64 of [A-Za-z0-9_-])")
     _check_bootstrap("bus.kafka_bootstrap (RT_BUS_KAFKA_BOOTSTRAP)", bus["kafka_bootstrap"])
     _check_topic("bus.topic", bus["topic"])
     _check_topic("bus.topic", bus["topic"] + ".lease")

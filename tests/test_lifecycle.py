@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import resource
 import signal
 import socket
@@ -472,6 +473,16 @@ def test_token_refuses_a_lifetime_that_makes_no_token(tmp_path):
         assert "Traceback" not in out.stderr and not out.stdout
     out = _run(["token", "--workspace", "w1", "--ttl", "60"], cwd=str(tmp_path))
     assert out.returncode == 0 and out.stdout.count(".") == 2
+
+
+def test_an_ingest_workspace_that_is_no_workspace_id_is_refused():
+    """bus.workspaces took anything: `acme,*` (all of them, one might think) or `glo bex` fed a
+    workspace of that name, which no client can connect to: the feed's events went nowhere,
+    silently. Each entry is a workspace id, as in [workspaces.W]."""
+    for value, shown in (("acme,*", "'*'"), ("acme, glo bex", "'glo bex'")):
+        with pytest.raises(ConfigError, match=rf"bus.workspaces: {re.escape(shown)} is not a workspace id"):
+            load(environ={"RT_BUS_WORKSPACES": value})
+    assert load(environ={"RT_BUS_WORKSPACES": "acme, globex_2"}).bus.workspaces == ["acme", "globex_2"]
 
 
 def test_a_home_relative_path_in_the_config_file_is_under_home(tmp_path):
