@@ -393,6 +393,10 @@ def _validate(values: dict[str, dict[str, Any]], path: str) -> None:
         )
     auth = values["auth"]
     _check_jwks_url(auth["jwks_url"])
+    if not auth["workspace_claim"].strip():
+        # No claim path grants anything: every token would be refused (4003).
+        raise ConfigError("auth.workspace_claim is empty: name the claim listing the granted workspaces "
+                          "(default workspaces; Keycloak roles: realm_access.roles)")
     if auth["channel_permissions"] and not auth["channel_claim"]:
         raise ConfigError("auth.channel_permissions is on but auth.channel_claim names no claim")
     if auth["channel_claim"] != "realtime_channels" and not auth["channel_permissions"]:

@@ -485,6 +485,13 @@ def test_an_ingest_workspace_that_is_no_workspace_id_is_refused():
     assert load(environ={"RT_BUS_WORKSPACES": "acme, globex_2"}).bus.workspaces == ["acme", "globex_2"]
 
 
+def test_an_empty_workspace_claim_is_refused():
+    """RT_AUTH_WORKSPACE_CLAIM left blank (an env template) started a gateway that refused
+    every token with 4003, as no claim path granted any workspace."""
+    with pytest.raises(ConfigError, match="auth.workspace_claim is empty"):
+        load(environ={"RT_AUTH_WORKSPACE_CLAIM": " "})
+
+
 def test_a_home_relative_path_in_the_config_file_is_under_home(tmp_path):
     """TOML has no shell to expand `~`: `state_dir = "~/.rtserver"` made a directory named `~`
     in the working directory (with the dev secret in it, and `rm -rf ~` to clean it up). Paths
