@@ -535,25 +535,45 @@ def _check_postgres_url(where: str, url: str) -> None:
 
 def _check_mongo_url(where: str, url: str) -> None:
     """A MongoDB URL the driver would refuse, refused at start with the setting's name (the
-    driver's own message names no setting). mongodb+srv:// is checked by the driver, which
-    needs a DNS lookup for it."""
-    if not url or url.startswith("mongodb+srv://"):
+    driver's own message names no setting). Of a mongodb+srv:// URL only the options are
+    checked: the rest needs a DNS lookup, which the driver makes when it connects."""
+    if not url:
+        return
+    bad = _bad_mongo_option(url)
+    if bad:
+        raise ConfigError(f"{where}: not a valid MongoDB URL (option {bad[0]}): {bad[1]}")
+    if url.startswith("mongodb+srv://"):
         return
     from pymongo import MongoClient, uri_parser
     from pymongo.errors import PyMongoError
 
     try:
+        # warn=False: the driver itself only warns about an unknown option or a bad value and
+        # drops it, so `tls=ture` or `tsl=true` connected without TLS, credentials in clear.
+        uri_parser.parse_uri(url, warn=False)
         with warnings.catch_warnings():
-            # An unknown option only warns: the driver warns again when it connects, by then
-            # through the JSON log (logs.setup), not as a bare line on stderr now.
-            warnings.simplefilter("ignore")
-            uri_parser.parse_uri(url, warn=True)
+            warnings.simplefilter("ignore")  # what parse_uri let through raises nothing here
             # The client checks the credentials against the mechanism (MONGODB-X509 with a
             # password, GSSAPI without a user) when it is made, not when parsing: the feed's
             # start raised then, a traceback and exit 1. Without connecting nothing is started.
             MongoClient(url, connect=False).close()
     except (PyMongoError, ValueError) as exc:
         raise ConfigError(f"{where}: not a valid MongoDB URL: {exc}") from None
+
+
+def _bad_mongo_option(url: str) -> tuple[str, str] | None:
+    """(name, why) of the first query option of `url` the driver refuses on its own: the
+    driver's message for an unknown one does not name it. Never the value: it may be a
+    credential (authMechanismProperties)."""
+    from pymongo import uri_parser
+    from pymongo.errors import PyMongoError
+
+    for name, value in urllib.parse.parse_qsl(url.partition("?")[2], keep_blank_values=True):
+        try:
+            uri_parser.parse_uri("mongodb://localhost/?" + urllib.parse.urlencode({name: value}), warn=False)
+        except (PyMongoError, ValueError) as exc:
+            return name, str(exc)
+    return None
 
 
 def config_table_markdown() -> str:

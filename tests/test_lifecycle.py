@@ -93,6 +93,26 @@ def test_bad_config_is_one_line_and_exit_2(tmp_path):
     assert out.returncode == 2 and "[workspaces.acme] mongo_url: not a valid MongoDB URL" in out.stderr, out.stderr
 
 
+def test_a_mongo_url_option_the_driver_would_drop_is_a_configuration_error(tmp_path):
+    """The driver only warns about an unknown option or a bad value and drops it: `tls=ture` or
+    `tsl=true` connected without TLS. Refused at start, naming the option, never its value."""
+    env = {"RT_STATE_DIR": str(tmp_path)}
+    for query, option in (("tls=ture", "tls"), ("tsl=true", "tsl"), ("replicaSet=rs0&readPreference=secondry",
+                          "readPreference"), ("authMechanismProperties=AWS_SESSION_TOKEN:s3cr3t&maxPoolSize=x",
+                                              "maxPoolSize")):
+        with pytest.raises(ConfigError) as refused:
+            load(environ={**env, "RT_MONGO_URL": f"mongodb://db/app?{query}"})
+        message = str(refused.value)
+        assert message.startswith("mongo.url (RT_MONGO_URL): not a valid MongoDB URL"), message
+        assert f"(option {option})" in message and "s3cr3t" not in message, message
+    # the options of a mongodb+srv:// URL too (the rest of it needs DNS: the driver's, later)
+    with pytest.raises(ConfigError, match=r"\(option tsl\)"):
+        load(environ={**env, "RT_MONGO_URL": "mongodb+srv://cluster0.example.net/app?tsl=true"})
+    load(environ={**env, "RT_MONGO_URL": "mongodb+srv://cluster0.example.net/app?retryWrites=true"})
+    cfg = load(environ={**env, "RT_MONGO_URL": "mongodb://db/app?replicaSet=rs0&tls=true&readPreference=secondary"})
+    assert cfg.mongo.url.endswith("readPreference=secondary")
+
+
 def test_config_sections_read_the_values_they_hold(tmp_path):
     """cfg.limits (any section) is made once and kept, and reads its section's dict itself: a
     value set in cfg.values shows through it; an unknown key or section is an AttributeError
