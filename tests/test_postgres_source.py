@@ -12,6 +12,7 @@ import asyncpg
 import psycopg
 import pytest
 
+from rtserver.sources import postgres as postgres_source
 from rtserver.sources.base import ChannelUnavailable
 from rtserver.sources.pg_catalog import SetupError, check_version, slot_name
 from rtserver.sources.pg_state import PositionFile
@@ -314,6 +315,56 @@ async def test_correlation_message(db, make_source):
     events = await sink.wait_for(3)
     ids = [json.loads(e.body)["correlationId"] for e in events]
     assert ids[:2] == ["corr-abc-123", "corr-abc-123"] and ids[2] != "corr-abc-123"
+
+
+async def test_changes_waiting_for_a_correlation_id_are_bounded_in_bytes(db, make_source, monkeypatch):
+    """A transaction's changes wait for its correlation id up to 10,000 of them, and up to
+    MAX_PENDING_BYTES of them on the wire: 10,000 rows of megabytes each were gigabytes held.
+    Past the bound they go out with what is known (here: before the message, so pg-<xid>-<lsn>)."""
+    monkeypatch.setattr(postgres_source, "MAX_PENDING_BYTES", 100_000)
+    await db.execute("CREATE TABLE wide (id int PRIMARY KEY, v text)")
+    src, sink = await make_source()
+    async with db.transaction():
+        await db.execute("INSERT INTO wide SELECT g, repeat(md5(g::text), 320) FROM generate_series(1, 25) g")
+        await db.execute("SELECT pg_logical_emit_message(true, 'rt.correlation', 'corr-late')")
+    events = await sink.wait_for(25)
+    assert [e.record["id"] for e in events] == list(range(1, 26))
+    ids = [json.loads(e.body)["correlationId"] for e in events]
+    # ~10 KiB a row: the bound is reached at rows 10 and 20, which leave without waiting; the last 5 get the id
+    early = [i for i in ids if i != "corr-late"]
+    assert len(early) == 20 and all(i.startswith("pg-") for i in early), ids
+    assert ids[len(early):] == ["corr-late"] * 5, ids
+
+
+async def test_frames_read_ahead_of_a_held_up_sink_are_bounded_in_bytes(db, make_source, monkeypatch):
+    """While the sink holds the feed up, frames read from the server queue up to
+    MAX_QUEUED_FRAMES and MAX_QUEUED_BYTES; then reading pauses (the server's socket buffer
+    fills) and nothing is lost when the sink goes on."""
+    monkeypatch.setattr(postgres_source, "MAX_QUEUED_BYTES", 64 << 10)
+    gate = asyncio.Event()
+
+    class HeldSink(CollectingSink):
+        async def publish(self, event) -> int:
+            await gate.wait()
+            return await super().publish(event)
+
+    await db.execute("CREATE TABLE wide (id int PRIMARY KEY, v text)")
+    src, sink = await make_source(sink=HeldSink())
+    for start in range(1, 400, 20):  # 20 transactions of 20 rows of ~10 KiB: 4 MB in all
+        await db.execute("INSERT INTO wide SELECT g, repeat(md5(g::text), 320) FROM generate_series($1::int, $1 + 19) g",
+                         start)
+    peak, still = 0, 0
+    while still < 10:  # until the queue has not grown for 10 polls of 50 ms
+        await asyncio.sleep(0.05)
+        queued = src.status()["queued_bytes"]
+        still = still + 1 if queued <= peak else 0
+        peak = max(peak, queued)
+    # one socket read past the bound at most (libpq hands over what it has read)
+    assert 64 << 10 <= peak < 1 << 20, peak
+    gate.set()
+    events = await sink.wait_for(400, timeout=60)
+    assert [e.record["id"] for e in events] == list(range(1, 401))
+    assert src.status()["queued_bytes"] == 0
 
 
 async def test_large_transaction(db, make_source):

@@ -78,7 +78,10 @@ STATUS_INTERVAL = 1.0  # seconds between standby status updates
 # PostgreSQL's own subscribers give up after wal_receiver_timeout, 60 s by default, as here.
 RECEIVE_TIMEOUT = 60.0
 MAX_QUEUED_FRAMES = 10_000  # CopyData frames read but not processed: beyond it reading pauses
+# ... and their bytes: 10,000 frames of rows holding megabytes of jsonb would be gigabytes
+MAX_QUEUED_BYTES = 32 << 20
 MAX_PENDING_CHANGES = 10_000  # changes of one transaction held back waiting for its correlation id
+MAX_PENDING_BYTES = 32 << 20  # ... and their size on the wire (decoded, they take a few times more)
 BACKOFF_MIN, BACKOFF_MAX = 0.2, 10.0
 STREAM_MEMORY_BYTES = 32 << 20  # streamed in-progress transactions held in memory, all together
 UNDEFINED_OBJECT = "42704"  # SQLSTATE of "publication ... does not exist"
@@ -181,6 +184,7 @@ class PostgresSource:
         self._decoder: Any = None  # the decoder of the current connection (its learnt types)
         self._proto_version = 0
         self._streams: StreamBuffers | None = None
+        self._inbox: _Inbox | None = None  # of the current connection
         self._streamed_transactions = 0
         self._streamed_aborts = 0
         self._streamed_sub_aborts = 0
@@ -292,6 +296,9 @@ class PostgresSource:
             "streamed_memory_bytes": streams.mem_bytes if streams is not None else 0,
             "streamed_spill_files": streams.spill_files if streams is not None else 0,
             "streamed_spill_bytes": streams.spill_bytes if streams is not None else 0,
+            # read from the server, not yet handled (reading pauses at MAX_QUEUED_FRAMES/_BYTES)
+            "queued_frames": len(self._inbox.frames) if self._inbox is not None else 0,
+            "queued_bytes": self._inbox.bytes if self._inbox is not None else 0,
             "last_error": self._last_error,
         }
 
@@ -435,7 +442,7 @@ class PostgresSource:
             await self._drain()
         stream = ReplicationStream(self.dsn, self.slot, self.publication, streaming=self.streaming,
                                    application_name=f"rtserver-{self.instance}", connect_timeout=self.receive_timeout)
-        inbox = _Inbox(stream)
+        inbox = self._inbox = _Inbox(stream)
         try:
             try:
                 await stream.connect(0)  # 0: continue from the slot's confirmed position
@@ -516,6 +523,7 @@ class PostgresSource:
                         await inbox.wake.wait()
                 continue
             frame = frames.popleft()
+            inbox.bytes -= len(frame)
             if segment is not None and frame[0] == 0x77 and frame[25] not in _STREAM_CONTROL_TAGS:
                 # a change (or Relation, Type, message) of an in-progress transaction: decoded
                 # and published at its Stream Commit, dropped at its Stream Abort
@@ -539,7 +547,8 @@ class PostgresSource:
                 if tx is None or tx.skip_all:
                     continue
                 tx.changes.append(await self._change(m, catalog, tx))
-                if len(tx.changes) >= MAX_PENDING_CHANGES:
+                tx.bytes += len(frame)
+                if len(tx.changes) >= MAX_PENDING_CHANGES or tx.bytes >= MAX_PENDING_BYTES:
                     await self._flush(tx, final=False)
             elif isinstance(m, Begin):
                 tx = _Tx(m)
@@ -572,16 +581,18 @@ class PostgresSource:
             else:
                 await self._apply(m, tx, decoder, catalog)
 
-    async def _apply(self, m: Any, tx: _Tx | None, decoder: Any, catalog: Catalog) -> None:
-        """One message of a transaction (the live path inlines Insert/Update/Delete; a streamed
-        transaction's messages all come through here when it is replayed at its commit)."""
+    async def _apply(self, m: Any, tx: _Tx | None, decoder: Any, catalog: Catalog, size: int = 0) -> None:
+        """One message of a transaction, `size` bytes on the wire (the live path inlines
+        Insert/Update/Delete; a streamed transaction's messages all come through here when it is
+        replayed at its commit)."""
         if isinstance(m, Insert | Update | Delete):
             if decoder.errors:
                 self._conversion_failed(decoder, tx)
             if tx is None or tx.skip_all:
                 return
             tx.changes.append(await self._change(m, catalog, tx))
-            if len(tx.changes) >= MAX_PENDING_CHANGES:
+            tx.bytes += size
+            if len(tx.changes) >= MAX_PENDING_CHANGES or tx.bytes >= MAX_PENDING_BYTES:
                 await self._flush(tx, final=False)
         elif isinstance(m, Relation):
             catalog.forget_types(m.schema, m.name)
@@ -663,7 +674,7 @@ class PostgresSource:
                 decoder.in_stream = True
                 try:
                     async for raw in streams.replay(buffered):
-                        await self._apply(decoder.decode(raw), tx, decoder, catalog)
+                        await self._apply(decoder.decode(raw), tx, decoder, catalog, len(raw))
                 finally:
                     decoder.in_stream = False
             await self._flush(tx, final=True)
@@ -775,7 +786,7 @@ class PostgresSource:
             position.record(lsn, -1)
 
     async def _flush(self, tx: _Tx, final: bool) -> None:
-        changes, tx.changes = tx.changes, []
+        changes, tx.changes, tx.bytes = tx.changes, [], 0
         if not changes:
             return
         begin = tx.begin
@@ -903,11 +914,13 @@ class PostgresSource:
 
 class _Inbox:
     """CopyData frames read from the socket and not yet processed (bounded: at
-    MAX_QUEUED_FRAMES reading pauses, so the server's socket buffer fills and nothing is lost)."""
+    MAX_QUEUED_FRAMES or MAX_QUEUED_BYTES reading pauses, so the server's socket buffer fills and
+    nothing is lost)."""
 
     def __init__(self, stream: ReplicationStream) -> None:
         self.stream = stream
         self.frames: collections.deque[bytes] = collections.deque()
+        self.bytes = 0  # of the frames
         self.wake = asyncio.Event()
         self.failure: list[BaseException] = []
         self.paused = True
@@ -916,14 +929,18 @@ class _Inbox:
     def on_readable(self) -> None:
         self.heard_at = time.monotonic()
         try:
-            self.stream.read_available(self.frames.append)
+            self.stream.read_available(self._take)
         except StreamError as exc:
             self.fail(exc)
             return
-        if len(self.frames) >= MAX_QUEUED_FRAMES:
+        if len(self.frames) >= MAX_QUEUED_FRAMES or self.bytes >= MAX_QUEUED_BYTES:
             self.paused = True
             self.stream.remove_reader()
         self.wake.set()
+
+    def _take(self, frame: bytes) -> None:
+        self.frames.append(frame)
+        self.bytes += len(frame)
 
     def resume(self) -> None:
         if self.paused and not self.failure:
@@ -940,12 +957,13 @@ class _Inbox:
 
 
 class _Tx:
-    __slots__ = ("begin", "changes", "correlation", "skip_all", "skip_first", "skip_part", "skip_key", "index",
+    __slots__ = ("begin", "changes", "bytes", "correlation", "skip_all", "skip_first", "skip_part", "skip_key", "index",
                  "published", "part", "part_targets", "recorded", "problems")
 
     def __init__(self, begin: Begin) -> None:
         self.begin = begin
         self.changes: list[_Change] = []
+        self.bytes = 0  # the changes' size on the wire
         self.correlation = ""
         self.skip_all = False
         self.skip_first = 0
