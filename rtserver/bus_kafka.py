@@ -984,11 +984,12 @@ class RemoteSource:
         if self._catalog is None:
             self._catalog = Catalog(self.url, schemas=self.schemas, tables=self.tables, slot="", publication="")
         try:
-            exists = await self._catalog.table_exists(schema, name)
+            why = await self._catalog.not_a_table(schema, name)
         except Exception as exc:  # noqa: BLE001 - any database failure is the client's 4010
             raise ChannelUnavailable(f"postgres:{canonical}: database unavailable: {exc}") from exc
-        if not exists:
-            raise ChannelUnavailable(f"postgres:{canonical}: table does not exist")
+        why = why or self._catalog.unconfigured(schema, name)  # the ingest does not read it
+        if why:
+            raise ChannelUnavailable(f"postgres:{canonical}: {why}")
         return canonical
 
     def ready(self) -> bool:

@@ -12,6 +12,7 @@ import asyncpg
 import psycopg
 import pytest
 
+from rtserver.bus_kafka import RemoteSource
 from rtserver.sources import postgres as postgres_source
 from rtserver.sources.base import ChannelUnavailable
 from rtserver.sources.pg_catalog import SetupError, check_version, slot_name
@@ -87,6 +88,29 @@ def test_a_server_older_than_14_is_refused_with_its_version():
         check_version(130016, "13.16 (Debian 13.16-1)")
     check_version(140000, "14.0")
     check_version(180001, "18.1")
+
+
+async def test_a_subscribe_to_what_cannot_stream_says_why(db, make_source, pg_database):
+    """A view (materialized or not) or a foreign table has no changes to stream, and a table
+    outside postgres.schemas is not read: each gets a 4010 saying so, here and on a Kafka-bus
+    node (which accepted all of them, to wait for ever); before, a view got 'table is not
+    published (schemas ['public'])'."""
+    await db.execute("CREATE TABLE base (id int PRIMARY KEY); CREATE VIEW v AS SELECT * FROM base; "
+                     "CREATE MATERIALIZED VIEW mv AS SELECT * FROM base; "
+                     "CREATE SCHEMA other; CREATE TABLE other.hidden (id int PRIMARY KEY)")
+    src, _ = await make_source()
+    node = RemoteSource("postgres", pg_database, ["public"], [])
+    try:
+        for source in (src, node):
+            assert await source.check_channel("w1", "base") == "base"
+            for entity, why in (("v", "it is a view: PostgreSQL streams the changes of tables only"),
+                                ("mv", "it is a materialized view: PostgreSQL streams"),
+                                ("nosuch", "table does not exist"),
+                                ("other.hidden", r"its schema other is not among postgres.schemas \(public\)")):
+                with pytest.raises(ChannelUnavailable, match=f"postgres:{entity}: .*{why}"):
+                    await source.check_channel("w1", entity)
+    finally:
+        await node.stop()
 
 
 async def test_insert_update_delete_truncate(db, make_source):

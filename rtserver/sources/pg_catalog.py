@@ -146,6 +146,14 @@ class Catalog:
             return f"{schema}.{name}" in {t if "." in t else f"public.{t}" for t in self.tables}
         return schema in self.schemas
 
+    def unconfigured(self, schema: str, name: str) -> str:
+        """Why the configuration leaves schema.name out ("" when it asks for it)."""
+        if self.configured(schema, name):
+            return ""
+        if self.tables:
+            return f"it is not among postgres.tables ({', '.join(self.tables)})"
+        return f"its schema {schema} is not among postgres.schemas ({', '.join(self.schemas)})"
+
     async def desired_tables(self) -> dict[tuple[str, str], TableState]:
         """(schema, table) -> its TableState, for every table the configuration asks for that exists."""
         # A partitioned table is published as a whole (publish_via_partition_root): its partitions
@@ -393,13 +401,19 @@ class Catalog:
         )
         return {r["oid"]: (r["base"], r["elem"]) for r in rows}
 
-    async def table_exists(self, schema: str, name: str) -> bool:
+    async def not_a_table(self, schema: str, name: str) -> str:
+        """Why schema.name can have no changes to stream ("" when it is a table): there is no
+        such relation, or it is a view, a materialized view or a foreign table, whose changes
+        logical replication does not carry (a subscribe to one would wait for ever)."""
         rows = await self.fetch(
-            "SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "SELECT c.relkind::text AS kind FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
             "WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p', 'v', 'm', 'f')",
             schema, name,
         )
-        return bool(rows)
+        if not rows:
+            return "table does not exist"
+        what = _NOT_TABLES.get(rows[0]["kind"])
+        return f"it is a {what}: PostgreSQL streams the changes of tables only" if what else ""
 
     async def fetch_columns(self, schema: str, name: str, key: dict[str, Any], columns: list[str]) -> dict[str, str | None] | None:
         """Current text values of `columns` of the row whose key is `key` (None: no such row).
@@ -438,6 +452,9 @@ class Catalog:
 
     def forget_types(self, schema: str, name: str) -> None:
         self._key_types.pop((schema, name), None)
+
+
+_NOT_TABLES = {"v": "view", "m": "materialized view", "f": "foreign table"}
 
 
 def check_version(version_num: int, shown: str) -> None:

@@ -239,8 +239,9 @@ class PostgresSource:
             # A name that is no table, or a table outside the configuration, costs one lookup,
             # not a publication sync (several catalog queries under the lock every such subscribe
             # waits on): 4010 is no invalid message, so a client could repeat it at will.
-            if not await catalog.table_exists(schema, name):
-                raise ChannelUnavailable(f"postgres:{canonical}: table does not exist")
+            why = await catalog.not_a_table(schema, name)
+            if why:
+                raise ChannelUnavailable(f"postgres:{canonical}: {why}")
             if catalog.configured(schema, name):
                 await self._sync_publication()  # a table created since the last sync
                 if (schema, name) in catalog.published:
@@ -250,7 +251,8 @@ class PostgresSource:
         why = catalog.skipped.get((schema, name))
         if why:
             raise ChannelUnavailable(f"postgres:{canonical}: table is not published: {why}")
-        raise ChannelUnavailable(f"postgres:{canonical}: table is not published (schemas {self.schemas})")
+        why = catalog.unconfigured(schema, name) or "the gateway's publication does not hold it"
+        raise ChannelUnavailable(f"postgres:{canonical}: table is not published: {why}")
 
     def ready(self) -> bool:
         return self._ready
