@@ -172,6 +172,11 @@ def _coerce(setting: Setting, value: Any, origin: str) -> Any:
             return number
         if not isinstance(value, str):
             raise ValueError("expected a string")
+        if (setting.section, setting.key) not in _SECRETS:
+            # A value from a file (a ConfigMap or env file made with `--from-file`) ends with a
+            # newline nobody meant: an issuer or a URL carrying it refused every token or never
+            # connected. A secret is taken as given: the other side may hold the same bytes.
+            value = value.strip()
         if (setting.section, setting.key) in _PATHS:
             return os.path.expanduser(value)
         return value

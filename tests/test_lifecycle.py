@@ -49,7 +49,7 @@ def test_bad_config_is_one_line_and_exit_2(tmp_path):
         (["serve"], {"RT_PORT": "99999"}),
         (["serve"], {"RT_MAX_SUBSCRIPTIONS": "many"}),
         (["serve"], {"RT_INSTANCE": "Bad-Name"}),
-        (["serve"], {"RT_INSTANCE": "rtserver\n"}),  # the slot name would carry the newline
+        (["serve"], {"RT_INSTANCE": "rt\nserver"}),  # the slot name would carry the newline
         (["serve"], {"RT_TLS_CERT": "/x.pem"}),
         (["serve"], {"RT_MONGO_URL": "mongodb://rt:secret@db:port/app"}),
         # parsed, but refused by the driver's client when the feed started: a traceback, exit 1
@@ -91,6 +91,18 @@ def test_bad_config_is_one_line_and_exit_2(tmp_path):
     ws.write_text("[workspaces.acme]\nmongo_url = 'mongodb://db:99999/app'\n")
     out = _run(["serve", "--config", str(ws)], cwd=str(tmp_path))
     assert out.returncode == 2 and "[workspaces.acme] mongo_url: not a valid MongoDB URL" in out.stderr, out.stderr
+
+
+def test_a_value_ending_with_a_newline_is_taken_without_it_but_a_secret_as_given(tmp_path):
+    """Values from a file (a ConfigMap or env file made with --from-file) end with a newline:
+    an issuer carrying it refused every token, an instance name made a slot name PostgreSQL
+    refused. Surrounding whitespace is dropped, except from secrets."""
+    cfg = load(environ={"RT_STATE_DIR": f" {tmp_path}\n", "RT_AUTH_ISSUER": "https://idp/realms/acme\n",
+                        "RT_INSTANCE": "blue\n", "RT_POSTGRES_URL": "postgresql://rt@db/app\r\n",
+                        "RT_AUTH_HS256_SECRET": "s3cr3t\n", "RT_KAFKA_SASL_PASSWORD": " pw\n"})
+    assert cfg.server.state_dir == str(tmp_path) and cfg.server.instance == "blue"
+    assert cfg.auth.issuer == "https://idp/realms/acme" and cfg.postgres.url == "postgresql://rt@db/app"
+    assert cfg.auth.hs256_secret == "s3cr3t\n" and cfg.audit.sasl_password == " pw\n"
 
 
 def test_a_mongo_url_option_the_driver_would_drop_is_a_configuration_error(tmp_path):
