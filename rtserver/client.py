@@ -5,9 +5,14 @@ It authenticates by message (or by header: `header_auth`, which cannot resume a 
 resumes its session with the last seen `seq` after any disconnect (or re-subscribes with
 `since` when the session is gone or authentication is by header, so missed
 events are replayed from the gateway's history and a `history_gap` is reported when they
-cannot be), refreshes the token in-band before it expires, reconnects at once with a fresh
-token on 4001 (unless that token expires within 5 s, or the connection before lasted less
-than 5 s: then it backs off, so a stale token cannot cause a reconnect storm), backs off
+cannot be), refreshes the token in-band before it expires (`refresh_margin`, 30 s, before
+`exp`, at most 75% into the time left; the time left is read from the local clock but taken as
+the token's lifetime `exp - iat` at most, and after a refresh the next one waits a quarter of
+that lifetime at least, 10 s without `iat`: a device clock ahead of the issuer's, which sees
+every fresh token as expired, refreshes four times per lifetime instead of in a loop),
+reconnects at once with a fresh token on 4001 (unless that token's `exp` is within 5 s of the
+one the gateway closed at, or the connection before lasted less than 5 s: then it backs off,
+so a stale token cannot cause a reconnect storm), backs off
 exponentially (1 s doubling to 30 s, each wait up to half as long again at random, never
 over 30 s) on other losses and when `get_token`
 fails (at connect or for a refresh: reported to on_error as a RealtimeError named
@@ -56,11 +61,19 @@ log = logging.getLogger("rtserver.client")
 TERMINAL_CODES = frozenset({4002, 4003, 1008, 1009})
 _SUBSCRIPTION_REFUSALS = frozenset({4000, 4003, 4008, 4010})
 # After a 4001 the client reconnects at once with a new token, but only when that token is
-# fresh (its `exp` more than _FRESH_MARGIN away: the gateway accepts a token up to 5 s past
-# `exp` and then closes at once with 4001) and only once until a connection has been healthy
+# fresh (its `exp` more than _FRESH_MARGIN past the one the gateway closed at, see _fresh: the
+# gateway accepts a token up to 5 s past `exp` and then closes at once with 4001) and only once
+# until a connection has been healthy
 # (authenticated for _HEALTHY_AFTER): otherwise it backs off.
 _FRESH_MARGIN = 5.0
 _HEALTHY_AFTER = 5.0
+# After an in-band refresh the next one waits at least this share of the token's lifetime: a
+# device clock ahead of the issuer's then costs at most four refreshes per lifetime instead of
+# a loop, and each fresh token is still replaced with three quarters of its life left. With an
+# accurate clock the schedule never comes this soon (75% of the time left at the earliest).
+_REFRESH_SPACING = 0.25
+_REFRESH_FLOOR = 10.0  # the same for a token without `iat`, whose lifetime is unknown
+_MIN_REFRESH_GAP = 1.0  # the gateway's limits.min_refresh_interval: a sooner one waits there
 _KEPT = 1000  # entries of RealtimeClient.resumed and .closes
 _CODE_NAMES = {
     1000: "normal_closure", 1001: "going_away", 1002: "protocol_error", 1006: "abnormal_closure",
@@ -87,13 +100,49 @@ class RealtimeError(Exception):
 
 def token_expiry(token: str) -> float | None:
     """The `exp` claim of a JWT (not verified: only to know when to refresh)."""
+    return _token_times(token)[0]
+
+
+def _token_times(token: str) -> tuple[float | None, float | None]:
+    """The `exp` and `iat` claims of a JWT (not verified), each None when absent."""
     try:
         part = token.split(".")[1]
         claims = json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))
-        exp = claims.get("exp")
-        return float(exp) if isinstance(exp, (int, float)) else None
+        exp, iat = claims.get("exp"), claims.get("iat")
     except (IndexError, ValueError, AttributeError):
+        return None, None
+    return (float(exp) if _is_number(exp) else None, float(iat) if _is_number(iat) else None)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _refresh_delay(token: str, margin: float, since_refresh: float | None) -> float | None:
+    """Seconds until the in-band refresh of `token`, just received; None: it has no `exp`.
+
+    Due `margin` before `exp` by the local clock (after 75% of the time left at the latest),
+    but the local clock may be off the issuer's, which set `exp` and `iat`:
+    * behind: the time left is taken as the token's lifetime (`exp - iat`) at most;
+    * ahead: every fresh token looks about to expire, or expired (a device 400 s fast, 300 s
+      tokens), and was refreshed as fast as the gateway answered, for good: a token request and
+      an audit record at the gateway each. So a refresh never comes sooner than
+      _REFRESH_SPACING of the lifetime after the previous one on the connection
+      (`since_refresh` seconds ago), or _REFRESH_FLOOR without `iat`, and never sooner than the
+      gateway's own pace. The first refresh on a connection is not held back: a token that
+      really is near its end (from a cache) is replaced in time."""
+    exp, iat = _token_times(token)
+    if exp is None:
         return None
+    lifetime = exp - iat if iat is not None and exp > iat else None
+    remaining = exp - time.time()
+    if lifetime is not None:
+        remaining = min(remaining, lifetime)
+    delay = max(remaining - margin, remaining * 0.75, 0.0)
+    if since_refresh is not None:
+        spacing = max(_MIN_REFRESH_GAP, lifetime * _REFRESH_SPACING if lifetime is not None else _REFRESH_FLOOR)
+        delay = max(delay, spacing - since_refresh)
+    return delay
 
 
 def channel_matches(channel: str, event_channel: str, filter: dict | None = None) -> bool:
@@ -258,6 +307,8 @@ class RealtimeClient:
         self._ready: asyncio.Future[None] | None = None
         self._ids = 0
         self._pending_token: str | None = None  # sent in a refresh, in force once acknowledged
+        self._refreshed_at: float | None = None  # monotonic start of the connection's last refresh
+        self._presented: str | None = None  # the token the gateway last took (at connect or a refresh)
         self._callback_tasks: set[asyncio.Future[Any]] = set()
 
     # ---- public API ----------------------------------------------------------------------
@@ -466,7 +517,7 @@ class RealtimeClient:
             token = await self._fetch_token()
             if self.state == "closed":
                 return
-            if token is not None and at_once and not _fresh(token):
+            if token is not None and at_once and not _fresh(token, self._presented):
                 # The gateway would accept it within its leeway and close with 4001 at once.
                 log.info("new token expires within %s s: backing off", _FRESH_MARGIN, extra={"fields": {"url": self.url}})
                 token = None
@@ -495,6 +546,8 @@ class RealtimeClient:
     async def _connect_once(self, token: str) -> int | None:
         """One connection; its close code, or None when the client is closed or stopped."""
         code = 1006
+        self._presented = token
+        self._refreshed_at = None
         try:
             headers = {"Authorization": f"Bearer {token}"} if self.header_auth else None
             # No max_size: an event frame is as large as its change (a PostgreSQL row can hold
@@ -559,7 +612,8 @@ class RealtimeClient:
                         self._on_auth_ok(msg)
                     if refresher is not None:
                         refresher.cancel()
-                    refresher = asyncio.create_task(self._refresh_later(ws, token))
+                    self._presented = token
+                    refresher = asyncio.create_task(self._refresh_later(ws, token, self._refreshed_at))
                     if positions is None and self.position_interval > 0:
                         positions = asyncio.create_task(self._ask_positions(ws))
                 elif kind == "subscribed":
@@ -640,15 +694,18 @@ class RealtimeClient:
             if self._ws is ws and self._catchup is None:
                 self._send({"type": "ping"})
 
-    async def _refresh_later(self, ws: ClientConnection, token: str) -> None:
+    async def _refresh_later(self, ws: ClientConnection, token: str, refreshed_at: float | None) -> None:
+        """Refreshes `token` in-band when _refresh_delay says; `refreshed_at` (monotonic): when
+        the last refresh on this connection started, None before the first."""
         self._pending_token = None
         if not self.proactive_refresh:
             return
-        exp = token_expiry(token)
-        if exp is None:
+        since = time.monotonic() - refreshed_at if refreshed_at is not None else None
+        delay = _refresh_delay(token, self.refresh_margin, since)
+        if delay is None:
             return
-        remaining = exp - time.time()
-        await asyncio.sleep(max(remaining - self.refresh_margin, remaining * 0.75, 0.0))
+        await asyncio.sleep(delay)
+        self._refreshed_at = time.monotonic()
         fresh = await self._fetch_token()  # a failure goes to on_error, as at connect
         if fresh is None:
             return  # the gateway closes with 4001 at exp; we reconnect then
@@ -772,10 +829,19 @@ def _keep(entries: list[Any], entry: Any) -> None:
         del entries[0]
 
 
-def _fresh(token: str) -> bool:
-    """Whether `token` is fresh enough to reconnect with at once after a 4001."""
+def _fresh(token: str, expired: str | None) -> bool:
+    """Whether `token` is fresh enough to reconnect with at once after the 4001 that ended
+    `expired` (the token the gateway last took): its `exp` more than _FRESH_MARGIN past that
+    one's, at which the gateway closed by its own clock. The local clock may be off the
+    issuer's (ahead: every fresh token looked stale, a needless backoff after each 4001); it is
+    used only when a token has no `exp` to compare."""
     exp = token_expiry(token)
-    return exp is None or exp - time.time() > _FRESH_MARGIN
+    if exp is None:
+        return True
+    before = token_expiry(expired) if expired is not None else None
+    if before is not None:
+        return exp - before > _FRESH_MARGIN
+    return exp - time.time() > _FRESH_MARGIN
 
 
 def _answers(msg: dict[str, Any], sent_id: str | None) -> bool:

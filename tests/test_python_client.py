@@ -187,6 +187,57 @@ async def test_proactive_refresh_keeps_the_connection_past_exp(gateway):
         assert got[0]["seq"] == e["seq"]
 
 
+async def test_a_device_clock_ahead_of_the_issuer_does_not_refresh_in_a_loop(gateway_factory):
+    # A device whose clock is 400 s fast, 300 s tokens: every fresh token looks 100 s expired to
+    # it. The gateway (and the issuer, Gateway.token) run 400 s behind instead, which the client
+    # cannot tell apart. It refreshed as fast as the gateway answered (a token request and an
+    # audit record each), for good.
+    gw = await gateway_factory(clock_offset=-400)
+    calls: list[float] = []
+
+    def get_token() -> str:
+        calls.append(time.monotonic())
+        return gw.token("w1", ttl=300)
+
+    async with RealtimeClient(gw.ws_url("w1"), get_token) as client:
+        await asyncio.sleep(5)
+        assert client.state == "open" and client.closes == []
+        assert len(calls) <= 3, f"{len(calls)} tokens fetched in 5 s"
+
+    # Short tokens on that device are still refreshed before they expire at the gateway.
+    short: list[float] = []
+
+    def short_token() -> str:
+        short.append(time.monotonic())
+        return gw.token("w1", ttl=6)
+
+    async with RealtimeClient(gw.ws_url("w1"), short_token) as client:
+        await asyncio.sleep(9)  # past the first token's exp at the gateway
+        assert client.state == "open" and client.closes == [], client.closes
+        assert len(short) >= 3
+
+
+async def test_a_device_clock_ahead_of_the_issuer_still_reconnects_at_once_after_4001(gateway_factory):
+    # The fresh 300 s token looks 100 s expired to a device 400 s fast (the gateway runs 400 s
+    # behind here): it was taken for a stale one, and the client backed off after every 4001.
+    gw = await gateway_factory(clock_offset=-400)
+    calls: list[int] = []
+
+    def get_token() -> str:
+        calls.append(1)
+        return gw.token("w1", ttl=2 if len(calls) == 1 else 300)
+
+    # A backoff of >= 10 s would show: the reconnect after 4001 must not wait for it.
+    client = RealtimeClient(gw.ws_url("w1"), get_token, proactive_refresh=False, backoff_initial=10)
+    try:
+        await client.connect()
+        await wait_for(lambda: client.closes == [4001], 8, "the 4001 close")
+        await wait_for(lambda: len(client.resumed) == 2 and client.state == "open", 3, "reconnect")
+        assert client.resumed == [False, True] and len(calls) == 2
+    finally:
+        await client.close()
+
+
 @pytest.mark.parametrize("case", ["scope_denied", "token_invalid"])
 async def test_terminal_codes_raise_and_stop_reconnecting(gateway, case):
     proxy = await TcpProxy(gateway.port).start()

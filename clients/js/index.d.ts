@@ -69,7 +69,10 @@ export interface ConnectOptions {
    * each wait is up to half as long again at random, never over backoffMaxMs. */
   backoffInitialMs?: number;
   backoffMaxMs?: number;
-  /** Refresh the token in-band this long before `exp` (default 30000, at most 25% of its life). */
+  /** Refresh the token in-band this long before `exp` (default 30000, at most 25% of the time
+   * left). The time left is never taken as longer than the token's lifetime (`exp - iat`), and
+   * a refresh comes at least a quarter of that lifetime (10 s without `iat`) after the previous
+   * one: a device clock ahead of the issuer's cannot make it refresh in a loop. */
   refreshMarginMs?: number;
   /** Default true. When false, the client only refreshes after the gateway closes with 4001. */
   proactiveRefresh?: boolean;

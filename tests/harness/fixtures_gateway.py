@@ -22,6 +22,8 @@ import jwt
 import pytest
 
 SECRET = "test-secret-0123456789abcdef0123456789"
+# Holds a sitecustomize.py that shifts a gateway's wall clock (gateway_factory's clock_offset).
+CLOCK_OFFSET_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "clock_offset")
 
 
 def free_port() -> int:
@@ -31,8 +33,10 @@ def free_port() -> int:
 
 
 class Gateway:
-    def __init__(self, env: dict[str, str], args: list[str], state_dir: str, port: int, cafile: str | None = None):
+    def __init__(self, env: dict[str, str], args: list[str], state_dir: str, port: int, cafile: str | None = None,
+                 clock_offset: float = 0.0):
         self.env = env
+        self.clock_offset = clock_offset  # its wall clock's, and the token issuer's (token())
         self.args = args
         self.state_dir = state_dir
         self.port = port
@@ -49,7 +53,7 @@ class Gateway:
 
     def token(self, workspace: str | list[str] = "w1", sub: str = "user-1", publish: bool = False,
               ttl: float = 3600, secret: str | None = None, **claims) -> str:
-        now = int(time.time())
+        now = int(time.time() + self.clock_offset)
         workspaces = [workspace] if isinstance(workspace, str) else workspace
         payload = {"sub": sub, "iat": now, "exp": now + ttl, "workspaces": workspaces}
         if publish:
@@ -173,7 +177,9 @@ async def gateway_factory() -> AsyncIterator[Callable[..., Awaitable[Gateway]]]:
     tmpdirs: list[tempfile.TemporaryDirectory] = []
 
     async def make(env: dict[str, str] | None = None, args: list[str] | None = None,
-                   state_dir: str | None = None, wait_tls: str | None = None) -> Gateway:
+                   state_dir: str | None = None, wait_tls: str | None = None, clock_offset: float = 0.0) -> Gateway:
+        """`clock_offset`: the gateway's wall clock runs that many seconds off (the clients'
+        stays right: as if theirs were off the other way); tokens from Gateway.token follow it."""
         if state_dir is None:
             tmp = tempfile.TemporaryDirectory(prefix="rtgw-")
             tmpdirs.append(tmp)
@@ -181,7 +187,11 @@ async def gateway_factory() -> AsyncIterator[Callable[..., Awaitable[Gateway]]]:
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("RT_")}
         full_env.update({"RT_STATE_DIR": state_dir, "RT_AUTH_HS256_SECRET": SECRET, "RT_LOG_LEVEL": "info"})
         full_env.update(env or {})
-        gw = Gateway(full_env, list(args or []), state_dir, free_port(), cafile=wait_tls)
+        if clock_offset:
+            full_env["TEST_GATEWAY_CLOCK_OFFSET"] = str(clock_offset)
+            full_env["PYTHONPATH"] = os.pathsep.join(
+                p for p in (CLOCK_OFFSET_DIR, full_env.get("PYTHONPATH")) if p)
+        gw = Gateway(full_env, list(args or []), state_dir, free_port(), cafile=wait_tls, clock_offset=clock_offset)
         await gw.start()
         started.append(gw)
         return gw

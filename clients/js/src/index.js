@@ -5,8 +5,10 @@
 // It authenticates, keeps subscriptions alive across reconnects (resuming the session with
 // the last seen `seq`, or re-subscribing with `since` when the session is gone, or when a
 // subscription was made or changed while disconnected), delivers each event once, refreshes
-// the token before it expires, reconnects at once with a new token on 4001 (unless that token
-// expires within 5 s, or the connection before lasted less than 5 s: then it backs off),
+// the token before it expires (on a schedule a device clock off the issuer's cannot turn into a
+// loop: refreshDelay), reconnects at once with a new token on 4001 (unless that token's `exp`
+// is within 5 s of the one the gateway closed at, or the connection before lasted less than
+// 5 s: then it backs off),
 // backs off exponentially on other failures (a connection attempt that does not open within
 // openTimeoutMs counts as one) and stops on terminal codes (4002 token_invalid,
 // 4003 scope_denied, 1008 policy_violation, 1009 message_too_big) with a RealtimeError.
@@ -39,6 +41,11 @@ export class RealtimeError extends Error {
 
 /** Decodes the `exp` claim (seconds since the epoch) of a JWT without verifying it. */
 export function tokenExpiry(token) {
+  return tokenTimes(token).exp;
+}
+
+// The `exp` and `iat` claims of a JWT (not verified), each null when absent.
+function tokenTimes(token) {
   try {
     const part = String(token).split(".")[1];
     const b64 = part.replace(/-/g, "+").replace(/_/g, "/");
@@ -46,10 +53,10 @@ export function tokenExpiry(token) {
     const json = typeof atob === "function"
       ? decodeURIComponent(Array.from(atob(padded), (c) => "%" + c.charCodeAt(0).toString(16).padStart(2, "0")).join(""))
       : globalThis.Buffer.from(padded, "base64").toString("utf8");
-    const exp = JSON.parse(json).exp;
-    return typeof exp === "number" ? exp : null;
+    const { exp, iat } = JSON.parse(json);
+    return { exp: typeof exp === "number" ? exp : null, iat: typeof iat === "number" ? iat : null };
   } catch {
-    return null;
+    return { exp: null, iat: null };
   }
 }
 
@@ -81,15 +88,61 @@ function canonical(kind, name) {
 
 const MAX_TIMER_MS = 2 ** 31 - 1;
 // After a 4001 the client reconnects at once with a new token, but only when that token is
-// fresh (its `exp` more than FRESH_MARGIN_MS away: the gateway accepts a token up to 5 s past
-// `exp` and then closes at once with 4001) and only once until a connection has been healthy
-// (authenticated for HEALTHY_AFTER_MS): otherwise it backs off.
+// fresh (its `exp` more than FRESH_MARGIN_MS past the one the gateway closed at, see isFresh:
+// the gateway accepts a token up to 5 s past `exp` and then closes at once with 4001) and only
+// once until a connection has been healthy (authenticated for HEALTHY_AFTER_MS): otherwise it
+// backs off.
 const FRESH_MARGIN_MS = 5000;
 const HEALTHY_AFTER_MS = 5000;
+// After an in-band refresh the next one waits at least this share of the token's lifetime: a
+// device clock ahead of the issuer's then costs at most four refreshes per lifetime instead of
+// a loop, and each fresh token is still replaced with three quarters of its life left. With an
+// accurate clock the schedule never comes this soon (75% of the time left at the earliest).
+const REFRESH_SPACING = 0.25;
+const REFRESH_FLOOR_MS = 10000; // the same for a token without `iat`, whose lifetime is unknown
+const MIN_REFRESH_GAP_MS = 1000; // the gateway's limits.min_refresh_interval: a sooner one waits there
 
-function isFresh(token) {
+// Whether `token` is fresh enough to reconnect with at once after the 4001 that ended
+// `expired` (the connection's token): its `exp` more than FRESH_MARGIN_MS past that one's, at
+// which the gateway closed by its own clock. The local clock may be off the issuer's (ahead:
+// every fresh token looked stale, a needless backoff after each 4001); it is used only when a
+// token has no `exp` to compare.
+function isFresh(token, expired) {
   const exp = tokenExpiry(token);
-  return exp === null || exp * 1000 - Date.now() > FRESH_MARGIN_MS;
+  if (exp === null) return true;
+  const before = expired ? tokenExpiry(expired) : null;
+  if (before !== null) return (exp - before) * 1000 > FRESH_MARGIN_MS;
+  return exp * 1000 - Date.now() > FRESH_MARGIN_MS;
+}
+
+// Milliseconds until the in-band refresh of `token`, just received; null: it has no `exp`.
+// Due `marginMs` before `exp` by the local clock (after 75% of the time left at the latest),
+// but the local clock may be off the issuer's, which set `exp` and `iat`:
+// - behind: the time left is taken as the token's lifetime (`exp - iat`) at most;
+// - ahead: every fresh token looks about to expire, or expired (a device 400 s fast, 300 s
+//   tokens), and was refreshed as fast as the gateway answered, for good: a token request and
+//   an audit record at the gateway each. So a refresh never comes sooner than REFRESH_SPACING
+//   of the lifetime after the previous one on the connection (`sinceRefreshMs` ago), or
+//   REFRESH_FLOOR_MS without `iat`, and never sooner than the gateway's own pace. The first
+//   refresh on a connection is not held back: a token that really is near its end (from a
+//   cache) is replaced in time.
+function refreshDelay(token, marginMs, sinceRefreshMs) {
+  const { exp, iat } = tokenTimes(token);
+  if (exp === null) return null;
+  const lifetime = iat !== null && exp > iat ? (exp - iat) * 1000 : null;
+  let remaining = exp * 1000 - Date.now();
+  if (lifetime !== null) remaining = Math.min(remaining, lifetime);
+  let delay = Math.max(remaining - marginMs, remaining * 0.75, 0);
+  if (sinceRefreshMs !== null) {
+    const spacing = Math.max(MIN_REFRESH_GAP_MS, lifetime !== null ? lifetime * REFRESH_SPACING : REFRESH_FLOOR_MS);
+    delay = Math.max(delay, spacing - sinceRefreshMs);
+  }
+  return delay;
+}
+
+// A clock for intervals that the wall clock's jumps do not move.
+function monotonicMs() {
+  return typeof performance === "object" && performance ? performance.now() : Date.now();
 }
 
 // A failing getToken, reported as the Python client does: a RealtimeError named
@@ -203,6 +256,7 @@ export class RealtimeClient {
     this.attempt = 0;
     this.expired = false; // reconnected at once after a 4001 since the last healthy connection
     this.authedAt = null;
+    this.refreshedAt = null;
     this.timers = { retry: null, refresh: null, ping: null, open: null };
     this.nextId = 1;
     this.closedByUser = false;
@@ -422,7 +476,7 @@ export class RealtimeClient {
       return;
     }
     if (this.state === "closed") return;
-    if (atOnce && !isFresh(token)) {
+    if (atOnce && !isFresh(token, this.token)) {
       // Right after a 4001: the gateway would accept this token within its leeway and close
       // with 4001 at once. Back off instead (getToken is called again after the delay).
       this._scheduleRetry();
@@ -439,6 +493,7 @@ export class RealtimeClient {
     }
     this.ws = ws;
     this.token = token;
+    this.refreshedAt = null; // (monotonicMs) when the connection's last refresh started
     this.authed = false;
     // An upgrade that never completes (a stuck proxy, a half-open path) counts as a failed
     // attempt: without this the client would stay "connecting" for good.
@@ -671,15 +726,15 @@ export class RealtimeClient {
     clearTimeout(this.timers.refresh);
     this.timers.refresh = null;
     if (!this.proactiveRefresh) return;
-    const exp = tokenExpiry(this.token);
-    if (exp === null) return;
-    const remaining = exp * 1000 - Date.now();
-    const delay = Math.max(remaining - this.refreshMargin, remaining * 0.75, 0);
+    const since = this.refreshedAt === null ? null : monotonicMs() - this.refreshedAt;
+    const delay = refreshDelay(this.token, this.refreshMargin, since);
+    if (delay === null) return;
     this.timers.refresh = setTimeout(() => this._refresh(), Math.min(delay, MAX_TIMER_MS));
   }
 
   async _refresh() {
     this.timers.refresh = null;
+    this.refreshedAt = monotonicMs();
     const ws = this.ws;
     let token;
     try {

@@ -10,7 +10,7 @@ import v8 from "node:v8";
 import vm from "node:vm";
 
 import { connect, RealtimeClient, RealtimeError, tokenExpiry, channelMatches } from "../src/index.js";
-import { GATEWAY_WIDE, publish, startProxy, token, waitFor, wsUrl } from "./helpers.js";
+import { GATEWAY_SKEWED, GATEWAY_WIDE, SKEWED_OFFSET, publish, startProxy, token, waitFor, wsUrl } from "./helpers.js";
 
 const fast = { backoffInitialMs: 50, backoffMaxMs: 400 };
 v8.setFlagsFromString("--expose-gc");
@@ -912,6 +912,64 @@ test("concurrent next() calls on an events() iterator each get an item", { timeo
     const third = events.next();
     client.close();
     assert.deepEqual(await within(third), { value: undefined, done: true });
+  } finally {
+    client.close();
+  }
+});
+
+test("a device clock ahead of the issuer's does not refresh the token in a loop",
+  { timeout: 30000, skip: GATEWAY_SKEWED ? false : "RT_TEST_GATEWAY_SKEWED is not set" }, async () => {
+  // A device whose clock is 400 s fast, 300 s tokens: every fresh token looks 100 s expired to
+  // it. The gateway (and the issuer) run 400 s behind instead, which the client cannot tell
+  // apart. It refreshed as fast as the gateway answered (a token request and an audit record
+  // each), for good.
+  const ws = "js-skew";
+  const url = wsUrl(ws, new URL(GATEWAY_SKEWED).port);
+  let calls = 0;
+  const client = connect({ url, getToken: () => { calls++; return token({ workspace: ws, ttl: 300, clockOffset: SKEWED_OFFSET }); } });
+  const { closes } = collect(client);
+  try {
+    await client.ready;
+    await new Promise((r) => setTimeout(r, 5000));
+    assert.equal(client.state, "open");
+    assert.deepEqual(closes, []);
+    assert.ok(calls <= 3, `getToken called ${calls} times in 5 s`);
+  } finally {
+    client.close();
+  }
+  // Short tokens on that device are still refreshed before they expire at the gateway.
+  let short = 0;
+  const other = connect({ url, getToken: () => { short++; return token({ workspace: ws, ttl: 6, clockOffset: SKEWED_OFFSET }); } });
+  const seen = collect(other);
+  try {
+    await other.ready;
+    await new Promise((r) => setTimeout(r, 9000)); // past the first token's exp at the gateway
+    assert.equal(other.state, "open");
+    assert.deepEqual(seen.closes, []);
+    assert.ok(short >= 3, `getToken called ${short} times`);
+  } finally {
+    other.close();
+  }
+});
+
+test("a device clock ahead of the issuer's still reconnects at once after 4001",
+  { timeout: 30000, skip: GATEWAY_SKEWED ? false : "RT_TEST_GATEWAY_SKEWED is not set" }, async () => {
+  // The fresh 300 s token looks 100 s expired to a device 400 s fast (the gateway runs 400 s
+  // behind here): it was taken for a stale one, and the client backed off after every 4001.
+  const ws = "js-skew-4001";
+  let calls = 0;
+  const getToken = () => token({ workspace: ws, ttl: calls++ === 0 ? 2 : 300, clockOffset: SKEWED_OFFSET });
+  // A backoff of >= 10 s would show: the reconnect after 4001 must not wait for it.
+  const client = connect({ url: wsUrl(ws, new URL(GATEWAY_SKEWED).port), getToken, proactiveRefresh: false,
+    backoffInitialMs: 10000 });
+  const { opens, closes } = collect(client);
+  try {
+    await client.ready;
+    await waitFor(() => closes.length === 1, 8000, "the 4001 close");
+    assert.equal(closes[0].code, 4001);
+    await waitFor(() => opens.length === 2, 3000, "reconnect after 4001");
+    assert.equal(opens[1].resumed, true);
+    assert.equal(calls, 2);
   } finally {
     client.close();
   }

@@ -12,11 +12,15 @@ if (!GATEWAY || !SECRET) {
 }
 const gatewayUrl = new URL(GATEWAY);
 export const GATEWAY_WIDE = process.env.RT_TEST_GATEWAY_WIDE || null;
+// A gateway whose wall clock runs RT_TEST_SKEWED_OFFSET seconds off (-400: behind), and its
+// token issuer with it: to the client, as if its own clock ran that much off the other way.
+export const GATEWAY_SKEWED = process.env.RT_TEST_GATEWAY_SKEWED || null;
+export const SKEWED_OFFSET = Number(process.env.RT_TEST_SKEWED_OFFSET || 0);
 
 const b64url = (buf) => Buffer.from(buf).toString("base64url");
 
-export function token({ workspace = "w1", sub = "js-user", ttl = 3600, publish = false, secret = SECRET } = {}) {
-  const now = Math.floor(Date.now() / 1000);
+export function token({ workspace = "w1", sub = "js-user", ttl = 3600, publish = false, secret = SECRET, clockOffset = 0 } = {}) {
+  const now = Math.floor(Date.now() / 1000 + clockOffset); // the issuer's clock
   const payload = { sub, iat: now, exp: now + ttl, workspaces: [workspace] };
   if (publish) payload.realtime_publish = true;
   const head = b64url(JSON.stringify({ alg: "HS256", typ: "JWT" }));
