@@ -17,7 +17,13 @@ exponentially (1 s doubling to 30 s, each wait up to half as long again at rando
 over 30 s) on other losses and when `get_token`
 fails (at connect or for a refresh: reported to on_error as a RealtimeError named
 "token_unavailable", then retried; a failed refresh, at the 4001 that ends the session),
-and stops with a RealtimeError on terminal codes (4002, 4003, 1008, 1009). Dead links are
+and stops with a RealtimeError on terminal codes (4002, 4003, 1008, 1009) and on HTTP 404 to
+the upgrade (a wrong URL: the gateway answers it to a malformed workspace id or any other path;
+code 404, name "upgrade_refused"). The gateway's other answer before the upgrade, HTTP 503
+(draining, at its connection limit, a Kafka node not ready), and any other status (a proxy's
+502, 429) are retried with the backoff and reported to on_error as an "upgrade_refused"
+RealtimeError whose code is the status, once per distinct status until a connection
+succeeds. Dead links are
 detected by the `websockets` keepalive pings; a JSON ping every `position_interval` (25 s)
 brings the stream position, so subscriptions that get no events in a busy workspace resume
 from what the history still holds (no needless history_gap). A subscription made or changed while
@@ -54,7 +60,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+from websockets.http11 import Response
 
 log = logging.getLogger("rtserver.client")
 
@@ -87,7 +94,8 @@ EventHandler = Callable[[dict[str, Any]], Any]
 
 
 class RealtimeError(Exception):
-    """A close code or error message from the gateway (code 0: raised by the client)."""
+    """A close code or error message from the gateway (code 0: raised by the client), or the
+    HTTP status that refused the WebSocket upgrade (name "upgrade_refused": terminal for 404)."""
 
     def __init__(self, code: int, message: str = "", *, name: str | None = None, channel: str | None = None,
                  terminal: bool = False):
@@ -309,6 +317,7 @@ class RealtimeClient:
         self._pending_token: str | None = None  # sent in a refresh, in force once acknowledged
         self._refreshed_at: float | None = None  # monotonic start of the connection's last refresh
         self._presented: str | None = None  # the token the gateway last took (at connect or a refresh)
+        self._refusal_reported: int | None = None  # HTTP status of the upgrade refusal last reported
         self._callback_tasks: set[asyncio.Future[Any]] = set()
 
     # ---- public API ----------------------------------------------------------------------
@@ -328,8 +337,8 @@ class RealtimeClient:
 
     async def connect(self) -> None:
         """Starts the connection loop; returns after the first `auth_ok`, raises a
-        RealtimeError when the gateway refuses for good (4002, 4003, 1008, 1009) or the
-        client is closed. Cancelled (a timeout), it leaves the loop retrying: close() stops
+        RealtimeError when the gateway refuses for good (4002, 4003, 1008, 1009, or HTTP 404
+        to the upgrade: a wrong URL) or the client is closed. Cancelled (a timeout), it leaves the loop retrying: close() stops
         it (`async with` closes the client when entering fails)."""
         if self.state == "closed":
             raise self._closed_error()
@@ -564,6 +573,8 @@ class RealtimeClient:
                 code = ws.close_code or 1006
         except ConnectionClosed as exc:
             code = exc.rcvd.code if exc.rcvd is not None else 1006
+        except InvalidStatus as exc:
+            self._upgrade_refused(exc.response)
         except (OSError, InvalidHandshake, TimeoutError) as exc:
             log.info("connect failed", extra={"fields": {"url": self.url, "error": str(exc)}})
         except Exception:  # an unexpected message, say: reconnect rather than stop
@@ -578,6 +589,25 @@ class RealtimeClient:
             self._finish(RealtimeError(code, f"connection closed: {_CODE_NAMES.get(code, code)}", terminal=True))
             return None
         return code
+
+    def _upgrade_refused(self, response: Response) -> None:
+        """An HTTP status instead of the upgrade. 404 is a wrong URL (the gateway answers it to a
+        malformed workspace id and to any other path, PROTOCOL.md §1) that no retry can mend:
+        terminal. Any other (the gateway's 503: draining, at its connection limit, a Kafka node
+        not ready; a proxy's 502 or 429) is retried with the backoff and reported to on_error
+        once per distinct status until a connection succeeds, not at every attempt."""
+        status = response.status_code
+        body = response.body.decode("utf-8", "replace").strip()[:200] if response.body else ""
+        detail = f"{self.url} refused the WebSocket upgrade with HTTP {status}" + (f": {body}" if body else "")
+        log.info("upgrade refused", extra={"fields": {"url": self.url, "status": status, "body": body}})
+        if status == 404:
+            self._finish(RealtimeError(status, f"{detail} (a wrong URL: the gateway's is "
+                                       "ws[s]://host/workspaces/{workspaceId}/realtime/connect)",
+                                       name="upgrade_refused", terminal=True))
+        elif status != self._refusal_reported:
+            self._refusal_reported = status
+            self._callback(self.on_error, RealtimeError(status, f"{detail}; retrying", name="upgrade_refused"),
+                           "on_error")
 
     async def _write(self, ws: ClientConnection, outbox: asyncio.Queue[str]) -> None:
         with contextlib.suppress(ConnectionClosed):
@@ -651,6 +681,7 @@ class RealtimeClient:
         self._authed = True
         self._authed_at = time.monotonic()
         self.attempt = 0
+        self._refusal_reported = None
         resumed = bool(msg.get("resumed")) and msg.get("sessionId") == self.session_id
         self.session_id = msg.get("sessionId")
         _keep(self.resumed, resumed)

@@ -238,6 +238,49 @@ async def test_a_device_clock_ahead_of_the_issuer_still_reconnects_at_once_after
         await client.close()
 
 
+@pytest.mark.parametrize("path", ["/workspaces/bad.id/realtime/connect", "/realtime/connect"])
+async def test_a_404_to_the_upgrade_is_terminal(gateway, path):
+    # A wrong URL: the gateway answers a malformed workspace id and any other path with HTTP 404
+    # before the upgrade. It was retried for good, connect() never returned, on_error heard nothing.
+    errors: list[RealtimeError] = []
+    calls: list[int] = []
+    client = RealtimeClient(f"ws://127.0.0.1:{gateway.port}{path}", lambda: calls.append(1) or gateway.token("w1"),
+                            on_error=errors.append, **FAST)
+    try:
+        with pytest.raises(RealtimeError) as info:
+            await asyncio.wait_for(client.connect(), 5)
+        err = info.value
+        assert (err.code, err.name, err.terminal) == (404, "upgrade_refused", True)
+        assert "HTTP 404" in str(err) and path in str(err)
+        assert client.state == "closed" and client.error is not None and client.error.code == 404
+        assert [e.code for e in errors] == [404]
+        await asyncio.sleep(0.5)  # several backoff periods: no retry
+        assert len(calls) == 1
+    finally:
+        await client.close()
+
+
+async def test_a_503_to_the_upgrade_is_retried_and_reported_once(gateway_factory):
+    # A gateway at its connection limit answers HTTP 503 before the upgrade: retried with the
+    # backoff (it may have room later), but it reached on_error not at all, and an operator saw
+    # only 1006 in `closes`. Now once, not at every attempt.
+    gw = await gateway_factory(env={"RT_MAX_NODE_CONNECTIONS": "1"})
+    errors: list[RealtimeError] = []
+    async with RealtimeClient(gw.ws_url("w1"), lambda: gw.token("w1")) as holder:
+        client = RealtimeClient(gw.ws_url("w1"), lambda: gw.token("w1"), on_error=errors.append, **FAST)
+        try:
+            connecting = asyncio.ensure_future(client.connect())
+            await wait_for(lambda: len(client.closes) >= 4, 5, "refused attempts")
+            assert not connecting.done() and client.state == "reconnecting"
+            assert [(e.code, e.name, e.terminal) for e in errors] == [(503, "upgrade_refused", False)]
+            assert "HTTP 503" in str(errors[0]) and "limit of 1 connections" in str(errors[0])
+            await holder.close()  # room again: the retry gets in
+            await asyncio.wait_for(connecting, 5)
+            assert client.state == "open" and len(errors) == 1
+        finally:
+            await client.close()
+
+
 @pytest.mark.parametrize("case", ["scope_denied", "token_invalid"])
 async def test_terminal_codes_raise_and_stop_reconnecting(gateway, case):
     proxy = await TcpProxy(gateway.port).start()

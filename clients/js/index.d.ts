@@ -92,15 +92,18 @@ export declare const TERMINAL_CODES: readonly number[];
 
 export declare class RealtimeError extends Error {
   constructor(code: number, message?: string, details?: { name?: string; channel?: string; terminal?: boolean });
-  /** The close or error code (4001 token_expired, 4002, 4003, 4010, ...); 0 for client-side errors. */
+  /** The close or error code (4001 token_expired, 4002, 4003, 4010, ...); 0 for client-side
+   * errors; the HTTP status for codeName "upgrade_refused". */
   code: number;
   /** The code's name, or for code 0: "token_unavailable" (getToken failed),
-   * "buffer_overflow" (an events() iterator), "websocket_unavailable" (terminal), "error". */
+   * "buffer_overflow" (an events() iterator), "websocket_unavailable" (terminal), "error";
+   * "upgrade_refused": an HTTP status instead of the upgrade (with the `ws` package only),
+   * terminal for 404 (a wrong URL), else retried and reported once per distinct status. */
   codeName: string;
   /** For token_unavailable: what getToken threw. */
   cause?: unknown;
   channel?: string;
-  /** True when the client stopped for good (4002, 4003, 1008, 1009). */
+  /** True when the client stopped for good (4002, 4003, 1008, 1009, HTTP 404 to the upgrade). */
   terminal: boolean;
 }
 
@@ -150,8 +153,9 @@ export declare class RealtimeClient {
   on(name: "state", fn: (state: ConnectionState) => void): () => void;
   on(name: "event", fn: (event: RealtimeEvent) => void): () => void;
   on(name: "gap", fn: (gap: HistoryGap) => void): () => void;
-  /** A gateway error, a terminal close, or a failing getToken (codeName "token_unavailable",
-   * `cause`: what it threw; the client retries). */
+  /** A gateway error, a terminal close, a failing getToken (codeName "token_unavailable",
+   * `cause`: what it threw; the client retries), or an upgrade refused with an HTTP status
+   * (codeName "upgrade_refused": 404 terminal, others retried, reported once per status). */
   on(name: "error", fn: (error: RealtimeError) => void): () => void;
   on(name: "open", fn: (info: OpenInfo) => void): () => void;
   on(name: "close", fn: (info: { code: number; reason: string }) => void): () => void;

@@ -10,8 +10,10 @@
 // is within 5 s of the one the gateway closed at, or the connection before lasted less than
 // 5 s: then it backs off),
 // backs off exponentially on other failures (a connection attempt that does not open within
-// openTimeoutMs counts as one) and stops on terminal codes (4002 token_invalid,
-// 4003 scope_denied, 1008 policy_violation, 1009 message_too_big) with a RealtimeError.
+// openTimeoutMs counts as one, and so does an HTTP status other than 404 instead of the upgrade,
+// reported once per status) and stops on terminal codes (4002 token_invalid, 4003
+// scope_denied, 1008 policy_violation, 1009 message_too_big), and on HTTP 404 to the upgrade
+// (a wrong URL; seen only with the `ws` package), with a RealtimeError.
 //
 // rtserver/static/rtclient.js is a verbatim copy of this file (the demo page loads it);
 // tests/test_js_client.py checks that the two stay identical.
@@ -257,6 +259,7 @@ export class RealtimeClient {
     this.expired = false; // reconnected at once after a 4001 since the last healthy connection
     this.authedAt = null;
     this.refreshedAt = null;
+    this.refusalReported = null; // HTTP status of the upgrade refusal last reported
     this.timers = { retry: null, refresh: null, ping: null, open: null };
     this.nextId = 1;
     this.closedByUser = false;
@@ -527,11 +530,55 @@ export class RealtimeClient {
       this._onMessage(msg);
     };
     ws.onerror = () => {}; // a close event follows, with the code
+    if (typeof ws.on === "function") {
+      // The `ws` package (Node.js) tells the HTTP status that refused the upgrade; a browser's
+      // WebSocket (and Node's global one) does not: an error, then a close 1006, retried.
+      ws.on("unexpected-response", (req, res) => this._upgradeRefused(ws, res));
+    }
     ws.onclose = (ev) => {
       if (this.ws !== ws) return;
       this.ws = null;
       this._onClose(ev.code, ev.reason);
     };
+  }
+
+  /**
+   * An HTTP status instead of the upgrade. 404 is a wrong URL (the gateway answers it to a
+   * malformed workspace id and to any other path, docs/protocol.md §1) that no retry can mend:
+   * terminal. Any other (the gateway's 503: draining, at its connection limit, a Kafka node not
+   * ready; a proxy's 502 or 429) is retried with the backoff and reported on "error" once per
+   * distinct status until a connection succeeds, not at every attempt. A little of the body is
+   * read first: the gateway says there why it refused.
+   */
+  _upgradeRefused(ws, res) {
+    const status = res.statusCode;
+    let body = "";
+    let settled = false;
+    const settle = () => {
+      if (settled) return;
+      settled = true;
+      if (this.ws !== ws) return; // abandoned meanwhile (openTimeoutMs) or closed
+      this.ws = null;
+      try { ws.terminate(); } catch { /* already closing */ }
+      body = body.trim().slice(0, 200);
+      const detail = `${this.url} refused the WebSocket upgrade with HTTP ${status}${body ? `: ${body}` : ""}`;
+      if (status === 404) {
+        this._finish(new RealtimeError(404, `${detail} (a wrong URL: the gateway's is `
+          + "ws[s]://host/workspaces/{workspaceId}/realtime/connect)", { name: "upgrade_refused", terminal: true }));
+        return;
+      }
+      if (status !== this.refusalReported) {
+        this.refusalReported = status;
+        this._emit("error", new RealtimeError(status, `${detail}; retrying`, { name: "upgrade_refused" }));
+        if (this.state === "closed") return; // closed by an error listener
+      }
+      this._onClose(1006, `HTTP ${status}`);
+    };
+    res.setEncoding("utf8");
+    res.on("data", (chunk) => { if (body.length < 200) body += chunk; });
+    res.on("end", settle);
+    res.on("error", settle);
+    res.on("close", settle);
   }
 
   _onMessage(msg) {
@@ -581,6 +628,7 @@ export class RealtimeClient {
     this.authed = true;
     this.authedAt = Date.now();
     this.attempt = 0;
+    this.refusalReported = null;
     const resumed = Boolean(msg.resumed) && msg.sessionId === this.sessionId;
     this.sessionId = msg.sessionId;
     this._setState("open");

@@ -10,7 +10,8 @@ import v8 from "node:v8";
 import vm from "node:vm";
 
 import { connect, RealtimeClient, RealtimeError, tokenExpiry, channelMatches } from "../src/index.js";
-import { GATEWAY_SKEWED, GATEWAY_WIDE, SKEWED_OFFSET, publish, startProxy, token, waitFor, wsUrl } from "./helpers.js";
+import { GATEWAY_ONE_CONNECTION, GATEWAY_SKEWED, GATEWAY_WIDE, SKEWED_OFFSET, publish, startProxy, token, waitFor, wsUrl }
+  from "./helpers.js";
 
 const fast = { backoffInitialMs: 50, backoffMaxMs: 400 };
 v8.setFlagsFromString("--expose-gc");
@@ -971,6 +972,56 @@ test("a device clock ahead of the issuer's still reconnects at once after 4001",
     assert.equal(opens[1].resumed, true);
     assert.equal(calls, 2);
   } finally {
+    client.close();
+  }
+});
+
+for (const path of ["/workspaces/bad.id/realtime/connect", "/realtime/connect"]) {
+  test(`a 404 to the upgrade is terminal (${path})`, { timeout: 30000 }, async () => {
+    // A wrong URL: the gateway answers a malformed workspace id and any other path with HTTP 404
+    // before the upgrade. It was retried for good and reported only as closes with 1006.
+    let calls = 0;
+    const client = connect({ url: `ws://127.0.0.1:${new URL(process.env.RT_TEST_GATEWAY).port}${path}`,
+      getToken: () => { calls++; return token(); }, headerAuth: true, ...fast });
+    const errors = [];
+    client.on("error", (e) => errors.push(e));
+    try {
+      await assert.rejects(client.ready, (err) => err instanceof RealtimeError && err.code === 404 && err.terminal
+        && err.codeName === "upgrade_refused" && err.message.includes("HTTP 404") && err.message.includes(path));
+      await assert.rejects(client.closed, (err) => err.code === 404);
+      assert.equal(client.state, "closed");
+      assert.deepEqual(errors.map((e) => e.code), [404]);
+      await new Promise((r) => setTimeout(r, 500)); // several backoff periods: no retry
+      assert.equal(calls, 1);
+    } finally {
+      client.close();
+    }
+  });
+}
+
+test("a 503 to the upgrade is retried and reported once",
+  { timeout: 30000, skip: GATEWAY_ONE_CONNECTION ? false : "RT_TEST_GATEWAY_ONE_CONNECTION is not set" }, async () => {
+  // A gateway at its connection limit answers HTTP 503 before the upgrade: retried with the
+  // backoff (it may have room later), but it never reached on("error"). Now once, not at every
+  // attempt.
+  const url = wsUrl("w1", new URL(GATEWAY_ONE_CONNECTION).port);
+  const holder = connect({ url, getToken: () => token() });
+  await holder.ready;
+  const client = connect({ url, getToken: () => token(), headerAuth: true, ...fast });
+  const errors = [];
+  client.on("error", (e) => errors.push(e));
+  const { closes } = collect(client);
+  try {
+    await waitFor(() => closes.length >= 4, 5000, "refused attempts");
+    assert.equal(client.state, "reconnecting");
+    assert.deepEqual(errors.map((e) => [e.code, e.codeName, e.terminal]), [[503, "upgrade_refused", false]]);
+    assert.ok(errors[0].message.includes("HTTP 503") && errors[0].message.includes("limit of 1 connections"), errors[0].message);
+    holder.close(); // room again: the retry gets in
+    await client.ready;
+    assert.equal(client.state, "open");
+    assert.equal(errors.length, 1);
+  } finally {
+    holder.close();
     client.close();
   }
 });

@@ -16,6 +16,8 @@ export const GATEWAY_WIDE = process.env.RT_TEST_GATEWAY_WIDE || null;
 // token issuer with it: to the client, as if its own clock ran that much off the other way.
 export const GATEWAY_SKEWED = process.env.RT_TEST_GATEWAY_SKEWED || null;
 export const SKEWED_OFFSET = Number(process.env.RT_TEST_SKEWED_OFFSET || 0);
+// A gateway that holds one WebSocket connection at most (RT_MAX_NODE_CONNECTIONS=1).
+export const GATEWAY_ONE_CONNECTION = process.env.RT_TEST_GATEWAY_ONE_CONNECTION || null;
 
 const b64url = (buf) => Buffer.from(buf).toString("base64url");
 
