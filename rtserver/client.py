@@ -6,7 +6,7 @@ resumes its session with the last seen `seq` after any disconnect (or re-subscri
 `since` when the session is gone or authentication is by header, so missed
 events are replayed from the gateway's history and a `history_gap` is reported when they
 cannot be), refreshes the token in-band before it expires (`refresh_margin`, 30 s, before
-`exp`, at most 75% into the time left; the time left is read from the local clock but taken as
+`exp`, but not before 75% of the time left has passed; the time left is read from the local clock but taken as
 the token's lifetime `exp - iat` at most, and after a refresh the next one waits a quarter of
 that lifetime at least, 10 s without `iat`: a device clock ahead of the issuer's, which sees
 every fresh token as expired, refreshes four times per lifetime instead of in a loop),
@@ -129,7 +129,7 @@ def _is_number(value: object) -> bool:
 def _refresh_delay(token: str, margin: float, since_refresh: float | None) -> float | None:
     """Seconds until the in-band refresh of `token`, just received; None: it has no `exp`.
 
-    Due `margin` before `exp` by the local clock (after 75% of the time left at the latest),
+    Due `margin` before `exp` by the local clock (but not before 75% of the time left has passed),
     but the local clock may be off the issuer's, which set `exp` and `iat`:
     * behind: the time left is taken as the token's lifetime (`exp - iat`) at most;
     * ahead: every fresh token looks about to expire, or expired (a device 400 s fast, 300 s

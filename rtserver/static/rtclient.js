@@ -118,7 +118,7 @@ function isFresh(token, expired) {
 }
 
 // Milliseconds until the in-band refresh of `token`, just received; null: it has no `exp`.
-// Due `marginMs` before `exp` by the local clock (after 75% of the time left at the latest),
+// Due `marginMs` before `exp` by the local clock (but not before 75% of the time left has passed),
 // but the local clock may be off the issuer's, which set `exp` and `iat`:
 // - behind: the time left is taken as the token's lifetime (`exp - iat`) at most;
 // - ahead: every fresh token looks about to expire, or expired (a device 400 s fast, 300 s
