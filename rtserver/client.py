@@ -18,7 +18,7 @@ over 30 s) on other losses and when `get_token`
 fails (at connect or for a refresh: reported to on_error as a RealtimeError named
 "token_unavailable", then retried; a failed refresh, at the 4001 that ends the session),
 and stops with a RealtimeError on terminal codes (4002, 4003, 1008, 1009) and on HTTP 404 to
-the upgrade (a wrong URL: the gateway answers it to a malformed workspace id or any other path;
+the upgrade before any connection succeeded (a wrong URL: the gateway answers it to a malformed workspace id or any other path;
 code 404, name "upgrade_refused"). The gateway's other answer before the upgrade, HTTP 503
 (draining, at its connection limit, a Kafka node not ready), and any other status (a proxy's
 502, 429) are retried with the backoff and reported to on_error as an "upgrade_refused"
@@ -591,16 +591,19 @@ class RealtimeClient:
         return code
 
     def _upgrade_refused(self, response: Response) -> None:
-        """An HTTP status instead of the upgrade. 404 is a wrong URL (the gateway answers it to a
-        malformed workspace id and to any other path, PROTOCOL.md §1) that no retry can mend:
-        terminal. Any other (the gateway's 503: draining, at its connection limit, a Kafka node
-        not ready; a proxy's 502 or 429) is retried with the backoff and reported to on_error
+        """An HTTP status instead of the upgrade. 404 before any connection succeeded is a wrong
+        URL (the gateway answers it to a malformed workspace id and to any other path,
+        PROTOCOL.md §1) that no retry can mend: terminal. Any other status, or a 404 once a
+        connection has succeeded (a proxy's during a deploy; the gateway's 503: draining, at its
+        connection limit, a Kafka node not ready; a proxy's 502 or 429) is retried with the backoff and reported to on_error
         once per distinct status until a connection succeeds, not at every attempt."""
         status = response.status_code
         body = response.body.decode("utf-8", "replace").strip()[:200] if response.body else ""
         detail = f"{self.url} refused the WebSocket upgrade with HTTP {status}" + (f": {body}" if body else "")
         log.info("upgrade refused", extra={"fields": {"url": self.url, "status": status, "body": body}})
-        if status == 404:
+        if status == 404 and self.session_id is None:
+            # Never connected: the URL is wrong. Once it has worked, a 404 is a proxy's or a load
+            # balancer's in the middle of a deploy, and retried like the others.
             self._finish(RealtimeError(status, f"{detail} (a wrong URL: the gateway's is "
                                        "ws[s]://host/workspaces/{workspaceId}/realtime/connect)",
                                        name="upgrade_refused", terminal=True))

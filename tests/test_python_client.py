@@ -260,6 +260,29 @@ async def test_a_404_to_the_upgrade_is_terminal(gateway, path):
         await client.close()
 
 
+async def test_a_404_once_connected_is_retried_and_reported_once(gateway):
+    # Once a connection has succeeded the URL is right: a 404 then is a proxy's or a load
+    # balancer's during a deploy, retried with the backoff (and reported once), not the end.
+    proxy = await TcpProxy(gateway.port).start()
+    errors: list[RealtimeError] = []
+    client = RealtimeClient(f"ws://127.0.0.1:{proxy.port}/workspaces/w1/realtime/connect",
+                            lambda: gateway.token("w1"), on_error=errors.append, **FAST)
+    try:
+        await asyncio.wait_for(client.connect(), 5)
+        proxy.answer = b"HTTP/1.1 404 Not Found\r\nContent-Length: 9\r\nConnection: close\r\n\r\nno route!"
+        refused = proxy.accepted
+        proxy.cut()
+        await wait_for(lambda: proxy.accepted - refused >= 3, 5, "refused attempts")
+        assert client.state == "reconnecting" and client.error is None
+        assert [(e.code, e.name, e.terminal) for e in errors] == [(404, "upgrade_refused", False)]
+        proxy.answer = None
+        await wait_for(lambda: client.state == "open", 5, "the connection back")
+        assert len(errors) == 1
+    finally:
+        await client.close()
+        await proxy.close()
+
+
 async def test_a_503_to_the_upgrade_is_retried_and_reported_once(gateway_factory):
     # A gateway at its connection limit answers HTTP 503 before the upgrade: retried with the
     # backoff (it may have room later), but it reached on_error not at all, and an operator saw

@@ -98,12 +98,14 @@ export declare class RealtimeError extends Error {
   /** The code's name, or for code 0: "token_unavailable" (getToken failed),
    * "buffer_overflow" (an events() iterator), "websocket_unavailable" (terminal), "error";
    * "upgrade_refused": an HTTP status instead of the upgrade (with the `ws` package only),
-   * terminal for 404 (a wrong URL), else retried and reported once per distinct status. */
+   * terminal for 404 before any connection succeeded (a wrong URL), else retried and reported
+   * once per distinct status. */
   codeName: string;
   /** For token_unavailable: what getToken threw. */
   cause?: unknown;
   channel?: string;
-  /** True when the client stopped for good (4002, 4003, 1008, 1009, HTTP 404 to the upgrade). */
+  /** True when the client stopped for good (4002, 4003, 1008, 1009, HTTP 404 to the
+   * upgrade before any connection succeeded). */
   terminal: boolean;
 }
 
@@ -155,7 +157,8 @@ export declare class RealtimeClient {
   on(name: "gap", fn: (gap: HistoryGap) => void): () => void;
   /** A gateway error, a terminal close, a failing getToken (codeName "token_unavailable",
    * `cause`: what it threw; the client retries), or an upgrade refused with an HTTP status
-   * (codeName "upgrade_refused": 404 terminal, others retried, reported once per status). */
+   * (codeName "upgrade_refused": 404 before any connection terminal, others retried, reported
+   * once per status). */
   on(name: "error", fn: (error: RealtimeError) => void): () => void;
   on(name: "open", fn: (info: OpenInfo) => void): () => void;
   on(name: "close", fn: (info: { code: number; reason: string }) => void): () => void;

@@ -13,7 +13,8 @@
 // openTimeoutMs counts as one, and so does an HTTP status other than 404 instead of the upgrade,
 // reported once per status) and stops on terminal codes (4002 token_invalid, 4003
 // scope_denied, 1008 policy_violation, 1009 message_too_big), and on HTTP 404 to the upgrade
-// (a wrong URL; seen only with the `ws` package), with a RealtimeError.
+// before any connection succeeded (a wrong URL; seen only with the `ws` package), with a
+// RealtimeError.
 //
 // rtserver/static/rtclient.js is a verbatim copy of this file (the demo page loads it);
 // tests/test_js_client.py checks that the two stay identical.
@@ -543,10 +544,11 @@ export class RealtimeClient {
   }
 
   /**
-   * An HTTP status instead of the upgrade. 404 is a wrong URL (the gateway answers it to a
-   * malformed workspace id and to any other path, docs/protocol.md §1) that no retry can mend:
-   * terminal. Any other (the gateway's 503: draining, at its connection limit, a Kafka node not
-   * ready; a proxy's 502 or 429) is retried with the backoff and reported on "error" once per
+   * An HTTP status instead of the upgrade. 404 before any connection succeeded is a wrong URL
+   * (the gateway answers it to a malformed workspace id and to any other path, docs/protocol.md
+   * §1) that no retry can mend: terminal. Any other status, or a 404 once a connection has
+   * succeeded (a proxy's during a deploy; the gateway's 503: draining, at its connection limit,
+   * a Kafka node not ready; a proxy's 502 or 429) is retried with the backoff and reported on "error" once per
    * distinct status until a connection succeeds, not at every attempt. A little of the body is
    * read first: the gateway says there why it refused.
    */
@@ -562,7 +564,9 @@ export class RealtimeClient {
       try { ws.terminate(); } catch { /* already closing */ }
       body = body.trim().slice(0, 200);
       const detail = `${this.url} refused the WebSocket upgrade with HTTP ${status}${body ? `: ${body}` : ""}`;
-      if (status === 404) {
+      if (status === 404 && this.sessionId === null) {
+        // Never connected: the URL is wrong. Once it has worked, a 404 is a proxy's or a load
+        // balancer's in the middle of a deploy, and retried like the others.
         this._finish(new RealtimeError(404, `${detail} (a wrong URL: the gateway's is `
           + "ws[s]://host/workspaces/{workspaceId}/realtime/connect)", { name: "upgrade_refused", terminal: true }));
         return;

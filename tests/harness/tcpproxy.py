@@ -7,7 +7,9 @@ dropped both ways (writes succeed, nothing arrives), as on a link that died with
 while `paused` is set, nothing is forwarded but nothing is lost either: the proxy stops reading
 both ways (and a new connection is not connected onwards), bytes wait in the buffers and TCP's
 flow control pushes back on the senders, and they are all delivered, in order, once `paused` is
-cleared: a network that stalls and heals, as TCP retransmission would deliver.
+cleared: a network that stalls and heals, as TCP retransmission would deliver. While `answer`
+is set, a new connection gets those bytes (an HTTP answer, say a load balancer's 404 during a
+deploy) once its request head is in, and is closed.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ class TcpProxy:
         self.target = (target_host, target_port)
         self.hold = False
         self.frozen = False
+        self.answer: bytes | None = None
         self.accepted = 0
         self.port = 0
         self._server: asyncio.Server | None = None
@@ -60,6 +63,15 @@ class TcpProxy:
         self.accepted += 1
         if self.hold:
             writer.transport.abort()
+            return
+        if self.answer is not None:
+            try:
+                await reader.readuntil(b"\r\n\r\n")
+                writer.write(self.answer)
+                await writer.drain()
+            except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+                pass
+            writer.close()
             return
         if self.paused:
             self._writers.add(writer)  # cut() reaches it while it waits

@@ -999,6 +999,30 @@ for (const path of ["/workspaces/bad.id/realtime/connect", "/realtime/connect"])
   });
 }
 
+test("a 404 once connected is retried and reported once", { timeout: 30000 }, async () => {
+  // Once a connection has succeeded the URL is right: a 404 then is a proxy's or a load
+  // balancer's during a deploy, retried with the backoff (and reported once), not the end.
+  const proxy = await startProxy();
+  const client = connect({ url: wsUrl("w1", proxy.port), getToken: () => token(), headerAuth: true, ...fast });
+  const errors = [];
+  client.on("error", (e) => errors.push(e));
+  try {
+    await client.ready;
+    proxy.answer = "HTTP/1.1 404 Not Found\r\nContent-Length: 9\r\nConnection: close\r\n\r\nno route!";
+    const refused = proxy.accepted;
+    proxy.cut();
+    await waitFor(() => proxy.accepted - refused >= 3, 5000, "refused attempts");
+    assert.equal(client.state, "reconnecting");
+    assert.deepEqual(errors.map((e) => [e.code, e.codeName, e.terminal]), [[404, "upgrade_refused", false]]);
+    proxy.answer = null;
+    await waitFor(() => client.state === "open", 5000, "the connection back");
+    assert.equal(errors.length, 1);
+  } finally {
+    client.close();
+    await proxy.close();
+  }
+});
+
 test("a 503 to the upgrade is retried and reported once",
   { timeout: 30000, skip: GATEWAY_ONE_CONNECTION ? false : "RT_TEST_GATEWAY_ONE_CONNECTION is not set" }, async () => {
   // A gateway at its connection limit answers HTTP 503 before the upgrade: retried with the

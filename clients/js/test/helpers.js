@@ -60,6 +60,8 @@ export async function waitFor(predicate, ms = 5000, what = "condition") {
  * once; while `frozen` is true bytes are dropped both ways (a half-dead link: writes succeed,
  * nothing arrives); while `corked` is true what the gateway sends is held back, and `uncork()`
  * hands it to the client in one write. `downstream` is everything the gateway sent so far.
+ * While `answer` is set, a new connection gets that text (an HTTP answer, say a load balancer's
+ * 404 during a deploy) once its request head is in, and is closed.
  */
 export async function startProxy({ gateway = GATEWAY } = {}) {
   const target = new URL(gateway);
@@ -69,6 +71,7 @@ export async function startProxy({ gateway = GATEWAY } = {}) {
     hold: false,
     frozen: false,
     corked: false,
+    answer: null,
     accepted: 0,
     port: 0,
     downstream: "",
@@ -88,6 +91,16 @@ export async function startProxy({ gateway = GATEWAY } = {}) {
   const server = net.createServer((client) => {
     proxy.accepted += 1;
     if (proxy.hold) { client.destroy(); return; }
+    if (proxy.answer !== null) {
+      const answer = proxy.answer;
+      let head = "";
+      client.on("error", () => {});
+      client.on("data", (data) => {
+        head += data.toString("latin1");
+        if (head.includes("\r\n\r\n")) client.end(answer);
+      });
+      return;
+    }
     const upstream = net.connect(Number(target.port), target.hostname);
     sockets.add(client); sockets.add(upstream);
     const drop = () => { client.destroy(); upstream.destroy(); sockets.delete(client); sockets.delete(upstream); };
