@@ -17,7 +17,8 @@ exponentially (1 s doubling to 30 s, each wait up to half as long again at rando
 over 30 s) on other losses and when `get_token`
 fails (at connect or for a refresh: reported to on_error as a RealtimeError named
 "token_unavailable", then retried; a failed refresh, at the 4001 that ends the session),
-and stops with a RealtimeError on terminal codes (4002, 4003, 1008, 1009) and on HTTP 404 to
+and stops with a RealtimeError on terminal codes (4002, 4003, 1008, 1009; but a 4002 after the
+error "auth timeout", which says the auth message came too late, is retried) and on HTTP 404 to
 the upgrade before any connection succeeded (a wrong URL: the gateway answers it to a malformed workspace id or any other path;
 code 404, name "upgrade_refused"). The gateway's other answer before the upgrade, HTTP 503
 (draining, at its connection limit, a Kafka node not ready), and any other status (a proxy's
@@ -318,6 +319,7 @@ class RealtimeClient:
         self._refreshed_at: float | None = None  # monotonic start of the connection's last refresh
         self._presented: str | None = None  # the token the gateway last took (at connect or a refresh)
         self._refusal_reported: int | None = None  # HTTP status of the upgrade refusal last reported
+        self._auth_timed_out = False  # this connection's 4002 is "auth timeout", not a bad token
         self._callback_tasks: set[asyncio.Future[Any]] = set()
 
     # ---- public API ----------------------------------------------------------------------
@@ -557,6 +559,7 @@ class RealtimeClient:
         code = 1006
         self._presented = token
         self._refreshed_at = None
+        self._auth_timed_out = False
         try:
             headers = {"Authorization": f"Bearer {token}"} if self.header_auth else None
             # No max_size: an event frame is as large as its change (a PostgreSQL row can hold
@@ -585,7 +588,7 @@ class RealtimeClient:
         if self.state == "closed":
             return None
         _keep(self.closes, code)
-        if code in TERMINAL_CODES:
+        if code in TERMINAL_CODES and not (code == 4002 and self._auth_timed_out):
             self._finish(RealtimeError(code, f"connection closed: {_CODE_NAMES.get(code, code)}", terminal=True))
             return None
         return code
@@ -797,6 +800,10 @@ class RealtimeClient:
             for feed in list(self._feeds):
                 feed.push(gap, self._subs)
             return
+        if code == 4002 and not self._authed and msg.get("message") == "auth timeout":
+            # Our auth message came too late (a frozen process, a stalled link), not a bad
+            # token: the close 4002 that follows is retried with the backoff, not the end.
+            self._auth_timed_out = True
         sub = self._refused(msg) if code in _SUBSCRIPTION_REFUSALS else None
         err = RealtimeError(code, msg.get("message", ""), name=msg.get("name"),
                             channel=channel or (sub.channel if sub is not None else None))

@@ -260,6 +260,29 @@ async def test_a_404_to_the_upgrade_is_terminal(gateway, path):
         await client.close()
 
 
+async def test_an_auth_timeout_is_retried_not_the_end(gateway_factory):
+    # A 4002 after the error "auth timeout" says the auth message came too late (a frozen
+    # process, a stalled link), not that the token is bad: it was terminal, the client stopped
+    # for good. Here every chunk the client sends reaches the gateway 0.6 s late, past its 0.3 s.
+    gw = await gateway_factory(env={"RT_AUTH_TIMEOUT": "0.3"})
+    proxy = await TcpProxy(gw.port).start()
+    proxy.upstream_delay = 0.6
+    errors: list[RealtimeError] = []
+    client = RealtimeClient(f"ws://127.0.0.1:{proxy.port}/workspaces/w1/realtime/connect",
+                            lambda: gw.token("w1"), on_error=errors.append, **FAST)
+    try:
+        connecting = asyncio.ensure_future(client.connect())
+        await wait_for(lambda: client.closes.count(4002) >= 2, 10, "timed-out attempts")
+        assert not connecting.done() and client.state == "reconnecting" and client.error is None
+        assert {(e.code, str(e)) for e in errors} == {(4002, "auth timeout")}
+        proxy.upstream_delay = 0.0
+        await asyncio.wait_for(connecting, 10)
+        assert client.state == "open"
+    finally:
+        await client.close()
+        await proxy.close()
+
+
 async def test_a_404_once_connected_is_retried_and_reported_once(gateway):
     # Once a connection has succeeded the URL is right: a 404 then is a proxy's or a load
     # balancer's during a deploy, retried with the backoff (and reported once), not the end.

@@ -12,7 +12,8 @@
 // backs off exponentially on other failures (a connection attempt that does not open within
 // openTimeoutMs counts as one, and so does an HTTP status other than 404 instead of the upgrade,
 // reported once per status) and stops on terminal codes (4002 token_invalid, 4003
-// scope_denied, 1008 policy_violation, 1009 message_too_big), and on HTTP 404 to the upgrade
+// scope_denied, 1008 policy_violation, 1009 message_too_big; but a 4002 after the error "auth
+// timeout", which says the auth message came too late, is retried), and on HTTP 404 to the upgrade
 // before any connection succeeded (a wrong URL; seen only with the `ws` package), with a
 // RealtimeError.
 //
@@ -499,6 +500,7 @@ export class RealtimeClient {
     this.token = token;
     this.refreshedAt = null; // (monotonicMs) when the connection's last refresh started
     this.authed = false;
+    this.authTimedOut = false; // this connection's 4002 is "auth timeout", not a bad token
     // An upgrade that never completes (a stuck proxy, a half-open path) counts as a failed
     // attempt: without this the client would stay "connecting" for good.
     this.timers.open = setTimeout(() => {
@@ -702,6 +704,11 @@ export class RealtimeClient {
       for (const it of this._liveIterators()) it.push(gap);
       return;
     }
+    if (msg.code === 4002 && !this.authed && msg.message === "auth timeout") {
+      // Our auth message came too late (a frozen tab, a stalled link), not a bad token: the
+      // close 4002 that follows is retried with the backoff, not the end.
+      this.authTimedOut = true;
+    }
     const sub = [4000, 4003, 4008, 4010].includes(msg.code) ? this._refused(msg) : null;
     const err = new RealtimeError(msg.code, msg.message, { name: msg.name, channel: msg.channel || sub?.channel });
     if (sub) {
@@ -738,7 +745,7 @@ export class RealtimeClient {
     // A close listener may have called close(): it is final (the 4001 path below would set the
     // state back to "reconnecting" and connect again).
     if (this.state === "closed") return;
-    if (TERMINAL_CODES.includes(code)) {
+    if (TERMINAL_CODES.includes(code) && !(code === 4002 && this.authTimedOut)) {
       this._finish(new RealtimeError(code, `connection closed: ${reason || CODE_NAMES[code] || code}`,
         { name: reason || CODE_NAMES[code], terminal: true }));
       return;

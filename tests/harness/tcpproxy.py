@@ -9,7 +9,9 @@ both ways (and a new connection is not connected onwards), bytes wait in the buf
 flow control pushes back on the senders, and they are all delivered, in order, once `paused` is
 cleared: a network that stalls and heals, as TCP retransmission would deliver. While `answer`
 is set, a new connection gets those bytes (an HTTP answer, say a load balancer's 404 during a
-deploy) once its request head is in, and is closed.
+deploy) once its request head is in, and is closed. `upstream_delay` (seconds) holds each chunk
+a client sends that long before it goes on to the target: a client frozen for a while (a
+background tab) as the gateway sees it.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ class TcpProxy:
         self.hold = False
         self.frozen = False
         self.answer: bytes | None = None
+        self.upstream_delay = 0.0
         self.accepted = 0
         self.port = 0
         self._server: asyncio.Server | None = None
@@ -85,9 +88,9 @@ class TcpProxy:
             writer.transport.abort()
             return
         self._writers.update((writer, up_writer))
-        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+        await asyncio.gather(self._pipe(reader, up_writer, upstream=True), self._pipe(up_reader, writer))
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, upstream: bool = False) -> None:
         try:
             while True:
                 await self._flowing.wait()
@@ -97,6 +100,8 @@ class TcpProxy:
                 if self.frozen:
                     continue
                 await self._flowing.wait()  # paused while this chunk was read: it waits too
+                if upstream and self.upstream_delay:
+                    await asyncio.sleep(self.upstream_delay)
                 writer.write(data)
                 await writer.drain()
         except (ConnectionError, OSError):

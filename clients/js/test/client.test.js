@@ -10,7 +10,7 @@ import v8 from "node:v8";
 import vm from "node:vm";
 
 import { connect, RealtimeClient, RealtimeError, tokenExpiry, channelMatches } from "../src/index.js";
-import { GATEWAY_ONE_CONNECTION, GATEWAY_SKEWED, GATEWAY_WIDE, SKEWED_OFFSET, publish, startProxy, token, waitFor, wsUrl }
+import { GATEWAY_HASTY, GATEWAY_ONE_CONNECTION, GATEWAY_SKEWED, GATEWAY_WIDE, SKEWED_OFFSET, publish, startProxy, token, waitFor, wsUrl }
   from "./helpers.js";
 
 const fast = { backoffInitialMs: 50, backoffMaxMs: 400 };
@@ -998,6 +998,30 @@ for (const path of ["/workspaces/bad.id/realtime/connect", "/realtime/connect"])
     }
   });
 }
+
+test("an auth timeout is retried, not the end",
+  { timeout: 30000, skip: GATEWAY_HASTY ? false : "RT_TEST_GATEWAY_HASTY is not set" }, async () => {
+  // A 4002 after the error "auth timeout" says the auth message came too late (a tab frozen in
+  // the background, a stalled link), not that the token is bad: it was terminal, the client
+  // stopped for good. Here what the client sends reaches the gateway 0.6 s late, past its 0.3 s.
+  const proxy = await startProxy({ gateway: GATEWAY_HASTY });
+  proxy.upstreamDelay = 600;
+  const client = connect({ url: wsUrl("w1", proxy.port), getToken: () => token(), ...fast });
+  const errors = [];
+  client.on("error", (e) => errors.push(e));
+  const { closes } = collect(client);
+  try {
+    await waitFor(() => closes.filter((c) => c.code === 4002).length >= 2, 10000, "timed-out attempts");
+    assert.equal(client.state, "reconnecting");
+    assert.deepEqual([...new Set(errors.map((e) => `${e.code} ${e.message}`))], ["4002 auth timeout"]);
+    proxy.upstreamDelay = 0;
+    await client.ready;
+    assert.equal(client.state, "open");
+  } finally {
+    client.close();
+    await proxy.close();
+  }
+});
 
 test("a 404 once connected is retried and reported once", { timeout: 30000 }, async () => {
   // Once a connection has succeeded the URL is right: a 404 then is a proxy's or a load

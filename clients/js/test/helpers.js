@@ -18,6 +18,8 @@ export const GATEWAY_SKEWED = process.env.RT_TEST_GATEWAY_SKEWED || null;
 export const SKEWED_OFFSET = Number(process.env.RT_TEST_SKEWED_OFFSET || 0);
 // A gateway that holds one WebSocket connection at most (RT_MAX_NODE_CONNECTIONS=1).
 export const GATEWAY_ONE_CONNECTION = process.env.RT_TEST_GATEWAY_ONE_CONNECTION || null;
+// A gateway that waits 0.3 s for the auth message (RT_AUTH_TIMEOUT=0.3).
+export const GATEWAY_HASTY = process.env.RT_TEST_GATEWAY_HASTY || null;
 
 const b64url = (buf) => Buffer.from(buf).toString("base64url");
 
@@ -61,7 +63,9 @@ export async function waitFor(predicate, ms = 5000, what = "condition") {
  * nothing arrives); while `corked` is true what the gateway sends is held back, and `uncork()`
  * hands it to the client in one write. `downstream` is everything the gateway sent so far.
  * While `answer` is set, a new connection gets that text (an HTTP answer, say a load balancer's
- * 404 during a deploy) once its request head is in, and is closed.
+ * 404 during a deploy) once its request head is in, and is closed. `upstreamDelay` (ms) holds
+ * what the client sends that long before it goes on: a client frozen for a while (a background
+ * tab) as the gateway sees it.
  */
 export async function startProxy({ gateway = GATEWAY } = {}) {
   const target = new URL(gateway);
@@ -72,6 +76,7 @@ export async function startProxy({ gateway = GATEWAY } = {}) {
     frozen: false,
     corked: false,
     answer: null,
+    upstreamDelay: 0,
     accepted: 0,
     port: 0,
     downstream: "",
@@ -106,7 +111,11 @@ export async function startProxy({ gateway = GATEWAY } = {}) {
     const drop = () => { client.destroy(); upstream.destroy(); sockets.delete(client); sockets.delete(upstream); };
     client.on("error", drop); upstream.on("error", drop);
     client.on("close", drop); upstream.on("close", drop);
-    client.on("data", (data) => { if (!proxy.frozen) upstream.write(data); });
+    client.on("data", (data) => {
+      if (proxy.frozen) return;
+      if (proxy.upstreamDelay) setTimeout(() => upstream.write(data), proxy.upstreamDelay);
+      else upstream.write(data);
+    });
     upstream.on("data", (data) => {
       if (proxy.frozen) return;
       proxy.downstream += data.toString("latin1");
