@@ -23,6 +23,7 @@ import bson
 from bson import DBRef, Decimal128, MaxKey, MinKey, ObjectId, Regex, Timestamp
 from bson.binary import Binary
 from bson.code import Code
+from bson.codec_options import CodecOptions, DatetimeConversion
 from bson.datetime_ms import DatetimeMS
 from bson.raw_bson import RawBSONDocument
 
@@ -32,6 +33,9 @@ from rtcore.timefmt import iso_ms, now_ms
 
 OPERATIONS = {"insert": "INSERT", "update": "UPDATE", "replace": "REPLACE", "delete": "DELETE"}
 _UUID_SUBTYPES = (3, 4)
+# A date outside datetime's years 1-9999 (MongoDB keeps any int64 of milliseconds) decodes as
+# DatetimeMS instead of failing the whole change, as the compiled decoder reads it.
+_DECODE = CodecOptions(datetime_conversion=DatetimeConversion.DATETIME_AUTO)
 _REGEX_FLAGS = (("i", re.IGNORECASE), ("l", re.LOCALE), ("m", re.MULTILINE), ("s", re.DOTALL),
                 ("u", re.UNICODE), ("x", re.VERBOSE))
 
@@ -120,6 +124,8 @@ def change_timestamp(change: Mapping[str, Any]) -> str:
     wall = change.get("wallTime")
     if isinstance(wall, _dt.datetime):
         return iso_datetime(wall)
+    if isinstance(wall, DatetimeMS):
+        return iso_ms(int(wall))
     cluster = change.get("clusterTime")
     if isinstance(cluster, Timestamp):
         return iso_ms(cluster.time * 1000)
@@ -154,13 +160,13 @@ def _update_description(desc: Mapping[str, Any] | None) -> dict[str, Any] | None
 def decode_raw(raw: bytes | RawBSONDocument) -> dict[str, Any]:
     """BSON bytes (or a RawBSONDocument) as JSON-ready values."""
     data = raw.raw if isinstance(raw, RawBSONDocument) else raw
-    return to_json(bson.decode(data))
+    return to_json(bson.decode(data, _DECODE))
 
 
 def normalize_raw(raw: bytes | RawBSONDocument, workspaces: Sequence[str]) -> list[Event]:
     """`normalize_change` of a change event still in BSON (PyMongo's RawBSONDocument or bytes)."""
     data = raw.raw if isinstance(raw, RawBSONDocument) else raw
-    return normalize_change(bson.decode(data), workspaces)
+    return normalize_change(bson.decode(data, _DECODE), workspaces)
 
 
 def normalize_decoded(change: dict[str, Any], workspaces: Sequence[str]) -> list[Event]:

@@ -162,6 +162,24 @@ def test_dates_beyond_four_digit_years_are_written_not_refused(ms, text):
         assert [(e.body, e.record) for e in got] == [(e.body, e.record) for e in expected]
 
 
+@pytest.mark.parametrize("ms", [253402300800000, -62167219200000, -62135596800001, 2**63 - 1, -(2**63)])
+def test_the_reference_reads_far_dates_as_the_compiled_module_does(ms):
+    """rtcore.mongo_ref is what the feed runs when the extension is not built: a date PyMongo's
+    datetime cannot hold (before year 1, after 9999; MongoDB keeps any int64) must be delivered
+    by it too, with the same text, not refused as malformed (and the change skipped)."""
+    from bson.datetime_ms import DatetimeMS
+
+    change = order_change(1, "insert")
+    change["fullDocument"] = {"_id": 1, "d": DatetimeMS(ms), "list": [DatetimeMS(ms)]}
+    change["wallTime"] = DatetimeMS(ms)
+    raw = bson.encode(change)
+    assert mongo_ref.decode_raw(raw) == mongo.decode_raw(raw)
+    expected = [(e.body, e.record) for e in mongo.normalize_raw(raw, ["w1"])]
+    assert json.loads(expected[0][0])["timestamp"] == expected[0][1]["d"]  # wallTime, as written
+    for got in (mongo_ref.normalize_raw(raw, ["w1"]), mongo_ref.normalize_decoded(mongo_ref.decode_raw(raw), ["w1"])):
+        assert [(e.body, e.record) for e in got] == expected
+
+
 def test_memoryview_of_bson_is_accepted():
     # PyMongo hands over a large reply's documents as memoryviews of its buffer.
     raw = bson.encode(order_change(3, "insert"))
