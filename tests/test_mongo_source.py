@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 
 import bson
 import pytest
@@ -140,6 +141,23 @@ async def test_resume_after_server_drops_connections(env):
 
 async def test_resume_after_getmore_network_error_and_resumable_error(env):
     await sc.resume_after_failpoints(env)
+
+
+@pytest.mark.parametrize("stored", ["", "AAAA", "BQAAAAAB"])  # nothing, 3 bytes, {} with a byte after it
+async def test_a_token_file_whose_token_is_not_bson_is_reported_and_the_feed_starts(env, stored, caplog):
+    """A token file that is JSON but whose token is not BSON (emptied by hand, cut short, a
+    seeded token that was not one) is as unreadable as a file that is not JSON: an error in
+    the log and a stream from now, not a feed task dead before its first stream (not ready
+    for ever, with nothing in last_error)."""
+    source = sc.make_source(env)
+    os.makedirs(env.state_dir, exist_ok=True)
+    with open(source._tokens.path, "w", encoding="utf-8") as fh:
+        json.dump({"version": 1, "token": stored, "startAfter": False}, fh)
+    async with sc.running(env), sc.client(env) as db:
+        await db.orders.insert_one({"_id": 1})
+        bodies = await sc.settle(env, 1)
+    assert [b["document"]["_id"] for b in bodies] == [1]
+    assert "mongo resume token file unreadable, starting from now" in caplog.text
 
 
 async def test_history_lost_reports_a_gap_and_restarts(env):

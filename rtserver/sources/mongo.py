@@ -93,20 +93,24 @@ class ResumeTokenStore:
 
     async def load(self) -> tuple[dict[str, Any] | None, bool]:
         """(token, whether to resume with startAfter: the token is an invalidate event's)."""
-        data = await asyncio.get_running_loop().run_in_executor(None, self._read)
-        if data is None:
+        read = await asyncio.get_running_loop().run_in_executor(None, self._read)
+        if read is None:
             return None, False
+        data, token = read
         self._written = data
-        return bson.decode(data[1:]), data[:1] == b"S"
+        return token, data[:1] == b"S"
 
-    def _read(self) -> bytes | None:
+    def _read(self) -> tuple[bytes, dict[str, Any]] | None:
+        """(the stored bytes, the token they hold), or None: no file, or one no token can be
+        read from (the token must be BSON too, else the feed would die before its first stream)."""
         try:
             with open(self.path, encoding="utf-8") as fh:
                 stored = json.load(fh)
-            return (b"S" if stored.get("startAfter") else b"R") + base64.b64decode(stored["token"])
+            data = (b"S" if stored.get("startAfter") else b"R") + base64.b64decode(stored["token"])
+            return data, bson.decode(data[1:])
         except FileNotFoundError:
             return None
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, InvalidBSON) as exc:
             log.error("mongo resume token file unreadable, starting from now",
                       extra={"fields": {"path": self.path, "error": str(exc)}})
             return None
