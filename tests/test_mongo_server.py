@@ -249,3 +249,22 @@ async def test_drop_connections_and_kill_cursors(db, mongo_server):
     await stream.close()
     await asyncio.sleep(0.05)
     assert "killCursors" in mongo_server.commands_seen()
+
+
+async def test_views_and_time_series_are_listed_by_type(db):
+    """As mongod lists them (db.getCollectionInfos()): a view with type "view", its viewOn and
+    pipeline, read-only, beside the system.views collection that holds it; a time-series
+    collection with type "timeseries". A write to a view fails as on mongod (166)."""
+    await db.orders.insert_one({"_id": 1})
+    await db.create_collection("paid", viewOn="orders", pipeline=[{"$match": {"status": "paid"}}])
+    await db.create_collection("readings", timeseries={"timeField": "t"})
+    infos = {i["name"]: i async for i in await db.list_collections()}
+    assert infos["paid"]["type"] == "view" and infos["paid"]["info"] == {"readOnly": True}
+    assert infos["paid"]["options"] == {"viewOn": "orders", "pipeline": [{"$match": {"status": "paid"}}]}
+    assert infos["readings"]["type"] == "timeseries" and infos["readings"]["options"]["timeseries"]["timeField"] == "t"
+    assert infos["orders"]["type"] == infos["system.views"]["type"] == "collection"
+    names = {i["name"]: i["type"] async for i in await db.list_collections(nameOnly=True)}
+    assert names == {"orders": "collection", "paid": "view", "readings": "timeseries", "system.views": "collection"}
+    with pytest.raises(OperationFailure) as failed:
+        await db.paid.insert_one({"_id": 2})
+    assert failed.value.code == 166

@@ -176,6 +176,10 @@ async def test_check_channel(env):
     await sc.check_channel(env)
 
 
+async def test_a_view_or_time_series_collection_is_refused_saying_what_it_is(env):
+    await sc.views_and_time_series_are_not_channels(env)
+
+
 async def test_operations_narrow_the_stream(env):
     await sc.operations_narrow_the_stream(env)
     assert "aggregate" in env.server.commands_seen()

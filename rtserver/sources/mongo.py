@@ -230,7 +230,7 @@ class MongoSource:
         self._start_after: Any = None  # ...after an invalidate (startAfter)
         self._with_pre_images = True
         self._split_events = True  # False on a server without SPLIT_STAGE
-        self._collections: frozenset[str] = frozenset()
+        self._collections: dict[str, str] = {}  # name -> listCollections' type
         self._collections_at = 0.0
         self._collections_lock = asyncio.Lock()
         self._events = 0  # changes published
@@ -341,6 +341,13 @@ class MongoSource:
         names = await self._collection_names(refresh_if_missing=entity)
         if entity not in names:
             raise ChannelUnavailable(f"mongo:{entity}: no collection {entity!r} in database {self.database!r}")
+        kind = names[entity]
+        if kind != "collection":
+            # A view or a time-series collection (its writes go to system.buckets.*) is listed
+            # beside the collections, but no change stream shows its changes: subscribed, it
+            # would wait for ever.
+            raise ChannelUnavailable(f"mongo:{entity}: {entity!r} in database {self.database!r} is a {kind}: "
+                                     "MongoDB streams the changes of collections only")
         return entity
 
     # ---- what the subscriptions need --------------------------------------------------
@@ -578,7 +585,8 @@ class MongoSource:
         self._events += 1
         self._last_event_at = time.monotonic()
 
-    async def _collection_names(self, refresh_if_missing: str) -> frozenset[str]:
+    async def _collection_names(self, refresh_if_missing: str) -> dict[str, str]:
+        """The database's collections, views and time-series collections: name -> type."""
         fresh = time.monotonic() - self._collections_at < self._collections_ttl
         # A collection created since the last listing should not wait out the TTL: list again
         # when the name is missing, but at most every 0.5 s.
@@ -591,7 +599,7 @@ class MongoSource:
             try:
                 # Bounded: an unreachable server would hold the subscribe for the driver's
                 # 30 s server selection.
-                names = await asyncio.wait_for(self._client[self.database].list_collection_names(), LIST_TIMEOUT)
+                names = await asyncio.wait_for(self._list_collections(), LIST_TIMEOUT)
             except TimeoutError:
                 raise ChannelUnavailable(
                     f"mongo:{refresh_if_missing}: MongoDB for {self.database!r} did not answer in {LIST_TIMEOUT:g} s"
@@ -600,6 +608,12 @@ class MongoSource:
                 raise ChannelUnavailable(
                     f"mongo:{refresh_if_missing}: cannot list collections of {self.database!r}: {type(exc).__name__}"
                 ) from exc
-            self._collections = frozenset(names)
+            self._collections = names
             self._collections_at = time.monotonic()
             return self._collections
+
+    async def _list_collections(self) -> dict[str, str]:
+        assert self._client is not None
+        # nameOnly, as list_collection_names asks (no lock on each collection), still has the type.
+        cursor = await self._client[self.database].list_collections(nameOnly=True)
+        return {info["name"]: info.get("type", "collection") async for info in cursor}

@@ -227,6 +227,10 @@ class MongoTestServer:
                 raise CommandError(48, "NamespaceExists", f"Collection {db}.{cmd['create']} already exists.")
             coll = self._collection(db, cmd["create"], create=True)
             coll.pre_images = bool(cmd.get("changeStreamPreAndPostImages", {}).get("enabled"))
+            if "viewOn" in cmd:  # db.createView(name, source, pipeline)
+                coll.kind, coll.options = "view", {"viewOn": cmd["viewOn"], "pipeline": list(cmd.get("pipeline", []))}
+            elif "timeseries" in cmd:  # db.createCollection(name, {timeseries: {timeField: ...}})
+                coll.kind, coll.options = "timeseries", {"timeseries": {"granularity": "seconds", **cmd["timeseries"]}}
             return {"ok": 1.0}
         if name == "collmod":
             coll = self._collection(db, cmd["collMod"])
@@ -349,6 +353,10 @@ class MongoTestServer:
 
     def _apply_write(self, name: str, db: str, cmd: dict[str, Any], txn: tuple[dict[str, Any], int] | None) -> dict[str, Any]:
         coll = self._collection(db, cmd[name], create=True)
+        if coll.kind == "view":  # as mongod: a view is read-only
+            raise CommandError(166, "CommandNotSupportedOnView", f"Namespace {db}.{coll.name} is a view, not a collection")
+        if coll.kind != "collection":  # mongod writes them to system.buckets.*, which streams do not show
+            raise CommandError(20, "IllegalOperation", "test server: writes to time-series collections are not supported")
         extra: dict[str, Any] = {"lsid": txn[0], "txn_number": Int64(txn[1])} if txn else {}
         errors: list[dict[str, Any]] = []
         ordered = cmd.get("ordered", True)
@@ -454,16 +462,24 @@ class MongoTestServer:
         return {"cursor": {"id": Int64(0), "ns": f"{db}.{cmd['find']}", "firstBatch": docs}, "ok": 1.0}
 
     def _list_collections(self, db: str, cmd: dict[str, Any]) -> dict[str, Any]:
-        infos = [
-            {"name": name, "type": "collection",
-             "options": {"changeStreamPreAndPostImages": {"enabled": True}} if c.pre_images else {},
-             "info": {"readOnly": False}, "idIndex": {"v": 2, "key": {"_id": 1}, "name": "_id_"}}
-            for name, c in self.dbs.get(db, {}).items()
-        ]
+        infos = [self._collection_info(name, c) for name, c in self.dbs.get(db, {}).items()]
+        if any(c.kind == "view" for c in self.dbs.get(db, {}).values()):
+            infos.append(self._collection_info("system.views", Collection("system.views")))  # where mongod keeps them
         infos = [i for i in infos if matches(i, cmd.get("filter"))]
         if cmd.get("nameOnly"):
-            infos = [{"name": i["name"], "type": "collection"} for i in infos]
+            infos = [{"name": i["name"], "type": i["type"]} for i in infos]
         return {"cursor": {"id": Int64(0), "ns": f"{db}.$cmd.listCollections", "firstBatch": infos}, "ok": 1.0}
+
+    @staticmethod
+    def _collection_info(name: str, c: Collection) -> dict[str, Any]:
+        """listCollections' entry, as mongod writes it (a view has no idIndex and is read-only)."""
+        if c.kind == "view":
+            return {"name": name, "type": "view", "options": dict(c.options), "info": {"readOnly": True}}
+        options = {"changeStreamPreAndPostImages": {"enabled": True}} if c.pre_images else {}
+        info: dict[str, Any] = {"name": name, "type": c.kind, "options": {**options, **c.options}, "info": {"readOnly": False}}
+        if c.kind == "collection":
+            info["idIndex"] = {"v": 2, "key": {"_id": 1}, "name": "_id_"}
+        return info
 
     def _aggregate(self, db: str, cmd: dict[str, Any]) -> dict[str, Any]:
         pipeline = cmd.get("pipeline", [])

@@ -39,6 +39,10 @@ class Collection:
     name: str
     docs: dict[bytes, dict[str, Any]] = field(default_factory=dict)
     pre_images: bool = False  # changeStreamPreAndPostImages.enabled
+    # listCollections' type: "collection", or "view" (create with viewOn) or "timeseries"
+    # (create with timeseries), which take no writes here and stream no changes on MongoDB.
+    kind: str = "collection"
+    options: dict[str, Any] = field(default_factory=dict)  # a view's viewOn/pipeline, timeseries
 
 
 def get_path(doc: Any, path: str) -> Any:
