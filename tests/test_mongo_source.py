@@ -7,6 +7,7 @@ tests/mongo_scenarios.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import os
@@ -158,6 +159,25 @@ async def test_a_token_file_whose_token_is_not_bson_is_reported_and_the_feed_sta
         bodies = await sc.settle(env, 1)
     assert [b["document"]["_id"] for b in bodies] == [1]
     assert "mongo resume token file unreadable, starting from now" in caplog.text
+
+
+async def test_stop_returns_when_the_resume_token_cannot_be_written(env, tmp_path, caplog):
+    """A state directory that cannot be written (disk full, read-only, not a directory): each
+    save fails and is retried, but stop() must not wait on it for ever (the ingest stops its
+    feeds under a lock when it loses its lease), nor leave the writer retrying behind it."""
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    env.state_dir = str(blocker / "state")
+    source = sc.make_source(env)
+    await source.start()
+    try:
+        await sc.wait_until(lambda: source.ready() and "mongo resume token not saved" in caplog.text,
+                            what="a failed save")
+        writer = source._tokens._task
+    finally:
+        await asyncio.wait_for(source.stop(), 10)  # a bound for the test only: it waited for ever
+    assert writer is not None and writer.done()
+    assert "newest resume token not saved" in caplog.text
 
 
 async def test_history_lost_reports_a_gap_and_restarts(env):

@@ -90,6 +90,7 @@ class ResumeTokenStore:
         self._written: bytes | None = None
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._failing = asyncio.Event()  # set while the last write failed (the writer retries)
 
     async def load(self) -> tuple[dict[str, Any] | None, bool]:
         """(token, whether to resume with startAfter: the token is an invalidate event's)."""
@@ -139,8 +140,10 @@ class ResumeTokenStore:
             try:
                 await loop.run_in_executor(None, self._write, data)
                 self._written = data
+                self._failing.clear()
             except OSError as exc:
                 log.error("mongo resume token not saved", extra={"fields": {"path": self.path, "error": str(exc)}})
+                self._failing.set()
                 await asyncio.sleep(1.0)
                 if self._pending is None:
                     self._pending = data
@@ -155,10 +158,27 @@ class ResumeTokenStore:
             {"version": 1, "token": base64.b64encode(data[1:]).decode(), "startAfter": data[:1] == b"S"}
         ).encode())
 
-    async def flush(self) -> None:
-        """Wait until the newest token is on disk."""
+    async def flush(self) -> bool:
+        """Wait until the newest token is on disk; False, at once, while writes fail (a full
+        or read-only disk: the writer retries for as long as it runs, and a stop must not wait)."""
         while self._task is not None and not self._task.done():
-            await asyncio.shield(self._task)
+            if self._failing.is_set():
+                return False
+            failing = asyncio.ensure_future(self._failing.wait())
+            try:
+                await asyncio.wait((self._task, failing), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                failing.cancel()
+        return True
+
+    async def close(self) -> None:
+        """Stop the writer: a later store on the same file (the feed started again) must not
+        have an older token written over its own when the disk comes back."""
+        task, self._task = self._task, None
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
 
 def _joined(fragments: list[RawBSONDocument]) -> RawBSONDocument:
@@ -263,7 +283,11 @@ class MongoSource:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        await self._tokens.flush()
+        if not await self._tokens.flush():
+            log.error("mongo source stopped with its newest resume token not saved: the changes since the "
+                      "last saved one are published again after a restart",
+                      extra={"fields": {"database": self.database, "path": self._tokens.path}})
+        await self._tokens.close()
         if self._client is not None:
             await self._close_client(self._client)
         self._ready = False
