@@ -7,7 +7,7 @@ handle dropped connections and failovers. This module adds what the driver canno
   before it were published, so a restarted gateway resumes with `resumeAfter` and loses nothing;
 - ChangeStreamHistoryLost (the token is older than the oplog): a loud log, ready() False until
   a new stream is open, and `history_gap` to every workspace's subscribers;
-- `invalidate` (the database was dropped or renamed) reopens the stream with `startAfter`;
+- `invalidate` (the database was dropped) reopens the stream with `startAfter`;
 - `check_channel` refuses collections that do not exist (listed, cached briefly);
 - a change over 16 MiB comes in fragments ($changeStreamSplitLargeEvent), joined into one.
 Change events are read as raw BSON and decoded once, by rtcore.mongo, straight to JSON values.
