@@ -13,6 +13,7 @@ import bson
 import pytest
 from bson import Code, DBRef, Decimal128, Int64, MaxKey, MinKey, ObjectId, Regex, Timestamp
 from bson.binary import Binary, UuidRepresentation
+from bson.datetime_ms import DatetimeMS
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -85,6 +86,55 @@ def test_bodies_match_reference_byte_for_byte(doc, op, with_before):
         assert [e.body for e in got] == [e.body for e in expected]
         assert _same([(e.workspace, e.entity, e.operation, e.record, e.old_record) for e in got],
                      [(e.workspace, e.entity, e.operation, e.record, e.old_record) for e in expected])
+
+
+# Every BSON type a stored document can hold, dates over the whole int64 range, NaN and
+# infinite doubles, any binary subtype, keys with '.' and '$' (MongoDB 5.0+) or repeated.
+rare_scalars = st.one_of(
+    scalars,
+    st.integers(min_value=-(2**63), max_value=2**63 - 1).map(DatetimeMS),
+    st.floats(),
+    st.tuples(st.text(alphabet="ab.*^$", max_size=5), st.sets(st.sampled_from("ilmsux"))).map(
+        lambda t: Regex(t[0], "".join(sorted(t[1])))),
+    st.just(MinKey()), st.just(MaxKey()),
+    st.text(max_size=8).map(Code),
+    st.text(max_size=8).map(lambda c: Code(c, {"x": 1})),
+    st.tuples(st.binary(max_size=20), st.sampled_from([1, 3, 4, 6, 7, 128])).map(lambda t: Binary(*t)),
+    st.builds(DBRef, st.text(min_size=1, max_size=5), st.integers(0, 9), st.one_of(st.none(), st.text(max_size=5))),
+)
+rare_keys = st.text(alphabet=st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)), max_size=4)
+rare_documents = st.recursive(
+    st.lists(st.tuples(rare_keys, rare_scalars), max_size=5),
+    lambda children: st.lists(st.tuples(rare_keys, st.one_of(rare_scalars, children.map(bson.SON),
+                                                              st.lists(st.one_of(rare_scalars, children.map(bson.SON)),
+                                                                       max_size=3))), max_size=5),
+    max_leaves=25,
+)
+
+
+def _raw_with(pairs) -> bytes:
+    """BSON of a document holding `pairs` in order, a repeated key repeated (bson.SON would keep one)."""
+    body = b"".join(bson.encode({k: v})[4:-1] for k, v in pairs)
+    return (len(body) + 5).to_bytes(4, "little") + body + b"\x00"
+
+
+@settings(max_examples=300, deadline=None)
+@given(rare_documents, st.sampled_from(["insert", "update", "replace", "delete"]))
+def test_raw_bson_of_every_type_gives_the_reference_body(pairs, op):
+    """normalize_raw, compiled and reference (what the feed runs without the extension), from the
+    same bytes: the same body and record, or both refuse them."""
+    change = order_change(1, op)
+    change.pop("fullDocument", None)
+    head = bson.encode(change)[:-1]
+    element = b"\x03fullDocument\x00" + _raw_with([("_id", 1), *pairs]) if op != "delete" else b""
+    raw = (len(head) + len(element) + 1).to_bytes(4, "little") + head[4:] + element + b"\x00"
+    outcomes = []
+    for impl in (mongo, mongo_ref):
+        try:
+            outcomes.append([(e.body, repr(e.record)) for e in impl.normalize_raw(raw, ["w1"])])
+        except Exception as exc:  # noqa: BLE001 - both must refuse the same bytes
+            outcomes.append(type(exc).__name__)
+    assert outcomes[0] == outcomes[1] or (isinstance(outcomes[0], str) and isinstance(outcomes[1], str))
 
 
 def test_bson_type_mapping():
