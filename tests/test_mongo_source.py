@@ -180,6 +180,31 @@ async def test_stop_returns_when_the_resume_token_cannot_be_written(env, tmp_pat
     assert "newest resume token not saved" in caplog.text
 
 
+async def test_a_seeded_token_the_disk_refuses_is_still_where_the_feed_resumes(env, tmp_path):
+    """The ingest seeds the token Kafka has, then starts the feed. When the state directory
+    cannot be written the seed stays in memory, and the feed must start from it, not from an
+    older file or, with none, from now (the changes between lost)."""
+    async with sc.client(env) as db:
+        async with sc.running(env) as source:
+            await db.orders.insert_one({"_id": 1})
+            await env.sink.wait_for(1)
+            seed = source.published_token
+        await db.orders.insert_one({"_id": 2})  # after the seed: must be read
+        blocker = tmp_path / "not-a-directory"
+        blocker.write_text("")
+        env.state_dir = str(blocker / "state")
+        source = sc.make_source(env)
+        assert seed is not None and await source.seed_token(seed)
+        await source.start()
+        try:
+            await sc.wait_until(source.ready, what="the change stream to open")
+            await db.orders.insert_one({"_id": 3})
+            bodies = await sc.settle(env, 3)
+        finally:
+            await source.stop()
+    assert [b["document"]["_id"] for b in bodies] == [1, 2, 3]
+
+
 async def test_history_lost_reports_a_gap_and_restarts(env):
     await sc.history_lost(env, lambda: env.server.truncate_oplog())
 

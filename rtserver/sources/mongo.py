@@ -94,6 +94,8 @@ class ResumeTokenStore:
 
     async def load(self) -> tuple[dict[str, Any] | None, bool]:
         """(token, whether to resume with startAfter: the token is an invalidate event's)."""
+        if self._pending:  # saved but not on disk yet (a full disk refuses it): newer than the file
+            return bson.decode(self._pending[1:]), self._pending[:1] == b"S"
         read = await asyncio.get_running_loop().run_in_executor(None, self._read)
         if read is None:
             return None, False
@@ -143,10 +145,10 @@ class ResumeTokenStore:
                 self._failing.clear()
             except OSError as exc:
                 log.error("mongo resume token not saved", extra={"fields": {"path": self.path, "error": str(exc)}})
+                if self._pending is None:  # still the newest: pending again at once, as load() reads it
+                    self._pending = data
                 self._failing.set()
                 await asyncio.sleep(1.0)
-                if self._pending is None:
-                    self._pending = data
 
     def _write(self, data: bytes) -> None:
         if not data:
