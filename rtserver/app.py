@@ -40,7 +40,7 @@ from rtserver.seq_reservation import SeqReservation, reservation_path
 from rtserver.sessions import Sessions, drop_dump, encode_dump, read_dump, write_dump
 from rtserver.signals import until_signalled
 from rtserver.sources.base import Source
-from rtserver.sources.mongo import database_for
+from rtserver.sources.mongo import database_for, database_problem
 
 log = logging.getLogger("rtserver.app")
 
@@ -309,8 +309,8 @@ class Gateway:
             if not url:
                 return None
             database = _mongo_database(url) or workspace
-            if database is None:
-                return None
+            if database is None or database_problem(url, database):
+                return None  # why_no_source says why
             key = ("mongo", url, database)
         else:
             return None
@@ -353,6 +353,11 @@ class Gateway:
             task = asyncio.ensure_future(src.start())
             task.add_done_callback(_log_failure)
         return src
+
+    def why_no_source(self, workspace: str, kind: str) -> str:
+        """Why source(workspace, kind) is None, for the client's 4010."""
+        url = self.cfg.sources_for(workspace).mongo_url if kind == "mongo" else ""
+        return (url and database_problem(url, workspace)) or f"{kind} is not configured for workspace {workspace}"
 
     def _targets(self, own_workspace: str | None, kind: str, key: tuple[Any, ...]):
         """The workspaces a source feeds: its own, or every known workspace using the default."""

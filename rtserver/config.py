@@ -335,6 +335,7 @@ def load(
         except ValueError as exc:
             raise ConfigError(f"config file {path}: [workspaces.{ws}]: {exc}") from None
         _check_mongo_url(f"config file {path}: [workspaces.{ws}] mongo_url", workspaces[ws].mongo_url)
+        _check_mongo_database(f"config file {path}: [workspaces.{ws}] mongo_url", workspaces[ws].mongo_url, [ws])
         _check_postgres_url(f"config file {path}: [workspaces.{ws}] postgres_url", workspaces[ws].postgres_url)
 
     try:
@@ -479,6 +480,7 @@ def _validate(values: dict[str, dict[str, Any]], path: str) -> None:
     if limits["fanout_backlog_per_connection"] < 0:
         raise ConfigError("limits.fanout_backlog_per_connection must not be negative")
     _check_mongo_url("mongo.url (RT_MONGO_URL)", values["mongo"]["url"])
+    _check_mongo_database("mongo.url (RT_MONGO_URL)", values["mongo"]["url"], values["bus"]["workspaces"])
     _check_postgres_url("postgres.url (RT_POSTGRES_URL)", values["postgres"]["url"])
 
 
@@ -564,6 +566,18 @@ def _check_mongo_url(where: str, url: str) -> None:
             MongoClient(url, connect=False).close()
     except (PyMongoError, ValueError) as exc:
         raise ConfigError(f"{where}: not a valid MongoDB URL: {exc}") from None
+
+
+def _check_mongo_database(where: str, url: str, workspaces: list[str]) -> None:
+    """The database of `url` (or of each of `workspaces` when it names none) is one MongoDB takes."""
+    if not url:
+        return
+    from rtserver.sources.mongo import database_problem
+
+    for workspace in workspaces or [""]:
+        problem = database_problem(url, workspace)
+        if problem:
+            raise ConfigError(f"{where}: {problem}")
 
 
 def _bad_mongo_option(url: str) -> tuple[str, str] | None:

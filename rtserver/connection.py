@@ -658,7 +658,7 @@ class Connection(WSListener):
         if source is None:
             self.send_error(
                 4010,
-                f"{spec.source} is not configured for workspace {self.workspace_id}",
+                gw.why_no_source(self.workspace_id, spec.source),
                 channel=msg.channel,
                 mid=msg.id,
             )

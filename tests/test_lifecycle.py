@@ -93,6 +93,22 @@ def test_bad_config_is_one_line_and_exit_2(tmp_path):
     assert out.returncode == 2 and "[workspaces.acme] mongo_url: not a valid MongoDB URL" in out.stderr, out.stderr
 
 
+def test_a_configured_mongodb_database_name_longer_than_mongodb_takes_is_refused(tmp_path):
+    """A URL naming no database reads the database named like the workspace, and a workspace id
+    may be 64 characters where MongoDB takes 63: a feed that would fail at every attempt."""
+    long_id = "w" * 64
+    cfg_file = tmp_path / "ws.toml"
+    cfg_file.write_text(f"[workspaces.{long_id}]\nmongo_url = 'mongodb://db/'\n")
+    env = {"RT_STATE_DIR": str(tmp_path)}
+    with pytest.raises(ConfigError, match=rf"\[workspaces.{long_id}\] mongo_url: MongoDB database '{long_id}'"):
+        load(str(cfg_file), environ=env)
+    with pytest.raises(ConfigError, match="mongo.url .*: MongoDB database .* is longer than MongoDB takes"):
+        load(environ={**env, "RT_MONGO_URL": "mongodb://db/", "RT_BUS_WORKSPACES": f"w1,{long_id}"})
+    with pytest.raises(ConfigError, match="longer than MongoDB takes"):
+        load(environ={**env, "RT_MONGO_URL": "mongodb://db/" + "d" * 64})
+    load(environ={**env, "RT_MONGO_URL": "mongodb://db/", "RT_BUS_WORKSPACES": "w" * 63})
+
+
 def test_a_value_ending_with_a_newline_is_taken_without_it_but_a_secret_as_given(tmp_path):
     """Values from a file (a ConfigMap or env file made with --from-file) end with a newline:
     an issuer carrying it refused every token, an instance name made a slot name PostgreSQL

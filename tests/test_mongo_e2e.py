@@ -73,6 +73,22 @@ async def test_unknown_collection_is_4010(mongo_gateway):
         assert reply["type"] == "error" and reply["code"] == 4010
 
 
+async def test_a_workspace_id_longer_than_a_mongodb_database_name_is_4010_not_a_node_down(mongo_gateway):
+    """With a URL that names no database each workspace reads the database named like it, but a
+    workspace id may have 64 characters and a MongoDB database name 63: its feed failed at every
+    attempt, and /readyz said 503 for the whole node. Now its mongo channels are 4010, saying so."""
+    gw, _ = mongo_gateway
+    long_id = "w" * 64
+    async with ws_connect(gw, long_id, token=gw.token(long_id)) as c:
+        await gw.wait_ready()
+        for channel in ("mongo:orders", "mongo:*"):
+            reply = await _subscribe(c, channel)
+            assert (reply["type"], reply["code"], reply["channel"]) == ("error", 4010, channel), reply
+            assert f"MongoDB database '{long_id}' (of workspace {long_id}) is longer than MongoDB takes" in reply["message"]
+        status, body = await gw.get("/readyz")
+        assert status == 200, body
+
+
 async def test_gateway_restart_resumes_from_saved_token(mongo_gateway):
     gw, db = mongo_gateway
     async with ws_connect(gw, "w1", token=gw.token("w1")) as c:

@@ -65,6 +65,7 @@ FRAGMENT_CODEC = CodecOptions(document_class=RawBSONDocument, datetime_conversio
 RAW_CODEC = CodecOptions(document_class=RawBSONDocument)
 CLOSE_TIMEOUT = 2.0
 LIST_TIMEOUT = 5.0
+MAX_DATABASE_NAME = 63  # bytes; mongod: "db name must be at most 63 characters" (InvalidNamespace)
 
 
 def database_for(url: str, workspace: str) -> str:
@@ -76,6 +77,17 @@ def database_for(url: str, workspace: str) -> str:
     if name:
         return name
     return workspace
+
+
+def database_problem(url: str, workspace: str) -> str:
+    """Why `workspace` can have no database on `url` ("" when it can): a URL that names none
+    makes the workspace id the database's name, and a workspace id may be longer than MongoDB
+    takes (64 against 63): its feed would fail at every attempt, the node not ready for good."""
+    name = database_for(url, workspace)
+    if len(name.encode()) > MAX_DATABASE_NAME:
+        return (f"MongoDB database {name!r} (of workspace {workspace}) is longer than MongoDB takes "
+                f"({MAX_DATABASE_NAME} bytes): name a database in the MongoDB URL")
+    return ""
 
 
 

@@ -31,6 +31,7 @@ RESUMABLE_CODES = {6, 7, 43, 63, 89, 91, 133, 150, 189, 234, 262, 9001, 10107, 1
 RETRYABLE_WRITE_CODES = {6, 7, 89, 91, 189, 262, 9001, 10107, 11600, 11602, 13435, 13436}
 NO_FAILPOINT = {"hello", "ismaster", "configurefailpoint", "endsessions"}
 MAX_RETRY_RECORDS = 10_000
+MAX_DB_NAME = 63  # bytes: mongod refuses longer database names with InvalidNamespace (73)
 DEFAULT_AWAIT_MS = 1000
 
 
@@ -168,6 +169,11 @@ class MongoTestServer:
             if "errorCode" in action:
                 return self._failpoint_error(name, cmd, action)
         try:
+            db = cmd.get("$db", "")
+            if isinstance(db, str) and len(db.encode()) > MAX_DB_NAME:
+                # mongod refuses any command on such a database (NamespaceString's check)
+                raise CommandError(73, "InvalidNamespace",
+                                   f"db name must be at most {MAX_DB_NAME} characters, found: {len(db.encode())}")
             reply = await self._command(lname, cmd, connection_id)
         except CommandError as exc:
             reply = exc.reply()
