@@ -320,7 +320,11 @@ class Gateway:
         if cfg.bus.kind == "kafka":
             from rtserver.bus_kafka import RemoteSource
 
-            src = self._sources[key] = RemoteSource(kind, url, ws_sources.postgres_schemas, ws_sources.postgres_tables)
+            src = self._sources[key] = RemoteSource(
+                kind, url, ws_sources.postgres_schemas, ws_sources.postgres_tables,
+                database=key[2] if kind == "mongo" else "",
+                allow_unknown_collections=cfg.mongo.allow_unknown_collections,
+            )
             return src
         targets = self._targets(workspace if own else None, kind, key)
         if kind == "postgres":

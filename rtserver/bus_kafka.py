@@ -949,15 +949,22 @@ class KafkaBus:
 
 
 class RemoteSource:
-    """A change feed read by `rtserver ingest`: on a node it only validates channel names
-    (and, for PostgreSQL with a configured DSN, that the table exists)."""
+    """A change feed read by `rtserver ingest`: on a node it only checks channels, as the feed
+    would: a PostgreSQL table exists, is a table and is in the configuration; a MongoDB
+    collection exists and is a collection (each on a connection of its own, opened at the first
+    subscribe)."""
 
-    def __init__(self, kind: str, url: str, schemas: list[str], tables: list[str]):
+    def __init__(self, kind: str, url: str, schemas: list[str], tables: list[str], database: str = "",
+                 allow_unknown_collections: bool = False):
         self.kind = kind
         self.url = url
         self.schemas = schemas
         self.tables = tables
+        self.database = database
+        self._allow_unknown = allow_unknown_collections
         self._catalog = None
+        self._mongo: Any = None  # AsyncMongoClient, made at the first check
+        self._collections: Any = None
 
     async def start(self) -> None:
         return None
@@ -965,6 +972,10 @@ class RemoteSource:
     async def stop(self) -> None:
         if self._catalog is not None:
             await self._catalog.close()
+        if self._mongo is not None:
+            from rtserver.sources.mongo import close_client
+
+            await close_client(self._mongo, self.database)
 
     async def check_channel(self, workspace: str, entity: str) -> str:
         if entity == "*":
@@ -972,7 +983,16 @@ class RemoteSource:
         if self.kind == "mongo":
             if not valid_collection(entity):
                 raise ChannelUnavailable(f"mongo:{entity}: malformed collection name (workspace {workspace})")
-            return entity
+            if self._allow_unknown:
+                return entity
+            if self._collections is None:
+                from pymongo import AsyncMongoClient
+
+                from rtserver.sources.mongo import Collections
+
+                self._mongo = AsyncMongoClient(self.url)
+                self._collections = Collections(self.database, lambda: self._mongo)
+            return await self._collections.check(entity)
         from rtserver.sources.pg_catalog import Catalog
         from rtserver.sources.postgres import entity_of
 

@@ -383,20 +383,28 @@ async def check_channel(env: Env) -> None:
 async def views_and_time_series_are_not_channels(env: Env) -> None:
     """A view or a time-series collection is listed beside the collections but streams no
     changes (MongoDB: change streams show neither): mongo:{it} is refused, saying what it is,
-    rather than subscribed to wait for ever."""
+    rather than subscribed to wait for ever. The same on a Kafka-bus node, which reads no feed
+    (RemoteSource): it accepted any well-formed name, a missing collection too."""
+    from rtserver.bus_kafka import RemoteSource
+
     async with client(env) as db:
         await db.orders.insert_one({"_id": 1})
         await db.create_collection("paid", viewOn="orders", pipeline=[{"$match": {"status": "paid"}}])
         await db.create_collection("readings", timeseries={"timeField": "t"})
-        async with running(env) as source:
-            for name, kind in (("paid", "view"), ("readings", "timeseries")):
-                try:
-                    await source.check_channel("w1", name)
-                    raise AssertionError(f"{name!r} accepted")
-                except ChannelUnavailable as exc:
-                    assert f"mongo:{name}: " in str(exc) and f"a {kind}" in str(exc), str(exc)
-                    assert repr(env.database) in str(exc), str(exc)
-            assert await source.check_channel("w1", "orders") == "orders"
+        node = RemoteSource("mongo", env.url, [], [], database=env.database)
+        try:
+            async with running(env) as source:
+                for checker in (source, node):
+                    for name, why in (("paid", "a view"), ("readings", "a timeseries"), ("nosuch", "no collection")):
+                        try:
+                            await checker.check_channel("w1", name)
+                            raise AssertionError(f"{name!r} accepted by {checker!r}")
+                        except ChannelUnavailable as exc:
+                            assert f"mongo:{name}: " in str(exc) and why in str(exc), str(exc)
+                            assert repr(env.database) in str(exc), str(exc)
+                    assert await checker.check_channel("w1", "orders") == "orders"
+        finally:
+            await node.stop()
 
 
 async def operations_narrow_the_stream(env: Env) -> None:

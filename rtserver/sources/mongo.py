@@ -218,6 +218,82 @@ def token_order(token: Any) -> str:
     return data if isinstance(data, str) else ""
 
 
+async def close_client(client: AsyncMongoClient[Any], database: str) -> None:
+    """Close `client` within CLOSE_TIMEOUT: close() first ends the server sessions, which waits
+    for server selection (30 s by default) when MongoDB is unreachable; a shutdown must not."""
+    try:
+        await asyncio.wait_for(client.close(), CLOSE_TIMEOUT)
+    except (TimeoutError, PyMongoError) as exc:
+        log.warning("mongo client closed without ending its sessions",
+                    extra={"fields": {"database": database, "error": type(exc).__name__}})
+        with contextlib.suppress(Exception):
+            await client._topology.close()  # stop the driver's monitors all the same
+
+
+class Collections:
+    """The collections of one database as listCollections shows them (name -> type), listed when
+    a subscribe asks and kept `ttl` seconds: what a `mongo:{collection}` channel is checked
+    against, by the feed and by a Kafka-bus node (which reads no feed)."""
+
+    def __init__(self, database: str, client: Callable[[], AsyncMongoClient | None], ttl: float = 5.0):
+        self.database = database
+        self._client = client
+        self._ttl = ttl
+        self._names: dict[str, str] = {}
+        self._at = 0.0
+        self._lock = asyncio.Lock()
+
+    def forget(self) -> None:
+        """List again at the next check (a collection was dropped or renamed)."""
+        self._at = 0.0
+
+    async def check(self, entity: str) -> str:
+        """`entity` when it is a collection of the database, else ChannelUnavailable saying why."""
+        names = await self._listed(refresh_if_missing=entity)
+        if entity not in names:
+            raise ChannelUnavailable(f"mongo:{entity}: no collection {entity!r} in database {self.database!r}")
+        kind = names[entity]
+        if kind != "collection":
+            # A view or a time-series collection (its writes go to system.buckets.*) is listed
+            # beside the collections, but no change stream shows its changes: subscribed, it
+            # would wait for ever.
+            raise ChannelUnavailable(f"mongo:{entity}: {entity!r} in database {self.database!r} is a {kind}: "
+                                     "MongoDB streams the changes of collections only")
+        return entity
+
+    async def _listed(self, refresh_if_missing: str) -> dict[str, str]:
+        fresh = time.monotonic() - self._at < self._ttl
+        # A collection created since the last listing should not wait out the TTL: list again
+        # when the name is missing, but at most every 0.5 s.
+        recent = time.monotonic() - self._at < 0.5
+        if fresh and (refresh_if_missing in self._names or recent):
+            return self._names
+        async with self._lock:
+            client = self._client()
+            if client is None:
+                raise ChannelUnavailable(f"mongo:{refresh_if_missing}: mongo source for {self.database!r} is not started")
+            try:
+                # Bounded: an unreachable server would hold the subscribe for the driver's
+                # 30 s server selection.
+                names = await asyncio.wait_for(self._list(client), LIST_TIMEOUT)
+            except TimeoutError:
+                raise ChannelUnavailable(
+                    f"mongo:{refresh_if_missing}: MongoDB for {self.database!r} did not answer in {LIST_TIMEOUT:g} s"
+                ) from None
+            except PyMongoError as exc:
+                raise ChannelUnavailable(
+                    f"mongo:{refresh_if_missing}: cannot list collections of {self.database!r}: {type(exc).__name__}"
+                ) from exc
+            self._names = names
+            self._at = time.monotonic()
+            return names
+
+    async def _list(self, client: AsyncMongoClient) -> dict[str, str]:
+        # nameOnly, as list_collection_names asks (no lock on each collection), still has the type.
+        cursor = await client[self.database].list_collections(nameOnly=True)
+        return {info["name"]: info.get("type", "collection") async for info in cursor}
+
+
 class MongoSource:
     """Change feed of one MongoDB database for the workspaces `workspaces()` returns."""
 
@@ -243,7 +319,6 @@ class MongoSource:
         self._workspaces = workspaces
         self._allow_unknown = allow_unknown_collections
         self._max_await_ms = max_await_ms
-        self._collections_ttl = collections_ttl
         self._retry_max = retry_max_seconds
         self._client_options = dict(client_options or {})
         # The file name must stay what earlier versions chose: the user info masked as they did.
@@ -264,9 +339,7 @@ class MongoSource:
         self._start_after: Any = None  # ...after an invalidate (startAfter)
         self._with_pre_images = True
         self._split_events = True  # False on a server without SPLIT_STAGE
-        self._collections: dict[str, str] = {}  # name -> listCollections' type
-        self._collections_at = 0.0
-        self._collections_lock = asyncio.Lock()
+        self._collections = Collections(database, lambda: self._client, collections_ttl)
         self._events = 0  # changes published
         self._published = 0  # events published (a change is one per workspace it feeds)
         self._publishing_event = 0  # index of the event being published within its change
@@ -307,15 +380,7 @@ class MongoSource:
         self._ready = False
 
     async def _close_client(self, client: AsyncMongoClient[Any]) -> None:
-        # close() first ends the server sessions, which waits for server selection (30 s by
-        # default) when MongoDB is unreachable; a shutdown must not wait on that.
-        try:
-            await asyncio.wait_for(client.close(), CLOSE_TIMEOUT)
-        except (TimeoutError, PyMongoError) as exc:
-            log.warning("mongo client closed without ending its sessions",
-                        extra={"fields": {"database": self.database, "error": type(exc).__name__}})
-            with contextlib.suppress(Exception):
-                await client._topology.close()  # stop the driver's monitors all the same
+        await close_client(client, self.database)
 
     @property
     def publishing_event(self) -> int:
@@ -376,17 +441,7 @@ class MongoSource:
             raise ChannelUnavailable(f"mongo:{entity}: not a valid collection name")
         if self._allow_unknown:
             return entity
-        names = await self._collection_names(refresh_if_missing=entity)
-        if entity not in names:
-            raise ChannelUnavailable(f"mongo:{entity}: no collection {entity!r} in database {self.database!r}")
-        kind = names[entity]
-        if kind != "collection":
-            # A view or a time-series collection (its writes go to system.buckets.*) is listed
-            # beside the collections, but no change stream shows its changes: subscribed, it
-            # would wait for ever.
-            raise ChannelUnavailable(f"mongo:{entity}: {entity!r} in database {self.database!r} is a {kind}: "
-                                     "MongoDB streams the changes of collections only")
-        return entity
+        return await self._collections.check(entity)
 
     # ---- what the subscriptions need --------------------------------------------------
 
@@ -567,12 +622,12 @@ class MongoSource:
             self._start_after = change["_id"]
             self._token = None
             self._durably(self._tokens.save, change["_id"], start_after=True)
-            self._collections_at = 0.0
+            self._collections.forget()
             return False
         # drop, dropDatabase, rename: other collections stream on; refresh the known names.
         log.info("mongo collection change", extra={"fields": {"database": self.database, "operation": op,
                                                               "collection": ns.get("coll")}})
-        self._collections_at = 0.0
+        self._collections.forget()
         return True
 
     @staticmethod
@@ -622,36 +677,3 @@ class MongoSource:
             self._publishing = False
         self._events += 1
         self._last_event_at = time.monotonic()
-
-    async def _collection_names(self, refresh_if_missing: str) -> dict[str, str]:
-        """The database's collections, views and time-series collections: name -> type."""
-        fresh = time.monotonic() - self._collections_at < self._collections_ttl
-        # A collection created since the last listing should not wait out the TTL: list again
-        # when the name is missing, but at most every 0.5 s.
-        recent = time.monotonic() - self._collections_at < 0.5
-        if fresh and (refresh_if_missing in self._collections or recent):
-            return self._collections
-        async with self._collections_lock:
-            if self._client is None:
-                raise ChannelUnavailable(f"mongo:{refresh_if_missing}: mongo source for {self.database!r} is not started")
-            try:
-                # Bounded: an unreachable server would hold the subscribe for the driver's
-                # 30 s server selection.
-                names = await asyncio.wait_for(self._list_collections(), LIST_TIMEOUT)
-            except TimeoutError:
-                raise ChannelUnavailable(
-                    f"mongo:{refresh_if_missing}: MongoDB for {self.database!r} did not answer in {LIST_TIMEOUT:g} s"
-                ) from None
-            except PyMongoError as exc:
-                raise ChannelUnavailable(
-                    f"mongo:{refresh_if_missing}: cannot list collections of {self.database!r}: {type(exc).__name__}"
-                ) from exc
-            self._collections = names
-            self._collections_at = time.monotonic()
-            return self._collections
-
-    async def _list_collections(self) -> dict[str, str]:
-        assert self._client is not None
-        # nameOnly, as list_collection_names asks (no lock on each collection), still has the type.
-        cursor = await self._client[self.database].list_collections(nameOnly=True)
-        return {info["name"]: info.get("type", "collection") async for info in cursor}
