@@ -816,6 +816,8 @@ class Connection(WSListener):
             )
         elif lost:
             self._send_loss_gaps(live, since, lost, ws.history.oldest())
+        if upto != since:  # read back from Kafka: from `since`, or from where the stream holds
+            self._replayed(live, since if oldest is None else oldest - 1)
         tail = ws.history.since(upto)
         self._charge_replay(len(tail.entries))
         pending = self._replay_entries(live, upto, tail)
@@ -878,6 +880,7 @@ class Connection(WSListener):
         Returns the awaitable that sends the rest, or None when all of it is queued."""
         self._notify_gaps(subs, since, replay)
         view = replay_viewer(subs, self._others(subs))
+        self._replayed(subs, replay.oldest - 1 if replay.gap else since)
         entries = replay.entries
         done = self._push_piece(view, entries, 0)
         if done == len(entries):
@@ -887,6 +890,17 @@ class Connection(WSListener):
         for sub in subs:
             self.gw.hub.remove(ws, sub)  # held back from the live stream until the replay is out
         return self._replay_paced(subs, view, entries, done)
+
+    @staticmethod
+    def _replayed(subs: list[Subscription], after: int) -> None:
+        """`subs` are replayed every retained event after `after` (before they take any other
+        message): from then on they count as having delivered it (Subscription.start), so a
+        later subscription's replay leaves it out. Before, `events:*` and `events:orders`
+        subscribed with the same `since` (a client's fresh session) sent every `orders` event
+        of the window twice, the second copies after later events."""
+        for sub in subs:
+            if after < sub.start:
+                sub.start = after
 
     def _notify_gaps(self, subs: list[Subscription], since: int, replay: Any) -> None:
         if replay.gap:

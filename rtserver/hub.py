@@ -52,8 +52,9 @@ class Subscription(SubKey):
         super().__init__(conn.out)
         self.conn = conn
         self.spec = spec
-        # The workspace position when it took effect: every later event it shows has reached
-        # the connection (live, or by its replay), so another subscription's replay skips it.
+        # Every event after this position that it shows has reached the connection (live, or
+        # by its replay), so another subscription's replay skips it: the workspace position
+        # when it took effect, lowered to where its own replay began (Connection._replayed).
         self.start = 0
         self._matcher = None
 

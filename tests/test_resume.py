@@ -107,6 +107,27 @@ async def test_a_replay_leaves_out_what_another_subscription_delivered(gateway):
         await c.no_message()
 
 
+async def test_two_subscriptions_with_the_same_since_replay_each_event_once(gateway):
+    """A client with a fresh session subscribes again to its channels with its last `seq`
+    (docs §7, the bundled clients): `events:*` and `events:orders`, both `since` it. The
+    second replay must leave out what the first one sent: before, every `orders` event of the
+    window came twice, the copies after later events (seq going back)."""
+    token = gateway.token("w1")
+    last = (await gateway.publish("w1", "orders", {"i": -1}))["seq"]
+    missed = [(await gateway.publish("w1", topic, {"i": i}))["seq"]
+              for i, topic in enumerate(["orders", "other", "orders"])]
+    async with ws_connect(gateway, "w1", token=token) as c:
+        await c.send({"type": "subscribe", "channel": "events:*", "since": last})
+        await c.recv_type("subscribed")
+        assert [(await c.recv_event())["seq"] for _ in missed] == missed
+        await c.send({"type": "subscribe", "channel": "events:orders", "since": last})
+        await c.recv_type("subscribed")
+        await c.no_message()
+        live = (await gateway.publish("w1", "orders", {"i": 3}))["seq"]
+        assert (await c.recv_event())["seq"] == live
+        await c.no_message()
+
+
 async def test_a_paced_replay_beside_a_live_subscription_sends_each_event_once(gateway_factory):
     """The same while a publisher runs flat out and the replay leaves in pieces: the events
     published meanwhile reach the client through `events:*` and are left out of the replay's
