@@ -3,6 +3,7 @@ the edge, outbound ones encoded once. Field names are the wire names of docs/pro
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import msgspec
@@ -17,12 +18,23 @@ MessageId = int | str | None
 UNREADABLE_JSON = (UnicodeDecodeError, RecursionError)
 
 
-def unreadable_json(exc: BaseException) -> str:
-    """Why msgspec could not read a text: for the 4000 (or HTTP 400) message."""
+# A \uD800-\uDBFF escape not followed by a \uDC00-\uDFFF one, or the other way round: JSON's
+# grammar allows it, Unicode text cannot hold it (msgspec says "Input data was truncated").
+_LONE_SURROGATE = re.compile(
+    rb"(?<!\\)(?:\\\\)*\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})"
+    rb"|(?<![dD][89abAB][0-9a-fA-F]{2})(?<!\\)(?:\\\\)*\\u[dD][c-fC-F][0-9a-fA-F]{2}"
+)
+
+
+def unreadable_json(exc: BaseException, text: bytes = b"") -> str:
+    """Why msgspec could not read `text`: for the 4000 (or HTTP 400) message."""
     if isinstance(exc, RecursionError):
         return "JSON nests too deeply"
     if isinstance(exc, UnicodeDecodeError):
         return "text is not valid UTF-8"
+    if _LONE_SURROGATE.search(text):
+        # JavaScript's JSON.stringify writes one for a string cut in the middle of an emoji
+        return "a \\u escape of half a UTF-16 surrogate pair (a string cut in the middle of a character)"
     return str(exc)
 
 

@@ -498,10 +498,8 @@ class Gateway:
             return 400, _err("body must be a JSON value")
         try:
             payload = msgspec.json.decode(body)
-        except msgspec.DecodeError as exc:
-            return 400, _err(f"body is not valid JSON: {exc}")
-        except UNREADABLE_JSON as exc:
-            return 400, _err(f"body is not valid JSON: {unreadable_json(exc)}")
+        except (msgspec.DecodeError, *UNREADABLE_JSON) as exc:
+            return 400, _err(f"body is not valid JSON: {unreadable_json(exc, body)}")
         corr = headers.get("x-correlation-id", "").strip()
         if not corr:
             # Unique without a uuid4 per event: a random per-process prefix and a counter.

@@ -399,11 +399,8 @@ class Connection(WSListener):
         except msgspec.ValidationError as exc:
             self._invalid_message(f"invalid message: {exc}", _message_id(data))
             return
-        except msgspec.DecodeError as exc:
-            self._invalid_message(f"not JSON: {exc}", None)
-            return
-        except UNREADABLE_JSON as exc:
-            self._invalid_message(f"not JSON: {unreadable_json(exc)}", None)
+        except (msgspec.DecodeError, *UNREADABLE_JSON) as exc:
+            self._invalid_message(f"not JSON: {unreadable_json(exc, data)}", None)
             return
         if self.identity is None:
             if isinstance(msg, Auth):

@@ -341,6 +341,24 @@ async def test_unreadable_json_is_4000_and_the_connection_stays_open(gateway):
         assert _pong(await c.recv()) == {"type": "pong", "id": "still-open"}
 
 
+async def test_a_lone_surrogate_escape_is_refused_saying_so(gateway):
+    """JSON's grammar allows "\\ud83d" alone (JavaScript's JSON.stringify writes it for a string
+    cut in the middle of an emoji), Unicode text does not: refused, on the WebSocket (4000) and
+    by the publish API (400), with a message that says so, not "Input data was truncated"."""
+    cut = '{"type":"subscribe","channel":"events:x","filter":{"predicates":{"name":"caf\\ud83d"}}}'
+    low = '{"type":"ping","id":"\\udc00"}'
+    async with ws_connect(gateway, "w1", token=gateway.token("w1")) as c:
+        for text in (cut, low):
+            await c.send(text)
+            err = await c.recv_type("error")
+            assert err["code"] == 4000 and "half a UTF-16 surrogate pair" in err["message"], err
+        await c.send('{"type":"ping","id":"\\ud83d\\ude00 and \\\\ud83d"}')  # a pair; an escaped backslash
+        assert _pong(await c.recv()) == {"type": "pong", "id": "\U0001f600 and \\ud83d"}
+    status, body = await gateway.post("/workspaces/w1/realtime/events/orders", b'{"name":"caf\\ud83d"}',
+                                      {"Authorization": f"Bearer {gateway.token('w1', publish=True)}"})
+    assert status == 400 and b"half a UTF-16 surrogate pair" in body, body
+
+
 async def test_twenty_invalid_messages_close_1008(gateway):
     async with ws_connect(gateway, "w1", token=gateway.token("w1")) as c:
         for _ in range(20):
