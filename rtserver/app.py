@@ -500,7 +500,7 @@ class Gateway:
             payload = msgspec.json.decode(body)
         except (msgspec.DecodeError, *UNREADABLE_JSON) as exc:
             return 400, _err(f"body is not valid JSON: {unreadable_json(exc, body)}")
-        corr = headers.get("x-correlation-id", "").strip()
+        corr = _header_text(headers.get("x-correlation-id", "")).strip()
         if not corr:
             # Unique without a uuid4 per event: a random per-process prefix and a counter.
             corr = f"{self._corr_prefix}-{next(self._corr_counter):x}"
@@ -596,6 +596,18 @@ def load_static() -> dict[str, tuple[str, bytes]]:
             with open(os.path.join(_STATIC_DIR, name), "rb") as fh:
                 files[name] = (_STATIC_TYPES[ext], fh.read())
     return files
+
+
+def _header_text(value: str) -> str:
+    """A header value read as Latin-1 (HTTP's bytes), as UTF-8 when its bytes are UTF-8: curl
+    sends `é` as UTF-8, which Latin-1 made `Ã©`, an id the publisher would look for in vain;
+    Python's http.client sends Latin-1, never valid UTF-8 for such a character."""
+    if value.isascii():
+        return value
+    try:
+        return value.encode("latin-1").decode("utf-8")
+    except UnicodeDecodeError:
+        return value
 
 
 def _err(message: str) -> bytes:

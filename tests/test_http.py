@@ -9,6 +9,7 @@ import json
 import socket
 import time
 
+from tests.harness.http_wire import read_answer
 from tests.harness.prometheus import family_types, parse_exposition
 from tests.harness.wsclient import subscribed_clients, ws_connect
 
@@ -151,6 +152,26 @@ async def test_publish_topic_may_be_percent_encoded(gateway):
         ev = await c.recv_event()
         assert (ev["channel"], ev["topic"], ev["seq"]) == ("events:orders:eu", "orders:eu", json.loads(body)["seq"])
         assert ev["correlationId"] == "c" * 128
+
+
+async def test_a_non_ascii_correlation_id_is_read_as_its_sender_wrote_it(gateway):
+    """curl sends a header's `é` as UTF-8 bytes, Python's http.client as Latin-1: both must
+    reach subscribers (and the answer) as `é`. Read as Latin-1 alone, the UTF-8 one became
+    `Ã©`, an id the publisher would look for in vain."""
+    token = gateway.token("w1", publish=True)
+    async with ws_connect(gateway, "w1", token=token) as c:
+        await c.subscribe("events:orders")
+        reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+        try:
+            for raw, meant in (("café-€".encode(), "café-€"), ("café".encode("latin-1"), "café")):
+                writer.write(b"POST /workspaces/w1/realtime/events/orders HTTP/1.1\r\nHost: x\r\n"
+                             b"Authorization: Bearer " + token.encode() + b"\r\nX-Correlation-ID: " + raw +
+                             b"\r\nContent-Length: 2\r\n\r\n{}")
+                status, _, body = await read_answer(reader)
+                assert status == 202 and json.loads(body)["correlationId"] == meant, body
+                assert (await c.recv_event())["correlationId"] == meant
+        finally:
+            writer.close()
 
 
 async def test_publish_accepts_any_json_value_up_to_the_limit(gateway):
