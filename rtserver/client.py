@@ -22,7 +22,7 @@ error "auth timeout", which says the auth message came too late, is retried) and
 the upgrade before any connection succeeded (a wrong URL: the gateway answers it to a malformed workspace id or any other path;
 code 404, name "upgrade_refused"). The gateway's other answer before the upgrade, HTTP 503
 (draining, at its connection limit, a Kafka node not ready), and any other status (a proxy's
-502, 429) are retried with the backoff and reported to on_error as an "upgrade_refused"
+502, 429; a 404 once a connection has succeeded) are retried with the backoff and reported to on_error as an "upgrade_refused"
 RealtimeError whose code is the status, once per distinct status until a connection
 succeeds. Dead links are
 detected by the `websockets` keepalive pings; a JSON ping every `position_interval` (25 s)
@@ -96,7 +96,8 @@ EventHandler = Callable[[dict[str, Any]], Any]
 
 class RealtimeError(Exception):
     """A close code or error message from the gateway (code 0: raised by the client), or the
-    HTTP status that refused the WebSocket upgrade (name "upgrade_refused": terminal for 404)."""
+    HTTP status that refused the WebSocket upgrade (name "upgrade_refused": terminal for a 404
+    before any connection succeeded)."""
 
     def __init__(self, code: int, message: str = "", *, name: str | None = None, channel: str | None = None,
                  terminal: bool = False):
@@ -339,8 +340,9 @@ class RealtimeClient:
 
     async def connect(self) -> None:
         """Starts the connection loop; returns after the first `auth_ok`, raises a
-        RealtimeError when the gateway refuses for good (4002, 4003, 1008, 1009, or HTTP 404
-        to the upgrade: a wrong URL) or the client is closed. Cancelled (a timeout), it leaves the loop retrying: close() stops
+        RealtimeError when the gateway refuses for good (4002 unless after "auth timeout", 4003,
+        1008, 1009, or HTTP 404 to the upgrade before any connection succeeded: a wrong URL)
+        or the client is closed. Cancelled (a timeout), it leaves the loop retrying: close() stops
         it (`async with` closes the client when entering fails)."""
         if self.state == "closed":
             raise self._closed_error()

@@ -45,7 +45,7 @@ def _list(value: Any) -> list[str]:
     if isinstance(value, str):
         return [v.strip() for v in value.split(",") if v.strip()]
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return list(value)
+        return [v.strip() for v in value]
     raise ValueError("expected a list of strings or a comma-separated string")
 
 
@@ -327,10 +327,10 @@ def load(
             raise ConfigError(f"config file {path}: [workspaces.{ws}] unknown keys {sorted(unknown)}")
         try:
             workspaces[ws] = WorkspaceSources(
-                postgres_url=str(table.get("postgres_url", "")),
+                postgres_url=str(table.get("postgres_url", "")).strip(),
                 postgres_schemas=_list(table.get("postgres_schemas", ["public"])),
                 postgres_tables=_list(table.get("postgres_tables", [])),
-                mongo_url=str(table.get("mongo_url", "")),
+                mongo_url=str(table.get("mongo_url", "")).strip(),
             )
         except ValueError as exc:
             raise ConfigError(f"config file {path}: [workspaces.{ws}]: {exc}") from None

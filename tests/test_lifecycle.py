@@ -119,6 +119,13 @@ def test_a_value_ending_with_a_newline_is_taken_without_it_but_a_secret_as_given
     assert cfg.server.state_dir == str(tmp_path) and cfg.server.instance == "blue"
     assert cfg.auth.issuer == "https://idp/realms/acme" and cfg.postgres.url == "postgresql://rt@db/app"
     assert cfg.auth.hs256_secret == "s3cr3t\n" and cfg.audit.sasl_password == " pw\n"
+    toml = tmp_path / "ws.toml"
+    toml.write_text('[postgres]\nschemas = ["public ", "sales\\n"]\n'
+                    '[workspaces.acme]\npostgres_url = "postgresql://rt@db/acme\\n"\nmongo_url = " mongodb://db/acme "\n')
+    cfg = load(str(toml), environ={"RT_STATE_DIR": str(tmp_path)})
+    assert cfg.postgres.schemas == ["public", "sales"]
+    acme = cfg.sources_for("acme")
+    assert (acme.postgres_url, acme.mongo_url) == ("postgresql://rt@db/acme", "mongodb://db/acme")
 
 
 def test_a_mongo_url_option_the_driver_would_drop_is_a_configuration_error(tmp_path):

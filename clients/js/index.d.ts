@@ -104,8 +104,9 @@ export declare class RealtimeError extends Error {
   /** For token_unavailable: what getToken threw. */
   cause?: unknown;
   channel?: string;
-  /** True when the client stopped for good (4002, 4003, 1008, 1009, HTTP 404 to the
-   * upgrade before any connection succeeded). */
+  /** True when the client stopped for good (4002, but not after the error "auth timeout",
+   * which is retried; 4003, 1008, 1009, HTTP 404 to the upgrade before any connection
+   * succeeded). */
   terminal: boolean;
 }
 

@@ -10,7 +10,8 @@
 // is within 5 s of the one the gateway closed at, or the connection before lasted less than
 // 5 s: then it backs off),
 // backs off exponentially on other failures (a connection attempt that does not open within
-// openTimeoutMs counts as one, and so does an HTTP status other than 404 instead of the upgrade,
+// openTimeoutMs counts as one, and so does an HTTP status instead of the upgrade (but a 404
+// before any connection succeeded),
 // reported once per status) and stops on terminal codes (4002 token_invalid, 4003
 // scope_denied, 1008 policy_violation, 1009 message_too_big; but a 4002 after the error "auth
 // timeout", which says the auth message came too late, is retried), and on HTTP 404 to the upgrade
