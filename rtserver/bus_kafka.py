@@ -45,6 +45,7 @@ _MAX_CONCURRENT_READ_BACKS = 4
 _READ_BACK_ROOM_BYTES = 64 * 1024  # emitted between two waits for the reader (read_back)
 _READ_BACK_STALL = 10.0  # seconds without progress before a read-back gives up (history_gap)
 _PROBE_INTERVAL = 1.0  # seconds between two metadata requests of a publisher's watch
+TABLES_TTL = 2.0  # seconds a node keeps the catalog's judgement of the configured tables (RemoteSource)
 
 
 class BusRecord(msgspec.Struct, array_like=True):
@@ -963,6 +964,8 @@ class RemoteSource:
         self.database = database
         self._allow_unknown = allow_unknown_collections
         self._catalog = None
+        self._tables: dict[tuple[str, str], Any] | None = None  # Catalog.desired_tables(), kept briefly
+        self._tables_at = 0.0
         self._mongo: Any = None  # AsyncMongoClient, made at the first check
         self._collections: Any = None
 
@@ -1010,7 +1013,25 @@ class RemoteSource:
         why = why or self._catalog.unconfigured(schema, name)  # the ingest does not read it
         if why:
             raise ChannelUnavailable(f"postgres:{canonical}: {why}")
+        why = await self._unpublishable(schema, name)  # a partition, no replica identity...
+        if why:
+            raise ChannelUnavailable(f"postgres:{canonical}: table is not published: {why}")
         return canonical
+
+    async def _unpublishable(self, schema: str, name: str) -> str:
+        """Why the ingest leaves schema.name out of its publication ("" when it does not), as
+        the catalog judges every configured table: listed at most every TABLES_TTL seconds,
+        since a subscribe to such a table (4010, not an invalid message) may come again and
+        again."""
+        now = time.monotonic()
+        if self._tables is None or now - self._tables_at >= TABLES_TTL:
+            try:
+                self._tables = await self._catalog.desired_tables()
+            except Exception as exc:  # noqa: BLE001 - any database failure is the client's 4010
+                raise ChannelUnavailable(f"postgres:{schema}.{name}: database unavailable: {exc}") from exc
+            self._tables_at = now
+        state = self._tables.get((schema, name))
+        return state.why if state is not None else ""
 
     def ready(self) -> bool:
         return True

@@ -93,11 +93,14 @@ def test_a_server_older_than_14_is_refused_with_its_version():
 async def test_a_subscribe_to_what_cannot_stream_says_why(db, make_source, pg_database):
     """A view (materialized or not) or a foreign table has no changes to stream, and a table
     outside postgres.schemas is not read: each gets a 4010 saying so, here and on a Kafka-bus
-    node (which accepted all of them, to wait for ever); before, a view got 'table is not
-    published (schemas ['public'])'."""
+    node (which accepted all of them, to wait for ever), and so do the tables the publication
+    leaves out; before, a view got 'table is not published (schemas ['public'])'."""
     await db.execute("CREATE TABLE base (id int PRIMARY KEY); CREATE VIEW v AS SELECT * FROM base; "
                      "CREATE MATERIALIZED VIEW mv AS SELECT * FROM base; "
-                     "CREATE SCHEMA other; CREATE TABLE other.hidden (id int PRIMARY KEY)")
+                     "CREATE SCHEMA other; CREATE TABLE other.hidden (id int PRIMARY KEY); "
+                     "CREATE TABLE nokey (v text); "
+                     "CREATE TABLE parted (id int, PRIMARY KEY (id)) PARTITION BY RANGE (id); "
+                     "CREATE TABLE parted_1 PARTITION OF parted FOR VALUES FROM (0) TO (100)")
     src, _ = await make_source()
     node = RemoteSource("postgres", pg_database, ["public"], [])
     try:
@@ -106,7 +109,10 @@ async def test_a_subscribe_to_what_cannot_stream_says_why(db, make_source, pg_da
             for entity, why in (("v", "it is a view: PostgreSQL streams the changes of tables only"),
                                 ("mv", "it is a materialized view: PostgreSQL streams"),
                                 ("nosuch", "table does not exist"),
-                                ("other.hidden", r"its schema other is not among postgres.schemas \(public\)")):
+                                ("other.hidden", r"its schema other is not among postgres.schemas \(public\)"),
+                                # what the publication leaves out: a single gateway and a node alike
+                                ("nokey", "table is not published: it has no primary key"),
+                                ("parted_1", "table is not published: it is a partition of parted")):
                 with pytest.raises(ChannelUnavailable, match=f"postgres:{entity}: .*{why}"):
                     await source.check_channel("w1", entity)
     finally:
