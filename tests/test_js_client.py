@@ -60,7 +60,7 @@ async def test_js_client_suite_against_the_gateway(gateway_factory):
     wide = await gateway_factory()  # the default history (10000 events), for the dedupe test
     skewed = await gateway_factory(clock_offset=-400)  # for the clock skew test
     full = await gateway_factory(env={"RT_MAX_NODE_CONNECTIONS": "1"})  # answers a second upgrade with 503
-    hasty = await gateway_factory(env={"RT_AUTH_TIMEOUT": "0.3"})  # for the auth timeout test
+    hasty = await gateway_factory(env={"RT_AUTH_TIMEOUT": "0.2"})  # for the auth timeout test
     env = {**os.environ, "RT_TEST_GATEWAY": gw.url, "RT_TEST_GATEWAY_WIDE": wide.url, "RT_TEST_SECRET": SECRET,
            "RT_TEST_GATEWAY_SKEWED": skewed.url, "RT_TEST_SKEWED_OFFSET": str(skewed.clock_offset),
            "RT_TEST_GATEWAY_ONE_CONNECTION": full.url, "RT_TEST_GATEWAY_HASTY": hasty.url}

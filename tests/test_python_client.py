@@ -263,10 +263,10 @@ async def test_a_404_to_the_upgrade_is_terminal(gateway, path):
 async def test_an_auth_timeout_is_retried_not_the_end(gateway_factory):
     # A 4002 after the error "auth timeout" says the auth message came too late (a frozen
     # process, a stalled link), not that the token is bad: it was terminal, the client stopped
-    # for good. Here every chunk the client sends reaches the gateway 0.6 s late, past its 0.3 s.
-    gw = await gateway_factory(env={"RT_AUTH_TIMEOUT": "0.3"})
+    # for good. Here every chunk the client sends reaches the gateway 1 s late, well past its 0.2 s.
+    gw = await gateway_factory(env={"RT_AUTH_TIMEOUT": "0.2"})
     proxy = await TcpProxy(gw.port).start()
-    proxy.upstream_delay = 0.6
+    proxy.upstream_delay = 1.0
     errors: list[RealtimeError] = []
     client = RealtimeClient(f"ws://127.0.0.1:{proxy.port}/workspaces/w1/realtime/connect",
                             lambda: gw.token("w1"), on_error=errors.append, **FAST)

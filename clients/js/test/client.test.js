@@ -1003,9 +1003,9 @@ test("an auth timeout is retried, not the end",
   { timeout: 30000, skip: GATEWAY_HASTY ? false : "RT_TEST_GATEWAY_HASTY is not set" }, async () => {
   // A 4002 after the error "auth timeout" says the auth message came too late (a tab frozen in
   // the background, a stalled link), not that the token is bad: it was terminal, the client
-  // stopped for good. Here what the client sends reaches the gateway 0.6 s late, past its 0.3 s.
+  // stopped for good. Here what the client sends reaches the gateway 1 s late, well past its 0.2 s.
   const proxy = await startProxy({ gateway: GATEWAY_HASTY });
-  proxy.upstreamDelay = 600;
+  proxy.upstreamDelay = 1000;
   const client = connect({ url: wsUrl("w1", proxy.port), getToken: () => token(), ...fast });
   const errors = [];
   client.on("error", (e) => errors.push(e));

@@ -18,7 +18,7 @@ export const GATEWAY_SKEWED = process.env.RT_TEST_GATEWAY_SKEWED || null;
 export const SKEWED_OFFSET = Number(process.env.RT_TEST_SKEWED_OFFSET || 0);
 // A gateway that holds one WebSocket connection at most (RT_MAX_NODE_CONNECTIONS=1).
 export const GATEWAY_ONE_CONNECTION = process.env.RT_TEST_GATEWAY_ONE_CONNECTION || null;
-// A gateway that waits 0.3 s for the auth message (RT_AUTH_TIMEOUT=0.3).
+// A gateway that waits 0.2 s for the auth message (RT_AUTH_TIMEOUT=0.2).
 export const GATEWAY_HASTY = process.env.RT_TEST_GATEWAY_HASTY || null;
 
 const b64url = (buf) => Buffer.from(buf).toString("base64url");
