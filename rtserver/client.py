@@ -24,7 +24,8 @@ code 404, name "upgrade_refused"). The gateway's other answer before the upgrade
 (draining, at its connection limit, a Kafka node not ready), and any other status (a proxy's
 502, 429; a 404 once a connection has succeeded) are retried with the backoff and reported to on_error as an "upgrade_refused"
 RealtimeError whose code is the status, once per distinct status until a connection
-succeeds. Dead links are
+succeeds; a connect that gets no HTTP answer at all (refused, unreachable, timed out) likewise,
+as a RealtimeError named "connect_failed" (code 0), once per distinct failure. Dead links are
 detected by the `websockets` keepalive pings; a JSON ping every `position_interval` (25 s)
 brings the stream position, so subscriptions that get no events in a busy workspace resume
 from what the history still holds (no needless history_gap). A subscription made or changed while
@@ -319,7 +320,9 @@ class RealtimeClient:
         self._pending_token: str | None = None  # sent in a refresh, in force once acknowledged
         self._refreshed_at: float | None = None  # monotonic start of the connection's last refresh
         self._presented: str | None = None  # the token the gateway last took (at connect or a refresh)
-        self._refusal_reported: int | None = None  # HTTP status of the upgrade refusal last reported
+        # What the last failed connect reported to on_error (an HTTP status, or a connect_failed
+        # text), until a connection succeeds: each kind once, not at every attempt
+        self._refusal_reported: int | str | None = None
         self._auth_timed_out = False  # this connection's 4002 is "auth timeout", not a bad token
         self._callback_tasks: set[asyncio.Future[Any]] = set()
 
@@ -582,6 +585,7 @@ class RealtimeClient:
             self._upgrade_refused(exc.response)
         except (OSError, InvalidHandshake, TimeoutError) as exc:
             log.info("connect failed", extra={"fields": {"url": self.url, "error": str(exc)}})
+            self._connect_failed(exc)
         except Exception:  # an unexpected message, say: reconnect rather than stop
             log.exception("connection failed", extra={"fields": {"url": self.url}})
         if self._authed_at is not None and time.monotonic() - self._authed_at >= _HEALTHY_AFTER:
@@ -594,6 +598,17 @@ class RealtimeClient:
             self._finish(RealtimeError(code, f"connection closed: {_CODE_NAMES.get(code, code)}", terminal=True))
             return None
         return code
+
+    def _connect_failed(self, exc: BaseException) -> None:
+        """No WebSocket at all (refused, unreachable, a timeout, no HTTP answer): retried with the
+        backoff, and reported to on_error once per distinct failure until a connection succeeds,
+        so an application learns why it stays "reconnecting" (the gateway down, a wrong port)."""
+        kind = type(exc).__name__  # the same failure's text may vary (an address, a port)
+        why = f"{kind}: {exc}" if str(exc) else kind
+        if kind != self._refusal_reported:
+            self._refusal_reported = kind
+            self._callback(self.on_error, RealtimeError(0, f"cannot connect to {self.url}: {why}; retrying",
+                                                        name="connect_failed"), "on_error")
 
     def _upgrade_refused(self, response: Response) -> None:
         """An HTTP status instead of the upgrade. 404 before any connection succeeded is a wrong

@@ -283,6 +283,30 @@ async def test_an_auth_timeout_is_retried_not_the_end(gateway_factory):
         await proxy.close()
 
 
+async def test_a_gateway_that_cannot_be_reached_is_reported_once_and_retried(gateway):
+    # No WebSocket at all (here every connection is dropped at once, as by a gateway that is
+    # down): the client retried for good with nothing but a log line and on_state, and an
+    # application could not tell the gateway down from a slow start. Now on_error hears it once
+    # (not at every attempt), and the client gets in when the gateway answers.
+    proxy = await TcpProxy(gateway.port).start()
+    proxy.hold = True
+    errors: list[RealtimeError] = []
+    client = RealtimeClient(f"ws://127.0.0.1:{proxy.port}/workspaces/w1/realtime/connect",
+                            lambda: gateway.token("w1"), on_error=errors.append, **FAST)
+    try:
+        connecting = asyncio.ensure_future(client.connect())
+        await wait_for(lambda: proxy.accepted >= 4, 5, "failed attempts")
+        assert not connecting.done() and client.state == "reconnecting"
+        assert [(e.code, e.name, e.terminal) for e in errors] == [(0, "connect_failed", False)]
+        assert f"cannot connect to ws://127.0.0.1:{proxy.port}/" in str(errors[0]) and "retrying" in str(errors[0])
+        proxy.hold = False
+        await asyncio.wait_for(connecting, 10)
+        assert client.state == "open" and len(errors) == 1
+    finally:
+        await client.close()
+        await proxy.close()
+
+
 async def test_a_404_once_connected_is_retried_and_reported_once(gateway):
     # Once a connection has succeeded the URL is right: a 404 then is a proxy's or a load
     # balancer's during a deploy, retried with the backoff (and reported once), not the end.

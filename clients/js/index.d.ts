@@ -99,7 +99,8 @@ export declare class RealtimeError extends Error {
    * "buffer_overflow" (an events() iterator), "websocket_unavailable" (terminal), "error";
    * "upgrade_refused": an HTTP status instead of the upgrade (with the `ws` package only),
    * terminal for 404 before any connection succeeded (a wrong URL), else retried and reported
-   * once per distinct status. */
+   * once per distinct status; "connect_failed" (code 0): no HTTP answer at all (refused,
+   * unreachable; with the `ws` package only), retried, reported once per kind of failure. */
   codeName: string;
   /** For token_unavailable: what getToken threw. */
   cause?: unknown;
@@ -159,7 +160,8 @@ export declare class RealtimeClient {
   /** A gateway error, a terminal close, a failing getToken (codeName "token_unavailable",
    * `cause`: what it threw; the client retries), or an upgrade refused with an HTTP status
    * (codeName "upgrade_refused": 404 before any connection terminal, others retried, reported
-   * once per status). */
+   * once per status), or a connect that got no HTTP answer (codeName "connect_failed", retried,
+   * reported once per kind of failure). */
   on(name: "error", fn: (error: RealtimeError) => void): () => void;
   on(name: "open", fn: (info: OpenInfo) => void): () => void;
   on(name: "close", fn: (info: { code: number; reason: string }) => void): () => void;

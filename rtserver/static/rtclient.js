@@ -262,7 +262,7 @@ export class RealtimeClient {
     this.expired = false; // reconnected at once after a 4001 since the last healthy connection
     this.authedAt = null;
     this.refreshedAt = null;
-    this.refusalReported = null; // HTTP status of the upgrade refusal last reported
+    this.refusalReported = null; // what the last failed connect reported (an HTTP status, or a connect_failed kind), until one succeeds
     this.timers = { retry: null, refresh: null, ping: null, open: null };
     this.nextId = 1;
     this.closedByUser = false;
@@ -508,7 +508,9 @@ export class RealtimeClient {
       this.timers.open = null;
       if (this.ws === ws) this._abandon(ws, "opening handshake timed out");
     }, this.openTimeout);
+    let opened = false; // the upgrade succeeded: an error from then on is no failed connect
     ws.onopen = () => {
+      opened = true;
       if (this.ws !== ws) return;
       clearTimeout(this.timers.open);
       this.timers.open = null;
@@ -533,7 +535,17 @@ export class RealtimeClient {
       this._armPing();
       this._onMessage(msg);
     };
-    ws.onerror = () => {}; // a close event follows, with the code
+    ws.onerror = (ev) => {
+      // A close event follows, with the code. A connect that got no HTTP answer (refused,
+      // unreachable) is retried; the `ws` package says why (a browser's WebSocket does not):
+      // reported once per kind of failure until a connection succeeds.
+      if (this.ws !== ws || opened || !ev || !ev.error) return;
+      const kind = ev.error.code || ev.error.name || "error";
+      if (kind === this.refusalReported) return;
+      this.refusalReported = kind;
+      this._emit("error", new RealtimeError(0, `cannot connect to ${this.url}: ${ev.message || kind}; retrying`,
+        { name: "connect_failed" }));
+    };
     if (typeof ws.on === "function") {
       // The `ws` package (Node.js) tells the HTTP status that refused the upgrade; a browser's
       // WebSocket (and Node's global one) does not: an error, then a close 1006, retried.

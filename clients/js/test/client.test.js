@@ -1023,6 +1023,30 @@ test("an auth timeout is retried, not the end",
   }
 });
 
+test("a gateway that cannot be reached is reported once and retried", { timeout: 30000 }, async () => {
+  // No WebSocket at all (every connection dropped at once, as by a gateway that is down): the
+  // client retried for good without a word on "error". Now once, not at every attempt, and
+  // it gets in when the gateway answers.
+  const proxy = await startProxy();
+  proxy.hold = true;
+  const client = connect({ url: wsUrl("w1", proxy.port), getToken: () => token(), ...fast });
+  const errors = [];
+  client.on("error", (e) => errors.push(e));
+  try {
+    await waitFor(() => proxy.accepted >= 4, 5000, "failed attempts");
+    assert.equal(client.state, "reconnecting");
+    assert.deepEqual(errors.map((e) => [e.code, e.codeName, e.terminal]), [[0, "connect_failed", false]]);
+    assert.ok(errors[0].message.startsWith(`cannot connect to ws://127.0.0.1:${proxy.port}/`), errors[0].message);
+    proxy.hold = false;
+    await client.ready;
+    assert.equal(client.state, "open");
+    assert.equal(errors.length, 1);
+  } finally {
+    client.close();
+    await proxy.close();
+  }
+});
+
 test("a 404 once connected is retried and reported once", { timeout: 30000 }, async () => {
   // Once a connection has succeeded the URL is right: a 404 then is a proxy's or a load
   // balancer's during a deploy, retried with the backoff (and reported once), not the end.
