@@ -1007,15 +1007,15 @@ class RemoteSource:
         if self._catalog is None:
             self._catalog = Catalog(self.url, schemas=self.schemas, tables=self.tables, slot="", publication="")
         try:
-            why = await self._catalog.not_a_table(schema, name)
+            # the ingest does not read what is no table or is outside the configuration
+            why = await self._catalog.not_a_table(schema, name) or self._catalog.unconfigured(schema, name)
+            if not why:
+                unpublishable = await self._unpublishable(schema, name)  # a partition, no replica identity...
+                why = unpublishable and f"table is not published: {unpublishable}"
         except Exception as exc:  # noqa: BLE001 - any database failure is the client's 4010
             raise ChannelUnavailable(f"postgres:{canonical}: database unavailable: {exc}") from exc
-        why = why or self._catalog.unconfigured(schema, name)  # the ingest does not read it
         if why:
             raise ChannelUnavailable(f"postgres:{canonical}: {why}")
-        why = await self._unpublishable(schema, name)  # a partition, no replica identity...
-        if why:
-            raise ChannelUnavailable(f"postgres:{canonical}: table is not published: {why}")
         return canonical
 
     async def _unpublishable(self, schema: str, name: str) -> str:
@@ -1025,10 +1025,7 @@ class RemoteSource:
         again."""
         now = time.monotonic()
         if self._tables is None or now - self._tables_at >= TABLES_TTL:
-            try:
-                self._tables = await self._catalog.desired_tables()
-            except Exception as exc:  # noqa: BLE001 - any database failure is the client's 4010
-                raise ChannelUnavailable(f"postgres:{schema}.{name}: database unavailable: {exc}") from exc
+            self._tables = await self._catalog.desired_tables()
             self._tables_at = now
         state = self._tables.get((schema, name))
         return state.why if state is not None else ""

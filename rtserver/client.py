@@ -605,10 +605,15 @@ class RealtimeClient:
         so an application learns why it stays "reconnecting" (the gateway down, a wrong port)."""
         kind = type(exc).__name__  # the same failure's text may vary (an address, a port)
         why = f"{kind}: {exc}" if str(exc) else kind
+        self._report_retrying(kind, RealtimeError(0, f"cannot connect to {self.url}: {why}; retrying",
+                                                  name="connect_failed"))
+
+    def _report_retrying(self, kind: int | str, err: RealtimeError) -> None:
+        """A failed connect that is retried, to on_error once per `kind` (an HTTP status, an
+        exception's name) until a connection succeeds, not at every attempt."""
         if kind != self._refusal_reported:
             self._refusal_reported = kind
-            self._callback(self.on_error, RealtimeError(0, f"cannot connect to {self.url}: {why}; retrying",
-                                                        name="connect_failed"), "on_error")
+            self._callback(self.on_error, err, "on_error")
 
     def _upgrade_refused(self, response: Response) -> None:
         """An HTTP status instead of the upgrade. 404 before any connection succeeded is a wrong
@@ -627,10 +632,8 @@ class RealtimeClient:
             self._finish(RealtimeError(status, f"{detail} (a wrong URL: the gateway's is "
                                        "ws[s]://host/workspaces/{workspaceId}/realtime/connect)",
                                        name="upgrade_refused", terminal=True))
-        elif status != self._refusal_reported:
-            self._refusal_reported = status
-            self._callback(self.on_error, RealtimeError(status, f"{detail}; retrying", name="upgrade_refused"),
-                           "on_error")
+        else:
+            self._report_retrying(status, RealtimeError(status, f"{detail}; retrying", name="upgrade_refused"))
 
     async def _write(self, ws: ClientConnection, outbox: asyncio.Queue[str]) -> None:
         with contextlib.suppress(ConnectionClosed):

@@ -159,15 +159,9 @@ class Catalog:
         # A partitioned table is published as a whole (publish_via_partition_root): its partitions
         # are not published themselves. PostgreSQL checks the replica identity of the partition a
         # row is in, not its root's ...
-        bare = f"""CASE WHEN c.relkind = 'p' THEN ARRAY(
-                   SELECT pn.nspname || '.' || p.relname FROM pg_partition_tree(c.oid) t
-                   JOIN pg_class p ON p.oid = t.relid JOIN pg_namespace pn ON pn.oid = p.relnamespace
-                   WHERE p.relkind = 'r' AND NOT {_has_identity('p')} ORDER BY 1) END"""
+        bare = f"CASE WHEN c.relkind = 'p' THEN {_partitions_where('NOT ' + _has_identity('p'))} END"
         # ... and takes the old row from it: FULL on the partitioned table alone gives key columns
-        not_full = """CASE WHEN c.relkind = 'p' AND c.relreplident = 'f' THEN ARRAY(
-                   SELECT pn.nspname || '.' || p.relname FROM pg_partition_tree(c.oid) t
-                   JOIN pg_class p ON p.oid = t.relid JOIN pg_namespace pn ON pn.oid = p.relnamespace
-                   WHERE p.relkind = 'r' AND p.relreplident <> 'f' ORDER BY 1) END"""
+        not_full = "CASE WHEN c.relkind = 'p' AND c.relreplident = 'f' THEN " + _partitions_where("p.relreplident <> 'f'") + " END"
         rows = await self.fetch(
             f"""
             SELECT n.nspname AS schema, c.relname AS name, c.relreplident::text AS ident,
@@ -465,6 +459,20 @@ def check_version(version_num: int, shown: str) -> None:
         raise SetupError(f"PostgreSQL {shown} is too old: the gateway needs PostgreSQL 14 or later")
 
 
+def _partitions_where(condition: str) -> str:
+    """SQL: the names (schema.name, sorted) of the leaf partitions `p` of the partitioned table
+    `c` for which `condition` holds."""
+    return f"""ARRAY(
+                   SELECT pn.nspname || '.' || p.relname FROM pg_partition_tree(c.oid) t
+                   JOIN pg_class p ON p.oid = t.relid JOIN pg_namespace pn ON pn.oid = p.relnamespace
+                   WHERE p.relkind = 'r' AND {condition} ORDER BY 1)"""
+
+
+def _some(names: list[str]) -> str:
+    """The first three of `names`, and how many more."""
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
 def _has_identity(alias: str) -> str:
     """SQL: the pg_class row `alias` has a replica identity (what _unpublishable asks of a table)."""
     return (
@@ -480,7 +488,7 @@ def _bare_partitions(names: list[str]) -> str:
     identity ("" when none does): PostgreSQL would refuse UPDATE and DELETE on those."""
     if not names:
         return ""
-    listed = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    listed = _some(names)
     which = f"its partition {listed} has" if len(names) == 1 else f"its partitions {listed} have"
     return (f"{which} no replica identity (PostgreSQL checks each partition's own); give "
             f"{'it' if len(names) == 1 else 'them'} a primary key or REPLICA IDENTITY FULL to publish it")
@@ -492,7 +500,7 @@ def _not_full_partitions(names: list[str]) -> str:
     own identity, so theirs arrive as key columns only, the other columns null."""
     if not names:
         return ""
-    listed = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    listed = _some(names)
     return (f"it has REPLICA IDENTITY FULL but its partition{'s' if len(names) > 1 else ''} {listed} "
             f"{'do' if len(names) > 1 else 'does'} not: PostgreSQL takes the old row from the partition's "
             "identity, so for their rows oldRecord and DELETE records hold the key columns and nulls, and "

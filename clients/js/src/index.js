@@ -541,9 +541,7 @@ export class RealtimeClient {
       // reported once per kind of failure until a connection succeeds.
       if (this.ws !== ws || opened || !ev || !ev.error) return;
       const kind = ev.error.code || ev.error.name || "error";
-      if (kind === this.refusalReported) return;
-      this.refusalReported = kind;
-      this._emit("error", new RealtimeError(0, `cannot connect to ${this.url}: ${ev.message || kind}; retrying`,
+      this._reportRetrying(kind, new RealtimeError(0, `cannot connect to ${this.url}: ${ev.message || kind}; retrying`,
         { name: "connect_failed" }));
     };
     if (typeof ws.on === "function") {
@@ -556,6 +554,14 @@ export class RealtimeClient {
       this.ws = null;
       this._onClose(ev.code, ev.reason);
     };
+  }
+
+  // A failed connect that is retried, reported on "error" once per `kind` (an HTTP status, a
+  // connect error's code) until a connection succeeds, not at every attempt.
+  _reportRetrying(kind, err) {
+    if (kind === this.refusalReported) return;
+    this.refusalReported = kind;
+    this._emit("error", err);
   }
 
   /**
@@ -586,11 +592,8 @@ export class RealtimeClient {
           + "ws[s]://host/workspaces/{workspaceId}/realtime/connect)", { name: "upgrade_refused", terminal: true }));
         return;
       }
-      if (status !== this.refusalReported) {
-        this.refusalReported = status;
-        this._emit("error", new RealtimeError(status, `${detail}; retrying`, { name: "upgrade_refused" }));
-        if (this.state === "closed") return; // closed by an error listener
-      }
+      this._reportRetrying(status, new RealtimeError(status, `${detail}; retrying`, { name: "upgrade_refused" }));
+      if (this.state === "closed") return; // closed by an error listener
       this._onClose(1006, `HTTP ${status}`);
     };
     res.setEncoding("utf8");
