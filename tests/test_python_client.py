@@ -15,6 +15,11 @@ from tests.harness.tcpproxy import TcpProxy
 FAST = {"backoff_initial": 0.05, "backoff_max": 0.4}
 
 
+def proxied(proxy: TcpProxy, workspace: str = "w1") -> str:
+    """The connect URL of `workspace` through `proxy`."""
+    return f"ws://127.0.0.1:{proxy.port}/workspaces/{workspace}/realtime/connect"
+
+
 async def wait_for(predicate: Callable[[], bool], timeout: float = 5, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -72,7 +77,7 @@ async def test_refused_subscription_raises_with_code(gateway):
 async def test_network_loss_resumes_and_every_event_arrives_exactly_once(gateway):
     proxy = await TcpProxy(gateway.port).start()
     got: list[int] = []
-    client = RealtimeClient(f"ws://127.0.0.1:{proxy.port}/workspaces/w1/realtime/connect",
+    client = RealtimeClient(proxied(proxy),
                             lambda: gateway.token("w1"), **FAST)
     published: list[int] = []
     stop = asyncio.Event()
@@ -268,7 +273,7 @@ async def test_an_auth_timeout_is_retried_not_the_end(gateway_factory):
     proxy = await TcpProxy(gw.port).start()
     proxy.upstream_delay = 1.0
     errors: list[RealtimeError] = []
-    client = RealtimeClient(f"ws://127.0.0.1:{proxy.port}/workspaces/w1/realtime/connect",
+    client = RealtimeClient(proxied(proxy),
                             lambda: gw.token("w1"), on_error=errors.append, **FAST)
     try:
         connecting = asyncio.ensure_future(client.connect())
@@ -291,7 +296,7 @@ async def test_a_gateway_that_cannot_be_reached_is_reported_once_and_retried(gat
     proxy = await TcpProxy(gateway.port).start()
     proxy.hold = True
     errors: list[RealtimeError] = []
-    client = RealtimeClient(f"ws://127.0.0.1:{proxy.port}/workspaces/w1/realtime/connect",
+    client = RealtimeClient(proxied(proxy),
                             lambda: gateway.token("w1"), on_error=errors.append, **FAST)
     try:
         connecting = asyncio.ensure_future(client.connect())
@@ -312,7 +317,7 @@ async def test_a_404_once_connected_is_retried_and_reported_once(gateway):
     # balancer's during a deploy, retried with the backoff (and reported once), not the end.
     proxy = await TcpProxy(gateway.port).start()
     errors: list[RealtimeError] = []
-    client = RealtimeClient(f"ws://127.0.0.1:{proxy.port}/workspaces/w1/realtime/connect",
+    client = RealtimeClient(proxied(proxy),
                             lambda: gateway.token("w1"), on_error=errors.append, **FAST)
     try:
         await asyncio.wait_for(client.connect(), 5)
@@ -359,7 +364,7 @@ async def test_terminal_codes_raise_and_stop_reconnecting(gateway, case):
     else:
         token, code = gateway.token("w1", secret="another-secret-0123456789abcdef0123"), 4002
     calls = []
-    client = RealtimeClient(f"ws://127.0.0.1:{proxy.port}/workspaces/w1/realtime/connect",
+    client = RealtimeClient(proxied(proxy),
                             lambda: calls.append(1) or token, **FAST)
     try:
         with pytest.raises(RealtimeError) as info:
@@ -376,7 +381,7 @@ async def test_terminal_codes_raise_and_stop_reconnecting(gateway, case):
 async def test_unreachable_gateway_backs_off_then_connects(gateway):
     proxy = await TcpProxy(gateway.port).start()
     proxy.hold = True
-    client = RealtimeClient(f"ws://127.0.0.1:{proxy.port}/workspaces/w1/realtime/connect",
+    client = RealtimeClient(proxied(proxy),
                             lambda: gateway.token("w1"), **FAST)
     try:
         task = asyncio.create_task(client.connect())
@@ -429,10 +434,6 @@ def test_backoff_follows_the_schedule_from_1_s_to_30_s(monkeypatch, rand):
 
 
 # ---- reconnect edge cases ------------------------------------------------------------------
-
-
-def proxied(proxy: TcpProxy, workspace: str = "w1") -> str:
-    return f"ws://127.0.0.1:{proxy.port}/workspaces/{workspace}/realtime/connect"
 
 
 def publish_many(gateway, workspace: str, topic: str, n: int) -> list[int]:
@@ -1047,7 +1048,7 @@ async def test_async_with_abandoned_while_connecting_stops_the_client(gateway):
         calls.append(time.monotonic())
         return gateway.token("w1")
 
-    client = RealtimeClient(f"ws://127.0.0.1:{proxy.port}/workspaces/w1/realtime/connect", get_token, **FAST)
+    client = RealtimeClient(proxied(proxy), get_token, **FAST)
     try:
         with pytest.raises(TimeoutError):
             async with asyncio.timeout(0.5), client:

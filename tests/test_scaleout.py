@@ -769,24 +769,33 @@ async def test_node_behind_the_topic_refuses_new_connections_until_caught_up(clu
         await producer.stop()
 
 
+async def _node_in_process(kafka_broker, tmp_path, **env: str):
+    """A Kafka-bus gateway node in this process, on a topic of its own with one partition,
+    started, and its bus ready (waited for up to 30 s)."""
+    from rtserver.app import Gateway
+    from tests.test_churn import _cfg
+
+    gw = Gateway(_cfg(tmp_path, RT_BUS="kafka", RT_BUS_KAFKA_BOOTSTRAP=kafka_broker.bootstrap,
+                      RT_BUS_TOPIC=f"rt.events.{uuid.uuid4().hex[:8]}", RT_BUS_PARTITIONS="1", **env))
+    await gw.start()
+    for _ in range(300):
+        if gw.bus.ready():
+            break
+        await asyncio.sleep(0.1)
+    return gw
+
+
 async def test_a_read_back_larger_than_the_send_buffer_reaches_a_reader_that_keeps_up(kafka_broker, tmp_path):
     """A node's read-back from Kafka waits for the client to take what it emitted before
     fetching more: one larger than limits.send_buffer_bytes, emitted at once, closed a client
     that read at full speed with 1013 (in process, so the gateway's socket can be given a
     network path's send buffer rather than loopback's large receive window)."""
-    from rtserver.app import Gateway
-    from tests.test_churn import Addr, Publisher, _cfg, _token
+    from tests.test_churn import Addr, Publisher, _token
 
-    gw = Gateway(_cfg(tmp_path, RT_BUS="kafka", RT_BUS_KAFKA_BOOTSTRAP=kafka_broker.bootstrap,
-                      RT_BUS_TOPIC=f"rt.events.{uuid.uuid4().hex[:8]}", RT_BUS_PARTITIONS="1",
-                      RT_HISTORY_EVENTS="2", RT_SEND_BUFFER_BYTES="262144", RT_MAX_CONNECTIONS_PER_SUBJECT="10"))
-    await gw.start()
+    gw = await _node_in_process(kafka_broker, tmp_path, RT_HISTORY_EVENTS="2", RT_SEND_BUFFER_BYTES="262144",
+                                RT_MAX_CONNECTIONS_PER_SUBJECT="10")
     pub = Publisher(gw.port)
     try:
-        for _ in range(300):
-            if gw.bus.ready():
-                break
-            await asyncio.sleep(0.1)
         published = [await pub.publish("w1", "big", {"i": i, "blob": "x" * 20000}) for i in range(300)]
         async with ws_connect(Addr(gw), "w1", token=_token(["w1"], "u")) as c:
             for conn in gw.connections:
@@ -806,19 +815,11 @@ async def test_two_subscriptions_read_back_with_the_same_since_send_each_event_o
     """`events:*` and `events:orders` subscribed with one `since` older than the node's
     memory: the second read-back from Kafka leaves out what the first sent (before, every
     `orders` event it read back came twice)."""
-    from rtserver.app import Gateway
-    from tests.test_churn import Addr, Publisher, _cfg, _token
+    from tests.test_churn import Addr, Publisher, _token
 
-    gw = Gateway(_cfg(tmp_path, RT_BUS="kafka", RT_BUS_KAFKA_BOOTSTRAP=kafka_broker.bootstrap,
-                      RT_BUS_TOPIC=f"rt.events.{uuid.uuid4().hex[:8]}", RT_BUS_PARTITIONS="1",
-                      RT_HISTORY_EVENTS="2"))
-    await gw.start()
+    gw = await _node_in_process(kafka_broker, tmp_path, RT_HISTORY_EVENTS="2")
     pub = Publisher(gw.port)
     try:
-        for _ in range(300):
-            if gw.bus.ready():
-                break
-            await asyncio.sleep(0.1)
         last = await pub.publish("w1", "orders", {"i": -1})
         missed = [await pub.publish("w1", topic, {"i": i}) for i, topic in enumerate(["orders", "other"] * 4)]
         async with ws_connect(Addr(gw), "w1", token=_token(["w1"], "u")) as c:
@@ -841,24 +842,16 @@ async def test_pipelined_publishes_travel_to_kafka_together_and_are_answered_in_
     before the first is acknowledged (not one Kafka round trip each), the answers leave in
     request order with consecutive seqs, and subscribers get the events in that order."""
     from rtserver import http
-    from rtserver.app import Gateway
-    from tests.test_churn import SECRET, Addr, _cfg, _token
+    from tests.test_churn import SECRET, Addr, _token
     from tests.test_http_pipelining import RecordingTransport
 
-    gw = Gateway(_cfg(tmp_path, RT_BUS="kafka", RT_BUS_KAFKA_BOOTSTRAP=kafka_broker.bootstrap,
-                      RT_BUS_TOPIC=f"rt.events.{uuid.uuid4().hex[:8]}", RT_BUS_PARTITIONS="1",
-                      RT_HISTORY_EVENTS="1000"))
-    await gw.start()
+    gw = await _node_in_process(kafka_broker, tmp_path, RT_HISTORY_EVENTS="1000")
     token = _token(["w1"], "publisher", publish=True, secret=SECRET)
 
     def request(i: int) -> bytes:
         return post_request("/workspaces/w1/realtime/events/t", token, {"i": i})
 
     try:
-        for _ in range(300):
-            if gw.bus.ready():
-                break
-            await asyncio.sleep(0.1)
         async with ws_connect(Addr(gw), "w1", token=_token(["w1"], "u")) as c:
             await c.send({"type": "subscribe", "channel": "events:t"})
             await c.recv_type("subscribed")
@@ -1364,14 +1357,10 @@ async def test_a_workspace_forgotten_in_retirement_resumes_without_a_silent_loss
     forgotten position raises the floor of later histories of its partition: the resume reads
     the missed event back from Kafka (in process: the test waits on the hub's retirements)."""
     from rtserver import hub as hub_module
-    from rtserver.app import Gateway
-    from tests.test_churn import Addr, Publisher, _cfg, _token
+    from tests.test_churn import Addr, Publisher, _token
 
     monkeypatch.setattr(hub_module, "MAX_RETIRED", 1)
-    gw = Gateway(_cfg(tmp_path, RT_BUS="kafka", RT_BUS_KAFKA_BOOTSTRAP=kafka_broker.bootstrap,
-                      RT_BUS_TOPIC=f"rt.events.{uuid.uuid4().hex[:8]}", RT_BUS_PARTITIONS="1",
-                      RT_HISTORY_SECONDS="0.5"))
-    await gw.start()
+    gw = await _node_in_process(kafka_broker, tmp_path, RT_HISTORY_SECONDS="0.5")
     pub = Publisher(gw.port)
 
     async def until(condition) -> None:
