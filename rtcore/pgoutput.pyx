@@ -315,6 +315,9 @@ cdef object _iso(const uint8_t* p, Py_ssize_t n, bint utc):
 
 
 cdef object _bytea(const uint8_t* p, Py_ssize_t n):
+    if not _ascii(p, n):
+        # text that is no UTF-8 fails as in the reference (which decodes the whole text first)
+        PyUnicode_DecodeUTF8(<const char*>p, n, NULL)
     if n >= 2 and p[0] == 92 and p[1] == 120:  # "\x"
         return _b64encode(bytes.fromhex(PyUnicode_DecodeUTF8(<const char*>p + 2, n - 2, NULL))).decode("ascii")
     return _b64encode((<const char*>p)[:n]).decode("ascii")
@@ -339,7 +342,9 @@ cdef object _convert(int code, int elem, const uint8_t* p, Py_ssize_t n):
     if code == CONV_INT:
         return _parse_int(p, n)
     if code == CONV_BOOL:
-        return n == 1 and p[0] == 116
+        if n == 1 and p[0] < 128:
+            return p[0] == 116
+        return PyUnicode_DecodeUTF8(<const char*>p, n, NULL) == "t"  # no UTF-8: fails as the reference
     if code == CONV_FLOAT:
         return _float(p, n)
     if code == CONV_NUMERIC:
@@ -418,6 +423,8 @@ cdef class Decoder:
             k.send_time = <int64_t>_u64(p + 9)
             k.reply_requested = p[17] != 0
             return k
+        if n > 0 and (p[0] == 119 or p[0] == 107):
+            raise DecodeError(f"truncated CopyData message {data[:1]!r}")
         raise DecodeError(f"unknown CopyData message {data[:1]!r}")
 
     def decode(self, buf):

@@ -517,17 +517,25 @@ class Decoder:
     def decode_copy(self, data: bytes) -> XLogData | Keepalive:
         """Decode one CopyData payload of a START_REPLICATION stream ('w' or 'k')."""
         tag = data[:1]
+        if tag != b"w" and tag != b"k":
+            raise DecodeError(f"unknown CopyData message {tag!r}")
+        if len(data) < (25 if tag == b"w" else 18):
+            raise DecodeError(f"truncated CopyData message {tag!r}")
         if tag == b"w":
             wal_start, wal_end, send_time = struct.unpack_from("!QQq", data, 1)
             return XLogData(wal_start, wal_end, send_time, self.decode(memoryview(data)[25:]))
-        if tag == b"k":
-            wal_end, send_time, reply = struct.unpack_from("!QqB", data, 1)
-            return Keepalive(wal_end, send_time, bool(reply))
-        raise DecodeError(f"unknown CopyData message {tag!r}")
+        wal_end, send_time, reply = struct.unpack_from("!QqB", data, 1)
+        return Keepalive(wal_end, send_time, bool(reply))
 
     def decode(self, buf: bytes | memoryview) -> Any:
-        """Decode one pgoutput message."""
-        buf = bytes(buf)
+        """Decode one pgoutput message; DecodeError when it does not parse."""
+        try:
+            return self._decode(bytes(buf))
+        except (struct.error, IndexError):
+            # a field read past the end: the message was cut short (as the compiled decoder says)
+            raise DecodeError("truncated pgoutput message") from None
+
+    def _decode(self, buf: bytes) -> Any:
         tag = chr(buf[0])
         pos = 1
         if tag == "B":
@@ -619,6 +627,8 @@ class Decoder:
             prefix, pos = _cstring(buf, pos + 9)
             (length,) = _I32.unpack_from(buf, pos)
             content = buf[pos + 4: pos + 4 + length]
+            if length < 0 or len(content) != length:
+                raise DecodeError("truncated pgoutput message")
             return LogicalMessage(transactional, lsn, prefix, content, xid)
         raise DecodeError(f"unknown pgoutput message {tag!r}")
 
@@ -633,7 +643,7 @@ class Decoder:
         pos += 2
         codes, elems = self._converters[rel.relid]
         columns = rel.columns
-        if ncols > len(columns):
+        if ncols > len(columns) or ncols < 0:
             raise DecodeError(f"tuple of {ncols} columns for {rel.schema}.{rel.name} with {len(columns)}")
         row: dict[str, Any] = {}
         keys = rel.key_columns if key_only else None
@@ -666,5 +676,7 @@ class Decoder:
 
 
 def _cstring(buf: bytes, pos: int) -> tuple[str, int]:
-    end = buf.index(0, pos)
+    end = buf.find(0, pos)
+    if end < 0:
+        raise DecodeError("unterminated string in pgoutput message")
     return buf[pos:end].decode("utf-8"), end + 1
