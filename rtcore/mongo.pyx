@@ -778,6 +778,12 @@ cdef object _raw_document(const unsigned char* buf, Py_ssize_t* pos, Py_ssize_t 
     return items if as_list else fields
 
 
+cdef object _no_utf8(object exc):
+    # A string or name that is no UTF-8 (MongoDB keeps what a driver wrote): malformed BSON,
+    # as bson.decode (the reference) says, with the same text, whichever path read it.
+    return InvalidBSON(str(exc))
+
+
 cdef bytes _bson_bytes(object raw):
     # PyMongo hands large replies' documents over as memoryviews of the reply buffer.
     data = raw.raw if type(raw) is _RawBSONDocument else raw
@@ -792,7 +798,10 @@ def decode_raw(raw):
     cdef bytes data = _bson_bytes(raw)
     cdef Py_ssize_t pos = 0
     cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
-    result = _raw_document(<const unsigned char*>PyBytes_AS_STRING(data), &pos, n, False)
+    try:
+        result = _raw_document(<const unsigned char*>PyBytes_AS_STRING(data), &pos, n, False)
+    except UnicodeDecodeError as exc:
+        raise _no_utf8(exc) from None
     if pos != n:
         raise InvalidBSON("trailing bytes after the document")
     return result
@@ -1599,7 +1608,10 @@ def normalize_raw(raw, workspaces):
     if not workspaces:
         return []
     cdef bytes data = _bson_bytes(raw)
-    events = _fast(data, workspaces)
+    try:
+        events = _fast(data, workspaces)
+    except UnicodeDecodeError as exc:
+        raise _no_utf8(exc) from None
     if events is None:
         return normalize_decoded(decode_raw(data), workspaces)
     return events

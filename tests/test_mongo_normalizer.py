@@ -345,3 +345,29 @@ def test_benchmark_shapes_take_the_compiled_fast_path():
 
     for op in ("insert", "update", "replace", "delete"):
         assert compiled.normalize_raw_fast_path(bson.encode(order_change(1, op)), ["w"]) is not None, op
+
+
+_MARK = "\x07mark\x07"
+
+
+@settings(max_examples=200, deadline=None)
+@given(documents, st.sampled_from(["insert", "update", "replace", "delete"]), st.sampled_from(["key", "value", "nested"]),
+       st.integers(0x80, 0xFF))
+def test_text_that_is_no_utf8_is_refused_alike(doc, op, where, byte):
+    """MongoDB keeps a string that is no UTF-8 (a driver that does not check wrote it). The
+    compiled decoder refused such a change with UnicodeDecodeError where the reference (and
+    PyMongo) say InvalidBSON, so the skipped change's history_gap and log named a different
+    error depending on the build. Both now raise InvalidBSON with the same text."""
+    bad = {"key": {_MARK: 1}, "value": {"s": _MARK}, "nested": {"l": [{"a": ["x", _MARK]}]}}[where]
+    change = order_change(1, op)
+    change["fullDocument"] = {"_id": 1, **doc, **bad}
+    change["documentKey"] = {"_id": 1, **bad} if op == "delete" else change["documentKey"]
+    raw = bson.encode(change).replace(_MARK.encode(), b"\x07m" + bytes([byte]) + b"rk\x07", 1)
+    outcomes = []
+    for impl in (mongo, mongo_ref):
+        for call, args in ((impl.normalize_raw, (raw, ["w1"])), (impl.decode_raw, (raw,))):
+            with pytest.raises(Exception) as refused:  # noqa: PT011 - which one is the point
+                call(*args)
+            outcomes.append((type(refused.value).__name__, str(refused.value)))
+    assert outcomes == [outcomes[-1]] * 4
+    assert outcomes[0][0] == "InvalidBSON"
