@@ -236,6 +236,10 @@ PATHS = ["a", "b", "c", "a.b", "a.0", "a.b.c", "b.1", "c.a.b", "0"]
 SCALARS = [
     0, 1, 2, -1, 3, 1.0, 2.5, 0.0, -0.0, True, False, None, "x", "y", "", "10", "2",
     Decimal("1"), Decimal("2.5"), Decimal("NaN"), float("nan"), float("inf"), 10**20, -2.5,
+    # where int, float and Decimal part ways: beyond 2**53 and 64 bits, signalling NaN, -inf;
+    # strings beyond the BMP and a lone surrogate (a JSON "\ud800" escape decodes to one)
+    2**53 + 1, float(2**53), Decimal(2**53 + 1), 2**63, -(2**63) - 1, 2**64 + 1, Decimal("sNaN"), float("-inf"),
+    "\U0001F600", "\ud800", "\uffff",
 ]
 
 
