@@ -218,7 +218,9 @@ cdef str r_cstring(Reader* r):
     if r.pos >= r.end:
         raise DecodeError("unterminated string in pgoutput message")
     r.pos += 1
-    return PyUnicode_DecodeUTF8(<const char*>r.buf + start, r.pos - 1 - start, NULL)
+    # "replace": a name that is no UTF-8 (a SQL_ASCII database keeps any bytes) must not stop
+    # the feed, which would stop at the same message again after every restart.
+    return PyUnicode_DecodeUTF8(<const char*>r.buf + start, r.pos - 1 - start, "replace")
 
 
 cdef object _parse_int(const uint8_t* p, Py_ssize_t n):

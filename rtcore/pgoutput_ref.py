@@ -679,4 +679,6 @@ def _cstring(buf: bytes, pos: int) -> tuple[str, int]:
     end = buf.find(0, pos)
     if end < 0:
         raise DecodeError("unterminated string in pgoutput message")
-    return buf[pos:end].decode("utf-8"), end + 1
+    # "replace": a name that is no UTF-8 (a SQL_ASCII database keeps any bytes) must not stop
+    # the feed, which would stop at the same message again after every restart.
+    return buf[pos:end].decode("utf-8", "replace"), end + 1

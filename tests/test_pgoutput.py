@@ -245,6 +245,17 @@ def test_failed_conversion_is_text_and_reported_in_both_decoders(oid, raw, expec
 
 
 @pytest.mark.parametrize("mod", [pgoutput, pgoutput_ref])
+def test_names_that_are_no_utf8_are_read_with_replacement_characters(mod):
+    """A SQL_ASCII database keeps names in any bytes; a Relation message refused for them would
+    stop the feed at that message after every restart."""
+    dec = mod.Decoder()
+    rel = dec.decode(b"R" + struct.pack("!I", 7) + b"p\xe9\0t\xe9\0d" + struct.pack("!h", 1) + b"\x01n\xe9\0"
+                     + struct.pack("!Ii", 25, -1))
+    assert (rel.schema, rel.name) == ("p\ufffd", "t\ufffd")
+    assert dec.decode(_insert(b"x")).new == {"n\ufffd": "x"}
+
+
+@pytest.mark.parametrize("mod", [pgoutput, pgoutput_ref])
 def test_domains_convert_as_their_base_type(mod):
     dec = mod.Decoder()
     dec.decode(_one_column(70000))

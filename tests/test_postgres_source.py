@@ -630,6 +630,33 @@ async def test_value_failing_conversion_is_sent_as_text_with_error_and_gap(sql_a
         await conn.close()
 
 
+async def test_names_that_are_no_utf8_do_not_stop_the_feed(sql_ascii_database, tmp_path):
+    """A SQL_ASCII database keeps a table or column name in any bytes. The decoders refused the
+    Relation message of one that is no UTF-8, the source restarted and met the same message
+    again: the whole feed stopped for good. Such a name is now taken with U+FFFD for the bytes,
+    as values are."""
+    conn = await asyncpg.connect(sql_ascii_database)
+    sink = CollectingSink()
+    src = PostgresSource(sql_ascii_database, instance="rtasciinames", state_dir=str(tmp_path / "state"), sink=sink,
+                         workspaces=lambda: ["w1"], maintenance_interval=0.3)
+    try:
+        await conn.execute("CREATE TABLE latin (id int PRIMARY KEY)")
+        # the column "n\xe9": its name's bytes as LATIN1 wrote them
+        await conn.execute("DO $$BEGIN EXECUTE 'ALTER TABLE latin ADD COLUMN ' || "
+                           "quote_ident(convert_from('\\x6ee9'::bytea, 'SQL_ASCII')) || ' text'; END$$")
+        await conn.execute("CREATE TABLE plain (id int PRIMARY KEY)")
+        await src.start()
+        await src.wait_streaming()
+        await conn.execute("INSERT INTO latin VALUES (1, 'x')")
+        await conn.execute("INSERT INTO plain VALUES (2)")
+        events = await sink.wait_for(2)
+        assert [(e.entity, e.record) for e in events] == [("latin", {"id": 1, "n\ufffd": "x"}), ("plain", {"id": 2})]
+        assert src.ready() and src.status()["last_error"] == ""
+    finally:
+        await src.stop()
+        await conn.close()
+
+
 # -- publication membership --------------------------------------------------------------------
 
 
