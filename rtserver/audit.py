@@ -28,7 +28,7 @@ import msgspec
 
 from rtcore.timefmt import iso_ms, now_ms
 from rtserver import ids, logs
-from rtserver.audit_spool import Spool
+from rtserver.audit_spool import Spool, SpoolWriteError
 
 EVENTS = ("auth-granted", "auth-denied", "session-suspended", "session-resumed")
 _EVENT_SET = frozenset(EVENTS)
@@ -351,7 +351,7 @@ class KafkaAudit(Audit):
             try:
                 accepted = await loop.run_in_executor(self._io, self._spool.append, [e[2] for e in batch])
             except OSError as exc:
-                accepted = 0
+                accepted = exc.accepted if isinstance(exc, SpoolWriteError) else 0
                 ops_log.error(
                     "audit spool write failed: %s",
                     exc,

@@ -30,6 +30,15 @@ class SpoolError(RuntimeError):
     A RuntimeError: `rtserver serve` reports those as a one-line start-up failure (exit 2)."""
 
 
+class SpoolWriteError(OSError):
+    """The disk refused an append (full, I/O error): `accepted` of its records were written
+    before that; the rest are neither on disk nor counted."""
+
+    def __init__(self, accepted: int, cause: OSError):
+        super().__init__(cause.errno, cause.strerror)
+        self.accepted = accepted
+
+
 class Spool:
     """Segmented JSON-lines FIFO on disk, bounded by `max_bytes` in total."""
 
@@ -92,26 +101,30 @@ class Spool:
     # -- writing -----------------------------------------------------------------------------
 
     def append(self, lines: list[bytes]) -> int:
-        """Append records (JSON without newline) at the newest end; returns how many fit the bound."""
+        """Append records (JSON without newline) at the newest end; returns how many fit the
+        bound. Raises SpoolWriteError when the disk refuses them."""
         accepted = 0
         chunk: list[bytes] = []
-        for line in lines:
-            size = len(line) + 1
-            if self.bytes + size > self.max_bytes:
-                break
-            if self._write_id is None or self._segments[self._write_id][1] + size > self.segment_bytes:
-                self._write(chunk)
-                chunk = []
-                self._roll()
-            chunk.append(line)
-            seg = self._segments[self._write_id]
-            seg[0] += 1
-            seg[1] += size
-            self.records += 1
-            self.bytes += size
-            accepted += 1
-        self._write(chunk)
-        return accepted
+        try:
+            for line in lines:
+                size = len(line) + 1
+                if self.bytes + size > self.max_bytes:
+                    break
+                if self._write_id is None or self._segments[self._write_id][1] + size > self.segment_bytes:
+                    self._write(chunk)
+                    accepted += len(chunk)
+                    chunk = []
+                    self._roll()
+                chunk.append(line)
+                seg = self._segments[self._write_id]
+                seg[0] += 1
+                seg[1] += size
+                self.records += 1
+                self.bytes += size
+            self._write(chunk)
+        except OSError as exc:
+            raise SpoolWriteError(accepted, exc) from exc
+        return accepted + len(chunk)
 
     def prepend(self, lines: list[bytes]) -> int:
         """Put records in front of every segment (oldest end); returns how many fit the bound."""
@@ -143,14 +156,37 @@ class Spool:
     def _roll(self) -> None:
         self.seal()
         sid = max(self._segments) + 1 if self._segments else _FIRST_SEGMENT
-        self._write_fh = open(self._path(sid), "ab")
+        # Unbuffered: what the disk does not take must not wait in a buffer, to be written by
+        # a later flush under records already counted lost (see _write).
+        self._write_fh = open(self._path(sid), "ab", buffering=0)
         self._write_id = sid
         self._segments[sid] = [0, 0]
 
     def _write(self, chunk: list[bytes]) -> None:
-        if chunk:
-            self._write_fh.write(b"\n".join(chunk) + b"\n")
-            self._write_fh.flush()
+        """Write `chunk` (already counted) at the end of the open segment. When the disk refuses
+        it, the segment is cut back to the records before it, and the chunk uncounted: a partial
+        line left there was read back as one more record lost."""
+        if not chunk:
+            return
+        data = memoryview(b"\n".join(chunk) + b"\n")
+        try:
+            written = 0
+            while written < len(data):
+                written += self._write_fh.write(data[written:])
+        except OSError:
+            sid = self._write_id
+            seg = self._segments[sid]
+            seg[0] -= len(chunk)
+            seg[1] -= len(data)
+            self.records -= len(chunk)
+            self.bytes -= len(data)
+            try:
+                os.ftruncate(self._write_fh.fileno(), seg[1])
+            finally:
+                self.seal()
+                if not seg[0]:
+                    self.delete(sid)
+            raise
 
     # -- reading -----------------------------------------------------------------------------
 

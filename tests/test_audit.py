@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import re
+import resource
 import uuid
 from collections import Counter
 
@@ -318,3 +319,47 @@ def test_log_audit_writes_one_json_line_per_record(caplog):
         "auth-denied", 4001, "1.2.3.4:5", "node-l")
     st = audit.status()
     assert (st["emitted"], st["delivered"], st["lost"]) == (1, 1, 1)  # the refused one never counted delivered
+
+
+
+async def test_a_disk_that_refuses_a_spool_write_loses_that_batch_only(kafka_broker, tmp_path):
+    """The disk refuses a spool write (full; here the file size limit, EFBIG, which takes the
+    same path as ENOSPC): that batch is lost, counted, and nothing else. The bytes the disk did
+    not take stayed buffered in the open segment: every later read of the spool tried to write
+    them first and failed, so the sender stalled (a traceback a second) and records emitted
+    while Kafka was reachable were not delivered; once the disk took them, records already
+    counted lost were delivered after all."""
+    prefix = unique_prefix()
+    topics = await topics_for(kafka_broker.bootstrap, prefix)
+    spool_dir = tmp_path / "spool"
+    audit = make_audit(kafka_broker.bootstrap, prefix, spool_dir, queue_size=10)
+    await audit.start()
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    pad = "x" * 200
+    try:
+        async with TopicReader(kafka_broker.bootstrap, topics) as reader:
+            # No file of this process may grow past 64 KiB (Python ignores SIGXFSZ: EFBIG).
+            resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, limits[1]))
+            for i in range(400):  # one burst, larger than the queue: most of it spills at once
+                audit.emit("auth-denied", workspace_id="w-full", code=4001, reason="test", seq=i, pad=pad)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 30
+            while not audit.status()["lost"]:
+                assert loop.time() < deadline, "the refused spool write was never counted"
+                await asyncio.sleep(0.05)
+            # The disk is still full; Kafka is reachable: a new record gets through.
+            audit.emit("auth-granted", workspace_id="w-full", subject="u", seq=400)
+            await reader.wait_for(lambda ms: any(json.loads(m.value)["seq"] == 400 for m in ms), timeout=30)
+            resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+            await reader.count_for(2.0)  # records counted lost would show up here
+        st = audit.status()
+        got = values(reader.messages)
+        assert (st["backlog"], st["delivered"] + st["lost"]) == (0, 401), st
+        assert len(got) == st["delivered"] and len({v["id"] for v in got}) == len(got)
+        seqs = [v["seq"] for v in got if v["event"] == "auth-denied"]  # in order on its topic
+        assert seqs == sorted(seqs)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        await audit.close()
+    assert not list(spool_dir.glob("*.jsonl"))
+
