@@ -411,6 +411,10 @@ class KafkaAudit(Audit):
                 got = await loop.run_in_executor(self._io, self._spool.read_oldest)
                 if got is not None:
                     sid, lines = got
+                    gone = self._spool.segment_records(sid) - len(lines)
+                    if gone > 0:
+                        # Removed or cut short by hand (freeing disk space): lost, not retried.
+                        self._lose(gone, f"spool segment {sid} removed or truncated outside the gateway")
                     entries = self._decode(sid, lines)
                     if entries:
                         self._pending = collections.deque(entries)

@@ -191,14 +191,19 @@ class Spool:
     # -- reading -----------------------------------------------------------------------------
 
     def read_oldest(self) -> tuple[int, list[bytes]] | None:
-        """The oldest segment's id and lines (it stays on disk until `delete`/`replace`)."""
+        """The oldest segment's id and lines (it stays on disk until `delete`/`replace`). A
+        segment whose file was removed behind our back reads as no lines (`segment_records`
+        still says how many it held)."""
         if not self._segments:
             return None
         sid = min(self._segments)
         if sid == self._write_id:
             self.seal()
-        with open(self._path(sid), "rb") as fh:
-            data = fh.read()
+        try:
+            with open(self._path(sid), "rb") as fh:
+                data = fh.read()
+        except FileNotFoundError:
+            return sid, []
         return sid, [line for line in data.split(b"\n") if line]
 
     def replace(self, sid: int, lines: list[bytes]) -> None:

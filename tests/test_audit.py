@@ -363,3 +363,50 @@ async def test_a_disk_that_refuses_a_spool_write_loses_that_batch_only(kafka_bro
         await audit.close()
     assert not list(spool_dir.glob("*.jsonl"))
 
+
+async def test_spool_segments_removed_from_under_the_gateway_do_not_stall_the_trail(kafka_broker, tmp_path):
+    """Segments deleted while the gateway runs (an operator freeing disk space, a tmp cleaner)
+    are counted lost, and delivery goes on: the sender failed to read the missing segment
+    every second for good (a traceback each time), and nothing was delivered again."""
+    from tests.harness.tcpproxy import TcpProxy
+
+    prefix = unique_prefix()
+    topics = await topics_for(kafka_broker.bootstrap, prefix)
+    spool_dir = tmp_path / "spool"
+    # Kafka is reached through a proxy that is not listening yet: unreachable until it is.
+    audit = make_audit(kafka_broker.proxied_bootstrap, prefix, spool_dir, queue_size=10)
+    await audit.start()
+    proxy = None
+    try:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        # Two bursts: the sender takes the first one's segment to deliver (it waits for Kafka
+        # with it); the second one's segment waits in the spool behind it.
+        for i in range(100):
+            audit.emit("auth-denied", workspace_id="w-rm", code=4001, reason="test", seq=i)
+            if i == 49:
+                while audit._pending_seg is None:
+                    assert loop.time() < deadline, "the sender never took the spool"
+                    await asyncio.sleep(0.05)
+        while audit._spill or not audit._flush_task.done():  # the second burst on disk
+            assert loop.time() < deadline, "the spool was never written"
+            await asyncio.sleep(0.05)
+        removed = audit.status()["spooled"]
+        assert removed
+        for path in spool_dir.glob("*.jsonl"):
+            path.unlink()
+        proxy = await TcpProxy(kafka_broker.proxied_port).start(port=kafka_broker.proxy_port)
+        audit.emit("auth-granted", workspace_id="w-rm", subject="u", seq=100)
+        async with TopicReader(kafka_broker.bootstrap, topics) as reader:
+            await reader.wait_for(lambda ms: any(json.loads(m.value)["seq"] == 100 for m in ms), timeout=30)
+            await reader.count_for(1.0)
+        st = audit.status()
+        got = values(reader.messages)
+        # (The record emitted last spills the queue's older half into the open segment, whose
+        # file is gone too: lost with the others.)
+        assert (st["backlog"], st["lost"] + st["delivered"]) == (0, 101) and st["lost"] >= removed, st
+        assert len(got) == st["delivered"] and len({v["id"] for v in got}) == len(got)
+    finally:
+        await audit.close()
+        if proxy is not None:
+            await proxy.close()
