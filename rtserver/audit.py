@@ -275,10 +275,11 @@ class KafkaAudit(Audit):
         if self._flush_task is not None:
             await asyncio.gather(self._flush_task, return_exceptions=True)
         try:
-            kept = await loop.run_in_executor(self._io, self._put_back, self._pending_seg, head, tail)
+            kept, error = await loop.run_in_executor(self._io, self._put_back, self._pending_seg, head, tail)
             self._pending_seg = None
             if kept < len(head) + len(tail):
-                self._lose(len(head) + len(tail) - kept, "spool full at shutdown")
+                why = f"spool write failed at shutdown: {error}" if error else "spool full at shutdown"
+                self._lose(len(head) + len(tail) - kept, why)
             if kept:
                 ops_log.warning(
                     "audit: %d records not delivered to Kafka before shutdown; kept in the spool (%d records)",
@@ -286,8 +287,6 @@ class KafkaAudit(Audit):
                     self._spool.records,
                     extra={"fields": {"spool": self._spool.directory, "records": self._spool.records}},
                 )
-        except OSError as exc:
-            self._lose(len(head) + len(tail), f"spool write failed at shutdown: {exc}")
         finally:
             self._connected = False
             self._io.shutdown(wait=False)  # idle by now: the last job was awaited above
@@ -562,17 +561,28 @@ class KafkaAudit(Audit):
             )
         self._connected = connected
 
-    def _put_back(self, pending_seg: int | None, head: list[bytes], tail: list[bytes]) -> int:
-        """At shutdown (spool thread): undelivered head in front, memory at the end, then sync."""
-        if pending_seg is not None:
-            # `head` is that segment's undelivered remainder, and it is the oldest segment.
-            self._spool.replace(pending_seg, head)
-            kept = len(head)
-        else:
-            kept = self._spool.prepend(head)
-        kept += self._spool.append(tail)
-        self._spool.close()
-        return kept
+    def _put_back(self, pending_seg: int | None, head: list[bytes], tail: list[bytes]) -> tuple[int, OSError | None]:
+        """At shutdown (spool thread): undelivered head in front, memory at the end, then sync
+        and unlock. Returns how many records the spool keeps, and the error of a write the
+        disk refused (what was written before it is kept all the same)."""
+        kept = 0
+        try:
+            if pending_seg is not None:
+                # `head` is that segment's undelivered remainder, and it is the oldest segment.
+                # Rewritten atomically: if that fails, the whole segment is still there.
+                kept = len(head)
+                self._spool.replace(pending_seg, head)
+            else:
+                kept = self._spool.prepend(head)
+            kept += self._spool.append(tail)
+        except OSError as exc:
+            return kept + (exc.accepted if isinstance(exc, SpoolWriteError) else 0), exc
+        finally:
+            try:
+                self._spool.close()
+            except OSError as exc:  # the sync: what was written may not be on disk
+                ops_log.error("audit spool not synced at shutdown: %s", exc, extra={"fields": {"spool": self._spool.directory}})
+        return kept, None
 
 
 def create_audit(cfg, node: str) -> Audit:

@@ -92,11 +92,14 @@ class Spool:
             self.bytes += len(data)
 
     def close(self) -> None:
-        """Sync and close the open segment and release the directory lock."""
-        self.seal(sync=True)
-        if self._lock_fh is not None:
-            self._lock_fh.close()
-            self._lock_fh = None
+        """Sync and close the open segment and release the directory lock (released even when
+        the sync fails: the next start, in this process too, must be able to take it)."""
+        try:
+            self.seal(sync=True)
+        finally:
+            if self._lock_fh is not None:
+                self._lock_fh.close()
+                self._lock_fh = None
 
     # -- writing -----------------------------------------------------------------------------
 

@@ -410,3 +410,45 @@ async def test_spool_segments_removed_from_under_the_gateway_do_not_stall_the_tr
         await audit.close()
         if proxy is not None:
             await proxy.close()
+
+
+async def test_a_spool_write_refused_at_shutdown_loses_only_what_was_not_written(kafka_broker, tmp_path):
+    """At shutdown with Kafka unreachable, the records in flight went to the spool and the
+    memory queue behind them did not fit on the disk: every record was counted lost (those on
+    disk too, delivered by the next start), and the spool was left locked, so the next
+    KafkaAudit of the same process refused the directory as 'in use by another process'."""
+    prefix = unique_prefix()
+    topics = await topics_for(kafka_broker.bootstrap, prefix)
+    spool_dir = tmp_path / "spool"
+    dead = f"127.0.0.1:{_free_ports(1)[0]}"
+    first = make_audit(dead, prefix, spool_dir, queue_size=1000, close_timeout=1.0)
+    await first.start()
+    pad = "x" * 200
+    for i in range(60):
+        first.emit("auth-denied", workspace_id="w-shut", code=4001, reason="test", seq=i, pad=pad)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 30
+    while not first._inflight:  # the sender holds them, waiting for Kafka
+        assert loop.time() < deadline, "the sender never took the records"
+        await asyncio.sleep(0.05)
+    for i in range(60, 160):
+        first.emit("auth-denied", workspace_id="w-shut", code=4001, reason="test", seq=i, pad=pad)
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    # Room for the 60 in flight (~25 KB), not for the 100 queued behind them (~41 KB).
+    resource.setrlimit(resource.RLIMIT_FSIZE, (32 * 1024, limits[1]))
+    try:
+        await first.close()
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+    assert first.status()["lost"] == 100, first.status()
+
+    second = make_audit(kafka_broker.bootstrap, prefix, spool_dir)
+    await second.start()
+    try:
+        assert second.status()["backlog"] == 60
+        async with TopicReader(kafka_broker.bootstrap, topics) as reader:
+            await reader.wait_for(lambda ms: len(ms) >= 60, timeout=30)
+            await reader.count_for(1.0)
+    finally:
+        await second.close()
+    assert [v["seq"] for v in values(reader.messages)] == list(range(60))
