@@ -470,8 +470,8 @@ class Connection(WSListener):
         try:
             identity = await gw.auth.authenticate(token, self.workspace_id)
         except AuthError as exc:
-            if self.closed:
-                return
+            # Audited even when the client has left meanwhile (a slow key set refetch): one
+            # sending tokens and leaving at once must leave its failed attempts in the trail.
             gw.metrics.auth_failures[exc.code] += 1
             gw.audit.emit(
                 "auth-denied",

@@ -173,3 +173,21 @@ async def test_a_secret_in_the_jwks_url_is_not_logged(jwks, gateway_factory):
     await _logged(gw, "JWKS loaded")
     assert "s3cr3t-jwks-credential" not in gw.logs()
     assert "api_key=***" in gw.logs()
+
+
+async def test_a_token_refused_after_its_client_left_is_still_audited(jwks, gateway_factory):
+    """A token is refused whether or not its client waits for the answer: one whose unknown
+    kid made the gateway refetch a slow key set was refused after the client had closed, and
+    no auth-denied record was written (a client sending tokens and leaving at once left no
+    trace of its failed attempts in the audit trail)."""
+    jwks.add_key("k1")
+    jwks.add_key("k-withdrawn")
+    jwks.remove_key("k-withdrawn")  # its tokens are signed with a key the provider no longer has
+    gw = await gateway_factory(env={"RT_AUTH_HS256_SECRET": "", "RT_AUTH_JWKS_URL": jwks.url})
+    await _logged(gw, "JWKS loaded")
+    jwks.delay = 1.0  # the refetch the unknown kid causes outlasts the client
+    async with ws_connect(gw, "acme") as c:
+        await c.send({"type": "auth", "token": jwks.sign(_claims(workspaces=["acme"]), "k-withdrawn")})
+    (rec,) = await gw.audit_records("auth-denied", timeout=10)
+    assert (rec["workspaceId"], rec["code"]) == ("acme", 4002), rec
+    assert "k-withdrawn" in rec["reason"] and rec["remoteAddr"], rec
