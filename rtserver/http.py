@@ -63,6 +63,15 @@ _MAX_PIPELINED = 64
 _HEADS: dict[tuple[int, str, bool], bytes] = {}
 
 
+def host_port(peer: Any) -> str:
+    """A socket's peer address as `host:port` for logs and audit records; an IPv6 host in
+    brackets (`[::1]:51234`), as in a URL, for `::1:51234` cannot be split back."""
+    if not peer:
+        return ""
+    host = peer[0]
+    return f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
+
+
 def http_response(status: int, body: bytes, content_type: str = "application/json", keep_alive: bool = True) -> bytes:
     key = (status, content_type, keep_alive)
     head = _HEADS.get(key)
@@ -576,8 +585,7 @@ class FrontProtocol(asyncio.Protocol):
 
     def _remote(self) -> str:
         if self._peer is None:
-            peer = self.transport.get_extra_info("peername") if self.transport else None
-            self._peer = f"{peer[0]}:{peer[1]}" if peer else ""
+            self._peer = host_port(self.transport.get_extra_info("peername") if self.transport else None)
         return self._peer
 
     def _upgrade(self, after: bytes | memoryview) -> None:

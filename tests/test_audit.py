@@ -17,6 +17,7 @@ from rtserver.audit import EVENTS, KafkaAudit, LogAudit, create_audit
 from rtserver.audit_spool import Spool, SpoolError
 from rtserver.logs import JsonFormatter
 from tests.harness.kafka import TopicReader, _free_ports, create_topics
+from tests.harness.wsclient import ws_connect
 
 pytestmark = pytest.mark.kafka
 
@@ -452,3 +453,13 @@ async def test_a_spool_write_refused_at_shutdown_loses_only_what_was_not_written
     finally:
         await second.close()
     assert [v["seq"] for v in values(reader.messages)] == list(range(60))
+
+
+async def test_an_ipv6_clients_address_is_written_with_brackets(gateway_factory):
+    """`remoteAddr` of a client over IPv6 was `::1:51234`, which no consumer can split into
+    host and port; it is `[::1]:51234`, as in a URL."""
+    gw = await gateway_factory(host="::1")
+    async with ws_connect(gw, "w1", token=gw.token("w1")) as c:
+        port = c.ws.local_address[1]
+    granted = await gw.audit_records("auth-granted")
+    assert [r["remoteAddr"] for r in granted] == [f"[::1]:{port}"]

@@ -34,13 +34,15 @@ def free_port() -> int:
 
 class Gateway:
     def __init__(self, env: dict[str, str], args: list[str], state_dir: str, port: int, cafile: str | None = None,
-                 clock_offset: float = 0.0):
+                 clock_offset: float = 0.0, host: str = "127.0.0.1"):
         self.env = env
+        self.host = host
+        self.netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self.clock_offset = clock_offset  # its wall clock's, and the token issuer's (token())
         self.args = args
         self.state_dir = state_dir
         self.port = port
-        self.url = f"http://127.0.0.1:{port}"
+        self.url = f"http://{self.netloc}"
         self.proc: asyncio.subprocess.Process | None = None
         self.log_path = os.path.join(state_dir, "gateway.log")
         self.returncode: int | None = None
@@ -49,7 +51,7 @@ class Gateway:
             self.url = f"https://localhost:{port}"
 
     def ws_url(self, workspace: str) -> str:
-        return f"ws://127.0.0.1:{self.port}/workspaces/{workspace}/realtime/connect"
+        return f"ws://{self.netloc}/workspaces/{workspace}/realtime/connect"
 
     def token(self, workspace: str | list[str] = "w1", sub: str = "user-1", publish: bool = False,
               ttl: float = 3600, secret: str | None = None, **claims) -> str:
@@ -64,7 +66,7 @@ class Gateway:
     async def start(self) -> None:
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child process
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "rtserver", "serve", "--host", "127.0.0.1", "--port", str(self.port), *self.args,
+            sys.executable, "-m", "rtserver", "serve", "--host", self.host, "--port", str(self.port), *self.args,
             env=self.env, stdout=log, stderr=log,
         )
         log.close()
@@ -177,7 +179,8 @@ async def gateway_factory() -> AsyncIterator[Callable[..., Awaitable[Gateway]]]:
     tmpdirs: list[tempfile.TemporaryDirectory] = []
 
     async def make(env: dict[str, str] | None = None, args: list[str] | None = None,
-                   state_dir: str | None = None, wait_tls: str | None = None, clock_offset: float = 0.0) -> Gateway:
+                   state_dir: str | None = None, wait_tls: str | None = None, clock_offset: float = 0.0,
+                   host: str = "127.0.0.1") -> Gateway:
         """`clock_offset`: the gateway's wall clock runs that many seconds off (the clients'
         stays right: as if theirs were off the other way); tokens from Gateway.token follow it."""
         if state_dir is None:
@@ -191,7 +194,8 @@ async def gateway_factory() -> AsyncIterator[Callable[..., Awaitable[Gateway]]]:
             full_env["TEST_GATEWAY_CLOCK_OFFSET"] = str(clock_offset)
             full_env["PYTHONPATH"] = os.pathsep.join(
                 p for p in (CLOCK_OFFSET_DIR, full_env.get("PYTHONPATH")) if p)
-        gw = Gateway(full_env, list(args or []), state_dir, free_port(), cafile=wait_tls, clock_offset=clock_offset)
+        gw = Gateway(full_env, list(args or []), state_dir, free_port(), cafile=wait_tls, clock_offset=clock_offset,
+                     host=host)
         await gw.start()
         started.append(gw)
         return gw
