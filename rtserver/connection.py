@@ -235,7 +235,7 @@ class Connection(WSListener):
                 self._close_cause = "client_close" if code == 0 else "protocol_error"
                 self._close_code = 1005 if code == 0 else answer
                 transport.send_close(WSCloseCode(answer))
-            transport.disconnect()
+            self._disconnect()
         elif mt == WSMsgType.BINARY:
             self._fragmented = not frame.fin
             self._invalid_message("binary frames are not supported: send JSON text", None)
@@ -307,8 +307,21 @@ class Connection(WSListener):
         self.flush()
         self.closed = True
         self._teardown()
-        if self.transport is not None:
-            self.transport.disconnect(graceful=True)
+        self._disconnect()
+
+    def _disconnect(self) -> None:
+        """Close the transport once what is queued for the peer has been written. A graceful
+        close waits for that however long it takes: a peer that reads nothing (a hung client
+        whose TCP stack still acknowledges) held the socket and its queued bytes for as long as
+        it lived, after the connection had left every count. It gets limits.idle_timeout to
+        read them, as an HTTP peer does, then the connection is dropped."""
+        if self.transport is None:
+            return
+        self.transport.disconnect(graceful=True)
+        raw = self._raw
+        if raw is not None and raw.get_write_buffer_size():
+            # A no-op once the transport is gone.
+            asyncio.get_running_loop().call_later(self.gw.cfg.limits.idle_timeout, raw.abort)
 
     def _slow_reader(self) -> None:
         if self.closed:

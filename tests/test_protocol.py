@@ -820,6 +820,58 @@ async def test_idle_peer_is_closed_1001(gateway_factory):
     assert (rec["code"], rec["reason"]) == (1001, "idle_timeout")
 
 
+def _holds_socket(pid: int, peer_port: int) -> bool:
+    """Whether process `pid` holds (has a descriptor of) its TCP socket to local port
+    `peer_port` (Linux /proc: a socket the process closed is the kernel's own, inode 0)."""
+    inodes = set()
+    with open(f"/proc/{pid}/net/tcp") as fh:
+        for line in list(fh)[1:]:
+            fields = line.split()
+            if int(fields[2].split(":")[1], 16) == peer_port and fields[9] != "0":
+                inodes.add(f"socket:[{fields[9]}]")
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") in inodes:
+                return True
+        except OSError:
+            pass  # closed meanwhile
+    return False
+
+
+async def test_a_peer_closed_while_it_reads_nothing_is_cut_off_after_the_idle_timeout(gateway_factory):
+    """A client that stops reading (a hung app: its TCP stack still acknowledges) is closed
+    as idle with megabytes queued for it. The close frame waits behind them, and a graceful
+    close waits for them to be written: the gateway held the socket, its descriptor and the
+    queued bytes for as long as the peer lived. It now gives the peer idle_timeout to read
+    them, then drops the connection."""
+    import socket
+
+    gw = await gateway_factory(env={"RT_IDLE_TIMEOUT": "2", "RT_SEND_BUFFER_BYTES": str(64 << 20)})
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+    sock.connect(("127.0.0.1", gw.port))
+    ws = await websockets.connect(gw.ws_url("w1"), sock=sock, max_size=None, ping_interval=None)
+    try:
+        await ws.send(json.dumps({"type": "auth", "token": gw.token("w1")}))
+        await ws.recv()
+        await ws.send(json.dumps({"type": "subscribe", "channel": "events:big"}))
+        await ws.recv()
+        ws.transport.pause_reading()
+        for i in range(40):  # 8 MB: more than the kernel buffers of both ends take
+            await gw.publish("w1", "big", {"i": i, "pad": "y" * 200_000})
+            await ws.send(json.dumps({"type": "ping"}))  # not idle until every event is queued
+        port = sock.getsockname()[1]
+        assert _holds_socket(gw.proc.pid, port)
+        deadline = time.monotonic() + 30
+        while _holds_socket(gw.proc.pid, port) and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        assert not _holds_socket(gw.proc.pid, port), "the gateway still holds a connection it closed 25 s ago"
+    finally:
+        ws.transport.abort()
+    (rec,) = await gw.audit_records("session-suspended")
+    assert (rec["code"], rec["reason"]) == (1001, "idle_timeout")
+
+
 async def _raw_ws(gw, workspace: str = "w1") -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """A WebSocket opened by hand: the server's frames are read as bytes, as sent."""
     reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
