@@ -242,7 +242,20 @@ class Connection(WSListener):
         # PING is answered by picows (auto pong); PONG only refreshes last_rx.
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
+        if self._close_code is None:
+            self._layer_closed(transport)
         self._teardown()
+
+    def _layer_closed(self, transport: WSTransport) -> None:
+        """Take the code of a close that picows sent on its own (a frame breaking RFC 6455:
+        1002; a length over what it reads: 1009), so the session-suspended record names it
+        instead of a dropped connection's "network"."""
+        handshake = transport.close_handshake
+        if handshake is None or handshake.sent is None or handshake.recv_then_sent:
+            return  # no close sent, or it answered the client's (on_ws_frame took that one)
+        code = int(handshake.sent.code)
+        self._close_code = code
+        self._close_cause = CODE_NAMES.get(code, self._close_cause)
 
     def pause_writing(self) -> None:
         """The transport's buffer passed its high-water mark (see on_ws_connected). Called

@@ -901,6 +901,31 @@ async def _read_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
     return b0 & 0x0F, await reader.readexactly(n)
 
 
+@pytest.mark.parametrize(("frame", "closed"), [
+    (b"\x81\x02{}", (1002, "protocol_error")),  # not masked (RFC 6455 §5.1)
+    (b"\x83\x80\0\0\0\0", (1002, "protocol_error")),  # a reserved opcode
+    (b"\x89\xfe\x00\xc8\0\0\0\0" + b"x" * 200, (1002, "protocol_error")),  # a ping of 200 bytes (125 at most)
+    (b"\x81\xff" + (1 << 30).to_bytes(8, "big") + b"\0\0\0\0", (1009, "message_too_big")),  # 1 GiB announced
+])
+async def test_a_frame_the_websocket_layer_refuses_is_audited_with_its_close(gateway, frame, closed):
+    """Frames picows refuses itself (before the gateway sees them) close the connection with
+    1002, or 1009 for a length over what it reads; the session-suspended record said
+    (null, "network") for them, as for a dropped connection, instead of the code sent and its
+    name (docs/audit.md)."""
+    reader, writer = await _raw_ws(gateway)
+    try:
+        writer.write(_masked(0x1, json.dumps({"type": "auth", "token": gateway.token("w1")}).encode()))
+        opcode, data = await _read_frame(reader)
+        assert opcode == 0x1 and json.loads(data)["type"] == "auth_ok"
+        writer.write(frame)
+        opcode, data = await _read_frame(reader)
+        assert (opcode, int.from_bytes(data[:2], "big")) == (0x8, closed[0])
+    finally:
+        writer.close()
+    (rec,) = await gateway.audit_records("session-suspended")
+    assert (rec["code"], rec["reason"]) == closed
+
+
 @pytest.mark.parametrize(("sent", "answer"), [
     (b"", 1000),  # no status code: "no status received" (1005) is not a code to send back
     ((1006).to_bytes(2, "big"), 1002),  # reserved: never in a close frame (RFC 6455 §7.4.1)
