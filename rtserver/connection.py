@@ -311,6 +311,13 @@ class Connection(WSListener):
         close frame with the code's name."""
         if self.closed:
             return
+        if self.transport is not None and self.transport.is_close_frame_sent:
+            # picows closed it on its own (_layer_closed) and its close frame waits behind
+            # frames the peer has not read: no second close frame, the code is the one sent.
+            self._layer_closed(self.transport)
+            self._teardown()
+            self._disconnect()
+            return
         if cause is not None:
             self._close_cause = cause
         self._close_code = code

@@ -872,6 +872,40 @@ async def test_a_peer_closed_while_it_reads_nothing_is_cut_off_after_the_idle_ti
     assert (rec["code"], rec["reason"]) == (1001, "idle_timeout")
 
 
+async def test_a_websocket_layer_close_behind_unread_frames_keeps_its_code(gateway_factory):
+    """picows closes a connection on its own after a frame breaking RFC 6455 (1002), behind
+    the frames queued for a peer that reads nothing; the connection ends only once they are
+    written, so the idle sweep closed it again: a second close frame (1001) queued behind the
+    first, and the audit said idle_timeout. It keeps the code sent, and is dropped after the
+    idle timeout as any close is."""
+    import socket
+
+    gw = await gateway_factory(env={"RT_IDLE_TIMEOUT": "2", "RT_SEND_BUFFER_BYTES": str(64 << 20)})
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+    sock.connect(("127.0.0.1", gw.port))
+    ws = await websockets.connect(gw.ws_url("w1"), sock=sock, max_size=None, ping_interval=None)
+    try:
+        await ws.send(json.dumps({"type": "auth", "token": gw.token("w1")}))
+        await ws.recv()
+        await ws.send(json.dumps({"type": "subscribe", "channel": "events:big"}))
+        await ws.recv()
+        ws.transport.pause_reading()
+        for i in range(40):  # 8 MB: more than the kernel buffers of both ends take
+            await gw.publish("w1", "big", {"i": i, "pad": "y" * 200_000})
+            await ws.send(json.dumps({"type": "ping"}))
+        ws.transport.write(b"\x81\x02{}")  # not masked
+        port = sock.getsockname()[1]
+        deadline = time.monotonic() + 30
+        while _holds_socket(gw.proc.pid, port) and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        assert not _holds_socket(gw.proc.pid, port)
+    finally:
+        ws.transport.abort()
+    (rec,) = await gw.audit_records("session-suspended")
+    assert (rec["code"], rec["reason"]) == (1002, "protocol_error")
+
+
 async def _raw_ws(gw, workspace: str = "w1") -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """A WebSocket opened by hand: the server's frames are read as bytes, as sent."""
     reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
