@@ -187,6 +187,11 @@ class Connection(WSListener):
         self.last_rx = time.monotonic()
         self._ping_sent = False
         mt = frame.msg_type
+        if frame.rsv1 or frame.rsv2 or frame.rsv3:
+            # RFC 6455 §5.2: no extension is negotiated, so no reserved bit may be set (a frame
+            # compressed without permessage-deflate was read as text: "not JSON", then 1008).
+            self._protocol_error("a frame with a reserved bit set, and no extension negotiated")
+            return
         if (mt == WSMsgType.TEXT or mt == WSMsgType.BINARY) and self._fragmented:
             # RFC 6455 §5.4: a message's fragments are not interleaved with another message's;
             # taking the new one silently dropped the fragments before it.

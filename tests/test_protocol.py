@@ -872,6 +872,28 @@ async def test_a_peer_closed_while_it_reads_nothing_is_cut_off_after_the_idle_ti
     assert (rec["code"], rec["reason"]) == (1001, "idle_timeout")
 
 
+@pytest.mark.parametrize("first_byte", [0xC1, 0xA1, 0x91, 0x40])  # RSV1, RSV2, RSV3 on a text frame; RSV1 on a continuation
+async def test_a_frame_with_reserved_bits_closes_1002(gateway, first_byte):
+    """No extension is negotiated, so a frame with RSV1-3 set must fail the connection (RFC
+    6455 §5.2): a client compressing without permessage-deflate got "not JSON" errors for each
+    message, then 1008, and one with an unknown extension had its frames read as plain text."""
+    reader, writer = await _raw_ws(gateway)
+    try:
+        writer.write(_masked(0x1, json.dumps({"type": "auth", "token": gateway.token("w1")}).encode()))
+        opcode, data = await _read_frame(reader)
+        assert opcode == 0x1 and json.loads(data)["type"] == "auth_ok"
+        if first_byte & 0x0F == 0:  # a continuation: after the start of a message
+            writer.write(b"\x01\x80\0\0\0\0")
+        ping = b'{"type":"ping"}'
+        writer.write(bytes([first_byte, 0x80 | len(ping)]) + b"\0\0\0\0" + ping)
+        opcode, data = await _read_frame(reader)
+        assert (opcode, int.from_bytes(data[:2], "big"), data[2:]) == (0x8, 1002, b"protocol_error")
+    finally:
+        writer.close()
+    (rec,) = await gateway.audit_records("session-suspended")
+    assert (rec["code"], rec["reason"]) == (1002, "protocol_error")
+
+
 async def test_a_websocket_layer_close_behind_unread_frames_keeps_its_code(gateway_factory):
     """picows closes a connection on its own after a frame breaking RFC 6455 (1002), behind
     the frames queued for a peer that reads nothing; the connection ends only once they are
