@@ -40,6 +40,7 @@ from rtcore.messages import (
 from rtcore.timefmt import iso_ms
 from rtserver import channels
 from rtserver.auth import AuthError, Identity
+from rtserver.history import Replay
 from rtserver.hub import Subscription, Workspace, replay_viewer
 from rtserver.sessions import Session
 from rtserver.sources.base import ChannelUnavailable
@@ -983,37 +984,40 @@ class Connection(WSListener):
     async def _replay_paced(
         self, subs: list[Subscription], view: Callable[[Any, int], bytes | None], entries: list[Any], done: int
     ) -> None:
-        """The rest of a replay, a piece each time the client has taken the pieces before. The
-        entries retained when it began are sent first (those evicted since are still sent: they
-        are held here); then, until the history's tail fits in one piece, what was appended
-        meanwhile. The last piece and the return of `subs` to the index happen in one step, so
-        no live event slips between or arrives twice."""
+        """The rest of a replay, a piece each time the client has taken the pieces before,
+        read afresh from the history for each piece: entries held between pieces kept those
+        the history evicted meanwhile alive, outside every memory bound, for as long as a
+        client took to read them (a history's worth for each slow reader). What the history
+        evicted before the client got to it is reported with a history_gap, as to any reader
+        from before an eviction. Up to where the history ended when the replay began, a piece
+        is bounded by entries looked at too; after it by bytes only, or a replay could chase
+        for ever a workspace appending more than _REPLAY_SCAN events a turn. The last piece
+        and the return of `subs` to the index happen in one step, so no live event slips
+        between or arrives twice."""
         ws = self.workspace
         assert ws is not None
         last = entries[done - 1].seq  # every entry up to here was looked at
-        scan: int | None = _REPLAY_SCAN
+        began = entries[-1].seq
+        told = dict(ws.history.losses)  # the losses the first piece's notices covered
+        del entries
         while True:
             await self._taken()
             if self.closed or self.workspace is not ws:
                 return
-            if done < len(entries):
-                done = self._push_piece(view, entries, done, scan)
-                last = entries[done - 1].seq
-                continue
             live = self._still_subscribed(subs)
             tail = ws.history.since(last)
-            self._notify_gaps(live, last, tail)
+            lost = frozenset(src for src in tail.lost if ws.history.losses[src] != told.get(src))
+            told.update(ws.history.losses)
+            self._notify_gaps(live, last, Replay(tail.gap, tail.oldest, tail.entries, lost))
             entries = tail.entries
-            # What was appended meanwhile comes at the pace the live path would have fanned it
-            # out: bounded by bytes only, or a replay could chase for ever a workspace appending
-            # more than _REPLAY_SCAN events a turn.
-            scan = None
+            scan = _REPLAY_SCAN if entries and entries[0].seq <= began else None
             done = self._push_piece(view, entries, 0, scan)
             if done == len(entries):  # the whole tail in this step: live from here
                 for sub in live:
                     self.gw.hub.add(ws, sub)
                 return
             last = entries[done - 1].seq
+            del tail, entries
 
     async def _taken(self) -> None:
         """Write what is queued, then wait until the client has taken all but a piece of it:

@@ -167,3 +167,67 @@ def test_history_series_only_for_the_workspaces_retaining_the_most():
     assert sorted(series, key=lambda w: int(w[1:])) == [f"w{i}" for i in range(n - HISTORY_SERIES_MAX, n)]
     assert len(re.findall(r"^rt_history_events\{", text, re.M)) == HISTORY_SERIES_MAX
     assert _metric(text.encode(), "rt_workspaces") == n
+
+
+async def test_a_slow_replay_holds_no_event_the_history_has_evicted(tmp_path, monkeypatch):
+    """A replay that leaves in pieces held the entries it began with until the client had read
+    them all, those the history evicted meanwhile too: a client reading a little now and then
+    kept up to history.bytes alive outside every bound, and each such client its own window
+    (30 of them raised a gateway from 64 MB to 455 MB). The replay now reads the history
+    afresh for each piece: what was evicted before the client got to it is reported with a
+    history_gap, as for any reader from before an eviction, then the replay goes on from what
+    the history holds, and live after it."""
+    import asyncio
+    import json
+    import socket
+
+    import jwt
+    import websockets
+
+    from tests.harness.http_wire import post_request, read_answer
+    from tests.test_http_pipelining import SECRET, in_process_gateway
+
+    size = 600
+    gw, _ = await in_process_gateway(tmp_path, monkeypatch, RT_HISTORY_EVENTS=str(size),
+                                     RT_SEND_BUFFER_BYTES=str(1 << 20))
+    token = jwt.encode({"sub": "u", "workspaces": ["w1"], "realtime_publish": True, "exp": 4102444800},
+                       SECRET, algorithm="HS256")
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+
+    async def publish(payloads: list[dict]) -> list[int]:
+        writer.write(b"".join(post_request("/workspaces/w1/realtime/events/t", token, p) for p in payloads))
+        answers = [await read_answer(reader) for _ in payloads]
+        assert {status for status, _, _ in answers} == {202}
+        return [json.loads(body)["seq"] for _, _, body in answers]
+
+    try:
+        first = (await publish([{"i": i, "pad": "x" * 20000} for i in range(size)]))[0]
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the client takes little at a time
+        sock.connect(("127.0.0.1", gw.port))
+        async with websockets.connect(f"ws://127.0.0.1:{gw.port}/workspaces/w1/realtime/connect", sock=sock,
+                                      max_size=None, max_queue=1) as ws:
+            await ws.send(json.dumps({"type": "auth", "token": token}))
+            assert json.loads(await ws.recv())["type"] == "auth_ok"
+            await ws.send(json.dumps({"type": "subscribe", "channel": "events:t", "since": first - 1}))
+            assert json.loads(await ws.recv())["type"] == "subscribed"
+            seen = -1
+            while seen != gw.metrics.replayed:  # until the replay waits for the client
+                seen = gw.metrics.replayed
+                await asyncio.sleep(0.3)
+            assert seen < size, "the whole replay was taken at once: the test needs a slower client"
+            later = await publish([{"i": size + i} for i in range(size)])  # evicts every event of before
+            got, gaps = [], []
+            while not got or got[-1] != size * 2 - 1:
+                msg = json.loads(await ws.recv())
+                if msg["type"] == "error":
+                    gaps.append((msg["code"], msg["oldest"], len(got)))
+                else:
+                    got.append(msg["payload"]["i"])
+        cut = gaps[0][2] if gaps else len(got)
+        assert got[:cut] == list(range(cut)) and cut < size  # what was already on its way
+        assert gaps == [(4011, later[0], cut)]
+        assert got[cut:] == list(range(size, size * 2))
+    finally:
+        writer.close()
+        await gw.shutdown()
