@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import re
 
-_USERINFO = re.compile(r"://[^@/?#]*@")
+# Up to the last '@' before the first '/': libpq and pymongo take a '#' or '?' in a password as
+# written (`postgresql://rt:p#w@db/app`), so neither may end the user info here.
+_USERINFO = re.compile(r"://[^/]*@")
 _SECRET_NAME = r"(?:pass|secret|token|key|credential|authmechanismproperties)"
 _QUERY_SECRET = re.compile(rf"([?&;][^=&;#]*{_SECRET_NAME}[^=&;#]*=)[^&;#]*", re.I)
+# A value is quoted, or runs to the first space that no backslash escapes (libpq: `password=p\ w`).
 _KEYWORD_SECRET = re.compile(
-    rf"(\b[\w.-]*{_SECRET_NAME}[\w.-]*\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.I
+    rf"(\b[\w.-]*{_SECRET_NAME}[\w.-]*\s*=\s*)('(?:[^'\\]|\\.)*'|(?:\\.|\S)+)", re.I
 )
 
 

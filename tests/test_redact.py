@@ -55,3 +55,29 @@ async def test_no_database_secret_reaches_metrics_or_readiness(gateway_factory, 
                  "rt_source_slot_recreations", "rt_source_streamed_transactions"):
         assert types[name] == "counter", name
     assert types["rt_source_ready"] == types["rt_source_streamed_open"] == "gauge"
+
+
+@pytest.mark.parametrize(("url", "expected"), [
+    # libpq reads the user info up to the '@' before the first '/', pymongo up to the last '@'
+    # before it: libpq takes a '#' or '?' in a password as written, pymongo a '#'.
+    ("postgresql://rt:pa#ss@db/app", "postgresql://***@db/app"),
+    ("postgresql://rt:pa?ss@db:5432/app?sslmode=require", "postgresql://***@db:5432/app?sslmode=require"),
+    ("mongodb://rt:pa#ss@h1,h2/app?replicaSet=rs0", "mongodb://***@h1,h2/app?replicaSet=rs0"),
+    ("mongodb://rt:pa#ss@h", "mongodb://***@h"),
+    # libpq's unquoted keyword value: a backslash escapes the space that follows it
+    ("host=db password=pa\\ ss dbname=app", "host=db password=*** dbname=app"),
+    ("postgresql://db/app#x", "postgresql://db/app#x"),
+])
+def test_secrets_with_url_delimiters_are_masked(url, expected):
+    assert redact(url) == expected
+
+
+async def test_a_password_with_a_hash_sign_reaches_no_readiness_metric_or_log(gateway_factory):
+    # The driver takes this password as written; /readyz, /metrics and the logs showed it.
+    gw = await gateway_factory(env={"RT_MONGO_URL": "mongodb://rt:s3cret#y@127.0.0.1:1/app"})
+    _, metrics = await gw.get("/metrics")
+    status, ready = await gw.get("/readyz")
+    assert status == 503
+    assert json.loads(ready)["sources"]["mongo:app"]["url"] == "mongodb://***@127.0.0.1:1/app"
+    for text in (metrics, ready, gw.logs().encode()):
+        assert b"s3cret" not in text
