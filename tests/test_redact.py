@@ -81,3 +81,21 @@ async def test_a_password_with_a_hash_sign_reaches_no_readiness_metric_or_log(ga
     assert json.loads(ready)["sources"]["mongo:app"]["url"] == "mongodb://***@127.0.0.1:1/app"
     for text in (metrics, ready, gw.logs().encode()):
         assert b"s3cret" not in text
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("form", ["url", "keywords"])
+async def test_a_connection_string_libpq_reads_streams_and_its_password_shows_nowhere(gateway_factory, pg_cluster,
+                                                                                      pg_database, form):
+    # libpq (the config check, the replication stream) takes both; the catalog's driver read the
+    # '#' as a URL's fragment and said "invalid literal for int() with base 10: 's3cret'" in
+    # /readyz and the logs, and refused keyword/value strings: the source was never ready.
+    database = pg_database.rsplit("/", 1)[1]
+    url = (f"postgresql://{pg_cluster.user}:s3cret#x@127.0.0.1:{pg_cluster.port}/{database}" if form == "url" else
+           f"host=127.0.0.1 port={pg_cluster.port} user={pg_cluster.user} password=s3cret#x dbname={database}")
+    gw = await gateway_factory(env={"RT_POSTGRES_URL": url, "RT_INSTANCE": "redact"})
+    await gw.wait_ready()
+    _, metrics = await gw.get("/metrics")
+    _, ready = await gw.get("/readyz")
+    for text in (metrics, ready, gw.logs().encode()):
+        assert b"s3cret" not in text

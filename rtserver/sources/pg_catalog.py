@@ -8,10 +8,12 @@ import hashlib
 import json
 import logging
 import re
+import urllib.parse
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import asyncpg
+import psycopg.conninfo
 
 from rtserver.channels import valid_table_name
 from rtserver.sources.pg_stream import SESSION_SETTINGS
@@ -55,6 +57,15 @@ def publication_name(instance: str) -> str:
     return f"{instance}_pub"
 
 
+def asyncpg_dsn(dsn: str) -> str:
+    """`dsn` as libpq reads it (the replication stream, the start-up check), handed to asyncpg
+    as query parameters. asyncpg parses a URL with urllib, which ends the user info at a '#' or
+    '?' that libpq takes as part of the password (and then quoted the password in its error:
+    "invalid literal for int() with base 10: 's3cret'"), and refuses keyword/value strings."""
+    params = psycopg.conninfo.conninfo_to_dict(dsn)
+    return "postgresql://?" + urllib.parse.urlencode({k: str(v) for k, v in params.items()})
+
+
 class Catalog:
     """One asyncpg connection (re-opened when broken), queries serialized by a lock."""
 
@@ -82,7 +93,7 @@ class Catalog:
             # the stream's session settings: values fetched here (unchanged TOAST columns) must
             # have the text formats of the values the stream sends
             self._conn = await asyncpg.connect(
-                self.dsn, server_settings={"application_name": "rtserver-catalog", **SESSION_SETTINGS},
+                asyncpg_dsn(self.dsn), server_settings={"application_name": "rtserver-catalog", **SESSION_SETTINGS},
                 timeout=self.timeout or 60,
             )
         return self._conn
