@@ -512,7 +512,7 @@ class Ingest:
         feeds = {}
         for src, sink in self.sources:
             st = src.status()
-            feeds[f"{src.kind}:{st.get('slot') or st.get('database') or ''}"] = {
+            feeds[_feed_name(src, st, feeds)] = {
                 "ready": src.ready(), "takeover_skipped": sink.skipped, "oversized_skipped": sink.oversized,
                 **({"start_error": self.failed[id(src)]} if id(src) in self.failed else {}), **{k: v for k, v in st.items() if k != "ready"}}
         bus = self.publisher.status()
@@ -566,6 +566,15 @@ class Ingest:
             pass
         finally:
             writer.close()
+
+
+def _feed_name(src: Any, status: dict[str, Any], named: dict[str, Any]) -> str:
+    """The feed's /readyz key: its slot (postgres) or database (mongo); a postgres feed that has
+    not reached its database yet has no slot name, so its URL (redacted) names it, and a name
+    taken already (a database of the same name on another server) gets the URL too."""
+    url = redact(src.dsn if src.kind == "postgres" else src.url)
+    name = f"{src.kind}:{status.get('slot') or status.get('database') or url}"
+    return f"{name}@{url}" if name in named else name
 
 
 async def run(cfg: Config) -> int:

@@ -1405,3 +1405,28 @@ async def test_the_ingest_health_port_listens_on_the_address_given(cluster):
             await asyncio.sleep(0.1)
     with pytest.raises(OSError):  # not on the default address
         urllib.request.urlopen(f"http://127.0.0.1:{ingest.port}/healthz", timeout=2)
+
+
+async def test_the_ingest_readiness_names_each_feed_even_before_it_streams(cluster, tmp_path):
+    """Two PostgreSQL feeds that never reached their database (no slot name yet) were both
+    "postgres:" in the ingest's /readyz: one hid the other, whose error an operator never saw.
+    Each has its entry, by its URL without the password."""
+    config = tmp_path / "rt.toml"
+    config.write_text("[workspaces.w2]\npostgres_url = 'postgresql://rt:s3cret@127.0.0.1:1/a'\n"
+                      "[workspaces.w3]\npostgres_url = 'postgresql://rt:s3cret@127.0.0.1:2/b'\n")
+    ingest = await cluster.ingest("--config", str(config))
+    deadline = time.monotonic() + 30
+    while True:
+        assert ingest.proc.returncode is None, ingest.logs()
+        try:
+            status = await ingest.status()
+            if status["role"] == "active" and len(status["feeds"]) == 3 and all(
+                    f["last_error"] for k, f in status["feeds"].items() if "127.0.0.1:" in k):
+                break
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, (status, ingest.logs())
+        await asyncio.sleep(0.1)
+    assert {k for k in status["feeds"] if "127.0.0.1:" in k} == {
+        "postgres:postgresql://***@127.0.0.1:1/a", "postgres:postgresql://***@127.0.0.1:2/b"}
+    assert "s3cret" not in json.dumps(status)
