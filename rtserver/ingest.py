@@ -535,7 +535,10 @@ class Ingest:
     async def _http(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-            path = head.split(b" ", 2)[1].decode("latin-1") if head.count(b" ") >= 2 else ""
+            method, _, rest = head.partition(b" ")
+            # The path without its query: a probe or a scrape with params (`/readyz?verbose=1`)
+            # asks for the same endpoint, as the gateway reads it.
+            path = rest.split(b" ", 1)[0].split(b"?", 1)[0].decode("latin-1")
             ready, details = self.status()
             ctype = "application/json"
             if path == "/healthz":
@@ -560,7 +563,10 @@ class Ingest:
                 status, body, ctype = 200, ("\n".join(lines) + "\n").encode(), "text/plain; version=0.0.4"
             else:
                 status, body = 404, b'{"error":"no such endpoint"}'
-            writer.write(http_response(status, body, ctype, keep_alive=False))
+            response = http_response(status, body, ctype, keep_alive=False)
+            if method == b"HEAD":
+                response = response[: len(response) - len(body)]  # headers only, same length
+            writer.write(response)
             await writer.drain()
         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError):
             pass

@@ -1430,3 +1430,25 @@ async def test_the_ingest_readiness_names_each_feed_even_before_it_streams(clust
     assert {k for k in status["feeds"] if "127.0.0.1:" in k} == {
         "postgres:postgresql://***@127.0.0.1:1/a", "postgres:postgresql://***@127.0.0.1:2/b"}
     assert "s3cret" not in json.dumps(status)
+
+
+async def test_the_ingest_health_endpoints_take_a_query_string_and_head(cluster):
+    """The ingest read the request target whole: `/readyz?verbose=1` or a scrape with params
+    (Prometheus `params:`) got 404, where the gateway answers them; HEAD got the body too."""
+    ingest = await cluster.ingest()
+    await ingest.wait_active()
+
+    async def ask(method: str, target: str) -> tuple[bytes, bytes]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", ingest.port)
+        writer.write(f"{method} {target} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        answer = await asyncio.wait_for(reader.read(), 10)  # the ingest closes after each answer
+        writer.close()
+        head, _, body = answer.partition(b"\r\n\r\n")
+        return head, body
+
+    for path in ("/healthz", "/readyz", "/metrics"):
+        head, body = await ask("GET", path + "?x=1")
+        assert head.startswith(b"HTTP/1.1 200 ") and body, (path, head)
+        head, body = await ask("HEAD", path)
+        assert head.startswith(b"HTTP/1.1 200 ") and body == b"", (path, head, body)
+    assert parse_exposition((await ask("GET", "/metrics?x=1"))[1].decode())["rt_ingest_active"] == 1
