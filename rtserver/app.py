@@ -419,8 +419,8 @@ class Gateway:
         token = http.bearer(request.headers)
         return Connection(self, workspace, token, self.upgrading_remote)
 
-    def new_ws_protocol(self):
-        return http.new_ws_protocol(self)
+    def new_ws_protocol(self, log_fields: dict[str, Any]):
+        return http.new_ws_protocol(self, log_fields)
 
     def http_get(self, path: str) -> tuple[int, str, bytes]:
         if path == "/healthz":

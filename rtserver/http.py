@@ -609,7 +609,8 @@ class FrontProtocol(asyncio.Protocol):
         if self._paused:  # the answers before the upgrade filled the write buffer (pause_writing)
             self._paused = False
             transport.resume_reading()  # picows has its own flow control from here on
-        ws_proto = self.gw.new_ws_protocol()
+        workspace = parse_connect_path(req.url.split(b"?", 1)[0].decode("latin-1"))
+        ws_proto = self.gw.new_ws_protocol({"remote": self._remote(), "workspace": workspace})
         transport.set_protocol(ws_proto)
         ws_proto.connection_made(transport)
         view = memoryview(b"".join(head) + after)
@@ -644,14 +645,40 @@ class _HalfReadWSProtocol(WSProtocol):
         return buf[:half] if half >= _MIN_READ else buf
 
 
-def new_ws_protocol(gw: Gateway) -> WSProtocol:
+class _PeerLog(logging.LoggerAdapter):
+    """picows's log of one connection, its lines carrying the client's address and workspace.
+
+    picows refuses a frame that breaks RFC 6455 (unmasked, a bad close code, larger than it
+    reads) before the gateway sees it, and logs that at ERROR: the client's doing, which any
+    client could repeat at will before authenticating. It is logged as the gateway's own
+    protocol errors are (Connection._protocol_error): INFO, "websocket protocol error"."""
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        kwargs["extra"] = self.extra
+        return msg, kwargs
+
+    def log(self, level: int, msg: Any, *args: Any, **kwargs: Any) -> None:
+        if level == logging.ERROR and msg == _PICOWS_PARSER_ERROR and args and isinstance(args[0], tuple):
+            detail = args[0][-1] if args[0] else ""  # WSProtocolError's args: (close code, why)
+            _ws_log.info("websocket protocol error", extra={"fields": {**self.extra["fields"], "detail": str(detail)}})
+            return
+        super().log(level, msg, *args, **kwargs)
+
+
+_PICOWS_PARSER_ERROR = "WS parser error: %s, initiate disconnect"
+_picows_log = logging.getLogger("picows.server")
+_ws_log = logging.getLogger("rtserver.connection")
+
+
+def new_ws_protocol(gw: Gateway, fields: dict[str, Any]) -> WSProtocol:
+    """The WebSocket protocol of one upgrade; `fields` (remote, workspace) go into its log lines."""
     limits = gw.cfg.limits
     return _HalfReadWSProtocol(
         None,
         None,
         False,
         gw.ws_listener_factory,
-        logging.getLogger("picows.server"),
+        _PeerLog(_picows_log, {"fields": fields}),
         True,  # disconnect on exception
         5.0,  # handshake timeout
         False,  # auto ping: our sweeper pings idle peers (one timer for all connections)

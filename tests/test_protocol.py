@@ -1009,3 +1009,27 @@ async def test_a_client_close_is_answered_with_a_code_that_may_be_sent(gateway, 
     expected = {1000: (1005, "client_close"), 1002: (1002, "protocol_error")}.get(answer, (answer, "client_close"))
     assert (rec["code"], rec["reason"]) == expected
     assert "Traceback" not in gateway.logs()
+
+
+async def test_a_clients_broken_frame_is_logged_as_its_doing_with_its_workspace_and_address(gateway):
+    """picows refuses a frame breaking RFC 6455 (unmasked, a bad close code, too large) before
+    the gateway sees it, and logged it at ERROR with nothing saying whose it was: any client,
+    before authenticating, set off the operator's error alerts at will. It is logged at INFO,
+    as the gateway's own protocol errors are, with the workspace and the client's address."""
+    reader, writer = await _raw_ws(gateway, "w7")
+    host, port = writer.get_extra_info("sockname")[:2]
+    local = f"{host}:{port}"
+    writer.write(b"\x81\x05hello")  # unmasked
+    assert (await _read_frame(reader))[0] == 0x8
+    writer.close()
+    deadline = asyncio.get_running_loop().time() + 5
+    while True:
+        lines = [json.loads(line) for line in gateway.logs().splitlines()]
+        found = [rec for rec in lines if "un-masked" in rec["msg"] + rec.get("detail", "")]
+        if found or asyncio.get_running_loop().time() > deadline:
+            break
+        await asyncio.sleep(0.05)
+    (rec,) = found
+    assert (rec["level"], rec["msg"], rec.get("workspace"), rec.get("remote")) == (
+        "info", "websocket protocol error", "w7", local), rec
+    assert not [rec for rec in lines if rec["level"] == "error"], lines
