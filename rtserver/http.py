@@ -252,10 +252,22 @@ class FrontProtocol(asyncio.Protocol):
     def _refuse(self, status: int, message: str) -> None:
         """Answer `status` after the answers of the requests before it, then close; nothing
         more of this connection is read or buffered."""
+        if self._req is not None and self._is_publish(self._req):
+            # Refused before it was read in full (413, 408): counted as the answered ones are.
+            self.gw.metrics.publish_requests[status] += 1
         self._req = None
         self._linger = True
         if self._answer_in_turn(json_error(status, message, keep_alive=False), close=True):
             self._closing_read()
+
+    def _is_publish(self, req: _Request) -> bool:
+        """Whether the request being read is one to the publish API."""
+        try:
+            if self._parser is None or self._parser.get_method() != b"POST":
+                return False
+            return PUBLISH_RE.match(httptools.parse_url(req.url).path.decode("latin-1")) is not None
+        except httptools.HttpParserInvalidURLError:
+            return False
 
     def _answer_in_turn(self, answer: bytes, close: bool) -> bool:
         """Answer `answer` after the answers of the requests before it: now (_respond keeps it

@@ -431,3 +431,29 @@ async def test_a_request_trickling_in_is_cut_off_at_the_request_timeout(gateway_
     assert (await _read_response(kept_reader))[0] == 200
     for _, writer in [*slow, (kept_reader, kept_writer)]:
         writer.close()
+
+
+async def test_publishes_refused_as_too_large_are_counted_by_status(gateway):
+    """rt_publish_requests_total counts the publish API's answers by status; a body over
+    limits.max_publish_bytes is answered 413 before the request is read in full, and was not
+    counted: a publisher whose events were refused left no trace in /metrics."""
+    token = gateway.token("w1", publish=True)
+    path = "/workspaces/w1/realtime/events/big"
+    await gateway.publish("w1", "big", {"a": 1})  # 202
+    for head in ("Content-Length: 1000000000\r\n\r\n", "Transfer-Encoding: chunked\r\n\r\n"):
+        reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+        writer.write(f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n{head}".encode())
+        with contextlib.suppress(ConnectionError):
+            for _ in range(5 if "chunked" in head else 0):
+                writer.write(b"%x\r\n%s\r\n" % (65536, b"x" * 65536))
+                await writer.drain()
+        status, _ = await _read_response(reader)
+        assert status == 413
+        writer.close()
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+    writer.write(b"POST /elsewhere HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000\r\n\r\n")
+    assert (await _read_response(reader))[0] == 413  # not a publish: not counted
+    writer.close()
+    samples = parse_exposition((await gateway.get("/metrics"))[1].decode())
+    assert {k: v for k, v in samples.items() if k.startswith("rt_publish_requests_total")} == {
+        'rt_publish_requests_total{status="202"}': 1, 'rt_publish_requests_total{status="413"}': 2}
