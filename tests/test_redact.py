@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -99,3 +100,24 @@ async def test_a_connection_string_libpq_reads_streams_and_its_password_shows_no
     _, ready = await gw.get("/readyz")
     for text in (metrics, ready, gw.logs().encode()):
         assert b"s3cret" not in text
+
+
+async def test_each_postgres_source_says_which_database_its_log_lines_are_about(gateway_factory, tmp_path):
+    # Two workspaces' databases, both unreachable: their lines said "postgres source:
+    # ConnectionRefusedError" with an empty slot and nothing else telling them apart.
+    config = tmp_path / "rt.toml"
+    config.write_text("[workspaces.a]\npostgres_url = 'postgresql://rt:s3cret@127.0.0.1:1/x'\n"
+                      "[workspaces.b]\npostgres_url = 'host=127.0.0.1 port=2 user=rt password=s3cret dbname=y'\n")
+    gw = await gateway_factory(args=["--config", str(config)])
+    async with ws_connect(gw, "a", token=gw.token("a")), ws_connect(gw, "b", token=gw.token("b")):
+        pass  # a granted workspace starts its sources
+    deadline = asyncio.get_running_loop().time() + 10
+    while True:
+        lines = [json.loads(line) for line in gw.logs().splitlines()]
+        failed = [rec for rec in lines if rec["msg"].startswith("postgres source: ")]
+        urls = {rec.get("url") for rec in failed}
+        if len(urls) >= 2 or asyncio.get_running_loop().time() > deadline:
+            break
+        await asyncio.sleep(0.1)
+    assert urls == {"postgresql://***@127.0.0.1:1/x", "host=127.0.0.1 port=2 user=rt password=*** dbname=y"}, failed
+    assert "s3cret" not in gw.logs()

@@ -16,6 +16,7 @@ import asyncpg
 import psycopg.conninfo
 
 from rtserver.channels import valid_table_name
+from rtserver.redact import redact
 from rtserver.sources.pg_stream import SESSION_SETTINGS
 
 log = logging.getLogger("rtserver.postgres")
@@ -87,6 +88,9 @@ class Catalog:
         self._warned: dict[tuple[str, str], str] = {}  # published table -> what its events lack
         self._key_types: dict[tuple[str, str], dict[str, str]] = {}
         self._sync_lock = asyncio.Lock()  # the periodic sync and a subscribe's must not interleave
+
+    def _log_fields(self) -> dict[str, Any]:
+        return {"source": "postgres", "slot": self.slot, "publication": self.publication, "url": redact(self.dsn)}
 
     async def _connection(self) -> asyncpg.Connection:
         if self._conn is None or self._conn.is_closed():
@@ -311,7 +315,7 @@ class Catalog:
         except asyncpg.PostgresError as exc:
             log.warning(
                 "postgres table %s.%s could not be removed from publication %s: %s", t[0], t[1], self.publication, exc,
-                extra={"fields": {"source": "postgres", "publication": self.publication, "table": f"{t[0]}.{t[1]}"}},
+                extra={"fields": {**self._log_fields(), "table": f"{t[0]}.{t[1]}"}},
             )
             return False
         return True
@@ -332,7 +336,7 @@ class Catalog:
             level = logging.WARNING if "REPLICA IDENTITY" in why else logging.ERROR
             log.log(
                 level, "postgres table %s.%s not published: %s", t[0], t[1], why,
-                extra={"fields": {"source": "postgres", "publication": self.publication, "table": f"{t[0]}.{t[1]}"}},
+                extra={"fields": {**self._log_fields(), "table": f"{t[0]}.{t[1]}"}},
             )
 
     def _log_warnings(self, warnings: dict[tuple[str, str], str]) -> None:
@@ -341,7 +345,7 @@ class Catalog:
             if self._warned.get(t) != warning:
                 log.warning(
                     "postgres table %s.%s: %s", t[0], t[1], warning,
-                    extra={"fields": {"source": "postgres", "publication": self.publication, "table": f"{t[0]}.{t[1]}"}},
+                    extra={"fields": {**self._log_fields(), "table": f"{t[0]}.{t[1]}"}},
                 )
         self._warned = warnings
 

@@ -33,6 +33,7 @@ import psycopg
 from rtcore import messages, timefmt
 from rtcore.event import Event
 from rtserver.channels import valid_table_name
+from rtserver.redact import redact
 from rtserver.sources.base import YIELD_EVERY, ChannelUnavailable, EventSink, when_durable
 from rtserver.sources.pg_catalog import Catalog, SetupError, publication_name, slot_name
 from rtserver.sources.pg_state import PositionFile, targets_key
@@ -148,6 +149,9 @@ class PostgresSource:
         receive_timeout: float = RECEIVE_TIMEOUT,
     ) -> None:
         self.dsn = dsn
+        # In each log line: several workspaces' databases fail alike, and before the first
+        # connection there is no slot name to tell them apart.
+        self._shown_url = redact(dsn)
         self.schemas = list(schemas)
         self.tables = list(tables)
         self.instance = instance
@@ -337,7 +341,7 @@ class PostgresSource:
         )
 
     def _log_fields(self) -> dict[str, Any]:
-        return {"source": "postgres", "slot": self.slot, "publication": self.publication}
+        return {"source": "postgres", "slot": self.slot, "publication": self.publication, "url": self._shown_url}
 
     async def _setup(self) -> None:
         if self.catalog is None:
