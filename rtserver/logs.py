@@ -43,8 +43,15 @@ class JsonFormatter(logging.Formatter):
             out["exc"] = self.formatException(record.exc_info)
         try:
             return _encode(out).decode()
-        except TypeError:
-            return _encode({k: str(v) for k, v in out.items()}).decode()
+        except (TypeError, UnicodeEncodeError):
+            # A value JSON has no type for, or text JSON cannot hold: a name in another encoding
+            # (a path, an environment variable) reaches Python with its odd bytes as lone
+            # surrogates. Written as text, those escaped, rather than a traceback on stderr.
+            return _encode({k: _text(v) for k, v in out.items()}).decode()
+
+
+def _text(value: Any) -> str:
+    return str(value).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 # The members JsonFormatter writes before a record's fields (and "exc", after them).

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 
@@ -232,3 +233,16 @@ def test_lines_of_a_burst_leave_in_one_write_and_flush_or_close_do_not_wait_for_
         time.sleep(0.005)
     assert json.loads(quick.text)["msg"] == "alone"
     handler.close()
+
+
+async def test_a_path_in_another_encoding_is_logged_as_a_json_line(gateway_factory, tmp_path):
+    """A name that is not UTF-8 (here the state directory's, Latin-1 'été') reaches Python with
+    its odd bytes as lone surrogates, which JSON cannot encode: the formatter's error took
+    the dev-mode warning's place, as a 35-line '--- Logging error ---' traceback on stderr."""
+    state_dir = os.fsdecode(os.fsencode(str(tmp_path)) + b"/st-\xe9t\xe9")
+    os.makedirs(state_dir)
+    gw = await gateway_factory(env={"RT_AUTH_HS256_SECRET": ""}, state_dir=state_dir)
+    await gw.stop()
+    lines = [json.loads(line) for line in gw.logs().splitlines()]  # each one JSON
+    (warning,) = [rec for rec in lines if rec["msg"].startswith("dev mode")]
+    assert warning["state_dir"].endswith("/st-\\udce9t\\udce9"), warning
