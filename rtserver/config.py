@@ -587,7 +587,11 @@ def _bad_mongo_option(url: str) -> tuple[str, str] | None:
     from pymongo import uri_parser
     from pymongo.errors import PyMongoError
 
-    for name, value in urllib.parse.parse_qsl(url.partition("?")[2], keep_blank_values=True):
+    # The options follow the hosts: a '?' in user info not escaped is no option's start (its
+    # "name" was the rest of the password), so the user info goes first, up to the last '@'
+    # before the path, as the driver and redact() read it.
+    hosts = re.sub(r"^([^:/]*://)[^/]*@", r"\1", url, count=1)
+    for name, value in urllib.parse.parse_qsl(hosts.partition("?")[2], keep_blank_values=True):
         try:
             uri_parser.parse_uri("mongodb://localhost/?" + urllib.parse.urlencode({name: value}), warn=False)
         except (PyMongoError, ValueError) as exc:

@@ -109,6 +109,15 @@ def test_a_configured_mongodb_database_name_longer_than_mongodb_takes_is_refused
     load(environ={**env, "RT_MONGO_URL": "mongodb://db/", "RT_BUS_WORKSPACES": "w" * 63})
 
 
+@pytest.mark.parametrize("url", ["mongodb://rt:pa?s3cretTail@db/app", "mongodb://rt:pa?s3cretTail@db/app?tls=true"])
+def test_a_mongo_url_refused_for_its_user_info_does_not_repeat_the_password(tmp_path, url):
+    """A '?' in a password not escaped was read as the start of the options: the error named
+    the "option" `s3cretTail@db/app`, the password's tail, on stderr and in the service's log."""
+    with pytest.raises(ConfigError) as refused:
+        load(environ={"RT_STATE_DIR": str(tmp_path), "RT_MONGO_URL": url})
+    assert "s3cret" not in str(refused.value), refused.value
+
+
 def test_a_value_ending_with_a_newline_is_taken_without_it_but_a_secret_as_given(tmp_path):
     """Values from a file (a ConfigMap or env file made with --from-file) end with a newline:
     an issuer carrying it refused every token, an instance name made a slot name PostgreSQL
