@@ -537,6 +537,11 @@ def _check_postgres_url(where: str, url: str) -> None:
         ) from None
     port = str(params.get("port", "5432"))
     if not all(p.isdigit() and 0 < int(p) < 65536 for p in port.split(",")):
+        if "@" in url:
+            # libpq reads a URL's user info up to the first '/': with one in the password,
+            # "user:password" is taken for host:port, and the "port" is the password.
+            raise ConfigError(f"{where}: its port is not a TCP port (in a URL, a '/' in the user name or "
+                              "password must be written %2F)")
         raise ConfigError(f"{where}: port {port!r} is not a TCP port")
 
 

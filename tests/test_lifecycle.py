@@ -118,6 +118,16 @@ def test_a_mongo_url_refused_for_its_user_info_does_not_repeat_the_password(tmp_
     assert "s3cret" not in str(refused.value), refused.value
 
 
+def test_a_postgres_url_refused_for_its_user_info_does_not_repeat_the_password(tmp_path):
+    """libpq reads the user info up to the first '/': a '/' in a password not escaped makes
+    `rt:s3cretHead` the host and port, and the error said "port 's3cretHead' is not a TCP port"."""
+    with pytest.raises(ConfigError) as refused:
+        load(environ={"RT_STATE_DIR": str(tmp_path), "RT_POSTGRES_URL": "postgresql://rt:s3cretHead/tail@db/app"})
+    assert "s3cret" not in str(refused.value) and "%2F" in str(refused.value), refused.value
+    with pytest.raises(ConfigError, match="port '54e2' is not a TCP port"):  # a port written as such is named
+        load(environ={"RT_STATE_DIR": str(tmp_path), "RT_POSTGRES_URL": "host=db port=54e2 dbname=app"})
+
+
 def test_a_value_ending_with_a_newline_is_taken_without_it_but_a_secret_as_given(tmp_path):
     """Values from a file (a ConfigMap or env file made with --from-file) end with a newline:
     an issuer carrying it refused every token, an instance name made a slot name PostgreSQL
