@@ -495,7 +495,11 @@ def _check_bootstrap(setting: str, value: str) -> None:
     for entry in value.split(","):
         m = _BOOTSTRAP_ENTRY_RE.match(entry.strip())
         if m is None or m.group(2) is not None and not 0 < int(m.group(2)) < 65536:
-            raise ConfigError(f"{setting}: {entry.strip()!r} is not host:port (a list of them: host1:9092,host2:9092)")
+            shown, hint = entry.strip(), ""
+            if "@" in shown:  # user info written in (rt:pw@kafka:9092): not repeated
+                shown = "***@" + shown.rpartition("@")[2]
+                hint = "; credentials go in audit.sasl_username and audit.sasl_password"
+            raise ConfigError(f"{setting}: {shown!r} is not host:port (a list of them: host1:9092,host2:9092{hint})")
 
 
 def _check_jwks_url(url: str) -> None:

@@ -76,6 +76,8 @@ def test_bad_config_is_one_line_and_exit_2(tmp_path):
         (["serve"], {"RT_IDLE_TIMEOUT": "0"}),
         (["serve"], {"RT_KAFKA_BOOTSTRAP": "kafka1:9092,kafka2:port"}),
         (["serve"], {"RT_KAFKA_BOOTSTRAP": "http://kafka:9092"}),
+        (["serve"], {"RT_KAFKA_BOOTSTRAP": "rt:secret@kafka:9092"}),  # credentials go in the SASL settings
+        (["serve"], {"RT_BUS_KAFKA_BOOTSTRAP": "kafka1:9092,SASL_SSL://rt:secret@kafka2:9092"}),
         (["serve"], {"RT_BUS_KAFKA_BOOTSTRAP": "127.0.0.1:99999"}),
         (["serve"], {"RT_STATE_DIR": " "}),  # blank: the state would land in the working directory
         (["serve"], {"RT_BUS_TOPIC": ""}),
