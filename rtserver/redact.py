@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")  # a scheme first: otherwise a keyword/value string
 # Up to the last '@' before the first '/': libpq and pymongo take a '#' or '?' in a password as
 # written (`postgresql://rt:p#w@db/app`), so neither may end the user info here.
 _USERINFO = re.compile(r"://[^/]*@")
@@ -23,6 +24,6 @@ _KEYWORD_SECRET = re.compile(
 
 def redact(url: str) -> str:
     """`url` (a URL or a libpq keyword/value string) with user info and secret parameters masked."""
-    if "://" in url:
+    if _URL.match(url):  # not "://" anywhere: a keyword's value may hold one (application_name=https://...)
         return _QUERY_SECRET.sub(r"\1***", _USERINFO.sub("://***@", url))
     return _KEYWORD_SECRET.sub(r"\1***", url)

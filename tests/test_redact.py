@@ -68,6 +68,9 @@ async def test_no_database_secret_reaches_metrics_or_readiness(gateway_factory, 
     # libpq's unquoted keyword value: a backslash escapes the space that follows it
     ("host=db password=pa\\ ss dbname=app", "host=db password=*** dbname=app"),
     ("postgresql://db/app#x", "postgresql://db/app#x"),
+    # a keyword/value string is no URL for holding "://" somewhere in a value
+    ("host=db password=s3://cret dbname=app", "host=db password=*** dbname=app"),
+    ("host=db application_name=https://app.example password=pw", "host=db application_name=https://app.example password=***"),
 ])
 def test_secrets_with_url_delimiters_are_masked(url, expected):
     assert redact(url) == expected
