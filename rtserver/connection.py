@@ -385,6 +385,7 @@ class Connection(WSListener):
         queue = self._queue
         if self._busy or queue or self._turn_handled >= _PER_TURN:
             if len(queue) >= _MAX_QUEUED:
+                self.gw.metrics.invalid_messages += 1
                 self.send_error(4000, f"over {_MAX_QUEUED} messages sent while earlier ones waited")
                 self.close(1008, cause="policy_violation")
                 return
@@ -434,6 +435,7 @@ class Connection(WSListener):
         self.close(1002, cause="protocol_error")
 
     def _too_big(self, size: int) -> None:
+        self.gw.metrics.invalid_messages += 1  # a 4000 as _invalid_message's, counted alike
         self.send_error(4000, f"message of {size} bytes exceeds the {self.gw.cfg.limits.max_message_bytes}-byte limit")
         self.close(1009, cause="message_too_big")
 

@@ -457,3 +457,16 @@ async def test_publishes_refused_as_too_large_are_counted_by_status(gateway):
     samples = parse_exposition((await gateway.get("/metrics"))[1].decode())
     assert {k: v for k, v in samples.items() if k.startswith("rt_publish_requests_total")} == {
         'rt_publish_requests_total{status="202"}': 1, 'rt_publish_requests_total{status="413"}': 2}
+
+
+async def test_every_message_refused_with_4000_is_counted(gateway):
+    """rt_invalid_messages_total counts the client messages refused with 4000; one over
+    limits.max_message_bytes got its 4000 (then 1009) and was not counted."""
+    async with ws_connect(gateway, "w1", token=gateway.token("w1")) as c:
+        await c.send({"type": "nonsense", "id": "a"})
+        assert (await c.recv_type("error"))["code"] == 4000
+        await c.send(json.dumps({"type": "ping", "pad": "x" * 70000}))
+        assert (await c.recv_type("error"))["code"] == 4000
+        assert (await c.expect_close())[0] == 1009
+    samples = parse_exposition((await gateway.get("/metrics"))[1].decode())
+    assert samples["rt_invalid_messages_total"] == 2
