@@ -431,7 +431,8 @@ class Connection(WSListener):
     def _protocol_error(self, detail: str) -> None:
         if self.closed:
             return  # frames the client sent before it read the close
-        log.info("websocket protocol error", extra={"fields": {"workspace": self.workspace_id, "detail": detail}})
+        log.info("websocket protocol error",
+                 extra={"fields": {"workspace": self.workspace_id, "remote": self.remote, "detail": detail}})
         self.close(1002, cause="protocol_error")
 
     def _too_big(self, size: int) -> None:

@@ -1033,3 +1033,22 @@ async def test_a_clients_broken_frame_is_logged_as_its_doing_with_its_workspace_
     assert (rec["level"], rec["msg"], rec.get("workspace"), rec.get("remote")) == (
         "info", "websocket protocol error", "w7", local), rec
     assert not [rec for rec in lines if rec["level"] == "error"], lines
+
+
+async def test_a_protocol_error_the_gateway_finds_is_logged_with_the_clients_address(gateway):
+    """The gateway's own protocol errors (a stray continuation frame) named the workspace but
+    not the client, where picows's refusals name both."""
+    reader, writer = await _raw_ws(gateway, "w8")
+    host, port = writer.get_extra_info("sockname")[:2]
+    writer.write(_masked(0x0, b"stray"))  # a continuation frame without a message to continue
+    assert (await _read_frame(reader))[0] == 0x8
+    writer.close()
+    deadline = asyncio.get_running_loop().time() + 5
+    while True:
+        found = [rec for rec in map(json.loads, gateway.logs().splitlines())
+                 if rec["msg"] == "websocket protocol error" and rec.get("workspace") == "w8"]
+        if found or asyncio.get_running_loop().time() > deadline:
+            break
+        await asyncio.sleep(0.05)
+    (rec,) = found
+    assert rec.get("remote") == f"{host}:{port}" and "continuation" in rec["detail"], rec
