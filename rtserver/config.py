@@ -515,6 +515,11 @@ def _check_jwks_url(url: str) -> None:
     if not usable:
         raise ConfigError(f"auth.jwks_url: {redact(url)!r} is not an http:// or https:// URL with a host "
                           "(e.g. https://idp.example.com/realms/R/protocol/openid-connect/certs)")
+    if parts.username is not None or parts.password is not None:
+        # Not sent: the key set is fetched without authentication, so every fetch failed with a
+        # misleading error ("Name or service not known") and every client was refused.
+        raise ConfigError(f"auth.jwks_url: {redact(url)!r} holds user info, which the gateway does not send "
+                          "(the key set is fetched without authentication): give the URL without it")
 
 
 def _check_topic(setting: str, longest: str) -> None:

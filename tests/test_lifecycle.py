@@ -512,7 +512,8 @@ def test_a_jwks_url_that_is_no_http_url_is_a_configuration_error(tmp_path):
         taken.listen()
         port = str(taken.getsockname()[1])
         for url in ("keycloak.example.com/realms/acme/protocol/openid-connect/certs", "ftp://idp/certs",
-                    "https:///certs", "https://user:s3cret@/certs", "https://[::1/certs"):
+                    "https:///certs", "https://user:s3cret@/certs", "https://[::1/certs",
+                    "https://user:s3cret@idp.example.com/certs"):
             out = _run(["serve"], {"RT_PORT": port, "RT_AUTH_JWKS_URL": url}, cwd=str(tmp_path))
             assert out.returncode == 2 and "configuration error: auth.jwks_url" in out.stderr, (url, out.stderr)
             assert "s3cret" not in out.stderr
