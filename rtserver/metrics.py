@@ -19,7 +19,7 @@ class Metrics:
         self.connections_total = 0
         self.connections_refused = 0  # upgrades answered 503: the node at limits.max_node_connections
         self.events_in: Counter[str] = Counter()  # by source kind
-        self.deliveries = 0  # frames written for events (after coalescing, counted per frame)
+        self.deliveries = 0  # event frames queued for connections (counted per frame)
         self.frames_out = 0  # all frames written, events and control
         self.writes = 0  # transport writes (coalesced)
         self.drops_slow_reader = 0  # connections closed with 1013
@@ -79,7 +79,7 @@ class Metrics:
             "Events received from sources",
             [({"source": k}, v) for k, v in sorted(self.events_in.items())] or [({"source": "events"}, 0)],
         )
-        counter("rt_deliveries_total", "Event frames written to connections", [({}, self.deliveries)])
+        counter("rt_deliveries_total", "Event frames queued for connections (each frame a delivery; a connection closed before writing them counts them too)", [({}, self.deliveries)])
         counter("rt_frames_out_total", "All frames written to connections", [({}, self.frames_out)])
         counter("rt_writes_total", "Transport writes (several frames coalesce into one)", [({}, self.writes)])
         counter("rt_publisher_waits_total", "Publishes held until the write backlog was within bound (rt_write_queue_bound: limits.fanout_backlog, or fanout_backlog_per_connection per open connection when that is more)",
