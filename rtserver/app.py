@@ -340,6 +340,7 @@ class Gateway:
                 workspaces=targets,
                 stream_memory_bytes=cfg.postgres.stream_memory,
                 receive_timeout=cfg.postgres.receive_timeout,
+                other_urls=cfg.postgres_urls(),
             )
         else:
             from rtserver.sources.mongo import MongoSource

@@ -230,6 +230,11 @@ class Config:
             mongo_url=self.values["mongo"]["url"],
         )
 
+    def postgres_urls(self) -> list[str]:
+        """Every PostgreSQL URL configured: the default one and the workspaces' own."""
+        urls = [self.values["postgres"]["url"], *(ws.postgres_url for ws in self.workspaces.values())]
+        return list(dict.fromkeys(url for url in urls if url))
+
     @property
     def dev_mode(self) -> bool:
         return not self.values["auth"]["hs256_secret"] and not self.values["auth"]["jwks_url"]

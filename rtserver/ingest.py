@@ -27,6 +27,7 @@ import base64
 import contextlib
 import logging
 import os
+import re
 import socket
 import time
 from collections import deque
@@ -49,6 +50,8 @@ T = TypeVar("T")
 
 POSITION_HEADER = "rt-pos"
 MONGO_HEADER = "rt-mongo"
+# rt-pos's feed: PostgresSource.position_name (slot-digest), or an earlier version's bare slot
+_POSITION_KEY = re.compile(r"[a-z0-9_]+(-[0-9a-f]{12})?")
 _SCAN_SECONDS = 600  # a takeover looks this far back for the dead holder's last positions
 _SCAN_RECORDS = 200_000  # ... and at most this many records per partition
 _json = msgspec.json.Encoder()
@@ -95,11 +98,14 @@ class SourceSink:
             # published LSN. The source numbers the events (the same on every reading).
             lsn, tx = src.published_lsn, src.publishing_lsn
             self._count = src.publishing_event
-            done = self.done.get(src.slot)
+            # an earlier version's header names the bare slot; its position is the feed's when
+            # the feed took the file of that name over (_write_positions wrote it there)
+            legacy = src.legacy_position and src.slot in self.done
+            done = self.done.get(src.slot if legacy else src.position_name)
             if done is not None and done[0] == lsn and done[1] in (-1, tx) and self._in_kafka(event, done[2]):
                 self.skipped += 1
                 return 0
-            headers = [(POSITION_HEADER, f"{src.slot}|{lsn}|{self._count}|{tx}".encode())]
+            headers = [(POSITION_HEADER, f"{src.position_name}|{lsn}|{self._count}|{tx}".encode())]
         elif self.kind == "mongo" and src is not None:
             # The token is the one acknowledged before the change in hand (a change fans out
             # to one event per workspace, numbered by the source); a fresh stream has none
@@ -401,7 +407,8 @@ class Ingest:
                                   instance=self.cfg.server.instance, state_dir=self.state_dir, sink=sink,
                                   workspaces=lambda: targets,
                                   stream_memory_bytes=self.cfg.postgres.stream_memory,
-                                  receive_timeout=self.cfg.postgres.receive_timeout)
+                                  receive_timeout=self.cfg.postgres.receive_timeout,
+                                  other_urls=[f["url"] for f in self.plan if f["kind"] == "postgres"])
         from rtserver.sources.mongo import MongoSource
 
         return MongoSource(feed["url"], database=feed["database"], state_dir=self.state_dir, sink=sink,
@@ -449,9 +456,11 @@ class Ingest:
                     for r in records:
                         for name, value in r.headers or ():
                             if name == POSITION_HEADER:
-                                try:  # slot|LSN|n|transaction LSN (older ingests: without the last)
+                                try:  # feed|LSN|n|transaction LSN (older ingests: without the last)
                                     slot, lsn, count, *tx = value.decode().split("|")
                                     pos = (int(lsn), int(tx[0]) if tx else -1, int(count))
+                                    if not _POSITION_KEY.fullmatch(slot):  # it names a file
+                                        raise ValueError(slot)
                                 except ValueError:  # not ours to trust: skip, do not fail the takeover
                                     log.warning("malformed %s header at %s offset %d", POSITION_HEADER, tp, r.offset)
                                     continue
@@ -481,6 +490,11 @@ class Ingest:
                 done[slot] = (lsn, tx, {partition: count})
             elif (lsn, tx) == top[:2]:
                 top[2][partition] = count
+        for slot in [key for key in done if "-" not in key]:
+            # An earlier version's header (the bare slot): superseded by this version's of the
+            # feed when those are as new (the ingest after it wrote them: a rolling upgrade).
+            if any(key.rsplit("-", 1)[0] == slot != key and pos[:2] >= done[slot][:2] for key, pos in done.items()):
+                del done[slot]
         mongo_done: dict[str, tuple[bytes, dict[int, int]]] = {}
         orders: dict[str, str] = {}
         for (database, partition), (order, count, token) in newest.items():
@@ -492,16 +506,19 @@ class Ingest:
         return done, mongo_done
 
     async def _write_positions(self, done: dict[str, tuple[int, int, dict[int, int]]]) -> None:
-        """Let each slot's position file say what Kafka already has (skip those transactions)."""
+        """Let each feed's position file say what Kafka already has (skip those transactions).
+        A header names the feed as its file does (PostgresSource.position_name); an earlier
+        version's names the slot alone, whose file the source takes over only when no other
+        feed may share it (PostgresSource._open_position)."""
         from rtserver.sources.pg_state import PositionFile
 
-        for slot, (lsn, _tx, counts) in done.items():
-            pf = await PositionFile.open(os.path.join(self.state_dir, f"postgres-{slot}.pos"))
+        for feed, (lsn, _tx, counts) in done.items():
+            pf = await PositionFile.open(os.path.join(self.state_dir, f"postgres-{feed}.pos"))
             try:
                 if (pf.commit_lsn, pf.complete) != (lsn, True):
                     pf.record(lsn, -1)
-                    log.info("slot %s resumes after the published commit LSN %d", slot, lsn,
-                             extra={"fields": {"slot": slot, "lsn": lsn, "already_published": counts}})
+                    log.info("postgres feed %s resumes after the published commit LSN %d", feed, lsn,
+                             extra={"fields": {"feed": feed, "lsn": lsn, "already_published": counts}})
             finally:
                 await pf.close()
 

@@ -802,6 +802,43 @@ async def test_new_slot_resets_a_saved_position_from_another_server(db, make_sou
     assert sink.gaps and "dropped" in sink.gaps[0][2]  # the slot it had streamed from is gone
 
 
+async def _as_an_earlier_version_left_it(make_source, db) -> tuple[int, str]:
+    """A source that published a change, stopped, its position file renamed as earlier versions
+    named it (the slot alone): its published LSN and that file's path."""
+    await db.execute("CREATE TABLE up (id int PRIMARY KEY)")
+    src, sink = await make_source()
+    await db.execute("INSERT INTO up VALUES (1)")
+    await sink.wait_for(1)
+    await src.stop()
+    lsn = src.published_lsn
+    assert lsn and src.position_name.startswith(src.slot + "-")
+    legacy = os.path.join(src.state_dir, f"postgres-{src.slot}.pos")
+    os.replace(os.path.join(src.state_dir, f"postgres-{src.position_name}.pos"), legacy)
+    return lsn, legacy
+
+
+async def test_an_earlier_versions_position_file_is_taken_over(db, make_source):
+    """Upgrading: the position file named by the slot alone is the source's (no other source
+    is configured): it is renamed and its position kept, so nothing published is sent again."""
+    lsn, legacy = await _as_an_earlier_version_left_it(make_source, db)
+    src, _ = await make_source()
+    assert src.published_lsn == lsn and src.legacy_position
+    assert not os.path.exists(legacy) and os.path.exists(src._position.path)
+
+
+async def test_an_earlier_versions_position_file_another_server_may_share_is_left(db, make_source, pg_database,
+                                                                                   caplog):
+    """Another configured source reads a database of the same name on another server: the file
+    named by the slot alone may hold that server's position (which would drop this one's
+    changes as already published). It is left unused, with a warning naming it."""
+    lsn, legacy = await _as_an_earlier_version_left_it(make_source, db)
+    elsewhere = pg_database.replace("@127.0.0.1:", "@127.0.0.2:")
+    with caplog.at_level(logging.WARNING, logger="rtserver.postgres"):
+        src, _ = await make_source(other_urls=[pg_database, elsewhere])
+    assert src.published_lsn == 0 and not src.legacy_position and os.path.exists(legacy)
+    assert any(legacy in r.getMessage() and "delivered again" in r.getMessage() for r in caplog.records)
+
+
 async def test_slot_recreated_while_running_resets_the_position(db, make_source, pg_database):
     await db.execute("CREATE TABLE rr (id int PRIMARY KEY)")
     src, sink = await make_source()

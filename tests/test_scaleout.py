@@ -1452,3 +1452,58 @@ async def test_the_ingest_health_endpoints_take_a_query_string_and_head(cluster)
         head, body = await ask("HEAD", path)
         assert head.startswith(b"HTTP/1.1 200 ") and body == b"", (path, head, body)
     assert parse_exposition((await ask("GET", "/metrics?x=1"))[1].decode())["rt_ingest_active"] == 1
+
+
+async def test_a_takeover_keeps_apart_the_positions_of_databases_named_alike(cluster, gateway_factory, pg_cluster,
+                                                                             tmp_path):
+    """Two feeds of one ingest read databases of one name on two servers: their slots are named
+    alike (each on its server), and the position headers named the slot alone. A new holder
+    took the newest of both servers' LSNs for both feeds and wrote it into one position file:
+    feed b dropped its next changes as already published (b's subscriber got nothing). Each
+    feed's headers and file now name its server and database too."""
+    from tests.harness.fixtures_postgres import create_database, drop_database
+    from tests.harness.pgcluster import PgCluster
+
+    name = f"rt_alike_{os.getpid()}"
+    other = PgCluster()
+    other.init()
+    other.start()
+    conns: list[asyncpg.Connection] = []
+    try:
+        dsn_a, dsn_b = create_database(pg_cluster, name), create_database(other, name)
+        for dsn in (dsn_a, dsn_b):
+            conns.append(await asyncpg.connect(dsn))
+            await conns[-1].execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+        db_a, db_b = conns
+        config = tmp_path / "rt.toml"
+        config.write_text(f"[workspaces.a]\npostgres_url = '{dsn_a}'\n[workspaces.b]\npostgres_url = '{dsn_b}'\n")
+        first = await cluster.ingest("--config", str(config))
+        await first.wait_active()
+        node = await gateway_factory(env=cluster.env, args=["--config", str(config)])
+        await wait_ready(node)
+        async with ws_connect(node, "a", token=node.token("a")) as ca, ws_connect(node, "b", token=node.token("b")) as cb:
+            await ca.subscribe("postgres:t")
+            await cb.subscribe("postgres:t")
+            await db_b.execute("INSERT INTO t VALUES (1, 'b')")
+            assert [e["record"]["id"] for e in await events(cb, 1)] == [1]
+            for _ in range(2):  # server a's WAL far ahead of server b's (a new segment each)
+                await db_a.execute("INSERT INTO t VALUES (-1, 'a') ON CONFLICT (id) DO UPDATE SET v = 'a'")
+                await db_a.fetchval("SELECT pg_switch_wal()")
+            await db_a.execute("INSERT INTO t VALUES (0, 'a, last')")
+            assert [e["record"]["id"] for e in await events(ca, 3)] == [-1, -1, 0]
+            assert (await db_a.fetchval("SELECT pg_current_wal_lsn()")
+                    > await db_b.fetchval("SELECT pg_current_wal_lsn()"))
+            await first.stop(signal.SIGKILL)
+            second = await cluster.ingest("--config", str(config))
+            await second.wait_active(timeout=40)
+            await db_b.execute("INSERT INTO t VALUES (2, 'b, after the takeover')")
+            await db_a.execute("INSERT INTO t VALUES (3, 'a, after the takeover')")
+            assert [e["record"]["id"] for e in await events(cb, 1)] == [2]
+            assert [e["record"]["id"] for e in await events(ca, 1)] == [3]
+            for c in (ca, cb):
+                await c.no_message(0.5)
+    finally:
+        for conn in conns:
+            await conn.close()
+        drop_database(pg_cluster, name)
+        other.destroy()

@@ -54,6 +54,29 @@ def slot_name(instance: str, database: str) -> str:
     return name[:63]
 
 
+def server_digest(dsn: str, database: str) -> str:
+    """12 hex digits naming the server (host and port as `dsn` gives them) and the database: the
+    slot's name holds the database's only, and two servers may each have a database so named."""
+    params = psycopg.conninfo.conninfo_to_dict(dsn)
+    host = str(params.get("host") or params.get("hostaddr") or "").lower()
+    port = str(params.get("port") or "5432")
+    return hashlib.sha256(f"{host}|{port}|{database}".encode()).hexdigest()[:12]
+
+
+def position_name(slot: str, dsn: str, database: str) -> str:
+    """The name of a source's files under state_dir: `slot-digest` (slots hold no '-')."""
+    return f"{slot}-{server_digest(dsn, database)}"
+
+
+def named_database(dsn: str) -> str | None:
+    """The database `dsn` names without asking the server (libpq takes the user's name when it
+    names none); None when only the server or the environment knows (a service file, PGDATABASE)."""
+    params = psycopg.conninfo.conninfo_to_dict(dsn)
+    if "service" in params:
+        return None
+    return str(params.get("dbname") or params.get("user") or "") or None
+
+
 def publication_name(instance: str) -> str:
     return f"{instance}_pub"
 

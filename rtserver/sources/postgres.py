@@ -35,7 +35,15 @@ from rtcore.event import Event
 from rtserver.channels import valid_table_name
 from rtserver.redact import redact
 from rtserver.sources.base import YIELD_EVERY, ChannelUnavailable, EventSink, when_durable
-from rtserver.sources.pg_catalog import Catalog, SetupError, publication_name, slot_name
+from rtserver.sources.pg_catalog import (
+    Catalog,
+    SetupError,
+    named_database,
+    position_name,
+    publication_name,
+    server_digest,
+    slot_name,
+)
 from rtserver.sources.pg_state import PositionFile, targets_key
 from rtserver.sources.pg_stream import ReplicationStream, StreamError
 from rtserver.sources.pg_streamed import StreamBuffers, StreamedTx
@@ -147,8 +155,12 @@ class PostgresSource:
         streaming: bool = True,
         stream_memory_bytes: int = STREAM_MEMORY_BYTES,
         receive_timeout: float = RECEIVE_TIMEOUT,
+        other_urls: Iterable[str] = (),
     ) -> None:
         self.dsn = dsn
+        # The process's other PostgreSQL sources: whether the position file of earlier versions,
+        # named by the slot alone, may be this source's (_open_position).
+        self.other_urls = [url for url in other_urls if url != dsn]
         # In each log line: several workspaces' databases fail alike, and before the first
         # connection there is no slot name to tell them apart.
         self._shown_url = redact(dsn)
@@ -163,6 +175,8 @@ class PostgresSource:
         self.stream_memory_bytes = stream_memory_bytes
         self.receive_timeout = receive_timeout
         self.slot = ""
+        self.position_name = ""  # of the files under state_dir: the slot and a digest of server and database
+        self.legacy_position = False  # its position file was an earlier version's (_open_position)
         self.publication = publication_name(instance)
         self.catalog: Catalog | None = None
         self._position: PositionFile | None = None
@@ -187,6 +201,7 @@ class PostgresSource:
         self._started = asyncio.Event()
         self._decoder: Any = None  # the decoder of the current connection (its learnt types)
         self._proto_version = 0
+        self._database = ""
         self._streams: StreamBuffers | None = None
         self._inbox: _Inbox | None = None  # of the current connection
         self._streamed_transactions = 0
@@ -351,9 +366,11 @@ class PostgresSource:
             finally:
                 await probe.close()
             self.slot = slot_name(self.instance, database)
+            self.position_name = position_name(self.slot, self.dsn, database)
+            self._database = database
             self.catalog = self._new_catalog(self.slot)
         if self._position is None:
-            self._position = await PositionFile.open(os.path.join(self.state_dir, f"postgres-{self.slot}.pos"))
+            self._position = await self._open_position()
             self._published_lsn = self._position.commit_lsn
         catalog = self.catalog
         await catalog.check_server()
@@ -371,6 +388,44 @@ class PostgresSource:
             await self._reset_position()
         self._slot_seen = True
         self._slot_info = (await catalog.slot_status()) or {}
+
+    async def _open_position(self) -> PositionFile:
+        """The position file `postgres-{position_name}.pos`. Earlier versions named it by the slot
+        alone, which databases of one name on two servers share: that file is taken over (it is
+        renamed, so one found later is newer: an earlier version ran since, or an ingest wrote
+        there what an earlier version's headers say Kafka has) only when no other configured
+        source may have written to it. Left unused, it costs duplicates, never a loss: the slot
+        is acknowledged only past what was published, so without that position it redelivers at
+        most what was published but not yet acknowledged; another server's position, though,
+        would drop this one's changes as already published."""
+        path = os.path.join(self.state_dir, f"postgres-{self.position_name}.pos")
+        legacy = os.path.join(self.state_dir, f"postgres-{self.slot}.pos")
+        if os.path.exists(legacy):
+            sharing = self._legacy_sharers()
+            if sharing:
+                log.warning(
+                    "postgres position file %s of an earlier version left unused: other configured sources may have "
+                    "written to it; changes published before the restart and not yet acknowledged may be delivered again",
+                    legacy, extra={"fields": {**self._log_fields(), "file": legacy,
+                                              "other_urls": [redact(url) for url in sharing]}})
+            else:
+                os.replace(legacy, path)
+                self.legacy_position = True
+                log.info("postgres position file %s of an earlier version renamed to %s", legacy, path,
+                         extra={"fields": {**self._log_fields(), "file": path}})
+        return await PositionFile.open(path)
+
+    def _legacy_sharers(self) -> list[str]:
+        """The other configured URLs whose source earlier versions gave this slot's position
+        file: a database of the same name on another server, or one only the server knows."""
+        mine = server_digest(self.dsn, self._database)
+        sharing = []
+        for url in self.other_urls:
+            database = named_database(url)
+            if database is None or (slot_name(self.instance, database) == self.slot
+                                    and server_digest(url, database) != mine):
+                sharing.append(url)
+        return sharing
 
     def _creating_slot(self) -> None:
         """Said before the slot's creation, which waits for every transaction running at the time
