@@ -15,7 +15,8 @@ its events that the dead holder had already published, partition by partition
 (SourceSink._in_kafka).
 
 MongoDB likewise: the header `rt-mongo` = "database|resume token|n" names the n-th event
-published after the last acknowledged resume token (base64 BSON). The new holder, which may
+published after the last acknowledged resume token (base64 BSON), and `rt-mongo-feed` the feed
+(a digest of deployment and database: databases of one name on two deployments are two feeds). The new holder, which may
 run on another machine with its own state_dir, seeds the source's token store with the newest
 such token (unless its own is as new) and drops the events of the next change already in Kafka.
 """
@@ -50,6 +51,9 @@ T = TypeVar("T")
 
 POSITION_HEADER = "rt-pos"
 MONGO_HEADER = "rt-mongo"
+# The feed of an rt-mongo header (MongoSource.feed_id: deployment and database); earlier
+# versions wrote none, and databases of one name on two deployments were one feed to them.
+MONGO_FEED_HEADER = "rt-mongo-feed"
 # rt-pos's feed: PostgresSource.position_name (slot-digest), or an earlier version's bare slot
 _POSITION_KEY = re.compile(r"[a-z0-9_]+(-[0-9a-f]{12})?")
 _SCAN_SECONDS = 600  # a takeover looks this far back for the dead holder's last positions
@@ -117,7 +121,8 @@ class SourceSink:
                 self.skipped += 1
                 return 0
             if token is not None:
-                headers = [(MONGO_HEADER, f"{src.database}|{base64.b64encode(token).decode()}|{self._count}".encode())]
+                headers = [(MONGO_HEADER, f"{src.database}|{base64.b64encode(token).decode()}|{self._count}".encode()),
+                           (MONGO_FEED_HEADER, src.feed_id.encode())]
         value = encode_event(event)
         if len(value) > self.writer.max_record:
             self._oversized(event, len(value))
@@ -327,12 +332,14 @@ class Ingest:
             self.writer = writer
             done, mongo_done = await self._takeover_positions()
             for feed in self.plan:
-                sink = SourceSink(writer, feed["kind"], done, mongo_done)
+                sink = SourceSink(writer, feed["kind"], done)
                 src = self._make_source(feed, sink)
                 sink.source = src
+                seed = self._mongo_position(feed, src, mongo_done) if feed["kind"] == "mongo" else None
+                if seed is not None:
+                    sink.mongo_done = {feed["database"]: seed}
                 self.sources.append((src, sink))
                 try:
-                    seed = mongo_done.get(feed["database"]) if feed["kind"] == "mongo" else None
                     if seed is not None and await src.seed_token(seed[0]):
                         log.info("mongo database %s resumes after the token Kafka has", feed["database"],
                                  extra={"fields": {"database": feed["database"], "already_published": seed[1]}})
@@ -345,12 +352,28 @@ class Ingest:
                 "feeds": len(self.sources), "failed": len(self.failed), "resumed_slots": len(done),
                 "resumed_databases": len(mongo_done)}})
 
+    def _mongo_position(self, feed: dict[str, Any], src: Any,
+                        mongo_done: dict[tuple[str, str], tuple[bytes, dict[int, int]]]
+                        ) -> tuple[bytes, dict[int, int]] | None:
+        """What Kafka has of a MongoDB feed: its headers name the database and the deployment
+        (MONGO_FEED_HEADER); an earlier version's name the database alone, and count only for
+        the one feed of that database name (another deployment's token would have the feed
+        resume after a point of that other history), when newer than this version's."""
+        from rtserver.sources.mongo import token_order
+
+        own = mongo_done.get((feed["database"], src.feed_id))
+        legacy = mongo_done.get((feed["database"], ""))
+        alone = sum(f["kind"] == "mongo" and f["database"] == feed["database"] for f in self.plan) == 1
+        if legacy is not None and alone and (own is None or token_order(legacy[0]) > token_order(own[0])):
+            return legacy
+        return own
+
     async def _takeover_positions(self) -> tuple[dict[str, tuple[int, int, dict[int, int]]],
-                                                 dict[str, tuple[bytes, dict[int, int]]]]:
+                                                 dict[tuple[str, str], tuple[bytes, dict[int, int]]]]:
         """What the topic already has of each feed, before any feed starts (a feed started without
         it would publish again what the previous active ingest did): retried while Kafka is away."""
         async def scan() -> tuple[dict[str, tuple[int, int, dict[int, int]]],
-                                  dict[str, tuple[bytes, dict[int, int]]]]:
+                                  dict[tuple[str, str], tuple[bytes, dict[int, int]]]]:
             done, mongo_done = await self._published_positions()
             await self._write_positions(done)
             return done, mongo_done
@@ -415,8 +438,8 @@ class Ingest:
                            workspaces=lambda: targets, allow_unknown_collections=self.cfg.mongo.allow_unknown_collections)
 
     async def _published_positions(self) -> tuple[dict[str, tuple[int, int, dict[int, int]]],
-                                                  dict[str, tuple[bytes, dict[int, int]]]]:
-        """The newest position of each slot, and of each MongoDB database, in the topic's recent
+                                                  dict[tuple[str, str], tuple[bytes, dict[int, int]]]]:
+        """The newest position of each PostgreSQL and MongoDB feed in the topic's recent
         tail, with how many events after it each partition holds. The newest commit LSN (resume
         token: the greatest token order) in any header is complete in Kafka (the source drained
         it before moving on); the events of the next transaction (change) are counted per
@@ -431,7 +454,8 @@ class Ingest:
                                     client_id=f"rtserver-ingest-scan-{self.node}")
         await consumer.start()
         best: dict[tuple[str, int], tuple[int, int, int]] = {}  # (slot, partition) -> (LSN, tx LSN, n)
-        newest: dict[tuple[str, int], tuple[str, int, bytes]] = {}  # (database, partition) -> (order, n, token)
+        # ((database, feed id: "" in an earlier version's headers), partition) -> (order, n, token)
+        newest: dict[tuple[tuple[str, str], int], tuple[str, int, bytes]] = {}
         try:
             tps = [TopicPartition(topic, p) for p in range(self.publisher.partitions)]
             consumer.assign(tps)
@@ -469,13 +493,14 @@ class Ingest:
                             elif name == MONGO_HEADER:
                                 try:
                                     database, token_b64, count = value.decode().rsplit("|", 2)
+                                    feed = (database, _header(r.headers, MONGO_FEED_HEADER))
                                     token = base64.b64decode(token_b64, validate=True)
                                     mpos = (token_order(token), int(count), token)
                                 except ValueError:  # not ours to trust: skip, do not fail the takeover
                                     log.warning("malformed %s header at %s offset %d", MONGO_HEADER, tp, r.offset)
                                     continue
-                                if mpos[:2] > newest.get((database, tp.partition), ("", -1, b""))[:2]:
-                                    newest[database, tp.partition] = mpos
+                                if mpos[:2] > newest.get((feed, tp.partition), ("", -1, b""))[:2]:
+                                    newest[feed, tp.partition] = mpos
                 for tp in list(todo):
                     # the position, not the last record: a transaction's commit marker ends the tail
                     if await consumer.position(tp) >= todo[tp]:
@@ -495,14 +520,14 @@ class Ingest:
             # feed when those are as new (the ingest after it wrote them: a rolling upgrade).
             if any(key.rsplit("-", 1)[0] == slot != key and pos[:2] >= done[slot][:2] for key, pos in done.items()):
                 del done[slot]
-        mongo_done: dict[str, tuple[bytes, dict[int, int]]] = {}
-        orders: dict[str, str] = {}
-        for (database, partition), (order, count, token) in newest.items():
-            if database not in orders or order > orders[database]:
-                orders[database] = order
-                mongo_done[database] = (token, {partition: count})
-            elif order == orders[database]:
-                mongo_done[database][1][partition] = count
+        mongo_done: dict[tuple[str, str], tuple[bytes, dict[int, int]]] = {}
+        orders: dict[tuple[str, str], str] = {}
+        for (feed, partition), (order, count, token) in newest.items():
+            if feed not in orders or order > orders[feed]:
+                orders[feed] = order
+                mongo_done[feed] = (token, {partition: count})
+            elif order == orders[feed]:
+                mongo_done[feed][1][partition] = count
         return done, mongo_done
 
     async def _write_positions(self, done: dict[str, tuple[int, int, dict[int, int]]]) -> None:
@@ -589,6 +614,11 @@ class Ingest:
             pass
         finally:
             writer.close()
+
+
+def _header(headers: Any, name: str) -> str:
+    """The value of header `name` of a record ("" when it has none)."""
+    return next((value.decode(errors="replace") for key, value in headers or () if key == name), "")
 
 
 def _feed_name(src: Any, status: dict[str, Any], named: dict[str, Any]) -> str:

@@ -1507,3 +1507,108 @@ async def test_a_takeover_keeps_apart_the_positions_of_databases_named_alike(clu
             await conn.close()
         drop_database(pg_cluster, name)
         other.destroy()
+
+
+async def test_a_mongo_takeover_keeps_apart_databases_named_alike_on_two_deployments(cluster, gateway_factory,
+                                                                                     tmp_path):
+    """Two feeds of one ingest read a database `shop` each, on two MongoDB deployments. The
+    rt-mongo headers named the database alone, so a new holder (another machine: no tokens of
+    its own) seeded both feeds with the newest token of either deployment: feed b resumed
+    after deployment a's token, and b's change written while no ingest ran never arrived.
+    Each header names its feed (deployment and database) too."""
+    from pymongo import AsyncMongoClient
+
+    from tests.mongo_server import ThreadedMongoTestServer
+
+    servers = [ThreadedMongoTestServer().start(), ThreadedMongoTestServer().start()]
+    clients = [AsyncMongoClient(s.url, serverSelectionTimeoutMS=5000) for s in servers]
+    try:
+        shop_a, shop_b = (c["shop"] for c in clients)
+        for shop in (shop_a, shop_b):
+            await shop.orders.insert_one({"_id": 0})
+        url_a, url_b = (s.url.replace("/?", "/shop?") for s in servers)
+        config = tmp_path / "rt.toml"
+        config.write_text(f"[workspaces.a]\nmongo_url = '{url_a}'\n[workspaces.b]\nmongo_url = '{url_b}'\n")
+        first = await cluster.ingest("--config", str(config))
+        await first.wait_active()
+        node = await gateway_factory(env=cluster.env, args=["--config", str(config)])
+        await wait_ready(node)
+        async with ws_connect(node, "a", token=node.token("a")) as ca, ws_connect(node, "b", token=node.token("b")) as cb:
+            await ca.subscribe("mongo:orders")
+            await cb.subscribe("mongo:orders")
+            await shop_b.orders.insert_one({"_id": 1})
+            assert [e["document"]["_id"] for e in await events(cb, 1)] == [1]
+            for i in range(2, 12):  # deployment a's tokens newer than b's
+                await shop_a.orders.insert_one({"_id": i})
+            assert [e["document"]["_id"] for e in await events(ca, 10)] == list(range(2, 12))
+            await first.stop(signal.SIGKILL)
+            await shop_b.orders.insert_one({"_id": 2})  # while no ingest reads the feeds
+            second = await cluster.ingest("--config", str(config))
+            assert second.tmp.name != first.tmp.name
+            await second.wait_active(timeout=40)
+            await shop_b.orders.insert_one({"_id": 3})
+            await shop_a.orders.insert_one({"_id": 12})
+            assert [e["document"]["_id"] for e in await events(cb, 2)] == [2, 3]
+            assert [e["document"]["_id"] for e in await events(ca, 1)] == [12]
+            for c in (ca, cb):
+                await c.no_message(0.5)
+    finally:
+        for client in clients:
+            await client.close()
+        for server in servers:
+            server.stop()
+
+
+async def test_a_mongo_takeover_reads_the_headers_of_an_earlier_version(cluster, mongo_server):
+    """Upgrading: the topic's tail holds rt-mongo headers without rt-mongo-feed (an earlier
+    version wrote them). The only feed of that database resumes after their token, on another
+    machine, and drops the change already in Kafka: nothing lost, nothing repeated."""
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+    from pymongo import AsyncMongoClient
+
+    from rtserver.ingest import MONGO_FEED_HEADER, MONGO_HEADER
+
+    client = AsyncMongoClient(mongo_server.url, serverSelectionTimeoutMS=5000)
+    db = client["shop"]
+    await db.orders.insert_one({"_id": 0})
+    cluster.env["RT_MONGO_URL"] = mongo_server.url.replace("/?", "/shop?")
+    bootstrap, old_topic = cluster.env["RT_BUS_KAFKA_BOOTSTRAP"], cluster.env["RT_BUS_TOPIC"]
+    try:
+        first = await cluster.ingest()
+        await first.wait_active()
+        await db.orders.insert_one({"_id": 1})
+        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, isolation_level="read_committed",
+                                    enable_auto_commit=False, auto_offset_reset="earliest")
+        await consumer.start()
+        records = []
+        try:
+            consumer.assign([TopicPartition(old_topic, p) for p in range(3)])
+            while not any(name == MONGO_HEADER for r in records for name, _ in r.headers):
+                for batch in (await consumer.getmany(timeout_ms=1000)).values():
+                    records += batch
+        finally:
+            await consumer.stop()
+        await first.stop(signal.SIGKILL)
+        # The same records in a topic of their own, as an earlier version wrote them.
+        cluster.env["RT_BUS_TOPIC"] = f"{old_topic}.earlier"
+        node = await cluster.node()
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+        await producer.start()
+        try:
+            for r in records:
+                await producer.send_and_wait(cluster.env["RT_BUS_TOPIC"], r.value, key=r.key, partition=r.partition,
+                                             headers=[(n, v) for n, v in r.headers if n != MONGO_FEED_HEADER])
+        finally:
+            await producer.stop()
+        async with ws_connect(node, "w1", token=node.token("w1")) as c:
+            await c.subscribe("mongo:orders")
+            await db.orders.insert_one({"_id": 2})  # while no ingest reads the feed
+            second = await cluster.ingest()
+            await second.wait_active(timeout=40)
+            await db.orders.insert_one({"_id": 3})
+            assert [e["document"]["_id"] for e in await events(c, 2)] == [2, 3]
+            await c.no_message(0.5)
+        feed = (await second.status())["feeds"]["mongo:shop"]
+        assert feed["takeover_skipped"] == 1, feed
+    finally:
+        await client.close()

@@ -323,6 +323,7 @@ class MongoSource:
         self._client_options = dict(client_options or {})
         # The file name must stay what earlier versions chose: the user info masked as they did.
         digest = hashlib.sha256(f"{re.sub(r'://[^@/]*@', '://***@', url)}|{database}".encode()).hexdigest()[:12]
+        self.feed_id = digest  # the deployment and database: the ingest's headers name the feed by it
         safe_db = re.sub(r"[^A-Za-z0-9_.-]", "_", database)
         self._tokens = ResumeTokenStore(os.path.join(state_dir, f"mongo-resume-{safe_db}-{digest}.json"))
         self._client: AsyncMongoClient[Any] | None = None
