@@ -62,7 +62,7 @@ async def until(predicate, timeout: float = 15.0) -> None:
 
 
 def spill_files(src: PostgresSource) -> list[str]:
-    path = os.path.join(src.state_dir, f"postgres-{src.slot}.streamed")
+    path = os.path.join(src.state_dir, f"postgres-{src.position_name}.streamed")
     return os.listdir(path) if os.path.isdir(path) else []
 
 
@@ -224,3 +224,65 @@ async def test_restart_mid_stream_delivered_once(db, make_source, pg_database):
     await sink.wait_for(2 * ROWS + 3)
     await asyncio.sleep(0.3)
     assert [e.record["id"] for e in sink.events[-2:]] == [-1, -2] and len(sink.events) == 2 * ROWS + 3
+
+
+async def test_databases_named_alike_on_two_servers_spill_apart(db, make_source, pg_database, tmp_path):
+    """Two sources of one state directory read databases of one name on two servers: their
+    slots are named alike, and the spill directory was named by the slot alone. Transactions of
+    the same xid on both servers spilled to the same file (`xid-<xid>-1.spill`, truncated by
+    the second and appended to by both): each workspace got rows of the other server's
+    transaction. Each source spills under its own name (slot, server and database)."""
+    from tests.harness.fixtures_postgres import create_database
+    from tests.harness.pgcluster import PgCluster
+
+    other = PgCluster()
+    other.init()
+    other.start()
+    conns: list[asyncpg.Connection] = []
+    try:
+        name = pg_database.rsplit("/", 1)[1]
+        db_b = await asyncpg.connect(create_database(other, name))
+        conns.append(db_b)
+        await db_b.execute(f"ALTER DATABASE \"{name}\" SET logical_decoding_work_mem = '64kB'")
+        await db_b.close()
+        db_b = await asyncpg.connect(other.dsn_for(name))
+        conns.append(db_b)
+        for conn in (db, db_b):
+            await conn.execute("CREATE TABLE big (id int PRIMARY KEY, v text)")
+        src_a, sink_a = await make_source(stream_memory_bytes=16 << 10)
+        sink_b = CollectingSink()
+        src_b = PostgresSource(other.dsn_for(name), instance="rtstream", state_dir=src_a.state_dir, sink=sink_b,
+                               workspaces=lambda: ["w1"], maintenance_interval=0.3, stream_memory_bytes=16 << 10,
+                               other_urls=[pg_database])
+        await src_b.start()
+        try:
+            await src_b.wait_streaming()
+            assert src_b.slot == src_a.slot
+            for _ in range(5):  # the same xid on both servers
+                ahead = 1 + max([await conn.fetchval("SELECT txid_current()") for conn in (db, db_b)])
+                for conn in (db, db_b):
+                    while await conn.fetchval("SELECT txid_current()") < ahead:
+                        pass
+                trs = [conn.transaction() for conn in (db, db_b)]
+                for tr in trs:
+                    await tr.start()
+                xids = {await conn.fetchval("SELECT txid_current()") for conn in (db, db_b)}
+                if len(xids) == 1:
+                    break
+                for tr in trs:
+                    await tr.rollback()
+            assert len(xids) == 1
+            for conn, tag in ((db, "a"), (db_b, "b")):
+                await conn.execute(f"INSERT INTO big SELECT g, '{tag}' || g FROM generate_series(1, {ROWS}) g")
+            await until(lambda: src_a.status()["streamed_spill_files"] == 1 and src_b.status()["streamed_spill_files"] == 1)
+            for tr in trs:
+                await tr.commit()
+            for sink, tag in ((sink_a, "a"), (sink_b, "b")):
+                events = await sink.wait_for(ROWS)
+                assert [e.record for e in events] == [{"id": i, "v": f"{tag}{i}"} for i in range(1, ROWS + 1)]
+        finally:
+            await src_b.stop()
+    finally:
+        for conn in conns:
+            await conn.close()
+        other.destroy()

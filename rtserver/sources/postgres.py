@@ -513,9 +513,10 @@ class PostgresSource:
                     raise SlotLost(text) from exc
                 raise
             self._proto_version = stream.negotiated_proto
-            # a new connection streams unfinished transactions again from their start
+            # a new connection streams unfinished transactions again from their start; the
+            # directory is the source's own (a slot of that name may be another server's source's)
             self._streams = StreamBuffers(
-                os.path.join(self.state_dir, f"postgres-{self.slot}.streamed"), self.stream_memory_bytes
+                os.path.join(self.state_dir, f"postgres-{self.position_name}.streamed"), self.stream_memory_bytes
             )
             await self._streams.prepare()
             inbox.resume()
