@@ -297,7 +297,6 @@ class Gateway:
         """The source of `kind` feeding `workspace` (None: the default database), created on
         first use; None when the workspace has no such source configured."""
         cfg = self.cfg
-        own = workspace is not None and workspace in cfg.workspaces
         ws_sources = cfg.sources_for(workspace) if workspace is not None else cfg.sources_for("\0default")
         if kind == "postgres":
             url = ws_sources.postgres_url
@@ -326,7 +325,7 @@ class Gateway:
                 allow_unknown_collections=cfg.mongo.allow_unknown_collections,
             )
             return src
-        targets = self._targets(workspace if own else None, kind, key)
+        targets = self._targets(kind, key)
         if kind == "postgres":
             from rtserver.sources.postgres import PostgresSource
 
@@ -364,17 +363,28 @@ class Gateway:
         url = self.cfg.sources_for(workspace).mongo_url if kind == "mongo" else ""
         return (url and database_problem(url, workspace)) or f"{kind} is not configured for workspace {workspace}"
 
-    def _targets(self, own_workspace: str | None, kind: str, key: tuple[Any, ...]):
-        """The workspaces a source feeds: its own, or every known workspace using the default."""
-        if own_workspace is not None:
-            one = (own_workspace,)
-            return lambda: one
+    def _targets(self, kind: str, key: tuple[Any, ...]):
+        """The workspaces a source feeds: every [workspaces.*] section naming its database (two
+        sections may name one: one source, fed to both, as the ingest's plan_sources does), and
+        every known workspace using the default when it is the default's."""
         cfg = self.cfg
         hub = self.hub
+        own = tuple(w for w in cfg.workspaces if self._source_key(w, kind) == key)
+        if key[1] != (cfg.postgres.url if kind == "postgres" else cfg.mongo.url):
+            return lambda: own
         if kind == "mongo" and not _mongo_database(key[1]):
-            database = key[2]
-            return lambda: (database,) if database in hub.workspaces else ()
-        return lambda: [w for w in hub.workspaces if w not in cfg.workspaces]
+            database = key[2]  # the default URL leaves the database to each workspace: this one's
+            return lambda: (*own, database) if database in hub.workspaces and database not in own else own
+        return lambda: [*own, *(w for w in hub.workspaces if w not in cfg.workspaces)]
+
+    def _source_key(self, workspace: str, kind: str) -> tuple[Any, ...] | None:
+        """The key of a configured workspace's `kind` source, as source() makes it."""
+        sources = self.cfg.sources_for(workspace)
+        if kind == "postgres":
+            return ("postgres", sources.postgres_url) if sources.postgres_url else None
+        if not sources.mongo_url:
+            return None
+        return ("mongo", sources.mongo_url, _mongo_database(sources.mongo_url) or workspace)
 
     def _retirable(self, workspace: str) -> bool:
         """True when every event of `workspace` reaches Hub.deliver whether or not the workspace

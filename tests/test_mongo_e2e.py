@@ -133,3 +133,26 @@ async def test_any_collection_mongodb_allows_is_a_channel(mongo_gateway):
         assert seen == [(f"mongo:{name}", i) for i, name in enumerate(names)]
         assert (await star.recv_event(timeout=10))["channel"] == "mongo:café"
         await star.no_message(0.3)
+
+
+async def test_two_workspaces_of_one_database_both_get_its_changes(mongo_server, gateway_factory, tmp_path):
+    """Two [workspaces.*] sections with the same mongo_url (naming the database) share one
+    source: it was made for the first workspace and fed that one only; the second's
+    subscribers, accepted, got none of the database's changes."""
+    client = AsyncMongoClient(mongo_server.url, serverSelectionTimeoutMS=5000)
+    try:
+        db = client["shop"]
+        await db.orders.insert_one({"_id": "seed"})
+        url = mongo_server.url.replace("/?", "/shop?")
+        config = tmp_path / "rt.toml"
+        config.write_text(f"[workspaces.a]\nmongo_url = '{url}'\n[workspaces.b]\nmongo_url = '{url}'\n")
+        gw = await gateway_factory(args=["--config", str(config)])
+        async with ws_connect(gw, "a", token=gw.token("a")) as ca, ws_connect(gw, "b", token=gw.token("b")) as cb:
+            await gw.wait_ready()
+            assert (await _subscribe(ca, "mongo:orders"))["type"] == "subscribed"
+            assert (await _subscribe(cb, "mongo:orders"))["type"] == "subscribed"
+            await db.orders.insert_one({"_id": 1})
+            for c in (ca, cb):
+                assert (await c.recv_event(timeout=10))["document"] == {"_id": 1}
+    finally:
+        await client.close()

@@ -365,3 +365,24 @@ async def test_databases_named_alike_on_two_servers_keep_their_own_positions(gat
             await conn.close()
         drop_database(pg_cluster, name)
         other.destroy()
+
+
+async def test_two_workspaces_of_one_database_both_get_its_changes(gateway_factory, pg_database, tmp_path):
+    """Two [workspaces.*] sections with the same postgres_url share one source (one slot): it
+    was made for the first workspace and fed that one only; the second's subscribers, accepted,
+    got none of the database's changes."""
+    db = await asyncpg.connect(pg_database)
+    try:
+        await db.execute("CREATE TABLE t (id int PRIMARY KEY)")
+        config = tmp_path / "rt.toml"
+        config.write_text(f"[workspaces.a]\npostgres_url = '{pg_database}'\n[workspaces.b]\npostgres_url = '{pg_database}'\n")
+        gw = await gateway_factory(args=["--config", str(config)])
+        await gw.wait_ready()
+        async with ws_connect(gw, "a", token=gw.token("a")) as ca, ws_connect(gw, "b", token=gw.token("b")) as cb:
+            assert (await _subscribe(ca, "postgres:t"))["type"] == "subscribed"
+            assert (await _subscribe(cb, "postgres:t"))["type"] == "subscribed"
+            await db.execute("INSERT INTO t VALUES (1)")
+            assert await _recv_ids(ca, 1) == [1]
+            assert await _recv_ids(cb, 1) == [1]
+    finally:
+        await db.close()
