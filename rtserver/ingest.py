@@ -355,18 +355,19 @@ class Ingest:
     def _mongo_position(self, feed: dict[str, Any], src: Any,
                         mongo_done: dict[tuple[str, str], tuple[bytes, dict[int, int]]]
                         ) -> tuple[bytes, dict[int, int]] | None:
-        """What Kafka has of a MongoDB feed: its headers name the database and the deployment
-        (MONGO_FEED_HEADER); an earlier version's name the database alone, and count only for
-        the one feed of that database name (another deployment's token would have the feed
-        resume after a point of that other history), when newer than this version's."""
+        """What Kafka has of a MongoDB feed: its headers name the database and the feed
+        (MONGO_FEED_HEADER: a digest of URL and database). The only feed of its database name
+        takes the newest header of that name whatever feed it names: an earlier version's (no
+        feed named), or its own under a URL written otherwise before (an option added: a fresh
+        stream would lose what changed meanwhile). Of databases named alike on two deployments,
+        each takes its own only: the other's token is a point of another history."""
         from rtserver.sources.mongo import token_order
 
-        own = mongo_done.get((feed["database"], src.feed_id))
-        legacy = mongo_done.get((feed["database"], ""))
         alone = sum(f["kind"] == "mongo" and f["database"] == feed["database"] for f in self.plan) == 1
-        if legacy is not None and alone and (own is None or token_order(legacy[0]) > token_order(own[0])):
-            return legacy
-        return own
+        if not alone:
+            return mongo_done.get((feed["database"], src.feed_id))
+        named = [pos for (database, _), pos in mongo_done.items() if database == feed["database"]]
+        return max(named, key=lambda pos: token_order(pos[0]), default=None)
 
     async def _takeover_positions(self) -> tuple[dict[str, tuple[int, int, dict[int, int]]],
                                                  dict[tuple[str, str], tuple[bytes, dict[int, int]]]]:

@@ -1612,3 +1612,34 @@ async def test_a_mongo_takeover_reads_the_headers_of_an_earlier_version(cluster,
         assert feed["takeover_skipped"] == 1, feed
     finally:
         await client.close()
+
+
+async def test_a_mongo_takeover_after_an_option_was_added_to_the_url(cluster, mongo_server):
+    """The new holder's mongo_url has an option more (connectTimeoutMS): the feed's digest, in
+    its rt-mongo-feed headers, differs from the dead holder's. It is still the only feed of
+    that database: it resumes after the token Kafka has, and the change written while no
+    ingest ran is not lost (a fresh stream would start after it)."""
+    from pymongo import AsyncMongoClient
+
+    client = AsyncMongoClient(mongo_server.url, serverSelectionTimeoutMS=5000)
+    db = client["shop"]
+    await db.orders.insert_one({"_id": 0})
+    url = mongo_server.url.replace("/?", "/shop?")
+    cluster.env["RT_MONGO_URL"] = url
+    try:
+        first = await cluster.ingest()
+        await first.wait_active()
+        node = await cluster.node()
+        async with ws_connect(node, "w1", token=node.token("w1")) as c:
+            await c.subscribe("mongo:orders")
+            await db.orders.insert_one({"_id": 1})
+            assert [e["document"]["_id"] for e in await events(c, 1)] == [1]
+            await first.stop(signal.SIGKILL)
+            await db.orders.insert_one({"_id": 2})  # while no ingest reads the feed
+            second = await cluster.ingest(RT_MONGO_URL=url + "&connectTimeoutMS=20000")
+            await second.wait_active(timeout=40)
+            await db.orders.insert_one({"_id": 3})
+            assert [e["document"]["_id"] for e in await events(c, 2)] == [2, 3]
+            await c.no_message(0.5)
+    finally:
+        await client.close()
