@@ -11,7 +11,6 @@ import secrets
 import socket
 import ssl
 import time
-from collections import Counter
 from collections.abc import Mapping
 from typing import IO, Any
 
@@ -34,7 +33,7 @@ from rtserver.gc_policy import FreezeSurvivors
 from rtserver.history import now_us
 from rtserver.hub import Hub, in_turns
 from rtserver.known_workspaces import KnownWorkspaces
-from rtserver.metrics import Metrics
+from rtserver.metrics import SOURCE_COUNTS, Metrics, source_rows
 from rtserver.redact import redact
 from rtserver.seq_reservation import SeqReservation, reservation_path
 from rtserver.sessions import Sessions, drop_dump, encode_dump, read_dump, write_dump
@@ -556,20 +555,8 @@ class Gateway:
                 rows.append((f"rt_audit_{key}", help_, {}, value))
         if "connected" in audit:
             rows.append(("rt_audit_connected", "1 while audit records reach Kafka", {}, 1 if audit["connected"] else 0))
-        # Databases of one name on two MongoDB servers (as /readyz tells apart): their series
-        # carry the server's URL too, else each sample came twice with the same labels.
-        mongo_names = Counter(key[2] for key in self._sources if key[0] == "mongo")
-        for key, src in self._sources.items():
-            labels = {"source": key[0], "database": str(key[-1]) if key[0] == "mongo" else redact(key[1])}
-            if key[0] == "mongo" and mongo_names[key[2]] > 1:
-                labels["url"] = redact(key[1])
-            rows.append(("rt_source_ready", "1 while the source streams", labels, 1 if src.ready() else 0))
-            for name, value in src.status().items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    rows.append((f"rt_source_{name}", f"Source {name}", labels, value))
-                elif name == "wal_status" and value:
-                    # PostgreSQL slot health: reserved | extended | unreserved | lost
-                    rows.append(("rt_source_wal_status", "Replication slot WAL status", {**labels, "wal_status": value}, 1))
+        rows += source_rows((key[0], redact(key[1]), str(key[2]) if key[0] == "mongo" else "", src)
+                            for key, src in self._sources.items())
         return rows
 
 
@@ -584,12 +571,9 @@ _AUDIT_NUMBERS = {
 }
 
 # The rows of _gauges that count since start: the audit's records, and what the sources'
-# status() counts (PostgreSQL and MongoDB); typed counter in /metrics.
+# status() counts; typed counter in /metrics.
 _AUDIT_COUNTS = ("emitted", "delivered", "lost")
-_SOURCE_COUNTS = ("events", "transactions", "duplicates_dropped", "slot_recreations", "streamed_transactions",
-                  "streamed_aborted", "streamed_subtransactions_aborted", "streams_opened", "history_lost",
-                  "skipped_changes")
-_COUNTS = frozenset([f"rt_audit_{k}" for k in _AUDIT_COUNTS] + [f"rt_source_{k}" for k in _SOURCE_COUNTS])
+_COUNTS = frozenset(f"rt_audit_{k}" for k in _AUDIT_COUNTS) | SOURCE_COUNTS
 
 _STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 _STATIC_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",

@@ -43,6 +43,7 @@ from rtserver.bus_txn import TransactionalWriter, WriterFailed
 from rtserver.config import Config
 from rtserver.http import http_response
 from rtserver.lease import Lease
+from rtserver.metrics import SOURCE_COUNTS, Row, family_lines, source_rows
 from rtserver.redact import redact
 from rtserver.signals import until_signalled
 
@@ -575,6 +576,12 @@ class Ingest:
         return ready, {"ready": ready, "role": role, "feeds": feeds,
                        "published": self.publisher.published, "bus": {"topic": self.cfg.bus.topic, **bus}}
 
+    def _source_rows(self) -> list[Row]:
+        """The rt_source_* rows of the feeds this ingest reads (none while it stands by)."""
+        return source_rows(
+            (sink.kind, redact(src.url if sink.kind == "mongo" else src.dsn), src.database if sink.kind == "mongo" else "", src)
+            for src, sink in self.sources)
+
     async def _http(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
@@ -603,6 +610,9 @@ class Ingest:
                      details["bus"]["writer_failures"]),
                 ]
                 lines = [f"# HELP {n} {h}\n# TYPE {n} {t}\n{n} {v}" for n, t, h, v in rows]
+                # The feeds' series, as a gateway shows its sources': with a Kafka bus the slot's
+                # lag and WAL status (docs/postgres.md: alert on them) are the ingest's to show.
+                lines += family_lines(self._source_rows(), SOURCE_COUNTS)
                 status, body, ctype = 200, ("\n".join(lines) + "\n").encode(), "text/plain; version=0.0.4"
             else:
                 status, body = 404, b'{"error":"no such endpoint"}'

@@ -104,21 +104,58 @@ class Metrics:
         counter("rt_gc_pause_seconds_total", "Time the event loop spent in garbage-collector passes",
                 [({"generation": g}, round(s, 6)) for g, s in enumerate(self.gc_seconds)])
 
-        # The text format wants each family's samples together: the gauge providers interleave
-        # them (per source: ready, then its counts), so they are grouped here, in first-seen order.
-        families: dict[str, tuple[str, str, list[str]]] = {}
         for fn, counters in self._gauges:
-            for name, help_, labels, value in fn():
-                family = families.get(name)
-                if family is None:
-                    family = families[name] = (help_, "counter" if name in counters else "gauge", [])
-                family[2].append(f"{name}{_labels(labels)} {value}")
-        for name, (help_, kind, samples) in families.items():
-            lines.append(f"# HELP {name} {help_}")
-            lines.append(f"# TYPE {name} {kind}")
-            lines.extend(samples)
+            lines.extend(family_lines(fn(), counters))
         lines.append("")
         return "\n".join(lines).encode()
+
+
+Row = tuple[str, str, dict[str, Any], float]  # name, help, labels, value
+
+# What the sources' status() counts since start (PostgreSQL and MongoDB): typed counter.
+SOURCE_COUNTS = frozenset(f"rt_source_{k}" for k in (
+    "events", "transactions", "duplicates_dropped", "slot_recreations", "streamed_transactions",
+    "streamed_aborted", "streamed_subtransactions_aborted", "streams_opened", "history_lost", "skipped_changes"))
+
+
+def family_lines(rows: Iterable[Row], counters: frozenset[str] = frozenset()) -> list[str]:
+    """`rows` in the text format, the rows named in `counters` typed counter, the others gauge.
+    The format wants each family's samples together: providers interleave them (per source:
+    ready, then its counts), so they are grouped here, in first-seen order."""
+    families: dict[str, tuple[str, str, list[str]]] = {}
+    for name, help_, labels, value in rows:
+        family = families.get(name)
+        if family is None:
+            family = families[name] = (help_, "counter" if name in counters else "gauge", [])
+        family[2].append(f"{name}{_labels(labels)} {value}")
+    lines: list[str] = []
+    for name, (help_, kind, samples) in families.items():
+        lines.append(f"# HELP {name} {help_}")
+        lines.append(f"# TYPE {name} {kind}")
+        lines.extend(samples)
+    return lines
+
+
+def source_rows(sources: Iterable[tuple[str, str, str, Any]]) -> list[Row]:
+    """The rt_source_* rows of (kind, redacted URL, MongoDB database or "", source) entries: its
+    readiness and every number of its status(), as the gateway's and the ingest's /metrics show
+    them. A PostgreSQL source is labelled by its URL; a MongoDB one by its database, and its
+    URL too when two servers have a database of that name (else each sample came twice)."""
+    sources = list(sources)
+    mongo_names = Counter(database for kind, _, database, _ in sources if kind == "mongo")
+    rows: list[Row] = []
+    for kind, url, database, src in sources:
+        labels = {"source": kind, "database": database if kind == "mongo" else url}
+        if kind == "mongo" and mongo_names[database] > 1:
+            labels["url"] = url
+        rows.append(("rt_source_ready", "1 while the source streams", labels, 1 if src.ready() else 0))
+        for name, value in src.status().items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                rows.append((f"rt_source_{name}", f"Source {name}", labels, value))
+            elif name == "wal_status" and value:
+                # PostgreSQL slot health: reserved | extended | unreserved | lost
+                rows.append(("rt_source_wal_status", "Replication slot WAL status", {**labels, "wal_status": value}, 1))
+    return rows
 
 
 def _labels(labels: dict[str, Any]) -> str:

@@ -221,6 +221,13 @@ async def test_two_nodes_same_events_same_order_same_seq(cluster):
     assert samples["rt_ingest_active"] == 1 and samples["rt_ingest_bus_connected"] == 1
     assert samples["rt_ingest_published_total"] >= 6
     assert samples["rt_ingest_writer_failures_total"] == 0
+    # The feed's own series (docs/postgres.md: alert on the slot's lag): with a Kafka bus no
+    # gateway node reads the slot, so only the ingest can show them.
+    ready_feeds = {k: v for k, v in samples.items() if k.startswith("rt_source_ready{")}
+    assert len(ready_feeds) == 1 and 'source="postgres"' in next(iter(ready_feeds)), text
+    assert list(ready_feeds.values()) == [1]
+    assert any(k.startswith("rt_source_lag_bytes{") for k in samples), text
+    assert family_types(text)["rt_source_events"] == "counter"
 
 
 async def test_ingest_killed_mid_stream_nothing_lost_or_duplicated(cluster):
