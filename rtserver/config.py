@@ -343,11 +343,32 @@ def load(
         _check_mongo_database(f"config file {path}: [workspaces.{ws}] mongo_url", workspaces[ws].mongo_url, [ws])
         _check_postgres_url(f"config file {path}: [workspaces.{ws}] postgres_url", workspaces[ws].postgres_url)
 
+    _check_shared_postgres(path or "", workspaces, values["postgres"])
     try:
         _validate(values, path or "")
     except ConfigError as exc:
         raise ConfigError(_with_origins(str(exc), origins)) from None
     return Config(values=values, workspaces=workspaces, path=path or "", unknown_env=unknown_env)
+
+
+def _check_shared_postgres(path: str, workspaces: dict[str, WorkspaceSources], default: dict[str, Any]) -> None:
+    """Sections naming one postgres_url share one source, one slot and one publication, made
+    with the first one's schemas and tables: a second asking for others got the first's
+    silently (its tables answered 4010, or it got tables it had not asked for)."""
+    first: dict[str, tuple[str, list[str], list[str]]] = {}
+    if default["url"]:
+        first[default["url"]] = ("[postgres]", list(default["schemas"]), list(default["tables"]))
+    for ws, sources in workspaces.items():
+        url = sources.postgres_url
+        if not url:
+            continue
+        mine = (f"[workspaces.{ws}]", sources.postgres_schemas, sources.postgres_tables)
+        other = first.setdefault(url, mine)
+        if other[1:] != mine[1:]:
+            raise ConfigError(
+                f"config file {path}: {mine[0]} names the postgres_url of {other[0]} ({redact(url)}), one source "
+                f"with one publication, but other postgres_schemas/postgres_tables ({mine[1]}/{mine[2]} against "
+                f"{other[1]}/{other[2]}): give both the same, or use another database")
 
 
 def _resembles(name: str, names: list[str]) -> str:

@@ -95,6 +95,25 @@ def test_bad_config_is_one_line_and_exit_2(tmp_path):
     assert out.returncode == 2 and "[workspaces.acme] mongo_url: not a valid MongoDB URL" in out.stderr, out.stderr
 
 
+def test_sections_sharing_a_postgres_url_with_other_tables_are_refused(tmp_path):
+    """Sections naming one postgres_url share one source and publication, made with the first
+    section's schemas and tables: the second's were ignored without a word. Asking for others
+    is a configuration error naming both sections; asking for the same still starts."""
+    url = "postgresql://rt:s3cret@db/app"
+    cfg = tmp_path / "rt.toml"
+    cfg.write_text(f"[workspaces.a]\npostgres_url = '{url}'\npostgres_tables = ['public.orders']\n"
+                   f"[workspaces.b]\npostgres_url = '{url}'\n")
+    out = _run(["serve", "--config", str(cfg)], cwd=str(tmp_path))
+    assert out.returncode == 2 and "[workspaces.b] names the postgres_url of [workspaces.a]" in out.stderr, out.stderr
+    assert "s3cret" not in out.stderr
+    out = _run(["serve", "--config", str(cfg)], {"RT_POSTGRES_URL": url, "RT_POSTGRES_TABLES": "public.orders"},
+               cwd=str(tmp_path))
+    assert out.returncode == 2 and "[workspaces.b] names the postgres_url of [postgres]" in out.stderr, out.stderr
+    cfg.write_text(f"[workspaces.a]\npostgres_url = '{url}'\n[workspaces.b]\npostgres_url = '{url}'\n")
+    loaded = load(path=str(cfg), environ={})
+    assert [loaded.workspaces[w].postgres_url for w in "ab"] == [url, url]
+
+
 def test_a_configured_mongodb_database_name_longer_than_mongodb_takes_is_refused(tmp_path):
     """A URL naming no database reads the database named like the workspace, and a workspace id
     may be 64 characters where MongoDB takes 63: a feed that would fail at every attempt."""
