@@ -402,9 +402,14 @@ class Hub:
         n = push_all(subs, frame, dirty)
         self.metrics.deliveries += n
         self._queued += n
-        lane.queued += n
         if len(dirty) != before:
             self._pending(lane)
+        if lane.ready:
+            # Counted in the lane's share only while it takes turns: flush resets the count when
+            # its turn ends. Frames that all joined outboxes another lane lists (a reply queued
+            # first) leave with that lane's write, and counted here for good they made a quiet
+            # workspace look like the one filling the queue (Hub.room held its publishes).
+            lane.queued += n
 
     def _pending(self, lane: Lane) -> None:
         """`lane` has outboxes to write: give it a turn, and have a flush come."""

@@ -280,6 +280,32 @@ async def test_frames_not_queued_do_not_count_against_the_bound():
     assert one._raw.writes == [b"e2"] and hub._queued == 0
 
 
+async def test_events_riding_on_a_reply_write_do_not_hold_their_workspace_back_later():
+    """An event queued on a connection that a reply (subscribed, pong, a replay) made dirty
+    first leaves with the reply's write, not through its workspace's lane. It counted in that
+    lane's share of the queue (Lane.queued) for good, since only a turn of the lane resets it:
+    a quiet workspace whose subscribers churned while it published was later taken for the one
+    filling the queue, and its publishes waited behind another workspace's flood."""
+    hub = make_hub(chunk=1, backlog=5)
+    quiet = Conn()
+    for n in range(20):
+        # A reply to the subscriber, then an event of Q in the same loop iteration.
+        if queue_one(quiet.out, b"reply%d" % n):
+            hub.schedule(quiet.out)
+        push(hub, [Sub(quiet)], b"q%d" % n, "Q")
+        for _ in range(3):
+            await asyncio.sleep(0)
+    assert quiet._raw.writes == [b"reply%dq%d" % (n, n) for n in range(20)]
+    assert hub._queued == 0 and hub.waiting() == 0
+    conns = [Conn() for _ in range(4)]
+    for e in (b"a1", b"a2", b"a3"):
+        push(hub, [Sub(c) for c in conns], e, "A")
+    assert hub.backlogged()
+    waiting = hub.metrics.publisher_waits
+    await hub.room("Q")  # nothing of Q is queued: at once
+    assert hub.metrics.publisher_waits == waiting and hub.backlogged()
+
+
 async def test_a_truncate_reaches_indexed_subscriptions_whatever_their_predicates():
     """A TRUNCATE has no row for predicates to look at: it reaches, once per connection, each
     indexed subscription whose channel and operations take it. A subscription the connection
