@@ -19,6 +19,7 @@ from typing import Any
 from tests.harness.wsclient import ws_connect
 
 TOPICS = ("a", "b", "c")
+MAX_SUBSCRIPTIONS = 2  # of the three channels the clients churn: some subscribes get 4008
 
 
 class Publisher:
@@ -117,7 +118,11 @@ def _check(
             received += 1
             continue
         if kind == "subscribed":
+            assert msg["channel"] in held or len(held) < MAX_SUBSCRIPTIONS, f"{who}: over the quota: {msg}"
             held[msg["channel"]] = sent[msg["id"]]
+        elif kind == "error":
+            assert msg["code"] == 4008, f"{who}: {msg}"
+            assert msg["channel"] not in held and len(held) >= MAX_SUBSCRIPTIONS, f"{who}: {msg} with {held}"
         elif kind == "unsubscribed":
             held.pop(msg["channel"], None)
         since_mark.append(dict(held))
@@ -225,10 +230,12 @@ async def _run(gateway: Any, seed: int) -> None:
     assert total > 0
 
 
-async def test_churned_subscriptions_get_exactly_the_matching_events(gateway):
+async def test_churned_subscriptions_get_exactly_the_matching_events(gateway_factory):
     """Clients in two workspaces churn their subscriptions while both publish and other
     clients vanish mid-burst: each gets exactly the events of its workspace that its
-    subscriptions matched at the time, once, in order."""
+    subscriptions matched at the time, once, in order; 4008 exactly when a new channel would
+    pass the quota."""
+    gateway = await gateway_factory(env={"RT_MAX_SUBSCRIPTIONS": str(MAX_SUBSCRIPTIONS)})
     for seed in range(3):
         await _run(gateway, seed)
     logs = gateway.logs()
