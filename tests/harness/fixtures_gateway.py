@@ -81,6 +81,9 @@ class Gateway:
             except OSError:
                 pass
             await asyncio.sleep(0.05)
+        # Stopped here: the fixture stops only the gateways that started, so one that never
+        # answered kept running (and its port and CPU) after the test.
+        await self.stop(signal.SIGKILL)
         raise RuntimeError(f"gateway did not become healthy:\n{self.logs()}")
 
     async def wait_ready(self, timeout: float = 30) -> None:
