@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 
 import asyncpg
@@ -321,22 +320,9 @@ async def test_databases_named_alike_on_two_servers_keep_their_own_positions(gat
     their own servers, but the position file was named by the slot alone, so both sources kept
     their position in one file. After a restart, source b read server a's (higher) LSN and
     dropped b's next change as already published: its subscriber got nothing."""
-    from tests.harness.fixtures_postgres import create_database, drop_database
-    from tests.harness.pgcluster import PgCluster
+    from tests.harness.fixtures_postgres import databases_named_alike, put_wal_ahead
 
-    name = f"rt_alike_{os.getpid()}"
-    other = PgCluster()
-    other.init()
-    other.start()
-    conns: list[asyncpg.Connection] = []
-    try:
-        dsn_a, dsn_b = create_database(pg_cluster, name), create_database(other, name)
-        for dsn in (dsn_a, dsn_b):
-            conns.append(await asyncpg.connect(dsn))
-            await conns[-1].execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
-        db_a, db_b = conns
-        config = tmp_path / "rt.toml"
-        config.write_text(f"[workspaces.a]\npostgres_url = '{dsn_a}'\n[workspaces.b]\npostgres_url = '{dsn_b}'\n")
+    async with databases_named_alike(pg_cluster, tmp_path) as (db_a, db_b, config):
         gw = await gateway_factory(args=["--config", str(config)])
         async with ws_connect(gw, "a", token=gw.token("a")) as ca, ws_connect(gw, "b", token=gw.token("b")) as cb:
             await gw.wait_ready()
@@ -344,10 +330,7 @@ async def test_databases_named_alike_on_two_servers_keep_their_own_positions(gat
             assert (await _subscribe(cb, "postgres:t"))["type"] == "subscribed"
             await db_b.execute("INSERT INTO t VALUES (1, 'b')")
             assert await _recv_ids(cb, 1) == [1]
-            for _ in range(2):  # server a's WAL far ahead of server b's (a new segment each)
-                await db_a.execute("INSERT INTO t VALUES (-1, 'a') ON CONFLICT (id) DO UPDATE SET v = 'a'")
-                await db_a.fetchval("SELECT pg_switch_wal()")
-            await db_a.execute("INSERT INTO t VALUES (0, 'a, last')")
+            await put_wal_ahead(db_a)  # server a's positions above server b's
             assert await _recv_ids(ca, 3) == [-1, -1, 0]
         assert await db_a.fetchval("SELECT pg_current_wal_lsn()") > await db_b.fetchval("SELECT pg_current_wal_lsn()")
         await gw.restart()
@@ -360,11 +343,6 @@ async def test_databases_named_alike_on_two_servers_keep_their_own_positions(gat
             assert await _recv_ids(cb, 1) == [2]
             assert await _recv_ids(ca, 1) == [3]
         await gw.stop()
-    finally:
-        for conn in conns:
-            await conn.close()
-        drop_database(pg_cluster, name)
-        other.destroy()
 
 
 async def test_two_workspaces_of_one_database_both_get_its_changes(gateway_factory, pg_database, tmp_path):

@@ -1468,22 +1468,9 @@ async def test_a_takeover_keeps_apart_the_positions_of_databases_named_alike(clu
     took the newest of both servers' LSNs for both feeds and wrote it into one position file:
     feed b dropped its next changes as already published (b's subscriber got nothing). Each
     feed's headers and file now name its server and database too."""
-    from tests.harness.fixtures_postgres import create_database, drop_database
-    from tests.harness.pgcluster import PgCluster
+    from tests.harness.fixtures_postgres import databases_named_alike, put_wal_ahead
 
-    name = f"rt_alike_{os.getpid()}"
-    other = PgCluster()
-    other.init()
-    other.start()
-    conns: list[asyncpg.Connection] = []
-    try:
-        dsn_a, dsn_b = create_database(pg_cluster, name), create_database(other, name)
-        for dsn in (dsn_a, dsn_b):
-            conns.append(await asyncpg.connect(dsn))
-            await conns[-1].execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
-        db_a, db_b = conns
-        config = tmp_path / "rt.toml"
-        config.write_text(f"[workspaces.a]\npostgres_url = '{dsn_a}'\n[workspaces.b]\npostgres_url = '{dsn_b}'\n")
+    async with databases_named_alike(pg_cluster, tmp_path) as (db_a, db_b, config):
         first = await cluster.ingest("--config", str(config))
         await first.wait_active()
         node = await gateway_factory(env=cluster.env, args=["--config", str(config)])
@@ -1493,10 +1480,7 @@ async def test_a_takeover_keeps_apart_the_positions_of_databases_named_alike(clu
             await cb.subscribe("postgres:t")
             await db_b.execute("INSERT INTO t VALUES (1, 'b')")
             assert [e["record"]["id"] for e in await events(cb, 1)] == [1]
-            for _ in range(2):  # server a's WAL far ahead of server b's (a new segment each)
-                await db_a.execute("INSERT INTO t VALUES (-1, 'a') ON CONFLICT (id) DO UPDATE SET v = 'a'")
-                await db_a.fetchval("SELECT pg_switch_wal()")
-            await db_a.execute("INSERT INTO t VALUES (0, 'a, last')")
+            await put_wal_ahead(db_a)  # server a's positions above server b's
             assert [e["record"]["id"] for e in await events(ca, 3)] == [-1, -1, 0]
             assert (await db_a.fetchval("SELECT pg_current_wal_lsn()")
                     > await db_b.fetchval("SELECT pg_current_wal_lsn()"))
@@ -1509,11 +1493,6 @@ async def test_a_takeover_keeps_apart_the_positions_of_databases_named_alike(clu
             assert [e["record"]["id"] for e in await events(ca, 1)] == [3]
             for c in (ca, cb):
                 await c.no_message(0.5)
-    finally:
-        for conn in conns:
-            await conn.close()
-        drop_database(pg_cluster, name)
-        other.destroy()
 
 
 async def test_a_mongo_takeover_keeps_apart_databases_named_alike_on_two_deployments(cluster, gateway_factory,

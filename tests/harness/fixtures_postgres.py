@@ -8,10 +8,13 @@ other's slots or publications.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
-from collections.abc import Iterator
+import pathlib
+from collections.abc import AsyncIterator, Iterator
 
+import asyncpg
 import psycopg
 import pytest
 
@@ -81,3 +84,39 @@ def pg_database(pg_cluster: PgCluster) -> Iterator[str]:
     finally:
         if pg_cluster.running():
             drop_database(pg_cluster, name)
+
+
+@contextlib.asynccontextmanager
+async def databases_named_alike(
+    cluster: PgCluster, config_dir: pathlib.Path
+) -> AsyncIterator[tuple[asyncpg.Connection, asyncpg.Connection, pathlib.Path]]:
+    """A database of one name on `cluster` and on a second, throwaway server, each with a table
+    t (id int PRIMARY KEY, v text): connections to both, and a config file giving workspace a
+    the first and workspace b the second. Their sources' slots are named alike."""
+    name = f"rt_alike_{os.getpid()}"
+    other = PgCluster()
+    other.init()
+    other.start()
+    conns: list[asyncpg.Connection] = []
+    try:
+        dsn_a, dsn_b = create_database(cluster, name), create_database(other, name)
+        for dsn in (dsn_a, dsn_b):
+            conns.append(await asyncpg.connect(dsn))
+            await conns[-1].execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+        config = config_dir / "rt.toml"
+        config.write_text(f"[workspaces.a]\npostgres_url = '{dsn_a}'\n[workspaces.b]\npostgres_url = '{dsn_b}'\n")
+        yield conns[0], conns[1], config
+    finally:
+        for conn in conns:
+            await conn.close()
+        drop_database(cluster, name)
+        other.destroy()
+
+
+async def put_wal_ahead(db: asyncpg.Connection) -> None:
+    """Move `db`'s server's WAL far ahead (a new segment, twice) with changes to t: ids -1, -1,
+    then 0. Positions of that server are then above the other's."""
+    for _ in range(2):
+        await db.execute("INSERT INTO t VALUES (-1, 'a') ON CONFLICT (id) DO UPDATE SET v = 'a'")
+        await db.fetchval("SELECT pg_switch_wal()")
+    await db.execute("INSERT INTO t VALUES (0, 'a, last')")
