@@ -844,28 +844,12 @@ async def test_a_peer_closed_while_it_reads_nothing_is_cut_off_after_the_idle_ti
     close waits for them to be written: the gateway held the socket, its descriptor and the
     queued bytes for as long as the peer lived. It now gives the peer idle_timeout to read
     them, then drops the connection."""
-    import socket
-
     gw = await gateway_factory(env={"RT_IDLE_TIMEOUT": "2", "RT_SEND_BUFFER_BYTES": str(64 << 20)})
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
-    sock.connect(("127.0.0.1", gw.port))
-    ws = await websockets.connect(gw.ws_url("w1"), sock=sock, max_size=None, ping_interval=None)
+    ws = await _stalled_subscriber(gw)
     try:
-        await ws.send(json.dumps({"type": "auth", "token": gw.token("w1")}))
-        await ws.recv()
-        await ws.send(json.dumps({"type": "subscribe", "channel": "events:big"}))
-        await ws.recv()
-        ws.transport.pause_reading()
-        for i in range(40):  # 8 MB: more than the kernel buffers of both ends take
-            await gw.publish("w1", "big", {"i": i, "pad": "y" * 200_000})
-            await ws.send(json.dumps({"type": "ping"}))  # not idle until every event is queued
-        port = sock.getsockname()[1]
+        port = ws.local_address[1]
         assert _holds_socket(gw.proc.pid, port)
-        deadline = time.monotonic() + 30
-        while _holds_socket(gw.proc.pid, port) and time.monotonic() < deadline:
-            await asyncio.sleep(0.2)
-        assert not _holds_socket(gw.proc.pid, port), "the gateway still holds a connection it closed 25 s ago"
+        assert not await _held_for(gw, port, 30), "the gateway still holds a connection it closed 25 s ago"
     finally:
         ws.transport.abort()
     (rec,) = await gw.audit_records("session-suspended")
@@ -900,32 +884,44 @@ async def test_a_websocket_layer_close_behind_unread_frames_keeps_its_code(gatew
     written, so the idle sweep closed it again: a second close frame (1001) queued behind the
     first, and the audit said idle_timeout. It keeps the code sent, and is dropped after the
     idle timeout as any close is."""
-    import socket
-
     gw = await gateway_factory(env={"RT_IDLE_TIMEOUT": "2", "RT_SEND_BUFFER_BYTES": str(64 << 20)})
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
-    sock.connect(("127.0.0.1", gw.port))
-    ws = await websockets.connect(gw.ws_url("w1"), sock=sock, max_size=None, ping_interval=None)
+    ws = await _stalled_subscriber(gw)
     try:
-        await ws.send(json.dumps({"type": "auth", "token": gw.token("w1")}))
-        await ws.recv()
-        await ws.send(json.dumps({"type": "subscribe", "channel": "events:big"}))
-        await ws.recv()
-        ws.transport.pause_reading()
-        for i in range(40):  # 8 MB: more than the kernel buffers of both ends take
-            await gw.publish("w1", "big", {"i": i, "pad": "y" * 200_000})
-            await ws.send(json.dumps({"type": "ping"}))
         ws.transport.write(b"\x81\x02{}")  # not masked
-        port = sock.getsockname()[1]
-        deadline = time.monotonic() + 30
-        while _holds_socket(gw.proc.pid, port) and time.monotonic() < deadline:
-            await asyncio.sleep(0.2)
-        assert not _holds_socket(gw.proc.pid, port)
+        assert not await _held_for(gw, ws.local_address[1], 30)
     finally:
         ws.transport.abort()
     (rec,) = await gw.audit_records("session-suspended")
     assert (rec["code"], rec["reason"]) == (1002, "protocol_error")
+
+
+async def _stalled_subscriber(gw) -> websockets.ClientConnection:
+    """A subscriber of events:big of w1 that reads nothing (a hung app: its TCP stack still
+    acknowledges), with 8 MB queued for it: more than the kernel buffers of both ends take."""
+    import socket
+
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+    sock.connect(("127.0.0.1", gw.port))
+    ws = await websockets.connect(gw.ws_url("w1"), sock=sock, max_size=None, ping_interval=None)
+    await ws.send(json.dumps({"type": "auth", "token": gw.token("w1")}))
+    await ws.recv()
+    await ws.send(json.dumps({"type": "subscribe", "channel": "events:big"}))
+    await ws.recv()
+    ws.transport.pause_reading()
+    for i in range(40):
+        await gw.publish("w1", "big", {"i": i, "pad": "y" * 200_000})
+        await ws.send(json.dumps({"type": "ping"}))  # not idle until every event is queued
+    return ws
+
+
+async def _held_for(gw, port: int, seconds: float) -> bool:
+    """Whether the gateway still holds the connection of client port `port` after waiting up
+    to `seconds` for it to let go."""
+    deadline = time.monotonic() + seconds
+    while _holds_socket(gw.proc.pid, port) and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+    return _holds_socket(gw.proc.pid, port)
 
 
 async def _raw_ws(gw, workspace: str = "w1") -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
