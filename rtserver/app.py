@@ -25,7 +25,7 @@ from rtserver.audit import create_audit
 from rtserver.auth import Authenticator, AuthError, load_or_create_dev_secret
 from rtserver.bus import BusUnavailable, create_bus
 from rtserver.channels import TOPIC_RE
-from rtserver.config import WORKSPACE_ID_RE, Config
+from rtserver.config import WORKSPACE_ID_RE, Config, WorkspaceSources
 from rtserver.connection import Connection
 from rtserver.fd_limit import connection_share, open_files_limit
 from rtserver.file_lock import lock_exclusive
@@ -296,25 +296,14 @@ class Gateway:
         """The source of `kind` feeding `workspace` (None: the default database), created on
         first use; None when the workspace has no such source configured."""
         cfg = self.cfg
-        ws_sources = cfg.sources_for(workspace) if workspace is not None else cfg.sources_for("\0default")
-        if kind == "postgres":
-            url = ws_sources.postgres_url
-            if not url:
-                return None
-            key: tuple[Any, ...] = ("postgres", url)
-        elif kind == "mongo":
-            url = ws_sources.mongo_url
-            if not url:
-                return None
-            database = _mongo_database(url) or workspace
-            if database is None or database_problem(url, database):
-                return None  # why_no_source says why
-            key = ("mongo", url, database)
-        else:
-            return None
+        key = self._source_key(workspace, kind)
+        if key is None or kind == "mongo" and database_problem(key[1], key[2]):
+            return None  # why_no_source says why
         src = self._sources.get(key)
         if src is not None:
             return src
+        url = key[1]
+        ws_sources = self._configured(workspace)
         if cfg.bus.kind == "kafka":
             from rtserver.bus_kafka import RemoteSource
 
@@ -376,14 +365,21 @@ class Gateway:
             return lambda: (*own, database) if database in hub.workspaces and database not in own else own
         return lambda: [*own, *(w for w in hub.workspaces if w not in cfg.workspaces)]
 
-    def _source_key(self, workspace: str, kind: str) -> tuple[Any, ...] | None:
-        """The key of a configured workspace's `kind` source, as source() makes it."""
-        sources = self.cfg.sources_for(workspace)
+    def _configured(self, workspace: str | None) -> WorkspaceSources:
+        """The sources configured for `workspace` (None: the default database's)."""
+        return self.cfg.sources_for(workspace if workspace is not None else "\0default")
+
+    def _source_key(self, workspace: str | None, kind: str) -> tuple[Any, ...] | None:
+        """The key of `workspace`'s `kind` source (None: the default database's): (kind, URL),
+        and for MongoDB its database; None when it has none configured (or, with the default
+        URL naming no database, no workspace to name it)."""
+        sources = self._configured(workspace)
         if kind == "postgres":
             return ("postgres", sources.postgres_url) if sources.postgres_url else None
-        if not sources.mongo_url:
+        if kind != "mongo" or not sources.mongo_url:
             return None
-        return ("mongo", sources.mongo_url, _mongo_database(sources.mongo_url) or workspace)
+        database = _mongo_database(sources.mongo_url) or workspace
+        return None if database is None else ("mongo", sources.mongo_url, database)
 
     def _retirable(self, workspace: str) -> bool:
         """True when every event of `workspace` reaches Hub.deliver whether or not the workspace

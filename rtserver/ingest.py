@@ -57,6 +57,8 @@ MONGO_HEADER = "rt-mongo"
 MONGO_FEED_HEADER = "rt-mongo-feed"
 # rt-pos's feed: PostgresSource.position_name (slot-digest), or an earlier version's bare slot
 _POSITION_KEY = re.compile(r"[a-z0-9_]+(-[0-9a-f]{12})?")
+# The rows of the ingest's /metrics that count since start (typed counter).
+_INGEST_COUNTS = frozenset({"rt_ingest_published_total", "rt_ingest_writer_failures_total"}) | SOURCE_COUNTS
 _SCAN_SECONDS = 600  # a takeover looks this far back for the dead holder's last positions
 _SCAN_RECORDS = 200_000  # ... and at most this many records per partition
 _json = msgspec.json.Encoder()
@@ -578,9 +580,8 @@ class Ingest:
 
     def _source_rows(self) -> list[Row]:
         """The rt_source_* rows of the feeds this ingest reads (none while it stands by)."""
-        return source_rows(
-            (sink.kind, redact(src.url if sink.kind == "mongo" else src.dsn), src.database if sink.kind == "mongo" else "", src)
-            for src, sink in self.sources)
+        return source_rows((src.kind, _shown_url(src), src.database if src.kind == "mongo" else "", src)
+                           for src, _ in self.sources)
 
     async def _http(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -598,21 +599,19 @@ class Ingest:
             elif path == "/metrics":
                 # The text format with HELP/TYPE and its content type, as the gateway's: Prometheus
                 # 3 refuses a scrape that has none (without a fallback_scrape_protocol).
-                rows = [
-                    ("rt_ingest_active", "gauge", "1 while this ingest holds the lease (reads the feeds)",
+                rows: list[Row] = [
+                    ("rt_ingest_active", "1 while this ingest holds the lease (reads the feeds)", {},
                      1 if details["role"] == "active" else 0),
-                    ("rt_ingest_published_total", "counter", "Events published to the bus topic",
-                     details["published"]),
-                    ("rt_ingest_bus_connected", "gauge", "1 while Kafka takes the ingest's records",
+                    ("rt_ingest_published_total", "Events published to the bus topic", {}, details["published"]),
+                    ("rt_ingest_bus_connected", "1 while Kafka takes the ingest's records", {},
                      1 if details["bus"]["connected"] else 0),
-                    ("rt_ingest_writer_failures_total", "counter",
+                    ("rt_ingest_writer_failures_total",
                      "Kafka transactions that failed (fenced, aborted, a record refused): each made the ingest rejoin the lease",
-                     details["bus"]["writer_failures"]),
+                     {}, details["bus"]["writer_failures"]),
                 ]
-                lines = [f"# HELP {n} {h}\n# TYPE {n} {t}\n{n} {v}" for n, t, h, v in rows]
                 # The feeds' series, as a gateway shows its sources': with a Kafka bus the slot's
                 # lag and WAL status (docs/postgres.md: alert on them) are the ingest's to show.
-                lines += family_lines(self._source_rows(), SOURCE_COUNTS)
+                lines = family_lines(rows + self._source_rows(), _INGEST_COUNTS)
                 status, body, ctype = 200, ("\n".join(lines) + "\n").encode(), "text/plain; version=0.0.4"
             else:
                 status, body = 404, b'{"error":"no such endpoint"}'
@@ -632,11 +631,16 @@ def _header(headers: Any, name: str) -> str:
     return next((value.decode(errors="replace") for key, value in headers or () if key == name), "")
 
 
+def _shown_url(src: Any) -> str:
+    """A feed's URL as logs, /readyz and /metrics show it (redacted)."""
+    return redact(src.dsn if src.kind == "postgres" else src.url)
+
+
 def _feed_name(src: Any, status: dict[str, Any], named: dict[str, Any]) -> str:
     """The feed's /readyz key: its slot (postgres) or database (mongo); a postgres feed that has
     not reached its database yet has no slot name, so its URL (redacted) names it, and a name
     taken already (a database of the same name on another server) gets the URL too."""
-    url = redact(src.dsn if src.kind == "postgres" else src.url)
+    url = _shown_url(src)
     name = f"{src.kind}:{status.get('slot') or status.get('database') or url}"
     return f"{name}@{url}" if name in named else name
 
