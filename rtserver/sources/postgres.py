@@ -201,7 +201,6 @@ class PostgresSource:
         self._started = asyncio.Event()
         self._decoder: Any = None  # the decoder of the current connection (its learnt types)
         self._proto_version = 0
-        self._database = ""
         self._streams: StreamBuffers | None = None
         self._inbox: _Inbox | None = None  # of the current connection
         self._streamed_transactions = 0
@@ -367,7 +366,6 @@ class PostgresSource:
                 await probe.close()
             self.slot = slot_name(self.instance, database)
             self.position_name = position_name(self.slot, self.dsn, database)
-            self._database = database
             self.catalog = self._new_catalog(self.slot)
         if self._position is None:
             self._position = await self._open_position()
@@ -418,7 +416,7 @@ class PostgresSource:
     def _legacy_sharers(self) -> list[str]:
         """The other configured URLs whose source earlier versions gave this slot's position
         file: a database of the same name on another server, or one only the server knows."""
-        mine = server_digest(self.dsn, self._database)
+        mine = self.position_name.rsplit("-", 1)[1]  # its server_digest
         sharing = []
         for url in self.other_urls:
             database = named_database(url)
