@@ -343,30 +343,39 @@ def load(
         _check_mongo_database(f"config file {path}: [workspaces.{ws}] mongo_url", workspaces[ws].mongo_url, [ws])
         _check_postgres_url(f"config file {path}: [workspaces.{ws}] postgres_url", workspaces[ws].postgres_url)
 
-    _check_shared_postgres(path or "", workspaces, values["postgres"])
     try:
         _validate(values, path or "")
     except ConfigError as exc:
         raise ConfigError(_with_origins(str(exc), origins)) from None
+    _check_shared_postgres(path or "", workspaces, values["postgres"])  # every URL one libpq reads
     return Config(values=values, workspaces=workspaces, path=path or "", unknown_env=unknown_env)
 
 
 def _check_shared_postgres(path: str, workspaces: dict[str, WorkspaceSources], default: dict[str, Any]) -> None:
     """Sections naming one postgres_url share one source, one slot and one publication, made
     with the first one's schemas and tables: a second asking for others got the first's
-    silently (its tables answered 4010, or it got tables it had not asked for)."""
-    first: dict[str, tuple[str, list[str], list[str]]] = {}
-    if default["url"]:
-        first[default["url"]] = ("[postgres]", list(default["schemas"]), list(default["tables"]))
-    for ws, sources in workspaces.items():
-        url = sources.postgres_url
+    silently (its tables answered 4010, or it got tables it had not asked for). One database
+    named by URLs spelled differently (an option, the default port written out) would be two
+    sources on one slot, whose name holds the database's only: the second never streamed."""
+    from rtserver.sources.pg_catalog import database_location
+
+    first: dict[Any, tuple[str, list[str], list[str], str]] = {}
+    named = [("[postgres]", default["url"], list(default["schemas"]), list(default["tables"]))]
+    named += [(f"[workspaces.{ws}]", s.postgres_url, s.postgres_schemas, s.postgres_tables) for ws, s in workspaces.items()]
+    for section, url, schemas, tables in named:
         if not url:
             continue
-        mine = (f"[workspaces.{ws}]", sources.postgres_schemas, sources.postgres_tables)
-        other = first.setdefault(url, mine)
-        if other[1:] != mine[1:]:
+        mine = (section, schemas, tables, url)
+        other = first.setdefault(database_location(url) or url, mine)
+        if other[3] != url:
+            host, port, database = database_location(url) or ("", "", "")
             raise ConfigError(
-                f"config file {path}: {mine[0]} names the postgres_url of {other[0]} ({redact(url)}), one source "
+                f"config file {path}: {section} postgres_url names the database of {other[0]} ({database} on "
+                f"{host or 'the local socket'}:{port}) by another URL ({redact(url)} against {redact(other[3])}): "
+                "one database is one source with one replication slot; give both the same URL")
+        if other[1:3] != mine[1:3]:
+            raise ConfigError(
+                f"config file {path}: {section} names the postgres_url of {other[0]} ({redact(url)}), one source "
                 f"with one publication, but other postgres_schemas/postgres_tables ({mine[1]}/{mine[2]} against "
                 f"{other[1]}/{other[2]}): give both the same, or use another database")
 

@@ -114,6 +114,30 @@ def test_sections_sharing_a_postgres_url_with_other_tables_are_refused(tmp_path)
     assert [loaded.workspaces[w].postgres_url for w in "ab"] == [url, url]
 
 
+
+def test_one_postgres_database_named_by_two_spellings_is_refused(tmp_path):
+    """Two sections naming one database by URLs spelled differently (an option added, the
+    default port written out) made two sources on one replication slot, whose name holds the
+    database's only: the second found the slot in use and retried for ever, its workspace's
+    subscribers accepted and given nothing, /readyz 503 for good. A configuration error now."""
+    url = "postgresql://rt:s3cret@db/app"
+    cfg = tmp_path / "rt.toml"
+    for other in (url + "?application_name=b", "postgresql://rt:s3cret@DB:5432/app", "host=db dbname=app user=x"):
+        cfg.write_text(f"[workspaces.a]\npostgres_url = '{url}'\n[workspaces.b]\npostgres_url = '{other}'\n")
+        out = _run(["serve", "--config", str(cfg)], cwd=str(tmp_path))
+        assert out.returncode == 2, (other, out.stderr)
+        assert "[workspaces.b] postgres_url names the database of [workspaces.a] (app on db:5432)" in out.stderr, out.stderr
+        assert "s3cret" not in out.stderr
+    cfg.write_text(f"[workspaces.b]\npostgres_url = '{url}?sslmode=disable'\n")
+    out = _run(["serve", "--config", str(cfg)], {"RT_POSTGRES_URL": url}, cwd=str(tmp_path))
+    assert out.returncode == 2 and "[workspaces.b] postgres_url names the database of [postgres]" in out.stderr
+    # Other databases, or one server's databases with other users, are other sources.
+    cfg.write_text(f"[workspaces.a]\npostgres_url = '{url}'\n[workspaces.b]\npostgres_url = 'postgresql://rt:s3cret@db/app2'\n"
+                   "[workspaces.c]\npostgres_url = 'postgresql://rt:s3cret@db2/app'\n"
+                   "[workspaces.d]\npostgres_url = 'postgresql://other:pw@db/app3?sslmode=require'\n")
+    loaded = load(path=str(cfg), environ={})
+    assert sorted(loaded.workspaces) == ["a", "b", "c", "d"]
+
 def test_a_configured_mongodb_database_name_longer_than_mongodb_takes_is_refused(tmp_path):
     """A URL naming no database reads the database named like the workspace, and a workspace id
     may be 64 characters where MongoDB takes 63: a feed that would fail at every attempt."""

@@ -364,3 +364,4 @@ async def test_two_workspaces_of_one_database_both_get_its_changes(gateway_facto
             assert await _recv_ids(cb, 1) == [1]
     finally:
         await db.close()
+

@@ -57,10 +57,20 @@ def slot_name(instance: str, database: str) -> str:
 def server_digest(dsn: str, database: str) -> str:
     """12 hex digits naming the server (host and port as `dsn` gives them) and the database: the
     slot's name holds the database's only, and two servers may each have a database so named."""
-    params = psycopg.conninfo.conninfo_to_dict(dsn)
-    host = str(params.get("host") or params.get("hostaddr") or "").lower()
-    port = str(params.get("port") or "5432")
+    host, port = _server(dsn)
     return hashlib.sha256(f"{host}|{port}|{database}".encode()).hexdigest()[:12]
+
+
+def _server(dsn: str) -> tuple[str, str]:
+    params = psycopg.conninfo.conninfo_to_dict(dsn)
+    return str(params.get("host") or params.get("hostaddr") or "").lower(), str(params.get("port") or "5432")
+
+
+def database_location(dsn: str) -> tuple[str, str, str] | None:
+    """(host, port, database) as `dsn` gives them, whatever its options and user: None when
+    only the server or the environment knows the database (see named_database)."""
+    database = named_database(dsn)
+    return None if database is None else (*_server(dsn), database)
 
 
 def position_name(slot: str, dsn: str, database: str) -> str:
