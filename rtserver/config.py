@@ -348,6 +348,7 @@ def load(
     except ConfigError as exc:
         raise ConfigError(_with_origins(str(exc), origins)) from None
     _check_shared_postgres(path or "", workspaces, values["postgres"])  # every URL one libpq reads
+    _check_shared_mongo(path or "", workspaces, values["mongo"]["url"])
     return Config(values=values, workspaces=workspaces, path=path or "", unknown_env=unknown_env)
 
 
@@ -378,6 +379,30 @@ def _check_shared_postgres(path: str, workspaces: dict[str, WorkspaceSources], d
                 f"config file {path}: {section} names the postgres_url of {other[0]} ({redact(url)}), one source "
                 f"with one publication, but other postgres_schemas/postgres_tables ({mine[1]}/{mine[2]} against "
                 f"{other[1]}/{other[2]}): give both the same, or use another database")
+
+
+def _check_shared_mongo(path: str, workspaces: dict[str, WorkspaceSources], default_url: str) -> None:
+    """A MongoDB database is one feed with one resume token file, named by its deployment and
+    database whatever the URL's options: named by URLs spelled differently (an option added,
+    the default port written out), it would be two feeds writing one file, and a restart would
+    resume the one behind after the other's token, losing what it had not read."""
+    from rtserver.sources.mongo import database_for, deployment_of
+
+    named = [(f"[workspaces.{ws}]", s.mongo_url, database_for(s.mongo_url, ws)) for ws, s in workspaces.items()
+             if s.mongo_url]
+    if default_url:
+        # A default URL naming no database gives each workspace without a section its own.
+        database = database_for(default_url, "")
+        databases = [database] if database else [db for _, _, db in named if db not in workspaces]
+        named = [("[mongo]", default_url, db) for db in databases] + named
+    first: dict[tuple[str, str], tuple[str, str]] = {}
+    for section, url, database in named:
+        other = first.setdefault((deployment_of(url), database), (section, url))
+        if other[1] != url:
+            raise ConfigError(
+                f"config file {path}: {section} mongo_url names MongoDB database {database!r} of {other[0]} by "
+                f"another URL ({redact(url)} against {redact(other[1])}): one database is one feed with one "
+                "resume token; give both the same URL")
 
 
 def _resembles(name: str, names: list[str]) -> str:

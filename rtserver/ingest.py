@@ -359,7 +359,8 @@ class Ingest:
                         mongo_done: dict[tuple[str, str], tuple[bytes, dict[int, int]]]
                         ) -> tuple[bytes, dict[int, int]] | None:
         """What Kafka has of a MongoDB feed: its headers name the database and the feed
-        (MONGO_FEED_HEADER: a digest of URL and database). The only feed of its database name
+        (MONGO_FEED_HEADER: a digest of deployment and database; of URL and database in earlier
+        versions, whose headers are read too). The only feed of its database name
         takes the newest header of that name whatever feed it names: an earlier version's (no
         feed named), or its own under a URL written otherwise before (an option added: a fresh
         stream would lose what changed meanwhile). Of databases named alike on two deployments,
@@ -368,7 +369,8 @@ class Ingest:
 
         alone = sum(f["kind"] == "mongo" and f["database"] == feed["database"] for f in self.plan) == 1
         if not alone:
-            return mongo_done.get((feed["database"], src.feed_id))
+            mine = (mongo_done.get((feed["database"], feed_id)) for feed_id in (src.feed_id, src.legacy_feed_id))
+            return max((pos for pos in mine if pos is not None), key=lambda pos: token_order(pos[0]), default=None)
         named = [pos for (database, _), pos in mongo_done.items() if database == feed["database"]]
         return max(named, key=lambda pos: token_order(pos[0]), default=None)
 

@@ -257,6 +257,30 @@ async def resume_after_restart(env: Env) -> None:
     assert [b["document"]["_id"] for b in bodies] == list(range(7))
 
 
+
+def with_option(url: str, option: str) -> str:
+    """`url` with the query option `option` ("name=value") added."""
+    if "?" in url:
+        return f"{url}&{option}"
+    return f"{url}?{option}" if url.split("://", 1)[1].count("/") else f"{url}/?{option}"
+
+
+async def resume_after_restart_with_an_option_added(env: Env) -> None:
+    """An operator adds an option to the URL (a timeout, the application name) while the
+    gateway is down: the resume token file was named by the whole URL, so the restarted feed
+    found none and opened the stream from "now", losing what changed in between."""
+    async with client(env) as db:
+        async with running(env):
+            await db.orders.insert_one({"_id": 0})
+            await env.sink.wait_for(1)
+        await db.orders.insert_one({"_id": 1})
+        env.url = with_option(env.url, "appname=rt-restarted")
+        async with running(env) as source:
+            assert source.status()["resumable"]
+            await db.orders.insert_one({"_id": 2})
+            bodies = await settle(env, 3)
+    assert [b["document"]["_id"] for b in bodies] == [0, 1, 2]
+
 async def a_new_stream_resumes_from_its_first_empty_batch(env: Env) -> None:
     """A stream opened from "now" that never saw a change still resumes where it was: changes
     made while the process was down arrive after the restart."""

@@ -138,6 +138,29 @@ def test_one_postgres_database_named_by_two_spellings_is_refused(tmp_path):
     loaded = load(path=str(cfg), environ={})
     assert sorted(loaded.workspaces) == ["a", "b", "c", "d"]
 
+
+def test_one_mongodb_database_named_by_two_spellings_is_refused(tmp_path):
+    """A MongoDB feed's resume token file is named by deployment and database, not by the whole
+    URL (adding an option would lose the changes made during the restart): two spellings of
+    one database would be two feeds writing one file. A configuration error, as for PostgreSQL."""
+    url = "mongodb://rt:s3cret@m1,m2/app?replicaSet=rs0"
+    cfg = tmp_path / "rt.toml"
+    for other in (url + "&appname=b", "mongodb://rt:s3cret@M2:27017,m1/app?replicaSet=rs0"):
+        cfg.write_text(f"[workspaces.a]\nmongo_url = '{url}'\n[workspaces.b]\nmongo_url = '{other}'\n")
+        with pytest.raises(ConfigError, match=r"\[workspaces.b\] mongo_url names MongoDB database 'app' of "
+                                              r"\[workspaces.a\] by another URL") as err:
+            load(path=str(cfg), environ={})
+        assert "s3cret" not in str(err.value)
+    # The default URL naming no database: workspace shop (no section) reads shop on it.
+    cfg.write_text("[workspaces.a]\nmongo_url = 'mongodb://m1:27017/shop?appname=a'\n")
+    with pytest.raises(ConfigError, match=r"\[workspaces.a\] mongo_url names MongoDB database 'shop' of \[mongo\]"):
+        load(path=str(cfg), environ={"RT_MONGO_URL": "mongodb://m1/"})
+    # Other databases, deployments, or users of one deployment's databases are other feeds.
+    cfg.write_text(f"[workspaces.a]\nmongo_url = '{url}'\n[workspaces.b]\nmongo_url = 'mongodb://u2:pw@m1,m2/app2'\n"
+                   f"[workspaces.c]\nmongo_url = 'mongodb://m3/app'\n[workspaces.shop]\nmongo_url = 'mongodb://m1/'\n")
+    loaded = load(path=str(cfg), environ={"RT_MONGO_URL": "mongodb://m1/?appname=default"})
+    assert sorted(loaded.workspaces) == ["a", "b", "c", "shop"]
+
 def test_a_configured_mongodb_database_name_longer_than_mongodb_takes_is_refused(tmp_path):
     """A URL naming no database reads the database named like the workspace, and a workspace id
     may be 64 characters where MongoDB takes 63: a feed that would fail at every attempt."""

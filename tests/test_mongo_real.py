@@ -80,6 +80,10 @@ async def test_resume_after_restart_loses_and_duplicates_nothing(env):
     await sc.resume_after_restart(env)
 
 
+async def test_resume_after_restart_with_an_option_added_to_the_url(env):
+    await sc.resume_after_restart_with_an_option_added(env)
+
+
 async def test_a_new_stream_resumes_from_its_first_empty_batch(env):
     await sc.a_new_stream_resumes_from_its_first_empty_batch(env)
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import json
 import os
+import re
 
 import bson
 import pytest
@@ -131,6 +133,30 @@ async def test_a_server_without_the_split_stage_still_streams(collecting_sink, t
 async def test_resume_after_restart_loses_and_duplicates_nothing(env):
     await sc.resume_after_restart(env)
 
+
+
+async def test_resume_after_restart_with_an_option_added_to_the_url(env):
+    await sc.resume_after_restart_with_an_option_added(env)
+
+
+async def test_an_earlier_versions_token_file_is_taken_over(env):
+    """Earlier versions named the token file by the whole URL (user info masked): a gateway
+    upgraded while changes were made resumes from that file, and only its own name is left."""
+    async with sc.client(env) as db:
+        async with sc.running(env):
+            await db.orders.insert_one({"_id": 0})
+            await env.sink.wait_for(1)
+        await db.orders.insert_one({"_id": 1})
+        (current,) = os.listdir(env.state_dir)
+        digest = hashlib.sha256(f"{re.sub(r'://[^@/]*@', '://***@', env.url)}|{env.database}".encode()).hexdigest()
+        legacy = f"mongo-resume-{env.database}-{digest[:12]}.json"
+        assert current != legacy
+        os.replace(os.path.join(env.state_dir, current), os.path.join(env.state_dir, legacy))
+        async with sc.running(env):
+            await db.orders.insert_one({"_id": 2})
+            bodies = await sc.settle(env, 3)
+    assert [b["document"]["_id"] for b in bodies] == [0, 1, 2]
+    assert os.listdir(env.state_dir) == [current]
 
 async def test_a_new_stream_resumes_from_its_first_empty_batch(env):
     await sc.a_new_stream_resumes_from_its_first_empty_batch(env)

@@ -1629,3 +1629,29 @@ async def test_a_mongo_takeover_after_an_option_was_added_to_the_url(cluster, mo
             await c.no_message(0.5)
     finally:
         await client.close()
+
+
+def test_a_mongo_takeover_of_databases_named_alike_reads_an_earlier_versions_feed_headers():
+    """Of two feeds of database `shop` (two deployments), each takes only the headers naming
+    it. Earlier versions named a feed by digest of the whole URL, now by deployment and
+    database: a holder upgraded while feeds ran takes the headers under either name of its own
+    (the newer token of the two), never the other deployment's."""
+    from types import SimpleNamespace
+
+    from bson import encode
+
+    from rtserver.ingest import Ingest
+    from rtserver.sources.mongo import MongoSource
+
+    urls = ["mongodb://m1/shop?replicaSet=rs0", "mongodb://m2/shop?replicaSet=rs0"]
+    plan = [{"kind": "mongo", "database": "shop", "url": url} for url in urls]
+    a, b = (MongoSource(url, database="shop", state_dir="/nonexistent", sink=None, workspaces=list) for url in urls)
+    token = {n: encode({"_data": f"82{n:016X}"}) for n in range(4)}
+    holder = SimpleNamespace(plan=plan)
+    mongo_done = {("shop", a.legacy_feed_id): (token[2], {}), ("shop", b.feed_id): (token[3], {})}
+    assert Ingest._mongo_position(holder, plan[0], a, mongo_done) == (token[2], {})
+    assert Ingest._mongo_position(holder, plan[1], b, mongo_done) == (token[3], {})
+    mongo_done[("shop", a.feed_id)] = (token[1], {})  # older than its legacy header's
+    assert Ingest._mongo_position(holder, plan[0], a, mongo_done) == (token[2], {})
+    del mongo_done[("shop", b.feed_id)]
+    assert Ingest._mongo_position(holder, plan[1], b, mongo_done) is None

@@ -79,6 +79,27 @@ def database_for(url: str, workspace: str) -> str:
     return workspace
 
 
+def deployment_of(url: str) -> str:
+    """The deployment `url` names whatever its user, options and host order: its hosts (lower
+    case, the default port written out), or a mongodb+srv URL's name. Parsed as the driver
+    does (the hosts end at the first '/', the user info at the last '@' before it), without
+    resolving mongodb+srv names (blocking DNS)."""
+    from pymongo.uri_parser import split_hosts
+
+    scheme, _, rest = url.partition("://")
+    hosts = rest.split("/", 1)[0].rsplit("@", 1)[-1]
+    if scheme.lower() == "mongodb+srv":
+        return "srv:" + hosts.lower()
+    return ",".join(sorted(f"{host}:{port}" for host, port in split_hosts(hosts, 27017)))
+
+
+def feed_digest(url: str, database: str) -> str:
+    """12 hex digits naming a feed, a deployment's database: its token file's name and the
+    ingest's header. Adding an option to the URL must not make it another feed (a restart would
+    open the stream from "now" and lose what changed meanwhile)."""
+    return hashlib.sha256(f"{deployment_of(url)}|{database}".encode()).hexdigest()[:12]
+
+
 def database_problem(url: str, workspace: str) -> str:
     """Why `workspace` can have no database on `url` ("" when it can): a URL that names none
     makes the workspace id the database's name, and a workspace id may be longer than MongoDB
@@ -96,8 +117,9 @@ class ResumeTokenStore:
     """The last acknowledged resume token in a small JSON file. Writes run in the default
     executor and coalesce: while one is in flight only the newest token waits (a bound of one)."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, legacy: str | None = None):
         self.path = path
+        self._legacy = legacy  # an earlier version's name of this file, taken over when read
         self._pending: bytes | None = None
         self._written: bytes | None = None
         self._wake = asyncio.Event()
@@ -118,6 +140,7 @@ class ResumeTokenStore:
     def _read(self) -> tuple[bytes, dict[str, Any]] | None:
         """(the stored bytes, the token they hold), or None: no file, or one no token can be
         read from (the token must be BSON too, else the feed would die before its first stream)."""
+        self._take_over_legacy()
         try:
             with open(self.path, encoding="utf-8") as fh:
                 stored = json.load(fh)
@@ -129,6 +152,22 @@ class ResumeTokenStore:
             log.error("mongo resume token file unreadable, starting from now",
                       extra={"fields": {"path": self.path, "error": str(exc)}})
             return None
+
+    def _take_over_legacy(self) -> None:
+        """Rename an earlier version's file to this one's name. It is renamed, so one found
+        later is newer (an earlier version ran since) and replaces this one's."""
+        if self._legacy is None or self._legacy == self.path:
+            return
+        try:
+            os.replace(self._legacy, self.path)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            log.error("mongo resume token file of an earlier version not taken over",
+                      extra={"fields": {"path": self._legacy, "error": str(exc)}})
+            return
+        log.info("mongo resume token file of an earlier version renamed to %s", self.path,
+                 extra={"fields": {"path": self.path, "file": self._legacy}})
 
     def save(self, token: Any, start_after: bool = False) -> None:
         """Remember `token` (a dict or RawBSONDocument) and have it written soon."""
@@ -321,11 +360,14 @@ class MongoSource:
         self._max_await_ms = max_await_ms
         self._retry_max = retry_max_seconds
         self._client_options = dict(client_options or {})
-        # The file name must stay what earlier versions chose: the user info masked as they did.
-        digest = hashlib.sha256(f"{re.sub(r'://[^@/]*@', '://***@', url)}|{database}".encode()).hexdigest()[:12]
-        self.feed_id = digest  # the deployment and database: the ingest's headers name the feed by it
+        self.feed_id = feed_digest(url, database)  # the ingest's headers name the feed by it
+        # Earlier versions named the feed by the whole URL, the user info masked as they did:
+        # their token file is taken over, their headers still read.
+        self.legacy_feed_id = hashlib.sha256(
+            f"{re.sub(r'://[^@/]*@', '://***@', url)}|{database}".encode()).hexdigest()[:12]
         safe_db = re.sub(r"[^A-Za-z0-9_.-]", "_", database)
-        self._tokens = ResumeTokenStore(os.path.join(state_dir, f"mongo-resume-{safe_db}-{digest}.json"))
+        self._tokens = ResumeTokenStore(os.path.join(state_dir, f"mongo-resume-{safe_db}-{self.feed_id}.json"),
+                                        legacy=os.path.join(state_dir, f"mongo-resume-{safe_db}-{self.legacy_feed_id}.json"))
         self._client: AsyncMongoClient[Any] | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
