@@ -28,7 +28,7 @@ import msgspec
 
 from rtcore.timefmt import iso_ms, now_ms
 from rtserver import ids, logs
-from rtserver.audit_spool import Spool, SpoolWriteError
+from rtserver.audit_spool import Spool, accepted_before
 
 EVENTS = ("auth-granted", "auth-denied", "session-suspended", "session-resumed")
 _EVENT_SET = frozenset(EVENTS)
@@ -350,7 +350,7 @@ class KafkaAudit(Audit):
             try:
                 accepted = await loop.run_in_executor(self._io, self._spool.append, [e[2] for e in batch])
             except OSError as exc:
-                accepted = exc.accepted if isinstance(exc, SpoolWriteError) else 0
+                accepted = accepted_before(exc)
                 ops_log.error(
                     "audit spool write failed: %s",
                     exc,
@@ -576,7 +576,7 @@ class KafkaAudit(Audit):
                 kept = self._spool.prepend(head)
             kept += self._spool.append(tail)
         except OSError as exc:
-            return kept + (exc.accepted if isinstance(exc, SpoolWriteError) else 0), exc
+            return kept + accepted_before(exc), exc
         finally:
             try:
                 self._spool.close()

@@ -39,6 +39,11 @@ class SpoolWriteError(OSError):
         self.accepted = accepted
 
 
+def accepted_before(exc: OSError) -> int:
+    """How many records of the write that raised `exc` are on disk (none unless it says)."""
+    return exc.accepted if isinstance(exc, SpoolWriteError) else 0
+
+
 class Spool:
     """Segmented JSON-lines FIFO on disk, bounded by `max_bytes` in total."""
 
