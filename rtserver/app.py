@@ -140,7 +140,7 @@ class Gateway:
         if dump is not None:
             restored = self.sessions.restore(dump)
             log.info("suspended sessions restored", extra={"fields": {"sessions": restored}})
-        self.hub.on_new_workspace = self._known.add
+        self.hub.on_new_workspace = self._remember
         await self.auth.start()
         await self.audit.start()
         await self.bus.start()
@@ -390,6 +390,14 @@ class Gateway:
         if cfg.bus.kind == "kafka" or workspace in cfg.workspaces:
             return True
         return not cfg.postgres.url and not cfg.mongo.url
+
+    def _remember(self, workspace: str) -> None:
+        """Keep `workspace` in the known-workspaces file when a default change feed records into
+        it (start() brings only those back). Any other was remembered too, for nothing: a
+        publisher whose token grants `*` grew the file and its set in memory by one id per
+        workspace it named, for the life of the node and of its state directory."""
+        if not self._retirable(workspace):
+            self._known.add(workspace)
 
     def ensure_workspace_sources(self, workspace: str) -> None:
         for kind in ("postgres", "mongo"):

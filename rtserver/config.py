@@ -54,7 +54,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("server", "port", "RT_PORT", int, 8080, "Port for WebSocket, publish API, health and metrics"),
     Setting("server", "tls_cert", "RT_TLS_CERT", str, "", "PEM certificate: serve wss:// and https://"),
     Setting("server", "tls_key", "RT_TLS_KEY", str, "", "PEM private key of tls_cert"),
-    Setting("server", "state_dir", "RT_STATE_DIR", str, ".rtserver", "Local state: dev secret, source positions, audit spool, known workspaces, sessions saved at shutdown, the seq reservation"),
+    Setting("server", "state_dir", "RT_STATE_DIR", str, ".rtserver", "Local state: dev secret, source positions, audit spool, the workspaces a default change feed records into, sessions saved at shutdown, the seq reservation"),
     Setting("server", "instance", "RT_INSTANCE", str, "rtserver", "Instance name: replication slot and publication names derive from it"),
     Setting("server", "node", "RT_NODE", str, "", "Node name in logs and audit records (default: host name)"),
     Setting("server", "log_level", "RT_LOG_LEVEL", str, "info", "debug, info, warning or error (the audit records logged without Kafka are kept at any level)"),

@@ -147,6 +147,40 @@ async def test_known_workspaces_file_holds_each_id_once(tmp_path):
     assert again.load() == ["w1", "w2", "w3", "w4"]
 
 
+async def test_workspaces_no_shared_feed_records_into_are_not_remembered(tmp_path):
+    """The known-workspaces state file is read back only for the workspaces a default change
+    feed records into (Gateway.start). Every other workspace id the node ever saw was added to
+    it (and to a set in memory) all the same, for good: a publisher whose token grants `*`,
+    publishing to ids of its choosing, grew both by one entry per id for the life of the node
+    and of its state directory, long after those workspaces were retired."""
+    import asyncio
+
+    from rtserver.app import Gateway
+    from tests.test_churn import Addr, Publisher, _cfg, _token, _until
+
+    gw = Gateway(_cfg(tmp_path, RT_HISTORY_SECONDS="0.3"))
+    await gw.start()
+    pub = Publisher(gw.port)
+    try:
+        ids = [f"tenant-{i}" for i in range(40)]
+        token = _token(["*"], "svc", publish=True)
+        for wid in ids[:30]:
+            pub.tokens[wid] = token
+            await pub.publish(wid, "t", {"wid": wid})
+        for wid in ids[30:]:
+            async with ws_connect(Addr(gw), wid, token=token) as c:
+                await c.subscribe("events:t")
+        await _until(lambda: not gw.hub.workspaces, timeout=10, what="idle workspaces to be retired")
+        assert sorted(gw.hub._retired) == sorted(ids)  # their positions are kept (bounded)
+        assert len(gw._known._known) == 0
+    finally:
+        await pub.close()
+        await gw.shutdown()
+    await asyncio.sleep(0)
+    path = tmp_path / "workspaces"
+    assert not path.exists() or path.read_text() == ""
+
+
 def test_history_series_only_for_the_workspaces_retaining_the_most():
     """A series pair per workspace holding events made a scrape of 100,000 workspaces a
     0.3-1 s stall of the event loop (8 MB of text): only the HISTORY_SERIES_MAX workspaces

@@ -318,9 +318,11 @@ async def test_zero_config_serve_and_dev_token(tmp_path):
         out, _ = await asyncio.wait_for(proc.communicate(), 15)
     assert proc.returncode == 0
     assert b"dev mode" in out
-    # The state directory and all in it (secret, session ids, known workspaces) are private.
+    # The state directory and all in it (secret, session ids) are private. No default change
+    # feed records into workspaces here: none is remembered (Gateway._remember).
     state = tmp_path / ".rtserver"
-    assert {p.name for p in state.iterdir()} >= {"dev-secret", "sessions.json", "workspaces"}
+    assert {p.name for p in state.iterdir()} >= {"dev-secret", "sessions.json"}
+    assert not (state / "workspaces").exists()
     for path in [state, *state.iterdir()]:
         assert path.stat().st_mode & 0o077 == 0, (path, oct(path.stat().st_mode))
 

@@ -153,8 +153,10 @@ async def test_workspace_not_granted_closes_4003(gateway):
 
 async def test_only_a_granted_workspace_gets_state(gateway_factory):
     """An upgrade whose token is refused or never comes leaves nothing behind: no workspace
-    (history, metrics), no change streams, no line in the state dir's list of known ids."""
-    gw = await gateway_factory(env={"RT_AUTH_TIMEOUT": "0.5"})
+    (history, metrics), no change streams, no line in the state dir's list of known ids. (The
+    list holds the workspaces a default change feed records into: one is configured, though
+    no server answers there.)"""
+    gw = await gateway_factory(env={"RT_AUTH_TIMEOUT": "0.5", "RT_POSTGRES_URL": "postgresql://rt@127.0.0.1:1/app"})
 
     def known() -> list[str]:
         try:
