@@ -131,16 +131,19 @@ class LineWriter(logging.Handler):
             return
         self.put(line)
 
-    def put(self, line: str) -> None:
-        """Queue a formatted line (see `direct_writer`)."""
+    def put(self, line: str) -> bool:
+        """Queue a formatted line (see `direct_writer`); False when it was dropped (the queue is
+        full, or the writer closed): a caller whose lines are a record of their own (the audit
+        trail) counts them lost."""
         with self._cond:
             if self._closed or len(self._lines) >= self.capacity:
                 self.dropped += 1
                 self._unreported += 1
-                return
+                return False
             self._lines.append(line)
             if len(self._lines) == 1:
                 self._cond.notify_all()
+            return True
 
     def flush(self) -> None:
         deadline = time.monotonic() + self.timeout

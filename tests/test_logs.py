@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import threading
 import time
 
@@ -246,3 +247,69 @@ async def test_a_path_in_another_encoding_is_logged_as_a_json_line(gateway_facto
     lines = [json.loads(line) for line in gw.logs().splitlines()]  # each one JSON
     (warning,) = [rec for rec in lines if rec["msg"].startswith("dev mode")]
     assert warning["state_dir"].endswith("/st-\\udce9t\\udce9"), warning
+
+
+async def test_audit_records_a_stalled_stderr_drops_are_counted_lost_not_delivered(tmp_path):
+    """Without Kafka the log is the audit trail. When stderr's reader falls behind, the log
+    writer drops lines past its bound (as it should: the gateway must not block or grow), but
+    the audit records among them were counted delivered: rt_audit_delivered said every record
+    reached the trail and rt_audit_lost stayed 0 while thousands were missing from it. A real
+    `rtserver serve` whose stderr pipe is not read while one connection refreshes its token
+    12,000 times (each refresh is an auth-granted record): what the trail holds is what it
+    counts delivered, and the rest is counted lost."""
+    import asyncio
+    import signal
+    import subprocess
+    import sys
+
+    from tests.harness.fixtures_gateway import SECRET, Gateway, free_port
+    from tests.harness.wsclient import ws_connect
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RT_")}
+    env.update({"RT_STATE_DIR": str(tmp_path), "RT_AUTH_HS256_SECRET": SECRET, "RT_LOG_LEVEL": "info",
+                "RT_MIN_REFRESH_INTERVAL": "0"})
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "rtserver", "serve", "--host", "127.0.0.1", "--port", str(port),
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    gw = Gateway(env, [], str(tmp_path), port)  # for its URLs, tokens and HTTP helpers
+    gw.proc = proc
+    try:
+        for _ in range(200):
+            try:
+                status, _ = await gw.get("/healthz")
+                if status == 200:
+                    break
+            except OSError:
+                await asyncio.sleep(0.05)
+        token = gw.token("w1")
+        refreshes = 12_000
+        async with ws_connect(gw, "w1", token=token) as c:
+            for start in range(0, refreshes, 1000):
+                for i in range(start, start + 1000):
+                    await c.send({"type": "auth", "token": token, "id": i})
+                for _ in range(1000):
+                    await c.recv_type("auth_ok")
+
+        def audit() -> dict[str, float]:
+            return {m.group(1): float(m.group(2)) for m in re.finditer(rb"^rt_audit_(\w+) (\S+)$", body, re.M)}
+
+        wanted = refreshes + 2  # the refreshes, the connection's auth-granted and session-suspended
+        for _ in range(100):
+            _, body = await gw.get("/metrics")
+            if audit()[b"emitted"] >= wanted:
+                break
+            await asyncio.sleep(0.05)
+        counts = audit()
+        proc.send_signal(signal.SIGTERM)
+        err = await asyncio.wait_for(proc.stderr.read(), 60)
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    trail = [line for line in err.decode().splitlines() if '"logger":"rtserver.audit"' in line]
+    assert counts[b"emitted"] == wanted
+    assert b'log lines dropped' in err  # the writer did drop lines: the case under test
+    assert counts[b"delivered"] == len(trail) < wanted
+    assert counts[b"lost"] == wanted - len(trail)
