@@ -27,7 +27,7 @@ from rtserver.bus import BusUnavailable, create_bus
 from rtserver.channels import TOPIC_RE
 from rtserver.config import WORKSPACE_ID_RE, Config, WorkspaceSources
 from rtserver.connection import Connection
-from rtserver.fd_limit import connection_share, open_files_limit
+from rtserver.fd_limit import connection_share, open_files_limit, socket_share
 from rtserver.file_lock import lock_exclusive
 from rtserver.gc_policy import FreezeSurvivors
 from rtserver.history import now_us
@@ -84,6 +84,10 @@ class Gateway:
             raise RuntimeError(f"state directory {self.state_dir} (server.state_dir): {exc.strerror or exc}") from None
         self.metrics = Metrics()
         self.max_node_connections = connection_share(cfg.limits.max_node_connections)
+        # HTTP connections open and not WebSockets (http.FrontProtocol), and the bound of them
+        # and the WebSockets together.
+        self.http_sockets = 0
+        self.max_client_sockets = socket_share(self.max_node_connections)
         self.hub = Hub(cfg, self.metrics)
         self.hub.open_connections = lambda: len(self.connections)
         self.sessions = Sessions(cfg.history.resume_ttl, cfg.history.max_suspended_sessions,
@@ -548,6 +552,8 @@ class Gateway:
     def _gauges(self) -> list[tuple[str, str, dict[str, Any], float]]:
         rows: list[tuple[str, str, dict[str, Any], float]] = [
             ("rt_suspended_sessions", "Sessions waiting to be resumed", {}, len(self.sessions)),
+            ("rt_http_connections", "HTTP connections open that are not WebSockets (keep-alive, requests under way); "
+             "with rt_connections at most limits.max_node_connections + 512", {}, self.http_sockets),
             ("rt_gc_frozen_objects",
              "Objects moved out of garbage-collector passes by server.gc_freeze, counted when frozen "
              "(those freed since are not subtracted)", {}, self._gc_policy.frozen if self._gc_policy else 0),

@@ -43,3 +43,14 @@ def connection_share(configured: int) -> int:
     if soft < 0:
         return 1 << 30
     return max(1, soft - RESERVED, soft // 2)
+
+
+def socket_share(connections: int) -> int:
+    """Client sockets of any kind (WebSocket, HTTP, not yet upgraded) the node holds at most:
+    `connections` (limits.max_node_connections) and half of RESERVED more for the HTTP ones
+    beside them (probes, publishers, upgrades under way), within the open-files limit less
+    that half (a quarter of a small limit). Idle or half-sent HTTP connections, which the
+    WebSocket limit does not count, must not take what is kept for the gateway's own use."""
+    share = connections + RESERVED // 2
+    soft = open_files_limit()
+    return share if soft < 0 else min(share, soft - min(RESERVED // 2, soft // 4))

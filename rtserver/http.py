@@ -162,13 +162,30 @@ class FrontProtocol(asyncio.Protocol):
         self._request_timeout = gw.cfg.limits.request_timeout
         self._req_started = 0.0
         self._request_timer: asyncio.TimerHandle | None = None
+        self._counted = False  # in gw.http_sockets
 
     # -- asyncio.Protocol --
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        gw = self.gw
+        if gw.http_sockets + len(gw.connections) >= gw.max_client_sockets:
+            self._refuse_socket(transport)  # type: ignore[arg-type]
+            return
+        gw.http_sockets += 1
+        self._counted = True
         loop = asyncio.get_running_loop()
         self._last_rx = loop.time()
         self._idle_timer = loop.call_later(self._idle_timeout, self._check_idle)
+
+    def _refuse_socket(self, transport: asyncio.Transport) -> None:
+        """503 and close, nothing read: the node holds as many client sockets as it may."""
+        self.gw.metrics.connections_refused += 1
+        self._closing = True
+        self._parser = None
+        transport.write(json_error(
+            503, f"this node holds its limit of {self.gw.max_client_sockets} client sockets; try another node",
+            keep_alive=False))
+        transport.close()
 
     def _check_idle(self) -> None:
         self._idle_timer = None
@@ -301,6 +318,9 @@ class FrontProtocol(asyncio.Protocol):
         # transport of every finished connection would wait for the cyclic garbage collector.
         self._parser = None
         self.transport = None
+        if self._counted:  # handed to a WebSocket (counted in gw.connections from here), or gone
+            self._counted = False
+            self.gw.http_sockets -= 1
         if self._idle_timer is not None:  # it holds this protocol too
             self._idle_timer.cancel()
             self._idle_timer = None

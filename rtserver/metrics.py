@@ -17,7 +17,7 @@ from typing import Any
 class Metrics:
     def __init__(self) -> None:
         self.connections_total = 0
-        self.connections_refused = 0  # upgrades answered 503: the node at limits.max_node_connections
+        self.connections_refused = 0  # answered 503: the node at limits.max_node_connections or its socket share
         self.events_in: Counter[str] = Counter()  # by source kind
         self.deliveries = 0  # event frames queued for connections (counted per frame)
         self.frames_out = 0  # all frames written, events and control
@@ -72,7 +72,8 @@ class Metrics:
                 lines.append(f"{name}{_labels(labels)} {value}")
 
         counter("rt_connections_total", "WebSocket connections accepted", [({}, self.connections_total)])
-        counter("rt_connections_refused_total", "WebSocket upgrades refused with 503: the node holds limits.max_node_connections",
+        counter("rt_connections_refused_total", "Connections answered 503 because the node is full: WebSocket upgrades "
+                "past limits.max_node_connections, and any connection past the client sockets it holds (that and 512)",
                 [({}, self.connections_refused)])
         counter(
             "rt_events_in_total",

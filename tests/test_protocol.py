@@ -8,6 +8,7 @@ import base64
 import json
 import os
 import re
+import socket
 import time
 
 import jwt
@@ -1050,3 +1051,58 @@ async def test_a_protocol_error_the_gateway_finds_is_logged_with_the_clients_add
         await asyncio.sleep(0.05)
     (rec,) = found
     assert rec.get("remote") == f"{host}:{port}" and "continuation" in rec["detail"], rec
+
+
+async def test_idle_http_connections_cannot_take_the_gateways_own_descriptors(gateway_factory):
+    """limits.max_node_connections counts WebSocket connections only: sockets that never send
+    a request (or never finish one) were held until limits.idle_timeout without any bound, so a
+    flood of them took the descriptors kept for the gateway's own sockets and files (change
+    feeds, positions, the audit spool) and then the open-files limit. The node holds at most
+    max_node_connections + 512 client sockets of any kind; past it a connection gets 503 and
+    is closed, and room is made again as they end."""
+    gw = await gateway_factory(env={"RT_MAX_NODE_CONNECTIONS": "2", "RT_IDLE_TIMEOUT": "600"})
+    loop = asyncio.get_running_loop()
+    idle: list[socket.socket] = []
+
+    async def connect() -> socket.socket:
+        s = socket.socket()
+        s.setblocking(False)
+        await loop.sock_connect(s, ("127.0.0.1", gw.port))
+        return s
+
+    try:
+        for _ in range(2 + 512 - 1):
+            idle.append(await connect())
+        # The last place, served and kept: the gateway has accepted every socket before it.
+        last = await connect()
+        idle.append(last)
+        await loop.sock_sendall(last, b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n")
+        assert (await asyncio.wait_for(loop.sock_recv(last, 4096), 10)).startswith(b"HTTP/1.1 200 ")
+        refused = await connect()
+        try:
+            answer = await asyncio.wait_for(loop.sock_recv(refused, 4096), 10)
+            assert answer.startswith(b"HTTP/1.1 503 "), answer
+            assert b"client sockets" in answer, answer
+            assert await asyncio.wait_for(loop.sock_recv(refused, 4096), 10) == b""  # closed
+        finally:
+            refused.close()
+        for s in idle[:10]:
+            s.close()
+        del idle[:10]
+        for _ in range(100):  # once the gateway has seen the closes
+            try:
+                status, _ = await gw.get("/healthz")
+            except (ConnectionError, OSError):
+                status = 0
+            if status == 200:
+                break
+            await asyncio.sleep(0.05)
+        assert status == 200
+        _, metrics = await gw.get("/metrics")
+        open_now = re.search(rb"^rt_http_connections (\d+)", metrics, re.M)
+        assert open_now is not None and int(open_now.group(1)) >= len(idle), metrics
+    finally:
+        for s in idle:
+            s.close()
+    refused_total = re.search(rb"^rt_connections_refused_total (\d+)", metrics, re.M)
+    assert refused_total is not None and int(refused_total.group(1)) >= 1
