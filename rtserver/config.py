@@ -95,7 +95,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("history", "node_bytes", "RT_HISTORY_NODE_BYTES", int, 1024 * 1024 * 1024, "Byte limit of retained frames of all workspaces together; beyond it the oldest events of the workspaces retaining the most are evicted (a workspace holding less than the larger ones keeps its events) until 7/8 of it remain, and a reader from before them gets history_gap"),
     Setting("history", "resume_ttl", "RT_RESUME_TTL", float, 120.0, "Seconds a disconnected session stays resumable"),
     Setting("history", "max_suspended_sessions", "RT_MAX_SUSPENDED_SESSIONS", int, 100000, "Suspended sessions kept at most, all workspaces together; beyond it the workspace holding the most loses its oldest (a workspace holding fewer than the others keeps its sessions)"),
-    Setting("history", "max_suspended_filter_bytes", "RT_MAX_SUSPENDED_FILTER_BYTES", int, 64 * 1024 * 1024, "JSON bytes of the filters of all suspended sessions together; beyond it the workspace whose sessions hold the most loses its oldest"),
+    Setting("history", "max_suspended_filter_bytes", "RT_MAX_SUSPENDED_FILTER_BYTES", int, 64 * 1024 * 1024, "Bytes of the subscriptions of all suspended sessions together, each its filter's JSON, its channel's name and 64; beyond it the workspace whose sessions hold the most loses its oldest"),
     Setting("postgres", "url", "RT_POSTGRES_URL", str, "", "PostgreSQL DSN of every workspace without its own"),
     Setting("postgres", "schemas", "RT_POSTGRES_SCHEMAS", list, ["public"], "Schemas whose tables are published"),
     Setting("postgres", "tables", "RT_POSTGRES_TABLES", list, [], "Tables to publish (schema.name); empty = all tables of `schemas`"),

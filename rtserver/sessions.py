@@ -27,6 +27,11 @@ from rtserver.channels import SubscriptionSpec
 
 log = logging.getLogger("rtserver.sessions")
 _DUMP_VERSION = 1
+# What a subscription of a suspended session counts beyond its filter's JSON and its channel's
+# name (history.max_suspended_filter_bytes): counted by its filter alone, a session of 100
+# unfiltered subscriptions weighed nothing and held ~60 KB (measured), so the bound let a
+# client churning connections hold gigabytes (100,000 such sessions).
+SUBSCRIPTION_BYTES = 64
 
 
 @dataclass
@@ -39,17 +44,23 @@ class Session:
     # The workspace position when the connection ended: the replay start when a resume
     # carries no `since` (a client that passes its last seen seq gets an exact replay).
     last_seq: int = 0
-    # The JSON bytes of its filters while suspended (Sessions.max_bytes).
+    # Its subscriptions' bytes while suspended (Sessions.max_bytes): weigh().
     weight: int = 0
+
+
+def weigh(session: Session) -> int:
+    """The bytes `session`'s subscriptions count against history.max_suspended_filter_bytes:
+    each its filter's JSON, its channel's name and SUBSCRIPTION_BYTES."""
+    return sum(spec.filter_bytes + len(spec.channel) + SUBSCRIPTION_BYTES for spec in session.specs.values())
 
 
 class Sessions:
     def __init__(self, ttl: float, max_suspended: int, max_bytes: int = 1 << 62):
         self.ttl = ttl
         self.max_suspended = max_suspended
-        # The filters of the suspended sessions together, in JSON bytes: bounded by count
-        # alone, a client churning connections with 128 KiB of filters each held 100,000
-        # sessions' worth of them (gigabytes) for resume_ttl. Past it the workspace whose
+        # The subscriptions of the suspended sessions together, in bytes (weigh()): bounded
+        # by count alone, a client churning connections with 128 KiB of filters each held
+        # 100,000 sessions' worth of them (gigabytes) for resume_ttl. Past it the workspace whose
         # sessions hold the most bytes loses its oldest (_heaviest: (-bytes, workspace),
         # entries gone stale skipped when met).
         self.max_bytes = max_bytes
@@ -76,7 +87,7 @@ class Sessions:
             self._remove(self._suspended[session.id])
         session.suspended_at = time.monotonic()
         session.last_seq = last_seq
-        session.weight = sum(spec.filter_bytes for spec in session.specs.values())
+        session.weight = weigh(session)
         self._suspended[session.id] = session
         mine = self._by_workspace.get(session.workspace)
         if mine is None:

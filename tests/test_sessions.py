@@ -144,7 +144,8 @@ async def test_suspended_sessions_are_bounded_by_the_bytes_of_their_filters(tmp_
     from tests.harness.wsclient import ws_connect
     from tests.test_churn import Addr, _cfg, _token
 
-    gw = Gateway(_cfg(tmp_path, RT_MAX_SUSPENDED_FILTER_BYTES="1000", RT_RESUME_TTL="60",
+    # Two of w1's sessions fit beside w2's two: 2 x (395 + 8 + 64) + 2 x (22 + 8 + 64) bytes.
+    gw = Gateway(_cfg(tmp_path, RT_MAX_SUSPENDED_FILTER_BYTES="1200", RT_RESUME_TTL="60",
                       RT_MAX_CONNECTIONS_PER_SUBJECT="100"))
     await gw.start()
     addr = Addr(gw)
@@ -175,5 +176,40 @@ async def test_suspended_sessions_are_bounded_by_the_bytes_of_their_filters(tmp_
         for sid in quiet_ids:
             async with ws_connect(addr, "w2", token=None) as c:
                 assert (await c.auth(quiet, resume=sid))["resumed"] is True
+    finally:
+        await gw.shutdown()
+
+
+async def test_unfiltered_subscriptions_of_suspended_sessions_count_against_the_bound(tmp_path):
+    """The bound counted filters' JSON alone: a session of many unfiltered subscriptions (long
+    topic names) weighed nothing and held ~600 bytes each, so a client churning connections
+    could hold max_suspended_sessions of them (gigabytes at the defaults). Each subscription
+    now counts its channel's name and 64 bytes too."""
+    from rtserver.app import Gateway
+    from tests.harness.wsclient import ws_connect
+    from tests.test_churn import Addr, _cfg, _token
+
+    channels = [f"events:{'t' * 100}{i}" for i in range(10)]  # 10 x (108 + 64) = 1720 bytes a session
+    gw = Gateway(_cfg(tmp_path, RT_MAX_SUSPENDED_FILTER_BYTES="4000", RT_RESUME_TTL="60",
+                      RT_MAX_CONNECTIONS_PER_SUBJECT="100"))
+    await gw.start()
+    addr = Addr(gw)
+    try:
+        token = _token(["w1"], "b")
+        ids = []
+        for _ in range(10):
+            async with ws_connect(addr, "w1", token=None) as c:
+                ids.append((await c.auth(token))["sessionId"])
+                for channel in channels:
+                    await c.subscribe(channel)
+        for _ in range(100):  # the last closes are seen by the server shortly after
+            if gw.sessions.expired == 8 and len(gw.sessions) == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert (gw.sessions.expired, len(gw.sessions), gw.sessions.bytes) == (8, 2, 2 * 1720)
+        async with ws_connect(addr, "w1", token=None) as c:
+            assert (await c.auth(token, resume=ids[0]))["resumed"] is False
+        async with ws_connect(addr, "w1", token=None) as c:
+            assert (await c.auth(token, resume=ids[-1]))["resumed"] is True
     finally:
         await gw.shutdown()
