@@ -337,3 +337,67 @@ def test_scaleout_harness_delivers_every_event_through_a_kafka_node(kafka_broker
         r = out[phase]
         assert r["events"] > 0 and r["lost"] == 0, (phase, r)
         assert r["delivered"] == r["events"] * 3 == r["latency_ms"]["samples"], (phase, r)
+
+
+# A picows baseline that misbehaves after its first 20 events, for the harness's checks of a
+# server under test that fails mid-run: "exit" dies, "stall" stops reading (and answering)
+# publishes, "twice" writes every frame two times.
+_MISBEHAVING = """
+import os, sys
+from benchmarks.fanout import baseline_common, baseline_picows
+
+mode, seen = sys.argv.pop(1), [0]
+publish = baseline_picows.Server.publish
+received = baseline_common.PublishProtocol.data_received
+
+def publish_then(self, payload):
+    seen[0] += 1
+    if mode == "exit" and seen[0] > 20:
+        os._exit(3)
+    publish(self, payload)
+    if mode == "twice":
+        publish(self, payload)
+
+def receive_then(self, data):
+    if mode == "stall" and seen[0] >= 20:
+        self.transport.pause_reading()
+        return
+    received(self, data)
+
+baseline_picows.Server.publish = publish_then
+baseline_common.PublishProtocol.data_received = receive_then
+baseline_picows.raise_nofile()
+baseline_picows.uvloop.run(baseline_picows.main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]))
+"""
+
+
+class _Misbehaving(servers.PicowsBaseline):
+    mode = ""
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-c", _MISBEHAVING, self.mode, str(self.port), str(self.extra["publish_port"]),
+                servers.SECRET]
+
+
+def _run_against(mode: str, sc: scenarios.Scenario) -> dict:
+    from benchmarks.fanout.run import Runner
+
+    server = type("Misbehaving", (_Misbehaving,), {"mode": mode})("picows", None)
+    runner = Runner(procs=1, client="python", log=lambda m: None)
+    try:
+        server.start()
+        return runner.run(sc, server)
+    finally:
+        server.stop()
+        runner.close()
+
+
+@pytest.mark.parametrize("mode", ["exit", "stall"])
+def test_a_server_that_fails_mid_run_gives_an_error_not_a_result(mode):
+    # Paced: the publisher does not wait for answers, so it kept publishing into a dead or
+    # stalled server; the events never answered were left out of the deliveries owed, and the
+    # round came out as a valid one (no error, nothing lost) from its first 20 events.
+    sc = scenarios.Scenario("paced-fail", "fanout", clients=10, mode="paced", rate=2000, duration=1.0)
+    res = _run_against(mode, sc)
+    assert "error" in res, res
+    assert "answered 20 of" in res["error"] or "exited" in res["error"], res["error"]

@@ -299,6 +299,8 @@ class Publisher(asyncio.Protocol):
     async def until(self, n: int) -> None:
         if self.acked >= n:
             return
+        if self.lost.done():  # no answer can come any more: a waiter would wait out its timeout
+            raise ConnectionError(f"publish connection lost: {self.lost.result()}")
         self.want = n
         self.waiter = asyncio.get_running_loop().create_future()
         await self.waiter
@@ -385,41 +387,47 @@ async def run_publisher(cfg: dict[str, Any]) -> None:
     cpu0 = _cpu()  # the run's CPU, not the start-up's
     deadline = time.monotonic() + duration
     write = proto.transport.write
-    if mode == "window":  # closed loop: at most `window` events unacknowledged
-        window = cfg.get("window", 1)
-        while time.monotonic() < deadline and sent < max_events:
-            # every event the window has room for, in one write (one system call, as a client
-            # library batching its pipelined requests would)
-            room = min(window - (sent - proto.acked), max_events - sent)
-            if room > 0:
-                write(b"".join([_publish_bytes(pub, rng.randrange(groups)) for _ in range(room)]))
-                sent += room
-            await proto.until(sent - window + 1)
-    elif mode == "burst":  # `burst` events in one write, then wait for all of them
-        burst = cfg["burst"]
-        while time.monotonic() < deadline and sent < max_events:
-            write(b"".join(_publish_bytes(pub, rng.randrange(groups)) for _ in range(burst)))
-            sent += burst
-            await proto.until(sent)
-    elif mode == "paced":  # open loop at a fixed event rate
-        interval = 1.0 / cfg["events_per_s"]
-        t0 = time.monotonic()
-        while True:
-            due = t0 + sent * interval
-            now = time.monotonic()
-            if due > now:
-                await asyncio.sleep(due - now)
-            if time.monotonic() >= deadline or sent >= max_events:
-                break
-            write(_publish_bytes(pub, rng.randrange(groups)))
-            sent += 1
+    try:
+        if mode == "window":  # closed loop: at most `window` events unacknowledged
+            window = cfg.get("window", 1)
+            while time.monotonic() < deadline and sent < max_events:
+                # every event the window has room for, in one write (one system call, as a client
+                # library batching its pipelined requests would)
+                room = min(window - (sent - proto.acked), max_events - sent)
+                if room > 0:
+                    write(b"".join([_publish_bytes(pub, rng.randrange(groups)) for _ in range(room)]))
+                    sent += room
+                await proto.until(sent - window + 1)
+        elif mode == "burst":  # `burst` events in one write, then wait for all of them
+            burst = cfg["burst"]
+            while time.monotonic() < deadline and sent < max_events:
+                write(b"".join(_publish_bytes(pub, rng.randrange(groups)) for _ in range(burst)))
+                sent += burst
+                await proto.until(sent)
+        elif mode == "paced":  # open loop at a fixed event rate
+            interval = 1.0 / cfg["events_per_s"]
+            t0 = time.monotonic()
+            while True:
+                due = t0 + sent * interval
+                now = time.monotonic()
+                if due > now:
+                    await asyncio.sleep(due - now)
+                if time.monotonic() >= deadline or sent >= max_events:
+                    break
+                if proto.lost.done():  # the server closed the connection: a write would raise
+                    break
+                write(_publish_bytes(pub, rng.randrange(groups)))
+                sent += 1
+    except ConnectionError:
+        pass  # the server closed the connection: the reply says how many events it answered
     t_sent = time.time_ns()
     try:
         await asyncio.wait_for(proto.until(sent), 30)
-    except TimeoutError:
-        pass
+    except (TimeoutError, ConnectionError):
+        pass  # the harness compares `acked` with `sent`: an unanswered event fails the round
     proto.transport.close()
-    _reply({"sent": sent, "acked": proto.acked, "accepted": proto.accepted, "t_start": t_start, "t_sent": t_sent, "cpu_s": _cpu() - cpu0})
+    _reply({"sent": sent, "acked": proto.acked, "accepted": proto.accepted, "closed": proto.lost.done(),
+            "t_start": t_start, "t_sent": t_sent, "cpu_s": _cpu() - cpu0})
 
 
 async def run_storm(cfg: dict[str, Any]) -> None:

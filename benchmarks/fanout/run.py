@@ -210,6 +210,9 @@ class Runner:
                 res = self._storm(sc, server)
             else:
                 res = self._idle(sc, server)
+            code = server.proc.poll()
+            if code is not None:  # its figures stop where it died: not a result to compare
+                raise RuntimeError(f"{server.name} exited with {code} during the run")
         except Exception as exc:  # a failed run is reported, not fatal to the set
             res = {"error": f"{type(exc).__name__}: {exc}"[:2000], "server_log": server.logs()[-1500:]}
         return {**base, **res}
@@ -234,6 +237,7 @@ class Runner:
                 pub = pub_proc.read(timeout=sc.duration + 60)
             finally:
                 pub_proc.close()
+            _check_answered(server, pub)
             # Deliveries owed for the events the server accepted: one it refused (a 503, an API
             # error) was answered too, and counted as lost before.
             accepted = pub.get("accepted", pub["acked"])
@@ -347,6 +351,18 @@ class Runner:
         return {"clients": sc.clients, "connections": sc.clients, "open_after_1s": still, "rss_before_mib": rss0 / 2**20,
                 "rss_after_mib": rss1 / 2**20, "rss_per_conn_kib": (rss1 - rss0) / sc.clients / 1024,
                 "connect_s": connect_s}
+
+
+def _check_answered(server: srv.Server, pub: dict[str, Any]) -> None:
+    """Fail the round when the server left events unanswered (the publisher waits 30 s after
+    the run): a stalled or dead server. The deliveries owed are counted from the answers, so
+    without this its round came out complete, measured on the events before it stopped."""
+    if pub["acked"] >= pub["sent"]:
+        return
+    why = "closed the publish connection" if pub.get("closed") else "answered no more within 30 s of the run's end"
+    code = server.proc.poll() if server.proc is not None else None
+    exited = f"; it exited with {code}" if code is not None else ""
+    raise RuntimeError(f"{server.name} answered {pub['acked']} of the {pub['sent']} events published and {why}{exited}")
 
 
 def _percentiles(arrays: list[array]) -> dict[str, float] | None:
