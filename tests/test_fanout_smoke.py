@@ -401,3 +401,11 @@ def test_a_server_that_fails_mid_run_gives_an_error_not_a_result(mode):
     res = _run_against(mode, sc)
     assert "error" in res, res
     assert "answered 20 of" in res["error"] or "exited" in res["error"], res["error"]
+
+
+def test_duplicated_frames_are_not_counted_as_deliveries():
+    # A server that wrote every frame twice was reported at twice its rate, nothing lost: the
+    # deliveries beyond those owed were counted like any other.
+    sc = scenarios.Scenario("dup", "fanout", clients=10, duration=0.5)
+    res = _run_against("twice", sc)
+    assert "error" in res and "owed" in res["error"], res

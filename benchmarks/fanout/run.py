@@ -266,6 +266,9 @@ class Runner:
             for lp in loads:
                 lp.close()
         delivered = sum(r["count"] for r in reports)
+        if delivered > expected:  # counted as deliveries, they would inflate the rate
+            raise RuntimeError(f"{server.name}: {delivered} deliveries for the {expected} owed ({accepted} events x "
+                               f"{per_event} subscribers): frames duplicated or sent to subscribers they do not match")
         last = max((r["last"] for r in reports if r["count"]), default=pub["t_start"])
         wall = max(1e-9, (last - pub["t_start"]) / 1e9)
         cpu = cpu1 - cpu0
