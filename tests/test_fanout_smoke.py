@@ -409,3 +409,25 @@ def test_duplicated_frames_are_not_counted_as_deliveries():
     sc = scenarios.Scenario("dup", "fanout", clients=10, duration=0.5)
     res = _run_against("twice", sc)
     assert "error" in res and "owed" in res["error"], res
+
+
+def test_latency_chart_keeps_postgresql_fed_events_apart_from_published_ones():
+    # pg-paced-100k (events from the replication stream) has the rate of paced-100k: its p99
+    # was drawn as a second gateway point at 100k on the publish-API line, a vertical jump
+    # between two different paths (benchmarks/results/fanout-latency-vs-rate.png of 2026-11-29).
+    from benchmarks.fanout import report
+
+    def paced(scenario, server, p99, **extra):
+        return {"scenario": scenario, "kind": "fanout", "server": server, "clients": 1000, "target_rate": 100_000,
+                "latency_ms": {"p50": p99 / 2, "p99": p99}, "deliveries_per_s": 1.0, **extra}
+
+    res = [paced("paced-100k", "gateway", 8.5), paced("paced-100k", "picows", 9.3),
+           dict(paced("paced-300k", "gateway", 8.6), target_rate=300_000),
+           paced("pg-paced-100k", "gateway", 9.6, source="postgres")]
+    series = report.latency_series(res, "p99")
+    assert series["gateway"] == [(100_000, 8.5), (300_000, 8.6)]
+    assert series["picows"] == [(100_000, 9.3)]
+    assert series["gateway (PostgreSQL)"] == [(100_000, 9.6)]
+    # results written before runs recorded a scenario's source: told by the scenario's name
+    del res[3]["source"]
+    assert report.latency_series(res, "p99")["gateway (PostgreSQL)"] == [(100_000, 9.6)]

@@ -208,6 +208,21 @@ def targets(data: dict[str, Any]) -> list[str]:
     return head + rows
 
 
+def latency_series(res: list[dict[str, Any]], pct: str) -> dict[str, list[tuple[float, float]]]:
+    """(rate, latency percentile `pct`) of the paced results, one line per server and source of
+    events: a PostgreSQL-fed scenario at the rate of a published one is another path, not a
+    second point of the same line."""
+    series: dict[str, list[tuple[float, float]]] = {}
+    for r in res:
+        if not r.get("target_rate") or not r.get("latency_ms"):
+            continue
+        # Results written before runs recorded the source: the pg- scenarios are the fed ones.
+        source = r.get("source") or ("postgres" if r["scenario"].startswith("pg-") else None)
+        label = r["server"] + (" (PostgreSQL)" if source == "postgres" else f" ({source})" if source else "")
+        series.setdefault(label, []).append((r["target_rate"], r["latency_ms"][pct]))
+    return {label: sorted(pts) for label, pts in series.items()}
+
+
 def charts(data: dict[str, Any], out_dir: str, stem: str) -> list[str]:
     try:
         import matplotlib
@@ -243,11 +258,8 @@ def charts(data: dict[str, Any], out_dir: str, stem: str) -> list[str]:
     # Latency percentiles vs rate (paced).
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.5), sharey=False)
     for ax, pct in zip(axes, ("p50", "p99"), strict=True):
-        for name in servers:
-            pts = sorted((r["target_rate"], r["latency_ms"][pct]) for r in res
-                         if r["server"] == name and r.get("target_rate") and r.get("latency_ms"))
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+        for name, pts in latency_series(res, pct).items():
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
         ax.set_xlabel("deliveries/s (paced), thousands")
         ax.set_ylabel(f"{pct} latency, ms (log)")
         ax.set_yscale("log")

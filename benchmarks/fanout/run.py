@@ -292,6 +292,8 @@ class Runner:
         out["loadgen_cpu_util"] = (out["client_cpu_s"] + out["publisher_cpu_s"]) / (wall * client_cores)
         if sc.mode == "paced":
             out["target_rate"] = sc.rate
+        if sc.params.get("source"):  # events from a change feed, not published: charted apart
+            out["source"] = sc.params["source"]
         if c1.get("rt_writes_total"):
             writes = c1["rt_writes_total"] - c0.get("rt_writes_total", 0)
             frames = c1["rt_frames_out_total"] - c0.get("rt_frames_out_total", 0)
