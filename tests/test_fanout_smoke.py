@@ -431,3 +431,21 @@ def test_latency_chart_keeps_postgresql_fed_events_apart_from_published_ones():
     # results written before runs recorded a scenario's source: told by the scenario's name
     del res[3]["source"]
     assert report.latency_series(res, "p99")["gateway (PostgreSQL)"] == [(100_000, 9.6)]
+
+
+def test_a_ratio_to_a_baseline_of_another_run_is_marked(tmp_path):
+    # `--merge` re-running one server of a scenario left its ratios against the other servers'
+    # figures of an earlier run, under "ratios within this run", and the Markdown named only
+    # the first run: nothing told a reader which figures came from where.
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    base = [sys.executable, "-m", "benchmarks.fanout", "run", "--smoke", "--scenarios", "storm", "--client", "python",
+            "--no-charts", "--out", str(tmp_path)]
+    for extra in (["--servers", "gateway,picows"], ["--servers", "gateway", "--merge"]):
+        proc = subprocess.run(base + extra, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    md = (tmp_path / "fanout-smoke.md").read_text()
+    assert "--servers gateway --merge" in md
+    storm = {line.split("|")[1].strip(): line for line in md.splitlines() if line.startswith("| gateway |")
+             or line.startswith("| picows |")}
+    assert "†" in storm["gateway"].split("|")[3], storm["gateway"]  # its ×picows cell
+    assert "†" not in storm["picows"], storm["picows"]

@@ -37,6 +37,21 @@ def _num(x: float) -> str:
     return f"{x:.2f}" if x >= 0.1 or x == 0 else f"{x:.2g}"
 
 
+def _apart(r: dict[str, Any], base: dict[str, Any]) -> str:
+    """"†" when the two results come from different runs (one merged in with `--merge`): the
+    ratio then compares figures of two moments of a machine whose other load varies."""
+    return "†" if r.get("run") != base.get("run") else ""
+
+
+def _merged(meta: dict[str, Any]) -> list[str]:
+    runs = [f"{m.get('started')} – {m.get('finished')}, command `{m.get('command', '')}`"
+            for m in meta.get("merged", [])]
+    if not runs:
+        return []
+    return ["", "Results merged in from later runs (`--merge`): " + "; ".join(runs) + ". A ratio marked † "
+            "compares results of two runs."]
+
+
 def markdown(data: dict[str, Any]) -> str:
     meta = data["meta"]
     idx = _index(data)
@@ -48,6 +63,7 @@ def markdown(data: dict[str, Any]) -> str:
         f"Run {meta.get('started')} – {meta.get('finished')}; command `{meta.get('command', '')}`; "
         f"server on CPU {meta.get('server_cpus')}, load generators on CPU {meta.get('client_cpus')}; "
         f"gateway compiled core: {meta.get('gateway_compiled_core')}.",
+        *_merged(meta),
         "",
         "## Targets of issue 8 (ratios within this run)",
         "",
@@ -72,7 +88,7 @@ def markdown(data: dict[str, Any]) -> str:
             for b in BASELINES:
                 base = idx.get((s, b))
                 ok = base is not None and "error" not in base and b != name
-                ratios.append(_ratio(r["deliveries_per_s"], base["deliveries_per_s"]) if ok else "–")
+                ratios.append(_ratio(r["deliveries_per_s"], base["deliveries_per_s"]) + _apart(r, base) if ok else "–")
             out.append(
                 f"| {s} | {name} | {_fmt(r['deliveries_per_s'])} | {' | '.join(ratios)} | "
                 f"{_fmt(lat.get('p50'), 2)} | {_fmt(lat.get('p90'), 2)} | {_fmt(lat.get('p99'), 2)} | "
@@ -95,7 +111,7 @@ def markdown(data: dict[str, Any]) -> str:
                 for b in BASELINES:
                     base = idx.get((s, b))
                     ok = base is not None and "error" not in base and base.get("latency_ms") and b != name
-                    cells.append(_num(p99 / base["latency_ms"]["p99"]) if ok else "–")
+                    cells.append(_num(p99 / base["latency_ms"]["p99"]) + _apart(r, base) if ok else "–")
                 out.append(f"| {s} | {name} | {p99:.2f} | {' | '.join(cells)} |")
     storm = [r for r in data["results"] if r["kind"] == "storm"]
     if storm:
@@ -110,7 +126,7 @@ def markdown(data: dict[str, Any]) -> str:
             for b in ("picows", "websockets"):
                 base = idx.get((r["scenario"], b))
                 ok = base is not None and "error" not in base and b != r["server"]
-                cells.append(_ratio(r["connects_per_s"], base["connects_per_s"]) if ok else "–")
+                cells.append(_ratio(r["connects_per_s"], base["connects_per_s"]) + _apart(r, base) if ok else "–")
             lat = r.get("latency_ms") or {}
             out.append(f"| {r['server']} | {_fmt(r['connects_per_s'])} | {' | '.join(cells)} | "
                        f"{_fmt(lat.get('p50'), 1)} | {_fmt(lat.get('p99'), 1)} | "
@@ -128,7 +144,7 @@ def markdown(data: dict[str, Any]) -> str:
             ok = base is not None and "error" not in base and r["server"] != "picows"
             out.append(f"| {r['scenario']} | {r['server']} | {r['connections']} | {r['rss_before_mib']:.1f} | "
                        f"{r['rss_after_mib']:.1f} | {r['rss_per_conn_kib']:.1f} | "
-                       f"{_ratio(r['rss_per_conn_kib'], base['rss_per_conn_kib']) if ok else '–'} |")
+                       f"{_ratio(r['rss_per_conn_kib'], base['rss_per_conn_kib']) + _apart(r, base) if ok else '–'} |")
     return "\n".join(out) + "\n"
 
 
@@ -149,59 +165,48 @@ def targets(data: dict[str, Any]) -> list[str]:
     idx = _index(data)
     rows = []
 
-    def ratio(a, b):
-        return a / b if a is not None and b else None
+    def row(name, goal, a, b, path, cpu_path, ok):
+        """Result a ÷ result b (each a (scenario, server)) by `path`, and by `cpu_path` if any."""
+        def ratio(p):
+            x, y = _get(idx, *a, *p), _get(idx, *b, *p)
+            return x / y if x is not None and y else None
 
-    def row(name, goal, by_rate, by_cpu, ok):
-        cells = [_num(by_rate) if by_rate is not None else "–", _num(by_cpu) if by_cpu is not None else "–"]
+        by_rate, by_cpu = ratio(path), ratio(cpu_path) if cpu_path else None
+        mark = _apart(idx[a], idx[b]) if by_rate is not None else ""
+        cells = [_num(by_rate) + mark if by_rate is not None else "–",
+                 _num(by_cpu) + mark if by_cpu is not None else "–"]
         verdict = "–" if by_rate is None or ok is None else ("holds" if ok(by_rate) else "does not hold")
         rows.append(f"| {name} | {goal} | {cells[0]} | {cells[1]} | {verdict} |")
 
-    dps, dpc = ("deliveries_per_s",), ("deliveries_per_cpu_s",)
+    dps, dpc, p99 = ("deliveries_per_s",), ("deliveries_per_cpu_s",), ("latency_ms", "p99")
+    gw = "gateway"
     for base, goal in (("picows", 0.95), ("websockets", 1.8)):
-        row(f"broadcast-1000 vs {base}", f"≥ {goal}×",
-            ratio(_get(idx, "broadcast-1000", "gateway", *dps), _get(idx, "broadcast-1000", base, *dps)),
-            ratio(_get(idx, "broadcast-1000", "gateway", *dpc), _get(idx, "broadcast-1000", base, *dpc)),
+        row(f"broadcast-1000 vs {base}", f"≥ {goal}×", ("broadcast-1000", gw), ("broadcast-1000", base), dps, dpc,
             lambda v, g=goal: v >= g)
-    row("bursty-50 vs picows", "≥ 3×",
-        ratio(_get(idx, "bursty-50", "gateway", *dps), _get(idx, "bursty-50", "picows", *dps)),
-        ratio(_get(idx, "bursty-50", "gateway", *dpc), _get(idx, "bursty-50", "picows", *dpc)),
-        lambda v: v >= 3)
-    row("paced-100k p99 ÷ picows p99", "≤ 1.2",
-        ratio(_get(idx, "paced-100k", "gateway", "latency_ms", "p99"),
-              _get(idx, "paced-100k", "picows", "latency_ms", "p99")), None, lambda v: v <= 1.2)
-    row("filtered-10k ÷ broadcast-1000 (gateway)", "≥ 0.8×",
-        ratio(_get(idx, "filtered-10k", "gateway", *dps), _get(idx, "broadcast-1000", "gateway", *dps)),
-        ratio(_get(idx, "filtered-10k", "gateway", *dpc), _get(idx, "broadcast-1000", "gateway", *dpc)),
+    row("bursty-50 vs picows", "≥ 3×", ("bursty-50", gw), ("bursty-50", "picows"), dps, dpc, lambda v: v >= 3)
+    row("paced-100k p99 ÷ picows p99", "≤ 1.2", ("paced-100k", gw), ("paced-100k", "picows"), p99, None,
+        lambda v: v <= 1.2)
+    row("filtered-10k ÷ broadcast-1000 (gateway)", "≥ 0.8×", ("filtered-10k", gw), ("broadcast-1000", gw), dps, dpc,
         lambda v: v >= 0.8)
     # Context for the row above: the bare baseline has no index at all, so gateway ÷ picows on
     # the filtered scenario shows what the index and the rest of the gateway cost there.
-    row("filtered-10k vs picows (context)", "report",
-        ratio(_get(idx, "filtered-10k", "gateway", *dps), _get(idx, "filtered-10k", "picows", *dps)),
-        ratio(_get(idx, "filtered-10k", "gateway", *dpc), _get(idx, "filtered-10k", "picows", *dpc)),
+    row("filtered-10k vs picows (context)", "report", ("filtered-10k", gw), ("filtered-10k", "picows"), dps, dpc,
         None)
     # The same 10,000 connections, every one getting every event: what filtering costs beside
     # the number of sockets written to.
-    row("filtered-10k ÷ broadcast-10k (same connections)", "report",
-        ratio(_get(idx, "filtered-10k", "gateway", *dps), _get(idx, "broadcast-10k", "gateway", *dps)),
-        ratio(_get(idx, "filtered-10k", "gateway", *dpc), _get(idx, "broadcast-10k", "gateway", *dpc)),
-        None)
+    row("filtered-10k ÷ broadcast-10k (same connections)", "report", ("filtered-10k", gw), ("broadcast-10k", gw),
+        dps, dpc, None)
     # The index's share: distinct predicates against one equality per group, same deliveries.
-    row("filtered-10k ÷ filtered-eq-10k (distinct predicates vs one equality)", "report",
-        ratio(_get(idx, "filtered-10k", "gateway", *dps), _get(idx, "filtered-eq-10k", "gateway", *dps)),
-        ratio(_get(idx, "filtered-10k", "gateway", *dpc), _get(idx, "filtered-eq-10k", "gateway", *dpc)),
-        None)
-    row("pg-paced-100k p99 ÷ paced-100k p99 (PostgreSQL-fed vs publish API)", "report",
-        ratio(_get(idx, "pg-paced-100k", "gateway", "latency_ms", "p99"),
-              _get(idx, "paced-100k", "gateway", "latency_ms", "p99")), None, None)
+    row("filtered-10k ÷ filtered-eq-10k (distinct predicates vs one equality)", "report", ("filtered-10k", gw),
+        ("filtered-eq-10k", gw), dps, dpc, None)
+    row("pg-paced-100k p99 ÷ paced-100k p99 (PostgreSQL-fed vs publish API)", "report", ("pg-paced-100k", gw),
+        ("paced-100k", gw), p99, None, None)
     kib = _get(idx, "idle-20k", "gateway", "rss_per_conn_kib")
     rows.append(f"| idle-20k KiB per connection | ≤ 20 KiB | {kib:.1f} KiB | – | "
                 f"{'holds' if kib <= 20 else 'does not hold'} |" if kib is not None else
                 "| idle-20k KiB per connection | ≤ 20 KiB | – | – | – |")
     for sc in ("broadcast-1000", "paced-300k"):
-        row(f"{sc} vs centrifugo (goal: more per server core)", "> 1×",
-            ratio(_get(idx, sc, "gateway", *dps), _get(idx, sc, "centrifugo", *dps)),
-            ratio(_get(idx, sc, "gateway", *dpc), _get(idx, sc, "centrifugo", *dpc)),
+        row(f"{sc} vs centrifugo (goal: more per server core)", "> 1×", (sc, gw), (sc, "centrifugo"), dps, dpc,
             lambda v: v > 1)
     head = ["| target | goal | measured (rate) | measured (per server CPU-s) | verdict (rate) |",
             "|---|---|---:|---:|---|"]

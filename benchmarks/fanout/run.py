@@ -435,7 +435,8 @@ def run_set(scenarios: list[Scenario], server_names: list[str], procs: int | Non
                 best = _best(sc, rounds[name])
                 if len(rounds[name]) > 1:
                     best = {**best, "rounds": [_brief(r) for r in rounds[name]]}
-                results.append(best)
+                # which run it is from: `--merge` puts results of several runs in one table
+                results.append({**best, "run": meta["started"]})
     finally:
         runner.close()
     meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
