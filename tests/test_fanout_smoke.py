@@ -341,7 +341,7 @@ def test_scaleout_harness_delivers_every_event_through_a_kafka_node(kafka_broker
 
 # A picows baseline that misbehaves after its first 20 events, for the harness's checks of a
 # server under test that fails mid-run: "exit" dies, "stall" stops reading (and answering)
-# publishes, "twice" writes every frame two times.
+# publishes, "twice" writes every frame two times, "drop" closes every other subscriber.
 _MISBEHAVING = """
 import os, sys
 from benchmarks.fanout import baseline_common, baseline_picows
@@ -364,6 +364,16 @@ def receive_then(self, data):
         return
     received(self, data)
 
+def frame_then(self, transport, frame):
+    on_frame(self, transport, frame)
+    if mode == "drop" and self.group is None and self.authed and self.raw in self.server.all:
+        self.group = -1  # once
+        seen[0] += 1
+        if seen[0] % 2:  # every other subscriber is closed soon after its subscription
+            baseline_picows.asyncio.get_running_loop().call_later(0.2, transport.disconnect)
+
+on_frame = baseline_picows.Client.on_ws_frame
+baseline_picows.Client.on_ws_frame = frame_then
 baseline_picows.Server.publish = publish_then
 baseline_common.PublishProtocol.data_received = receive_then
 baseline_picows.raise_nofile()
@@ -449,3 +459,11 @@ def test_a_ratio_to_a_baseline_of_another_run_is_marked(tmp_path):
              or line.startswith("| picows |")}
     assert "†" in storm["gateway"].split("|")[3], storm["gateway"]  # its ×picows cell
     assert "†" not in storm["picows"], storm["picows"]
+
+
+def test_idle_memory_per_connection_counts_only_connections_still_open():
+    # RSS growth was divided by every connection made, also those the server had closed
+    # since: a server that dropped half of them showed about half its memory per connection.
+    sc = scenarios.Scenario("idle-drop", "idle", clients=40)
+    res = _run_against("drop", sc)
+    assert "error" in res and "20 of the 40" in res["error"], res

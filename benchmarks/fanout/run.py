@@ -353,6 +353,8 @@ class Runner:
         finally:
             for lp in loads:
                 lp.close()
+        if still < sc.clients:  # the RSS growth would be spread over connections already gone
+            raise RuntimeError(f"{server.name} kept {still} of the {sc.clients} idle connections open for 1 s")
         return {"clients": sc.clients, "connections": sc.clients, "open_after_1s": still, "rss_before_mib": rss0 / 2**20,
                 "rss_after_mib": rss1 / 2**20, "rss_per_conn_kib": (rss1 - rss0) / sc.clients / 1024,
                 "connect_s": connect_s}
