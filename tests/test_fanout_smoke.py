@@ -467,3 +467,20 @@ def test_idle_memory_per_connection_counts_only_connections_still_open():
     sc = scenarios.Scenario("idle-drop", "idle", clients=40)
     res = _run_against("drop", sc)
     assert "error" in res and "20 of the 40" in res["error"], res
+
+
+def test_paced_table_does_not_need_a_gateway_result():
+    # The paced section was built only for scenarios with a successful gateway result: when the
+    # gateway's round failed, or a run compared the baselines alone, the baselines' p99 and
+    # their ratios to each other were left out of the Markdown.
+    from benchmarks.fanout import report
+
+    def paced(server, p99):
+        return {"scenario": "paced-5k", "kind": "fanout", "server": server, "clients": 100, "target_rate": 5000,
+                "deliveries_per_s": 5000.0, "latency_ms": {"p50": 1.0, "p99": p99}, "server_cpu_util": 0.5,
+                "lost": 0}
+
+    failed = {"scenario": "paced-5k", "kind": "fanout", "server": "gateway", "clients": 100, "error": "x"}
+    md = report.markdown({"meta": {}, "results": [failed, paced("picows", 2.0), paced("websockets", 3.0)]})
+    section = md.split("## Paced")[1] if "## Paced" in md else ""
+    assert "| paced-5k | websockets | 3.00 | 1.50 |" in section, md

@@ -96,7 +96,7 @@ def markdown(data: dict[str, Any]) -> str:
                 f"{_pct(r.get('loadgen_cpu_util'))} | "
                 f"{_fmt(r.get('deliveries_per_cpu_s'))} | {_fmt(r.get('frames_per_write'), 2)} | {_fmt(r.get('bytes_per_delivery'), 1)} | {r['lost']} |"
             )
-    paced = [s for s in scen if idx.get((s, "gateway"), {}).get("target_rate")]
+    paced = list(dict.fromkeys(r["scenario"] for r in data["results"] if r.get("target_rate")))
     if paced:
         out += ["", "## Paced: p99 relative to the baselines at the same rate", "",
                 "| scenario | server | p99 ms | p99 ÷ picows p99 | p99 ÷ websockets p99 | p99 ÷ centrifugo p99 |",
