@@ -484,3 +484,19 @@ def test_paced_table_does_not_need_a_gateway_result():
     md = report.markdown({"meta": {}, "results": [failed, paced("picows", 2.0), paced("websockets", 3.0)]})
     section = md.split("## Paced")[1] if "## Paced" in md else ""
     assert "| paced-5k | websockets | 3.00 | 1.50 |" in section, md
+
+
+def test_merge_appends_new_results_in_the_order_they_ran(tmp_path):
+    # Results of a scenario new to the JSON were appended in the order of a set, which the
+    # interpreter's hash seed decides: the Markdown's rows (and columns, for a new server)
+    # came out in a different order from one merge to the next.
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), PYTHONHASHSEED="1")
+    base = [sys.executable, "-m", "benchmarks.fanout", "run", "--smoke", "--client", "python", "--no-charts",
+            "--out", str(tmp_path)]
+    for extra in (["--scenarios", "idle-300", "--servers", "picows"],
+                  ["--scenarios", "storm", "--servers", "gateway,picows", "--merge"]):
+        proc = subprocess.run(base + extra, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads((tmp_path / "fanout-smoke.json").read_text())
+    assert [(r["scenario"], r["server"]) for r in data["results"]] == [
+        ("idle-300", "picows"), ("storm", "gateway"), ("storm", "picows")]

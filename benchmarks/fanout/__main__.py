@@ -78,11 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.merge and os.path.exists(old_path):
         with open(old_path) as fh:
             old = json.load(fh)
-        new_keys = {(r["scenario"], r["server"]) for r in data["results"]}
         order = [(r["scenario"], r["server"]) for r in old["results"]]
         merged = {(r["scenario"], r["server"]): r for r in old["results"]}
         merged.update({(r["scenario"], r["server"]): r for r in data["results"]})
-        order += [k for k in new_keys if k not in order]
+        # new results in the order they ran (not a set's, which the hash seed decides)
+        order += [(r["scenario"], r["server"]) for r in data["results"] if (r["scenario"], r["server"]) not in order]
         old["meta"].setdefault("merged", []).append(data["meta"])
         data = {"meta": old["meta"], "results": [merged[k] for k in order]}
     with open(os.path.join(args.out, stem + ".json"), "w") as fh:
