@@ -381,13 +381,22 @@ def _percentiles(arrays: list[array]) -> dict[str, float] | None:
         import numpy as np
     except ImportError:
         v = sorted(x for a in arrays for x in a)
-        out = {f"p{p:g}": v[min(n - 1, int(round(p / 100 * (n - 1))))] / 1e6 for p in PERCENTILES}
+        out = {f"p{p:g}": _interpolated(v, p) / 1e6 for p in PERCENTILES}
         out.update(max=v[-1] / 1e6, mean=sum(v) / n / 1e6, samples=n)
         return out
     v = np.concatenate([np.frombuffer(a, dtype=np.int64) for a in arrays if len(a)])
     out = {f"p{p:g}": float(np.percentile(v, p)) / 1e6 for p in PERCENTILES}
     out.update(max=float(v.max()) / 1e6, mean=float(v.mean()) / 1e6, samples=int(v.size))
     return out
+
+
+def _interpolated(v: list[int], p: float) -> float:
+    """Percentile `p` of the sorted `v` as numpy.percentile computes it (linear interpolation
+    between the two closest ranks), so a run without numpy reports the same figures."""
+    rank = p / 100 * (len(v) - 1)
+    lo = int(rank)
+    hi = min(lo + 1, len(v) - 1)
+    return v[lo] + (v[hi] - v[lo]) * (rank - lo)
 
 
 def run_set(scenarios: list[Scenario], server_names: list[str], procs: int | None = None, repeat: int = 1,
