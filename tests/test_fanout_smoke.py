@@ -520,3 +520,25 @@ def test_percentiles_without_numpy_are_numpys():
         for p in (50, 90, 99, 99.9):
             assert got[f"p{p:g}"] == pytest.approx(float(np.percentile(s, p))), (s, p, got)
         assert got["max"] == max(s) and got["samples"] == len(s)
+
+
+@pytest.mark.postgres
+async def test_a_refused_commit_is_answered_but_owes_no_deliveries(pg_database):
+    # The PostgreSQL-fed publisher's INSERT that fails makes no change event: it is answered
+    # (not a stall, which fails the round) and refused (no deliveries owed), like a 503.
+    import asyncpg
+
+    from benchmarks.fanout.run import LoadProc
+
+    conn = await asyncpg.connect(pg_database)
+    await conn.execute("CREATE TABLE ticks (t bigint, id bigserial PRIMARY KEY, g int CHECK (g > 0), u int, pad text)")
+    await conn.close()
+    cfg = {"role": "publisher", "mode": "window", "duration": 0.3, "groups": 2, "window": 2,
+           "publish": {"kind": "pg", "dsn": pg_database, "sql": "INSERT INTO ticks (t, g, u, pad) VALUES ($1, $2, -1, $3)"}}
+    pub = LoadProc(cfg, None)
+    try:
+        res = await asyncio.to_thread(pub.read, 60)
+    finally:
+        pub.close()
+    assert res["sent"] > 0 and res["acked"] == res["sent"], res  # every one answered
+    assert 0 < res["accepted"] < res["sent"], res  # group 0 refused by the CHECK, group 1 accepted

@@ -333,14 +333,17 @@ async def run_pg_publisher(cfg: dict[str, Any]) -> None:
     window = cfg.get("window", 1) if mode == "window" else 8
     pool = await asyncpg.create_pool(pub["dsn"], min_size=window, max_size=window)
     sql, pad = pub["sql"], wire.PAD
-    sent = acked = 0
+    sent = acked = accepted = 0
     slots = asyncio.Semaphore(window)
 
     async def insert(group: int) -> None:
-        nonlocal acked
+        nonlocal acked, accepted
         try:
             await pool.execute(sql, time.time_ns(), group, pad)
+            accepted += 1
             acked += 1
+        except asyncpg.PostgresError:
+            acked += 1  # answered, with no event to deliver: `refused`, as a publish API's error
         finally:
             slots.release()
 
@@ -365,7 +368,7 @@ async def run_pg_publisher(cfg: dict[str, Any]) -> None:
     if tasks:
         await asyncio.wait(tasks, timeout=30)
     await pool.close()
-    _reply({"sent": sent, "acked": acked, "t_start": t_start, "t_sent": t_sent, "cpu_s": _cpu() - cpu0})
+    _reply({"sent": sent, "acked": acked, "accepted": accepted, "t_start": t_start, "t_sent": t_sent, "cpu_s": _cpu() - cpu0})
 
 
 async def run_publisher(cfg: dict[str, Any]) -> None:
