@@ -542,3 +542,14 @@ async def test_a_refused_commit_is_answered_but_owes_no_deliveries(pg_database):
         pub.close()
     assert res["sent"] > 0 and res["acked"] == res["sent"], res  # every one answered
     assert 0 < res["accepted"] < res["sent"], res  # group 0 refused by the CHECK, group 1 accepted
+
+
+def test_an_unknown_server_name_is_refused(tmp_path):
+    # A misspelt --servers name (picow) ran nothing for it and said nothing: the results
+    # simply had no such column and every ratio to it was "–".
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.fanout", "run", "--smoke", "--scenarios", "storm",
+                           "--servers", "gateway,picow", "--client", "python", "--no-charts", "--out", str(tmp_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "picow" in proc.stderr, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert not (tmp_path / "fanout-smoke.json").exists()

@@ -61,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"unknown scenarios {sorted(unknown)}; this set has {[s.name for s in chosen]}")
         chosen = [s for s in chosen if s.name in wanted]
     names = [s for s in args.servers.split(",") if s]
+    unknown = [n for n in names if n not in servers.KINDS]
+    if unknown:  # a misspelt name would otherwise run nothing for it, silently
+        p.error(f"unknown servers {unknown}; known: {sorted(servers.KINDS)}")
     t0 = time.monotonic()
     servers.NICE = args.nice
     for item in args.gateway_env:
