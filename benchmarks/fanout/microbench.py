@@ -8,8 +8,8 @@ frames", over real loopback TCP connections (uvloop transports):
   python    rtcore/fanout_ref.py: one Python function per event / per flush over outboxes
   compiled  rtcore/fanout.pyx, as the hub runs now: the same loops over extension-type
             outboxes whose fields are C struct members
-Reported per delivery: the queueing alone (no system call) and queueing + the write, for one
-event at a time and for a connection's further frames in the same iteration (coalescing).
+Reported per delivery, one event at a time (one frame per connection per write): the queueing
+alone (no system call), the write, and both.
 """
 
 from __future__ import annotations
