@@ -553,3 +553,18 @@ def test_an_unknown_server_name_is_refused(tmp_path):
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "picow" in proc.stderr, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert not (tmp_path / "fanout-smoke.json").exists()
+
+
+def test_no_target_verdict_from_a_round_that_lost_deliveries():
+    # A result whose round lost deliveries (a slow reader dropped) is kept when every round
+    # did; its p99 misses the late deliveries, yet the targets table gave it a verdict.
+    from benchmarks.fanout import report
+
+    def paced(server, p99, lost):
+        return {"scenario": "paced-100k", "kind": "fanout", "server": server, "clients": 1000, "target_rate": 100_000,
+                "deliveries_per_s": 99_000.0, "latency_ms": {"p50": 1.0, "p99": p99}, "server_cpu_util": 0.5,
+                "lost": lost}
+
+    md = report.markdown({"meta": {}, "results": [paced("gateway", 5.0, 3000), paced("picows", 9.0, 0)]})
+    line = next(ln for ln in md.splitlines() if ln.startswith("| paced-100k p99 ÷ picows p99"))
+    assert "holds" not in line and "3,000 deliveries lost" in line, line

@@ -176,6 +176,9 @@ def targets(data: dict[str, Any]) -> list[str]:
         cells = [_num(by_rate) + mark if by_rate is not None else "–",
                  _num(by_cpu) + mark if by_cpu is not None else "–"]
         verdict = "–" if by_rate is None or ok is None else ("holds" if ok(by_rate) else "does not hold")
+        lost = sum(idx[k].get("lost") or 0 for k in (a, b)) if by_rate is not None else 0
+        if lost and ok is not None:  # its figures miss the deliveries that would have come last
+            verdict = f"none: {lost:,} deliveries lost"
         rows.append(f"| {name} | {goal} | {cells[0]} | {cells[1]} | {verdict} |")
 
     dps, dpc, p99 = ("deliveries_per_s",), ("deliveries_per_cpu_s",), ("latency_ms", "p99")
