@@ -341,7 +341,7 @@ func main() {
 		conc = 256
 	}
 	sem := make(chan struct{}, conc)
-	var mu sync.Mutex
+	var dialMu sync.Mutex // not mu: that one guards the latencies (receive, reset, report)
 	var conns []*conn
 	errs := []string{}
 	var wg sync.WaitGroup
@@ -353,8 +353,8 @@ func main() {
 			defer wg.Done()
 			defer func() { <-sem }()
 			k, err := dial(&cfg.Server, cfg.Offset+i)
-			mu.Lock()
-			defer mu.Unlock()
+			dialMu.Lock()
+			defer dialMu.Unlock()
 			if err != nil {
 				errs = append(errs, err.Error())
 				return
