@@ -568,3 +568,17 @@ def test_no_target_verdict_from_a_round_that_lost_deliveries():
     md = report.markdown({"meta": {}, "results": [paced("gateway", 5.0, 3000), paced("picows", 9.0, 0)]})
     line = next(ln for ln in md.splitlines() if ln.startswith("| paced-100k p99 ÷ picows p99"))
     assert "holds" not in line and "3,000 deliveries lost" in line, line
+
+
+def test_a_partial_run_does_not_replace_the_published_results_unless_told():
+    # The README's own example of a partial run (one scenario, two servers) wrote its few rows
+    # over benchmarks/results/fanout.json, .md and the charts: the published standard run, the
+    # source of the README's figures, was gone.
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    published = os.path.join(ROOT, "benchmarks", "results", "fanout.json")
+    before = os.stat(published).st_mtime_ns
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.fanout", "run", "--scenarios", "bursty-50",
+                           "--servers", "gateway,picows", "--repeat", "1", "--no-charts"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--merge" in proc.stderr and "--out" in proc.stderr, proc.stderr[-2000:]
+    assert os.stat(published).st_mtime_ns == before

@@ -38,7 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--merge", action="store_true",
                    help="replace only this run's (scenario, server) results in the existing JSON of --out, "
                         "then rewrite the table and charts (re-running one scenario)")
-    r.add_argument("--out", default=DEFAULT_OUT, help="directory for fanout.json, fanout.md and charts")
+    r.add_argument("--out", default=None,
+                   help=f"directory for fanout.json, fanout.md and charts (default {DEFAULT_OUT}, the published "
+                        "results: a partial run, of some scenarios or servers or with --gateway-env, goes there "
+                        "only with --merge)")
     r.add_argument("--no-charts", action="store_true", help="skip the PNG charts (no matplotlib needed)")
     rep = sub.add_parser("report", help="rewrite the Markdown table and charts from a results JSON")
     rep.add_argument("json", nargs="?", default=os.path.join(DEFAULT_OUT, "fanout.json"))
@@ -64,6 +67,14 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in servers.KINDS]
     if unknown:  # a misspelt name would otherwise run nothing for it, silently
         p.error(f"unknown servers {unknown}; known: {sorted(servers.KINDS)}")
+    partial = bool(args.scenarios or args.gateway_env) or args.servers != r.get_default("servers")
+    if args.out is None:
+        if partial and not args.merge and not args.smoke:
+            # It would replace the standard run's results (and the README's figures' source)
+            # with a few rows.
+            p.error(f"a partial run would replace the published results in {DEFAULT_OUT}: give --out DIR, or "
+                    "--merge to put its results into them")
+        args.out = DEFAULT_OUT
     t0 = time.monotonic()
     servers.NICE = args.nice
     for item in args.gateway_env:
