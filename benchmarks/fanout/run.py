@@ -266,9 +266,7 @@ class Runner:
             for lp in loads:
                 lp.close()
         delivered = sum(r["count"] for r in reports)
-        if delivered > expected:  # counted as deliveries, they would inflate the rate
-            raise RuntimeError(f"{server.name}: {delivered} deliveries for the {expected} owed ({accepted} events x "
-                               f"{per_event} subscribers): frames duplicated or sent to subscribers they do not match")
+        _check_owed(server.name, delivered, accepted, per_event)
         last = max((r["last"] for r in reports if r["count"]), default=pub["t_start"])
         wall = max(1e-9, (last - pub["t_start"]) / 1e9)
         cpu = cpu1 - cpu0
@@ -370,6 +368,15 @@ def _check_answered(server: srv.Server, pub: dict[str, Any]) -> None:
     code = server.proc.poll() if server.proc is not None else None
     exited = f"; it exited with {code}" if code is not None else ""
     raise RuntimeError(f"{server.name} answered {pub['acked']} of the {pub['sent']} events published and {why}{exited}")
+
+
+def _check_owed(name: str, delivered: int, accepted: int, per_event: int) -> None:
+    """Fail the round when subscribers got more than the accepted events owe them: counted as
+    deliveries, duplicated frames (or frames sent to subscribers they do not match) would
+    inflate the rate."""
+    if delivered > accepted * per_event:
+        raise RuntimeError(f"{name}: {delivered} deliveries for the {accepted * per_event} owed ({accepted} events x "
+                           f"{per_event} subscribers): frames duplicated or sent to subscribers they do not match")
 
 
 def _percentiles(arrays: list[array]) -> dict[str, float] | None:

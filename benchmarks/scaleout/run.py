@@ -28,7 +28,7 @@ from typing import Any
 
 from benchmarks.fanout import servers as srv
 from benchmarks.fanout.loadgen import raise_nofile
-from benchmarks.fanout.run import LoadProc, _percentiles, gosub
+from benchmarks.fanout.run import LoadProc, _check_answered, _check_owed, _percentiles, gosub
 
 
 class Node(srv.Gateway):
@@ -74,7 +74,12 @@ def run_config(name: str, nodes: int, bus: dict[str, str], args: argparse.Namesp
                 res = pub_proc.read(timeout=args.seconds + 60)
             finally:
                 pub_proc.close()
-            expected = res["acked"] * out["clients"]
+            # Owed for the events node 1 accepted (one refused was answered too); a stalled or
+            # dead node, leaving events unanswered, fails the run instead of measuring the
+            # events before it stopped.
+            _check_answered(servers[0], res)
+            accepted = res.get("accepted", res["acked"])
+            expected = accepted * out["clients"]
             got, prev, changed = 0, -1, time.monotonic()
             while time.monotonic() - changed < 3.0 and got < expected:
                 got = sum(lp.send(op="stat")["count"] for lp in loads)
@@ -91,11 +96,12 @@ def run_config(name: str, nodes: int, bus: dict[str, str], args: argparse.Namesp
                 os.unlink(path)
                 lats.append(a)
             delivered = sum(r["count"] for r in reports)
+            _check_owed(name, delivered, accepted, out["clients"])
             last = max((r["last"] for r in reports if r["count"]), default=res["t_start"])
             wall = max(1e-9, (last - res["t_start"]) / 1e9)
             out[phase] = {
-                "events": res["acked"], "delivered": delivered, "lost": max(0, expected - delivered),
-                "events_per_s": res["acked"] / wall, "deliveries_per_s": delivered / wall,
+                "events": accepted, "refused": res["acked"] - accepted, "delivered": delivered,
+                "lost": max(0, expected - delivered), "events_per_s": accepted / wall, "deliveries_per_s": delivered / wall,
                 "server_cpu_s": sum(s.cpu_seconds() for s in servers) - cpu0,
                 "latency_ms": _percentiles(lats),
             }
