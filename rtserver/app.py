@@ -494,6 +494,10 @@ class Gateway:
     async def _publish(
         self, workspace: str, topic: str, headers: Mapping[str, str], body: bytes, remote: str
     ) -> tuple[int, bytes]:
+        if self.draining:
+            # Every subscriber has been closed with 1001 and the history ends with the process:
+            # an event accepted now would reach no one. Refused, as a WebSocket upgrade is.
+            return 503, _err("the gateway is shutting down; publish to another node, or again once it has restarted")
         if not WORKSPACE_ID_RE.match(workspace):
             return 404, _err(f"workspace id {workspace!r} must be 1-64 of [A-Za-z0-9_-]")
         if not TOPIC_RE.match(topic):

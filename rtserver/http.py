@@ -479,6 +479,9 @@ class FrontProtocol(asyncio.Protocol):
         if req.canned is not None:  # queued behind earlier requests (_answer_in_turn)
             self._respond(*req.canned)
             return
+        # A draining gateway closes each connection after its answer: the peer's next request
+        # connects anew, to a node that serves (the listener is closed already).
+        keep_alive = keep_alive and not self.gw.draining
         route: tuple[str, str] | None
         if method == b"POST" and req.url == self._publish_url:
             # A publisher posts to the same URL request after request: parsed once.

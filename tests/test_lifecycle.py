@@ -788,3 +788,37 @@ async def test_sighup_is_left_ignored_under_nohup(tmp_path):
         out, _ = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode == 0
     assert b"draining" in out
+
+
+async def test_a_publish_during_the_drain_is_refused_not_accepted_for_nobody(gateway_factory):
+    """Once the gateway drains, every subscriber has been closed with 1001 and the workspace's
+    history ends with the process: an event accepted then reaches no one (a resumed client gets
+    a history_gap for it). A publisher on a keep-alive connection got 202 all the same; it gets
+    503 now, as a WebSocket upgrade does, and publishes to another node or after the restart."""
+    import http.client
+
+    gw = await gateway_factory(env={"RT_SHUTDOWN_TIMEOUT": "30", "RT_SEND_BUFFER_BYTES": str(32 << 20)})
+    conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=10)
+    headers = {"Authorization": f"Bearer {gw.token('w1', publish=True)}", "Content-Type": "application/json"}
+
+    def publish() -> tuple[int, bytes]:
+        conn.request("POST", "/workspaces/w1/realtime/events/t", b'{"n":1}', headers)
+        r = conn.getresponse()
+        return r.status, r.read()
+
+    try:
+        assert (await asyncio.to_thread(publish))[0] == 202  # the connection is open before the stop
+        ws = await _slow_subscriber(gw, 100)  # holds the drain open while the publish is sent
+        gw.proc.send_signal(signal.SIGTERM)
+        while '"draining"' not in gw.logs():
+            await asyncio.sleep(0.05)
+        conn.request("POST", "/workspaces/w1/realtime/events/t", b'{"n":2}', headers)
+        answer = await asyncio.to_thread(conn.getresponse)
+        status, body = answer.status, answer.read()
+        assert status == 503 and b"shutting down" in body, (status, body)
+        # and the connection closes after it: the publisher's next attempt connects anew
+        assert answer.getheader("Connection") == "close"
+        ws.transport.abort()
+    finally:
+        conn.close()
+    assert await asyncio.wait_for(gw.proc.wait(), 30) == 0
