@@ -38,7 +38,7 @@ from rtserver.redact import redact
 from rtserver.seq_reservation import SeqReservation, reservation_path
 from rtserver.sessions import Sessions, drop_dump, encode_dump, read_dump, write_dump
 from rtserver.signals import until_signalled
-from rtserver.sources.base import Source
+from rtserver.sources.base import Source, stop_all
 from rtserver.sources.mongo import database_for, database_problem
 
 log = logging.getLogger("rtserver.app")
@@ -228,11 +228,7 @@ class Gateway:
         for t in transports:
             if t.get_write_buffer_size():
                 t.abort()
-        for src in list(self._sources.values()):
-            try:
-                await asyncio.wait_for(src.stop(), max(0.5, deadline - time.monotonic() - 1))
-            except Exception:
-                log.exception("source did not stop cleanly", extra={"fields": {"source": src.kind}})
+        await stop_all(list(self._sources.values()), max(0.5, deadline - time.monotonic() - 1))
         try:
             await asyncio.wait_for(self.bus.close(), max(0.5, deadline - time.monotonic() - 1))
         except Exception:

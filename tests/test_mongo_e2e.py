@@ -156,3 +156,27 @@ async def test_two_workspaces_of_one_database_both_get_its_changes(mongo_server,
                 assert (await c.recv_event(timeout=10))["document"] == {"_id": 1}
     finally:
         await client.close()
+
+
+async def test_a_stop_with_mongodb_unreachable_stays_bounded_however_many_databases(mongo_server, gateway_factory,
+                                                                                    tmp_path):
+    """SIGTERM while the link to MongoDB is dead (bytes go nowhere, no reset): closing each
+    database's client waits for MongoDB until its own timeout. The sources were stopped one
+    after the other, so with a few workspaces the stop overran its deadline and the process
+    was killed from within (exit 1, `did not stop cleanly`, the audit trail not flushed). They
+    stop together now: exit 0 however many there are."""
+    from tests.harness.tcpproxy import TcpProxy
+
+    proxy = await TcpProxy(mongo_server.port).start()
+    try:
+        url = mongo_server.url.replace(f":{mongo_server.port}", f":{proxy.port}")
+        names = [f"w{i}" for i in range(16)]  # each its own database: RT_MONGO_URL names none
+        config = tmp_path / "rt.toml"
+        config.write_text("".join(f"[workspaces.{w}]\nmongo_url = '{url}'\n" for w in names))
+        gw = await gateway_factory(args=["--config", str(config)], env={"RT_SHUTDOWN_TIMEOUT": "2"})
+        await gw.wait_ready()  # every database's stream is open
+        proxy.frozen = True
+        assert await gw.stop(timeout=60) == 0, gw.logs()
+        assert "did not stop cleanly" not in gw.logs()
+    finally:
+        await proxy.close()

@@ -10,10 +10,14 @@ transactions), it acknowledges in the callback, without waiting (`when_durable`)
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+import logging
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from rtcore.event import Event
+
+log = logging.getLogger("rtserver.sources")
 
 # Events a source publishes between two turns of the event loop. A source handing over a batch
 # (a PostgreSQL transaction of up to 10,000 changes, a MongoDB getMore of up to 16 MiB), each
@@ -77,3 +81,26 @@ class Source(Protocol):
     def status(self) -> dict[str, Any]:
         """Health details for /readyz and /metrics (lag, position, last error)."""
         ...
+
+
+async def stop_all(sources: Iterable[Source], timeout: float | None = None) -> None:
+    """Stop `sources` together, waiting at most `timeout` seconds (None: until they all have).
+    One after the other, a few whose server stopped answering (each client's close waits for
+    it up to its own timeout, and a stop may not end at once when cancelled) held a shutdown
+    past its deadline. A stop that fails or overruns is logged with the source it is about."""
+    stops = {asyncio.ensure_future(src.stop()): src for src in sources}
+    if not stops:
+        return
+    done, late = await asyncio.wait(stops, timeout=timeout)
+    for task in done:
+        if task.exception() is not None:
+            log.error("source did not stop cleanly", exc_info=task.exception(), extra={"fields": _named(stops[task])})
+    for task in late:
+        task.cancel()  # left to end on its own: nothing waits for it any more
+        log.error("source did not stop within the shutdown timeout",
+                  extra={"fields": {**_named(stops[task]), "timeout_s": round(timeout or 0, 3)}})
+
+
+def _named(src: Source) -> dict[str, Any]:
+    """A source as a log line names it: its kind, and its MongoDB database or PostgreSQL slot."""
+    return {"source": src.kind, "feed": getattr(src, "database", None) or getattr(src, "slot", None)}
