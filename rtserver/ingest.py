@@ -46,6 +46,7 @@ from rtserver.lease import Lease
 from rtserver.metrics import SOURCE_COUNTS, Row, family_lines, source_rows
 from rtserver.redact import redact
 from rtserver.signals import until_signalled
+from rtserver.sources.base import stop_all
 
 log = logging.getLogger("rtserver.ingest")
 T = TypeVar("T")
@@ -391,11 +392,7 @@ class Ingest:
         async with self._lock:
             sources, self.sources = self.sources, []
             self.failed.clear()
-            for src, _ in sources:
-                try:
-                    await src.stop()
-                except Exception:
-                    log.exception("source did not stop cleanly", extra={"fields": {"source": src.kind}})
+            await stop_all(src for src, _ in sources)
             writer, self.writer = self.writer, None
             if writer is not None:
                 await writer.close()

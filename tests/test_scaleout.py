@@ -1655,3 +1655,27 @@ def test_a_mongo_takeover_of_databases_named_alike_reads_an_earlier_versions_fee
     assert Ingest._mongo_position(holder, plan[0], a, mongo_done) == (token[2], {})
     del mongo_done[("shop", b.feed_id)]
     assert Ingest._mongo_position(holder, plan[1], b, mongo_done) is None
+
+
+async def test_an_ingest_stopped_with_mongodb_unreachable_closes_in_time(cluster, mongo_server, tmp_path):
+    """SIGTERM while the link to MongoDB is dead (bytes go nowhere, no reset), with several
+    databases: the ingest stopped its feeds one after the other, each client's close waiting
+    for MongoDB up to its own timeout, so its close overran server.shutdown_timeout and was
+    cut short (`ingest did not close cleanly`): the lease was never left, and a standby waited
+    for the session timeout to take over. The feeds stop together now: the close completes."""
+    from tests.harness.tcpproxy import TcpProxy
+
+    proxy = await TcpProxy(mongo_server.port).start()
+    try:
+        url = mongo_server.url.replace(f":{mongo_server.port}", f":{proxy.port}")
+        config = tmp_path / "rt.toml"
+        config.write_text("".join(f"[workspaces.m{i}]\nmongo_url = '{url}'\n" for i in range(16)))
+        ingest = await cluster.ingest("--config", str(config))
+        await ingest.wait_active()
+        proxy.frozen = True
+        await ingest.stop()
+        assert ingest.proc.returncode == 0, ingest.logs()
+        assert "did not close cleanly" not in ingest.logs(), ingest.logs()
+        assert '"lease released"' in ingest.logs()
+    finally:
+        await proxy.close()

@@ -411,8 +411,13 @@ class MongoSource:
                 with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
                     await asyncio.wait_for(asyncio.shield(task), 5.0)
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            # Bounded: the cancelled stream ends its cursor on the server first, and over a dead
+            # link (no reset) that waited for as long as the link stayed dead: a stop (SIGTERM, a
+            # lost lease) hung. Left to end on its own after CLOSE_TIMEOUT; the client's close
+            # below ends its connections.
+            await asyncio.wait({task}, timeout=CLOSE_TIMEOUT)
+            if task.done() and not task.cancelled():
+                task.result()  # what the stream raised, as when it was awaited
         if not await self._tokens.flush():
             log.error("mongo source stopped with its newest resume token not saved: the changes since the "
                       "last saved one are published again after a restart",
