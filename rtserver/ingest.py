@@ -293,6 +293,14 @@ class Ingest:
     async def start(self) -> None:
         if not self.plan:
             log.warning("no feeds to read: set postgres.url/mongo.url with bus.workspaces, or [workspaces.*]")
+        if self.cfg.bus.ingest_port:
+            # Bound before joining the lease group: an ingest that joined and then died on a
+            # port in use took the lease from the active one (a rebalance), twice (join, expiry).
+            host, port = self.cfg.server.host, self.cfg.bus.ingest_port
+            try:
+                self._server = await asyncio.start_server(self._http, host, port, start_serving=False)
+            except OSError as exc:
+                raise RuntimeError(f"cannot listen on {host}:{port} (bus.ingest_port): {exc.strerror or exc}") from None
         await self.publisher.start()
         self.lease = Lease(
             self.publisher.options,
@@ -304,12 +312,8 @@ class Ingest:
             client_id=f"rtserver-ingest-{self.node}",
         )
         await self.lease.start()
-        if self.cfg.bus.ingest_port:
-            host, port = self.cfg.server.host, self.cfg.bus.ingest_port
-            try:
-                self._server = await asyncio.start_server(self._http, host, port)
-            except OSError as exc:
-                raise RuntimeError(f"cannot listen on {host}:{port} (bus.ingest_port): {exc.strerror or exc}") from None
+        if self._server is not None:
+            await self._server.start_serving()
         log.info("ingest started; waiting for the lease", extra={"fields": {
             "topic": self.cfg.bus.topic, "bootstrap": bootstrap_of(self.cfg), "feeds": len(self.plan), "node": self.node}})
 

@@ -1679,3 +1679,22 @@ async def test_an_ingest_stopped_with_mongodb_unreachable_closes_in_time(cluster
         assert '"lease released"' in ingest.logs()
     finally:
         await proxy.close()
+
+
+async def test_an_ingest_that_cannot_listen_leaves_the_active_one_alone(cluster):
+    """A second ingest started with its health port taken stops at start (one line, exit 2).
+    It joined the lease group before it tried the port, so the active ingest had the lease
+    taken away (its feeds stopped) by the rebalance of a process about to die. It tries the
+    port first now: the active ingest never lets go."""
+    active = await cluster.ingest()
+    await active.wait_active()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        late = await cluster.ingest("--health-port", str(port))
+        assert await asyncio.wait_for(late.proc.wait(), 60) == 2, late.logs()
+    assert f"cannot listen on 127.0.0.1:{port}" in late.logs()
+    await asyncio.sleep(6)  # bus.lease_timeout: a join would have taken the lease by now
+    assert '"lease released"' not in active.logs(), active.logs()
+    assert (await active.status())["role"] == "active"
