@@ -21,6 +21,7 @@ from rtcore.event import Event
 from rtcore.messages import UNREADABLE_JSON, CustomEventBody, encode, unreadable_json
 from rtcore.timefmt import iso_ms, now_ms
 from rtserver import http
+from rtserver.atomic_file import ensure_state_dir
 from rtserver.audit import create_audit
 from rtserver.auth import Authenticator, AuthError, load_or_create_dev_secret
 from rtserver.bus import BusUnavailable, create_bus
@@ -74,11 +75,8 @@ class Gateway:
         self.cfg = cfg
         self.node = cfg.server.node or socket.gethostname()
         self.state_dir = os.path.abspath(cfg.server.state_dir)
+        ensure_state_dir(self.state_dir)
         try:
-            # 0700: it holds the dev secret, session ids, source positions, the audit spool
-            os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
-            if not os.access(self.state_dir, os.W_OK | os.X_OK):
-                raise PermissionError(13, "not writable")
             dev_secret = load_or_create_dev_secret(self.state_dir) if cfg.dev_mode else None
         except OSError as exc:
             raise RuntimeError(f"state directory {self.state_dir} (server.state_dir): {exc.strerror or exc}") from None

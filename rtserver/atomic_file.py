@@ -1,4 +1,5 @@
-"""Replacing a state file whole: a crash leaves its old content or its new, never a mix."""
+"""The state directory, and replacing a state file whole: a crash leaves its old content or its
+new, never a mix."""
 
 from __future__ import annotations
 
@@ -20,3 +21,15 @@ def replace_file(path: str, data: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def ensure_state_dir(path: str) -> None:
+    """Create the state directory `path` (0700: it holds the dev secret, session ids, source
+    positions, the audit spool) and check it can be written: RuntimeError, one line naming
+    server.state_dir, when not."""
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise PermissionError(13, "not writable")
+    except OSError as exc:
+        raise RuntimeError(f"state directory {path} (server.state_dir): {exc.strerror or exc}") from None

@@ -38,6 +38,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from rtcore.event import Event
+from rtserver.atomic_file import ensure_state_dir
 from rtserver.bus_kafka import KafkaPublisher, bootstrap_of, encode_event, partition_for, stop_client
 from rtserver.bus_txn import TransactionalWriter, WriterFailed
 from rtserver.config import Config
@@ -275,7 +276,7 @@ class Ingest:
         self.cfg = cfg
         self.node = cfg.server.node or socket.gethostname()
         self.state_dir = os.path.abspath(cfg.server.state_dir)
-        os.makedirs(self.state_dir, exist_ok=True)
+        ensure_state_dir(self.state_dir)  # its feeds' positions: a start, not the first takeover, says it is unusable
         self.publisher = KafkaPublisher(cfg, f"rtserver-ingest-{self.node}")
         self.plan = plan_sources(cfg)
         self.lease: Lease | None = None

@@ -330,8 +330,9 @@ async def test_zero_config_serve_and_dev_token(tmp_path):
 def test_unusable_state_directory_is_one_line(tmp_path):
     blocked = tmp_path / "file"
     blocked.write_text("not a directory")
-    for args in (["serve"], ["token", "--workspace", "w1"]):
-        out = _run(args, {"RT_STATE_DIR": str(blocked / "state")}, cwd=str(tmp_path))
+    # the ingest too: it said only `rtserver ingest: .../state: Not a directory`, not which setting
+    for args in (["serve"], ["token", "--workspace", "w1"], ["ingest"]):
+        out = _run(args, {"RT_STATE_DIR": str(blocked / "state"), "RT_KAFKA_BOOTSTRAP": "127.0.0.1:9"}, cwd=str(tmp_path))
         lines = [line for line in out.stderr.splitlines() if line.strip()]
         assert out.returncode == 2 and len(lines) == 1, out.stderr
         assert f"state directory {blocked / 'state'} (server.state_dir)" in lines[0], out.stderr
