@@ -1,6 +1,6 @@
 """JWKS key cache: the identity provider's public signing keys, fetched without blocking the loop.
 
-The key set is fetched over HTTP(S) with urllib in the loop's default executor, cached, and
+The key set is fetched over HTTP(S) with urllib in a daemon thread of its own, cached, and
 refetched when a token names a `kid` the cache does not hold (a Keycloak key rotation). Refetches
 on unknown kids are rate-limited (an attacker can mint tokens with random kids for free), and
 concurrent refetches are coalesced into one request. A cached key set older than `max_age` is
@@ -15,6 +15,7 @@ import http.client
 import json
 import logging
 import ssl
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -63,6 +64,36 @@ class _NoDowngradeRedirects(urllib.request.HTTPRedirectHandler):
         if not new.startswith("https:") and not (old.startswith("http:") and new.startswith("http:")):
             raise JwksError(f"JWKS {redact(req.full_url)}: refused redirect ({code}) to {redact(newurl)}")
         return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _in_daemon_thread(fn: Any, *args: Any) -> asyncio.Future[Any]:
+    """`fn(*args)` in a daemon thread of its own. Not the loop's executor: its threads are
+    waited for by the loop's close and the interpreter's exit, so a fetch hung on an identity
+    provider that says nothing (urllib's timeout bounds each socket operation; DNS has none)
+    held a stopped gateway's exit. Fetches are rare (jwks_refetch_interval apart at most)."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Any] = loop.create_future()
+
+    def settle(result: Any, exc: BaseException | None) -> None:
+        if future.done():  # given up on (wait_for's timeout, a stop)
+            return
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(result)
+
+    def run() -> None:
+        try:
+            outcome: tuple[Any, BaseException | None] = (fn(*args), None)
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
+            outcome = (None, exc)
+        try:
+            loop.call_soon_threadsafe(settle, *outcome)
+        except RuntimeError:
+            pass  # the loop has closed: nobody waits for it any more
+
+    threading.Thread(target=run, name="jwks-fetch", daemon=True).start()
+    return future
 
 
 def _fetch_blocking(url: str, ssl_context: ssl.SSLContext | None, timeout: float) -> bytes:
@@ -189,8 +220,7 @@ class JwksCache:
             task.exception()  # retrieved by the waiters; never reported as unobserved
 
     async def _fetch(self) -> None:
-        loop = asyncio.get_running_loop()
-        fetch = loop.run_in_executor(None, _fetch_blocking, self.url, self._ssl_context, self._timeout)
+        fetch = _in_daemon_thread(_fetch_blocking, self.url, self._ssl_context, self._timeout)
         try:
             # The whole fetch, not each socket operation: clients wait on it (an RS token with an
             # unknown kid, the first ones after start) and a trickling answer must not hold them.
@@ -257,7 +287,7 @@ class JwksCache:
             log.warning("JWKS fetch failed", extra={"fields": {"url": self.shown_url, "error": str(exc)}})
 
     async def close(self) -> None:
-        """Cancel a background refresh and a fetch in flight (its executor thread ends on its own)."""
+        """Cancel a background refresh and a fetch in flight (its thread ends on its own)."""
         tasks = [t for t in (self._background, self._inflight) if t is not None and not t.done()]
         self._background = None
         for task in tasks:
