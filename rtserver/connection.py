@@ -111,17 +111,23 @@ def _close_answer(code: int) -> int:
     return code
 
 
-def _message_id(data: bytes) -> Any:
-    """Best-effort `id` of a message that failed validation, to echo in the error."""
+def _message_refs(data: bytes) -> tuple[Any, str | None]:
+    """Best-effort `id` and channel of a message that failed validation, to echo in the
+    error: a subscribe refused for its shape (a `filter` that is no object, a `since` that is
+    no integer) names its channel as any other refused subscribe does (§5)."""
     try:
         obj = msgspec.json.decode(data)
     except (msgspec.DecodeError, *UNREADABLE_JSON):
-        return None
-    if isinstance(obj, dict):
-        mid = obj.get("id")
-        if isinstance(mid, (int, str)) and not isinstance(mid, bool):
-            return mid
-    return None
+        return None, None
+    if not isinstance(obj, dict):
+        return None, None
+    mid = obj.get("id")
+    if not isinstance(mid, (int, str)) or isinstance(mid, bool):
+        mid = None
+    channel = obj.get("channel")
+    if obj.get("type") not in ("subscribe", "unsubscribe") or not isinstance(channel, str):
+        channel = None
+    return mid, channel
 
 
 class Connection(WSListener):
@@ -444,7 +450,7 @@ class Connection(WSListener):
         try:
             msg = client_decoder.decode(data)
         except msgspec.ValidationError as exc:
-            self._invalid_message(f"invalid message: {exc}", _message_id(data))
+            self._invalid_message(f"invalid message: {exc}", *_message_refs(data))
             return
         except (msgspec.DecodeError, *UNREADABLE_JSON) as exc:
             self._invalid_message(f"not JSON: {unreadable_json(exc, data)}", None)

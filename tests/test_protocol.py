@@ -308,6 +308,21 @@ async def test_a_refused_filter_names_its_channel(gateway):
             assert (err["code"], err.get("channel")) == (4000, "events:orders"), err
 
 
+async def test_a_subscribe_refused_for_its_shape_names_its_channel(gateway):
+    """A subscribe whose `filter` is not an object, or whose `since` is not an integer, is
+    refused with 4000 before its filter is read: that error names the channel too (§5), as a
+    client written from the docs waits for an answer naming it. Before, it had no `channel`."""
+    async with ws_connect(gateway, "w1", token=gateway.token("w1")) as c:
+        for extra in ({"filter": "status=paid"}, {"filter": [1]}, {"since": "1795882500879655"}):
+            await c.send({"type": "subscribe", "channel": "events:orders", **extra})
+            err = await c.recv_type("error")
+            assert (err["code"], err.get("channel")) == (4000, "events:orders"), (extra, err)
+        await c.send({"type": "unsubscribe", "channel": "events:orders", "id": 1.5})
+        err = await c.recv_type("error")
+        assert (err["code"], err.get("channel")) == (4000, "events:orders"), err
+        await c.subscribe("events:orders")
+
+
 async def test_unknown_type_and_non_object_are_4000(gateway):
     async with ws_connect(gateway, "w1", token=gateway.token("w1")) as c:
         for msg in ('{"type":"explode","id":3}', "[1,2]", '"x"', '{"channel":"events:x"}'):
