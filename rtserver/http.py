@@ -99,10 +99,11 @@ _READ_HEADERS = {
 
 
 class _Request:
-    __slots__ = ("url", "headers", "body", "size", "canned")
+    __slots__ = ("url", "headers", "body", "size", "head", "canned")
 
     def __init__(self) -> None:
         self.url = b""
+        self.head = 0  # bytes of the request line and headers parsed so far (MAX_HEAD_BYTES)
         self.headers: dict[str, str] = {}
         self.body: list[bytes] = []
         self.size = 0
@@ -342,14 +343,27 @@ class FrontProtocol(asyncio.Protocol):
     def on_url(self, url: bytes) -> None:
         assert self._req is not None
         self._req.url += url
+        self._count_head(len(url))
 
     def on_header(self, name: bytes, value: bytes) -> None:
         assert self._req is not None
+        if not self._in_body:
+            self._count_head(len(name) + len(value) + 4)  # "name: value\r\n"
         key = _READ_HEADERS.get(name.lower())
         # Not the trailer fields after a chunked body: HTTP forbids merging them into the
         # head (they replaced the Authorization or X-Correlation-ID a proxy checked there).
         if key is not None and not self._in_body:
             self._req.headers[key] = value.decode("latin-1")
+
+    def _count_head(self, size: int) -> None:
+        """431 for a head over MAX_HEAD_BYTES as parsed. data_received bounds what a head not
+        yet complete buffers, read by read; a head that arrived whole in one read, or
+        completed in the read that passed the limit, went through it (up to twice the limit)."""
+        req = self._req
+        assert req is not None
+        req.head += size
+        if req.head > MAX_HEAD_BYTES:
+            raise _Refused(431, f"request head exceeds {MAX_HEAD_BYTES} bytes")
 
     def on_headers_complete(self) -> None:
         req = self._req
