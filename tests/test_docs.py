@@ -3,8 +3,14 @@ code generates, and the README's two set-up commands are the ones CI and newcome
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import re
+import subprocess
+import sys
+
+import websockets
 
 from rtserver.config import config_table_markdown
 
@@ -40,3 +46,162 @@ def test_every_setting_documented_with_env_var():
 def test_license_is_mit():
     assert _read("LICENSE").startswith("MIT License")
     assert 'license = "MIT"' in _read("pyproject.toml")
+
+
+# -- the README's examples, run as written against a real gateway ------------------------------
+
+def _fenced(text: str, lang: str, after: str) -> str:
+    """The first ```lang block of `text` after the line holding `after`."""
+    start = text.index(after)
+    m = re.compile(rf"^```{lang}\n(.*?)^```", re.S | re.M).search(text, start)
+    assert m, f"no ```{lang} block after {after!r}"
+    return m.group(1)
+
+
+def _shown(line: str) -> dict:
+    """A message as the docs show it: `…` stands for a value that varies (null here)."""
+    return json.loads(re.sub(r"(?<=:)…", "null", line))
+
+
+def _like(got: dict, shown: dict) -> None:
+    """`got` has the members `shown` has, in its order, with its values where they are given."""
+    assert list(got) == list(shown), (got, shown)
+    for key, value in shown.items():
+        if value not in (None, "…"):
+            assert got[key] == value, (key, got, shown)
+        else:
+            assert got[key] is not None, (key, got)
+
+
+def _cli(*args: str, env: dict[str, str]) -> str:
+    out = subprocess.run([sys.executable, "-m", "rtserver", *args], env=env, capture_output=True, text=True,
+                         timeout=60, check=True)
+    return out.stdout.strip()
+
+
+async def test_readme_quickstart_runs_as_written(gateway_factory):
+    """The Quickstart in a zero-configuration (dev mode) gateway: the token command, the two
+    client messages and the answers shown, the curl publish and its answer, and the event the
+    client prints, member by member."""
+    readme = _read("README.md")
+    session = _fenced(readme, "sh", "## Quickstart")
+    gw = await gateway_factory(env={"RT_AUTH_HS256_SECRET": ""})  # dev mode: a generated secret
+    env = {**gw.env}
+    token_cmd = re.search(r"TOKEN=\$\((rtserver token [^)]*)\)", session).group(1).split()[1:]
+    token = _cli(*token_cmd, env=env)
+    path = re.search(r"ws://127\.0\.0\.1:8080(/\S+)", session).group(1)
+    sent = [line[2:] for line in session.splitlines() if line.startswith("> ")]
+    shown = [_shown(line[2:]) for line in session.splitlines() if line.startswith("< ")]
+    async with websockets.connect(f"ws://{gw.netloc}{path}") as ws:
+        for line, answer in zip(sent, shown, strict=True):
+            await ws.send(line.replace("<paste $TOKEN>", token))
+            _like(json.loads(await ws.recv()), answer)
+
+        publish = _fenced(readme, "sh", "In a third shell, publish:")
+        url = re.search(r"http://127\.0\.0\.1:8080(\S+)", publish).group(1)
+        headers = dict(h.split(": ", 1) for h in re.findall(r'-H "([^"]+)"', publish))
+        headers = {k: v.replace("$TOKEN", token) for k, v in headers.items()}
+        body = re.search(r"-d '([^']+)'", publish).group(1).encode()
+        status, answer = await gw.post(url, body, headers)
+        assert status == 202, answer
+        answer = json.loads(answer)
+        _like(answer, {**json.loads(re.search(r"^# (\{.*\})$", publish, re.M).group(1)), "seq": None})
+
+        event = json.loads(await ws.recv())
+        printed = json.loads(_fenced(readme, "json", "and the client prints"))
+        _like(event, {**printed, "timestamp": "…", "seq": answer["seq"]})
+        assert event["payload"] == json.loads(body)
+
+
+async def test_readme_python_client_example_runs_as_written(gateway_factory):
+    """The README's Python client example, its URL pointed at a test gateway and `fetch_token`
+    defined, prints the matching event and not the other."""
+    gw = await gateway_factory()
+    code = _fenced(_read("README.md"), "python", "Python (`rtserver.client`)")
+    assert "wss://rt.example.com/workspaces/w1/realtime/connect" in code
+    code = code.replace("wss://rt.example.com", f"ws://{gw.netloc}")
+    token = gw.token("w1")
+    script = f"def fetch_token():\n    return {token!r}\n\n{code}"
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-u", "-c", script, env=gw.env,
+                                                stdout=asyncio.subprocess.PIPE)
+    try:
+        # Published until the example prints: events before its subscription are not asked for.
+        line = b""
+        for _ in range(40):
+            await gw.publish("w1", "orders", {"status": "new", "n": 1})
+            await gw.publish("w1", "orders", {"status": "paid", "n": 2})
+            try:
+                line = await asyncio.wait_for(proc.stdout.readline(), 0.5)
+                break
+            except TimeoutError:
+                continue
+        assert line.decode().startswith("event ") and "'status': 'paid'" in line.decode(), line
+    finally:
+        proc.kill()
+        await proc.wait()
+
+
+def test_readme_toml_example_is_a_valid_configuration(tmp_path):
+    """The per-workspace TOML example loads (a key it misspelled would be a configuration error)."""
+    from rtserver.config import load
+
+    path = tmp_path / "rt.toml"
+    path.write_text(_fenced(_read("README.md"), "toml", "## Configuration"))
+    cfg = load(str(path), environ={})
+    assert cfg.workspaces["acme"].postgres_schemas == ["public", "sales"]
+
+
+async def test_protocol_doc_client_in_a_few_lines_resumes_as_written(gateway_factory):
+    """docs/protocol.md §7's client in a few lines, under Node.js with the `ws` package as its
+    WebSocket: it subscribes, renders events, and after its link is cut resumes its session
+    with the last seq and renders what was published meanwhile, once each."""
+    from tests.test_js_client import JS, require_node
+
+    node = require_node()
+    gw = await gateway_factory()
+    snippet = _fenced(_read("docs", "protocol.md"), "javascript", "A client in a few lines")
+    token = gw.token("w1")
+    script = f"""
+import WS from {json.dumps(str(JS / "node_modules" / "ws" / "index.js"))};
+const sockets = [];
+globalThis.WebSocket = class extends WS {{ constructor(u) {{ super(u); sockets.push(this); }} }};
+const url = {json.dumps(gw.ws_url("w1"))};
+const TOKEN = {json.dumps(token)};
+const render = (m) => console.log("render " + JSON.stringify(m.payload));
+const reload = () => console.log("reload");
+{snippet}
+connect();
+process.stdin.on("data", () => sockets[sockets.length - 1].terminate());  // a lost link
+"""
+    proc = await asyncio.create_subprocess_exec(node, "--input-type=module", "-e", script,
+                                                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+
+    async def rendered(n: int) -> None:
+        # Published until it renders: the subscription is sent once auth_ok arrives.
+        for _ in range(40):
+            await gw.publish("w1", "orders", {"n": n})
+            try:
+                line = await asyncio.wait_for(proc.stdout.readline(), 0.5)
+            except TimeoutError:
+                continue
+            assert line.decode().strip() == f'render {{"n":{n}}}', line
+            return
+        raise AssertionError(f"event {n} never rendered")
+
+    try:
+        await rendered(1)
+        proc.stdin.write(b"cut\n")
+        await proc.stdin.drain()
+        for n in (2, 3):  # while the link is down, or just back: the resume replays them
+            await gw.publish("w1", "orders", {"n": n})
+        lines: list[str] = []
+        while len(lines) < 2:
+            line = (await asyncio.wait_for(proc.stdout.readline(), 20)).decode().strip()
+            if line != 'render {"n":1}':  # a second copy published while the first was on its way
+                lines.append(line)
+        assert lines == ['render {"n":2}', 'render {"n":3}'], lines
+        resumed = await gw.audit_records("session-resumed")
+        assert resumed, "the snippet did not resume its session"
+    finally:
+        proc.kill()
+        await proc.wait()
