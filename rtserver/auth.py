@@ -176,16 +176,33 @@ def _string_list(value: Any) -> list[str]:
     return []
 
 
+def _spellings(channel: str) -> tuple[str, ...]:
+    """The names of one channel: a table of schema public is `postgres:orders` and
+    `postgres:public.orders` (protocol §4). Either covered covers the channel: a subject can
+    already subscribe to the table by the spelling its patterns cover, so this grants no table
+    more, it only spares the refusal of the other spelling."""
+    if not channel.startswith("postgres:") or channel == "postgres:*":
+        return (channel,)
+    table = channel[len("postgres:"):]
+    if table.startswith("public."):
+        return (channel, "postgres:" + table[len("public."):])
+    if "." not in table:
+        return (channel, "postgres:public." + table)
+    return (channel,)
+
+
 def channel_allowed(patterns: tuple[str, ...] | None, channel: str) -> bool:
-    """Whether a channel is covered: exact pattern, or a pattern ending in `*` as a prefix (`postgres:*`)."""
+    """Whether a channel is covered, in any of its spellings: exact pattern, or a pattern
+    ending in `*` as a prefix (`postgres:*`)."""
     if patterns is None:
         return True
-    for pattern in patterns:
-        if pattern.endswith("*"):
-            if channel.startswith(pattern[:-1]):
+    for name in _spellings(channel):
+        for pattern in patterns:
+            if pattern.endswith("*"):
+                if name.startswith(pattern[:-1]):
+                    return True
+            elif pattern == name:
                 return True
-        elif pattern == channel:
-            return True
     return False
 
 

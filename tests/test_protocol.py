@@ -649,6 +649,31 @@ async def test_channel_permissions_claim(gateway_factory):
         assert (await c.recv())["type"] == "pong"
 
 
+async def test_channel_permissions_take_a_public_table_in_either_spelling(gateway_factory):
+    """`postgres:orders` and `postgres:public.orders` are one channel (§4): a token listing
+    either spelling (or `postgres:public.*`) may subscribe to both. Before, the patterns were
+    compared as text, so a token listing `postgres:public.orders` was refused `postgres:orders`
+    with 4003, though it could subscribe to the same table by the other spelling. (No source is
+    configured here: a granted channel gets 4010, a refused one 4003.)"""
+    gw = await gateway_factory(env={"RT_AUTH_CHANNEL_PERMISSIONS": "true"})
+    cases = [
+        (["postgres:public.orders"], "postgres:orders", 4010),
+        (["postgres:orders"], "postgres:public.orders", 4010),
+        (["postgres:public.*"], "postgres:orders", 4010),
+        (["postgres:ord*"], "postgres:public.orders", 4010),
+        (["postgres:public.orders"], "postgres:public.orders", 4010),
+        (["postgres:public.orders"], "postgres:sales.orders", 4003),
+        (["postgres:sales.*"], "postgres:orders", 4003),
+        (["postgres:orders"], "postgres:*", 4003),
+        (["postgres:orders"], "postgres:order", 4003),
+    ]
+    for patterns, channel, code in cases:
+        async with ws_connect(gw, "w1", token=gw.token("w1", realtime_channels=patterns)) as c:
+            await c.send({"type": "subscribe", "channel": channel})
+            err = await c.recv_type("error")
+            assert (err["code"], err["channel"]) == (code, channel), (patterns, channel, err)
+
+
 async def test_channel_permissions_apply_to_refreshed_and_resumed_sessions(gateway_factory):
     """The channel permissions are the current token's: a refresh, or a resume, with a token
     that grants fewer channels drops the subscriptions it does not cover (4003 on each), and
