@@ -232,6 +232,12 @@ class Gateway:
         except Exception:
             log.exception("event bus did not close cleanly")
         await self._known.flush()
+        if self._seq is not None:
+            try:
+                # The bus is closed: no position is handed out any more.
+                await self._seq.close(max(now_us(), self.hub.highest_position()))
+            except OSError:
+                log.exception("seq reservation not replaced at the stop", extra={"fields": {"path": self._seq.path}})
         try:
             await asyncio.wait_for(self.audit.close(), max(0.5, deadline - time.monotonic()))
         except Exception:

@@ -342,6 +342,11 @@ class Hub:
                 self._retire_if_idle(ws, grace, now)
         return high
 
+    def highest_position(self) -> int:
+        """The highest position handed out: of the workspaces in memory and those retired."""
+        high = max((ws.history.last_seq for ws in self.workspaces.values()), default=0)
+        return max(high, max(self._retired.values(), default=0))
+
     def _retire_if_idle(self, ws: Workspace, grace: float, now: float) -> None:
         """Drop the in-memory state of a workspace idle for `grace` seconds: no connection, no
         subscription, no retained event, and `retirable`. Only the position its history

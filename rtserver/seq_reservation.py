@@ -9,7 +9,9 @@ sent nothing until the clock caught up (PROTOCOL.md §5: seq increases across re
 So the gateway reserves positions ahead (30 s of clock) and keeps the reservation in
 `<state_dir>/seq-reservation`: written before the first position is handed out, renewed off
 the event loop well before the clock (or the highest position handed out) reaches it, and a
-new process starts every history above it.
+new process starts every history above it. A clean stop replaces it with the highest position
+the run handed out (close()): a restart within 30 s would otherwise start that far ahead of the
+clock, and warn of a clock behind positions that were only reserved.
 """
 
 from __future__ import annotations
@@ -64,6 +66,14 @@ class SeqReservation:
         value = high_us + AHEAD_US
         self._writing = asyncio.get_running_loop().run_in_executor(None, self._write, value)
         self._writing.add_done_callback(lambda fut: self._written(fut, value))
+
+    async def close(self, high_us: int) -> None:
+        """At a clean stop, once no position is handed out any more: leave `high_us` (at least
+        the highest one handed out) instead of the reservation."""
+        if self._writing is not None and not self._writing.done():
+            await asyncio.wait({self._writing})  # a renewal must not land after this
+        await asyncio.get_running_loop().run_in_executor(None, self._write, high_us)
+        self.reserved = high_us
 
     def _write(self, value: int) -> None:
         replace_file(self.path, b"%d\n" % value)
