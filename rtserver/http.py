@@ -35,7 +35,8 @@ MAX_HEAD_BYTES = 64 * 1024
 _LINGER_SECONDS = 2.0
 
 CONNECT_RE = re.compile(r"^/workspaces/([^/]+)/realtime/connect/?$")
-PUBLISH_RE = re.compile(r"^/workspaces/([^/]+)/realtime/events/([^/]+)/?$")
+# The topic may be empty here: the publish API refuses it as malformed (400), not as unknown.
+PUBLISH_RE = re.compile(r"^/workspaces/([^/]+)/realtime/events/([^/]*)/?$")
 
 _REASONS = {
     200: "OK",
@@ -526,13 +527,15 @@ class FrontProtocol(asyncio.Protocol):
                         self._respond_later(answer, keep_alive)
                         return
                     response = http_response(answer[0], answer[1], keep_alive=keep_alive)
-            elif method in (b"GET", b"HEAD"):
+            elif method in (b"GET", b"HEAD") and not PUBLISH_RE.match(path):
                 status, ctype, body = self.gw.http_get(path)
                 response = http_response(status, body, ctype, keep_alive)
                 if method == b"HEAD":
                     response = response[: len(response) - len(body)]  # headers only, same length
             else:
-                response = json_error(405, f"method {method.decode()} not allowed", keep_alive)
+                # A publish URL takes POST only (a GET of it was a 404, as for no endpoint).
+                only = ": POST publishes" if PUBLISH_RE.match(path) else ""
+                response = json_error(405, f"method {method.decode()} not allowed{only}", keep_alive)
         except Exception:
             log.exception("HTTP request failed", extra={"fields": {"path": path, "method": method.decode()}})
             response = json_error(500, "internal error", keep_alive=False)

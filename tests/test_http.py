@@ -131,6 +131,8 @@ async def test_publish_errors(gateway):
         # A trailing newline is no part of a topic or a workspace id (a `$`-anchored check let
         # "orders\n" through as a topic and "w1\n" as a workspace of its own).
         (f"{base}/orders%0A", b"{}", good, 400),
+        # An empty topic is a malformed one (PROTOCOL.md §8: 400), not an unknown endpoint.
+        (f"{base}/", b"{}", good, 400),
         ("/workspaces/w1%0A/realtime/events/orders", b"{}",
          {"Authorization": f"Bearer {gateway.token('*', publish=True)}"}, 404),
     ]
@@ -138,6 +140,9 @@ async def test_publish_errors(gateway):
         status, out = await gateway.post(path, body, headers)
         assert status == expected, (path, body[:20], headers, status, out)
         assert "error" in json.loads(out)
+    # The publish API takes POST only: another method is 405, GET as PUT (GET was a 404).
+    status, out = await gateway.get(f"{base}/orders", good)
+    assert status == 405 and "POST" in json.loads(out)["error"], (status, out)
 
 
 async def test_publish_topic_may_be_percent_encoded(gateway):
