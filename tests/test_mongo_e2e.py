@@ -180,3 +180,21 @@ async def test_a_stop_with_mongodb_unreachable_stays_bounded_however_many_databa
         assert "did not stop cleanly" not in gw.logs()
     finally:
         await proxy.close()
+
+
+@pytest.mark.parametrize("workspace", ["admin", "config", "local"])
+async def test_a_workspace_named_like_a_mongodb_internal_database_is_4010_not_a_node_down(mongo_gateway, workspace):
+    """With a URL that names no database each workspace reads the database named like it, but
+    MongoDB opens no change stream on its internal databases (admin, config, local): a client
+    of a workspace so named made the node start a feed that failed at every attempt, and
+    /readyz said 503 for the whole node (the load balancer took it out). Now its mongo channels
+    are 4010, saying why, and the node stays ready."""
+    gw, _ = mongo_gateway
+    async with ws_connect(gw, workspace, token=gw.token(workspace)) as c:
+        await gw.wait_ready()
+        for channel in ("mongo:orders", "mongo:*"):
+            reply = await _subscribe(c, channel)
+            assert (reply["type"], reply["code"], reply["channel"]) == ("error", 4010, channel), reply
+            assert f"MongoDB database '{workspace}' (of workspace {workspace}) is internal to MongoDB" in reply["message"]
+        status, body = await gw.get("/readyz")
+        assert status == 200, body

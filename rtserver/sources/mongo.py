@@ -66,6 +66,9 @@ RAW_CODEC = CodecOptions(document_class=RawBSONDocument)
 CLOSE_TIMEOUT = 2.0
 LIST_TIMEOUT = 5.0
 MAX_DATABASE_NAME = 63  # bytes; mongod: "db name must be at most 63 characters" (InvalidNamespace)
+# mongod opens no change stream on these ("$changeStream may not be opened on the internal
+# admin database"; on admin only a whole-cluster one), whoever asks.
+INTERNAL_DATABASES = frozenset(("admin", "config", "local"))
 
 
 def database_for(url: str, workspace: str) -> str:
@@ -103,11 +106,16 @@ def feed_digest(url: str, database: str) -> str:
 def database_problem(url: str, workspace: str) -> str:
     """Why `workspace` can have no database on `url` ("" when it can): a URL that names none
     makes the workspace id the database's name, and a workspace id may be longer than MongoDB
-    takes (64 against 63): its feed would fail at every attempt, the node not ready for good."""
+    takes (64 against 63), or be the name of one of MongoDB's internal databases (a workspace
+    `admin`, `config` or `local`), which no change stream reads: its feed would fail at every
+    attempt, the node not ready for good."""
     name = database_for(url, workspace)
     if len(name.encode()) > MAX_DATABASE_NAME:
         return (f"MongoDB database {name!r} (of workspace {workspace}) is longer than MongoDB takes "
                 f"({MAX_DATABASE_NAME} bytes): name a database in the MongoDB URL")
+    if name in INTERNAL_DATABASES:
+        return (f"MongoDB database {name!r} (of workspace {workspace}) is internal to MongoDB, which opens no "
+                "change stream on it: name another database in the MongoDB URL")
     return ""
 
 

@@ -139,6 +139,10 @@ def open_stream(
     unknown = set(spec) - allowed
     if unknown:
         raise CommandError(40415, "Location40415", f"BSON field '$changeStream.{sorted(unknown)[0]}' is an unknown field.")
+    # As mongod refuses it (document_source_change_stream.cpp): no stream on the internal
+    # databases, and on admin only a whole-cluster one.
+    if db in ("local", "config") or (db == "admin" and not spec.get("allChangesForCluster")):
+        raise CommandError(73, "InvalidNamespace", f"$changeStream may not be opened on the internal {db} database")
     match: dict[str, Any] | None = None
     split = False
     for i, stage in enumerate(rest):
