@@ -71,7 +71,7 @@ TERMINAL_CODES = frozenset({4002, 4003, 1008, 1009})
 _SUBSCRIPTION_REFUSALS = frozenset({4000, 4003, 4008, 4010})
 # After a 4001 the client reconnects at once with a new token, but only when that token is
 # fresh (its `exp` more than _FRESH_MARGIN past the one the gateway closed at, see _fresh: the
-# gateway accepts a token up to 5 s past `exp` and then closes at once with 4001) and only once
+# gateway refuses a token past `exp` with 4001, as it closes at `exp`) and only once
 # until a connection has been healthy
 # (authenticated for _HEALTHY_AFTER): otherwise it backs off.
 _FRESH_MARGIN = 5.0
@@ -534,7 +534,7 @@ class RealtimeClient:
             if self.state == "closed":
                 return
             if token is not None and at_once and not _fresh(token, self._presented):
-                # The gateway would accept it within its leeway and close with 4001 at once.
+                # The gateway would refuse it with 4001, or take it and close with 4001 soon.
                 log.info("new token expires within %s s: backing off", _FRESH_MARGIN, extra={"fields": {"url": self.url}})
                 token = None
             at_once = False

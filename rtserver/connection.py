@@ -521,7 +521,7 @@ class Connection(WSListener):
     async def _authenticate(self, token: str, resume: str | None, since: int | None, mid: Any) -> None:
         gw = self.gw
         try:
-            identity = await gw.auth.authenticate(token, self.workspace_id)
+            identity = _unexpired(await gw.auth.authenticate(token, self.workspace_id))
         except AuthError as exc:
             # Audited even when the client has left meanwhile (a slow key set refetch): one
             # sending tokens and leaving at once must leave its failed attempts in the trail.
@@ -614,12 +614,10 @@ class Connection(WSListener):
             identity = await gw.auth.authenticate(msg.token, self.workspace_id)
             if identity.subject != self.identity.subject:
                 raise AuthError(4003, "a refresh token must be for the same subject", subject=identity.subject)
-            # The leeway lets a token a few seconds past `exp` through authenticate(), but the
-            # session ends exactly at `exp`: taken as a refresh, such a token replaced a valid
-            # one and closed the connection with 4001 at once. It is expired: refused, and the
-            # connection carries on under the old token (§1).
-            if identity.expires_at <= time.time():
-                raise AuthError(4001, f"token expired at {_expires(identity)}", subject=identity.subject)
+            # Taken as a refresh, a token just past `exp` replaced a valid one and closed the
+            # connection with 4001 at once: refused, the connection carries on under the old
+            # token (§1).
+            _unexpired(identity)
         except AuthError as exc:
             gw.metrics.auth_failures[exc.code] += 1
             gw.audit.emit(
@@ -1103,3 +1101,13 @@ class Connection(WSListener):
 
 def _expires(identity: Identity) -> str:
     return iso_ms(int(identity.expires_at * 1000))
+
+
+def _unexpired(identity: Identity) -> Identity:
+    """`identity`, or AuthError 4001 when its token is past `exp`. The leeway lets a token a
+    few seconds past `exp` through authenticate() (clock skew, §2), but a session ends exactly
+    at `exp`: at connect such a session had ended before it began, yet the connection got
+    auth_ok, and a resumed session's missed events, before its expiry timer closed it."""
+    if identity.expires_at <= time.time():
+        raise AuthError(4001, f"token expired at {_expires(identity)}", subject=identity.subject)
+    return identity

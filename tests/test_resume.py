@@ -403,3 +403,32 @@ async def test_metrics_show_history_and_suspended_sessions(gateway):
     text = body.decode()
     assert "rt_suspended_sessions 1" in text
     assert 'rt_history_events{workspace="w1"} 1' in text
+
+
+async def test_a_token_just_past_exp_at_connect_gets_4001_and_no_event(gateway):
+    """The leeway lets a token a second or two past `exp` through when it is presented, but the
+    session ends exactly at `exp`, before it began: the connection got auth_ok, a resumed
+    session's missed events and the replay of a `subscribe` with `since` sent behind the auth,
+    and only then 4001. A token past its exp read the workspace's retained events. It is
+    refused at connect (4001, as a refresh with it is), nothing delivered."""
+    token = gateway.token("w1", sub="alice")
+    async with ws_connect(gateway, "w1", token=token) as c:
+        await c.subscribe("events:orders")
+        session = await _session_id(c, token)
+    for i in range(3):
+        await gateway.publish("w1", "orders", {"n": i})
+    late = gateway.token("w1", sub="alice", ttl=-2)
+    async with ws_connect(gateway, "w1") as c:
+        await c.send({"type": "auth", "token": late, "resume": session, "since": 0, "id": "a"})
+        await c.send({"type": "subscribe", "channel": "events:*", "since": 0, "id": "s"})
+        err = await c.recv_type("error")
+        assert (err["code"], err["name"], err["id"]) == (4001, "token_expired", "a"), err
+        assert await c.expect_close() == (4001, "token_expired")
+    async with ws_connect(gateway, "w1", token=late, header_auth=True) as c:
+        assert (await c.recv_type("error"))["code"] == 4001
+        assert await c.expect_close() == (4001, "token_expired")
+    # The session was not taken: a valid token still resumes it.
+    async with ws_connect(gateway, "w1") as c:
+        ok = await c.auth(token, resume=session)
+        assert ok["resumed"] is True
+        assert [e["payload"]["n"] for e in [await c.recv_event() for _ in range(3)]] == [0, 1, 2]

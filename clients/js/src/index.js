@@ -94,7 +94,7 @@ function canonical(kind, name) {
 const MAX_TIMER_MS = 2 ** 31 - 1;
 // After a 4001 the client reconnects at once with a new token, but only when that token is
 // fresh (its `exp` more than FRESH_MARGIN_MS past the one the gateway closed at, see isFresh:
-// the gateway accepts a token up to 5 s past `exp` and then closes at once with 4001) and only
+// the gateway refuses a token past `exp` with 4001, as it closes at `exp`) and only
 // once until a connection has been healthy (authenticated for HEALTHY_AFTER_MS): otherwise it
 // backs off.
 const FRESH_MARGIN_MS = 5000;
