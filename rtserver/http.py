@@ -73,6 +73,14 @@ def host_port(peer: Any) -> str:
     return f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
 
 
+def _target_path(url: bytes) -> str:
+    """The path of a request target. One in absolute form (as sent to a proxy) may have none,
+    `http://h`, which means `/` (RFC 9112 3.2.2): httptools gives None for it, and the handler
+    failed on that outside its error handling (no answer, an ERROR traceback in the log for
+    each such request anyone sent). HttpParserInvalidURLError for a target it cannot read."""
+    return (httptools.parse_url(url).path or b"/").decode("latin-1")
+
+
 def http_response(status: int, body: bytes, content_type: str = "application/json", keep_alive: bool = True) -> bytes:
     key = (status, content_type, keep_alive)
     head = _HEADS.get(key)
@@ -284,7 +292,7 @@ class FrontProtocol(asyncio.Protocol):
         try:
             if self._parser is None or self._parser.get_method() != b"POST":
                 return False
-            return PUBLISH_RE.match(httptools.parse_url(req.url).path.decode("latin-1")) is not None
+            return PUBLISH_RE.match(_target_path(req.url)) is not None
         except httptools.HttpParserInvalidURLError:
             return False
 
@@ -503,7 +511,7 @@ class FrontProtocol(asyncio.Protocol):
             path, route = self._publish_route
         else:
             try:
-                path = httptools.parse_url(req.url).path.decode("latin-1")
+                path = _target_path(req.url)
             except httptools.HttpParserInvalidURLError:
                 self._respond(json_error(400, "malformed URL", keep_alive), close=not keep_alive)
                 return

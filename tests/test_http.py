@@ -93,6 +93,27 @@ async def test_unknown_paths_are_404(gateway):
         assert status == 404, path
 
 
+async def test_an_absolute_form_target_without_a_path_is_answered_and_logs_no_error(gateway):
+    """A request target in absolute form (as sent to a proxy) may have no path: `http://h`
+    means `/` (RFC 9112 3.2.2). Its path was None, and the request handler failed on it outside
+    its error handling: no answer, the connection dropped, and an ERROR line with a traceback
+    ("Fatal error on transport") in the log for each such request anyone sent. Now it is the
+    request for `/`: 404 (405 for a method not served), and the connection goes on."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+    try:
+        for request, want in ((b"GET http://h HTTP/1.1\r\nHost: h\r\n\r\n", 404),
+                              (b"GET http://h?x=1 HTTP/1.1\r\nHost: h\r\n\r\n", 404),
+                              (b"POST http://h HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n\r\n{}", 404),
+                              (b"DELETE http://h HTTP/1.1\r\nHost: h\r\n\r\n", 405),
+                              (b"GET http://h/healthz HTTP/1.1\r\nHost: h\r\n\r\n", 200)):
+            writer.write(request)
+            status, _, body = await read_answer(reader)
+            assert status == want, (request, status, body)
+    finally:
+        writer.close()
+    assert '"level":"error"' not in gateway.logs()
+
+
 async def test_upgrade_to_bad_workspace_id_or_path_is_404(gateway):
     import websockets
 
