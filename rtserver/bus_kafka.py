@@ -1007,8 +1007,9 @@ class RemoteSource:
         if self._catalog is None:
             self._catalog = Catalog(self.url, schemas=self.schemas, tables=self.tables, slot="", publication="")
         try:
-            # the ingest does not read what is no table or is outside the configuration
-            why = await self._catalog.not_a_table(schema, name) or self._catalog.unconfigured(schema, name)
+            # the ingest does not read what is outside the configuration (refused without a
+            # lookup, as by the feed: see PostgresSource.check_channel) or is no table
+            why = self._catalog.unconfigured(schema, name) or await self._catalog.not_a_table(schema, name)
             if not why:
                 unpublishable = await self._unpublishable(schema, name)  # a partition, no replica identity...
                 why = unpublishable and f"table is not published: {unpublishable}"

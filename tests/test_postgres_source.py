@@ -119,6 +119,34 @@ async def test_a_subscribe_to_what_cannot_stream_says_why(db, make_source, pg_da
         await node.stop()
 
 
+async def test_a_name_outside_the_configuration_gets_one_answer_whether_it_exists_or_not(db, make_source,
+                                                                                         pg_database):
+    """A subscribe to a table outside postgres.schemas / postgres.tables was looked up first:
+    "table does not exist" for a name that is none, "its schema ... is not among
+    postgres.schemas" for one that is, so any client of the workspace could list the tables,
+    views and schemas of a database beyond what the gateway is configured to publish (another
+    application's schema, pg_catalog's tables) by the 4010 messages. Such a name now gets one
+    answer, without a query, on a single gateway and on a Kafka-bus node alike."""
+    await db.execute("CREATE SCHEMA other; CREATE TABLE other.hidden (id int PRIMARY KEY); "
+                     "CREATE VIEW other.v AS SELECT 1 AS one")
+    src, _ = await make_source()
+    node = RemoteSource("postgres", pg_database, ["public"], [])
+    try:
+        for source in (src, node):
+            answers = {}
+            for entity in ("other.hidden", "other.v", "other.nosuch"):
+                with pytest.raises(ChannelUnavailable) as refused:
+                    await source.check_channel("w1", entity)
+                answers[entity] = str(refused.value).removeprefix(f"postgres:{entity}: ")
+            (answer,) = set(answers.values())  # one answer for all three
+            assert answer.endswith("its schema other is not among postgres.schemas (public)"), answers
+            for entity in ("pg_catalog.pg_authid", "pg_catalog.nosuch"):
+                with pytest.raises(ChannelUnavailable, match=f"postgres:{entity}: .*its schema pg_catalog is not among"):
+                    await source.check_channel("w1", entity)
+    finally:
+        await node.stop()
+
+
 async def test_the_catalog_session_does_not_jit_compile_its_queries(db, make_source):
     """PostgreSQL JIT-compiles a query estimated above jit_above_cost, and the catalog's query
     of the configured tables (desired_tables) passes it in a database of a few hundred tables:

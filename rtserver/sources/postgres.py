@@ -253,23 +253,25 @@ class PostgresSource:
             raise ChannelUnavailable(f"postgres:{entity}: the PostgreSQL source is not started (workspace {workspace})")
         if (schema, name) in catalog.published:
             return canonical
+        # A name outside the configuration is refused without a lookup: answered "does not
+        # exist" or "not among postgres.schemas" after one, it told any client which tables,
+        # views and schemas a database holds beyond what the gateway publishes.
+        unconfigured = catalog.unconfigured(schema, name)
+        if unconfigured:
+            raise ChannelUnavailable(f"postgres:{canonical}: table is not published: {unconfigured}")
         try:
-            # A name that is no table, or a table outside the configuration, costs one lookup,
-            # not a publication sync (several catalog queries under the lock every such subscribe
-            # waits on): 4010 is no invalid message, so a client could repeat it at will.
+            # A name that is no table costs one lookup, not a publication sync (several catalog
+            # queries under the lock every such subscribe waits on): 4010 is no invalid
+            # message, so a client could repeat it at will.
             why = await catalog.not_a_table(schema, name)
             if why:
                 raise ChannelUnavailable(f"postgres:{canonical}: {why}")
-            if catalog.configured(schema, name):
-                await self._sync_publication()  # a table created since the last sync
-                if (schema, name) in catalog.published:
-                    return canonical
+            await self._sync_publication()  # a table created since the last sync
+            if (schema, name) in catalog.published:
+                return canonical
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, SetupError) as exc:
             raise ChannelUnavailable(f"postgres:{canonical}: database unavailable: {exc}") from exc
-        why = catalog.skipped.get((schema, name))
-        if why:
-            raise ChannelUnavailable(f"postgres:{canonical}: table is not published: {why}")
-        why = catalog.unconfigured(schema, name) or "the gateway's publication does not hold it"
+        why = catalog.skipped.get((schema, name)) or "the gateway's publication does not hold it"
         raise ChannelUnavailable(f"postgres:{canonical}: table is not published: {why}")
 
     def ready(self) -> bool:
