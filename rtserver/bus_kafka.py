@@ -555,7 +555,8 @@ class KafkaBus:
         request order, so the records of one publisher travel together instead of one Kafka
         round trip each.
 
-        Refused (BusUnavailable 503) while Kafka is unavailable, or when the batch stays full
+        Refused with BusUnavailable 400 for an event that cannot be encoded (a payload nesting
+        too deeply), and 503 while Kafka is unavailable, or when the batch stays full
         for bus.publish_timeout. Sent but not acknowledged within bus.publish_timeout, the
         future fails with BusUnavailable 504: the outcome is unknown (the producer writes it
         once Kafka is back, unless the batch outlives the producer's request timeout, 120 s,
@@ -569,9 +570,17 @@ class KafkaBus:
             raise BusUnavailable(503, f"event bus unavailable ({problem}); the event was not published "
                                       f"(workspace {event.workspace}, bus topic {self.topic})")
         try:
+            value = encode_event(event)
+        except RecursionError:
+            # The publish API decoded the payload a few calls up the stack; one nesting just
+            # under the decoder's limit cannot be encoded down here (it was a 500 and an ERROR
+            # traceback): refused as one nesting deeper still is.
+            raise BusUnavailable(400, "body is not valid JSON: JSON nests too deeply for the event bus; the "
+                                      f"event was not published (workspace {event.workspace})") from None
+        try:
             # Usually in the batch at once; otherwise waiting for room (or a new producer).
             # Cancelling send() (buffer full while Kafka is away) drops the record: not sent.
-            finished, ack = run_now(pub.enqueue(event.workspace, encode_event(event)))
+            finished, ack = run_now(pub.enqueue(event.workspace, value))
             if not finished:
                 ack = await asyncio.wait_for(ack, pub.timeout)
         except (TimeoutError, KafkaError) as exc:

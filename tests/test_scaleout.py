@@ -844,6 +844,33 @@ async def test_two_subscriptions_read_back_with_the_same_since_send_each_event_o
         await gw.shutdown()
 
 
+async def test_a_publish_nesting_too_deeply_for_the_bus_is_400_not_500(cluster):
+    """The publish API decodes the body, and a body nesting deeper than the stack allows is 400
+    ("JSON nests too deeply"). On the Kafka bus the event is then encoded (msgpack) a few calls
+    further down the stack: a body nesting just under the decoder's limit decoded but could not
+    be encoded, and the publisher got 500 "internal error", its connection closed, and the log
+    an ERROR traceback, at will. It is 400 now, nothing is sent, and the node publishes on."""
+    gw = await cluster.node()
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    token = gw.token("w1", publish=True)
+    statuses = {}
+    try:
+        for depth in range(960, 1000):
+            body = b"[" * depth + b"]" * depth  # json.dumps would itself run out of stack
+            writer.write(b"POST /workspaces/w1/realtime/events/deep HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (token.encode(), len(body), body))
+            status, _, body = await read_answer(reader)
+            statuses[depth] = status
+            if status == 400:
+                assert b"nests too deeply" in body, body
+        assert set(statuses.values()) == {202, 400}, statuses
+        writer.write(post_request("/workspaces/w1/realtime/events/after", token, {"ok": True}))
+        assert (await read_answer(reader))[0] == 202
+    finally:
+        writer.close()
+    assert '"level":"error"' not in gw.logs()
+
+
 async def test_pipelined_publishes_travel_to_kafka_together_and_are_answered_in_order(kafka_broker, tmp_path):
     """A publisher's pipelined requests on a Kafka node: every record goes to the producer
     before the first is acknowledged (not one Kafka round trip each), the answers leave in
