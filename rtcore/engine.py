@@ -9,7 +9,7 @@ from rtcore.errors import FilterError
 
 try:
     from rtcore.fanout import Outbox, SubKey, flush_all, push_all, queue_one
-    from rtcore.frames import close_frame, event_frame, text_frame, with_seq
+    from rtcore.frames import close_frame, event_frame, json_tokens, text_frame, with_seq
     from rtcore.index import SubscriptionIndex
     from rtcore.predicate import Matcher, compile_predicates
 
@@ -20,7 +20,7 @@ except ImportError as exc:  # the extensions are not built: fall back, loudly
         extra={"fields": {"error": str(exc)}},
     )
     from rtcore.fanout_ref import Outbox, SubKey, flush_all, push_all, queue_one  # type: ignore[assignment]
-    from rtcore.frames_ref import close_frame, event_frame, text_frame, with_seq
+    from rtcore.frames_ref import close_frame, event_frame, json_tokens, text_frame, with_seq
     from rtcore.index_ref import SubscriptionIndex
     from rtcore.predicate_ref import Matcher, compile_predicates
 
@@ -37,6 +37,7 @@ __all__ = [
     "compile_predicates",
     "event_frame",
     "flush_all",
+    "json_tokens",
     "push_all",
     "queue_one",
     "text_frame",

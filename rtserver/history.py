@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from rtcore.engine import event_frame
+from rtcore.engine import event_frame, json_tokens
 from rtcore.event import Event
 
 
@@ -25,14 +25,30 @@ def now_us() -> int:
     return time.time_ns() // 1000
 
 
+# Bytes of Python objects per JSON value separator or array of an event's body (measured 33-65
+# for arrays, numbers and strings, ~95 for small objects, per `,` `:` `[`), and those of the
+# entry, the Event and its frame's header.
+DECODED_PER_TOKEN = 64
+ENTRY_BYTES = 256
+
+
+def retained_size(frame: bytes, body: bytes) -> int:
+    """What a retained event holds, for the history's byte bounds: its frame, its JSON body, and
+    its record or payload decoded (kept for filtered replays), estimated from the body's JSON:
+    20-40 times the JSON for nested arrays and small objects, so that counting the JSON alone
+    let a history hold that many times its bound."""
+    return len(frame) + len(body) + DECODED_PER_TOKEN * json_tokens(body) + ENTRY_BYTES
+
+
 class HistoryEntry:
-    __slots__ = ("seq", "at", "frame", "event")
+    __slots__ = ("seq", "at", "frame", "event", "size")
 
     def __init__(self, seq: int, at: float, frame: bytes, event: Event):
         self.seq = seq
         self.at = at
         self.frame = frame
         self.event = event
+        self.size = 0  # retained_size(), set by History.append
 
 
 @dataclass
@@ -101,7 +117,7 @@ class History:
             self.last_seq = seq
         entry = HistoryEntry(seq, time.monotonic(), event_frame(event.body, seq), event)
         self._entries.append(entry)
-        size = len(entry.frame) + len(event.body)
+        size = entry.size = retained_size(entry.frame, event.body)
         self._bytes += size
         self.budget.bytes += size
         self._evict(entry.at)
@@ -128,7 +144,7 @@ class History:
 
     def _drop_oldest(self) -> None:
         old = self._entries.popleft()
-        size = len(old.frame) + len(old.event.body)
+        size = old.size
         self._bytes -= size
         self.budget.bytes -= size
         self.floor = old.seq

@@ -63,3 +63,14 @@ def test_frames_identical_to_reference(body, seq, extra):
     assert frames.event_frame(body, seq, extra) == frames_ref.event_frame(body, seq, extra)
     assert frames.with_seq(body, seq, extra) == frames_ref.with_seq(body, seq, extra)
     assert frames.text_frame(body) == frames_ref.text_frame(body)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300) | st.text(alphabet=',:[]{}"ab1 ', max_size=300).map(str.encode))
+def test_json_tokens_is_the_references(body):
+    assert frames.json_tokens(body) == frames_ref.json_tokens(body)
+    assert frames.json_tokens(bytearray(body)) == frames_ref.json_tokens(bytearray(body))
+
+
+def test_json_tokens_counts_separators_and_arrays():
+    assert frames.json_tokens(b'{"a":[1,2],"b":{"c":"x,y"}}') == 7  # those in strings too: an upper bound

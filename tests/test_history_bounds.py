@@ -8,7 +8,7 @@ import re
 
 from tests.harness.wsclient import ws_connect
 
-BLOB = "x" * 1000  # an event retains ~2 KiB: its body and its frame
+BLOB = "x" * 1000  # an event retains ~2.5 KiB: its body, its frame, the objects around them
 
 
 def _metric(body: bytes, name: str) -> float:
@@ -61,16 +61,16 @@ def test_node_bound_shares_out_max_min_fairly():
     from rtserver.hub import Hub
     from rtserver.metrics import Metrics
 
-    hub = Hub(config.load(environ={"RT_HISTORY_NODE_BYTES": "100000"}), Metrics())
+    hub = Hub(config.load(environ={"RT_HISTORY_NODE_BYTES": "200000"}), Metrics())
     body = b'{"type":"event","channel":"events:t","blob":"' + b"x" * 400 + b'"}'
-    for wid, n in (("small", 10), ("medium", 40)):  # ~10 KB and ~40 KB, published first
+    for wid, n in (("small", 10), ("medium", 40)):  # ~16 KB and ~64 KB retained, published first
         for _ in range(n):
             hub.deliver(Event(wid, "events", "t", "PUBLISH", {}, body))
-    for _ in range(1000):  # ~1 MB, ten times the bound
+    for _ in range(1000):  # ~1.6 MB, eight times the bound
         hub.deliver(Event("big", "events", "t", "PUBLISH", {}, body))
     sizes = {w: len(hub.workspaces[w].history) for w in ("small", "medium", "big")}
     assert sizes["small"] == 10 and sizes["medium"] == 40, sizes  # under their share: untouched
-    assert hub.history_budget.bytes <= 100000
+    assert hub.history_budget.bytes <= 200000
     assert hub.history_budget.evicted == 1000 - sizes["big"]
 
 
@@ -264,4 +264,41 @@ async def test_a_slow_replay_holds_no_event_the_history_has_evicted(tmp_path, mo
         assert got[cut:] == list(range(size, size * 2))
     finally:
         writer.close()
+        await gw.shutdown()
+
+
+async def test_the_history_bound_counts_what_a_retained_event_holds_decoded(tmp_path):
+    """The bound counted an event's frame and JSON body, but a retained event also holds its
+    payload decoded (for filtered replays): 20-40 times the JSON for nested arrays and small
+    objects. A publisher of 200 KB payloads of small arrays kept 66 MB under a 16 MB
+    history.bytes (and the 1 GiB node bound was ~20 GB). The bound now counts them too,
+    estimated from the JSON's structure: the memory retained stays within a few times it."""
+    import gc
+    import sys
+
+    from rtserver.app import Gateway
+    from tests.test_churn import Publisher, _cfg
+
+    def weight(value) -> int:  # the Python objects of a decoded JSON value
+        if isinstance(value, dict):
+            return sys.getsizeof(value) + sum(weight(k) + weight(v) for k, v in value.items())
+        if isinstance(value, list):
+            return sys.getsizeof(value) + sum(weight(v) for v in value)
+        return sys.getsizeof(value)
+
+    bound = 16 << 20
+    gw = Gateway(_cfg(tmp_path, RT_HISTORY_BYTES=str(bound)))
+    await gw.start()
+    pub = Publisher(gw.port)
+    try:
+        payload = [[i % 7, -(i % 5)] for i in range(20000)]  # ~200 KB of JSON
+        for _ in range(20):
+            await pub.publish("w1", "t", payload)
+        gc.collect()
+        entries = list(gw.hub.workspace("w1").history._entries)
+        held = sum(len(e.frame) + len(e.event.body) + weight(e.event.record) for e in entries)
+        assert len(entries) >= 1
+        assert held < 2 * bound, (len(entries), held)
+    finally:
+        await pub.close()
         await gw.shutdown()
