@@ -43,6 +43,7 @@ from rtserver.sources.base import Source, stop_all
 from rtserver.sources.mongo import database_for, database_problem
 
 log = logging.getLogger("rtserver.app")
+MIN_HS256_SECRET = 32  # bytes: HS256's key is at least its hash's size (RFC 7518 §3.2)
 
 _json = msgspec.json.Encoder()
 _SWEEP_INTERVAL = 1.0
@@ -123,6 +124,14 @@ class Gateway:
                 "dev mode: no auth.hs256_secret or auth.jwks_url configured; tokens are signed with a generated "
                 "secret kept in the state directory. Mint one with `rtserver token --workspace W`.",
                 extra={"fields": {"state_dir": self.state_dir}},
+            )
+        secret = cfg.auth.hs256_secret.encode()
+        if secret and len(secret) < MIN_HS256_SECRET:
+            # Never the secret itself: its length, and what to do.
+            log.warning(
+                "auth.hs256_secret is %d bytes; HS256 wants at least %d (RFC 7518 section 3.2): a short secret can "
+                "be guessed from any token, and whoever guesses it mints tokens for every workspace",
+                len(secret), MIN_HS256_SECRET, extra={"fields": {"bytes": len(secret), "minimum": MIN_HS256_SECRET}},
             )
         loop = asyncio.get_running_loop()
         self.metrics.watch_gc()

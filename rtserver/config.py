@@ -61,7 +61,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("server", "demo", "RT_DEMO", bool, False, "Serve the demo page at /demo (`rtserver serve --demo`)"),
     Setting("server", "shutdown_timeout", "RT_SHUTDOWN_TIMEOUT", float, 10.0, "Seconds to drain on SIGTERM"),
     Setting("server", "gc_freeze", "RT_GC_FREEZE", bool, True, "After start-up and after each full garbage-collector pass, leave the survivors out of later passes (gc.freeze): passes stay short however many connections are open"),
-    Setting("auth", "hs256_secret", "RT_AUTH_HS256_SECRET", str, "", "Shared secret for HS256 tokens (development)"),
+    Setting("auth", "hs256_secret", "RT_AUTH_HS256_SECRET", str, "", "Shared secret for HS256 tokens (development, and services beside a JWKS URL); at least 32 bytes (RFC 7518), a shorter one is warned of at start"),
     Setting("auth", "jwks_url", "RT_AUTH_JWKS_URL", str, "", "JWKS URL, e.g. Keycloak's {issuer}/protocol/openid-connect/certs"),
     Setting("auth", "issuer", "RT_AUTH_ISSUER", str, "", "Required `iss` (checked when set)"),
     Setting("auth", "audience", "RT_AUTH_AUDIENCE", str, "", "Required `aud` or `azp` (checked when set)"),

@@ -991,3 +991,26 @@ async def test_unreachable_jwks_is_token_invalid(tmp_path: Any) -> None:
         assert exc.code == 4002 and "not loaded" in str(exc)
     finally:
         await auth.close()
+
+
+async def test_a_short_hs256_secret_is_warned_of_at_start(tmp_path, caplog):
+    """HS256 wants a key of at least 32 bytes (RFC 7518 §3.2): a short shared secret can be
+    guessed offline from any token, and whoever guesses it mints tokens for every workspace.
+    It was said only by PyJWT, at the first token, in a warning naming its own source line;
+    the start-up now says it once, naming the setting (and never the secret)."""
+    import logging
+
+    from rtserver.app import Gateway
+    from tests.test_churn import _cfg
+
+    for secret, warned in (("s3cr3t", True), ("x" * 32, False)):
+        caplog.clear()
+        gw = Gateway(_cfg(tmp_path / str(len(secret)), RT_AUTH_HS256_SECRET=secret))
+        with caplog.at_level(logging.WARNING):
+            await gw.start()
+            await gw.shutdown()
+        lines = [r.getMessage() for r in caplog.records if "auth.hs256_secret" in r.getMessage()]
+        assert bool(lines) == warned, lines
+        assert not any(secret in line for line in lines)
+        if warned:
+            assert "6 bytes" in lines[0] and "32" in lines[0]
