@@ -1005,7 +1005,7 @@ class RemoteSource:
                 self._mongo = AsyncMongoClient(self.url)
                 self._collections = Collections(self.database, lambda: self._mongo)
             return await self._collections.check(entity)
-        from rtserver.sources.pg_catalog import Catalog
+        from rtserver.sources.pg_catalog import Catalog, unavailable
         from rtserver.sources.postgres import entity_of
 
         schema, _, name = entity.rpartition(".")
@@ -1023,7 +1023,7 @@ class RemoteSource:
                 unpublishable = await self._unpublishable(schema, name)  # a partition, no replica identity...
                 why = unpublishable and f"table is not published: {unpublishable}"
         except Exception as exc:  # noqa: BLE001 - any database failure is the client's 4010
-            raise ChannelUnavailable(f"postgres:{canonical}: database unavailable: {exc}") from exc
+            raise ChannelUnavailable(unavailable(canonical, exc)) from exc
         if why:
             raise ChannelUnavailable(f"postgres:{canonical}: {why}")
         return canonical

@@ -365,3 +365,34 @@ async def test_two_workspaces_of_one_database_both_get_its_changes(gateway_facto
     finally:
         await db.close()
 
+
+
+async def test_a_4010_for_a_database_that_went_away_names_no_internals(gateway_factory):
+    """A subscribe while the gateway cannot reach the database is 4010 "database unavailable",
+    but its message carried the driver's error (here the database's name; with others hosts,
+    ports and roles) to any client of the workspace. It now names the kind of error,
+    as MongoDB's do; the source's own log and /readyz keep the details for the operator."""
+    from tests.harness.fixtures_postgres import create_database
+    from tests.harness.pgcluster import PgCluster
+
+    cluster = PgCluster()
+    cluster.init()
+    cluster.start()
+    try:
+        dsn = create_database(cluster, "rt_gone")
+        gw = await gateway_factory(env={"RT_POSTGRES_URL": dsn})
+        await gw.wait_ready()
+        admin = await asyncpg.connect(cluster.dsn_for("postgres"))
+        try:
+            await admin.execute("ALTER DATABASE rt_gone ALLOW_CONNECTIONS false")
+            await admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = 'rt_gone'")
+        finally:
+            await admin.close()
+        async with ws_connect(gw, "w1", token=gw.token("w1")) as c:
+            for table in ("t", "u"):  # the catalog's connection closed, then its reconnection refused
+                reply = await _subscribe(c, f"postgres:{table}")
+                assert (reply["type"], reply["code"]) == ("error", 4010), reply
+                assert "database unavailable" in reply["message"], reply
+                assert "rt_gone" not in reply["message"] and str(cluster.port) not in reply["message"], reply
+    finally:
+        cluster.destroy()

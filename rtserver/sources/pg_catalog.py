@@ -94,6 +94,13 @@ def named_database(dsn: str) -> str | None:
     return str(params.get("dbname") or params.get("user") or "") or None
 
 
+def unavailable(channel_table: str, exc: BaseException) -> str:
+    """A client's 4010 for a database the gateway could not ask: the kind of error only. The
+    driver's text names hosts, ports, roles and databases, the operator's business (the
+    source's log and /readyz say it), not any client's of the workspace."""
+    return f"postgres:{channel_table}: database unavailable ({type(exc).__name__})"
+
+
 def publication_name(instance: str) -> str:
     return f"{instance}_pub"
 

@@ -43,6 +43,7 @@ from rtserver.sources.pg_catalog import (
     publication_name,
     server_digest,
     slot_name,
+    unavailable,
 )
 from rtserver.sources.pg_state import PositionFile, targets_key
 from rtserver.sources.pg_stream import ReplicationStream, StreamError
@@ -270,7 +271,7 @@ class PostgresSource:
             if (schema, name) in catalog.published:
                 return canonical
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, SetupError) as exc:
-            raise ChannelUnavailable(f"postgres:{canonical}: database unavailable: {exc}") from exc
+            raise ChannelUnavailable(unavailable(canonical, exc)) from exc
         why = catalog.skipped.get((schema, name)) or "the gateway's publication does not hold it"
         raise ChannelUnavailable(f"postgres:{canonical}: table is not published: {why}")
 
