@@ -157,6 +157,9 @@ class Connection(WSListener):
         self._turn_handled = 0  # messages handled this turn, and replay work carried over (_next_turn)
         self._turn_scheduled = False
         self._invalid: deque[float] | None = None
+        # The `since` of each replay still running past its first step (_in_flight): the session
+        # is suspended at the lowest, not at the workspace's position (_teardown).
+        self._replays: list[int] | None = None
         self._fragments: list[bytes] | None = None  # a fragmented message being received
         self._fragments_size = 0  # its bytes so far
         self._fragmented = False  # between a data frame without FIN and the continuation with it
@@ -814,14 +817,31 @@ class Connection(WSListener):
         if getattr(bus, "behind", None) is not None and bus.behind(ws.id, since):
             for sub in subs:
                 self.gw.hub.remove(ws, sub)  # held back: what this node delivers next, the client has
-            return self._replay_after_catching_up(subs, since)
+            return self._in_flight(since, self._replay_after_catching_up(subs, since))
         replay = ws.history.since(since)
         self._charge_replay(len(replay.entries))
         if replay.gap and getattr(bus, "can_read_back", None) is not None and bus.can_read_back(ws.id, since):
             for sub in subs:
                 self.gw.hub.remove(ws, sub)  # held back from the live stream until the read-back is done
-            return self._replay_from_bus(subs, since)
-        return self._replay_entries(subs, since, replay)
+            return self._in_flight(since, self._replay_from_bus(subs, since))
+        rest = self._replay_entries(subs, since, replay)
+        return None if rest is None else self._in_flight(since, rest)
+
+    def _in_flight(self, since: int, rest: Awaitable[None]) -> Awaitable[None]:
+        """`rest` of a replay from `since`, which the session remembers until it is done: cut
+        off meanwhile, the session was suspended at the workspace's position, as if all of it
+        had been sent, and a resume without `since` skipped what it had not."""
+        if self._replays is None:
+            self._replays = []
+        self._replays.append(since)
+        return self._replay_done(since, rest)
+
+    async def _replay_done(self, since: int, rest: Awaitable[None]) -> None:
+        try:
+            await rest
+        finally:
+            assert self._replays is not None
+            self._replays.remove(since)
 
     async def _replay_from_bus(self, subs: list[Subscription], since: int) -> None:
         """Replay from the bus what the memory history no longer holds, then switch to memory.
@@ -1077,7 +1097,9 @@ class Connection(WSListener):
         if self.session is not None:
             # The position the session is up to: the last event, or where the history starts
             # when it has none yet (nothing before that happened while this connection lived).
-            gw.sessions.suspend(self.session, ws.history.position)
+            # Where a resume without `since` replays from: a replay still running had not sent
+            # what follows its start (a client that had some of it drops them by seq).
+            gw.sessions.suspend(self.session, min((ws.history.position, *(self._replays or ()))))
             gw.audit.emit(
                 "session-suspended",
                 workspace_id=self.workspace_id,

@@ -16,7 +16,7 @@ import websockets
 from rtserver.app import Gateway
 from tests.harness.http_wire import post_request, read_answer
 from tests.harness.wsclient import ws_connect
-from tests.test_churn import Addr, Publisher, _cfg, _token
+from tests.test_churn import Addr, Publisher, _cfg, _token, _until
 
 
 async def _session_id(c, token: str) -> str:
@@ -432,3 +432,39 @@ async def test_a_token_just_past_exp_at_connect_gets_4001_and_no_event(gateway):
         ok = await c.auth(token, resume=session)
         assert ok["resumed"] is True
         assert [e["payload"]["n"] for e in [await c.recv_event() for _ in range(3)]] == [0, 1, 2]
+
+
+async def test_a_resume_without_since_after_a_cut_replay_loses_nothing(tmp_path):
+    """A connection that dropped during a replay paced to its reading (here: 8 MB of history,
+    read a few events at a time) left its session at the workspace's position, as if the rest
+    of the replay had been delivered: a resume without `since` (which replays from the
+    session's position) then skipped every event the replay had not sent. The session now
+    keeps the start of a replay still running, so the resume replays from there: events the
+    client had may come again (drop them by seq), none is lost."""
+    gw = Gateway(_cfg(tmp_path, RT_HISTORY_EVENTS="5000", RT_SEND_BUFFER_BYTES="65536", RT_RESUME_TTL="60"))
+    await gw.start()
+    pub = Publisher(gw.port)
+    token = _token(["w1"], "reader")
+    try:
+        seqs = [await pub.publish("w1", "t", {"i": i, "pad": "p" * 4000}) for i in range(2000)]
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+        sock.connect(("127.0.0.1", gw.port))
+        got: set[int] = set()
+        async with ws_connect(Addr(gw), "w1", sock=sock) as c:
+            sid = (await c.auth(token))["sessionId"]
+            await c.send({"type": "subscribe", "channel": "events:t", "since": seqs[0] - 1})
+            await c.recv_type("subscribed")
+            for _ in range(20):
+                got.add((await c.recv_event())["seq"])
+            c.ws.transport.abort()  # cut: the replay is far from done
+        await _until(lambda: len(gw.sessions) == 1, what="the session suspended")
+        async with ws_connect(Addr(gw), "w1") as c:
+            assert (await c.auth(token, resume=sid))["resumed"] is True
+            while not set(seqs) <= got:
+                event = await c.recv_event(timeout=10)
+                got.add(event["seq"])
+        assert set(seqs) <= got
+    finally:
+        await pub.close()
+        await gw.shutdown()
