@@ -59,14 +59,35 @@ class BusRecord(msgspec.Struct, array_like=True):
     body: bytes
 
 
+# msgpack has no integer beyond 64 bits (a numeric or json value of a row, a published number
+# may hold one): a record that holds one travels as its JSON in this extension instead.
+_JSON_EXT = 1
+
+
+def _ext_hook(code: int, data: memoryview) -> Any:
+    if code != _JSON_EXT:
+        return msgspec.msgpack.Ext(code, bytes(data))  # as without the hook: nothing of ours
+    return msgspec.json.decode(data)
+
+
 _encoder = msgspec.msgpack.Encoder()
-_decoder = msgspec.msgpack.Decoder(BusRecord)
+_decoder = msgspec.msgpack.Decoder(BusRecord, ext_hook=_ext_hook)
 
 
 def encode_event(event: Event) -> bytes:
-    return _encoder.encode(
-        BusRecord(event.source, event.entity, event.operation, event.record, event.old_record, event.body)
-    )
+    try:
+        return _encoder.encode(
+            BusRecord(event.source, event.entity, event.operation, event.record, event.old_record, event.body)
+        )
+    except OverflowError:
+        # Failing here, a row stalled its database's feed at every retry (the ingest), and a
+        # publish got 500.
+        return _encoder.encode(BusRecord(event.source, event.entity, event.operation, _as_json(event.record),
+                                         _as_json(event.old_record), event.body))
+
+
+def _as_json(value: Any) -> Any:
+    return None if value is None else msgspec.msgpack.Ext(_JSON_EXT, msgspec.json.encode(value))
 
 
 def gap_record(source: str, reason: str) -> bytes:

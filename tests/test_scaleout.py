@@ -1725,3 +1725,27 @@ async def test_an_ingest_that_cannot_listen_leaves_the_active_one_alone(cluster)
     await asyncio.sleep(6)  # bus.lease_timeout: a join would have taken the lease by now
     assert '"lease released"' not in active.logs(), active.logs()
     assert (await active.status())["role"] == "active"
+
+
+async def test_integers_beyond_64_bits_travel_through_the_bus(cluster):
+    """The bus carries an event's record as msgpack, which has no integer beyond 64 bits: a
+    jsonb value such as {"n": 123456789012345678901234} made the ingest fail on that row at
+    every retry, so one row stalled its database's whole feed, and a custom event carrying one
+    got 500. Such a record travels as JSON inside the record now (a msgpack extension); filters
+    on the nodes see the same number."""
+    await cluster.db.execute("ALTER TABLE orders ADD COLUMN doc jsonb")
+    ingest = await cluster.ingest()
+    await ingest.wait_active()
+    node = await cluster.node()
+    big = 123456789012345678901234
+    async with ws_connect(node, "w1", token=node.token("w1")) as c:
+        await c.subscribe("postgres:orders", {"predicates": {"doc.n": {"$gt": 2**64}}})
+        await c.subscribe("events:big")
+        for i, n in ((1, big), (2, 5), (3, big + 1)):  # the second filtered out
+            await cluster.db.execute("INSERT INTO orders VALUES ($1, 'n', $2::jsonb)", i, json.dumps({"n": n}))
+        status, body = await node.post("/workspaces/w1/realtime/events/big", json.dumps({"n": -big}).encode(),
+                                       {"Authorization": f"Bearer {node.token('w1', publish=True)}"})
+        assert status == 202, body
+        got = await events(c, 3)
+    assert [e["record"]["doc"]["n"] for e in got if e["channel"] == "postgres:orders"] == [big, big + 1]
+    assert [e["payload"]["n"] for e in got if e["channel"] == "events:big"] == [-big]
