@@ -231,6 +231,10 @@ class _Parser:
 
 _PATHS: dict[str, tuple[tuple, tuple]] = {}
 _PATHS_MAX = 4096  # bounded: clients choose paths; beyond it paths are split per filter
+# Bounded in bytes too: the cache outlives the filters, and 4096 names of ~60 KB (as long as a
+# subscribe message allows), each held with its segments, kept ~500 MB for the process's life.
+# Longer names are split per filter and go with it; real field paths are far shorter.
+_PATH_CACHED_CHARS = 256
 
 
 def _split_path(name: str, path: str) -> tuple[tuple, tuple]:
@@ -245,7 +249,7 @@ def _split_path(name: str, path: str) -> tuple[tuple, tuple]:
         if not part or part.startswith("$"):
             raise FilterError(f"{path}: invalid field path")
     result = (parts, tuple(_array_index(p) for p in parts))
-    if len(_PATHS) < _PATHS_MAX:
+    if len(_PATHS) < _PATHS_MAX and len(name) <= _PATH_CACHED_CHARS:
         _PATHS[name] = result
     return result
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import random
+import tracemalloc
 from decimal import Decimal
 
 import pytest
@@ -347,3 +348,24 @@ json_values = st.recursive(
 def test_arbitrary_json_filter_compiles_or_raises_filter_error(predicates, record_list):
     # Never any other exception, and when it compiles both engines agree.
     _same_answer(predicates, record_list)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_long_field_paths_are_not_kept_after_their_filters(impl):
+    """Field paths are split once and shared between filters naming them, in a process-wide
+    cache of 4096 names: bounded in names, not in bytes. A client could subscribe and
+    unsubscribe with 4096 distinct paths of ~60 KB each (a subscribe message holds 64 KiB)
+    and leave ~500 MB (each name and its split segments) held for the life of the process,
+    every workspace's memory. A filter's long paths now go when the filter goes."""
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(200):
+            # 8 segments of 4 KB: a valid path, one per filter, 32 KB each
+            path = ".".join(f"{impl.__name__.rpartition('.')[2]}{i:04d}{s}" + "x" * 4000 for s in range(8))
+            assert not impl.compile_predicates({path: 1}).matches({"a": 1})
+        kept = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    # ~13 MB (200 names and their segments) were kept; nothing of the sort now
+    assert kept < 1_000_000, kept
