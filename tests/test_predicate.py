@@ -369,3 +369,19 @@ def test_long_field_paths_are_not_kept_after_their_filters(impl):
         tracemalloc.stop()
     # ~13 MB (200 names and their segments) were kept; nothing of the sort now
     assert kept < 1_000_000, kept
+
+
+@pytest.mark.parametrize("compile_", [predicate.compile_predicates, predicate_ref.compile_predicates])
+def test_the_documented_time_range_orders_postgresql_timestamps_as_the_clock(compile_):
+    """docs/protocol.md: timestamptz values carry only the fraction digits they need, so a
+    range written `$gte`/`$lt` with six fraction digits is the one that orders them as the
+    clock does; a bound without a fraction is not (`.` sorts before `Z`)."""
+    doc = compile_({"t": {"$gte": "2024-01-15T10:00:00.000000Z", "$lt": "2024-01-15T11:00:00.000000Z"}})
+    inside = ["2024-01-15T10:00:00Z", "2024-01-15T10:00:00.3Z", "2024-01-15T10:59:59.999999Z",
+              "2024-01-15T10:30:00Z"]
+    outside = ["2024-01-15T09:59:59.999999Z", "2024-01-15T11:00:00Z", "2024-01-15T11:00:00.1Z",
+               "2024-01-15T09:59:59Z"]
+    assert [doc.matches({"t": v}) for v in inside] == [True] * 4
+    assert [doc.matches({"t": v}) for v in outside] == [False] * 4
+    naive = compile_({"t": {"$gte": "2024-01-15T10:00:00Z"}})
+    assert not naive.matches({"t": "2024-01-15T10:00:00.3Z"})  # the trap the docs describe
