@@ -179,6 +179,21 @@ def test_a_configured_mongodb_database_name_longer_than_mongodb_takes_is_refused
     load(environ={**env, "RT_MONGO_URL": "mongodb://db/", "RT_BUS_WORKSPACES": "w" * 63})
 
 
+def test_a_mongodb_url_whose_database_has_a_dot_is_refused_at_start(tmp_path):
+    """`mongodb://db/app.orders`: the driver reads database `app` (and a collection `orders`),
+    the feed read `app.orders`, which MongoDB and the driver refuse (InvalidName): the URL was
+    accepted, then the node stayed not ready for good and every `mongo:` subscribe got 4010."""
+    env = {"RT_STATE_DIR": str(tmp_path)}
+    for url in ("mongodb://db/app.orders", "mongodb://db/app%2Eorders?replicaSet=rs0"):
+        with pytest.raises(ConfigError, match=r"mongo.url .*: MongoDB database 'app.orders' .* cannot contain '\.'"):
+            load(environ={**env, "RT_MONGO_URL": url})
+    cfg_file = tmp_path / "ws.toml"
+    cfg_file.write_text("[workspaces.a]\nmongo_url = 'mongodb://db/app.orders'\n")
+    with pytest.raises(ConfigError, match=r"\[workspaces.a\] mongo_url: MongoDB database 'app.orders'"):
+        load(str(cfg_file), environ=env)
+    load(environ={**env, "RT_MONGO_URL": "mongodb://db/app-orders_2"})
+
+
 @pytest.mark.parametrize("url", ["mongodb://rt:pa?s3cretTail@db/app", "mongodb://rt:pa?s3cretTail@db/app?tls=true"])
 def test_a_mongo_url_refused_for_its_user_info_does_not_repeat_the_password(tmp_path, url):
     """A '?' in a password not escaped was read as the start of the options: the error named

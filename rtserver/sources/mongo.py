@@ -69,6 +69,10 @@ MAX_DATABASE_NAME = 63  # bytes; mongod: "db name must be at most 63 characters"
 # mongod opens no change stream on these ("$changeStream may not be opened on the internal
 # admin database"; on admin only a whole-cluster one), whoever asks.
 INTERNAL_DATABASES = frozenset(("admin", "config", "local"))
+# Characters no database name may hold (mongod's and the driver's InvalidName). Of a URL's path
+# only '.' gets past the driver's own check: it reads `/app.orders` as database `app`,
+# collection `orders`, and the feed, which takes the whole path, could never open.
+DATABASE_NAME_FORBIDDEN = ("/", "\\", ".", " ", '"', "$", "\0")
 
 
 def database_for(url: str, workspace: str) -> str:
@@ -113,6 +117,10 @@ def database_problem(url: str, workspace: str) -> str:
     if len(name.encode()) > MAX_DATABASE_NAME:
         return (f"MongoDB database {name!r} (of workspace {workspace}) is longer than MongoDB takes "
                 f"({MAX_DATABASE_NAME} bytes): name a database in the MongoDB URL")
+    forbidden = next((c for c in DATABASE_NAME_FORBIDDEN if c in name), None)
+    if forbidden is not None:
+        return (f"MongoDB database {name!r} (of workspace {workspace}) cannot contain {forbidden!r}: the MongoDB "
+                "URL's path names the database only (mongodb://host/app, not app.collection)")
     if name in INTERNAL_DATABASES:
         return (f"MongoDB database {name!r} (of workspace {workspace}) is internal to MongoDB, which opens no "
                 "change stream on it: name another database in the MongoDB URL")
