@@ -247,6 +247,36 @@ async def test_check_channel(env):
     await sc.check_channel(env)
 
 
+async def test_concurrent_subscribes_share_one_collection_listing(env):
+    """Subscribes checked together (a client resubscribing its channels, clients reconnecting
+    after a restart) each listed the collections in turn, behind a lock: with MongoDB slow or
+    unreachable the n-th reply came after n listings (n x 5 s), and a herd of listCollections
+    reached the server. They now share the listing in flight, its names or its failure."""
+    async with sc.client(env) as db:
+        await db.orders.insert_one({"_id": 1})
+        admin = db.client.admin
+        async with sc.running(env) as source:
+            await admin.command({"configureFailPoint": "failCommand", "mode": "alwaysOn",
+                                 "data": {"failCommands": ["listCollections"], "blockConnection": True,
+                                          "blockTimeMS": 300}})
+            before = env.server.commands_seen().count("listCollections")
+            checked = await asyncio.gather(*(source.check_channel("w1", "orders") for _ in range(4)))
+            assert checked == ["orders"] * 4
+            assert env.server.commands_seen().count("listCollections") - before == 1
+            await admin.command({"configureFailPoint": "failCommand", "mode": "off"})
+            source._collections.forget()
+            await admin.command({"configureFailPoint": "failCommand", "mode": {"times": 1},
+                                 "data": {"failCommands": ["listCollections"], "errorCode": 13,
+                                          "blockConnection": True, "blockTimeMS": 300}})
+            before = env.server.commands_seen().count("listCollections")
+            refused = await asyncio.gather(*(source.check_channel("w1", "orders") for _ in range(4)),
+                                           return_exceptions=True)
+            assert [type(r).__name__ for r in refused] == ["ChannelUnavailable"] * 4
+            assert all("cannot list collections of 'shop': OperationFailure" in str(r) for r in refused)
+            assert env.server.commands_seen().count("listCollections") - before == 1
+            assert await source.check_channel("w1", "orders") == "orders"  # the next check lists again
+
+
 async def test_a_view_or_time_series_collection_is_refused_saying_what_it_is(env):
     await sc.views_and_time_series_are_not_channels(env)
 

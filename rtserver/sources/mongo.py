@@ -262,6 +262,11 @@ def _joined(fragments: list[RawBSONDocument]) -> RawBSONDocument:
     return RawBSONDocument(bson.encode(fields), FRAGMENT_CODEC)
 
 
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 def token_order(token: Any) -> str:
     """A resume token's sort key: its `_data` hex string orders tokens of one deployment."""
     try:
@@ -296,11 +301,15 @@ class Collections:
         self._ttl = ttl
         self._names: dict[str, str] = {}
         self._at = 0.0
-        self._lock = asyncio.Lock()
+        self._listing: asyncio.Future[dict[str, str]] | None = None  # the listing in flight
+        self._forgotten = 0  # forget() calls: a listing begun before one is not kept
 
     def forget(self) -> None:
-        """List again at the next check (a collection was dropped or renamed)."""
+        """List again at the next check (a collection was dropped or renamed), not taking the
+        listing in flight, which may have been made before."""
         self._at = 0.0
+        self._listing = None
+        self._forgotten += 1
 
     async def check(self, entity: str) -> str:
         """`entity` when it is a collection of the database, else ChannelUnavailable saying why."""
@@ -323,25 +332,39 @@ class Collections:
         recent = time.monotonic() - self._at < 0.5
         if fresh and (refresh_if_missing in self._names or recent):
             return self._names
-        async with self._lock:
-            client = self._client()
-            if client is None:
-                raise ChannelUnavailable(f"mongo:{refresh_if_missing}: mongo source for {self.database!r} is not started")
-            try:
-                # Bounded: an unreachable server would hold the subscribe for the driver's
-                # 30 s server selection.
-                names = await asyncio.wait_for(self._list(client), LIST_TIMEOUT)
-            except TimeoutError:
-                raise ChannelUnavailable(
-                    f"mongo:{refresh_if_missing}: MongoDB for {self.database!r} did not answer in {LIST_TIMEOUT:g} s"
-                ) from None
-            except PyMongoError as exc:
-                raise ChannelUnavailable(
-                    f"mongo:{refresh_if_missing}: cannot list collections of {self.database!r}: {type(exc).__name__}"
-                ) from exc
+        client = self._client()
+        if client is None:
+            raise ChannelUnavailable(f"mongo:{refresh_if_missing}: mongo source for {self.database!r} is not started")
+        # Checks made together share one listing, its names or its failure: one after the
+        # other, the n-th subscribe waited n listings (n x LIST_TIMEOUT with MongoDB unreachable).
+        listing = self._listing
+        if listing is None:
+            listing = self._listing = asyncio.ensure_future(self._relist(client))
+            listing.add_done_callback(_retrieved)  # no "exception never retrieved" if all left
+        try:
+            return await asyncio.shield(listing)  # a subscribe given up does not end the others'
+        except TimeoutError:
+            raise ChannelUnavailable(
+                f"mongo:{refresh_if_missing}: MongoDB for {self.database!r} did not answer in {LIST_TIMEOUT:g} s"
+            ) from None
+        except PyMongoError as exc:
+            raise ChannelUnavailable(
+                f"mongo:{refresh_if_missing}: cannot list collections of {self.database!r}: {type(exc).__name__}"
+            ) from exc
+
+    async def _relist(self, client: AsyncMongoClient) -> dict[str, str]:
+        forgotten = self._forgotten
+        try:
+            # Bounded: an unreachable server would hold the subscribe for the driver's
+            # 30 s server selection.
+            names = await asyncio.wait_for(self._list(client), LIST_TIMEOUT)
+        finally:
+            if forgotten == self._forgotten:
+                self._listing = None  # the next check after this one lists again
+        if forgotten == self._forgotten:
             self._names = names
             self._at = time.monotonic()
-            return names
+        return names
 
     async def _list(self, client: AsyncMongoClient) -> dict[str, str]:
         # nameOnly, as list_collection_names asks (no lock on each collection), still has the type.
