@@ -71,6 +71,26 @@ async def test_crud_with_update_operators(db):
     assert await db.list_collection_names() == ["c"]
 
 
+async def test_an_update_is_a_no_op_only_when_nothing_changes_in_bson(db):
+    """As mongod decides (values equal in BSON, type included): `$set` of true over 1 or of 1.0
+    over 1 changes the document and streams an update; the test double compared Python values
+    (True == 1 == 1.0) and neither stored the new value nor streamed anything. A replacement by
+    the same document is no change at all on mongod (no oplog entry), which it streamed."""
+    await db.c.insert_one({"_id": 1, "flag": 1, "n": 1, "s": "x"})
+    async with await db.c.watch(max_await_time_ms=50) as stream:
+        assert (await db.c.update_one({"_id": 1}, {"$set": {"flag": True}})).modified_count == 1
+        assert (await db.c.update_one({"_id": 1}, {"$set": {"n": 1.0}})).modified_count == 1
+        assert (await db.c.update_one({"_id": 1}, {"$set": {"s": "x"}})).modified_count == 0
+        assert (await db.c.replace_one({"_id": 1}, {"flag": True, "n": 1.0, "s": "x"})).modified_count == 0
+        assert (await db.c.replace_one({"_id": 1}, {"flag": True, "n": 1, "s": "x"})).modified_count == 1
+        got = []
+        while (change := await stream.try_next()) is not None:
+            got.append((change["operationType"], change.get("updateDescription", {}).get("updatedFields")))
+    stored = await db.c.find_one({"_id": 1})
+    assert got == [("update", {"flag": True}), ("update", {"n": 1.0}), ("replace", None)]
+    assert [type(stored[k]) for k in ("flag", "n")] == [bool, int]
+
+
 async def test_change_stream_events_tokens_and_resume(db):
     async with await db.c.watch(max_await_time_ms=50) as stream:
         await db.c.insert_one({"_id": 1})

@@ -21,7 +21,16 @@ from bson.int64 import Int64
 
 from . import wire
 from .oplog import ChangeStream, Oplog, next_batch, open_stream, token
-from .store import Collection, CommandError, apply_update, id_key, is_operator_update, matches, upsert_base
+from .store import (
+    Collection,
+    CommandError,
+    apply_update,
+    id_key,
+    is_operator_update,
+    matches,
+    same_bson,
+    upsert_base,
+)
 
 log = logging.getLogger("tests.mongo_server")
 
@@ -431,7 +440,7 @@ class MongoTestServer:
             matched += 1
             if operators:
                 new, updated, removed = apply_update(doc, update)
-                if new != doc:
+                if not same_bson(new, doc):
                     coll.docs[key] = new
                     changed += 1
                     self.oplog.append("update", db, coll.name, document_key={"_id": doc["_id"]},
@@ -441,6 +450,10 @@ class MongoTestServer:
                 if "_id" in update and update["_id"] != doc["_id"]:
                     raise CommandError(66, "ImmutableField", "the (immutable) field '_id' was found to have been altered")
                 new = {"_id": doc["_id"], **{k: v for k, v in update.items() if k != "_id"}}
+                if same_bson(new, doc):  # mongod: a replacement by the same document is a no-op
+                    if not spec.get("multi"):
+                        break
+                    continue
                 coll.docs[key] = new
                 changed += 1
                 self.oplog.append("replace", db, coll.name, document_key={"_id": doc["_id"]}, full_document=copy.deepcopy(new),

@@ -29,6 +29,12 @@ class CommandError(Exception):
         return doc
 
 
+def same_bson(a: Any, b: Any) -> bool:
+    """Equal as mongod tells a no-op write: the same BSON, types and field order included
+    (Python's == has True == 1 == 1.0 and ignores the order of a document's fields)."""
+    return bson.encode({"v": a}) == bson.encode({"v": b})
+
+
 def id_key(value: Any) -> bytes:
     """A hashable key for an _id of any BSON type."""
     return bson.encode({"_id": value})
@@ -148,6 +154,8 @@ def apply_update(doc: dict[str, Any], update: dict[str, Any]) -> tuple[dict[str,
                 raise CommandError(66, "ImmutableField", "Performing an update on the path '_id' would modify the immutable field '_id'")
             if op == "$set":
                 parent, leaf = _parent(new, path, True)
+                if isinstance(parent, dict) and leaf in parent and same_bson(parent[leaf], arg):
+                    continue  # the same value: no change, not in updatedFields
                 parent[leaf] = copy.deepcopy(arg)
                 updated[path] = copy.deepcopy(arg)
             elif op == "$unset":
