@@ -35,7 +35,10 @@ OPERATIONS = {"insert": "INSERT", "update": "UPDATE", "replace": "REPLACE", "del
 _UUID_SUBTYPES = (3, 4)
 # A date outside datetime's years 1-9999 (MongoDB keeps any int64 of milliseconds) decodes as
 # DatetimeMS instead of failing the whole change, as the compiled decoder reads it.
-_DECODE = CodecOptions(datetime_conversion=DatetimeConversion.DATETIME_AUTO)
+# Sub-documents stay RawBSONDocument until to_json reads them in their stored order: decoded
+# to dicts, one holding $ref and $id would become a DBRef, written $ref, $id first (the
+# compiled module, reading the bytes, keeps the stored order).
+_DECODE = CodecOptions(document_class=RawBSONDocument, datetime_conversion=DatetimeConversion.DATETIME_AUTO)
 _REGEX_FLAGS = (("i", re.IGNORECASE), ("l", re.LOCALE), ("m", re.MULTILINE), ("s", re.DOTALL),
                 ("u", re.UNICODE), ("x", re.VERBOSE))
 

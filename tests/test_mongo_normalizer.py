@@ -313,6 +313,22 @@ def test_dbref_keeps_its_extra_fields_on_every_path():
                                                                       "$db": "shop", "note": "x"}
 
 
+def test_a_sub_document_with_ref_and_id_keeps_its_stored_field_order():
+    """{"note": .., "$ref": .., "$id": ..} (or $id before $ref): bson.decode makes a DBRef of it,
+    which the reference (the feed without the extension) wrote $ref, $id first, so its bodies
+    were not the compiled module's, byte for byte, as they must be."""
+    change = order_change(1, "insert")
+    change["fullDocument"] = bson.SON([("_id", 1), ("a", bson.SON([("note", "x"), ("$ref", "c"), ("$id", 1)])),
+                                       ("b", [bson.SON([("$id", 2), ("$ref", "d"), ("$db", "s")])])])
+    raw = bson.encode(change)
+    want = b'"document":{"_id":1,"a":{"note":"x","$ref":"c","$id":1},"b":[{"$id":2,"$ref":"d","$db":"s"}]}'
+    for impl in (mongo, mongo_ref):
+        (event,) = impl.normalize_raw(raw, ["w"])
+        assert want in event.body
+        assert list(event.record["a"]) == ["note", "$ref", "$id"]
+        assert list(impl.decode_raw(raw)["fullDocument"]["b"][0]) == ["$id", "$ref", "$db"]
+
+
 def test_update_without_document_keeps_key_as_record():
     change = order_change(2, "update")
     change["fullDocument"] = None
