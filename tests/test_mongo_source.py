@@ -231,6 +231,32 @@ async def test_a_seeded_token_the_disk_refuses_is_still_where_the_feed_resumes(e
     assert [b["document"]["_id"] for b in bodies] == [1, 2, 3]
 
 
+async def test_a_failure_after_the_stream_worked_is_retried_at_the_first_backoff_step(env, caplog):
+    """The reopen backoff (0.2 s doubling to retry_max) was reset only when a stream ended on
+    its own (an invalidate), never by a stream that then worked: after one outage had grown it
+    to the maximum (10 s by default), the next failure, days later, waited the maximum too."""
+    caplog.set_level("WARNING", logger="rtserver.sources.mongo")
+
+    def retries() -> list[float]:
+        return [r.fields["retry_in_s"] for r in caplog.records if r.getMessage() == "mongo change stream failed, retrying"]
+
+    async with sc.client(env) as db:
+        admin = db.client.admin
+        await admin.command({"configureFailPoint": "failCommand", "mode": {"times": 4},
+                             "data": {"failCommands": ["aggregate"], "errorCode": 2}})
+        async with sc.running(env):  # opens at the fifth attempt
+            assert retries() == [0.2, 0.4, 0.5, 0.5]  # retry_max_seconds=0.5
+            await db.orders.insert_one({"_id": 1})
+            await env.sink.wait_for(1)
+            await admin.command({"configureFailPoint": "failCommand", "mode": {"times": 1},
+                                 "data": {"failCommands": ["getMore"], "errorCode": 2, "errorLabels": []}})
+            await sc.wait_until(lambda: len(retries()) == 5, what="the getMore failure")
+            await db.orders.insert_one({"_id": 2})
+            bodies = await sc.settle(env, 2)
+    assert retries()[4] == 0.2
+    assert [b["document"]["_id"] for b in bodies] == [1, 2]
+
+
 async def test_history_lost_reports_a_gap_and_restarts(env):
     await sc.history_lost(env, lambda: env.server.truncate_oplog())
 

@@ -64,6 +64,7 @@ UNKNOWN_STAGE = 40324  # "Unrecognized pipeline stage name": the only stage that
 FRAGMENT_CODEC = CodecOptions(document_class=RawBSONDocument, datetime_conversion=DatetimeConversion.DATETIME_AUTO)
 RAW_CODEC = CodecOptions(document_class=RawBSONDocument)
 CLOSE_TIMEOUT = 2.0
+FIRST_RETRY = 0.2  # s: the reopen backoff's first step, doubling to retry_max_seconds
 LIST_TIMEOUT = 5.0
 MAX_DATABASE_NAME = 63  # bytes; mongod: "db name must be at most 63 characters" (InvalidNamespace)
 # mongod opens no change stream on these ("$changeStream may not be opened on the internal
@@ -430,6 +431,10 @@ class MongoSource:
         self._last_error = ""
         self._last_event_at = 0.0
         self._streams_opened = 0
+        # Reads that worked (a change handled, an empty batch): a failure after one starts the
+        # backoff over, one with none since the last failure (a record refused each time) grows it.
+        self._progress = 0
+        self._progress_at_failure = 0
 
     # ---- Source protocol ---------------------------------------------------------------
 
@@ -557,11 +562,11 @@ class MongoSource:
             self._token = token
         if token is not None:
             log.info("mongo source resuming", extra={"fields": {"database": self.database, "url": redact(self.url)}})
-        delay = 0.2
+        delay = FIRST_RETRY
         while not self._stopping:
             try:
                 await self._stream()
-                delay = 0.2
+                delay = FIRST_RETRY
             except OperationFailure as exc:
                 if exc.code == INVALID_RESUME_TOKEN and self._token is not None:
                     # e.g. the token of an invalidate event: only startAfter can pass it.
@@ -593,6 +598,9 @@ class MongoSource:
                 delay = await self._failed(exc, delay)
 
     async def _failed(self, exc: Exception, delay: float) -> float:
+        if self._progress != self._progress_at_failure:
+            delay = FIRST_RETRY  # the stream worked since the last failure: a new outage
+            self._progress_at_failure = self._progress
         self._ready = False
         self._last_error = f"{type(exc).__name__}: {exc}"
         log.warning("mongo change stream failed, retrying",
@@ -645,6 +653,7 @@ class MongoSource:
                         return
                     if not fragments:  # never a token inside a change: a restart reads it whole
                         self._acknowledge(stream.resume_token)
+                    self._progress += 1
                     continue
                 split = change.get("splitEvent")
                 if split is not None:
@@ -664,6 +673,7 @@ class MongoSource:
                 if not await self._handle(change):
                     return
                 self._acknowledge(stream.resume_token)
+                self._progress += 1
         finally:
             self._ready = False
             with contextlib.suppress(PyMongoError):
