@@ -141,8 +141,10 @@ def correlation_id(change: Mapping[str, Any]) -> str:
     if lsid is not None and change.get("txnNumber") is not None:
         sid = lsid.get("id") if isinstance(lsid, Mapping) else None
         return f"{to_json(sid)}:{int(change['txnNumber'])}"
-    token = change.get("_id")
-    data = token.get("_data") if isinstance(token, Mapping) else None
+    # As JSON values, as the compiled module reads it: a token without a _data string (none on
+    # MongoDB 4.4+) digests the same whether it came as a dict or a RawBSONDocument.
+    token = to_json(change.get("_id"))
+    data = token.get("_data") if isinstance(token, dict) else None
     raw = data.encode() if isinstance(data, str) else repr(token).encode()
     return "mongo-" + hashlib.blake2b(raw, digest_size=12).hexdigest()
 
