@@ -1004,6 +1004,27 @@ async def test_full_identity_json_true_replacing_1_is_a_changed_column(db, make_
     assert [json.loads(e.body)["changedColumns"] for e in events[1:]] == [["j"], ["a"], ["n"]]
 
 
+async def test_full_identity_deeply_nested_json_does_not_stop_the_feed(db, make_source):
+    """Under FULL, changedColumns compares old and new values, nested JSON too. The comparison
+    recursed two Python frames per level: an UPDATE of a row holding a jsonb 450 levels deep
+    (which PostgreSQL, the decoder and the encoder all take) raised RecursionError, and the feed
+    failed at that transaction after every reconnect, for every table."""
+    await db.execute("CREATE TABLE fd (id int PRIMARY KEY, j jsonb, n int); ALTER TABLE fd REPLICA IDENTITY FULL")
+    src, sink = await make_source()
+    deep = "[" * 450 + "]" * 450
+    deeper = "[" * 450 + "1" + "]" * 450
+    await db.execute("INSERT INTO fd VALUES (1, $1::text::jsonb, 0)", deep)
+    await db.execute("UPDATE fd SET n = 1")
+    await db.execute("UPDATE fd SET j = $1::text::jsonb", deeper)
+    await db.execute("INSERT INTO fd VALUES (2, '[]', 0)")
+    events = await sink.wait_for(4)
+    bodies = [json.loads(e.body) for e in events]
+    assert [b["changedColumns"] for b in bodies[1:3]] == [["n"], ["j"]]
+    assert json.dumps(bodies[2]["record"]["j"], separators=(",", ":")) == deeper
+    assert bodies[3]["record"] == {"id": 2, "j": [], "n": 0}
+    assert src.ready() and src.status()["last_error"] == ""
+
+
 async def test_builtin_arrays_outside_the_decoders_table_are_arrays(db, make_source):
     """docs/postgres.md: arrays -> arrays. Built-in array types the decoder has no entry for
     (interval[], inet[], money[], point[], tstzrange[]...) arrived as their literal text,

@@ -121,11 +121,26 @@ class _Change:
 def _same(a: Any, b: Any) -> bool:
     """Equal values, NaN equal to NaN (also inside arrays): an unchanged NaN column is unchanged.
     A bool is never equal to a number, also inside JSON: Python's True == 1 would hide a jsonb
-    value turning from 1 into true (1 and 1.0 stay equal, as numeric and jsonb compare them)."""
-    if isinstance(a, list) and isinstance(b, list):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_same(v, b[k]) for k, v in a.items())
+    value turning from 1 into true (1 and 1.0 stay equal, as numeric and jsonb compare them).
+    Nested values are walked with a list, not recursion: a jsonb a few hundred levels deep
+    would raise RecursionError, at the same transaction after every reconnect."""
+    pending = [(a, b)]
+    while pending:
+        a, b = pending.pop()
+        if isinstance(a, list) and isinstance(b, list):
+            if len(a) != len(b):
+                return False
+            pending.extend(zip(a, b, strict=True))
+        elif isinstance(a, dict) and isinstance(b, dict):
+            if a.keys() != b.keys():
+                return False
+            pending.extend((v, b[k]) for k, v in a.items())
+        elif not _same_scalar(a, b):
+            return False
+    return True
+
+
+def _same_scalar(a: Any, b: Any) -> bool:
     if isinstance(a, bool) is not isinstance(b, bool):
         return False
     if a == b:
