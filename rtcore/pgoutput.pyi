@@ -7,6 +7,9 @@ from rtcore.pgoutput_ref import (
     ARRAY_ELEMENTS as ARRAY_ELEMENTS,
 )
 from rtcore.pgoutput_ref import (
+    MAX_JSON_DEPTH as MAX_JSON_DEPTH,
+)
+from rtcore.pgoutput_ref import (
     PG_EPOCH_OFFSET_US as PG_EPOCH_OFFSET_US,
 )
 from rtcore.pgoutput_ref import (

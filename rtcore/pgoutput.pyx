@@ -35,6 +35,7 @@ import msgspec
 
 from rtcore.pgoutput_ref import (  # noqa: F401 - re-exported
     ARRAY_ELEMENTS,
+    MAX_JSON_DEPTH,
     PG_EPOCH_OFFSET_US,
     SCALAR_CONVERTERS,
     UNCHANGED,
@@ -76,6 +77,7 @@ cdef object _b64encode = base64.b64encode
 cdef object _UNCHANGED = UNCHANGED
 cdef int64_t _INT64_MAX = 9223372036854775807
 cdef double _INF = float("inf")
+cdef int _MAX_JSON_DEPTH = MAX_JSON_DEPTH
 
 
 # -- native per-row messages ------------------------------------------------------------------
@@ -285,7 +287,35 @@ cdef object _numeric(const uint8_t* p, Py_ssize_t n):
     return value
 
 
+cdef bint _nests_deeper(const uint8_t* p, Py_ssize_t n, int limit) noexcept nogil:
+    """Whether the JSON text nests more than `limit` arrays and objects (see pgoutput_ref)."""
+    cdef Py_ssize_t i = 0
+    cdef int depth = 0
+    cdef bint in_string = False
+    cdef uint8_t c
+    while i < n:
+        c = p[i]
+        if in_string:
+            if c == 92:  # '\\': the escaped character, a quote too
+                i += 1
+            elif c == 34:  # '"'
+                in_string = False
+        elif c == 34:
+            in_string = True
+        elif c == 91 or c == 123:  # '[' '{'
+            depth += 1
+            if depth > limit:
+                return True
+        elif c == 93 or c == 125:  # ']' '}'
+            depth -= 1
+        i += 1
+    return False
+
+
 cdef object _json(const uint8_t* p, Py_ssize_t n):
+    if _nests_deeper(p, n, _MAX_JSON_DEPTH):
+        # deeper than the feed can encode further down the stack: the text (see pgoutput_ref)
+        return PyUnicode_DecodeUTF8(<const char*>p, n, NULL)
     cdef bytes raw = (<const char*>p)[:n]
     try:
         return _json_decode(raw)

@@ -13,7 +13,7 @@ Value conversion (text format, which is what pgoutput sends unless `binary` is r
   clients), and its text (a str) when beyond the range of a double, where a float would be
   infinite; text, varchar, bpchar, name, char, uuid -> str; json/jsonb -> the parsed JSON
   value, or its text (a str) when it holds what JSON cannot carry here (a number beyond the
-  range of a double, a lone surrogate escape); date -> "YYYY-MM-DD";
+  range of a double, a lone surrogate escape, nesting deeper than MAX_JSON_DEPTH); date -> "YYYY-MM-DD";
   time/timetz -> as PostgreSQL prints it; timestamp -> "YYYY-MM-DDTHH:MM:SS[.ffffff]" (no
   offset: the value has none); timestamptz -> UTC "YYYY-MM-DDTHH:MM:SS[.ffffff]Z";
   bytea -> base64; one-dimensional or nested arrays of these -> lists; enums and every
@@ -123,7 +123,43 @@ def _numeric(text: str) -> Any:
     return value
 
 
+# JSON nesting deeper than this arrives as its text. The feed encodes each event (JSON for
+# clients, msgpack for the Kafka bus) further down the stack than it decodes, and Python's
+# recursion limit (1000 frames, each level of nesting takes one) then failed the encoding of a
+# value nesting ~950 levels: the feed stopped at that transaction after every reconnect.
+MAX_JSON_DEPTH = 512
+
+
+def _nests_deeper(text: str, limit: int) -> bool:
+    """Whether the JSON `text` nests more than `limit` arrays and objects (brackets inside
+    strings do not count)."""
+    if text.count("[") + text.count("{") <= limit:
+        return False
+    depth = 0
+    in_string = False
+    i, n = 0, len(text)
+    while i < n:
+        ch = text[i]
+        if in_string:
+            if ch == "\\":
+                i += 1  # the escaped character, a quote too
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch == "[" or ch == "{":
+            depth += 1
+            if depth > limit:
+                return True
+        elif ch == "]" or ch == "}":
+            depth -= 1
+        i += 1
+    return False
+
+
 def _json(text: str) -> Any:
+    if _nests_deeper(text, MAX_JSON_DEPTH):
+        return text  # see MAX_JSON_DEPTH
     try:
         return msgspec.json.decode(text)
     except msgspec.DecodeError:

@@ -199,6 +199,15 @@ def test_dates_iso_cannot_write_stay_as_printed(oid, text):
 
 
 _HUGE = "1" + "0" * 400
+
+
+def _nested(depth: int) -> list:
+    value: list = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
 _UNREPRESENTABLE = [
     # numeric beyond a double (the compiled decoder raised OverflowError, the reference gave inf)
     (1700, _HUGE, _HUGE),
@@ -210,6 +219,13 @@ _UNREPRESENTABLE = [
     (114, '{"x": 1e400}', '{"x": 1e400}'),
     (114, '"\\ud800"', '"\\ud800"'),
     (199, '{"[1e400]","{\\"a\\": 1}"}', ["[1e400]", {"a": 1}]),
+    # nesting deeper than the feed can encode further down the stack (MAX_JSON_DEPTH): the text
+    (3802, "[" * 513 + "]" * 513, "[" * 513 + "]" * 513),
+    (114, '{"a": ' * 600 + "1" + "}" * 600, '{"a": ' * 600 + "1" + "}" * 600),
+    (114, '[{"a": ' * 300 + "1" + "}]" * 300, '[{"a": ' * 300 + "1" + "}]" * 300),
+    # brackets inside strings (an escaped quote too) are no nesting
+    (3802, '["\\"' + "[" * 600 + '"]', ['"' + "[" * 600]),
+    (3802, "[" * 512 + "]" * 512, _nested(512)),
 ]
 
 

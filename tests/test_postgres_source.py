@@ -1004,6 +1004,27 @@ async def test_full_identity_json_true_replacing_1_is_a_changed_column(db, make_
     assert [json.loads(e.body)["changedColumns"] for e in events[1:]] == [["j"], ["a"], ["n"]]
 
 
+async def test_json_nesting_deeper_than_the_feed_can_encode_arrives_as_text(db, make_source):
+    """A jsonb nesting ~950 levels (PostgreSQL takes thousands) was decoded, then failed to
+    encode as an event further down the stack (RecursionError): the feed failed at that
+    transaction after every reconnect, for every table. Nesting beyond MAX_JSON_DEPTH (512)
+    arrives as its JSON text, as other JSON this side cannot carry does; the feed goes on."""
+    await db.execute("CREATE TABLE dj (id int PRIMARY KEY, j jsonb)")
+    src, sink = await make_source()
+    depths = [512, 513, *range(900, 1000, 4)]
+    for depth in depths:
+        await db.execute("INSERT INTO dj VALUES ($1, $2::text::jsonb)", depth, "[" * depth + "]" * depth)
+    await db.execute("INSERT INTO dj VALUES (1, '[1]')")
+    events = await sink.wait_for(len(depths) + 1)
+    records = [json.loads(e.body)["record"] for e in events]
+    assert [r["id"] for r in records] == [*depths, 1]
+    assert isinstance(records[0]["j"], list)
+    for record in records[1:-1]:
+        assert record["j"] == "[" * record["id"] + "]" * record["id"]
+    assert records[-1]["j"] == [1]
+    assert src.ready() and src.status()["last_error"] == "" and not sink.gaps
+
+
 async def test_full_identity_deeply_nested_json_does_not_stop_the_feed(db, make_source):
     """Under FULL, changedColumns compares old and new values, nested JSON too. The comparison
     recursed two Python frames per level: an UPDATE of a row holding a jsonb 450 levels deep
