@@ -222,6 +222,9 @@ class PostgresSource:
         self._streamed_transactions = 0
         self._streamed_aborts = 0
         self._streamed_sub_aborts = 0
+        # relid -> why the changes of that relation are withheld (_withhold), per connection
+        self._withheld: dict[int, str] = {}
+        self._withheld_logged: set[tuple[str, str]] = set()
 
     # -- Source protocol ------------------------------------------------------------------
 
@@ -567,6 +570,8 @@ class PostgresSource:
 
     async def _consume(self, stream: ReplicationStream, inbox: _Inbox) -> None:
         decoder = self._decoder = _pgoutput.Decoder()
+        self._withheld = {}  # the new connection describes each relation again
+        withheld = self._withheld
         catalog = self.catalog
         position = self._position
         streams = self._streams
@@ -622,7 +627,7 @@ class PostgresSource:
             if isinstance(m, Insert | Update | Delete):
                 if decoder.errors:
                     self._conversion_failed(decoder, tx)
-                if tx is None or tx.skip_all:
+                if tx is None or tx.skip_all or m.relation.relid in withheld:
                     continue
                 tx.changes.append(await self._change(m, catalog, tx))
                 tx.bytes += len(frame)
@@ -666,7 +671,7 @@ class PostgresSource:
         if isinstance(m, Insert | Update | Delete):
             if decoder.errors:
                 self._conversion_failed(decoder, tx)
-            if tx is None or tx.skip_all:
+            if tx is None or tx.skip_all or m.relation.relid in self._withheld:
                 return
             tx.changes.append(await self._change(m, catalog, tx))
             tx.bytes += size
@@ -674,16 +679,44 @@ class PostgresSource:
                 await self._flush(tx, final=False)
         elif isinstance(m, Relation):
             catalog.forget_types(m.schema, m.name)
+            self._withhold(m, catalog)
             await self._learn_types(m.type_oids, decoder, catalog)
         elif isinstance(m, Truncate):
             if tx is None or tx.skip_all:
                 return
             for rel in m.relations:
-                tx.changes.append(_Change("TRUNCATE", rel, None, None, None))
+                if rel.relid not in self._withheld:
+                    tx.changes.append(_Change("TRUNCATE", rel, None, None, None))
         elif isinstance(m, LogicalMessage):
             if tx is not None and m.transactional and m.prefix == CORRELATION_PREFIX:
                 tx.correlation = m.content.decode("utf-8", "replace")[:256]
         # TypeInfo: enums and other user types are decoded as text; arrays learnt above
+
+    def _withhold(self, rel: Relation, catalog: Catalog) -> None:
+        """Whether the changes of `rel` are withheld: the publication holds a table by OID, and the
+        slot decodes each change with the publication as of that change, so a published table
+        moved to a schema outside the configuration, or renamed to a name no channel can carry,
+        streams under its new name until the sync takes it out (at once for a restart, whose
+        slot still decodes what was written while the gateway was down): rows of a schema never
+        published would reach postgres:* subscribers, and public."sales.orders" the
+        subscribers of table orders of schema sales."""
+        why = ""
+        if not (valid_table_name(rel.schema) and valid_table_name(rel.name)):
+            why = "its name holds '.', '\"' or a control character, which a channel name cannot carry"
+        else:
+            why = catalog.unconfigured(rel.schema, rel.name)
+        if not why:
+            self._withheld.pop(rel.relid, None)
+            return
+        self._withheld[rel.relid] = why
+        table = (rel.schema, rel.name)
+        if table not in self._withheld_logged:
+            self._withheld_logged.add(table)
+            log.warning(
+                "postgres table %s.%s was in publication %s when changes the slot sends were written (it was moved "
+                "or renamed since it was added): they are not delivered: %s", rel.schema, rel.name, self.publication, why,
+                extra={"fields": {**self._log_fields(), "table": f"{rel.schema}.{rel.name}"}},
+            )
 
     async def _learn_types(self, oids: Iterable[int], decoder: Any, catalog: Catalog) -> None:
         """Teach the decoder the types of a table that its built-in tables do not cover: arrays
