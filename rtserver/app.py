@@ -23,7 +23,7 @@ from rtcore.timefmt import iso_ms, now_ms
 from rtserver import http
 from rtserver.atomic_file import ensure_state_dir
 from rtserver.audit import create_audit
-from rtserver.auth import Authenticator, AuthError, load_or_create_dev_secret
+from rtserver.auth import MIN_HS256_SECRET, Authenticator, AuthError, load_or_create_dev_secret
 from rtserver.bus import BusUnavailable, create_bus
 from rtserver.channels import TOPIC_RE
 from rtserver.config import WORKSPACE_ID_RE, Config, WorkspaceSources
@@ -43,7 +43,6 @@ from rtserver.sources.base import Source, stop_all
 from rtserver.sources.mongo import database_for, database_problem
 
 log = logging.getLogger("rtserver.app")
-MIN_HS256_SECRET = 32  # bytes: HS256's key is at least its hash's size (RFC 7518 §3.2)
 
 _json = msgspec.json.Encoder()
 _SWEEP_INTERVAL = 1.0

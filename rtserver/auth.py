@@ -39,6 +39,7 @@ MAX_TOKEN_BYTES = 16 * 1024  # real tokens are 1-4 KiB; bounds the work an anony
 MAX_KID_CHARS = 256
 _SHOWN_ALG_CHARS = 32
 DEV_SECRET_FILE = "dev-secret"
+MIN_HS256_SECRET = 32  # bytes: HS256's key is at least its hash's size (RFC 7518 §3.2)
 
 
 CODE_NAMES = {4001: "token_expired", 4002: "token_invalid", 4003: "scope_denied"}
@@ -460,8 +461,8 @@ def _read_secret(path: str) -> str | None:
         return None
     except (OSError, UnicodeDecodeError) as exc:
         raise RuntimeError(f"dev secret {path}: cannot read: {exc}") from None
-    if len(text) < 32:
-        raise RuntimeError(f"dev secret {path} is shorter than 32 characters; delete it to regenerate")
+    if len(text) < MIN_HS256_SECRET:
+        raise RuntimeError(f"dev secret {path} is shorter than {MIN_HS256_SECRET} characters; delete it to regenerate")
     return text
 
 

@@ -48,7 +48,7 @@ class HistoryEntry:
         self.at = at
         self.frame = frame
         self.event = event
-        self.size = 0  # retained_size(), set by History.append
+        self.size = retained_size(frame, event.body)  # what it counts against the byte bounds
 
 
 @dataclass
@@ -117,7 +117,7 @@ class History:
             self.last_seq = seq
         entry = HistoryEntry(seq, time.monotonic(), event_frame(event.body, seq), event)
         self._entries.append(entry)
-        size = entry.size = retained_size(entry.frame, event.body)
+        size = entry.size
         self._bytes += size
         self.budget.bytes += size
         self._evict(entry.at)

@@ -509,15 +509,16 @@ class FrontProtocol(asyncio.Protocol):
         if method == b"POST" and req.url == self._publish_url:
             # A publisher posts to the same URL request after request: parsed once.
             path, route = self._publish_route
+            m = None  # POST: the route says it all
         else:
             try:
                 path = _target_path(req.url)
             except httptools.HttpParserInvalidURLError:
                 self._respond(json_error(400, "malformed URL", keep_alive), close=not keep_alive)
                 return
-            m = PUBLISH_RE.match(path) if method == b"POST" else None
+            m = PUBLISH_RE.match(path)
             route = None
-            if m is not None:
+            if m is not None and method == b"POST":
                 # Segments are percent-decoded after the split (a client's encodeURIComponent
                 # turns the topic "orders:eu" into "orders%3Aeu"; an encoded "/" stays inside
                 # its segment, where the topic check refuses it).
@@ -535,14 +536,14 @@ class FrontProtocol(asyncio.Protocol):
                         self._respond_later(answer, keep_alive)
                         return
                     response = http_response(answer[0], answer[1], keep_alive=keep_alive)
-            elif method in (b"GET", b"HEAD") and not PUBLISH_RE.match(path):
+            elif method in (b"GET", b"HEAD") and m is None:
                 status, ctype, body = self.gw.http_get(path)
                 response = http_response(status, body, ctype, keep_alive)
                 if method == b"HEAD":
                     response = response[: len(response) - len(body)]  # headers only, same length
             else:
                 # A publish URL takes POST only (a GET of it was a 404, as for no endpoint).
-                only = ": POST publishes" if PUBLISH_RE.match(path) else ""
+                only = ": POST publishes" if m is not None else ""
                 response = json_error(405, f"method {method.decode()} not allowed{only}", keep_alive)
         except Exception:
             log.exception("HTTP request failed", extra={"fields": {"path": path, "method": method.decode()}})

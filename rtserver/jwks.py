@@ -97,9 +97,10 @@ def _in_daemon_thread(fn: Any, *args: Any) -> asyncio.Future[Any]:
 
 
 def _fetch_blocking(url: str, ssl_context: ssl.SSLContext | None, timeout: float) -> bytes:
-    # Runs in an executor thread: urllib blocks on DNS, connect and read. urllib's timeout bounds
-    # each socket operation, not the fetch: the body is read piecewise against a deadline so a
-    # server trickling its answer frees the thread too (the waiters are freed by _fetch).
+    # Runs in a thread of its own (_in_daemon_thread): urllib blocks on DNS, connect and read.
+    # urllib's timeout bounds each socket operation, not the fetch: the body is read piecewise
+    # against a deadline so a server trickling its answer frees the thread too (the waiters are
+    # freed by _fetch).
     deadline = time.monotonic() + timeout
     shown = redact(url)  # errors are logged: a credential in the URL's query is not
     request = urllib.request.Request(url, headers={"Accept": "application/json", "User-Agent": "rtserver"})

@@ -406,8 +406,11 @@ class MongoSource:
         self.legacy_feed_id = hashlib.sha256(
             f"{re.sub(r'://[^@/]*@', '://***@', url)}|{database}".encode()).hexdigest()[:12]
         safe_db = re.sub(r"[^A-Za-z0-9_.-]", "_", database)
-        self._tokens = ResumeTokenStore(os.path.join(state_dir, f"mongo-resume-{safe_db}-{self.feed_id}.json"),
-                                        legacy=os.path.join(state_dir, f"mongo-resume-{safe_db}-{self.legacy_feed_id}.json"))
+
+        def token_file(feed: str) -> str:
+            return os.path.join(state_dir, f"mongo-resume-{safe_db}-{feed}.json")
+
+        self._tokens = ResumeTokenStore(token_file(self.feed_id), legacy=token_file(self.legacy_feed_id))
         self._client: AsyncMongoClient[Any] | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
