@@ -79,12 +79,18 @@ async def test_a_workspace_id_longer_than_a_mongodb_database_name_is_4010_not_a_
     attempt, and /readyz said 503 for the whole node. Now its mongo channels are 4010, saying so."""
     gw, _ = mongo_gateway
     long_id = "w" * 64
-    async with ws_connect(gw, long_id, token=gw.token(long_id)) as c:
+    await _refused_with_the_node_ready(gw, long_id, "is longer than MongoDB takes")
+
+
+async def _refused_with_the_node_ready(gw, workspace: str, why: str) -> None:
+    """`workspace`'s mongo channels answer 4010 saying its database `why`, and the node stays
+    ready (its feed, which could never open, is not started)."""
+    async with ws_connect(gw, workspace, token=gw.token(workspace)) as c:
         await gw.wait_ready()
         for channel in ("mongo:orders", "mongo:*"):
             reply = await _subscribe(c, channel)
             assert (reply["type"], reply["code"], reply["channel"]) == ("error", 4010, channel), reply
-            assert f"MongoDB database '{long_id}' (of workspace {long_id}) is longer than MongoDB takes" in reply["message"]
+            assert f"MongoDB database '{workspace}' (of workspace {workspace}) {why}" in reply["message"]
         status, body = await gw.get("/readyz")
         assert status == 200, body
 
@@ -190,11 +196,4 @@ async def test_a_workspace_named_like_a_mongodb_internal_database_is_4010_not_a_
     /readyz said 503 for the whole node (the load balancer took it out). Now its mongo channels
     are 4010, saying why, and the node stays ready."""
     gw, _ = mongo_gateway
-    async with ws_connect(gw, workspace, token=gw.token(workspace)) as c:
-        await gw.wait_ready()
-        for channel in ("mongo:orders", "mongo:*"):
-            reply = await _subscribe(c, channel)
-            assert (reply["type"], reply["code"], reply["channel"]) == ("error", 4010, channel), reply
-            assert f"MongoDB database '{workspace}' (of workspace {workspace}) is internal to MongoDB" in reply["message"]
-        status, body = await gw.get("/readyz")
-        assert status == 200, body
+    await _refused_with_the_node_ready(gw, workspace, "is internal to MongoDB")

@@ -1488,6 +1488,15 @@ async def test_the_ingest_health_endpoints_take_a_query_string_and_head(cluster)
     assert parse_exposition((await ask("GET", "/metrics?x=1"))[1].decode())["rt_ingest_active"] == 1
 
 
+async def _ingest_and_node(cluster, gateway_factory, config):
+    """An active ingest and a ready gateway node, both of the configuration file `config`."""
+    first = await cluster.ingest("--config", str(config))
+    await first.wait_active()
+    node = await gateway_factory(env=cluster.env, args=["--config", str(config)])
+    await wait_ready(node)
+    return first, node
+
+
 async def test_a_takeover_keeps_apart_the_positions_of_databases_named_alike(cluster, gateway_factory, pg_cluster,
                                                                              tmp_path):
     """Two feeds of one ingest read databases of one name on two servers: their slots are named
@@ -1498,10 +1507,7 @@ async def test_a_takeover_keeps_apart_the_positions_of_databases_named_alike(clu
     from tests.harness.fixtures_postgres import databases_named_alike, put_wal_ahead
 
     async with databases_named_alike(pg_cluster, tmp_path) as (db_a, db_b, config):
-        first = await cluster.ingest("--config", str(config))
-        await first.wait_active()
-        node = await gateway_factory(env=cluster.env, args=["--config", str(config)])
-        await wait_ready(node)
+        first, node = await _ingest_and_node(cluster, gateway_factory, config)
         async with ws_connect(node, "a", token=node.token("a")) as ca, ws_connect(node, "b", token=node.token("b")) as cb:
             await ca.subscribe("postgres:t")
             await cb.subscribe("postgres:t")
@@ -1542,10 +1548,7 @@ async def test_a_mongo_takeover_keeps_apart_databases_named_alike_on_two_deploym
         url_a, url_b = (s.url.replace("/?", "/shop?") for s in servers)
         config = tmp_path / "rt.toml"
         config.write_text(f"[workspaces.a]\nmongo_url = '{url_a}'\n[workspaces.b]\nmongo_url = '{url_b}'\n")
-        first = await cluster.ingest("--config", str(config))
-        await first.wait_active()
-        node = await gateway_factory(env=cluster.env, args=["--config", str(config)])
-        await wait_ready(node)
+        first, node = await _ingest_and_node(cluster, gateway_factory, config)
         async with ws_connect(node, "a", token=node.token("a")) as ca, ws_connect(node, "b", token=node.token("b")) as cb:
             await ca.subscribe("mongo:orders")
             await cb.subscribe("mongo:orders")
