@@ -32,6 +32,7 @@ class SeqReservation:
     def __init__(self, path: str):
         self.path = path
         self.reserved = 0  # no position beyond this has been handed out (this run or before)
+        self.floor = 0  # every position of this run is above this one (start()'s answer)
         self._writing: asyncio.Future | None = None
 
     async def start(self, now_us: int) -> int:
@@ -45,6 +46,7 @@ class SeqReservation:
                         extra={"fields": {"behind_s": round((previous - now_us) / 1e6, 3), "path": self.path}})
         await loop.run_in_executor(None, self._write, base + AHEAD_US)
         self.reserved = base + AHEAD_US
+        self.floor = base
         return base
 
     def _read(self) -> int:
@@ -69,11 +71,13 @@ class SeqReservation:
 
     async def close(self, high_us: int) -> None:
         """At a clean stop, once no position is handed out any more: leave `high_us` (at least
-        the highest one handed out) instead of the reservation."""
+        the highest one handed out), or the previous run's positions if this one stayed below
+        them (nothing published while the clock was behind), instead of the reservation."""
         if self._writing is not None and not self._writing.done():
             await asyncio.wait({self._writing})  # a renewal must not land after this
-        await asyncio.get_running_loop().run_in_executor(None, self._write, high_us)
-        self.reserved = high_us
+        value = max(high_us, self.floor)
+        await asyncio.get_running_loop().run_in_executor(None, self._write, value)
+        self.reserved = value
 
     def _write(self, value: int) -> None:
         replace_file(self.path, b"%d\n" % value)

@@ -86,3 +86,24 @@ async def test_a_quick_clean_restart_neither_warns_nor_runs_ahead_of_the_clock(t
         await pub.close()
         await again.shutdown()
     assert not [r for r in caplog.records if "clock is behind" in r.getMessage()]
+
+
+async def test_a_clean_stop_without_positions_keeps_the_previous_runs_floor(tmp_path):
+    """A run started while the clock was behind the previous run's positions, and stopped
+    before handing out one of its own, replaced the file with the clock's reading: the next run
+    then started below positions clients had been given (a reader resuming from one was told
+    of no gap and sent nothing until the clock caught up). The stop now leaves the floor."""
+    previous = now_us() + 3600 * 10**6  # the clock stepped back an hour since the previous run
+    (tmp_path / "seq-reservation").write_text(f"{previous}\n")
+    gw = Gateway(_cfg(tmp_path))
+    await gw.start()
+    await gw.shutdown()
+    assert int((tmp_path / "seq-reservation").read_text()) >= previous
+    again = Gateway(_cfg(tmp_path))
+    await again.start()
+    pub = Publisher(again.port)
+    try:
+        assert await pub.publish("w1", "t", {"i": 0}) > previous
+    finally:
+        await pub.close()
+        await again.shutdown()
