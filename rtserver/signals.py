@@ -26,9 +26,9 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 async def until_signalled(start: Callable[[], Awaitable[None]], stop: Callable[[], Awaitable[None]],
                           deadline: float, name: str) -> int:
     """Run `start()`, wait for a stop signal, run `stop()`; 0 once it is done, else the process
-    exits with 1. A failed start raises. The handlers are in place before `start()`: a signal
-    during a slow start-up (a JWKS or Kafka that takes its time) would kill the process, exit
-    143 without a log line."""
+    exits with 1. A failed start raises, once what it began is stopped. The handlers are in
+    place before `start()`: a signal during a slow start-up (a JWKS or Kafka that takes its
+    time) would kill the process, exit 143 without a log line."""
     loop = asyncio.get_running_loop()
     signalled = asyncio.Event()
     for sig in STOP_SIGNALS:
@@ -42,6 +42,8 @@ async def until_signalled(start: Callable[[], Awaitable[None]], stop: Callable[[
     await asyncio.wait({starting, waiting}, return_when=asyncio.FIRST_COMPLETED)
     if starting.done():
         waiting.cancel()
+        if not starting.cancelled() and starting.exception() is not None:
+            await _stop_failed_start(stop, deadline, name)
         starting.result()
         await signalled.wait()
     else:
@@ -59,6 +61,20 @@ async def until_signalled(start: Callable[[], Awaitable[None]], stop: Callable[[
     log.error("%s did not stop cleanly (%s): exiting now", name, why, extra={"fields": {"reason": why}})
     logs.flush()
     os._exit(1)
+
+
+async def _stop_failed_start(stop: Callable[[], Awaitable[None]], deadline: float, name: str) -> None:
+    """`stop()` after a failed start, within `deadline`: what the start began (the seq
+    reservation 30 s ahead, the lease's group membership, a source's replication connection)
+    ends as at a clean stop, and a quick restart does not find it. Its own failure is logged:
+    the start's error is the one to report."""
+    stopping = asyncio.ensure_future(stop())
+    done, _ = await asyncio.wait({stopping}, timeout=deadline)
+    if not done:
+        stopping.cancel()
+        log.error("%s: stopping after the failed start took over %g s: abandoned", name, deadline)
+    elif stopping.exception() is not None:
+        log.error("%s: stopping after the failed start failed", name, exc_info=stopping.exception())
 
 
 async def _after(start: asyncio.Future[None], stop: Callable[[], Awaitable[None]]) -> None:
