@@ -85,6 +85,9 @@ class Gateway:
         # HTTP connections open and not WebSockets (http.FrontProtocol), and the bound of them
         # and the WebSockets together.
         self.http_sockets = 0
+        # WebSockets closed, out of gw.connections, whose socket still has bytes to write
+        # (Connection._disconnect): up to limits.idle_timeout each.
+        self.closing_sockets = 0
         self.max_client_sockets = socket_share(self.max_node_connections)
         self.hub = Hub(cfg, self.metrics)
         self.hub.open_connections = lambda: len(self.connections)
@@ -565,7 +568,10 @@ class Gateway:
         rows: list[tuple[str, str, dict[str, Any], float]] = [
             ("rt_suspended_sessions", "Sessions waiting to be resumed", {}, len(self.sessions)),
             ("rt_http_connections", "HTTP connections open that are not WebSockets (keep-alive, requests under way); "
-             "with rt_connections at most limits.max_node_connections + 512", {}, self.http_sockets),
+             "with rt_connections and rt_closing_connections at most limits.max_node_connections + 512", {},
+             self.http_sockets),
+            ("rt_closing_connections", "WebSockets closed whose socket is held until the peer has read what was "
+             "queued for it (at most limits.idle_timeout)", {}, self.closing_sockets),
             ("rt_gc_frozen_objects",
              "Objects moved out of garbage-collector passes by server.gc_freeze, counted when frozen "
              "(those freed since are not subtracted)", {}, self._gc_policy.frozen if self._gc_policy else 0),

@@ -169,6 +169,7 @@ class Connection(WSListener):
         self._ping_sent = False
         self._refreshed_at = float("-inf")  # loop time of the last token refresh handled
         self._replay_wait = _REPLAY_POLL  # the last wait between two looks at the send buffer (_taken)
+        self._held = False  # closed with bytes left to write: in gw.closing_sockets until the socket ends
 
     # ---- picows callbacks ----------------------------------------------------------------
 
@@ -265,6 +266,9 @@ class Connection(WSListener):
         if self._close_code is None:
             self._layer_closed(transport)
         self._teardown()
+        if self._held:
+            self._held = False
+            self.gw.closing_sockets -= 1
 
     def _layer_closed(self, transport: WSTransport) -> None:
         """Take the code of a close that picows sent on its own (a frame breaking RFC 6455:
@@ -360,8 +364,18 @@ class Connection(WSListener):
         self.transport.disconnect(graceful=True)
         raw = self._raw
         if raw is not None and raw.get_write_buffer_size():
-            # A no-op once the transport is gone.
-            asyncio.get_running_loop().call_later(self.gw.cfg.limits.idle_timeout, raw.abort)
+            self._held_until(self.gw.cfg.limits.idle_timeout)
+
+    def _held_until(self, grace: float) -> None:
+        """A closed connection whose socket still has bytes for its peer: aborted after `grace`
+        seconds if it has not ended by then (a no-op once the transport is gone). Out of
+        gw.connections already, it counts against the client sockets until it ends
+        (http.FrontProtocol): peers that stop reading and get closed could otherwise hold
+        descriptors beyond every limit."""
+        asyncio.get_running_loop().call_later(grace, self._raw.abort)
+        if not self._held:
+            self._held = True
+            self.gw.closing_sockets += 1
 
     def _slow_reader(self) -> None:
         if self.closed:
@@ -380,7 +394,7 @@ class Connection(WSListener):
         raw.write(close_frame(1013, "try_again_later"))
         self._teardown()
         raw.close()
-        asyncio.get_running_loop().call_later(_SLOW_CLOSE_GRACE, raw.abort)
+        self._held_until(_SLOW_CLOSE_GRACE)
 
     # ---- inbound -------------------------------------------------------------------------
 

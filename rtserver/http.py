@@ -178,7 +178,7 @@ class FrontProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         gw = self.gw
-        if gw.http_sockets + len(gw.connections) >= gw.max_client_sockets:
+        if gw.http_sockets + len(gw.connections) + gw.closing_sockets >= gw.max_client_sockets:
             self._refuse_socket(transport)  # type: ignore[arg-type]
             return
         gw.http_sockets += 1

@@ -1146,3 +1146,52 @@ async def test_idle_http_connections_cannot_take_the_gateways_own_descriptors(ga
             s.close()
     refused_total = re.search(rb"^rt_connections_refused_total (\d+)", metrics, re.M)
     assert refused_total is not None and int(refused_total.group(1)) >= 1
+
+
+async def test_closed_websockets_still_writing_count_against_the_client_sockets(gateway_factory):
+    """A WebSocket closed while bytes were queued for its peer (here: a client that reads
+    nothing sends a message over the size limit, 1009) left every count at once, yet its
+    socket stays open until the peer has read them or limits.idle_timeout has passed: peers
+    that stop reading and get closed could hold sockets beyond max_node_connections + 512.
+    They count as client sockets until they end."""
+    gw = await gateway_factory(env={"RT_MAX_NODE_CONNECTIONS": "2", "RT_IDLE_TIMEOUT": "600",
+                                    "RT_SEND_BUFFER_BYTES": str(64 << 20)})
+    loop = asyncio.get_running_loop()
+    stalled = await _stalled_subscriber(gw)
+    await stalled.send("x" * 70_000)  # over limits.max_message_bytes: closed behind the 8 MB
+    idle: list[socket.socket] = []
+    try:
+        for _ in range(100):
+            _, metrics = await gw.get("/metrics")
+            if re.search(rb"^rt_closing_connections 1$", metrics, re.M):
+                break
+            await asyncio.sleep(0.05)
+        assert re.search(rb"^rt_closing_connections 1$", metrics, re.M), "\n".join(
+            line for line in metrics.decode().splitlines() if "closing" in line or "slow" in line or "rt_connections" in line)
+        assert _holds_socket(gw.proc.pid, stalled.local_address[1])
+
+        async def connect() -> socket.socket:
+            s = socket.socket()
+            s.setblocking(False)
+            await loop.sock_connect(s, ("127.0.0.1", gw.port))
+            idle.append(s)
+            return s
+
+        for _ in range(2 + 512 - 2):
+            await connect()
+        last = await connect()  # the last place beside the closed one's socket
+        await loop.sock_sendall(last, b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n")
+        assert (await asyncio.wait_for(loop.sock_recv(last, 4096), 10)).startswith(b"HTTP/1.1 200 ")
+        refused = await connect()
+        answer = await asyncio.wait_for(loop.sock_recv(refused, 4096), 10)
+        assert answer.startswith(b"HTTP/1.1 503 ") and b"client sockets" in answer, answer
+    finally:
+        for s in idle:
+            s.close()
+        stalled.transport.abort()
+    for _ in range(100):  # the closed one's socket ends with its peer, and leaves the count
+        _, metrics = await gw.get("/metrics")
+        if re.search(rb"^rt_closing_connections 0$", metrics, re.M):
+            break
+        await asyncio.sleep(0.05)
+    assert re.search(rb"^rt_closing_connections 0$", metrics, re.M), metrics
