@@ -32,6 +32,7 @@ from rtserver.bus import BusUnavailable
 from rtserver.channels import valid_collection, valid_table_name
 from rtserver.eager import run_now
 from rtserver.sources.base import ChannelUnavailable
+from rtserver.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
     from rtserver.config import Config
@@ -493,15 +494,8 @@ class KafkaPublisher:
 
     async def close(self) -> None:
         watch, self._watch_task = self._watch_task, None
-        if watch is not None:
-            watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watch
-        renewal = self._renew_task
-        if renewal is not None and not renewal.done():
-            renewal.cancel()  # it may wait for Kafka (flush)
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await renewal
+        await cancel_and_wait(watch, what=f"bus publisher watch of {self.topic}")
+        await cancel_and_wait(self._renew_task, quiet=True)  # it may wait for Kafka (flush)
         producer, self._producer = self._producer, None
         if producer is not None:
             with contextlib.suppress(Exception):
@@ -656,10 +650,7 @@ class KafkaBus:
 
     async def close(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task, what=f"bus consumer of {self.topic}")
         consumer, self._consumer = self._consumer, None
         if consumer is not None:
             await stop_client(consumer, "bus consumer", {"topic": self.topic})

@@ -29,6 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 from rtserver.bus_kafka import KafkaPublisher, gap_record, send_waiting
+from rtserver.tasks import cancel_and_wait
 
 log = logging.getLogger("rtserver.bus")
 
@@ -217,10 +218,7 @@ class TransactionalWriter:
     async def close(self) -> None:
         """Stop: records not committed yet fail (their feeds did not acknowledge them)."""
         task, self._task = self._task, None
-        if task is not None and not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_and_wait(task, quiet=True)
         self._fail(WriterFailed(f"bus topic {self.topic}: writer closed"), report=False)
         producer, self._producer = self._producer, None
         if producer is not None:

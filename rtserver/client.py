@@ -472,8 +472,11 @@ class RealtimeClient:
         task, self._task = self._task, None
         if task is not None and task is not asyncio.current_task():
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            # Not `await task`: a close() cancelled meanwhile would pass its cancellation to the
+            # task and carry on (rtserver.tasks; this module imports nothing of the server's).
+            await asyncio.wait({task})
+            if not task.cancelled() and task.exception() is not None:
+                raise task.exception()
         ws, self._ws = self._ws, None
         if ws is not None:
             await ws.close()

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import logging
 import os
 import re
@@ -48,6 +47,7 @@ from rtserver.metrics import SOURCE_COUNTS, Row, family_lines, source_rows
 from rtserver.redact import redact
 from rtserver.signals import until_signalled
 from rtserver.sources.base import stop_all
+from rtserver.tasks import cancel_and_wait
 
 log = logging.getLogger("rtserver.ingest")
 T = TypeVar("T")
@@ -321,10 +321,7 @@ class Ingest:
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
-        if self._rejoin is not None:
-            self._rejoin.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._rejoin
+        await cancel_and_wait(self._rejoin, quiet=True)
         if self.lease is not None:
             await self.lease.close()  # stops the sources first (they acknowledge what is published)
         await self.publisher.close()

@@ -10,10 +10,11 @@ starts only after the old one let go (or was declared dead).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
+
+from rtserver.tasks import cancel_and_wait
 
 log = logging.getLogger("rtserver.lease")
 
@@ -100,10 +101,7 @@ class Lease:
             return
         self.held = False
         work, self._work = self._work, None
-        if work is not None and not work.done():
-            work.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await work
+        await cancel_and_wait(work, quiet=True)  # _log_failure reported a failure
         log.info("lease released", extra={"fields": {"topic": self.topic, "group": self.group}})
         await self._on_lost()
 
@@ -116,10 +114,7 @@ class Lease:
 
     async def close(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task, what=f"lease of {self.group}")
         await self._release()
         from rtserver.bus_kafka import stop_client
 

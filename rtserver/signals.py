@@ -10,7 +10,6 @@ Ctrl-C, or the orchestrator's patience, must always win.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import signal
@@ -81,6 +80,7 @@ async def _after(start: asyncio.Future[None], stop: Callable[[], Awaitable[None]
     """`stop()` once `start` (done, or cancelled at a signal) has ended: stop then finds what the
     start began, however far it got."""
     if not start.done():
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await start
+        await asyncio.wait({start})
+    if not start.cancelled():
+        start.exception()  # retrieved: the stop is what is reported now
     await stop()

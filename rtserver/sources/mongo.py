@@ -40,6 +40,7 @@ from rtserver.atomic_file import replace_file
 from rtserver.channels import valid_collection
 from rtserver.redact import redact
 from rtserver.sources.base import YIELD_EVERY, ChannelUnavailable, EventSink, when_durable
+from rtserver.tasks import cancel_and_wait
 
 try:
     from rtcore import mongo as normalizer
@@ -245,10 +246,7 @@ class ResumeTokenStore:
         """Stop the writer: a later store on the same file (the feed started again) must not
         have an older token written over its own when the disk comes back."""
         task, self._task = self._task, None
-        if task is not None and not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task, what=f"resume token writer of {self.path}")
 
 
 def _joined(fragments: list[RawBSONDocument]) -> RawBSONDocument:
@@ -455,8 +453,7 @@ class MongoSource:
             if self._publishing:
                 # Let the change in hand finish so its token is saved with it.
                 self._reopen.set()
-                with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
-                    await asyncio.wait_for(asyncio.shield(task), 5.0)
+                await asyncio.wait({task}, timeout=5.0)
             task.cancel()
             # Bounded: the cancelled stream ends its cursor on the server first, and over a dead
             # link (no reset) that waited for as long as the link stayed dead: a stop (SIGTERM, a

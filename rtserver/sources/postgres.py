@@ -48,6 +48,7 @@ from rtserver.sources.pg_catalog import (
 from rtserver.sources.pg_state import PositionFile, targets_key
 from rtserver.sources.pg_stream import ReplicationStream, StreamError
 from rtserver.sources.pg_streamed import StreamBuffers, StreamedTx
+from rtserver.tasks import cancel_and_wait
 
 try:  # the compiled decoder; the reference one keeps a source tree without build usable
     from rtcore import pgoutput as _pgoutput
@@ -555,10 +556,7 @@ class PostgresSource:
                                    "cannot decode past that point") from exc
                 raise
             finally:
-                for task in (maintenance, alive):
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, Exception):
-                        await task
+                await cancel_and_wait(maintenance, alive, quiet=True)
         finally:
             self._ready = False
             if self._streams is not None:
