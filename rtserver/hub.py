@@ -336,15 +336,18 @@ class Hub:
         high = 0
         async for ws in in_turns(list(self.workspaces.values())):
             if self.workspaces.get(ws.id) is ws:
-                if ws.history.last_seq > high:
-                    high = ws.history.last_seq
+                if ws.history.position > high:
+                    high = ws.history.position
                 ws.history.expire()
                 self._retire_if_idle(ws, grace, now)
         return high
 
     def highest_position(self) -> int:
-        """The highest position handed out: of the workspaces in memory and those retired."""
-        high = max((ws.history.last_seq for ws in self.workspaces.values()), default=0)
+        """The highest position handed out: of the workspaces in memory and those retired. A
+        history's position, not its last event: one with no event yet shows its floor (the
+        seq reservation's base, maybe ahead of the clock) in `subscribed` and `pong`, and the
+        next run must start above it."""
+        high = max((ws.history.position for ws in self.workspaces.values()), default=0)
         return max(high, max(self._retired.values(), default=0))
 
     def _retire_if_idle(self, ws: Workspace, grace: float, now: float) -> None:

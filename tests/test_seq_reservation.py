@@ -107,3 +107,40 @@ async def test_a_clean_stop_without_positions_keeps_the_previous_runs_floor(tmp_
     finally:
         await pub.close()
         await again.shutdown()
+
+
+async def test_a_position_shown_before_any_event_stays_below_the_next_runs_seqs(tmp_path):
+    """A run whose histories start above the clock (the previous run crashed with its 30 s
+    reservation, or the clock stepped back) shows clients that position in `subscribed` and
+    `pong` before any event. Its clean stop left the highest *event* position (or the clock)
+    instead: with no event, a value below what clients had seen, so the next run handed out
+    seqs below it and a client resuming from its last position (since) got neither the events
+    nor a history_gap."""
+    ahead = now_us() + 3600 * 10**6
+    (tmp_path / "seq-reservation").write_text(f"{ahead}\n")
+    gw = Gateway(_cfg(tmp_path))
+    await gw.start()
+    token = _token(["w1"], "u")
+    try:
+        async with ws_connect(Addr(gw), "w1", token=token) as c:
+            shown = (await c.subscribe("events:t"))["seq"]  # the stream position: no event yet
+            assert shown >= ahead
+            await c.send({"type": "ping"})
+            assert (await c.recv_type("pong"))["seq"] == shown
+            await c.send({"type": "auth", "token": token})
+            session = (await c.recv_type("auth_ok"))["sessionId"]
+    finally:
+        await gw.shutdown()
+    again = Gateway(_cfg(tmp_path))
+    await again.start()
+    pub = Publisher(again.port)
+    try:
+        seq = await pub.publish("w1", "t", {"after": "restart"})
+        assert seq > shown, "seq must stay above every position a client was shown"
+        async with ws_connect(Addr(again), "w1") as c:
+            ok = await c.auth(token, resume=session, since=shown)
+            assert ok["resumed"] is True
+            assert (await c.recv_event())["seq"] == seq
+    finally:
+        await pub.close()
+        await again.shutdown()
