@@ -788,6 +788,7 @@ class Connection(WSListener):
         ws = self.workspace
         assert ws is not None
         self._drop_ungranted()
+        self._drop_unavailable()
         subs = []
         for spec in session.specs.values():
             sub = Subscription(self, spec)
@@ -807,15 +808,29 @@ class Connection(WSListener):
         """
         assert self.identity is not None and self.session is not None
         auth = self.gw.auth
-        specs = self.session.specs
-        for channel in [c for c in specs if not auth.may_subscribe(self.identity, c)]:
-            del specs[channel]
-            sub = self.subscriptions.pop(channel, None)
-            if sub is not None and self.workspace is not None:
-                self.gw.hub.remove(self.workspace, sub)
-            self.send_error(
-                4003, f"token does not grant channel {channel}: subscription dropped", channel=channel
-            )
+        for channel in [c for c in self.session.specs if not auth.may_subscribe(self.identity, c)]:
+            self._drop(channel, 4003, f"token does not grant channel {channel}: subscription dropped")
+
+    def _drop_unavailable(self) -> None:
+        """Drop, each with a 4010 error, the resumed session's subscriptions whose source the
+        workspace no longer has: a session saved by a drained restart outlives the
+        configuration it subscribed under, and restored silently such a subscription waited
+        for events that could never come, where a subscribe to it gets 4010 (§4)."""
+        assert self.session is not None
+        gw = self.gw
+        for spec in [s for s in self.session.specs.values() if s.source != "events"]:
+            if gw.source(self.workspace_id, spec.source) is None:
+                why = gw.why_no_source(self.workspace_id, spec.source)
+                self._drop(spec.channel, 4010, f"{why}: subscription dropped")
+
+    def _drop(self, channel: str, code: int, message: str) -> None:
+        """Take `channel` out of the session and the connection, and tell the client why."""
+        assert self.session is not None
+        del self.session.specs[channel]
+        sub = self.subscriptions.pop(channel, None)
+        if sub is not None and self.workspace is not None:
+            self.gw.hub.remove(self.workspace, sub)
+        self.send_error(code, message, channel=channel)
 
     def _replay(self, subs: list[Subscription], since: int) -> Awaitable[None] | None:
         """Push retained events after `since` that match any of `subs`, in order.

@@ -468,3 +468,29 @@ async def test_a_resume_without_since_after_a_cut_replay_loses_nothing(tmp_path)
     finally:
         await pub.close()
         await gw.shutdown()
+
+
+async def test_a_resumed_subscription_whose_source_is_gone_is_refused(gateway_factory, mongo_server):
+    """A session suspended by a drained restart keeps its channels; one whose source the new
+    configuration no longer has is unavailable (§4: 4010), as a subscribe to it is. It was
+    restored without a word: the client took it for subscribed and waited for events that
+    could never come."""
+    gw = await gateway_factory(env={"RT_MONGO_URL": mongo_server.url})
+    token = gw.token("w1")
+    async with ws_connect(gw, "w1", token=token) as c:
+        await c.subscribe("mongo:*")
+        await c.subscribe("events:t")
+        session = await _session_id(c, token)
+    del gw.env["RT_MONGO_URL"]
+    await gw.restart()
+    async with ws_connect(gw, "w1") as c:
+        assert (await c.auth(token, resume=session))["resumed"] is True
+        refused = await c.recv_type("error")
+        assert (refused["code"], refused["channel"]) == (4010, "mongo:*")
+        assert (await c.recv_type("error"))["code"] == 4011  # events:t: from before the restart
+        live = await gw.publish("w1", "t", {"n": 1})
+        assert (await c.recv_event())["seq"] == live["seq"]
+    async with ws_connect(gw, "w1") as c:
+        # Dropped from the session: the next resume neither restores nor refuses it again.
+        assert (await c.auth(token, resume=session, since=live["seq"]))["resumed"] is True
+        await c.no_message(0.5)
