@@ -184,15 +184,22 @@ class Sessions:
         return DumpSnapshot(time.monotonic(), time.time(), self.ttl, list(self._suspended.values()))
 
     def restore(self, data: bytes) -> int:
-        """Take back the sessions of `dump` that have not expired; returns how many."""
+        """Take back the sessions of `dump` that have not expired; returns how many. A session
+        this version cannot read (a channel or filter refused since it was saved) is left out
+        on its own: the others come back."""
         try:
             doc = msgspec.json.decode(data)
             if not isinstance(doc, dict) or doc.get("version") != _DUMP_VERSION:
                 raise ValueError(f"unknown format {doc.get('version') if isinstance(doc, dict) else doc!r}")
             rows = sorted(doc["sessions"], key=lambda r: r["expiresAt"])
-            now_mono, now_wall = time.monotonic(), time.time()
-            restored = 0
-            for r in rows:
+        except (msgspec.DecodeError, ValueError, KeyError, TypeError) as exc:
+            log.warning("suspended sessions not restored: unreadable dump", extra={"fields": {"error": str(exc)}})
+            return 0
+        now_mono, now_wall = time.monotonic(), time.time()
+        restored = 0
+        unreadable: list[str] = []
+        for r in rows:
+            try:
                 left = float(r["expiresAt"]) - now_wall
                 if left <= 0:
                     continue
@@ -202,14 +209,16 @@ class Sessions:
                     specs[spec.channel] = spec
                 session = Session(id=r["id"], subject=r["subject"], workspace=r["workspace"], specs=specs,
                                   last_seq=int(r["lastSeq"]))
-                self.suspend(session, session.last_seq)
-                session.suspended_at = now_mono - (self.ttl - min(left, self.ttl))
-                restored += 1
-            return restored
-        except (msgspec.DecodeError, ValueError, KeyError, TypeError, channels.ChannelError,
-                channels.InvalidFilter) as exc:
-            log.warning("suspended sessions not restored: unreadable dump", extra={"fields": {"error": str(exc)}})
-            return 0
+            except (ValueError, KeyError, TypeError, channels.ChannelError, channels.InvalidFilter) as exc:
+                unreadable.append(str(exc))
+                continue
+            self.suspend(session, session.last_seq)
+            session.suspended_at = now_mono - (self.ttl - min(left, self.ttl))
+            restored += 1
+        if unreadable:
+            log.warning("suspended sessions not restored: unreadable", extra={"fields": {
+                "sessions": len(unreadable), "restored": restored, "error": unreadable[0]}})
+        return restored
 
 
 @dataclass

@@ -64,6 +64,23 @@ def test_unreadable_dump_restores_nothing():
     assert len(sessions) == 0
 
 
+def test_a_session_this_version_cannot_read_is_left_out_alone(caplog):
+    """One session whose channel this version refuses (a dump of an older version with looser
+    rules, a file edited by hand) made the whole restore log "not restored" and return 0,
+    while the sessions before it in the file had been taken back: the log and the count were
+    wrong, and the ones after it were lost. Only that session is left out now."""
+    before = Sessions(ttl=100, max_suspended=10)
+    for sid in ("a", "b", "c"):
+        _suspended(before, sid, f"events:{sid}", None, 1)
+    doc = msgspec.json.decode(before.dump())
+    doc["sessions"][1]["subscriptions"][0]["channel"] = "bogus:b"  # a kind this version has not
+    after = Sessions(ttl=100, max_suspended=10)
+    assert after.restore(msgspec.json.encode(doc)) == 2
+    assert sorted(after._suspended) == ["a", "c"]
+    (rec,) = [r for r in caplog.records if "not restored" in r.getMessage()]
+    assert (rec.fields["sessions"], rec.fields["restored"]) == (1, 2)
+
+
 def test_dump_file_is_private_and_taken_once(tmp_path):
     path = os.path.join(tmp_path, "state", "sessions.json")
     write_dump(path, b"{}")
