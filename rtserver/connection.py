@@ -790,9 +790,16 @@ class Connection(WSListener):
         self._drop_ungranted()
         self._drop_unavailable()
         subs = []
-        for spec in session.specs.values():
+        for spec in list(session.specs.values()):
             sub = Subscription(self, spec)
-            self.gw.hub.add(ws, sub)
+            try:
+                self.gw.hub.add(ws, sub)
+            except FilterError as exc:
+                # Saved by a version that took it: failing the resume (1011) suspended the
+                # session again as it was, and every resume failed alike until it expired.
+                self.gw.metrics.invalid_messages += 1
+                self._drop(spec.channel, 4000, f"{spec.channel}: {exc}: subscription dropped")
+                continue
             sub.start = ws.history.position
             self.subscriptions[spec.channel] = sub
             subs.append(sub)

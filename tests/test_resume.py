@@ -494,3 +494,37 @@ async def test_a_resumed_subscription_whose_source_is_gone_is_refused(gateway_fa
         # Dropped from the session: the next resume neither restores nor refuses it again.
         assert (await c.auth(token, resume=session, since=live["seq"]))["resumed"] is True
         await c.no_message(0.5)
+
+
+async def test_a_restored_filter_the_index_refuses_is_dropped_not_a_failed_resume(tmp_path):
+    """A suspended session saved by a version that took a filter this one's index refuses
+    (here an operator it does not know): the resume failed with 1011, which suspended the
+    session again as it was, so every resume failed alike until it expired and the client's
+    other subscriptions were lost with it. That subscription alone is dropped now, with the
+    error 4000 a subscribe with that filter gets."""
+    from rtserver import channels
+    from rtserver.sessions import Sessions, encode_dump, write_dump
+
+    saved = Sessions(ttl=60, max_suspended=10)
+    session = saved.new("u", "w1")
+    for channel, filter_ in (("events:a", None), ("events:b", {"predicates": {"x": {"$near": [1, 2]}}})):
+        spec = channels.parse(channel, filter_)
+        session.specs[spec.channel] = spec
+    saved.suspend(session, 0)
+    write_dump(str(tmp_path / "sessions.json"), encode_dump(saved.snapshot()))
+    gw = Gateway(_cfg(tmp_path))
+    await gw.start()
+    pub = Publisher(gw.port)
+    try:
+        async with ws_connect(Addr(gw), "w1") as c:
+            assert (await c.auth(_token(["w1"], "u"), resume=session.id))["resumed"] is True
+            refused = await c.recv_type("error")
+            assert (refused["code"], refused["channel"]) == (4000, "events:b"), refused
+            assert "$near" in refused["message"]
+            assert (await c.recv_type("error"))["code"] == 4011  # events:a: saved before this history
+            seq = await pub.publish("w1", "a", {"n": 1})
+            event = await c.recv_event()
+            assert (event["channel"], event["seq"]) == ("events:a", seq)
+    finally:
+        await pub.close()
+        await gw.shutdown()
