@@ -29,15 +29,19 @@ class KnownWorkspaces:
 
     def load(self) -> list[str]:
         """The remembered ids (blocking: run it in an executor). A file holding an id twice
-        (written by earlier versions) is rewritten with each once."""
+        (written by earlier versions) is rewritten with each once; so is one whose last line a
+        crash cut short: that part of an id is dropped (its workspace is remembered again when
+        next used), and the next id appended is not joined to it."""
         try:
             with open(self.path) as fh:
-                lines = [line.strip() for line in fh]
+                text = fh.read()
         except FileNotFoundError:
             return []
-        ids = list(dict.fromkeys(i for i in lines if WORKSPACE_ID_RE.match(i)))
+        lines = text.split("\n")
+        cut = lines.pop()  # "" after the last newline, else what a crash left of a line
+        ids = list(dict.fromkeys(i for i in (line.strip() for line in lines) if WORKSPACE_ID_RE.match(i)))
         self._known = set(ids)
-        if len(ids) < len(lines):
+        if len(ids) < len(lines) or cut:
             replace_file(self.path, "".join(f"{i}\n" for i in ids).encode())
         return ids
 

@@ -147,6 +147,21 @@ async def test_known_workspaces_file_holds_each_id_once(tmp_path):
     assert again.load() == ["w1", "w2", "w3", "w4"]
 
 
+async def test_a_known_workspaces_line_cut_by_a_crash_does_not_swallow_the_next_id(tmp_path):
+    """A crash in the middle of an append left part of an id without its newline: it was read
+    back as an id of its own (a workspace nobody has), and the next id appended was joined to
+    it ("w12w9"), so that workspace was not remembered at the next start either."""
+    from rtserver.known_workspaces import KnownWorkspaces
+
+    path = tmp_path / "workspaces"
+    path.write_text("w1\nw12")  # "w123\n" cut short
+    known = KnownWorkspaces(str(path))
+    assert known.load() == ["w1"]
+    known.add("w9")
+    await known.flush()
+    assert KnownWorkspaces(str(path)).load() == ["w1", "w9"]
+
+
 async def test_workspaces_no_shared_feed_records_into_are_not_remembered(tmp_path):
     """The known-workspaces state file is read back only for the workspaces a default change
     feed records into (Gateway.start). Every other workspace id the node ever saw was added to
