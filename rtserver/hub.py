@@ -561,10 +561,14 @@ class Hub:
         self._tell_gap(ws, f"{source} changes may have been lost: {reason}", ws.history.oldest(), source)
 
     def _tell_gap(self, ws: Workspace, message: str, oldest: int, source: str | None = None) -> None:
-        """history_gap (4011) to every subscription of `ws` (of `source` only, when given)."""
+        """history_gap (4011) to every subscription of `ws` (of `source` only, when given),
+        but those out of the index while their replay is paced to the reader: the replay finds
+        the loss in the history at its next piece and tells it there, in the order of what it
+        sends (told here as well, they got it twice)."""
+        index = ws.index
         for conn in list(ws.connections):
             for sub in list(conn.subscriptions.values()):
-                if source is None or sub.spec.source == source:
+                if (source is None or sub.spec.source == source) and sub in index:
                     conn.send_error(4011, message, channel=sub.spec.channel, oldest=oldest)
                     self.metrics.history_gaps += 1
 

@@ -528,3 +528,39 @@ async def test_a_restored_filter_the_index_refuses_is_dropped_not_a_failed_resum
     finally:
         await pub.close()
         await gw.shutdown()
+
+
+async def test_a_source_loss_during_a_paced_replay_is_told_once(tmp_path):
+    """A source's loss reported while a subscription's replay was paced to its reader reached
+    it twice: at once (every subscription of the source was told, the replaying one too), and
+    again from the replay, which found the loss in the history at its next piece. The replay
+    alone tells it now, in the order of what it sends."""
+    gw = Gateway(_cfg(tmp_path, RT_SEND_BUFFER_BYTES="262144", RT_HISTORY_EVENTS="10000"))
+    await gw.start()
+    pub = Publisher(gw.port)
+    token = _token(["w1"], "u")
+    try:
+        published = [await pub.publish("w1", "big", {"i": i, "blob": "x" * 20000}) for i in range(300)]
+        async with ws_connect(Addr(gw), "w1", token=token) as c:
+            (conn,) = gw.connections
+            conn._raw.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+            await c.send({"type": "subscribe", "channel": "events:big", "since": published[0] - 1})
+            assert (await c.recv_type("subscribed"))["channel"] == "events:big"
+            assert conn._replays, "the replay should still be under way, waiting for the reader"
+            gw.hub.history_gap("w1", "events", "lost for the test")
+            live = await pub.publish("w1", "big", {"i": "live"})
+            got: list[int] = []
+            gaps = []
+            while not got or got[-1] != live:
+                msg = await c.recv(10)
+                if msg["type"] == "event":
+                    got.append(msg["seq"])
+                else:
+                    assert (msg["type"], msg["code"], msg["channel"]) == ("error", 4011, "events:big"), msg
+                    gaps.append(msg)
+            assert got == [*published, live]
+            assert len(gaps) == 1, gaps
+            await c.no_message()
+    finally:
+        await pub.close()
+        await gw.shutdown()
