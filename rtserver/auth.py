@@ -388,8 +388,12 @@ class Authenticator:
 
         exp = claims.get("exp")
         try:
-            # float(): an int past a float's range raised OverflowError here (closed 1011).
-            usable = not isinstance(exp, bool) and isinstance(exp, int | float) and math.isfinite(float(exp))
+            # float(): an int past a float's range raised OverflowError here (closed 1011). In
+            # milliseconds too: auth_ok's expiresAt is, and an exp past ~1.8e305 made it
+            # infinite (OverflowError in the handler: closed 1011 after the token was taken).
+            usable = (
+                not isinstance(exp, bool) and isinstance(exp, int | float) and math.isfinite(float(exp) * 1000)
+            )
         except OverflowError:
             usable = False
         if not usable:

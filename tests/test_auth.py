@@ -261,6 +261,19 @@ async def test_an_exp_too_large_for_a_float_is_token_invalid(gateway_factory: An
     assert "message handler failed" not in gw.logs()
 
 
+async def test_an_exp_whose_milliseconds_overflow_is_token_invalid(gateway_factory: Any) -> None:
+    """An exp of 1e306 is a finite float, but auth_ok's expiresAt is in milliseconds: 1e309
+    overflowed to infinity, int() raised in the handler, and the connection that had just been
+    granted closed with 1011 (an error logged) instead of the token being refused."""
+    gw = await gateway_factory()
+    async with ws_connect(gw, "w1") as c:
+        await c.send({"type": "auth", "token": gw.token("w1", exp=1e306)})
+        error = await c.recv_type("error")
+        assert error["code"] == 4002 and "exp" in error["message"], error
+        assert (await c.expect_close())[0] == 4002
+    assert "message handler failed" not in gw.logs()
+
+
 # -- alg none and algorithm confusion ----------------------------------------------------------
 
 
