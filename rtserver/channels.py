@@ -81,6 +81,10 @@ def canonical_entity(source: str, name: str) -> str:
         schema, table = m.group(1), m.group(2)
         if not (valid_table_name(table) and (schema is None or valid_table_name(schema))):
             raise ChannelError(f"postgres:{name}: a table or schema name is at most 63 bytes")
+        if schema == "public" and table == "*":
+            # Its canonical name would be `*`, the wildcard: `postgres:public.*` took every
+            # table of every schema, past channel permissions granting `postgres:public.*`.
+            raise ChannelError(f"postgres:{name}: `*` is no table name; postgres:* is every published table")
         return table if schema in (None, "public") else f"{schema}.{table}"
     if source == "mongo":
         if not valid_collection(name):

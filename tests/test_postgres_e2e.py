@@ -396,3 +396,33 @@ async def test_a_4010_for_a_database_that_went_away_names_no_internals(gateway_f
                 assert "rt_gone" not in reply["message"] and str(cluster.port) not in reply["message"], reply
     finally:
         cluster.destroy()
+
+
+async def test_postgres_public_star_is_no_channel_of_every_table(gateway_factory, pg_database):
+    """`postgres:public.*` was read as the table `*` of schema public, whose canonical name `*`
+    is the wildcard: the subscription took every table of every published schema. With channel
+    permissions, a token granted `postgres:public.*` (a prefix pattern meant for schema public)
+    was refused `postgres:billing.invoices` with 4003, yet received its rows through that
+    channel. It is refused as a malformed channel now (4010), as other names that are no table."""
+    db = await asyncpg.connect(pg_database)
+    try:
+        await db.execute("CREATE TABLE orders (id int PRIMARY KEY)")
+        await db.execute("CREATE SCHEMA billing")
+        await db.execute("CREATE TABLE billing.invoices (id int PRIMARY KEY, secret text)")
+        gw = await gateway_factory(env={"RT_POSTGRES_URL": pg_database, "RT_INSTANCE": "e2e",
+                                        "RT_POSTGRES_SCHEMAS": "public,billing",
+                                        "RT_AUTH_CHANNEL_PERMISSIONS": "true"})
+        await gw.wait_ready()
+        token = gw.token("w1", realtime_channels=["postgres:public.*"])
+        async with ws_connect(gw, "w1", token=token) as c:
+            reply = await _subscribe(c, "postgres:billing.invoices")
+            assert (reply["type"], reply["code"]) == ("error", 4003), reply
+            reply = await _subscribe(c, "postgres:public.*")
+            assert (reply["type"], reply["code"], reply["channel"]) == ("error", 4010, "postgres:public.*"), reply
+            assert (await _subscribe(c, "postgres:orders"))["type"] == "subscribed"
+            await db.execute("INSERT INTO billing.invoices VALUES (1, 'not for this token')")
+            await db.execute("INSERT INTO orders VALUES (1)")
+            ev = await c.recv_event(timeout=10)
+            assert (ev["channel"], ev["record"]) == ("postgres:orders", {"id": 1}), ev
+    finally:
+        await db.close()
