@@ -85,8 +85,11 @@ def http_response(status: int, body: bytes, content_type: str = "application/jso
     key = (status, content_type, keep_alive)
     head = _HEADS.get(key)
     if head is None:
+        # A 401 carries its challenge (RFC 9110 §15.5.2 MUST, RFC 6750 §3): clients that act
+        # on it failed on a 401 without one instead of reporting the refused token.
+        challenge = "WWW-Authenticate: Bearer\r\n" if status == 401 else ""
         head = _HEADS[key] = (
-            f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\nContent-Type: {content_type}\r\n"
+            f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\nContent-Type: {content_type}\r\n{challenge}"
             f"Connection: {'keep-alive' if keep_alive else 'close'}\r\nContent-Length: "
         ).encode()
     return b"%s%d\r\n\r\n%s" % (head, len(body), body)

@@ -166,6 +166,24 @@ async def test_publish_errors(gateway):
     assert status == 405 and "POST" in json.loads(out)["error"], (status, out)
 
 
+async def test_a_401_carries_a_bearer_challenge(gateway):
+    """RFC 9110 §15.5.2: a 401 MUST carry a WWW-Authenticate challenge (RFC 6750 §3: Bearer).
+    The publish API's 401s had none, and clients that act on the challenge failed on the answer
+    instead of reporting the refused token. A 403 (token taken, no permission) needs none."""
+    base = "/workspaces/w1/realtime/events/orders"
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+    try:
+        for auth, want in (("", 401), ("Authorization: Bearer garbage\r\n", 401),
+                           (f"Authorization: Bearer {gateway.token('w1')}\r\n", 403)):
+            writer.write(f"POST {base} HTTP/1.1\r\nHost: h\r\n{auth}Content-Length: 2\r\n\r\n{{}}".encode())
+            status, head, body = await read_answer(reader)
+            assert status == want, (auth, status, body)
+            challenges = [line for line in head.lower().split(b"\r\n") if line.startswith(b"www-authenticate:")]
+            assert challenges == ([b"www-authenticate: bearer"] if want == 401 else []), head
+    finally:
+        writer.close()
+
+
 async def test_publish_topic_may_be_percent_encoded(gateway):
     async with ws_connect(gateway, "w1", token=gateway.token("w1")) as c:
         await c.subscribe("events:orders:eu")
