@@ -262,6 +262,7 @@ export class RealtimeClient {
     this.expired = false; // reconnected at once after a 4001 since the last healthy connection
     this.authedAt = null;
     this.refreshedAt = null;
+    this.pendingToken = null;
     this.refusalReported = null; // what the last failed connect reported (an HTTP status, or a connect_failed kind), until one succeeds
     this.timers = { retry: null, refresh: null, ping: null, open: null };
     this.nextId = 1;
@@ -498,7 +499,8 @@ export class RealtimeClient {
       return;
     }
     this.ws = ws;
-    this.token = token;
+    this.token = token; // the token the gateway took (at connect, then at each accepted refresh)
+    this.pendingToken = null; // sent in a refresh, this.token once the gateway answers auth_ok
     this.refreshedAt = null; // (monotonicMs) when the connection's last refresh started
     this.authed = false;
     this.authTimedOut = false; // this connection's 4002 is "auth timeout", not a bad token
@@ -643,7 +645,9 @@ export class RealtimeClient {
 
   _onAuthOk(msg) {
     if (this.authed) {
-      // An answer to an in-band refresh: same session, new expiry.
+      // An answer to an in-band refresh: same session, new expiry, and its token in force.
+      if (this.pendingToken !== null) this.token = this.pendingToken;
+      this.pendingToken = null;
       this._scheduleRefresh();
       return;
     }
@@ -819,7 +823,9 @@ export class RealtimeClient {
       return; // the gateway closes with 4001 at exp; we reconnect from there
     }
     if (this.ws !== ws || !ws || !this.authed) return;
-    this.token = token;
+    // Not this.token before the gateway takes it: a refused refresh leaves the connection
+    // under the old token, whose exp the 4001 at its end is judged by (isFresh).
+    this.pendingToken = token;
     this._send({ type: "auth", token, id: `refresh-${this.nextId++}` });
   }
 

@@ -244,6 +244,33 @@ test("token_expired (4001): getToken is called and the session resumes at once",
   }
 });
 
+test("after a refused refresh, the 4001 at exp reconnects at once with a token fresher than the one that expired", { timeout: 30000 }, async () => {
+  // The freshness of the token taken after a 4001 is judged against the token the gateway
+  // closed at. The client took a refresh's token as its own when it sent it, refused or not:
+  // a new token no later than the refused one looked stale, and the client backed off
+  // (backoffInitialMs) instead of coming back at once.
+  const ws = "js-refused-refresh";
+  const refused = token({ workspace: ws, sub: "someone-else", ttl: 60 }); // another subject: 4003
+  const next = token({ workspace: ws, ttl: 60 }); // the same exp as the refused one
+  let calls = 0;
+  const getToken = () => [token({ workspace: ws, ttl: 4 }), refused, next][Math.min(calls++, 2)];
+  const client = connect({ url: wsUrl(ws), getToken, backoffInitialMs: 10000 });
+  const { opens, closes } = collect(client);
+  const errors = [];
+  client.on("error", (e) => errors.push(e));
+  try {
+    await client.subscribe("events:x").ready;
+    await waitFor(() => errors.some((e) => e.code === 4003), 8000, "the refused refresh");
+    await waitFor(() => closes.length === 1, 8000, "the 4001 close");
+    assert.equal(closes[0].code, 4001);
+    await waitFor(() => opens.length === 2, 3000, "reconnect at once after 4001");
+    assert.equal(calls, 3);
+    assert.equal(opens[1].resumed, true);
+  } finally {
+    client.close();
+  }
+});
+
 test("proactive refresh renews the token in-band before exp, without reconnecting", { timeout: 30000 }, async () => {
   const ws = "js-refresh";
   let calls = 0;
