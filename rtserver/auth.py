@@ -38,6 +38,8 @@ MAX_TOKEN_BYTES = 16 * 1024  # real tokens are 1-4 KiB; bounds the work an anony
 # a longer kid is refused (real ones are up to ~100 characters), an unknown alg shown cut short.
 MAX_KID_CHARS = 256
 _SHOWN_ALG_CHARS = 32
+# Keycloak's `typ` claim of the tokens that are not access tokens ("Bearer").
+_NOT_ACCESS_TOKENS = frozenset({"id", "refresh", "offline", "logout"})
 DEV_SECRET_FILE = "dev-secret"
 MIN_HS256_SECRET = 32  # bytes: HS256's key is at least its hash's size (RFC 7518 §3.2)
 
@@ -175,6 +177,13 @@ def _string_list(value: Any) -> list[str]:
     if isinstance(value, list | tuple):
         return [v for v in value if isinstance(v, str)]
     return []
+
+
+def _claim_entries(value: Any) -> list[str]:
+    """The entries of a workspace claim: a list, or a string of space-separated entries (an
+    OAuth `scope`), which a workspace id or a role cannot contain. Read as one entry, a
+    `scope` claim granted nothing, without a word."""
+    return value.split() if isinstance(value, str) else _string_list(value)
 
 
 def _spellings(channel: str) -> tuple[str, ...]:
@@ -401,6 +410,11 @@ class Authenticator:
         sub = claims.get("sub")
         if not isinstance(sub, str) or not sub:
             raise _invalid("token has no sub")
+        typ = claims.get("typ")
+        if isinstance(typ, str) and typ.lower() in _NOT_ACCESS_TOKENS:
+            # Keycloak signs its ID tokens with the realm's keys as well, with the client as
+            # aud/azp: an ID token passed for an access token wherever auth.audience names it.
+            raise _invalid(f"a Keycloak {typ} token is not an access token", sub)
         if self._audience and not self._audience_ok(claims):
             raise _invalid(f"token audience is not {self._audience}", sub)
         return claims, generation
@@ -412,7 +426,7 @@ class Authenticator:
         return claims.get("azp") == self._audience
 
     def _grants_workspace(self, claims: dict[str, Any], workspace: str) -> bool:
-        entries = _string_list(claim_at(claims, self._workspace_claim))
+        entries = _claim_entries(claim_at(claims, self._workspace_claim))
         if self._role_prefix:
             wanted = {self._role_prefix + workspace, self._role_prefix + "*"}
         else:
@@ -423,7 +437,7 @@ class Authenticator:
         if self._publish_claim and claim_at(claims, self._publish_claim) is True:
             return True
         if self._publish_role:
-            return self._publish_role in _string_list(claim_at(claims, self._workspace_claim))
+            return self._publish_role in _claim_entries(claim_at(claims, self._workspace_claim))
         return False
 
 

@@ -527,6 +527,10 @@ def _validate(values: dict[str, dict[str, Any]], path: str) -> None:
             raise ConfigError(f"limits.{key} must be positive")
     if limits["request_timeout"] <= 0:
         raise ConfigError("limits.request_timeout must be positive")
+    if values["auth"]["jwks_refetch_interval"] <= 0:
+        # 0 lifts the bound on refetches for unknown kids: each forged token would cost a fetch.
+        raise ConfigError("auth.jwks_refetch_interval must be positive: it bounds the key-set fetches tokens with "
+                          "unknown key ids cause")
     if values["postgres"]["receive_timeout"] <= 0:
         raise ConfigError("postgres.receive_timeout must be positive")
     # 0 is no "unlimited" here: the gateway would start and then refuse or drop every client.

@@ -630,6 +630,23 @@ async def test_audience_or_azp(tmp_path: Any, jwks_server: JwksServer) -> None:
         await auth.close()
 
 
+async def test_keycloak_tokens_that_are_no_access_tokens_are_refused(tmp_path: Any, jwks_server: JwksServer) -> None:
+    """Keycloak signs ID tokens with the realm's keys too, with the client as aud and azp: an
+    ID token (typ "ID") passed for an access token wherever auth.audience named the client.
+    Access tokens (typ "Bearer") and tokens without typ pass as before."""
+    auth = Authenticator(make_cfg(tmp_path, RT_AUTH_JWKS_URL=jwks_server.url, RT_AUTH_AUDIENCE="web"))
+    await auth.start()
+    try:
+        for typ in ("Bearer", None):
+            token = jwks_server.sign(claims(aud="web", azp="web", typ=typ), "rsa-1")
+            assert (await auth.authenticate(token, WS)).subject == "user-1"
+        for typ in ("ID", "Refresh", "Offline", "Logout"):
+            exc = await refused(auth, jwks_server.sign(claims(aud="web", azp="web", typ=typ), "rsa-1"))
+            assert exc.code == 4002 and f"{typ} token is not an access token" in str(exc), exc
+    finally:
+        await auth.close()
+
+
 async def test_audience_not_configured_accepts_keycloak_account_aud(hs_auth: Authenticator) -> None:
     token = jwt.encode(claims(aud="account", azp="web"), SECRET, algorithm="HS256")
     assert (await hs_auth.authenticate(token, WS)).subject == "user-1"
@@ -648,6 +665,8 @@ async def test_audience_not_configured_accepts_keycloak_account_aud(hs_auth: Aut
         ("*", True),
         (["other"], False),
         ("acm", False),
+        (f"other {WS}", True),  # an OAuth scope-style string: space-separated entries
+        ("other acm", False),
         ([], False),
         (None, False),
         ({"acme": True}, False),

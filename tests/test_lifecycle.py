@@ -61,6 +61,8 @@ def test_bad_config_is_one_line_and_exit_2(tmp_path):
         (["serve"], {"RT_POSTGRES_URL": "postgresql//rt:secret@db/app"}),
         (["serve"], {"RT_POSTGRES_URL": "postgresql://rt:secret@db:port/app"}),
         (["serve"], {"RT_AUTH_LEEWAY": "inf"}),
+        # 0: no bound on the key-set fetches that tokens with forged key ids cause
+        (["serve"], {"RT_AUTH_JWKS_REFETCH_INTERVAL": "0"}),
         (["serve"], {"RT_KAFKA_SASL_MECHANISM": "BOGUS"}),
         (["serve"], {"RT_KAFKA_SECURITY_PROTOCOL": "SASL_SSL", "RT_KAFKA_SASL_MECHANISM": "PLAIN"}),  # no user
         (["serve"], {"RT_KAFKA_SASL_MECHANISM": "PLAIN", "RT_KAFKA_SASL_USERNAME": "rt",
