@@ -523,7 +523,7 @@ class Gateway:
             try:
                 identity = await self.auth.authenticate(token, workspace)
             except AuthError as exc:
-                status = 403 if exc.code == 4003 else 401
+                status = {4003: 403, 1011: 503}.get(exc.code, 401)
                 return status, _err(f"{exc.name}: {exc}")
         if not self.auth.may_publish(identity):
             return 403, _err(f"token does not grant publishing to workspace {workspace}")

@@ -26,7 +26,7 @@ import msgspec
 from jwt.algorithms import HMACAlgorithm
 
 from rtserver.config import Config
-from rtserver.jwks import ASYMMETRIC_ALGORITHMS, JwksCache, KeyNotFound
+from rtserver.jwks import ASYMMETRIC_ALGORITHMS, JwksCache, KeyNotFound, KeysUnavailable
 
 log = logging.getLogger("rtserver.auth")
 
@@ -44,7 +44,9 @@ DEV_SECRET_FILE = "dev-secret"
 MIN_HS256_SECRET = 32  # bytes: HS256's key is at least its hash's size (RFC 7518 §3.2)
 
 
-CODE_NAMES = {4001: "token_expired", 4002: "token_invalid", 4003: "scope_denied"}
+# 1011: the token could not be checked now (KeysUnavailable); a later try may pass. Clients
+# treat 4002 as the end, so an identity provider out of reach must not look like a bad token.
+CODE_NAMES = {4001: "token_expired", 4002: "token_invalid", 4003: "scope_denied", 1011: "internal_error"}
 
 
 class AuthError(Exception):
@@ -359,6 +361,8 @@ class Authenticator:
                 raise _invalid(f"{alg} tokens are not accepted (no JWKS URL configured)")
             try:
                 key = await self.jwks.key_for(kid, alg)
+            except KeysUnavailable as exc:
+                raise AuthError(1011, str(exc)) from None
             except KeyNotFound as exc:
                 raise _invalid(str(exc)) from None
             generation = self.jwks.generation

@@ -55,6 +55,13 @@ class KeyNotFound(Exception):
     """No usable key for the token's kid/alg (message says why)."""
 
 
+class KeysUnavailable(KeyNotFound):
+    """The token's key could not be looked for now: no key set loaded (the identity provider
+    unreachable), or its kid unknown and the key set could not be fetched again (the fetch
+    failed, or one was made within jwks_refetch_interval). Not the token's fault: a later try
+    may verify it (a key published since the last fetch)."""
+
+
 class _NoDowngradeRedirects(urllib.request.HTTPRedirectHandler):
     """urllib follows a redirect from https to plain http (or ftp): keys fetched that way can be
     anyone's on the network path. A redirect is followed only to https, or from http to http."""
@@ -253,14 +260,21 @@ class JwksCache:
         """The verification key for a token header's kid and alg. Raises KeyNotFound."""
         if alg not in ASYMMETRIC_ALGORITHMS:
             raise KeyNotFound(f"algorithm {alg} is not verified with JWKS keys")
+        looked = True
         if not self._has(kid):
-            if self._may_fetch_for_unknown_kid():
-                await self._refresh_logged()
+            looked = self._may_fetch_for_unknown_kid() and await self._refresh_logged()
         elif self._stale():
             # The key is known but the set is old: verify with it now and refresh behind, so a
             # key the provider withdrew stops verifying within max_age.
             self._refresh_behind()
-        return self._resolve(kid, alg)
+        try:
+            return self._resolve(kid, alg)
+        except KeyNotFound as exc:
+            if not self._keys:
+                raise KeysUnavailable(f"{exc}: the identity provider's key set could not be fetched") from None
+            if not looked and not self._has(kid):
+                raise KeysUnavailable(f"{exc}: the key set could not be fetched again now; try again") from None
+            raise
 
     def still_current(self, generation: int) -> bool:
         """Whether the key set is still the one of `generation` (a token verified with a key of
@@ -281,11 +295,14 @@ class JwksCache:
         # While the provider is down, retry the scheduled refresh once per refetch interval.
         return now - self._fetched_at >= self.max_age and now - self._attempted_at >= self.refetch_interval
 
-    async def _refresh_logged(self) -> None:
+    async def _refresh_logged(self) -> bool:
+        """refresh(), its failure logged; whether it succeeded."""
         try:
             await self.refresh()
         except JwksError as exc:
             log.warning("JWKS fetch failed", extra={"fields": {"url": self.shown_url, "error": str(exc)}})
+            return False
+        return True
 
     async def close(self) -> None:
         """Cancel a background refresh and a fetch in flight (its thread ends on its own)."""

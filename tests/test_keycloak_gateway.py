@@ -118,15 +118,19 @@ async def test_a_kid_that_is_not_a_string_is_token_invalid(jwks, gateway_factory
 async def test_a_jwks_answer_nested_too_deeply_is_a_failed_fetch(jwks, gateway_factory):
     """A key set answer of deeply nested JSON made json.loads raise RecursionError, which no one
     expected: the token that caused the refetch closed its connection 1011 and the keys held
-    were not known to be kept. It is a failed fetch like any malformed answer: 4002 for the
-    token with the unknown kid, the keys held keep serving."""
+    were not known to be kept. It is a failed fetch like any malformed answer: the token with
+    the unknown kid gets no verdict (1011, try again: the fetch failed), the keys held keep
+    serving."""
     jwks.add_key("k1")
     gw = await gateway_factory(env={"RT_AUTH_HS256_SECRET": "", "RT_AUTH_JWKS_URL": jwks.url})
     roles = {"workspaces": ["acme"]}
     jwks.add_key("k2")
     jwks.body = b"[" * 100_000
-    error = await _refused_with(gw, jwks.sign(_claims(**roles), "k2"), 4002)
-    assert "k2" in error["message"]
+    async with ws_connect(gw, "acme") as c:
+        await c.send({"type": "auth", "token": jwks.sign(_claims(**roles), "k2")})
+        assert (await c.expect_close())[0] == 1011
+    (rec,) = await gw.audit_records("auth-denied")
+    assert rec["code"] == 1011 and "k2" in rec["reason"], rec
     assert jwks.requests == 2
     async with ws_connect(gw, "acme", token=jwks.sign(_claims(**roles), "k1")) as c:
         await c.subscribe("events:orders")
@@ -191,3 +195,28 @@ async def test_a_token_refused_after_its_client_left_is_still_audited(jwks, gate
     (rec,) = await gw.audit_records("auth-denied", timeout=10)
     assert (rec["workspaceId"], rec["code"]) == ("acme", 4002), rec
     assert "k-withdrawn" in rec["reason"] and rec["remoteAddr"], rec
+
+
+async def test_an_identity_provider_out_of_reach_is_try_again_not_token_invalid(jwks, gateway_factory):
+    """Keycloak down when the gateway started: every RS token was closed with 4002
+    token_invalid ("no signing keys available"), which both bundled clients take for the end,
+    so every browser stopped until its user reloaded the page. The token was not refused, only
+    not checkable: 1011 (clients reconnect with their backoff), 503 to a publisher, and the
+    same token is taken once the key set can be fetched."""
+    jwks.add_key("k1")
+    jwks.status = 503
+    gw = await gateway_factory(env={"RT_AUTH_HS256_SECRET": "", "RT_AUTH_JWKS_URL": jwks.url})
+    await _logged(gw, "JWKS prefetch failed")
+    token = jwks.sign(_claims(workspaces=["acme"], realtime_publish=True), "k1")
+    async with ws_connect(gw, "acme") as c:
+        await c.send({"type": "auth", "token": token})
+        assert (await c.expect_close())[0] == 1011
+    status, body = await gw.post("/workspaces/acme/realtime/events/orders", b'{"n":1}',
+                                 {"Authorization": f"Bearer {token}"})
+    assert status == 503 and b"could not be fetched" in body, body
+    jwks.status = 200
+    await asyncio.sleep(FAILURE_RETRY_INTERVAL + 0.1)  # the next token may fetch again
+    async with ws_connect(gw, "acme", token=token) as c:
+        await c.subscribe("events:orders")
+    recs = await gw.audit_records("auth-denied")
+    assert recs and {r["code"] for r in recs} == {1011}, recs
