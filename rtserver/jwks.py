@@ -38,6 +38,8 @@ ASYMMETRIC_ALGORITHMS: dict[str, tuple[str, str | None]] = {
     "ES256": ("EC", "P-256"),
     "ES384": ("EC", "P-384"),
     "ES512": ("EC", "P-521"),
+    # Keycloak's EdDSA key provider (Ed25519, or Ed448): an OKP key of that curve.
+    "EdDSA": ("OKP", None),
 }
 
 MAX_JWKS_BYTES = 1024 * 1024  # a real key set is a few KiB; bound what we read
@@ -161,7 +163,7 @@ def parse_jwks(body: bytes, url: str = "") -> dict[str, list[dict[str, Any]]]:
             continue
         # Only public signature keys: symmetric ("oct") keys in a JWKS would reopen algorithm
         # confusion, and encryption keys (use=enc) must never verify a signature.
-        if entry.get("kty") not in ("RSA", "EC") or entry.get("use", "sig") != "sig":
+        if entry.get("kty") not in ("RSA", "EC", "OKP") or entry.get("use", "sig") != "sig":
             continue
         if "d" in entry:
             # A private key in a published key set: anyone who fetched it can sign tokens, so it

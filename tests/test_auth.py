@@ -406,6 +406,8 @@ async def test_unsupported_algorithm_refused(hs_auth: Authenticator) -> None:
         ("PS256", "RSA", None),
         ("ES256", "EC", None),
         ("ES256", "EC", "ES256"),
+        ("EdDSA", "OKP", None),  # Keycloak's EdDSA key provider (Ed25519)
+        ("EdDSA", "OKP", "EdDSA"),
     ],
 )
 async def test_jwks_algorithms(

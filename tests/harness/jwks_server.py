@@ -18,8 +18,8 @@ from typing import Any
 
 import jwt
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from jwt.algorithms import ECAlgorithm, RSAAlgorithm
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
 from tests.harness.certs import self_signed
 
@@ -38,6 +38,8 @@ def private_key(name: str, kind: str = "RSA") -> Any:
             key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         elif kind == "EC":
             key = ec.generate_private_key(ec.SECP256R1())
+        elif kind == "OKP":
+            key = ed25519.Ed25519PrivateKey.generate()
         else:
             raise ValueError(f"unknown key kind {kind}")
         _KEY_CACHE[cache_key] = key
@@ -103,7 +105,7 @@ class JwksServer:
             entry = self._entries.get(kid)
         key = entry.key if entry is not None else None
         if key is None:
-            key = _KEY_CACHE.get(f"RSA:{kid}") or _KEY_CACHE.get(f"EC:{kid}")
+            key = _KEY_CACHE.get(f"RSA:{kid}") or _KEY_CACHE.get(f"EC:{kid}") or _KEY_CACHE.get(f"OKP:{kid}")
         if key is None:
             raise KeyError(kid)
         return jwt.encode(claims, key, algorithm=alg, headers={"kid": kid, **(headers or {})})
@@ -113,7 +115,7 @@ class JwksServer:
             entries = list(self._entries.values())
         keys = []
         for entry in entries:
-            codec = RSAAlgorithm if entry.kind == "RSA" else ECAlgorithm
+            codec = {"RSA": RSAAlgorithm, "EC": ECAlgorithm, "OKP": OKPAlgorithm}[entry.kind]
             jwk = codec.to_jwk(entry.key.public_key(), as_dict=True)
             jwk.update({"kid": entry.kid, "use": "sig"})
             if entry.alg:
