@@ -30,7 +30,7 @@ import os
 import re
 import socket
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -445,13 +445,12 @@ class Ingest:
     async def _published_positions(self) -> tuple[dict[str, tuple[int, int, dict[int, int]]],
                                                   dict[tuple[str, str], tuple[bytes, dict[int, int]]]]:
         """The newest position of each PostgreSQL and MongoDB feed in the topic's recent
-        tail, with how many events after it each partition holds. The newest commit LSN (resume
-        token: the greatest token order) in any header is complete in Kafka (the source drained
-        it before moving on); the events of the next transaction (change) are counted per
-        partition (SourceSink._in_kafka)."""
+        tail (_SCAN_SECONDS; a MongoDB feed with no header there is looked for further back, up
+        to _SCAN_RECORDS per partition), with how many events after it each partition holds.
+        The newest commit LSN (resume token: the greatest token order) in any header is complete
+        in Kafka (the source drained it before moving on); the events of the next transaction
+        (change) are counted per partition (SourceSink._in_kafka)."""
         from aiokafka import AIOKafkaConsumer, TopicPartition
-
-        from rtserver.sources.mongo import token_order
 
         topic = self.cfg.bus.topic
         consumer = AIOKafkaConsumer(**self.publisher.options, group_id=None, enable_auto_commit=False,
@@ -467,50 +466,20 @@ class Ingest:
             begin = await consumer.beginning_offsets(tps)
             end = await consumer.end_offsets(tps)
             by_time = await consumer.offsets_for_times({tp: int((time.time() - _SCAN_SECONDS) * 1000) for tp in tps})
-            todo = {}
+            window = {}
             for tp in tps:
                 found = by_time.get(tp)
-                start = max(begin[tp], end[tp] - _SCAN_RECORDS, found.offset if found is not None else end[tp])
-                if start < end[tp]:
-                    consumer.seek(tp, start)
-                    todo[tp] = end[tp]
-                else:
-                    consumer.pause(tp)
-            quiet_since = time.monotonic()
-            while todo and time.monotonic() - quiet_since < 10:
-                batches = await consumer.getmany(timeout_ms=1000, max_records=5000)
-                if batches:
-                    quiet_since = time.monotonic()
-                for tp, records in batches.items():
-                    for r in records:
-                        for name, value in r.headers or ():
-                            if name == POSITION_HEADER:
-                                try:  # feed|LSN|n|transaction LSN (older ingests: without the last)
-                                    slot, lsn, count, *tx = value.decode().split("|")
-                                    pos = (int(lsn), int(tx[0]) if tx else -1, int(count))
-                                    if not _POSITION_KEY.fullmatch(slot):  # it names a file
-                                        raise ValueError(slot)
-                                except ValueError:  # not ours to trust: skip, do not fail the takeover
-                                    log.warning("malformed %s header at %s offset %d", POSITION_HEADER, tp, r.offset)
-                                    continue
-                                if pos > best.get((slot, tp.partition), (-1, -1, -1)):
-                                    best[slot, tp.partition] = pos
-                            elif name == MONGO_HEADER:
-                                try:
-                                    database, token_b64, count = value.decode().rsplit("|", 2)
-                                    feed = (database, _header(r.headers, MONGO_FEED_HEADER))
-                                    token = base64.b64decode(token_b64, validate=True)
-                                    mpos = (token_order(token), int(count), token)
-                                except ValueError:  # not ours to trust: skip, do not fail the takeover
-                                    log.warning("malformed %s header at %s offset %d", MONGO_HEADER, tp, r.offset)
-                                    continue
-                                if mpos[:2] > newest.get((feed, tp.partition), ("", -1, b""))[:2]:
-                                    newest[feed, tp.partition] = mpos
-                for tp in list(todo):
-                    # the position, not the last record: a transaction's commit marker ends the tail
-                    if await consumer.position(tp) >= todo[tp]:
-                        todo.pop(tp)
-                        consumer.pause(tp)
+                window[tp] = max(begin[tp], end[tp] - _SCAN_RECORDS, found.offset if found is not None else end[tp])
+            await _scan_headers(consumer, {tp: (window[tp], end[tp]) for tp in tps}, best, newest)
+            wanted = Counter(feed["database"] for feed in self.plan if feed["kind"] == "mongo")
+            found_feeds = Counter(database for database, _feed_id in {feed for feed, _p in newest})
+            if any(found_feeds[database] < n for database, n in wanted.items()):
+                # A MongoDB feed whose last change is older than the window: its token is in
+                # Kafka only (this holder may run on another machine, or hold a stale token
+                # of an earlier stint), so look further back, to the record bound. PostgreSQL
+                # needs no more: its slot kept what was acknowledged before the window.
+                await _scan_headers(consumer, {tp: (max(begin[tp], end[tp] - _SCAN_RECORDS), window[tp])
+                                               for tp in tps}, None, newest)
         finally:
             await stop_client(consumer, "ingest takeover scan", {"topic": topic})
         done: dict[str, tuple[int, int, dict[int, int]]] = {}
@@ -625,6 +594,59 @@ class Ingest:
             pass
         finally:
             writer.close()
+
+
+async def _scan_headers(consumer: Any, ranges: dict[Any, tuple[int, int]],
+                        best: dict[tuple[str, int], tuple[int, int, int]] | None,
+                        newest: dict[tuple[tuple[str, str], int], tuple[str, int, bytes]]) -> None:
+    """Read the position headers of the records in `ranges` (partition -> [start, stop)) into
+    `best` (rt-pos; None: not read) and `newest` (rt-mongo), keeping the greatest per feed and
+    partition (Ingest._published_positions)."""
+    from rtserver.sources.mongo import token_order
+
+    todo = {}
+    for tp, (start, stop) in ranges.items():
+        if start < stop:
+            consumer.seek(tp, start)
+            consumer.resume(tp)
+            todo[tp] = stop
+        else:
+            consumer.pause(tp)
+    quiet_since = time.monotonic()
+    while todo and time.monotonic() - quiet_since < 10:
+        batches = await consumer.getmany(timeout_ms=1000, max_records=5000)
+        if batches:
+            quiet_since = time.monotonic()
+        for tp, records in batches.items():
+            for r in records:
+                for name, value in r.headers or ():
+                    if name == POSITION_HEADER and best is not None:
+                        try:  # feed|LSN|n|transaction LSN (older ingests: without the last)
+                            slot, lsn, count, *tx = value.decode().split("|")
+                            pos = (int(lsn), int(tx[0]) if tx else -1, int(count))
+                            if not _POSITION_KEY.fullmatch(slot):  # it names a file
+                                raise ValueError(slot)
+                        except ValueError:  # not ours to trust: skip, do not fail the takeover
+                            log.warning("malformed %s header at %s offset %d", POSITION_HEADER, tp, r.offset)
+                            continue
+                        if pos > best.get((slot, tp.partition), (-1, -1, -1)):
+                            best[slot, tp.partition] = pos
+                    elif name == MONGO_HEADER:
+                        try:
+                            database, token_b64, count = value.decode().rsplit("|", 2)
+                            feed = (database, _header(r.headers, MONGO_FEED_HEADER))
+                            token = base64.b64decode(token_b64, validate=True)
+                            mpos = (token_order(token), int(count), token)
+                        except ValueError:  # not ours to trust: skip, do not fail the takeover
+                            log.warning("malformed %s header at %s offset %d", MONGO_HEADER, tp, r.offset)
+                            continue
+                        if mpos[:2] > newest.get((feed, tp.partition), ("", -1, b""))[:2]:
+                            newest[feed, tp.partition] = mpos
+        for tp in list(todo):
+            # the position, not the last record: a transaction's commit marker ends the tail
+            if await consumer.position(tp) >= todo[tp]:
+                todo.pop(tp)
+                consumer.pause(tp)
 
 
 def _header(headers: Any, name: str) -> str:

@@ -1752,3 +1752,65 @@ async def test_integers_beyond_64_bits_travel_through_the_bus(cluster):
         got = await events(c, 3)
     assert [e["record"]["doc"]["n"] for e in got if e["channel"] == "postgres:orders"] == [big, big + 1]
     assert [e["payload"]["n"] for e in got if e["channel"] == "events:big"] == [-big]
+
+
+async def test_a_mongo_takeover_after_a_quiet_spell_resumes_after_the_token_kafka_has(cluster, mongo_server):
+    """The feed's last change reached Kafka more than the takeover scan's time window ago
+    (_SCAN_SECONDS: its records are copied into a topic of their own with timestamps 11 minutes
+    old). The new holder, on another machine (no token of its own), still resumes after the
+    token Kafka has: the change written while no ingest ran is delivered, once. Before, the scan
+    read only the last 10 minutes of the topic, found no header, and the new holder opened a
+    fresh stream: that change was lost (and a holder with an old token of its own from an
+    earlier stint resumed from it, publishing every change since then again)."""
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+    from pymongo import AsyncMongoClient
+
+    from rtserver.ingest import _SCAN_SECONDS, MONGO_HEADER
+
+    client = AsyncMongoClient(mongo_server.url, serverSelectionTimeoutMS=5000)
+    db = client["shop"]
+    await db.orders.insert_one({"_id": 0})
+    cluster.env["RT_MONGO_URL"] = mongo_server.url.replace("/?", "/shop?")
+    bootstrap, old_topic = cluster.env["RT_BUS_KAFKA_BOOTSTRAP"], cluster.env["RT_BUS_TOPIC"]
+    try:
+        first = await cluster.ingest()
+        await first.wait_active()
+        await db.orders.insert_one({"_id": 1})
+        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, isolation_level="read_committed",
+                                    enable_auto_commit=False, auto_offset_reset="earliest")
+        await consumer.start()
+        records = []
+        try:
+            consumer.assign([TopicPartition(old_topic, p) for p in range(3)])
+            while not any(name == MONGO_HEADER for r in records for name, _ in r.headers):
+                for batch in (await consumer.getmany(timeout_ms=1000)).values():
+                    records += batch
+        finally:
+            await consumer.stop()
+        await first.stop(signal.SIGKILL)
+        # The same records, as written when the feed last changed: before the scan's window.
+        cluster.env["RT_BUS_TOPIC"] = f"{old_topic}.quiet"
+        node = await cluster.node()
+        then = int((time.time() - _SCAN_SECONDS - 60) * 1000)
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+        await producer.start()
+        try:
+            for r in records:
+                await producer.send_and_wait(cluster.env["RT_BUS_TOPIC"], r.value, key=r.key, partition=r.partition,
+                                             headers=list(r.headers), timestamp_ms=then)
+        finally:
+            await producer.stop()
+        async with ws_connect(node, "w1", token=node.token("w1")) as c:
+            await c.subscribe("mongo:orders")
+            await db.orders.insert_one({"_id": 2})  # while no ingest reads the feed
+            second = await cluster.ingest()
+            await second.wait_active(timeout=40)
+            await db.orders.insert_one({"_id": 3})
+            got = []
+            while 3 not in got:
+                got += [e["document"]["_id"] for e in await events(c, 1)]
+            await c.no_message(0.5)
+        assert got == [2, 3]
+        assert "resumes after the token Kafka has" in second.logs(), second.logs()
+    finally:
+        await client.close()
