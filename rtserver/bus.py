@@ -22,7 +22,8 @@ if TYPE_CHECKING:
 class BusUnavailable(Exception):
     """The bus could not take an event: `status` 503 when it was not sent (a retry is safe),
     504 when it was sent but not confirmed in time (it may still be delivered, once), 400 when
-    the event itself cannot be carried (not sent; a retry fails alike)."""
+    the event itself cannot be carried, 413 when it is too large for the bus (neither sent; a
+    retry fails alike)."""
 
     def __init__(self, status: int, message: str):
         super().__init__(message)

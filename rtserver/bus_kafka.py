@@ -571,7 +571,8 @@ class KafkaBus:
         round trip each.
 
         Refused with BusUnavailable 400 for an event that cannot be encoded (a payload nesting
-        too deeply), and 503 while Kafka is unavailable, or when the batch stays full
+        too deeply), 413 for one whose record is larger than the topic takes (as read at start),
+        and 503 while Kafka is unavailable, or when the batch stays full
         for bus.publish_timeout. Sent but not acknowledged within bus.publish_timeout, the
         future fails with BusUnavailable 504: the outcome is unknown (the producer writes it
         once Kafka is back, unless the batch outlives the producer's request timeout, 120 s,
@@ -592,6 +593,13 @@ class KafkaBus:
             # traceback): refused as one nesting deeper still is.
             raise BusUnavailable(400, "body is not valid JSON: JSON nests too deeply for the event bus; the "
                                       f"event was not published (workspace {event.workspace})") from None
+        if len(value) > pub.max_record:
+            # Kafka would refuse it at every retry: a 503 (retry-safe) had its publisher repeat
+            # it forever, each refusal also costing a new producer (_renew).
+            raise BusUnavailable(413, f"payload too large for the event bus: its record is {len(value)} bytes, the "
+                                      f"events topic takes {pub.max_record} (bus.max_record_bytes, or the topic's "
+                                      f"max.message.bytes when smaller); the event was not published (workspace "
+                                      f"{event.workspace}, bus topic {self.topic})")
         try:
             # Usually in the batch at once; otherwise waiting for room (or a new producer).
             # Cancelling send() (buffer full while Kafka is away) drops the record: not sent.

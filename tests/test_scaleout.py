@@ -1814,3 +1814,33 @@ async def test_a_mongo_takeover_after_a_quiet_spell_resumes_after_the_token_kafk
         assert "resumes after the token Kafka has" in second.logs(), second.logs()
     finally:
         await client.close()
+
+
+async def test_a_publish_too_large_for_the_topic_is_413_not_503(cluster):
+    """The events topic was created beforehand with a smaller max.message.bytes (the node
+    reads it at start): a payload within limits.max_publish_bytes whose record the topic cannot
+    take is answered 413, as a payload too large is, and nothing is sent. Before, it was 503
+    (`event bus refused the event`: retry-safe, the bus counted as unavailable), which a
+    retrying publisher repeated forever, each refusal starting a new Kafka producer."""
+    from tests.harness.kafka import create_topics
+
+    await create_topics(cluster.env["RT_BUS_KAFKA_BOOTSTRAP"], [cluster.env["RT_BUS_TOPIC"]], partitions=3)
+    async with topic_record_limit(cluster) as limit:
+        await limit(100_000)
+    node = await cluster.node()
+
+    def post(payload: dict):
+        return node.post("/workspaces/w1/realtime/events/x", json.dumps(payload).encode(),
+                         {"Authorization": f"Bearer {node.token('w1', publish=True)}"})
+
+    async with ws_connect(node, "w1", token=node.token("w1")) as c:
+        await c.subscribe("events:x")
+        assert (await post({"n": 0}))[0] == 202
+        for size in (60_000, 150_000):  # refused by Kafka; by the client library
+            status, body = await post({"n": 1, "blob": "x" * size})
+            assert status == 413 and b"max.message.bytes" in body, (status, body)
+        assert (await post({"n": 2}))[0] == 202
+        got = await events(c, 2)
+        await c.no_message(0.3)
+    assert [e["payload"]["n"] for e in got] == [0, 2]
+    assert "starting a new producer" not in node.logs()
