@@ -471,15 +471,20 @@ class Ingest:
                 found = by_time.get(tp)
                 window[tp] = max(begin[tp], end[tp] - _SCAN_RECORDS, found.offset if found is not None else end[tp])
             await _scan_headers(consumer, {tp: (window[tp], end[tp]) for tp in tps}, best, newest)
-            wanted = Counter(feed["database"] for feed in self.plan if feed["kind"] == "mongo")
+            mongo = [feed for feed in self.plan if feed["kind"] == "mongo"]
+            wanted = Counter(feed["database"] for feed in mongo)
             found_feeds = Counter(database for database, _feed_id in {feed for feed, _p in newest})
-            if any(found_feeds[database] < n for database, n in wanted.items()):
-                # A MongoDB feed whose last change is older than the window: its token is in
-                # Kafka only (this holder may run on another machine, or hold a stale token
-                # of an earlier stint), so look further back, to the record bound. PostgreSQL
-                # needs no more: its slot kept what was acknowledged before the window.
-                await _scan_headers(consumer, {tp: (max(begin[tp], end[tp] - _SCAN_RECORDS), window[tp])
-                                               for tp in tps}, None, newest)
+            # The partitions of the MongoDB feeds with no header in the window (of a database
+            # name with fewer feeds found than planned): their last change is older. Their token
+            # is in Kafka only (this holder may run on another machine, or hold a stale token of
+            # an earlier stint), so look further back there, to the record bound. PostgreSQL
+            # needs no more: its slot kept what was acknowledged before the window.
+            older = {partition_for(wid, len(tps)) for feed in mongo
+                     if found_feeds[feed["database"]] < wanted[feed["database"]] for wid in feed["workspaces"]}
+            if older:
+                await _scan_headers(consumer, {tp: (max(begin[tp], end[tp] - _SCAN_RECORDS),
+                                                    window[tp] if tp.partition in older else 0) for tp in tps},
+                                    None, newest)
         finally:
             await stop_client(consumer, "ingest takeover scan", {"topic": topic})
         done: dict[str, tuple[int, int, dict[int, int]]] = {}
