@@ -1844,3 +1844,33 @@ async def test_a_publish_too_large_for_the_topic_is_413_not_503(cluster):
         await c.no_message(0.3)
     assert [e["payload"]["n"] for e in got] == [0, 2]
     assert "starting a new producer" not in node.logs()
+
+
+@pytest.mark.parametrize("codec", ["lz4", "zstd", "snappy"])
+async def test_a_topic_created_beforehand_with_compression_is_read(cluster, codec):
+    """The events topic was created beforehand with a compression.type (a platform's usual
+    setting): the broker stores every batch compressed so, and the nodes read them. Before,
+    aiokafka had no library for the codec: the nodes' consumers failed on every fetch
+    (UnsupportedCodecError), never became ready and delivered nothing, while publishes were
+    answered 202."""
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=cluster.env["RT_BUS_KAFKA_BOOTSTRAP"])
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(cluster.env["RT_BUS_TOPIC"], num_partitions=3, replication_factor=1,
+                                            topic_configs={"compression.type": codec})])
+    finally:
+        await admin.close()
+    first = await cluster.node()
+    async with ws_connect(first, "w1", token=first.token("w1")) as c:
+        await c.subscribe("events:x")
+        status, body = await first.post("/workspaces/w1/realtime/events/x", json.dumps({"n": 1}).encode(),
+                                        {"Authorization": f"Bearer {first.token('w1', publish=True)}"})
+        assert status == 202, (status, body)
+        assert [e["payload"]["n"] for e in await events(c, 1)] == [1]
+    late = await cluster.node()  # reads the record back at start
+    async with ws_connect(late, "w1", token=late.token("w1")) as c:
+        await c.send({"type": "subscribe", "channel": "events:x", "since": 0})
+        await c.recv_type("subscribed", timeout=20)
+        assert [e["payload"]["n"] for e in await events(c, 1)] == [1]
