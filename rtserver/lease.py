@@ -5,6 +5,11 @@ assigns that partition to exactly one live member. A member that dies stops hear
 expelled after the session timeout, and the partition (the lease) moves to a standby. A holder
 that loses the partition in a rebalance stops its work before it rejoins, so the new holder
 starts only after the old one let go (or was declared dead).
+
+The lease stays with its holder through a rebalance that a member joining causes (a standby
+started or restarted): `_assignor` gives the partition to the member that says it held it. The
+consumer's default assignor gave it to the member whose id sorts first (the client id, which
+names the host), so starting a standby could move every feed to it.
 """
 
 from __future__ import annotations
@@ -40,6 +45,9 @@ class Lease:
         self._on_lost = on_lost
         self.held = False
         self.acquisitions = 0
+        # Assigned the lease in the last assignment this member received, and still in the
+        # group: said in its join metadata, so the next assignment leaves the lease here.
+        self.claim = False
         self._consumer = None
         self._task: asyncio.Task | None = None
         self._work: asyncio.Task | None = None
@@ -61,11 +69,16 @@ class Lease:
                 if any(tp.topic == lease.topic for tp in assigned):
                     lease._acquire()
 
+        from aiokafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
+
         self._consumer = AIOKafkaConsumer(
             **self.options,
             client_id=self.client_id,
             group_id=self.group,
             enable_auto_commit=False,
+            # roundrobin too: a group with members of an earlier version (which know no other)
+            # agrees on it during a rolling upgrade
+            partition_assignment_strategy=(_assignor(self), RoundRobinPartitionAssignor),
             session_timeout_ms=self.session_timeout_ms,
             heartbeat_interval_ms=max(500, self.session_timeout_ms // 6),
             rebalance_timeout_ms=self.session_timeout_ms * 2,
@@ -113,6 +126,7 @@ class Lease:
         await self.start()
 
     async def close(self) -> None:
+        self.claim = False  # leaving the group: the next assignment hands the lease on
         task, self._task = self._task, None
         await cancel_and_wait(task, what=f"lease of {self.group}")
         await self._release()
@@ -122,6 +136,40 @@ class Lease:
         if consumer is not None:
             # leaves the group: a standby takes over at once
             await stop_client(consumer, "lease consumer", {"topic": self.topic, "group": self.group})
+
+
+def _assignor(lease: Lease) -> Any:
+    """The group's assignor for `lease` (module docstring): the lease partition goes to the
+    member claiming it in its join metadata (the first by member id if several do: one was
+    expelled unawares, and fencing settles it), else to the first member by id, as before."""
+    from aiokafka.coordinator.assignors.abstract import AbstractPartitionAssignor
+    from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment, ConsumerProtocolMemberMetadata
+
+    class LeaseAssignor(AbstractPartitionAssignor):
+        name = "rtserver-lease"
+        version = 0
+
+        @classmethod
+        def metadata(cls, topics: Any) -> Any:
+            return ConsumerProtocolMemberMetadata(cls.version, sorted(topics), _HELD if lease.claim else b"")
+
+        @classmethod
+        def assign(cls, cluster: Any, members: Any) -> dict[str, Any]:
+            claimed = sorted(member for member, meta in members.items() if meta.user_data == _HELD)
+            holder = claimed[0] if claimed else min(members)
+            partitions = sorted(cluster.partitions_for_topic(lease.topic) or ())  # none yet: a later rebalance
+            return {member: ConsumerProtocolMemberAssignment(
+                        cls.version, [(lease.topic, partitions)] if member == holder and partitions else [], b"")
+                    for member in members}
+
+        @classmethod
+        def on_assignment(cls, assignment: Any) -> None:
+            lease.claim = any(tp.topic == lease.topic for tp in assignment.partitions())
+
+    return LeaseAssignor
+
+
+_HELD = b"held"  # a member's join metadata: it holds the lease
 
 
 def _log_failure(task: asyncio.Future) -> None:

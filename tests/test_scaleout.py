@@ -1874,3 +1874,43 @@ async def test_a_topic_created_beforehand_with_compression_is_read(cluster, code
         await c.send({"type": "subscribe", "channel": "events:x", "since": 0})
         await c.recv_type("subscribed", timeout=20)
         assert [e["payload"]["n"] for e in await events(c, 1)] == [1]
+
+
+async def _lease_group_members(cluster) -> tuple[str, int]:
+    """The lease group's state and member count, as its coordinator says."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=cluster.env["RT_BUS_KAFKA_BOOTSTRAP"])
+    await admin.start()
+    try:
+        (response,) = await admin.describe_consumer_groups([f"{cluster.env['RT_BUS_TOPIC']}.ingest"])
+        _error, _group, state, *_rest, members = response.groups[0][:6]
+        return state, len(members)
+    finally:
+        await admin.close()
+
+
+async def test_a_standby_joining_leaves_the_lease_with_the_active_ingest(cluster):
+    """A standby started (or restarted) while an ingest is active stays the standby: the lease
+    moves only when its holder dies or leaves. Before, every rebalance gave the lease to the
+    member whose id sorts first (its client id names the host), so starting a standby on a host
+    named before the active one's moved every feed to it (a takeover at each of its restarts,
+    and a standby unable to reach the databases held the lease with no feed streaming)."""
+    active = await cluster.ingest(RT_NODE="ingest-b")
+    await active.wait_active()
+    standby = await cluster.ingest(RT_NODE="ingest-a")  # sorts first
+    while await _lease_group_members(cluster) != ("Stable", 2):
+        await asyncio.sleep(0.2)
+    while True:
+        roles = [(await p.status())["role"] for p in (active, standby)]
+        if "active" in roles:
+            break
+        await asyncio.sleep(0.1)
+    assert roles == ["active", "standby"], roles
+    await active.wait_active()
+    await cluster.db.execute("INSERT INTO orders VALUES (1, 'after the standby joined')")
+    node = await cluster.node()
+    async with ws_connect(node, "w1", token=node.token("w1")) as c:
+        await c.send({"type": "subscribe", "channel": "postgres:orders", "since": 0})
+        await c.recv_type("subscribed", timeout=20)
+        assert [e["record"]["id"] for e in await events(c, 1)] == [1]
