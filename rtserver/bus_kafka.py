@@ -799,7 +799,10 @@ class KafkaBus:
 
     # -- health ----------------------------------------------------------------------------
 
-    def lags(self) -> dict[int, int]:
+    def lags(self, readable: bool = False) -> dict[int, int]:
+        """Records of each partition not delivered yet: up to the high watermark, so records
+        held back behind an open transaction (a dead ingest's, until it is aborted) count; with
+        `readable`, up to the last stable offset, what this node could read now."""
         consumer = self._consumer
         out = {}
         for p, nxt in self._next.items():
@@ -807,20 +810,24 @@ class KafkaBus:
             if consumer is not None:
                 from aiokafka import TopicPartition
 
+                tp = TopicPartition(self.topic, p)
                 with contextlib.suppress(Exception):
-                    # the high watermark, not the last stable offset: records held back behind
-                    # an open transaction (a dead ingest's, until it is aborted) count as lag
-                    hw = consumer.highwater(TopicPartition(self.topic, p))
+                    hw = consumer.highwater(tp)
+                    stable = consumer.last_stable_offset(tp) if readable else None
+                    if stable is not None and stable >= 0 and hw is not None:
+                        hw = min(hw, stable)
             out[p] = max(hw or 0, self._target.get(p, 0)) - nxt
         return out
 
-    def lag(self) -> int:
-        return sum(max(0, v) for v in self.lags().values())
+    def lag(self, readable: bool = False) -> int:
+        return sum(max(0, v) for v in self.lags(readable).values())
 
     def ready(self) -> bool:
-        """Accepting connections: consuming, caught up since start, and not too far behind."""
+        """Accepting connections: consuming, caught up since start, and not too far behind.
+        Behind what it could read: records an open transaction holds back are held back from
+        every node alike, and turned them all away at once (the lag still shows them)."""
         return (self._task is not None and not self._task.done() and not self._broken and self._caught_up and self._connected and self.publisher.available()
-                and self.lag() <= self.max_lag)
+                and self.lag(readable=True) <= self.max_lag)
 
     def status(self) -> dict[str, Any]:
         # Kafka's consumer retries quietly through an outage: the publisher's watch says it.

@@ -1914,3 +1914,49 @@ async def test_a_standby_joining_leaves_the_lease_with_the_active_ingest(cluster
         await c.send({"type": "subscribe", "channel": "postgres:orders", "since": 0})
         await c.recv_type("subscribed", timeout=20)
         assert [e["record"]["id"] for e in await events(c, 1)] == [1]
+
+
+async def test_records_held_back_by_an_open_transaction_leave_the_nodes_ready(cluster):
+    """A transaction left open on the events topic (an ingest killed mid-transaction: Kafka
+    holds back the later records of its partitions from every node until the next holder or
+    its timeout aborts it) holds every node back alike: the nodes stay ready, their lag still
+    counts the records held back, and the events come once the transaction ends. Before,
+    readiness counted those records as this node's lag: custom events published meanwhile
+    beyond RT_BUS_MAX_LAG turned every node's /readyz and WebSocket upgrades to 503 at once."""
+    from aiokafka import AIOKafkaProducer
+
+    from rtcore.event import Event
+    from rtserver.bus_kafka import encode_event, partition_for
+
+    node = await cluster.node(RT_BUS_MAX_LAG="5")
+    body = json.dumps({"type": "event", "channel": "postgres:orders", "operation": "INSERT", "table": "orders",
+                       "schema": "public", "record": {"id": 1}}).encode()
+    producer = AIOKafkaProducer(bootstrap_servers=cluster.env["RT_BUS_KAFKA_BOOTSTRAP"],
+                                transactional_id=f"{cluster.env['RT_BUS_TOPIC']}.ingest")
+    await producer.start()
+    try:
+        await producer.begin_transaction()
+        await producer.send_and_wait(cluster.env["RT_BUS_TOPIC"],
+                                     encode_event(Event("w1", "postgres", "orders", "INSERT", {"id": 1}, body)),
+                                     key=b"w1", partition=partition_for("w1", 3))
+        async with ws_connect(node, "w1", token=node.token("w1")) as c:
+            await c.subscribe("postgres:orders")
+            await c.subscribe("events:x")
+            for n in range(8):
+                status, answer = await node.post("/workspaces/w1/realtime/events/x", json.dumps({"n": n}).encode(),
+                                                 {"Authorization": f"Bearer {node.token('w1', publish=True)}"})
+                assert status == 202, (status, answer)
+            while True:
+                status, answer = await node.get("/readyz")
+                if json.loads(answer)["bus"]["lag"] >= 9:  # the node has seen them held back
+                    break
+                await asyncio.sleep(0.1)
+            assert status == 200, answer
+            await c.no_message(0.3)
+            await producer.commit_transaction()
+            got = await events(c, 9)
+    finally:
+        await producer.stop()
+    assert [e.get("record", {}).get("id", "row") if "record" in e else e["payload"]["n"] for e in got] == \
+        [1, *range(8)]
+    assert [e["seq"] for e in got] == sorted(e["seq"] for e in got)
