@@ -902,6 +902,7 @@ class KafkaBus:
         emit: Callable[[int, Event], None],
         cancelled: Callable[[], bool],
         room: Callable[[], Awaitable[None]] | None = None,
+        gap_first: Callable[[int], None] | None = None,
     ) -> tuple[int, int | None, frozenset[str]]:
         """Read `workspace`'s records with seq > `since` from Kafka, in order, calling
         `emit(seq, event)`, until the read position reaches `floor()` (the node's memory holds
@@ -912,7 +913,9 @@ class KafkaBus:
         to the memory history in the same step. `room` is awaited before each fetch and after
         every _READ_BACK_ROOM_BYTES emitted: the reader's connection takes what was emitted
         before more is (a read-back larger than the send buffer, emitted at once, closed a
-        client that read at full speed with 1013)."""
+        client that read at full speed with 1013). `gap_first(oldest)` is called before the
+        first record is emitted when the topic no longer holds some of them: history_gap comes
+        first (PROTOCOL.md §7)."""
         from aiokafka import AIOKafkaConsumer, TopicPartition
 
         tp = TopicPartition(self.topic, partition_for(workspace, len(self._floor)))
@@ -970,6 +973,9 @@ class KafkaBus:
                         if rec.operation == GAP:
                             lost.add(rec.source)
                         else:
+                            if gap is not None and gap_first is not None:
+                                gap_first(gap)
+                                gap_first = None
                             emit(pos, event)
                             emitted += len(r.value)
                             if room is not None and emitted >= _READ_BACK_ROOM_BYTES:

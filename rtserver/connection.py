@@ -899,9 +899,16 @@ class Connection(WSListener):
                 m.replayed += 1
 
         lost: frozenset[str] = frozenset()
+        announced = False
+
+        def gap_first(oldest: int) -> None:
+            nonlocal announced
+            announced = True
+            self._send_gaps(self._still_subscribed(subs), _not_retained(since, oldest), oldest)
+
         try:
             upto, oldest, lost = await self.gw.bus.read_back(
-                ws.id, since, lambda: ws.history.floor, emit, lambda: self.closed, self._taken
+                ws.id, since, lambda: ws.history.floor, emit, lambda: self.closed, self._taken, gap_first
             )
         except Exception as exc:  # noqa: BLE001 - the memory replay below reports the gap
             log.warning(
@@ -915,9 +922,8 @@ class Connection(WSListener):
         for sub in live:
             self.gw.hub.add(ws, sub)
         if oldest is not None:
-            self._send_gaps(
-                live, f"events after {since} are no longer retained by the event stream; it holds {oldest} onwards", oldest
-            )
+            if not announced:
+                self._send_gaps(live, _not_retained(since, oldest), oldest)
         elif lost:
             self._send_loss_gaps(live, since, lost, ws.history.oldest())
         if upto != since:  # read back from Kafka: from `since`, or from where the stream holds
@@ -1155,6 +1161,11 @@ class Connection(WSListener):
         elif silent > idle_timeout / 2 and not self._ping_sent and self.transport is not None:
             self._ping_sent = True
             self.transport.send_ping()
+
+
+def _not_retained(since: int, oldest: int) -> str:
+    """The history_gap message of a read-back from before what the event stream holds."""
+    return f"events after {since} are no longer retained by the event stream; it holds {oldest} onwards"
 
 
 def _expires(identity: Identity) -> str:

@@ -1960,3 +1960,43 @@ async def test_records_held_back_by_an_open_transaction_leave_the_nodes_ready(cl
     assert [e.get("record", {}).get("id", "row") if "record" in e else e["payload"]["n"] for e in got] == \
         [1, *range(8)]
     assert [e["seq"] for e in got] == sorted(e["seq"] for e in got)
+
+
+async def test_a_read_back_from_before_the_retained_records_sends_history_gap_first(cluster):
+    """A resume whose `since` is older than both the node's memory and what the topic still
+    holds: history_gap (oldest = the first record kept) comes first, then the records read
+    back from Kafka, then the memory's, as PROTOCOL.md §7 says. Before, the records read back
+    came first and the history_gap after them, in the middle of the replay: a client that
+    reloads on history_gap dropped or re-fetched what it had just been sent."""
+    from aiokafka import AIOKafkaProducer, TopicPartition
+    from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
+
+    from rtcore.event import Event
+    from rtserver.bus_kafka import encode_event, partition_for
+
+    await cluster.node()  # creates the topic
+    topic, bootstrap = cluster.env["RT_BUS_TOPIC"], cluster.env["RT_BUS_KAFKA_BOOTSTRAP"]
+
+    def value(n: int) -> bytes:
+        body = json.dumps({"type": "event", "channel": "events:x", "operation": "PUBLISH", "topic": "x",
+                           "payload": {"n": n}}).encode()
+        return encode_event(Event("w1", "events", "x", "PUBLISH", None, body))
+
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await producer.start()
+    await admin.start()
+    try:
+        offsets = [(await producer.send_and_wait(topic, value(n), key=b"w1")).offset for n in range(10)]
+        await admin.delete_records({TopicPartition(topic, partition_for("w1", 3)): RecordsToDelete(offsets[5])})
+    finally:
+        await producer.stop()
+        await admin.close()
+    late = await cluster.node(RT_HISTORY_EVENTS="2")  # its memory: n = 8, 9
+    async with ws_connect(late, "w1", token=late.token("w1")) as c:
+        await c.send({"type": "subscribe", "channel": "events:x", "since": offsets[1] + 1})
+        await c.recv_type("subscribed", timeout=20)
+        got = [await c.recv(timeout=20) for _ in range(6)]
+        await c.no_message(0.3)
+    assert [(m["code"], m["oldest"]) if m["type"] == "error" else m["payload"]["n"] for m in got] == \
+        [(4011, offsets[5] + 1), 5, 6, 7, 8, 9], got
