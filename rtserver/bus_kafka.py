@@ -961,6 +961,12 @@ class KafkaBus:
                     stalled = time.monotonic()
                     emitted = 0
                     for r in records:
+                        if r.offset >= floor():
+                            # Its seq is past the floor: the memory history holds it, or this
+                            # node's consumer, behind this fetch, delivers it once the caller
+                            # goes live (sent here too, it came twice, seq going back).
+                            pos = floor()
+                            break
                         pos = r.offset + 1
                         if r.key != key:
                             continue

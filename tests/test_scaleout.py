@@ -2000,3 +2000,64 @@ async def test_a_read_back_from_before_the_retained_records_sends_history_gap_fi
         await c.no_message(0.3)
     assert [(m["code"], m["oldest"]) if m["type"] == "error" else m["payload"]["n"] for m in got] == \
         [(4011, offsets[5] + 1), 5, 6, 7, 8, 9], got
+
+
+async def test_a_read_back_ahead_of_the_live_consumer_sends_nothing_twice(cluster, kafka_broker):
+    """A resume read back from Kafka while the node's own consumer is behind the topic (here
+    throttled by a Kafka quota on its client id, as an overloaded broker or node would hold it):
+    each event reaches the client once, in order. Before, the read-back emitted every record of
+    its last fetch, also those the node had not delivered yet, then put the subscription live:
+    the node's consumer delivered those records to it again, seq going back."""
+    from aiokafka import AIOKafkaProducer
+
+    from rtcore.event import Event
+    from rtserver.bus_kafka import encode_event
+
+    topic, bootstrap = cluster.env["RT_BUS_TOPIC"], cluster.env["RT_BUS_KAFKA_BOOTSTRAP"]
+    node = await cluster.node(RT_NODE="readback-ahead", RT_HISTORY_EVENTS="2", RT_BUS_MAX_LAG="1000000")
+
+    def value(n: int) -> bytes:
+        body = json.dumps({"type": "event", "channel": "events:x", "operation": "PUBLISH", "topic": "x",
+                           "payload": {"n": n}}).encode()
+        return encode_event(Event("w1", "events", "x", "PUBLISH", None, body))
+
+    throttled = []
+
+    async def quota(rate: str) -> None:
+        if not rate and not throttled:
+            return
+        throttled[:] = [rate] if rate else []
+        change = ["--add-config", f"consumer_byte_rate={rate}"] if rate else ["--delete-config", "consumer_byte_rate"]
+        await asyncio.to_thread(kafka_broker._java, "kafka.admin.ConfigCommand", "--bootstrap-server", bootstrap,
+                                "--alter", *change, "--entity-type", "clients", "--entity-name",
+                                "rtserver-node-readback-ahead")
+
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+    await producer.start()
+    try:
+        async with ws_connect(node, "w1", token=node.token("w1")) as live:
+            await live.subscribe("events:x")
+            seqs = [(await producer.send_and_wait(topic, value(n), key=b"w1")).offset + 1 for n in range(5)]
+            await events(live, 5)
+            delivered = json.loads((await node.get("/readyz"))[1])["bus"]["delivered"]
+            await quota("1")
+            try:
+                for n in (5, 6, 7):  # held back from the node's consumer
+                    await producer.send_and_wait(topic, value(n), key=b"w1")
+                async with ws_connect(node, "w1", token=node.token("w1")) as c:
+                    await c.send({"type": "subscribe", "channel": "events:x", "since": seqs[0]})
+                    await c.recv_type("subscribed", timeout=20)
+                    got = await events(c, 4)  # n = 1..4: up to the node's consumer position
+                    # the case in hand: the node's consumer has not delivered 5..7 yet
+                    assert json.loads((await node.get("/readyz"))[1])["bus"]["delivered"] == delivered
+                    await quota("")
+                    while json.loads((await node.get("/readyz"))[1])["bus"]["delivered"] < delivered + 3:
+                        await asyncio.sleep(0.2)  # until the node's consumer has delivered 5..7
+                    while got[-1]["payload"]["n"] != 7:
+                        got += await events(c, 1, timeout=30)
+                    await c.no_message(0.5)
+            finally:
+                await quota("")
+    finally:
+        await producer.stop()
+    assert [e["payload"]["n"] for e in got] == list(range(1, 8)), [e["payload"]["n"] for e in got]
