@@ -141,7 +141,9 @@ class Lease:
 def _assignor(lease: Lease) -> Any:
     """The group's assignor for `lease` (module docstring): the lease partition goes to the
     member claiming it in its join metadata (the first by member id if several do: one was
-    expelled unawares, and fencing settles it), else to the first member by id, as before."""
+    expelled unawares, and fencing settles it), else to the first member by id, as before.
+    Every partition of the lease topic goes to that one member: a lease topic created
+    beforehand with several partitions spread them over members, each of which took the lease."""
     from aiokafka.coordinator.assignors.abstract import AbstractPartitionAssignor
     from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment, ConsumerProtocolMemberMetadata
 

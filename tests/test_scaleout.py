@@ -2061,3 +2061,24 @@ async def test_a_read_back_ahead_of_the_live_consumer_sends_nothing_twice(cluste
     finally:
         await producer.stop()
     assert [e["payload"]["n"] for e in got] == list(range(1, 8)), [e["payload"]["n"] for e in got]
+
+
+async def test_a_lease_topic_created_with_several_partitions_still_has_one_holder(cluster):
+    """The lease topic was created beforehand with three partitions (a platform creating every
+    topic with its default count): still exactly one ingest reads the feeds. Before, each
+    member assigned any partition of it took the lease: two active ingests read every feed,
+    each fencing the other's Kafka transactions in turn."""
+    from tests.harness.kafka import create_topics
+
+    await create_topics(cluster.env["RT_BUS_KAFKA_BOOTSTRAP"], [f"{cluster.env['RT_BUS_TOPIC']}.lease"], partitions=3)
+    first = await cluster.ingest(RT_NODE="ingest-b")
+    await first.wait_active()
+    second = await cluster.ingest(RT_NODE="ingest-a")
+    while await _lease_group_members(cluster) != ("Stable", 2):
+        await asyncio.sleep(0.2)
+    while True:
+        roles = sorted([(await p.status())["role"] for p in (first, second)])
+        if "active" in roles:
+            break
+        await asyncio.sleep(0.1)
+    assert roles == ["active", "standby"], roles
