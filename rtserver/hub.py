@@ -562,9 +562,9 @@ class Hub:
 
     def _tell_gap(self, ws: Workspace, message: str, oldest: int, source: str | None = None) -> None:
         """history_gap (4011) to every subscription of `ws` (of `source` only, when given),
-        but those out of the index while their replay is paced to the reader: the replay finds
-        the loss in the history at its next piece and tells it there, in the order of what it
-        sends (told here as well, they got it twice)."""
+        except those held out of the index while their replay is under way (a paced replay, a
+        read-back from the bus, a wait for the bus): the replay finds the loss in the history
+        when it goes on and tells it then (told here too, the client heard of it twice)."""
         index = ws.index
         for conn in list(ws.connections):
             for sub in list(conn.subscriptions.values()):

@@ -2082,3 +2082,63 @@ async def test_a_lease_topic_created_with_several_partitions_still_has_one_holde
             break
         await asyncio.sleep(0.1)
     assert roles == ["active", "standby"], roles
+
+
+async def test_a_loss_reported_while_a_resume_waits_for_the_node_is_told_once(cluster, kafka_broker):
+    """A client that saw events on node A subscribes with `since` on node B, which has not
+    read that far yet (its consumer held back by a Kafka quota); a source's gap record follows
+    in the topic. B tells the client of the loss once, then sends what follows. Before, the gap
+    record reached the waiting subscription at once (history_gap) and the replay that followed
+    the wait announced the same loss again: the client reloaded twice."""
+    import msgspec
+    from aiokafka import AIOKafkaProducer
+
+    from rtcore.event import Event
+    from rtserver.bus_kafka import GAP, BusRecord, encode_event
+
+    topic, bootstrap = cluster.env["RT_BUS_TOPIC"], cluster.env["RT_BUS_KAFKA_BOOTSTRAP"]
+    a = await cluster.node()
+    b = await cluster.node(RT_NODE="behind", RT_BUS_MAX_LAG="1000000")
+
+    def value(n: int) -> bytes:
+        body = json.dumps({"type": "event", "channel": "events:x", "operation": "PUBLISH", "topic": "x",
+                           "payload": {"n": n}}).encode()
+        return encode_event(Event("w1", "events", "x", "PUBLISH", None, body))
+
+    async def quota(*change: str) -> None:
+        await asyncio.to_thread(kafka_broker._java, "kafka.admin.ConfigCommand", "--bootstrap-server", bootstrap,
+                                "--alter", *change, "--entity-type", "clients", "--entity-name", "rtserver-node-behind")
+
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+    await producer.start()
+    try:
+        async with ws_connect(a, "w1", token=a.token("w1")) as ca:
+            await ca.subscribe("events:x")
+            await producer.send_and_wait(topic, value(1), key=b"w1")
+            await events(ca, 1)
+            while json.loads((await b.get("/readyz"))[1])["bus"]["delivered"] < 1:
+                await asyncio.sleep(0.1)
+            await quota("--add-config", "consumer_byte_rate=1")
+            try:
+                await producer.send_and_wait(topic, value(2), key=b"w1")
+                (seen,) = await events(ca, 1)
+                gap = BusRecord("events", "", GAP, None, None, b"the publisher's buffer was lost")
+                await producer.send_and_wait(topic, msgspec.msgpack.encode(gap), key=b"w1")
+                await producer.send_and_wait(topic, value(3), key=b"w1")
+                async with ws_connect(b, "w1", token=b.token("w1")) as cb:
+                    await cb.send({"type": "subscribe", "channel": "events:x", "since": seen["seq"]})
+                    await cb.recv_type("subscribed", timeout=20)
+                    assert json.loads((await b.get("/readyz"))[1])["bus"]["delivered"] == 1  # B is behind
+                    await quota("--delete-config", "consumer_byte_rate")
+                    while json.loads((await b.get("/readyz"))[1])["bus"]["delivered"] < 3:
+                        await asyncio.sleep(0.2)  # its throttle ends
+                    got = [await cb.recv(timeout=20)]
+                    while got[-1]["type"] != "event":
+                        got.append(await cb.recv(timeout=20))
+                    await cb.no_message(0.5)
+            finally:
+                with contextlib.suppress(Exception):  # deleted already, unless the test failed first
+                    await quota("--delete-config", "consumer_byte_rate")
+    finally:
+        await producer.stop()
+    assert [m.get("code") if m["type"] == "error" else m["payload"]["n"] for m in got] == [4011, 3], got
