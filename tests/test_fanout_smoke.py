@@ -390,11 +390,11 @@ class _Misbehaving(servers.PicowsBaseline):
                 servers.SECRET]
 
 
-def _run_against(mode: str, sc: scenarios.Scenario) -> dict:
+def _run_against(mode: str, sc: scenarios.Scenario, answer_wait: float = 30.0) -> dict:
     from benchmarks.fanout.run import Runner
 
     server = type("Misbehaving", (_Misbehaving,), {"mode": mode})("picows", None)
-    runner = Runner(procs=1, client="python", log=lambda m: None)
+    runner = Runner(procs=1, client="python", log=lambda m: None, answer_wait=answer_wait)
     try:
         server.start()
         return runner.run(sc, server)
@@ -409,7 +409,10 @@ def test_a_server_that_fails_mid_run_gives_an_error_not_a_result(mode):
     # stalled server; the events never answered were left out of the deliveries owed, and the
     # round came out as a valid one (no error, nothing lost) from its first 20 events.
     sc = scenarios.Scenario("paced-fail", "fanout", clients=10, mode="paced", rate=2000, duration=1.0)
-    res = _run_against(mode, sc)
+    # The publisher's wait for the last answers is waited out in full against a stalled
+    # server; 5 s (the default is 30) is ample for the 20 events answered in the run's first
+    # 10 ms, long before the run's 1 s ends.
+    res = _run_against(mode, sc, answer_wait=5.0)
     assert "error" in res, res
     assert "answered 20 of" in res["error"] or "exited" in res["error"], res["error"]
 

@@ -425,7 +425,7 @@ async def run_publisher(cfg: dict[str, Any]) -> None:
         pass  # the server closed the connection: the reply says how many events it answered
     t_sent = time.time_ns()
     try:
-        await asyncio.wait_for(proto.until(sent), 30)
+        await asyncio.wait_for(proto.until(sent), cfg.get("answer_wait", 30))
     except (TimeoutError, ConnectionError):
         pass  # the harness compares `acked` with `sent`: an unanswered event fails the round
     proto.transport.close()

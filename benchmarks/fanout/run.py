@@ -107,8 +107,10 @@ class LoadProc:
 
 
 class Runner:
-    def __init__(self, procs: int | None = None, client: str = "auto", log=print):
+    def __init__(self, procs: int | None = None, client: str = "auto", log=print, answer_wait: float = 30.0):
         raise_nofile()
+        # How long the publisher waits after a run for the server's last answers.
+        self.answer_wait = answer_wait
         self.gosub = gosub(log) if client in ("auto", "go") else None
         if client == "go" and self.gosub is None:
             raise RuntimeError("--client go: the Go subscriber could not be built (is Go installed?)")
@@ -225,7 +227,7 @@ class Runner:
             per_event = sc.matches_per_event()
             pub_cfg: dict[str, Any] = {"role": "publisher", "publish": server.publish_spec(), "mode": sc.mode,
                                        "duration": sc.duration, "groups": sc.groups or 1, "window": sc.window,
-                                       "burst": sc.burst}
+                                       "burst": sc.burst, "answer_wait": self.answer_wait}
             if sc.mode == "paced":
                 pub_cfg["events_per_s"] = sc.rate / per_event
             c0 = server.counters()
@@ -234,10 +236,10 @@ class Runner:
             # reaction to acknowledgements prompt (root only; otherwise nice is refused, harmless).
             pub_proc = LoadProc(pub_cfg, self.client_cpus, nice=-10 if os.geteuid() == 0 else 0)
             try:
-                pub = pub_proc.read(timeout=sc.duration + 60)
+                pub = pub_proc.read(timeout=sc.duration + self.answer_wait + 30)
             finally:
                 pub_proc.close()
-            _check_answered(server, pub)
+            _check_answered(server, pub, self.answer_wait)
             # Deliveries owed for the events the server accepted: one it refused (a 503, an API
             # error) was answered too, and counted as lost before.
             accepted = pub.get("accepted", pub["acked"])
@@ -358,13 +360,13 @@ class Runner:
                 "connect_s": connect_s}
 
 
-def _check_answered(server: srv.Server, pub: dict[str, Any]) -> None:
-    """Fail the round when the server left events unanswered (the publisher waits 30 s after
-    the run): a stalled or dead server. The deliveries owed are counted from the answers, so
+def _check_answered(server: srv.Server, pub: dict[str, Any], answer_wait: float = 30.0) -> None:
+    """Fail the round when the server left events unanswered (the publisher waits `answer_wait`
+    seconds, 30 by default, after the run): a stalled or dead server. The deliveries owed are counted from the answers, so
     without this its round came out complete, measured on the events before it stopped."""
     if pub["acked"] >= pub["sent"]:
         return
-    why = "closed the publish connection" if pub.get("closed") else "answered no more within 30 s of the run's end"
+    why = "closed the publish connection" if pub.get("closed") else f"answered no more within {answer_wait:g} s of the run's end"
     code = server.proc.poll() if server.proc is not None else None
     exited = f"; it exited with {code}" if code is not None else ""
     raise RuntimeError(f"{server.name} answered {pub['acked']} of the {pub['sent']} events published and {why}{exited}")
