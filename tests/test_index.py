@@ -224,7 +224,7 @@ def _bag(keys: list) -> Counter:
     return counter
 
 
-@settings(max_examples=10_000, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=500, deadline=None, suppress_health_check=list(HealthCheck))
 @given(COMMANDS)
 def test_index_equals_linear_scan(commands):
     oracle = index_ref.LinearScan()

@@ -320,7 +320,7 @@ def _same_answer(predicates, record_list):
         assert compiled.matches(record) == ref.matches(record), (predicates, record)
 
 
-PROPERTY = settings(max_examples=10_000, deadline=None, suppress_health_check=list(HealthCheck))
+PROPERTY = settings(max_examples=500, deadline=None, suppress_health_check=list(HealthCheck))
 
 
 @PROPERTY
