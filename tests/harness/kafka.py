@@ -209,6 +209,9 @@ class KafkaBroker:
             "share.coordinator.state.topic.replication.factor": "1",
             "share.coordinator.state.topic.min.isr": "1",
             "group.initial.rebalance.delay.ms": "0",
+            # How often the broker looks for transactions past their timeout and aborts them
+            # (10 s by default): a test of such an abort waits for it, not for this period.
+            "transaction.abort.timed.out.transaction.cleanup.interval.ms": "1000",
             # Few threads and small buffers: this broker shares 2 cores with the test suite.
             "num.network.threads": "2",
             "num.io.threads": "2",
