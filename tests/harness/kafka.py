@@ -12,6 +12,13 @@ a client bootstrapped there is told the broker lives there, so all of its traffi
 produce, group coordination, fetches) goes through the proxy, and a test can cut off that one
 client while every other client reaches the broker directly.
 
+Secured listeners, as managed clusters (Confluent Cloud, MSK, Strimzi) offer them, each with its
+bootstrap address on the broker: `sasl_bootstrap` (SASL_PLAINTEXT), `ssl_bootstrap` (SSL) and
+`sasl_ssl_bootstrap` (SASL_SSL). The SASL ones take PLAIN and SCRAM-SHA-256 for the user
+`SASL_USER` with `SASL_PASSWORD` (the SCRAM credential is written into the log directory at
+format time, as `kafka-storage format --add-scram` does). The SSL ones present a certificate
+for 127.0.0.1 made at construction, whose PEM file `ca_file` is the CA a client trusts.
+
 Also here: `TopicReader`, a real aiokafka consumer that collects what the audit wrote.
 """
 
@@ -32,8 +39,14 @@ import time
 import uuid
 from pathlib import Path
 
+from tests.harness.certs import self_signed
+
 ROOT = Path(__file__).resolve().parents[2]
 FETCH_SCRIPT = ROOT / "scripts" / "test.d" / "kafka.sh"
+
+
+SASL_USER = "rt"
+SASL_PASSWORD = "rt-kafka-secret-3f9a"  # what a test checks never reaches a log line
 
 
 class KafkaHarnessError(RuntimeError):
@@ -110,8 +123,18 @@ class KafkaBroker:
         self.dir = Path(tempfile.mkdtemp(prefix="rt-kafka-"))
         self.data_dir = self.dir / "data"
         self.log_path = self.dir / "broker.log"
-        self.port, self.controller_port, self.proxied_port, self.proxy_port = _free_ports(4)
+        (self.port, self.controller_port, self.proxied_port, self.proxy_port,
+         self.sasl_port, self.ssl_port, self.sasl_ssl_port) = _free_ports(7)
         self.bootstrap = f"127.0.0.1:{self.port}"
+        self.sasl_bootstrap = f"127.0.0.1:{self.sasl_port}"
+        self.ssl_bootstrap = f"127.0.0.1:{self.ssl_port}"
+        self.sasl_ssl_bootstrap = f"127.0.0.1:{self.sasl_ssl_port}"
+        tls_dir = self.dir / "tls"
+        tls_dir.mkdir()
+        cert, key = self_signed(str(tls_dir))
+        self.ca_file = cert  # self-signed: the certificate is its own CA
+        self.keystore_path = tls_dir / "keystore.pem"  # key and chain in one PEM file, for Kafka
+        self.keystore_path.write_bytes(Path(key).read_bytes() + Path(cert).read_bytes())
         # The PROXIED listener listens on proxied_port and advertises proxy_port (see the module doc).
         self.proxied_bootstrap = f"127.0.0.1:{self.proxy_port}"
         self.cluster_id = _cluster_id()
@@ -126,7 +149,8 @@ class KafkaBroker:
         if self.running:
             return
         if not self._formatted:
-            self._java("kafka.tools.StorageTool", "format", "-t", self.cluster_id, "-c", str(self.config_path))
+            self._java("kafka.tools.StorageTool", "format", "-t", self.cluster_id, "-c", str(self.config_path),
+                       "--add-scram", f"SCRAM-SHA-256=[name={SASL_USER},password={SASL_PASSWORD}]")
             self._formatted = True
         out = open(self.dir / "stdout.log", "ab")
         try:
@@ -189,15 +213,29 @@ class KafkaBroker:
         return self.dir / "server.properties"
 
     def _write_config(self) -> None:
+        plain = (f'org.apache.kafka.common.security.plain.PlainLoginModule required '
+                 f'user_{SASL_USER}="{SASL_PASSWORD}";')
+        scram = "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+        sasl = {}
+        for name in ("sasl_plaintext", "sasl_ssl"):
+            sasl[f"listener.name.{name}.plain.sasl.jaas.config"] = plain
+            sasl[f"listener.name.{name}.scram-sha-256.sasl.jaas.config"] = scram
         props = {
             "process.roles": "broker,controller",
             "node.id": "1",
             "controller.quorum.voters": f"1@127.0.0.1:{self.controller_port}",
             "listeners": f"PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port},"
-                         f"PROXIED://127.0.0.1:{self.proxied_port}",
-            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{self.port},PROXIED://127.0.0.1:{self.proxy_port}",
+                         f"PROXIED://127.0.0.1:{self.proxied_port},{self._secured_listeners()}",
+            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{self.port},PROXIED://127.0.0.1:{self.proxy_port},"
+                                    f"{self._secured_listeners()}",
             "controller.listener.names": "CONTROLLER",
-            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,PROXIED:PLAINTEXT",
+            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,PROXIED:PLAINTEXT,"
+                                              "SASL_PLAINTEXT:SASL_PLAINTEXT,SSL:SSL,SASL_SSL:SASL_SSL",
+            "sasl.enabled.mechanisms": "PLAIN,SCRAM-SHA-256",
+            **sasl,
+            "ssl.keystore.type": "PEM",
+            "ssl.keystore.location": str(self.keystore_path),
+            "ssl.client.auth": "none",
             "inter.broker.listener.name": "PLAINTEXT",
             "log.dirs": str(self.data_dir),
             "num.partitions": "1",
@@ -222,6 +260,10 @@ class KafkaBroker:
         }
         self.config_path.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
         (self.dir / "log4j2.properties").write_text(_LOG4J2.format(log=self.log_path))
+
+    def _secured_listeners(self) -> str:
+        return (f"SASL_PLAINTEXT://127.0.0.1:{self.sasl_port},SSL://127.0.0.1:{self.ssl_port},"
+                f"SASL_SSL://127.0.0.1:{self.sasl_ssl_port}")
 
     def _java_cmd(self, main: str, *args: str) -> list[str]:
         return [
