@@ -1,0 +1,113 @@
+"""SASL and TLS to Kafka against a real broker (the harness's SASL_PLAINTEXT, SSL and SASL_SSL
+listeners): the audit trail of a real gateway process, what an operator sees when the password
+or the CA is wrong, and the scale-out bus, which shares the [audit] client settings."""
+
+from __future__ import annotations
+
+import json
+import signal
+import uuid
+
+import pytest
+
+from rtserver.audit import EVENTS
+from tests.harness.kafka import SASL_PASSWORD, SASL_USER, TopicReader, create_topics
+from tests.harness.wsclient import ws_connect
+
+pytestmark = pytest.mark.kafka
+
+
+def secured(broker, protocol: str, mechanism: str = "", password: str = SASL_PASSWORD, cafile: str = "") -> dict:
+    """The RT_KAFKA_* settings of a client of `broker`'s `protocol` listener."""
+    bootstrap = {"SASL_PLAINTEXT": broker.sasl_bootstrap, "SSL": broker.ssl_bootstrap,
+                 "SASL_SSL": broker.sasl_ssl_bootstrap}[protocol]
+    env = {"RT_KAFKA_BOOTSTRAP": bootstrap, "RT_KAFKA_SECURITY_PROTOCOL": protocol}
+    if mechanism:
+        env.update(RT_KAFKA_SASL_MECHANISM=mechanism, RT_KAFKA_SASL_USERNAME=SASL_USER,
+                   RT_KAFKA_SASL_PASSWORD=password)
+    if cafile:
+        env["RT_KAFKA_SSL_CAFILE"] = cafile
+    return env
+
+
+async def audited(gateway_factory, broker, env: dict):
+    prefix = f"s{uuid.uuid4().hex[:10]}.console.realtime."
+    topics = [prefix + e for e in EVENTS]
+    await create_topics(broker.bootstrap, topics)  # the harness's own PLAINTEXT listener
+    gw = await gateway_factory(env={"RT_AUDIT_TOPIC_PREFIX": prefix, "RT_NODE": "gw-sec", **env})
+    return gw, prefix, topics
+
+
+async def granted(gw, subject: str) -> str:
+    async with ws_connect(gw, "w1", token=gw.token("w1", sub=subject)) as c:
+        await c.send({"type": "auth", "token": gw.token("w1", sub=subject)})
+        return (await c.recv_type("auth_ok"))["sessionId"]
+
+
+async def audit_status(gw) -> dict:
+    _, body = await gw.get("/readyz")
+    return json.loads(body)["audit"]
+
+
+def assert_no_secret(gw) -> None:
+    assert SASL_PASSWORD not in gw.logs(), "the SASL password is in the gateway's log"
+
+
+@pytest.mark.parametrize(("protocol", "mechanism"), [
+    ("SASL_PLAINTEXT", "PLAIN"),
+    ("SASL_PLAINTEXT", "SCRAM-SHA-256"),
+    ("SSL", ""),
+    ("SASL_SSL", "SCRAM-SHA-256"),
+])
+async def test_the_audit_trail_reaches_a_secured_listener(gateway_factory, kafka_broker, protocol, mechanism):
+    cafile = kafka_broker.ca_file if protocol.endswith("SSL") else ""
+    gw, prefix, topics = await audited(gateway_factory, kafka_broker,
+                                       secured(kafka_broker, protocol, mechanism, cafile=cafile))
+    async with TopicReader(kafka_broker.bootstrap, topics) as reader:
+        session = await granted(gw, f"alice-{protocol}-{mechanism}")
+        await reader.wait_for(lambda ms: any(m.topic == prefix + "auth-granted" for m in ms), timeout=30)
+    record = json.loads(next(m.value for m in reader.messages if m.topic == prefix + "auth-granted"))
+    assert record["sessionId"] == session and record["subject"] == f"alice-{protocol}-{mechanism}"
+    status = await audit_status(gw)
+    assert status["connected"] is True and status["lost"] == 0, status
+    assert await gw.stop() == 0
+    assert_no_secret(gw)
+
+
+
+async def test_the_event_bus_runs_over_sasl(kafka_broker, pg_database, gateway_factory):
+    """An ingest and a gateway node whose bus is the SASL_PLAINTEXT (SCRAM-SHA-256) listener:
+    an event published on the node and a row change reach a client through Kafka."""
+    import asyncpg
+
+    from tests.test_scaleout import IngestProcess, events, subscribed_client, wait_ready
+
+    db = await asyncpg.connect(pg_database)
+    await db.execute("CREATE TABLE orders (id int PRIMARY KEY, note text)")
+    sec = secured(kafka_broker, "SASL_PLAINTEXT", "SCRAM-SHA-256")
+    env = {"RT_BUS": "kafka", "RT_BUS_KAFKA_BOOTSTRAP": sec.pop("RT_KAFKA_BOOTSTRAP"), **sec,
+           "RT_BUS_TOPIC": f"rt.events.{uuid.uuid4().hex[:8]}", "RT_BUS_PARTITIONS": "1",
+           "RT_BUS_WORKSPACES": "w1", "RT_POSTGRES_URL": pg_database, "RT_INSTANCE": "sasl", "RT_LOG_LEVEL": "info"}
+    ingest = IngestProcess({**{k: v for k, v in __import__("os").environ.items() if not k.startswith("RT_")}, **env})
+    try:
+        await ingest.start()
+        await ingest.wait_active()
+        node = await gateway_factory(env=env)
+        ready = await wait_ready(node)
+        assert ready["bus"]["kind"] == "kafka", ready
+        from contextlib import AsyncExitStack
+
+        async with AsyncExitStack() as stack:
+            c = await subscribed_client(stack, node, "postgres:orders", "events:x")
+            await db.execute("INSERT INTO orders VALUES (1, 'n')")
+            published = await node.publish("w1", "x", {"n": 1})
+            got = await events(c, 2)
+        assert {e["channel"] for e in got} == {"postgres:orders", "events:x"}
+        assert [e["seq"] for e in got if e["channel"] == "events:x"] == [published["seq"]]
+        assert await node.stop() == 0
+        assert_no_secret(node)
+        assert SASL_PASSWORD not in ingest.logs()
+    finally:
+        await ingest.stop(signal.SIGKILL)
+        ingest.tmp.cleanup()
+        await db.close()
