@@ -509,8 +509,12 @@ class KafkaAudit(Audit):
             try:
                 await producer.start()
             except Exception as exc:
-                self._set_connected(False, f"{type(exc).__name__}: {exc}")
                 await self._stop_producer(producer, 2.0)
+                if self._connected is not False:  # the warning is logged now: say why
+                    why = await self._explain(exc)
+                else:
+                    why = ""
+                self._set_connected(False, why)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
@@ -518,6 +522,18 @@ class KafkaAudit(Audit):
             # a cluster without auto-creation fails every send); _deliver_inflight says so.
             self._producer = producer
         return self._producer
+
+    async def _explain(self, exc: Exception) -> str:
+        """Why the producer could not start, naming the setting (a refused password, an
+        untrusted certificate); aiokafka's own "Unable to bootstrap" reads like Kafka down."""
+        from aiokafka.errors import KafkaConnectionError
+
+        from rtserver.kafka_diagnosis import explain
+
+        if not isinstance(exc, KafkaConnectionError):
+            return f"{type(exc).__name__}: {exc}"
+        return await explain(self._producer_options(), exc, bootstrap_setting="audit.kafka_bootstrap",
+                             cafile=self._security["ssl_cafile"])
 
     def _producer_options(self) -> dict[str, Any]:
         sec = self._security

@@ -4,6 +4,8 @@ or the CA is wrong, and the scale-out bus, which shares the [audit] client setti
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import signal
 import uuid
@@ -11,6 +13,7 @@ import uuid
 import pytest
 
 from rtserver.audit import EVENTS
+from tests.harness.certs import self_signed
 from tests.harness.kafka import SASL_PASSWORD, SASL_USER, TopicReader, create_topics
 from tests.harness.wsclient import ws_connect
 
@@ -111,3 +114,58 @@ async def test_the_event_bus_runs_over_sasl(kafka_broker, pg_database, gateway_f
         await ingest.stop(signal.SIGKILL)
         ingest.tmp.cleanup()
         await db.close()
+
+
+
+async def logged(gw, text: str, timeout: float = 30) -> dict:
+    """The first JSON log line of `gw` whose message holds `text` (waited for)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        for line in gw.logs().splitlines():
+            with contextlib.suppress(ValueError):
+                rec = json.loads(line)
+                if text in rec.get("msg", ""):
+                    return rec
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"no log line with {text!r}:\n{gw.logs()}")
+        await asyncio.sleep(0.1)
+
+
+@pytest.mark.parametrize("mechanism", ["PLAIN", "SCRAM-SHA-256"])
+async def test_a_refused_password_is_named_and_the_records_wait_in_the_spool(gateway_factory, kafka_broker,
+                                                                                mechanism):
+    """A wrong audit.sasl_password: the gateway serves, says which setting Kafka refused (not
+    "Unable to bootstrap", which reads like a broker that is down), /readyz and /metrics say
+    the audit is not connected, SIGTERM stops it with the records spooled, and a restart with
+    the right password delivers them."""
+    wrong = "wrong-password-91c2"
+    gw, prefix, topics = await audited(gateway_factory, kafka_broker, secured(
+        kafka_broker, "SASL_PLAINTEXT", mechanism, password=wrong))
+    session = await granted(gw, "bob")
+    warning = await logged(gw, "audit: cannot deliver to Kafka")
+    assert warning["level"] == "warning"
+    assert "refused the SASL credentials" in warning["msg"] and "audit.sasl_password" in warning["msg"], warning
+    assert f"{mechanism}, user '{SASL_USER}'" in warning["msg"], warning
+    status = await audit_status(gw)
+    assert status["connected"] is False and status["backlog"] >= 1 and status["lost"] == 0, status
+    _, metrics = await gw.get("/metrics")
+    assert b"\nrt_audit_connected 0\n" in metrics
+    assert await gw.stop() == 0
+    await logged(gw, "kept in the spool")
+    assert wrong not in gw.logs()
+
+    gw.env["RT_KAFKA_SASL_PASSWORD"] = SASL_PASSWORD
+    async with TopicReader(kafka_broker.bootstrap, topics) as reader:
+        await gw.start()
+        await reader.wait_for(lambda ms: any(json.loads(m.value).get("sessionId") == session for m in ms))
+    assert_no_secret(gw)
+
+
+async def test_an_untrusted_certificate_names_the_ca_file(gateway_factory, kafka_broker, tmp_path):
+    other_ca, _ = self_signed(str(tmp_path))
+    gw, _, _ = await audited(gateway_factory, kafka_broker, secured(kafka_broker, "SSL", cafile=other_ca))
+    await granted(gw, "carol")
+    warning = await logged(gw, "audit: cannot deliver to Kafka")
+    assert "not trusted" in warning["msg"] and f"audit.ssl_cafile {other_ca}" in warning["msg"], warning
+    assert (await audit_status(gw))["connected"] is False
+    assert await gw.stop() == 0
