@@ -324,10 +324,18 @@ class KafkaPublisher:
             )
         except KafkaError as exc:
             # The process's first word with Kafka: the client's own message ("Unable to
-            # bootstrap from [...]") names no setting.
+            # bootstrap from [...]") names no setting, and reads the same for a refused password
+            # or an untrusted certificate as for a broker that is down.
+            from aiokafka.errors import KafkaConnectionError
+
+            from rtserver.kafka_diagnosis import explain
+
             setting = "bus.kafka_bootstrap" if self.cfg.bus.kafka_bootstrap else "audit.kafka_bootstrap"
+            why = str(exc)
+            if isinstance(exc, KafkaConnectionError):
+                why = await explain(self.options, exc, bootstrap_setting=setting, cafile=self.cfg.audit.ssl_cafile)
             raise RuntimeError(f"event bus: Kafka at {bootstrap_of(self.cfg)} ({setting}), topic {self.topic}: "
-                               f"{exc}") from None
+                               f"{why}") from None
         # A topic created beforehand (auto-creation off, or by a platform team) often has the
         # broker's 1 MiB: a larger record would be refused on every retry and stall the feed
         # behind it. Records the topic cannot take are skipped with history_gap instead.

@@ -14,6 +14,7 @@ import pytest
 
 from rtserver.audit import EVENTS
 from tests.harness.certs import self_signed
+from tests.harness.fixtures_gateway import free_port
 from tests.harness.kafka import SASL_PASSWORD, SASL_USER, TopicReader, create_topics
 from tests.harness.wsclient import ws_connect
 
@@ -169,3 +170,25 @@ async def test_an_untrusted_certificate_names_the_ca_file(gateway_factory, kafka
     assert "not trusted" in warning["msg"] and f"audit.ssl_cafile {other_ca}" in warning["msg"], warning
     assert (await audit_status(gw))["connected"] is False
     assert await gw.stop() == 0
+
+
+async def test_a_bus_node_or_ingest_refused_by_kafka_at_start_names_the_setting(kafka_broker, tmp_path):
+    """A wrong password or CA on the bus stops `serve` and `ingest` at start (exit 2) with one
+    line naming the [audit] setting to fix; it named bus.kafka_bootstrap with aiokafka's
+    "Unable to bootstrap", as if the address were wrong or Kafka down."""
+    from tests.test_lifecycle import _run
+
+    wrong = "wrong-password-5e07"
+    other_ca, _ = self_signed(str(tmp_path))
+    cases = [(secured(kafka_broker, "SASL_PLAINTEXT", "SCRAM-SHA-256", password=wrong), "audit.sasl_password"),
+             (secured(kafka_broker, "SSL", cafile=other_ca), f"audit.ssl_cafile {other_ca}")]
+    for sec, named in cases:
+        env = {"RT_BUS": "kafka", "RT_BUS_KAFKA_BOOTSTRAP": sec.pop("RT_KAFKA_BOOTSTRAP"), **sec,
+               "RT_BUS_TOPIC": f"rt.events.{uuid.uuid4().hex[:8]}", "RT_PORT": str(free_port()),
+               "RT_STATE_DIR": str(tmp_path)}
+        for args in (["serve"], ["ingest"]):
+            out = await asyncio.to_thread(_run, args, env, str(tmp_path))
+            problems = [line for line in out.stderr.splitlines() if not line.startswith("{")]
+            assert out.returncode == 2 and len(problems) == 1, out.stderr
+            assert named in problems[0] and "(bus.kafka_bootstrap)" in problems[0], out.stderr
+            assert wrong not in out.stderr
