@@ -60,6 +60,7 @@ def assert_no_secret(gw) -> None:
 @pytest.mark.parametrize(("protocol", "mechanism"), [
     ("SASL_PLAINTEXT", "PLAIN"),
     ("SASL_PLAINTEXT", "SCRAM-SHA-256"),
+    ("SASL_PLAINTEXT", "SCRAM-SHA-512"),  # the SCRAM of Amazon MSK
     ("SSL", ""),
     ("SASL_SSL", "SCRAM-SHA-256"),
 ])

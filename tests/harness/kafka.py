@@ -14,8 +14,8 @@ client while every other client reaches the broker directly.
 
 Secured listeners, as managed clusters (Confluent Cloud, MSK, Strimzi) offer them, each with its
 bootstrap address on the broker: `sasl_bootstrap` (SASL_PLAINTEXT), `ssl_bootstrap` (SSL) and
-`sasl_ssl_bootstrap` (SASL_SSL). The SASL ones take PLAIN and SCRAM-SHA-256 for the user
-`SASL_USER` with `SASL_PASSWORD` (the SCRAM credential is written into the log directory at
+`sasl_ssl_bootstrap` (SASL_SSL). The SASL ones take PLAIN, SCRAM-SHA-256 and SCRAM-SHA-512 for the user
+`SASL_USER` with `SASL_PASSWORD` (the SCRAM credentials are written into the log directory at
 format time, as `kafka-storage format --add-scram` does). The SSL ones present a certificate
 for 127.0.0.1 made at construction, whose PEM file `ca_file` is the CA a client trusts.
 
@@ -46,7 +46,7 @@ FETCH_SCRIPT = ROOT / "scripts" / "test.d" / "kafka.sh"
 
 
 SASL_USER = "rt"
-SASL_PASSWORD = "rt-kafka-secret-3f9a"  # what a test checks never reaches a log line
+SASL_PASSWORD = "rt-kafka+secret/3f9a"  # as cloud API secrets are (+ and /); checked to reach no log line
 
 
 class KafkaHarnessError(RuntimeError):
@@ -150,7 +150,8 @@ class KafkaBroker:
             return
         if not self._formatted:
             self._java("kafka.tools.StorageTool", "format", "-t", self.cluster_id, "-c", str(self.config_path),
-                       "--add-scram", f"SCRAM-SHA-256=[name={SASL_USER},password={SASL_PASSWORD}]")
+                       "--add-scram", f"SCRAM-SHA-256=[name={SASL_USER},password={SASL_PASSWORD}]",
+                       "--add-scram", f"SCRAM-SHA-512=[name={SASL_USER},password={SASL_PASSWORD}]")
             self._formatted = True
         out = open(self.dir / "stdout.log", "ab")
         try:
@@ -220,6 +221,7 @@ class KafkaBroker:
         for name in ("sasl_plaintext", "sasl_ssl"):
             sasl[f"listener.name.{name}.plain.sasl.jaas.config"] = plain
             sasl[f"listener.name.{name}.scram-sha-256.sasl.jaas.config"] = scram
+            sasl[f"listener.name.{name}.scram-sha-512.sasl.jaas.config"] = scram
         props = {
             "process.roles": "broker,controller",
             "node.id": "1",
@@ -231,7 +233,7 @@ class KafkaBroker:
             "controller.listener.names": "CONTROLLER",
             "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,PROXIED:PLAINTEXT,"
                                               "SASL_PLAINTEXT:SASL_PLAINTEXT,SSL:SSL,SASL_SSL:SASL_SSL",
-            "sasl.enabled.mechanisms": "PLAIN,SCRAM-SHA-256",
+            "sasl.enabled.mechanisms": "PLAIN,SCRAM-SHA-256,SCRAM-SHA-512",
             **sasl,
             "ssl.keystore.type": "PEM",
             "ssl.keystore.location": str(self.keystore_path),
