@@ -405,6 +405,12 @@ class KafkaPublisher:
             try:
                 # shielded by aiokafka: a timeout here does not cancel the update itself
                 ok = await asyncio.wait_for(client.force_metadata_update(), self.timeout)
+                if not ok:
+                    # A connection the broker had closed fails the request at once, and aiokafka
+                    # opens a new one only for the next: a broker that ends SASL sessions
+                    # (connections.max.reauth.ms; aiokafka never re-authenticates) did so on
+                    # every lifetime, and each time the bus answered publishes 503 for a second.
+                    ok = await asyncio.wait_for(client.force_metadata_update(), self.timeout)
                 why = "" if ok else "no broker answered a metadata request"
             except TimeoutError:
                 why = f"no metadata answer within {self.timeout:g}s"

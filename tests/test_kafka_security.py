@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import uuid
 
@@ -193,3 +194,59 @@ async def test_a_bus_node_or_ingest_refused_by_kafka_at_start_names_the_setting(
             assert out.returncode == 2 and len(problems) == 1, out.stderr
             assert named in problems[0] and "(bus.kafka_bootstrap)" in problems[0], out.stderr
             assert wrong not in out.stderr
+
+
+async def test_sessions_the_broker_expires_cost_no_event_record_or_lease(kafka_broker, pg_database, gateway_factory):
+    """A listener with a SASL session lifetime (connections.max.reauth.ms, which a managed
+    cluster may set): the broker closes each connection used past it, since aiokafka never
+    re-authenticates. Over several lifetimes, with an ingest, a node and its audit trail all on
+    it: every publish is accepted, every event and row change reaches the client once and in
+    order, every audit record arrives, and the ingest keeps its lease."""
+    import asyncpg
+
+    from tests.harness.kafka import REAUTH_MS
+    from tests.test_scaleout import IngestProcess, events, subscribed_client, wait_ready
+
+    db = await asyncpg.connect(pg_database)
+    await db.execute("CREATE TABLE orders (id int PRIMARY KEY, note text)")
+    sec = secured(kafka_broker, "SASL_PLAINTEXT", "SCRAM-SHA-256")
+    sec["RT_KAFKA_BOOTSTRAP"] = kafka_broker.reauth_bootstrap
+    prefix = f"r{uuid.uuid4().hex[:10]}.console.realtime."
+    topics = [prefix + e for e in EVENTS]
+    await create_topics(kafka_broker.bootstrap, topics)
+    env = {"RT_BUS": "kafka", "RT_BUS_KAFKA_BOOTSTRAP": kafka_broker.reauth_bootstrap, **sec,
+           "RT_BUS_TOPIC": f"rt.events.{uuid.uuid4().hex[:8]}", "RT_BUS_PARTITIONS": "1",
+           "RT_BUS_WORKSPACES": "w1", "RT_POSTGRES_URL": pg_database, "RT_INSTANCE": "reauth",
+           "RT_AUDIT_TOPIC_PREFIX": prefix, "RT_LOG_LEVEL": "info"}
+    ingest = IngestProcess({**{k: v for k, v in os.environ.items() if not k.startswith("RT_")}, **env})
+    try:
+        await ingest.start()
+        await ingest.wait_active()
+        node = await gateway_factory(env=env)
+        await wait_ready(node)
+        from contextlib import AsyncExitStack
+
+        rounds = 4 * REAUTH_MS // 250
+        async with AsyncExitStack() as stack, TopicReader(kafka_broker.bootstrap, topics) as reader:
+            c = await subscribed_client(stack, node, "postgres:orders", "events:x")
+            for i in range(rounds):
+                await node.publish("w1", "x", {"n": i})  # asserts 202
+                await db.execute("INSERT INTO orders VALUES ($1, 'n')", i)
+                if i % 4 == 0:
+                    await granted(node, f"user-{i}")
+                await asyncio.sleep(0.25)
+            got = await events(c, 2 * rounds, timeout=30)
+            await reader.wait_for(lambda ms: sum(m.topic == prefix + "auth-granted" for m in ms) >= rounds // 4 + 1)
+        assert [e["payload"]["n"] for e in got if e["channel"] == "events:x"] == list(range(rounds))
+        assert [e["record"]["id"] for e in got if e["channel"] == "postgres:orders"] == list(range(rounds))
+        assert (await ingest.status())["role"] == "active"
+        assert ingest.logs().count('"lease acquired"') == 1, ingest.logs()
+        assert (await audit_status(node))["lost"] == 0
+        # Nothing for an operator to look into: no "bus: Kafka ... unavailable", no lease lost.
+        noise = [line for line in (node.logs() + ingest.logs()).splitlines()
+                 if '"level":"warning"' in line or '"level":"error"' in line]
+        assert not noise, noise
+    finally:
+        await ingest.stop(signal.SIGKILL)
+        ingest.tmp.cleanup()
+        await db.close()

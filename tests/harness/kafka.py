@@ -18,6 +18,9 @@ bootstrap address on the broker: `sasl_bootstrap` (SASL_PLAINTEXT), `ssl_bootstr
 `SASL_USER` with `SASL_PASSWORD` (the SCRAM credentials are written into the log directory at
 format time, as `kafka-storage format --add-scram` does). The SSL ones present a certificate
 for 127.0.0.1 made at construction, whose PEM file `ca_file` is the CA a client trusts.
+`reauth_bootstrap` is SASL_PLAINTEXT (SCRAM-SHA-256) with a session lifetime of
+`REAUTH_MS` (connections.max.reauth.ms, which a managed cluster may set): the broker
+closes a connection used after it without re-authenticating, which aiokafka never does.
 
 Also here: `TopicReader`, a real aiokafka consumer that collects what the audit wrote.
 """
@@ -47,6 +50,9 @@ FETCH_SCRIPT = ROOT / "scripts" / "test.d" / "kafka.sh"
 
 SASL_USER = "rt"
 SASL_PASSWORD = "rt-kafka+secret/3f9a"  # as cloud API secrets are (+ and /); checked to reach no log line
+
+
+REAUTH_MS = 2000
 
 
 class KafkaHarnessError(RuntimeError):
@@ -124,11 +130,12 @@ class KafkaBroker:
         self.data_dir = self.dir / "data"
         self.log_path = self.dir / "broker.log"
         (self.port, self.controller_port, self.proxied_port, self.proxy_port,
-         self.sasl_port, self.ssl_port, self.sasl_ssl_port) = _free_ports(7)
+         self.sasl_port, self.ssl_port, self.sasl_ssl_port, self.reauth_port) = _free_ports(8)
         self.bootstrap = f"127.0.0.1:{self.port}"
         self.sasl_bootstrap = f"127.0.0.1:{self.sasl_port}"
         self.ssl_bootstrap = f"127.0.0.1:{self.ssl_port}"
         self.sasl_ssl_bootstrap = f"127.0.0.1:{self.sasl_ssl_port}"
+        self.reauth_bootstrap = f"127.0.0.1:{self.reauth_port}"
         tls_dir = self.dir / "tls"
         tls_dir.mkdir()
         cert, key = self_signed(str(tls_dir))
@@ -222,6 +229,9 @@ class KafkaBroker:
             sasl[f"listener.name.{name}.plain.sasl.jaas.config"] = plain
             sasl[f"listener.name.{name}.scram-sha-256.sasl.jaas.config"] = scram
             sasl[f"listener.name.{name}.scram-sha-512.sasl.jaas.config"] = scram
+        sasl["listener.name.reauth.sasl.enabled.mechanisms"] = "SCRAM-SHA-256"
+        sasl["listener.name.reauth.scram-sha-256.sasl.jaas.config"] = scram
+        sasl["listener.name.reauth.connections.max.reauth.ms"] = str(REAUTH_MS)
         props = {
             "process.roles": "broker,controller",
             "node.id": "1",
@@ -232,7 +242,7 @@ class KafkaBroker:
                                     f"{self._secured_listeners()}",
             "controller.listener.names": "CONTROLLER",
             "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,PROXIED:PLAINTEXT,"
-                                              "SASL_PLAINTEXT:SASL_PLAINTEXT,SSL:SSL,SASL_SSL:SASL_SSL",
+                                              "SASL_PLAINTEXT:SASL_PLAINTEXT,SSL:SSL,SASL_SSL:SASL_SSL,REAUTH:SASL_PLAINTEXT",
             "sasl.enabled.mechanisms": "PLAIN,SCRAM-SHA-256,SCRAM-SHA-512",
             **sasl,
             "ssl.keystore.type": "PEM",
@@ -265,7 +275,7 @@ class KafkaBroker:
 
     def _secured_listeners(self) -> str:
         return (f"SASL_PLAINTEXT://127.0.0.1:{self.sasl_port},SSL://127.0.0.1:{self.ssl_port},"
-                f"SASL_SSL://127.0.0.1:{self.sasl_ssl_port}")
+                f"SASL_SSL://127.0.0.1:{self.sasl_ssl_port},REAUTH://127.0.0.1:{self.reauth_port}")
 
     def _java_cmd(self, main: str, *args: str) -> list[str]:
         return [
