@@ -469,7 +469,8 @@ class KafkaAudit(Audit):
                 _, waiting = await asyncio.wait(futs, timeout=5.0)
                 if not waiting:
                     break
-                self._set_connected(False, f"{len(waiting)} records waiting for acks")
+                if self._connected is not False:  # the warning is logged now: the credentials?
+                    self._set_connected(False, await self._explain(f"{len(waiting)} records waiting for acks"))
             if error is None:
                 for (event, _, _), fut in zip(self._inflight, futs, strict=False):
                     if not fut.cancelled() and fut.exception() is not None:
@@ -523,14 +524,16 @@ class KafkaAudit(Audit):
             self._producer = producer
         return self._producer
 
-    async def _explain(self, exc: Exception) -> str:
-        """Why the producer could not start, naming the setting (a refused password, an
-        untrusted certificate); aiokafka's own "Unable to bootstrap" reads like Kafka down."""
+    async def _explain(self, exc: Exception | str) -> str:
+        """Why the producer could not start, or records wait for acks, naming the setting (a
+        refused password, an untrusted certificate): aiokafka's own "Unable to bootstrap" reads
+        like Kafka down, and a password revoked while the producer runs shows as acks not
+        coming (the broker refuses it once the session it holds ends)."""
         from aiokafka.errors import KafkaConnectionError
 
         from rtserver.kafka_diagnosis import explain
 
-        if not isinstance(exc, KafkaConnectionError):
+        if isinstance(exc, Exception) and not isinstance(exc, KafkaConnectionError):
             return f"{type(exc).__name__}: {exc}"
         return await explain(self._producer_options(), exc, bootstrap_setting="audit.kafka_bootstrap",
                              cafile=self._security["ssl_cafile"])

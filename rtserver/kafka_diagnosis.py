@@ -24,15 +24,15 @@ def _hosts(bootstrap: str) -> list[tuple[str, int]]:
     return [(host, port) for host, port, _ in collect_hosts(bootstrap, randomize=False)][:3]
 
 
-async def explain(options: dict[str, Any], error: BaseException | None = None, *, bootstrap_setting: str = "",
+async def explain(options: dict[str, Any], error: BaseException | str | None = None, *, bootstrap_setting: str = "",
                   cafile: str = "") -> str:
     """What went wrong connecting with `options` (aiokafka client options); `error` is what the
-    client raised, returned as it is when every bootstrap server takes a connection.
-    `bootstrap_setting` and `cafile` (audit.ssl_cafile) are named in the answer."""
+    client raised (or what the caller saw), returned as it is when every bootstrap server takes
+    a connection. `bootstrap_setting` and `cafile` (audit.ssl_cafile) are named in the answer."""
     from aiokafka.conn import create_conn
     from aiokafka.protocol.admin import ApiVersionRequest
 
-    fallback = _text(error) if error is not None else "no error"
+    fallback = error if isinstance(error, str) else _text(error) if error is not None else "no error"
     bootstrap = options.get("bootstrap_servers") or ""
     try:
         hosts = _hosts(bootstrap)

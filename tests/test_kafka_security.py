@@ -16,7 +16,7 @@ import pytest
 from rtserver.audit import EVENTS
 from tests.harness.certs import self_signed
 from tests.harness.fixtures_gateway import free_port
-from tests.harness.kafka import SASL_PASSWORD, SASL_USER, TopicReader, create_topics
+from tests.harness.kafka import REAUTH_MS, SASL_PASSWORD, SASL_USER, TopicReader, create_topics
 from tests.harness.wsclient import ws_connect
 
 pytestmark = pytest.mark.kafka
@@ -204,7 +204,6 @@ async def test_sessions_the_broker_expires_cost_no_event_record_or_lease(kafka_b
     order, every audit record arrives, and the ingest keeps its lease."""
     import asyncpg
 
-    from tests.harness.kafka import REAUTH_MS
     from tests.test_scaleout import IngestProcess, events, subscribed_client, wait_ready
 
     db = await asyncpg.connect(pg_database)
@@ -250,3 +249,34 @@ async def test_sessions_the_broker_expires_cost_no_event_record_or_lease(kafka_b
         await ingest.stop(signal.SIGKILL)
         ingest.tmp.cleanup()
         await db.close()
+
+
+
+async def test_a_password_revoked_while_running_is_named_and_the_trail_resumes_when_restored(gateway_factory,
+                                                                                            kafka_broker):
+    """The SCRAM credential removed while the gateway runs (a rotation done in the wrong order, a
+    revoked key): once the broker ends the session, the audit's warning names the refused
+    credentials; it said only "1 records waiting for acks", then nothing more. Restored, the
+    trail resumes by itself, the waiting record included."""
+    user, password = f"rot-{uuid.uuid4().hex[:6]}", "rotated-pw-77aa"
+    await asyncio.to_thread(kafka_broker.set_scram, user, password)
+    gw, prefix, topics = await audited(gateway_factory, kafka_broker, {
+        "RT_KAFKA_BOOTSTRAP": kafka_broker.reauth_bootstrap, "RT_KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+        "RT_KAFKA_SASL_MECHANISM": "SCRAM-SHA-256", "RT_KAFKA_SASL_USERNAME": user, "RT_KAFKA_SASL_PASSWORD": password})
+    async with TopicReader(kafka_broker.bootstrap, topics) as reader:
+        first = await granted(gw, "before")
+        await reader.wait_for(lambda ms: any(json.loads(m.value).get("sessionId") == first for m in ms))
+        await asyncio.to_thread(kafka_broker.set_scram, user, None)
+        await asyncio.sleep(REAUTH_MS / 1000)  # the session the gateway holds ends
+        second = await granted(gw, "after")
+        warning = await logged(gw, "audit: cannot deliver to Kafka")
+        assert "refused the SASL credentials" in warning["msg"] and f"user '{user}'" in warning["msg"], warning
+        assert (await audit_status(gw))["connected"] is False
+        await asyncio.to_thread(kafka_broker.set_scram, user, password)
+        await reader.wait_for(lambda ms: any(json.loads(m.value).get("sessionId") == second for m in ms), timeout=60)
+    for _ in range(100):  # acknowledged just after the reader sees it
+        if (await audit_status(gw))["connected"]:
+            break
+        await asyncio.sleep(0.1)
+    assert (await audit_status(gw))["connected"] is True
+    assert password not in gw.logs()

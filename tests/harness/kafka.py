@@ -214,6 +214,14 @@ class KafkaBroker:
                 chunks.append(f"--- {path}\n" + "\n".join(text))
         return "\n".join(chunks)
 
+    def set_scram(self, user: str, password: str | None) -> None:
+        """Create or change `user`'s SCRAM-SHA-256 credential, or remove it (None), on the running
+        broker (kafka-configs --alter), as an operator rotating or revoking a password does."""
+        change = (["--add-config", f"SCRAM-SHA-256=[iterations=4096,password={password}]"] if password is not None
+                  else ["--delete-config", "SCRAM-SHA-256"])
+        self._java("kafka.admin.ConfigCommand", "--bootstrap-server", self.bootstrap, "--alter", *change,
+                   "--entity-type", "users", "--entity-name", user)
+
     # -- helpers ---------------------------------------------------------------------------------
 
     @property
