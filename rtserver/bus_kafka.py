@@ -46,6 +46,7 @@ _MAX_CONCURRENT_READ_BACKS = 4
 _READ_BACK_ROOM_BYTES = 64 * 1024  # emitted between two waits for the reader (read_back)
 _READ_BACK_STALL = 10.0  # seconds without progress before a read-back gives up (history_gap)
 _PROBE_INTERVAL = 1.0  # seconds between two metadata requests of a publisher's watch
+_NO_ANSWER = "no broker answered a metadata request"
 TABLES_TTL = 2.0  # seconds a node keeps the catalog's judgement of the configured tables (RemoteSource)
 
 
@@ -411,7 +412,7 @@ class KafkaPublisher:
                     # (connections.max.reauth.ms; aiokafka never re-authenticates) did so on
                     # every lifetime, and each time the bus answered publishes 503 for a second.
                     ok = await asyncio.wait_for(client.force_metadata_update(), self.timeout)
-                why = "" if ok else "no broker answered a metadata request"
+                why = "" if ok else _NO_ANSWER
             except TimeoutError:
                 why = f"no metadata answer within {self.timeout:g}s"
             if not why:
@@ -420,7 +421,16 @@ class KafkaPublisher:
                     why = f"{self.partitions - len(available)} of {self.partitions} partitions have no leader"
                 self._check_partition_count(len(client.cluster.partitions_for_topic(self.topic) or ()))
             self._unreachable = why
-            self._log_transition()
+            detail = ""
+            if why == _NO_ANSWER and self._was_available:
+                # About to warn: is it the credentials or the certificate (revoked, rotated)
+                # rather than Kafka down? Only for the log: a publisher's 503 does not say.
+                from rtserver.kafka_diagnosis import explain
+
+                setting = "bus.kafka_bootstrap" if self.cfg.bus.kafka_bootstrap else "audit.kafka_bootstrap"
+                found = await explain(self.options, why, bootstrap_setting=setting, cafile=self.cfg.audit.ssl_cafile)
+                detail = "" if found == why else found
+            self._log_transition(detail)
             await asyncio.sleep(_PROBE_INTERVAL)
 
     def _check_partition_count(self, count: int) -> None:
@@ -451,12 +461,13 @@ class KafkaPublisher:
                     f"for {time.monotonic() - self._progress:.0f}s")
         return ""
 
-    def _log_transition(self) -> None:
+    def _log_transition(self, detail: str = "") -> None:
         problem = self.problem()
         if bool(problem) == self._was_available:
             self._was_available = not problem
             if problem:
-                log.warning("bus: %s", problem, extra={"fields": {"topic": self.topic, "client": self.client_id}})
+                log.warning("bus: %s%s", problem, f" ({detail})" if detail else "",
+                            extra={"fields": {"topic": self.topic, "client": self.client_id}})
             else:
                 log.info("bus: Kafka takes records again", extra={"fields": {"topic": self.topic, "client": self.client_id}})
 

@@ -280,3 +280,29 @@ async def test_a_password_revoked_while_running_is_named_and_the_trail_resumes_w
         await asyncio.sleep(0.1)
     assert (await audit_status(gw))["connected"] is True
     assert password not in gw.logs()
+
+
+async def test_a_bus_password_revoked_while_running_is_named_and_the_node_recovers(gateway_factory, kafka_broker):
+    """The same on the bus: once the broker ends the node's session, the node is not ready and
+    answers publishes 503, and its warning names the refused credentials (it said "no broker
+    answered a metadata request", as for a broker that is down). Restored, it recovers by itself."""
+    from tests.test_scaleout import wait_ready
+
+    user, password = f"bus-{uuid.uuid4().hex[:6]}", "bus-pw-31d4"
+    await asyncio.to_thread(kafka_broker.set_scram, user, password)
+    node = await gateway_factory(env={
+        "RT_BUS": "kafka", "RT_BUS_KAFKA_BOOTSTRAP": kafka_broker.reauth_bootstrap,
+        "RT_BUS_TOPIC": f"rt.events.{uuid.uuid4().hex[:8]}", "RT_BUS_PARTITIONS": "1",
+        "RT_KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT", "RT_KAFKA_SASL_MECHANISM": "SCRAM-SHA-256",
+        "RT_KAFKA_SASL_USERNAME": user, "RT_KAFKA_SASL_PASSWORD": password})
+    await wait_ready(node)
+    await node.publish("w1", "x", {"n": 1})
+    await asyncio.to_thread(kafka_broker.set_scram, user, None)
+    warning = await logged(node, "bus: Kafka at")
+    assert "refused the SASL credentials" in warning["msg"] and f"user '{user}'" in warning["msg"], warning
+    status, _ = await node.get("/readyz")
+    assert status == 503
+    await asyncio.to_thread(kafka_broker.set_scram, user, password)
+    await wait_ready(node)
+    await node.publish("w1", "x", {"n": 2})
+    assert password not in node.logs()
