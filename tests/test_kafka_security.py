@@ -174,6 +174,20 @@ async def test_an_untrusted_certificate_names_the_ca_file(gateway_factory, kafka
     assert await gw.stop() == 0
 
 
+
+async def test_a_certificate_for_another_name_is_named(gateway_factory, kafka_broker):
+    """The SASL_SSL listener's certificate names localhost only: reached as 127.0.0.1 (an IP
+    address, a load balancer's name), the warning says the certificate is not for that address,
+    not that the CA is wrong."""
+    env = secured(kafka_broker, "SASL_SSL", "SCRAM-SHA-256", cafile=kafka_broker.ca_file)
+    env["RT_KAFKA_BOOTSTRAP"] = env["RT_KAFKA_BOOTSTRAP"].replace("localhost:", "127.0.0.1:")
+    gw, _, _ = await audited(gateway_factory, kafka_broker, env)
+    await granted(gw, "dave")
+    warning = await logged(gw, "audit: cannot deliver to Kafka")
+    assert "is not for 127.0.0.1" in warning["msg"] and "audit.kafka_bootstrap" in warning["msg"], warning
+    assert await gw.stop() == 0
+    assert_no_secret(gw)
+
 async def test_a_bus_node_or_ingest_refused_by_kafka_at_start_names_the_setting(kafka_broker, tmp_path):
     """A wrong password or CA on the bus stops `serve` and `ingest` at start (exit 2) with one
     line naming the [audit] setting to fix; it named bus.kafka_bootstrap with aiokafka's

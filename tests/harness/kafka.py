@@ -17,7 +17,10 @@ bootstrap address on the broker: `sasl_bootstrap` (SASL_PLAINTEXT), `ssl_bootstr
 `sasl_ssl_bootstrap` (SASL_SSL). The SASL ones take PLAIN, SCRAM-SHA-256 and SCRAM-SHA-512 for the user
 `SASL_USER` with `SASL_PASSWORD` (the SCRAM credentials are written into the log directory at
 format time, as `kafka-storage format --add-scram` does). The SSL ones present a certificate
-for 127.0.0.1 made at construction, whose PEM file `ca_file` is the CA a client trusts.
+signed by a CA made at construction, whose PEM file `ca_file` is what a client trusts: the SSL
+listener's names 127.0.0.1 and localhost, the SASL_SSL listener's only localhost (it is
+advertised, and `sasl_ssl_bootstrap` given, as localhost; reached as 127.0.0.1, the certificate
+does not match the address).
 `reauth_bootstrap` is SASL_PLAINTEXT (SCRAM-SHA-256) with a session lifetime of
 `REAUTH_MS` (connections.max.reauth.ms, which a managed cluster may set): the broker
 closes a connection used after it without re-authenticating, which aiokafka never does.
@@ -42,7 +45,7 @@ import time
 import uuid
 from pathlib import Path
 
-from tests.harness.certs import self_signed
+from tests.harness.certs import ca_and_leaves
 
 ROOT = Path(__file__).resolve().parents[2]
 FETCH_SCRIPT = ROOT / "scripts" / "test.d" / "kafka.sh"
@@ -134,14 +137,13 @@ class KafkaBroker:
         self.bootstrap = f"127.0.0.1:{self.port}"
         self.sasl_bootstrap = f"127.0.0.1:{self.sasl_port}"
         self.ssl_bootstrap = f"127.0.0.1:{self.ssl_port}"
-        self.sasl_ssl_bootstrap = f"127.0.0.1:{self.sasl_ssl_port}"
+        self.sasl_ssl_bootstrap = f"localhost:{self.sasl_ssl_port}"
         self.reauth_bootstrap = f"127.0.0.1:{self.reauth_port}"
         tls_dir = self.dir / "tls"
         tls_dir.mkdir()
-        cert, key = self_signed(str(tls_dir))
-        self.ca_file = cert  # self-signed: the certificate is its own CA
-        self.keystore_path = tls_dir / "keystore.pem"  # key and chain in one PEM file, for Kafka
-        self.keystore_path.write_bytes(Path(key).read_bytes() + Path(cert).read_bytes())
+        # Key and certificate in one PEM file per listener: Kafka's PEM keystore.
+        self.ca_file, self.keystores = ca_and_leaves(str(tls_dir), {"ssl": ["127.0.0.1", "localhost"],
+                                                                    "sasl_ssl": ["localhost"]})
         # The PROXIED listener listens on proxied_port and advertises proxy_port (see the module doc).
         self.proxied_bootstrap = f"127.0.0.1:{self.proxy_port}"
         self.cluster_id = _cluster_id()
@@ -247,14 +249,15 @@ class KafkaBroker:
             "listeners": f"PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port},"
                          f"PROXIED://127.0.0.1:{self.proxied_port},{self._secured_listeners()}",
             "advertised.listeners": f"PLAINTEXT://127.0.0.1:{self.port},PROXIED://127.0.0.1:{self.proxy_port},"
-                                    f"{self._secured_listeners()}",
+                                    f"{self._advertised_secured_listeners()}",
             "controller.listener.names": "CONTROLLER",
             "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,PROXIED:PLAINTEXT,"
                                               "SASL_PLAINTEXT:SASL_PLAINTEXT,SSL:SSL,SASL_SSL:SASL_SSL,REAUTH:SASL_PLAINTEXT",
             "sasl.enabled.mechanisms": "PLAIN,SCRAM-SHA-256,SCRAM-SHA-512",
             **sasl,
             "ssl.keystore.type": "PEM",
-            "ssl.keystore.location": str(self.keystore_path),
+            "listener.name.ssl.ssl.keystore.location": self.keystores["ssl"],
+            "listener.name.sasl_ssl.ssl.keystore.location": self.keystores["sasl_ssl"],
             "ssl.client.auth": "none",
             "inter.broker.listener.name": "PLAINTEXT",
             "log.dirs": str(self.data_dir),
@@ -284,6 +287,9 @@ class KafkaBroker:
     def _secured_listeners(self) -> str:
         return (f"SASL_PLAINTEXT://127.0.0.1:{self.sasl_port},SSL://127.0.0.1:{self.ssl_port},"
                 f"SASL_SSL://127.0.0.1:{self.sasl_ssl_port},REAUTH://127.0.0.1:{self.reauth_port}")
+
+    def _advertised_secured_listeners(self) -> str:
+        return self._secured_listeners().replace("SASL_SSL://127.0.0.1:", "SASL_SSL://localhost:")
 
     def _java_cmd(self, main: str, *args: str) -> list[str]:
         return [
