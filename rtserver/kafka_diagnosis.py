@@ -83,8 +83,13 @@ def _describe(exc: BaseException, host: str, port: int, options: dict[str, Any],
     protocol = options.get("security_protocol", "PLAINTEXT")
     mechanism = options.get("sasl_mechanism") or ""
     if isinstance(exc, SaslAuthenticationFailed | AuthenticationFailedError):
+        password = options.get("sasl_plain_password") or ""
+        # Secrets are taken as given (config.py): one read from a file may end with a newline.
+        hint = ("; audit.sasl_password ends with whitespace (a newline from a file?)"
+                if password != password.rstrip() else
+                "; audit.sasl_password starts with whitespace" if password != password.lstrip() else "")
         return (f"{where} refused the SASL credentials ({mechanism}, user {options.get('sasl_plain_username')!r}): "
-                f"check audit.sasl_username, audit.sasl_password and audit.sasl_mechanism ({_text(exc)})")
+                f"check audit.sasl_username, audit.sasl_password and audit.sasl_mechanism{hint} ({_text(exc)})")
     if isinstance(exc, UnsupportedSaslMechanismError):
         return (f"{where} does not take SASL mechanism {mechanism} (audit.sasl_mechanism) on this listener "
                 f"({_text(exc)})")

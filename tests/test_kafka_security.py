@@ -164,6 +164,19 @@ async def test_a_refused_password_is_named_and_the_records_wait_in_the_spool(gat
     assert_no_secret(gw)
 
 
+
+async def test_a_password_ending_in_a_newline_is_pointed_out(gateway_factory, kafka_broker):
+    """A password read from a file (a Kubernetes secret made with --from-file, an env file) often
+    ends with a newline nobody meant; the password is taken as given, so Kafka refuses it, and
+    the warning says it ends with whitespace (without showing it)."""
+    gw, _, _ = await audited(gateway_factory, kafka_broker, secured(
+        kafka_broker, "SASL_PLAINTEXT", "SCRAM-SHA-512", password=SASL_PASSWORD + "\n"))
+    await granted(gw, "erin")
+    warning = await logged(gw, "audit: cannot deliver to Kafka")
+    assert "audit.sasl_password ends with whitespace" in warning["msg"], warning
+    assert await gw.stop() == 0
+    assert_no_secret(gw)
+
 async def test_an_untrusted_certificate_names_the_ca_file(gateway_factory, kafka_broker, tmp_path):
     other_ca, _ = self_signed(str(tmp_path))
     gw, _, _ = await audited(gateway_factory, kafka_broker, secured(kafka_broker, "SSL", cafile=other_ca))
