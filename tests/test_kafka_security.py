@@ -81,16 +81,18 @@ async def test_the_audit_trail_reaches_a_secured_listener(gateway_factory, kafka
 
 
 
-async def test_the_event_bus_runs_over_sasl(kafka_broker, pg_database, gateway_factory):
-    """An ingest and a gateway node whose bus is the SASL_PLAINTEXT (SCRAM-SHA-256) listener:
-    an event published on the node and a row change reach a client through Kafka."""
+@pytest.mark.parametrize(("protocol", "mechanism"), [("SASL_PLAINTEXT", "SCRAM-SHA-256")])
+async def test_the_event_bus_runs_over_sasl(kafka_broker, pg_database, gateway_factory, protocol, mechanism):
+    """An ingest and a gateway node whose bus is a SASL listener (the admin client creating the
+    topic, producers, consumers, the lease's group): an event published on the node and a row
+    change reach a client through Kafka."""
     import asyncpg
 
     from tests.test_scaleout import IngestProcess, events, subscribed_client, wait_ready
 
     db = await asyncpg.connect(pg_database)
     await db.execute("CREATE TABLE orders (id int PRIMARY KEY, note text)")
-    sec = secured(kafka_broker, "SASL_PLAINTEXT", "SCRAM-SHA-256")
+    sec = secured(kafka_broker, protocol, mechanism, cafile=kafka_broker.ca_file if protocol == "SASL_SSL" else "")
     env = {"RT_BUS": "kafka", "RT_BUS_KAFKA_BOOTSTRAP": sec.pop("RT_KAFKA_BOOTSTRAP"), **sec,
            "RT_BUS_TOPIC": f"rt.events.{uuid.uuid4().hex[:8]}", "RT_BUS_PARTITIONS": "1",
            "RT_BUS_WORKSPACES": "w1", "RT_POSTGRES_URL": pg_database, "RT_INSTANCE": "sasl", "RT_LOG_LEVEL": "info"}
@@ -200,6 +202,22 @@ async def test_a_certificate_for_another_name_is_named(gateway_factory, kafka_br
     assert "is not for 127.0.0.1" in warning["msg"] and "audit.kafka_bootstrap" in warning["msg"], warning
     assert await gw.stop() == 0
     assert_no_secret(gw)
+
+
+@pytest.mark.parametrize(("protocol", "listener"), [
+    ("PLAINTEXT", "sasl_bootstrap"),  # security_protocol forgotten
+    ("SASL_PLAINTEXT", "sasl_ssl_bootstrap"),  # TLS forgotten
+    ("SSL", "bootstrap"),  # a plaintext port given for a TLS one
+])
+async def test_a_listener_of_another_protocol_is_named(gateway_factory, kafka_broker, protocol, listener):
+    env = secured(kafka_broker, "SASL_PLAINTEXT" if protocol == "SASL_PLAINTEXT" else "SSL",
+                  "PLAIN" if protocol == "SASL_PLAINTEXT" else "", cafile=kafka_broker.ca_file if protocol == "SSL" else "")
+    env.update(RT_KAFKA_BOOTSTRAP=getattr(kafka_broker, listener), RT_KAFKA_SECURITY_PROTOCOL=protocol)
+    gw, _, _ = await audited(gateway_factory, kafka_broker, env)
+    await granted(gw, "frank")
+    warning = await logged(gw, "audit: cannot deliver to Kafka")
+    assert f"audit.security_protocol is {protocol}; does that listener expect another one" in warning["msg"], warning
+    assert await gw.stop() == 0
 
 async def test_a_bus_node_or_ingest_refused_by_kafka_at_start_names_the_setting(kafka_broker, tmp_path):
     """A wrong password or CA on the bus stops `serve` and `ingest` at start (exit 2) with one
