@@ -220,6 +220,10 @@ class KafkaAudit(Audit):
         if self._security["security_protocol"] in ("SSL", "SASL_SSL"):
             from aiokafka.helpers import create_ssl_context
 
+            from rtserver import kafka_tls
+
+            kafka_tls.install()  # a producer's stop() could wait 30 s under uvloop (see there)
+
             cafile = self._security["ssl_cafile"] or None
             # Loading the CA bundle reads files: not on the event loop.
             self._ssl_context = await loop.run_in_executor(None, lambda: create_ssl_context(cafile=cafile))

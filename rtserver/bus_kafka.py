@@ -153,6 +153,9 @@ async def client_options(cfg: Config) -> dict[str, Any]:
     if a.security_protocol in ("SSL", "SASL_SSL"):
         from aiokafka.helpers import create_ssl_context
 
+        from rtserver import kafka_tls
+
+        kafka_tls.install()  # a client's stop() could wait 30 s under uvloop (see there)
         cafile = a.ssl_cafile or None
         # Loading the CA bundle reads files: not on the event loop.
         options["ssl_context"] = await asyncio.get_running_loop().run_in_executor(

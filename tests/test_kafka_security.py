@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import signal
+import time
 import uuid
 
 import pytest
@@ -81,7 +82,7 @@ async def test_the_audit_trail_reaches_a_secured_listener(gateway_factory, kafka
 
 
 
-@pytest.mark.parametrize(("protocol", "mechanism"), [("SASL_PLAINTEXT", "SCRAM-SHA-256")])
+@pytest.mark.parametrize(("protocol", "mechanism"), [("SASL_PLAINTEXT", "SCRAM-SHA-256"), ("SASL_SSL", "SCRAM-SHA-512")])
 async def test_the_event_bus_runs_over_sasl(kafka_broker, pg_database, gateway_factory, protocol, mechanism):
     """An ingest and a gateway node whose bus is a SASL listener (the admin client creating the
     topic, producers, consumers, the lease's group): an event published on the node and a row
@@ -351,3 +352,36 @@ async def test_a_bus_password_revoked_while_running_is_named_and_the_node_recove
     await wait_ready(node)
     await node.publish("w1", "x", {"n": 2})
     assert password not in node.logs()
+
+
+def test_closing_a_kafka_client_over_tls_under_uvloop_does_not_wait_30_seconds(kafka_broker, tmp_path):
+    """uvloop's TLS transport does not read while it shuts down (MagicStack/uvloop#471): a
+    response arriving after close() (a consumer's fetch was in flight) left it waiting 30 s
+    (its ssl_shutdown_timeout) for the broker's close_notify. aiokafka awaits that closure in
+    stop(): an ingest taking over over SSL/SASL_SSL sat for 30 s after its scan of the topic
+    before reading its feeds, about one takeover in three. The bus's clients (client_options)
+    now abort a TLS connection still closing after a grace period."""
+    import uvloop
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    from rtserver.bus_kafka import client_options, stop_client
+    from tests.test_churn import _cfg
+
+    cfg = _cfg(tmp_path, RT_BUS="kafka", **secured(kafka_broker, "SSL", cafile=kafka_broker.ca_file))
+
+    async def scans() -> None:
+        options = await client_options(cfg)
+        await create_topics(kafka_broker.bootstrap, [topic := f"scan.{uuid.uuid4().hex[:8]}"])
+        for _ in range(20):  # as the ingest's takeover scan: assigned, offsets read, paused
+            consumer = AIOKafkaConsumer(**options, group_id=None, enable_auto_commit=False,
+                                        isolation_level="read_committed", fetch_max_wait_ms=100)
+            await consumer.start()
+            tp = TopicPartition(topic, 0)
+            consumer.assign([tp])
+            await consumer.beginning_offsets([tp])
+            await consumer.end_offsets([tp])
+            await consumer.offsets_for_times({tp: int((time.time() - 60) * 1000)})
+            consumer.pause(tp)
+            await asyncio.wait_for(stop_client(consumer, "scan", {}), 10)  # raises TimeoutError if stuck
+
+    uvloop.run(scans())
