@@ -14,8 +14,9 @@ import asyncio
 import ssl
 from typing import Any
 
-# One probe, not the client's 30-40 s: it runs while the caller waits to retry or to stop.
-PROBE_TIMEOUT_MS = 10000
+# Not the client's 30-40 s: it runs while the caller waits to retry or to stop (a node's bus
+# watch stops watching meanwhile). For all the servers probed together.
+PROBE_SECONDS = 10.0
 
 
 def _hosts(bootstrap: str) -> list[tuple[str, int]]:
@@ -29,20 +30,29 @@ async def explain(options: dict[str, Any], error: BaseException | str | None = N
     """What went wrong connecting with `options` (aiokafka client options); `error` is what the
     client raised (or what the caller saw), returned as it is when every bootstrap server takes
     a connection. `bootstrap_setting` and `cafile` (audit.ssl_cafile) are named in the answer."""
-    from aiokafka.conn import create_conn
-    from aiokafka.protocol.admin import ApiVersionRequest
-
     fallback = error if isinstance(error, str) else _text(error) if error is not None else "no error"
     bootstrap = options.get("bootstrap_servers") or ""
     try:
         hosts = _hosts(bootstrap)
     except Exception:  # noqa: BLE001 - an address the client refused too: its own error says so
         return fallback
+    try:
+        async with asyncio.timeout(PROBE_SECONDS):
+            return await _probe(hosts, options, fallback, bootstrap_setting, cafile)
+    except TimeoutError:
+        return f"{fallback} (and no answer to a probe within {PROBE_SECONDS:g}s)"
+
+
+async def _probe(hosts: list[tuple[str, int]], options: dict[str, Any], fallback: str, bootstrap_setting: str,
+                 cafile: str) -> str:
+    from aiokafka.conn import create_conn
+    from aiokafka.protocol.admin import ApiVersionRequest
+
     for host, port in hosts:
         conn = None
         try:
             conn = await create_conn(
-                host, port, client_id="rtserver-diagnosis", request_timeout_ms=PROBE_TIMEOUT_MS,
+                host, port, client_id="rtserver-diagnosis", request_timeout_ms=int(PROBE_SECONDS * 1000),
                 ssl_context=options.get("ssl_context"),
                 security_protocol=options.get("security_protocol", "PLAINTEXT"),
                 sasl_mechanism=options.get("sasl_mechanism"),
