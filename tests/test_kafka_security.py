@@ -1,6 +1,8 @@
-"""SASL and TLS to Kafka against a real broker (the harness's SASL_PLAINTEXT, SSL and SASL_SSL
-listeners): the audit trail of a real gateway process, what an operator sees when the password
-or the CA is wrong, and the scale-out bus, which shares the [audit] client settings."""
+"""SASL and TLS to Kafka against a real broker (the harness's SASL_PLAINTEXT, SSL, SASL_SSL and
+short-session REAUTH listeners): the audit trail of a real gateway process, the scale-out bus
+(which shares the [audit] client settings), what an operator sees when the password, the CA, the
+certificate's name or the protocol is wrong or a credential is revoked while running, sessions
+the broker ends, and closing TLS connections under uvloop."""
 
 from __future__ import annotations
 
@@ -97,16 +99,14 @@ async def test_the_event_bus_runs_over_sasl(kafka_broker, pg_database, gateway_f
     env = {"RT_BUS": "kafka", "RT_BUS_KAFKA_BOOTSTRAP": sec.pop("RT_KAFKA_BOOTSTRAP"), **sec,
            "RT_BUS_TOPIC": f"rt.events.{uuid.uuid4().hex[:8]}", "RT_BUS_PARTITIONS": "1",
            "RT_BUS_WORKSPACES": "w1", "RT_POSTGRES_URL": pg_database, "RT_INSTANCE": "sasl", "RT_LOG_LEVEL": "info"}
-    ingest = IngestProcess({**{k: v for k, v in __import__("os").environ.items() if not k.startswith("RT_")}, **env})
+    ingest = IngestProcess({**{k: v for k, v in os.environ.items() if not k.startswith("RT_")}, **env})
     try:
         await ingest.start()
         await ingest.wait_active()
         node = await gateway_factory(env=env)
         ready = await wait_ready(node)
         assert ready["bus"]["kind"] == "kafka", ready
-        from contextlib import AsyncExitStack
-
-        async with AsyncExitStack() as stack:
+        async with contextlib.AsyncExitStack() as stack:
             c = await subscribed_client(stack, node, "postgres:orders", "events:x")
             await db.execute("INSERT INTO orders VALUES (1, 'n')")
             published = await node.publish("w1", "x", {"n": 1})
@@ -269,10 +269,8 @@ async def test_sessions_the_broker_expires_cost_no_event_record_or_lease(kafka_b
         await ingest.wait_active()
         node = await gateway_factory(env=env)
         await wait_ready(node)
-        from contextlib import AsyncExitStack
-
         rounds = 4 * REAUTH_MS // 250
-        async with AsyncExitStack() as stack, TopicReader(kafka_broker.bootstrap, topics) as reader:
+        async with contextlib.AsyncExitStack() as stack, TopicReader(kafka_broker.bootstrap, topics) as reader:
             c = await subscribed_client(stack, node, "postgres:orders", "events:x")
             for i in range(rounds):
                 await node.publish("w1", "x", {"n": i})  # asserts 202
