@@ -114,6 +114,8 @@ async def test_the_event_bus_runs_over_sasl(kafka_broker, pg_database, gateway_f
         assert {e["channel"] for e in got} == {"postgres:orders", "events:x"}
         assert [e["seq"] for e in got if e["channel"] == "events:x"] == [published["seq"]]
         assert await node.stop() == 0
+        await ingest.stop()  # SIGTERM: it stops by itself (SIGKILL after 15 s otherwise)
+        assert ingest.proc.returncode == 0, ingest.logs()
         assert_no_secret(node)
         assert SASL_PASSWORD not in ingest.logs()
     finally:
