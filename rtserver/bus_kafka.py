@@ -263,24 +263,23 @@ async def ensure_topic(options: dict[str, Any], topic: str, partitions: int, rep
         await admin.close()
 
 
-async def topic_max_message_bytes(options: dict[str, Any], topic: str) -> int | None:
-    """The largest record batch `topic` takes (its max.message.bytes, or the broker's
-    message.max.bytes it inherits); None when Kafka does not say."""
+async def topic_configs(options: dict[str, Any], topic: str, names: tuple[str, ...]) -> dict[str, str]:
+    """The settings `names` of `topic` as Kafka states them (its own, or the broker's it
+    inherits); a name Kafka does not state is left out."""
     from aiokafka.admin import AIOKafkaAdminClient
     from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
+    found: dict[str, str] = {}
     admin = AIOKafkaAdminClient(**options)
     await admin.start()
     try:
         for response in await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)]):
             for error_code, _message, _type, name, entries in response.resources:
                 if error_code == 0 and name == topic:
-                    for entry in entries:
-                        if entry[0] == "max.message.bytes" and entry[1] is not None:
-                            return int(entry[1])
+                    found.update((e[0], e[1]) for e in entries if e[0] in names and e[1] is not None)
     finally:
         await admin.close()
-    return None
+    return found
 
 
 # What a record batch holds besides one record's value: batch and record framing, the key (a
@@ -343,7 +342,16 @@ class KafkaPublisher:
         # A topic created beforehand (auto-creation off, or by a platform team) often has the
         # broker's 1 MiB: a larger record would be refused on every retry and stall the feed
         # behind it. Records the topic cannot take are skipped with history_gap instead.
-        limit = await topic_max_message_bytes(self.options, self.topic)
+        configs = await topic_configs(self.options, self.topic, ("max.message.bytes", "cleanup.policy"))
+        if "compact" in configs.get("cleanup.policy", ""):
+            # Compaction keeps only the last record of each key (a workspace): the events read
+            # back by a node starting, or by a resume from before the node's memory, would be
+            # gone without a history_gap.
+            raise RuntimeError(
+                f"event bus: topic {self.topic} has cleanup.policy={configs['cleanup.policy']}: compaction deletes "
+                "all but each workspace's last event, which starting nodes and resumes read back; give the topic "
+                "cleanup.policy=delete (retention by time or size)")
+        limit = int(configs["max.message.bytes"]) if "max.message.bytes" in configs else None
         if limit is not None and limit - _BATCH_FRAMING < self.max_record:
             log.warning("bus topic %s takes records up to %d bytes (max.message.bytes), less than "
                         "bus.max_record_bytes %d: larger changes are skipped with history_gap; raise the "

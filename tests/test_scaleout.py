@@ -1876,6 +1876,26 @@ async def test_a_topic_created_beforehand_with_compression_is_read(cluster, code
         assert [e["payload"]["n"] for e in await events(c, 1)] == [1]
 
 
+@pytest.mark.parametrize("policy", ["compact", "compact,delete"])
+async def test_a_compacted_events_topic_is_refused_at_start(cluster, policy):
+    """An events topic created beforehand with cleanup.policy=compact (a platform's template
+    for keyed topics) keeps only each key's last record: a node starting, or a resume from
+    before its memory, read back what was left without a history_gap for the rest. The node
+    refuses it at start, saying what to set."""
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=cluster.env["RT_BUS_KAFKA_BOOTSTRAP"])
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(cluster.env["RT_BUS_TOPIC"], num_partitions=3, replication_factor=1,
+                                            topic_configs={"cleanup.policy": policy})])
+    finally:
+        await admin.close()
+    with pytest.raises(RuntimeError, match="exited with 2") as refused:
+        await cluster.node()
+    assert f"cleanup.policy={policy}" in str(refused.value) and "cleanup.policy=delete" in str(refused.value)
+
+
 async def _lease_group_members(cluster) -> tuple[str, int]:
     """The lease group's state and member count, as its coordinator says."""
     from aiokafka.admin import AIOKafkaAdminClient
