@@ -168,6 +168,8 @@ class KafkaAudit(Audit):
         sasl_username: str = "",
         sasl_password: str = "",
         ssl_cafile: str = "",
+        ssl_certfile: str = "",
+        ssl_keyfile: str = "",
         close_timeout: float = 5.0,
         chunk_size: int = 500,
         request_timeout_ms: int = 30000,
@@ -184,6 +186,8 @@ class KafkaAudit(Audit):
             "sasl_username": sasl_username,
             "sasl_password": sasl_password,
             "ssl_cafile": ssl_cafile,
+            "ssl_certfile": ssl_certfile,
+            "ssl_keyfile": ssl_keyfile,
         }
         self._request_timeout_ms = request_timeout_ms
         self._ssl_context = None
@@ -218,15 +222,13 @@ class KafkaAudit(Audit):
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._io, self._spool.open)
         if self._security["security_protocol"] in ("SSL", "SASL_SSL"):
-            from aiokafka.helpers import create_ssl_context
+            from rtserver.kafka_tls import ssl_context
 
-            from rtserver import kafka_tls
-
-            kafka_tls.install()  # a producer's stop() could wait 30 s under uvloop (see there)
-
-            cafile = self._security["ssl_cafile"] or None
-            # Loading the CA bundle reads files: not on the event loop.
-            self._ssl_context = await loop.run_in_executor(None, lambda: create_ssl_context(cafile=cafile))
+            sec = self._security
+            # Loading the CA bundle and the client certificate reads files: not on the event loop.
+            self._ssl_context = await loop.run_in_executor(
+                None, ssl_context, sec["ssl_cafile"], sec["ssl_certfile"], sec["ssl_keyfile"]
+            )
         self._started = True
         if self._spool.records:
             ops_log.info(
@@ -633,4 +635,6 @@ def create_audit(cfg, node: str) -> Audit:
         sasl_username=a.sasl_username,
         sasl_password=a.sasl_password,
         ssl_cafile=a.ssl_cafile,
+        ssl_certfile=a.ssl_certfile,
+        ssl_keyfile=a.ssl_keyfile,
     )

@@ -151,15 +151,11 @@ async def client_options(cfg: Config) -> dict[str, Any]:
         options.update(sasl_mechanism=a.sasl_mechanism, sasl_plain_username=a.sasl_username,
                        sasl_plain_password=a.sasl_password)
     if a.security_protocol in ("SSL", "SASL_SSL"):
-        from aiokafka.helpers import create_ssl_context
+        from rtserver.kafka_tls import ssl_context
 
-        from rtserver import kafka_tls
-
-        kafka_tls.install()  # a client's stop() could wait 30 s under uvloop (see there)
-        cafile = a.ssl_cafile or None
-        # Loading the CA bundle reads files: not on the event loop.
+        # Loading the CA bundle and the client certificate reads files: not on the event loop.
         options["ssl_context"] = await asyncio.get_running_loop().run_in_executor(
-            None, lambda: create_ssl_context(cafile=cafile)
+            None, ssl_context, a.ssl_cafile, a.ssl_certfile, a.ssl_keyfile
         )
     return options
 

@@ -110,6 +110,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("audit", "sasl_username", "RT_KAFKA_SASL_USERNAME", str, "", "SASL user name"),
     Setting("audit", "sasl_password", "RT_KAFKA_SASL_PASSWORD", str, "", "SASL password"),
     Setting("audit", "ssl_cafile", "RT_KAFKA_SSL_CAFILE", str, "", "CA bundle for SSL"),
+    Setting("audit", "ssl_certfile", "RT_KAFKA_SSL_CERTFILE", str, "", "PEM client certificate (chain) for mutual TLS with SSL or SASL_SSL (with audit.ssl_keyfile)"),
+    Setting("audit", "ssl_keyfile", "RT_KAFKA_SSL_KEYFILE", str, "", "PEM private key of audit.ssl_certfile, not passphrase-protected"),
     Setting("audit", "queue_size", "RT_AUDIT_QUEUE_SIZE", int, 10000, "Audit records held in memory before spilling to the spool"),
     Setting("audit", "spool_dir", "RT_AUDIT_SPOOL_DIR", str, "", "Audit spool directory (default: state_dir/audit-spool)"),
     Setting("audit", "spool_max_bytes", "RT_AUDIT_SPOOL_MAX_BYTES", int, 256 * 1024 * 1024, "Spool size bound; records beyond it are counted as lost"),
@@ -130,7 +132,8 @@ SETTINGS: tuple[Setting, ...] = (
 # Files and directories: a leading ~ is the home directory, as a shell would take it (TOML has
 # no shell: `state_dir = "~/.rtserver"` made a directory named `~` in the working directory).
 _PATHS = frozenset({("server", "state_dir"), ("server", "tls_cert"), ("server", "tls_key"),
-                    ("audit", "ssl_cafile"), ("audit", "spool_dir")})
+                    ("audit", "ssl_cafile"), ("audit", "ssl_certfile"), ("audit", "ssl_keyfile"),
+                    ("audit", "spool_dir")})
 
 # Settings whose value an error must not repeat: it is shown on the terminal and kept in logs.
 _SECRETS = frozenset({("auth", "hs256_secret"), ("audit", "sasl_password")})
@@ -501,6 +504,7 @@ def _validate(values: dict[str, dict[str, Any]], path: str) -> None:
             ssl.create_default_context(cafile=audit["ssl_cafile"])
         except OSError as exc:  # ssl.SSLError included
             raise ConfigError(f"audit.ssl_cafile {audit['ssl_cafile']}: cannot load: {exc.strerror or exc}") from None
+    _check_client_certificate(audit)
     _check_bootstrap("audit.kafka_bootstrap (RT_KAFKA_BOOTSTRAP)", audit["kafka_bootstrap"])
     # The longest topic names each setting makes: an audit event's, the ingest lease topic.
     _check_topic("audit.topic_prefix", audit["topic_prefix"] + "session-suspended")
@@ -549,6 +553,58 @@ def _validate(values: dict[str, dict[str, Any]], path: str) -> None:
 
 
 _BOOTSTRAP_ENTRY_RE = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+)(?::(\d{1,5}))?\Z")
+
+
+def no_passphrase() -> bytes:
+    """`password` of `SSLContext.load_cert_chain`: without one, OpenSSL asks for an encrypted
+    key's passphrase on the terminal (a service has none: it hung, or read a blank line)."""
+    raise ssl.SSLError("the private key is encrypted (passphrase-protected)")
+
+
+def _check_client_certificate(audit: dict[str, Any]) -> None:
+    """audit.ssl_certfile and audit.ssl_keyfile (mutual TLS): both or neither, only with TLS,
+    and a pair that loads. Checked here: the Kafka client loads them when it starts, where a
+    missing key read '[Errno 2] No such file or directory', naming neither file nor setting."""
+    certfile, keyfile = audit["ssl_certfile"], audit["ssl_keyfile"]
+    if not certfile and not keyfile:
+        return
+    if not certfile or not keyfile:
+        given, missing = ("ssl_certfile", "ssl_keyfile") if certfile else ("ssl_keyfile", "ssl_certfile")
+        raise ConfigError(f"audit.{given} is set but audit.{missing} is not: a client certificate needs both "
+                          "(RT_KAFKA_SSL_CERTFILE, RT_KAFKA_SSL_KEYFILE)")
+    if audit["security_protocol"] not in ("SSL", "SASL_SSL"):
+        raise ConfigError(
+            f"audit.ssl_certfile is set but audit.security_protocol is {audit['security_protocol']}: "
+            "it would not be used (SSL or SASL_SSL uses it)"
+        )
+    texts = {}
+    for key in ("ssl_certfile", "ssl_keyfile"):
+        try:
+            with open(audit[key], "rb") as fh:
+                texts[key] = fh.read(1 << 20)
+        except OSError as exc:
+            raise ConfigError(f"audit.{key} {audit[key]}: cannot read: {exc.strerror or exc}") from None
+    # What is wrong, said from the PEM markers: OpenSSL says "PEM lib" for all of it. Never
+    # the files' contents (the key's would end up on a terminal and in logs).
+    if b"-----BEGIN CERTIFICATE-----" not in texts["ssl_certfile"]:
+        raise ConfigError(f"audit.ssl_certfile {certfile}: holds no PEM certificate (-----BEGIN CERTIFICATE-----)")
+    key_text = texts["ssl_keyfile"]
+    if b"ENCRYPTED PRIVATE KEY-----" in key_text or b"Proc-Type: 4,ENCRYPTED" in key_text:
+        raise ConfigError(f"audit.ssl_keyfile {keyfile}: the private key is encrypted (passphrase-protected); give "
+                          "it without a passphrase (openssl pkey -in KEY -out PLAIN-KEY)")
+    if b"PRIVATE KEY-----" not in key_text:
+        raise ConfigError(f"audit.ssl_keyfile {keyfile}: holds no PEM private key (-----BEGIN PRIVATE KEY-----)")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        context.load_cert_chain(certfile, keyfile, password=no_passphrase)
+    except OSError as exc:  # ssl.SSLError included
+        if "encrypted" in str(exc):
+            reason = "the private key is encrypted (passphrase-protected); give it without a passphrase"
+        elif "KEY_VALUES_MISMATCH" in str(exc):
+            reason = "the private key is not the certificate's (KEY_VALUES_MISMATCH)"
+        else:
+            reason = getattr(exc, "reason", None) or exc.strerror or str(exc)
+        raise ConfigError(f"audit.ssl_certfile {certfile} / audit.ssl_keyfile {keyfile}: cannot load: {reason}") from None
 
 
 def _check_bootstrap(setting: str, value: str) -> None:

@@ -45,3 +45,18 @@ def install() -> None:
 def _abort_unless_closed(transport: asyncio.BaseTransport, closed: asyncio.Future) -> None:
     if not closed.done():
         transport.abort()
+
+
+def ssl_context(cafile: str = "", certfile: str = "", keyfile: str = "") -> Any:
+    """The SSL context of every Kafka client (audit and bus): the CAs trusted for the broker's
+    certificate (`cafile`, or the system's) and, for mutual TLS, the client certificate and its
+    key (audit.ssl_certfile, audit.ssl_keyfile). Reads files: call it in an executor. An
+    encrypted key raises (config.py refuses one at start) rather than OpenSSL asking for its
+    passphrase on the terminal."""
+    from aiokafka.helpers import create_ssl_context
+
+    from rtserver.config import no_passphrase
+
+    install()  # a client's stop() could wait 30 s under uvloop (see above)
+    return create_ssl_context(cafile=cafile or None, certfile=certfile or None, keyfile=keyfile or None,
+                              password=no_passphrase if certfile else None)
