@@ -542,7 +542,7 @@ class KafkaAudit(Audit):
         if isinstance(exc, Exception) and not isinstance(exc, KafkaConnectionError):
             return f"{type(exc).__name__}: {exc}"
         return await explain(self._producer_options(), exc, bootstrap_setting="audit.kafka_bootstrap",
-                             cafile=self._security["ssl_cafile"])
+                             cafile=self._security["ssl_cafile"], certfile=self._security["ssl_certfile"])
 
     def _producer_options(self) -> dict[str, Any]:
         sec = self._security

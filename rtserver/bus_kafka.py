@@ -332,7 +332,8 @@ class KafkaPublisher:
             setting = "bus.kafka_bootstrap" if self.cfg.bus.kafka_bootstrap else "audit.kafka_bootstrap"
             why = str(exc)
             if isinstance(exc, KafkaConnectionError):
-                why = await explain(self.options, exc, bootstrap_setting=setting, cafile=self.cfg.audit.ssl_cafile)
+                why = await explain(self.options, exc, bootstrap_setting=setting, cafile=self.cfg.audit.ssl_cafile,
+                                    certfile=self.cfg.audit.ssl_certfile)
             raise RuntimeError(f"event bus: Kafka at {bootstrap_of(self.cfg)} ({setting}), topic {self.topic}: "
                                f"{why}") from None
         # A topic created beforehand (auto-creation off, or by a platform team) often has the
@@ -435,7 +436,8 @@ class KafkaPublisher:
                 from rtserver.kafka_diagnosis import explain
 
                 setting = "bus.kafka_bootstrap" if self.cfg.bus.kafka_bootstrap else "audit.kafka_bootstrap"
-                found = await explain(self.options, why, bootstrap_setting=setting, cafile=self.cfg.audit.ssl_cafile)
+                found = await explain(self.options, why, bootstrap_setting=setting, cafile=self.cfg.audit.ssl_cafile,
+                                      certfile=self.cfg.audit.ssl_certfile)
                 detail = "" if found == why else found
             self._log_transition(detail)
             await asyncio.sleep(_PROBE_INTERVAL)

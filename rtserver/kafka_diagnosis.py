@@ -26,10 +26,11 @@ def _hosts(bootstrap: str) -> list[tuple[str, int]]:
 
 
 async def explain(options: dict[str, Any], error: BaseException | str | None = None, *, bootstrap_setting: str = "",
-                  cafile: str = "") -> str:
+                  cafile: str = "", certfile: str = "") -> str:
     """What went wrong connecting with `options` (aiokafka client options); `error` is what the
     client raised (or what the caller saw), returned as it is when every bootstrap server takes
-    a connection. `bootstrap_setting` and `cafile` (audit.ssl_cafile) are named in the answer."""
+    a connection. `bootstrap_setting`, `cafile` (audit.ssl_cafile) and `certfile`
+    (audit.ssl_certfile, the client certificate of mutual TLS) are named in the answer."""
     fallback = error if isinstance(error, str) else _text(error) if error is not None else "no error"
     bootstrap = options.get("bootstrap_servers") or ""
     try:
@@ -38,13 +39,13 @@ async def explain(options: dict[str, Any], error: BaseException | str | None = N
         return fallback
     try:
         async with asyncio.timeout(PROBE_SECONDS):
-            return await _probe(hosts, options, fallback, bootstrap_setting, cafile)
+            return await _probe(hosts, options, fallback, bootstrap_setting, cafile, certfile)
     except TimeoutError:
         return f"{fallback} (and no answer to a probe within {PROBE_SECONDS:g}s)"
 
 
 async def _probe(hosts: list[tuple[str, int]], options: dict[str, Any], fallback: str, bootstrap_setting: str,
-                 cafile: str) -> str:
+                 cafile: str, certfile: str) -> str:
     from aiokafka.conn import create_conn
     from aiokafka.protocol.admin import ApiVersionRequest
 
@@ -65,7 +66,7 @@ async def _probe(hosts: list[tuple[str, int]], options: dict[str, Any], fallback
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - naming it is the point
-            return _describe(exc, host, port, options, bootstrap_setting, cafile)
+            return _describe(exc, host, port, options, bootstrap_setting, cafile, certfile)
         finally:
             if conn is not None:
                 conn.close()
@@ -79,8 +80,44 @@ def _text(exc: BaseException) -> str:
     return text if text.startswith(name) else f"{name}: {text}" if text else name
 
 
+# TLS alerts a broker sends when it refuses the client's certificate, or the lack of one
+# (ssl.client.auth=required: MSK's and Strimzi's `tls` authentication). With TLS 1.3 they
+# arrive after the client's handshake is done, at the first read: aiokafka then says only
+# "Connection ... closed", which read like a listener of another protocol.
+_CLIENT_CERT_ALERTS = ("ALERT_BAD_CERTIFICATE", "ALERT_CERTIFICATE_REQUIRED", "ALERT_CERTIFICATE_UNKNOWN",
+                       "ALERT_UNKNOWN_CA", "ALERT_CERTIFICATE_EXPIRED", "ALERT_CERTIFICATE_REVOKED",
+                       "ALERT_UNSUPPORTED_CERTIFICATE", "ALERT_ACCESS_DENIED", "ALERT_HANDSHAKE_FAILURE")
+
+
+def _ssl_cause(exc: BaseException) -> ssl.SSLError | None:
+    seen = 0
+    while exc is not None and seen < 5:
+        if isinstance(exc, ssl.SSLError):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return None
+
+
+def _refused_certificate(exc: BaseException, where: str, certfile: str) -> str | None:
+    tls = _ssl_cause(exc)
+    if tls is None or isinstance(tls, ssl.SSLCertVerificationError):
+        return None
+    reason = tls.reason or str(tls)
+    if not any(alert in reason for alert in _CLIENT_CERT_ALERTS):
+        return None
+    if "HANDSHAKE_FAILURE" in reason and certfile:
+        return None  # more likely no common cipher or TLS version than the certificate
+    if not certfile:
+        return (f"{where} refused the TLS handshake ({reason}): it requires a client certificate (mutual TLS); "
+                "set audit.ssl_certfile and audit.ssl_keyfile (RT_KAFKA_SSL_CERTFILE, RT_KAFKA_SSL_KEYFILE)")
+    return (f"{where} refused the client certificate audit.ssl_certfile {certfile} ({reason}): the broker does "
+            "not trust the CA that signed it, or it has expired or been revoked; use one the cluster issued "
+            "(audit.ssl_certfile, audit.ssl_keyfile)")
+
+
 def _describe(exc: BaseException, host: str, port: int, options: dict[str, Any], bootstrap_setting: str,
-              cafile: str) -> str:
+              cafile: str, certfile: str = "") -> str:
     from aiokafka.errors import (
         AuthenticationFailedError,
         IllegalSaslStateError,
@@ -103,6 +140,9 @@ def _describe(exc: BaseException, host: str, port: int, options: dict[str, Any],
     if isinstance(exc, UnsupportedSaslMechanismError):
         return (f"{where} does not take SASL mechanism {mechanism} (audit.sasl_mechanism) on this listener "
                 f"({_text(exc)})")
+    refused = _refused_certificate(exc, where, certfile)
+    if refused is not None:
+        return refused
     if isinstance(exc, ssl.SSLCertVerificationError):
         reason = exc.verify_message or str(exc)
         if "hostname" in reason.lower() or "ip address mismatch" in reason.lower():

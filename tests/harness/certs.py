@@ -47,10 +47,13 @@ def self_signed(directory: str) -> tuple[str, str]:
     return cert_path, key_path
 
 
-def ca_and_leaves(directory: str, leaves: dict[str, list[str]]) -> tuple[str, dict[str, str]]:
+def ca_and_leaves(directory: str, leaves: dict[str, list[str]],
+                  clients: tuple[str, ...] = ()) -> tuple[str, dict[str, str]]:
     """A CA and, per entry of `leaves` (file stem -> names: IP addresses or DNS names), a
     certificate it signs. Returns the CA's PEM file and, per stem, a PEM file holding the leaf's
-    key then its certificate (what Kafka's PEM keystore takes)."""
+    key then its certificate (what Kafka's PEM keystore takes). Per name of `clients`, a client
+    certificate (mutual TLS) in `{name}.crt` and its key in `{name}.key`, as a platform hands
+    them out; the returned dict maps the name to the .crt (the .key beside it)."""
     now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "rt test CA")])
@@ -100,4 +103,25 @@ def ca_and_leaves(directory: str, leaves: dict[str, list[str]]) -> tuple[str, di
                                        serialization.NoEncryption()))
             fh.write(cert.public_bytes(serialization.Encoding.PEM))
         out[stem] = path
+    for name in clients:
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .issuer_name(ca_name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+            .sign(ca_key, hashes.SHA256())
+        )
+        with open(os.path.join(directory, f"{name}.key"), "wb") as fh:
+            fh.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()))
+        out[name] = os.path.join(directory, f"{name}.crt")
+        with open(out[name], "wb") as fh:
+            fh.write(cert.public_bytes(serialization.Encoding.PEM))
     return ca_path, out

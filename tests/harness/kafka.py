@@ -21,6 +21,9 @@ signed by a CA made at construction, whose PEM file `ca_file` is what a client t
 listener's names 127.0.0.1 and localhost, the SASL_SSL listener's only localhost (it is
 advertised, and `sasl_ssl_bootstrap` given, as localhost; reached as 127.0.0.1, the certificate
 does not match the address).
+`mtls_bootstrap` is SSL requiring a client certificate signed by that CA (ssl.client.auth=required
+on that listener only, as MSK's and Strimzi's `tls` authentication): `client_cert` and
+`client_key` are one; `foreign_client_cert` and `foreign_client_key` one from another CA.
 `reauth_bootstrap` is SASL_PLAINTEXT (SCRAM-SHA-256) with a session lifetime of
 `REAUTH_MS` (connections.max.reauth.ms, which a managed cluster may set): the broker
 closes a connection used after it without re-authenticating, which aiokafka never does.
@@ -133,17 +136,26 @@ class KafkaBroker:
         self.data_dir = self.dir / "data"
         self.log_path = self.dir / "broker.log"
         (self.port, self.controller_port, self.proxied_port, self.proxy_port,
-         self.sasl_port, self.ssl_port, self.sasl_ssl_port, self.reauth_port) = _free_ports(8)
+         self.sasl_port, self.ssl_port, self.sasl_ssl_port, self.reauth_port, self.mtls_port) = _free_ports(9)
         self.bootstrap = f"127.0.0.1:{self.port}"
         self.sasl_bootstrap = f"127.0.0.1:{self.sasl_port}"
         self.ssl_bootstrap = f"127.0.0.1:{self.ssl_port}"
         self.sasl_ssl_bootstrap = f"localhost:{self.sasl_ssl_port}"
         self.reauth_bootstrap = f"127.0.0.1:{self.reauth_port}"
+        self.mtls_bootstrap = f"127.0.0.1:{self.mtls_port}"
         tls_dir = self.dir / "tls"
         tls_dir.mkdir()
         # Key and certificate in one PEM file per listener: Kafka's PEM keystore.
         self.ca_file, self.keystores = ca_and_leaves(str(tls_dir), {"ssl": ["127.0.0.1", "localhost"],
-                                                                    "sasl_ssl": ["localhost"]})
+                                                                    "sasl_ssl": ["localhost"]},
+                                                     clients=("rtserver-client",))
+        self.client_cert = self.keystores["rtserver-client"]
+        self.client_key = self.client_cert.removesuffix(".crt") + ".key"
+        foreign_dir = tls_dir / "foreign"
+        foreign_dir.mkdir()
+        _, foreign = ca_and_leaves(str(foreign_dir), {}, clients=("intruder",))
+        self.foreign_client_cert = foreign["intruder"]
+        self.foreign_client_key = self.foreign_client_cert.removesuffix(".crt") + ".key"
         # The PROXIED listener listens on proxied_port and advertises proxy_port (see the module doc).
         self.proxied_bootstrap = f"127.0.0.1:{self.proxy_port}"
         self.cluster_id = _cluster_id()
@@ -252,13 +264,18 @@ class KafkaBroker:
                                     f"{self._advertised_secured_listeners()}",
             "controller.listener.names": "CONTROLLER",
             "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,PROXIED:PLAINTEXT,"
-                                              "SASL_PLAINTEXT:SASL_PLAINTEXT,SSL:SSL,SASL_SSL:SASL_SSL,REAUTH:SASL_PLAINTEXT",
+                                              "SASL_PLAINTEXT:SASL_PLAINTEXT,SSL:SSL,SASL_SSL:SASL_SSL,REAUTH:SASL_PLAINTEXT,"
+                                              "MTLS:SSL",
             "sasl.enabled.mechanisms": "PLAIN,SCRAM-SHA-256,SCRAM-SHA-512",
             **sasl,
             "ssl.keystore.type": "PEM",
             "listener.name.ssl.ssl.keystore.location": self.keystores["ssl"],
             "listener.name.sasl_ssl.ssl.keystore.location": self.keystores["sasl_ssl"],
             "ssl.client.auth": "none",
+            "listener.name.mtls.ssl.keystore.location": self.keystores["ssl"],
+            "listener.name.mtls.ssl.client.auth": "required",
+            "listener.name.mtls.ssl.truststore.type": "PEM",
+            "listener.name.mtls.ssl.truststore.location": self.ca_file,
             "inter.broker.listener.name": "PLAINTEXT",
             "log.dirs": str(self.data_dir),
             "num.partitions": "1",
@@ -286,7 +303,8 @@ class KafkaBroker:
 
     def _secured_listeners(self) -> str:
         return (f"SASL_PLAINTEXT://127.0.0.1:{self.sasl_port},SSL://127.0.0.1:{self.ssl_port},"
-                f"SASL_SSL://127.0.0.1:{self.sasl_ssl_port},REAUTH://127.0.0.1:{self.reauth_port}")
+                f"SASL_SSL://127.0.0.1:{self.sasl_ssl_port},REAUTH://127.0.0.1:{self.reauth_port},"
+                f"MTLS://127.0.0.1:{self.mtls_port}")
 
     def _advertised_secured_listeners(self) -> str:
         return self._secured_listeners().replace("SASL_SSL://127.0.0.1:", "SASL_SSL://localhost:")
