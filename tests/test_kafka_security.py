@@ -1,7 +1,8 @@
-"""SASL and TLS to Kafka against a real broker (the harness's SASL_PLAINTEXT, SSL, SASL_SSL and
-short-session REAUTH listeners): the audit trail of a real gateway process, the scale-out bus
-(which shares the [audit] client settings), what an operator sees when the password, the CA, the
-certificate's name or the protocol is wrong or a credential is revoked while running, sessions
+"""SASL and TLS to Kafka against a real broker (the harness's SASL_PLAINTEXT, SSL, SASL_SSL,
+MTLS (client certificate required) and short-session REAUTH listeners): the audit trail of a real
+gateway process, the scale-out bus (which shares the [audit] client settings), what an operator
+sees when the password, the CA, the certificate's name, the client certificate or the protocol is
+wrong or a credential is revoked while running, sessions
 the broker ends, and closing TLS connections under uvloop."""
 
 from __future__ import annotations
@@ -26,7 +27,12 @@ pytestmark = pytest.mark.kafka
 
 
 def secured(broker, protocol: str, mechanism: str = "", password: str = SASL_PASSWORD, cafile: str = "") -> dict:
-    """The RT_KAFKA_* settings of a client of `broker`'s `protocol` listener."""
+    """The RT_KAFKA_* settings of a client of `broker`'s `protocol` listener. "MTLS": SSL to
+    the listener requiring a client certificate, with the harness's (signed by its CA)."""
+    if protocol == "MTLS":
+        return {"RT_KAFKA_BOOTSTRAP": broker.mtls_bootstrap, "RT_KAFKA_SECURITY_PROTOCOL": "SSL",
+                "RT_KAFKA_SSL_CAFILE": broker.ca_file, "RT_KAFKA_SSL_CERTFILE": broker.client_cert,
+                "RT_KAFKA_SSL_KEYFILE": broker.client_key}
     bootstrap = {"SASL_PLAINTEXT": broker.sasl_bootstrap, "SSL": broker.ssl_bootstrap,
                  "SASL_SSL": broker.sasl_ssl_bootstrap}[protocol]
     env = {"RT_KAFKA_BOOTSTRAP": bootstrap, "RT_KAFKA_SECURITY_PROTOCOL": protocol}
@@ -57,8 +63,19 @@ async def audit_status(gw) -> dict:
     return json.loads(body)["audit"]
 
 
-def assert_no_secret(gw) -> None:
-    assert SASL_PASSWORD not in gw.logs(), "the SASL password is in the gateway's log"
+def key_lines(path: str) -> list[str]:
+    """The base64 lines of a PEM private key (what must never reach a log)."""
+    with open(path) as fh:
+        return [line for line in fh.read().splitlines() if line and not line.startswith("-----")]
+
+
+def assert_no_secret(gw, logs: str | None = None) -> None:
+    """Neither the SASL password nor (any line of) the client's private key is in `gw`'s log
+    (or `logs`, another process's with the same settings)."""
+    logs = gw.logs() if logs is None else logs
+    assert SASL_PASSWORD not in logs, "the SASL password is in the log"
+    if keyfile := gw.env.get("RT_KAFKA_SSL_KEYFILE"):
+        assert not any(line in logs for line in key_lines(keyfile)), "the client's private key is in the log"
 
 
 @pytest.mark.parametrize(("protocol", "mechanism"), [
@@ -67,6 +84,7 @@ def assert_no_secret(gw) -> None:
     ("SASL_PLAINTEXT", "SCRAM-SHA-512"),  # the SCRAM of Amazon MSK
     ("SSL", ""),
     ("SASL_SSL", "SCRAM-SHA-256"),
+    ("MTLS", ""),  # a client certificate, as MSK's and Strimzi's `tls` authentication require
 ])
 async def test_the_audit_trail_reaches_a_secured_listener(gateway_factory, kafka_broker, protocol, mechanism):
     cafile = kafka_broker.ca_file if protocol.endswith("SSL") else ""
@@ -84,11 +102,13 @@ async def test_the_audit_trail_reaches_a_secured_listener(gateway_factory, kafka
 
 
 
-@pytest.mark.parametrize(("protocol", "mechanism"), [("SASL_PLAINTEXT", "SCRAM-SHA-256"), ("SASL_SSL", "SCRAM-SHA-512")])
-async def test_the_event_bus_runs_over_sasl(kafka_broker, pg_database, gateway_factory, protocol, mechanism):
-    """An ingest and a gateway node whose bus is a SASL listener (the admin client creating the
-    topic, producers, consumers, the lease's group): an event published on the node and a row
-    change reach a client through Kafka."""
+@pytest.mark.parametrize(("protocol", "mechanism"), [("SASL_PLAINTEXT", "SCRAM-SHA-256"), ("SASL_SSL", "SCRAM-SHA-512"),
+                                                     ("MTLS", "")])
+async def test_the_event_bus_runs_over_sasl_or_mutual_tls(kafka_broker, pg_database, gateway_factory, protocol,
+                                                          mechanism):
+    """An ingest and a gateway node whose bus is a SASL listener, or one requiring a client
+    certificate (the admin client creating the topic, producers, consumers, the lease's group):
+    an event published on the node and a row change reach a client through Kafka."""
     import asyncpg
 
     from tests.test_scaleout import IngestProcess, events, subscribed_client, wait_ready
@@ -117,7 +137,7 @@ async def test_the_event_bus_runs_over_sasl(kafka_broker, pg_database, gateway_f
         await ingest.stop()  # SIGTERM: it stops by itself (SIGKILL after 15 s otherwise)
         assert ingest.proc.returncode == 0, ingest.logs()
         assert_no_secret(node)
-        assert SASL_PASSWORD not in ingest.logs()
+        assert_no_secret(node, ingest.logs())
     finally:
         await ingest.stop(signal.SIGKILL)
         ingest.tmp.cleanup()
@@ -193,6 +213,37 @@ async def test_an_untrusted_certificate_names_the_ca_file(gateway_factory, kafka
 
 
 
+def without_client_certificate(broker, client: str) -> dict:
+    """MTLS settings with no client certificate ("none") or one from another CA ("foreign")."""
+    env = secured(broker, "MTLS")
+    if client == "none":
+        del env["RT_KAFKA_SSL_CERTFILE"], env["RT_KAFKA_SSL_KEYFILE"]
+    else:
+        env.update(RT_KAFKA_SSL_CERTFILE=broker.foreign_client_cert, RT_KAFKA_SSL_KEYFILE=broker.foreign_client_key)
+    return env
+
+
+@pytest.mark.parametrize("client", ["none", "foreign"])
+async def test_a_missing_or_refused_client_certificate_is_named(gateway_factory, kafka_broker, client):
+    """A listener requiring a client certificate (mutual TLS) given none, or one signed by a CA
+    the broker does not trust: the broker ends the connection at the first read, which read
+    like a listener of another protocol. The warning says the broker refused the handshake and
+    names audit.ssl_certfile/ssl_keyfile (and the certificate given); the key is in no log line."""
+    gw, _, _ = await audited(gateway_factory, kafka_broker, without_client_certificate(kafka_broker, client))
+    await granted(gw, f"grace-{client}")
+    warning = await logged(gw, "audit: cannot deliver to Kafka")
+    if client == "none":
+        assert "refused the TLS handshake" in warning["msg"], warning
+        assert "requires a client certificate" in warning["msg"], warning
+        assert "audit.ssl_certfile and audit.ssl_keyfile" in warning["msg"], warning
+    else:
+        assert f"refused the client certificate audit.ssl_certfile {kafka_broker.foreign_client_cert}" in \
+            warning["msg"], warning
+    assert (await audit_status(gw))["connected"] is False
+    assert await gw.stop() == 0
+    assert_no_secret(gw)
+
+
 async def test_a_certificate_for_another_name_is_named(gateway_factory, kafka_broker):
     """The SASL_SSL listener's certificate names localhost only: reached as 127.0.0.1 (an IP
     address, a load balancer's name), the warning says the certificate is not for that address,
@@ -223,15 +274,18 @@ async def test_a_listener_of_another_protocol_is_named(gateway_factory, kafka_br
     assert await gw.stop() == 0
 
 async def test_a_bus_node_or_ingest_refused_by_kafka_at_start_names_the_setting(kafka_broker, tmp_path):
-    """A wrong password or CA on the bus stops `serve` and `ingest` at start (exit 2) with one
-    line naming the [audit] setting to fix; it named bus.kafka_bootstrap with aiokafka's
+    """A wrong password or CA, or a client certificate missing or refused, on the bus stops
+    `serve` and `ingest` at start (exit 2) with one line naming the [audit] setting to fix; it named bus.kafka_bootstrap with aiokafka's
     "Unable to bootstrap", as if the address were wrong or Kafka down."""
     from tests.test_lifecycle import _run
 
     wrong = "wrong-password-5e07"
     other_ca, _ = self_signed(str(tmp_path))
     cases = [(secured(kafka_broker, "SASL_PLAINTEXT", "SCRAM-SHA-256", password=wrong), "audit.sasl_password"),
-             (secured(kafka_broker, "SSL", cafile=other_ca), f"audit.ssl_cafile {other_ca}")]
+             (secured(kafka_broker, "SSL", cafile=other_ca), f"audit.ssl_cafile {other_ca}"),
+             (without_client_certificate(kafka_broker, "none"), "requires a client certificate"),
+             (without_client_certificate(kafka_broker, "foreign"),
+              f"refused the client certificate audit.ssl_certfile {kafka_broker.foreign_client_cert}")]
     for sec, named in cases:
         env = {"RT_BUS": "kafka", "RT_BUS_KAFKA_BOOTSTRAP": sec.pop("RT_KAFKA_BOOTSTRAP"), **sec,
                "RT_BUS_TOPIC": f"rt.events.{uuid.uuid4().hex[:8]}", "RT_PORT": str(free_port()),
@@ -242,6 +296,7 @@ async def test_a_bus_node_or_ingest_refused_by_kafka_at_start_names_the_setting(
             assert out.returncode == 2 and len(problems) == 1, out.stderr
             assert named in problems[0] and "(bus.kafka_bootstrap)" in problems[0], out.stderr
             assert wrong not in out.stderr
+            assert not any(line in out.stderr for line in key_lines(kafka_broker.foreign_client_key))
 
 
 async def test_sessions_the_broker_expires_cost_no_event_record_or_lease(kafka_broker, pg_database, gateway_factory):

@@ -32,6 +32,54 @@ def _run(args: list[str], env: dict[str, str] | None = None, cwd: str | None = N
                           cwd=cwd, timeout=60)
 
 
+def test_bad_kafka_client_certificate_settings_are_one_line_and_exit_2(tmp_path):
+    """audit.ssl_certfile/ssl_keyfile (mutual TLS with Kafka) are checked at start: the Kafka
+    client loaded them only when it started, with an error naming neither file nor setting, and
+    OpenSSL asked for an encrypted key's passphrase on the terminal. The key never appears."""
+    from cryptography.hazmat.primitives import serialization
+
+    from tests.harness.certs import self_signed
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    cert, key = self_signed(str(tmp_path / "a"))
+    _, other_key = self_signed(str(tmp_path / "b"))
+    encrypted = tmp_path / "encrypted.key"
+    plain = serialization.load_pem_private_key((tmp_path / "a" / "key.pem").read_bytes(), None)
+    encrypted.write_bytes(plain.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                              serialization.BestAvailableEncryption(b"pass")))
+    ssl_env = {"RT_KAFKA_SECURITY_PROTOCOL": "SSL"}
+    for env, says in (
+        ({**ssl_env, "RT_KAFKA_SSL_CERTFILE": cert}, "audit.ssl_certfile is set but audit.ssl_keyfile is not"),
+        ({**ssl_env, "RT_KAFKA_SSL_KEYFILE": key}, "audit.ssl_keyfile is set but audit.ssl_certfile is not"),
+        ({"RT_KAFKA_SSL_CERTFILE": cert, "RT_KAFKA_SSL_KEYFILE": key},
+         "audit.security_protocol is PLAINTEXT: it would not be used"),
+        ({"RT_KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT", "RT_KAFKA_SASL_MECHANISM": "PLAIN",
+          "RT_KAFKA_SASL_USERNAME": "rt", "RT_KAFKA_SASL_PASSWORD": "pw", "RT_KAFKA_SSL_CERTFILE": cert,
+          "RT_KAFKA_SSL_KEYFILE": key}, "audit.security_protocol is SASL_PLAINTEXT: it would not be used"),
+        ({**ssl_env, "RT_KAFKA_SSL_CERTFILE": cert, "RT_KAFKA_SSL_KEYFILE": str(tmp_path / "none.key")},
+         f"audit.ssl_keyfile {tmp_path / 'none.key'}: cannot read: No such file or directory"),
+        ({**ssl_env, "RT_KAFKA_SSL_CERTFILE": cert, "RT_KAFKA_SSL_KEYFILE": other_key},
+         "the private key is not the certificate's"),
+        ({**ssl_env, "RT_KAFKA_SSL_CERTFILE": cert, "RT_KAFKA_SSL_KEYFILE": str(encrypted)},
+         "the private key is encrypted (passphrase-protected)"),
+        ({**ssl_env, "RT_KAFKA_SSL_CERTFILE": key, "RT_KAFKA_SSL_KEYFILE": cert},  # swapped
+         f"audit.ssl_certfile {key}: holds no PEM certificate"),
+    ):
+        out = _run(["serve"], env, cwd=str(tmp_path))
+        assert out.returncode == 2, (env, out.stdout, out.stderr)
+        lines = [line for line in out.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and "configuration error" in lines[0] and says in lines[0], out.stderr
+        for keyfile in (key, other_key, str(encrypted)):
+            body = [line for line in open(keyfile).read().splitlines() if not line.startswith("-----")]
+            assert not any(line in out.stderr for line in body), out.stderr
+    # Both, with SSL: accepted (what a broker requiring client certificates gets; tested there).
+    from rtserver.config import load
+
+    cfg = load(None, environ={**ssl_env, "RT_KAFKA_SSL_CERTFILE": cert, "RT_KAFKA_SSL_KEYFILE": key})
+    assert (cfg.audit.ssl_certfile, cfg.audit.ssl_keyfile) == (cert, key)
+
+
 def test_version():
     out = _run(["--version"])
     assert out.returncode == 0 and out.stdout.startswith("rtserver ")
