@@ -86,7 +86,7 @@ def _text(exc: BaseException) -> str:
 # "Connection ... closed", which read like a listener of another protocol.
 _CLIENT_CERT_ALERTS = ("ALERT_BAD_CERTIFICATE", "ALERT_CERTIFICATE_REQUIRED", "ALERT_CERTIFICATE_UNKNOWN",
                        "ALERT_UNKNOWN_CA", "ALERT_CERTIFICATE_EXPIRED", "ALERT_CERTIFICATE_REVOKED",
-                       "ALERT_UNSUPPORTED_CERTIFICATE", "ALERT_ACCESS_DENIED", "ALERT_HANDSHAKE_FAILURE")
+                       "ALERT_UNSUPPORTED_CERTIFICATE", "ALERT_ACCESS_DENIED")
 
 
 def _ssl_cause(exc: BaseException) -> ssl.SSLError | None:
@@ -106,8 +106,6 @@ def _refused_certificate(exc: BaseException, where: str, certfile: str) -> str |
     reason = tls.reason or str(tls)
     if not any(alert in reason for alert in _CLIENT_CERT_ALERTS):
         return None
-    if "HANDSHAKE_FAILURE" in reason and certfile:
-        return None  # more likely no common cipher or TLS version than the certificate
     if not certfile:
         return (f"{where} refused the TLS handshake ({reason}): it requires a client certificate (mutual TLS); "
                 "set audit.ssl_certfile and audit.ssl_keyfile (RT_KAFKA_SSL_CERTFILE, RT_KAFKA_SSL_KEYFILE)")
