@@ -184,7 +184,7 @@ def _log_late_outcome(fut: asyncio.Future, where: str) -> None:
 def _confirmation(ack: asyncio.Future, timeout: float, workspace: str, topic: str) -> asyncio.Future[int]:
     """The seq `ack` (a producer's future of a record) acknowledges, within `timeout`; else
     BusUnavailable (see KafkaBus.submit). Callbacks and one timer, not a task per record."""
-    from aiokafka.errors import KafkaError
+    from aiokafka.errors import KafkaError, MessageSizeTooLargeError, RecordTooLargeError
 
     loop = asyncio.get_running_loop()
     out: asyncio.Future[int] = loop.create_future()
@@ -194,7 +194,13 @@ def _confirmation(ack: asyncio.Future, timeout: float, workspace: str, topic: st
         if out.done():
             return  # answered 504 already: _log_late_outcome tells what became of it
         exc = None if f.cancelled() else f.exception()
-        if f.cancelled() or isinstance(exc, KafkaError):
+        if isinstance(exc, MessageSizeTooLargeError | RecordTooLargeError):
+            # The topic's max.message.bytes lowered under the node (what it read at start is
+            # checked before sending): a retry is refused alike, 503 told the publisher to retry.
+            out.set_exception(BusUnavailable(413, f"payload too large for the event bus: Kafka refused its record "
+                                                  f"({type(exc).__name__}: the topic's max.message.bytes); it was "
+                                                  f"not published (workspace {workspace}, bus topic {topic})"))
+        elif f.cancelled() or isinstance(exc, KafkaError):
             why = "cancelled" if exc is None else f"{type(exc).__name__}: {exc}"
             out.set_exception(BusUnavailable(503, f"event bus refused the event ({why}); it was not published "
                                                   f"(workspace {workspace}, bus topic {topic})"))

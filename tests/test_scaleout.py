@@ -1146,7 +1146,8 @@ async def test_a_record_kafka_refused_is_read_again_not_lost(cluster):
 
 async def test_a_record_kafka_refused_does_not_block_its_partition(cluster):
     """Kafka refuses a publish (larger than the topic's max.message.bytes, lowered here):
-    503, not published; the next publishes to that workspace go through. Before, aiokafka's
+    413, not published (it was 503, which tells a publisher a retry is safe: each retry was
+    refused alike); the next publishes to that workspace go through. Before, aiokafka's
     idempotent producer kept the refused batch's sequence numbers, and Kafka refused every
     later record of the partition (OutOfOrderSequenceNumber) until the node restarted; the
     ingest's feed likewise stalled behind a refused record after the operator had raised the
@@ -1163,7 +1164,7 @@ async def test_a_record_kafka_refused_does_not_block_its_partition(cluster):
             await c.subscribe("events:x")
             assert (await post({"n": 0}))[0] == 202  # Kafka knows this producer on the partition
             status, body = await post({"n": 1, "blob": "x" * 8000})
-            assert status == 503 and b"MessageSizeTooLarge" in body, (status, body)
+            assert status == 413 and b"MessageSizeTooLarge" in body, (status, body)
             for n in (2, 3):
                 status, body = await post({"n": n})
                 assert status == 202, (status, body)
