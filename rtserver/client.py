@@ -62,8 +62,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 from websockets.http11 import Response
+from websockets.uri import parse_uri
 
 log = logging.getLogger("rtserver.client")
 
@@ -156,6 +157,21 @@ def _refresh_delay(token: str, margin: float, since_refresh: float | None) -> fl
     return delay
 
 
+def _websocket_url(url: str) -> str:
+    """`url` as the client connects to it: `http(s)://` taken as `ws(s)://`, as the JS client's
+    runtimes (browsers, the `ws` package) do. One that is no WebSocket URL raises ValueError: the
+    connection loop took it for a failed attempt, retried it for good and told on_error nothing."""
+    scheme, sep, rest = url.partition("://")
+    if sep and scheme.lower() in ("http", "https"):
+        url = ("wss" if scheme.lower() == "https" else "ws") + "://" + rest
+    try:
+        parse_uri(url)
+    except (InvalidURI, ValueError) as exc:
+        raise ValueError(f"{url!r} is no WebSocket URL ({exc}): the gateway's is "
+                         "ws[s]://host/workspaces/{workspaceId}/realtime/connect") from None
+    return url
+
+
 def channel_matches(channel: str, event_channel: str, filter: dict | None = None) -> bool:
     """Whether an event on concrete `event_channel` belongs to a subscription on `channel`.
 
@@ -229,7 +245,8 @@ class _Feed:
 
 class RealtimeClient:
     """A gateway connection that reconnects by itself. `url` is the full WebSocket URL
-    (`ws://host:port/workspaces/{id}/realtime/connect`); `get_token` returns a JWT (or an
+    (`ws://host:port/workspaces/{id}/realtime/connect`; `http(s)://` is taken as `ws(s)://`, and
+    one that is no WebSocket URL raises ValueError here); `get_token` returns a JWT (or an
     awaitable of one) and is called for every connection and every refresh.
 
     Duplicates. Live, the gateway sends a connection each event once, in `seq` order. Replays
@@ -273,7 +290,7 @@ class RealtimeClient:
         on_state: Callable[[str], Any] | None = None,
         on_error: Callable[[RealtimeError], Any] | None = None,
     ):
-        self.url = url
+        self.url = _websocket_url(url)
         self.get_token = get_token
         self.header_auth = header_auth
         self.backoff_initial = backoff_initial

@@ -266,6 +266,25 @@ async def test_a_404_to_the_upgrade_is_terminal(gateway, path):
         await client.close()
 
 
+async def test_an_http_url_is_taken_as_ws_and_one_that_is_no_websocket_url_raises_at_once(gateway):
+    # http://host:port/... (the gateway's own URL, as its HTTP API is written) failed every attempt
+    # in websockets' URL parser: the loop retried it for good, connect() never returned and
+    # on_error heard nothing. The JS client's runtimes take it as ws://; so does this one now.
+    errors: list[RealtimeError] = []
+    url = f"http://127.0.0.1:{gateway.port}/workspaces/w1/realtime/connect"
+    async with asyncio.timeout(10):
+        async with RealtimeClient(url, lambda: gateway.token("w1"), on_error=errors.append, **FAST) as client:
+            assert client.url == f"ws://127.0.0.1:{gateway.port}/workspaces/w1/realtime/connect"
+            got: list[dict] = []
+            await client.subscribe("events:u", None, got.append)
+            sent = await gateway.publish("w1", "u", {"n": 1})
+            await wait_for(lambda: len(got) == 1, what="the event")
+            assert got[0]["seq"] == sent["seq"] and errors == []
+    for bad in ("ws//127.0.0.1/workspaces/w1/realtime/connect", "ftp://127.0.0.1/x", "ws://127.0.0.1:99999/x"):
+        with pytest.raises(ValueError, match="no WebSocket URL"):
+            RealtimeClient(bad, lambda: "unused")
+
+
 async def test_an_auth_timeout_is_retried_not_the_end(gateway_factory):
     # A 4002 after the error "auth timeout" says the auth message came too late (a frozen
     # process, a stalled link), not that the token is bad: it was terminal, the client stopped
