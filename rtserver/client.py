@@ -18,7 +18,8 @@ over 30 s) on other losses and when `get_token`
 fails (at connect or for a refresh: reported to on_error as a RealtimeError named
 "token_unavailable", then retried; a failed refresh, at the 4001 that ends the session),
 and stops with a RealtimeError on terminal codes (4002, 4003, 1008, 1009; but a 4002 after the
-error "auth timeout", which says the auth message came too late, is retried) and on HTTP 404 to
+error "auth timeout", which says the auth message came too late, is retried; reported to on_error
+once, its message carrying the reason the gateway gave before the close) and on HTTP 404 to
 the upgrade before any connection succeeded (a wrong URL: the gateway answers it to a malformed workspace id or any other path;
 code 404, name "upgrade_refused"). The gateway's other answer before the upgrade, HTTP 503
 (draining, at its connection limit, a Kafka node not ready), and any other status (a proxy's
@@ -341,6 +342,9 @@ class RealtimeClient:
         # text), until a connection succeeds: each kind once, not at every attempt
         self._refusal_reported: int | str | None = None
         self._auth_timed_out = False  # this connection's 4002 is "auth timeout", not a bad token
+        # The error that refused this connection's authentication (a bad token, a workspace not
+        # granted): the terminal close that follows reports it, once, with the gateway's reason.
+        self._refusal: RealtimeError | None = None
         self._callback_tasks: set[asyncio.Future[Any]] = set()
 
     # ---- public API ----------------------------------------------------------------------
@@ -585,6 +589,7 @@ class RealtimeClient:
         self._presented = token
         self._refreshed_at = None
         self._auth_timed_out = False
+        self._refusal = None
         try:
             headers = {"Authorization": f"Bearer {token}"} if self.header_auth else None
             # No max_size: an event frame is as large as its change (a PostgreSQL row can hold
@@ -614,9 +619,13 @@ class RealtimeClient:
         if self.state == "closed":
             return None
         _keep(self.closes, code)
+        refusal, self._refusal = self._refusal, None
         if code in TERMINAL_CODES and not (code == 4002 and self._auth_timed_out):
-            self._finish(RealtimeError(code, f"connection closed: {_CODE_NAMES.get(code, code)}", terminal=True))
+            why = f": {refusal}" if refusal is not None and refusal.code == code else ""
+            self._finish(RealtimeError(code, f"connection closed: {_CODE_NAMES.get(code, code)}{why}", terminal=True))
             return None
+        if refusal is not None:  # no terminal close followed it (the link died first)
+            self._callback(self.on_error, refusal, "on_error")
         return code
 
     def _connect_failed(self, exc: BaseException) -> None:
@@ -726,6 +735,7 @@ class RealtimeClient:
     def _on_auth_ok(self, msg: dict[str, Any]) -> None:
         self._authed = True
         self._authed_at = time.monotonic()
+        self._refusal = None
         self.attempt = 0
         self._refusal_reported = None
         resumed = bool(msg.get("resumed")) and msg.get("sessionId") == self.session_id
@@ -847,6 +857,13 @@ class RealtimeClient:
         sub = self._refused(msg) if code in _SUBSCRIPTION_REFUSALS else None
         err = RealtimeError(code, msg.get("message", ""), name=msg.get("name"),
                             channel=channel or (sub.channel if sub is not None else None))
+        if (code in TERMINAL_CODES and not self._authed and not self._auth_timed_out and sub is None
+                and not channel and msg.get("id") is None):
+            # Why the gateway refuses the connection; its close follows, terminal: on_error gets
+            # the terminal error once, this reason in its message (it got both, and the error
+            # connect() raised said only "connection closed: token_invalid").
+            self._refusal = err
+            return
         if sub is not None:
             # Refused: not retried, and unsubscribed at the gateway too, which keeps a
             # subscription whose replacement it refuses (events nobody receives, a quota slot).

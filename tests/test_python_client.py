@@ -384,13 +384,19 @@ async def test_terminal_codes_raise_and_stop_reconnecting(gateway, case):
     else:
         token, code = gateway.token("w1", secret="another-secret-0123456789abcdef0123"), 4002
     calls = []
+    errors: list[RealtimeError] = []
     client = RealtimeClient(proxied(proxy),
-                            lambda: calls.append(1) or token, **FAST)
+                            lambda: calls.append(1) or token, on_error=errors.append, **FAST)
     try:
         with pytest.raises(RealtimeError) as info:
             await client.connect()
         assert info.value.code == code and info.value.terminal
         assert client.state == "closed" and client.error is info.value
+        # Reported once, with the gateway's reason (on_error got the reason, then the terminal
+        # error again, and connect() raised "connection closed: token_invalid", no reason).
+        assert errors == [info.value]
+        reason = "does not grant workspace w1" if code == 4003 else "signature"
+        assert reason in str(info.value), str(info.value)
         await asyncio.sleep(0.5)  # several backoff periods
         assert proxy.accepted == 1 and len(calls) == 1
     finally:

@@ -504,6 +504,9 @@ export class RealtimeClient {
     this.refreshedAt = null; // (monotonicMs) when the connection's last refresh started
     this.authed = false;
     this.authTimedOut = false; // this connection's 4002 is "auth timeout", not a bad token
+    // The error that refused this connection's authentication (a bad token, a workspace not
+    // granted): the terminal close that follows reports it, once, with the gateway's reason.
+    this.refusal = null;
     // An upgrade that never completes (a stuck proxy, a half-open path) counts as a failed
     // attempt: without this the client would stay "connecting" for good.
     this.timers.open = setTimeout(() => {
@@ -653,6 +656,7 @@ export class RealtimeClient {
     }
     this.authed = true;
     this.authedAt = Date.now();
+    this.refusal = null;
     this.attempt = 0;
     this.refusalReported = null;
     const resumed = Boolean(msg.resumed) && msg.sessionId === this.sessionId;
@@ -731,6 +735,14 @@ export class RealtimeClient {
     }
     const sub = [4000, 4003, 4008, 4010].includes(msg.code) ? this._refused(msg) : null;
     const err = new RealtimeError(msg.code, msg.message, { name: msg.name, channel: msg.channel || sub?.channel });
+    if (TERMINAL_CODES.includes(msg.code) && !this.authed && !this.authTimedOut && !sub && !msg.channel
+      && (msg.id === undefined || msg.id === null)) {
+      // Why the gateway refuses the connection; its close follows, terminal: "error" gets the
+      // terminal error once, this reason in its message (it got both, and `ready` rejected
+      // with "connection closed: token_invalid" only).
+      this.refusal = err;
+      return;
+    }
     if (sub) {
       // The gateway refused this subscription: it is not retried, and it is unsubscribed at the
       // gateway too, which keeps a subscription whose replacement it refuses (events nobody
@@ -754,6 +766,8 @@ export class RealtimeClient {
 
   _onClose(code, reason) {
     this._clearTimers();
+    const refusal = this.refusal;
+    this.refusal = null;
     this.authed = false;
     this.marker = null;
     if (this.authedAt !== null && Date.now() - this.authedAt >= HEALTHY_AFTER_MS) {
@@ -766,10 +780,12 @@ export class RealtimeClient {
     // state back to "reconnecting" and connect again).
     if (this.state === "closed") return;
     if (TERMINAL_CODES.includes(code) && !(code === 4002 && this.authTimedOut)) {
-      this._finish(new RealtimeError(code, `connection closed: ${reason || CODE_NAMES[code] || code}`,
+      const why = refusal && refusal.code === code ? `: ${refusal.message}` : "";
+      this._finish(new RealtimeError(code, `connection closed: ${reason || CODE_NAMES[code] || code}${why}`,
         { name: reason || CODE_NAMES[code], terminal: true }));
       return;
     }
+    if (refusal) this._emit("error", refusal); // no terminal close followed it (the link died first)
     if (code === 4001 && !this.expired) {
       // The token expired: get a new one and come back at once (if it is fresh; once until a
       // connection has been healthy; else back off).

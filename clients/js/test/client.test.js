@@ -297,11 +297,18 @@ test("scope_denied (4003) and token_invalid (4002) are terminal: typed error, no
     let calls = 0;
     const client = connect({ url: wsUrl("js-denied", proxy.port), getToken: () => { calls++; return tok; }, ...fast });
     const states = [];
+    const errors = [];
     client.on("state", (s) => states.push(s));
+    client.on("error", (e) => errors.push(e));
     try {
       await assert.rejects(client.ready, (err) => err instanceof RealtimeError && err.code === code && err.terminal);
       await assert.rejects(client.closed, (err) => err.code === code);
       assert.equal(client.state, "closed");
+      // Reported once, with the gateway's reason (the error event got the reason, then the
+      // terminal error again, and `ready` rejected with "connection closed: token_invalid" only).
+      assert.deepEqual(errors.map((e) => [e.code, e.terminal]), [[code, true]]);
+      assert.match(errors[0].message, code === 4003 ? /does not grant workspace/ : /signature/);
+      await assert.rejects(client.ready, (err) => err === errors[0]);
       await new Promise((r) => setTimeout(r, 300)); // several backoff periods
       assert.equal(proxy.accepted, 1);
       assert.equal(calls, 1);
