@@ -15,7 +15,7 @@ one the gateway closed at, or the connection before lasted less than 5 s: then i
 so a stale token cannot cause a reconnect storm), backs off
 exponentially (1 s doubling to 30 s, each wait up to half as long again at random, never
 over 30 s) on other losses and when `get_token`
-fails (at connect or for a refresh: reported to on_error as a RealtimeError named
+fails or has not answered within `open_timeout` (at connect or for a refresh: reported to on_error as a RealtimeError named
 "token_unavailable", then retried; a failed refresh, at the 4001 that ends the session),
 and stops with a RealtimeError on terminal codes (4002, 4003, 1008, 1009; but a 4002 after the
 error "auth timeout", which says the auth message came too late, is retried; reported to on_error
@@ -540,9 +540,15 @@ class RealtimeClient:
         return token
 
     async def _fetch_token(self) -> str | None:
-        """A token, or None when get_token failed (reported to on_error; retried after a backoff)."""
+        """A token, or None when get_token failed or has not answered within open_timeout
+        (reported to on_error; retried after a backoff): one that never answered (a token
+        service's request hanging on a dead link) held the client "reconnecting" for good, with
+        nothing reported."""
         try:
-            return await self._token()
+            try:
+                return await asyncio.wait_for(self._token(), self.open_timeout)
+            except TimeoutError:
+                raise TimeoutError(f"get_token did not answer within {self.open_timeout} s") from None
         except Exception as exc:
             log.warning("get_token failed", extra={"fields": {"url": self.url, "error": repr(exc)}})
             err = RealtimeError(0, f"get_token failed: {exc!r}", name="token_unavailable")

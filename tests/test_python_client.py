@@ -482,6 +482,28 @@ def publish_many(gateway, workspace: str, topic: str, n: int) -> list[int]:
     return seqs
 
 
+async def test_a_get_token_that_never_answers_is_reported_and_retried(gateway):
+    # A token service's request hanging on a dead link: the client waited for it for good,
+    # "connecting" with nothing reported. Past open_timeout it now counts as a failed get_token.
+    calls: list[int] = []
+
+    async def get_token() -> str:
+        calls.append(1)
+        if len(calls) == 1:
+            await asyncio.Event().wait()  # never answers
+        return gateway.token("w1")
+
+    errors: list[RealtimeError] = []
+    client = RealtimeClient(gateway.ws_url("w1"), get_token, on_error=errors.append, open_timeout=0.3, **FAST)
+    try:
+        await asyncio.wait_for(client.connect(), 10)
+        assert client.state == "open" and len(calls) == 2
+        assert [(e.code, e.name, e.terminal) for e in errors] == [(0, "token_unavailable", False)]
+        assert isinstance(errors[0].__cause__, TimeoutError) and "did not answer within 0.3 s" in str(errors[0])
+    finally:
+        await client.close()
+
+
 async def test_get_token_failure_is_reported_and_retried_with_backoff(gateway):
     proxy = await TcpProxy(gateway.port).start()
     calls: list[int] = []

@@ -84,7 +84,9 @@ export interface ConnectOptions {
   /** Unread items an events() iterator may hold before it fails (default 10000). */
   maxBufferedEvents?: number;
   /** A connection attempt whose WebSocket upgrade has not completed after this long is
-   * abandoned and counts as a failed attempt (backoff); default 10000. */
+   * abandoned and counts as a failed attempt (backoff); default 10000. A getToken call (at
+   * connect or for a refresh) that has not settled after this long counts as a failing one
+   * (token_unavailable). */
   openTimeoutMs?: number;
 }
 

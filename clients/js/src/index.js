@@ -264,7 +264,7 @@ export class RealtimeClient {
     this.refreshedAt = null;
     this.pendingToken = null;
     this.refusalReported = null; // what the last failed connect reported (an HTTP status, or a connect_failed kind), until one succeeds
-    this.timers = { retry: null, refresh: null, ping: null, open: null };
+    this.timers = { retry: null, refresh: null, ping: null, open: null, token: null };
     this.nextId = 1;
     this.closedByUser = false;
     this.error = null;
@@ -464,7 +464,7 @@ export class RealtimeClient {
     if (this.state === "closed") return; // closed by a state listener: no getToken() for nothing
     let token, WS;
     try {
-      token = await this.getToken();
+      token = await this._fetchToken();
     } catch (err) {
       if (this.state === "closed") return;
       this._emit("error", tokenUnavailable(err));
@@ -559,6 +559,22 @@ export class RealtimeClient {
       this.ws = null;
       this._onClose(ev.code, ev.reason);
     };
+  }
+
+  // getToken's token; throws what it throws, or an Error when it has not settled within
+  // openTimeoutMs: one that never settled (a fetch hanging on a dead link) held the client
+  // "connecting" for good, with nothing reported.
+  _fetchToken() {
+    clearTimeout(this.timers.token);
+    const late = new Promise((resolve, reject) => {
+      this.timers.token = setTimeout(() => {
+        this.timers.token = null;
+        reject(new Error(`getToken did not settle within ${this.openTimeout} ms`));
+      }, this.openTimeout);
+    });
+    const timer = this.timers.token;
+    return Promise.race([Promise.resolve().then(() => this.getToken()), late])
+      .finally(() => { clearTimeout(timer); if (this.timers.token === timer) this.timers.token = null; });
   }
 
   // A failed connect that is retried, reported on "error" once per `kind` (an HTTP status, a
@@ -833,7 +849,7 @@ export class RealtimeClient {
     const ws = this.ws;
     let token;
     try {
-      token = await this.getToken();
+      token = await this._fetchToken();
     } catch (err) {
       if (this.state !== "closed") this._emit("error", tokenUnavailable(err));
       return; // the gateway closes with 4001 at exp; we reconnect from there

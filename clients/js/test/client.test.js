@@ -427,6 +427,28 @@ test("a failing getToken is reported as token_unavailable, at connect and for a 
   }
 });
 
+test("a getToken that never settles is reported as token_unavailable and retried", { timeout: 30000 }, async () => {
+  // A fetch hanging on a dead link: the client waited for it for good, "connecting" with nothing
+  // reported. Past openTimeoutMs it now counts as a failed getToken.
+  const ws = "js-token-hangs";
+  let calls = 0;
+  const getToken = () => (++calls === 1 ? new Promise(() => {}) : token({ workspace: ws }));
+  const client = new RealtimeClient({ url: wsUrl(ws), getToken, openTimeoutMs: 300, ...fast });
+  const errors = [];
+  client.on("error", (e) => errors.push(e));
+  try {
+    client.subscribe("events:x");
+    let opened = false;
+    client.ready.then(() => { opened = true; });
+    await waitFor(() => opened, 10000, "the connection after the getToken that never settled");
+    assert.equal(calls, 2);
+    assert.deepEqual(errors.map((e) => [e.code, e.codeName, e.terminal]), [[0, "token_unavailable", false]]);
+    assert.match(errors[0].cause.message, /did not settle within 300 ms/);
+  } finally {
+    client.close();
+  }
+});
+
 test("an events() iterator dropped before it is iterated stops buffering; one being iterated keeps receiving",
   { timeout: 30000 }, async () => {
     // The README's pattern creates events() before awaiting the subscription: when that
