@@ -108,6 +108,9 @@ def _token(cfg, args) -> int:
     except OSError as exc:
         print(f"rtserver token: state directory {state_dir} (server.state_dir): {exc.strerror or exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:  # a dev-secret file cut short or unreadable: said as `serve` says it
+        print(f"rtserver token: {exc}", file=sys.stderr)
+        return 2
     if cfg.auth.channel_permissions and not args.channel:
         print("rtserver token: auth.channel_permissions is on and no --channel given: the token grants no channel",
               file=sys.stderr)

@@ -726,6 +726,21 @@ def test_a_home_relative_path_in_the_config_file_is_under_home(tmp_path):
     assert load(str(cfg), environ={}).server.state_dir == os.path.expanduser("~/rtstate")
 
 
+def test_an_unusable_dev_secret_is_one_line_for_token_as_for_serve(tmp_path):
+    """A dev-secret file cut short (a disk full when it was written, an editor) or not a file:
+    `rtserver serve` said so in one line, exit 2; `rtserver token` on the same state directory
+    crashed with a traceback (exit 1). Both say it in one line now."""
+    short, folder = tmp_path / "short", tmp_path / "folder"
+    short.mkdir()
+    (short / "dev-secret").write_text("abc\n")
+    (folder / "dev-secret").mkdir(parents=True)
+    for state, said in ((short, "is shorter than 32 characters"), (folder, "cannot read")):
+        out = _run(["token", "--workspace", "w1", "--state-dir", str(state)], cwd=str(tmp_path))
+        lines = [line for line in out.stderr.splitlines() if line.strip()]
+        assert out.returncode == 2 and len(lines) == 1 and not out.stdout, out.stderr
+        assert f"dev secret {state / 'dev-secret'}" in lines[0] and said in lines[0], out.stderr
+
+
 def test_token_refuses_an_empty_subject(tmp_path):
     """`rtserver token --sub ""` minted a token every gateway refuses ('token has no sub',
     4002), without a word; it is a usage error now."""
