@@ -163,6 +163,10 @@ def _coerce(setting: Setting, value: Any, origin: str) -> Any:
             number = int(value)
             if number < 0:
                 raise ValueError("must not be negative")
+            if number >= 1 << 63:
+                # Sizes reach C (picows' frame limit, buffer bounds): beyond 64 bits the gateway
+                # started, then dropped every WebSocket upgrade with an OverflowError.
+                raise ValueError(f"too large (at most {(1 << 63) - 1})")
             return number
         if setting.kind is float:
             if isinstance(value, bool):

@@ -586,6 +586,23 @@ def test_a_fraction_for_an_integer_setting_is_refused(tmp_path):
     assert load(str(cfg), environ={}).server.port == 8080
 
 
+def test_an_integer_beyond_64_bits_is_refused_at_start(tmp_path):
+    """limits.max_message_bytes or limits.send_buffer_bytes of 10**19 or more (an "unlimited"
+    written as a row of 9s, or `1e300` in TOML) started a gateway that said it was ready, then
+    dropped every WebSocket upgrade (OverflowError converting it to a C size: an error line per
+    client, 1011 or no answer). Such a value is a configuration error, one line, exit 2."""
+    for env in ("RT_MAX_MESSAGE_BYTES", "RT_SEND_BUFFER_BYTES"):
+        out = _run(["serve"], {env: "99999999999999999999", "RT_PORT": "0"}, cwd=str(tmp_path))
+        lines = [line for line in out.stderr.splitlines() if line.strip()]
+        assert out.returncode == 2 and len(lines) == 1 and f"environment {env}" in lines[0], out.stderr
+        assert "too large" in lines[0], out.stderr
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[limits]\nmax_message_bytes = 1e300\n")
+    with pytest.raises(ConfigError, match=r"\(limits\.max_message_bytes\): invalid value .*too large"):
+        load(str(cfg), environ={})
+    assert load(environ={"RT_SEND_BUFFER_BYTES": str(2**63 - 1)}).limits.send_buffer_bytes == 2**63 - 1
+
+
 def test_an_inconsistent_value_names_where_it_was_set(tmp_path):
     """A value each source of settings could have given (the file, an RT_* variable, a flag)
     that the checks after loading refuse says where it came from: `server.port: 70000 is not a
