@@ -732,7 +732,7 @@ def _bad_mongo_option(url: str) -> tuple[str, str] | None:
     for name, value in urllib.parse.parse_qsl(hosts.partition("?")[2], keep_blank_values=True):
         try:
             uri_parser.parse_uri("mongodb://localhost/?" + urllib.parse.urlencode({name: value}), warn=False)
-        except (PyMongoError, ValueError) as exc:
+        except (PyMongoError, ValueError, OSError) as exc:  # OSError: a tlsCAFile not there (a traceback)
             return name, str(exc)
     return None
 

@@ -603,6 +603,24 @@ def test_an_integer_beyond_64_bits_is_refused_at_start(tmp_path):
     assert load(environ={"RT_SEND_BUFFER_BYTES": str(2**63 - 1)}).limits.send_buffer_bytes == 2**63 - 1
 
 
+def test_a_mongo_url_naming_a_missing_tls_file_is_one_line(tmp_path):
+    """A MongoDB URL whose tlsCAFile or tlsCertificateKeyFile is not there (a secret mounted at
+    another path) crashed `rtserver serve` with the driver's traceback (FileNotFoundError, exit
+    1), naming neither the setting nor the option. It is a configuration error: one line naming
+    the setting and the option, exit 2, in [workspaces.W] mongo_url too."""
+    missing = tmp_path / "nowhere" / "ca.pem"
+    for option in ("tlsCAFile", "tlsCertificateKeyFile"):
+        url = f"mongodb://127.0.0.1:9/app?replicaSet=rs0&tls=true&{option}={missing}"
+        out = _run(["serve"], {"RT_MONGO_URL": url, "RT_PORT": "0"}, cwd=str(tmp_path))
+        lines = [line for line in out.stderr.splitlines() if line.strip()]
+        assert out.returncode == 2 and len(lines) == 1, out.stderr
+        assert "mongo.url (RT_MONGO_URL)" in lines[0] and f"option {option}" in lines[0], out.stderr
+    cfg = tmp_path / "rt.toml"
+    cfg.write_text(f'[workspaces.acme]\nmongo_url = "mongodb://127.0.0.1:9/app?tls=true&tlsCAFile={missing}"\n')
+    with pytest.raises(ConfigError, match=r"\[workspaces.acme\] mongo_url: not a valid MongoDB URL \(option tlsCAFile\)"):
+        load(str(cfg), environ={})
+
+
 def test_an_inconsistent_value_names_where_it_was_set(tmp_path):
     """A value each source of settings could have given (the file, an RT_* variable, a flag)
     that the checks after loading refuse says where it came from: `server.port: 70000 is not a
