@@ -684,7 +684,12 @@ def _check_mongo_url(where: str, url: str) -> None:
     checked: the rest needs a DNS lookup, which the driver makes when it connects."""
     if not url:
         return
-    bad = _bad_mongo_option(url)
+    with warnings.catch_warnings():
+        # The driver warns of an option it drops all the same (compressors=snappy without its
+        # module): here, before the log begins, that was plain text on stderr, twice. The
+        # feed's own client warns again at start, in the JSON log.
+        warnings.simplefilter("ignore")
+        bad = _bad_mongo_option(url)
     if bad:
         raise ConfigError(f"{where}: not a valid MongoDB URL (option {bad[0]}): {bad[1]}")
     if url.startswith("mongodb+srv://"):
@@ -693,11 +698,11 @@ def _check_mongo_url(where: str, url: str) -> None:
     from pymongo.errors import PyMongoError
 
     try:
-        # warn=False: the driver itself only warns about an unknown option or a bad value and
-        # drops it, so `tls=ture` or `tsl=true` connected without TLS, credentials in clear.
-        uri_parser.parse_uri(url, warn=False)
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # what parse_uri let through raises nothing here
+            warnings.simplefilter("ignore")  # as above; what parse_uri let through raises nothing here
+            # warn=False: the driver itself only warns about an unknown option or a bad value and
+            # drops it, so `tls=ture` or `tsl=true` connected without TLS, credentials in clear.
+            uri_parser.parse_uri(url, warn=False)
             # The client checks the credentials against the mechanism (MONGODB-X509 with a
             # password, GSSAPI without a user) when it is made, not when parsing: the feed's
             # start raised then, a traceback and exit 1. Without connecting nothing is started.

@@ -249,6 +249,19 @@ async def test_a_path_in_another_encoding_is_logged_as_a_json_line(gateway_facto
     assert warning["state_dir"].endswith("/st-\\udce9t\\udce9"), warning
 
 
+async def test_a_mongo_url_asking_for_a_compressor_not_installed_logs_json_only(gateway_factory):
+    """`compressors=snappy` or `zstd` in a MongoDB URL (Atlas suggests them) without the
+    driver's optional module: the configuration checks made the driver warn before the log
+    began, two plain 'UserWarning: Wire protocol compression with snappy is not available'
+    lines each on stderr, which a log shipper reading one JSON object a line refuses. The
+    driver's warning is logged once the log is JSON, as a JSON line."""
+    gw = await gateway_factory(env={"RT_MONGO_URL": "mongodb://127.0.0.1:9/app?replicaSet=rs0&compressors=snappy,bogus"})
+    await gw.stop()
+    lines = [json.loads(line) for line in gw.logs().splitlines()]  # each one JSON
+    assert any(rec["msg"] == "listening" for rec in lines), lines
+    assert any(rec["logger"] == "py.warnings" and "snappy" in rec["msg"] for rec in lines), lines
+
+
 async def test_audit_records_a_stalled_stderr_drops_are_counted_lost_not_delivered(tmp_path):
     """Without Kafka the log is the audit trail. When stderr's reader falls behind, the log
     writer drops lines past its bound (as it should: the gateway must not block or grow), but
