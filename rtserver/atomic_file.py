@@ -17,9 +17,13 @@ def replace_file(path: str, data: bytes) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.filename is None:
+            # A write, flush or fsync refused (a full disk) names no file: "[Errno 28] No space
+            # left on device" was all a failed start said. Named here, as an open's error is.
+            raise OSError(exc.errno, exc.strerror, path) from exc
         raise
 
 

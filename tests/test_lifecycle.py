@@ -621,6 +621,24 @@ def test_a_mongo_url_naming_a_missing_tls_file_is_one_line(tmp_path):
         load(str(cfg), environ={})
 
 
+def test_a_state_file_the_disk_refuses_is_named_at_start(tmp_path):
+    """A state directory on a full disk (here: a file-size limit, EFBIG as ENOSPC would be)
+    stopped `rtserver serve` with `rtserver: [Errno 27] File too large`: an error of the write,
+    not of the open, names no file, so nothing said which disk or setting to look at. The line
+    names the state file now."""
+    import resource
+
+    state = tmp_path / "state"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RT_")}
+    env.update({"RT_STATE_DIR": str(state), "RT_PORT": "0", "RT_AUTH_HS256_SECRET": "s" * 40})
+    out = subprocess.run([sys.executable, "-m", "rtserver", "serve"], capture_output=True, text=True, env=env,
+                         cwd=str(tmp_path), timeout=60,
+                         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (4, 4)))
+    plain = [line for line in out.stderr.splitlines() if line.strip() and not line.startswith("{")]
+    assert out.returncode == 2 and len(plain) == 1, out.stderr
+    assert plain[0] == f"rtserver: {state / 'seq-reservation'}: File too large", out.stderr
+
+
 def test_an_inconsistent_value_names_where_it_was_set(tmp_path):
     """A value each source of settings could have given (the file, an RT_* variable, a flag)
     that the checks after loading refuse says where it came from: `server.port: 70000 is not a
