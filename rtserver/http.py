@@ -629,8 +629,11 @@ class FrontProtocol(asyncio.Protocol):
         # The client is likely still sending what was refused: closing with its bytes unread
         # would reset the connection and could destroy the answer before it is read. Send the
         # answer and FIN, discard what still comes (data_received reads nothing while closing),
-        # and close after _LINGER_SECONDS.
-        t.write_eof()
+        # and close after _LINGER_SECONDS. A TLS transport has no half-close (its write_eof
+        # raised NotImplementedError: no answer, the connection open for good): the answer
+        # alone, then the close (close_notify) after _LINGER_SECONDS.
+        if t.can_write_eof():
+            t.write_eof()
         self._resume_reading()
         loop.call_later(_LINGER_SECONDS, t.close)
 

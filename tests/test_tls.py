@@ -60,3 +60,31 @@ def test_unusable_certificate_or_key_is_one_clear_line(tmp_path):
                              timeout=30)
         errors = [line for line in out.stderr.splitlines() if line.startswith("rtserver:")]
         assert out.returncode == 2 and len(errors) == 1 and expected in errors[0], out.stderr
+
+
+async def test_a_refused_request_over_tls_is_answered_and_closed(gateway_factory, tmp_path):
+    """A refusal that closes the connection (408 for a request head not in full within
+    limits.request_timeout, 413, 431) half-closes it after its answer (write_eof), which a TLS
+    transport cannot do: NotImplementedError. Over https:// the 408 was never sent, an ERROR
+    traceback was logged, and the connection stayed open for good, counted in
+    rt_http_connections: a slowloris peer held sockets until the node answered 503 to everyone.
+    Over TLS the answer now leaves and the connection is closed."""
+    cert, key = self_signed(str(tmp_path))
+    gw = await gateway_factory(env={"RT_TLS_CERT": cert, "RT_TLS_KEY": key, "RT_REQUEST_TIMEOUT": "1",
+                                    "RT_MAX_PUBLISH_BYTES": "10"}, wait_tls=cert)
+    ctx = ssl.create_default_context(cafile=cert)
+    for head, status in ((b"GET /healthz HTTP/1.1\r\nHost: local", b"408"),
+                         (b"POST /workspaces/w1/realtime/events/t HTTP/1.1\r\nHost: x\r\nContent-Length: 99\r\n\r\n",
+                          b"413")):
+        reader, writer = await asyncio.open_connection("localhost", gw.port, ssl=ctx)
+        writer.write(head)
+        # until the gateway closes the connection (it never did over TLS)
+        response = await asyncio.wait_for(reader.read(), 30)
+        writer.close()
+        assert response.startswith(b"HTTP/1.1 " + status), response
+    reader, writer = await asyncio.open_connection("localhost", gw.port, ssl=ctx)
+    writer.write(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+    metrics = (await asyncio.wait_for(reader.read(), 30)).decode()
+    writer.close()
+    assert "\nrt_http_connections 1\n" in metrics  # this scrape's only
+    assert '"level":"error"' not in gw.logs(), gw.logs()
