@@ -676,6 +676,26 @@ def _check_postgres_url(where: str, url: str) -> None:
             raise ConfigError(f"{where}: its port is not a TCP port (in a URL, a '/' in the user name or "
                               "password must be written %2F)")
         raise ConfigError(f"{where}: port {port!r} is not a TCP port")
+    # Parsed, not checked, by libpq's parser: a typo in sslmode, or a TLS file not there (a
+    # secret mounted elsewhere), failed the feed at every attempt for good, the latter with
+    # 'No such file or directory' naming no file.
+    sslmode = str(params.get("sslmode") or os.environ.get("PGSSLMODE") or "prefer")
+    if sslmode not in _SSLMODES:
+        raise ConfigError(f"{where}: sslmode {sslmode!r} is not one of {', '.join(_SSLMODES)}")
+    if sslmode == "disable":
+        return
+    for key in ("sslrootcert", "sslcert", "sslkey", "sslcrl"):
+        file = str(params.get(key, ""))
+        if not file or key == "sslrootcert" and file == "system":  # "system": the system's CAs
+            continue
+        try:
+            with open(file, "rb"):
+                pass
+        except OSError as exc:
+            raise ConfigError(f"{where}: {key} {file}: {exc.strerror or exc}") from None
+
+
+_SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 
 
 def _check_mongo_url(where: str, url: str) -> None:

@@ -639,6 +639,31 @@ def test_a_state_file_the_disk_refuses_is_named_at_start(tmp_path):
     assert plain[0] == f"rtserver: {state / 'seq-reservation'}: File too large", out.stderr
 
 
+def test_a_postgres_url_naming_a_missing_tls_file_or_no_sslmode_is_one_line(tmp_path):
+    """A PostgreSQL URL with sslmode=verify-ful (a typo) or an sslrootcert/sslcert/sslkey that is
+    not there (a secret mounted at another path) started the gateway, whose feed then failed
+    every few seconds for good, with 'FileNotFoundError: [Errno 2] No such file or directory'
+    (naming no file) in the log and /readyz. Each is a configuration error at start, naming
+    the setting, the parameter and the file, as for MongoDB URLs and audit.ssl_cafile."""
+    missing = tmp_path / "nowhere" / "ca.pem"
+    for query, said in ((f"sslmode=verify-full&sslrootcert={missing}", f"sslrootcert {missing}: "),
+                        (f"sslmode=require&sslcert={missing}&sslkey={missing}", f"sslcert {missing}: "),
+                        ("sslmode=verify-ful", "sslmode 'verify-ful' is not one of")):
+        url = f"postgresql://rt:pw@127.0.0.1:9/app?{query}"
+        out = _run(["serve"], {"RT_POSTGRES_URL": url, "RT_PORT": "0"}, cwd=str(tmp_path))
+        lines = [line for line in out.stderr.splitlines() if line.strip()]
+        assert out.returncode == 2 and len(lines) == 1, out.stderr
+        assert "postgres.url (RT_POSTGRES_URL)" in lines[0] and said in lines[0], out.stderr
+        assert ":pw@" not in lines[0]
+    cfg = tmp_path / "rt.toml"
+    cfg.write_text(f'[workspaces.acme]\npostgres_url = "host=db dbname=app sslmode=verify-ca sslrootcert={missing}"\n')
+    with pytest.raises(ConfigError, match=r"\[workspaces.acme\] postgres_url: sslrootcert .*No such file"):
+        load(str(cfg), environ={})
+    # what libpq takes without a file: the system's CAs, and files it would not read
+    load(environ={"RT_POSTGRES_URL": "postgresql://db/app?sslmode=verify-full&sslrootcert=system"})
+    load(environ={"RT_POSTGRES_URL": f"postgresql://db/app?sslmode=disable&sslrootcert={missing}"})
+
+
 def test_an_inconsistent_value_names_where_it_was_set(tmp_path):
     """A value each source of settings could have given (the file, an RT_* variable, a flag)
     that the checks after loading refuse says where it came from: `server.port: 70000 is not a
