@@ -52,7 +52,7 @@ def _list(value: Any) -> list[str]:
 SETTINGS: tuple[Setting, ...] = (
     Setting("server", "host", "RT_HOST", str, "127.0.0.1", "Address to listen on (the ingest's health port too)"),
     Setting("server", "port", "RT_PORT", int, 8080, "Port for WebSocket, publish API, health and metrics"),
-    Setting("server", "tls_cert", "RT_TLS_CERT", str, "", "PEM certificate: serve wss:// and https://"),
+    Setting("server", "tls_cert", "RT_TLS_CERT", str, "", "PEM certificate: serve wss:// and https:// (read at start: a renewed one takes a restart; the ingest's health port stays plain http)"),
     Setting("server", "tls_key", "RT_TLS_KEY", str, "", "PEM private key of tls_cert"),
     Setting("server", "state_dir", "RT_STATE_DIR", str, ".rtserver", "Local state: dev secret, source positions, audit spool, the workspaces a default change feed records into, sessions saved at shutdown, the seq reservation"),
     Setting("server", "instance", "RT_INSTANCE", str, "rtserver", "Instance name: replication slot and publication names derive from it"),
