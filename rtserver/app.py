@@ -178,6 +178,9 @@ class Gateway:
                 host=cfg.server.host,
                 port=cfg.server.port,
                 ssl=ctx,
+                # A connection that never finishes its TLS handshake reaches no protocol, and so
+                # no count of the client sockets, until this passes (asyncio's default: 60 s).
+                ssl_handshake_timeout=cfg.limits.request_timeout if ctx else None,
                 backlog=4096,
                 reuse_address=True,
                 start_serving=False,  # bound: from here on the start succeeds

@@ -86,7 +86,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("limits", "max_invalid_per_minute", "RT_MAX_INVALID_PER_MINUTE", int, 20, "Invalid messages a minute before close 1008"),
     Setting("limits", "min_refresh_interval", "RT_MIN_REFRESH_INTERVAL", float, 1.0, "Seconds between two token refreshes (`auth` on an open connection) that the gateway handles; a sooner one waits, and the connection's later messages behind it"),
     Setting("limits", "auth_timeout", "RT_AUTH_TIMEOUT", float, 10.0, "Seconds for a client to send its auth message before close 4002 (verifying it does not count)"),
-    Setting("limits", "request_timeout", "RT_REQUEST_TIMEOUT", float, 30.0, "Seconds an HTTP request (head and body; the WebSocket upgrade request too) may take to arrive once its first byte has: beyond, 408 and the connection is closed"),
+    Setting("limits", "request_timeout", "RT_REQUEST_TIMEOUT", float, 30.0, "Seconds an HTTP request (head and body; the WebSocket upgrade request too) may take to arrive once its first byte has: beyond, 408 and the connection is closed. With TLS, also the most a TLS handshake may take"),
     Setting("limits", "idle_timeout", "RT_IDLE_TIMEOUT", float, 60.0, "Seconds of peer silence before a WebSocket is closed with 1001 (an HTTP connection with no request in progress or waiting: closed); also how long a closed connection's peer gets to read what was queued for it before it is dropped"),
     Setting("limits", "max_publish_bytes", "RT_MAX_PUBLISH_BYTES", int, 256 * 1024, "Largest custom event payload (413 beyond)"),
     Setting("history", "events", "RT_HISTORY_EVENTS", int, 10000, "Events kept per workspace for replay"),

@@ -88,3 +88,18 @@ async def test_a_refused_request_over_tls_is_answered_and_closed(gateway_factory
     writer.close()
     assert "\nrt_http_connections 1\n" in metrics  # this scrape's only
     assert '"level":"error"' not in gw.logs(), gw.logs()
+
+
+async def test_a_tls_handshake_that_never_comes_is_cut_off_at_the_request_timeout(gateway_factory, tmp_path):
+    """A connection that opens TCP and never starts its TLS handshake reaches no protocol of
+    the gateway's, so neither the client-socket cap nor the request timeout counted it: each
+    held a descriptor for asyncio's default 60 s, and a flood of them took the descriptors
+    kept for the feeds and state files. The handshake gets limits.request_timeout now."""
+    cert, key = self_signed(str(tmp_path))
+    gw = await gateway_factory(env={"RT_TLS_CERT": cert, "RT_TLS_KEY": key, "RT_REQUEST_TIMEOUT": "1"},
+                               wait_tls=cert)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)  # TCP only, no ClientHello
+    try:
+        assert await asyncio.wait_for(reader.read(), 30) == b""  # closed by the gateway, well before 60 s
+    finally:
+        writer.close()
