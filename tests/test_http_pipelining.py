@@ -42,6 +42,9 @@ class RecordingTransport:
     def abort(self) -> None:
         self.aborted = self.closed = True
 
+    def can_write_eof(self) -> bool:  # a plain TCP transport's answer (a TLS one cannot half-close)
+        return True
+
     def write_eof(self) -> None:  # a refusal's answer ends the stream, then lingers (FrontProtocol._close)
         self.eof = True
 
