@@ -562,6 +562,11 @@ class FrontProtocol(asyncio.Protocol):
             self._answers.append((data, close))
             if close:
                 self._closing = True
+            elif len(self._answers) >= _MAX_PIPELINED:
+                # Held as those of publishes are: a client sending cheap requests (a GET, a
+                # refused publish) behind one unconfirmed publish was read without end, each
+                # answer kept until the bus confirmed it.
+                self._pause_reading()
             return
         if self._held is not None:
             self._held.append(data)

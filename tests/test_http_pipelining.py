@@ -649,3 +649,52 @@ async def test_an_upgrade_to_another_protocol_than_websocket_is_ignored(tmp_path
         writer.close()
     finally:
         await gw.shutdown()
+
+
+async def test_answers_queued_behind_an_unconfirmed_publish_stop_the_reading(tmp_path, monkeypatch):
+    """Over real sockets: while a publish waits for the bus to confirm it (Kafka: up to its
+    delivery timeout), the requests behind it that need no wait (a GET, a refused publish)
+    have their answers queued behind it. Reading paused only for answers of publishes: a
+    client sending cheap requests behind one unconfirmed publish was read without end, every
+    answer held in memory until the bus answered. Reading now pauses at _MAX_PIPELINED answers
+    of any kind, and every answer leaves in order once the publish is confirmed."""
+    import socket
+
+    n = 20_000
+    gw, protos = await in_process_gateway(tmp_path, monkeypatch)
+    real_bus = gw.bus
+    bus = gw.bus = ConfirmingBus()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    sock.setblocking(False)
+    try:
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", gw.port))
+        reader, writer = await asyncio.open_connection(sock=sock)
+        get = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+        writer.write(publish_request(0) + get * n)
+        for _ in range(100):
+            if bus.submitted:
+                break
+            await asyncio.sleep(0.01)
+        proto = protos[0]
+        held, steady = -1, 0
+        while steady < 5 and len(proto._answers or ()) <= n:
+            await asyncio.sleep(0.1)
+            steady = steady + 1 if len(proto._answers or ()) == held else 0
+            held = len(proto._answers or ())
+        assert proto._paused, "reading went on behind the unconfirmed publish"
+        # What one read brought beyond the bound, at most (256 KiB reads)
+        assert held < http._MAX_PIPELINED + 256 * 1024 // len(get), held
+        assert held < n
+        bus.confirm(0)
+        status, _, body = await read_answer(reader, 20)
+        assert status == 202 and json.loads(body)["seq"] == 100
+        for _ in range(n):
+            status, head, body = await read_answer(reader, 20)
+            assert status == 200, (head, body)
+        assert not proto._answers
+        writer.close()
+    finally:
+        sock.close()
+        gw.bus = real_bus
+        await gw.shutdown()
