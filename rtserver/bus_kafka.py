@@ -31,7 +31,7 @@ from rtcore.event import Event
 from rtserver.bus import BusUnavailable
 from rtserver.channels import valid_collection, valid_table_name
 from rtserver.eager import run_now
-from rtserver.sources.base import ChannelUnavailable
+from rtserver.sources.base import YIELD_EVERY, ChannelUnavailable
 from rtserver.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
@@ -715,6 +715,7 @@ class KafkaBus:
         consumer = self._consumer
         assert consumer is not None
         deliver = self.hub.deliver
+        taken = 0
         while True:
             try:
                 batches = await consumer.getmany(timeout_ms=500, max_records=2000)
@@ -749,6 +750,15 @@ class KafkaBus:
                     except Exception:  # noqa: BLE001 - one record must not stop this node's only consumer
                         log.exception("bus record could not be delivered; skipped",
                                       extra={"fields": record_fields(self.topic, tp.partition, r.offset, r.key)})
+                    # A fetch holds up to 2,000 records: delivered in one step, they held the loop
+                    # (every subscriber's push of each) and queued all their frames past the
+                    # backlog bound. Each waits for room, as the memory bus's events do, and the
+                    # clients get a turn every YIELD_EVERY records (sources.base).
+                    taken += 1
+                    if self.hub.backlogged():
+                        await self.hub.room()
+                    elif taken % YIELD_EVERY == 0:
+                        await asyncio.sleep(0)
             # Past the last record read: a transaction's commit marker takes an offset of its own,
             # and a partition may end with one (the lag and catching up count to the end).
             for tp in self._tps:

@@ -250,3 +250,64 @@ async def test_replays_requested_at_once_leave_in_turns(tmp_path, monkeypatch):
         for ws in clients:
             await ws.close()
         await gw.shutdown()
+
+
+@pytest.mark.kafka
+async def test_a_kafka_consumer_batch_waits_for_room_and_lets_the_loop_run(kafka_broker, tmp_path):
+    """A node behind its bus topic (after a pause of its consumer, a burst of the ingest) gets
+    up to 2,000 records per fetch. They were delivered in one step of the loop: no client was
+    read or written meanwhile (2,000 events times every subscriber's push: ~0.6 s at 10,000
+    connections), and the fan-out backlog went past limits.fanout_backlog by the whole batch's
+    frames (a slot per frame per connection), where the memory bus and the change feeds wait
+    for room before each event. Each record now waits for room as they do."""
+    import contextlib
+    import uuid
+
+    from aiokafka import TopicPartition
+
+    from rtserver.app import Gateway
+    from tests.harness.wsclient import ws_connect
+    from tests.test_churn import Addr, _cfg, _token
+
+    topic = f"rt.events.{uuid.uuid4().hex[:8]}"
+    clients, events, bound = 10, 3000, 100
+    gw = Gateway(_cfg(tmp_path, RT_BUS="kafka", RT_BUS_KAFKA_BOOTSTRAP=kafka_broker.bootstrap, RT_BUS_TOPIC=topic,
+                      RT_BUS_PARTITIONS="1", RT_FANOUT_BACKLOG=str(bound), RT_FANOUT_BACKLOG_PER_CONNECTION="0",
+                      RT_HISTORY_EVENTS=str(events), RT_MAX_CONNECTIONS_PER_SUBJECT=str(clients),
+                      RT_SEND_BUFFER_BYTES=str(8 << 20)))
+    await gw.start()
+    try:
+        for _ in range(500):  # caught up with the (new) topic
+            if gw.bus.ready():
+                break
+            await asyncio.sleep(0.02)
+        async with contextlib.AsyncExitStack() as stack:
+            subscribers = []
+            for _ in range(clients):
+                c = await stack.enter_async_context(ws_connect(Addr(gw), "w1", token=_token(["w1"], "u")))
+                await c.subscribe("events:t")
+                subscribers.append(c)
+            consumer, tp = gw.bus._consumer, TopicPartition(topic, 0)
+            consumer.pause(tp)  # the node falls behind its topic
+            headers = {"authorization": f"Bearer {_token(['w1'], 'p', publish=True)}"}
+            answers = [await gw.publish_http("w1", "t", headers, b'{"i":%d}' % i, "test") for i in range(events)]
+            assert {(await a)[0] for a in answers} == {202}
+            hub = gw.hub
+            most_queued = [0]
+
+            def delivered() -> int:
+                most_queued[0] = max(most_queued[0], hub._queued)
+                return sum(hub.metrics.events_in.values())
+
+            async with LoopProbe(delivered) as probe:
+                consumer.resume(tp)
+                while delivered() < events:
+                    await asyncio.sleep(0.01)
+            # Before: a whole fetch (2,000 records) between two turns, 20,000 frames queued.
+            assert probe.most_between <= YIELD_EVERY, f"{probe.most_between} events between two turns"
+            assert most_queued[0] <= bound + 2 * clients, f"{most_queued[0]} frames queued"
+            for c in subscribers:  # every event at every subscriber, in order
+                got = [(await c.recv_event())["payload"]["i"] for _ in range(events)]
+                assert got == list(range(events))
+    finally:
+        await gw.shutdown()
