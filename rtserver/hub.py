@@ -455,8 +455,8 @@ class Hub:
         queued frames (among the workspaces waiting for writes) does not wait: the workspace
         filling the queue is the one held back, not every other one with it (before, a quiet
         workspace's publish waited 15-22 ms in the median behind one publishing at full rate
-        to 10,000 connections). The bound may then be passed by what the others queue, at
-        most about their shares."""
+        to 10,000 connections). The bound may then be passed by what the others queue, up to
+        twice the bound: beyond, every publisher waits."""
         lane = None
         if workspace is not None:
             ws = self.workspaces.get(workspace)
@@ -474,7 +474,11 @@ class Hub:
     def _holds_back(self, lane: Lane | None) -> bool:
         if not self.backlogged():
             return False
-        return lane is None or lane.queued * max(1, len(self._ready)) >= self._queued
+        queued = self._queued
+        # Past twice the bound, every workspace waits: a flood spread over many workspaces (a
+        # token granting `*`, a shared feed) found the workspace it published to next under its
+        # share each time (its last turn of writes had emptied it), and was never held.
+        return lane is None or lane.queued * max(1, len(self._ready)) >= queued or queued > 2 * self.backlog_bound()
 
     def schedule(self, out: Outbox) -> None:
         """Called for a connection's outbox that just got its first pending frame (a reply,

@@ -193,6 +193,47 @@ async def test_only_the_workspace_filling_the_queue_waits():
     assert other._raw.writes == [b"b1"]
 
 
+async def test_a_flood_spread_over_many_workspaces_is_held_at_the_bound_too():
+    """The exemption of a workspace under its equal share is bounded: a publisher spreading
+    its events over many workspaces (a token granting `*`, a shared feed recording into every
+    workspace) found the workspace it published to next, the one its last turn of writes had
+    emptied, under its share every time, and was never held: 2.4 million frames queued at a
+    bound of 1,000 here (a slot per frame per connection, and every connection's delay with
+    them). Past twice the bound, every publisher waits; each event still reaches every
+    subscriber, in order."""
+    from rtserver.bus import MemoryBus
+
+    bound, workspaces, per_workspace, events = 1000, 50, 200, 3000
+    hub = make_hub(chunk=16, backlog=bound)
+    bus = MemoryBus(hub)
+    conns: dict[str, list[Conn]] = {}
+    for w in range(workspaces):
+        ws = hub.workspace(f"w{w}")
+        conns[ws.id] = [Conn() for _ in range(per_workspace)]
+        for c in conns[ws.id]:
+            c.subscriptions = {}
+            hub.add(ws, Subscription(c, parse("events:t", None)))
+    most = 0
+
+    async def publisher(k: int) -> None:
+        nonlocal most
+        for i in range(events):
+            wid = f"w{(i + k) % workspaces}"
+            await bus.publish(Event(workspace=wid, source="events", entity="t", operation="PUBLISH",
+                                    record={}, body=b'{"i":%d}' % i))
+            most = max(most, hub._queued)
+
+    await asyncio.gather(*(publisher(k) for k in range(4)))
+    # Before: 2,390,976 frames queued at most (nearly all of them: 12,000 events times 200).
+    assert most <= 2 * bound + per_workspace, most
+    while hub.waiting():
+        await asyncio.sleep(0)
+    for cs in conns.values():  # every event of the workspace, the same bytes at each connection
+        got = {b"".join(c._raw.writes) for c in cs}
+        assert len(got) == 1 and got.pop().count(b'"i":') == 4 * events // workspaces
+    assert hub.metrics.deliveries == 4 * events * per_workspace
+
+
 async def test_the_bound_grows_with_the_open_connections():
     """limits.fanout_backlog is a floor; with more connections each may hold
     fanout_backlog_per_connection frames on average (so that coalescing per connection does
@@ -298,7 +339,7 @@ async def test_events_riding_on_a_reply_write_do_not_hold_their_workspace_back_l
     assert quiet._raw.writes == [b"reply%dq%d" % (n, n) for n in range(20)]
     assert hub._queued == 0 and hub.waiting() == 0
     conns = [Conn() for _ in range(4)]
-    for e in (b"a1", b"a2", b"a3"):
+    for e in (b"a1", b"a2"):  # 8 frames: over the bound, within twice it (where all wait)
         push(hub, [Sub(c) for c in conns], e, "A")
     assert hub.backlogged()
     waiting = hub.metrics.publisher_waits
