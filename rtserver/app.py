@@ -37,7 +37,7 @@ from rtserver.known_workspaces import KnownWorkspaces
 from rtserver.metrics import SOURCE_COUNTS, Metrics, source_rows
 from rtserver.redact import redact
 from rtserver.seq_reservation import SeqReservation, reservation_path
-from rtserver.sessions import Sessions, drop_dump, encode_dump, read_dump, write_dump
+from rtserver.sessions import EXPIRE_CHUNK, Sessions, drop_dump, encode_dump, read_dump, write_dump
 from rtserver.signals import until_signalled
 from rtserver.sources.base import Source, stop_all
 from rtserver.sources.mongo import database_for, database_problem
@@ -284,7 +284,8 @@ class Gateway:
         now = time.monotonic()
         async for conn in in_turns(list(self.connections)):
             conn.check_idle(now, idle)
-        self.sessions.sweep()
+        while self.sessions.sweep(EXPIRE_CHUNK):
+            await asyncio.sleep(0)
         high = await self.hub.sweep(self.cfg.history.resume_ttl)
         if self._seq is not None:
             self._seq.renew(max(now_us(), high))

@@ -311,3 +311,29 @@ async def test_a_kafka_consumer_batch_waits_for_room_and_lets_the_loop_run(kafka
                 assert got == list(range(events))
     finally:
         await gw.shutdown()
+
+
+async def test_sessions_suspended_together_expire_in_turns(tmp_path):
+    """Clients cut off together (a network failure, a load balancer dropping them) leave their
+    sessions suspended together, and resume_ttl later they expire together: the periodic
+    sweep dropped all of them between two turns of the loop (~0.13 s per 100,000, the default
+    history.max_suspended_sessions). It now drops EXPIRE_CHUNK between two turns."""
+    from rtserver.app import Gateway
+    from rtserver.sessions import EXPIRE_CHUNK
+    from tests.test_churn import _cfg
+
+    n = 20 * EXPIRE_CHUNK
+    gw = Gateway(_cfg(tmp_path, RT_RESUME_TTL="0.3", RT_MAX_SUSPENDED_SESSIONS=str(n)))
+    await gw.start()
+    try:
+        with _gc_paused():
+            for i in range(n):
+                gw.sessions.suspend(gw.sessions.new(f"user{i}", f"w{i % 100}"), i)
+        async with LoopProbe(lambda: gw.sessions.expired) as probe:
+            while len(gw.sessions):
+                await asyncio.sleep(0.05)
+        assert gw.sessions.expired == n
+        # Before: all of them between two turns.
+        assert probe.most_between <= EXPIRE_CHUNK, f"{probe.most_between} sessions expired between two turns"
+    finally:
+        await gw.shutdown()
