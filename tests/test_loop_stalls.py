@@ -337,3 +337,54 @@ async def test_sessions_suspended_together_expire_in_turns(tmp_path):
         assert probe.most_between <= EXPIRE_CHUNK, f"{probe.most_between} sessions expired between two turns"
     finally:
         await gw.shutdown()
+
+
+@pytest.mark.postgres
+async def test_a_loss_on_a_shared_feed_is_told_to_its_workspaces_in_turns(pg_database, tmp_path):
+    """A shared feed tells every workspace it feeds of a loss (a slot dropped or lost, a value
+    it could not convert, for each such transaction; MongoDB: each change it had to skip): all
+    of them between two turns of the loop (200,000 workspaces: ~0.25 s each time). Now
+    GAP_CHUNK workspaces between two turns; every one is still told."""
+    import asyncpg
+
+    from rtserver.sources.base import GAP_CHUNK
+    from rtserver.sources.postgres import PostgresSource
+    from tests.test_postgres_source import _drop_slot_under
+
+    class Sink(MemoryBus):
+        def __init__(self, hub: Hub) -> None:
+            super().__init__(hub)
+            self.gaps: list[str] = []
+
+        def history_gap(self, workspace: str, source: str, reason: str) -> None:
+            self.gaps.append(workspace)
+            super().history_gap(workspace, source, reason)
+
+    hub = Hub(config.load(environ={}), Metrics())
+    sink = Sink(hub)
+    workspaces = [f"w{i}" for i in range(10 * GAP_CHUNK)]
+    for w in workspaces:
+        hub.workspace(w)
+    conn = await asyncpg.connect(pg_database)
+    try:
+        await conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+        src = PostgresSource(pg_database, schemas=["public"], instance="rttest", state_dir=str(tmp_path / "state"),
+                             sink=sink, workspaces=lambda: workspaces, maintenance_interval=5.0)
+        await src.start()
+        await src.wait_streaming()
+        try:
+            await conn.execute("INSERT INTO t VALUES (1)")
+            while sum(hub.metrics.events_in.values()) < len(workspaces):
+                await asyncio.sleep(0.01)
+            async with LoopProbe(lambda: len(sink.gaps)) as probe:
+                await _drop_slot_under(src, sink, pg_database)
+                while len(sink.gaps) < len(workspaces):
+                    await asyncio.sleep(0.01)
+            assert sorted(set(sink.gaps)) == sorted(workspaces)
+            assert all("postgres" in hub.workspaces[w].history.losses for w in workspaces)
+            # Before: every workspace between two turns.
+            assert probe.most_between <= GAP_CHUNK, f"{probe.most_between} workspaces told between two turns"
+        finally:
+            await src.stop()
+    finally:
+        await conn.close()

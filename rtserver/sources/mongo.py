@@ -39,7 +39,7 @@ from rtcore.event import Event
 from rtserver.atomic_file import replace_file
 from rtserver.channels import valid_collection
 from rtserver.redact import redact
-from rtserver.sources.base import YIELD_EVERY, ChannelUnavailable, EventSink, when_durable
+from rtserver.sources.base import YIELD_EVERY, ChannelUnavailable, EventSink, announce_gap, when_durable
 from rtserver.tasks import cancel_and_wait
 
 try:
@@ -575,7 +575,7 @@ class MongoSource:
                 if exc.code in HISTORY_LOST_CODES | {INVALID_RESUME_TOKEN} and (
                     self._token is not None or self._start_after is not None
                 ):
-                    self._history_lost_at(exc)
+                    await self._history_lost_at(exc)
                     continue
                 if exc.code in UNSUPPORTED_OPTION_CODES and self._with_pre_images and "fullDocumentBeforeChange" in str(exc):
                     log.warning("mongo server has no pre-images (MongoDB < 6.0): oldDocument disabled",
@@ -608,7 +608,7 @@ class MongoSource:
         await asyncio.sleep(delay)
         return min(delay * 2, self._retry_max)
 
-    def _history_lost_at(self, exc: OperationFailure) -> None:
+    async def _history_lost_at(self, exc: OperationFailure) -> None:
         self._ready = False
         self._history_lost += 1
         self._last_error = f"ChangeStreamHistoryLost: {exc}"
@@ -620,8 +620,7 @@ class MongoSource:
         self._start_after = None
         self._generation += 1  # saves of older tokens still due: that history is lost
         self._tokens.clear()
-        for ws in list(self._workspaces()):
-            self._sink.history_gap(ws, "mongo", reason)
+        await announce_gap(self._sink, list(self._workspaces()), "mongo", reason)
 
     async def _stream(self) -> None:
         assert self._client is not None
@@ -665,7 +664,7 @@ class MongoSource:
                     try:
                         change = _joined(fragments)
                     except Exception as exc:  # noqa: BLE001 - as in _handle: the same bytes fail every time
-                        self._unconvertible(fragments[-1], exc, list(self._workspaces()))
+                        await self._unconvertible(fragments[-1], exc, list(self._workspaces()))
                         fragments = []
                         self._acknowledge(stream.resume_token)
                         continue
@@ -706,7 +705,7 @@ class MongoSource:
         try:
             events, decoded = self._convert(change, workspaces)
         except Exception as exc:  # noqa: BLE001 - one change must not stop the feed behind it
-            self._unconvertible(change, exc, workspaces)
+            await self._unconvertible(change, exc, workspaces)
             return True
         if events is not None:
             await self._publish(events)
@@ -741,7 +740,7 @@ class MongoSource:
             return normalizer.normalize_decoded(decoded, workspaces), {}
         return None, decoded
 
-    def _unconvertible(self, change: RawBSONDocument, exc: Exception, workspaces: list[str]) -> None:
+    async def _unconvertible(self, change: RawBSONDocument, exc: Exception, workspaces: list[str]) -> None:
         """A change no retry could convert (the same bytes fail the same way): skipped, loudly,
         and the workspaces told that their history has a hole (history_gap)."""
         self._skipped += 1
@@ -754,8 +753,7 @@ class MongoSource:
         log.error("mongo change could not be converted; skipped",
                   extra={"fields": {"database": self.database, "namespace": where, "error": error}})
         reason = f"a MongoDB change in {where} could not be converted ({error}); it was skipped"
-        for ws in workspaces:
-            self._sink.history_gap(ws, "mongo", reason)
+        await announce_gap(self._sink, workspaces, "mongo", reason)
 
     async def _publish(self, events: list[Event]) -> None:
         self._publishing = True

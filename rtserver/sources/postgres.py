@@ -34,7 +34,7 @@ from rtcore import messages, timefmt
 from rtcore.event import Event
 from rtserver.channels import valid_table_name
 from rtserver.redact import redact
-from rtserver.sources.base import YIELD_EVERY, ChannelUnavailable, EventSink, when_durable
+from rtserver.sources.base import YIELD_EVERY, ChannelUnavailable, EventSink, announce_gap, when_durable
 from rtserver.sources.pg_catalog import (
     Catalog,
     SetupError,
@@ -404,7 +404,7 @@ class PostgresSource:
                 # we streamed from this slot before: it was dropped under us, changes are lost
                 self._slot_recreations += 1
                 self._fail(f"replication slot {self.slot} had disappeared; re-created it", loud=True)
-                self._announce_gap(f"replication slot {self.slot} was dropped")
+                await self._announce_gap(f"replication slot {self.slot} was dropped")
             await self._reset_position()
         self._slot_seen = True
         self._slot_info = (await catalog.slot_status()) or {}
@@ -477,7 +477,7 @@ class PostgresSource:
             self._fail(f"re-creating slot {self.slot} failed: {exc}", loud=True)
             await asyncio.sleep(BACKOFF_MIN)
             return
-        self._announce_gap(f"replication slot {self.slot} was lost: {reason}")
+        await self._announce_gap(f"replication slot {self.slot} was lost: {reason}")
 
     async def _reset_position(self) -> None:
         """A new slot starts a new LSN history: on a restored or failed-over server it may be
@@ -496,9 +496,8 @@ class PostgresSource:
         self._published_lsn = 0
         self._acked_lsn = 0  # never confirm the old server's LSNs to the new slot
 
-    def _announce_gap(self, reason: str) -> None:
-        for ws in self.workspaces():
-            self.sink.history_gap(ws, "postgres", reason)
+    async def _announce_gap(self, reason: str) -> None:
+        await announce_gap(self.sink, list(self.workspaces()), "postgres", reason)
 
     async def _sync_publication(self) -> None:
         """Publication up to date; a table added to it after rows were written to it (created
@@ -511,7 +510,7 @@ class PostgresSource:
                 "postgres table %s was added to publication %s after rows were written to it; their changes were "
                 "not captured", table, self.publication, extra={"fields": {**self._log_fields(), "table": table}},
             )
-            self._announce_gap(f"table {table} was published only after rows were written to it")
+            await self._announce_gap(f"table {table} was published only after rows were written to it")
 
     # -- streaming ------------------------------------------------------------------------
 
@@ -919,7 +918,7 @@ class PostgresSource:
             raise
         problems, tx.problems = tx.problems, {}
         for reason in problems.values():
-            self._announce_gap(reason)
+            await self._announce_gap(reason)
         if not final:
             position.record(begin.final_lsn, tx.index, *tx.partial())
             tx.recorded = tx.index
