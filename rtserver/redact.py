@@ -3,7 +3,8 @@
 A password can sit in a URL's user info (`postgresql://rt:pw@db/app`), in its query
 (`?password=pw`, `?sslpassword=pw`, `?authMechanismProperties=...:token`), or in a libpq
 keyword/value string (`host=db password=pw`). Every parameter whose name mentions a password,
-secret, token or key is masked, whatever the form.
+secret, token, key, credential or signature is masked, whatever the form, and a URL's `sig` and
+`code` query parameters (a signed URL, a function key in front of a JWKS endpoint).
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")  # a scheme first: otherwise a 
 # Up to the last '@' before the first '/': libpq and pymongo take a '#' or '?' in a password as
 # written (`postgresql://rt:p#w@db/app`), so neither may end the user info here.
 _USERINFO = re.compile(r"://[^/]*@")
-_SECRET_NAME = r"(?:pass|secret|token|key|credential|authmechanismproperties)"
-_QUERY_SECRET = re.compile(rf"([?&;][^=&;#]*{_SECRET_NAME}[^=&;#]*=)[^&;#]*", re.I)
+_SECRET_NAME = r"(?:pass|secret|token|key|credential|signature|authmechanismproperties)"
+# Query parameters that are credentials under a short name: a signed URL's `sig` (Azure SAS)
+# and a function key's `code` (Azure Functions), as a JWKS URL behind such a gateway carries.
+_QUERY_SECRET = re.compile(rf"([?&;](?:[^=&;#]*{_SECRET_NAME}[^=&;#]*|sig|code)=)[^&;#]*", re.I)
 # A value is quoted, or runs to the first space that no backslash escapes (libpq: `password=p\ w`).
 _KEYWORD_SECRET = re.compile(
     rf"(\b[\w.-]*{_SECRET_NAME}[\w.-]*\s*=\s*)('(?:[^'\\]|\\.)*'|(?:\\.|\S)+)", re.I

@@ -21,6 +21,12 @@ from tests.harness.wsclient import ws_connect
      "mongodb://***@h1,h2/app?replicaSet=rs0&authMechanismProperties=***"),
     ("mongodb://h/app?tlsCertificateKeyFilePassword=pw&tls=true", "mongodb://h/app?tlsCertificateKeyFilePassword=***&tls=true"),
     ("postgresql://db/app", "postgresql://db/app"),
+    # a JWKS URL behind a signed-URL or function-key gateway (Azure SAS, AWS SigV4, Azure Functions)
+    ("https://idp.example/certs?sv=2022&sig=AbC%2Bd&se=2030", "https://idp.example/certs?sv=2022&sig=***&se=2030"),
+    ("https://b.s3.amazonaws.com/jwks.json?X-Amz-Credential=AK%2F1&X-Amz-Signature=0f1e",
+     "https://b.s3.amazonaws.com/jwks.json?X-Amz-Credential=***&X-Amz-Signature=***"),
+    ("https://fn.azurewebsites.net/api/jwks?code=fnkey123", "https://fn.azurewebsites.net/api/jwks?code=***"),
+    ("postgresql://db/app?client_encoding=UTF8", "postgresql://db/app?client_encoding=UTF8"),
 ])
 def test_secrets_are_masked(url, expected):
     assert redact(url) == expected
