@@ -16,6 +16,8 @@ import tempfile
 import time
 import urllib.request
 import uuid
+from collections.abc import Callable
+from typing import Any
 
 import asyncpg
 import pytest
@@ -124,6 +126,17 @@ async def cluster(kafka_broker, pg_database, gateway_factory):
         await p.stop(signal.SIGKILL)
         p.tmp.cleanup()
     await db.close()
+
+
+def _bus_event(n: int) -> bytes:
+    """The bus record of a custom event of w1 on events:x with payload {"n": n}, as a node's
+    publish writes it (for tests writing to the topic themselves)."""
+    from rtcore.event import Event
+    from rtserver.bus_kafka import encode_event
+
+    body = json.dumps({"type": "event", "channel": "events:x", "operation": "PUBLISH", "topic": "x",
+                       "payload": {"n": n}}).encode()
+    return encode_event(Event("w1", "events", "x", "PUBLISH", None, body))
 
 
 async def wait_ready(gw, timeout: float = 30) -> dict:
@@ -974,16 +987,10 @@ async def test_records_deleted_before_a_node_read_them_are_a_history_gap(cluster
     from aiokafka import AIOKafkaProducer, TopicPartition
     from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
 
-    from rtcore.event import Event
-    from rtserver.bus_kafka import encode_event, partition_for
+    from rtserver.bus_kafka import partition_for
 
     node = await cluster.node()
     topic, bootstrap = cluster.env["RT_BUS_TOPIC"], cluster.env["RT_BUS_KAFKA_BOOTSTRAP"]
-
-    def value(n: int) -> bytes:
-        body = json.dumps({"type": "event", "channel": "events:x", "operation": "PUBLISH", "topic": "x",
-                           "payload": {"n": n}}).encode()
-        return encode_event(Event("w1", "events", "x", "PUBLISH", None, body))
 
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
@@ -992,11 +999,11 @@ async def test_records_deleted_before_a_node_read_them_are_a_history_gap(cluster
     try:
         async with ws_connect(node, "w1", token=node.token("w1")) as c:
             await c.subscribe("events:x")
-            await producer.send_and_wait(topic, value(0), key=b"w1")
+            await producer.send_and_wait(topic, _bus_event(0), key=b"w1")
             (first,) = await events(c, 1)
             os.kill(node.proc.pid, signal.SIGSTOP)
             try:
-                offsets = [(await producer.send_and_wait(topic, value(n), key=b"w1")).offset for n in range(1, 41)]
+                offsets = [(await producer.send_and_wait(topic, _bus_event(n), key=b"w1")).offset for n in range(1, 41)]
                 # n = 1..34 deleted before the node reads them (the fetch it had sent may get a few)
                 tp = TopicPartition(topic, partition_for("w1", 3))
                 await admin.delete_records({tp: RecordsToDelete(offsets[34])})
@@ -1576,47 +1583,66 @@ async def test_a_mongo_takeover_keeps_apart_databases_named_alike_on_two_deploym
             server.stop()
 
 
+async def _records_of_a_killed_mongo_holder(cluster, db) -> list:
+    """The bus topic's records once an ingest has fed a change of `db` into it (up to a record
+    with the rt-mongo header, its resume token); that ingest is then killed."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    from rtserver.ingest import MONGO_HEADER
+
+    first = await cluster.ingest()
+    await first.wait_active()
+    await db.orders.insert_one({"_id": 1})
+    consumer = AIOKafkaConsumer(bootstrap_servers=cluster.env["RT_BUS_KAFKA_BOOTSTRAP"],
+                                isolation_level="read_committed", enable_auto_commit=False,
+                                auto_offset_reset="earliest")
+    await consumer.start()
+    records: list = []
+    try:
+        consumer.assign([TopicPartition(cluster.env["RT_BUS_TOPIC"], p) for p in range(3)])
+        while not any(name == MONGO_HEADER for r in records for name, _ in r.headers):
+            for batch in (await consumer.getmany(timeout_ms=1000)).values():
+                records += batch
+    finally:
+        await consumer.stop()
+    await first.stop(signal.SIGKILL)
+    return records
+
+
+async def _republish(cluster, records: list, headers: Callable[[Any], list], timestamp_ms: int | None = None) -> None:
+    """`records` written again, each to its partition, into the cluster's bus topic (as set now),
+    with the headers `headers` gives each."""
+    from aiokafka import AIOKafkaProducer
+
+    producer = AIOKafkaProducer(bootstrap_servers=cluster.env["RT_BUS_KAFKA_BOOTSTRAP"])
+    await producer.start()
+    try:
+        for r in records:
+            await producer.send_and_wait(cluster.env["RT_BUS_TOPIC"], r.value, key=r.key, partition=r.partition,
+                                         headers=headers(r), timestamp_ms=timestamp_ms)
+    finally:
+        await producer.stop()
+
+
 async def test_a_mongo_takeover_reads_the_headers_of_an_earlier_version(cluster, mongo_server):
     """Upgrading: the topic's tail holds rt-mongo headers without rt-mongo-feed (an earlier
     version wrote them). The only feed of that database resumes after their token, on another
     machine, and drops the change already in Kafka: nothing lost, nothing repeated."""
-    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
     from pymongo import AsyncMongoClient
 
-    from rtserver.ingest import MONGO_FEED_HEADER, MONGO_HEADER
+    from rtserver.ingest import MONGO_FEED_HEADER
 
     client = AsyncMongoClient(mongo_server.url, serverSelectionTimeoutMS=5000)
     db = client["shop"]
     await db.orders.insert_one({"_id": 0})
     cluster.env["RT_MONGO_URL"] = mongo_server.url.replace("/?", "/shop?")
-    bootstrap, old_topic = cluster.env["RT_BUS_KAFKA_BOOTSTRAP"], cluster.env["RT_BUS_TOPIC"]
+    old_topic = cluster.env["RT_BUS_TOPIC"]
     try:
-        first = await cluster.ingest()
-        await first.wait_active()
-        await db.orders.insert_one({"_id": 1})
-        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, isolation_level="read_committed",
-                                    enable_auto_commit=False, auto_offset_reset="earliest")
-        await consumer.start()
-        records = []
-        try:
-            consumer.assign([TopicPartition(old_topic, p) for p in range(3)])
-            while not any(name == MONGO_HEADER for r in records for name, _ in r.headers):
-                for batch in (await consumer.getmany(timeout_ms=1000)).values():
-                    records += batch
-        finally:
-            await consumer.stop()
-        await first.stop(signal.SIGKILL)
+        records = await _records_of_a_killed_mongo_holder(cluster, db)
         # The same records in a topic of their own, as an earlier version wrote them.
         cluster.env["RT_BUS_TOPIC"] = f"{old_topic}.earlier"
         node = await cluster.node()
-        producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
-        await producer.start()
-        try:
-            for r in records:
-                await producer.send_and_wait(cluster.env["RT_BUS_TOPIC"], r.value, key=r.key, partition=r.partition,
-                                             headers=[(n, v) for n, v in r.headers if n != MONGO_FEED_HEADER])
-        finally:
-            await producer.stop()
+        await _republish(cluster, records, lambda r: [(n, v) for n, v in r.headers if n != MONGO_FEED_HEADER])
         async with ws_connect(node, "w1", token=node.token("w1")) as c:
             await c.subscribe("mongo:orders")
             await db.orders.insert_one({"_id": 2})  # while no ingest reads the feed
@@ -1763,44 +1789,22 @@ async def test_a_mongo_takeover_after_a_quiet_spell_resumes_after_the_token_kafk
     read only the last 10 minutes of the topic, found no header, and the new holder opened a
     fresh stream: that change was lost (and a holder with an old token of its own from an
     earlier stint resumed from it, publishing every change since then again)."""
-    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
     from pymongo import AsyncMongoClient
 
-    from rtserver.ingest import _SCAN_SECONDS, MONGO_HEADER
+    from rtserver.ingest import _SCAN_SECONDS
 
     client = AsyncMongoClient(mongo_server.url, serverSelectionTimeoutMS=5000)
     db = client["shop"]
     await db.orders.insert_one({"_id": 0})
     cluster.env["RT_MONGO_URL"] = mongo_server.url.replace("/?", "/shop?")
-    bootstrap, old_topic = cluster.env["RT_BUS_KAFKA_BOOTSTRAP"], cluster.env["RT_BUS_TOPIC"]
+    old_topic = cluster.env["RT_BUS_TOPIC"]
     try:
-        first = await cluster.ingest()
-        await first.wait_active()
-        await db.orders.insert_one({"_id": 1})
-        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, isolation_level="read_committed",
-                                    enable_auto_commit=False, auto_offset_reset="earliest")
-        await consumer.start()
-        records = []
-        try:
-            consumer.assign([TopicPartition(old_topic, p) for p in range(3)])
-            while not any(name == MONGO_HEADER for r in records for name, _ in r.headers):
-                for batch in (await consumer.getmany(timeout_ms=1000)).values():
-                    records += batch
-        finally:
-            await consumer.stop()
-        await first.stop(signal.SIGKILL)
+        records = await _records_of_a_killed_mongo_holder(cluster, db)
         # The same records, as written when the feed last changed: before the scan's window.
         cluster.env["RT_BUS_TOPIC"] = f"{old_topic}.quiet"
         node = await cluster.node()
         then = int((time.time() - _SCAN_SECONDS - 60) * 1000)
-        producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
-        await producer.start()
-        try:
-            for r in records:
-                await producer.send_and_wait(cluster.env["RT_BUS_TOPIC"], r.value, key=r.key, partition=r.partition,
-                                             headers=list(r.headers), timestamp_ms=then)
-        finally:
-            await producer.stop()
+        await _republish(cluster, records, lambda r: list(r.headers), timestamp_ms=then)
         async with ws_connect(node, "w1", token=node.token("w1")) as c:
             await c.subscribe("mongo:orders")
             await db.orders.insert_one({"_id": 2})  # while no ingest reads the feed
@@ -1992,23 +1996,17 @@ async def test_a_read_back_from_before_the_retained_records_sends_history_gap_fi
     from aiokafka import AIOKafkaProducer, TopicPartition
     from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
 
-    from rtcore.event import Event
-    from rtserver.bus_kafka import encode_event, partition_for
+    from rtserver.bus_kafka import partition_for
 
     await cluster.node()  # creates the topic
     topic, bootstrap = cluster.env["RT_BUS_TOPIC"], cluster.env["RT_BUS_KAFKA_BOOTSTRAP"]
-
-    def value(n: int) -> bytes:
-        body = json.dumps({"type": "event", "channel": "events:x", "operation": "PUBLISH", "topic": "x",
-                           "payload": {"n": n}}).encode()
-        return encode_event(Event("w1", "events", "x", "PUBLISH", None, body))
 
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await producer.start()
     await admin.start()
     try:
-        offsets = [(await producer.send_and_wait(topic, value(n), key=b"w1")).offset for n in range(10)]
+        offsets = [(await producer.send_and_wait(topic, _bus_event(n), key=b"w1")).offset for n in range(10)]
         await admin.delete_records({TopicPartition(topic, partition_for("w1", 3)): RecordsToDelete(offsets[5])})
     finally:
         await producer.stop()
@@ -2031,16 +2029,9 @@ async def test_a_read_back_ahead_of_the_live_consumer_sends_nothing_twice(cluste
     the node's consumer delivered those records to it again, seq going back."""
     from aiokafka import AIOKafkaProducer
 
-    from rtcore.event import Event
-    from rtserver.bus_kafka import encode_event
 
     topic, bootstrap = cluster.env["RT_BUS_TOPIC"], cluster.env["RT_BUS_KAFKA_BOOTSTRAP"]
     node = await cluster.node(RT_NODE="readback-ahead", RT_HISTORY_EVENTS="2", RT_BUS_MAX_LAG="1000000")
-
-    def value(n: int) -> bytes:
-        body = json.dumps({"type": "event", "channel": "events:x", "operation": "PUBLISH", "topic": "x",
-                           "payload": {"n": n}}).encode()
-        return encode_event(Event("w1", "events", "x", "PUBLISH", None, body))
 
     throttled = []
 
@@ -2058,13 +2049,13 @@ async def test_a_read_back_ahead_of_the_live_consumer_sends_nothing_twice(cluste
     try:
         async with ws_connect(node, "w1", token=node.token("w1")) as live:
             await live.subscribe("events:x")
-            seqs = [(await producer.send_and_wait(topic, value(n), key=b"w1")).offset + 1 for n in range(5)]
+            seqs = [(await producer.send_and_wait(topic, _bus_event(n), key=b"w1")).offset + 1 for n in range(5)]
             await events(live, 5)
             delivered = json.loads((await node.get("/readyz"))[1])["bus"]["delivered"]
             await quota("1")
             try:
                 for n in (5, 6, 7):  # held back from the node's consumer
-                    await producer.send_and_wait(topic, value(n), key=b"w1")
+                    await producer.send_and_wait(topic, _bus_event(n), key=b"w1")
                 async with ws_connect(node, "w1", token=node.token("w1")) as c:
                     await c.send({"type": "subscribe", "channel": "events:x", "since": seqs[0]})
                     await c.recv_type("subscribed", timeout=20)
@@ -2114,17 +2105,11 @@ async def test_a_loss_reported_while_a_resume_waits_for_the_node_is_told_once(cl
     import msgspec
     from aiokafka import AIOKafkaProducer
 
-    from rtcore.event import Event
-    from rtserver.bus_kafka import GAP, BusRecord, encode_event
+    from rtserver.bus_kafka import GAP, BusRecord
 
     topic, bootstrap = cluster.env["RT_BUS_TOPIC"], cluster.env["RT_BUS_KAFKA_BOOTSTRAP"]
     a = await cluster.node()
     b = await cluster.node(RT_NODE="behind", RT_BUS_MAX_LAG="1000000")
-
-    def value(n: int) -> bytes:
-        body = json.dumps({"type": "event", "channel": "events:x", "operation": "PUBLISH", "topic": "x",
-                           "payload": {"n": n}}).encode()
-        return encode_event(Event("w1", "events", "x", "PUBLISH", None, body))
 
     async def quota(*change: str) -> None:
         await asyncio.to_thread(kafka_broker._java, "kafka.admin.ConfigCommand", "--bootstrap-server", bootstrap,
@@ -2135,17 +2120,17 @@ async def test_a_loss_reported_while_a_resume_waits_for_the_node_is_told_once(cl
     try:
         async with ws_connect(a, "w1", token=a.token("w1")) as ca:
             await ca.subscribe("events:x")
-            await producer.send_and_wait(topic, value(1), key=b"w1")
+            await producer.send_and_wait(topic, _bus_event(1), key=b"w1")
             await events(ca, 1)
             while json.loads((await b.get("/readyz"))[1])["bus"]["delivered"] < 1:
                 await asyncio.sleep(0.1)
             await quota("--add-config", "consumer_byte_rate=1")
             try:
-                await producer.send_and_wait(topic, value(2), key=b"w1")
+                await producer.send_and_wait(topic, _bus_event(2), key=b"w1")
                 (seen,) = await events(ca, 1)
                 gap = BusRecord("events", "", GAP, None, None, b"the publisher's buffer was lost")
                 await producer.send_and_wait(topic, msgspec.msgpack.encode(gap), key=b"w1")
-                await producer.send_and_wait(topic, value(3), key=b"w1")
+                await producer.send_and_wait(topic, _bus_event(3), key=b"w1")
                 async with ws_connect(b, "w1", token=b.token("w1")) as cb:
                     await cb.send({"type": "subscribe", "channel": "events:x", "since": seen["seq"]})
                     await cb.recv_type("subscribed", timeout=20)
