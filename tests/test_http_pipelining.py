@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 
 import jwt
 
@@ -383,21 +384,30 @@ async def test_connection_lost_with_unconfirmed_publishes_writes_nothing_later(t
     assert gw.metrics.publish_requests[202] == 2  # published all the same, and counted
 
 
+def _small_window_socket() -> socket.socket:
+    """A client socket with a 64 KiB receive buffer: answers it does not read stay with the
+    gateway soon."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    sock.setblocking(False)
+    return sock
+
+
+async def _connected(sock: socket.socket, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    return await asyncio.open_connection(sock=sock)
+
+
 async def unread_publisher(tmp_path, monkeypatch, n: int, **env: str):
     """A gateway in process, and a real connection to it on which `n` pipelined publish
     requests are written (and nothing read): (gateway, its protocol, reader, writer)."""
-    import socket
-
     gw, protos = await in_process_gateway(tmp_path, monkeypatch, **env)
     token = jwt.encode({"sub": "svc", "workspaces": ["w1"], "realtime_publish": True, "exp": 4102444800},
                        SECRET, algorithm="HS256")
     requests = [post_request("/workspaces/w1/realtime/events/t", token, {"i": i}) for i in range(n)]
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
-    sock.setblocking(False)
+    sock = _small_window_socket()
     try:
-        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", gw.port))
-        reader, writer = await asyncio.open_connection(sock=sock)
+        reader, writer = await _connected(sock, gw.port)
         for _ in range(100):
             if protos:
                 break
@@ -658,18 +668,14 @@ async def test_answers_queued_behind_an_unconfirmed_publish_stop_the_reading(tmp
     client sending cheap requests behind one unconfirmed publish was read without end, every
     answer held in memory until the bus answered. Reading now pauses at _MAX_PIPELINED answers
     of any kind, and every answer leaves in order once the publish is confirmed."""
-    import socket
 
     n = 20_000
     gw, protos = await in_process_gateway(tmp_path, monkeypatch)
     real_bus = gw.bus
     bus = gw.bus = ConfirmingBus()
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
-    sock.setblocking(False)
+    sock = _small_window_socket()
     try:
-        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", gw.port))
-        reader, writer = await asyncio.open_connection(sock=sock)
+        reader, writer = await _connected(sock, gw.port)
         get = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
         writer.write(publish_request(0) + get * n)
         for _ in range(100):
