@@ -26,7 +26,7 @@ from rtserver.audit import create_audit
 from rtserver.auth import MIN_HS256_SECRET, Authenticator, AuthError, load_or_create_dev_secret
 from rtserver.bus import BusUnavailable, create_bus
 from rtserver.channels import TOPIC_RE
-from rtserver.config import WORKSPACE_ID_RE, Config, WorkspaceSources
+from rtserver.config import WORKSPACE_ID_RE, Config, WorkspaceSources, no_passphrase
 from rtserver.connection import Connection
 from rtserver.fd_limit import connection_share, open_files_limit, socket_share
 from rtserver.file_lock import lock_exclusive
@@ -167,7 +167,7 @@ class Gateway:
                     raise RuntimeError(f"{setting}: no such file {path}")
             try:
                 # A passphrase-protected key would make OpenSSL prompt on the terminal: refused.
-                ctx.load_cert_chain(cfg.server.tls_cert, cfg.server.tls_key, password=_no_passphrase)
+                ctx.load_cert_chain(cfg.server.tls_cert, cfg.server.tls_key, password=no_passphrase)
             except (OSError, ssl.SSLError) as exc:
                 raise RuntimeError(
                     f"server.tls_cert/tls_key: cannot load ({exc}); the key must not be passphrase-protected"
@@ -650,10 +650,6 @@ def _compiled() -> bool:
     from rtcore.engine import COMPILED
 
     return COMPILED
-
-
-def _no_passphrase() -> bytes:
-    raise ssl.SSLError("the private key is encrypted: give server.tls_key without a passphrase")
 
 
 def _log_failure(task: asyncio.Future) -> None:

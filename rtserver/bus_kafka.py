@@ -333,15 +333,9 @@ class KafkaPublisher:
             # or an untrusted certificate as for a broker that is down.
             from aiokafka.errors import KafkaConnectionError
 
-            from rtserver.kafka_diagnosis import explain
-
-            setting = "bus.kafka_bootstrap" if self.cfg.bus.kafka_bootstrap else "audit.kafka_bootstrap"
-            why = str(exc)
-            if isinstance(exc, KafkaConnectionError):
-                why = await explain(self.options, exc, bootstrap_setting=setting, cafile=self.cfg.audit.ssl_cafile,
-                                    certfile=self.cfg.audit.ssl_certfile)
-            raise RuntimeError(f"event bus: Kafka at {bootstrap_of(self.cfg)} ({setting}), topic {self.topic}: "
-                               f"{why}") from None
+            why = await self._diagnosis(exc) if isinstance(exc, KafkaConnectionError) else str(exc)
+            raise RuntimeError(f"event bus: Kafka at {bootstrap_of(self.cfg)} ({self._bootstrap_setting}), topic "
+                               f"{self.topic}: {why}") from None
         # A topic created beforehand (auto-creation off, or by a platform team) often has the
         # broker's 1 MiB: a larger record would be refused on every retry and stall the feed
         # behind it. Records the topic cannot take are skipped with history_gap instead.
@@ -439,14 +433,21 @@ class KafkaPublisher:
             if why == _NO_ANSWER and self._was_available:
                 # About to warn: is it the credentials or the certificate (revoked, rotated)
                 # rather than Kafka down? Only for the log: a publisher's 503 does not say.
-                from rtserver.kafka_diagnosis import explain
-
-                setting = "bus.kafka_bootstrap" if self.cfg.bus.kafka_bootstrap else "audit.kafka_bootstrap"
-                found = await explain(self.options, why, bootstrap_setting=setting, cafile=self.cfg.audit.ssl_cafile,
-                                      certfile=self.cfg.audit.ssl_certfile)
+                found = await self._diagnosis(why)
                 detail = "" if found == why else found
             self._log_transition(detail)
             await asyncio.sleep(_PROBE_INTERVAL)
+
+    @property
+    def _bootstrap_setting(self) -> str:
+        return "bus.kafka_bootstrap" if self.cfg.bus.kafka_bootstrap else "audit.kafka_bootstrap"
+
+    async def _diagnosis(self, error: BaseException | str) -> str:
+        """What a probe connection finds of `error` (rtserver.kafka_diagnosis), naming the settings."""
+        from rtserver.kafka_diagnosis import explain
+
+        return await explain(self.options, error, bootstrap_setting=self._bootstrap_setting,
+                             cafile=self.cfg.audit.ssl_cafile, certfile=self.cfg.audit.ssl_certfile)
 
     def _check_partition_count(self, count: int) -> None:
         """Partitions added to the live topic: this process keeps every workspace where it was
