@@ -690,14 +690,14 @@ class PostgresSource:
         # TypeInfo: enums and other user types are decoded as text; arrays learnt above
 
     def _withhold(self, rel: Relation, catalog: Catalog) -> None:
-        """Whether the changes of `rel` are withheld: the publication holds a table by OID, and the
-        slot decodes each change with the publication as of that change, so a published table
+        """Withhold the changes of `rel`, or stop withholding them, as its name says now: the
+        publication holds a table by OID, and the slot decodes each change with the publication
+        as of that change, so a published table
         moved to a schema outside the configuration, or renamed to a name no channel can carry,
         streams under its new name until the sync takes it out (at once for a restart, whose
         slot still decodes what was written while the gateway was down): rows of a schema never
         published would reach postgres:* subscribers, and public."sales.orders" the
         subscribers of table orders of schema sales."""
-        why = ""
         if not (valid_table_name(rel.schema) and valid_table_name(rel.name)):
             why = "its name holds '.', '\"' or a control character, which a channel name cannot carry"
         else:
