@@ -89,6 +89,8 @@ class Gateway:
         # (Connection._disconnect): up to limits.idle_timeout each.
         self.closing_sockets = 0
         self.max_client_sockets = socket_share(self.max_node_connections)
+        # Bytes of pipelined HTTP requests queued on all connections, and those paused for them.
+        self.pipelined = http.PipelinedBytes(cfg.limits.pipelined_publish_bytes)
         self.hub = Hub(cfg, self.metrics)
         self.hub.open_connections = lambda: len(self.connections)
         self.sessions = Sessions(cfg.history.resume_ttl, cfg.history.max_suspended_sessions,
@@ -576,6 +578,12 @@ class Gateway:
              self.http_sockets),
             ("rt_closing_connections", "WebSockets closed whose socket is held until the peer has read what was "
              "queued for it (at most limits.idle_timeout)", {}, self.closing_sockets),
+            ("rt_pipelined_publish_bytes", "Bytes of pipelined HTTP requests (bodies and heads) queued behind "
+             "requests that wait, all connections together (limits.pipelined_publish_bytes, give or take one "
+             "read a connection)", {}, self.pipelined.held),
+            ("rt_pipelined_publish_paused_connections", "HTTP connections not read because "
+             "rt_pipelined_publish_bytes is over limits.pipelined_publish_bytes (read again under half of it)", {},
+             len(self.pipelined.waiting)),
             ("rt_gc_frozen_objects",
              "Objects moved out of garbage-collector passes by server.gc_freeze, counted when frozen "
              "(those freed since are not subtracted)", {}, self._gc_policy.frozen if self._gc_policy else 0),

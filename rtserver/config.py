@@ -89,6 +89,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("limits", "request_timeout", "RT_REQUEST_TIMEOUT", float, 30.0, "Seconds an HTTP request (head and body; the WebSocket upgrade request too) may take to arrive once its first byte has: beyond, 408 and the connection is closed. With TLS, also the most a TLS handshake may take"),
     Setting("limits", "idle_timeout", "RT_IDLE_TIMEOUT", float, 60.0, "Seconds of peer silence before a WebSocket is closed with 1001 (an HTTP connection with no request in progress or waiting: closed); also how long a closed connection's peer gets to read what was queued for it before it is dropped"),
     Setting("limits", "max_publish_bytes", "RT_MAX_PUBLISH_BYTES", int, 256 * 1024, "Largest custom event payload (413 beyond)"),
+    Setting("limits", "pipelined_publish_bytes", "RT_PIPELINED_PUBLISH_BYTES", int, 64 * 1024 * 1024, "Bytes of pipelined HTTP requests (bodies and heads) this node holds queued behind requests that wait (fan-out back-pressure, a JWKS fetch), all connections together; a connection that queues beyond it is not read (the requests it sent wait in the network) until the total is back under half of it. One read of each connection may pass it (up to 256 KiB). At least max_publish_bytes"),
     Setting("history", "events", "RT_HISTORY_EVENTS", int, 10000, "Events kept per workspace for replay"),
     Setting("history", "seconds", "RT_HISTORY_SECONDS", float, 300.0, "Age limit of retained events"),
     Setting("history", "bytes", "RT_HISTORY_BYTES", int, 64 * 1024 * 1024, "Byte limit of retained events per workspace: each counts its frame, its JSON, and its content decoded (for filtered replays), estimated as 64 bytes per `,` `:` `[` of the JSON"),
@@ -549,6 +550,9 @@ def _validate(values: dict[str, dict[str, Any]], path: str) -> None:
     for key in ("node_bytes", "max_suspended_filter_bytes"):
         if values["history"][key] <= 0:
             raise ConfigError(f"history.{key} must be positive")
+    if limits["pipelined_publish_bytes"] < limits["max_publish_bytes"]:
+        raise ConfigError(f"limits.pipelined_publish_bytes ({limits['pipelined_publish_bytes']}) must be at least "
+                          f"limits.max_publish_bytes ({limits['max_publish_bytes']}): one request's body")
     if limits["fanout_backlog_per_connection"] < 0:
         raise ConfigError("limits.fanout_backlog_per_connection must not be negative")
     _check_mongo_url("mongo.url (RT_MONGO_URL)", values["mongo"]["url"])

@@ -124,6 +124,35 @@ class _Request:
         self.canned: tuple[bytes, bool] | None = None
 
 
+class PipelinedBytes:
+    """The bytes of the requests queued on all HTTP connections of the node (parsed behind one
+    that waits, not handled yet), and the connections not read because of them.
+
+    Each connection queues at most _MAX_PIPELINED requests, bodies and all (up to
+    limits.max_publish_bytes each): without a bound for the node, its connections together held
+    as much as they sent. Past `bound`, a connection that queues one more stops being read;
+    once the total is back under half of it, every such connection reads again. Requests
+    already queued go on meanwhile: only the reading stops, so nothing waits on a paused read."""
+
+    __slots__ = ("held", "bound", "low", "waiting")
+
+    def __init__(self, bound: int) -> None:
+        self.held = 0
+        self.bound = bound
+        self.low = bound // 2
+        # Paused for the bound, in the order they paused (a dict: an ordered set).
+        self.waiting: dict[FrontProtocol, None] = {}
+
+    def give_back(self, size: int) -> None:
+        """`size` bytes of queued requests handled or dropped: under the low-water mark, the
+        waiting connections read again."""
+        self.held -= size
+        if self.waiting and self.held <= self.low:
+            waiting, self.waiting = self.waiting, {}
+            for proto in waiting:
+                proto._node_resumed()
+
+
 class _Refused(Exception):
     """A request over its size limits: answered (status, message), and nothing more is read."""
 
@@ -142,6 +171,10 @@ class FrontProtocol(asyncio.Protocol):
         # Requests parsed while an earlier one waits, answered in order by the _drainer task
         # (created then: a deque is ~600 bytes, and most connections become WebSockets).
         self._queue: deque[tuple[bytes, _Request, bool]] | None = None
+        # Bytes of those requests (bodies and heads), counted in gw.pipelined too.
+        self._queued_bytes = 0
+        # Not read because the node's queued requests are over their bound (in gw.pipelined.waiting).
+        self._node_paused = False
         self._drainer: asyncio.Task | None = None
         # Answers not written yet because one before them waits for the bus to confirm its
         # event (Kafka): (a future of (status, body), or the response's bytes; close after it).
@@ -206,7 +239,8 @@ class FrontProtocol(asyncio.Protocol):
             return
         loop = asyncio.get_running_loop()
         left = self._last_rx + self._idle_timeout - loop.time()
-        if left > 0 or self._drainer is not None or self._answers:  # a request of its own is waiting: not idle
+        # A request of its own is waiting, or the node does not read it (PipelinedBytes): not idle.
+        if left > 0 or self._drainer is not None or self._answers or self._node_paused:
             self._idle_timer = loop.call_later(max(left, 1.0), self._check_idle)
             return
         self._closing = True
@@ -319,14 +353,15 @@ class FrontProtocol(asyncio.Protocol):
         self._pause_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._queue is not None:
-            self._queue.clear()
+        self._leave_node_wait()
+        self._drop_queue()
         self._answers = None  # their events are published all the same; nobody to tell
         if self._drainer is not None:
             self._drainer.cancel()
         self._release()
 
     def _release(self) -> None:
+        self._leave_node_wait()
         # The parser holds bound methods of this protocol: without this, protocol, parser and
         # transport of every finished connection would wait for the cyclic garbage collector.
         self._parser = None
@@ -429,6 +464,12 @@ class FrontProtocol(asyncio.Protocol):
             if self._queue is None:
                 self._queue = deque()
             self._queue.append((method, req, keep_alive))
+            size = req.size + req.head
+            self._queued_bytes += size
+            pipelined = self.gw.pipelined
+            pipelined.held += size
+            if pipelined.held > pipelined.bound:
+                self._wait_for_node()
             if len(self._queue) >= _MAX_PIPELINED:
                 self._pause_reading()
             return
@@ -446,7 +487,7 @@ class FrontProtocol(asyncio.Protocol):
                 waiting = self._answer_queued(queue)
                 if waiting is not None:
                     await waiting
-            queue.clear()  # closing: what came after a Connection: close is not answered
+            self._drop_queue()  # closing: what came after a Connection: close is not answered
         finally:
             if self._drainer is asyncio.current_task():
                 self._drainer = None
@@ -464,12 +505,45 @@ class FrontProtocol(asyncio.Protocol):
             while queue and not self._closing:
                 if len(queue) <= _MAX_PIPELINED // 2:
                     self._resume_reading()
-                waiting = start_now(self._handle(*queue.popleft()))
+                method, req, keep_alive = queue.popleft()
+                size = req.size + req.head
+                self._queued_bytes -= size
+                self.gw.pipelined.give_back(size)
+                waiting = start_now(self._handle(method, req, keep_alive))
                 if waiting is not None:
                     return waiting
             return None
         finally:
             self._write_held()
+
+    def _drop_queue(self) -> None:
+        """Drop the requests queued (the connection is gone, or closes after an earlier one),
+        giving their bytes back to the node."""
+        if self._queue:
+            self._queue.clear()
+        if self._queued_bytes:
+            size, self._queued_bytes = self._queued_bytes, 0
+            self.gw.pipelined.give_back(size)
+
+    def _wait_for_node(self) -> None:
+        """The node's queued requests are over their bound: read nothing more of this connection
+        until they are back under half of it (PipelinedBytes); its own queue goes on."""
+        if not self._node_paused and not self._handed_off:
+            self._node_paused = True
+            self.gw.pipelined.waiting[self] = None
+            self._pause_reading()
+
+    def _node_resumed(self) -> None:
+        """Out of gw.pipelined.waiting: read again, unless paused for reasons of its own."""
+        self._node_paused = False
+        # The time not read was the node's doing, not the client's: its timeouts start anew.
+        self._last_rx = self._req_started = asyncio.get_running_loop().time()
+        self._resume_reading()
+
+    def _leave_node_wait(self) -> None:
+        if self._node_paused:
+            self._node_paused = False
+            self.gw.pipelined.waiting.pop(self, None)
 
     def pause_writing(self) -> None:
         """The answers are not read: stop reading requests (each would add an answer to the
@@ -488,12 +562,15 @@ class FrontProtocol(asyncio.Protocol):
 
     def _resume_reading(self) -> None:
         """Read again, unless the answers are not being read (pause_writing), or requests or
-        answers still wait beyond half of _MAX_PIPELINED; once no request is to be read any
-        more (closing), reading goes on regardless and what arrives is dropped."""
+        answers still wait beyond half of _MAX_PIPELINED, or the node's queued requests are over
+        their bound (_wait_for_node); once no request is to be read any more (closing), reading
+        goes on regardless and what arrives is dropped."""
         half = _MAX_PIPELINED // 2
         if self._parser is not None and not self._closing and (
-                self._write_blocked or len(self._queue or ()) > half or len(self._answers or ()) > half):
+                self._node_paused or self._write_blocked or len(self._queue or ()) > half
+                or len(self._answers or ()) > half):
             return
+        self._leave_node_wait()
         if self._paused:
             self._paused = False
             t = self.transport

@@ -704,3 +704,163 @@ async def test_answers_queued_behind_an_unconfirmed_publish_stop_the_reading(tmp
         sock.close()
         gw.bus = real_bus
         await gw.shutdown()
+
+
+# A node-wide bound on the bytes of pipelined requests queued: small here, bodies of ~16 KiB.
+_NODE_BOUND = 128 * 1024
+_PAD = "x" * 16_000
+# What one read of a connection may bring beyond the bound before the connection pauses: the
+# requests in it are parsed and queued (asyncio and uvloop read up to 256 KiB at once).
+_ONE_READ = 256 * 1024 + 20_000
+
+
+def queued_bytes(protos: list[http.FrontProtocol]) -> int:
+    """Bytes of the requests queued (parsed, not yet handled) on these connections, counted
+    from their queues: bodies and the heads as parsed."""
+    return sum(req.size + req.head for p in protos for _, req, _ in (p._queue or ()))
+
+
+async def metric(gw: Gateway, name: str) -> float:
+    """A gauge's value as /metrics gives it, read over a connection of its own."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    try:
+        writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        status, _, body = await read_answer(reader)
+        assert status == 200
+    finally:
+        writer.close()
+    for line in body.decode().splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+async def pipelining_publishers(tmp_path, monkeypatch, connections: int, requests: int):
+    """A gateway whose fan-out backlog is over its bound (every publish waits), with a node
+    bound of _NODE_BOUND on queued requests, and `connections` real connections each writing
+    `requests` pipelined publishes of ~16 KiB, once the gateway has stopped reading more of
+    them: (gateway, front protocols, [(reader, writer)])."""
+    gw, protos = await in_process_gateway(tmp_path, monkeypatch, RT_FANOUT_BACKLOG="10",
+                                          RT_MAX_PUBLISH_BYTES="65536", RT_PIPELINED_PUBLISH_BYTES=str(_NODE_BOUND))
+    queue_frames(gw.hub, 11)
+    token = jwt.encode({"sub": "svc", "workspaces": ["w1"], "realtime_publish": True, "exp": 4102444800},
+                       SECRET, algorithm="HS256")
+    peers = []
+    try:
+        for c in range(connections):
+            reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+            writer.write(b"".join(post_request("/workspaces/w1/realtime/events/t", token,
+                                               {"c": c, "i": i, "pad": _PAD}) for i in range(requests)))
+            peers.append((reader, writer))
+        held, steady = -1, 0
+        while steady < 5:
+            await asyncio.sleep(0.1)
+            steady = steady + 1 if queued_bytes(protos) == held else 0
+            held = queued_bytes(protos)
+    except BaseException:
+        await gw.shutdown()
+        raise
+    return gw, protos, peers
+
+
+def release_fanout(hub) -> None:
+    """The backlog is within its bound again: the waiting publishers go on (as Hub.flush does)."""
+    queue_frames(hub, 0)
+    drained, hub._drained = hub._drained, None
+    if drained is not None:
+        drained.set()
+
+
+async def test_requests_queued_on_all_connections_stop_at_the_node_bound(tmp_path, monkeypatch):
+    """Each connection may queue _MAX_PIPELINED requests behind one that waits (the fan-out
+    back-pressure, a Kafka confirmation, a JWKS fetch), bodies and all: 8 connections of 63
+    requests of 16 KiB held 8 MB, and a node's connections together as much as they sent. The
+    node's total stops at limits.pipelined_publish_bytes (give or take one read a connection):
+    the connections queuing beyond it stop being read, and once the wait ends every request is
+    answered in order, the paused connections read again and the total is given back."""
+    n_conn, n_req = 8, 63
+    gw, protos, peers = await pipelining_publishers(tmp_path, monkeypatch, n_conn, n_req)
+    try:
+        held = queued_bytes(protos)
+        assert held <= _NODE_BOUND + n_conn * _ONE_READ, f"{held} bytes queued, bound {_NODE_BOUND}"
+        assert await metric(gw, "rt_pipelined_publish_bytes") == held
+        assert await metric(gw, "rt_pipelined_publish_paused_connections") >= 1
+        assert gw.metrics.publish_requests[202] == 0
+
+        release_fanout(gw.hub)
+        for c, (reader, _) in enumerate(peers):
+            seqs = []
+            for _ in range(n_req):
+                status, head, body = await read_answer(reader, 20)
+                assert status == 202, (head, body)
+                seqs.append(json.loads(body)["seq"])
+            assert seqs == sorted(seqs) and len(set(seqs)) == n_req, c
+        history = [e.event.record for e in gw.hub.workspace("w1").history]
+        for c in range(n_conn):
+            assert [r["i"] for r in history if r["c"] == c] == list(range(n_req))
+        assert await metric(gw, "rt_pipelined_publish_bytes") == 0
+        assert await metric(gw, "rt_pipelined_publish_paused_connections") == 0
+        assert not any(p._paused for p in protos if p.transport is not None)
+    finally:
+        for _, writer in peers:
+            writer.close()
+        await gw.shutdown()
+
+
+async def test_connections_closed_while_paused_for_the_node_bound_give_their_bytes_back(tmp_path, monkeypatch):
+    """Publishers that give up while the node does not read them: their close is seen once
+    the wait ends (a connection not read sees no FIN), and then every byte they held comes back
+    and no connection stays registered: the node's count does not creep up until every later
+    publisher is paused for good."""
+    gw, protos, peers = await pipelining_publishers(tmp_path, monkeypatch, 4, 63)
+    try:
+        assert await metric(gw, "rt_pipelined_publish_paused_connections") >= 1
+        for _, writer in peers:
+            writer.transport.abort()
+        release_fanout(gw.hub)
+        for _ in range(500):
+            if all(p.transport is None for p in protos):  # connection_lost, each of them
+                break
+            await asyncio.sleep(0.02)
+        assert all(p.transport is None for p in protos)
+        assert await metric(gw, "rt_pipelined_publish_bytes") == 0
+        assert await metric(gw, "rt_pipelined_publish_paused_connections") == 0
+        assert gw.pipelined.held == 0 and not gw.pipelined.waiting
+
+        # and the node still takes pipelined publishes
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        writer.write(publish_request(0) + publish_request(1))
+        assert [(await read_answer(reader))[0] for _ in range(2)] == [202, 202]
+        writer.close()
+    finally:
+        await gw.shutdown()
+
+
+async def test_a_connection_lost_while_paused_for_the_node_bound_gives_its_bytes_back_and_resumes_others(tmp_path):
+    """In process: two connections queue requests behind a waiting one past the node's bound,
+    and both stop being read. The connection lost (a reset, an abort) gives its queued bytes
+    back and leaves the registry at once; under half of the bound, the other reads again."""
+    cfg = config.load(environ={"RT_AUTH_HS256_SECRET": SECRET, "RT_STATE_DIR": str(tmp_path),
+                               "RT_FANOUT_BACKLOG": "10", "RT_MAX_PUBLISH_BYTES": "1024",
+                               "RT_PIPELINED_PUBLISH_BYTES": "4096"})
+    gw = Gateway(cfg)
+    queue_frames(gw.hub, 11)
+    size = len(publish_request(0))  # what one queued request counts, give or take
+    a, a_transport = connect(gw)
+    # the first waits, those behind it are queued: with one more later, half the bound at most
+    a.data_received(b"".join(publish_request(i) for i in range(2048 // size)))
+    assert not a._paused and gw.pipelined.held > 0
+    b, b_transport = connect(gw)
+    b.data_received(b"".join(publish_request(i) for i in range(2 + 8192 // size)))
+    assert b._paused and b_transport.paused == 1 and gw.pipelined.held > 4096
+    assert list(gw.pipelined.waiting) == [b]
+    a.data_received(publish_request(99))  # queued over the bound: a stops being read too
+    assert a._paused and list(gw.pipelined.waiting) == [b, a]
+
+    a_held = a._queued_bytes
+    b.connection_lost(ConnectionResetError())
+    assert gw.pipelined.held == a_held <= 2048
+    assert not gw.pipelined.waiting and not a._paused and a_transport.resumed == 1
+
+    a.connection_lost(None)
+    assert gw.pipelined.held == 0

@@ -126,6 +126,8 @@ def test_bad_config_is_one_line_and_exit_2(tmp_path):
         (["serve"], {"RT_MAX_SUBSCRIPTIONS": "0"}),
         (["serve"], {"RT_AUTH_TIMEOUT": "0"}),
         (["serve"], {"RT_IDLE_TIMEOUT": "0"}),
+        # under one request's body (limits.max_publish_bytes): the bound would pause every pipeline
+        (["serve"], {"RT_PIPELINED_PUBLISH_BYTES": "1000"}),
         (["serve"], {"RT_KAFKA_BOOTSTRAP": "kafka1:9092,kafka2:port"}),
         (["serve"], {"RT_KAFKA_BOOTSTRAP": "http://kafka:9092"}),
         (["serve"], {"RT_KAFKA_BOOTSTRAP": "rt:secret@kafka:9092"}),  # credentials go in the SASL settings
