@@ -1312,3 +1312,34 @@ async def test_catalog_queries_over_a_dead_link_end_with_a_timeout(db, pg_cluste
     finally:
         await catalog.close()
         await proxy.close()
+
+
+async def test_a_catalog_connection_the_server_ended_is_replaced_not_left_unusable(db, pg_cluster, pg_database):
+    """The server ends the catalog connection (a restart, pg_terminate_backend): its last message
+    (FATAL) arrives before its close. asyncpg, having read the one and not yet the other, refused
+    every query with InternalClientError ("another operation is in progress"), which nobody
+    took for a broken connection: a subscribe checking a table then closed its client with
+    1011, and TOAST fetches and the maintenance's checks failed the same way. Nothing was sent
+    on it: the query goes to a new connection."""
+    from rtserver.sources.pg_catalog import Catalog
+    from tests.harness.tcpproxy import TcpProxy
+
+    proxy = await TcpProxy(pg_cluster.port).start()
+    catalog = Catalog(pg_database.replace(f":{pg_cluster.port}/", f":{proxy.port}/"), schemas=["public"], tables=[],
+                      slot="", publication="rt_unused", timeout=5.0)
+    try:
+        pid = (await catalog.fetch("SELECT pg_backend_pid() AS pid"))[0]["pid"]
+        proxy.linger = True
+        await db.execute("SELECT pg_terminate_backend($1)", pid)
+        for _ in range(500):
+            if proxy.target_closed:
+                break
+            await asyncio.sleep(0.01)
+        assert proxy.target_closed == 1
+        await asyncio.sleep(0.2)  # the FATAL message read by asyncpg
+        rows = await catalog.fetch("SELECT pg_backend_pid() AS pid")
+        assert rows[0]["pid"] != pid  # answered on a new connection
+        await catalog.execute("SELECT 1")
+    finally:
+        await catalog.close()
+        await proxy.close()

@@ -9,7 +9,7 @@ import json
 import logging
 import re
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, NamedTuple
 
 import asyncpg
@@ -151,22 +151,35 @@ class Catalog:
         return self._conn
 
     async def fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
-        async with self._lock:
-            conn = await self._connection()
-            try:
-                return await conn.fetch(sql, *args, timeout=self.timeout)
-            except (asyncpg.ConnectionDoesNotExistError, asyncpg.InterfaceError, OSError):  # OSError: timeouts too
-                await self._drop()
-                raise
+        return await self._run(lambda conn: conn.fetch(sql, *args, timeout=self.timeout))
 
     async def execute(self, sql: str, *args: Any, bounded: bool = True) -> None:
+        await self._run(lambda conn: conn.execute(sql, *args, timeout=self.timeout if bounded else None))
+
+    async def _run(self, query: Callable[[asyncpg.Connection], Awaitable[Any]]) -> Any:
+        """`query` on the connection, under the lock."""
         async with self._lock:
-            conn = await self._connection()
             try:
-                await conn.execute(sql, *args, timeout=self.timeout if bounded else None)
-            except (asyncpg.ConnectionDoesNotExistError, asyncpg.InterfaceError, OSError):
-                await self._drop()
-                raise
+                return await self._once(query)
+            except asyncpg.InternalClientError:
+                # The server ended the connection (a restart, pg_terminate_backend): its FATAL
+                # message was read, its close not yet, and asyncpg refuses any query before
+                # sending it. Once more, on a new connection.
+                pass
+            try:
+                return await self._once(query)
+            except asyncpg.InternalClientError as exc:  # no error the callers expect: the broken link it is
+                raise ConnectionResetError(f"PostgreSQL catalog connection unusable: {exc}") from exc
+
+    async def _once(self, query: Callable[[asyncpg.Connection], Awaitable[Any]]) -> Any:
+        """`query` on the connection; a broken one is dropped (the next query opens another)."""
+        conn = await self._connection()
+        try:
+            return await query(conn)
+        except (asyncpg.ConnectionDoesNotExistError, asyncpg.InterfaceError, asyncpg.InternalClientError,
+                OSError):  # OSError: timeouts too
+            await self._drop()
+            raise
 
     async def _drop(self) -> None:
         conn, self._conn = self._conn, None

@@ -11,7 +11,9 @@ cleared: a network that stalls and heals, as TCP retransmission would deliver. W
 is set, a new connection gets those bytes (an HTTP answer, say a load balancer's 404 during a
 deploy) once its request head is in, and is closed. `upstream_delay` (seconds) holds each chunk
 a client sends that long before it goes on to the target: a client frozen for a while (a
-background tab) as the gateway sees it.
+background tab) as the gateway sees it. While `linger` is set, a connection the target closes
+stays open on the client's side (its last bytes delivered, the close never): a server's close
+not come through yet; `target_closed` counts those.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ class TcpProxy:
         self.frozen = False
         self.answer: bytes | None = None
         self.upstream_delay = 0.0
+        self.linger = False
+        self.target_closed = 0
         self.accepted = 0
         self.port = 0
         self._server: asyncio.Server | None = None
@@ -91,11 +95,15 @@ class TcpProxy:
         await asyncio.gather(self._pipe(reader, up_writer, upstream=True), self._pipe(up_reader, writer))
 
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, upstream: bool = False) -> None:
+        lingering = False
         try:
             while True:
                 await self._flowing.wait()
                 data = await reader.read(65536)
                 if not data:
+                    if not upstream:
+                        self.target_closed += 1
+                        lingering = self.linger  # the client's side stays open (cut() ends it)
                     break
                 if self.frozen:
                     continue
@@ -107,5 +115,6 @@ class TcpProxy:
         except (ConnectionError, OSError):
             pass
         finally:
-            self._writers.discard(writer)
-            writer.transport.abort()
+            if not lingering:
+                self._writers.discard(writer)
+                writer.transport.abort()
