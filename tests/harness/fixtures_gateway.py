@@ -176,8 +176,20 @@ def _request(method: str, url: str, body: bytes | None, headers: dict[str, str])
         return e.code, e.read()
 
 
+_CALL_REPORT = pytest.StashKey[pytest.TestReport]()
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> object:
+    """Keeps the report of the test's call, for gateway_factory's teardown."""
+    rep = yield
+    if rep.when == "call":
+        item.stash[_CALL_REPORT] = rep
+    return rep
+
+
 @pytest.fixture
-async def gateway_factory() -> AsyncIterator[Callable[..., Awaitable[Gateway]]]:
+async def gateway_factory(request: pytest.FixtureRequest) -> AsyncIterator[Callable[..., Awaitable[Gateway]]]:
     started: list[Gateway] = []
     tmpdirs: list[tempfile.TemporaryDirectory] = []
 
@@ -206,6 +218,12 @@ async def gateway_factory() -> AsyncIterator[Callable[..., Awaitable[Gateway]]]:
     yield make
     for gw in started:
         await gw.stop()
+    rep = request.node.stash.get(_CALL_REPORT, None)
+    if rep is not None and rep.failed:
+        # The logs live in the state directories removed below: without them, a failure seen
+        # once (a close 1011 in CI) left nothing to find its cause in.
+        for gw in started:
+            print(f"--- gateway on port {gw.port}: the end of its log ---\n{gw.logs()}", file=sys.stderr)
     for tmp in tmpdirs:
         tmp.cleanup()
 

@@ -12,6 +12,7 @@ import contextlib
 import itertools
 import os
 import pathlib
+import time
 from collections.abc import AsyncIterator, Iterator
 
 import asyncpg
@@ -56,6 +57,11 @@ def drop_database(cluster: PgCluster, name: str, conn: psycopg.Connection | None
     own = conn is None
     conn = conn or _admin(cluster)
     try:
+        # A gateway still running (fixtures are torn down before gateway_factory stops it)
+        # reconnects its replication stream as soon as its walsender is terminated: the slot
+        # was active again when DROP DATABASE came.
+        with contextlib.suppress(psycopg.errors.InvalidCatalogName):
+            conn.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
         for _ in range(50):
             rows = conn.execute(
                 "SELECT slot_name, active_pid FROM pg_replication_slots WHERE database = %s", (name,)
@@ -69,6 +75,9 @@ def drop_database(cluster: PgCluster, name: str, conn: psycopg.Connection | None
                     conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
                 except psycopg.errors.ObjectInUse:
                     pass  # the walsender is still exiting; retried on the next round
+            # Without a pause the 50 rounds passed within milliseconds on a busy machine, the
+            # walsender still exiting, and DROP DATABASE failed on its slot.
+            time.sleep(0.1)
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
         if own:
