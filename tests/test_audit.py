@@ -16,7 +16,8 @@ from rtserver import config
 from rtserver.audit import EVENTS, KafkaAudit, LogAudit, create_audit
 from rtserver.audit_spool import Spool, SpoolError
 from rtserver.logs import JsonFormatter
-from tests.harness.kafka import TopicReader, _free_ports, create_topics
+from tests.harness.kafka import TopicReader, create_topics
+from tests.harness.ports import free_port
 from tests.harness.wsclient import ws_connect
 
 pytestmark = pytest.mark.kafka
@@ -202,7 +203,7 @@ async def test_spool_bound_counts_lost_and_delivers_the_rest(kafka_broker, tmp_p
     topics = await topics_for(kafka_broker.bootstrap, prefix)
     spool_dir = tmp_path / "spool"
     # Kafka unreachable: a port nothing listens on.
-    dead = f"127.0.0.1:{_free_ports(1)[0]}"
+    dead = f"127.0.0.1:{free_port()}"
     audit = make_audit(dead, prefix, spool_dir, queue_size=10, spool_max_bytes=8192, close_timeout=1.0)
     await audit.start()
     for i in range(200):
@@ -421,7 +422,7 @@ async def test_a_spool_write_refused_at_shutdown_loses_only_what_was_not_written
     prefix = unique_prefix()
     topics = await topics_for(kafka_broker.bootstrap, prefix)
     spool_dir = tmp_path / "spool"
-    dead = f"127.0.0.1:{_free_ports(1)[0]}"
+    dead = f"127.0.0.1:{free_port()}"
     first = make_audit(dead, prefix, spool_dir, queue_size=1000, close_timeout=1.0)
     await first.start()
     pad = "x" * 200

@@ -10,7 +10,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import ssl
 import sys
 import tempfile
@@ -21,15 +20,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import jwt
 import pytest
 
+from tests.harness.ports import free_port
+
 SECRET = "test-secret-0123456789abcdef0123456789"
 # Holds a sitecustomize.py that shifts a gateway's wall clock (gateway_factory's clock_offset).
 CLOCK_OFFSET_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "clock_offset")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Gateway:

@@ -49,6 +49,7 @@ import uuid
 from pathlib import Path
 
 from tests.harness.certs import ca_and_leaves
+from tests.harness.ports import free_ports
 
 ROOT = Path(__file__).resolve().parents[2]
 FETCH_SCRIPT = ROOT / "scripts" / "test.d" / "kafka.sh"
@@ -87,19 +88,6 @@ def ensure_jars() -> Path:
     return path
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 _LOG4J2 = """\
 status = warn
 appender.file.type = File
@@ -136,7 +124,7 @@ class KafkaBroker:
         self.data_dir = self.dir / "data"
         self.log_path = self.dir / "broker.log"
         (self.port, self.controller_port, self.proxied_port, self.proxy_port,
-         self.sasl_port, self.ssl_port, self.sasl_ssl_port, self.reauth_port, self.mtls_port) = _free_ports(9)
+         self.sasl_port, self.ssl_port, self.sasl_ssl_port, self.reauth_port, self.mtls_port) = free_ports(9)
         self.bootstrap = f"127.0.0.1:{self.port}"
         self.sasl_bootstrap = f"127.0.0.1:{self.sasl_port}"
         self.ssl_bootstrap = f"127.0.0.1:{self.ssl_port}"

@@ -18,6 +18,8 @@ import subprocess
 import tempfile
 import time
 
+from tests.harness.ports import free_port
+
 
 class ClusterError(Exception):
     """The cluster could not be created, started or stopped."""
@@ -36,12 +38,6 @@ def find_bindir() -> str:
         raise ClusterError("PostgreSQL server binaries not found (apt-get install postgresql)")
     candidates.sort(key=lambda p: int(p.split("/")[-3]) if p.split("/")[-3].isdigit() else 0)
     return os.path.dirname(candidates[-1])
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class PgCluster:
