@@ -17,16 +17,28 @@ exponentially (1 s doubling to 30 s, each wait up to half as long again at rando
 over 30 s) on other losses and when `get_token`
 fails or has not answered within `open_timeout` (at connect or for a refresh: reported to on_error as a RealtimeError named
 "token_unavailable", then retried; a failed refresh, at the 4001 that ends the session),
-and stops with a RealtimeError on terminal codes (4002, 4003, 1008, 1009; but a 4002 after the
-error "auth timeout", which says the auth message came too late, is retried; reported to on_error
-once, its message carrying the reason the gateway gave before the close) and on HTTP 404 to
+and stops with a RealtimeError on terminal codes (4002, 4003, 1008, 1009: reported to on_error
+once, its message carrying the reason the gateway gave before the close; but a 4002 after the
+error "auth timeout", which says the auth message came too late, is retried like the closes
+below) and on HTTP 404 to
 the upgrade before any connection succeeded (a wrong URL: the gateway answers it to a malformed workspace id or any other path;
 code 404, name "upgrade_refused"). The gateway's other answer before the upgrade, HTTP 503
 (draining, at its connection limit, a Kafka node not ready), and any other status (a proxy's
 502, 429; a 404 once a connection has succeeded) are retried with the backoff and reported to on_error as an "upgrade_refused"
 RealtimeError whose code is the status, once per distinct status until a connection
 succeeds; a connect that gets no HTTP answer at all (refused, unreachable, timed out) likewise,
-as a RealtimeError named "connect_failed" (code 0), once per distinct failure. Dead links are
+as a RealtimeError named "connect_failed" (code 0), once per distinct failure. So is a close
+the client retries, once per distinct close code until a connection succeeds: a RealtimeError
+whose code is the close code, named as PROTOCOL.md §6 names it (1011 "internal_error": the
+gateway could not check the token, its identity provider out of reach; 1013 "try_again_later":
+the client read too slowly; 1001 "going_away": the gateway shut down, or closed an idle
+connection; 4008 "quota_exceeded": connections per workspace or per subject over the limit;
+1006 "abnormal_closure": the link died without a close frame), its message carrying the close
+reason and the error the gateway sent just before the close, if any ("connection closed:
+quota_exceeded: workspace w1 has reached its limit of 1 connections; retrying"). A close after
+a connection had succeeded (1013, 1001, a lost link) is thus reported each time, a quota or an
+identity provider out of reach once until it clears. A 4001 is not reported as a close (the
+client reconnects with a fresh token); the gateway's error just before it is, as it comes. Dead links are
 detected by the `websockets` keepalive pings; a JSON ping every `position_interval` (25 s)
 brings the stream position, so subscriptions that get no events in a busy workspace resume
 from what the history still holds (no needless history_gap). A subscription made or changed while
@@ -338,8 +350,9 @@ class RealtimeClient:
         self._pending_token: str | None = None  # sent in a refresh, in force once acknowledged
         self._refreshed_at: float | None = None  # monotonic start of the connection's last refresh
         self._presented: str | None = None  # the token the gateway last took (at connect or a refresh)
-        # What the last failed connect reported to on_error (an HTTP status, or a connect_failed
-        # text), until a connection succeeds: each kind once, not at every attempt
+        # What the last failed connect or retried close reported to on_error (an HTTP status, a
+        # connect_failed text, "close <code>"), until a connection succeeds: each kind once, not
+        # at every attempt
         self._refusal_reported: int | str | None = None
         self._auth_timed_out = False  # this connection's 4002 is "auth timeout", not a bad token
         # The error that refused this connection's authentication (a bad token, a workspace not
@@ -592,6 +605,7 @@ class RealtimeClient:
     async def _connect_once(self, token: str) -> int | None:
         """One connection; its close code, or None when the client is closed or stopped."""
         code = 1006
+        closed: tuple[int, str] | None = None  # the close code and reason of a connection that opened
         self._presented = token
         self._refreshed_at = None
         self._auth_timed_out = False
@@ -610,8 +624,13 @@ class RealtimeClient:
                     self._ws = None
                     self._authed = False
                 code = ws.close_code or 1006
+                closed = (code, ws.close_reason or "")
         except ConnectionClosed as exc:
             code = exc.rcvd.code if exc.rcvd is not None else 1006
+            # No close frame received: a lost link, or the keepalive's timeout (the reason this
+            # side sent says so).
+            frame = exc.rcvd if exc.rcvd is not None else exc.sent
+            closed = (code, frame.reason if frame is not None else "")
         except InvalidStatus as exc:
             self._upgrade_refused(exc.response)
         except (OSError, InvalidHandshake, TimeoutError) as exc:
@@ -630,9 +649,24 @@ class RealtimeClient:
             why = f": {refusal}" if refusal is not None and refusal.code == code else ""
             self._finish(RealtimeError(code, f"connection closed: {_CODE_NAMES.get(code, code)}{why}", terminal=True))
             return None
-        if refusal is not None:  # no terminal close followed it (the link died first)
+        if refusal is not None and refusal.code != code:  # no close of its own followed it (the link died first)
             self._callback(self.on_error, refusal, "on_error")
+        if closed is not None and code != 4001:
+            self._report_close(code, closed[1], refusal)
         return code
+
+    def _report_close(self, code: int, reason: str, refusal: RealtimeError | None) -> None:
+        """A close that is retried, to on_error once per code until a connection succeeds (as
+        _report_retrying does): an application learns why it reconnects (1011: the gateway could
+        not check the token, its identity provider out of reach; 1013: it read too slowly; 1001:
+        the gateway shut down or found it idle; 4008: a connection quota; 1006: the link died),
+        and a quota that holds for an hour is one report, not one per attempt. Its message
+        carries the close reason, and the gateway's error before the close when one came. A 4001
+        is routine (a fresh token, at once) and not reported here."""
+        name = _CODE_NAMES.get(code, "error")
+        why = f": {refusal}" if refusal is not None and refusal.code == code else ""
+        self._report_retrying(f"close {code}", RealtimeError(code, f"connection closed: {reason or name}{why}; retrying",
+                                                             name=name))
 
     def _connect_failed(self, exc: BaseException) -> None:
         """No WebSocket at all (refused, unreachable, a timeout, no HTTP answer): retried with the
@@ -644,8 +678,9 @@ class RealtimeClient:
                                                   name="connect_failed"))
 
     def _report_retrying(self, kind: int | str, err: RealtimeError) -> None:
-        """A failed connect that is retried, to on_error once per `kind` (an HTTP status, an
-        exception's name) until a connection succeeds, not at every attempt."""
+        """A failed connect or a close that is retried, to on_error once per `kind` (an HTTP
+        status, an exception's name, "close <code>") until a connection succeeds, not at every
+        attempt."""
         if kind != self._refusal_reported:
             self._refusal_reported = kind
             self._callback(self.on_error, err, "on_error")
@@ -863,11 +898,12 @@ class RealtimeClient:
         sub = self._refused(msg) if code in _SUBSCRIPTION_REFUSALS else None
         err = RealtimeError(code, msg.get("message", ""), name=msg.get("name"),
                             channel=channel or (sub.channel if sub is not None else None))
-        if (code in TERMINAL_CODES and not self._authed and not self._auth_timed_out and sub is None
-                and not channel and msg.get("id") is None):
-            # Why the gateway refuses the connection; its close follows, terminal: on_error gets
-            # the terminal error once, this reason in its message (it got both, and the error
-            # connect() raised said only "connection closed: token_invalid").
+        if not self._authed and sub is None and not channel and msg.get("id") is None and code != 4001:
+            # Why the gateway refuses the connection; its close follows: on_error gets that
+            # close once, this reason in its message (terminal: it got both, and the error
+            # connect() raised said only "connection closed: token_invalid"; retried, as 4008
+            # over a connection quota: it got this error at every attempt). A 4001 (a token
+            # expired at connect) is reported as it comes, as ever: the client gets a fresh one.
             self._refusal = err
             return
         if sub is not None:

@@ -13,7 +13,7 @@ import pytest
 
 from rtcore.messages import CustomEventBody, MongoEventBody, PostgresEventBody
 from rtserver.channels import _FILTER_KEYS
-from tests.harness.fixtures_gateway import SECRET
+from tests.harness.fixtures_gateway import SECRET, free_port
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 JS = ROOT / "clients" / "js"
@@ -61,9 +61,13 @@ async def test_js_client_suite_against_the_gateway(gateway_factory):
     skewed = await gateway_factory(clock_offset=-400)  # for the clock skew test
     full = await gateway_factory(env={"RT_MAX_NODE_CONNECTIONS": "1"})  # answers a second upgrade with 503
     hasty = await gateway_factory(env={"RT_AUTH_TIMEOUT": "0.2"})  # for the auth timeout test
+    quota = await gateway_factory(env={"RT_MAX_CONNECTIONS": "1"})  # closes a second connection with 4008
+    no_idp = await gateway_factory(env={"RT_AUTH_JWKS_URL": f"http://127.0.0.1:{free_port()}/certs"})  # 1011
+    idle = await gateway_factory(env={"RT_IDLE_TIMEOUT": "0.5"})  # closes a silent connection with 1001
     env = {**os.environ, "RT_TEST_GATEWAY": gw.url, "RT_TEST_GATEWAY_WIDE": wide.url, "RT_TEST_SECRET": SECRET,
            "RT_TEST_GATEWAY_SKEWED": skewed.url, "RT_TEST_SKEWED_OFFSET": str(skewed.clock_offset),
-           "RT_TEST_GATEWAY_ONE_CONNECTION": full.url, "RT_TEST_GATEWAY_HASTY": hasty.url}
+           "RT_TEST_GATEWAY_ONE_CONNECTION": full.url, "RT_TEST_GATEWAY_HASTY": hasty.url,
+           "RT_TEST_GATEWAY_QUOTA": quota.url, "RT_TEST_GATEWAY_NO_IDP": no_idp.url, "RT_TEST_GATEWAY_IDLE": idle.url}
     proc = await asyncio.create_subprocess_exec(
         node, "--test", "--test-reporter=spec", "test/client.test.js",
         cwd=JS, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,

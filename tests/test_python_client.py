@@ -11,6 +11,7 @@ from collections.abc import Callable
 import pytest
 
 from rtserver.client import RealtimeClient, RealtimeError, channel_matches, token_expiry
+from tests.harness.fixtures_gateway import free_port
 from tests.harness.tcpproxy import TcpProxy
 
 FAST = {"backoff_initial": 0.05, "backoff_max": 0.4}
@@ -299,7 +300,8 @@ async def test_an_auth_timeout_is_retried_not_the_end(gateway_factory):
         connecting = asyncio.ensure_future(client.connect())
         await wait_for(lambda: client.closes.count(4002) >= 2, 10, "timed-out attempts")
         assert not connecting.done() and client.state == "reconnecting" and client.error is None
-        assert {(e.code, str(e)) for e in errors} == {(4002, "auth timeout")}
+        # Once across the attempts, as a retried close, with the gateway's reason.
+        assert [(e.code, str(e)) for e in errors] == [(4002, "connection closed: token_invalid: auth timeout; retrying")]
         proxy.upstream_delay = 0.0
         await asyncio.wait_for(connecting, 10)
         assert client.state == "open"
@@ -346,10 +348,11 @@ async def test_a_404_once_connected_is_retried_and_reported_once(gateway):
         proxy.cut()
         await wait_for(lambda: proxy.accepted - refused >= 3, 5, "refused attempts")
         assert client.state == "reconnecting" and client.error is None
-        assert [(e.code, e.name, e.terminal) for e in errors] == [(404, "upgrade_refused", False)]
+        # The lost link (a connection had succeeded), then the 404, each once.
+        assert _described(errors) == [(1006, "abnormal_closure", False), (404, "upgrade_refused", False)]
         proxy.answer = None
         await wait_for(lambda: client.state == "open", 5, "the connection back")
-        assert len(errors) == 1
+        assert len(errors) == 2
     finally:
         await client.close()
         await proxy.close()
@@ -525,7 +528,7 @@ async def test_get_token_failure_is_reported_and_retried_with_backoff(gateway):
         e = await gateway.publish("w1", "t", {})
         await wait_for(lambda: len(got) == 1, what="event after the reconnect")
         assert got[0]["seq"] == e["seq"] and len(calls) == 4
-        assert [err.name for err in errors] == ["token_unavailable"] * 2
+        assert [err.name for err in errors] == ["token_unavailable", "abnormal_closure", "token_unavailable"]
         assert isinstance(errors[0].__cause__, RuntimeError) and not errors[0].terminal
     finally:
         await client.close()
@@ -1134,3 +1137,102 @@ async def test_a_filter_changed_by_the_application_after_subscribe_is_not_what_a
     finally:
         await client.close()
         await proxy.close()
+
+
+def _unverifiable_token() -> str:
+    """An RS256 token whose key only the JWKS URL can give: the gateway looks the key up before
+    it checks anything else, so the signature does not matter."""
+    import base64
+    import json
+
+    def part(obj: dict) -> str:
+        return base64.urlsafe_b64encode(json.dumps(obj).encode()).rstrip(b"=").decode()
+
+    claims = {"sub": "user-1", "iat": int(time.time()), "exp": int(time.time()) + 3600, "workspaces": ["w1"]}
+    return f"{part({'alg': 'RS256', 'kid': 'k1', 'typ': 'JWT'})}.{part(claims)}.c2ln"
+
+
+def _described(errors: list[RealtimeError]) -> list[tuple[int, str, bool]]:
+    return [(e.code, e.name, e.terminal) for e in errors]
+
+
+async def test_a_quota_close_is_reported_once_per_outage_with_its_reason(gateway_factory):
+    # Connections per workspace over the limit: the gateway sends the error (why), then closes
+    # with 4008. The client retries, and on_error heard the gateway's error at every attempt (a
+    # flood while the quota holds); a link lost after a success (1006) it did not hear at all.
+    # Now each retried close is reported once per code until a connection succeeds again.
+    gw = await gateway_factory(env={"RT_MAX_CONNECTIONS": "1"})
+    proxy = await TcpProxy(gw.port).start()
+    errors: list[RealtimeError] = []
+    client = RealtimeClient(proxied(proxy), lambda: gw.token("w1"), on_error=errors.append, **FAST)
+    holder = RealtimeClient(gw.ws_url("w1"), lambda: gw.token("w1", sub="holder"), **FAST)
+    try:
+        await holder.connect()
+        connecting = asyncio.ensure_future(client.connect())
+        await wait_for(lambda: client.closes.count(4008) >= 3, 5, "refused attempts")
+        assert not connecting.done() and client.state == "reconnecting"
+        assert _described(errors) == [(4008, "quota_exceeded", False)]
+        assert "quota_exceeded" in str(errors[0]) and "limit of 1 connections" in str(errors[0]), str(errors[0])
+        await holder.close()  # room again: the retry gets in
+        await asyncio.wait_for(connecting, 5)
+        # The link dies (reported: a connection had succeeded), and while the client is away
+        # another takes the slot: the 4008 is reported again, once.
+        proxy.paused = True
+        proxy.cut()
+        holder = RealtimeClient(gw.ws_url("w1"), lambda: gw.token("w1", sub="holder"), **FAST)
+        await asyncio.wait_for(holder.connect(), 5)
+        refused = client.closes.count(4008)
+        proxy.paused = False
+        await wait_for(lambda: client.closes.count(4008) >= refused + 3, 5, "refused attempts again")
+        assert _described(errors) == [(4008, "quota_exceeded", False), (1006, "abnormal_closure", False),
+                                      (4008, "quota_exceeded", False)]
+        assert "limit of 1 connections" in str(errors[2])
+    finally:
+        await client.close()
+        await holder.close()
+        await proxy.close()
+
+
+async def test_an_identity_provider_out_of_reach_is_reported_once_as_1011(gateway_factory):
+    # The gateway cannot fetch the key set that verifies the token: it closes with 1011 (not
+    # 4002: the token may be fine), and the client retries. on_error heard nothing, only a
+    # state change: an application could not say "authentication service unavailable".
+    gw = await gateway_factory(env={"RT_AUTH_JWKS_URL": f"http://127.0.0.1:{free_port()}/certs"})
+    tokens = {"now": _unverifiable_token()}
+    errors: list[RealtimeError] = []
+    proxy = await TcpProxy(gw.port).start()
+    client = RealtimeClient(proxied(proxy), lambda: tokens["now"], on_error=errors.append, **FAST)
+    try:
+        connecting = asyncio.ensure_future(client.connect())
+        await wait_for(lambda: client.closes.count(1011) >= 3, 5, "refused attempts")
+        assert not connecting.done() and client.state == "reconnecting"
+        assert _described(errors) == [(1011, "internal_error", False)]
+        assert str(errors[0]) == "connection closed: internal_error; retrying"
+        tokens["now"] = gw.token("w1")  # one the gateway can check (HS256)
+        await asyncio.wait_for(connecting, 5)
+        tokens["now"] = _unverifiable_token()
+        proxy.cut()
+        await wait_for(lambda: client.closes.count(1011) >= 6, 5, "refused attempts again")
+        assert _described(errors) == [(1011, "internal_error", False), (1006, "abnormal_closure", False),
+                                      (1011, "internal_error", False)]
+    finally:
+        await client.close()
+        await proxy.close()
+
+
+async def test_an_idle_close_after_each_success_is_reported_each_time(gateway_factory):
+    # The gateway closes a silent connection with 1001 going_away (here the client sends no
+    # position ping and its keepalive is slower than the idle timeout). on_error heard nothing;
+    # now each such close is reported, as each follows a connection that succeeded.
+    gw = await gateway_factory(env={"RT_IDLE_TIMEOUT": "0.5"})
+    errors: list[RealtimeError] = []
+    client = RealtimeClient(gw.ws_url("w1"), lambda: gw.token("w1"), on_error=errors.append, position_interval=0,
+                            **FAST)
+    try:
+        await client.connect()
+        await wait_for(lambda: client.closes.count(1001) >= 2, 5, "two idle closes")
+        assert len(client.resumed) >= 2
+        assert _described(errors) == [(1001, "going_away", False)] * client.closes.count(1001)
+        assert str(errors[0]) == "connection closed: going_away; retrying"
+    finally:
+        await client.close()

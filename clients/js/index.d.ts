@@ -102,7 +102,11 @@ export declare class RealtimeError extends Error {
    * "upgrade_refused": an HTTP status instead of the upgrade (with the `ws` package only),
    * terminal for 404 before any connection succeeded (a wrong URL), else retried and reported
    * once per distinct status; "connect_failed" (code 0): no HTTP answer at all (refused,
-   * unreachable; with the `ws` package only), retried, reported once per kind of failure. */
+   * unreachable; with the `ws` package only), retried, reported once per kind of failure. For a
+   * close the client retries (reported once per distinct code until a connection succeeds):
+   * "internal_error" (1011: the token could not be checked now), "try_again_later" (1013),
+   * "going_away" (1001), "quota_exceeded" (4008), "abnormal_closure" (1006: a lost link),
+   * "token_invalid" (4002 after "auth timeout"). */
   codeName: string;
   /** For token_unavailable: what getToken threw. */
   cause?: unknown;
@@ -163,7 +167,9 @@ export declare class RealtimeClient {
    * `cause`: what it threw; the client retries), or an upgrade refused with an HTTP status
    * (codeName "upgrade_refused": 404 before any connection terminal, others retried, reported
    * once per status), or a connect that got no HTTP answer (codeName "connect_failed", retried,
-   * reported once per kind of failure). */
+   * reported once per kind of failure), or a close the client retries (`code` the close code,
+   * its message the close reason and the gateway's error before it; reported once per distinct
+   * code until a connection succeeds; not a 4001, which is followed by a fresh token). */
   on(name: "error", fn: (error: RealtimeError) => void): () => void;
   on(name: "open", fn: (info: OpenInfo) => void): () => void;
   on(name: "close", fn: (info: { code: number; reason: string }) => void): () => void;

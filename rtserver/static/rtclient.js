@@ -12,7 +12,8 @@
 // backs off exponentially on other failures (a connection attempt that does not open within
 // openTimeoutMs counts as one, and so does an HTTP status instead of the upgrade (but a 404
 // before any connection succeeded),
-// reported once per status) and stops on terminal codes (4002 token_invalid, 4003
+// reported once per status; a close it retries is reported once per close code until a
+// connection succeeds: _reportClose) and stops on terminal codes (4002 token_invalid, 4003
 // scope_denied, 1008 policy_violation, 1009 message_too_big; but a 4002 after the error "auth
 // timeout", which says the auth message came too late, is retried), and on HTTP 404 to the upgrade
 // before any connection succeeded (a wrong URL; seen only with the `ws` package), with a
@@ -263,7 +264,8 @@ export class RealtimeClient {
     this.authedAt = null;
     this.refreshedAt = null;
     this.pendingToken = null;
-    this.refusalReported = null; // what the last failed connect reported (an HTTP status, or a connect_failed kind), until one succeeds
+    this.refusalReported = null; // what the last failed connect or retried close reported (an HTTP status, a connect_failed kind, "close <code>"), until one succeeds
+    this.opened = false; // the current WebSocket has opened
     this.timers = { retry: null, refresh: null, ping: null, open: null, token: null };
     this.nextId = 1;
     this.closedByUser = false;
@@ -503,6 +505,7 @@ export class RealtimeClient {
     this.pendingToken = null; // sent in a refresh, this.token once the gateway answers auth_ok
     this.refreshedAt = null; // (monotonicMs) when the connection's last refresh started
     this.authed = false;
+    this.opened = false; // the upgrade succeeded: its close is a retried close, not a failed connect
     this.authTimedOut = false; // this connection's 4002 is "auth timeout", not a bad token
     // The error that refused this connection's authentication (a bad token, a workspace not
     // granted): the terminal close that follows reports it, once, with the gateway's reason.
@@ -517,6 +520,7 @@ export class RealtimeClient {
     ws.onopen = () => {
       opened = true;
       if (this.ws !== ws) return;
+      this.opened = true;
       clearTimeout(this.timers.open);
       this.timers.open = null;
       if (!this.headerAuth) {
@@ -577,8 +581,9 @@ export class RealtimeClient {
       .finally(() => { clearTimeout(timer); if (this.timers.token === timer) this.timers.token = null; });
   }
 
-  // A failed connect that is retried, reported on "error" once per `kind` (an HTTP status, a
-  // connect error's code) until a connection succeeds, not at every attempt.
+  // A failed connect or a close that is retried, reported on "error" once per `kind` (an HTTP
+  // status, a connect error's code, "close <code>") until a connection succeeds, not at every
+  // attempt.
   _reportRetrying(kind, err) {
     if (kind === this.refusalReported) return;
     this.refusalReported = kind;
@@ -751,11 +756,12 @@ export class RealtimeClient {
     }
     const sub = [4000, 4003, 4008, 4010].includes(msg.code) ? this._refused(msg) : null;
     const err = new RealtimeError(msg.code, msg.message, { name: msg.name, channel: msg.channel || sub?.channel });
-    if (TERMINAL_CODES.includes(msg.code) && !this.authed && !this.authTimedOut && !sub && !msg.channel
-      && (msg.id === undefined || msg.id === null)) {
-      // Why the gateway refuses the connection; its close follows, terminal: "error" gets the
-      // terminal error once, this reason in its message (it got both, and `ready` rejected
-      // with "connection closed: token_invalid" only).
+    if (!this.authed && !sub && !msg.channel && (msg.id === undefined || msg.id === null) && msg.code !== 4001) {
+      // Why the gateway refuses the connection; its close follows: "error" gets that close
+      // once, this reason in its message (terminal: it got both, and `ready` rejected with
+      // "connection closed: token_invalid" only; retried, as 4008 over a connection quota: it
+      // got this error at every attempt). A 4001 (a token expired at connect) is reported as it
+      // comes, as ever: the client gets a fresh one.
       this.refusal = err;
       return;
     }
@@ -784,6 +790,8 @@ export class RealtimeClient {
     this._clearTimers();
     const refusal = this.refusal;
     this.refusal = null;
+    const opened = this.opened; // a WebSocket that opened closed (else a failed connect, reported as such)
+    this.opened = false;
     this.authed = false;
     this.marker = null;
     if (this.authedAt !== null && Date.now() - this.authedAt >= HEALTHY_AFTER_MS) {
@@ -801,7 +809,9 @@ export class RealtimeClient {
         { name: reason || CODE_NAMES[code], terminal: true }));
       return;
     }
-    if (refusal) this._emit("error", refusal); // no terminal close followed it (the link died first)
+    if (refusal && refusal.code !== code) this._emit("error", refusal); // no close of its own followed it (the link died first)
+    if (opened && code !== 4001) this._reportClose(code, reason, refusal);
+    if (this.state === "closed") return; // closed by an error listener
     if (code === 4001 && !this.expired) {
       // The token expired: get a new one and come back at once (if it is fresh; once until a
       // connection has been healthy; else back off).
@@ -811,6 +821,19 @@ export class RealtimeClient {
       return;
     }
     this._scheduleRetry();
+  }
+
+  // A close that is retried, on "error" once per code until a connection succeeds (as
+  // _reportRetrying does): an application learns why it reconnects (1011: the gateway could not
+  // check the token, its identity provider out of reach; 1013: it read too slowly; 1001: the
+  // gateway shut down or found it idle; 4008: a connection quota; 1006: the link died), and a
+  // quota that holds for an hour is one report, not one per attempt. Its message carries the
+  // close reason, and the gateway's error before the close when one came. A 4001 is routine (a
+  // fresh token, at once) and not reported here.
+  _reportClose(code, reason, refusal) {
+    const name = CODE_NAMES[code] || "error";
+    const why = refusal && refusal.code === code ? `: ${refusal.message}` : "";
+    this._reportRetrying(`close ${code}`, new RealtimeError(code, `connection closed: ${reason || name}${why}; retrying`, { name }));
   }
 
   _scheduleRetry() {

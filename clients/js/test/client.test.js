@@ -10,7 +10,8 @@ import v8 from "node:v8";
 import vm from "node:vm";
 
 import { connect, RealtimeClient, RealtimeError, tokenExpiry, channelMatches } from "../src/index.js";
-import { GATEWAY_HASTY, GATEWAY_ONE_CONNECTION, GATEWAY_SKEWED, GATEWAY_WIDE, SKEWED_OFFSET, publish, startProxy, token, waitFor, wsUrl }
+import { GATEWAY_HASTY, GATEWAY_IDLE, GATEWAY_NO_IDP, GATEWAY_ONE_CONNECTION, GATEWAY_QUOTA, GATEWAY_SKEWED, GATEWAY_WIDE,
+  SKEWED_OFFSET, publish, startProxy, token, unverifiableToken, waitFor, wsUrl }
   from "./helpers.js";
 
 const fast = { backoffInitialMs: 50, backoffMaxMs: 400 };
@@ -1068,7 +1069,8 @@ test("an auth timeout is retried, not the end",
   try {
     await waitFor(() => closes.filter((c) => c.code === 4002).length >= 2, 10000, "timed-out attempts");
     assert.equal(client.state, "reconnecting");
-    assert.deepEqual([...new Set(errors.map((e) => `${e.code} ${e.message}`))], ["4002 auth timeout"]);
+    // Once across the attempts, as a retried close, with the gateway's reason.
+    assert.deepEqual(errors.map((e) => `${e.code} ${e.message}`), ["4002 connection closed: token_invalid: auth timeout; retrying"]);
     proxy.upstreamDelay = 0;
     await client.ready;
     assert.equal(client.state, "open");
@@ -1116,10 +1118,12 @@ test("a 404 once connected is retried and reported once", { timeout: 30000 }, as
     proxy.cut();
     await waitFor(() => proxy.accepted - refused >= 3, 5000, "refused attempts");
     assert.equal(client.state, "reconnecting");
-    assert.deepEqual(errors.map((e) => [e.code, e.codeName, e.terminal]), [[404, "upgrade_refused", false]]);
+    // The lost link (a connection had succeeded), then the 404, each once.
+    assert.deepEqual(errors.map((e) => [e.code, e.codeName, e.terminal]),
+      [[1006, "abnormal_closure", false], [404, "upgrade_refused", false]]);
     proxy.answer = null;
     await waitFor(() => client.state === "open", 5000, "the connection back");
-    assert.equal(errors.length, 1);
+    assert.equal(errors.length, 2);
   } finally {
     client.close();
     await proxy.close();
@@ -1149,6 +1153,103 @@ test("a 503 to the upgrade is retried and reported once",
     assert.equal(errors.length, 1);
   } finally {
     holder.close();
+    client.close();
+  }
+});
+
+const described = (errors) => errors.map((e) => [e.code, e.codeName, e.terminal]);
+
+test("a quota close is reported once per outage, with its reason",
+  { timeout: 30000, skip: GATEWAY_QUOTA ? false : "RT_TEST_GATEWAY_QUOTA is not set" }, async () => {
+  // Connections per workspace over the limit: the gateway sends the error (why), then closes
+  // with 4008. The client retries, and "error" heard the gateway's error at every attempt (a
+  // flood while the quota holds); a link lost after a success (1006) it did not hear at all.
+  // Now each retried close is reported once per code until a connection succeeds again.
+  const port = new URL(GATEWAY_QUOTA).port;
+  const proxy = await startProxy({ gateway: GATEWAY_QUOTA });
+  let holder = connect({ url: wsUrl("w1", port), getToken: () => token({ sub: "holder" }), ...fast });
+  const client = connect({ url: wsUrl("w1", proxy.port), getToken: () => token(), ...fast });
+  const errors = [];
+  client.on("error", (e) => errors.push(e));
+  const { closes } = collect(client);
+  const refusals = () => closes.filter((c) => c.code === 4008).length;
+  try {
+    await holder.ready;
+    await waitFor(() => refusals() >= 3, 5000, "refused attempts");
+    assert.equal(client.state, "reconnecting");
+    assert.deepEqual(described(errors), [[4008, "quota_exceeded", false]]);
+    assert.ok(errors[0].message.includes("quota_exceeded") && errors[0].message.includes("limit of 1 connections"),
+      errors[0].message);
+    holder.close(); // room again: the retry gets in
+    await client.ready;
+    // The link dies (reported: a connection had succeeded), and while the client cannot get
+    // through another takes the slot: the 4008 is reported again, once.
+    proxy.hold = true;
+    const before = proxy.accepted;
+    proxy.cut();
+    await waitFor(() => proxy.accepted > before, 5000, "an attempt while held");
+    holder = connect({ url: wsUrl("w1", port), getToken: () => token({ sub: "holder" }), ...fast });
+    await holder.ready;
+    const refused = refusals();
+    proxy.hold = false;
+    await waitFor(() => refusals() >= refused + 3, 5000, "refused attempts again");
+    assert.deepEqual(described(errors), [[4008, "quota_exceeded", false], [1006, "abnormal_closure", false],
+      [0, "connect_failed", false], [4008, "quota_exceeded", false]]);
+    assert.ok(errors[3].message.includes("limit of 1 connections"), errors[3].message);
+  } finally {
+    client.close();
+    holder.close();
+    await proxy.close();
+  }
+});
+
+test("an identity provider out of reach is reported once as 1011",
+  { timeout: 30000, skip: GATEWAY_NO_IDP ? false : "RT_TEST_GATEWAY_NO_IDP is not set" }, async () => {
+  // The gateway cannot fetch the key set that verifies the token: it closes with 1011 (not
+  // 4002: the token may be fine), and the client retries. "error" heard nothing, only a state
+  // change: an application could not say "authentication service unavailable".
+  const proxy = await startProxy({ gateway: GATEWAY_NO_IDP });
+  let current = unverifiableToken();
+  const client = connect({ url: wsUrl("w1", proxy.port), getToken: () => current, ...fast });
+  const errors = [];
+  client.on("error", (e) => errors.push(e));
+  const { closes } = collect(client);
+  const refusals = () => closes.filter((c) => c.code === 1011).length;
+  try {
+    await waitFor(() => refusals() >= 3, 5000, "refused attempts");
+    assert.equal(client.state, "reconnecting");
+    assert.deepEqual(described(errors), [[1011, "internal_error", false]]);
+    assert.equal(errors[0].message, "connection closed: internal_error; retrying");
+    current = token(); // one the gateway can check (HS256)
+    await client.ready;
+    current = unverifiableToken();
+    proxy.cut();
+    await waitFor(() => refusals() >= 6, 5000, "refused attempts again");
+    assert.deepEqual(described(errors), [[1011, "internal_error", false], [1006, "abnormal_closure", false],
+      [1011, "internal_error", false]]);
+  } finally {
+    client.close();
+    await proxy.close();
+  }
+});
+
+test("an idle close after each success is reported each time",
+  { timeout: 30000, skip: GATEWAY_IDLE ? false : "RT_TEST_GATEWAY_IDLE is not set" }, async () => {
+  // The gateway closes a silent connection with 1001 going_away (here the client's ping comes
+  // later than the idle timeout). "error" heard nothing; now each such close is reported, as
+  // each follows a connection that succeeded.
+  const client = connect({ url: wsUrl("w1", new URL(GATEWAY_IDLE).port), getToken: () => token(), pingIntervalMs: 60000,
+    ...fast });
+  const errors = [];
+  client.on("error", (e) => errors.push(e));
+  const { opens, closes } = collect(client);
+  const idle = () => closes.filter((c) => c.code === 1001).length;
+  try {
+    await waitFor(() => idle() >= 2, 5000, "two idle closes");
+    assert.ok(opens.length >= 2);
+    assert.deepEqual(described(errors), Array(idle()).fill([1001, "going_away", false]));
+    assert.equal(errors[0].message, "connection closed: going_away; retrying");
+  } finally {
     client.close();
   }
 });

@@ -20,6 +20,12 @@ export const SKEWED_OFFSET = Number(process.env.RT_TEST_SKEWED_OFFSET || 0);
 export const GATEWAY_ONE_CONNECTION = process.env.RT_TEST_GATEWAY_ONE_CONNECTION || null;
 // A gateway that waits 0.2 s for the auth message (RT_AUTH_TIMEOUT=0.2).
 export const GATEWAY_HASTY = process.env.RT_TEST_GATEWAY_HASTY || null;
+// A gateway that holds one connection per workspace at most (RT_MAX_CONNECTIONS=1: close 4008).
+export const GATEWAY_QUOTA = process.env.RT_TEST_GATEWAY_QUOTA || null;
+// A gateway whose JWKS URL answers nothing: an RS256 token cannot be checked (close 1011).
+export const GATEWAY_NO_IDP = process.env.RT_TEST_GATEWAY_NO_IDP || null;
+// A gateway that closes a connection silent for 0.5 s with 1001 (RT_IDLE_TIMEOUT=0.5).
+export const GATEWAY_IDLE = process.env.RT_TEST_GATEWAY_IDLE || null;
 
 const b64url = (buf) => Buffer.from(buf).toString("base64url");
 
@@ -31,6 +37,15 @@ export function token({ workspace = "w1", sub = "js-user", ttl = 3600, publish =
   const body = b64url(JSON.stringify(payload));
   const sig = createHmac("sha256", secret).update(`${head}.${body}`).digest("base64url");
   return `${head}.${body}.${sig}`;
+}
+
+// An RS256 token whose key only the JWKS URL can give: the gateway looks the key up before it
+// checks anything else, so the signature does not matter.
+export function unverifiableToken({ workspace = "w1", sub = "js-user" } = {}) {
+  const now = Math.floor(Date.now() / 1000);
+  const head = b64url(JSON.stringify({ alg: "RS256", kid: "k1", typ: "JWT" }));
+  const body = b64url(JSON.stringify({ sub, iat: now, exp: now + 3600, workspaces: [workspace] }));
+  return `${head}.${body}.c2ln`;
 }
 
 export function wsUrl(workspace, port = gatewayUrl.port) {
