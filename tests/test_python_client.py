@@ -1236,3 +1236,35 @@ async def test_an_idle_close_after_each_success_is_reported_each_time(gateway_fa
         assert str(errors[0]) == "connection closed: going_away; retrying"
     finally:
         await client.close()
+
+
+async def test_a_slow_reader_close_is_reported_each_time_it_recurs(gateway_factory):
+    # The application holds each event (an async on_event that waits), so the client stops
+    # reading: past its send buffer the gateway closes with 1013 try_again_later and the client
+    # resumes. on_error heard nothing; now it hears the 1013, again after a connection
+    # succeeded in between.
+    gw = await gateway_factory(env={"RT_SEND_BUFFER_BYTES": "262144"})
+    big = {"blob": "x" * 60000}  # 200 of these outgrow the kernel socket buffers too
+    gate = asyncio.Event()
+    gate.set()
+
+    async def held(event: dict) -> None:
+        await gate.wait()
+
+    errors: list[RealtimeError] = []
+    client = RealtimeClient(gw.ws_url("w1"), lambda: gw.token("w1"), on_error=errors.append, **FAST)
+    try:
+        await client.connect()
+        await client.subscribe("events:big", None, held)
+        for round_ in (1, 2):
+            gate.clear()
+            for i in range(200):
+                await gw.publish("w1", "big", {**big, "i": i})
+            gate.set()
+            await wait_for(lambda round_=round_: client.closes.count(1013) == round_, 10, "the 1013 close")
+            await wait_for(lambda round_=round_: client.state == "open" and len(client.resumed) == round_ + 1, 10,
+                           "the resume")
+        assert _described(errors) == [(1013, "try_again_later", False)] * 2
+        assert str(errors[0]) == "connection closed: try_again_later; retrying"
+    finally:
+        await client.close()

@@ -10,8 +10,8 @@ import v8 from "node:v8";
 import vm from "node:vm";
 
 import { connect, RealtimeClient, RealtimeError, tokenExpiry, channelMatches } from "../src/index.js";
-import { GATEWAY_HASTY, GATEWAY_IDLE, GATEWAY_NO_IDP, GATEWAY_ONE_CONNECTION, GATEWAY_QUOTA, GATEWAY_SKEWED, GATEWAY_WIDE,
-  SKEWED_OFFSET, publish, startProxy, token, unverifiableToken, waitFor, wsUrl }
+import { GATEWAY_HASTY, GATEWAY_IDLE, GATEWAY_NO_IDP, GATEWAY_ONE_CONNECTION, GATEWAY_QUOTA, GATEWAY_SKEWED,
+  GATEWAY_SMALL_BUFFER, GATEWAY_WIDE, SKEWED_OFFSET, publish, startProxy, token, unverifiableToken, waitFor, wsUrl }
   from "./helpers.js";
 
 const fast = { backoffInitialMs: 50, backoffMaxMs: 400 };
@@ -1251,5 +1251,34 @@ test("an idle close after each success is reported each time",
     assert.equal(errors[0].message, "connection closed: going_away; retrying");
   } finally {
     client.close();
+  }
+});
+
+test("a slow reader close is reported each time it recurs",
+  { timeout: 30000, skip: GATEWAY_SMALL_BUFFER ? false : "RT_TEST_GATEWAY_SMALL_BUFFER is not set" }, async () => {
+  // The client's reading stalls (here the network in front of it): past its send buffer the
+  // gateway closes with 1013 try_again_later and the client resumes. "error" heard nothing; now
+  // it hears the 1013, again after a connection succeeded in between.
+  const proxy = await startProxy({ gateway: GATEWAY_SMALL_BUFFER });
+  const client = connect({ url: wsUrl("w1", proxy.port), getToken: () => token(), ...fast });
+  const errors = [];
+  client.on("error", (e) => errors.push(e));
+  const { opens, closes } = collect(client);
+  const big = { blob: "x".repeat(60000) }; // 200 of these outgrow the kernel socket buffers too
+  const slow = () => closes.filter((c) => c.code === 1013).length;
+  try {
+    await client.subscribe("events:big").ready;
+    for (const round of [1, 2]) {
+      proxy.pause();
+      for (let i = 0; i < 200; i++) await publish("w1", "big", { ...big, i }, GATEWAY_SMALL_BUFFER);
+      proxy.resume();
+      await waitFor(() => slow() === round, 10000, "the 1013 close");
+      await waitFor(() => client.state === "open" && opens.length === round + 1, 10000, "the resume");
+    }
+    assert.deepEqual(described(errors), [[1013, "try_again_later", false], [1013, "try_again_later", false]]);
+    assert.equal(errors[0].message, "connection closed: try_again_later; retrying");
+  } finally {
+    client.close();
+    await proxy.close();
   }
 });

@@ -26,6 +26,8 @@ export const GATEWAY_QUOTA = process.env.RT_TEST_GATEWAY_QUOTA || null;
 export const GATEWAY_NO_IDP = process.env.RT_TEST_GATEWAY_NO_IDP || null;
 // A gateway that closes a connection silent for 0.5 s with 1001 (RT_IDLE_TIMEOUT=0.5).
 export const GATEWAY_IDLE = process.env.RT_TEST_GATEWAY_IDLE || null;
+// A gateway with a 256 KiB send buffer per connection (RT_SEND_BUFFER_BYTES): a slow reader gets 1013.
+export const GATEWAY_SMALL_BUFFER = process.env.RT_TEST_GATEWAY_SMALL_BUFFER || null;
 
 const b64url = (buf) => Buffer.from(buf).toString("base64url");
 
@@ -80,13 +82,16 @@ export async function waitFor(predicate, ms = 5000, what = "condition") {
  * While `answer` is set, a new connection gets that text (an HTTP answer, say a load balancer's
  * 404 during a deploy) once its request head is in, and is closed. `upstreamDelay` (ms) holds
  * what the client sends that long before it goes on: a client frozen for a while (a background
- * tab) as the gateway sees it.
+ * tab) as the gateway sees it. `pause()` stops reading what the gateway sends (nothing is lost:
+ * TCP's flow control pushes back on the gateway, a slow reader as it sees one) until `resume()`.
  */
 export async function startProxy({ gateway = GATEWAY } = {}) {
   const target = new URL(gateway);
   const sockets = new Set();
+  const upstreams = new Set();
   const held = [];
   const proxy = {
+    paused: false,
     hold: false,
     frozen: false,
     corked: false,
@@ -98,6 +103,14 @@ export async function startProxy({ gateway = GATEWAY } = {}) {
     cut() {
       for (const s of sockets) s.destroy();
       sockets.clear();
+    },
+    pause() {
+      proxy.paused = true;
+      for (const s of upstreams) s.pause();
+    },
+    resume() {
+      proxy.paused = false;
+      for (const s of upstreams) s.resume();
     },
     uncork() {
       proxy.corked = false;
@@ -123,7 +136,10 @@ export async function startProxy({ gateway = GATEWAY } = {}) {
     }
     const upstream = net.connect(Number(target.port), target.hostname);
     sockets.add(client); sockets.add(upstream);
-    const drop = () => { client.destroy(); upstream.destroy(); sockets.delete(client); sockets.delete(upstream); };
+    upstreams.add(upstream);
+    const drop = () => {
+      client.destroy(); upstream.destroy(); sockets.delete(client); sockets.delete(upstream); upstreams.delete(upstream);
+    };
     client.on("error", drop); upstream.on("error", drop);
     client.on("close", drop); upstream.on("close", drop);
     client.on("data", (data) => {
@@ -139,6 +155,7 @@ export async function startProxy({ gateway = GATEWAY } = {}) {
       if (!entry) held.push(entry = [client, []]);
       entry[1].push(data);
     });
+    if (proxy.paused) upstream.pause();
   });
   await new Promise((r) => server.listen(0, "127.0.0.1", r));
   proxy.port = server.address().port;
