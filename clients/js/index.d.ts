@@ -84,7 +84,8 @@ export interface ConnectOptions {
   /** Unread items an events() iterator may hold before it fails (default 10000). */
   maxBufferedEvents?: number;
   /** A connection attempt whose WebSocket upgrade has not completed after this long is
-   * abandoned and counts as a failed attempt (backoff); default 10000. A getToken call (at
+   * abandoned and counts as a failed attempt (backoff; reported once as "connect_failed" until
+   * a connection succeeds); default 10000. A getToken call (at
    * connect or for a refresh) that has not settled after this long counts as a failing one
    * (token_unavailable). */
   openTimeoutMs?: number;
@@ -102,7 +103,8 @@ export declare class RealtimeError extends Error {
    * "upgrade_refused": an HTTP status instead of the upgrade (with the `ws` package only),
    * terminal for 404 before any connection succeeded (a wrong URL), else retried and reported
    * once per distinct status; "connect_failed" (code 0): no HTTP answer at all (refused,
-   * unreachable; with the `ws` package only), retried, reported once per kind of failure. For a
+   * unreachable; with the `ws` package only) or no upgrade within openTimeoutMs, retried,
+   * reported once per kind of failure. For a
    * close the client retries (reported once per distinct code until a connection succeeds):
    * "internal_error" (1011: the token could not be checked now), "try_again_later" (1013),
    * "going_away" (1001), "quota_exceeded" (4008), "abnormal_closure" (1006: a lost link),

@@ -511,10 +511,15 @@ export class RealtimeClient {
     // granted): the terminal close that follows reports it, once, with the gateway's reason.
     this.refusal = null;
     // An upgrade that never completes (a stuck proxy, a half-open path) counts as a failed
-    // attempt: without this the client would stay "connecting" for good.
+    // attempt: without this the client would stay "connecting" for good. Reported like a
+    // connect that got no answer, as the Python client does (a stuck proxy looked like a slow
+    // start); this timer is the client's own, so in browsers too.
     this.timers.open = setTimeout(() => {
       this.timers.open = null;
-      if (this.ws === ws) this._abandon(ws, "opening handshake timed out");
+      if (this.ws !== ws) return;
+      this._reportRetrying("timeout", new RealtimeError(0,
+        `cannot connect to ${this.url}: opening handshake timed out after ${this.openTimeout} ms; retrying`, { name: "connect_failed" }));
+      if (this.ws === ws) this._abandon(ws, "opening handshake timed out"); // unless an error listener closed the client
     }, this.openTimeout);
     let opened = false; // the upgrade succeeded: an error from then on is no failed connect
     ws.onopen = () => {

@@ -30,6 +30,8 @@ function collect(client) {
   return { events, opens, gaps, closes };
 }
 
+const described = (errors) => errors.map((e) => [e.code, e.codeName, e.terminal]);
+
 test("subscribe receives matching events, unsubscribe stops them", { timeout: 30000 }, async () => {
   const client = connect({ url: wsUrl("js-basic"), getToken: () => token({ workspace: "js-basic" }) });
   try {
@@ -758,9 +760,14 @@ test("a connection attempt that never opens times out and backs off", { timeout:
   const client = connect({ url: wsUrl("js-stuck", server.address().port), getToken: () => token({ workspace: "js-stuck" }),
     openTimeoutMs: 300, ...fast });
   const { closes } = collect(client);
+  const errors = [];
+  client.on("error", (e) => errors.push(e));
   try {
     await waitFor(() => closes.length >= 3, 5000, "three timed-out attempts");
     assert.ok(closes.every((c) => c.code === 1006 && /timed out/.test(c.reason)), JSON.stringify(closes));
+    // Reported once, as the Python client does (it said nothing: a stuck proxy looked like a slow start).
+    assert.deepEqual(described(errors), [[0, "connect_failed", false]]);
+    assert.match(errors[0].message, /^cannot connect to ws:\/\/127\.0\.0\.1:\d+\/.*timed out.*; retrying$/);
     assert.equal(client.state, "reconnecting");
     assert.ok(client.attempt >= 3);
   } finally {
@@ -1157,7 +1164,6 @@ test("a 503 to the upgrade is retried and reported once",
   }
 });
 
-const described = (errors) => errors.map((e) => [e.code, e.codeName, e.terminal]);
 
 test("a quota close is reported once per outage, with its reason",
   { timeout: 30000, skip: GATEWAY_QUOTA ? false : "RT_TEST_GATEWAY_QUOTA is not set" }, async () => {
