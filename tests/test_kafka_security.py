@@ -95,7 +95,13 @@ async def test_the_audit_trail_reaches_a_secured_listener(gateway_factory, kafka
         await reader.wait_for(lambda ms: any(m.topic == prefix + "auth-granted" for m in ms), timeout=30)
     record = json.loads(next(m.value for m in reader.messages if m.topic == prefix + "auth-granted"))
     assert record["sessionId"] == session and record["subject"] == f"alice-{protocol}-{mechanism}"
+    # A record is readable before the broker's acknowledgement reaches the gateway.
     status = await audit_status(gw)
+    for _ in range(100):
+        if status["connected"]:
+            break
+        await asyncio.sleep(0.1)
+        status = await audit_status(gw)
     assert status["connected"] is True and status["lost"] == 0, status
     assert await gw.stop() == 0
     assert_no_secret(gw)
