@@ -547,16 +547,23 @@ class Gateway:
             # Refused rather than replaced: the publisher would look for its own id in vain.
             return 400, _err(f"X-Correlation-ID must be 1-{_CORRELATION_MAX} printable characters")
         channel = f"events:{topic}"
-        event_body = encode(
-            CustomEventBody(
-                channel=channel,
-                operation="PUBLISH",
-                topic=topic,
-                payload=payload,
-                timestamp=iso_ms(now_ms()),
-                correlationId=corr,
+        try:
+            event_body = encode(
+                CustomEventBody(
+                    channel=channel,
+                    operation="PUBLISH",
+                    topic=topic,
+                    payload=payload,
+                    timestamp=iso_ms(now_ms()),
+                    correlationId=corr,
+                )
             )
-        )
+        except RecursionError as exc:
+            # The payload nests one level inside the event, encoded a few calls deeper than it
+            # was decoded: a body at the decoder's very limit decoded but could not be encoded
+            # (it was a 500, the connection closed, an ERROR traceback). Refused as one nesting
+            # deeper still is.
+            return 400, _err(f"body is not valid JSON: {unreadable_json(exc)}")
         event = Event(
             workspace=workspace, source="events", entity=topic, operation="PUBLISH", record=payload, body=event_body
         )

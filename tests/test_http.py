@@ -227,6 +227,30 @@ async def test_publish_accepts_any_json_value_up_to_the_limit(gateway):
             assert ev["payload"] == payload and ev["seq"] == out["seq"]
 
 
+async def test_a_publish_nesting_at_the_limit_around_a_value_is_400_not_500(gateway):
+    """The payload is decoded from the body, then encoded one level deeper inside the event
+    (and a few calls further down the stack): a body at the decoder's very limit with a value
+    innermost ([[...[1]...]]) decoded but could not be encoded, and its publisher got 500
+    "internal error", its connection closed, and the log an ERROR traceback, at will. It is
+    400 "nests too deeply", as a body nesting deeper still, and the connection serves on."""
+    token = gateway.token("w1", publish=True)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+    statuses = {}
+    try:
+        for depth in range(960, 1000):
+            body = b"[" * depth + b"1" + b"]" * depth  # json.dumps would itself run out of stack
+            writer.write(b"POST /workspaces/w1/realtime/events/deep HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (token.encode(), len(body), body))
+            status, _, answer = await read_answer(reader)
+            statuses[depth] = status
+            if status == 400:
+                assert b"nests too deeply" in answer, answer
+        assert set(statuses.values()) == {202, 400}, statuses
+    finally:
+        writer.close()
+    assert '"level":"error"' not in gateway.logs()
+
+
 async def test_publish_keep_alive_connection_serves_several_requests(gateway):
     token = gateway.token("w1", publish=True)
     reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
