@@ -141,6 +141,15 @@ def parse(channel: str, filter_: Any) -> SubscriptionSpec:
         if not isinstance(tr, bool):
             raise InvalidFilter(f"{channel}: filter.transitions must be true or false")
         transitions = tr
-    size = len(msgspec.json.encode(filter_)) if filter_ else 0
+    size = _encoded_size(channel, filter_) if filter_ else 0
     return SubscriptionSpec(channel, source, entity, operations, predicates, transitions, filter_, size)
 
+
+def _encoded_size(channel: str, filter_: dict[str, Any]) -> int:
+    """The filter's size as JSON (limits.max_filter_bytes). Encoded a few calls deeper in the
+    stack than the message was decoded: a filter at the decoder's very limit raised
+    RecursionError here, and picows closed the connection with 1011."""
+    try:
+        return len(msgspec.json.encode(filter_))
+    except RecursionError:
+        raise InvalidFilter(f"{channel}: filter nests too deeply") from None

@@ -333,6 +333,23 @@ async def test_unknown_type_and_non_object_are_4000(gateway):
         assert (await c.recv_type("error"))["id"] == 3
 
 
+async def test_a_filter_at_the_decoders_very_limit_is_4000_not_1011(gateway):
+    """A filter nesting just under the decoder's limit decoded, but the subscribe measures it
+    by encoding it again, deeper in the stack: RecursionError, which nothing caught, and picows
+    dropped the connection with 1011 and an ERROR traceback, at will. Each such subscribe is
+    refused with 4000 now (the connection stays open), as one nesting deeper still is."""
+    async with ws_connect(gateway, "w1", token=gateway.token("w1")) as c:
+        for depth in range(975, 992):  # 17: under the 20 invalid messages a minute that close it
+            inner = "[" * depth + "1" + "]" * depth  # json.dumps would itself run out of stack
+            await c.send(f'{{"type":"subscribe","channel":"events:x","id":{depth},"filter":{{"predicates":{{"a":{inner}}}}}}}')
+            err = await c.recv_type("error")
+            # (no id past the limit: the decoder could not read it)
+            assert err["code"] == 4000 and err.get("id") in (depth, None) and "nests" in err["message"], err
+        await c.send({"type": "ping", "id": "still-open"})
+        assert _pong(await c.recv()) == {"type": "pong", "id": "still-open"}
+    assert '"level":"error"' not in gateway.logs()
+
+
 async def test_unreadable_json_is_4000_and_the_connection_stays_open(gateway):
     """JSON nested past the recursion limit and a text frame that is not UTF-8 are messages
     that are not JSON (§6: 4000, the connection stays open), before auth and after. Both made
