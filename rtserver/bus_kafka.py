@@ -234,7 +234,6 @@ async def ensure_topic(options: dict[str, Any], topic: str, partitions: int, rep
     """Create `topic` when missing (with max.message.bytes when given); returns its partition
     count."""
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-    from aiokafka.errors import TopicAlreadyExistsError
 
     admin = AIOKafkaAdminClient(**options)
     await admin.start()
@@ -247,13 +246,12 @@ async def ensure_topic(options: dict[str, Any], topic: str, partitions: int, rep
             if found:
                 return len(found[0]["partitions"])
         brokers = len((await admin.describe_cluster()).get("brokers", [])) or 1
-        try:
-            configs = {"max.message.bytes": str(max_message_bytes)} if max_message_bytes else None
-            await admin.create_topics([NewTopic(topic, num_partitions=partitions,
-                                                replication_factor=min(replication, brokers), topic_configs=configs)])
+        configs = {"max.message.bytes": str(max_message_bytes)} if max_message_bytes else None
+        response = await admin.create_topics([NewTopic(topic, num_partitions=partitions,
+                                                       replication_factor=min(replication, brokers),
+                                                       topic_configs=configs)])
+        if _created(response, topic):
             log.info("created topic %s", topic, extra={"fields": {"topic": topic, "partitions": partitions}})
-        except TopicAlreadyExistsError:
-            pass
         for _ in range(50):
             existing = await admin.describe_topics([topic])
             found = [t for t in existing if t.get("topic") == topic and t.get("error_code") == 0 and t["partitions"]]
@@ -263,6 +261,25 @@ async def ensure_topic(options: dict[str, Any], topic: str, partitions: int, rep
         raise RuntimeError(f"bus topic {topic}: not visible after creation")
     finally:
         await admin.close()
+
+
+def _created(response: Any, topic: str) -> bool:
+    """Whether a CreateTopics `response` says `topic` was created (False: it existed already,
+    another process made it meanwhile). Kafka answers a refusal (an invalid setting, a topic
+    policy, no CREATE right) with an error code in the response, which aiokafka returns, not
+    raises: taken for a success, the next look at the topic made a broker with auto-creation on
+    create it with its own defaults (one partition), nothing said. Raised as its KafkaError."""
+    from aiokafka.errors import TopicAlreadyExistsError, for_code
+
+    for name, code, *message in response.topic_errors:  # v1 and later: the broker's message too
+        if name != topic or code == 0:
+            continue
+        if code == TopicAlreadyExistsError.errno:
+            return False
+        error = for_code(code)
+        why = (message[0] if message else None) or error.description
+        raise error(f"Kafka refused to create topic {topic}: {error.message}: {why}")
+    return True
 
 
 async def topic_configs(options: dict[str, Any], topic: str, names: tuple[str, ...]) -> dict[str, str]:
