@@ -55,10 +55,14 @@ class Lease:
     async def start(self) -> None:
         from aiokafka import AIOKafkaConsumer
         from aiokafka.abc import ConsumerRebalanceListener
+        from aiokafka.errors import KafkaError
 
         from rtserver.bus_kafka import ensure_topic
 
-        await ensure_topic(self.options, self.topic, 1, 3)
+        try:
+            await ensure_topic(self.options, self.topic, 1, 3)
+        except KafkaError as exc:  # a creation Kafka refused (no CREATE right, a topic policy): one line at start
+            raise RuntimeError(f"ingest lease topic {self.topic}: {exc}") from None
         lease = self
 
         class _Listener(ConsumerRebalanceListener):
