@@ -979,6 +979,35 @@ async def test_foreign_records_on_the_topic_are_skipped_with_a_log(cluster):
     assert [(e["seq"], e["payload"]) for e in got] == [(second["seq"], {"n": 2})]
 
 
+async def test_a_foreign_record_nesting_past_the_stack_does_not_stop_the_consumer(cluster):
+    """A record of another producer (or damaged) whose value is MessagePack nesting deeper than
+    the stack allows made the decoder raise RecursionError, not a decode error: it was no
+    ForeignRecord, it ended the node's consumer loop ("bus consumer stopped"), and the node
+    delivered no event any more, as every node reading the topic past it would, restarts
+    included. It is skipped with a log as the other foreign records are."""
+    import msgspec
+    from aiokafka import AIOKafkaProducer
+
+    node = await cluster.node()
+    topic = cluster.env["RT_BUS_TOPIC"]
+    head = b"\x96" + b"".join(msgspec.msgpack.encode(s) for s in ("events", "x", "PUBLISH"))
+    deep = head + b"\x91" * 5000 + b"\xc0" + b"\xc0" + msgspec.msgpack.encode(b"{}")  # record: [[[...nil...]]]
+    producer = AIOKafkaProducer(bootstrap_servers=cluster.env["RT_BUS_KAFKA_BOOTSTRAP"])
+    await producer.start()
+    try:
+        async with ws_connect(node, "w1", token=node.token("w1")) as c:
+            await c.subscribe("events:x")
+            await producer.send_and_wait(topic, deep, key=b"w1")
+            await node.publish("w1", "x", {"n": 1})
+            (event,) = await events(c, 1)
+            assert event["payload"] == {"n": 1}
+    finally:
+        await producer.stop()
+    assert "bus consumer stopped" not in node.logs()
+    skipped = [json.loads(line) for line in node.logs().splitlines() if "bus record skipped" in line]
+    assert len(skipped) == 1 and "nests too deeply" in skipped[0]["msg"], node.logs()
+
+
 async def test_records_deleted_before_a_node_read_them_are_a_history_gap(cluster):
     """A node behind the topic (frozen here) whose next records retention deleted meanwhile
     (here DeleteRecords) lost them: its subscribers get history_gap before the events that
