@@ -183,6 +183,12 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> objec
     return rep
 
 
+def failed_call(request: pytest.FixtureRequest) -> bool:
+    """Whether the test of this fixture failed (in a fixture's teardown)."""
+    rep = request.node.stash.get(_CALL_REPORT, None)
+    return rep is not None and rep.failed
+
+
 @pytest.fixture
 async def gateway_factory(request: pytest.FixtureRequest) -> AsyncIterator[Callable[..., Awaitable[Gateway]]]:
     started: list[Gateway] = []
@@ -213,8 +219,7 @@ async def gateway_factory(request: pytest.FixtureRequest) -> AsyncIterator[Calla
     yield make
     for gw in started:
         await gw.stop()
-    rep = request.node.stash.get(_CALL_REPORT, None)
-    if rep is not None and rep.failed:
+    if failed_call(request):
         # The logs live in the state directories removed below: without them, a failure seen
         # once (a close 1011 in CI) left nothing to find its cause in.
         for gw in started:

@@ -12,6 +12,7 @@ import contextlib
 import itertools
 import os
 import pathlib
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 
@@ -19,6 +20,7 @@ import asyncpg
 import psycopg
 import pytest
 
+from tests.harness.fixtures_gateway import failed_call
 from tests.harness.pgcluster import ClusterError, PgCluster
 
 _db_counter = itertools.count(1)
@@ -85,12 +87,16 @@ def drop_database(cluster: PgCluster, name: str, conn: psycopg.Connection | None
 
 
 @pytest.fixture
-def pg_database(pg_cluster: PgCluster) -> Iterator[str]:
+def pg_database(pg_cluster: PgCluster, request: pytest.FixtureRequest) -> Iterator[str]:
     name = f"rt_test_{os.getpid()}_{next(_db_counter)}"
     dsn = create_database(pg_cluster, name)
     try:
         yield dsn
     finally:
+        if failed_call(request):
+            # What the server said of the test's walsenders and sessions (the cluster serves
+            # the whole run: its log outlives the test, but not the run).
+            print(f"--- PostgreSQL server log (database {name}) ---\n{pg_cluster.log_tail(60)}", file=sys.stderr)
         if pg_cluster.running():
             drop_database(pg_cluster, name)
 

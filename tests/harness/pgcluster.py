@@ -62,6 +62,8 @@ class PgCluster:
             "shared_buffers": "64MB",
             "wal_sender_timeout": "60s",
             "logical_decoding_work_mem": "64MB",
+            # START_REPLICATION and the slots' use in the log a failed test prints (fixtures_postgres)
+            "log_replication_commands": "on",
             **(settings or {}),
         }
         self._as_postgres = os.geteuid() == 0
