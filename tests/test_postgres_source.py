@@ -1343,3 +1343,39 @@ async def test_a_catalog_connection_the_server_ended_is_replaced_not_left_unusab
     finally:
         await catalog.close()
         await proxy.close()
+
+
+async def test_a_replication_stream_out_of_sync_is_reopened_at_once(db, pg_cluster, pg_database, tmp_path, caplog):
+    """A corrupted replication stream (a message length no message can have): libpq loses
+    synchronization and psycopg raises OperationalError from get_copy_data, where the reader
+    expected -2. It escaped the socket callback ("Exception in callback" with a traceback) and
+    the source learnt of it only when its next status update failed. It is now a stream error
+    of the read: the source says why, reopens the stream and loses nothing."""
+    from tests.harness.tcpproxy import TcpProxy
+
+    await db.execute("CREATE TABLE garbled (id int PRIMARY KEY)")
+    proxy = await TcpProxy(pg_cluster.port).start()
+    sink = CollectingSink()
+    src = PostgresSource(
+        pg_database.replace(f":{pg_cluster.port}/", f":{proxy.port}/"), instance="rtgarbled",
+        state_dir=str(tmp_path / "state"), sink=sink, workspaces=lambda: ["w1"], receive_timeout=120.0,
+    )
+    try:
+        await src.start()
+        await src.wait_streaming()
+        await db.execute("INSERT INTO garbled VALUES (1)")
+        await sink.wait_for(1)
+        proxy.inject(b"d\x00\x00\x00\x02")  # CopyData whose length is shorter than the length itself
+        for _ in range(400):
+            if src.status()["last_error"]:
+                break
+            await asyncio.sleep(0.05)
+        assert "replication stream unreadable" in (src.status()["last_error"] or ""), src.status()
+        assert "lost synchronization" in src.status()["last_error"]
+        await db.execute("INSERT INTO garbled VALUES (2)")
+        events = await sink.wait_for(2, timeout=30)
+        assert [e.record["id"] for e in events] == [1, 2]
+        assert not [r for r in caplog.records if r.name == "asyncio"], "an exception escaped to the event loop"
+    finally:
+        await src.stop()
+        await proxy.close()

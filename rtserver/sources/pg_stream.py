@@ -163,13 +163,18 @@ class ReplicationStream:
         except psycopg.OperationalError as exc:
             raise StreamError(f"replication connection lost: {exc}") from exc
         while True:
-            nbytes, data = pgconn.get_copy_data(1)
+            try:
+                nbytes, data = pgconn.get_copy_data(1)
+            except psycopg.OperationalError as exc:
+                # libpq's -2 (a stream it cannot read: lost synchronization), which psycopg
+                # raises instead of returning: it escaped the socket callback as a traceback.
+                raise StreamError(f"replication stream unreadable: {exc}") from exc
             if nbytes > 0:
                 on_frame(bytes(data))
                 continue
             if nbytes == 0:
                 return
-            # -1: COPY done (server ended the stream); -2: error
+            # -1: COPY done (server ended the stream)
             res = pgconn.get_result()
             msg = res.get_error_message() if res is not None else ""
             code = (res.error_field(pq.DiagnosticField.SQLSTATE) if res is not None else None) or b""

@@ -13,7 +13,8 @@ deploy) once its request head is in, and is closed. `upstream_delay` (seconds) h
 a client sends that long before it goes on to the target: a client frozen for a while (a
 background tab) as the gateway sees it. While `linger` is set, a connection the target closes
 stays open on the client's side (its last bytes delivered, the close never): a server's close
-not come through yet; `target_closed` counts those.
+not come through yet; `target_closed` counts those. `inject(data)` hands `data` to every open
+connection's client as if the target had sent it (a corrupted stream).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class TcpProxy:
         self.port = 0
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self._clients: set[asyncio.StreamWriter] = set()  # the client side of each open connection
         self._flowing = asyncio.Event()  # cleared while paused
         self._flowing.set()
 
@@ -58,6 +60,10 @@ class TcpProxy:
         for w in list(self._writers):
             w.transport.abort()
         self._writers.clear()
+
+    def inject(self, data: bytes) -> None:
+        for w in self._clients & self._writers:
+            w.write(data)
 
     async def close(self) -> None:
         self.cut()
@@ -92,7 +98,11 @@ class TcpProxy:
             writer.transport.abort()
             return
         self._writers.update((writer, up_writer))
-        await asyncio.gather(self._pipe(reader, up_writer, upstream=True), self._pipe(up_reader, writer))
+        self._clients.add(writer)
+        try:
+            await asyncio.gather(self._pipe(reader, up_writer, upstream=True), self._pipe(up_reader, writer))
+        finally:
+            self._clients.discard(writer)
 
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, upstream: bool = False) -> None:
         lingering = False
