@@ -627,7 +627,7 @@ async def _scan_headers(consumer: Any, ranges: dict[Any, tuple[int, int]],
                 for name, value in r.headers or ():
                     if name == POSITION_HEADER and best is not None:
                         try:  # feed|LSN|n|transaction LSN (older ingests: without the last)
-                            slot, lsn, count, *tx = value.decode().split("|")
+                            slot, lsn, count, *tx = _text(name, value).split("|")
                             pos = (int(lsn), int(tx[0]) if tx else -1, int(count))
                             if not _POSITION_KEY.fullmatch(slot):  # it names a file
                                 raise ValueError(slot)
@@ -638,7 +638,7 @@ async def _scan_headers(consumer: Any, ranges: dict[Any, tuple[int, int]],
                             best[slot, tp.partition] = pos
                     elif name == MONGO_HEADER:
                         try:
-                            database, token_b64, count = value.decode().rsplit("|", 2)
+                            database, token_b64, count = _text(name, value).rsplit("|", 2)
                             feed = (database, _header(r.headers, MONGO_FEED_HEADER))
                             token = base64.b64decode(token_b64, validate=True)
                             mpos = (token_order(token), int(count), token)
@@ -654,9 +654,23 @@ async def _scan_headers(consumer: Any, ranges: dict[Any, tuple[int, int]],
                 consumer.pause(tp)
 
 
+def _text(name: str, value: bytes | None) -> str:
+    """A position header's value as text. Kafka allows a header with no value (null), which
+    the ingest never writes: ValueError, as for any value not ours to trust."""
+    if value is None:
+        raise ValueError(f"header {name} has no value")
+    return value.decode()
+
+
 def _header(headers: Any, name: str) -> str:
-    """The value of header `name` of a record ("" when it has none)."""
-    return next((value.decode(errors="replace") for key, value in headers or () if key == name), "")
+    """The value of header `name` of a record ("" when it has none; ValueError when it is
+    there with no value, see _text)."""
+    for key, value in headers or ():
+        if key == name:
+            if value is None:
+                raise ValueError(f"header {name} has no value")
+            return value.decode(errors="replace")
+    return ""
 
 
 def _shown_url(src: Any) -> str:

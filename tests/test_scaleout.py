@@ -2200,3 +2200,40 @@ async def test_a_loss_reported_while_a_resume_waits_for_the_node_is_told_once(cl
     finally:
         await producer.stop()
     assert [m.get("code") if m["type"] == "error" else m["payload"]["n"] for m in got] == [4011, 3], got
+
+
+async def test_a_position_header_without_a_value_does_not_stop_a_takeover(cluster):
+    """Kafka allows a header with no value (null): another producer or a tool may write one
+    named as the ingest's position headers into the events topic. The takeover's scan read
+    each value as bytes: AttributeError, not a malformed header, so the scan failed and was
+    retried for as long as the record was in the scanned tail, and the new holder never
+    streamed. Such a header is not ours to trust: skipped with a log, the takeover proceeds."""
+    from aiokafka import AIOKafkaProducer
+
+    from rtserver.ingest import MONGO_FEED_HEADER, MONGO_HEADER, POSITION_HEADER
+
+    first = await cluster.ingest()
+    await first.wait_active()
+    node = await cluster.node()
+    async with ws_connect(node, "w1", token=node.token("w1")) as c:
+        await c.subscribe("postgres:orders")
+        await cluster.db.execute("INSERT INTO orders VALUES (1, 'before')")
+        got = await events(c, 1)
+        await first.stop()
+        producer = AIOKafkaProducer(bootstrap_servers=cluster.env["RT_BUS_KAFKA_BOOTSTRAP"])
+        await producer.start()
+        try:
+            for headers in ([(POSITION_HEADER, None)], [(MONGO_HEADER, None)],
+                            [(MONGO_HEADER, b"shop|AAAA|1"), (MONGO_FEED_HEADER, None)]):
+                await producer.send_and_wait(cluster.env["RT_BUS_TOPIC"], b"\x00not ours", key=b"w1",
+                                             headers=headers)
+        finally:
+            await producer.stop()
+        second = await cluster.ingest()
+        await second.wait_active()
+        await cluster.db.execute("INSERT INTO orders VALUES (2, 'after')")
+        got += await events(c, 1)
+        await c.no_message(0.5)
+    assert [e["record"]["id"] for e in got] == [1, 2]
+    malformed = [line for line in second.logs().splitlines() if "malformed" in line]
+    assert len(malformed) == 3, second.logs()
