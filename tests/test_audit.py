@@ -456,6 +456,40 @@ async def test_a_spool_write_refused_at_shutdown_loses_only_what_was_not_written
     assert [v["seq"] for v in values(reader.messages)] == list(range(60))
 
 
+async def test_a_spool_line_nesting_past_the_stack_is_lost_and_the_rest_delivered(kafka_broker, tmp_path, caplog):
+    """A spool line nesting deeper than the decoder's stack (a damaged or hand-edited segment)
+    made the decoder raise RecursionError, which was not among the errors of an unreadable
+    line: the sender failed on the same segment every second ("audit sender failed;
+    retrying", a traceback each time) and the audit trail stalled for good, the records behind
+    it included. It is counted lost as any unreadable line is, and the rest is delivered."""
+    prefix = unique_prefix()
+    topics = await topics_for(kafka_broker.bootstrap, prefix)
+    spool_dir = tmp_path / "spool"
+    spool_dir.mkdir()
+
+    def record(seq: int) -> bytes:
+        return json.dumps({"id": str(uuid.uuid4()), "event": "auth-granted", "workspaceId": "w-deep",
+                           "subject": "u", "seq": seq}).encode()
+
+    deep = b'{"event":"auth-granted","workspaceId":"w-deep","x":' + b"[" * 5000 + b"]" * 5000 + b"}"
+    (spool_dir / f"{10**15:020d}.jsonl").write_bytes(b"\n".join([record(0), deep, record(1)]) + b"\n")
+    audit = make_audit(kafka_broker.bootstrap, prefix, spool_dir)
+    with caplog.at_level(logging.ERROR):
+        await audit.start()
+        try:
+            audit.emit("auth-granted", workspace_id="w-deep", subject="u", seq=2)
+            async with TopicReader(kafka_broker.bootstrap, topics) as reader:
+                await reader.wait_for(lambda ms: len(ms) >= 3, timeout=30)
+                await reader.count_for(1.0)
+            st = audit.status()
+        finally:
+            await audit.close()
+    assert [v["seq"] for v in values(reader.messages)] == [0, 1, 2]
+    assert (st["backlog"], st["lost"], st["delivered"]) == (0, 1, 3), st
+    assert not [r for r in caplog.records if "audit sender failed" in r.getMessage()]
+    assert [r for r in caplog.records if "unreadable line in spool segment" in r.getMessage()]
+
+
 async def test_an_ipv6_clients_address_is_written_with_brackets(gateway_factory):
     """`remoteAddr` of a client over IPv6 was `::1:51234`, which no consumer can split into
     host and port; it is `[::1]:51234`, as in a URL."""
