@@ -5,10 +5,14 @@ ports of outgoing connections: between the pick and the server's bind (seconds f
 restarted gateway or broker binds its port again), any client connection of the run could
 take it, and the server failed with "Address already in use" (a Kafka broker did so in a run of
 several test processes). Ports below that range are never taken so: picked at random there and
-checked free, two picks must meet on one port within moments to clash."""
+checked free, two picks must meet on one port within moments to clash. A port is also never
+handed out twice by one process, and each pytest-xdist worker picks from its own slice of the
+range: a broker stopped for an outage test leaves its ports unbound, and a gateway picked one of
+them before the broker came back (the broker then failed to bind it)."""
 
 from __future__ import annotations
 
+import os
 import random
 import socket
 
@@ -34,15 +38,34 @@ def _bindable(port: int) -> bool:
     return True
 
 
+_handed_out: set[int] = set()
+
+
+def _slice() -> tuple[int, int]:
+    """This process's part of the ports below the ephemeral range: all of it, or one worker's
+    share of it under pytest-xdist."""
+    low, top = _LOWEST, _ephemeral_start()
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    if worker.startswith("gw") and worker[2:].isdigit() and count > 1:
+        size = (top - low) // count
+        low += int(worker[2:]) % count * size
+        top = low + size
+    return low, top
+
+
 def free_ports(n: int) -> list[int]:
     """`n` distinct free ports on 127.0.0.1, outside the ephemeral range when it leaves room."""
-    top = _ephemeral_start()
-    if top - _LOWEST < 1000:
+    low, top = _slice()
+    if top - low < 500:
         return _kernel_ports(n)
+    if len(_handed_out) > (top - low) // 2:
+        _handed_out.clear()  # a very long run: reuse rather than search a crowded slice
     ports: list[int] = []
     while len(ports) < n:
-        port = random.randrange(_LOWEST, top)
-        if port not in ports and _bindable(port):
+        port = random.randrange(low, top)
+        if port not in _handed_out and _bindable(port):
+            _handed_out.add(port)
             ports.append(port)
     return ports
 
