@@ -350,10 +350,11 @@ class RealtimeClient:
         self._pending_token: str | None = None  # sent in a refresh, in force once acknowledged
         self._refreshed_at: float | None = None  # monotonic start of the connection's last refresh
         self._presented: str | None = None  # the token the gateway last took (at connect or a refresh)
-        # What the last failed connect or retried close reported to on_error (an HTTP status, a
-        # connect_failed text, "close <code>"), until a connection succeeds: each kind once, not
-        # at every attempt
-        self._refusal_reported: int | str | None = None
+        # What failed connects and retried closes reported to on_error (HTTP statuses,
+        # connect_failed kinds, "close <code>"), until a connection succeeds: each kind once, not
+        # at every attempt (all of them: with the last one only, two failures taking turns, a
+        # quota close and a 503, were reported at every attempt)
+        self._refusal_reported: set[int | str] = set()
         self._auth_timed_out = False  # this connection's 4002 is "auth timeout", not a bad token
         # The error that refused this connection's authentication (a bad token, a workspace not
         # granted): the terminal close that follows reports it, once, with the gateway's reason.
@@ -681,8 +682,8 @@ class RealtimeClient:
         """A failed connect or a close that is retried, to on_error once per `kind` (an HTTP
         status, an exception's name, "close <code>") until a connection succeeds, not at every
         attempt."""
-        if kind != self._refusal_reported:
-            self._refusal_reported = kind
+        if kind not in self._refusal_reported:
+            self._refusal_reported.add(kind)
             self._callback(self.on_error, err, "on_error")
 
     def _upgrade_refused(self, response: Response) -> None:
@@ -778,7 +779,7 @@ class RealtimeClient:
         self._authed_at = time.monotonic()
         self._refusal = None
         self.attempt = 0
-        self._refusal_reported = None
+        self._refusal_reported.clear()
         resumed = bool(msg.get("resumed")) and msg.get("sessionId") == self.session_id
         self.session_id = msg.get("sessionId")
         _keep(self.resumed, resumed)

@@ -1280,3 +1280,38 @@ async def test_a_slow_reader_close_is_reported_each_time_it_recurs(gateway_facto
         assert str(errors[0]) == "connection closed: try_again_later; retrying"
     finally:
         await client.close()
+
+
+class _HalfRefusingProxy(TcpProxy):
+    """A load balancer in front of two nodes: every other connection is answered 503 (a node at
+    its connection limit), the others reach the gateway."""
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.answer = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 4\r\nConnection: close\r\n\r\nfull"
+                       if self.accepted % 2 else None)
+        await super()._accept(reader, writer)
+
+
+async def test_failures_that_alternate_are_each_reported_once_per_outage(gateway_factory):
+    # "Once per distinct close code (status) until a connection succeeds": the client kept the
+    # last kind reported only, so a quota close and a 503 taking turns (two nodes behind a load
+    # balancer, one at its quota, one at its connection limit) reached on_error at every attempt,
+    # the flood the rule is there to prevent.
+    gw = await gateway_factory(env={"RT_MAX_CONNECTIONS": "1"})
+    proxy = await _HalfRefusingProxy(gw.port).start()
+    errors: list[RealtimeError] = []
+    client = RealtimeClient(proxied(proxy), lambda: gw.token("w1"), on_error=errors.append, **FAST)
+    holder = RealtimeClient(gw.ws_url("w1"), lambda: gw.token("w1", sub="holder"), **FAST)
+    try:
+        await holder.connect()
+        connecting = asyncio.ensure_future(client.connect())
+        await wait_for(lambda: client.closes.count(4008) >= 3 and proxy.accepted >= 6, 10, "alternating attempts")
+        assert not connecting.done() and client.state == "reconnecting"
+        assert _described(errors) == [(4008, "quota_exceeded", False), (503, "upgrade_refused", False)]
+        await holder.close()  # room again: a retry that reaches the gateway gets in
+        await asyncio.wait_for(connecting, 10)
+        assert len(errors) == 2
+    finally:
+        await client.close()
+        await holder.close()
+        await proxy.close()

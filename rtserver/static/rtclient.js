@@ -264,7 +264,10 @@ export class RealtimeClient {
     this.authedAt = null;
     this.refreshedAt = null;
     this.pendingToken = null;
-    this.refusalReported = null; // what the last failed connect or retried close reported (an HTTP status, a connect_failed kind, "close <code>"), until one succeeds
+    // What failed connects and retried closes reported (HTTP statuses, connect_failed kinds,
+    // "close <code>"), until a connection succeeds: each kind once (all of them: with the last
+    // one only, two failures taking turns, a quota close and a 503, were reported at every attempt).
+    this.refusalReported = new Set();
     this.opened = false; // the current WebSocket has opened
     this.timers = { retry: null, refresh: null, ping: null, open: null, token: null };
     this.nextId = 1;
@@ -590,8 +593,8 @@ export class RealtimeClient {
   // status, a connect error's code, "close <code>") until a connection succeeds, not at every
   // attempt.
   _reportRetrying(kind, err) {
-    if (kind === this.refusalReported) return;
-    this.refusalReported = kind;
+    if (this.refusalReported.has(kind)) return;
+    this.refusalReported.add(kind);
     this._emit("error", err);
   }
 
@@ -684,7 +687,7 @@ export class RealtimeClient {
     this.authedAt = Date.now();
     this.refusal = null;
     this.attempt = 0;
-    this.refusalReported = null;
+    this.refusalReported.clear();
     const resumed = Boolean(msg.resumed) && msg.sessionId === this.sessionId;
     this.sessionId = msg.sessionId;
     this._setState("open");

@@ -1209,6 +1209,35 @@ test("a quota close is reported once per outage, with its reason",
   }
 });
 
+test("failures that alternate are each reported once per outage",
+  { timeout: 30000, skip: GATEWAY_QUOTA ? false : "RT_TEST_GATEWAY_QUOTA is not set" }, async () => {
+  // "Once per distinct close code (status) until a connection succeeds": the client kept the
+  // last kind reported only, so a quota close and a 503 taking turns (two nodes behind a load
+  // balancer, one at its quota, one at its connection limit) reached "error" at every attempt.
+  const port = new URL(GATEWAY_QUOTA).port;
+  const proxy = await startProxy({ gateway: GATEWAY_QUOTA });
+  proxy.answer = (n) => (n % 2 ? null : "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 4\r\nConnection: close\r\n\r\nfull");
+  const holder = connect({ url: wsUrl("w1", port), getToken: () => token({ sub: "holder" }), ...fast });
+  const client = connect({ url: wsUrl("w1", proxy.port), getToken: () => token(), ...fast });
+  const errors = [];
+  client.on("error", (e) => errors.push(e));
+  const { closes } = collect(client);
+  try {
+    await holder.ready;
+    await waitFor(() => closes.filter((c) => c.code === 4008).length >= 3 && proxy.accepted >= 6, 10000,
+      "alternating attempts");
+    assert.equal(client.state, "reconnecting");
+    assert.deepEqual(described(errors), [[4008, "quota_exceeded", false], [503, "upgrade_refused", false]]);
+    holder.close(); // room again: a retry that reaches the gateway gets in
+    await client.ready;
+    assert.equal(errors.length, 2);
+  } finally {
+    client.close();
+    holder.close();
+    await proxy.close();
+  }
+});
+
 test("an identity provider out of reach is reported once as 1011",
   { timeout: 30000, skip: GATEWAY_NO_IDP ? false : "RT_TEST_GATEWAY_NO_IDP is not set" }, async () => {
   // The gateway cannot fetch the key set that verifies the token: it closes with 1011 (not

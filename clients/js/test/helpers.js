@@ -124,8 +124,9 @@ export async function startProxy({ gateway = GATEWAY } = {}) {
   const server = net.createServer((client) => {
     proxy.accepted += 1;
     if (proxy.hold) { client.destroy(); return; }
-    if (proxy.answer !== null) {
-      const answer = proxy.answer;
+    // `answer` may also be a function of the connection's number: null passes it on.
+    const answer = typeof proxy.answer === "function" ? proxy.answer(proxy.accepted) : proxy.answer;
+    if (answer !== null) {
       let head = "";
       client.on("error", () => {});
       client.on("data", (data) => {
