@@ -646,12 +646,14 @@ class RealtimeClient:
             return None
         _keep(self.closes, code)
         refusal, self._refusal = self._refusal, None
+        if refusal is not None and refusal.code != code:
+            # No close of its own followed it (the link died first, or a 4000 before a 1009):
+            # reported as it came, before the close, terminal or not.
+            self._callback(self.on_error, refusal, "on_error")
         if code in TERMINAL_CODES and not (code == 4002 and self._auth_timed_out):
             why = f": {refusal}" if refusal is not None and refusal.code == code else ""
             self._finish(RealtimeError(code, f"connection closed: {_CODE_NAMES.get(code, code)}{why}", terminal=True))
             return None
-        if refusal is not None and refusal.code != code:  # no close of its own followed it (the link died first)
-            self._callback(self.on_error, refusal, "on_error")
         if closed is not None and code != 4001:
             self._report_close(code, closed[1], refusal)
         return code
@@ -905,6 +907,10 @@ class RealtimeClient:
             # connect() raised said only "connection closed: token_invalid"; retried, as 4008
             # over a connection quota: it got this error at every attempt). A 4001 (a token
             # expired at connect) is reported as it comes, as ever: the client gets a fresh one.
+            if self._refusal is not None:
+                # No close followed that one (a 4000 for a malformed auth message: the connection
+                # stays open until the auth timeout): reported as it came, not replaced unheard.
+                self._callback(self.on_error, self._refusal, "on_error")
             self._refusal = err
             return
         if sub is not None:

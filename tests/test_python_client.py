@@ -1315,3 +1315,44 @@ async def test_failures_that_alternate_are_each_reported_once_per_outage(gateway
         await client.close()
         await holder.close()
         await proxy.close()
+
+
+async def test_a_malformed_auth_message_is_reported_not_hidden_behind_the_auth_timeout(gateway_factory):
+    # get_token returns the token endpoint's answer instead of its access token (a common slip):
+    # the gateway answers the auth message with 4000 (its `token` is not a string), the
+    # connection stays open, and the auth timeout closes it (4002 after "auth timeout":
+    # retried). The 4000, the only report that says what is wrong, was held as the connection's
+    # refusal, replaced by "auth timeout", and never reached on_error.
+    gw = await gateway_factory(env={"RT_AUTH_TIMEOUT": "0.2"})
+    errors: list[RealtimeError] = []
+    client = RealtimeClient(gw.ws_url("w1"), lambda: {"access_token": gw.token("w1")},  # type: ignore[arg-type,return-value]
+                            on_error=errors.append, **FAST)
+    try:
+        connecting = asyncio.ensure_future(client.connect())
+        await wait_for(lambda: client.closes.count(4002) >= 2, 10, "timed-out attempts")
+        assert not connecting.done() and client.state == "reconnecting" and client.error is None
+        invalid = [e for e in errors if e.code == 4000]
+        assert invalid and invalid[0].name == "invalid_message" and "token" in str(invalid[0]), errors
+        assert [str(e) for e in errors if e.code == 4002] == ["connection closed: token_invalid: auth timeout; retrying"]
+    finally:
+        await client.close()
+        with contextlib.suppress(RealtimeError):
+            await connecting
+
+
+async def test_why_an_auth_message_too_big_was_refused_reaches_on_error(gateway_factory):
+    # A token larger than the gateway's message limit (a token carrying every role of a large
+    # realm): the gateway says so in an error 4000, then closes with 1009, terminal. The 4000,
+    # held as the connection's refusal, was dropped for not matching the close's code: on_error
+    # heard "connection closed: message_too_big" only, not which message or what limit.
+    gw = await gateway_factory(env={"RT_MAX_MESSAGE_BYTES": "1024"})
+    errors: list[RealtimeError] = []
+    client = RealtimeClient(gw.ws_url("w1"), lambda: gw.token("w1") + "x" * 2000, on_error=errors.append, **FAST)
+    try:
+        with pytest.raises(RealtimeError) as refused:
+            await asyncio.wait_for(client.connect(), 5)
+        assert refused.value.code == 1009 and refused.value.terminal
+        assert [(e.code, e.terminal) for e in errors] == [(4000, False), (1009, True)], errors
+        assert "1024-byte limit" in str(errors[0])
+    finally:
+        await client.close()

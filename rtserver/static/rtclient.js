@@ -770,6 +770,9 @@ export class RealtimeClient {
       // "connection closed: token_invalid" only; retried, as 4008 over a connection quota: it
       // got this error at every attempt). A 4001 (a token expired at connect) is reported as it
       // comes, as ever: the client gets a fresh one.
+      // No close followed the one held before (a 4000 for a malformed auth message: the
+      // connection stays open until the auth timeout): reported as it came, not replaced unheard.
+      if (this.refusal) this._emit("error", this.refusal);
       this.refusal = err;
       return;
     }
@@ -811,13 +814,16 @@ export class RealtimeClient {
     // A close listener may have called close(): it is final (the 4001 path below would set the
     // state back to "reconnecting" and connect again).
     if (this.state === "closed") return;
+    // No close of its own followed it (the link died first, or a 4000 before a 1009): reported
+    // as it came, before the close, terminal or not.
+    if (refusal && refusal.code !== code) this._emit("error", refusal);
+    if (this.state === "closed") return; // closed by an error listener
     if (TERMINAL_CODES.includes(code) && !(code === 4002 && this.authTimedOut)) {
       const why = refusal && refusal.code === code ? `: ${refusal.message}` : "";
       this._finish(new RealtimeError(code, `connection closed: ${reason || CODE_NAMES[code] || code}${why}`,
         { name: reason || CODE_NAMES[code], terminal: true }));
       return;
     }
-    if (refusal && refusal.code !== code) this._emit("error", refusal); // no close of its own followed it (the link died first)
     if (opened && code !== 4001) this._reportClose(code, reason, refusal);
     if (this.state === "closed") return; // closed by an error listener
     if (code === 4001 && !this.expired) {

@@ -1238,6 +1238,44 @@ test("failures that alternate are each reported once per outage",
   }
 });
 
+test("a malformed auth message is reported, not hidden behind the auth timeout",
+  { timeout: 30000, skip: GATEWAY_HASTY ? false : "RT_TEST_GATEWAY_HASTY is not set" }, async () => {
+  // getToken resolves to the token endpoint's answer instead of its access token (a common
+  // slip): the gateway answers the auth message with 4000 (its `token` is not a string), the
+  // connection stays open, and the auth timeout closes it (4002 after "auth timeout": retried).
+  // The 4000, the only report that says what is wrong, was held as the connection's refusal,
+  // replaced by "auth timeout", and never reached "error".
+  const client = connect({ url: wsUrl("w1", new URL(GATEWAY_HASTY).port), getToken: () => ({ access_token: token() }),
+    ...fast });
+  const errors = [];
+  client.on("error", (e) => errors.push(e));
+  const { closes } = collect(client);
+  try {
+    await waitFor(() => closes.filter((c) => c.code === 4002).length >= 2, 10000, "timed-out attempts");
+    assert.equal(client.state, "reconnecting");
+    const invalid = errors.filter((e) => e.code === 4000);
+    assert.ok(invalid.length >= 1 && invalid[0].codeName === "invalid_message" && invalid[0].message.includes("token"),
+      JSON.stringify(errors.map((e) => e.message)));
+    assert.deepEqual(errors.filter((e) => e.code === 4002).map((e) => e.message),
+      ["connection closed: token_invalid: auth timeout; retrying"]);
+  } finally {
+    client.close();
+  }
+});
+
+test("why an auth message too big was refused reaches the error listener", { timeout: 30000 }, async () => {
+  // A token larger than the gateway's message limit (64 KiB by default): the gateway says so in
+  // an error 4000, then closes with 1009, terminal. The 4000, held as the connection's refusal,
+  // was dropped for not matching the close's code: "error" heard "connection closed:
+  // message_too_big" only, not which message or what limit.
+  const client = connect({ url: wsUrl("w1"), getToken: () => token() + "x".repeat(70000), ...fast });
+  const errors = [];
+  client.on("error", (e) => errors.push(e));
+  await assert.rejects(client.ready, (e) => e.code === 1009 && e.terminal);
+  assert.deepEqual(errors.map((e) => [e.code, e.terminal]), [[4000, false], [1009, true]]);
+  assert.ok(errors[0].message.includes("65536-byte limit"), errors[0].message);
+});
+
 test("an identity provider out of reach is reported once as 1011",
   { timeout: 30000, skip: GATEWAY_NO_IDP ? false : "RT_TEST_GATEWAY_NO_IDP is not set" }, async () => {
   // The gateway cannot fetch the key set that verifies the token: it closes with 1011 (not
