@@ -130,7 +130,8 @@ class PipelinedBytes:
 
     Each connection queues at most _MAX_PIPELINED requests, bodies and all (up to
     limits.max_publish_bytes each): without a bound for the node, its connections together held
-    as much as they sent. Past `bound`, a connection that queues one more stops being read;
+    as much as they sent. Past `bound`, a connection that queues one more stops being read, as
+    does one that queues while others wait (in turn: none is left out while others publish);
     once the total is back under half of it, every such connection reads again. Requests
     already queued go on meanwhile: only the reading stops, so nothing waits on a paused read."""
 
@@ -468,7 +469,9 @@ class FrontProtocol(asyncio.Protocol):
             self._queued_bytes += size
             pipelined = self.gw.pipelined
             pipelined.held += size
-            if pipelined.held > pipelined.bound:
+            # Over the bound, or others wait for it: in turn (a connection whose requests kept
+            # the total between half and the bound held one paused first out for good).
+            if pipelined.held > pipelined.bound or pipelined.waiting:
                 self._wait_for_node()
             if len(self._queue) >= _MAX_PIPELINED:
                 self._pause_reading()

@@ -864,3 +864,31 @@ async def test_a_connection_lost_while_paused_for_the_node_bound_gives_its_bytes
 
     a.connection_lost(None)
     assert gw.pipelined.held == 0
+
+
+async def test_connections_queueing_while_others_wait_for_the_node_bound_wait_in_turn(tmp_path):
+    """In process: once a connection waits for the node's bound, one that queues a request wait
+    too, even with the total back under the bound (but over half of it). Publishers that never
+    pushed the total past the bound kept it between half and the bound for as long as they
+    published, and the connection paused first was never read again."""
+    cfg = config.load(environ={"RT_AUTH_HS256_SECRET": SECRET, "RT_STATE_DIR": str(tmp_path),
+                               "RT_FANOUT_BACKLOG": "10", "RT_MAX_PUBLISH_BYTES": "1024",
+                               "RT_PIPELINED_PUBLISH_BYTES": "4096"})
+    gw = Gateway(cfg)
+    queue_frames(gw.hub, 11)
+    size = len(publish_request(0))
+    assert size < 600
+    a, _ = connect(gw)
+    a.data_received(b"".join(publish_request(i) for i in range(1 + 2048 // size)))  # the first waits
+    b, _ = connect(gw)
+    b.data_received(b"".join(publish_request(i) for i in range(3 + 2048 // size)))
+    assert b._paused and list(gw.pipelined.waiting) == [b]
+    a.connection_lost(None)  # the total falls under the bound, not under half of it
+    assert 2048 < gw.pipelined.held <= 4096 - size and list(gw.pipelined.waiting) == [b]
+    c, c_transport = connect(gw)
+    c.data_received(publish_request(0) + publish_request(1))  # the first waits, the second is queued
+    assert c._paused and c_transport.paused == 1 and list(gw.pipelined.waiting) == [b, c]
+    b.connection_lost(None)  # under half: every waiting connection reads again
+    assert not gw.pipelined.waiting and not c._paused
+    c.connection_lost(None)
+    assert gw.pipelined.held == 0
