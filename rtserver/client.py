@@ -650,24 +650,24 @@ class RealtimeClient:
             # No close of its own followed it (the link died first, or a 4000 before a 1009):
             # reported as it came, before the close, terminal or not.
             self._callback(self.on_error, refusal, "on_error")
+        # The gateway's error before the close, carried in the close's report.
+        why = f": {refusal}" if refusal is not None and refusal.code == code else ""
         if code in TERMINAL_CODES and not (code == 4002 and self._auth_timed_out):
-            why = f": {refusal}" if refusal is not None and refusal.code == code else ""
             self._finish(RealtimeError(code, f"connection closed: {_CODE_NAMES.get(code, code)}{why}", terminal=True))
             return None
         if closed is not None and code != 4001:
-            self._report_close(code, closed[1], refusal)
+            self._report_close(code, closed[1], why)
         return code
 
-    def _report_close(self, code: int, reason: str, refusal: RealtimeError | None) -> None:
+    def _report_close(self, code: int, reason: str, why: str) -> None:
         """A close that is retried, to on_error once per code until a connection succeeds (as
         _report_retrying does): an application learns why it reconnects (1011: the gateway could
         not check the token, its identity provider out of reach; 1013: it read too slowly; 1001:
         the gateway shut down or found it idle; 4008: a connection quota; 1006: the link died),
         and a quota that holds for an hour is one report, not one per attempt. Its message
-        carries the close reason, and the gateway's error before the close when one came. A 4001
-        is routine (a fresh token, at once) and not reported here."""
+        carries the close reason, and (`why`) the gateway's error before the close when one came.
+        A 4001 is routine (a fresh token, at once) and not reported here."""
         name = _CODE_NAMES.get(code, "error")
-        why = f": {refusal}" if refusal is not None and refusal.code == code else ""
         self._report_retrying(f"close {code}", RealtimeError(code, f"connection closed: {reason or name}{why}; retrying",
                                                              name=name))
 

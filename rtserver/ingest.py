@@ -654,23 +654,18 @@ async def _scan_headers(consumer: Any, ranges: dict[Any, tuple[int, int]],
                 consumer.pause(tp)
 
 
-def _text(name: str, value: bytes | None) -> str:
+def _text(name: str, value: bytes | None, errors: str = "strict") -> str:
     """A position header's value as text. Kafka allows a header with no value (null), which
     the ingest never writes: ValueError, as for any value not ours to trust."""
     if value is None:
         raise ValueError(f"header {name} has no value")
-    return value.decode()
+    return value.decode(errors=errors)
 
 
 def _header(headers: Any, name: str) -> str:
     """The value of header `name` of a record ("" when it has none; ValueError when it is
     there with no value, see _text)."""
-    for key, value in headers or ():
-        if key == name:
-            if value is None:
-                raise ValueError(f"header {name} has no value")
-            return value.decode(errors="replace")
-    return ""
+    return next((_text(name, value, errors="replace") for key, value in headers or () if key == name), "")
 
 
 def _shown_url(src: Any) -> str:

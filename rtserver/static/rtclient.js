@@ -818,13 +818,14 @@ export class RealtimeClient {
     // as it came, before the close, terminal or not.
     if (refusal && refusal.code !== code) this._emit("error", refusal);
     if (this.state === "closed") return; // closed by an error listener
+    // The gateway's error before the close, carried in the close's report.
+    const why = refusal && refusal.code === code ? `: ${refusal.message}` : "";
     if (TERMINAL_CODES.includes(code) && !(code === 4002 && this.authTimedOut)) {
-      const why = refusal && refusal.code === code ? `: ${refusal.message}` : "";
       this._finish(new RealtimeError(code, `connection closed: ${reason || CODE_NAMES[code] || code}${why}`,
         { name: reason || CODE_NAMES[code], terminal: true }));
       return;
     }
-    if (opened && code !== 4001) this._reportClose(code, reason, refusal);
+    if (opened && code !== 4001) this._reportClose(code, reason, why);
     if (this.state === "closed") return; // closed by an error listener
     if (code === 4001 && !this.expired) {
       // The token expired: get a new one and come back at once (if it is fresh; once until a
@@ -842,11 +843,10 @@ export class RealtimeClient {
   // check the token, its identity provider out of reach; 1013: it read too slowly; 1001: the
   // gateway shut down or found it idle; 4008: a connection quota; 1006: the link died), and a
   // quota that holds for an hour is one report, not one per attempt. Its message carries the
-  // close reason, and the gateway's error before the close when one came. A 4001 is routine (a
-  // fresh token, at once) and not reported here.
-  _reportClose(code, reason, refusal) {
+  // close reason, and (`why`) the gateway's error before the close when one came. A 4001 is
+  // routine (a fresh token, at once) and not reported here.
+  _reportClose(code, reason, why) {
     const name = CODE_NAMES[code] || "error";
-    const why = refusal && refusal.code === code ? `: ${refusal.message}` : "";
     this._reportRetrying(`close ${code}`, new RealtimeError(code, `connection closed: ${reason || name}${why}; retrying`, { name }));
   }
 
