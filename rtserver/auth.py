@@ -369,7 +369,10 @@ class Authenticator:
         else:
             raise _invalid(f"algorithm {alg[:_SHOWN_ALG_CHARS]!r} is not accepted")
 
-        options = {"verify_aud": False, "require": ["exp"]}  # aud/azp checked below
+        # aud/azp are checked below. iat is not checked (§2 checks nbf): PyJWT refuses an iat
+        # past now + leeway, so a gateway whose clock is behind the issuer's refused every fresh
+        # token with 4002, which clients take for the end (Keycloak sets no nbf).
+        options = {"verify_aud": False, "verify_iat": False, "require": ["exp"]}
         try:
             claims = _pyjwt.decode(
                 token,
@@ -387,7 +390,7 @@ class Authenticator:
         except jwt.MissingRequiredClaimError as exc:
             raise _invalid(f"token has no {exc.claim}") from None
         except jwt.ImmatureSignatureError:
-            raise _invalid("token not yet valid (nbf/iat in the future)") from None
+            raise _invalid("token not yet valid (nbf in the future)") from None
         except jwt.InvalidIssuerError:
             raise _invalid(f"token issuer is not {self._issuer}") from None
         except jwt.InvalidSignatureError:

@@ -220,3 +220,28 @@ async def test_an_identity_provider_out_of_reach_is_try_again_not_token_invalid(
         await c.subscribe("events:orders")
     recs = await gw.audit_records("auth-denied")
     assert recs and {r["code"] for r in recs} == {1011}, recs
+
+
+async def test_a_token_issued_by_a_clock_ahead_of_the_gateways_is_taken(jwks, gateway_factory):
+    """The gateway's clock 30 s behind Keycloak's: every fresh token's `iat` is in the gateway's
+    future. PyJWT refuses such a token by default, so each new connection was closed 4002
+    token_invalid ("not yet valid"), which the clients take for the end, and the publish API
+    answered 401, until the token was 25 s old. The contract checks `nbf`, not `iat` (§2):
+    Keycloak sets no `nbf`, and a token it issued is valid from the moment it says it was."""
+    jwks.add_key("k1")
+    gw = await gateway_factory(
+        env={"RT_AUTH_HS256_SECRET": "", "RT_AUTH_JWKS_URL": jwks.url, "RT_AUTH_ISSUER": ISSUER},
+        clock_offset=-30,
+    )
+    token = jwks.sign(_claims(workspaces=["acme"], realtime_publish=True), "k1")  # iat: Keycloak's now
+    async with ws_connect(gw, "acme", token=token) as c:
+        await c.subscribe("events:orders")
+        status, body = await gw.post("/workspaces/acme/realtime/events/orders", b'{"n":1}',
+                                     {"Authorization": f"Bearer {token}"})
+        assert status == 202, body
+        assert (await c.recv_event())["payload"] == {"n": 1}
+    # `nbf` is still checked: a token not valid before Keycloak's now is refused by a gateway
+    # that is not there yet.
+    early = jwks.sign(_claims(workspaces=["acme"], nbf=int(time.time())), "k1")
+    error = await _refused_with(gw, early, 4002)
+    assert "not yet valid" in error["message"]
