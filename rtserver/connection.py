@@ -345,7 +345,9 @@ class Connection(WSListener):
         if cause is not None:
             self._close_cause = cause
         self._close_code = code
-        if detail is not None and code >= 4000:
+        if detail is not None:
+            # 1011 too (a token that cannot be checked now): without its reason a client could
+            # not tell an identity provider out of reach from a failure of the gateway.
             self.send_error(code, detail, mid=mid)
         self.push(close_frame(code, CODE_NAMES.get(code, "")))
         self.flush()

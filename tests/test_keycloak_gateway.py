@@ -245,3 +245,26 @@ async def test_a_token_issued_by_a_clock_ahead_of_the_gateways_is_taken(jwks, ga
     early = jwks.sign(_claims(workspaces=["acme"], nbf=int(time.time())), "k1")
     error = await _refused_with(gw, early, 4002)
     assert "not yet valid" in error["message"]
+
+
+async def test_a_token_that_cannot_be_checked_now_is_told_why_before_the_close(jwks, gateway_factory):
+    """Keycloak out of reach: the connection is closed 1011 internal_error, which a gateway
+    failure gives too. The reason (the key set could not be fetched: reconnect later) was
+    dropped, against §6 (details come in an error just before the close), so the clients
+    reported "connection closed: internal_error; retrying" and the application could not tell
+    an identity provider outage from a gateway bug. The error now comes first, as for 4xxx."""
+    jwks.add_key("k1")
+    jwks.status = 503
+    gw = await gateway_factory(env={"RT_AUTH_HS256_SECRET": "", "RT_AUTH_JWKS_URL": jwks.url})
+    await _logged(gw, "JWKS prefetch failed")
+    token = jwks.sign(_claims(workspaces=["acme"]), "k1")
+    await asyncio.sleep(FAILURE_RETRY_INTERVAL + 0.1)  # this token's fetch is made, and fails
+    for header_auth in (False, True):
+        async with ws_connect(gw, "acme", token=token if header_auth else None, header_auth=header_auth) as c:
+            if not header_auth:
+                await c.send({"type": "auth", "token": token, "id": 7})
+            error = await c.recv_type("error")
+            assert (error["code"], error["name"]) == (1011, "internal_error"), error
+            assert "key set could not be fetched" in error["message"], error
+            assert error.get("id") == (None if header_auth else 7), error
+            assert (await c.expect_close()) == (1011, "internal_error")

@@ -1208,7 +1208,9 @@ async def test_an_identity_provider_out_of_reach_is_reported_once_as_1011(gatewa
         await wait_for(lambda: client.closes.count(1011) >= 3, 5, "refused attempts")
         assert not connecting.done() and client.state == "reconnecting"
         assert _described(errors) == [(1011, "internal_error", False)]
-        assert str(errors[0]) == "connection closed: internal_error; retrying"
+        # The gateway's error before the close says why (the identity provider out of reach).
+        assert str(errors[0]) == ("connection closed: internal_error: no signing keys available (JWKS not loaded): "
+                                  "the identity provider's key set could not be fetched; retrying")
         tokens["now"] = gw.token("w1")  # one the gateway can check (HS256)
         await asyncio.wait_for(connecting, 5)
         tokens["now"] = _unverifiable_token()

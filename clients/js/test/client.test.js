@@ -1292,7 +1292,9 @@ test("an identity provider out of reach is reported once as 1011",
     await waitFor(() => refusals() >= 3, 5000, "refused attempts");
     assert.equal(client.state, "reconnecting");
     assert.deepEqual(described(errors), [[1011, "internal_error", false]]);
-    assert.equal(errors[0].message, "connection closed: internal_error; retrying");
+    // The gateway's error before the close says why (the identity provider out of reach).
+    assert.equal(errors[0].message, "connection closed: internal_error: no signing keys available (JWKS not loaded): "
+      + "the identity provider's key set could not be fetched; retrying");
     current = token(); // one the gateway can check (HS256)
     await client.ready;
     current = unverifiableToken();
