@@ -264,7 +264,14 @@ class JwksCache:
             raise KeyNotFound(f"algorithm {alg} is not verified with JWKS keys")
         looked = True
         if not self._has(kid):
+            joined = self._inflight is not None
             looked = self._may_fetch_for_unknown_kid() and await self._refresh_logged()
+            if looked and joined and not self._has(kid):
+                # The fetch joined began before this token came: its set may predate the kid
+                # (a key rotated in meanwhile). Only a set fetched since says the kid is not the
+                # provider's; until one may be fetched, no verdict (refused 4002, the first
+                # tokens of a new key ended their clients).
+                looked = self._may_fetch_for_unknown_kid() and await self._refresh_logged()
         elif self._stale():
             # The key is known but the set is old: verify with it now and refresh behind, so a
             # key the provider withdrew stops verifying within max_age.

@@ -268,3 +268,37 @@ async def test_a_token_that_cannot_be_checked_now_is_told_why_before_the_close(j
             assert "key set could not be fetched" in error["message"], error
             assert error.get("id") == (None if header_auth else 7), error
             assert (await c.expect_close()) == (1011, "internal_error")
+
+
+async def test_a_new_kid_joining_a_fetch_begun_before_it_is_no_verdict(jwks, gateway_factory):
+    """A token whose kid the gateway did not hold joined the key-set fetch already in flight,
+    and when that set did not hold the kid either the token was refused 4002 token_invalid,
+    the clients' end. But a fetch begun before the token came may predate the kid: Keycloak
+    rotated its key meanwhile, and the first clients with new tokens were refused for good.
+    Only a key set fetched after the token came says its kid is not the provider's; until one
+    may be fetched (auth.jwks_refetch_interval) the token gets 1011, try again."""
+    jwks.add_key("k1")
+    jwks.add_key("k-withdrawn")
+    jwks.remove_key("k-withdrawn")
+    gw = await gateway_factory(env={
+        "RT_AUTH_HS256_SECRET": "", "RT_AUTH_JWKS_URL": jwks.url, "RT_AUTH_JWKS_REFETCH_INTERVAL": "3",
+    })
+    await _logged(gw, "JWKS loaded")
+    jwks.late = 1.0  # the key set of the request's arrival, answered a second later
+    async with ws_connect(gw, "acme") as withdrawn, ws_connect(gw, "acme") as rotated:
+        # A token signed with a withdrawn key makes the gateway fetch the key set ...
+        await withdrawn.send({"type": "auth", "token": jwks.sign(_claims(workspaces=["acme"]), "k-withdrawn")})
+        for _ in range(100):  # (until the request is there: its answer is the set of then)
+            if jwks.requests == 2:
+                break
+            await asyncio.sleep(0.02)
+        # ... Keycloak rotates to a new key meanwhile, and a token signed with it comes.
+        jwks.add_key("k2")
+        token = jwks.sign(_claims(workspaces=["acme"]), "k2")
+        await rotated.send({"type": "auth", "token": token})
+        assert (await withdrawn.expect_close())[0] == 4002  # the set fetched for it: its kid is not there
+        assert (await rotated.expect_close())[0] == 1011  # that set was not fetched for it
+    jwks.late = 0.0
+    await asyncio.sleep(3)  # the refetch interval
+    async with ws_connect(gw, "acme", token=token) as c:
+        await c.subscribe("events:orders")

@@ -68,6 +68,9 @@ class JwksServer:
         self._entries: dict[str, _Entry] = {}
         self.requests = 0
         self.delay = 0.0  # seconds each response waits (to overlap concurrent fetches)
+        # When set, the key set answered is the one published when the request arrived, sent
+        # this many seconds later (a slow link): keys published meanwhile are not in it.
+        self.late = 0.0
         self.trickle = 0.0  # when set, the key set is sent a byte at a time, this many seconds apart
         self.status = 200  # answer this HTTP status instead of the key set when not 200
         self.body: bytes | None = None  # when set, answer these bytes (status 200) instead of the key set
@@ -137,6 +140,9 @@ class JwksServer:
             def do_GET(self) -> None:  # noqa: N802 - http.server's naming
                 with server._lock:
                     server.requests += 1
+                arrived = json.dumps(server.document()).encode() if server.late else None
+                if server.late:
+                    time.sleep(server.late)
                 if server.delay:
                     time.sleep(server.delay)
                 if self.path.partition("?")[0] != JWKS_PATH:
@@ -151,7 +157,7 @@ class JwksServer:
                 elif server.body is not None:
                     self._send(200, server.body)
                 else:
-                    self._send(200, json.dumps(server.document()).encode())
+                    self._send(200, arrived if arrived is not None else json.dumps(server.document()).encode())
 
             def _send(self, status: int, body: bytes) -> None:
                 self.send_response(status)
