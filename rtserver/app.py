@@ -46,6 +46,7 @@ log = logging.getLogger("rtserver.app")
 
 _json = msgspec.json.Encoder()
 _SWEEP_INTERVAL = 1.0
+_PREFETCH_WAIT = 1.0  # seconds the start waits for the JWKS prefetch before it listens anyway
 _CORRELATION_MAX = 128
 
 
@@ -156,7 +157,13 @@ class Gateway:
             restored = self.sessions.restore(dump)
             log.info("suspended sessions restored", extra={"fields": {"sessions": restored}})
         self.hub.on_new_workspace = self._remember
-        await self.auth.start()
+        prefetch = self.auth.prefetch()
+        if prefetch is not None:
+            # Awaited to the end, an identity provider slow to answer (or whose packets are
+            # dropped) held the port closed up to the fetch timeout (10 s) at every start, and
+            # /healthz and the HS256 services with it. One that answers at once has its keys
+            # loaded before the first client comes.
+            await asyncio.wait({prefetch}, timeout=_PREFETCH_WAIT)
         await self.audit.start()
         await self.bus.start()
         for src in self._boot_sources():

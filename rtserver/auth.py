@@ -9,6 +9,7 @@ pass. Error messages and logs never contain the token.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 import math
@@ -242,6 +243,7 @@ class Authenticator:
         self._verified: OrderedDict[tuple[str, str], tuple[Identity, int | None]] = OrderedDict()
         self._verified_bytes = 0
         self.jwks: JwksCache | None = None
+        self._prefetch: asyncio.Task[None] | None = None
         if auth.jwks_url:
             self.jwks = JwksCache(
                 auth.jwks_url, refetch_interval=auth.jwks_refetch_interval, ssl_context=jwks_ssl_context
@@ -255,7 +257,19 @@ class Authenticator:
             except Exception as exc:  # noqa: BLE001 - not fatal: the IdP may come up after us
                 log.warning("JWKS prefetch failed", extra={"fields": {"url": self.jwks.shown_url, "error": str(exc)}})
 
+    def prefetch(self) -> asyncio.Task[None] | None:
+        """start() as a task of its own (None without a JWKS URL), for a caller that must not
+        wait on it to the end: an RS token that comes before the key set waits for this same
+        fetch (JwksCache.refresh coalesces them). close() cancels it."""
+        if self.jwks is not None and self._prefetch is None:
+            self._prefetch = asyncio.get_running_loop().create_task(self.start())
+        return self._prefetch
+
     async def close(self) -> None:
+        prefetch, self._prefetch = self._prefetch, None
+        if prefetch is not None and not prefetch.done():
+            prefetch.cancel()
+            await asyncio.gather(prefetch, return_exceptions=True)
         if self.jwks is not None:
             await self.jwks.close()
 

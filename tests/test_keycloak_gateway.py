@@ -302,3 +302,20 @@ async def test_a_new_kid_joining_a_fetch_begun_before_it_is_no_verdict(jwks, gat
     await asyncio.sleep(3)  # the refetch interval
     async with ws_connect(gw, "acme", token=token) as c:
         await c.subscribe("events:orders")
+
+
+async def test_a_slow_identity_provider_does_not_hold_the_gateways_start(jwks, gateway_factory):
+    """The gateway fetched the key set before it listened, and waited for it: with Keycloak
+    slow or its packets dropped, the port stayed closed up to the fetch timeout (10 s) at every
+    start, /healthz and the services using HS256 tokens held with it. It waits a second at
+    most now; an RS token that comes before the key set waits for that same fetch."""
+    jwks.add_key("k1")
+    jwks.delay = 6.0  # each key-set answer takes 6 s
+    gw = await gateway_factory(env={"RT_AUTH_JWKS_URL": jwks.url})  # and the HS256 secret
+    async with ws_connect(gw, "acme", token=gw.token("acme")) as c:
+        await c.subscribe("events:orders")
+    assert "JWKS loaded" not in gw.logs()  # served before the key set came
+    async with ws_connect(gw, "acme") as c:
+        await c.send({"type": "auth", "token": jwks.sign(_claims(workspaces=["acme"]), "k1")})
+        assert (await c.recv(timeout=10))["type"] == "auth_ok"
+    assert jwks.requests == 1  # the start's fetch, which the token waited for
