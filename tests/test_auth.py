@@ -1057,3 +1057,22 @@ async def test_a_short_hs256_secret_is_warned_of_at_start(tmp_path, caplog):
         assert not any(secret in line for line in lines)
         if warned:
             assert "6 bytes" in lines[0] and "32" in lines[0]
+
+
+def test_the_pyjwt_floor_excludes_releases_that_take_a_part_of_the_issuer() -> None:
+    """PyJWT 2.10.0 compared a string `issuer` as a substring (CVE-2024-53861): with
+    auth.issuer `https://kc/realms/acme`, a token whose `iss` was `acme`, `https://kc/realms/ac`
+    or empty passed the issuer check (shown against 2.10.0 through the Authenticator). The
+    declared `PyJWT[crypto]>=2.8` let an installation keep such a release; releases before 2.12
+    also take a token whose `crit` header names extensions they do not understand (RFC 7515
+    §4.1.11, GHSA-752w-5fwx-jx9f)."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    with open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "pyproject.toml"), "rb") as fh:
+        deps = [Requirement(d) for d in tomllib.load(fh)["project"]["dependencies"]]
+    (pyjwt,) = [r for r in deps if r.name.lower() == "pyjwt"]
+    for flawed in ("2.8.0", "2.10.0", "2.11.0"):
+        assert not pyjwt.specifier.contains(flawed), (flawed, str(pyjwt))
+    assert pyjwt.specifier.contains(jwt.__version__)
