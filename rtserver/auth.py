@@ -39,6 +39,7 @@ MAX_TOKEN_BYTES = 16 * 1024  # real tokens are 1-4 KiB; bounds the work an anony
 # a longer kid is refused (real ones are up to ~100 characters), an unknown alg shown cut short.
 MAX_KID_CHARS = 256
 _SHOWN_ALG_CHARS = 32
+_SHOWN_ISS_CHARS = 200
 # Keycloak's `typ` claim of the tokens that are not access tokens ("Bearer").
 _NOT_ACCESS_TOKENS = frozenset({"id", "refresh", "offline", "logout"})
 DEV_SECRET_FILE = "dev-secret"
@@ -174,6 +175,12 @@ def claim_at(claims: dict[str, Any], path: str) -> Any:
     return node
 
 
+def _granted(value: Any) -> bool:
+    """A boolean permission claim: true, or the string "true" (any case), which is what a
+    Keycloak user-attribute mapper of JSON type String emits for the attribute `true`."""
+    return value is True or (isinstance(value, str) and value.lower() == "true")
+
+
 def _string_list(value: Any) -> list[str]:
     if isinstance(value, str):
         return [value]
@@ -224,7 +231,9 @@ class Authenticator:
 
     def __init__(self, cfg: Config, *, dev_secret: str | None = None, jwks_ssl_context: Any = None) -> None:
         auth = cfg.auth
-        self._issuer: str = auth.issuer
+        # Compared without a trailing slash: Keycloak's iss has none, and an issuer configured
+        # with one refused every token of the realm.
+        self._issuer: str = auth.issuer.rstrip("/")
         self._audience: str = auth.audience
         self._leeway: float = auth.leeway
         self._workspace_claim: str = auth.workspace_claim
@@ -394,7 +403,6 @@ class Authenticator:
                 algorithms=[alg],
                 options=options,
                 leeway=self._leeway,
-                issuer=self._issuer or None,
             )
         except jwt.ExpiredSignatureError:
             # The signature was verified before the expiry check, so the claims are authentic.
@@ -405,8 +413,6 @@ class Authenticator:
             raise _invalid(f"token has no {exc.claim}") from None
         except jwt.ImmatureSignatureError:
             raise _invalid("token not yet valid (nbf in the future)") from None
-        except jwt.InvalidIssuerError:
-            raise _invalid(f"token issuer is not {self._issuer}") from None
         except jwt.InvalidSignatureError:
             raise _invalid("bad token signature") from None
         except jwt.DecodeError as exc:  # after InvalidSignatureError, one of its kind
@@ -416,6 +422,8 @@ class Authenticator:
         except jwt.PyJWTError as exc:
             raise _invalid(f"invalid token: {exc}") from None
 
+        if self._issuer:
+            self._check_issuer(claims)
         exp = claims.get("exp")
         try:
             # float(): an int past a float's range raised OverflowError here (closed 1011). In
@@ -440,6 +448,15 @@ class Authenticator:
             raise _invalid(f"token audience is not {self._audience}", sub)
         return claims, generation
 
+    def _check_issuer(self, claims: dict[str, Any]) -> None:
+        iss = claims.get("iss")
+        if not isinstance(iss, str) or iss.rstrip("/") != self._issuer:
+            # The token's iss is shown (it is no secret): a mismatch is mostly a configuration
+            # error (http vs https, a host name, the realm), which the operator must see.
+            shown = repr(iss[:_SHOWN_ISS_CHARS]) if isinstance(iss, str) else "absent"
+            sub = claims.get("sub") if isinstance(claims.get("sub"), str) else None
+            raise _invalid(f"token issuer {shown} is not {self._issuer}", sub)
+
     def _audience_ok(self, claims: dict[str, Any]) -> bool:
         # Keycloak access tokens often carry aud "account" and name the client in azp.
         if self._audience in _string_list(claims.get("aud")):
@@ -455,7 +472,7 @@ class Authenticator:
         return any(entry in wanted for entry in entries)
 
     def _grants_publish(self, claims: dict[str, Any]) -> bool:
-        if self._publish_claim and claim_at(claims, self._publish_claim) is True:
+        if self._publish_claim and _granted(claim_at(claims, self._publish_claim)):
             return True
         if self._publish_role:
             return self._publish_role in _claim_entries(claim_at(claims, self._workspace_claim))

@@ -69,7 +69,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("auth", "workspace_role_prefix", "RT_AUTH_WORKSPACE_ROLE_PREFIX", str, "", "Prefix of role names that grant a workspace, e.g. `workspace:`"),
     Setting("auth", "channel_permissions", "RT_AUTH_CHANNEL_PERMISSIONS", bool, False, "Check channel permissions: a subject may subscribe only to the channel patterns its token lists in auth.channel_claim"),
     Setting("auth", "channel_claim", "RT_AUTH_CHANNEL_CLAIM", str, "realtime_channels", "Claim (a dotted path) listing the channel patterns a subject may subscribe to, when auth.channel_permissions is on"),
-    Setting("auth", "publish_claim", "RT_AUTH_PUBLISH_CLAIM", str, "realtime_publish", "Boolean claim granting the publish API"),
+    Setting("auth", "publish_claim", "RT_AUTH_PUBLISH_CLAIM", str, "realtime_publish", "Claim granting the publish API when true (or \"true\")"),
     Setting("auth", "publish_role", "RT_AUTH_PUBLISH_ROLE", str, "", "Role (in the workspace claim path) that also grants publishing"),
     Setting("auth", "leeway", "RT_AUTH_LEEWAY", float, 5.0, "Seconds of clock leeway when a token is presented"),
     Setting("auth", "jwks_refetch_interval", "RT_AUTH_JWKS_REFETCH_INTERVAL", float, 30.0, "Minimum seconds between JWKS refetches on an unknown kid"),

@@ -618,6 +618,21 @@ async def test_issuer_checked_when_configured(tmp_path: Any) -> None:
     assert exc.code == 4002
 
 
+async def test_issuer_configured_with_a_trailing_slash_takes_keycloaks_tokens(tmp_path: Any) -> None:
+    """Keycloak's iss has no trailing slash: an issuer configured with one refused every token
+    of the realm, and the refusal did not say which iss the token had."""
+    iss = "https://kc.example/realms/acme"
+    for configured, token_iss in ((iss + "/", iss), (iss, iss + "/")):
+        auth = Authenticator(make_cfg(tmp_path, RT_AUTH_HS256_SECRET=SECRET, RT_AUTH_ISSUER=configured))
+        assert (await auth.authenticate(jwt.encode(claims(iss=token_iss), SECRET, algorithm="HS256"), WS)).subject
+    auth = Authenticator(make_cfg(tmp_path, RT_AUTH_HS256_SECRET=SECRET, RT_AUTH_ISSUER=iss + "/"))
+    exc = await refused(auth, jwt.encode(claims(iss="http://kc.example/realms/acme"), SECRET, algorithm="HS256"))
+    assert exc.code == 4002
+    assert "'http://kc.example/realms/acme'" in str(exc) and iss in str(exc)
+    exc = await refused(auth, jwt.encode(claims(), SECRET, algorithm="HS256"))
+    assert exc.code == 4002 and "absent" in str(exc)
+
+
 async def test_issuer_ignored_when_not_configured(hs_auth: Authenticator) -> None:
     token = jwt.encode(claims(iss="https://anything.example"), SECRET, algorithm="HS256")
     assert (await hs_auth.authenticate(token, WS)).subject == "user-1"
@@ -740,7 +755,17 @@ def test_claim_path_with_dotted_keys() -> None:
 
 @pytest.mark.parametrize(
     ("extra", "can_publish"),
-    [({"realtime_publish": True}, True), ({"realtime_publish": "true"}, False), ({"realtime_publish": 1}, False), ({}, False)],
+    [
+        ({"realtime_publish": True}, True),
+        # a Keycloak user-attribute mapper of JSON type String writes the attribute as text
+        ({"realtime_publish": "true"}, True),
+        ({"realtime_publish": "True"}, True),
+        ({"realtime_publish": "false"}, False),
+        ({"realtime_publish": "yes"}, False),
+        ({"realtime_publish": 1}, False),
+        ({"realtime_publish": False}, False),
+        ({}, False),
+    ],
 )
 async def test_publish_claim(hs_auth: Authenticator, extra: dict[str, Any], can_publish: bool) -> None:
     identity = await hs_auth.authenticate(jwt.encode(claims(**extra), SECRET, algorithm="HS256"), WS)

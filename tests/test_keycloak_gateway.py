@@ -67,6 +67,27 @@ async def test_rs256_via_jwks_with_rotation_and_roles(jwks, gateway_factory):
             assert (await c.expect_close())[0] == code
 
 
+async def test_a_jwks_url_under_a_private_ca_is_trusted_through_ssl_cert_file(gateway_factory):
+    """An identity provider whose certificate a private CA signed: the gateway's JWKS fetch uses
+    the system's trust store, so the operator names the CA with OpenSSL's SSL_CERT_FILE (the
+    README says so). Without it the key set is never loaded and every RS token gets 1011."""
+    idp = JwksServer(tls=True).start()
+    try:
+        idp.add_key("k1")
+        env = {"RT_AUTH_HS256_SECRET": "", "RT_AUTH_JWKS_URL": idp.url, "RT_AUTH_ISSUER": ISSUER}
+        token = idp.sign(_claims(workspaces=["acme"]), "k1")
+        gw = await gateway_factory(env={**env, "SSL_CERT_FILE": idp.cert_path})
+        async with ws_connect(gw, "acme", token=token) as c:
+            await c.subscribe("events:orders")
+        untrusting = await gateway_factory(env=env)
+        async with ws_connect(untrusting, "acme") as c:
+            await c.send({"type": "auth", "token": token})
+            assert (await c.recv_type("error"))["code"] == 1011
+            assert (await c.expect_close())[0] == 1011
+    finally:
+        idp.stop()
+
+
 def _forged(header: dict, claims: dict) -> str:
     """A token with the header given (shapes PyJWT will not encode), signature garbage."""
     def b64(obj: dict) -> str:

@@ -79,6 +79,7 @@ class JwksServer:
         self.redirect: str | None = None
         self.tls = tls
         self.client_ssl_context: ssl.SSLContext | None = None
+        self.cert_path: str | None = None  # with tls: its self-signed certificate (PEM)
         self._tmpdir: tempfile.TemporaryDirectory[str] | None = None
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -187,6 +188,7 @@ class JwksServer:
             server_ctx.load_cert_chain(cert_path, key_path)
             httpd.socket = server_ctx.wrap_socket(httpd.socket, server_side=True)
             self.client_ssl_context = ssl.create_default_context(cafile=cert_path)
+            self.cert_path = cert_path
         self._httpd = httpd
         self._thread = threading.Thread(target=httpd.serve_forever, name="jwks-server", daemon=True)
         self._thread.start()
