@@ -93,6 +93,21 @@ def canonical_entity(source: str, name: str) -> str:
     raise ChannelError(f"unknown channel kind {source!r}: use postgres:, mongo: or events:")
 
 
+def subscription_key(channel: str) -> str:
+    """The key of `channel` among a connection's subscriptions: one subscription per channel
+    (§3), and `postgres:public.orders` is the channel `postgres:orders` (§4). Keyed as
+    written, each spelling was a subscription of its own: a subscribe in the other spelling
+    added a filter instead of replacing it, and an unsubscribe in it was answered while the
+    table's events went on. A name that is no channel is its own key."""
+    source, _, name = channel.partition(":")
+    if source != "postgres" or name == "*":
+        return channel
+    try:
+        return f"postgres:{canonical_entity(source, name)}"
+    except ChannelError:
+        return channel
+
+
 def parse(channel: str, filter_: Any) -> SubscriptionSpec:
     """Parse a subscribe's channel and filter into a spec (predicates still uncompiled)."""
     if not isinstance(channel, str) or ":" not in channel:

@@ -695,10 +695,11 @@ class Connection(WSListener):
             self._invalid_message(str(exc), msg.id, channel=msg.channel)
             return
         assert self.identity is not None
+        key = channels.subscription_key(msg.channel)
         if not gw.auth.may_subscribe(self.identity, msg.channel):
             self.send_error(4003, f"token does not grant channel {msg.channel}", channel=msg.channel, mid=msg.id)
             return
-        if msg.channel not in self.subscriptions and len(self.subscriptions) >= gw.cfg.limits.max_subscriptions:
+        if key not in self.subscriptions and len(self.subscriptions) >= gw.cfg.limits.max_subscriptions:
             self.send_error(
                 4008,
                 f"subscription limit of {gw.cfg.limits.max_subscriptions} per connection reached",
@@ -708,7 +709,7 @@ class Connection(WSListener):
             return
         # A compiled filter takes 27-39 bytes of memory per byte received: without a bound, 100
         # subscriptions of 38 KB filters held 110 MB for one connection (measured).
-        held = sum(sub.spec.filter_bytes for channel, sub in self.subscriptions.items() if channel != msg.channel)
+        held = sum(sub.spec.filter_bytes for k, sub in self.subscriptions.items() if k != key)
         if held + spec.filter_bytes > gw.cfg.limits.max_filter_bytes:
             self.send_error(
                 4008,
@@ -764,11 +765,12 @@ class Connection(WSListener):
         except FilterError as exc:
             self._invalid_message(f"{spec.channel}: {exc}", mid, channel=spec.channel)
             return None
-        old = self.subscriptions.get(spec.channel)
+        key = channels.subscription_key(spec.channel)  # the other spelling of the channel replaced too
+        old = self.subscriptions.get(key)
         if old is not None:
             self.gw.hub.remove(ws, old)
-        self.subscriptions[spec.channel] = sub
-        self.session.specs[spec.channel] = spec
+        self.subscriptions[key] = sub
+        self.session.specs[key] = spec
         # Live events match at delivery, in seq order: every one after this position reaches
         # the subscription (the position as in _teardown's suspend).
         sub.start = ws.history.position
@@ -778,11 +780,12 @@ class Connection(WSListener):
         return None
 
     def _unsubscribe(self, msg: Unsubscribe) -> None:
-        sub = self.subscriptions.pop(msg.channel, None)
+        key = channels.subscription_key(msg.channel)
+        sub = self.subscriptions.pop(key, None)
         if sub is not None and self.workspace is not None:
             self.gw.hub.remove(self.workspace, sub)
         if self.session is not None:
-            self.session.specs.pop(msg.channel, None)
+            self.session.specs.pop(key, None)
         self.send(Unsubscribed(channel=msg.channel, id=msg.id))
 
     def _restore(self, session: Session, since: int) -> Awaitable[None] | None:
@@ -792,7 +795,7 @@ class Connection(WSListener):
         self._drop_ungranted()
         self._drop_unavailable()
         subs = []
-        for spec in list(session.specs.values()):
+        for key, spec in list(session.specs.items()):
             sub = Subscription(self, spec)
             try:
                 self.gw.hub.add(ws, sub)
@@ -800,10 +803,10 @@ class Connection(WSListener):
                 # Saved by a version that took it: failing the resume (1011) suspended the
                 # session again as it was, and every resume failed alike until it expired.
                 self.gw.metrics.invalid_messages += 1
-                self._drop(spec.channel, 4000, f"{spec.channel}: {exc}: subscription dropped")
+                self._drop(key, 4000, f"{spec.channel}: {exc}: subscription dropped")
                 continue
             sub.start = ws.history.position
-            self.subscriptions[spec.channel] = sub
+            self.subscriptions[key] = sub
             subs.append(sub)
         if subs:
             return self._replay(subs, since)
@@ -817,8 +820,9 @@ class Connection(WSListener):
         """
         assert self.identity is not None and self.session is not None
         auth = self.gw.auth
-        for channel in [c for c in self.session.specs if not auth.may_subscribe(self.identity, c)]:
-            self._drop(channel, 4003, f"token does not grant channel {channel}: subscription dropped")
+        specs = self.session.specs
+        for key in [k for k, spec in specs.items() if not auth.may_subscribe(self.identity, spec.channel)]:
+            self._drop(key, 4003, f"token does not grant channel {specs[key].channel}: subscription dropped")
 
     def _drop_unavailable(self) -> None:
         """Drop, each with a 4010 error, the resumed session's subscriptions whose source the
@@ -827,19 +831,20 @@ class Connection(WSListener):
         for events that could never come, where a subscribe to it gets 4010 (§4)."""
         assert self.session is not None
         gw = self.gw
-        for spec in [s for s in self.session.specs.values() if s.source != "events"]:
+        for key, spec in [(k, s) for k, s in self.session.specs.items() if s.source != "events"]:
             if gw.source(self.workspace_id, spec.source) is None:
                 why = gw.why_no_source(self.workspace_id, spec.source)
-                self._drop(spec.channel, 4010, f"{why}: subscription dropped")
+                self._drop(key, 4010, f"{why}: subscription dropped")
 
-    def _drop(self, channel: str, code: int, message: str) -> None:
-        """Take `channel` out of the session and the connection, and tell the client why."""
+    def _drop(self, key: str, code: int, message: str) -> None:
+        """Take the channel of `key` (channels.subscription_key) out of the session and the
+        connection, and tell the client why, naming the channel as it subscribed."""
         assert self.session is not None
-        del self.session.specs[channel]
-        sub = self.subscriptions.pop(channel, None)
+        spec = self.session.specs.pop(key)
+        sub = self.subscriptions.pop(key, None)
         if sub is not None and self.workspace is not None:
             self.gw.hub.remove(self.workspace, sub)
-        self.send_error(code, message, channel=channel)
+        self.send_error(code, message, channel=spec.channel)
 
     def _replay(self, subs: list[Subscription], since: int) -> Awaitable[None] | None:
         """Push retained events after `since` that match any of `subs`, in order.
@@ -958,7 +963,8 @@ class Connection(WSListener):
 
     def _still_subscribed(self, subs: list[Subscription]) -> list[Subscription]:
         """Those of `subs` not unsubscribed or replaced while their replay was under way."""
-        return [sub for sub in subs if self.subscriptions.get(sub.spec.channel) is sub]
+        key = channels.subscription_key
+        return [sub for sub in subs if self.subscriptions.get(key(sub.spec.channel)) is sub]
 
     def _charge_replay(self, entries: int) -> None:
         """A replay counts against the turn's budget as a message per _REPLAY_ENTRIES_PER_MESSAGE

@@ -222,7 +222,7 @@ class Sessions:
                 specs = {}
                 for sub in r["subscriptions"]:
                     spec = channels.parse(sub["channel"], sub["filter"])
-                    specs[spec.channel] = spec
+                    specs[channels.subscription_key(spec.channel)] = spec
                 session = Session(id=r["id"], subject=r["subject"], workspace=r["workspace"], specs=specs,
                                   last_seq=int(r["lastSeq"]))
             except (ValueError, KeyError, TypeError, channels.ChannelError, channels.InvalidFilter) as exc:

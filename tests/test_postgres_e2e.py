@@ -142,6 +142,31 @@ async def test_transitions_enter_and_leave(pg_gateway):
         await c.no_message()
 
 
+async def test_a_public_table_is_one_channel_in_either_spelling(pg_gateway):
+    """`postgres:products` and `postgres:public.products` name one channel (§4), and a
+    connection holds one subscription per channel (§3): subscribing in the other spelling
+    replaces the filter, and unsubscribing in either ends it. Before, each spelling was a
+    subscription of its own: the client got `unsubscribed` and the table's events went on."""
+    gw, db = pg_gateway
+    async with ws_connect(gw, "w1", token=gw.token("w1")) as c:
+        await c.subscribe("events:marker")
+        reply = await _subscribe(c, "postgres:products", filter={"predicates": {"category": "food"}})
+        assert reply["type"] == "subscribed", reply
+        reply = await _subscribe(c, "postgres:public.products", filter={"predicates": {"category": "toys"}})
+        assert (reply["type"], reply["channel"]) == ("subscribed", "postgres:public.products"), reply
+        await db.execute("INSERT INTO products VALUES (1, 'bread', 'food', 2)")
+        await db.execute("INSERT INTO products VALUES (2, 'ball', 'toys', 5)")
+        ev = await c.recv_event(timeout=10)
+        assert ev["record"]["id"] == 2, ev  # the food filter was replaced
+        await c.send({"type": "unsubscribe", "channel": "postgres:products", "id": "u"})
+        assert await c.recv() == {"type": "unsubscribed", "channel": "postgres:products", "id": "u"}
+        await db.execute("INSERT INTO products VALUES (3, 'kite', 'toys', 9)")
+        await _handled(gw, 3)
+        await gw.publish("w1", "marker", {})
+        ev = await c.recv_event(timeout=10)
+        assert ev["channel"] == "events:marker", ev  # nothing of the unsubscribed table before it
+
+
 async def test_one_event_once_per_connection_whatever_its_subscriptions_say(pg_gateway):
     """One connection, a transitions subscription on the table and a plain one on postgres:*
     with the same filter: an UPDATE that enters arrives once, as `enter`; with the plain one
