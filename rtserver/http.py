@@ -95,6 +95,16 @@ def http_response(status: int, body: bytes, content_type: str = "application/jso
     return b"%s%d\r\n\r\n%s" % (head, len(body), body)
 
 
+def _for_method(method: bytes, response: bytes) -> bytes:
+    """`response` as the answer to `method`: a HEAD gets the head alone, its Content-Length
+    the body's (RFC 9110 §9.3.2), whatever the status. Only the GET endpoints' answers left out
+    their body: a 405 for a publish URL kept it, and a keep-alive client read it as the start of
+    its next answer."""
+    if method != b"HEAD":
+        return response
+    return response[: response.index(b"\r\n\r\n") + 4]
+
+
 def json_error(status: int, message: str, keep_alive: bool = True) -> bytes:
     return http_response(status, _json.encode({"error": message}), keep_alive=keep_alive)
 
@@ -597,7 +607,7 @@ class FrontProtocol(asyncio.Protocol):
             try:
                 path = _target_path(req.url)
             except httptools.HttpParserInvalidURLError:
-                self._respond(json_error(400, "malformed URL", keep_alive), close=not keep_alive)
+                self._respond(_for_method(method, json_error(400, "malformed URL", keep_alive)), close=not keep_alive)
                 return
             m = PUBLISH_RE.match(path)
             route = None
@@ -622,8 +632,6 @@ class FrontProtocol(asyncio.Protocol):
             elif method in (b"GET", b"HEAD") and m is None:
                 status, ctype, body = self.gw.http_get(path)
                 response = http_response(status, body, ctype, keep_alive)
-                if method == b"HEAD":
-                    response = response[: len(response) - len(body)]  # headers only, same length
             else:
                 # A publish URL takes POST only (a GET of it was a 404, as for no endpoint).
                 only = ": POST publishes" if m is not None else ""
@@ -632,7 +640,7 @@ class FrontProtocol(asyncio.Protocol):
             log.exception("HTTP request failed", extra={"fields": {"path": path, "method": method.decode()}})
             response = json_error(500, "internal error", keep_alive=False)
             keep_alive = False
-        self._respond(response, close=not keep_alive)
+        self._respond(_for_method(method, response), close=not keep_alive)
 
     def _respond(self, data: bytes, close: bool) -> None:
         t = self.transport

@@ -304,6 +304,22 @@ async def test_expect_100_continue_and_head(gateway):
         writer.close()
 
 
+async def test_a_head_of_a_publish_url_is_answered_without_a_body(gateway):
+    """A HEAD of the publish URL gets 405 (§8: POST only) as a head alone (RFC 9110 §9.3.2):
+    its JSON body was sent, and a keep-alive client read it as the start of its next answer."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+    try:
+        writer.write(b"HEAD /workspaces/w1/realtime/events/orders HTTP/1.1\r\nHost: x\r\n\r\n"
+                     b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 405"), head
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200"), head
+        assert await reader.readexactly(15) == b'{"status":"ok"}'
+    finally:
+        writer.close()
+
+
 async def test_pipelined_publishes_keep_their_order_under_back_pressure(gateway_factory):
     """200 publish requests in one write on one connection, with the gateway writing one client
     per loop iteration and holding publishers beyond one queued frame: the responses come
