@@ -60,8 +60,8 @@ _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _MAX_PIPELINED = 64
 
 
-# Response heads up to the Content-Length value, by (status, content type, keep-alive).
-_HEADS: dict[tuple[int, str, bool], bytes] = {}
+# Response heads up to the Content-Length value, by (status, content type, keep-alive, Allow).
+_HEADS: dict[tuple[int, str, bool, str | None], bytes] = {}
 
 
 def host_port(peer: Any) -> str:
@@ -81,13 +81,19 @@ def _target_path(url: bytes) -> str:
     return (httptools.parse_url(url).path or b"/").decode("latin-1")
 
 
-def http_response(status: int, body: bytes, content_type: str = "application/json", keep_alive: bool = True) -> bytes:
-    key = (status, content_type, keep_alive)
+def http_response(
+    status: int, body: bytes, content_type: str = "application/json", keep_alive: bool = True, allow: str | None = None
+) -> bytes:
+    """A response; `allow`: the methods the resource takes, which a 405 names (RFC 9110
+    §15.5.6 MUST)."""
+    key = (status, content_type, keep_alive, allow)
     head = _HEADS.get(key)
     if head is None:
         # A 401 carries its challenge (RFC 9110 §15.5.2 MUST, RFC 6750 §3): clients that act
         # on it failed on a 401 without one instead of reporting the refused token.
         challenge = "WWW-Authenticate: Bearer\r\n" if status == 401 else ""
+        if allow is not None:
+            challenge += f"Allow: {allow}\r\n"
         head = _HEADS[key] = (
             f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\nContent-Type: {content_type}\r\n{challenge}"
             f"Connection: {'keep-alive' if keep_alive else 'close'}\r\nContent-Length: "
@@ -635,7 +641,9 @@ class FrontProtocol(asyncio.Protocol):
             else:
                 # A publish URL takes POST only (a GET of it was a 404, as for no endpoint).
                 only = ": POST publishes" if m is not None else ""
-                response = json_error(405, f"method {method.decode()} not allowed{only}", keep_alive)
+                response = http_response(
+                    405, _json.encode({"error": f"method {method.decode()} not allowed{only}"}), keep_alive=keep_alive,
+                    allow="POST" if m is not None else "GET, HEAD")
         except Exception:
             log.exception("HTTP request failed", extra={"fields": {"path": path, "method": method.decode()}})
             response = json_error(500, "internal error", keep_alive=False)

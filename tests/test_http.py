@@ -166,6 +166,23 @@ async def test_publish_errors(gateway):
     assert status == 405 and "POST" in json.loads(out)["error"], (status, out)
 
 
+async def test_a_405_names_the_methods_allowed(gateway):
+    """RFC 9110 §15.5.6: a 405 MUST carry an Allow header listing the methods the resource
+    takes: POST for the publish URL (§8), GET and HEAD for the other endpoints. It had none."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+    try:
+        for request, allow in ((b"PUT /workspaces/w1/realtime/events/orders HTTP/1.1\r\nHost: x\r\n"
+                                b"Content-Length: 2\r\n\r\n{}", b"POST"),
+                               (b"GET /workspaces/w1/realtime/events/orders HTTP/1.1\r\nHost: x\r\n\r\n", b"POST"),
+                               (b"DELETE /healthz HTTP/1.1\r\nHost: x\r\n\r\n", b"GET, HEAD")):
+            writer.write(request)
+            status, head, _ = await read_answer(reader)
+            assert status == 405, (request, head)
+            assert b"\r\nAllow: " + allow + b"\r\n" in head, (request, head)
+    finally:
+        writer.close()
+
+
 async def test_a_401_carries_a_bearer_challenge(gateway):
     """RFC 9110 §15.5.2: a 401 MUST carry a WWW-Authenticate challenge (RFC 6750 §3: Bearer).
     The publish API's 401s had none, and clients that act on the challenge failed on the answer
