@@ -483,7 +483,10 @@ class Connection(WSListener):
                     self._timer = None
                 self._run(self._authenticate(msg.token, msg.resume, msg.since, msg.id))
             else:
-                self.send_error(4003, "authenticate first: send {\"type\":\"auth\",\"token\":...}", mid=msg.id)
+                # A refused subscribe (or unsubscribe) names its channel, as after auth (§5).
+                channel = msg.channel if isinstance(msg, (Subscribe, Unsubscribe)) else None
+                self.send_error(4003, "authenticate first: send {\"type\":\"auth\",\"token\":...}", channel=channel,
+                                mid=msg.id)
             return
         if isinstance(msg, Subscribe):
             self._subscribe(msg)

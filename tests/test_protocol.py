@@ -64,6 +64,20 @@ async def test_messages_before_auth_get_4003_and_malformed_get_4000(gateway):
         await c.auth(gateway.token("w1"))
 
 
+async def test_a_subscribe_before_auth_is_refused_naming_its_channel(gateway):
+    """An error answering a subscribe names its channel (§5), the 4003 of one sent before auth
+    too: a browser client sends its subscribes as soon as the socket opens, and without ids it
+    could not tell which of them were refused. Before, that 4003 had no `channel`."""
+    async with ws_connect(gateway, "w1") as c:
+        for msg in ({"type": "subscribe", "channel": "events:orders"},
+                    {"type": "unsubscribe", "channel": "events:orders", "id": 4}):
+            await c.send(msg)
+            err = await c.recv_type("error")
+            assert (err["code"], err.get("channel"), err.get("id")) == (4003, "events:orders", msg.get("id")), err
+        await c.send({"type": "ping", "id": 5})
+        assert "channel" not in await c.recv_type("error")
+
+
 async def test_auth_timeout_closes_4002(gateway_factory):
     gw = await gateway_factory(env={"RT_AUTH_TIMEOUT": "0.5"})
     async with ws_connect(gw, "w1") as c:
