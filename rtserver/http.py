@@ -94,9 +94,15 @@ def http_response(
         challenge = "WWW-Authenticate: Bearer\r\n" if status == 401 else ""
         if allow is not None:
             challenge += f"Allow: {allow}\r\n"
+        connection = "keep-alive" if keep_alive else "close"
+        if status == 426:
+            # The protocol to upgrade to, and the `upgrade` option that must go with it (RFC 9110
+            # §15.5.22, §7.8): a 426 naming none left the client to guess.
+            challenge += "Upgrade: websocket\r\n"
+            connection = f"Upgrade, {connection}"
         head = _HEADS[key] = (
             f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\nContent-Type: {content_type}\r\n{challenge}"
-            f"Connection: {'keep-alive' if keep_alive else 'close'}\r\nContent-Length: "
+            f"Connection: {connection}\r\nContent-Length: "
         ).encode()
     return b"%s%d\r\n\r\n%s" % (head, len(body), body)
 

@@ -183,6 +183,23 @@ async def test_a_405_names_the_methods_allowed(gateway):
         writer.close()
 
 
+async def test_a_plain_get_of_the_connect_path_is_426_naming_the_upgrade(gateway):
+    """The connect path without a WebSocket upgrade is 426 Upgrade Required, which MUST name
+    the protocol to upgrade to (RFC 9110 §15.5.22: `Upgrade: websocket`); it named none."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+    try:
+        writer.write(b"GET /workspaces/w1/realtime/connect HTTP/1.1\r\nHost: x\r\n\r\n")
+        status, head, body = await read_answer(reader)
+        assert status == 426, head
+        assert b"\r\nUpgrade: websocket\r\n" in head, head
+        assert b"\r\nConnection: Upgrade, keep-alive\r\n" in head, head
+        assert "upgrade" in json.loads(body)["error"].lower()
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")  # the connection goes on
+        assert (await read_answer(reader))[0] == 200
+    finally:
+        writer.close()
+
+
 async def test_a_401_carries_a_bearer_challenge(gateway):
     """RFC 9110 §15.5.2: a 401 MUST carry a WWW-Authenticate challenge (RFC 6750 §3: Bearer).
     The publish API's 401s had none, and clients that act on the challenge failed on the answer
