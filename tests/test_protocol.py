@@ -530,6 +530,17 @@ async def test_filters_operations_entity_predicates(gateway):
         await c.no_message()
 
 
+async def test_an_operation_that_cannot_occur_on_the_channel_is_taken_and_never_matches(gateway):
+    """§4: an unknown operation name is 4000, but a known one that cannot occur on the channel
+    (INSERT on events:) is taken and simply never matches."""
+    async with ws_connect(gateway, "w1", token=gateway.token("w1")) as c:
+        await c.subscribe("events:orders", {"operations": ["INSERT", "DELETE"]})
+        await c.subscribe("events:marker", {"operations": ["PUBLISH", "TRUNCATE"]})
+        await gateway.publish("w1", "orders", {"n": 1})
+        await gateway.publish("w1", "marker", {})
+        assert (await c.recv_event())["channel"] == "events:marker"  # nothing of orders before it
+
+
 async def test_predicate_or_in_exists_and_dotted_paths(gateway):
     async with ws_connect(gateway, "w1", token=gateway.token("w1")) as c:
         await c.subscribe(
