@@ -871,11 +871,14 @@ def new_ws_protocol(gw: Gateway, fields: dict[str, Any]) -> WSProtocol:
 
 
 def parse_connect_path(path: str) -> str | None:
-    """The workspace id of a connect path, or None (404)."""
+    """The workspace id of a connect path, or None (404). Percent-decoded after the split, as
+    the publish API's segments are: `w%31` is `w1` (RFC 3986 §6.2.2.2), and was a 404 here
+    while a publish to it reached `w1`; a decoded `/` or newline fails the id check."""
     m = CONNECT_RE.match(path)
-    if m is None or not WORKSPACE_ID_RE.match(m.group(1)):
+    if m is None:
         return None
-    return m.group(1)
+    workspace = unquote(m.group(1), errors="replace")
+    return workspace if WORKSPACE_ID_RE.match(workspace) else None
 
 
 def bearer(headers: Any) -> str | None:

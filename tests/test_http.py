@@ -125,6 +125,24 @@ async def test_upgrade_to_bad_workspace_id_or_path_is_404(gateway):
             assert exc.response.status_code == 404
 
 
+async def test_a_percent_encoded_workspace_id_connects_as_it_publishes(gateway):
+    """A percent-encoded unreserved character is that character (RFC 3986 §2.3, §6.2.2.2):
+    `/workspaces/w%31/...` is workspace `w1`. The publish API read it so, but the connect path
+    answered 404; it is decoded the same way now (and a `%2F` is still no part of an id)."""
+    import websockets
+
+    async with ws_connect(gateway, "w%31", token=gateway.token("w1")) as c:
+        await c.subscribe("events:orders")
+        await gateway.publish("w1", "orders", {"n": 1})
+        assert (await c.recv_event())["payload"] == {"n": 1}
+    for path in ("/workspaces/w%2F1/realtime/connect", "/workspaces/w%0A/realtime/connect"):
+        try:
+            async with websockets.connect(f"ws://127.0.0.1:{gateway.port}{path}"):
+                raise AssertionError("upgrade should be refused")
+        except websockets.InvalidStatus as exc:
+            assert exc.response.status_code == 404
+
+
 async def test_publish_errors(gateway):
     base = "/workspaces/w1/realtime/events"
     good = {"Authorization": f"Bearer {gateway.token('w1', publish=True)}"}
