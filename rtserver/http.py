@@ -630,31 +630,35 @@ class FrontProtocol(asyncio.Protocol):
                 route = (unquote(m.group(1), errors="replace"), unquote(m.group(2), errors="replace"))
                 self._publish_url, self._publish_route = req.url, (path, route)
         try:
-            if method == b"POST":
-                if route is None:
-                    response = json_error(404, f"no such endpoint: POST {path}", keep_alive)
-                else:
-                    answer = await self.gw.publish_http(
-                        route[0], route[1], req.headers, b"".join(req.body), self._remote()
-                    )
-                    if type(answer) is not tuple:
-                        self._respond_later(answer, keep_alive)
-                        return
-                    response = http_response(answer[0], answer[1], keep_alive=keep_alive)
+            if route is not None:  # POST of a publish URL
+                answer = await self.gw.publish_http(route[0], route[1], req.headers, b"".join(req.body), self._remote())
+                if type(answer) is not tuple:
+                    self._respond_later(answer, keep_alive)
+                    return
+                response = http_response(answer[0], answer[1], keep_alive=keep_alive)
             elif method in (b"GET", b"HEAD") and m is None:
                 status, ctype, body = self.gw.http_get(path)
                 response = http_response(status, body, ctype, keep_alive)
             else:
-                # A publish URL takes POST only (a GET of it was a 404, as for no endpoint).
-                only = ": POST publishes" if m is not None else ""
-                response = http_response(
-                    405, _json.encode({"error": f"method {method.decode()} not allowed{only}"}), keep_alive=keep_alive,
-                    allow="POST" if m is not None else "GET, HEAD")
+                response = self._not_served(method, path, m is not None, keep_alive)
         except Exception:
             log.exception("HTTP request failed", extra={"fields": {"path": path, "method": method.decode()}})
             response = json_error(500, "internal error", keep_alive=False)
             keep_alive = False
         self._respond(_for_method(method, response), close=not keep_alive)
+
+    def _not_served(self, method: bytes, path: str, publish: bool, keep_alive: bool) -> bytes:
+        """The answer to a method an endpoint does not take: 405 naming those it takes (a
+        publish URL POST, the others GET and HEAD), or 404 for a path that is no endpoint,
+        whatever the method (§1: any other path is a 404). A POST of /metrics was "no such
+        endpoint", a DELETE of a path that is none a 405."""
+        name = method.decode()
+        if not publish and self.gw.http_get(path)[0] == 404:
+            return json_error(404, f"no such endpoint: {name} {path}", keep_alive)
+        # A publish URL takes POST only (a GET of it was a 404, as for no endpoint).
+        only = ": POST publishes" if publish else ""
+        return http_response(405, _json.encode({"error": f"method {name} not allowed{only}"}), keep_alive=keep_alive,
+                             allow="POST" if publish else "GET, HEAD")
 
     def _respond(self, data: bytes, close: bool) -> None:
         t = self.transport

@@ -98,13 +98,13 @@ async def test_an_absolute_form_target_without_a_path_is_answered_and_logs_no_er
     means `/` (RFC 9112 3.2.2). Its path was None, and the request handler failed on it outside
     its error handling: no answer, the connection dropped, and an ERROR line with a traceback
     ("Fatal error on transport") in the log for each such request anyone sent. Now it is the
-    request for `/`: 404 (405 for a method not served), and the connection goes on."""
+    request for `/`: 404 (whatever the method: `/` is no endpoint), and the connection goes on."""
     reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
     try:
         for request, want in ((b"GET http://h HTTP/1.1\r\nHost: h\r\n\r\n", 404),
                               (b"GET http://h?x=1 HTTP/1.1\r\nHost: h\r\n\r\n", 404),
                               (b"POST http://h HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n\r\n{}", 404),
-                              (b"DELETE http://h HTTP/1.1\r\nHost: h\r\n\r\n", 405),
+                              (b"DELETE http://h HTTP/1.1\r\nHost: h\r\n\r\n", 404),
                               (b"GET http://h/healthz HTTP/1.1\r\nHost: h\r\n\r\n", 200)):
             writer.write(request)
             status, _, body = await read_answer(reader)
@@ -192,11 +192,18 @@ async def test_a_405_names_the_methods_allowed(gateway):
         for request, allow in ((b"PUT /workspaces/w1/realtime/events/orders HTTP/1.1\r\nHost: x\r\n"
                                 b"Content-Length: 2\r\n\r\n{}", b"POST"),
                                (b"GET /workspaces/w1/realtime/events/orders HTTP/1.1\r\nHost: x\r\n\r\n", b"POST"),
-                               (b"DELETE /healthz HTTP/1.1\r\nHost: x\r\n\r\n", b"GET, HEAD")):
+                               (b"DELETE /healthz HTTP/1.1\r\nHost: x\r\n\r\n", b"GET, HEAD"),
+                               (b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}", b"GET, HEAD")):
             writer.write(request)
             status, head, _ = await read_answer(reader)
             assert status == 405, (request, head)
             assert b"\r\nAllow: " + allow + b"\r\n" in head, (request, head)
+        # A path that is no endpoint is a 404 whatever the method (§1: any other path: 404).
+        for request in (b"DELETE /nosuch HTTP/1.1\r\nHost: x\r\n\r\n",
+                        b"POST /nosuch HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}"):
+            writer.write(request)
+            status, head, _ = await read_answer(reader)
+            assert status == 404 and b"Allow" not in head, (request, head)
     finally:
         writer.close()
 
