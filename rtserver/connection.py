@@ -98,6 +98,11 @@ _REPLAY_POLL = 0.002
 _REPLAY_POLL_MAX = 0.256
 
 
+# Stands for a binary message in the queue of messages (Connection._on_message): refused in its
+# turn, compared by identity (a payload is a new object; only 0- and 1-byte ones are shared).
+_BINARY = b"(a binary message)"
+
+
 def _close_answer(code: int) -> int:
     """The code of the close frame answering a client's close with `code` (picows' 0 for none).
 
@@ -259,7 +264,9 @@ class Connection(WSListener):
             self._disconnect()
         elif mt == WSMsgType.BINARY:
             self._fragmented = not frame.fin
-            self._invalid_message("binary frames are not supported: send JSON text", None)
+            # Refused in its turn: its 4000 went out at once, ahead of the answers to the
+            # messages before it (auth_ok among them, while the token was being checked).
+            self._on_message(_BINARY)
         # PING is answered by picows (auto pong); PONG only refreshes last_rx.
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
@@ -466,6 +473,9 @@ class Connection(WSListener):
         self.close(1009, cause="message_too_big")
 
     def _dispatch(self, data: bytes) -> None:
+        if data is _BINARY:
+            self._invalid_message("binary frames are not supported: send JSON text", None)
+            return
         try:
             msg = client_decoder.decode(data)
         except msgspec.ValidationError as exc:

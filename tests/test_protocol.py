@@ -491,6 +491,26 @@ async def test_fragmented_message_with_a_flood_of_empty_continuations(gateway):
         assert code == 1009
 
 
+async def test_a_binary_message_is_refused_in_its_turn(gateway):
+    """Messages are answered in the order they came (docs/protocol.md §6), and `auth_ok` is the
+    answer to `auth`: a binary message sent behind `auth` and a ping is refused (4000) after
+    their answers. Its 4000 went out at once, ahead of `auth_ok`, while the messages before it
+    waited for the token check."""
+    from websockets.frames import Frame, Opcode
+
+    def frame(opcode: Opcode, data: bytes) -> bytes:
+        return Frame(opcode, data).serialize(mask=True, extensions=[])
+
+    async with ws_connect(gateway, "w1") as c:
+        auth = json.dumps({"type": "auth", "token": gateway.token("w1")}).encode()
+        c.ws.transport.write(frame(Opcode.TEXT, auth) + frame(Opcode.TEXT, b'{"type":"ping","id":"p"}')
+                             + frame(Opcode.BINARY, b"\x01"))
+        assert (await c.recv())["type"] == "auth_ok"
+        assert _pong(await c.recv()) == {"type": "pong", "id": "p"}
+        err = await c.recv_type("error")
+        assert (err["code"], err["message"]) == (4000, "binary frames are not supported: send JSON text"), err
+
+
 @pytest.mark.parametrize("case", ["text_inside_text", "binary_inside_text", "stray_continuation"])
 async def test_broken_fragmentation_is_a_protocol_error(gateway, case):
     """RFC 6455 §5.4: a message's fragments are not interleaved with another message, and a
