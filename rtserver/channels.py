@@ -152,7 +152,9 @@ def parse(channel: str, filter_: Any) -> SubscriptionSpec:
             if not isinstance(preds, dict):
                 raise InvalidFilter(f"{channel}: filter.predicates must be an object")
             predicates = preds or None
-        tr = filter_.get("transitions", False)
+        tr = filter_.get("transitions")
+        if tr is None:  # absent, as a null operations, entity or predicates is
+            tr = False
         if not isinstance(tr, bool):
             raise InvalidFilter(f"{channel}: filter.transitions must be true or false")
         transitions = tr

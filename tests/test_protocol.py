@@ -311,6 +311,18 @@ async def test_filter_errors_4000(gateway):
         await c.subscribe("events:orders")
 
 
+async def test_a_null_filter_field_is_an_absent_one(gateway):
+    """A filter field set to null is taken as absent (a client building the filter from
+    optional values sends null for those it has none of): `operations`, `entity` and
+    `predicates` were, but a null `transitions` was refused with 4000."""
+    async with ws_connect(gateway, "w1", token=gateway.token("w1")) as c:
+        f = {"operations": None, "entity": None, "predicates": None, "transitions": None}
+        await c.subscribe("events:orders", f)
+        await gateway.publish("w1", "orders", {"n": 1})
+        ev = await c.recv_event()
+        assert ev["payload"] == {"n": 1} and "transition" not in ev
+
+
 async def test_a_refused_filter_names_its_channel(gateway):
     """A subscribe's errors name its channel (§5), a bad filter's 4000 too: a client with
     several subscribes in flight, and no ids, knows which one was refused. Before, the
