@@ -464,6 +464,16 @@ class Gateway:
     def new_ws_protocol(self, log_fields: dict[str, Any]):
         return http.new_ws_protocol(self, log_fields)
 
+    def serves(self, path: str) -> bool:
+        """Whether `path` is one of http_get's endpoints, without computing its answer (a
+        method it does not take is a 405, not a 404; a POST of /metrics rendered the metrics
+        of every workspace only to learn that)."""
+        if path in ("/healthz", "/readyz", "/metrics"):
+            return True
+        if self.cfg.server.demo and (path in ("/demo", "/demo/") or path.startswith("/demo/")):
+            return (path[len("/demo"):].lstrip("/") or "index.html") in self.static
+        return http.parse_connect_path(path) is not None
+
     def http_get(self, path: str) -> tuple[int, str, bytes]:
         if path == "/healthz":
             return 200, "application/json", b'{"status":"ok"}'

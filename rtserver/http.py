@@ -653,7 +653,7 @@ class FrontProtocol(asyncio.Protocol):
         whatever the method (§1: any other path is a 404). A POST of /metrics was "no such
         endpoint", a DELETE of a path that is none a 405."""
         name = method.decode()
-        if not publish and self.gw.http_get(path)[0] == 404:
+        if not publish and not self.gw.serves(path):
             return json_error(404, f"no such endpoint: {name} {path}", keep_alive)
         # A publish URL takes POST only (a GET of it was a 404, as for no endpoint).
         only = ": POST publishes" if publish else ""

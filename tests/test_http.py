@@ -193,7 +193,10 @@ async def test_a_405_names_the_methods_allowed(gateway):
                                 b"Content-Length: 2\r\n\r\n{}", b"POST"),
                                (b"GET /workspaces/w1/realtime/events/orders HTTP/1.1\r\nHost: x\r\n\r\n", b"POST"),
                                (b"DELETE /healthz HTTP/1.1\r\nHost: x\r\n\r\n", b"GET, HEAD"),
-                               (b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}", b"GET, HEAD")):
+                               (b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}", b"GET, HEAD"),
+                               (b"PUT /readyz HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n", b"GET, HEAD"),
+                               (b"POST /workspaces/w1/realtime/connect HTTP/1.1\r\nHost: x\r\n"
+                                b"Content-Length: 0\r\n\r\n", b"GET, HEAD")):
             writer.write(request)
             status, head, _ = await read_answer(reader)
             assert status == 405, (request, head)
