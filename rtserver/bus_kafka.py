@@ -615,6 +615,7 @@ class KafkaBus:
         hub.history_floor = self._history_floor
         hub.retired_floor = self._history_floor
         hub.on_forgotten = self._forgot
+        hub.read_position = self.read_position
         self._forgotten: dict[int, int] = {}  # partition -> highest position of a forgotten retired workspace
         metrics.add_gauges(self._gauges, counters=("rt_bus_delivered",))
 
@@ -859,6 +860,17 @@ class KafkaBus:
         # this history, unless an earlier history of the workspace was retired and forgotten.
         p = partition_for(wid, len(self._floor))
         return max(self._floor[p], self._forgotten.get(p, 0))
+
+    def read_position(self, wid: str) -> Callable[[], int]:
+        """How far this node has read `wid`'s partition, as the seq of the last record read:
+        every event of `wid` up to it was delivered (_run sets the position before it delivers
+        a record, without yielding in between). The position a quiet workspace shows in `pong`
+        and `subscribed`: another node resumes from it without reading back the records of the
+        other workspaces of the partition (it waits until it has read that far: catch_up)."""
+        if not self._floor:
+            return lambda: 0
+        nxt, p = self._next, partition_for(wid, len(self._floor))
+        return lambda: nxt[p]
 
     def _forgot(self, wid: str, position: int) -> None:
         """The hub forgot a retired workspace's position (MAX_RETIRED): what it had seen up to

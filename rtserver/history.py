@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from rtcore.engine import event_frame, json_tokens
@@ -87,6 +87,11 @@ class History:
         # change that could not be converted, ...): a reader from before it may have missed
         # that source's changes, though every retained event is still here.
         self.losses: dict[str, int] = {}
+        # How far the node has delivered the stream this workspace shares with others (None:
+        # its own events only). On a Kafka node seq is an offset of the workspace's partition:
+        # every event of it up to the node's read position was delivered, whoever else's records
+        # moved that position on (KafkaBus.read_position).
+        self.reached: Callable[[], int] | None = None
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -99,8 +104,13 @@ class History:
     def position(self) -> int:
         """The stream position this history has reached: its last event, or its floor when
         nothing came after it (a session suspended here, a subscription or pong answered here,
-        resumes from it)."""
-        return max(self.last_seq, self.floor)
+        resumes from it); on a Kafka node, at least how far the node has read the workspace's
+        partition: else a quiet workspace kept the position where the node started, and a client
+        moving to another node asked `since` it (a long read-back, or a history_gap, for nothing)."""
+        position = max(self.last_seq, self.floor)
+        if self.reached is not None:
+            return max(position, self.reached())
+        return position
 
     def next_seq(self) -> int:
         seq = max(self.last_seq + 1, self.floor + 1, now_us())

@@ -295,6 +295,9 @@ class Hub:
         # Kafka bus then starts later histories of that partition no lower (a workspace's new
         # history must not vouch for what its old one saw and forgot).
         self.on_forgotten: Callable[[str, int], None] | None = None
+        # How far this node has delivered the stream a workspace shares with others, as a
+        # function of it (History.reached; the Kafka bus: its partition's read position).
+        self.read_position: Callable[[str], Callable[[], int]] | None = None
         # Whether every event of a workspace reaches deliver() even while the workspace is not
         # in memory (no change feed fans out to "every known workspace"): only such a
         # workspace may be retired when idle (the gateway sets it; default: never).
@@ -308,6 +311,8 @@ class Hub:
         ws = self.workspaces.get(wid)
         if ws is None:
             ws = self.workspaces[wid] = Workspace(wid, self.cfg, self.history_budget)
+            if self.read_position is not None:
+                ws.history.reached = self.read_position(wid)
             position = self._retired.pop(wid, None)
             if position is not None:
                 if self.retired_floor is not None:

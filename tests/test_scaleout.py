@@ -2237,3 +2237,38 @@ async def test_a_position_header_without_a_value_does_not_stop_a_takeover(cluste
     assert [e["record"]["id"] for e in got] == [1, 2]
     malformed = [line for line in second.logs().splitlines() if "malformed" in line]
     assert len(malformed) == 3, second.logs()
+
+
+async def test_a_quiet_workspace_keeps_its_position_current_for_a_move_to_another_node(cluster):
+    """docs/protocol.md (ping): a client that pings keeps its last seen position current even
+    when its subscriptions get no events. On a node, seq is an offset of the workspace's
+    partition, shared with other workspaces: the position of a workspace with no event of its
+    own must follow what the node has read of that partition, or a client moving to another node
+    asks `since` where the first node started, and gets a read-back of every other workspace's
+    records since then, or a history_gap past RT_BUS_MAX_REPLAY, though it missed nothing."""
+    from contextlib import AsyncExitStack
+
+    from rtserver.bus_kafka import partition_for
+
+    partitions = int(cluster.env["RT_BUS_PARTITIONS"])
+    assert partition_for("w3", partitions) == partition_for("w1", partitions)  # neighbours
+    a = await cluster.node()
+    async with AsyncExitStack() as stack:
+        quiet = await subscribed_client(stack, a, "events:x")
+        busy = await stack.enter_async_context(ws_connect(a, "w3", token=a.token("w3")))
+        await busy.subscribe("events:x")
+        for n in range(30):
+            last = (await a.publish("w3", "x", {"n": n}))["seq"]
+        await events(busy, 30)  # node A has read them
+        await quiet.send({"type": "ping"})
+        pong = await quiet.recv_type("pong")
+    assert pong["seq"] >= last, (pong, last)
+    # The client moves to node B, which remembers little and reads back little.
+    b = await cluster.node(RT_HISTORY_EVENTS="2", RT_BUS_MAX_REPLAY="10")
+    async with ws_connect(b, "w1", token=b.token("w1")) as c:
+        await c.subscribe("events:x", since=pong["seq"])
+        await b.publish("w1", "x", {"n": 99})
+        (live,) = await events(c, 1)  # no history_gap first: nothing was missed
+        await c.no_message(0.3)
+    assert live["payload"] == {"n": 99}
+
