@@ -8,11 +8,11 @@ producer fences the old holder's (an ingest cut off from Kafka alone lands nothi
 
 No loss, no duplicate at a takeover (PostgreSQL): every record carries a header with the
 source's position when it was published (the last fully published commit LSN, how many
-events followed it, and the commit LSN of the transaction of those events). The new holder
-reads the topic's tail, writes that position into the slot's position file (so transactions
-already published are skipped) and, if the slot delivers that same transaction again, drops
-its events that the dead holder had already published, partition by partition
-(SourceSink._in_kafka).
+events followed it, the commit LSN of the transaction of those events, and which change of it
+the event is). The new holder reads the topic's tail, writes that position into the slot's
+position file (so transactions already published are skipped) and, if the slot delivers that
+same transaction again, drops its events that the dead holder had already published, workspace
+by workspace (SourceSink._pg_in_kafka; an earlier version's headers partition by partition).
 
 MongoDB likewise: the header `rt-mongo` = "database|resume token|n" names the n-th event
 published after the last acknowledged resume token (base64 BSON), and `rt-mongo-feed` the feed
@@ -67,19 +67,22 @@ _json = msgspec.json.Encoder()
 _REJOIN_FIRST_DELAY = 0.5  # seconds out of the lease group after a failed transaction, doubling
 _REJOIN_MAX_DELAY = 30.0
 _MAX_IN_FLIGHT = 10_000  # records awaiting Kafka's acknowledgement per source (bounded)
+# What Kafka has of a PostgreSQL feed (_published_positions): (commit LSN, commit LSN of the next
+# transaction (-1: not said), {partition: its events of that transaction}, {workspace: its
+# highest change of that transaction}: empty when the headers are an earlier version's).
+PgDone = tuple[int, int, dict[int, int], dict[str, int]]
 
 
 class SourceSink:
     """The EventSink of one source: Kafka, with the position header and takeover dedup."""
 
-    def __init__(self, writer: TransactionalWriter, kind: str, done: dict[str, tuple[int, int, dict[int, int]]],
+    def __init__(self, writer: TransactionalWriter, kind: str, done: dict[str, PgDone],
                  mongo_done: dict[str, tuple[bytes, dict[int, int]]] | None = None):
         self.writer = writer
         self.kind = kind
         self.source: Any = None
-        # What Kafka already has (_published_positions): slot -> (commit LSN, commit LSN of the
-        # next transaction (-1: not said), {partition: its events in that partition}),
-        # database -> (resume token, {partition: events after it}).
+        # What Kafka already has (_published_positions): slot -> PgDone, database -> (resume
+        # token, {partition: events after it}).
         self.done = done
         self.mongo_done = mongo_done or {}
         self.skipped = 0
@@ -104,17 +107,18 @@ class SourceSink:
             # transaction) names each event across processes. The transaction's own LSN says
             # whether the slot delivers the same one again: a slot acknowledged past it (a
             # clean stop does that) delivers the next transaction, which also follows the
-            # published LSN. The source numbers the events (the same on every reading).
-            lsn, tx = src.published_lsn, src.publishing_lsn
+            # published LSN. The source numbers the events (the same on every reading), and
+            # the changes (the same whatever workspaces this ingest feeds them to).
+            lsn, tx, change = src.published_lsn, src.publishing_lsn, src.publishing_change
             self._count = src.publishing_event
             # an earlier version's header names the bare slot; its position is the feed's when
             # the feed took the file of that name over (_write_positions wrote it there)
             legacy = src.legacy_position and src.slot in self.done
             done = self.done.get(src.slot if legacy else src.position_name)
-            if done is not None and done[0] == lsn and done[1] in (-1, tx) and self._in_kafka(event, done[2]):
+            if done is not None and done[0] == lsn and done[1] in (-1, tx) and self._pg_in_kafka(event, change, done):
                 self.skipped += 1
                 return 0
-            headers = [(POSITION_HEADER, f"{src.position_name}|{lsn}|{self._count}|{tx}".encode())]
+            headers = [(POSITION_HEADER, f"{src.position_name}|{lsn}|{self._count}|{tx}|{change}".encode())]
         elif self.kind == "mongo" and src is not None:
             # The token is the one acknowledged before the change in hand (a change fans out
             # to one event per workspace, numbered by the source); a fresh stream has none
@@ -167,6 +171,18 @@ class SourceSink:
         not to another. Within one partition the idempotent producer writes in order, so the
         n-th is there when that partition holds the n-th or a later one."""
         return self._count <= counts.get(partition_for(event.workspace, self.writer.partitions), 0)
+
+    def _pg_in_kafka(self, event: Event, change: int, done: PgDone) -> bool:
+        """Whether the dead holder published `event`, the one of the `change`-th change of the
+        transaction for its workspace. Headers of this version say each record's change: the
+        workspace's events are in order in its partition, so it is there when the workspace's
+        records hold that change or a later one. The n-th event counts over the workspaces the
+        dead holder fed: an ingest feeding others (RT_BUS_WORKSPACES changed between the two)
+        numbers them otherwise, and took a change not published for one published (lost), or
+        the other way round (twice). An earlier version's headers: by partition (_in_kafka)."""
+        if done[3]:
+            return change <= done[3].get(event.workspace, 0)
+        return self._in_kafka(event, done[2])
 
     def _oversized(self, event: Event, size: int) -> None:
         """A record the topic would refuse on every retry: skipped, loudly, and the workspace's
@@ -377,11 +393,11 @@ class Ingest:
         named = [pos for (database, _), pos in mongo_done.items() if database == feed["database"]]
         return max(named, key=lambda pos: token_order(pos[0]), default=None)
 
-    async def _takeover_positions(self) -> tuple[dict[str, tuple[int, int, dict[int, int]]],
+    async def _takeover_positions(self) -> tuple[dict[str, PgDone],
                                                  dict[tuple[str, str], tuple[bytes, dict[int, int]]]]:
         """What the topic already has of each feed, before any feed starts (a feed started without
         it would publish again what the previous active ingest did): retried while Kafka is away."""
-        async def scan() -> tuple[dict[str, tuple[int, int, dict[int, int]]],
+        async def scan() -> tuple[dict[str, PgDone],
                                   dict[tuple[str, str], tuple[bytes, dict[int, int]]]]:
             done, mongo_done = await self._published_positions()
             await self._write_positions(done)
@@ -442,14 +458,15 @@ class Ingest:
         return MongoSource(feed["url"], database=feed["database"], state_dir=self.state_dir, sink=sink,
                            workspaces=lambda: targets, allow_unknown_collections=self.cfg.mongo.allow_unknown_collections)
 
-    async def _published_positions(self) -> tuple[dict[str, tuple[int, int, dict[int, int]]],
+    async def _published_positions(self) -> tuple[dict[str, PgDone],
                                                   dict[tuple[str, str], tuple[bytes, dict[int, int]]]]:
         """The newest position of each PostgreSQL and MongoDB feed in the topic's recent
         tail (_SCAN_SECONDS; a MongoDB feed with no header there is looked for further back, up
         to _SCAN_RECORDS per partition), with how many events after it each partition holds.
         The newest commit LSN (resume token: the greatest token order) in any header is complete
         in Kafka (the source drained it before moving on); the events of the next transaction
-        (change) are counted per partition (SourceSink._in_kafka)."""
+        (change) are counted per partition (SourceSink._in_kafka), and a PostgreSQL
+        transaction's changes per workspace (SourceSink._pg_in_kafka)."""
         from aiokafka import AIOKafkaConsumer, TopicPartition
 
         topic = self.cfg.bus.topic
@@ -458,6 +475,7 @@ class Ingest:
                                     client_id=f"rtserver-ingest-scan-{self.node}")
         await consumer.start()
         best: dict[tuple[str, int], tuple[int, int, int]] = {}  # (slot, partition) -> (LSN, tx LSN, n)
+        changes: dict[tuple[str, str], tuple[int, int, int]] = {}  # (slot, workspace) -> (LSN, tx LSN, change)
         # ((database, feed id: "" in an earlier version's headers), partition) -> (order, n, token)
         newest: dict[tuple[tuple[str, str], int], tuple[str, int, bytes]] = {}
         try:
@@ -470,7 +488,7 @@ class Ingest:
             for tp in tps:
                 found = by_time.get(tp)
                 window[tp] = max(begin[tp], end[tp] - _SCAN_RECORDS, found.offset if found is not None else end[tp])
-            await _scan_headers(consumer, {tp: (window[tp], end[tp]) for tp in tps}, best, newest)
+            await _scan_headers(consumer, {tp: (window[tp], end[tp]) for tp in tps}, best, newest, changes)
             mongo = [feed for feed in self.plan if feed["kind"] == "mongo"]
             wanted = Counter(feed["database"] for feed in mongo)
             found_feeds = Counter(database for database, _feed_id in {feed for feed, _p in newest})
@@ -487,13 +505,17 @@ class Ingest:
                                     None, newest)
         finally:
             await stop_client(consumer, "ingest takeover scan", {"topic": topic})
-        done: dict[str, tuple[int, int, dict[int, int]]] = {}
+        done: dict[str, PgDone] = {}
         for (slot, partition), (lsn, tx, count) in best.items():
             top = done.get(slot)
             if top is None or (lsn, tx) > top[:2]:
-                done[slot] = (lsn, tx, {partition: count})
+                done[slot] = (lsn, tx, {partition: count}, {})
             elif (lsn, tx) == top[:2]:
                 top[2][partition] = count
+        for (slot, workspace), (lsn, tx, change) in changes.items():
+            top = done.get(slot)
+            if top is not None and (lsn, tx) == top[:2]:
+                top[3][workspace] = change
         for slot in [key for key in done if "-" not in key]:
             # An earlier version's header (the bare slot): superseded by this version's of the
             # feed when those are as new (the ingest after it wrote them: a rolling upgrade).
@@ -509,14 +531,14 @@ class Ingest:
                 mongo_done[feed][1][partition] = count
         return done, mongo_done
 
-    async def _write_positions(self, done: dict[str, tuple[int, int, dict[int, int]]]) -> None:
+    async def _write_positions(self, done: dict[str, PgDone]) -> None:
         """Let each feed's position file say what Kafka already has (skip those transactions).
         A header names the feed as its file does (PostgresSource.position_name); an earlier
         version's names the slot alone, whose file the source takes over only when no other
         feed may share it (PostgresSource._open_position)."""
         from rtserver.sources.pg_state import PositionFile
 
-        for feed, (lsn, _tx, counts) in done.items():
+        for feed, (lsn, _tx, counts, _changes) in done.items():
             pf = await PositionFile.open(os.path.join(self.state_dir, f"postgres-{feed}.pos"))
             try:
                 if (pf.commit_lsn, pf.complete) != (lsn, True):
@@ -603,10 +625,12 @@ class Ingest:
 
 async def _scan_headers(consumer: Any, ranges: dict[Any, tuple[int, int]],
                         best: dict[tuple[str, int], tuple[int, int, int]] | None,
-                        newest: dict[tuple[tuple[str, str], int], tuple[str, int, bytes]]) -> None:
+                        newest: dict[tuple[tuple[str, str], int], tuple[str, int, bytes]],
+                        changes: dict[tuple[str, str], tuple[int, int, int]] | None = None) -> None:
     """Read the position headers of the records in `ranges` (partition -> [start, stop)) into
     `best` (rt-pos; None: not read) and `newest` (rt-mongo), keeping the greatest per feed and
-    partition (Ingest._published_positions)."""
+    partition, and into `changes` the greatest (LSN, transaction LSN, change) an rt-pos header
+    of this version names per feed and workspace (the record's key) (Ingest._published_positions)."""
     from rtserver.sources.mongo import token_order
 
     todo = {}
@@ -627,8 +651,10 @@ async def _scan_headers(consumer: Any, ranges: dict[Any, tuple[int, int]],
                 for name, value in r.headers or ():
                     if name == POSITION_HEADER and best is not None:
                         try:  # feed|LSN|n|transaction LSN (older ingests: without the last)
+                            # ... and |change since this version (earlier ones read the 4th only)
                             slot, lsn, count, *tx = _text(name, value).split("|")
                             pos = (int(lsn), int(tx[0]) if tx else -1, int(count))
+                            change = int(tx[1]) if len(tx) > 1 else None
                             if not _POSITION_KEY.fullmatch(slot):  # it names a file
                                 raise ValueError(slot)
                         except ValueError:  # not ours to trust: skip, do not fail the takeover
@@ -636,6 +662,10 @@ async def _scan_headers(consumer: Any, ranges: dict[Any, tuple[int, int]],
                             continue
                         if pos > best.get((slot, tp.partition), (-1, -1, -1)):
                             best[slot, tp.partition] = pos
+                        if change is not None and changes is not None and r.key is not None:
+                            where = (slot, r.key.decode(errors="replace"))
+                            if (*pos[:2], change) > changes.get(where, (-1, -1, -1)):
+                                changes[where] = (*pos[:2], change)
                     elif name == MONGO_HEADER:
                         try:
                             database, token_b64, count = _text(name, value).rsplit("|", 2)

@@ -2272,3 +2272,59 @@ async def test_a_quiet_workspace_keeps_its_position_current_for_a_move_to_anothe
         await c.no_message(0.3)
     assert live["payload"] == {"n": 99}
 
+
+async def test_a_takeover_by_an_ingest_feeding_other_workspaces_skips_only_what_kafka_has(cluster):
+    """The standby's configuration feeds the database to other workspaces than the dead
+    holder's did (RT_BUS_WORKSPACES changed, one machine restarted with it first): the events
+    of a transaction are numbered over another list of workspaces. The topic is left as a
+    killed ingest of this version leaves it, feeding w1 and w2, mid-transaction: rows 2 and 3
+    for w1, row 2 for w2 (its events 1 to 3 of the transaction). The new holder feeds w1 alone:
+    it must publish row 4 and not rows 2 and 3. Before, it compared its own numbering (row 4 is
+    its 3rd event) with the dead holder's (w1's partition held its 3rd): row 4 was lost."""
+    from contextlib import AsyncExitStack
+
+    from aiokafka import AIOKafkaProducer
+
+    from rtcore.event import Event
+    from rtcore.pgoutput_ref import parse_lsn
+    from rtserver.bus_kafka import encode_event, partition_for
+    from rtserver.ingest import POSITION_HEADER
+
+    assert partition_for("w1", 3) != partition_for("w2", 3)
+    first = await cluster.ingest(RT_BUS_WORKSPACES="w1,w2")
+    await first.wait_active()
+    node = await cluster.node()
+    async with AsyncExitStack() as stack:
+        c1 = await stack.enter_async_context(ws_connect(node, "w1", token=node.token("w1")))
+        await c1.subscribe("postgres:orders")
+        await cluster.db.execute("INSERT INTO orders VALUES (1, 'before')")
+        (one,) = await events(c1, 1)
+        (feed,) = (await first.status())["feeds"].values()
+        slot, lsn = feed["slot"], parse_lsn(feed["published_lsn"])
+        await first.stop()  # the slot is acknowledged up to row 1's transaction
+        async with cluster.db.transaction():
+            for i in (2, 3, 4):
+                await cluster.db.execute("INSERT INTO orders VALUES ($1, 'in flight when the ingest died')", i)
+        producer = AIOKafkaProducer(bootstrap_servers=cluster.env["RT_BUS_KAFKA_BOOTSTRAP"])
+        await producer.start()
+        try:
+            # feed|published LSN|n-th event of the transaction|its commit LSN (-1: not said)|its change
+            for workspace, row, n in (("w1", 2, 1), ("w2", 2, 2), ("w1", 3, 3)):
+                body = json.dumps({**{k: v for k, v in one.items() if k != "seq"},
+                                   "record": {"id": row, "note": "written by the dead holder"}})
+                value = encode_event(Event(workspace, "postgres", "orders", "INSERT", {"id": row}, body.encode()))
+                await producer.send_and_wait(cluster.env["RT_BUS_TOPIC"], value, key=workspace.encode(),
+                                             headers=[(POSITION_HEADER, f"{slot}|{lsn}|{n}|-1|{row - 1}".encode())])
+        finally:
+            await producer.stop()
+        second = await cluster.ingest(RT_BUS_WORKSPACES="w1")
+        await second.wait_active()
+        got = await events(c1, 3)
+        await cluster.db.execute("INSERT INTO orders VALUES (5, 'after')")
+        got += await events(c1, 1)
+        await c1.no_message(0.5)
+    assert [(e["record"]["id"], e["record"]["note"]) for e in got] == [
+        (2, "written by the dead holder"), (3, "written by the dead holder"),
+        (4, "in flight when the ingest died"), (5, "after")]
+    (feed,) = (await second.status())["feeds"].values()
+    assert feed["takeover_skipped"] == 2, feed

@@ -210,6 +210,7 @@ class PostgresSource:
         self._generation = 0
         self._publishing_lsn = 0
         self._publishing_event = 0
+        self._publishing_change = 0
         self._events = 0
         self._transactions = 0
         self._duplicates = 0
@@ -313,6 +314,13 @@ class PostgresSource:
         same each time the transaction is read (change index x targets), however often the
         feed started over."""
         return self._publishing_event
+
+    @property
+    def publishing_change(self) -> int:
+        """1-based index, within its transaction, of the change whose event is being handed to
+        the sink: the same each time the transaction is read, whatever workspaces it feeds
+        (publishing_event counts over the workspaces of this reading)."""
+        return self._publishing_change
 
     def status(self) -> dict[str, Any]:
         streams = self._streams
@@ -976,6 +984,7 @@ class PostgresSource:
             old = change.old if change.operation == "UPDATE" and change.old_kind == "O" else None
             turn = False
             first = (tx.index - 1) * len(targets)
+            self._publishing_change = tx.index
             for i, ws in enumerate(targets, 1):
                 self._publishing_event = first + i
                 if i > had:
