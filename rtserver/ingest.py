@@ -18,7 +18,8 @@ MongoDB likewise: the header `rt-mongo` = "database|resume token|n" names the n-
 published after the last acknowledged resume token (base64 BSON), and `rt-mongo-feed` the feed
 (a digest of deployment and database: databases of one name on two deployments are two feeds). The new holder, which may
 run on another machine with its own state_dir, seeds the source's token store with the newest
-such token (unless its own is as new) and drops the events of the next change already in Kafka.
+such token (unless its own is as new) and drops the events of the next change already in Kafka,
+workspace by workspace (the record's key: a change is one event per workspace).
 """
 
 from __future__ import annotations
@@ -77,12 +78,12 @@ class SourceSink:
     """The EventSink of one source: Kafka, with the position header and takeover dedup."""
 
     def __init__(self, writer: TransactionalWriter, kind: str, done: dict[str, PgDone],
-                 mongo_done: dict[str, tuple[bytes, dict[int, int]]] | None = None):
+                 mongo_done: dict[str, tuple[bytes, dict[str, int]]] | None = None):
         self.writer = writer
         self.kind = kind
         self.source: Any = None
         # What Kafka already has (_published_positions): slot -> PgDone, database -> (resume
-        # token, {partition: events after it}).
+        # token, {workspace: its event of the change after it, numbered by the dead holder}).
         self.done = done
         self.mongo_done = mongo_done or {}
         self.skipped = 0
@@ -126,7 +127,11 @@ class SourceSink:
             token = src.published_token
             self._count = src.publishing_event
             done = self.mongo_done.get(src.database)
-            if token is not None and done is not None and done[0] == token and self._in_kafka(event, done[1]):
+            # A change is one event per workspace: its event for this one is in Kafka when a
+            # record of the workspace names the token. The n-th event counts over the workspaces
+            # the dead holder fed; a standby feeding others (RT_BUS_WORKSPACES changed) numbers
+            # them otherwise, and compared by partition published changes twice, or not at all.
+            if token is not None and done is not None and done[0] == token and event.workspace in done[1]:
                 self.skipped += 1
                 return 0
             if token is not None:
@@ -375,8 +380,8 @@ class Ingest:
                 "resumed_databases": len(mongo_done)}})
 
     def _mongo_position(self, feed: dict[str, Any], src: Any,
-                        mongo_done: dict[tuple[str, str], tuple[bytes, dict[int, int]]]
-                        ) -> tuple[bytes, dict[int, int]] | None:
+                        mongo_done: dict[tuple[str, str], tuple[bytes, dict[str, int]]]
+                        ) -> tuple[bytes, dict[str, int]] | None:
         """What Kafka has of a MongoDB feed: its headers name the database and the feed
         (MONGO_FEED_HEADER: a digest of deployment and database; of URL and database in earlier
         versions, whose headers are read too). The only feed of its database name
@@ -394,11 +399,11 @@ class Ingest:
         return max(named, key=lambda pos: token_order(pos[0]), default=None)
 
     async def _takeover_positions(self) -> tuple[dict[str, PgDone],
-                                                 dict[tuple[str, str], tuple[bytes, dict[int, int]]]]:
+                                                 dict[tuple[str, str], tuple[bytes, dict[str, int]]]]:
         """What the topic already has of each feed, before any feed starts (a feed started without
         it would publish again what the previous active ingest did): retried while Kafka is away."""
         async def scan() -> tuple[dict[str, PgDone],
-                                  dict[tuple[str, str], tuple[bytes, dict[int, int]]]]:
+                                  dict[tuple[str, str], tuple[bytes, dict[str, int]]]]:
             done, mongo_done = await self._published_positions()
             await self._write_positions(done)
             return done, mongo_done
@@ -459,14 +464,15 @@ class Ingest:
                            workspaces=lambda: targets, allow_unknown_collections=self.cfg.mongo.allow_unknown_collections)
 
     async def _published_positions(self) -> tuple[dict[str, PgDone],
-                                                  dict[tuple[str, str], tuple[bytes, dict[int, int]]]]:
+                                                  dict[tuple[str, str], tuple[bytes, dict[str, int]]]]:
         """The newest position of each PostgreSQL and MongoDB feed in the topic's recent
         tail (_SCAN_SECONDS; a MongoDB feed with no header there is looked for further back, up
-        to _SCAN_RECORDS per partition), with how many events after it each partition holds.
-        The newest commit LSN (resume token: the greatest token order) in any header is complete
-        in Kafka (the source drained it before moving on); the events of the next transaction
-        (change) are counted per partition (SourceSink._in_kafka), and a PostgreSQL
-        transaction's changes per workspace (SourceSink._pg_in_kafka)."""
+        to _SCAN_RECORDS per partition), with what Kafka holds of the transaction (change) after
+        it. The newest commit LSN (resume token: the greatest token order) in any header is
+        complete in Kafka (the source drained it before moving on); the events of the next
+        transaction are counted per partition (SourceSink._in_kafka) and its changes per
+        workspace (SourceSink._pg_in_kafka); the workspaces that have their event of the next
+        change are listed (SourceSink.publish)."""
         from aiokafka import AIOKafkaConsumer, TopicPartition
 
         topic = self.cfg.bus.topic
@@ -476,8 +482,8 @@ class Ingest:
         await consumer.start()
         best: dict[tuple[str, int], tuple[int, int, int]] = {}  # (slot, partition) -> (LSN, tx LSN, n)
         changes: dict[tuple[str, str], tuple[int, int, int]] = {}  # (slot, workspace) -> (LSN, tx LSN, change)
-        # ((database, feed id: "" in an earlier version's headers), partition) -> (order, n, token)
-        newest: dict[tuple[tuple[str, str], int], tuple[str, int, bytes]] = {}
+        # ((database, feed id: "" in an earlier version's headers), workspace) -> (order, n, token)
+        newest: dict[tuple[tuple[str, str], str], tuple[str, int, bytes]] = {}
         try:
             tps = [TopicPartition(topic, p) for p in range(self.publisher.partitions)]
             consumer.assign(tps)
@@ -491,7 +497,7 @@ class Ingest:
             await _scan_headers(consumer, {tp: (window[tp], end[tp]) for tp in tps}, best, newest, changes)
             mongo = [feed for feed in self.plan if feed["kind"] == "mongo"]
             wanted = Counter(feed["database"] for feed in mongo)
-            found_feeds = Counter(database for database, _feed_id in {feed for feed, _p in newest})
+            found_feeds = Counter(database for database, _feed_id in {feed for feed, _workspace in newest})
             # The partitions of the MongoDB feeds with no header in the window (of a database
             # name with fewer feeds found than planned): their last change is older. Their token
             # is in Kafka only (this holder may run on another machine, or hold a stale token of
@@ -521,14 +527,14 @@ class Ingest:
             # feed when those are as new (the ingest after it wrote them: a rolling upgrade).
             if any(key.rsplit("-", 1)[0] == slot != key and pos[:2] >= done[slot][:2] for key, pos in done.items()):
                 del done[slot]
-        mongo_done: dict[tuple[str, str], tuple[bytes, dict[int, int]]] = {}
+        mongo_done: dict[tuple[str, str], tuple[bytes, dict[str, int]]] = {}
         orders: dict[tuple[str, str], str] = {}
-        for (feed, partition), (order, count, token) in newest.items():
+        for (feed, workspace), (order, count, token) in newest.items():
             if feed not in orders or order > orders[feed]:
                 orders[feed] = order
-                mongo_done[feed] = (token, {partition: count})
+                mongo_done[feed] = (token, {workspace: count})
             elif order == orders[feed]:
-                mongo_done[feed][1][partition] = count
+                mongo_done[feed][1][workspace] = count
         return done, mongo_done
 
     async def _write_positions(self, done: dict[str, PgDone]) -> None:
@@ -625,11 +631,11 @@ class Ingest:
 
 async def _scan_headers(consumer: Any, ranges: dict[Any, tuple[int, int]],
                         best: dict[tuple[str, int], tuple[int, int, int]] | None,
-                        newest: dict[tuple[tuple[str, str], int], tuple[str, int, bytes]],
+                        newest: dict[tuple[tuple[str, str], str], tuple[str, int, bytes]],
                         changes: dict[tuple[str, str], tuple[int, int, int]] | None = None) -> None:
     """Read the position headers of the records in `ranges` (partition -> [start, stop)) into
     `best` (rt-pos; None: not read) and `newest` (rt-mongo), keeping the greatest per feed and
-    partition, and into `changes` the greatest (LSN, transaction LSN, change) an rt-pos header
+    partition (rt-pos) or workspace (rt-mongo: the record's key), and into `changes` the greatest (LSN, transaction LSN, change) an rt-pos header
     of this version names per feed and workspace (the record's key) (Ingest._published_positions)."""
     from rtserver.sources.mongo import token_order
 
@@ -675,8 +681,9 @@ async def _scan_headers(consumer: Any, ranges: dict[Any, tuple[int, int]],
                         except ValueError:  # not ours to trust: skip, do not fail the takeover
                             log.warning("malformed %s header at %s offset %d", MONGO_HEADER, tp, r.offset)
                             continue
-                        if mpos[:2] > newest.get((feed, tp.partition), ("", -1, b""))[:2]:
-                            newest[feed, tp.partition] = mpos
+                        where = (feed, r.key.decode(errors="replace") if r.key is not None else "")
+                        if mpos[:2] > newest.get(where, ("", -1, b""))[:2]:
+                            newest[where] = mpos
         for tp in list(todo):
             # the position, not the last record: a transaction's commit marker ends the tail
             if await consumer.position(tp) >= todo[tp]:

@@ -2328,3 +2328,64 @@ async def test_a_takeover_by_an_ingest_feeding_other_workspaces_skips_only_what_
         (4, "in flight when the ingest died"), (5, "after")]
     (feed,) = (await second.status())["feeds"].values()
     assert feed["takeover_skipped"] == 2, feed
+
+
+async def test_a_mongo_takeover_by_an_ingest_feeding_other_workspaces_repeats_nothing(cluster, mongo_server):
+    """The dead holder fed database shop to w1 and w2 and was killed once both events of a
+    change were in Kafka, before it saved the token after it. The standby feeds w3 too, listed
+    first (RT_BUS_WORKSPACES changed): its events of that change are numbered 2 (w1) and 3
+    (w2) where the dead holder's were 1 and 2. It must publish the change to w3 only. Before,
+    it compared the numbers partition by partition: w1 and w2 got the change twice, under two
+    seqs, and w3 (on w1's partition) not at all."""
+    from contextlib import AsyncExitStack
+
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+    from pymongo import AsyncMongoClient
+
+    from rtserver.bus_kafka import partition_for
+    from rtserver.ingest import MONGO_HEADER
+
+    assert partition_for("w3", 3) == partition_for("w1", 3) != partition_for("w2", 3)
+    client = AsyncMongoClient(mongo_server.url, serverSelectionTimeoutMS=5000)
+    db = client["shop"]
+    await db.orders.insert_one({"_id": 0})
+    cluster.env.update({"RT_MONGO_URL": mongo_server.url.replace("/?", "/shop?"), "RT_BUS_WORKSPACES": "w1,w2"})
+    old_topic = cluster.env["RT_BUS_TOPIC"]
+    try:
+        first = await cluster.ingest()
+        await first.wait_active()
+        await db.orders.insert_one({"_id": 1})
+        consumer = AIOKafkaConsumer(bootstrap_servers=cluster.env["RT_BUS_KAFKA_BOOTSTRAP"],
+                                    isolation_level="read_committed", enable_auto_commit=False,
+                                    auto_offset_reset="earliest")
+        await consumer.start()
+        records: list = []
+        try:
+            consumer.assign([TopicPartition(old_topic, p) for p in range(3)])
+            while sum(1 for r in records for name, _ in r.headers if name == MONGO_HEADER) < 2:
+                for batch in (await consumer.getmany(timeout_ms=1000)).values():
+                    records += batch
+        finally:
+            await consumer.stop()
+        await first.stop(signal.SIGKILL)
+        # The topic as the killed holder left it, before its token after change 1 was saved
+        # (in a topic of its own: the killed ingest may have saved it in its state directory,
+        # which the standby, on another machine, does not have).
+        cluster.env["RT_BUS_TOPIC"] = f"{old_topic}.other"
+        node = await cluster.node()
+        async with AsyncExitStack() as stack:
+            subscribers = {}
+            for wid in ("w1", "w2", "w3"):
+                subscribers[wid] = await stack.enter_async_context(ws_connect(node, wid, token=node.token(wid)))
+                await subscribers[wid].subscribe("mongo:orders")
+            await _republish(cluster, records, lambda r: list(r.headers))
+            second = await cluster.ingest(RT_BUS_WORKSPACES="w3,w1,w2")
+            await second.wait_active(timeout=40)
+            await db.orders.insert_one({"_id": 2})
+            got = {}
+            for wid, c in subscribers.items():
+                got[wid] = [e["document"]["_id"] for e in await events(c, 2)]
+                await c.no_message(0.5)
+        assert got == {"w1": [1, 2], "w2": [1, 2], "w3": [1, 2]}, got
+    finally:
+        await client.close()
