@@ -313,8 +313,6 @@ class Ingest:
         self._lock = asyncio.Lock()
 
     async def start(self) -> None:
-        if not self.plan:
-            log.warning("no feeds to read: set postgres.url/mongo.url with bus.workspaces, or [workspaces.*]")
         if self.cfg.bus.ingest_port:
             # Bound before joining the lease group: an ingest that joined and then died on a
             # port in use took the lease from the active one (a rebalance), twice (join, expiry).
@@ -324,6 +322,12 @@ class Ingest:
             except OSError as exc:
                 raise RuntimeError(f"cannot listen on {host}:{port} (bus.ingest_port): {exc.strerror or exc}") from None
         await self.publisher.start()
+        if not self.plan:
+            # Refused, not warned of: an ingest with nothing to read would still join the lease
+            # group, and could win the lease when the active one died, while a standby that has
+            # the feeds waited and nothing streamed.
+            raise RuntimeError("no feeds to read: set postgres.url/mongo.url with bus.workspaces, or"
+                               " [workspaces.*] sections naming sources")
         self.lease = Lease(
             self.publisher.options,
             f"{self.cfg.bus.topic}.lease",
