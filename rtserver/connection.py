@@ -781,6 +781,7 @@ class Connection(WSListener):
         key = channels.subscription_key(spec.channel)  # the other spelling of the channel replaced too
         old = self.subscriptions.get(key)
         if old is not None:
+            old.end = ws.history.position
             self.gw.hub.remove(ws, old)
         self.subscriptions[key] = sub
         self.session.specs[key] = spec
@@ -789,7 +790,7 @@ class Connection(WSListener):
         sub.start = ws.history.position
         self.send(Subscribed(channel=spec.channel, id=mid, seq=sub.start))
         if since is not None:
-            return self._replay([sub], since)
+            return self._replay([sub], since, old)
         return None
 
     def _unsubscribe(self, msg: Unsubscribe) -> None:
@@ -859,8 +860,11 @@ class Connection(WSListener):
             self.gw.hub.remove(self.workspace, sub)
         self.send_error(code, message, channel=spec.channel)
 
-    def _replay(self, subs: list[Subscription], since: int) -> Awaitable[None] | None:
-        """Push retained events after `since` that match any of `subs`, in order.
+    def _replay(
+        self, subs: list[Subscription], since: int, replaced: Subscription | None = None
+    ) -> Awaitable[None] | None:
+        """Push retained events after `since` that match any of `subs`, in order, but those
+        `replaced` (the subscription a subscribe to the same channel replaced) delivered.
 
         Runs synchronously right after the subscriptions were indexed, so a live event can
         neither slip between the replay and the live stream nor arrive twice. When `since` is
@@ -873,14 +877,14 @@ class Connection(WSListener):
         if getattr(bus, "behind", None) is not None and bus.behind(ws.id, since):
             for sub in subs:
                 self.gw.hub.remove(ws, sub)  # held back: what this node delivers next, the client has
-            return self._in_flight(since, self._replay_after_catching_up(subs, since))
+            return self._in_flight(since, self._replay_after_catching_up(subs, since, replaced))
         replay = ws.history.since(since)
         self._charge_replay(len(replay.entries))
         if replay.gap and getattr(bus, "can_read_back", None) is not None and bus.can_read_back(ws.id, since):
             for sub in subs:
                 self.gw.hub.remove(ws, sub)  # held back from the live stream until the read-back is done
-            return self._in_flight(since, self._replay_from_bus(subs, since))
-        rest = self._replay_entries(subs, since, replay)
+            return self._in_flight(since, self._replay_from_bus(subs, since, replaced))
+        rest = self._replay_entries(subs, since, replay, replaced)
         return None if rest is None else self._in_flight(since, rest)
 
     def _in_flight(self, since: int, rest: Awaitable[None]) -> Awaitable[None]:
@@ -899,7 +903,7 @@ class Connection(WSListener):
             assert self._replays is not None
             self._replays.remove(since)
 
-    async def _replay_from_bus(self, subs: list[Subscription], since: int) -> None:
+    async def _replay_from_bus(self, subs: list[Subscription], since: int, replaced: Subscription | None) -> None:
         """Replay from the bus what the memory history no longer holds, then switch to memory.
 
         The subscriptions stay out of the index meanwhile; live events land in the memory
@@ -910,7 +914,7 @@ class Connection(WSListener):
         ws = self.workspace
         assert ws is not None
         m = self.gw.metrics
-        view = replay_viewer(subs, self._others(subs))
+        view = replay_viewer(subs, self._others(subs, replaced))
 
         def emit(seq: int, event: Any) -> None:
             shown = view(event, seq)
@@ -950,11 +954,13 @@ class Connection(WSListener):
             self._replayed(live, since if oldest is None else oldest - 1)
         tail = ws.history.since(upto)
         self._charge_replay(len(tail.entries))
-        pending = self._replay_entries(live, upto, tail)
+        pending = self._replay_entries(live, upto, tail, replaced)
         if pending is not None:
             await pending
 
-    async def _replay_after_catching_up(self, subs: list[Subscription], since: int) -> None:
+    async def _replay_after_catching_up(
+        self, subs: list[Subscription], since: int, replaced: Subscription | None
+    ) -> None:
         """The client has seen events up to `since` on another node that this one has not read
         yet (Kafka bus: nodes read at their own pace). Live, they would reach the client again,
         seq going back: the subscriptions stay out of the index until this node has read up to
@@ -970,7 +976,7 @@ class Connection(WSListener):
             self.gw.hub.add(ws, sub)
         replay = ws.history.since(since)
         self._charge_replay(len(replay.entries))
-        pending = self._replay_entries(live, since, replay)
+        pending = self._replay_entries(live, since, replay, replaced)
         if pending is not None:
             await pending
 
@@ -1001,7 +1007,9 @@ class Connection(WSListener):
                 self._send_gaps(hit, f"{source} changes after {since} may have been lost (the source reported a loss)",
                                 oldest)
 
-    def _replay_entries(self, subs: list[Subscription], since: int, replay: Any) -> Awaitable[None] | None:
+    def _replay_entries(
+        self, subs: list[Subscription], since: int, replay: Any, replaced: Subscription | None = None
+    ) -> Awaitable[None] | None:
         """Push the retained entries of `replay` that `subs` show, after its gap or loss
         notices. What does not fit in one piece (_replay_piece bytes) leaves in pieces, each
         once the client has taken the one before (_replay_paced), with `subs` out of the index
@@ -1010,7 +1018,7 @@ class Connection(WSListener):
         read (a resume after a long disconnect in a busy workspace), again at every reconnect.
         Returns the awaitable that sends the rest, or None when all of it is queued."""
         self._notify_gaps(subs, since, replay)
-        view = replay_viewer(subs, self._others(subs))
+        view = replay_viewer(subs, self._others(subs, replaced))
         self._replayed(subs, replay.oldest - 1 if replay.gap else since)
         entries = replay.entries
         done = self._push_piece(view, entries, 0)
@@ -1045,10 +1053,16 @@ class Connection(WSListener):
     def _replay_piece(self) -> int:
         return max(_MIN_REPLAY_PIECE, self.gw.cfg.limits.send_buffer_bytes // 4)
 
-    def _others(self, subs: list[Subscription]) -> list[Subscription]:
-        """The connection's subscriptions besides `subs` (those a replay for `subs` must not
-        repeat: see replay_viewer)."""
-        return [sub for sub in self.subscriptions.values() if all(sub is not s for s in subs)]
+    def _others(self, subs: list[Subscription], replaced: Subscription | None = None) -> list[Subscription]:
+        """The connection's subscriptions besides `subs`, and the one `replaced` by a subscribe
+        to the same channel (those a replay for `subs` must not repeat: see replay_viewer).
+        Without it, a filter replaced `since` the client's last seen event replayed what the
+        old filter had sent meanwhile, and what the restored filter of a resumed session had
+        just replayed."""
+        others = [sub for sub in self.subscriptions.values() if all(sub is not s for s in subs)]
+        if replaced is not None:
+            others.append(replaced)
+        return others
 
     def _push_piece(
         self, view: Callable[[Any, int], bytes | None], entries: list[Any], start: int, scan: int | None = _REPLAY_SCAN

@@ -46,7 +46,7 @@ class Subscription(SubKey):
     """One channel subscription of one connection; the key the index returns (a SubKey: the
     fan-out loop reaches the connection's outbox through it without a Python attribute)."""
 
-    __slots__ = ("conn", "spec", "start", "_matcher", "__weakref__")
+    __slots__ = ("conn", "spec", "start", "end", "_matcher", "__weakref__")
 
     def __init__(self, conn: Connection, spec: SubscriptionSpec):
         super().__init__(conn.out)
@@ -56,6 +56,10 @@ class Subscription(SubKey):
         # by its replay), so another subscription's replay skips it: the workspace position
         # when it took effect, lowered to where its own replay began (Connection._replayed).
         self.start = 0
+        # The workspace position when a subscribe to its channel replaced it (None: in
+        # effect): it delivered nothing after, so the replacement's replay skips only what it
+        # shows up to there.
+        self.end: int | None = None
         self._matcher = None
 
     def view(self, event: Event) -> bytes | None:
@@ -129,11 +133,12 @@ def replay_viewer(
     session's 100 subscriptions on other entities made a 10,000-event replay try each on each
     event: 118 ms for no frame at all (measured); by key, ~3 ms.
 
-    `delivered`: the connection's other subscriptions. An event one of them shows after its
-    `start` has reached the connection already, and is not replayed: an event reaches a
-    connection once, whatever number of its subscriptions match (a `subscribe` to
-    `events:orders` with `since` beside a live `events:*` sent the events both show twice,
-    and those published during a paced replay after later ones)."""
+    `delivered`: the connection's other subscriptions, and the one a subscribe replaced. An
+    event one of them shows after its `start` (and up to its `end`) has reached the connection
+    already, and is not replayed: an event reaches a connection once, whatever number of its
+    subscriptions match (a `subscribe` to `events:orders` with `since` beside a live
+    `events:*` sent the events both show twice, and those published during a paced replay
+    after later ones)."""
     scope = _by_scope(subs)
     others = _by_scope(delivered)
 
@@ -143,7 +148,9 @@ def replay_viewer(
             return None
         if others:
             seen = _in_scope(others, event)
-            if seen is not None and any(o.start < seq and o.view(event) is not None for o in seen):
+            if seen is not None and any(
+                o.start < seq and (o.end is None or seq <= o.end) and o.view(event) is not None for o in seen
+            ):
                 return None
         return replay_view(mine, event)
 

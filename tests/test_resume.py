@@ -564,3 +564,38 @@ async def test_a_source_loss_during_a_paced_replay_is_told_once(tmp_path):
     finally:
         await pub.close()
         await gw.shutdown()
+
+
+async def test_replacing_a_filter_with_since_leaves_out_what_the_old_filter_delivered(gateway):
+    """Subscribing again to a channel replaces its filter (§3); with `since`, the replay must
+    leave out the events the replaced filter already sent (an event reaches a connection
+    once, a replay included). Before, an event in flight on the old filter when the client
+    sent its last seen `seq` came again after the `subscribed` reply (seq going back), and a
+    resumed session whose client re-sent a filter it changed while disconnected (the bundled
+    clients do, `since` their last seen event) got every event both filters show twice."""
+    token = gateway.token("w1")
+    async with ws_connect(gateway, "w1", token=token) as c:
+        await c.subscribe("events:t", {"predicates": {"k": True}})
+        last = (await gateway.publish("w1", "t", {"k": True, "i": 0}))["seq"]
+        assert (await c.recv_event())["seq"] == last
+        session = await _session_id(c, token)
+        in_flight = (await gateway.publish("w1", "t", {"k": True, "i": 1}))["seq"]
+        other = (await gateway.publish("w1", "t", {"k": False, "i": 2}))["seq"]
+        await c.send({"type": "subscribe", "channel": "events:t", "since": last})  # widened, not read yet
+        assert (await c.recv_event())["seq"] == in_flight
+        await c.recv_type("subscribed")
+        assert (await c.recv_event())["seq"] == other
+        await c.no_message()
+        await c.send({"type": "subscribe", "channel": "events:t", "filter": {"predicates": {"k": True}}})
+        await c.recv_type("subscribed")
+        last = (await gateway.publish("w1", "t", {"k": True, "i": 3}))["seq"]
+        assert (await c.recv_event())["seq"] == last
+    missed = [(await gateway.publish("w1", "t", {"k": i % 2 == 0, "i": i}))["seq"] for i in range(4, 8)]
+    async with ws_connect(gateway, "w1") as c:
+        assert (await c.auth(token, resume=session, since=last))["resumed"] is True
+        # The restored filter replays what it shows; the client then widens it, since the same.
+        assert [(await c.recv_event())["seq"] for _ in range(2)] == missed[0::2]
+        await c.send({"type": "subscribe", "channel": "events:t", "since": last})
+        await c.recv_type("subscribed")
+        assert [(await c.recv_event())["seq"] for _ in range(2)] == missed[1::2]
+        await c.no_message()
