@@ -599,3 +599,35 @@ async def test_replacing_a_filter_with_since_leaves_out_what_the_old_filter_deli
         await c.recv_type("subscribed")
         assert [(await c.recv_event())["seq"] for _ in range(2)] == missed[1::2]
         await c.no_message()
+
+
+async def test_after_a_source_loss_a_resume_from_the_last_seq_received_reports_it_no_more(tmp_path):
+    """A source's loss is told as history_gap with `oldest` the history's first event, which
+    precedes the loss (and here the reader's `since`): a resume from `oldest - 1`, which the
+    docs advised after any gap, reported the loss again and replayed what the client had
+    (docs §7 now say so). From the last `seq` received after the loss, no gap."""
+    gw = Gateway(_cfg(tmp_path, RT_RESUME_TTL="60", RT_HISTORY_EVENTS="100"))
+    await gw.start()
+    pub = Publisher(gw.port)
+    token = _token(["w1"], "u")
+    try:
+        seqs = [await pub.publish("w1", "t", {"i": i}) for i in range(2)]
+        gw.hub.history_gap("w1", "events", "lost for the test")
+        after = await pub.publish("w1", "t", {"i": 2})
+        async with ws_connect(Addr(gw), "w1", token=token) as c:
+            session = await _session_id(c, token)
+            await c.send({"type": "subscribe", "channel": "events:t", "since": seqs[1]})
+            await c.recv_type("subscribed")
+            gap = await c.recv_type("error")
+            assert (gap["code"], gap["oldest"]) == (4011, seqs[0]) and "loss" in gap["message"]
+            assert (await c.recv_event())["seq"] == after
+        async with ws_connect(Addr(gw), "w1") as c:
+            assert (await c.auth(token, resume=session, since=gap["oldest"] - 1))["resumed"] is True
+            assert (await c.recv_type("error"))["code"] == 4011  # told again, and replayed from there
+            assert [(await c.recv_event())["seq"] for _ in range(3)] == [*seqs, after]
+        async with ws_connect(Addr(gw), "w1") as c:
+            assert (await c.auth(token, resume=session, since=after))["resumed"] is True
+            await c.no_message()
+    finally:
+        await pub.close()
+        await gw.shutdown()
