@@ -68,6 +68,18 @@ def valid_table_name(name: str) -> bool:
     return 0 < _utf8_size(name) <= 63 and _NAME_RE.match(name) is not None
 
 
+def unconfigured_table(schemas: list[str], tables: list[str], schema: str, name: str) -> str:
+    """Why a PostgreSQL source configured with these postgres.schemas and postgres.tables
+    leaves schema.name out ("" when it asks for it): a question of configuration alone."""
+    if tables:
+        if f"{schema}.{name}" in {t if "." in t else f"public.{t}" for t in tables}:
+            return ""
+        return f"it is not among postgres.tables ({', '.join(tables)})"
+    if schema in schemas:
+        return ""
+    return f"its schema {schema} is not among postgres.schemas ({', '.join(schemas)})"
+
+
 def canonical_entity(source: str, name: str) -> str:
     """The canonical form of a table/collection/topic name, or ChannelError."""
     if source == "events":

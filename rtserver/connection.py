@@ -840,15 +840,23 @@ class Connection(WSListener):
 
     def _drop_unavailable(self) -> None:
         """Drop, each with a 4010 error, the resumed session's subscriptions whose source the
-        workspace no longer has: a session saved by a drained restart outlives the
-        configuration it subscribed under, and restored silently such a subscription waited
-        for events that could never come, where a subscribe to it gets 4010 (§4)."""
+        workspace no longer has, or whose table its source's configuration no longer
+        publishes (postgres.schemas, postgres.tables): a session saved by a drained restart
+        outlives the configuration it subscribed under, and restored silently such a
+        subscription waited for events that could never come, where a subscribe to it gets
+        4010 (§4)."""
         assert self.session is not None
         gw = self.gw
         for key, spec in [(k, s) for k, s in self.session.specs.items() if s.source != "events"]:
-            if gw.source(self.workspace_id, spec.source) is None:
+            source = gw.source(self.workspace_id, spec.source)
+            if source is None:
                 why = gw.why_no_source(self.workspace_id, spec.source)
                 self._drop(key, 4010, f"{why}: subscription dropped")
+            elif spec.source == "postgres" and spec.entity != "*":
+                schema, _, name = spec.entity.rpartition(".")
+                why = channels.unconfigured_table(source.schemas, source.tables, schema or "public", name)
+                if why:
+                    self._drop(key, 4010, f"{spec.channel}: table is not published: {why}: subscription dropped")
 
     def _drop(self, key: str, code: int, message: str) -> None:
         """Take the channel of `key` (channels.subscription_key) out of the session and the

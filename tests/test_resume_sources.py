@@ -58,3 +58,37 @@ async def test_resume_replays_all_sources_in_one_order(gateway_factory, pg_datab
     finally:
         await pg.close()
         await mongo.close()
+
+
+async def test_a_resumed_table_the_new_configuration_no_longer_publishes_is_refused(gateway_factory, pg_database):
+    """A session suspended by a drained restart keeps its channels; a table the new
+    configuration leaves out of postgres.tables is unavailable (§4: 4010), as a subscribe to it
+    is. Only a source gone altogether was refused: such a table's subscription was restored
+    without a word, and the client waited for rows the gateway no longer streams."""
+    pg = await asyncpg.connect(pg_database)
+    await pg.execute("CREATE TABLE products (id int PRIMARY KEY, price int)")
+    await pg.execute("CREATE TABLE orders (id int PRIMARY KEY)")
+    try:
+        gw = await gateway_factory(env={"RT_POSTGRES_URL": pg_database, "RT_INSTANCE": "narrowed"})
+        token = gw.token("w1")
+        async with ws_connect(gw, "w1", token=token) as c:
+            await gw.wait_ready()
+            for channel in ("postgres:products", "postgres:orders"):
+                await c.send({"type": "subscribe", "channel": channel})
+                assert (await c.recv(timeout=15))["type"] == "subscribed"
+            await c.send({"type": "auth", "token": token})
+            session = (await c.recv_type("auth_ok"))["sessionId"]
+        gw.env["RT_POSTGRES_TABLES"] = "public.orders"
+        await gw.restart()
+        async with ws_connect(gw, "w1") as c:
+            assert (await c.auth(token, resume=session))["resumed"] is True
+            refused = await c.recv_type("error")
+            assert (refused["code"], refused["channel"]) == (4010, "postgres:products"), refused
+            assert "postgres.tables" in refused["message"]
+            assert (await c.recv_type("error"))["code"] == 4011  # postgres:orders: from before the restart
+            await gw.wait_ready()
+            await pg.execute("INSERT INTO orders VALUES (1)")
+            event = await c.recv_event(timeout=10)
+            assert (event["channel"], event["operation"]) == ("postgres:orders", "INSERT")
+    finally:
+        await pg.close()

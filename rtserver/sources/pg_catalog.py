@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 import asyncpg
 import psycopg.conninfo
 
-from rtserver.channels import valid_table_name
+from rtserver.channels import unconfigured_table, valid_table_name
 from rtserver.redact import redact
 from rtserver.sources.pg_stream import SESSION_SETTINGS
 
@@ -218,17 +218,11 @@ class Catalog:
 
     def configured(self, schema: str, name: str) -> bool:
         """Whether the configuration asks for this table (the scope of desired_tables)."""
-        if self.tables:
-            return f"{schema}.{name}" in {t if "." in t else f"public.{t}" for t in self.tables}
-        return schema in self.schemas
+        return not self.unconfigured(schema, name)
 
     def unconfigured(self, schema: str, name: str) -> str:
         """Why the configuration leaves schema.name out ("" when it asks for it)."""
-        if self.configured(schema, name):
-            return ""
-        if self.tables:
-            return f"it is not among postgres.tables ({', '.join(self.tables)})"
-        return f"its schema {schema} is not among postgres.schemas ({', '.join(self.schemas)})"
+        return unconfigured_table(self.schemas, self.tables, schema, name)
 
     async def desired_tables(self) -> dict[tuple[str, str], TableState]:
         """(schema, table) -> its TableState, for every table the configuration asks for that exists."""
