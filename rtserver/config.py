@@ -186,11 +186,27 @@ def _coerce(setting: Setting, value: Any, origin: str) -> Any:
             # connected. A secret is taken as given: the other side may hold the same bytes.
             value = value.strip()
         if (setting.section, setting.key) in _PATHS:
-            return os.path.expanduser(value)
+            return os.path.expanduser(value)  # a file name may be any bytes: used as given
+        _check_utf8(value)
         return value
     except (TypeError, ValueError) as exc:
-        shown = "(not shown: a secret)" if (setting.section, setting.key) in _SECRETS else repr(value)
+        if (setting.section, setting.key) in _SECRETS:
+            shown = "(not shown: a secret)"
+        else:  # a URL without its credentials (a database URL not UTF-8 is refused here)
+            shown = repr(redact(value) if isinstance(value, str) else value)
         raise ConfigError(f"{where}: invalid value {shown}: {exc}") from None
+
+
+def _check_utf8(value: str) -> None:
+    """ValueError for a value that is not UTF-8 text. An environment variable's bytes that are
+    not UTF-8 reach Python as lone surrogates, which every encoding of the value refuses: a
+    database URL, a secret or a host name carrying them stopped the start with a traceback
+    (exit 1), printed as plain text when it came before the log began."""
+    try:
+        value.encode()
+    except UnicodeEncodeError as exc:
+        byte = os.fsencode(value[exc.start])[0]
+        raise ValueError(f"not UTF-8 text (byte 0x{byte:02x} at character {exc.start + 1})") from None
 
 
 @dataclass

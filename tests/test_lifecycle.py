@@ -149,6 +149,26 @@ def test_bad_config_is_one_line_and_exit_2(tmp_path):
     assert out.returncode == 2 and "[workspaces.acme] mongo_url: not a valid MongoDB URL" in out.stderr, out.stderr
 
 
+def test_a_setting_whose_bytes_are_not_utf8_is_one_line_and_exit_2(tmp_path):
+    """An environment variable whose bytes are not UTF-8 (a Latin-1 database name or password)
+    reaches Python as lone surrogates: a PostgreSQL or MongoDB URL carrying them ended the
+    start with a plain-text traceback before the log began (exit 1), a secret or a host with an
+    'uncaught exception' line. Each is a configuration error naming the variable, one line,
+    exit 2, the secret not shown; a path may be any bytes and is taken as it is."""
+    latin1 = os.fsdecode(b"caf\xe9")
+    for env in ({"RT_POSTGRES_URL": f"postgresql://rt:s3cret@127.0.0.1:1/{latin1}"},
+                {"RT_MONGO_URL": f"mongodb://rt:s3cret@127.0.0.1:1/{latin1}"},
+                {"RT_AUTH_HS256_SECRET": f"s3cret-0123456789abcdef0123456789-{latin1}"},
+                {"RT_HOST": f"{latin1}.example"}):
+        out = _run(["serve"], env, cwd=str(tmp_path))
+        assert out.returncode == 2, (env, out.stderr)
+        lines = [line for line in out.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and "configuration error" in lines[0], out.stderr
+        (name,) = env
+        assert f"environment {name}" in lines[0] and "not UTF-8 text (byte 0xe9" in lines[0], lines[0]
+        assert "s3cret" not in out.stderr
+
+
 def test_sections_sharing_a_postgres_url_with_other_tables_are_refused(tmp_path):
     """Sections naming one postgres_url share one source and publication, made with the first
     section's schemas and tables: the second's were ignored without a word. Asking for others
