@@ -46,8 +46,21 @@ class JsonFormatter(logging.Formatter):
         except (TypeError, UnicodeEncodeError):
             # A value JSON has no type for, or text JSON cannot hold: a name in another encoding
             # (a path, an environment variable) reaches Python with its odd bytes as lone
-            # surrogates. Written as text, those escaped, rather than a traceback on stderr.
-            return _encode({k: _text(v) for k, v in out.items()}).decode()
+            # surrogates. Written as text, those escaped, rather than a traceback on stderr;
+            # the other members keep their JSON types (a port stays a number, a flag a boolean).
+            return _encode({k: _encodable(v) for k, v in out.items()}).decode()
+
+
+def _encodable(value: Any) -> Any:
+    """`value` with every text in it that JSON cannot hold escaped, numbers, booleans and
+    null as they are; a value JSON has no type for as its escaped str()."""
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    if isinstance(value, dict):
+        return {_text(k): _encodable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_encodable(v) for v in value]
+    return _text(value)
 
 
 def _text(value: Any) -> str:

@@ -114,6 +114,25 @@ def test_a_value_json_has_no_type_for_is_logged_as_its_text():
     handler.close()
 
 
+def test_a_line_with_a_text_json_cannot_hold_keeps_its_other_members_types():
+    """A path that is not UTF-8 (lone surrogates) in one member made the formatter write every
+    member as text: "port":"8080", "tls":"False" (Python's spelling, no JSON boolean), so a
+    shipper's typed fields and queries on them broke for such lines."""
+    stream = BlockingStream()
+    stream.release.set()
+    handler = LineWriter(stream)
+    log = make_logger(handler, "t.surrogates")
+    path = os.fsdecode(b"/var/lib/\xe9t\xe9")
+    log.info("listening", extra={"fields": {"path": path, "port": 8080, "tls": False, "node": None, "lag": 0.5,
+                                            "keys": ["a", path], "limits": {"n": 3, path: path}}})
+    handler.flush()
+    (line,) = stream.lines()
+    assert line["path"] == "/var/lib/\\udce9t\\udce9", line
+    assert line["port"] == 8080 and line["tls"] is False and line["node"] is None and line["lag"] == 0.5, line
+    assert line["keys"] == ["a", line["path"]] and line["limits"] == {"n": 3, line["path"]: line["path"]}, line
+    handler.close()
+
+
 class ListStream:
     def __init__(self) -> None:
         self.text = ""
