@@ -18,15 +18,18 @@ class Metrics:
     def __init__(self) -> None:
         self.connections_total = 0
         self.connections_refused = 0  # answered 503: the node at limits.max_node_connections or its socket share
-        self.events_in: Counter[str] = Counter()  # by source kind
+        # Labelled counters start with the series they always show: one that vanished when
+        # another label value was counted, or appeared at its first count, lost that count
+        # from Prometheus's increase() and rate().
+        self.events_in: Counter[str] = Counter(dict.fromkeys(("events", "mongo", "postgres"), 0))  # by source kind
         self.deliveries = 0  # event frames queued for connections (counted per frame)
         self.frames_out = 0  # all frames written, events and control
         self.writes = 0  # transport writes (coalesced)
         self.drops_slow_reader = 0  # connections closed with 1013
-        self.auth_failures: Counter[int] = Counter()  # by close/error code
+        self.auth_failures: Counter[int] = Counter({4002: 0})  # by close/error code
         self.messages_in = 0
         self.invalid_messages = 0
-        self.publish_requests: Counter[int] = Counter()  # by HTTP status
+        self.publish_requests: Counter[int] = Counter({202: 0})  # by HTTP status
         self.history_gaps = 0
         self.replayed = 0
         self.publisher_waits = 0  # publishes that waited for the write backlog (Hub.room)
@@ -78,7 +81,7 @@ class Metrics:
         counter(
             "rt_events_in_total",
             "Events received from sources",
-            [({"source": k}, v) for k, v in sorted(self.events_in.items())] or [({"source": "events"}, 0)],
+            [({"source": k}, v) for k, v in sorted(self.events_in.items())],
         )
         counter("rt_deliveries_total", "Event frames queued for connections (each frame a delivery; a connection closed before writing them counts them too)", [({}, self.deliveries)])
         counter("rt_frames_out_total", "All frames written to connections", [({}, self.frames_out)])
@@ -89,14 +92,14 @@ class Metrics:
         counter(
             "rt_auth_failures_total",
             "Refused authentications by code",
-            [({"code": k}, v) for k, v in sorted(self.auth_failures.items())] or [({"code": 4002}, 0)],
+            [({"code": k}, v) for k, v in sorted(self.auth_failures.items())],
         )
         counter("rt_messages_in_total", "Client messages received", [({}, self.messages_in)])
         counter("rt_invalid_messages_total", "Client messages refused with 4000", [({}, self.invalid_messages)])
         counter(
             "rt_publish_requests_total",
             "Publish API requests by HTTP status",
-            [({"status": k}, v) for k, v in sorted(self.publish_requests.items())] or [({"status": 202}, 0)],
+            [({"status": k}, v) for k, v in sorted(self.publish_requests.items())],
         )
         counter("rt_history_gaps_total", "history_gap errors sent", [({}, self.history_gaps)])
         counter("rt_replayed_total", "Events replayed from history", [({}, self.replayed)])

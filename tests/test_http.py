@@ -636,3 +636,26 @@ async def test_every_message_refused_with_4000_is_counted(gateway):
         assert (await c.expect_close())[0] == 1009
     samples = parse_exposition((await gateway.get("/metrics"))[1].decode())
     assert samples["rt_invalid_messages_total"] == 2
+
+
+async def test_a_labelled_counter_shown_once_is_shown_in_every_later_scrape(gateway):
+    """rt_events_in_total, rt_auth_failures_total and rt_publish_requests_total showed a
+    placeholder series at 0 (source="events", code="4002", status="202") only until another
+    label value was counted: then it vanished from /metrics, which Prometheus reads as the
+    series ending (and one that reappears later starts afresh: its first counts are missing
+    from increase() and rate()). A counter's series stays once shown, never lower; the source
+    kinds start at 0, so a feed's first events count too."""
+    first = parse_exposition((await gateway.get("/metrics"))[1].decode())
+    assert first['rt_events_in_total{source="postgres"}'] == first['rt_events_in_total{source="mongo"}'] == 0
+    status, _ = await gateway.post("/workspaces/w1/realtime/events/x", b"{}", {"Authorization": "Bearer nope"})
+    assert status == 401
+    async with ws_connect(gateway, "w2") as c:
+        await c.send({"type": "auth", "token": gateway.token("w1")})  # not granted w2
+        assert (await c.recv_type("error"))["code"] == 4003
+    later = parse_exposition((await gateway.get("/metrics"))[1].decode())
+    assert later['rt_publish_requests_total{status="401"}'] == 1
+    assert later['rt_auth_failures_total{code="4003"}'] == 1
+    types = family_types((await gateway.get("/metrics"))[1].decode())
+    for key, value in first.items():
+        if types[key.split("{")[0]] == "counter":
+            assert key in later and later[key] >= value, key
