@@ -599,7 +599,12 @@ class Ingest:
             path = rest.split(b" ", 1)[0].split(b"?", 1)[0].decode("latin-1")
             ready, details = self.status()
             ctype = "application/json"
-            if path == "/healthz":
+            allow = None
+            if path in ("/healthz", "/readyz", "/metrics") and method not in (b"GET", b"HEAD"):
+                # As the gateway answers: these endpoints take GET and HEAD (a POST was answered
+                # as a GET).
+                status, body, allow = 405, b'{"error":"method not allowed"}', "GET, HEAD"
+            elif path == "/healthz":
                 status, body = 200, b'{"status":"ok"}'
             elif path == "/readyz":
                 status, body = (200 if ready else 503), _json.encode(details)
@@ -622,7 +627,7 @@ class Ingest:
                 status, body, ctype = 200, ("\n".join(lines) + "\n").encode(), "text/plain; version=0.0.4"
             else:
                 status, body = 404, b'{"error":"no such endpoint"}'
-            response = http_response(status, body, ctype, keep_alive=False)
+            response = http_response(status, body, ctype, keep_alive=False, allow=allow)
             if method == b"HEAD":
                 response = response[: len(response) - len(body)]  # headers only, same length
             writer.write(response)

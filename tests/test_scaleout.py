@@ -1523,6 +1523,11 @@ async def test_the_ingest_health_endpoints_take_a_query_string_and_head(cluster)
         head, body = await ask("HEAD", path)
         assert head.startswith(b"HTTP/1.1 200 ") and body == b"", (path, head, body)
     assert parse_exposition((await ask("GET", "/metrics?x=1"))[1].decode())["rt_ingest_active"] == 1
+    # Other methods are 405 naming GET and HEAD, as the gateway answers (a POST was answered as a GET).
+    for method, path in (("POST", "/metrics"), ("DELETE", "/readyz"), ("PUT", "/healthz")):
+        head, _ = await ask(method, path)
+        assert head.startswith(b"HTTP/1.1 405 ") and b"\r\nAllow: GET, HEAD" in head, (method, path, head)
+    assert (await ask("POST", "/nosuch"))[0].startswith(b"HTTP/1.1 404 ")
 
 
 async def _ingest_and_node(cluster, gateway_factory, config):
