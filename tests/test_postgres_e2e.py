@@ -472,3 +472,47 @@ async def test_postgres_public_star_is_no_channel_of_every_table(gateway_factory
             assert (ev["channel"], ev["record"]) == ("postgres:orders", {"id": 1}), ev
     finally:
         await db.close()
+
+
+async def test_wal_level_not_logical_is_reported_and_fixing_it_needs_no_gateway_restart(gateway_factory):
+    """docs/postgres.md: the gateway checks wal_level at start and reports `wal_level is
+    'replica'` in /readyz and the log. An operator then sets wal_level = logical and restarts
+    PostgreSQL, not the gateway: the feed's retry (every 10 s) finds it fixed and streams."""
+    from tests.harness.fixtures_postgres import create_database
+    from tests.harness.pgcluster import PgCluster
+
+    cluster = PgCluster(settings={"wal_level": "replica"})
+    cluster.init()
+    cluster.start()
+    try:
+        dsn = create_database(cluster, "rt_replica")
+        db = await asyncpg.connect(dsn)
+        await db.execute("CREATE TABLE t (id int PRIMARY KEY)")
+        await db.close()
+        gw = await gateway_factory(env={"RT_POSTGRES_URL": dsn})
+        for _ in range(200):
+            status, body = await gw.get("/readyz")
+            if b"wal_level" in body:
+                break
+            await asyncio.sleep(0.05)
+        (source,) = json.loads(body)["sources"].values()
+        assert status == 503 and not source["ready"], body
+        assert "wal_level is 'replica'" in source["last_error"], source
+        assert "wal_level is 'replica'" in gw.logs()
+        admin = await asyncpg.connect(cluster.dsn_for("postgres"))
+        try:
+            await admin.execute("ALTER SYSTEM SET wal_level = logical")
+        finally:
+            await admin.close()
+        cluster.restart()
+        await gw.wait_ready(timeout=60)
+        async with ws_connect(gw, "w1", token=gw.token("w1")) as c:
+            assert (await _subscribe(c, "postgres:t"))["type"] == "subscribed"
+            db = await asyncpg.connect(dsn)
+            try:
+                await db.execute("INSERT INTO t VALUES (1)")
+            finally:
+                await db.close()
+            assert await _recv_ids(c, 1) == [1]
+    finally:
+        cluster.destroy()
