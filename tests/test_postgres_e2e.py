@@ -516,3 +516,27 @@ async def test_wal_level_not_logical_is_reported_and_fixing_it_needs_no_gateway_
             assert await _recv_ids(c, 1) == [1]
     finally:
         cluster.destroy()
+
+
+async def test_a_workspace_section_naming_no_postgres_url_reads_no_default_database(gateway_factory, pg_database,
+                                                                                      tmp_path):
+    """README: a [workspaces.W] section replaces both defaults, so a source it does not name is
+    not configured for W (its channels answer 4010): W never reads the default database by
+    accident, while workspaces without a section do."""
+    db = await asyncpg.connect(pg_database)
+    try:
+        await db.execute("CREATE TABLE t (id int PRIMARY KEY)")
+        config = tmp_path / "rt.toml"
+        config.write_text("[workspaces.acme]\nmongo_url = 'mongodb://127.0.0.1:9/acme?serverSelectionTimeoutMS=500'\n")
+        gw = await gateway_factory(env={"RT_POSTGRES_URL": pg_database}, args=["--config", str(config)])
+        async with ws_connect(gw, "acme", token=gw.token("acme")) as acme, \
+                ws_connect(gw, "w1", token=gw.token("w1")) as other:
+            for channel in ("postgres:t", "postgres:*"):
+                reply = await _subscribe(acme, channel)
+                assert (reply["type"], reply["code"]) == ("error", 4010), reply
+                assert "postgres is not configured for workspace acme" in reply["message"], reply
+            assert (await _subscribe(other, "postgres:t"))["type"] == "subscribed"
+            await db.execute("INSERT INTO t VALUES (1)")
+            assert await _recv_ids(other, 1) == [1]
+    finally:
+        await db.close()
