@@ -1379,3 +1379,29 @@ async def test_a_replication_stream_out_of_sync_is_reopened_at_once(db, pg_clust
     finally:
         await src.stop()
         await proxy.close()
+
+
+async def test_a_failure_after_the_stream_worked_is_retried_at_the_first_backoff_step(db, make_source, caplog):
+    """docs/postgres.md: the feed reconnects with backoff, 0.2 s doubling to 10 s. The backoff
+    was never reset by a stream that then worked (it only ends by failing): each later outage
+    started where the one before had left it, so after a few PostgreSQL restarts or failovers,
+    days apart, every reconnect waited the full 10 s, the feed not ready meanwhile."""
+    caplog.set_level("WARNING", logger="rtserver.postgres")
+
+    def retries() -> list[float]:
+        return [r.fields["retry_in_s"] for r in caplog.records
+                if r.getMessage().startswith("postgres source:") and "retry_in_s" in getattr(r, "fields", {})]
+
+    await db.execute("CREATE TABLE bo (id int PRIMARY KEY)")
+    src, sink = await make_source()
+    for i in range(1, 4):  # three outages, each after the stream had worked
+        pid = await db.fetchval("SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1", src.slot)
+        await db.execute("SELECT pg_terminate_backend($1)", pid)
+        for _ in range(300):
+            if len(retries()) == i:
+                break
+            await asyncio.sleep(0.02)
+        await db.execute("INSERT INTO bo VALUES ($1)", i)
+        await sink.wait_for(i, timeout=30)  # streaming again
+    assert retries() == [0.2, 0.2, 0.2]
+    assert [e.record["id"] for e in sink.events] == [1, 2, 3]

@@ -200,6 +200,7 @@ class PostgresSource:
         self._task: asyncio.Task | None = None
         self._stopping = False
         self._ready = False
+        self._streamed = False  # the stream worked since the last failure (_retry_delay)
         self._last_error = ""
         self._slot_info: dict[str, Any] = {}
         self._acked_lsn = 0
@@ -357,6 +358,7 @@ class PostgresSource:
     async def _run(self) -> None:
         backoff = BACKOFF_MIN
         while not self._stopping:
+            self._streamed = False
             try:
                 await self._setup()
                 await self._stream()
@@ -367,22 +369,34 @@ class PostgresSource:
                 await self._recreate_slot(str(exc))
                 continue
             except SetupError as exc:
-                self._fail(str(exc), loud=True)
                 backoff = BACKOFF_MAX
+                self._fail(str(exc), loud=True, retry_in=backoff)
             except (OSError, StreamError, psycopg.Error, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                self._fail(f"{type(exc).__name__}: {exc}")
+                backoff = self._retry_delay(backoff)
+                self._fail(f"{type(exc).__name__}: {exc}", retry_in=backoff)
             except Exception as exc:  # noqa: BLE001 - keep the feed alive, but say what broke
                 log.exception("postgres source crashed; restarting", extra={"fields": self._log_fields()})
-                self._fail(f"{type(exc).__name__}: {exc}")
+                backoff = self._retry_delay(backoff)
+                self._fail(f"{type(exc).__name__}: {exc}", retry_in=backoff)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX)
 
-    def _fail(self, message: str, loud: bool = False) -> None:
+    def _retry_delay(self, backoff: float) -> float:
+        """The pause before the next attempt: `backoff`, or the first step when the stream
+        worked since the last failure. A stream only ends by failing, so without this each
+        outage went on from the delay the one before had reached: after a few PostgreSQL
+        restarts, days apart, every reconnect waited BACKOFF_MAX."""
+        return BACKOFF_MIN if self._streamed else backoff
+
+    def _fail(self, message: str, loud: bool = False, retry_in: float | None = None) -> None:
+        """Not ready, with `message` as last_error and in the log (with the seconds until the
+        next attempt, when the feed is retried after a pause)."""
         self._ready = False
         self._last_error = message
-        (log.error if loud else log.warning)(
-            "postgres source: %s", message, extra={"fields": {**self._log_fields(), "error": message}}
-        )
+        fields = {**self._log_fields(), "error": message}
+        if retry_in is not None:
+            fields["retry_in_s"] = retry_in
+        (log.error if loud else log.warning)("postgres source: %s", message, extra={"fields": fields})
 
     def _log_fields(self) -> dict[str, Any]:
         return {"source": "postgres", "slot": self.slot, "publication": self.publication, "url": self._shown_url}
@@ -548,6 +562,7 @@ class PostgresSource:
             await self._streams.prepare()
             inbox.resume()
             self._ready = True
+            self._streamed = True
             self._last_error = ""
             self._started.set()
             log.info("postgres streaming slot %s", self.slot, extra={"fields": self._log_fields()})
