@@ -844,6 +844,35 @@ async def test_table_the_role_cannot_add_does_not_block_the_others(db, gateway_r
         await src.stop()
 
 
+async def test_an_unchanged_toast_value_the_role_may_not_select_is_left_out_and_logged(db, gateway_role, tmp_path,
+                                                                                         caplog):
+    """docs/postgres.md: the role needs SELECT on the published tables to fetch unchanged TOAST
+    values. Without it the fetch fails: the column is left out of `record` (never null), as when
+    the row is gone, with a warning naming the table, and the feed goes on."""
+    role, dsn = gateway_role
+    await db.execute(f"CREATE TABLE secret_docs (id int PRIMARY KEY, n int, big text); ALTER TABLE secret_docs "
+                     f"ALTER big SET STORAGE EXTERNAL; ALTER TABLE secret_docs OWNER TO {role}; "
+                     f"REVOKE SELECT ON secret_docs FROM {role}")
+    sink = CollectingSink()
+    src = PostgresSource(dsn, instance="rtnosel", state_dir=str(tmp_path / "state"), sink=sink,
+                         workspaces=lambda: ["w1"], maintenance_interval=0.3)
+    big = "".join(f"{i:06d}" for i in range(3000))  # 18 KB, TOASTed
+    try:
+        with caplog.at_level(logging.WARNING, logger="rtserver.postgres"):
+            await src.start()
+            await src.wait_streaming(timeout=10)
+            await db.execute("INSERT INTO secret_docs VALUES (1, 0, $1)", big)
+            await db.execute("UPDATE secret_docs SET n = 1 WHERE id = 1")
+            await db.execute("UPDATE secret_docs SET n = 2 WHERE id = 1")
+            events = await sink.wait_for(3)
+        assert events[0].record == {"id": 1, "n": 0, "big": big}
+        assert [e.record for e in events[1:]] == [{"id": 1, "n": 1}, {"id": 1, "n": 2}]
+        assert any(getattr(r, "fields", {}).get("table") == "public.secret_docs" and "permission denied" in r.getMessage()
+                   for r in caplog.records), caplog.text
+    finally:
+        await src.stop()
+
+
 async def test_table_written_before_it_is_published_gets_a_history_gap(db, make_source):
     await db.execute("CREATE TABLE early (id int PRIMARY KEY)")
     src, sink = await make_source(maintenance_interval=3600)  # only on-demand syncs here
