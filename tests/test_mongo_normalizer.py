@@ -188,6 +188,41 @@ def test_bson_type_mapping():
     assert _same(mongo.decode_raw(bson.encode(raw_value)), raw_expected)
 
 
+def test_deprecated_bson_types_have_the_json_docs_mongo_md_gives():
+    """docs/mongo.md's BSON table: Symbol a string, Undefined null, DBPointer as a DBRef,
+    JavaScript code with scope its source text (the scope left out), on every path. MongoDB
+    still stores such values written by old drivers; PyMongo cannot encode them, so the BSON
+    is written out here."""
+    def element(kind: int, name: str, payload: bytes) -> bytes:
+        return bytes([kind]) + name.encode() + b"\x00" + payload
+
+    def string(text: str) -> bytes:
+        data = text.encode() + b"\x00"
+        return len(data).to_bytes(4, "little") + data
+
+    empty = (5).to_bytes(4, "little") + b"\x00"
+    code_with_scope = string("x = 1") + empty
+    body = b"".join((
+        element(0x10, "_id", (1).to_bytes(4, "little")),
+        element(0x0E, "sym", string("abc")),
+        element(0x06, "undef", b""),
+        element(0x0C, "ptr", string("orders") + bytes.fromhex("65a5f0c2e4b0a1b2c3d4e5f6")),
+        element(0x0F, "scoped", (4 + len(code_with_scope)).to_bytes(4, "little") + code_with_scope),
+    ))
+    raw = (len(body) + 5).to_bytes(4, "little") + body + b"\x00"
+    expected = {"_id": 1, "sym": "abc", "undef": None, "ptr": {"$ref": "orders", "$id": "65a5f0c2e4b0a1b2c3d4e5f6"},
+                "scoped": "x = 1"}
+    for impl in (mongo, mongo_ref):
+        assert impl.decode_raw(raw) == expected
+        change = order_change(1, "insert")
+        change.pop("fullDocument")
+        head = bson.encode(change)[:-1]
+        full = b"\x03fullDocument\x00" + raw
+        event_raw = (len(head) + len(full) + 1).to_bytes(4, "little") + head[4:] + full + b"\x00"
+        (event,) = impl.normalize_raw(event_raw, ["w1"])
+        assert json.loads(event.body)["document"] == expected
+
+
 @pytest.mark.parametrize(("ms", "text"), [
     (253402300799999, "9999-12-31T23:59:59.999Z"),
     (253402300800000, "+010000-01-01T00:00:00.000Z"),  # as JavaScript's toISOString writes it
