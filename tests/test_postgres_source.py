@@ -421,6 +421,23 @@ async def test_correlation_message(db, make_source):
     assert ids[:2] == ["corr-abc-123", "corr-abc-123"] and ids[2] != "corr-abc-123"
 
 
+async def test_a_correlation_id_is_kept_to_its_first_256_characters(db, make_source):
+    """docs/postgres.md: the id a transaction sets is kept to its first 256 characters; an
+    empty one leaves the default pg-<xid>-<commit LSN>."""
+    await db.execute("CREATE TABLE cl (id int PRIMARY KEY)")
+    src, sink = await make_source()
+    async with db.transaction():
+        await db.execute("SELECT pg_logical_emit_message(true, 'rt.correlation', $1)", "é" * 300)
+        await db.execute("INSERT INTO cl VALUES (1)")
+    async with db.transaction():
+        await db.execute("SELECT pg_logical_emit_message(true, 'rt.correlation', '')")
+        await db.execute("INSERT INTO cl VALUES (2)")
+    events = await sink.wait_for(2)
+    ids = [json.loads(e.body)["correlationId"] for e in events]
+    assert ids[0] == "é" * 256
+    assert ids[1].startswith("pg-"), ids
+
+
 async def test_changes_waiting_for_a_correlation_id_are_bounded_in_bytes(db, make_source, monkeypatch):
     """A transaction's changes wait for its correlation id up to 10,000 of them, and up to
     MAX_PENDING_BYTES of them on the wire: 10,000 rows of megabytes each were gigabytes held.
