@@ -81,6 +81,17 @@ async def db(pg_database):
     await conn.close()
 
 
+def test_slot_names_follow_docs_postgres_md():
+    """docs/postgres.md, Names: <instance>_<database>; another database name is lower-cased,
+    its other characters made _, 8 hex digits of its hash appended, within 63 characters."""
+    assert slot_name("rtserver", "app") == "rtserver_app"
+    named = slot_name("rtserver", "My-App")
+    assert named.startswith("rtserver_my_app_") and len(named) == len("rtserver_my_app_") + 8
+    assert slot_name("rtserver", "my_app") != named  # not the slot of another database
+    long = slot_name("rtserver", "d" * 80)
+    assert len(long) <= 63 and long.startswith("rtserver_ddd")
+
+
 def test_a_server_older_than_14_is_refused_with_its_version():
     # No PostgreSQL 13 can be installed here: the check the set-up runs on server_version_num
     # is tried alone (a real 15 passes it in every other test of this file).
