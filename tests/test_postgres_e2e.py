@@ -540,3 +540,30 @@ async def test_a_workspace_section_naming_no_postgres_url_reads_no_default_datab
             assert await _recv_ids(other, 1) == [1]
     finally:
         await db.close()
+
+
+async def test_truncate_of_two_tables_is_two_events_and_plain_to_a_transitions_subscription(pg_gateway):
+    """docs/postgres.md: TRUNCATE a, b gives one event per table, with record null and no
+    oldRecord; a subscription with "transitions": true gets it as a plain event (no
+    `transition`), whatever its predicates, live and in a replay."""
+    gw, db = pg_gateway
+    await db.execute("CREATE TABLE tags (id int PRIMARY KEY, name text); ALTER TABLE tags REPLICA IDENTITY FULL")
+    token = gw.token("w1")
+    async with ws_connect(gw, "w1", token=token) as c:
+        assert (await _subscribe(c, "postgres:tags"))["type"] == "subscribed"  # published now
+        flt = {"predicates": {"price": {"$gte": 100}}, "transitions": True}
+        assert (await _subscribe(c, "postgres:products", filter=flt))["type"] == "subscribed"
+        await db.execute("INSERT INTO products VALUES (1, 'tv', 'electronics', 150)")
+        first = await c.recv_event(timeout=10)
+        await db.execute("TRUNCATE products, tags")
+        got = [await c.recv_event(timeout=10) for _ in range(2)]
+        await c.no_message(0.3)
+    assert sorted(ev["channel"] for ev in got) == ["postgres:products", "postgres:tags"], got
+    for ev in got:
+        assert (ev["operation"], ev["record"]) == ("TRUNCATE", None), ev
+        assert "oldRecord" not in ev and "transition" not in ev, ev
+    async with ws_connect(gw, "w1", token=token) as c:
+        flt = {"predicates": {"price": {"$gte": 100}}, "transitions": True}
+        await _subscribe(c, "postgres:products", filter=flt, since=first["seq"])
+        replayed = await c.recv_event(timeout=10)
+        assert (replayed["operation"], replayed["record"]) == ("TRUNCATE", None) and "transition" not in replayed
