@@ -796,6 +796,30 @@ async def test_partitioned_table_is_published_under_its_own_name(db, make_source
     assert [(e.operation, e.record) for e in events[4:]] == [("INSERT", {"id": 3, "region": "eu"}), ("TRUNCATE", {})]
 
 
+async def test_rows_moving_between_partitions_or_partitions_coming_and_going_as_the_docs_say(db, make_source):
+    """docs/postgres.md, Partitioned tables: an UPDATE of the partition key arrives as a DELETE
+    of the old row and an INSERT of the new one, in one transaction, under the partitioned
+    table's name; DETACH PARTITION and ATTACH PARTITION of a table holding rows send nothing."""
+    await db.execute("CREATE TABLE porders (id int, region text, PRIMARY KEY (id, region)) PARTITION BY LIST (region)")
+    await db.execute("CREATE TABLE porders_eu PARTITION OF porders FOR VALUES IN ('eu')")
+    await db.execute("CREATE TABLE porders_us PARTITION OF porders FOR VALUES IN ('us')")
+    await db.execute("CREATE TABLE porders_apac (id int, region text, PRIMARY KEY (id, region))")
+    await db.execute("INSERT INTO porders_apac VALUES (9, 'apac')")  # not yet a partition
+    src, sink = await make_source()
+    await db.execute("INSERT INTO porders VALUES (1, 'eu')")
+    await db.execute("UPDATE porders SET region = 'us' WHERE id = 1")
+    await db.execute("ALTER TABLE porders DETACH PARTITION porders_us")
+    await db.execute("ALTER TABLE porders ATTACH PARTITION porders_apac FOR VALUES IN ('apac')")
+    await db.execute("INSERT INTO porders VALUES (2, 'eu')")
+    events = await sink.wait_for(4)
+    await asyncio.sleep(0.3)
+    got = [(e.entity, e.operation, e.record) for e in sink.events]
+    assert got == [("porders", "INSERT", {"id": 1, "region": "eu"}), ("porders", "DELETE", {"id": 1, "region": "eu"}),
+                   ("porders", "INSERT", {"id": 1, "region": "us"}), ("porders", "INSERT", {"id": 2, "region": "eu"})]
+    moved = [json.loads(e.body)["correlationId"] for e in events[1:3]]
+    assert moved[0] == moved[1], moved  # one transaction
+
+
 async def test_partitioned_table_is_published_only_when_its_partitions_have_a_replica_identity(db, make_source):
     """PostgreSQL checks each partition's own replica identity: a partitioned table with
     REPLICA IDENTITY FULL (the gateway's advice for one without a primary key) whose partitions
