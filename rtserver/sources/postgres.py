@@ -358,7 +358,6 @@ class PostgresSource:
     async def _run(self) -> None:
         backoff = BACKOFF_MIN
         while not self._stopping:
-            self._streamed = False
             try:
                 await self._setup()
                 await self._stream()
@@ -369,6 +368,7 @@ class PostgresSource:
                 await self._recreate_slot(str(exc))
                 continue
             except SetupError as exc:
+                self._retry_delay(backoff)  # not retried quickly, whether the stream worked or not
                 backoff = BACKOFF_MAX
                 self._fail(str(exc), loud=True, retry_in=backoff)
             except (OSError, StreamError, psycopg.Error, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
@@ -386,7 +386,8 @@ class PostgresSource:
         worked since the last failure. A stream only ends by failing, so without this each
         outage went on from the delay the one before had reached: after a few PostgreSQL
         restarts, days apart, every reconnect waited BACKOFF_MAX."""
-        return BACKOFF_MIN if self._streamed else backoff
+        streamed, self._streamed = self._streamed, False
+        return BACKOFF_MIN if streamed else backoff
 
     def _fail(self, message: str, loud: bool = False, retry_in: float | None = None) -> None:
         """Not ready, with `message` as last_error and in the log (with the seconds until the
