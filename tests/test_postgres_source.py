@@ -925,6 +925,31 @@ async def test_an_unchanged_toast_value_the_role_may_not_select_is_left_out_and_
         await src.stop()
 
 
+async def test_a_publication_a_dba_made_and_gave_the_role_streams_tables_it_does_not_own(db, gateway_role, tmp_path):
+    """docs/postgres.md, Privileges: instead of owning the tables, the role may own a
+    publication a DBA created with them; tables already in it need no ownership."""
+    role, dsn = gateway_role
+    await db.execute("CREATE TABLE dba_t (id int PRIMARY KEY)")  # owned by postgres
+    await db.execute(f"GRANT SELECT ON dba_t TO {role}")
+    await db.execute(f"CREATE PUBLICATION rtdba_pub FOR TABLE dba_t; ALTER PUBLICATION rtdba_pub OWNER TO {role}")
+    sink = CollectingSink()
+    src = PostgresSource(dsn, instance="rtdba", state_dir=str(tmp_path / "state"), sink=sink,
+                         workspaces=lambda: ["w1"], maintenance_interval=0.3)
+    try:
+        await src.start()
+        await src.wait_streaming(timeout=10)
+        assert await src.check_channel("w1", "dba_t") == "dba_t"
+        await db.execute("INSERT INTO dba_t VALUES (1)")
+        events = await sink.wait_for(1)
+        assert [(e.entity, e.record) for e in events] == [("dba_t", {"id": 1})]
+        await asyncio.sleep(1.0)  # periodic syncs: they leave the DBA's table in and fail on nothing
+        assert src.ready() and src.status()["last_error"] == ""
+        tables = await db.fetch("SELECT tablename FROM pg_publication_tables WHERE pubname = 'rtdba_pub'")
+        assert [r["tablename"] for r in tables] == ["dba_t"]
+    finally:
+        await src.stop()
+
+
 async def test_table_written_before_it_is_published_gets_a_history_gap(db, make_source):
     await db.execute("CREATE TABLE early (id int PRIMARY KEY)")
     src, sink = await make_source(maintenance_interval=3600)  # only on-demand syncs here
