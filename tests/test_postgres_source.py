@@ -256,6 +256,22 @@ async def test_toast_unchanged_filled(db, make_source):
     assert updates[1]["changedColumns"] == ["n"]
 
 
+async def test_generated_columns_are_absent_from_record_and_old_record(db, make_source):
+    """docs/postgres.md: PostgreSQL before 18 does not send stored generated columns, and the
+    gateway does not fetch them: absent from record and oldRecord (not null)."""
+    if int(await db.fetchval("SHOW server_version_num")) >= 180000:
+        pytest.skip("PostgreSQL 18 can send generated columns")
+    await db.execute("CREATE TABLE gen (id int PRIMARY KEY, n int, twice int GENERATED ALWAYS AS (n * 2) STORED); "
+                     "ALTER TABLE gen REPLICA IDENTITY FULL")
+    src, sink = await make_source()
+    await db.execute("INSERT INTO gen (id, n) VALUES (1, 1)")
+    await db.execute("UPDATE gen SET n = 2 WHERE id = 1")
+    events = await sink.wait_for(2)
+    bodies = [json.loads(e.body) for e in events]
+    assert [b["record"] for b in bodies] == [{"id": 1, "n": 1}, {"id": 1, "n": 2}]
+    assert bodies[1]["oldRecord"] == {"id": 1, "n": 1} and bodies[1]["changedColumns"] == ["n"]
+
+
 async def test_table_without_primary_key(db, make_source):
     await db.execute("CREATE TABLE logs (msg text, n int); ALTER TABLE logs REPLICA IDENTITY FULL")
     await db.execute("CREATE TABLE nokey (msg text)")  # left out: publishing it would break writers' UPDATEs
