@@ -498,6 +498,10 @@ async def test_wal_level_not_logical_is_reported_and_fixing_it_needs_no_gateway_
         (source,) = json.loads(body)["sources"].values()
         assert status == 503 and not source["ready"], body
         assert "wal_level is 'replica'" in source["last_error"], source
+        for _ in range(200):  # the log's writer thread may not have written it yet
+            if "wal_level is 'replica'" in gw.logs():
+                break
+            await asyncio.sleep(0.05)
         assert "wal_level is 'replica'" in gw.logs()
         admin = await asyncpg.connect(cluster.dsn_for("postgres"))
         try:
