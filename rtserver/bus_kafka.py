@@ -62,8 +62,10 @@ class BusRecord(msgspec.Struct, array_like=True):
 
 
 # msgpack has no integer beyond 64 bits (a numeric or json value of a row, a published number
-# may hold one): a record that holds one travels as its JSON in this extension instead.
+# may hold one): such an integer travels as its JSON in this extension instead.
 _JSON_EXT = 1
+_MSGPACK_INT_MIN = -(1 << 63)
+_MSGPACK_INT_MAX = (1 << 64) - 1
 
 
 def _ext_hook(code: int, data: memoryview) -> Any:
@@ -84,12 +86,43 @@ def encode_event(event: Event) -> bytes:
     except OverflowError:
         # Failing here, a row stalled its database's feed at every retry (the ingest), and a
         # publish got 500.
-        return _encoder.encode(BusRecord(event.source, event.entity, event.operation, _as_json(event.record),
-                                         _as_json(event.old_record), event.body))
+        return _encoder.encode(BusRecord(event.source, event.entity, event.operation, _big_ints_as_json(event.record),
+                                         _big_ints_as_json(event.old_record), event.body))
 
 
-def _as_json(value: Any) -> Any:
-    return None if value is None else msgspec.msgpack.Ext(_JSON_EXT, msgspec.json.encode(value))
+def _big_int_as_json(value: Any) -> Any:
+    if type(value) is int and not _MSGPACK_INT_MIN <= value <= _MSGPACK_INT_MAX:
+        return msgspec.msgpack.Ext(_JSON_EXT, str(value).encode())
+    return value
+
+
+def _big_ints_as_json(value: Any) -> Any:
+    """A copy of the JSON-ready `value` with each integer beyond msgpack's 64 bits in the JSON
+    extension, and nothing else: the whole record as JSON turned its float NaN and ±Infinity
+    (which filters compare as numbers) into null on the nodes. Iterative: a published payload
+    may nest about as deep as the interpreter's recursion limit."""
+    containers: list[dict | list] = []
+
+    def copy(item: Any) -> Any:
+        if type(item) is dict:
+            item = dict(item)
+        elif type(item) is list:
+            item = list(item)
+        else:
+            return _big_int_as_json(item)
+        containers.append(item)
+        return item
+
+    out = copy(value)
+    while containers:
+        container = containers.pop()
+        if type(container) is dict:
+            for k, v in container.items():
+                container[k] = copy(v)  # replaces values only: the dict's size does not change
+        else:
+            for i, v in enumerate(container):
+                container[i] = copy(v)
+    return out
 
 
 def gap_record(source: str, reason: str) -> bytes:

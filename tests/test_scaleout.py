@@ -1815,6 +1815,26 @@ async def test_integers_beyond_64_bits_travel_through_the_bus(cluster):
     assert [e["payload"]["n"] for e in got if e["channel"] == "events:big"] == [-big]
 
 
+async def test_a_row_with_an_integer_beyond_64_bits_keeps_its_infinities_for_filters(cluster):
+    """A record holding an integer beyond 64 bits travelled as JSON on the bus, and JSON has no
+    NaN or Infinity: a float8 `Infinity` of the same row became null for the nodes' filters,
+    so `{"score": {"$gt": 100}}` (which on a single gateway matches Infinity, docs/protocol.md)
+    dropped the row on a Kafka node. Only the big integer travels as JSON now."""
+    await cluster.db.execute("ALTER TABLE orders ADD COLUMN score float8, ADD COLUMN doc jsonb")
+    ingest = await cluster.ingest()
+    await ingest.wait_active()
+    node = await cluster.node()
+    big = json.dumps({"n": 2**70})
+    async with ws_connect(node, "w1", token=node.token("w1")) as c:
+        await c.subscribe("postgres:orders", {"predicates": {"score": {"$gt": 100}}})
+        rows = ((1, "Infinity", big), (2, "5", big), (3, "Infinity", '{"n": 1}'))  # the second filtered out
+        for i, score, doc in rows:
+            await cluster.db.execute("INSERT INTO orders VALUES ($1, 'n', $2::float8, $3::jsonb)", i, float(score), doc)
+        got = await events(c, 2)
+    assert [(e["record"]["id"], e["record"]["score"], e["record"]["doc"]["n"]) for e in got] == [
+        (1, None, 2**70), (3, None, 1)]
+
+
 async def test_a_mongo_takeover_after_a_quiet_spell_resumes_after_the_token_kafka_has(cluster, mongo_server):
     """The feed's last change reached Kafka more than the takeover scan's time window ago
     (_SCAN_SECONDS: its records are copied into a topic of their own with timestamps 11 minutes
