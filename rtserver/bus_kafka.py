@@ -157,9 +157,10 @@ def decode_record(key: bytes | None, value: bytes | None) -> tuple[BusRecord, Ev
         # Not a DecodeError: it ended the node's consumer for good (and every node's reading
         # past the record, restarts included).
         raise ForeignRecord("value is not an event record: it nests too deeply") from None
-    if rec.operation != GAP and not (rec.body[:1] == b"{" and rec.body[-1:] == b"}"):
-        # seq is spliced in before the body's closing brace: anything else becomes invalid JSON
-        raise ForeignRecord("event body is not a JSON object")
+    if rec.operation != GAP and not (rec.body[:2] == b'{"' and rec.body[-1:] == b"}"):
+        # seq is spliced in before the body's closing brace, after a member: anything else
+        # becomes invalid JSON (`{}` became `{,"seq":…}`). An event frame starts `{"type"`.
+        raise ForeignRecord("event body is not a JSON object with members")
     return rec, event
 
 

@@ -948,6 +948,7 @@ async def test_foreign_records_on_the_topic_are_skipped_with_a_log(cluster):
         (b"\xff\xfe", b"\x00not ours"),  # key not UTF-8
         (b"w1", b"\x00not msgpack"),
         (b"w1", msgspec.msgpack.encode(["events", "x", "PUBLISH", None, None, b"not json"])),
+        (b"w1", msgspec.msgpack.encode(["events", "x", "PUBLISH", None, None, b"{}"])),  # was sent as {,"seq":…}
         (None, b"no key"),
     ]
     producer = AIOKafkaProducer(bootstrap_servers=cluster.env["RT_BUS_KAFKA_BOOTSTRAP"])
