@@ -296,6 +296,27 @@ async def test_resume_by_another_subject_gives_fresh_session(gateway):
         assert ok["resumed"] is True
 
 
+async def test_a_session_resumes_only_in_its_own_workspace(gateway):
+    """A session belongs to one workspace (§7): its id presented on another workspace's URL, by
+    the same subject with a token granting both, gives a fresh session there, with none of the
+    session's subscriptions and none of its workspace's events; the session stays resumable
+    where it was made."""
+    both = gateway.token(["w1", "w2"], sub="alice")
+    async with ws_connect(gateway, "w2", token=both) as c:
+        since = (await c.subscribe("events:*"))["seq"]
+        session = await _session_id(c, both)
+    await gateway.publish("w2", "private", {"secret": 1})
+    async with ws_connect(gateway, "w1") as c:
+        ok = await c.auth(both, resume=session, since=since)
+        assert ok["resumed"] is False and ok["sessionId"] != session
+        await gateway.publish("w2", "private", {"secret": 2})
+        await c.no_message(0.5)
+    async with ws_connect(gateway, "w2") as c:
+        ok = await c.auth(both, resume=session, since=since)
+        assert ok["resumed"] is True
+        assert [(await c.recv_event())["payload"] for _ in range(2)] == [{"secret": 1}, {"secret": 2}]
+
+
 async def test_unknown_or_expired_session_gives_fresh_session(gateway_factory):
     gw = await gateway_factory(env={"RT_RESUME_TTL": "1"})
     token = gw.token("w1")
