@@ -413,6 +413,49 @@ async def test_two_workspaces_of_one_database_both_get_its_changes(gateway_facto
 
 
 
+async def test_one_database_named_by_two_host_names_is_one_source_and_costs_no_workspace_its_events(
+        gateway_factory, pg_database, tmp_path):
+    """Two sections naming one database by URLs the configuration check cannot tell apart
+    (`127.0.0.1` and `localhost`) made two sources on one slot and one publication: the second
+    never streamed ("slot is active", its workspace's subscribes accepted and answered with
+    nothing) and its publication sync took the first's tables out (a change of the first
+    workspace written meanwhile was never sent). The second now stops before touching the
+    publication, saying which URL holds the database; the workspace of the source that streams
+    gets every change."""
+    db = await asyncpg.connect(pg_database)
+    try:
+        await db.execute("CREATE SCHEMA a; CREATE SCHEMA b; CREATE TABLE a.t (id int PRIMARY KEY); "
+                         "CREATE TABLE b.t (id int PRIMARY KEY)")
+        alias = pg_database.replace("@127.0.0.1:", "@localhost:")
+        assert alias != pg_database
+        config = tmp_path / "rt.toml"
+        config.write_text(f"[workspaces.ta]\npostgres_url = '{pg_database}'\npostgres_schemas = ['a']\n"
+                          f"[workspaces.tb]\npostgres_url = '{alias}'\npostgres_schemas = ['b']\n")
+        gw = await gateway_factory(args=["--config", str(config)])
+
+        async def sources() -> dict:
+            return json.loads((await gw.get("/readyz"))[1])["sources"]
+
+        for _ in range(100):  # the source that connects first streams; the other is refused
+            errors = [s["last_error"] for s in (await sources()).values()]
+            if any("another URL" in e for e in errors):
+                break
+            await asyncio.sleep(0.1)
+        refused = [name for name, s in (await sources()).items() if "another URL" in s["last_error"]]
+        assert len(refused) == 1, await sources()
+        workspace, schema = ("ta", "a") if "localhost" in refused[0] else ("tb", "b")
+        async with ws_connect(gw, workspace, token=gw.token(workspace)) as c:
+            assert (await _subscribe(c, f"postgres:{schema}.t"))["type"] == "subscribed"
+            for i in range(5):
+                await db.execute(f"INSERT INTO a.t VALUES ({i})")
+                await db.execute(f"INSERT INTO b.t VALUES ({i})")
+            assert await _recv_ids(c, 5) == list(range(5))
+        published = {(r["schemaname"], r["tablename"]) for r in await db.fetch("SELECT * FROM pg_publication_tables")}
+        assert published == {(schema, "t")}
+    finally:
+        await db.close()
+
+
 async def test_a_4010_for_a_database_that_went_away_names_no_internals(gateway_factory):
     """A subscribe while the gateway cannot reach the database is 4010 "database unavailable",
     but its message carried the driver's error (here the database's name; with others hosts,

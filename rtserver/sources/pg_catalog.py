@@ -200,6 +200,17 @@ class Catalog:
         rows = await self.fetch("SELECT current_database() AS db")
         return rows[0]["db"]
 
+    async def identity(self) -> tuple[int, int] | None:
+        """(the cluster's system identifier, the database's OID): the same whichever host name
+        or address reaches it; None when the role may not read the cluster's control data."""
+        try:
+            rows = await self.fetch(
+                "SELECT (SELECT system_identifier FROM pg_control_system()) AS sysid, "
+                "(SELECT oid FROM pg_database WHERE datname = current_database()) AS db")
+        except asyncpg.InsufficientPrivilegeError:
+            return None
+        return int(rows[0]["sysid"]), int(rows[0]["db"])
+
     async def check_server(self) -> None:
         rows = await self.fetch(
             "SELECT current_setting('wal_level') AS wal_level, r.rolreplication OR r.rolsuper AS repl, "

@@ -83,6 +83,13 @@ log = logging.getLogger("rtserver.postgres")
 
 CORRELATION_PREFIX = "rt.correlation"
 STATUS_INTERVAL = 1.0  # seconds between standby status updates
+# The sources of this process by what they stream: (cluster, database OID, slot) -> source. One
+# database named by two URLs the configuration check cannot tell apart (`localhost` and
+# `127.0.0.1`, a host alias) made two sources on one slot and one publication: the second never
+# streamed, its workspace's subscribes were accepted and got nothing, and each source's
+# publication sync dropped the other's tables, so changes of the first workspace's tables
+# written meanwhile were never sent (a workspace's configuration cost another its events).
+_STREAMING: dict[tuple[int, int, str], PostgresSource] = {}
 # Seconds a status update asking for a reply (sent every STATUS_INTERVAL when idle) may go
 # without a byte from the server before the link counts as dead: the server answers at once,
 # so silence means the link died without a reset, which TCP may take hours to notice.
@@ -193,6 +200,7 @@ class PostgresSource:
         self.receive_timeout = receive_timeout
         self.slot = ""
         self.position_name = ""  # of the files under state_dir: the slot and a digest of server and database
+        self._identity: tuple[int, int] | None = None  # (cluster, database OID): _claim_database
         self.legacy_position = False  # its position file was an earlier version's (_open_position)
         self.publication = publication_name(instance)
         self.catalog: Catalog | None = None
@@ -242,6 +250,7 @@ class PostgresSource:
 
     async def stop(self) -> None:
         self._stopping = True
+        self._release_database()
         self._generation += 1  # callbacks still due would write a closed position file
         task, self._task = self._task, None
         while task is not None and not task.done():
@@ -412,6 +421,7 @@ class PostgresSource:
             self.slot = slot_name(self.instance, database)
             self.position_name = position_name(self.slot, self.dsn, database)
             self.catalog = self._new_catalog(self.slot)
+        await self._claim_database()
         if self._position is None:
             self._position = await self._open_position()
             self._published_lsn = self._position.commit_lsn
@@ -431,6 +441,28 @@ class PostgresSource:
             await self._reset_position()
         self._slot_seen = True
         self._slot_info = (await catalog.slot_status()) or {}
+
+    async def _claim_database(self) -> None:
+        """Be the only source of this process on this database's slot, before the publication
+        is touched; SetupError when another source holds it (see _STREAMING)."""
+        if self._identity is None:
+            assert self.catalog is not None
+            self._identity = await self.catalog.identity()
+            if self._identity is None:
+                return  # not readable by this role: the slot's own "is active" error says it
+        key = (*self._identity, self.slot)
+        holder = _STREAMING.setdefault(key, self)
+        if holder is not self and (holder._stopping or holder._task is None or holder._task.done()):
+            holder = _STREAMING[key] = self  # stopped, or ended without stop(): not streaming any more
+        if holder is not self:
+            raise SetupError(
+                f"this database is the source of {holder._shown_url} already, which names it by another URL "
+                f"({self._shown_url}): one database is one source with one replication slot ({self.slot}); "
+                "give every section naming it the same postgres_url (and the same schemas and tables)")
+
+    def _release_database(self) -> None:
+        if self._identity is not None and _STREAMING.get((*self._identity, self.slot)) is self:
+            del _STREAMING[(*self._identity, self.slot)]
 
     async def _open_position(self) -> PositionFile:
         """The position file `postgres-{position_name}.pos`. Earlier versions named it by the slot
