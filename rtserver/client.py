@@ -192,7 +192,7 @@ def channel_matches(channel: str, event_channel: str, filter: dict | None = None
     names compared whole (a topic or collection may hold dots: `events:*` with entity
     `created` is not `events:order.created`), a PostgreSQL table of schema `public` with or
     without the schema (events name it without)."""
-    if channel == event_channel:
+    if subscription_key(channel) == subscription_key(event_channel):
         return True  # a history_gap notice names the subscription's channel as it was written
     kind, _, name = channel.partition(":")
     event_kind, _, event_name = event_channel.partition(":")
@@ -207,9 +207,21 @@ def channel_matches(channel: str, event_channel: str, filter: dict | None = None
 
 def _canonical(kind: str, name: str) -> str:
     """A channel's name as the gateway writes it in events (rtserver.channels.canonical_entity)."""
-    if kind == "postgres" and name.startswith("public.") and "." not in name[7:]:
+    if kind == "postgres" and name.startswith("public.") and "." not in name[7:] and name[7:] not in ("", "*"):
         return name[7:]
     return name
+
+
+def subscription_key(channel: str) -> str:
+    """The subscription `channel` is at the gateway (rtserver.channels.subscription_key): a
+    table of schema `public` is one channel in either spelling, `postgres:orders` and
+    `postgres:public.orders`. Keyed as written, the client kept two subscriptions where the
+    gateway kept one: the replaced filter's on_event still got the table's events, and an
+    unsubscribe in one spelling left the other registered, subscribed again after a reconnect."""
+    kind, _, name = channel.partition(":")
+    if kind != "postgres" or name == "*":
+        return channel
+    return f"{kind}:{_canonical(kind, name)}"
 
 
 class _Subscription:
@@ -239,7 +251,7 @@ class _Feed:
         if self.done:
             return
         if self.channel and item.get("channel"):
-            sub = filters.get(self.channel)
+            sub = filters.get(subscription_key(self.channel))
             if not channel_matches(self.channel, item["channel"], sub.filter if sub else None):
                 return
         if len(self.items) >= self.limit:
@@ -326,9 +338,12 @@ class RealtimeClient:
         self.closes: list[int] = []
         self.attempt = 0
         self.error: RealtimeError | None = None
+        # By subscription_key: one per channel as the gateway counts them, each keeping the
+        # spelling the application subscribed with (sent, and named in what on_error gets).
         self._subs: dict[str, _Subscription] = {}
-        # Unsubscribes the gateway has not acknowledged: channel -> id of the one sent (None:
-        # not sent yet). A resumed session gets its channels back, so they are sent again.
+        # Unsubscribes the gateway has not acknowledged: subscription_key -> id of the one sent
+        # (None: not sent yet; sent under the key, which the gateway takes as the channel). A
+        # resumed session gets its channels back, so they are sent again.
         self._pending_unsubs: dict[str, str | None] = {}
         # Held weakly until iterated: an events() iterator the application drops without
         # iterating it (its generator never started, so its `finally` never runs) must not keep
@@ -407,6 +422,12 @@ class RealtimeClient:
         filter this call was to replace). A filter that JSON cannot carry raises TypeError (a
         datetime, say) or ValueError (NaN, Infinity) at once.
 
+        A table of schema `public` is one channel in either spelling, as at the gateway:
+        subscribing to `postgres:public.orders` after `postgres:orders` replaces that subscription
+        (filter and on_event), and unsubscribe() in either spelling ends it; on_error and gap
+        notices name the channel as the application last wrote it (subscription_key() gives the
+        spelling both share).
+
         `on_event` gets the events on `channel` (narrowed by `filter.entity` on a `*` channel),
         routed by channel only: the gateway sends an event once per connection without saying
         which filter matched, so beside an overlapping subscription (`events:*` next to a
@@ -428,11 +449,12 @@ class RealtimeClient:
         # subscribe), changed what a reconnect sends.
         filter = json.loads(json.dumps(filter, allow_nan=False))
         sub = _Subscription(channel, filter, on_event)
-        old = self._subs.get(channel)
+        key = subscription_key(channel)  # the other spelling of a public table is replaced too
+        old = self._subs.get(key)
         if old is not None:
             sub.waiters, old.waiters = old.waiters, []
-        self._subs[channel] = sub
-        self._pending_unsubs.pop(channel, None)
+        self._subs[key] = sub
+        self._pending_unsubs.pop(key, None)
 
         def unsubscribe() -> None:
             self.unsubscribe(channel, sub)
@@ -457,17 +479,19 @@ class RealtimeClient:
 
     def unsubscribe(self, channel: str, only: object = None) -> None:
         """Stops the subscription on `channel`: sent at once when connected, else on the next
-        connection, and again after a resume until the gateway has acknowledged it."""
-        sub = self._subs.get(channel)
+        connection, and again after a resume until the gateway has acknowledged it. A table of
+        schema `public` is one channel in either spelling, as at the gateway."""
+        key = subscription_key(channel)
+        sub = self._subs.get(key)
         if sub is None or (only is not None and sub is not only):
             return
-        del self._subs[channel]
-        _settle(sub.waiters, RealtimeError(0, f"unsubscribed from {channel}", channel=channel))
+        del self._subs[key]
+        _settle(sub.waiters, RealtimeError(0, f"unsubscribed from {sub.channel}", channel=sub.channel))
         if self.state == "closed":
             return
-        self._pending_unsubs[channel] = None
+        self._pending_unsubs[key] = None
         if self._authed:
-            self._send_unsubscribe(channel)  # queued behind what was sent before: order kept
+            self._send_unsubscribe(key)  # queued behind what was sent before: order kept
 
     def events(self, channel: str | None = None) -> AsyncIterator[dict[str, Any]]:
         """Events, and `{"type": "history_gap", ...}` notices, from now on (buffered from
@@ -746,15 +770,15 @@ class RealtimeClient:
                     if positions is None and self.position_interval > 0:
                         positions = asyncio.create_task(self._ask_positions(ws))
                 elif kind == "subscribed":
-                    sub = self._subs.get(msg.get("channel"))
+                    sub = self._subs.get(_key_of(msg.get("channel")))
                     if sub is not None and _answers(msg, sub.sent_id):
                         sub.acked = True
                         _settle(sub.waiters, None)
                     self._at_position(msg.get("seq"))
                 elif kind == "unsubscribed":
-                    channel, mid = msg.get("channel"), msg.get("id")
-                    if mid is not None and self._pending_unsubs.get(channel) == mid:
-                        del self._pending_unsubs[channel]
+                    key, mid = _key_of(msg.get("channel")), msg.get("id")
+                    if mid is not None and self._pending_unsubs.get(key) == mid:
+                        del self._pending_unsubs[key]
                 elif kind == "pong":
                     if self._marker is not None and msg.get("id") == self._marker:
                         # Every replay asked for is done: all up to last_seq has been delivered
@@ -886,10 +910,12 @@ class RealtimeClient:
                 # application has been told: the next resume asks from there, else it got the
                 # same gap again after every reconnect until an event came.
                 self._floor = oldest - 1
-            if channel in self._pending_unsubs and channel not in self._subs:
+            key = _key_of(channel)
+            if key in self._pending_unsubs and key not in self._subs:
                 return  # replayed for a channel the client has left (a resumed session had it back)
-            gap = {"type": "history_gap", "code": 4011, "channel": channel, "oldest": msg.get("oldest"),
-                   "message": msg.get("message")}
+            sub = self._subs.get(key)
+            gap = {"type": "history_gap", "code": 4011, "channel": sub.channel if sub is not None else channel,
+                   "oldest": msg.get("oldest"), "message": msg.get("message")}
             self._callback(self.on_gap, gap, "on_gap")
             for feed in list(self._feeds):
                 feed.push(gap, self._subs)
@@ -900,7 +926,7 @@ class RealtimeClient:
             self._auth_timed_out = True
         sub = self._refused(msg) if code in _SUBSCRIPTION_REFUSALS else None
         err = RealtimeError(code, msg.get("message", ""), name=msg.get("name"),
-                            channel=channel or (sub.channel if sub is not None else None))
+                            channel=sub.channel if sub is not None else channel)
         if not self._authed and sub is None and not channel and msg.get("id") is None and code != 4001:
             # Why the gateway refuses the connection; its close follows: on_error gets that
             # close once, this reason in its message (terminal: it got both, and the error
@@ -924,7 +950,7 @@ class RealtimeClient:
         """The subscription an error answers: by channel, or by id (a bad filter's 4000 has no channel)."""
         channel, mid = msg.get("channel"), msg.get("id")
         if channel:
-            sub = self._subs.get(channel)
+            sub = self._subs.get(_key_of(channel))
             return sub if sub is not None and _answers(msg, sub.sent_id) else None
         if mid is not None:
             return next((s for s in self._subs.values() if s.sent_id == mid), None)
@@ -989,6 +1015,11 @@ def _fresh(token: str, expired: str | None) -> bool:
     if before is not None:
         return exp - before > _FRESH_MARGIN
     return exp - time.time() > _FRESH_MARGIN
+
+
+def _key_of(channel: object) -> object:
+    """The subscription_key of a channel a gateway message names (anything else as it is)."""
+    return subscription_key(channel) if isinstance(channel, str) else channel
 
 
 def _answers(msg: dict[str, Any], sent_id: str | None) -> bool:

@@ -84,3 +84,39 @@ async def test_js_client_suite_against_the_gateway(gateway_factory):
     print(text)
     assert proc.returncode == 0, f"node --test failed:\n{text}\n--- gateway log ---\n{gw.logs()[-4000:]}"
     assert "ℹ fail 0" in text and "ℹ pass 0" not in text, text
+
+
+async def _run_node_suite(node: str, env: dict[str, str], pattern: str) -> str:
+    """Runs the node:test suite's tests whose names match `pattern`; its output."""
+    proc = await asyncio.create_subprocess_exec(
+        node, "--test", "--test-reporter=spec", f"--test-name-pattern={pattern}", "test/client.test.js",
+        cwd=JS, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), 120)
+    except TimeoutError:
+        proc.kill()
+        out, _ = await proc.communicate()
+        pytest.fail(f"node --test timed out:\n{out.decode(errors='replace')}")
+    text = out.decode(errors="replace")
+    print(text)
+    assert proc.returncode == 0 and "ℹ fail 0" in text and "ℹ pass 0" not in text, f"node --test failed:\n{text}"
+    return text
+
+
+@pytest.mark.postgres
+async def test_js_client_postgres_tests_against_a_gateway_with_a_database(gateway_factory, pg_database):
+    # The suite's "postgres: ..." tests, which need a gateway streaming a database's changes
+    # (they write through psql, to the tables made here before the gateway starts).
+    import asyncpg
+
+    node = require_node()
+    db = await asyncpg.connect(pg_database)
+    try:
+        await db.execute("CREATE TABLE orders (id int PRIMARY KEY, big boolean); CREATE TABLE marks (id int PRIMARY KEY)")
+    finally:
+        await db.close()
+    gw = await gateway_factory(env={"RT_POSTGRES_URL": pg_database, "RT_INSTANCE": "jsclient"})
+    await gw.wait_ready()
+    env = {**os.environ, "RT_TEST_GATEWAY": gw.url, "RT_TEST_SECRET": SECRET, "RT_TEST_PG_DSN": pg_database}
+    await _run_node_suite(node, env, "^postgres: ")

@@ -909,6 +909,47 @@ async def test_a_public_table_channel_written_with_its_schema_gets_its_events(ga
 
 
 @pytest.mark.postgres
+async def test_a_public_table_in_either_spelling_is_one_subscription(gateway_factory, pg_database):
+    # The gateway keeps one subscription for postgres:orders and postgres:public.orders (§3).
+    # The client kept one per spelling: the replaced one's handler still got the table's
+    # events, and an unsubscribe in the other spelling left the first registered, so the next
+    # session subscribed it again while the application thought it had left.
+    import asyncpg
+
+    db = await asyncpg.connect(pg_database)
+    try:
+        await db.execute("CREATE TABLE orders (id int PRIMARY KEY, big boolean); CREATE TABLE marks (id int PRIMARY KEY)")
+        gw = await gateway_factory(env={"RT_POSTGRES_URL": pg_database, "RT_INSTANCE": "spelling"})
+        await gw.wait_ready()
+        proxy = await TcpProxy(gw.port).start()
+        short, long, marks = [], [], []
+        errors: list[RealtimeError] = []
+        client = RealtimeClient(proxied(proxy), lambda: gw.token("w1"), header_auth=True, on_error=errors.append,
+                                **FAST)
+        try:
+            await client.connect()
+            await client.subscribe("postgres:orders", None, short.append)
+            await client.subscribe("postgres:public.orders", {"predicates": {"big": True}}, long.append)  # replaces
+            await client.subscribe("postgres:marks", None, marks.append)
+            await db.execute("INSERT INTO orders VALUES (1, false), (2, true)")
+            await wait_for(lambda: len(long) == 1, 15, "the event of the replacing filter")
+            assert [e["record"]["id"] for e in long] == [2] and short == []
+            client.unsubscribe("postgres:orders")  # the other spelling ends it, as at the gateway
+            proxy.cut()  # a new session (header auth): what the client still has is subscribed again
+            await wait_for(lambda: client.state == "open" and len(client.resumed) == 2, 5, "the new session")
+            await db.execute("INSERT INTO orders VALUES (3, true)")
+            await db.execute("INSERT INTO marks VALUES (1)")  # committed after it: comes after it
+            await wait_for(lambda: len(marks) == 1, 15, "the mark")
+            assert [e["record"]["id"] for e in long] == [2] and short == []
+            assert {e.code for e in errors} <= {1006}, errors  # the cut link, nothing else
+        finally:
+            await client.close()
+            await proxy.close()
+    finally:
+        await db.close()
+
+
+@pytest.mark.postgres
 async def test_a_9_mib_event_is_delivered_and_the_connection_stays_open(gateway_factory, pg_database):
     import asyncpg
 

@@ -181,4 +181,6 @@ export declare class RealtimeClient {
 export declare function connect(options: ConnectOptions): RealtimeClient;
 export declare function tokenExpiry(token: string): number | null;
 export declare function channelMatches(channel: string, eventChannel: string, filter?: Filter | null): boolean;
+/** The subscription `channel` is at the gateway: `postgres:public.orders` is `postgres:orders`. */
+export declare function subscriptionKey(channel: string): string;
 export default connect;

@@ -74,7 +74,8 @@ function tokenTimes(token) {
  * (events name it without).
  */
 export function channelMatches(channel, eventChannel, filter) {
-  if (channel === eventChannel) return true; // a history_gap notice names the subscription's channel as written
+  // a history_gap notice names the subscription's channel as written
+  if (subscriptionKey(channel) === subscriptionKey(eventChannel)) return true;
   const i = channel.indexOf(":");
   const j = eventChannel.indexOf(":");
   const kind = channel.slice(0, i);
@@ -89,7 +90,29 @@ export function channelMatches(channel, eventChannel, filter) {
 
 // A channel's name as the gateway writes it in events (rtserver/channels.py canonical_entity).
 function canonical(kind, name) {
-  return kind === "postgres" && name.startsWith("public.") && !name.slice(7).includes(".") ? name.slice(7) : name;
+  const rest = name.slice(7);
+  return kind === "postgres" && name.startsWith("public.") && !rest.includes(".") && rest !== "" && rest !== "*"
+    ? rest : name;
+}
+
+/**
+ * The subscription `channel` is at the gateway (rtserver/channels.py subscription_key): a table
+ * of schema `public` is one channel in either spelling, `postgres:orders` and
+ * `postgres:public.orders`. Keyed as written, the client kept two subscriptions where the
+ * gateway kept one: the replaced filter's onEvent still got the table's events, and an
+ * unsubscribe in one spelling left the other registered, subscribed again after a reconnect.
+ */
+export function subscriptionKey(channel) {
+  const i = channel.indexOf(":");
+  const kind = channel.slice(0, i);
+  const name = channel.slice(i + 1);
+  if (i < 0 || kind !== "postgres" || name === "*") return channel;
+  return `${kind}:${canonical(kind, name)}`;
+}
+
+// The subscriptionKey of a channel a gateway message names (anything else as it is).
+function keyOf(channel) {
+  return typeof channel === "string" ? subscriptionKey(channel) : channel;
 }
 
 const MAX_TIMER_MS = 2 ** 31 - 1;
@@ -251,9 +274,12 @@ export class RealtimeClient {
     this.floor = null; // see "Duplicates" above
     this.catchup = null;
     this.marker = null; // id of the ping that ends the catch-up
+    // By subscriptionKey: one per channel as the gateway counts them, each keeping the spelling
+    // the application subscribed with (sent, and named in what "error" gets).
     this.subs = new Map();
-    // Unsubscribes the gateway has not acknowledged: channel -> id of the one sent (null: not
-    // sent yet). A resumed session gets its channels back, so they are sent again.
+    // Unsubscribes the gateway has not acknowledged: subscriptionKey -> id of the one sent (null:
+    // not sent yet; sent under the key, which the gateway takes as the channel). A resumed
+    // session gets its channels back, so they are sent again.
     this.pendingUnsubs = new Map();
     this.listeners = new Map();
     this.iterators = new Set(); // WeakRefs to the events() iterators' feeds
@@ -312,11 +338,12 @@ export class RealtimeClient {
     // subscribe), changed what a reconnect sends.
     const json = JSON.stringify(filter, finiteOnly);
     filter = json === undefined ? null : JSON.parse(json);
-    const old = this.subs.get(channel);
+    const key = subscriptionKey(channel); // the other spelling of a public table is replaced too
+    const old = this.subs.get(key);
     const sub = new Subscription(channel, filter, onEvent);
     if (old) sub.waiters = old.waiters.splice(0);
-    this.subs.set(channel, sub);
-    this.pendingUnsubs.delete(channel);
+    this.subs.set(key, sub);
+    this.pendingUnsubs.delete(key);
     const ready = new Promise((resolve, reject) => sub.waiters.push({ resolve, reject }));
     ready.catch(() => {});
     if (this.state === "open" && this.authed) this._sendSubscribe(sub, null); // else on the next auth_ok
@@ -328,16 +355,20 @@ export class RealtimeClient {
 
   /**
    * Stops the subscription on `channel`: sent at once when connected, else on the next
-   * connection, and again after a resume until the gateway has acknowledged it.
+   * connection, and again after a resume until the gateway has acknowledged it. A table of
+   * schema `public` is one channel in either spelling, as at the gateway.
    */
   unsubscribe(channel, only) {
-    const sub = this.subs.get(channel);
+    const key = subscriptionKey(channel);
+    const sub = this.subs.get(key);
     if (!sub || (only && sub !== only)) return;
-    this.subs.delete(channel);
-    for (const w of sub.waiters.splice(0)) w.reject(new RealtimeError(0, `unsubscribed from ${channel}`, { channel }));
+    this.subs.delete(key);
+    for (const w of sub.waiters.splice(0)) {
+      w.reject(new RealtimeError(0, `unsubscribed from ${sub.channel}`, { channel: sub.channel }));
+    }
     if (this.state === "closed") return;
-    this.pendingUnsubs.set(channel, null);
-    if (this.state === "open" && this.authed) this._sendUnsubscribe(channel);
+    this.pendingUnsubs.set(key, null);
+    if (this.state === "open" && this.authed) this._sendUnsubscribe(key);
   }
 
   /**
@@ -358,7 +389,8 @@ export class RealtimeClient {
     const it = {
       push(item) {
         if (done) return;
-        if (channel && item.channel && !channelMatches(channel, item.channel, client.subs.get(channel)?.filter)) return;
+        if (channel && item.channel
+          && !channelMatches(channel, item.channel, client.subs.get(subscriptionKey(channel))?.filter)) return;
         if (queue.length >= client.maxBuffered) {
           failure = new RealtimeError(0, `event iterator overflow: more than ${client.maxBuffered} unread events`,
             { name: "buffer_overflow" });
@@ -646,7 +678,7 @@ export class RealtimeClient {
         this._onAuthOk(msg);
         break;
       case "subscribed": {
-        const sub = this.subs.get(msg.channel);
+        const sub = this.subs.get(keyOf(msg.channel));
         if (sub && answers(msg, sub.sentId)) {
           sub.acked = true;
           for (const w of sub.waiters.splice(0)) w.resolve();
@@ -654,9 +686,11 @@ export class RealtimeClient {
         this._atPosition(msg.seq);
         break;
       }
-      case "unsubscribed":
-        if (msg.id !== undefined && this.pendingUnsubs.get(msg.channel) === msg.id) this.pendingUnsubs.delete(msg.channel);
+      case "unsubscribed": {
+        const key = keyOf(msg.channel);
+        if (msg.id !== undefined && this.pendingUnsubs.get(key) === msg.id) this.pendingUnsubs.delete(key);
         break;
+      }
       case "pong":
         if (this.marker !== null && msg.id === this.marker) {
           // Every replay asked for is done: all up to lastSeq has been delivered (and up to the
@@ -751,8 +785,10 @@ export class RealtimeClient {
         this.floor = msg.oldest - 1;
       }
       // Not for a channel the client has left (a resumed session had it back).
-      if (this.pendingUnsubs.has(msg.channel) && !this.subs.has(msg.channel)) return;
-      const gap = { type: "history_gap", code: 4011, channel: msg.channel, oldest: msg.oldest, message: msg.message };
+      const key = keyOf(msg.channel);
+      if (this.pendingUnsubs.has(key) && !this.subs.has(key)) return;
+      const channel = this.subs.get(key)?.channel ?? msg.channel; // as the application wrote it
+      const gap = { type: "history_gap", code: 4011, channel, oldest: msg.oldest, message: msg.message };
       this._emit("gap", gap);
       for (const it of this._liveIterators()) it.push(gap);
       return;
@@ -763,7 +799,7 @@ export class RealtimeClient {
       this.authTimedOut = true;
     }
     const sub = [4000, 4003, 4008, 4010].includes(msg.code) ? this._refused(msg) : null;
-    const err = new RealtimeError(msg.code, msg.message, { name: msg.name, channel: msg.channel || sub?.channel });
+    const err = new RealtimeError(msg.code, msg.message, { name: msg.name, channel: sub ? sub.channel : msg.channel });
     if (!this.authed && !sub && !msg.channel && (msg.id === undefined || msg.id === null) && msg.code !== 4001) {
       // Why the gateway refuses the connection; its close follows: "error" gets that close
       // once, this reason in its message (terminal: it got both, and `ready` rejected with
@@ -789,7 +825,7 @@ export class RealtimeClient {
   // The subscription an error answers: by channel, or by id (a bad filter's 4000 has no channel).
   _refused(msg) {
     if (msg.channel) {
-      const sub = this.subs.get(msg.channel);
+      const sub = this.subs.get(keyOf(msg.channel));
       return sub && answers(msg, sub.sentId) ? sub : null;
     }
     if (msg.id === undefined || msg.id === null) return null;

@@ -11,8 +11,8 @@ import vm from "node:vm";
 
 import { connect, RealtimeClient, RealtimeError, tokenExpiry, channelMatches } from "../src/index.js";
 import { GATEWAY_HASTY, GATEWAY_IDLE, GATEWAY_NO_IDP, GATEWAY_ONE_CONNECTION, GATEWAY_QUOTA, GATEWAY_SKEWED,
-  GATEWAY_SMALL_BUFFER, GATEWAY_WIDE, SKEWED_OFFSET, publish, startProxy, token, unverifiableToken, waitFor, wsUrl }
-  from "./helpers.js";
+  GATEWAY_SMALL_BUFFER, GATEWAY_WIDE, PG_DSN, SKEWED_OFFSET, psql, publish, startProxy, token, unverifiableToken, waitFor,
+  wsUrl } from "./helpers.js";
 
 const fast = { backoffInitialMs: 50, backoffMaxMs: 400 };
 v8.setFlagsFromString("--expose-gc");
@@ -1362,6 +1362,42 @@ test("a slow reader close is reported each time it recurs",
     }
     assert.deepEqual(described(errors), [[1013, "try_again_later", false], [1013, "try_again_later", false]]);
     assert.equal(errors[0].message, "connection closed: try_again_later; retrying");
+  } finally {
+    client.close();
+    await proxy.close();
+  }
+});
+
+test("postgres: a public table in either spelling is one subscription",
+  { timeout: 30000, skip: PG_DSN ? false : "RT_TEST_PG_DSN is not set" }, async () => {
+  // The gateway keeps one subscription for postgres:orders and postgres:public.orders (§3).
+  // The client kept one per spelling: the replaced one's handler still got the table's events,
+  // and an unsubscribe in the other spelling left the first registered, so the next session
+  // subscribed it again while the application thought it had left.
+  // Tables orders (id int, big boolean) and marks (id int), made before the gateway started.
+  const proxy = await startProxy();
+  const client = connect({ url: wsUrl("w1", proxy.port), getToken: () => token(), headerAuth: true, ...fast });
+  const { opens } = collect(client);
+  const errors = [];
+  client.on("error", (e) => errors.push(e));
+  const short = [];
+  const long = [];
+  const marks = [];
+  try {
+    await client.subscribe("postgres:orders", (e) => short.push(e.record.id)).ready;
+    await client.subscribe("postgres:public.orders", { predicates: { big: true } }, (e) => long.push(e.record.id)).ready;
+    await client.subscribe("postgres:marks", (e) => marks.push(e.record.id)).ready;
+    psql("INSERT INTO orders VALUES (1, false), (2, true)");
+    await waitFor(() => long.length === 1, 15000, "the event of the replacing filter");
+    assert.deepEqual([long, short], [[2], []]);
+    client.unsubscribe("postgres:orders"); // the other spelling ends it, as at the gateway
+    proxy.cut(); // a new session (header auth): what the client still has is subscribed again
+    await waitFor(() => client.state === "open" && opens.length === 2, 5000, "the new session");
+    psql("INSERT INTO orders VALUES (3, true)");
+    psql("INSERT INTO marks VALUES (1)"); // committed after it: comes after it
+    await waitFor(() => marks.length === 1, 15000, "the mark");
+    assert.deepEqual([long, short], [[2], []]);
+    assert.deepEqual(errors.map((e) => e.code).filter((c) => c !== 1006), []); // the cut link, nothing else
   } finally {
     client.close();
     await proxy.close();

@@ -2,6 +2,7 @@
 // can cut. The gateway itself is started by tests/test_js_client.py, which passes
 // RT_TEST_GATEWAY (http://host:port) and RT_TEST_SECRET, and RT_TEST_GATEWAY_WIDE: a second
 // gateway with the default history of 10000 events (RT_TEST_GATEWAY keeps only 500).
+import { execFileSync } from "node:child_process";
 import { createHmac } from "node:crypto";
 import net from "node:net";
 
@@ -28,6 +29,9 @@ export const GATEWAY_NO_IDP = process.env.RT_TEST_GATEWAY_NO_IDP || null;
 export const GATEWAY_IDLE = process.env.RT_TEST_GATEWAY_IDLE || null;
 // A gateway with a 256 KiB send buffer per connection (RT_SEND_BUFFER_BYTES): a slow reader gets 1013.
 export const GATEWAY_SMALL_BUFFER = process.env.RT_TEST_GATEWAY_SMALL_BUFFER || null;
+// The DSN of the PostgreSQL database whose changes RT_TEST_GATEWAY streams (only for the tests
+// tests/test_js_client.py runs against such a gateway; the others skip those).
+export const PG_DSN = process.env.RT_TEST_PG_DSN || null;
 
 const b64url = (buf) => Buffer.from(buf).toString("base64url");
 
@@ -52,6 +56,11 @@ export function unverifiableToken({ workspace = "w1", sub = "js-user" } = {}) {
 
 export function wsUrl(workspace, port = gatewayUrl.port) {
   return `ws://127.0.0.1:${port}/workspaces/${workspace}/realtime/connect`;
+}
+
+/** Runs `sql` on the database of PG_DSN (psql: the tests need no PostgreSQL driver). */
+export function psql(sql) {
+  execFileSync("psql", [PG_DSN, "-X", "-q", "-v", "ON_ERROR_STOP=1", "-c", sql], { stdio: ["ignore", "ignore", "inherit"] });
 }
 
 export async function publish(workspace, topic, payload, gateway = GATEWAY) {
