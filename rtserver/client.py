@@ -910,10 +910,9 @@ class RealtimeClient:
                 # application has been told: the next resume asks from there, else it got the
                 # same gap again after every reconnect until an event came.
                 self._floor = oldest - 1
-            key = _key_of(channel)
-            if key in self._pending_unsubs and key not in self._subs:
+            if self._left(channel):
                 return  # replayed for a channel the client has left (a resumed session had it back)
-            sub = self._subs.get(key)
+            sub = self._subs.get(_key_of(channel))
             gap = {"type": "history_gap", "code": 4011, "channel": sub.channel if sub is not None else channel,
                    "oldest": msg.get("oldest"), "message": msg.get("message")}
             self._callback(self.on_gap, gap, "on_gap")
@@ -925,6 +924,12 @@ class RealtimeClient:
             # token: the close 4002 that follows is retried with the backoff, not the end.
             self._auth_timed_out = True
         sub = self._refused(msg) if code in _SUBSCRIPTION_REFUSALS else None
+        if sub is None and code in _SUBSCRIPTION_REFUSALS and self._left(channel):
+            # The refusal of a subscribe the client has withdrawn: the application left the
+            # channel, or the client dropped it on a refusal already reported (a resume's 4010
+            # for a table no longer published, then the answer to the subscribe of the same
+            # channel changed while disconnected: one channel, reported twice).
+            return
         err = RealtimeError(code, msg.get("message", ""), name=msg.get("name"),
                             channel=sub.channel if sub is not None else channel)
         if not self._authed and sub is None and not channel and msg.get("id") is None and code != 4001:
@@ -945,6 +950,12 @@ class RealtimeClient:
             _settle(sub.waiters, err)
             self.unsubscribe(sub.channel, sub)
         self._callback(self.on_error, err, "on_error")
+
+    def _left(self, channel: object) -> bool:
+        """Whether `channel` (as a gateway message names it) is one the client has unsubscribed
+        and not subscribed again, its unsubscribe not yet acknowledged."""
+        key = _key_of(channel)
+        return bool(channel) and key in self._pending_unsubs and key not in self._subs
 
     def _refused(self, msg: dict[str, Any]) -> _Subscription | None:
         """The subscription an error answers: by channel, or by id (a bad filter's 4000 has no channel)."""

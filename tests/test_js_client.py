@@ -65,11 +65,12 @@ async def test_js_client_suite_against_the_gateway(gateway_factory):
     no_idp = await gateway_factory(env={"RT_AUTH_JWKS_URL": f"http://127.0.0.1:{free_port()}/certs"})  # 1011
     idle = await gateway_factory(env={"RT_IDLE_TIMEOUT": "0.5"})  # closes a silent connection with 1001
     small = await gateway_factory(env={"RT_SEND_BUFFER_BYTES": "262144"})  # closes a slow reader with 1013
+    perms = await gateway_factory(env={"RT_AUTH_CHANNEL_PERMISSIONS": "true"})  # tokens grant channels
     env = {**os.environ, "RT_TEST_GATEWAY": gw.url, "RT_TEST_GATEWAY_WIDE": wide.url, "RT_TEST_SECRET": SECRET,
            "RT_TEST_GATEWAY_SKEWED": skewed.url, "RT_TEST_SKEWED_OFFSET": str(skewed.clock_offset),
            "RT_TEST_GATEWAY_ONE_CONNECTION": full.url, "RT_TEST_GATEWAY_HASTY": hasty.url,
            "RT_TEST_GATEWAY_QUOTA": quota.url, "RT_TEST_GATEWAY_NO_IDP": no_idp.url, "RT_TEST_GATEWAY_IDLE": idle.url,
-           "RT_TEST_GATEWAY_SMALL_BUFFER": small.url}
+           "RT_TEST_GATEWAY_SMALL_BUFFER": small.url, "RT_TEST_GATEWAY_CHANNEL_PERMISSIONS": perms.url}
     proc = await asyncio.create_subprocess_exec(
         node, "--test", "--test-reporter=spec", "test/client.test.js",
         cwd=JS, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,

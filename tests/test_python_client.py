@@ -950,6 +950,91 @@ async def test_a_public_table_in_either_spelling_is_one_subscription(gateway_fac
 
 
 @pytest.mark.postgres
+@pytest.mark.parametrize("changed", [False, True], ids=["restored", "changed-while-away"])
+async def test_a_resumed_table_no_longer_published_is_reported_and_dropped(gateway_factory, pg_database, changed):
+    # A drained restart keeps the session; the new configuration leaves a table out, and the
+    # resume refuses its subscription with 4010 naming the channel. The client reports it once
+    # (named as the application wrote it) and drops it: not subscribed again on later sessions.
+    # Changed while disconnected, its new subscribe is refused too: still one report.
+    import asyncpg
+
+    db = await asyncpg.connect(pg_database)
+    try:
+        await db.execute("CREATE TABLE products (id int PRIMARY KEY); CREATE TABLE orders (id int PRIMARY KEY)")
+        gw = await gateway_factory(env={"RT_POSTGRES_URL": pg_database, "RT_INSTANCE": "narrowed"})
+        await gw.wait_ready()
+        proxy = await TcpProxy(gw.port).start()
+        errors: list[RealtimeError] = []
+        orders: list[dict] = []
+        client = RealtimeClient(proxied(proxy), lambda: gw.token("w1"), on_error=errors.append, **FAST)
+        try:
+            await client.connect()
+            await asyncio.wait_for(client.subscribe("postgres:public.products"), 15)
+            await client.subscribe("postgres:orders", None, orders.append)
+            gw.env["RT_POSTGRES_TABLES"] = "public.orders"
+            proxy.hold = True
+            proxy.cut()
+            await gw.restart()
+            await wait_for(lambda: client.state == "reconnecting", 5, "reconnecting")
+            if changed:
+                again = asyncio.ensure_future(client.subscribe("postgres:public.products", {"operations": ["INSERT"]}))
+            proxy.hold = False
+            await wait_for(lambda: any(e.code == 4010 for e in errors), 15, "the refusal")
+            if changed:
+                with pytest.raises(RealtimeError):
+                    await asyncio.wait_for(again, 5)
+            await gw.wait_ready()
+            await db.execute("INSERT INTO orders VALUES (1)")
+            await wait_for(lambda: len(orders) == 1, 15, "the event on the table still published")
+            assert client.resumed == [False, True]
+            proxy.cut()
+            await wait_for(lambda: len(client.resumed) == 3 and client.state == "open", 10, "the next session")
+            await db.execute("INSERT INTO orders VALUES (2)")
+            await wait_for(lambda: len(orders) == 2, 15, "the next event")
+            refused = [(e.code, e.name, e.channel) for e in errors if e.code == 4010]
+            assert refused == [(4010, "channel_unavailable", "postgres:public.products")], errors
+        finally:
+            await client.close()
+            await proxy.close()
+    finally:
+        await db.close()
+
+
+async def test_a_subscription_dropped_on_resume_is_reported_once_also_when_changed_meanwhile(gateway_factory):
+    # The resume drops a subscription its new token no longer grants (4003 naming the channel);
+    # one the application changed while disconnected was subscribed again at the same time and
+    # refused again: on_error heard of the one channel twice.
+    gw = await gateway_factory(env={"RT_AUTH_CHANNEL_PERMISSIONS": "true"})
+    proxy = await TcpProxy(gw.port).start()
+    grants = {"now": ["events:a", "events:b"]}
+    errors: list[RealtimeError] = []
+    got: list[dict] = []
+    client = RealtimeClient(proxied(proxy), lambda: gw.token("w1", realtime_channels=grants["now"]),
+                            on_error=errors.append, **FAST)
+    try:
+        await client.connect()
+        await client.subscribe("events:a")
+        await client.subscribe("events:b", None, got.append)
+        grants["now"] = ["events:b"]
+        proxy.hold = True
+        proxy.cut()
+        await wait_for(lambda: client.state == "reconnecting", 5, "reconnecting")
+        again = asyncio.ensure_future(client.subscribe("events:a", {"operations": ["PUBLISH"]}))
+        proxy.hold = False
+        with pytest.raises(RealtimeError) as refused:
+            await asyncio.wait_for(again, 5)
+        assert (refused.value.code, refused.value.channel) == (4003, "events:a")
+        assert client.resumed == [False, True]
+        b = await gw.publish("w1", "b", {})  # after every answer to the resume's messages
+        await wait_for(lambda: len(got) == 1, 5, "the event on events:b")
+        assert got[0]["seq"] == b["seq"]
+        assert [(e.code, e.channel) for e in errors if e.code != 1006] == [(4003, "events:a")], errors
+    finally:
+        await client.close()
+        await proxy.close()
+
+
+@pytest.mark.postgres
 async def test_a_9_mib_event_is_delivered_and_the_connection_stays_open(gateway_factory, pg_database):
     import asyncpg
 

@@ -785,9 +785,8 @@ export class RealtimeClient {
         this.floor = msg.oldest - 1;
       }
       // Not for a channel the client has left (a resumed session had it back).
-      const key = keyOf(msg.channel);
-      if (this.pendingUnsubs.has(key) && !this.subs.has(key)) return;
-      const channel = this.subs.get(key)?.channel ?? msg.channel; // as the application wrote it
+      if (this._left(msg.channel)) return;
+      const channel = this.subs.get(keyOf(msg.channel))?.channel ?? msg.channel; // as the application wrote it
       const gap = { type: "history_gap", code: 4011, channel, oldest: msg.oldest, message: msg.message };
       this._emit("gap", gap);
       for (const it of this._liveIterators()) it.push(gap);
@@ -798,7 +797,15 @@ export class RealtimeClient {
       // close 4002 that follows is retried with the backoff, not the end.
       this.authTimedOut = true;
     }
-    const sub = [4000, 4003, 4008, 4010].includes(msg.code) ? this._refused(msg) : null;
+    const refusal = [4000, 4003, 4008, 4010].includes(msg.code);
+    const sub = refusal ? this._refused(msg) : null;
+    if (!sub && refusal && this._left(msg.channel)) {
+      // The refusal of a subscribe the client has withdrawn: the application left the channel,
+      // or the client dropped it on a refusal already reported (a resume's 4010 for a table no
+      // longer published, then the answer to the subscribe of the same channel changed while
+      // disconnected: one channel, reported twice).
+      return;
+    }
     const err = new RealtimeError(msg.code, msg.message, { name: msg.name, channel: sub ? sub.channel : msg.channel });
     if (!this.authed && !sub && !msg.channel && (msg.id === undefined || msg.id === null) && msg.code !== 4001) {
       // Why the gateway refuses the connection; its close follows: "error" gets that close
@@ -820,6 +827,13 @@ export class RealtimeClient {
       this.unsubscribe(sub.channel, sub);
     }
     this._emit("error", err);
+  }
+
+  // Whether `channel` (as a gateway message names it) is one the client has unsubscribed and not
+  // subscribed again, its unsubscribe not yet acknowledged.
+  _left(channel) {
+    const key = keyOf(channel);
+    return Boolean(channel) && this.pendingUnsubs.has(key) && !this.subs.has(key);
   }
 
   // The subscription an error answers: by channel, or by id (a bad filter's 4000 has no channel).

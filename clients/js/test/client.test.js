@@ -10,7 +10,7 @@ import v8 from "node:v8";
 import vm from "node:vm";
 
 import { connect, RealtimeClient, RealtimeError, tokenExpiry, channelMatches } from "../src/index.js";
-import { GATEWAY_HASTY, GATEWAY_IDLE, GATEWAY_NO_IDP, GATEWAY_ONE_CONNECTION, GATEWAY_QUOTA, GATEWAY_SKEWED,
+import { GATEWAY_CHANNEL_PERMISSIONS, GATEWAY_HASTY, GATEWAY_IDLE, GATEWAY_NO_IDP, GATEWAY_ONE_CONNECTION, GATEWAY_QUOTA, GATEWAY_SKEWED,
   GATEWAY_SMALL_BUFFER, GATEWAY_WIDE, PG_DSN, SKEWED_OFFSET, psql, publish, startProxy, token, unverifiableToken, waitFor,
   wsUrl } from "./helpers.js";
 
@@ -1398,6 +1398,39 @@ test("postgres: a public table in either spelling is one subscription",
     await waitFor(() => marks.length === 1, 15000, "the mark");
     assert.deepEqual([long, short], [[2], []]);
     assert.deepEqual(errors.map((e) => e.code).filter((c) => c !== 1006), []); // the cut link, nothing else
+  } finally {
+    client.close();
+    await proxy.close();
+  }
+});
+
+test("a subscription dropped on resume is reported once, also when changed while disconnected",
+  { timeout: 30000, skip: GATEWAY_CHANNEL_PERMISSIONS ? false : "RT_TEST_GATEWAY_CHANNEL_PERMISSIONS is not set" }, async () => {
+  // The resume drops a subscription its new token no longer grants (4003 naming the channel);
+  // one the application changed while disconnected was subscribed again at the same time and
+  // refused again: "error" heard of the one channel twice.
+  const proxy = await startProxy({ gateway: GATEWAY_CHANNEL_PERMISSIONS });
+  let channels = ["events:a", "events:b"];
+  const client = connect({ url: wsUrl("w1", proxy.port), getToken: () => token({ channels }), ...fast });
+  const { opens } = collect(client);
+  const errors = [];
+  client.on("error", (e) => errors.push(e));
+  const got = [];
+  try {
+    await client.subscribe("events:a").ready;
+    await client.subscribe("events:b", (e) => got.push(e.seq)).ready;
+    channels = ["events:b"];
+    proxy.hold = true;
+    proxy.cut();
+    await waitFor(() => client.state === "reconnecting", 5000, "reconnecting");
+    const again = client.subscribe("events:a", { operations: ["PUBLISH"] });
+    proxy.hold = false;
+    await assert.rejects(within(again.ready, 5000), (e) => e.code === 4003 && e.channel === "events:a");
+    assert.deepEqual(opens.map((o) => o.resumed), [false, true]);
+    const b = await publish("w1", "b", {}, GATEWAY_CHANNEL_PERMISSIONS); // after every answer to the resume's messages
+    await waitFor(() => got.length === 1, 5000, "the event on events:b");
+    assert.deepEqual(got, [b.seq]);
+    assert.deepEqual(errors.filter((e) => e.code !== 1006).map((e) => [e.code, e.channel]), [[4003, "events:a"]]);
   } finally {
     client.close();
     await proxy.close();

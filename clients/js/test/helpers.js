@@ -29,16 +29,20 @@ export const GATEWAY_NO_IDP = process.env.RT_TEST_GATEWAY_NO_IDP || null;
 export const GATEWAY_IDLE = process.env.RT_TEST_GATEWAY_IDLE || null;
 // A gateway with a 256 KiB send buffer per connection (RT_SEND_BUFFER_BYTES): a slow reader gets 1013.
 export const GATEWAY_SMALL_BUFFER = process.env.RT_TEST_GATEWAY_SMALL_BUFFER || null;
+// A gateway with channel permissions on (RT_AUTH_CHANNEL_PERMISSIONS): token({ channels }) grants them.
+export const GATEWAY_CHANNEL_PERMISSIONS = process.env.RT_TEST_GATEWAY_CHANNEL_PERMISSIONS || null;
 // The DSN of the PostgreSQL database whose changes RT_TEST_GATEWAY streams (only for the tests
 // tests/test_js_client.py runs against such a gateway; the others skip those).
 export const PG_DSN = process.env.RT_TEST_PG_DSN || null;
 
 const b64url = (buf) => Buffer.from(buf).toString("base64url");
 
-export function token({ workspace = "w1", sub = "js-user", ttl = 3600, publish = false, secret = SECRET, clockOffset = 0 } = {}) {
+export function token({ workspace = "w1", sub = "js-user", ttl = 3600, publish = false, secret = SECRET, clockOffset = 0,
+  channels = undefined } = {}) {
   const now = Math.floor(Date.now() / 1000 + clockOffset); // the issuer's clock
   const payload = { sub, iat: now, exp: now + ttl, workspaces: [workspace] };
   if (publish) payload.realtime_publish = true;
+  if (channels !== undefined) payload.realtime_channels = channels; // for GATEWAY_CHANNEL_PERMISSIONS
   const head = b64url(JSON.stringify({ alg: "HS256", typ: "JWT" }));
   const body = b64url(JSON.stringify(payload));
   const sig = createHmac("sha256", secret).update(`${head}.${body}`).digest("base64url");
