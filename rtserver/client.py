@@ -41,7 +41,8 @@ identity provider out of reach once until it clears. A 4001 is not reported as a
 client reconnects with a fresh token); the gateway's error just before it is, as it comes. Dead links are
 detected by the `websockets` keepalive pings; a JSON ping every `position_interval` (25 s)
 brings the stream position, so subscriptions that get no events in a busy workspace resume
-from what the history still holds (no needless history_gap). A subscription made or changed while
+from what the history still holds (no needless history_gap); so does one after each
+history_gap, so a source's loss told live is not told again by the next resume. A subscription made or changed while
 disconnected is sent with `since` too, and an unsubscribe the gateway had not acknowledged
 before a link loss is sent again after a resume; nothing is delivered for a channel once
 it is unsubscribed (what was in flight, or what a resumed session replays there before the
@@ -354,6 +355,7 @@ class RealtimeClient:
         self._floor: int | None = None  # see the class docstring
         self._catchup: set[int] | None = None
         self._marker: str | None = None  # id of the ping that ends the catch-up
+        self._position_asked = False  # a ping sent after a history_gap, its pong not yet here
         self._ws: ClientConnection | None = None
         self._outbox: asyncio.Queue[str] | None = None  # the current connection's, in send order
         self._authed = False
@@ -780,6 +782,7 @@ class RealtimeClient:
                     if mid is not None and self._pending_unsubs.get(key) == mid:
                         del self._pending_unsubs[key]
                 elif kind == "pong":
+                    self._position_asked = False
                     if self._marker is not None and msg.get("id") == self._marker:
                         # Every replay asked for is done: all up to last_seq has been delivered
                         # (and up to the floor, which may be higher: a `subscribed` position).
@@ -792,6 +795,7 @@ class RealtimeClient:
                     self._on_error(msg)
         finally:
             self._marker = None
+            self._position_asked = False
             if self._outbox is outbox:
                 self._outbox = None
             writer.cancel()
@@ -841,6 +845,16 @@ class RealtimeClient:
         history_gap at each reconnect, for nothing)."""
         if isinstance(seq, int) and self._catchup is None and (self._floor is None or seq > self._floor):
             self._floor = seq
+
+    def _ask_position(self) -> None:
+        """A ping after a history_gap: its pong's position (_at_position) is past what the gap
+        told. A source's loss (§7) comes with the history's first event as `oldest`, before
+        what the client has, so _floor stayed before the loss: every resume until the next
+        event or position ping asked from there and the application was told the loss again.
+        In a catch-up its closing pong does the same."""
+        if self._catchup is None and not self._position_asked:
+            self._position_asked = True
+            self._send({"type": "ping"})
 
     async def _ask_positions(self, ws: ClientConnection) -> None:
         """A ping every position_interval; its pong carries the stream position (_at_position)."""
@@ -910,6 +924,7 @@ class RealtimeClient:
                 # application has been told: the next resume asks from there, else it got the
                 # same gap again after every reconnect until an event came.
                 self._floor = oldest - 1
+            self._ask_position()
             if self._left(channel):
                 return  # replayed for a channel the client has left (a resumed session had it back)
             sub = self._subs.get(_key_of(channel))

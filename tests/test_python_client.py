@@ -1034,6 +1034,62 @@ async def test_a_subscription_dropped_on_resume_is_reported_once_also_when_chang
         await proxy.close()
 
 
+async def _resumed_and_marked(client: RealtimeClient, proxy: TcpProxy, gw, marks: list[dict], sessions: int) -> None:
+    """Cuts the link, waits for the client's `sessions`-th session, then for a published mark."""
+    proxy.cut()
+    await wait_for(lambda: client.state == "open" and len(client.resumed) == sessions, 5, "the resume")
+    seq = (await gw.publish("w1", "mark", {}))["seq"]
+    await wait_for(lambda: bool(marks) and marks[-1]["seq"] == seq, 5, "the mark")
+
+@pytest.mark.postgres
+async def test_a_source_loss_told_live_is_not_told_again_by_the_next_resume(gateway_factory, pg_database):
+    # A source's loss reaches its channels' subscribers at once (a 4011 whose `oldest` is the
+    # history's first event, before what the client has) and, later, any session resumed from
+    # before the loss (§7). The client resumed from its last event, before the loss: each
+    # reconnect until the next event or position ping told the application the loss again.
+    import asyncpg
+
+    db = await asyncpg.connect(pg_database)
+    try:
+        await db.execute("CREATE TABLE products (id int PRIMARY KEY)")
+        gw = await gateway_factory(env={"RT_POSTGRES_URL": pg_database, "RT_INSTANCE": "loss"})
+        await gw.wait_ready()
+        proxy = await TcpProxy(gw.port).start()
+        gaps: list[dict] = []
+        marks: list[dict] = []
+        got: list[dict] = []
+        client = RealtimeClient(proxied(proxy), lambda: gw.token("w1"), on_gap=gaps.append, **FAST)
+        other = RealtimeClient(gw.ws_url("w1"), lambda: gw.token("w1", sub="other"))
+        try:
+            await client.connect()
+            await client.subscribe("postgres:products", None, got.append)
+            await client.subscribe("events:mark", None, marks.append)
+            await db.execute("INSERT INTO products VALUES (1)")
+            await wait_for(lambda: len(got) == 1, 15, "the first event")
+            # Rows written to a table before the gateway's publication holds it are lost; a
+            # subscribe to it makes the gateway add it and find the loss.
+            await db.execute("CREATE TABLE fresh (id int PRIMARY KEY)")
+            await db.execute("INSERT INTO fresh VALUES (1)")
+            await other.connect()
+            await asyncio.wait_for(other.subscribe("postgres:fresh"), 15)
+            await wait_for(lambda: len(gaps) == 1, 15, "the loss, told live")
+            assert gaps[0]["channel"] == "postgres:products"
+            # A round trip that moves no position (a refused subscribe: no seq) after the gap,
+            # so the link is cut after what the client sent on it had its answer.
+            with pytest.raises(RealtimeError):
+                await asyncio.wait_for(client.subscribe("nosuch:x"), 5)
+            for sessions in (2, 3):
+                await _resumed_and_marked(client, proxy, gw, marks, sessions)
+            assert client.resumed == [False, True, True]
+            assert len(gaps) == 1, gaps
+        finally:
+            await client.close()
+            await other.close()
+            await proxy.close()
+    finally:
+        await db.close()
+
+
 @pytest.mark.postgres
 async def test_a_9_mib_event_is_delivered_and_the_connection_stays_open(gateway_factory, pg_database):
     import asyncpg

@@ -78,7 +78,9 @@ export interface ConnectOptions {
   proactiveRefresh?: boolean;
   /** An application ping after this much silence (default 25000); no answer within
    * pongTimeoutMs (10000) counts as a lost connection. Its pong carries the stream position,
-   * which a quiet subscription resumes from (no needless history_gap in a busy workspace). */
+   * which a quiet subscription resumes from (no needless history_gap in a busy workspace). One
+   * is also sent after each history_gap, so a source's loss told live is not told again by the
+   * next resume. */
   pingIntervalMs?: number;
   pongTimeoutMs?: number;
   /** Unread items an events() iterator may hold before it fails (default 10000). */

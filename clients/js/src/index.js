@@ -274,6 +274,7 @@ export class RealtimeClient {
     this.floor = null; // see "Duplicates" above
     this.catchup = null;
     this.marker = null; // id of the ping that ends the catch-up
+    this.positionAsked = false; // a ping sent after a history_gap, its pong not yet here
     // By subscriptionKey: one per channel as the gateway counts them, each keeping the spelling
     // the application subscribed with (sent, and named in what "error" gets).
     this.subs = new Map();
@@ -692,6 +693,7 @@ export class RealtimeClient {
         break;
       }
       case "pong":
+        this.positionAsked = false;
         if (this.marker !== null && msg.id === this.marker) {
           // Every replay asked for is done: all up to lastSeq has been delivered (and up to the
           // floor, which may be higher: a `subscribed` position).
@@ -784,6 +786,7 @@ export class RealtimeClient {
         // gap again after every reconnect until an event came.
         this.floor = msg.oldest - 1;
       }
+      this._askPosition();
       // Not for a channel the client has left (a resumed session had it back).
       if (this._left(msg.channel)) return;
       const channel = this.subs.get(keyOf(msg.channel))?.channel ?? msg.channel; // as the application wrote it
@@ -855,6 +858,7 @@ export class RealtimeClient {
     this.opened = false;
     this.authed = false;
     this.marker = null;
+    this.positionAsked = false;
     if (this.authedAt !== null && Date.now() - this.authedAt >= HEALTHY_AFTER_MS) {
       this.expired = false; // a healthy connection: the next 4001 reconnects at once again
     }
@@ -961,6 +965,17 @@ export class RealtimeClient {
     if (typeof seq === "number" && this.catchup === null && (this.floor === null || seq > this.floor)) {
       this.floor = seq;
     }
+  }
+
+  // A ping after a history_gap: its pong's position (_atPosition) is past what the gap told. A
+  // source's loss (docs/protocol.md §7) comes with the history's first event as `oldest`, before
+  // what the client has, so `floor` stayed before the loss: every resume until the next event
+  // or keepalive ping asked from there and the application was told the loss again. In a
+  // catch-up its closing pong does the same.
+  _askPosition() {
+    if (this.catchup !== null || this.positionAsked) return;
+    this.positionAsked = true;
+    this._send({ type: "ping" });
   }
 
   _armPing() {

@@ -1436,3 +1436,45 @@ test("a subscription dropped on resume is reported once, also when changed while
     await proxy.close();
   }
 });
+
+test("postgres: a source's loss told live is not told again by the next resume",
+  { timeout: 30000, skip: PG_DSN ? false : "RT_TEST_PG_DSN is not set" }, async () => {
+  // A source's loss reaches its channels' subscribers at once (a 4011 whose `oldest` is the
+  // history's first event, before what the client has) and, later, any session resumed from
+  // before the loss (§7). The client resumed from its last event, before the loss: each
+  // reconnect until the next event or keepalive ping told the application the loss again.
+  const proxy = await startProxy();
+  const client = connect({ url: wsUrl("w1", proxy.port), getToken: () => token(), ...fast });
+  const other = connect({ url: wsUrl("w1"), getToken: () => token({ sub: "other" }) });
+  const { opens, gaps } = collect(client);
+  const got = [];
+  const marks = [];
+  try {
+    await client.subscribe("postgres:orders", (e) => got.push(e.seq)).ready;
+    await client.subscribe("events:mark", (e) => marks.push(e.seq)).ready;
+    psql("INSERT INTO orders VALUES (100, false)");
+    await waitFor(() => got.length === 1, 15000, "the first event");
+    // Rows written to a table before the gateway's publication holds it are lost; a subscribe
+    // to it makes the gateway add it and find the loss.
+    psql("CREATE TABLE fresh (id int PRIMARY KEY)");
+    psql("INSERT INTO fresh VALUES (1)");
+    await within(other.subscribe("postgres:fresh").ready, 15000);
+    await waitFor(() => gaps.length === 1, 15000, "the loss, told live");
+    assert.equal(gaps[0].channel, "postgres:orders");
+    // A round trip that moves no position (a refused subscribe: no seq) after the gap, so the
+    // link is cut after what the client sent on it had its answer.
+    await assert.rejects(within(client.subscribe("nosuch:x").ready, 5000), (e) => e.code === 4010);
+    for (let n = 0; n < 2; n++) {
+      proxy.cut();
+      await waitFor(() => client.state === "open" && opens.length === n + 2, 5000, "the resume");
+      const mark = await publish("w1", "mark", {});
+      await waitFor(() => marks.at(-1) === mark.seq, 5000, "the mark");
+    }
+    assert.deepEqual(opens.map((o) => o.resumed), [false, true, true]);
+    assert.equal(gaps.length, 1, JSON.stringify(gaps));
+  } finally {
+    client.close();
+    other.close();
+    await proxy.close();
+  }
+});
