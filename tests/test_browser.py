@@ -52,4 +52,7 @@ async def test_demo_page_receives_events_and_resumes_after_network_loss(gateway_
     assert result["resumed"] == "true" and result["gaps"] == 0
     # headerAuth needs Node.js: in a browser a terminal error at once, not retries for good
     assert result["headerAuth"] == {"outcome": {"codeName": "websocket_unavailable", "terminal": True}, "retried": False}
+    # postgres:orders, then postgres:public.orders: one subscription, one entry (there were two,
+    # the stale one's unsubscribe button doing nothing)
+    assert result["listed"] == ["events:demo", "postgres:orders"]
     assert screenshot.stat().st_size > 1000

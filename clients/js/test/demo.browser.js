@@ -60,6 +60,18 @@ try {
   mkdirSync(artifacts, { recursive: true });
   await page.screenshot({ path: path.join(artifacts, "demo-page.png"), fullPage: true });
 
+  // A public table in either spelling is one subscription, so one entry in the list (refused
+  // here, with no database: the entry stays, saying so).
+  await page.fill("#channel", "postgres:orders");
+  await page.click("#subscribe");
+  await page.waitForSelector("#subs li[data-subscribed=false]", { timeout: 10000 });
+  await page.fill("#channel", "postgres:public.orders");
+  await page.click("#subscribe");
+  await page.waitForFunction(() => [...document.querySelectorAll("#subs li")]
+    .some((li) => li.textContent.startsWith("postgres:public.orders refused")), null, { timeout: 10000 });
+  const listed = await page.$$eval("#subs li", (lis) => lis.map((li) => li.dataset.channel));
+  step(`subscriptions listed: ${JSON.stringify(listed)}`);
+
   // headerAuth is for Node.js: in a browser the client stops at once with a terminal error
   // instead of retrying for good (there is no `ws` to import).
   const headerAuth = await page.evaluate(async (url) => {
@@ -76,7 +88,7 @@ try {
   }, `ws://127.0.0.1:${proxy.port}/workspaces/w1/realtime/connect`);
   step(`headerAuth in the browser: ${JSON.stringify(headerAuth)}`);
   console.log("RESULT " + JSON.stringify({ shown, expected: [live.seq, ...missed.slice().reverse(), first.seq], resumed, gaps,
-    headerAuth }));
+    headerAuth, listed }));
 } catch (err) {
   if (page) {
     mkdirSync(artifacts, { recursive: true });
