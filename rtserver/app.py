@@ -138,6 +138,17 @@ class Gateway:
                 "be guessed from any token, and whoever guesses it mints tokens for every workspace",
                 len(secret), MIN_HS256_SECRET, extra={"fields": {"bytes": len(secret), "minimum": MIN_HS256_SECRET}},
             )
+        claim = cfg.auth.workspace_claim
+        if claim.rsplit(".", 1)[-1] in ("roles", "scope") and not cfg.auth.workspace_role_prefix:
+            # Every entry of such a claim grants the workspace of its name: the roles Keycloak gives
+            # every user (offline_access, uma_authorization, default-roles-<realm>) or the scopes
+            # (openid, email) would grant workspaces of those names to anyone.
+            log.warning(
+                "auth.workspace_claim %s lists roles or scopes and auth.workspace_role_prefix is empty: every role "
+                "a token carries grants the workspace of that name (offline_access, default-roles-..., a publish "
+                "role): set a prefix such as `workspace:` and give workspace roles that prefix",
+                claim, extra={"fields": {"workspace_claim": claim}},
+            )
         loop = asyncio.get_running_loop()
         self.metrics.watch_gc()
         if cfg.server.demo:

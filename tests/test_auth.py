@@ -1101,3 +1101,29 @@ def test_the_pyjwt_floor_excludes_releases_that_take_a_part_of_the_issuer() -> N
     for flawed in ("2.8.0", "2.10.0", "2.11.0"):
         assert not pyjwt.specifier.contains(flawed), (flawed, str(pyjwt))
     assert pyjwt.specifier.contains(jwt.__version__)
+
+
+async def test_roles_as_the_workspace_claim_without_a_prefix_are_warned_of_at_start(tmp_path, caplog):
+    """With a roles (or scope) claim as the workspace claim and no role prefix, every role a
+    token carries grants the workspace of its name: Keycloak gives every user offline_access,
+    uma_authorization and default-roles-<realm>. The start says so, naming the setting to set."""
+    import logging
+
+    from rtserver.app import Gateway
+    from tests.test_churn import _cfg
+
+    cases = (
+        ({"RT_AUTH_WORKSPACE_CLAIM": "realm_access.roles"}, True),
+        ({"RT_AUTH_WORKSPACE_CLAIM": "resource_access.my.app.roles"}, True),
+        ({"RT_AUTH_WORKSPACE_CLAIM": "scope"}, True),
+        ({"RT_AUTH_WORKSPACE_CLAIM": "realm_access.roles", "RT_AUTH_WORKSPACE_ROLE_PREFIX": "workspace:"}, False),
+        ({}, False),  # the default claim, `workspaces`
+    )
+    for n, (env, warned) in enumerate(cases):
+        caplog.clear()
+        gw = Gateway(_cfg(tmp_path / str(n), RT_AUTH_HS256_SECRET="x" * 32, **env))
+        with caplog.at_level(logging.WARNING):
+            await gw.start()
+            await gw.shutdown()
+        lines = [r.getMessage() for r in caplog.records if "auth.workspace_role_prefix" in r.getMessage()]
+        assert bool(lines) == warned, (env, lines)
