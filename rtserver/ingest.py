@@ -39,7 +39,14 @@ import msgspec
 
 from rtcore.event import Event
 from rtserver.atomic_file import ensure_state_dir
-from rtserver.bus_kafka import KafkaPublisher, bootstrap_of, encode_event, partition_for, stop_client
+from rtserver.bus_kafka import (
+    KafkaPublisher,
+    bootstrap_of,
+    decode_event,
+    encode_event,
+    partition_for,
+    stop_client,
+)
 from rtserver.bus_txn import TransactionalWriter, WriterFailed
 from rtserver.config import Config
 from rtserver.http import http_response
@@ -60,6 +67,8 @@ MONGO_HEADER = "rt-mongo"
 MONGO_FEED_HEADER = "rt-mongo-feed"
 # rt-pos's feed: PostgresSource.position_name (slot-digest), or an earlier version's bare slot
 _POSITION_KEY = re.compile(r"[a-z0-9_]+(-[0-9a-f]{12})?")
+# A transaction's correlation id when none was set (PostgresSource._flush): its commit LSN.
+_DEFAULT_CORRELATION = re.compile(r"pg-[0-9]+-([0-9A-F]{1,8}/[0-9A-F]{1,8})")
 # The rows of the ingest's /metrics that count since start (typed counter).
 _INGEST_COUNTS = frozenset({"rt_ingest_published_total", "rt_ingest_writer_failures_total"}) | SOURCE_COUNTS
 _SCAN_SECONDS = 600  # a takeover looks this far back for the dead holder's last positions
@@ -72,6 +81,12 @@ _MAX_IN_FLIGHT = 10_000  # records awaiting Kafka's acknowledgement per source (
 # transaction (-1: not said), {partition: its events of that transaction}, {workspace: its
 # highest change of that transaction}: empty when the headers are an earlier version's).
 PgDone = tuple[int, int, dict[int, int], dict[str, int]]
+
+
+class _Correlated(msgspec.Struct):
+    """The member of an event body that says its transaction (_earlier_tx_lsn)."""
+
+    correlationId: str | None = None  # noqa: N815 - the wire name
 
 
 class SourceSink:
@@ -665,10 +680,10 @@ async def _scan_headers(consumer: Any, ranges: dict[Any, tuple[int, int]],
             for r in records:
                 for name, value in r.headers or ():
                     if name == POSITION_HEADER and best is not None:
-                        try:  # feed|LSN|n|transaction LSN (older ingests: without the last)
+                        try:  # feed|LSN|n|transaction LSN (older ingests: without it, see _earlier_tx_lsn)
                             # ... and |change since this version (earlier ones read the 4th only)
                             slot, lsn, count, *tx = _text(name, value).split("|")
-                            pos = (int(lsn), int(tx[0]) if tx else -1, int(count))
+                            pos = (int(lsn), int(tx[0]) if tx else _earlier_tx_lsn(r.value), int(count))
                             change = int(tx[1]) if len(tx) > 1 else None
                             if not _POSITION_KEY.fullmatch(slot):  # it names a file
                                 raise ValueError(slot)
@@ -698,6 +713,24 @@ async def _scan_headers(consumer: Any, ranges: dict[Any, tuple[int, int]],
             if await consumer.position(tp) >= todo[tp]:
                 todo.pop(tp)
                 consumer.pause(tp)
+
+
+def _earlier_tx_lsn(value: bytes | None) -> int:
+    """The commit LSN of the transaction of a record whose rt-pos header is an earlier
+    version's (`slot|LSN|n`, no transaction LSN), from its event's default correlation id
+    (`pg-<xid>-<commit LSN>`); -1 when the event has none (set by the application). Without it
+    a clean handover from that version (its last transaction acknowledged to the slot) made
+    the new holder take its first transaction, which follows the same LSN, for the one the
+    header named, and drop its first events as already published."""
+    from rtcore.pgoutput_ref import parse_lsn
+
+    try:
+        body = decode_event("", value or b"")[0].body
+        correlation = msgspec.json.decode(body, type=_Correlated).correlationId
+    except (msgspec.DecodeError, RecursionError):  # not an event of ours: nothing to go by
+        return -1
+    found = _DEFAULT_CORRELATION.fullmatch(correlation or "")
+    return parse_lsn(found.group(1)) if found else -1
 
 
 def _text(name: str, value: bytes | None, errors: str = "strict") -> str:

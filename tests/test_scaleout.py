@@ -1097,7 +1097,10 @@ async def test_takeover_skips_per_partition_what_the_dead_ingest_published(clust
         await first.stop()  # the slot is acknowledged up to row 1's transaction
         await cluster.db.execute("INSERT INTO orders VALUES (2, 'in flight when the ingest died')")
         # What the killed ingest left in Kafka: row 2's event for w2 (the 2nd after `lsn`) only.
-        body = json.dumps({**{k: v for k, v in one.items() if k != "seq"}, "record": {"id": 2, "note": "w2 copy"}})
+        # Its correlation id is the application's (not pg-<xid>-<commit LSN>, which would say
+        # the transaction: test_a_clean_handover_from_an_earlier_version_loses_nothing).
+        body = json.dumps({**{k: v for k, v in one.items() if k != "seq"}, "record": {"id": 2, "note": "w2 copy"},
+                           "correlationId": "set by the application"})
         value = encode_event(Event("w2", "postgres", "orders", "INSERT", {"id": 2}, body.encode()))
         producer = AIOKafkaProducer(bootstrap_servers=cluster.env["RT_BUS_KAFKA_BOOTSTRAP"])
         await producer.start()
@@ -2415,3 +2418,64 @@ async def test_a_mongo_takeover_by_an_ingest_feeding_other_workspaces_repeats_no
         assert got == {"w1": [1, 2], "w2": [1, 2], "w3": [1, 2]}, got
     finally:
         await client.close()
+
+
+async def _records_of(cluster, count: int) -> list:
+    """The first `count` records of the cluster's bus topic (as set now), read committed."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=cluster.env["RT_BUS_KAFKA_BOOTSTRAP"],
+                                isolation_level="read_committed", enable_auto_commit=False,
+                                auto_offset_reset="earliest")
+    await consumer.start()
+    records: list = []
+    try:
+        consumer.assign([TopicPartition(cluster.env["RT_BUS_TOPIC"], p) for p in range(3)])
+        while len(records) < count:
+            for batch in (await consumer.getmany(timeout_ms=1000)).values():
+                records += batch
+    finally:
+        await consumer.stop()
+    return records
+
+
+def _earlier_rt_pos(r: Any) -> list:
+    """A record's headers as an ingest of 29 Nov 2026 (and earlier) wrote them: rt-pos named the
+    bare slot and said only `slot|published LSN|n-th event after it`."""
+    from rtserver.ingest import POSITION_HEADER
+
+    out = []
+    for name, value in r.headers:
+        if name == POSITION_HEADER:
+            feed, lsn, n, *_ = value.decode().split("|")
+            value = f"{feed.rsplit('-', 1)[0]}|{lsn}|{n}".encode()
+        out.append((name, value))
+    return out
+
+
+async def test_a_clean_handover_from_an_earlier_version_loses_nothing(cluster):
+    """A rolling upgrade: the active ingest of an earlier version (rt-pos `slot|LSN|n`, no
+    transaction LSN) stops cleanly, acknowledging its last transaction to the slot, and a
+    standby of this version takes over. The rows written afterwards all arrive. Before, the new
+    holder took its first transaction, which follows the same published LSN, for the one the
+    earlier version's headers named and dropped its first events as already published (lost)."""
+    first = await cluster.ingest()
+    await first.wait_active()
+    await cluster.db.execute("INSERT INTO orders VALUES (1, 'before')")
+    records = await _records_of(cluster, 1)
+    await first.stop()  # the slot is acknowledged up to row 1's transaction
+    # The same records in a topic of their own, as the earlier version wrote them.
+    cluster.env["RT_BUS_TOPIC"] = f"{cluster.env['RT_BUS_TOPIC']}.earlier"
+    node = await cluster.node()
+    await _republish(cluster, records, _earlier_rt_pos)
+    async with ws_connect(node, "w1", token=node.token("w1")) as c:
+        await c.subscribe("postgres:orders")
+        second = await cluster.ingest()
+        await second.wait_active()
+        for i in (2, 3):
+            await cluster.db.execute("INSERT INTO orders VALUES ($1, 'after')", i)
+        got = await events(c, 2)
+        await c.no_message(0.5)
+    assert [e["record"]["id"] for e in got] == [2, 3]
+    (feed,) = (await second.status())["feeds"].values()
+    assert feed["takeover_skipped"] == 0, feed
