@@ -147,7 +147,7 @@ async def test_an_earlier_versions_token_file_is_taken_over(env):
             await db.orders.insert_one({"_id": 0})
             await env.sink.wait_for(1)
         await db.orders.insert_one({"_id": 1})
-        (current,) = os.listdir(env.state_dir)
+        (current,) = [n for n in os.listdir(env.state_dir) if not os.path.islink(os.path.join(env.state_dir, n))]
         digest = hashlib.sha256(f"{re.sub(r'://[^@/]*@', '://***@', env.url)}|{env.database}".encode()).hexdigest()
         legacy = f"mongo-resume-{env.database}-{digest[:12]}.json"
         assert current != legacy
@@ -156,7 +156,52 @@ async def test_an_earlier_versions_token_file_is_taken_over(env):
             await db.orders.insert_one({"_id": 2})
             bodies = await sc.settle(env, 3)
     assert [b["document"]["_id"] for b in bodies] == [0, 1, 2]
-    assert os.listdir(env.state_dir) == [current]
+    # its own file, and under the earlier name a link to it (a downgrade reads the token there)
+    assert sorted(os.listdir(env.state_dir)) == sorted([current, legacy])
+    assert os.readlink(os.path.join(env.state_dir, legacy)) == current
+
+
+def _earlier_versions_file(env) -> str:
+    """The token file's name in versions before 30 Nov 2026: the whole URL, user info masked."""
+    digest = hashlib.sha256(f"{re.sub(r'://[^@/]*@', '://***@', env.url)}|{env.database}".encode()).hexdigest()
+    return os.path.join(env.state_dir, f"mongo-resume-{env.database}-{digest[:12]}.json")
+
+
+async def test_a_downgrade_finds_the_token_under_the_earlier_name(env):
+    """Downgrading (the previous wheel started on this state directory): the earlier version
+    reads its token file by its own name, and took a missing one for a first start, opening
+    the stream from now: the changes made while neither ran were lost, silently. That name now
+    leads to this version's file, so it resumes after the token this version saved; and the
+    file it writes there in turn (its rename replaces the link) is taken over at the upgrade
+    back."""
+    async with sc.client(env) as db:
+        async with sc.running(env):
+            await db.orders.insert_one({"_id": 0})
+            await env.sink.wait_for(1)
+            await asyncio.sleep(0.3)  # the token written
+        (current,) = [n for n in os.listdir(env.state_dir)
+                      if n.endswith(".json") and not os.path.islink(os.path.join(env.state_dir, n))]
+        with open(os.path.join(env.state_dir, current)) as fh:
+            saved = json.load(fh)
+        # What the earlier version reads (ResumeTokenStore._read of that version: open and load).
+        with open(_earlier_versions_file(env)) as fh:
+            assert json.load(fh) == saved
+        # The earlier version ran and saved a newer token, through its own rename.
+        await db.orders.insert_one({"_id": 1})
+        async with sc.running(env):
+            await sc.settle(env, 2)
+            await asyncio.sleep(0.3)
+        with open(os.path.join(env.state_dir, current)) as fh:
+            newer = fh.read()
+        os.replace(os.path.join(env.state_dir, current), _earlier_versions_file(env) + ".tmp")
+        os.replace(_earlier_versions_file(env) + ".tmp", _earlier_versions_file(env))
+        with open(os.path.join(env.state_dir, current), "w") as fh:
+            json.dump(saved, fh)  # this version's file, as it left it before the downgrade
+        await db.orders.insert_one({"_id": 2})
+        async with sc.running(env):
+            bodies = await sc.settle(env, 3)
+    assert [b["document"]["_id"] for b in bodies] == [0, 1, 2]
+    assert json.loads(newer) != saved
 
 async def test_a_new_stream_resumes_from_its_first_empty_batch(env):
     await sc.a_new_stream_resumes_from_its_first_empty_batch(env)

@@ -162,6 +162,7 @@ class ResumeTokenStore:
         try:
             with open(self.path, encoding="utf-8") as fh:
                 stored = json.load(fh)
+            self._link_legacy()
             data = (b"S" if stored.get("startAfter") else b"R") + base64.b64decode(stored["token"])
             return data, bson.decode(data[1:])
         except FileNotFoundError:
@@ -174,8 +175,8 @@ class ResumeTokenStore:
     def _take_over_legacy(self) -> None:
         """Rename an earlier version's file to this one's name. It is renamed, so one found
         later is newer (an earlier version ran since) and replaces this one's."""
-        if self._legacy is None or self._legacy == self.path:
-            return
+        if self._legacy is None or self._legacy == self.path or os.path.islink(self._legacy):
+            return  # a link is this version's own (_link_legacy), not an earlier version's file
         try:
             os.replace(self._legacy, self.path)
         except FileNotFoundError:
@@ -186,6 +187,20 @@ class ResumeTokenStore:
             return
         log.info("mongo resume token file of an earlier version renamed to %s", self.path,
                  extra={"fields": {"path": self.path, "file": self._legacy}})
+
+    def _link_legacy(self) -> None:
+        """Leave under the earlier versions' name a link to this file: one of them started on
+        this state directory (a downgrade) found no file there, took it for a first start and
+        opened the stream from now, losing the changes made meanwhile without a word. Through
+        the link it resumes after this version's token; its own write replaces the link with
+        its file, which _take_over_legacy takes back at the next upgrade."""
+        if self._legacy is None or self._legacy == self.path or os.path.lexists(self._legacy):
+            return
+        try:
+            os.symlink(os.path.basename(self.path), self._legacy)
+        except OSError as exc:  # the token itself is safe: only a downgrade would miss it
+            log.warning("mongo resume token file not linked under its earlier name",
+                        extra={"fields": {"path": self._legacy, "error": str(exc)}})
 
     def save(self, token: Any, start_after: bool = False) -> None:
         """Remember `token` (a dict or RawBSONDocument) and have it written soon."""
@@ -228,6 +243,7 @@ class ResumeTokenStore:
         replace_file(self.path, json.dumps(
             {"version": 1, "token": base64.b64encode(data[1:]).decode(), "startAfter": data[:1] == b"S"}
         ).encode())
+        self._link_legacy()
 
     async def flush(self) -> bool:
         """Wait until the newest token is on disk; False, at once, while writes fail (a full
