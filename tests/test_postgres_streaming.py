@@ -286,3 +286,20 @@ async def test_databases_named_alike_on_two_servers_spill_apart(db, make_source,
         for conn in conns:
             await conn.close()
         other.destroy()
+
+
+async def test_an_earlier_versions_spill_files_are_removed(pg_database, make_source, tmp_path):
+    """Versions before 30 Nov 2026 spilled large streamed transactions into
+    `postgres-<slot>.streamed` (this one into `postgres-<slot>-<hash>.streamed`, named as its
+    position file). One killed mid-transaction left its spill files there, up to the size of
+    that transaction, and after the upgrade no source ever removed them: the disk space was
+    lost for good. The source that takes that slot's position over removes them."""
+    from rtserver.sources.pg_catalog import slot_name
+
+    database = pg_database.rsplit("/", 1)[1].split("?", 1)[0]
+    earlier = tmp_path / "state" / f"postgres-{slot_name('rtstream', database)}.streamed"
+    earlier.mkdir(parents=True)
+    (earlier / "xid-812-1.spill").write_bytes(b"\0" * 4096)  # what a killed process left
+    src, _ = await make_source()
+    assert src.position_name != src.slot
+    assert not earlier.exists()

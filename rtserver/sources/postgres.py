@@ -21,8 +21,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -488,7 +490,21 @@ class PostgresSource:
                 self.legacy_position = True
                 log.info("postgres position file %s of an earlier version renamed to %s", legacy, path,
                          extra={"fields": {**self._log_fields(), "file": path}})
+        await self._remove_legacy_spill()
         return await PositionFile.open(path)
+
+    async def _remove_legacy_spill(self) -> None:
+        """Remove an earlier version's spill directory, `postgres-{slot}.streamed`: one killed
+        in a large streamed transaction left its spill files there (up to that transaction's
+        size), and no source of this version, whose directory is named as its position file,
+        would ever have removed them. Nothing in it is needed: a new connection streams an
+        unfinished transaction again from its start."""
+        spill = os.path.join(self.state_dir, f"postgres-{self.slot}.streamed")
+        if self.position_name == self.slot or not os.path.isdir(spill):
+            return
+        await asyncio.get_running_loop().run_in_executor(None, functools.partial(shutil.rmtree, spill, ignore_errors=True))
+        log.info("postgres spill directory %s of an earlier version removed", spill,
+                 extra={"fields": {**self._log_fields(), "file": spill}})
 
     def _legacy_sharers(self) -> list[str]:
         """The other configured URLs whose source earlier versions gave this slot's position
