@@ -808,6 +808,9 @@ class Connection(WSListener):
         assert ws is not None
         self._drop_ungranted()
         self._drop_unavailable()
+        dropped, session.dropped = session.dropped, []  # told once
+        for channel, why in dropped:
+            self.send_error(4000, why, channel=channel)
         subs = []
         for key, spec in list(session.specs.items()):
             sub = Subscription(self, spec)

@@ -48,6 +48,8 @@ class Session:
     last_seq: int = 0
     # Its subscriptions' bytes while suspended (Sessions.max_bytes): weigh().
     weight: int = 0
+    # (channel, why) of the subscriptions left out when it was restored, told at its resume
+    dropped: list[tuple[str, str]] = field(default_factory=list)
 
 
 def weigh(session: Session) -> int:
@@ -219,12 +221,22 @@ class Sessions:
                 left = float(r["expiresAt"]) - now_wall
                 if left <= 0:
                     continue
-                specs = {}
+                specs: dict[str, SubscriptionSpec] = {}
+                dropped = []
                 for sub in r["subscriptions"]:
                     spec = channels.parse(sub["channel"], sub["filter"])
-                    specs[channels.subscription_key(spec.channel)] = spec
+                    key = channels.subscription_key(spec.channel)
+                    if key in specs:
+                        # Saved by an earlier version, which kept the two spellings of a public
+                        # table (orders, public.orders) as two subscriptions: one now, the later
+                        # one as a subscribe would replace it, and the other told, not lost unseen.
+                        gone = specs[key].channel
+                        dropped.append((gone, f"{gone}: the same table as {spec.channel}, subscribed too before a "
+                                              "restart: one subscription now, with the filter of the latter: "
+                                              "subscription dropped"))
+                    specs[key] = spec
                 session = Session(id=r["id"], subject=r["subject"], workspace=r["workspace"], specs=specs,
-                                  last_seq=int(r["lastSeq"]))
+                                  last_seq=int(r["lastSeq"]), dropped=dropped)
             except (ValueError, KeyError, TypeError, channels.ChannelError, channels.InvalidFilter) as exc:
                 unreadable.append(str(exc))
                 continue

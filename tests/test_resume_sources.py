@@ -92,3 +92,46 @@ async def test_a_resumed_table_the_new_configuration_no_longer_publishes_is_refu
             assert (event["channel"], event["operation"]) == ("postgres:orders", "INSERT")
     finally:
         await pg.close()
+
+
+async def test_a_session_of_an_earlier_version_with_both_spellings_of_a_table_tells_the_one_dropped(
+        gateway_factory, pg_database, tmp_path):
+    """Versions before 30 Nov 2026 kept `postgres:orders` and `postgres:public.orders` as two
+    subscriptions, each with its filter, and saved both at a drained restart (sessions.json as
+    the 29 Nov version wrote it). This version has one subscription per table: restored, the
+    earlier one was replaced without a word, and the client waited for events its filter would
+    have matched. It is now dropped with an error naming it (4000, as a subscription a restored
+    session cannot keep), and the other goes on with its filter."""
+    import json
+    import time
+
+    pg = await asyncpg.connect(pg_database)
+    await pg.execute("CREATE TABLE orders (id int PRIMARY KEY, kind text)")
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "sessions.json").write_text(json.dumps({"version": 1, "sessions": [{
+        "id": "pbQVuk7VdGeFQQbzjY_LQp5_", "subject": "user-1", "workspace": "w1", "lastSeq": 1,
+        "expiresAt": time.time() + 60, "subscriptions": [
+            {"channel": "postgres:orders", "filter": {"predicates": {"kind": "a"}}},
+            {"channel": "postgres:public.orders", "filter": {"predicates": {"kind": "b"}}}]}]}))
+    try:
+        gw = await gateway_factory(env={"RT_POSTGRES_URL": pg_database, "RT_INSTANCE": "earlier"},
+                                   state_dir=str(state))
+        await gw.wait_ready()
+        async with ws_connect(gw, "w1") as c:
+            ok = await c.auth(gw.token("w1"), resume="pbQVuk7VdGeFQQbzjY_LQp5_")
+            assert ok["resumed"] is True
+            await pg.execute("INSERT INTO orders VALUES (0, 'b')")  # the errors come before it
+            errors = []
+            while (msg := await c.recv(timeout=10))["type"] == "error":
+                errors.append(msg)
+            assert msg["record"]["id"] == 0, msg
+            dropped = [(e["code"], e["channel"]) for e in errors if e["name"] != "history_gap"]
+            assert dropped == [(4000, "postgres:orders")], errors
+            assert "postgres:public.orders" in errors[0]["message"] or "postgres:public.orders" in errors[-1]["message"]
+            await pg.execute("INSERT INTO orders VALUES (1, 'a'), (2, 'b')")
+            event = await c.recv_event(timeout=10)
+            assert event["record"]["id"] == 2, event  # row 1 ('a') matched the dropped filter only
+            await c.no_message(0.5)
+    finally:
+        await pg.close()
