@@ -576,6 +576,16 @@ async def test_a_workspace_section_naming_no_postgres_url_reads_no_default_datab
         config = tmp_path / "rt.toml"
         config.write_text("[workspaces.acme]\nmongo_url = 'mongodb://127.0.0.1:9/acme?serverSelectionTimeoutMS=500'\n")
         gw = await gateway_factory(env={"RT_POSTGRES_URL": pg_database}, args=["--config", str(config)])
+        # The node is never ready (acme's MongoDB does not answer): wait for the default database's
+        # slot to stream, or the row below could be written before the slot was made on this first
+        # start (the row never captured).
+        for _ in range(400):
+            sources = json.loads((await gw.get("/readyz"))[1])["sources"]
+            if any(src.get("kind") == "postgres" and src["ready"] for src in sources.values()):
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError(f"the default database does not stream: {sources}")
         async with ws_connect(gw, "acme", token=gw.token("acme")) as acme, \
                 ws_connect(gw, "w1", token=gw.token("w1")) as other:
             for channel in ("postgres:t", "postgres:*"):
