@@ -436,9 +436,10 @@ async def test_one_database_named_by_two_host_names_is_one_source_and_costs_no_w
         async def sources() -> dict:
             return json.loads((await gw.get("/readyz"))[1])["sources"]
 
-        for _ in range(100):  # the source that connects first streams; the other is refused
-            errors = [s["last_error"] for s in (await sources()).values()]
-            if any("another URL" in e for e in errors):
+        for _ in range(300):  # the source that connects first streams; the other is refused
+            now = (await sources()).values()
+            # ... and the rows below wait for the slot (made on this first start) to stream
+            if any("another URL" in s["last_error"] for s in now) and any(s["ready"] for s in now):
                 break
             await asyncio.sleep(0.1)
         refused = [name for name, s in (await sources()).items() if "another URL" in s["last_error"]]
