@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import re
 
@@ -417,3 +418,79 @@ async def test_a_link_gone_silent_is_not_ready_then_recovers(env):
         assert [b["document"]["_id"] for b in bodies] == [1, 2, 3]
     finally:
         await proxy.close()
+
+
+class _OutageAtHistoryLoss(logging.Handler):
+    """When the source logs the history loss, the server starts refusing every aggregate (a
+    failover or an outage right then): the stream from "now" cannot open for a while."""
+
+    def __init__(self, server):
+        super().__init__()
+        self._server = server
+
+    def emit(self, record):
+        from tests.mongo_server.server import FailPoint
+
+        if record.getMessage().startswith("MONGO CHANGE STREAM HISTORY LOST"):
+            self._server._run(setattr, self._server.server, "fail_point",
+                              FailPoint(None, {"aggregate"}, {"errorCode": 91}))
+
+
+async def _history_lost_then_outage(env) -> sc.MongoSource:
+    """The source resumes from a token older than the oplog; the loss is noticed, and the new
+    stream from "now" cannot open (every aggregate refused) until the test allows it."""
+    async with sc.client(env) as db:
+        async with sc.running(env):
+            await db.orders.insert_one({"_id": 1})
+            await env.sink.wait_for(1)
+        await db.orders.insert_one({"_id": 2})  # lost with the oplog
+    env.server.truncate_oplog()
+    handler = _OutageAtHistoryLoss(env.server)
+    logging.getLogger("rtserver.sources.mongo").addHandler(handler)
+    source = sc.make_source(env)
+    try:
+        await source.start()
+        await sc.wait_until(lambda: "failpoint" in source.status()["last_error"], what="the new stream refused")
+    finally:
+        logging.getLogger("rtserver.sources.mongo").removeHandler(handler)
+    return source
+
+
+async def test_a_change_made_before_the_stream_after_a_history_loss_opens_is_not_lost_silently(env):
+    """History lost: the gap was announced at once, the stream from "now" opened later (the
+    server unreachable meanwhile): a change made in between was neither delivered nor behind
+    the gap the subscribers had been told of (they reloaded before it). Every change is now
+    delivered or made before a gap announcement."""
+    source = await _history_lost_then_outage(env)
+    try:
+        async with sc.client(env) as db:
+            gaps_before = len(env.sink.gaps)
+            await db.orders.insert_one({"_id": 3})
+            await db.client.admin.command({"configureFailPoint": "failCommand", "mode": "off"})
+            await sc.wait_until(source.ready, what="the new stream")
+            await db.orders.insert_one({"_id": 4})
+            bodies = await sc.settle(env, 2)
+    finally:
+        await source.stop()
+    ids = [b["document"]["_id"] for b in bodies]
+    assert 4 in ids
+    assert 3 in ids or len(env.sink.gaps) > gaps_before, (ids, env.sink.gaps)
+
+
+async def test_a_restart_before_the_stream_after_a_history_loss_opened_announces_the_gap(env):
+    """History lost, and the gateway stopped before the stream from "now" could open: the
+    token file had been deleted at the loss, so the restart opened from "now" without a word,
+    and the changes made meanwhile were lost silently. The restart now finds the old token,
+    and tells the subscribers again."""
+    source = await _history_lost_then_outage(env)
+    await source.stop()
+    async with sc.client(env) as db:
+        gaps_before = len(env.sink.gaps)
+        await db.orders.insert_one({"_id": 3})
+        await db.client.admin.command({"configureFailPoint": "failCommand", "mode": "off"})
+        async with sc.running(env):
+            await db.orders.insert_one({"_id": 4})
+            bodies = await sc.settle(env, 2)
+    ids = [b["document"]["_id"] for b in bodies]
+    assert 4 in ids
+    assert 3 in ids or len(env.sink.gaps) > gaps_before, (ids, env.sink.gaps)

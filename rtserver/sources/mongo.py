@@ -6,7 +6,7 @@ handle dropped connections and failovers. This module adds what the driver canno
 - the resume token is persisted (a small JSON file under state_dir) only after the events
   before it were published, so a restarted gateway resumes with `resumeAfter` and loses nothing;
 - ChangeStreamHistoryLost (the token is older than the oplog): a loud log, ready() False until
-  a new stream is open, and `history_gap` to every workspace's subscribers;
+  a new stream is open, and then `history_gap` to every workspace's subscribers;
 - `invalidate` (the database was dropped) reopens the stream with `startAfter`;
 - `check_channel` refuses collections that do not exist (listed, cached briefly);
 - a change over 16 MiB comes in fragments ($changeStreamSplitLargeEvent), joined into one.
@@ -212,12 +212,6 @@ class ResumeTokenStore:
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._writer(), name=f"mongo-token-writer:{self.path}")
 
-    def clear(self) -> None:
-        self._pending = b""
-        self._wake.set()
-        if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._writer(), name=f"mongo-token-writer:{self.path}")
-
     async def _writer(self) -> None:
         loop = asyncio.get_running_loop()
         while self._pending is not None:
@@ -235,10 +229,6 @@ class ResumeTokenStore:
                 await asyncio.sleep(1.0)
 
     def _write(self, data: bytes) -> None:
-        if not data:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
-            return
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         replace_file(self.path, json.dumps(
             {"version": 1, "token": base64.b64encode(data[1:]).decode(), "startAfter": data[:1] == b"S"}
@@ -445,6 +435,7 @@ class MongoSource:
         self._publishing_event = 0  # index of the event being published within its change
         self._history_lost = 0
         self._skipped = 0  # changes that could not be converted (_unconvertible)
+        self._gap_reason = ""  # history lost: the history_gap to announce once a new stream is open
         self._last_error = ""
         self._last_event_at = 0.0
         self._streams_opened = 0
@@ -635,8 +626,10 @@ class MongoSource:
         self._token = None
         self._start_after = None
         self._generation += 1  # saves of older tokens still due: that history is lost
-        self._tokens.clear()
-        await announce_gap(self._sink, list(self._workspaces()), "mongo", reason)
+        # Told once the stream from "now" is open (_stream): the gap then covers every change
+        # before it, also those made while it could not open yet. The lost token stays in the
+        # file until then, so a restart meanwhile meets the loss again and reports it.
+        self._gap_reason = reason
 
     async def _stream(self) -> None:
         assert self._client is not None
@@ -652,6 +645,10 @@ class MongoSource:
         stream = await db.watch(self._pipeline(), **options)
         try:
             self._streams_opened += 1
+            if self._gap_reason:
+                # Before the new position is saved: a restart must not pass the loss untold.
+                reason, self._gap_reason = self._gap_reason, ""
+                await announce_gap(self._sink, list(self._workspaces()), "mongo", reason)
             # A stream opened from "now" already has a position (the first, empty batch's
             # postBatchResumeToken): keep it, so changes made while this process is down, even
             # before its first change, are read after a restart or by a standby.
