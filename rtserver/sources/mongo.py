@@ -402,6 +402,7 @@ class MongoSource:
         self._workspaces = workspaces
         self._allow_unknown = allow_unknown_collections
         self._max_await_ms = max_await_ms
+        self._await_ms = max_await_ms  # the getMore wait used: within the URL's timeouts (start())
         self._retry_max = retry_max_seconds
         self._client_options = dict(client_options or {})
         self.feed_id = feed_digest(url, database)  # the ingest's headers name the feed by it
@@ -448,6 +449,7 @@ class MongoSource:
 
     async def start(self) -> None:
         self._client = AsyncMongoClient(self.url, **self._client_options)
+        self._await_ms = self._getmore_wait(self._client)
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"mongo-source:{self.database}")
 
     async def stop(self) -> None:
@@ -477,6 +479,19 @@ class MongoSource:
         if self._client is not None:
             await self._close_client(self._client)
         self._ready = False
+
+    def _getmore_wait(self, client: AsyncMongoClient[Any]) -> int:
+        """max_await_ms, within the URL's timeouts (timeoutMS, socketTimeoutMS): a getMore
+        waiting longer would time out whenever no change comes, and the stream be reopened,
+        on a new connection, about every second (with timeoutMS, reported as a failure each time)."""
+        limits = [t for t in (client.options.timeout, client.options.pool_options.socket_timeout) if t]
+        if not limits:
+            return self._max_await_ms
+        wait = max(1, min(self._max_await_ms, int(min(limits) * 1000) // 2))  # half: room for the round trip
+        if wait < self._max_await_ms:
+            log.info("mongo change stream waits %d ms per getMore, within the URL's timeouts", wait,
+                     extra={"fields": {"database": self.database, "max_await_ms": wait}})
+        return wait
 
     async def _close_client(self, client: AsyncMongoClient[Any]) -> None:
         await close_client(client, self.database)
@@ -634,7 +649,7 @@ class MongoSource:
     async def _stream(self) -> None:
         assert self._client is not None
         db = self._client.get_database(self.database, codec_options=RAW_CODEC)
-        options: dict[str, Any] = {"full_document": "updateLookup", "max_await_time_ms": self._max_await_ms}
+        options: dict[str, Any] = {"full_document": "updateLookup", "max_await_time_ms": self._await_ms}
         if self._with_pre_images:
             options["full_document_before_change"] = "whenAvailable"
         if self._start_after is not None:
