@@ -481,9 +481,16 @@ class Gateway:
         of every workspace only to learn that)."""
         if path in ("/healthz", "/readyz", "/metrics"):
             return True
-        if self.cfg.server.demo and (path in ("/demo", "/demo/") or path.startswith("/demo/")):
-            return (path[len("/demo"):].lstrip("/") or "index.html") in self.static
+        name = self._demo_file(path)
+        if name is not None:
+            return name in self.static
         return http.parse_connect_path(path) is not None
+
+    def _demo_file(self, path: str) -> str | None:
+        """The static file a /demo path names; None when it is no /demo path or the demo is off."""
+        if self.cfg.server.demo and (path == "/demo" or path.startswith("/demo/")):
+            return path[len("/demo"):].lstrip("/") or "index.html"
+        return None
 
     def http_get(self, path: str) -> tuple[int, str, bytes]:
         if path == "/healthz":
@@ -493,8 +500,8 @@ class Gateway:
             return (200 if ready else 503), "application/json", _json.encode(details)
         if path == "/metrics":
             return 200, "text/plain; version=0.0.4", self.metrics.render()
-        if self.cfg.server.demo and (path in ("/demo", "/demo/") or path.startswith("/demo/")):
-            name = path[len("/demo"):].lstrip("/") or "index.html"
+        name = self._demo_file(path)
+        if name is not None:
             found = self.static.get(name)
             if found is None:
                 return 404, "application/json", _err(f"no such file: /demo/{name}")

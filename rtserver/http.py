@@ -107,7 +107,7 @@ def http_response(
     return b"%s%d\r\n\r\n%s" % (head, len(body), body)
 
 
-def _for_method(method: bytes, response: bytes) -> bytes:
+def for_method(method: bytes, response: bytes) -> bytes:
     """`response` as the answer to `method`: a HEAD gets the head alone, its Content-Length
     the body's (RFC 9110 §9.3.2), whatever the status. Only the GET endpoints' answers left out
     their body: a 405 for a publish URL kept it, and a keep-alive client read it as the start of
@@ -619,7 +619,7 @@ class FrontProtocol(asyncio.Protocol):
             try:
                 path = _target_path(req.url)
             except httptools.HttpParserInvalidURLError:
-                self._respond(_for_method(method, json_error(400, "malformed URL", keep_alive)), close=not keep_alive)
+                self._respond(for_method(method, json_error(400, "malformed URL", keep_alive)), close=not keep_alive)
                 return
             m = PUBLISH_RE.match(path)
             route = None
@@ -645,7 +645,7 @@ class FrontProtocol(asyncio.Protocol):
             log.exception("HTTP request failed", extra={"fields": {"path": path, "method": method.decode()}})
             response = json_error(500, "internal error", keep_alive=False)
             keep_alive = False
-        self._respond(_for_method(method, response), close=not keep_alive)
+        self._respond(for_method(method, response), close=not keep_alive)
 
     def _not_served(self, method: bytes, path: str, publish: bool, keep_alive: bool) -> bytes:
         """The answer to a method an endpoint does not take: 405 naming those it takes (a

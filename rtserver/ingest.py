@@ -49,7 +49,7 @@ from rtserver.bus_kafka import (
 )
 from rtserver.bus_txn import TransactionalWriter, WriterFailed
 from rtserver.config import Config
-from rtserver.http import http_response
+from rtserver.http import for_method, http_response
 from rtserver.lease import Lease
 from rtserver.metrics import SOURCE_COUNTS, Row, family_lines, source_rows
 from rtserver.redact import redact
@@ -642,10 +642,7 @@ class Ingest:
                 status, body, ctype = 200, ("\n".join(lines) + "\n").encode(), "text/plain; version=0.0.4"
             else:
                 status, body = 404, b'{"error":"no such endpoint"}'
-            response = http_response(status, body, ctype, keep_alive=False, allow=allow)
-            if method == b"HEAD":
-                response = response[: len(response) - len(body)]  # headers only, same length
-            writer.write(response)
+            writer.write(for_method(method, http_response(status, body, ctype, keep_alive=False, allow=allow)))
             await writer.drain()
         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError):
             pass

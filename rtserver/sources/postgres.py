@@ -379,7 +379,7 @@ class PostgresSource:
                 await self._recreate_slot(str(exc))
                 continue
             except SetupError as exc:
-                self._retry_delay(backoff)  # not retried quickly, whether the stream worked or not
+                self._streamed = False  # a setup error waits BACKOFF_MAX, whether the stream worked or not
                 backoff = BACKOFF_MAX
                 self._fail(str(exc), loud=True, retry_in=backoff)
             except (OSError, StreamError, psycopg.Error, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
