@@ -71,37 +71,28 @@ async def test_js_client_suite_against_the_gateway(gateway_factory):
            "RT_TEST_GATEWAY_ONE_CONNECTION": full.url, "RT_TEST_GATEWAY_HASTY": hasty.url,
            "RT_TEST_GATEWAY_QUOTA": quota.url, "RT_TEST_GATEWAY_NO_IDP": no_idp.url, "RT_TEST_GATEWAY_IDLE": idle.url,
            "RT_TEST_GATEWAY_SMALL_BUFFER": small.url, "RT_TEST_GATEWAY_CHANNEL_PERMISSIONS": perms.url}
+    await _run_node_suite(node, env, None, timeout=180, gateway=gw)
+
+
+async def _run_node_suite(node: str, env: dict[str, str], pattern: str | None, timeout: float = 120,
+                          gateway=None) -> str:
+    """Runs the node:test suite (its tests whose names match `pattern`; all with None), which
+    must pass with at least one test run; its output. A failure shows `gateway`'s log too."""
+    only = [f"--test-name-pattern={pattern}"] if pattern is not None else []
     proc = await asyncio.create_subprocess_exec(
-        node, "--test", "--test-reporter=spec", "test/client.test.js",
+        node, "--test", "--test-reporter=spec", *only, "test/client.test.js",
         cwd=JS, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )
     try:
-        out, _ = await asyncio.wait_for(proc.communicate(), 180)
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout)
     except TimeoutError:
         proc.kill()
         out, _ = await proc.communicate()
         pytest.fail(f"node --test timed out:\n{out.decode(errors='replace')}")
     text = out.decode(errors="replace")
     print(text)
-    assert proc.returncode == 0, f"node --test failed:\n{text}\n--- gateway log ---\n{gw.logs()[-4000:]}"
-    assert "ℹ fail 0" in text and "ℹ pass 0" not in text, text
-
-
-async def _run_node_suite(node: str, env: dict[str, str], pattern: str) -> str:
-    """Runs the node:test suite's tests whose names match `pattern`; its output."""
-    proc = await asyncio.create_subprocess_exec(
-        node, "--test", "--test-reporter=spec", f"--test-name-pattern={pattern}", "test/client.test.js",
-        cwd=JS, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )
-    try:
-        out, _ = await asyncio.wait_for(proc.communicate(), 120)
-    except TimeoutError:
-        proc.kill()
-        out, _ = await proc.communicate()
-        pytest.fail(f"node --test timed out:\n{out.decode(errors='replace')}")
-    text = out.decode(errors="replace")
-    print(text)
-    assert proc.returncode == 0 and "ℹ fail 0" in text and "ℹ pass 0" not in text, f"node --test failed:\n{text}"
+    log = f"\n--- gateway log ---\n{gateway.logs()[-4000:]}" if gateway is not None else ""
+    assert proc.returncode == 0 and "ℹ fail 0" in text and "ℹ pass 0" not in text, f"node --test failed:\n{text}{log}"
     return text
 
 
