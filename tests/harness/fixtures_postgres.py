@@ -60,27 +60,41 @@ def drop_database(cluster: PgCluster, name: str, conn: psycopg.Connection | None
     conn = conn or _admin(cluster)
     try:
         # A gateway still running (fixtures are torn down before gateway_factory stops it)
-        # reconnects its replication stream as soon as its walsender is terminated: the slot
-        # was active again when DROP DATABASE came.
+        # reconnects its replication stream as soon as its walsender is terminated, and its
+        # plain connection, left open, made the slot anew: the slot was active again when DROP
+        # DATABASE came. New connections are refused, every backend of the database ended (the
+        # plain ones too), and the drop retried until nothing holds a slot.
         with contextlib.suppress(psycopg.errors.InvalidCatalogName):
             conn.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
-        for _ in range(50):
-            rows = conn.execute(
-                "SELECT slot_name, active_pid FROM pg_replication_slots WHERE database = %s", (name,)
-            ).fetchall()
-            if not rows:
-                break
-            for slot, pid in rows:
-                if pid is not None:
-                    conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        # A deadline, not a count of rounds: on a loaded machine a terminated walsender took
+        # longer than 50 rounds of 0.1 s to let go of its slot.
+        deadline = time.monotonic() + 30
+        while True:
+            conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = %s AND pid <> pg_backend_pid()",
+                (name,),
+            )
+            for (slot,) in conn.execute(
+                "SELECT slot_name FROM pg_replication_slots WHERE database = %s", (name,)
+            ).fetchall():
                 try:
                     conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
                 except psycopg.errors.ObjectInUse:
-                    pass  # the walsender is still exiting; retried on the next round
-            # Without a pause the 50 rounds passed within milliseconds on a busy machine, the
-            # walsender still exiting, and DROP DATABASE failed on its slot.
+                    pass  # its walsender is still exiting; retried on the next round
+            try:
+                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+                return
+            except psycopg.errors.ObjectInUse as exc:
+                if time.monotonic() > deadline:
+                    holders = conn.execute(
+                        "SELECT s.slot_name, a.pid, a.backend_type, a.state, a.wait_event"
+                        " FROM pg_replication_slots s LEFT JOIN pg_stat_activity a ON a.pid = s.active_pid"
+                        " WHERE s.database = %s",
+                        (name,),
+                    ).fetchall()
+                    raise AssertionError(f"database {name} still held after 30 s: {holders}") from exc
             time.sleep(0.1)
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
         if own:
             conn.close()
