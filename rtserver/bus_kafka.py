@@ -45,6 +45,9 @@ GAP = "GAP"  # operation of a control record: the source lost changes (history_g
 _MAX_CONCURRENT_READ_BACKS = 4
 _READ_BACK_ROOM_BYTES = 64 * 1024  # emitted between two waits for the reader (read_back)
 _READ_BACK_STALL = 10.0  # seconds without progress before a read-back gives up (history_gap)
+# Seconds a read-back waits for its reader holding its place (and its Kafka consumer); a
+# reader slower than that waits without them, and the read-back reopens where it stopped.
+_READ_BACK_HOLD = 1.0
 _PROBE_INTERVAL = 1.0  # seconds between two metadata requests of a publisher's watch
 _NO_ANSWER = "no broker answered a metadata request"
 TABLES_TTL = 2.0  # seconds a node keeps the catalog's judgement of the configured tables (RemoteSource)
@@ -1034,85 +1037,137 @@ class KafkaBus:
         client that read at full speed with 1013). `gap_first(oldest)` is called before the
         first record is emitted when the topic no longer holds some of them: history_gap comes
         first (PROTOCOL.md §7)."""
-        from aiokafka import AIOKafkaConsumer, TopicPartition
+        from aiokafka import TopicPartition
 
         tp = TopicPartition(self.topic, partition_for(workspace, len(self._floor)))
         key = workspace.encode()
-        async with self._read_backs:
+        place = self._read_backs
+        await place.acquire()
+        held = True
+        consumer = None
+        try:
             if since >= floor() or cancelled():
                 return since, None, frozenset()
-            # auto_offset_reset none: records deleted between the check of the beginning below and
-            # the fetch raise (the caller sends history_gap) instead of being skipped in silence.
-            consumer = AIOKafkaConsumer(**self.publisher.options, client_id=f"rtserver-readback-{self.node}",
-                                        group_id=None, enable_auto_commit=False, fetch_max_wait_ms=100,
-                                        auto_offset_reset="none", isolation_level="read_committed",
-                                        max_partition_fetch_bytes=self._fetch_bytes)
-            try:
-                await consumer.start()
-                consumer.assign([tp])
-                begin = (await consumer.beginning_offsets([tp]))[tp]
-                gap = None
-                start = since  # offset of the record right after seq `since`
-                if start < begin:
-                    gap, start = begin + 1, begin  # deleted by retention
-                if floor() - start > self.cfg.bus.max_replay:
-                    return since, None, frozenset()  # too far back: the caller reports a history_gap
-                consumer.seek(tp, start)
-                pos = start
-                lost: set[str] = set()
+            consumer = await self._read_back_consumer(tp, workspace)
+            begin = (await consumer.beginning_offsets([tp]))[tp]
+            gap = None
+            start = since  # offset of the record right after seq `since`
+            if start < begin:
+                gap, start = begin + 1, begin  # deleted by retention
+            if floor() - start > self.cfg.bus.max_replay:
+                return since, None, frozenset()  # too far back: the caller reports a history_gap
+            consumer.seek(tp, start)
+            pos = start
+            lost: set[str] = set()
+            stalled = time.monotonic()
+
+            async def reader_took() -> bool:
+                """Wait for `room`: within _READ_BACK_HOLD with the place and the consumer,
+                else without them (a reader that stopped reading held one of the node's few
+                places for as long as its connection lived, and every other resume from before
+                the memory waited behind it); True when the consumer was renewed at `pos`."""
+                nonlocal consumer, held
+                assert room is not None
+                waiting = asyncio.ensure_future(room())
+                try:
+                    done, _ = await asyncio.wait({waiting}, timeout=_READ_BACK_HOLD)
+                    if done:
+                        waiting.result()
+                        return False
+                    self._stop_in_background(consumer, workspace)
+                    consumer = None
+                    place.release()
+                    held = False
+                    await waiting
+                finally:
+                    waiting.cancel()
+                await place.acquire()
+                held = True
+                if pos >= floor() or cancelled():
+                    return True
+                consumer = await self._read_back_consumer(tp, workspace)
+                consumer.seek(tp, pos)
+                return True
+
+            while pos < floor() and not cancelled():
+                if room is not None:
+                    if await reader_took():
+                        stalled = time.monotonic()  # the reader's time, not Kafka's
+                    if pos >= floor() or cancelled():
+                        break
+                batch = await consumer.getmany(tp, timeout_ms=500, max_records=1000)
+                records = batch.get(tp, [])
+                if not records:
+                    # past commit markers only (see _run)
+                    pos = max(pos, await consumer.position(tp))
+                    if pos >= floor() or cancelled():
+                        break
+                    if time.monotonic() - stalled > _READ_BACK_STALL:
+                        return since, None, frozenset()
+                    continue
                 stalled = time.monotonic()
-                while pos < floor() and not cancelled():
-                    if room is not None:
-                        await room()
-                        if pos >= floor() or cancelled():
-                            break
-                    batch = await consumer.getmany(tp, timeout_ms=500, max_records=1000)
-                    records = batch.get(tp, [])
-                    if not records:
-                        # past commit markers only (see _run)
-                        pos = max(pos, await consumer.position(tp))
-                        if pos >= floor() or cancelled():
-                            break
-                        if time.monotonic() - stalled > _READ_BACK_STALL:
-                            return since, None, frozenset()
+                emitted = 0
+                for r in records:
+                    if r.offset >= floor():
+                        # Its seq is past the floor: the memory history holds it, or this
+                        # node's consumer, behind this fetch, delivers it once the caller
+                        # goes live (sent here too, it came twice, seq going back).
+                        pos = floor()
+                        break
+                    pos = r.offset + 1
+                    if r.key != key:
                         continue
-                    stalled = time.monotonic()
-                    emitted = 0
-                    for r in records:
-                        if r.offset >= floor():
-                            # Its seq is past the floor: the memory history holds it, or this
-                            # node's consumer, behind this fetch, delivers it once the caller
-                            # goes live (sent here too, it came twice, seq going back).
-                            pos = floor()
-                            break
-                        pos = r.offset + 1
-                        if r.key != key:
-                            continue
-                        try:
-                            rec, event = decode_record(r.key, r.value)
-                        except ForeignRecord as exc:  # the live consumer skipped it too
-                            log.error("bus record skipped in a read-back: %s", exc,
-                                      extra={"fields": record_fields(self.topic, tp.partition, r.offset, r.key)})
-                            continue
-                        if rec.operation == GAP:
-                            lost.add(rec.source)
-                        else:
-                            if gap is not None and gap_first is not None:
-                                gap_first(gap)
-                                gap_first = None
-                            emit(pos, event)
-                            emitted += len(r.value)
-                            if room is not None and emitted >= _READ_BACK_ROOM_BYTES:
-                                await room()
-                                emitted = 0
-                return pos, gap, frozenset(lost)
-            finally:
+                    try:
+                        rec, event = decode_record(r.key, r.value)
+                    except ForeignRecord as exc:  # the live consumer skipped it too
+                        log.error("bus record skipped in a read-back: %s", exc,
+                                  extra={"fields": record_fields(self.topic, tp.partition, r.offset, r.key)})
+                        continue
+                    if rec.operation == GAP:
+                        lost.add(rec.source)
+                    else:
+                        if gap is not None and gap_first is not None:
+                            gap_first(gap)
+                            gap_first = None
+                        emit(pos, event)
+                        emitted += len(r.value)
+                        if room is not None and emitted >= _READ_BACK_ROOM_BYTES:
+                            emitted = 0
+                            if await reader_took():
+                                stalled = time.monotonic()
+                                break  # the rest of this batch is fetched again, from `pos`
+            return pos, gap, frozenset(lost)
+        finally:
+            if consumer is not None:
                 # Stopped in the background: awaiting here would let the history move on
                 # between our last check of floor() and the caller's switch to memory.
-                t = asyncio.ensure_future(stop_client(consumer, "read-back consumer",
-                                                      {"topic": self.topic, "workspace": workspace}))
-                self._stopping.add(t)
-                t.add_done_callback(self._stopping.discard)
+                self._stop_in_background(consumer, workspace)
+            if held:
+                place.release()
+
+    async def _read_back_consumer(self, tp: Any, workspace: str) -> Any:
+        """A started consumer of `tp` for a read-back (stopped by _stop_in_background)."""
+        from aiokafka import AIOKafkaConsumer
+
+        # auto_offset_reset none: records deleted between the check of the beginning and the
+        # fetch raise (the caller sends history_gap) instead of being skipped in silence.
+        consumer = AIOKafkaConsumer(**self.publisher.options, client_id=f"rtserver-readback-{self.node}",
+                                    group_id=None, enable_auto_commit=False, fetch_max_wait_ms=100,
+                                    auto_offset_reset="none", isolation_level="read_committed",
+                                    max_partition_fetch_bytes=self._fetch_bytes)
+        try:
+            await consumer.start()
+        except BaseException:
+            self._stop_in_background(consumer, workspace)
+            raise
+        consumer.assign([tp])
+        return consumer
+
+    def _stop_in_background(self, consumer: Any, workspace: str) -> None:
+        t = asyncio.ensure_future(stop_client(consumer, "read-back consumer",
+                                              {"topic": self.topic, "workspace": workspace}))
+        self._stopping.add(t)
+        t.add_done_callback(self._stopping.discard)
 
 
 class RemoteSource:

@@ -831,6 +831,73 @@ async def test_a_read_back_larger_than_the_send_buffer_reaches_a_reader_that_kee
         await gw.shutdown()
 
 
+async def test_readers_that_stop_reading_during_a_read_back_do_not_hold_up_other_resumes(kafka_broker, tmp_path):
+    """A read-back from Kafka waits for its reader to take what it was sent; the node runs a
+    few read-backs at a time (each holds a Kafka consumer). Clients that stopped reading in
+    the middle of theirs (a hung tab, a peer gone without a FIN) held those places for as long
+    as their connections lived, so every other client resuming on the node from before its
+    memory waited, its subscriptions held back from the live stream too. Only the client that
+    reads is waited for; the stalled ones get the rest of their read-back, in order, once they
+    read again."""
+    from rtserver.bus_kafka import _MAX_CONCURRENT_READ_BACKS
+    from tests.test_churn import Addr, Publisher, _raw_upgrade, _token
+    from tests.test_http_pipelining import masked_text_frame
+
+    gw = await _node_in_process(kafka_broker, tmp_path, RT_HISTORY_EVENTS="2", RT_SEND_BUFFER_BYTES="262144",
+                                RT_MAX_CONNECTIONS_PER_SUBJECT="20", RT_IDLE_TIMEOUT="600")
+    pub = Publisher(gw.port)
+    loop = asyncio.get_running_loop()
+    stalled: list[socket.socket] = []
+    try:
+        published = [await pub.publish("w1", "big", {"i": i, "blob": "x" * 20000}) for i in range(150)]
+        subscribe = json.dumps({"type": "subscribe", "channel": "events:big", "since": published[0] - 1}).encode()
+        for _ in range(_MAX_CONCURRENT_READ_BACKS):
+            known = set(gw.connections)
+            s = await _raw_upgrade(gw.port, "w1", token=_token(["w1"], "u"), rcvbuf=65536)
+            stalled.append(s)
+            for _ in range(100):
+                if set(gw.connections) - known:
+                    break
+                await asyncio.sleep(0.05)
+            (conn,) = set(gw.connections) - known
+            conn._raw.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+            await loop.sock_sendall(s, masked_text_frame(subscribe))
+        # Each stalled read-back has sent what the client's and the gateway's buffers take.
+        for _ in range(200):
+            if all(c._raw.get_write_buffer_size() > 65536 for c in gw.connections):
+                break
+            await asyncio.sleep(0.05)
+        async with ws_connect(Addr(gw), "w1", token=_token(["w1"], "v")) as c:
+            await c.send({"type": "subscribe", "channel": "events:big", "since": published[-6]})
+            assert (await c.recv_type("subscribed", 20))["channel"] == "events:big"
+            assert [(await c.recv_event(20))["seq"] for _ in range(5)] == published[-5:]
+            live = await pub.publish("w1", "big", {"i": "live"})
+            assert (await c.recv_event(10))["seq"] == live
+        # A stalled client reading again gets all of its read-back, in order, then the live one.
+        reader, writer = await asyncio.open_connection(sock=stalled.pop(0))
+        try:
+            seqs = []
+            while len(seqs) < len(published) + 1:
+                first = await asyncio.wait_for(reader.readexactly(2), 20)
+                size = first[1] & 0x7F
+                if size == 126:
+                    size = int.from_bytes(await reader.readexactly(2), "big")
+                elif size == 127:
+                    size = int.from_bytes(await reader.readexactly(8), "big")
+                msg = json.loads(await asyncio.wait_for(reader.readexactly(size), 20))
+                if msg["type"] == "event":
+                    seqs.append(msg["seq"])
+            assert seqs == [*published, live]
+        finally:
+            writer.close()
+        assert gw.metrics.drops_slow_reader == 0
+    finally:
+        for s in stalled:
+            s.close()
+        await pub.close()
+        await gw.shutdown()
+
+
 async def test_two_subscriptions_read_back_with_the_same_since_send_each_event_once(kafka_broker, tmp_path):
     """`events:*` and `events:orders` subscribed with one `since` older than the node's
     memory: the second read-back from Kafka leaves out what the first sent (before, every
