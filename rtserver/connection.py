@@ -597,7 +597,7 @@ class Connection(WSListener):
             self._timer.cancel()
         self.identity = identity
         self.workspace = ws
-        ws.connections.add(self)
+        gw.hub.joined(ws, self)
         subjects = gw.hub.subjects
         subjects[identity.subject] = subjects.get(identity.subject, 0) + 1
         self._arm_expiry()
@@ -1173,7 +1173,7 @@ class Connection(WSListener):
         for sub in self.subscriptions.values():
             gw.hub.remove(ws, sub)
         self.subscriptions = {}
-        ws.connections.discard(self)
+        gw.hub.left(ws, self)
         assert self.identity is not None
         subject = self.identity.subject
         subjects = gw.hub.subjects
