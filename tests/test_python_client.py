@@ -1068,8 +1068,9 @@ async def test_a_source_loss_told_live_is_not_told_again_by_the_next_resume(gate
             await wait_for(lambda: len(got) == 1, 15, "the first event")
             # Rows written to a table before the gateway's publication holds it are lost; a
             # subscribe to it makes the gateway add it and find the loss.
-            await db.execute("CREATE TABLE fresh (id int PRIMARY KEY)")
-            await db.execute("INSERT INTO fresh VALUES (1)")
+            # One transaction: the periodic publication sync (every 2 s) could otherwise add the
+            # table between the two, and the row was captured (no loss to tell).
+            await db.execute("CREATE TABLE fresh (id int PRIMARY KEY); INSERT INTO fresh VALUES (1)")
             await other.connect()
             await asyncio.wait_for(other.subscribe("postgres:fresh"), 15)
             await wait_for(lambda: len(gaps) == 1, 15, "the loss, told live")

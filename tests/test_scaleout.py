@@ -1714,9 +1714,11 @@ async def _records_of_a_killed_mongo_holder(cluster, db, headed: int = 1) -> lis
     return records
 
 
-async def _republish(cluster, records: list, headers: Callable[[Any], list], timestamp_ms: int | None = None) -> None:
+async def _republish(cluster, records: list, headers: Callable[[Any], list], timestamp_ms: int | None = None,
+                     read_by=None) -> None:
     """`records` written again, each to its partition, into the cluster's bus topic (as set now),
-    with the headers `headers` gives each."""
+    with the headers `headers` gives each; with `read_by` (a node), returns once that node has
+    read them: a client subscribing sooner got them as live events (seen on a loaded machine)."""
     from aiokafka import AIOKafkaProducer
 
     producer = AIOKafkaProducer(bootstrap_servers=cluster.env["RT_BUS_KAFKA_BOOTSTRAP"])
@@ -1727,6 +1729,13 @@ async def _republish(cluster, records: list, headers: Callable[[Any], list], tim
                                          headers=headers(r), timestamp_ms=timestamp_ms)
     finally:
         await producer.stop()
+    if read_by is not None:
+        # An event published after them to the same partition (w1's), seen live: the node's
+        # consumer has passed them.
+        async with ws_connect(read_by, "w1", token=read_by.token("w1")) as c:
+            await c.subscribe("events:read-by")
+            mark = await read_by.publish("w1", "read-by", {})
+            assert [e["seq"] for e in await events(c, 1)] == [mark["seq"]]
 
 
 async def test_a_mongo_takeover_reads_the_headers_of_an_earlier_version(cluster, mongo_server):
@@ -1747,7 +1756,8 @@ async def test_a_mongo_takeover_reads_the_headers_of_an_earlier_version(cluster,
         # The same records in a topic of their own, as an earlier version wrote them.
         cluster.env["RT_BUS_TOPIC"] = f"{old_topic}.earlier"
         node = await cluster.node()
-        await _republish(cluster, records, lambda r: [(n, v) for n, v in r.headers if n != MONGO_FEED_HEADER])
+        await _republish(cluster, records, lambda r: [(n, v) for n, v in r.headers if n != MONGO_FEED_HEADER],
+                         read_by=node)
         async with ws_connect(node, "w1", token=node.token("w1")) as c:
             await c.subscribe("mongo:orders")
             await db.orders.insert_one({"_id": 2})  # while no ingest reads the feed
@@ -1929,7 +1939,7 @@ async def test_a_mongo_takeover_after_a_quiet_spell_resumes_after_the_token_kafk
         cluster.env["RT_BUS_TOPIC"] = f"{old_topic}.quiet"
         node = await cluster.node()
         then = int((time.time() - _SCAN_SECONDS - 60) * 1000)
-        await _republish(cluster, records, lambda r: list(r.headers), timestamp_ms=then)
+        await _republish(cluster, records, lambda r: list(r.headers), timestamp_ms=then, read_by=node)
         async with ws_connect(node, "w1", token=node.token("w1")) as c:
             await c.subscribe("mongo:orders")
             await db.orders.insert_one({"_id": 2})  # while no ingest reads the feed
@@ -2517,7 +2527,7 @@ async def test_a_clean_handover_from_an_earlier_version_loses_nothing(cluster):
     # The same records in a topic of their own, as the earlier version wrote them.
     cluster.env["RT_BUS_TOPIC"] = f"{cluster.env['RT_BUS_TOPIC']}.earlier"
     node = await cluster.node()
-    await _republish(cluster, records, _earlier_rt_pos)
+    await _republish(cluster, records, _earlier_rt_pos, read_by=node)
     async with ws_connect(node, "w1", token=node.token("w1")) as c:
         await c.subscribe("postgres:orders")
         second = await cluster.ingest()

@@ -77,10 +77,13 @@ class TcpProxy:
         if self.hold:
             writer.transport.abort()
             return
-        if self.answer is not None:
+        # Taken as the connection arrives: a test clearing `answer` while the request was read
+        # made this connection write None (a garbled answer the client reported as an error).
+        answer = self.answer
+        if answer is not None:
             try:
                 await reader.readuntil(b"\r\n\r\n")
-                writer.write(self.answer)
+                writer.write(answer)
                 await writer.drain()
             except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
                 pass
