@@ -30,6 +30,7 @@ from pymongo import AsyncMongoClient
 from tests.harness.prometheus import parse_exposition
 from tests.harness.wsclient import Client, ws_connect
 from tests.test_churn import _masked_text, _raw_upgrade, _reset
+from tests.test_scaleout import cluster  # noqa: F401 - the Kafka soak's fixture
 
 pytestmark = pytest.mark.postgres
 
@@ -283,3 +284,94 @@ async def test_soak_leaves_no_descriptors_or_gauges_behind(soak_gateway):
     assert _gauge(end_m, "rt_drops_total") >= 2 * CYCLES
     # Nothing asserted on rt_audit_*: audit records are logged (no Kafka), written on a thread.
 
+
+
+async def _kafka_cycle(gw, db, tag: str, first_seq: int) -> None:
+    """One cycle against a node on the Kafka bus: reads back from Kafka (the node remembers two
+    events), and leaves during a read-back."""
+    token = gw.token("w1", sub=f"k-{tag}")
+    pub_token = gw.token("w1", sub=f"kpub-{tag}", publish=True)
+    async with ws_connect(gw, "w1", token=token) as c:
+        await c.subscribe("postgres:orders", {"predicates": {"note": tag}})
+        await c.subscribe("events:x", {"predicates": {"tag": tag}})
+        await db.execute("INSERT INTO orders (note) VALUES ($1)", tag)
+        seq = (await gw.publish("w1", "x", {"tag": tag}, token=pub_token))["seq"]
+        unseen = (await gw.publish("w1", "y", {"tag": tag}, token=pub_token))["seq"]
+        got = set()
+        while len(got) < 2:
+            got.add((await _recv_until(c, lambda m: m.get("type") == "event"))["channel"])
+        # Read back from Kafka (older than the node's memory) what events:x did not show.
+        await c.send({"type": "subscribe", "channel": "events:*", "since": first_seq,
+                      "filter": {"predicates": {"tag": tag}}})
+        await _recv_until(c, lambda m: m.get("type") == "event" and m.get("seq") == unseen)
+        session = (await c.auth(gw.token("w1", sub=f"k-{tag}")))["sessionId"]
+        c.ws.transport.abort()
+    async def resumable() -> bool:
+        return _gauge(await _metrics(gw), "rt_suspended_sessions") >= 1
+    await _until(resumable, what="the cut session to be suspended")
+    async with ws_connect(gw, "w1") as c:
+        assert (await c.auth(token, resume=session, since=first_seq))["resumed"] is True
+        await _recv_until(c, lambda m: m.get("type") == "event" and m.get("seq") == seq)
+    # Gone during a read-back.
+    s = await _raw_upgrade(gw.port, "w1", token)
+    await asyncio.get_running_loop().sock_sendall(
+        s, _masked_text(json.dumps({"type": "subscribe", "channel": "events:*", "since": first_seq}).encode()))
+    _reset(s)
+    assert b" 400 " in await _raw_publish(gw.port, _post("w1", "x", b"{not json", pub_token))
+    assert b" 401 " in await _raw_publish(gw.port, _post("w1", "x", b"{}", None))
+
+
+@pytest.mark.kafka
+async def test_soak_kafka_node_and_ingest_leave_nothing_behind(cluster):  # noqa: F811
+    from tests.test_scaleout import wait_ready
+
+    await cluster.db.execute("DROP TABLE orders")
+    await cluster.db.execute("CREATE TABLE orders (id serial PRIMARY KEY, note text)")
+    ingest = await cluster.ingest()
+    await ingest.wait_active()
+    gw = await cluster.node(RT_HISTORY_EVENTS="2", RT_RESUME_TTL=str(RESUME_TTL), RT_LOG_LEVEL="warning")
+    await wait_ready(gw)
+    first_seq = (await gw.publish("w1", "x", {"tag": "first"}))["seq"] - 1
+    db = cluster.db
+    lock = asyncio.Lock()  # one asyncpg connection: one statement at a time
+
+    class Serialized:
+        async def execute(self, *args):
+            async with lock:
+                return await db.execute(*args)
+
+    async def phase(name: str, cycles: int) -> None:
+        sem = asyncio.Semaphore(PARALLEL)
+
+        async def one(i: int) -> None:
+            async with sem:
+                await _kafka_cycle(gw, Serialized(), f"{name}{i}", first_seq)
+
+        await asyncio.gather(*(one(i) for i in range(cycles)))
+
+    def ingest_fds() -> int:
+        return len(os.listdir(f"/proc/{ingest.proc.pid}/fd"))
+
+    settled = {k: v for k, v in SETTLED.items() if k != "rt_source_streamed_open"}
+
+    async def at_rest() -> dict[str, int]:
+        deadline = time.monotonic() + 60
+        while True:
+            samples = await _metrics(gw)
+            off = {k: _gauge(samples, k) for k, want in settled.items() if _gauge(samples, k) != want}
+            if not off:
+                return {**_proc(gw), "ingest_fds": ingest_fds()}
+            assert time.monotonic() < deadline, f"gauges not back at rest: {off}"
+            await asyncio.sleep(0.2)
+
+    await phase("warm", max(2, CYCLES // 2))
+    start = await at_rest()
+    await phase("a", CYCLES)
+    mid = await at_rest()
+    await phase("b", CYCLES)
+    end = await at_rest()
+    print(f"kafka soak: start {start}, after a {mid}, after b {end}", file=sys.stderr)
+    margin = 3 + CYCLES // 20
+    for key in ("fds", "ingest_fds"):
+        assert end[key] - start[key] <= margin and end[key] - mid[key] <= margin, (key, start, mid, end)
+    assert end["threads"] <= start["threads"] + 2, (start, end)
