@@ -32,11 +32,13 @@ from tests.harness.wsclient import Client, ws_connect
 from tests.test_churn import _masked_text, _raw_upgrade, _reset
 from tests.test_scaleout import cluster  # noqa: F401 - the Kafka soak's fixture
 
-pytestmark = pytest.mark.postgres
+# A longer run by hand gets a longer timeout (pytest-timeout's default is 120 s).
+pytestmark = [pytest.mark.postgres]
 
 CYCLES = int(os.environ.get("RT_SOAK_CYCLES", "12"))
 PARALLEL = int(os.environ.get("RT_SOAK_PARALLEL", "2"))
 RESUME_TTL = 1.0
+pytestmark.append(pytest.mark.timeout(max(120, 6 * CYCLES // max(1, PARALLEL // 2) + 60)))
 # Gauges that must be back at these values once every client has left (the scrape reading them
 # is itself one HTTP connection).
 SETTLED = {
@@ -135,11 +137,24 @@ async def _recv_until(c: Client, pred, timeout: float = 20) -> dict:
             return msg
 
 
-async def _cycle(gw, db, mongo, tag: str) -> None:
-    """One cycle; every connection it opens has ended when it returns."""
-    sub = f"soak-{tag}"
-    token = gw.token("w1", sub=sub)
-    pub_token = gw.token("w1", sub=f"pub-{tag}", publish=True)
+_TOKENS: dict[tuple, str] = {}
+
+
+def _token(gw, workspace: str, sub: str, **claims) -> str:
+    """A token per subject, made once: the gateway remembers verified tokens (a bounded LRU of
+    4096), and a token per cycle would fill it, as growth of RSS the cycles do not leave."""
+    key = (gw.port, workspace, sub, tuple(sorted(claims.items())))
+    if key not in _TOKENS:
+        _TOKENS[key] = gw.token(workspace, sub=sub, **claims)
+    return _TOKENS[key]
+
+
+async def _cycle(gw, db, mongo, tag: str, slot: int) -> None:
+    """One cycle; every connection it opens has ended when it returns. `slot` names its
+    subjects (a few, reused by later cycles: _token)."""
+    sub = f"soak-{slot}"
+    token = _token(gw, "w1", sub)
+    pub_token = _token(gw, "w1", f"pub-{slot}", publish=True)
     port = gw.port
 
     async with ws_connect(gw, "w1", token=token) as c:
@@ -159,7 +174,7 @@ async def _cycle(gw, db, mongo, tag: str) -> None:
         await _recv_until(c, lambda m: m.get("type") == "unsubscribed")
         await c.subscribe("events:*", {"entity": "other", "predicates": {"tag": tag}})  # resubscribe
         await c.subscribe("events:orders", {"predicates": {"tag": {"$in": [tag, "x"]}}})  # replaces
-        await c.send({"type": "auth", "token": gw.token("w1", sub=sub)})  # refresh
+        await c.send({"type": "auth", "token": token})  # refresh
         session = (await _recv_until(c, lambda m: m.get("type") == "auth_ok"))["sessionId"]
         # Abrupt: half a frame, then the connection is cut under the client.
         c.ws.transport.write(_masked_text(b'{"type":"ping","id":"cut"}')[:9])
@@ -183,7 +198,7 @@ async def _cycle(gw, db, mongo, tag: str) -> None:
         await c.send({"type": "unsubscribe", "channel": "mongo:orders"})
         await _recv_until(c, lambda m: m.get("type") == "unsubscribed")
     # A session left to expire (resume_ttl), header auth.
-    async with ws_connect(gw, "w1", token=gw.token("w1", sub=sub), header_auth=True) as c:
+    async with ws_connect(gw, "w1", token=token, header_auth=True) as c:
         await c.recv_type("auth_ok")
         await c.subscribe("events:orders")
 
@@ -191,21 +206,21 @@ async def _cycle(gw, db, mongo, tag: str) -> None:
     s = await _raw_upgrade(port, "w1")
     await asyncio.get_running_loop().sock_sendall(s, _masked_text(json.dumps({"type": "auth", "token": token}).encode()))
     _reset(s)
-    s = await _raw_upgrade(port, "w1", gw.token("w1", sub=sub))
+    s = await _raw_upgrade(port, "w1", token)
     await asyncio.get_running_loop().sock_sendall(
         s, _masked_text(json.dumps({"type": "subscribe", "channel": "postgres:items"}).encode()))
     _reset(s)
-    s = await _raw_upgrade(port, "w1", gw.token("w1", sub=sub))
+    s = await _raw_upgrade(port, "w1", token)
     await asyncio.get_running_loop().sock_sendall(
         s, _masked_text(json.dumps({"type": "subscribe", "channel": "events:*", "since": 0}).encode()))
     _reset(s)
 
     # Failed auth: a bad signature, another workspace, no auth in time.
     async with ws_connect(gw, "w1") as c:
-        await c.send({"type": "auth", "token": gw.token("w1", sub=sub, secret="another-secret-0123456789abcdef01")})
+        await c.send({"type": "auth", "token": _token(gw, "w1", sub, secret="another-secret-0123456789abcdef01")})
         assert (await c.expect_close())[0] == 4002
     async with ws_connect(gw, "w1") as c:
-        await c.send({"type": "auth", "token": gw.token("w9", sub=sub)})
+        await c.send({"type": "auth", "token": _token(gw, "w9", sub)})
         assert (await c.expect_close())[0] == 4003
     async with ws_connect(gw, "w1") as c:
         assert (await c.expect_close())[0] == 4002
@@ -228,15 +243,15 @@ async def _cycle(gw, db, mongo, tag: str) -> None:
     # A slow reader (a small receive buffer, never read) is closed with 1013: one at a time, so
     # that the drop counted is this one's.
     async with _SLOW:
-        await _slow_reader(gw, tag, pub_token)
+        await _slow_reader(gw, tag, slot, pub_token)
 
 
 _SLOW = asyncio.Lock()
 
 
-async def _slow_reader(gw, tag: str, pub_token: str) -> None:
+async def _slow_reader(gw, tag: str, slot: int, pub_token: str) -> None:
     port = gw.port
-    slow = await _raw_upgrade(port, "w1", gw.token("w1", sub=f"slow-{tag}"), rcvbuf=4096)
+    slow = await _raw_upgrade(port, "w1", _token(gw, "w1", f"slow-{slot}"), rcvbuf=4096)
     try:
         await asyncio.get_running_loop().sock_sendall(
             slow, _masked_text(json.dumps({"type": "subscribe", "channel": f"events:big-{tag}"}).encode()))
@@ -256,7 +271,7 @@ async def _phase(gw, db, mongo, name: str, cycles: int) -> None:
 
     async def one(i: int) -> None:
         async with sem:
-            await _cycle(gw, db, mongo, f"{name}{i}")
+            await _cycle(gw, db, mongo, f"{name}{i}", i % (2 * PARALLEL))
 
     await asyncio.gather(*(one(i) for i in range(cycles)))
 
@@ -286,11 +301,11 @@ async def test_soak_leaves_no_descriptors_or_gauges_behind(soak_gateway):
 
 
 
-async def _kafka_cycle(gw, db, tag: str, first_seq: int) -> None:
+async def _kafka_cycle(gw, db, tag: str, slot: int, first_seq: int) -> None:
     """One cycle against a node on the Kafka bus: reads back from Kafka (the node remembers two
     events), and leaves during a read-back."""
-    token = gw.token("w1", sub=f"k-{tag}")
-    pub_token = gw.token("w1", sub=f"kpub-{tag}", publish=True)
+    token = _token(gw, "w1", f"k-{slot}")
+    pub_token = _token(gw, "w1", f"kpub-{slot}", publish=True)
     async with ws_connect(gw, "w1", token=token) as c:
         await c.subscribe("postgres:orders", {"predicates": {"note": tag}})
         await c.subscribe("events:x", {"predicates": {"tag": tag}})
@@ -304,7 +319,7 @@ async def _kafka_cycle(gw, db, tag: str, first_seq: int) -> None:
         await c.send({"type": "subscribe", "channel": "events:*", "since": first_seq,
                       "filter": {"predicates": {"tag": tag}}})
         await _recv_until(c, lambda m: m.get("type") == "event" and m.get("seq") == unseen)
-        session = (await c.auth(gw.token("w1", sub=f"k-{tag}")))["sessionId"]
+        session = (await c.auth(token))["sessionId"]
         c.ws.transport.abort()
     async def resumable() -> bool:
         return _gauge(await _metrics(gw), "rt_suspended_sessions") >= 1
@@ -345,7 +360,7 @@ async def test_soak_kafka_node_and_ingest_leave_nothing_behind(cluster):  # noqa
 
         async def one(i: int) -> None:
             async with sem:
-                await _kafka_cycle(gw, Serialized(), f"{name}{i}", first_seq)
+                await _kafka_cycle(gw, Serialized(), f"{name}{i}", i % (2 * PARALLEL), first_seq)
 
         await asyncio.gather(*(one(i) for i in range(cycles)))
 
