@@ -38,6 +38,7 @@ pytestmark = [pytest.mark.postgres]
 CYCLES = int(os.environ.get("RT_SOAK_CYCLES", "12"))
 PARALLEL = int(os.environ.get("RT_SOAK_PARALLEL", "2"))
 RESUME_TTL = 1.0
+QUOTA = 3  # connections per subject (a cycle's subjects are its own: _cycle's slot)
 pytestmark.append(pytest.mark.timeout(max(120, 6 * CYCLES // max(1, PARALLEL // 2) + 60)))
 # Gauges that must be back at these values once every client has left (the scrape reading them
 # is itself one HTTP connection).
@@ -60,6 +61,7 @@ async def soak_gateway(gateway_factory, pg_database, mongo_server):
         "RT_POSTGRES_URL": pg_database, "RT_MONGO_URL": mongo_server.url, "RT_INSTANCE": "soak",
         "RT_RESUME_TTL": str(RESUME_TTL), "RT_AUTH_TIMEOUT": "0.5", "RT_MIN_REFRESH_INTERVAL": "0",
         "RT_SEND_BUFFER_BYTES": "65536", "RT_HISTORY_EVENTS": "64", "RT_MAX_PUBLISH_BYTES": "65536",
+        "RT_MAX_CONNECTIONS_PER_SUBJECT": str(QUOTA),
         "RT_LOG_LEVEL": "warning",
     })
     await gw.wait_ready()
@@ -224,6 +226,26 @@ async def _cycle(gw, db, mongo, tag: str, slot: int) -> None:
         assert (await c.expect_close())[0] == 4003
     async with ws_connect(gw, "w1") as c:
         assert (await c.expect_close())[0] == 4002
+
+    # Closed by the gateway: at the token's exp (4001), for invalid messages (1008), for a
+    # message too big (1009), over the subject's connections (4008).
+    async with ws_connect(gw, "w1", token=gw.token("w1", sub=f"exp-{slot}", ttl=2)) as c:
+        await c.subscribe("events:orders")
+        assert (await c.expect_close(timeout=10))[0] == 4001
+    async with ws_connect(gw, "w1", token=token) as c:
+        for _ in range(20):
+            await c.send("not json")
+        assert (await c.expect_close())[0] == 1008
+    async with ws_connect(gw, "w1", token=token) as c:
+        await c.send({"type": "ping", "pad": "x" * (1 << 20)})
+        assert (await c.expect_close())[0] == 1009
+    async with contextlib.AsyncExitStack() as stack:
+        quota = _token(gw, "w1", f"quota-{slot}")
+        for _ in range(QUOTA):
+            await stack.enter_async_context(ws_connect(gw, "w1", token=quota))
+        async with ws_connect(gw, "w1") as c:
+            await c.send({"type": "auth", "token": quota})
+            assert (await c.expect_close())[0] == 4008
 
     # Publish over HTTP: good and bad requests, each on a connection of its own.
     body = json.dumps({"tag": tag}).encode()
