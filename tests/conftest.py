@@ -4,6 +4,7 @@ import pathlib
 
 _HARNESS = pathlib.Path(__file__).parent / "harness"
 
-pytest_plugins = sorted(
-    f"tests.harness.{p.stem}" for p in _HARNESS.glob("fixtures_*.py")
-)
+pytest_plugins = [
+    *sorted(f"tests.harness.{p.stem}" for p in _HARNESS.glob("fixtures_*.py")),
+    "pytester",  # tests/test_harness.py runs pytest sessions of its own
+]

@@ -171,6 +171,28 @@ def _request(method: str, url: str, body: bytes | None, headers: dict[str, str])
         return e.code, e.read()
 
 
+# Function-scoped services a gateway (or an ingest process) reads. Fixtures are torn down in
+# the reverse order of their setup, and a test asking for gateway_factory before them had them
+# torn down first, under a gateway still running: a database dropped under its live replication
+# slot (CI failed so), a MongoDB server gone while the gateway's shutdown waited for it.
+SERVICES = ("pg_database", "mongo_server")
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Sets the services up before every other function-scoped fixture: torn down last."""
+    for item in items:
+        names = getattr(item, "fixturenames", None)
+        info = getattr(item, "_fixtureinfo", None)  # pytest's own: each name's fixture, and its scope
+        if not names or info is None or not any(n in SERVICES for n in names):
+            continue
+        rest = [n for n in names if n not in SERVICES]
+        defs = info.name2fixturedefs
+        first = next((i for i, n in enumerate(rest) if not defs.get(n) or defs[n][-1].scope == "function"),
+                     len(rest))
+        names[:] = rest[:first] + [n for n in names if n in SERVICES] + rest[first:]
+
+
 _CALL_REPORT = pytest.StashKey[pytest.TestReport]()
 
 
