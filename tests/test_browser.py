@@ -22,6 +22,8 @@ ARTIFACTS = ROOT / "test-artifacts"
 CHROMIUM = os.environ.get("RT_CHROMIUM", "/usr/bin/chromium")
 
 
+# Past the browser run's own 120 s (a gateway start before it): that one says what the page did.
+@pytest.mark.timeout(180)
 async def test_demo_page_receives_events_and_resumes_after_network_loss(gateway_factory):
     node = shutil.which("node")
     if node is None or not (JS / "node_modules" / "playwright-core").is_dir() or not os.path.exists(CHROMIUM):
