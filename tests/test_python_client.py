@@ -163,13 +163,14 @@ async def test_token_expired_4001_refetches_token_and_resumes_at_once(gateway):
         return gateway.token("w1", ttl=2 if len(calls) == 1 else 3600)
 
     got: list[dict] = []
-    # A backoff of >= 5 s would show: the reconnect after 4001 must not wait for it.
-    client = RealtimeClient(gateway.ws_url("w1"), get_token, proactive_refresh=False, backoff_initial=10)
+    # A backoff (30 s here) would show: the reconnect after 4001 must not wait for it. The wait
+    # for it is 10 s, not 2: a reconnect took longer on a loaded machine.
+    client = RealtimeClient(gateway.ws_url("w1"), get_token, proactive_refresh=False, backoff_initial=30)
     try:
         await client.connect()
         await client.subscribe("events:x", None, got.append)
         await wait_for(lambda: client.closes == [4001], 8, "the 4001 close")
-        await wait_for(lambda: len(client.resumed) == 2 and client.state == "open", 2, "reconnect")
+        await wait_for(lambda: len(client.resumed) == 2 and client.state == "open", 10, "reconnect")
         assert client.resumed == [False, True] and len(calls) == 2
         e = await gateway.publish("w1", "x", {})
         await wait_for(lambda: len(got) == 1, what="event")
@@ -235,12 +236,12 @@ async def test_a_device_clock_ahead_of_the_issuer_still_reconnects_at_once_after
         calls.append(1)
         return gw.token("w1", ttl=2 if len(calls) == 1 else 300)
 
-    # A backoff of >= 10 s would show: the reconnect after 4001 must not wait for it.
-    client = RealtimeClient(gw.ws_url("w1"), get_token, proactive_refresh=False, backoff_initial=10)
+    # A backoff (30 s here) would show: the reconnect after 4001 must not wait for it.
+    client = RealtimeClient(gw.ws_url("w1"), get_token, proactive_refresh=False, backoff_initial=30)
     try:
         await client.connect()
         await wait_for(lambda: client.closes == [4001], 8, "the 4001 close")
-        await wait_for(lambda: len(client.resumed) == 2 and client.state == "open", 3, "reconnect")
+        await wait_for(lambda: len(client.resumed) == 2 and client.state == "open", 10, "reconnect")
         assert client.resumed == [False, True] and len(calls) == 2
     finally:
         await client.close()
@@ -834,14 +835,14 @@ async def test_each_4001_after_a_healthy_connection_reconnects_at_once(gateway):
         calls.append(1)
         return gateway.token("w1", ttl=ttls[min(len(calls), 3) - 1])
 
-    # A backoff of >= 5 s would show: neither reconnect after 4001 may wait for it.
-    client = RealtimeClient(gateway.ws_url("w1"), get_token, proactive_refresh=False, backoff_initial=10)
+    # A backoff (30 s here) would show: neither reconnect after 4001 may wait for it.
+    client = RealtimeClient(gateway.ws_url("w1"), get_token, proactive_refresh=False, backoff_initial=30)
     try:
         await client.connect()
         await wait_for(lambda: client.closes == [4001], 5, "the first 4001")
-        await wait_for(lambda: len(client.resumed) == 2 and client.state == "open", 2, "reconnect")
+        await wait_for(lambda: len(client.resumed) == 2 and client.state == "open", 10, "reconnect")
         await wait_for(lambda: client.closes == [4001, 4001], 10, "the second 4001")
-        await wait_for(lambda: len(client.resumed) == 3 and client.state == "open", 2, "second reconnect")
+        await wait_for(lambda: len(client.resumed) == 3 and client.state == "open", 10, "second reconnect")
         assert client.resumed == [False, True, True] and len(calls) == 3
     finally:
         await client.close()
