@@ -150,6 +150,18 @@ async def wait_ready(gw, timeout: float = 30) -> dict:
         await asyncio.sleep(0.1)
 
 
+async def wait_delivered(gw, count: int, timeout: float = 30) -> dict:
+    """Wait until node `gw` has delivered `count` records from the bus; its /readyz bus status."""
+    t0 = time.monotonic()
+    while True:
+        bus = json.loads((await gw.get("/readyz"))[1])["bus"]
+        if bus["delivered"] >= count:
+            return bus
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError(f"{bus['delivered']} of {count} records delivered after {timeout} s: {bus}\n{gw.logs()}")
+        await asyncio.sleep(0.1)
+
+
 async def events(c, n: int, timeout: float = 20) -> list[dict]:
     out = []
     while len(out) < n:
@@ -401,7 +413,9 @@ async def test_resume_on_another_node_gets_exactly_the_missed_events(cluster):
         await cluster.db.execute("INSERT INTO orders VALUES ($1, 'missed')", i)
         await a.publish("w1", "x", {"n": i})
         await a.publish("w1", "other", {"n": i})  # not subscribed: must not be replayed
-    await asyncio.sleep(0.5)  # let node B's memory move past `last`
+    # Node B's memory moved past `last`: it has delivered the 14 records (0.5 s of sleep was
+    # too short for a slow ingest, and rows then came live after the replay).
+    await wait_delivered(b, 14)
     async with ws_connect(b, "w1", token=b.token("w1")) as c:
         await c.send({"type": "subscribe", "channel": "postgres:orders", "since": last})
         await c.send({"type": "subscribe", "channel": "events:x", "since": last})
