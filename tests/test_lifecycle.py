@@ -477,7 +477,10 @@ async def test_second_signal_ends_a_stuck_drain_at_once(gateway_factory):
     gw = await gateway_factory(env={"RT_SHUTDOWN_TIMEOUT": "30", "RT_SEND_BUFFER_BYTES": str(32 << 20)})
     ws = await _slow_subscriber(gw, 100)  # never reads: the drain would wait ~28 s
     gw.proc.send_signal(signal.SIGTERM)
-    await asyncio.sleep(1.0)
+    # The drain begun before the second signal: a loaded machine could take the SIGINT first.
+    deadline = time.monotonic() + 20
+    while '"draining"' not in gw.logs() and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
     assert gw.proc.returncode is None  # still draining
     t0 = time.monotonic()
     gw.proc.send_signal(signal.SIGINT)
