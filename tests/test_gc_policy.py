@@ -159,30 +159,41 @@ async def _come_and_go(tmp_path) -> None:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-c", _CLIENTS, url, token, "100",
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
-        counts = []
-        for _ in range(3):
-            proc.stdin.write(b"connect\n")
-            assert await asyncio.wait_for(proc.stdout.readline(), 60) == b"ready\n"
-            assert len(gw.connections) == 100
-            before_pass = gc.get_freeze_count()
-            gc.collect()
-            await asyncio.sleep(0)
-            assert gc.get_freeze_count() > before_pass + 100 * 20  # the open connections were frozen
-            proc.stdin.write(b"close\n")
-            assert await asyncio.wait_for(proc.stdout.readline(), 60) == b"closed\n"
-            for _ in range(100):
-                await asyncio.sleep(0.05)
-                if not gw.connections and len(gw.sessions) == 0:
-                    break
-            assert not gw.connections and len(gw.sessions) == 0
-            counts.append(gc.get_freeze_count())
+        counts = await _freeze_counts(proc, 100, lambda: not gw.connections and len(gw.sessions) == 0,
+                                      opened=lambda: len(gw.connections) == 100)
         proc.stdin.close()
         await asyncio.wait_for(proc.wait(), 30)
-        # the first round may leave a few lazily created objects for good; then it is flat
         # the first round leaves lazily created objects (measured: ~60); then it is flat
         assert counts[2] - counts[1] <= 20 and counts[1] - counts[0] <= 200, counts
     finally:
         await gw.shutdown()
+
+
+async def _freeze_counts(proc, connections: int, at_rest, opened=lambda: True, settle: float = 0.0,
+                         after=lambda: None) -> list[int]:
+    """gc's frozen count after each of three rounds of `proc` (a client script answering
+    "connect" with "ready" and "close" with "closed"): each round's open connections must be
+    frozen (about 20 objects each), and all must end (`at_rest()`) before the count is taken."""
+    counts = []
+    for _ in range(3):
+        proc.stdin.write(b"connect\n")
+        assert await asyncio.wait_for(proc.stdout.readline(), 60) == b"ready\n"
+        assert opened()
+        before_pass = gc.get_freeze_count()
+        gc.collect()
+        await asyncio.sleep(0)
+        assert gc.get_freeze_count() > before_pass + connections * 20  # the open connections were frozen
+        proc.stdin.write(b"close\n")
+        assert await asyncio.wait_for(proc.stdout.readline(), 60) == b"closed\n"
+        for _ in range(200):
+            await asyncio.sleep(0.05)
+            if at_rest():
+                break
+        assert at_rest()
+        await asyncio.sleep(settle)
+        after()
+        counts.append(gc.get_freeze_count())
+    return counts
 
 
 _PATHS = """
@@ -336,26 +347,15 @@ async def _every_way(tmp_path) -> None:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-c", _PATHS, url, str(gw.port), secret,
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
-        counts = []
-        for _ in range(3):
-            proc.stdin.write(b"connect\n")
-            assert await asyncio.wait_for(proc.stdout.readline(), 60) == b"ready\n"
-            before_pass = gc.get_freeze_count()
-            gc.collect()
-            await asyncio.sleep(0)
-            assert gc.get_freeze_count() > before_pass + 30 * 20  # the open connections were frozen
-            proc.stdin.write(b"close\n")
-            assert await asyncio.wait_for(proc.stdout.readline(), 60) == b"closed\n"
-            for _ in range(200):
-                await asyncio.sleep(0.05)
-                if not gw.connections and len(gw.sessions) == 0 and not gw.closing_sockets and not gw.http_sockets:
-                    break
-            assert not gw.connections and len(gw.sessions) == 0 and not gw.closing_sockets and not gw.http_sockets
-            await asyncio.sleep(0.2)
+        def forget_tokens() -> None:
             # The verified tokens are remembered (a bounded LRU), each round's anew: not counted.
             gw.auth._verified.clear()
             gw.auth._verified_bytes = 0
-            counts.append(gc.get_freeze_count())
+
+        counts = await _freeze_counts(
+            proc, 30,
+            lambda: not gw.connections and len(gw.sessions) == 0 and not gw.closing_sockets and not gw.http_sockets,
+            settle=0.2, after=forget_tokens)
         proc.stdin.close()
         await asyncio.wait_for(proc.wait(), 30)
         assert gw.metrics.drops_slow_reader == 30, gw.metrics.drops_slow_reader
