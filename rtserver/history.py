@@ -62,14 +62,42 @@ class Replay:
 
 class NodeBudget:
     """The retained bytes of every history of the node together, against `history.node_bytes`
-    (each history adds and subtracts its own; the hub evicts when `bytes` passes `limit`)."""
+    (each history adds and subtracts its own; the hub evicts when `bytes` passes `limit`).
 
-    __slots__ = ("limit", "bytes", "evicted")
+    `levels` files each history holding events under its size's bit length (level l: from
+    2**(l-1) up to 2**l bytes), kept as histories grow and shrink: the hub's trim takes the
+    largest histories from the top levels without visiting the others (a node fed by a shared
+    database holds a million workspaces, and a pass over all of them at each trim held the
+    loop over a second)."""
+
+    __slots__ = ("limit", "bytes", "evicted", "levels")
 
     def __init__(self, limit: int):
         self.limit = limit
         self.bytes = 0
         self.evicted = 0  # events evicted for the node bound, in all
+        # A dict per level, not a set: a trim walks a level in the order its histories joined,
+        # near their order in memory (a set's hash order made that walk twice as slow).
+        self.levels: dict[int, dict[History, None]] = {}
+
+    def place(self, history: History) -> None:
+        """File `history` under its current size's level (out of every level when empty)."""
+        level = history.bytes.bit_length()
+        old = history.level
+        if level == old:
+            return
+        levels = self.levels
+        if old:
+            members = levels[old]
+            del members[history]
+            if not members:
+                del levels[old]
+        if level:
+            members = levels.get(level)
+            if members is None:
+                members = levels[level] = {}
+            members[history] = None
+        history.level = level
 
 
 class History:
@@ -82,6 +110,7 @@ class History:
         self.budget = budget if budget is not None else NodeBudget(1 << 62)
         self._entries: deque[HistoryEntry] = deque()
         self._bytes = 0
+        self.level = 0  # where the budget files it (NodeBudget.place): its bytes' bit length
         self.last_seq = 0
         self.floor = now_us()
         # Source kind -> the position of its latest reported loss (a replication slot lost, a
@@ -132,6 +161,8 @@ class History:
         self._bytes += size
         self.budget.bytes += size
         self._evict(entry.at)
+        if self._bytes.bit_length() != self.level:  # inline: the budget's work only when the level changes
+            self.budget.place(self)
         return entry
 
     def lost(self, source: str, seq: int | None = None) -> None:
@@ -162,7 +193,9 @@ class History:
 
     def evict_oldest(self) -> None:
         """Drop the oldest retained event (for the node bound): a reader from before it now
-        gets history_gap, as after any eviction."""
+        gets history_gap, as after any eviction. The trim that calls it files the history
+        under its new level when it is done (NodeBudget.place), not at each event: it reads
+        the levels meanwhile."""
         self._drop_oldest()
         self.budget.evicted += 1
 
@@ -173,6 +206,8 @@ class History:
     def expire(self) -> None:
         """Drop entries past the age limit (called periodically, so idle workspaces shrink)."""
         self._evict(time.monotonic())
+        if self._bytes.bit_length() != self.level:
+            self.budget.place(self)
 
     def oldest(self) -> int:
         return self._entries[0].seq if self._entries else self.position + 1

@@ -510,3 +510,101 @@ async def test_a_metrics_scrape_does_not_walk_every_workspace(tmp_path):
     finally:
         writer.close()
         await gw.shutdown()
+
+
+async def test_trimming_the_node_history_bound_does_not_walk_every_workspace(tmp_path):
+    """history.node_bytes passed: Hub.trim_histories built a heap of every workspace holding
+    history, on the loop, once per 1/8 of the bound appended; a node fed by a shared database
+    holds every workspace it knows (a million ids: over a second with no frame written). Each
+    trim now costs about what it evicts: the same number of Python calls with 2,000 quiet
+    workspaces as with 40,000. Counted in calls, not time; and the bound behaves as documented:
+    the busy workspace loses its oldest events, the quiet ones keep theirs, evictions are
+    counted in rt_history_node_evicted, and a reader from before an evicted event gets
+    history_gap."""
+    import sys
+
+    from rtcore.event import Event
+    from rtserver import hub as hub_module
+    from rtserver.app import Gateway
+    from tests.harness.http_wire import read_answer
+    from tests.harness.wsclient import ws_connect
+    from tests.test_churn import Addr, Publisher, _cfg, _token
+
+    limit = 32 << 20
+    gw = Gateway(_cfg(tmp_path, RT_HISTORY_NODE_BYTES=str(limit), RT_HISTORY_EVENTS="10000",
+                      RT_SEND_BUFFER_BYTES=str(4 << 20)))
+    await gw.start()
+    pub = Publisher(gw.port)
+    pub.tokens["busy"] = _token(["busy"], "publisher", publish=True)
+    budget = gw.hub.history_budget
+    trim = Hub.trim_histories.__code__
+    blob = "x" * 200_000  # ~400 KB retained: a trim evicts ~10 of them
+
+    def quiet(start: int, end: int) -> None:
+        """Workspaces q{start}..q{end - 1}, one small event each (a shared feed's quiet tenants)."""
+        with _gc_paused():
+            for i in range(start, end):
+                gw.hub.deliver(Event(f"q{i}", "events", "t", "PUBLISH", {"i": i}, b'{"i":%d}' % i))
+
+    async def publish_until_trimmed() -> tuple[int, list[int]]:
+        """Publishes to "busy" until a trim has happened; the Python calls made by trims per trim."""
+        calls = trims = 0
+        inside = False
+
+        def count(frame, event, arg) -> None:
+            # Calls made while a trim runs (it calls no coroutine: nothing else runs meanwhile).
+            nonlocal calls, trims, inside
+            if frame.f_code is trim:
+                if event == "call":
+                    inside = True
+                    trims += 1
+                elif event == "return":
+                    inside = False
+                    return
+            if inside and (event == "call" or event == "c_call"):
+                calls += 1
+
+        seqs = []
+        evicted = budget.evicted
+        sys.setprofile(count)
+        try:
+            while budget.evicted == evicted:
+                assert len(seqs) < 500, "the node bound was never passed"
+                seqs.append(await pub.publish("busy", "t", {"blob": blob}))
+        finally:
+            sys.setprofile(None)
+        assert trims >= 1
+        return calls // trims, seqs
+
+    try:
+        few_ws = hub_module.SWEEP_CHUNK + 1
+        quiet(0, few_ws)
+        few, seqs = await publish_until_trimmed()
+        many_ws = 20 * hub_module.SWEEP_CHUNK
+        quiet(few_ws, many_ws)
+        many, more = await publish_until_trimmed()
+        print(f"Python calls per trim: {few} at {few_ws} quiet workspaces, {many} at {many_ws}")
+        assert many < 2 * few, (few, many)
+        # As documented: the quiet workspaces, retaining less, keep their events; the node's
+        # retained bytes are back under the bound; every eviction is counted.
+        assert all(len(gw.hub.workspaces[f"q{i}"].history) == 1 for i in range(many_ws))
+        assert budget.bytes <= limit
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        status, _, body = await read_answer(reader)
+        writer.close()
+        assert status == 200
+        (line,) = [row for row in body.decode().splitlines() if row.startswith("rt_history_node_evicted ")]
+        assert float(line.split()[1]) == budget.evicted > 0
+        busy = gw.hub.workspaces["busy"].history
+        assert 0 < len(busy) < len(seqs + more)
+        async with ws_connect(Addr(gw), "busy", token=_token(["busy"], "u")) as c:
+            await c.send({"type": "subscribe", "channel": "events:t", "since": seqs[0]})
+            await c.recv_type("subscribed")
+            gap = await c.recv_type("error")
+            assert gap["code"] == 4011 and gap["oldest"] == busy.oldest()
+            kept = [entry.seq for entry in busy]
+            assert [(await c.recv_event(30))["seq"] for _ in kept] == kept == (seqs + more)[-len(kept):]
+    finally:
+        await pub.close()
+        await gw.shutdown()
