@@ -4,9 +4,21 @@ changes were, and to how many workspaces the next one was), so the changes the s
 redelivers after a restart are dropped, not repeated.
 
 Writes are a 48-byte `pwrite` at offset 0 of an open file, done on the event loop: it lands in
-the page cache without waiting for the device, and survives a crash of the process. `sync()`
-fsyncs in an executor; the source calls it before acknowledging an LSN to PostgreSQL, so an
-acknowledged position is on disk (a power loss cannot make us drop what we never published).
+the page cache, and survives a crash of the process. `sync()` fsyncs in an executor; the source
+calls it before acknowledging an LSN to PostgreSQL, so an acknowledged position is on disk (a
+power loss cannot make us drop what we never published).
+
+The write stays on the loop on purpose, though a saturated disk can make it wait (a page under
+writeback on a device that needs stable pages, dirty-page throttling, a full journal): `record()`
+runs in the same step of the loop as the publish of the transaction's last event, and the hub
+writes frames to clients only in a later callback (Hub.flush), so a transaction published
+within one step (fewer events than sources.base.YIELD_EVERY, the sink not holding it up) is in
+the file before any client sees it: a process killed at any moment had recorded it (the
+restart drops it) or had shown it to nobody (the restart publishes it, once) ("drops what it
+had already published", docs/postgres.md;
+test_gateway_killed_mid_stream_nothing_lost_nothing_duplicated). Written from an executor, or
+batched, it would land after the frames left: a kill in between would publish the transaction
+again after the restart, to clients that had it.
 """
 
 from __future__ import annotations
