@@ -567,7 +567,8 @@ class Gateway:
                 status = {4003: 403, 1011: 503}.get(exc.code, 401)
                 return status, _err(f"{exc.name}: {exc}")
         if not self.auth.may_publish(identity):
-            return 403, _err(f"token does not grant publishing to workspace {workspace}")
+            return 403, _err(f"token does not grant publishing to workspace {workspace}: "
+                             f"it needs {self.auth.publish_requirement()}")
         if not body:
             return 400, _err("body must be a JSON value")
         try:

@@ -350,6 +350,16 @@ class Authenticator:
     def may_publish(self, identity: Identity) -> bool:
         return identity.can_publish
 
+    def publish_requirement(self) -> str:
+        """What a token needs to publish, as this configuration checks it: a 403 that names it
+        tells the developer what to add to the token (or the identity provider's mapper)."""
+        ways = []
+        if self._publish_claim:
+            ways.append(f"the claim {self._publish_claim}: true")
+        if self._publish_role:
+            ways.append(f"the role {self._publish_role} in {self._workspace_claim}")
+        return " or ".join(ways) if ways else "nothing this gateway accepts (auth.publish_claim and auth.publish_role are empty)"
+
     async def _verify_now(self, token: str) -> tuple[dict[str, Any], int | None]:
         """The verified claims, and the generation of the JWKS key set that verified them
         (None for HS256)."""

@@ -184,6 +184,24 @@ async def test_publish_errors(gateway):
     assert status == 405 and "POST" in json.loads(out)["error"], (status, out)
 
 
+async def test_a_publish_403_names_the_permission_the_token_lacks(gateway_factory):
+    """A developer whose token lacks the publish permission must learn from the 403 what to
+    add: it said only "token does not grant publishing to workspace w1", naming neither the
+    claim (`auth.publish_claim`) nor the role (`auth.publish_role`) that would grant it."""
+    gw = await gateway_factory()
+    status, out = await gw.post("/workspaces/w1/realtime/events/orders", b"{}",
+                                {"Authorization": f"Bearer {gw.token('w1')}"})
+    assert status == 403, out
+    error = json.loads(out)["error"]
+    assert "workspace w1" in error and "realtime_publish" in error, error
+    gw = await gateway_factory(env={"RT_AUTH_PUBLISH_CLAIM": "can_publish", "RT_AUTH_PUBLISH_ROLE": "publisher"})
+    status, out = await gw.post("/workspaces/w1/realtime/events/orders", b"{}",
+                                {"Authorization": f"Bearer {gw.token('w1')}"})
+    assert status == 403, out
+    error = json.loads(out)["error"]
+    assert "can_publish" in error and "publisher" in error and "realtime_publish" not in error, error
+
+
 async def test_a_405_names_the_methods_allowed(gateway):
     """RFC 9110 §15.5.6: a 405 MUST carry an Allow header listing the methods the resource
     takes: POST for the publish URL (§8), GET and HEAD for the other endpoints. It had none."""
