@@ -211,6 +211,10 @@ def _spellings(channel: str) -> tuple[str, ...]:
     return (channel,)
 
 
+# The patterns a channel refusal quotes at most: a token may list hundreds.
+_REFUSAL_PATTERNS_SHOWN = 10
+
+
 def channel_allowed(patterns: tuple[str, ...] | None, channel: str) -> bool:
     """Whether a channel is covered, in any of its spellings: exact pattern, or a pattern
     ending in `*` as a prefix (`postgres:*`)."""
@@ -346,6 +350,20 @@ class Authenticator:
 
     def may_subscribe(self, identity: Identity, channel: str) -> bool:
         return channel_allowed(identity.channel_patterns, channel)
+
+    def channel_refusal(self, identity: Identity, channel: str) -> str:
+        """Why a channel is refused, naming the claim read and what it holds: without them a
+        pattern typo, a claim mapped under another name and a missing claim looked alike."""
+        patterns = identity.channel_patterns or ()
+        if patterns:
+            shown = ", ".join(patterns[:_REFUSAL_PATTERNS_SHOWN])
+            more = f" and {len(patterns) - _REFUSAL_PATTERNS_SHOWN} more" if len(patterns) > _REFUSAL_PATTERNS_SHOWN else ""
+            held = f"its claim {self._channel_claim} lists {shown}{more}"
+        elif claim_at(identity.claims, self._channel_claim) is None:
+            held = f"it has no {self._channel_claim} claim"
+        else:
+            held = f"its claim {self._channel_claim} lists no channel pattern"
+        return f"token does not grant channel {channel}: {held}"
 
     def may_publish(self, identity: Identity) -> bool:
         return identity.can_publish

@@ -710,7 +710,7 @@ class Connection(WSListener):
         assert self.identity is not None
         key = channels.subscription_key(msg.channel)
         if not gw.auth.may_subscribe(self.identity, msg.channel):
-            self.send_error(4003, f"token does not grant channel {msg.channel}", channel=msg.channel, mid=msg.id)
+            self.send_error(4003, gw.auth.channel_refusal(self.identity, msg.channel), channel=msg.channel, mid=msg.id)
             return
         if key not in self.subscriptions and len(self.subscriptions) >= gw.cfg.limits.max_subscriptions:
             self.send_error(
@@ -839,7 +839,7 @@ class Connection(WSListener):
         auth = self.gw.auth
         specs = self.session.specs
         for key in [k for k, spec in specs.items() if not auth.may_subscribe(self.identity, spec.channel)]:
-            self._drop(key, 4003, f"token does not grant channel {specs[key].channel}: subscription dropped")
+            self._drop(key, 4003, f"{auth.channel_refusal(self.identity, specs[key].channel)}: subscription dropped")
 
     def _drop_unavailable(self) -> None:
         """Drop, each with a 4010 error, the resumed session's subscriptions whose source the

@@ -723,6 +723,21 @@ async def test_channel_permissions_claim(gateway_factory):
         assert (await c.recv())["type"] == "pong"
 
 
+async def test_a_channel_refusal_names_the_claim_and_what_the_token_grants(gateway_factory):
+    """A developer refused a channel must learn from the 4003 which claim is read and what it
+    holds: the message said only "token does not grant channel events:secret", the same for a
+    pattern typo (`event:*`), a claim under another name and a token with no claim at all."""
+    gw = await gateway_factory(env={"RT_AUTH_CHANNEL_PERMISSIONS": "true"})
+    for claims, expected in (({"realtime_channels": ["events:orders", "event:*"]},
+                               "its claim realtime_channels lists events:orders, event:*"),
+                              ({"channels": ["events:*"]}, "it has no realtime_channels claim")):
+        async with ws_connect(gw, "w1", token=gw.token("w1", **claims)) as c:
+            await c.send({"type": "subscribe", "channel": "events:secret", "id": 1})
+            err = await c.recv_type("error")
+            assert (err["code"], err["channel"]) == (4003, "events:secret"), err
+            assert "events:secret" in err["message"] and expected in err["message"], err
+
+
 async def test_channel_permissions_take_a_public_table_in_either_spelling(gateway_factory):
     """`postgres:orders` and `postgres:public.orders` are one channel (§4): a token listing
     either spelling (or `postgres:public.*`) may subscribe to both. Before, the patterns were
