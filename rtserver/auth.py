@@ -215,6 +215,18 @@ def _spellings(channel: str) -> tuple[str, ...]:
 _REFUSAL_PATTERNS_SHOWN = 10
 
 
+def _claim_held(path: str, value: Any, entries: list[str]) -> str:
+    """What a token's claim at `path` holds, for a refusal: at most _REFUSAL_PATTERNS_SHOWN of
+    its entries (a token may list hundreds)."""
+    if value is None:
+        return f"it has no {path} claim"
+    if not entries:
+        return f"its claim {path} lists nothing this gateway reads"
+    shown = ", ".join(entries[:_REFUSAL_PATTERNS_SHOWN])
+    extra = len(entries) - _REFUSAL_PATTERNS_SHOWN
+    return f"its claim {path} lists {shown}" + (f" and {extra} more" if extra > 0 else "")
+
+
 def channel_allowed(patterns: tuple[str, ...] | None, channel: str) -> bool:
     """Whether a channel is covered, in any of its spellings: exact pattern, or a pattern
     ending in `*` as a prefix (`postgres:*`)."""
@@ -335,7 +347,7 @@ class Authenticator:
     def _identity(self, claims: dict[str, Any], workspace: str) -> Identity:
         subject = claims["sub"]
         if not self._grants_workspace(claims, workspace):
-            raise _denied(f"token does not grant workspace {workspace}", subject)
+            raise _denied(self._workspace_refusal(claims, workspace), subject)
         patterns: tuple[str, ...] | None = None
         if self._channel_claim:
             # Permissions on but no claim: the subject may subscribe to nothing.
@@ -354,15 +366,8 @@ class Authenticator:
     def channel_refusal(self, identity: Identity, channel: str) -> str:
         """Why a channel is refused, naming the claim read and what it holds: without them a
         pattern typo, a claim mapped under another name and a missing claim looked alike."""
-        patterns = identity.channel_patterns or ()
-        if patterns:
-            shown = ", ".join(patterns[:_REFUSAL_PATTERNS_SHOWN])
-            more = f" and {len(patterns) - _REFUSAL_PATTERNS_SHOWN} more" if len(patterns) > _REFUSAL_PATTERNS_SHOWN else ""
-            held = f"its claim {self._channel_claim} lists {shown}{more}"
-        elif claim_at(identity.claims, self._channel_claim) is None:
-            held = f"it has no {self._channel_claim} claim"
-        else:
-            held = f"its claim {self._channel_claim} lists no channel pattern"
+        held = _claim_held(self._channel_claim, claim_at(identity.claims, self._channel_claim),
+                           list(identity.channel_patterns or ()))
         return f"token does not grant channel {channel}: {held}"
 
     def may_publish(self, identity: Identity) -> bool:
@@ -498,6 +503,15 @@ class Authenticator:
         else:
             wanted = {workspace, "*"}
         return any(entry in wanted for entry in entries)
+
+    def _workspace_refusal(self, claims: dict[str, Any], workspace: str) -> str:
+        """Names the claim read and what it holds, as channel_refusal does: the workspace in the
+        URL is usually right and the token (or its mapper) is not."""
+        value = claim_at(claims, self._workspace_claim)
+        held = _claim_held(self._workspace_claim, value, _claim_entries(value))
+        if self._role_prefix and value is not None:
+            held = f"no role {self._role_prefix}{workspace} (nor {self._role_prefix}*) in it: {held}"
+        return f"token does not grant workspace {workspace}: {held}"
 
     def _grants_publish(self, claims: dict[str, Any]) -> bool:
         if self._publish_claim and _granted(claim_at(claims, self._publish_claim)):

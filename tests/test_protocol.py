@@ -738,6 +738,27 @@ async def test_a_channel_refusal_names_the_claim_and_what_the_token_grants(gatew
             assert "events:secret" in err["message"] and expected in err["message"], err
 
 
+async def test_a_workspace_refusal_names_the_claim_and_what_the_token_grants(gateway_factory):
+    """The wrong workspace in the URL (or a token minted for another) gets a 4003 that names
+    the claim read and what it holds: it said only "token does not grant workspace w1", the
+    same for a claim mapped under another name or a role without the configured prefix."""
+    gw = await gateway_factory()
+    for token, expected in ((gw.token("w2"), "its claim workspaces lists w2"),
+                            (gw.token("w2", workspaces=None, tenants=["w1"]), "it has no workspaces claim")):
+        async with ws_connect(gw, "w1") as c:
+            await c.send({"type": "auth", "token": token})
+            err = await c.recv_type("error")
+            assert err["code"] == 4003 and "does not grant workspace w1" in err["message"], err
+            assert expected in err["message"], err
+    gw = await gateway_factory(env={"RT_AUTH_WORKSPACE_CLAIM": "realm_access.roles",
+                                    "RT_AUTH_WORKSPACE_ROLE_PREFIX": "workspace:"})
+    async with ws_connect(gw, "w1") as c:
+        await c.send({"type": "auth", "token": gw.token("w1", realm_access={"roles": ["w1", "offline_access"]})})
+        err = await c.recv_type("error")
+        assert err["code"] == 4003, err
+        assert "no role workspace:w1 (nor workspace:*) in it: its claim realm_access.roles lists w1, offline_access" in err["message"], err
+
+
 async def test_channel_permissions_take_a_public_table_in_either_spelling(gateway_factory):
     """`postgres:orders` and `postgres:public.orders` are one channel (§4): a token listing
     either spelling (or `postgres:public.*`) may subscribe to both. Before, the patterns were
