@@ -43,6 +43,29 @@ def test_every_setting_documented_with_env_var():
         assert f"`{s.env}`" in readme, s.env
 
 
+def test_every_cli_subcommand_and_flag_is_documented():
+    """`rtserver --help` and the docs agree: each subcommand is named in the README or docs/,
+    and each of its flags in a paragraph (or code block) that names `rtserver <subcommand>`.
+    `token --sub/--ttl/--state-dir`, `ingest --config/--state-dir` and `--version` were in the
+    help only: a first-day developer minting an expired token for a test could not find --ttl."""
+    import argparse
+
+    from rtserver.cli import _parser
+
+    text = "\n\n".join([_read("README.md")] + [_read("docs", f) for f in sorted(os.listdir(os.path.join(ROOT, "docs")))
+                                               if f.endswith(".md")])
+    paragraphs = re.split(r"\n\s*\n", text)
+    parser = _parser()
+    assert "rtserver --version" in text
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sub in subparsers.choices.items():
+        named = [p for p in paragraphs if f"rtserver {name}" in p]
+        assert named, f"rtserver {name} is documented nowhere"
+        for action in sub._actions:
+            for flag in (f for f in action.option_strings if f.startswith("--") and f != "--help"):
+                assert any(re.search(re.escape(flag) + r"\b", p) for p in named), f"rtserver {name} {flag} undocumented"
+
+
 def test_license_is_mit():
     assert _read("LICENSE").startswith("MIT License")
     assert 'license = "MIT"' in _read("pyproject.toml")
