@@ -169,8 +169,9 @@ class Gateway(Server):
             "RT_MAX_CONNECTIONS": "1000000",
             "RT_MAX_CONNECTIONS_PER_SUBJECT": "1000000",
             # The harness keeps its connections under the open-files limit itself (idle-20k's
-            # 19,900 on a hard limit of 20,000); the gateway's own share (that limit less 1024)
-            # would refuse the last ~900 with 503.
+            # 19,400 on a hard limit of 20,000, within the 19,488 client sockets the gateway
+            # allows); the WebSocket share (that limit less 1024) would refuse the last ~400
+            # with 503.
             "RT_MAX_NODE_CONNECTIONS": "1000000",
             "RT_IDLE_TIMEOUT": "3600",
             "RT_SEND_BUFFER_BYTES": str(64 * 1024 * 1024),
