@@ -277,6 +277,12 @@ class Connection(WSListener):
             self._held = False
             self.gw.closing_sockets -= 1
 
+    def layer_closed(self) -> None:
+        """picows sent a close frame of its own (a frame breaking RFC 6455): nothing more is
+        written, as after the gateway's own close (a no-op once closed)."""
+        if not self.closed and self.transport is not None:
+            self.close(1002)  # takes the code picows sent (close: is_close_frame_sent)
+
     def _layer_closed(self, transport: WSTransport) -> None:
         """Take the code of a close that picows sent on its own (a frame breaking RFC 6455:
         1002; a length over what it reads: 1009), so the session-suspended record names it

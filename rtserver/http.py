@@ -822,6 +822,16 @@ class _HalfReadWSProtocol(WSProtocol):
         half = len(buf) >> 1
         return buf[:half] if half >= _MIN_READ else buf
 
+    def buffer_updated(self, nbytes: int) -> None:
+        WSProtocol.buffer_updated(self, nbytes)
+        # A frame breaking RFC 6455 in this read: picows sent its close frame and drops the
+        # connection 10 ms later. The gateway writes its frames to the socket itself, past
+        # picows's own check: auth_ok and events followed the close frame (§5.5.1: MUST NOT).
+        if self.transport.is_close_frame_sent:
+            closed = getattr(self.listener, "layer_closed", None)
+            if closed is not None:
+                closed()
+
 
 class _PeerLog(logging.LoggerAdapter):
     """picows's log of one connection, its lines carrying the client's address and workspace.

@@ -1,0 +1,76 @@
+"""A hostile or buggy client on real sockets against `rtserver serve`: HTTP framing and header
+shapes, WebSocket handshake and frame shapes, and values that flow into frames and logs."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import struct
+
+
+def _masked(opcode: int, payload: bytes, fin: bool = True) -> bytes:
+    """A client frame (masked, as RFC 6455 §5.3 requires), built by hand: the frames under test
+    break the rules a client library enforces."""
+    n = len(payload)
+    head = bytes([(0x80 if fin else 0) | opcode])
+    if n < 126:
+        head += bytes([0x80 | n])
+    elif n < 1 << 16:
+        head += bytes([0x80 | 126]) + struct.pack("!H", n)
+    else:
+        head += bytes([0x80 | 127]) + struct.pack("!Q", n)
+    key = os.urandom(4)
+    return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+
+
+def _upgrade_request(workspace: str = "w1", extra: str = "") -> bytes:
+    key = base64.b64encode(os.urandom(16)).decode()
+    return (f"GET /workspaces/{workspace}/realtime/connect HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n").encode()
+
+
+async def _read_to_eof(reader: asyncio.StreamReader, timeout: float = 10) -> bytes:
+    out = b""
+    while True:
+        chunk = await asyncio.wait_for(reader.read(65536), timeout)
+        if not chunk:
+            return out
+        out += chunk
+
+
+def _server_frames(data: bytes) -> list[tuple[int, bytes]]:
+    """(opcode, payload) of each unmasked server frame in `data`."""
+    frames = []
+    while data:
+        opcode, n, at = data[0] & 0x0F, data[1] & 0x7F, 2
+        if n == 126:
+            n, at = struct.unpack("!H", data[2:4])[0], 4
+        elif n == 127:
+            n, at = struct.unpack("!Q", data[2:10])[0], 10
+        frames.append((opcode, data[at:at + n]))
+        data = data[at + n:]
+    return frames
+
+
+async def test_no_data_frame_follows_the_close_frame_of_a_protocol_error(gateway):
+    """A frame breaking RFC 6455 (here a ping of 126 bytes, §5.5) right behind the auth
+    message: picows sends its close 1002 and drops the connection 10 ms later. The gateway
+    writes its frames to the socket itself, and went on meanwhile: auth_ok (and any event of
+    that window) followed the close frame, which §5.5.1 forbids (MUST NOT)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+    try:
+        writer.write(_upgrade_request())
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 101"), head
+        auth = json.dumps({"type": "auth", "token": gateway.token("w1")}).encode()
+        writer.write(_masked(0x1, auth) + _masked(0x9, b"x" * 126))
+        frames = _server_frames(await _read_to_eof(reader))
+    finally:
+        writer.close()
+    opcodes = [op for op, _ in frames]
+    assert 0x8 in opcodes, frames
+    close = opcodes.index(0x8)
+    assert struct.unpack("!H", frames[close][1][:2])[0] == 1002, frames
+    assert opcodes[close + 1:] == [], f"frames after the close frame: {frames[close + 1:]}"
