@@ -128,8 +128,13 @@ def json_error(status: int, message: str, keep_alive: bool = True) -> bytes:
 _UPGRADE_HEADERS = ("upgrade", "sec-websocket-key", "sec-websocket-version", "authorization", "content-length",
                     "transfer-encoding")
 _READ_HEADERS = {
-    name.encode(): name for name in ("content-length", "expect", "x-correlation-id", *_UPGRADE_HEADERS)
+    name.encode(): name for name in ("content-length", "expect", "x-correlation-id", "host", *_UPGRADE_HEADERS)
 }
+# Fields that take one value, as spelled in a refusal: a request repeating one is invalid (RFC
+# 9110 §5.3, RFC 9112 §3.2, RFC 6455 §11.3.1). Keeping the last line let a request carry a
+# token a proxy checked and another one the gateway used.
+_SINGLE_HEADERS = {name.lower(): name for name in (
+    "Authorization", "Host", "X-Correlation-ID", "Sec-WebSocket-Key", "Sec-WebSocket-Version")}
 
 
 class _Request:
@@ -423,7 +428,10 @@ class FrontProtocol(asyncio.Protocol):
         # Not the trailer fields after a chunked body: HTTP forbids merging them into the
         # head (they replaced the Authorization or X-Correlation-ID a proxy checked there).
         if key is not None and not self._in_body:
-            self._req.headers[key] = value.decode("latin-1")
+            headers = self._req.headers
+            if key in headers and key in _SINGLE_HEADERS:
+                raise _Refused(400, f"the {_SINGLE_HEADERS[key]} header field may appear once; it came twice")
+            headers[key] = value.decode("latin-1")
 
     def _count_head(self, size: int) -> None:
         """431 for a head over MAX_HEAD_BYTES as parsed. data_received bounds what a head not

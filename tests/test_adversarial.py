@@ -9,6 +9,9 @@ import json
 import os
 import struct
 
+from tests.harness.http_wire import read_answer
+from tests.harness.wsclient import ws_connect
+
 
 def _masked(opcode: int, payload: bytes, fin: bool = True) -> bytes:
     """A client frame (masked, as RFC 6455 §5.3 requires), built by hand: the frames under test
@@ -74,3 +77,42 @@ async def test_no_data_frame_follows_the_close_frame_of_a_protocol_error(gateway
     close = opcodes.index(0x8)
     assert struct.unpack("!H", frames[close][1][:2])[0] == 1002, frames
     assert opcodes[close + 1:] == [], f"frames after the close frame: {frames[close + 1:]}"
+
+
+async def _answer(gateway, request: bytes) -> tuple[int, bytes, bytes]:
+    """(status, head, body) of the answer to `request`, sent on a connection of its own."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+    try:
+        writer.write(request)
+        return await read_answer(reader)
+    finally:
+        writer.close()
+
+
+async def test_a_field_sent_twice_that_must_be_single_is_refused(gateway):
+    """Authorization, Host, X-Correlation-ID, Sec-WebSocket-Key and -Version take one value;
+    a request repeating one of them is not a valid request (RFC 9110 §5.3; RFC 9112 §3.2: 400
+    for two Host lines, MUST; RFC 6455 §11.3.1: the key MUST NOT appear twice). The last line
+    won: a publish with a rejected token and then a valid one was accepted (a proxy checking
+    the first line and the gateway the last do not see the same request), and an upgrade
+    with two keys was answered for one of them."""
+    token = gateway.token("w1", publish=True)
+    path = "/workspaces/w1/realtime/events/dup"
+    cases = {
+        "Authorization": f"Authorization: Bearer not-a-token\r\nAuthorization: Bearer {token}\r\n",
+        "Host": f"Host: y\r\nAuthorization: Bearer {token}\r\n",
+        "X-Correlation-ID": f"Authorization: Bearer {token}\r\nX-Correlation-ID: a\r\nX-Correlation-ID: b\r\n",
+    }
+    async with ws_connect(gateway, "w1", token=gateway.token("w1")) as watcher:
+        await watcher.subscribe("events:dup")
+        for name, fields in cases.items():
+            request = f"POST {path} HTTP/1.1\r\nHost: x\r\n{fields}Content-Length: 2\r\n\r\n{{}}".encode()
+            status, _, body = await _answer(gateway, request)
+            assert status == 400, (name, status, body)
+            assert name.lower() in json.loads(body)["error"].lower(), (name, body)
+        await watcher.no_message(0.5)  # nothing was published
+    for fields in (f"Authorization: Bearer x\r\nAuthorization: Bearer {token}\r\n",
+                   "Sec-WebSocket-Key: AAAAAAAAAAAAAAAAAAAAAA==\r\n", "Sec-WebSocket-Version: 13\r\n"):
+        status, _, body = await _answer(gateway, _upgrade_request(extra=fields))
+        assert status == 400, (fields, status, body)
+    assert '"level":"error"' not in gateway.logs()
