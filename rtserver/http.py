@@ -446,6 +446,9 @@ class FrontProtocol(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         req = self._req
         assert req is not None
+        if "host" not in req.headers and self._parser.get_http_version() == "1.1":
+            # RFC 9112 §3.2 (MUST): such a request was served, an upgrade completed.
+            raise _Refused(400, "an HTTP/1.1 request must carry a Host header field")
         if self._parser.should_upgrade():
             if req.headers.get("upgrade", "").lower() == "websocket":
                 return  # handled by HttpParserUpgrade in data_received

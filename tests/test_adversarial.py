@@ -116,3 +116,22 @@ async def test_a_field_sent_twice_that_must_be_single_is_refused(gateway):
         status, _, body = await _answer(gateway, _upgrade_request(extra=fields))
         assert status == 400, (fields, status, body)
     assert '"level":"error"' not in gateway.logs()
+
+
+async def test_an_http_1_1_request_without_host_is_refused(gateway):
+    """RFC 9112 §3.2: a server MUST answer 400 to an HTTP/1.1 request without a Host field.
+    It was served (a publish accepted, an upgrade completed); HTTP/1.0 has no such field."""
+    token = gateway.token("w1", publish=True)
+    async with ws_connect(gateway, "w1", token=gateway.token("w1")) as watcher:
+        await watcher.subscribe("events:nohost")
+        status, _, body = await _answer(gateway, (
+            f"POST /workspaces/w1/realtime/events/nohost HTTP/1.1\r\nAuthorization: Bearer {token}\r\n"
+            f"Content-Length: 2\r\n\r\n{{}}").encode())
+        assert status == 400 and b"Host" in body, (status, body)
+        await watcher.no_message(0.5)
+    status, _, body = await _answer(gateway, b"GET /healthz HTTP/1.1\r\n\r\n")
+    assert status == 400 and b"Host" in body, (status, body)
+    status, _, body = await _answer(gateway, _upgrade_request().replace(b"Host: x\r\n", b""))
+    assert status == 400 and b"Host" in body, (status, body)
+    status, _, body = await _answer(gateway, b"GET /healthz HTTP/1.0\r\n\r\n")
+    assert status == 200, (status, body)
