@@ -465,10 +465,11 @@ class FrontProtocol(asyncio.Protocol):
         if length is not None and (length := length.rstrip(" \t")).isdigit() and int(length) > self._max_body:
             # Answered now, not after a body that may never end; the connection closes.
             raise _Refused(413, f"payload exceeds {self._max_body} bytes")
-        elif req.headers.get("expect", "").lower() == "100-continue":
+        elif req.headers.get("expect", "").lower() == "100-continue" and self._parser.get_http_version() != "1.0":
             # curl sends this for bodies over 1 KiB and would otherwise wait a second for it.
             # After the answers of the requests before it: with one of them waiting, it was
-            # written at once, and read as an interim answer to that one.
+            # written at once, and read as an interim answer to that one. Not to HTTP/1.0,
+            # which has no 1xx answers (RFC 9110 §10.1.1: ignored, MUST).
             self._answer_in_turn(_CONTINUE, close=False)
 
     def on_body(self, body: bytes) -> None:

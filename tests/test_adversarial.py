@@ -135,3 +135,19 @@ async def test_an_http_1_1_request_without_host_is_refused(gateway):
     assert status == 400 and b"Host" in body, (status, body)
     status, _, body = await _answer(gateway, b"GET /healthz HTTP/1.0\r\n\r\n")
     assert status == 200, (status, body)
+
+
+async def test_no_100_continue_to_an_http_1_0_request(gateway):
+    """RFC 9110 §10.1.1: a server MUST ignore a 100-continue expectation in an HTTP/1.0
+    request (1xx answers do not exist in HTTP/1.0). A 100 Continue was sent before the 202,
+    which an HTTP/1.0 client reads as its answer."""
+    token = gateway.token("w1", publish=True)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+    try:
+        writer.write((f"POST /workspaces/w1/realtime/events/old HTTP/1.0\r\nAuthorization: Bearer {token}\r\n"
+                      f"Expect: 100-continue\r\nContent-Length: 2\r\n\r\n{{}}").encode())
+        data = await _read_to_eof(reader)
+    finally:
+        writer.close()
+    assert data.startswith(b"HTTP/1.1 202 "), data
+    assert b" 100 " not in data, data
