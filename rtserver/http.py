@@ -51,6 +51,7 @@ _REASONS = {
     431: "Request Header Fields Too Large",
     426: "Upgrade Required",
     500: "Internal Server Error",
+    501: "Not Implemented",
     503: "Service Unavailable",
 }
 
@@ -429,8 +430,12 @@ class FrontProtocol(asyncio.Protocol):
         # head (they replaced the Authorization or X-Correlation-ID a proxy checked there).
         if key is not None and not self._in_body:
             headers = self._req.headers
-            if key in headers and key in _SINGLE_HEADERS:
-                raise _Refused(400, f"the {_SINGLE_HEADERS[key]} header field may appear once; it came twice")
+            if key in headers:
+                if key in _SINGLE_HEADERS:
+                    raise _Refused(400, f"the {_SINGLE_HEADERS[key]} header field may appear once; it came twice")
+                if key == "transfer-encoding":  # a list: each line's codings count (on_headers_complete)
+                    headers[key] += ", " + value.decode("latin-1")
+                    return
             headers[key] = value.decode("latin-1")
 
     def _count_head(self, size: int) -> None:
@@ -457,6 +462,11 @@ class FrontProtocol(asyncio.Protocol):
             # the body of such a request unread: it would be read as the next request.
             if req.headers.get("transfer-encoding") or req.headers.get("content-length", "0").strip(" \t0"):
                 raise _Refused(400, "a request with a body may ask for an Upgrade to websocket only")
+        coding = req.headers.get("transfer-encoding")
+        if coding is not None and coding.strip(" \t").lower() != "chunked":
+            # The parser checks that chunked comes last, and dechunks; no other coding is
+            # decoded: a body sent gzip, chunked was taken as plain (RFC 9112 §6.1: 501).
+            raise _Refused(501, f"Transfer-Encoding {coding!r}: only chunked is supported")
         self._in_body = True
         self._head_bytes = 0
         # The parser checked the value (digits, one length) but keeps the whitespace allowed

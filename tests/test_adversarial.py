@@ -151,3 +151,24 @@ async def test_no_100_continue_to_an_http_1_0_request(gateway):
         writer.close()
     assert data.startswith(b"HTTP/1.1 202 "), data
     assert b" 100 " not in data, data
+
+
+async def test_a_transfer_coding_other_than_chunked_is_not_implemented(gateway):
+    """`Transfer-Encoding: gzip, chunked` (or over two lines): the gateway decodes no coding
+    but chunked, yet took the body as if it were plain and published it (a real gzip body was
+    refused as bad JSON, a plain one accepted as what the client said was compressed). RFC 9112
+    §6.1: 501 for a transfer coding the server does not understand (SHOULD)."""
+    token = gateway.token("w1", publish=True)
+    async with ws_connect(gateway, "w1", token=gateway.token("w1")) as watcher:
+        await watcher.subscribe("events:te")
+        for te in ("Transfer-Encoding: gzip, chunked\r\n", "Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n"):
+            status, _, body = await _answer(gateway, (
+                f"POST /workspaces/w1/realtime/events/te HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+                f"{te}\r\n2\r\n{{}}\r\n0\r\n\r\n").encode())
+            assert status == 501 and b"gzip" in body, (te, status, body)
+        await watcher.no_message(0.5)
+        status, _, body = await _answer(gateway, (
+            f"POST /workspaces/w1/realtime/events/te HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+            f"Transfer-Encoding: chunked\r\n\r\n2\r\n{{}}\r\n0\r\n\r\n").encode())
+        assert status == 202, (status, body)
+        assert (await watcher.recv_event())["payload"] == {}
