@@ -99,7 +99,7 @@ def http_response(
         if status == 426:
             # The protocol to upgrade to, and the `upgrade` option that must go with it (RFC 9110
             # §15.5.22, §7.8): a 426 naming none left the client to guess.
-            challenge += "Upgrade: websocket\r\n"
+            challenge += "Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"  # the one spoken (RFC 6455 §4.4)
             connection = f"Upgrade, {connection}"
         head = _HEADS[key] = (
             f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\nContent-Type: {content_type}\r\n{challenge}"
@@ -456,6 +456,11 @@ class FrontProtocol(asyncio.Protocol):
             raise _Refused(400, "an HTTP/1.1 request must carry a Host header field")
         if self._parser.should_upgrade():
             if req.headers.get("upgrade", "").lower() == "websocket":
+                version = req.headers.get("sec-websocket-version")
+                if version is None or version.strip(" \t") != "13":
+                    # picows upgraded drafts 7 and 8 too, and refused a missing version with a
+                    # 400 naming none (RFC 6455 §4.2.2: 426 naming the versions spoken, MUST).
+                    raise _Refused(426, f"WebSocket version {version!r} is not supported: send Sec-WebSocket-Version: 13")
                 return  # handled by HttpParserUpgrade in data_received
             # An upgrade to another protocol (h2c: curl --http2) is ignored, as a server may:
             # the request is served as it is (it went to picows: 404, 400). The parser leaves

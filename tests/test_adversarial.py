@@ -84,6 +84,12 @@ async def _answer(gateway, request: bytes) -> tuple[int, bytes, bytes]:
     reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
     try:
         writer.write(request)
+        if request.startswith(b"GET "):  # an upgrade may be answered 101, without a length
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            if not head.startswith(b"HTTP/1.1 101 "):
+                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                return int(head.split()[1]), head, await asyncio.wait_for(reader.readexactly(length), 10)
+            return 101, head, b""
         return await read_answer(reader)
     finally:
         writer.close()
@@ -172,3 +178,17 @@ async def test_a_transfer_coding_other_than_chunked_is_not_implemented(gateway):
             f"Transfer-Encoding: chunked\r\n\r\n2\r\n{{}}\r\n0\r\n\r\n").encode())
         assert status == 202, (status, body)
         assert (await watcher.recv_event())["payload"] == {}
+
+
+async def test_an_upgrade_for_another_websocket_version_gets_426_naming_13(gateway):
+    """RFC 6455 §4.2.2 and §4.4: a handshake for a version the server does not speak MUST be
+    refused (426) with `Sec-WebSocket-Version` naming the ones it does. Version 8 (a 2011
+    draft) was upgraded (picows takes 7, 8 and 13), and a missing version got a 400 naming
+    none, so a client could not tell what to send."""
+    for version in ("Sec-WebSocket-Version: 8\r\n", "Sec-WebSocket-Version: 14\r\n", ""):
+        request = _upgrade_request().replace(b"Sec-WebSocket-Version: 13\r\n", version.encode())
+        status, head, body = await _answer(gateway, request)
+        assert status == 426, (version, status, head, body)
+        assert b"\r\nSec-WebSocket-Version: 13\r\n" in head, head
+    status, _, _ = await _answer(gateway, b"GET /workspaces/w1/realtime/connect HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert status == 426  # a plain GET of the connect path, as before
