@@ -195,8 +195,11 @@ class LineWriter(logging.Handler):
             if dropped:
                 lines.append(self._dropped_line(dropped))
             if lines:
+                text = "\n".join(lines) + "\n"
+                if "\u2028" in text or "\u2029" in text:
+                    text = _escape_line_separators(text)
                 try:
-                    self.stream.write("\n".join(lines) + "\n")
+                    self.stream.write(text)
                     self.stream.flush()
                 except Exception:  # noqa: BLE001 - nowhere left to report it; keep the thread
                     pass
@@ -216,6 +219,14 @@ class LineWriter(logging.Handler):
             return self.format(record)
         except Exception:  # noqa: BLE001
             return f"{count} log lines dropped: stderr did not keep up"
+
+
+def _escape_line_separators(text: str) -> str:
+    """U+2028 and U+2029 as JSON escapes. JSON holds them raw (msgspec writes them so), but
+    readers that split on Unicode line ends (str.splitlines(), JavaScript tooling) cut a line
+    there: a value a token carries (a subject) made one record two lines that are not JSON.
+    They occur only inside JSON strings, where the escape reads back as the same character."""
+    return text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
 
 
 def setup(level: str = "info") -> None:

@@ -192,3 +192,18 @@ async def test_an_upgrade_for_another_websocket_version_gets_426_naming_13(gatew
         assert b"\r\nSec-WebSocket-Version: 13\r\n" in head, head
     status, _, _ = await _answer(gateway, b"GET /workspaces/w1/realtime/connect HTTP/1.1\r\nHost: x\r\n\r\n")
     assert status == 426  # a plain GET of the connect path, as before
+
+
+async def test_a_subject_with_unicode_line_separators_keeps_one_log_object_a_line(gateway):
+    """A token's `sub` (set by the identity provider, from a user name on some setups) holding
+    U+2028 or U+2029 went into the audit log lines as it was: valid JSON, but a line break for
+    readers that split on Unicode line ends (Python's str.splitlines(), which these tests use
+    on the log, JavaScript tooling), so one record read as two lines that are not JSON. They are
+    written escaped (\\u2028), as JSON allows: the value read back is the same."""
+    subject = "eve\u2028{\"forged\":true}\u2029x"
+    async with ws_connect(gateway, "w1", token=gateway.token("w1", sub=subject)):
+        pass
+    records = await gateway.audit_records("session-suspended")
+    assert records and records[0]["subject"] == subject
+    for line in gateway.logs().splitlines():
+        assert isinstance(json.loads(line), dict), line
