@@ -504,6 +504,10 @@ class FrontProtocol(asyncio.Protocol):
             return
         method = self._parser.get_method()
         keep_alive = self._parser.should_keep_alive()
+        if keep_alive and "transfer-encoding" in req.headers and self._parser.get_http_version() == "1.0":
+            # HTTP/1.0 knows no chunked: an intermediary of that version may frame these bytes
+            # otherwise (smuggling). RFC 9112 §6.1: faulty framing, close after it (MUST).
+            keep_alive = False
         # Pipelined requests are handled one after the other: their events get seq in request
         # order and the responses leave in that order, even when one waits (a JWKS fetch, the
         # fan-out back-pressure). A request runs at once unless an earlier one is waiting: its

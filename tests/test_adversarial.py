@@ -207,3 +207,22 @@ async def test_a_subject_with_unicode_line_separators_keeps_one_log_object_a_lin
     assert records and records[0]["subject"] == subject
     for line in gateway.logs().splitlines():
         assert isinstance(json.loads(line), dict), line
+
+
+async def test_an_http_1_0_request_with_transfer_encoding_ends_its_connection(gateway):
+    """RFC 9112 §6.1: an HTTP/1.0 message with Transfer-Encoding MUST be treated as having
+    faulty framing, and the connection closed after it (an HTTP/1.0 intermediary does not
+    know chunked, and may frame the bytes differently: request smuggling). With
+    `Connection: keep-alive` the connection stayed open and the bytes after the chunked body
+    were read as a request of their own."""
+    token = gateway.token("w1", publish=True)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+    try:
+        writer.write((f"POST /workspaces/w1/realtime/events/te10 HTTP/1.0\r\nConnection: keep-alive\r\n"
+                      f"Authorization: Bearer {token}\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{{}}\r\n0\r\n\r\n"
+                      f"GET /healthz HTTP/1.0\r\n\r\n").encode())
+        data = await _read_to_eof(reader)
+    finally:
+        writer.close()
+    assert data.startswith(b"HTTP/1.1 202 ") and b"\r\nConnection: close\r\n" in data, data
+    assert data.count(b"HTTP/1.1 ") == 1, data  # the bytes after it were not taken for a request
