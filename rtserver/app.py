@@ -235,7 +235,7 @@ class Gateway:
         )
 
     async def shutdown(self) -> None:
-        """Stop accepting, close every client with 1001, flush, stop sources and audit."""
+        """Stop accepting and the sources, close every client with 1001, flush, stop the audit."""
         if self.draining:
             await self._stopped.wait()
             return
@@ -245,6 +245,13 @@ class Gateway:
             self._server.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
+        # The feeds stop before the subscribers are closed: a change taken after the 1001s went
+        # to a history that ends with the process, for no one, and was acknowledged to its
+        # source (a PostgreSQL slot, a MongoDB resume token), so the restarted gateway did not
+        # have it either. Stopped first, it stays in the source for the next start; what was
+        # taken before reaches the subscribers with the rest of what is queued for them.
+        stopped = list(self._sources.values())
+        await stop_all(stopped, max(0.5, (deadline - time.monotonic()) / 2))
         # The transports, taken before close(): a closed connection leaves gw.connections at
         # once, while its transport still writes what it had queued and the close frame.
         transports = [c._raw for c in list(self.connections) if c._raw is not None]
@@ -260,7 +267,9 @@ class Gateway:
         for t in transports:
             if t.get_write_buffer_size():
                 t.abort()
-        await stop_all(list(self._sources.values()), max(0.5, deadline - time.monotonic() - 1))
+        # a source a subscribe made while the others stopped
+        await stop_all([src for src in self._sources.values() if src not in stopped],
+                       max(0.5, deadline - time.monotonic() - 1))
         try:
             await asyncio.wait_for(self.bus.close(), max(0.5, deadline - time.monotonic() - 1))
         except Exception:

@@ -626,3 +626,50 @@ async def test_truncate_of_two_tables_is_two_events_and_plain_to_a_transitions_s
         await _subscribe(c, "postgres:products", filter=flt, since=first["seq"])
         replayed = await c.recv_event(timeout=10)
         assert (replayed["operation"], replayed["record"]) == ("TRUNCATE", None) and "transition" not in replayed
+
+
+async def test_a_row_committed_during_the_drain_reaches_clients_after_the_restart(gateway_factory, pg_database):
+    """A drained stop (SIGTERM) closes every subscriber with 1001 at once, then waits for slow
+    readers. The feed went on meanwhile: a row committed then was published to a history that
+    ends with the process, for no one, and acknowledged to the slot, so the restarted gateway
+    did not have it either: a client resuming got the history_gap and never the row (seen by
+    test_chaos_restart: rows written in a drain were lost behind the gap). The sources stop
+    first now, so such a row stays in the slot and comes after the restart."""
+    from tests.test_lifecycle import _slow_subscriber
+
+    db = await asyncpg.connect(pg_database)
+    await db.execute("CREATE TABLE products (id int PRIMARY KEY, name text, category text, price numeric(10,2))")
+    gw = await gateway_factory(env={"RT_POSTGRES_URL": pg_database, "RT_INSTANCE": "drain",
+                                    "RT_SHUTDOWN_TIMEOUT": "30", "RT_SEND_BUFFER_BYTES": str(32 << 20)})
+    await gw.wait_ready()
+    try:
+        async with ws_connect(gw, "w1", token=gw.token("w1")) as c:
+            await _subscribe(c, "postgres:products")
+            await db.execute("INSERT INTO products VALUES (1, 'a', 'x', 1)")
+            last = (await c.recv_event(timeout=10))["seq"]
+            slow = await _slow_subscriber(gw, 100)  # holds the drain open
+            gw.proc.send_signal(signal.SIGTERM)
+            assert await c.expect_close(timeout=15) == (1001, "going_away")
+        await db.execute("INSERT INTO products VALUES (2, 'b', 'x', 2)")
+        lsn = await db.fetchval("SELECT pg_current_wal_lsn()")
+        # Either the feed has stopped (the slot is let go), or it has taken the row.
+        for _ in range(300):
+            active, flushed = await db.fetchrow(
+                "SELECT active, confirmed_flush_lsn >= $1::pg_lsn FROM pg_replication_slots WHERE slot_name LIKE 'drain_%'",
+                lsn)
+            if not active or flushed:
+                break
+            await asyncio.sleep(0.05)
+        slow.transport.abort()
+        assert await asyncio.wait_for(gw.proc.wait(), 30) == 0
+        await gw.restart()
+        async with ws_connect(gw, "w1", token=gw.token("w1")) as c:
+            assert (await _subscribe(c, "postgres:products", since=last))["type"] == "subscribed"
+            assert (await c.recv_type("error", timeout=10))["code"] == 4011  # the history is new
+            await db.execute("INSERT INTO products VALUES (3, 'c', 'x', 3)")
+            seen = [(await c.recv_event(timeout=15))["record"]["id"]]
+            while seen[-1] != 3:
+                seen.append((await c.recv_event(timeout=15))["record"]["id"])
+            assert seen == [2, 3]
+    finally:
+        await db.close()
