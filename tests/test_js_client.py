@@ -4,6 +4,7 @@ checks that the demo page's copy of the client (rtserver/static/rtclient.js) is 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import pathlib
 import re
@@ -74,7 +75,7 @@ async def test_js_client_suite_against_the_gateway(gateway_factory):
            "RT_TEST_GATEWAY_ONE_CONNECTION": full.url, "RT_TEST_GATEWAY_HASTY": hasty.url,
            "RT_TEST_GATEWAY_QUOTA": quota.url, "RT_TEST_GATEWAY_NO_IDP": no_idp.url, "RT_TEST_GATEWAY_IDLE": idle.url,
            "RT_TEST_GATEWAY_SMALL_BUFFER": small.url, "RT_TEST_GATEWAY_CHANNEL_PERMISSIONS": perms.url}
-    await _run_node_suite(node, env, None, timeout=180, gateway=gw)
+    await _run_node_suite(node, env, None, timeout=300, gateway=gw)
 
 
 async def _run_node_suite(node: str, env: dict[str, str], pattern: str | None, timeout: float = 120,
@@ -86,13 +87,23 @@ async def _run_node_suite(node: str, env: dict[str, str], pattern: str | None, t
         node, "--test", "--test-reporter=spec", *only, "test/client.test.js",
         cwd=JS, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )
+    # Read as it comes: communicate() cancelled by a timeout threw away what it had read, and
+    # a CI run that timed out showed none of node's output (which test hung was unknown).
+    chunks: list[bytes] = []
+
+    async def pump() -> None:
+        while data := await proc.stdout.read(65536):
+            chunks.append(data)
+
     try:
-        out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+        await asyncio.wait_for(asyncio.gather(pump(), proc.wait()), timeout)
     except TimeoutError:
         proc.kill()
-        out, _ = await proc.communicate()
-        pytest.fail(f"node --test timed out:\n{out.decode(errors='replace')}")
-    text = out.decode(errors="replace")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(pump(), 5)
+        await proc.wait()
+        pytest.fail(f"node --test timed out:\n{b''.join(chunks).decode(errors='replace')}")
+    text = b"".join(chunks).decode(errors="replace")
     print(text)
     log = f"\n--- gateway log ---\n{gateway.logs()[-4000:]}" if gateway is not None else ""
     assert proc.returncode == 0 and "ℹ fail 0" in text and "ℹ pass 0" not in text, f"node --test failed:\n{text}{log}"
