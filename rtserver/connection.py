@@ -271,19 +271,19 @@ class Connection(WSListener):
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         if self._close_code is None:
-            self._layer_closed(transport)
+            self._take_layer_close_code(transport)
         self._teardown()
         if self._held:
             self._held = False
             self.gw.closing_sockets -= 1
 
-    def layer_closed(self) -> None:
+    def close_after_layer(self) -> None:
         """picows sent a close frame of its own (a frame breaking RFC 6455): nothing more is
         written, as after the gateway's own close (a no-op once closed)."""
         if not self.closed and self.transport is not None:
             self.close(1002)  # takes the code picows sent (close: is_close_frame_sent)
 
-    def _layer_closed(self, transport: WSTransport) -> None:
+    def _take_layer_close_code(self, transport: WSTransport) -> None:
         """Take the code of a close that picows sent on its own (a frame breaking RFC 6455:
         1002; a length over what it reads: 1009), so the session-suspended record names it
         instead of a dropped connection's "network"."""
@@ -349,9 +349,9 @@ class Connection(WSListener):
         if self.closed:
             return
         if self.transport is not None and self.transport.is_close_frame_sent:
-            # picows closed it on its own (_layer_closed) and its close frame waits behind
+            # picows closed it on its own (_take_layer_close_code) and its close frame waits behind
             # frames the peer has not read: no second close frame, the code is the one sent.
-            self._layer_closed(self.transport)
+            self._take_layer_close_code(self.transport)
             self._teardown()
             self._disconnect()
             return

@@ -139,7 +139,7 @@ _SINGLE_HEADERS = {name.lower(): name for name in (
 
 
 class _Request:
-    __slots__ = ("url", "headers", "body", "size", "head", "canned")
+    __slots__ = ("url", "headers", "body", "size", "head", "canned", "version")
 
     def __init__(self) -> None:
         self.url = b""
@@ -150,6 +150,7 @@ class _Request:
         # Not a request: an answer queued behind those of the requests before it (a refusal,
         # a 100 Continue), and whether the connection closes after it.
         self.canned: tuple[bytes, bool] | None = None
+        self.version = ""  # "1.0", "1.1", read once the head is complete
 
 
 class PipelinedBytes:
@@ -451,7 +452,8 @@ class FrontProtocol(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         req = self._req
         assert req is not None
-        if "host" not in req.headers and self._parser.get_http_version() == "1.1":
+        req.version = version = self._parser.get_http_version()
+        if "host" not in req.headers and version == "1.1":
             # RFC 9112 §3.2 (MUST): such a request was served, an upgrade completed.
             raise _Refused(400, "an HTTP/1.1 request must carry a Host header field")
         if self._parser.should_upgrade():
@@ -480,7 +482,7 @@ class FrontProtocol(asyncio.Protocol):
         if length is not None and (length := length.rstrip(" \t")).isdigit() and int(length) > self._max_body:
             # Answered now, not after a body that may never end; the connection closes.
             raise _Refused(413, f"payload exceeds {self._max_body} bytes")
-        elif req.headers.get("expect", "").lower() == "100-continue" and self._parser.get_http_version() != "1.0":
+        elif req.headers.get("expect", "").lower() == "100-continue" and version != "1.0":
             # curl sends this for bodies over 1 KiB and would otherwise wait a second for it.
             # After the answers of the requests before it: with one of them waiting, it was
             # written at once, and read as an interim answer to that one. Not to HTTP/1.0,
@@ -504,7 +506,7 @@ class FrontProtocol(asyncio.Protocol):
             return
         method = self._parser.get_method()
         keep_alive = self._parser.should_keep_alive()
-        if keep_alive and "transfer-encoding" in req.headers and self._parser.get_http_version() == "1.0":
+        if keep_alive and "transfer-encoding" in req.headers and req.version == "1.0":
             # HTTP/1.0 knows no chunked: an intermediary of that version may frame these bytes
             # otherwise (smuggling). RFC 9112 §6.1: faulty framing, close after it (MUST).
             keep_alive = False
@@ -809,7 +811,7 @@ class FrontProtocol(asyncio.Protocol):
         # answered), and picows wants "Connection" to be exactly "upgrade" where Firefox sends
         # "keep-alive, Upgrade" (should_upgrade() saw the upgrade option in it).
         head = [b"%s %s HTTP/%s\r\nConnection: Upgrade\r\n" % (
-            self._parser.get_method(), req.url, self._parser.get_http_version().encode())]
+            self._parser.get_method(), req.url, req.version.encode())]
         for name in _UPGRADE_HEADERS:
             value = req.headers.get(name)
             if value is not None:
@@ -859,7 +861,7 @@ class _HalfReadWSProtocol(WSProtocol):
         # connection 10 ms later. The gateway writes its frames to the socket itself, past
         # picows's own check: auth_ok and events followed the close frame (§5.5.1: MUST NOT).
         if self.transport.is_close_frame_sent:
-            closed = getattr(self.listener, "layer_closed", None)
+            closed = getattr(self.listener, "close_after_layer", None)
             if closed is not None:
                 closed()
 
