@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import itertools
 import json
 import logging
 import os
@@ -873,11 +874,16 @@ async def test_full_identity_on_a_partitioned_table_alone_is_warned_about(db, ma
     assert "REPLICA IDENTITY FULL" in warned[0]
 
 
+_ROLES = itertools.count()
+
+
 @pytest.fixture
 async def gateway_role(pg_database):
     """A role with REPLICATION and CREATE but not superuser: it can add only the tables it owns."""
-    role = f"rt_gw_{os.getpid()}"
+    # A name per use, not per process: roles belong to the cluster, not the database, so one a
+    # failed teardown left behind made the next test's CREATE ROLE fail.
     name = pg_database.rsplit("/", 1)[1]
+    role = f"rt_gw_{os.getpid()}_{next(_ROLES)}"
     admin = await asyncpg.connect(pg_database)
     await admin.execute(f"CREATE ROLE {role} LOGIN REPLICATION")
     await admin.execute(f'GRANT CREATE ON DATABASE "{name}" TO {role}; GRANT USAGE, CREATE ON SCHEMA public TO {role}')
