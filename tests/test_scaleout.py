@@ -2203,12 +2203,19 @@ async def test_a_read_back_ahead_of_the_live_consumer_sends_nothing_twice(cluste
     throttled by a Kafka quota on its client id, as an overloaded broker or node would hold it):
     each event reaches the client once, in order. Before, the read-back emitted every record of
     its last fetch, also those the node had not delivered yet, then put the subscription live:
-    the node's consumer delivered those records to it again, seq going back."""
+    the node's consumer delivered those records to it again, seq going back.
+
+    The node reaches Kafka through a TcpProxy, cut once the quota is lifted: the throttle the
+    quota left held the node's fetch until it timed out (40 s); cut, it reconnects at once."""
     from aiokafka import AIOKafkaProducer
+
+    from tests.harness.tcpproxy import TcpProxy
 
 
     topic, bootstrap = cluster.env["RT_BUS_TOPIC"], cluster.env["RT_BUS_KAFKA_BOOTSTRAP"]
-    node = await cluster.node(RT_NODE="readback-ahead", RT_HISTORY_EVENTS="2", RT_BUS_MAX_LAG="1000000")
+    proxy = await TcpProxy(kafka_broker.proxied_port).start(port=kafka_broker.proxy_port)
+    node = await cluster.node(RT_NODE="readback-ahead", RT_HISTORY_EVENTS="2", RT_BUS_MAX_LAG="1000000",
+                              RT_BUS_KAFKA_BOOTSTRAP=kafka_broker.proxied_bootstrap)
 
     throttled = []
 
@@ -2240,6 +2247,7 @@ async def test_a_read_back_ahead_of_the_live_consumer_sends_nothing_twice(cluste
                     # the case in hand: the node's consumer has not delivered 5..7 yet
                     assert json.loads((await node.get("/readyz"))[1])["bus"]["delivered"] == delivered
                     await quota("")
+                    proxy.cut()
                     while json.loads((await node.get("/readyz"))[1])["bus"]["delivered"] < delivered + 3:
                         await asyncio.sleep(0.2)  # until the node's consumer has delivered 5..7
                     while got[-1]["payload"]["n"] != 7:
@@ -2249,6 +2257,7 @@ async def test_a_read_back_ahead_of_the_live_consumer_sends_nothing_twice(cluste
                 await quota("")
     finally:
         await producer.stop()
+        await proxy.close()
     assert [e["payload"]["n"] for e in got] == list(range(1, 8)), [e["payload"]["n"] for e in got]
 
 
