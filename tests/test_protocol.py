@@ -469,9 +469,16 @@ async def test_a_frame_over_the_read_limit_closes_1009_and_is_audited_as_such(ga
     limits.max_message_bytes) is refused by picows itself: its close 1009 comes before the
     gateway's 4000 error, which the client then drops; the audit trail names the cause."""
     async with ws_connect(gateway, "w1", token=gateway.token("w1")) as c:
-        await c.send(json.dumps({"type": "ping", "pad": "x" * (2 << 20)}))
-        code, reason = await c.expect_close()
-        assert code == 1009 and "exceeding max allowed size" in reason
+        try:
+            await c.send(json.dumps({"type": "ping", "pad": "x" * (2 << 20)}))
+            close = await c.expect_close()
+        except websockets.ConnectionClosed as exc:
+            # Closed while the 2 MiB were still being sent: the gateway's close of a socket with
+            # unread bytes is a reset, which may also discard its close frame on the client's
+            # side (the audit record below names the code all the same).
+            close = (exc.rcvd.code, exc.rcvd.reason) if exc.rcvd is not None else None
+        if close is not None:
+            assert close[0] == 1009 and "exceeding max allowed size" in close[1], close
     (rec,) = await gateway.audit_records("session-suspended")
     assert (rec["code"], rec["reason"]) == (1009, "message_too_big")
 
