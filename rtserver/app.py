@@ -40,7 +40,7 @@ from rtserver.seq_reservation import SeqReservation, reservation_path
 from rtserver.sessions import EXPIRE_CHUNK, Sessions, drop_dump, encode_dump, read_dump, write_dump
 from rtserver.signals import until_signalled
 from rtserver.sources.base import Source, stop_all
-from rtserver.sources.mongo import database_for, database_problem
+from rtserver.sources.mongo import SOCKETS_PER_DATABASE, database_for, database_problem
 
 log = logging.getLogger("rtserver.app")
 
@@ -82,14 +82,17 @@ class Gateway:
         except OSError as exc:
             raise RuntimeError(f"state directory {self.state_dir} (server.state_dir): {exc.strerror or exc}") from None
         self.metrics = Metrics()
-        self.max_node_connections = connection_share(cfg.limits.max_node_connections)
+        # The sockets of the workspace databases a default MongoDB URL naming none may open on
+        # demand (mongo.max_databases) are kept out of the clients' share of the open files.
+        kept = SOCKETS_PER_DATABASE * cfg.mongo.max_databases if self._reads_workspace_databases() else 0
+        self.max_node_connections = connection_share(cfg.limits.max_node_connections, kept)
         # HTTP connections open and not WebSockets (http.FrontProtocol), and the bound of them
         # and the WebSockets together.
         self.http_sockets = 0
         # WebSockets closed, out of gw.connections, whose socket still has bytes to write
         # (Connection._disconnect): up to limits.idle_timeout each.
         self.closing_sockets = 0
-        self.max_client_sockets = socket_share(self.max_node_connections)
+        self.max_client_sockets = socket_share(self.max_node_connections, kept)
         # Bytes of pipelined HTTP requests queued on all connections, and those paused for them.
         self.pipelined = http.PipelinedBytes(cfg.limits.pipelined_publish_bytes)
         self.hub = Hub(cfg, self.metrics)
@@ -103,6 +106,8 @@ class Gateway:
         self.connections: set[Connection] = set()
         self.draining = False
         self._sources: dict[tuple[Any, ...], Source] = {}
+        self._workspace_databases = 0  # sources of workspace databases read through mongo.url naming none
+        self._mongo_cap_logged = False
         self._server: asyncio.AbstractServer | None = None
         self._sweeper: asyncio.Task | None = None
         self._gc_policy: FreezeSurvivors | None = None
@@ -350,6 +355,13 @@ class Gateway:
         src = self._sources.get(key)
         if src is not None:
             return src
+        capped = kind == "mongo" and self._workspace_database(workspace, key)
+        if capped and self._workspace_databases >= cfg.mongo.max_databases:
+            if not self._mongo_cap_logged:
+                self._mongo_cap_logged = True  # once: every further workspace would log it again
+                log.warning("mongo.max_databases reached: workspaces beyond it get 4010 on their mongo channels",
+                            extra={"fields": {"workspace": workspace, "max_databases": cfg.mongo.max_databases}})
+            return None  # why_no_source says why
         url = key[1]
         ws_sources = self._configured(workspace)
         if cfg.bus.kind == "kafka":
@@ -389,6 +401,8 @@ class Gateway:
                 allow_unknown_collections=cfg.mongo.allow_unknown_collections,
             )
         self._sources[key] = src
+        if capped:
+            self._workspace_databases += 1
         if start and not self.draining:
             task = asyncio.ensure_future(src.start())
             task.add_done_callback(_log_failure)
@@ -397,7 +411,28 @@ class Gateway:
     def why_no_source(self, workspace: str, kind: str) -> str:
         """Why source(workspace, kind) is None, for the client's 4010."""
         url = self.cfg.sources_for(workspace).mongo_url if kind == "mongo" else ""
-        return (url and database_problem(url, workspace)) or f"{kind} is not configured for workspace {workspace}"
+        problem = url and database_problem(url, workspace)
+        if problem:
+            return problem
+        key = self._source_key(workspace, kind) if url else None
+        if key is not None and key not in self._sources and self._workspace_database(workspace, key):
+            return (f"mongo: the database of workspace {workspace} is not read: this gateway reads "
+                    f"{self.cfg.mongo.max_databases} workspace databases at most (mongo.max_databases, "
+                    f"RT_MONGO_MAX_DATABASES), all in use")
+        return f"{kind} is not configured for workspace {workspace}"
+
+    def _reads_workspace_databases(self) -> bool:
+        """True when mongo.url names no database, and this process reads each workspace's own
+        (not on a Kafka node: its ingest reads the feeds)."""
+        url = self.cfg.mongo.url
+        return bool(url) and self.cfg.bus.kind != "kafka" and _mongo_database(url) is None
+
+    def _workspace_database(self, workspace: str | None, key: tuple[Any, ...]) -> bool:
+        """True when `key` is a workspace's own database read through mongo.url naming none:
+        any workspace a token grants may add one, so these are bounded (mongo.max_databases);
+        those of [workspaces.*] sections are the configuration's."""
+        return (workspace is not None and workspace not in self.cfg.workspaces
+                and key[1] == self.cfg.mongo.url and self._reads_workspace_databases())
 
     def _targets(self, kind: str, key: tuple[Any, ...]):
         """The workspaces a source feeds: every [workspaces.*] section naming its database (two

@@ -75,7 +75,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("auth", "jwks_refetch_interval", "RT_AUTH_JWKS_REFETCH_INTERVAL", float, 30.0, "Minimum seconds between JWKS refetches on an unknown kid"),
     Setting("limits", "max_subscriptions", "RT_MAX_SUBSCRIPTIONS", int, 100, "Subscriptions per connection (error 4008 beyond)"),
     Setting("limits", "max_connections", "RT_MAX_CONNECTIONS", int, 10000, "Connections per workspace (close 4008 beyond)"),
-    Setting("limits", "max_node_connections", "RT_MAX_NODE_CONNECTIONS", int, 0, "WebSocket connections this node holds at most, all workspaces together (further upgrades get 503); 0: the open-files limit (raised to the hard limit at start) less 1024 kept for the gateway's own sockets and files, or half of a small limit. Client sockets of any kind (idle or HTTP ones, closed WebSockets whose peer has not read what was queued for it) are held up to 512 more, within the open-files limit less 512; past that a new connection gets 503 at once"),
+    Setting("limits", "max_node_connections", "RT_MAX_NODE_CONNECTIONS", int, 0, "WebSocket connections this node holds at most, all workspaces together (further upgrades get 503); 0: the open-files limit (raised to the hard limit at start) less 1024 kept for the gateway's own sockets and files (and 3 per mongo.max_databases when mongo.url names no database), or half of a small limit. Client sockets of any kind (idle or HTTP ones, closed WebSockets whose peer has not read what was queued for it) are held up to 512 more, within the open-files limit less 512; past that a new connection gets 503 at once"),
     Setting("limits", "max_connections_per_subject", "RT_MAX_CONNECTIONS_PER_SUBJECT", int, 1000, "Connections per subject on this node, all workspaces together (close 4008 beyond)"),
     Setting("limits", "max_filter_bytes", "RT_MAX_FILTER_BYTES", int, 128 * 1024, "JSON bytes of the filters of one connection's subscriptions together (error 4008 beyond); a compiled filter takes ~30 times its size in memory"),
     Setting("limits", "max_message_bytes", "RT_MAX_MESSAGE_BYTES", int, 65536, "Largest inbound WebSocket message"),
@@ -104,6 +104,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("postgres", "receive_timeout", "RT_POSTGRES_RECEIVE_TIMEOUT", float, 60.0, "Seconds the server may leave the source's status update (sent every second) unanswered before the replication link counts as dead and is reopened; also bounds connecting and each catalog query"),
     Setting("mongo", "url", "RT_MONGO_URL", str, "", "MongoDB URL of every workspace without its own"),
     Setting("mongo", "allow_unknown_collections", "RT_MONGO_ALLOW_UNKNOWN_COLLECTIONS", bool, False, "Accept mongo:{collection} for collections that do not exist yet"),
+    Setting("mongo", "max_databases", "RT_MONGO_MAX_DATABASES", int, 100, "Workspace databases a gateway reads at most through a `mongo.url` that names no database (each its own change stream and client: 3 sockets, kept out of the client connections' share of the open-files limit, and 3 connections at the MongoDB server); a further workspace's mongo channels get 4010 naming this limit"),
     Setting("audit", "kafka_bootstrap", "RT_KAFKA_BOOTSTRAP", str, "", "Kafka bootstrap servers for the audit trail (log only when empty)"),
     Setting("audit", "topic_prefix", "RT_AUDIT_TOPIC_PREFIX", str, "console.realtime.", "Prefix of the four audit topics"),
     Setting("audit", "security_protocol", "RT_KAFKA_SECURITY_PROTOCOL", str, "PLAINTEXT", "PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL"),
@@ -563,6 +564,8 @@ def _validate(values: dict[str, dict[str, Any]], path: str) -> None:
                 "idle_timeout"):
         if limits[key] <= 0:
             raise ConfigError(f"limits.{key} must be positive: 0 would refuse or close every client")
+    if values["mongo"]["max_databases"] <= 0:
+        raise ConfigError("mongo.max_databases must be positive")
     for key in ("node_bytes", "max_suspended_filter_bytes"):
         if values["history"][key] <= 0:
             raise ConfigError(f"history.{key} must be positive")

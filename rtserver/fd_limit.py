@@ -34,23 +34,24 @@ def open_files_limit() -> int:
     return -1 if soft == resource.RLIM_INFINITY else soft
 
 
-def connection_share(configured: int) -> int:
+def connection_share(configured: int, kept: int = 0) -> int:
     """limits.max_node_connections: `configured`, or for 0 the open-files limit less what the
-    gateway keeps for itself (RESERVED, or half of a small limit)."""
+    gateway keeps for itself (RESERVED and `kept`, the change feeds' sockets a configuration
+    may open on demand; or half of a small limit)."""
     if configured > 0:
         return configured
     soft = open_files_limit()
     if soft < 0:
         return 1 << 30
-    return max(1, soft - RESERVED, soft // 2)
+    return max(1, soft - RESERVED - kept, soft // 2)
 
 
-def socket_share(connections: int) -> int:
+def socket_share(connections: int, kept: int = 0) -> int:
     """Client sockets of any kind (WebSocket, HTTP, not yet upgraded) the node holds at most:
     `connections` (limits.max_node_connections) and half of RESERVED more for the HTTP ones
     beside them (probes, publishers, upgrades under way), within the open-files limit less
-    that half (a quarter of a small limit). Idle or half-sent HTTP connections, which the
-    WebSocket limit does not count, must not take what is kept for the gateway's own use."""
+    that half (a quarter of a small limit) and `kept`. Idle or half-sent HTTP connections, which
+    the WebSocket limit does not count, must not take what is kept for the gateway's own use."""
     share = connections + RESERVED // 2
     soft = open_files_limit()
-    return share if soft < 0 else min(share, soft - min(RESERVED // 2, soft // 4))
+    return share if soft < 0 else min(share, max(1, soft - min(RESERVED // 2, soft // 4) - kept))

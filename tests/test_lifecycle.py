@@ -235,6 +235,14 @@ def test_one_mongodb_database_named_by_two_spellings_is_refused(tmp_path):
     loaded = load(path=str(cfg), environ={"RT_MONGO_URL": "mongodb://m1/?appname=default"})
     assert sorted(loaded.workspaces) == ["a", "b", "c", "shop"]
 
+def test_mongo_max_databases_must_be_positive(tmp_path):
+    """0 would refuse every workspace's database while the URL says to read them."""
+    for value, said in (("0", "must be positive"), ("-1", "must not be negative")):
+        with pytest.raises(ConfigError, match=rf"mongo.max_databases.*{said}"):
+            load(environ={"RT_STATE_DIR": str(tmp_path), "RT_MONGO_MAX_DATABASES": value})
+    assert load(environ={"RT_STATE_DIR": str(tmp_path), "RT_MONGO_MAX_DATABASES": "1"}).mongo.max_databases == 1
+
+
 def test_a_configured_mongodb_database_name_longer_than_mongodb_takes_is_refused(tmp_path):
     """A URL naming no database reads the database named like the workspace, and a workspace id
     may be 64 characters where MongoDB takes 63: a feed that would fail at every attempt."""

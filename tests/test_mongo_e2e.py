@@ -95,6 +95,56 @@ async def _refused_with_the_node_ready(gw, workspace: str, why: str) -> None:
         assert status == 200, body
 
 
+async def test_workspace_databases_are_bounded_by_mongo_max_databases(mongo_server, gateway_factory, tmp_path):
+    """With a URL that names no database any workspace a token grants opened a change stream
+    and a client of its own (3 sockets at the gateway, 3 connections at the server), without
+    bound: a token granting `*` could take the descriptors kept for the gateway's own use. Past
+    mongo.max_databases a further workspace's mongo channels are 4010 naming the limit (logged
+    once), the node stays ready, and those read keep streaming. The sockets of those it may
+    read are kept out of the clients' share of the open-files limit."""
+    from rtserver.app import Gateway
+    from rtserver.config import load
+    from rtserver.fd_limit import RESERVED, open_files_limit
+
+    client = AsyncMongoClient(mongo_server.url, serverSelectionTimeoutMS=5000)
+    try:
+        for ws in ("w1", "w2", "w3"):
+            await client[ws].orders.insert_one({"_id": "seed"})
+        gw = await gateway_factory(env={"RT_MONGO_URL": mongo_server.url, "RT_MONGO_MAX_DATABASES": "2"})
+        async with ws_connect(gw, "w1", token=gw.token("w1")) as c1, ws_connect(gw, "w2", token=gw.token("w2")) as c2:
+            await gw.wait_ready()
+            for c in (c1, c2):
+                assert (await _subscribe(c, "mongo:orders"))["type"] == "subscribed"
+            for _ in range(2):  # a second connection: refused again, logged once
+                async with ws_connect(gw, "w3", token=gw.token("w3")) as c3:
+                    for channel in ("mongo:orders", "mongo:*"):
+                        reply = await _subscribe(c3, channel)
+                        assert (reply["type"], reply["code"], reply["channel"]) == ("error", 4010, channel), reply
+                        assert ("the database of workspace w3 is not read: this gateway reads 2 workspace databases "
+                                "at most (mongo.max_databases, RT_MONGO_MAX_DATABASES), all in use") in reply["message"]
+                    assert (await _subscribe(c3, "events:x"))["type"] == "subscribed"  # only mongo is refused
+            status, body = await gw.get("/readyz")
+            assert status == 200 and b"mongo:w3" not in body, body
+            await client["w3"].orders.insert_one({"_id": 3})
+            await client["w2"].orders.insert_one({"_id": 2})
+            assert (await c2.recv_event(timeout=10))["document"] == {"_id": 2}
+            await c1.no_message(0.3)
+        assert gw.logs().count("mongo.max_databases reached") == 1, gw.logs()
+    finally:
+        await client.close()
+
+    soft = open_files_limit()
+    if soft < 0 or soft // 2 > soft - RESERVED - 300:
+        pytest.skip(f"an open-files limit of {soft} leaves the share at half of it")
+    per_workspace = Gateway(load(environ={"RT_MONGO_URL": mongo_server.url, "RT_MONGO_MAX_DATABASES": "100",
+                                          "RT_STATE_DIR": str(tmp_path / "a")}))
+    shared = Gateway(load(environ={"RT_MONGO_URL": mongo_server.url.replace("/?", "/shop?"),
+                                   "RT_MONGO_MAX_DATABASES": "100", "RT_STATE_DIR": str(tmp_path / "b")}))
+    assert shared.max_node_connections == soft - RESERVED
+    assert per_workspace.max_node_connections == soft - RESERVED - 300
+    assert per_workspace.max_client_sockets <= soft - RESERVED // 2 - 300
+
+
 async def test_gateway_restart_resumes_from_saved_token(mongo_gateway):
     gw, db = mongo_gateway
     async with ws_connect(gw, "w1", token=gw.token("w1")) as c:
