@@ -38,6 +38,10 @@ CONNECT_RE = re.compile(r"^/workspaces/([^/]+)/realtime/connect/?$")
 # The topic may be empty here: the publish API refuses it as malformed (400), not as unknown.
 PUBLISH_RE = re.compile(r"^/workspaces/([^/]+)/realtime/events/([^/]*)/?$")
 
+# The start of HTTP/2's connection preface (RFC 9113 §3.4), which the parser refuses as malformed.
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n"
+_H2_PREFACE_LEN = len(_H2_PREFACE)
+
 _REASONS = {
     200: "OK",
     202: "Accepted",
@@ -49,6 +53,7 @@ _REASONS = {
     408: "Request Timeout",
     413: "Payload Too Large",
     431: "Request Header Fields Too Large",
+    505: "HTTP Version Not Supported",
     426: "Upgrade Required",
     500: "Internal Server Error",
     501: "Not Implemented",
@@ -339,7 +344,11 @@ class FrontProtocol(asyncio.Protocol):
                 raise
             self._refuse(*exc.__context__.args)
         except httptools.HttpParserError:
-            self._respond(json_error(400, "malformed HTTP request", keep_alive=False), close=True)
+            if bytes(data[:_H2_PREFACE_LEN]) == _H2_PREFACE:  # curl --http2-prior-knowledge, h2c clients
+                self._respond(json_error(505, "HTTP/2.0 is not supported: send HTTP/1.1", keep_alive=False),
+                              close=True)
+            else:
+                self._respond(json_error(400, "malformed HTTP request", keep_alive=False), close=True)
         finally:
             self._write_held()
 
@@ -453,6 +462,11 @@ class FrontProtocol(asyncio.Protocol):
         req = self._req
         assert req is not None
         req.version = version = self._parser.get_http_version()
+        if version != "1.1" and version != "1.0":
+            # The parser takes HTTP/2.0 and 0.9 in a request line. HTTP/2 is not spoken here
+            # (its preface, PRI * HTTP/2.0, got a 404), and 0.9 has no version to send: both
+            # were answered as HTTP/1.1 requests (RFC 9110 §15.6.6: 505).
+            raise _Refused(505, f"HTTP/{version} is not supported: send HTTP/1.1")
         if "host" not in req.headers and version == "1.1":
             # RFC 9112 §3.2 (MUST): such a request was served, an upgrade completed.
             raise _Refused(400, "an HTTP/1.1 request must carry a Host header field")

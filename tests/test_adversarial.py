@@ -143,6 +143,30 @@ async def test_an_http_1_1_request_without_host_is_refused(gateway):
     assert status == 200, (status, body)
 
 
+async def test_a_request_of_another_http_version_is_refused_505(gateway):
+    """The parser takes request lines of HTTP/2.0 and HTTP/0.9 too; they were answered as
+    HTTP/1.1 requests (HTTP/2's prior-knowledge preface got a 404). RFC 9110 §15.6.6: 505,
+    naming the version spoken. Nothing of such a request is handled: no event is published."""
+    token = gateway.token("w1", publish=True)
+    async with ws_connect(gateway, "w1", token=gateway.token("w1")) as watcher:
+        await watcher.subscribe("events:v2")
+        for version in ("2.0", "0.9"):
+            status, _, body = await _answer(gateway, (
+                f"POST /workspaces/w1/realtime/events/v2 HTTP/{version}\r\nHost: x\r\n"
+                f"Authorization: Bearer {token}\r\nContent-Length: 2\r\n\r\n{{}}").encode())
+            assert status == 505 and f"HTTP/{version} is not supported".encode() in body, (version, status, body)
+        await watcher.no_message(0.5)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+    try:
+        writer.write(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")  # curl --http2-prior-knowledge
+        data = await _read_to_eof(reader)
+    finally:
+        writer.close()
+    assert data.startswith(b"HTTP/1.1 505 HTTP Version Not Supported\r\n"), data
+    status, _, body = await _answer(gateway, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert status == 200, (status, body)
+
+
 async def test_no_100_continue_to_an_http_1_0_request(gateway):
     """RFC 9110 §10.1.1: a server MUST ignore a 100-continue expectation in an HTTP/1.0
     request (1xx answers do not exist in HTTP/1.0). A 100 Continue was sent before the 202,
