@@ -43,6 +43,17 @@ async def _read_to_eof(reader: asyncio.StreamReader, timeout: float = 10) -> byt
         out += chunk
 
 
+async def _until_closed(gateway, request: bytes) -> bytes:
+    """All the gateway writes in answer to `request`, sent on a connection of its own, until it
+    closes the connection."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+    try:
+        writer.write(request)
+        return await _read_to_eof(reader)
+    finally:
+        writer.close()
+
+
 def _server_frames(data: bytes) -> list[tuple[int, bytes]]:
     """(opcode, payload) of each unmasked server frame in `data`."""
     frames = []
@@ -145,7 +156,7 @@ async def test_an_http_1_1_request_without_host_is_refused(gateway):
 
 async def test_a_request_of_another_http_version_is_refused_505(gateway):
     """The parser takes request lines of HTTP/2.0 and HTTP/0.9 too; they were answered as
-    HTTP/1.1 requests (HTTP/2's prior-knowledge preface got a 404). RFC 9110 §15.6.6: 505,
+    HTTP/1.1 requests (HTTP/2's prior-knowledge preface got 400 'malformed HTTP request'). RFC 9110 §15.6.6: 505,
     naming the version spoken. Nothing of such a request is handled: no event is published."""
     token = gateway.token("w1", publish=True)
     async with ws_connect(gateway, "w1", token=gateway.token("w1")) as watcher:
@@ -156,12 +167,7 @@ async def test_a_request_of_another_http_version_is_refused_505(gateway):
                 f"Authorization: Bearer {token}\r\nContent-Length: 2\r\n\r\n{{}}").encode())
             assert status == 505 and f"HTTP/{version} is not supported".encode() in body, (version, status, body)
         await watcher.no_message(0.5)
-    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
-    try:
-        writer.write(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")  # curl --http2-prior-knowledge
-        data = await _read_to_eof(reader)
-    finally:
-        writer.close()
+    data = await _until_closed(gateway, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")  # curl --http2-prior-knowledge
     assert data.startswith(b"HTTP/1.1 505 HTTP Version Not Supported\r\n"), data
     status, _, body = await _answer(gateway, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
     assert status == 200, (status, body)
@@ -172,13 +178,9 @@ async def test_no_100_continue_to_an_http_1_0_request(gateway):
     request (1xx answers do not exist in HTTP/1.0). A 100 Continue was sent before the 202,
     which an HTTP/1.0 client reads as its answer."""
     token = gateway.token("w1", publish=True)
-    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
-    try:
-        writer.write((f"POST /workspaces/w1/realtime/events/old HTTP/1.0\r\nAuthorization: Bearer {token}\r\n"
-                      f"Expect: 100-continue\r\nContent-Length: 2\r\n\r\n{{}}").encode())
-        data = await _read_to_eof(reader)
-    finally:
-        writer.close()
+    data = await _until_closed(gateway, (f"POST /workspaces/w1/realtime/events/old HTTP/1.0\r\n"
+                                         f"Authorization: Bearer {token}\r\n"
+                                         f"Expect: 100-continue\r\nContent-Length: 2\r\n\r\n{{}}").encode())
     assert data.startswith(b"HTTP/1.1 202 "), data
     assert b" 100 " not in data, data
 
@@ -240,13 +242,9 @@ async def test_an_http_1_0_request_with_transfer_encoding_ends_its_connection(ga
     `Connection: keep-alive` the connection stayed open and the bytes after the chunked body
     were read as a request of their own."""
     token = gateway.token("w1", publish=True)
-    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
-    try:
-        writer.write((f"POST /workspaces/w1/realtime/events/te10 HTTP/1.0\r\nConnection: keep-alive\r\n"
-                      f"Authorization: Bearer {token}\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{{}}\r\n0\r\n\r\n"
-                      f"GET /healthz HTTP/1.0\r\n\r\n").encode())
-        data = await _read_to_eof(reader)
-    finally:
-        writer.close()
+    data = await _until_closed(gateway, (
+        f"POST /workspaces/w1/realtime/events/te10 HTTP/1.0\r\nConnection: keep-alive\r\n"
+        f"Authorization: Bearer {token}\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{{}}\r\n0\r\n\r\n"
+        f"GET /healthz HTTP/1.0\r\n\r\n").encode())
     assert data.startswith(b"HTTP/1.1 202 ") and b"\r\nConnection: close\r\n" in data, data
     assert data.count(b"HTTP/1.1 ") == 1, data  # the bytes after it were not taken for a request
