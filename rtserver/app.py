@@ -84,7 +84,11 @@ class Gateway:
         self.metrics = Metrics()
         # The sockets of the workspace databases a default MongoDB URL naming none may open on
         # demand (mongo.max_databases) are kept out of the clients' share of the open files.
-        kept = SOCKETS_PER_DATABASE * cfg.mongo.max_databases if self._reads_workspace_databases() else 0
+        # True when mongo.url names no database and this process reads each workspace's own (not
+        # on a Kafka node: its ingest reads the feeds). Read once: a URL is parsed to know.
+        self._reads_workspace_databases = (bool(cfg.mongo.url) and cfg.bus.kind != "kafka"
+                                           and _mongo_database(cfg.mongo.url) is None)
+        kept = SOCKETS_PER_DATABASE * cfg.mongo.max_databases if self._reads_workspace_databases else 0
         self.max_node_connections = connection_share(cfg.limits.max_node_connections, kept)
         # HTTP connections open and not WebSockets (http.FrontProtocol), and the bound of them
         # and the WebSockets together.
@@ -356,7 +360,7 @@ class Gateway:
         if src is not None:
             return src
         capped = kind == "mongo" and self._workspace_database(workspace, key)
-        if capped and self._workspace_databases >= cfg.mongo.max_databases:
+        if capped and self._over_mongo_databases(workspace, key):
             if not self._mongo_cap_logged:
                 self._mongo_cap_logged = True  # once: every further workspace would log it again
                 log.warning("mongo.max_databases reached: workspaces beyond it get 4010 on their mongo channels",
@@ -415,24 +419,24 @@ class Gateway:
         if problem:
             return problem
         key = self._source_key(workspace, kind) if url else None
-        if key is not None and key not in self._sources and self._workspace_database(workspace, key):
+        if key is not None and self._over_mongo_databases(workspace, key):
             return (f"mongo: the database of workspace {workspace} is not read: this gateway reads "
                     f"{self.cfg.mongo.max_databases} workspace databases at most (mongo.max_databases, "
                     f"RT_MONGO_MAX_DATABASES), all in use")
         return f"{kind} is not configured for workspace {workspace}"
 
-    def _reads_workspace_databases(self) -> bool:
-        """True when mongo.url names no database, and this process reads each workspace's own
-        (not on a Kafka node: its ingest reads the feeds)."""
-        url = self.cfg.mongo.url
-        return bool(url) and self.cfg.bus.kind != "kafka" and _mongo_database(url) is None
-
     def _workspace_database(self, workspace: str | None, key: tuple[Any, ...]) -> bool:
         """True when `key` is a workspace's own database read through mongo.url naming none:
         any workspace a token grants may add one, so these are bounded (mongo.max_databases);
         those of [workspaces.*] sections are the configuration's."""
-        return (workspace is not None and workspace not in self.cfg.workspaces
-                and key[1] == self.cfg.mongo.url and self._reads_workspace_databases())
+        return (self._reads_workspace_databases and workspace is not None and workspace not in self.cfg.workspaces
+                and key[1] == self.cfg.mongo.url)
+
+    def _over_mongo_databases(self, workspace: str | None, key: tuple[Any, ...]) -> bool:
+        """True when `key`, a workspace's own database not read yet, would pass
+        mongo.max_databases: source() refuses it, and why_no_source says so."""
+        return (key not in self._sources and self._workspace_database(workspace, key)
+                and self._workspace_databases >= self.cfg.mongo.max_databases)
 
     def _targets(self, kind: str, key: tuple[Any, ...]):
         """The workspaces a source feeds: every [workspaces.*] section naming its database (two

@@ -463,9 +463,10 @@ class FrontProtocol(asyncio.Protocol):
         assert req is not None
         req.version = version = self._parser.get_http_version()
         if version != "1.1" and version != "1.0":
-            # The parser takes HTTP/2.0 and 0.9 in a request line. HTTP/2 is not spoken here
-            # (its preface, PRI * HTTP/2.0, got a 404), and 0.9 has no version to send: both
-            # were answered as HTTP/1.1 requests (RFC 9110 §15.6.6: 505).
+            # The parser takes HTTP/2.0 and 0.9 in a request line, and both were answered as
+            # HTTP/1.1 requests: HTTP/2 is not spoken here (its preface, PRI * HTTP/2.0, the
+            # parser refuses: data_received answers it 505), and 0.9 has no version to send
+            # (RFC 9110 §15.6.6: 505).
             raise _Refused(505, f"HTTP/{version} is not supported: send HTTP/1.1")
         if "host" not in req.headers and version == "1.1":
             # RFC 9112 §3.2 (MUST): such a request was served, an upgrade completed.
