@@ -169,8 +169,14 @@ class TransactionalWriter:
         producer = self._producer
         await producer.begin_transaction()
         client = self.publisher.client_id
-        sends = [await send_waiting(producer, self.topic, self.partitions, workspace, value, headers, client)
-                 for workspace, value, headers, _fut in batch.records]
+        sends: list[asyncio.Future] = []
+        for workspace, value, headers, _fut in batch.records:
+            send = await send_waiting(producer, self.topic, self.partitions, workspace, value, headers, client)
+            # A later send that raises (the producer fenced meanwhile) leaves the ones before it
+            # failed, with nothing to await them: once the writer was dropped, the garbage
+            # collector logged each as an error ("Future exception was never retrieved").
+            send.add_done_callback(_retrieved)
+            sends.append(send)
         results = await asyncio.gather(*sends, return_exceptions=True)
         for r in results:
             if isinstance(r, BaseException):

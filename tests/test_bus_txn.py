@@ -5,6 +5,7 @@ failed or cut-off writer leaves on the topic for readers (nodes)."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 import uuid
 
@@ -123,6 +124,54 @@ async def test_a_newer_holder_fences_the_writer_before_it(kafka_broker):
         await first.close()
         await second.close()
         await pub.close()
+
+
+async def test_a_writer_fenced_while_handing_records_over_logs_no_unretrieved_errors(kafka_broker):
+    """A zombie ingest's case (test_scaleout's cut-off ingest, on a loaded machine): its Kafka
+    link stalls while it hands a transaction's records to its producer, whose partition batch
+    fills, so the next send waits; a newer holder fences it; when the link heals, that send
+    raises ProducerFenced. The records handed over before it failed too, with nothing awaiting
+    them: once the failed writer was dropped, the garbage collector logged each as an ERROR
+    ("Future exception was never retrieved"), 14 lines in that run, where an operator looks for
+    the one line saying the ingest was fenced."""
+    from tests.harness.tcpproxy import TcpProxy
+
+    loop = asyncio.get_running_loop()
+    unhandled: list[dict] = []
+    loop.set_exception_handler(lambda _loop, context: unhandled.append(context))
+    proxy = await TcpProxy(kafka_broker.proxied_port).start(port=kafka_broker.proxy_port)
+    topic = f"rt.txn.{uuid.uuid4().hex[:8]}"
+    direct = await _publisher(kafka_broker.bootstrap, topic)
+    cut = await _publisher(kafka_broker.proxied_bootstrap, topic)  # its Kafka traffic goes through the proxy
+    first = TransactionalWriter(cut, f"{topic}.ingest", lambda exc: None)
+    second = TransactionalWriter(direct, f"{topic}.ingest", lambda exc: None)
+    try:
+        await first.start()
+        await (await first.enqueue("w1", encode_event(_event("w1", 1))))
+        proxy.paused = True
+        # 4 KB records: aiokafka's 16 KB batch of the partition is full after a few, and the
+        # next send waits for the stalled sender.
+        big = Event(workspace="w1", source="postgres", entity="orders", operation="INSERT", record={"id": 2},
+                    body=b'{"type":"event","pad":"%s"}' % (b"x" * 4000))
+        late = [await first.enqueue("w1", encode_event(big)) for _ in range(20)]
+        await asyncio.sleep(0.5)
+        await second.start()  # fences the first
+        proxy.paused = False
+        outcomes = await asyncio.wait_for(asyncio.gather(*late, return_exceptions=True), 30)
+        assert all(isinstance(o, WriterFailed) for o in outcomes), outcomes
+        assert "ProducerFenced" in first.problem()
+    finally:
+        await first.close()
+        await second.close()
+        await cut.close()
+        await direct.close()
+        await proxy.close()
+    del first, late, outcomes  # the failed writer dropped, as the ingest drops it
+    for _ in range(3):
+        gc.collect()
+        await asyncio.sleep(0.05)
+    loop.set_exception_handler(None)
+    assert not unhandled, [(c.get("message"), repr(c.get("exception"))) for c in unhandled]
 
 
 async def test_closing_fails_what_is_not_committed(kafka_broker):
