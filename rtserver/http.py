@@ -40,7 +40,6 @@ PUBLISH_RE = re.compile(r"^/workspaces/([^/]+)/realtime/events/([^/]*)/?$")
 
 # The start of HTTP/2's connection preface (RFC 9113 §3.4), which the parser refuses as malformed.
 _H2_PREFACE = b"PRI * HTTP/2.0\r\n"
-_H2_PREFACE_LEN = len(_H2_PREFACE)
 
 _REASONS = {
     200: "OK",
@@ -52,12 +51,12 @@ _REASONS = {
     405: "Method Not Allowed",
     408: "Request Timeout",
     413: "Payload Too Large",
-    431: "Request Header Fields Too Large",
-    505: "HTTP Version Not Supported",
     426: "Upgrade Required",
+    431: "Request Header Fields Too Large",
     500: "Internal Server Error",
     501: "Not Implemented",
     503: "Service Unavailable",
+    505: "HTTP Version Not Supported",
 }
 
 _json = msgspec.json.Encoder()
@@ -344,7 +343,7 @@ class FrontProtocol(asyncio.Protocol):
                 raise
             self._refuse(*exc.__context__.args)
         except httptools.HttpParserError:
-            if bytes(data[:_H2_PREFACE_LEN]) == _H2_PREFACE:  # curl --http2-prior-knowledge, h2c clients
+            if bytes(data[:len(_H2_PREFACE)]) == _H2_PREFACE:  # curl --http2-prior-knowledge, h2c clients
                 self._respond(json_error(505, "HTTP/2.0 is not supported: send HTTP/1.1", keep_alive=False),
                               close=True)
             else:

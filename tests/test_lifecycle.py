@@ -235,6 +235,7 @@ def test_one_mongodb_database_named_by_two_spellings_is_refused(tmp_path):
     loaded = load(path=str(cfg), environ={"RT_MONGO_URL": "mongodb://m1/?appname=default"})
     assert sorted(loaded.workspaces) == ["a", "b", "c", "shop"]
 
+
 def test_mongo_max_databases_must_be_positive(tmp_path):
     """0 would refuse every workspace's database while the URL says to read them."""
     for value, said in (("0", "must be positive"), ("-1", "must not be negative")):
