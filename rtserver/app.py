@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from typing import IO, Any
 
 import msgspec
-from picows import WSUpgradeRequest, WSUpgradeResponse, WSUpgradeResponseWithListener
+from picows import WSUpgradeRequest
 
 from rtcore.event import Event
 from rtcore.messages import UNREADABLE_JSON, CustomEventBody, encode, unreadable_json
@@ -492,33 +492,30 @@ class Gateway:
 
     # ---- HTTP ------------------------------------------------------------------------------
 
-    def ws_listener_factory(self, request: WSUpgradeRequest) -> Any:
-        path = request.path.decode("latin-1") if isinstance(request.path, bytes) else str(request.path)
-        path = path.split("?", 1)[0]
-        workspace = http.parse_connect_path(path)
-        if workspace is None:
-            return None
+    def upgrade_refusal(self) -> tuple[int, str] | None:
+        """Why this node takes no WebSocket connection now (status, message), or None. Asked by
+        the HTTP front just before it hands a valid upgrade to picows."""
         if self.draining:
-            return WSUpgradeResponseWithListener(
-                WSUpgradeResponse.create_error_response(503, b"shutting down"), None
-            )
+            return 503, "the gateway is shutting down; connect to another node, or again once it has restarted"
         if len(self.connections) >= self.max_node_connections:
             # Before the open-files limit: past it the gateway's own sockets would fail too.
             self.metrics.connections_refused += 1
-            return WSUpgradeResponseWithListener(
-                WSUpgradeResponse.create_error_response(
-                    503, b"this node holds its limit of %d connections; try another node" % self.max_node_connections
-                ), None
-            )
+            return 503, f"this node holds its limit of {self.max_node_connections} connections; try another node"
         if not self.bus.ready():
-            return WSUpgradeResponseWithListener(
-                WSUpgradeResponse.create_error_response(503, b"behind the event stream or cut off from it; try another node"), None
-            )
+            return 503, "this node is behind the event stream or cut off from it; try another node"
+        return None
+
+    def ws_listener_factory(self, request: WSUpgradeRequest) -> Any:
+        """The listener of an upgrade the HTTP front has checked (path, handshake,
+        upgrade_refusal), called by picows as it reads the rebuilt request."""
+        path = request.path.decode("latin-1") if isinstance(request.path, bytes) else str(request.path)
+        workspace = http.parse_connect_path(path.split("?", 1)[0])
+        if workspace is None:
+            return None
         # The workspace's state (history, sources, the persisted list of known workspaces) is
         # created when a token grants it (Connection._authenticate), not here: an anonymous
         # upgrade must not make the gateway open change streams or remember ids it was sent.
-        token = http.bearer(request.headers)
-        return Connection(self, workspace, token, self.upgrading_remote)
+        return Connection(self, workspace, http.bearer(request.headers), self.upgrading_remote)
 
     def new_ws_protocol(self, log_fields: dict[str, Any]):
         return http.new_ws_protocol(self, log_fields)

@@ -110,6 +110,17 @@ TokenSource = Callable[[], "str | Awaitable[str]"]
 EventHandler = Callable[[dict[str, Any]], Any]
 
 
+def _refusal_text(body: bytes | None) -> str:
+    """What an HTTP refusal of the upgrade says, for the error: the gateway's JSON `error`, or
+    the start of another server's (a proxy's) body."""
+    text = body.decode("utf-8", "replace").strip() if body else ""
+    with contextlib.suppress(ValueError):
+        error = json.loads(text).get("error") if text.startswith("{") else None
+        if isinstance(error, str):
+            text = error
+    return text[:200]
+
+
 class RealtimeError(Exception):
     """A close code or error message from the gateway (code 0: raised by the client), or the
     HTTP status that refused the WebSocket upgrade (name "upgrade_refused": terminal for a 404
@@ -722,7 +733,7 @@ class RealtimeClient:
         connection limit, a Kafka node not ready; a proxy's 502 or 429) is retried with the backoff and reported to on_error
         once per distinct status until a connection succeeds, not at every attempt."""
         status = response.status_code
-        body = response.body.decode("utf-8", "replace").strip()[:200] if response.body else ""
+        body = _refusal_text(response.body)
         detail = f"{self.url} refused the WebSocket upgrade with HTTP {status}" + (f": {body}" if body else "")
         log.info("upgrade refused", extra={"fields": {"url": self.url, "status": status, "body": body}})
         if status == 404 and self.session_id is None:

@@ -10,6 +10,8 @@ keep-alive, so a publisher can reuse its connection.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import logging
 import re
 from collections import deque
@@ -129,11 +131,10 @@ def json_error(status: int, message: str, keep_alive: bool = True) -> bytes:
 # The request headers something here reads (the publish API: authorization, the correlation id;
 # the WebSocket handshake: _upgrade), by lower-case name: only these are decoded and kept; a
 # client's other headers cost a lookup.
-# (The body headers too: picows refuses an upgrade with a body.)
-_UPGRADE_HEADERS = ("upgrade", "sec-websocket-key", "sec-websocket-version", "authorization", "content-length",
-                    "transfer-encoding")
+_UPGRADE_HEADERS = ("upgrade", "sec-websocket-key", "sec-websocket-version", "authorization")
 _READ_HEADERS = {
-    name.encode(): name for name in ("content-length", "expect", "x-correlation-id", "host", *_UPGRADE_HEADERS)
+    name.encode(): name
+    for name in ("content-length", "transfer-encoding", "expect", "x-correlation-id", "host", *_UPGRADE_HEADERS)
 }
 # Fields that take one value, as spelled in a refusal: a request repeating one is invalid (RFC
 # 9110 §5.3, RFC 9112 §3.2, RFC 6455 §11.3.1). Keeping the last line let a request carry a
@@ -187,8 +188,23 @@ class PipelinedBytes:
                 proto._node_resumed()
 
 
+def _has_body(req: _Request) -> bool:
+    return bool(req.headers.get("transfer-encoding") or req.headers.get("content-length", "0").strip(" \t0"))
+
+
+def _valid_key(key: str | None) -> bool:
+    """Whether a Sec-WebSocket-Key is the base64 of 16 bytes (RFC 6455 §4.1), as picows checks it."""
+    if not key:
+        return False
+    try:
+        return len(base64.b64decode(key.strip(" \t").encode("ascii"), validate=True)) == 16
+    except (UnicodeEncodeError, binascii.Error):
+        return False
+
+
 class _Refused(Exception):
-    """A request over its size limits: answered (status, message), and nothing more is read."""
+    """A request refused (over its size limits, malformed): answered (status, message), and
+    nothing more is read."""
 
 
 class FrontProtocol(asyncio.Protocol):
@@ -335,6 +351,8 @@ class FrontProtocol(asyncio.Protocol):
             if self._drainer is not None or self._answers:
                 # The WebSocket would take the transport before their answers are written.
                 self._refuse(400, "WebSocket upgrade pipelined behind requests not answered yet")
+            elif (refusal := self.gw.upgrade_refusal()) is not None:
+                self._refuse(*refusal)
             else:
                 self._write_held()
                 self._upgrade(data[exc.args[0]:])
@@ -471,18 +489,15 @@ class FrontProtocol(asyncio.Protocol):
             # RFC 9112 §3.2 (MUST): such a request was served, an upgrade completed.
             raise _Refused(400, "an HTTP/1.1 request must carry a Host header field")
         if self._parser.should_upgrade():
-            if req.headers.get("upgrade", "").lower() == "websocket":
-                version = req.headers.get("sec-websocket-version")
-                if version is None or version.strip(" \t") != "13":
-                    # picows upgraded drafts 7 and 8 too, and refused a missing version with a
-                    # 400 naming none (RFC 6455 §4.2.2: 426 naming the versions spoken, MUST).
-                    raise _Refused(426, f"WebSocket version {version!r} is not supported: send Sec-WebSocket-Version: 13")
+            if req.headers.get("upgrade", "").lower() == "websocket" and version == "1.1":
+                self._check_handshake(req)
                 return  # handled by HttpParserUpgrade in data_received
             # An upgrade to another protocol (h2c: curl --http2) is ignored, as a server may:
-            # the request is served as it is (it went to picows: 404, 400). The parser leaves
-            # the body of such a request unread: it would be read as the next request.
-            if req.headers.get("transfer-encoding") or req.headers.get("content-length", "0").strip(" \t0"):
-                raise _Refused(400, "a request with a body may ask for an Upgrade to websocket only")
+            # the request is served as it is (it went to picows: 404, 400). So is one in an
+            # HTTP/1.0 request (RFC 9110 §7.8, MUST): the connect path answers it 426. The
+            # parser leaves the body of such a request unread: it would be read as the next one.
+            if _has_body(req):
+                raise _Refused(400, "a request with a body may not ask for an Upgrade")
         coding = req.headers.get("transfer-encoding")
         if coding is not None and coding.strip(" \t").lower() != "chunked":
             # The parser checks that chunked comes last, and dechunks; no other coding is
@@ -502,6 +517,35 @@ class FrontProtocol(asyncio.Protocol):
             # written at once, and read as an interim answer to that one. Not to HTTP/1.0,
             # which has no 1xx answers (RFC 9110 §10.1.1: ignored, MUST).
             self._answer_in_turn(_CONTINUE, close=False)
+
+    def _check_handshake(self, req: _Request) -> None:
+        """Refuse, as every other request is refused (JSON, a status that says why), a WebSocket
+        upgrade that picows would refuse with a text of its own (a Python repr, text/plain).
+        Whether the node takes it now (503) is asked at the hand-off (data_received)."""
+        assert self._parser is not None
+        try:
+            target = httptools.parse_url(req.url)
+        except httptools.HttpParserInvalidURLError:
+            raise _Refused(400, "malformed URL") from None
+        path = (target.path or b"/").decode("latin-1")
+        # picows reads the target it is handed as a path: one in absolute form (RFC 9112
+        # §3.2.2, MUST be accepted) was a 404 there.
+        req.url = (target.path or b"/") + (b"?" + target.query if target.query else b"")
+        if parse_connect_path(path) is None:
+            raise _Refused(404, f"no such endpoint: GET {path} (WebSocket connections go to "
+                                "/workspaces/{workspaceId}/realtime/connect)")
+        method = self._parser.get_method()
+        if method != b"GET":  # RFC 6455 §4.1: MUST be GET
+            raise _Refused(400, f"a WebSocket upgrade is a GET request, not {method.decode()}")
+        version = req.headers.get("sec-websocket-version")
+        if version is None or version.strip(" \t") != "13":
+            # picows upgraded drafts 7 and 8 too, and refused a missing version with a
+            # 400 naming none (RFC 6455 §4.2.2: 426 naming the versions spoken, MUST).
+            raise _Refused(426, f"WebSocket version {version!r} is not supported: send Sec-WebSocket-Version: 13")
+        if _has_body(req):
+            raise _Refused(400, "a WebSocket upgrade request has no body")
+        if not _valid_key(req.headers.get("sec-websocket-key")):
+            raise _Refused(400, "Sec-WebSocket-Key must be 16 bytes in base64 (RFC 6455 §4.1)")
 
     def on_body(self, body: bytes) -> None:
         req = self._req

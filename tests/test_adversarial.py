@@ -220,6 +220,72 @@ async def test_an_upgrade_for_another_websocket_version_gets_426_naming_13(gatew
     assert status == 426  # a plain GET of the connect path, as before
 
 
+async def test_every_refused_upgrade_is_answered_in_json_saying_why(gateway):
+    """A WebSocket upgrade that picows refused got its text/plain answer: a Python repr
+    ("Handshake error, invalid key: None", "Unsupported HTTP method: b'POST'") or "404 Not
+    Found" for a path that is no endpoint, where every other refusal is JSON {"error": ...}.
+    They are refused before the hand-off now, as the rest, and the connection closes."""
+    cases = (
+        (_rekeyed(_upgrade_request(), b""), 400, "Sec-WebSocket-Key"),
+        (_rekeyed(_upgrade_request(), b"Sec-WebSocket-Key: not base64!\r\n"), 400, "Sec-WebSocket-Key"),
+        (_rekeyed(_upgrade_request(), b"Sec-WebSocket-Key: c2hvcnQ=\r\n"), 400, "Sec-WebSocket-Key"),  # 5 bytes
+        (_upgrade_request().replace(b"GET ", b"POST ", 1), 400, "GET"),
+        (_upgrade_request(extra="Content-Length: 2\r\n") + b"{}", 400, "no body"),
+        (_upgrade_request().replace(b"/workspaces/w1/realtime/connect", b"/other", 1), 404, "/other"),
+        (_upgrade_request("a.b"), 404, "/workspaces/a.b/realtime/connect"),
+    )
+    for request, status, named in cases:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+        try:
+            writer.write(request)
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            body = await _read_to_eof(reader)  # and the connection closes after it
+        finally:
+            writer.close()
+        assert int(head.split()[1]) == status, (request, head, body)
+        assert b"\r\nContent-Type: application/json\r\n" in head, (request, head)
+        error = json.loads(body)["error"]
+        assert named in error and "b'" not in error, (request, error)
+    assert '"level":"error"' not in gateway.logs()
+
+
+def _rekeyed(request: bytes, line: bytes) -> bytes:
+    """`request` with `line` in place of its Sec-WebSocket-Key line."""
+    start = request.index(b"Sec-WebSocket-Key: ")
+    end = request.index(b"\r\n", start) + 2
+    return request[:start] + line + request[end:]
+
+
+async def test_an_upgrade_in_absolute_form_connects(gateway):
+    """RFC 9112 §3.2.2: a server MUST accept a request target in absolute form (as sent to a
+    proxy). The publish API and the other endpoints did; an upgrade so addressed was handed to
+    picows as it came, which read the whole URL as the path: 404."""
+    request = _upgrade_request(extra=f"Authorization: Bearer {gateway.token('w1')}\r\n").replace(
+        b"GET /workspaces/", b"GET http://x/workspaces/", 1)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+    try:
+        writer.write(request)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 101 "), head
+        first, size = await asyncio.wait_for(reader.readexactly(2), 10)
+        assert first == 0x81 and size < 126, (first, size)  # one unmasked text frame: auth_ok
+        assert json.loads(await asyncio.wait_for(reader.readexactly(size), 10))["type"] == "auth_ok"
+    finally:
+        writer.close()
+
+
+async def test_an_http_1_0_upgrade_is_served_as_a_plain_request(gateway):
+    """RFC 9110 §7.8: an Upgrade field in an HTTP/1.0 request MUST be ignored. picows refused
+    it with "Unsupported HTTP version: b'HTTP/1.0'" (text/plain); it is now the request it is
+    without the field: the connect path's 426, and /healthz's 200."""
+    request = _upgrade_request().replace(b" HTTP/1.1\r\n", b" HTTP/1.0\r\n", 1)
+    status, head, body = await _answer(gateway, request)
+    assert status == 426 and b"\r\nUpgrade: websocket\r\n" in head, (status, head, body)
+    assert json.loads(body)["error"]
+    status, _, body = await _answer(gateway, request.replace(b"/workspaces/w1/realtime/connect", b"/healthz", 1))
+    assert status == 200, (status, body)
+
+
 async def test_a_subject_with_unicode_line_separators_keeps_one_log_object_a_line(gateway):
     """A token's `sub` (set by the identity provider, from a user name on some setups) holding
     U+2028 or U+2029 went into the audit log lines as it was: valid JSON, but a line break for

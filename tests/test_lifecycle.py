@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import os
@@ -22,6 +23,7 @@ import websockets
 from rtserver.audit_spool import Spool
 from rtserver.config import ConfigError, load
 from tests.harness.fixtures_gateway import free_port
+from tests.harness.http_wire import read_answer
 from tests.harness.wsclient import ws_connect
 
 
@@ -1016,7 +1018,8 @@ async def test_a_publish_during_the_drain_is_refused_not_accepted_for_nobody(gat
     """Once the gateway drains, every subscriber has been closed with 1001 and the workspace's
     history ends with the process: an event accepted then reaches no one (a resumed client gets
     a history_gap for it). A publisher on a keep-alive connection got 202 all the same; it gets
-    503 now, as a WebSocket upgrade does, and publishes to another node or after the restart."""
+    503 now, as a WebSocket upgrade does (JSON, as every refusal), and publishes to another
+    node or after the restart."""
     import http.client
 
     gw = await gateway_factory(env={"RT_SHUTDOWN_TIMEOUT": "30", "RT_SEND_BUFFER_BYTES": str(32 << 20)})
@@ -1028,8 +1031,12 @@ async def test_a_publish_during_the_drain_is_refused_not_accepted_for_nobody(gat
         r = conn.getresponse()
         return r.status, r.read()
 
+    # A client that opened its connection before the stop and asks for the upgrade during it.
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
     try:
         assert (await asyncio.to_thread(publish))[0] == 202  # the connection is open before the stop
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await read_answer(reader))[0] == 200
         ws = await _slow_subscriber(gw, 100)  # holds the drain open while the publish is sent
         gw.proc.send_signal(signal.SIGTERM)
         while '"draining"' not in gw.logs():
@@ -1040,9 +1047,16 @@ async def test_a_publish_during_the_drain_is_refused_not_accepted_for_nobody(gat
         assert status == 503 and b"shutting down" in body, (status, body)
         # and the connection closes after it: the publisher's next attempt connects anew
         assert answer.getheader("Connection") == "close"
+        key = base64.b64encode(os.urandom(16))
+        writer.write(b"GET /workspaces/w1/realtime/connect HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                     b"Connection: Upgrade\r\nSec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n" % key)
+        status, head, body = await read_answer(reader)
+        assert status == 503 and b"shutting down" in json.loads(body)["error"].encode(), (status, head, body)
+        assert await asyncio.wait_for(reader.read(), 10) == b""  # closed after it
         ws.transport.abort()
     finally:
         conn.close()
+        writer.close()
     assert await asyncio.wait_for(gw.proc.wait(), 30) == 0
 
 

@@ -673,7 +673,7 @@ async def test_node_connection_limit_answers_503_to_further_upgrades(gateway_fac
             async with ws_connect(gw, "w3", token=gw.token("w3")):
                 pass
         assert info.value.response.status_code == 503
-        assert b"limit of 2 connections" in info.value.response.body
+        assert "limit of 2 connections" in json.loads(info.value.response.body)["error"]
     for _ in range(100):  # once the gateway has seen the two closes
         try:
             async with ws_connect(gw, "w3", token=gw.token("w3")) as c:

@@ -363,7 +363,7 @@ async def test_a_404_once_connected_is_retried_and_reported_once(gateway):
 async def test_a_503_to_the_upgrade_is_retried_and_reported_once(gateway_factory):
     # A gateway at its connection limit answers HTTP 503 before the upgrade: retried with the
     # backoff (it may have room later), but it reached on_error not at all, and an operator saw
-    # only 1006 in `closes`. Now once, not at every attempt.
+    # only 1006 in `closes`. Now once, not at every attempt, with the reason the gateway gives.
     gw = await gateway_factory(env={"RT_MAX_NODE_CONNECTIONS": "1"})
     errors: list[RealtimeError] = []
     async with RealtimeClient(gw.ws_url("w1"), lambda: gw.token("w1")) as holder:
@@ -374,6 +374,7 @@ async def test_a_503_to_the_upgrade_is_retried_and_reported_once(gateway_factory
             assert not connecting.done() and client.state == "reconnecting"
             assert [(e.code, e.name, e.terminal) for e in errors] == [(503, "upgrade_refused", False)]
             assert "HTTP 503" in str(errors[0]) and "limit of 1 connections" in str(errors[0])
+            assert '"error"' not in str(errors[0])  # what the JSON says, not the JSON
             await holder.close()  # room again: the retry gets in
             await asyncio.wait_for(connecting, 5)
             assert client.state == "open" and len(errors) == 1

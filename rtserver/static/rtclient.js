@@ -216,6 +216,19 @@ function answers(msg, sentId) {
   return msg.id === undefined || msg.id === null || msg.id === sentId;
 }
 
+// What an HTTP refusal of the upgrade says, for the error: the gateway's JSON `error`, or the
+// start of another server's (a proxy's) body.
+function refusalText(body) {
+  let text = body.trim();
+  if (text.startsWith("{")) {
+    try {
+      const error = JSON.parse(text).error;
+      if (typeof error === "string") text = error;
+    } catch { /* not JSON: shown as it came */ }
+  }
+  return text.slice(0, 200);
+}
+
 class Subscription {
   constructor(channel, filter, onEvent) {
     this.channel = channel;
@@ -650,7 +663,7 @@ export class RealtimeClient {
       if (this.ws !== ws) return; // abandoned meanwhile (openTimeoutMs) or closed
       this.ws = null;
       try { ws.terminate(); } catch { /* already closing */ }
-      body = body.trim().slice(0, 200);
+      body = refusalText(body);
       const detail = `${this.url} refused the WebSocket upgrade with HTTP ${status}${body ? `: ${body}` : ""}`;
       if (status === 404 && this.sessionId === null) {
         // Never connected: the URL is wrong. Once it has worked, a 404 is a proxy's or a load

@@ -1154,6 +1154,7 @@ test("a 503 to the upgrade is retried and reported once",
     assert.equal(client.state, "reconnecting");
     assert.deepEqual(errors.map((e) => [e.code, e.codeName, e.terminal]), [[503, "upgrade_refused", false]]);
     assert.ok(errors[0].message.includes("HTTP 503") && errors[0].message.includes("limit of 1 connections"), errors[0].message);
+    assert.ok(!errors[0].message.includes('"error"'), errors[0].message); // what the JSON says, not the JSON
     holder.close(); // room again: the retry gets in
     await client.ready;
     assert.equal(client.state, "open");
