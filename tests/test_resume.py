@@ -238,8 +238,9 @@ async def test_a_replay_larger_than_the_send_buffer_reaches_a_reader_that_keeps_
     limits.send_buffer_bytes closed the connection with 1013 however fast the client read,
     and again at every reconnect. Events published while it is under way follow it, once
     each, in order; a resumed session's replay is paced the same way."""
+    # The session must outlive 300 publishes of 20 KB (test_churn's 0.3 s did not on a busy machine).
     gw = Gateway(_cfg(tmp_path, RT_SEND_BUFFER_BYTES="262144", RT_HISTORY_EVENTS="10000",
-                      RT_MAX_CONNECTIONS_PER_SUBJECT="10"))
+                      RT_MAX_CONNECTIONS_PER_SUBJECT="10", RT_RESUME_TTL="60"))
     await gw.start()
     pub = Publisher(gw.port)
     token = _token(["w1"], "u")
@@ -535,7 +536,7 @@ async def test_a_restored_filter_the_index_refuses_is_dropped_not_a_failed_resum
         session.specs[spec.channel] = spec
     saved.suspend(session, 0)
     write_dump(str(tmp_path / "sessions.json"), encode_dump(saved.snapshot()))
-    gw = Gateway(_cfg(tmp_path))
+    gw = Gateway(_cfg(tmp_path, RT_RESUME_TTL="60"))  # the restored session outlives a slow start
     await gw.start()
     pub = Publisher(gw.port)
     try:

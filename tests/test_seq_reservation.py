@@ -118,7 +118,8 @@ async def test_a_position_shown_before_any_event_stays_below_the_next_runs_seqs(
     nor a history_gap."""
     ahead = now_us() + 3600 * 10**6
     (tmp_path / "seq-reservation").write_text(f"{ahead}\n")
-    gw = Gateway(_cfg(tmp_path))
+    # The session must outlive a stop and a start (test_churn's 0.3 s did not on a busy machine).
+    gw = Gateway(_cfg(tmp_path, RT_RESUME_TTL="60"))
     await gw.start()
     token = _token(["w1"], "u")
     try:
@@ -131,7 +132,7 @@ async def test_a_position_shown_before_any_event_stays_below_the_next_runs_seqs(
             session = (await c.recv_type("auth_ok"))["sessionId"]
     finally:
         await gw.shutdown()
-    again = Gateway(_cfg(tmp_path))
+    again = Gateway(_cfg(tmp_path, RT_RESUME_TTL="60"))
     await again.start()
     pub = Publisher(again.port)
     try:
