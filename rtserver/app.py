@@ -9,7 +9,6 @@ import logging
 import os
 import secrets
 import socket
-import ssl
 import time
 from collections.abc import Mapping
 from typing import IO, Any
@@ -23,10 +22,11 @@ from rtcore.timefmt import iso_ms, now_ms
 from rtserver import http
 from rtserver.atomic_file import ensure_state_dir
 from rtserver.audit import create_audit
-from rtserver.auth import MIN_HS256_SECRET, Authenticator, AuthError, load_or_create_dev_secret
+from rtserver.auth import Authenticator, AuthError, load_or_create_dev_secret
 from rtserver.bus import BusUnavailable, create_bus
 from rtserver.channels import TOPIC_RE
-from rtserver.config import WORKSPACE_ID_RE, Config, WorkspaceSources, no_passphrase
+from rtserver.config import WORKSPACE_ID_RE, Config, WorkspaceSources
+from rtserver.config_check import auth_warnings, server_tls_context
 from rtserver.connection import Connection
 from rtserver.fd_limit import connection_share, open_files_limit, socket_share
 from rtserver.file_lock import lock_exclusive
@@ -133,31 +133,8 @@ class Gateway:
 
     async def start(self) -> None:
         cfg = self.cfg
-        if self.dev_secret is not None:
-            log.warning(
-                "dev mode: no auth.hs256_secret or auth.jwks_url configured; tokens are signed with a generated "
-                "secret kept in the state directory. Mint one with `rtserver token --workspace W`.",
-                extra={"fields": {"state_dir": self.state_dir}},
-            )
-        secret = cfg.auth.hs256_secret.encode()
-        if secret and len(secret) < MIN_HS256_SECRET:
-            # Never the secret itself: its length, and what to do.
-            log.warning(
-                "auth.hs256_secret is %d bytes; HS256 wants at least %d (RFC 7518 section 3.2): a short secret can "
-                "be guessed from any token, and whoever guesses it mints tokens for every workspace",
-                len(secret), MIN_HS256_SECRET, extra={"fields": {"bytes": len(secret), "minimum": MIN_HS256_SECRET}},
-            )
-        claim = cfg.auth.workspace_claim
-        if claim.rsplit(".", 1)[-1] in ("roles", "scope") and not cfg.auth.workspace_role_prefix:
-            # Every entry of such a claim grants the workspace of its name: the roles Keycloak gives
-            # every user (offline_access, uma_authorization, default-roles-<realm>) or the scopes
-            # (openid, email) would grant workspaces of those names to anyone.
-            log.warning(
-                "auth.workspace_claim %s lists roles or scopes and auth.workspace_role_prefix is empty: every role "
-                "a token carries grants the workspace of that name (offline_access, default-roles-..., a publish "
-                "role): set a prefix such as `workspace:` and give workspace roles that prefix",
-                claim, extra={"fields": {"workspace_claim": claim}},
-            )
+        for message, fields in auth_warnings(cfg, self.state_dir):
+            log.warning(message, extra={"fields": fields})
         loop = asyncio.get_running_loop()
         self.metrics.watch_gc()
         if cfg.server.demo:
@@ -188,19 +165,7 @@ class Gateway:
         await self.bus.start()
         for src in self._boot_sources():
             await src.start()
-        ctx = None
-        if cfg.server.tls_cert:
-            ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            for setting, path in (("server.tls_cert", cfg.server.tls_cert), ("server.tls_key", cfg.server.tls_key)):
-                if not os.path.isfile(path):
-                    raise RuntimeError(f"{setting}: no such file {path}")
-            try:
-                # A passphrase-protected key would make OpenSSL prompt on the terminal: refused.
-                ctx.load_cert_chain(cfg.server.tls_cert, cfg.server.tls_key, password=no_passphrase)
-            except (OSError, ssl.SSLError) as exc:
-                raise RuntimeError(
-                    f"server.tls_cert/tls_key: cannot load ({exc}); the key must not be passphrase-protected"
-                ) from None
+        ctx = server_tls_context(cfg)
         try:
             self._server = await loop.create_server(
                 lambda: http.FrontProtocol(self),

@@ -1,4 +1,5 @@
-"""The `rtserver` command: `serve`, `ingest` (feeds to Kafka), `token` (dev tokens), `config-table`, `--version`."""
+"""The `rtserver` command: `serve`, `ingest` (feeds to Kafka), `token` (dev tokens), `check-config`,
+`config-table`, `--version`."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import sys
 
 from rtserver import __version__
 from rtserver.config import WORKSPACE_ID_RE, ConfigError, config_table_markdown, load
+from rtserver.config_check import env_warnings
 from rtserver.fd_limit import raise_open_files_limit
 
 
@@ -60,6 +62,12 @@ def _parser() -> argparse.ArgumentParser:
     tok.add_argument("--config", help="TOML configuration file")
     tok.add_argument("--state-dir", help="local state directory (default .rtserver)")
 
+    chk = sub.add_parser("check-config", help="check the configuration (file, RT_* variables) as serve or ingest "
+                                              "would take it, and print the settings in effect; exit 2 on an error")
+    chk.add_argument("--config", help="TOML configuration file")
+    chk.add_argument("--state-dir", help="local state directory (default .rtserver)")
+    chk.add_argument("--ingest", action="store_true", help="check it as `rtserver ingest` takes it (Kafka bus, feeds)")
+
     sub.add_parser("config-table", help="print the configuration table (Markdown)")
     return p
 
@@ -78,14 +86,19 @@ def main(argv: list[str] | None = None) -> int:
             overrides.update({"server.host": args.host, "server.port": args.port, "server.demo": args.demo})
         if args.command == "ingest":
             overrides.update({"server.host": args.host, "bus.ingest_port": args.health_port, "bus.kind": "kafka"})
+        if args.command == "check-config" and args.ingest:
+            overrides["bus.kind"] = "kafka"
         # Said in errors about them: no --ingest-port or --kind option exists.
-        origins = {"bus.ingest_port": "option --health-port", "bus.kind": "rtserver ingest"}
+        origins = {"bus.ingest_port": "option --health-port",
+                   "bus.kind": "rtserver check-config --ingest" if args.command == "check-config" else "rtserver ingest"}
         cfg = load(args.config, overrides=overrides, override_origins=origins)
     except ConfigError as exc:
         print(f"rtserver: configuration error: {exc}", file=sys.stderr)
         return 2
     if args.command == "token":
         return _token(cfg, args)
+    if args.command == "check-config":
+        return _check_config(cfg, "ingest" if args.ingest else "serve")
     if args.command == "ingest":
         return _ingest(cfg)
     return _serve(cfg)
@@ -121,6 +134,30 @@ def _token(cfg, args) -> int:
     return 0
 
 
+def _check_config(cfg, command: str) -> int:
+    """The settings `command` runs with, as JSON on stdout; what would stop it at start without
+    reaching a server (the TLS files, an ingest with no feeds) is an error, exit 2."""
+    import json
+
+    from rtserver.config_check import report, server_tls_context
+
+    try:
+        if command == "serve":
+            server_tls_context(cfg)
+    except RuntimeError as exc:
+        print(f"rtserver: configuration error: {exc}", file=sys.stderr)
+        return 2
+    out = report(cfg, command)
+    if command == "ingest" and not out["feeds"]:
+        print("rtserver: configuration error: no feeds to read: set postgres.url/mongo.url with bus.workspaces, or "
+              "[workspaces.*] sections naming sources", file=sys.stderr)
+        return 2
+    print(json.dumps(out, indent=2))
+    for warning in out["warnings"]:
+        print(f"rtserver: warning: {warning}", file=sys.stderr)
+    return 0
+
+
 def _ingest(cfg) -> int:
     return _run_loop(cfg, "rtserver.ingest", "run", "rtserver ingest")
 
@@ -144,13 +181,8 @@ def _run_loop(cfg, module: str, function: str, label: str) -> int:
     from rtserver import logs
 
     logs.setup(cfg.server.log_level)
-    for name, like in cfg.unknown_env:
-        # A warning, not an error: RT_ is a short prefix other tools may use too. The value is
-        # not logged (it may be a secret).
-        logging.getLogger("rtserver.config").warning(
-            "environment variable %s is not a setting: ignored%s", name, f" (did you mean {like}?)" if like else "",
-            extra={"fields": {"variable": name, "did_you_mean": like or None}},
-        )
+    for message, fields in env_warnings(cfg):
+        logging.getLogger("rtserver.config").warning(message, extra={"fields": fields})
     # Imported once the log is JSON: what the import logs (the rtcore extensions not built,
     # the pure-Python engine in use) is a JSON line too, with its fields.
     main = getattr(importlib.import_module(module), function)

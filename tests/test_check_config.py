@@ -1,0 +1,100 @@
+"""`rtserver check-config`: the configuration as `serve` or `ingest` would take it, checked without
+starting anything; run as an operator runs it (the CLI in a process of its own)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+from tests.test_lifecycle import _run
+
+SECRET = "check-config-secret-0123456789abcdef"
+
+
+def test_zero_config_is_reported_as_serve_takes_it_and_nothing_is_written(tmp_path):
+    out = _run(["check-config"], cwd=str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["command"] == "serve" and report["config_file"] is None
+    assert (report["settings"]["server"]["host"], report["settings"]["server"]["port"]) == ("127.0.0.1", 8080)
+    assert report["settings"]["bus"]["kind"] == "memory"
+    assert any(w.startswith("dev mode:") for w in report["warnings"]), report["warnings"]
+    assert "rtserver: warning: dev mode:" in out.stderr
+    assert os.listdir(tmp_path) == []  # no state directory, no dev secret: a check changes nothing
+
+
+def test_file_variables_and_secrets_are_shown_as_they_take_effect_secrets_masked(tmp_path):
+    (tmp_path / "rt.toml").write_text(
+        '[server]\nport = 9001\n[limits]\nmax_connections = 7\n'
+        '[workspaces.acme]\npostgres_url = "postgresql://rt:pg-pass-1@db/acme"\n')
+    env = {"RT_AUTH_HS256_SECRET": SECRET, "RT_PORT": "9002", "RT_POSTGRES_URL": "postgresql://rt:pg-pass-2@db/app",
+           "RT_KAFKA_SASL_PASSWORD": "sasl-pass-3"}
+    out = _run(["check-config", "--config", "rt.toml", "--state-dir", "st"], env, cwd=str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["config_file"] == str(tmp_path / "rt.toml")
+    settings = report["settings"]
+    assert settings["server"]["port"] == 9002  # the variable over the file
+    assert settings["server"]["state_dir"] == "st"  # the flag over both
+    assert settings["limits"]["max_connections"] == 7
+    assert settings["auth"]["hs256_secret"] == "(set)" and settings["audit"]["sasl_password"] == "(set)"
+    assert settings["postgres"]["url"] == "postgresql://***@db/app"
+    assert report["workspaces"]["acme"]["postgres_url"] == "postgresql://***@db/acme"
+    assert report["warnings"] == []
+    for secret in (SECRET, "pg-pass-1", "pg-pass-2", "sasl-pass-3"):
+        assert secret not in out.stdout + out.stderr
+
+
+def test_what_would_stop_the_start_is_one_line_and_exit_2(tmp_path):
+    from tests.harness.certs import self_signed
+
+    cases = [
+        (["check-config"], {"RT_PORT": "http"}, "RT_PORT (server.port): invalid value"),
+        (["check-config"], {"RT_TLS_CERT": str(tmp_path / "none.pem"), "RT_TLS_KEY": str(tmp_path / "none.key")},
+         "server.tls_cert: no such file"),
+        (["check-config", "--ingest"], {}, "bus.kafka_bootstrap"),
+        (["check-config", "--ingest"], {"RT_KAFKA_BOOTSTRAP": "127.0.0.1:9"}, "no feeds to read"),
+    ]
+    (tmp_path / "other").mkdir()
+    cert, _ = self_signed(str(tmp_path))
+    _, other_key = self_signed(str(tmp_path / "other"))
+    cases.append((["check-config"], {"RT_TLS_CERT": cert, "RT_TLS_KEY": other_key}, "server.tls_cert/tls_key: cannot load"))
+    for args, env, said in cases:
+        out = _run(args, env, cwd=str(tmp_path))
+        assert out.returncode == 2 and out.stdout == "", (args, env, out.stdout, out.stderr)
+        assert out.stderr.startswith("rtserver: configuration error: ") and said in out.stderr, (args, env, out.stderr)
+        assert len(out.stderr.splitlines()) == 1, out.stderr
+    out = _run(["check-config"], {"RT_TLS_CERT": cert, "RT_TLS_KEY": str(tmp_path / "key.pem")}, cwd=str(tmp_path))
+    assert out.returncode == 0 and json.loads(out.stdout)["settings"]["server"]["tls_cert"] == cert, out.stderr
+
+
+def test_an_ingest_is_shown_its_feeds(tmp_path):
+    env = {"RT_KAFKA_BOOTSTRAP": "127.0.0.1:9", "RT_POSTGRES_URL": "postgresql://rt:pg-pass@db/app",
+           "RT_BUS_WORKSPACES": "w1,w2"}
+    out = _run(["check-config", "--ingest"], env, cwd=str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["command"] == "ingest" and report["settings"]["bus"]["kind"] == "kafka"
+    assert report["feeds"] == [{"kind": "postgres", "url": "postgresql://***@db/app", "database": "", "schemas": ["public"],
+                                "tables": [], "workspaces": ["w1", "w2"]}]
+    assert "pg-pass" not in out.stdout + out.stderr
+
+
+def test_its_warnings_are_those_serve_logs_at_start(tmp_path):
+    """The same words, from the same code: a check that warns of nothing means a start that
+    warns of nothing of these."""
+    env = {"RT_AUTH_HS256_SECRET": "too-short", "RT_KAFKA_BOOTSTRAP_SERVERS": "k:9092",
+           "RT_AUTH_WORKSPACE_CLAIM": "realm_access.roles"}
+    checked = _run(["check-config"], env, cwd=str(tmp_path))
+    assert checked.returncode == 0, checked.stderr
+    warnings = json.loads(checked.stdout)["warnings"]
+    assert len(warnings) == 3, warnings
+    with socket.socket() as taken:  # the start then ends at once, after its warnings
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        served = _run(["serve"], {**env, "RT_PORT": str(taken.getsockname()[1])}, cwd=str(tmp_path))
+    assert served.returncode == 2
+    logged = [line["msg"] for line in map(json.loads, served.stderr.splitlines()[:-1]) if line["level"] == "warning"]
+    assert set(warnings) <= set(logged), (warnings, logged)
+    assert "too-short" not in checked.stdout + checked.stderr
