@@ -531,17 +531,18 @@ class FrontProtocol(asyncio.Protocol):
         # picows reads the target it is handed as a path: one in absolute form (RFC 9112
         # §3.2.2, MUST be accepted) was a 404 there.
         req.url = (target.path or b"/") + (b"?" + target.query if target.query else b"")
+        method = self._parser.get_method().decode()
         if parse_connect_path(path) is None:
-            raise _Refused(404, f"no such endpoint: GET {path} (WebSocket connections go to "
+            raise _Refused(404, f"no such endpoint: {method} {path} (WebSocket connections go to "
                                 "/workspaces/{workspaceId}/realtime/connect)")
-        method = self._parser.get_method()
-        if method != b"GET":  # RFC 6455 §4.1: MUST be GET
-            raise _Refused(400, f"a WebSocket upgrade is a GET request, not {method.decode()}")
-        version = req.headers.get("sec-websocket-version")
-        if version is None or version.strip(" \t") != "13":
+        if method != "GET":  # RFC 6455 §4.1: MUST be GET
+            raise _Refused(400, f"a WebSocket upgrade is a GET request, not {method}")
+        version = req.headers.get("sec-websocket-version", "").strip(" \t")
+        if version != "13":
             # picows upgraded drafts 7 and 8 too, and refused a missing version with a
             # 400 naming none (RFC 6455 §4.2.2: 426 naming the versions spoken, MUST).
-            raise _Refused(426, f"WebSocket version {version!r} is not supported: send Sec-WebSocket-Version: 13")
+            said = f"WebSocket version {version} is not supported" if version else "no Sec-WebSocket-Version"
+            raise _Refused(426, f"{said}: send Sec-WebSocket-Version: 13")
         if _has_body(req):
             raise _Refused(400, "a WebSocket upgrade request has no body")
         if not _valid_key(req.headers.get("sec-websocket-key")):

@@ -216,6 +216,8 @@ async def test_an_upgrade_for_another_websocket_version_gets_426_naming_13(gatew
         status, head, body = await _answer(gateway, request)
         assert status == 426, (version, status, head, body)
         assert b"\r\nSec-WebSocket-Version: 13\r\n" in head, head
+        error = json.loads(body)["error"]  # says what came, not a Python repr of it ('8', None)
+        assert ("'" not in error and "None" not in error and (version.split(": ")[-1].strip() or "no Sec-") in error), error
     status, _, _ = await _answer(gateway, b"GET /workspaces/w1/realtime/connect HTTP/1.1\r\nHost: x\r\n\r\n")
     assert status == 426  # a plain GET of the connect path, as before
 
