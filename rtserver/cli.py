@@ -136,16 +136,20 @@ def _token(cfg, args) -> int:
 
 def _check_config(cfg, command: str) -> int:
     """The settings `command` runs with, as JSON on stdout; what would stop it at start without
-    reaching a server (the TLS files, an ingest with no feeds) is an error, exit 2."""
+    reaching a server (the state directory, the TLS files, an ingest with no feeds) is an
+    error, exit 2."""
     import json
 
-    from rtserver.config_check import report, server_tls_context
+    from rtserver.config_check import report, server_tls_context, state_dir_problem
 
+    problem = state_dir_problem(os.path.abspath(cfg.server.state_dir))
     try:
-        if command == "serve":
+        if command == "serve" and problem is None:
             server_tls_context(cfg)
     except RuntimeError as exc:
-        print(f"rtserver: configuration error: {exc}", file=sys.stderr)
+        problem = str(exc)
+    if problem is not None:
+        print(f"rtserver: configuration error: {problem}", file=sys.stderr)
         return 2
     out = report(cfg, command)
     if command == "ingest" and not out["feeds"]:

@@ -71,6 +71,23 @@ def server_tls_context(cfg: Config) -> ssl.SSLContext | None:
     return ctx
 
 
+def state_dir_problem(path: str) -> str | None:
+    """Why the state directory `path` could not be made or written (ensure_state_dir's words),
+    without making it; None when it could. As root, every mode bit passes."""
+    probe = path
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    said = f"state directory {path} (server.state_dir): " + ("" if probe == path else f"cannot be made: {probe} is ")
+    if not os.path.isdir(probe):
+        return said + "not a directory"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return said + "not writable"
+    return None
+
+
 def _shown(section: str, key: str, value: Any) -> Any:
     if (section, key) in _SECRETS:
         return "(set)" if value else ""

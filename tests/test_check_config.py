@@ -56,6 +56,9 @@ def test_what_would_stop_the_start_is_one_line_and_exit_2(tmp_path):
         (["check-config", "--ingest"], {}, "bus.kafka_bootstrap"),
         (["check-config", "--ingest"], {"RT_KAFKA_BOOTSTRAP": "127.0.0.1:9"}, "no feeds to read"),
     ]
+    (tmp_path / "a-file").write_text("")
+    for state_dir in ("a-file", "a-file/st"):  # serve: "File exists", "Not a directory"
+        cases.append((["check-config", "--state-dir", state_dir], {}, f"state directory {tmp_path / state_dir}"))
     (tmp_path / "other").mkdir()
     cert, _ = self_signed(str(tmp_path))
     _, other_key = self_signed(str(tmp_path / "other"))
