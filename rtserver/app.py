@@ -133,6 +133,9 @@ class Gateway:
 
     async def start(self) -> None:
         cfg = self.cfg
+        # Before anything connects anywhere: a certificate that cannot be loaded stops the
+        # start at once, not after the sources, the bus and the audit trail have started.
+        ctx = server_tls_context(cfg)
         for message, fields in auth_warnings(cfg, self.state_dir):
             log.warning(message, extra={"fields": fields})
         loop = asyncio.get_running_loop()
@@ -165,7 +168,6 @@ class Gateway:
         await self.bus.start()
         for src in self._boot_sources():
             await src.start()
-        ctx = server_tls_context(cfg)
         try:
             self._server = await loop.create_server(
                 lambda: http.FrontProtocol(self),
