@@ -84,7 +84,9 @@ async def _run_node_suite(node: str, env: dict[str, str], pattern: str | None, t
     must pass with at least one test run; its output. A failure shows `gateway`'s log too."""
     only = [f"--test-name-pattern={pattern}"] if pattern is not None else []
     proc = await asyncio.create_subprocess_exec(
-        node, "--test", "--test-reporter=spec", *only, "test/client.test.js",
+        # --test-force-exit: a test that times out leaves its clients reconnecting, which kept
+        # node alive to this function's timeout, so the tests after it were not reported.
+        node, "--test", "--test-force-exit", "--test-reporter=spec", *only, "test/client.test.js",
         cwd=JS, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )
     # Read as it comes: communicate() cancelled by a timeout threw away what it had read, and

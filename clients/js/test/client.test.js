@@ -498,12 +498,13 @@ test("a filter JSON cannot carry throws and registers nothing", { timeout: 30000
 
 // ---- reconnect edge cases ------------------------------------------------------------------
 
-/** Settles like `promise`, or rejects with "still pending" after `ms`. */
-function within(promise, ms = 2000) {
+/** Settles like `promise`, or rejects with "`what`: still pending after `ms` ms". */
+function within(promise, ms = 2000, what = "") {
   let timer;
+  const message = `${what ? `${what}: ` : ""}still pending after ${ms} ms`;
   return Promise.race([
     promise,
-    new Promise((_, reject) => { timer = setTimeout(() => reject(new Error("still pending")), ms); }),
+    new Promise((_, reject) => { timer = setTimeout(() => reject(new Error(message)), ms); }),
   ]).finally(() => clearTimeout(timer));
 }
 
@@ -1181,14 +1182,14 @@ test("a quota close is reported once per outage, with its reason",
   const { closes } = collect(client);
   const refusals = () => closes.filter((c) => c.code === 4008).length;
   try {
-    await holder.ready;
+    await within(holder.ready, 10000, "the holder's connection");
     await waitFor(() => refusals() >= 3, 5000, "refused attempts");
     assert.equal(client.state, "reconnecting");
     assert.deepEqual(described(errors), [[4008, "quota_exceeded", false]]);
     assert.ok(errors[0].message.includes("quota_exceeded") && errors[0].message.includes("limit of 1 connections"),
       errors[0].message);
     holder.close(); // room again: the retry gets in
-    await client.ready;
+    await within(client.ready, 10000, "the client's connection once the holder left");
     // The link dies (reported: a connection had succeeded), and while the client cannot get
     // through another takes the slot: the 4008 is reported again, once.
     proxy.hold = true;
@@ -1196,7 +1197,7 @@ test("a quota close is reported once per outage, with its reason",
     proxy.cut();
     await waitFor(() => proxy.accepted > before, 5000, "an attempt while held");
     holder = connect({ url: wsUrl("w1", port), getToken: () => token({ sub: "holder" }), ...fast });
-    await holder.ready;
+    await within(holder.ready, 10000, "a second holder's connection once the client's link was cut");
     const refused = refusals();
     proxy.hold = false;
     await waitFor(() => refusals() >= refused + 3, 5000, "refused attempts again");
@@ -1224,13 +1225,13 @@ test("failures that alternate are each reported once per outage",
   client.on("error", (e) => errors.push(e));
   const { closes } = collect(client);
   try {
-    await holder.ready;
+    await within(holder.ready, 10000, "the holder's connection");
     await waitFor(() => closes.filter((c) => c.code === 4008).length >= 3 && proxy.accepted >= 6, 10000,
       "alternating attempts");
     assert.equal(client.state, "reconnecting");
     assert.deepEqual(described(errors), [[4008, "quota_exceeded", false], [503, "upgrade_refused", false]]);
     holder.close(); // room again: a retry that reaches the gateway gets in
-    await client.ready;
+    await within(client.ready, 10000, "the client's connection once the holder left");
     assert.equal(errors.length, 2);
   } finally {
     client.close();
