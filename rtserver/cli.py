@@ -153,8 +153,9 @@ def _check_config(cfg, command: str) -> int:
         return 2
     out = report(cfg, command)
     if command == "ingest" and not out["feeds"]:
-        print("rtserver: configuration error: no feeds to read: set postgres.url/mongo.url with bus.workspaces, or "
-              "[workspaces.*] sections naming sources", file=sys.stderr)
+        from rtserver.ingest import NO_FEEDS
+
+        print(f"rtserver: configuration error: {NO_FEEDS}", file=sys.stderr)
         return 2
     print(json.dumps(out, indent=2))
     for warning in out["warnings"]:

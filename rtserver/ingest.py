@@ -283,6 +283,10 @@ async def _retry(call: Callable[[], Awaitable[T]], message: str, level: int, fie
             delay = min(delay * 2, most)
 
 
+# Why an ingest with nothing to read does not start (said by `rtserver check-config --ingest` too).
+NO_FEEDS = "no feeds to read: set postgres.url/mongo.url with bus.workspaces, or [workspaces.*] sections naming sources"
+
+
 def plan_sources(cfg: Config) -> list[dict[str, Any]]:
     """The feeds to read: one per PostgreSQL URL and per MongoDB database, each with the
     workspaces it feeds ([workspaces.*] sections, and bus.workspaces for the default URLs)."""
@@ -341,8 +345,7 @@ class Ingest:
             # Refused, not warned of: an ingest with nothing to read would still join the lease
             # group, and could win the lease when the active one died, while a standby that has
             # the feeds waited and nothing streamed.
-            raise RuntimeError("no feeds to read: set postgres.url/mongo.url with bus.workspaces, or"
-                               " [workspaces.*] sections naming sources")
+            raise RuntimeError(NO_FEEDS)
         self.lease = Lease(
             self.publisher.options,
             f"{self.cfg.bus.topic}.lease",
