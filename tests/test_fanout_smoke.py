@@ -81,6 +81,25 @@ def test_smoke_run_produces_every_result(tmp_path):
         assert (tmp_path / "fanout-smoke-latency-vs-rate.png").stat().st_size > 0
 
 
+def test_a_server_whose_port_is_taken_before_it_binds_starts_on_others(monkeypatch):
+    """free_port() finds a port free at that moment; a test beside the run may take it before
+    the server binds it (a CI run lost its smoke run to "address already in use" so). The
+    start is tried again on other ports."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))  # bound, not listening: binding it fails, connecting too
+        first = iter([taken.getsockname()[1]] * 2)  # the first attempt's two ports: taken
+        real = servers.free_port
+        monkeypatch.setattr(servers, "free_port", lambda: next(first, None) or real())
+        server = servers.PicowsBaseline("picows", None)
+        try:
+            server.start()
+            assert server.port != taken.getsockname()[1] and server.healthy()
+        finally:
+            server.stop()
+
+
 def test_every_connection_authenticates_with_a_token_of_its_own(tmp_path):
     # The storm's connect + authenticate + subscribe: with one token shared by every connection
     # the gateway verified it once and remembered it (Authenticator.known) while the baselines

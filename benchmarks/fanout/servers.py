@@ -66,6 +66,10 @@ def taskset(cpus: str | None) -> list[str]:
     return prefix + ["taskset", "-c", cpus]
 
 
+class _PortTaken(RuntimeError):
+    """A server could not bind a port free_port() had found free."""
+
+
 @dataclass
 class Server:
     name: str
@@ -83,6 +87,17 @@ class Server:
         return dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
 
     def start(self) -> None:
+        # free_port() only finds a port free now: another process (a test beside this run) may
+        # take it before the server binds it. Such a start is tried again on other ports.
+        for _ in range(3):
+            try:
+                self._start_once()
+                return
+            except _PortTaken:
+                self.stop()
+        self._start_once()
+
+    def _start_once(self) -> None:
         self.tmp = tempfile.TemporaryDirectory(prefix=f"fanout-{self.name}-")
         self.port = free_port()
         self.extra["publish_port"] = free_port()
@@ -93,7 +108,10 @@ class Server:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.logs()}")
+                logs = self.logs()
+                if "address already in use" in logs.lower():
+                    raise _PortTaken(logs)
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{logs}")
             if self.healthy():
                 return
             time.sleep(0.05)
