@@ -144,7 +144,7 @@ _SINGLE_HEADERS = {name.lower(): name for name in (
 
 
 class _Request:
-    __slots__ = ("url", "headers", "body", "size", "head", "canned", "version")
+    __slots__ = ("url", "headers", "body", "size", "head", "canned", "version", "workspace")
 
     def __init__(self) -> None:
         self.url = b""
@@ -156,6 +156,7 @@ class _Request:
         # a 100 Continue), and whether the connection closes after it.
         self.canned: tuple[bytes, bool] | None = None
         self.version = ""  # "1.0", "1.1", read once the head is complete
+        self.workspace = ""  # a WebSocket upgrade's, once _check_handshake has read its path
 
 
 class PipelinedBytes:
@@ -527,12 +528,14 @@ class FrontProtocol(asyncio.Protocol):
             target = httptools.parse_url(req.url)
         except httptools.HttpParserInvalidURLError:
             raise _Refused(400, "malformed URL") from None
-        path = (target.path or b"/").decode("latin-1")
+        raw_path = target.path or b"/"
+        path = raw_path.decode("latin-1")
         # picows reads the target it is handed as a path: one in absolute form (RFC 9112
         # §3.2.2, MUST be accepted) was a 404 there.
-        req.url = (target.path or b"/") + (b"?" + target.query if target.query else b"")
+        req.url = raw_path + (b"?" + target.query if target.query else b"")
         method = self._parser.get_method().decode()
-        if parse_connect_path(path) is None:
+        workspace = parse_connect_path(path)
+        if workspace is None:
             raise _Refused(404, f"no such endpoint: {method} {path} (WebSocket connections go to "
                                 "/workspaces/{workspaceId}/realtime/connect)")
         if method != "GET":  # RFC 6455 §4.1: MUST be GET
@@ -547,6 +550,7 @@ class FrontProtocol(asyncio.Protocol):
             raise _Refused(400, "a WebSocket upgrade request has no body")
         if not _valid_key(req.headers.get("sec-websocket-key")):
             raise _Refused(400, "Sec-WebSocket-Key must be 16 bytes in base64 (RFC 6455 §4.1)")
+        req.workspace = workspace
 
     def on_body(self, body: bytes) -> None:
         req = self._req
@@ -879,21 +883,21 @@ class FrontProtocol(asyncio.Protocol):
         if self._paused:  # the answers before the upgrade filled the write buffer (pause_writing)
             self._paused = False
             transport.resume_reading()  # picows has its own flow control from here on
-        workspace = parse_connect_path(req.url.split(b"?", 1)[0].decode("latin-1"))
-        ws_proto = self.gw.new_ws_protocol({"remote": self._remote(), "workspace": workspace})
+        ws_proto = self.gw.new_ws_protocol({"remote": self._remote(), "workspace": req.workspace})
         transport.set_protocol(ws_proto)
         ws_proto.connection_made(transport)
         view = memoryview(b"".join(head) + after)
         # picows calls the listener factory synchronously while parsing these bytes; that is
-        # where the connection learns its peer address.
+        # where the connection learns its peer address and workspace.
         self.gw.upgrading_remote = self._remote()
+        self.gw.upgrading_workspace = req.workspace
         while view:
             buf = ws_proto.get_buffer(len(view))
             n = min(len(buf), len(view))
             buf[:n] = view[:n]
             view = view[n:]
             ws_proto.buffer_updated(n)
-        self.gw.upgrading_remote = ""
+        self.gw.upgrading_remote = self.gw.upgrading_workspace = ""
         self._release()
 
 
