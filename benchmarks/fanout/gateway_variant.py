@@ -17,7 +17,9 @@ from picows.picows import WSProtocol
 from rtserver import http
 
 
-def _new_ws_protocol(gw):
+def _new_ws_protocol(gw, fields=None):
+    # `fields` (the connection's log fields) as rtserver.http.new_ws_protocol takes them: the
+    # gateway passes them, and this variant logs without them.
     limits = gw.cfg.limits
     return WSProtocol(
         None, None, False, gw.ws_listener_factory, logging.getLogger("picows.server"), True, 5.0, False, 20.0,
