@@ -104,7 +104,7 @@ class History:
     def __init__(self, workspace: str, *, max_events: int, max_seconds: float, max_bytes: int,
                  budget: NodeBudget | None = None):
         self.workspace = workspace
-        self.max_events = max(1, max_events)
+        self.max_events = max_events  # 0 keeps none: every event is evicted as it is appended
         self.max_seconds = max_seconds
         self.max_bytes = max_bytes
         self.budget = budget if budget is not None else NodeBudget(1 << 62)

@@ -324,6 +324,7 @@ class FrontProtocol(asyncio.Protocol):
         self._last_rx = asyncio.get_running_loop().time()
         if not self._in_body or self._req is None:
             self._head_bytes += len(data)
+        at_boundary = self._req is None  # this read starts a request: its method is data's first token
         # A publisher pipelining requests gets the answers to all those in this read in one
         # write: one system call (and one wake-up of the publisher) instead of one per event.
         self._held = []
@@ -365,6 +366,10 @@ class FrontProtocol(asyncio.Protocol):
             if bytes(data[:len(_H2_PREFACE)]) == _H2_PREFACE:  # curl --http2-prior-knowledge, h2c clients
                 self._respond(json_error(505, "HTTP/2.0 is not supported: send HTTP/1.1", keep_alive=False),
                               close=True)
+            elif at_boundary and (method := _unknown_method(data)) is not None:
+                # RFC 9110 §9.1: an unrecognized method SHOULD get 501 (a `post` was "malformed").
+                self._respond(json_error(501, f"method {method} is not implemented: GET, HEAD and POST are "
+                                              "(methods are case-sensitive)", keep_alive=False), close=True)
             else:
                 self._respond(json_error(400, "malformed HTTP request", keep_alive=False), close=True)
         finally:
@@ -978,6 +983,28 @@ def new_ws_protocol(gw: Gateway, fields: dict[str, Any]) -> WSProtocol:
         # picows' 16 KiB default halves the memory of an idle connection (measured).
         2048,
     )
+
+
+_METHOD_RE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,32} ")  # RFC 9110 §5.6.2 token, then SP
+
+
+def _unknown_method(data: bytes) -> str | None:
+    """The method token `data` starts with, when it is a well-formed token the parser knows
+    no method by (the request is then well formed, its method unknown: 501, not 400)."""
+    m = _METHOD_RE.match(bytes(data[:33]))
+    if m is None:
+        return None
+    try:
+        httptools.HttpRequestParser(_NoCallbacks()).feed_data(m.group() + b"/ HTTP/1.1\r\n")
+    except httptools.HttpParserInvalidMethodError:
+        return m.group()[:-1].decode("ascii")
+    except httptools.HttpParserError:
+        pass
+    return None
+
+
+class _NoCallbacks:
+    """A parser's protocol that listens to nothing."""
 
 
 def parse_connect_path(path: str) -> str | None:

@@ -173,6 +173,28 @@ async def test_a_request_of_another_http_version_is_refused_505(gateway):
     assert status == 200, (status, body)
 
 
+async def test_an_unknown_method_is_not_implemented_501(gateway):
+    """A well-formed request with a method the server does not know (a `post` in lower case, a
+    made-up one) got 400 "malformed HTTP request", which points the client at its syntax.
+    RFC 9110 §9.1: 501 (SHOULD), naming the method. A request line that is no request stays a
+    400, and so does an unknown method behind a request answered in the same read."""
+    token = gateway.token("w1", publish=True)
+    async with ws_connect(gateway, "w1", token=gateway.token("w1")) as watcher:
+        await watcher.subscribe("events:m")
+        for method in ("post", "FOO", "Get"):
+            data = await _until_closed(gateway, (
+                f"{method} /workspaces/w1/realtime/events/m HTTP/1.1\r\nHost: x\r\n"
+                f"Authorization: Bearer {token}\r\nContent-Length: 2\r\n\r\n{{}}").encode())
+            assert data.startswith(b"HTTP/1.1 501 Not Implemented\r\n"), (method, data)
+            error = json.loads(data.split(b"\r\n\r\n", 1)[1])["error"]
+            assert error.startswith(f"method {method} is not implemented") and "case-sensitive" in error, error
+        await watcher.no_message(0.5)
+    data = await _until_closed(gateway, b"G\x01T / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert data.startswith(b"HTTP/1.1 400 ") and b"malformed HTTP request" in data, data
+    data = await _until_closed(gateway, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nFOO / HTTP/1.1\r\n\r\n")
+    assert data.startswith(b"HTTP/1.1 200 ") and b"HTTP/1.1 400 " in data and b" 501 " not in data, data
+
+
 async def test_no_100_continue_to_an_http_1_0_request(gateway):
     """RFC 9110 §10.1.1: a server MUST ignore a 100-continue expectation in an HTTP/1.0
     request (1xx answers do not exist in HTTP/1.0). A 100 Continue was sent before the 202,

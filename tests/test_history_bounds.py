@@ -53,6 +53,28 @@ async def test_node_history_bound_evicts_from_the_workspaces_retaining_the_most(
     assert _metric(body, "rt_history_node_evicted") >= 1
 
 
+async def test_a_history_of_no_events_delivers_live_and_reports_every_miss(gateway_factory):
+    """history.events 0 was taken, and kept one event: a reader that missed two got the second
+    replayed. Now nothing is kept: live delivery goes on, and a reader that missed events gets
+    history_gap and no replay; one that missed nothing gets no gap."""
+    gw = await gateway_factory(env={"RT_HISTORY_EVENTS": "0"})
+    token = gw.token("w1")
+    async with ws_connect(gw, "w1", token=token) as live:
+        await live.subscribe("events:t")
+        seqs = [(await gw.publish("w1", "t", {"i": i}))["seq"] for i in range(2)]
+        assert [(await live.recv_event())["payload"]["i"] for _ in seqs] == [0, 1]
+    async with ws_connect(gw, "w1", token=token) as c:
+        await c.send({"type": "subscribe", "channel": "events:t", "since": seqs[0] - 1})
+        await c.recv_type("subscribed")
+        gap = await c.recv_type("error")
+        assert gap["code"] == 4011 and gap["oldest"] > seqs[-1], gap
+        await c.no_message(0.5)
+    async with ws_connect(gw, "w1", token=token) as c:
+        await c.send({"type": "subscribe", "channel": "events:t", "since": seqs[-1]})
+        await c.recv_type("subscribed")
+        await c.no_message(0.5)
+
+
 def test_node_bound_shares_out_max_min_fairly():
     """In process: each trim takes the oldest event of the history retaining the most, so the
     workspaces under their fair share keep everything and the node bound stays exact."""
