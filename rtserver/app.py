@@ -117,8 +117,10 @@ class Gateway:
         self._gc_policy: FreezeSurvivors | None = None
         self._stopped = asyncio.Event()
         self.port = 0
-        # The peer and workspace of the upgrade being handed to picows (http.FrontProtocol._upgrade).
+        # The peer, workspace and bearer token of the upgrade being handed to picows
+        # (http.FrontProtocol._upgrade).
         self.upgrading_remote = self.upgrading_workspace = ""
+        self.upgrading_token: str | None = None
         self.static: dict[str, tuple[str, bytes]] = {}
         self._corr_prefix = secrets.token_hex(8)
         self._corr_counter = itertools.count(1)
@@ -475,12 +477,12 @@ class Gateway:
 
     def ws_listener_factory(self, request: WSUpgradeRequest) -> Any:
         """The listener of an upgrade the HTTP front has checked (path, handshake,
-        upgrade_refusal), called by picows as it reads the rebuilt request: the workspace is
-        the one the front read from its path."""
+        upgrade_refusal), called by picows as it reads the rebuilt request: the workspace and
+        the token are those the front read from its path and its Authorization field."""
         # The workspace's state (history, sources, the persisted list of known workspaces) is
         # created when a token grants it (Connection._authenticate), not here: an anonymous
         # upgrade must not make the gateway open change streams or remember ids it was sent.
-        return Connection(self, self.upgrading_workspace, http.bearer(request.headers), self.upgrading_remote)
+        return Connection(self, self.upgrading_workspace, self.upgrading_token, self.upgrading_remote)
 
     def new_ws_protocol(self, log_fields: dict[str, Any]):
         return http.new_ws_protocol(self, log_fields)

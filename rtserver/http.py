@@ -131,10 +131,15 @@ def json_error(status: int, message: str, keep_alive: bool = True) -> bytes:
 # The request headers something here reads (the publish API: authorization, the correlation id;
 # the WebSocket handshake: _upgrade), by lower-case name: only these are decoded and kept; a
 # client's other headers cost a lookup.
-_UPGRADE_HEADERS = ("upgrade", "sec-websocket-key", "sec-websocket-version", "authorization")
+# The fields of the request rebuilt for picows. Not Authorization: the token goes to the
+# listener beside it (Gateway.upgrading_token), as the workspace does. picows drops, without a
+# word, a request head of 16 KiB or more, and a token that long (a token with many roles)
+# got no 101, no close code, nothing (§1: the upgrade completes, then 4002 says why).
+_UPGRADE_HEADERS = ("upgrade", "sec-websocket-key", "sec-websocket-version")
 _READ_HEADERS = {
     name.encode(): name
-    for name in ("content-length", "transfer-encoding", "expect", "x-correlation-id", "host", *_UPGRADE_HEADERS)
+    for name in ("content-length", "transfer-encoding", "expect", "x-correlation-id", "host", "authorization",
+                 *_UPGRADE_HEADERS)
 }
 # Fields that take one value, as spelled in a refusal: a request repeating one is invalid (RFC
 # 9110 §5.3, RFC 9112 §3.2, RFC 6455 §11.3.1). Keeping the last line let a request carry a
@@ -878,8 +883,10 @@ class FrontProtocol(asyncio.Protocol):
         # a request sent behind others were dropped with theirs (the upgrade was never
         # answered), and picows wants "Connection" to be exactly "upgrade" where Firefox sends
         # "keep-alive, Upgrade" (should_upgrade() saw the upgrade option in it).
+        # The path without its query (nothing reads it), which could take the head past
+        # picows's 16 KiB as a long token did: the path itself is a connect path, ~200 bytes.
         head = [b"%s %s HTTP/%s\r\nConnection: Upgrade\r\n" % (
-            self._parser.get_method(), req.url, req.version.encode())]
+            self._parser.get_method(), req.url.partition(b"?")[0], req.version.encode())]
         for name in _UPGRADE_HEADERS:
             value = req.headers.get(name)
             if value is not None:
@@ -896,6 +903,7 @@ class FrontProtocol(asyncio.Protocol):
         # where the connection learns its peer address and workspace.
         self.gw.upgrading_remote = self._remote()
         self.gw.upgrading_workspace = req.workspace
+        self.gw.upgrading_token = _upgrade_token(req.headers)
         while view:
             buf = ws_proto.get_buffer(len(view))
             n = min(len(buf), len(view))
@@ -903,6 +911,7 @@ class FrontProtocol(asyncio.Protocol):
             view = view[n:]
             ws_proto.buffer_updated(n)
         self.gw.upgrading_remote = self.gw.upgrading_workspace = ""
+        self.gw.upgrading_token = None
         self._release()
 
 
@@ -985,19 +994,20 @@ def new_ws_protocol(gw: Gateway, fields: dict[str, Any]) -> WSProtocol:
     )
 
 
-_METHOD_RE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,32} ")  # RFC 9110 §5.6.2 token, then SP
+# A request line (RFC 9112 §3): a method token (RFC 9110 §5.6.2), a target, the version.
+_REQUEST_LINE_RE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]{1,32}) [^ \x00-\x1f\x7f]+ HTTP/[0-9]\.[0-9]\r?\n")
 
 
 def _unknown_method(data: bytes) -> str | None:
-    """The method token `data` starts with, when it is a well-formed token the parser knows
-    no method by (the request is then well formed, its method unknown: 501, not 400)."""
-    m = _METHOD_RE.match(bytes(data[:33]))
+    """The method of the request line `data` starts with, when the line is well formed and the
+    parser knows no method by that name (501, not 400: the request is not malformed)."""
+    m = _REQUEST_LINE_RE.match(bytes(data[:8192]))
     if m is None:
         return None
     try:
-        httptools.HttpRequestParser(_NoCallbacks()).feed_data(m.group() + b"/ HTTP/1.1\r\n")
+        httptools.HttpRequestParser(_NoCallbacks()).feed_data(m.group(1) + b" / HTTP/1.1\r\n")
     except httptools.HttpParserInvalidMethodError:
-        return m.group()[:-1].decode("ascii")
+        return m.group(1).decode("ascii")
     except httptools.HttpParserError:
         pass
     return None
@@ -1016,6 +1026,18 @@ def parse_connect_path(path: str) -> str | None:
         return None
     workspace = unquote(m.group(1), errors="replace")
     return workspace if WORKSPACE_ID_RE.match(workspace) else None
+
+
+def _upgrade_token(headers: dict[str, str]) -> str | None:
+    """An upgrade's header token; "" for a Bearer field with no token in it, which is refused
+    at once (4002 "token missing"): it waited for the auth message for auth_timeout, then
+    closed with "auth timeout", when the client's token getter had returned nothing. None
+    (the auth message is awaited) without the field, or with another scheme, which may be a
+    proxy's."""
+    token = bearer(headers)
+    if token is None and headers.get("authorization", "").partition(" ")[0].lower() == "bearer":
+        return ""
+    return token
 
 
 def bearer(headers: Any) -> str | None:

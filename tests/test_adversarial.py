@@ -68,6 +68,57 @@ def _server_frames(data: bytes) -> list[tuple[int, bytes]]:
     return frames
 
 
+async def _upgrade_frames(gateway, request: bytes, then: bytes = b"") -> tuple[bytes, list[tuple[int, bytes]]]:
+    """The answer's head and the server's frames of an upgrade, `then` sent once it is answered,
+    until the gateway closes the connection (or 3 s of silence)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+    try:
+        writer.write(request)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        writer.write(then)
+        data = b""
+        while True:
+            try:
+                chunk = await asyncio.wait_for(reader.read(65536), 3)
+            except TimeoutError:
+                break
+            if not chunk:
+                break
+            data += chunk
+        return head, _server_frames(data)
+    finally:
+        writer.close()
+
+
+async def test_a_long_authorization_header_or_query_still_gets_the_upgrade(gateway):
+    """§1: the upgrade completes whatever the token, so the client can read a close code. picows
+    drops a request head of 16 KiB or more without a word, and the front handed it the
+    Authorization field and the query: a header token that long (a valid one just under the
+    16 KiB token bound among them) got no 101, no close code, nothing. A Bearer field without
+    a token waited for an auth message, and closed with "auth timeout" 10 s later."""
+    long_valid = gateway.token("w1", pad="p" * 12100)
+    assert 16300 < len(long_valid) <= 16384
+    head, frames = await _upgrade_frames(gateway, _upgrade_request(extra=f"Authorization: Bearer {long_valid}\r\n"))
+    assert head.startswith(b"HTTP/1.1 101"), head
+    assert json.loads(frames[0][1])["type"] == "auth_ok", frames
+    head, frames = await _upgrade_frames(gateway, _upgrade_request(extra=f"Authorization: Bearer {'a' * 30000}\r\n"))
+    assert head.startswith(b"HTTP/1.1 101"), head
+    error = json.loads(frames[0][1])
+    assert error["code"] == 4002 and "longer than 16384 bytes" in error["message"], error
+    assert frames[1][0] == 0x8 and struct.unpack("!H", frames[1][1][:2])[0] == 4002, frames
+    for field in ("Authorization: Bearer\r\n", "Authorization: bearer  \r\n"):
+        # A token getter that returned nothing: refused at once, not after the auth timeout.
+        head, frames = await _upgrade_frames(gateway, _upgrade_request(extra=field))
+        error = json.loads(frames[0][1])
+        assert error["code"] == 4002 and "token missing" in error["message"], (field, error)
+        assert frames[1][0] == 0x8 and struct.unpack("!H", frames[1][1][:2])[0] == 4002, frames
+    request = _upgrade_request().replace(b"/connect ", b"/connect?x=" + b"q" * 20000 + b" ")
+    auth = json.dumps({"type": "auth", "token": gateway.token("w1")}).encode()
+    head, frames = await _upgrade_frames(gateway, request, _masked(0x1, auth))
+    assert head.startswith(b"HTTP/1.1 101"), head
+    assert json.loads(frames[0][1])["type"] == "auth_ok", frames
+
+
 async def test_no_data_frame_follows_the_close_frame_of_a_protocol_error(gateway):
     """A frame breaking RFC 6455 (here a ping of 126 bytes, §5.5) right behind the auth
     message: picows sends its close 1002 and drops the connection 10 ms later. The gateway
