@@ -27,10 +27,31 @@ def replace_file(path: str, data: bytes) -> None:
         raise
 
 
+def state_dir_problem(path: str) -> str | None:
+    """Why the state directory `path` could not be made or written, without making it; None
+    when it could (as far as permissions tell: as root, every mode bit passes)."""
+    probe = path
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    said = f"state directory {path} (server.state_dir): " + ("" if probe == path else f"cannot be made: {probe} is ")
+    if not os.path.isdir(probe):
+        return said + "not a directory"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return said + "not writable"
+    return None
+
+
 def ensure_state_dir(path: str) -> None:
     """Create the state directory `path` (0700: it holds the dev secret, session ids, source
     positions, the audit spool) and check it can be written: RuntimeError, one line naming
-    server.state_dir, when not."""
+    server.state_dir, when not (in state_dir_problem's words where it foresees the failure:
+    a file in the way was "File exists")."""
+    problem = state_dir_problem(path)
+    if problem is not None:
+        raise RuntimeError(problem)
     try:
         os.makedirs(path, mode=0o700, exist_ok=True)
         if not os.access(path, os.W_OK | os.X_OK):

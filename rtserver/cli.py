@@ -140,16 +140,14 @@ def _check_config(cfg, command: str) -> int:
     error, exit 2."""
     import json
 
-    from rtserver.config_check import report, server_tls_context, state_dir_problem
+    from rtserver.atomic_file import state_dir_problem
+    from rtserver.config_check import report
 
     problem = state_dir_problem(os.path.abspath(cfg.server.state_dir))
-    try:
-        if command == "serve" and problem is None:
-            server_tls_context(cfg)
-    except RuntimeError as exc:
-        problem = str(exc)
+    if problem is None and command == "serve":
+        problem = _tls_problem(cfg)
     if problem is not None:
-        print(f"rtserver: configuration error: {problem}", file=sys.stderr)
+        print(f"rtserver: configuration error: {cfg.explain(problem)}", file=sys.stderr)
         return 2
     out = report(cfg, command)
     if command == "ingest" and not out["feeds"]:
@@ -163,11 +161,40 @@ def _check_config(cfg, command: str) -> int:
     return 0
 
 
+def _tls_problem(cfg) -> str | None:
+    from rtserver.config_check import server_tls_context
+
+    try:
+        server_tls_context(cfg)
+    except RuntimeError as exc:
+        return str(exc)
+    return None
+
+
+def _start_problem(cfg, command: str) -> str | None:
+    """What stops `command` (serve or ingest) before its log begins, as check-config says it:
+    the state directory (made here, as the start would), the TLS certificate and key. They
+    were said after log lines, in other words than check-config's, naming no origin."""
+    from rtserver.atomic_file import ensure_state_dir
+
+    try:
+        ensure_state_dir(os.path.abspath(cfg.server.state_dir))
+    except RuntimeError as exc:
+        return str(exc)
+    return _tls_problem(cfg) if command == "serve" else None
+
+
 def _ingest(cfg) -> int:
+    if (problem := _start_problem(cfg, "ingest")) is not None:
+        print(f"rtserver ingest: configuration error: {cfg.explain(problem)}", file=sys.stderr)
+        return 2
     return _run_loop(cfg, "rtserver.ingest", "run", "rtserver ingest")
 
 
 def _serve(cfg) -> int:
+    if (problem := _start_problem(cfg, "serve")) is not None:
+        print(f"rtserver: configuration error: {cfg.explain(problem)}", file=sys.stderr)
+        return 2
     return _run_loop(cfg, "rtserver.app", "serve", "rtserver")
 
 

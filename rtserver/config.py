@@ -228,6 +228,12 @@ class Config:
     # RT_* environment variables that are no setting (a typo: RT_KAFKA_BOOTSTRAP_SERVERS would
     # leave the audit trail in the log), each with the setting it most resembles or "".
     unknown_env: list[tuple[str, str]] = field(default_factory=list)
+    # "section.key" -> where its value came from (a file, a variable, an option), when not the default
+    origins: dict[str, str] = field(default_factory=dict)
+
+    def explain(self, message: str) -> str:
+        """`message`, about settings it names, with where each of them was set."""
+        return _with_origins(message, self.origins)
 
     def get(self, section: str, key: str) -> Any:
         return self.values[section][key]
@@ -374,7 +380,7 @@ def load(
         raise ConfigError(_with_origins(str(exc), origins)) from None
     _check_shared_postgres(path or "", workspaces, values["postgres"])  # every URL one libpq reads
     _check_shared_mongo(path or "", workspaces, values["mongo"]["url"])
-    return Config(values=values, workspaces=workspaces, path=path or "", unknown_env=unknown_env)
+    return Config(values=values, workspaces=workspaces, path=path or "", unknown_env=unknown_env, origins=origins)
 
 
 def _check_shared_postgres(path: str, workspaces: dict[str, WorkspaceSources], default: dict[str, Any]) -> None:
@@ -544,6 +550,10 @@ def _validate(values: dict[str, dict[str, Any]], path: str) -> None:
         raise ConfigError("bus.kind kafka needs bus.kafka_bootstrap (RT_BUS_KAFKA_BOOTSTRAP) or audit.kafka_bootstrap")
     if bus["partitions"] < 1 or bus["replication_factor"] < 1:
         raise ConfigError("bus.partitions and bus.replication_factor must be at least 1")
+    if bus["lease_timeout"] < 6:
+        # It was raised to 6 without a word, and check-config showed the value not in effect.
+        raise ConfigError(f"bus.lease_timeout {bus['lease_timeout']:g} must be at least 6 (seconds): it is the Kafka "
+                          "group session timeout, which brokers refuse under group.min.session.timeout.ms (6 s)")
     if bus["publish_timeout"] <= 0:
         raise ConfigError("bus.publish_timeout must be positive")
     limits = values["limits"]
@@ -604,24 +614,31 @@ def _check_client_certificate(audit: dict[str, Any]) -> None:
             f"audit.ssl_certfile is set but audit.security_protocol is {audit['security_protocol']}: "
             "it would not be used (SSL or SASL_SSL uses it)"
         )
+    check_pem_pair("audit.ssl_certfile", certfile, "audit.ssl_keyfile", keyfile, ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))
+
+
+def check_pem_pair(cert_setting: str, certfile: str, key_setting: str, keyfile: str,
+                   context: ssl.SSLContext) -> None:
+    """Load the certificate `certfile` and its private key `keyfile` into `context`;
+    ConfigError naming the setting and the file, and saying what is wrong, when they cannot
+    be (OpenSSL's own word for most of it is "PEM lib")."""
     texts = {}
-    for key in ("ssl_certfile", "ssl_keyfile"):
+    for setting, path in ((cert_setting, certfile), (key_setting, keyfile)):
         try:
-            with open(audit[key], "rb") as fh:
-                texts[key] = fh.read(1 << 20)
+            with open(path, "rb") as fh:
+                texts[setting] = fh.read(1 << 20)
         except OSError as exc:
-            raise ConfigError(f"audit.{key} {audit[key]}: cannot read: {exc.strerror or exc}") from None
-    # What is wrong, said from the PEM markers: OpenSSL says "PEM lib" for all of it. Never
-    # the files' contents (the key's would end up on a terminal and in logs).
-    if b"-----BEGIN CERTIFICATE-----" not in texts["ssl_certfile"]:
-        raise ConfigError(f"audit.ssl_certfile {certfile}: holds no PEM certificate (-----BEGIN CERTIFICATE-----)")
-    key_text = texts["ssl_keyfile"]
+            raise ConfigError(f"{setting} {path}: cannot read: {exc.strerror or exc}") from None
+    # Said from the PEM markers. Never the files' contents (the key's would end up on a
+    # terminal and in logs).
+    if b"-----BEGIN CERTIFICATE-----" not in texts[cert_setting]:
+        raise ConfigError(f"{cert_setting} {certfile}: holds no PEM certificate (-----BEGIN CERTIFICATE-----)")
+    key_text = texts[key_setting]
     if b"ENCRYPTED PRIVATE KEY-----" in key_text or b"Proc-Type: 4,ENCRYPTED" in key_text:
-        raise ConfigError(f"audit.ssl_keyfile {keyfile}: the private key is encrypted (passphrase-protected); give "
+        raise ConfigError(f"{key_setting} {keyfile}: the private key is encrypted (passphrase-protected); give "
                           "it without a passphrase (openssl pkey -in KEY -out PLAIN-KEY)")
     if b"PRIVATE KEY-----" not in key_text:
-        raise ConfigError(f"audit.ssl_keyfile {keyfile}: holds no PEM private key (-----BEGIN PRIVATE KEY-----)")
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        raise ConfigError(f"{key_setting} {keyfile}: holds no PEM private key (-----BEGIN PRIVATE KEY-----)")
     try:
         context.load_cert_chain(certfile, keyfile, password=no_passphrase)
     except OSError as exc:  # ssl.SSLError included
@@ -631,7 +648,7 @@ def _check_client_certificate(audit: dict[str, Any]) -> None:
             reason = "the private key is not the certificate's (KEY_VALUES_MISMATCH)"
         else:
             reason = getattr(exc, "reason", None) or exc.strerror or str(exc)
-        raise ConfigError(f"audit.ssl_certfile {certfile} / audit.ssl_keyfile {keyfile}: cannot load: {reason}") from None
+        raise ConfigError(f"{cert_setting} {certfile} / {key_setting} {keyfile}: cannot load: {reason}") from None
 
 
 def _check_bootstrap(setting: str, value: str) -> None:

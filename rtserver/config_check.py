@@ -12,7 +12,7 @@ import ssl
 from typing import Any
 
 from rtserver.auth import MIN_HS256_SECRET
-from rtserver.config import _SECRETS, Config, no_passphrase
+from rtserver.config import _SECRETS, Config, ConfigError, check_pem_pair
 from rtserver.redact import redact
 
 # (message, fields): a warning as the log line gives it.
@@ -54,38 +54,16 @@ def auth_warnings(cfg: Config, state_dir: str) -> list[Warning_]:
 
 def server_tls_context(cfg: Config) -> ssl.SSLContext | None:
     """The context of wss:// and https:// (server.tls_cert, server.tls_key), or None;
-    RuntimeError saying which file and why when it cannot be made."""
+    RuntimeError saying which setting, set where, which file and why, when it cannot be made."""
     if not cfg.server.tls_cert:
         return None
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    for setting, path in (("server.tls_cert", cfg.server.tls_cert), ("server.tls_key", cfg.server.tls_key)):
-        if not os.path.isfile(path):
-            raise RuntimeError(f"{setting}: no such file {path}")
     try:
         # A passphrase-protected key would make OpenSSL prompt on the terminal: refused.
-        ctx.load_cert_chain(cfg.server.tls_cert, cfg.server.tls_key, password=no_passphrase)
-    except (OSError, ssl.SSLError) as exc:
-        raise RuntimeError(
-            f"server.tls_cert/tls_key: cannot load ({exc}); the key must not be passphrase-protected"
-        ) from None
+        check_pem_pair("server.tls_cert", cfg.server.tls_cert, "server.tls_key", cfg.server.tls_key, ctx)
+    except ConfigError as exc:
+        raise RuntimeError(cfg.explain(str(exc))) from None
     return ctx
-
-
-def state_dir_problem(path: str) -> str | None:
-    """Why the state directory `path` could not be made or written (ensure_state_dir's words),
-    without making it; None when it could. As root, every mode bit passes."""
-    probe = path
-    while not os.path.exists(probe):
-        parent = os.path.dirname(probe)
-        if parent == probe:
-            break
-        probe = parent
-    said = f"state directory {path} (server.state_dir): " + ("" if probe == path else f"cannot be made: {probe} is ")
-    if not os.path.isdir(probe):
-        return said + "not a directory"
-    if not os.access(probe, os.W_OK | os.X_OK):
-        return said + "not writable"
-    return None
 
 
 def _shown(section: str, key: str, value: Any) -> Any:

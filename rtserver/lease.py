@@ -39,7 +39,7 @@ class Lease:
         self.options = options
         self.topic = topic
         self.group = group
-        self.session_timeout_ms = max(6000, int(session_timeout * 1000))  # the broker's minimum by default
+        self.session_timeout_ms = int(session_timeout * 1000)  # at least 6 s, the brokers' minimum (config)
         self.client_id = client_id
         self._on_acquired = on_acquired
         self._on_lost = on_lost

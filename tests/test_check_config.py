@@ -47,28 +47,49 @@ def test_file_variables_and_secrets_are_shown_as_they_take_effect_secrets_masked
 
 
 def test_what_would_stop_the_start_is_one_line_and_exit_2(tmp_path):
+    """Exit 2 and one line, "configuration error:", naming the setting and where it was set.
+    What stops serve itself at its start (the state directory, the TLS files) it says in the
+    same line, before any log line: serve said "File exists" where the check said "not a
+    directory", named neither the variable nor the file that set a certificate, and logged
+    its stop first."""
     from tests.harness.certs import self_signed
 
     cases = [
         (["check-config"], {"RT_PORT": "http"}, "RT_PORT (server.port): invalid value"),
-        (["check-config"], {"RT_TLS_CERT": str(tmp_path / "none.pem"), "RT_TLS_KEY": str(tmp_path / "none.key")},
-         "server.tls_cert: no such file"),
         (["check-config", "--ingest"], {}, "bus.kafka_bootstrap"),
         (["check-config", "--ingest"], {"RT_KAFKA_BOOTSTRAP": "127.0.0.1:9"}, "no feeds to read"),
     ]
     (tmp_path / "a-file").write_text("")
-    for state_dir in ("a-file", "a-file/st"):  # serve: "File exists", "Not a directory"
-        cases.append((["check-config", "--state-dir", state_dir], {}, f"state directory {tmp_path / state_dir}"))
     (tmp_path / "other").mkdir()
-    cert, _ = self_signed(str(tmp_path))
+    cert, key = self_signed(str(tmp_path))
     _, other_key = self_signed(str(tmp_path / "other"))
-    cases.append((["check-config"], {"RT_TLS_CERT": cert, "RT_TLS_KEY": other_key}, "server.tls_cert/tls_key: cannot load"))
+    (tmp_path / "rt.toml").write_text(f'[server]\ntls_cert = "{tmp_path / "none.pem"}"\ntls_key = "{key}"\n')
+    serve_too = [
+        (["--state-dir", "a-file"], {}, f"state directory {tmp_path / 'a-file'} (server.state_dir): not a directory "
+                                        "(server.state_dir from option --state-dir)"),
+        (["--state-dir", "a-file/st"], {}, f"state directory {tmp_path / 'a-file/st'} (server.state_dir): cannot be "
+                                           f"made: {tmp_path / 'a-file'} is not a directory"),
+        ([], {"RT_TLS_CERT": str(tmp_path / "none.pem"), "RT_TLS_KEY": str(tmp_path / "none.key")},
+         f"server.tls_cert {tmp_path / 'none.pem'}: cannot read: No such file or directory "
+         "(server.tls_cert from environment RT_TLS_CERT)"),
+        (["--config", "rt.toml"], {}, f"server.tls_cert {tmp_path / 'none.pem'}: cannot read: No such file or "
+                                      f"directory (server.tls_cert from config file rt.toml)"),
+        ([], {"RT_TLS_CERT": cert, "RT_TLS_KEY": other_key},
+         f"server.tls_cert {cert} / server.tls_key {other_key}: cannot load: the private key is not the "
+         "certificate's (KEY_VALUES_MISMATCH) (server.tls_cert from environment RT_TLS_CERT; "
+         "server.tls_key from environment RT_TLS_KEY)"),
+    ]
+    cases += [(["check-config", *args], env, said) for args, env, said in serve_too]
     for args, env, said in cases:
         out = _run(args, env, cwd=str(tmp_path))
         assert out.returncode == 2 and out.stdout == "", (args, env, out.stdout, out.stderr)
         assert out.stderr.startswith("rtserver: configuration error: ") and said in out.stderr, (args, env, out.stderr)
         assert len(out.stderr.splitlines()) == 1, out.stderr
-    out = _run(["check-config"], {"RT_TLS_CERT": cert, "RT_TLS_KEY": str(tmp_path / "key.pem")}, cwd=str(tmp_path))
+    for args, env, _ in serve_too:
+        checked = _run(["check-config", *args], env, cwd=str(tmp_path))
+        served = _run(["serve", *args], {**env, "RT_PORT": "0"}, cwd=str(tmp_path))
+        assert served.returncode == 2 and served.stderr == checked.stderr, (args, env, served.stderr, checked.stderr)
+    out = _run(["check-config"], {"RT_TLS_CERT": cert, "RT_TLS_KEY": key}, cwd=str(tmp_path))
     assert out.returncode == 0 and json.loads(out.stdout)["settings"]["server"]["tls_cert"] == cert, out.stderr
 
 

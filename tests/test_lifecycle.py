@@ -246,6 +246,15 @@ def test_mongo_max_databases_must_be_positive(tmp_path):
     assert load(environ={"RT_STATE_DIR": str(tmp_path), "RT_MONGO_MAX_DATABASES": "1"}).mongo.max_databases == 1
 
 
+def test_a_lease_timeout_under_the_brokers_minimum_is_refused(tmp_path):
+    """bus.lease_timeout (the ingest lease's Kafka group session timeout) under 6 s was raised to
+    6 without a word, and check-config showed the value that was not in effect."""
+    with pytest.raises(ConfigError, match=r"bus.lease_timeout 3 must be at least 6 .* \(bus.lease_timeout from "
+                                          r"environment RT_BUS_LEASE_TIMEOUT\)"):
+        load(environ={"RT_STATE_DIR": str(tmp_path), "RT_BUS_LEASE_TIMEOUT": "3"})
+    assert load(environ={"RT_STATE_DIR": str(tmp_path), "RT_BUS_LEASE_TIMEOUT": "6"}).bus.lease_timeout == 6
+
+
 def test_a_configured_mongodb_database_name_longer_than_mongodb_takes_is_refused(tmp_path):
     """A URL naming no database reads the database named like the workspace, and a workspace id
     may be 64 characters where MongoDB takes 63: a feed that would fail at every attempt."""
