@@ -43,7 +43,9 @@ detected by the `websockets` keepalive pings; a JSON ping every `position_interv
 brings the stream position, so subscriptions that get no events in a busy workspace resume
 from what the history still holds (no needless history_gap); so does one after each
 history_gap, so a source's loss told live is not told again by the next resume. A subscription made or changed while
-disconnected is sent with `since` too, and an unsubscribe the gateway had not acknowledged
+disconnected is sent with `since` too (a filter changed while disconnected, or not yet
+acknowledged when the link died, makes the client start a fresh session instead of resuming:
+the resumed session would replay the outage with the old filter first), and an unsubscribe the gateway had not acknowledged
 before a link loss is sent again after a resume; nothing is delivered for a channel once
 it is unsubscribed (what was in flight, or what a resumed session replays there before the
 unsubscribe reaches the gateway). Each event is delivered once, also when the
@@ -357,6 +359,9 @@ class RealtimeClient:
         # (None: not sent yet; sent under the key, which the gateway takes as the channel). A
         # resumed session gets its channels back, so they are sent again.
         self._pending_unsubs: dict[str, str | None] = {}
+        # subscription_keys the gateway's session holds a subscription on (it answered a
+        # subscribe, and no unsubscribe since): a resume restores them with their filters.
+        self._session_channels: set[str] = set()
         # Held weakly until iterated: an events() iterator the application drops without
         # iterating it (its generator never started, so its `finally` never runs) must not keep
         # buffering. One being iterated is held (_iterated): a task suspended in it may have no
@@ -756,7 +761,7 @@ class RealtimeClient:
         writer = asyncio.create_task(self._write(ws, outbox))
         if not self.header_auth:
             msg: dict[str, Any] = {"type": "auth", "token": token}
-            if self.session_id is not None:
+            if self.session_id is not None and not self._replaced_offline():
                 msg["resume"] = self.session_id
                 if self._floor is not None:
                     msg["since"] = self._floor
@@ -783,6 +788,7 @@ class RealtimeClient:
                     if positions is None and self.position_interval > 0:
                         positions = asyncio.create_task(self._ask_positions(ws))
                 elif kind == "subscribed":
+                    self._session_channels.add(_key_of(msg.get("channel")))
                     sub = self._subs.get(_key_of(msg.get("channel")))
                     if sub is not None and _answers(msg, sub.sent_id):
                         sub.acked = True
@@ -790,6 +796,7 @@ class RealtimeClient:
                     self._at_position(msg.get("seq"))
                 elif kind == "unsubscribed":
                     key, mid = _key_of(msg.get("channel")), msg.get("id")
+                    self._session_channels.discard(key)
                     if mid is not None and self._pending_unsubs.get(key) == mid:
                         del self._pending_unsubs[key]
                 elif kind == "pong":
@@ -830,6 +837,7 @@ class RealtimeClient:
                 self._send_unsubscribe(channel)  # the resumed session has it back
         else:
             self._pending_unsubs.clear()  # a new session has no subscriptions
+            self._session_channels.clear()
         since = self._floor
         for sub in list(self._subs.values()):
             if resumed and sub.acked:
@@ -976,6 +984,15 @@ class RealtimeClient:
             _settle(sub.waiters, err)
             self.unsubscribe(sub.channel, sub)
         self._callback(self.on_error, err, "on_error")
+
+    def _replaced_offline(self) -> bool:
+        """Whether a subscription the gateway's session holds has a filter (or handler) the
+        gateway has not acknowledged: changed while disconnected, or its subscribe unanswered
+        when the link died. Resumed, the session would replay the outage on that channel with
+        the filter it holds, before the new subscribe arrived, to the new handler (and the
+        gateway does not replay again what the replaced subscription delivered): a fresh
+        session, every subscription sent with `since`, delivers what the new filter takes."""
+        return any(not sub.acked and key in self._session_channels for key, sub in self._subs.items())
 
     def _left(self, channel: object) -> bool:
         """Whether `channel` (as a gateway message names it) is one the client has unsubscribed

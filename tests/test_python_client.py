@@ -754,16 +754,55 @@ async def test_subscription_made_or_changed_while_disconnected_gets_the_outage(g
         added = asyncio.create_task(client.subscribe("events:invoices", None, on_event))
         await asyncio.sleep(0.05)  # both registered, waiting for the connection
         e1 = await gateway.publish("w1", "orders", {"status": "paid"})
+        await gateway.publish("w1", "orders", {"status": "new"})  # the old filter's only: not the app's any more
         e2 = await gateway.publish("w1", "invoices", {})
         proxy.hold = False
         await asyncio.wait_for(asyncio.gather(changed, added), 10)
         await wait_for(lambda: len(client.resumed) == 2 and client.state == "open", 10, "reconnect")
-        assert client.resumed == [False, not header_auth]
         e3 = await gateway.publish("w1", "orders", {"status": "paid"})
         e4 = await gateway.publish("w1", "invoices", {})
         await wait_for(lambda: len(got) >= 5, 5, "the outage's events and the live ones")
         await asyncio.sleep(0.2)
         assert got == [e["seq"] for e in (e0, e1, e2, e3, e4)]
+        # A resumed session would replay events:orders with the old filter before the new one
+        # arrived: the filter changed offline makes it a fresh session, every channel since e0.
+        assert client.resumed == [False, False]
+    finally:
+        await client.close()
+        await proxy.close()
+
+
+async def test_a_filter_unacknowledged_when_the_link_died_is_not_resumed_with_the_old_one(gateway):
+    """A replacing subscribe sent just before a link loss, its answer lost with the link: the
+    gateway's session may hold either filter, so the client starts a fresh session. Resumed,
+    the old filter's replay of the outage reached the new handler. A session whose
+    subscriptions are all acknowledged (one added offline too) still resumes."""
+    proxy = await TcpProxy(gateway.port).start()
+    client = RealtimeClient(proxied(proxy), lambda: gateway.token("w1"), **FAST)
+    got: list[dict] = []
+    try:
+        await client.connect()
+        await client.subscribe("events:t", {"predicates": {"k": 1}}, got.append)
+        proxy.cut()
+        await wait_for(lambda: client.state == "open" and client.resumed == [False, True], 5, "a resume")
+        proxy.frozen = True  # the subscribe leaves, its answer does not come back
+        changed = asyncio.create_task(client.subscribe("events:t", {"predicates": {"k": 2}}, got.append))
+        await asyncio.sleep(0.2)
+        await gateway.publish("w1", "t", {"k": 1, "i": 1})
+        e2 = await gateway.publish("w1", "t", {"k": 2, "i": 2})
+        proxy.frozen = False
+        proxy.cut()
+        await asyncio.wait_for(changed, 10)
+        await wait_for(lambda: len(client.resumed) == 3 and client.state == "open", 10, "a reconnect")
+        e3 = await gateway.publish("w1", "t", {"k": 2, "i": 3})
+        await wait_for(lambda: len(got) >= 2, 5, "the outage's event and the live one")
+        await asyncio.sleep(0.2)
+        assert [e["seq"] for e in got] == [e2["seq"], e3["seq"]], got
+        assert client.resumed == [False, True, False]
+        await client.subscribe("events:u", None, got.append)
+        proxy.cut()
+        await wait_for(lambda: len(client.resumed) == 4 and client.state == "open", 10, "a resume")
+        assert client.resumed[-1] is True
     finally:
         await client.close()
         await proxy.close()
@@ -988,7 +1027,7 @@ async def test_a_resumed_table_no_longer_published_is_reported_and_dropped(gatew
             await gw.wait_ready()
             await db.execute("INSERT INTO orders VALUES (1)")
             await wait_for(lambda: len(orders) == 1, 15, "the event on the table still published")
-            assert client.resumed == [False, True]
+            assert client.resumed == [False, not changed]  # changed while away: a fresh session
             proxy.cut()
             await wait_for(lambda: len(client.resumed) == 3 and client.state == "open", 10, "the next session")
             await db.execute("INSERT INTO orders VALUES (2)")
@@ -1026,8 +1065,8 @@ async def test_a_subscription_dropped_on_resume_is_reported_once_also_when_chang
         with pytest.raises(RealtimeError) as refused:
             await asyncio.wait_for(again, 5)
         assert (refused.value.code, refused.value.channel) == (4003, "events:a")
-        assert client.resumed == [False, True]
-        b = await gw.publish("w1", "b", {})  # after every answer to the resume's messages
+        assert client.resumed == [False, False]  # changed while away: a fresh session, events:a refused once
+        b = await gw.publish("w1", "b", {})  # after every answer to the session's messages
         await wait_for(lambda: len(got) == 1, 5, "the event on events:b")
         assert got[0]["seq"] == b["seq"]
         assert [(e.code, e.channel) for e in errors if e.code != 1006] == [(4003, "events:a")], errors
