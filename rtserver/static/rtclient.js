@@ -4,7 +4,9 @@
 // globalThis.WebSocket is missing, or when header authentication is asked for).
 // It authenticates, keeps subscriptions alive across reconnects (resuming the session with
 // the last seen `seq`, or re-subscribing with `since` when the session is gone, or when a
-// subscription was made or changed while disconnected), delivers each event once, refreshes
+// subscription was made or changed while disconnected; a filter changed while disconnected
+// makes it start a fresh session: resumed, the session would replay the outage with the old
+// filter), delivers each event once, refreshes
 // the token before it expires (on a schedule a device clock off the issuer's cannot turn into a
 // loop: refreshDelay), reconnects at once with a new token on 4001 (unless that token's `exp`
 // is within 5 s of the one the gateway closed at, or the connection before lasted less than
@@ -295,6 +297,9 @@ export class RealtimeClient {
     // not sent yet; sent under the key, which the gateway takes as the channel). A resumed
     // session gets its channels back, so they are sent again.
     this.pendingUnsubs = new Map();
+    // subscriptionKeys the gateway's session holds a subscription on (it answered a subscribe,
+    // and no unsubscribe since): a resume restores them with their filters.
+    this.sessionChannels = new Set();
     this.listeners = new Map();
     this.iterators = new Set(); // WeakRefs to the events() iterators' feeds
     this.iterated = new Set(); // the feeds being iterated
@@ -579,7 +584,7 @@ export class RealtimeClient {
       this.timers.open = null;
       if (!this.headerAuth) {
         const msg = { type: "auth", token };
-        if (this.sessionId) {
+        if (this.sessionId && !this._replacedOffline()) {
           msg.resume = this.sessionId;
           if (this.floor !== null) msg.since = this.floor;
         }
@@ -692,6 +697,7 @@ export class RealtimeClient {
         this._onAuthOk(msg);
         break;
       case "subscribed": {
+        this.sessionChannels.add(keyOf(msg.channel));
         const sub = this.subs.get(keyOf(msg.channel));
         if (sub && answers(msg, sub.sentId)) {
           sub.acked = true;
@@ -702,6 +708,7 @@ export class RealtimeClient {
       }
       case "unsubscribed": {
         const key = keyOf(msg.channel);
+        this.sessionChannels.delete(key);
         if (msg.id !== undefined && this.pendingUnsubs.get(key) === msg.id) this.pendingUnsubs.delete(key);
         break;
       }
@@ -746,6 +753,7 @@ export class RealtimeClient {
       for (const channel of [...this.pendingUnsubs.keys()]) this._sendUnsubscribe(channel); // the session has it back
     } else {
       this.pendingUnsubs.clear(); // a new session has no subscriptions
+      this.sessionChannels.clear();
     }
     const since = this.floor;
     for (const sub of [...this.subs.values()]) {
@@ -843,6 +851,17 @@ export class RealtimeClient {
       this.unsubscribe(sub.channel, sub);
     }
     this._emit("error", err);
+  }
+
+  // Whether a subscription the gateway's session holds has a filter (or handler) the gateway has
+  // not acknowledged: changed while disconnected, or its subscribe unanswered when the link died.
+  // Resumed, the session would replay the outage on that channel with the filter it holds,
+  // before the new subscribe arrived, to the new handler (and the gateway does not replay again
+  // what the replaced subscription delivered): a fresh session, every subscription sent with
+  // `since`, delivers what the new filter takes.
+  _replacedOffline() {
+    for (const [key, sub] of this.subs) if (!sub.acked && this.sessionChannels.has(key)) return true;
+    return false;
   }
 
   // Whether `channel` (as a gateway message names it) is one the client has unsubscribed and not
