@@ -11,12 +11,14 @@ the token's lifetime `exp - iat` at most, and after a refresh the next one waits
 that lifetime at least, 10 s without `iat`: a device clock ahead of the issuer's, which sees
 every fresh token as expired, refreshes four times per lifetime instead of in a loop),
 reconnects at once with a fresh token on 4001 (unless that token's `exp` is within 5 s of the
-one the gateway closed at, or the connection before lasted less than 5 s: then it backs off,
+one the gateway closed at, or the 4001 ends a connection itself opened at once after a 4001 that
+lasted less than 5 s: then it backs off,
 so a stale token cannot cause a reconnect storm), backs off
 exponentially (1 s doubling to 30 s, each wait up to half as long again at random, never
 over 30 s) on other losses and when `get_token`
 fails or has not answered within `open_timeout` (at connect or for a refresh: reported to on_error as a RealtimeError named
-"token_unavailable", then retried; a failed refresh, at the 4001 that ends the session),
+"token_unavailable", then retried; a failed refresh with the backoff while the token lasts,
+then at the 4001 that ends the session),
 and stops with a RealtimeError on terminal codes (4002, 4003, 1008, 1009: reported to on_error
 once, its message carrying the reason the gateway gave before the close; but a 4002 after the
 error "auth timeout", which says the auth message came too late, is retried like the closes
@@ -392,6 +394,9 @@ class RealtimeClient:
         # The error that refused this connection's authentication (a bad token, a workspace not
         # granted): the terminal close that follows reports it, once, with the gateway's reason.
         self._refusal: RealtimeError | None = None
+        # The message of this connection's latest 4000 (invalid_message): the detail of the 1009
+        # (a message over the gateway's limit) or 1008 (too many invalid ones) closing it.
+        self._last_invalid: str | None = None
         self._callback_tasks: set[asyncio.Future[Any]] = set()
 
     # ---- public API ----------------------------------------------------------------------
@@ -653,6 +658,7 @@ class RealtimeClient:
         self._refreshed_at = None
         self._auth_timed_out = False
         self._refusal = None
+        self._last_invalid = None
         try:
             headers = {"Authorization": f"Bearer {token}"} if self.header_auth else None
             # No max_size: an event frame is as large as its change (a PostgreSQL row can hold
@@ -694,6 +700,8 @@ class RealtimeClient:
             self._callback(self.on_error, refusal, "on_error")
         # The gateway's error before the close, carried in the close's report.
         why = f": {refusal}" if refusal is not None and refusal.code == code else ""
+        if not why and code in (1008, 1009) and self._last_invalid:
+            why = f": {self._last_invalid}"  # the gateway said why in a 4000 just before
         if code in TERMINAL_CODES and not (code == 4002 and self._auth_timed_out):
             self._finish(RealtimeError(code, f"connection closed: {_CODE_NAMES.get(code, code)}{why}", terminal=True))
             return None
@@ -893,10 +901,19 @@ class RealtimeClient:
         if delay is None:
             return
         await asyncio.sleep(delay)
-        self._refreshed_at = time.monotonic()
-        fresh = await self._fetch_token()  # a failure goes to on_error, as at connect
-        if fresh is None:
-            return  # the gateway closes with 4001 at exp; we reconnect then
+        retry = self.backoff_initial
+        while True:
+            self._refreshed_at = time.monotonic()
+            fresh = await self._fetch_token()  # a failure goes to on_error, as at connect
+            if fresh is not None:
+                break
+            # Tried again with the backoff while the token lasts: one failure of the token
+            # service cost a disconnect (the 4001 at exp, then a reconnect).
+            exp, _ = _token_times(token)
+            if exp is None or exp - time.time() <= retry:
+                return  # the gateway closes with 4001 at exp; we reconnect then
+            await asyncio.sleep(retry)
+            retry = min(retry * 2, self.backoff_max)
         if self._ws is ws:
             self._pending_token = fresh
             self._ids += 1
@@ -953,6 +970,8 @@ class RealtimeClient:
             for feed in list(self._feeds):
                 feed.push(gap, self._subs)
             return
+        if code == 4000:
+            self._last_invalid = str(msg.get("message", ""))
         if code == 4002 and not self._authed and msg.get("message") == "auth timeout":
             # Our auth message came too late (a frozen process, a stalled link), not a bad
             # token: the close 4002 that follows is retried with the backoff, not the end.

@@ -538,7 +538,9 @@ async def test_get_token_failure_is_reported_and_retried_with_backoff(gateway):
         await proxy.close()
 
 
-async def test_a_failed_refresh_is_reported_and_the_4001_that_follows_reconnects(gateway):
+async def test_a_failed_refresh_is_retried_while_the_token_lasts(gateway):
+    """One failure of the token service at the refresh cost a disconnect: the refresh was not
+    tried again, and the gateway closed with 4001 at exp. It is retried with the backoff."""
     calls: list[int] = []
 
     def get_token() -> str:
@@ -551,10 +553,33 @@ async def test_a_failed_refresh_is_reported_and_the_4001_that_follows_reconnects
     client = RealtimeClient(gateway.ws_url("w1"), get_token, on_error=errors.append, **FAST)
     try:
         await client.connect()
+        await wait_for(lambda: len(calls) == 3, 10, "the refresh tried again")
+        await asyncio.sleep(3)  # past the first token's exp
+        assert client.state == "open" and client.closes == [] and client.resumed == [False]
+        assert [e.name for e in errors] == ["token_unavailable"] and isinstance(errors[0].__cause__, RuntimeError)
+    finally:
+        await client.close()
+
+
+async def test_a_refresh_failing_until_exp_is_reported_and_the_4001_that_follows_reconnects(gateway):
+    calls: list[int] = []
+    exp: list[float] = []
+
+    def get_token() -> str:
+        calls.append(1)
+        if len(calls) > 1 and time.time() < exp[0]:  # the token service is down until the token's end
+            raise RuntimeError("token service 503")
+        exp.append(time.time() + 3)
+        return gateway.token("w1", ttl=3 if len(calls) == 1 else 3600)
+
+    errors: list[RealtimeError] = []
+    client = RealtimeClient(gateway.ws_url("w1"), get_token, on_error=errors.append, **FAST)
+    try:
+        await client.connect()
         await wait_for(lambda: len(client.resumed) == 2 and client.state == "open", 10, "the reconnect after 4001")
-        assert client.closes == [4001] and client.resumed == [False, True] and len(calls) == 3
+        assert client.closes == [4001] and client.resumed == [False, True] and len(calls) > 3
         failed = [e for e in errors if e.code != 4001]  # the gateway's error before its 4001 close
-        assert [e.name for e in failed] == ["token_unavailable"] and isinstance(failed[0].__cause__, RuntimeError)
+        assert {e.name for e in failed} == {"token_unavailable"} and len(failed) == len(calls) - 2, failed
     finally:
         await client.close()
 
@@ -1581,5 +1606,17 @@ async def test_why_an_auth_message_too_big_was_refused_reaches_on_error(gateway_
         assert refused.value.code == 1009 and refused.value.terminal
         assert [(e.code, e.terminal) for e in errors] == [(4000, False), (1009, True)], errors
         assert "1024-byte limit" in str(errors[0])
+        assert "1024-byte limit" in str(errors[1]), errors[1]  # the terminal report says it too
+    finally:
+        await client.close()
+    # Authenticated, a subscribe over the limit: the terminal 1009 said "message_too_big" only.
+    errors.clear()
+    client = RealtimeClient(gw.ws_url("w1"), lambda: gw.token("w1"), on_error=errors.append, **FAST)
+    try:
+        await client.connect()
+        with pytest.raises(RealtimeError) as refused:
+            await asyncio.wait_for(client.subscribe("events:big", {"predicates": {"id": {"$in": list(range(400))}}}), 5)
+        assert refused.value.code == 1009 and refused.value.terminal and "1024-byte limit" in str(refused.value)
+        assert [(e.code, e.terminal) for e in errors] == [(4000, False), (1009, True)], errors
     finally:
         await client.close()

@@ -9,8 +9,8 @@
 // filter), delivers each event once, refreshes
 // the token before it expires (on a schedule a device clock off the issuer's cannot turn into a
 // loop: refreshDelay), reconnects at once with a new token on 4001 (unless that token's `exp`
-// is within 5 s of the one the gateway closed at, or the connection before lasted less than
-// 5 s: then it backs off),
+// is within 5 s of the one the gateway closed at, or the 4001 ends a connection itself opened
+// at once after a 4001 that lasted less than 5 s: then it backs off),
 // backs off exponentially on other failures (a connection attempt that does not open within
 // openTimeoutMs counts as one, and so does an HTTP status instead of the upgrade (but a 404
 // before any connection succeeded),
@@ -564,6 +564,9 @@ export class RealtimeClient {
     // The error that refused this connection's authentication (a bad token, a workspace not
     // granted): the terminal close that follows reports it, once, with the gateway's reason.
     this.refusal = null;
+    // The message of this connection's latest 4000 (invalid_message): the detail of the 1009 (a
+    // message over the gateway's limit) or 1008 (too many invalid ones) closing it.
+    this.lastInvalid = null;
     // An upgrade that never completes (a stuck proxy, a half-open path) counts as a failed
     // attempt: without this the client would stay "connecting" for good. Reported like a
     // connect that got no answer, as the Python client does (a stuck proxy looked like a slow
@@ -816,6 +819,7 @@ export class RealtimeClient {
       for (const it of this._liveIterators()) it.push(gap);
       return;
     }
+    if (msg.code === 4000) this.lastInvalid = String(msg.message ?? "");
     if (msg.code === 4002 && !this.authed && msg.message === "auth timeout") {
       // Our auth message came too late (a frozen tab, a stalled link), not a bad token: the
       // close 4002 that follows is retried with the backoff, not the end.
@@ -905,7 +909,9 @@ export class RealtimeClient {
     if (refusal && refusal.code !== code) this._emit("error", refusal);
     if (this.state === "closed") return; // closed by an error listener
     // The gateway's error before the close, carried in the close's report.
-    const why = refusal && refusal.code === code ? `: ${refusal.message}` : "";
+    let why = refusal && refusal.code === code ? `: ${refusal.message}` : "";
+    // The gateway said why in a 4000 just before.
+    if (!why && (code === 1008 || code === 1009) && this.lastInvalid) why = `: ${this.lastInvalid}`;
     if (TERMINAL_CODES.includes(code) && !(code === 4002 && this.authTimedOut)) {
       this._finish(new RealtimeError(code, `connection closed: ${reason || CODE_NAMES[code] || code}${why}`,
         { name: reason || CODE_NAMES[code], terminal: true }));
@@ -966,7 +972,7 @@ export class RealtimeClient {
     this.timers.refresh = setTimeout(() => this._refresh(), Math.min(delay, MAX_TIMER_MS));
   }
 
-  async _refresh() {
+  async _refresh(retryMs = this.backoffInitial) {
     this.timers.refresh = null;
     this.refreshedAt = monotonicMs();
     const ws = this.ws;
@@ -974,8 +980,16 @@ export class RealtimeClient {
     try {
       token = await this._fetchToken();
     } catch (err) {
-      if (this.state !== "closed") this._emit("error", tokenUnavailable(err));
-      return; // the gateway closes with 4001 at exp; we reconnect from there
+      if (this.state === "closed") return;
+      this._emit("error", tokenUnavailable(err));
+      // Tried again with the backoff while the token lasts: one failure of the token service
+      // cost a disconnect (the 4001 at exp, then a reconnect). Past it, the gateway closes with
+      // 4001 at exp and we reconnect from there.
+      const { exp } = tokenTimes(this.token);
+      if (this.ws === ws && ws && this.authed && exp !== null && exp * 1000 - Date.now() > retryMs) {
+        this.timers.refresh = setTimeout(() => this._refresh(Math.min(retryMs * 2, this.backoffMax)), retryMs);
+      }
+      return;
     }
     if (this.ws !== ws || !ws || !this.authed) return;
     // Not this.token before the gateway takes it: a refused refresh leaves the connection

@@ -405,6 +405,8 @@ test("backoff follows the schedule from 1 s to 30 s, the jitter only lengthening
 });
 
 test("a failing getToken is reported as token_unavailable, at connect and for a refresh", { timeout: 30000 }, async () => {
+  // The refresh is tried again with the backoff while the token lasts: one failure of the token
+  // service cost a disconnect (the 4001 at exp, then a reconnect).
   const ws = "js-token-fails";
   let calls = 0;
   const getToken = () => {
@@ -419,12 +421,42 @@ test("a failing getToken is reported as token_unavailable, at connect and for a 
   try {
     client.subscribe("events:x"); // starts the client, listeners in place
     await client.ready;
+    await waitFor(() => calls === 4, 10000, "the refresh tried again");
+    await new Promise((r) => setTimeout(r, 3000)); // past the first token's exp
+    assert.equal(client.state, "open");
+    assert.deepEqual(closes.map((c) => c.code), []);
+    assert.equal(opens.length, 1);
+    assert.ok(errors.every((e) => e instanceof RealtimeError), errors.map(String).join());
+    assert.deepEqual(errors.map((e) => [e.code, e.codeName, e.cause?.message]),
+      [[0, "token_unavailable", "token service 503"], [0, "token_unavailable", "token service 503"]]);
+  } finally {
+    client.close();
+  }
+});
+
+test("a refresh failing until exp is reported, and the 4001 that follows reconnects", { timeout: 30000 }, async () => {
+  const ws = "js-token-fails-long";
+  let calls = 0;
+  let exp = 0;
+  const getToken = () => {
+    calls++;
+    if (calls > 1 && Date.now() < exp) throw new Error("token service 503"); // down until the token's end
+    exp = Date.now() + 3000;
+    return token({ workspace: ws, ttl: calls === 1 ? 3 : 3600 });
+  };
+  const client = new RealtimeClient({ url: wsUrl(ws), getToken, ...fast });
+  const { opens, closes } = collect(client);
+  const errors = [];
+  client.on("error", (e) => errors.push(e));
+  try {
+    client.subscribe("events:x");
+    await client.ready;
     await waitFor(() => opens.length === 2 && client.state === "open", 10000, "the reconnect after 4001");
     assert.deepEqual(closes.map((c) => c.code), [4001]);
-    assert.equal(calls, 4);
-    assert.ok(errors.every((e) => e instanceof RealtimeError), errors.map(String).join());
-    assert.deepEqual(errors.filter((e) => e.code !== 4001).map((e) => [e.code, e.codeName, e.cause?.message]),
-      [[0, "token_unavailable", "token service 503"], [0, "token_unavailable", "token service 503"]]);
+    assert.ok(calls > 3, `${calls} calls`);
+    const failed = errors.filter((e) => e.code !== 4001);
+    assert.ok(failed.every((e) => e.codeName === "token_unavailable"), failed.map(String).join());
+    assert.equal(failed.length, calls - 2);
   } finally {
     client.close();
   }
@@ -1318,6 +1350,20 @@ test("why an auth message too big was refused reaches the error listener", { tim
   await assert.rejects(client.ready, (e) => e.code === 1009 && e.terminal);
   assert.deepEqual(errors.map((e) => [e.code, e.terminal]), [[4000, false], [1009, true]]);
   assert.ok(errors[0].message.includes("65536-byte limit"), errors[0].message);
+  assert.ok(errors[1].message.includes("65536-byte limit"), errors[1].message); // the terminal report says it too
+  // Authenticated, a subscribe over the limit: the terminal 1009 said "message_too_big" only.
+  const other = connect({ url: wsUrl("w1"), getToken: () => token(), ...fast });
+  const more = [];
+  other.on("error", (e) => more.push(e));
+  try {
+    await other.ready;
+    const values = Array.from({ length: 8000 }, (_, i) => `value-${i}`);
+    await assert.rejects(other.subscribe("events:big", { predicates: { id: { $in: values } } }).ready,
+      (e) => e.code === 1009 && e.terminal && e.message.includes("65536-byte limit"));
+    assert.deepEqual(more.map((e) => [e.code, e.terminal]), [[4000, false], [1009, true]]);
+  } finally {
+    other.close();
+  }
 });
 
 test("an identity provider out of reach is reported once as 1011",
