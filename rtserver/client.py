@@ -350,6 +350,8 @@ class RealtimeClient:
         self.last_seq: int | None = None  # the highest seq delivered
         # The latest _KEPT session starts (was each resumed?) and close codes, oldest first: a
         # client that runs for months through a flapping network must not grow without bound.
+        # A connection attempt that failed before its upgrade counts as a close 1006, as the JS
+        # client's "close" event has it.
         self.resumed: list[bool] = []
         self.closes: list[int] = []
         self.attempt = 0

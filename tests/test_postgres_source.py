@@ -369,6 +369,35 @@ async def test_date_and_time_zone_from_the_environment_do_not_change_the_stream(
     assert event.record == {"id": 1, "d": "2024-01-15", "ts": "2024-01-15T10:00:00.5", "tz": "2024-01-15T10:00:00Z"}
 
 
+async def test_an_interval_style_of_the_database_does_not_change_the_stream(db, make_source, pg_database):
+    """The session pins TimeZone and DateStyle, and IntervalStyle too: a database (or role) whose
+    IntervalStyle is postgres_verbose sent "@ 1 day 2 hours", streamed and fetched (TOAST)."""
+    name = pg_database.rsplit("/", 1)[1]
+    await db.execute(f'ALTER DATABASE "{name}" SET intervalstyle = \'postgres_verbose\'')
+    await db.execute("CREATE TABLE iv (id int PRIMARY KEY, i interval, ia interval[], n int, big text); "
+                     "ALTER TABLE iv ALTER big SET STORAGE EXTERNAL")
+    src, sink = await make_source()
+    big = "x" * 20000  # TOASTed: the UPDATE below leaves it unchanged, fetched by the catalog connection
+    await db.execute("INSERT INTO iv VALUES (1, '1 day 2 hours', ARRAY['3 minutes'::interval], 0, $1)", big)
+    await db.execute("UPDATE iv SET n = 1")
+    events = await sink.wait_for(2)
+    for e in events:
+        assert (e.record["i"], e.record["ia"], e.record["big"]) == ("1 day 02:00:00", ["00:03:00"], big), e.record
+
+
+async def test_a_configured_table_the_database_lacks_is_logged_once(db, make_source, caplog):
+    """postgres.tables naming a table that does not exist (a typo) left it out without a word."""
+    await db.execute("CREATE TABLE listed (id int PRIMARY KEY)")
+    with caplog.at_level(logging.WARNING, logger="rtserver.postgres"):
+        src, sink = await make_source(tables=["listed", "public.lsited"])
+        await asyncio.sleep(1.0)  # periodic syncs: logged once, not at each
+    said = [r.getMessage() for r in caplog.records if "no table of this database" in r.getMessage()]
+    assert len(said) == 1 and "public.lsited" in said[0], said
+    await db.execute("INSERT INTO listed VALUES (1)")
+    (event,) = await sink.wait_for(1)
+    assert event.entity == "listed"
+
+
 async def test_a_table_whose_name_holds_a_dot_is_not_published_under_another_tables_channel(db, make_source):
     """Channels are postgres:schema.table: public."sales.orders" streamed on postgres:sales.orders,
     so subscribers of the table orders of schema sales got its rows as theirs. A name the channels
@@ -984,6 +1013,27 @@ async def test_table_written_before_it_is_published_gets_a_history_gap(db, make_
     await sink.wait_for(1)
     await asyncio.sleep(0.3)
     assert [e.record for e in sink.events] == [{"id": 2}]
+
+
+async def test_a_new_empty_table_the_role_may_not_select_gives_no_gap(db, gateway_role, tmp_path):
+    """Whether a table added late had rows was asked with a SELECT, and a role without SELECT on
+    it (needed only for TOAST values) got a history_gap for every new table, empty or not. Its
+    size says it was never written to; one that was is still a gap."""
+    role, dsn = gateway_role
+    sink = CollectingSink()
+    src = PostgresSource(dsn, instance="rtnoselgap", state_dir=str(tmp_path / "state"), sink=sink,
+                         workspaces=lambda: ["w1"], maintenance_interval=3600)
+    try:
+        await src.start()
+        await src.wait_streaming(timeout=10)
+        for name in ("blind_empty", "blind_written"):
+            await db.execute(f"CREATE TABLE {name} (id int PRIMARY KEY); ALTER TABLE {name} OWNER TO {role}; "
+                             f"REVOKE SELECT ON {name} FROM {role}")
+        await db.execute("INSERT INTO blind_written VALUES (1)")  # before the publication holds it
+        assert await src.check_channel("w1", "blind_empty") == "blind_empty"
+        assert len(sink.gaps) == 1 and "public.blind_written" in sink.gaps[0][2], sink.gaps
+    finally:
+        await src.stop()
 
 
 # -- slot (re)creation ---------------------------------------------------------------------------

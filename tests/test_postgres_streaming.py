@@ -109,6 +109,8 @@ async def test_large_streamed_transaction_complete_in_commit_order(db, make_sour
     assert len(correlations) == 1  # one transaction, one correlation id
     st = src.status()
     assert st["streamed_transactions"] == 1 and st["streamed_open"] == 0 and st["streamed_memory_bytes"] == 0
+    # Gauges of what is on disk: they stayed at the counts since start after the files went.
+    assert (st["streamed_spill_files"], st["streamed_spill_bytes"]) == (0, 0), st
     assert spill_files(src) == []
 
 

@@ -9,7 +9,7 @@ import json
 import logging
 import re
 import urllib.parse
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, NamedTuple
 
 import asyncpg
@@ -133,6 +133,7 @@ class Catalog:
         self.published: set[tuple[str, str]] = set()
         self.skipped: dict[tuple[str, str], str] = {}  # table -> why it is not published
         self._warned: dict[tuple[str, str], str] = {}  # published table -> what its events lack
+        self._missing: set[str] = set()  # tables postgres.tables names that the database lacks (logged)
         self._key_types: dict[tuple[str, str], dict[str, str]] = {}
         self._sync_lock = asyncio.Lock()  # the periodic sync and a subscribe's must not interleave
 
@@ -301,6 +302,7 @@ class Catalog:
 
     async def _sync_publication(self) -> list[tuple[str, str]]:
         desired = await self.desired_tables()
+        self._log_missing(desired)
         wanted = {t for t, state in desired.items() if not state.why}
         skipped = {t: state.why for t, state in desired.items() if state.why}
         try:
@@ -390,8 +392,19 @@ class Catalog:
         try:
             rows = await self.fetch(f"SELECT EXISTS (SELECT 1 FROM {_qualified(t)}) AS any")
         except asyncpg.PostgresError:
-            return True  # cannot tell (no SELECT privilege): assume changes were missed
-        return bool(rows[0]["any"])
+            pass  # no SELECT privilege (the role needs it for TOAST values only)
+        else:
+            return bool(rows[0]["any"])
+        try:
+            # Its files and its partitions' have no page yet (which needs no privilege): never
+            # written to. Every new table of a role without SELECT gave a history_gap for nothing.
+            rows = await self.fetch(
+                "SELECT pg_relation_size($1::regclass) + COALESCE(sum(pg_relation_size(relid)), 0) AS size "
+                "FROM pg_partition_tree($1::regclass)",
+                _qualified(t))
+        except asyncpg.PostgresError:
+            return True  # cannot tell: assume changes were missed
+        return rows[0]["size"] > 0
 
     def _log_skipped(self, skipped: dict[tuple[str, str], str]) -> None:
         """Each table left out is logged once (and again when the reason changes)."""
@@ -404,6 +417,20 @@ class Catalog:
                 level, "postgres table %s.%s not published: %s", t[0], t[1], why,
                 extra={"fields": {**self._log_fields(), "table": f"{t[0]}.{t[1]}"}},
             )
+
+    def _log_missing(self, found: Mapping[tuple[str, str], Any]) -> None:
+        """A table postgres.tables names that is no table of the database (a typo, or one not
+        created yet) is logged once, when it goes missing: it was left out without a word."""
+        if not self.tables:
+            return
+        named = {t if "." in t else f"public.{t}" for t in self.tables}
+        missing = named - {f"{schema}.{name}" for schema, name in found}
+        for t in sorted(missing - self._missing):
+            log.warning(
+                "postgres.tables names %s, which is no table of this database: nothing is published for it "
+                "until it is created", t, extra={"fields": {**self._log_fields(), "table": t}},
+            )
+        self._missing = missing
 
     def _log_warnings(self, warnings: dict[tuple[str, str], str]) -> None:
         """What a published table's events lack, logged once (and again when it changes)."""

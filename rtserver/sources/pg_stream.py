@@ -25,7 +25,8 @@ from rtcore.pgoutput_ref import PG_EPOCH_OFFSET_US, format_lsn
 # text end in "+00" (the decoder's fast path); ISO dates, hex bytea and the float digits fix the
 # others. The replication connection runs with them, and so does the catalog connection that
 # fetches unchanged TOAST values, so fetched and streamed values look the same.
-SESSION_SETTINGS = {"TimeZone": "UTC", "DateStyle": "ISO", "bytea_output": "hex", "extra_float_digits": "1"}
+SESSION_SETTINGS = {"TimeZone": "UTC", "DateStyle": "ISO", "IntervalStyle": "postgres", "bytea_output": "hex",
+                    "extra_float_digits": "1"}
 
 
 class StreamError(Exception):

@@ -69,9 +69,19 @@ class StreamBuffers:
         self.memory_limit = max(memory_limit, 0)
         self.open: dict[int, StreamedTx] = {}
         self.mem_bytes = 0
-        self.spill_files = 0  # transactions moved to disk, since start
-        self.spill_bytes = 0  # bytes written to spill files, since start
         self._seq = 0
+
+    # Gauges of what is on disk now: counted since start, they stayed up after the commits that
+    # removed the files (exported as gauges, /metrics said a file was there that was not).
+    @property
+    def spill_files(self) -> int:
+        """Spill files of the open transactions."""
+        return sum(1 for tx in self.open.values() if tx.spilled)
+
+    @property
+    def spill_bytes(self) -> int:
+        """Bytes written to the open transactions' spill files."""
+        return sum(tx.file_bytes for tx in self.open.values() if tx.spilled)
 
     async def prepare(self) -> None:
         """Remove spill files a crashed process left (their transactions will be streamed again)."""
@@ -178,7 +188,6 @@ class StreamBuffers:
         tx.path = os.path.join(self.spill_dir, f"xid-{tx.xid}-{self._seq}.spill")
         loop = asyncio.get_running_loop()
         tx.fd = await loop.run_in_executor(None, _create, tx.path)
-        self.spill_files += 1
         buf = bytearray()
         for msg in tx.messages:
             buf += _LEN.pack(len(msg))
@@ -195,7 +204,6 @@ class StreamBuffers:
             return
         await asyncio.get_running_loop().run_in_executor(None, _write_all, tx.fd, data)
         tx.file_bytes += len(data)
-        self.spill_bytes += len(data)
 
     def _forget(self, tx: StreamedTx) -> None:
         self.mem_bytes -= tx.mem_bytes
