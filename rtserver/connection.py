@@ -1034,9 +1034,12 @@ class Connection(WSListener):
         limits.send_buffer_bytes and closed the connection with 1013 however fast the client
         read (a resume after a long disconnect in a busy workspace), again at every reconnect.
         Returns the awaitable that sends the rest, or None when all of it is queued."""
-        self._notify_gaps(subs, since, replay)
+        gapped = self._notify_gaps(subs, since, replay)
         view = replay_viewer(subs, self._others(subs, replaced))
-        self._replayed(subs, replay.oldest - 1 if replay.gap else since)
+        self._replayed(gapped, replay.oldest - 1)
+        if len(gapped) < len(subs):
+            told = {id(sub) for sub in gapped}
+            self._replayed([sub for sub in subs if id(sub) not in told], since)
         entries = replay.entries
         done = self._push_piece(view, entries, 0)
         if done == len(entries):
@@ -1058,13 +1061,20 @@ class Connection(WSListener):
             if after < sub.start:
                 sub.start = after
 
-    def _notify_gaps(self, subs: list[Subscription], since: int, replay: Any) -> None:
-        if replay.gap:
+    def _notify_gaps(self, subs: list[Subscription], since: int, replay: Any) -> list[Subscription]:
+        """history_gap on the channels of `subs` that may miss events after `since` (the history
+        evicted some of theirs, or cannot vouch for any channel), else on those whose source
+        reported a loss; returns the first."""
+        gapped = [sub for sub in subs if replay.gap_for(sub.spec.source, sub.spec.entity)] if replay.gap else []
+        if gapped:
             self._send_gaps(
-                subs, f"events after {since} may be missing from the history; it holds {replay.oldest} onwards", replay.oldest
+                gapped, f"events after {since} may be missing from the history; it holds {replay.oldest} onwards",
+                replay.oldest,
             )
-        elif replay.lost:
-            self._send_loss_gaps(subs, since, replay.lost, replay.oldest)
+        if replay.lost:
+            told = {id(sub) for sub in gapped}
+            self._send_loss_gaps([sub for sub in subs if id(sub) not in told], since, replay.lost, replay.oldest)
+        return gapped
 
     @property
     def _replay_piece(self) -> int:
@@ -1129,7 +1139,7 @@ class Connection(WSListener):
             tail = ws.history.since(last)
             lost = frozenset(src for src in tail.lost if ws.history.losses[src] != told.get(src))
             told.update(ws.history.losses)
-            self._notify_gaps(live, last, Replay(tail.gap, tail.oldest, tail.entries, lost))
+            self._notify_gaps(live, last, Replay(tail.gap, tail.oldest, tail.entries, lost, tail.scoped))
             entries = tail.entries
             scan = _REPLAY_SCAN if entries and entries[0].seq <= began else None
             done = self._push_piece(view, entries, 0, scan)

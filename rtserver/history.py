@@ -7,7 +7,9 @@ not an encode. The ring is bounded by count, age and bytes.
 
 `floor` is the highest position this history cannot vouch for: the last evicted event, or,
 for a fresh history, the clock at creation (anything before it happened before this process
-knew the workspace). A reader at position `since < floor` may have missed events: a gap.
+knew the workspace). A reader at position `since < floor` may have missed events: a gap, on
+the channels whose events were evicted after `since` (gap_for), or on all of them when the
+floor is not an eviction's.
 """
 
 from __future__ import annotations
@@ -54,10 +56,23 @@ class HistoryEntry:
 
 @dataclass
 class Replay:
-    gap: bool
+    gap: bool  # some event after `since` may be missing (on some channel: gap_for says which)
     oldest: int  # the first position the history can replay from
     entries: list[HistoryEntry]
     lost: frozenset[str] = frozenset()  # sources that reported lost changes after `since`
+    # A channel's gap (History.gap_for) when `gap` holds; None: every channel's.
+    scoped: Callable[[str, str], bool] | None = None
+
+    def gap_for(self, source: str, entity: str) -> bool:
+        """Whether an event of channel (source, entity) (entity "*": any of the source's) after
+        `since` may be missing."""
+        return self.gap and (self.scoped is None or self.scoped(source, entity))
+
+
+# Channels whose latest evicted event a history remembers; past it, the channel evicted the
+# longest ago is forgotten and its position counts for every channel (a gap for all readers
+# from before it, as when nothing was remembered per channel).
+MAX_EVICTED_CHANNELS = 1024
 
 
 class NodeBudget:
@@ -112,7 +127,13 @@ class History:
         self._bytes = 0
         self.level = 0  # where the budget files it (NodeBudget.place): its bytes' bit length
         self.last_seq = 0
-        self.floor = now_us()
+        # `floor` (a property) is the highest of these: `_unscoped`, the positions it cannot
+        # vouch for on any channel (before it existed, a loss of the stream), and the last
+        # evicted event of each channel (source, entity) and of each source, so that a reader of
+        # a channel whose own events were all kept gets no history_gap for others' evictions.
+        self._floor = self._unscoped = now_us()
+        self._evicted: dict[tuple[str, str], int] = {}  # by recency: the least recent first
+        self._evicted_sources: dict[str, int] = {}
         # Source kind -> the position of its latest reported loss (a replication slot lost, a
         # change that could not be converted, ...): a reader from before it may have missed
         # that source's changes, though every retained event is still here.
@@ -127,6 +148,29 @@ class History:
         return len(self._entries)
 
     @property
+    def floor(self) -> int:
+        """The highest position this history cannot vouch for (module docstring)."""
+        return self._floor
+
+    @floor.setter
+    def floor(self, position: int) -> None:
+        """This history cannot vouch for any event up to `position`, of any channel."""
+        self._floor = self._unscoped = position
+        self._evicted.clear()
+        self._evicted_sources.clear()
+
+    def gap_for(self, since: int, source: str, entity: str) -> bool:
+        """Whether an event of channel (source, entity) (entity "*": any of the source's) after
+        `since` may be missing from this history."""
+        if since >= self._floor:
+            return False
+        if since < self._unscoped:
+            return True
+        if entity == "*":
+            return since < self._evicted_sources.get(source, 0)
+        return since < self._evicted.get((source, entity), 0)
+
+    @property
     def bytes(self) -> int:
         return self._bytes
 
@@ -137,13 +181,13 @@ class History:
         resumes from it); on a Kafka node, at least how far the node has read the workspace's
         partition: else a quiet workspace kept the position where the node started, and a client
         moving to another node asked `since` it (a long read-back, or a history_gap, for nothing)."""
-        position = max(self.last_seq, self.floor)
+        position = max(self.last_seq, self._floor)
         if self.reached is not None:
             return max(position, self.reached())
         return position
 
     def next_seq(self) -> int:
-        seq = max(self.last_seq + 1, self.floor + 1, now_us())
+        seq = max(self.last_seq + 1, self._floor + 1, now_us())
         self.last_seq = seq
         return seq
 
@@ -189,7 +233,17 @@ class History:
         size = old.size
         self._bytes -= size
         self.budget.bytes -= size
-        self.floor = old.seq
+        seq = self._floor = old.seq
+        event = old.event
+        key = (event.source, event.entity)
+        evicted = self._evicted
+        if evicted.pop(key, None) is None and len(evicted) >= MAX_EVICTED_CHANNELS:
+            # Forgotten: its position now counts for every channel (the least recent is lowest).
+            forgotten = evicted.pop(next(iter(evicted)))
+            if forgotten > self._unscoped:
+                self._unscoped = forgotten
+        evicted[key] = seq
+        self._evicted_sources[event.source] = seq
 
     def evict_oldest(self) -> None:
         """Drop the oldest retained event (for the node bound): a reader from before it now
@@ -216,13 +270,14 @@ class History:
         """The retained entries after `since`, whether some may be missing before them, and
         which sources reported a loss after it."""
         self.expire()
-        gap = since < self.floor
+        gap = since < self._floor
+        scoped = (lambda source, entity: self.gap_for(since, source, entity)) if gap else None
         lost = frozenset(src for src, at in self.losses.items() if since < at) if self.losses else frozenset()
         entries = self._entries
         if not entries or entries[-1].seq <= since:
-            return Replay(gap, self.oldest(), [], lost)
+            return Replay(gap, self.oldest(), [], lost, scoped)
         if entries[0].seq > since:
-            return Replay(gap, self.oldest(), list(entries), lost)
+            return Replay(gap, self.oldest(), list(entries), lost, scoped)
         # Binary search on the deque's seq order (an index walks the deque's blocks from the
         # nearer end: a few thousand steps at most, ~20 times).
         lo, hi = 0, len(entries)
@@ -237,7 +292,7 @@ class History:
         # held the loop ~0.4 s, and a paced replay does this at each of its pieces).
         tail = list(islice(reversed(entries), len(entries) - lo))
         tail.reverse()
-        return Replay(gap, self.oldest(), tail, lost)
+        return Replay(gap, self.oldest(), tail, lost, scoped)
 
     def __iter__(self) -> Iterator[HistoryEntry]:
         return iter(self._entries)

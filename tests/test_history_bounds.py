@@ -75,6 +75,66 @@ async def test_a_history_of_no_events_delivers_live_and_reports_every_miss(gatew
         await c.no_message(0.5)
 
 
+async def test_a_gap_is_told_on_the_channels_whose_events_were_evicted(gateway_factory):
+    """PROTOCOL.md §7: history_gap when an event after `since` *may* have existed that the history
+    no longer holds. A busy topic's evictions gave it to every channel's reader, a quiet topic's
+    too, whose own events were all kept: its client reloaded for nothing. Wildcards, and the
+    quiet topic's reader from before its own evicted event, still get it."""
+    gw = await gateway_factory(env={"RT_HISTORY_EVENTS": "5"})
+    first_quiet = (await gw.publish("w1", "quiet", {"i": 0}))["seq"]
+    quiet = (await gw.publish("w1", "quiet", {"i": 1}))["seq"]
+    busy = [(await gw.publish("w1", "busy", {"i": i}))["seq"] for i in range(10)]  # 5 kept: busy[5:]
+    gw_token = gw.token("w1")
+
+    async def subscribe(channel: str, since: int) -> tuple[list[int], list[dict]]:
+        async with ws_connect(gw, "w1", token=gw_token) as c:
+            await c.send({"type": "subscribe", "channel": channel, "since": since})
+            await c.recv_type("subscribed")
+            seqs, gaps = [], []
+            while True:
+                try:
+                    msg = await c.recv(timeout=0.5)
+                except TimeoutError:
+                    return seqs, gaps
+                if msg["type"] == "event":
+                    seqs.append(msg["seq"])
+                else:
+                    gaps.append(msg)
+
+    # Nothing of events:quiet evicted after `quiet` (the history holds busy[5:] only): no gap,
+    # where every channel got one. Nor of a topic that never had an event.
+    assert await subscribe("events:quiet", quiet) == ([], [])
+    assert await subscribe("events:other", first_quiet) == ([], [])
+    # The reader from before quiet's own evicted event, busy's from before busy[4], and the
+    # wildcard's (any of the source's evictions) get it.
+    seqs, gaps = await subscribe("events:quiet", first_quiet)
+    assert seqs == [] and [(g["code"], g["channel"]) for g in gaps] == [(4011, "events:quiet")], gaps
+    seqs, gaps = await subscribe("events:busy", busy[3])
+    assert seqs == busy[5:] and [g["code"] for g in gaps] == [4011], gaps
+    seqs, gaps = await subscribe("events:*", quiet)
+    assert seqs == busy[5:] and [g["code"] for g in gaps] == [4011], gaps
+    assert await subscribe("events:busy", busy[4]) == (busy[5:], [])
+
+
+def test_a_history_remembers_a_bounded_number_of_evicted_channels():
+    """Past MAX_EVICTED_CHANNELS the channel evicted the longest ago is forgotten, and its
+    position counts for every channel: a gap told too often, never one missed."""
+    from rtcore.event import Event
+    from rtserver.history import MAX_EVICTED_CHANNELS, History
+
+    h = History("w1", max_events=1, max_seconds=3600, max_bytes=1 << 30)
+    body = b'{"type":"event","channel":"events:t"}'
+    seqs = [h.append(Event("w1", "events", f"t{i}", "PUBLISH", {}, body)).seq
+            for i in range(MAX_EVICTED_CHANNELS + 3)]
+    # t0 and t1 were forgotten: before t1's eviction, every channel may miss events.
+    assert h.gap_for(seqs[1] - 1, "events", "never-evicted") and h.gap_for(seqs[1] - 1, "postgres", "*")
+    assert not h.gap_for(seqs[1], "events", "never-evicted") and not h.gap_for(seqs[1], "postgres", "*")
+    # Those remembered: a gap from before their own eviction only.
+    assert h.gap_for(seqs[1], "events", "t2") and not h.gap_for(seqs[2], "events", "t2")
+    assert h.gap_for(seqs[2], "events", "t5") and not h.gap_for(seqs[5], "events", "t5")
+    assert h.gap_for(seqs[2], "events", "*") and not h.gap_for(seqs[-2], "events", "*")
+
+
 def test_node_bound_shares_out_max_min_fairly():
     """In process: each trim takes the oldest event of the history retaining the most, so the
     workspaces under their fair share keep everything and the node bound stays exact."""
