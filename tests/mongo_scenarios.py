@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import re
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -397,9 +398,18 @@ async def check_channel(env: Env) -> None:
                     raise AssertionError(f"{bad!r} accepted")
                 except ChannelUnavailable as exc:
                     assert "mongo:" in str(exc)
+            # Created just after a listing (the refusals above): the check waits for the next
+            # one (0.5 s apart at most) instead of refusing a collection that exists.
             await db.later.insert_one({"_id": 1})
-            await asyncio.sleep(0.6)
             assert await source.check_channel("w1", "later") == "later"
+            before = time.monotonic()
+            for bad in ("nosuch1", "nosuch2", "nosuch3"):  # a listing per 0.5 s, however many ask
+                try:
+                    await source.check_channel("w1", bad)
+                    raise AssertionError(f"{bad!r} accepted")
+                except ChannelUnavailable:
+                    pass
+            assert time.monotonic() - before >= 1.0
         async with running(env, allow_unknown_collections=True) as source:
             assert await source.check_channel("w1", "notyet") == "notyet"
 

@@ -276,8 +276,11 @@ def test_a_mongodb_url_whose_database_has_a_dot_is_refused_at_start(tmp_path):
     the feed read `app.orders`, which MongoDB and the driver refuse (InvalidName): the URL was
     accepted, then the node stayed not ready for good and every `mongo:` subscribe got 4010."""
     env = {"RT_STATE_DIR": str(tmp_path)}
+    with pytest.raises(ConfigError) as internal:  # the URL's database: no workspace to name ("of workspace )")
+        load(environ={**env, "RT_MONGO_URL": "mongodb://db/admin"})
+    assert "MongoDB database 'admin' is internal to MongoDB" in str(internal.value), str(internal.value)
     for url in ("mongodb://db/app.orders", "mongodb://db/app%2Eorders?replicaSet=rs0"):
-        with pytest.raises(ConfigError, match=r"mongo.url .*: MongoDB database 'app.orders' .* cannot contain '\.'"):
+        with pytest.raises(ConfigError, match=r"mongo.url .*: MongoDB database 'app.orders' cannot contain '\.'"):
             load(environ={**env, "RT_MONGO_URL": url})
     cfg_file = tmp_path / "ws.toml"
     cfg_file.write_text("[workspaces.a]\nmongo_url = 'mongodb://db/app.orders'\n")

@@ -122,15 +122,17 @@ def database_problem(url: str, workspace: str) -> str:
     `admin`, `config` or `local`), which no change stream reads: its feed would fail at every
     attempt, the node not ready for good."""
     name = database_for(url, workspace)
+    # The URL's own database is every workspace's: checked at start without one ("").
+    of = f" (of workspace {workspace})" if workspace else ""
     if len(name.encode()) > MAX_DATABASE_NAME:
-        return (f"MongoDB database {name!r} (of workspace {workspace}) is longer than MongoDB takes "
+        return (f"MongoDB database {name!r}{of} is longer than MongoDB takes "
                 f"({MAX_DATABASE_NAME} bytes): name a database in the MongoDB URL")
     forbidden = next((c for c in DATABASE_NAME_FORBIDDEN if c in name), None)
     if forbidden is not None:
-        return (f"MongoDB database {name!r} (of workspace {workspace}) cannot contain {forbidden!r}: the MongoDB "
+        return (f"MongoDB database {name!r}{of} cannot contain {forbidden!r}: the MongoDB "
                 "URL's path names the database only (mongodb://host/app, not app.collection)")
     if name in INTERNAL_DATABASES:
-        return (f"MongoDB database {name!r} (of workspace {workspace}) is internal to MongoDB, which opens no "
+        return (f"MongoDB database {name!r}{of} is internal to MongoDB, which opens no "
                 "change stream on it: name another database in the MongoDB URL")
     return ""
 
@@ -301,6 +303,9 @@ async def close_client(client: AsyncMongoClient[Any], database: str) -> None:
             await client._topology.close()  # stop the driver's monitors all the same
 
 
+_MIN_RELIST = 0.5  # seconds between two listings of a database's collections for missing names
+
+
 class Collections:
     """The collections of one database as listCollections shows them (name -> type), listed when
     a subscribe asks and kept `ttl` seconds: what a `mongo:{collection}` channel is checked
@@ -337,12 +342,18 @@ class Collections:
         return entity
 
     async def _listed(self, refresh_if_missing: str) -> dict[str, str]:
-        fresh = time.monotonic() - self._at < self._ttl
-        # A collection created since the last listing should not wait out the TTL: list again
-        # when the name is missing, but at most every 0.5 s.
-        recent = time.monotonic() - self._at < 0.5
-        if fresh and (refresh_if_missing in self._names or recent):
+        asked = time.monotonic()
+        age = asked - self._at
+        if age < self._ttl and refresh_if_missing in self._names:
             return self._names
+        # A collection created since the last listing should not wait out the TTL: list again
+        # when the name is missing, but at most every 0.5 s. Within that, the check waits for
+        # the next listing: it was refused (4010 "no collection") for up to 0.5 s after the
+        # collection had been created, whenever another subscribe had listed just before.
+        if age < _MIN_RELIST:
+            await asyncio.sleep(_MIN_RELIST - age)
+            if self._at >= asked:  # listed meanwhile, after the question
+                return self._names
         client = self._client()
         if client is None:
             raise ChannelUnavailable(f"mongo:{refresh_if_missing}: mongo source for {self.database!r} is not started")
@@ -365,6 +376,7 @@ class Collections:
 
     async def _relist(self, client: AsyncMongoClient) -> dict[str, str]:
         forgotten = self._forgotten
+        started = time.monotonic()
         try:
             # Bounded: an unreachable server would hold the subscribe for the driver's
             # 30 s server selection.
@@ -374,7 +386,7 @@ class Collections:
                 self._listing = None  # the next check after this one lists again
         if forgotten == self._forgotten:
             self._names = names
-            self._at = time.monotonic()
+            self._at = started  # what it shows was there when it began
         return names
 
     async def _list(self, client: AsyncMongoClient) -> dict[str, str]:
