@@ -111,12 +111,17 @@ async def test_gateway_killed_mid_stream_nothing_lost_nothing_duplicated(pg_gate
     async with ws_connect(gw, "w1", token=gw.token("w1")) as c:
         await _subscribe(c, "postgres:products", since=first["seq"])
         await db.execute("INSERT INTO products VALUES (3, 'c', 'x', 3)")
-        seen = []
+        seen, got = [], []
         while len(seen) < 2:
-            ev = await c.recv(timeout=10)
+            try:
+                ev = await c.recv(timeout=10)
+            except TimeoutError:  # say what came (it failed once, in a loaded run, with nothing said)
+                _, ready = await gw.get("/readyz")
+                raise AssertionError(f"no message for 10 s after {got}; /readyz: {ready.decode()}") from None
+            got.append(ev)
             if ev["type"] == "event":
                 seen.append(ev["record"]["id"])
-        assert seen == [2, 3]
+        assert seen == [2, 3], got
 
 
 async def test_transitions_enter_and_leave(pg_gateway):
