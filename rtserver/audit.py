@@ -287,11 +287,11 @@ class KafkaAudit(Audit):
         if self._flush_task is not None:
             await asyncio.gather(self._flush_task, return_exceptions=True)
         try:
-            kept, error = await loop.run_in_executor(self._io, self._put_back, self._pending_seg, head, tail)
+            kept, error, dropped = await loop.run_in_executor(self._io, self._put_back, self._pending_seg, head, tail)
             self._pending_seg = None
-            if kept < len(head) + len(tail):
+            if kept < len(head) + len(tail) or dropped:
                 why = f"spool write failed at shutdown: {error}" if error else "spool full at shutdown"
-                self._lose(len(head) + len(tail) - kept, why)
+                self._lose(len(head) + len(tail) - kept + dropped, why)
             if kept:
                 ops_log.warning(
                     "audit: %d records not delivered to Kafka before shutdown; kept in the spool (%d records)",
@@ -597,11 +597,13 @@ class KafkaAudit(Audit):
             )
         self._connected = connected
 
-    def _put_back(self, pending_seg: int | None, head: list[bytes], tail: list[bytes]) -> tuple[int, OSError | None]:
+    def _put_back(self, pending_seg: int | None, head: list[bytes],
+                  tail: list[bytes]) -> tuple[int, OSError | None, int]:
         """At shutdown (spool thread): undelivered head in front, memory at the end, then sync
-        and unlock. Returns how many records the spool keeps, and the error of a write the
-        disk refused (what was written before it is kept all the same)."""
-        kept = 0
+        and unlock. Returns how many of `head` and `tail` the spool keeps, the error of a write
+        the disk refused (what was written before it is kept all the same), and how many
+        spooled records were dropped to make room for `head`."""
+        kept = dropped = 0
         try:
             if pending_seg is not None:
                 # `head` is that segment's undelivered remainder, and it is the oldest segment.
@@ -609,16 +611,20 @@ class KafkaAudit(Audit):
                 kept = len(head)
                 self._spool.replace(pending_seg, head)
             else:
+                # The oldest records of the outage (in flight when Kafka went) go in front: with
+                # the spool full they were the ones lost, and the trail kept a hole at its start
+                # while newer records stayed. The newest spooled ones make room instead.
+                dropped = self._spool.drop_newest(sum(len(line) + 1 for line in head))
                 kept = self._spool.prepend(head)
             kept += self._spool.append(tail)
         except OSError as exc:
-            return kept + accepted_before(exc), exc
+            return kept + accepted_before(exc), exc, dropped
         finally:
             try:
                 self._spool.close()
             except OSError as exc:  # the sync: what was written may not be on disk
                 ops_log.error("audit spool not synced at shutdown: %s", exc, extra={"fields": {"spool": self._spool.directory}})
-        return kept, None
+        return kept, None, dropped
 
 
 def create_audit(cfg, node: str) -> Audit:

@@ -151,6 +151,33 @@ class Spool:
             self.bytes += total
         return len(keep)
 
+    def drop_newest(self, nbytes: int) -> int:
+        """Drop records from the newest end until `nbytes` more fit the bound (for records older
+        than all of them, put in front at shutdown: the trail keeps its oldest part whole);
+        returns how many were dropped."""
+        dropped = 0
+        while self._segments and self.bytes + nbytes > self.max_bytes:
+            sid = max(self._segments)
+            if sid == self._write_id:
+                self.seal()
+            count, size = self._segments[sid]
+            excess = self.bytes + nbytes - self.max_bytes
+            if size <= excess:
+                self.delete(sid)
+                dropped += count
+                continue
+            with open(self._path(sid), "rb") as fh:
+                lines = [line for line in fh.read().split(b"\n") if line]
+            kept, total = [], 0
+            for line in lines:
+                if total + len(line) + 1 > size - excess:
+                    break
+                kept.append(line)
+                total += len(line) + 1
+            dropped += len(lines) - len(kept)
+            self.replace(sid, kept)
+        return dropped
+
     def seal(self, sync: bool = False) -> None:
         """Close the segment being appended to; the next append starts a new one."""
         if self._write_fh is not None:

@@ -294,6 +294,27 @@ async def test_spool_keeps_order_across_reopen_and_refuses_a_second_owner(tmp_pa
     reopened.close()
 
 
+def test_a_full_spool_keeps_the_oldest_records_put_back_at_shutdown(tmp_path):
+    """At shutdown the records in flight when Kafka went (the oldest of the outage) go in front
+    of the spool. With the spool full they were the ones lost, while newer spooled records
+    stayed: the trail had a hole at its start. The newest make room instead."""
+    spool = Spool(str(tmp_path / "spool"), max_bytes=2_000, segment_bytes=1024)
+    spool.open()
+    line = lambda n: json.dumps({"n": n, "pad": "x" * 30}).encode()  # noqa: E731 - 48 bytes a line
+    spooled = [line(n) for n in range(10, 60)]
+    kept = spool.append(spooled)
+    assert 0 < kept < len(spooled) and spool.bytes + len(line(0)) + 1 > spool.max_bytes  # full
+    head = [line(n) for n in range(3)]
+    assert spool.drop_newest(sum(len(x) + 1 for x in head)) == 3
+    assert spool.prepend(head) == 3 and spool.bytes <= spool.max_bytes
+    out = []
+    while (got := spool.read_oldest()) is not None:
+        out.extend(json.loads(x)["n"] for x in got[1])
+        spool.delete(got[0])
+    assert out == [0, 1, 2] + list(range(10, 10 + kept - 3))  # the oldest, whole; the newest dropped
+    spool.close()
+
+
 def test_create_audit_picks_the_backend(tmp_path):
     env = {"RT_STATE_DIR": str(tmp_path)}
     audit = create_audit(config.load(environ=env), "node-x")
