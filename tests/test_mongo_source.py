@@ -231,6 +231,9 @@ async def test_a_token_file_whose_token_is_not_bson_is_reported_and_the_feed_sta
         bodies = await sc.settle(env, 1)
     assert [b["document"]["_id"] for b in bodies] == [1]
     assert "mongo resume token file unreadable, starting from now" in caplog.text
+    # Where the last run got to is not known: the subscribers are told (it was silent).
+    assert [(w, s) for w, s, _ in env.sink.gaps] == [("w1", "mongo")]
+    assert "resume token" in env.sink.gaps[0][2] and "unreadable" in env.sink.gaps[0][2]
 
 
 async def test_stop_returns_when_the_resume_token_cannot_be_written(env, tmp_path, caplog):

@@ -151,6 +151,7 @@ class ResumeTokenStore:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._failing = asyncio.Event()  # set while the last write failed (the writer retries)
+        self.unreadable = False  # the file was there, but held no token that could be read
 
     async def load(self) -> tuple[dict[str, Any] | None, bool]:
         """(token, whether to resume with startAfter: the token is an invalidate event's)."""
@@ -178,6 +179,7 @@ class ResumeTokenStore:
         except (OSError, ValueError, KeyError, TypeError, AttributeError, InvalidBSON) as exc:
             log.error("mongo resume token file unreadable, starting from now",
                       extra={"fields": {"path": self.path, "error": str(exc)}})
+            self.unreadable = True
             return None
 
     def _take_over_legacy(self) -> None:
@@ -600,6 +602,11 @@ class MongoSource:
             self._start_after = token
         else:
             self._token = token
+        if self._tokens.unreadable:
+            # Where the last run got to is not known: its last changes may never be read. Told
+            # as a lost history is, once the stream from now is open (_stream); it was silent.
+            self._gap_reason = (f"MongoDB resume token of database {self.database!r} unreadable: changes made "
+                                "before this start may be missing")
         if token is not None:
             log.info("mongo source resuming", extra={"fields": {"database": self.database, "url": redact(self.url)}})
         delay = FIRST_RETRY
