@@ -68,11 +68,16 @@ def valid_table_name(name: str) -> bool:
     return 0 < _utf8_size(name) <= 63 and _NAME_RE.match(name) is not None
 
 
+def qualified_tables(tables: list[str]) -> set[str]:
+    """postgres.tables as schema.table names (a bare name is of schema public)."""
+    return {t if "." in t else f"public.{t}" for t in tables}
+
+
 def unconfigured_table(schemas: list[str], tables: list[str], schema: str, name: str) -> str:
     """Why a PostgreSQL source configured with these postgres.schemas and postgres.tables
     leaves schema.name out ("" when it asks for it): a question of configuration alone."""
     if tables:
-        if f"{schema}.{name}" in {t if "." in t else f"public.{t}" for t in tables}:
+        if f"{schema}.{name}" in qualified_tables(tables):
             return ""
         return f"it is not among postgres.tables ({', '.join(tables)})"
     if schema in schemas:

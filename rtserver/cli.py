@@ -140,12 +140,9 @@ def _check_config(cfg, command: str) -> int:
     error, exit 2."""
     import json
 
-    from rtserver.atomic_file import state_dir_problem
     from rtserver.config_check import report
 
-    problem = state_dir_problem(os.path.abspath(cfg.server.state_dir))
-    if problem is None and command == "serve":
-        problem = _tls_problem(cfg)
+    problem = _start_problem(cfg, command, make=False)
     if problem is not None:
         print(f"rtserver: configuration error: {cfg.explain(problem)}", file=sys.stderr)
         return 2
@@ -161,38 +158,36 @@ def _check_config(cfg, command: str) -> int:
     return 0
 
 
-def _tls_problem(cfg) -> str | None:
+def _start_problem(cfg, command: str, make: bool) -> str | None:
+    """What stops `command` (serve or ingest) at its start: the state directory (made when
+    `make`, as the start does; else only foreseen, as check-config does), and for serve the
+    TLS certificate and key. serve and ingest say it before their log begins, in check-config's
+    words: they said it after log lines, in other words, naming no origin."""
+    from rtserver.atomic_file import ensure_state_dir, state_dir_problem
     from rtserver.config_check import server_tls_context
 
+    state_dir = os.path.abspath(cfg.server.state_dir)
     try:
-        server_tls_context(cfg)
+        if make:
+            ensure_state_dir(state_dir)
+        elif (problem := state_dir_problem(state_dir)) is not None:
+            return problem
+        if command == "serve":
+            server_tls_context(cfg)
     except RuntimeError as exc:
         return str(exc)
     return None
 
 
-def _start_problem(cfg, command: str) -> str | None:
-    """What stops `command` (serve or ingest) before its log begins, as check-config says it:
-    the state directory (made here, as the start would), the TLS certificate and key. They
-    were said after log lines, in other words than check-config's, naming no origin."""
-    from rtserver.atomic_file import ensure_state_dir
-
-    try:
-        ensure_state_dir(os.path.abspath(cfg.server.state_dir))
-    except RuntimeError as exc:
-        return str(exc)
-    return _tls_problem(cfg) if command == "serve" else None
-
-
 def _ingest(cfg) -> int:
-    if (problem := _start_problem(cfg, "ingest")) is not None:
+    if (problem := _start_problem(cfg, "ingest", make=True)) is not None:
         print(f"rtserver ingest: configuration error: {cfg.explain(problem)}", file=sys.stderr)
         return 2
     return _run_loop(cfg, "rtserver.ingest", "run", "rtserver ingest")
 
 
 def _serve(cfg) -> int:
-    if (problem := _start_problem(cfg, "serve")) is not None:
+    if (problem := _start_problem(cfg, "serve", make=True)) is not None:
         print(f"rtserver: configuration error: {cfg.explain(problem)}", file=sys.stderr)
         return 2
     return _run_loop(cfg, "rtserver.app", "serve", "rtserver")

@@ -798,8 +798,9 @@ class RealtimeClient:
                     if positions is None and self.position_interval > 0:
                         positions = asyncio.create_task(self._ask_positions(ws))
                 elif kind == "subscribed":
-                    self._session_channels.add(_key_of(msg.get("channel")))
-                    sub = self._subs.get(_key_of(msg.get("channel")))
+                    key = _key_of(msg.get("channel"))
+                    self._session_channels.add(key)
+                    sub = self._subs.get(key)
                     if sub is not None and _answers(msg, sub.sent_id):
                         sub.acked = True
                         _settle(sub.waiters, None)
@@ -903,6 +904,7 @@ class RealtimeClient:
         if delay is None:
             return
         await asyncio.sleep(delay)
+        exp, _ = _token_times(token)
         retry = self.backoff_initial
         while True:
             self._refreshed_at = time.monotonic()
@@ -911,7 +913,6 @@ class RealtimeClient:
                 break
             # Tried again with the backoff while the token lasts: one failure of the token
             # service cost a disconnect (the 4001 at exp, then a reconnect).
-            exp, _ = _token_times(token)
             if exp is None or exp - time.time() <= retry:
                 return  # the gateway closes with 4001 at exp; we reconnect then
             await asyncio.sleep(retry)

@@ -897,7 +897,7 @@ class Connection(WSListener):
             return self._in_flight(since, self._replay_after_catching_up(subs, since, replaced))
         replay = ws.history.since(since)
         self._charge_replay(len(replay.entries))
-        if (replay.gap and any(replay.gap_for(sub.spec.source, sub.spec.entity) for sub in subs)
+        if (any(replay.gap_for(sub.spec.source, sub.spec.entity) for sub in subs)
                 and getattr(bus, "can_read_back", None) is not None and bus.can_read_back(ws.id, since)):
             # Some channel's events after `since` were evicted here; the topic still has them.
             for sub in subs:
@@ -1036,12 +1036,10 @@ class Connection(WSListener):
         limits.send_buffer_bytes and closed the connection with 1013 however fast the client
         read (a resume after a long disconnect in a busy workspace), again at every reconnect.
         Returns the awaitable that sends the rest, or None when all of it is queued."""
-        gapped = self._notify_gaps(subs, since, replay)
+        gapped, whole = self._notify_gaps(subs, since, replay)
         view = replay_viewer(subs, self._others(subs, replaced))
         self._replayed(gapped, replay.oldest - 1)
-        if len(gapped) < len(subs):
-            told = {id(sub) for sub in gapped}
-            self._replayed([sub for sub in subs if id(sub) not in told], since)
+        self._replayed(whole, since)
         entries = replay.entries
         done = self._push_piece(view, entries, 0)
         if done == len(entries):
@@ -1063,20 +1061,24 @@ class Connection(WSListener):
             if after < sub.start:
                 sub.start = after
 
-    def _notify_gaps(self, subs: list[Subscription], since: int, replay: Any) -> list[Subscription]:
+    def _notify_gaps(
+        self, subs: list[Subscription], since: int, replay: Any
+    ) -> tuple[list[Subscription], list[Subscription]]:
         """history_gap on the channels of `subs` that may miss events after `since` (the history
         evicted some of theirs, or cannot vouch for any channel), else on those whose source
-        reported a loss; returns the first."""
-        gapped = [sub for sub in subs if replay.gap_for(sub.spec.source, sub.spec.entity)] if replay.gap else []
+        reported a loss. Returns those of `subs` the history may miss events of, and the others."""
+        gapped: list[Subscription] = []
+        whole: list[Subscription] = []
+        for sub in subs:
+            (gapped if replay.gap_for(sub.spec.source, sub.spec.entity) else whole).append(sub)
         if gapped:
             self._send_gaps(
                 gapped, f"events after {since} may be missing from the history; it holds {replay.oldest} onwards",
                 replay.oldest,
             )
         if replay.lost:
-            told = {id(sub) for sub in gapped}
-            self._send_loss_gaps([sub for sub in subs if id(sub) not in told], since, replay.lost, replay.oldest)
-        return gapped
+            self._send_loss_gaps(whole, since, replay.lost, replay.oldest)
+        return gapped, whole
 
     @property
     def _replay_piece(self) -> int:

@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 import asyncpg
 import psycopg.conninfo
 
-from rtserver.channels import unconfigured_table, valid_table_name
+from rtserver.channels import qualified_tables, unconfigured_table, valid_table_name
 from rtserver.redact import redact
 from rtserver.sources.pg_stream import SESSION_SETTINGS
 
@@ -259,7 +259,7 @@ class Catalog:
                    OR (n.nspname || '.' || c.relname) = ANY($2::text[]))
             """,
             [] if self.tables else self.schemas,
-            [t if "." in t else f"public.{t}" for t in self.tables],
+            sorted(qualified_tables(self.tables)),
         )
         out = {}
         for r in rows:
@@ -423,8 +423,7 @@ class Catalog:
         created yet) is logged once, when it goes missing: it was left out without a word."""
         if not self.tables:
             return
-        named = {t if "." in t else f"public.{t}" for t in self.tables}
-        missing = named - {f"{schema}.{name}" for schema, name in found}
+        missing = qualified_tables(self.tables) - {f"{schema}.{name}" for schema, name in found}
         for t in sorted(missing - self._missing):
             log.warning(
                 "postgres.tables names %s, which is no table of this database: nothing is published for it "
