@@ -17,9 +17,9 @@ import msgspec
 from picows import WSUpgradeRequest
 
 from rtcore.event import Event
-from rtcore.messages import UNREADABLE_JSON, CustomEventBody, encode, unreadable_json
+from rtcore.messages import UNREADABLE_JSON, unreadable_json
 from rtcore.timefmt import iso_ms, now_ms
-from rtserver import http
+from rtserver import http, publish
 from rtserver.atomic_file import ensure_state_dir
 from rtserver.audit import create_audit
 from rtserver.auth import Authenticator, AuthError, load_or_create_dev_secret
@@ -35,6 +35,7 @@ from rtserver.history import now_us
 from rtserver.hub import Hub, in_turns
 from rtserver.known_workspaces import KnownWorkspaces
 from rtserver.metrics import SOURCE_COUNTS, Metrics, source_rows
+from rtserver.publish import CORRELATION_MAX, correlation_problem, custom_event
 from rtserver.redact import redact
 from rtserver.seq_reservation import SeqReservation, reservation_path
 from rtserver.sessions import EXPIRE_CHUNK, Sessions, drop_dump, encode_dump, read_dump, write_dump
@@ -47,28 +48,6 @@ log = logging.getLogger("rtserver.app")
 _json = msgspec.json.Encoder()
 _SWEEP_INTERVAL = 1.0
 _PREFETCH_WAIT = 1.0  # seconds the start waits for the JWKS prefetch before it listens anyway
-_CORRELATION_MAX = 128
-
-
-def _publish_refused(exc: BusUnavailable, workspace: str, topic: str, corr: str) -> tuple[int, bytes]:
-    if exc.status == 504:  # the outcome is unknown to the publisher: leave a trace of it
-        log.warning("publish not confirmed: %s", exc, extra={"fields": {
-            "workspace": workspace, "topic": topic, "correlation_id": corr}})
-    return exc.status, _err(str(exc))  # 503s are counted in rt_publish_requests_total
-
-
-def _publish_outcome(seq: asyncio.Future[int], workspace: str, topic: str, corr: str) -> tuple[int, bytes]:
-    """The answer to a publish once the bus confirmed it (or did not: BusUnavailable)."""
-    if seq.cancelled():
-        return 503, _err(f"the event's confirmation was cancelled; it may not be published (workspace {workspace})")
-    exc = seq.exception()
-    if isinstance(exc, BusUnavailable):
-        return _publish_refused(exc, workspace, topic, corr)
-    if exc is not None:
-        log.error("publish failed", exc_info=exc, extra={"fields": {
-            "workspace": workspace, "topic": topic, "correlation_id": corr}})
-        return 500, _err("internal error")
-    return 202, _json.encode({"seq": seq.result(), "correlationId": corr})
 
 
 class Gateway:
@@ -540,12 +519,16 @@ class Gateway:
         return ready, {"ready": ready, "draining": self.draining, "sources": sources, "audit": audit, "bus": bus}
 
     async def publish_http(
-        self, workspace: str, topic: str, headers: Mapping[str, str], body: bytes, remote: str
+        self, workspace: str, topic: str | None, headers: Mapping[str, str], body: bytes, remote: str
     ) -> tuple[int, bytes] | asyncio.Future[tuple[int, bytes]]:
         """The publish API's answer (status, body), or a future of it while the bus confirms
         the event (Kafka): the protocol goes on with the connection's next requests meanwhile
-        and answers in request order."""
-        out = await self._publish(workspace, topic, headers, body, remote)
+        and answers in request order. `topic` None: a batch of events (its body names their
+        topics)."""
+        if topic is None:
+            out = await self._publish_batch(workspace, headers, body)
+        else:
+            out = await self._publish(workspace, topic, headers, body, remote)
         if type(out) is tuple:
             self.metrics.publish_requests[out[0]] += 1
         else:
@@ -555,17 +538,18 @@ class Gateway:
     def _count_publish(self, answer: asyncio.Future[tuple[int, bytes]]) -> None:
         self.metrics.publish_requests[answer.result()[0]] += 1
 
-    async def _publish(
-        self, workspace: str, topic: str, headers: Mapping[str, str], body: bytes, remote: str
-    ) -> tuple[int, bytes]:
+    def _publish_closed(self, workspace: str) -> tuple[int, bytes] | None:
+        """The refusal of any publish to `workspace` before its token is read."""
         if self.draining:
             # Every subscriber has been closed with 1001 and the history ends with the process:
             # an event accepted now would reach no one. Refused, as a WebSocket upgrade is.
             return 503, _err("the gateway is shutting down; publish to another node, or again once it has restarted")
         if not WORKSPACE_ID_RE.match(workspace):
             return 404, _err(f"workspace id {workspace!r} must be 1-64 of [A-Za-z0-9_-]")
-        if not TOPIC_RE.match(topic):
-            return 400, _err(f"topic {topic!r} must be 1-128 of [A-Za-z0-9_.:-]")
+        return None
+
+    async def _publisher_refused(self, workspace: str, headers: Mapping[str, str]) -> tuple[int, bytes] | None:
+        """The refusal of a publisher's token (missing, invalid, no publish permission)."""
         token = http.bearer(headers)
         if token is None:
             return 401, _err("missing Authorization: Bearer token")
@@ -581,49 +565,115 @@ class Gateway:
         if not self.auth.may_publish(identity):
             return 403, _err(f"token does not grant publishing to workspace {workspace}: "
                              f"it needs {self.auth.publish_requirement()}")
+        return None
+
+    def _header_correlation(self, headers: Mapping[str, str]) -> str | None | tuple[int, bytes]:
+        """The request's X-Correlation-ID (None when absent), or its refusal."""
+        corr = _header_text(headers.get("x-correlation-id", "")).strip()
+        if not corr:
+            return None
+        if correlation_problem(corr):
+            return 400, _err(f"X-Correlation-ID must be 1-{CORRELATION_MAX} printable characters")
+        return corr
+
+    def _new_correlation(self) -> str:
+        # Unique without a uuid4 per event: a random per-process prefix and a counter.
+        return f"{self._corr_prefix}-{next(self._corr_counter):x}"
+
+    async def _publish(
+        self, workspace: str, topic: str, headers: Mapping[str, str], body: bytes, remote: str
+    ) -> tuple[int, bytes] | asyncio.Future[tuple[int, bytes]]:
+        closed = self._publish_closed(workspace)
+        if closed is not None:
+            return closed
+        if not TOPIC_RE.match(topic):
+            return 400, _err(f"topic {topic!r} must be 1-128 of [A-Za-z0-9_.:-]")
+        # Inline, the publisher's token known (the common case): this path is the publish
+        # API's cost per event.
+        token = http.bearer(headers)
+        identity = None if token is None else self.auth.known(token, workspace)
+        if identity is None or not self.auth.may_publish(identity):
+            refused = await self._publisher_refused(workspace, headers)
+            if refused is not None:
+                return refused
         if not body:
             return 400, _err("body must be a JSON value")
         try:
             payload = msgspec.json.decode(body)
         except (msgspec.DecodeError, *UNREADABLE_JSON) as exc:
             return 400, _err(f"body is not valid JSON: {unreadable_json(exc, body)}")
-        corr = _header_text(headers.get("x-correlation-id", "")).strip()
-        if not corr:
-            # Unique without a uuid4 per event: a random per-process prefix and a counter.
-            corr = f"{self._corr_prefix}-{next(self._corr_counter):x}"
-        elif len(corr) > _CORRELATION_MAX or not corr.isprintable():
-            # Refused rather than replaced: the publisher would look for its own id in vain.
-            return 400, _err(f"X-Correlation-ID must be 1-{_CORRELATION_MAX} printable characters")
-        channel = f"events:{topic}"
+        corr = None if "x-correlation-id" not in headers else self._header_correlation(headers)
+        if corr is None:
+            corr = self._new_correlation()
+        elif type(corr) is tuple:
+            return corr
         try:
-            event_body = encode(
-                CustomEventBody(
-                    channel=channel,
-                    operation="PUBLISH",
-                    topic=topic,
-                    payload=payload,
-                    timestamp=iso_ms(now_ms()),
-                    correlationId=corr,
-                )
-            )
+            event = custom_event(workspace, topic, payload, corr, iso_ms(now_ms()))
         except RecursionError as exc:
             # The payload nests one level inside the event, encoded a few calls deeper than it
             # was decoded: a body at the decoder's very limit decoded but could not be encoded
             # (it was a 500, the connection closed, an ERROR traceback). Refused as one nesting
             # deeper still is.
             return 400, _err(f"body is not valid JSON: {unreadable_json(exc)}")
-        event = Event(
-            workspace=workspace, source="events", entity=topic, operation="PUBLISH", record=payload, body=event_body
-        )
         try:
             seq = await self.bus.submit(event)
         except BusUnavailable as exc:
-            return _publish_refused(exc, workspace, topic, corr)
+            return publish.refused(exc, workspace, topic, corr)
         if type(seq) is int:
             return 202, _json.encode({"seq": seq, "correlationId": corr})
         answer: asyncio.Future[tuple[int, bytes]] = asyncio.get_running_loop().create_future()
-        seq.add_done_callback(lambda f: answer.set_result(_publish_outcome(f, workspace, topic, corr)))
+        seq.add_done_callback(lambda f: answer.set_result(publish.outcome(f, workspace, topic, corr)))
         return answer
+
+    async def _publish_batch(
+        self, workspace: str, headers: Mapping[str, str], body: bytes
+    ) -> tuple[int, bytes] | asyncio.Future[tuple[int, bytes]]:
+        """A batch's events are checked all before any is published: a 400 (or a bus's
+        refusal of one) publishes none of them."""
+        closed = self._publish_closed(workspace)
+        if closed is not None:
+            return closed
+        refused = await self._publisher_refused(workspace, headers)
+        if refused is not None:
+            return refused
+        try:
+            batch = publish.batch_decoder.decode(body)
+        except msgspec.ValidationError as exc:
+            return 400, _err(f"body is not a batch of events ({exc}): it must be {publish.BATCH_SHAPE}")
+        except (msgspec.DecodeError, *UNREADABLE_JSON) as exc:
+            why = unreadable_json(exc, body) if body else "the body is empty"
+            return 400, _err(f"body is not valid JSON: {why}; it must be {publish.BATCH_SHAPE}")
+        shared = self._header_correlation(headers)
+        if type(shared) is tuple:
+            return shared
+        timestamp = iso_ms(now_ms())
+        events: list[Event] = []
+        corrs: list[str] = []
+        for i, item in enumerate(batch.events):
+            topic = item.topic
+            if not TOPIC_RE.match(topic):
+                return 400, _err(f"events[{i}].topic {topic!r} must be 1-128 of [A-Za-z0-9_.:-]; "
+                                 "no event of the batch was published")
+            corr = item.correlationId
+            if corr is None:
+                corr = shared or self._new_correlation()
+            elif correlation_problem(corr):
+                return 400, _err(f"events[{i}].correlationId must be 1-{CORRELATION_MAX} printable characters; "
+                                 "no event of the batch was published")
+            try:
+                events.append(custom_event(workspace, topic, item.payload, corr, timestamp))
+            except RecursionError as exc:
+                return 400, _err(f"events[{i}].payload is not valid JSON: {unreadable_json(exc)}; "
+                                 "no event of the batch was published")
+            corrs.append(corr)
+        try:
+            seqs = await self.bus.submit_many(events)
+        except BusUnavailable as exc:
+            where = "" if exc.index is None else f"events[{exc.index}]: "
+            return exc.status, _err(f"{where}{exc}; no event of the batch was published")
+        if all(type(s) is int for s in seqs):
+            return publish.batch_answer(seqs, corrs)
+        return publish.batch_outcome(seqs, events, corrs)
 
     def _gauges(self) -> list[tuple[str, str, dict[str, Any], float]]:
         rows: list[tuple[str, str, dict[str, Any], float]] = [
@@ -700,8 +750,7 @@ def _header_text(value: str) -> str:
         return value
 
 
-def _err(message: str) -> bytes:
-    return _json.encode({"error": message})
+_err = publish.error_body
 
 
 def _mongo_database(url: str) -> str | None:

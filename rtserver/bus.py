@@ -28,6 +28,7 @@ class BusUnavailable(Exception):
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status = status
+        self.index: int | None = None  # the event of a batch refused (submit_many)
 
 
 class EventBus(Protocol):
@@ -41,6 +42,12 @@ class EventBus(Protocol):
         `event`'s place among this process's events is fixed (a later submit comes after it):
         its seq when it is already recorded, or a future of it (BusUnavailable for its
         exception). Raises BusUnavailable when the bus cannot take it now."""
+        ...
+
+    async def submit_many(self, events: list[Event]) -> list[int | asyncio.Future[int]]:
+        """`submit` of each event, in order, for a batch of the publish API; raises
+        BusUnavailable (its `index` naming the event) before sending any when one cannot be
+        carried."""
         ...
 
     def history_gap(self, workspace: str, source: str, reason: str) -> None:
@@ -80,6 +87,16 @@ class MemoryBus:
         return hub.deliver(event)
 
     submit = publish  # recorded once it returns
+
+    async def submit_many(self, events: list[Event]) -> list[int]:
+        hub = self.hub
+        seqs = []
+        for event in events:
+            # Paced as single events are: a batch does not push the backlog past its bound.
+            if hub.backlogged():
+                await hub.room(event.workspace)
+            seqs.append(hub.deliver(event))
+        return seqs
 
     def history_gap(self, workspace: str, source: str, reason: str) -> None:
         self.hub.history_gap(workspace, source, reason)

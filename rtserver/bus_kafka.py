@@ -678,13 +678,46 @@ class KafkaBus:
         once Kafka is back, unless the batch outlives the producer's request timeout, 120 s,
         while the partition has no leader), and the publisher is told so rather than kept
         waiting for the outage's length; the outcome is logged when it is known."""
-        from aiokafka.errors import KafkaError
+        self._check_available(event.workspace)
+        return await self._send(event.workspace, self._record(event))
 
-        pub = self.publisher
-        problem = pub.problem()
+    async def submit_many(self, events: list[Event]) -> list[asyncio.Future[int]]:
+        """submit of each event in order, checked before any is sent: an event that cannot be
+        carried refuses the whole batch (BusUnavailable naming it, `index`). Once some are
+        sent, an event that cannot be sent has its future fail (503), and so have the
+        events after it, which are not sent (a publisher retrying them keeps their order)."""
+        if not events:
+            return []
+        self._check_available(events[0].workspace)
+        values = []
+        for i, event in enumerate(events):
+            try:
+                values.append(self._record(event))
+            except BusUnavailable as exc:
+                exc.index = i
+                raise
+        out: list[asyncio.Future[int]] = []
+        for i, (event, value) in enumerate(zip(events, values, strict=True)):
+            try:
+                out.append(await self._send(event.workspace, value))
+            except BusUnavailable as exc:
+                loop = asyncio.get_running_loop()
+                for j in range(i, len(events)):
+                    failed: asyncio.Future[int] = loop.create_future()
+                    failed.set_exception(exc if j == i else BusUnavailable(
+                        503, f"not sent: events[{i}] before it could not be sent (a retry is safe)"))
+                    out.append(failed)
+                break
+        return out
+
+    def _check_available(self, workspace: str) -> None:
+        problem = self.publisher.problem()
         if problem:
             raise BusUnavailable(503, f"event bus unavailable ({problem}); the event was not published "
-                                      f"(workspace {event.workspace}, bus topic {self.topic})")
+                                      f"(workspace {workspace}, bus topic {self.topic})")
+
+    def _record(self, event: Event) -> bytes:
+        """`event`'s bus record; BusUnavailable 400 or 413 when the bus cannot carry it."""
         try:
             value = encode_event(event)
         except RecursionError:
@@ -693,23 +726,30 @@ class KafkaBus:
             # traceback): refused as one nesting deeper still is.
             raise BusUnavailable(400, "body is not valid JSON: JSON nests too deeply for the event bus; the "
                                       f"event was not published (workspace {event.workspace})") from None
-        if len(value) > pub.max_record:
+        max_record = self.publisher.max_record
+        if len(value) > max_record:
             # Kafka would refuse it at every retry: a 503 (retry-safe) had its publisher repeat
             # it forever, each refusal also costing a new producer (_renew).
             raise BusUnavailable(413, f"payload too large for the event bus: its record is {len(value)} bytes, the "
-                                      f"events topic takes {pub.max_record} (bus.max_record_bytes, or the topic's "
+                                      f"events topic takes {max_record} (bus.max_record_bytes, or the topic's "
                                       f"max.message.bytes when smaller); the event was not published (workspace "
                                       f"{event.workspace}, bus topic {self.topic})")
+        return value
+
+    async def _send(self, workspace: str, value: bytes) -> asyncio.Future[int]:
+        from aiokafka.errors import KafkaError
+
+        pub = self.publisher
         try:
             # Usually in the batch at once; otherwise waiting for room (or a new producer).
             # Cancelling send() (buffer full while Kafka is away) drops the record: not sent.
-            finished, ack = run_now(pub.enqueue(event.workspace, value))
+            finished, ack = run_now(pub.enqueue(workspace, value))
             if not finished:
                 ack = await asyncio.wait_for(ack, pub.timeout)
         except (TimeoutError, KafkaError) as exc:
             raise BusUnavailable(503, f"event bus unavailable ({type(exc).__name__}: {exc}); the event was "
-                                      f"not published (workspace {event.workspace}, bus topic {self.topic})") from exc
-        return _confirmation(ack, pub.timeout, event.workspace, self.topic)
+                                      f"not published (workspace {workspace}, bus topic {self.topic})") from exc
+        return _confirmation(ack, pub.timeout, workspace, self.topic)
 
     def history_gap(self, workspace: str, source: str, reason: str) -> None:
         task = asyncio.ensure_future(self.publisher.publish_gap(workspace, source, reason))

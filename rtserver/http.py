@@ -38,7 +38,8 @@ _LINGER_SECONDS = 2.0
 
 CONNECT_RE = re.compile(r"^/workspaces/([^/]+)/realtime/connect/?$")
 # The topic may be empty here: the publish API refuses it as malformed (400), not as unknown.
-PUBLISH_RE = re.compile(r"^/workspaces/([^/]+)/realtime/events/([^/]*)/?$")
+# Without the topic's segment (group 2 None): a batch of events, its topics in the body.
+PUBLISH_RE = re.compile(r"^/workspaces/([^/]+)/realtime/events(?:/([^/]*)/?)?$")
 
 # The start of HTTP/2's connection preface (RFC 9113 §3.4), which the parser refuses as malformed.
 _H2_PREFACE = b"PRI * HTTP/2.0\r\n"
@@ -249,7 +250,7 @@ class FrontProtocol(asyncio.Protocol):
         self._max_body = gw.cfg.limits.max_publish_bytes
         # The last publish URL of this connection, and its path and route match.
         self._publish_url: bytes | None = None
-        self._publish_route: tuple[str, tuple[str, str]] | None = None  # path, (workspace, topic)
+        self._publish_route: tuple[str, tuple[str, str | None]] | None = None  # path, (workspace, topic)
         self._peer: str | None = None
         self._in_body = False  # the current request's headers are complete
         self._linger = False  # closing after a refusal (_refuse): see _close
@@ -716,7 +717,7 @@ class FrontProtocol(asyncio.Protocol):
         # A draining gateway closes each connection after its answer: the peer's next request
         # connects anew, to a node that serves (the listener is closed already).
         keep_alive = keep_alive and not self.gw.draining
-        route: tuple[str, str] | None
+        route: tuple[str, str | None] | None
         if method == b"POST" and req.url == self._publish_url:
             # A publisher posts to the same URL request after request: parsed once.
             path, route = self._publish_route
@@ -733,7 +734,9 @@ class FrontProtocol(asyncio.Protocol):
                 # Segments are percent-decoded after the split (a client's encodeURIComponent
                 # turns the topic "orders:eu" into "orders%3Aeu"; an encoded "/" stays inside
                 # its segment, where the topic check refuses it).
-                route = (unquote(m.group(1), errors="replace"), unquote(m.group(2), errors="replace"))
+                topic = m.group(2)
+                route = (unquote(m.group(1), errors="replace"),
+                         None if topic is None else unquote(topic, errors="replace"))
                 self._publish_url, self._publish_route = req.url, (path, route)
         try:
             if route is not None:  # POST of a publish URL

@@ -305,6 +305,40 @@ async def pipelined_posts(port: int, token: str, path: str, payloads: list, time
         writer.close()
 
 
+async def test_a_batch_on_a_kafka_node_is_one_run_of_records_or_none(kafka_broker, tmp_path):
+    """A batch on a Kafka node: its events go to Kafka in order and are answered once Kafka
+    has them all, with consecutive seqs (one partition), every node's subscribers getting
+    them in that order. An event too large for the topic refuses the whole batch before any
+    record is sent (413 naming it)."""
+    from tests.test_churn import SECRET, Addr, _token
+
+    gw = await _node_in_process(kafka_broker, tmp_path, RT_BUS_MAX_RECORD_BYTES="65536")
+    token = _token(["w1"], "publisher", publish=True, secret=SECRET)
+    batch_path = "/workspaces/w1/realtime/events"
+    try:
+        async with ws_connect(Addr(gw), "w1", token=_token(["w1"], "u")) as c:
+            await c.send({"type": "subscribe", "channel": "events:*"})
+            await c.recv_type("subscribed")
+            items = [{"topic": "a" if i % 2 else "b", "payload": {"i": i}} for i in range(25)]
+            [(status, out)] = await pipelined_posts(gw.port, token, batch_path, [{"events": items}])
+            assert status == 202, out
+            seqs = [a["seq"] for a in out["events"]]
+            assert seqs == list(range(seqs[0], seqs[0] + 25)), seqs
+            got = [await c.recv_event(10) for _ in items]
+            assert [(e["seq"], e["topic"], e["payload"]) for e in got] == [
+                (s, item["topic"], item["payload"]) for s, item in zip(seqs, items, strict=True)]
+
+            sent = gw.bus.publisher.published
+            too_large = [items[0], {"topic": "a", "payload": "x" * 70000}, items[1]]
+            [(status, out)] = await pipelined_posts(gw.port, token, batch_path, [{"events": too_large}])
+            assert status == 413 and out["error"].startswith("events[1]: payload too large for the event bus"), out
+            assert "no event of the batch was published" in out["error"], out
+            assert gw.bus.publisher.published == sent
+            await c.no_message(0.5)
+    finally:
+        await gw.shutdown()
+
+
 async def test_kafka_outage_readiness_publish_answers_and_exactly_once_delivery(cluster, kafka_broker):
     """Kafka stops mid-stream for 25 s and comes back: the ingest and the nodes say so in
     /readyz and recover by themselves; a publish answers instead of waiting for the outage
@@ -318,12 +352,18 @@ async def test_kafka_outage_readiness_publish_answers_and_exactly_once_delivery(
 
     cluster.env["RT_BUS_PUBLISH_TIMEOUT"] = "2"
     PIPELINED = range(200, 205)  # noqa: N806 - a constant of this test
+    BATCHED = range(210, 213)  # noqa: N806 - a constant of this test
     ingest = await cluster.ingest()
     await ingest.wait_active()
     a, b, gone = await cluster.node(), await cluster.node(), await cluster.node()
 
     def post(gw, n: int):
         return gw.post("/workspaces/w1/realtime/events/x", json.dumps({"n": n}).encode(),
+                       {"Authorization": f"Bearer {gw.token('w1', publish=True)}"})
+
+    def post_batch(gw, numbers: range):
+        return gw.post("/workspaces/w1/realtime/events",
+                       json.dumps({"events": [{"topic": "x", "payload": {"n": n}} for n in numbers]}).encode(),
                        {"Authorization": f"Bearer {gw.token('w1', publish=True)}"})
 
     async with AsyncExitStack() as stack:
@@ -339,6 +379,8 @@ async def test_kafka_outage_readiness_publish_answers_and_exactly_once_delivery(
         racing_pipeline = asyncio.create_task(pipelined_posts(
             b.port, b.token("w1", publish=True), "/workspaces/w1/realtime/events/x",
             [{"n": n} for n in PIPELINED]))
+        # And a batch: each event's outcome in the answer (504 sent, unknown; 503 not sent).
+        racing_batch = asyncio.create_task(post_batch(a, BATCHED))
         # First (the ingest waits for Kafka after each transaction): more than the producer
         # batches for one partition, so it waits for room for the whole outage.
         async with cluster.db.transaction():
@@ -354,6 +396,9 @@ async def test_kafka_outage_readiness_publish_answers_and_exactly_once_delivery(
             await asyncio.sleep(0.2)
         status, body = await post(b, 101)  # a hang fails here (the harness waits 10 s)
         assert status == 503 and b"event bus unavailable" in body, (status, body)
+        status, body = await post_batch(b, range(220, 223))
+        assert status == 503 and b"event bus unavailable" in body, (status, body)
+        assert b"no event of the batch was published" in body, body
         try:
             async with ws_connect(a, "w1", token=a.token("w1")):
                 raise AssertionError("a new connection was accepted while the node cannot get events")
@@ -363,6 +408,13 @@ async def test_kafka_outage_readiness_publish_answers_and_exactly_once_delivery(
         assert raced in (503, 504), (raced, raced_body)
         pipeline = await racing_pipeline
         assert all(status in (503, 504) and "w1" in body["error"] for status, body in pipeline), pipeline
+        batch_status, batch_body = await racing_batch
+        batch_answer = json.loads(batch_body)
+        assert batch_status in (503, 504), (batch_status, batch_answer)
+        # Refused before any was sent (no per-event outcomes), or each event's own.
+        outcomes = [item["status"] for item in batch_answer.get("events", [])]
+        assert len(outcomes) in (0, len(BATCHED)) and set(outcomes) <= {503, 504}, batch_answer
+        assert batch_status == (504 if 504 in outcomes else 503), batch_answer
         assert await gone.stop() == 0 and "uncaught exception" not in gone.logs(), gone.logs()
         await asyncio.sleep(max(0.0, 25 - (time.monotonic() - down)))
         await kafka_broker.astart()
@@ -380,7 +432,8 @@ async def test_kafka_outage_readiness_publish_answers_and_exactly_once_delivery(
             # Those answered 504 may have been written: they came among the others, so as many
             # more are read (at most six).
             mine = got[clients.index(c)]
-            extra = sum(1 for e in mine if e["channel"] == "events:x" and (e["payload"]["n"] == 100 or e["payload"]["n"] in PIPELINED))
+            extra = sum(1 for e in mine if e["channel"] == "events:x" and (
+                e["payload"]["n"] == 100 or e["payload"]["n"] in PIPELINED or e["payload"]["n"] in BATCHED))
             if extra:
                 mine += await events(c, extra, timeout=30)
             await c.no_message(0.5)
@@ -395,7 +448,10 @@ async def test_kafka_outage_readiness_publish_answers_and_exactly_once_delivery(
     answered_504 = [200 + k for k, (status, _) in enumerate(pipeline) if status == 504]
     # the pipeline's events: only those answered 504, each at most once, in request order
     assert from_pipeline == sorted(set(from_pipeline)) and set(from_pipeline) <= set(answered_504), (published, pipeline)
-    published = [n for n in published if n not in PIPELINED]
+    from_batch = [n for n in published if n in BATCHED]
+    batch_504 = [210 + k for k, status in enumerate(outcomes) if status == 504]
+    assert from_batch == sorted(set(from_batch)) and set(from_batch) <= set(batch_504), (published, batch_answer)
+    published = [n for n in published if n not in PIPELINED and n not in BATCHED]
     assert published in (customs, [1, 2, 3, 100, 101, 307, 308]) and (100 not in published or raced == 504), published
 
 

@@ -225,9 +225,11 @@ class Runner:
             for lp in loads:
                 lp.send(op="reset")
             per_event = sc.matches_per_event()
-            pub_cfg: dict[str, Any] = {"role": "publisher", "publish": server.publish_spec(), "mode": sc.mode,
+            batch = sc.params.get("batch", 0)
+            spec = server.publish_spec(batch=batch) if batch else server.publish_spec()
+            pub_cfg: dict[str, Any] = {"role": "publisher", "publish": spec, "mode": sc.mode,
                                        "duration": sc.duration, "groups": sc.groups or 1, "window": sc.window,
-                                       "burst": sc.burst, "answer_wait": self.answer_wait}
+                                       "burst": sc.burst, "batch": batch, "answer_wait": self.answer_wait}
             if sc.mode == "paced":
                 pub_cfg["events_per_s"] = sc.rate / per_event
             c0 = server.counters()

@@ -63,6 +63,10 @@ def standard() -> list[Scenario]:
         # differ only in what the index does.
         Scenario("filtered-eq-10k", "fanout", clients=10000, groups=100, window=20, duration=5.0,
                  servers=("gateway",), params={"predicate": "eq"}),
+        # filtered-10k with the publisher sending its events 20 to a request of the batch
+        # endpoint (docs/protocol.md §8): what the per-request cost takes from the figure above.
+        Scenario("filtered-batch-10k", "fanout", clients=10000, groups=100, window=40, duration=5.0,
+                 servers=("gateway",), params={"batch": 20}),
         Scenario("paced-100k", "fanout", clients=1000, mode="paced", rate=100_000, duration=5.0, servers=ALL,
                  rounds=3),
         # 3 s: no baseline sustains this rate, and each takes as long again to drain its queue
@@ -87,6 +91,8 @@ def smoke() -> list[Scenario]:
         Scenario("filtered-200", "fanout", clients=200, groups=10, window=4, duration=0.7, servers=two),
         Scenario("filtered-eq-200", "fanout", clients=200, groups=10, window=4, duration=0.7, servers=("gateway",),
                  params={"predicate": "eq"}),
+        Scenario("filtered-batch-200", "fanout", clients=200, groups=10, window=8, duration=0.7, servers=("gateway",),
+                 params={"batch": 4}),
         Scenario("paced-5k", "fanout", clients=100, mode="paced", rate=5000, duration=0.7, servers=two),
         Scenario("bursty-50", "fanout", clients=100, mode="burst", burst=50, duration=0.7, servers=two),
         Scenario("pg-paced-5k", "fanout", clients=100, mode="paced", rate=5000, duration=0.7,

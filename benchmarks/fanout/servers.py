@@ -242,7 +242,14 @@ class Gateway(Server):
             "groups": filtered_groups,
         }
 
-    def publish_spec(self) -> dict[str, Any]:
+    def publish_spec(self, batch: int = 0) -> dict[str, Any]:
+        """How the publisher sends events; with `batch`, up to that many to a request of the
+        batch endpoint, each answered with its own "seq" (the markers count events, not answers)."""
+        if batch:
+            return {"kind": "http", "host": "127.0.0.1", "port": self.port,
+                    "path": f"/workspaces/{WORKSPACE}/realtime/events", "batch_topic": "bench",
+                    "headers": {"Authorization": f"Bearer {token('bench-publisher', publish=True)}"},
+                    "ack": '"correlationId"', "ok": '"seq"'}
         if self.extra.get("postgres"):
             # INSERTs whose columns are the payload's fields: the record starts with {"t":
             return {"kind": "pg", "dsn": self.extra["postgres"],
