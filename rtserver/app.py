@@ -28,6 +28,7 @@ from rtserver.channels import TOPIC_RE
 from rtserver.config import WORKSPACE_ID_RE, Config, WorkspaceSources
 from rtserver.config_check import auth_warnings, server_tls_context
 from rtserver.connection import Connection
+from rtserver.eager import run_now
 from rtserver.fd_limit import connection_share, open_files_limit, socket_share
 from rtserver.file_lock import lock_exclusive
 from rtserver.gc_policy import FreezeSurvivors
@@ -40,7 +41,7 @@ from rtserver.redact import redact
 from rtserver.seq_reservation import SeqReservation, reservation_path
 from rtserver.sessions import EXPIRE_CHUNK, Sessions, drop_dump, encode_dump, read_dump, write_dump
 from rtserver.signals import until_signalled
-from rtserver.sources.base import Source, stop_all
+from rtserver.sources.base import YIELD_EVERY, Source, stop_all
 from rtserver.sources.mongo import SOCKETS_PER_DATABASE, database_for, database_problem
 
 log = logging.getLogger("rtserver.app")
@@ -636,13 +637,14 @@ class Gateway:
         refused = await self._publisher_refused(workspace, headers)
         if refused is not None:
             return refused
+        none = "no event of the batch was published"
         try:
             batch = publish.batch_decoder.decode(body)
         except msgspec.ValidationError as exc:
-            return 400, _err(f"body is not a batch of events ({exc}): it must be {publish.BATCH_SHAPE}")
+            return 400, _err(f"body is not a batch of events ({exc}): it must be {publish.BATCH_SHAPE}; {none}")
         except (msgspec.DecodeError, *UNREADABLE_JSON) as exc:
             why = unreadable_json(exc, body) if body else "the body is empty"
-            return 400, _err(f"body is not valid JSON: {why}; it must be {publish.BATCH_SHAPE}")
+            return 400, _err(f"body is not valid JSON: {why}; it must be {publish.BATCH_SHAPE}; {none}")
         shared = self._header_correlation(headers)
         if type(shared) is tuple:
             return shared
@@ -650,24 +652,31 @@ class Gateway:
         events: list[Event] = []
         corrs: list[str] = []
         for i, item in enumerate(batch.events):
+            if i and i % YIELD_EVERY == 0:
+                await asyncio.sleep(0)  # other clients get a turn (sources.base.YIELD_EVERY)
             topic = item.topic
             if not TOPIC_RE.match(topic):
-                return 400, _err(f"events[{i}].topic {topic!r} must be 1-128 of [A-Za-z0-9_.:-]; "
-                                 "no event of the batch was published")
+                return 400, _err(f"events[{i}].topic {topic!r} must be 1-128 of [A-Za-z0-9_.:-]; {none}")
             corr = item.correlationId
             if corr is None:
                 corr = shared or self._new_correlation()
             elif correlation_problem(corr):
-                return 400, _err(f"events[{i}].correlationId must be 1-{CORRELATION_MAX} printable characters; "
-                                 "no event of the batch was published")
+                return 400, _err(f"events[{i}].correlationId must be 1-{CORRELATION_MAX} printable characters; {none}")
             try:
                 events.append(custom_event(workspace, topic, item.payload, corr, timestamp))
             except RecursionError as exc:
-                return 400, _err(f"events[{i}].payload is not valid JSON: {unreadable_json(exc)}; "
-                                 "no event of the batch was published")
+                return 400, _err(f"events[{i}].payload is not valid JSON: {unreadable_json(exc)}; {none}")
             corrs.append(corr)
+        # Once the first event may be published the batch runs to its end, the publisher gone
+        # or not: a disconnect cancelling it in a wait for room left it published in part.
+        finished, out = run_now(self._submit_batch(events, corrs))
+        return out if finished else await asyncio.shield(out)
+
+    async def _submit_batch(
+        self, events: list[Event], corrs: list[str]
+    ) -> tuple[int, bytes] | asyncio.Future[tuple[int, bytes]]:
         try:
-            seqs = await self.bus.submit_many(events)
+            seqs = await self.bus.submit_many(events, lambda: self.draining)
         except BusUnavailable as exc:
             where = "" if exc.index is None else f"events[{exc.index}]: "
             return exc.status, _err(f"{where}{exc}; no event of the batch was published")

@@ -9,10 +9,12 @@ interface, assigning `seq` once at ingest so every node agrees on it.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from rtcore.event import Event
 from rtserver.hub import Hub
+from rtserver.sources.base import YIELD_EVERY
 
 if TYPE_CHECKING:
     from rtserver.config import Config
@@ -44,10 +46,14 @@ class EventBus(Protocol):
         exception). Raises BusUnavailable when the bus cannot take it now."""
         ...
 
-    async def submit_many(self, events: list[Event]) -> list[int | asyncio.Future[int]]:
-        """`submit` of each event, in order, for a batch of the publish API; raises
+    async def submit_many(self, events: Sequence[Event],
+                          stopped: Callable[[], bool]) -> Sequence[int | asyncio.Future[int]]:
+        """`submit` of each event, in order, for a batch of the publish API: raises
         BusUnavailable (its `index` naming the event) before sending any when one cannot be
-        carried."""
+        carried, or none could be sent. Once some are sent, each event's seq or a future of
+        it, failed (BusUnavailable) for an event that was not published: one that could not
+        be sent and the events after it, or those left when `stopped()` turned true (the
+        gateway draining) while the batch waited for room."""
         ...
 
     def history_gap(self, workspace: str, source: str, reason: str) -> None:
@@ -65,6 +71,17 @@ class EventBus(Protocol):
 
     def status(self) -> dict[str, Any]:
         ...
+
+
+def not_published(count: int, message: str, status: int = 503) -> list[asyncio.Future[int]]:
+    """Futures failed with BusUnavailable, for the events of a batch that were not published."""
+    loop = asyncio.get_running_loop()
+    out: list[asyncio.Future[int]] = []
+    for _ in range(count):
+        failed: asyncio.Future[int] = loop.create_future()
+        failed.set_exception(BusUnavailable(status, message))
+        out.append(failed)
+    return out
 
 
 def create_bus(cfg: Config, hub: Hub, metrics: Metrics, node: str) -> EventBus:
@@ -88,13 +105,20 @@ class MemoryBus:
 
     submit = publish  # recorded once it returns
 
-    async def submit_many(self, events: list[Event]) -> list[int]:
+    async def submit_many(self, events: Sequence[Event],
+                          stopped: Callable[[], bool]) -> Sequence[int | asyncio.Future[int]]:
         hub = self.hub
-        seqs = []
-        for event in events:
+        seqs: list[int | asyncio.Future[int]] = []
+        for i, event in enumerate(events):
             # Paced as single events are: a batch does not push the backlog past its bound.
             if hub.backlogged():
                 await hub.room(event.workspace)
+            elif i and i % YIELD_EVERY == 0:
+                await asyncio.sleep(0)  # other clients get a turn (sources.base.YIELD_EVERY)
+            if stopped():
+                # Draining: the subscribers are closed and the history ends with the process.
+                seqs += not_published(len(events) - i, "not published: the gateway is shutting down")
+                break
             seqs.append(hub.deliver(event))
         return seqs
 

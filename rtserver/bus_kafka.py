@@ -22,13 +22,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from rtcore.event import Event
-from rtserver.bus import BusUnavailable
+from rtserver.bus import BusUnavailable, not_published
 from rtserver.channels import valid_collection, valid_table_name
 from rtserver.eager import run_now
 from rtserver.sources.base import YIELD_EVERY, ChannelUnavailable
@@ -681,11 +681,14 @@ class KafkaBus:
         self._check_available(event.workspace)
         return await self._send(event.workspace, self._record(event))
 
-    async def submit_many(self, events: list[Event]) -> list[asyncio.Future[int]]:
+    async def submit_many(self, events: Sequence[Event],
+                          stopped: Callable[[], bool]) -> Sequence[int | asyncio.Future[int]]:
         """submit of each event in order, checked before any is sent: an event that cannot be
-        carried refuses the whole batch (BusUnavailable naming it, `index`). Once some are
-        sent, an event that cannot be sent has its future fail (503), and so have the
-        events after it, which are not sent (a publisher retrying them keeps their order)."""
+        carried refuses the whole batch (BusUnavailable naming it, `index`), and so does a
+        first event that cannot be sent. Once some are sent, an event that cannot be sent
+        has its future fail (503), and so have the events after it, which are not sent (a
+        publisher retrying them keeps their order). `stopped` is not asked: a draining node's
+        events reach the other nodes' subscribers."""
         if not events:
             return []
         self._check_available(events[0].workspace)
@@ -696,17 +699,17 @@ class KafkaBus:
             except BusUnavailable as exc:
                 exc.index = i
                 raise
-        out: list[asyncio.Future[int]] = []
+        out: list[int | asyncio.Future[int]] = []
         for i, (event, value) in enumerate(zip(events, values, strict=True)):
             try:
                 out.append(await self._send(event.workspace, value))
             except BusUnavailable as exc:
-                loop = asyncio.get_running_loop()
-                for j in range(i, len(events)):
-                    failed: asyncio.Future[int] = loop.create_future()
-                    failed.set_exception(exc if j == i else BusUnavailable(
-                        503, f"not sent: events[{i}] before it could not be sent (a retry is safe)"))
-                    out.append(failed)
+                if not out:
+                    exc.index = 0
+                    raise
+                out += not_published(1, str(exc), exc.status)
+                out += not_published(len(events) - i - 1, f"not sent: events[{i}] before it could not be sent "
+                                                          "(a retry is safe)")
                 break
         return out
 

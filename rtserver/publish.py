@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import msgspec
@@ -86,15 +87,17 @@ def _failure(seq: asyncio.Future[int], workspace: str, topic: str, corr: str) ->
     return None
 
 
-def batch_answer(seqs: list[int], corrs: list[str]) -> tuple[int, bytes]:
+def batch_answer(seqs: Sequence[int | asyncio.Future[int]], corrs: list[str]) -> tuple[int, bytes]:
+    """The 202 of a batch whose events all have their seq (no future among `seqs`)."""
     return 202, _json.encode({"events": [{"seq": s, "correlationId": c} for s, c in zip(seqs, corrs, strict=True)]})
 
 
-def batch_outcome(seqs: list[int | asyncio.Future[int]], events: list[Event],
+def batch_outcome(seqs: Sequence[int | asyncio.Future[int]], events: list[Event],
                   corrs: list[str]) -> asyncio.Future[tuple[int, bytes]]:
     """The answer to a batch once the bus has confirmed (or not) each of its events: 202 with
     each event's seq when all are published; otherwise the status of the first that is not
-    (504 when any outcome is unknown), with each event's seq or its status and error."""
+    (504 when any outcome is unknown), with each event's seq or its status and error. At
+    least one of `seqs` is a future (batch_answer otherwise)."""
     loop = asyncio.get_running_loop()
     answer: asyncio.Future[tuple[int, bytes]] = loop.create_future()
     pending = [s for s in seqs if type(s) is not int]
@@ -122,7 +125,8 @@ def batch_outcome(seqs: list[int | asyncio.Future[int]], events: list[Event],
             return
         published = sum(1 for item in items if "seq" in item)
         status = 504 if unknown else first[0]
-        message = f"{len(items) - published} of the batch's {len(items)} events not confirmed as published; the first: {first[1]}"
+        message = (f"{len(items) - published} of the batch's {len(items)} events not confirmed as published; "
+                   f"the first: {first[1]}")
         answer.set_result((status, _json.encode({"error": message, "events": items})))
 
     for fut in pending:

@@ -4,7 +4,11 @@ checked before any is published."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import signal
+
+import websockets
 
 from tests.harness.http_wire import read_answer
 from tests.harness.wsclient import ws_connect
@@ -170,23 +174,23 @@ async def test_a_batch_partly_confirmed_says_which_events_were_published():
     corrs = [f"c{i}" for i in range(4)]
     events = [custom_event("w1", "t", {"i": i}, corrs[i], "2026-12-01T00:00:00.000Z") for i in range(4)]
     confirmations = [loop.create_future() for _ in range(3)]
-    answer = batch_outcome([7, *confirmations], events, corrs)
+    answer = batch_outcome([7, confirmations[1], confirmations[2], confirmations[0]], events, corrs)
     confirmations[0].set_result(8)
-    confirmations[2].set_exception(BusUnavailable(503, "not sent"))
+    confirmations[2].set_exception(BusUnavailable(504, "sent, not confirmed in time"))
     await asyncio.sleep(0)
     assert not answer.done()  # one still unconfirmed
-    confirmations[1].set_exception(BusUnavailable(504, "sent, not confirmed in time"))
+    confirmations[1].set_exception(BusUnavailable(503, "not sent"))
     status, body = await asyncio.wait_for(answer, 1)
     out = json.loads(body)
-    assert status == 504, out
+    assert status == 504, out  # the first failure is a 503, but an outcome is unknown
     assert out["events"] == [
         {"seq": 7, "correlationId": "c0"},
-        {"seq": 8, "correlationId": "c1"},
+        {"status": 503, "error": "not sent", "correlationId": "c1"},
         {"status": 504, "error": "sent, not confirmed in time", "correlationId": "c2"},
-        {"status": 503, "error": "not sent", "correlationId": "c3"},
+        {"seq": 8, "correlationId": "c3"},
     ]
     assert out["error"].startswith("2 of the batch's 4 events"), out
-    assert "events[2]: sent, not confirmed in time" in out["error"], out
+    assert "the first: events[1]: not sent" in out["error"], out
 
     done = [loop.create_future() for _ in range(2)]
     answer = batch_outcome(done, events[:2], corrs[:2])
@@ -195,3 +199,72 @@ async def test_a_batch_partly_confirmed_says_which_events_were_published():
     status, body = await asyncio.wait_for(answer, 1)
     assert (status, json.loads(body)) == (202, {"events": [{"seq": 20, "correlationId": "c0"},
                                                             {"seq": 21, "correlationId": "c1"}]})
+
+
+def _batch_request(token: str, count: int) -> bytes:
+    body = json.dumps({"events": [{"topic": "t", "payload": i} for i in range(count)]}).encode()
+    return (f"POST {BATCH} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+# The fan-out back-pressure at its tightest: a frame queued holds the publisher, one connection
+# written per loop iteration, so a batch waits for room between its events.
+_HELD = {"RT_FLUSH_CHUNK": "1", "RT_FANOUT_BACKLOG": "1", "RT_FANOUT_BACKLOG_PER_CONNECTION": "0"}
+
+
+async def test_a_batch_waits_for_room_between_its_events_and_ends_without_its_publisher(gateway_factory):
+    """Under back-pressure a batch is paced as single publishes are (it waits for room), and
+    a publisher that disconnects in the middle does not cut it short: it was published in
+    part, the events after the disconnect lost."""
+    gw = await gateway_factory(env=_HELD)
+    count = 3000
+    async with ws_connect(gw, "w1", token=gw.token("w1")) as c:
+        await c.subscribe("events:*")
+        _, before = await gw.get("/metrics")
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        writer.write(_batch_request(gw.token("w1", publish=True), count))
+        got = [await c.recv_event() for _ in range(50)]
+        writer.transport.abort()
+        got += [await c.recv_event(timeout=10) for _ in range(count - 50)]
+        assert [e["payload"] for e in got] == list(range(count))
+        await c.no_message()
+    _, after = await gw.get("/metrics")
+    waits = [int(next(ln for ln in m.decode().splitlines() if ln.startswith("rt_publisher_waits_total ")).split()[1])
+             for m in (before, after)]
+    assert waits[1] - waits[0] >= 50, waits
+    assert '"level":"error"' not in gw.logs()
+
+
+async def test_a_batch_cut_short_by_a_drain_says_which_events_were_published(gateway_factory):
+    """SIGTERM while a batch waits for room: its events not yet published are not (the
+    subscribers are closed with 1001, the history ends with the process), and the answer, a
+    503, names each event's outcome, as a single publish arriving then is refused 503."""
+    gw = await gateway_factory(env=_HELD)
+    count = 3000
+    async with ws_connect(gw, "w1", token=gw.token("w1")) as c:
+        await c.subscribe("events:*")
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        try:
+            writer.write(_batch_request(gw.token("w1", publish=True), count))
+            got = [await c.recv_event() for _ in range(50)]
+            gw.proc.send_signal(signal.SIGTERM)
+            status, _, body = await read_answer(reader, 20)
+        finally:
+            writer.close()
+        answer = json.loads(body)
+        assert status == 503, answer
+        outcomes = answer["events"]
+        published = [o for o in outcomes if "seq" in o]
+        assert len(outcomes) == count and 50 <= len(published) < count, answer["error"]
+        assert outcomes[:len(published)] == published  # the published ones first, in order
+        assert {(o["status"], o["error"]) for o in outcomes[len(published):]} == {
+            (503, "not published: the gateway is shutting down")}
+        assert answer["error"].startswith(f"{count - len(published)} of the batch's {count} events"), answer["error"]
+        with contextlib.suppress(websockets.ConnectionClosed):  # until its close (1001)
+            while True:
+                message = await c.recv(timeout=10)
+                if message.get("type") == "event":
+                    got.append(message)
+        # What reached the subscriber before its close: published events only, in order.
+        assert [e["payload"] for e in got] == list(range(len(got))) and len(got) <= len(published)
+    assert await asyncio.wait_for(gw.proc.wait(), 15) == 0, gw.logs()  # the drain ends by itself

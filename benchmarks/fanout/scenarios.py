@@ -65,6 +65,8 @@ def standard() -> list[Scenario]:
                  servers=("gateway",), params={"predicate": "eq"}),
         # filtered-10k with the publisher sending its events 20 to a request of the batch
         # endpoint (docs/protocol.md §8): what the per-request cost takes from the figure above.
+        # Window 40 (two requests in flight): with 20, one batch, the gateway would wait for the
+        # publisher's next request after each answer.
         Scenario("filtered-batch-10k", "fanout", clients=10000, groups=100, window=40, duration=5.0,
                  servers=("gateway",), params={"batch": 20}),
         Scenario("paced-100k", "fanout", clients=1000, mode="paced", rate=100_000, duration=5.0, servers=ALL,
