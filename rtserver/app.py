@@ -588,7 +588,9 @@ class Gateway:
         if closed is not None:
             return closed
         if not TOPIC_RE.match(topic):
-            return 400, _err(f"topic {topic!r} must be 1-128 of [A-Za-z0-9_.:-]")
+            # A batch posted with a trailing slash lands here: say where batches go.
+            batch = "" if topic else f" (a batch of events goes to /workspaces/{workspace}/realtime/events)"
+            return 400, _err(f"topic {topic!r} must be 1-128 of [A-Za-z0-9_.:-]{batch}")
         # Inline, the publisher's token known (the common case): this path is the publish
         # API's cost per event.
         token = http.bearer(headers)
@@ -643,8 +645,9 @@ class Gateway:
         except msgspec.ValidationError as exc:
             return 400, _err(f"body is not a batch of events ({exc}): it must be {publish.BATCH_SHAPE}; {none}")
         except (msgspec.DecodeError, *UNREADABLE_JSON) as exc:
-            why = unreadable_json(exc, body) if body else "the body is empty"
-            return 400, _err(f"body is not valid JSON: {why}; it must be {publish.BATCH_SHAPE}; {none}")
+            if not body:
+                return 400, _err(f"body is empty: it must be {publish.BATCH_SHAPE}; {none}")
+            return 400, _err(f"body is not valid JSON: {unreadable_json(exc, body)}; {none}")
         shared = self._header_correlation(headers)
         if type(shared) is tuple:
             return shared

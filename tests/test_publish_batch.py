@@ -67,7 +67,7 @@ async def test_a_batch_publishes_its_events_in_order_with_one_answer(gateway):
 async def test_a_batch_with_one_bad_event_publishes_none_of_them(gateway):
     ok = {"topic": "t", "payload": {"ok": True}}
     cases = [
-        (b"", "body is not valid JSON"),
+        (b"", "body is empty"),
         (b"{bad", "body is not valid JSON"),
         (b'[{"topic": "t", "payload": 1}]', "body is not a batch of events"),
         (b'{"event": []}', "unknown field `event`"),
@@ -84,7 +84,9 @@ async def test_a_batch_with_one_bad_event_publishes_none_of_them(gateway):
         (json.dumps({"events": [ok, {"topic": "t", "payload": 1, "correlationId": "a\nb"}]}).encode(),
          "events[1].correlationId"),
         (b'{"events": [{"topic": "t", "payload": ' + b"[" * 100000 + b"]" * 100000 + b"}]}", "nests too deeply"),
-        (b'{"events": [{"topic": "t", "payload": "\xff"}]}', "Invalid UTF-8"),
+        # Where the body says nothing of where it is, the byte: the event is found by it.
+        (b'{"events": [{"topic": "t", "payload": 1}, {"topic": "t", "payload": "\xff"}]}', "not valid UTF-8 (byte 69)"),
+        (b'{"events": [{"topic": "t", "payload": 1}, {"topic": "t", "payload": "\\ud800"}]}', "at byte 69"),
     ]
     async with ws_connect(gateway, "w1", token=gateway.token("w1")) as c:
         await c.subscribe("events:*")
@@ -118,9 +120,11 @@ async def test_a_batch_is_refused_as_a_single_publish_is(gateway):
     assert status == 404, out
     status, out = await gateway.get(BATCH, _auth(gateway))
     assert status == 405 and "POST" in json.loads(out)["error"], (status, out)
-    # With a slash and no topic it is a single event's URL with an empty topic, as before.
+    # With a slash and no topic it is a single event's URL with an empty topic, as before;
+    # the refusal says where batches go.
     status, out = await gateway.post(BATCH + "/", body, _auth(gateway))
     assert status == 400 and "topic ''" in json.loads(out)["error"], (status, out)
+    assert "a batch of events goes to /workspaces/w1/realtime/events" in json.loads(out)["error"], out
     _, metrics = await gateway.get("/metrics")
     assert b'rt_publish_requests_total{status="401"} 2' in metrics, metrics
 
