@@ -474,9 +474,28 @@ class Connection(WSListener):
         self.close(1002, cause="protocol_error")
 
     def _too_big(self, size: int) -> None:
-        self.gw.metrics.invalid_messages += 1  # a 4000 as _invalid_message's, counted alike
-        self.send_error(4000, f"message of {size} bytes exceeds the {self.gw.cfg.limits.max_message_bytes}-byte limit")
+        self._refuse_size(size)
         self.close(1009, cause="message_too_big")
+
+    def layer_refused_frame(self, code: int, size: int | None) -> None:
+        """picows refused a frame unread (breaking RFC 6455: 1002; `size` bytes, more than it
+        reads: 1009) and closes as soon as this returns. Its close frame's reason would be its
+        own words: the close is sent here instead, with the code's name as every close has it
+        (picows then sends none), after the 4000 that any message over the limit gets."""
+        transport = self.transport
+        name = CODE_NAMES.get(code)
+        if self.closed or transport is None or transport.is_close_frame_sent or name is None:
+            return
+        if code == 1009:
+            self._refuse_size(size)
+            self.flush()  # the error, behind the answers to what this read held before it
+        transport.send_close(WSCloseCode(code), name.encode())
+
+    def _refuse_size(self, size: int | None) -> None:
+        self.gw.metrics.invalid_messages += 1  # a 4000 as _invalid_message's, counted alike
+        limit = self.gw.cfg.limits.max_message_bytes
+        what = "message" if size is None else f"message of {size} bytes"
+        self.send_error(4000, f"{what} exceeds the {limit}-byte limit")
 
     def _dispatch(self, data: bytes) -> None:
         if data is _BINARY:

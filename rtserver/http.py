@@ -14,6 +14,7 @@ import base64
 import binascii
 import logging
 import re
+import weakref
 from collections import deque
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
@@ -958,12 +959,29 @@ class _PeerLog(logging.LoggerAdapter):
         kwargs["extra"] = self.extra
         return msg, kwargs
 
+    protocol: weakref.ref[WSProtocol] | None = None  # the connection's, once made
+
     def log(self, level: int, msg: Any, *args: Any, **kwargs: Any) -> None:
         if level == logging.ERROR and msg == _PICOWS_PARSER_ERROR and args and isinstance(args[0], tuple):
             detail = args[0][-1] if args[0] else ""  # WSProtocolError's args: (close code, why)
             _ws_log.info("websocket protocol error", extra={"fields": {**self.extra["fields"], "detail": str(detail)}})
+            if args[0]:
+                self._refused(args[0][0], str(detail))
             return
         super().log(level, msg, *args, **kwargs)
+
+    def _refused(self, code: Any, detail: str) -> None:
+        """picows refused a frame and is about to close with its own words as the reason
+        ("Received frame with payload size exceeding ..."): the listener closes first, as the
+        gateway closes (the code's name as the reason, and for 1009 the 4000 saying why)."""
+        protocol = self.protocol() if self.protocol is not None else None
+        refused = getattr(getattr(protocol, "listener", None), "layer_refused_frame", None)
+        if refused is not None:
+            size = _FRAME_SIZE_RE.search(detail)
+            refused(int(code), int(size.group(1)) if size else None)
+
+
+_FRAME_SIZE_RE = re.compile(r"(\d+) > \d+$")  # the end of picows's words: "<frame size> > <its limit>"
 
 
 _PICOWS_PARSER_ERROR = "WS parser error: %s, initiate disconnect"
@@ -974,12 +992,13 @@ _ws_log = logging.getLogger("rtserver.connection")
 def new_ws_protocol(gw: Gateway, fields: dict[str, Any]) -> WSProtocol:
     """The WebSocket protocol of one upgrade; `fields` (remote, workspace) go into its log lines."""
     limits = gw.cfg.limits
-    return _HalfReadWSProtocol(
+    peer_log = _PeerLog(_picows_log, {"fields": fields})
+    protocol = _HalfReadWSProtocol(
         None,
         None,
         False,
         gw.ws_listener_factory,
-        _PeerLog(_picows_log, {"fields": fields}),
+        peer_log,
         True,  # disconnect on exception
         5.0,  # handshake timeout
         False,  # auto ping: our sweeper pings idle peers (one timer for all connections)
@@ -988,13 +1007,15 @@ def new_ws_protocol(gw: Gateway, fields: dict[str, Any]) -> WSProtocol:
         WSAutoPingStrategy.PING_WHEN_IDLE,
         True,  # auto pong
         # Frames up to this size are read so we can answer an oversized message with 4000 + 1009;
-        # beyond it picows drops the connection.
+        # a larger one is refused unread, with the same answer (_PeerLog._refused).
         max(limits.max_message_bytes * 4, 1 << 20),
         None,
         # Client messages are small; the buffer grows when one is not. 2 KiB instead of
         # picows' 16 KiB default halves the memory of an idle connection (measured).
         2048,
     )
+    peer_log.protocol = weakref.ref(protocol)  # weak: no cycle for the collector to find
+    return protocol
 
 
 # A request line (RFC 9112 §3): a method token (RFC 9110 §5.6.2), a target, the version.

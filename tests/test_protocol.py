@@ -15,6 +15,7 @@ import jwt
 import pytest
 import websockets
 
+from tests.harness.prometheus import parse_exposition
 from tests.harness.wsclient import ws_connect
 
 
@@ -464,10 +465,29 @@ async def test_oversized_message_is_refused(gateway):
         assert code == 1009
 
 
-async def test_a_frame_over_the_read_limit_closes_1009_and_is_audited_as_such(gateway):
+async def test_a_frame_over_the_read_limit_gets_the_answer_of_any_message_too_big(gateway):
     """A single frame beyond what the gateway reads (1 MiB, or 4 times
-    limits.max_message_bytes) is refused by picows itself: its close 1009 comes before the
-    gateway's 4000 error, which the client then drops; the audit trail names the cause."""
+    limits.max_message_bytes) is refused as soon as its header is read, with the answer any
+    message over the limit gets: error 4000 saying why, then close 1009 whose reason is the
+    code's name (picows's own close said "Received frame with payload size exceeding max
+    allowed size, 2097152 > 1048576" and the error never came)."""
+    async with ws_connect(gateway, "w1", token=gateway.token("w1")) as c:
+        # Only the header and a few bytes of the 2 MiB: the client is not left writing the rest
+        # into a socket the gateway has closed (a reset, which may discard the close).
+        header = bytes([0x81, 0x80 | 127]) + (2 << 20).to_bytes(8, "big") + b"\x01\x02\x03\x04"
+        c.ws.transport.write(header + b"xxxxxxxx")
+        err = await c.recv_type("error")
+        assert (err["code"], err["message"]) == (4000, "message of 2097152 bytes exceeds the 65536-byte limit"), err
+        assert await c.expect_close() == (1009, "message_too_big")
+    (rec,) = await gateway.audit_records("session-suspended")
+    assert (rec["code"], rec["reason"]) == (1009, "message_too_big")
+    samples = parse_exposition((await gateway.get("/metrics"))[1].decode())
+    assert samples["rt_invalid_messages_total"] == 1
+
+
+async def test_a_frame_over_the_read_limit_sent_whole_closes_1009_and_is_audited_as_such(gateway):
+    """The same frame sent whole: the gateway closes while the client is still writing it; the
+    audit trail names the cause."""
     async with ws_connect(gateway, "w1", token=gateway.token("w1")) as c:
         try:
             await c.send(json.dumps({"type": "ping", "pad": "x" * (2 << 20)}))
@@ -478,7 +498,7 @@ async def test_a_frame_over_the_read_limit_closes_1009_and_is_audited_as_such(ga
             # side (the audit record below names the code all the same).
             close = (exc.rcvd.code, exc.rcvd.reason) if exc.rcvd is not None else None
         if close is not None:
-            assert close[0] == 1009 and "exceeding max allowed size" in close[1], close
+            assert close == (1009, "message_too_big"), close
     (rec,) = await gateway.audit_records("session-suspended")
     assert (rec["code"], rec["reason"]) == (1009, "message_too_big")
 
@@ -1123,7 +1143,9 @@ async def test_a_frame_the_websocket_layer_refuses_is_audited_with_its_close(gat
     """Frames picows refuses itself (before the gateway sees them) close the connection with
     1002, or 1009 for a length over what it reads; the session-suspended record said
     (null, "network") for them, as for a dropped connection, instead of the code sent and its
-    name (docs/audit.md)."""
+    name (docs/audit.md). The close frame's reason is the name, as for the gateway's own
+    closes (picows put its own words there: "Received frame with invalid opcode ..."), and a
+    1009 comes after the 4000 that says why."""
     reader, writer = await _raw_ws(gateway)
     try:
         writer.write(_masked(0x1, json.dumps({"type": "auth", "token": gateway.token("w1")}).encode()))
@@ -1131,7 +1153,12 @@ async def test_a_frame_the_websocket_layer_refuses_is_audited_with_its_close(gat
         assert opcode == 0x1 and json.loads(data)["type"] == "auth_ok"
         writer.write(frame)
         opcode, data = await _read_frame(reader)
-        assert (opcode, int.from_bytes(data[:2], "big")) == (0x8, closed[0])
+        if closed[0] == 1009:
+            assert opcode == 0x1 and json.loads(data) == {"type": "error", "code": 4000, "name": "invalid_message",
+                                                          "message": "message of 1073741824 bytes exceeds the 65536-byte limit"}
+            opcode, data = await _read_frame(reader)
+        assert (opcode, int.from_bytes(data[:2], "big"), data[2:].decode()) == (0x8, *closed)
+        assert await reader.read() == b""  # one close frame, then the end
     finally:
         writer.close()
     (rec,) = await gateway.audit_records("session-suspended")
