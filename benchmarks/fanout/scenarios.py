@@ -79,8 +79,8 @@ def standard() -> list[Scenario]:
         # stream (the gateway only: the baselines have no change feed).
         Scenario("pg-paced-100k", "fanout", clients=1000, mode="paced", rate=100_000, duration=5.0,
                  servers=("gateway",), params={"source": "postgres"}),
-        Scenario("storm", "storm", total=4000, concurrency=128),
-        Scenario("idle-20k", "idle", clients=20000, fresh=True, concurrency=256, single_round=True),
+        Scenario("storm", "storm", total=4000, concurrency=128, servers=ALL),
+        Scenario("idle-20k", "idle", clients=20000, fresh=True, concurrency=256, single_round=True, servers=ALL),
     ]
 
 
