@@ -488,7 +488,9 @@ class Connection(WSListener):
             return
         if code == 1009:
             self._refuse_size(size)
-            self.flush()  # the error, behind the answers to what this read held before it
+        # Out before the close: what is queued (the error too). picows does not deliver the
+        # frame read just before the refused one (its parser reads one frame ahead).
+        self.flush()
         transport.send_close(WSCloseCode(code), name.encode())
 
     def _refuse_size(self, size: int | None) -> None:
