@@ -162,7 +162,10 @@ def _coerce(setting: Setting, value: Any, origin: str) -> Any:
             # int() would truncate a TOML float (a queue_size of 0.5 became 0) and take a bool
             if isinstance(value, bool) or isinstance(value, float) and not value.is_integer():
                 raise ValueError("expected an integer")
-            number = int(value)
+            try:
+                number = int(value)
+            except ValueError:  # not int()'s "invalid literal for int() with base 10"
+                raise ValueError("expected an integer") from None
             if number < 0:
                 raise ValueError("must not be negative")
             if number >= 1 << 63:
@@ -173,7 +176,10 @@ def _coerce(setting: Setting, value: Any, origin: str) -> Any:
         if setting.kind is float:
             if isinstance(value, bool):
                 raise ValueError("expected a number")
-            number = float(value)
+            try:
+                number = float(value)
+            except ValueError:  # not "could not convert string to float"
+                raise ValueError("expected a number") from None
             if not math.isfinite(number):  # "nan" and "inf" parse; a leeway of inf accepts any token
                 raise ValueError("must be a finite number")
             if number < 0:

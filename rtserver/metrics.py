@@ -140,6 +140,31 @@ def family_lines(rows: Iterable[Row], counters: frozenset[str] = frozenset()) ->
     return lines
 
 
+# The HELP line of each number a source's status() gives (README's Metrics table says the same).
+SOURCE_HELP = {
+    "events": "Changes the source turned into events",
+    "transactions": "PostgreSQL transactions read",
+    "duplicates_dropped": "PostgreSQL changes read again after a reconnect and dropped",
+    "slot_recreations": "Replication slots re-created after PostgreSQL invalidated them",
+    "proto_version": "pgoutput protocol version in use (0 before the first connection)",
+    "lag_bytes": "WAL the slot holds that the gateway has not confirmed",
+    "safe_wal_size": "Bytes of WAL before PostgreSQL invalidates the slot",
+    "streamed_transactions": "Large transactions PostgreSQL streamed before their commit",
+    "streamed_aborted": "Streamed transactions that were rolled back",
+    "streamed_subtransactions_aborted": "Subtransactions of streamed transactions rolled back",
+    "streamed_open": "Streamed transactions not yet committed",
+    "streamed_memory_bytes": "Changes of open streamed transactions held in memory",
+    "streamed_spill_files": "Files the changes of open streamed transactions spilled to",
+    "streamed_spill_bytes": "Bytes of those files",
+    "queued_frames": "Replication messages read and not yet handled",
+    "queued_bytes": "Bytes of replication messages read and not yet handled",
+    "streams_opened": "MongoDB change streams opened (reopens included)",
+    "history_lost": "MongoDB resume tokens the oplog no longer held (clients got history_gap)",
+    "skipped_changes": "MongoDB changes that could not be turned into events",
+    "last_event_age_s": "Seconds since the MongoDB source's last event",
+}
+
+
 def source_rows(sources: Iterable[tuple[str, str, str, Any]]) -> list[Row]:
     """The rt_source_* rows of (kind, redacted URL, MongoDB database or "", source) entries: its
     readiness and every number of its status(), as the gateway's and the ingest's /metrics show
@@ -155,7 +180,7 @@ def source_rows(sources: Iterable[tuple[str, str, str, Any]]) -> list[Row]:
         rows.append(("rt_source_ready", "1 while the source streams", labels, 1 if src.ready() else 0))
         for name, value in src.status().items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
-                rows.append((f"rt_source_{name}", f"Source {name}", labels, value))
+                rows.append((f"rt_source_{name}", SOURCE_HELP.get(name, f"Source {name}"), labels, value))
             elif name == "wal_status" and value:
                 # PostgreSQL slot health: reserved | extended | unreserved | lost
                 rows.append(("rt_source_wal_status", "Replication slot WAL status", {**labels, "wal_status": value}, 1))

@@ -55,7 +55,10 @@ def test_what_would_stop_the_start_is_one_line_and_exit_2(tmp_path):
     from tests.harness.certs import self_signed
 
     cases = [
-        (["check-config"], {"RT_PORT": "http"}, "RT_PORT (server.port): invalid value"),
+        # the reason in words, not int()'s "invalid literal for int() with base 10: 'http'"
+        (["check-config"], {"RT_PORT": "http"}, "RT_PORT (server.port): invalid value 'http': expected an integer"),
+        (["check-config"], {"RT_HISTORY_SECONDS": "five"},
+         "RT_HISTORY_SECONDS (history.seconds): invalid value 'five': expected a number"),
         (["check-config", "--ingest"], {}, "bus.kafka_bootstrap"),
         (["check-config", "--ingest"], {"RT_KAFKA_BOOTSTRAP": "127.0.0.1:9"}, "no feeds to read"),
     ]

@@ -262,6 +262,8 @@ async def test_every_metric_is_documented_with_its_type_and_labels(gateway_facto
         await ws.recv()
         text = (await gw.get("/metrics"))[1].decode()
     documented = _metrics_table(_read("README.md"))
+    generic = re.findall(r"^# HELP (rt_source_\w+) Source ", text, re.M)
+    assert not generic, f"no help of their own (metrics.SOURCE_HELP): {generic}"
     for name, kind in family_types(text).items():
         assert name in documented, f"{name} is not in README's Metrics table"
         assert documented[name][0] == kind, (name, kind)
