@@ -21,6 +21,7 @@ import collections
 import logging
 import os
 import socket
+from collections.abc import Awaitable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -481,7 +482,7 @@ class KafkaAudit(Audit):
                 if not waiting:
                     break
                 if self._connected is not False:  # the warning is logged now: the credentials?
-                    self._set_connected(False, await self._explain(f"{len(waiting)} records waiting for acks"))
+                    await self._disconnected(self._explain(f"{len(waiting)} records waiting for acks"))
             if error is None:
                 for (event, _, _), fut in zip(self._inflight, futs, strict=False):
                     if not fut.cancelled() and fut.exception() is not None:
@@ -523,10 +524,7 @@ class KafkaAudit(Audit):
             except Exception as exc:
                 await self._stop_producer(producer, 2.0)
                 if self._connected is not False:  # the warning is logged now: say why
-                    why = await self._explain(exc)
-                else:
-                    why = ""
-                self._set_connected(False, why)
+                    await self._disconnected(self._explain(exc))
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
@@ -589,13 +587,24 @@ class KafkaAudit(Audit):
         if connected and not self._connected:
             ops_log.info("audit: Kafka at %s reachable", self.bootstrap, extra={"fields": {"bootstrap": self.bootstrap}})
         elif not connected and self._connected is not False:
-            ops_log.warning(
-                "audit: cannot deliver to Kafka at %s (%s); records are queued and spooled",
-                self.bootstrap,
-                why,
-                extra={"fields": {"bootstrap": self.bootstrap, "backlog": self._backlog()}},
-            )
+            self._warn_undelivered(why)
         self._connected = connected
+
+    async def _disconnected(self, why: Awaitable[str]) -> None:
+        """Kafka stopped taking records: `connected` is false from now on (/readyz, /metrics),
+        and the warning follows once `why` is known. Finding out can take a probe of the
+        bootstrap servers of up to kafka_diagnosis.PROBE_SECONDS: the flag waited for it, and
+        said Kafka was there for 5-14 s of an outage."""
+        self._connected = False
+        self._warn_undelivered(await why)
+
+    def _warn_undelivered(self, why: str) -> None:
+        ops_log.warning(
+            "audit: cannot deliver to Kafka at %s (%s); records are queued and spooled",
+            self.bootstrap,
+            why,
+            extra={"fields": {"bootstrap": self.bootstrap, "backlog": self._backlog()}},
+        )
 
     def _put_back(self, pending_seg: int | None, head: list[bytes],
                   tail: list[bytes]) -> tuple[int, OSError | None, int]:

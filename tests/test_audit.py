@@ -156,6 +156,50 @@ async def test_outage_records_arrive_in_order_exactly_once(kafka_broker, tmp_pat
     assert not list((tmp_path / "spool").glob("*.jsonl"))
 
 
+async def test_connected_turns_false_before_the_reason_is_found(kafka_broker, tmp_path, monkeypatch, caplog):
+    """When acks stop coming, status()["connected"] (/readyz, rt_audit_connected) turns false at
+    once; the warning follows with its reason. The reason comes from a probe of the bootstrap
+    servers that can take up to 10 s, and the flag used to wait for it: Kafka was shown
+    connected for 5-14 s of an outage. Here the probe does not end until the test lets it."""
+    from rtserver import kafka_diagnosis
+
+    probing = asyncio.Event()
+    release = asyncio.Event()
+
+    async def slow_explain(*args, **kwargs) -> str:
+        probing.set()
+        await release.wait()
+        return "the probe's finding"
+
+    monkeypatch.setattr(kafka_diagnosis, "explain", slow_explain)
+    prefix = unique_prefix()
+    topics = await topics_for(kafka_broker.bootstrap, prefix)
+    audit = make_audit(kafka_broker.bootstrap, prefix, tmp_path / "spool")
+    await audit.start()
+    try:
+        async with TopicReader(kafka_broker.bootstrap, topics) as reader:
+            audit.emit("auth-denied", workspace_id="w-flag", code=4002, reason="first")
+            await reader.wait_for(lambda ms: len(ms) >= 1)
+        assert audit.status()["connected"] is True
+        await kafka_broker.astop()
+        try:
+            audit.emit("auth-denied", workspace_id="w-flag", code=4002, reason="in the outage")
+            await asyncio.wait_for(probing.wait(), 60)
+            assert audit.status()["connected"] is False  # while the probe still runs
+            assert "cannot deliver to Kafka" not in caplog.text
+            release.set()
+            for _ in range(100):
+                if "the probe's finding" in caplog.text:
+                    break
+                await asyncio.sleep(0.05)
+            assert "cannot deliver to Kafka" in caplog.text and "the probe's finding" in caplog.text
+        finally:
+            release.set()
+            await kafka_broker.astart()
+    finally:
+        await audit.close()
+
+
 async def test_restart_with_nonempty_spool_delivers_it(kafka_broker, tmp_path):
     prefix = unique_prefix()
     topics = await topics_for(kafka_broker.bootstrap, prefix)
