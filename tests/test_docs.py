@@ -115,12 +115,19 @@ async def test_readme_quickstart_runs_as_written(gateway_factory):
     path = re.search(r"ws://127\.0\.0\.1:8080(/\S+)", session).group(1)
     sent = [line[2:] for line in session.splitlines() if line.startswith("> ")]
     shown = [_shown(line[2:]) for line in session.splitlines() if line.startswith("< ")]
+    sent[0] = sent[0].replace('"eyJ…"', json.dumps(token))
+    # The echo line prints the auth message to paste, the token in it.
+    echo = re.search(r"^(echo .*?)\s+#", session, re.M).group(1)
+    printed = subprocess.run(["bash", "-c", echo], env={**env, "TOKEN": token}, capture_output=True, text=True)
+    assert json.loads(printed.stdout) == json.loads(sent[0]), printed
     async with websockets.connect(f"ws://{gw.netloc}{path}") as ws:
         for line, answer in zip(sent, shown, strict=True):
-            await ws.send(line.replace("<paste $TOKEN>", token))
+            await ws.send(line)
             _like(json.loads(await ws.recv()), answer)
 
-        publish = _fenced(readme, "sh", "In a third shell, publish:")
+        publish = _fenced(readme, "sh", "In a third shell in the same directory, publish")
+        # The third shell makes its own token, with the same command as the second.
+        assert re.search(r"TOKEN=\$\((rtserver token [^)]*)\)", publish).group(1).split()[1:] == token_cmd
         url = re.search(r"http://127\.0\.0\.1:8080(\S+)", publish).group(1)
         headers = dict(h.split(": ", 1) for h in re.findall(r'-H "([^"]+)"', publish))
         headers = {k: v.replace("$TOKEN", token) for k, v in headers.items()}
@@ -137,15 +144,14 @@ async def test_readme_quickstart_runs_as_written(gateway_factory):
 
 
 async def test_readme_python_client_example_runs_as_written(gateway_factory):
-    """The README's Python client example, its URL pointed at a test gateway and `fetch_token`
-    defined, prints the matching event and not the other."""
+    """The README's Python client example, its URL pointed at a test gateway and its token in
+    RT_TOKEN (where its fetch_token reads it), prints the matching event and not the other."""
     gw = await gateway_factory()
     code = _fenced(_read("README.md"), "python", "Python (`rtserver.client`)")
     assert "wss://rt.example.com/workspaces/w1/realtime/connect" in code
     code = code.replace("wss://rt.example.com", f"ws://{gw.netloc}")
-    token = gw.token("w1")
-    script = f"def fetch_token():\n    return {token!r}\n\n{code}"
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-u", "-c", script, env=gw.env,
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-u", "-c", code,
+                                                env={**gw.env, "RT_TOKEN": gw.token("w1")},
                                                 stdout=asyncio.subprocess.PIPE)
     try:
         # Published until the example prints: events before its subscription are not asked for.
