@@ -27,6 +27,12 @@ WORKSPACE_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")  # \Z: `$` would accept 
 _KAFKA_TOPIC_RE = re.compile(r"^[A-Za-z0-9._-]{1,249}\Z")
 
 
+# Room for a Kafka record batch's own framing above bus.max_record_bytes of value (rtserver.bus_kafka).
+KAFKA_RECORD_OVERHEAD = 64 * 1024
+# Kafka's max.message.bytes (the events topic's, sized from bus.max_record_bytes) is a 32-bit int.
+_KAFKA_INT_MAX = (1 << 31) - 1
+
+
 class ConfigError(Exception):
     """A configuration value is missing, malformed or inconsistent."""
 
@@ -562,6 +568,12 @@ def _validate(values: dict[str, dict[str, Any]], path: str) -> None:
                           "group session timeout, which brokers refuse under group.min.session.timeout.ms (6 s)")
     if bus["publish_timeout"] <= 0:
         raise ConfigError("bus.publish_timeout must be positive")
+    if not 0 < bus["max_record_bytes"] <= _KAFKA_INT_MAX - KAFKA_RECORD_OVERHEAD:
+        # The topic is made with max.message.bytes = this + 64 KiB: beyond a 32-bit int, Kafka
+        # refused the topic ("Not a number of type INT") and the ingest stopped at its start.
+        raise ConfigError(f"bus.max_record_bytes {bus['max_record_bytes']} must be from 1 to "
+                          f"{_KAFKA_INT_MAX - KAFKA_RECORD_OVERHEAD}: the events topic is made with "
+                          f"max.message.bytes {KAFKA_RECORD_OVERHEAD} larger, and Kafka takes a 32-bit integer")
     limits = values["limits"]
     for key in ("max_message_bytes", "max_filter_bytes", "send_buffer_bytes", "max_publish_bytes", "flush_chunk",
                 "fanout_backlog"):

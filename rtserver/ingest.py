@@ -769,6 +769,12 @@ async def run(cfg: Config) -> int:
         log.info("ingest stopping")
         try:
             await asyncio.wait_for(ingest.close(), cfg.server.shutdown_timeout)
+        except TimeoutError:
+            # Kafka away (docs/scale-out.md): what it had not taken was not acknowledged to the
+            # feeds either, and comes again. An error with a traceback paged operators for it.
+            log.warning("ingest stopped before Kafka took its last records (server.shutdown_timeout %g s): "
+                        "the feeds read them again at the next start", cfg.server.shutdown_timeout,
+                        extra={"fields": {"shutdown_timeout": cfg.server.shutdown_timeout}})
         except Exception:
             log.exception("ingest did not close cleanly")
 

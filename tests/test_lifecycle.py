@@ -255,6 +255,17 @@ def test_a_lease_timeout_under_the_brokers_minimum_is_refused(tmp_path):
     assert load(environ={"RT_STATE_DIR": str(tmp_path), "RT_BUS_LEASE_TIMEOUT": "6"}).bus.lease_timeout == 6
 
 
+def test_a_record_size_kafka_cannot_make_a_topic_for_is_refused(tmp_path):
+    """bus.max_record_bytes near 2 GiB passed check-config, then the ingest stopped at its start:
+    the topic's max.message.bytes (64 KiB more) is past the 32-bit integer Kafka takes."""
+    env = {"RT_STATE_DIR": str(tmp_path)}
+    for value in ("2147483647", "2147418112", "0"):
+        with pytest.raises(ConfigError, match=r"bus.max_record_bytes \d+ must be from 1 to 2147418111: .* "
+                                              r"\(bus.max_record_bytes from environment RT_BUS_MAX_RECORD_BYTES\)"):
+            load(environ={**env, "RT_BUS_MAX_RECORD_BYTES": value})
+    assert load(environ={**env, "RT_BUS_MAX_RECORD_BYTES": "2147418111"}).bus.max_record_bytes == 2147418111
+
+
 def test_a_configured_mongodb_database_name_longer_than_mongodb_takes_is_refused(tmp_path):
     """A URL naming no database reads the database named like the workspace, and a workspace id
     may be 64 characters where MongoDB takes 63: a feed that would fail at every attempt."""
