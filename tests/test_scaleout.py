@@ -2132,16 +2132,16 @@ async def test_a_topic_kafka_refuses_to_create_is_said_at_start_not_auto_created
     CREATE right) with an error code in its response, not an error: the node logged "created
     topic" all the same, and its next look at the topic made a broker with auto-creation on
     (Apache Kafka's default) create it with its own defaults: one partition instead of
-    bus.partitions, every process after it on that one partition, nothing said. Here
-    max.message.bytes beyond Kafka's 32-bit range (bus.max_record_bytes = 2147483647, a
-    common "unlimited") is INVALID_CONFIG: the node refuses to start, saying so, and the topic
-    is not created."""
+    bus.partitions, every process after it on that one partition, nothing said. Here 100,000
+    partitions, more than a KRaft controller creates in one request, is POLICY_VIOLATION: the
+    node refuses to start, saying so, and the topic is not created. (A max.message.bytes past
+    Kafka's 32-bit range, INVALID_CONFIG, is refused by the configuration check now.)"""
     from aiokafka.admin import AIOKafkaAdminClient
 
     topic = cluster.env["RT_BUS_TOPIC"]
     with pytest.raises(RuntimeError, match="exited with 2") as refused:
-        await cluster.node(RT_BUS_MAX_RECORD_BYTES="2147483647")
-    assert f"topic {topic}" in str(refused.value) and "INVALID_CONFIG" in str(refused.value), refused.value
+        await cluster.node(RT_BUS_PARTITIONS="100000")
+    assert f"topic {topic}" in str(refused.value) and "POLICY_VIOLATION" in str(refused.value), refused.value
     admin = AIOKafkaAdminClient(bootstrap_servers=cluster.env["RT_BUS_KAFKA_BOOTSTRAP"])
     await admin.start()
     try:
