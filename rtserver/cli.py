@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _token(cfg, args) -> int:
-    from rtserver.auth import claims_for, load_or_create_dev_secret, mint_token
+    from rtserver.auth import DEV_SECRET_FILE, claims_for, load_or_create_dev_secret, mint_token
 
     for w in args.workspace:
         if w != "*" and not WORKSPACE_ID_RE.match(w):
@@ -116,6 +116,7 @@ def _token(cfg, args) -> int:
               file=sys.stderr)
         return 2
     state_dir = os.path.abspath(cfg.server.state_dir)
+    made = not cfg.auth.hs256_secret and not os.path.exists(os.path.join(state_dir, DEV_SECRET_FILE))
     try:
         secret = cfg.auth.hs256_secret or load_or_create_dev_secret(state_dir)
     except OSError as exc:
@@ -124,6 +125,11 @@ def _token(cfg, args) -> int:
     except RuntimeError as exc:  # a dev-secret file cut short or unreadable: said as `serve` says it
         print(f"rtserver token: {exc}", file=sys.stderr)
         return 2
+    if made:
+        # Run elsewhere than the gateway, the token was signed with a secret of its own, and the
+        # gateway refused it ("bad token signature") with nothing said here.
+        print(f"rtserver token: made a new dev secret in {state_dir}: only a gateway using this state directory "
+              "(started in this directory, or with --state-dir) accepts the token", file=sys.stderr)
     if cfg.auth.channel_permissions and not args.channel:
         print("rtserver token: auth.channel_permissions is on and no --channel given: the token grants no channel",
               file=sys.stderr)

@@ -820,6 +820,19 @@ def test_a_misspelt_environment_variable_is_named_in_the_log(tmp_path):
     assert "kafka-secret-host" not in out.stderr
 
 
+def test_a_token_signed_with_a_new_dev_secret_says_so(tmp_path):
+    """`rtserver token` run elsewhere than the gateway made a dev secret of its own and printed a
+    token the gateway refused ("bad token signature"), with nothing said. It says so on stderr
+    when it makes the secret (the token alone on stdout, for TOKEN=$(...)), not once it exists."""
+    first = _run(["token", "--workspace", "w1"], cwd=str(tmp_path))
+    assert first.returncode == 0 and first.stdout.count(".") == 2, first
+    assert f"made a new dev secret in {tmp_path / '.rtserver'}" in first.stderr, first.stderr
+    again = _run(["token", "--workspace", "w1"], cwd=str(tmp_path))
+    assert again.returncode == 0 and again.stderr == "", again.stderr
+    secret = _run(["token", "--workspace", "w1"], {"RT_AUTH_HS256_SECRET": "s" * 32}, cwd=str(tmp_path / ".rtserver"))
+    assert secret.returncode == 0 and secret.stderr == "", secret.stderr
+
+
 def test_token_refuses_a_lifetime_that_makes_no_token(tmp_path):
     """`rtserver token --ttl` nan or inf crashed with a traceback; 0 or less minted a token
     already expired. Each is a usage error now (exit 2), and a good one still mints."""
