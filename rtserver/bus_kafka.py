@@ -30,7 +30,7 @@ import msgspec
 from rtcore.event import Event
 from rtserver.bus import BusUnavailable, not_published
 from rtserver.channels import valid_collection, valid_table_name
-from rtserver.config import KAFKA_RECORD_OVERHEAD
+from rtserver.config import KAFKA_RECORD_OVERHEAD as RECORD_OVERHEAD  # the record batch's framing
 from rtserver.eager import run_now
 from rtserver.sources.base import YIELD_EVERY, ChannelUnavailable
 from rtserver.tasks import cancel_and_wait
@@ -266,8 +266,6 @@ def _confirmation(ack: asyncio.Future, timeout: float, workspace: str, topic: st
 
 
 REQUEST_TIMEOUT_MS = 120_000  # the bus producers' aiokafka request timeout (see KafkaPublisher.start)
-
-RECORD_OVERHEAD = KAFKA_RECORD_OVERHEAD  # above bus.max_record_bytes: the record batch's framing
 
 
 async def ensure_topic(options: dict[str, Any], topic: str, partitions: int, replication: int,

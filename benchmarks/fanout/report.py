@@ -84,11 +84,7 @@ def markdown(data: dict[str, Any]) -> str:
                 out.append(f"| {s} | {name} | error: {_err(r)} |" + " |" * 15)
                 continue
             lat = r.get("latency_ms") or {}
-            ratios = []
-            for b in BASELINES:
-                base = idx.get((s, b))
-                ok = base is not None and "error" not in base and b != name
-                ratios.append(_ratio(r["deliveries_per_s"], base["deliveries_per_s"]) + _apart(r, base) if ok else "–")
+            ratios = _ratio_cells(idx, r, "deliveries_per_s")
             out.append(
                 f"| {s} | {name} | {_fmt(r['deliveries_per_s'])} | {' | '.join(ratios)} | "
                 f"{_fmt(lat.get('p50'), 2)} | {_fmt(lat.get('p90'), 2)} | {_fmt(lat.get('p99'), 2)} | "
@@ -122,11 +118,7 @@ def markdown(data: dict[str, Any]) -> str:
             if "error" in r:
                 out.append(f"| {r['server']} | error: {_err(r)} | | | | | | | |")
                 continue
-            cells = []
-            for b in BASELINES:
-                base = idx.get((r["scenario"], b))
-                ok = base is not None and "error" not in base and b != r["server"]
-                cells.append(_ratio(r["connects_per_s"], base["connects_per_s"]) + _apart(r, base) if ok else "–")
+            cells = _ratio_cells(idx, r, "connects_per_s")
             lat = r.get("latency_ms") or {}
             out.append(f"| {r['server']} | {_fmt(r['connects_per_s'])} | {' | '.join(cells)} | "
                        f"{_fmt(lat.get('p50'), 1)} | {_fmt(lat.get('p99'), 1)} | "
@@ -141,14 +133,21 @@ def markdown(data: dict[str, Any]) -> str:
             if "error" in r:
                 out.append(f"| {r['scenario']} | {r['server']} | error: {_err(r)} | | | | | | |")
                 continue
-            cells = []
-            for b in BASELINES:
-                base = idx.get((r["scenario"], b))
-                ok = base is not None and "error" not in base and r["server"] != b
-                cells.append(_ratio(r["rss_per_conn_kib"], base["rss_per_conn_kib"]) + _apart(r, base) if ok else "–")
+            cells = _ratio_cells(idx, r, "rss_per_conn_kib")
             out.append(f"| {r['scenario']} | {r['server']} | {r['connections']} | {r['rss_before_mib']:.1f} | "
                        f"{r['rss_after_mib']:.1f} | {r['rss_per_conn_kib']:.1f} | {' | '.join(cells)} |")
     return "\n".join(out) + "\n"
+
+
+def _ratio_cells(idx, r: dict[str, Any], key: str) -> list[str]:
+    """Result `r`'s `key` as a ratio to each baseline's in the same scenario ("–" for its own
+    server and for a baseline missing or in error)."""
+    cells = []
+    for b in BASELINES:
+        base = idx.get((r["scenario"], b))
+        ok = base is not None and "error" not in base and b != r["server"]
+        cells.append(_ratio(r[key], base[key]) + _apart(r, base) if ok else "–")
+    return cells
 
 
 def _get(idx, scenario: str, server: str, *path: str) -> float | None:
