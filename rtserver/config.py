@@ -297,6 +297,9 @@ class _Section:
         raise AttributeError(f"{self._name}.{key}")
 
 
+BUS_KINDS = ("memory", "kafka")
+
+
 def load(
     path: str | None = None,
     environ: Mapping[str, str] | None = None,
@@ -358,6 +361,12 @@ def load(
             continue
         section, key = dotted.split(".", 1)
         option = (override_origins or {}).get(dotted) or f"option --{key.replace('_', '-')}"
+        replaced = values[section][key]
+        if dotted == "bus.kind" and dotted in origins and replaced not in BUS_KINDS:
+            # `rtserver ingest` always writes to Kafka, but the gateway nodes given the same
+            # settings refuse this value: said here, before they are started with it.
+            raise ConfigError(f"bus.kind: {replaced!r} ({origins[dotted]}) is not memory or kafka: the ingest "
+                              "always writes to Kafka, but a gateway node given these settings would not start")
         values[section][key] = _coerce(known[(section, key)], value, option)
         origins[dotted] = option
 
@@ -556,7 +565,7 @@ def _validate(values: dict[str, dict[str, Any]], path: str) -> None:
     _check_bootstrap("bus.kafka_bootstrap (RT_BUS_KAFKA_BOOTSTRAP)", bus["kafka_bootstrap"])
     _check_topic("bus.topic", bus["topic"])
     _check_topic("bus.topic", bus["topic"] + ".lease")
-    if bus["kind"] not in {"memory", "kafka"}:
+    if bus["kind"] not in BUS_KINDS:
         raise ConfigError(f"bus.kind: {bus['kind']!r} is not memory or kafka")
     if bus["kind"] == "kafka" and not (bus["kafka_bootstrap"] or audit["kafka_bootstrap"]):
         raise ConfigError("bus.kind kafka needs bus.kafka_bootstrap (RT_BUS_KAFKA_BOOTSTRAP) or audit.kafka_bootstrap")

@@ -742,6 +742,16 @@ def test_an_inconsistent_value_names_where_it_was_set(tmp_path):
     assert out.returncode == 2 and "option --health-port (bus.ingest_port)" in out.stderr, out.stderr
     out = _run(["ingest"], cwd=str(tmp_path))
     assert out.returncode == 2 and "(bus.kind from rtserver ingest)" in out.stderr, out.stderr
+    # A bus.kind the ingest replaces with kafka is still checked: the gateway nodes given the
+    # same settings refuse it (it went unsaid by the ingest and by check-config --ingest).
+    feeds = {"RT_BUS": "kafak", "RT_BUS_KAFKA_BOOTSTRAP": "127.0.0.1:1", "RT_POSTGRES_URL": "postgresql://db/app",
+             "RT_BUS_WORKSPACES": "acme"}
+    for argv in (["ingest"], ["check-config", "--ingest"]):
+        out = _run(argv, feeds, cwd=str(tmp_path))
+        assert out.returncode == 2 and "bus.kind: 'kafak' (environment RT_BUS) is not memory or kafka" in out.stderr, \
+            out.stderr
+    out = _run(["check-config", "--ingest"], {**feeds, "RT_BUS": "memory"}, cwd=str(tmp_path))
+    assert out.returncode == 0, out.stderr
     cfg.write_text("[mongo]\nurl = 'mongodb://rt:secret@db:port/app'\n")
     out = _run(["serve", "--config", str(cfg)], cwd=str(tmp_path))
     assert out.returncode == 2 and f"mongo.url from config file {cfg}" in out.stderr and "secret" not in out.stderr
