@@ -304,7 +304,7 @@ class Gateway:
         first use; None when the workspace has no such source configured."""
         cfg = self.cfg
         key = self._source_key(workspace, kind)
-        if key is None or kind == "mongo" and database_problem(key[1], key[2]):
+        if key is None or kind == "mongo" and database_problem(key[1], key[2]) or self._not_ingested(workspace):
             return None  # why_no_source says why
         src = self._sources.get(key)
         if src is not None:
@@ -362,8 +362,20 @@ class Gateway:
             task.add_done_callback(_log_failure)
         return src
 
+    def _not_ingested(self, workspace: str | None) -> bool:
+        """True on a Kafka node for a workspace the ingest does not feed from the default
+        databases, as far as this node's settings tell: bus.workspaces lists those it feeds (the
+        ingest reads it); a node given an empty list cannot tell, and takes every workspace."""
+        cfg = self.cfg
+        return (cfg.bus.kind == "kafka" and workspace is not None and workspace not in cfg.workspaces
+                and bool(cfg.bus.workspaces) and workspace not in cfg.bus.workspaces)
+
     def why_no_source(self, workspace: str, kind: str) -> str:
         """Why source(workspace, kind) is None, for the client's 4010."""
+        if self._source_key(workspace, kind) is not None and self._not_ingested(workspace):
+            return (f"{kind} changes of workspace {workspace} are not fed to the event stream: the ingest feeds the "
+                    "default database to the workspaces bus.workspaces (RT_BUS_WORKSPACES) lists, and this one is "
+                    "not among them")
         url = self.cfg.sources_for(workspace).mongo_url if kind == "mongo" else ""
         problem = url and database_problem(url, workspace)
         if problem:

@@ -131,7 +131,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("bus", "max_lag", "RT_BUS_MAX_LAG", int, 10000, "Events a gateway node may be behind the topic; beyond it new connections get HTTP 503 and /readyz 503"),
     Setting("bus", "max_record_bytes", "RT_BUS_MAX_RECORD_BYTES", int, 4 * 1024 * 1024, "Largest event record on the events topic (the topic is created with max.message.bytes to match); a change beyond it is skipped with history_gap"),
     Setting("bus", "max_replay", "RT_BUS_MAX_REPLAY", int, 100000, "Records one resume may read back from Kafka (older than the node's memory); beyond it history_gap"),
-    Setting("bus", "workspaces", "RT_BUS_WORKSPACES", list, [], "Ingest: workspaces fed by the default postgres/mongo URLs (besides [workspaces.*] sections)"),
+    Setting("bus", "workspaces", "RT_BUS_WORKSPACES", list, [], "Ingest: workspaces fed by the default postgres/mongo URLs (besides [workspaces.*] sections); a node given the list refuses (4010) the database channels of the others"),
     Setting("bus", "ingest_port", "RT_INGEST_PORT", int, 0, "Ingest: port of its /healthz, /readyz and /metrics, on server.host (`rtserver ingest --host`; 0 = none)"),
     Setting("bus", "publish_timeout", "RT_BUS_PUBLISH_TIMEOUT", float, 5.0, "Seconds Kafka may leave a record unacknowledged or a metadata request unanswered before the bus counts as unavailable: /readyz 503 (nodes and ingest), publish API 503 (not sent) or 504 (sent, not confirmed)"),
     Setting("bus", "lease_timeout", "RT_BUS_LEASE_TIMEOUT", float, 6.0, "Ingest: seconds after which a standby takes over from a dead active ingest (Kafka group session timeout, >= 6)"),

@@ -2564,7 +2564,7 @@ async def test_a_mongo_takeover_by_an_ingest_feeding_other_workspaces_repeats_no
         # (in a topic of its own: the killed ingest may have saved it in its state directory,
         # which the standby, on another machine, does not have).
         cluster.env["RT_BUS_TOPIC"] = f"{old_topic}.other"
-        node = await cluster.node()
+        node = await cluster.node(RT_BUS_WORKSPACES="w1,w2,w3")  # a node listing w1,w2 only would refuse w3
         async with AsyncExitStack() as stack:
             subscribers = {}
             for wid in ("w1", "w2", "w3"):
@@ -2642,3 +2642,25 @@ async def test_a_clean_handover_from_an_earlier_version_loses_nothing(cluster):
     assert [e["record"]["id"] for e in got] == [2, 3]
     (feed,) = (await second.status())["feeds"].values()
     assert feed["takeover_skipped"] == 0, feed
+
+
+async def test_a_workspace_the_ingest_does_not_feed_is_refused_its_database_channels(cluster):
+    """The ingest feeds the default database to the workspaces bus.workspaces lists. A node
+    given that list answers a subscribe to a database channel of any other workspace 4010,
+    saying so (it answered `subscribed`, and no event ever came); its own [workspaces.W]
+    sections and custom events are unaffected. A node given no list cannot tell, and takes
+    the subscribe as before."""
+    node = await cluster.node()  # RT_BUS_WORKSPACES=w1, as the ingest's
+    async with ws_connect(node, "w2", token=node.token("w2")) as c:
+        for channel in ("postgres:orders", "postgres:*"):
+            await c.send({"type": "subscribe", "channel": channel})
+            reply = await c.recv(timeout=15)
+            assert reply["type"] == "error" and reply["code"] == 4010, reply
+            assert "postgres changes of workspace w2 are not fed to the event stream" in reply["message"], reply
+            assert "RT_BUS_WORKSPACES" in reply["message"], reply
+        assert (await c.subscribe("events:x"))["type"] == "subscribed"
+    async with ws_connect(node, "w1", token=node.token("w1")) as c:
+        assert (await c.subscribe("postgres:orders"))["type"] == "subscribed"
+    unlisted = await cluster.node(RT_BUS_WORKSPACES="")
+    async with ws_connect(unlisted, "w2", token=unlisted.token("w2")) as c:
+        assert (await c.subscribe("postgres:orders"))["type"] == "subscribed"
