@@ -52,6 +52,19 @@ def auth_warnings(cfg: Config, state_dir: str) -> list[Warning_]:
     return out
 
 
+def bus_warnings(cfg: Config) -> list[Warning_]:
+    """What a Kafka-bus gateway node says at start of the default databases' feeds."""
+    if cfg.bus.kind != "kafka" or cfg.bus.workspaces:
+        return []
+    defaults = [name for name, url in (("postgres.url", cfg.postgres.url), ("mongo.url", cfg.mongo.url)) if url]
+    if not defaults:
+        return []
+    return [(f"bus.workspaces is empty, with {' and '.join(defaults)} set: this node cannot tell which workspaces "
+             "the ingest feeds from the default databases, and answers `subscribed` to their channels in any "
+             "workspace (no event comes to one the ingest does not feed); give it the ingest's RT_BUS_WORKSPACES",
+             {"settings": defaults})]
+
+
 def server_tls_context(cfg: Config) -> ssl.SSLContext | None:
     """The context of wss:// and https:// (server.tls_cert, server.tls_key), or None;
     RuntimeError saying which setting, set where, which file and why, when it cannot be made."""
@@ -81,7 +94,7 @@ def report(cfg: Config, command: str) -> dict[str, Any]:
     with, each section's values as they take effect (secrets "(set)", credentials in URLs
     masked), the workspaces' own sources, an ingest's feeds, and the warnings it would log."""
     state_dir = os.path.abspath(cfg.server.state_dir)
-    warnings = env_warnings(cfg) + (auth_warnings(cfg, state_dir) if command == "serve" else [])
+    warnings = env_warnings(cfg) + (auth_warnings(cfg, state_dir) + bus_warnings(cfg) if command == "serve" else [])
     out: dict[str, Any] = {
         "command": command,
         "config_file": os.path.abspath(cfg.path) if cfg.path else None,

@@ -125,3 +125,18 @@ def test_its_warnings_are_those_serve_logs_at_start(tmp_path):
     logged = [line["msg"] for line in map(json.loads, served.stderr.splitlines()[:-1]) if line["level"] == "warning"]
     assert set(warnings) <= set(logged), (warnings, logged)
     assert "too-short" not in checked.stdout + checked.stderr
+
+
+def test_a_kafka_node_with_default_databases_and_no_workspace_list_is_warned(tmp_path):
+    """A node given no bus.workspaces cannot refuse the database channels of a workspace the
+    ingest does not feed (they are answered `subscribed`, and nothing comes): said at start."""
+    env = {"RT_BUS": "kafka", "RT_BUS_KAFKA_BOOTSTRAP": "k:9092", "RT_POSTGRES_URL": "postgresql://db/app"}
+    checked = _run(["check-config"], env, cwd=str(tmp_path))
+    assert checked.returncode == 0, checked.stderr
+    warnings = json.loads(checked.stdout)["warnings"]
+    assert any(w.startswith("bus.workspaces is empty, with postgres.url set: this node cannot tell") for w in warnings), \
+        warnings
+    for quiet in ({**env, "RT_BUS_WORKSPACES": "acme"}, {**env, "RT_BUS": "memory"}):
+        checked = _run(["check-config"], quiet, cwd=str(tmp_path))
+        assert checked.returncode == 0, checked.stderr
+        assert not any("bus.workspaces" in w for w in json.loads(checked.stdout)["warnings"]), checked.stdout
