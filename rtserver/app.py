@@ -23,7 +23,7 @@ from rtserver import http, publish
 from rtserver.atomic_file import ensure_state_dir
 from rtserver.audit import create_audit
 from rtserver.auth import Authenticator, AuthError, load_or_create_dev_secret
-from rtserver.bus import BusUnavailable, create_bus
+from rtserver.bus import SHUTTING_DOWN, BusUnavailable, create_bus
 from rtserver.channels import TOPIC_RE
 from rtserver.config import WORKSPACE_ID_RE, Config, WorkspaceSources
 from rtserver.config_check import auth_warnings, bus_warnings, server_tls_context
@@ -556,7 +556,7 @@ class Gateway:
         if self.draining:
             # Every subscriber has been closed with 1001 and the history ends with the process:
             # an event accepted now would reach no one. Refused, as a WebSocket upgrade is.
-            return 503, _err("the gateway is shutting down; publish to another node, or again once it has restarted")
+            return 503, _err(SHUTTING_DOWN)
         if not WORKSPACE_ID_RE.match(workspace):
             return 404, _err(f"workspace id {workspace!r} must be 1-64 of [A-Za-z0-9_-]")
         return None

@@ -21,6 +21,11 @@ if TYPE_CHECKING:
     from rtserver.metrics import Metrics
 
 
+# A draining gateway's refusal of a publish: its subscribers are closed (1001) and its history
+# ends with the process, so an event accepted now would reach no one.
+SHUTTING_DOWN = "the gateway is shutting down; publish to another node, or again once it has restarted"
+
+
 class BusUnavailable(Exception):
     """The bus could not take an event: `status` 503 when it was not sent (a retry is safe),
     504 when it was sent but not confirmed in time (it may still be delivered, once), 400 when
@@ -53,7 +58,8 @@ class EventBus(Protocol):
         carried, or none could be sent. Once some are sent, each event's seq or a future of
         it, failed (BusUnavailable) for an event that was not published: one that could not
         be sent and the events after it, or those left when `stopped()` turned true (the
-        gateway draining) while the batch waited for room."""
+        gateway draining) while the batch was under way, or the whole batch refused (503) when
+        it turned true before the first event was published."""
         ...
 
     def history_gap(self, workspace: str, source: str, reason: str) -> None:
@@ -117,6 +123,8 @@ class MemoryBus:
                 await asyncio.sleep(0)  # other clients get a turn (sources.base.YIELD_EVERY)
             if stopped():
                 # Draining: the subscribers are closed and the history ends with the process.
+                if not seqs:  # nothing published: refused whole, as a single publish is then
+                    raise BusUnavailable(503, SHUTTING_DOWN)
                 seqs += not_published(len(events) - i, "not published: the gateway is shutting down")
                 break
             seqs.append(hub.deliver(event))

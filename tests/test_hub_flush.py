@@ -378,3 +378,33 @@ async def test_a_truncate_reaches_indexed_subscriptions_whatever_their_predicate
     got = {name: len(conn._raw.writes) for name, conn in conns.items()}
     assert got == {"filtered": 1, "inserts": 0, "other_table": 0, "reading_back": 0}
     assert b'"operation":"TRUNCATE"' in conns["filtered"]._raw.writes[0]
+
+
+async def test_a_batch_stopped_before_its_first_event_is_refused_whole():
+    """A drain that begins before a batch's first event is published (while its events are
+    checked, or while the first waits for room) refuses the batch as a single publish is then
+    refused: one 503, nothing published. It was the partial answer, each event listed 'not
+    published', and its headline 'N of the batch's N events not confirmed as published'. One
+    that begins after some were published still ends the batch there, with each event's
+    outcome."""
+    from rtserver.bus import SHUTTING_DOWN, BusUnavailable, MemoryBus
+
+    hub = make_hub(chunk=16, backlog=100)
+    bus = MemoryBus(hub)
+    conn = Conn()
+    conn.subscriptions = {}
+    ws = hub.workspace("w1")
+    hub.add(ws, Subscription(conn, parse("events:t", None)))
+    events = [Event(workspace="w1", source="events", entity="t", operation="PUBLISH", record={}, body=b'{"i":%d}' % i)
+              for i in range(3)]
+    try:
+        await bus.submit_many(events, lambda: True)
+    except BusUnavailable as exc:
+        assert (exc.status, str(exc), exc.index) == (503, SHUTTING_DOWN, None)
+    else:
+        raise AssertionError("a batch stopped before its first event was published")
+    assert len(ws.history) == 0 and hub.metrics.deliveries == 0
+    asked = iter([False, True, True])
+    seqs = await bus.submit_many(events, lambda: next(asked))
+    assert type(seqs[0]) is int and len(ws.history) == 1
+    assert [f.exception().status for f in seqs[1:]] == [503, 503]

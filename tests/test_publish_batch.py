@@ -272,3 +272,30 @@ async def test_a_batch_cut_short_by_a_drain_says_which_events_were_published(gat
         # What reached the subscriber before its close: published events only, in order.
         assert [e["payload"] for e in got] == list(range(len(got))) and len(got) <= len(published)
     assert await asyncio.wait_for(gw.proc.wait(), 15) == 0, gw.logs()  # the drain ends by itself
+
+
+async def test_a_batch_payload_nests_three_levels_less_than_a_single_body_at_least(gateway):
+    """docs/protocol.md §8: a payload may nest three levels less deep than a single publish's
+    body may (the batch's object, array and event count against the same bound: Python's
+    recursion limit, whose room left also varies by a level or two with how deep in the
+    gateway's calls the request is decoded); deeper than the single body's bound it is 400."""
+    def nest(depth: int) -> bytes:
+        return b"[" * depth + b"1" + b"]" * depth
+
+    async def single(depth: int) -> int:
+        return (await gateway.post("/workspaces/w1/realtime/events/deep", nest(depth), _auth(gateway)))[0]
+
+    low, high = 1, 4000  # single(low) takes it, single(high) does not
+    assert await single(low) == 202 and await single(high) == 400
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if await single(mid) == 202 else (low, mid)
+
+    async def batch(depth: int) -> tuple[int, bytes]:
+        body = b'{"events": [{"topic": "deep", "payload": ' + nest(depth) + b"}]}"
+        return await gateway.post(BATCH, body, _auth(gateway))
+
+    status, out = await batch(low - 3)
+    assert status == 202, (low, out)
+    status, out = await batch(low + 1)
+    assert status == 400 and "nests too deeply" in json.loads(out)["error"], (low, out)
