@@ -8,7 +8,7 @@ objects; each with warm caches, and with the caches evicted before every event, 
 writes evict them in the gateway (see benchmarks/README-fanout.md, "Where the open target
 stands").
 
-    python benchmarks/index_locality.py
+    python -m benchmarks.index_locality
 """
 
 from __future__ import annotations
