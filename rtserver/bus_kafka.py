@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from rtcore.event import Event
-from rtserver.bus import BusUnavailable, not_published
+from rtserver.bus import SHUTTING_DOWN, BusUnavailable, not_published
 from rtserver.channels import valid_collection, valid_table_name
 from rtserver.config import KAFKA_RECORD_OVERHEAD as RECORD_OVERHEAD  # the record batch's framing
 from rtserver.eager import run_now
@@ -223,10 +223,22 @@ def _log_late_outcome(fut: asyncio.Future, where: str) -> None:
         log.info("a publish answered 504 was written", extra={"fields": {"where": where, "seq": fut.result().offset + 1}})
 
 
+def _why(exc: BaseException) -> str:
+    """An exception as an answer names it: its type, and its text when it has one (a bare
+    TimeoutError read "TimeoutError: ")."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 def _confirmation(ack: asyncio.Future, timeout: float, workspace: str, topic: str) -> asyncio.Future[int]:
     """The seq `ack` (a producer's future of a record) acknowledges, within `timeout`; else
     BusUnavailable (see KafkaBus.submit). Callbacks and one timer, not a task per record."""
-    from aiokafka.errors import KafkaError, MessageSizeTooLargeError, RecordTooLargeError
+    from aiokafka.errors import (
+        KafkaError,
+        MessageSizeTooLargeError,
+        OutOfOrderSequenceNumber,
+        RecordTooLargeError,
+    )
 
     loop = asyncio.get_running_loop()
     out: asyncio.Future[int] = loop.create_future()
@@ -242,8 +254,16 @@ def _confirmation(ack: asyncio.Future, timeout: float, workspace: str, topic: st
             out.set_exception(BusUnavailable(413, f"payload too large for the event bus: Kafka refused its record "
                                                   f"({type(exc).__name__}: the topic's max.message.bytes); it was "
                                                   f"not published (workspace {workspace}, bus topic {topic})"))
+        elif isinstance(exc, OutOfOrderSequenceNumber):
+            # Not this record's doing: Kafka refused an earlier record of the node's producer
+            # (a publish of any workspace on its partition), and refuses every record sent with
+            # it until the new producer (_renew) takes over.
+            out.set_exception(BusUnavailable(503, "event bus refused the event because it refused an earlier record "
+                                                  "sent with it (OutOfOrderSequenceNumber: the node starts a new "
+                                                  "producer); it was not published, a retry is safe (workspace "
+                                                  f"{workspace}, bus topic {topic})"))
         elif f.cancelled() or isinstance(exc, KafkaError):
-            why = "cancelled" if exc is None else f"{type(exc).__name__}: {exc}"
+            why = "cancelled" if exc is None else _why(exc)
             out.set_exception(BusUnavailable(503, f"event bus refused the event ({why}); it was not published "
                                                   f"(workspace {workspace}, bus topic {topic})"))
         elif exc is not None:
@@ -373,6 +393,7 @@ class KafkaPublisher:
         self._grown = 0  # partition count of the topic once it had more than at start
         self._renewing = asyncio.Lock()
         self._renew_task: asyncio.Task | None = None
+        self.closing = False  # close() began: what is handed over now is refused (SHUTTING_DOWN)
 
     async def start(self) -> None:
         from aiokafka.errors import KafkaError
@@ -566,6 +587,8 @@ class KafkaPublisher:
                       headers: list[tuple[str, bytes]] | None = None) -> asyncio.Future:
         """Hand a record to the producer's batch; the future resolves once Kafka has it. Waits
         while the partition's batch is full (Kafka away), however long."""
+        if self.closing:
+            raise BusUnavailable(503, f"not published: {SHUTTING_DOWN} (workspace {workspace})")
         if self._refused:
             await asyncio.shield(self._renewal())
         producer = self._producer
@@ -590,6 +613,7 @@ class KafkaPublisher:
         return await self.send(workspace, gap_record(source, reason))
 
     async def close(self) -> None:
+        self.closing = True
         watch, self._watch_task = self._watch_task, None
         await cancel_and_wait(watch, what=f"bus publisher watch of {self.topic}")
         await cancel_and_wait(self._renew_task, quiet=True)  # it may wait for Kafka (flush)
@@ -748,7 +772,11 @@ class KafkaBus:
             if not finished:
                 ack = await asyncio.wait_for(ack, pub.timeout)
         except (TimeoutError, KafkaError) as exc:
-            raise BusUnavailable(503, f"event bus unavailable ({type(exc).__name__}: {exc}); the event was "
+            if pub.closing:  # the node stops: its producer closed under the send
+                raise BusUnavailable(503, f"not published: {SHUTTING_DOWN} (workspace {workspace})") from exc
+            why = (f"Kafka took no record for {pub.timeout:g}s (bus.publish_timeout)" if isinstance(exc, TimeoutError)
+                   else _why(exc))
+            raise BusUnavailable(503, f"event bus unavailable ({why}); the event was "
                                       f"not published (workspace {workspace}, bus topic {self.topic})") from exc
         return _confirmation(ack, pub.timeout, workspace, self.topic)
 

@@ -2664,3 +2664,33 @@ async def test_a_workspace_the_ingest_does_not_feed_is_refused_its_database_chan
     unlisted = await cluster.node(RT_BUS_WORKSPACES="")
     async with ws_connect(unlisted, "w2", token=unlisted.token("w2")) as c:
         assert (await c.subscribe("postgres:orders"))["type"] == "subscribed"
+
+
+async def test_a_batch_cut_short_by_a_node_stopping_says_so(cluster):
+    """SIGTERM on a Kafka node while a batch is sent: the events its producer took before
+    closing are published (every node's subscribers get them), the rest are answered 503 'not
+    published: the gateway is shutting down', not 'event bus unavailable (ProducerClosed)',
+    which sent the publisher looking at Kafka."""
+    from contextlib import AsyncExitStack
+
+    a, b = await cluster.node(), await cluster.node()
+    count = 6000
+    body = json.dumps({"events": [{"topic": "x", "payload": {"n": k}} for k in range(count)]}).encode()
+    async with AsyncExitStack() as stack:
+        cb = await subscribed_client(stack, b, "events:x")
+        task = asyncio.create_task(a.post("/workspaces/w1/realtime/events", body,
+                                          {"Authorization": f"Bearer {a.token('w1', publish=True)}"}))
+        got = [await cb.recv_event(timeout=20)]
+        a.proc.send_signal(signal.SIGTERM)
+        status, out = await asyncio.wait_for(task, 30)
+        answer = json.loads(out)
+        published = [e for e in answer.get("events", []) if "seq" in e]
+        got += [await cb.recv_event(timeout=10) for _ in range(len(published) - 1)]
+        await cb.no_message(1)
+    assert status == 503, answer
+    refused = answer["events"][len(published):]
+    assert refused and len(published) + len(refused) == count, answer["error"]
+    assert refused[0]["error"].startswith("not published: the gateway is shutting down"), refused[0]
+    assert "ProducerClosed" not in out.decode() and "event bus unavailable" not in out.decode(), refused[0]
+    assert [e["seq"] for e in published] == [e["seq"] for e in got]
+    assert await asyncio.wait_for(a.proc.wait(), 20) == 0, a.logs()
