@@ -26,7 +26,7 @@ from rtserver.auth import Authenticator, AuthError, load_or_create_dev_secret
 from rtserver.bus import SHUTTING_DOWN, BusUnavailable, create_bus
 from rtserver.channels import TOPIC_RE
 from rtserver.config import WORKSPACE_ID_RE, Config, WorkspaceSources
-from rtserver.config_check import auth_warnings, bus_warnings, server_tls_context
+from rtserver.config_check import serve_warnings, server_tls_context
 from rtserver.connection import Connection
 from rtserver.eager import run_now
 from rtserver.fd_limit import connection_share, open_files_limit, socket_share
@@ -119,7 +119,7 @@ class Gateway:
         # Before anything connects anywhere: a certificate that cannot be loaded stops the
         # start at once, not after the sources, the bus and the audit trail have started.
         ctx = server_tls_context(cfg)
-        for message, fields in auth_warnings(cfg, self.state_dir) + bus_warnings(cfg):
+        for message, fields in serve_warnings(cfg, self.state_dir):
             log.warning(message, extra={"fields": fields})
         loop = asyncio.get_running_loop()
         self.metrics.watch_gc()

@@ -588,7 +588,7 @@ class KafkaPublisher:
         """Hand a record to the producer's batch; the future resolves once Kafka has it. Waits
         while the partition's batch is full (Kafka away), however long."""
         if self.closing:
-            raise BusUnavailable(503, f"not published: {SHUTTING_DOWN} (workspace {workspace})")
+            raise self.stopped(workspace)
         if self._refused:
             await asyncio.shield(self._renewal())
         producer = self._producer
@@ -611,6 +611,10 @@ class KafkaPublisher:
 
     async def publish_gap(self, workspace: str, source: str, reason: str) -> int:
         return await self.send(workspace, gap_record(source, reason))
+
+    def stopped(self, workspace: str) -> BusUnavailable:
+        """The refusal of a record this publisher cannot send any more: the node stops."""
+        return BusUnavailable(503, f"not published: {SHUTTING_DOWN} (workspace {workspace})")
 
     async def close(self) -> None:
         self.closing = True
@@ -773,7 +777,7 @@ class KafkaBus:
                 ack = await asyncio.wait_for(ack, pub.timeout)
         except (TimeoutError, KafkaError) as exc:
             if pub.closing:  # the node stops: its producer closed under the send
-                raise BusUnavailable(503, f"not published: {SHUTTING_DOWN} (workspace {workspace})") from exc
+                raise pub.stopped(workspace) from exc
             why = (f"Kafka took no record for {pub.timeout:g}s (bus.publish_timeout)" if isinstance(exc, TimeoutError)
                    else _why(exc))
             raise BusUnavailable(503, f"event bus unavailable ({why}); the event was "

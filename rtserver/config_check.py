@@ -65,6 +65,11 @@ def bus_warnings(cfg: Config) -> list[Warning_]:
              {"settings": defaults})]
 
 
+def serve_warnings(cfg: Config, state_dir: str) -> list[Warning_]:
+    """What a gateway node (`serve`) says of its settings at start, and check-config with it."""
+    return auth_warnings(cfg, state_dir) + bus_warnings(cfg)
+
+
 def server_tls_context(cfg: Config) -> ssl.SSLContext | None:
     """The context of wss:// and https:// (server.tls_cert, server.tls_key), or None;
     RuntimeError saying which setting, set where, which file and why, when it cannot be made."""
@@ -94,7 +99,7 @@ def report(cfg: Config, command: str) -> dict[str, Any]:
     with, each section's values as they take effect (secrets "(set)", credentials in URLs
     masked), the workspaces' own sources, an ingest's feeds, and the warnings it would log."""
     state_dir = os.path.abspath(cfg.server.state_dir)
-    warnings = env_warnings(cfg) + (auth_warnings(cfg, state_dir) + bus_warnings(cfg) if command == "serve" else [])
+    warnings = env_warnings(cfg) + (serve_warnings(cfg, state_dir) if command == "serve" else [])
     out: dict[str, Any] = {
         "command": command,
         "config_file": os.path.abspath(cfg.path) if cfg.path else None,
