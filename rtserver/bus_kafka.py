@@ -230,30 +230,23 @@ def _why(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def _confirmation(ack: asyncio.Future, timeout: float, workspace: str, topic: str) -> asyncio.Future[int]:
-    """The seq `ack` (a producer's future of a record) acknowledges, within `timeout`; else
-    BusUnavailable (see KafkaBus.submit). Callbacks and one timer, not a task per record."""
-    from aiokafka.errors import (
-        KafkaError,
-        MessageSizeTooLargeError,
-        OutOfOrderSequenceNumber,
-        RecordTooLargeError,
-    )
+def _confirmation(ack: asyncio.Future, pub: KafkaPublisher, workspace: str, size: int) -> asyncio.Future[int]:
+    """The seq `ack` (a producer's future of a record of `size` bytes) acknowledges, within
+    the publisher's timeout; else BusUnavailable (see KafkaBus.submit). Callbacks and one
+    timer, not a task per record."""
+    from aiokafka.errors import KafkaError, OutOfOrderSequenceNumber
 
     loop = asyncio.get_running_loop()
     out: asyncio.Future[int] = loop.create_future()
+    timeout, topic = pub.timeout, pub.topic
 
     def settled(f: asyncio.Future) -> None:
         timer.cancel()
         if out.done():
             return  # answered 504 already: _log_late_outcome tells what became of it
         exc = None if f.cancelled() else f.exception()
-        if isinstance(exc, MessageSizeTooLargeError | RecordTooLargeError):
-            # The topic's max.message.bytes lowered under the node (what it read at start is
-            # checked before sending): a retry is refused alike, 503 told the publisher to retry.
-            out.set_exception(BusUnavailable(413, f"payload too large for the event bus: Kafka refused its record "
-                                                  f"({type(exc).__name__}: the topic's max.message.bytes); it was "
-                                                  f"not published (workspace {workspace}, bus topic {topic})"))
+        if is_too_large(exc):
+            _too_large(out, pub, workspace, size, type(exc).__name__)
         elif isinstance(exc, OutOfOrderSequenceNumber):
             # Not this record's doing: Kafka refused an earlier record of the node's producer
             # (a publish of any workspace on its partition), and refuses every record sent with
@@ -283,6 +276,47 @@ def _confirmation(ack: asyncio.Future, timeout: float, workspace: str, topic: st
     timer = loop.call_later(timeout, expired)
     ack.add_done_callback(settled)
     return out
+
+
+def is_too_large(exc: BaseException | None) -> bool:
+    """Whether Kafka refused a record (or the batch it was sent in) as too large for the topic."""
+    from aiokafka.errors import MessageSizeTooLargeError, RecordTooLargeError
+
+    return isinstance(exc, MessageSizeTooLargeError | RecordTooLargeError)
+
+
+def _too_large(out: asyncio.Future[int], pub: KafkaPublisher, workspace: str, size: int, error: str) -> None:
+    """Answer a record Kafka refused as too large (the topic's max.message.bytes lowered under
+    the node: what it read before is checked before sending). Kafka refuses the whole request
+    of a partition, so the records sent with the one too large get the same error: the limit
+    is read again to tell them apart. The one over it is answered 413 (a retry is refused
+    alike), the others 503 (a retry is safe): a 413 had their publishers drop events that fit."""
+    where = f"workspace {workspace}, bus topic {pub.topic}"
+
+    def decide(check: asyncio.Future | None = None) -> None:
+        timer.cancel()
+        if out.done():
+            return
+        if check is None or check.cancelled() or check.exception() is not None or not check.result():
+            out.set_exception(BusUnavailable(503, f"event bus refused the event: Kafka refused the request that "
+                                                  f"carried it as too large ({error}) and the topic's "
+                                                  f"max.message.bytes could not be read again to tell whether "
+                                                  f"this record is the one; it was not published, a retry is safe "
+                                                  f"({where})"))
+        elif size > pub.max_record:
+            out.set_exception(BusUnavailable(413, f"payload too large for the event bus: Kafka refused its record "
+                                                  f"of {size} bytes ({error}: the topic's max.message.bytes now "
+                                                  f"takes records up to {pub.max_record}); it was not published "
+                                                  f"({where})"))
+        else:
+            out.set_exception(BusUnavailable(503, f"event bus refused the event because a record too large for the "
+                                                  f"topic was sent with it ({error}: Kafka refuses the request "
+                                                  f"whole); this one fits, it was not published, a retry is safe "
+                                                  f"({where})"))
+
+    check = pub.check_limit()
+    timer = asyncio.get_running_loop().call_later(pub.timeout, decide)
+    check.add_done_callback(decide)
 
 
 REQUEST_TIMEOUT_MS = 120_000  # the bus producers' aiokafka request timeout (see KafkaPublisher.start)
@@ -363,6 +397,12 @@ async def topic_configs(options: dict[str, Any], topic: str, names: tuple[str, .
 # What a record batch holds besides one record's value: batch and record framing, the key (a
 # workspace id) and the position header.
 _BATCH_FRAMING = 1024
+# aiokafka's max_batch_size: the bytes of a partition's records sent together, unless the
+# topic takes less (KafkaPublisher.apply_limit).
+_BATCH_BYTES = 16384
+# Seconds between two reads of the topic's max.message.bytes while it is below what the
+# publisher read at start (lowered under it): raised again, larger records are taken again.
+_LIMIT_RECHECK = 30.0
 
 
 class KafkaPublisher:
@@ -381,6 +421,14 @@ class KafkaPublisher:
         self.partitions = 0
         self.published = 0
         self.max_record = cfg.bus.max_record_bytes
+        self.batch_bytes = _BATCH_BYTES
+        self._start_record = self.max_record  # max_record as read at start (apply_limit)
+        self._limit_check: asyncio.Task[bool] | None = None
+        self._limit_checked = 0.0  # monotonic time of the last read of the topic's limit
+        # A limit lowered under the process (read again after Kafka refused a record as too
+        # large) lowers max_record too. The ingest's is False: a change over it is read again
+        # until the operator raises the limit back, rather than skipped (docs/scale-out.md).
+        self.follow_limit = True
         self.timeout = cfg.bus.publish_timeout
         self.options: dict[str, Any] = {}
         self._producer = None
@@ -433,7 +481,8 @@ class KafkaPublisher:
                         self.max_record + RECORD_OVERHEAD,
                         extra={"fields": {"topic": self.topic, "max_message_bytes": limit,
                                           "max_record_bytes": self.max_record, "client": self.client_id}})
-            self.max_record = max(0, limit - _BATCH_FRAMING)
+        self.apply_limit(limit)
+        self._start_record = self.max_record
         self._producer = await self.new_producer()
         self._watch_task = asyncio.create_task(self._watch(), name="rtserver-bus-watch")
 
@@ -442,6 +491,8 @@ class KafkaPublisher:
         transactional id: bus_txn)."""
         from aiokafka import AIOKafkaProducer
 
+        if self._limit_check is not None:
+            await asyncio.shield(self._limit_check)  # its batches fit what the read finds
         producer = AIOKafkaProducer(
             **self.options,
             client_id=self.client_id,
@@ -449,6 +500,9 @@ class KafkaPublisher:
             enable_idempotence=True,  # a retried send is written once, in order
             linger_ms=0,
             max_request_size=self.max_record + RECORD_OVERHEAD,
+            # Kafka refuses a batch over the topic's max.message.bytes whole: records that each
+            # fit were refused together when sent together (a topic under 16 KiB).
+            max_batch_size=self.batch_bytes,
             # Also how long a batch may wait for a partition leader before aiokafka drops it
             # (40 s by default): Kafka coming back from a longer outage elects leaders first, and
             # a dropped batch is lost (a publish answered 504) or read again by a restarted feed
@@ -464,6 +518,43 @@ class KafkaPublisher:
             raise
         producer.client.add_topic(self.topic)  # else each metadata request asks for every topic
         return producer
+
+    def apply_limit(self, limit: int | None, records: bool = True) -> None:
+        """The topic's max.message.bytes as Kafka states it (None: not stated): a partition's
+        records sent together stay under it, and with `records` a record over it, less the
+        batch's framing, is refused before it is sent (max_record)."""
+        configured = self.cfg.bus.max_record_bytes
+        if records:
+            self.max_record = configured if limit is None else min(configured, max(0, limit - _BATCH_FRAMING))
+        self.batch_bytes = _BATCH_BYTES if limit is None else max(1, min(_BATCH_BYTES, limit))
+
+    def check_limit(self) -> asyncio.Task[bool]:
+        """The read of the topic's max.message.bytes under way, or a new one: True once read
+        (and applied: apply_limit), False when Kafka did not say. The next producer (_renew)
+        batches under what it finds."""
+        if self._limit_check is None or self._limit_check.done():
+            self._limit_check = asyncio.ensure_future(self._read_limit())
+        return self._limit_check
+
+    async def _read_limit(self) -> bool:
+        self._limit_checked = time.monotonic()
+        try:
+            configs = await asyncio.wait_for(topic_configs(self.options, self.topic, ("max.message.bytes",)),
+                                             self.timeout)
+        except Exception as exc:  # noqa: BLE001 - Kafka's answer or none: the callers say so
+            log.warning("bus: could not read the max.message.bytes of topic %s: %s", self.topic, _why(exc),
+                        extra={"fields": {"topic": self.topic, "client": self.client_id}})
+            return False
+        before = self.max_record
+        self.apply_limit(int(configs["max.message.bytes"]) if "max.message.bytes" in configs else None,
+                         records=self.follow_limit)
+        if self.max_record != before:
+            log.warning("bus topic %s now takes records up to %d bytes (its max.message.bytes less framing), "
+                        "%d before: larger events are refused 413 before they are sent",
+                        self.topic, self.max_record, before,
+                        extra={"fields": {"topic": self.topic, "max_record_bytes": self.max_record,
+                                          "before": before, "client": self.client_id}})
+        return True
 
     async def _renew(self) -> None:
         """A new producer after Kafka refused a record. aiokafka's idempotent producer gave the
@@ -513,6 +604,9 @@ class KafkaPublisher:
                 found = await self._diagnosis(why)
                 detail = "" if found == why else found
             self._log_transition(detail)
+            if (self.max_record < self._start_record and not why
+                    and time.monotonic() - self._limit_checked > _LIMIT_RECHECK):
+                self.check_limit()  # lowered under this process: raised again since?
             await asyncio.sleep(_PROBE_INTERVAL)
 
     @property
@@ -578,6 +672,8 @@ class KafkaPublisher:
         self._progress = time.monotonic()
         if not fut.cancelled() and fut.exception() is not None:
             self._refused = True  # the next enqueue() starts a new producer (_renew)
+            if is_too_large(fut.exception()):
+                self.check_limit()  # lowered under this process: the new producer batches under it
 
     async def send(self, workspace: str, value: bytes, headers: list[tuple[str, bytes]] | None = None) -> int:
         meta = await (await self.enqueue(workspace, value, headers))
@@ -621,6 +717,7 @@ class KafkaPublisher:
         watch, self._watch_task = self._watch_task, None
         await cancel_and_wait(watch, what=f"bus publisher watch of {self.topic}")
         await cancel_and_wait(self._renew_task, quiet=True)  # it may wait for Kafka (flush)
+        await cancel_and_wait(self._limit_check, quiet=True)
         producer, self._producer = self._producer, None
         if producer is not None:
             with contextlib.suppress(Exception):
@@ -782,7 +879,7 @@ class KafkaBus:
                    else _why(exc))
             raise BusUnavailable(503, f"event bus unavailable ({why}); the event was "
                                       f"not published (workspace {workspace}, bus topic {self.topic})") from exc
-        return _confirmation(ack, pub.timeout, workspace, self.topic)
+        return _confirmation(ack, pub, workspace, len(value))
 
     def history_gap(self, workspace: str, source: str, reason: str) -> None:
         task = asyncio.ensure_future(self.publisher.publish_gap(workspace, source, reason))

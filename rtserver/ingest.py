@@ -44,6 +44,7 @@ from rtserver.bus_kafka import (
     bootstrap_of,
     decode_event,
     encode_event,
+    is_too_large,
     partition_for,
     stop_client,
 )
@@ -318,6 +319,7 @@ class Ingest:
         self.state_dir = os.path.abspath(cfg.server.state_dir)
         ensure_state_dir(self.state_dir)  # its feeds' positions: a start, not the first takeover, says it is unusable
         self.publisher = KafkaPublisher(cfg, f"rtserver-ingest-{self.node}")
+        self.publisher.follow_limit = False  # a change over a lowered limit is read again (_writer_failed)
         self.plan = plan_sources(cfg)
         self.lease: Lease | None = None
         self.sources: list[tuple[Any, SourceSink]] = []
@@ -454,6 +456,10 @@ class Ingest:
         self._failure_streak = 1 if writer is None or writer.committed else self._failure_streak + 1
         delay = min(_REJOIN_MAX_DELAY, _REJOIN_FIRST_DELAY * 2 ** (self._failure_streak - 1))
         fenced = type(exc).__name__ == "ProducerFenced"
+        if is_too_large(exc):
+            # The topic's limit lowered: the next writer's batches of records that each fit
+            # stay under it (Kafka refuses an oversized batch whole, each record of it).
+            self.publisher.check_limit()
         log.error("ingest: a Kafka transaction failed; giving up the lease and joining again",
                   extra={"fields": {"topic": self.cfg.bus.topic, "error": f"{type(exc).__name__}: {exc}",
                                     "fenced": fenced, "rejoin_in_s": delay}})

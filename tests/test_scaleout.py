@@ -879,6 +879,47 @@ async def _node_in_process(kafka_broker, tmp_path, **env: str):
     return gw
 
 
+async def test_a_topic_limit_raised_back_is_taken_again(kafka_broker, tmp_path, monkeypatch):
+    """Kafka refused an event for its size (the topic's max.message.bytes lowered under the
+    node): the node reads the limit again and refuses larger events itself, 413 before sending
+    them; raised back, the limit is read again (every 30 s while lower than at start; 0.3 s
+    here) and such events are published again."""
+    from aiokafka.admin import AIOKafkaAdminClient
+    from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+    from rtserver import bus_kafka
+    from tests.test_churn import SECRET, _token
+
+    monkeypatch.setattr(bus_kafka, "_LIMIT_RECHECK", 0.3)
+    gw = await _node_in_process(kafka_broker, tmp_path)
+    token = _token(["w1"], "publisher", publish=True, secret=SECRET)
+    path = "/workspaces/w1/realtime/events/x"
+    big = {"blob": "x" * 8000}
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_broker.bootstrap)
+    await admin.start()
+
+    async def limit(size: int) -> None:
+        await admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, gw.cfg.bus.topic,
+                                                  configs={"max.message.bytes": str(size)})])
+
+    try:
+        await limit(4096)
+        [(status, out)] = await pipelined_posts(gw.port, token, path, [big])
+        assert status == 413 and "MessageSizeTooLarge" in out["error"], out
+        [(status, out)] = await pipelined_posts(gw.port, token, path, [big])
+        assert status == 413 and "the events topic takes 3072" in out["error"], out
+        await limit(1_048_576)
+        for _ in range(100):
+            [(status, out)] = await pipelined_posts(gw.port, token, path, [big])
+            if status != 413:
+                break
+            await asyncio.sleep(0.1)
+        assert status == 202, out
+    finally:
+        await admin.close()
+        await gw.shutdown()
+
+
 async def test_a_read_back_larger_than_the_send_buffer_reaches_a_reader_that_keeps_up(kafka_broker, tmp_path):
     """A node's read-back from Kafka waits for the client to take what it emitted before
     fetching more: one larger than limits.send_buffer_bytes, emitted at once, closed a client
@@ -1357,7 +1398,7 @@ async def test_a_record_kafka_refused_does_not_block_its_partition(cluster):
         async with ws_connect(node, "w1", token=node.token("w1")) as c:
             await c.subscribe("events:x")
             assert (await post({"n": 0}))[0] == 202  # Kafka knows this producer on the partition
-            status, body = await post({"n": 1, "blob": "x" * 8000})
+            status, body = await post({"n": 1, "blob": "x" * 3000})
             assert status == 413 and b"MessageSizeTooLarge" in body, (status, body)
             for n in (2, 3):
                 status, body = await post({"n": n})
@@ -1365,6 +1406,83 @@ async def test_a_record_kafka_refused_does_not_block_its_partition(cluster):
             got = await events(c, 3)
             await c.no_message(0.3)
     assert [e["payload"]["n"] for e in got] == [0, 2, 3]
+
+
+async def test_small_events_sent_together_fit_a_topic_with_a_small_record_limit(cluster):
+    """A topic whose max.message.bytes (4096 here) is under the producer's batch size (16 KiB):
+    the node batches a partition's records up to the topic's limit. Before, small events sent
+    together left in one Kafka batch over the limit, which Kafka refused whole: each was
+    answered 413 "payload too large" though every one fits."""
+    await cluster.node()  # creates the topic
+    async with topic_record_limit(cluster) as limit:
+        await limit(4096)
+    node = await cluster.node()  # reads the limit at start
+    items = [{"topic": "x", "payload": {"n": n, "pad": "p" * 200}} for n in range(60)]
+    async with ws_connect(node, "w1", token=node.token("w1")) as c:
+        await c.subscribe("events:x")
+        status, out = await node.post("/workspaces/w1/realtime/events", json.dumps({"events": items}).encode(),
+                                      {"Authorization": f"Bearer {node.token('w1', publish=True)}"})
+        assert status == 202, out
+        got = await events(c, len(items))
+    assert [e["payload"]["n"] for e in got] == list(range(60))
+
+
+async def test_small_events_sent_with_one_too_large_are_told_to_retry(cluster):
+    """The topic's max.message.bytes lowered under a running node, which checks records
+    against the limit it read at start: Kafka refuses the whole request that carries the one
+    record now too large. That one is answered 413 (the node reads the limit again to tell);
+    the small events sent with it were answered 413 as well, and a publisher dropped them.
+    They are now refused 503 (not published, a retry is safe), and published when retried."""
+    node = await cluster.node()
+    async with topic_record_limit(cluster) as limit:
+        await limit(4096)
+        items = ([{"topic": "x", "payload": {"n": 0}}, {"topic": "x", "payload": {"n": 1, "blob": "x" * 3000}}]
+                 + [{"topic": "x", "payload": {"n": n}} for n in range(2, 21)])
+        auth = {"Authorization": f"Bearer {node.token('w1', publish=True)}"}
+        async with ws_connect(node, "w1", token=node.token("w1")) as c:
+            await c.subscribe("events:x")
+            status, out = await node.post("/workspaces/w1/realtime/events", json.dumps({"events": items}).encode(),
+                                          auth)
+            answers = json.loads(out)["events"]
+            published = [n for n, a in enumerate(answers) if "seq" in a]
+            first_failure = next(a for a in answers if "seq" not in a)
+            assert status == first_failure["status"] and answers[1]["status"] == 413, (status, answers)
+            assert "MessageSizeTooLarge" in answers[1]["error"], answers[1]
+            refused = [n for n, a in enumerate(answers) if "seq" not in a and n != 1]
+            assert all(answers[n]["status"] == 503 and "a retry is safe" in answers[n]["error"] for n in refused), answers
+            assert sorted(published + refused + [1]) == list(range(21)), answers
+            retry = [items[n] for n in refused]
+            status, out = await node.post("/workspaces/w1/realtime/events", json.dumps({"events": retry}).encode(), auth)
+            assert status == 202, out
+            got = await events(c, len(published) + len(refused))
+            await c.no_message(0.3)
+            # The limit now read: a record over it is refused before it is sent.
+            status, out = await node.post("/workspaces/w1/realtime/events/x", json.dumps({"blob": "x" * 8000}).encode(),
+                                          auth)
+            assert status == 413 and b"events topic takes" in out, (status, out)
+    assert sorted(e["payload"]["n"] for e in got) == published + refused
+
+
+async def test_small_changes_written_together_fit_a_topic_limit_lowered_under_the_ingest(cluster):
+    """The topic's max.message.bytes lowered under a running ingest to 4096, under the
+    producer's batch size (16 KiB): the first transaction of many small rows, each record of
+    which fits, leaves in one batch over the limit and Kafka refuses it. The ingest reads the
+    limit again, and its next writer batches under it: every row arrives, once. Before, each
+    attempt was refused alike and the feed stalled until the limit was raised again."""
+    ingest = await cluster.ingest()
+    await ingest.wait_active()
+    node = await cluster.node()
+    async with topic_record_limit(cluster) as limit:
+        async with ws_connect(node, "w1", token=node.token("w1")) as c:
+            await c.subscribe("postgres:orders")
+            await limit(4096)
+            await cluster.db.execute("INSERT INTO orders SELECT g, repeat('n', 150) FROM generate_series(1, 40) g")
+            got = await events(c, 40, timeout=30)  # the feed retries after a back-off
+            await c.no_message(0.5)
+    assert [e["record"]["id"] for e in got] == list(range(1, 41))
+    assert "MessageSizeTooLargeError" in ingest.logs()
+    (feed,) = (await ingest.status())["feeds"].values()
+    assert feed["oversized_skipped"] == 0, feed
 
 
 async def test_a_topic_created_beforehand_with_a_smaller_record_limit(cluster):
