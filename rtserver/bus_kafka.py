@@ -499,7 +499,9 @@ class KafkaPublisher:
             acks="all",
             enable_idempotence=True,  # a retried send is written once, in order
             linger_ms=0,
-            max_request_size=self.max_record + RECORD_OVERHEAD,
+            # What the settings allow, not max_record, which follows the topic's limit
+            # (apply_limit) and is checked before sending: raised again, it exceeded this.
+            max_request_size=self.cfg.bus.max_record_bytes + RECORD_OVERHEAD,
             # Kafka refuses a batch over the topic's max.message.bytes whole: records that each
             # fit were refused together when sent together (a topic under 16 KiB).
             max_batch_size=self.batch_bytes,

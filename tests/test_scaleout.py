@@ -908,9 +908,12 @@ async def test_a_topic_limit_raised_back_is_taken_again(kafka_broker, tmp_path, 
         assert status == 413 and "MessageSizeTooLarge" in out["error"], out
         [(status, out)] = await pipelined_posts(gw.port, token, path, [big])
         assert status == 413 and "the events topic takes 3072" in out["error"], out
+        [(status, out)] = await pipelined_posts(gw.port, token, path, [{"n": 1}])  # by a new producer
+        assert status == 202, out
         await limit(1_048_576)
+        larger = {"blob": "x" * 100_000}  # over what the node took when the limit was lowered, framing included
         for _ in range(100):
-            [(status, out)] = await pipelined_posts(gw.port, token, path, [big])
+            [(status, out)] = await pipelined_posts(gw.port, token, path, [larger])
             if status != 413:
                 break
             await asyncio.sleep(0.1)
