@@ -28,11 +28,29 @@ cdef class Entry:
 ctypedef struct Slot:
     Py_hash_t hash              # hash(key)
     void* key                   # owned reference to the canonical key; NULL: empty slot
-    void* ptr                   # n == 1: the item; 2..SMALL: an array of items; BIG: a dict
-                                # {Entry or direct key: whether direct}. An item is an Entry,
-                                # or a direct entry's key with the low bit set
+    void* ptr                   # n == 1: the item; 2..SMALL: an array of items; BIG: a Big.
+                                # An item is an Entry, or a direct entry's key with the low
+                                # bit set
     int attr                    # AttrTable.id
-    int n                       # entries, or BIG (ptr is a dict {Entry: None})
+    int n                       # entries, or BIG (ptr is a Big)
+
+
+# A BIG bucket's entry as a match reads it: what decides it without its Entry, side by side
+# with the others' in one array (see Big). 32 bytes: two to a cache line.
+ctypedef struct Rec:
+    void* key                   # borrowed: the subscription key (its Entry holds it)
+    size_t entry                # borrowed Entry (NULL for K_DIRECT), its K_* kind in the low 2 bits
+    void* rfield                # borrowed Entry.rfield for K_EQ / K_NE, else NULL
+    Py_hash_t rhash             # Entry.rhash for K_EQ / K_NE
+
+
+# A BIG bucket: this header, then `cap` Recs, in one allocation that Slot.ptr points to. The
+# records are unordered (removal moves the last one into the hole); `where` finds an entry's.
+ctypedef struct Big:
+    void* where                 # owned dict {Entry, or a direct entry's key: its position}
+    Py_ssize_t n                # records in use
+    Py_ssize_t cap              # records allocated
+    Py_ssize_t unused           # keeps the header 32 bytes, as a record
 
 
 cdef class AttrTable:
@@ -76,6 +94,16 @@ cdef enum:
     MAX_PROBES = 64             # lookups staged together; more go in rounds
 
 
+cdef class FieldCache:
+    cdef object name
+    cdef int n
+    cdef object key
+    cdef Py_hash_t hash
+    cdef list keys
+    cdef list hashes
+    cdef int load(self, object name, object record) except -1
+
+
 cdef class Gatherer:
     cdef Probe probes[MAX_PROBES]
     cdef int n
@@ -84,8 +112,15 @@ cdef class Gatherer:
     cdef list out               # Entries to check
     cdef list direct            # keys of direct entries hit: matches
     cdef set seen               # buckets taken, once a match needs several rounds
+    # match() only (None in match_transitions): a BIG bucket's K_EQ / K_NE records are decided
+    # while it is taken, from the record's value of the field (cached here), not via g.out
+    cdef FieldCache field
+    cdef object record
+    cdef void** buf             # collect_big's scratch: what a bucket gives, between two passes
+    cdef Py_ssize_t bufcap
     cdef int add(self, Table table, AttrTable attr, object value) except -1
     cdef int run(self, bint more) except -1
+    cdef int grow(self, Py_ssize_t n) except -1
 
 
 cdef class SubscriptionIndex:
@@ -94,4 +129,5 @@ cdef class SubscriptionIndex:
     cdef Py_ssize_t _transitions
     cdef unsigned long long _stamp
     cdef Gatherer _g
-    cdef int _gather(self, str source, str entity, str operation, object record, list out, list direct) except -1
+    cdef int _gather(self, str source, str entity, str operation, object record, list out, list direct,
+                     FieldCache field) except -1

@@ -17,11 +17,14 @@ instead of following one another. A subscription that one bucket decides (a plai
 sits in that bucket as its subscriber key itself, so a hit never touches its Entry (and the
 keys of subscriptions without a filter are copied to the result in one C loop); one that
 a bucket hit only narrows keeps a matcher of the rest of its filter (predicate_ast.residual).
+A bucket of more than SMALL entries is an array of records (Rec, in index.pxd) holding what
+decides most of them, the key and an equality / inequality left after the bucket's: a match
+reads that array front to back and touches an Entry only when the record cannot decide.
 """
 
-from cpython.dict cimport PyDict_Check, PyDict_Next
+from cpython.dict cimport PyDict_Check
 from cpython.list cimport PyList_Check
-from cpython.mem cimport PyMem_Calloc, PyMem_Free, PyMem_Malloc
+from cpython.mem cimport PyMem_Calloc, PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from cpython.object cimport PyObject, PyObject_Hash, PyObject_RichCompareBool, Py_EQ
 from cpython.ref cimport Py_DECREF, Py_INCREF
 
@@ -39,12 +42,18 @@ cdef extern from "Python.h":
 
 cdef extern from *:
     void prefetch "__builtin_prefetch"(const void* addr) nogil
+    void prefetch_write "__builtin_prefetch"(const void* addr, int rw) nogil
 
 
 DEF SMALL = 8       # up to this many entries a bucket is a flat array (one cache line)
-DEF BIG = -1        # Slot.n of a bucket kept as a dict {Entry: None} (O(1) removal)
+DEF BIG = -1        # Slot.n of a bucket kept as a Big: records, and a dict for O(1) removal
 DEF R_EQ = 1        # Entry.rkind
 DEF R_NE = 2
+DEF K_ENTRY = 0     # Rec kinds: the Entry is a candidate (g.out), as a small bucket's item
+DEF K_DIRECT = 1    # a direct entry: its key is a match
+DEF K_EQ = 2        # an entry of one index key with an inline R_EQ residual: in match() the
+DEF K_NE = 3        # record decides it; K_NE the same for R_NE
+DEF BIG_LINES = 32  # cache lines of a BIG bucket's records asked for when its slot is found
 
 
 cdef class Entry:
@@ -169,7 +178,7 @@ cdef class Table:
 
 cdef inline void _free_bucket(Slot* s):
     if s.n == BIG:
-        Py_DECREF(<object>s.ptr)
+        big_free(<Big*>s.ptr)
     elif s.n > 1:
         PyMem_Free(s.ptr)
     s.ptr = NULL
@@ -186,9 +195,95 @@ cdef inline object untag(void* item):
     return <object><PyObject*>((<size_t>item) & ~(<size_t>1))
 
 
+# ---- BIG buckets: an array of records (see Rec and Big in index.pxd) -------------------------
+#
+# A match takes every entry of a BIG bucket. Kept as a dict {Entry: ...} that meant the dict's
+# entry table, then each Entry object (its stamp and residual), every one a cache miss when the
+# fan-out's writes have evicted the index between events (and the Entries, each on a page of
+# its own among its connection's objects, a TLB miss too). The records hold what decides most
+# entries (a direct key, or the field, operand hash and kind of an inline residual) side by
+# side: the match reads contiguous memory, and an Entry only when it must (a matcher to run, an
+# entry with several index keys to deduplicate, or operand hashes that agree).
+
+cdef inline Rec* big_recs(Big* b) noexcept nogil:
+    return <Rec*>(<char*>b + sizeof(Big))
+
+
+cdef Big* big_new(Py_ssize_t cap) except NULL:
+    cdef Big* b = <Big*>PyMem_Malloc(sizeof(Big) + cap * sizeof(Rec))
+    if b is NULL:
+        raise MemoryError()
+    where = {}
+    Py_INCREF(where)
+    b.where = <void*>where
+    b.n = 0
+    b.cap = cap
+    b.unused = 0
+    return b
+
+
+cdef inline void big_free(Big* b) noexcept:
+    Py_DECREF(<object>b.where)
+    PyMem_Free(b)
+
+
+cdef inline size_t rec_kind(Entry entry) noexcept:
+    # Only match() decides K_EQ / K_NE records without the Entry, so only entries that a match
+    # reaches once: in one bucket (one index key), like direct entries.
+    if entry.rkind and len(entry.keys) == 1:
+        return K_EQ if entry.rkind == R_EQ else K_NE
+    return K_ENTRY
+
+
+cdef inline object rec_item(Rec* r):
+    """The record's key in Big.where: its Entry, or a direct entry's key (as items are)."""
+    if r.entry & 3 == K_DIRECT:
+        return <object>r.key
+    return <object><PyObject*>(r.entry & ~(<size_t>3))
+
+
+cdef inline void* rec_to_item(Rec* r) noexcept:
+    if r.entry & 3 == K_DIRECT:
+        return <void*>((<size_t>r.key) | 1)
+    return <void*>(r.entry & ~(<size_t>3))
+
+
+cdef int big_append(Slot* s, void* item) except -1:
+    """Adds `item` (an Entry, or a direct entry's key with the low bit set) to BIG bucket `s`."""
+    cdef Big* b = <Big*>s.ptr
+    cdef Big* grown
+    cdef Rec* r
+    cdef Entry entry
+    cdef size_t kind
+    if b.n == b.cap:
+        grown = <Big*>PyMem_Realloc(b, sizeof(Big) + 2 * b.cap * sizeof(Rec))
+        if grown is NULL:
+            raise MemoryError()
+        grown.cap *= 2
+        b = grown
+        s.ptr = <void*>b
+    r = &big_recs(b)[b.n]
+    r.rfield = NULL
+    r.rhash = 0
+    if (<size_t>item) & 1:
+        r.key = <void*>((<size_t>item) & ~(<size_t>1))
+        r.entry = K_DIRECT
+    else:
+        entry = <Entry>item
+        kind = rec_kind(entry)
+        r.key = <void*>entry.key
+        r.entry = (<size_t>item) | kind
+        if kind != K_ENTRY:
+            r.rfield = <void*>entry.rfield
+            r.rhash = entry.rhash
+    (<dict>b.where)[rec_item(r)] = b.n  # before counting it: a failure leaves it out
+    b.n += 1
+    return 0
+
+
 cdef int bucket_add(Slot* s, Entry entry) except -1:
     cdef void** items
-    cdef dict big
+    cdef Slot fresh
     cdef int i
     cdef void* item = item_of(entry)
     if s.n == 0:
@@ -203,18 +298,22 @@ cdef int bucket_add(Slot* s, Entry entry) except -1:
         s.ptr = <void*>items
         s.n = 2
     elif s.n == BIG:
-        (<dict>s.ptr)[untag(item)] = entry.direct
+        big_append(s, item)
     elif s.n < SMALL:
         (<void**>s.ptr)[s.n] = item
         s.n += 1
     else:
+        # full: built aside, so that a failure leaves the small array as it was
         items = <void**>s.ptr
-        big = {}
-        for i in range(s.n):
-            big[untag(items[i])] = bool((<size_t>items[i]) & 1)
-        big[untag(item)] = entry.direct
-        Py_INCREF(big)
-        s.ptr = <void*>big
+        fresh.ptr = <void*>big_new(2 * SMALL)
+        try:
+            for i in range(s.n):
+                big_append(&fresh, items[i])
+            big_append(&fresh, item)
+        except BaseException:
+            big_free(<Big*>fresh.ptr)
+            raise
+        s.ptr = fresh.ptr
         s.n = BIG
         PyMem_Free(items)
     return 0
@@ -223,11 +322,11 @@ cdef int bucket_add(Slot* s, Entry entry) except -1:
 cdef int bucket_remove(Slot* s, Entry entry) except -1:
     """Removes `entry`; returns the entries left."""
     cdef void** items
-    cdef dict big
+    cdef Big* b
+    cdef Big* shrunk
+    cdef Rec* recs
     cdef int i
-    cdef Py_ssize_t pos = 0
-    cdef PyObject* k
-    cdef PyObject* v
+    cdef Py_ssize_t pos
     cdef void* item = item_of(entry)
     if s.n == 1:
         if s.ptr == item:
@@ -235,21 +334,34 @@ cdef int bucket_remove(Slot* s, Entry entry) except -1:
             s.n = 0
         return s.n
     if s.n == BIG:
-        big = <dict>s.ptr
-        big.pop(untag(item), None)
-        if len(big) > SMALL // 2:
-            return len(big)
+        b = <Big*>s.ptr
+        recs = big_recs(b)
+        found = (<dict>b.where).pop(untag(item), None)
+        if found is None:
+            return b.n
+        # the last record fills the hole
+        pos = found
+        b.n -= 1
+        if pos != b.n:
+            recs[pos] = recs[b.n]
+            (<dict>b.where)[rec_item(&recs[pos])] = pos
+        if b.n > SMALL // 2:
+            if b.n * 4 < b.cap and b.cap > 2 * SMALL:
+                # a bucket that was crowded once does not keep its memory
+                shrunk = <Big*>PyMem_Realloc(b, sizeof(Big) + (b.cap // 2) * sizeof(Rec))
+                if shrunk is not NULL:
+                    shrunk.cap //= 2
+                    s.ptr = <void*>shrunk
+            return b.n
         # small again: back to a flat array
         items = <void**>PyMem_Malloc(SMALL * sizeof(void*))
         if items is NULL:
-            return len(big)
-        i = 0
-        while PyDict_Next(big, &pos, &k, &v):
-            items[i] = <void*>((<size_t>k) | (1 if <object>v else 0))
-            i += 1
+            return b.n
+        for i in range(b.n):
+            items[i] = rec_to_item(&recs[i])
         s.ptr = <void*>items
-        s.n = i
-        Py_DECREF(big)
+        s.n = b.n
+        big_free(b)
     else:
         items = <void**>s.ptr
         for i in range(s.n):
@@ -288,27 +400,54 @@ cdef inline int take(void* item, Gatherer g) except -1:
     return 0
 
 
+cdef int collect_big(Big* b, Gatherer g) except -1:
+    """Takes the records of BIG bucket `b`, in two passes. The first reads only the records
+    (contiguous) and decides what they decide: a direct key is a match, and in match() (g.field
+    set) so is a K_EQ / K_NE entry whose residual holds on the record. It asks for what the
+    second pass touches, which appends them: each key given (appending writes its count) and
+    each Entry to check (candidate reads its stamp), so that their cache misses overlap."""
+    cdef Rec* r = big_recs(b)
+    cdef Py_ssize_t i, m = 0, n = b.n
+    cdef size_t kind, p
+    cdef PyObject* entry
+    cdef bint found
+    if n > g.bufcap:
+        g.grow(n)
+    for i in range(n):
+        kind = r[i].entry & 3
+        entry = <PyObject*>(r[i].entry & ~(<size_t>3))
+        if kind == K_ENTRY or (kind != K_DIRECT and g.field is None):
+            prefetch(entry)
+            g.buf[m] = <void*>((<size_t>entry) | 1)
+            m += 1
+            continue
+        if kind != K_DIRECT:
+            found = _field_holds(g.field, g.record, <PyObject*>r[i].rfield, r[i].rhash, entry)
+            if found == (kind == K_NE):
+                continue  # R_EQ and not found, or R_NE and found: no match
+        prefetch_write(r[i].key, 1)
+        g.buf[m] = r[i].key
+        m += 1
+    # Borrowed pointers, valid here: nothing between the passes runs code that could change
+    # the index (the comparisons are of canonical scalars).
+    for i in range(m):
+        p = <size_t>g.buf[i]
+        if p & 1:
+            candidate(g, <Entry><PyObject*>(p & ~(<size_t>1)))
+        else:
+            g.direct.append(<object><PyObject*>p)
+    return 0
+
+
 cdef inline int collect(Slot* s, Gatherer g) except -1:
     """Takes the items of bucket `s`: direct keys are matches, Entries (not yet seen in this
     match) candidates."""
     cdef void** items
     cdef int i
-    cdef Py_ssize_t pos = 0
-    cdef PyObject* k
-    cdef PyObject* v
     if s.n == 1:
         take(s.ptr, g)
     elif s.n == BIG:
-        # Ask for every entry first: taking one reads it (its stamp), and cold entries would
-        # otherwise be waited for one after the other.
-        while PyDict_Next(<dict>s.ptr, &pos, &k, &v):
-            prefetch(k)
-        pos = 0
-        while PyDict_Next(<dict>s.ptr, &pos, &k, &v):
-            if <object>v:
-                g.direct.append(<object>k)
-            else:
-                candidate(g, <Entry>k)
+        collect_big(<Big*>s.ptr, g)
     else:
         items = <void**>s.ptr
         for i in range(s.n):
@@ -318,6 +457,18 @@ cdef inline int collect(Slot* s, Gatherer g) except -1:
 
 cdef class Gatherer:
     """The lookups of one match, staged so that their cache misses overlap."""
+
+    def __dealloc__(self):
+        PyMem_Free(self.buf)
+        self.buf = NULL
+
+    cdef int grow(self, Py_ssize_t n) except -1:
+        cdef void** grown = <void**>PyMem_Realloc(self.buf, n * sizeof(void*))
+        if grown is NULL:
+            raise MemoryError()
+        self.buf = grown
+        self.bufcap = n
+        return 0
 
     cdef int add(self, Table table, AttrTable attr, object value) except -1:
         cdef object key
@@ -350,6 +501,8 @@ cdef class Gatherer:
         cdef Table table
         cdef Slot* s
         cdef void** items
+        cdef Big* b
+        cdef Py_ssize_t lines
         cdef bint dup
         # 1. find the slot whose hash and attribute agree; prefetch its key and bucket
         for j in range(self.n):
@@ -383,6 +536,13 @@ cdef class Gatherer:
                 items = <void**>s.ptr
                 for i in range(s.n):
                     prefetch(items[i])
+            elif s.n == BIG:
+                # its records are read front to back: ask for the lines after the header's
+                # (asked for in 1.); the hardware streams the rest of a longer bucket
+                b = <Big*>s.ptr
+                lines = min(<Py_ssize_t>((sizeof(Big) + b.n * sizeof(Rec) + 63) // 64), BIG_LINES)
+                for i in range(1, lines):
+                    prefetch(<char*>b + 64 * i)
         if more and self.seen is None:
             self.seen = set()
         # 3. take each bucket once
@@ -547,7 +707,8 @@ cdef class SubscriptionIndex:
         if entry.transitions:
             self._transitions -= 1
 
-    cdef int _gather(self, str source, str entity, str operation, object record, list out, list direct) except -1:
+    cdef int _gather(self, str source, str entity, str operation, object record, list out, list direct,
+                     FieldCache field) except -1:
         cdef PyObject* found
         cdef PyObject* slot
         cdef Gatherer g = self._g
@@ -560,6 +721,8 @@ cdef class SubscriptionIndex:
         g.stamp = self._stamp
         g.out = out
         g.direct = direct
+        g.field = field
+        g.record = record
         try:
             entities = <dict>found
             for ent in (entity, "*"):
@@ -580,6 +743,8 @@ cdef class SubscriptionIndex:
             g.seen = None
             g.out = None
             g.direct = None
+            g.field = None
+            g.record = None
         return 0
 
     def match(self, str source, str entity, str operation, record):
@@ -589,9 +754,11 @@ cdef class SubscriptionIndex:
         cdef PyObject* p
         cdef Py_ssize_t i, n
         cdef bint matchers = False
-        cdef FieldCache field = None
+        # The record's value of the field inline residuals read: BIG buckets' records decide
+        # theirs as they are taken, the other such entries below.
+        cdef FieldCache field = FieldCache.__new__(FieldCache)
         self._stamp += 1
-        self._gather(source, entity, operation, record, cands, out)
+        self._gather(source, entity, operation, record, cands, out, field)
         # Borrowed pointers (cands holds every Entry): a reference per candidate and pass would
         # write each Entry's count, in the loops that exist to touch as little as possible.
         n = PyList_GET_SIZE(cands)
@@ -615,8 +782,6 @@ cdef class SubscriptionIndex:
             if (<Entry>p).decided:
                 out.append((<Entry>p).key)
             elif (<Entry>p).rkind:
-                if field is None:
-                    field = FieldCache.__new__(FieldCache)
                 if _inline_match(<Entry>p, record, field):
                     out.append((<Entry>p).key)
             elif (<Entry>p).matcher._match(record):
@@ -635,12 +800,12 @@ cdef class SubscriptionIndex:
         cdef bint tracked = operation == "UPDATE" and old_record is not None
         cdef bint new, old
         self._stamp += 1
-        self._gather(source, entity, operation, record, cands, deliver)
+        self._gather(source, entity, operation, record, cands, deliver, None)
         n_new = len(cands)
         if tracked and self._transitions:
             # direct entries (never transitions=True) found through the old record only:
             # not delivered
-            self._gather(source, entity, operation, old_record, cands, [])
+            self._gather(source, entity, operation, old_record, cands, [], None)
         for i in range(len(cands)):
             entry = <Entry>cands[i]
             if i >= n_new and not entry.transitions:
@@ -755,13 +920,10 @@ cdef int _inline_residual(Entry entry, tuple rest) except -1:
 
 cdef class FieldCache:
     """The record's value of the field the previous inline residual read: the candidates of
-    one event mostly test the same field, so it is resolved (and hashed) once."""
-    cdef object name    # interned field name, or None: nothing resolved yet
-    cdef int n          # 0: no scalar there; 1: one scalar (key, hash); -1: an array's (keys, hashes)
-    cdef object key
-    cdef Py_hash_t hash
-    cdef list keys
-    cdef list hashes    # hash of each of keys, computed once per event, not per candidate
+    one event mostly test the same field, so it is resolved (and hashed) once.
+    name: the interned field name, or None: nothing resolved yet. n: 0 no scalar there; 1 one
+    scalar (key, hash); -1 an array's scalars (keys, and hashes: each computed once per event,
+    not per candidate)."""
 
     cdef int load(self, object name, object record) except -1:
         cdef PyObject* found
@@ -787,21 +949,30 @@ cdef class FieldCache:
         return 0
 
 
+cdef inline bint _field_holds(FieldCache field, object record, PyObject* rfield, Py_hash_t rhash,
+                              PyObject* entry) except -1:
+    """Whether `record`'s field `rfield` holds the operand of `entry`'s inline residual (or,
+    for an array, one of its scalar elements does), whose hash is `rhash`. The hash decides
+    most answers: the Entry (its rkey) is read only when the hashes agree."""
+    cdef Py_ssize_t i
+    if <PyObject*>field.name != rfield:
+        field.load(<object>rfield, record)
+    if field.n == 1:
+        return field.hash == rhash and PyObject_RichCompareBool(field.key, (<Entry>entry).rkey, Py_EQ)
+    if field.n == -1:
+        for i in range(len(field.keys)):
+            if <Py_hash_t>field.hashes[i] == rhash and PyObject_RichCompareBool(
+                field.keys[i], (<Entry>entry).rkey, Py_EQ
+            ):
+                return True
+    return False
+
+
 cdef inline bint _inline_match(Entry entry, object record, FieldCache field) except -1:
     """The residual of `entry` (see _inline_residual) on `record`, as its Matcher answers:
-    for R_EQ the field holds the operand (or, for an array, one of its scalar elements
-    does); R_NE the opposite. The hash decides most inequalities without reading rkey."""
-    cdef bint found = False
-    cdef Py_ssize_t i
+    for R_EQ the field holds the operand; R_NE the opposite."""
+    cdef bint found
     if not PyDict_Check(record):
         return False
-    if field.name is not entry.rfield:
-        field.load(entry.rfield, record)
-    if field.n == 1:
-        found = field.hash == entry.rhash and PyObject_RichCompareBool(field.key, entry.rkey, Py_EQ)
-    elif field.n == -1:
-        for i in range(len(field.keys)):
-            if <Py_hash_t>field.hashes[i] == entry.rhash and PyObject_RichCompareBool(field.keys[i], entry.rkey, Py_EQ):
-                found = True
-                break
+    found = _field_holds(field, record, <PyObject*>entry.rfield, entry.rhash, <PyObject*>entry)
     return found if entry.rkind == R_EQ else not found

@@ -383,3 +383,85 @@ def test_crowded_buckets_equal_linear_scan(adds, removes, records):
         for x in (ix, oracle):
             x.remove(key)
     _check_against_oracle(ix, oracle, records, ops=("UPDATE",))
+
+
+# ---- BIG buckets: records in an array, swap-removed, decided without the Entry -----------------
+
+
+def _big_bucket_filter(rng, i):
+    """A filter on g == 1 of every kind a BIG bucket records: decided (direct), an inline $ne
+    or equality residual (decided from the record in match()), several index keys, a matcher."""
+    u = rng.choice([i, i % 5, -1, -2, 1, True, 1.0, "x", None])
+    return rng.choice([
+        {"g": 1},
+        {"g": 1, "u": {"$ne": u}},
+        {"g": 1, "u": {"$ne": u}},
+        {"g": 1, "u": u},
+        {"g": 1, "v": {"$ne": u}},
+        {"g": {"$in": [1, 2]}, "u": {"$ne": u}},
+        {"g": 1, "u": {"$gt": 2}},
+        {"$or": [{"g": 1}, {"u": u}]},
+    ])
+
+
+BIG_RECORDS = [
+    {"g": 1, "u": -1},
+    {"g": 1, "u": -2},  # hashes as -1: the operand must be compared
+    {"g": 1, "u": 1.0},
+    {"g": 1, "u": True},
+    {"g": 1, "u": 3, "v": "x"},
+    {"g": 1, "u": [3, -1, "x", [1]]},
+    {"g": 1, "u": {"a": 1}},
+    {"g": 1},
+    {"g": [1, 2], "u": None, "v": 1},
+    {"g": 2, "u": 7},
+]
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_big_bucket_swap_removals_re_adds_and_shrinking_equal_reference(seed):
+    """One value's bucket grown to hundreds of entries, then emptied to a small array and one
+    entry in random order (each removal moves the last record into the hole) with matches in
+    between, entries replaced and re-added, and grown again: the compiled index answers as
+    index_ref throughout, for match and match_transitions."""
+    import random
+
+    rng = random.Random(seed)
+    ix, ref = index.SubscriptionIndex(), index_ref.SubscriptionIndex()
+    ops_choices = [None, None, frozenset({"UPDATE"}), frozenset({"UPDATE", "INSERT"})]
+
+    def add(key):
+        pred, ops, tr = _big_bucket_filter(rng, key), rng.choice(ops_choices), rng.random() < 0.1
+        entity = rng.choice(["t", "t", "*"])
+        for x in (ix, ref):
+            x.add(key, "postgres", entity, ops, pred, tr)
+
+    def check():
+        for record in BIG_RECORDS:
+            for op in ("UPDATE", "INSERT"):
+                assert _bag(ix.match("postgres", "t", op, record)) == _bag(ref.match("postgres", "t", op, record))
+            got = [_bag(p) for p in ix.match_transitions("postgres", "t", "UPDATE", record, BIG_RECORDS[0])]
+            assert got == [_bag(p) for p in ref.match_transitions("postgres", "t", "UPDATE", record, BIG_RECORDS[0])]
+
+    live = list(range(300))
+    for key in live:
+        add(key)
+    check()
+    rng.shuffle(live)
+    while live:
+        for _ in range(rng.choice([1, 1, 3, 17])):
+            if not live:
+                break
+            key = live.pop()
+            for x in (ix, ref):
+                x.remove(key)
+        if rng.random() < 0.2 and live:
+            add(rng.choice(live))  # a replacement: removed, then added with another filter
+        if rng.random() < 0.1:
+            live.append(1000 + len(live))
+            add(live[-1])
+        check()
+    assert len(ix) == len(ref) == 0
+    for key in range(40):  # the emptied bucket grows again
+        add(key)
+    check()
