@@ -758,7 +758,9 @@ cdef class SubscriptionIndex:
         # theirs as they are taken, the other such entries below.
         cdef FieldCache field = FieldCache.__new__(FieldCache)
         self._stamp += 1
-        self._gather(source, entity, operation, record, cands, out, field)
+        # A bucket is only hit through a dict's field; were it not, the Entry path below
+        # (_inline_match) answers a record of another type as the matcher does.
+        self._gather(source, entity, operation, record, cands, out, field if PyDict_Check(record) else None)
         # Borrowed pointers (cands holds every Entry): a reference per candidate and pass would
         # write each Entry's count, in the loops that exist to touch as little as possible.
         n = PyList_GET_SIZE(cands)
