@@ -309,10 +309,11 @@ def _too_large(out: asyncio.Future[int], pub: KafkaPublisher, workspace: str, si
                                                   f"takes records up to {pub.max_record}); it was not published "
                                                   f"({where})"))
         else:
-            out.set_exception(BusUnavailable(503, f"event bus refused the event because a record too large for the "
-                                                  f"topic was sent with it ({error}: Kafka refuses the request "
-                                                  f"whole); this one fits, it was not published, a retry is safe "
-                                                  f"({where})"))
+            out.set_exception(BusUnavailable(503, f"event bus refused the event because Kafka refused the request "
+                                                  f"that carried it as too large ({error}: a record sent with it "
+                                                  f"over the topic's max.message.bytes, or the records sent "
+                                                  f"together over it); this one fits, it was not published, a retry "
+                                                  f"is safe ({where})"))
 
     check = pub.check_limit()
     timer = asyncio.get_running_loop().call_later(pub.timeout, decide)
@@ -423,8 +424,10 @@ class KafkaPublisher:
         self.max_record = cfg.bus.max_record_bytes
         self.batch_bytes = _BATCH_BYTES
         self._start_record = self.max_record  # max_record as read at start (apply_limit)
+        self._start_batch = _BATCH_BYTES  # batch_bytes as read at start
         self._limit_check: asyncio.Task[bool] | None = None
         self._limit_checked = 0.0  # monotonic time of the last read of the topic's limit
+        self._limit_check_refused = False  # the read under way was asked for by a refusal
         # A limit lowered under the process (read again after Kafka refused a record as too
         # large) lowers max_record too. The ingest's is False: a change over it is read again
         # until the operator raises the limit back, rather than skipped (docs/scale-out.md).
@@ -438,6 +441,7 @@ class KafkaPublisher:
         self._progress = 0.0  # monotonic time of the last acknowledgement (or of the first wait)
         self._was_available = True
         self._refused = False  # Kafka refused a record: the producer must be renewed (_renew)
+        self._regrow = False  # the topic takes larger batches again: renewed too, for throughput
         self._grown = 0  # partition count of the topic once it had more than at start
         self._renewing = asyncio.Lock()
         self._renew_task: asyncio.Task | None = None
@@ -482,7 +486,7 @@ class KafkaPublisher:
                         extra={"fields": {"topic": self.topic, "max_message_bytes": limit,
                                           "max_record_bytes": self.max_record, "client": self.client_id}})
         self.apply_limit(limit)
-        self._start_record = self.max_record
+        self._start_record, self._start_batch = self.max_record, self.batch_bytes
         self._producer = await self.new_producer()
         self._watch_task = asyncio.create_task(self._watch(), name="rtserver-bus-watch")
 
@@ -530,13 +534,16 @@ class KafkaPublisher:
             self.max_record = configured if limit is None else min(configured, max(0, limit - _BATCH_FRAMING))
         self.batch_bytes = _BATCH_BYTES if limit is None else max(1, min(_BATCH_BYTES, limit))
 
-    def check_limit(self) -> asyncio.Task[bool]:
+    def check_limit(self, refused: bool = True) -> asyncio.Task[bool]:
         """The read of the topic's max.message.bytes under way, or a new one: True once read
         (and applied: apply_limit), False when Kafka did not say. The next producer (_renew)
-        batches under what it finds."""
-        if self._limit_check is None or self._limit_check.done():
-            self._limit_check = asyncio.ensure_future(self._read_limit())
-        return self._limit_check
+        batches under what it finds. After a refusal (`refused`) a periodic read begun before
+        it is not reused: it may predate the lowering that caused the refusal."""
+        task = self._limit_check
+        if task is None or task.done() or (refused and not self._limit_check_refused):
+            self._limit_check = task = asyncio.ensure_future(self._read_limit())
+            self._limit_check_refused = refused
+        return task
 
     async def _read_limit(self) -> bool:
         self._limit_checked = time.monotonic()
@@ -547,32 +554,37 @@ class KafkaPublisher:
             log.warning("bus: could not read the max.message.bytes of topic %s: %s", self.topic, _why(exc),
                         extra={"fields": {"topic": self.topic, "client": self.client_id}})
             return False
-        before = self.max_record
+        before, batch = self.max_record, self.batch_bytes
         self.apply_limit(int(configs["max.message.bytes"]) if "max.message.bytes" in configs else None,
                          records=self.follow_limit)
         if self.max_record != before:
-            log.warning("bus topic %s now takes records up to %d bytes (its max.message.bytes less framing), "
-                        "%d before: larger events are refused 413 before they are sent",
-                        self.topic, self.max_record, before,
-                        extra={"fields": {"topic": self.topic, "max_record_bytes": self.max_record,
-                                          "before": before, "client": self.client_id}})
+            lowered = self.max_record < before
+            (log.warning if lowered else log.info)(
+                "bus topic %s now takes records up to %d bytes (its max.message.bytes less framing), %d before%s",
+                self.topic, self.max_record, before, ": larger events are refused 413 before they are sent"
+                if lowered else "", extra={"fields": {"topic": self.topic, "max_record_bytes": self.max_record,
+                                                      "before": before, "client": self.client_id}})
+        if self.batch_bytes > batch and self._producer is not None:
+            self._regrow = True  # the next enqueue() starts a producer that batches as much again
         return True
 
     async def _renew(self) -> None:
         """A new producer after Kafka refused a record. aiokafka's idempotent producer gave the
         refused batch its sequence numbers and never takes them back: every later batch for that
         partition is refused too (OutOfOrderSequenceNumber), for good. The old producer first
-        settles what it holds, so the records of one partition stay in order."""
+        settles what it holds, so the records of one partition stay in order. Also made when
+        the topic's limit, lowered, was raised again (_regrow): the producer's batches grow back."""
         async with self._renewing:
             old = self._producer
-            if not self._refused or old is None:
+            if not (self._refused or self._regrow) or old is None:
                 return
-            log.warning("bus: Kafka refused a record; starting a new producer",
-                        extra={"fields": {"topic": self.topic, "client": self.client_id}})
+            if self._refused:
+                log.warning("bus: Kafka refused a record; starting a new producer",
+                            extra={"fields": {"topic": self.topic, "client": self.client_id}})
             with contextlib.suppress(Exception):
                 await old.flush()
             self._producer = await self.new_producer()
-            self._refused = False
+            self._refused = self._regrow = False
             await stop_client(old, "bus producer", {"topic": self.topic, "client": self.client_id})
 
     async def _watch(self) -> None:
@@ -606,9 +618,9 @@ class KafkaPublisher:
                 found = await self._diagnosis(why)
                 detail = "" if found == why else found
             self._log_transition(detail)
-            if (self.max_record < self._start_record and not why
+            if ((self.max_record < self._start_record or self.batch_bytes < self._start_batch) and not why
                     and time.monotonic() - self._limit_checked > _LIMIT_RECHECK):
-                self.check_limit()  # lowered under this process: raised again since?
+                self.check_limit(refused=False)  # lowered under this process: raised again since?
             await asyncio.sleep(_PROBE_INTERVAL)
 
     @property
@@ -687,7 +699,7 @@ class KafkaPublisher:
         while the partition's batch is full (Kafka away), however long."""
         if self.closing:
             raise self.stopped(workspace)
-        if self._refused:
+        if self._refused or self._regrow:
             await asyncio.shield(self._renewal())
         producer = self._producer
         if producer is None:

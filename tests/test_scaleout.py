@@ -182,18 +182,23 @@ def incompressible(size: int) -> str:
     return "".join(random.choices(string.ascii_letters, k=size))
 
 
-@contextlib.asynccontextmanager
-async def topic_record_limit(cluster):
+def topic_record_limit(cluster):
     """`await limit(size)` sets the events topic's max.message.bytes (an operator lowering or
     raising it under a running feed)."""
+    return topic_limit(cluster.env["RT_BUS_KAFKA_BOOTSTRAP"], cluster.env["RT_BUS_TOPIC"])
+
+
+@contextlib.asynccontextmanager
+async def topic_limit(bootstrap: str, topic: str):
+    """topic_record_limit of `topic` on the broker at `bootstrap`."""
     from aiokafka.admin import AIOKafkaAdminClient
     from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=cluster.env["RT_BUS_KAFKA_BOOTSTRAP"])
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
 
     async def limit(size: int) -> None:
-        await admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, cluster.env["RT_BUS_TOPIC"],
+        await admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, topic,
                                                   configs={"max.message.bytes": str(size)})])
 
     try:
@@ -882,11 +887,9 @@ async def _node_in_process(kafka_broker, tmp_path, **env: str):
 async def test_a_topic_limit_raised_back_is_taken_again(kafka_broker, tmp_path, monkeypatch):
     """Kafka refused an event for its size (the topic's max.message.bytes lowered under the
     node): the node reads the limit again and refuses larger events itself, 413 before sending
-    them; raised back, the limit is read again (every 30 s while lower than at start; 0.3 s
-    here) and such events are published again."""
-    from aiokafka.admin import AIOKafkaAdminClient
-    from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
-
+    them, and its next producer batches under the limit; raised back, the limit is read again
+    (every 30 s while lower than at start; 0.3 s here), such events are published again, and
+    the producer batches as much as before (it kept the lowered batch size)."""
     from rtserver import bus_kafka
     from tests.test_churn import SECRET, _token
 
@@ -895,31 +898,85 @@ async def test_a_topic_limit_raised_back_is_taken_again(kafka_broker, tmp_path, 
     token = _token(["w1"], "publisher", publish=True, secret=SECRET)
     path = "/workspaces/w1/realtime/events/x"
     big = {"blob": "x" * 8000}
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_broker.bootstrap)
-    await admin.start()
+    pub = gw.bus.publisher
 
-    async def limit(size: int) -> None:
-        await admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, gw.cfg.bus.topic,
-                                                  configs={"max.message.bytes": str(size)})])
+    def producer_batch() -> int:  # aiokafka's own: what the running producer sends together
+        return pub._producer._message_accumulator._batch_size
 
     try:
-        await limit(4096)
-        [(status, out)] = await pipelined_posts(gw.port, token, path, [big])
-        assert status == 413 and "MessageSizeTooLarge" in out["error"], out
-        [(status, out)] = await pipelined_posts(gw.port, token, path, [big])
-        assert status == 413 and "the events topic takes 3072" in out["error"], out
-        [(status, out)] = await pipelined_posts(gw.port, token, path, [{"n": 1}])  # by a new producer
-        assert status == 202, out
-        await limit(1_048_576)
-        larger = {"blob": "x" * 100_000}  # over what the node took when the limit was lowered, framing included
-        for _ in range(100):
-            [(status, out)] = await pipelined_posts(gw.port, token, path, [larger])
-            if status != 413:
-                break
-            await asyncio.sleep(0.1)
-        assert status == 202, out
+        async with topic_limit(kafka_broker.bootstrap, gw.cfg.bus.topic) as limit:
+            await limit(4096)
+            [(status, out)] = await pipelined_posts(gw.port, token, path, [big])
+            assert status == 413 and "MessageSizeTooLarge" in out["error"], out
+            [(status, out)] = await pipelined_posts(gw.port, token, path, [big])
+            assert status == 413 and "the events topic takes 3072" in out["error"], out
+            [(status, out)] = await pipelined_posts(gw.port, token, path, [{"n": 1}])  # by a new producer
+            assert status == 202, out
+            assert producer_batch() == 4096
+            await limit(1_048_576)
+            larger = {"blob": "x" * 100_000}  # over what the node took when the limit was lowered
+            for _ in range(100):
+                [(status, out)] = await pipelined_posts(gw.port, token, path, [larger])
+                if status != 413:
+                    break
+                await asyncio.sleep(0.1)
+            assert status == 202, out
+            assert producer_batch() == bus_kafka._BATCH_BYTES
     finally:
-        await admin.close()
+        await gw.shutdown()
+
+
+async def test_the_ingest_batches_as_much_again_once_a_lowered_limit_is_raised(kafka_broker, tmp_path, monkeypatch):
+    """The ingest's publisher (follow_limit False: it never lowers max_record) lowered its
+    batch size after a size refusal; the limit raised back, it reads the limit again and
+    batches 16 KiB again. Before, it read the limit again only while max_record was lowered,
+    and its transactions went out in batches of the lowered size until a restart."""
+    from rtserver import bus_kafka
+    from rtserver.bus_kafka import KafkaPublisher
+    from tests.test_churn import _cfg
+
+    monkeypatch.setattr(bus_kafka, "_LIMIT_RECHECK", 0.3)
+    topic = f"rt.events.{uuid.uuid4().hex[:8]}"
+    pub = KafkaPublisher(_cfg(tmp_path, RT_BUS="kafka", RT_BUS_KAFKA_BOOTSTRAP=kafka_broker.bootstrap,
+                              RT_BUS_TOPIC=topic, RT_BUS_PARTITIONS="1"), "test-ingest")
+    pub.follow_limit = False
+    await pub.start()
+    try:
+        async with topic_limit(kafka_broker.bootstrap, topic) as limit:
+            await limit(4096)
+            assert await pub.check_limit()  # as the ingest's _writer_failed after a size refusal
+            assert (pub.batch_bytes, pub.max_record) == (4096, pub.cfg.bus.max_record_bytes)
+            await limit(1_048_576)
+            for _ in range(100):
+                if pub.batch_bytes == bus_kafka._BATCH_BYTES:
+                    break
+                await asyncio.sleep(0.1)
+            assert pub.batch_bytes == bus_kafka._BATCH_BYTES
+    finally:
+        await pub.close()
+
+
+async def test_events_refused_together_for_their_size_are_not_told_one_was_too_large(kafka_broker, tmp_path):
+    """The limit lowered under a node whose producer still batches 16 KiB: events that each
+    fit, sent together over the limit, are refused 503 (a retry is safe), and the answer says
+    the records sent together were too large, not that one of them was (none was)."""
+    from tests.test_churn import SECRET, _token
+
+    gw = await _node_in_process(kafka_broker, tmp_path)
+    token = _token(["w1"], "publisher", publish=True, secret=SECRET)
+    try:
+        async with topic_limit(kafka_broker.bootstrap, gw.cfg.bus.topic) as limit:
+            [(status, out)] = await pipelined_posts(gw.port, token, "/workspaces/w1/realtime/events/x", [{"n": -1}])
+            assert status == 202, out
+            await limit(4096)
+            items = [{"topic": "x", "payload": {"n": n, "blob": "b" * 1000}} for n in range(6)]
+            [(status, out)] = await pipelined_posts(gw.port, token, "/workspaces/w1/realtime/events",
+                                                    [{"events": items}])
+            answers = out["events"]
+            assert status == 503 and all("seq" not in a and a["status"] == 503 for a in answers), answers
+            assert all("the records sent together over it" in a["error"] and "a retry is safe" in a["error"]
+                       for a in answers), answers
+    finally:
         await gw.shutdown()
 
 
