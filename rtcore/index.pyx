@@ -235,17 +235,16 @@ cdef inline size_t rec_kind(Entry entry) noexcept:
     return K_ENTRY
 
 
-cdef inline object rec_item(Rec* r):
-    """The record's key in Big.where: its Entry, or a direct entry's key (as items are)."""
-    if r.entry & 3 == K_DIRECT:
-        return <object>r.key
-    return <object><PyObject*>(r.entry & ~(<size_t>3))
-
-
 cdef inline void* rec_to_item(Rec* r) noexcept:
+    """The record as a bucket item: its Entry, or a direct entry's key with the low bit set."""
     if r.entry & 3 == K_DIRECT:
         return <void*>((<size_t>r.key) | 1)
     return <void*>(r.entry & ~(<size_t>3))
+
+
+cdef inline object rec_item(Rec* r):
+    """The record's key in Big.where: its item untagged, as a dict bucket's keys were."""
+    return untag(rec_to_item(r))
 
 
 cdef int big_append(Slot* s, void* item) except -1:
