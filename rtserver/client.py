@@ -288,7 +288,12 @@ class RealtimeClient:
     """A gateway connection that reconnects by itself. `url` is the full WebSocket URL
     (`ws://host:port/workspaces/{id}/realtime/connect`; `http(s)://` is taken as `ws(s)://`, and
     one that is no WebSocket URL raises ValueError here); `get_token` returns a JWT (or an
-    awaitable of one) and is called for every connection and every refresh.
+    awaitable of one) and is called for every connection and every refresh: a coroutine
+    function on the event loop, a plain function in a worker thread (asyncio.to_thread), so
+    that one fetching from an identity provider holds neither the loop nor `open_timeout` (it
+    must then not create tasks or futures itself). None, bytes, or with `header_auth` a token
+    with a character a header cannot carry (a trailing newline from a file) is refused as
+    "token_unavailable", naming the type or the fault, never the token.
 
     Duplicates. Live, the gateway sends a connection each event once, in `seq` order. Replays
     break that order: after a reconnect, every subscription the gateway does not restore (all
@@ -325,6 +330,7 @@ class RealtimeClient:
         refresh_margin: float = 30.0,
         proactive_refresh: bool = True,
         max_buffered: int = 10000,
+        max_message_bytes: int = 65536,
         open_timeout: float = 10.0,
         position_interval: float = 25.0,
         on_gap: Callable[[dict[str, Any]], Any] | None = None,
@@ -339,6 +345,7 @@ class RealtimeClient:
         self.refresh_margin = refresh_margin
         self.proactive_refresh = proactive_refresh
         self.max_buffered = max_buffered
+        self.max_message_bytes = max_message_bytes  # the gateway's limits.max_message_bytes
         self.open_timeout = open_timeout
         self.position_interval = position_interval
         self.on_gap = on_gap
@@ -400,6 +407,7 @@ class RealtimeClient:
         # (a message over the gateway's limit) or 1008 (too many invalid ones) closing it.
         self._last_invalid: str | None = None
         self._callback_tasks: set[asyncio.Future[Any]] = set()
+        self._start_fresh = False  # a resume abandoned for a fresh session (_serve)
 
     # ---- public API ----------------------------------------------------------------------
 
@@ -445,7 +453,10 @@ class RealtimeClient:
         in time withdraws the subscription and raises a RealtimeError named "timeout". When
         subscribe() raises or is cancelled, the channel is not subscribed (not even with the
         filter this call was to replace). A filter that JSON cannot carry raises TypeError (a
-        datetime, say) or ValueError (NaN, Infinity) at once.
+        datetime, say) or ValueError (NaN, Infinity) at once, and one whose subscribe message
+        would pass `max_message_bytes` (the gateway's limits.max_message_bytes, 64 KiB unless
+        the operator changed it) a RealtimeError named "message_too_big", also at once: the
+        gateway answers such a message with a close 1009, which ends the whole client.
 
         A table of schema `public` is one channel in either spelling, as at the gateway:
         subscribing to `postgres:public.orders` after `postgres:orders` replaces that subscription
@@ -473,6 +484,14 @@ class RealtimeClient:
         # Kept as a copy: the application's dict, changed later (a template reused for the next
         # subscribe), changed what a reconnect sends.
         filter = json.loads(json.dumps(filter, allow_nan=False))
+        # Over the gateway's message limit it is answered 4000 and a close 1009, terminal: one
+        # subscribe with a large `$in` closed the client for good. Refused here, as the call's.
+        size = len(json.dumps({"type": "subscribe", "channel": channel, "id": f"sub-{2**53}", "filter": filter,
+                               "since": 2**63}).encode())
+        if size > self.max_message_bytes:
+            raise RealtimeError(1009, f"subscribe to {channel}: a message of {size} bytes, over the gateway's "
+                                f"{self.max_message_bytes}-byte limit (limits.max_message_bytes)",
+                                name="message_too_big", channel=channel)
         sub = _Subscription(channel, filter, on_event)
         key = subscription_key(channel)  # the other spelling of a public table is replaced too
         old = self._subs.get(key)
@@ -489,8 +508,17 @@ class RealtimeClient:
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         waiter.add_done_callback(_retrieve)
         sub.waiters.append(waiter)
-        if self._authed:
-            self._send_subscribe(sub, None)  # else on the next auth_ok
+        if self._authed:  # else on the next auth_ok
+            if old is not None and self._floor is not None:
+                # A replacement: the replay of an outage (a resume's, a re-subscribe's) may still
+                # be on its way with the old filter, and sent without `since` the events of the
+                # outage that only the new filter takes were lost. With `since` the gateway
+                # replays what the new filter shows and the old one had not sent (protocol §4),
+                # a catch-up keeping each event once.
+                self._send_subscribe(sub, self._floor)
+                self._start_catchup()
+            else:
+                self._send_subscribe(sub, None)
         try:
             await asyncio.wait_for(asyncio.shield(waiter), timeout)
         except TimeoutError:
@@ -582,6 +610,10 @@ class RealtimeClient:
                 task = asyncio.ensure_future(result)
                 self._callback_tasks.add(task)
                 task.add_done_callback(lambda t: self._callback_done(t, name))
+        except asyncio.CancelledError:
+            if _cancelling():
+                raise
+            log.exception("%s callback failed", name, extra={"fields": {"url": self.url}})
         except Exception:
             log.exception("%s callback failed", name, extra={"fields": {"url": self.url}})
 
@@ -596,8 +628,14 @@ class RealtimeClient:
             return RealtimeError(1000, "client closed")
         return RealtimeError(e.code, str(e), name=e.name, channel=e.channel, terminal=e.terminal)
 
-    async def _token(self) -> str:
-        token = self.get_token()
+    async def _token(self) -> object:
+        fn = self.get_token
+        if inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(type(fn).__call__):
+            return await fn()
+        # A plain function (the README's) may fetch from an identity provider: called in a
+        # thread, so that a token service that hangs neither freezes the application's event
+        # loop nor escapes open_timeout (it did both, called on the loop).
+        token = await asyncio.to_thread(fn)
         if inspect.isawaitable(token):
             token = await token
         return token
@@ -609,9 +647,22 @@ class RealtimeClient:
         nothing reported."""
         try:
             try:
-                return await asyncio.wait_for(self._token(), self.open_timeout)
+                token = await asyncio.wait_for(self._token(), self.open_timeout)
             except TimeoutError:
                 raise TimeoutError(f"get_token did not answer within {self.open_timeout} s") from None
+            except asyncio.CancelledError:
+                if _cancelling():
+                    raise
+                raise RuntimeError("get_token was cancelled") from None
+            if token is None or isinstance(token, (bytes, bytearray, memoryview)):
+                # None was taken for a failure nobody heard of; bytes failed to encode, each
+                # attempt. Never the value itself in the message: bytes would print the token.
+                raise TypeError(f"get_token returned {type(token).__name__}, not a token (a str)")
+            if self.header_auth and isinstance(token, str) and not all(" " <= ch <= "~" for ch in token):
+                # websockets refuses the header with an error that quotes it, token included.
+                raise ValueError("get_token returned a token an Authorization header cannot carry "
+                                 "(a control or non-ASCII character: a trailing newline?)")
+            return token
         except Exception as exc:
             log.warning("get_token failed", extra={"fields": {"url": self.url, "error": repr(exc)}})
             err = RealtimeError(0, f"get_token failed: {exc!r}", name="token_unavailable")
@@ -635,6 +686,9 @@ class RealtimeClient:
                 code = await self._connect_once(token)
                 if code is None:
                     return  # closed, or stopped for good
+                if self._start_fresh:
+                    self._start_fresh = False
+                    continue
                 if code == 4001 and not self._expired_once:
                     self._expired_once = True  # a fresh token, at once; if that fails too, back off
                     at_once = True
@@ -685,8 +739,8 @@ class RealtimeClient:
         except InvalidStatus as exc:
             self._upgrade_refused(exc.response)
         except (OSError, InvalidHandshake, TimeoutError) as exc:
-            log.info("connect failed", extra={"fields": {"url": self.url, "error": str(exc)}})
-            self._connect_failed(exc)
+            log.info("connect failed", extra={"fields": {"url": self.url, "error": _redacted(str(exc), token)}})
+            self._connect_failed(exc, token)
         except Exception:  # an unexpected message, say: reconnect rather than stop
             log.exception("connection failed", extra={"fields": {"url": self.url}})
         if self._authed_at is not None and time.monotonic() - self._authed_at >= _HEALTHY_AFTER:
@@ -707,7 +761,7 @@ class RealtimeClient:
         if code in TERMINAL_CODES and not (code == 4002 and self._auth_timed_out):
             self._finish(RealtimeError(code, f"connection closed: {_CODE_NAMES.get(code, code)}{why}", terminal=True))
             return None
-        if closed is not None and code != 4001:
+        if closed is not None and code != 4001 and not self._start_fresh:
             self._report_close(code, closed[1], why)
         return code
 
@@ -723,12 +777,12 @@ class RealtimeClient:
         self._report_retrying(f"close {code}", RealtimeError(code, f"connection closed: {reason or name}{why}; retrying",
                                                              name=name))
 
-    def _connect_failed(self, exc: BaseException) -> None:
+    def _connect_failed(self, exc: BaseException, token: str = "") -> None:
         """No WebSocket at all (refused, unreachable, a timeout, no HTTP answer): retried with the
         backoff, and reported to on_error once per distinct failure until a connection succeeds,
         so an application learns why it stays "reconnecting" (the gateway down, a wrong port)."""
         kind = type(exc).__name__  # the same failure's text may vary (an address, a port)
-        why = f"{kind}: {exc}" if str(exc) else kind
+        why = f"{kind}: {_redacted(str(exc), token)}" if str(exc) else kind
         self._report_retrying(kind, RealtimeError(0, f"cannot connect to {self.url}: {why}; retrying",
                                                   name="connect_failed"))
 
@@ -769,17 +823,19 @@ class RealtimeClient:
         outbox: asyncio.Queue[str] = asyncio.Queue()
         self._outbox = outbox
         writer = asyncio.create_task(self._write(ws, outbox))
-        if not self.header_auth:
-            msg: dict[str, Any] = {"type": "auth", "token": token}
-            if self.session_id is not None and not self._replaced_offline():
-                msg["resume"] = self.session_id
-                if self._floor is not None:
-                    msg["since"] = self._floor
-            self._send(msg)
         refresher: asyncio.Task[None] | None = None
         positions: asyncio.Task[None] | None = None
         try:
+            if not self.header_auth:
+                msg: dict[str, Any] = {"type": "auth", "token": token}
+                if self.session_id is not None and not self._replaced_offline():
+                    msg["resume"] = self.session_id
+                    if self._floor is not None:
+                        msg["since"] = self._floor
+                self._send(msg)
             async for raw in ws:
+                if self.state == "closed":
+                    break  # close() called (by a handler, say): what was read meanwhile goes nowhere
                 msg = json.loads(raw)
                 if not isinstance(msg, dict):
                     continue
@@ -787,6 +843,13 @@ class RealtimeClient:
                 if kind == "event":
                     await self._on_event(msg)
                 elif kind == "auth_ok":
+                    if (not self._authed and msg.get("resumed") and msg.get("sessionId") == self.session_id
+                            and self._replaced_offline()):
+                        # A filter changed after the auth message (with `resume`) left: the
+                        # resumed session would replay the outage with the old filter, to the new
+                        # handler. Abandoned before any of it is read: a fresh session, at once.
+                        self._start_fresh = True
+                        return
                     if self._authed:
                         token = self._pending_token or token  # a refresh was accepted
                     else:
@@ -858,12 +921,22 @@ class RealtimeClient:
             self._send_subscribe(sub, since)
             if since is not None and self._catchup is None:
                 self._catchup = set()
+        if resumed and since is not None and self._catchup is None:
+            # The resume's own replay is a catch-up too: `_floor` stays where it asked from
+            # until the replay is done, so a filter replaced meanwhile asks from there.
+            self._catchup = set()
         if self._catchup is not None:
-            self._ids += 1
-            self._marker = f"catchup-{self._ids}"
-            self._send({"type": "ping", "id": self._marker})
+            self._start_catchup()
         if self._ready is not None and not self._ready.done():
             self._ready.set_result(None)
+
+    def _start_catchup(self) -> None:
+        """A catch-up until the pong of a ping sent now (after every replay asked for so far)."""
+        if self._catchup is None:
+            self._catchup = set()
+        self._ids += 1
+        self._marker = f"catchup-{self._ids}"
+        self._send({"type": "ping", "id": self._marker})
 
     def _at_position(self, seq: object) -> None:
         """The `seq` of a `subscribed` reply or a `pong`: the position the gateway's stream had
@@ -943,11 +1016,21 @@ class RealtimeClient:
             # replayed by a resumed session that had it back before the unsubscribe arrived.
             return
         for sub in subs:
-            if sub.on_event is not None:
+            if self.state == "closed":
+                return  # a handler of this event closed the client
+            # Not to one that a handler of this event unsubscribed (or replaced): "nothing is
+            # delivered for a channel once unsubscribe() is called".
+            if sub.on_event is not None and self._subs.get(subscription_key(sub.channel)) is sub:
                 try:
                     result = sub.on_event(msg)
                     if inspect.isawaitable(result):
                         await result
+                except asyncio.CancelledError:
+                    # The handler's own (it awaited a future someone else cancelled), unless this
+                    # task is being cancelled (close()): it ended the connection task silently.
+                    if _cancelling():
+                        raise
+                    log.exception("event handler failed", extra={"fields": {"channel": sub.channel}})
                 except Exception:  # a handler's bug must not cost the connection
                     log.exception("event handler failed", extra={"fields": {"channel": sub.channel}})
         for feed in list(self._feeds):
@@ -1070,6 +1153,18 @@ class RealtimeClient:
             self._ready.add_done_callback(_retrieve)
         if error is not None:
             self._callback(self.on_error, error, "on_error")
+
+
+def _redacted(text: str, token: str) -> str:
+    """`text` without `token` (an error quoting the Authorization header, say)."""
+    return text.replace(token, "[token]") if token else text
+
+
+def _cancelling() -> bool:
+    """Whether the current task is being cancelled (close(), a caller's timeout), as opposed to
+    a CancelledError some callback raised of its own."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def _keep(entries: list[Any], entry: Any) -> None:

@@ -85,6 +85,11 @@ export interface ConnectOptions {
   pongTimeoutMs?: number;
   /** Unread items an events() iterator may hold before it fails (default 10000). */
   maxBufferedEvents?: number;
+  /** The gateway's limits.max_message_bytes (default 65536): a subscribe whose message would
+   * be larger is refused at once, its `ready` rejected with a RealtimeError whose codeName is
+   * "message_too_big" (the gateway would close the whole connection with 1009, which ends the
+   * client). */
+  maxMessageBytes?: number;
   /** A connection attempt whose WebSocket upgrade has not completed after this long is
    * abandoned and counts as a failed attempt (backoff; reported once as "connect_failed" until
    * a connection succeeds); default 10000. A getToken call (at
@@ -177,6 +182,8 @@ export declare class RealtimeClient {
   on(name: "error", fn: (error: RealtimeError) => void): () => void;
   on(name: "open", fn: (info: OpenInfo) => void): () => void;
   on(name: "close", fn: (info: { code: number; reason: string }) => void): () => void;
+  /** Closes for good: sends a close 1000; with the `ws` package (Node.js), a link that has not
+   * answered it within a second is dropped, so a dead link does not hold the process. */
   close(): void;
 }
 

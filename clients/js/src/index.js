@@ -47,6 +47,11 @@ export class RealtimeError extends Error {
   }
 }
 
+const utf8 = new TextEncoder();
+function utf8Length(text) {
+  return utf8.encode(text).length;
+}
+
 /** Decodes the `exp` claim (seconds since the epoch) of a JWT without verifying it. */
 export function tokenExpiry(token) {
   return tokenTimes(token).exp;
@@ -281,6 +286,7 @@ export class RealtimeClient {
     this.pingInterval = options.pingIntervalMs ?? 25000;
     this.pongTimeout = options.pongTimeoutMs ?? 10000;
     this.maxBuffered = options.maxBufferedEvents ?? 10000;
+    this.maxMessageBytes = options.maxMessageBytes ?? 65536; // the gateway's limits.max_message_bytes
     this.openTimeout = options.openTimeoutMs ?? 10000;
 
     this.state = "idle"; // idle | connecting | open | reconnecting | closed
@@ -357,6 +363,20 @@ export class RealtimeClient {
     // subscribe), changed what a reconnect sends.
     const json = JSON.stringify(filter, finiteOnly);
     filter = json === undefined ? null : JSON.parse(json);
+    // Over the gateway's message limit a subscribe is answered 4000 and a close 1009, which ends
+    // the client with every other subscription: one with a large `$in` closed it for good. That
+    // subscribe alone is refused, before it is registered (the largest id and since it may carry).
+    const size = utf8Length(JSON.stringify({ type: "subscribe", channel, id: `sub-${Number.MAX_SAFE_INTEGER}`,
+      filter, since: Number.MAX_SAFE_INTEGER }));
+    if (size > this.maxMessageBytes) {
+      const ready = Promise.reject(new RealtimeError(1009,
+        `subscribe to ${channel}: a message of ${size} bytes, over the gateway's ${this.maxMessageBytes}-byte limit `
+        + "(limits.max_message_bytes)", { name: "message_too_big", channel }));
+      ready.catch(() => {});
+      const unsubscribe = () => {};
+      unsubscribe.ready = ready;
+      return unsubscribe;
+    }
     const key = subscriptionKey(channel); // the other spelling of a public table is replaced too
     const old = this.subs.get(key);
     const sub = new Subscription(channel, filter, onEvent);
@@ -365,7 +385,19 @@ export class RealtimeClient {
     this.pendingUnsubs.delete(key);
     const ready = new Promise((resolve, reject) => sub.waiters.push({ resolve, reject }));
     ready.catch(() => {});
-    if (this.state === "open" && this.authed) this._sendSubscribe(sub, null); // else on the next auth_ok
+    if (this.state === "open" && this.authed) {
+      if (old && this.floor !== null) {
+        // A replacement: the outage's replay (a resume's, or a re-subscribe's with since) may still
+        // be coming with the old filter. Sent with `since`, the gateway replays what the new filter
+        // shows and the old one had not sent; a new catch-up marker keeps each event once.
+        this._sendSubscribe(sub, this.floor);
+        if (this.catchup === null) this.catchup = new Set();
+        this.marker = `catchup-${this.nextId++}`;
+        this._send({ type: "ping", id: this.marker });
+      } else {
+        this._sendSubscribe(sub, null);
+      }
+    } // else on the next auth_ok
     if (this.state === "idle") this._start();
     const unsubscribe = () => this.unsubscribe(channel, sub);
     unsubscribe.ready = ready;
@@ -439,7 +471,6 @@ export class RealtimeClient {
     return {
       [Symbol.asyncIterator]() { return this; },
       async next() {
-        client.iterated.add(it);
         for (;;) {
           if (queue.length) return { value: queue.shift(), done: false };
           if (done) {
@@ -447,7 +478,9 @@ export class RealtimeClient {
             if (failure) { const f = failure; failure = null; throw f; }
             return { value: undefined, done: true };
           }
+          client.iterated.add(it); // held while it waits: its loop may have no other reference
           await new Promise((resolve) => { waiting.push(resolve); });
+          if (!waiting.length) client.iterated.delete(it);
         }
       },
       async return() {
@@ -587,12 +620,13 @@ export class RealtimeClient {
       this.timers.open = null;
       if (!this.headerAuth) {
         const msg = { type: "auth", token };
-        if (this.sessionId && !this._replacedOffline()) {
+        if (this.sessionId && !this.skipResume && !this._replacedOffline()) {
           msg.resume = this.sessionId;
           if (this.floor !== null) msg.since = this.floor;
         }
         this._send(msg);
       }
+      this.skipResume = false;
       this._armPing();
     };
     ws.onmessage = (ev) => {
@@ -742,6 +776,19 @@ export class RealtimeClient {
       this._scheduleRefresh();
       return;
     }
+    if (Boolean(msg.resumed) && msg.sessionId === this.sessionId && this._replacedOffline()) {
+      // A filter changed after the resume left (between the socket's open and this auth_ok): the
+      // session is about to replay the outage with the old filter. Start a fresh session instead,
+      // as for a filter changed while disconnected (nothing of this replay is delivered).
+      const ws = this.ws;
+      this.ws = null;
+      this._clearTimers();
+      this.opened = false;
+      this.skipResume = true;
+      try { ws.close(1000); } catch { /* closing */ }
+      this._connect();
+      return;
+    }
     this.authed = true;
     this.authedAt = Date.now();
     this.refusal = null;
@@ -766,6 +813,7 @@ export class RealtimeClient {
       this._sendSubscribe(sub, since);
       if (since !== null && this.catchup === null) this.catchup = new Set();
     }
+    if (resumed && since !== null && this.catchup === null) this.catchup = new Set();
     if (this.catchup !== null) {
       this.marker = `catchup-${this.nextId++}`;
       this._send({ type: "ping", id: this.marker });
@@ -794,7 +842,8 @@ export class RealtimeClient {
     // resumed session that had it back before the unsubscribe arrived.
     if (!subs.length) return;
     for (const sub of subs) {
-      if (sub.onEvent) {
+      // Not to one that an earlier callback of this event unsubscribed (or replaced).
+      if (sub.onEvent && this.subs.get(subscriptionKey(sub.channel)) === sub) {
         callListener(sub.onEvent, msg);
       }
     }
@@ -1075,7 +1124,15 @@ export class RealtimeClient {
     this._clearTimers();
     const ws = this.ws;
     this.ws = null;
-    if (ws) { try { ws.close(1000); } catch { /* not open yet */ } }
+    if (ws) {
+      try { ws.close(1000); } catch { /* not open yet */ }
+      if (typeof ws.terminate === "function") {
+        // A dead link never answers the close frame: the `ws` package would hold the socket (and
+        // a Node.js process) for 30 s. Unref'd: it fires only when something still holds the process.
+        const t = setTimeout(() => { try { ws.terminate(); } catch { /* gone */ } }, 1000);
+        if (t && typeof t.unref === "function") t.unref();
+      }
+    }
     this.error = error;
     this.pendingUnsubs.clear();
     this._setState("closed");

@@ -1355,7 +1355,9 @@ test("why an auth message too big was refused reaches the error listener", { tim
   assert.ok(errors[0].message.includes("65536-byte limit"), errors[0].message);
   assert.ok(errors[1].message.includes("65536-byte limit"), errors[1].message); // the terminal report says it too
   // Authenticated, a subscribe over the limit: the terminal 1009 said "message_too_big" only.
-  const other = connect({ url: wsUrl("w1"), getToken: () => token(), ...fast });
+  // (The client refuses such a subscribe itself at its maxMessageBytes; one set above the
+  // gateway's limit, as when the two disagree, sends it.)
+  const other = connect({ url: wsUrl("w1"), getToken: () => token(), maxMessageBytes: 1 << 20, ...fast });
   const more = [];
   other.on("error", (e) => more.push(e));
   try {
@@ -1570,5 +1572,182 @@ test("postgres: a source's loss told live is not told again by the next resume",
     client.close();
     other.close();
     await proxy.close();
+  }
+});
+
+// ---- from a black-box audit of the client (2 Dec) ----------------------------------------------
+
+test("a filter changed while the resume is under way is not replayed with the old filter", { timeout: 30000 }, async () => {
+  const ws = "ac-midresume";
+  const proxy = await startProxy();
+  const client = connect({ url: wsUrl(ws, proxy.port), getToken: () => token({ workspace: ws }), ...fast });
+  const oldGot = [];
+  const newGot = [];
+  try {
+    await client.subscribe("events:orders", { predicates: { status: "new" } }, (e) => oldGot.push(e.seq)).ready;
+    const e0 = await publish(ws, "orders", { status: "new" });
+    await waitFor(() => oldGot.length === 1, 5000, "first event");
+    proxy.hold = true;
+    proxy.cut();
+    await waitFor(() => client.state === "reconnecting", 5000, "reconnecting");
+    await publish(ws, "orders", { status: "new" }); // the old filter's only
+    const e2 = await publish(ws, "orders", { status: "paid" });
+    proxy.upstreamDelay = 500; // the auth (resume) message takes a while to reach the gateway
+    proxy.hold = false;
+    // The socket is open and the resume sent, its auth_ok not yet here: the app changes the filter.
+    await waitFor(() => client.opened && client.state === "reconnecting", 10000, "the resume under way");
+    const changed = client.subscribe("events:orders", { predicates: { status: "paid" } }, (e) => newGot.push(e.seq));
+    await changed.ready;
+    proxy.upstreamDelay = 0;
+    const e3 = await publish(ws, "orders", { status: "paid" });
+    await waitFor(() => newGot.includes(e3.seq), 5000, "the live event");
+    await new Promise((r) => setTimeout(r, 200));
+    assert.deepEqual(oldGot, [e0.seq]);
+    // What the new filter takes, from the outage and live; not the old filter's event.
+    assert.deepEqual(newGot, [e2.seq, e3.seq]);
+  } finally {
+    client.close();
+    await proxy.close();
+  }
+});
+
+test("an events() iterator dropped after a next() stops buffering once garbage-collected", { timeout: 30000 }, async () => {
+  // "wait for the next event" as `await client.events().next()`: the iterator is dropped after
+  // one item. Held for good, it buffered every later event (maxBufferedEvents of them) forever.
+  const ws = "ac-iter-next";
+  const client = connect({ url: wsUrl(ws), getToken: () => token({ workspace: ws }) });
+  const got = [];
+  try {
+    await client.subscribe("events:t", (e) => got.push(e.seq)).ready;
+    for (let i = 0; i < 3; i++) {
+      const first = client.events().next();
+      const e = await publish(ws, "t", { i });
+      assert.equal((await first).value.seq, e.seq);
+    }
+    await new Promise((r) => setTimeout(r, 0)); // WeakRef targets live until the job ends
+    gc();
+    await publish(ws, "t", { i: 3 });
+    await waitFor(() => got.length === 4, 5000, "the events");
+    assert.equal(client._liveIterators().length, 0, "iterators dropped after next() still buffer events");
+  } finally {
+    client.close();
+  }
+});
+
+test("close() on a dead link lets a Node.js process exit at once", { timeout: 30000 }, async () => {
+  // The app shuts down (SIGTERM) while the network is gone: close() must not hold the process
+  // for the `ws` package's 30 s close handshake timeout (or, with Node's global WebSocket, until
+  // the peer closes the TCP connection).
+  const ws = "ac-close-dead";
+  const proxy = await startProxy();
+  const code = `
+    import { connect } from ${JSON.stringify(new URL("../src/index.js", import.meta.url).href)};
+    const client = connect({ url: ${JSON.stringify(wsUrl(ws, proxy.port))}, getToken: () => ${JSON.stringify(token({ workspace: ws }))} });
+    await client.subscribe("events:a").ready;
+    process.on("SIGUSR2", () => { client.close(); });
+    console.log("ready");`;
+  const child = spawn(process.execPath, ["--input-type=module", "-e", code], { stdio: ["ignore", "pipe", "inherit"] });
+  try {
+    let out = "";
+    child.stdout.on("data", (d) => { out += d; });
+    const exited = new Promise((r) => child.on("exit", r));
+    await waitFor(() => out.includes("ready"), 10000, "the child's subscription");
+    proxy.frozen = true; // the link is dead: nothing goes through any more
+    const t0 = Date.now();
+    child.kill("SIGUSR2");
+    const outcome = await Promise.race([exited.then(() => "exited"), new Promise((r) => setTimeout(r, 5000, "alive"))]);
+    assert.equal(outcome, "exited", "the process was still alive 5 s after close()");
+    assert.ok(Date.now() - t0 < 5000);
+  } finally {
+    child.kill("SIGKILL");
+    await proxy.close();
+  }
+});
+
+for (const headerAuth of [false, true]) {
+  test(`a filter changed as the connection comes back gets the outage's events (${headerAuth ? "new session" : "resumed"})`,
+    { timeout: 30000 }, async () => {
+      // The app changes the filter when it learns the connection is back ("open"), while the
+      // outage's replay (resume, or re-subscribe with since) is still to come.
+      const ws = `ac-open-change-${headerAuth}`;
+      const proxy = await startProxy();
+      const client = connect({ url: wsUrl(ws, proxy.port), getToken: () => token({ workspace: ws }), headerAuth, ...fast });
+      const oldGot = [];
+      const newGot = [];
+      let changed = null;
+      try {
+        await client.subscribe("events:orders", { predicates: { status: "new" } }, (e) => oldGot.push(e.seq)).ready;
+        const e0 = await publish(ws, "orders", { status: "new" });
+        await waitFor(() => oldGot.length === 1, 5000, "first event");
+        proxy.hold = true;
+        proxy.cut();
+        await waitFor(() => client.state === "reconnecting", 5000, "reconnecting");
+        await publish(ws, "orders", { status: "new" }); // the old filter's only
+        const e2 = await publish(ws, "orders", { status: "paid" });
+        client.on("open", () => {
+          changed ??= client.subscribe("events:orders", { predicates: { status: "paid" } }, (e) => newGot.push(e.seq));
+        });
+        proxy.hold = false;
+        await waitFor(() => changed !== null, 10000, "the reconnect");
+        await changed.ready;
+        const e3 = await publish(ws, "orders", { status: "paid" });
+        await waitFor(() => newGot.includes(e3.seq), 5000, "the live event");
+        await new Promise((r) => setTimeout(r, 200));
+        // The new filter's event of the outage arrives (it was lost), each event once. (An event of
+        // the old filter's replay, already under way at the gateway, may precede the change.)
+        assert.ok(newGot.includes(e2.seq), `the outage's event for the new filter was lost: ${newGot} lacks ${e2.seq}`);
+        assert.equal(new Set(newGot).size, newGot.length, "an event delivered twice");
+        assert.ok(!newGot.includes(e0.seq));
+      } finally {
+        client.close();
+        await proxy.close();
+      }
+    });
+}
+
+test("nothing reaches a subscription's callback once unsubscribe() is called, also within one event", { timeout: 30000 }, async () => {
+  // events:* and events:orders both match an event; the first callback to run unsubscribes the
+  // other (the user navigated away): the other must not get that event any more.
+  const ws = "ac-unsub-in-callback";
+  const client = connect({ url: wsUrl(ws), getToken: () => token({ workspace: ws }) });
+  const late = [];
+  try {
+    const stopOrders = client.subscribe("events:orders", (e) => late.push(e.seq));
+    await stopOrders.ready;
+    await client.subscribe("events:*", () => stopOrders()).ready;
+    // registered in this order, events:orders runs first: re-register it after events:*
+    client.unsubscribe("events:orders");
+    const stop2 = client.subscribe("events:orders", (e) => late.push(e.seq));
+    await stop2.ready;
+    client.subscribe("events:*", () => stop2());
+    await publish(ws, "orders", {});
+    await new Promise((r) => setTimeout(r, 300));
+    assert.deepEqual(late, []);
+  } finally {
+    client.close();
+  }
+});
+
+test("a subscribe larger than the gateway takes is refused alone, the client and its other subscriptions carry on", { timeout: 30000 }, async () => {
+  // Protocol §4 allows 1000 values in an `$in`; 1000 long ids make a subscribe over the gateway's
+  // 64 KiB message limit, which it answers 4000 and a close 1009: terminal, the client was closed
+  // for good with every other subscription.
+  const ws = "ac-too-big";
+  const errors = [];
+  const got = [];
+  const client = connect({ url: wsUrl(ws), getToken: () => token({ workspace: ws }), ...fast });
+  client.on("error", (e) => errors.push(e));
+  try {
+    await client.subscribe("events:ok", (e) => got.push(e.seq)).ready;
+    const big = { predicates: { customer: { $in: Array.from({ length: 1000 }, (_, i) => `customer-${String(i).padStart(60, "0")}`) } } };
+    const stop = client.subscribe("events:customers", big);
+    await assert.rejects(stop.ready, (e) => e instanceof RealtimeError && e.codeName === "message_too_big" && e.code === 1009
+      && e.channel === "events:customers" && !e.terminal);
+    const e1 = await publish(ws, "ok", { n: 1 });
+    await waitFor(() => got.includes(e1.seq), 5000, "the other subscription's event");
+    assert.equal(client.state, "open");
+    assert.deepEqual(errors, []);
+  } finally {
+    client.close();
   }
 });
