@@ -291,7 +291,7 @@ class RealtimeClient:
     awaitable of one) and is called for every connection and every refresh: a coroutine
     function on the event loop, a plain function in a worker thread (asyncio.to_thread), so
     that one fetching from an identity provider holds neither the loop nor `open_timeout` (it
-    must then not create tasks or futures itself). None, bytes, or with `header_auth` a token
+    must then not create tasks or futures itself). Anything but a str (None, bytes, a number), or with `header_auth` a token
     with a character a header cannot carry (a trailing newline from a file) is refused as
     "token_unavailable", naming the type or the fault, never the token.
 
@@ -451,8 +451,9 @@ class RealtimeClient:
         channel is unsubscribed or the client closes before the confirmation, and when the
         client is already closed. With `timeout` (seconds), a confirmation that has not come
         in time withdraws the subscription and raises a RealtimeError named "timeout". When
-        subscribe() raises or is cancelled, the channel is not subscribed (not even with the
-        filter this call was to replace). A filter that JSON cannot carry raises TypeError (a
+        subscribe() raises or is cancelled once sent, the channel is not subscribed (not even
+        with the filter this call was to replace); a filter refused at once (below) leaves any
+        earlier subscription of the channel as it was. A filter that JSON cannot carry raises TypeError (a
         datetime, say) or ValueError (NaN, Infinity) at once, and one whose subscribe message
         would pass `max_message_bytes` (the gateway's limits.max_message_bytes, 64 KiB unless
         the operator changed it) a RealtimeError named "message_too_big", also at once: the
@@ -486,8 +487,8 @@ class RealtimeClient:
         filter = json.loads(json.dumps(filter, allow_nan=False))
         # Over the gateway's message limit it is answered 4000 and a close 1009, terminal: one
         # subscribe with a large `$in` closed the client for good. Refused here, as the call's.
-        size = len(json.dumps({"type": "subscribe", "channel": channel, "id": f"sub-{2**53}", "filter": filter,
-                               "since": 2**63}).encode())
+        size = len(_dumps({"type": "subscribe", "channel": channel, "id": f"sub-{2**53}", "filter": filter,
+                           "since": 2**63}).encode())
         if size > self.max_message_bytes:
             raise RealtimeError(1009, f"subscribe to {channel}: a message of {size} bytes, over the gateway's "
                                 f"{self.max_message_bytes}-byte limit (limits.max_message_bytes)",
@@ -581,6 +582,13 @@ class RealtimeClient:
     async def close(self) -> None:
         """Closes for good (the gateway keeps the session resumable for a while)."""
         self._finish(None)
+        ws = self._ws
+        if ws is not None:
+            # A normal closure (1000), as the JS client sends: cancelled inside `async with
+            # connect()`, the connection task's websockets closed with 1011 (internal_error),
+            # which the gateway's audit trail recorded for every client that closed.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(ws.close(), 2)
         task, self._task = self._task, None
         if task is not None and task is not asyncio.current_task():
             task.cancel()
@@ -654,11 +662,12 @@ class RealtimeClient:
                 if _cancelling():
                     raise
                 raise RuntimeError("get_token was cancelled") from None
-            if token is None or isinstance(token, (bytes, bytearray, memoryview)):
+            if not isinstance(token, str):
                 # None was taken for a failure nobody heard of; bytes failed to encode, each
-                # attempt. Never the value itself in the message: bytes would print the token.
+                # attempt; a number went as the token (with header_auth a terminal 4002). Never
+                # the value itself in the message: bytes would print the token.
                 raise TypeError(f"get_token returned {type(token).__name__}, not a token (a str)")
-            if self.header_auth and isinstance(token, str) and not all(" " <= ch <= "~" for ch in token):
+            if self.header_auth and not all(" " <= ch <= "~" for ch in token):
                 # websockets refuses the header with an error that quotes it, token included.
                 raise ValueError("get_token returned a token an Authorization header cannot carry "
                                  "(a control or non-ASCII character: a trailing newline?)")
@@ -1135,7 +1144,7 @@ class RealtimeClient:
     def _send(self, msg: dict[str, Any]) -> None:
         """Queues `msg` on the current connection: messages leave in the order of the calls."""
         if self._outbox is not None:
-            self._outbox.put_nowait(json.dumps(msg))
+            self._outbox.put_nowait(_dumps(msg))
 
     def _finish(self, error: RealtimeError | None) -> None:
         if self.state == "closed":
@@ -1153,6 +1162,19 @@ class RealtimeClient:
             self._ready.add_done_callback(_retrieve)
         if error is not None:
             self._callback(self.on_error, error, "on_error")
+
+
+def _dumps(msg: dict[str, Any]) -> str:
+    """`msg` as sent: compact UTF-8 JSON, as the JS client writes it. json.dumps' defaults (", "
+    and ": " separators, \\uXXXX for every non-ASCII character) made a subscribe up to three times
+    the JS client's size, refused as message_too_big (max_message_bytes) where the gateway takes
+    the JS client's. A string UTF-8 cannot carry (a lone surrogate) is escaped as before."""
+    text = json.dumps(msg, separators=(",", ":"), ensure_ascii=False)
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return json.dumps(msg, separators=(",", ":"))
+    return text
 
 
 def _redacted(text: str, token: str) -> str:

@@ -1574,23 +1574,23 @@ async def test_failures_that_alternate_are_each_reported_once_per_outage(gateway
         await proxy.close()
 
 
-async def test_a_malformed_auth_message_is_reported_not_hidden_behind_the_auth_timeout(gateway_factory):
-    # get_token returns the token endpoint's answer instead of its access token (a common slip):
-    # the gateway answers the auth message with 4000 (its `token` is not a string), the
-    # connection stays open, and the auth timeout closes it (4002 after "auth timeout":
-    # retried). The 4000, the only report that says what is wrong, was held as the connection's
-    # refusal, replaced by "auth timeout", and never reached on_error.
-    gw = await gateway_factory(env={"RT_AUTH_TIMEOUT": "0.2"})
+async def test_get_token_returning_the_token_endpoints_answer_is_reported_at_once_and_retried(gateway):
+    # A common slip: get_token returns `{"access_token": ...}`. Sent as it was, the gateway
+    # answered the auth message with 4000 (its `token` is not a string) and the auth timeout
+    # closed the connection, at every attempt. It is refused before any connection now, as
+    # token_unavailable naming what came instead (never the token), and retried with the backoff.
     errors: list[RealtimeError] = []
-    client = RealtimeClient(gw.ws_url("w1"), lambda: {"access_token": gw.token("w1")},  # type: ignore[arg-type,return-value]
+    client = RealtimeClient(gateway.ws_url("w1"), lambda: {"access_token": gateway.token("w1")},  # type: ignore[arg-type,return-value]
                             on_error=errors.append, **FAST)
     try:
         connecting = asyncio.ensure_future(client.connect())
-        await wait_for(lambda: client.closes.count(4002) >= 2, 10, "timed-out attempts")
+        await wait_for(lambda: bool(errors), 5, "the report")
+        await asyncio.sleep(0.5)  # several attempts at backoff_max 0.4 s
         assert not connecting.done() and client.state == "reconnecting" and client.error is None
-        invalid = [e for e in errors if e.code == 4000]
-        assert invalid and invalid[0].name == "invalid_message" and "token" in str(invalid[0]), errors
-        assert [str(e) for e in errors if e.code == 4002] == ["connection closed: token_invalid: auth timeout; retrying"]
+        assert len(errors) >= 2, "not retried"  # reported at each attempt, as any failing get_token
+        assert all(e.name == "token_unavailable" and not e.terminal for e in errors), errors
+        assert "dict" in str(errors[0]) and gateway.token("w1").rsplit(".", 1)[1] not in str(errors[0])
+        assert client.closes == []  # no connection was opened for it
     finally:
         await client.close()
         with contextlib.suppress(RealtimeError):
@@ -2011,3 +2011,57 @@ async def test_nothing_reaches_a_handler_once_unsubscribe_is_called_also_within_
         await asyncio.sleep(0.2)
         assert late == [], f"delivered after unsubscribe(): {late}"
         stop()
+
+
+# ---- from a parity audit of the two clients (2 Dec) -------------------------------------------
+async def test_a_subscribe_the_gateway_takes_is_not_refused_as_message_too_big(gateway):
+    # README "Clients": a subscribe fails at once as message_too_big when its message "would pass
+    # the gateway's limits.max_message_bytes". The JS client sends compact UTF-8 JSON, and the
+    # gateway confirms these two subscribes from it (1000 `$in` values each, as §4 allows); the
+    # Python client writes the same message with ", "/": " separators and \\uXXXX escapes
+    # (json.dumps defaults): 66 KB and 104 KB, refused at once, though the gateway takes the
+    # subscription.
+    cities = ["\u00e9" * 16 + f"{i:04d}" for i in range(1000)]  # 43 KB as UTF-8 JSON
+    codes = ["v" * 58 + f"{i:04d}" for i in range(1000)]  # 65.1 KB compact
+    got: list[dict] = []
+    async with RealtimeClient(gateway.ws_url("w1"), lambda: gateway.token("w1"), **FAST) as client:
+        for channel, field, values in (("events:cities", "city", cities), ("events:codes", "code", codes)):
+            try:
+                await asyncio.wait_for(client.subscribe(channel, {"predicates": {field: {"$in": values}}}, got.append), 5)
+            except RealtimeError as exc:
+                raise AssertionError(f"{channel}: {exc.name}: {exc}") from None
+        await gateway.publish("w1", "cities", {"city": cities[999]})
+        await gateway.publish("w1", "codes", {"code": codes[5]})
+        await wait_for(lambda: len(got) == 2, 5, "both events")
+        assert client.state == "open"
+
+
+async def test_close_sends_a_normal_closure_as_the_js_client_does(gateway):
+    # clients/js/index.d.ts close(): "Closes for good: sends a close 1000"; the Python client's
+    # close() cancels its connection task inside `async with connect(...)`, and websockets closes
+    # a connection left by an exception with 1011: the gateway's audit trail (session-suspended,
+    # docs/protocol.md §9) records an internal_error for every Python client that closes.
+    async with RealtimeClient(gateway.ws_url("w1"), lambda: gateway.token("w1"), **FAST) as client:
+        await client.subscribe("events:x")
+    records = await gateway.audit_records("session-suspended")
+    assert [(r["code"], r["reason"]) for r in records] == [(1000, "client_close")]
+
+
+async def test_a_get_token_returning_no_str_is_token_unavailable_not_a_terminal_4002(gateway):
+    # With the JS client's fix (clients/js/src/index.js checkedToken: anything but a string is
+    # token_unavailable, retried), the Python client is the one that sends a number as the token:
+    # with header_auth "Bearer 42", a terminal 4002 (message auth: a 4000 and the 10 s auth timeout).
+    calls = 0
+    errors: list[RealtimeError] = []
+
+    def get_token() -> object:
+        nonlocal calls
+        calls += 1
+        return 42 if calls == 1 else gateway.token("w1")
+
+    client = RealtimeClient(gateway.ws_url("w1"), get_token, header_auth=True, on_error=errors.append, **FAST)
+    try:
+        await asyncio.wait_for(client.connect(), 5)
+        assert [(e.name, e.terminal) for e in errors] == [("token_unavailable", False)]
+    finally:
+        await client.close()

@@ -80,7 +80,7 @@ export interface ConnectOptions {
    * pongTimeoutMs (10000) counts as a lost connection. Its pong carries the stream position,
    * which a quiet subscription resumes from (no needless history_gap in a busy workspace). One
    * is also sent after each history_gap, so a source's loss told live is not told again by the
-   * next resume. */
+   * next resume. 0 turns these pings off (and with them the detection of a dead link). */
   pingIntervalMs?: number;
   pongTimeoutMs?: number;
   /** Unread items an events() iterator may hold before it fails (default 10000). */

@@ -29,7 +29,7 @@
 export const TERMINAL_CODES = Object.freeze([4002, 4003, 1008, 1009]);
 
 const CODE_NAMES = {
-  1000: "normal_closure", 1001: "going_away", 1006: "abnormal_closure", 1008: "policy_violation",
+  1000: "normal_closure", 1001: "going_away", 1002: "protocol_error", 1006: "abnormal_closure", 1008: "policy_violation",
   1009: "message_too_big", 1011: "internal_error", 1013: "try_again_later", 4000: "invalid_message",
   4001: "token_expired", 4002: "token_invalid", 4003: "scope_denied", 4008: "quota_exceeded",
   4010: "channel_unavailable", 4011: "history_gap",
@@ -188,6 +188,23 @@ function tokenUnavailable(err) {
     { name: "token_unavailable" });
   error.cause = err;
   return error;
+}
+
+// getToken's result when it is a token: anything else throws (reported as "token_unavailable",
+// retried), as the Python client refuses None and bytes. Sent as it was, undefined or null (an
+// unset variable, an empty response) got a 4000 and the gateway's 10 s auth timeout at every
+// attempt, and with headerAuth "Bearer undefined" a terminal 4002; a token with a character a
+// header cannot carry (a trailing newline from a file) made `ws` throw, a terminal "error". The
+// message names the type or the fault, never the token.
+function checkedToken(token, headerAuth) {
+  if (typeof token !== "string") {
+    throw new TypeError(`getToken returned ${token === null ? "null" : typeof token}, not a token (a string)`);
+  }
+  if (headerAuth && !/^[\x20-\x7e]*$/.test(token)) {
+    throw new TypeError("getToken returned a token an Authorization header cannot carry "
+      + "(a control or non-ASCII character: a trailing newline?)");
+  }
+  return token;
 }
 
 // What a listener (an onEvent callback, an on() listener) throws is reported and goes no
@@ -674,6 +691,7 @@ export class RealtimeClient {
     });
     const timer = this.timers.token;
     return Promise.race([Promise.resolve().then(() => this.getToken()), late])
+      .then((token) => checkedToken(token, this.headerAuth))
       .finally(() => { clearTimeout(timer); if (this.timers.token === timer) this.timers.token = null; });
   }
 
@@ -842,11 +860,13 @@ export class RealtimeClient {
     // resumed session that had it back before the unsubscribe arrived.
     if (!subs.length) return;
     for (const sub of subs) {
+      if (this.state === "closed") return; // a callback of this event closed the client
       // Not to one that an earlier callback of this event unsubscribed (or replaced).
       if (sub.onEvent && this.subs.get(subscriptionKey(sub.channel)) === sub) {
         callListener(sub.onEvent, msg);
       }
     }
+    if (this.state === "closed") return;
     this._emit("event", msg);
     for (const it of this._liveIterators()) it.push(msg);
   }
@@ -1075,6 +1095,9 @@ export class RealtimeClient {
 
   _armPing() {
     clearTimeout(this.timers.ping);
+    // 0 (or less) turns the pings off, as the Python client's position_interval=0 does: armed
+    // again at each message, a 0 ms ping sent one a pong, hundreds a second.
+    if (!(this.pingInterval > 0)) return;
     const ws = this.ws;
     this.timers.ping = setTimeout(() => {
       if (this.ws !== ws) return;
