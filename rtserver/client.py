@@ -291,9 +291,10 @@ class RealtimeClient:
     awaitable of one) and is called for every connection and every refresh: a coroutine
     function on the event loop, a plain function in a worker thread (asyncio.to_thread), so
     that one fetching from an identity provider holds neither the loop nor `open_timeout` (it
-    must then not create tasks or futures itself). Anything but a str (None, bytes, a number), or with `header_auth` a token
-    with a character a header cannot carry (a trailing newline from a file) is refused as
-    "token_unavailable", naming the type or the fault, never the token.
+    must then not create tasks or futures itself). Anything but a str (None, bytes, a number),
+    or with `header_auth` a token with a character a header cannot carry (a trailing newline
+    from a file), is refused as "token_unavailable", naming the type or the fault, never the
+    token.
 
     Duplicates. Live, the gateway sends a connection each event once, in `seq` order. Replays
     break that order: after a reconnect, every subscription the gateway does not restore (all
@@ -453,8 +454,8 @@ class RealtimeClient:
         in time withdraws the subscription and raises a RealtimeError named "timeout". When
         subscribe() raises or is cancelled once sent, the channel is not subscribed (not even
         with the filter this call was to replace); a filter refused at once (below) leaves any
-        earlier subscription of the channel as it was. A filter that JSON cannot carry raises TypeError (a
-        datetime, say) or ValueError (NaN, Infinity) at once, and one whose subscribe message
+        earlier subscription of the channel as it was. A filter that JSON cannot carry raises
+        TypeError (a datetime, say) or ValueError (NaN, Infinity) at once, and one whose subscribe message
         would pass `max_message_bytes` (the gateway's limits.max_message_bytes, 64 KiB unless
         the operator changed it) a RealtimeError named "message_too_big", also at once: the
         gateway answers such a message with a close 1009, which ends the whole client.

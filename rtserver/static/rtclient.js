@@ -191,7 +191,7 @@ function tokenUnavailable(err) {
 }
 
 // getToken's result when it is a token: anything else throws (reported as "token_unavailable",
-// retried), as the Python client refuses None and bytes. Sent as it was, undefined or null (an
+// retried), as the Python client refuses anything but a str. Sent as it was, undefined or null (an
 // unset variable, an empty response) got a 4000 and the gateway's 10 s auth timeout at every
 // attempt, and with headerAuth "Bearer undefined" a terminal 4002; a token with a character a
 // header cannot carry (a trailing newline from a file) made `ws` throw, a terminal "error". The
@@ -337,6 +337,7 @@ export class RealtimeClient {
     // one only, two failures taking turns, a quota close and a 503, were reported at every attempt).
     this.refusalReported = new Set();
     this.opened = false; // the current WebSocket has opened
+    this.skipResume = false; // the next connection starts a fresh session (a resume abandoned at its auth_ok)
     this.timers = { retry: null, refresh: null, ping: null, open: null, token: null };
     this.nextId = 1;
     this.closedByUser = false;
@@ -408,9 +409,7 @@ export class RealtimeClient {
         // be coming with the old filter. Sent with `since`, the gateway replays what the new filter
         // shows and the old one had not sent; a new catch-up marker keeps each event once.
         this._sendSubscribe(sub, this.floor);
-        if (this.catchup === null) this.catchup = new Set();
-        this.marker = `catchup-${this.nextId++}`;
-        this._send({ type: "ping", id: this.marker });
+        this._startCatchup();
       } else {
         this._sendSubscribe(sub, null);
       }
@@ -831,11 +830,10 @@ export class RealtimeClient {
       this._sendSubscribe(sub, since);
       if (since !== null && this.catchup === null) this.catchup = new Set();
     }
+    // The resume's own replay is a catch-up too: `floor` stays where it asked from until the
+    // replay is done, so a filter replaced meanwhile asks from there.
     if (resumed && since !== null && this.catchup === null) this.catchup = new Set();
-    if (this.catchup !== null) {
-      this.marker = `catchup-${this.nextId++}`;
-      this._send({ type: "ping", id: this.marker });
-    }
+    if (this.catchup !== null) this._startCatchup();
     this._emit("open", { sessionId: msg.sessionId, resumed, expiresAt: msg.expiresAt });
     this._readyResolve({ sessionId: msg.sessionId, resumed });
   }
@@ -1091,6 +1089,13 @@ export class RealtimeClient {
     if (this.catchup !== null || this.positionAsked) return;
     this.positionAsked = true;
     this._send({ type: "ping" });
+  }
+
+  /** A catch-up until the pong of a ping sent now (after every replay asked for so far). */
+  _startCatchup() {
+    if (this.catchup === null) this.catchup = new Set();
+    this.marker = `catchup-${this.nextId++}`;
+    this._send({ type: "ping", id: this.marker });
   }
 
   _armPing() {
