@@ -990,8 +990,7 @@ export class RealtimeClient {
       // The token expired: get a new one and come back at once (if it is fresh; once until a
       // connection has been healthy; else back off).
       this.expired = true;
-      this._setState("reconnecting");
-      this._connect(true);
+      this._connect(true); // which says "connecting" or "reconnecting", as after any close
       return;
     }
     this._scheduleRetry();

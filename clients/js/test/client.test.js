@@ -1886,3 +1886,20 @@ test("pingIntervalMs 0 turns the pings off (as position_interval=0 in the Python
     await proxy.close();
   }
 });
+
+test("a 4001 at the very first connect reports connecting then open, as the Python client does", { timeout: 20000 }, async () => {
+  // A cached token that has expired: the gateway closes 4001 and the client comes back at once
+  // with a fresh one. The states went connecting, reconnecting, connecting, open.
+  let calls = 0;
+  const states = [];
+  const client = new RealtimeClient({ url: wsUrl("w1"), getToken: async () => (++calls === 1 ? token({ ttl: -60 }) : token()),
+    ...fast });
+  client.on("state", (s) => states.push(s));
+  try {
+    await client.subscribe("events:first").ready; // starts it, the listener in place
+    assert.equal(calls, 2);
+    assert.deepEqual(states, ["connecting", "open"]);
+  } finally {
+    client.close();
+  }
+});
