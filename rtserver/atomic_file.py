@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 
 
 def replace_file(path: str, data: bytes) -> None:
@@ -29,7 +30,8 @@ def replace_file(path: str, data: bytes) -> None:
 
 def state_dir_problem(path: str) -> str | None:
     """Why the state directory `path` could not be made or written, without making it; None
-    when it could (as far as permissions tell: as root, every mode bit passes)."""
+    when it could. Told by permissions, and as root (whom every mode bit lets pass) by making
+    and removing a directory in the nearest one that exists: /proc or /sys passed."""
     probe = path
     while not os.path.exists(probe):
         parent = os.path.dirname(probe)
@@ -41,6 +43,11 @@ def state_dir_problem(path: str) -> str | None:
         return said + "not a directory"
     if not os.access(probe, os.W_OK | os.X_OK):
         return said + "not writable"
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".rtserver-probe-", dir=probe))
+        except OSError as exc:
+            return said + f"not writable ({exc.strerror or exc})"
     return None
 
 

@@ -72,6 +72,10 @@ def test_what_would_stop_the_start_is_one_line_and_exit_2(tmp_path):
                                         "(server.state_dir from option --state-dir)"),
         (["--state-dir", "a-file/st"], {}, f"state directory {tmp_path / 'a-file/st'} (server.state_dir): cannot be "
                                            f"made: {tmp_path / 'a-file'} is not a directory"),
+        # As root every mode bit passes: /proc's were taken for writable, and check-config said
+        # nothing of a directory serve could not make.
+        (["--state-dir", "/proc/rtserver-state"], {}, "state directory /proc/rtserver-state (server.state_dir): "
+                                                      "cannot be made: /proc is not writable"),
         ([], {"RT_TLS_CERT": str(tmp_path / "none.pem"), "RT_TLS_KEY": str(tmp_path / "none.key")},
          f"server.tls_cert {tmp_path / 'none.pem'}: cannot read: No such file or directory "
          "(server.tls_cert from environment RT_TLS_CERT)"),
