@@ -455,7 +455,8 @@ class RealtimeClient:
         subscribe() raises or is cancelled once sent, the channel is not subscribed (not even
         with the filter this call was to replace); a filter refused at once (below) leaves any
         earlier subscription of the channel as it was. A filter that JSON cannot carry raises
-        TypeError (a datetime, say) or ValueError (NaN, Infinity) at once, and one whose subscribe message
+        TypeError (a datetime, say) or ValueError (NaN, Infinity) at once (a channel that is no
+        str raises TypeError too), and one whose subscribe message
         would pass `max_message_bytes` (the gateway's limits.max_message_bytes, 64 KiB unless
         the operator changed it) a RealtimeError named "message_too_big", also at once: the
         gateway answers such a message with a close 1009, which ends the whole client.
@@ -474,6 +475,8 @@ class RealtimeClient:
         An async on_event is awaited before the next frame is read (events stay in order), so
         the confirmation cannot arrive while one runs: awaited in an on_event handler,
         subscribe() raises RuntimeError at once (start it in a task instead)."""
+        if not isinstance(channel, str):  # it failed deep inside, an AttributeError naming no argument
+            raise TypeError(f"channel must be a str such as 'events:orders', not {type(channel).__name__}")
         if self.state == "closed":
             raise self._closed_error()
         if self._task is not None and asyncio.current_task() is self._task:

@@ -2065,3 +2065,13 @@ async def test_a_get_token_returning_no_str_is_token_unavailable_not_a_terminal_
         assert [(e.name, e.terminal) for e in errors] == [("token_unavailable", False)]
     finally:
         await client.close()
+
+
+async def test_a_channel_that_is_no_str_is_refused_by_name(gateway):
+    # subscribe(None) (a channel read from a missing setting) failed deep inside with an
+    # AttributeError naming no argument.
+    async with RealtimeClient(gateway.ws_url("w1"), lambda: gateway.token("w1"), **FAST) as client:
+        for bad in (None, 42, b"events:x"):
+            with pytest.raises(TypeError, match="channel must be a str such as 'events:orders', not "):
+                await client.subscribe(bad)  # type: ignore[arg-type]
+        await client.subscribe("events:x")  # the client carries on

@@ -367,6 +367,9 @@ export class RealtimeClient {
    */
   subscribe(channel, filter, onEvent) {
     if (typeof filter === "function" && onEvent === undefined) { onEvent = filter; filter = null; }
+    if (typeof channel !== "string") { // it failed deep inside ("reading 'indexOf'"), naming no argument
+      throw new TypeError(`channel must be a string such as "events:orders", not ${channel === null ? "null" : typeof channel}`);
+    }
     if (this.state === "closed") {
       const ready = Promise.reject(this._closedError());
       ready.catch(() => {});

@@ -1903,3 +1903,17 @@ test("a 4001 at the very first connect reports connecting then open, as the Pyth
     client.close();
   }
 });
+
+test("a channel that is no string is refused by name", { timeout: 20000 }, async () => {
+  // subscribe(undefined) (a channel read from a missing setting) threw "Cannot read properties of
+  // undefined (reading 'indexOf')", naming no argument.
+  const client = connect({ url: wsUrl("w1"), getToken: async () => token(), ...fast });
+  try {
+    for (const bad of [undefined, null, 42]) {
+      assert.throws(() => client.subscribe(bad), /channel must be a string such as "events:orders", not /);
+    }
+    await client.subscribe("events:x").ready; // the client carries on
+  } finally {
+    client.close();
+  }
+});
