@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import sys
+import time
 
 from rtserver import __version__
 from rtserver.config import WORKSPACE_ID_RE, ConfigError, config_table_markdown, load
@@ -24,7 +25,15 @@ def _lifetime(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
     if not math.isfinite(seconds) or seconds <= 0:
         raise argparse.ArgumentTypeError(f"{text!r}: must be a positive number of seconds")
+    # An exp past 9999 has no RFC 3339 date: auth_ok's expiresAt came out as "+3168873852708-..."
+    # (1e20 s), which no date parser reads.
+    most = _LAST_EXP - time.time()
+    if seconds > most:
+        raise argparse.ArgumentTypeError(f"{text!r}: must end before the year 10000 (at most {most:.0f} seconds)")
     return seconds
+
+
+_LAST_EXP = 253402300799  # 9999-12-31T23:59:59Z
 
 
 def _subject(text: str) -> str:

@@ -37,7 +37,7 @@ from rtcore.messages import (
     encode,
     unreadable_json,
 )
-from rtcore.timefmt import iso_ms
+from rtcore.timefmt import MAX_RFC3339_MS, iso_ms
 from rtserver import channels
 from rtserver.auth import AuthError, Identity
 from rtserver.history import Replay
@@ -1256,7 +1256,9 @@ def _not_retained(since: int, oldest: int) -> str:
 
 
 def _expires(identity: Identity) -> str:
-    return iso_ms(int(identity.expires_at * 1000))
+    # A token's exp past 9999 (an identity provider's "never") has no RFC 3339 date: written
+    # as an expanded year ("+3168873852708-..."), no date parser read it. The last date is said.
+    return iso_ms(min(int(identity.expires_at * 1000), MAX_RFC3339_MS))
 
 
 def _unexpired(identity: Identity) -> Identity:

@@ -274,6 +274,17 @@ async def test_an_exp_whose_milliseconds_overflow_is_token_invalid(gateway_facto
     assert "message handler failed" not in gw.logs()
 
 
+async def test_an_exp_past_the_year_9999_says_the_last_date_in_expires_at(gateway_factory: Any) -> None:
+    """An exp of 1e20 s (a "never" some token issuers write, or `rtserver token --ttl 1e20`) was
+    written as an expanded year, "+3168873852708-01-25T01:51:05.216Z", which no date parser
+    reads. The token is taken; auth_ok's expiresAt says the last RFC 3339 date."""
+    gw = await gateway_factory()
+    async with ws_connect(gw, "w1") as c:
+        await c.send({"type": "auth", "token": gw.token("w1", exp=10**20)})
+        ok = await c.recv_type("auth_ok")
+        assert ok["expiresAt"] == "9999-12-31T23:59:59.999Z", ok
+
+
 # -- alg none and algorithm confusion ----------------------------------------------------------
 
 
