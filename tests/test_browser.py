@@ -57,4 +57,8 @@ async def test_demo_page_receives_events_and_resumes_after_network_loss(gateway_
     # postgres:orders, then postgres:public.orders: one subscription, one entry (there were two,
     # the stale one's unsubscribe button doing nothing)
     assert result["listed"] == ["events:demo", "postgres:orders"]
+    # ?token= is read into its field, then taken out of the address bar (it stayed in the
+    # browser's history); the other parameters stay
+    assert result["tokenFilled"] and "token" not in result["address"], result["address"]
+    assert result["address"].endswith("/demo/?workspace=w1"), result["address"]
     assert screenshot.stat().st_size > 1000

@@ -30,6 +30,9 @@ try {
   const url = `http://127.0.0.1:${proxy.port}/demo/?token=${encodeURIComponent(token({ workspace: "w1", sub: "browser" }))}&workspace=w1`;
   await page.goto(url);
   step("page loaded");
+  // The token is read into its field and taken out of the address bar (browser history).
+  const address = await page.evaluate(() => location.href);
+  const tokenField = await page.inputValue("#token");
   await page.fill("#channel", "events:demo");
   await page.click("#connect");
   await page.waitForSelector("#state[data-state=open]", { timeout: 10000 });
@@ -88,7 +91,7 @@ try {
   }, `ws://127.0.0.1:${proxy.port}/workspaces/w1/realtime/connect`);
   step(`headerAuth in the browser: ${JSON.stringify(headerAuth)}`);
   console.log("RESULT " + JSON.stringify({ shown, expected: [live.seq, ...missed.slice().reverse(), first.seq], resumed, gaps,
-    headerAuth, listed }));
+    headerAuth, listed, address, tokenFilled: tokenField.length > 100 }));
 } catch (err) {
   if (page) {
     mkdirSync(artifacts, { recursive: true });
