@@ -11,6 +11,7 @@ import os
 import sys
 import time
 
+from rtcore.timefmt import MAX_RFC3339_MS
 from rtserver import __version__
 from rtserver.config import WORKSPACE_ID_RE, ConfigError, config_table_markdown, load
 from rtserver.config_check import env_warnings
@@ -27,13 +28,10 @@ def _lifetime(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r}: must be a positive number of seconds")
     # An exp past 9999 has no RFC 3339 date: auth_ok's expiresAt came out as "+3168873852708-..."
     # (1e20 s), which no date parser reads.
-    most = _LAST_EXP - time.time()
+    most = MAX_RFC3339_MS // 1000 - time.time()
     if seconds > most:
         raise argparse.ArgumentTypeError(f"{text!r}: must end before the year 10000 (at most {most:.0f} seconds)")
     return seconds
-
-
-_LAST_EXP = 253402300799  # 9999-12-31T23:59:59Z
 
 
 def _subject(text: str) -> str:

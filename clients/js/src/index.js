@@ -47,6 +47,16 @@ export class RealtimeError extends Error {
   }
 }
 
+// What subscribe() returns for a subscription it refuses before registering it: an
+// unsubscribe that has nothing to do, whose `ready` rejects with `error`.
+function refusedSubscription(error) {
+  const ready = Promise.reject(error);
+  ready.catch(() => {});
+  const unsubscribe = () => {};
+  unsubscribe.ready = ready;
+  return unsubscribe;
+}
+
 const utf8 = new TextEncoder();
 function utf8Length(text) {
   return utf8.encode(text).length;
@@ -370,13 +380,7 @@ export class RealtimeClient {
     if (typeof channel !== "string") { // it failed deep inside ("reading 'indexOf'"), naming no argument
       throw new TypeError(`channel must be a string such as "events:orders", not ${channel === null ? "null" : typeof channel}`);
     }
-    if (this.state === "closed") {
-      const ready = Promise.reject(this._closedError());
-      ready.catch(() => {});
-      const unsubscribe = () => {};
-      unsubscribe.ready = ready;
-      return unsubscribe;
-    }
+    if (this.state === "closed") return refusedSubscription(this._closedError());
     // A filter JSON cannot carry (a BigInt, a cycle) throws here, before it is registered:
     // registered, it failed every connection's re-subscribe. NaN and Infinity too, which
     // JSON.stringify would write as null: a filter that silently matched nothing. Kept as a
@@ -390,13 +394,9 @@ export class RealtimeClient {
     const size = utf8Length(JSON.stringify({ type: "subscribe", channel, id: `sub-${Number.MAX_SAFE_INTEGER}`,
       filter, since: Number.MAX_SAFE_INTEGER }));
     if (size > this.maxMessageBytes) {
-      const ready = Promise.reject(new RealtimeError(1009,
+      return refusedSubscription(new RealtimeError(1009,
         `subscribe to ${channel}: a message of ${size} bytes, over the gateway's ${this.maxMessageBytes}-byte limit `
         + "(limits.max_message_bytes)", { name: "message_too_big", channel }));
-      ready.catch(() => {});
-      const unsubscribe = () => {};
-      unsubscribe.ready = ready;
-      return unsubscribe;
     }
     const key = subscriptionKey(channel); // the other spelling of a public table is replaced too
     const old = this.subs.get(key);
