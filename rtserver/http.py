@@ -767,6 +767,8 @@ class FrontProtocol(asyncio.Protocol):
             return json_error(404, f"no such endpoint: {name} {path}", keep_alive)
         # A publish URL takes POST only (a GET of it was a 404, as for no endpoint).
         only = ": POST publishes" if publish else ""
+        if publish:  # a publisher using the wrong method shows in /metrics, as a 401 does
+            self.gw.metrics.publish_requests[405] += 1
         return http_response(405, _json.encode({"error": f"method {name} not allowed{only}"}), keep_alive=keep_alive,
                              allow="POST" if publish else "GET, HEAD")
 

@@ -638,9 +638,14 @@ async def test_publishes_refused_as_too_large_are_counted_by_status(gateway):
     writer.write(b"POST /elsewhere HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000\r\n\r\n")
     assert (await _read_response(reader))[0] == 413  # not a publish: not counted
     writer.close()
+    # A publish URL with a method it does not take: its 405 is a publish API answer too (it
+    # was not counted); a 405 of /metrics is not one.
+    assert (await gateway.request("PUT", path, b"{}", {"Authorization": f"Bearer {token}"}))[0] == 405
+    assert (await gateway.request("PUT", "/metrics", b""))[0] == 405
     samples = parse_exposition((await gateway.get("/metrics"))[1].decode())
     assert {k: v for k, v in samples.items() if k.startswith("rt_publish_requests_total")} == {
-        'rt_publish_requests_total{status="202"}': 1, 'rt_publish_requests_total{status="413"}': 2}
+        'rt_publish_requests_total{status="202"}': 1, 'rt_publish_requests_total{status="405"}': 1,
+        'rt_publish_requests_total{status="413"}': 2}
 
 
 async def test_every_message_refused_with_4000_is_counted(gateway):

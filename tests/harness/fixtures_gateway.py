@@ -137,10 +137,14 @@ class Gateway:
             return ""
 
     async def get(self, path: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
-        return await asyncio.to_thread(_request, "GET", self.url + path, None, headers or {})
+        return await self.request("GET", path, None, headers)
 
     async def post(self, path: str, body: bytes | None, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
-        return await asyncio.to_thread(_request, "POST", self.url + path, body, headers or {})
+        return await self.request("POST", path, body, headers)
+
+    async def request(self, method: str, path: str, body: bytes | None = None,
+                      headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+        return await asyncio.to_thread(_request, method, self.url + path, body, headers or {})
 
     async def publish(self, workspace: str, topic: str, payload: object, token: str | None = None,
                       correlation_id: str | None = None) -> dict:
