@@ -30,15 +30,22 @@ def replace_file(path: str, data: bytes) -> None:
 
 def state_dir_problem(path: str) -> str | None:
     """Why the state directory `path` could not be made or written, without making it; None
-    when it could. Told by permissions, and as root (whom every mode bit lets pass) by making
-    and removing a directory in the nearest one that exists: /proc or /sys passed."""
+    when it could."""
+    return directory_problem(path, f"state directory {path} (server.state_dir)")
+
+
+def directory_problem(path: str, what: str) -> str | None:
+    """Why the directory `path` (`what`, as messages name it) could not be made or written,
+    without making it; None when it could. Told by permissions, and as root (whom every mode
+    bit lets pass) by making and removing a directory in the nearest one that exists: /proc or
+    /sys passed."""
     probe = path
     while not os.path.exists(probe):
         parent = os.path.dirname(probe)
         if parent == probe:
             break
         probe = parent
-    said = f"state directory {path} (server.state_dir): " + ("" if probe == path else f"cannot be made: {probe} is ")
+    said = f"{what}: " + ("" if probe == path else f"cannot be made: {probe} is ")
     if not os.path.isdir(probe):
         return said + "not a directory"
     if not os.access(probe, os.W_OK | os.X_OK):

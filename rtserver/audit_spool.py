@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import re
 
-from rtserver.atomic_file import replace_file
+from rtserver.atomic_file import directory_problem, replace_file
 from rtserver.file_lock import lock_exclusive
 
 _SEGMENT_RE = re.compile(r"^(\d{20})\.jsonl$")
@@ -64,6 +64,9 @@ class Spool:
     def open(self) -> None:
         """Create the directory, take its lock and index the segments left by a previous run."""
         where = f"audit spool {self.directory} (audit.spool_dir)"
+        problem = directory_problem(self.directory, where)  # a file in the way was "File exists"
+        if problem is not None:
+            raise SpoolError(problem)
         try:
             os.makedirs(self.directory, mode=0o700, exist_ok=True)
             self._lock_fh = lock_exclusive(os.path.join(self.directory, ".lock"))

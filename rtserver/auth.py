@@ -551,14 +551,27 @@ def load_or_create_dev_secret(state_dir: str) -> str:
     return secret
 
 
+def dev_secret_problem(state_dir: str) -> str | None:
+    """Why the dev secret kept in `state_dir` cannot be used (load_or_create_dev_secret would
+    refuse it), without making one; None when it can or is not there yet."""
+    try:
+        _read_secret(os.path.join(state_dir, DEV_SECRET_FILE))
+    except RuntimeError as exc:
+        return str(exc)
+    return None
+
+
 def _read_secret(path: str) -> str | None:
     try:
         with open(path, encoding="ascii") as fh:
             text = fh.read().strip()
     except FileNotFoundError:
         return None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RuntimeError(f"dev secret {path}: cannot read: {exc}") from None
+    except UnicodeDecodeError:
+        raise RuntimeError(f"dev secret {path} is not ASCII text (a generated one is 64 hex digits); "
+                           "delete it to regenerate") from None
+    except OSError as exc:
+        raise RuntimeError(f"dev secret {path}: cannot read: {exc.strerror or exc}") from None
     if len(text) < MIN_HS256_SECRET:
         raise RuntimeError(f"dev secret {path} is shorter than {MIN_HS256_SECRET} characters; delete it to regenerate")
     return text

@@ -87,6 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "config-table":
         print(config_table_markdown())
         return 0
+    if getattr(args, "config", None) is not None and not args.config.strip():
+        # `--config "$CFG"` with CFG unset started a gateway in dev mode, on defaults.
+        print("rtserver: configuration error: --config is empty: give the TOML file's path", file=sys.stderr)
+        return 2
     try:
         overrides = {"server.state_dir": getattr(args, "state_dir", None)}
         if args.command == "serve":
@@ -176,7 +180,8 @@ def _start_problem(cfg, command: str, make: bool) -> str | None:
     `make`, as the start does; else only foreseen, as check-config does), and for serve the
     TLS certificate and key. serve and ingest say it before their log begins, in check-config's
     words: they said it after log lines, in other words, naming no origin."""
-    from rtserver.atomic_file import ensure_state_dir, state_dir_problem
+    from rtserver.atomic_file import directory_problem, ensure_state_dir, state_dir_problem
+    from rtserver.auth import dev_secret_problem
     from rtserver.config_check import server_tls_context
 
     state_dir = os.path.abspath(cfg.server.state_dir)
@@ -189,6 +194,11 @@ def _start_problem(cfg, command: str, make: bool) -> str | None:
             server_tls_context(cfg)
     except RuntimeError as exc:
         return str(exc)
+    if command == "serve" and cfg.dev_mode and (problem := dev_secret_problem(state_dir)) is not None:
+        return problem
+    spool = cfg.audit.spool_dir
+    if command == "serve" and cfg.audit.kafka_bootstrap and spool:  # the default one is in the state directory
+        return directory_problem(os.path.abspath(spool), f"audit spool {os.path.abspath(spool)} (audit.spool_dir)")
     return None
 
 

@@ -51,7 +51,7 @@ def _list(value: Any) -> list[str]:
     if isinstance(value, str):
         return [v.strip() for v in value.split(",") if v.strip()]
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return [v.strip() for v in value]
+        return [v.strip() for v in value if v.strip()]  # as the comma-separated form drops them
     raise ValueError("expected a list of strings or a comma-separated string")
 
 
@@ -61,7 +61,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("server", "tls_cert", "RT_TLS_CERT", str, "", "PEM certificate: serve wss:// and https:// (read at start: a renewed one takes a restart; the ingest's health port stays plain http)"),
     Setting("server", "tls_key", "RT_TLS_KEY", str, "", "PEM private key of tls_cert"),
     Setting("server", "state_dir", "RT_STATE_DIR", str, ".rtserver", "Local state: dev secret, source positions, audit spool, the workspaces a default change feed records into, sessions saved at shutdown, the seq reservation"),
-    Setting("server", "instance", "RT_INSTANCE", str, "rtserver", "Instance name: replication slot and publication names derive from it"),
+    Setting("server", "instance", "RT_INSTANCE", str, "rtserver", "Instance name: replication slot and publication names derive from it (a lower-case letter or _, then lower-case letters, digits and _; 41 characters at most)"),
     Setting("server", "node", "RT_NODE", str, "", "Node name in logs and audit records (default: host name)"),
     Setting("server", "log_level", "RT_LOG_LEVEL", str, "info", "debug, info, warning or error (the audit records logged without Kafka are kept at any level)"),
     Setting("server", "demo", "RT_DEMO", bool, False, "Serve the demo page at /demo (`rtserver serve --demo`)"),
@@ -77,14 +77,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("auth", "channel_claim", "RT_AUTH_CHANNEL_CLAIM", str, "realtime_channels", "Claim (a dotted path) listing the channel patterns a subject may subscribe to, when auth.channel_permissions is on"),
     Setting("auth", "publish_claim", "RT_AUTH_PUBLISH_CLAIM", str, "realtime_publish", "Claim granting the publish API when true (or \"true\")"),
     Setting("auth", "publish_role", "RT_AUTH_PUBLISH_ROLE", str, "", "Role (in the workspace claim path) that also grants publishing"),
-    Setting("auth", "leeway", "RT_AUTH_LEEWAY", float, 5.0, "Seconds of clock leeway when a token is presented"),
+    Setting("auth", "leeway", "RT_AUTH_LEEWAY", float, 5.0, "Seconds of clock leeway when a token is presented (at most 3600)"),
     Setting("auth", "jwks_refetch_interval", "RT_AUTH_JWKS_REFETCH_INTERVAL", float, 30.0, "Minimum seconds between JWKS refetches on an unknown kid"),
     Setting("limits", "max_subscriptions", "RT_MAX_SUBSCRIPTIONS", int, 100, "Subscriptions per connection (error 4008 beyond)"),
     Setting("limits", "max_connections", "RT_MAX_CONNECTIONS", int, 10000, "Connections per workspace (close 4008 beyond)"),
     Setting("limits", "max_node_connections", "RT_MAX_NODE_CONNECTIONS", int, 0, "WebSocket connections this node holds at most, all workspaces together (further upgrades get 503); 0: the open-files limit (raised to the hard limit at start) less 1024 kept for the gateway's own sockets and files (and 3 per mongo.max_databases when mongo.url names no database), or half of a small limit. Client sockets of any kind (idle or HTTP ones, closed WebSockets whose peer has not read what was queued for it) are held up to 512 more, within the open-files limit less 512; past that a new connection gets 503 at once"),
     Setting("limits", "max_connections_per_subject", "RT_MAX_CONNECTIONS_PER_SUBJECT", int, 1000, "Connections per subject on this node, all workspaces together (close 4008 beyond)"),
     Setting("limits", "max_filter_bytes", "RT_MAX_FILTER_BYTES", int, 128 * 1024, "JSON bytes of the filters of one connection's subscriptions together (error 4008 beyond); a compiled filter takes ~30 times its size in memory"),
-    Setting("limits", "max_message_bytes", "RT_MAX_MESSAGE_BYTES", int, 65536, "Largest inbound WebSocket message"),
+    Setting("limits", "max_message_bytes", "RT_MAX_MESSAGE_BYTES", int, 65536, "Largest inbound WebSocket message (at least 1024: a client's auth message carries its token)"),
     Setting("limits", "send_buffer_bytes", "RT_SEND_BUFFER_BYTES", int, 4 * 1024 * 1024, "Per-connection outbound buffer; beyond it the connection is closed with 1013. A frame larger than a quarter of it (a large row) raises that connection's bound by its size: bytes waiting behind the largest frame it was sent count"),
     Setting("limits", "flush_chunk", "RT_FLUSH_CHUNK", int, 16, "Connections written per event-loop iteration, shared in turns by the workspaces waiting; between chunks the loop reads what arrived, and new events join the frames of connections not yet written (one write): smaller, more frames per write under load"),
     Setting("limits", "fanout_backlog", "RT_FANOUT_BACKLOG", int, 65536, "Event frames queued on connections and not yet written beyond which publishers (publish API, change feeds, bus consumer) wait, or fanout_backlog_per_connection times the open connections if more; below it, events join the frames of connections still waiting (fewer, larger writes under load)"),
@@ -147,7 +147,13 @@ _PATHS = frozenset({("server", "state_dir"), ("server", "tls_cert"), ("server", 
 _SECRETS = frozenset({("auth", "hs256_secret"), ("audit", "sasl_password")})
 
 _BOOL_TRUE = {"1", "true", "yes", "on"}
-_BOOL_FALSE = {"0", "false", "no", "off", ""}
+# Not "": `RT_GC_FREEZE=` left blank in a template turned off a setting that is on by default.
+_BOOL_FALSE = {"0", "false", "no", "off"}
+# Every float setting is a duration in seconds: 1e300 passed (a leeway that accepts a token
+# expired any time ago, sessions saved with an expiry of 1e300).
+_MAX_SECONDS = 365 * 24 * 3600
+_MAX_LEEWAY = 3600
+_MIN_MESSAGE_BYTES = 1024
 
 
 def _coerce(setting: Setting, value: Any, origin: str) -> Any:
@@ -161,12 +167,13 @@ def _coerce(setting: Setting, value: Any, origin: str) -> Any:
                 return True
             if text in _BOOL_FALSE:
                 return False
-            raise ValueError("expected true or false")
+            raise ValueError("expected true or false" + (" (it is empty)" if not text else ""))
         if setting.kind is list:
             return _list(value)
         if setting.kind is int:
             # int() would truncate a TOML float (a queue_size of 0.5 became 0) and take a bool
-            if isinstance(value, bool) or isinstance(value, float) and not value.is_integer():
+            if (isinstance(value, bool) or not isinstance(value, (int, float, str))
+                    or isinstance(value, float) and not value.is_integer()):
                 raise ValueError("expected an integer")
             try:
                 number = int(value)
@@ -180,7 +187,7 @@ def _coerce(setting: Setting, value: Any, origin: str) -> Any:
                 raise ValueError(f"too large (at most {(1 << 63) - 1})")
             return number
         if setting.kind is float:
-            if isinstance(value, bool):
+            if isinstance(value, bool) or not isinstance(value, (int, float, str)):
                 raise ValueError("expected a number")
             try:
                 number = float(value)
@@ -190,6 +197,8 @@ def _coerce(setting: Setting, value: Any, origin: str) -> Any:
                 raise ValueError("must be a finite number")
             if number < 0:
                 raise ValueError("must not be negative")
+            if number > _MAX_SECONDS:
+                raise ValueError(f"too large (at most {_MAX_SECONDS} seconds, 365 days)")
             return number
         if not isinstance(value, str):
             raise ValueError("expected a string")
@@ -318,7 +327,9 @@ def load(
     if path:
         try:
             with open(path, "rb") as fh:
-                data = tomllib.load(fh)
+                # A byte-order mark (Notepad saves one) is no TOML statement: tomllib refused
+                # the file at "line 1, column 1" without saying why.
+                data = tomllib.loads(fh.read().decode().removeprefix("\ufeff"))
         except FileNotFoundError:
             raise ConfigError(f"config file {path}: not found") from None
         except tomllib.TOMLDecodeError as exc:
@@ -340,8 +351,10 @@ def load(
         for key, value in table.items():
             setting = known.get((section, key))
             if setting is None:
-                raise ConfigError(f"config file {path}: unknown setting {section}.{key}"
-                                  + _resembles(f"{section}.{key}", [f"{s.section}.{s.key}" for s in SETTINGS]))
+                homes = _homes(key)  # written in the wrong section
+                hint = (f" ({key} is a setting of {homes})" if homes else
+                        _resembles(f"{section}.{key}", [f"{s.section}.{s.key}" for s in SETTINGS]))
+                raise ConfigError(f"config file {path}: unknown setting {section}.{key}{hint}")
             values[section][key] = _coerce(setting, value, f"config file {path}")
             origins[f"{section}.{key}"] = f"config file {path}"
 
@@ -382,15 +395,21 @@ def load(
         unknown = set(table) - allowed
         if unknown:
             raise ConfigError(f"config file {path}: [workspaces.{ws}] unknown keys {sorted(unknown)}")
-        try:
-            workspaces[ws] = WorkspaceSources(
-                postgres_url=str(table.get("postgres_url", "")).strip(),
-                postgres_schemas=_list(table.get("postgres_schemas", ["public"])),
-                postgres_tables=_list(table.get("postgres_tables", [])),
-                mongo_url=str(table.get("mongo_url", "")).strip(),
-            )
-        except ValueError as exc:
-            raise ConfigError(f"config file {path}: [workspaces.{ws}]: {exc}") from None
+        lists: dict[str, list[str]] = {}
+        for key, default in (("postgres_schemas", ["public"]), ("postgres_tables", [])):
+            try:
+                lists[key] = _list(table.get(key, default))
+            except ValueError as exc:
+                raise ConfigError(f"config file {path}: [workspaces.{ws}] {key}: {exc}") from None
+        for key in ("postgres_url", "mongo_url"):
+            if not isinstance(table.get(key, ""), str):  # str() made `postgres_url = 5` the URL "5"
+                raise ConfigError(f"config file {path}: [workspaces.{ws}] {key}: expected a string")
+        workspaces[ws] = WorkspaceSources(
+            postgres_url=table.get("postgres_url", "").strip(), postgres_schemas=lists["postgres_schemas"],
+            postgres_tables=lists["postgres_tables"], mongo_url=table.get("mongo_url", "").strip())
+        if workspaces[ws].postgres_url and not lists["postgres_schemas"] and not lists["postgres_tables"]:
+            raise ConfigError(f"config file {path}: [workspaces.{ws}] postgres_schemas and postgres_tables are both "
+                              "empty: no table would be published")
         _check_mongo_url(f"config file {path}: [workspaces.{ws}] mongo_url", workspaces[ws].mongo_url)
         _check_mongo_database(f"config file {path}: [workspaces.{ws}] mongo_url", workspaces[ws].mongo_url, [ws])
         _check_postgres_url(f"config file {path}: [workspaces.{ws}] postgres_url", workspaces[ws].postgres_url)
@@ -463,13 +482,18 @@ def _resembles(name: str, names: list[str]) -> str:
     return f" (did you mean {like[0]}?)" if like else ""
 
 
+def _homes(key: str) -> str:
+    """The sections holding a setting named `key` ("[postgres] or [mongo]" for url), or ""."""
+    return " or ".join(f"[{s.section}]" for s in SETTINGS if s.key == key)
+
+
 def _misplaced(name: str, value: Any, sections: set[str]) -> str:
     """What is wrong with a top-level `name` of the file that is no section: a setting written
     above every section header (TOML puts `port = 9000` there) was an "unknown section [port]"."""
     if not isinstance(value, dict):
-        homes = [f"[{s.section}]" for s in SETTINGS if s.key == name]  # url: [postgres] or [mongo]
+        homes = _homes(name)
         if homes:
-            return f"{name} is outside any section: it belongs under {' or '.join(homes)}"
+            return f"{name} is outside any section: it belongs under {homes}"
         return f"{name} is outside any section (settings go under [server], [auth], [limits]...)"
     like = difflib.get_close_matches(name, sorted(sections), n=1, cutoff=0.7)
     return f"unknown section [{name}]" + (f" (did you mean [{like[0]}]?)" if like else "")
@@ -507,10 +531,15 @@ def _validate(values: dict[str, dict[str, Any]], path: str) -> None:
     # name then carried: PostgreSQL refused it at every attempt, the feed never started.
     if not re.match(r"^[a-z_][a-z0-9_]{0,40}\Z", server["instance"]):
         raise ConfigError(
-            f"server.instance: {server['instance']!r} must be lower-case letters, digits and _ (it names a replication slot)"
+            f"server.instance: {server['instance']!r} must be a lower-case letter or _, then lower-case letters, digits "
+            "and _, 41 characters at most (it names a replication slot, which PostgreSQL limits to 63)"
         )
     auth = values["auth"]
     _check_jwks_url(auth["jwks_url"])
+    if auth["leeway"] > _MAX_LEEWAY:
+        # Clock skew is seconds; an hour's leeway already accepts a token that long expired.
+        raise ConfigError(f"auth.leeway {auth['leeway']:g} is more than {_MAX_LEEWAY} seconds: it would accept "
+                          "tokens expired that long ago (a leeway is for clock skew)")
     if not auth["workspace_claim"].strip():
         # No claim path grants anything: every token would be refused (4003).
         raise ConfigError("auth.workspace_claim is empty: name the claim listing the granted workspaces "
@@ -521,7 +550,7 @@ def _validate(values: dict[str, dict[str, Any]], path: str) -> None:
         # Naming a claim suggests the check is wanted: refuse rather than silently not check.
         raise ConfigError(
             f"auth.channel_claim is {auth['channel_claim']!r} but auth.channel_permissions is off: "
-            "set RT_AUTH_CHANNEL_PERMISSIONS=true to check channel permissions"
+            "set auth.channel_permissions (RT_AUTH_CHANNEL_PERMISSIONS) to true to check channel permissions"
         )
     audit = values["audit"]
     if audit["security_protocol"] not in {"PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"}:
@@ -536,10 +565,10 @@ def _validate(values: dict[str, dict[str, Any]], path: str) -> None:
         missing = [f"audit.{k}" for k in ("sasl_mechanism", "sasl_username", "sasl_password") if not audit[k]]
         if missing:
             raise ConfigError(f"audit.security_protocol {audit['security_protocol']} needs {', '.join(missing)}")
-    elif audit["sasl_mechanism"]:
+    elif set_ := [f"audit.{k}" for k in ("sasl_mechanism", "sasl_username", "sasl_password") if audit[k]]:
         raise ConfigError(
-            f"audit.sasl_mechanism is set but audit.security_protocol is {audit['security_protocol']}: the "
-            "credentials would not be sent (SASL_SSL or SASL_PLAINTEXT uses them)"
+            f"{' and '.join(set_)} {'is' if len(set_) == 1 else 'are'} set but audit.security_protocol is "
+            f"{audit['security_protocol']}: the credentials would not be sent (SASL_SSL or SASL_PLAINTEXT uses them)"
         )
     if audit["ssl_cafile"]:
         if audit["security_protocol"] not in ("SSL", "SASL_SSL"):
@@ -588,12 +617,19 @@ def _validate(values: dict[str, dict[str, Any]], path: str) -> None:
                 "fanout_backlog"):
         if limits[key] <= 0:
             raise ConfigError(f"limits.{key} must be positive")
+    if limits["max_message_bytes"] < _MIN_MESSAGE_BYTES:
+        raise ConfigError(f"limits.max_message_bytes {limits['max_message_bytes']} is under {_MIN_MESSAGE_BYTES}: "
+                          "a client's auth message, which carries its token, would not fit")
     if limits["request_timeout"] <= 0:
         raise ConfigError("limits.request_timeout must be positive")
     if values["auth"]["jwks_refetch_interval"] <= 0:
         # 0 lifts the bound on refetches for unknown kids: each forged token would cost a fetch.
         raise ConfigError("auth.jwks_refetch_interval must be positive: it bounds the key-set fetches tokens with "
                           "unknown key ids cause")
+    pg = values["postgres"]
+    if pg["url"] and not pg["schemas"] and not pg["tables"]:
+        # The publication was made with no table, and the source said it was ready.
+        raise ConfigError("postgres.schemas and postgres.tables are both empty: no table would be published")
     if values["postgres"]["receive_timeout"] <= 0:
         raise ConfigError("postgres.receive_timeout must be positive")
     # 0 is no "unlimited" here: the gateway would start and then refuse or drop every client.
@@ -730,13 +766,24 @@ def _check_postgres_url(where: str, url: str) -> None:
 
     try:
         params = psycopg.conninfo.conninfo_to_dict(url)
-    except psycopg.Error:
-        # libpq's message quotes the string, which may hold a password: not repeated here
+    except psycopg.Error as exc:
+        # libpq's message quotes the string, which may hold a password: only a parameter's name
+        # it refuses is repeated.
+        unknown = re.search(r'(?:invalid URI query parameter: |invalid connection option )"([\w.-]{1,64})"', str(exc))
         raise ConfigError(
             f"{where}: not a valid PostgreSQL connection string (postgresql://user@host:port/db or key=value pairs)"
+            + (f": libpq has no parameter {unknown.group(1)!r}" if unknown else "")
         ) from None
+    for key, instead in _LIBPQ_NOT_HONOURED.items():
+        if key in params and (key not in LIBPQ_CLIENT_ONLY or params[key] == "require"):
+            raise ConfigError(f"{where}: {key}={params[key]} cannot be honoured: the gateway's catalog connection "
+                              f"(asyncpg) has no such setting{instead}")
+    for key, allowed in (("target_session_attrs", _TARGET_SESSION_ATTRS), ("gsslib", ("gssapi", "sspi"))):
+        if key in params and params[key] not in allowed:  # the driver's message showed Python internals
+            raise ConfigError(f"{where}: {key} {params[key]!r} is not one of {', '.join(allowed)}")
     port = str(params.get("port", "5432"))
-    if not all(p.isdigit() and 0 < int(p) < 65536 for p in port.split(",")):
+    # "h1,h2" (the default port for both) parses to the port ","
+    if not all(not p or p.isdigit() and 0 < int(p) < 65536 for p in port.split(",")):
         if "@" in url:
             # libpq reads a URL's user info up to the first '/': with one in the password,
             # "user:password" is taken for host:port, and the "port" is the password.
@@ -763,12 +810,31 @@ def _check_postgres_url(where: str, url: str) -> None:
 
 
 _SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+_TARGET_SESSION_ATTRS = ("any", "read-write", "read-only", "primary", "standby", "prefer-standby")
+
+# libpq parameters only the client reads: the replication link (libpq) takes them, the catalog
+# connection (asyncpg) is not given them. asyncpg sends any parameter it does not know to the
+# server as a setting, which refused it ('unrecognized configuration parameter
+# "connect_timeout"') at every attempt: the source never started. client_encoding: both
+# connections talk UTF-8 whatever it says.
+LIBPQ_CLIENT_ONLY = frozenset({
+    "connect_timeout", "keepalives", "keepalives_idle", "keepalives_interval", "keepalives_count", "tcp_user_timeout",
+    "fallback_application_name", "client_encoding", "sslcompression", "sslsni", "sslcertmode", "load_balance_hosts",
+    "gssencmode", "channel_binding",
+})
+# libpq parameters the catalog connection cannot honour, refused (with what to do instead):
+# dropped, they would silently not hold there. gssencmode and channel_binding only as `require`.
+_LIBPQ_NOT_HONOURED = {
+    "hostaddr": "; give the address as host", "require_auth": "", "requirepeer": "", "gssdelegation": "",
+    "sslcrldir": "; give a CRL file as sslcrl", "replication": "; the source opens its replication link itself",
+    "gssencmode": "", "channel_binding": "",
+}
 
 
 def _check_mongo_url(where: str, url: str) -> None:
     """A MongoDB URL the driver would refuse, refused at start with the setting's name (the
-    driver's own message names no setting). Of a mongodb+srv:// URL only the options are
-    checked: the rest needs a DNS lookup, which the driver makes when it connects."""
+    driver's own message names no setting). Of a mongodb+srv:// URL what needs no DNS lookup is
+    checked: the lookup is the driver's when it connects."""
     if not url:
         return
     with warnings.catch_warnings():
@@ -779,14 +845,18 @@ def _check_mongo_url(where: str, url: str) -> None:
         bad = _bad_mongo_option(url)
     if bad:
         raise ConfigError(f"{where}: not a valid MongoDB URL (option {bad[0]}): {bad[1]}")
-    if url.startswith("mongodb+srv://"):
-        return
-    from pymongo import MongoClient, uri_parser
+    from pymongo import AsyncMongoClient, MongoClient, uri_parser
     from pymongo.errors import PyMongoError
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # as above; what parse_uri let through raises nothing here
+            if url.startswith("mongodb+srv://"):
+                # The async client checks the rest (one host, no port, options that SRV forbids)
+                # without the DNS lookup, which it defers to connecting: `serve` made the same
+                # client at start and died with its traceback ("must not include a port number").
+                AsyncMongoClient(url, connect=False)
+                return
             # warn=False: the driver itself only warns about an unknown option or a bad value and
             # drops it, so `tls=ture` or `tsl=true` connected without TLS, credentials in clear.
             uri_parser.parse_uri(url, warn=False)
@@ -834,6 +904,8 @@ def config_table_markdown() -> str:
     rows = ["| setting (TOML) | environment | default | meaning |", "|---|---|---|---|"]
     for s in SETTINGS:
         default = ",".join(s.default) if isinstance(s.default, list) else s.default
+        if isinstance(default, bool):  # as TOML writes it: `True` copied into a file was refused
+            default = str(default).lower()
         if default == "":
             default = "(empty)"
         rows.append(f"| `{s.section}.{s.key}` | `{s.env}` | `{default}` | {s.help} |")

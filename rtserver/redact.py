@@ -3,8 +3,9 @@
 A password can sit in a URL's user info (`postgresql://rt:pw@db/app`), in its query
 (`?password=pw`, `?sslpassword=pw`, `?authMechanismProperties=...:token`), or in a libpq
 keyword/value string (`host=db password=pw`). Every parameter whose name mentions a password,
-secret, token, key, credential or signature is masked, whatever the form, and a URL's `sig` and
-`code` query parameters (a signed URL, a function key in front of a JWKS endpoint).
+secret, token, key, credential or signature is masked, whatever the form, and a URL's `sig`,
+`code`, `pwd` and `auth` query parameters (a signed URL, a function key in front of a JWKS
+endpoint, a password or credentials under a short name).
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")  # a scheme first: otherwise a 
 # written (`postgresql://rt:p#w@db/app`), so neither may end the user info here.
 _USERINFO = re.compile(r"://[^/]*@")
 _SECRET_NAME = r"(?:pass|secret|token|key|credential|signature|authmechanismproperties)"
-# Query parameters that are credentials under a short name: a signed URL's `sig` (Azure SAS)
-# and a function key's `code` (Azure Functions), as a JWKS URL behind such a gateway carries.
-_QUERY_SECRET = re.compile(rf"([?&;](?:[^=&;#]*{_SECRET_NAME}[^=&;#]*|sig|code)=)[^&;#]*", re.I)
+# Query parameters that are credentials under a short name: a signed URL's `sig` (Azure SAS),
+# a function key's `code` (Azure Functions), as a JWKS URL behind such a gateway carries, and
+# the usual abbreviations of a password and of credentials (`pwd`, `auth`).
+_QUERY_SECRET = re.compile(rf"([?&;](?:[^=&;#]*{_SECRET_NAME}[^=&;#]*|sig|code|pwd|auth)=)[^&;#]*", re.I)
 # A value is quoted, or runs to the first space that no backslash escapes (libpq: `password=p\ w`).
 _KEYWORD_SECRET = re.compile(
     rf"(\b[\w.-]*{_SECRET_NAME}[\w.-]*\s*=\s*)('(?:[^'\\]|\\.)*'|(?:\\.|\S)+)", re.I

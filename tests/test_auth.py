@@ -838,7 +838,7 @@ async def test_channel_claim_path_is_configurable(tmp_path: Any) -> None:
 
 def test_channel_permission_settings_that_contradict_are_refused(tmp_path: Any) -> None:
     # A claim named with the check off would look enforced and not be.
-    with pytest.raises(config.ConfigError, match="RT_AUTH_CHANNEL_PERMISSIONS=true"):
+    with pytest.raises(config.ConfigError, match=r"set auth.channel_permissions \(RT_AUTH_CHANNEL_PERMISSIONS\) to true"):
         make_cfg(tmp_path, RT_AUTH_CHANNEL_CLAIM="rt.channels")
     with pytest.raises(config.ConfigError, match="names no claim"):
         make_cfg(tmp_path, RT_AUTH_CHANNEL_PERMISSIONS="true", RT_AUTH_CHANNEL_CLAIM="")

@@ -29,7 +29,8 @@ def test_file_variables_and_secrets_are_shown_as_they_take_effect_secrets_masked
         '[server]\nport = 9001\n[limits]\nmax_connections = 7\n'
         '[workspaces.acme]\npostgres_url = "postgresql://rt:pg-pass-1@db/acme"\n')
     env = {"RT_AUTH_HS256_SECRET": SECRET, "RT_PORT": "9002", "RT_POSTGRES_URL": "postgresql://rt:pg-pass-2@db/app",
-           "RT_KAFKA_SASL_PASSWORD": "sasl-pass-3"}
+           "RT_KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT", "RT_KAFKA_SASL_MECHANISM": "PLAIN",
+           "RT_KAFKA_SASL_USERNAME": "rt", "RT_KAFKA_SASL_PASSWORD": "sasl-pass-3"}
     out = _run(["check-config", "--config", "rt.toml", "--state-dir", "st"], env, cwd=str(tmp_path))
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
@@ -144,3 +145,29 @@ def test_a_kafka_node_with_default_databases_and_no_workspace_list_is_warned(tmp
         checked = _run(["check-config"], quiet, cwd=str(tmp_path))
         assert checked.returncode == 0, checked.stderr
         assert not any("bus.workspaces" in w for w in json.loads(checked.stdout)["warnings"]), checked.stdout
+
+
+def test_what_stops_serve_at_start_stops_the_check_in_the_same_words(tmp_path):
+    """An audit spool directory that is a file, and a dev secret in the state directory that
+    serve cannot use (not ASCII, too short), passed check-config (exit 0); serve then stopped
+    with exit 2 ("audit spool /etc/passwd (audit.spool_dir): File exists", "'ascii' codec can't
+    decode byte 0xff..."). The check now refuses them as serve does, in the same line."""
+    (tmp_path / "a-file").write_text("x")
+    spool = {"RT_KAFKA_BOOTSTRAP": "127.0.0.1:1", "RT_AUDIT_SPOOL_DIR": str(tmp_path / "a-file"),
+             "RT_AUTH_HS256_SECRET": SECRET}
+    secret_dir = tmp_path / "st"
+    secret_dir.mkdir(mode=0o700)
+    for env, content, said in (
+        (spool, None, f"audit spool {tmp_path / 'a-file'} (audit.spool_dir): not a directory"),
+        ({}, b"garbage\xff", "dev-secret is not ASCII text (a generated one is 64 hex digits); delete it to regenerate"),
+        ({}, b"abc\n", "dev-secret is shorter than 32 characters; delete it to regenerate"),
+    ):
+        if content is not None:
+            (secret_dir / "dev-secret").write_bytes(content)
+        checked = _run(["check-config", "--state-dir", "st"], env, cwd=str(tmp_path))
+        assert checked.returncode == 2 and said in checked.stderr, checked.stderr
+        served = _run(["serve", "--state-dir", "st"], {**env, "RT_PORT": "0"}, cwd=str(tmp_path))
+        assert served.returncode == 2, served.stderr
+        assert served.stderr.strip().splitlines()[-1] == checked.stderr.strip(), (served.stderr, checked.stderr)
+    out = _run(["check-config", "--config", ""], cwd=str(tmp_path))
+    assert out.returncode == 2 and "--config is empty" in out.stderr, out.stderr

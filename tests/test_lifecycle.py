@@ -21,7 +21,7 @@ import pytest
 import websockets
 
 from rtserver.audit_spool import Spool
-from rtserver.config import ConfigError, load
+from rtserver.config import ConfigError, config_table_markdown, load
 from tests.harness.fixtures_gateway import free_port
 from tests.harness.http_wire import read_answer
 from tests.harness.wsclient import ws_connect
@@ -139,6 +139,17 @@ def test_bad_config_is_one_line_and_exit_2(tmp_path):
         (["serve"], {"RT_BUS_TOPIC": ""}),
         (["serve"], {"RT_BUS_TOPIC": "events/" + "x" * 10}),
         (["serve"], {"RT_AUDIT_TOPIC_PREFIX": "p" * 240}),  # beyond Kafka's 249 characters
+        (["serve", "--config", ""], {}),  # `--config "$CFG"`, CFG unset: was a dev-mode gateway on defaults
+        (["serve"], {"RT_GC_FREEZE": ""}),  # blank: was "false", turning off what is on by default
+        (["serve"], {"RT_AUTH_LEEWAY": "7200"}),  # accepts tokens expired two hours ago
+        (["serve"], {"RT_IDLE_TIMEOUT": "1e300"}),
+        (["serve"], {"RT_KAFKA_SASL_USERNAME": "rt", "RT_KAFKA_SASL_PASSWORD": "secret"}),  # PLAINTEXT: unused
+        (["serve"], {"RT_MAX_MESSAGE_BYTES": "7"}),  # no auth message fits
+        (["serve"], {"RT_POSTGRES_URL": "postgresql://rt:secret@db/app", "RT_POSTGRES_SCHEMAS": ""}),
+        # passed, then the feed failed at every attempt ('expected to be one of <built-in method...')
+        (["serve"], {"RT_POSTGRES_URL": "postgresql://rt:secret@db/app?target_session_attrs=bogus"}),
+        (["serve"], {"RT_POSTGRES_URL": "host=db password=secret hostaddr=10.0.0.1"}),  # asyncpg has none
+        (["serve"], {"RT_MONGO_URL": "mongodb+srv://rt:secret@cluster.example.com:27017/app"}),  # was a traceback
     ):
         out = _run(args, env, cwd=str(tmp_path))
         assert out.returncode == 2, (args, env, out.stdout, out.stderr)
@@ -149,6 +160,59 @@ def test_bad_config_is_one_line_and_exit_2(tmp_path):
     ws.write_text("[workspaces.acme]\nmongo_url = 'mongodb://db:99999/app'\n")
     out = _run(["serve", "--config", str(ws)], cwd=str(tmp_path))
     assert out.returncode == 2 and "[workspaces.acme] mongo_url: not a valid MongoDB URL" in out.stderr, out.stderr
+
+
+def test_configuration_errors_say_what_to_change(tmp_path):
+    """From a black-box audit: errors that showed Python internals or no key, a file with a
+    byte-order mark refused at "line 1, column 1", a setting written in the wrong section, a
+    PostgreSQL URL refused without naming its parameter, and valid forms refused or empties kept."""
+    def refused(text: str | None = None, environ: dict[str, str] | None = None, data: bytes | None = None) -> str:
+        cfg = tmp_path / "c.toml"
+        if data is not None:
+            cfg.write_bytes(data)
+        elif text is not None:
+            cfg.write_text(text)
+        with pytest.raises(ConfigError) as info:
+            load(str(cfg) if text is not None or data is not None else None, environ=environ or {})
+        return str(info.value)
+
+    assert refused("[limits]\nport = 1\n").endswith("unknown setting limits.port (port is a setting of [server])")
+    assert refused("[server]\nport = [1]\n").endswith("(server.port): invalid value [1]: expected an integer")
+    assert refused("[auth]\nleeway = {a = 1}\n").endswith("invalid value {'a': 1}: expected a number")
+    assert "[workspaces.a] postgres_schemas: expected a list" in refused("[workspaces.a]\npostgres_schemas = 5\n")
+    assert "[workspaces.a] postgres_url: expected a string" in refused("[workspaces.a]\npostgres_url = 5\n")
+    assert "postgres_schemas and postgres_tables are both empty" in refused(
+        "[workspaces.a]\npostgres_url = 'postgresql://db/a'\npostgres_schemas = []\n")
+    assert "postgres.schemas and postgres.tables are both empty" in refused(
+        "[postgres]\nurl = 'postgresql://db/a'\nschemas = ['', ' ']\n")
+    assert "set auth.channel_permissions (RT_AUTH_CHANNEL_PERMISSIONS) to true" in refused(
+        "[auth]\nchannel_claim = 'x'\n")
+    assert refused(environ={"RT_DEMO": ""}).endswith("invalid value '': expected true or false (it is empty)")
+    assert refused(environ={"RT_RESUME_TTL": "1e300"}).endswith("too large (at most 31536000 seconds, 365 days)")
+    assert "auth.leeway 3601 is more than 3600 seconds" in refused(environ={"RT_AUTH_LEEWAY": "3601"})
+    assert load(environ={"RT_AUTH_LEEWAY": "3600", "RT_RESUME_TTL": "31536000"}).auth.leeway == 3600
+    assert refused(environ={"RT_KAFKA_SASL_PASSWORD": "p"}).startswith(
+        "audit.sasl_password is set but audit.security_protocol is PLAINTEXT: the credentials would not be sent")
+    assert "limits.max_message_bytes 1023 is under 1024" in refused(environ={"RT_MAX_MESSAGE_BYTES": "1023"})
+    assert "must be a lower-case letter or _, then lower-case letters, digits and _, 41 characters at most" in \
+        refused(environ={"RT_INSTANCE": "a" * 42})
+    pg = {"RT_POSTGRES_URL": "postgresql://rt:pw@db/app?bogus=1"}
+    assert refused(environ=pg).endswith("libpq has no parameter 'bogus'") and "pw" not in refused(environ=pg)
+    for query, said in (("target_session_attrs=bogus", "target_session_attrs 'bogus' is not one of any, read-write"),
+                        ("gsslib=bogus", "gsslib 'bogus' is not one of gssapi, sspi"),
+                        ("hostaddr=10.0.0.1", "hostaddr=10.0.0.1 cannot be honoured: the gateway's catalog connection"),
+                        ("channel_binding=require", "channel_binding=require cannot be honoured")):
+        assert said in refused(environ={"RT_POSTGRES_URL": f"postgresql://db/app?{query}"}), query
+    assert "must not include a port number" in refused(environ={"RT_MONGO_URL": "mongodb+srv://cl.example.com:1/a"})
+    assert "one, and only one, hostname" in refused(environ={"RT_MONGO_URL": "mongodb+srv://a.example.com,b.example.com/a"})
+    # Accepted: a BOM, libpq's client-only parameters, hosts without ports, an SRV URL without DNS.
+    cfg = tmp_path / "bom.toml"
+    cfg.write_bytes(b"\xef\xbb\xbf[server]\nport = 9000\n[postgres]\nschemas = ['', 'a']\n")
+    taken = load(str(cfg), environ={
+        "RT_POSTGRES_URL": "postgresql://rt@h1,h2/app?connect_timeout=10&keepalives_idle=30&channel_binding=prefer",
+        "RT_MONGO_URL": "mongodb+srv://cluster.example.com/app"})
+    assert (taken.server.port, taken.postgres.schemas) == (9000, ["a"])
+    assert "| `server.gc_freeze` | `RT_GC_FREEZE` | `true` |" in config_table_markdown()
 
 
 def test_a_setting_whose_bytes_are_not_utf8_is_one_line_and_exit_2(tmp_path):
@@ -325,7 +389,9 @@ def test_a_value_ending_with_a_newline_is_taken_without_it_but_a_secret_as_given
     refused. Surrounding whitespace is dropped, except from secrets."""
     cfg = load(environ={"RT_STATE_DIR": f" {tmp_path}\n", "RT_AUTH_ISSUER": "https://idp/realms/acme\n",
                         "RT_INSTANCE": "blue\n", "RT_POSTGRES_URL": "postgresql://rt@db/app\r\n",
-                        "RT_AUTH_HS256_SECRET": "s3cr3t\n", "RT_KAFKA_SASL_PASSWORD": " pw\n"})
+                        "RT_AUTH_HS256_SECRET": "s3cr3t\n", "RT_KAFKA_SASL_PASSWORD": " pw\n",
+                        "RT_KAFKA_SECURITY_PROTOCOL": "SASL_SSL", "RT_KAFKA_SASL_MECHANISM": "PLAIN",
+                        "RT_KAFKA_SASL_USERNAME": "rt"})
     assert cfg.server.state_dir == str(tmp_path) and cfg.server.instance == "blue"
     assert cfg.auth.issuer == "https://idp/realms/acme" and cfg.postgres.url == "postgresql://rt@db/app"
     assert cfg.auth.hs256_secret == "s3cr3t\n" and cfg.audit.sasl_password == " pw\n"
@@ -532,13 +598,16 @@ def test_unusable_audit_spool_is_one_line(tmp_path):
     held = Spool(str(tmp_path / "held"), 1 << 20)
     held.open()  # as a second gateway sharing the spool would
     try:
-        for spool_dir, why in ((blocked / "spool", "Not a directory"), (tmp_path / "held", "in use by another process")):
+        # A file in the way is foreseen before the start, as check-config foresees it.
+        for spool_dir, why in ((blocked / "spool", f"cannot be made: {blocked} is not a directory"),
+                               (tmp_path / "held", "in use by another process")):
             env = {"RT_KAFKA_BOOTSTRAP": "127.0.0.1:9", "RT_AUDIT_SPOOL_DIR": str(spool_dir),
                    "RT_PORT": str(free_port())}  # the spool opens before any Kafka connection
             out = _run(["serve"], env, cwd=str(tmp_path))
             problems = [line for line in out.stderr.splitlines() if not line.startswith("{")]
             assert out.returncode == 2 and len(problems) == 1, out.stderr
-            assert problems[0].startswith(f"rtserver: audit spool {spool_dir} (audit.spool_dir): {why}"), out.stderr
+            assert re.sub(r"^rtserver: (configuration error: )?", "", problems[0]).startswith(
+                f"audit spool {spool_dir} (audit.spool_dir): {why}"), out.stderr
             assert "Traceback" not in out.stderr
     finally:
         held.close()

@@ -8,6 +8,7 @@ import itertools
 import json
 import logging
 import os
+import urllib.parse
 
 import asyncpg
 import psycopg
@@ -61,7 +62,7 @@ async def make_source(pg_database, tmp_path):
     async def make(sink=None, workspaces=("w1",), **kw):
         sink = sink or CollectingSink()
         src = PostgresSource(
-            pg_database, schemas=kw.pop("schemas", ["public"]), instance=kw.pop("instance", "rttest"),
+            kw.pop("dsn", pg_database), schemas=kw.pop("schemas", ["public"]), instance=kw.pop("instance", "rttest"),
             state_dir=str(tmp_path / "state"), sink=sink, workspaces=lambda: list(workspaces),
             maintenance_interval=kw.pop("maintenance_interval", 0.3), **kw,
         )
@@ -198,6 +199,27 @@ async def test_insert_update_delete_truncate(db, make_source):
     assert bodies[3]["record"] is None
     # one correlation id per transaction, stable form
     assert bodies[0]["correlationId"].startswith("pg-") and bodies[0]["correlationId"] != bodies[1]["correlationId"]
+
+
+async def test_a_url_with_parameters_only_libpq_reads_streams(db, make_source, pg_database):
+    """libpq parameters a client alone reads (connect_timeout, keepalives_idle, client_encoding)
+    passed the configuration check, then the catalog connection (asyncpg) sent them to the
+    server as settings: 'unrecognized configuration parameter "connect_timeout"' at every
+    attempt, the source never started. And a host without its port in a list (h1,h2:port: the
+    default port for h1, which libpq reads as the port ",port") failed asyncpg's int("").
+    Both stream now (h1 on 5432 refuses; both drivers go on to h2)."""
+    from rtserver.config import _check_postgres_url
+
+    parts = urllib.parse.urlsplit(pg_database)
+    url = (f"postgresql://{parts.username}@{parts.hostname},{parts.hostname}:{parts.port}{parts.path}"
+           "?connect_timeout=10&keepalives_idle=30&client_encoding=LATIN1&fallback_application_name=x")
+    _check_postgres_url("postgres.url", url)  # accepted, as before
+    await db.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    src, sink = await make_source(dsn=url)
+    await db.execute("INSERT INTO t VALUES (1, 'é')")
+    events = await sink.wait_for(1)
+    assert json.loads(events[0].body)["record"] == {"id": 1, "v": "é"}
+    assert src.ready()
 
 
 async def test_replica_identity_full_old_record_and_changed_columns(db, make_source):

@@ -27,6 +27,10 @@ from tests.harness.wsclient import ws_connect
      "https://b.s3.amazonaws.com/jwks.json?X-Amz-Credential=***&X-Amz-Signature=***"),
     ("https://fn.azurewebsites.net/api/jwks?code=fnkey123", "https://fn.azurewebsites.net/api/jwks?code=***"),
     ("postgresql://db/app?client_encoding=UTF8", "postgresql://db/app?client_encoding=UTF8"),
+    # short names of a password and of credentials; authSource names a database, not masked
+    ("https://idp.example/certs?pwd=B2x&auth=B1x&v=1", "https://idp.example/certs?pwd=***&auth=***&v=1"),
+    ("mongodb://h/app?authSource=admin&authMechanism=SCRAM-SHA-256",
+     "mongodb://h/app?authSource=admin&authMechanism=SCRAM-SHA-256"),
 ])
 def test_secrets_are_masked(url, expected):
     assert redact(url) == expected

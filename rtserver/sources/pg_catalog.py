@@ -16,6 +16,7 @@ import asyncpg
 import psycopg.conninfo
 
 from rtserver.channels import qualified_tables, unconfigured_table, valid_table_name
+from rtserver.config import LIBPQ_CLIENT_ONLY
 from rtserver.redact import redact
 from rtserver.sources.pg_stream import SESSION_SETTINGS
 
@@ -109,9 +110,12 @@ def asyncpg_dsn(dsn: str) -> str:
     """`dsn` as libpq reads it (the replication stream, the start-up check), handed to asyncpg
     as query parameters. asyncpg parses a URL with urllib, which ends the user info at a '#' or
     '?' that libpq takes as part of the password (and then quoted the password in its error:
-    "invalid literal for int() with base 10: 's3cret'"), and refuses keyword/value strings."""
-    params = psycopg.conninfo.conninfo_to_dict(dsn)
-    return "postgresql://?" + urllib.parse.urlencode({k: str(v) for k, v in params.items()})
+    "invalid literal for int() with base 10: 's3cret'"), and refuses keyword/value strings.
+    Without the parameters only libpq reads (config.LIBPQ_CLIENT_ONLY)."""
+    params = {k: str(v) for k, v in psycopg.conninfo.conninfo_to_dict(dsn).items() if k not in LIBPQ_CLIENT_ONLY}
+    if "port" in params:  # "h1,h2" is the port ",": libpq's default (5432) for each, int("") to asyncpg
+        params["port"] = ",".join(p or "5432" for p in params["port"].split(","))
+    return "postgresql://?" + urllib.parse.urlencode(params)
 
 
 class Catalog:
