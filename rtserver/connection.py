@@ -43,7 +43,7 @@ from rtserver.auth import AuthError, Identity
 from rtserver.history import Replay
 from rtserver.hub import Subscription, Workspace, replay_viewer
 from rtserver.sessions import Session
-from rtserver.sources.base import ChannelUnavailable
+from rtserver.sources.base import ChannelUnavailable, await_position
 
 if TYPE_CHECKING:
     from rtserver.app import Gateway
@@ -771,14 +771,20 @@ class Connection(WSListener):
                 mid=msg.id,
             )
             return
-        if spec.entity == "*":
+        positioned = getattr(source, "positioned", None)  # a Kafka bus node's sources have none
+        if spec.entity == "*" and (positioned is None or positioned.is_set()):
             self._add_then_replay(spec, msg.since, msg.id)
             return
-        self._run(self._checked_add(source, spec, msg))
+        self._run(self._checked_add(source, spec, msg, positioned))
 
-    async def _checked_add(self, source: Any, spec: channels.SubscriptionSpec, msg: Subscribe) -> None:
+    async def _checked_add(self, source: Any, spec: channels.SubscriptionSpec, msg: Subscribe,
+                           positioned: asyncio.Event | None) -> None:
         try:
             entity = await source.check_channel(self.workspace_id, spec.entity)
+            if positioned is not None:
+                db = getattr(source, "database", None)  # a MongoDB feed's; PostgreSQL's is in its URL
+                await await_position(positioned, spec.channel, self.workspace_id,
+                                     f"{spec.source} database {db!r}" if db else f"the {spec.source} database")
         except ChannelUnavailable as exc:
             if not self.closed:
                 self.send_error(4010, str(exc), channel=msg.channel, mid=msg.id)

@@ -247,3 +247,57 @@ async def test_a_workspace_named_like_a_mongodb_internal_database_is_4010_not_a_
     are 4010, saying why, and the node stays ready."""
     gw, _ = mongo_gateway
     await _refused_with_the_node_ready(gw, workspace, "is internal to MongoDB")
+
+
+async def test_a_change_made_as_soon_as_subscribed_reaches_a_feed_just_started(mongo_server, gateway_factory):
+    """A workspace's first grant starts its change stream (mongo.url names no database), and a
+    subscribe was answered at once: a change made right after `subscribed` but before the
+    stream had opened (its aggregate held here) was never delivered, and no history_gap said
+    so (black-box audit). `subscribed` now comes once the feed reads from a position, so
+    whatever is made after it arrives, on `mongo:*` as on a named collection."""
+    client = AsyncMongoClient(mongo_server.url, serverSelectionTimeoutMS=5000)
+    db = client["w1"]
+    await db.orders.insert_one({"_id": "seed"})
+    await client.admin.command({"configureFailPoint": "failCommand", "mode": {"times": 1},
+                                "data": {"failCommands": ["aggregate"], "blockConnection": True, "blockTimeMS": 1500}})
+    gw = await gateway_factory(env={"RT_MONGO_URL": mongo_server.url})
+    try:
+        async with ws_connect(gw, "w1", token=gw.token("w1")) as star, \
+                ws_connect(gw, "w1", token=gw.token("w1")) as named:
+            await star.send({"type": "subscribe", "channel": "mongo:*"})
+            await named.send({"type": "subscribe", "channel": "mongo:orders"})
+            assert (await star.recv())["type"] == "subscribed"
+            assert (await named.recv())["type"] == "subscribed"
+            await db.orders.insert_one({"_id": "right-after"})
+            for c in (star, named):
+                ev = await c.recv_event(timeout=10)
+                assert ev["document"] == {"_id": "right-after"}, ev
+    finally:
+        await client.close()
+
+
+async def test_a_feed_that_cannot_start_refuses_a_subscribe_rather_than_miss_changes(mongo_server, gateway_factory):
+    """A first start whose change stream the server refuses (no changeStream privilege: code 13)
+    answered `subscribed`, and the changes made until the stream opened were lost untold. The
+    subscribe is now refused with 4010 saying why, after POSITION_WAIT; once the stream opens,
+    a new subscribe is answered and reads what follows."""
+    client = AsyncMongoClient(mongo_server.url, serverSelectionTimeoutMS=5000)
+    db = client["w1"]
+    await db.orders.insert_one({"_id": "seed"})
+    await client.admin.command({"configureFailPoint": "failCommand", "mode": "alwaysOn",
+                                "data": {"failCommands": ["aggregate"], "errorCode": 13, "errorLabels": []}})
+    gw = await gateway_factory(env={"RT_MONGO_URL": mongo_server.url})
+    try:
+        async with ws_connect(gw, "w1", token=gw.token("w1")) as c:
+            await c.send({"type": "subscribe", "channel": "mongo:*", "id": "s1"})
+            refused = await c.recv(timeout=15)
+            assert refused["type"] == "error" and refused["code"] == 4010, refused
+            assert refused["message"].startswith("mongo:*: the change feed of mongo database 'w1' has not started "
+                                                 "reading yet"), refused
+            await client.admin.command({"configureFailPoint": "failCommand", "mode": "off"})
+            await c.send({"type": "subscribe", "channel": "mongo:orders", "id": "s2"})
+            assert (await c.recv(timeout=30))["type"] == "subscribed"
+            await db.orders.insert_one({"_id": "after"})
+            assert (await c.recv_event(timeout=10))["document"] == {"_id": "after"}
+    finally:
+        await client.close()

@@ -678,3 +678,33 @@ async def test_a_row_committed_during_the_drain_reaches_clients_after_the_restar
             assert seen == [2, 3]
     finally:
         await db.close()
+
+
+async def test_a_change_made_as_soon_as_subscribed_reaches_a_feed_making_its_slot(gateway_factory, pg_database):
+    """A first start makes the replication slot, which waits for the transactions running then;
+    a subscribe meanwhile was answered at once, and a row committed right after `subscribed`
+    (before the slot's start) never came, with no history_gap. `subscribed` now comes once the
+    slot exists (or 4010 after a few seconds), and every row committed after it arrives."""
+    db = await asyncpg.connect(pg_database)
+    other = await asyncpg.connect(pg_database)
+    await db.execute("CREATE TABLE early (id int PRIMARY KEY)")
+    held = other.transaction()
+    await held.start()
+    await other.execute("SELECT txid_current()")  # an xid: the slot's creation waits for its end
+
+    async def end_held() -> None:
+        await asyncio.sleep(1.5)
+        await held.rollback()
+
+    try:
+        gw = await gateway_factory(env={"RT_POSTGRES_URL": pg_database, "RT_INSTANCE": "e2e"})
+        async with ws_connect(gw, "w1", token=gw.token("w1")) as c:
+            await c.send({"type": "subscribe", "channel": "postgres:*"})
+            ending = asyncio.ensure_future(end_held())
+            assert (await c.recv(timeout=15))["type"] == "subscribed"
+            await db.execute("INSERT INTO early VALUES (1)")
+            assert (await c.recv_event(timeout=15))["record"] == {"id": 1}
+            await ending
+    finally:
+        await other.close()  # ends the transaction if the test failed before
+        await db.close()

@@ -68,6 +68,27 @@ class ChannelUnavailable(Exception):
     """A channel cannot be subscribed: unknown table, collection, malformed name (4010)."""
 
 
+# Seconds a subscribe waits for a feed to take its first position (a new MongoDB change
+# stream opened, a new PostgreSQL slot made) before it is refused with 4010.
+POSITION_WAIT = 5.0
+
+
+async def await_position(positioned: asyncio.Event, channel: str, workspace: str, feed: str) -> None:
+    """Return once `positioned` is set, the feed reading every change made from then on; else
+    ChannelUnavailable after POSITION_WAIT. A subscription answered `subscribed` earlier (the
+    first grant of a workspace starting its feed) missed the changes made before the feed's
+    first position, and no history_gap said so."""
+    if positioned.is_set():
+        return
+    try:
+        await asyncio.wait_for(positioned.wait(), POSITION_WAIT)
+    except TimeoutError:
+        raise ChannelUnavailable(
+            f"{channel}: the change feed of {feed} has not started reading yet (its server not reached or "
+            f"refusing it: see /readyz), so changes made now could be missed; subscribe again later "
+            f"(workspace {workspace})") from None
+
+
 class Source(Protocol):
     """A change feed of one workspace (or of several workspaces sharing one database)."""
 
@@ -89,6 +110,10 @@ class Source(Protocol):
     def ready(self) -> bool:
         """True while the feed is connected and streaming."""
         ...
+
+    # Set once every change made from then on will be read: a position saved by an earlier
+    # run, or the first one the feed took. A subscribe waits for it (await_position).
+    positioned: asyncio.Event
 
     def status(self) -> dict[str, Any]:
         """Health details for /readyz and /metrics (lag, position, last error)."""

@@ -441,6 +441,7 @@ class MongoSource:
         self._stopping = False
         self._publishing = False
         self._ready = False
+        self.positioned = asyncio.Event()  # a token to resume from, or a stream open (Source.positioned)
         self._operations: frozenset[str] = frozenset(DATA_OPERATIONS)
         self._reopen = asyncio.Event()
         self._token: Any = None  # resume from here (resumeAfter), or...
@@ -602,6 +603,8 @@ class MongoSource:
             self._start_after = token
         else:
             self._token = token
+        if token is not None:
+            self.positioned.set()  # the stream will resume from it, however late it opens
         if self._tokens.unreadable:
             # Where the last run got to is not known: its last changes may never be read. Told
             # as a lost history is, once the stream from now is open (_stream); it was silent.
@@ -693,6 +696,7 @@ class MongoSource:
             # postBatchResumeToken): keep it, so changes made while this process is down, even
             # before its first change, are read after a restart or by a standby.
             self._acknowledge(stream.resume_token)
+            self.positioned.set()
             self._ready = True
             self._last_error = ""
             log.info("mongo change stream open", extra={"fields": {"database": self.database,

@@ -228,6 +228,7 @@ class PostgresSource:
         self._slot_recreations = 0
         self._slot_seen = False
         self._started = asyncio.Event()
+        self.positioned = asyncio.Event()  # the slot exists (Source.positioned)
         self._decoder: Any = None  # the decoder of the current connection (its learnt types)
         self._proto_version = 0
         self._streams: StreamBuffers | None = None
@@ -442,6 +443,7 @@ class PostgresSource:
                 await self._announce_gap(f"replication slot {self.slot} was dropped")
             await self._reset_position()
         self._slot_seen = True
+        self.positioned.set()  # the slot keeps every change from here on
         self._slot_info = (await catalog.slot_status()) or {}
 
     async def _claim_database(self) -> None:
