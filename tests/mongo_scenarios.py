@@ -242,6 +242,35 @@ async def large_changes_arrive_whole(env: Env) -> None:
     assert "splitEvent" not in bodies[0]
 
 
+async def a_change_too_large_to_send_is_skipped_with_a_gap(env: Env) -> None:
+    """A document just under 16 MiB: its insert's event cannot be sent, not even in fragments
+    (its fullDocument alone fills one: 7182500; BSONObjectTooLarge on a server without the split
+    stage). Every read from the saved token failed: the whole database's feed stopped for good,
+    restarts too, with no history_gap. It is skipped with a history_gap, the changes after it
+    arrive, in order, and a restart publishes nothing again."""
+    import bson
+
+    near = {"_id": "near16", "blob": ""}
+    near["blob"] = "x" * (16 * 1024 * 1024 - 64 - len(bson.encode(near)))
+    async with client(env) as db:
+        async with running(env) as source:
+            await db.orders.insert_one({"_id": 1})
+            await db.orders.insert_one(near)
+            await db.orders.insert_one({"_id": 2})
+            await db.customers.insert_one({"_id": 3})
+            bodies = await settle(env, 3)
+            assert source.status()["skipped_changes"] == 1
+        async with running(env):
+            await db.orders.insert_one({"_id": 4})
+            bodies = await settle(env, 4)
+    assert [(b["collection"], b["document"]["_id"]) for b in bodies] == [
+        ("orders", 1), ("orders", 2), ("customers", 3), ("orders", 4)]
+    assert [(w, s) for w, s, _ in env.sink.gaps] == [("w1", "mongo")]
+    reason = env.sink.gaps[0][2]
+    assert f"a MongoDB change in {env.database}.orders could not be converted" in reason, reason
+    assert "RawBSONDocument" not in reason and "(code " in reason, reason
+
+
 async def resume_after_restart(env: Env) -> None:
     async with client(env) as db:
         async with running(env):

@@ -72,6 +72,10 @@ async def test_a_change_over_16_mib_arrives_whole(env):
     await sc.large_changes_arrive_whole(env)
 
 
+async def test_a_change_too_large_to_send_is_skipped_with_a_gap(env):
+    await sc.a_change_too_large_to_send_is_skipped_with_a_gap(env)
+
+
 async def test_transaction_changes_share_a_correlation_id(env):
     await sc.transaction_correlation_id(env)
 

@@ -162,6 +162,28 @@ async def test_collection_drop_invalidates_collection_streams_only(db):
         assert (await db_stream.next())["ns"] == {"db": "t", "coll": "other"}
 
 
+async def test_a_project_stage_keeps_the_named_fields_and_the_token(db):
+    """An inclusion $project (top-level fields) applies before the split stage: a change whose
+    document alone fills a fragment (7182500) can be read without it. Dropping _id is refused,
+    as mongod fails such a stream (280)."""
+    near = {"_id": "near16", "blob": ""}
+    near["blob"] = "x" * (16 * 1024 * 1024 - 64 - len(bson.encode(near)))
+    opened = await db.p.watch()
+    start = opened.resume_token
+    await opened.close()
+    await db.p.insert_one(near)
+    split = [{"$changeStreamSplitLargeEvent": {}}]
+    with pytest.raises(OperationFailure) as info:
+        await db.p.watch(split, resume_after=start)
+    assert info.value.code == 7182500 and "Splitting change event failed" in str(info.value)
+    project = {"$project": {"operationType": 1, "documentKey": 1}}
+    async with await db.p.watch([project, *split], resume_after=start) as stream:
+        change = await stream.next()
+    assert list(change) == ["_id", "operationType", "documentKey"] and change["documentKey"] == {"_id": "near16"}
+    with pytest.raises(OperationFailure):
+        await db.p.watch([{"$project": {"_id": 0, "ns": 1}}], resume_after=start)
+
+
 async def test_events_over_16_mib_fail_or_split_into_fragments(db):
     """As mongod: a change event over 16 MiB (here a 9 MB document's pre- and post-image) fails
     the stream with BSONObjectTooLarge (10334); after $changeStreamSplitLargeEvent it comes as

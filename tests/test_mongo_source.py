@@ -113,9 +113,27 @@ async def test_a_change_over_16_mib_arrives_whole(env):
     await sc.large_changes_arrive_whole(env)
 
 
+async def test_a_change_too_large_to_send_is_skipped_with_a_gap(env):
+    await sc.a_change_too_large_to_send_is_skipped_with_a_gap(env)
+
+
+async def test_a_change_over_16_mib_without_the_split_stage_is_skipped_with_a_gap(collecting_sink, tmp_path):
+    """Before MongoDB 7.0 / 6.0.9 any change over 16 MiB fails its read (BSONObjectTooLarge):
+    the feed stopped for good; it is skipped with a gap as where the split cannot help."""
+    from tests.mongo_server import ThreadedMongoTestServer
+
+    server = ThreadedMongoTestServer(split_large_events=False).start()
+    try:
+        env = sc.Env(url=server.url, database="shop", state_dir=str(tmp_path / "state"), sink=collecting_sink,
+                     server=server)
+        await sc.a_change_too_large_to_send_is_skipped_with_a_gap(env)
+    finally:
+        server.stop()
+
+
 async def test_a_server_without_the_split_stage_still_streams(collecting_sink, tmp_path):
     """MongoDB before 7.0 / 6.0.9 refuses $changeStreamSplitLargeEvent: the source streams
-    without it (changes over 16 MiB then stop the feed, as docs/mongo.md says)."""
+    without it (a change over 16 MiB is then skipped with a history_gap, as docs/mongo.md says)."""
     from tests.mongo_server import ThreadedMongoTestServer
 
     server = ThreadedMongoTestServer(split_large_events=False).start()

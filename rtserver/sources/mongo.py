@@ -61,6 +61,12 @@ UNSUPPORTED_OPTION_CODES = frozenset({40415, 9})  # unknown $changeStream field 
 # which would stop the feed for good. MongoDB 7.0 and 6.0.9+; older servers refuse it (40324).
 SPLIT_STAGE = "$changeStreamSplitLargeEvent"
 UNKNOWN_STAGE = 40324  # "Unrecognized pipeline stage name": the only stage that can be new is SPLIT_STAGE
+# A change the server cannot send: over 16 MiB without SPLIT_STAGE (BSONObjectTooLarge), or with
+# one field too large for a fragment (a document within ~200 bytes of 16 MiB, 7182500). Every
+# read from the saved token failed the same way: the feed stopped for good, restarts too.
+TOO_LARGE_CODES = frozenset({10334, 7182500})
+# What is read of the change the server cannot send, to skip it: its token and where it was.
+TOO_LARGE_PROJECTION = {"$project": {"_id": 1, "operationType": 1, "ns": 1, "documentKey": 1}}
 # Fragments' top-level fields: wallTime stays a date whatever its value.
 FRAGMENT_CODEC = CodecOptions(document_class=RawBSONDocument, datetime_conversion=DatetimeConversion.DATETIME_AUTO)
 RAW_CODEC = CodecOptions(document_class=RawBSONDocument)
@@ -293,6 +299,16 @@ def token_order(token: Any) -> str:
     return data if isinstance(data, str) else ""
 
 
+def _described(exc: Exception) -> str:
+    """An error as logs and /readyz say it. An OperationFailure's text ends with the server's
+    whole reply, which the raw codec leaves as undecoded bytes ("full error:
+    RawBSONDocument(b'...')"): its message and code instead."""
+    if isinstance(exc, OperationFailure) and exc.details:
+        with contextlib.suppress(Exception):
+            return f"OperationFailure: {exc.details.get('errmsg') or exc} (code {exc.code})"
+    return f"{type(exc).__name__}: {exc}"
+
+
 async def close_client(client: AsyncMongoClient[Any], database: str) -> None:
     """Close `client` within CLOSE_TIMEOUT: close() first ends the server sessions, which waits
     for server selection (30 s by default) when MongoDB is unreachable; a shutdown must not."""
@@ -442,6 +458,9 @@ class MongoSource:
         self._publishing = False
         self._ready = False
         self.positioned = asyncio.Event()  # a token to resume from, or a stream open (Source.positioned)
+        # After a change too large to send: read one change a batch, so the next failure is
+        # the change right after the saved token (_skip_too_large).
+        self._one_by_one = False
         self._operations: frozenset[str] = frozenset(DATA_OPERATIONS)
         self._reopen = asyncio.Event()
         self._token: Any = None  # resume from here (resumeAfter), or...
@@ -632,6 +651,19 @@ class MongoSource:
                                 extra={"fields": {"database": self.database}})
                     self._with_pre_images = False
                     continue
+                if exc.code in TOO_LARGE_CODES and not self._one_by_one:
+                    log.warning("mongo change too large to send; reading one change at a time to find it",
+                                extra={"fields": {"database": self.database, "error": _described(exc)}})
+                    self._one_by_one = True
+                    continue
+                if exc.code in TOO_LARGE_CODES:
+                    try:
+                        if await self._skip_too_large(exc):
+                            continue
+                    except PyMongoError as failure:  # reading it failed otherwise: retried as any failure
+                        exc = failure  # noqa: PLW2901
+                    delay = await self._failed(exc, delay)
+                    continue
                 if self._split_events and (exc.code == UNKNOWN_STAGE or SPLIT_STAGE in str(exc)):
                     log.warning("mongo server cannot split large change events (MongoDB < 7.0 / 6.0.9): "
                                 "a change over 16 MiB will stop the feed", extra={"fields": {"database": self.database}})
@@ -652,7 +684,7 @@ class MongoSource:
             delay = FIRST_RETRY  # the stream worked since the last failure: a new outage
             self._progress_at_failure = self._progress
         self._ready = False
-        self._last_error = f"{type(exc).__name__}: {exc}"
+        self._last_error = _described(exc)
         log.warning("mongo change stream failed, retrying",
                     extra={"fields": {"database": self.database, "error": self._last_error, "retry_in_s": delay}})
         await asyncio.sleep(delay)
@@ -680,10 +712,9 @@ class MongoSource:
         options: dict[str, Any] = {"full_document": "updateLookup", "max_await_time_ms": self._await_ms}
         if self._with_pre_images:
             options["full_document_before_change"] = "whenAvailable"
-        if self._start_after is not None:
-            options["start_after"] = self._start_after
-        elif self._token is not None:
-            options["resume_after"] = self._token
+        options.update(self._resume_options())
+        if self._one_by_one:
+            options["batch_size"] = 1
         self._reopen.clear()
         stream = await db.watch(self._pipeline(), **options)
         try:
@@ -707,6 +738,11 @@ class MongoSource:
                 if change is None:
                     if not stream.alive:
                         return
+                    if self._one_by_one and not fragments:
+                        # Caught up: the change too large to send was not among those read (it
+                        # was a passing failure). Back to full batches.
+                        self._one_by_one = False
+                        self._reopen.set()
                     if not fragments:  # never a token inside a change: a restart reads it whole
                         self._acknowledge(stream.resume_token)
                     self._progress += 1
@@ -734,6 +770,34 @@ class MongoSource:
             self._ready = False
             with contextlib.suppress(PyMongoError):
                 await stream.close()
+
+    def _resume_options(self) -> dict[str, Any]:
+        if self._start_after is not None:
+            return {"start_after": self._start_after}
+        if self._token is not None:
+            return {"resume_after": self._token}
+        return {}
+
+    async def _skip_too_large(self, exc: OperationFailure) -> bool:
+        """Read the change after the saved token without its documents (the one the server
+        cannot send: reading one change a batch, the failure was that one), skip it as an
+        unconvertible change is (history_gap), and go on after it; False when there was none."""
+        assert self._client is not None
+        db = self._client.get_database(self.database, codec_options=RAW_CODEC)
+        pipeline = [stage for stage in self._pipeline() if SPLIT_STAGE not in stage] + [TOO_LARGE_PROJECTION]
+        async with await db.watch(pipeline, batch_size=1, max_await_time_ms=self._await_ms,
+                                  **self._resume_options()) as stream:
+            change = None
+            for _ in range(3):  # the change is there already: its batch is the first
+                change = await stream.try_next()
+                if change is not None:
+                    break
+            if change is None:
+                return False  # not there after all: retried with backoff, one change at a time still
+            await self._unconvertible(change, exc, list(self._workspaces()))
+            self._acknowledge(stream.resume_token)
+        self._one_by_one = False
+        return True
 
     def _acknowledge(self, token: Any) -> None:
         if token is None:
@@ -805,7 +869,7 @@ class MongoSource:
         with contextlib.suppress(Exception):  # the change may be malformed where ns would be
             ns = change.get("ns") or {}
             where = f"{ns.get('db', self.database)}.{ns.get('coll', '?')}"
-        error = f"{type(exc).__name__}: {exc}"
+        error = _described(exc)
         self._last_error = f"skipped a change of {where}: {error}"
         log.error("mongo change could not be converted; skipped",
                   extra={"fields": {"database": self.database, "namespace": where, "error": error}})

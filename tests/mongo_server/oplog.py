@@ -120,6 +120,7 @@ class ChangeStream:
     before_change: str
     batch_size: int
     split: bool = False  # the pipeline ends with $changeStreamSplitLargeEvent
+    projection: frozenset[str] | None = None  # the fields an inclusion $project keeps
     skip_fragments: tuple[int, int] | None = None  # (counter, n): resumed after n fragments of that event
     pending: list[dict[str, Any]] = field(default_factory=list)
     invalidated: bool = False
@@ -145,6 +146,7 @@ def open_stream(
         raise CommandError(73, "InvalidNamespace", f"$changeStream may not be opened on the internal {db} database")
     match: dict[str, Any] | None = None
     split = False
+    projection: frozenset[str] | None = None
     for i, stage in enumerate(rest):
         if list(stage) == [SPLIT_STAGE]:
             if not split_supported:
@@ -153,8 +155,19 @@ def open_stream(
                 raise CommandError(7182801, "Location7182801", f"{SPLIT_STAGE} can only appear as the last stage")
             split = True
             continue
+        if list(stage) == ["$project"]:
+            # Inclusion of top-level fields only; as mongod, the resume token (_id) must stay
+            # (it would fail the event with 280 ChangeStreamFatalError: refused here at once).
+            fields = stage["$project"]
+            if not all(v in (1, True) for v in fields.values()) or any("." in k for k in fields) or fields.get("_id", 1) \
+                    not in (1, True):
+                raise CommandError(20, "IllegalOperation", "test server: $project in a change stream keeps top-level "
+                                                           "fields (name: 1), _id included")
+            projection = frozenset(fields) | {"_id"}
+            continue
         if list(stage) != ["$match"]:
-            raise CommandError(20, "IllegalOperation", f"test server: only $match may follow $changeStream, got {list(stage)}")
+            raise CommandError(20, "IllegalOperation",
+                               f"test server: only $match and $project may follow $changeStream, got {list(stage)}")
         match = {"$and": [match, stage["$match"]]} if match else stage["$match"]
     full_document = spec.get("fullDocument", "default")
     before = spec.get("fullDocumentBeforeChange", "off")
@@ -182,7 +195,8 @@ def open_stream(
         if at.inc <= oplog.floor:
             raise CommandError(286, "ChangeStreamHistoryLost", "startAtOperationTime is older than the oplog")
         position = at.inc - 1
-    return ChangeStream(cursor_id, db, coll, position, match, full_document, before, batch_size, split, skip_fragments)
+    return ChangeStream(cursor_id, db, coll, position, match, full_document, before, batch_size, split=split,
+                        skip_fragments=skip_fragments, projection=projection)
 
 
 def _render(stream: ChangeStream, entry: Entry, lookup: Callable[[str, str, dict[str, Any]], dict[str, Any] | None]) -> list[dict[str, Any]]:
@@ -254,6 +268,8 @@ def next_batch(
                     stream.invalidated = True
                 elif stream.match is not None and not matches(event, stream.match):
                     continue
+                if stream.projection is not None:  # before the split stage, as the pipeline's order says
+                    event = {k: v for k, v in event.items() if k in stream.projection}
                 for piece in _fit(stream, entry.counter, event):
                     add(piece)
             if stream.invalidated:
