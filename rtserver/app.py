@@ -42,7 +42,7 @@ from rtserver.seq_reservation import SeqReservation, reservation_path
 from rtserver.sessions import EXPIRE_CHUNK, Sessions, drop_dump, encode_dump, read_dump, write_dump
 from rtserver.signals import until_signalled
 from rtserver.sources.base import YIELD_EVERY, Source, stop_all
-from rtserver.sources.mongo import SOCKETS_PER_DATABASE, database_for, database_problem
+from rtserver.sources.mongo import SOCKETS_PER_DATABASE, database_for, database_problem, deployment_of
 
 log = logging.getLogger("rtserver.app")
 
@@ -309,6 +309,8 @@ class Gateway:
         src = self._sources.get(key)
         if src is not None:
             return src
+        if kind == "mongo" and self._read_by_section(workspace, key):
+            return None  # why_no_source says why
         capped = kind == "mongo" and self._workspace_database(workspace, key)
         if capped and self._over_mongo_databases(workspace, key):
             if not self._mongo_cap_logged:
@@ -381,6 +383,9 @@ class Gateway:
         if problem:
             return problem
         key = self._source_key(workspace, kind) if url else None
+        if key is not None and (section := self._read_by_section(workspace, key)):
+            return (f"mongo: the database of workspace {workspace} ({key[2]!r}) is read for [workspaces.{section}] "
+                    "through another URL, and one database is one feed: name this workspace in a section of its own")
         if key is not None and self._over_mongo_databases(workspace, key):
             return (f"mongo: the database of workspace {workspace} is not read: this gateway reads "
                     f"{self.cfg.mongo.max_databases} workspace databases at most (mongo.max_databases, "
@@ -393,6 +398,19 @@ class Gateway:
         those of [workspaces.*] sections are the configuration's."""
         return (self._reads_workspace_databases and workspace is not None and workspace not in self.cfg.workspaces
                 and key[1] == self.cfg.mongo.url)
+
+    def _read_by_section(self, workspace: str | None, key: tuple[Any, ...]) -> str | None:
+        """The [workspaces.*] section reading, through another URL, the database that `key`
+        (a workspace's own, through mongo.url naming none) names: two feeds would share one
+        resume token file (config._check_shared_mongo)."""
+        if not self._workspace_database(workspace, key):
+            return None
+        deployment = deployment_of(key[1])
+        for section, sources in self.cfg.workspaces.items():
+            url = sources.mongo_url
+            if url and url != key[1] and database_for(url, section) == key[2] and deployment_of(url) == deployment:
+                return section
+        return None
 
     def _over_mongo_databases(self, workspace: str | None, key: tuple[Any, ...]) -> bool:
         """True when `key`, a workspace's own database not read yet, would pass

@@ -419,7 +419,7 @@ def load(
     except ConfigError as exc:
         raise ConfigError(_with_origins(str(exc), origins)) from None
     _check_shared_postgres(path or "", workspaces, values["postgres"])  # every URL one libpq reads
-    _check_shared_mongo(path or "", workspaces, values["mongo"]["url"])
+    _check_shared_mongo(path or "", workspaces, values["mongo"]["url"], values["bus"]["workspaces"])
     return Config(values=values, workspaces=workspaces, path=path or "", unknown_env=unknown_env, origins=origins)
 
 
@@ -452,11 +452,16 @@ def _check_shared_postgres(path: str, workspaces: dict[str, WorkspaceSources], d
                 f"{other[1]}/{other[2]}): give both the same, or use another database")
 
 
-def _check_shared_mongo(path: str, workspaces: dict[str, WorkspaceSources], default_url: str) -> None:
+def _check_shared_mongo(path: str, workspaces: dict[str, WorkspaceSources], default_url: str,
+                        listed: list[str]) -> None:
     """A MongoDB database is one feed with one resume token file, named by its deployment and
     database whatever the URL's options: named by URLs spelled differently (an option added,
     the default port written out), it would be two feeds writing one file, and a restart would
-    resume the one behind after the other's token, losing what it had not read."""
+    resume the one behind after the other's token, losing what it had not read. A default URL
+    naming no database reads the database of each workspace: of those bus.workspaces lists here;
+    any other that would read a section's database is refused at run time (App.why_no_source):
+    refused here, a section naming any database of that deployment was an error no URL could
+    mend."""
     from rtserver.sources.mongo import database_for, deployment_of
 
     named = [(f"[workspaces.{ws}]", s.mongo_url, database_for(s.mongo_url, ws)) for ws, s in workspaces.items()
@@ -464,7 +469,7 @@ def _check_shared_mongo(path: str, workspaces: dict[str, WorkspaceSources], defa
     if default_url:
         # A default URL naming no database gives each workspace without a section its own.
         database = database_for(default_url, "")
-        databases = [database] if database else [db for _, _, db in named if db not in workspaces]
+        databases = [database] if database else [w for w in listed if w not in workspaces]
         named = [("[mongo]", default_url, db) for db in databases] + named
     first: dict[tuple[str, str], tuple[str, str]] = {}
     for section, url, database in named:

@@ -291,10 +291,14 @@ def test_one_mongodb_database_named_by_two_spellings_is_refused(tmp_path):
                                               r"\[workspaces.a\] by another URL") as err:
             load(path=str(cfg), environ={})
         assert "s3cret" not in str(err.value)
-    # The default URL naming no database: workspace shop (no section) reads shop on it.
+    # The default URL naming no database: workspace shop, which bus.workspaces lists (the ingest
+    # feeds it), reads shop on it. Not listed, it may never connect: accepted (a section naming
+    # any database of that deployment was refused, with advice no URL could follow), and its
+    # mongo channels are refused at run time (test_mongo_e2e).
     cfg.write_text("[workspaces.a]\nmongo_url = 'mongodb://m1:27017/shop?appname=a'\n")
     with pytest.raises(ConfigError, match=r"\[workspaces.a\] mongo_url names MongoDB database 'shop' of \[mongo\]"):
-        load(path=str(cfg), environ={"RT_MONGO_URL": "mongodb://m1/"})
+        load(path=str(cfg), environ={"RT_MONGO_URL": "mongodb://m1/", "RT_BUS_WORKSPACES": "shop"})
+    assert list(load(path=str(cfg), environ={"RT_MONGO_URL": "mongodb://m1/"}).workspaces) == ["a"]
     # Other databases, deployments, or users of one deployment's databases are other feeds.
     cfg.write_text(f"[workspaces.a]\nmongo_url = '{url}'\n[workspaces.b]\nmongo_url = 'mongodb://u2:pw@m1,m2/app2'\n"
                    f"[workspaces.c]\nmongo_url = 'mongodb://m3/app'\n[workspaces.shop]\nmongo_url = 'mongodb://m1/'\n")

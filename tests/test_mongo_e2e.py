@@ -301,3 +301,28 @@ async def test_a_feed_that_cannot_start_refuses_a_subscribe_rather_than_miss_cha
             assert (await c.recv_event(timeout=10))["document"] == {"_id": "after"}
     finally:
         await client.close()
+
+
+async def test_a_workspace_whose_database_a_section_reads_by_another_url_is_4010(mongo_server, gateway_factory,
+                                                                                 tmp_path):
+    """mongo.url naming no database, and [workspaces.wx] reading database `shop` of the same
+    deployment by another URL: accepted (it was a configuration error no URL could mend, as the
+    default must name no database and the section must name `shop`), and a workspace `shop`,
+    whose own database is that one, gets 4010 on its mongo channels rather than a second feed
+    sharing the section's resume token file. wx reads shop."""
+    config = tmp_path / "rt.toml"
+    config.write_text(f"[workspaces.wx]\nmongo_url = '{mongo_server.url.replace('/?', '/shop?')}&appname=wx'\n")
+    client = AsyncMongoClient(mongo_server.url, serverSelectionTimeoutMS=5000)
+    await client.shop.orders.insert_one({"_id": "seed"})
+    gw = await gateway_factory(env={"RT_MONGO_URL": mongo_server.url}, args=["--config", str(config)])
+    try:
+        async with ws_connect(gw, "shop", token=gw.token("shop")) as shop, \
+                ws_connect(gw, "wx", token=gw.token("wx")) as wx:
+            refused = await _subscribe(shop, "mongo:orders")
+            assert refused["type"] == "error" and refused["code"] == 4010, refused
+            assert "is read for [workspaces.wx] through another URL" in refused["message"], refused
+            assert (await _subscribe(wx, "mongo:orders"))["type"] == "subscribed"
+            await client.shop.orders.insert_one({"_id": 1})
+            assert (await wx.recv_event(timeout=10))["document"] == {"_id": 1}
+    finally:
+        await client.close()
