@@ -143,15 +143,13 @@ def database_problem(url: str, workspace: str) -> str:
     return ""
 
 
-
-
 class ResumeTokenStore:
     """The last acknowledged resume token in a small JSON file. Writes run in the default
     executor and coalesce: while one is in flight only the newest token waits (a bound of one)."""
 
     def __init__(self, path: str, legacy: str | None = None):
         self.path = path
-        self._legacy = legacy  # an earlier version's name of this file, taken over when read
+        self.legacy_path = legacy  # an earlier version's name of this file, taken over when read
         self._pending: bytes | None = None
         self._written: bytes | None = None
         self._wake = asyncio.Event()
@@ -191,18 +189,18 @@ class ResumeTokenStore:
     def _take_over_legacy(self) -> None:
         """Rename an earlier version's file to this one's name. It is renamed, so one found
         later is newer (an earlier version ran since) and replaces this one's."""
-        if self._legacy is None or self._legacy == self.path or os.path.islink(self._legacy):
+        if self.legacy_path is None or self.legacy_path == self.path or os.path.islink(self.legacy_path):
             return  # a link is this version's own (_link_legacy), not an earlier version's file
         try:
-            os.replace(self._legacy, self.path)
+            os.replace(self.legacy_path, self.path)
         except FileNotFoundError:
             return
         except OSError as exc:
             log.error("mongo resume token file of an earlier version not taken over",
-                      extra={"fields": {"path": self._legacy, "error": str(exc)}})
+                      extra={"fields": {"path": self.legacy_path, "error": str(exc)}})
             return
         log.info("mongo resume token file of an earlier version renamed to %s", self.path,
-                 extra={"fields": {"path": self.path, "file": self._legacy}})
+                 extra={"fields": {"path": self.path, "file": self.legacy_path}})
 
     def _link_legacy(self) -> None:
         """Leave under the earlier versions' name a link to this file: one of them started on
@@ -210,13 +208,13 @@ class ResumeTokenStore:
         opened the stream from now, losing the changes made meanwhile without a word. Through
         the link it resumes after this version's token; its own write replaces the link with
         its file, which _take_over_legacy takes back at the next upgrade."""
-        if self._legacy is None or self._legacy == self.path or os.path.lexists(self._legacy):
+        if self.legacy_path is None or self.legacy_path == self.path or os.path.lexists(self.legacy_path):
             return
         try:
-            os.symlink(os.path.basename(self.path), self._legacy)
+            os.symlink(os.path.basename(self.path), self.legacy_path)
         except OSError as exc:  # the token itself is safe: only a downgrade would miss it
             log.warning("mongo resume token file not linked under its earlier name",
-                        extra={"fields": {"path": self._legacy, "error": str(exc)}})
+                        extra={"fields": {"path": self.legacy_path, "error": str(exc)}})
 
     def save(self, token: Any, start_after: bool = False) -> None:
         """Remember `token` (a dict or RawBSONDocument) and have it written soon."""
@@ -452,6 +450,8 @@ class MongoSource:
             return os.path.join(state_dir, f"mongo-resume-{safe_db}-{feed}.json")
 
         self._tokens = ResumeTokenStore(token_file(self.feed_id), legacy=token_file(self.legacy_feed_id))
+        self._state_dir = state_dir
+        self._token_prefix = f"mongo-resume-{safe_db}-"  # the token files of this database, any deployment
         self._client: AsyncMongoClient[Any] | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -629,6 +629,17 @@ class MongoSource:
             # as a lost history is, once the stream from now is open (_stream); it was silent.
             self._gap_reason = (f"MongoDB resume token of database {self.database!r} unreadable: changes made "
                                 "before this start may be missing")
+        elif token is None and (others := await asyncio.get_running_loop().run_in_executor(None, self._other_tokens)):
+            # The file is named by the URL's hosts: a host added to the seed list (or localhost
+            # written as 127.0.0.1) starts a new one, and the changes made while the gateway was
+            # stopped were skipped without a word. Whether the other file is this deployment's
+            # cannot be told: said, and told to the subscribers as a possible loss.
+            log.warning("mongo source has no resume token for this deployment but the state directory holds one of "
+                        "database %r under another (the URL's hosts changed?): starting from now; changes made "
+                        "while the gateway was stopped may be missing", self.database,
+                        extra={"fields": {"database": self.database, "url": redact(self.url), "files": others}})
+            self._gap_reason = (f"MongoDB database {self.database!r} is read through hosts other than at the last stop "
+                                "(its resume token is kept per deployment): changes made meanwhile may be missing")
         if token is not None:
             log.info("mongo source resuming", extra={"fields": {"database": self.database, "url": redact(self.url)}})
         delay = FIRST_RETRY
@@ -770,6 +781,17 @@ class MongoSource:
             self._ready = False
             with contextlib.suppress(PyMongoError):
                 await stream.close()
+
+    def _other_tokens(self) -> list[str]:
+        """Token files of this database kept for other deployments (another host list)."""
+        own = {os.path.basename(self._tokens.path), os.path.basename(self._tokens.legacy_path or "")}
+        try:
+            names = os.listdir(self._state_dir)
+        except OSError:
+            return []
+        # The rest of the name a digest: not the file of a database whose name goes on (app-eu).
+        return sorted(n for n in names if n.startswith(self._token_prefix) and n.endswith(".json") and n not in own
+                      and re.fullmatch(r"[0-9a-f]+", n[len(self._token_prefix):-len(".json")]))
 
     def _resume_options(self) -> dict[str, Any]:
         if self._start_after is not None:
