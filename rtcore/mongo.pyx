@@ -401,6 +401,8 @@ def normalize_change(change, workspaces):
     body = _encode(_Body("mongo:" + collection, operation, collection, body_document, op_type, change_timestamp(change),
                          correlation_id(change),
                          _update_description(change.get("updateDescription")) if operation == "UPDATE" else None, old))
+    if operation == "DELETE" and old is not None:
+        record = old  # the pre-image: predicates match the document deleted, not its key alone
     return _events(workspaces, collection, operation, record, body, old)
 
 
@@ -852,6 +854,8 @@ def normalize_decoded(dict change, workspaces):
     # operationType, timestamp, correlationId, updateDescription, oldDocument); kwargs cost more.
     body = _encode(_Body("mongo:" + collection, operation, collection, body_document, op_type, timestamp,
                          correlation, update, old))
+    if operation == "DELETE" and old is not None:
+        record = old  # the pre-image: predicates match the document deleted, not its key alone
     return _events(workspaces, collection, operation, record, body, old)
 
 
@@ -1586,6 +1590,8 @@ cdef object _normalize_fast(bytes data, object workspaces, _Out* o):
     elif not _absent(kind):
         return None
     _putc(o, 125)
+    if op == OP_DELETE and old is not None:
+        record = old  # the pre-image: predicates match the document deleted, not its key alone
     return _events(workspaces, collection, operation, record, PyBytes_FromStringAndSize(o.p, o.n), old)
 
 

@@ -215,6 +215,8 @@ def normalize_decoded(change: dict[str, Any], workspaces: Sequence[str]) -> list
             updateDescription=update, oldDocument=old,
         )
     )
+    if operation == "DELETE" and old is not None:
+        record = old  # the pre-image: predicates match the document deleted, not its key alone
     return [Event(ws, "mongo", collection, operation, record, body, old) for ws in workspaces]
 
 
@@ -251,4 +253,6 @@ def normalize_change(change: Mapping[str, Any], workspaces: Sequence[str]) -> li
             oldDocument=old,
         )
     )
+    if operation == "DELETE" and old is not None:
+        record = old  # the pre-image: predicates match the document deleted, not its key alone
     return [Event(ws, "mongo", collection, operation, record, body, old) for ws in workspaces]

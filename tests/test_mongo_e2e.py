@@ -326,3 +326,20 @@ async def test_a_workspace_whose_database_a_section_reads_by_another_url_is_4010
             assert (await wx.recv_event(timeout=10))["document"] == {"_id": 1}
     finally:
         await client.close()
+
+
+async def test_a_filtered_subscription_sees_a_matching_document_deleted_when_pre_images_are_on(mongo_gateway):
+    """With pre-images, a DELETE is matched on the deleted document (as a PostgreSQL DELETE
+    under REPLICA IDENTITY FULL): a client keeping the list of paid orders in view learns that
+    one was deleted; an unpaid one's delete does not reach it. It got neither before."""
+    gw, db = mongo_gateway
+    await db.command({"collMod": "orders", "changeStreamPreAndPostImages": {"enabled": True}})
+    async with ws_connect(gw, "w1", token=gw.token("w1")) as c:
+        sub = await _subscribe(c, "mongo:orders", filter={"predicates": {"status": "paid"}})
+        assert sub["type"] == "subscribed"
+        await db.orders.insert_many([{"_id": 1, "status": "paid"}, {"_id": 2, "status": "open"}])
+        assert [(await c.recv_event(timeout=10))["document"]["_id"]] == [1]
+        await db.orders.delete_one({"_id": 2})
+        await db.orders.delete_one({"_id": 1})
+        ev = await c.recv_event(timeout=10)
+        assert (ev["operation"], ev["document"], ev["oldDocument"]) == ("DELETE", {"_id": 1}, {"_id": 1, "status": "paid"})

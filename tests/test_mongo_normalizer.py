@@ -274,6 +274,32 @@ def test_memoryview_of_bson_is_accepted():
         assert impl.decode_raw(memoryview(raw)) == impl.decode_raw(raw)
 
 
+def test_a_delete_with_a_pre_image_is_matched_on_it():
+    """Predicates of a DELETE read its documentKey: a subscription to {"status": "paid"} never
+    saw a paid document deleted, though its pre-image (oldDocument) was in the change, as a
+    PostgreSQL DELETE under REPLICA IDENTITY FULL is matched on the old row. With a pre-image
+    they read it (the body's `document` stays the key); without one, the key as before."""
+    change = order_change(3, "delete")
+    before = {"_id": change["documentKey"]["_id"], "status": "paid", "total": 5}
+    for pre_image in (True, False):
+        if pre_image:
+            change["fullDocumentBeforeChange"] = before
+        change = _through_bson(change)
+        raw = bson.encode(change)
+        for events in (mongo_ref.normalize_change(change, ["w1"]), mongo.normalize_change(change, ["w1"]),
+                       mongo.normalize_raw(raw, ["w1"]), mongo.normalize_decoded(mongo.decode_raw(raw), ["w1"]),
+                       mongo_ref.normalize_decoded(mongo_ref.decode_raw(raw), ["w1"])):
+            (event,) = events
+            body = json.loads(event.body)
+            assert body["document"] == {"_id": "65a500000000000000000003"}
+            if pre_image:
+                assert event.record == {"_id": "65a500000000000000000003", "status": "paid", "total": 5}
+                assert body["oldDocument"] == event.record
+            else:
+                assert event.record == {"_id": "65a500000000000000000003"} and "oldDocument" not in body
+        change.pop("fullDocumentBeforeChange", None)
+
+
 def test_event_fields_and_non_data_events():
     change = order_change(7, "update")
     (event,) = mongo.normalize_change(change, ["w1"])
