@@ -285,6 +285,9 @@ async def _retry(call: Callable[[], Awaitable[T]], message: str, level: int, fie
 
 
 # Why an ingest with nothing to read does not start (said by `rtserver check-config --ingest` too).
+# Seconds the transactional producer may take to start (find the transaction coordinator,
+# fence the previous holder's producer) before the attempt counts as failed and is retried.
+WRITER_START_TIMEOUT = 20.0
 NO_FEEDS = "no feeds to read: set postgres.url/mongo.url with bus.workspaces, or [workspaces.*] sections naming sources"
 
 
@@ -328,6 +331,7 @@ class Ingest:
         # acquisition, so a fenced writer is never renewed in place).
         self.writer: TransactionalWriter | None = None
         self.writer_failures = 0
+        self.writer_problem = ""  # why the last attempt to start the writer failed, while it has not started
         self._failure_streak = 0  # failed writers in a row, none of which committed anything
         self._rejoin: asyncio.Task | None = None
         self._server: asyncio.AbstractServer | None = None
@@ -341,13 +345,15 @@ class Ingest:
             try:
                 self._server = await asyncio.start_server(self._http, host, port, start_serving=False)
             except OSError as exc:
-                raise RuntimeError(f"cannot listen on {host}:{port} (bus.ingest_port): {exc.strerror or exc}") from None
-        await self.publisher.start()
+                raise RuntimeError(self.cfg.explain(
+                    f"cannot listen on {host}:{port} (bus.ingest_port): {exc.strerror or exc}")) from None
         if not self.plan:
             # Refused, not warned of: an ingest with nothing to read would still join the lease
             # group, and could win the lease when the active one died, while a standby that has
-            # the feeds waited and nothing streamed.
+            # the feeds waited and nothing streamed. Before Kafka is reached: the publisher's
+            # start made the events topic, with this configuration's partition count for good.
             raise RuntimeError(NO_FEEDS)
+        await self.publisher.start()
         self.lease = Lease(
             self.publisher.options,
             f"{self.cfg.bus.topic}.lease",
@@ -357,11 +363,13 @@ class Ingest:
             on_lost=self._lost,
             client_id=f"rtserver-ingest-{self.node}",
         )
+        # Said before joining: the lease may be acquired at once, and its line came first.
+        log.info("ingest started; joining the lease group (the holder reads the feeds, the others stand by)",
+                 extra={"fields": {"topic": self.cfg.bus.topic, "bootstrap": bootstrap_of(self.cfg),
+                                   "feeds": len(self.plan), "node": self.node}})
         await self.lease.start()
         if self._server is not None:
             await self._server.start_serving()
-        log.info("ingest started; waiting for the lease", extra={"fields": {
-            "topic": self.cfg.bus.topic, "bootstrap": bootstrap_of(self.cfg), "feeds": len(self.plan), "node": self.node}})
 
     async def close(self) -> None:
         if self._server is not None:
@@ -378,7 +386,8 @@ class Ingest:
             # First the writer: starting it fences the previous holder's, and Kafka aborts that
             # one's open transaction, so the tail read next is all it will ever have written.
             writer = TransactionalWriter(self.publisher, f"{self.cfg.bus.topic}.ingest", self._writer_failed)
-            await _retry(writer.start, "ingest takeover: starting the transactional producer failed; retrying",
+            await _retry(lambda: self._start_writer(writer),
+                         "ingest takeover: starting the transactional producer failed; retrying",
                          logging.ERROR, {"topic": self.cfg.bus.topic}, first=1.0, most=30.0)
             self.writer = writer
             done, mongo_done = await self._takeover_positions()
@@ -402,6 +411,24 @@ class Ingest:
             log.info("ingest active: reading feeds", extra={"fields": {
                 "feeds": len(self.sources), "failed": len(self.failed), "resumed_slots": len(done),
                 "resumed_databases": len(mongo_done)}})
+
+    async def _start_writer(self, writer: TransactionalWriter) -> None:
+        """writer.start(), bounded: it waits for Kafka's transaction coordinator, which a cluster
+        that cannot make its transaction log never has. The ingest held the lease, read nothing
+        and said nothing, /readyz and /metrics showing no error, and no standby could take over."""
+        try:
+            await asyncio.wait_for(writer.start(), WRITER_START_TIMEOUT)
+        except TimeoutError:
+            self.writer_problem = (
+                f"no transaction coordinator answered within {WRITER_START_TIMEOUT:g} s: Kafka may be unable to make "
+                "its transaction log (__transaction_state needs transaction.state.log.replication.factor brokers, 3 "
+                "by default, and transaction.state.log.min.isr of them in sync: a cluster of fewer brokers must "
+                "lower both, docs/scale-out.md)")
+            raise TimeoutError(self.writer_problem) from None
+        except Exception as exc:
+            self.writer_problem = f"starting the transactional producer failed: {type(exc).__name__}: {exc}"
+            raise
+        self.writer_problem = ""
 
     def _mongo_position(self, feed: dict[str, Any], src: Any,
                         mongo_done: dict[tuple[str, str], tuple[bytes, dict[str, int]]]
@@ -598,6 +625,8 @@ class Ingest:
             bus["waiting"] += writer.waiting
             if writer.problem() and not bus["error"]:
                 bus.update(connected=False, error=writer.problem())
+        elif held and self.writer_problem and not bus["error"]:
+            bus["error"] = self.writer_problem
         bus["writer_failures"] = self.writer_failures
         # An active ingest cut off from Kafka only waits (its feeds hold their position), and a
         # standby could not take over: neither is ready.

@@ -1182,11 +1182,22 @@ async def test_a_publish_during_the_drain_is_refused_not_accepted_for_nobody(gat
 async def test_an_ingest_with_no_feeds_stops_instead_of_joining_the_lease_group(kafka_broker, tmp_path):
     """An ingest with no source to read (bus.workspaces unset, no [workspaces.*] section) only
     warned, and joined the lease group: when the active ingest died it could win the lease, and
-    nothing streamed while a standby that had the feeds waited. It stops now, one line, exit 2."""
-    env = {"RT_KAFKA_BOOTSTRAP": kafka_broker.bootstrap, "RT_BUS_TOPIC": f"rt.events.nofeeds.{os.getpid()}",
+    nothing streamed while a standby that had the feeds waited. It stops now, one line, exit 2,
+    before reaching Kafka: it made the events topic first, with this configuration's partition
+    count for good (black-box audit)."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    topic = f"rt.events.nofeeds.{os.getpid()}"
+    env = {"RT_KAFKA_BOOTSTRAP": kafka_broker.bootstrap, "RT_BUS_TOPIC": topic,
            "RT_POSTGRES_URL": "postgresql://rt@127.0.0.1:9/app"}  # a URL, but no workspace fed by it
     out = await asyncio.to_thread(_run, ["ingest"], env, str(tmp_path))
     problems = [line for line in out.stderr.splitlines() if not line.startswith("{")]
     assert out.returncode == 2 and problems == [
         "rtserver ingest: no feeds to read: set postgres.url/mongo.url with bus.workspaces, or"
         " [workspaces.*] sections naming sources"], out.stderr
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_broker.bootstrap)
+    await admin.start()
+    try:
+        assert topic not in await admin.list_topics()
+    finally:
+        await admin.close()

@@ -2872,3 +2872,41 @@ async def test_a_batch_cut_short_by_a_node_stopping_says_so(cluster):
     assert "ProducerClosed" not in out.decode() and "event bus unavailable" not in out.decode(), refused[0]
     assert [e["seq"] for e in published] == [e["seq"] for e in got]
     assert await asyncio.wait_for(a.proc.wait(), 20) == 0, a.logs()
+
+
+async def test_an_ingest_whose_kafka_cannot_make_its_transaction_log_says_so(tmp_path, monkeypatch, caplog):
+    """A one-broker Kafka left with the defaults transaction.state.log.replication.factor 3 and
+    min.isr 2 never has a transaction coordinator: the ingest took the lease and waited for its
+    transactional producer for ever, logging nothing, /readyz and /metrics showing no error, no
+    standby able to take over (black-box audit). The wait is bounded: each attempt fails with
+    an error naming the settings, which /readyz shows as the bus's error."""
+    import logging
+
+    import rtserver.ingest as ingest_module
+    from rtserver.config import load
+    from tests.harness.kafka import KafkaBroker, ensure_jars
+
+    monkeypatch.setattr(ingest_module, "WRITER_START_TIMEOUT", 2.0, raising=False)
+    broker = KafkaBroker(ensure_jars(), overrides={"transaction.state.log.replication.factor": "3",
+                                                   "transaction.state.log.min.isr": "2"})
+    await asyncio.to_thread(broker.start)
+    ingest = None
+    try:
+        cfg = load(environ={"RT_BUS": "kafka", "RT_BUS_KAFKA_BOOTSTRAP": broker.bootstrap, "RT_STATE_DIR": str(tmp_path),
+                            "RT_POSTGRES_URL": "postgresql://rt@127.0.0.1:9/app", "RT_BUS_WORKSPACES": "w1"})
+        ingest = ingest_module.Ingest(cfg)
+        with caplog.at_level(logging.ERROR, logger="rtserver.ingest"):
+            await ingest.start()
+            for _ in range(300):
+                ready, status = ingest.status()
+                if status["bus"]["error"]:
+                    break
+                await asyncio.sleep(0.1)
+        assert (ready, status["role"], status["feeds"]) == (False, "active", {}), status
+        assert status["bus"]["error"].startswith("no transaction coordinator answered within 2 s"), status
+        assert "transaction.state.log.replication.factor" in status["bus"]["error"]
+        assert any("starting the transactional producer failed" in r.getMessage() for r in caplog.records)
+    finally:
+        if ingest is not None:
+            await ingest.close()
+        await asyncio.to_thread(broker.destroy)

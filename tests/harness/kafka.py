@@ -117,8 +117,9 @@ class KafkaBroker:
     """One KRaft node (broker + controller) on 127.0.0.1; `bootstrap` is its client address,
     `proxied_bootstrap` its address through a test's TCP proxy to `proxied_port` (module doc)."""
 
-    def __init__(self, jars: Path, heap_mb: int = 384):
+    def __init__(self, jars: Path, heap_mb: int = 384, overrides: dict[str, str] | None = None):
         self.jars = jars
+        self.overrides = dict(overrides or {})  # broker properties over the harness's own
         self.heap_mb = min(heap_mb, 512)
         self.dir = Path(tempfile.mkdtemp(prefix="rt-kafka-"))
         self.data_dir = self.dir / "data"
@@ -286,6 +287,7 @@ class KafkaBroker:
             "log.flush.interval.messages": "9223372036854775807",
             "controlled.shutdown.enable": "true",
         }
+        props.update(self.overrides)
         self.config_path.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
         (self.dir / "log4j2.properties").write_text(_LOG4J2.format(log=self.log_path))
 
