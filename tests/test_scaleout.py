@@ -2135,7 +2135,8 @@ async def test_an_ingest_that_cannot_listen_leaves_the_active_one_alone(cluster)
         port = taken.getsockname()[1]
         late = await cluster.ingest("--health-port", str(port))
         assert await asyncio.wait_for(late.proc.wait(), 60) == 2, late.logs()
-    assert f"cannot listen on 127.0.0.1:{port}" in late.logs()
+    assert f"cannot listen on 127.0.0.1:{port} (bus.ingest_port): " in late.logs(), late.logs()
+    assert "(bus.ingest_port from option --health-port)" in late.logs(), late.logs()
     await asyncio.sleep(6)  # bus.lease_timeout: a join would have taken the lease by now
     assert '"lease released"' not in active.logs(), active.logs()
     assert (await active.status())["role"] == "active"
