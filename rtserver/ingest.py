@@ -285,6 +285,8 @@ async def _retry(call: Callable[[], Awaitable[T]], message: str, level: int, fie
 
 
 # Why an ingest with nothing to read does not start (said by `rtserver check-config --ingest` too).
+# Seconds between a standby's probes of the feeds it would take over (source_probe).
+PROBE_INTERVAL = 30.0
 # Seconds the transactional producer may take to start (find the transaction coordinator,
 # fence the previous holder's producer) before the attempt counts as failed and is retried.
 WRITER_START_TIMEOUT = 20.0
@@ -334,6 +336,9 @@ class Ingest:
         self.writer_problem = ""  # why the last attempt to start the writer failed, while it has not started
         self._failure_streak = 0  # failed writers in a row, none of which committed anything
         self._rejoin: asyncio.Task | None = None
+        # A standby's last probe of each feed it would take over: plan index -> why it failed ("": reached)
+        self.probes: dict[int, str] = {}
+        self._probing: asyncio.Task | None = None
         self._server: asyncio.AbstractServer | None = None
         self._lock = asyncio.Lock()
 
@@ -368,16 +373,43 @@ class Ingest:
                  extra={"fields": {"topic": self.cfg.bus.topic, "bootstrap": bootstrap_of(self.cfg),
                                    "feeds": len(self.plan), "node": self.node}})
         await self.lease.start()
+        self._probing = asyncio.create_task(self._probe_feeds(), name="rtserver-ingest-probe")
         if self._server is not None:
             await self._server.start_serving()
 
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
+        await cancel_and_wait(self._probing, quiet=True)
         await cancel_and_wait(self._rejoin, quiet=True)
         if self.lease is not None:
             await self.lease.close()  # stops the sources first (they acknowledge what is published)
         await self.publisher.close()
+
+    async def _probe_feeds(self) -> None:
+        """While standing by, reach each feed's database as the feed would, every PROBE_INTERVAL:
+        a standby that could not (a wrong URL, a database it may not reach) said it was ready,
+        and when it took over held the lease reading nothing. Its /readyz says so now, and a
+        failing feed is logged when it starts failing."""
+        from rtserver.source_probe import probe
+
+        while True:
+            if self.lease is not None and not self.lease.held:
+                found = await asyncio.gather(*(probe(feed) for feed in self.plan))
+                if self.lease.held:  # taken over meanwhile (the first probe runs as the lease is joined)
+                    continue
+                for i, (feed, error) in enumerate(zip(self.plan, found, strict=True)):
+                    if error and not self.probes.get(i):
+                        log.warning("ingest standby: a feed it would take over cannot be reached", extra={"fields": {
+                            "kind": feed["kind"], "url": redact(feed["url"]), "database": feed["database"],
+                            "error": error}})
+                    elif not error and self.probes.get(i):
+                        log.info("ingest standby: the feed can be reached again", extra={"fields": {
+                            "kind": feed["kind"], "url": redact(feed["url"]), "database": feed["database"]}})
+                self.probes = dict(enumerate(found))
+            else:
+                self.probes = {}  # the active ingest's feeds say it themselves
+            await asyncio.sleep(PROBE_INTERVAL)
 
     # -- the lease ---------------------------------------------------------------------------
 
@@ -632,7 +664,12 @@ class Ingest:
         # standby could not take over: neither is ready.
         # Out of the lease group after a failed transaction (_rejoin_lease): no standby either.
         rejoining = self._rejoin is not None and not self._rejoin.done()
-        ready = bus["connected"] and not rejoining and (
+        unreachable = {} if held else {i: error for i, error in self.probes.items() if error}
+        for i, error in unreachable.items():
+            feed = self.plan[i]
+            name = f"{feed['kind']}:{redact(feed['url'])}" + (f" {feed['database']}" if feed["kind"] == "mongo" else "")
+            feeds[name] = {"ready": False, "probe_error": error}
+        ready = bus["connected"] and not rejoining and not unreachable and (
             not held or (bool(self.sources) and all(s.ready() for s, _ in self.sources)))
         role = "active" if held else "rejoining" if rejoining else "standby"
         return ready, {"ready": ready, "role": role, "feeds": feeds,

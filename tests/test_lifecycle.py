@@ -846,7 +846,8 @@ def test_kafka_unreachable_at_start_names_the_setting(tmp_path):
     port = free_port()  # nothing listens there
     for args, env, setting in (
         (["serve"], {"RT_BUS": "kafka", "RT_BUS_KAFKA_BOOTSTRAP": f"127.0.0.1:{port}"}, "bus.kafka_bootstrap"),
-        (["ingest"], {"RT_KAFKA_BOOTSTRAP": f"127.0.0.1:{port}"}, "audit.kafka_bootstrap"),
+        (["ingest"], {"RT_KAFKA_BOOTSTRAP": f"127.0.0.1:{port}", "RT_POSTGRES_URL": "postgresql://rt@127.0.0.1:9/app",
+                      "RT_BUS_WORKSPACES": "w1"}, "audit.kafka_bootstrap"),  # a feed: no feeds stops it before Kafka
     ):
         out = _run(args, {"RT_PORT": str(free_port()), **env}, cwd=str(tmp_path))
         problems = [line for line in out.stderr.splitlines() if not line.startswith("{")]

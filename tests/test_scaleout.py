@@ -2911,3 +2911,35 @@ async def test_an_ingest_whose_kafka_cannot_make_its_transaction_log_says_so(tmp
         if ingest is not None:
             await ingest.close()
         await asyncio.to_thread(broker.destroy)
+
+
+async def test_a_standby_that_cannot_reach_a_feed_says_so_before_a_takeover(cluster):
+    """A standby whose database URL is wrong (or that may not reach the database) answered
+    /readyz 200, `standby, ready`; when the active ingest stopped it took the lease and held it
+    reading nothing, while the healthy ingest, restarted, stood by (black-box audit). A standby
+    now reaches each feed's database as the feed would (a replication connection) every 30 s:
+    one it cannot reach is logged and makes its /readyz 503 naming the feed and why."""
+    active = await cluster.ingest()
+    await active.wait_active()
+    bad = await cluster.ingest(RT_POSTGRES_URL="postgresql://rt:pw@127.0.0.1:9/app")
+    good = await cluster.ingest()
+    status: dict = {}
+    for _ in range(200):
+        with contextlib.suppress(OSError):  # listening once it has joined the lease group
+            status = await bad.status()
+        if status.get("feeds"):
+            break
+        await asyncio.sleep(0.1)
+    assert (status["role"], status["ready"]) == ("standby", False), status
+    assert list(status["feeds"]) == ["postgres:postgresql://***@127.0.0.1:9/app"], status
+    feed = status["feeds"]["postgres:postgresql://***@127.0.0.1:9/app"]
+    assert feed["ready"] is False and "port 9 failed" in feed["probe_error"] and "pw" not in json.dumps(status), feed
+    assert "a feed it would take over cannot be reached" in bad.logs()
+    for _ in range(100):
+        with contextlib.suppress(OSError):
+            if (await good.status()).get("role") == "standby":
+                break
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(1)  # its first probe done
+    assert await good.status() == {**await good.status(), "role": "standby", "ready": True, "feeds": {}}
+    assert (await active.status())["ready"] is True
