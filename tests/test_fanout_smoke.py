@@ -139,6 +139,31 @@ async def test_publisher_counts_answers_and_accepted_events_apart():
     assert (line.acked, line.accepted) == (2, 2)
 
 
+async def test_subscribers_count_deliveries_of_another_group_and_out_of_order_and_fail_the_round():
+    # A total alone passed a server that sent each group's events to the next group's
+    # subscribers (100% wrong, "lost 0"), and one client's lost events as another's duplicates
+    # (black-box audit). Each connection checks each event's group and that its timestamp is
+    # after the last it read; the round fails on either (order not checked for PostgreSQL-fed
+    # events, whose concurrent inserts commit out of timestamp order). Fed cut at every byte.
+    from benchmarks.fanout.run import _check_each_connection
+
+    stream = b"".join(b'\x81\x40{"type":"event","data":{"t":%d,"g":%d,"u":-1,"pad":"x"}}' % e
+                      for e in ((100, 2), (200, 5), (200, 2), (150, 2), (300, 2)))
+    for cut in range(len(stream) + 1):
+        stats = loadgen.Stats()
+        sub = loadgen.Subscriber(stats, b"", [], b"", group=2)
+        sub._events(stream[:cut])
+        sub._events(stream[cut:])
+        assert (stats.count, stats.misrouted, stats.disorder) == (5, 1, 2), cut
+    stats = loadgen.Stats()
+    loadgen.Subscriber(stats, b"", [], b"", group=0)._events(b'{"t":5,"other":1}{"t":6,"x":1}x')  # no group: not checked
+    assert (stats.count, stats.misrouted, stats.disorder) == (2, 0, 0)
+    _check_each_connection("x", [{"misrouted": 0, "disorder": 3}], ordered=False)
+    for reports in ([{"misrouted": 1, "disorder": 0}], [{}, {"misrouted": 0, "disorder": 2}]):
+        with pytest.raises(RuntimeError, match="deliveries of another group's events"):
+            _check_each_connection("x", reports, ordered=True)
+
+
 def test_best_round_is_a_complete_one():
     # The lowest p99 of a paced scenario is kept, but not from a round that lost deliveries:
     # what it lost (a slow reader dropped) is missing from its percentiles.

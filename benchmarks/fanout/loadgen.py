@@ -61,7 +61,7 @@ async def open_socket(host: str, port: int, src: str) -> socket.socket:
 
 
 class Stats:
-    __slots__ = ("count", "first", "last", "lat", "bytes")
+    __slots__ = ("count", "first", "last", "lat", "bytes", "misrouted", "disorder")
 
     def __init__(self) -> None:
         self.count = 0
@@ -69,15 +69,23 @@ class Stats:
         self.first = 0
         self.last = 0
         self.lat = array("q")
+        # Deliveries a connection should not have had: another group's event, and one whose
+        # timestamp is not after the last it read (duplicated or out of order). A total alone
+        # passed a server that sent each group's events to another group's subscribers.
+        self.misrouted = 0
+        self.disorder = 0
 
 
 class Subscriber(asyncio.Protocol):
     """One WebSocket client: handshake, hello messages, then count and time events."""
 
-    __slots__ = ("stats", "hello", "ready_marker", "ready", "state", "buf", "tail", "transport", "closed", "_request")
+    __slots__ = ("stats", "hello", "ready_marker", "ready", "state", "buf", "tail", "transport", "closed", "_request",
+                 "group", "last_t")
 
-    def __init__(self, stats: Stats, request: bytes, hello: list[bytes], ready_marker: bytes):
+    def __init__(self, stats: Stats, request: bytes, hello: list[bytes], ready_marker: bytes, group: int = 0):
         self.stats = stats
+        self.group = group  # whose events it subscribed to (index % groups)
+        self.last_t = 0
         self.hello = hello
         self.ready_marker = ready_marker
         self.ready: asyncio.Future = asyncio.get_running_loop().create_future()
@@ -138,10 +146,18 @@ class Subscriber(asyncio.Protocol):
         n = 0
         while pos >= 0:
             comma = find(b",", pos + 5)
-            if comma < 0:
+            # `,"g":N,` follows the timestamp (wire.payload, and the PostgreSQL row's columns)
+            end = find(b",", comma + 5) if comma >= 0 and buf.startswith(b',"g":', comma) else comma
+            if end < 0 or comma + 5 > len(buf) and b',"g":'.startswith(buf[comma:]):
                 self.tail = buf[pos:]
                 break
-            lat.append(now - int(buf[pos + 5:comma]))
+            t = int(buf[pos + 5:comma])
+            if end != comma and int(buf[comma + 5:end]) != self.group:
+                st.misrouted += 1
+            if t <= self.last_t:
+                st.disorder += 1
+            self.last_t = t
+            lat.append(now - t)
             n += 1
             pos = find(wire.MARKER, comma)
         else:
@@ -195,8 +211,9 @@ async def _connect_once(spec: dict[str, Any], index: int, stats: Stats, timeout:
     sock = await asyncio.wait_for(open_socket(host, port, source_address(index, spec.get("src_base", 2))), timeout)
     headers = {k: _fill(spec, v, index) for k, v in (spec.get("headers") or {}).items()}
     request = wire.ws_request(host, port, spec["path"], headers)
+    group = index % max(1, spec.get("groups", 1))
     _, proto = await loop.create_connection(
-        lambda: Subscriber(stats, request, _hello(spec, index), spec["ready"].encode()), sock=sock
+        lambda: Subscriber(stats, request, _hello(spec, index), spec["ready"].encode(), group), sock=sock
     )
     await asyncio.wait_for(proto.ready, timeout)
     return proto
@@ -230,7 +247,7 @@ async def run_subscribers(cfg: dict[str, Any]) -> None:
         op = cmd["op"]
         if op == "reset":
             cpu0 = _cpu()  # cpu_s counts from here: not the connecting
-            stats.count = stats.first = stats.last = stats.bytes = 0
+            stats.count = stats.first = stats.last = stats.bytes = stats.misrouted = stats.disorder = 0
             stats.lat = array("q")
             for s in subs:
                 s.stats = stats
@@ -244,7 +261,7 @@ async def run_subscribers(cfg: dict[str, Any]) -> None:
                 stats.lat.tofile(fh)
             _reply({"count": stats.count, "first": stats.first, "last": stats.last, "samples": len(stats.lat),
                     "open": sum(1 for s in subs if not s.closed), "cpu_s": cpu,
-                    "bytes": stats.bytes})
+                    "bytes": stats.bytes, "misrouted": stats.misrouted, "disorder": stats.disorder})
         elif op == "quit":
             break
     for s in subs:

@@ -271,6 +271,9 @@ class Runner:
                 lp.close()
         delivered = sum(r["count"] for r in reports)
         _check_owed(server.name, delivered, accepted, per_event)
+        # Inserts made concurrently commit in another order than their timestamps: the order of
+        # a PostgreSQL-fed scenario's events is not the timestamps'.
+        _check_each_connection(server.name, reports, ordered=sc.params.get("source") != "postgres")
         last = max((r["last"] for r in reports if r["count"]), default=pub["t_start"])
         wall = max(1e-9, (last - pub["t_start"]) / 1e9)
         cpu = cpu1 - cpu0
@@ -384,6 +387,18 @@ def _check_owed(name: str, delivered: int, accepted: int, per_event: int) -> Non
     if delivered > accepted * per_event:
         raise RuntimeError(f"{name}: {delivered} deliveries for the {accepted * per_event} owed ({accepted} events x "
                            f"{per_event} subscribers): frames duplicated or sent to subscribers they do not match")
+
+
+def _check_each_connection(name: str, reports: list[dict[str, Any]], ordered: bool) -> None:
+    """Fail the round when a connection got an event of another group than the one it
+    subscribed to, or (`ordered`) an event not after the last it read (a duplicate, or out of
+    order): the totals alone passed a server that sent each group's events to another group's
+    subscribers, or one client's lost events as another's duplicates."""
+    misrouted = sum(r.get("misrouted", 0) for r in reports)
+    disorder = sum(r.get("disorder", 0) for r in reports) if ordered else 0
+    if misrouted or disorder:
+        raise RuntimeError(f"{name}: {misrouted} deliveries of another group's events and {disorder} duplicated or "
+                           "out of order on their connection")
 
 
 def _percentiles(arrays: list[array]) -> dict[str, float] | None:

@@ -47,9 +47,10 @@ type Config struct {
 
 var (
 	// The connection tokens of Spec.Tokens: connection i authenticates with tokens[i].
-	tokens []string
-	marker = []byte(`{"t":`)
-	count  atomic.Int64
+	tokens     []string
+	marker     = []byte(`{"t":`)
+	groupField = []byte(`,"g":`)
+	count      atomic.Int64
 	// Bytes read after the handshake and the ready message: the frames as sent, headers
 	// included (the baselines' frames must be the gateway's size).
 	received atomic.Int64
@@ -60,6 +61,12 @@ var (
 	// of ready sockets, not per read.
 	mu   sync.Mutex
 	lats []int64
+	// Deliveries that a connection should not have had, counted under mu: an event of another
+	// group than the connection's (misrouted), and one whose timestamp is not after the last
+	// the connection read (duplicated, or out of order). A total alone passed a server that
+	// sent every group's events to another group's subscribers.
+	misrouted int64
+	disorder  int64
 )
 
 // conn is one subscriber socket after its handshake: a non-blocking descriptor owned by the
@@ -69,6 +76,8 @@ type conn struct {
 	fd     int
 	tail   []byte // the unparsed end of the previous read (a marker cut in two)
 	closed atomic.Bool
+	group  int64 // the group whose events it subscribed to (index % groups)
+	lastT  int64 // the timestamp of the last event it read
 }
 
 func clientFrame(data []byte) []byte {
@@ -194,7 +203,7 @@ func dialOnce(spec *Spec, index int) (*conn, error) {
 		syscall.Close(fd)
 		return nil, err
 	}
-	return &conn{fd: fd}, nil
+	return &conn{fd: fd, group: int64(index % max(1, spec.Groups))}, nil
 }
 
 // receive is the process's one receive loop: epoll over every connection, each ready socket
@@ -253,7 +262,7 @@ func receive(conns []*conn) {
 			now = time.Now().UnixNano()
 			got += int64(r)
 			data := buf[:m+r]
-			f, keep := scan(data, now)
+			f, keep := scan(data, now, k)
 			found += f
 			k.tail = append(k.tail[:0], data[keep:]...)
 			if len(k.tail) > len(buf)/2 {
@@ -271,9 +280,10 @@ func receive(conns []*conn) {
 	}
 }
 
-// scan appends the latency of each complete timestamp in data to lats; it returns how many it
-// found and where the unparsed end starts (a marker or a number cut by the read's end).
-func scan(data []byte, now int64) (int64, int) {
+// scan appends the latency of each complete timestamp in data to lats, and checks each event's
+// group and order for connection k; it returns how many it found and where the unparsed end
+// starts (a marker, a number or the group cut by the read's end).
+func scan(data []byte, now int64, k *conn) (int64, int) {
 	found := int64(0)
 	keep := len(data) - len(marker) + 1
 	pos := bytes.Index(data, marker)
@@ -284,10 +294,32 @@ func scan(data []byte, now int64) (int64, int) {
 			t = t*10 + int64(data[i]-'0')
 			i++
 		}
-		if i == len(data) {
-			keep = pos
-			break
+		// `,"g":N` follows the timestamp (wire.payload, and the PostgreSQL row's columns)
+		g, j := int64(0), i+len(groupField)
+		if j > len(data) || !bytes.Equal(data[i:j], groupField) {
+			if i == len(data) || j > len(data) && bytes.HasPrefix(groupField, data[i:]) {
+				keep = pos
+				break
+			}
+			g = -1 // no group: not checked
+		} else {
+			for j < len(data) && data[j] >= '0' && data[j] <= '9' {
+				g = g*10 + int64(data[j]-'0')
+				j++
+			}
+			if j == len(data) {
+				keep = pos
+				break
+			}
+			i = j
 		}
+		if g >= 0 && g != k.group {
+			misrouted++
+		}
+		if t <= k.lastT {
+			disorder++
+		}
+		k.lastT = t
 		lats = append(lats, now-t)
 		found++
 		next := bytes.Index(data[i:], marker)
@@ -391,6 +423,7 @@ func main() {
 			cpu0 = cpuSeconds() // cpu_s counts from here: not the connecting
 			mu.Lock()
 			lats = lats[:0]
+			misrouted, disorder = 0, 0
 			count.Store(0)
 			received.Store(0)
 			first.Store(0)
@@ -414,8 +447,12 @@ func main() {
 				w.Flush()
 				f.Close()
 			}
+			mu.Lock()
+			wrong := map[string]int64{"misrouted": misrouted, "disorder": disorder}
+			mu.Unlock()
 			reply(map[string]any{"count": count.Load(), "first": first.Load(), "last": last.Load(),
-				"samples": samples, "open": open(), "cpu_s": cpu, "bytes": received.Load()})
+				"samples": samples, "open": open(), "cpu_s": cpu, "bytes": received.Load(),
+				"misrouted": wrong["misrouted"], "disorder": wrong["disorder"]})
 		case "quit":
 			reply(map[string]any{"bye": true})
 			os.Exit(0)
