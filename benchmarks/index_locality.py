@@ -85,4 +85,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    import argparse
+
+    # No options: --help says what it does instead of starting it.
+    argparse.ArgumentParser(prog="python -m benchmarks.index_locality", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     main()

@@ -479,18 +479,52 @@ def test_latency_chart_keeps_postgresql_fed_events_apart_from_published_ones():
 
     def paced(scenario, server, p99, **extra):
         return {"scenario": scenario, "kind": "fanout", "server": server, "clients": 1000, "target_rate": 100_000,
-                "latency_ms": {"p50": p99 / 2, "p99": p99}, "deliveries_per_s": 1.0, **extra}
+                "latency_ms": {"p50": p99 / 2, "p99": p99}, "deliveries_per_s": 100_000, **extra}
 
     res = [paced("paced-100k", "gateway", 8.5), paced("paced-100k", "picows", 9.3),
-           dict(paced("paced-300k", "gateway", 8.6), target_rate=300_000),
-           paced("pg-paced-100k", "gateway", 9.6, source="postgres")]
+           dict(paced("paced-300k", "gateway", 8.6), target_rate=300_000, deliveries_per_s=300_000),
+           paced("pg-paced-100k", "gateway", 9.6, source="postgres"),
+           # drawn at the rate it reached: it was drawn at 300k (black-box audit)
+           dict(paced("paced-300k", "picows", 1570.0), target_rate=300_000, deliveries_per_s=196_000)]
     series = report.latency_series(res, "p99")
     assert series["gateway"] == [(100_000, 8.5), (300_000, 8.6)]
-    assert series["picows"] == [(100_000, 9.3)]
+    assert series["picows"] == [(100_000, 9.3), (196_000, 1570.0)]
+    del res[4]
     assert series["gateway (PostgreSQL)"] == [(100_000, 9.6)]
     # results written before runs recorded a scenario's source: told by the scenario's name
     del res[3]["source"]
     assert report.latency_series(res, "p99")["gateway (PostgreSQL)"] == [(100_000, 9.6)]
+
+
+def test_a_paced_latency_ratio_gets_no_verdict_when_a_server_missed_the_rate():
+    # paced-100k p99 ÷ picows p99 "0.034 | holds" against a picows that reached 94% of the rate
+    # (its p99 that of a growing backlog: 350 ms), in a generated table (black-box audit).
+    from benchmarks.fanout import report
+
+    def paced(server, p99, reached):
+        return {"scenario": "paced-100k", "kind": "fanout", "server": server, "clients": 1000, "target_rate": 100_000,
+                "latency_ms": {"p99": p99}, "deliveries_per_s": reached, "lost": 0}
+
+    def row(results):
+        return next(r for r in report.targets({"results": results}) if r.startswith("| paced-100k p99"))
+
+    assert row([paced("gateway", 11.7, 100_053), paced("picows", 350.1, 94_217)]).endswith(
+        "| none: picows reached 94% of the paced rate |")
+    assert row([paced("gateway", 9.9, 100_032), paced("picows", 11.6, 100_011)]).endswith("| holds |")
+
+
+def test_run_refuses_what_would_run_nothing():
+    # --repeat 0 ended in KeyError: 'picows'; a server no chosen scenario runs on wrote an empty
+    # result set and exited 0; errors printed the top-level usage, not run's.
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for args, said in ((["--repeat", "0"], "--repeat 0: give at least 1 round"),
+                       (["--procs", "0"], "--procs 0: give at least 1 load-generator process"),
+                       (["--scenarios", "bursty-50", "--servers", "centrifugo"], "none of the scenarios")):
+        out = subprocess.run([sys.executable, "-m", "benchmarks.fanout", "run", "--smoke", "--no-charts",
+                              "--out", "/nonexistent", *args], env=env, cwd=ROOT, capture_output=True, text=True,
+                             timeout=60)
+        assert out.returncode == 2 and said in out.stderr, out.stderr
+        assert out.stderr.startswith("usage: python -m benchmarks.fanout run"), out.stderr
 
 
 def test_a_ratio_to_a_baseline_of_another_run_is_marked(tmp_path):
@@ -638,3 +672,23 @@ def test_a_partial_run_does_not_replace_the_published_results_unless_told():
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--merge" in proc.stderr and "--out" in proc.stderr, proc.stderr[-2000:]
     assert os.stat(published).st_mtime_ns == before
+
+
+def test_a_storm_the_load_generator_could_not_outpace_is_marked():
+    # Centrifugo's storm rate was the Python load generator's ceiling (its core ~95% busy), and
+    # nothing in the table said so (black-box audit): the busiest load generator's share of its
+    # core is a column, and a storm at 90% or more is marked.
+    from benchmarks.fanout import report
+
+    def storm(server, rate, busy=None):
+        r = {"scenario": "storm", "kind": "storm", "server": server, "connects_per_s": rate, "connections": 3000,
+             "failed": 0, "connects_per_cpu_s": rate * 1.1, "latency_ms": {"p50": 5.0, "p99": 9.0}}
+        return r if busy is None else dict(r, client_cpu_util=busy)
+
+    md = report.markdown({"meta": {}, "results": [storm("gateway", 2400.0, 0.41), storm("centrifugo", 9566.0, 0.95),
+                                                    storm("picows", 4400.0)]})
+    rows = {line.split(" | ")[0][2:]: line for line in md.splitlines() if line.startswith("| ") and " | " in line}
+    assert "| 2,400 |" in rows["gateway"] and "| 41% |" in rows["gateway"], md
+    assert "| 9,566‡ |" in rows["centrifugo"] and "| 95% |" in rows["centrifugo"], md
+    assert "| – | 0 |" in rows["picows"], md  # results written before: not known
+    assert "‡ the load generator's core was 90% busy or more" in md

@@ -61,18 +61,26 @@ def main(argv: list[str] | None = None) -> int:
         wanted = set(args.scenarios.split(","))
         unknown = wanted - {s.name for s in chosen}
         if unknown:
-            p.error(f"unknown scenarios {sorted(unknown)}; this set has {[s.name for s in chosen]}")
+            r.error(f"unknown scenarios {sorted(unknown)}; this set has {[s.name for s in chosen]}")
         chosen = [s for s in chosen if s.name in wanted]
     names = [s for s in args.servers.split(",") if s]
     unknown = [n for n in names if n not in servers.KINDS]
     if unknown:  # a misspelt name would otherwise run nothing for it, silently
-        p.error(f"unknown servers {unknown}; known: {sorted(servers.KINDS)}")
+        r.error(f"unknown servers {unknown}; known: {sorted(servers.KINDS)}")
+    if args.repeat is not None and args.repeat < 1:  # 0 ran nothing and failed with KeyError
+        r.error(f"--repeat {args.repeat}: give at least 1 round")
+    if args.procs is not None and args.procs < 1:
+        r.error(f"--procs {args.procs}: give at least 1 load-generator process")
+    runs = [(s.name, n) for s in chosen for n in names if n in s.servers]
+    if not runs:  # a server no chosen scenario runs wrote an empty result set, exit 0
+        r.error(f"none of the scenarios {[s.name for s in chosen]} runs on {names} "
+                f"(their servers: {sorted({n for s in chosen for n in s.servers})})")
     partial = bool(args.scenarios or args.gateway_env) or args.servers != r.get_default("servers")
     if args.out is None:
         if partial and not args.merge and not args.smoke:
             # It would replace the standard run's results (and the README's figures' source)
             # with a few rows.
-            p.error(f"a partial run would replace the published results in {DEFAULT_OUT}: give --out DIR, or "
+            r.error(f"a partial run would replace the published results in {DEFAULT_OUT}: give --out DIR, or "
                     "--merge to put its results into them")
         args.out = DEFAULT_OUT
     t0 = time.monotonic()
@@ -80,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     for item in args.gateway_env:
         name, sep, value = item.partition("=")
         if not sep or not name.startswith("RT_"):
-            p.error(f"--gateway-env {item!r}: expected RT_NAME=VALUE")
+            r.error(f"--gateway-env {item!r}: expected RT_NAME=VALUE")
         servers.GATEWAY_ENV[name] = value
     repeat = args.repeat if args.repeat is not None else (1 if args.smoke else 2)
     data = run_set(chosen, names, procs=args.procs, repeat=repeat, client=args.client, log=lambda m: print(m, flush=True))

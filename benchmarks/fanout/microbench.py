@@ -158,4 +158,9 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
+    import argparse
+
+    # No options: --help says what it does instead of starting it.
+    argparse.ArgumentParser(prog="python -m benchmarks.fanout.microbench", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     uvloop.run(main())

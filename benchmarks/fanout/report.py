@@ -67,6 +67,8 @@ def markdown(data: dict[str, Any]) -> str:
         "",
         "## Targets of issue 8 (ratios within this run)",
         "",
+        *(["The smoke set's scenarios are far smaller than the targets' (the names say how many clients): "
+           "these verdicts check that the table is made, not the targets.", ""] if meta.get("smoke") else []),
         *targets(data),
         "",
         "## Throughput and latency (publish → receipt)",
@@ -112,17 +114,26 @@ def markdown(data: dict[str, Any]) -> str:
     storm = [r for r in data["results"] if r["kind"] == "storm"]
     if storm:
         out += ["", "## Connection storm (connect + auth + subscribe)", "",
-                "| server | connects/s | ×picows | ×websockets | ×centrifugo | p50 ms | p99 ms | per server CPU-s | failed |",
-                "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                "| server | connects/s | ×picows | ×websockets | ×centrifugo | p50 ms | p99 ms | per server CPU-s | "
+                "load-gen core busy | failed |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        bound = False
         for r in storm:
             if "error" in r:
-                out.append(f"| {r['server']} | error: {_err(r)} | | | | | | | |")
+                out.append(f"| {r['server']} | error: {_err(r)} | | | | | | | | |")
                 continue
             cells = _ratio_cells(idx, r, "connects_per_s")
             lat = r.get("latency_ms") or {}
-            out.append(f"| {r['server']} | {_fmt(r['connects_per_s'])} | {' | '.join(cells)} | "
+            busy = r.get("client_cpu_util")
+            mark = "‡" if busy is not None and busy >= CLIENT_BOUND else ""
+            bound = bound or bool(mark)
+            out.append(f"| {r['server']} | {_fmt(r['connects_per_s'])}{mark} | {' | '.join(cells)} | "
                        f"{_fmt(lat.get('p50'), 1)} | {_fmt(lat.get('p99'), 1)} | "
-                       f"{_fmt(r.get('connects_per_cpu_s'))} | {r['failed']} |")
+                       f"{_fmt(r.get('connects_per_cpu_s'))} | {'–' if busy is None else f'{busy:.0%}'} | "
+                       f"{r['failed']} |")
+        if bound:
+            out += ["", f"‡ the load generator's core was {CLIENT_BOUND:.0%} busy or more: the rate is the client's "
+                    "ceiling, the server may take more."]
     idle = [r for r in data["results"] if r["kind"] == "idle"]
     if idle:
         out += ["", "## Idle connections: server RSS per authenticated, subscribed connection", "",
@@ -162,6 +173,13 @@ def _get(idx, scenario: str, server: str, *path: str) -> float | None:
     return float(v)
 
 
+# A paced round counts as at its rate when it delivered at least this share of it (the drain
+# after the last publish included: rounds that kept up reach 99.7% or more).
+RATE_REACHED = 0.98
+# A storm whose (busiest) load generator was this busy measured the client, not the server.
+CLIENT_BOUND = 0.9
+
+
 def targets(data: dict[str, Any]) -> list[str]:
     """The issue's targets, each as measured in this run: (ratio by rate, ratio by server CPU)."""
     idx = _index(data)
@@ -181,6 +199,14 @@ def targets(data: dict[str, Any]) -> list[str]:
         lost = sum(idx[k].get("lost") or 0 for k in (a, b)) if by_rate is not None else 0
         if lost and ok is not None:  # its figures miss the deliveries that would have come last
             verdict = f"none: {lost:,} deliveries lost"
+        short = [f"{k[1]} reached {idx[k]['deliveries_per_s'] / idx[k]['target_rate']:.0%}" for k in (a, b)
+                 if by_rate is not None and "latency_ms" in path and idx[k].get("target_rate")
+                 and idx[k]["deliveries_per_s"] < RATE_REACHED * idx[k]["target_rate"]]
+        if short and ok is not None and not lost:
+            # Latency at a rate a server did not sustain is its backlog's, not the rate's: a
+            # p99 ratio of 0.034 "held" against a baseline that reached 94% of the rate. (A
+            # rate ratio is the measure of that shortfall: kept.)
+            verdict = f"none: {', '.join(short)} of the paced rate"
         rows.append(f"| {name} | {goal} | {cells[0]} | {cells[1]} | {verdict} |")
 
     dps, dpc, p99 = ("deliveries_per_s",), ("deliveries_per_cpu_s",), ("latency_ms", "p99")
@@ -240,7 +266,9 @@ def latency_series(res: list[dict[str, Any]], pct: str) -> dict[str, list[tuple[
         # Results written before runs recorded the source: the pg- scenarios are the fed ones.
         source = r.get("source") or ("postgres" if r["scenario"].startswith("pg-") else None)
         label = r["server"] + (" (PostgreSQL)" if source == "postgres" else f" ({source})" if source else "")
-        series.setdefault(label, []).append((r["target_rate"], r["latency_ms"][pct]))
+        # At the rate reached, not the one asked for: a server that sustained 196k of 300k was
+        # drawn at 300k (its latency is that of its growing backlog).
+        series.setdefault(label, []).append((r.get("deliveries_per_s") or r["target_rate"], r["latency_ms"][pct]))
     return {label: sorted(pts) for label, pts in series.items()}
 
 
@@ -281,7 +309,7 @@ def charts(data: dict[str, Any], out_dir: str, stem: str) -> list[str]:
     for ax, pct in zip(axes, ("p50", "p99"), strict=True):
         for name, pts in latency_series(res, pct).items():
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
-        ax.set_xlabel("deliveries/s (paced), thousands")
+        ax.set_xlabel("deliveries/s reached (paced at 100k, 300k)")
         ax.set_ylabel(f"{pct} latency, ms (log)")
         ax.set_yscale("log")
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _pos: f"{v / 1000:g}k"))
