@@ -295,7 +295,9 @@ async def test_a_bus_node_or_ingest_refused_by_kafka_at_start_names_the_setting(
     for sec, named in cases:
         env = {"RT_BUS": "kafka", "RT_BUS_KAFKA_BOOTSTRAP": sec.pop("RT_KAFKA_BOOTSTRAP"), **sec,
                "RT_BUS_TOPIC": f"rt.events.{uuid.uuid4().hex[:8]}", "RT_PORT": str(free_port()),
-               "RT_STATE_DIR": str(tmp_path)}
+               "RT_STATE_DIR": str(tmp_path),
+               # a feed: an ingest with none stops before it reaches Kafka
+               "RT_POSTGRES_URL": "postgresql://rt@127.0.0.1:9/app", "RT_BUS_WORKSPACES": "w1"}
         for args in (["serve"], ["ingest"]):
             out = await asyncio.to_thread(_run, args, env, str(tmp_path))
             problems = [line for line in out.stderr.splitlines() if not line.startswith("{")]

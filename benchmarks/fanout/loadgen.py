@@ -327,7 +327,7 @@ def _publish_bytes(pub: dict[str, Any], group: int) -> bytes:
     body = wire.payload(group)
     wrap = pub.get("wrap")
     if wrap:
-        body = wrap.encode().replace(b"%P%", body)
+        body = wrap.encode().replace(b"%P%", body).replace(b"%G%", b"%d" % group)
     if pub["kind"] == "http":
         head = pub.get("_head")
         if head is None:

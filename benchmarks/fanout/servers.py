@@ -298,7 +298,8 @@ class Centrifugo(Server):
         cfg = {
             "http_server": {"address": "127.0.0.1", "port": str(self.port)},
             "client": {"token": {"hmac_secret_key": SECRET}, "allowed_origins": ["*"]},
-            "channel": {"without_namespace": {"allow_subscribe_for_client": True}},
+            # Tags filters (v6.4+): each subscriber of filtered-10k names its own (client_spec).
+            "channel": {"without_namespace": {"allow_subscribe_for_client": True, "allow_tags_filter": True}},
             "http_api": {"key": self.api_key},
             "log": {"level": "error"},
         }
@@ -317,14 +318,21 @@ class Centrifugo(Server):
 
     def client_spec(self, filtered_groups: int = 0, predicate: str = "distinct") -> dict[str, Any]:
         connect = json.dumps({"id": 1, "connect": {"token": "%T%"}})
-        sub = json.dumps({"id": 2, "subscribe": {"channel": "bench"}})
+        subscribe: dict[str, Any] = {"channel": "bench"}
+        if filtered_groups:
+            # Its publication filter by tags, the gateway's predicate: the group's equality, and
+            # for "distinct" the client's own inequality on `u` (publish_spec's tags).
+            group = {"key": "g", "cmp": "eq", "val": "%G%"}
+            subscribe["tf"] = group if predicate == "eq" else {
+                "op": "and", "nodes": [group, {"key": "u", "cmp": "neq", "val": "%I%"}]}
+        sub = json.dumps({"id": 2, "subscribe": subscribe})
         return {"host": "127.0.0.1", "port": self.port, "path": "/connection/websocket",
-                "hello": [connect, sub], "ready": '"id":2', "groups": 0}
+                "hello": [connect, sub], "ready": '"id":2', "groups": filtered_groups}
 
     def publish_spec(self) -> dict[str, Any]:
         return {"kind": "http", "host": "127.0.0.1", "port": self.port, "path": "/api/publish",
                 "headers": {"X-API-Key": self.api_key},
-                "wrap": '{"channel":"bench","data":%%P%%,"tags":{"p":"%s"}}' % ("x" * centrifugo_pad()),
+                "wrap": '{"channel":"bench","data":%%P%%,"tags":{"p":"%s","g":"%%G%%","u":"-1"}}' % ("x" * centrifugo_pad()),
                 # an API error is a 200 too, with {"error":...} in place of {"result":...}
                 "ack": "HTTP/1.1 ", "ok": '{"result"'}
 
@@ -339,7 +347,7 @@ def centrifugo_pad() -> int:
     from benchmarks.fanout.wire import payload
 
     sample = payload(0)
-    push = b'{"push":{"channel":"bench","pub":{"data":%s,"tags":{"p":""}}}}' % sample
+    push = b'{"push":{"channel":"bench","pub":{"data":%s,"tags":{"p":"","g":"0","u":"-1"}}}}' % sample
     return max(0, len(Envelope().body(sample)) - len(push))
 
 
