@@ -4,6 +4,8 @@ import glob
 import os
 
 from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+from setuptools.errors import CCompilerError, CompileError, ExecError
 
 try:
     from Cython.Build import cythonize
@@ -44,4 +46,19 @@ if cythonize is not None:
         },
     )
 
-setup(ext_modules=extensions)
+class BuildExt(build_ext):
+    """build_ext, with what a failed compilation needs said plainly: without a C compiler (or
+    Python's headers) setuptools ended on "Command '['gcc', ...]' returned non-zero exit status
+    1", naming neither."""
+
+    def build_extension(self, ext):
+        try:
+            super().build_extension(ext)
+        except (CCompilerError, CompileError, ExecError, OSError) as exc:
+            raise SystemExit(
+                f"setup.py: compiling {ext.name} failed ({exc}). rtserver's core (rtcore) is C: it needs a C compiler "
+                "(gcc or clang) and Python's headers (Debian: apt-get install gcc python3-dev); see README, Set up"
+            ) from None
+
+
+setup(ext_modules=extensions, cmdclass={"build_ext": BuildExt})

@@ -3,6 +3,7 @@ the pure-Python references otherwise (same API and answers, slower). `COMPILED` 
 
 from __future__ import annotations
 
+import importlib
 import logging
 
 from rtcore.errors import FilterError
@@ -26,8 +27,25 @@ except ImportError as exc:  # the extensions are not built: fall back, loudly
 
     COMPILED = False
 
+# Every compiled module of rtcore (the engine's four, and the decoders the sources take).
+COMPILED_MODULES = ("fanout", "frames", "index", "predicate", "pgoutput", "mongo")
+
+
+def reference_modules() -> list[str]:
+    """The compiled modules that are not built, whose pure-Python references run instead: the
+    decoders fell back without a word, and the start-up line said compiled_core true."""
+    missing = []
+    for name in COMPILED_MODULES:
+        try:
+            importlib.import_module(f"rtcore.{name}")
+        except ImportError:
+            missing.append(name)
+    return missing
+
+
 __all__ = [
     "COMPILED",
+    "COMPILED_MODULES",
     "FilterError",
     "Matcher",
     "Outbox",

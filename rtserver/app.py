@@ -16,6 +16,7 @@ from typing import IO, Any
 import msgspec
 from picows import WSUpgradeRequest
 
+from rtcore.engine import reference_modules
 from rtcore.event import Event
 from rtcore.messages import UNREADABLE_JSON, unreadable_json
 from rtcore.timefmt import iso_ms, now_ms
@@ -178,6 +179,10 @@ class Gateway:
         if cfg.server.gc_freeze:
             self._gc_policy = FreezeSurvivors()
             self._gc_policy.start()
+        reference = reference_modules()
+        if reference:  # the engine says its own at import; the decoders fell back without a word
+            log.warning("rtcore modules not built, using their pure-Python references (same answers, slower)",
+                        extra={"fields": {"modules": reference}})
         log.info(
             "listening",
             extra={
@@ -186,7 +191,8 @@ class Gateway:
                     "port": self.port,
                     "tls": bool(ctx),
                     "node": self.node,
-                    "compiled_core": _compiled(),
+                    "compiled_core": not reference,
+                    **({"reference_modules": reference} if reference else {}),
                     "open_files_limit": open_files_limit(),
                     "max_node_connections": self.max_node_connections,
                 }
@@ -798,12 +804,6 @@ _err = publish.error_body
 def _mongo_database(url: str) -> str | None:
     """The database a MongoDB URL names, or None when each workspace uses its own."""
     return database_for(url, "") or None
-
-
-def _compiled() -> bool:
-    from rtcore.engine import COMPILED
-
-    return COMPILED
 
 
 def _log_failure(task: asyncio.Future) -> None:

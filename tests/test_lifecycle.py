@@ -682,16 +682,14 @@ sys.exit(main(["serve"]))
 """
 
 
-def test_without_the_compiled_core_every_line_is_json(tmp_path):
-    """The gateway runs on the pure-Python engine when the extensions are not built, and says
-    so in the JSON log like everything else (not as a bare line on stderr before it)."""
-    port = free_port()
+def _log_until_listening(script: str, tmp_path) -> list[dict]:
+    """Run `script` (a gateway start) until it logs "listening", stop it; its log lines, each
+    one JSON."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RT_")}
-    env["RT_PORT"] = str(port)
+    env["RT_PORT"] = str(free_port())
     log_path = tmp_path / "gateway.log"
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-c", _WITHOUT_EXTENSIONS], cwd=str(tmp_path), env=env,
-                                stdout=log, stderr=log)
+        proc = subprocess.Popen([sys.executable, "-c", script], cwd=str(tmp_path), env=env, stdout=log, stderr=log)
     try:
         deadline = time.monotonic() + 30
         while b'"listening"' not in log_path.read_bytes():
@@ -700,10 +698,28 @@ def test_without_the_compiled_core_every_line_is_json(tmp_path):
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
-    lines = [json.loads(line) for line in log_path.read_text().splitlines()]  # each one JSON
+    return [json.loads(line) for line in log_path.read_text().splitlines()]
+
+
+def test_without_the_compiled_core_every_line_is_json(tmp_path):
+    """The gateway runs on the pure-Python engine when the extensions are not built, and says
+    so in the JSON log like everything else (not as a bare line on stderr before it)."""
+    lines = _log_until_listening(_WITHOUT_EXTENSIONS, tmp_path)
     engine = next(line for line in lines if line["logger"] == "rtserver.engine")
     assert "pure-Python reference engine" in engine["msg"] and "rtcore." in engine["error"]
     assert next(line for line in lines if line["msg"] == "listening")["compiled_core"] is False
+
+
+def test_decoders_not_built_are_named_at_start(tmp_path):
+    """The PostgreSQL and MongoDB decoders fell back to their references without a word, and
+    the start-up line said compiled_core true (packaging audit): it says false now, naming
+    the modules whose references run, after a warning that names them."""
+    script = _WITHOUT_EXTENSIONS.replace('"rtcore.fanout", "rtcore.frames", "rtcore.index", "rtcore.predicate", ', "")
+    lines = _log_until_listening(script, tmp_path)
+    listening = next(line for line in lines if line["msg"] == "listening")
+    assert (listening["compiled_core"], listening["reference_modules"]) == (False, ["pgoutput", "mongo"]), listening
+    warned = next(line for line in lines if line["msg"].startswith("rtcore modules not built"))
+    assert warned["level"] == "warning" and warned["modules"] == ["pgoutput", "mongo"], warned
 
 
 def test_a_fraction_for_an_integer_setting_is_refused(tmp_path):

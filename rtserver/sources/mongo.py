@@ -44,7 +44,7 @@ from rtserver.tasks import cancel_and_wait
 
 try:
     from rtcore import mongo as normalizer
-except ImportError:  # the extension is not built (development checkout): same results, slower
+except ImportError:  # not built (development checkout): same results, slower; said at start (App)
     from rtcore import mongo_ref as normalizer  # type: ignore[no-redef]
 
 log = logging.getLogger("rtserver.sources.mongo")

@@ -54,7 +54,7 @@ from rtserver.tasks import cancel_and_wait
 
 try:  # the compiled decoder; the reference one keeps a source tree without build usable
     from rtcore import pgoutput as _pgoutput
-except ImportError:  # pragma: no cover - only before `pip install -e .`
+except ImportError:  # pragma: no cover - said at start (App: reference_modules)
     from rtcore import pgoutput_ref as _pgoutput
 
 from rtcore.pgoutput_ref import (
