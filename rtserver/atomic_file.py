@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
 
 
@@ -29,9 +30,19 @@ def replace_file(path: str, data: bytes) -> None:
 
 
 def state_dir_problem(path: str) -> str | None:
-    """Why the state directory `path` could not be made or written, without making it; None
-    when it could."""
-    return directory_problem(path, f"state directory {path} (server.state_dir)")
+    """Why the state directory `path` could not be made or written, or may not be trusted,
+    without making it; None when it could. One that other users may write to is refused: it
+    holds the dev secret, which whoever replaces it can sign tokens with, and the sessions;
+    made by the gateway it is private, but one made before was taken as it was."""
+    what = f"state directory {path} (server.state_dir)"
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        mode = 0  # not there yet (made private), or not usable: directory_problem says why
+    if stat.S_ISDIR(mode) and mode & 0o022:
+        return (f"{what}: writable by other users (mode {stat.S_IMODE(mode):04o}): it holds the dev secret and the "
+                f"sessions, which they could replace; chmod 700 {path}")
+    return directory_problem(path, what)
 
 
 def directory_problem(path: str, what: str) -> str | None:

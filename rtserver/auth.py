@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import secrets
+import stat
 import tempfile
 import time
 from collections import OrderedDict
@@ -574,6 +575,13 @@ def _read_secret(path: str) -> str | None:
         raise RuntimeError(f"dev secret {path}: cannot read: {exc.strerror or exc}") from None
     if len(text) < MIN_HS256_SECRET:
         raise RuntimeError(f"dev secret {path} is shorter than {MIN_HS256_SECRET} characters; delete it to regenerate")
+    # Whoever can read it signs tokens for every workspace; one another user wrote was theirs.
+    st = os.stat(path)
+    if st.st_mode & 0o077:
+        raise RuntimeError(f"dev secret {path} is open to other users (mode {stat.S_IMODE(st.st_mode):04o}): chmod 600 "
+                           "it, or delete it to regenerate")
+    if hasattr(os, "geteuid") and st.st_uid != os.geteuid():
+        raise RuntimeError(f"dev secret {path} belongs to another user (uid {st.st_uid}): delete it to regenerate")
     return text
 
 

@@ -171,3 +171,30 @@ def test_what_stops_serve_at_start_stops_the_check_in_the_same_words(tmp_path):
         assert served.stderr.strip().splitlines()[-1] == checked.stderr.strip(), (served.stderr, checked.stderr)
     out = _run(["check-config", "--config", ""], cwd=str(tmp_path))
     assert out.returncode == 2 and "--config is empty" in out.stderr, out.stderr
+
+
+def test_a_state_directory_or_dev_secret_other_users_can_touch_is_refused(tmp_path):
+    """A state directory made before the gateway, writable by other users (mode 777), was
+    taken as it was: another local user replaced dev-secret with their own and signed tokens
+    the gateway accepted (packaging audit). Such a directory is refused, as is a dev secret
+    other users may read or that another user owns; serve and check-config say it alike."""
+    state = tmp_path / "st"
+    state.mkdir()
+    state.chmod(0o777)
+    checked = _run(["check-config", "--state-dir", str(state)], cwd=str(tmp_path))
+    assert checked.returncode == 2 and "writable by other users (mode 0777)" in checked.stderr, checked.stderr
+    served = _run(["serve", "--state-dir", str(state)], {"RT_PORT": "0"}, cwd=str(tmp_path))
+    assert served.returncode == 2 and served.stderr.strip().splitlines()[-1] == checked.stderr.strip(), served.stderr
+    state.chmod(0o700)
+    secret = state / "dev-secret"
+    secret.write_text("a" * 64 + "\n")
+    secret.chmod(0o644)
+    for args in (["check-config"], ["token", "--workspace", "w1"]):
+        out = _run([*args, "--state-dir", str(state)], cwd=str(tmp_path))
+        assert out.returncode == 2 and "is open to other users (mode 0644): chmod 600 it" in out.stderr, out.stderr
+    secret.chmod(0o600)
+    assert _run(["token", "--workspace", "w1", "--state-dir", str(state)], cwd=str(tmp_path)).returncode == 0
+    if os.geteuid() == 0:  # as root, a file another user owns can be made
+        os.chown(secret, 65534, 65534)
+        out = _run(["token", "--workspace", "w1", "--state-dir", str(state)], cwd=str(tmp_path))
+        assert out.returncode == 2 and "belongs to another user (uid 65534)" in out.stderr, out.stderr
