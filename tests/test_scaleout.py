@@ -2934,7 +2934,11 @@ async def test_a_standby_that_cannot_reach_a_feed_says_so_before_a_takeover(clus
     assert list(status["feeds"]) == ["postgres:postgresql://***@127.0.0.1:9/app"], status
     feed = status["feeds"]["postgres:postgresql://***@127.0.0.1:9/app"]
     assert feed["ready"] is False and "port 9 failed" in feed["probe_error"] and "pw" not in json.dumps(status), feed
-    assert "a feed it would take over cannot be reached" in bad.logs()
+    for _ in range(100):  # the log's own thread writes it (within 5 ms of the line, under load later)
+        if "a feed it would take over cannot be reached" in bad.logs():
+            break
+        await asyncio.sleep(0.05)
+    assert "a feed it would take over cannot be reached" in bad.logs(), bad.logs()
     for _ in range(100):
         with contextlib.suppress(OSError):
             if (await good.status()).get("role") == "standby":
