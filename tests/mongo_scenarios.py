@@ -415,6 +415,26 @@ async def collection_drop_keeps_streaming(env: Env) -> None:
     assert [b["document"]["_id"] for b in bodies] == [1, 2, 3]
 
 
+async def collection_rename_keeps_streaming(env: Env) -> None:
+    """A renamed collection's channel is refused once the rename is read (the listing kept it up
+    to 5 s), the new name's taken, and the database's stream goes on with both."""
+    async with running(env) as source, client(env) as db:
+        await db.orders.insert_one({"_id": 1})
+        assert await source.check_channel("w1", "orders") == "orders"  # listed: kept up to 5 s
+        await db.orders.rename("orders_v2")
+        await db.orders_v2.insert_one({"_id": 2})
+        bodies = await settle(env, 2)
+        assert source.ready()
+        await asyncio.sleep(0.6)  # past the listing's refresh interval
+        try:
+            await source.check_channel("w1", "orders")
+            raise AssertionError("a renamed collection is still accepted under its old name")
+        except ChannelUnavailable:
+            pass
+        assert await source.check_channel("w1", "orders_v2") == "orders_v2"
+    assert [(b["collection"], b["document"]["_id"]) for b in bodies] == [("orders", 1), ("orders_v2", 2)]
+
+
 async def check_channel(env: Env) -> None:
     async with client(env) as db:
         await db.orders.insert_one({"_id": 1})

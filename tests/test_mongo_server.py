@@ -162,6 +162,28 @@ async def test_collection_drop_invalidates_collection_streams_only(db):
         assert (await db_stream.next())["ns"] == {"db": "t", "coll": "other"}
 
 
+async def test_a_rename_is_an_event_and_ends_the_renamed_collections_stream(db):
+    """As mongod: renameCollection (on admin) is a `rename` event with `to`, in the database's
+    stream and in the renamed collection's, which it invalidates; the documents move."""
+    await db.c.insert_one({"_id": 1})
+    async with await db.c.watch(max_await_time_ms=50) as coll_stream, await db.watch(max_await_time_ms=50) as db_stream:
+        await db.c.rename("d")
+        await db.d.insert_one({"_id": 2})
+        renamed = await coll_stream.next()
+        assert (renamed["operationType"], renamed["ns"], renamed["to"]) == ("rename", {"db": "t", "coll": "c"},
+                                                                            {"db": "t", "coll": "d"})
+        assert (await coll_stream.next())["operationType"] == "invalidate"
+        assert (await db_stream.next())["operationType"] == "rename"
+        assert (await db_stream.next())["ns"] == {"db": "t", "coll": "d"}
+    assert await db.d.find_one({"_id": 1}) == {"_id": 1} and await db.c.find_one({"_id": 1}) is None
+    await db.e.insert_one({"_id": 3})
+    with pytest.raises(OperationFailure) as info:
+        await db.d.rename("e")
+    assert info.value.code == 48
+    await db.d.rename("e", dropTarget=True)
+    assert await db.e.find_one({"_id": 1}) == {"_id": 1}
+
+
 async def test_a_project_stage_keeps_the_named_fields_and_the_token(db):
     """An inclusion $project (top-level fields) applies before the split stage: a change whose
     document alone fills a fragment (7182500) can be read without it. Dropping _id is refused,

@@ -359,6 +359,10 @@ async def test_collection_drop_does_not_stop_other_collections(env):
     await sc.collection_drop_keeps_streaming(env)
 
 
+async def test_collection_rename_does_not_stop_the_feed(env):
+    await sc.collection_rename_keeps_streaming(env)
+
+
 async def test_check_channel(env):
     await sc.check_channel(env)
 

@@ -28,7 +28,7 @@ SPLIT_STAGE = "$changeStreamSplitLargeEvent"
 @dataclass
 class Entry:
     counter: int
-    op: str  # insert | update | replace | delete | drop | dropDatabase
+    op: str  # insert | update | replace | delete | drop | dropDatabase | rename
     db: str
     coll: str
     ts: Timestamp
@@ -39,6 +39,7 @@ class Entry:
     pre_image: dict[str, Any] | None = None
     lsid: dict[str, Any] | None = None
     txn_number: int | None = None
+    to_coll: str | None = None  # rename: the collection's new name (same database)
 
 
 def token(counter: int, invalidate: bool = False, fragment: int | None = None) -> dict[str, str]:
@@ -211,6 +212,12 @@ def _render(stream: ChangeStream, entry: Entry, lookup: Callable[[str, str, dict
             {"_id": token(entry.counter, True), "operationType": "invalidate", **base},
         ]
     ns = {"db": entry.db, "coll": entry.coll}
+    if entry.op == "rename":  # as mongod: the stream of the renamed collection ends with it
+        rename = {"_id": token(entry.counter), "operationType": "rename", **base, "ns": ns,
+                  "to": {"db": entry.db, "coll": entry.to_coll}}
+        if stream.coll is None:
+            return [rename]
+        return [rename, {"_id": token(entry.counter, True), "operationType": "invalidate", **base}]
     if entry.op == "drop":
         drop = {"_id": token(entry.counter), "operationType": "drop", **base, "ns": ns}
         if stream.coll is None:

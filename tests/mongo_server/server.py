@@ -252,6 +252,8 @@ class MongoTestServer:
             if "changeStreamPreAndPostImages" in cmd:
                 coll.pre_images = bool(cmd["changeStreamPreAndPostImages"].get("enabled"))
             return {"ok": 1.0}
+        if name == "renamecollection":
+            return self._rename(db, cmd)
         if name == "drop":
             self._drop(db, cmd["drop"])
             return {"ns": f"{db}.{cmd['drop']}", "nIndexesWas": 1, "ok": 1.0}
@@ -313,6 +315,26 @@ class MongoTestServer:
                 raise CommandError(26, "NamespaceNotFound", f"ns does not exist: {db}.{name}")
             coll = colls[name] = Collection(name)
         return coll
+
+    def _rename(self, db: str, cmd: dict[str, Any]) -> dict[str, Any]:
+        """renameCollection on admin, within one database (mongod also renames across them)."""
+        if db != "admin":
+            raise CommandError(13, "Unauthorized", "renameCollection may only be run against the admin database.")
+        source_db, _, source = str(cmd["renameCollection"]).partition(".")
+        target_db, _, target = str(cmd.get("to", "")).partition(".")
+        if target_db != source_db:
+            raise CommandError(20, "IllegalOperation", "test server: renameCollection across databases")
+        colls = self.dbs.get(source_db, {})
+        if source not in colls:
+            raise CommandError(26, "NamespaceNotFound", f"Source collection {source_db}.{source} does not exist")
+        if target in colls:
+            if not cmd.get("dropTarget"):
+                raise CommandError(48, "NamespaceExists", "target namespace exists")
+            self._drop(source_db, target)
+        coll = colls[target] = colls.pop(source)
+        coll.name = target
+        self.oplog.append("rename", source_db, source, to_coll=target)
+        return {"ok": 1.0}
 
     def _drop(self, db: str, name: str) -> None:
         if self.dbs.get(db, {}).pop(name, None) is not None:
