@@ -197,19 +197,13 @@ def _claim_entries(value: Any) -> list[str]:
     return value.split() if isinstance(value, str) else _string_list(value)
 
 
-def _spellings(channel: str) -> tuple[str, ...]:
-    """The names of one channel: a table of schema public is `postgres:orders` and
-    `postgres:public.orders` (protocol §4). Either covered covers the channel: a subject can
-    already subscribe to the table by the spelling its patterns cover, so this grants no table
-    more, it only spares the refusal of the other spelling."""
-    if not channel.startswith("postgres:") or channel == "postgres:*":
-        return (channel,)
-    table = channel[len("postgres:"):]
-    if table.startswith("public."):
-        return (channel, "postgres:" + table[len("public."):])
-    if "." not in table:
-        return (channel, "postgres:public." + table)
-    return (channel,)
+_PUBLIC = "postgres:public."
+
+
+def _short(name: str) -> str:
+    """A channel or pattern in one spelling: a table of schema public without its schema
+    (`postgres:public.orders` and `postgres:orders` are one channel, protocol §4)."""
+    return "postgres:" + name[len(_PUBLIC):] if name.startswith(_PUBLIC) else name
 
 
 # The patterns a channel refusal quotes at most: a token may list hundreds.
@@ -230,16 +224,25 @@ def _claim_held(path: str, value: Any, entries: list[str]) -> str:
 
 def channel_allowed(patterns: tuple[str, ...] | None, channel: str) -> bool:
     """Whether a channel is covered, in any of its spellings: exact pattern, or a pattern
-    ending in `*` as a prefix (`postgres:*`)."""
+    ending in `*` as a prefix (`postgres:*`), of the channel spelt as in _short. A prefix written
+    with `postgres:public.` covers tables of schema public whose name it begins: matched against
+    the spelling a client chose, `postgres:p*` covered `postgres:public.orders`, every table of
+    schema public (an authorization audit)."""
     if patterns is None:
         return True
-    for name in _spellings(channel):
-        for pattern in patterns:
-            if pattern.endswith("*"):
-                if name.startswith(pattern[:-1]):
-                    return True
-            elif pattern == name:
+    name = _short(channel)
+    table = name[len("postgres:"):] if name.startswith("postgres:") else None
+    # The name of a table of schema public (or what a client wrote after `postgres:public.`)
+    public = channel[len(_PUBLIC):] if channel.startswith(_PUBLIC) else table if table and "." not in table else None
+    for pattern in patterns:
+        if not pattern.endswith("*"):
+            if _short(pattern) == name:
                 return True
+        elif pattern.startswith(_PUBLIC):
+            if public is not None and public.startswith(pattern[len(_PUBLIC):-1]):
+                return True
+        elif name.startswith(pattern[:-1]):
+            return True
     return False
 
 

@@ -803,6 +803,15 @@ async def test_channel_permissions_take_a_public_table_in_either_spelling(gatewa
         (["postgres:sales.*"], "postgres:orders", 4003),
         (["postgres:orders"], "postgres:*", 4003),
         (["postgres:orders"], "postgres:order", 4003),
+        # A prefix covers the channel in the spelling without `public.` (or, written with
+        # `postgres:public.`, the tables of schema public): `postgres:p*` covered every table of
+        # schema public through `postgres:public.*` (authorization audit).
+        (["postgres:p*"], "postgres:orders", 4003),
+        (["postgres:p*"], "postgres:public.orders", 4003),
+        (["postgres:pu*"], "postgres:public.orders", 4003),
+        (["postgres:p*"], "postgres:public.products", 4010),
+        (["postgres:public.o*"], "postgres:orders", 4010),
+        (["postgres:public.o*"], "postgres:products", 4003),
     ]
     for patterns, channel, code in cases:
         async with ws_connect(gw, "w1", token=gw.token("w1", realtime_channels=patterns)) as c:
