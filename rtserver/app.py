@@ -553,7 +553,10 @@ class Gateway:
         audit = self.audit.status()
         bus = self.bus.status()
         ready = ready and self.bus.ready()
-        return ready, {"ready": ready, "draining": self.draining, "sources": sources, "audit": audit, "bus": bus}
+        auth = self.auth.readiness()
+        ready = ready and auth["ready"]
+        return ready, {"ready": ready, "draining": self.draining, "sources": sources, "audit": audit, "bus": bus,
+                       "auth": auth}
 
     async def publish_http(
         self, workspace: str, topic: str | None, headers: Mapping[str, str], body: bytes, remote: str

@@ -278,6 +278,15 @@ class Authenticator:
                 auth.jwks_url, refetch_interval=auth.jwks_refetch_interval, ssl_context=jwks_ssl_context
             )
 
+    def readiness(self) -> dict[str, Any]:
+        """/readyz's `auth`: not ready while no token can be verified (a JWKS URL alone whose
+        key set is not loaded, or empty: every client got 1011 and every publish 503, while
+        /readyz said ready)."""
+        if self.jwks is None:
+            return {"ready": True}
+        keys_ready, details = self.jwks.readiness()
+        return {"ready": keys_ready or self._secret is not None, **details}
+
     async def start(self) -> None:
         """Prefetch the JWKS so the first client does not wait on it (a failure is retried on demand)."""
         if self.jwks is not None:

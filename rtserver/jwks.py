@@ -208,6 +208,17 @@ class JwksCache:
     def loaded(self) -> bool:
         return self._fetched_at is not None
 
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """Whether a token can be verified (a key is loaded), and what /readyz says of the set.
+        Without a key, a fetch is begun when the last attempt is a refetch interval old: the
+        set was fetched on demand only, and a gateway the load balancer sends no client while
+        it is not ready would never fetch it again."""
+        if not self._keys and self._inflight is None and (
+                self._attempted_at is None or time.monotonic() - self._attempted_at >= self.refetch_interval):
+            self._refresh_behind()
+        state = "loaded" if self._keys else "empty" if self.loaded else "not loaded"
+        return bool(self._keys), {"jwks": state, "keys": len(self._keys)}
+
     async def refresh(self) -> None:
         """Fetch the key set now (coalesced with any fetch in flight). Raises JwksError.
 
@@ -238,6 +249,9 @@ class JwksCache:
         except TimeoutError:
             raise JwksError(f"JWKS {self.shown_url}: no complete answer within {self._timeout:g} s") from None
         keys = parse_jwks(body, self.shown_url)
+        if not keys:
+            log.warning("JWKS holds no signing key: every token it should verify is refused",
+                        extra={"fields": {"url": self.shown_url}})
         self._keys = keys
         self._resolved.clear()
         self.generation += 1
@@ -280,7 +294,8 @@ class JwksCache:
             return self._resolve(kid, alg)
         except KeyNotFound as exc:
             if not self._keys:
-                raise KeysUnavailable(f"{exc}: the identity provider's key set could not be fetched") from None
+                why = "has no signing key" if self.loaded else "could not be fetched"
+                raise KeysUnavailable(f"{exc}: the identity provider's key set {why}") from None
             if not looked and not self._has(kid):
                 raise KeysUnavailable(f"{exc}: the key set could not be fetched again now; try again") from None
             raise
@@ -328,7 +343,8 @@ class JwksCache:
 
     def _resolve(self, kid: str | None, alg: str) -> jwt.PyJWK:
         if not self._keys:
-            raise KeyNotFound("no signing keys available (JWKS not loaded)")
+            raise KeyNotFound("no signing keys available (" + ("the key set is empty" if self.loaded else "JWKS not loaded")
+                              + ")")
         if kid is None:
             # A token without kid is only unambiguous when the provider has exactly one key.
             if len(self._keys) != 1:

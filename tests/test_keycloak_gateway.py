@@ -351,3 +351,38 @@ async def test_a_slow_identity_provider_does_not_hold_the_gateways_start(jwks, g
         await c.send({"type": "auth", "token": jwks.sign(_claims(workspaces=["acme"]), "k1")})
         assert (await c.recv(timeout=10))["type"] == "auth_ok"
     assert jwks.requests == 1  # the start's fetch, which the token waited for
+
+
+async def test_readyz_is_not_ready_while_no_token_can_be_verified(jwks, gateway_factory):
+    """With a JWKS URL alone, a key set not fetched (the provider down) or empty made every
+    client 1011 and every publish 503 while /readyz said ready, so a load balancer kept sending
+    clients there; an empty set was told as "could not be fetched" (auth audit). /readyz is 503
+    with its `auth` saying why until a key is loaded, and its polls fetch the set again (at most
+    once a refetch interval: it was fetched on demand only)."""
+    jwks.status = 503
+    gw = await gateway_factory(env={"RT_AUTH_HS256_SECRET": "", "RT_AUTH_JWKS_URL": jwks.url,
+                                    "RT_AUTH_JWKS_REFETCH_INTERVAL": "0.5"})
+
+    async def readiness(state: str) -> tuple[int, dict]:
+        for _ in range(100):
+            status, body = await gw.get("/readyz")
+            if json.loads(body)["auth"].get("jwks") == state:
+                return status, json.loads(body)
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"/readyz never said the key set is {state}: {body!r}")
+
+    status, body = await readiness("not loaded")
+    assert status == 503 and body["auth"] == {"ready": False, "jwks": "not loaded", "keys": 0}, body
+    jwks.status = 200  # serving a set with no key
+    status, body = await readiness("empty")
+    assert status == 503 and body["ready"] is False, body
+    await _logged(gw, "JWKS holds no signing key")
+    jwks.add_key("k1")
+    token = jwks.sign(_claims(workspaces=["acme"], realtime_publish=True), "k1")
+    jwks.remove_key("k1")  # signed with a key the set does not hold: the set, fetched, is empty
+    status, answer = await gw.post("/workspaces/acme/realtime/events/orders", b'{"n":1}',
+                                   {"Authorization": f"Bearer {token}"})
+    assert status == 503 and b"the key set is empty" in answer and b"could not be fetched" not in answer, answer
+    jwks.add_key("k1")
+    status, body = await readiness("loaded")
+    assert status == 200 and body["auth"] == {"ready": True, "jwks": "loaded", "keys": 1}, body
