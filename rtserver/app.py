@@ -566,7 +566,7 @@ class Gateway:
         and answers in request order. `topic` None: a batch of events (its body names their
         topics)."""
         if topic is None:
-            out = await self._publish_batch(workspace, headers, body)
+            out = await self._publish_batch(workspace, headers, body, remote)
         else:
             out = await self._publish(workspace, topic, headers, body, remote)
         if type(out) is tuple:
@@ -588,11 +588,14 @@ class Gateway:
             return 404, _err(f"workspace id {workspace!r} must be 1-64 of [A-Za-z0-9_-]")
         return None
 
-    async def _publisher_refused(self, workspace: str, headers: Mapping[str, str]) -> tuple[int, bytes] | None:
-        """The refusal of a publisher's token (missing, invalid, no publish permission)."""
+    async def _publisher_refused(self, workspace: str, headers: Mapping[str, str],
+                                 remote: str) -> tuple[int, bytes] | None:
+        """The refusal of a publisher's token (missing, invalid, no publish permission),
+        audited as a WebSocket's is (`auth-denied` with `publish: true`): forged or guessed
+        tokens sent to the publish API left no trail (auth audit)."""
         token = http.bearer(headers)
         if token is None:
-            return 401, _err("missing Authorization: Bearer token")
+            return self._publish_denied(workspace, remote, 401, 4002, "missing Authorization: Bearer token")
         # A publisher's token is verified once (Authenticator.known): a signature check per
         # event would be most of the publish path's cost.
         identity = self.auth.known(token, workspace)
@@ -601,11 +604,18 @@ class Gateway:
                 identity = await self.auth.authenticate(token, workspace)
             except AuthError as exc:
                 status = {4003: 403, 1011: 503}.get(exc.code, 401)
-                return status, _err(f"{exc.name}: {exc}")
+                return self._publish_denied(workspace, remote, status, exc.code, f"{exc.name}: {exc}", exc.subject)
         if not self.auth.may_publish(identity):
-            return 403, _err(f"token does not grant publishing to workspace {workspace}: "
-                             f"it needs {self.auth.publish_requirement()}")
+            return self._publish_denied(workspace, remote, 403, 4003,
+                                        f"token does not grant publishing to workspace {workspace}: "
+                                        f"it needs {self.auth.publish_requirement()}", identity.subject)
         return None
+
+    def _publish_denied(self, workspace: str, remote: str, status: int, code: int, reason: str,
+                        subject: str | None = None) -> tuple[int, bytes]:
+        self.audit.emit("auth-denied", workspace_id=workspace, subject=subject, code=code, reason=reason,
+                        remote_addr=remote, publish=True)
+        return status, _err(reason)
 
     def _header_correlation(self, headers: Mapping[str, str]) -> str | None | tuple[int, bytes]:
         """The request's X-Correlation-ID (None when absent), or its refusal."""
@@ -635,7 +645,7 @@ class Gateway:
         token = http.bearer(headers)
         identity = None if token is None else self.auth.known(token, workspace)
         if identity is None or not self.auth.may_publish(identity):
-            refused = await self._publisher_refused(workspace, headers)
+            refused = await self._publisher_refused(workspace, headers, remote)
             if refused is not None:
                 return refused
         if not body:
@@ -668,14 +678,14 @@ class Gateway:
         return answer
 
     async def _publish_batch(
-        self, workspace: str, headers: Mapping[str, str], body: bytes
+        self, workspace: str, headers: Mapping[str, str], body: bytes, remote: str
     ) -> tuple[int, bytes] | asyncio.Future[tuple[int, bytes]]:
         """A batch's events are checked all before any is published: a 400 (or a bus's
         refusal of one) publishes none of them."""
         closed = self._publish_closed(workspace)
         if closed is not None:
             return closed
-        refused = await self._publisher_refused(workspace, headers)
+        refused = await self._publisher_refused(workspace, headers, remote)
         if refused is not None:
             return refused
         none = "no event of the batch was published"

@@ -682,3 +682,25 @@ async def test_a_labelled_counter_shown_once_is_shown_in_every_later_scrape(gate
     for key, value in first.items():
         if types[key.split("{")[0]] == "counter":
             assert key in later and later[key] >= value, key
+
+
+async def test_publish_api_refusals_are_audited_as_a_websockets_are(gateway):
+    """A publisher's token refused (missing, forged, not granting the workspace, no publish
+    permission) was counted in rt_publish_requests_total only: forged or guessed tokens sent
+    to the publish API left no audit record, those sent over a WebSocket did (auth audit).
+    Each is an auth-denied record now, with publish: true, the token never written."""
+    path = "/workspaces/w1/realtime/events/o"
+    forged = gateway.token("w1", publish=True, secret="another-secret-0123456789abcdef0123")
+    cases = [({}, 401), ({"Authorization": f"Bearer {forged}"}, 401),
+             ({"Authorization": f"Bearer {gateway.token('w2', publish=True)}"}, 403),
+             ({"Authorization": f"Bearer {gateway.token('w1', sub='reader')}"}, 403)]
+    for headers, status in cases:
+        assert (await gateway.post(path, b"{}", headers))[0] == status
+    batch = await gateway.post("/workspaces/w1/realtime/events", b'{"events":[]}', {})
+    assert batch[0] == 401
+    records = await gateway.audit_records("auth-denied", count=5)
+    assert [(r["code"], r.get("publish"), r["workspaceId"]) for r in records] == [(4002, True, "w1")] * 2 + [
+        (4003, True, "w1")] * 2 + [(4002, True, "w1")], records
+    assert records[3]["subject"] == "reader" and "publishing" in records[3]["reason"], records[3]
+    assert all(r["remoteAddr"].startswith("127.0.0.1:") for r in records), records
+    assert forged not in gateway.logs()
