@@ -11,6 +11,7 @@ closed with 1013 without slowing anyone else.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
@@ -173,6 +174,10 @@ class Connection(WSListener):
         self._close_code: int | None = None
         self._ping_sent = False
         self._refreshed_at = float("-inf")  # loop time of the last token refresh handled
+        # Set while a refresh waits on min_refresh_interval: the token's expiry handles it at
+        # once rather than close the connection under it (_expired).
+        self._refresh_wake: asyncio.Event | None = None
+        self._expiry_due = False  # the token expired while that refresh waited
         self._replay_wait = _REPLAY_POLL  # the last wait between two looks at the send buffer (_taken)
         self._held = False  # closed with bytes left to write: in gw.closing_sockets until the socket ends
 
@@ -665,7 +670,12 @@ class Connection(WSListener):
         loop = asyncio.get_running_loop()
         wait = self._refreshed_at + gw.cfg.limits.min_refresh_interval - loop.time()
         if wait > 0:
-            await asyncio.sleep(wait)
+            self._refresh_wake = wake = asyncio.Event()
+            try:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), wait)
+            finally:
+                self._refresh_wake = None
             if self.closed:
                 return
         self._refreshed_at = loop.time()
@@ -691,9 +701,12 @@ class Connection(WSListener):
             )
             if not self.closed:
                 self.send_error(exc.code, f"token refresh refused: {exc}", mid=msg.id)
+            if self._expiry_due:  # the token it was to replace has expired meanwhile
+                self._expired()
             return
         if self.closed:
             return
+        self._expiry_due = False
         self.identity = identity
         self._arm_expiry()
         self.send(AuthOk(sessionId=self.session.id, expiresAt=_expires(identity), resumed=False, id=msg.id))
@@ -718,6 +731,13 @@ class Connection(WSListener):
 
     def _expired(self) -> None:
         self._timer = None
+        if self._refresh_wake is not None:
+            # A refresh sent before exp waits on min_refresh_interval: handled now, and the
+            # connection closed only if it is refused (it was closed under the waiting refresh).
+            self._expiry_due = True
+            self._refresh_wake.set()
+            return
+        self._expiry_due = False
         if not self.closed:
             self.gw.metrics.auth_failures[4001] += 1
             self.close(4001, "token expired: refresh it with an auth message before exp", cause="token_expired")

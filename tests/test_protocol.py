@@ -122,6 +122,32 @@ async def test_in_band_refresh_extends_session(gateway):
         assert (await c.recv())["type"] == "pong"
 
 
+async def test_a_refresh_waiting_on_the_rate_limit_is_handled_when_the_token_expires(gateway_factory):
+    """Two refreshes within limits.min_refresh_interval, the first with a short token: the
+    second (valid, sent before exp) waited out the interval, and the first's expiry closed the
+    connection under it with 4001 "refresh it before exp" (auth audit). The expiry handles the
+    waiting refresh at once; a waiting refresh that is refused still ends the connection."""
+    gw = await gateway_factory(env={"RT_MIN_REFRESH_INTERVAL": "3"})
+    async with ws_connect(gw, "w1") as c:
+        await c.auth(gw.token("w1", ttl=3600))
+        await c.send({"type": "auth", "token": gw.token("w1", ttl=1.5), "id": "r1"})
+        await c.send({"type": "auth", "token": gw.token("w1", ttl=3600), "id": "r2"})
+        assert (await c.recv_type("auth_ok"))["id"] == "r1"
+        second = await c.recv_type("auth_ok", timeout=5)
+        assert second["id"] == "r2", second
+        await asyncio.sleep(2.5)  # past r1's exp and the interval
+        await c.send({"type": "ping", "id": "p"})
+        assert _pong(await c.recv()) == {"type": "pong", "id": "p"}
+        assert c.close_code is None
+    async with ws_connect(gw, "w1") as c:
+        await c.auth(gw.token("w1", ttl=3600, sub="alice"))
+        await c.send({"type": "auth", "token": gw.token("w1", ttl=1.5, sub="alice"), "id": "r1"})
+        await c.send({"type": "auth", "token": gw.token("w1", ttl=3600, sub="mallory"), "id": "r2"})
+        assert (await c.recv_type("auth_ok"))["id"] == "r1"
+        assert (await c.recv_type("error", timeout=5))["id"] == "r2"
+        assert (await c.expect_close())[0] == 4001
+
+
 async def test_refused_refresh_keeps_connection(gateway):
     async with ws_connect(gateway, "w1") as c:
         await c.auth(gateway.token("w1", sub="alice"))
