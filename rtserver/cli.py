@@ -196,9 +196,9 @@ def _start_problem(cfg, command: str, make: bool) -> str | None:
         return str(exc)
     if command == "serve" and cfg.dev_mode and (problem := dev_secret_problem(state_dir)) is not None:
         return problem
-    spool = cfg.audit.spool_dir
-    if command == "serve" and cfg.audit.kafka_bootstrap and spool:  # the default one is in the state directory
-        return directory_problem(os.path.abspath(spool), f"audit spool {os.path.abspath(spool)} (audit.spool_dir)")
+    if command == "serve" and cfg.audit.kafka_bootstrap and cfg.audit.spool_dir:  # the default is in the state dir
+        spool = os.path.abspath(cfg.audit.spool_dir)
+        return directory_problem(spool, f"audit spool {spool} (audit.spool_dir)")
     return None
 
 

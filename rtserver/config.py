@@ -154,6 +154,7 @@ _BOOL_FALSE = {"0", "false", "no", "off"}
 _MAX_SECONDS = 365 * 24 * 3600
 _MAX_LEEWAY = 3600
 _MIN_MESSAGE_BYTES = 1024
+_SASL_SETTINGS = ("sasl_mechanism", "sasl_username", "sasl_password")  # of [audit]: used together or not at all
 
 
 def _coerce(setting: Setting, value: Any, origin: str) -> Any:
@@ -567,10 +568,10 @@ def _validate(values: dict[str, dict[str, Any]], path: str) -> None:
     # Checked here, not by the Kafka client: it refuses these when the first record is sent (the
     # audit sender then failed with a traceback every second), or ignores the credentials.
     if audit["security_protocol"].startswith("SASL_"):
-        missing = [f"audit.{k}" for k in ("sasl_mechanism", "sasl_username", "sasl_password") if not audit[k]]
+        missing = [f"audit.{k}" for k in _SASL_SETTINGS if not audit[k]]
         if missing:
             raise ConfigError(f"audit.security_protocol {audit['security_protocol']} needs {', '.join(missing)}")
-    elif set_ := [f"audit.{k}" for k in ("sasl_mechanism", "sasl_username", "sasl_password") if audit[k]]:
+    elif set_ := [f"audit.{k}" for k in _SASL_SETTINGS if audit[k]]:
         raise ConfigError(
             f"{' and '.join(set_)} {'is' if len(set_) == 1 else 'are'} set but audit.security_protocol is "
             f"{audit['security_protocol']}: the credentials would not be sent (SASL_SSL or SASL_PLAINTEXT uses them)"

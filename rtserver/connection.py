@@ -801,7 +801,7 @@ class Connection(WSListener):
                            positioned: asyncio.Event | None) -> None:
         try:
             entity = await source.check_channel(self.workspace_id, spec.entity)
-            if positioned is not None:
+            if positioned is not None and not positioned.is_set():
                 db = getattr(source, "database", None)  # a MongoDB feed's; PostgreSQL's is in its URL
                 await await_position(positioned, spec.channel, self.workspace_id,
                                      f"{spec.source} database {db!r}" if db else f"the {spec.source} database")

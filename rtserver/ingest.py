@@ -284,12 +284,12 @@ async def _retry(call: Callable[[], Awaitable[T]], message: str, level: int, fie
             delay = min(delay * 2, most)
 
 
-# Why an ingest with nothing to read does not start (said by `rtserver check-config --ingest` too).
 # Seconds between a standby's probes of the feeds it would take over (source_probe).
 PROBE_INTERVAL = 30.0
 # Seconds the transactional producer may take to start (find the transaction coordinator,
 # fence the previous holder's producer) before the attempt counts as failed and is retried.
 WRITER_START_TIMEOUT = 20.0
+# Why an ingest with nothing to read does not start (said by `rtserver check-config --ingest` too).
 NO_FEEDS = "no feeds to read: set postgres.url/mongo.url with bus.workspaces, or [workspaces.*] sections naming sources"
 
 
@@ -399,13 +399,14 @@ class Ingest:
                 if self.lease.held:  # taken over meanwhile (the first probe runs as the lease is joined)
                     continue
                 for i, (feed, error) in enumerate(zip(self.plan, found, strict=True)):
-                    if error and not self.probes.get(i):
-                        log.warning("ingest standby: a feed it would take over cannot be reached", extra={"fields": {
-                            "kind": feed["kind"], "url": redact(feed["url"]), "database": feed["database"],
-                            "error": error}})
-                    elif not error and self.probes.get(i):
-                        log.info("ingest standby: the feed can be reached again", extra={"fields": {
-                            "kind": feed["kind"], "url": redact(feed["url"]), "database": feed["database"]}})
+                    if bool(error) == bool(self.probes.get(i)):
+                        continue  # said when it changed
+                    fields = {"kind": feed["kind"], "url": redact(feed["url"]), "database": feed["database"]}
+                    if error:
+                        log.warning("ingest standby: a feed it would take over cannot be reached",
+                                    extra={"fields": {**fields, "error": error}})
+                    else:
+                        log.info("ingest standby: the feed can be reached again", extra={"fields": fields})
                 self.probes = dict(enumerate(found))
             else:
                 self.probes = {}  # the active ingest's feeds say it themselves
