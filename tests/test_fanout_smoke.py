@@ -190,6 +190,41 @@ def test_go_subscriber_counts_each_timestamp_once_wherever_reads_cut_the_stream(
     assert "ok" in proc.stdout
 
 
+def test_go_storm_counts_each_set_up_and_each_refusal(tmp_path):
+    # The storm's load generator is the Go one when Go is installed: the Python one was the
+    # ceiling of Centrifugo's storms (its core 95% busy). A connection the server refuses
+    # (a token it does not accept) is a failure, not a connect.
+    from benchmarks.fanout.run import LoadProc, gosub
+
+    binary = gosub(log=lambda m: None)
+    if binary is None:
+        pytest.skip("Go is not installed")
+    server = servers.PicowsBaseline("picows", None)
+    server.start()
+    try:
+        good, bad = str(tmp_path / "good.txt"), str(tmp_path / "bad.txt")
+        servers.write_tokens(good, 5)
+        with open(bad, "w") as fh:
+            fh.write("not.a.token\n" * 5)
+        got = {}
+        for name, tokens, total in (("good", good, 25), ("bad", bad, 4)):
+            spec = dict(server.client_spec(0), src_base=2, tokens=tokens)
+            path = str(tmp_path / f"{name}.bin")
+            lp = LoadProc({"role": "storm", "server": spec, "total": total, "offset": 0, "concurrency": 4,
+                           "path": path}, None, binary=binary)
+            try:
+                got[name] = lp.read(timeout=60)
+            finally:
+                lp.close()
+            got[name]["samples"] = os.path.getsize(path) // 8
+    finally:
+        server.stop()
+    assert (got["good"]["done"], got["good"]["failed"], got["good"]["samples"]) == (25, 0, 25), got["good"]
+    assert got["good"]["elapsed"] > 0 and got["good"]["cpu_s"] >= 0
+    assert (got["bad"]["done"], got["bad"]["failed"], got["bad"]["samples"]) == (0, 4, 0), got["bad"]
+    assert got["bad"]["errors"], got["bad"]
+
+
 IMPLS = [pytest.param(fanout_ref, id="ref"), pytest.param(fanout, id="compiled")]
 
 

@@ -318,7 +318,7 @@ class Runner:
             paths.append(path)
             loads.append(LoadProc({"role": "storm", "server": spec, "total": k, "offset": off,
                                    "concurrency": max(1, sc.concurrency // len(self._split(sc.total))),
-                                   "path": path}, self.client_cpus))
+                                   "path": path}, self.client_cpus, binary=self.gosub))
         try:
             res = [lp.read(timeout=300) for lp in loads]
         finally:

@@ -1,7 +1,8 @@
-// gosub: the subscriber load generator of benchmarks/fanout in Go, so that the client side
-// costs less per delivery than the servers under test (a Python client needs several
-// microseconds per received frame). Same contract as `loadgen.py` with role "subscribers":
-// JSON config in argv[1], JSON-line commands on stdin (reset, stat, report, quit), JSON-line
+// gosub: the subscriber and connection-storm load generator of benchmarks/fanout in Go, so
+// that the client side costs less per delivery (and per connection) than the servers under
+// test (a Python client needs several microseconds per received frame, and its storms were the
+// client's ceiling). Same contract as `loadgen.py` with roles "subscribers" and "storm": JSON
+// config in argv[1], JSON-line commands on stdin (reset, stat, report, quit), JSON-line
 // replies on stdout, latencies written as little-endian int64 nanoseconds.
 // Standard library only: `go build` needs no module downloads.
 package main
@@ -43,6 +44,8 @@ type Config struct {
 	N           int    `json:"n"`
 	Offset      int    `json:"offset"`
 	Concurrency int    `json:"concurrency"`
+	Total       int    `json:"total"` // storm: connections made, one after another per worker
+	Path        string `json:"path"`  // storm: where the connect latencies go
 }
 
 var (
@@ -117,6 +120,30 @@ func dial(spec *Spec, index int) (*conn, error) {
 }
 
 func dialOnce(spec *Spec, index int) (*conn, error) {
+	c, err := handshake(spec, index)
+	if err != nil {
+		return nil, err
+	}
+	// Take the descriptor out of Go's poller: the receive loop reads it with its own epoll.
+	f, err := c.(*net.TCPConn).File()
+	c.Close()
+	if err != nil {
+		return nil, err
+	}
+	fd, err := syscall.Dup(int(f.Fd()))
+	f.Close()
+	if err != nil {
+		return nil, err
+	}
+	if err := syscall.SetNonblock(fd, true); err != nil {
+		syscall.Close(fd)
+		return nil, err
+	}
+	return &conn{fd: fd, group: int64(index % max(1, spec.Groups))}, nil
+}
+
+// handshake connects, upgrades, sends the hello messages and reads up to the ready marker.
+func handshake(spec *Spec, index int) (net.Conn, error) {
 	src := fmt.Sprintf("127.0.0.%d", spec.SrcBase+(index/20000)%200)
 	d := net.Dialer{
 		Timeout:   60 * time.Second,
@@ -188,22 +215,66 @@ func dialOnce(spec *Spec, index int) (*conn, error) {
 		buf = append(buf, tmp[:n]...)
 	}
 	c.SetDeadline(time.Time{})
-	// Take the descriptor out of Go's poller: the receive loop reads it with its own epoll.
-	f, err := c.(*net.TCPConn).File()
-	c.Close()
-	if err != nil {
-		return nil, err
+	return c, nil
+}
+
+// storm connects, authenticates, subscribes and closes cfg.Total times, cfg.Concurrency at
+// once (as loadgen.py's run_storm: a set-up reset by a full accept queue is retried, and the
+// connection is closed without a close handshake), then replies with the counts and writes
+// each successful set-up's duration.
+func storm(cfg *Config, conc int) {
+	var next atomic.Int64
+	var smu sync.Mutex
+	times := make([]int64, 0, cfg.Total)
+	errs := []string{}
+	var wg sync.WaitGroup
+	t0, cpu0 := time.Now(), cpuSeconds()
+	for w := 0; w < conc; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				i := int(next.Add(1)) - 1
+				if i >= cfg.Total {
+					return
+				}
+				start := time.Now()
+				var c net.Conn
+				var err error
+				for attempt := 0; attempt < 3; attempt++ {
+					if c, err = handshake(&cfg.Server, cfg.Offset+i); err == nil {
+						break
+					}
+					time.Sleep(time.Duration(50*(attempt+1)) * time.Millisecond)
+				}
+				d := time.Since(start).Nanoseconds()
+				smu.Lock()
+				if err != nil {
+					errs = append(errs, err.Error())
+				} else {
+					times = append(times, d)
+				}
+				smu.Unlock()
+				if c != nil {
+					c.Close()
+				}
+			}
+		}()
 	}
-	fd, err := syscall.Dup(int(f.Fd()))
-	f.Close()
-	if err != nil {
-		return nil, err
+	wg.Wait()
+	elapsed, cpu := time.Since(t0).Seconds(), cpuSeconds()-cpu0
+	time.Sleep(200 * time.Millisecond) // let the closes go out
+	if f, err := os.Create(cfg.Path); err == nil {
+		w := bufio.NewWriter(f)
+		binary.Write(w, binary.LittleEndian, times)
+		w.Flush()
+		f.Close()
 	}
-	if err := syscall.SetNonblock(fd, true); err != nil {
-		syscall.Close(fd)
-		return nil, err
+	failed := len(errs)
+	if len(errs) > 3 {
+		errs = errs[:3]
 	}
-	return &conn{fd: fd, group: int64(index % max(1, spec.Groups))}, nil
+	reply(map[string]any{"done": len(times), "failed": failed, "errors": errs, "elapsed": elapsed, "cpu_s": cpu})
 }
 
 // receive is the process's one receive loop: epoll over every connection, each ready socket
@@ -371,6 +442,10 @@ func main() {
 	conc := cfg.Concurrency
 	if conc < 1 {
 		conc = 256
+	}
+	if cfg.Role == "storm" {
+		storm(&cfg, conc)
+		return
 	}
 	sem := make(chan struct{}, conc)
 	var dialMu sync.Mutex // not mu: that one guards the latencies (receive, reset, report)
