@@ -55,6 +55,10 @@ CODE_NAMES = {
     1000: "normal_closure",
     1001: "going_away",
     1002: "protocol_error",
+    # picows closes with it, on its own, for a close frame whose reason is not UTF-8 (RFC 6455
+    # §5.5.1, §8.1): without a name here that close carried picows's words as its reason, and
+    # the session-suspended record said "network".
+    1007: "invalid_frame_payload_data",
     1008: "policy_violation",
     1009: "message_too_big",
     1011: "internal_error",
