@@ -181,7 +181,11 @@ class Connection(WSListener):
         # Set while a refresh waits on min_refresh_interval: the token's expiry handles it at
         # once rather than close the connection under it (_expired).
         self._refresh_wake: asyncio.Event | None = None
-        self._expiry_due = False  # the token expired while that refresh waited
+        # A refresh is being handled (waiting on the interval, or its token being verified: a
+        # JWKS refetch for a new kid takes up to its timeout): the token's expiry leaves the
+        # verdict to it (_expired).
+        self._refreshing = False
+        self._expiry_due = False  # the token expired while that refresh was being handled
         self._replay_wait = _REPLAY_POLL  # the last wait between two looks at the send buffer (_taken)
         self._held = False  # closed with bytes left to write: in gw.closing_sockets until the socket ends
 
@@ -665,6 +669,16 @@ class Connection(WSListener):
                 await pending
 
     async def _refresh(self, msg: Auth) -> None:
+        self._refreshing = True
+        try:
+            await self._refresh_token(msg)
+        finally:
+            self._refreshing = False
+        if self._expiry_due and not self.closed:
+            # The token it was to replace expired while it was handled, and it was refused.
+            self._expired()
+
+    async def _refresh_token(self, msg: Auth) -> None:
         gw = self.gw
         assert self.identity is not None and self.session is not None
         # Each refresh is a signature check and an audit record: one connection refreshing in
@@ -705,9 +719,7 @@ class Connection(WSListener):
             )
             if not self.closed:
                 self.send_error(exc.code, f"token refresh refused: {exc}", mid=msg.id)
-            if self._expiry_due:  # the token it was to replace has expired meanwhile
-                self._expired()
-            return
+            return  # _refresh closes the connection if its token expired meanwhile
         if self.closed:
             return
         self._expiry_due = False
@@ -735,11 +747,13 @@ class Connection(WSListener):
 
     def _expired(self) -> None:
         self._timer = None
-        if self._refresh_wake is not None:
-            # A refresh sent before exp waits on min_refresh_interval: handled now, and the
-            # connection closed only if it is refused (it was closed under the waiting refresh).
+        if self._refreshing:
+            # A refresh sent before exp waits on min_refresh_interval (handled now) or is being
+            # verified: the connection is closed only if it is refused (it was closed under
+            # the refresh, a valid token the client had sent in time).
             self._expiry_due = True
-            self._refresh_wake.set()
+            if self._refresh_wake is not None:
+                self._refresh_wake.set()
             return
         self._expiry_due = False
         if not self.closed:

@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
+import pytest
+
+from tests.harness.jwks_server import JwksServer
+from tests.harness.wsclient import ws_connect
 from tests.test_protocol import _masked, _raw_ws, _read_frame
 
 
@@ -26,3 +31,47 @@ async def test_a_close_frame_whose_reason_is_not_utf8_is_closed_1007_with_its_na
         writer.close()
     (rec,) = await gateway.audit_records("session-suspended")
     assert (rec["code"], rec["reason"]) == (1007, "invalid_frame_payload_data")
+
+
+@pytest.fixture
+def jwks():
+    server = JwksServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize("refused", [False, True])
+async def test_a_refresh_being_verified_when_the_token_expires_decides_the_close(jwks, gateway_factory, refused):
+    """A refresh sent before `exp` whose token takes a while to verify (a new `kid` after the
+    identity provider rotated its key: the gateway fetches the key set again, here 3 s) was
+    overtaken by the old token's expiry: the connection closed with 4001 'refresh it with an
+    auth message before exp' under a valid token the client had sent in time. The refresh now
+    decides: accepted, the connection goes on; refused, the error, then the 4001."""
+    jwks.add_key("k1")
+    gw = await gateway_factory(env={"RT_AUTH_HS256_SECRET": "", "RT_AUTH_JWKS_URL": jwks.url,
+                                    "RT_AUTH_JWKS_REFETCH_INTERVAL": "1"})
+    now = int(time.time())
+    short = jwks.sign({"sub": "u", "workspaces": ["w1"], "iat": now, "exp": now + 4}, "k1")
+    async with ws_connect(gw, "w1", token=short) as c:
+        await c.subscribe("events:orders")
+        await asyncio.sleep(max(0.0, now + 2.5 - time.time()))  # 1.5 s before exp
+        jwks.add_key("k2")
+        jwks.delay = 3.0  # the key set answers after exp
+        fresh = jwks.sign({"sub": "other" if refused else "u", "workspaces": ["w1"], "iat": now, "exp": now + 600},
+                          "k2")
+        await c.send({"type": "auth", "token": fresh, "id": "r"})
+        reply = await c.recv(timeout=10)
+        if refused:
+            assert (reply["type"], reply["code"], reply["id"]) == ("error", 4003, "r"), reply
+            assert (await c.recv_type("error"))["code"] == 4001
+            assert await c.expect_close() == (4001, "token_expired")
+            return
+        assert (reply["type"], reply["id"]) == ("auth_ok", "r"), reply
+        assert time.time() > now + 4  # answered after the old token's exp
+        jwks.delay = 0.0
+        token = jwks.sign({"sub": "p", "workspaces": ["w1"], "realtime_publish": True, "iat": now,
+                           "exp": now + 600}, "k2")
+        status, body = await gw.post("/workspaces/w1/realtime/events/orders", b'{"n":1}',
+                                     {"Authorization": f"Bearer {token}"})
+        assert status == 202, body
+        assert (await c.recv_event())["payload"] == {"n": 1}
