@@ -75,3 +75,25 @@ async def test_a_refresh_being_verified_when_the_token_expires_decides_the_close
                                      {"Authorization": f"Bearer {token}"})
         assert status == 202, body
         assert (await c.recv_event())["payload"] == {"n": 1}
+
+
+async def test_a_refresh_whose_token_cannot_be_checked_now_is_an_error_and_the_connection_goes_on(jwks, gateway_factory):
+    """A refresh whose key set cannot be fetched (a new kid, the identity provider down) is
+    refused with an error 1011, and the connection carries on under its token: §1 listed only
+    4001/4002/4003 for a refused refresh and §6 said 1011 closes, so a client reading the 1011
+    took the connection for lost."""
+    jwks.add_key("k1")
+    gw = await gateway_factory(env={"RT_AUTH_HS256_SECRET": "", "RT_AUTH_JWKS_URL": jwks.url,
+                                    "RT_AUTH_JWKS_REFETCH_INTERVAL": "1"})
+    now = int(time.time())
+    async with ws_connect(gw, "w1", token=jwks.sign({"sub": "u", "workspaces": ["w1"], "iat": now,
+                                                     "exp": now + 600}, "k1")) as c:
+        await asyncio.sleep(1.2)  # past the refetch interval: the new kid is fetched, and fails
+        jwks.add_key("k2")
+        jwks.status = 500
+        await c.send({"type": "auth", "id": "r",
+                      "token": jwks.sign({"sub": "u", "workspaces": ["w1"], "iat": now, "exp": now + 600}, "k2")})
+        err = await c.recv_type("error", timeout=15)
+        assert (err["code"], err["name"], err["id"]) == (1011, "internal_error", "r"), err
+        await c.send({"type": "ping", "id": 2})
+        assert (await c.recv_type("pong"))["id"] == 2
