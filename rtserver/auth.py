@@ -227,13 +227,17 @@ def channel_allowed(patterns: tuple[str, ...] | None, channel: str) -> bool:
     ending in `*` as a prefix (`postgres:*`), of the channel spelt as in _short. A prefix written
     with `postgres:public.` covers tables of schema public whose name it begins: matched against
     the spelling a client chose, `postgres:p*` covered `postgres:public.orders`, every table of
-    schema public (an authorization audit). `postgres:*` is every table of every published
-    schema, no table of schema public: read as one, `postgres:public.*` covered it, and with it
-    the schemas it was meant to leave out (a tenant-isolation audit)."""
+    schema public (an authorization audit). A wildcard channel (`postgres:*`, `mongo:*`,
+    `events:*`) is every name of its kind: a prefix covers it only when it covers every name of
+    the kind. Matched as text, `postgres:public.*` covered `postgres:*` (the table `*` of schema
+    public), and with it every published schema's tables (a tenant-isolation audit)."""
     if patterns is None:
         return True
+    if channel.endswith(":*") and channel.count(":") == 1:
+        kind = channel[:-1]  # "postgres:"
+        return any(p == channel or (p.endswith("*") and kind.startswith(p[:-1])) for p in patterns)
     name = _short(channel)
-    table = name[len("postgres:"):] if name.startswith("postgres:") and name != "postgres:*" else None
+    table = name[len("postgres:"):] if name.startswith("postgres:") else None
     # The name of a table of schema public (or what a client wrote after `postgres:public.`)
     public = channel[len(_PUBLIC):] if channel.startswith(_PUBLIC) else table if table and "." not in table else None
     for pattern in patterns:

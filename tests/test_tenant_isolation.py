@@ -51,3 +51,20 @@ async def test_public_prefix_pattern_does_not_grant_every_schema(gateway_factory
             await asyncio.sleep(0)
     finally:
         await db.close()
+
+
+async def test_a_wildcard_channel_needs_a_pattern_covering_every_name_of_its_kind(gateway_factory):
+    """`events:*` is every topic: `events:**` (topics beginning with `*`, which no topic does)
+    covered it as text, and its holder received the events of every topic; so did
+    `postgres:public.*` cover `postgres:*` (above). A prefix covers a wildcard channel only when
+    it covers every name of the kind (`events:*`, `ev*`, `*`)."""
+    gw = await gateway_factory(env={"RT_AUTH_CHANNEL_PERMISSIONS": "true"})
+    async with ws_connect(gw, "w1", token=gw.token("w1", realtime_channels=["events:**"])) as c:
+        reply = await _subscribe(c, "events:*")
+        if reply["type"] == "subscribed":
+            await gw.publish("w1", "payroll", {"salary": 1})
+            raise AssertionError(f"events:* granted by events:**, delivering {await c.recv(timeout=5)}")
+        assert (reply["type"], reply["code"], reply["channel"]) == ("error", 4003, "events:*"), reply
+    for pattern in ("events:*", "ev*", "*"):
+        async with ws_connect(gw, "w1", token=gw.token("w1", realtime_channels=[pattern])) as c:
+            assert (await _subscribe(c, "events:*"))["type"] == "subscribed", pattern
