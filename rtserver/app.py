@@ -10,7 +10,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import IO, Any
 
 import msgspec
@@ -46,6 +46,8 @@ from rtserver.sources.base import YIELD_EVERY, Source, stop_all
 from rtserver.sources.mongo import SOCKETS_PER_DATABASE, database_for, database_problem, deployment_of
 
 log = logging.getLogger("rtserver.app")
+# Workspaces whose generated correlation ids are counted at once (Gateway._new_correlation).
+_CORRELATION_WORKSPACES = 65536
 
 _json = msgspec.json.Encoder()
 _SWEEP_INTERVAL = 1.0
@@ -103,8 +105,8 @@ class Gateway:
         self.upgrading_remote = self.upgrading_workspace = ""
         self.upgrading_token: str | None = None
         self.static: dict[str, tuple[str, bytes]] = {}
-        self._corr_prefix = secrets.token_hex(8)
-        self._corr_counter = itertools.count(1)
+        # Generated correlation ids, per workspace: (random prefix, counter); see _new_correlation.
+        self._correlations: dict[str, tuple[str, Iterator[int]]] = {}
         self._known = KnownWorkspaces(os.path.join(self.state_dir, "workspaces"))
         # The sessions suspended by a drained shutdown, for the next start (sessions.py).
         self._sessions_path = os.path.join(self.state_dir, "sessions.json")
@@ -626,9 +628,19 @@ class Gateway:
             return 400, _err(f"X-Correlation-ID must be 1-{CORRELATION_MAX} printable characters")
         return corr
 
-    def _new_correlation(self) -> str:
-        # Unique without a uuid4 per event: a random per-process prefix and a counter.
-        return f"{self._corr_prefix}-{next(self._corr_counter):x}"
+    def _new_correlation(self, workspace: str) -> str:
+        """A correlation id for an event of `workspace` published without one. Unique without
+        a uuid4 per event: a random prefix and a counter, both the workspace's. One counter for
+        the node told a subscriber, from the ids of its own workspace's events, how many events
+        the other workspaces had published in between (a tenant-isolation audit). Past
+        _CORRELATION_WORKSPACES the oldest workspace's is forgotten: its next id has a new
+        prefix, so none repeats."""
+        entry = self._correlations.get(workspace)
+        if entry is None:
+            entry = self._correlations[workspace] = (secrets.token_hex(8), itertools.count(1))
+            if len(self._correlations) > _CORRELATION_WORKSPACES:
+                del self._correlations[next(iter(self._correlations))]
+        return f"{entry[0]}-{next(entry[1]):x}"
 
     async def _publish(
         self, workspace: str, topic: str, headers: Mapping[str, str], body: bytes, remote: str
@@ -656,7 +668,7 @@ class Gateway:
             return 400, _err(f"body is not valid JSON: {unreadable_json(exc, body)}")
         corr = None if "x-correlation-id" not in headers else self._header_correlation(headers)
         if corr is None:
-            corr = self._new_correlation()
+            corr = self._new_correlation(workspace)
         elif type(corr) is tuple:
             return corr
         try:
@@ -711,7 +723,7 @@ class Gateway:
                 return 400, _err(f"events[{i}].topic {topic!r} must be 1-128 of [A-Za-z0-9_.:-]; {none}")
             corr = item.correlationId
             if corr is None:
-                corr = shared or self._new_correlation()
+                corr = shared or self._new_correlation(workspace)
             elif correlation_problem(corr):
                 return 400, _err(f"events[{i}].correlationId must be 1-{CORRELATION_MAX} printable characters; {none}")
             try:

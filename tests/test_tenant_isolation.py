@@ -68,3 +68,26 @@ async def test_a_wildcard_channel_needs_a_pattern_covering_every_name_of_its_kin
     for pattern in ("events:*", "ev*", "*"):
         async with ws_connect(gw, "w1", token=gw.token("w1", realtime_channels=[pattern])) as c:
             assert (await _subscribe(c, "events:*"))["type"] == "subscribed", pattern
+
+
+async def test_generated_correlation_ids_say_nothing_of_other_workspaces(gateway_factory):
+    """A custom event published without X-Correlation-ID gets an id of the gateway's. Those ids
+    were one node-wide counter (`<prefix>-<n>`), so a subscriber of one workspace read, from the
+    ids of its own events, how many events every other workspace had published in between (the
+    memory bus's seq is per workspace and shows nothing of the others, scale-out.md). They count
+    per workspace now."""
+    gw = await gateway_factory()
+    async with ws_connect(gw, "quiet", token=gw.token("quiet")) as c:
+        await c.subscribe("events:*")
+        await gw.publish("quiet", "t", {"n": 1})
+        first = (await c.recv_event())["correlationId"]
+        for n in range(5):
+            await gw.publish("busy", "t", {"n": n})
+        status, _ = await gw.post("/workspaces/busy/realtime/events",
+                                  b'{"events":[{"topic":"t","payload":1},{"topic":"t","payload":2}]}',
+                                  {"Authorization": f"Bearer {gw.token('busy', publish=True)}"})
+        assert status == 202
+        await gw.publish("quiet", "t", {"n": 2})
+        second = (await c.recv_event())["correlationId"]
+        (p1, _, n1), (p2, _, n2) = first.rpartition("-"), second.rpartition("-")
+        assert p1 == p2 and int(n2, 16) - int(n1, 16) == 1, (first, second)
