@@ -95,6 +95,7 @@ class Gateway:
         self._sources: dict[tuple[Any, ...], Source] = {}
         self._workspace_databases = 0  # sources of workspace databases read through mongo.url naming none
         self._mongo_cap_logged = False
+        self._shared_database_logged: set[str] = set()  # workspaces why_no_source logged (_read_by_section)
         self._server: asyncio.AbstractServer | None = None
         self._sweeper: asyncio.Task | None = None
         self._gc_policy: FreezeSurvivors | None = None
@@ -392,8 +393,16 @@ class Gateway:
             return problem
         key = self._source_key(workspace, kind) if url else None
         if key is not None and (section := self._read_by_section(workspace, key)):
-            return (f"mongo: the database of workspace {workspace} ({key[2]!r}) is read for [workspaces.{section}] "
-                    "through another URL, and one database is one feed: name this workspace in a section of its own")
+            # The section is named in the log only: it is another workspace's id, and a client of
+            # this one was told it, and that it reads this one's database (tenant-isolation audit).
+            if workspace not in self._shared_database_logged:  # at most one per section's database
+                self._shared_database_logged.add(workspace)
+                log.warning("mongo: the database of a workspace is read for a [workspaces.*] section through another "
+                            "URL: its mongo channels get 4010", extra={"fields": {
+                                "workspace": workspace, "database": key[2], "section": f"[workspaces.{section}]"}})
+            return (f"mongo: the database of workspace {workspace} ({key[2]!r}) is read for another workspace's "
+                    "[workspaces.*] section through another URL, and one database is one feed: name this workspace "
+                    "in a section of its own")
         if key is not None and self._over_mongo_databases(workspace, key):
             return (f"mongo: the database of workspace {workspace} is not read: this gateway reads "
                     f"{self.cfg.mongo.max_databases} workspace databases at most (mongo.max_databases, "

@@ -91,3 +91,31 @@ async def test_generated_correlation_ids_say_nothing_of_other_workspaces(gateway
         second = (await c.recv_event())["correlationId"]
         (p1, _, n1), (p2, _, n2) = first.rpartition("-"), second.rpartition("-")
         assert p1 == p2 and int(n2, 16) - int(n1, 16) == 1, (first, second)
+
+
+async def test_a_refusal_names_no_other_workspace(mongo_server, gateway_factory, tmp_path):
+    """mongo.url naming no database, and [workspaces.wx] reading database `shop` by another URL:
+    workspace `shop`'s mongo channels are refused (4010, test_mongo_e2e). The refusal named the
+    section, `[workspaces.wx]`: a client of one tenant was told another tenant's workspace id,
+    and that it reads this one's database. The client is told why without the name; the log,
+    the operator's, names it."""
+    from pymongo import AsyncMongoClient
+
+    config = tmp_path / "rt.toml"
+    config.write_text(f"[workspaces.wx]\nmongo_url = '{mongo_server.url.replace('/?', '/shop?')}&appname=wx'\n")
+    client = AsyncMongoClient(mongo_server.url, serverSelectionTimeoutMS=5000)
+    await client.shop.orders.insert_one({"_id": "seed"})
+    gw = await gateway_factory(env={"RT_MONGO_URL": mongo_server.url}, args=["--config", str(config)])
+    try:
+        async with ws_connect(gw, "shop", token=gw.token("shop")) as shop:
+            refused = await _subscribe(shop, "mongo:orders")
+            assert refused["type"] == "error" and refused["code"] == 4010, refused
+            assert "wx" not in refused["message"], refused
+            assert "is read for another workspace's [workspaces.*] section" in refused["message"], refused
+        for _ in range(50):
+            if "[workspaces.wx]" in gw.logs():
+                break
+            await asyncio.sleep(0.1)
+        assert "[workspaces.wx]" in gw.logs()
+    finally:
+        await client.close()
