@@ -615,7 +615,8 @@ class Gateway:
                 identity = await self.auth.authenticate(token, workspace)
             except AuthError as exc:
                 status = {4003: 403, 1011: 503}.get(exc.code, 401)
-                return self._publish_denied(workspace, remote, status, exc.code, f"{exc.name}: {exc}", exc.subject)
+                return self._publish_denied(workspace, remote, status, exc.code, f"{exc.name}: {exc}", exc.subject,
+                                            audited=f"{exc.name}: {exc.audited}")
         if not self.auth.may_publish(identity):
             return self._publish_denied(workspace, remote, 403, 4003,
                                         f"token does not grant publishing to workspace {workspace}: "
@@ -623,9 +624,10 @@ class Gateway:
         return None
 
     def _publish_denied(self, workspace: str, remote: str, status: int, code: int, reason: str,
-                        subject: str | None = None) -> tuple[int, bytes]:
-        self.audit.emit("auth-denied", workspace_id=workspace, subject=subject, code=code, reason=reason,
-                        remote_addr=remote, publish=True)
+                        subject: str | None = None, audited: str | None = None) -> tuple[int, bytes]:
+        """`reason` answers the publisher; `audited` (default: the same) is the audit record's."""
+        self.audit.emit("auth-denied", workspace_id=workspace, subject=subject, code=code,
+                        reason=reason if audited is None else audited, remote_addr=remote, publish=True)
         return status, _err(reason)
 
     def _header_correlation(self, headers: Mapping[str, str]) -> str | None | tuple[int, bytes]:

@@ -56,15 +56,19 @@ class AuthError(Exception):
     """A refused token: `code`/`name` are the protocol's close code and name (§6).
 
     `subject` is the token's verified `sub` when known (for the audit trail), never the token.
+    `audited` is the reason the audit record gives (the message unless said): a record is keyed
+    by the workspace of the connection, and tells nothing of the token meant for the client
+    alone, such as the other workspaces it grants.
     """
 
-    def __init__(self, code: int, message: str, *, subject: str | None = None) -> None:
+    def __init__(self, code: int, message: str, *, subject: str | None = None, audited: str | None = None) -> None:
         if code not in CODE_NAMES:
             raise ValueError(f"AuthError code {code} is not one of {sorted(CODE_NAMES)}")
         super().__init__(message)
         self.code = code
         self.name = CODE_NAMES[code]
         self.subject = subject
+        self.audited = message if audited is None else audited
 
 
 def _peek_header(token: str) -> dict[str, Any] | None:
@@ -130,8 +134,8 @@ def _invalid(message: str, subject: str | None = None) -> AuthError:
     return AuthError(4002, message, subject=subject)
 
 
-def _denied(message: str, subject: str | None = None) -> AuthError:
-    return AuthError(4003, message, subject=subject)
+def _denied(message: str, subject: str | None = None, audited: str | None = None) -> AuthError:
+    return AuthError(4003, message, subject=subject, audited=audited)
 
 
 @dataclass(frozen=True)
@@ -366,7 +370,10 @@ class Authenticator:
     def _identity(self, claims: dict[str, Any], workspace: str) -> Identity:
         subject = claims["sub"]
         if not self._grants_workspace(claims, workspace):
-            raise _denied(self._workspace_refusal(claims, workspace), subject)
+            # What the token holds is the client's to read, not the refused workspace's audit
+            # trail: it named every other workspace the token grants (tenant-isolation audit).
+            raise _denied(self._workspace_refusal(claims, workspace), subject,
+                          audited=f"token does not grant workspace {workspace}")
         patterns: tuple[str, ...] | None = None
         if self._channel_claim:
             # Permissions on but no claim: the subject may subscribe to nothing.

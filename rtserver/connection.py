@@ -603,7 +603,7 @@ class Connection(WSListener):
                 workspace_id=self.workspace_id,
                 subject=exc.subject,
                 code=exc.code,
-                reason=str(exc),
+                reason=exc.audited,
                 remote_addr=self.remote,
             )
             self.close(exc.code, str(exc), cause=exc.name, mid=mid)
@@ -713,7 +713,7 @@ class Connection(WSListener):
                 subject=exc.subject,
                 session_id=self.session.id,
                 code=exc.code,
-                reason=str(exc),
+                reason=exc.audited,
                 remote_addr=self.remote,
                 refresh=True,
             )

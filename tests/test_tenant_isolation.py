@@ -119,3 +119,26 @@ async def test_a_refusal_names_no_other_workspace(mongo_server, gateway_factory,
         assert "[workspaces.wx]" in gw.logs()
     finally:
         await client.close()
+
+
+async def test_a_refused_workspace_s_audit_record_names_no_other_workspace(gateway_factory):
+    """An audit record is keyed by the workspace of the connection (docs/audit.md), which is
+    what a workspace's own trail is read by. A token of other workspaces refused at acme's
+    URL (WebSocket and publish API) left, in acme's records, the list of every workspace the
+    token grants (`its claim workspaces lists globex, initech`): one tenant's trail told the
+    ids of others. The client's own message still says what its token holds; the record says
+    the workspace is not granted, as docs/audit.md's example does."""
+    gw = await gateway_factory()
+    token = gw.token(["globex", "initech"], publish=True)
+    async with ws_connect(gw, "acme") as c:
+        await c.send({"type": "auth", "token": token})
+        err = await c.recv_type("error")
+        assert err["code"] == 4003 and "globex" in err["message"], err  # the token's holder is told
+    status, body = await gw.post("/workspaces/acme/realtime/events/t", b"{}", {"Authorization": f"Bearer {token}"})
+    assert status == 403 and b"globex" in body, body
+    records = await gw.audit_records("auth-denied", count=2)
+    assert len(records) == 2, records
+    for rec in records:
+        assert rec["workspaceId"] == "acme" and rec["code"] == 4003, rec
+        assert "globex" not in rec["reason"] and "initech" not in rec["reason"], rec
+        assert rec["reason"].endswith("token does not grant workspace acme"), rec
