@@ -142,3 +142,42 @@ async def test_a_refused_workspace_s_audit_record_names_no_other_workspace(gatew
         assert rec["workspaceId"] == "acme" and rec["code"] == 4003, rec
         assert "globex" not in rec["reason"] and "initech" not in rec["reason"], rec
         assert rec["reason"].endswith("token does not grant workspace acme"), rec
+
+
+@pytest.mark.postgres
+@pytest.mark.xfail(strict=True, reason="needs a product decision (the report's options): a PostgreSQL change's "
+                                       "correlation id is its cluster-wide transaction id and WAL position")
+async def test_a_postgres_correlation_id_says_nothing_of_another_database_of_the_server(
+        gateway_factory, pg_database, pg_cluster, tmp_path):
+    """Two workspaces on two databases of one PostgreSQL server ([workspaces.*] sections). A
+    change's correlation id is `pg-<xid>-<commit LSN>` (protocol §5), and transaction ids and
+    WAL positions are the server's, not the database's: a subscriber of workspace a reads, from
+    the ids of its own changes, how many transactions (and WAL bytes) workspace b's database
+    committed in between, which the memory bus's seq does not show."""
+    from tests.harness.fixtures_postgres import create_database, drop_database
+
+    other = f"rt_tenant_b_{id(tmp_path) % 100000}"
+    dsn_b = create_database(pg_cluster, other)
+    a = await asyncpg.connect(pg_database)
+    b = await asyncpg.connect(dsn_b)
+    try:
+        await a.execute("CREATE TABLE t (id int PRIMARY KEY)")
+        await b.execute("CREATE TABLE t (id int PRIMARY KEY)")
+        config = tmp_path / "rt.toml"
+        config.write_text(f"[workspaces.a]\npostgres_url = '{pg_database}'\n[workspaces.b]\npostgres_url = '{dsn_b}'\n")
+        gw = await gateway_factory(env={"RT_INSTANCE": "tenants"}, args=["--config", str(config)])
+        await gw.wait_ready()
+        async with ws_connect(gw, "a", token=gw.token("a")) as c:
+            assert (await _subscribe(c, "postgres:t"))["type"] == "subscribed"
+            await a.execute("INSERT INTO t VALUES (1)")
+            first = (await c.recv_event(timeout=10))["correlationId"]
+            for n in range(5):
+                await b.execute("INSERT INTO t VALUES ($1)", n)
+            await a.execute("INSERT INTO t VALUES (2)")
+            second = (await c.recv_event(timeout=10))["correlationId"]
+        xid = [int(corr.split("-")[1]) for corr in (first, second)]
+        assert xid[1] - xid[0] == 1 or not all(corr.startswith("pg-") for corr in (first, second)), (first, second)
+    finally:
+        await a.close()
+        await b.close()
+        drop_database(pg_cluster, other)
