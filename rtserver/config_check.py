@@ -53,11 +53,22 @@ def auth_warnings(cfg: Config, state_dir: str) -> list[Warning_]:
 
 
 def bus_warnings(cfg: Config) -> list[Warning_]:
-    """What a Kafka-bus gateway node says at start of the default databases' feeds."""
-    if cfg.bus.kind != "kafka" or cfg.bus.workspaces:
-        return []
+    """What a gateway node says at start of the default databases' feeds: on the Kafka bus
+    without bus.workspaces; on the memory bus with it, which a single process does not read."""
     defaults = [name for name, url in (("postgres.url", cfg.postgres.url), ("mongo.url", cfg.mongo.url)) if url]
     if not defaults:
+        return []
+    if cfg.bus.kind != "kafka":
+        if not cfg.bus.workspaces:
+            return []
+        # The same settings on a Kafka node refuse the other workspaces' database channels
+        # (4010); here every workspace a token grants reads the default databases, listed or not,
+        # without a word (tenant-isolation audit).
+        return [(f"bus.workspaces ({', '.join(cfg.bus.workspaces)}) is not read by a single process (bus.kind "
+                 f"memory): every workspace without a [workspaces.*] section reads {' and '.join(defaults)}, "
+                 "listed or not; give the others sections of their own, or leave the default URLs unset",
+                 {"settings": defaults, "workspaces": list(cfg.bus.workspaces)})]
+    if cfg.bus.workspaces:
         return []
     return [(f"bus.workspaces is empty, with {' and '.join(defaults)} set: this node cannot tell which workspaces "
              "the ingest feeds from the default databases, and answers `subscribed` to their channels in any "

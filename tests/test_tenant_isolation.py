@@ -181,3 +181,26 @@ async def test_a_postgres_correlation_id_says_nothing_of_another_database_of_the
         await a.close()
         await b.close()
         drop_database(pg_cluster, other)
+
+
+@pytest.mark.postgres
+async def test_a_single_process_says_it_does_not_read_bus_workspaces(gateway_factory, pg_database):
+    """RT_BUS_WORKSPACES=acme beside RT_POSTGRES_URL: on a Kafka node a workspace not listed is
+    refused the default database's channels (4010); a single process (bus.kind memory) does not
+    read the list, and any workspace a token grants, `initech` here, reads the default database,
+    acme's rows included. That is the single process's documented rule (workspaces without a
+    section use the default URLs), but the same settings said nothing of it: the gateway now
+    warns at start (check-config too) that the list is not read and who reads the defaults."""
+    db = await asyncpg.connect(pg_database)
+    try:
+        await db.execute("CREATE TABLE orders (id int PRIMARY KEY, owner text)")
+        gw = await gateway_factory(env={"RT_POSTGRES_URL": pg_database, "RT_INSTANCE": "tenants",
+                                        "RT_BUS_WORKSPACES": "acme"})
+        await gw.wait_ready()
+        async with ws_connect(gw, "initech", token=gw.token("initech")) as c:
+            assert (await _subscribe(c, "postgres:orders"))["type"] == "subscribed"
+            await db.execute("INSERT INTO orders VALUES (1, 'acme')")
+            assert (await c.recv_event(timeout=10))["record"]["owner"] == "acme"  # the documented rule
+        assert "bus.workspaces (acme) is not read by a single process" in gw.logs(), gw.logs()[-3000:]
+    finally:
+        await db.close()
