@@ -507,7 +507,7 @@ def held_bytes(proto: http.FrontProtocol) -> int:
     """Bytes a front protocol holds in buffers of its own and of the request being read."""
     held = [v for v in vars(proto).values() if isinstance(v, (bytes, bytearray))]
     if proto._req is not None:
-        held += proto._req.body
+        held.append(proto._req.body)
     return sum(map(len, held))
 
 

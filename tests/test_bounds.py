@@ -1,0 +1,59 @@
+"""What a peer's input makes the gateway hold stays within the documented bounds, counted in the
+memory it really takes (a real gateway process, real sockets; its resident memory read from
+/proc)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+
+pytestmark = pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads /proc/PID/status")
+
+
+def resident_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+async def settled_rss(pid: int) -> float:
+    """The process's resident memory once it has read what the sockets hold."""
+    last = -1.0
+    for _ in range(50):
+        await asyncio.sleep(0.1)
+        now = resident_mib(pid)
+        if abs(now - last) < 0.5:
+            return now
+        last = now
+    return last
+
+
+async def test_a_chunked_publish_body_in_tiny_chunks_holds_no_more_than_its_bytes(gateway):
+    """limits.max_publish_bytes bounds a body as it is read, and limits.pipelined_publish_bytes
+    the bodies queued on the node, both counted in body bytes. A chunked body was kept as one
+    bytes object per chunk: sent in 2-byte chunks, 256 KiB of body (900 KB on the wire, no
+    token needed: the body is read before the request is handled) held ~7 MB until the request
+    was complete or timed out, 27 times the bound: 40 such requests in progress held ~280 MB."""
+    body = b'"' + b"a" * (256 * 1024 - 100) + b'"'
+    chunked = b"".join(b"2\r\n" + body[i:i + 2] + b"\r\n" for i in range(0, len(body) - 2, 2))
+    head = (b"POST /workspaces/w1/realtime/events/t HTTP/1.1\r\nHost: t\r\n"
+            b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
+    pid = gateway.proc.pid
+    before = await settled_rss(pid)
+    writers = []
+    try:
+        for _ in range(40):
+            _, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+            writer.write(head + chunked)  # all but the last chunk: the request stays in progress
+            await writer.drain()
+            writers.append(writer)
+        grown = await settled_rss(pid) - before
+        # 40 bodies of 256 KiB are 10 MiB; allow the sockets and their buffers as much again.
+        assert grown < 40, f"40 chunked bodies of 256 KiB in progress: resident memory grew {grown:.0f} MiB"
+    finally:
+        for writer in writers:
+            writer.close()
