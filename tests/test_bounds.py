@@ -57,3 +57,40 @@ async def test_a_chunked_publish_body_in_tiny_chunks_holds_no_more_than_its_byte
     finally:
         for writer in writers:
             writer.close()
+
+
+UPGRADE = (b"GET /workspaces/w1/realtime/connect HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+           b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+           b"Sec-WebSocket-Version: 13\r\n\r\n")
+
+
+def masked_frame(opcode: int, payload: bytes, fin: bool) -> bytes:
+    """A client's WebSocket frame (masked; payload under 126 bytes)."""
+    mask = b"\x01\x02\x03\x04"
+    return (bytes([(0x80 if fin else 0) | opcode, 0x80 | len(payload)]) + mask
+            + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+
+
+async def test_a_message_in_tiny_fragments_holds_no_more_than_its_bytes(gateway):
+    """limits.max_message_bytes bounds a message as its fragments arrive, counted in payload
+    bytes. The fragments were kept as one bytes object each: a message of 64 KiB sent in
+    2-byte continuation frames (256 KB on the wire, before any auth message) held ~1.8 MB
+    until it ended or the connection did, 27 times the bound (40 such connections: +70 MB)."""
+    message = masked_frame(1, b'{"', fin=False) + masked_frame(0, b"aa", fin=False) * (65536 // 2 - 100)
+    pid = gateway.proc.pid
+    before = await settled_rss(pid)
+    writers = []
+    try:
+        for _ in range(40):
+            reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+            writer.write(UPGRADE)
+            assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)).startswith(b"HTTP/1.1 101 ")
+            writer.write(message)  # no final fragment: the message stays in progress
+            await writer.drain()
+            writers.append(writer)
+        grown = await settled_rss(pid) - before
+        # 40 messages of 64 KiB are 2.5 MiB; allow the sockets and their buffers several times that.
+        assert grown < 20, f"40 messages of 64 KiB in 2-byte fragments: resident memory grew {grown:.0f} MiB"
+    finally:
+        for writer in writers:
+            writer.close()
