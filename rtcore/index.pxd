@@ -8,7 +8,7 @@ cdef class Entry:
     cdef unsigned long long stamp
     cdef readonly object key
     # A residual that is one equality / inequality of a top-level field with a scalar is
-    # checked from these (no matcher): rfield the interned field name, rhash the hash of
+    # checked from these (no matcher): rfield the field name (shared_name), rhash the hash of
     # the canonical operand, rkind R_EQ / R_NE (0: use the matcher).
     cdef object rfield
     cdef Py_hash_t rhash

@@ -29,10 +29,9 @@ from cpython.object cimport PyObject, PyObject_Hash, PyObject_RichCompareBool, P
 from cpython.ref cimport Py_DECREF, Py_INCREF
 
 from rtcore.predicate cimport Matcher, resolve, scalar_key
-from sys import intern
 
 from rtcore.predicate import Matcher as _MatcherType
-from rtcore.predicate_ast import index_keys, keys_decide, parse, residual
+from rtcore.predicate_ast import index_keys, keys_decide, parse, residual, shared_name
 
 
 cdef extern from "Python.h":
@@ -912,7 +911,7 @@ cdef int _inline_residual(Entry entry, tuple rest) except -1:
     key = clause[1]
     if type(key) is tuple:
         return 0  # an object or array operand: the matcher's canonical comparison
-    entry.rfield = intern(parts[0])
+    entry.rfield = shared_name(parts[0])
     entry.rkey = key
     entry.rhash = PyObject_Hash(key)
     entry.rkind = R_EQ if clause[0] == "eq" else R_NE
@@ -922,7 +921,7 @@ cdef int _inline_residual(Entry entry, tuple rest) except -1:
 cdef class FieldCache:
     """The record's value of the field the previous inline residual read: the candidates of
     one event mostly test the same field, so it is resolved (and hashed) once.
-    name: the interned field name, or None: nothing resolved yet. n: 0 no scalar there; 1 one
+    name: the field name (shared_name), or None: nothing resolved yet. n: 0 no scalar there; 1 one
     scalar (key, hash); -1 an array's scalars (keys, and hashes: each computed once per event,
     not per candidate)."""
 

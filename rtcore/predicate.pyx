@@ -9,7 +9,6 @@ from cpython.object cimport Py_EQ, Py_GE, Py_GT, Py_LE, Py_LT, PyObject, PyObjec
 from cpython.set cimport PySet_Contains
 
 from decimal import Decimal
-from sys import intern
 
 from rtcore.predicate_ast import (
     BOOL,
@@ -21,6 +20,7 @@ from rtcore.predicate_ast import (
     canon,
     is_nan,
     parse,
+    shared_name,
     type_class,
 )
 
@@ -308,8 +308,8 @@ cdef Node build_node(tuple ast):
         return or_node
     field = FieldNode.__new__(FieldNode)
     # Tuples, not lists: their items sit in the object itself (one cache miss less per hop
-    # on a cold matcher); interned names are shared by every filter on the same field.
-    field.parts = tuple([intern(p) for p in ast[2]])
+    # on a cold matcher); names are shared by the filters on the same field (shared_name).
+    field.parts = tuple([shared_name(p) for p in ast[2]])
     field.indexes = ast[3]
     field.nparts = len(ast[2])
     field.clauses = tuple([build_clause(spec) for spec in ast[4]])

@@ -237,6 +237,23 @@ _PATHS_MAX = 4096  # bounded: clients choose paths; beyond it paths are split pe
 _PATH_CACHED_CHARS = 256
 
 
+_NAMES: dict[str, str] = {}
+
+
+def shared_name(name: str) -> str:
+    """One str object for equal field names (path segments): filters on the same field hold one
+    copy, and the index's field cache (index.pyx FieldCache) knows it by identity. Not
+    sys.intern: on Python 3.12 an interned string is immortal, and these names are the clients'
+    choice (every field name a client ever sent stayed in memory for the life of the process).
+    Bounded as _PATHS is: beyond it, or longer than _PATH_CACHED_CHARS, a name is its own."""
+    found = _NAMES.get(name)
+    if found is not None:
+        return found
+    if len(_NAMES) < _PATHS_MAX and len(name) <= _PATH_CACHED_CHARS:
+        _NAMES[name] = name
+    return name
+
+
 def _split_path(name: str, path: str) -> tuple[tuple, tuple]:
     """(segments, array indexes) of a dotted field path, shared between filters naming it."""
     cached = _PATHS.get(name)
