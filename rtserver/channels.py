@@ -14,6 +14,11 @@ import msgspec
 
 from rtcore.event import OPERATIONS
 
+# Not rtcore.engine's: importing the engine here, early in a start (the configuration's checks
+# import this module), logged its fallback to the references before the JSON log began. The
+# reference is three bytes.count.
+from rtcore.frames_ref import json_tokens
+
 # Anchored with \Z: `$` also matches before a trailing newline, so "orders\n" (a publish URL's
 # "orders%0A") would pass as a topic.
 TOPIC_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}\Z")
@@ -61,6 +66,9 @@ class SubscriptionSpec:
     transitions: bool
     filter: dict[str, Any] | None  # the client's filter, kept to restore resumed sessions
     filter_bytes: int = 0  # the filter in JSON bytes (limits.max_filter_bytes)
+    # The `,` `:` `[` of the filter's JSON, which what it holds decoded grows with (a suspended
+    # session keeps it so: sessions.weigh counts it as the history counts an event's).
+    filter_tokens: int = 0
 
 
 def valid_table_name(name: str) -> bool:
@@ -175,15 +183,16 @@ def parse(channel: str, filter_: Any) -> SubscriptionSpec:
         if not isinstance(tr, bool):
             raise InvalidFilter(f"{channel}: filter.transitions must be true or false")
         transitions = tr
-    size = _encoded_size(channel, filter_) if filter_ else 0
-    return SubscriptionSpec(channel, source, entity, operations, predicates, transitions, filter_, size)
+    encoded = _encoded(channel, filter_) if filter_ else b""
+    return SubscriptionSpec(channel, source, entity, operations, predicates, transitions, filter_, len(encoded),
+                            json_tokens(encoded))
 
 
-def _encoded_size(channel: str, filter_: dict[str, Any]) -> int:
-    """The filter's size as JSON (limits.max_filter_bytes). Encoded a few calls deeper in the
+def _encoded(channel: str, filter_: dict[str, Any]) -> bytes:
+    """The filter as JSON (its size: limits.max_filter_bytes). Encoded a few calls deeper in the
     stack than the message was decoded: a filter at the decoder's very limit raised
     RecursionError here, and picows closed the connection with 1011."""
     try:
-        return len(msgspec.json.encode(filter_))
+        return msgspec.json.encode(filter_)
     except RecursionError:
         raise InvalidFilter(f"{channel}: filter nests too deeply") from None

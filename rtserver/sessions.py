@@ -24,11 +24,12 @@ import msgspec
 from rtserver import channels, ids
 from rtserver.atomic_file import replace_file
 from rtserver.channels import SubscriptionSpec
+from rtserver.history import DECODED_PER_TOKEN
 
 log = logging.getLogger("rtserver.sessions")
 _DUMP_VERSION = 1
-# What a subscription of a suspended session counts beyond its filter's JSON and its channel's
-# name (history.max_suspended_filter_bytes): counted by its filter alone, a session of 100
+# What a subscription of a suspended session counts beyond its filter (as held decoded) and its
+# channel's name (history.max_suspended_filter_bytes): counted by its filter alone, a session of 100
 # unfiltered subscriptions weighed nothing and held ~60 KB (measured), so the bound let a
 # client churning connections hold gigabytes (100,000 such sessions).
 SUBSCRIPTION_BYTES = 64
@@ -54,8 +55,12 @@ class Session:
 
 def weigh(session: Session) -> int:
     """The bytes `session`'s subscriptions count against history.max_suspended_filter_bytes:
-    each its filter's JSON, its channel's name and SUBSCRIPTION_BYTES."""
-    return sum(spec.filter_bytes + len(spec.channel) + SUBSCRIPTION_BYTES for spec in session.specs.values())
+    each its filter as it is held decoded (its JSON and DECODED_PER_TOKEN per `,` `:` `[` of it,
+    as the history counts an event: a filter's JSON decodes to 20 times its size and more, and
+    counted as its JSON the bound let the suspended sessions hold that many times it), its
+    channel's name and SUBSCRIPTION_BYTES."""
+    return sum(spec.filter_bytes + DECODED_PER_TOKEN * spec.filter_tokens + len(spec.channel) + SUBSCRIPTION_BYTES
+               for spec in session.specs.values())
 
 
 class Sessions:

@@ -117,3 +117,33 @@ async def test_filter_field_names_a_client_chose_are_given_back_with_their_subsc
                     assert (await client.recv())["type"] in ("subscribed", "unsubscribed")
         grown = await settled_rss(pid) - before
     assert grown < 30, f"3,000 filters on fresh 30 KB field names, each unsubscribed: resident memory grew {grown:.0f} MiB"
+
+
+async def test_suspended_sessions_hold_about_what_their_bound_counts(gateway_factory):
+    """history.max_suspended_filter_bytes bounds the memory of the suspended sessions' filters,
+    counted as their JSON: a suspended session keeps its filters decoded, and a filter's JSON
+    decodes to 20 times its size and more (an array of 16,000 empty arrays: 64 KB of JSON,
+    ~1.3 MB decoded). With a bound of 2 MiB, 32 such sessions were kept (~40 MB): each now
+    counts what its filter decodes to, estimated as the history counts its events."""
+    from contextlib import AsyncExitStack
+
+    from tests.harness.wsclient import ws_connect
+
+    bound = 2 * 1024 * 1024
+    gw = await gateway_factory({"RT_MAX_SUSPENDED_FILTER_BYTES": str(bound), "RT_RESUME_TTL": "4",
+                                "RT_MAX_CONNECTIONS_PER_SUBJECT": "1000"})
+    pid = gw.proc.pid
+    arrays = {"predicates": {"a": {"$eq": [[] for _ in range(16_000)]}}}
+    async with AsyncExitStack() as stack:
+        for _ in range(40):
+            client = await stack.enter_async_context(ws_connect(gw, "w1", token=gw.token("w1")))
+            await client.subscribe("events:t", arrays)
+    # All 40 closed at once: suspended, up to the bound.
+    suspended = await settled_rss(pid)
+    deadline = asyncio.get_running_loop().time() + 15
+    while b"rt_suspended_sessions 0\n" not in (await gw.get("/metrics"))[1]:
+        assert asyncio.get_running_loop().time() < deadline, "the suspended sessions did not expire"
+        await asyncio.sleep(0.2)
+    held = suspended - await settled_rss(pid)
+    assert held < 3 * bound / 2**20, (f"suspended sessions bounded at {bound // 2**20} MiB of filters held "
+                                      f"{held:.0f} MiB")

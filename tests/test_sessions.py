@@ -165,8 +165,9 @@ async def test_suspended_sessions_are_bounded_by_the_bytes_of_their_filters(tmp_
     from tests.harness.wsclient import ws_connect
     from tests.test_churn import Addr, _cfg, _token
 
-    # Two of w1's sessions fit beside w2's two: 2 x (395 + 8 + 64) + 2 x (22 + 8 + 64) bytes.
-    gw = Gateway(_cfg(tmp_path, RT_MAX_SUSPENDED_FILTER_BYTES="1200", RT_RESUME_TTL="60",
+    # Two of w1's sessions fit beside w2's two, each filter counted as held decoded (its JSON and
+    # 64 bytes per `,` `:` `[`): 2 x (8136 + 8 + 64) + 2 x (150 + 8 + 64) bytes.
+    gw = Gateway(_cfg(tmp_path, RT_MAX_SUSPENDED_FILTER_BYTES="17000", RT_RESUME_TTL="60",
                       RT_MAX_CONNECTIONS_PER_SUBJECT="100"))
     await gw.start()
     addr = Addr(gw)
