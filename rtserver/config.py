@@ -132,7 +132,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("bus", "max_record_bytes", "RT_BUS_MAX_RECORD_BYTES", int, 4 * 1024 * 1024, "Largest event record on the events topic (the topic is created with max.message.bytes to match); a change beyond it is skipped with history_gap"),
     Setting("bus", "max_replay", "RT_BUS_MAX_REPLAY", int, 100000, "Records one resume may read back from Kafka (older than the node's memory); beyond it history_gap"),
     Setting("bus", "workspaces", "RT_BUS_WORKSPACES", list, [], "Ingest: workspaces fed by the default postgres/mongo URLs (besides [workspaces.*] sections); a node given the list refuses (4010) the database channels of the others (a single process does not read it: every workspace without a section reads the default URLs, warned at start)"),
-    Setting("bus", "ingest_port", "RT_INGEST_PORT", int, 0, "Ingest: port of its /healthz, /readyz and /metrics, on server.host (`rtserver ingest --host`; 0 = none)"),
+    Setting("bus", "ingest_port", "RT_INGEST_PORT", int, 0, "Ingest: port of its /healthz, /readyz and /metrics, on server.host (`rtserver ingest --host`; 0 = none); it serves 64 connections at once (a further one gets 503 at once), each given 5 s to send its request"),
     Setting("bus", "publish_timeout", "RT_BUS_PUBLISH_TIMEOUT", float, 5.0, "Seconds Kafka may leave a record unacknowledged or a metadata request unanswered before the bus counts as unavailable: /readyz 503 (nodes and ingest), publish API 503 (not sent) or 504 (sent, not confirmed)"),
     Setting("bus", "lease_timeout", "RT_BUS_LEASE_TIMEOUT", float, 6.0, "Ingest: seconds after which a standby takes over from a dead active ingest (Kafka group session timeout, >= 6)"),
 )

@@ -50,7 +50,7 @@ from rtserver.bus_kafka import (
 )
 from rtserver.bus_txn import TransactionalWriter, WriterFailed
 from rtserver.config import Config
-from rtserver.http import for_method, http_response
+from rtserver.http import for_method, http_response, json_error
 from rtserver.lease import Lease
 from rtserver.metrics import SOURCE_COUNTS, Row, family_lines, source_rows
 from rtserver.redact import redact
@@ -78,6 +78,11 @@ _json = msgspec.json.Encoder()
 _REJOIN_FIRST_DELAY = 0.5  # seconds out of the lease group after a failed transaction, doubling
 _REJOIN_MAX_DELAY = 30.0
 _MAX_IN_FLIGHT = 10_000  # records awaiting Kafka's acknowledgement per source (bounded)
+# Connections the health port (bus.ingest_port) serves at once; a further one is answered 503 and
+# closed at once. Each waits up to _HEALTH_READ_TIMEOUT for its request: without a bound, idle
+# connections took as many descriptors as they were, those the feeds and Kafka need.
+_MAX_HEALTH_CONNECTIONS = 64
+_HEALTH_READ_TIMEOUT = 5.0
 # What Kafka has of a PostgreSQL feed (_published_positions): (commit LSN, commit LSN of the next
 # transaction (-1: not said), {partition: its events of that transaction}, {workspace: its
 # highest change of that transaction}: empty when the headers are an earlier version's).
@@ -341,6 +346,7 @@ class Ingest:
         self._probing: asyncio.Task | None = None
         self._server: asyncio.AbstractServer | None = None
         self._lock = asyncio.Lock()
+        self._health_connections = 0  # served by the health port now (_MAX_HEALTH_CONNECTIONS)
 
     async def start(self) -> None:
         if self.cfg.bus.ingest_port:
@@ -682,8 +688,20 @@ class Ingest:
                            for src, _ in self.sources)
 
     async def _http(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._health_connections >= _MAX_HEALTH_CONNECTIONS:
+            writer.write(json_error(503, f"the health port serves {_MAX_HEALTH_CONNECTIONS} connections at once; "
+                                         "try again", keep_alive=False))
+            writer.close()
+            return
+        self._health_connections += 1
         try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            await self._answer_health(reader, writer)
+        finally:
+            self._health_connections -= 1
+
+    async def _answer_health(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), _HEALTH_READ_TIMEOUT)
             method, _, rest = head.partition(b" ")
             # The path without its query: a probe or a scrape with params (`/readyz?verbose=1`)
             # asks for the same endpoint, as the gateway reads it.
@@ -719,9 +737,12 @@ class Ingest:
             else:
                 status, body = 404, b'{"error":"no such endpoint"}'
             writer.write(for_method(method, http_response(status, body, ctype, keep_alive=False, allow=allow)))
-            await writer.drain()
-        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError):
+            # Bounded too: a peer that does not read its answer would hold its place for good.
+            await asyncio.wait_for(writer.drain(), _HEALTH_READ_TIMEOUT)
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
             pass
+        except TimeoutError:
+            writer.transport.abort()  # what it did not read is dropped with its socket
         finally:
             writer.close()
 

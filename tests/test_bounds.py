@@ -9,6 +9,8 @@ import os
 
 import pytest
 
+from tests.test_scaleout import cluster  # noqa: F401 - the fixture
+
 pytestmark = pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads /proc/PID/status")
 
 
@@ -147,3 +149,37 @@ async def test_suspended_sessions_hold_about_what_their_bound_counts(gateway_fac
     held = suspended - await settled_rss(pid)
     assert held < 3 * bound / 2**20, (f"suspended sessions bounded at {bound // 2**20} MiB of filters held "
                                       f"{held:.0f} MiB")
+
+
+@pytest.mark.postgres
+@pytest.mark.kafka
+async def test_idle_connections_to_the_ingest_health_port_cannot_take_its_descriptors(cluster):  # noqa: F811
+    """The gateway's port holds a bounded number of client sockets, so that a flood of idle
+    connections cannot take the descriptors its feeds and files need. The ingest's health port
+    (bus.ingest_port) took every connection and held each for up to 5 s waiting for its
+    request: 1,500 idle connections were hundreds of descriptors (397 within a second) of the
+    process that reads the feeds and writes to Kafka. Past 64 at once, a connection is now
+    answered 503 and closed at once."""
+    import socket
+
+    ingest = await cluster.ingest()
+    await ingest.wait_active()
+    pid = ingest.proc.pid
+
+    def descriptors() -> int:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+
+    before = descriptors()
+    socks = []
+    try:
+        for _ in range(1500):
+            s = socket.create_connection(("127.0.0.1", ingest.port))
+            socks.append(s)  # sends nothing: waits for its request
+        await asyncio.sleep(1)
+        grown = descriptors() - before
+        assert grown < 200, f"1,500 idle connections to the health port: the ingest holds {grown} more descriptors"
+    finally:
+        for s in socks:
+            s.close()
+    await asyncio.sleep(0.5)
+    assert (await ingest.status())["role"] == "active"  # answered again once they are gone
