@@ -32,7 +32,7 @@ from rtserver.bus import SHUTTING_DOWN, BusUnavailable, not_published
 from rtserver.channels import valid_collection, valid_table_name
 from rtserver.config import KAFKA_RECORD_OVERHEAD as RECORD_OVERHEAD  # the record batch's framing
 from rtserver.eager import run_now
-from rtserver.sources.base import YIELD_EVERY, ChannelUnavailable
+from rtserver.sources.base import YIELD_EVERY, ChannelUnavailable, NoSuchChannel
 from rtserver.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
@@ -1411,17 +1411,20 @@ class RemoteSource:
         canonical = entity_of(schema, name)
         if self._catalog is None:
             self._catalog = Catalog(self.url, schemas=self.schemas, tables=self.tables, slot="", publication="")
+        unconfigured = self._catalog.unconfigured(schema, name)
+        if unconfigured:
+            raise ChannelUnavailable(f"postgres:{canonical}: {unconfigured}")
         try:
             # the ingest does not read what is outside the configuration (refused without a
             # lookup, as by the feed: see PostgresSource.check_channel) or is no table
-            why = self._catalog.unconfigured(schema, name) or await self._catalog.not_a_table(schema, name)
+            why = await self._catalog.not_a_table(schema, name)
             if not why:
                 unpublishable = await self._unpublishable(schema, name)  # a partition, no replica identity...
                 why = unpublishable and f"table is not published: {unpublishable}"
         except Exception as exc:  # noqa: BLE001 - any database failure is the client's 4010
             raise ChannelUnavailable(unavailable(canonical, exc)) from exc
         if why:
-            raise ChannelUnavailable(f"postgres:{canonical}: {why}")
+            raise NoSuchChannel(f"postgres:{canonical}: {why}")
         return canonical
 
     async def _unpublishable(self, schema: str, name: str) -> str:

@@ -44,7 +44,7 @@ from rtserver.auth import AuthError, Identity
 from rtserver.history import Replay
 from rtserver.hub import Subscription, Workspace, replay_viewer
 from rtserver.sessions import Session
-from rtserver.sources.base import ChannelUnavailable, await_position
+from rtserver.sources.base import ChannelUnavailable, NoSuchChannel, await_position
 
 if TYPE_CHECKING:
     from rtserver.app import Gateway
@@ -550,6 +550,10 @@ class Connection(WSListener):
         """4000 (`channel`: the subscribe's, for a refused filter); 1008 past the rate."""
         self.gw.metrics.invalid_messages += 1
         self.send_error(4000, message, mid=mid, channel=channel)
+        self._count_invalid()
+
+    def _count_invalid(self) -> None:
+        """One more invalid message this minute: 1008 at limits.max_invalid_per_minute."""
         now = time.monotonic()
         if self._invalid is None:
             self._invalid = deque()
@@ -825,6 +829,8 @@ class Connection(WSListener):
         except ChannelUnavailable as exc:
             if not self.closed:
                 self.send_error(4010, str(exc), channel=msg.channel, mid=msg.id)
+                if isinstance(exc, NoSuchChannel):
+                    self._count_invalid()
             return
         if self.closed:
             return

@@ -64,6 +64,24 @@ async def test_unknown_table_is_4010(pg_gateway):
         assert reply["type"] == "error" and reply["code"] == 4010
 
 
+async def test_subscribes_to_no_table_count_as_invalid_messages(pg_gateway):
+    # Each costs a catalog query on the connection genuine subscribes share (behind one lock),
+    # and a 4010 was not counted as invalid: a client could repeat it at will (bounds audit).
+    # A refusal that costs no lookup (a table outside the configured schemas) is not counted.
+    gw, _ = pg_gateway
+    async with ws_connect(gw, "w1", token=gw.token("w1")) as c:
+        for i in range(25):
+            reply = await _subscribe(c, "postgres:pg_catalog.pg_class", id=i)
+            assert (reply["type"], reply["code"]) == ("error", 4010), reply
+        for i in range(20):
+            reply = await _subscribe(c, f"postgres:nosuch{i}", id=i)
+            assert (reply["type"], reply["code"], reply["id"]) == ("error", 4010, i), reply
+            assert "does not exist" in reply["message"]
+        assert await c.expect_close() == (1008, "policy_violation")
+    async with ws_connect(gw, "w1", token=gw.token("w1")) as c:  # another connection's count is its own
+        assert (await c.subscribe("postgres:products"))["type"] == "subscribed"
+
+
 async def test_quoted_table_names_are_channels(pg_gateway):
     """Tables whose names need quoting in SQL (hyphens, spaces, non-ASCII letters, capitals)
     stream on postgres:* and are channels of their own too: before, `postgres:order-items` was
@@ -341,7 +359,7 @@ async def test_a_subscribe_to_no_table_costs_no_publication_sync(pg_database, tm
         async with ws_connect(Addr(gw), "w1", token=_token(["w1"], "u")) as c:
             assert (await _subscribe(c, "postgres:early"))["type"] == "subscribed"  # the source is up
             before = syncs[0]
-            for i in range(20):
+            for i in range(10):  # fewer than limits.max_invalid_per_minute: each counts as invalid
                 reply = await _subscribe(c, f"postgres:nosuch{i}", id=i)
                 assert (reply["type"], reply["code"], reply["id"]) == ("error", 4010, i), reply
                 assert "does not exist" in reply["message"]

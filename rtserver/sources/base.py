@@ -68,6 +68,12 @@ class ChannelUnavailable(Exception):
     """A channel cannot be subscribed: unknown table, collection, malformed name (4010)."""
 
 
+class NoSuchChannel(ChannelUnavailable):
+    """A channel a database lookup found no table for (4010). It counts as an invalid message
+    (limits.max_invalid_per_minute): each costs a catalog query on the connection that genuine
+    subscribes share, which a client could otherwise repeat at will (a bounds audit)."""
+
+
 # Seconds a subscribe waits for a feed to take its first position (a new MongoDB change
 # stream opened, a new PostgreSQL slot made) before it is refused with 4010.
 POSITION_WAIT = 5.0

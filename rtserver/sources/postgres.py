@@ -36,7 +36,14 @@ from rtcore import messages, timefmt
 from rtcore.event import Event
 from rtserver.channels import valid_table_name
 from rtserver.redact import redact
-from rtserver.sources.base import YIELD_EVERY, ChannelUnavailable, EventSink, announce_gap, when_durable
+from rtserver.sources.base import (
+    YIELD_EVERY,
+    ChannelUnavailable,
+    EventSink,
+    NoSuchChannel,
+    announce_gap,
+    when_durable,
+)
 from rtserver.sources.pg_catalog import (
     Catalog,
     SetupError,
@@ -299,7 +306,7 @@ class PostgresSource:
             # message, so a client could repeat it at will.
             why = await catalog.not_a_table(schema, name)
             if why:
-                raise ChannelUnavailable(f"postgres:{canonical}: {why}")
+                raise NoSuchChannel(f"postgres:{canonical}: {why}")
             await self._sync_publication()  # a table created since the last sync
             if (schema, name) in catalog.published:
                 return canonical
