@@ -27,12 +27,14 @@ from rtcore.predicate_ast import (
 
 cdef extern from "Python.h":
     PyObject* PyDict_GetItemWithError(object d, object key) except? NULL
+    long long PyLong_AsLongLongAndOverflow(object value, int* overflow) except? -1
 
 
 cdef object _TRUE_KEY = TRUE_KEY
 cdef object _FALSE_KEY = FALSE_KEY
 cdef object _NAN_KEY = NAN_KEY
 cdef object _Decimal = Decimal
+cdef double _INF = float("inf")
 
 DEF C_NONE = 0
 DEF C_NUM = 1
@@ -52,11 +54,19 @@ cpdef object scalar_key(object value):
     """canon(value) with fast paths for the exact JSON scalar types (same results)."""
     cdef type t = type(value)
     cdef double d
-    if t is str or t is int:
+    cdef int overflow = 0
+    if t is str:
         return value
+    if t is int:
+        PyLong_AsLongLongAndOverflow(value, &overflow)
+        return value if overflow == 0 else canon(value)  # beyond int64: a BigKey
     if t is float:
         d = value
-        return _NAN_KEY if d != d else value
+        if d != d:
+            return _NAN_KEY
+        if -9223372036854775808.0 <= d < 9223372036854775808.0 or d == _INF or d == -_INF:
+            return value
+        return canon(value)  # an integer beyond int64: a BigKey
     if t is bool:
         return _TRUE_KEY if value is True else _FALSE_KEY
     if value is None:

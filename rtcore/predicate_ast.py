@@ -59,6 +59,44 @@ DICT_TAG = _Marker("DICT_TAG")
 
 NUM, STR, BOOL = "num", "str", "bool"
 RANGE_OPS = ("gt", "gte", "lt", "lte")
+_INF = float("inf")
+
+
+# Integers beyond 64 bits (and the floats and decimals equal to one) are keyed by BigKey:
+# CPython hashes an int as its value modulo 2**61 - 1, so a client could choose any number of
+# such integers with one hash (n + k * (2**61 - 1)), and every set, dict and index bucket keyed
+# by them would compare each with all the others. Within 64 bits at most a few dozen numbers
+# share a hash.
+INT64_MIN = -(1 << 63)
+INT64_MAX = (1 << 63) - 1
+_FLOAT_2_63 = 9223372036854775808.0
+
+
+class BigKey:
+    """The canonical key of an integer outside int64 (or of a float or decimal equal to one):
+    equal iff the integers are, hashed from the integer's bytes (str/bytes hashing, keyed per
+    process), not from Python's int hash, which a client can make collide at will."""
+
+    __slots__ = ("value", "_hash")
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+        self._hash = hash(value.to_bytes(value.bit_length() // 8 + 1, "little", signed=True))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is BigKey and other.value == self.value
+
+    def __ne__(self, other: object) -> bool:
+        return not self.__eq__(other)
+
+    def __repr__(self) -> str:
+        return f"BigKey({self.value})"
+
+    def __reduce__(self) -> tuple:
+        return (BigKey, (self.value,))
 
 
 def canon(value: Any, budget: int = MAX_DEPTH) -> Any:
@@ -70,13 +108,23 @@ def canon(value: Any, budget: int = MAX_DEPTH) -> Any:
     if isinstance(value, str):
         return value
     if isinstance(value, int):
-        return value
+        return value if INT64_MIN <= value <= INT64_MAX else BigKey(int(value))
     if isinstance(value, float):
-        return NAN_KEY if value != value else value
+        if value != value:
+            return NAN_KEY
+        if -_FLOAT_2_63 <= value < _FLOAT_2_63 or value in (_INF, -_INF):
+            return value
+        return BigKey(int(value))  # beyond 2**53 every float is an integer
     if value is None:
         return None
     if isinstance(value, Decimal):
-        return NAN_KEY if value.is_nan() else value
+        if value.is_nan():
+            return NAN_KEY
+        # (an integer of more digits than int() reads from text is no JSON number's)
+        if value.is_finite() and not INT64_MIN <= value <= INT64_MAX and value.adjusted() < 4300 \
+                and value == value.to_integral_value():
+            return BigKey(int(value))
+        return value
     if isinstance(value, dict):
         if budget <= 0:
             return NOMATCH
