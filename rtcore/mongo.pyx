@@ -609,12 +609,16 @@ cdef object _raw_rare(int kind, const unsigned char* buf, Py_ssize_t* pos, Py_ss
         if p + 4 > end:
             raise InvalidBSON("truncated code with scope")
         size = _i32(buf + p)
+        if size < 0:  # it would move p back, and slicing a negative length raised SystemError
+            raise InvalidBSON("bad code with scope length")
         p += size
     elif kind == 0x0C:
         if p + 4 > end:
             raise InvalidBSON("truncated DBPointer")
         size = _i32(buf + p)
-        p += 4 + size + 12
+        if size < 0:
+            raise InvalidBSON("bad DBPointer length")
+        p += 4 + <Py_ssize_t>size + 12  # in Py_ssize_t: 4 + size + 12 overflowed int32
     else:
         raise InvalidBSON(f"unknown BSON element type 0x{kind:02x}")
     if p > end:

@@ -7,6 +7,7 @@ import datetime as dt
 import json
 import math
 import re
+import struct
 import uuid
 
 import bson
@@ -427,6 +428,24 @@ def test_malformed_bson_is_refused(cut):
     raw = bson.encode(order_change(1, "insert"))
     with pytest.raises(ValueError):
         mongo.decode_raw(raw[:-cut])
+
+
+@pytest.mark.parametrize("element", [
+    b"\x0cv\x00" + struct.pack("<i", 0x7FFFFFFF) + b"ab\x00" + b"x" * 12,  # DBPointer, 4 + size + 12 past int32
+    b"\x0cv\x00" + struct.pack("<i", -17) + b"ab\x00" + b"x" * 12,  # DBPointer, negative length
+    b"\x0fv\x00" + struct.pack("<i", -4) + b"x" * 20,  # code with scope, negative length
+])
+def test_rare_elements_with_bad_lengths_are_invalid_bson(element):
+    """A DBPointer or code with scope whose length is negative (or whose end is past int32): the
+    compiled decoder moved back by it and failed with SystemError ("Negative size passed to
+    PyBytes_FromStringAndSize"), after a signed overflow in C for the DBPointer, where the
+    reference says InvalidBSON: the skipped change's log and history_gap named a different
+    error depending on the build. Only a broken server sends such BSON (MongoDB validates it)."""
+    raw = struct.pack("<i", len(element) + 5) + element + b"\x00"
+    for impl in (mongo, mongo_ref):
+        with pytest.raises(Exception) as refused:  # noqa: PT011 - which one is the point
+            impl.decode_raw(raw)
+        assert type(refused.value).__name__ == "InvalidBSON", (impl.__name__, refused.value)
 
 
 def test_benchmark_shapes_take_the_compiled_fast_path():
