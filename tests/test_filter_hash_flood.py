@@ -46,3 +46,28 @@ async def test_colliding_in_values_do_not_make_each_subscribe_slower(gateway):
         await gateway.publish("w1", "orders", {"price": 7})
         await bystander.recv_event(timeout=10)
         assert time.monotonic() - started < 0.5
+
+
+def test_integers_beyond_64_bits_still_compare_as_numbers():
+    """Their keys changed, not their meaning: equal to the float or decimal of the same value,
+    in `$eq`, `$in`, `$ne` and `$nin`, indexed or not, compiled or reference."""
+    from decimal import Decimal
+
+    from rtcore import index, index_ref, predicate, predicate_ref
+
+    cases = [
+        ({"p": 2**70}, {"p": 2.0**70}, True),
+        ({"p": 2**70}, {"p": Decimal(2**70)}, True),
+        ({"p": {"$in": [2**64, 1]}}, {"p": [3, 18446744073709551616]}, True),
+        ({"p": {"$nin": [int(1e300)]}}, {"p": 1e300}, False),
+        ({"p": {"$ne": 2**63}}, {"p": 2**63 - 1}, True),
+        ({"p": -(2**63)}, {"p": -(2.0**63)}, True),
+        ({"p": 7 + (2**61 - 1)}, {"p": 7}, False),
+        ({"p": {"a": [2**80]}}, {"p": {"a": [2.0**80]}}, True),
+    ]
+    for predicates, record, expected in cases:
+        for mod in (predicate, predicate_ref):
+            assert mod.compile_predicates(predicates).matches(record) is expected, (mod.__name__, predicates, record)
+        for ix in (index.SubscriptionIndex(), index_ref.SubscriptionIndex()):
+            ix.add("k", "events", "t", None, predicates)
+            assert (ix.match("events", "t", "INSERT", record) == ["k"]) is expected, (type(ix), predicates, record)
