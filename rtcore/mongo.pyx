@@ -1298,12 +1298,13 @@ cdef Py_ssize_t _skip(int kind, const unsigned char* buf, Py_ssize_t p, Py_ssize
         size = _i32(buf + p)
         if size < 0:
             return -1
+        # in Py_ssize_t: 4 + size overflowed int32 for a length near 2**31 (UBSan)
         if kind == 0x02 or kind == 0x0D or kind == 0x0E:
-            p += 4 + size
+            p += 4 + <Py_ssize_t>size
         elif kind == 0x05:
-            p += 5 + size
+            p += 5 + <Py_ssize_t>size
         elif kind == 0x0C:
-            p += 4 + size + 12
+            p += 4 + <Py_ssize_t>size + 12
         else:
             if size < 5:
                 return -1

@@ -448,6 +448,21 @@ def test_rare_elements_with_bad_lengths_are_invalid_bson(element):
         assert type(refused.value).__name__ == "InvalidBSON", (impl.__name__, refused.value)
 
 
+@pytest.mark.parametrize("kind", [b"\x02", b"\x05", b"\x0c"])
+def test_a_value_length_near_2_31_in_a_change_is_invalid_bson(kind):
+    """The one-pass path's skip of a value added its length to 4 (or 5) in int32: past 2**31 a
+    signed overflow (undefined in C; with -fwrapv it wrapped negative and happened to be
+    refused). The change takes the general path, which refuses it."""
+    change = bson.encode(order_change(1, "insert"))
+    element = kind + b"junk\x00" + struct.pack("<i", 0x7FFFFFFF) + b"\x00" * 8
+    raw = struct.pack("<i", len(change) + len(element)) + change[4:-1] + element + b"\x00"
+    assert mongo.normalize_raw_fast_path(raw, ["w1"]) is None
+    for impl in (mongo, mongo_ref):
+        with pytest.raises(Exception) as refused:  # noqa: PT011 - which one is the point
+            impl.normalize_raw(raw, ["w1"])
+        assert type(refused.value).__name__ == "InvalidBSON", (impl.__name__, refused.value)
+
+
 def test_benchmark_shapes_take_the_compiled_fast_path():
     """The data changes the source sees go through the one-pass raw path, not a silent fallback."""
     import bson
