@@ -157,11 +157,12 @@ class _Request:
         self.url = b""
         self.head = 0  # bytes of the request line and headers parsed so far (MAX_HEAD_BYTES)
         self.headers: dict[str, str] = {}
-        # One buffer, not a list of the pieces the parser hands over: a chunked body comes in as
-        # many pieces as it has chunks, and 256 KiB sent in 2-byte chunks, kept as one bytes
-        # object each, held ~7 MB (27 times what limits.max_publish_bytes and
+        # The first piece the parser hands over as it is (most bodies come in one: no copy), the
+        # rest in one buffer: not a list of pieces, since a chunked body comes in as many
+        # pieces as it has chunks, and 256 KiB sent in 2-byte chunks, kept as one bytes object
+        # each, held ~7 MB (27 times what limits.max_publish_bytes and
         # limits.pipelined_publish_bytes count).
-        self.body = bytearray()
+        self.body: bytes | bytearray = b""
         self.size = 0
         # Not a request: an answer queued behind those of the requests before it (a refusal,
         # a 100 Continue), and whether the connection closes after it.
@@ -574,7 +575,12 @@ class FrontProtocol(asyncio.Protocol):
         req.size += len(body)
         if req.size > self._max_body:  # a chunked body, its length not announced
             raise _Refused(413, f"payload exceeds {self._max_body} bytes")
-        req.body += body
+        if not req.body:
+            req.body = body
+        elif type(req.body) is bytes:
+            req.body = bytearray(req.body) + body
+        else:
+            req.body += body
 
     def on_message_complete(self) -> None:
         if not self._in_body:
@@ -745,7 +751,8 @@ class FrontProtocol(asyncio.Protocol):
                 self._publish_url, self._publish_route = req.url, (path, route)
         try:
             if route is not None:  # POST of a publish URL
-                answer = await self.gw.publish_http(route[0], route[1], req.headers, bytes(req.body), self._remote())
+                answer = await self.gw.publish_http(route[0], route[1], req.headers, bytes(req.body) if type(req.body) is bytearray else req.body,
+                                                     self._remote())
                 if type(answer) is not tuple:
                     self._respond_later(answer, keep_alive)
                     return
