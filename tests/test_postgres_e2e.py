@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 
@@ -518,6 +519,23 @@ async def test_postgres_public_star_is_no_channel_of_every_table(gateway_factory
     permissions, a token granted `postgres:public.*` (a prefix pattern meant for schema public)
     was refused `postgres:billing.invoices` with 4003, yet received its rows through that
     channel. It is refused as a malformed channel now (4010), as other names that are no table."""
+    async with public_star_token_client(gateway_factory, pg_database) as (db, c):
+        reply = await _subscribe(c, "postgres:billing.invoices")
+        assert (reply["type"], reply["code"]) == ("error", 4003), reply
+        reply = await _subscribe(c, "postgres:public.*")
+        assert (reply["type"], reply["code"], reply["channel"]) == ("error", 4010, "postgres:public.*"), reply
+        assert (await _subscribe(c, "postgres:orders"))["type"] == "subscribed"
+        await db.execute("INSERT INTO billing.invoices VALUES (1, 'not for this token')")
+        await db.execute("INSERT INTO orders VALUES (1)")
+        ev = await c.recv_event(timeout=10)
+        assert (ev["channel"], ev["record"]) == ("postgres:orders", {"id": 1}), ev
+
+
+@contextlib.asynccontextmanager
+async def public_star_token_client(gateway_factory, pg_database):
+    """(database connection, client) of a gateway publishing schemas public (`orders`) and
+    billing (`invoices`, a `secret` column) with channel permissions on, the client's token
+    granting `postgres:public.*` alone."""
     db = await asyncpg.connect(pg_database)
     try:
         await db.execute("CREATE TABLE orders (id int PRIMARY KEY)")
@@ -529,15 +547,7 @@ async def test_postgres_public_star_is_no_channel_of_every_table(gateway_factory
         await gw.wait_ready()
         token = gw.token("w1", realtime_channels=["postgres:public.*"])
         async with ws_connect(gw, "w1", token=token) as c:
-            reply = await _subscribe(c, "postgres:billing.invoices")
-            assert (reply["type"], reply["code"]) == ("error", 4003), reply
-            reply = await _subscribe(c, "postgres:public.*")
-            assert (reply["type"], reply["code"], reply["channel"]) == ("error", 4010, "postgres:public.*"), reply
-            assert (await _subscribe(c, "postgres:orders"))["type"] == "subscribed"
-            await db.execute("INSERT INTO billing.invoices VALUES (1, 'not for this token')")
-            await db.execute("INSERT INTO orders VALUES (1)")
-            ev = await c.recv_event(timeout=10)
-            assert (ev["channel"], ev["record"]) == ("postgres:orders", {"id": 1}), ev
+            yield db, c
     finally:
         await db.close()
 

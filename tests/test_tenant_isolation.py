@@ -9,6 +9,7 @@ import asyncpg
 import pytest
 
 from tests.harness.wsclient import ws_connect
+from tests.test_postgres_e2e import public_star_token_client
 
 
 async def _subscribe(c, channel, **extra):
@@ -22,35 +23,22 @@ async def test_public_prefix_pattern_does_not_grant_every_schema(gateway_factory
     It covered the channel `postgres:*` too (read as the table `*` of schema public), and
     through it the rows of every published schema: a token refused `postgres:billing.invoices`
     with 4003 received that table's rows on `postgres:*`."""
-    db = await asyncpg.connect(pg_database)
-    try:
-        await db.execute("CREATE TABLE orders (id int PRIMARY KEY)")
-        await db.execute("CREATE SCHEMA billing")
-        await db.execute("CREATE TABLE billing.invoices (id int PRIMARY KEY, secret text)")
-        gw = await gateway_factory(env={"RT_POSTGRES_URL": pg_database, "RT_INSTANCE": "tenants",
-                                        "RT_POSTGRES_SCHEMAS": "public,billing",
-                                        "RT_AUTH_CHANNEL_PERMISSIONS": "true"})
-        await gw.wait_ready()
-        token = gw.token("w1", realtime_channels=["postgres:public.*"])
-        async with ws_connect(gw, "w1", token=token) as c:
-            reply = await _subscribe(c, "postgres:billing.invoices")
-            assert (reply["type"], reply["code"]) == ("error", 4003), reply
-            reply = await _subscribe(c, "postgres:*")
-            if reply["type"] == "subscribed":  # the defect: show what it lets through
-                await db.execute("INSERT INTO billing.invoices VALUES (1, 'not for this token')")
-                ev = await c.recv(timeout=10)
-                raise AssertionError(f"postgres:* granted by postgres:public.*, delivering {ev}")
-            assert (reply["type"], reply["code"], reply["channel"]) == ("error", 4003, "postgres:*"), reply
-            reply = await _subscribe(c, "postgres:*", filter={"entity": "orders"})
-            assert (reply["type"], reply["code"]) == ("error", 4003), reply
-            assert (await _subscribe(c, "postgres:orders"))["type"] == "subscribed"
-            await db.execute("INSERT INTO billing.invoices VALUES (2, 'not for this token')")
-            await db.execute("INSERT INTO orders VALUES (1)")
-            ev = await c.recv_event(timeout=10)
-            assert (ev["channel"], ev["record"]) == ("postgres:orders", {"id": 1}), ev
-            await asyncio.sleep(0)
-    finally:
-        await db.close()
+    async with public_star_token_client(gateway_factory, pg_database) as (db, c):
+        reply = await _subscribe(c, "postgres:billing.invoices")
+        assert (reply["type"], reply["code"]) == ("error", 4003), reply
+        reply = await _subscribe(c, "postgres:*")
+        if reply["type"] == "subscribed":  # the defect: show what it lets through
+            await db.execute("INSERT INTO billing.invoices VALUES (1, 'not for this token')")
+            ev = await c.recv(timeout=10)
+            raise AssertionError(f"postgres:* granted by postgres:public.*, delivering {ev}")
+        assert (reply["type"], reply["code"], reply["channel"]) == ("error", 4003, "postgres:*"), reply
+        reply = await _subscribe(c, "postgres:*", filter={"entity": "orders"})
+        assert (reply["type"], reply["code"]) == ("error", 4003), reply
+        assert (await _subscribe(c, "postgres:orders"))["type"] == "subscribed"
+        await db.execute("INSERT INTO billing.invoices VALUES (2, 'not for this token')")
+        await db.execute("INSERT INTO orders VALUES (1)")
+        ev = await c.recv_event(timeout=10)
+        assert (ev["channel"], ev["record"]) == ("postgres:orders", {"id": 1}), ev
 
 
 async def test_a_wildcard_channel_needs_a_pattern_covering_every_name_of_its_kind(gateway_factory):
