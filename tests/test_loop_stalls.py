@@ -133,6 +133,8 @@ async def test_saving_many_suspended_sessions_at_shutdown_does_not_hold_the_loop
     n = 250_000
     gw = Gateway(config.load(environ={
         "RT_AUTH_HS256_SECRET": "s" * 32, "RT_STATE_DIR": str(tmp_path), "RT_MAX_SUSPENDED_SESSIONS": str(n),
+        # Their filters as held decoded (~700 bytes each) are past the default 64 MiB.
+        "RT_MAX_SUSPENDED_FILTER_BYTES": str(1 << 30),
     }))
     spec = channels.parse("postgres:public.orders", {"operations": ["INSERT", "UPDATE"],
                                                       "predicates": {"status": {"eq": "open"}}})
