@@ -209,15 +209,30 @@ def _coerce(setting: Setting, value: Any, origin: str) -> Any:
             # connected. A secret is taken as given: the other side may hold the same bytes.
             value = value.strip()
         if (setting.section, setting.key) in _PATHS:
+            if _is_pem_text(value):
+                raise ValueError("holds PEM text, not a file's path: write it to a file and give that file's path")
             return os.path.expanduser(value)  # a file name may be any bytes: used as given
         _check_utf8(value)
         return value
     except (TypeError, ValueError) as exc:
-        if (setting.section, setting.key) in _SECRETS:
-            shown = "(not shown: a secret)"
-        else:  # a URL without its credentials (a database URL not UTF-8 is refused here)
-            shown = repr(redact(value) if isinstance(value, str) else value)
-        raise ConfigError(f"{where}: invalid value {shown}: {exc}") from None
+        raise ConfigError(f"{where}: invalid value {_shown_value(setting, value)}: {exc}") from None
+
+
+def _is_pem_text(value: str) -> bool:
+    """Whether a path setting holds a PEM file's text instead of its name (a Kubernetes secret
+    put in RT_TLS_KEY itself): every error repeats a path, and that would be the private key."""
+    return "-----BEGIN" in value
+
+
+def _shown_value(setting: Setting, value: Any) -> str:
+    """`value` as an error about `setting` may repeat it: never a secret, a path setting's PEM
+    text (a private key) or a URL's credentials."""
+    if (setting.section, setting.key) in _SECRETS:
+        return "(not shown: a secret)"
+    if isinstance(value, str) and (setting.section, setting.key) in _PATHS and _is_pem_text(value):
+        return "(not shown: PEM text)"
+    # A URL without its credentials (a database URL not UTF-8 is refused here).
+    return repr(redact(value) if isinstance(value, str) else value)
 
 
 def _check_utf8(value: str) -> None:

@@ -198,3 +198,24 @@ def test_a_state_directory_or_dev_secret_other_users_can_touch_is_refused(tmp_pa
         os.chown(secret, 65534, 65534)
         out = _run(["token", "--workspace", "w1", "--state-dir", str(state)], cwd=str(tmp_path))
         assert out.returncode == 2 and "belongs to another user (uid 65534)" in out.stderr, out.stderr
+
+
+def test_a_private_key_given_in_place_of_its_path_is_not_repeated(tmp_path):
+    """RT_TLS_KEY (or RT_KAFKA_SSL_KEYFILE) set to the key's PEM text, as a secret mounted into
+    a variable is, instead of a file's path: serve and check-config said 'server.tls_key
+    -----BEGIN PRIVATE KEY----- MII...: cannot read', the whole private key on the terminal and
+    in the service's log. The setting is refused without repeating its value."""
+    from tests.harness.certs import self_signed
+
+    cert, key = self_signed(str(tmp_path))
+    pem = open(key).read()
+    body = pem.splitlines()[1]  # a line of the key itself
+    for command in (["check-config"], ["serve", "--port", "0"]):
+        for env in ({"RT_TLS_CERT": cert, "RT_TLS_KEY": pem},
+                    {"RT_KAFKA_BOOTSTRAP": "127.0.0.1:9", "RT_KAFKA_SECURITY_PROTOCOL": "SSL",
+                     "RT_KAFKA_SSL_CERTFILE": cert, "RT_KAFKA_SSL_KEYFILE": pem}):
+            out = _run([*command, "--state-dir", "st"], {"RT_AUTH_HS256_SECRET": SECRET, **env}, cwd=str(tmp_path))
+            assert out.returncode == 2, out.stderr
+            assert body not in out.stdout + out.stderr and "BEGIN" not in out.stderr, out.stderr
+            assert "holds PEM text, not a file's path" in out.stderr, out.stderr
+
