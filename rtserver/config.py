@@ -226,9 +226,12 @@ def _is_pem_text(value: str) -> bool:
 
 def _shown_value(setting: Setting, value: Any) -> str:
     """`value` as an error about `setting` may repeat it: never a secret, a path setting's PEM
-    text (a private key) or a URL's credentials."""
+    text (a private key) or a URL's credentials; an array or a table given for a text setting
+    not at all (a URL in it, `url = ["postgresql://rt:pw@db/app"]`, came out with its password)."""
     if (setting.section, setting.key) in _SECRETS:
         return "(not shown: a secret)"
+    if setting.kind is str and isinstance(value, (list, dict)):
+        return f"(not shown: a TOML {'array' if isinstance(value, list) else 'table'})"
     if isinstance(value, str) and (setting.section, setting.key) in _PATHS and _is_pem_text(value):
         return "(not shown: PEM text)"
     # A URL without its credentials (a database URL not UTF-8 is refused here).

@@ -219,3 +219,16 @@ def test_a_private_key_given_in_place_of_its_path_is_not_repeated(tmp_path):
             assert body not in out.stdout + out.stderr and "BEGIN" not in out.stderr, out.stderr
             assert "holds PEM text, not a file's path" in out.stderr, out.stderr
 
+
+def test_a_url_in_an_array_or_table_is_not_repeated_with_its_password(tmp_path):
+    """`url = ["postgresql://rt:pw@db/app"]` (an array, or a table, where a string belongs) was
+    refused with the value repeated as written: 'invalid value ['postgresql://rt:pw@db/app']',
+    the password on the terminal, where the same URL as a string has its credentials masked."""
+    for text in ('[postgres]\nurl = ["postgresql://rt:arr-pass-1@db/app"]\n',
+                 '[mongo]\nurl = {url = "mongodb://rt:arr-pass-1@db/app"}\n',
+                 '[auth]\njwks_url = ["https://idp/certs?code=arr-pass-1"]\n'):
+        (tmp_path / "rt.toml").write_text(text)
+        out = _run(["check-config", "--config", "rt.toml"], {"RT_AUTH_HS256_SECRET": SECRET}, cwd=str(tmp_path))
+        assert out.returncode == 2, out.stderr
+        assert "arr-pass-1" not in out.stdout + out.stderr, out.stderr
+        assert "expected a string" in out.stderr and "(not shown: a TOML" in out.stderr, out.stderr
