@@ -5,12 +5,14 @@ A password can sit in a URL's user info (`postgresql://rt:pw@db/app`), in its qu
 keyword/value string (`host=db password=pw`). Every parameter whose name mentions a password,
 secret, token, key, credential or signature is masked, whatever the form, and a URL's `sig`,
 `code`, `pwd` and `auth` query parameters (a signed URL, a function key in front of a JWKS
-endpoint, a password or credentials under a short name).
+endpoint, a password or credentials under a short name). A query parameter's name is read
+percent-decoded, as libpq reads it.
 """
 
 from __future__ import annotations
 
 import re
+from urllib.parse import unquote
 
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")  # a scheme first: otherwise a keyword/value string
 # Up to the last '@' before the first '/': libpq and pymongo take a '#' or '?' in a password as
@@ -20,7 +22,12 @@ _SECRET_NAME = r"(?:pass|secret|token|key|credential|signature|authmechanismprop
 # Query parameters that are credentials under a short name: a signed URL's `sig` (Azure SAS),
 # a function key's `code` (Azure Functions), as a JWKS URL behind such a gateway carries, and
 # the usual abbreviations of a password and of credentials (`pwd`, `auth`).
-_QUERY_SECRET = re.compile(rf"([?&;](?:[^=&;#]*{_SECRET_NAME}[^=&;#]*|sig|code|pwd|auth)=)[^&;#]*", re.I)
+_QUERY_SHORT_NAMES = frozenset(("sig", "code", "pwd", "auth"))
+_SECRET_IN_NAME = re.compile(_SECRET_NAME, re.I)
+# A query parameter's name, matched once percent-decoded, as libpq reads it (`?p%61ssword=pw`
+# is a password); its value runs to the next & ; or #.
+_QUERY_NAME = re.compile(r"[?&;]([^=&;#]*)=")
+_VALUE_END = re.compile(r"[&;#]")
 # A value is quoted, or runs to the first space that no backslash escapes (libpq: `password=p\ w`).
 _KEYWORD_SECRET = re.compile(
     rf"(\b[\w.-]*{_SECRET_NAME}[\w.-]*\s*=\s*)('(?:[^'\\]|\\.)*'|(?:\\.|\S)+)", re.I
@@ -30,5 +37,22 @@ _KEYWORD_SECRET = re.compile(
 def redact(url: str) -> str:
     """`url` (a URL or a libpq keyword/value string) with user info and secret parameters masked."""
     if _URL.match(url):  # not "://" anywhere: a keyword's value may hold one (application_name=https://...)
-        return _QUERY_SECRET.sub(r"\1***", _USERINFO.sub("://***@", url))
+        return _masked_query(_USERINFO.sub("://***@", url))
     return _KEYWORD_SECRET.sub(r"\1***", url)
+
+
+
+def _masked_query(url: str) -> str:
+    """`url` with the values of its secret query parameters masked. A parameter found inside
+    another's value is looked at too (`?next=/x?password=pw`), as long as it is not masked."""
+    out, done = [], 0
+    for m in _QUERY_NAME.finditer(url):
+        if m.start() < done:  # inside a value masked already
+            continue
+        name = unquote(m.group(1))
+        if _SECRET_IN_NAME.search(name) or name.lower() in _QUERY_SHORT_NAMES:
+            end = _VALUE_END.search(url, m.end())
+            out += (url[done:m.end()], "***")
+            done = end.start() if end else len(url)
+    out.append(url[done:])
+    return "".join(out)

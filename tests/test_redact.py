@@ -86,6 +86,24 @@ def test_secrets_with_url_delimiters_are_masked(url, expected):
     assert redact(url) == expected
 
 
+async def test_a_parameter_name_written_percent_encoded_is_masked_everywhere(gateway_factory):
+    """libpq percent-decodes a URL parameter's name as it does its value: `?p%61ssword=pw` is
+    the password (and `sslp%61ssword` the key's passphrase). redact() matched the names as
+    written, so /readyz, the rt_source_* labels and every log line about the source showed them."""
+    assert redact("postgresql://db/app?p%61ssword=pw&a=1&sslp%61ssword=x") == \
+        "postgresql://db/app?p%61ssword=***&a=1&sslp%61ssword=***"
+    assert redact("https://idp/certs?next=/x?password=pw&%63ode=k") == "https://idp/certs?next=/x?password=***&%63ode=***"
+    gw = await gateway_factory(env={"RT_POSTGRES_URL": "postgresql://rt@127.0.0.1:1/app?p%61ssword=s3cret-e"})
+    await asyncio.sleep(0.5)  # a connection attempt or two, logged
+    _, metrics = await gw.get("/metrics")
+    status, ready = await gw.get("/readyz")
+    assert status == 503
+    assert list(json.loads(ready)["sources"]) == ["postgres:postgresql://***@127.0.0.1:1/app?p%61ssword=***"]
+    assert "postgres source" in gw.logs()
+    for text in (metrics, ready, gw.logs().encode()):
+        assert b"s3cret" not in text
+
+
 async def test_a_password_with_a_hash_sign_reaches_no_readiness_metric_or_log(gateway_factory):
     # The driver takes this password as written; /readyz, /metrics and the logs showed it.
     gw = await gateway_factory(env={"RT_MONGO_URL": "mongodb://rt:s3cret#y@127.0.0.1:1/app"})
