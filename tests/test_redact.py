@@ -152,3 +152,28 @@ async def test_each_postgres_source_says_which_database_its_log_lines_are_about(
         await asyncio.sleep(0.1)
     assert urls == {"postgresql://***@127.0.0.1:1/x", "host=127.0.0.1 port=2 user=rt password=*** dbname=y"}, failed
     assert "s3cret" not in gw.logs()
+
+
+async def test_each_mongo_source_says_which_server_its_log_lines_are_about(gateway_factory, tmp_path):
+    """Two workspaces' databases of one name on two servers, both unreachable: every line said
+    'mongo change stream failed, retrying' with the database 'app' only, and an operator could
+    not tell which server failed (the postgres source's lines carry their URL). They carry the
+    URL too, redacted."""
+    config = tmp_path / "rt.toml"
+    config.write_text("[workspaces.a]\nmongo_url = 'mongodb://rt:s3cret@127.0.0.1:1/app?serverSelectionTimeoutMS=200'\n"
+                      "[workspaces.b]\nmongo_url = 'mongodb://rt:s3cret@127.0.0.1:2/app?serverSelectionTimeoutMS=200'\n")
+    gw = await gateway_factory(args=["--config", str(config)])
+    async with ws_connect(gw, "a", token=gw.token("a")), ws_connect(gw, "b", token=gw.token("b")):
+        pass  # a granted workspace starts its sources
+    deadline = asyncio.get_running_loop().time() + 10
+    while True:
+        lines = [json.loads(line) for line in gw.logs().splitlines()]
+        failed = [rec for rec in lines if rec["msg"] == "mongo change stream failed, retrying"]
+        urls = {rec.get("url") for rec in failed}
+        if len(urls) >= 2 or asyncio.get_running_loop().time() > deadline:
+            break
+        await asyncio.sleep(0.1)
+    assert urls == {"mongodb://***@127.0.0.1:1/app?serverSelectionTimeoutMS=200",
+                    "mongodb://***@127.0.0.1:2/app?serverSelectionTimeoutMS=200"}, failed
+    assert {rec["database"] for rec in failed} == {"app"} and {rec["source"] for rec in failed} == {"mongo"}
+    assert "s3cret" not in gw.logs()

@@ -432,6 +432,7 @@ class MongoSource:
     ):
         self.url = url
         self.database = database
+        self._shown_url = redact(url)  # for log lines: without its credentials
         self._sink = sink
         self._workspaces = workspaces
         self._allow_unknown = allow_unknown_collections
@@ -514,7 +515,7 @@ class MongoSource:
         if not await self._tokens.flush():
             log.error("mongo source stopped with its newest resume token not saved: the changes since the "
                       "last saved one are published again after a restart",
-                      extra={"fields": {"database": self.database, "path": self._tokens.path}})
+                      extra={"fields": {**self._log_fields(), "path": self._tokens.path}})
         await self._tokens.close()
         if self._client is not None:
             await self._close_client(self._client)
@@ -530,7 +531,7 @@ class MongoSource:
         wait = max(1, min(self._max_await_ms, int(min(limits) * 1000) // 2))  # half: room for the round trip
         if wait < self._max_await_ms:
             log.info("mongo change stream waits %d ms per getMore, within the URL's timeouts", wait,
-                     extra={"fields": {"database": self.database, "max_await_ms": wait}})
+                     extra={"fields": {**self._log_fields(), "max_await_ms": wait}})
         return wait
 
     async def _close_client(self, client: AsyncMongoClient[Any]) -> None:
@@ -637,11 +638,11 @@ class MongoSource:
             log.warning("mongo source has no resume token for this deployment but the state directory holds one of "
                         "database %r under another (the URL's hosts changed?): starting from now; changes made "
                         "while the gateway was stopped may be missing", self.database,
-                        extra={"fields": {"database": self.database, "url": redact(self.url), "files": others}})
+                        extra={"fields": {**self._log_fields(), "files": others}})
             self._gap_reason = (f"MongoDB database {self.database!r} is read through hosts other than at the last stop "
                                 "(its resume token is kept per deployment): changes made meanwhile may be missing")
         if token is not None:
-            log.info("mongo source resuming", extra={"fields": {"database": self.database, "url": redact(self.url)}})
+            log.info("mongo source resuming", extra={"fields": self._log_fields()})
         delay = FIRST_RETRY
         while not self._stopping:
             try:
@@ -659,12 +660,12 @@ class MongoSource:
                     continue
                 if exc.code in UNSUPPORTED_OPTION_CODES and self._with_pre_images and "fullDocumentBeforeChange" in str(exc):
                     log.warning("mongo server has no pre-images (MongoDB < 6.0): oldDocument disabled",
-                                extra={"fields": {"database": self.database}})
+                                extra={"fields": self._log_fields()})
                     self._with_pre_images = False
                     continue
                 if exc.code in TOO_LARGE_CODES and not self._one_by_one:
                     log.warning("mongo change too large to send; reading one change at a time to find it",
-                                extra={"fields": {"database": self.database, "error": _described(exc)}})
+                                extra={"fields": {**self._log_fields(), "error": _described(exc)}})
                     self._one_by_one = True
                     continue
                 if exc.code in TOO_LARGE_CODES:
@@ -677,7 +678,7 @@ class MongoSource:
                     continue
                 if self._split_events and (exc.code == UNKNOWN_STAGE or SPLIT_STAGE in str(exc)):
                     log.warning("mongo server cannot split large change events (MongoDB < 7.0 / 6.0.9): "
-                                "a change over 16 MiB will stop the feed", extra={"fields": {"database": self.database}})
+                                "a change over 16 MiB will stop the feed", extra={"fields": self._log_fields()})
                     self._split_events = False
                     continue
                 delay = await self._failed(exc, delay)
@@ -687,8 +688,14 @@ class MongoSource:
                 raise
             except Exception as exc:  # noqa: BLE001 - e.g. the bus refusing a record: keep the feed alive
                 log.exception("mongo source failed; reopening from the saved token",
-                              extra={"fields": {"database": self.database}})
+                              extra={"fields": self._log_fields()})
                 delay = await self._failed(exc, delay)
+
+    def _log_fields(self) -> dict[str, Any]:
+        """The source as its log lines name it: the database and its server's URL (redacted).
+        The database alone did not tell two workspaces' databases of one name on two servers
+        apart ("mongo change stream failed" for both), as the postgres source's lines say."""
+        return {"source": "mongo", "database": self.database, "url": self._shown_url}
 
     async def _failed(self, exc: Exception, delay: float) -> float:
         if self._progress != self._progress_at_failure:
@@ -697,7 +704,7 @@ class MongoSource:
         self._ready = False
         self._last_error = _described(exc)
         log.warning("mongo change stream failed, retrying",
-                    extra={"fields": {"database": self.database, "error": self._last_error, "retry_in_s": delay}})
+                    extra={"fields": {**self._log_fields(), "error": self._last_error, "retry_in_s": delay}})
         await asyncio.sleep(delay)
         return min(delay * 2, self._retry_max)
 
@@ -708,7 +715,7 @@ class MongoSource:
         reason = f"MongoDB change stream history lost for database {self.database!r}; changes may be missing"
         log.error("MONGO CHANGE STREAM HISTORY LOST: the saved resume token is older than the oplog; "
                   "changes since were lost, restarting from now",
-                  extra={"fields": {"database": self.database, "url": redact(self.url), "error": str(exc)}})
+                  extra={"fields": {**self._log_fields(), "error": str(exc)}})
         self._token = None
         self._start_after = None
         self._generation += 1  # saves of older tokens still due: that history is lost
@@ -741,7 +748,7 @@ class MongoSource:
             self.positioned.set()
             self._ready = True
             self._last_error = ""
-            log.info("mongo change stream open", extra={"fields": {"database": self.database,
+            log.info("mongo change stream open", extra={"fields": {**self._log_fields(),
                      "resumed": "resume_after" in options or "start_after" in options}})
             fragments: list[RawBSONDocument] = []  # of the change being read, when it is split
             while not self._stopping and not self._reopen.is_set():
@@ -857,14 +864,14 @@ class MongoSource:
         ns = decoded.get("ns") or {}
         if op == "invalidate":
             log.warning("mongo change stream invalidated, reopening after it",
-                        extra={"fields": {"database": self.database}})
+                        extra={"fields": self._log_fields()})
             self._start_after = change["_id"]
             self._token = None
             self._durably(self._tokens.save, change["_id"], start_after=True)
             self._collections.forget()
             return False
         # drop, dropDatabase, rename: other collections stream on; refresh the known names.
-        log.info("mongo collection change", extra={"fields": {"database": self.database, "operation": op,
+        log.info("mongo collection change", extra={"fields": {**self._log_fields(), "operation": op,
                                                               "collection": ns.get("coll")}})
         self._collections.forget()
         return True
@@ -894,7 +901,7 @@ class MongoSource:
         error = _described(exc)
         self._last_error = f"skipped a change of {where}: {error}"
         log.error("mongo change could not be converted; skipped",
-                  extra={"fields": {"database": self.database, "namespace": where, "error": error}})
+                  extra={"fields": {**self._log_fields(), "namespace": where, "error": error}})
         reason = f"a MongoDB change in {where} could not be converted ({error}); it was skipped"
         await announce_gap(self._sink, workspaces, "mongo", reason)
 
