@@ -208,6 +208,10 @@ def _coerce(setting: Setting, value: Any, origin: str) -> Any:
             # newline nobody meant: an issuer or a URL carrying it refused every token or never
             # connected. A secret is taken as given: the other side may hold the same bytes.
             value = value.strip()
+            if "\0" in value:
+                # Only TOML can write one ("\u0000"); a path holding it stopped the start with
+                # a traceback ("embedded null byte"), a host name went into the log as written.
+                raise ValueError("holds a NUL character")
         if (setting.section, setting.key) in _PATHS:
             if _is_pem_text(value):
                 raise ValueError("holds PEM text, not a file's path: write it to a file and give that file's path")

@@ -232,3 +232,20 @@ def test_a_url_in_an_array_or_table_is_not_repeated_with_its_password(tmp_path):
         assert out.returncode == 2, out.stderr
         assert "arr-pass-1" not in out.stdout + out.stderr, out.stderr
         assert "expected a string" in out.stderr and "(not shown: a TOML" in out.stderr, out.stderr
+
+
+def test_a_nul_character_in_a_setting_is_one_line_and_exit_2(tmp_path):
+    """TOML can write a NUL ("\\u0000") into a value: in server.tls_cert serve and check-config
+    ended with Python's plain traceback ('ValueError: embedded null byte', exit 1, before the
+    log began), in audit.spool_dir with an 'uncaught exception' line; a host went into the
+    'cannot listen' line with the NUL as written. Each is a configuration error, one line."""
+    for text in ('[server]\ntls_cert = "c\\u0000.pem"\ntls_key = "k.pem"\n',
+                 '[audit]\nkafka_bootstrap = "127.0.0.1:9"\nspool_dir = "sp\\u0000ool"\n',
+                 '[server]\nhost = "local\\u0000host"\n'):
+        (tmp_path / "rt.toml").write_text(text)
+        for command in (["check-config"], ["serve", "--port", "0"]):
+            out = _run([*command, "--config", "rt.toml", "--state-dir", "st"], {"RT_AUTH_HS256_SECRET": SECRET},
+                       cwd=str(tmp_path))
+            assert out.returncode == 2, (text, out.stderr)
+            assert "Traceback" not in out.stderr and "\0" not in out.stderr, out.stderr
+            assert out.stderr.count("\n") == 1 and "holds a NUL character" in out.stderr, out.stderr
