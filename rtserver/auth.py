@@ -14,6 +14,7 @@ import base64
 import logging
 import math
 import os
+import re
 import secrets
 import stat
 import tempfile
@@ -112,10 +113,48 @@ class _HS256(HMACAlgorithm):
         return result
 
 
+# A code point of a UTF-16 surrogate: in a str json.loads made, only from a \u escape of half
+# a pair (a pair's two escapes make one character).
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+class _PyJWT(jwt.PyJWT):
+    """PyJWT whose claims hold text only: a claim with a lone surrogate (`"sub":"\\ud83d"`, as
+    JavaScript's JSON.stringify writes a name cut in the middle of an emoji) is a malformed
+    token. json.loads takes one, and no UTF-8 can carry it: every audit record of such a
+    subject was dropped ('could not be built'), and at a stop the suspended sessions could not
+    be written, which ended the shutdown there (no session of any workspace saved, the audit
+    not flushed), as the gateway's own JSON readers refuse such text in messages and bodies."""
+
+    def _decode_payload(self, decoded: dict[str, Any]) -> dict[str, Any]:
+        payload = super()._decode_payload(decoded)
+        if _holds_surrogate(payload):
+            raise jwt.DecodeError("a claim holds a \\u escape of half a UTF-16 surrogate pair "
+                                  "(a string cut in the middle of a character)")
+        return payload
+
+
+def _holds_surrogate(value: Any) -> bool:
+    """Whether a text in `value` (claims as json.loads made them) holds a surrogate. Without
+    recursion: the claims may nest as deeply as json.loads went."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if _SURROGATE.search(item):
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
 def _new_pyjwt() -> jwt.PyJWT:
-    """A PyJWT of our own (jwt.decode's defaults) verifying HS256 with _HS256; the module's
-    jwt.decode and jwt.encode stay as they are."""
-    pyjwt = jwt.PyJWT()
+    """A PyJWT of our own (jwt.decode's defaults) verifying HS256 with _HS256 and refusing
+    claims that are not text (_PyJWT); the module's jwt.decode and jwt.encode stay as they are."""
+    pyjwt = _PyJWT()
     jws = getattr(pyjwt, "_jws", None)
     if isinstance(jws, jwt.PyJWS) and "HS256" in jws.get_algorithms():
         jws.unregister_algorithm("HS256")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import re
 import resource
 import uuid
@@ -563,3 +564,38 @@ async def test_an_ipv6_clients_address_is_written_with_brackets(gateway_factory)
         port = c.ws.local_address[1]
     granted = await gw.audit_records("auth-granted")
     assert [r["remoteAddr"] for r in granted] == [f"[::1]:{port}"]
+
+
+async def test_a_subject_that_is_not_text_is_refused_and_leaves_the_trail_and_the_stop_whole(gateway_factory):
+    """A signed token whose sub holds a lone surrogate ("\\ud83d": JavaScript's JSON.stringify
+    writes one for a name cut in the middle of an emoji) was accepted: json.loads takes it, no
+    UTF-8 carries it. Every audit record of that subject (granted, suspended, denied when
+    expired or for another workspace) was dropped ('could not be built'), and at SIGTERM the
+    suspended sessions could not be written: the shutdown ended there with an 'uncaught
+    exception' and a plain-text traceback, no workspace's session saved, the audit not
+    flushed. Such a token is malformed (4002, 401), as the gateway's JSON readers refuse such
+    text in messages and bodies; its refusals are audited."""
+    import signal
+
+    import websockets
+
+    gw = await gateway_factory()
+    cut = "Zo\ud83d"  # "Zo😀" cut after its first UTF-16 unit
+    for token in (gw.token("w1", sub=cut), gw.token("w1", sub=cut, ttl=-60), gw.token("w2", sub=cut)):
+        async with websockets.connect(gw.ws_url("w1")) as ws:
+            await ws.send(json.dumps({"type": "auth", "token": token}))
+            reply = json.loads(await asyncio.wait_for(ws.recv(), 5))
+        assert (reply["code"], reply["name"]) == (4002, "token_invalid"), reply
+        assert "half a UTF-16 surrogate pair" in reply["message"], reply
+    status, body = await gw.post("/workspaces/w1/realtime/events/t", b'{"a":1}',
+                                 {"Authorization": f"Bearer {gw.token('w1', sub=cut, publish=True)}",
+                                  "Content-Type": "application/json"})
+    assert status == 401 and b"surrogate" in body, (status, body)
+    assert len(await gw.audit_records("auth-denied", 4)) == 4
+    async with ws_connect(gw, "w1", token=gw.token("w1")):
+        pass  # a session suspended, for the stop to save
+    assert await gw.stop(signal.SIGTERM) == 0, gw.logs()
+    assert os.path.exists(os.path.join(gw.state_dir, "sessions.json")), gw.logs()
+    lines = gw.logs().splitlines()
+    assert all(isinstance(json.loads(line), dict) for line in lines), gw.logs()
+    assert not [line for line in lines if "dropped" in line or "uncaught" in line], gw.logs()
