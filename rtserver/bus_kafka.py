@@ -224,10 +224,17 @@ def _log_late_outcome(fut: asyncio.Future, where: str) -> None:
 
 
 def _why(exc: BaseException) -> str:
-    """An exception as an answer names it: its type, and its text when it has one (a bare
+    """An exception as a log line names it: its type, and its text when it has one (a bare
     TimeoutError read "TimeoutError: ")."""
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+# A publisher's 503 while Kafka is unavailable. Not the cause as the log and /readyz give it:
+# that names the brokers' hosts and ports and the SASL user and mechanism (refused
+# credentials), the operator's business and not a publisher's of any workspace, as a
+# WebSocket upgrade refused then is not told either, nor a client why a database is out of reach.
+UNAVAILABLE = "event bus unavailable (Kafka cannot be reached or refuses this node; its log and /readyz say why)"
 
 
 def _confirmation(ack: asyncio.Future, pub: KafkaPublisher, workspace: str, size: int) -> asyncio.Future[int]:
@@ -256,7 +263,7 @@ def _confirmation(ack: asyncio.Future, pub: KafkaPublisher, workspace: str, size
                                                   "producer); it was not published, a retry is safe (workspace "
                                                   f"{workspace}, bus topic {topic})"))
         elif f.cancelled() or isinstance(exc, KafkaError):
-            why = "cancelled" if exc is None else _why(exc)
+            why = "cancelled" if exc is None else type(exc).__name__  # its text may name a broker
             out.set_exception(BusUnavailable(503, f"event bus refused the event ({why}); it was not published "
                                                   f"(workspace {workspace}, bus topic {topic})"))
         elif exc is not None:
@@ -853,7 +860,7 @@ class KafkaBus:
     def _check_available(self, workspace: str) -> None:
         problem = self.publisher.problem()
         if problem:
-            raise BusUnavailable(503, f"event bus unavailable ({problem}); the event was not published "
+            raise BusUnavailable(503, f"{UNAVAILABLE}; the event was not published "
                                       f"(workspace {workspace}, bus topic {self.topic})")
 
     def _record(self, event: Event) -> bytes:
@@ -890,7 +897,7 @@ class KafkaBus:
             if pub.closing:  # the node stops: its producer closed under the send
                 raise pub.stopped(workspace) from exc
             why = (f"Kafka took no record for {pub.timeout:g}s (bus.publish_timeout)" if isinstance(exc, TimeoutError)
-                   else _why(exc))
+                   else type(exc).__name__)  # its text may name a broker
             raise BusUnavailable(503, f"event bus unavailable ({why}); the event was "
                                       f"not published (workspace {workspace}, bus topic {self.topic})") from exc
         return _confirmation(ack, pub, workspace, len(value))

@@ -417,6 +417,44 @@ async def test_a_bus_password_revoked_while_running_is_named_and_the_node_recove
     assert password not in node.logs()
 
 
+async def test_a_publisher_refused_for_kafka_is_not_told_its_brokers_or_credentials(gateway_factory, kafka_broker):
+    """While Kafka refused the node (its SASL credentials revoked), a publish's 503 said why as
+    /readyz does: 'event bus unavailable (Kafka at 127.0.0.1:P unavailable for topic T: no
+    broker answered a metadata request)', the brokers' hosts and ports told to the publisher
+    of any workspace, where a WebSocket upgrade refused then is told only that the node is cut
+    off, and a client only the kind of a database's error. The 503 says the bus is unavailable
+    and the event not published; the log (which names the refused SASL user) and /readyz keep
+    the cause."""
+    from tests.test_scaleout import wait_ready
+
+    user, password = f"bus-{uuid.uuid4().hex[:6]}", "bus-pw-52e1"
+    await asyncio.to_thread(kafka_broker.set_scram, user, password)
+    node = await gateway_factory(env={
+        "RT_BUS": "kafka", "RT_BUS_KAFKA_BOOTSTRAP": kafka_broker.reauth_bootstrap,
+        "RT_BUS_TOPIC": f"rt.events.{uuid.uuid4().hex[:8]}", "RT_BUS_PARTITIONS": "1",
+        "RT_KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT", "RT_KAFKA_SASL_MECHANISM": "SCRAM-SHA-256",
+        "RT_KAFKA_SASL_USERNAME": user, "RT_KAFKA_SASL_PASSWORD": password})
+    await wait_ready(node)
+    await node.publish("w1", "x", {"n": 1})
+    await asyncio.to_thread(kafka_broker.set_scram, user, None)
+    try:
+        await logged(node, "bus: Kafka at")
+        headers = {"Authorization": f"Bearer {node.token('w1', publish=True)}", "Content-Type": "application/json"}
+        answers = [await node.post("/workspaces/w1/realtime/events/x", b'{"n":2}', headers),
+                   await node.post("/workspaces/w1/realtime/events", b'{"events":[{"topic":"x","payload":3}]}', headers)]
+        host = kafka_broker.reauth_bootstrap.rpartition(":")[0]
+        for status, body in answers:
+            assert status == 503 and b"event bus unavailable" in body, (status, body)
+            for told in (user, host, "SASL", "sasl_username"):
+                assert told.encode() not in body, (told, body)
+        _, ready = await node.get("/readyz")
+        assert f"Kafka at {kafka_broker.reauth_bootstrap}" in json.loads(ready)["bus"]["last_error"], ready
+    finally:
+        await asyncio.to_thread(kafka_broker.set_scram, user, password)
+    await wait_ready(node)
+    await node.publish("w1", "x", {"n": 4})
+
+
 def test_closing_a_kafka_client_over_tls_under_uvloop_does_not_wait_30_seconds(kafka_broker, tmp_path):
     """uvloop's TLS transport does not read while it shuts down (MagicStack/uvloop#471): a
     response arriving after close() (a consumer's fetch was in flight) left it waiting 30 s
