@@ -22,6 +22,8 @@ from rtserver.sources.pg_stream import SESSION_SETTINGS
 
 log = logging.getLogger("rtserver.postgres")
 
+# What the publication must publish (its `publish` option): every change a channel carries.
+PUBLISHED_OPERATIONS = ("insert", "update", "delete", "truncate")
 MIN_SERVER_VERSION = 140000  # server_version_num of PostgreSQL 14 (docs/postgres.md, "Requirements")
 PRIVILEGES_HELP = (
     "the gateway's PostgreSQL role needs: the REPLICATION attribute (ALTER ROLE <role> REPLICATION), "
@@ -140,6 +142,9 @@ class Catalog:
         self._missing: set[str] = set()  # tables postgres.tables names that the database lacks (logged)
         self._key_types: dict[tuple[str, str], dict[str, str]] = {}
         self._sync_lock = asyncio.Lock()  # the periodic sync and a subscribe's must not interleave
+        # Why changes were lost, found by the last sync ("" when none): its publish option left
+        # operations out (_ensure_publication). The source takes it to announce a history_gap.
+        self.narrowed = ""
 
     def _log_fields(self) -> dict[str, Any]:
         return {"source": "postgres", "slot": self.slot, "publication": self.publication, "url": redact(self.dsn)}
@@ -335,7 +340,9 @@ class Catalog:
 
     async def _ensure_publication(self) -> bool:
         """Create the (empty) publication when missing; True when it was created now."""
-        rows = await self.fetch("SELECT pubviaroot FROM pg_publication WHERE pubname = $1", self.publication)
+        rows = await self.fetch(
+            "SELECT pubviaroot, pubinsert, pubupdate, pubdelete, pubtruncate FROM pg_publication WHERE pubname = $1",
+            self.publication)
         name = quote_ident(self.publication)
         if not rows:
             await self.execute(f"CREATE PUBLICATION {name} WITH (publish_via_partition_root = true)")
@@ -343,6 +350,14 @@ class Catalog:
         if not rows[0]["pubviaroot"]:
             # a publication made before: partitioned tables' changes must come under their own name
             await self.execute(f"ALTER PUBLICATION {name} SET (publish_via_partition_root = true)")
+        left_out = [op for op in PUBLISHED_OPERATIONS if not rows[0][f"pub{op}"]]
+        if left_out:
+            # narrowed by a DBA (ALTER PUBLICATION ... SET (publish = 'insert')), or made so: those
+            # changes were never sent, and would never be
+            await self.execute(f"ALTER PUBLICATION {name} SET (publish = '{', '.join(PUBLISHED_OPERATIONS)}')")
+            self.narrowed = (f"publication {self.publication} did not publish {', '.join(left_out)}: those changes "
+                             "were not captured (its publish option is restored)")
+            log.error("postgres %s", self.narrowed, extra={"fields": self._log_fields()})
         return False
 
     async def _members(self) -> tuple[set[tuple[str, str]], set[tuple[str, str]]]:

@@ -581,10 +581,15 @@ class PostgresSource:
 
     async def _sync_publication(self) -> None:
         """Publication up to date; a table added to it after rows were written to it (created
-        between two syncs, or while the gateway was down) means those rows' changes were never
-        captured: a history_gap says so."""
+        between two syncs, or while the gateway was down), or a publish option that left
+        operations out (a DBA's ALTER PUBLICATION), means changes were never captured: a
+        history_gap says so."""
         assert self.catalog is not None
-        for schema, name in await self.catalog.sync_publication():
+        late = await self.catalog.sync_publication()
+        narrowed, self.catalog.narrowed = self.catalog.narrowed, ""
+        if narrowed:
+            await self._announce_gap(narrowed)
+        for schema, name in late:
             table = f"{schema}.{name}"
             log.warning(
                 "postgres table %s was added to publication %s after rows were written to it; their changes were "
