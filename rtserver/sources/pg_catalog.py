@@ -44,6 +44,7 @@ class TableState(NamedTuple):
     owned: bool  # the gateway's role owns it (or is a member of its owner): it may add it
     owner: str
     warning: str = ""  # what a published table's events lack, for the log
+    oid: int = 0  # its pg_class OID: a table dropped and created anew under its name has another
 
 
 class SetupError(Exception):
@@ -142,9 +143,11 @@ class Catalog:
         self._missing: set[str] = set()  # tables postgres.tables names that the database lacks (logged)
         self._key_types: dict[tuple[str, str], dict[str, str]] = {}
         self._sync_lock = asyncio.Lock()  # the periodic sync and a subscribe's must not interleave
-        # Why changes were lost, found by the last sync ("" when none): its publish option left
-        # operations out (_ensure_publication). The source takes it to announce a history_gap.
-        self.narrowed = ""
+        # Why changes were lost, found by the syncs since the source last took them: the publish
+        # option left operations out (_ensure_publication), a published table is no more
+        # (_no_longer_published). The source takes them to announce history_gap.
+        self.losses: list[str] = []
+        self._published_oids: dict[tuple[str, str], int] = {}  # of the tables published, by the last sync
 
     def _log_fields(self) -> dict[str, Any]:
         return {"source": "postgres", "slot": self.slot, "publication": self.publication, "url": redact(self.dsn)}
@@ -256,7 +259,7 @@ class Catalog:
         rows = await self.fetch(
             f"""
             SELECT n.nspname AS schema, c.relname AS name, c.relreplident::text AS ident,
-                   c.relkind::text AS kind, c.relispartition AS partition,
+                   c.relkind::text AS kind, c.relispartition AS partition, c.oid::int8 AS oid,
                    CASE WHEN c.relispartition THEN pg_partition_root(c.oid)::regclass::text END AS root,
                    pg_has_role(c.relowner, 'USAGE') AS owned, pg_get_userbyid(c.relowner) AS owner,
                    EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary) AS has_pk,
@@ -273,7 +276,7 @@ class Catalog:
         out = {}
         for r in rows:
             out[(r["schema"], r["name"])] = TableState(self._unpublishable(r), r["owned"], r["owner"],
-                                                       _not_full_partitions(r["not_full_partitions"] or []))
+                                                       _not_full_partitions(r["not_full_partitions"] or []), r["oid"])
         return out
 
     def _unpublishable(self, r: asyncpg.Record) -> str:
@@ -336,7 +339,28 @@ class Catalog:
         self.skipped = skipped
         self._log_warnings({t: state.warning for t, state in desired.items() if state.warning and not state.why})
         self.published = current & wanted
+        self._no_longer_published(desired)
         return late
+
+    def _no_longer_published(self, desired: Mapping[tuple[str, str], TableState]) -> None:
+        """A table the last sync published that is gone (dropped, renamed), was replaced by a new
+        one of its name (another OID) or is left out now (it lost its replica identity): logical
+        replication sends nothing for that, and its subscribers kept its rows, never to hear of
+        them again. A loss each (self.losses), so clients reload."""
+        for t, oid in sorted(self._published_oids.items()):
+            state = desired.get(t)
+            table = f"{t[0]}.{t[1]}"
+            if state is None:
+                why = f"table {table} was dropped or renamed"
+            elif state.oid != oid:
+                why = f"table {table} was dropped and created anew"
+            elif state.why:
+                why = f"table {table} is no longer published: {state.why}"
+            else:
+                continue
+            self.losses.append(f"{why}: subscribers may hold rows it no longer has")
+            log.warning("postgres %s", why, extra={"fields": {**self._log_fields(), "table": table}})
+        self._published_oids = {t: desired[t].oid for t in self.published}
 
     async def _ensure_publication(self) -> bool:
         """Create the (empty) publication when missing; True when it was created now."""
@@ -355,9 +379,10 @@ class Catalog:
             # narrowed by a DBA (ALTER PUBLICATION ... SET (publish = 'insert')), or made so: those
             # changes were never sent, and would never be
             await self.execute(f"ALTER PUBLICATION {name} SET (publish = '{', '.join(PUBLISHED_OPERATIONS)}')")
-            self.narrowed = (f"publication {self.publication} did not publish {', '.join(left_out)}: those changes "
-                             "were not captured (its publish option is restored)")
-            log.error("postgres %s", self.narrowed, extra={"fields": self._log_fields()})
+            lost = (f"publication {self.publication} did not publish {', '.join(left_out)}: those changes "
+                    "were not captured (its publish option is restored)")
+            self.losses.append(lost)
+            log.error("postgres %s", lost, extra={"fields": self._log_fields()})
         return False
 
     async def _members(self) -> tuple[set[tuple[str, str]], set[tuple[str, str]]]:

@@ -581,14 +581,14 @@ class PostgresSource:
 
     async def _sync_publication(self) -> None:
         """Publication up to date; a table added to it after rows were written to it (created
-        between two syncs, or while the gateway was down), or a publish option that left
-        operations out (a DBA's ALTER PUBLICATION), means changes were never captured: a
-        history_gap says so."""
+        between two syncs, or while the gateway was down), a publish option that left
+        operations out (a DBA's ALTER PUBLICATION), or a published table dropped, replaced or
+        left out since, means changes were never captured: a history_gap says so."""
         assert self.catalog is not None
         late = await self.catalog.sync_publication()
-        narrowed, self.catalog.narrowed = self.catalog.narrowed, ""
-        if narrowed:
-            await self._announce_gap(narrowed)
+        losses, self.catalog.losses = self.catalog.losses, []
+        for reason in losses:
+            await self._announce_gap(reason)
         for schema, name in late:
             table = f"{schema}.{name}"
             log.warning(
