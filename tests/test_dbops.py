@@ -488,3 +488,24 @@ async def test_table_dropped_and_recreated_under_a_subscriber(gw_db):
         got += await _collect(c, 1)
         assert [(m["type"], m.get("code")) for m in got] == [("error", 4011)], got
         assert "table public.t was dropped or renamed" in got[0]["message"]
+
+
+async def test_database_renamed_leaves_no_slot_behind_unsaid(gateway_factory, small_keep_cluster):
+    """The DBA stops the gateway, renames its database and points the gateway at the new name:
+    the slot is named after the database, so a new one is made; the old one stays, inactive,
+    holding WAL (here until max_slot_wal_keep_size invalidates it; without it, for ever), and
+    nothing said so."""
+    cluster = small_keep_cluster
+    gw = await gateway_factory(env={"RT_POSTGRES_URL": cluster.dsn_for("app"), "RT_INSTANCE": "rn"})
+    await gw.wait_ready()
+    await gw.stop()
+    cluster.psql("ALTER DATABASE app RENAME TO app2")
+    state = gw.state_dir
+    gw2 = await gateway_factory(env={"RT_POSTGRES_URL": cluster.dsn_for("app2"), "RT_INSTANCE": "rn"},
+                                state_dir=state)
+    await gw2.wait_ready()
+    slots = cluster.psql("SELECT slot_name || ':' || active FROM pg_replication_slots ORDER BY 1").split()
+    assert slots == ["rn_app2:true", "rn_app:false"], slots
+    errors = [json.loads(line) for line in gw2.logs().splitlines() if '"level":"error"' in line]
+    assert [e.get("stray_slot") for e in errors] == ["rn_app"], errors
+    assert "SELECT pg_drop_replication_slot('rn_app')" in errors[0]["msg"]

@@ -502,6 +502,19 @@ class Catalog:
             raise SetupError(f"cannot create replication slot {self.slot}: {exc}; {PRIVILEGES_HELP}") from exc
         return True
 
+    async def stray_slots(self, instance: str) -> list[str]:
+        """Inactive pgoutput slots of this database whose name is this instance's but for another
+        database name: the slot of a database renamed since (slots are named after the database,
+        so the gateway pointed at its new name made a new one). Nobody reads them, and each holds
+        the server's WAL until it is dropped."""
+        rows = await self.fetch(
+            "SELECT slot_name FROM pg_replication_slots WHERE database = current_database() AND plugin = 'pgoutput' "
+            "AND NOT active AND slot_type = 'logical' AND slot_name <> $1 AND starts_with(slot_name, $2) "
+            "ORDER BY slot_name",
+            self.slot, f"{instance}_",
+        )
+        return [r["slot_name"] for r in rows]
+
     async def drop_slot(self) -> None:
         rows = await self.fetch("SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1", self.slot)
         if rows and rows[0]["active_pid"] is not None:

@@ -449,6 +449,7 @@ class PostgresSource:
                 self._fail(f"replication slot {self.slot} had disappeared; re-created it", loud=True)
                 await self._announce_gap(f"replication slot {self.slot} was dropped")
             await self._reset_position()
+            await self._warn_stray_slots()
         self._slot_seen = True
         self.positioned.set()  # the slot keeps every change from here on
         self._slot_info = (await catalog.slot_status()) or {}
@@ -526,6 +527,19 @@ class PostgresSource:
                                     and server_digest(url, database) != mine):
                 sharing.append(url)
         return sharing
+
+    async def _warn_stray_slots(self) -> None:
+        """A new slot was made: an error for each inactive slot of this database that is named
+        as this instance's slot of another database (the database was renamed), which nobody
+        reads and which holds the server's WAL for ever."""
+        assert self.catalog is not None
+        for stray in await self.catalog.stray_slots(self.instance):
+            log.error(
+                "postgres replication slot %s of this database is not %s's: was the database renamed? Nobody reads it "
+                "and it holds the server's WAL (the changes it kept were not delivered); drop it: "
+                "SELECT pg_drop_replication_slot('%s')", stray, self.slot, stray,
+                extra={"fields": {**self._log_fields(), "stray_slot": stray}},
+            )
 
     def _creating_slot(self) -> None:
         """Said before the slot's creation, which waits for every transaction running at the time
