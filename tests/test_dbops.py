@@ -509,3 +509,24 @@ async def test_database_renamed_leaves_no_slot_behind_unsaid(gateway_factory, sm
     errors = [json.loads(line) for line in gw2.logs().splitlines() if '"level":"error"' in line]
     assert [e.get("stray_slot") for e in errors] == ["rn_app"], errors
     assert "SELECT pg_drop_replication_slot('rn_app')" in errors[0]["msg"]
+
+
+@pytest.mark.xfail(strict=True, reason="needs a product decision (dbops audit): widen with a history_gap "
+                   "(/tmp/dbops-widen.patch), or support and document filters and column lists")
+@pytest.mark.parametrize("narrowing", ["WHERE (n > 10)", "(id, n)"])
+async def test_publication_row_filter_or_column_list_set_under_the_feed(gw_db, narrowing):
+    """A DBA gives the gateway's table a row filter or a column list (PostgreSQL 15): rows it
+    filters out never reach subscribers, events lack the columns it leaves out, and nothing
+    says so (no log line, no history_gap); docs/postgres.md does not mention either."""
+    gw, db = gw_db
+    async with ws_connect(gw, "w1", token=gw.token("w1")) as c:
+        await c.subscribe("postgres:t")
+        await db.execute("INSERT INTO t VALUES (1, 1, 'a')")
+        assert (await c.recv_event(timeout=10))["record"]["id"] == 1
+        await db.execute(f"ALTER PUBLICATION ops_pub SET TABLE t {narrowing}")
+        await asyncio.sleep(3)
+        await db.execute("INSERT INTO t VALUES (2, 2, 'b')")
+        got = await _collect(c, 3)
+        kinds = [(m["type"], m.get("code")) for m in got]
+        assert kinds == [("error", 4011), ("event", None)], got
+        assert got[-1]["record"] == {"id": 2, "n": 2, "s": "b"}, got
