@@ -45,6 +45,7 @@ class TableState(NamedTuple):
     owner: str
     warning: str = ""  # what a published table's events lack, for the log
     oid: int = 0  # its pg_class OID: a table dropped and created anew under its name has another
+    partitioned: bool = False  # a partitioned table (its changes come via the partition root)
 
 
 class SetupError(Exception):
@@ -148,6 +149,7 @@ class Catalog:
         # (_no_longer_published). The source takes them to announce history_gap.
         self.losses: list[str] = []
         self._published_oids: dict[tuple[str, str], int] = {}  # of the tables published, by the last sync
+        self.partitioned = False  # the configured tables include a partitioned one (last sync)
 
     def _log_fields(self) -> dict[str, Any]:
         return {"source": "postgres", "slot": self.slot, "publication": self.publication, "url": redact(self.dsn)}
@@ -276,7 +278,8 @@ class Catalog:
         out = {}
         for r in rows:
             out[(r["schema"], r["name"])] = TableState(self._unpublishable(r), r["owned"], r["owner"],
-                                                       _not_full_partitions(r["not_full_partitions"] or []), r["oid"])
+                                                       _not_full_partitions(r["not_full_partitions"] or []), r["oid"],
+                                                       r["kind"] == "p")
         return out
 
     def _unpublishable(self, r: asyncpg.Record) -> str:
@@ -314,6 +317,7 @@ class Catalog:
 
     async def _sync_publication(self) -> list[tuple[str, str]]:
         desired = await self.desired_tables()
+        self.partitioned = any(state.partitioned for state in desired.values())
         self._log_missing(desired)
         wanted = {t for t, state in desired.items() if not state.why}
         skipped = {t: state.why for t, state in desired.items() if state.why}
@@ -372,8 +376,15 @@ class Catalog:
             await self.execute(f"CREATE PUBLICATION {name} WITH (publish_via_partition_root = true)")
             return True
         if not rows[0]["pubviaroot"]:
-            # a publication made before: partitioned tables' changes must come under their own name
+            # a publication made before, or altered by a DBA: partitioned tables' changes must come
+            # under their own name; those of partitions sent meanwhile missed its subscribers
             await self.execute(f"ALTER PUBLICATION {name} SET (publish_via_partition_root = true)")
+            if self.partitioned:
+                lost = (f"publication {self.publication} did not publish via the partition root: changes to "
+                        "partitions came under the partitions' names, not their partitioned table's "
+                        "(publish_via_partition_root is restored)")
+                self.losses.append(lost)
+                log.error("postgres %s", lost, extra={"fields": self._log_fields()})
         left_out = [op for op in PUBLISHED_OPERATIONS if not rows[0][f"pub{op}"]]
         if left_out:
             # narrowed by a DBA (ALTER PUBLICATION ... SET (publish = 'insert')), or made so: those
