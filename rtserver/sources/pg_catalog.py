@@ -325,8 +325,10 @@ class Catalog:
             created = await self._ensure_publication()
         except asyncpg.InsufficientPrivilegeError as exc:
             raise SetupError(f"cannot create or alter publication {self.publication}: {exc}; {PRIVILEGES_HELP}") from exc
-        explicit, listed = await self._members()
+        explicit, listed, narrowed = await self._members()
         current = explicit | (listed & desired.keys())  # also what a FOR ALL TABLES / TABLES IN SCHEMA covers
+        for t in sorted(narrowed & wanted):
+            await self._widen_table(t)
         late = []
         for t in sorted(wanted - current):
             why = await self._add_table(t, desired[t])
@@ -396,19 +398,44 @@ class Catalog:
             log.error("postgres %s", lost, extra={"fields": self._log_fields()})
         return False
 
-    async def _members(self) -> tuple[set[tuple[str, str]], set[tuple[str, str]]]:
-        """(the tables added to the publication by name, every table it publishes)."""
+    async def _members(self) -> tuple[set[tuple[str, str]], set[tuple[str, str]], set[tuple[str, str]]]:
+        """(the tables added to the publication by name, every table it publishes, those of the
+        first with a row filter or a column list)."""
+        # prqual and prattrs came in PostgreSQL 15: read through to_jsonb, absent (null) on 14
         rows = await self.fetch(
-            "SELECT n.nspname AS schema, c.relname AS name FROM pg_publication_rel pr "
+            "SELECT n.nspname AS schema, c.relname AS name, "
+            "(to_jsonb(pr) ->> 'prqual') IS NOT NULL OR (to_jsonb(pr) ->> 'prattrs') IS NOT NULL AS narrowed "
+            "FROM pg_publication_rel pr "
             "JOIN pg_publication p ON p.oid = pr.prpubid JOIN pg_class c ON c.oid = pr.prrelid "
             "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE p.pubname = $1",
             self.publication,
         )
         explicit = {(r["schema"], r["name"]) for r in rows}
+        narrowed = {(r["schema"], r["name"]) for r in rows if r["narrowed"]}
         rows = await self.fetch(
             "SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = $1", self.publication
         )
-        return explicit, {(r["schemaname"], r["tablename"]) for r in rows}
+        return explicit, {(r["schemaname"], r["tablename"]) for r in rows}, narrowed
+
+    async def _widen_table(self, t: tuple[str, str]) -> None:
+        """Take the row filter or column list a DBA gave table `t` in the publication away (it
+        is dropped and added again in one transaction): rows it filtered out never reached
+        subscribers, and columns it left out were missing from their events. A loss
+        (self.losses), so clients reload."""
+        table = f"{t[0]}.{t[1]}"
+        name = quote_ident(self.publication)
+        try:
+            await self.execute(f"ALTER PUBLICATION {name} DROP TABLE {_qualified(t)}; "
+                               f"ALTER PUBLICATION {name} ADD TABLE {_qualified(t)}")
+        except asyncpg.PostgresError as exc:
+            log.error(
+                "postgres table %s has a row filter or column list in publication %s that could not be taken away: "
+                "%s", table, self.publication, exc, extra={"fields": {**self._log_fields(), "table": table}})
+            return
+        lost = (f"table {table} had a row filter or a column list in publication {self.publication}: rows or "
+                "columns it left out were not captured (it is published whole again)")
+        self.losses.append(lost)
+        log.error("postgres %s", lost, extra={"fields": {**self._log_fields(), "table": table}})
 
     async def _add_table(self, t: tuple[str, str], state: TableState) -> str:
         """ALTER PUBLICATION ... ADD TABLE t; returns why it could not be added ("" when it was)."""
