@@ -44,9 +44,13 @@ class FreezeSurvivors:
 
     def _on_gc(self, phase: str, info: dict[str, int]) -> None:
         # Not from inside the collector's callback: right after it, on the loop.
-        if phase == "stop" and info["generation"] == 2 and not self._scheduled and self._loop is not None:
+        loop = self._loop
+        # A collection after the loop closed (at interpreter exit) has no loop to run on: the
+        # call_soon raised inside the collector, a plain-text "Exception ignored" on stderr.
+        if phase == "stop" and info["generation"] == 2 and not self._scheduled and loop is not None \
+                and not loop.is_closed():
             self._scheduled = True
-            self._loop.call_soon(self._freeze)
+            loop.call_soon(self._freeze)
 
     def _freeze(self) -> None:
         self._scheduled = False

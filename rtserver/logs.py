@@ -252,6 +252,28 @@ def setup(level: str = "info") -> None:
     # stays one JSON object a line.
     logging.captureWarnings(True)
     sys.excepthook = _log_uncaught
+    # What Python reports but does not raise (an exception in a __del__ or a gc callback, an
+    # error at a generator's close) and a thread's uncaught exception: plain-text tracebacks
+    # on stderr otherwise.
+    sys.unraisablehook = _log_unraisable
+    threading.excepthook = _log_thread_uncaught
+
+
+def _log_unraisable(unraisable: Any) -> None:
+    where = unraisable.err_msg or "Exception ignored in"
+    logging.getLogger("rtserver").error(
+        "%s: %r", where, unraisable.object,
+        exc_info=(unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback)
+        if unraisable.exc_value is not None else None,
+    )
+
+
+def _log_thread_uncaught(args: Any) -> None:
+    if args.exc_type is SystemExit:
+        return
+    name = args.thread.name if args.thread is not None else "?"
+    logging.getLogger("rtserver").critical(
+        "uncaught exception in thread %s", name, exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
 
 
 def _log_uncaught(kind: type[BaseException], exc: BaseException, tb: Any) -> None:

@@ -345,3 +345,34 @@ async def test_audit_records_a_stalled_stderr_drops_are_counted_lost_not_deliver
     assert b'log lines dropped' in err  # the writer did drop lines: the case under test
     assert counts[b"delivered"] == len(trail) < wanted
     assert counts[b"lost"] == wanted - len(trail)
+
+
+def test_what_python_reports_without_raising_is_a_json_line():
+    # An exception in a __del__ (or a gc callback: FreezeSurvivors's at exit, logs audit) and a
+    # thread's uncaught exception went to stderr as plain-text tracebacks, between the JSON lines.
+    import subprocess
+    import sys
+
+    script = (
+        "import gc, threading\n"
+        "from rtserver import logs\n"
+        "logs.setup('info')\n"
+        "class Bad:\n"
+        "    def __del__(self):\n"
+        "        raise ValueError('in a finalizer')\n"
+        "Bad()\n"
+        "gc.collect()\n"
+        "t = threading.Thread(target=lambda: 1 / 0, name='worker-x')\n"
+        "t.start(); t.join()\n"
+        "logs.flush()\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lines = [json.loads(line) for line in proc.stderr.splitlines()]  # every line is JSON
+    text = json.dumps(lines)
+    assert any("Exception ignored" in line["msg"] for line in lines), lines
+    assert "in a finalizer" in text and "ValueError" in text, lines
+    assert any(line["msg"] == "uncaught exception in thread worker-x" for line in lines), lines
+    assert "ZeroDivisionError" in text, lines
