@@ -29,6 +29,13 @@ async def _collect(c, seconds: float) -> list[dict]:
     return out
 
 
+async def _subscribed_with_a_first_row(c, db) -> None:
+    """`c` subscribed to postgres:t, and the row written next (id 1) reached it: the feed streams."""
+    await c.subscribe("postgres:t")
+    await db.execute("INSERT INTO t VALUES (1, 1, 'a')")
+    assert (await c.recv_event(timeout=10))["record"]["id"] == 1
+
+
 async def _readyz(gw) -> dict:
     _, body = await gw.get("/readyz")
     return json.loads(body)
@@ -37,13 +44,7 @@ async def _readyz(gw) -> dict:
 def _standby_of(primary: PgCluster) -> PgCluster:
     """A physical standby of `primary` (pg_basebackup -R), started."""
     standby = PgCluster()
-    os.makedirs(standby.socket_dir, exist_ok=True)
-    if standby._as_postgres:
-        import pwd
-        pw = pwd.getpwnam("postgres")
-        os.chmod(standby.base_dir, 0o755)
-        for path in (standby.base_dir, standby.socket_dir):
-            os.chown(path, pw.pw_uid, pw.pw_gid)
+    standby.prepare_dirs()
     standby._run(os.path.join(standby.bindir, "pg_basebackup"), "-D", standby.data_dir, "-R", "-X", "stream",
                  "-h", "127.0.0.1", "-p", str(primary.port), "-U", "postgres", "--no-sync", "-c", "fast")
     with open(os.path.join(standby.data_dir, "postgresql.auto.conf"), "a") as fh:
@@ -265,9 +266,7 @@ async def test_table_without_a_key_gets_one(gw_db):
 async def test_alter_publication_drop_table_under_the_feed(gw_db):
     gw, db = gw_db
     async with ws_connect(gw, "w1", token=gw.token("w1")) as c:
-        await c.subscribe("postgres:t")
-        await db.execute("INSERT INTO t VALUES (1, 1, 'a')")
-        assert (await c.recv_event(timeout=10))["record"]["id"] == 1
+        await _subscribed_with_a_first_row(c, db)
         await db.execute("ALTER PUBLICATION ops_pub DROP TABLE t")
         await db.execute("INSERT INTO t VALUES (2, 2, 'lost')")
         await asyncio.sleep(3)
@@ -451,9 +450,7 @@ async def test_publication_publish_option_altered_under_the_feed(gw_db):
     """A DBA narrows what the publication publishes: UPDATE and DELETE would never stream again."""
     gw, db = gw_db
     async with ws_connect(gw, "w1", token=gw.token("w1")) as c:
-        await c.subscribe("postgres:t")
-        await db.execute("INSERT INTO t VALUES (1, 1, 'a')")
-        assert (await c.recv_event(timeout=10))["record"]["id"] == 1
+        await _subscribed_with_a_first_row(c, db)
         await db.execute("ALTER PUBLICATION ops_pub SET (publish = 'insert')")
         await db.execute("UPDATE t SET n = 2 WHERE id = 1")
         await asyncio.sleep(3)
@@ -519,9 +516,7 @@ async def test_publication_row_filter_or_column_list_set_under_the_feed(gw_db, n
     published whole again, with a history_gap."""
     gw, db = gw_db
     async with ws_connect(gw, "w1", token=gw.token("w1")) as c:
-        await c.subscribe("postgres:t")
-        await db.execute("INSERT INTO t VALUES (1, 1, 'a')")
-        assert (await c.recv_event(timeout=10))["record"]["id"] == 1
+        await _subscribed_with_a_first_row(c, db)
         await db.execute(f"ALTER PUBLICATION ops_pub SET TABLE t {narrowing}")
         await asyncio.sleep(3)
         await db.execute("INSERT INTO t VALUES (2, 2, 'b')")
@@ -597,9 +592,7 @@ async def test_password_changed_under_the_gateway(gateway_factory, small_keep_cl
 async def test_slot_dropped_by_a_dba_while_streaming(gw_db, pg_database):
     gw, db = gw_db
     async with ws_connect(gw, "w1", token=gw.token("w1")) as c:
-        await c.subscribe("postgres:t")
-        await db.execute("INSERT INTO t VALUES (1, 1, 'a')")
-        assert (await c.recv_event(timeout=10))["record"]["id"] == 1
+        await _subscribed_with_a_first_row(c, db)
         for _ in range(100):
             pid = await db.fetchval("SELECT active_pid FROM pg_replication_slots WHERE slot_name = 'ops_' || current_database()")
             if pid:

@@ -95,13 +95,17 @@ class PgCluster:
 
     # -- lifecycle ----------------------------------------------------------------------------
 
-    def init(self) -> None:
+    def prepare_dirs(self) -> None:
+        """The cluster's directories, owned by the user the server runs as (postgres under root)."""
         os.makedirs(self.socket_dir, exist_ok=True)
         if self._as_postgres:
             pw = pwd.getpwnam("postgres")
             os.chmod(self.base_dir, 0o755)
             for path in (self.base_dir, self.socket_dir):
                 os.chown(path, pw.pw_uid, pw.pw_gid)
+
+    def init(self) -> None:
+        self.prepare_dirs()
         self._run(
             os.path.join(self.bindir, "initdb"), "-D", self.data_dir, "-U", self.user,
             "-A", "trust", "-E", "UTF8", "--locale=C", "--no-sync",
