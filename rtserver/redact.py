@@ -41,7 +41,6 @@ def redact(url: str) -> str:
     return _KEYWORD_SECRET.sub(r"\1***", url)
 
 
-
 def _masked_query(url: str) -> str:
     """`url` with the values of its secret query parameters masked. A parameter found inside
     another's value is looked at too (`?next=/x?password=pw`), as long as it is not masked."""
